@@ -1,0 +1,141 @@
+//! The `block` backend: a sparse image file per volume, attached on the
+//! node as a loop device (direct I/O where the pool allows).
+
+use std::path::{Path, PathBuf};
+
+use super::{Attached, BackendError, VolumeAttacher, VolumeStore, backend_dir, list_uuids};
+use crate::os::loopdev::LoopDevice;
+use crate::volume::{BackendKind, Uuid};
+
+/// Images are sized in whole MiB.
+pub const GRANULARITY: u64 = 1 << 20;
+
+/// Image volumes under `<pool>/volumes/block/`.
+#[derive(Debug, Clone)]
+pub struct BlockBackend {
+    root: PathBuf,
+}
+
+impl BlockBackend {
+    pub fn new(pool: &Path) -> Self {
+        Self {
+            root: backend_dir(pool, BackendKind::Block),
+        }
+    }
+
+    /// The volume's image file.
+    pub fn image(&self, uuid: Uuid) -> PathBuf {
+        self.root.join(format!("{}.img", uuid.to_hex()))
+    }
+
+    /// Whether `path` is an image of this backend (for leak sweeps).
+    pub fn owns_image(&self, path: &Path) -> Option<Uuid> {
+        if path.parent()? != self.root {
+            return None;
+        }
+        Uuid::parse_hex(path.file_name()?.to_str()?.strip_suffix(".img")?)
+    }
+
+    fn io(
+        &self,
+        uuid: Uuid,
+        what: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(std::io::Error) -> BackendError {
+        let path = path.to_owned();
+        move |err| BackendError::Io {
+            backend: BackendKind::Block,
+            uuid,
+            what,
+            path,
+            err,
+        }
+    }
+}
+
+impl BlockBackend {
+    /// Attaches the image to a new loop device (see [`VolumeAttacher::attach`]).
+    pub fn attach_image(&self, uuid: Uuid, read_only: bool) -> Result<Attached, BackendError> {
+        VolumeAttacher::attach(self, uuid, read_only)
+    }
+}
+
+impl VolumeStore for BlockBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Block
+    }
+
+    fn round_size(&self, requested: u64) -> u64 {
+        requested.div_ceil(GRANULARITY).max(1) * GRANULARITY
+    }
+
+    fn create(&self, uuid: Uuid, size: u64) -> Result<(), BackendError> {
+        let p = self.image(uuid);
+        match crate::os::fs::create_sparse(&p, size) {
+            Ok(()) => crate::os::fs::sync_dir(&self.root).map_err(self.io(uuid, "create", &p)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let existing = std::fs::metadata(&p)
+                    .map_err(self.io(uuid, "stat", &p))?
+                    .len();
+                if existing == size {
+                    Ok(())
+                } else {
+                    Err(BackendError::SizeMismatch {
+                        backend: BackendKind::Block,
+                        uuid,
+                        existing,
+                        requested: size,
+                    })
+                }
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&p);
+                Err(self.io(uuid, "create", &p)(e))
+            }
+        }
+    }
+
+    fn delete(&self, uuid: Uuid) -> Result<(), BackendError> {
+        let p = self.image(uuid);
+        crate::os::fs::remove_durable(&p).map_err(self.io(uuid, "delete", &p))
+    }
+
+    fn exists(&self, uuid: Uuid) -> bool {
+        self.image(uuid).is_file()
+    }
+
+    fn list(&self) -> Result<Vec<Uuid>, BackendError> {
+        list_uuids(&self.root, ".img")
+    }
+}
+
+impl VolumeAttacher for BlockBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Block
+    }
+
+    fn attach(&self, uuid: Uuid, read_only: bool) -> Result<Attached, BackendError> {
+        let image = self.image(uuid);
+        if !image.is_file() {
+            return Err(BackendError::Missing {
+                backend: BackendKind::Block,
+                uuid,
+            });
+        }
+        Ok(Attached::Device(LoopDevice::attach(&image, read_only)?))
+    }
+
+    fn attached(&self, uuid: Uuid) -> Result<Vec<Attached>, BackendError> {
+        Ok(LoopDevice::find_by_backing(&self.image(uuid))?
+            .into_iter()
+            .map(Attached::Device)
+            .collect())
+    }
+
+    fn detach(&self, attached: &Attached) -> Result<(), BackendError> {
+        match attached {
+            Attached::Device(d) => Ok(d.detach()?),
+            Attached::Directory(_) => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Storage backends behind two small traits: [`VolumeStore`] for the
+//! controller side (create, delete, list what exists in the pool) and
+//! [`VolumeAttacher`] for the node side (turn a volume into "a directory" or
+//! "a block device" and back). In a cluster the two run in different
+//! processes, so neither keeps state the other needs. Every backend passes
+//! the shared conformance suite in `tests/backend_conformance.rs`.
+
+pub mod block;
+pub mod dir;
+
+use std::path::{Path, PathBuf};
+
+use crate::os::loopdev::{LoopDevice, LoopError};
+use crate::volume::{BackendKind, Uuid};
+
+/// A backend step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{backend} volume {uuid}: {what} {path}: {err}")]
+    Io {
+        backend: BackendKind,
+        uuid: Uuid,
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("{backend} volume {uuid} does not exist in the pool")]
+    Missing { backend: BackendKind, uuid: Uuid },
+    #[error("{backend} volume {uuid} exists with size {existing}, not {requested}")]
+    SizeMismatch {
+        backend: BackendKind,
+        uuid: Uuid,
+        existing: u64,
+        requested: u64,
+    },
+    #[error("pool {path}: {err}")]
+    Pool {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error(transparent)]
+    Loop(#[from] LoopError),
+}
+
+/// What a volume looks like once attached on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attached {
+    /// A directory to bind-mount.
+    Directory(PathBuf),
+    /// A block device node.
+    Device(LoopDevice),
+}
+
+/// Controller-side operations on a pool.
+pub trait VolumeStore: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> BackendKind;
+
+    /// The size a volume really gets for `requested` bytes (rounded up to
+    /// the backend's granularity).
+    fn round_size(&self, requested: u64) -> u64;
+
+    /// Creates the volume's storage with `size` bytes. Idempotent: an
+    /// existing volume of the same size is success; of another size,
+    /// [`BackendError::SizeMismatch`]. Nothing is left behind on failure.
+    fn create(&self, uuid: Uuid, size: u64) -> Result<(), BackendError>;
+
+    /// Removes the volume's storage. Idempotent: a missing volume is
+    /// success.
+    fn delete(&self, uuid: Uuid) -> Result<(), BackendError>;
+
+    /// Whether the volume's storage exists.
+    fn exists(&self, uuid: Uuid) -> bool;
+
+    /// Every volume present in the pool (to find orphans after a crash).
+    fn list(&self) -> Result<Vec<Uuid>, BackendError>;
+}
+
+/// Node-side operations on a pool.
+pub trait VolumeAttacher: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> BackendKind;
+
+    /// Makes the volume usable on this node. Each call attaches anew (a
+    /// second loop device for a block volume); callers look for an existing
+    /// attachment with [`VolumeAttacher::attached`] first.
+    fn attach(&self, uuid: Uuid, read_only: bool) -> Result<Attached, BackendError>;
+
+    /// The volume's current attachments on this node.
+    fn attached(&self, uuid: Uuid) -> Result<Vec<Attached>, BackendError>;
+
+    /// Undoes one attachment. Idempotent.
+    fn detach(&self, attached: &Attached) -> Result<(), BackendError>;
+}
+
+/// The pool's layout: `<pool>/volumes/<backend>/<uuid>[.img]`.
+pub fn backend_dir(pool: &Path, kind: BackendKind) -> PathBuf {
+    pool.join("volumes").join(kind.as_str())
+}
+
+/// Creates the pool directories for every backend (mode 0700 on the pool
+/// root: volumes are reached through mounts, never by browsing the pool).
+pub fn prepare_pool(pool: &Path) -> Result<(), BackendError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |err| BackendError::Pool { path, err }
+    };
+    std::fs::create_dir_all(pool).map_err(err(pool))?;
+    std::fs::set_permissions(pool, std::fs::Permissions::from_mode(0o700)).map_err(err(pool))?;
+    for kind in [BackendKind::Dir, BackendKind::Block] {
+        let d = backend_dir(pool, kind);
+        std::fs::create_dir_all(&d).map_err(err(&d))?;
+    }
+    Ok(())
+}
+
+fn list_uuids(dir: &Path, suffix: &str) -> Result<Vec<Uuid>, BackendError> {
+    let err = |err| BackendError::Pool {
+        path: dir.to_owned(),
+        err,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name();
+        if let Some(u) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(suffix))
+            .and_then(Uuid::parse_hex)
+        {
+            out.push(u);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every local backend over one pool.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub pool: PathBuf,
+    pub dir: dir::DirBackend,
+    pub block: block::BlockBackend,
+}
+
+impl Backends {
+    pub fn new(pool: &Path) -> Self {
+        Self {
+            pool: pool.to_owned(),
+            dir: dir::DirBackend::new(pool),
+            block: block::BlockBackend::new(pool),
+        }
+    }
+
+    pub fn store(&self, kind: BackendKind) -> &dyn VolumeStore {
+        match kind {
+            BackendKind::Dir => &self.dir,
+            BackendKind::Block => &self.block,
+        }
+    }
+
+    pub fn attacher(&self, kind: BackendKind) -> &dyn VolumeAttacher {
+        match kind {
+            BackendKind::Dir => &self.dir,
+            BackendKind::Block => &self.block,
+        }
+    }
+}

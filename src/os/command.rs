@@ -1,0 +1,64 @@
+//! The one typed runner for external programs (mkfs, blkid, ...). Errors
+//! carry the command line, the exit status and the program's stderr.
+
+use std::ffi::OsString;
+use std::process::{Command, Output, Stdio};
+
+/// An external program that could not be run or that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot run {program}: {err}")]
+    Spawn {
+        program: String,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("{command} exited with {status}: {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+impl CommandError {
+    /// The exit code of a program that ran and failed.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            CommandError::Failed { status, .. } => status.code(),
+            CommandError::Spawn { .. } => None,
+        }
+    }
+}
+
+/// Runs `program` with `args`, no stdin, capturing output. A non-zero exit
+/// is an error carrying stderr.
+pub fn run<I, S>(program: &str, args: I) -> Result<Output, CommandError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<OsString>,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    #[allow(clippy::disallowed_methods)] // this is the one place allowed to spawn
+    let output = Command::new(program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|err| CommandError::Spawn {
+            program: program.to_owned(),
+            err,
+        })?;
+    if output.status.success() {
+        return Ok(output);
+    }
+    let mut command = program.to_owned();
+    for a in &args {
+        command.push(' ');
+        command.push_str(&a.to_string_lossy());
+    }
+    Err(CommandError::Failed {
+        command,
+        status: output.status,
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}

@@ -1,0 +1,193 @@
+//! mount(2) and umount2(2), called directly (never the `mount` program).
+//! Bind mounts always pass the explicit fstype "none".
+
+#![allow(clippy::disallowed_methods)] // this module is the mount wrapper
+
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+
+/// A mount step that failed, with its paths and errno.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("bind mount {src} on {target}: {errno}")]
+    Bind {
+        src: PathBuf,
+        target: PathBuf,
+        errno: Errno,
+    },
+    #[error("remount {target} read-only: {errno}")]
+    RemountReadOnly { target: PathBuf, errno: Errno },
+    #[error("mount {device} ({fs_type}, options {options:?}) on {target}: {errno}")]
+    Filesystem {
+        device: PathBuf,
+        fs_type: String,
+        options: String,
+        target: PathBuf,
+        errno: Errno,
+    },
+    #[error("unmount {target}: {errno}")]
+    Unmount { target: PathBuf, errno: Errno },
+    #[error("mount option {0:?} is not allowed")]
+    BadOption(String),
+}
+
+impl MountError {
+    /// The errno of the failed syscall, if one failed.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            MountError::Bind { errno, .. }
+            | MountError::RemountReadOnly { errno, .. }
+            | MountError::Filesystem { errno, .. }
+            | MountError::Unmount { errno, .. } => Some(*errno),
+            MountError::BadOption(_) => None,
+        }
+    }
+}
+
+/// Mount flags and filesystem-specific data parsed from CSI `mount_flags`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: MsFlags,
+    /// Comma-separated options handed to the filesystem (e.g. `discard`).
+    pub data: String,
+}
+
+impl MountOptions {
+    /// Splits mount options (each entry may itself hold comma-separated
+    /// options) into VFS flags and filesystem data. Options that would
+    /// change what kind of mount this is (`bind`, `remount`, `move`,
+    /// propagation) or carry NUL bytes are refused.
+    pub fn parse<S: AsRef<str>>(options: &[S]) -> Result<Self, MountError> {
+        let mut flags = MsFlags::empty();
+        let mut data: Vec<&str> = Vec::new();
+        for opt in options.iter().flat_map(|o| o.as_ref().split(',')) {
+            let opt = opt.trim();
+            if opt.is_empty() {
+                continue;
+            }
+            match opt {
+                "ro" => flags |= MsFlags::MS_RDONLY,
+                "rw" => flags &= !MsFlags::MS_RDONLY,
+                "nosuid" => flags |= MsFlags::MS_NOSUID,
+                "suid" => flags &= !MsFlags::MS_NOSUID,
+                "nodev" => flags |= MsFlags::MS_NODEV,
+                "dev" => flags &= !MsFlags::MS_NODEV,
+                "noexec" => flags |= MsFlags::MS_NOEXEC,
+                "exec" => flags &= !MsFlags::MS_NOEXEC,
+                "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+                "async" => flags &= !MsFlags::MS_SYNCHRONOUS,
+                "dirsync" => flags |= MsFlags::MS_DIRSYNC,
+                "noatime" => flags |= MsFlags::MS_NOATIME,
+                "atime" => flags &= !MsFlags::MS_NOATIME,
+                "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
+                "relatime" => flags |= MsFlags::MS_RELATIME,
+                "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+                "lazytime" => flags |= MsFlags::MS_LAZYTIME,
+                "defaults" => {}
+                "bind" | "rbind" | "remount" | "move" | "shared" | "rshared" | "slave"
+                | "rslave" | "private" | "rprivate" | "unbindable" | "runbindable" => {
+                    return Err(MountError::BadOption(opt.to_owned()));
+                }
+                other if other.contains('\0') || other.contains(char::is_whitespace) => {
+                    return Err(MountError::BadOption(other.to_owned()));
+                }
+                other => data.push(other),
+            }
+        }
+        Ok(Self {
+            flags,
+            data: data.join(","),
+        })
+    }
+}
+
+/// Bind-mounts `src` (file or directory) onto `target`. The new mount
+/// inherits the propagation of `target`'s parent mount.
+pub fn bind(src: &Path, target: &Path) -> Result<(), MountError> {
+    nix::mount::mount(
+        Some(src),
+        target,
+        Some("none"),
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|errno| MountError::Bind {
+        src: src.to_owned(),
+        target: target.to_owned(),
+        errno,
+    })
+}
+
+/// Makes the bind mount at `target` read-only. A bind mount ignores
+/// MS_RDONLY when it is created, so this is a second, remount step; the
+/// flags in `keep` (nosuid, nodev, noexec...) are repeated because a bind
+/// remount replaces the per-mount flags.
+pub fn remount_bind_read_only(target: &Path, keep: MsFlags) -> Result<(), MountError> {
+    nix::mount::mount(
+        None::<&str>,
+        target,
+        Some("none"),
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | keep,
+        None::<&str>,
+    )
+    .map_err(|errno| MountError::RemountReadOnly {
+        target: target.to_owned(),
+        errno,
+    })
+}
+
+/// Mounts the filesystem on `device` at `target`.
+pub fn mount_filesystem(
+    device: &Path,
+    target: &Path,
+    fs_type: &str,
+    options: &MountOptions,
+) -> Result<(), MountError> {
+    let data = (!options.data.is_empty()).then_some(options.data.as_str());
+    nix::mount::mount(Some(device), target, Some(fs_type), options.flags, data).map_err(|errno| {
+        MountError::Filesystem {
+            device: device.to_owned(),
+            fs_type: fs_type.to_owned(),
+            options: options.data.clone(),
+            target: target.to_owned(),
+            errno,
+        }
+    })
+}
+
+/// Unmounts the topmost mount at `target` without following a symlink
+/// there. EINVAL (not a mount point) is reported to the caller, who
+/// decides whether that means "already done".
+pub fn unmount(target: &Path) -> Result<(), MountError> {
+    nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(|errno| MountError::Unmount {
+        target: target.to_owned(),
+        errno,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_vfs_flags_from_filesystem_data() {
+        let o = MountOptions::parse(&["noatime,discard", "ro", "errors=remount-ro"]).unwrap();
+        assert_eq!(o.flags, MsFlags::MS_NOATIME | MsFlags::MS_RDONLY);
+        assert_eq!(o.data, "discard,errors=remount-ro");
+    }
+
+    #[test]
+    fn later_option_wins() {
+        let o = MountOptions::parse(&["ro", "rw"]).unwrap();
+        assert!(!o.flags.contains(MsFlags::MS_RDONLY));
+    }
+
+    #[test]
+    fn refuses_options_that_change_the_mount_kind() {
+        for bad in ["bind", "remount", "rshared", "a b", "x\0y"] {
+            assert!(MountOptions::parse(&[bad]).is_err(), "{bad:?} accepted");
+        }
+    }
+}

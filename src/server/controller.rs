@@ -1,0 +1,357 @@
+//! The CSI Controller service: converts requests, calls the domain's
+//! [`Controller`](crate::volume::controller::Controller), converts back.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, Redact};
+use super::{Driver, blocking};
+use crate::csi;
+use crate::csi::controller_server::Controller as ControllerRpc;
+use crate::csi::controller_service_capability::rpc::Type as Rpc;
+use crate::volume::controller::{Condition, Controller, CreateVolume, PublishVolume};
+use crate::volume::record::VolumeRecord;
+use crate::volume::{Error, TOPOLOGY_NODE_KEY};
+
+#[derive(Debug, Clone)]
+pub struct ControllerService {
+    pub(super) driver: Arc<Driver>,
+}
+
+/// The controller capabilities stowage advertises.
+pub const CAPABILITIES: &[Rpc] = &[
+    Rpc::CreateDeleteVolume,
+    Rpc::PublishUnpublishVolume,
+    Rpc::ListVolumes,
+    Rpc::GetCapacity,
+    Rpc::PublishReadonly,
+    Rpc::ListVolumesPublishedNodes,
+    Rpc::GetVolume,
+    Rpc::VolumeCondition,
+    Rpc::SingleNodeMultiWriter,
+];
+
+impl ControllerService {
+    fn controller(&self) -> Arc<Controller> {
+        Arc::clone(
+            self.driver
+                .controller
+                .as_ref()
+                .expect("controller service runs with a controller"),
+        )
+    }
+}
+
+fn to_volume(rec: &VolumeRecord) -> csi::Volume {
+    csi::Volume {
+        capacity_bytes: rec.capacity_bytes as i64,
+        volume_id: rec.id.to_string(),
+        volume_context: rec.volume_context.clone().into_iter().collect(),
+        content_source: None,
+        accessible_topology: vec![csi::Topology {
+            segments: [(TOPOLOGY_NODE_KEY.to_owned(), rec.id.node.clone())]
+                .into_iter()
+                .collect(),
+        }],
+    }
+}
+
+fn to_condition(c: &Condition) -> csi::VolumeCondition {
+    csi::VolumeCondition {
+        abnormal: c.abnormal,
+        message: c.message.clone(),
+    }
+}
+
+impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
+    type Error = Error;
+    fn try_from(r: &csi::CreateVolumeRequest) -> Result<Self, Error> {
+        convert::required_str("name", &r.name)?;
+        if r.name.len() > 128 * 4 || r.name.contains('\0') {
+            return Err(Error::invalid("name", "name is too long or contains NUL"));
+        }
+        let capabilities = convert::capabilities("volume_capabilities", &r.volume_capabilities)?;
+        if r.volume_content_source.is_some() {
+            return Err(Error::invalid(
+                "volume_content_source",
+                "creating from a snapshot or volume is not supported yet",
+            ));
+        }
+        if !r.mutable_parameters.is_empty() {
+            return Err(Error::invalid(
+                "mutable_parameters",
+                "no mutable parameters are supported (no MODIFY_VOLUME capability)",
+            ));
+        }
+        let (required_bytes, limit_bytes) = convert::capacity(r.capacity_range.as_ref())?;
+        let (requisite, preferred) = r
+            .accessibility_requirements
+            .as_ref()
+            .map(|t| {
+                (
+                    convert::topologies(&t.requisite),
+                    convert::topologies(&t.preferred),
+                )
+            })
+            .unwrap_or_default();
+        Ok(CreateVolume {
+            name: r.name.clone(),
+            required_bytes,
+            limit_bytes,
+            capabilities,
+            parameters: convert::map(&r.parameters),
+            requisite,
+            preferred,
+        })
+    }
+}
+
+impl TryFrom<&csi::ControllerPublishVolumeRequest> for PublishVolume {
+    type Error = Error;
+    fn try_from(r: &csi::ControllerPublishVolumeRequest) -> Result<Self, Error> {
+        convert::required_str("volume_id", &r.volume_id)?;
+        convert::required_str("node_id", &r.node_id)?;
+        Ok(PublishVolume {
+            volume_id: r.volume_id.clone(),
+            node_id: r.node_id.clone(),
+            capability: convert::capability("volume_capability", r.volume_capability.as_ref())?,
+            read_only: r.readonly,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerRpc for ControllerService {
+    async fn create_volume(
+        &self,
+        req: Request<csi::CreateVolumeRequest>,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "CreateVolume");
+        let cmd = CreateVolume::try_from(&r)?;
+        let c = self.controller();
+        blocking("CreateVolume", move || {
+            c.create_volume(cmd).map(|rec| csi::CreateVolumeResponse {
+                volume: Some(to_volume(&rec)),
+            })
+        })
+        .await
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<csi::DeleteVolumeRequest>,
+    ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "DeleteVolume");
+        convert::required_str("volume_id", &r.volume_id)?;
+        let c = self.controller();
+        blocking("DeleteVolume", move || {
+            c.delete_volume(&r.volume_id)
+                .map(|()| csi::DeleteVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        req: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "ControllerPublishVolume");
+        let cmd = PublishVolume::try_from(&r)?;
+        let c = self.controller();
+        blocking("ControllerPublishVolume", move || {
+            c.publish(cmd)
+                .map(|ctx| csi::ControllerPublishVolumeResponse {
+                    publish_context: ctx.into_iter().collect(),
+                })
+        })
+        .await
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        req: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "ControllerUnpublishVolume");
+        convert::required_str("volume_id", &r.volume_id)?;
+        let c = self.controller();
+        blocking("ControllerUnpublishVolume", move || {
+            c.unpublish(&r.volume_id, &r.node_id)
+                .map(|()| csi::ControllerUnpublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "ValidateVolumeCapabilities");
+        convert::required_str("volume_id", &r.volume_id)?;
+        let caps = convert::capabilities("volume_capabilities", &r.volume_capabilities)?;
+        let c = self.controller();
+        blocking("ValidateVolumeCapabilities", move || {
+            let params = convert::map(&r.parameters);
+            Ok(match c.validate(&r.volume_id, &caps, &params)? {
+                None => csi::ValidateVolumeCapabilitiesResponse {
+                    confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                        volume_context: r.volume_context.clone(),
+                        volume_capabilities: r.volume_capabilities.clone(),
+                        parameters: r.parameters.clone(),
+                        mutable_parameters: Default::default(),
+                    }),
+                    message: String::new(),
+                },
+                Some(reason) => csi::ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: reason,
+                },
+            })
+        })
+        .await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<csi::ListVolumesRequest>,
+    ) -> Result<Response<csi::ListVolumesResponse>, Status> {
+        let r = req.into_inner();
+        if r.max_entries < 0 {
+            return Err(Error::invalid("max_entries", "must not be negative").into());
+        }
+        let c = self.controller();
+        blocking("ListVolumes", move || {
+            let page = c.list(r.max_entries as usize, &r.starting_token)?;
+            Ok(csi::ListVolumesResponse {
+                entries: page
+                    .entries
+                    .iter()
+                    .map(|(rec, cond)| csi::list_volumes_response::Entry {
+                        volume: Some(to_volume(rec)),
+                        status: Some(csi::list_volumes_response::VolumeStatus {
+                            published_node_ids: rec.attachments.keys().cloned().collect(),
+                            volume_condition: Some(to_condition(cond)),
+                        }),
+                    })
+                    .collect(),
+                next_token: page.next_token.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn get_capacity(
+        &self,
+        req: Request<csi::GetCapacityRequest>,
+    ) -> Result<Response<csi::GetCapacityResponse>, Status> {
+        let r = req.into_inner();
+        let caps = r
+            .volume_capabilities
+            .iter()
+            .map(|cap| convert::capability("volume_capabilities", Some(cap)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let c = self.controller();
+        blocking("GetCapacity", move || {
+            let topo = r
+                .accessible_topology
+                .as_ref()
+                .map(|t| convert::map(&t.segments));
+            let cap = c.capacity(&caps, &convert::map(&r.parameters), topo.as_ref())?;
+            Ok(csi::GetCapacityResponse {
+                available_capacity: cap.available as i64,
+                maximum_volume_size: cap.maximum_volume_size.map(|v| v as i64),
+                minimum_volume_size: None,
+            })
+        })
+        .await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _req: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
+            capabilities: CAPABILITIES
+                .iter()
+                .map(|t| csi::ControllerServiceCapability {
+                    r#type: Some(csi::controller_service_capability::Type::Rpc(
+                        csi::controller_service_capability::Rpc { r#type: *t as i32 },
+                    )),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        req: Request<csi::ControllerGetVolumeRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+        let r = req.into_inner();
+        convert::required_str("volume_id", &r.volume_id)?;
+        let c = self.controller();
+        blocking("ControllerGetVolume", move || {
+            let (rec, cond) = c.get(&r.volume_id)?;
+            Ok(csi::ControllerGetVolumeResponse {
+                volume: Some(to_volume(&rec)),
+                status: Some(csi::controller_get_volume_response::VolumeStatus {
+                    published_node_ids: rec.attachments.keys().cloned().collect(),
+                    volume_condition: Some(to_condition(&cond)),
+                }),
+            })
+        })
+        .await
+    }
+
+    // Snapshots, expansion and modification arrive with their own
+    // capabilities; until then these RPCs are not advertised.
+    async fn create_snapshot(
+        &self,
+        _req: Request<csi::CreateSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "CREATE_DELETE_SNAPSHOT is not advertised",
+        ))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _req: Request<csi::DeleteSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "CREATE_DELETE_SNAPSHOT is not advertised",
+        ))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<csi::ListSnapshotsRequest>,
+    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("LIST_SNAPSHOTS is not advertised"))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _req: Request<csi::GetSnapshotRequest>,
+    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented("GET_SNAPSHOT is not advertised"))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        _req: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented("EXPAND_VOLUME is not advertised"))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _req: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented("MODIFY_VOLUME is not advertised"))
+    }
+}

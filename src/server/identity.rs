@@ -1,0 +1,66 @@
+//! The CSI Identity service.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::Driver;
+use crate::csi;
+use crate::csi::identity_server::Identity;
+use crate::csi::plugin_capability::service::Type as ServiceType;
+
+#[derive(Debug, Clone)]
+pub struct IdentityService {
+    pub(super) driver: Arc<Driver>,
+}
+
+fn service(t: ServiceType) -> csi::PluginCapability {
+    csi::PluginCapability {
+        r#type: Some(csi::plugin_capability::Type::Service(
+            csi::plugin_capability::Service { r#type: t as i32 },
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        _req: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(csi::GetPluginInfoResponse {
+            name: self.driver.name.clone(),
+            vendor_version: crate::VENDOR_VERSION.to_owned(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _req: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
+        if self.driver.controller.is_some() {
+            capabilities.insert(0, service(ServiceType::ControllerService));
+        }
+        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _req: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        let driver = Arc::clone(&self.driver);
+        let ready = tokio::task::spawn_blocking(move || driver.check_ready())
+            .await
+            .map_err(|e| Status::internal(format!("probe failed: {e}")))?;
+        if let Err(reason) = &ready {
+            tracing::warn!(%reason, "probe: not ready");
+        }
+        Ok(Response::new(csi::ProbeResponse {
+            ready: Some(ready.is_ok()),
+        }))
+    }
+}

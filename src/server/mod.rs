@@ -1,0 +1,331 @@
+//! The gRPC layer: thin tonic services (one file per CSI service) over the
+//! domain, the listener (unix socket or TCP), and graceful shutdown.
+//! Protobuf types stop here.
+
+pub mod controller;
+pub mod convert;
+pub mod identity;
+pub mod node;
+pub mod status;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Response, Status};
+
+use crate::backend::{Backends, prepare_pool};
+use crate::csi;
+use crate::state::Store;
+use crate::volume::Error;
+use crate::volume::controller::Controller;
+use crate::volume::id::valid_node_id;
+use crate::volume::node::Node;
+
+/// Which services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    All,
+    Controller,
+    Node,
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Endpoint {
+    /// Parses `unix:///path`, `unix:/path` or `tcp://host:port`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            if !rest.starts_with('/') {
+                return Err(format!("endpoint {s:?}: unix socket path must be absolute"));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(rest)));
+        }
+        if let Some(rest) = s.strip_prefix("tcp://") {
+            if rest.is_empty() {
+                return Err(format!("endpoint {s:?}: missing host:port"));
+            }
+            return Ok(Endpoint::Tcp(rest.to_owned()));
+        }
+        Err(format!(
+            "endpoint {s:?}: expected unix:///path or tcp://host:port"
+        ))
+    }
+}
+
+/// Everything `stowage serve` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub endpoint: Endpoint,
+    pub node_id: String,
+    pub driver_name: String,
+    pub state_dir: PathBuf,
+    pub pool: PathBuf,
+    pub mode: Mode,
+    pub max_volumes_per_node: u64,
+}
+
+/// A startup failure, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "invalid --driver-name {0:?}: 1-63 characters, letters, digits, '-', '.', '_', starting and ending with a letter"
+    )]
+    DriverName(String),
+    #[error(
+        "invalid node id {0:?}: 1-63 characters of [A-Za-z0-9._-] starting with a letter or digit (set --node-id)"
+    )]
+    NodeId(String),
+    #[error("another server is listening on {0}")]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("socket {path}: {err}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("listen on {addr}: {err}")]
+    Tcp {
+        addr: String,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("cannot open the driver: {0}")]
+    Open(#[from] Error),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// The services' shared state.
+#[derive(Debug)]
+pub struct Driver {
+    pub name: String,
+    pub controller: Option<Arc<Controller>>,
+    pub node: Option<Arc<Node>>,
+}
+
+impl Driver {
+    /// Opens the state and pool and the services of `mode` (controller
+    /// start removes orphaned pool storage; node start restores stagings
+    /// and removes leaked loop devices).
+    pub fn open(cfg: &Config) -> Result<Self, StartError> {
+        if !valid_driver_name(&cfg.driver_name) {
+            return Err(StartError::DriverName(cfg.driver_name.clone()));
+        }
+        if !valid_node_id(&cfg.node_id) {
+            return Err(StartError::NodeId(cfg.node_id.clone()));
+        }
+        let store = Store::open(&cfg.state_dir).map_err(Error::from)?;
+        prepare_pool(&cfg.pool).map_err(Error::from)?;
+        let backends = Arc::new(Backends::new(&cfg.pool));
+        let controller = match cfg.mode {
+            Mode::All | Mode::Controller => Some(Arc::new(Controller::open(
+                &cfg.node_id,
+                cfg.max_volumes_per_node,
+                Arc::clone(&backends),
+                store.clone(),
+            )?)),
+            Mode::Node => None,
+        };
+        let node = match cfg.mode {
+            Mode::All | Mode::Node => Some(Arc::new(Node::open(
+                &cfg.node_id,
+                cfg.max_volumes_per_node,
+                backends,
+                store,
+            )?)),
+            Mode::Controller => None,
+        };
+        Ok(Self {
+            name: cfg.driver_name.clone(),
+            controller,
+            node,
+        })
+    }
+
+    /// Ready when every opened service can use its pool and state.
+    pub fn check_ready(&self) -> Result<(), String> {
+        if let Some(c) = &self.controller {
+            c.check_ready()?;
+        }
+        if let Some(n) = &self.node {
+            n.check_ready()?;
+        }
+        Ok(())
+    }
+}
+
+/// CSI plugin names: domain-name-like, at most 63 characters.
+pub fn valid_driver_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    (2..=63).contains(&b.len())
+        && b[0].is_ascii_alphabetic()
+        && b[b.len() - 1].is_ascii_alphabetic()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
+}
+
+/// Runs a domain operation on the blocking pool (it makes syscalls and may
+/// run mkfs) and logs its outcome and duration.
+pub(crate) async fn blocking<T, F>(rpc: &'static str, f: F) -> Result<Response<T>, Status>
+where
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+    T: Send + 'static,
+{
+    let start = Instant::now();
+    let outcome = tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("{rpc} failed: {e}")))?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    match outcome {
+        Ok(v) => {
+            tracing::debug!(rpc, elapsed_ms = ms, "ok");
+            Ok(Response::new(v))
+        }
+        Err(e) => {
+            let s = Status::from(e);
+            tracing::info!(rpc, elapsed_ms = ms, code = ?s.code(), message = s.message(), "failed");
+            Err(s)
+        }
+    }
+}
+
+/// Binds the unix socket: a stale socket file is removed, a live one (a
+/// server answers) is refused, and the new socket is owner-only.
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, StartError> {
+    let sock_err = |err| StartError::Socket {
+        path: path.to_owned(),
+        err,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(sock_err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(StartError::SocketInUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(sock_err)?;
+        }
+        Ok(_) => return Err(StartError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(sock_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+    Ok(listener)
+}
+
+/// Serves until SIGTERM or SIGINT, then stops accepting, lets in-flight
+/// RPCs finish and returns.
+pub async fn run(cfg: Config) -> Result<(), StartError> {
+    let cfg2 = cfg.clone();
+    let driver = tokio::task::spawn_blocking(move || Driver::open(&cfg2))
+        .await
+        .expect("driver open does not panic")?;
+    let driver = Arc::new(driver);
+    tracing::info!(
+        name = %driver.name,
+        version = crate::VENDOR_VERSION,
+        node = %cfg.node_id,
+        mode = ?cfg.mode,
+        pool = %cfg.pool.display(),
+        state = %cfg.state_dir.display(),
+        "stowage starting"
+    );
+
+    let mut router = tonic::transport::Server::builder().add_service(
+        csi::identity_server::IdentityServer::new(identity::IdentityService {
+            driver: Arc::clone(&driver),
+        }),
+    );
+    if driver.controller.is_some() {
+        router = router.add_service(csi::controller_server::ControllerServer::new(
+            controller::ControllerService {
+                driver: Arc::clone(&driver),
+            },
+        ));
+    }
+    if driver.node.is_some() {
+        router = router.add_service(csi::node_server::NodeServer::new(node::NodeService {
+            driver: Arc::clone(&driver),
+        }));
+    }
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+    };
+
+    match &cfg.endpoint {
+        Endpoint::Unix(path) => {
+            let listener = bind_unix(path)?;
+            tracing::info!(endpoint = %path.display(), "listening");
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let r = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await;
+            let _ = std::fs::remove_file(path);
+            r?;
+        }
+        Endpoint::Tcp(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|err| StartError::Tcp {
+                        addr: addr.clone(),
+                        err,
+                    })?;
+            tracing::info!(endpoint = %addr, "listening");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            Endpoint::parse("unix:///run/x.sock"),
+            Ok(Endpoint::Unix("/run/x.sock".into()))
+        );
+        assert_eq!(
+            Endpoint::parse("tcp://127.0.0.1:1"),
+            Ok(Endpoint::Tcp("127.0.0.1:1".into()))
+        );
+        assert!(Endpoint::parse("unix://rel.sock").is_err());
+        assert!(Endpoint::parse("http://x").is_err());
+    }
+
+    #[test]
+    fn driver_names() {
+        assert!(valid_driver_name("stowage.csi.dev"));
+        assert!(!valid_driver_name("1abc"));
+        assert!(!valid_driver_name("abc1"));
+        assert!(!valid_driver_name(&"a".repeat(64)));
+    }
+}

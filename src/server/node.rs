@@ -1,0 +1,226 @@
+//! The CSI Node service: converts requests, calls the domain's
+//! [`Node`](crate::volume::node::Node), converts back.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, Redact};
+use super::{Driver, blocking};
+use crate::csi;
+use crate::csi::node_server::Node as NodeRpc;
+use crate::csi::node_service_capability::rpc::Type as Rpc;
+use crate::volume::Error;
+use crate::volume::node::{Node, PublishVolume, StageVolume, Usage};
+
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    pub(super) driver: Arc<Driver>,
+}
+
+/// The node capabilities stowage advertises.
+pub const CAPABILITIES: &[Rpc] = &[
+    Rpc::StageUnstageVolume,
+    Rpc::GetVolumeStats,
+    Rpc::VolumeCondition,
+    Rpc::SingleNodeMultiWriter,
+];
+
+impl NodeService {
+    fn node(&self) -> Arc<Node> {
+        Arc::clone(
+            self.driver
+                .node
+                .as_ref()
+                .expect("node service runs with a node"),
+        )
+    }
+}
+
+impl TryFrom<&csi::NodeStageVolumeRequest> for StageVolume {
+    type Error = Error;
+    fn try_from(r: &csi::NodeStageVolumeRequest) -> Result<Self, Error> {
+        convert::required_str("volume_id", &r.volume_id)?;
+        Ok(StageVolume {
+            volume_id: r.volume_id.clone(),
+            staging_path: convert::path("staging_target_path", &r.staging_target_path)?,
+            capability: convert::capability("volume_capability", r.volume_capability.as_ref())?,
+        })
+    }
+}
+
+impl TryFrom<&csi::NodePublishVolumeRequest> for PublishVolume {
+    type Error = Error;
+    fn try_from(r: &csi::NodePublishVolumeRequest) -> Result<Self, Error> {
+        convert::required_str("volume_id", &r.volume_id)?;
+        let target_path = convert::path("target_path", &r.target_path)?;
+        let capability = convert::capability("volume_capability", r.volume_capability.as_ref())?;
+        let staging_path = if r.staging_target_path.is_empty() {
+            None
+        } else {
+            Some(convert::path(
+                "staging_target_path",
+                &r.staging_target_path,
+            )?)
+        };
+        if staging_path.as_ref() == Some(&target_path) {
+            return Err(Error::invalid(
+                "target_path",
+                "must differ from staging_target_path",
+            ));
+        }
+        Ok(PublishVolume {
+            volume_id: r.volume_id.clone(),
+            target_path,
+            staging_path,
+            capability,
+            read_only: r.readonly,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl NodeRpc for NodeService {
+    async fn node_stage_volume(
+        &self,
+        req: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "NodeStageVolume");
+        let cmd = StageVolume::try_from(&r)?;
+        let n = self.node();
+        blocking("NodeStageVolume", move || {
+            n.stage(cmd).map(|()| csi::NodeStageVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "NodeUnstageVolume");
+        convert::required_str("volume_id", &r.volume_id)?;
+        let path = convert::path("staging_target_path", &r.staging_target_path)?;
+        let n = self.node();
+        blocking("NodeUnstageVolume", move || {
+            n.unstage(&r.volume_id, &path)
+                .map(|()| csi::NodeUnstageVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "NodePublishVolume");
+        let cmd = PublishVolume::try_from(&r)?;
+        let n = self.node();
+        blocking("NodePublishVolume", move || {
+            n.publish(cmd).map(|()| csi::NodePublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "NodeUnpublishVolume");
+        convert::required_str("volume_id", &r.volume_id)?;
+        let path = convert::path("target_path", &r.target_path)?;
+        let n = self.node();
+        blocking("NodeUnpublishVolume", move || {
+            n.unpublish(&r.volume_id, &path)
+                .map(|()| csi::NodeUnpublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        convert::required_str("volume_id", &r.volume_id)?;
+        convert::required_str("volume_path", &r.volume_path)?;
+        let n = self.node();
+        blocking("NodeGetVolumeStats", move || {
+            let stats = n.stats(&r.volume_id, &r.volume_path)?;
+            use csi::volume_usage::Unit;
+            let usage = stats
+                .usage
+                .iter()
+                .map(|u| {
+                    let (unit, total, available, used) = match *u {
+                        Usage::Bytes {
+                            total,
+                            available,
+                            used,
+                        } => (Unit::Bytes, total, available, used),
+                        Usage::Inodes {
+                            total,
+                            available,
+                            used,
+                        } => (Unit::Inodes, total, available, used),
+                    };
+                    csi::VolumeUsage {
+                        available: available as i64,
+                        total: total as i64,
+                        used: used as i64,
+                        unit: unit as i32,
+                    }
+                })
+                .collect();
+            Ok(csi::NodeGetVolumeStatsResponse {
+                usage,
+                volume_condition: Some(csi::VolumeCondition {
+                    abnormal: stats.condition.abnormal,
+                    message: stats.condition.message,
+                }),
+            })
+        })
+        .await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _req: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented("EXPAND_VOLUME is not advertised"))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _req: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: CAPABILITIES
+                .iter()
+                .map(|t| csi::NodeServiceCapability {
+                    r#type: Some(csi::node_service_capability::Type::Rpc(
+                        csi::node_service_capability::Rpc { r#type: *t as i32 },
+                    )),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _req: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        let n = self.node();
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: n.node_id().to_owned(),
+            max_volumes_per_node: n.max_volumes_per_node() as i64,
+            accessible_topology: Some(csi::Topology {
+                segments: n.topology().into_iter().collect(),
+            }),
+        }))
+    }
+}

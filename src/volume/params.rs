@@ -1,0 +1,109 @@
+//! StorageClass parameters as a typed set of keys. Unknown keys are an
+//! error; keys the Kubernetes provisioner adds (`csi.storage.k8s.io/…`) are
+//! accepted and ignored.
+
+use std::collections::BTreeMap;
+
+use super::BackendKind;
+
+/// Parameter keys stowage understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKey {
+    /// `backend`: `block` (default) or `dir`.
+    Backend,
+}
+
+impl ParamKey {
+    pub const ALL: [ParamKey; 1] = [ParamKey::Backend];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamKey::Backend => "backend",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// The prefix of keys added by Kubernetes sidecars (PVC name, namespace...).
+pub const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Validated StorageClass parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parameters {
+    pub backend: BackendKind,
+}
+
+impl Parameters {
+    /// Parses a parameter map, naming the offending key on error.
+    pub fn parse(map: &BTreeMap<String, String>) -> Result<Self, String> {
+        let mut backend = BackendKind::Block;
+        for (k, v) in map {
+            if k.starts_with(KUBERNETES_PREFIX) {
+                continue;
+            }
+            match ParamKey::parse(k) {
+                Some(ParamKey::Backend) => {
+                    backend = v.parse().map_err(|()| {
+                        format!("parameter backend={v:?}: expected \"block\" or \"dir\"")
+                    })?;
+                }
+                None => {
+                    return Err(format!(
+                        "unknown parameter {k:?} (known: {})",
+                        ParamKey::ALL.map(ParamKey::as_str).join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(Parameters { backend })
+    }
+
+    /// The parameters that define the volume (used to compare repeated
+    /// CreateVolume calls): everything but the Kubernetes metadata keys.
+    pub fn defining(map: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        map.iter()
+            .filter(|(k, _)| !k.starts_with(KUBERNETES_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_to_block_and_ignores_kubernetes_keys() {
+        let p = Parameters::parse(&map(&[("csi.storage.k8s.io/pvc/name", "x")])).unwrap();
+        assert_eq!(p.backend, BackendKind::Block);
+        let p = Parameters::parse(&map(&[("backend", "dir")])).unwrap();
+        assert_eq!(p.backend, BackendKind::Dir);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_values() {
+        assert!(
+            Parameters::parse(&map(&[("size", "1")]))
+                .unwrap_err()
+                .contains("size")
+        );
+        assert!(Parameters::parse(&map(&[("backend", "tape")])).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(k in "\\PC{0,30}", v in "\\PC{0,30}") {
+            let _ = Parameters::parse(&map(&[(&k, &v)]));
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The records the domain keeps durable: one per volume on the controller
+//! side, one per volume with something staged or published on the node
+//! side.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::capability::{Capability, FsType};
+use super::id::VolumeId;
+
+/// A ControllerPublish attachment of a volume to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub capability: Capability,
+    pub read_only: bool,
+}
+
+/// A provisioned volume, as the controller knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub capacity_bytes: u64,
+    /// Filesystem made on first stage (block volumes asked for as mounts).
+    pub fs_type: Option<FsType>,
+    pub capabilities: Vec<Capability>,
+    /// The StorageClass parameters that define the volume.
+    pub parameters: BTreeMap<String, String>,
+    pub volume_context: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Node id → attachment.
+    #[serde(default)]
+    pub attachments: BTreeMap<String, Attachment>,
+}
+
+/// What was done at the staging path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staging {
+    pub path: PathBuf,
+    pub capability: Capability,
+    /// The loop device attached for a block volume.
+    pub device: Option<PathBuf>,
+    /// Whether a filesystem (or the dir bind) is mounted at `path`.
+    pub mounted: bool,
+}
+
+/// What was done at one target path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    pub capability: Capability,
+    pub read_only: bool,
+    /// A read-only loop device made for this publication alone (raw block
+    /// published read-only).
+    pub own_device: Option<PathBuf>,
+    /// Whether stowage created the target (and so removes it on unpublish).
+    pub created_target: bool,
+}
+
+/// A volume's footprint on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeVolumeRecord {
+    pub id: VolumeId,
+    pub staging: Option<Staging>,
+    #[serde(default)]
+    pub publications: BTreeMap<PathBuf, Publication>,
+}
+
+impl NodeVolumeRecord {
+    pub fn is_empty(&self) -> bool {
+        self.staging.is_none() && self.publications.is_empty()
+    }
+}
+
+/// A node known to the controller (written by the node service at start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: String,
+    pub topology: BTreeMap<String, String>,
+}
+
+/// Every node a volume is published to.
+pub fn published_nodes(rec: &VolumeRecord) -> BTreeSet<String> {
+    rec.attachments.keys().cloned().collect()
+}
