@@ -1,0 +1,500 @@
+//! Shared test harness: real pools (loop-mounted filesystem images), a real
+//! `stowage serve` process on a unix socket, gRPC clients, and drop guards
+//! that unmount and detach everything a test made, even when it fails.
+
+#![allow(dead_code, clippy::disallowed_methods)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stowage::csi;
+use stowage::csi::controller_client::ControllerClient;
+use stowage::csi::identity_client::IdentityClient;
+use stowage::csi::node_client::NodeClient;
+use stowage::os::loopdev::LoopDevice;
+use tonic::transport::Channel;
+
+pub const MIB: i64 = 1 << 20;
+pub const GIB: i64 = 1 << 30;
+
+/// Unmounts every mount at or below `root` (deepest first, lazily) and
+/// detaches every loop device whose backing file is below `root`.
+pub fn cleanup_under(root: &Path) {
+    for _ in 0..3 {
+        let Ok(table) = stowage::os::mountinfo::MountTable::read() else {
+            return;
+        };
+        let mut points: Vec<PathBuf> = table
+            .entries
+            .iter()
+            .filter(|e| e.mount_point.starts_with(root))
+            .map(|e| e.mount_point.clone())
+            .collect();
+        if points.is_empty() {
+            break;
+        }
+        points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in points {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    for _ in 0..3 {
+        let Ok(list) = LoopDevice::list_attached() else {
+            return;
+        };
+        let mine: Vec<_> = list
+            .into_iter()
+            .filter(|(_, b)| b.starts_with(root))
+            .collect();
+        if mine.is_empty() {
+            break;
+        }
+        for (d, _) in mine {
+            let _ = d.detach();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A scratch directory that is cleaned of mounts and loop devices, then
+/// removed, when dropped.
+pub struct Scratch {
+    pub root: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("stowage-test-{tag}-"))
+            .tempdir_in("/tmp")
+            .expect("make scratch dir");
+        Scratch { root: dir.keep() }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        cleanup_under(&self.root);
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A filesystem of type `fs` in a sparse image, loop-mounted at
+/// `<scratch>/pool-fs`. Dropped with its scratch dir.
+pub fn make_pool_fs(scratch: &Scratch, fs: &str, size: u64) -> PathBuf {
+    let image = scratch.root.join(format!("pool-{fs}.img"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let dev = LoopDevice::attach(&image, false).expect("attach pool image");
+    stowage::os::filesystem::make(&dev.path(), fs).expect("mkfs pool");
+    let mnt = scratch.root.join("pool-fs");
+    std::fs::create_dir(&mnt).unwrap();
+    let opts = stowage::os::mount::MountOptions::parse::<&str>(&[]).unwrap();
+    stowage::os::mount::mount_filesystem(&dev.path(), &mnt, fs, &opts).expect("mount pool");
+    // Detach on last close: the mount keeps it alive until unmounted.
+    let _ = dev.detach();
+    mnt
+}
+
+/// Paths of one test environment.
+pub struct Layout {
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub pool: PathBuf,
+    pub staging: PathBuf,
+    pub targets: PathBuf,
+}
+
+/// A running `stowage serve`.
+pub struct Server {
+    child: Option<Child>,
+    pub layout_socket: PathBuf,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts the binary with `args` and waits for its socket to answer.
+    pub fn start(socket: &Path, args: Vec<String>, log: &Path) -> Self {
+        let child = spawn(&args, log);
+        let mut s = Server {
+            child: Some(child),
+            layout_socket: socket.to_owned(),
+            args,
+            log: log.to_owned(),
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if std::os::unix::net::UnixStream::connect(&self.layout_socket).is_ok() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "stowage serve exited with {status}: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("stowage serve did not listen within 20 s");
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                panic!("stowage serve ignored SIGTERM for 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the same server again (after kill9/terminate).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the server first");
+        self.child = Some(spawn(&self.args, &self.log));
+        self.wait_ready();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn spawn(args: &[String], log: &Path) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .env("STOWAGE_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn stowage serve")
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// gRPC clients on one channel.
+#[derive(Clone)]
+pub struct Clients {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+/// Connects to a unix socket.
+pub async fn connect(socket: &Path) -> Clients {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to stowage");
+    Clients {
+        identity: IdentityClient::new(channel.clone()),
+        controller: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel),
+    }
+}
+
+/// A pool filesystem, a state dir and a running server, all under one
+/// scratch directory. Field order matters for drop: server, then scratch.
+pub struct Env {
+    pub server: Server,
+    pub c: Clients,
+    pub layout: Layout,
+    pub node_id: String,
+    pub scratch: Scratch,
+}
+
+impl Env {
+    /// An environment with a pool on a fresh `fs` filesystem.
+    pub async fn new(fs: &str) -> Env {
+        Self::with_args(fs, &[]).await
+    }
+
+    pub async fn with_args(fs: &str, extra: &[&str]) -> Env {
+        let scratch = Scratch::new(fs);
+        let pool_fs = make_pool_fs(&scratch, fs, 4 << 30);
+        let layout = Layout {
+            socket: scratch.root.join("csi.sock"),
+            state: pool_fs.join("state"),
+            pool: pool_fs.join("pool"),
+            staging: scratch.root.join("staging"),
+            targets: scratch.root.join("targets"),
+        };
+        std::fs::create_dir(&layout.staging).unwrap();
+        std::fs::create_dir(&layout.targets).unwrap();
+        let node_id = "test-node".to_owned();
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--endpoint".into(),
+            format!("unix://{}", layout.socket.display()),
+            "--node-id".into(),
+            node_id.clone(),
+            "--state-dir".into(),
+            layout.state.display().to_string(),
+            "--pool".into(),
+            layout.pool.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let server = Server::start(&layout.socket, args, &scratch.root.join("server.log"));
+        let c = connect(&layout.socket).await;
+        Env {
+            server,
+            c,
+            layout,
+            node_id,
+            scratch,
+        }
+    }
+
+    /// Reconnects after a restart.
+    pub async fn reconnect(&mut self) {
+        self.c = connect(&self.layout.socket).await;
+    }
+
+    /// A fresh staging directory (as a CO would make it).
+    pub fn staging_dir(&self, name: &str) -> PathBuf {
+        let p = self.layout.staging.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// A target path whose parent exists but which itself does not.
+    pub fn target_path(&self, name: &str) -> PathBuf {
+        self.layout.targets.join(name)
+    }
+}
+
+pub fn mount_cap(
+    fs: &str,
+    mode: csi::volume_capability::access_mode::Mode,
+) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume {
+                fs_type: fs.into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            },
+        )),
+    }
+}
+
+pub fn block_cap(mode: csi::volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+        access_type: Some(csi::volume_capability::AccessType::Block(
+            csi::volume_capability::BlockVolume {},
+        )),
+    }
+}
+
+pub use csi::volume_capability::access_mode::Mode;
+
+/// The capability for an access kind: "dir", "ext4", "xfs", "btrfs" (mount)
+/// or "raw" (block).
+pub fn cap_for(kind: &str) -> csi::VolumeCapability {
+    match kind {
+        "raw" => block_cap(Mode::SingleNodeWriter),
+        "dir" => mount_cap("", Mode::SingleNodeWriter),
+        fs => mount_cap(fs, Mode::SingleNodeWriter),
+    }
+}
+
+/// StorageClass parameters for an access kind.
+pub fn params_for(kind: &str) -> HashMap<String, String> {
+    let backend = if kind == "dir" { "dir" } else { "block" };
+    HashMap::from([("backend".to_owned(), backend.to_owned())])
+}
+
+pub fn create_req(name: &str, kind: &str, size: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap_for(kind)],
+        parameters: params_for(kind),
+        ..Default::default()
+    }
+}
+
+/// Asserts a gRPC error code.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: tonic::Code) {
+    match r {
+        Ok(v) => panic!("expected {code:?}, got OK: {v:?}"),
+        Err(s) => assert_eq!(s.code(), code, "unexpected status: {s:?}"),
+    }
+}
+
+/// Volume helpers over the clients.
+impl Env {
+    pub async fn create(&mut self, name: &str, kind: &str, size: i64) -> csi::Volume {
+        self.c
+            .controller
+            .create_volume(create_req(name, kind, size))
+            .await
+            .expect("CreateVolume")
+            .into_inner()
+            .volume
+            .expect("volume")
+    }
+
+    pub async fn stage(
+        &mut self,
+        vol: &str,
+        kind: &str,
+        staging: &Path,
+    ) -> Result<(), tonic::Status> {
+        self.c
+            .node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap_for(kind)),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn publish(
+        &mut self,
+        vol: &str,
+        kind: &str,
+        staging: &Path,
+        target: &Path,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.c
+            .node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap_for(kind)),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unpublish(&mut self, vol: &str, target: &Path) -> Result<(), tonic::Status> {
+        self.c
+            .node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: vol.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unstage(&mut self, vol: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.c
+            .node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn delete(&mut self, vol: &str) -> Result<(), tonic::Status> {
+        self.c
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: vol.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+}
+
+/// Whether `path` is a mount point right now.
+pub fn is_mounted(path: &Path) -> bool {
+    stowage::os::mountinfo::MountTable::read()
+        .unwrap()
+        .mounted_at(path)
+        .is_some()
+}
+
+/// Loop devices backed by files under `root`.
+pub fn loops_under(root: &Path) -> Vec<(LoopDevice, PathBuf)> {
+    LoopDevice::list_attached()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, b)| b.starts_with(root))
+        .collect()
+}
+
+/// Writes a file of pseudo-random bytes (seeded) and returns them.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
