@@ -803,3 +803,549 @@ async fn controller_get_volume_reports_condition() {
         Code::NotFound,
     );
 }
+
+// ------------------------------------------------------------ Node: stage
+
+/// NodeStageVolume: "This operation MUST be idempotent. If the volume
+/// corresponding to the volume_id is already staged to the
+/// staging_target_path, and is identical to the specified
+/// volume_capability the Plugin MUST reply 0 OK"; staged elsewhere or with
+/// another capability → ALREADY_EXISTS.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_stage_is_idempotent_and_conflicts_are_already_exists() {
+    let mut env = Env::new("xfs").await;
+    let v = env.create("s", "ext4", 64 * MIB).await;
+    let staging = env.staging_dir("s");
+    for _ in 0..10 {
+        env.stage(&v.volume_id, "ext4", &staging).await.unwrap();
+    }
+    assert_eq!(
+        loops_under(&env.layout.pool).len(),
+        1,
+        "repeat stage attached twice"
+    );
+    let other = env.staging_dir("s2");
+    assert_code(
+        env.stage(&v.volume_id, "ext4", &other).await,
+        Code::AlreadyExists,
+    );
+    assert_code(
+        env.stage(&v.volume_id, "raw", &staging).await,
+        Code::AlreadyExists,
+    );
+    for _ in 0..3 {
+        env.unstage(&v.volume_id, &staging).await.unwrap();
+    }
+    assert!(loops_under(&env.layout.pool).is_empty());
+    assert!(
+        std::fs::read_dir(&staging).unwrap().next().is_none(),
+        "staging dir not empty"
+    );
+}
+
+/// NodeStageVolume makes the filesystem only on first stage: data written
+/// before a re-stage survives (never reformat a device that has one), and
+/// a device with another filesystem is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_stage_formats_only_on_first_stage() {
+    let mut env = Env::new("ext4").await;
+    let v = env.create("f", "xfs", 320 * MIB).await;
+    let staging = env.staging_dir("f");
+    env.stage(&v.volume_id, "xfs", &staging).await.unwrap();
+    let table = stowage::os::mountinfo::MountTable::read().unwrap();
+    assert_eq!(table.mounted_at(&staging).unwrap().fs_type, "xfs");
+    std::fs::write(staging.join("keep"), b"kept").unwrap();
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+    env.stage(&v.volume_id, "xfs", &staging).await.unwrap();
+    assert_eq!(std::fs::read(staging.join("keep")).unwrap(), b"kept");
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
+/// Missing required fields are INVALID_ARGUMENT, checked before any lookup;
+/// relative or dotted paths are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_requests_with_missing_or_unclean_fields_are_invalid_argument() {
+    let mut env = Env::new("ext4").await;
+    let staging = env.staging_dir("x");
+    let n = &mut env.c.node;
+    let stage =
+        |vol: &str, path: &str, cap: Option<csi::VolumeCapability>| csi::NodeStageVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: path.into(),
+            volume_capability: cap,
+            ..Default::default()
+        };
+    let sp = staging.display().to_string();
+    assert_code(
+        n.node_stage_volume(stage("", &sp, Some(cap_for("ext4"))))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        n.node_stage_volume(stage("fake", "", Some(cap_for("ext4"))))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        n.node_stage_volume(stage("fake", &sp, None)).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        n.node_stage_volume(stage("fake", "rel/path", Some(cap_for("ext4"))))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        n.node_stage_volume(stage("fake", &format!("{sp}/../x"), Some(cap_for("ext4"))))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        n.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: "fake".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: "fake".into(),
+            target_path: String::new(),
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: String::new(),
+            staging_target_path: sp.clone(),
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+    // A well-formed request for a volume that does not exist: NOT_FOUND.
+    assert_code(
+        n.node_stage_volume(stage(
+            "block:test-node:0123456789abcdef0123456789abcdef",
+            &sp,
+            Some(cap_for("ext4")),
+        ))
+        .await,
+        Code::NotFound,
+    );
+}
+
+// ---------------------------------------------------------- Node: publish
+
+/// NodePublishVolume readonly: "the CO ... the volume SHALL be published
+/// read-only": writes through the target fail with EROFS while the staging
+/// mount stays writable.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_publish_read_only_refuses_writes() {
+    for kind in ["ext4", "dir"] {
+        let mut env = Env::new("xfs").await;
+        let v = env.create("ro", kind, 64 * MIB).await;
+        let staging = env.staging_dir("ro");
+        let rw = env.target_path("rw");
+        let ro = env.target_path("ro");
+        env.stage(&v.volume_id, kind, &staging).await.unwrap();
+        env.publish(&v.volume_id, kind, &staging, &rw, false)
+            .await
+            .unwrap();
+        env.publish(&v.volume_id, kind, &staging, &ro, true)
+            .await
+            .unwrap();
+        std::fs::write(rw.join("hello"), b"hi").unwrap();
+        let err = std::fs::write(ro.join("nope"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{kind}: {err}");
+        assert_eq!(std::fs::read(ro.join("hello")).unwrap(), b"hi");
+        // Same target with the other readonly flag: ALREADY_EXISTS.
+        assert_code(
+            env.publish(&v.volume_id, kind, &staging, &ro, false).await,
+            Code::AlreadyExists,
+        );
+        env.unpublish(&v.volume_id, &ro).await.unwrap();
+        env.unpublish(&v.volume_id, &rw).await.unwrap();
+        env.unstage(&v.volume_id, &staging).await.unwrap();
+    }
+}
+
+/// Raw block publish: "For volumes with an access type of block, the SP
+/// SHALL place the block device at target_path"; read-only raw publish is a
+/// device that refuses writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_publish_raw_block_is_a_usable_device() {
+    let mut env = Env::new("ext4").await;
+    let v = env.create("raw", "raw", 16 * MIB).await;
+    let staging = env.staging_dir("raw");
+    let target = env.target_path("raw");
+    let ro_target = env.target_path("raw-ro");
+    env.stage(&v.volume_id, "raw", &staging).await.unwrap();
+    env.publish(&v.volume_id, "raw", &staging, &target, false)
+        .await
+        .unwrap();
+    env.publish(&v.volume_id, "raw", &staging, &target, false)
+        .await
+        .unwrap();
+    env.publish(&v.volume_id, "raw", &staging, &ro_target, true)
+        .await
+        .unwrap();
+    let data = pattern(11, 4096);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    f.seek(SeekFrom::Start((16 * MIB - 4096) as u64)).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    let mut back = vec![0; 4096];
+    let mut r = std::fs::File::open(&ro_target).unwrap();
+    r.seek(SeekFrom::Start((16 * MIB - 4096) as u64)).unwrap();
+    r.read_exact(&mut back).unwrap();
+    assert_eq!(back, data);
+    drop((f, r));
+    let write_ro = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ro_target)
+        .and_then(|mut w| w.write_all(&data).and_then(|()| w.sync_all()));
+    assert!(
+        write_ro.is_err(),
+        "a read-only raw publish accepted a write"
+    );
+    let stats = env
+        .c
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage[0].total, 16 * MIB);
+    env.unpublish(&v.volume_id, &ro_target).await.unwrap();
+    env.unpublish(&v.volume_id, &target).await.unwrap();
+    assert!(!target.exists() && !ro_target.exists());
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+    assert!(loops_under(&env.layout.pool).is_empty());
+}
+
+/// SINGLE_NODE_SINGLE_WRITER: publishing to a second target is "Exceeds
+/// capabilities" → FAILED_PRECONDITION; SINGLE_NODE_MULTI_WRITER allows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn single_node_single_writer_allows_one_target() {
+    let mut env = Env::new("ext4").await;
+    let v = env.create("sw", "dir", 0).await;
+    let staging = env.staging_dir("sw");
+    let cap = mount_cap("", Mode::SingleNodeSingleWriter);
+    env.c
+        .node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let publish = |target: std::path::PathBuf| csi::NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    let t1 = env.target_path("one");
+    let t2 = env.target_path("two");
+    env.c
+        .node
+        .node_publish_volume(publish(t1.clone()))
+        .await
+        .unwrap();
+    assert_code(
+        env.c.node.node_publish_volume(publish(t2.clone())).await,
+        Code::FailedPrecondition,
+    );
+    assert!(!t2.exists());
+    env.unpublish(&v.volume_id, &t1).await.unwrap();
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
+/// Target paths are not followed through symlinks: a target that is a
+/// symlink is refused and nothing is mounted where it points.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_publish_refuses_symlinked_target() {
+    let mut env = Env::new("ext4").await;
+    let v = env.create("sym", "dir", 0).await;
+    let staging = env.staging_dir("sym");
+    env.stage(&v.volume_id, "dir", &staging).await.unwrap();
+    let elsewhere = env.scratch.root.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let link = env.target_path("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    assert_code(
+        env.publish(&v.volume_id, "dir", &staging, &link, false)
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(!is_mounted(&elsewhere));
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
+/// "The SP MUST NOT unmount what it did not mount": unpublishing a volume
+/// at a target where someone else mounted something leaves that mount.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_unpublish_never_unmounts_foreign_mounts() {
+    let mut env = Env::new("ext4").await;
+    let v = env.create("fm", "dir", 0).await;
+    let foreign = env.target_path("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &foreign,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    env.unpublish(&v.volume_id, &foreign).await.unwrap();
+    assert!(is_mounted(&foreign));
+    let staging = env.staging_dir("fm");
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+    // A staging path that already holds a foreign mount is refused.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &staging,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    assert_code(
+        env.stage(&v.volume_id, "dir", &staging).await,
+        Code::FailedPrecondition,
+    );
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+    assert!(is_mounted(&staging));
+}
+
+// ------------------------------------------------------- NodeGetVolumeStats
+
+/// NodeGetVolumeStats: bytes and inodes from statvfs; NOT_FOUND for a path
+/// that is not a volume path; VolumeCondition abnormal when the mount is
+/// gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_get_volume_stats_reports_usage_and_condition() {
+    let mut env = Env::new("ext4").await;
+    let v = env.create("st", "ext4", 64 * MIB).await;
+    let staging = env.staging_dir("st");
+    let target = env.target_path("st");
+    env.stage(&v.volume_id, "ext4", &staging).await.unwrap();
+    env.publish(&v.volume_id, "ext4", &staging, &target, false)
+        .await
+        .unwrap();
+    let stats = |env: &mut Env, path: String| {
+        let mut n = env.c.node.clone();
+        let id = v.volume_id.clone();
+        async move {
+            n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id,
+                volume_path: path,
+                staging_target_path: String::new(),
+            })
+            .await
+        }
+    };
+    let s = stats(&mut env, target.display().to_string())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.usage.len(), 2);
+    let bytes = &s.usage[0];
+    assert!(
+        bytes.total > 50 * MIB && bytes.total <= 64 * MIB,
+        "{bytes:?}"
+    );
+    assert!(s.usage[1].total > 0);
+    assert!(!s.volume_condition.unwrap().abnormal);
+    assert_code(stats(&mut env, "some/path".into()).await, Code::NotFound);
+    assert_code(
+        stats(&mut env, staging.join("x").display().to_string()).await,
+        Code::NotFound,
+    );
+    // Someone unmounts the target behind the driver's back.
+    nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    let s = stats(&mut env, target.display().to_string())
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = s.volume_condition.unwrap();
+    assert!(cond.abnormal);
+    assert!(
+        cond.message.contains("no longer mounted"),
+        "{}",
+        cond.message
+    );
+    env.unpublish(&v.volume_id, &target).await.unwrap();
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
+/// NodeGetCapabilities lists what the node advertises.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_get_capabilities_advertises_stage_stats_condition() {
+    use csi::node_service_capability::rpc::Type;
+    let mut env = Env::new("ext4").await;
+    let caps: Vec<i32> = env
+        .c
+        .node
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .filter_map(|c| match c.r#type {
+            Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            None => None,
+        })
+        .collect();
+    for t in [
+        Type::StageUnstageVolume,
+        Type::GetVolumeStats,
+        Type::VolumeCondition,
+        Type::SingleNodeMultiWriter,
+    ] {
+        assert!(caps.contains(&(t as i32)), "{t:?} missing");
+    }
+}
+
+// -------------------------------------------------------------- Concurrency
+
+/// "In some circumstances, the CO MAY wish to ... the Plugin SHOULD return
+/// ABORTED ... if an operation is pending for the volume": concurrent
+/// stages of one volume get ABORTED, never a double attach; different
+/// volumes proceed in parallel.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_operations_on_one_volume_are_aborted() {
+    let mut env = Env::new("xfs").await;
+    let v = env.create("c", "ext4", 512 * MIB).await;
+    let staging = env.staging_dir("c");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut n = env.c.node.clone();
+        let req = csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap_for("ext4")),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move { n.node_stage_volume(req).await }));
+    }
+    let mut ok = 0;
+    let mut aborted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::Aborted => aborted += 1,
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    assert!(ok >= 1 && aborted >= 1, "ok={ok} aborted={aborted}");
+    assert_eq!(loops_under(&env.layout.pool).len(), 1);
+    // Distinct volumes in parallel: all succeed.
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let mut c = env.c.controller.clone();
+        tasks.push(tokio::spawn(async move {
+            c.create_volume(create_req(&format!("par{i}"), "dir", 0))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
+// ------------------------------------------------------------ The process
+
+/// `stowage serve` removes a stale socket, refuses a live one, makes it
+/// owner-only, and exits 0 on SIGTERM after finishing in-flight RPCs.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_socket_hygiene_and_graceful_shutdown() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut env = Env::new("ext4").await;
+    let mode = std::fs::metadata(&env.layout.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A second server on the same socket refuses to start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(&env.server.args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another server"));
+    // In-flight work finishes across SIGTERM.
+    let v = env.create("slow", "ext4", 1024 * MIB).await;
+    let staging = env.staging_dir("slow");
+    let mut n = env.c.node.clone();
+    let req = csi::NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap_for("ext4")),
+        ..Default::default()
+    };
+    let inflight = tokio::spawn(async move { n.node_stage_volume(req).await });
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let status = tokio::task::block_in_place(|| env.server.terminate());
+    assert!(status.success(), "exit status {status}");
+    inflight.await.unwrap().unwrap();
+    assert!(!env.layout.socket.exists());
+    // A stale socket file (no server behind it) is replaced.
+    let stale = std::os::unix::net::UnixListener::bind(&env.layout.socket).unwrap();
+    drop(stale);
+    assert!(env.layout.socket.exists());
+    env.server.restart();
+    env.reconnect().await;
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
+/// Data and publications survive a server restart; the records are found
+/// again and unpublish/unstage work afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn data_and_state_survive_server_restart() {
+    let mut env = Env::new("xfs").await;
+    let v = env.create("persist", "ext4", 64 * MIB).await;
+    let staging = env.staging_dir("p");
+    let target = env.target_path("p");
+    env.stage(&v.volume_id, "ext4", &staging).await.unwrap();
+    env.publish(&v.volume_id, "ext4", &staging, &target, false)
+        .await
+        .unwrap();
+    std::fs::write(target.join("f"), b"before restart").unwrap();
+    env.server.kill9();
+    env.server.restart();
+    env.reconnect().await;
+    assert_eq!(std::fs::read(target.join("f")).unwrap(), b"before restart");
+    // Identical repeats are still no-ops after the restart.
+    env.stage(&v.volume_id, "ext4", &staging).await.unwrap();
+    env.publish(&v.volume_id, "ext4", &staging, &target, false)
+        .await
+        .unwrap();
+    assert_eq!(loops_under(&env.layout.pool).len(), 1);
+    let list = env
+        .c
+        .controller
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.entries.len(), 1);
+    env.unpublish(&v.volume_id, &target).await.unwrap();
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+    env.delete(&v.volume_id).await.unwrap();
+}
