@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs stowage's whole test suite on a fresh Debian machine, as root:
+# installs the filesystem tools the integration tests use, then checks
+# formatting and lints, and runs every test (unit, integration, property).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh: the integration tests mount filesystems and attach loop devices; run as root" >&2
+  exit 1
+fi
+
+need=()
+for tool in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs blkid:util-linux; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+modprobe loop 2>/dev/null || true
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo test --locked --all-targets
