@@ -1206,9 +1206,9 @@ async fn node_get_capabilities_advertises_stage_stats_condition() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for t in [
