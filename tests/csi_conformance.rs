@@ -1349,3 +1349,67 @@ async fn data_and_state_survive_server_restart() {
     env.unstage(&v.volume_id, &staging).await.unwrap();
     env.delete(&v.volume_id).await.unwrap();
 }
+
+/// Secrets "MUST be treated as such (e.g. not logged)": a request's secrets
+/// never reach the log, even at debug level, nor the volume context.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_are_never_logged_or_stored() {
+    let mut env = Env::new("ext4").await;
+    let mut r = create_req("sec", "dir", 0);
+    r.secrets.insert("password".into(), "hunter2-secret".into());
+    let v = env
+        .c
+        .controller
+        .create_volume(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(!format!("{:?}", v.volume_context).contains("hunter2"));
+    let staging = env.staging_dir("sec");
+    env.c
+        .node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap_for("dir")),
+            secrets: [("token".to_owned(), "hunter2-secret".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+    let log = env.server.log_text();
+    assert!(
+        log.contains("NodeStageVolume"),
+        "debug request logging is on"
+    );
+    assert!(!log.contains("hunter2"), "a secret reached the log");
+    let state = std::process::Command::new("grep")
+        .args(["-r", "hunter2"])
+        .arg(&env.layout.state)
+        .output()
+        .unwrap();
+    assert!(
+        state.stdout.is_empty(),
+        "a secret reached the state directory"
+    );
+}
+
+/// Block volumes use direct I/O on the loop device where the pool allows
+/// it (xfs and ext4 pools on a block device do).
+#[tokio::test(flavor = "multi_thread")]
+async fn block_volumes_use_direct_io_on_capable_pools() {
+    let mut env = Env::new("xfs").await;
+    let v = env.create("dio", "raw", 16 * MIB).await;
+    let staging = env.staging_dir("dio");
+    env.stage(&v.volume_id, "raw", &staging).await.unwrap();
+    let loops = loops_under(&env.layout.pool);
+    assert_eq!(loops.len(), 1);
+    assert!(
+        loops[0].0.direct_io(),
+        "loop device is not using direct I/O"
+    );
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
