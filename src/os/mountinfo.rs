@@ -179,10 +179,12 @@ pub struct MountTable {
 impl MountTable {
     /// Reads `/proc/self/mountinfo`.
     pub fn read() -> Result<Self, MountTableError> {
-        let text =
-            std::fs::read_to_string("/proc/self/mountinfo").map_err(MountTableError::Read)?;
+        // The kernel does not escape non-UTF-8 bytes; read lossily so one
+        // odd mount point cannot hide the whole table (such an entry simply
+        // matches no path of ours).
+        let bytes = std::fs::read("/proc/self/mountinfo").map_err(MountTableError::Read)?;
         Ok(Self {
-            entries: parse(&text)?,
+            entries: parse(&String::from_utf8_lossy(&bytes))?,
         })
     }
 
@@ -211,7 +213,7 @@ impl MountTable {
     pub fn containing(&self, path: &Path) -> Option<&MountEntry> {
         self.entries
             .iter()
-            .filter(|e| path.starts_with(&e.mount_point))
+            .filter(|e| !e.deleted && path.starts_with(&e.mount_point))
             .fold(None, |best: Option<&MountEntry>, e| match best {
                 Some(b) if b.mount_point.as_os_str().len() > e.mount_point.as_os_str().len() => {
                     Some(b)
