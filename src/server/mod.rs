@@ -113,6 +113,7 @@ pub struct Driver {
     pub name: String,
     pub controller: Option<Arc<Controller>>,
     pub node: Option<Arc<Node>>,
+    pub pool: PathBuf,
 }
 
 impl Driver {
@@ -151,11 +152,16 @@ impl Driver {
             name: cfg.driver_name.clone(),
             controller,
             node,
+            pool: cfg.pool.clone(),
         })
     }
 
     /// Ready when every opened service can use its pool and state.
     pub fn check_ready(&self) -> Result<(), String> {
+        let probe = self.pool.join(".probe");
+        crate::os::fs::write_atomic(&probe, b"ok")
+            .map_err(|e| format!("pool {} is not writable: {e}", self.pool.display()))?;
+        let _ = std::fs::remove_file(&probe);
         if let Some(c) = &self.controller {
             c.check_ready()?;
         }
