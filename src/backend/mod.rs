@@ -62,8 +62,10 @@ pub trait VolumeStore: Send + Sync + std::fmt::Debug {
     fn round_size(&self, requested: u64) -> u64;
 
     /// Creates the volume's storage with `size` bytes. Idempotent: an
-    /// existing volume of the same size is success; of another size,
-    /// [`BackendError::SizeMismatch`]. Nothing is left behind on failure.
+    /// existing volume of the same size is success; for a backend whose
+    /// storage has a size (block), an existing volume of another size is
+    /// [`BackendError::SizeMismatch`] (dir volumes only record their size).
+    /// Nothing is left behind on failure.
     fn create(&self, uuid: Uuid, size: u64) -> Result<(), BackendError>;
 
     /// Removes the volume's storage. Idempotent: a missing volume is

@@ -124,6 +124,21 @@ fn unmount_if_mounted(path: &Path) -> Result<()> {
     }
 }
 
+/// Refuses a request path with a symlink anywhere in it: mounting through
+/// one would put the mount wherever the link points.
+fn refuse_symlinks(path: &Path, field: &'static str) -> Result<()> {
+    if os::fs::has_symlink_component(path).map_err(Error::io("inspect", path))? {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} goes through a symlink; give the real path",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Node {
     /// Loads node records, registers this node for the controller, restores
     /// stagings and publications whose mounts or loop devices were lost
@@ -258,6 +273,7 @@ impl Node {
     /// Checks (and with `create`, makes) a directory at `path` without
     /// following a symlink there.
     fn check_dir_target(&self, path: &Path, field: &'static str, create: bool) -> Result<bool> {
+        refuse_symlinks(path, field)?;
         match path_kind(path).map_err(Error::io("inspect", path))? {
             PathKind::Directory => Ok(false),
             PathKind::Missing if create => {
@@ -580,6 +596,7 @@ impl Node {
             } else {
                 staged
             };
+            refuse_symlinks(target, "target_path")?;
             match path_kind(target).map_err(Error::io("inspect", target))? {
                 PathKind::Missing => {
                     std::fs::OpenOptions::new()

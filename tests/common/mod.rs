@@ -19,9 +19,17 @@ use tonic::transport::Channel;
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
 
-/// Unmounts every mount at or below `root` (deepest first, lazily) and
-/// detaches every loop device whose backing file is below `root`.
+/// Detaches every loop device whose backing file is below `root` (the
+/// kernel defers the detach of a mounted device to its last close), then
+/// unmounts every mount at or below `root`, deepest first and lazily. Loop
+/// devices go first because once the pool is unmounted the kernel reports
+/// their backing files relative to a detached mount, no longer under `root`.
 pub fn cleanup_under(root: &Path) {
+    if let Ok(list) = LoopDevice::list_attached() {
+        for (d, _) in list.into_iter().filter(|(_, b)| b.starts_with(root)) {
+            let _ = d.detach();
+        }
+    }
     for _ in 0..3 {
         let Ok(table) = stowage::os::mountinfo::MountTable::read() else {
             return;
@@ -39,22 +47,6 @@ pub fn cleanup_under(root: &Path) {
         for p in points {
             let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
         }
-    }
-    for _ in 0..3 {
-        let Ok(list) = LoopDevice::list_attached() else {
-            return;
-        };
-        let mine: Vec<_> = list
-            .into_iter()
-            .filter(|(_, b)| b.starts_with(root))
-            .collect();
-        if mine.is_empty() {
-            break;
-        }
-        for (d, _) in mine {
-            let _ = d.detach();
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
