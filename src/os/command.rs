@@ -2,6 +2,7 @@
 //! carry the command line, the exit status and the program's stderr.
 
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 
 /// An external program that could not be run or that failed.
@@ -40,14 +41,22 @@ where
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
     #[allow(clippy::disallowed_methods)] // this is the one place allowed to spawn
-    let output = Command::new(program)
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|err| CommandError::Spawn {
-            program: program.to_owned(),
-            err,
-        })?;
+    let mut cmd = Command::new(program);
+    cmd.args(&args).stdin(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls prctl(2), which is async-signal-safe. It ties the child's life
+    // to ours: a killed server leaves no mkfs writing to a device that a
+    // restarted server may hand out again.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let output = cmd.output().map_err(|err| CommandError::Spawn {
+        program: program.to_owned(),
+        err,
+    })?;
     if output.status.success() {
         return Ok(output);
     }

@@ -371,9 +371,16 @@ impl Controller {
                 ),
             ));
         }
-        self.backends.store(id.backend).delete(id.uuid)?;
+        // Record first, storage second: a crash in between leaves storage
+        // that no record explains, which the next start removes.
         self.store.delete(Table::Volumes, &id.uuid.to_hex())?;
         lock(&self.index).remove(id.uuid);
+        if let Err(e) = self.backends.store(id.backend).delete(id.uuid) {
+            // Put the record back so a retry finds the volume again.
+            self.store.put(Table::Volumes, &id.uuid.to_hex(), &rec)?;
+            lock(&self.index).insert(rec);
+            return Err(e.into());
+        }
         tracing::info!(volume = %id, "volume deleted");
         Ok(())
     }

@@ -258,12 +258,26 @@ impl Node {
             tracing::warn!(volume = %id, "staging found incomplete; staging again");
         }
         self.check_dir_target(&req.staging_path, "staging_target_path", true)?;
-        let staging = self.do_stage(
-            &id,
-            &req.staging_path,
-            &req.capability,
-            rec.staging.as_ref(),
-        )?;
+        // Record the intent first: a crash between the mount and the final
+        // record then leaves a record that restart (or unstage) completes
+        // or undoes, never an unrecorded mount.
+        let before = rec.clone();
+        let previous = rec.staging.clone();
+        rec.staging = Some(Staging {
+            path: req.staging_path.clone(),
+            capability: req.capability.clone(),
+            device: previous.as_ref().and_then(|p| p.device.clone()),
+            mounted: !(id.backend == BackendKind::Block && req.capability.is_block()),
+        });
+        self.save(rec.clone())?;
+        let staging =
+            match self.do_stage(&id, &req.staging_path, &req.capability, previous.as_ref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = self.save(before);
+                    return Err(e);
+                }
+            };
         rec.staging = Some(staging);
         self.save(rec)?;
         tracing::info!(volume = %id, path = %req.staging_path.display(), "volume staged");
@@ -299,31 +313,48 @@ impl Node {
     }
 
     fn staging_intact(&self, id: &VolumeId, st: &Staging, table: &MountTable) -> bool {
-        let device_ok = match &st.device {
-            Some(d) => LoopDevice::from_path(d)
+        let device_ok = match (&st.device, id.backend) {
+            (Some(d), _) => LoopDevice::from_path(d)
                 .and_then(|d| d.backing_file())
                 .is_some_and(|b| b == self.image(id)),
-            None => true,
+            (None, BackendKind::Block) => false,
+            (None, BackendKind::Dir) => true,
         };
-        let mount_ok = !st.mounted
-            || (table.mounted_at(&st.path).is_some() && self.owns_mount(id, st, &st.path));
+        let mount_ok =
+            !st.mounted || (table.mounted_at(&st.path).is_some() && self.owns_mount(id, &st.path));
         device_ok && mount_ok
     }
 
-    /// Whether what is mounted at `path` is this volume's staging.
-    fn owns_mount(&self, id: &VolumeId, st: &Staging, path: &Path) -> bool {
+    /// Whether what is mounted at `path` is this volume: the dir volume's
+    /// directory, or a filesystem on one of the loop devices backed by its
+    /// image.
+    fn owns_mount(&self, id: &VolumeId, path: &Path) -> bool {
         let Ok((dev, ino)) = identity(path) else {
             return false;
         };
         match id.backend {
             BackendKind::Dir => identity(&self.backends.dir.path(id.uuid)).ok() == Some((dev, ino)),
-            BackendKind::Block => st
-                .device
-                .as_deref()
-                .and_then(LoopDevice::from_path)
-                .and_then(|d| d.rdev().ok())
-                .is_some_and(|r| r == dev),
+            BackendKind::Block => self.devices(id).iter().any(|d| d.rdev().ok() == Some(dev)),
         }
+    }
+
+    /// Whether `target` is a bind of one of the volume's loop device nodes.
+    fn owns_device_bind(&self, id: &VolumeId, target: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(md) = std::fs::metadata(target) else {
+            return false;
+        };
+        self.devices(id)
+            .iter()
+            .any(|d| d.rdev().ok() == Some(md.rdev()))
+    }
+
+    /// Every loop device backed by the volume's image.
+    fn devices(&self, id: &VolumeId) -> Vec<LoopDevice> {
+        if id.backend != BackendKind::Block {
+            return Vec::new();
+        }
+        LoopDevice::find_by_backing(&self.image(id)).unwrap_or_default()
     }
 
     /// The read-write loop device already backing the image, if any.
@@ -370,7 +401,7 @@ impl Node {
                     mounted: true,
                 };
                 if table.mounted_at(path).is_some() {
-                    if !self.owns_mount(id, &st, path) {
+                    if !self.owns_mount(id, path) {
                         return Err(Error::precondition(
                             id,
                             format!(
@@ -414,7 +445,7 @@ impl Node {
                     let fs = cap.fs_type().unwrap_or(FsType::DEFAULT);
                     st.mounted = true;
                     if table.mounted_at(path).is_some() {
-                        if !self.owns_mount(id, &st, path) {
+                        if !self.owns_mount(id, path) {
                             return Err(Error::precondition(
                                 id,
                                 format!(
@@ -475,12 +506,12 @@ impl Node {
                         ),
                     ));
                 }
-                if st.mounted && self.owns_mount(&id, &st, path) {
+                if MountTable::read()?.mounted_at(path).is_some() && self.owns_mount(&id, path) {
                     unmount_if_mounted(path)?;
                 }
-                if let Some(d) = st.device.as_deref().and_then(LoopDevice::from_path)
-                    && d.backing_file().is_some_and(|b| b == self.image(&id))
-                {
+                // No publication remains, so every loop device of the image
+                // belongs to this staging.
+                for d in self.devices(&id) {
                     d.detach()?;
                 }
                 rec.staging = None;
@@ -556,7 +587,26 @@ impl Node {
                 "the access mode allows one publication and the volume is published elsewhere",
             ));
         }
-        let publication = self.do_publish(&id, &st, &target, &req.capability, read_only)?;
+        let before = rec.clone();
+        let intent = Publication {
+            capability: req.capability.clone(),
+            read_only,
+            own_device: None,
+            created_target: path_kind(&target).map_err(Error::io("inspect", &target))?
+                == PathKind::Missing,
+        };
+        rec.publications.insert(target.clone(), intent.clone());
+        self.save(rec.clone())?;
+        let publication = match self.do_publish(&id, &st, &target, &req.capability, read_only) {
+            Ok(mut p) => {
+                p.created_target |= intent.created_target;
+                p
+            }
+            Err(e) => {
+                let _ = self.save(before);
+                return Err(e);
+            }
+        };
         rec.publications.insert(target.clone(), publication);
         self.save(rec)?;
         tracing::info!(volume = %id, target = %target.display(), read_only, "volume published");
@@ -610,10 +660,18 @@ impl Node {
                 }
                 PathKind::File => {}
                 PathKind::BlockDevice { .. } if table.mounted_at(target).is_some() => {
-                    return Err(Error::precondition(
-                        id,
-                        format!("{} already has a mount", target.display()),
-                    ));
+                    if !self.owns_device_bind(id, target) {
+                        return Err(Error::precondition(
+                            id,
+                            format!(
+                                "{} already has a mount that is not this volume",
+                                target.display()
+                            ),
+                        ));
+                    }
+                    // A bind made before a crash: adopt it.
+                    rollback.disarm();
+                    return Ok(publication);
                 }
                 other => {
                     return Err(Error::invalid(
@@ -668,7 +726,18 @@ impl Node {
             return Ok(());
         };
         if MountTable::read()?.mounted_at(target).is_some() {
-            unmount_if_mounted(target)?;
+            let ours = if p.capability.is_block() {
+                self.owns_device_bind(&id, target)
+            } else {
+                rec.staging
+                    .as_ref()
+                    .is_some_and(|s| identity(target).ok() == identity(&s.path).ok())
+            };
+            if ours {
+                unmount_if_mounted(target)?;
+            } else {
+                tracing::warn!(volume = %id, target = %target.display(), "target holds a mount that is not this volume; leaving it");
+            }
         }
         if p.created_target {
             let r = if p.capability.is_block() {
