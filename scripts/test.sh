@@ -23,4 +23,4 @@ modprobe loop 2>/dev/null || true
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked
+cargo test --locked --lib --bins --tests
