@@ -422,17 +422,12 @@ struct StagingRec {
 }
 
 fn node_records(state: &Path) -> Vec<NodeRec> {
-    let dir = state.join("node-volumes");
+    let store = stowage::state::Store::open(state).expect("open state");
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).expect("read node-volumes") {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with('.') || !name.ends_with(".json") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).expect("read node record");
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("node record {} is not JSON: {e}\n{text}", path.display()));
+    for (_, v) in store
+        .load_all::<serde_json::Value>(stowage::state::Table::NodeVolumes)
+        .expect("read node records")
+    {
         let pathbuf = |v: &serde_json::Value| v.as_str().map(PathBuf::from);
         let staging = v
             .get("staging")
@@ -999,13 +994,19 @@ async fn check_all_gone(env: &mut Env, ctx: &Ctx) {
     if !pool_storage(env).is_empty() {
         ctx.fail(env, "pool storage left");
     }
-    for t in ["volumes", "node-volumes"] {
-        let left: Vec<_> = std::fs::read_dir(env.layout.state.join(t))
+    let store = stowage::state::Store::open(&env.layout.state).expect("open state");
+    for t in [
+        stowage::state::Table::Volumes,
+        stowage::state::Table::NodeVolumes,
+    ] {
+        let left: Vec<String> = store
+            .load_all::<serde_json::Value>(t)
             .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .into_iter()
+            .map(|(k, _)| k)
             .collect();
         if !left.is_empty() {
-            ctx.fail(env, &format!("state/{t} still holds {left:?}"));
+            ctx.fail(env, &format!("state table {t:?} still holds {left:?}"));
         }
     }
     if !loops_under(&env.layout.pool).is_empty() {

@@ -135,7 +135,7 @@ async fn identity_capabilities_include_controller_and_topology() {
 }
 
 /// Probe: "ready ... the plugin is in a state where it can serve requests";
-/// a pool whose filesystem went read-only is not ready.
+/// a pool whose filesystem is full is not ready.
 #[tokio::test(flavor = "multi_thread")]
 async fn identity_probe_not_ready_when_state_is_unwritable() {
     let mut env = Env::new("ext4").await;
@@ -148,15 +148,23 @@ async fn identity_probe_not_ready_when_state_is_unwritable() {
         .unwrap()
         .into_inner();
     assert_eq!(ready(r), Some(true));
+    // Fill the pool filesystem (state and pool live on it) to the last
+    // block: nothing can be written any more.
     let pool_fs = env.scratch.root.join("pool-fs");
-    nix::mount::mount(
-        None::<&str>,
-        &pool_fs,
-        None::<&str>,
-        nix::mount::MsFlags::MS_REMOUNT | nix::mount::MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .unwrap();
+    let mut i = 0;
+    loop {
+        let f = std::fs::File::create(pool_fs.join(format!("fill{i}"))).unwrap();
+        let free = nix::sys::statvfs::statvfs(&pool_fs).unwrap();
+        let bytes = (free.blocks_free() * free.fragment_size()) as i64;
+        if bytes == 0
+            || nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, bytes.max(4096))
+                .is_err()
+        {
+            break;
+        }
+        i += 1;
+        assert!(i < 64, "could not fill the pool filesystem");
+    }
     let r = env
         .c
         .identity

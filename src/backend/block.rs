@@ -72,7 +72,7 @@ impl VolumeStore for BlockBackend {
     fn create(&self, uuid: Uuid, size: u64) -> Result<(), BackendError> {
         let p = self.image(uuid);
         match crate::os::fs::create_sparse(&p, size) {
-            Ok(()) => crate::os::fs::sync_dir(&self.root).map_err(self.io(uuid, "create", &p)),
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let existing = std::fs::metadata(&p)
                     .map_err(self.io(uuid, "stat", &p))?
@@ -97,11 +97,32 @@ impl VolumeStore for BlockBackend {
 
     fn delete(&self, uuid: Uuid) -> Result<(), BackendError> {
         let p = self.image(uuid);
-        crate::os::fs::remove_durable(&p).map_err(self.io(uuid, "delete", &p))
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(uuid, "delete", &p)(e)),
+        }
     }
 
     fn exists(&self, uuid: Uuid) -> bool {
         self.image(uuid).is_file()
+    }
+
+    fn repair(&self, uuid: Uuid, size: u64) -> Result<bool, BackendError> {
+        let p = self.image(uuid);
+        match std::fs::metadata(&p) {
+            Ok(md) if md.len() >= size => Ok(false),
+            Ok(_) => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_len(size))
+                .map(|()| true)
+                .map_err(self.io(uuid, "extend", &p)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.create(uuid, size).map(|()| true)
+            }
+            Err(e) => Err(self.io(uuid, "stat", &p)(e)),
+        }
     }
 
     fn list(&self) -> Result<Vec<Uuid>, BackendError> {
@@ -134,7 +155,7 @@ impl VolumeAttacher for BlockBackend {
 
     fn detach(&self, attached: &Attached) -> Result<(), BackendError> {
         match attached {
-            Attached::Device(d) => Ok(d.detach()?),
+            Attached::Device(d) => Ok(d.detach_settled()?),
             Attached::Directory(_) => Ok(()),
         }
     }

@@ -61,8 +61,7 @@ impl VolumeStore for DirBackend {
         }
         // Pods run as arbitrary users; the pool root (0700) keeps the
         // directory unreachable except through its mounts.
-        let r = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777))
-            .and_then(|()| crate::os::fs::sync_dir(&self.root));
+        let r = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777));
         if let Err(e) = r {
             let _ = std::fs::remove_dir(&p);
             return Err(self.io(uuid, "create", &p)(e));
@@ -73,7 +72,7 @@ impl VolumeStore for DirBackend {
     fn delete(&self, uuid: Uuid) -> Result<(), BackendError> {
         let p = self.path(uuid);
         match std::fs::remove_dir_all(&p) {
-            Ok(()) => crate::os::fs::sync_dir(&self.root).map_err(self.io(uuid, "delete", &p)),
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.io(uuid, "delete", &p)(e)),
         }
@@ -81,6 +80,13 @@ impl VolumeStore for DirBackend {
 
     fn exists(&self, uuid: Uuid) -> bool {
         self.path(uuid).is_dir()
+    }
+
+    fn repair(&self, uuid: Uuid, size: u64) -> Result<bool, BackendError> {
+        if self.exists(uuid) {
+            return Ok(false);
+        }
+        self.create(uuid, size).map(|()| true)
     }
 
     fn list(&self) -> Result<Vec<Uuid>, BackendError> {

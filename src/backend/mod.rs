@@ -65,15 +65,23 @@ pub trait VolumeStore: Send + Sync + std::fmt::Debug {
     /// existing volume of the same size is success; for a backend whose
     /// storage has a size (block), an existing volume of another size is
     /// [`BackendError::SizeMismatch`] (dir volumes only record their size).
-    /// Nothing is left behind on failure.
+    /// Nothing is left behind on failure. Not made durable here: the
+    /// controller's record is, and the controller recreates storage that a
+    /// crash lost (an empty new volume) when it starts.
     fn create(&self, uuid: Uuid, size: u64) -> Result<(), BackendError>;
 
     /// Removes the volume's storage. Idempotent: a missing volume is
-    /// success.
+    /// success. Not made durable here: storage that reappears after a
+    /// crash has no record and is removed when the controller starts.
     fn delete(&self, uuid: Uuid) -> Result<(), BackendError>;
 
     /// Whether the volume's storage exists.
     fn exists(&self, uuid: Uuid) -> bool;
+
+    /// Recreates storage that a crash lost (it was created but not yet
+    /// durable): missing storage is created, a block image shorter than
+    /// `size` is extended. Returns whether anything had to be repaired.
+    fn repair(&self, uuid: Uuid, size: u64) -> Result<bool, BackendError>;
 
     /// Every volume present in the pool (to find orphans after a crash).
     fn list(&self) -> Result<Vec<Uuid>, BackendError>;

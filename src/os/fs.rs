@@ -118,14 +118,15 @@ pub fn has_symlink_component(path: &Path) -> std::io::Result<bool> {
 }
 
 /// Creates a sparse file of `size` bytes, failing if it already exists.
+/// Not synced: callers that need it durable rebuild it from their records
+/// after a crash.
 pub fn create_sparse(path: &Path, size: u64) -> std::io::Result<()> {
     let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)?;
-    f.set_len(size)?;
-    f.sync_all()
+    f.set_len(size)
 }
 
 /// fsync(2) on a directory, making renames and unlinks in it durable.

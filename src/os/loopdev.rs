@@ -237,12 +237,30 @@ impl LoopDevice {
         };
         // SAFETY: LOOP_CLR_FD takes no argument; `f` is an open loop device.
         match unsafe { loop_clr_fd(f.as_raw_fd()) } {
-            Ok(_) | Err(Errno::ENXIO) => Ok(()),
-            Err(errno) => Err(LoopError::Detach {
-                device: self.path(),
-                errno,
-            }),
+            Ok(_) | Err(Errno::ENXIO) => {}
+            Err(errno) => {
+                return Err(LoopError::Detach {
+                    device: self.path(),
+                    errno,
+                });
+            }
         }
+        Ok(())
+    }
+
+    /// [`LoopDevice::detach`], then waits briefly (up to half a second) for
+    /// a deferred detach to finish: a child forked elsewhere in this
+    /// process holds inherited fds until it execs, which defers the detach
+    /// by a moment. Used where the caller promises the device is gone.
+    pub fn detach_settled(&self) -> Result<(), LoopError> {
+        self.detach()?;
+        for _ in 0..100 {
+            if self.backing_file().is_none() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// Makes the kernel re-read the backing file's size (after it grew).

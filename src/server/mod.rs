@@ -207,6 +207,14 @@ where
     }
 }
 
+/// Fails when a server answers on `path`.
+fn refuse_live_socket(path: &Path) -> Result<(), StartError> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(StartError::SocketInUse(path.to_owned()));
+    }
+    Ok(())
+}
+
 /// Binds the unix socket: a stale socket file is removed, a live one (a
 /// server answers) is refused, and the new socket is owner-only.
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, StartError> {
@@ -236,6 +244,13 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, StartError> {
 /// Serves until SIGTERM or SIGINT, then stops accepting, lets in-flight
 /// RPCs finish and returns.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
+    // A second server must fail on the socket, not half-way through
+    // opening the state the first one holds. The socket itself is bound
+    // only once the driver is open (restored), so a client that can
+    // connect gets a ready driver.
+    if let Endpoint::Unix(path) = &cfg.endpoint {
+        refuse_live_socket(path)?;
+    }
     let cfg2 = cfg.clone();
     let driver = tokio::task::spawn_blocking(move || Driver::open(&cfg2))
         .await

@@ -157,6 +157,14 @@ impl Controller {
         for (_, rec) in store.load_all::<VolumeRecord>(Table::Volumes)? {
             index.insert(rec);
         }
+        for rec in index.by_uuid.values() {
+            if backends
+                .store(rec.id.backend)
+                .repair(rec.id.uuid, rec.capacity_bytes)?
+            {
+                tracing::warn!(volume = %rec.id, "recreated volume storage that a crash lost before it was durable");
+            }
+        }
         for kind in [BackendKind::Dir, BackendKind::Block] {
             let backend = backends.store(kind);
             for uuid in backend.list()? {

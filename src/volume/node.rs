@@ -20,7 +20,7 @@ use crate::os::loopdev::LoopDevice;
 use crate::os::mount::{self, MountOptions};
 use crate::os::mountinfo::{MountTable, Propagation};
 use crate::os::{self, filesystem};
-use crate::state::{Store, Table};
+use crate::state::{Durability, Store, Table};
 
 /// A validated NodeStageVolume.
 #[derive(Debug, Clone)]
@@ -212,12 +212,20 @@ impl Node {
     }
 
     fn save(&self, rec: NodeVolumeRecord) -> Result<()> {
+        self.save_with(rec, Durability::Immediate)
+    }
+
+    /// Records `rec`; `Deferred` is for records that only add what a
+    /// restart can find again from the system (the loop device of a
+    /// staging whose intent is already durable).
+    fn save_with(&self, rec: NodeVolumeRecord, durability: Durability) -> Result<()> {
         let key = rec.id.uuid.to_hex();
         if rec.is_empty() {
             self.store.delete(Table::NodeVolumes, &key)?;
             lock(&self.records).remove(&rec.id.uuid);
         } else {
-            self.store.put(Table::NodeVolumes, &key, &rec)?;
+            self.store
+                .put_with(Table::NodeVolumes, &key, &rec, durability)?;
             lock(&self.records).insert(rec.id.uuid, rec);
         }
         Ok(())
@@ -279,7 +287,7 @@ impl Node {
                 }
             };
         rec.staging = Some(staging);
-        self.save(rec)?;
+        self.save_with(rec, Durability::Deferred)?;
         tracing::info!(volume = %id, path = %req.staging_path.display(), "volume staged");
         Ok(())
     }
@@ -340,13 +348,16 @@ impl Node {
 
     /// Whether `target` is a bind of one of the volume's loop device nodes.
     fn owns_device_bind(&self, id: &VolumeId, target: &Path) -> bool {
+        self.bound_device(id, target).is_some()
+    }
+
+    /// The volume's loop device bound at `target`, if any.
+    fn bound_device(&self, id: &VolumeId, target: &Path) -> Option<LoopDevice> {
         use std::os::unix::fs::MetadataExt;
-        let Ok(md) = std::fs::metadata(target) else {
-            return false;
-        };
+        let rdev = std::fs::metadata(target).ok()?.rdev();
         self.devices(id)
-            .iter()
-            .any(|d| d.rdev().ok() == Some(md.rdev()))
+            .into_iter()
+            .find(|d| d.rdev().ok() == Some(rdev))
     }
 
     /// Every loop device backed by the volume's image.
@@ -512,7 +523,7 @@ impl Node {
                 // No publication remains, so every loop device of the image
                 // belongs to this staging.
                 for d in self.devices(&id) {
-                    d.detach()?;
+                    d.detach_settled()?;
                 }
                 rec.staging = None;
                 self.save(rec)?;
@@ -608,7 +619,7 @@ impl Node {
             }
         };
         rec.publications.insert(target.clone(), publication);
-        self.save(rec)?;
+        self.save_with(rec, Durability::Deferred)?;
         tracing::info!(volume = %id, target = %target.display(), read_only, "volume published");
         Ok(())
     }
@@ -754,7 +765,7 @@ impl Node {
         if let Some(d) = p.own_device.as_deref().and_then(LoopDevice::from_path)
             && d.backing_file().is_some_and(|b| b == self.image(&id))
         {
-            d.detach()?;
+            d.detach_settled()?;
         }
         rec.publications.remove(target);
         self.save(rec)?;
@@ -887,6 +898,20 @@ impl Node {
             let table = MountTable::read().unwrap_or_default();
             for (target, p) in rec.publications.clone() {
                 if table.mounted_at(&target).is_some() {
+                    // A deferred record may have lost the publication's own
+                    // read-only device; find it again from the bind.
+                    if p.capability.is_block() && p.read_only && p.own_device.is_none() {
+                        let staged = st.device.clone();
+                        if let Some(d) = self
+                            .bound_device(&id, &target)
+                            .filter(|d| Some(d.path()) != staged)
+                        {
+                            let mut p = p.clone();
+                            p.own_device = Some(d.path());
+                            rec.publications.insert(target.clone(), p);
+                            changed = true;
+                        }
+                    }
                     continue;
                 }
                 match self.do_publish(&id, &st, &target, &p.capability, p.read_only) {
