@@ -1,132 +1,413 @@
-//! Lifecycle benchmark: the median time of a full CreateVolume → NodeStage →
-//! NodePublish → NodeUnpublish → NodeUnstage → DeleteVolume cycle for dir,
-//! block+ext4 and raw block volumes against a real `stowage serve` on a
-//! loop-mounted xfs pool, beside a baseline measured in the same run (the
-//! bare syscalls of a bind mount + unmount), and the server's idle RSS.
+//! Lifecycle benchmark, runnable against any CSI driver.
 //!
-//! Run: `cargo bench --bench lifecycle -- [--cycles N]` (as root).
+//! Runs N cycles of CreateVolume → NodeStage → NodePublish →
+//! NodeUnpublish → NodeUnstage → DeleteVolume (stage steps only when the
+//! driver advertises STAGE_UNSTAGE_VOLUME; ControllerPublish/Unpublish
+//! added with `--with-controller-publish`), first sequentially and then
+//! with K concurrent workers on distinct volumes, and reports per-RPC
+//! median/p90/p99, the full-cycle median, cycles per second, and the
+//! speed-up of K workers over one. Beside it, the same run measures a
+//! baseline: the bare bind-mount + unmount syscalls a dir volume cycle
+//! cannot avoid.
+//!
+//! Without `--endpoint` it starts its own `stowage serve` on a loop-mounted
+//! xfs pool and runs dir, block+ext4 and raw block volumes.
+//!
+//!     cargo bench --bench lifecycle -- [--cycles 50] [--workers 8] [--json]
+//!     cargo bench --bench lifecycle -- --endpoint unix:///run/other/csi.sock \
+//!         [--access mount|block] [--fs-type ext4] [--size 64Mi] [--param k=v]...
 
 #![allow(clippy::disallowed_methods)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use stowage::csi;
+use support::{Args, Driver, Summary, VolumeSpec, summarize};
 
-const RPCS: [&str; 6] = [
-    "create",
-    "stage",
-    "publish",
-    "unpublish",
-    "unstage",
-    "delete",
+const STEPS: [&str; 8] = [
+    "CreateVolume",
+    "ControllerPublish",
+    "NodeStage",
+    "NodePublish",
+    "NodeUnpublish",
+    "NodeUnstage",
+    "ControllerUnpublish",
+    "DeleteVolume",
 ];
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+#[derive(Debug, serde::Serialize)]
+struct RunReport {
+    cycles: usize,
+    cycle: Summary,
+    cycles_per_sec: f64,
+    rpcs: BTreeMap<&'static str, Summary>,
+    aborted: usize,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+#[derive(Debug, serde::Serialize)]
+struct KindReport {
+    kind: String,
+    sequential: RunReport,
+    concurrent: RunReport,
+    workers: usize,
+    speedup: f64,
+    cycle_vs_baseline: f64,
 }
 
-/// The floor: bind-mount a directory onto another and unmount it.
-fn baseline(env: &Env, n: usize) -> Duration {
-    let src = env.scratch.root.join("bl-src");
-    let dst = env.scratch.root.join("bl-dst");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::create_dir_all(&dst).unwrap();
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    driver: String,
+    endpoint: String,
+    baseline_bind_umount: Option<Summary>,
+    idle_rss_mib: Option<f64>,
+    kinds: Vec<KindReport>,
+}
+
+struct Cycle {
+    total: Duration,
+    steps: Vec<(usize, Duration)>,
+    aborted: bool,
+}
+
+/// One full cycle on a fresh volume. ABORTED answers are counted and the
+/// step retried (they must not happen on distinct volumes).
+async fn cycle(d: &mut Driver, spec: &VolumeSpec, name: &str, work: &Path, with_cp: bool) -> Cycle {
+    let staging = work.join(format!("{name}.staging"));
+    let target = work.join(format!("{name}.target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut steps = Vec::with_capacity(8);
+    let mut aborted = false;
+    let start = Instant::now();
+    macro_rules! step {
+        ($i:expr, $call:expr) => {{
+            loop {
+                let t = Instant::now();
+                match $call.await {
+                    Ok(r) => {
+                        steps.push(($i, t.elapsed()));
+                        break r.into_inner();
+                    }
+                    Err(s) if s.code() == tonic::Code::Aborted => aborted = true,
+                    Err(s) => panic!("{} failed: {s:?}", STEPS[$i]),
+                }
+            }
+        }};
+    }
+    let vol = step!(0, d.controller.create_volume(spec.create_request(name, d)))
+        .volume
+        .expect("volume");
+    let id = vol.volume_id.clone();
+    let mut publish_context = Default::default();
+    if with_cp && d.controller_publish {
+        publish_context = step!(
+            1,
+            d.controller
+                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: d.node_id.clone(),
+                    volume_capability: Some(spec.capability()),
+                    volume_context: vol.volume_context.clone(),
+                    ..Default::default()
+                })
+        )
+        .publish_context;
+    }
+    if d.stage {
+        step!(
+            2,
+            d.node.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                publish_context: publish_context.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(spec.capability()),
+                volume_context: vol.volume_context.clone(),
+                ..Default::default()
+            })
+        );
+    }
+    step!(
+        3,
+        d.node.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            publish_context: publish_context.clone(),
+            staging_target_path: if d.stage {
+                staging.display().to_string()
+            } else {
+                String::new()
+            },
+            target_path: target.display().to_string(),
+            volume_capability: Some(spec.capability()),
+            volume_context: vol.volume_context.clone(),
+            ..Default::default()
+        })
+    );
+    step!(
+        4,
+        d.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.display().to_string(),
+            })
+    );
+    if d.stage {
+        step!(
+            5,
+            d.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+            })
+        );
+    }
+    if with_cp && d.controller_publish {
+        step!(
+            6,
+            d.controller
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: d.node_id.clone(),
+                    ..Default::default()
+                })
+        );
+    }
+    step!(
+        7,
+        d.controller.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+    );
+    let total = start.elapsed();
+    let _ = std::fs::remove_dir(&staging);
+    Cycle {
+        total,
+        steps,
+        aborted,
+    }
+}
+
+fn report(cycles: &[Cycle], wall: Duration) -> RunReport {
+    let mut per: BTreeMap<&'static str, Vec<Duration>> = BTreeMap::new();
+    for c in cycles {
+        for (i, d) in &c.steps {
+            per.entry(STEPS[*i]).or_default().push(*d);
+        }
+    }
+    let totals: Vec<Duration> = cycles.iter().map(|c| c.total).collect();
+    RunReport {
+        cycles: cycles.len(),
+        cycle: summarize(&totals),
+        cycles_per_sec: cycles.len() as f64 / wall.as_secs_f64(),
+        rpcs: per.into_iter().map(|(k, v)| (k, summarize(&v))).collect(),
+        aborted: cycles.iter().filter(|c| c.aborted).count(),
+    }
+}
+
+async fn run_kind(
+    d: &Driver,
+    kind: &str,
+    spec: &VolumeSpec,
+    n: usize,
+    workers: usize,
+    work: &Path,
+    with_cp: bool,
+) -> (RunReport, RunReport) {
+    let tag = format!("bench-{}-{kind}", std::process::id());
+    // Warm-up (first mkfs, page cache, connection).
+    let mut w = d.clone();
+    cycle(&mut w, spec, &format!("{tag}-warm"), work, with_cp).await;
+
+    let mut seq = Vec::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        seq.push(cycle(&mut w, spec, &format!("{tag}-s{i}"), work, with_cp).await);
+    }
+    let seq = report(&seq, start.elapsed());
+
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..workers {
+        let mut dk = d.clone();
+        let spec = spec.clone();
+        let work = work.to_owned();
+        let tag = tag.clone();
+        let per_worker = n.div_ceil(workers);
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(per_worker);
+            for i in 0..per_worker {
+                out.push(cycle(&mut dk, &spec, &format!("{tag}-w{k}-{i}"), &work, with_cp).await);
+            }
+            out
+        }));
+    }
+    let mut conc = Vec::new();
+    for t in tasks {
+        conc.extend(t.await.expect("worker"));
+    }
+    let conc = report(&conc, start.elapsed());
+    (seq, conc)
+}
+
+/// The floor of a dir volume cycle: bind-mount a directory and unmount it.
+fn baseline(work: &Path, n: usize) -> Option<Summary> {
+    let src = work.join("baseline-src");
+    let dst = work.join("baseline-dst");
+    std::fs::create_dir_all(&src).ok()?;
+    std::fs::create_dir_all(&dst).ok()?;
     let mut t = Vec::with_capacity(n);
     for _ in 0..n {
         let s = Instant::now();
-        stowage::os::mount::bind(&src, &dst).unwrap();
-        stowage::os::mount::unmount(&dst).unwrap();
+        stowage::os::mount::bind(&src, &dst).ok()?;
+        stowage::os::mount::unmount(&dst).ok()?;
         t.push(s.elapsed());
     }
-    median(&mut t)
+    Some(summarize(&t))
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-async fn cycles(env: &mut Env, kind: &str, n: usize) -> (Vec<Duration>, Vec<Vec<Duration>>) {
-    let mut full = Vec::with_capacity(n);
-    let mut per: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); RPCS.len()];
-    for i in 0..n {
-        let staging = env.staging_dir(&format!("{kind}-{i}"));
-        let target = env.target_path(&format!("{kind}-{i}"));
-        let start = Instant::now();
-        let mut lap = Instant::now();
-        let mut mark = |k: usize, per: &mut Vec<Vec<Duration>>| {
-            per[k].push(lap.elapsed());
-            lap = Instant::now();
-        };
-        let size = if kind == "dir" { 0 } else { 64 * MIB };
-        let v = env.create(&format!("{kind}-{i}"), kind, size).await;
-        mark(0, &mut per);
-        env.stage(&v.volume_id, kind, &staging).await.unwrap();
-        mark(1, &mut per);
-        env.publish(&v.volume_id, kind, &staging, &target, false)
-            .await
-            .unwrap();
-        mark(2, &mut per);
-        env.unpublish(&v.volume_id, &target).await.unwrap();
-        mark(3, &mut per);
-        env.unstage(&v.volume_id, &staging).await.unwrap();
-        mark(4, &mut per);
-        env.delete(&v.volume_id).await.unwrap();
-        mark(5, &mut per);
-        full.push(start.elapsed());
+fn print_table(r: &Report) {
+    println!("driver {} at {}", r.driver, r.endpoint);
+    if let Some(b) = &r.baseline_bind_umount {
+        println!(
+            "baseline bind+umount syscalls: median {:.3} ms",
+            b.median_ms
+        );
     }
-    (full, per)
+    if let Some(rss) = r.idle_rss_mib {
+        println!("idle RSS of the server: {rss:.1} MiB");
+    }
+    for k in &r.kinds {
+        println!();
+        println!(
+            "{}: {} cycles; full cycle median {:.3} ms (p90 {:.3}, p99 {:.3}) = {:.0}x baseline; {:.1} cycles/s",
+            k.kind,
+            k.sequential.cycles,
+            k.sequential.cycle.median_ms,
+            k.sequential.cycle.p90_ms,
+            k.sequential.cycle.p99_ms,
+            k.cycle_vs_baseline,
+            k.sequential.cycles_per_sec
+        );
+        println!(
+            "  {:<20} {:>9} {:>9} {:>9}",
+            "rpc (ms)", "median", "p90", "p99"
+        );
+        for step in STEPS {
+            if let Some(s) = k.sequential.rpcs.get(step) {
+                println!(
+                    "  {:<20} {:>9.3} {:>9.3} {:>9.3}",
+                    step, s.median_ms, s.p90_ms, s.p99_ms
+                );
+            }
+        }
+        println!(
+            "  {} workers: {:.1} cycles/s = {:.2}x one worker; cycle median {:.3} ms; ABORTED answers: {}",
+            k.workers,
+            k.concurrent.cycles_per_sec,
+            k.speedup,
+            k.concurrent.cycle.median_ms,
+            k.concurrent.aborted + k.sequential.aborted
+        );
+    }
 }
 
 fn main() {
-    let mut n = 30usize;
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--cycles") {
-        n = args[i + 1].parse().expect("--cycles N");
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let args = Args::from_env();
+    let n: usize = args
+        .value("--cycles")
+        .map_or(50, |v| v.parse().expect("--cycles N"));
+    let workers: usize = args
+        .value("--workers")
+        .map_or(8, |v| v.parse().expect("--workers K"));
+    let with_cp = args.flag("--with-controller-publish");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let mut env = Env::new("xfs").await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle = rss_kib(env.server.pid());
-        let base = baseline(&env, n.max(20));
-        println!(
-            "pool: xfs on a loop device; {n} cycles per kind; baseline = bind+umount syscalls"
-        );
-        println!("baseline median: {:.3} ms", ms(base));
-        println!(
-            "{:<6} {:>9} {:>7} | {}",
-            "kind",
-            "cycle ms",
-            "x base",
-            RPCS.map(|r| format!("{r:>9}")).join(" ")
-        );
-        for kind in ["dir", "ext4", "raw"] {
-            let (mut full, mut per) = cycles(&mut env, kind, n).await;
-            let m = median(&mut full);
-            let cols: Vec<String> = per
-                .iter_mut()
-                .map(|v| format!("{:>9.3}", ms(median(v))))
-                .collect();
-            println!(
-                "{kind:<6} {:>9.3} {:>7.1} | {}",
-                ms(m),
-                m.as_secs_f64() / base.as_secs_f64(),
-                cols.join(" ")
-            );
+        let (endpoint, env, kinds): (String, Option<common::Env>, Vec<(String, VolumeSpec)>) =
+            match args.value("--endpoint") {
+                Some(ep) => {
+                    let spec = VolumeSpec {
+                        block: args.value("--access").as_deref() == Some("block"),
+                        fs_type: args.value("--fs-type").unwrap_or_default(),
+                        size: args
+                            .value("--size")
+                            .map_or(64 << 20, |s| support::parse_size(&s)),
+                        parameters: args.params(),
+                    };
+                    let kind = if spec.block { "block" } else { "mount" };
+                    (ep, None, vec![(kind.to_owned(), spec)])
+                }
+                None => {
+                    let env = common::Env::new("xfs").await;
+                    let ep = format!("unix://{}", env.layout.socket.display());
+                    let spec = |block: bool, fs: &str, backend: &str, size: i64| VolumeSpec {
+                        block,
+                        fs_type: fs.to_owned(),
+                        size,
+                        parameters: [("backend".to_owned(), backend.to_owned())].into(),
+                    };
+                    let kinds = vec![
+                        ("dir".to_owned(), spec(false, "", "dir", 0)),
+                        (
+                            "block+ext4".to_owned(),
+                            spec(false, "ext4", "block", 64 << 20),
+                        ),
+                        ("raw block".to_owned(), spec(true, "", "block", 64 << 20)),
+                    ];
+                    (ep, Some(env), kinds)
+                }
+            };
+        let work: PathBuf = match (args.value("--work-dir"), &env) {
+            (Some(w), _) => PathBuf::from(w),
+            (None, Some(env)) => env.scratch.root.join("bench"),
+            (None, None) => {
+                std::env::temp_dir().join(format!("csi-lifecycle-{}", std::process::id()))
+            }
+        };
+        std::fs::create_dir_all(&work).unwrap();
+        let d = Driver::discover(&endpoint).await;
+        let idle_rss_mib = env.as_ref().map(|e| {
+            std::thread::sleep(Duration::from_millis(300));
+            support::rss_kib(e.server.pid() as u32) as f64 / 1024.0
+        });
+        let base = baseline(&work, 200);
+        let mut reports = Vec::new();
+        for (kind, spec) in &kinds {
+            let (sequential, concurrent) =
+                run_kind(&d, kind, spec, n, workers, &work, with_cp).await;
+            let speedup = concurrent.cycles_per_sec / sequential.cycles_per_sec;
+            let cycle_vs_baseline =
+                base.map_or(f64::NAN, |b| sequential.cycle.median_ms / b.median_ms);
+            reports.push(KindReport {
+                kind: kind.clone(),
+                sequential,
+                concurrent,
+                workers,
+                speedup,
+                cycle_vs_baseline,
+            });
         }
-        println!("idle RSS of stowage serve: {:.1} MiB", idle as f64 / 1024.0);
+        let report = Report {
+            driver: d.name.clone(),
+            endpoint,
+            baseline_bind_umount: base,
+            idle_rss_mib,
+            kinds: reports,
+        };
+        if args.flag("--json") {
+            println!("{}", serde_json::to_string_pretty(&report).unwrap());
+        } else {
+            print_table(&report);
+        }
+        if env.is_none() {
+            let _ = std::fs::remove_dir_all(&work);
+        }
     });
 }

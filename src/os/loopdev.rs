@@ -13,6 +13,7 @@ use nix::errno::Errno;
 const LO_NAME_SIZE: usize = 64;
 const LO_KEY_SIZE: usize = 32;
 const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
 
 /// `struct loop_info64` from <linux/loop.h>.
 #[repr(C)]
@@ -47,7 +48,6 @@ nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
 nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
 nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
 nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
-nix::ioctl_write_int_bad!(loop_set_direct_io, 0x4C08);
 
 /// A loop device step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +167,7 @@ impl LoopDevice {
                 path: "/dev/loop-control".into(),
                 err,
             })?;
+        let mut direct_io = true;
         for _ in 0..ATTEMPTS {
             // SAFETY: LOOP_CTL_GET_FREE takes no argument; the fd is a live
             // /dev/loop-control handle.
@@ -195,20 +196,26 @@ impl LoopDevice {
             if read_only {
                 config.info.lo_flags |= LO_FLAGS_READ_ONLY;
             }
+            // Asking for direct I/O at configure time is cheap; switching it
+            // on afterwards (LOOP_SET_DIRECT_IO) freezes the queue and costs
+            // tens of milliseconds.
+            if direct_io {
+                config.info.lo_flags |= LO_FLAGS_DIRECT_IO;
+            }
             let name = image.as_os_str().as_encoded_bytes();
             let take = name.len().min(LO_NAME_SIZE - 1);
             config.info.lo_file_name[..take].copy_from_slice(&name[name.len() - take..]);
             // SAFETY: `config` is a fully initialised loop_config that lives
             // across the call; the kernel only reads it.
             match unsafe { loop_configure(dev_file.as_raw_fd(), &config) } {
-                Ok(_) => {
-                    // SAFETY: LOOP_SET_DIRECT_IO takes an integer by value.
-                    // Failure (EINVAL on filesystems without O_DIRECT or
-                    // with a larger logical block size) leaves buffered I/O.
-                    let _ = unsafe { loop_set_direct_io(dev_file.as_raw_fd(), 1) };
-                    return Ok(device);
-                }
+                Ok(_) => return Ok(device),
                 Err(Errno::EBUSY) => continue,
+                // The backing filesystem cannot do O_DIRECT (or not at this
+                // block size): fall back to buffered I/O.
+                Err(Errno::EINVAL) if direct_io => {
+                    direct_io = false;
+                    continue;
+                }
                 Err(errno) => {
                     return Err(LoopError::Configure {
                         image: image.to_owned(),
