@@ -370,6 +370,14 @@ struct Report {
     jobs: Vec<JobResult>,
 }
 
+/// The 1-minute load average.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// The run with the median bandwidth (the upper one of an even count).
 fn median(runs: &[Measure]) -> Measure {
     let mut v = runs.to_vec();
@@ -397,6 +405,7 @@ fn measure_all(
         let s = prefill(cfg, t)?;
         report.prefill_s.insert(t.label.clone(), s);
     }
+    let load_start = loadavg();
     let all: Vec<(&str, &Target)> = std::iter::once(("baseline", baseline))
         .chain(volumes.iter().map(|(k, t)| (k.as_str(), t)))
         .collect();
@@ -443,6 +452,16 @@ fn measure_all(
             volumes: vols,
         });
     }
+    // Other work on the host (builds, tests) competes with fio and the
+    // loop workers for CPU and disk: note it beside the figures.
+    report.setup.insert(
+        "load".into(),
+        format!(
+            "1-min loadavg {load_start} at the start, {} at the end (fio itself adds ≈1; {} CPUs)",
+            loadavg(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+    );
     Ok(())
 }
 

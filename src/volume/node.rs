@@ -215,9 +215,9 @@ impl Node {
         self.save_with(rec, Durability::Immediate)
     }
 
-    /// Records `rec`; `Deferred` is for records that only add what a
-    /// restart can find again from the system (the loop device of a
-    /// staging whose intent is already durable).
+    /// Records `rec`; `Deferred` is for records whose loss on power
+    /// failure is harmless: stage/publish intents (a reboot loses their
+    /// mounts too) and what a restart can find again from the system.
     fn save_with(&self, rec: NodeVolumeRecord, durability: Durability) -> Result<()> {
         let key = rec.id.uuid.to_hex();
         if rec.is_empty() {
@@ -268,7 +268,12 @@ impl Node {
         self.check_dir_target(&req.staging_path, "staging_target_path", true)?;
         // Record the intent first: a crash between the mount and the final
         // record then leaves a record that restart (or unstage) completes
-        // or undoes, never an unrecorded mount.
+        // or undoes, never an unrecorded mount. The write reaches the log
+        // (page cache) before the mount, so it survives kill -9; it is not
+        // flushed, because only a power loss can lose it, and that loses
+        // the mount and loop device with it (the CO stages again after a
+        // reboot). Removals (unstage, unpublish) are flushed: losing one
+        // would resurrect a mount the CO was told is gone.
         let before = rec.clone();
         let previous = rec.staging.clone();
         rec.staging = Some(Staging {
@@ -277,7 +282,7 @@ impl Node {
             device: previous.as_ref().and_then(|p| p.device.clone()),
             mounted: !(id.backend == BackendKind::Block && req.capability.is_block()),
         });
-        self.save(rec.clone())?;
+        self.save_with(rec.clone(), Durability::Deferred)?;
         let staging =
             match self.do_stage(&id, &req.staging_path, &req.capability, previous.as_ref()) {
                 Ok(s) => s,
@@ -607,7 +612,7 @@ impl Node {
                 == PathKind::Missing,
         };
         rec.publications.insert(target.clone(), intent.clone());
-        self.save(rec.clone())?;
+        self.save_with(rec.clone(), Durability::Deferred)?;
         let publication = match self.do_publish(&id, &st, &target, &req.capability, read_only) {
             Ok(mut p) => {
                 p.created_target |= intent.created_target;
