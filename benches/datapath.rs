@@ -18,6 +18,7 @@
 //! ```text
 //! cargo bench --bench datapath -- [--runtime SECS] [--ramp SECS] [--size 512Mi]
 //!     [--seq-iodepth N] [--ioengine io_uring|libaio] [--kinds ext4,raw,dir] [--json]
+//!     [--rounds N] [--no-control]
 //!     [--endpoint unix:///path.sock --pool-dir DIR [--param K=V]... [--dir-param K=V]...
 //!      [--work-dir DIR]]
 //! ```
@@ -26,7 +27,11 @@
 //! (mount, no fsType) volume only; against the self-spawned stowage the
 //! `backend` parameter defaults to `block` / `dir` per kind. `--pool-dir` is
 //! where the baseline file goes: a directory on the filesystem that holds the
-//! driver's volumes. Targets (reported, not asserted): block ≥ 95 % of the
+//! driver's volumes. A second plain file beside the baseline (the
+//! "control", off with `--no-control`) shows the run's noise: on a shared or
+//! virtualised disk two identical files differ by 10–30 % in a 5 s run, so
+//! judge ratios against it and use `--rounds 3` (the median of three) before
+//! acting on one. Targets (reported, not asserted): block ≥ 95 % of the
 //! baseline for sequential I/O and ≥ 60 % for QD32 random reads; dir ≥ 98 %.
 
 #![allow(clippy::disallowed_methods)]
@@ -479,6 +484,12 @@ fn print_tables(r: &Report) {
     );
     for (k, v) in &r.setup {
         println!("  {k:<9} {v}");
+    }
+    if r.setup.values().any(|v| v.contains("dio=0")) {
+        println!(
+            "  note: a loop device above runs without direct I/O (dio=0): its I/O goes through \
+             the page cache of the backing file, so its figures are not a direct-I/O data path"
+        );
     }
     let rounds = c.rounds > 1;
     let pct = |x: f64| format!("{:.1}%", x * 100.0);

@@ -13,7 +13,7 @@
 //! Without `--endpoint` it starts its own `stowage serve` on a loop-mounted
 //! xfs pool and runs dir, block+ext4 and raw block volumes.
 //!
-//!     cargo bench --bench lifecycle -- [--cycles 50] [--workers 8] [--json]
+//!     cargo bench --bench lifecycle -- [--cycles 50] [--workers 8] [--kinds dir,block,raw] [--json]
 //!     cargo bench --bench lifecycle -- --endpoint unix:///run/other/csi.sock \
 //!         [--access mount|block] [--fs-type ext4] [--size 64Mi] [--param k=v]...
 
@@ -65,6 +65,7 @@ struct Report {
     driver: String,
     endpoint: String,
     baseline_bind_umount: Option<Summary>,
+    rpc_round_trip: Summary,
     idle_rss_mib: Option<f64>,
     kinds: Vec<KindReport>,
 }
@@ -253,6 +254,21 @@ async fn run_kind(
     (seq, conc)
 }
 
+/// The cost of one gRPC round trip to the driver: NodeGetCapabilities, which
+/// does no work.
+async fn rpc_floor(d: &Driver, n: usize) -> Summary {
+    let mut node = d.node.clone();
+    let mut t = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Instant::now();
+        node.node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+            .await
+            .expect("NodeGetCapabilities");
+        t.push(s.elapsed());
+    }
+    summarize(&t)
+}
+
 /// The floor of a dir volume cycle: bind-mount a directory and unmount it.
 fn baseline(work: &Path, n: usize) -> Option<Summary> {
     let src = work.join("baseline-src");
@@ -277,6 +293,10 @@ fn print_table(r: &Report) {
             b.median_ms
         );
     }
+    println!(
+        "baseline gRPC round trip (NodeGetCapabilities): median {:.3} ms",
+        r.rpc_round_trip.median_ms
+    );
     if let Some(rss) = r.idle_rss_mib {
         println!("idle RSS of the server: {rss:.1} MiB");
     }
@@ -361,6 +381,14 @@ fn main() {
                         ),
                         ("raw block".to_owned(), spec(true, "", "block", 64 << 20)),
                     ];
+                    let only = args.value("--kinds");
+                    let kinds = kinds
+                        .into_iter()
+                        .filter(|(k, _)| {
+                            only.as_deref()
+                                .is_none_or(|o| o.split(',').any(|w| k.starts_with(w)))
+                        })
+                        .collect();
                     (ep, Some(env), kinds)
                 }
             };
@@ -378,6 +406,7 @@ fn main() {
             support::rss_kib(e.server.pid() as u32) as f64 / 1024.0
         });
         let base = baseline(&work, 200);
+        let floor = rpc_floor(&d, 300).await;
         let mut reports = Vec::new();
         for (kind, spec) in &kinds {
             let (sequential, concurrent) =
@@ -398,6 +427,7 @@ fn main() {
             driver: d.name.clone(),
             endpoint,
             baseline_bind_umount: base,
+            rpc_round_trip: floor,
             idle_rss_mib,
             kinds: reports,
         };

