@@ -5,8 +5,12 @@
 //! failed.
 
 pub mod command;
+pub mod cow;
 pub mod filesystem;
+pub mod freeze;
 pub mod fs;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
+pub mod pool;
+pub mod resize;

@@ -35,16 +35,24 @@ pub enum Table {
     NodeVolumes,
     /// Nodes known to the controller, keyed by node id.
     Nodes,
+    /// Snapshots, keyed by snapshot UUID.
+    Snapshots,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Volumes, Table::NodeVolumes, Table::Nodes];
+    pub const ALL: [Table; 4] = [
+        Table::Volumes,
+        Table::NodeVolumes,
+        Table::Nodes,
+        Table::Snapshots,
+    ];
 
     fn file_name(self) -> &'static str {
         match self {
             Table::Volumes => "volumes.log",
             Table::NodeVolumes => "node-volumes.log",
             Table::Nodes => "nodes.log",
+            Table::Snapshots => "snapshots.log",
         }
     }
 }

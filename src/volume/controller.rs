@@ -290,6 +290,7 @@ impl Controller {
             )]),
             created_at: now_secs(),
             attachments: BTreeMap::new(),
+            content_source: None,
         };
         store.create(id.uuid, size)?;
         if let Err(e) = self.store.put(Table::Volumes, &id.uuid.to_hex(), &rec) {

@@ -133,6 +133,46 @@ impl<'de> Deserialize<'de> for VolumeId {
     }
 }
 
+/// A parsed snapshot ID: `snap:<backend>:<node>:<uuid>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SnapshotId {
+    pub backend: BackendKind,
+    pub node: String,
+    pub uuid: Uuid,
+}
+
+impl SnapshotId {
+    /// Parses a snapshot ID; anything not produced by [`fmt::Display`] of a
+    /// `SnapshotId` is rejected.
+    pub fn parse(s: &str) -> Option<Self> {
+        let v = VolumeId::parse(s.strip_prefix("snap:")?)?;
+        Some(SnapshotId {
+            backend: v.backend,
+            node: v.node,
+            uuid: v.uuid,
+        })
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "snap:{}:{}:{}", self.backend, self.node, self.uuid)
+    }
+}
+
+impl Serialize for SnapshotId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SnapshotId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SnapshotId::parse(&s).ok_or_else(|| serde::de::Error::custom("malformed snapshot id"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +207,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn snapshot_ids_round_trip_and_are_not_volume_ids() {
+        let id = SnapshotId {
+            backend: BackendKind::Dir,
+            node: "n".into(),
+            uuid: Uuid::new_random(),
+        };
+        let s = id.to_string();
+        assert_eq!(SnapshotId::parse(&s), Some(id));
+        assert_eq!(VolumeId::parse(&s), None);
+        assert_eq!(SnapshotId::parse(&s[5..]), None);
+    }
+
     proptest! {
+        #[test]
+        fn snapshot_parse_accepts_only_canonical_forms(s in "\\PC{0,160}") {
+            if let Some(id) = SnapshotId::parse(&s) {
+                prop_assert_eq!(id.to_string(), s);
+            }
+        }
+
         #[test]
         fn parse_never_panics_and_accepts_only_canonical_forms(s in "\\PC{0,160}") {
             if let Some(id) = VolumeId::parse(&s) {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::capability::{Capability, FsType};
-use super::id::VolumeId;
+use super::id::{SnapshotId, VolumeId};
 
 /// A ControllerPublish attachment of a volume to a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,33 @@ pub struct VolumeRecord {
     /// Node id → attachment.
     #[serde(default)]
     pub attachments: BTreeMap<String, Attachment>,
+    /// The snapshot or volume this volume was made from.
+    #[serde(default)]
+    pub content_source: Option<ContentSource>,
+}
+
+/// Where a volume's content came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContentSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// A snapshot of a volume, independent of its source once made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub name: String,
+    pub source_volume_id: String,
+    /// The source volume's capacity when the snapshot was taken (the
+    /// smallest volume it can be restored into).
+    pub size_bytes: u64,
+    pub fs_type: Option<FsType>,
+    /// Unix time, seconds and nanoseconds.
+    pub created_at: (i64, i32),
+    /// False while a background copy is still running.
+    pub ready: bool,
 }
 
 /// What was done at the staging path.

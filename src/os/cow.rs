@@ -1,0 +1,1089 @@
+//! Copy-on-write and sparse copies: FICLONE reflinks, hole-preserving copies
+//! (SEEK_DATA/SEEK_HOLE + copy_file_range), whole-tree copies and FIEMAP
+//! extent maps. Sources are never followed through symlinks and never
+//! modified; destinations are always created fresh, never overwritten.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use nix::unistd::Whence;
+
+/// The raw ioctls, private to this module.
+mod ioctl {
+    // FICLONE = _IOW(0x94, 9, int): the argument is the source fd itself.
+    nix::ioctl_write_int!(ficlone, 0x94, 9);
+    // FS_IOC_FIEMAP = _IOWR('f', 11, struct fiemap); the size in the
+    // request code is that of the header alone, the extent array follows
+    // it in memory.
+    nix::ioctl_readwrite!(fs_ioc_fiemap, b'f', 11, super::FiemapHeader);
+}
+
+/// Bytes moved per copy_file_range/read-write step, which is also how
+/// often progress is reported.
+const COPY_CHUNK: u64 = 16 << 20;
+/// Buffer of the read/write fallback.
+const BOUNCE_BUFFER: usize = 1 << 20;
+/// Extents asked for per FS_IOC_FIEMAP call.
+const FIEMAP_BATCH: usize = 128;
+const FIEMAP_FLAG_SYNC: u32 = 0x1;
+
+/// A copy step that failed, with its paths and errno.
+#[derive(Debug, thiserror::Error)]
+pub enum CowError {
+    #[error("open {path}: {err}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("create {path}: {err}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("stat {path}: {errno}")]
+    Stat { path: PathBuf, errno: Errno },
+    #[error("{path} is not a regular file")]
+    NotRegularFile { path: PathBuf },
+    #[error("{path} changed while it was being copied")]
+    Changed { path: PathBuf },
+    #[error("reflink {src} to {dst}: the filesystem cannot share extents here ({errno})")]
+    ReflinkUnsupported {
+        src: PathBuf,
+        dst: PathBuf,
+        errno: Errno,
+    },
+    #[error("reflink {src} to {dst}: {errno}")]
+    Reflink {
+        src: PathBuf,
+        dst: PathBuf,
+        errno: Errno,
+    },
+    #[error("find data and holes in {path} from offset {offset}: {errno}")]
+    Seek {
+        path: PathBuf,
+        offset: u64,
+        errno: Errno,
+    },
+    #[error("copy_file_range {src} to {dst} at offset {offset}: {errno}")]
+    CopyRange {
+        src: PathBuf,
+        dst: PathBuf,
+        offset: u64,
+        errno: Errno,
+    },
+    #[error("read {path} at offset {offset}: {err}")]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("write {path} at offset {offset}: {err}")]
+    Write {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("{path} ended at offset {offset} while being copied (it shrank)")]
+    SourceShrank { path: PathBuf, offset: u64 },
+    #[error("set length of {path} to {len}: {err}")]
+    SetLength {
+        path: PathBuf,
+        len: u64,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("FIEMAP on {path} from offset {offset}: {errno}")]
+    Fiemap {
+        path: PathBuf,
+        offset: u64,
+        errno: Errno,
+    },
+    #[error("{path} is on another filesystem than {root}: refusing to cross a mount")]
+    CrossesFilesystem { path: PathBuf, root: PathBuf },
+    #[error("{dst} lies inside {src}: a tree cannot be copied into itself")]
+    DestinationInsideSource { src: PathBuf, dst: PathBuf },
+    #[error("list directory {path}: {errno}")]
+    ReadDir { path: PathBuf, errno: Errno },
+    #[error("make directory {path}: {err}")]
+    MakeDir {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("read symlink {path}: {errno}")]
+    ReadLink { path: PathBuf, errno: Errno },
+    #[error("create symlink {path}: {err}")]
+    Symlink {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("hard link {path} to {target}: {err}")]
+    HardLink {
+        path: PathBuf,
+        target: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("make special file {path}: {errno}")]
+    MakeNode { path: PathBuf, errno: Errno },
+    #[error("set owner of {path} to {uid}:{gid}: {err}")]
+    SetOwner {
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("set mode of {path} to {mode:o}: {err}")]
+    SetMode {
+        path: PathBuf,
+        mode: u32,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("set times of {path}: {errno}")]
+    SetTimes { path: PathBuf, errno: Errno },
+}
+
+impl CowError {
+    /// Whether this is a reflink the filesystem (or the pair of
+    /// filesystems) cannot do, so that a plain copy is the right fallback.
+    pub fn is_not_supported(&self) -> bool {
+        matches!(self, CowError::ReflinkUnsupported { .. })
+    }
+}
+
+/// The errnos FICLONE returns when extents cannot be shared at all (as
+/// opposed to a failure of this particular clone): no remap support
+/// (EOPNOTSUPP; ENOTTY from some stacked filesystems), different
+/// filesystems (EXDEV), or a file the filesystem will not share (EINVAL).
+fn reflink_unsupported(errno: Errno) -> bool {
+    matches!(
+        errno,
+        Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY
+    )
+}
+
+/// The errnos copy_file_range returns when the kernel cannot do the copy
+/// in-kernel between these two files, so read/write must do it instead.
+fn copy_range_unsupported(errno: Errno) -> bool {
+    matches!(
+        errno,
+        Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EINVAL
+    )
+}
+
+/// Removes a file this module created unless disarmed, so no failed
+/// step leaves a half-made destination behind.
+struct RemoveOnDrop<'a> {
+    path: &'a Path,
+    armed: bool,
+}
+
+impl<'a> RemoveOnDrop<'a> {
+    fn new(path: &'a Path) -> Self {
+        Self { path, armed: true }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(self.path);
+        }
+    }
+}
+
+/// Opens `path` for reading without following a final symlink and checks
+/// it is a regular file.
+fn open_source(path: &Path) -> Result<File, CowError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|err| CowError::Open {
+            path: path.to_owned(),
+            err,
+        })?;
+    let st = nix::sys::stat::fstat(&file).map_err(|errno| CowError::Stat {
+        path: path.to_owned(),
+        errno,
+    })?;
+    if !is_kind(&st, SFlag::S_IFREG) {
+        return Err(CowError::NotRegularFile {
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
+}
+
+/// Creates `path` exclusively (never through a symlink) with mode 0600.
+fn create_destination(path: &Path) -> Result<File, CowError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|err| CowError::Create {
+            path: path.to_owned(),
+            err,
+        })
+}
+
+fn is_kind(st: &FileStat, kind: SFlag) -> bool {
+    st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
+}
+
+/// FICLONE of all of `src` into the empty file `dst`.
+fn clone_whole(src: &File, src_path: &Path, dst: &File, dst_path: &Path) -> Result<(), CowError> {
+    let src_fd = libc::c_ulong::try_from(src.as_raw_fd()).expect("fds are non-negative");
+    // SAFETY: FICLONE reads only its integer argument (the source fd);
+    // both fds are open for the whole call.
+    match unsafe { ioctl::ficlone(dst.as_raw_fd(), src_fd) } {
+        Ok(_) => Ok(()),
+        Err(errno) if reflink_unsupported(errno) => Err(CowError::ReflinkUnsupported {
+            src: src_path.to_owned(),
+            dst: dst_path.to_owned(),
+            errno,
+        }),
+        Err(errno) => Err(CowError::Reflink {
+            src: src_path.to_owned(),
+            dst: dst_path.to_owned(),
+            errno,
+        }),
+    }
+}
+
+/// Makes `dst` a reflink of `src`: a new file (created exclusively, mode
+/// 0600, failing if `dst` exists) sharing all of `src`'s extents, so it
+/// costs O(1) in the file's size and later writes to either file do not
+/// show in the other. `src` must be a regular file and is not followed if
+/// it is a symlink. On any failure `dst` is removed again.
+/// [`CowError::is_not_supported`] tells the caller to fall back to
+/// [`sparse_copy`].
+pub fn reflink(src: &Path, dst: &Path) -> Result<(), CowError> {
+    let source = open_source(src)?;
+    let target = create_destination(dst)?;
+    let guard = RemoveOnDrop::new(dst);
+    clone_whole(&source, src, &target, dst)?;
+    guard.disarm();
+    Ok(())
+}
+
+/// The data ranges `(offset, length)` of an open file, ascending and
+/// maximal, through SEEK_DATA/SEEK_HOLE. A filesystem without hole
+/// support reports the whole file as one range.
+fn data_ranges(file: &File, path: &Path) -> Result<Vec<(u64, u64)>, CowError> {
+    let seek = |offset: i64, whence: Whence| {
+        nix::unistd::lseek(file, offset, whence).map_err(|errno| (offset, errno))
+    };
+    let mut ranges = Vec::new();
+    let mut pos: i64 = 0;
+    loop {
+        let start = match seek(pos, Whence::SeekData) {
+            Ok(start) => start,
+            // ENXIO: no data at or after `pos`.
+            Err((_, Errno::ENXIO)) => break,
+            Err((offset, errno)) => {
+                return Err(CowError::Seek {
+                    path: path.to_owned(),
+                    offset: offset as u64,
+                    errno,
+                });
+            }
+        };
+        let end = match seek(start, Whence::SeekHole) {
+            Ok(end) => end,
+            // The file shrank between the two seeks.
+            Err((_, Errno::ENXIO)) => break,
+            Err((offset, errno)) => {
+                return Err(CowError::Seek {
+                    path: path.to_owned(),
+                    offset: offset as u64,
+                    errno,
+                });
+            }
+        };
+        if end <= start {
+            break;
+        }
+        ranges.push((start as u64, (end - start) as u64));
+        pos = end;
+    }
+    Ok(ranges)
+}
+
+/// The ranges of `path` that hold data, as `(offset, length)` pairs in
+/// ascending order, found with SEEK_DATA/SEEK_HOLE. Holes (and, on most
+/// filesystems, unwritten preallocated extents) are left out. Granularity
+/// is the filesystem's block size; a filesystem without hole support
+/// reports the whole file as one range. Does not follow a final symlink.
+pub fn allocated_ranges(path: &Path) -> Result<Vec<(u64, u64)>, CowError> {
+    let file = open_source(path)?;
+    data_ranges(&file, path)
+}
+
+/// Copies the data ranges of `src` into the empty file `dst` at the same
+/// offsets, then sets `dst`'s length, so holes stay holes.
+fn copy_data(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<u64, CowError> {
+    let len = src
+        .metadata()
+        .map_err(|err| CowError::Open {
+            path: src_path.to_owned(),
+            err,
+        })?
+        .len();
+    let ranges = data_ranges(src, src_path)?;
+    let total: u64 = ranges.iter().map(|(_, l)| l).sum();
+    progress(0, total);
+    let mut copied = 0u64;
+    let mut in_kernel = true;
+    let mut buffer = Vec::new();
+    for (start, range_len) in ranges {
+        let end = start + range_len;
+        let mut pos = start;
+        while pos < end {
+            let chunk = (end - pos).min(COPY_CHUNK);
+            let moved = if in_kernel {
+                let mut off_in = pos as i64;
+                let mut off_out = pos as i64;
+                match nix::fcntl::copy_file_range(
+                    src,
+                    Some(&mut off_in),
+                    dst,
+                    Some(&mut off_out),
+                    chunk as usize,
+                ) {
+                    Ok(n) => n as u64,
+                    Err(errno) if copy_range_unsupported(errno) => {
+                        in_kernel = false;
+                        continue;
+                    }
+                    Err(errno) => {
+                        return Err(CowError::CopyRange {
+                            src: src_path.to_owned(),
+                            dst: dst_path.to_owned(),
+                            offset: pos,
+                            errno,
+                        });
+                    }
+                }
+            } else {
+                if buffer.is_empty() {
+                    buffer = vec![0u8; BOUNCE_BUFFER];
+                }
+                let want = (chunk as usize).min(buffer.len());
+                let n = src
+                    .read_at(&mut buffer[..want], pos)
+                    .map_err(|err| CowError::Read {
+                        path: src_path.to_owned(),
+                        offset: pos,
+                        err,
+                    })?;
+                dst.write_all_at(&buffer[..n], pos)
+                    .map_err(|err| CowError::Write {
+                        path: dst_path.to_owned(),
+                        offset: pos,
+                        err,
+                    })?;
+                n as u64
+            };
+            if moved == 0 {
+                return Err(CowError::SourceShrank {
+                    path: src_path.to_owned(),
+                    offset: pos,
+                });
+            }
+            pos += moved;
+            copied += moved;
+            progress(copied, total);
+        }
+    }
+    dst.set_len(len).map_err(|err| CowError::SetLength {
+        path: dst_path.to_owned(),
+        len,
+        err,
+    })?;
+    Ok(copied)
+}
+
+/// Copies `src` to a new file `dst` (created exclusively, mode 0600),
+/// reading and writing only `src`'s data ranges, so holes stay holes and
+/// the length is kept. Uses copy_file_range (which on xfs and btrfs may
+/// share extents instead of copying) and falls back to read/write where
+/// the kernel cannot copy between the two files. Returns the bytes of data
+/// copied; calls `progress(copied, total_data)` once at the start and after
+/// every step. `src` must be a regular file that nobody writes meanwhile
+/// (freeze or snapshot it first); if it shrinks the copy fails. Not synced.
+/// On any failure `dst` is removed again.
+pub fn sparse_copy(src: &Path, dst: &Path, progress: &dyn Fn(u64, u64)) -> Result<u64, CowError> {
+    let source = open_source(src)?;
+    let target = create_destination(dst)?;
+    let guard = RemoveOnDrop::new(dst);
+    let copied = copy_data(&source, src, &target, dst, progress)?;
+    guard.disarm();
+    Ok(copied)
+}
+
+/// What [`reflink_tree`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeCopy {
+    /// Regular files made (hard links to an earlier copy not counted).
+    pub files: u64,
+    /// Of those, the ones that were reflinked.
+    pub reflinked: u64,
+    /// Bytes of data copied for the files that could not be reflinked.
+    pub copied_bytes: u64,
+    /// Directories made, the root included.
+    pub directories: u64,
+    pub symlinks: u64,
+    /// Hard links recreated as hard links.
+    pub hard_links: u64,
+    /// FIFOs, sockets and device nodes.
+    pub special_files: u64,
+}
+
+/// A source directory being walked: its fd (all lookups are relative to
+/// it, so nothing on the way is resolved twice) and both paths.
+#[derive(Debug)]
+struct PendingDir {
+    fd: OwnedFd,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+fn open_dir_at(dir: &impl AsFd, name: &OsStr, path: &Path) -> Result<OwnedFd, CowError> {
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| CowError::Open {
+        path: path.to_owned(),
+        err: errno.into(),
+    })
+}
+
+fn fstat(fd: &impl AsFd, path: &Path) -> Result<FileStat, CowError> {
+    nix::sys::stat::fstat(fd).map_err(|errno| CowError::Stat {
+        path: path.to_owned(),
+        errno,
+    })
+}
+
+/// The entry names of a directory, without `.` and `..`.
+fn list_dir(dir: &OwnedFd, path: &Path) -> Result<Vec<OsString>, CowError> {
+    let read_err = |errno| CowError::ReadDir {
+        path: path.to_owned(),
+        errno,
+    };
+    let dup = dir
+        .try_clone()
+        .map_err(|e| read_err(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+    let mut handle = nix::dir::Dir::from_fd(dup).map_err(read_err)?;
+    let mut names = Vec::new();
+    for entry in handle.iter() {
+        let entry = entry.map_err(read_err)?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        names.push(OsStr::from_bytes(name).to_owned());
+    }
+    Ok(names)
+}
+
+/// Gives `path` (which this module made) the owner, mode and times of
+/// `st`, without following a symlink at `path`. Owner first: chown clears
+/// set-id bits, which the mode then restores.
+fn copy_attributes(path: &Path, st: &FileStat) -> Result<(), CowError> {
+    std::os::unix::fs::lchown(path, Some(st.st_uid), Some(st.st_gid)).map_err(|err| {
+        CowError::SetOwner {
+            path: path.to_owned(),
+            uid: st.st_uid,
+            gid: st.st_gid,
+            err,
+        }
+    })?;
+    if !is_kind(st, SFlag::S_IFLNK) {
+        let mode = st.st_mode & 0o7777;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(|err| CowError::SetMode {
+                path: path.to_owned(),
+                mode,
+                err,
+            })?;
+    }
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &TimeSpec::new(st.st_atime, st.st_atime_nsec),
+        &TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|errno| CowError::SetTimes {
+        path: path.to_owned(),
+        errno,
+    })
+}
+
+/// [`copy_attributes`] through an open file of ours.
+fn copy_file_attributes(file: &File, path: &Path, st: &FileStat) -> Result<(), CowError> {
+    std::os::unix::fs::fchown(file, Some(st.st_uid), Some(st.st_gid)).map_err(|err| {
+        CowError::SetOwner {
+            path: path.to_owned(),
+            uid: st.st_uid,
+            gid: st.st_gid,
+            err,
+        }
+    })?;
+    let mode = st.st_mode & 0o7777;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(|err| CowError::SetMode {
+            path: path.to_owned(),
+            mode,
+            err,
+        })?;
+    nix::sys::stat::futimens(
+        file,
+        &TimeSpec::new(st.st_atime, st.st_atime_nsec),
+        &TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
+    )
+    .map_err(|errno| CowError::SetTimes {
+        path: path.to_owned(),
+        errno,
+    })
+}
+
+/// Walks one source tree into a new destination tree.
+struct TreeCopier<'a> {
+    root: &'a Path,
+    root_dev: u64,
+    /// `st_ino` of the destination root, met again if it lies inside the
+    /// source tree.
+    dst_root_ino: u64,
+    dst_root: &'a Path,
+    try_reflink: bool,
+    /// First copy of each multiply-linked source inode.
+    links: HashMap<u64, PathBuf>,
+    /// Directories whose attributes are set once their contents exist
+    /// (a read-only or dated directory must be filled first).
+    finished_dirs: Vec<(PathBuf, FileStat)>,
+    stats: TreeCopy,
+}
+
+impl TreeCopier<'_> {
+    fn copy_entry(
+        &mut self,
+        parent: &PendingDir,
+        name: &OsStr,
+        pending: &mut Vec<PendingDir>,
+    ) -> Result<(), CowError> {
+        let src = parent.src.join(name);
+        let dst = parent.dst.join(name);
+        let st =
+            nix::sys::stat::fstatat(&parent.fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|errno| CowError::Stat {
+                    path: src.clone(),
+                    errno,
+                })?;
+        if st.st_dev != self.root_dev {
+            return Err(CowError::CrossesFilesystem {
+                path: src,
+                root: self.root.to_owned(),
+            });
+        }
+        let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+        if kind == SFlag::S_IFDIR {
+            if st.st_ino == self.dst_root_ino {
+                return Err(CowError::DestinationInsideSource {
+                    src: self.root.to_owned(),
+                    dst: self.dst_root.to_owned(),
+                });
+            }
+            let fd = open_dir_at(&parent.fd, name, &src)?;
+            let opened = fstat(&fd, &src)?;
+            if opened.st_dev != st.st_dev || opened.st_ino != st.st_ino {
+                return Err(CowError::Changed { path: src });
+            }
+            std::fs::create_dir(&dst).map_err(|err| CowError::MakeDir {
+                path: dst.clone(),
+                err,
+            })?;
+            self.stats.directories += 1;
+            self.finished_dirs.push((dst.clone(), st));
+            pending.push(PendingDir { fd, src, dst });
+        } else if kind == SFlag::S_IFREG {
+            self.copy_regular(parent, name, &src, &dst, &st)?;
+        } else if kind == SFlag::S_IFLNK {
+            let target =
+                nix::fcntl::readlinkat(&parent.fd, name).map_err(|errno| CowError::ReadLink {
+                    path: src.clone(),
+                    errno,
+                })?;
+            std::os::unix::fs::symlink(&target, &dst).map_err(|err| CowError::Symlink {
+                path: dst.clone(),
+                err,
+            })?;
+            copy_attributes(&dst, &st)?;
+            self.stats.symlinks += 1;
+        } else {
+            // FIFO, socket, character or block device: the node itself,
+            // never its contents.
+            nix::sys::stat::mknod(
+                &dst,
+                kind,
+                Mode::from_bits_truncate(st.st_mode & 0o7777),
+                st.st_rdev,
+            )
+            .map_err(|errno| CowError::MakeNode {
+                path: dst.clone(),
+                errno,
+            })?;
+            copy_attributes(&dst, &st)?;
+            self.stats.special_files += 1;
+        }
+        Ok(())
+    }
+
+    fn copy_regular(
+        &mut self,
+        parent: &PendingDir,
+        name: &OsStr,
+        src: &Path,
+        dst: &Path,
+        st: &FileStat,
+    ) -> Result<(), CowError> {
+        if st.st_nlink > 1
+            && let Some(first) = self.links.get(&st.st_ino)
+        {
+            std::fs::hard_link(first, dst).map_err(|err| CowError::HardLink {
+                path: dst.to_owned(),
+                target: first.clone(),
+                err,
+            })?;
+            self.stats.hard_links += 1;
+            return Ok(());
+        }
+        // O_NONBLOCK: if the entry was swapped for a FIFO since the stat,
+        // opening it must not hang; the check below then refuses it.
+        let fd = nix::fcntl::openat(
+            &parent.fd,
+            name,
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|errno| CowError::Open {
+            path: src.to_owned(),
+            err: errno.into(),
+        })?;
+        let opened = fstat(&fd, src)?;
+        if !is_kind(&opened, SFlag::S_IFREG) || opened.st_ino != st.st_ino {
+            return Err(CowError::Changed {
+                path: src.to_owned(),
+            });
+        }
+        let source = File::from(fd);
+        let target = create_destination(dst)?;
+        let mut reflinked = false;
+        if self.try_reflink {
+            match clone_whole(&source, src, &target, dst) {
+                Ok(()) => reflinked = true,
+                Err(e) if e.is_not_supported() => {
+                    tracing::debug!(error = %e, "reflink not supported, copying instead");
+                    self.try_reflink = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if reflinked {
+            self.stats.reflinked += 1;
+        } else {
+            self.stats.copied_bytes += copy_data(&source, src, &target, dst, &|_, _| {})?;
+        }
+        copy_file_attributes(&target, dst, &opened)?;
+        self.stats.files += 1;
+        if st.st_nlink > 1 {
+            self.links.insert(st.st_ino, dst.to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Copies the directory tree at `src_dir` to `dst_dir`, which must not
+/// exist and is created. Regular files are reflinked where the filesystem
+/// can (else copied sparsely, see [`sparse_copy`]); directories, symlinks
+/// (never followed: the link itself is copied), hard links, FIFOs, sockets
+/// and device nodes are recreated with owner, mode and times. Extended
+/// attributes are not copied. Every lookup in the source is relative to an
+/// open directory and refuses symlinks, so a tree changing underneath
+/// cannot redirect the copy elsewhere; an entry on another filesystem than
+/// `src_dir` (a mount inside the tree) is an error, and so is a `dst_dir`
+/// inside `src_dir`. The source should be
+/// quiescent (frozen or unused) for a consistent copy. On failure the
+/// partial `dst_dir` is removed.
+pub fn reflink_tree(src_dir: &Path, dst_dir: &Path) -> Result<TreeCopy, CowError> {
+    let root_fd = open_dir_at(&nix::fcntl::AT_FDCWD, src_dir.as_os_str(), src_dir)?;
+    let root_st = fstat(&root_fd, src_dir)?;
+    std::fs::create_dir(dst_dir).map_err(|err| CowError::MakeDir {
+        path: dst_dir.to_owned(),
+        err,
+    })?;
+    let result = (|| {
+        let dst_st = nix::sys::stat::lstat(dst_dir).map_err(|errno| CowError::Stat {
+            path: dst_dir.to_owned(),
+            errno,
+        })?;
+        let mut copier = TreeCopier {
+            root: src_dir,
+            root_dev: root_st.st_dev,
+            // Only comparable on the same filesystem; elsewhere no source
+            // entry can be it.
+            dst_root_ino: if dst_st.st_dev == root_st.st_dev {
+                dst_st.st_ino
+            } else {
+                0
+            },
+            dst_root: dst_dir,
+            try_reflink: true,
+            links: HashMap::new(),
+            finished_dirs: vec![(dst_dir.to_owned(), root_st)],
+            stats: TreeCopy {
+                directories: 1,
+                ..TreeCopy::default()
+            },
+        };
+        let mut pending = vec![PendingDir {
+            fd: root_fd,
+            src: src_dir.to_owned(),
+            dst: dst_dir.to_owned(),
+        }];
+        while let Some(dir) = pending.pop() {
+            for name in list_dir(&dir.fd, &dir.src)? {
+                copier.copy_entry(&dir, &name, &mut pending)?;
+            }
+        }
+        // Deepest first, so setting a parent's mtime comes after every
+        // change inside it.
+        for (path, st) in copier.finished_dirs.iter().rev() {
+            copy_attributes(path, st)?;
+        }
+        Ok(copier.stats)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(dst_dir);
+    }
+    result
+}
+
+/// One extent of a file as FS_IOC_FIEMAP reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in the file.
+    pub logical: u64,
+    /// Address on the device (for btrfs, in its logical address space).
+    /// Meaningful only when [`Extent::has_location`] holds.
+    pub physical: u64,
+    pub length: u64,
+    /// `FIEMAP_EXTENT_*` flags; see the associated constants.
+    pub flags: u32,
+}
+
+impl Extent {
+    pub const LAST: u32 = 0x0000_0001;
+    pub const UNKNOWN: u32 = 0x0000_0002;
+    pub const DELALLOC: u32 = 0x0000_0004;
+    pub const ENCODED: u32 = 0x0000_0008;
+    pub const DATA_ENCRYPTED: u32 = 0x0000_0080;
+    pub const NOT_ALIGNED: u32 = 0x0000_0100;
+    pub const DATA_INLINE: u32 = 0x0000_0200;
+    pub const DATA_TAIL: u32 = 0x0000_0400;
+    pub const UNWRITTEN: u32 = 0x0000_0800;
+    pub const MERGED: u32 = 0x0000_1000;
+    pub const SHARED: u32 = 0x0000_2000;
+
+    /// The last extent of the file.
+    pub fn is_last(&self) -> bool {
+        self.flags & Self::LAST != 0
+    }
+
+    /// Shared with another file or snapshot (reflinked).
+    pub fn is_shared(&self) -> bool {
+        self.flags & Self::SHARED != 0
+    }
+
+    /// Whether `physical` names a real, stable location.
+    pub fn has_location(&self) -> bool {
+        self.flags & (Self::UNKNOWN | Self::DELALLOC | Self::DATA_INLINE) == 0
+    }
+
+    /// Whether byte `logical + k` lives at `physical + k` for every `k` in
+    /// the extent (not so for compressed or encrypted extents).
+    fn maps_linearly(&self) -> bool {
+        self.has_location() && self.flags & (Self::ENCODED | Self::DATA_ENCRYPTED) == 0
+    }
+
+    fn end(&self) -> u64 {
+        self.logical.saturating_add(self.length)
+    }
+}
+
+/// `struct fiemap` from <linux/fiemap.h>, without its flexible array.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct FiemapHeader {
+    fm_start: u64,
+    fm_length: u64,
+    fm_flags: u32,
+    fm_mapped_extents: u32,
+    fm_extent_count: u32,
+    fm_reserved: u32,
+}
+
+/// `struct fiemap_extent` from <linux/fiemap.h>.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct FiemapExtent {
+    fe_logical: u64,
+    fe_physical: u64,
+    fe_length: u64,
+    fe_reserved64: [u64; 2],
+    fe_flags: u32,
+    fe_reserved: [u32; 3],
+}
+
+/// The header with room for [`FIEMAP_BATCH`] extents right behind it, as
+/// the ioctl expects.
+#[repr(C)]
+struct FiemapRequest {
+    header: FiemapHeader,
+    extents: [FiemapExtent; FIEMAP_BATCH],
+}
+
+const _: () = assert!(std::mem::size_of::<FiemapHeader>() == 32);
+const _: () = assert!(std::mem::size_of::<FiemapExtent>() == 56);
+
+/// The extent map of `path` through FS_IOC_FIEMAP, ascending by logical
+/// offset, holes left out. Dirty data is written back first
+/// (FIEMAP_FLAG_SYNC) so delayed allocations have real addresses. Two
+/// reflinked files map a range to the same physical address until one of
+/// them is written there; [`changed_ranges`] compares two maps. Does not
+/// follow a final symlink.
+pub fn fiemap(path: &Path) -> Result<Vec<Extent>, CowError> {
+    let file = open_source(path)?;
+    let mut extents = Vec::new();
+    let mut start = 0u64;
+    // SAFETY: FiemapRequest is plain integers, for which all-zero is valid.
+    let mut request: Box<FiemapRequest> = Box::new(unsafe { std::mem::zeroed() });
+    loop {
+        request.header = FiemapHeader {
+            fm_start: start,
+            fm_length: u64::MAX - start,
+            fm_flags: FIEMAP_FLAG_SYNC,
+            fm_mapped_extents: 0,
+            fm_extent_count: FIEMAP_BATCH as u32,
+            fm_reserved: 0,
+        };
+        let ptr: *mut FiemapRequest = &mut *request;
+        // SAFETY: the header is followed in memory by room for
+        // `fm_extent_count` extents (repr(C) FiemapRequest), which is all
+        // the kernel writes; the buffer lives across the call.
+        unsafe { ioctl::fs_ioc_fiemap(file.as_raw_fd(), ptr.cast::<FiemapHeader>()) }.map_err(
+            |errno| CowError::Fiemap {
+                path: path.to_owned(),
+                offset: start,
+                errno,
+            },
+        )?;
+        let mapped = (request.header.fm_mapped_extents as usize).min(FIEMAP_BATCH);
+        if mapped == 0 {
+            break;
+        }
+        let batch = &request.extents[..mapped];
+        extents.extend(batch.iter().map(|e| Extent {
+            logical: e.fe_logical,
+            physical: e.fe_physical,
+            length: e.fe_length,
+            flags: e.fe_flags,
+        }));
+        let last = batch[mapped - 1];
+        let next = last.fe_logical.saturating_add(last.fe_length);
+        if last.fe_flags & Extent::LAST != 0 || next <= start {
+            break;
+        }
+        start = next;
+    }
+    Ok(extents)
+}
+
+/// The extent of `map` (sorted, non-overlapping) covering `offset`.
+fn extent_at(map: &[Extent], offset: u64) -> Option<&Extent> {
+    let i = map.partition_point(|e| e.end() <= offset);
+    map.get(i).filter(|e| e.logical <= offset)
+}
+
+/// The byte ranges `(offset, length)` at which two extent maps (from
+/// [`fiemap`], e.g. of a file and its reflink) may hold different data,
+/// ascending and merged. A range is the same when both maps have a hole
+/// there, or both put it at the same physical address; a range whose
+/// address is unknown, delayed or inline on either side counts as changed,
+/// and so does a compressed or encrypted range unless both maps hold the
+/// identical extent. Lengths beyond the last extent (a trailing hole or a
+/// different file size) are the caller's to compare. Pure: no I/O.
+pub fn changed_ranges(a: &[Extent], b: &[Extent]) -> Vec<(u64, u64)> {
+    let mut bounds: Vec<u64> = a
+        .iter()
+        .chain(b)
+        .flat_map(|e| [e.logical, e.end()])
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for w in bounds.windows(2) {
+        let (from, to) = (w[0], w[1]);
+        let same = match (extent_at(a, from), extent_at(b, from)) {
+            (None, None) => true,
+            (Some(x), Some(y)) if x.maps_linearly() && y.maps_linearly() => {
+                x.physical.wrapping_add(from - x.logical)
+                    == y.physical.wrapping_add(from - y.logical)
+            }
+            (Some(x), Some(y)) => {
+                x.has_location()
+                    && (x.logical, x.physical, x.length) == (y.logical, y.physical, y.length)
+            }
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        match out.last_mut() {
+            Some((start, len)) if *start + *len == from => *len += to - from,
+            _ => out.push((from, to - from)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(logical: u64, physical: u64, length: u64, flags: u32) -> Extent {
+        Extent {
+            logical,
+            physical,
+            length,
+            flags,
+        }
+    }
+
+    const K: u64 = 1024;
+
+    #[test]
+    fn identical_maps_do_not_differ() {
+        let a = vec![ext(0, 1 << 20, 256 * K, Extent::SHARED | Extent::LAST)];
+        assert!(changed_ranges(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn overwritten_block_in_a_reflink_differs_exactly_there() {
+        // Original: one extent. Copy: the same extent split around a 64 KiB
+        // block that was rewritten elsewhere.
+        let base = 10 << 20;
+        let a = vec![ext(0, base, 1024 * K, Extent::SHARED | Extent::LAST)];
+        let b = vec![
+            ext(0, base, 256 * K, Extent::SHARED),
+            ext(256 * K, 50 << 20, 64 * K, 0),
+            ext(
+                320 * K,
+                base + 320 * K,
+                704 * K,
+                Extent::SHARED | Extent::LAST,
+            ),
+        ];
+        assert_eq!(changed_ranges(&a, &b), vec![(256 * K, 64 * K)]);
+        assert_eq!(changed_ranges(&b, &a), vec![(256 * K, 64 * K)]);
+    }
+
+    #[test]
+    fn hole_against_data_differs_and_holes_match() {
+        let a = vec![
+            ext(0, 4096, 4 * K, 0),
+            ext(64 * K, 8192, 4 * K, Extent::LAST),
+        ];
+        let b = vec![ext(0, 4096, 4 * K, Extent::LAST)];
+        assert_eq!(changed_ranges(&a, &b), vec![(64 * K, 4 * K)]);
+    }
+
+    #[test]
+    fn adjacent_changes_merge() {
+        let a = vec![
+            ext(0, 0, 8 * K, 0),
+            ext(8 * K, 100 * K, 8 * K, Extent::LAST),
+        ];
+        let b = vec![ext(0, 200 * K, 16 * K, Extent::LAST)];
+        assert_eq!(changed_ranges(&a, &b), vec![(0, 16 * K)]);
+    }
+
+    #[test]
+    fn unknown_or_delayed_locations_count_as_changed() {
+        let a = vec![ext(0, 0, 4 * K, Extent::DELALLOC | Extent::UNKNOWN)];
+        assert_eq!(changed_ranges(&a, &a), vec![(0, 4 * K)]);
+    }
+
+    #[test]
+    fn encoded_extents_match_only_when_identical() {
+        let a = vec![ext(0, 1 << 20, 128 * K, Extent::ENCODED)];
+        assert!(changed_ranges(&a, &a).is_empty());
+        let b = vec![
+            ext(0, 1 << 20, 64 * K, Extent::ENCODED),
+            ext(64 * K, 1 << 20, 64 * K, Extent::ENCODED),
+        ];
+        assert_eq!(changed_ranges(&a, &b), vec![(0, 128 * K)]);
+    }
+
+    #[test]
+    fn reflink_errnos_that_mean_fall_back() {
+        for e in [
+            Errno::EOPNOTSUPP,
+            Errno::EXDEV,
+            Errno::EINVAL,
+            Errno::ENOTTY,
+        ] {
+            assert!(reflink_unsupported(e), "{e}");
+        }
+        for e in [Errno::EIO, Errno::ENOSPC, Errno::EPERM, Errno::EBADF] {
+            assert!(!reflink_unsupported(e), "{e}");
+        }
+    }
+}
