@@ -40,7 +40,12 @@ impl Pool {
         let pool = fs_root.join("pool");
         prepare_pool(&pool).expect("prepare pool");
         Pool {
-            backends: Backends::new(&pool),
+            backends: Backends::new(
+                &pool,
+                stowage::os::pool::probe(&pool)
+                    .expect("probe pool")
+                    .strategy,
+            ),
             fs_root,
             scratch,
         }

@@ -315,6 +315,17 @@ fn controller_publish_request() -> impl Strategy<Value = csi::ControllerPublishV
 // malformed, with INVALID_ARGUMENT (OUT_OF_RANGE for a capacity), and hand
 // on only clean absolute paths.
 
+/// A content source needs its type and a non-empty ID (whether that ID
+/// exists is the controller's question, not the conversion's).
+fn content_source_ok(s: Option<&csi::VolumeContentSource>) -> bool {
+    match s.map(|s| &s.r#type) {
+        None => true,
+        Some(Some(csi::volume_content_source::Type::Snapshot(s))) => !s.snapshot_id.is_empty(),
+        Some(Some(csi::volume_content_source::Type::Volume(v))) => !v.volume_id.is_empty(),
+        Some(None) => false,
+    }
+}
+
 proptest! {
     #![proptest_config(no_persistence(1024))]
 
@@ -327,7 +338,7 @@ proptest! {
             && req.volume_capabilities.iter().all(capability_ok);
         let rest_ok = name_ok
             && caps_ok
-            && req.volume_content_source.is_none()
+            && content_source_ok(req.volume_content_source.as_ref())
             && req.mutable_parameters.is_empty();
         let range = req.capacity_range.unwrap_or_default();
         let negative = range.required_bytes < 0 || range.limit_bytes < 0;

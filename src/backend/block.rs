@@ -3,8 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Attached, BackendError, VolumeAttacher, VolumeStore, backend_dir, list_uuids};
+use super::{
+    Attached, BackendError, Object, VolumeAttacher, VolumeStore, backend_dir, list_uuids,
+    snapshot_dir,
+};
+use crate::os::cow;
 use crate::os::loopdev::LoopDevice;
+use crate::os::pool::Strategy;
 use crate::volume::{BackendKind, Uuid};
 
 /// Images are sized in whole MiB.
@@ -14,12 +19,28 @@ pub const GRANULARITY: u64 = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct BlockBackend {
     root: PathBuf,
+    snapshots: PathBuf,
+    strategy: Strategy,
 }
 
 impl BlockBackend {
-    pub fn new(pool: &Path) -> Self {
+    pub fn new(pool: &Path, strategy: Strategy) -> Self {
         Self {
             root: backend_dir(pool, BackendKind::Block),
+            snapshots: snapshot_dir(pool, BackendKind::Block),
+            strategy,
+        }
+    }
+
+    /// A snapshot's image file.
+    pub fn snapshot_image(&self, uuid: Uuid) -> PathBuf {
+        self.snapshots.join(format!("{}.img", uuid.to_hex()))
+    }
+
+    fn object_path(&self, o: Object) -> PathBuf {
+        match o {
+            Object::Volume(u) => self.image(u),
+            Object::Snapshot(u) => self.snapshot_image(u),
         }
     }
 
@@ -127,6 +148,55 @@ impl VolumeStore for BlockBackend {
 
     fn list(&self) -> Result<Vec<Uuid>, BackendError> {
         list_uuids(&self.root, ".img")
+    }
+
+    fn list_snapshots(&self) -> Result<Vec<Uuid>, BackendError> {
+        list_uuids(&self.snapshots, ".img")
+    }
+
+    fn snapshot_exists(&self, uuid: Uuid) -> bool {
+        self.snapshot_image(uuid).is_file()
+    }
+
+    fn copy(
+        &self,
+        from: Object,
+        to: Object,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(), BackendError> {
+        let (src, dst) = (self.object_path(from), self.object_path(to));
+        let err = |what: &str, err| BackendError::Copy {
+            backend: BackendKind::Block,
+            what: format!("{what} {} to {}", src.display(), dst.display()),
+            err,
+        };
+        if self.strategy != Strategy::Copy {
+            match cow::reflink(&src, &dst) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_not_supported() => {}
+                Err(e) => return Err(err("reflink", e)),
+            }
+        }
+        cow::sparse_copy(&src, &dst, progress)
+            .map(drop)
+            .map_err(|e| err("copy", e))
+    }
+
+    fn delete_snapshot(&self, uuid: Uuid) -> Result<(), BackendError> {
+        let p = self.snapshot_image(uuid);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(uuid, "delete snapshot", &p)(e)),
+        }
+    }
+
+    fn expand(&self, uuid: Uuid, size: u64) -> Result<(), BackendError> {
+        Ok(crate::os::resize::grow_file(&self.image(uuid), size)?)
+    }
+
+    fn copies_are_constant_time(&self) -> bool {
+        self.strategy != Strategy::Copy
     }
 }
 

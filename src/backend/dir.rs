@@ -5,19 +5,54 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::{Attached, BackendError, VolumeAttacher, VolumeStore, backend_dir, list_uuids};
+use super::{
+    Attached, BackendError, Object, VolumeAttacher, VolumeStore, backend_dir, list_uuids,
+    snapshot_dir,
+};
+use crate::os::cow;
+use crate::os::pool::{self, Strategy};
 use crate::volume::{BackendKind, Uuid};
 
 /// Directory volumes under `<pool>/volumes/dir/`.
 #[derive(Debug, Clone)]
 pub struct DirBackend {
     root: PathBuf,
+    snapshots: PathBuf,
+    strategy: Strategy,
 }
 
 impl DirBackend {
-    pub fn new(pool: &Path) -> Self {
+    pub fn new(pool: &Path, strategy: Strategy) -> Self {
         Self {
             root: backend_dir(pool, BackendKind::Dir),
+            snapshots: snapshot_dir(pool, BackendKind::Dir),
+            strategy,
+        }
+    }
+
+    /// A snapshot's directory.
+    pub fn snapshot_path(&self, uuid: Uuid) -> PathBuf {
+        self.snapshots.join(uuid.to_hex())
+    }
+
+    fn object_path(&self, o: Object) -> PathBuf {
+        match o {
+            Object::Volume(u) => self.path(u),
+            Object::Snapshot(u) => self.snapshot_path(u),
+        }
+    }
+
+    /// Removes a directory tree that may be a btrfs subvolume.
+    fn remove_tree(&self, uuid: Uuid, p: &Path) -> Result<(), BackendError> {
+        if self.strategy == Strategy::BtrfsSubvolumes
+            && pool::is_btrfs_subvolume(p).unwrap_or(false)
+        {
+            return Ok(pool::btrfs_subvolume_delete(p)?);
+        }
+        match std::fs::remove_dir_all(p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(uuid, "delete", p)(e)),
         }
     }
 
@@ -54,10 +89,20 @@ impl VolumeStore for DirBackend {
 
     fn create(&self, uuid: Uuid, _size: u64) -> Result<(), BackendError> {
         let p = self.path(uuid);
-        match std::fs::create_dir(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => return Ok(()),
-            Err(e) => return Err(self.io(uuid, "create", &p)(e)),
+        if p.is_dir() {
+            return Ok(());
+        }
+        if self.strategy == Strategy::BtrfsSubvolumes {
+            // A subvolume per volume: snapshots of it are atomic and O(1).
+            pool::btrfs_subvolume_create(&p)?;
+        } else {
+            match std::fs::create_dir(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {
+                    return Ok(());
+                }
+                Err(e) => return Err(self.io(uuid, "create", &p)(e)),
+            }
         }
         // Pods run as arbitrary users; the pool root (0700) keeps the
         // directory unreachable except through its mounts.
@@ -71,11 +116,7 @@ impl VolumeStore for DirBackend {
 
     fn delete(&self, uuid: Uuid) -> Result<(), BackendError> {
         let p = self.path(uuid);
-        match std::fs::remove_dir_all(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.io(uuid, "delete", &p)(e)),
-        }
+        self.remove_tree(uuid, &p)
     }
 
     fn exists(&self, uuid: Uuid) -> bool {
@@ -91,6 +132,66 @@ impl VolumeStore for DirBackend {
 
     fn list(&self) -> Result<Vec<Uuid>, BackendError> {
         list_uuids(&self.root, "")
+    }
+
+    fn list_snapshots(&self) -> Result<Vec<Uuid>, BackendError> {
+        list_uuids(&self.snapshots, "")
+    }
+
+    fn snapshot_exists(&self, uuid: Uuid) -> bool {
+        self.snapshot_path(uuid).is_dir()
+    }
+
+    fn copy(
+        &self,
+        from: Object,
+        to: Object,
+        _progress: &dyn Fn(u64, u64),
+    ) -> Result<(), BackendError> {
+        let (src, dst) = (self.object_path(from), self.object_path(to));
+        if self.strategy == Strategy::BtrfsSubvolumes
+            && pool::is_btrfs_subvolume(&src).unwrap_or(false)
+        {
+            // Snapshots are read-only subvolumes; volumes made from them
+            // are writable ones.
+            let readonly = matches!(to, Object::Snapshot(_));
+            pool::btrfs_subvolume_snapshot(&src, &dst, readonly)?;
+            return Ok(());
+        }
+        cow::reflink_tree(&src, &dst)
+            .map(drop)
+            .map_err(|err| BackendError::Copy {
+                backend: BackendKind::Dir,
+                what: format!("copy {} to {}", src.display(), dst.display()),
+                err,
+            })?;
+        if matches!(to, Object::Volume(_)) {
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o777)).map_err(
+                |e| {
+                    self.io(
+                        match to {
+                            Object::Volume(u) | Object::Snapshot(u) => u,
+                        },
+                        "chmod",
+                        &dst,
+                    )(e)
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn delete_snapshot(&self, uuid: Uuid) -> Result<(), BackendError> {
+        let p = self.snapshot_path(uuid);
+        self.remove_tree(uuid, &p)
+    }
+
+    fn expand(&self, _uuid: Uuid, _size: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn copies_are_constant_time(&self) -> bool {
+        self.strategy == Strategy::BtrfsSubvolumes
     }
 }
 

@@ -10,7 +10,10 @@ pub mod dir;
 
 use std::path::{Path, PathBuf};
 
+use crate::os::cow::CowError;
 use crate::os::loopdev::{LoopDevice, LoopError};
+use crate::os::pool::{PoolError, Strategy};
+use crate::os::resize::ResizeError;
 use crate::volume::{BackendKind, Uuid};
 
 /// A backend step that failed.
@@ -42,6 +45,24 @@ pub enum BackendError {
     },
     #[error(transparent)]
     Loop(#[from] LoopError),
+    #[error("{backend} {what}: {err}")]
+    Copy {
+        backend: BackendKind,
+        what: String,
+        #[source]
+        err: CowError,
+    },
+    #[error(transparent)]
+    Btrfs(#[from] PoolError),
+    #[error(transparent)]
+    Resize(#[from] ResizeError),
+}
+
+/// A volume or a snapshot, as a source or destination of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Object {
+    Volume(Uuid),
+    Snapshot(Uuid),
 }
 
 /// What a volume looks like once attached on a node.
@@ -85,6 +106,34 @@ pub trait VolumeStore: Send + Sync + std::fmt::Debug {
 
     /// Every volume present in the pool (to find orphans after a crash).
     fn list(&self) -> Result<Vec<Uuid>, BackendError>;
+
+    /// Every snapshot present in the pool.
+    fn list_snapshots(&self) -> Result<Vec<Uuid>, BackendError>;
+
+    /// Whether a snapshot's storage exists.
+    fn snapshot_exists(&self, uuid: Uuid) -> bool;
+
+    /// Makes `to` (which must not exist) a copy of `from`, with the pool's
+    /// strategy: O(1) with btrfs snapshots or reflinks, a sparse copy
+    /// otherwise (`progress(copied, total)` is called as it goes). `from`
+    /// must not change meanwhile (the caller freezes a mounted
+    /// filesystem). Nothing is left at `to` on failure.
+    fn copy(
+        &self,
+        from: Object,
+        to: Object,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(), BackendError>;
+
+    /// Removes a snapshot's storage. Idempotent.
+    fn delete_snapshot(&self, uuid: Uuid) -> Result<(), BackendError>;
+
+    /// Grows a volume's storage to `size` bytes (block images; dir volumes
+    /// only record their size). Never shrinks.
+    fn expand(&self, uuid: Uuid, size: u64) -> Result<(), BackendError>;
+
+    /// Whether copies are O(1) on this pool.
+    fn copies_are_constant_time(&self) -> bool;
 }
 
 /// Node-side operations on a pool.
@@ -108,6 +157,11 @@ pub fn backend_dir(pool: &Path, kind: BackendKind) -> PathBuf {
     pool.join("volumes").join(kind.as_str())
 }
 
+/// Snapshots: `<pool>/snapshots/<backend>/<uuid>[.img]`.
+pub fn snapshot_dir(pool: &Path, kind: BackendKind) -> PathBuf {
+    pool.join("snapshots").join(kind.as_str())
+}
+
 /// Creates the pool directories for every backend (mode 0700 on the pool
 /// root: volumes are reached through mounts, never by browsing the pool).
 pub fn prepare_pool(pool: &Path) -> Result<(), BackendError> {
@@ -119,13 +173,14 @@ pub fn prepare_pool(pool: &Path) -> Result<(), BackendError> {
     std::fs::create_dir_all(pool).map_err(err(pool))?;
     std::fs::set_permissions(pool, std::fs::Permissions::from_mode(0o700)).map_err(err(pool))?;
     for kind in [BackendKind::Dir, BackendKind::Block] {
-        let d = backend_dir(pool, kind);
-        std::fs::create_dir_all(&d).map_err(err(&d))?;
+        for d in [backend_dir(pool, kind), snapshot_dir(pool, kind)] {
+            std::fs::create_dir_all(&d).map_err(err(&d))?;
+        }
     }
     Ok(())
 }
 
-fn list_uuids(dir: &Path, suffix: &str) -> Result<Vec<Uuid>, BackendError> {
+pub(crate) fn list_uuids(dir: &Path, suffix: &str) -> Result<Vec<Uuid>, BackendError> {
     let err = |err| BackendError::Pool {
         path: dir.to_owned(),
         err,
@@ -150,16 +205,20 @@ fn list_uuids(dir: &Path, suffix: &str) -> Result<Vec<Uuid>, BackendError> {
 #[derive(Debug, Clone)]
 pub struct Backends {
     pub pool: PathBuf,
+    pub strategy: Strategy,
     pub dir: dir::DirBackend,
     pub block: block::BlockBackend,
 }
 
 impl Backends {
-    pub fn new(pool: &Path) -> Self {
+    /// Backends over `pool`, copying with `strategy` (see
+    /// [`crate::os::pool::probe`]).
+    pub fn new(pool: &Path, strategy: Strategy) -> Self {
         Self {
             pool: pool.to_owned(),
-            dir: dir::DirBackend::new(pool),
-            block: block::BlockBackend::new(pool),
+            strategy,
+            dir: dir::DirBackend::new(pool, strategy),
+            block: block::BlockBackend::new(pool, strategy),
         }
     }
 

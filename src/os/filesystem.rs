@@ -33,7 +33,10 @@ pub fn probe(device: &Path) -> Result<Option<String>, CommandError> {
 /// Makes a filesystem of `fs_type` (ext4, xfs, btrfs) on `device`. The
 /// caller must have checked with [`probe`] that the device is empty: this
 /// forces, because loop devices look like whole disks to mkfs. Discard is
-/// skipped because a fresh sparse image has nothing to discard.
+/// skipped because a fresh sparse image has nothing to discard. Block and
+/// sector sizes are 4 KiB whatever the device says: a loop device over a
+/// reflinked image on xfs gets 4 KiB logical blocks (its direct I/O
+/// alignment), and the filesystem must mount there too.
 pub fn make(device: &Path, fs_type: &str) -> Result<(), CommandError> {
     let dev = device.as_os_str();
     match fs_type {
@@ -42,6 +45,8 @@ pub fn make(device: &Path, fs_type: &str) -> Result<(), CommandError> {
             [
                 "-q".as_ref(),
                 "-F".as_ref(),
+                "-b".as_ref(),
+                "4096".as_ref(),
                 "-E".as_ref(),
                 "nodiscard,lazy_itable_init=1,lazy_journal_init=1".as_ref(),
                 dev,
@@ -49,7 +54,14 @@ pub fn make(device: &Path, fs_type: &str) -> Result<(), CommandError> {
         ),
         "xfs" => command::run(
             "mkfs.xfs",
-            ["-q".as_ref(), "-f".as_ref(), "-K".as_ref(), dev],
+            [
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "-K".as_ref(),
+                "-s".as_ref(),
+                "size=4096".as_ref(),
+                dev,
+            ],
         ),
         "btrfs" => command::run(
             "mkfs.btrfs",

@@ -11,7 +11,7 @@ use crate::csi;
 use crate::csi::controller_server::Controller as ControllerRpc;
 use crate::csi::controller_service_capability::rpc::Type as Rpc;
 use crate::volume::controller::{Condition, Controller, CreateVolume, PublishVolume};
-use crate::volume::record::VolumeRecord;
+use crate::volume::record::{ContentSource, SnapshotRecord, VolumeRecord};
 use crate::volume::{Error, TOPOLOGY_NODE_KEY};
 
 #[derive(Debug, Clone)]
@@ -26,6 +26,9 @@ pub const CAPABILITIES: &[Rpc] = &[
     Rpc::ListVolumes,
     Rpc::GetCapacity,
     Rpc::PublishReadonly,
+    Rpc::CreateDeleteSnapshot,
+    Rpc::ListSnapshots,
+    Rpc::CloneVolume,
     Rpc::ListVolumesPublishedNodes,
     Rpc::GetVolume,
     Rpc::VolumeCondition,
@@ -48,12 +51,42 @@ fn to_volume(rec: &VolumeRecord) -> csi::Volume {
         capacity_bytes: rec.capacity_bytes as i64,
         volume_id: rec.id.to_string(),
         volume_context: rec.volume_context.clone().into_iter().collect(),
-        content_source: None,
+        content_source: rec
+            .content_source
+            .as_ref()
+            .map(|s| csi::VolumeContentSource {
+                r#type: Some(match s {
+                    ContentSource::Snapshot(id) => csi::volume_content_source::Type::Snapshot(
+                        csi::volume_content_source::SnapshotSource {
+                            snapshot_id: id.clone(),
+                        },
+                    ),
+                    ContentSource::Volume(id) => csi::volume_content_source::Type::Volume(
+                        csi::volume_content_source::VolumeSource {
+                            volume_id: id.clone(),
+                        },
+                    ),
+                }),
+            }),
         accessible_topology: vec![csi::Topology {
             segments: [(TOPOLOGY_NODE_KEY.to_owned(), rec.id.node.clone())]
                 .into_iter()
                 .collect(),
         }],
+    }
+}
+
+fn to_snapshot(s: &SnapshotRecord) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: s.size_bytes as i64,
+        snapshot_id: s.id.to_string(),
+        source_volume_id: s.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.created_at.0,
+            nanos: s.created_at.1,
+        }),
+        ready_to_use: s.ready,
+        group_snapshot_id: String::new(),
     }
 }
 
@@ -72,12 +105,26 @@ impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
             return Err(Error::invalid("name", "name is too long or contains NUL"));
         }
         let capabilities = convert::capabilities("volume_capabilities", &r.volume_capabilities)?;
-        if r.volume_content_source.is_some() {
-            return Err(Error::invalid(
-                "volume_content_source",
-                "creating from a snapshot or volume is not supported yet",
-            ));
-        }
+        let content_source = match r.volume_content_source.as_ref().map(|s| &s.r#type) {
+            None => None,
+            Some(Some(csi::volume_content_source::Type::Snapshot(s))) => {
+                convert::required_str(
+                    "volume_content_source.snapshot.snapshot_id",
+                    &s.snapshot_id,
+                )?;
+                Some(ContentSource::Snapshot(s.snapshot_id.clone()))
+            }
+            Some(Some(csi::volume_content_source::Type::Volume(v))) => {
+                convert::required_str("volume_content_source.volume.volume_id", &v.volume_id)?;
+                Some(ContentSource::Volume(v.volume_id.clone()))
+            }
+            Some(None) => {
+                return Err(Error::invalid(
+                    "volume_content_source",
+                    "type (snapshot or volume) is required",
+                ));
+            }
+        };
         if !r.mutable_parameters.is_empty() {
             return Err(Error::invalid(
                 "mutable_parameters",
@@ -103,6 +150,7 @@ impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
             parameters: convert::map(&r.parameters),
             requisite,
             preferred,
+            content_source,
         })
     }
 }
@@ -307,47 +355,110 @@ impl ControllerRpc for ControllerService {
         .await
     }
 
-    // Snapshots, expansion and modification arrive with their own
-    // capabilities; until then these RPCs are not advertised.
     async fn create_snapshot(
         &self,
-        _req: Request<csi::CreateSnapshotRequest>,
+        req: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "CREATE_DELETE_SNAPSHOT is not advertised",
-        ))
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "CreateSnapshot");
+        convert::required_str("name", &r.name)?;
+        convert::required_str("source_volume_id", &r.source_volume_id)?;
+        let c = self.controller();
+        blocking("CreateSnapshot", move || {
+            let s =
+                c.create_snapshot(&r.name, &r.source_volume_id, &convert::map(&r.parameters))?;
+            Ok(csi::CreateSnapshotResponse {
+                snapshot: Some(to_snapshot(&s)),
+            })
+        })
+        .await
     }
 
     async fn delete_snapshot(
         &self,
-        _req: Request<csi::DeleteSnapshotRequest>,
+        req: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "CREATE_DELETE_SNAPSHOT is not advertised",
-        ))
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "DeleteSnapshot");
+        convert::required_str("snapshot_id", &r.snapshot_id)?;
+        let c = self.controller();
+        blocking("DeleteSnapshot", move || {
+            c.delete_snapshot(&r.snapshot_id)
+                .map(|()| csi::DeleteSnapshotResponse {})
+        })
+        .await
     }
 
     async fn list_snapshots(
         &self,
-        _req: Request<csi::ListSnapshotsRequest>,
+        req: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("LIST_SNAPSHOTS is not advertised"))
+        let r = req.into_inner();
+        if r.max_entries < 0 {
+            return Err(Error::invalid("max_entries", "must not be negative").into());
+        }
+        let c = self.controller();
+        blocking("ListSnapshots", move || {
+            let page = c.list_snapshots(
+                r.max_entries as usize,
+                &r.starting_token,
+                &r.snapshot_id,
+                &r.source_volume_id,
+            )?;
+            Ok(csi::ListSnapshotsResponse {
+                entries: page
+                    .entries
+                    .iter()
+                    .map(|s| csi::list_snapshots_response::Entry {
+                        snapshot: Some(to_snapshot(s)),
+                    })
+                    .collect(),
+                next_token: page.next_token.unwrap_or_default(),
+            })
+        })
+        .await
     }
 
     async fn get_snapshot(
         &self,
-        _req: Request<csi::GetSnapshotRequest>,
+        req: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        Err(Status::unimplemented("GET_SNAPSHOT is not advertised"))
+        let r = req.into_inner();
+        convert::required_str("snapshot_id", &r.snapshot_id)?;
+        let c = self.controller();
+        blocking("GetSnapshot", move || {
+            let s = c.get_snapshot(&r.snapshot_id)?;
+            Ok(csi::GetSnapshotResponse {
+                snapshot: Some(to_snapshot(&s)),
+            })
+        })
+        .await
     }
 
     async fn controller_expand_volume(
         &self,
-        _req: Request<csi::ControllerExpandVolumeRequest>,
+        req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented("EXPAND_VOLUME is not advertised"))
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "ControllerExpandVolume");
+        convert::required_str("volume_id", &r.volume_id)?;
+        if r.capacity_range.is_none() {
+            return Err(Error::MissingField("capacity_range").into());
+        }
+        let (required, limit) = convert::capacity(r.capacity_range.as_ref())?;
+        let c = self.controller();
+        blocking("ControllerExpandVolume", move || {
+            let (size, node) = c.expand_volume(&r.volume_id, required, limit)?;
+            Ok(csi::ControllerExpandVolumeResponse {
+                capacity_bytes: size as i64,
+                node_expansion_required: node,
+            })
+        })
+        .await
     }
 
+    // ModifyVolume arrives with its capability (MODIFY_VOLUME); until then
+    // it is not advertised.
     async fn controller_modify_volume(
         &self,
         _req: Request<csi::ControllerModifyVolumeRequest>,

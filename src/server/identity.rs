@@ -31,7 +31,17 @@ impl Identity for IdentityService {
         Ok(Response::new(csi::GetPluginInfoResponse {
             name: self.driver.name.clone(),
             vendor_version: crate::VENDOR_VERSION.to_owned(),
-            manifest: Default::default(),
+            manifest: [
+                (
+                    "pool-filesystem".to_owned(),
+                    self.driver.strategy.fs.to_string(),
+                ),
+                (
+                    "snapshot-strategy".to_owned(),
+                    self.driver.strategy.strategy.to_string(),
+                ),
+            ]
+            .into(),
         }))
     }
 

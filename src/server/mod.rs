@@ -114,6 +114,8 @@ pub struct Driver {
     pub controller: Option<Arc<Controller>>,
     pub node: Option<Arc<Node>>,
     pub pool: PathBuf,
+    /// What the pool probe chose (reported in GetPluginInfo's manifest).
+    pub strategy: crate::os::pool::PoolStrategy,
 }
 
 impl Driver {
@@ -129,7 +131,20 @@ impl Driver {
         }
         let store = Store::open(&cfg.state_dir).map_err(Error::from)?;
         prepare_pool(&cfg.pool).map_err(Error::from)?;
-        let backends = Arc::new(Backends::new(&cfg.pool));
+        let strategy = match crate::os::pool::probe(&cfg.pool) {
+            Ok(s) => {
+                tracing::info!(pool = %cfg.pool.display(), strategy = %s, "pool probed");
+                s
+            }
+            Err(e) => {
+                tracing::warn!(pool = %cfg.pool.display(), error = %e, "cannot probe the pool; using sparse copies");
+                crate::os::pool::PoolStrategy {
+                    fs: crate::os::pool::PoolFs::Other(0),
+                    strategy: crate::os::pool::Strategy::Copy,
+                }
+            }
+        };
+        let backends = Arc::new(Backends::new(&cfg.pool, strategy.strategy));
         let controller = match cfg.mode {
             Mode::All | Mode::Controller => Some(Arc::new(Controller::open(
                 &cfg.node_id,
@@ -153,6 +168,7 @@ impl Driver {
             controller,
             node,
             pool: cfg.pool.clone(),
+            strategy,
         })
     }
 

@@ -45,6 +45,10 @@ impl TryFrom<&csi::NodeStageVolumeRequest> for StageVolume {
             volume_id: r.volume_id.clone(),
             staging_path: convert::path("staging_target_path", &r.staging_target_path)?,
             capability: convert::capability("volume_capability", r.volume_capability.as_ref())?,
+            grow_fs: r
+                .volume_context
+                .get(crate::volume::controller::GROW_FS_KEY)
+                .is_some_and(|v| v == "true"),
         })
     }
 }
@@ -189,9 +193,20 @@ impl NodeRpc for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _req: Request<csi::NodeExpandVolumeRequest>,
+        req: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented("EXPAND_VOLUME is not advertised"))
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "NodeExpandVolume");
+        convert::required_str("volume_id", &r.volume_id)?;
+        convert::required_str("volume_path", &r.volume_path)?;
+        let n = self.node();
+        blocking("NodeExpandVolume", move || {
+            let size = n.expand(&r.volume_id, &r.volume_path)?;
+            Ok(csi::NodeExpandVolumeResponse {
+                capacity_bytes: size as i64,
+            })
+        })
+        .await
     }
 
     async fn node_get_capabilities(

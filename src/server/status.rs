@@ -5,15 +5,17 @@
 use tonic::{Code, Status};
 
 use crate::backend::BackendError;
+use crate::os::resize::ResizeError;
 use crate::volume::Error;
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::MissingField(_) | Error::InvalidField { .. } => Code::InvalidArgument,
-            Error::VolumeNotFound(_) | Error::NodeNotFound(_) | Error::NotAVolumePath { .. } => {
-                Code::NotFound
-            }
+            Error::VolumeNotFound(_)
+            | Error::SnapshotNotFound(_)
+            | Error::NodeNotFound(_)
+            | Error::NotAVolumePath { .. } => Code::NotFound,
             Error::NameConflict { .. } | Error::Incompatible { .. } => Code::AlreadyExists,
             Error::Precondition { .. } => Code::FailedPrecondition,
             Error::CapacityOutOfRange(_) => Code::OutOfRange,
@@ -21,10 +23,22 @@ impl From<Error> for Status {
             Error::Busy(_) | Error::InvalidToken(_) => Code::Aborted,
             Error::Backend(b) => match b {
                 BackendError::Missing { .. } => Code::NotFound,
+                BackendError::Resize(r) => match r {
+                    ResizeError::Shrink { .. } => Code::OutOfRange,
+                    ResizeError::MissingCapability { .. } | ResizeError::Unsupported { .. } => {
+                        Code::FailedPrecondition
+                    }
+                    ResizeError::Grow { .. }
+                    | ResizeError::Open { .. }
+                    | ResizeError::NotRegularFile { .. }
+                    | ResizeError::SetLength { .. } => Code::Internal,
+                },
                 BackendError::SizeMismatch { .. }
                 | BackendError::Io { .. }
                 | BackendError::Pool { .. }
-                | BackendError::Loop(_) => Code::Internal,
+                | BackendError::Loop(_)
+                | BackendError::Copy { .. }
+                | BackendError::Btrfs(_) => Code::Internal,
             },
             Error::State(_)
             | Error::Mount(_)

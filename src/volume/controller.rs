@@ -11,12 +11,36 @@ use super::error::{Error, Result};
 use super::id::{BackendKind, Uuid, VolumeId, valid_node_id};
 use super::inflight::{InFlight, InFlightGuard};
 use super::params::Parameters;
-use super::record::{Attachment, NodeRecord, NodeVolumeRecord, VolumeRecord};
+use super::record::{Attachment, ContentSource, NodeRecord, NodeVolumeRecord, VolumeRecord};
 use super::token::TokenSigner;
 use super::{FsType, TOPOLOGY_NODE_KEY};
 use crate::backend::Backends;
+use crate::backend::Object;
 use crate::os;
 use crate::state::{Store, Table};
+
+/// Volume context key telling the node to grow the filesystem after the
+/// first mount (a restore or clone into a larger volume).
+pub const GROW_FS_KEY: &str = "stowage.csi.dev/grow-fs";
+
+/// The filesystem of a content source and of the request must agree.
+fn merge_fs(
+    field: &'static str,
+    source: Option<FsType>,
+    asked: Option<FsType>,
+) -> Result<Option<FsType>> {
+    match (source, asked) {
+        (Some(a), Some(b)) if a != b => Err(Error::invalid(
+            field,
+            format!(
+                "the source holds {}, the request asks for {}",
+                a.as_str(),
+                b.as_str()
+            ),
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
 
 /// Size given to a block volume when the request names none.
 pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 30;
@@ -34,6 +58,8 @@ pub struct CreateVolume {
     pub parameters: BTreeMap<String, String>,
     pub requisite: Vec<Topology>,
     pub preferred: Vec<Topology>,
+    /// Restore from a snapshot or clone a volume.
+    pub content_source: Option<ContentSource>,
 }
 
 /// A validated ControllerPublishVolume.
@@ -88,13 +114,14 @@ impl Index {
 /// The controller side of the driver.
 #[derive(Debug)]
 pub struct Controller {
-    node_id: String,
+    pub(super) node_id: String,
     max_volumes_per_node: u64,
-    backends: Arc<Backends>,
-    store: Store,
+    pub(super) backends: Arc<Backends>,
+    pub(super) store: Store,
     inflight: InFlight,
-    tokens: TokenSigner,
+    pub(super) tokens: TokenSigner,
     index: Mutex<Index>,
+    pub(super) snapshots: Mutex<super::snapshot::SnapshotIndex>,
 }
 
 /// The size a volume gets: rounded up to the backend's granularity,
@@ -178,6 +205,7 @@ impl Controller {
                 }
             }
         }
+        let snapshots = super::snapshot::SnapshotIndex::load(&store, &backends)?;
         Ok(Self {
             node_id: node_id.to_owned(),
             max_volumes_per_node,
@@ -186,6 +214,7 @@ impl Controller {
             inflight: InFlight::default(),
             tokens: TokenSigner::default(),
             index: Mutex::new(index),
+            snapshots: Mutex::new(snapshots),
         })
     }
 
@@ -193,13 +222,13 @@ impl Controller {
         &self.node_id
     }
 
-    fn guard(&self, key: String) -> Result<InFlightGuard> {
+    pub(super) fn guard(&self, key: String) -> Result<InFlightGuard> {
         self.inflight
             .try_acquire(key.clone())
             .ok_or(Error::Busy(key))
     }
 
-    fn lookup(&self, raw: &str) -> Result<VolumeRecord> {
+    pub(super) fn lookup(&self, raw: &str) -> Result<VolumeRecord> {
         let id = VolumeId::parse(raw).ok_or_else(|| Error::VolumeNotFound(raw.to_owned()))?;
         lock(&self.index)
             .by_uuid
@@ -258,6 +287,45 @@ impl Controller {
                 self.node_id
             )));
         }
+        // The content source, held (guarded, frozen) until the copy is made.
+        let mut source: Option<(Object, u64)> = None;
+        let mut fs = fs;
+        let mut _source_guard = None;
+        let mut _frozen = None;
+        let source_field = "volume_content_source";
+        match &req.content_source {
+            None => {}
+            Some(ContentSource::Snapshot(raw)) => {
+                let s = self.restore_source(raw)?;
+                if s.id.backend != backend || s.id.node != self.node_id {
+                    return Err(Error::invalid(
+                        source_field,
+                        format!(
+                            "snapshot {} is of a {} volume on node {}; cannot restore it as a {backend} volume on {}",
+                            s.id, s.id.backend, s.id.node, self.node_id
+                        ),
+                    ));
+                }
+                fs = merge_fs(source_field, s.fs_type, fs)?;
+                source = Some((Object::Snapshot(s.id.uuid), s.size_bytes));
+            }
+            Some(ContentSource::Volume(raw)) => {
+                let v = self.lookup(raw)?;
+                if v.id.backend != backend || v.id.node != self.node_id {
+                    return Err(Error::invalid(
+                        source_field,
+                        format!(
+                            "volume {} is a {} volume on node {}; cannot clone it as a {backend} volume on {}",
+                            v.id, v.id.backend, v.id.node, self.node_id
+                        ),
+                    ));
+                }
+                fs = merge_fs(source_field, v.fs_type, fs)?;
+                _source_guard = Some(self.guard(format!("vol:{}", v.id))?);
+                _frozen = self.freeze_source(&v)?;
+                source = Some((Object::Volume(v.id.uuid), v.capacity_bytes));
+            }
+        }
         let store = self.backends.store(backend);
         let (default, min) = match backend {
             BackendKind::Block => (
@@ -271,6 +339,19 @@ impl Controller {
             store.round_size(s)
         })
         .map_err(Error::CapacityOutOfRange)?;
+        let size = match source {
+            None => size,
+            Some((_, src_size)) => {
+                if req.required_bytes.is_some_and(|r| r < src_size)
+                    || req.limit_bytes.is_some_and(|l| l < src_size)
+                {
+                    return Err(Error::CapacityOutOfRange(format!(
+                        "the content source holds {src_size} bytes; the new volume cannot be smaller"
+                    )));
+                }
+                size.max(src_size)
+            }
+        };
 
         let id = VolumeId {
             backend,
@@ -290,9 +371,27 @@ impl Controller {
             )]),
             created_at: now_secs(),
             attachments: BTreeMap::new(),
-            content_source: None,
+            content_source: req.content_source.clone(),
         };
-        store.create(id.uuid, size)?;
+        let mut rec = rec;
+        match source {
+            None => store.create(id.uuid, size)?,
+            Some((from, src_size)) => {
+                store.copy(from, Object::Volume(id.uuid), &|_, _| {})?;
+                if size > src_size {
+                    if let Err(e) = store.expand(id.uuid, size) {
+                        let _ = store.delete(id.uuid);
+                        return Err(e.into());
+                    }
+                    if fs.is_some() {
+                        // The filesystem inside is the source's size: the
+                        // node grows it on first stage.
+                        rec.volume_context
+                            .insert(GROW_FS_KEY.to_owned(), "true".to_owned());
+                    }
+                }
+            }
+        }
         if let Err(e) = self.store.put(Table::Volumes, &id.uuid.to_hex(), &rec) {
             let _ = store.delete(id.uuid);
             return Err(e.into());
@@ -314,6 +413,9 @@ impl Controller {
             existing: rec.id.to_string(),
             reason,
         };
+        if req.content_source != rec.content_source {
+            return Err(conflict("content source differs".into()));
+        }
         if rec.id.backend != backend || rec.parameters != Parameters::defining(&req.parameters) {
             return Err(conflict("parameters differ".into()));
         }
@@ -597,6 +699,43 @@ impl Controller {
             entries,
             next_token,
         })
+    }
+
+    /// ControllerExpandVolume: grows the volume's storage to the requested
+    /// size (rounded up within the limit). Idempotent; shrinking is
+    /// [`Error::CapacityOutOfRange`]. Returns the new capacity and whether
+    /// the node must expand too (block volumes: loop device, filesystem).
+    pub fn expand_volume(
+        &self,
+        raw: &str,
+        required: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<(u64, bool)> {
+        let rec = self.lookup(raw)?;
+        let _g = self.guard(format!("vol:{}", rec.id))?;
+        let mut rec = self.lookup(raw)?;
+        let store = self.backends.store(rec.id.backend);
+        let size = choose_size(required, limit, rec.capacity_bytes, 0, |s| {
+            store.round_size(s)
+        })
+        .map_err(Error::CapacityOutOfRange)?;
+        if size < rec.capacity_bytes {
+            return Err(Error::CapacityOutOfRange(format!(
+                "volume is {} bytes; shrinking to {size} is not supported",
+                rec.capacity_bytes
+            )));
+        }
+        let node_expansion = rec.id.backend == BackendKind::Block;
+        if size == rec.capacity_bytes {
+            return Ok((size, node_expansion));
+        }
+        store.expand(rec.id.uuid, size)?;
+        rec.capacity_bytes = size;
+        self.store
+            .put(Table::Volumes, &rec.id.uuid.to_hex(), &rec)?;
+        tracing::info!(volume = %rec.id, size, "volume expanded");
+        lock(&self.index).insert(rec);
+        Ok((size, node_expansion))
     }
 
     /// ControllerGetVolume.

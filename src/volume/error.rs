@@ -18,6 +18,8 @@ pub enum Error {
     InvalidField { field: &'static str, reason: String },
     #[error("volume {0:?} does not exist")]
     VolumeNotFound(String),
+    #[error("snapshot {0:?} does not exist")]
+    SnapshotNotFound(String),
     #[error("node {0:?} is not known to this controller")]
     NodeNotFound(String),
     #[error("{path} is not a staging or target path of volume {volume}")]

@@ -11,11 +11,12 @@ pub mod node;
 pub mod params;
 pub mod paths;
 pub mod record;
+pub mod snapshot;
 pub mod token;
 
 pub use capability::{AccessMode, AccessType, Capability, FsType};
 pub use error::{Error, Result};
-pub use id::{BackendKind, Uuid, VolumeId};
+pub use id::{BackendKind, SnapshotId, Uuid, VolumeId};
 
 /// The topology key naming the node a local volume lives on.
 pub const TOPOLOGY_NODE_KEY: &str = "stowage.csi.dev/node";

@@ -28,6 +28,9 @@ pub struct StageVolume {
     pub volume_id: String,
     pub staging_path: PathBuf,
     pub capability: Capability,
+    /// Grow the filesystem to the device after mounting (a restore or
+    /// clone into a larger volume).
+    pub grow_fs: bool,
 }
 
 /// A validated NodePublishVolume.
@@ -283,14 +286,19 @@ impl Node {
             mounted: !(id.backend == BackendKind::Block && req.capability.is_block()),
         });
         self.save_with(rec.clone(), Durability::Deferred)?;
-        let staging =
-            match self.do_stage(&id, &req.staging_path, &req.capability, previous.as_ref()) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = self.save(before);
-                    return Err(e);
-                }
-            };
+        let staging = match self.do_stage(
+            &id,
+            &req.staging_path,
+            &req.capability,
+            previous.as_ref(),
+            req.grow_fs,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.save(before);
+                return Err(e);
+            }
+        };
         rec.staging = Some(staging);
         self.save_with(rec, Durability::Deferred)?;
         tracing::info!(volume = %id, path = %req.staging_path.display(), "volume staged");
@@ -403,6 +411,7 @@ impl Node {
         path: &Path,
         cap: &Capability,
         previous: Option<&Staging>,
+        grow_fs: bool,
     ) -> Result<Staging> {
         let table = MountTable::read()?;
         let read_only = cap.access_mode.is_read_only();
@@ -493,7 +502,22 @@ impl Node {
                         if read_only {
                             opts.flags |= nix::mount::MsFlags::MS_RDONLY;
                         }
+                        if fs == FsType::Xfs {
+                            // A clone or restore carries its source's UUID,
+                            // which xfs would otherwise refuse to mount twice.
+                            opts.data = if opts.data.is_empty() {
+                                "nouuid".to_owned()
+                            } else {
+                                format!("{},nouuid", opts.data)
+                            };
+                        }
                         mount::mount_filesystem(&device.path(), path, fs.as_str(), &opts)?;
+                        let p = path.to_owned();
+                        rollback.push(move || drop(mount::unmount(&p)));
+                        if grow_fs && !read_only {
+                            crate::os::resize::grow_filesystem(fs.as_str(), &device.path(), path)
+                                .map_err(crate::backend::BackendError::from)?;
+                        }
                     }
                 }
                 st
@@ -778,6 +802,54 @@ impl Node {
         Ok(())
     }
 
+    /// NodeExpandVolume: makes the node see a volume the controller grew.
+    /// Block: refreshes the loop device's capacity and grows a mounted
+    /// filesystem online; raw block needs nothing more; dir volumes nothing
+    /// at all. Idempotent. Returns the capacity now usable (0 = unknown).
+    pub fn expand(&self, raw: &str, path: &str) -> Result<u64> {
+        let id = self
+            .local_id(raw)
+            .ok_or_else(|| Error::VolumeNotFound(raw.to_owned()))?;
+        let _g = self.guard(&id)?;
+        let rec = lock(&self.records)
+            .get(&id.uuid)
+            .filter(|r| r.id == id)
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound(raw.to_owned()))?;
+        let path_buf = PathBuf::from(path);
+        let st = rec
+            .staging
+            .clone()
+            .ok_or_else(|| Error::precondition(&id, "volume is not staged"))?;
+        if st.path != path_buf && !rec.publications.contains_key(&path_buf) {
+            return Err(Error::NotAVolumePath {
+                volume: raw.to_owned(),
+                path: path.to_owned(),
+            });
+        }
+        if id.backend == BackendKind::Dir {
+            return Ok(0);
+        }
+        let device = st
+            .device
+            .as_deref()
+            .and_then(LoopDevice::from_path)
+            .ok_or_else(|| Error::precondition(&id, "staging recorded no loop device"))?;
+        device.refresh_capacity()?;
+        for p in rec.publications.values() {
+            if let Some(own) = p.own_device.as_deref().and_then(LoopDevice::from_path) {
+                own.refresh_capacity()?;
+            }
+        }
+        if st.mounted {
+            let fs = st.capability.fs_type().unwrap_or(FsType::DEFAULT);
+            crate::os::resize::grow_filesystem(fs.as_str(), &device.path(), &st.path)
+                .map_err(crate::backend::BackendError::from)?;
+        }
+        tracing::info!(volume = %id, "volume expanded on the node");
+        Ok(device.size_bytes().unwrap_or(0))
+    }
+
     /// NodeGetVolumeStats for a staging or target path of the volume.
     pub fn stats(&self, raw: &str, path: &str) -> Result<VolumeStats> {
         let id = self
@@ -887,7 +959,7 @@ impl Node {
             };
             let mut changed = false;
             if !self.staging_intact(&id, &st, &table) {
-                match self.do_stage(&id, &st.path, &st.capability, Some(&st)) {
+                match self.do_stage(&id, &st.path, &st.capability, Some(&st), false) {
                     Ok(new) => {
                         tracing::info!(volume = %id, "restored staging after restart");
                         rec.staging = Some(new);

@@ -1,0 +1,322 @@
+//! Snapshots: made O(1) where the pool shares extents (reflinks, btrfs
+//! snapshots), otherwise copied in the background with `ready_to_use`
+//! false until done. A staged block volume's filesystem is frozen around
+//! the copy so the snapshot is consistent. Snapshots are independent of
+//! their source: deleting the volume leaves them restorable.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, MutexGuard};
+
+use super::controller::Controller;
+use super::error::{Error, Result};
+use super::id::{BackendKind, SnapshotId, Uuid};
+use super::params::KUBERNETES_PREFIX;
+use super::record::{NodeVolumeRecord, SnapshotRecord, VolumeRecord};
+use crate::backend::{Backends, Object};
+use crate::os::freeze::FrozenFs;
+use crate::state::{Store, Table};
+
+/// Snapshots by UUID and by name, and the ones still being copied.
+#[derive(Debug, Default)]
+pub struct SnapshotIndex {
+    by_uuid: BTreeMap<Uuid, SnapshotRecord>,
+    by_name: HashMap<String, Uuid>,
+    copying: HashSet<Uuid>,
+}
+
+impl SnapshotIndex {
+    /// Loads snapshot records; removes snapshot storage no record explains
+    /// and forgets snapshots whose copy a crash interrupted (their storage
+    /// is partial).
+    pub fn load(store: &Store, backends: &Backends) -> Result<Self> {
+        let mut idx = SnapshotIndex::default();
+        for (key, rec) in store.load_all::<SnapshotRecord>(Table::Snapshots)? {
+            let b = backends.store(rec.id.backend);
+            if !rec.ready || !b.snapshot_exists(rec.id.uuid) {
+                tracing::warn!(snapshot = %rec.id, "dropping a snapshot whose copy did not finish");
+                b.delete_snapshot(rec.id.uuid)?;
+                store.delete(Table::Snapshots, &key)?;
+                continue;
+            }
+            idx.insert(rec);
+        }
+        for kind in [BackendKind::Dir, BackendKind::Block] {
+            let b = backends.store(kind);
+            for uuid in b.list_snapshots()? {
+                if idx.by_uuid.get(&uuid).is_none_or(|r| r.id.backend != kind) {
+                    tracing::warn!(backend = %kind, %uuid, "removing snapshot storage with no record");
+                    b.delete_snapshot(uuid)?;
+                }
+            }
+        }
+        Ok(idx)
+    }
+
+    fn insert(&mut self, rec: SnapshotRecord) {
+        self.by_name.insert(rec.name.clone(), rec.id.uuid);
+        self.by_uuid.insert(rec.id.uuid, rec);
+    }
+
+    fn remove(&mut self, uuid: Uuid) {
+        if let Some(rec) = self.by_uuid.remove(&uuid) {
+            self.by_name.remove(&rec.name);
+        }
+    }
+}
+
+/// A page of ListSnapshots.
+#[derive(Debug, Clone)]
+pub struct SnapshotPage {
+    pub entries: Vec<SnapshotRecord>,
+    pub next_token: Option<String>,
+}
+
+fn now() -> (i64, i32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos() as i32)
+}
+
+/// Snapshot parameters: only the keys Kubernetes adds are accepted.
+fn check_parameters(params: &BTreeMap<String, String>) -> Result<()> {
+    match params.keys().find(|k| !k.starts_with(KUBERNETES_PREFIX)) {
+        Some(k) => Err(Error::invalid(
+            "parameters",
+            format!("unknown snapshot parameter {k:?} (none are supported)"),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Controller {
+    fn snaps(&self) -> MutexGuard<'_, SnapshotIndex> {
+        self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Freezes the volume's filesystem if it is a block volume mounted at
+    /// its staging path on this node (all-in-one mode), so a copy of its
+    /// image is consistent. Dir volumes share the pool filesystem, which is
+    /// never frozen; on btrfs their snapshots are atomic anyway.
+    pub(super) fn freeze_source(&self, vol: &VolumeRecord) -> Result<Option<FrozenFs>> {
+        if vol.id.backend != BackendKind::Block {
+            return Ok(None);
+        }
+        let node = self
+            .store
+            .get::<NodeVolumeRecord>(Table::NodeVolumes, &vol.id.uuid.to_hex())?;
+        let Some(st) = node.and_then(|n| n.staging).filter(|s| s.mounted) else {
+            return Ok(None);
+        };
+        match FrozenFs::new(&st.path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) => Err(Error::precondition(
+                &vol.id,
+                format!(
+                    "cannot freeze {} for a consistent copy: {e}",
+                    st.path.display()
+                ),
+            )),
+        }
+    }
+
+    /// CreateSnapshot. Idempotent by name: the same name and source return
+    /// the existing snapshot (with its current readiness); the name taken
+    /// for another source is [`Error::NameConflict`].
+    pub fn create_snapshot(
+        self: &Arc<Self>,
+        name: &str,
+        source: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord> {
+        check_parameters(params)?;
+        let _g = self.guard(format!("snapname:{name}"))?;
+        let existing = {
+            let s = self.snaps();
+            s.by_name.get(name).and_then(|u| s.by_uuid.get(u)).cloned()
+        };
+        if let Some(rec) = existing {
+            if rec.source_volume_id == source {
+                return Ok(rec);
+            }
+            return Err(Error::NameConflict {
+                name: name.to_owned(),
+                existing: rec.id.to_string(),
+                reason: format!("it is a snapshot of {}", rec.source_volume_id),
+            });
+        }
+        let vol = self.lookup(source)?;
+        let vol_guard = self.guard(format!("vol:{}", vol.id))?;
+        let id = SnapshotId {
+            backend: vol.id.backend,
+            node: vol.id.node.clone(),
+            uuid: Uuid::new_random(),
+        };
+        let backend = self.backends.store(vol.id.backend);
+        let mut rec = SnapshotRecord {
+            id: id.clone(),
+            name: name.to_owned(),
+            source_volume_id: vol.id.to_string(),
+            size_bytes: vol.capacity_bytes,
+            fs_type: vol.fs_type,
+            created_at: now(),
+            ready: backend.copies_are_constant_time(),
+        };
+        if rec.ready {
+            let frozen = self.freeze_source(&vol)?;
+            backend.copy(
+                Object::Volume(vol.id.uuid),
+                Object::Snapshot(id.uuid),
+                &|_, _| {},
+            )?;
+            drop(frozen);
+            if let Err(e) = self.store.put(Table::Snapshots, &id.uuid.to_hex(), &rec) {
+                let _ = backend.delete_snapshot(id.uuid);
+                return Err(e.into());
+            }
+            self.snaps().insert(rec.clone());
+            tracing::info!(snapshot = %id, volume = %vol.id, "snapshot created (copy-on-write)");
+            return Ok(rec);
+        }
+        // No extent sharing on this pool: copy in the background, holding
+        // the volume's guard (and its frozen filesystem) until done.
+        self.store.put(Table::Snapshots, &id.uuid.to_hex(), &rec)?;
+        {
+            let mut s = self.snaps();
+            s.insert(rec.clone());
+            s.copying.insert(id.uuid);
+        }
+        let frozen = self.freeze_source(&vol)?;
+        let this = Arc::clone(self);
+        let result_rec = rec.clone();
+        std::thread::Builder::new()
+            .name(format!("snapshot-{}", id.uuid))
+            .spawn(move || {
+                let _vol_guard = vol_guard;
+                let backend = this.backends.store(rec.id.backend);
+                let r = backend.copy(Object::Volume(vol.id.uuid), Object::Snapshot(rec.id.uuid), &|done, total| {
+                    tracing::debug!(snapshot = %rec.id, done, total, "copying snapshot");
+                });
+                drop(frozen);
+                let key = rec.id.uuid.to_hex();
+                match r {
+                    Ok(()) => {
+                        rec.ready = true;
+                        if let Err(e) = this.store.put(Table::Snapshots, &key, &rec) {
+                            tracing::error!(snapshot = %rec.id, error = %e, "cannot record a finished snapshot");
+                        } else {
+                            tracing::info!(snapshot = %rec.id, "snapshot copy finished");
+                        }
+                        let mut s = this.snaps();
+                        s.copying.remove(&rec.id.uuid);
+                        s.insert(rec);
+                    }
+                    Err(e) => {
+                        tracing::error!(snapshot = %rec.id, error = %e, "snapshot copy failed");
+                        let _ = backend.delete_snapshot(rec.id.uuid);
+                        let _ = this.store.delete(Table::Snapshots, &key);
+                        let mut s = this.snaps();
+                        s.copying.remove(&rec.id.uuid);
+                        s.remove(rec.id.uuid);
+                    }
+                }
+            })
+            .map_err(Error::io("spawn copy thread for", format!("snapshot {id}")))?;
+        Ok(result_rec)
+    }
+
+    /// DeleteSnapshot. Idempotent: an unknown or malformed ID is success.
+    /// A snapshot still being copied is busy (ABORTED).
+    pub fn delete_snapshot(&self, raw: &str) -> Result<()> {
+        let Some(id) = SnapshotId::parse(raw) else {
+            return Ok(());
+        };
+        let _g = self.guard(format!("snap:{}", id.uuid))?;
+        let rec = {
+            let s = self.snaps();
+            if s.copying.contains(&id.uuid) {
+                return Err(Error::Busy(format!("snapshot {id} (still copying)")));
+            }
+            s.by_uuid.get(&id.uuid).filter(|r| r.id == id).cloned()
+        };
+        let Some(rec) = rec else {
+            return Ok(());
+        };
+        self.store.delete(Table::Snapshots, &id.uuid.to_hex())?;
+        self.snaps().remove(id.uuid);
+        if let Err(e) = self.backends.store(id.backend).delete_snapshot(id.uuid) {
+            self.store.put(Table::Snapshots, &id.uuid.to_hex(), &rec)?;
+            self.snaps().insert(rec);
+            return Err(e.into());
+        }
+        tracing::info!(snapshot = %id, "snapshot deleted");
+        Ok(())
+    }
+
+    /// A snapshot by ID (NOT_FOUND when unknown or malformed).
+    pub fn get_snapshot(&self, raw: &str) -> Result<SnapshotRecord> {
+        SnapshotId::parse(raw)
+            .and_then(|id| {
+                self.snaps()
+                    .by_uuid
+                    .get(&id.uuid)
+                    .filter(|r| r.id == id)
+                    .cloned()
+            })
+            .ok_or_else(|| Error::SnapshotNotFound(raw.to_owned()))
+    }
+
+    /// ListSnapshots in ID order from `starting_token`, filtered by
+    /// snapshot id and/or source volume (an unknown one lists nothing).
+    pub fn list_snapshots(
+        &self,
+        max_entries: usize,
+        starting_token: &str,
+        snapshot_id: &str,
+        source_volume_id: &str,
+    ) -> Result<SnapshotPage> {
+        let after = if starting_token.is_empty() {
+            None
+        } else {
+            Some(
+                self.tokens
+                    .verify(starting_token)
+                    .and_then(Uuid::parse_hex)
+                    .ok_or_else(|| Error::InvalidToken(starting_token.to_owned()))?,
+            )
+        };
+        let all: Vec<SnapshotRecord> = self
+            .snaps()
+            .by_uuid
+            .iter()
+            .filter(|(u, _)| after.is_none_or(|a| **u > a))
+            .map(|(_, r)| r)
+            .filter(|r| snapshot_id.is_empty() || r.id.to_string() == snapshot_id)
+            .filter(|r| source_volume_id.is_empty() || r.source_volume_id == source_volume_id)
+            .cloned()
+            .collect();
+        let take = if max_entries == 0 {
+            all.len()
+        } else {
+            max_entries
+        };
+        let next_token =
+            (all.len() > take).then(|| self.tokens.issue(&all[take - 1].id.uuid.to_hex()));
+        Ok(SnapshotPage {
+            entries: all.into_iter().take(take).collect(),
+            next_token,
+        })
+    }
+
+    /// The ready snapshot a volume is to be restored from.
+    pub(super) fn restore_source(&self, raw: &str) -> Result<SnapshotRecord> {
+        let rec = self.get_snapshot(raw)?;
+        if !rec.ready {
+            return Err(Error::precondition(
+                &rec.id,
+                "snapshot is still being copied (ready_to_use is false)",
+            ));
+        }
+        Ok(rec)
+    }
+}

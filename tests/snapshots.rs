@@ -1,0 +1,574 @@
+//! Snapshots, restore, clone and expansion against a real server, on real
+//! pools of each strategy: xfs (reflink), btrfs (subvolumes + reflink) and
+//! ext4 (sparse copies in the background). Content is compared byte for
+//! byte. Each test names the CSI clause it checks.
+
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use stowage::csi;
+use tonic::Code;
+
+fn snap_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// CreateSnapshot, repeated until ready_to_use ("the CO MAY call
+/// CreateSnapshot again to check readiness").
+async fn snapshot_ready(env: &mut Env, name: &str, source: &str) -> csi::Snapshot {
+    let start = Instant::now();
+    loop {
+        let s = env
+            .c
+            .controller
+            .create_snapshot(snap_req(name, source))
+            .await
+            .expect("CreateSnapshot")
+            .into_inner()
+            .snapshot
+            .unwrap();
+        if s.ready_to_use {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "snapshot never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn restore_req(name: &str, kind: &str, size: i64, snapshot: &str) -> csi::CreateVolumeRequest {
+    let mut r = create_req(name, kind, size);
+    r.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.into(),
+            },
+        )),
+    });
+    r
+}
+
+fn clone_req(name: &str, kind: &str, size: i64, volume: &str) -> csi::CreateVolumeRequest {
+    let mut r = create_req(name, kind, size);
+    r.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: volume.into(),
+            },
+        )),
+    });
+    r
+}
+
+/// Writes `data` into a published volume (a file for mounts, the device
+/// for raw block) and syncs.
+fn write_data(kind: &str, target: &Path, data: &[u8]) {
+    if kind == "raw" {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(target)
+            .unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+    } else {
+        let mut f = std::fs::File::create(target.join("data")).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+    }
+}
+
+fn read_data(kind: &str, target: &Path, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    if kind == "raw" {
+        std::fs::File::open(target)
+            .unwrap()
+            .read_exact(&mut buf)
+            .unwrap();
+    } else {
+        buf = std::fs::read(target.join("data")).unwrap();
+    }
+    buf
+}
+
+/// Stages and publishes `vol` at fresh paths named `tag`.
+async fn mount(
+    env: &mut Env,
+    vol: &str,
+    kind: &str,
+    tag: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let staging = env.staging_dir(tag);
+    let target = env.target_path(tag);
+    env.stage(vol, kind, &staging).await.unwrap();
+    env.publish(vol, kind, &staging, &target, false)
+        .await
+        .unwrap();
+    (staging, target)
+}
+
+async fn unmount(env: &mut Env, vol: &str, staging: &Path, target: &Path) {
+    env.unpublish(vol, target).await.unwrap();
+    env.unstage(vol, staging).await.unwrap();
+}
+
+/// Snapshot → change the source → restore: the restore holds the data as
+/// it was at the snapshot, and stays restorable after the source is
+/// deleted ("snapshots are independent of their source").
+async fn round_trip(pool: &str, kind: &str) {
+    let mut env = Env::new(pool).await;
+    let size = if kind == "dir" { 0 } else { 320 * MIB };
+    let v = env.create("src", kind, size).await;
+    let (s1, t1) = mount(&mut env, &v.volume_id, kind, "src").await;
+    let before = pattern(1, 8 << 20);
+    write_data(kind, &t1, &before);
+    let snap = snapshot_ready(&mut env, "snap-1", &v.volume_id).await;
+    assert_eq!(snap.source_volume_id, v.volume_id);
+    assert!(snap.creation_time.is_some());
+    write_data(kind, &t1, &pattern(2, 8 << 20));
+    unmount(&mut env, &v.volume_id, &s1, &t1).await;
+    env.delete(&v.volume_id).await.unwrap();
+
+    let r = env
+        .c
+        .controller
+        .create_volume(restore_req("restored", kind, size, &snap.snapshot_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(
+        r.content_source.is_some(),
+        "restored volume must report its content source"
+    );
+    let (s2, t2) = mount(&mut env, &r.volume_id, kind, "restored").await;
+    assert!(
+        read_data(kind, &t2, before.len()) == before,
+        "restore does not match the snapshot"
+    );
+    unmount(&mut env, &r.volume_id, &s2, &t2).await;
+    env.delete(&r.volume_id).await.unwrap();
+    for _ in 0..2 {
+        env.c
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert!(
+        std::fs::read_dir(env.layout.pool.join("snapshots/block"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert!(
+        std::fs::read_dir(env.layout.pool.join("snapshots/dir"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_round_trip_block_ext4_on_xfs_reflink_pool() {
+    round_trip("xfs", "ext4").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_round_trip_raw_on_ext4_copy_pool() {
+    round_trip("ext4", "raw").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_round_trip_dir_on_btrfs_subvolume_pool() {
+    round_trip("btrfs", "dir").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_round_trip_dir_on_xfs_reflink_pool() {
+    round_trip("xfs", "dir").await;
+}
+
+/// On a pool without extent sharing, CreateSnapshot answers at once with
+/// ready_to_use=false and a repeated call reports readiness ("the SP
+/// SHOULD return ... ready_to_use false ... while the snapshot is being
+/// processed"); the plugin reports its strategy in GetPluginInfo.
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_pool_snapshots_become_ready_in_the_background() {
+    let mut env = Env::new("ext4").await;
+    let info = env
+        .c
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.manifest.get("snapshot-strategy").map(String::as_str),
+        Some("sparse copies")
+    );
+    let v = env.create("big", "raw", 512 * MIB).await;
+    let (s, t) = mount(&mut env, &v.volume_id, "raw", "big").await;
+    let mut f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
+    let chunk = pattern(9, 4 << 20);
+    for _ in 0..48 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+    let first = env
+        .c
+        .controller
+        .create_snapshot(snap_req("bg", &v.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(
+        !first.ready_to_use,
+        "a copied snapshot cannot be ready at once"
+    );
+    // Busy while copying: the source volume and the snapshot.
+    assert_code(env.delete(&v.volume_id).await, Code::Aborted);
+    let ready = snapshot_ready(&mut env, "bg", &v.volume_id).await;
+    assert_eq!(ready.snapshot_id, first.snapshot_id);
+    let r = env
+        .c
+        .controller
+        .create_volume(restore_req(
+            "bg-restore",
+            "raw",
+            512 * MIB,
+            &ready.snapshot_id,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (s2, t2) = mount(&mut env, &r.volume_id, "raw", "bg-restore").await;
+    let mut g = std::fs::File::open(&t2).unwrap();
+    g.seek(SeekFrom::Start(47 * (4 << 20))).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    g.read_exact(&mut buf).unwrap();
+    assert!(buf == chunk);
+    drop(g);
+    unmount(&mut env, &r.volume_id, &s2, &t2).await;
+}
+
+/// CreateSnapshot: idempotent by name and source; the name taken for
+/// another source is ALREADY_EXISTS; missing fields are INVALID_ARGUMENT;
+/// ListSnapshots filters and paginates; GetSnapshot/DeleteSnapshot of
+/// unknown IDs follow the spec.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_rpcs_follow_the_spec_table() {
+    let mut env = Env::new("xfs").await;
+    let a = env.create("a", "dir", 0).await;
+    let b = env.create("b", "dir", 0).await;
+    let s1 = snapshot_ready(&mut env, "s", &a.volume_id).await;
+    let s2 = snapshot_ready(&mut env, "s", &a.volume_id).await;
+    assert_eq!(s1.snapshot_id, s2.snapshot_id);
+    assert_code(
+        env.c
+            .controller
+            .create_snapshot(snap_req("s", &b.volume_id))
+            .await,
+        Code::AlreadyExists,
+    );
+    assert_code(
+        env.c
+            .controller
+            .create_snapshot(snap_req("", &b.volume_id))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        env.c.controller.create_snapshot(snap_req("x", "")).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        env.c
+            .controller
+            .create_snapshot(snap_req("x", "fake-vol"))
+            .await,
+        Code::NotFound,
+    );
+    let mut bad = snap_req("y", &b.volume_id);
+    bad.parameters.insert("compress".into(), "yes".into());
+    assert_code(
+        env.c.controller.create_snapshot(bad).await,
+        Code::InvalidArgument,
+    );
+    for i in 0..4 {
+        snapshot_ready(&mut env, &format!("b{i}"), &b.volume_id).await;
+    }
+    let list = |env: &mut Env, req: csi::ListSnapshotsRequest| {
+        let mut c = env.c.controller.clone();
+        async move { c.list_snapshots(req).await }
+    };
+    let all = list(&mut env, Default::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.entries.len(), 5);
+    let page = list(
+        &mut env,
+        csi::ListSnapshotsRequest {
+            max_entries: 2,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(page.entries.len(), 2);
+    let rest = list(
+        &mut env,
+        csi::ListSnapshotsRequest {
+            starting_token: page.next_token,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(rest.entries.len(), 3);
+    let by_source = list(
+        &mut env,
+        csi::ListSnapshotsRequest {
+            source_volume_id: a.volume_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(by_source.entries.len(), 1);
+    let by_id = list(
+        &mut env,
+        csi::ListSnapshotsRequest {
+            snapshot_id: s1.snapshot_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(by_id.entries.len(), 1);
+    let none = list(
+        &mut env,
+        csi::ListSnapshotsRequest {
+            snapshot_id: "none-exist-id".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(none.entries.is_empty());
+    assert_code(
+        list(
+            &mut env,
+            csi::ListSnapshotsRequest {
+                starting_token: "bogus".into(),
+                ..Default::default()
+            },
+        )
+        .await,
+        Code::Aborted,
+    );
+    let got = env
+        .c
+        .controller
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: s1.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.snapshot.unwrap().source_volume_id, a.volume_id);
+    assert_code(
+        env.c
+            .controller
+            .get_snapshot(csi::GetSnapshotRequest {
+                snapshot_id: "reallyfake".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+    );
+    env.c
+        .controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: "reallyfakesnapshotid".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Restore: unknown snapshot NOT_FOUND; other backend INVALID_ARGUMENT;
+    // smaller than the source OUT_OF_RANGE.
+    assert_code(
+        env.c
+            .controller
+            .create_volume(restore_req("r0", "dir", 0, "non-existing-snapshot-id"))
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        env.c
+            .controller
+            .create_volume(restore_req("r1", "raw", 8 * MIB, &s1.snapshot_id))
+            .await,
+        Code::InvalidArgument,
+    );
+    let blk = env.create("blk", "raw", 64 * MIB).await;
+    let bs = snapshot_ready(&mut env, "blk-snap", &blk.volume_id).await;
+    assert_code(
+        env.c
+            .controller
+            .create_volume(restore_req("r2", "raw", 32 * MIB, &bs.snapshot_id))
+            .await,
+        Code::OutOfRange,
+    );
+    assert_code(
+        env.c
+            .controller
+            .create_volume(clone_req("c0", "raw", 64 * MIB, "fake-vol-id"))
+            .await,
+        Code::NotFound,
+    );
+}
+
+/// Restore and clone into a larger volume: the filesystem is grown on the
+/// first stage; a clone of a published volume is consistent (its
+/// filesystem is frozen for the copy).
+#[tokio::test(flavor = "multi_thread")]
+async fn clone_of_a_published_volume_into_a_larger_one() {
+    let mut env = Env::new("xfs").await;
+    let v = env.create("live", "xfs", 320 * MIB).await;
+    let (s, t) = mount(&mut env, &v.volume_id, "xfs", "live").await;
+    let data = pattern(5, 4 << 20);
+    write_data("xfs", &t, &data);
+    let c = env
+        .c
+        .controller
+        .create_volume(clone_req("copy", "xfs", 640 * MIB, &v.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(c.capacity_bytes, 640 * MIB);
+    // The source stays writable after the copy (thawed).
+    write_data("xfs", &t, &pattern(6, 4 << 20));
+    let staging = env.staging_dir("copy");
+    let target = env.target_path("copy");
+    env.c
+        .node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: c.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap_for("xfs")),
+            volume_context: c.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    env.publish(&c.volume_id, "xfs", &staging, &target, false)
+        .await
+        .unwrap();
+    assert!(read_data("xfs", &target, data.len()) == data);
+    let total = nix::sys::statvfs::statvfs(&target).unwrap();
+    let bytes = total.blocks() * total.fragment_size();
+    assert!(
+        bytes > 500 << 20,
+        "filesystem was not grown to the larger volume: {bytes}"
+    );
+    unmount(&mut env, &c.volume_id, &staging, &target).await;
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+}
+
+/// ControllerExpandVolume + NodeExpandVolume grow a published xfs volume
+/// and a raw block volume online; shrinking is OUT_OF_RANGE; repeating is
+/// a no-op.
+#[tokio::test(flavor = "multi_thread")]
+async fn online_expansion_of_xfs_and_raw_block() {
+    let mut env = Env::new("xfs").await;
+    for kind in ["xfs", "raw"] {
+        let v = env.create(&format!("grow-{kind}"), kind, 320 * MIB).await;
+        let (s, t) = mount(&mut env, &v.volume_id, kind, &format!("grow-{kind}")).await;
+        let expand = |env: &mut Env, size: i64| {
+            let mut c = env.c.controller.clone();
+            let id = v.volume_id.clone();
+            async move {
+                c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: id,
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: size,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+            }
+        };
+        assert_code(expand(&mut env, 100 * MIB).await, Code::OutOfRange);
+        let r = expand(&mut env, 1024 * MIB).await.unwrap().into_inner();
+        assert_eq!(r.capacity_bytes, 1024 * MIB);
+        assert!(r.node_expansion_required);
+        expand(&mut env, 1024 * MIB).await.unwrap();
+        for _ in 0..2 {
+            let n = env
+                .c
+                .node
+                .node_expand_volume(csi::NodeExpandVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    volume_path: t.display().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(n.capacity_bytes, 1024 * MIB);
+        }
+        if kind == "raw" {
+            let mut f = std::fs::File::open(&t).unwrap();
+            assert_eq!(f.seek(SeekFrom::End(0)).unwrap() as i64, 1024 * MIB);
+        } else {
+            let st = nix::sys::statvfs::statvfs(&t).unwrap();
+            assert!(st.blocks() * st.fragment_size() > 900 << 20);
+            // Usable while grown: write past the old size.
+            write_data(kind, &t, &pattern(3, 400 << 20));
+        }
+        assert_code(
+            env.c
+                .node
+                .node_expand_volume(csi::NodeExpandVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    volume_path: "some/path".into(),
+                    ..Default::default()
+                })
+                .await,
+            Code::NotFound,
+        );
+        unmount(&mut env, &v.volume_id, &s, &t).await;
+    }
+}
