@@ -7,7 +7,7 @@
 //! (a copy-on-write pool should be flat). The driver must advertise
 //! CREATE_DELETE_SNAPSHOT; otherwise the bench says so and measures nothing.
 //!
-//!     cargo bench --bench snapshot -- [--written 64Mi,1Gi,4Gi] [--json]
+//!     cargo bench --bench snapshot -- [--written 64Mi,1Gi,4Gi] [--pool-fs xfs|btrfs|ext4] [--json]
 //!     cargo bench --bench snapshot -- --endpoint unix:///run/other/csi.sock \
 //!         [--access mount|block] [--fs-type ext4] [--param k=v]...
 
@@ -148,7 +148,8 @@ fn main() {
         let (endpoint, env) = match args.value("--endpoint") {
             Some(ep) => (ep, None),
             None => {
-                let env = common::Env::new("xfs").await;
+                let fs = args.value("--pool-fs").unwrap_or_else(|| "xfs".into());
+                let env = common::Env::new(&fs).await;
                 (format!("unix://{}", env.layout.socket.display()), Some(env))
             }
         };
