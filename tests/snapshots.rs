@@ -572,3 +572,152 @@ async fn online_expansion_of_xfs_and_raw_block() {
         unmount(&mut env, &v.volume_id, &s, &t).await;
     }
 }
+
+/// CreateVolumeGroupSnapshot: all members frozen and snapshotted together;
+/// idempotent by name and volume set (another set: ALREADY_EXISTS); Get
+/// and Delete per spec; a member cannot be deleted on its own; members
+/// restore individually.
+#[tokio::test(flavor = "multi_thread")]
+async fn group_snapshots_follow_the_spec() {
+    let mut env = Env::new("xfs").await;
+    let mut g = env.c.group.clone();
+    let a = env.create("ga", "ext4", 64 * MIB).await;
+    let b = env.create("gb", "ext4", 64 * MIB).await;
+    let (sa, ta) = mount(&mut env, &a.volume_id, "ext4", "ga").await;
+    let (sb, tb) = mount(&mut env, &b.volume_id, "ext4", "gb").await;
+    write_data("ext4", &ta, &pattern(21, 1 << 20));
+    write_data("ext4", &tb, &pattern(22, 1 << 20));
+    let req = |name: &str, ids: Vec<String>| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids,
+        ..Default::default()
+    };
+    let both = vec![a.volume_id.clone(), b.volume_id.clone()];
+    let first = g
+        .create_volume_group_snapshot(req("grp", both.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(first.ready_to_use);
+    assert_eq!(first.snapshots.len(), 2);
+    for s in &first.snapshots {
+        assert_eq!(s.group_snapshot_id, first.group_snapshot_id);
+    }
+    let again = g
+        .create_volume_group_snapshot(req("grp", vec![b.volume_id.clone(), a.volume_id.clone()]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(again.group_snapshot_id, first.group_snapshot_id);
+    assert_code(
+        g.create_volume_group_snapshot(req("grp", vec![a.volume_id.clone()]))
+            .await,
+        Code::AlreadyExists,
+    );
+    assert_code(
+        g.create_volume_group_snapshot(req("", both.clone())).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        g.create_volume_group_snapshot(req("x", vec![])).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        g.create_volume_group_snapshot(req("y", vec!["fake-vol-id".into()]))
+            .await,
+        Code::NotFound,
+    );
+    let get = |id: &str| csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        ..Default::default()
+    };
+    let got = g
+        .get_volume_group_snapshot(get(&first.group_snapshot_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(got.snapshots.len(), 2);
+    assert_code(
+        g.get_volume_group_snapshot(get("fake-vol-id")).await,
+        Code::NotFound,
+    );
+    assert_code(
+        g.get_volume_group_snapshot(get("")).await,
+        Code::InvalidArgument,
+    );
+    // A member is deleted only with its group.
+    assert_code(
+        env.c
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: first.snapshots[0].snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+    // Members restore one by one, with the data of the group's instant.
+    write_data("ext4", &ta, &pattern(23, 1 << 20));
+    let member_of_a = first
+        .snapshots
+        .iter()
+        .find(|s| s.source_volume_id == a.volume_id)
+        .unwrap();
+    let r = env
+        .c
+        .controller
+        .create_volume(restore_req(
+            "from-group",
+            "ext4",
+            64 * MIB,
+            &member_of_a.snapshot_id,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (sr, tr) = mount(&mut env, &r.volume_id, "ext4", "from-group").await;
+    assert!(read_data("ext4", &tr, 1 << 20) == pattern(21, 1 << 20));
+    unmount(&mut env, &r.volume_id, &sr, &tr).await;
+    let del = |id: &str, members: Vec<String>| csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    };
+    assert_code(
+        g.delete_volume_group_snapshot(del(&first.group_snapshot_id, vec!["snap:nope".into()]))
+            .await,
+        Code::InvalidArgument,
+    );
+    let members: Vec<String> = first
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    g.delete_volume_group_snapshot(del(&first.group_snapshot_id, members.clone()))
+        .await
+        .unwrap();
+    g.delete_volume_group_snapshot(del(&first.group_snapshot_id, members))
+        .await
+        .unwrap();
+    g.delete_volume_group_snapshot(del("fake-vol-id", vec![]))
+        .await
+        .unwrap();
+    let left = env
+        .c
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.entries.is_empty());
+    unmount(&mut env, &a.volume_id, &sa, &ta).await;
+    unmount(&mut env, &b.volume_id, &sb, &tb).await;
+}

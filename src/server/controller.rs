@@ -76,7 +76,7 @@ fn to_volume(rec: &VolumeRecord) -> csi::Volume {
     }
 }
 
-fn to_snapshot(s: &SnapshotRecord) -> csi::Snapshot {
+pub(super) fn to_snapshot(s: &SnapshotRecord) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: s.size_bytes as i64,
         snapshot_id: s.id.to_string(),
@@ -86,7 +86,7 @@ fn to_snapshot(s: &SnapshotRecord) -> csi::Snapshot {
             nanos: s.created_at.1,
         }),
         ready_to_use: s.ready,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: s.group.clone().unwrap_or_default(),
     }
 }
 

@@ -184,6 +184,9 @@ redact_secrets!(
     csi::NodeStageVolumeRequest,
     csi::NodePublishVolumeRequest,
     csi::NodeExpandVolumeRequest,
+    csi::CreateVolumeGroupSnapshotRequest,
+    csi::DeleteVolumeGroupSnapshotRequest,
+    csi::GetVolumeGroupSnapshotRequest,
 );
 
 nothing_secret!(

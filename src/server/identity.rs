@@ -52,6 +52,7 @@ impl Identity for IdentityService {
         let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
         if self.driver.controller.is_some() {
             capabilities.insert(0, service(ServiceType::ControllerService));
+            capabilities.push(service(ServiceType::GroupControllerService));
         }
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
             capabilities,

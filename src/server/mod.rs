@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod convert;
+pub mod group_controller;
 pub mod identity;
 pub mod node;
 pub mod status;
@@ -288,11 +289,17 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }),
     );
     if driver.controller.is_some() {
-        router = router.add_service(csi::controller_server::ControllerServer::new(
-            controller::ControllerService {
-                driver: Arc::clone(&driver),
-            },
-        ));
+        router = router
+            .add_service(csi::controller_server::ControllerServer::new(
+                controller::ControllerService {
+                    driver: Arc::clone(&driver),
+                },
+            ))
+            .add_service(csi::group_controller_server::GroupControllerServer::new(
+                group_controller::GroupControllerService {
+                    driver: Arc::clone(&driver),
+                },
+            ));
     }
     if driver.node.is_some() {
         router = router.add_service(csi::node_server::NodeServer::new(node::NodeService {

@@ -37,14 +37,17 @@ pub enum Table {
     Nodes,
     /// Snapshots, keyed by snapshot UUID.
     Snapshots,
+    /// Group snapshots, keyed by group UUID.
+    GroupSnapshots,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [
+    pub const ALL: [Table; 5] = [
         Table::Volumes,
         Table::NodeVolumes,
         Table::Nodes,
         Table::Snapshots,
+        Table::GroupSnapshots,
     ];
 
     fn file_name(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Table {
             Table::NodeVolumes => "node-volumes.log",
             Table::Nodes => "nodes.log",
             Table::Snapshots => "snapshots.log",
+            Table::GroupSnapshots => "group-snapshots.log",
         }
     }
 }

@@ -122,6 +122,7 @@ pub struct Controller {
     pub(super) tokens: TokenSigner,
     index: Mutex<Index>,
     pub(super) snapshots: Mutex<super::snapshot::SnapshotIndex>,
+    pub(super) groups: Mutex<super::group::GroupIndex>,
 }
 
 /// The size a volume gets: rounded up to the backend's granularity,
@@ -206,6 +207,7 @@ impl Controller {
             }
         }
         let snapshots = super::snapshot::SnapshotIndex::load(&store, &backends)?;
+        let store_for_groups = store.clone();
         Ok(Self {
             node_id: node_id.to_owned(),
             max_volumes_per_node,
@@ -215,6 +217,7 @@ impl Controller {
             tokens: TokenSigner::default(),
             index: Mutex::new(index),
             snapshots: Mutex::new(snapshots),
+            groups: super::group::GroupIndex::load(&store_for_groups)?,
         })
     }
 

@@ -5,6 +5,7 @@
 pub mod capability;
 pub mod controller;
 pub mod error;
+pub mod group;
 pub mod id;
 pub mod inflight;
 pub mod node;

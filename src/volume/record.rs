@@ -61,6 +61,22 @@ pub struct SnapshotRecord {
     pub created_at: (i64, i32),
     /// False while a background copy is still running.
     pub ready: bool,
+    /// The group snapshot this snapshot belongs to, if any.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// Snapshots of several volumes taken at one instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSnapshotRecord {
+    /// `group:<node>:<uuid>`.
+    pub id: String,
+    pub name: String,
+    /// Source volume IDs, sorted.
+    pub sources: Vec<String>,
+    /// Member snapshot IDs, in the order of `sources`.
+    pub members: Vec<String>,
+    pub created_at: (i64, i32),
 }
 
 /// What was done at the staging path.

@@ -52,12 +52,12 @@ impl SnapshotIndex {
         Ok(idx)
     }
 
-    fn insert(&mut self, rec: SnapshotRecord) {
+    pub(super) fn insert(&mut self, rec: SnapshotRecord) {
         self.by_name.insert(rec.name.clone(), rec.id.uuid);
         self.by_uuid.insert(rec.id.uuid, rec);
     }
 
-    fn remove(&mut self, uuid: Uuid) {
+    pub(super) fn remove(&mut self, uuid: Uuid) {
         if let Some(rec) = self.by_uuid.remove(&uuid) {
             self.by_name.remove(&rec.name);
         }
@@ -71,7 +71,7 @@ pub struct SnapshotPage {
     pub next_token: Option<String>,
 }
 
-fn now() -> (i64, i32) {
+pub(super) fn now() -> (i64, i32) {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -79,7 +79,7 @@ fn now() -> (i64, i32) {
 }
 
 /// Snapshot parameters: only the keys Kubernetes adds are accepted.
-fn check_parameters(params: &BTreeMap<String, String>) -> Result<()> {
+pub(super) fn check_parameters(params: &BTreeMap<String, String>) -> Result<()> {
     match params.keys().find(|k| !k.starts_with(KUBERNETES_PREFIX)) {
         Some(k) => Err(Error::invalid(
             "parameters",
@@ -90,7 +90,7 @@ fn check_parameters(params: &BTreeMap<String, String>) -> Result<()> {
 }
 
 impl Controller {
-    fn snaps(&self) -> MutexGuard<'_, SnapshotIndex> {
+    pub(super) fn snaps(&self) -> MutexGuard<'_, SnapshotIndex> {
         self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -161,6 +161,7 @@ impl Controller {
             fs_type: vol.fs_type,
             created_at: now(),
             ready: backend.copies_are_constant_time(),
+            group: None,
         };
         if rec.ready {
             let frozen = self.freeze_source(&vol)?;
@@ -242,6 +243,12 @@ impl Controller {
         let Some(rec) = rec else {
             return Ok(());
         };
+        if let Some(group) = &rec.group {
+            return Err(Error::precondition(
+                &id,
+                format!("snapshot belongs to group snapshot {group}; delete the group"),
+            ));
+        }
         self.store.delete(Table::Snapshots, &id.uuid.to_hex())?;
         self.snaps().remove(id.uuid);
         if let Err(e) = self.backends.store(id.backend).delete_snapshot(id.uuid) {

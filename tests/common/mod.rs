@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use stowage::csi;
 use stowage::csi::controller_client::ControllerClient;
+use stowage::csi::group_controller_client::GroupControllerClient;
 use stowage::csi::identity_client::IdentityClient;
 use stowage::csi::node_client::NodeClient;
 use stowage::os::loopdev::LoopDevice;
@@ -214,6 +215,7 @@ impl Drop for Server {
 pub struct Clients {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
+    pub group: GroupControllerClient<Channel>,
     pub node: NodeClient<Channel>,
 }
 
@@ -235,6 +237,7 @@ pub async fn connect(socket: &Path) -> Clients {
     Clients {
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),
+        group: GroupControllerClient::new(channel.clone()),
         node: NodeClient::new(channel),
     }
 }
