@@ -721,3 +721,150 @@ async fn group_snapshots_follow_the_spec() {
     unmount(&mut env, &a.volume_id, &sa, &ta).await;
     unmount(&mut env, &b.volume_id, &sb, &tb).await;
 }
+
+/// GetMetadataDelta: "the ranges that differ between two snapshots of the
+/// same volume": after writing known 64 KiB ranges between two snapshots,
+/// the delta is exactly those ranges; GetMetadataAllocated covers what was
+/// written; starting_offset and max_results page the stream.
+async fn cbt_exact(pool: &str) {
+    use stowage::csi::snapshot_metadata_client::SnapshotMetadataClient;
+    let mut env = Env::new(pool).await;
+    let v = env.create("cbt", "raw", 64 * MIB).await;
+    let (s, t) = mount(&mut env, &v.volume_id, "raw", "cbt").await;
+    let write_at = |offsets: &[u64], seed: u64| {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
+        for (i, o) in offsets.iter().enumerate() {
+            f.seek(SeekFrom::Start(*o)).unwrap();
+            f.write_all(&pattern(seed + i as u64, 64 << 10)).unwrap();
+        }
+        f.sync_all().unwrap();
+    };
+    const K: u64 = 64 << 10;
+    write_at(&[0, 16 * K, 100 * K], 1);
+    let s1 = snapshot_ready(&mut env, "cbt-1", &v.volume_id).await;
+    let changed = [16 * K, 17 * K, 500 * K, 900 * K];
+    write_at(&changed, 50);
+    let s2 = snapshot_ready(&mut env, "cbt-2", &v.volume_id).await;
+    let channel = {
+        let sock = env.layout.socket.clone();
+        tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let sock = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(sock).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap()
+    };
+    let mut m = SnapshotMetadataClient::new(channel);
+    let collect_delta =
+        |m: &mut SnapshotMetadataClient<tonic::transport::Channel>, offset: i64, max: i32| {
+            let mut m = m.clone();
+            let (a, b) = (s1.snapshot_id.clone(), s2.snapshot_id.clone());
+            async move {
+                let mut stream = m
+                    .get_metadata_delta(csi::GetMetadataDeltaRequest {
+                        base_snapshot_id: a,
+                        target_snapshot_id: b,
+                        starting_offset: offset,
+                        max_results: max,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut ranges = Vec::new();
+                let mut responses = 0;
+                while let Some(r) = stream.message().await.unwrap() {
+                    responses += 1;
+                    assert_eq!(r.volume_capacity_bytes, 64 * MIB);
+                    assert!(max == 0 || r.block_metadata.len() <= max as usize);
+                    ranges.extend(
+                        r.block_metadata
+                            .iter()
+                            .map(|b| (b.byte_offset as u64, b.size_bytes as u64)),
+                    );
+                }
+                (ranges, responses)
+            }
+        };
+    let (delta, _) = collect_delta(&mut m, 0, 0).await;
+    // Merge adjacent ranges before comparing.
+    let merge = |v: Vec<(u64, u64)>| {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (o, l) in v {
+            match out.last_mut() {
+                Some((s, len)) if *s + *len == o => *len += l,
+                _ => out.push((o, l)),
+            }
+        }
+        out
+    };
+    assert_eq!(
+        merge(delta),
+        vec![(16 * K, 2 * K), (500 * K, K), (900 * K, K)],
+        "delta is not exact"
+    );
+    let (paged, responses) = collect_delta(&mut m, (17 * K) as i64, 1).await;
+    assert_eq!(merge(paged), vec![(17 * K, K), (500 * K, K), (900 * K, K)]);
+    assert!(responses >= 3);
+    let mut alloc = m
+        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: s2.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut covered = Vec::new();
+    while let Some(r) = alloc.message().await.unwrap() {
+        covered.extend(
+            r.block_metadata
+                .iter()
+                .map(|b| (b.byte_offset as u64, b.size_bytes as u64)),
+        );
+    }
+    for o in [0, 16 * K, 17 * K, 100 * K, 500 * K, 900 * K] {
+        assert!(
+            covered.iter().any(|(s, l)| *s <= o && o + K <= s + l),
+            "allocated ranges miss {o}: {covered:?}"
+        );
+    }
+    assert_code(
+        m.get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: "nope".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::NotFound,
+    );
+    assert_code(
+        m.get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: s1.snapshot_id.clone(),
+            starting_offset: -1,
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changed_blocks_are_exact_on_xfs_reflink_pool() {
+    cbt_exact("xfs").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changed_blocks_are_exact_on_ext4_copy_pool() {
+    cbt_exact("ext4").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changed_blocks_are_exact_on_btrfs_pool() {
+    cbt_exact("btrfs").await;
+}

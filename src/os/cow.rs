@@ -994,6 +994,69 @@ pub fn changed_ranges(a: &[Extent], b: &[Extent]) -> Vec<(u64, u64)> {
     out
 }
 
+/// The `block`-aligned ranges `(offset, length)` at which the contents of
+/// files `a` and `b` differ, ascending and merged, found by reading both
+/// (holes and the part past a shorter file read as zeros). Only ranges
+/// where either file holds data are read: O(data), for pools where extent
+/// maps cannot tell (no sharing).
+pub fn differing_ranges(a: &Path, b: &Path, block: u64) -> Result<Vec<(u64, u64)>, CowError> {
+    use std::os::unix::fs::FileExt;
+    let fa = open_source(a)?;
+    let fb = open_source(b)?;
+    let mut data: Vec<(u64, u64)> = allocated_ranges(a)?;
+    data.extend(allocated_ranges(b)?);
+    data.sort_unstable();
+    let read_err = |path: &Path, offset: u64| {
+        let path = path.to_owned();
+        move |err| CowError::Read { path, offset, err }
+    };
+    let chunk = (1u64 << 20).max(block);
+    let mut bufa = vec![0u8; chunk as usize];
+    let mut bufb = vec![0u8; chunk as usize];
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut done = 0u64; // everything below this has been compared
+    for (off, len) in data {
+        let mut pos = (off / block * block).max(done);
+        let end = off + len;
+        while pos < end {
+            let n = chunk.min(end.div_ceil(block) * block - pos) as usize;
+            bufa[..n].fill(0);
+            bufb[..n].fill(0);
+            read_full(&fa, &mut bufa[..n], pos).map_err(read_err(a, pos))?;
+            read_full(&fb, &mut bufb[..n], pos).map_err(read_err(b, pos))?;
+            for (i, (x, y)) in bufa[..n]
+                .chunks(block as usize)
+                .zip(bufb[..n].chunks(block as usize))
+                .enumerate()
+            {
+                if x != y {
+                    let at = pos + i as u64 * block;
+                    match out.last_mut() {
+                        Some((s, l)) if *s + *l == at => *l += block,
+                        _ => out.push((at, block)),
+                    }
+                }
+            }
+            pos += n as u64;
+        }
+        done = done.max(pos);
+    }
+    fn read_full(f: &File, buf: &mut [u8], mut at: u64) -> std::io::Result<()> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match f.read_at(&mut buf[filled..], at)? {
+                0 => break, // past the end: zeros
+                n => {
+                    filled += n;
+                    at += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod group_controller;
 pub mod identity;
 pub mod node;
+pub mod snapshot_metadata;
 pub mod status;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -297,6 +298,11 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             ))
             .add_service(csi::group_controller_server::GroupControllerServer::new(
                 group_controller::GroupControllerService {
+                    driver: Arc::clone(&driver),
+                },
+            ))
+            .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+                snapshot_metadata::SnapshotMetadataService {
                     driver: Arc::clone(&driver),
                 },
             ));

@@ -8,6 +8,7 @@ pub mod error;
 pub mod group;
 pub mod id;
 pub mod inflight;
+pub mod metadata;
 pub mod node;
 pub mod params;
 pub mod paths;
