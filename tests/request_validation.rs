@@ -338,8 +338,7 @@ proptest! {
             && req.volume_capabilities.iter().all(capability_ok);
         let rest_ok = name_ok
             && caps_ok
-            && content_source_ok(req.volume_content_source.as_ref())
-            && req.mutable_parameters.is_empty();
+            && content_source_ok(req.volume_content_source.as_ref());
         let range = req.capacity_range.unwrap_or_default();
         let negative = range.required_bytes < 0 || range.limit_bytes < 0;
         let well_formed = rest_ok && !negative;

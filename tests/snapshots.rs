@@ -868,3 +868,102 @@ async fn changed_blocks_are_exact_on_ext4_copy_pool() {
 async fn changed_blocks_are_exact_on_btrfs_pool() {
     cbt_exact("btrfs").await;
 }
+
+/// ControllerModifyVolume / mutable_parameters: `provisioning=thick`
+/// reserves the whole size (GetCapacity falls by it), thin is the default,
+/// unknown or inapplicable keys are INVALID_ARGUMENT, a reservation the
+/// pool cannot hold is RESOURCE_EXHAUSTED and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn thick_provisioning_reserves_space() {
+    let mut env = Env::new("xfs").await;
+    let free = |env: &mut Env| {
+        let mut c = env.c.controller.clone();
+        async move {
+            c.get_capacity(csi::GetCapacityRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .available_capacity
+        }
+    };
+    let before = free(&mut env).await;
+    let mut r = create_req("thick", "raw", 512 * MIB);
+    r.mutable_parameters
+        .insert("provisioning".into(), "thick".into());
+    let v = env
+        .c
+        .controller
+        .create_volume(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        v.volume_context
+            .get("stowage.csi.dev/provisioning")
+            .map(String::as_str),
+        Some("thick")
+    );
+    let after = free(&mut env).await;
+    assert!(
+        before - after >= 500 * MIB,
+        "thick volume reserved only {}",
+        before - after
+    );
+    let modify = |id: &str, k: &str, val: &str| csi::ControllerModifyVolumeRequest {
+        volume_id: id.into(),
+        mutable_parameters: [(k.to_owned(), val.to_owned())].into(),
+        ..Default::default()
+    };
+    env.c
+        .controller
+        .controller_modify_volume(modify(&v.volume_id, "provisioning", "thin"))
+        .await
+        .unwrap();
+    env.c
+        .controller
+        .controller_modify_volume(modify(&v.volume_id, "provisioning", "thick"))
+        .await
+        .unwrap();
+    assert_code(
+        env.c
+            .controller
+            .controller_modify_volume(modify(&v.volume_id, "XXX_FakeKey", "x"))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        env.c
+            .controller
+            .controller_modify_volume(modify(&v.volume_id, "provisioning", "fat"))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        env.c
+            .controller
+            .controller_modify_volume(modify("non-existing-volume-id", "provisioning", "thin"))
+            .await,
+        Code::NotFound,
+    );
+    let d = env.create("d", "dir", 0).await;
+    assert_code(
+        env.c
+            .controller
+            .controller_modify_volume(modify(&d.volume_id, "provisioning", "thick"))
+            .await,
+        Code::InvalidArgument,
+    );
+    let mut huge = create_req("huge", "raw", 64 * GIB);
+    huge.mutable_parameters
+        .insert("provisioning".into(), "thick".into());
+    assert_code(
+        env.c.controller.create_volume(huge).await,
+        Code::ResourceExhausted,
+    );
+    let images = std::fs::read_dir(env.layout.pool.join("volumes/block"))
+        .unwrap()
+        .count();
+    assert_eq!(images, 1, "a failed thick create left its image behind");
+}

@@ -198,6 +198,20 @@ impl VolumeStore for BlockBackend {
     fn copies_are_constant_time(&self) -> bool {
         self.strategy != Strategy::Copy
     }
+
+    fn reserve(&self, uuid: Uuid) -> Result<bool, BackendError> {
+        let p = self.image(uuid);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(self.io(uuid, "open", &p))?;
+        let len = f.metadata().map_err(self.io(uuid, "stat", &p))?.len();
+        match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, len as i64) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::ENOSPC) => Ok(false),
+            Err(e) => Err(self.io(uuid, "fallocate", &p)(e.into())),
+        }
+    }
 }
 
 impl VolumeAttacher for BlockBackend {

@@ -193,6 +193,10 @@ impl VolumeStore for DirBackend {
     fn copies_are_constant_time(&self) -> bool {
         self.strategy == Strategy::BtrfsSubvolumes
     }
+
+    fn reserve(&self, _uuid: Uuid) -> Result<bool, BackendError> {
+        Ok(true)
+    }
 }
 
 impl VolumeAttacher for DirBackend {

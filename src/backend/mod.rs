@@ -134,6 +134,10 @@ pub trait VolumeStore: Send + Sync + std::fmt::Debug {
 
     /// Whether copies are O(1) on this pool.
     fn copies_are_constant_time(&self) -> bool;
+
+    /// Reserves the volume's whole size in the pool (thick provisioning),
+    /// keeping its data. Ok(false) when the pool has no room (ENOSPC).
+    fn reserve(&self, uuid: Uuid) -> Result<bool, BackendError>;
 }
 
 /// Node-side operations on a pool.

@@ -29,6 +29,7 @@ pub const CAPABILITIES: &[Rpc] = &[
     Rpc::CreateDeleteSnapshot,
     Rpc::ListSnapshots,
     Rpc::CloneVolume,
+    Rpc::ModifyVolume,
     Rpc::ListVolumesPublishedNodes,
     Rpc::GetVolume,
     Rpc::VolumeCondition,
@@ -125,12 +126,6 @@ impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
                 ));
             }
         };
-        if !r.mutable_parameters.is_empty() {
-            return Err(Error::invalid(
-                "mutable_parameters",
-                "no mutable parameters are supported (no MODIFY_VOLUME capability)",
-            ));
-        }
         let (required_bytes, limit_bytes) = convert::capacity(r.capacity_range.as_ref())?;
         let (requisite, preferred) = r
             .accessibility_requirements
@@ -151,6 +146,7 @@ impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
             requisite,
             preferred,
             content_source,
+            mutable_parameters: convert::map(&r.mutable_parameters),
         })
     }
 }
@@ -457,12 +453,18 @@ impl ControllerRpc for ControllerService {
         .await
     }
 
-    // ModifyVolume arrives with its capability (MODIFY_VOLUME); until then
-    // it is not advertised.
     async fn controller_modify_volume(
         &self,
-        _req: Request<csi::ControllerModifyVolumeRequest>,
+        req: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented("MODIFY_VOLUME is not advertised"))
+        let r = req.into_inner();
+        tracing::debug!(request = ?r.redacted(), "ControllerModifyVolume");
+        convert::required_str("volume_id", &r.volume_id)?;
+        let c = self.controller();
+        blocking("ControllerModifyVolume", move || {
+            c.modify_volume(&r.volume_id, &convert::map(&r.mutable_parameters))
+                .map(|()| csi::ControllerModifyVolumeResponse {})
+        })
+        .await
     }
 }

@@ -19,7 +19,9 @@ impl From<Error> for Status {
             Error::NameConflict { .. } | Error::Incompatible { .. } => Code::AlreadyExists,
             Error::Precondition { .. } => Code::FailedPrecondition,
             Error::CapacityOutOfRange(_) => Code::OutOfRange,
-            Error::TopologyUnsatisfiable(_) | Error::AttachLimit { .. } => Code::ResourceExhausted,
+            Error::TopologyUnsatisfiable(_) | Error::AttachLimit { .. } | Error::NoSpace(_) => {
+                Code::ResourceExhausted
+            }
             Error::Busy(_) | Error::InvalidToken(_) => Code::Aborted,
             Error::Backend(b) => match b {
                 BackendError::Missing { .. } => Code::NotFound,

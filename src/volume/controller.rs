@@ -10,7 +10,7 @@ use super::capability::{Capability, filesystem_of};
 use super::error::{Error, Result};
 use super::id::{BackendKind, Uuid, VolumeId, valid_node_id};
 use super::inflight::{InFlight, InFlightGuard};
-use super::params::Parameters;
+use super::params::{MutableParameters, Parameters};
 use super::record::{Attachment, ContentSource, NodeRecord, NodeVolumeRecord, VolumeRecord};
 use super::token::TokenSigner;
 use super::{FsType, TOPOLOGY_NODE_KEY};
@@ -18,6 +18,9 @@ use crate::backend::Backends;
 use crate::backend::Object;
 use crate::os;
 use crate::state::{Store, Table};
+
+/// Volume context key reporting thin or thick provisioning.
+pub const PROVISIONING_KEY: &str = "stowage.csi.dev/provisioning";
 
 /// Volume context key telling the node to grow the filesystem after the
 /// first mount (a restore or clone into a larger volume).
@@ -60,6 +63,8 @@ pub struct CreateVolume {
     pub preferred: Vec<Topology>,
     /// Restore from a snapshot or clone a volume.
     pub content_source: Option<ContentSource>,
+    /// Mutable parameters (VolumeAttributesClass) given at creation.
+    pub mutable_parameters: BTreeMap<String, String>,
 }
 
 /// A validated ControllerPublishVolume.
@@ -266,6 +271,8 @@ impl Controller {
             c.supported_by(backend)
                 .map_err(|r| Error::invalid("volume_capabilities", r))?;
         }
+        let mutable = MutableParameters::parse(&req.mutable_parameters, backend)
+            .map_err(|r| Error::invalid("mutable_parameters", r))?;
         let fs = match backend {
             BackendKind::Block => filesystem_of(&req.capabilities)
                 .map_err(|r| Error::invalid("volume_capabilities", r))?,
@@ -375,6 +382,7 @@ impl Controller {
             created_at: now_secs(),
             attachments: BTreeMap::new(),
             content_source: req.content_source.clone(),
+            thick: false,
         };
         let mut rec = rec;
         match source {
@@ -395,12 +403,18 @@ impl Controller {
                 }
             }
         }
+        if mutable.thick == Some(true)
+            && let Err(e) = self.make_thick(&mut rec)
+        {
+            let _ = store.delete(id.uuid);
+            return Err(e);
+        }
         if let Err(e) = self.store.put(Table::Volumes, &id.uuid.to_hex(), &rec) {
             let _ = store.delete(id.uuid);
             return Err(e.into());
         }
         lock(&self.index).insert(rec.clone());
-        tracing::info!(volume = %id, name = %req.name, size, "volume created");
+        tracing::info!(volume = %id, name = %req.name, size, thick = rec.thick, "volume created");
         Ok(rec)
     }
 
@@ -734,11 +748,54 @@ impl Controller {
         }
         store.expand(rec.id.uuid, size)?;
         rec.capacity_bytes = size;
+        if rec.thick {
+            self.make_thick(&mut rec)?;
+        }
         self.store
             .put(Table::Volumes, &rec.id.uuid.to_hex(), &rec)?;
         tracing::info!(volume = %rec.id, size, "volume expanded");
         lock(&self.index).insert(rec);
         Ok((size, node_expansion))
+    }
+
+    /// Reserves the volume's space and marks it thick.
+    fn make_thick(&self, rec: &mut VolumeRecord) -> Result<()> {
+        if !self.backends.store(rec.id.backend).reserve(rec.id.uuid)? {
+            return Err(Error::NoSpace(format!(
+                "cannot reserve {} bytes for thick volume {}",
+                rec.capacity_bytes, rec.id
+            )));
+        }
+        rec.thick = true;
+        rec.volume_context
+            .insert(PROVISIONING_KEY.to_owned(), "thick".to_owned());
+        Ok(())
+    }
+
+    /// ControllerModifyVolume: applies mutable parameters (`provisioning`).
+    /// Idempotent; unknown or inapplicable keys are INVALID_ARGUMENT.
+    pub fn modify_volume(&self, raw: &str, params: &BTreeMap<String, String>) -> Result<()> {
+        let rec = self.lookup(raw)?;
+        let mutable = MutableParameters::parse(params, rec.id.backend)
+            .map_err(|r| Error::invalid("mutable_parameters", r))?;
+        let _g = self.guard(format!("vol:{}", rec.id))?;
+        let mut rec = self.lookup(raw)?;
+        match mutable.thick {
+            None => return Ok(()),
+            Some(thick) if thick == rec.thick => return Ok(()),
+            Some(true) => self.make_thick(&mut rec)?,
+            Some(false) => {
+                // Space already written stays allocated; new growth is sparse.
+                rec.thick = false;
+                rec.volume_context
+                    .insert(PROVISIONING_KEY.to_owned(), "thin".to_owned());
+            }
+        }
+        self.store
+            .put(Table::Volumes, &rec.id.uuid.to_hex(), &rec)?;
+        tracing::info!(volume = %rec.id, thick = rec.thick, "volume modified");
+        lock(&self.index).insert(rec);
+        Ok(())
     }
 
     /// ControllerGetVolume.

@@ -40,6 +40,8 @@ pub enum Error {
     Precondition { volume: String, reason: String },
     #[error("capacity: {0}")]
     CapacityOutOfRange(String),
+    #[error("not enough space in the pool: {0}")]
+    NoSpace(String),
     #[error("cannot provision on the requested topology: {0}")]
     TopologyUnsatisfiable(String),
     #[error("node {node} already has the maximum of {max} volumes published")]

@@ -27,6 +27,47 @@ impl ParamKey {
     }
 }
 
+/// Mutable parameters (VolumeAttributesClass, ControllerModifyVolume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MutableParameters {
+    /// `provisioning`: `thin` (default) or `thick`; None when not given.
+    pub thick: Option<bool>,
+}
+
+impl MutableParameters {
+    /// Parses mutable parameters for a volume of `backend`; unknown keys,
+    /// values, or keys that do not apply to the backend are refused.
+    pub fn parse(map: &BTreeMap<String, String>, backend: BackendKind) -> Result<Self, String> {
+        let mut out = MutableParameters::default();
+        for (k, v) in map {
+            match k.as_str() {
+                "provisioning" => {
+                    if backend != BackendKind::Block {
+                        return Err(format!(
+                            "provisioning applies to block volumes, not {backend}"
+                        ));
+                    }
+                    out.thick = Some(match v.as_str() {
+                        "thin" => false,
+                        "thick" => true,
+                        other => {
+                            return Err(format!(
+                                "provisioning={other:?}: expected \"thin\" or \"thick\""
+                            ));
+                        }
+                    });
+                }
+                other => {
+                    return Err(format!(
+                        "unknown mutable parameter {other:?} (known: provisioning)"
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The prefix of keys added by Kubernetes sidecars (PVC name, namespace...).
 pub const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
 

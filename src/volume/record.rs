@@ -37,6 +37,9 @@ pub struct VolumeRecord {
     /// The snapshot or volume this volume was made from.
     #[serde(default)]
     pub content_source: Option<ContentSource>,
+    /// Thick volumes have all their space reserved in the pool.
+    #[serde(default)]
+    pub thick: bool,
 }
 
 /// Where a volume's content came from.
