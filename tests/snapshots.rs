@@ -967,3 +967,67 @@ async fn thick_provisioning_reserves_space() {
         .count();
     assert_eq!(images, 1, "a failed thick create left its image behind");
 }
+
+/// Dir volume capacity is enforced where the pool can (btrfs qgroups) and
+/// reported as not enforced where it cannot; growing the volume raises the
+/// limit.
+async fn dir_capacity(fs: &str, mount_data: &str, enforced: bool) {
+    let mut env = Env::with_pool(fs, mount_data, &[]).await;
+    let v = env.create("q", "dir", 16 * MIB).await;
+    assert_eq!(
+        v.volume_context
+            .get("stowage.csi.dev/capacity-enforced")
+            .map(String::as_str),
+        Some(if enforced { "true" } else { "false" })
+    );
+    let (s, t) = mount(&mut env, &v.volume_id, "dir", "q").await;
+    let write = |name: &str, mib: usize| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(t.join(name))?;
+        let chunk = pattern(7, 1 << 20);
+        for _ in 0..mib {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()
+    };
+    let r = write("big", 32);
+    if enforced {
+        let e = r.expect_err("wrote 32 MiB into a 16 MiB volume");
+        assert!(
+            matches!(e.raw_os_error(), Some(libc::EDQUOT) | Some(libc::ENOSPC)),
+            "{e}"
+        );
+        std::fs::remove_file(t.join("big")).unwrap();
+        nix::unistd::sync();
+        env.c
+            .controller
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 64 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        write("big", 32).expect("the grown volume holds 32 MiB");
+    } else {
+        r.expect("an unenforced dir volume is limited only by the pool");
+    }
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dir_capacity_enforced_by_btrfs_qgroups() {
+    dir_capacity("btrfs", "", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dir_capacity_reported_unenforced_on_xfs() {
+    dir_capacity("xfs", "", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dir_capacity_reported_unenforced_on_plain_ext4() {
+    dir_capacity("ext4", "", false).await;
+}

@@ -199,6 +199,10 @@ impl VolumeStore for BlockBackend {
         self.strategy != Strategy::Copy
     }
 
+    fn capacity_enforced(&self) -> bool {
+        true
+    }
+
     fn reserve(&self, uuid: Uuid) -> Result<bool, BackendError> {
         let p = self.image(uuid);
         let f = std::fs::OpenOptions::new()

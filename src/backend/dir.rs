@@ -11,6 +11,7 @@ use super::{
 };
 use crate::os::cow;
 use crate::os::pool::{self, Strategy};
+use crate::os::quota::{self, Enforcement};
 use crate::volume::{BackendKind, Uuid};
 
 /// Directory volumes under `<pool>/volumes/dir/`.
@@ -19,6 +20,7 @@ pub struct DirBackend {
     root: PathBuf,
     snapshots: PathBuf,
     strategy: Strategy,
+    enforcement: Enforcement,
 }
 
 impl DirBackend {
@@ -27,6 +29,25 @@ impl DirBackend {
             root: backend_dir(pool, BackendKind::Dir),
             snapshots: snapshot_dir(pool, BackendKind::Dir),
             strategy,
+            enforcement: Enforcement::None,
+        }
+    }
+
+    /// Enforces dir volume capacity with `enforcement`.
+    pub fn with_quota(mut self, enforcement: Enforcement) -> Self {
+        self.enforcement = enforcement;
+        self
+    }
+
+    /// Limits the volume's directory to `size` bytes where the pool can.
+    fn limit(&self, uuid: Uuid, size: u64) -> Result<(), BackendError> {
+        if size == 0 {
+            return Ok(());
+        }
+        let p = self.path(uuid);
+        match self.enforcement {
+            Enforcement::None => Ok(()),
+            Enforcement::BtrfsQgroups => Ok(quota::btrfs_limit(&p, size)?),
         }
     }
 
@@ -87,7 +108,8 @@ impl VolumeStore for DirBackend {
         requested
     }
 
-    fn create(&self, uuid: Uuid, _size: u64) -> Result<(), BackendError> {
+    fn create(&self, uuid: Uuid, size: u64) -> Result<(), BackendError> {
+        let _size = size;
         let p = self.path(uuid);
         if p.is_dir() {
             return Ok(());
@@ -107,6 +129,10 @@ impl VolumeStore for DirBackend {
         // Pods run as arbitrary users; the pool root (0700) keeps the
         // directory unreachable except through its mounts.
         let r = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777));
+        if let Err(e) = self.limit(uuid, _size) {
+            let _ = self.remove_tree(uuid, &p);
+            return Err(e);
+        }
         if let Err(e) = r {
             let _ = std::fs::remove_dir(&p);
             return Err(self.io(uuid, "create", &p)(e));
@@ -186,8 +212,12 @@ impl VolumeStore for DirBackend {
         self.remove_tree(uuid, &p)
     }
 
-    fn expand(&self, _uuid: Uuid, _size: u64) -> Result<(), BackendError> {
-        Ok(())
+    fn expand(&self, uuid: Uuid, size: u64) -> Result<(), BackendError> {
+        self.limit(uuid, size)
+    }
+
+    fn capacity_enforced(&self) -> bool {
+        self.enforcement != Enforcement::None
     }
 
     fn copies_are_constant_time(&self) -> bool {

@@ -56,6 +56,8 @@ pub enum BackendError {
     Btrfs(#[from] PoolError),
     #[error(transparent)]
     Resize(#[from] ResizeError),
+    #[error(transparent)]
+    Quota(#[from] crate::os::quota::QuotaError),
 }
 
 /// A volume or a snapshot, as a source or destination of a copy.
@@ -134,6 +136,10 @@ pub trait VolumeStore: Send + Sync + std::fmt::Debug {
 
     /// Whether copies are O(1) on this pool.
     fn copies_are_constant_time(&self) -> bool;
+
+    /// Whether the pool holds a volume to its capacity (images always do;
+    /// dir volumes where quotas allow).
+    fn capacity_enforced(&self) -> bool;
 
     /// Reserves the volume's whole size in the pool (thick provisioning),
     /// keeping its data. Ok(false) when the pool has no room (ENOSPC).
@@ -216,14 +222,37 @@ pub struct Backends {
 
 impl Backends {
     /// Backends over `pool`, copying with `strategy` (see
-    /// [`crate::os::pool::probe`]).
+    /// [`crate::os::pool::probe`]), without dir capacity limits.
     pub fn new(pool: &Path, strategy: Strategy) -> Self {
+        Self::with_quota(pool, strategy, crate::os::quota::Enforcement::None)
+    }
+
+    /// Backends whose dir volumes are limited by `enforcement`.
+    pub fn with_quota(
+        pool: &Path,
+        strategy: Strategy,
+        enforcement: crate::os::quota::Enforcement,
+    ) -> Self {
         Self {
             pool: pool.to_owned(),
             strategy,
-            dir: dir::DirBackend::new(pool, strategy),
+            dir: dir::DirBackend::new(pool, strategy).with_quota(enforcement),
             block: block::BlockBackend::new(pool, strategy),
         }
+    }
+
+    /// How this pool limits dir volumes, found and switched on at start.
+    pub fn probe_quota(pool: &Path, strategy: Strategy) -> crate::os::quota::Enforcement {
+        use crate::os::quota::{self, Enforcement};
+        if strategy == Strategy::BtrfsSubvolumes {
+            match quota::btrfs_enable_quota(pool) {
+                Ok(()) => return Enforcement::BtrfsQgroups,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot enable btrfs quotas; dir capacity will not be enforced")
+                }
+            }
+        }
+        Enforcement::None
     }
 
     pub fn store(&self, kind: BackendKind) -> &dyn VolumeStore {

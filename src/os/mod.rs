@@ -13,4 +13,5 @@ pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
 pub mod pool;
+pub mod quota;
 pub mod resize;

@@ -146,7 +146,13 @@ impl Driver {
                 }
             }
         };
-        let backends = Arc::new(Backends::new(&cfg.pool, strategy.strategy));
+        let enforcement = Backends::probe_quota(&cfg.pool, strategy.strategy);
+        tracing::info!(dir_capacity = ?enforcement, "dir volume capacity enforcement");
+        let backends = Arc::new(Backends::with_quota(
+            &cfg.pool,
+            strategy.strategy,
+            enforcement,
+        ));
         let controller = match cfg.mode {
             Mode::All | Mode::Controller => Some(Arc::new(Controller::open(
                 &cfg.node_id,

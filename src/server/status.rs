@@ -40,7 +40,8 @@ impl From<Error> for Status {
                 | BackendError::Pool { .. }
                 | BackendError::Loop(_)
                 | BackendError::Copy { .. }
-                | BackendError::Btrfs(_) => Code::Internal,
+                | BackendError::Btrfs(_)
+                | BackendError::Quota(_) => Code::Internal,
             },
             Error::State(_)
             | Error::Mount(_)

@@ -19,6 +19,10 @@ use crate::backend::Object;
 use crate::os;
 use crate::state::{Store, Table};
 
+/// Volume context key saying whether the pool holds the volume to its
+/// capacity ("false" for dir volumes on pools without quotas).
+pub const CAPACITY_ENFORCED_KEY: &str = "stowage.csi.dev/capacity-enforced";
+
 /// Volume context key reporting thin or thick provisioning.
 pub const PROVISIONING_KEY: &str = "stowage.csi.dev/provisioning";
 
@@ -375,10 +379,16 @@ impl Controller {
             fs_type: fs,
             capabilities: req.capabilities.clone(),
             parameters: Parameters::defining(&req.parameters),
-            volume_context: BTreeMap::from([(
-                "stowage.csi.dev/backend".to_owned(),
-                backend.as_str().to_owned(),
-            )]),
+            volume_context: BTreeMap::from([
+                (
+                    "stowage.csi.dev/backend".to_owned(),
+                    backend.as_str().to_owned(),
+                ),
+                (
+                    CAPACITY_ENFORCED_KEY.to_owned(),
+                    store.capacity_enforced().to_string(),
+                ),
+            ]),
             created_at: now_secs(),
             attachments: BTreeMap::new(),
             content_source: req.content_source.clone(),
@@ -389,17 +399,16 @@ impl Controller {
             None => store.create(id.uuid, size)?,
             Some((from, src_size)) => {
                 store.copy(from, Object::Volume(id.uuid), &|_, _| {})?;
-                if size > src_size {
-                    if let Err(e) = store.expand(id.uuid, size) {
-                        let _ = store.delete(id.uuid);
-                        return Err(e.into());
-                    }
-                    if fs.is_some() {
-                        // The filesystem inside is the source's size: the
-                        // node grows it on first stage.
-                        rec.volume_context
-                            .insert(GROW_FS_KEY.to_owned(), "true".to_owned());
-                    }
+                // Also sets the new volume's own capacity limit (dir).
+                if let Err(e) = store.expand(id.uuid, size) {
+                    let _ = store.delete(id.uuid);
+                    return Err(e.into());
+                }
+                if size > src_size && fs.is_some() {
+                    // The filesystem inside is the source's size: the
+                    // node grows it on first stage.
+                    rec.volume_context
+                        .insert(GROW_FS_KEY.to_owned(), "true".to_owned());
                 }
             }
         }

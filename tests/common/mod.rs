@@ -77,6 +77,11 @@ impl Drop for Scratch {
 /// A filesystem of type `fs` in a sparse image, loop-mounted at
 /// `<scratch>/pool-fs`. Dropped with its scratch dir.
 pub fn make_pool_fs(scratch: &Scratch, fs: &str, size: u64) -> PathBuf {
+    make_pool_fs_with(scratch, fs, size, "")
+}
+
+/// [`make_pool_fs`] mounted with filesystem options `data` (e.g. `prjquota`).
+pub fn make_pool_fs_with(scratch: &Scratch, fs: &str, size: u64, data: &str) -> PathBuf {
     let image = scratch.root.join(format!("pool-{fs}.img"));
     std::fs::File::create(&image)
         .unwrap()
@@ -86,7 +91,7 @@ pub fn make_pool_fs(scratch: &Scratch, fs: &str, size: u64) -> PathBuf {
     stowage::os::filesystem::make(&dev.path(), fs).expect("mkfs pool");
     let mnt = scratch.root.join("pool-fs");
     std::fs::create_dir(&mnt).unwrap();
-    let opts = stowage::os::mount::MountOptions::parse::<&str>(&[]).unwrap();
+    let opts = stowage::os::mount::MountOptions::parse(&[data]).unwrap();
     stowage::os::mount::mount_filesystem(&dev.path(), &mnt, fs, &opts).expect("mount pool");
     // Detach on last close: the mount keeps it alive until unmounted.
     let _ = dev.detach();
@@ -259,8 +264,13 @@ impl Env {
     }
 
     pub async fn with_args(fs: &str, extra: &[&str]) -> Env {
+        Self::with_pool(fs, "", extra).await
+    }
+
+    /// An environment whose pool filesystem is mounted with `mount_data`.
+    pub async fn with_pool(fs: &str, mount_data: &str, extra: &[&str]) -> Env {
         let scratch = Scratch::new(fs);
-        let pool_fs = make_pool_fs(&scratch, fs, 4 << 30);
+        let pool_fs = make_pool_fs_with(&scratch, fs, 4 << 30, mount_data);
         let layout = Layout {
             socket: scratch.root.join("csi.sock"),
             state: pool_fs.join("state"),
