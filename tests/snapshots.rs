@@ -1031,3 +1031,92 @@ async fn dir_capacity_reported_unenforced_on_xfs() {
 async fn dir_capacity_reported_unenforced_on_plain_ext4() {
     dir_capacity("ext4", "", false).await;
 }
+
+/// ext4 expansion: a volume grown while unstaged is grown offline on its
+/// next stage (no CAP_SYS_RESOURCE needed) with its data intact, and
+/// NodeExpandVolume then has nothing left to do; the csi-sanity order
+/// (expand before first stage, then NodeExpand after publish) succeeds.
+/// Growing a *mounted* ext4 needs CAP_SYS_RESOURCE: without it the answer
+/// is FAILED_PRECONDITION, with it the filesystem grows.
+#[tokio::test(flavor = "multi_thread")]
+async fn ext4_expansion_offline_on_stage_and_online_where_permitted() {
+    let mut env = Env::new("xfs").await;
+    let expand = |env: &mut Env, id: String, size: i64| {
+        let mut c = env.c.controller.clone();
+        async move {
+            c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: id,
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: size,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let node_expand = |env: &mut Env, id: String, path: &Path| {
+        let mut n = env.c.node.clone();
+        let path = path.display().to_string();
+        async move {
+            n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: id,
+                volume_path: path,
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let size_of = |p: &Path| {
+        let st = nix::sys::statvfs::statvfs(p).unwrap();
+        st.blocks() * st.fragment_size()
+    };
+    // Grown while unstaged.
+    let v = env.create("e", "ext4", 256 * MIB).await;
+    let (s, t) = mount(&mut env, &v.volume_id, "ext4", "e").await;
+    write_data("ext4", &t, &pattern(4, 1 << 20));
+    let small = size_of(&t);
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+    assert_eq!(
+        expand(&mut env, v.volume_id.clone(), 512 * MIB)
+            .await
+            .capacity_bytes,
+        512 * MIB
+    );
+    let (s, t) = mount(&mut env, &v.volume_id, "ext4", "e").await;
+    assert!(
+        size_of(&t) > small + 200 * (1 << 20),
+        "ext4 was not grown on stage"
+    );
+    assert!(read_data("ext4", &t, 1 << 20) == pattern(4, 1 << 20));
+    node_expand(&mut env, v.volume_id.clone(), &t)
+        .await
+        .unwrap();
+    // Grown while mounted.
+    expand(&mut env, v.volume_id.clone(), 768 * MIB).await;
+    let caps = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = caps
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap();
+    let online = node_expand(&mut env, v.volume_id.clone(), &t).await;
+    if eff & (1 << 24) == 0 {
+        assert_code(online, Code::FailedPrecondition);
+    } else {
+        online.unwrap();
+        assert!(size_of(&t) > 700 << 20);
+    }
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+    // The csi-sanity order: expand before the first stage.
+    let w = env.create("sanity-order", "ext4", 256 * MIB).await;
+    expand(&mut env, w.volume_id.clone(), 512 * MIB).await;
+    let (s2, t2) = mount(&mut env, &w.volume_id, "ext4", "sanity-order").await;
+    node_expand(&mut env, w.volume_id.clone(), &t2)
+        .await
+        .unwrap();
+    assert!(size_of(&t2) > 400 << 20);
+    unmount(&mut env, &w.volume_id, &s2, &t2).await;
+}

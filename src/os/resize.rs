@@ -61,7 +61,10 @@ pub enum ResizeError {
 /// CAP_SYS_RESOURCE, which containers often drop: without it this fails
 /// with [`ResizeError::MissingCapability`] before running anything.
 pub fn grow_filesystem(fs_type: &str, device: &Path, mountpoint: &Path) -> Result<(), ResizeError> {
-    if matches!(fs_type, "ext4" | "ext3") && !has_effective_capability(CAP_SYS_RESOURCE) {
+    if matches!(fs_type, "ext4" | "ext3")
+        && !has_effective_capability(CAP_SYS_RESOURCE)
+        && !ext4_fills_device(device)?
+    {
         return Err(ResizeError::MissingCapability {
             fs_type: fs_type.to_owned(),
             capability: "CAP_SYS_RESOURCE",
@@ -92,6 +95,52 @@ pub fn grow_filesystem(fs_type: &str, device: &Path, mountpoint: &Path) -> Resul
         source,
     })?;
     Ok(())
+}
+
+/// Whether the ext4 filesystem on `device` already spans the whole device
+/// (within one block), read from its superblock with `dumpe2fs -h`.
+pub fn ext4_fills_device(device: &Path) -> Result<bool, ResizeError> {
+    let grow_err = |source| ResizeError::Grow {
+        fs_type: "ext4".to_owned(),
+        target: device.to_owned(),
+        source,
+    };
+    let out = command::run("dumpe2fs", ["-h".as_ref(), device.as_os_str()]).map_err(grow_err)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let (Some(blocks), Some(block_size)) = (field("Block count:"), field("Block size:")) else {
+        return Ok(false);
+    };
+    let device_bytes = device_size(device).map_err(|err| ResizeError::Open {
+        path: device.to_owned(),
+        err,
+    })?;
+    Ok(blocks * block_size + block_size > device_bytes)
+}
+
+/// Grows the unmounted ext4 filesystem on `device` to fill it: a forced
+/// check (`e2fsck -f -p`, which offline resize2fs requires) then
+/// `resize2fs`. Needs no capability beyond opening the device.
+pub fn grow_ext4_offline(device: &Path) -> Result<(), ResizeError> {
+    let grow_err = |source| ResizeError::Grow {
+        fs_type: "ext4".to_owned(),
+        target: device.to_owned(),
+        source,
+    };
+    command::run("e2fsck", ["-f".as_ref(), "-p".as_ref(), device.as_os_str()]).map_err(grow_err)?;
+    command::run("resize2fs", [device.as_os_str()]).map_err(grow_err)?;
+    Ok(())
+}
+
+/// The size of a block device (or file) in bytes.
+fn device_size(device: &Path) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = std::fs::File::open(device)?;
+    f.seek(std::io::SeekFrom::End(0))
 }
 
 /// Whether this process holds capability number `cap` (unknown counts as

@@ -30,6 +30,7 @@ pub const CAPABILITIES: &[Rpc] = &[
     Rpc::ListSnapshots,
     Rpc::CloneVolume,
     Rpc::ModifyVolume,
+    Rpc::ExpandVolume,
     Rpc::ListVolumesPublishedNodes,
     Rpc::GetVolume,
     Rpc::VolumeCondition,

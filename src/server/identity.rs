@@ -57,6 +57,13 @@ impl Identity for IdentityService {
             // csi-sanity v5.3.1 rejects SNAPSHOT_METADATA_SERVICE as an
             // unknown plugin capability.
         }
+        capabilities.push(csi::PluginCapability {
+            r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                csi::plugin_capability::VolumeExpansion {
+                    r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+                },
+            )),
+        });
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
             capabilities,
         }))

@@ -24,6 +24,7 @@ pub const CAPABILITIES: &[Rpc] = &[
     Rpc::GetVolumeStats,
     Rpc::VolumeCondition,
     Rpc::SingleNodeMultiWriter,
+    Rpc::ExpandVolume,
 ];
 
 impl NodeService {

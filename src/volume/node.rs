@@ -485,7 +485,20 @@ impl Node {
                                 tracing::info!(volume = %id, fs = fs.as_str(), "making filesystem on first stage");
                                 filesystem::make(&device.path(), fs.as_str())?;
                             }
-                            Some(found) if found == fs.as_str() => {}
+                            Some(found) if found == fs.as_str() => {
+                                // Grown while unstaged: grow ext4 offline now,
+                                // which (unlike online) needs no
+                                // CAP_SYS_RESOURCE. xfs and btrfs grow online.
+                                if fs == FsType::Ext4
+                                    && !read_only
+                                    && !crate::os::resize::ext4_fills_device(&device.path())
+                                        .map_err(crate::backend::BackendError::from)?
+                                {
+                                    tracing::info!(volume = %id, "growing ext4 to its device before mounting");
+                                    crate::os::resize::grow_ext4_offline(&device.path())
+                                        .map_err(crate::backend::BackendError::from)?;
+                                }
+                            }
                             Some(found) => {
                                 return Err(Error::precondition(
                                     id,
