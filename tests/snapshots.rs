@@ -1120,3 +1120,67 @@ async fn ext4_expansion_offline_on_stage_and_online_where_permitted() {
     assert!(size_of(&t2) > 400 << 20);
     unmount(&mut env, &w.volume_id, &s2, &t2).await;
 }
+
+/// Online expansion "while the volume is in use": a writer keeps writing
+/// and syncing through the published xfs volume while the controller and
+/// node expand it; every byte it wrote reads back afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn online_expansion_with_io_running() {
+    let mut env = Env::new("xfs").await;
+    let v = env.create("busy-grow", "xfs", 320 * MIB).await;
+    let (s, t) = mount(&mut env, &v.volume_id, "xfs", "busy-grow").await;
+    let file = t.join("stream");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let file = file.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(&file).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 200 {
+                f.write_all(&pattern(n, 1 << 20)).unwrap();
+                f.sync_data().unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    env.c
+        .controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 1024 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    env.c
+        .node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: t.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    assert!(written > 0);
+    let back = std::fs::read(&file).unwrap();
+    assert_eq!(back.len() as u64, written << 20);
+    for (i, chunk) in back.chunks(1 << 20).enumerate() {
+        assert!(
+            chunk == pattern(i as u64, 1 << 20).as_slice(),
+            "chunk {i} changed"
+        );
+    }
+    let st = nix::sys::statvfs::statvfs(&t).unwrap();
+    assert!(st.blocks() * st.fragment_size() > 900 << 20);
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+}
