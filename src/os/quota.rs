@@ -1,7 +1,7 @@
 //! Directory capacity limits: btrfs qgroups on per-volume subvolumes, set
 //! through the btrfs tool via the command runner. (Project quotas on xfs
 //! and ext4 are the next step; this project's kernel is built without
-//! CONFIG_XFS_QUOTA, so they cannot be tested here yet.)
+//! CONFIG_XFS_QUOTA and CONFIG_QFMT_V2, so neither can be tested here.)
 
 use std::path::Path;
 
