@@ -1184,3 +1184,37 @@ async fn online_expansion_with_io_running() {
     assert!(st.blocks() * st.fragment_size() > 900 << 20);
     unmount(&mut env, &v.volume_id, &s, &t).await;
 }
+
+/// "A staged block volume's filesystem is frozen (FIFREEZE/FITHAW) around
+/// the snapshot": a snapshot of a mounted, busy ext4 is a clean filesystem
+/// (freezing flushes the journal and clears needs_recovery), and the
+/// source is writable again afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_of_a_mounted_filesystem_is_clean() {
+    let mut env = Env::new("xfs").await;
+    let v = env.create("busy", "ext4", 128 * MIB).await;
+    let (s, t) = mount(&mut env, &v.volume_id, "ext4", "busy").await;
+    // Dirty the journal without syncing.
+    for i in 0..64 {
+        std::fs::write(t.join(format!("f{i}")), pattern(i, 16 << 10)).unwrap();
+    }
+    let snap = snapshot_ready(&mut env, "clean", &v.volume_id).await;
+    let uuid = snap.snapshot_id.rsplit(':').next().unwrap().to_owned();
+    let image = env.layout.pool.join(format!("snapshots/block/{uuid}.img"));
+    let out = std::process::Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let features = text
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .expect("dumpe2fs printed the features");
+    assert!(
+        !features.contains("needs_recovery"),
+        "snapshot was taken unfrozen: {features}"
+    );
+    std::fs::write(t.join("after"), b"thawed").unwrap();
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+}
