@@ -149,7 +149,10 @@ fn main() {
             Some(ep) => (ep, None),
             None => {
                 let fs = args.value("--pool-fs").unwrap_or_else(|| "xfs".into());
-                let env = common::Env::new(&fs).await;
+                // Room for the largest volume, its snapshot and restore.
+                let pool_size = (written.iter().max().copied().unwrap_or(0) as u64 * 3 + (4 << 30))
+                    .max(4 << 30);
+                let env = common::Env::with_pool_size(&fs, "", pool_size, &[]).await;
                 (format!("unix://{}", env.layout.socket.display()), Some(env))
             }
         };

@@ -269,8 +269,13 @@ impl Env {
 
     /// An environment whose pool filesystem is mounted with `mount_data`.
     pub async fn with_pool(fs: &str, mount_data: &str, extra: &[&str]) -> Env {
+        Self::with_pool_size(fs, mount_data, 4 << 30, extra).await
+    }
+
+    /// An environment with a pool filesystem of `size` bytes (sparse).
+    pub async fn with_pool_size(fs: &str, mount_data: &str, size: u64, extra: &[&str]) -> Env {
         let scratch = Scratch::new(fs);
-        let pool_fs = make_pool_fs_with(&scratch, fs, 4 << 30, mount_data);
+        let pool_fs = make_pool_fs_with(&scratch, fs, size, mount_data);
         let layout = Layout {
             socket: scratch.root.join("csi.sock"),
             state: pool_fs.join("state"),
