@@ -6,7 +6,7 @@
 
 use super::controller::Controller;
 use super::error::{Error, Result};
-use super::id::{BackendKind, SnapshotId};
+use super::id::BackendKind;
 use super::record::SnapshotRecord;
 use crate::backend::BackendError;
 use crate::os::cow;
@@ -113,11 +113,6 @@ impl Controller {
                 .collect(),
         })
     }
-}
-
-/// Whether `raw` parses as a snapshot ID (for argument checks).
-pub fn is_snapshot_id(raw: &str) -> bool {
-    SnapshotId::parse(raw).is_some()
 }
 
 #[cfg(test)]

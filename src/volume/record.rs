@@ -2,7 +2,7 @@
 //! side, one per volume with something staged or published on the node
 //! side.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -125,9 +125,4 @@ impl NodeVolumeRecord {
 pub struct NodeRecord {
     pub node_id: String,
     pub topology: BTreeMap<String, String>,
-}
-
-/// Every node a volume is published to.
-pub fn published_nodes(rec: &VolumeRecord) -> BTreeSet<String> {
-    rec.attachments.keys().cloned().collect()
 }
