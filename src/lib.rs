@@ -6,6 +6,7 @@
 //! with `state` (durable records) used by the domain.
 
 pub mod backend;
+pub mod client;
 pub mod os;
 pub mod server;
 pub mod state;

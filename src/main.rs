@@ -4,11 +4,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use stowage::client::{self, ClientCommand, GlobalArgs, OutputFormat};
 use stowage::server::{self, Config, Endpoint, Mode};
 
 #[derive(Debug, Parser)]
 #[command(name = "stowage", version = stowage::VENDOR_VERSION, about = "A CSI driver for local dir and block volumes")]
 struct Cli {
+    /// For client commands: the CSI endpoint, unix:///path/csi.sock or
+    /// tcp://host:port [default: unix:///run/stowage/csi.sock]
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// For client commands: the output format [default: table]
+    #[arg(short = 'o', long = "output", value_enum)]
+    output: Option<OutputFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -17,6 +25,8 @@ struct Cli {
 enum Command {
     /// Serve the CSI Identity, Controller and Node services.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -74,8 +84,23 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let outer = GlobalArgs {
+        endpoint: cli.endpoint,
+        output: cli.output,
+    };
     match cli.command {
+        Command::Serve(_) if outer.endpoint.is_some() || outer.output.is_some() => {
+            eprintln!("stowage: give serve's flags after `serve`");
+            ExitCode::from(2)
+        }
         Command::Serve(args) => serve(args),
+        Command::Client(command) => match client::run(command, &outer) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stowage: {}", e.report());
+                ExitCode::from(e.exit_code())
+            }
+        },
     }
 }
 
@@ -128,5 +153,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             eprintln!("stowage: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

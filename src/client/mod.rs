@@ -1,0 +1,346 @@
+//! The client commands (`stowage plugin|volume|snapshot …`): plain CSI calls
+//! over a driver's socket, printed as tables for people or JSON for scripts.
+//! Only CSI calls and capability discovery live here — never stowage
+//! internals — so the same commands work against any CSI driver.
+
+pub mod output;
+pub mod plugin;
+pub mod size;
+pub mod snapshot;
+pub mod volume;
+
+use std::path::PathBuf;
+
+use clap::{Subcommand, ValueEnum};
+use tonic::transport::Channel;
+
+use crate::csi;
+use crate::csi::controller_client::ControllerClient;
+use crate::csi::identity_client::IdentityClient;
+use crate::csi::node_client::NodeClient;
+use crate::server::Endpoint;
+
+/// Where the client connects when no `--endpoint` is given.
+pub const DEFAULT_ENDPOINT: &str = "unix:///run/stowage/csi.sock";
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Flags every client command accepts, before the noun or after the verb.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GlobalArgs {
+    /// The CSI endpoint: unix:///path/csi.sock or tcp://host:port
+    /// [default: unix:///run/stowage/csi.sock]
+    #[arg(long, global = true)]
+    pub endpoint: Option<String>,
+    /// Output format [default: table]
+    #[arg(short = 'o', long = "output", value_enum, global = true)]
+    pub output: Option<OutputFormat>,
+}
+
+impl GlobalArgs {
+    /// These flags, with any left unset taken from `outer` (the flags given
+    /// before the noun).
+    pub fn or(&self, outer: &GlobalArgs) -> GlobalArgs {
+        GlobalArgs {
+            endpoint: self.endpoint.clone().or_else(|| outer.endpoint.clone()),
+            output: self.output.or(outer.output),
+        }
+    }
+
+    fn endpoint(&self) -> &str {
+        self.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT)
+    }
+
+    fn format(&self) -> OutputFormat {
+        self.output.unwrap_or_default()
+    }
+}
+
+/// The client nouns.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Ask the plugin who it is and what it can do.
+    Plugin(plugin::PluginArgs),
+    /// Create, inspect, expand and delete volumes.
+    Volume(volume::VolumeArgs),
+    /// Create, inspect and delete snapshots.
+    Snapshot(snapshot::SnapshotArgs),
+}
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Endpoint(String),
+    #[error("cannot connect to {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{call} failed: {} ({}): {}", code_name(.status.code()), .status.code().description(), .status.message())]
+    Rpc {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    #[error("NOT_FOUND (some requested entity was not found): {kind} {id:?} does not exist")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{call} returned no {what}")]
+    EmptyResponse {
+        call: &'static str,
+        what: &'static str,
+    },
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot write JSON output")]
+    Json(#[from] serde_json::Error),
+}
+
+impl ClientError {
+    /// 2 for usage errors (a bad endpoint), 1 for everything else,
+    /// gRPC errors included.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Endpoint(_) => 2,
+            ClientError::Connect { .. }
+            | ClientError::Rpc { .. }
+            | ClientError::NotFound { .. }
+            | ClientError::EmptyResponse { .. }
+            | ClientError::Runtime(_)
+            | ClientError::Json(_) => 1,
+        }
+    }
+
+    /// The error and its causes, for stderr.
+    pub fn report(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            // Transport errors repeat their cause in their own text.
+            let part = s.to_string();
+            if !text.contains(&part) {
+                text.push_str(": ");
+                text.push_str(&part);
+            }
+            source = s.source();
+        }
+        text
+    }
+}
+
+/// The canonical upper-case name of a gRPC code, as the CSI spec writes it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Maps a failed call's status into [`ClientError::Rpc`].
+pub(crate) fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
+    move |status| ClientError::Rpc { call, status }
+}
+
+/// gRPC clients for the three CSI services, on one channel.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+impl Session {
+    /// Connects to `unix:///path`, `unix:/path` or `tcp://host:port`.
+    pub async fn connect(endpoint: &str) -> Result<Session, ClientError> {
+        let parsed = Endpoint::parse(endpoint).map_err(ClientError::Endpoint)?;
+        let connect_err = |source| ClientError::Connect {
+            endpoint: endpoint.to_owned(),
+            source,
+        };
+        let channel = match parsed {
+            Endpoint::Tcp(addr) => {
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(connect_err)?
+                    .connect()
+                    .await
+                    .map_err(connect_err)?
+            }
+            Endpoint::Unix(path) => unix_channel(path).await.map_err(connect_err)?,
+        };
+        Ok(Session {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        })
+    }
+
+    /// The plugin's capabilities (GetPluginCapabilities).
+    pub async fn plugin_capabilities(&mut self) -> Result<Vec<csi::PluginCapability>, ClientError> {
+        Ok(self
+            .identity
+            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+            .await
+            .map_err(rpc("GetPluginCapabilities"))?
+            .into_inner()
+            .capabilities)
+    }
+
+    /// The controller RPCs the plugin offers; empty when it serves no
+    /// controller (UNIMPLEMENTED).
+    pub async fn controller_rpcs(
+        &mut self,
+    ) -> Result<Vec<csi::controller_service_capability::rpc::Type>, ClientError> {
+        use csi::controller_service_capability::Type;
+        let caps = match self
+            .controller
+            .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+            .await
+        {
+            Ok(r) => r.into_inner().capabilities,
+            Err(s) if s.code() == tonic::Code::Unimplemented => vec![],
+            Err(s) => return Err(rpc("ControllerGetCapabilities")(s)),
+        };
+        Ok(caps
+            .into_iter()
+            .filter_map(|c| match c.r#type {
+                Some(Type::Rpc(r)) => r.r#type.try_into().ok(),
+                None => None,
+            })
+            .collect())
+    }
+
+    /// The node RPCs the plugin offers; empty when it serves no node
+    /// (UNIMPLEMENTED).
+    pub async fn node_rpcs(
+        &mut self,
+    ) -> Result<Vec<csi::node_service_capability::rpc::Type>, ClientError> {
+        use csi::node_service_capability::Type;
+        let caps = match self
+            .node
+            .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+            .await
+        {
+            Ok(r) => r.into_inner().capabilities,
+            Err(s) if s.code() == tonic::Code::Unimplemented => vec![],
+            Err(s) => return Err(rpc("NodeGetCapabilities")(s)),
+        };
+        Ok(caps
+            .into_iter()
+            .filter_map(|c| match c.r#type {
+                Some(Type::Rpc(r)) => r.r#type.try_into().ok(),
+                None => None,
+            })
+            .collect())
+    }
+}
+
+async fn unix_channel(path: PathBuf) -> Result<Channel, tonic::transport::Error> {
+    // The URI is a placeholder: the connector below ignores it.
+    tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+}
+
+/// Runs one client command to completion. `outer` holds the flags given
+/// before the noun.
+pub fn run(command: ClientCommand, outer: &GlobalArgs) -> Result<(), ClientError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClientError::Runtime)?;
+    rt.block_on(async {
+        match command {
+            ClientCommand::Plugin(args) => {
+                let g = args.globals.or(outer);
+                let mut s = Session::connect(g.endpoint()).await?;
+                plugin::run(&mut s, args.verb, g.format()).await
+            }
+            ClientCommand::Volume(args) => {
+                let g = args.globals.or(outer);
+                let mut s = Session::connect(g.endpoint()).await?;
+                volume::run(&mut s, args.verb, g.format()).await
+            }
+            ClientCommand::Snapshot(args) => {
+                let g = args.globals.or(outer);
+                let mut s = Session::connect(g.endpoint()).await?;
+                snapshot::run(&mut s, args.verb, g.format()).await
+            }
+        }
+    })
+}
+
+/// Parses `KEY=VALUE` (for `--param`).
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_value_needs_a_key_and_an_equals_sign() {
+        assert_eq!(
+            parse_key_value("backend=dir"),
+            Ok(("backend".into(), "dir".into()))
+        );
+        assert_eq!(parse_key_value("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(
+            parse_key_value("empty="),
+            Ok(("empty".into(), String::new()))
+        );
+        assert!(parse_key_value("novalue").is_err());
+        assert!(parse_key_value("=x").is_err());
+    }
+
+    #[test]
+    fn inner_flags_win_over_outer_ones() {
+        let outer = GlobalArgs {
+            endpoint: Some("unix:///a".into()),
+            output: Some(OutputFormat::Json),
+        };
+        let inner = GlobalArgs {
+            endpoint: Some("unix:///b".into()),
+            output: None,
+        };
+        let g = inner.or(&outer);
+        assert_eq!(g.endpoint(), "unix:///b");
+        assert_eq!(g.format(), OutputFormat::Json);
+        assert_eq!(GlobalArgs::default().endpoint(), DEFAULT_ENDPOINT);
+        assert_eq!(GlobalArgs::default().format(), OutputFormat::Table);
+    }
+}

@@ -1,0 +1,196 @@
+//! `stowage snapshot create|list|get|delete`: the Controller service's
+//! snapshot calls. `get` filters ListSnapshots by id, which every plugin
+//! with LIST_SNAPSHOTS supports (GetSnapshot is alpha).
+
+use std::collections::HashMap;
+
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::output::{Table, emit};
+use super::size::format_size;
+use super::{ClientError, GlobalArgs, OutputFormat, Session, parse_key_value, rpc};
+use crate::csi;
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub globals: GlobalArgs,
+    #[command(subcommand)]
+    pub verb: SnapshotVerb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotVerb {
+    /// Snapshot a volume (CreateSnapshot); idempotent by NAME.
+    Create {
+        /// The source volume id.
+        volume: String,
+        /// The snapshot name (the idempotency key).
+        name: String,
+        /// A plugin parameter (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        params: Vec<(String, String)>,
+    },
+    /// List snapshots (ListSnapshots).
+    List {
+        /// Only snapshots of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Show one snapshot.
+    Get {
+        /// The snapshot id.
+        id: String,
+    },
+    /// Delete a snapshot (DeleteSnapshot).
+    Delete {
+        /// The snapshot id.
+        id: String,
+    },
+}
+
+/// A snapshot, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotView {
+    pub snapshot_id: String,
+    pub source_volume_id: String,
+    pub size_bytes: i64,
+    /// RFC 3339, when the plugin reports it.
+    pub creation_time: Option<String>,
+    pub ready_to_use: bool,
+    pub group_snapshot_id: String,
+}
+
+/// A deletion, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeletedView {
+    pub snapshot_id: String,
+    pub deleted: bool,
+}
+
+impl From<csi::Snapshot> for SnapshotView {
+    fn from(s: csi::Snapshot) -> SnapshotView {
+        SnapshotView {
+            snapshot_id: s.snapshot_id,
+            source_volume_id: s.source_volume_id,
+            size_bytes: s.size_bytes,
+            creation_time: s.creation_time.map(|t| t.to_string()),
+            ready_to_use: s.ready_to_use,
+            group_snapshot_id: s.group_snapshot_id,
+        }
+    }
+}
+
+fn snapshot_table(views: &[SnapshotView]) -> Table {
+    let mut t = Table::new(&["ID", "VOLUME", "SIZE", "READY", "CREATED"]);
+    for v in views {
+        t.row(vec![
+            v.snapshot_id.clone(),
+            v.source_volume_id.clone(),
+            format_size(v.size_bytes),
+            v.ready_to_use.to_string(),
+            v.creation_time.clone().unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+pub async fn run(
+    s: &mut Session,
+    verb: SnapshotVerb,
+    format: OutputFormat,
+) -> Result<(), ClientError> {
+    match verb {
+        SnapshotVerb::Create {
+            volume,
+            name,
+            params,
+        } => {
+            let snap = s
+                .controller
+                .create_snapshot(csi::CreateSnapshotRequest {
+                    source_volume_id: volume,
+                    name,
+                    parameters: params.into_iter().collect::<HashMap<_, _>>(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("CreateSnapshot"))?
+                .into_inner()
+                .snapshot
+                .ok_or(ClientError::EmptyResponse {
+                    call: "CreateSnapshot",
+                    what: "snapshot",
+                })?;
+            let v = SnapshotView::from(snap);
+            emit(format, &v, || snapshot_table(std::slice::from_ref(&v)))
+        }
+        SnapshotVerb::List { volume } => {
+            let views = list(s, volume.unwrap_or_default(), String::new()).await?;
+            emit(format, &views, || snapshot_table(&views))
+        }
+        SnapshotVerb::Get { id } => {
+            let v = list(s, String::new(), id.clone())
+                .await?
+                .into_iter()
+                .find(|v| v.snapshot_id == id)
+                .ok_or(ClientError::NotFound {
+                    kind: "snapshot",
+                    id,
+                })?;
+            emit(format, &v, || snapshot_table(std::slice::from_ref(&v)))
+        }
+        SnapshotVerb::Delete { id } => {
+            s.controller
+                .delete_snapshot(csi::DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("DeleteSnapshot"))?;
+            let v = DeletedView {
+                snapshot_id: id,
+                deleted: true,
+            };
+            emit(format, &v, || {
+                let mut t = Table::new(&["ID", "DELETED"]);
+                t.row(vec![v.snapshot_id.clone(), "true".into()]);
+                t
+            })
+        }
+    }
+}
+
+/// Snapshots matching the filters (empty = any), following pages to the end.
+async fn list(
+    s: &mut Session,
+    source_volume_id: String,
+    snapshot_id: String,
+) -> Result<Vec<SnapshotView>, ClientError> {
+    let mut views = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = s
+            .controller
+            .list_snapshots(csi::ListSnapshotsRequest {
+                starting_token: token,
+                source_volume_id: source_volume_id.clone(),
+                snapshot_id: snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("ListSnapshots"))?
+            .into_inner();
+        views.extend(
+            r.entries
+                .into_iter()
+                .filter_map(|e| e.snapshot)
+                .map(SnapshotView::from),
+        );
+        if r.next_token.is_empty() {
+            return Ok(views);
+        }
+        token = r.next_token;
+    }
+}

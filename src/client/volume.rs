@@ -1,0 +1,393 @@
+//! `stowage volume create|list|get|delete|expand`: the Controller service's
+//! volume calls. Topology and GetVolume are used only when the plugin says
+//! it supports them.
+
+use std::collections::BTreeMap;
+
+use clap::{Subcommand, ValueEnum};
+use serde::Serialize;
+
+use super::output::{Table, emit, join_map};
+use super::size::{format_size, parse_size};
+use super::{ClientError, GlobalArgs, OutputFormat, Session, parse_key_value, rpc};
+use crate::csi;
+use crate::csi::controller_service_capability::rpc::Type as ControllerRpc;
+use crate::csi::volume_capability::access_mode::Mode;
+
+#[derive(Debug, clap::Args)]
+pub struct VolumeArgs {
+    #[command(flatten)]
+    pub globals: GlobalArgs,
+    #[command(subcommand)]
+    pub verb: VolumeVerb,
+}
+
+/// Kubernetes-style access mode names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccessModeArg {
+    /// Read-write on one node.
+    Rwo,
+    /// Read-write by one workload on one node.
+    Rwop,
+    /// Read-only on many nodes.
+    Rox,
+    /// Read-write on many nodes.
+    Rwx,
+}
+
+impl From<AccessModeArg> for Mode {
+    fn from(a: AccessModeArg) -> Mode {
+        match a {
+            AccessModeArg::Rwo => Mode::SingleNodeWriter,
+            AccessModeArg::Rwop => Mode::SingleNodeSingleWriter,
+            AccessModeArg::Rox => Mode::MultiNodeReaderOnly,
+            AccessModeArg::Rwx => Mode::MultiNodeMultiWriter,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeVerb {
+    /// Create a volume (CreateVolume); idempotent by NAME.
+    Create(CreateArgs),
+    /// List every volume (ListVolumes).
+    List,
+    /// Show one volume.
+    Get {
+        /// The volume id.
+        id: String,
+    },
+    /// Delete a volume (DeleteVolume).
+    Delete {
+        /// The volume id.
+        id: String,
+    },
+    /// Grow a volume (ControllerExpandVolume).
+    Expand {
+        /// The volume id.
+        id: String,
+        /// The new size: bytes, or a number with Ki, Mi, Gi or Ti.
+        #[arg(long, value_parser = parse_size)]
+        size: i64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The volume name (the idempotency key).
+    pub name: String,
+    /// The size: bytes, or a number with Ki, Mi, Gi or Ti.
+    #[arg(long, value_parser = parse_size)]
+    pub size: i64,
+    /// A raw block volume instead of a mounted filesystem.
+    #[arg(long, conflicts_with = "fs")]
+    pub block: bool,
+    /// The filesystem type for a mounted volume (default: the plugin's).
+    #[arg(long)]
+    pub fs: Option<String>,
+    /// Access mode.
+    #[arg(long, value_enum, default_value = "rwo")]
+    pub access_mode: AccessModeArg,
+    /// A plugin parameter (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub params: Vec<(String, String)>,
+    /// Restore from this snapshot.
+    #[arg(long, conflicts_with = "from_volume")]
+    pub from_snapshot: Option<String>,
+    /// Clone this volume.
+    #[arg(long)]
+    pub from_volume: Option<String>,
+}
+
+/// A volume, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeView {
+    pub volume_id: String,
+    pub capacity_bytes: i64,
+    pub volume_context: BTreeMap<String, String>,
+    /// `snapshot:<id>` or `volume:<id>` when made from one.
+    pub content_source: Option<String>,
+    pub accessible_topology: Vec<BTreeMap<String, String>>,
+    /// Present when the plugin reports it (ListVolumes / GetVolume status).
+    pub published_node_ids: Option<Vec<String>>,
+    pub condition: Option<ConditionView>,
+}
+
+/// VolumeCondition, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConditionView {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+/// ControllerExpandVolume's answer, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpandView {
+    pub volume_id: String,
+    pub capacity_bytes: i64,
+    pub node_expansion_required: bool,
+}
+
+/// A deletion, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeletedView {
+    pub volume_id: String,
+    pub deleted: bool,
+}
+
+impl VolumeView {
+    fn new(v: csi::Volume) -> VolumeView {
+        use csi::volume_content_source::Type;
+        VolumeView {
+            volume_id: v.volume_id,
+            capacity_bytes: v.capacity_bytes,
+            volume_context: v.volume_context.into_iter().collect(),
+            content_source: v.content_source.and_then(|c| match c.r#type? {
+                Type::Snapshot(s) => Some(format!("snapshot:{}", s.snapshot_id)),
+                Type::Volume(v) => Some(format!("volume:{}", v.volume_id)),
+            }),
+            accessible_topology: v
+                .accessible_topology
+                .into_iter()
+                .map(|t| t.segments.into_iter().collect())
+                .collect(),
+            published_node_ids: None,
+            condition: None,
+        }
+    }
+
+    fn with_status(mut self, nodes: Vec<String>, cond: Option<csi::VolumeCondition>) -> Self {
+        self.published_node_ids = Some(nodes);
+        self.condition = cond.map(|c| ConditionView {
+            abnormal: c.abnormal,
+            message: c.message,
+        });
+        self
+    }
+}
+
+fn volume_table(views: &[VolumeView]) -> Table {
+    let mut t = Table::new(&["ID", "SIZE", "SOURCE", "PUBLISHED", "CONDITION", "CONTEXT"]);
+    for v in views {
+        t.row(vec![
+            v.volume_id.clone(),
+            format_size(v.capacity_bytes),
+            v.content_source.clone().unwrap_or_default(),
+            v.published_node_ids
+                .as_ref()
+                .map(|n| n.join(","))
+                .unwrap_or_default(),
+            match &v.condition {
+                Some(c) if c.abnormal => format!("abnormal: {}", c.message),
+                Some(_) => "healthy".to_owned(),
+                None => String::new(),
+            },
+            join_map(&v.volume_context),
+        ]);
+    }
+    t
+}
+
+pub async fn run(
+    s: &mut Session,
+    verb: VolumeVerb,
+    format: OutputFormat,
+) -> Result<(), ClientError> {
+    match verb {
+        VolumeVerb::Create(args) => {
+            let req = create_request(s, args).await?;
+            let v = s
+                .controller
+                .create_volume(req)
+                .await
+                .map_err(rpc("CreateVolume"))?
+                .into_inner()
+                .volume
+                .ok_or(ClientError::EmptyResponse {
+                    call: "CreateVolume",
+                    what: "volume",
+                })?;
+            let v = VolumeView::new(v);
+            emit(format, &v, || volume_table(std::slice::from_ref(&v)))
+        }
+        VolumeVerb::List => {
+            let views = list(s).await?;
+            emit(format, &views, || volume_table(&views))
+        }
+        VolumeVerb::Get { id } => {
+            let v = get(s, &id).await?;
+            emit(format, &v, || volume_table(std::slice::from_ref(&v)))
+        }
+        VolumeVerb::Delete { id } => {
+            s.controller
+                .delete_volume(csi::DeleteVolumeRequest {
+                    volume_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("DeleteVolume"))?;
+            let v = DeletedView {
+                volume_id: id,
+                deleted: true,
+            };
+            emit(format, &v, || {
+                let mut t = Table::new(&["ID", "DELETED"]);
+                t.row(vec![v.volume_id.clone(), "true".into()]);
+                t
+            })
+        }
+        VolumeVerb::Expand { id, size } => {
+            let r = s
+                .controller
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: size,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("ControllerExpandVolume"))?
+                .into_inner();
+            let v = ExpandView {
+                volume_id: id,
+                capacity_bytes: r.capacity_bytes,
+                node_expansion_required: r.node_expansion_required,
+            };
+            emit(format, &v, || {
+                let mut t = Table::new(&["ID", "SIZE", "NODE EXPANSION"]);
+                t.row(vec![
+                    v.volume_id.clone(),
+                    format_size(v.capacity_bytes),
+                    if v.node_expansion_required {
+                        "required at next stage/publish".into()
+                    } else {
+                        "not required".into()
+                    },
+                ]);
+                t
+            })
+        }
+    }
+}
+
+/// The CreateVolume request for `args`. When the plugin declares
+/// VOLUME_ACCESSIBILITY_CONSTRAINTS, the volume is asked for on the node
+/// behind this endpoint (as a single-host CO would).
+async fn create_request(
+    s: &mut Session,
+    args: CreateArgs,
+) -> Result<csi::CreateVolumeRequest, ClientError> {
+    use csi::plugin_capability::{Type, service};
+    use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+    use csi::volume_content_source::{SnapshotSource, Type as Source, VolumeSource};
+    let wants_topology = s.plugin_capabilities().await?.iter().any(|c| {
+        matches!(&c.r#type, Some(Type::Service(sv))
+            if sv.r#type == service::Type::VolumeAccessibilityConstraints as i32)
+    });
+    let mut accessibility_requirements = None;
+    if wants_topology
+        && let Ok(info) = s.node.node_get_info(csi::NodeGetInfoRequest {}).await
+        && let Some(t) = info.into_inner().accessible_topology
+    {
+        accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: vec![t.clone()],
+            preferred: vec![t],
+        });
+    }
+    let source = match (args.from_snapshot, args.from_volume) {
+        (Some(snapshot_id), _) => Some(Source::Snapshot(SnapshotSource { snapshot_id })),
+        (None, Some(volume_id)) => Some(Source::Volume(VolumeSource { volume_id })),
+        (None, None) => None,
+    };
+    Ok(csi::CreateVolumeRequest {
+        name: args.name,
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: args.size,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![csi::VolumeCapability {
+            access_mode: Some(AccessMode {
+                mode: Mode::from(args.access_mode) as i32,
+            }),
+            access_type: Some(if args.block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume {
+                    fs_type: args.fs.unwrap_or_default(),
+                    mount_flags: vec![],
+                    volume_mount_group: String::new(),
+                })
+            }),
+        }],
+        parameters: args.params.into_iter().collect(),
+        volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
+        accessibility_requirements,
+        ..Default::default()
+    })
+}
+
+/// Every volume, following ListVolumes pages to the end.
+async fn list(s: &mut Session) -> Result<Vec<VolumeView>, ClientError> {
+    let mut views = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = s
+            .controller
+            .list_volumes(csi::ListVolumesRequest {
+                max_entries: 0,
+                starting_token: token,
+            })
+            .await
+            .map_err(rpc("ListVolumes"))?
+            .into_inner();
+        for e in r.entries {
+            let Some(v) = e.volume else { continue };
+            let mut view = VolumeView::new(v);
+            if let Some(st) = e.status {
+                view = view.with_status(st.published_node_ids, st.volume_condition);
+            }
+            views.push(view);
+        }
+        if r.next_token.is_empty() {
+            return Ok(views);
+        }
+        token = r.next_token;
+    }
+}
+
+/// One volume: ControllerGetVolume when the plugin offers GET_VOLUME,
+/// otherwise a search of ListVolumes. NOT_FOUND either way when absent.
+async fn get(s: &mut Session, id: &str) -> Result<VolumeView, ClientError> {
+    if s.controller_rpcs()
+        .await?
+        .contains(&ControllerRpc::GetVolume)
+    {
+        let r = s
+            .controller
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: id.to_owned(),
+            })
+            .await
+            .map_err(rpc("ControllerGetVolume"))?
+            .into_inner();
+        let v = r.volume.ok_or(ClientError::EmptyResponse {
+            call: "ControllerGetVolume",
+            what: "volume",
+        })?;
+        let mut view = VolumeView::new(v);
+        if let Some(st) = r.status {
+            view = view.with_status(st.published_node_ids, st.volume_condition);
+        }
+        return Ok(view);
+    }
+    list(s)
+        .await?
+        .into_iter()
+        .find(|v| v.volume_id == id)
+        .ok_or_else(|| ClientError::NotFound {
+            kind: "volume",
+            id: id.to_owned(),
+        })
+}
