@@ -248,3 +248,252 @@ async fn usage_errors_exit_2() {
             .is_empty()
     );
 }
+
+/// `volume publish|stats|unpublish` with the client's own staging root: a
+/// block-backed ext4 volume is staged and published, written, measured,
+/// published again (idempotent), unpublished (target and loop device gone),
+/// and published again with its data intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_stats_unpublish_round_trip() {
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    let target = env.target_path("cli-pub");
+    let target_s = target.display().to_string();
+
+    let vol = json(
+        &env,
+        &[
+            "volume", "create", "cli-pub", "--size", "64Mi", "--fs", "ext4",
+        ],
+    );
+    let id = str_of(&vol, "volume_id").to_owned();
+    let publish = [
+        "volume",
+        "publish",
+        &id,
+        &target_s,
+        "--fs",
+        "ext4",
+        "--staging-root",
+        &root_s,
+    ];
+
+    let p = json(&env, &publish);
+    assert_eq!(p["staged"], Value::Bool(true), "{p}");
+    let staging = std::path::PathBuf::from(str_of(&p, "staging_path"));
+    assert!(staging.starts_with(&root), "{p}");
+    assert!(is_mounted(&target));
+    let record = std::path::PathBuf::from(str_of(&p, "record"));
+    assert!(record.starts_with(root.join(".publications")), "{p}");
+    let rec: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(rec["targets"].as_array().unwrap().len(), 1, "{rec}");
+    assert!(!loops_under(&env.layout.pool).is_empty());
+
+    let data = pattern(7, 1 << 20);
+    std::fs::write(target.join("data.bin"), &data).unwrap();
+    nix::unistd::sync();
+
+    let stats = json(&env, &["volume", "stats", &id, &target_s]);
+    let bytes = stats["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["unit"] == "bytes")
+        .unwrap_or_else(|| panic!("bytes in {stats}"))
+        .clone();
+    assert!(bytes["total"].as_i64().unwrap() > 0, "{stats}");
+    assert!(bytes["used"].as_i64().unwrap() > 0, "{stats}");
+    assert_eq!(
+        stats["condition"]["abnormal"],
+        Value::Bool(false),
+        "{stats}"
+    );
+    let out = stowage(&env, &["volume", "stats", &id, &target_s]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ID"));
+
+    // Publishing again with the same arguments changes nothing.
+    let again = json(&env, &publish);
+    assert_eq!(again["targets"].as_array().unwrap().len(), 1, "{again}");
+    assert_eq!(std::fs::read(target.join("data.bin")).unwrap(), data);
+
+    let u = json(
+        &env,
+        &[
+            "volume",
+            "unpublish",
+            &id,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert_eq!(u["unstaged"], Value::Bool(true), "{u}");
+    assert!(!target.exists(), "target removed");
+    assert!(!is_mounted(&staging));
+    assert!(loops_under(&env.layout.pool).is_empty());
+    assert!(!record.exists(), "record removed");
+
+    json(&env, &publish);
+    assert_eq!(std::fs::read(target.join("data.bin")).unwrap(), data);
+    json(
+        &env,
+        &[
+            "volume",
+            "unpublish",
+            &id,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert!(!target.exists());
+    assert!(loops_under(&env.layout.pool).is_empty());
+    json(&env, &["volume", "delete", &id]);
+}
+
+/// A read-only publication refuses writes; unpublishing what was never
+/// published succeeds and does nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn readonly_publish_and_unpublish_of_nothing() {
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    let target = env.target_path("cli-ro");
+    let target_s = target.display().to_string();
+
+    let vol = json(
+        &env,
+        &[
+            "volume",
+            "create",
+            "cli-ro",
+            "--size",
+            "32Mi",
+            "--param",
+            "backend=dir",
+        ],
+    );
+    let id = str_of(&vol, "volume_id").to_owned();
+
+    // Never published: exits 0, nothing recorded.
+    for vid in [id.as_str(), "no-such-volume"] {
+        let u = json(
+            &env,
+            &[
+                "volume",
+                "unpublish",
+                vid,
+                &target_s,
+                "--staging-root",
+                &root_s,
+            ],
+        );
+        assert_eq!(u["recorded"], Value::Bool(false), "{u}");
+    }
+
+    json(
+        &env,
+        &[
+            "volume",
+            "publish",
+            &id,
+            &target_s,
+            "--readonly",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    let err = std::fs::write(target.join("nope"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+
+    // Manual unstage is refused while a publication remains.
+    let out = stowage(&env, &["volume", "unstage", &id, "--staging-root", &root_s]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still published"));
+
+    json(
+        &env,
+        &[
+            "volume",
+            "unpublish",
+            &id,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert!(!target.exists());
+    json(&env, &["volume", "delete", &id]);
+}
+
+/// `volume stage` / `volume unstage` by hand; a publication in between does
+/// not unstage what was staged by hand.
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_stage_survives_unpublish_until_unstage() {
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    let target = env.target_path("cli-manual");
+    let target_s = target.display().to_string();
+    let vol = json(
+        &env,
+        &[
+            "volume",
+            "create",
+            "cli-manual",
+            "--size",
+            "64Mi",
+            "--fs",
+            "ext4",
+        ],
+    );
+    let id = str_of(&vol, "volume_id").to_owned();
+
+    let st = json(
+        &env,
+        &[
+            "volume",
+            "stage",
+            &id,
+            "--fs",
+            "ext4",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    let staging = std::path::PathBuf::from(str_of(&st, "staging_path"));
+    assert!(is_mounted(&staging));
+    json(
+        &env,
+        &[
+            "volume",
+            "publish",
+            &id,
+            &target_s,
+            "--fs",
+            "ext4",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    let u = json(
+        &env,
+        &[
+            "volume",
+            "unpublish",
+            &id,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert_eq!(u["unstaged"], Value::Bool(false), "{u}");
+    assert!(is_mounted(&staging));
+    let u = json(&env, &["volume", "unstage", &id, "--staging-root", &root_s]);
+    assert_eq!(u["unstaged"], Value::Bool(true), "{u}");
+    assert!(!is_mounted(&staging));
+    assert!(loops_under(&env.layout.pool).is_empty());
+    json(&env, &["volume", "delete", &id]);
+}

@@ -5,6 +5,7 @@
 
 pub mod output;
 pub mod plugin;
+pub mod publish;
 pub mod size;
 pub mod snapshot;
 pub mod volume;
@@ -98,6 +99,14 @@ pub enum ClientError {
         call: &'static str,
         what: &'static str,
     },
+    #[error("{0}")]
+    Local(String),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error("cannot write JSON output")]
@@ -114,6 +123,8 @@ impl ClientError {
             | ClientError::Rpc { .. }
             | ClientError::NotFound { .. }
             | ClientError::EmptyResponse { .. }
+            | ClientError::Local(_)
+            | ClientError::Io { .. }
             | ClientError::Runtime(_)
             | ClientError::Json(_) => 1,
         }

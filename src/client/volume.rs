@@ -70,6 +70,18 @@ pub enum VolumeVerb {
         #[arg(long, value_parser = parse_size)]
         size: i64,
     },
+    /// Make a volume usable at TARGET: ControllerPublish and NodeStage when
+    /// the plugin needs them, then NodePublish; recorded for unpublish.
+    Publish(super::publish::PublishArgs),
+    /// Undo a publish: NodeUnpublish, and when no recorded publication
+    /// remains, NodeUnstage and ControllerUnpublish.
+    Unpublish(super::publish::UnpublishArgs),
+    /// Stage a volume by hand (ControllerPublish and NodeStage as needed).
+    Stage(super::publish::StageArgs),
+    /// Undo a manual stage (refused while publications remain).
+    Unstage(super::publish::UnstageArgs),
+    /// Usage and condition of a published volume (NodeGetVolumeStats).
+    Stats(super::publish::StatsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -236,6 +248,11 @@ pub async fn run(
                 t
             })
         }
+        VolumeVerb::Publish(args) => super::publish::publish(s, args, format).await,
+        VolumeVerb::Unpublish(args) => super::publish::unpublish(s, args, format).await,
+        VolumeVerb::Stage(args) => super::publish::stage(s, args, format).await,
+        VolumeVerb::Unstage(args) => super::publish::unstage(s, args, format).await,
+        VolumeVerb::Stats(args) => super::publish::stats(s, args, format).await,
         VolumeVerb::Expand { id, size } => {
             let r = s
                 .controller
@@ -359,7 +376,7 @@ async fn list(s: &mut Session) -> Result<Vec<VolumeView>, ClientError> {
 
 /// One volume: ControllerGetVolume when the plugin offers GET_VOLUME,
 /// otherwise a search of ListVolumes. NOT_FOUND either way when absent.
-async fn get(s: &mut Session, id: &str) -> Result<VolumeView, ClientError> {
+pub(crate) async fn get(s: &mut Session, id: &str) -> Result<VolumeView, ClientError> {
     if s.controller_rpcs()
         .await?
         .contains(&ControllerRpc::GetVolume)
