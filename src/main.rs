@@ -25,6 +25,9 @@ struct Cli {
 enum Command {
     /// Serve the CSI Identity, Controller and Node services.
     Serve(ServeArgs),
+    /// Report this host's pool, volumes and anything leaked or inconsistent
+    /// (reads local state; exits 1 when problems are listed).
+    Status(client::status::StatusArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -96,6 +99,18 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Command::Serve(args) => serve(args),
+        Command::Status(_) if outer.endpoint.is_some() => {
+            eprintln!("stowage: status reads local state and takes no --endpoint");
+            ExitCode::from(2)
+        }
+        Command::Status(args) => match client::status::run(&args, outer.output) {
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("stowage: {}", e.report());
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::Client(command) => match client::run(command, &outer) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

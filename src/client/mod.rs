@@ -1,13 +1,16 @@
 //! The client commands (`stowage plugin|volume|snapshot …`): plain CSI calls
 //! over a driver's socket, printed as tables for people or JSON for scripts.
-//! Only CSI calls and capability discovery live here — never stowage
-//! internals — so the same commands work against any CSI driver.
+//! Only CSI calls and capability discovery are used — never stowage
+//! internals — so the same commands work against any CSI driver. The one
+//! exception is `status` (its own module), which reads stowage's local
+//! state and the system for operators of stowage itself.
 
 pub mod output;
 pub mod plugin;
 pub mod publish;
 pub mod size;
 pub mod snapshot;
+pub mod status;
 pub mod volume;
 
 use std::path::PathBuf;
