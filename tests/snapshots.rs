@@ -745,21 +745,9 @@ async fn cbt_exact(pool: &str) {
     let changed = [16 * K, 17 * K, 500 * K, 900 * K];
     write_at(&changed, 50);
     let s2 = snapshot_ready(&mut env, "cbt-2", &v.volume_id).await;
-    let channel = {
-        let sock = env.layout.socket.clone();
-        tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let sock = sock.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(sock).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap()
-    };
+    let channel = stowage::client::channel(&format!("unix://{}", env.layout.socket.display()))
+        .await
+        .unwrap();
     let mut m = SnapshotMetadataClient::new(channel);
     let collect_delta =
         |m: &mut SnapshotMetadataClient<tonic::transport::Channel>, offset: i64, max: i32| {

@@ -19,29 +19,12 @@ pub use csi::volume_capability::access_mode::Mode;
 
 /// Connects to `unix:///path`, `unix:/path`, `/path` or `tcp://host:port`.
 pub async fn connect(endpoint: &str) -> Channel {
-    if let Some(addr) = endpoint.strip_prefix("tcp://") {
-        return tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("tcp endpoint")
-            .connect()
-            .await
-            .expect("connect");
-    }
-    let path = PathBuf::from(
-        endpoint
-            .strip_prefix("unix://")
-            .or_else(|| endpoint.strip_prefix("unix:"))
-            .unwrap_or(endpoint),
-    );
-    tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    let endpoint = if endpoint.starts_with('/') {
+        format!("unix://{endpoint}")
+    } else {
+        endpoint.to_owned()
+    };
+    stowage::client::channel(&endpoint)
         .await
         .expect("connect to the CSI endpoint")
 }

@@ -190,21 +190,7 @@ pub struct Session {
 impl Session {
     /// Connects to `unix:///path`, `unix:/path` or `tcp://host:port`.
     pub async fn connect(endpoint: &str) -> Result<Session, ClientError> {
-        let parsed = Endpoint::parse(endpoint).map_err(ClientError::Endpoint)?;
-        let connect_err = |source| ClientError::Connect {
-            endpoint: endpoint.to_owned(),
-            source,
-        };
-        let channel = match parsed {
-            Endpoint::Tcp(addr) => {
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(connect_err)?
-                    .connect()
-                    .await
-                    .map_err(connect_err)?
-            }
-            Endpoint::Unix(path) => unix_channel(path).await.map_err(connect_err)?,
-        };
+        let channel = channel(endpoint).await?;
         Ok(Session {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),
@@ -269,6 +255,25 @@ impl Session {
                 None => None,
             })
             .collect())
+    }
+}
+
+/// One gRPC channel to `unix:///path`, `unix:/path` or `tcp://host:port`:
+/// the single place the project (client, benchmarks, tests) dials a CSI
+/// endpoint.
+pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
+    let parsed = Endpoint::parse(endpoint).map_err(ClientError::Endpoint)?;
+    let connect_err = |source| ClientError::Connect {
+        endpoint: endpoint.to_owned(),
+        source,
+    };
+    match parsed {
+        Endpoint::Tcp(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(connect_err)?
+            .connect()
+            .await
+            .map_err(connect_err),
+        Endpoint::Unix(path) => unix_channel(path).await.map_err(connect_err),
     }
 }
 

@@ -226,17 +226,7 @@ pub struct Clients {
 
 /// Connects to a unix socket.
 pub async fn connect(socket: &Path) -> Clients {
-    let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    let channel = stowage::client::channel(&format!("unix://{}", socket.display()))
         .await
         .expect("connect to stowage");
     Clients {
