@@ -110,11 +110,8 @@ async fn identity_get_plugin_info_reports_name_and_version() {
 
 // ---------------------------------------------------------------- Identity
 
-/// GetPluginCapabilities: "CONTROLLER_SERVICE ... VOLUME_ACCESSIBILITY_CONSTRAINTS".
-#[tokio::test(flavor = "multi_thread")]
-async fn identity_capabilities_include_controller_and_topology() {
-    use csi::plugin_capability::service::Type;
-    let mut env = Env::new("ext4").await;
+/// The plugin's service capability types and the controller's RPC types.
+async fn advertised(env: &mut Env) -> (Vec<i32>, Vec<i32>) {
     let caps = env
         .c
         .identity
@@ -123,15 +120,73 @@ async fn identity_capabilities_include_controller_and_topology() {
         .unwrap()
         .into_inner()
         .capabilities;
-    let types: Vec<i32> = caps
+    let services = caps
         .iter()
         .filter_map(|c| match &c.r#type {
             Some(csi::plugin_capability::Type::Service(s)) => Some(s.r#type),
             _ => None,
         })
         .collect();
-    assert!(types.contains(&(Type::ControllerService as i32)));
-    assert!(types.contains(&(Type::VolumeAccessibilityConstraints as i32)));
+    let rpcs = env
+        .c
+        .controller
+        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .iter()
+        .filter_map(|c| {
+            c.r#type.as_ref().map(|t| match t {
+                csi::controller_service_capability::Type::Rpc(r) => r.r#type,
+            })
+        })
+        .collect();
+    (services, rpcs)
+}
+
+/// GetPluginCapabilities: "CONTROLLER_SERVICE ... VOLUME_ACCESSIBILITY_CONSTRAINTS
+/// ... GROUP_CONTROLLER_SERVICE"; by default nothing newer than the
+/// conformance suite knows (SNAPSHOT_METADATA_SERVICE, GET_SNAPSHOT).
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_capabilities_include_controller_and_topology() {
+    use csi::controller_service_capability::rpc::Type as Rpc;
+    use csi::plugin_capability::service::Type;
+    let mut env = Env::new("ext4").await;
+    let (services, rpcs) = advertised(&mut env).await;
+    assert!(services.contains(&(Type::ControllerService as i32)));
+    assert!(services.contains(&(Type::VolumeAccessibilityConstraints as i32)));
+    assert!(services.contains(&(Type::GroupControllerService as i32)));
+    assert!(!services.contains(&(Type::SnapshotMetadataService as i32)));
+    assert!(rpcs.contains(&(Rpc::CreateDeleteSnapshot as i32)));
+    assert!(!rpcs.contains(&(Rpc::GetSnapshot as i32)));
+}
+
+/// `--enable-snapshot-metadata` and `--enable-get-snapshot` add
+/// SNAPSHOT_METADATA_SERVICE and GET_SNAPSHOT, and nothing else changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_advertises_opt_in_capabilities_when_enabled() {
+    use csi::controller_service_capability::rpc::Type as Rpc;
+    use csi::plugin_capability::service::Type;
+    let mut plain = Env::new("ext4").await;
+    let (base_services, base_rpcs) = advertised(&mut plain).await;
+    drop(plain);
+    let mut env = Env::with_args(
+        "ext4",
+        &["--enable-snapshot-metadata", "--enable-get-snapshot"],
+    )
+    .await;
+    let (services, rpcs) = advertised(&mut env).await;
+    let mut expect_services = base_services;
+    expect_services.push(Type::SnapshotMetadataService as i32);
+    let mut expect_rpcs = base_rpcs;
+    expect_rpcs.push(Rpc::GetSnapshot as i32);
+    let sorted = |mut v: Vec<i32>| {
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(sorted(services), sorted(expect_services));
+    assert_eq!(sorted(rpcs), sorted(expect_rpcs));
 }
 
 /// Probe: "ready ... the plugin is in a state where it can serve requests";

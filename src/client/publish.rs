@@ -500,20 +500,33 @@ fn unpublication_table(v: &UnpublicationView) -> Table {
     t
 }
 
-pub async fn publish(
+/// One publication to make: what `volume publish` does, for callers that
+/// are not the command line (the headless reconciler).
+#[derive(Debug, Clone)]
+pub struct PublishSpec {
+    pub id: String,
+    /// Where the volume appears; made absolute before use.
+    pub target: PathBuf,
+    pub readonly: bool,
+    pub capability: CapabilityArgs,
+    pub staging_root: PathBuf,
+}
+
+/// Publishes `spec.id` at `spec.target`: ControllerPublish when offered,
+/// NodeStage when needed, NodePublish; every step recorded. Idempotent.
+pub async fn publish_volume(
     s: &mut Session,
-    args: PublishArgs,
-    format: OutputFormat,
-) -> Result<(), ClientError> {
-    let store = Store::open(&args.staging.staging_root)?;
-    let target = std::path::absolute(&args.target)
-        .map_err(io_err(format!("cannot resolve {}", args.target.display())))?;
+    spec: &PublishSpec,
+) -> Result<PublicationView, ClientError> {
+    let store = Store::open(&spec.staging_root)?;
+    let target = std::path::absolute(&spec.target)
+        .map_err(io_err(format!("cannot resolve {}", spec.target.display())))?;
     let needs = needs(s).await?;
-    let ctx = volume_context(s, &args.id).await?;
-    let cap = args.capability.csi();
-    let mut rec = match store.load(&args.id)? {
+    let ctx = volume_context(s, &spec.id).await?;
+    let cap = spec.capability.csi();
+    let mut rec = match store.load(&spec.id)? {
         Some(r) => r,
-        None => new_record(&args.id, &args.capability),
+        None => new_record(&spec.id, &spec.capability),
     };
     prepare(s, &store, &mut rec, &cap, &ctx, &needs).await?;
     if let Some(parent) = target.parent() {
@@ -522,7 +535,7 @@ pub async fn publish(
     }
     s.node
         .node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: args.id.clone(),
+            volume_id: spec.id.clone(),
             publish_context: rec.publish_context.clone().into_iter().collect(),
             staging_target_path: rec
                 .staging_path
@@ -531,7 +544,7 @@ pub async fn publish(
                 .unwrap_or_default(),
             target_path: target.display().to_string(),
             volume_capability: Some(cap),
-            readonly: args.readonly,
+            readonly: spec.readonly,
             volume_context: ctx,
             ..Default::default()
         })
@@ -540,38 +553,41 @@ pub async fn publish(
     rec.targets.retain(|t| t.path != target);
     rec.targets.push(TargetRecord {
         path: target.clone(),
-        readonly: args.readonly,
+        readonly: spec.readonly,
     });
     store.save(&rec)?;
-    let v = publication_view(&store, &rec, Some(target));
-    emit(format, &v, || publication_table(&v))
+    Ok(publication_view(&store, &rec, Some(target)))
 }
 
-pub async fn unpublish(
+/// Unpublishes `id` from `target` (NOT_FOUND counts as done) and, when the
+/// record says this was the last publication of a volume not staged by
+/// hand, unstages and controller-unpublishes it. Idempotent.
+pub async fn unpublish_volume(
     s: &mut Session,
-    args: UnpublishArgs,
-    format: OutputFormat,
-) -> Result<(), ClientError> {
-    let store = Store::open(&args.staging.staging_root)?;
-    let target = std::path::absolute(&args.target)
-        .map_err(io_err(format!("cannot resolve {}", args.target.display())))?;
+    id: &str,
+    target: &Path,
+    staging_root: &Path,
+) -> Result<UnpublicationView, ClientError> {
+    let store = Store::open(staging_root)?;
+    let target = std::path::absolute(target)
+        .map_err(io_err(format!("cannot resolve {}", target.display())))?;
     let r = s
         .node
         .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: args.id.clone(),
+            volume_id: id.to_owned(),
             target_path: target.display().to_string(),
         })
         .await;
     tolerate_not_found("NodeUnpublishVolume", r)?;
     let mut v = UnpublicationView {
-        volume_id: args.id.clone(),
+        volume_id: id.to_owned(),
         target: Some(target.clone()),
         recorded: false,
         unstaged: false,
         controller_unpublished: false,
         remaining_targets: vec![],
     };
-    if let Some(mut rec) = store.load(&args.id)? {
+    if let Some(mut rec) = store.load(id)? {
         v.recorded = true;
         rec.targets.retain(|t| t.path != target);
         store.save(&rec)?;
@@ -580,6 +596,36 @@ pub async fn unpublish(
         }
         v.remaining_targets = rec.targets;
     }
+    Ok(v)
+}
+
+/// What the client has recorded for `id` under `staging_root`, if anything.
+pub fn load_record(staging_root: &Path, id: &str) -> Result<Option<Record>, ClientError> {
+    Store::open(staging_root)?.load(id)
+}
+
+pub async fn publish(
+    s: &mut Session,
+    args: PublishArgs,
+    format: OutputFormat,
+) -> Result<(), ClientError> {
+    let spec = PublishSpec {
+        id: args.id,
+        target: args.target,
+        readonly: args.readonly,
+        capability: args.capability,
+        staging_root: args.staging.staging_root,
+    };
+    let v = publish_volume(s, &spec).await?;
+    emit(format, &v, || publication_table(&v))
+}
+
+pub async fn unpublish(
+    s: &mut Session,
+    args: UnpublishArgs,
+    format: OutputFormat,
+) -> Result<(), ClientError> {
+    let v = unpublish_volume(s, &args.id, &args.target, &args.staging.staging_root).await?;
     emit(format, &v, || unpublication_table(&v))
 }
 

@@ -19,7 +19,8 @@ pub struct ControllerService {
     pub(super) driver: Arc<Driver>,
 }
 
-/// The controller capabilities stowage advertises.
+/// The controller capabilities stowage always advertises (GET_SNAPSHOT is
+/// added when `Advertise::get_snapshot` is set).
 pub const CAPABILITIES: &[Rpc] = &[
     Rpc::CreateDeleteVolume,
     Rpc::PublishUnpublishVolume,
@@ -323,6 +324,12 @@ impl ControllerRpc for ControllerService {
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities: CAPABILITIES
                 .iter()
+                .chain(
+                    self.driver
+                        .advertise
+                        .get_snapshot
+                        .then_some(&Rpc::GetSnapshot),
+                )
                 .map(|t| csi::ControllerServiceCapability {
                     r#type: Some(csi::controller_service_capability::Type::Rpc(
                         csi::controller_service_capability::Rpc { r#type: *t as i32 },

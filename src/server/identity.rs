@@ -53,9 +53,10 @@ impl Identity for IdentityService {
         if self.driver.controller.is_some() {
             capabilities.insert(0, service(ServiceType::ControllerService));
             capabilities.push(service(ServiceType::GroupControllerService));
-            // The SnapshotMetadata service is served but not yet advertised:
-            // csi-sanity v5.3.1 rejects SNAPSHOT_METADATA_SERVICE as an
-            // unknown plugin capability.
+            // Served always, announced on request: see `Advertise`.
+            if self.driver.advertise.snapshot_metadata {
+                capabilities.push(service(ServiceType::SnapshotMetadataService));
+            }
         }
         capabilities.push(csi::PluginCapability {
             r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
