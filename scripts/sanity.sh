@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Runs the upstream CSI conformance suite (csi-sanity, kubernetes-csi/csi-test)
+# against a freshly started `stowage serve`, in mount mode and in block mode,
+# with `provisioning=thick` as the mutable parameter of the ModifyVolume tests.
+#
+#   scripts/sanity.sh [extra csi-sanity flags…]
+#
+# Needs root (mounts, loop devices) and `csi-sanity` on PATH (or CSI_SANITY=…);
+# build it with `go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.3.1`.
+# The server runs on its own xfs pool in a sparse image under a temporary
+# directory; everything (server, mounts, loop device, files) is removed on exit.
+set -euo pipefail
+
+sanity=${CSI_SANITY:-csi-sanity}
+command -v "$sanity" >/dev/null || {
+    echo "sanity.sh: $sanity not found; see the comment at the top of this script" >&2
+    exit 2
+}
+[ "$(id -u)" -eq 0 ] || { echo "sanity.sh: run as root" >&2; exit 2; }
+
+cd "$(dirname "$0")/.."
+cargo build --release --locked
+bin=$PWD/target/release/stowage
+
+work=$(mktemp -d /tmp/stowage-sanity.XXXXXX)
+server=
+loopdev=
+cleanup() {
+    set +e
+    [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
+    mountpoint -q "$work/state" && umount "$work/state"
+    [ -n "$loopdev" ] && losetup -d "$loopdev"
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# A 64 GiB sparse xfs pool: thick 10 GiB test volumes fit, the disk does not
+# need that much free space unless the tests write it.
+truncate -s 64G "$work/pool.img"
+mkfs.xfs -q "$work/pool.img"
+mkdir "$work/state"
+loopdev=$(losetup --find --show "$work/pool.img")
+mount "$loopdev" "$work/state"
+
+printf 'provisioning: thick\n' >"$work/mutable.yaml"
+printf 'backend: block\n' >"$work/block.yaml"
+
+"$bin" serve --endpoint "unix://$work/csi.sock" --state-dir "$work/state" \
+    --node-id sanity --log-format text 2>"$work/serve.log" &
+server=$!
+for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
+
+status=0
+run() {
+    local name=$1; shift
+    echo "== csi-sanity: $name"
+    "$sanity" --csi.endpoint "unix://$work/csi.sock" \
+        --csi.mountdir "$work/mnt" --csi.stagingdir "$work/staging" \
+        --csi.testvolumemutableparameters "$work/mutable.yaml" \
+        --csi.testvolumeparameters "$work/block.yaml" \
+        --csi.junitfile "$work/junit-$name.xml" \
+        "$@" || status=1
+}
+run mount --csi.testvolumeaccesstype mount "$@"
+run block --csi.testvolumeaccesstype block "$@"
+
+if [ "$status" -ne 0 ]; then
+    echo "sanity.sh: failures; server log follows" >&2
+    tail -n 200 "$work/serve.log" >&2
+fi
+exit "$status"
