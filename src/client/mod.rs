@@ -7,6 +7,7 @@
 
 pub mod output;
 pub mod plugin;
+pub mod progress;
 pub mod publish;
 pub mod size;
 pub mod snapshot;

@@ -1,17 +1,21 @@
 //! `stowage volume publish|unpublish|stage|unstage|stats`: what a CO's node
 //! agent does, driven from the command line. Which steps run is decided by
 //! capability discovery alone (STAGE_UNSTAGE_VOLUME on the node,
-//! PUBLISH_UNPUBLISH_VOLUME on the controller), and every step taken is
-//! recorded in `<staging-root>/.publications/<id>.json` so that unpublish
-//! and unstage undo exactly what was done.
+//! PUBLISH_UNPUBLISH_VOLUME on the controller), and every step is recorded
+//! in `<staging-root>/.publications/<id>.json` *before* it is taken, so that
+//! unpublish and unstage undo at least what was done, even after a crash.
+//! Each operation holds the volume's lock file for its whole length and
+//! never lets two clients change one record at once.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::output::{Table, emit};
+use super::progress::Progress;
 use super::size::format_size;
 use super::volume::AccessModeArg;
 use super::{ClientError, OutputFormat, Session, rpc};
@@ -112,19 +116,34 @@ pub struct TargetRecord {
     pub readonly: bool,
 }
 
-/// What the client did for one volume on this node.
+/// What the client did, or was about to do, for one volume on this node.
+/// Each step is written here before its call is made, so a step listed may
+/// not have happened (the process died before or during the call); undoing
+/// it is still correct, as CSI makes unpublishing or unstaging something
+/// not published or staged a success.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub volume_id: String,
     pub capability: CapabilityRecord,
-    /// The staging directory when NodeStageVolume was called.
+    /// The staging directory, from just before NodeStageVolume.
     pub staging_path: Option<PathBuf>,
     /// Staged by `volume stage` (kept until `volume unstage`).
     pub manually_staged: bool,
-    /// The node id given to ControllerPublishVolume, when it was called.
+    /// The node id, from just before ControllerPublishVolume.
     pub controller_published_to: Option<String>,
     pub publish_context: BTreeMap<String, String>,
+    /// Targets, each from just before its NodePublishVolume.
     pub targets: Vec<TargetRecord>,
+}
+
+impl Record {
+    /// Nothing done and nothing about to be done: no record is needed.
+    fn is_empty(&self) -> bool {
+        self.staging_path.is_none()
+            && !self.manually_staged
+            && self.controller_published_to.is_none()
+            && self.targets.is_empty()
+    }
 }
 
 /// The result of publish or stage, as printed.
@@ -200,6 +219,23 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
 }
 
+/// How long an operation waits for another client working on the same
+/// volume before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// How often a held lock is tried again.
+const LOCK_RETRY: Duration = Duration::from_millis(100);
+
+/// The exclusive `flock` on one volume's lock file, released on drop (or
+/// when the process dies). A separate file from the record, because the
+/// record is replaced by rename and a lock on a replaced file locks nothing.
+/// Lock files are left in place: removing one while another client has it
+/// open would let two clients lock two different files.
+#[derive(Debug)]
+struct VolumeLock {
+    _flock: nix::fcntl::Flock<std::fs::File>,
+}
+
 /// The records under one staging root.
 #[derive(Debug, Clone)]
 struct Store {
@@ -227,6 +263,57 @@ impl Store {
             .join(format!("{}.json", sanitize_id(id)?)))
     }
 
+    fn lock_path(&self, id: &str) -> Result<PathBuf, ClientError> {
+        Ok(self
+            .root
+            .join(".publications")
+            .join(format!("{}.lock", sanitize_id(id)?)))
+    }
+
+    /// Takes `id`'s lock, waiting while another client (or process of this
+    /// client) holds it — without blocking the runtime — for at most
+    /// `bound`, then failing with the lock file's path. Different volumes
+    /// have different lock files and never wait for each other.
+    async fn lock(
+        &self,
+        id: &str,
+        bound: Duration,
+        progress: &Progress,
+    ) -> Result<VolumeLock, ClientError> {
+        use nix::errno::Errno;
+        use nix::fcntl::{Flock, FlockArg};
+        let path = self.lock_path(id)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(format!("cannot open {}", path.display())))?;
+        let start = Instant::now();
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(flock) => return Ok(VolumeLock { _flock: flock }),
+                Err((f, Errno::EWOULDBLOCK | Errno::EINTR)) => file = f,
+                Err((_, e)) => {
+                    return Err(io_err(format!("cannot lock {}", path.display()))(e.into()));
+                }
+            }
+            if start.elapsed() >= bound {
+                return Err(ClientError::Local(format!(
+                    "another stowage client is working on volume {id:?} (lock file {}); \
+                     gave up after {} s",
+                    path.display(),
+                    bound.as_secs()
+                )));
+            }
+            progress.set(format!(
+                "waiting for another stowage client working on volume {id}"
+            ));
+            progress.track(tokio::time::sleep(LOCK_RETRY)).await;
+        }
+    }
+
     fn load(&self, id: &str) -> Result<Option<Record>, ClientError> {
         let path = self.record_path(id)?;
         match std::fs::read(&path) {
@@ -250,6 +337,15 @@ impl Store {
             std::fs::rename(&tmp, &path)
         };
         write().map_err(io_err(format!("cannot write {}", path.display())))
+    }
+
+    /// Saves the record, or removes it when it lists nothing.
+    fn put(&self, rec: &Record) -> Result<(), ClientError> {
+        if rec.is_empty() {
+            self.remove(&rec.volume_id)
+        } else {
+            self.save(rec)
+        }
     }
 
     fn remove(&self, id: &str) -> Result<(), ClientError> {
@@ -336,7 +432,7 @@ fn tolerate_not_found<T>(
 }
 
 /// ControllerPublish (when the plugin offers it) and NodeStage (when it
-/// needs staging), recording each step once it succeeds. Both calls are
+/// needs staging), each recorded before it is called. Both calls are
 /// idempotent, so they are repeated on every publish.
 async fn prepare(
     s: &mut Session,
@@ -345,53 +441,118 @@ async fn prepare(
     cap: &csi::VolumeCapability,
     ctx: &std::collections::HashMap<String, String>,
     needs: &Needs,
+    progress: &Progress,
 ) -> Result<(), ClientError> {
     let id = rec.volume_id.clone();
     if needs.controller_publish {
-        let node_id = s
-            .node
-            .node_get_info(csi::NodeGetInfoRequest {})
+        progress.set(format!("NodeGetInfo for volume {id}"));
+        let node_id = progress
+            .track(s.node.node_get_info(csi::NodeGetInfoRequest {}))
             .await
             .map_err(rpc("NodeGetInfo"))?
             .into_inner()
             .node_id;
-        let pc = s
-            .controller
-            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                volume_id: id.clone(),
-                node_id: node_id.clone(),
-                volume_capability: Some(cap.clone()),
-                readonly: false,
-                volume_context: ctx.clone(),
-                ..Default::default()
-            })
+        rec.controller_published_to = Some(node_id.clone());
+        store.save(rec)?;
+        progress.set(format!("ControllerPublishVolume {id} to node {node_id}"));
+        let pc = progress
+            .track(
+                s.controller
+                    .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                        volume_id: id.clone(),
+                        node_id,
+                        volume_capability: Some(cap.clone()),
+                        readonly: false,
+                        volume_context: ctx.clone(),
+                        ..Default::default()
+                    }),
+            )
             .await
             .map_err(rpc("ControllerPublishVolume"))?
             .into_inner()
             .publish_context;
-        rec.controller_published_to = Some(node_id);
         rec.publish_context = pc.into_iter().collect();
         store.save(rec)?;
     }
     if needs.stage {
         let staging = store.staging_path(&id)?;
+        rec.staging_path = Some(staging.clone());
+        store.save(rec)?;
         std::fs::create_dir_all(&staging)
             .map_err(io_err(format!("cannot create {}", staging.display())))?;
-        s.node
-            .node_stage_volume(csi::NodeStageVolumeRequest {
+        progress.set(format!(
+            "NodeStageVolume {id} (a first stage may format it)"
+        ));
+        progress
+            .track(s.node.node_stage_volume(csi::NodeStageVolumeRequest {
                 volume_id: id.clone(),
                 publish_context: rec.publish_context.clone().into_iter().collect(),
                 staging_target_path: staging.display().to_string(),
                 volume_capability: Some(cap.clone()),
                 volume_context: ctx.clone(),
                 ..Default::default()
-            })
+            }))
             .await
             .map_err(rpc("NodeStageVolume"))?;
-        rec.staging_path = Some(staging);
-        store.save(rec)?;
     }
-    Ok(())
+    store.save(rec)
+}
+
+/// Undoes what a failed publish or stage may have added: the NodePublish
+/// of `target` when given and recorded, then — when no target remains and
+/// the volume is not staged by hand — the stage and controller publish.
+/// The record ends matching what is left.
+async fn roll_back(
+    s: &mut Session,
+    store: &Store,
+    rec: &mut Record,
+    target: Option<&Path>,
+    progress: &Progress,
+) -> Result<(), ClientError> {
+    let id = rec.volume_id.clone();
+    if let Some(target) = target
+        && rec.targets.iter().any(|t| t.path == target)
+    {
+        progress.set(format!("undoing: NodeUnpublishVolume {id}"));
+        let r = progress
+            .track(
+                s.node
+                    .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                        volume_id: id.clone(),
+                        target_path: target.display().to_string(),
+                    }),
+            )
+            .await;
+        tolerate_not_found("NodeUnpublishVolume", r)?;
+        rec.targets.retain(|t| t.path != target);
+    }
+    if rec.targets.is_empty() && !rec.manually_staged {
+        progress.set(format!("undoing: releasing volume {id}"));
+        progress.track(release(s, store, rec)).await?;
+        return Ok(());
+    }
+    store.put(rec)
+}
+
+/// `err`, after a roll-back that did (`Ok`) or did not finish.
+fn rolled_back(
+    err: ClientError,
+    undo: Result<(), ClientError>,
+    store: &Store,
+    id: &str,
+) -> ClientError {
+    match undo {
+        Ok(()) => err,
+        Err(u) => ClientError::Local(format!(
+            "{}; undoing what this call did failed too: {} (what may remain is listed in {})",
+            err.report(),
+            u.report(),
+            store
+                .record_path(id)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        )),
+    }
 }
 
 /// NodeUnstage and ControllerUnpublish as recorded, then the record goes.
@@ -513,70 +674,125 @@ pub struct PublishSpec {
 }
 
 /// Publishes `spec.id` at `spec.target`: ControllerPublish when offered,
-/// NodeStage when needed, NodePublish; every step recorded. Idempotent.
+/// NodeStage when needed, NodePublish; each step recorded before it is
+/// taken, under the volume's lock. Idempotent. On an error, what this call
+/// added is undone (see [`roll_back`]) and the error returned; a target
+/// that was already published is left as it was.
 pub async fn publish_volume(
     s: &mut Session,
     spec: &PublishSpec,
 ) -> Result<PublicationView, ClientError> {
+    publish_with(s, spec, &Progress::silent()).await
+}
+
+async fn publish_with(
+    s: &mut Session,
+    spec: &PublishSpec,
+    progress: &Progress,
+) -> Result<PublicationView, ClientError> {
     let store = Store::open(&spec.staging_root)?;
     let target = std::path::absolute(&spec.target)
         .map_err(io_err(format!("cannot resolve {}", spec.target.display())))?;
-    let needs = needs(s).await?;
-    let ctx = volume_context(s, &spec.id).await?;
-    let cap = spec.capability.csi();
+    let _lock = store.lock(&spec.id, LOCK_WAIT, progress).await?;
     let mut rec = match store.load(&spec.id)? {
         Some(r) => r,
         None => new_record(&spec.id, &spec.capability),
     };
-    prepare(s, &store, &mut rec, &cap, &ctx, &needs).await?;
+    let had_target = rec.targets.iter().any(|t| t.path == target);
+    match publish_steps(s, &store, &mut rec, spec, &target, progress).await {
+        Ok(()) => Ok(publication_view(&store, &rec, Some(target))),
+        Err(e) if had_target => Err(e),
+        Err(e) => {
+            let undo = roll_back(s, &store, &mut rec, Some(&target), progress).await;
+            Err(rolled_back(e, undo, &store, &spec.id))
+        }
+    }
+}
+
+async fn publish_steps(
+    s: &mut Session,
+    store: &Store,
+    rec: &mut Record,
+    spec: &PublishSpec,
+    target: &Path,
+    progress: &Progress,
+) -> Result<(), ClientError> {
+    progress.set(format!("discovering what volume {} needs", spec.id));
+    let needs = progress.track(needs(s)).await?;
+    let ctx = progress.track(volume_context(s, &spec.id)).await?;
+    let cap = spec.capability.csi();
+    prepare(s, store, rec, &cap, &ctx, &needs, progress).await?;
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)
             .map_err(io_err(format!("cannot create {}", parent.display())))?;
     }
-    s.node
-        .node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: spec.id.clone(),
-            publish_context: rec.publish_context.clone().into_iter().collect(),
-            staging_target_path: rec
-                .staging_path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(cap),
+    if !rec.targets.iter().any(|t| t.path == target) {
+        rec.targets.push(TargetRecord {
+            path: target.to_owned(),
             readonly: spec.readonly,
-            volume_context: ctx,
-            ..Default::default()
-        })
+        });
+        store.save(rec)?;
+    }
+    progress.set(format!(
+        "NodePublishVolume {} at {}",
+        spec.id,
+        target.display()
+    ));
+    progress
+        .track(
+            s.node.node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: spec.id.clone(),
+                publish_context: rec.publish_context.clone().into_iter().collect(),
+                staging_target_path: rec
+                    .staging_path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                readonly: spec.readonly,
+                volume_context: ctx,
+                ..Default::default()
+            }),
+        )
         .await
         .map_err(rpc("NodePublishVolume"))?;
-    rec.targets.retain(|t| t.path != target);
-    rec.targets.push(TargetRecord {
-        path: target.clone(),
-        readonly: spec.readonly,
-    });
-    store.save(&rec)?;
-    Ok(publication_view(&store, &rec, Some(target)))
+    Ok(())
 }
 
 /// Unpublishes `id` from `target` (NOT_FOUND counts as done) and, when the
 /// record says this was the last publication of a volume not staged by
-/// hand, unstages and controller-unpublishes it. Idempotent.
+/// hand, unstages and controller-unpublishes it; under the volume's lock.
+/// Idempotent.
 pub async fn unpublish_volume(
     s: &mut Session,
     id: &str,
     target: &Path,
     staging_root: &Path,
 ) -> Result<UnpublicationView, ClientError> {
+    unpublish_with(s, id, target, staging_root, &Progress::silent()).await
+}
+
+async fn unpublish_with(
+    s: &mut Session,
+    id: &str,
+    target: &Path,
+    staging_root: &Path,
+    progress: &Progress,
+) -> Result<UnpublicationView, ClientError> {
     let store = Store::open(staging_root)?;
     let target = std::path::absolute(target)
         .map_err(io_err(format!("cannot resolve {}", target.display())))?;
-    let r = s
-        .node
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.to_owned(),
-            target_path: target.display().to_string(),
-        })
+    let _lock = store.lock(id, LOCK_WAIT, progress).await?;
+    progress.set(format!("NodeUnpublishVolume {id} at {}", target.display()));
+    let r = progress
+        .track(
+            s.node
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: id.to_owned(),
+                    target_path: target.display().to_string(),
+                }),
+        )
         .await;
     tolerate_not_found("NodeUnpublishVolume", r)?;
     let mut v = UnpublicationView {
@@ -592,7 +808,9 @@ pub async fn unpublish_volume(
         rec.targets.retain(|t| t.path != target);
         store.save(&rec)?;
         if rec.targets.is_empty() && !rec.manually_staged {
-            (v.unstaged, v.controller_unpublished) = release(s, &store, &mut rec).await?;
+            progress.set(format!("unstaging volume {id}"));
+            (v.unstaged, v.controller_unpublished) =
+                progress.track(release(s, &store, &mut rec)).await?;
         }
         v.remaining_targets = rec.targets;
     }
@@ -616,7 +834,10 @@ pub async fn publish(
         capability: args.capability,
         staging_root: args.staging.staging_root,
     };
-    let v = publish_volume(s, &spec).await?;
+    let progress = Progress::stderr();
+    let v = publish_with(s, &spec, &progress).await;
+    progress.clear();
+    let v = v?;
     emit(format, &v, || publication_table(&v))
 }
 
@@ -625,28 +846,63 @@ pub async fn unpublish(
     args: UnpublishArgs,
     format: OutputFormat,
 ) -> Result<(), ClientError> {
-    let v = unpublish_volume(s, &args.id, &args.target, &args.staging.staging_root).await?;
+    let progress = Progress::stderr();
+    let v = unpublish_with(
+        s,
+        &args.id,
+        &args.target,
+        &args.staging.staging_root,
+        &progress,
+    )
+    .await;
+    progress.clear();
+    let v = v?;
     emit(format, &v, || unpublication_table(&v))
 }
 
+/// `volume stage`: ControllerPublish and NodeStage as needed, kept until
+/// `volume unstage`; under the volume's lock. On an error, a stage this
+/// call would have added is undone.
 pub async fn stage(
     s: &mut Session,
     args: StageArgs,
     format: OutputFormat,
 ) -> Result<(), ClientError> {
+    let progress = Progress::stderr();
+    let v = stage_with(s, &args, &progress).await;
+    progress.clear();
+    let v = v?;
+    emit(format, &v, || publication_table(&v))
+}
+
+async fn stage_with(
+    s: &mut Session,
+    args: &StageArgs,
+    progress: &Progress,
+) -> Result<PublicationView, ClientError> {
     let store = Store::open(&args.staging.staging_root)?;
-    let needs = needs(s).await?;
-    let ctx = volume_context(s, &args.id).await?;
-    let cap = args.capability.csi();
+    let _lock = store.lock(&args.id, LOCK_WAIT, progress).await?;
     let mut rec = match store.load(&args.id)? {
         Some(r) => r,
         None => new_record(&args.id, &args.capability),
     };
+    let was_manual = rec.manually_staged;
     rec.manually_staged = true;
-    prepare(s, &store, &mut rec, &cap, &ctx, &needs).await?;
-    store.save(&rec)?;
-    let v = publication_view(&store, &rec, None);
-    emit(format, &v, || publication_table(&v))
+    let steps = async {
+        progress.set(format!("discovering what volume {} needs", args.id));
+        let needs = progress.track(needs(s)).await?;
+        let ctx = progress.track(volume_context(s, &args.id)).await?;
+        let cap = args.capability.csi();
+        prepare(s, &store, &mut rec, &cap, &ctx, &needs, progress).await
+    };
+    match steps.await {
+        Ok(()) => Ok(publication_view(&store, &rec, None)),
+        Err(e) => {
+            rec.manually_staged = was_manual;
+            let undo = roll_back(s, &store, &mut rec, None, progress).await;
+            Err(rolled_back(e, undo, &store, &args.id))
+        }
+    }
 }
 
 pub async fn unstage(
@@ -654,7 +910,20 @@ pub async fn unstage(
     args: UnstageArgs,
     format: OutputFormat,
 ) -> Result<(), ClientError> {
+    let progress = Progress::stderr();
+    let v = unstage_with(s, &args, &progress).await;
+    progress.clear();
+    let v = v?;
+    emit(format, &v, || unpublication_table(&v))
+}
+
+async fn unstage_with(
+    s: &mut Session,
+    args: &UnstageArgs,
+    progress: &Progress,
+) -> Result<UnpublicationView, ClientError> {
     let store = Store::open(&args.staging.staging_root)?;
+    let _lock = store.lock(&args.id, LOCK_WAIT, progress).await?;
     let mut v = UnpublicationView {
         volume_id: args.id.clone(),
         target: None,
@@ -677,9 +946,11 @@ pub async fn unstage(
                 list.join(", ")
             )));
         }
-        (v.unstaged, v.controller_unpublished) = release(s, &store, &mut rec).await?;
+        progress.set(format!("unstaging volume {}", args.id));
+        (v.unstaged, v.controller_unpublished) =
+            progress.track(release(s, &store, &mut rec)).await?;
     }
-    emit(format, &v, || unpublication_table(&v))
+    Ok(v)
 }
 
 pub async fn stats(
@@ -785,5 +1056,70 @@ mod tests {
         store.remove("v/1").unwrap();
         store.remove("v/1").unwrap();
         assert_eq!(store.load("v/1").unwrap(), None);
+    }
+
+    /// A second lock on the same volume waits while the first is held and
+    /// fails, naming the lock file, once its bound is spent; another volume
+    /// is not held up; dropping the first lets the waiter in.
+    #[tokio::test]
+    async fn a_volume_lock_excludes_only_its_own_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let quiet = Progress::silent();
+        let held = store.lock("v/1", Duration::ZERO, &quiet).await.unwrap();
+
+        let err = store
+            .lock("v/1", Duration::ZERO, &quiet)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another stowage client"), "{err}");
+        assert!(err.contains("+762f31.lock"), "{err}");
+
+        // A different volume, and a different store on the same root (another
+        // process would open its own file the same way), both proceed.
+        let other = store.lock("v2", Duration::ZERO, &quiet).await.unwrap();
+        drop(other);
+        let same_root = Store::open(dir.path()).unwrap();
+        assert!(same_root.lock("v/1", Duration::ZERO, &quiet).await.is_err());
+
+        let waiter = store.lock("v/1", Duration::from_secs(60), &quiet);
+        tokio::pin!(waiter);
+        assert!(
+            tokio::time::timeout(LOCK_RETRY * 3, &mut waiter)
+                .await
+                .is_err(),
+            "the waiter got the lock while it was held"
+        );
+        drop(held);
+        waiter.await.expect("the lock once released");
+    }
+
+    /// The records say what a failed call left behind; an empty one goes.
+    #[test]
+    fn an_empty_record_is_removed_not_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cap = CapabilityArgs {
+            block: false,
+            fs: None,
+            access_mode: AccessModeArg::Rwo,
+        };
+        let mut rec = new_record("v", &cap);
+        rec.staging_path = Some(dir.path().join("v"));
+        store.put(&rec).unwrap();
+        assert_eq!(store.load("v").unwrap(), Some(rec.clone()));
+        rec.staging_path = None;
+        store.put(&rec).unwrap();
+        assert_eq!(store.load("v").unwrap(), None);
+    }
+
+    /// The reconciler may run publications on a multi-threaded runtime.
+    #[test]
+    fn the_library_futures_are_send() {
+        fn is_send<T: Send>(_: T) {}
+        let _ = |s: &mut Session, spec: &PublishSpec| is_send(publish_volume(s, spec));
+        let _ =
+            |s: &mut Session, root: &Path| is_send(unpublish_volume(s, "v", Path::new("/t"), root));
     }
 }

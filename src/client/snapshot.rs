@@ -1,13 +1,16 @@
 //! `stowage snapshot create|list|get|delete`: the Controller service's
 //! snapshot calls. `get` filters ListSnapshots by id, which every plugin
-//! with LIST_SNAPSHOTS supports (GetSnapshot is alpha).
+//! with LIST_SNAPSHOTS supports (GetSnapshot is alpha). `create` waits for
+//! readiness by repeating CreateSnapshot, as the spec allows a CO to.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use clap::Subcommand;
 use serde::Serialize;
 
 use super::output::{Table, emit};
+use super::progress::Progress;
 use super::size::format_size;
 use super::{ClientError, GlobalArgs, OutputFormat, Session, parse_key_value, rpc};
 use crate::csi;
@@ -31,6 +34,10 @@ pub enum SnapshotVerb {
         /// A plugin parameter (repeatable).
         #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         params: Vec<(String, String)>,
+        /// Return at once, even if the snapshot is not ready_to_use yet
+        /// (by default create waits until it is).
+        #[arg(long)]
+        no_wait: bool,
     },
     /// List snapshots (ListSnapshots).
     List {
@@ -106,24 +113,18 @@ pub async fn run(
             volume,
             name,
             params,
+            no_wait,
         } => {
-            let snap = s
-                .controller
-                .create_snapshot(csi::CreateSnapshotRequest {
-                    source_volume_id: volume,
-                    name,
-                    parameters: params.into_iter().collect::<HashMap<_, _>>(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(rpc("CreateSnapshot"))?
-                .into_inner()
-                .snapshot
-                .ok_or(ClientError::EmptyResponse {
-                    call: "CreateSnapshot",
-                    what: "snapshot",
-                })?;
-            let v = SnapshotView::from(snap);
+            let req = csi::CreateSnapshotRequest {
+                source_volume_id: volume,
+                name,
+                parameters: params.into_iter().collect::<HashMap<_, _>>(),
+                ..Default::default()
+            };
+            let progress = Progress::stderr();
+            let snap = create(s, req, !no_wait, &progress).await;
+            progress.clear();
+            let v = SnapshotView::from(snap?);
             emit(format, &v, || snapshot_table(std::slice::from_ref(&v)))
         }
         SnapshotVerb::List { volume } => {
@@ -160,6 +161,69 @@ pub async fn run(
             })
         }
     }
+}
+
+/// How often readiness is asked for while waiting.
+const READY_POLL: Duration = Duration::from_millis(500);
+
+/// CreateSnapshot; with `wait`, repeated with the same name and source
+/// until the snapshot is ready_to_use ("the CO MAY call CreateSnapshot
+/// again to check readiness"). Returns the last answer. Fails if a repeat
+/// answers with another snapshot id: the plugin dropped the first one (its
+/// copy failed) and the repeat started a new one, which is left to the
+/// caller to keep or delete.
+async fn create(
+    s: &mut Session,
+    req: csi::CreateSnapshotRequest,
+    wait: bool,
+    progress: &Progress,
+) -> Result<csi::Snapshot, ClientError> {
+    let what = format!("snapshot {} of volume {}", req.name, req.source_volume_id);
+    progress.set(format!("creating {what}"));
+    let first = progress.track(create_once(s, req.clone())).await?;
+    if !wait {
+        return Ok(first);
+    }
+    let mut snap = first.clone();
+    while !snap.ready_to_use {
+        progress.set(format!(
+            "waiting for {what} ({}): ready_to_use=false",
+            first.snapshot_id
+        ));
+        progress.track(tokio::time::sleep(READY_POLL)).await;
+        snap = match progress.track(create_once(s, req.clone())).await {
+            Ok(snap) => snap,
+            // Another call on the same name or volume is in flight.
+            Err(ClientError::Rpc { status, .. }) if status.code() == tonic::Code::Aborted => {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if snap.snapshot_id != first.snapshot_id {
+            return Err(ClientError::Local(format!(
+                "{what}: the plugin dropped snapshot {} before it was ready and \
+                 started {} instead (was its copy failing?); check the plugin's log",
+                first.snapshot_id, snap.snapshot_id
+            )));
+        }
+    }
+    Ok(snap)
+}
+
+async fn create_once(
+    s: &mut Session,
+    req: csi::CreateSnapshotRequest,
+) -> Result<csi::Snapshot, ClientError> {
+    s.controller
+        .create_snapshot(req)
+        .await
+        .map_err(rpc("CreateSnapshot"))?
+        .into_inner()
+        .snapshot
+        .ok_or(ClientError::EmptyResponse {
+            call: "CreateSnapshot",
+            what: "snapshot",
+        })
 }
 
 /// Snapshots matching the filters (empty = any), following pages to the end.

@@ -8,6 +8,7 @@ use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 
 use super::output::{Table, emit, join_map};
+use super::progress::Progress;
 use super::size::{format_size, parse_size};
 use super::{ClientError, GlobalArgs, OutputFormat, Session, parse_key_value, rpc};
 use crate::csi;
@@ -207,18 +208,22 @@ pub async fn run(
 ) -> Result<(), ClientError> {
     match verb {
         VolumeVerb::Create(args) => {
+            let label = match (&args.from_snapshot, &args.from_volume) {
+                (Some(snap), _) => format!("restoring volume {} from snapshot {snap}", args.name),
+                (None, Some(vol)) => format!("cloning volume {vol} as {}", args.name),
+                (None, None) => format!("creating volume {}", args.name),
+            };
             let req = create_request(s, args).await?;
-            let v = s
-                .controller
-                .create_volume(req)
-                .await
-                .map_err(rpc("CreateVolume"))?
-                .into_inner()
-                .volume
-                .ok_or(ClientError::EmptyResponse {
+            let progress = Progress::stderr();
+            progress.set(label);
+            let r = progress.track(s.controller.create_volume(req)).await;
+            progress.clear();
+            let v = r.map_err(rpc("CreateVolume"))?.into_inner().volume.ok_or(
+                ClientError::EmptyResponse {
                     call: "CreateVolume",
                     what: "volume",
-                })?;
+                },
+            )?;
             let v = VolumeView::new(v);
             emit(format, &v, || volume_table(std::slice::from_ref(&v)))
         }
