@@ -497,3 +497,271 @@ async fn manual_stage_survives_unpublish_until_unstage() {
     assert!(loops_under(&env.layout.pool).is_empty());
     json(&env, &["volume", "delete", &id]);
 }
+
+/// Child processes killed and reaped on drop, so a failing test leaves no
+/// client running.
+struct Children(Vec<std::process::Child>);
+
+impl Children {
+    /// Waits for each child in turn and returns their outputs.
+    fn wait(mut self) -> Vec<Output> {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|c| c.wait_with_output().expect("wait for stowage"))
+            .collect()
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `stowage --endpoint … -o json ARGS…` with piped output.
+fn spawn_json(env: &Env, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", env.layout.socket.display()))
+        .args(["-o", "json"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn stowage")
+}
+
+/// The publication record of `id` under `root`, if any.
+fn record_of(root: &std::path::Path, id: &str) -> Option<Value> {
+    let rec = stowage::client::publish::load_record(root, id).unwrap()?;
+    Some(serde_json::to_value(rec).unwrap())
+}
+
+/// Two clients publishing one volume at the same moment, to two targets,
+/// take turns on the volume's lock: both succeed (the second finds it
+/// staged, as NodeStageVolume's idempotency allows) and the record lists
+/// both targets. Unpublishing both unstages and detaches the loop device.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_publishes_of_one_volume_both_land_in_the_record() {
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    let vol = json(
+        &env,
+        &[
+            "volume", "create", "cli-two", "--size", "64Mi", "--fs", "ext4",
+        ],
+    );
+    let id = str_of(&vol, "volume_id").to_owned();
+    let targets = [env.target_path("two-a"), env.target_path("two-b")];
+    let target_s: Vec<String> = targets.iter().map(|t| t.display().to_string()).collect();
+
+    let children = Children(
+        target_s
+            .iter()
+            .map(|t| {
+                spawn_json(
+                    &env,
+                    &[
+                        "volume",
+                        "publish",
+                        &id,
+                        t,
+                        "--fs",
+                        "ext4",
+                        "--staging-root",
+                        &root_s,
+                    ],
+                )
+            })
+            .collect(),
+    );
+    for out in children.wait() {
+        assert!(
+            out.status.success(),
+            "concurrent publish failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for t in &targets {
+        assert!(is_mounted(t), "{} mounted", t.display());
+    }
+    let rec = record_of(&root, &id).expect("a record");
+    let mut listed: Vec<&str> = rec["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| str_of(t, "path"))
+        .collect();
+    listed.sort();
+    assert_eq!(listed, target_s, "{rec}");
+
+    let unpublish = |t: &str| {
+        json(
+            &env,
+            &["volume", "unpublish", &id, t, "--staging-root", &root_s],
+        )
+    };
+    let u = unpublish(&target_s[0]);
+    assert_eq!(u["unstaged"], Value::Bool(false), "{u}");
+    assert!(!loops_under(&env.layout.pool).is_empty());
+    let u = unpublish(&target_s[1]);
+    assert_eq!(u["unstaged"], Value::Bool(true), "{u}");
+    assert!(loops_under(&env.layout.pool).is_empty());
+    assert_eq!(record_of(&root, &id), None);
+    json(&env, &["volume", "delete", &id]);
+}
+
+/// On an ext4 pool snapshots are copied in the background, and the first
+/// CreateSnapshot answers ready_to_use=false. `snapshot create` repeats the
+/// call ("the CO MAY call CreateSnapshot again to check readiness") until
+/// it is ready and prints that; `--no-wait` prints the first answer. With
+/// stderr a pipe, no progress line is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_create_waits_for_ready_to_use_unless_told_not_to() {
+    let env = Env::new("ext4").await;
+    let vol = json(
+        &env,
+        &["volume", "create", "cli-src", "--size", "64Mi", "--block"],
+    );
+    let id = str_of(&vol, "volume_id").to_owned();
+
+    let run = |args: &[&str]| {
+        let out = stowage(&env, args);
+        assert!(
+            out.status.success(),
+            "stowage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "stderr is a pipe, yet: {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+
+    let waited: Value =
+        serde_json::from_slice(&run(&["-o", "json", "snapshot", "create", &id, "s-wait"])).unwrap();
+    assert_eq!(waited["ready_to_use"], Value::Bool(true), "{waited}");
+    let waited_id = str_of(&waited, "snapshot_id").to_owned();
+
+    let quick: Value = serde_json::from_slice(&run(&[
+        "-o",
+        "json",
+        "snapshot",
+        "create",
+        &id,
+        "s-quick",
+        "--no-wait",
+    ]))
+    .unwrap();
+    assert_eq!(quick["ready_to_use"], Value::Bool(false), "{quick}");
+    let quick_id = str_of(&quick, "snapshot_id").to_owned();
+
+    // Waiting on the same name finds the same snapshot, ready, as a table.
+    let table = String::from_utf8(run(&["snapshot", "create", &id, "s-quick"])).unwrap();
+    let row = table.lines().nth(1).unwrap_or_default();
+    assert!(row.contains(&quick_id), "{table}");
+    assert!(row.contains("true"), "{table}");
+
+    for s in [&waited_id, &quick_id] {
+        json(&env, &["snapshot", "delete", s]);
+    }
+    json(&env, &["volume", "delete", &id]);
+}
+
+/// A publish that fails — at the target (its parent is a regular file), at
+/// the plugin (an unknown filesystem type), or for a volume that does not
+/// exist — leaves no record, no staging mount and no loop device, and the
+/// volume is not left published to the node. A failed re-publish of a
+/// published target (read-only now: ALREADY_EXISTS) leaves it published.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_publish_leaves_nothing_behind() {
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    let vol = json(
+        &env,
+        &[
+            "volume", "create", "cli-fail", "--size", "64Mi", "--fs", "ext4",
+        ],
+    );
+    let id = str_of(&vol, "volume_id").to_owned();
+    let file = env.target_path("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let under_file = file.join("target").display().to_string();
+    let good = env.target_path("good").display().to_string();
+
+    let assert_nothing_left = |what: &str| {
+        assert_eq!(record_of(&root, &id), None, "{what}: record");
+        let staged: Vec<_> = stowage::os::mountinfo::MountTable::read()
+            .unwrap()
+            .entries
+            .into_iter()
+            .filter(|e| e.mount_point.starts_with(&root) || e.mount_point.starts_with(&file))
+            .collect();
+        assert!(staged.is_empty(), "{what}: mounts left {staged:?}");
+        assert!(
+            loops_under(&env.layout.pool).is_empty(),
+            "{what}: loop device left"
+        );
+        let v = json(&env, &["volume", "get", &id]);
+        assert_eq!(
+            v["published_node_ids"],
+            serde_json::json!([]),
+            "{what}: {v}"
+        );
+    };
+
+    let failed = |args: &[&str], want: &str| {
+        let mut all = vec!["volume", "publish"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--staging-root", &root_s]);
+        let out = stowage(&env, &all);
+        assert_eq!(out.status.code(), Some(1), "{args:?} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("undoing"), "the roll-back failed: {err}");
+    };
+
+    failed(&[&id, &under_file, "--fs", "ext4"], "cannot create");
+    assert_nothing_left("parent is a file");
+    failed(&[&id, &good, "--fs", "nosuchfs"], "INVALID_ARGUMENT");
+    assert_nothing_left("unknown filesystem");
+    assert!(!std::path::Path::new(&good).exists());
+    failed(&["no-such-volume", &good, "--fs", "ext4"], "NOT_FOUND");
+    assert_eq!(record_of(&root, "no-such-volume"), None);
+
+    // A target already published stays published when a re-publish fails.
+    let publish = [
+        "volume",
+        "publish",
+        &id,
+        &good,
+        "--fs",
+        "ext4",
+        "--staging-root",
+        &root_s,
+    ];
+    json(&env, &publish);
+    failed(
+        &[&id, &good, "--fs", "ext4", "--readonly"],
+        "ALREADY_EXISTS",
+    );
+    assert!(is_mounted(std::path::Path::new(&good)));
+    let rec = record_of(&root, &id).expect("the record stays");
+    assert_eq!(rec["targets"].as_array().unwrap().len(), 1, "{rec}");
+    assert_eq!(rec["targets"][0]["readonly"], Value::Bool(false), "{rec}");
+
+    json(
+        &env,
+        &["volume", "unpublish", &id, &good, "--staging-root", &root_s],
+    );
+    assert_nothing_left("after unpublish");
+    json(&env, &["volume", "delete", &id]);
+}

@@ -187,8 +187,8 @@ async fn create(
     let mut snap = first.clone();
     while !snap.ready_to_use {
         progress.set(format!(
-            "waiting for {what} ({}): ready_to_use=false",
-            first.snapshot_id
+            "snapshot {} ({}) not ready_to_use yet",
+            req.name, first.snapshot_id
         ));
         progress.track(tokio::time::sleep(READY_POLL)).await;
         snap = match progress.track(create_once(s, req.clone())).await {
