@@ -28,6 +28,9 @@ enum Command {
     /// Report this host's pool, volumes and anything leaked or inconsistent
     /// (reads local state; exits 1 when problems are listed).
     Status(client::status::StatusArgs),
+    /// Make the plugin's volumes match a declarative file (the headless
+    /// reconciler; --watch keeps it running as a sidecar).
+    Apply(client::apply::ApplyArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -120,6 +123,12 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
+        Command::Apply(args) => {
+            if args.watch {
+                init_logging(LogFormat::Text);
+            }
+            ExitCode::from(client::apply::run(args, &outer))
+        }
         Command::Client(command) => match client::run(command, &outer) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -5,6 +5,7 @@
 //! exception is `status` (its own module), which reads stowage's local
 //! state and the system for operators of stowage itself.
 
+pub mod apply;
 pub mod output;
 pub mod plugin;
 pub mod progress;

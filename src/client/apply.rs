@@ -1,0 +1,539 @@
+//! `stowage apply -f host-volumes.yaml`: the headless reconciler. The logic
+//! lives in the `stowage-sidecars` crate; this module gives it a CSI
+//! plugin (the [`Plugin`] port over plain CSI calls and capability
+//! discovery, nothing stowage-specific) and the command line. Publications
+//! go through the client's recorded publish/unpublish, so `stowage volume
+//! unpublish` sees what apply published.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use stowage_sidecars::plugin::{CreateVolume, CreatedVolume, PublishRequest};
+use stowage_sidecars::reconcile::{ApplyOptions, Event, Summary};
+use stowage_sidecars::spec::{AccessMode, VolumeMode};
+use stowage_sidecars::state::{self, StateStore};
+use stowage_sidecars::watch::{Stop, WatchOptions, now_secs};
+use stowage_sidecars::{Capability, Lookup, Plugin, SnapshotInfo, VolumesFile};
+
+use super::publish::{
+    CapabilityArgs, DEFAULT_STAGING_ROOT, PublishSpec, load_record, publish_volume,
+    unpublish_volume,
+};
+use super::volume::AccessModeArg;
+use super::{ClientError, DEFAULT_ENDPOINT, GlobalArgs, OutputFormat, Session, rpc};
+use crate::csi;
+use crate::csi::controller_service_capability::rpc::Type as ControllerRpc;
+use crate::csi::node_service_capability::rpc::Type as NodeRpc;
+use crate::csi::volume_capability::access_mode::Mode;
+
+/// Where the reconciler keeps its state by default.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/stowage-apply/state.json";
+
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// The volumes file (YAML).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Only validate the file (no endpoint needed); exit 2 when invalid.
+    #[arg(long, conflicts_with_all = ["dry_run", "prune", "watch"])]
+    pub check: bool,
+    /// Print the plan; change nothing.
+    #[arg(long, conflicts_with = "watch")]
+    pub dry_run: bool,
+    /// Unpublish and delete volumes this reconciler created that are no
+    /// longer in the file.
+    #[arg(long)]
+    pub prune: bool,
+    /// Keep running: re-apply when the file changes and every --interval.
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: how often to re-apply an unchanged file (s, m, h, d).
+    #[arg(long, default_value = "30s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// With --watch: serve GET /healthz (the plugin's Probe) on HOST:PORT.
+    #[arg(long, requires = "watch", value_name = "HOST:PORT")]
+    pub health_addr: Option<String>,
+    /// The reconciler's state file.
+    #[arg(long, default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
+    /// The directory holding staging directories and publication records
+    /// (shared with `stowage volume publish|unpublish`).
+    #[arg(long, default_value = DEFAULT_STAGING_ROOT)]
+    pub staging_root: PathBuf,
+    #[command(flatten)]
+    pub globals: GlobalArgs,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    stowage_sidecars::schedule::parse_duration(s)
+        .map(Duration::from_secs)
+        .map_err(|e| e.to_string())
+}
+
+/// A CSI plugin behind an endpoint, connected on first use (so a sidecar
+/// started before its plugin waits instead of failing). Clones share the
+/// connection once made.
+#[derive(Debug, Clone)]
+pub struct CsiPlugin {
+    endpoint: String,
+    staging_root: PathBuf,
+    session: Option<Session>,
+}
+
+impl CsiPlugin {
+    pub fn new(endpoint: &str, staging_root: &Path) -> CsiPlugin {
+        CsiPlugin {
+            endpoint: endpoint.to_owned(),
+            staging_root: staging_root.to_owned(),
+            session: None,
+        }
+    }
+
+    async fn s(&mut self) -> Result<&mut Session, ClientError> {
+        if self.session.is_none() {
+            self.session = Some(Session::connect(&self.endpoint).await?);
+        }
+        Ok(self.session.as_mut().expect("connected above"))
+    }
+}
+
+fn access_mode(a: AccessMode) -> AccessModeArg {
+    match a {
+        AccessMode::Rwo => AccessModeArg::Rwo,
+        AccessMode::Rwop => AccessModeArg::Rwop,
+        AccessMode::Rox => AccessModeArg::Rox,
+        AccessMode::Rwx => AccessModeArg::Rwx,
+    }
+}
+
+fn csi_capability(c: &Capability) -> csi::VolumeCapability {
+    use csi::volume_capability::{AccessMode as Am, AccessType, BlockVolume, MountVolume};
+    csi::VolumeCapability {
+        access_mode: Some(Am {
+            mode: Mode::from(access_mode(c.access_mode)) as i32,
+        }),
+        access_type: Some(match c.mode {
+            VolumeMode::Block => AccessType::Block(BlockVolume {}),
+            VolumeMode::Mount => AccessType::Mount(MountVolume {
+                fs_type: c.fs.clone(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            }),
+        }),
+    }
+}
+
+/// NOT_FOUND counts as done (deleting what is gone succeeds).
+fn gone_is_done<T>(call: &'static str, r: Result<T, tonic::Status>) -> Result<(), ClientError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+        Err(s) => Err(rpc(call)(s)),
+    }
+}
+
+impl Plugin for CsiPlugin {
+    type Error = ClientError;
+
+    async fn probe(&mut self) -> Result<bool, ClientError> {
+        let r = self
+            .s()
+            .await?
+            .identity
+            .probe(csi::ProbeRequest {})
+            .await
+            .map_err(rpc("Probe"))?;
+        Ok(r.into_inner().ready.unwrap_or(true))
+    }
+
+    async fn create_volume(&mut self, req: &CreateVolume) -> Result<CreatedVolume, ClientError> {
+        use csi::plugin_capability::{Type, service};
+        let s = self.s().await?;
+        // A single-host CO asks for the volume on the node behind this
+        // endpoint when the plugin declares topology constraints.
+        let wants_topology = s.plugin_capabilities().await?.iter().any(|c| {
+            matches!(&c.r#type, Some(Type::Service(sv))
+                if sv.r#type == service::Type::VolumeAccessibilityConstraints as i32)
+        });
+        let mut accessibility_requirements = None;
+        if wants_topology
+            && let Ok(info) = s.node.node_get_info(csi::NodeGetInfoRequest {}).await
+            && let Some(t) = info.into_inner().accessible_topology
+        {
+            accessibility_requirements = Some(csi::TopologyRequirement {
+                requisite: vec![t.clone()],
+                preferred: vec![t],
+            });
+        }
+        let v = s
+            .controller
+            .create_volume(csi::CreateVolumeRequest {
+                name: req.name.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: req.bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![csi_capability(&req.capability)],
+                parameters: req.parameters.clone().into_iter().collect(),
+                accessibility_requirements,
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("CreateVolume"))?
+            .into_inner()
+            .volume
+            .ok_or(ClientError::EmptyResponse {
+                call: "CreateVolume",
+                what: "volume",
+            })?;
+        Ok(CreatedVolume {
+            id: v.volume_id,
+            capacity_bytes: v.capacity_bytes,
+        })
+    }
+
+    async fn lookup_volume(&mut self, id: &str) -> Result<Lookup, ClientError> {
+        let s = self.s().await?;
+        let rpcs = s.controller_rpcs().await?;
+        if !rpcs.contains(&ControllerRpc::GetVolume) && !rpcs.contains(&ControllerRpc::ListVolumes)
+        {
+            return Ok(Lookup::Unknown);
+        }
+        match super::volume::get(s, id).await {
+            Ok(v) => Ok(Lookup::Present {
+                capacity_bytes: v.capacity_bytes,
+            }),
+            Err(ClientError::NotFound { .. }) => Ok(Lookup::Absent),
+            Err(ClientError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
+                Ok(Lookup::Absent)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete_volume(&mut self, id: &str) -> Result<(), ClientError> {
+        let r = self
+            .s()
+            .await?
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.to_owned(),
+                ..Default::default()
+            })
+            .await;
+        gone_is_done("DeleteVolume", r)
+    }
+
+    async fn publish(&mut self, req: &PublishRequest<'_>) -> Result<(), ClientError> {
+        let spec = PublishSpec {
+            id: req.volume_id.to_owned(),
+            target: req.target.to_owned(),
+            readonly: req.read_only,
+            capability: CapabilityArgs {
+                block: req.capability.mode == VolumeMode::Block,
+                fs: (!req.capability.fs.is_empty()).then(|| req.capability.fs.clone()),
+                access_mode: access_mode(req.capability.access_mode),
+            },
+            staging_root: self.staging_root.clone(),
+        };
+        publish_volume(self.s().await?, &spec).await.map(drop)
+    }
+
+    async fn unpublish(&mut self, volume_id: &str, target: &Path) -> Result<(), ClientError> {
+        let root = self.staging_root.clone();
+        unpublish_volume(self.s().await?, volume_id, target, &root)
+            .await
+            .map(drop)
+    }
+
+    async fn publications(&mut self, volume_id: &str) -> Result<Vec<PathBuf>, ClientError> {
+        Ok(load_record(&self.staging_root, volume_id)?
+            .map(|r| r.targets.into_iter().map(|t| t.path).collect())
+            .unwrap_or_default())
+    }
+
+    async fn expand(
+        &mut self,
+        volume_id: &str,
+        bytes: i64,
+        published_at: Option<&Path>,
+        capability: &Capability,
+    ) -> Result<i64, ClientError> {
+        let staging = load_record(&self.staging_root, volume_id)?.and_then(|r| r.staging_path);
+        let s = self.s().await?;
+        let range = csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        };
+        let mut capacity = bytes;
+        let mut node_required = true;
+        if s.controller_rpcs()
+            .await?
+            .contains(&ControllerRpc::ExpandVolume)
+        {
+            let r = s
+                .controller
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: volume_id.to_owned(),
+                    capacity_range: Some(range),
+                    volume_capability: Some(csi_capability(capability)),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("ControllerExpandVolume"))?
+                .into_inner();
+            capacity = r.capacity_bytes;
+            node_required = r.node_expansion_required;
+        }
+        if node_required
+            && let Some(path) = published_at
+            && s.node_rpcs().await?.contains(&NodeRpc::ExpandVolume)
+        {
+            let r = s
+                .node
+                .node_expand_volume(csi::NodeExpandVolumeRequest {
+                    volume_id: volume_id.to_owned(),
+                    volume_path: path.display().to_string(),
+                    capacity_range: Some(range),
+                    staging_target_path: staging
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    volume_capability: Some(csi_capability(capability)),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("NodeExpandVolume"))?
+                .into_inner();
+            capacity = capacity.max(r.capacity_bytes);
+        }
+        Ok(capacity)
+    }
+
+    async fn create_snapshot(
+        &mut self,
+        volume_id: &str,
+        name: &str,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let snap = self
+            .s()
+            .await?
+            .controller
+            .create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: volume_id.to_owned(),
+                name: name.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("CreateSnapshot"))?
+            .into_inner()
+            .snapshot
+            .ok_or(ClientError::EmptyResponse {
+                call: "CreateSnapshot",
+                what: "snapshot",
+            })?;
+        Ok(SnapshotInfo {
+            id: snap.snapshot_id,
+            ready: snap.ready_to_use,
+            creation_time: snap.creation_time.map(|t| t.seconds),
+        })
+    }
+
+    async fn delete_snapshot(&mut self, snapshot_id: &str) -> Result<(), ClientError> {
+        let r = self
+            .s()
+            .await?
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: snapshot_id.to_owned(),
+                ..Default::default()
+            })
+            .await;
+        gone_is_done("DeleteSnapshot", r)
+    }
+}
+
+/// Why `stowage apply` stopped before or around a pass.
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    State(#[from] stowage_sidecars::StateError),
+    #[error("cannot serve /healthz on {addr}")]
+    Health {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs `stowage apply`; returns the exit code: 0 converged (or a valid
+/// file with --check), 1 when an action failed, 2 for bad usage or an
+/// invalid file.
+pub fn run(args: ApplyArgs, outer: &GlobalArgs) -> u8 {
+    let g = args.globals.or(outer);
+    let format = g.output.unwrap_or_default();
+    let file = match VolumesFile::load(&args.file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("stowage: {}: {e}", args.file.display());
+            return 2;
+        }
+    };
+    if args.check {
+        match format {
+            OutputFormat::Json => println!(
+                "{}",
+                serde_json::json!({ "valid": true, "volumes": file.volumes.len() })
+            ),
+            OutputFormat::Table => println!(
+                "{}: valid ({} volume{})",
+                args.file.display(),
+                file.volumes.len(),
+                if file.volumes.len() == 1 { "" } else { "s" }
+            ),
+        }
+        return 0;
+    }
+    let endpoint = g
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.into());
+    if let Err(e) = crate::server::Endpoint::parse(&endpoint) {
+        eprintln!("stowage: {e}");
+        return 2;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stowage: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let plugin = CsiPlugin::new(&endpoint, &args.staging_root);
+    let result = rt.block_on(async {
+        if args.watch {
+            watch(plugin, file, &args, format).await.map(|()| 0)
+        } else {
+            once(plugin, file, &args, format).await
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!(
+                "stowage: {}",
+                stowage_sidecars::error_chain(&e as &(dyn std::error::Error + 'static))
+            );
+            1
+        }
+    }
+}
+
+fn printer(format: OutputFormat, json_lines: bool) -> impl FnMut(&Event) {
+    move |e: &Event| match format {
+        OutputFormat::Table => println!("{e}"),
+        OutputFormat::Json if json_lines => {
+            if let Ok(line) = serde_json::to_string(e) {
+                println!("{line}");
+            }
+        }
+        OutputFormat::Json => {}
+    }
+}
+
+async fn once(
+    mut plugin: CsiPlugin,
+    file: VolumesFile,
+    args: &ApplyArgs,
+    format: OutputFormat,
+) -> Result<u8, ApplyError> {
+    // A dry run reads the state without the lock (it is replaced
+    // atomically, so any read is whole) and never writes it.
+    let store = if args.dry_run {
+        None
+    } else {
+        Some(StateStore::open(&args.state_file)?)
+    };
+    let state = match &store {
+        Some(s) => s.load()?,
+        None => state::read(&args.state_file)?,
+    };
+    let opts = ApplyOptions {
+        dry_run: args.dry_run,
+        prune: args.prune,
+        now: now_secs(),
+        stop: None,
+    };
+    let mut report = printer(format, false);
+    let summary: Summary = stowage_sidecars::apply(
+        &mut plugin,
+        &file,
+        store.as_ref(),
+        state,
+        &opts,
+        &mut report,
+    )
+    .await?;
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).map_err(ClientError::Json)?
+        ),
+        OutputFormat::Table if summary.events.is_empty() => {
+            println!(
+                "{}",
+                if args.dry_run {
+                    "no changes planned"
+                } else {
+                    "nothing to do: converged"
+                }
+            )
+        }
+        OutputFormat::Table => {}
+    }
+    Ok(if summary.converged { 0 } else { 1 })
+}
+
+async fn watch(
+    mut plugin: CsiPlugin,
+    file: VolumesFile,
+    args: &ApplyArgs,
+    format: OutputFormat,
+) -> Result<(), ApplyError> {
+    let store = StateStore::open(&args.state_file)?;
+    let stop = Stop::default();
+    stop.on_signals().map_err(|source| ClientError::Io {
+        what: "cannot install signal handlers".into(),
+        source,
+    })?;
+    let mut health = None;
+    if let Some(addr) = &args.health_addr {
+        let listener = tokio::net::TcpListener::bind(addr.as_str())
+            .await
+            .map_err(|source| ApplyError::Health {
+                addr: addr.clone(),
+                source,
+            })?;
+        tracing::info!(addr = %addr, "serving /healthz");
+        health = Some(tokio::spawn(stowage_sidecars::health::serve(
+            listener,
+            plugin.clone(),
+        )));
+    }
+    let opts = WatchOptions {
+        file: args.file.clone(),
+        interval: args.interval,
+        prune: args.prune,
+    };
+    let mut report = printer(format, true);
+    stowage_sidecars::watch::watch(&mut plugin, &store, file, &opts, &stop, &mut report).await;
+    if let Some(h) = health {
+        h.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
