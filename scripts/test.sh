@@ -21,6 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 modprobe loop 2>/dev/null || true
 
+# The workspace: the stowage package and the sidecars crate.
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --lib --bins --tests
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --workspace --locked --lib --bins --tests
