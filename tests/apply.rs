@@ -318,27 +318,36 @@ async fn converges_from_partial_state() {
     }
 }
 
-/// kill -9 at random instants of an apply, several rounds; then a plain
-/// rerun converges to exactly the declared world.
+/// kill -9 at random instants of an apply, several rounds, each with work
+/// left to cut (the file alternates between growing both volumes and
+/// pruning the raw one); then a plain rerun converges to exactly the
+/// declared world.
 #[tokio::test(flavor = "multi_thread")]
 async fn converges_after_kill_9_mid_apply() {
     let mut env = Env::new("xfs").await;
     let a = Applier::new(&env);
-    a.write(&two_volumes(&env, "320Mi"));
     let mut seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .subsec_nanos() as u64
         | 1;
     let mut delays = Vec::new();
-    for round in 0..5 {
+    for round in 0..8 {
+        let full = two_volumes(&env, &format!("{}Mi", 320 + 32 * round));
+        let prune = round % 2 == 1;
+        if prune {
+            a.write(&full[..full.find("  - name: raw").unwrap()]);
+        } else {
+            a.write(&full);
+        }
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let delay = Duration::from_millis(seed % 700);
+        // A whole apply here takes tens of milliseconds.
+        let delay = Duration::from_micros(seed % 80_000);
         delays.push(delay);
         let mut child = a
-            .command(&env, &[])
+            .command(&env, if prune { &["--prune"] } else { &[] })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -348,11 +357,8 @@ async fn converges_after_kill_9_mid_apply() {
         let _ = child.kill();
         let _ = child.wait();
         drop(guard);
-        // Grow the volume once in the middle, so an expansion can be cut too.
-        if round == 2 {
-            a.write(&two_volumes(&env, "384Mi"));
-        }
     }
+    a.write(&two_volumes(&env, "576Mi"));
     let out = a.run(&env, &[]);
     assert!(
         out.status.success(),
@@ -362,7 +368,7 @@ async fn converges_after_kill_9_mid_apply() {
     );
     assert_converged(&mut env, &a).await;
     let data = a.volume_id("data");
-    assert!(capacity(&mut env, &data).await >= 384 * MIB);
+    assert!(capacity(&mut env, &data).await >= 576 * MIB);
     let again = a.json(&env, &["--dry-run"], 0);
     assert_eq!(actions(&again), Vec::<String>::new(), "{again}");
 }
