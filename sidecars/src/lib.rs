@@ -12,6 +12,7 @@ pub mod health;
 pub mod plugin;
 pub mod reconcile;
 pub mod schedule;
+pub mod size;
 pub mod spec;
 pub mod state;
 pub mod watch;

@@ -16,7 +16,8 @@ use serde::Serialize;
 
 use crate::plugin::{Capability, CreateVolume, Lookup, Plugin, PublishRequest};
 use crate::schedule::{due, slot_start, snapshot_name, to_prune};
-use crate::spec::{VolumeSpec, VolumesFile, format_size};
+use crate::size::format_size;
+use crate::spec::{VolumeSpec, VolumesFile};
 use crate::state::{
     Intent, Publication, ScheduledSnapshot, State, StateError, StateStore, VolumeState,
 };

@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::schedule::parse_duration;
+use crate::size::parse_size;
 
 /// A volumes file, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -272,49 +273,6 @@ pub fn check_target(s: &str) -> Result<(), String> {
         return Err(format!("target {s:?}: cannot be the root directory"));
     }
     Ok(())
-}
-
-const UNITS: [(&str, i64); 4] = [
-    ("Ti", 1 << 40),
-    ("Gi", 1 << 30),
-    ("Mi", 1 << 20),
-    ("Ki", 1 << 10),
-];
-
-/// Parses a positive size: plain bytes, or a number with `Ki`, `Mi`, `Gi`
-/// or `Ti` (decimal suffixes are refused rather than guessed).
-pub fn parse_size(input: &str) -> Result<i64, String> {
-    let s = input.trim();
-    let (digits, unit) = UNITS
-        .iter()
-        .find_map(|(suffix, mult)| s.strip_suffix(suffix).map(|d| (d, *mult)))
-        .unwrap_or((s, 1));
-    let malformed =
-        || format!("size {input:?}: expected a number of bytes or a number with Ki, Mi, Gi or Ti");
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(malformed());
-    }
-    let bytes = digits
-        .parse::<i64>()
-        .ok()
-        .and_then(|n| n.checked_mul(unit))
-        .ok_or_else(|| format!("size {input:?}: too large"))?;
-    if bytes == 0 {
-        return Err(format!("size {input:?}: must be greater than zero"));
-    }
-    Ok(bytes)
-}
-
-/// Bytes with the largest binary unit that divides them (`1Gi`), or plain.
-pub fn format_size(bytes: i64) -> String {
-    if bytes != 0 {
-        for (suffix, mult) in UNITS {
-            if bytes % mult == 0 {
-                return format!("{}{suffix}", bytes / mult);
-            }
-        }
-    }
-    bytes.to_string()
 }
 
 impl VolumesFile {
@@ -602,20 +560,5 @@ volumes:
         for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn sizes_round_trip() {
-        for (s, b) in [
-            ("4096", 4096),
-            ("1Ki", 1024),
-            ("3Gi", 3 << 30),
-            ("2Ti", 2 << 40),
-        ] {
-            assert_eq!(parse_size(s), Ok(b));
-            assert_eq!(parse_size(&format_size(b)), Ok(b));
-        }
-        assert!(parse_size("1.5Gi").is_err());
-        assert!(parse_size("9999999Ti").is_err());
     }
 }

@@ -147,24 +147,8 @@ impl Plugin for CsiPlugin {
     }
 
     async fn create_volume(&mut self, req: &CreateVolume) -> Result<CreatedVolume, ClientError> {
-        use csi::plugin_capability::{Type, service};
         let s = self.s().await?;
-        // A single-host CO asks for the volume on the node behind this
-        // endpoint when the plugin declares topology constraints.
-        let wants_topology = s.plugin_capabilities().await?.iter().any(|c| {
-            matches!(&c.r#type, Some(Type::Service(sv))
-                if sv.r#type == service::Type::VolumeAccessibilityConstraints as i32)
-        });
-        let mut accessibility_requirements = None;
-        if wants_topology
-            && let Ok(info) = s.node.node_get_info(csi::NodeGetInfoRequest {}).await
-            && let Some(t) = info.into_inner().accessible_topology
-        {
-            accessibility_requirements = Some(csi::TopologyRequirement {
-                requisite: vec![t.clone()],
-                preferred: vec![t],
-            });
-        }
+        let accessibility_requirements = s.local_topology().await?;
         let v = s
             .controller
             .create_volume(csi::CreateVolumeRequest {

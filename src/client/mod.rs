@@ -211,6 +211,29 @@ impl Session {
             .capabilities)
     }
 
+    /// Where a single-host CO asks for a new volume: on the node behind this
+    /// endpoint, when the plugin declares VOLUME_ACCESSIBILITY_CONSTRAINTS
+    /// and its node reports a topology; otherwise no requirement.
+    pub async fn local_topology(
+        &mut self,
+    ) -> Result<Option<csi::TopologyRequirement>, ClientError> {
+        use csi::plugin_capability::{Type, service};
+        let wants_topology = self.plugin_capabilities().await?.iter().any(|c| {
+            matches!(&c.r#type, Some(Type::Service(sv))
+                if sv.r#type == service::Type::VolumeAccessibilityConstraints as i32)
+        });
+        if wants_topology
+            && let Ok(info) = self.node.node_get_info(csi::NodeGetInfoRequest {}).await
+            && let Some(t) = info.into_inner().accessible_topology
+        {
+            return Ok(Some(csi::TopologyRequirement {
+                requisite: vec![t.clone()],
+                preferred: vec![t],
+            }));
+        }
+        Ok(None)
+    }
+
     /// The controller RPCs the plugin offers; empty when it serves no
     /// controller (UNIMPLEMENTED).
     pub async fn controller_rpcs(

@@ -301,23 +301,9 @@ async fn create_request(
     s: &mut Session,
     args: CreateArgs,
 ) -> Result<csi::CreateVolumeRequest, ClientError> {
-    use csi::plugin_capability::{Type, service};
     use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
     use csi::volume_content_source::{SnapshotSource, Type as Source, VolumeSource};
-    let wants_topology = s.plugin_capabilities().await?.iter().any(|c| {
-        matches!(&c.r#type, Some(Type::Service(sv))
-            if sv.r#type == service::Type::VolumeAccessibilityConstraints as i32)
-    });
-    let mut accessibility_requirements = None;
-    if wants_topology
-        && let Ok(info) = s.node.node_get_info(csi::NodeGetInfoRequest {}).await
-        && let Some(t) = info.into_inner().accessible_topology
-    {
-        accessibility_requirements = Some(csi::TopologyRequirement {
-            requisite: vec![t.clone()],
-            preferred: vec![t],
-        });
-    }
+    let accessibility_requirements = s.local_topology().await?;
     let source = match (args.from_snapshot, args.from_volume) {
         (Some(snapshot_id), _) => Some(Source::Snapshot(SnapshotSource { snapshot_id })),
         (None, Some(volume_id)) => Some(Source::Volume(VolumeSource { volume_id })),
