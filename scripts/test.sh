@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs stowage's whole test suite on a fresh Debian machine, as root:
-# installs the filesystem tools the integration tests use, then checks
+# installs the filesystem tools (and systemd-analyze) the tests use, then checks
 # formatting and lints, and runs every test (unit, integration, property).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need=()
-for tool in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs blkid:util-linux; do
+for tool in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs blkid:util-linux systemd-analyze:systemd; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -24,4 +24,6 @@ modprobe loop 2>/dev/null || true
 # The workspace: the stowage package and the sidecars crate.
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
+# The unit-file test must check the units with systemd-analyze, not skip it.
+export STOWAGE_REQUIRE_SYSTEMD_ANALYZE=1
 cargo test --workspace --locked --lib --bins --tests

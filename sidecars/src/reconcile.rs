@@ -448,6 +448,20 @@ impl<P: Plugin> Pass<'_, P> {
             self.emit(name, Action::Refuse { reason }, Outcome::Refused);
             return Err(Halt::Failed);
         }
+        // CreateVolume parameters are fixed at creation; a change is
+        // reported (the volume keeps working as created) rather than ignored.
+        let parameters = if rec.parameters != spec.parameters {
+            let reason = format!(
+                "the file's parameters {:?} differ from the {:?} the volume was \
+                 created with; parameters cannot change after creation \
+                 (restore them in the file, or create a new volume)",
+                spec.parameters, rec.parameters
+            );
+            self.emit(name, Action::Refuse { reason }, Outcome::Refused);
+            Err(Halt::Failed)
+        } else {
+            Ok(())
+        };
         self.publish(name, spec).await?;
         // A refused or failed expansion does not hold back the snapshots.
         let expanded = match self.expand(name, spec, observed).await {
@@ -456,7 +470,7 @@ impl<P: Plugin> Pass<'_, P> {
             Ok(()) => Ok(()),
         };
         self.snapshots(name, spec).await?;
-        expanded
+        expanded.and(parameters)
     }
 
     /// CreateVolume with the arguments recorded in the volume's state.
@@ -639,6 +653,17 @@ impl<P: Plugin> Pass<'_, P> {
             },
             outcome,
         );
+        // An interrupted expansion was finished to its recorded size; a file
+        // that asks for less meanwhile is a shrink, refused like any other.
+        if spec.size_bytes < goal {
+            let reason = format!(
+                "size {} is smaller than the {} it has; shrinking is refused",
+                format_size(spec.size_bytes),
+                format_size(goal)
+            );
+            self.emit(name, Action::Refuse { reason }, Outcome::Refused);
+            return Err(Halt::Failed);
+        }
         Ok(())
     }
 

@@ -331,6 +331,59 @@ async fn a_create_whose_answer_was_lost_is_repeated_with_the_recorded_size() {
     assert_eq!(w.volumes["a"].1, 4 << 20);
 }
 
+/// An expansion whose answer was lost is finished to its recorded size on
+/// the next run even if the file now asks for less; the smaller size is
+/// then refused, never reported as converged.
+#[tokio::test]
+async fn an_interrupted_expansion_is_finished_and_a_later_shrink_refused() {
+    let mut h = Harness::new();
+    assert!(h.apply_at(TWO, 100).await.converged);
+    h.fake.w().lose_answer_of = Some("expand");
+    let grown = TWO.replacen("size: 1Mi", "size: 4Mi", 1);
+    let s = h.apply_at(&grown, 100).await;
+    assert!(!s.converged);
+    assert_eq!(
+        h.state().volumes["a"].intent,
+        Some(Intent::Expand { bytes: 4 << 20 })
+    );
+    // Back to the old size before the next run.
+    let s = h.apply_at(TWO, 100).await;
+    assert!(!s.converged, "{s:?}");
+    let k = kinds(&s);
+    assert!(k.contains(&"a:expand:done".to_owned()), "{k:?}");
+    assert!(k.contains(&"a:refuse:refused".to_owned()), "{k:?}");
+    assert_eq!(h.state().volumes["a"].intent, None);
+    assert_eq!(h.fake.w().volumes["a"].1, 4 << 20);
+}
+
+/// Changed CreateVolume parameters of an existing volume are reported as
+/// refused (the run does not converge) while the volume stays published.
+#[tokio::test]
+async fn changed_parameters_are_refused_not_ignored() {
+    let mut h = Harness::new();
+    let with = TWO.replacen(
+        "    target: /t/b\n",
+        "    target: /t/b\n    parameters: {backend: block}\n",
+        1,
+    );
+    assert!(h.apply_at(&with, 100).await.converged);
+    let changed = with.replacen("backend: block", "backend: dir", 1);
+    let s = h.apply_at(&changed, 100).await;
+    assert!(!s.converged, "{s:?}");
+    let k = kinds(&s);
+    assert!(k.contains(&"b:refuse:refused".to_owned()), "{k:?}");
+    assert!(!k.iter().any(|e| e.starts_with("a:")), "{k:?}");
+    assert!(
+        h.fake
+            .w()
+            .published
+            .iter()
+            .any(|(_, t)| t == Path::new("/t/b"))
+    );
+    // Restored in the file: converged again.
+    assert!(h.apply_at(&with, 100).await.converged);
+}
+
 #[tokio::test]
 async fn a_lost_snapshot_answer_records_the_snapshot_on_the_next_run() {
     let mut h = Harness::new();
