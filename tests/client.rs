@@ -353,6 +353,108 @@ async fn publish_stats_unpublish_round_trip() {
     json(&env, &["volume", "delete", &id]);
 }
 
+/// The whole headless round trip through the binary, for a block (ext4)
+/// and a dir volume: create → publish → write → snapshot → restore →
+/// publish the restore → content matches → unpublish → delete.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_restore_and_publish_round_trip() {
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    for (kind, create_args, fs_args) in [
+        ("block", vec!["--fs", "ext4"], vec!["--fs", "ext4"]),
+        ("dir", vec!["--param", "backend=dir"], vec![]),
+    ] {
+        let publish = |id: &str, target: &str| {
+            let mut args = vec!["volume", "publish", id, target, "--staging-root", &root_s];
+            args.extend_from_slice(&fs_args);
+            let p = json(&env, &args);
+            assert_eq!(str_of(&p, "volume_id"), id, "{p}");
+        };
+        let unpublish = |id: &str, target: &str| {
+            let u = json(
+                &env,
+                &["volume", "unpublish", id, target, "--staging-root", &root_s],
+            );
+            assert!(u["remaining_targets"].as_array().unwrap().is_empty(), "{u}");
+        };
+
+        let name = format!("rt-{kind}");
+        let mut args = vec!["volume", "create", name.as_str(), "--size", "64Mi"];
+        args.extend_from_slice(&create_args);
+        let id = str_of(&json(&env, &args), "volume_id").to_owned();
+        let target = env.target_path(&format!("rt-{kind}-src"));
+        let target_s = target.display().to_string();
+        publish(&id, &target_s);
+        let data = pattern(11, 3 << 20);
+        std::fs::write(target.join("data.bin"), &data).unwrap();
+        std::fs::create_dir(target.join("sub")).unwrap();
+        std::fs::write(target.join("sub/small"), b"small file").unwrap();
+        nix::unistd::sync();
+
+        let snap = json(
+            &env,
+            &["snapshot", "create", &id, &format!("rt-{kind}-snap")],
+        );
+        assert_eq!(snap["ready_to_use"], Value::Bool(true), "{snap}");
+        let snap_id = str_of(&snap, "snapshot_id").to_owned();
+        // Written after the snapshot: must not appear in the restore.
+        std::fs::write(target.join("later"), b"after the snapshot").unwrap();
+
+        let restore_name = format!("rt-{kind}-restored");
+        let mut args = vec![
+            "volume",
+            "create",
+            restore_name.as_str(),
+            "--size",
+            "64Mi",
+            "--from-snapshot",
+            &snap_id,
+        ];
+        args.extend_from_slice(&create_args);
+        let restored = json(&env, &args);
+        let restored_id = str_of(&restored, "volume_id").to_owned();
+        assert_ne!(restored_id, id);
+        let target2 = env.target_path(&format!("rt-{kind}-restored"));
+        let target2_s = target2.display().to_string();
+        publish(&restored_id, &target2_s);
+        assert_eq!(
+            std::fs::read(target2.join("data.bin")).unwrap(),
+            data,
+            "{kind}"
+        );
+        assert_eq!(
+            std::fs::read(target2.join("sub/small")).unwrap(),
+            b"small file"
+        );
+        assert!(
+            !target2.join("later").exists(),
+            "{kind}: restore is the snapshot"
+        );
+        // The two are independent.
+        std::fs::write(target2.join("data.bin"), b"changed").unwrap();
+        assert_eq!(std::fs::read(target.join("data.bin")).unwrap(), data);
+
+        unpublish(&restored_id, &target2_s);
+        unpublish(&id, &target_s);
+        assert!(!target.exists() && !target2.exists());
+        assert_eq!(
+            json(&env, &["snapshot", "delete", &snap_id])["deleted"],
+            Value::Bool(true)
+        );
+        for v in [&restored_id, &id] {
+            json(&env, &["volume", "delete", v]);
+        }
+    }
+    assert!(loops_under(&env.layout.pool).is_empty());
+    assert!(
+        json(&env, &["volume", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// A read-only publication refuses writes; unpublishing what was never
 /// published succeeds and does nothing.
 #[tokio::test(flavor = "multi_thread")]
