@@ -327,14 +327,29 @@ impl VolumesFile {
                 }),
             });
         }
-        let mut targets = HashSet::new();
-        for v in &volumes {
-            if !targets.insert(v.target.clone()) {
+        // A target inside another's would be published into that volume's
+        // filesystem (or device node), and hidden or orphaned depending on
+        // the order the two are mounted in.
+        for (i, v) in volumes.iter().enumerate() {
+            for other in &volumes[..i] {
+                let message = if v.target == other.target {
+                    format!("target {} is used by another volume", v.target.display())
+                } else if v.target.starts_with(&other.target) || other.target.starts_with(&v.target)
+                {
+                    format!(
+                        "target {} and volume {}'s target {} are nested (one inside the other)",
+                        v.target.display(),
+                        other.name,
+                        other.target.display()
+                    )
+                } else {
+                    continue;
+                };
                 return Err(SpecError {
                     line: name_line(text, &v.name),
                     column: None,
                     volume: Some(v.name.clone()),
-                    message: format!("target {} is used by another volume", v.target.display()),
+                    message,
                 });
             }
         }
@@ -550,6 +565,24 @@ volumes:
             "volumes:\n  - name: a\n    size: 1Gi\n    target: /t\n  - name: b\n    size: 1Gi\n    target: /t\n",
         );
         assert!(e.message.contains("used by another volume"), "{e}");
+    }
+
+    /// A target inside another volume's target is refused, in either order;
+    /// a sibling that merely shares a name prefix is not nested.
+    #[test]
+    fn a_target_inside_another_volumes_target_is_refused() {
+        let two = |ta: &str, tb: &str| {
+            format!(
+                "volumes:\n  - name: a\n    size: 1Gi\n    target: {ta}\n  \
+                 - name: b\n    size: 1Gi\n    target: {tb}\n"
+            )
+        };
+        for (ta, tb) in [("/srv/a", "/srv/a/b"), ("/srv/a/b", "/srv/a")] {
+            let e = refused(&two(ta, tb));
+            assert_eq!((e.line, e.volume.as_deref()), (Some(5), Some("b")), "{e}");
+            assert!(e.message.contains("nested"), "{e}");
+        }
+        assert!(VolumesFile::parse(&two("/srv/a", "/srv/ab")).is_ok());
     }
 
     #[test]
