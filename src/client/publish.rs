@@ -189,9 +189,16 @@ pub struct StatsView {
     pub condition: Option<super::volume::ConditionView>,
 }
 
+/// The longest name [`sanitize_id`] returns: `NAME_MAX` (255) less the
+/// `.json.tmp` suffix of a record being written.
+const MAX_NAME: usize = 255 - ".json.tmp".len();
+
 /// A file-name-safe, collision-free form of a volume id: the id itself when
 /// it is made of `[A-Za-z0-9._-]` and does not start with a dot, otherwise
-/// `+` and the id's bytes in hex (`+` never appears in the first form).
+/// `+` and the id's bytes in hex (`+` never appears in the first form), or,
+/// when that would be too long for a file name, `=` and the id's bytes in
+/// unpadded base64url, so that every id within CSI's 128-byte limit has a
+/// name.
 pub fn sanitize_id(id: &str) -> Result<String, ClientError> {
     let safe = !id.is_empty()
         && !id.starts_with('.')
@@ -200,19 +207,37 @@ pub fn sanitize_id(id: &str) -> Result<String, ClientError> {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     let name = if safe {
         id.to_owned()
-    } else {
+    } else if "+".len() + 2 * id.len() <= MAX_NAME {
         let mut s = String::from("+");
         for b in id.bytes() {
             s.push_str(&format!("{b:02x}"));
         }
         s
+    } else {
+        format!("={}", base64url(id.as_bytes()))
     };
-    if name.len() > 200 {
+    if name.len() > MAX_NAME {
         return Err(ClientError::Local(format!(
             "volume id {id:?} is too long for a staging directory name"
         )));
     }
     Ok(name)
+}
+
+/// `bytes` in base64url (RFC 4648 §5) without padding.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> ClientError {
@@ -1032,7 +1057,30 @@ mod tests {
         assert_eq!(sanitize_id("..").unwrap(), "+2e2e");
         assert_eq!(sanitize_id(".hidden").unwrap(), "+2e68696464656e");
         assert_eq!(sanitize_id("").unwrap(), "+");
-        assert!(sanitize_id(&"x/".repeat(100)).is_err());
+        assert!(sanitize_id(&"x/".repeat(200)).is_err());
+        assert_eq!(base64url(b"\xfb\xff"), "-_8");
+        assert_eq!(base64url(b"foob"), "Zm9vYg");
+    }
+
+    /// CSI allows ids of up to 128 bytes ("Size Limits"), any bytes: each
+    /// has a name that fits a file name with the record's `.json.tmp`, and
+    /// ids differing only in their last byte get different names.
+    #[test]
+    fn every_id_within_the_csi_size_limit_has_a_name() {
+        for id in [
+            "x".repeat(128),
+            "a/".repeat(64),
+            format!("{}:", "p".repeat(127)),
+            format!("{}/", "p".repeat(122)),
+        ] {
+            let name = sanitize_id(&id).unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert!(name.len() + ".json.tmp".len() <= 255, "{name}");
+            let mut other = id.clone();
+            other.pop();
+            other.push('!');
+            assert_ne!(sanitize_id(&other).unwrap(), name, "{id}");
+            assert!(!name.contains('/'), "{name}");
+        }
     }
 
     #[test]
