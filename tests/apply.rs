@@ -451,6 +451,26 @@ async fn scheduled_snapshots_are_taken_per_slot_and_pruned_to_keep() {
             .iter()
             .filter(|s| *s == "snappy:snapshot:done")
             .count();
+        // A snapshot is recorded as taken only once it is ready to use
+        // (a dir volume's copy runs in the background).
+        let id = a.volume_id("snappy");
+        for snap in recorded_snapshots(&a, "snappy") {
+            let ready = env
+                .c
+                .controller
+                .list_snapshots(csi::ListSnapshotsRequest {
+                    source_volume_id: id.clone(),
+                    snapshot_id: snap.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .entries
+                .iter()
+                .all(|e| e.snapshot.as_ref().is_some_and(|s| s.ready_to_use));
+            assert!(ready, "recorded snapshot {snap} is ready_to_use");
+        }
     }
     assert!(taken >= 4, "a snapshot per slot: {taken}");
     let id = a.volume_id("snappy");

@@ -96,6 +96,11 @@ pub enum Outcome {
     },
     /// Reported, not applied.
     Refused,
+    /// Made, but not finished yet (a snapshot still copying in the
+    /// background); the call is repeated on the next pass.
+    Pending {
+        reason: String,
+    },
 }
 
 /// One line of the report.
@@ -112,6 +117,11 @@ impl Event {
     /// Whether this event makes the pass unsuccessful.
     pub fn is_failure(&self) -> bool {
         matches!(self.outcome, Outcome::Failed { .. } | Outcome::Refused)
+    }
+
+    /// Whether this event leaves work for a later pass.
+    pub fn is_pending(&self) -> bool {
+        matches!(self.outcome, Outcome::Pending { .. })
     }
 }
 
@@ -200,6 +210,7 @@ impl std::fmt::Display for Event {
         };
         match &self.outcome {
             Outcome::Failed { error } => write!(f, "FAILED: {what}: {error}"),
+            Outcome::Pending { reason } => write!(f, "{what}: {reason}"),
             _ => f.write_str(&what),
         }
     }
@@ -229,7 +240,8 @@ impl<F: FnMut(&Event)> Report for F {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub dry_run: bool,
-    /// No action failed or was refused (and the pass was not stopped).
+    /// No action failed, was refused or is pending (and the pass was not
+    /// stopped).
     pub converged: bool,
     pub stopped: bool,
     pub events: Vec<Event>,
@@ -303,7 +315,7 @@ pub async fn apply<P: Plugin>(
             Err(Halt::State(e)) => return Err(e),
         }
     }
-    let converged = !stopped && !pass.events.iter().any(Event::is_failure);
+    let converged = !stopped && !pass.events.iter().any(|e| e.is_failure() || e.is_pending());
     Ok(Summary {
         dry_run: opts.dry_run,
         converged,
@@ -670,8 +682,10 @@ impl<P: Plugin> Pass<'_, P> {
     /// Finishes an interrupted snapshot, takes the current slot's when due,
     /// and prunes recorded scheduled snapshots beyond `keep`.
     async fn snapshots(&mut self, name: &str, spec: &VolumeSpec) -> Result<(), Halt> {
-        if let Some(Intent::Snapshot { name: snap, slot }) = self.rec(name).intent.clone() {
-            self.snapshot(name, &snap, slot).await?;
+        if let Some(Intent::Snapshot { name: snap, slot }) = self.rec(name).intent.clone()
+            && !self.snapshot(name, &snap, slot).await?
+        {
+            return Ok(());
         }
         let Some(sched) = spec.snapshots else {
             return Ok(());
@@ -683,7 +697,9 @@ impl<P: Plugin> Pass<'_, P> {
                 name: snap.clone(),
                 slot,
             });
-            self.snapshot(name, &snap, slot).await?;
+            if !self.snapshot(name, &snap, slot).await? {
+                return Ok(());
+            }
         }
         for old in to_prune(&self.rec(name).snapshots, sched.keep) {
             self.prune_snapshot(name, &old.name).await?;
@@ -691,14 +707,28 @@ impl<P: Plugin> Pass<'_, P> {
         Ok(())
     }
 
-    /// CreateSnapshot `snap` (intent already set), then records it.
-    async fn snapshot(&mut self, name: &str, snap: &str, slot: u64) -> Result<(), Halt> {
+    /// CreateSnapshot `snap` (intent already set), then records it once
+    /// it is ready to use. False when it is not yet (copying in the
+    /// background): the intent stays, so the next pass asks again, and
+    /// nothing is pruned meanwhile.
+    async fn snapshot(&mut self, name: &str, snap: &str, slot: u64) -> Result<bool, Halt> {
         self.checkpoint()?;
         let (id, creation_time) = if self.opts.dry_run {
             (None, None)
         } else {
             let vol = self.id(name);
             match self.plugin.create_snapshot(&vol, snap).await {
+                Ok(s) if !s.ready => {
+                    let action = Action::Snapshot {
+                        snapshot: snap.to_owned(),
+                        snapshot_id: Some(s.id),
+                    };
+                    let reason = "not ready to use yet (copying in the background); \
+                                  checked again on the next pass"
+                        .to_owned();
+                    self.emit(name, action, Outcome::Pending { reason });
+                    return Ok(false);
+                }
                 Ok(s) => (Some(s.id), s.creation_time),
                 Err(e) => {
                     let action = Action::Snapshot {
@@ -728,7 +758,7 @@ impl<P: Plugin> Pass<'_, P> {
             },
             outcome,
         );
-        Ok(())
+        Ok(true)
     }
 
     /// DeleteSnapshot of a recorded scheduled snapshot, then forgets it.

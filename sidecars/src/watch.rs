@@ -155,7 +155,8 @@ pub async fn watch<P: Plugin>(
                 Ok(s) if s.stopped => tracing::info!("apply stopped"),
                 Ok(s) => tracing::warn!(
                     failed = s.events.iter().filter(|e| e.is_failure()).count(),
-                    "applied; some actions failed (retried at the next interval)"
+                    pending = s.events.iter().filter(|e| e.is_pending()).count(),
+                    "applied; some actions failed or are pending (retried at the next interval)"
                 ),
                 Err(e) => tracing::error!(error = %crate::error_chain(&e), "apply failed"),
             }

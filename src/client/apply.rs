@@ -293,28 +293,33 @@ impl Plugin for CsiPlugin {
         Ok(capacity)
     }
 
+    /// CreateSnapshot, repeated with the same name every
+    /// [`SNAPSHOT_READY_POLL`] while the snapshot is not ready_to_use ("the
+    /// CO MAY call CreateSnapshot again to check readiness"), for at most
+    /// [`SNAPSHOT_READY_WAIT`]; the last answer is returned, ready or not.
     async fn create_snapshot(
         &mut self,
         volume_id: &str,
         name: &str,
     ) -> Result<SnapshotInfo, ClientError> {
-        let snap = self
-            .s()
-            .await?
-            .controller
-            .create_snapshot(csi::CreateSnapshotRequest {
-                source_volume_id: volume_id.to_owned(),
-                name: name.to_owned(),
-                ..Default::default()
-            })
-            .await
-            .map_err(rpc("CreateSnapshot"))?
-            .into_inner()
-            .snapshot
-            .ok_or(ClientError::EmptyResponse {
-                call: "CreateSnapshot",
-                what: "snapshot",
-            })?;
+        let req = csi::CreateSnapshotRequest {
+            source_volume_id: volume_id.to_owned(),
+            name: name.to_owned(),
+            ..Default::default()
+        };
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_READY_WAIT;
+        let mut snap = create_snapshot_once(self.s().await?, req.clone()).await?;
+        while !snap.ready_to_use && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(SNAPSHOT_READY_POLL).await;
+            snap = match create_snapshot_once(self.s().await?, req.clone()).await {
+                Ok(snap) => snap,
+                // Another call on the same name or volume is in flight.
+                Err(ClientError::Rpc { status, .. }) if status.code() == tonic::Code::Aborted => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+        }
         Ok(SnapshotInfo {
             id: snap.snapshot_id,
             ready: snap.ready_to_use,
@@ -334,6 +339,28 @@ impl Plugin for CsiPlugin {
             .await;
         gone_is_done("DeleteSnapshot", r)
     }
+}
+
+/// How often a scheduled snapshot's readiness is asked for.
+const SNAPSHOT_READY_POLL: Duration = Duration::from_millis(500);
+/// How long a pass waits for a scheduled snapshot to become ready before
+/// reporting it pending (asked again on the next pass).
+const SNAPSHOT_READY_WAIT: Duration = Duration::from_secs(30);
+
+async fn create_snapshot_once(
+    s: &mut Session,
+    req: csi::CreateSnapshotRequest,
+) -> Result<csi::Snapshot, ClientError> {
+    s.controller
+        .create_snapshot(req)
+        .await
+        .map_err(rpc("CreateSnapshot"))?
+        .into_inner()
+        .snapshot
+        .ok_or(ClientError::EmptyResponse {
+            call: "CreateSnapshot",
+            what: "snapshot",
+        })
 }
 
 /// Why `stowage apply` stopped before or around a pass.

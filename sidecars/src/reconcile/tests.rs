@@ -20,6 +20,9 @@ struct World {
     /// Make the named call do its work, then report an error (a lost
     /// answer, as when the applier is killed right after the call).
     lose_answer_of: Option<&'static str>,
+    /// Snapshots (by name) still copying in the background: CreateSnapshot
+    /// answers `ready: false` for them.
+    copying: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -155,7 +158,7 @@ impl Plugin for Fake {
         self.lost("snapshot")?;
         Ok(SnapshotInfo {
             id,
-            ready: true,
+            ready: !self.w().copying.contains(name),
             creation_time: Some(1),
         })
     }
@@ -404,6 +407,51 @@ async fn a_lost_snapshot_answer_records_the_snapshot_on_the_next_run() {
         .collect();
     assert_eq!(names, ["a-100", "a-110"]);
     assert_eq!(h.fake.w().snapshots.len(), 2);
+}
+
+/// A snapshot still copying in the background (CSI CreateSnapshot:
+/// `ready_to_use` false) is not counted as taken: the pass is not
+/// converged, the older snapshot it would replace under `keep` is kept,
+/// and the same CreateSnapshot is repeated until it reports ready.
+#[tokio::test]
+async fn a_snapshot_not_ready_to_use_is_not_recorded_and_prunes_nothing() {
+    const ONE: &str = "\
+volumes:
+  - name: a
+    size: 1Mi
+    target: /t/a
+    snapshots: {every: 10s, keep: 1}
+";
+    let mut h = Harness::new();
+    assert!(h.apply_at(ONE, 100).await.converged);
+    h.fake.w().copying.insert("a-110".into());
+    let s = h.apply_at(ONE, 110).await;
+    assert!(!s.converged, "{:?}", kinds(&s));
+    assert_eq!(kinds(&s), ["a:snapshot:pending"]);
+    let rec = &h.state().volumes["a"];
+    let names: Vec<&str> = rec.snapshots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a-100"], "only ready snapshots are recorded");
+    assert_eq!(
+        rec.intent,
+        Some(Intent::Snapshot {
+            name: "a-110".into(),
+            slot: 110
+        })
+    );
+    assert!(h.fake.w().snapshots.contains_key("a-100"), "not pruned");
+
+    // Still copying on the next pass: asked again under the same name,
+    // nothing taken for the new slot meanwhile.
+    let s = h.apply_at(ONE, 115).await;
+    assert_eq!(kinds(&s), ["a:snapshot:pending"]);
+    assert_eq!(h.fake.w().snapshots.len(), 2);
+
+    h.fake.w().copying.clear();
+    let s = h.apply_at(ONE, 115).await;
+    assert!(s.converged, "{:?}", kinds(&s));
+    assert_eq!(kinds(&s), ["a:snapshot:done", "a:prune_snapshot:done"]);
+    let w = h.fake.w();
+    assert_eq!(w.snapshots.keys().collect::<Vec<_>>(), ["a-110"]);
 }
 
 #[tokio::test]
