@@ -867,3 +867,83 @@ async fn a_failed_publish_leaves_nothing_behind() {
     assert_nothing_left("after unpublish");
     json(&env, &["volume", "delete", &id]);
 }
+
+/// Ctrl-C while the progress line is drawn on a terminal — here a publish
+/// waiting for the volume's lock, which the test holds — clears the line
+/// before the client dies of SIGINT, so the shell's next line starts clean;
+/// nothing reaches stdout.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_clears_the_progress_line() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    std::fs::create_dir_all(root.join(".publications")).unwrap();
+    let lock_file = std::fs::File::create(root.join(".publications/cli-int.lock")).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+
+    let (mut master, slave) = {
+        let (mut m, mut s) = (-1, -1);
+        // SAFETY: openpty writes two new descriptors into m and s and reads
+        // nothing else (null name, termios and winsize).
+        let r = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors are new and owned by nothing else.
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+    };
+    let target = env.target_path("cli-int").display().to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", env.layout.socket.display()))
+        .args(["volume", "publish", "cli-int", &target, "--staging-root"])
+        .arg(&root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(slave))
+        .spawn()
+        .expect("spawn stowage");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let children = Children(vec![child]);
+
+    // Until the line is up (the client gives up on the lock after 120 s,
+    // which ends this read too).
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("waiting for another") {
+        match master.read(&mut buf) {
+            Ok(0) | Err(_) => panic!("no progress line: {:?}", String::from_utf8_lossy(&seen)),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = children.wait().pop().unwrap();
+    // The slave is closed once the client is gone: EIO ends the read.
+    while let Ok(n @ 1..) = master.read(&mut buf) {
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGINT),
+        "{:?}: {text:?}",
+        out.status
+    );
+    assert!(text.ends_with("\r\x1b[2K"), "line left drawn: {text:?}");
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

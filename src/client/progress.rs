@@ -2,7 +2,8 @@
 //! background, a restore, a first stage that formats): a spinner, what is
 //! awaited and the seconds elapsed, redrawn in place on a terminal and
 //! cleared at the end. It must never write anything when its sink is not a
-//! terminal, so pipes and scripts see only the result on stdout.
+//! terminal, so pipes and scripts see only the result on stdout. On a
+//! terminal, Ctrl-C clears the line before the process dies of SIGINT.
 
 use std::future::Future;
 use std::io::{IsTerminal, Stderr, Write};
@@ -27,6 +28,10 @@ const CLEAR_LINE: &str = "\r\x1b[2K";
 #[derive(Debug)]
 pub struct Progress<W: Write = Stderr> {
     inner: Mutex<Line<W>>,
+    /// SIGINT, caught while a line may be drawn so that Ctrl-C can clear it
+    /// first (see [`Progress::track`]); `None` off a terminal, where the
+    /// default disposition is left alone.
+    interrupt: Mutex<Option<tokio::signal::unix::Signal>>,
 }
 
 #[derive(Debug)]
@@ -40,11 +45,19 @@ struct Line<W> {
 }
 
 impl Progress<Stderr> {
-    /// A status line on stderr, drawn only when stderr is a terminal.
+    /// A status line on stderr, drawn only when stderr is a terminal. On a
+    /// terminal, and inside a tokio runtime, SIGINT is caught from now on
+    /// (before anything is drawn) and acted on while [`Progress::track`]
+    /// awaits.
     pub fn stderr() -> Progress<Stderr> {
+        use tokio::signal::unix::{SignalKind, signal};
         let err = std::io::stderr();
         let tty = err.is_terminal();
-        Progress::new(err, tty)
+        let p = Progress::new(err, tty);
+        if tty && tokio::runtime::Handle::try_current().is_ok() {
+            *lock(&p.interrupt) = signal(SignalKind::interrupt()).ok();
+        }
+        p
     }
 
     /// A status line that is never drawn (for library callers).
@@ -64,12 +77,12 @@ impl<W: Write> Progress<W> {
                 frame: 0,
                 drawn: false,
             }),
+            interrupt: Mutex::new(None),
         }
     }
 
     fn line(&self) -> MutexGuard<'_, Line<W>> {
-        // A panic while drawing leaves nothing inconsistent worth refusing.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// Says what is awaited now, and redraws.
@@ -93,22 +106,57 @@ impl<W: Write> Progress<W> {
 
     /// Awaits `fut`, redrawing the line (with the label current at each
     /// redraw) until it completes. The line stays up afterwards: clear it
-    /// before printing results.
+    /// before printing results. A Ctrl-C caught meanwhile (or since the
+    /// last call) clears the line and ends the process by SIGINT, as the
+    /// default disposition would have, so the shell sees an interrupt; the
+    /// publication records are written before each step for this case.
     pub async fn track<F: Future>(&self, fut: F) -> F::Output {
         let silent = self.line().sink.is_none();
         if silent {
             return fut.await;
         }
+        // Taken out for the await (a std mutex is not held across one) and
+        // put back after, so a signal between two calls is not lost.
+        let mut interrupt = lock(&self.interrupt).take();
         let mut ticks = tokio::time::interval(REDRAW_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(fut);
         loop {
             tokio::select! {
-                out = &mut fut => return out,
+                out = &mut fut => {
+                    *lock(&self.interrupt) = interrupt;
+                    return out;
+                }
                 _ = ticks.tick() => self.tick(),
+                Some(()) = async {
+                    match interrupt.as_mut() {
+                        Some(s) => s.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.clear();
+                    die_of_sigint();
+                }
             }
         }
     }
+}
+
+/// A mutex's guard even after a panic while it was held: a status line
+/// has nothing inconsistent worth refusing.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Ends the process as an uncaught SIGINT would: the default disposition
+/// back, then the signal raised (exit status 130 should that not end it).
+fn die_of_sigint() -> ! {
+    use nix::sys::signal::{SigHandler, Signal, raise, signal};
+    // SAFETY: installing SIG_DFL runs no code in signal context and
+    // replaces only tokio's handler, which this process no longer needs.
+    let _ = unsafe { signal(Signal::SIGINT, SigHandler::SigDfl) };
+    let _ = raise(Signal::SIGINT);
+    std::process::exit(130)
 }
 
 impl<W: Write> Drop for Progress<W> {
