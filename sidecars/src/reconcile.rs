@@ -474,6 +474,28 @@ impl<P: Plugin> Pass<'_, P> {
         } else {
             Ok(())
         };
+        // A pending snapshot holds the one intent slot: it is finished
+        // first, and until it is, the steps that record an intent of their
+        // own (a target change, an expansion, the next snapshot) wait, lest
+        // the snapshot be forgotten on the plugin. An unchanged
+        // publication is still re-asserted.
+        if let Some(Intent::Snapshot { name: snap, slot }) = self.rec(name).intent.clone() {
+            let finished = match self.snapshot(name, &snap, slot).await {
+                Ok(finished) => Ok(finished),
+                Err(Halt::Failed) => Err(Halt::Failed),
+                Err(other) => return Err(other),
+            };
+            if !matches!(finished, Ok(true)) {
+                let unchanged = Publication {
+                    target: spec.target.clone(),
+                    read_only: spec.read_only,
+                };
+                if self.rec(name).published.as_ref() == Some(&unchanged) {
+                    self.publish(name, spec).await?;
+                }
+                return finished.and(parameters);
+            }
+        }
         self.publish(name, spec).await?;
         // A refused or failed expansion does not hold back the snapshots.
         let expanded = match self.expand(name, spec, observed).await {
@@ -679,14 +701,9 @@ impl<P: Plugin> Pass<'_, P> {
         Ok(())
     }
 
-    /// Finishes an interrupted snapshot, takes the current slot's when due,
-    /// and prunes recorded scheduled snapshots beyond `keep`.
+    /// Takes the current slot's snapshot when due (an interrupted one was
+    /// finished by [`Pass::converge`] before anything else), and prunes recorded scheduled snapshots beyond `keep`.
     async fn snapshots(&mut self, name: &str, spec: &VolumeSpec) -> Result<(), Halt> {
-        if let Some(Intent::Snapshot { name: snap, slot }) = self.rec(name).intent.clone()
-            && !self.snapshot(name, &snap, slot).await?
-        {
-            return Ok(());
-        }
         let Some(sched) = spec.snapshots else {
             return Ok(());
         };

@@ -454,6 +454,51 @@ volumes:
     assert_eq!(w.snapshots.keys().collect::<Vec<_>>(), ["a-110"]);
 }
 
+/// A pending snapshot's intent is not overwritten by a later step's (an
+/// expansion asked for meanwhile): the snapshot is finished first, so it is
+/// recorded and pruned in its turn rather than orphaned on the plugin.
+#[tokio::test]
+async fn a_pending_snapshot_is_finished_before_an_expansion_takes_the_intent() {
+    let one = |size: &str| {
+        format!(
+            "volumes:\n  - name: a\n    size: {size}\n    target: /t/a\n    \
+             snapshots: {{every: 10s, keep: 1}}\n"
+        )
+    };
+    let mut h = Harness::new();
+    assert!(h.apply_at(&one("1Mi"), 100).await.converged);
+    h.fake.w().copying.insert("a-110".into());
+    assert!(!h.apply_at(&one("1Mi"), 110).await.converged);
+    // Grown while the snapshot still copies: the expansion waits.
+    let s = h.apply_at(&one("2Mi"), 125).await;
+    assert_eq!(kinds(&s), ["a:snapshot:pending"]);
+    assert!(matches!(
+        h.state().volumes["a"].intent,
+        Some(Intent::Snapshot { slot: 110, .. })
+    ));
+
+    h.fake.w().copying.clear();
+    let s = h.apply_at(&one("2Mi"), 130).await;
+    assert!(s.converged, "{:?}", kinds(&s));
+    assert_eq!(
+        kinds(&s),
+        [
+            "a:snapshot:done",
+            "a:expand:done",
+            "a:snapshot:done",
+            "a:prune_snapshot:done",
+            "a:prune_snapshot:done"
+        ]
+    );
+    let w = h.fake.w();
+    assert_eq!(
+        w.snapshots.keys().collect::<Vec<_>>(),
+        ["a-130"],
+        "no snapshot left unrecorded"
+    );
+    assert_eq!(w.volumes["a"].1, 2 << 20);
+}
+
 #[tokio::test]
 async fn scheduled_snapshots_are_pruned_to_keep_and_only_recorded_ones() {
     let mut h = Harness::new();
