@@ -350,7 +350,10 @@ impl Store {
         }
     }
 
-    /// Writes the record atomically: a temporary file, synced, renamed over.
+    /// Writes the record atomically and durably: a temporary file, synced,
+    /// renamed over, then the directory synced so the rename survives a
+    /// power loss (a lost record would leave a controller publication no
+    /// unpublish knows of). A temporary file left by a failure is removed.
     fn save(&self, rec: &Record) -> Result<(), ClientError> {
         let path = self.record_path(&rec.volume_id)?;
         let tmp = path.with_extension("json.tmp");
@@ -359,9 +362,13 @@ impl Store {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(self.root.join(".publications"))?.sync_all()
         };
-        write().map_err(io_err(format!("cannot write {}", path.display())))
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(format!("cannot write {}", path.display()))(e)
+        })
     }
 
     /// Saves the record, or removes it when it lists nothing.
@@ -1141,6 +1148,23 @@ mod tests {
         );
         drop(held);
         waiter.await.expect("the lock once released");
+    }
+
+    /// A record that cannot be written (here: a directory is in its place)
+    /// leaves no temporary file behind.
+    #[test]
+    fn a_failed_save_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cap = CapabilityArgs {
+            block: false,
+            fs: None,
+            access_mode: AccessModeArg::Rwo,
+        };
+        std::fs::create_dir(store.record_path("v").unwrap()).unwrap();
+        let err = store.save(&new_record("v", &cap)).unwrap_err();
+        assert!(err.to_string().contains("cannot write"), "{err}");
+        assert!(!dir.path().join(".publications/v.json.tmp").exists());
     }
 
     /// The records say what a failed call left behind; an empty one goes.
