@@ -639,7 +639,12 @@ impl<P: Plugin> Pass<'_, P> {
             return Err(Halt::Failed);
         }
         let goal = spec.size_bytes.max(pending);
-        if goal <= current && pending == 0 {
+        // `size_bytes` moves only when an expansion completes: below the
+        // file's size it means one was begun and not finished (its intent
+        // may have been replaced by a target change's unpublish), so the
+        // idempotent call is repeated even if the controller's capacity
+        // already fits; the node side may still be to do.
+        if goal <= current && pending == 0 && rec.size_bytes >= spec.size_bytes {
             if rec.size_bytes != spec.size_bytes || rec.capacity_bytes != current {
                 let r = self.rec(name);
                 r.size_bytes = spec.size_bytes;

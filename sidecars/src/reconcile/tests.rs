@@ -499,6 +499,34 @@ async fn a_pending_snapshot_is_finished_before_an_expansion_takes_the_intent() {
     assert_eq!(w.volumes["a"].1, 2 << 20);
 }
 
+/// An expansion interrupted after the controller grew the volume, then a
+/// target change (whose unpublish takes the intent slot): the expansion is
+/// still repeated at the new target, so the node side (the filesystem)
+/// grows too, instead of being skipped because the capacity already fits.
+#[tokio::test]
+async fn an_interrupted_expansion_is_repeated_after_a_target_change() {
+    let one = |size: &str, target: &str| {
+        format!("volumes:\n  - name: a\n    size: {size}\n    target: {target}\n")
+    };
+    let mut h = Harness::new();
+    assert!(h.apply_at(&one("1Mi", "/t/a"), 100).await.converged);
+    h.fake.w().lose_answer_of = Some("expand");
+    assert!(!h.apply_at(&one("2Mi", "/t/a"), 100).await.converged);
+    let expands = |h: &Harness| {
+        h.fake
+            .w()
+            .mutations
+            .iter()
+            .filter(|m| *m == "expand")
+            .count()
+    };
+    assert_eq!(expands(&h), 1);
+    let s = h.apply_at(&one("2Mi", "/t/b"), 100).await;
+    assert!(s.converged, "{:?}", kinds(&s));
+    assert_eq!(expands(&h), 2, "{:?}", kinds(&s));
+    assert_eq!(h.state().volumes["a"].size_bytes, 2 << 20);
+}
+
 #[tokio::test]
 async fn scheduled_snapshots_are_pruned_to_keep_and_only_recorded_ones() {
     let mut h = Harness::new();
