@@ -132,21 +132,40 @@ fn gone_is_done<T>(call: &'static str, r: Result<T, tonic::Status>) -> Result<()
     }
 }
 
-impl Plugin for CsiPlugin {
-    type Error = ClientError;
+/// How long a call is repeated while the plugin answers ABORTED.
+const ABORTED_WAIT: Duration = Duration::from_secs(60);
 
-    async fn probe(&mut self) -> Result<bool, ClientError> {
-        let r = self
-            .s()
-            .await?
-            .identity
-            .probe(csi::ProbeRequest {})
-            .await
-            .map_err(rpc("Probe"))?;
-        Ok(r.into_inner().ready.unwrap_or(true))
-    }
+/// Repeats an idempotent call while the plugin answers ABORTED: "an
+/// operation for this volume is already in progress", which the CSI spec
+/// says to retry with exponential backoff (after a kill -9 the plugin may
+/// still be finishing the killed applier's call). Gives up after
+/// [`ABORTED_WAIT`] with the last answer.
+macro_rules! retry_aborted {
+    ($call:expr) => {{
+        let deadline = tokio::time::Instant::now() + ABORTED_WAIT;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match $call {
+                Err(ClientError::Rpc { status, .. })
+                    if status.code() == tonic::Code::Aborted
+                        && tokio::time::Instant::now() + delay < deadline =>
+                {
+                    tracing::debug!(message = status.message(), retry_in = ?delay, "ABORTED");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                r => break r,
+            }
+        }
+    }};
+}
 
-    async fn create_volume(&mut self, req: &CreateVolume) -> Result<CreatedVolume, ClientError> {
+/// The calls themselves; the `Plugin` impl below adds the retry on ABORTED.
+impl CsiPlugin {
+    async fn create_volume_once(
+        &mut self,
+        req: &CreateVolume,
+    ) -> Result<CreatedVolume, ClientError> {
         let s = self.s().await?;
         let accessibility_requirements = s.local_topology().await?;
         let v = s
@@ -176,6 +195,173 @@ impl Plugin for CsiPlugin {
         })
     }
 
+    async fn delete_volume_once(&mut self, id: &str) -> Result<(), ClientError> {
+        let r = self
+            .s()
+            .await?
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.to_owned(),
+                ..Default::default()
+            })
+            .await;
+        gone_is_done("DeleteVolume", r)
+    }
+
+    async fn publish_once(&mut self, req: &PublishRequest<'_>) -> Result<(), ClientError> {
+        let spec = PublishSpec {
+            id: req.volume_id.to_owned(),
+            target: req.target.to_owned(),
+            readonly: req.read_only,
+            capability: CapabilityArgs {
+                block: req.capability.mode == VolumeMode::Block,
+                fs: (!req.capability.fs.is_empty()).then(|| req.capability.fs.clone()),
+                access_mode: access_mode(req.capability.access_mode),
+            },
+            staging_root: self.staging_root.clone(),
+        };
+        publish_volume(self.s().await?, &spec).await.map(drop)
+    }
+
+    async fn unpublish_once(&mut self, volume_id: &str, target: &Path) -> Result<(), ClientError> {
+        let root = self.staging_root.clone();
+        unpublish_volume(self.s().await?, volume_id, target, &root)
+            .await
+            .map(drop)
+    }
+
+    async fn expand_once(
+        &mut self,
+        volume_id: &str,
+        bytes: i64,
+        published_at: Option<&Path>,
+        capability: &Capability,
+    ) -> Result<i64, ClientError> {
+        let staging = load_record(&self.staging_root, volume_id)?.and_then(|r| r.staging_path);
+        let s = self.s().await?;
+        let range = csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        };
+        let mut capacity = bytes;
+        let controller = s
+            .controller_rpcs()
+            .await?
+            .contains(&ControllerRpc::ExpandVolume);
+        let mut node_required = true;
+        if controller {
+            let r = s
+                .controller
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: volume_id.to_owned(),
+                    capacity_range: Some(range),
+                    volume_capability: Some(csi_capability(capability)),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("ControllerExpandVolume"))?
+                .into_inner();
+            capacity = r.capacity_bytes;
+            node_required = r.node_expansion_required;
+        }
+        if !node_required {
+            return Ok(capacity);
+        }
+        // The node must grow it: an expansion the plugin cannot finish is an
+        // error, never reported as done.
+        if !s.node_rpcs().await?.contains(&NodeRpc::ExpandVolume) {
+            return Err(ClientError::Local(if controller {
+                format!(
+                    "volume {volume_id:?} needs node expansion, but the plugin's node does not offer EXPAND_VOLUME"
+                )
+            } else {
+                "the plugin offers no volume expansion (EXPAND_VOLUME on neither controller nor node)"
+                    .to_owned()
+            }));
+        }
+        let Some(path) = published_at else {
+            return Err(ClientError::Local(format!(
+                "volume {volume_id:?} needs node expansion and is not published; it grows once published"
+            )));
+        };
+        let r = s
+            .node
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                volume_path: path.display().to_string(),
+                capacity_range: Some(range),
+                staging_target_path: staging.map(|p| p.display().to_string()).unwrap_or_default(),
+                volume_capability: Some(csi_capability(capability)),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("NodeExpandVolume"))?
+            .into_inner();
+        Ok(capacity.max(r.capacity_bytes))
+    }
+
+    /// CreateSnapshot, repeated with the same name every
+    /// [`SNAPSHOT_READY_POLL`] while the snapshot is not ready_to_use ("the
+    /// CO MAY call CreateSnapshot again to check readiness"), for at most
+    /// [`SNAPSHOT_READY_WAIT`]; the last answer is returned, ready or not.
+    async fn create_snapshot_once(
+        &mut self,
+        volume_id: &str,
+        name: &str,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let req = csi::CreateSnapshotRequest {
+            source_volume_id: volume_id.to_owned(),
+            name: name.to_owned(),
+            ..Default::default()
+        };
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_READY_WAIT;
+        let mut snap = create_snapshot_call(self.s().await?, req.clone()).await?;
+        while !snap.ready_to_use && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(SNAPSHOT_READY_POLL).await;
+            snap = match create_snapshot_call(self.s().await?, req.clone()).await {
+                Ok(snap) => snap,
+                // Another call on the same name or volume is in flight.
+                Err(ClientError::Rpc { status, .. }) if status.code() == tonic::Code::Aborted => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(SnapshotInfo {
+            id: snap.snapshot_id,
+            ready: snap.ready_to_use,
+            creation_time: snap.creation_time.map(|t| t.seconds),
+        })
+    }
+
+    async fn delete_snapshot_once(&mut self, snapshot_id: &str) -> Result<(), ClientError> {
+        let r = self
+            .s()
+            .await?
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: snapshot_id.to_owned(),
+                ..Default::default()
+            })
+            .await;
+        gone_is_done("DeleteSnapshot", r)
+    }
+}
+
+impl Plugin for CsiPlugin {
+    type Error = ClientError;
+
+    async fn probe(&mut self) -> Result<bool, ClientError> {
+        let r = self
+            .s()
+            .await?
+            .identity
+            .probe(csi::ProbeRequest {})
+            .await
+            .map_err(rpc("Probe"))?;
+        Ok(r.into_inner().ready.unwrap_or(true))
+    }
+
     async fn lookup_volume(&mut self, id: &str) -> Result<Lookup, ClientError> {
         let s = self.s().await?;
         let rpcs = s.controller_rpcs().await?;
@@ -195,45 +381,26 @@ impl Plugin for CsiPlugin {
         }
     }
 
-    async fn delete_volume(&mut self, id: &str) -> Result<(), ClientError> {
-        let r = self
-            .s()
-            .await?
-            .controller
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: id.to_owned(),
-                ..Default::default()
-            })
-            .await;
-        gone_is_done("DeleteVolume", r)
-    }
-
-    async fn publish(&mut self, req: &PublishRequest<'_>) -> Result<(), ClientError> {
-        let spec = PublishSpec {
-            id: req.volume_id.to_owned(),
-            target: req.target.to_owned(),
-            readonly: req.read_only,
-            capability: CapabilityArgs {
-                block: req.capability.mode == VolumeMode::Block,
-                fs: (!req.capability.fs.is_empty()).then(|| req.capability.fs.clone()),
-                access_mode: access_mode(req.capability.access_mode),
-            },
-            staging_root: self.staging_root.clone(),
-        };
-        publish_volume(self.s().await?, &spec).await.map(drop)
-    }
-
-    async fn unpublish(&mut self, volume_id: &str, target: &Path) -> Result<(), ClientError> {
-        let root = self.staging_root.clone();
-        unpublish_volume(self.s().await?, volume_id, target, &root)
-            .await
-            .map(drop)
-    }
-
     async fn publications(&mut self, volume_id: &str) -> Result<Vec<PathBuf>, ClientError> {
         Ok(load_record(&self.staging_root, volume_id)?
             .map(|r| r.targets.into_iter().map(|t| t.path).collect())
             .unwrap_or_default())
+    }
+
+    async fn create_volume(&mut self, req: &CreateVolume) -> Result<CreatedVolume, ClientError> {
+        retry_aborted!(self.create_volume_once(req).await)
+    }
+
+    async fn delete_volume(&mut self, id: &str) -> Result<(), ClientError> {
+        retry_aborted!(self.delete_volume_once(id).await)
+    }
+
+    async fn publish(&mut self, req: &PublishRequest<'_>) -> Result<(), ClientError> {
+        retry_aborted!(self.publish_once(req).await)
+    }
+
+    async fn unpublish(&mut self, volume_id: &str, target: &Path) -> Result<(), ClientError> {
+        retry_aborted!(self.unpublish_once(volume_id, target).await)
     }
 
     async fn expand(
@@ -243,101 +410,22 @@ impl Plugin for CsiPlugin {
         published_at: Option<&Path>,
         capability: &Capability,
     ) -> Result<i64, ClientError> {
-        let staging = load_record(&self.staging_root, volume_id)?.and_then(|r| r.staging_path);
-        let s = self.s().await?;
-        let range = csi::CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        };
-        let mut capacity = bytes;
-        let mut node_required = true;
-        if s.controller_rpcs()
-            .await?
-            .contains(&ControllerRpc::ExpandVolume)
-        {
-            let r = s
-                .controller
-                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                    volume_id: volume_id.to_owned(),
-                    capacity_range: Some(range),
-                    volume_capability: Some(csi_capability(capability)),
-                    ..Default::default()
-                })
+        retry_aborted!(
+            self.expand_once(volume_id, bytes, published_at, capability)
                 .await
-                .map_err(rpc("ControllerExpandVolume"))?
-                .into_inner();
-            capacity = r.capacity_bytes;
-            node_required = r.node_expansion_required;
-        }
-        if node_required
-            && let Some(path) = published_at
-            && s.node_rpcs().await?.contains(&NodeRpc::ExpandVolume)
-        {
-            let r = s
-                .node
-                .node_expand_volume(csi::NodeExpandVolumeRequest {
-                    volume_id: volume_id.to_owned(),
-                    volume_path: path.display().to_string(),
-                    capacity_range: Some(range),
-                    staging_target_path: staging
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                    volume_capability: Some(csi_capability(capability)),
-                    ..Default::default()
-                })
-                .await
-                .map_err(rpc("NodeExpandVolume"))?
-                .into_inner();
-            capacity = capacity.max(r.capacity_bytes);
-        }
-        Ok(capacity)
+        )
     }
 
-    /// CreateSnapshot, repeated with the same name every
-    /// [`SNAPSHOT_READY_POLL`] while the snapshot is not ready_to_use ("the
-    /// CO MAY call CreateSnapshot again to check readiness"), for at most
-    /// [`SNAPSHOT_READY_WAIT`]; the last answer is returned, ready or not.
     async fn create_snapshot(
         &mut self,
         volume_id: &str,
         name: &str,
     ) -> Result<SnapshotInfo, ClientError> {
-        let req = csi::CreateSnapshotRequest {
-            source_volume_id: volume_id.to_owned(),
-            name: name.to_owned(),
-            ..Default::default()
-        };
-        let deadline = tokio::time::Instant::now() + SNAPSHOT_READY_WAIT;
-        let mut snap = create_snapshot_once(self.s().await?, req.clone()).await?;
-        while !snap.ready_to_use && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(SNAPSHOT_READY_POLL).await;
-            snap = match create_snapshot_once(self.s().await?, req.clone()).await {
-                Ok(snap) => snap,
-                // Another call on the same name or volume is in flight.
-                Err(ClientError::Rpc { status, .. }) if status.code() == tonic::Code::Aborted => {
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-        }
-        Ok(SnapshotInfo {
-            id: snap.snapshot_id,
-            ready: snap.ready_to_use,
-            creation_time: snap.creation_time.map(|t| t.seconds),
-        })
+        retry_aborted!(self.create_snapshot_once(volume_id, name).await)
     }
 
     async fn delete_snapshot(&mut self, snapshot_id: &str) -> Result<(), ClientError> {
-        let r = self
-            .s()
-            .await?
-            .controller
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: snapshot_id.to_owned(),
-                ..Default::default()
-            })
-            .await;
-        gone_is_done("DeleteSnapshot", r)
+        retry_aborted!(self.delete_snapshot_once(snapshot_id).await)
     }
 }
 
@@ -347,7 +435,7 @@ const SNAPSHOT_READY_POLL: Duration = Duration::from_millis(500);
 /// reporting it pending (asked again on the next pass).
 const SNAPSHOT_READY_WAIT: Duration = Duration::from_secs(30);
 
-async fn create_snapshot_once(
+async fn create_snapshot_call(
     s: &mut Session,
     req: csi::CreateSnapshotRequest,
 ) -> Result<csi::Snapshot, ClientError> {
@@ -547,4 +635,39 @@ async fn watch(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code) -> ClientError {
+        ClientError::Rpc {
+            call: "Test",
+            status: tonic::Status::new(code, "test"),
+        }
+    }
+
+    #[tokio::test]
+    async fn aborted_calls_are_repeated_and_other_errors_returned_at_once() {
+        let mut calls = 0;
+        let r: Result<u32, ClientError> = retry_aborted!({
+            calls += 1;
+            if calls < 3 {
+                Err(status(tonic::Code::Aborted))
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r.unwrap(), 3);
+
+        let mut calls = 0;
+        let r: Result<(), ClientError> = retry_aborted!({
+            calls += 1;
+            Err(status(tonic::Code::FailedPrecondition))
+        });
+        assert!(matches!(r, Err(ClientError::Rpc { status, .. })
+            if status.code() == tonic::Code::FailedPrecondition));
+        assert_eq!(calls, 1);
+    }
 }
