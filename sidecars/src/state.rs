@@ -150,9 +150,17 @@ impl StateStore {
     /// directory when missing.
     pub fn open(path: &Path) -> Result<StateStore, StateError> {
         let path = std::path::absolute(path).map_err(io("resolve", path))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-        }
+        // The directory is resolved (symlinks, `..`) so that two spellings
+        // of one state file share one lock.
+        let path = match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) => {
+                std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+                std::fs::canonicalize(dir)
+                    .map_err(io("resolve", dir))?
+                    .join(name)
+            }
+            _ => path,
+        };
         let lock_path = lock_path(&path);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -223,6 +231,21 @@ fn lock_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_spellings_of_one_state_file_share_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let _held = StateStore::open(&dir.path().join("real/state.json")).unwrap();
+        for other in ["link/state.json", "real/../real/state.json"] {
+            let r = StateStore::open(&dir.path().join(other));
+            assert!(
+                matches!(r, Err(StateError::Locked { .. })),
+                "{other}: {r:?}"
+            );
+        }
+    }
 
     #[test]
     fn state_round_trips_and_a_second_applier_is_refused() {
