@@ -45,8 +45,9 @@ mount "$loopdev" "$work/state"
 printf 'provisioning: thick\n' >"$work/mutable.yaml"
 printf 'backend: block\n' >"$work/block.yaml"
 
+# A volume limit per node, so the attach-limit test runs instead of skipping.
 "$bin" serve --endpoint "unix://$work/csi.sock" --state-dir "$work/state" \
-    --node-id sanity --log-format text 2>"$work/serve.log" &
+    --node-id sanity --max-volumes-per-node 8 --log-format text 2>"$work/serve.log" &
 server=$!
 for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
 
@@ -58,6 +59,7 @@ run() {
         --csi.mountdir "$work/mnt" --csi.stagingdir "$work/staging" \
         --csi.testvolumemutableparameters "$work/mutable.yaml" \
         --csi.testvolumeparameters "$work/block.yaml" \
+        --csi.testnodevolumeattachlimit \
         --csi.junitfile "$work/junit-$name.xml" \
         "$@" || status=1
 }
