@@ -24,7 +24,6 @@ use super::{ClientError, DEFAULT_ENDPOINT, GlobalArgs, OutputFormat, Session, rp
 use crate::csi;
 use crate::csi::controller_service_capability::rpc::Type as ControllerRpc;
 use crate::csi::node_service_capability::rpc::Type as NodeRpc;
-use crate::csi::volume_capability::access_mode::Mode;
 
 /// Where the reconciler keeps its state by default.
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/stowage-apply/state.json";
@@ -106,21 +105,17 @@ fn access_mode(a: AccessMode) -> AccessModeArg {
     }
 }
 
-fn csi_capability(c: &Capability) -> csi::VolumeCapability {
-    use csi::volume_capability::{AccessMode as Am, AccessType, BlockVolume, MountVolume};
-    csi::VolumeCapability {
-        access_mode: Some(Am {
-            mode: Mode::from(access_mode(c.access_mode)) as i32,
-        }),
-        access_type: Some(match c.mode {
-            VolumeMode::Block => AccessType::Block(BlockVolume {}),
-            VolumeMode::Mount => AccessType::Mount(MountVolume {
-                fs_type: c.fs.clone(),
-                mount_flags: vec![],
-                volume_mount_group: String::new(),
-            }),
-        }),
+/// The client's capability flags for a declared capability.
+fn capability_args(c: &Capability) -> CapabilityArgs {
+    CapabilityArgs {
+        block: c.mode == VolumeMode::Block,
+        fs: (!c.fs.is_empty()).then(|| c.fs.clone()),
+        access_mode: access_mode(c.access_mode),
     }
+}
+
+fn csi_capability(c: &Capability) -> csi::VolumeCapability {
+    capability_args(c).csi()
 }
 
 /// NOT_FOUND counts as done (deleting what is gone succeeds).
@@ -213,11 +208,7 @@ impl CsiPlugin {
             id: req.volume_id.to_owned(),
             target: req.target.to_owned(),
             readonly: req.read_only,
-            capability: CapabilityArgs {
-                block: req.capability.mode == VolumeMode::Block,
-                fs: (!req.capability.fs.is_empty()).then(|| req.capability.fs.clone()),
-                access_mode: access_mode(req.capability.access_mode),
-            },
+            capability: capability_args(req.capability),
             staging_root: self.staging_root.clone(),
         };
         publish_volume(self.s().await?, &spec).await.map(drop)

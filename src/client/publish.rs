@@ -399,7 +399,9 @@ impl CapabilityArgs {
         }
     }
 
-    fn csi(&self) -> csi::VolumeCapability {
+    /// The CSI capability these flags describe (the one place the client
+    /// builds a VolumeCapability).
+    pub(crate) fn csi(&self) -> csi::VolumeCapability {
         use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
         csi::VolumeCapability {
             access_mode: Some(AccessMode {

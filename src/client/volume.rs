@@ -301,7 +301,6 @@ async fn create_request(
     s: &mut Session,
     args: CreateArgs,
 ) -> Result<csi::CreateVolumeRequest, ClientError> {
-    use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
     use csi::volume_content_source::{SnapshotSource, Type as Source, VolumeSource};
     let accessibility_requirements = s.local_topology().await?;
     let source = match (args.from_snapshot, args.from_volume) {
@@ -315,20 +314,14 @@ async fn create_request(
             required_bytes: args.size,
             limit_bytes: 0,
         }),
-        volume_capabilities: vec![csi::VolumeCapability {
-            access_mode: Some(AccessMode {
-                mode: Mode::from(args.access_mode) as i32,
-            }),
-            access_type: Some(if args.block {
-                AccessType::Block(BlockVolume {})
-            } else {
-                AccessType::Mount(MountVolume {
-                    fs_type: args.fs.unwrap_or_default(),
-                    mount_flags: vec![],
-                    volume_mount_group: String::new(),
-                })
-            }),
-        }],
+        volume_capabilities: vec![
+            super::publish::CapabilityArgs {
+                block: args.block,
+                fs: args.fs,
+                access_mode: args.access_mode,
+            }
+            .csi(),
+        ],
         parameters: args.params.into_iter().collect(),
         volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
         accessibility_requirements,
