@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::backend::BackendError;
 use crate::os::command::CommandError;
+use crate::os::filesystem::MkfsError;
 use crate::os::loopdev::LoopError;
 use crate::os::mount::MountError;
 use crate::os::mountinfo::MountTableError;
@@ -60,6 +61,8 @@ pub enum Error {
     Loop(#[from] LoopError),
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error(transparent)]
+    Mkfs(#[from] MkfsError),
     #[error(transparent)]
     MountTable(#[from] MountTableError),
     #[error("{what} {path}: {err}")]
