@@ -161,9 +161,9 @@ impl Driver {
         let store = Store::open(&cfg.state_dir).map_err(Error::from)?;
         // First of all: nothing a killed predecessor froze stays frozen.
         crate::volume::snapshot::thaw_staged(&store)?;
-        let placement = placement::place(&cfg.pool, cfg.pool_image)?;
+        let (placement, probed) = placement::place(&cfg.pool, cfg.pool_image)?;
         prepare_pool(&cfg.pool).map_err(Error::from)?;
-        let strategy = match crate::os::pool::probe(&cfg.pool) {
+        let strategy = match probed.map_or_else(|| crate::os::pool::probe(&cfg.pool), Ok) {
             Ok(s) => {
                 tracing::info!(pool = %cfg.pool.display(), strategy = %s, "pool probed");
                 s
