@@ -9,6 +9,7 @@ pub mod identity;
 pub mod node;
 pub mod snapshot_metadata;
 pub mod status;
+mod transport;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -364,7 +365,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             tracing::info!(endpoint = %path.display(), "listening");
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            // Through the `:authority` rewrite: h2 refuses what gRPC
+            // C-core and grpc-java send on a unix socket.
+            let incoming = transport::incoming(listener);
             let r = router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
