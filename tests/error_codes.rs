@@ -13,6 +13,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use common::*;
 use stowage::backend::backend_dir;
@@ -80,7 +81,7 @@ fn clone_req(name: &str, kind: &str, source: &str) -> csi::CreateVolumeRequest {
 /// mounted or attached, and once space is freed the CO's retry stages.
 #[tokio::test(flavor = "multi_thread")]
 async fn node_stage_on_a_full_pool_is_resource_exhausted() {
-    let mut env = Env::with_pool_size("ext4", "", 256 << 20, &[]).await;
+    let mut env = Env::with_pool_size("ext4", "", 256 << 20, &["--pool-image", "never"]).await;
     let mut vols = Vec::new();
     for fs in ["ext4", "xfs"] {
         let v = env.create(&format!("full-{fs}"), fs, GIB).await;
@@ -114,12 +115,42 @@ async fn node_stage_on_a_full_pool_is_resource_exhausted() {
     }
 }
 
+/// The same on an ext4 pool kept in an xfs pool image (`--pool-image
+/// auto`): the host filesystem fills while the xfs inside the image still
+/// counts free blocks of its own. mkfs's failure is traced through the
+/// image to its full host: RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_stage_on_a_full_pool_image_host_is_resource_exhausted() {
+    let mut env = Env::with_pool_size("ext4", "", 1 << 30, &["--pool-image", "auto"]).await;
+    assert!(
+        stowage::os::pool_image::image_path(&env.layout.pool).is_file(),
+        "no pool image: {}",
+        env.server.log_text()
+    );
+    let v = env.create("full-host", "ext4", GIB).await;
+    let warm = env.create("warm", "dir", 0).await;
+    let staging = env.staging_dir("warm");
+    env.stage(&warm.volume_id, "dir", &staging).await.unwrap();
+    env.unstage(&warm.volume_id, &staging).await.unwrap();
+    let filler = fill(&pool_fs(&env));
+    let staging = env.staging_dir("full-host");
+    let s = expect_code(
+        env.stage(&v.volume_id, "ext4", &staging).await,
+        Code::ResourceExhausted,
+    );
+    assert!(s.message().contains("out of space"), "{s:?}");
+    assert!(!is_mounted(&staging));
+    std::fs::remove_file(&filler).unwrap();
+    env.stage(&v.volume_id, "ext4", &staging).await.unwrap();
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
 /// A clone on a full ext4 pool (sparse copies: copy_file_range answers
 /// ENOSPC) is RESOURCE_EXHAUSTED, for block and dir volumes alike, and
 /// leaves no partial copy behind.
 #[tokio::test(flavor = "multi_thread")]
 async fn clone_on_a_full_pool_is_resource_exhausted() {
-    let mut env = Env::with_pool_size("ext4", "", 256 << 20, &[]).await;
+    let mut env = Env::with_pool_size("ext4", "", 256 << 20, &["--pool-image", "never"]).await;
     let data = pattern(3, 48 << 20);
     let block = env.create("src-block", "raw", 64 * MIB).await;
     let image = backend_dir(&env.layout.pool, BackendKind::Block)
@@ -160,6 +191,34 @@ async fn clone_on_a_full_pool_is_resource_exhausted() {
         "a failed clone left storage behind"
     );
 
+    // A snapshot is copied in the background on this pool; the copy that
+    // runs out of space is reported by the next CreateSnapshot of its name.
+    let start = Instant::now();
+    let s = loop {
+        let r = env
+            .c
+            .controller
+            .create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: block.volume_id.clone(),
+                name: "snap-full".into(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => assert!(
+                !r.into_inner().snapshot.unwrap().ready_to_use,
+                "a snapshot was copied into a full pool"
+            ),
+            Err(s) => break s,
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the failed copy was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+
     std::fs::remove_file(&filler).unwrap();
     for (name, kind, source) in [
         ("clone-block", "raw", &block.volume_id),
@@ -180,7 +239,8 @@ async fn clone_on_a_full_pool_is_resource_exhausted() {
 /// size.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_volume_beyond_the_pools_file_size_limit_is_out_of_range() {
-    let mut env = Env::new("ext4").await;
+    // Images directly on ext4 (an xfs pool image allows 8 EiB files).
+    let mut env = Env::with_args("ext4", &["--pool-image", "never"]).await;
     let huge = 100i64 << 40;
     let s = expect_code(
         env.c

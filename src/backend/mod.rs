@@ -142,6 +142,7 @@ fn cow_errno(e: &CowError) -> Option<Errno> {
         | CowError::SetTimes { errno, .. } => Some(*errno),
         CowError::NotRegularFile { .. }
         | CowError::Changed { .. }
+        | CowError::Cancelled { .. }
         | CowError::SourceShrank { .. }
         | CowError::CrossesFilesystem { .. }
         | CowError::DestinationInsideSource { .. } => None,

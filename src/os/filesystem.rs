@@ -19,16 +19,19 @@ const DEFAULT_PROBE_BYTES: u64 = 1 << 20;
 /// A filesystem that could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum MkfsError {
-    /// mkfs failed and the filesystem holding the device's image cannot
-    /// allocate even one more write of the device: the pool is full.
+    /// mkfs failed and the filesystem holding the device's image (or the
+    /// host of that filesystem's own image) cannot allocate even one more
+    /// write of the device: the pool is full.
     #[error(
-        "make {fs_type} filesystem on {device}: the filesystem holding its image {image} \
+        "make {fs_type} filesystem on {device} (image {image}): the filesystem at {full} \
          is out of space (it cannot allocate {probe_bytes} more bytes): {source}"
     )]
     PoolFull {
         fs_type: String,
         device: PathBuf,
         image: PathBuf,
+        /// A directory on the filesystem that is full.
+        full: PathBuf,
         probe_bytes: u64,
         #[source]
         source: Box<CommandError>,
@@ -92,10 +95,11 @@ pub fn make(device: &Path, fs_type: &str) -> Result<(), MkfsError> {
     run_mkfs(device, fs_type).map_err(|e| {
         let source = Box::new(e);
         match full_pool_behind(device) {
-            Some((image, probe_bytes)) => MkfsError::PoolFull {
+            Some((image, full, probe_bytes)) => MkfsError::PoolFull {
                 fs_type: fs_type.to_owned(),
                 device: device.to_owned(),
                 image,
+                full,
                 probe_bytes,
                 source,
             },
@@ -109,9 +113,13 @@ pub fn make(device: &Path, fs_type: &str) -> Result<(), MkfsError> {
 }
 
 /// When `device` is a loop device whose backing file's filesystem cannot
-/// allocate one maximal request of the device: that file and the number of
-/// bytes asked for. None when it can, or when that cannot be found out.
-fn full_pool_behind(device: &Path) -> Option<(PathBuf, u64)> {
+/// allocate one maximal request of the device: that file, a directory on
+/// the full filesystem, and the number of bytes asked for. A filesystem
+/// kept in an image of its own (a pool image on ext4) is followed to its
+/// host: the host can be full while the filesystem in the image, which
+/// only counts its own blocks, still has room. None when every level has
+/// room, or when that cannot be found out.
+fn full_pool_behind(device: &Path) -> Option<(PathBuf, PathBuf, u64)> {
     let dev = LoopDevice::from_path(device)?;
     let image = dev.backing_file()?;
     let probe_bytes = std::fs::read_to_string(format!(
@@ -123,14 +131,35 @@ fn full_pool_behind(device: &Path) -> Option<(PathBuf, u64)> {
     .map_or(DEFAULT_PROBE_BYTES, |kib| {
         (kib << 10).max(DEFAULT_PROBE_BYTES)
     });
-    match can_allocate(image.parent()?, probe_bytes) {
-        Ok(false) => Some((image, probe_bytes)),
-        Ok(true) => None,
-        Err(e) => {
-            tracing::warn!(image = %image.display(), error = %e, "cannot probe the pool's free space");
-            None
+    let mut dir = image.parent()?.to_owned();
+    for _ in 0..MAX_IMAGE_DEPTH {
+        match can_allocate(&dir, probe_bytes) {
+            Ok(false) => return Some((image, dir, probe_bytes)),
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot probe for free space");
+                return None;
+            }
         }
+        dir = loop_backing_file_of(&dir)?.parent()?.to_owned();
     }
+    None
+}
+
+/// How many filesystems-in-images [`full_pool_behind`] looks through.
+const MAX_IMAGE_DEPTH: usize = 4;
+
+/// The backing file of the loop device holding the filesystem of `path`,
+/// when that filesystem is on a loop device (from its `st_dev`, through
+/// `/sys/dev/block/MAJ:MIN/loop/backing_file`).
+fn loop_backing_file_of(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let s = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file"))
+        .ok()?;
+    let s = s.trim_end_matches('\n');
+    (!s.is_empty()).then(|| PathBuf::from(s))
 }
 
 /// Whether the filesystem holding directory `dir` can allocate `bytes`

@@ -184,6 +184,7 @@ mod tests {
             fs_type: "xfs".into(),
             device: PathBuf::from("/dev/loop0"),
             image: PathBuf::from("/pool/v.img"),
+            full: PathBuf::from("/pool"),
             probe_bytes: 1 << 20,
             source: source(),
         });
