@@ -45,7 +45,7 @@ pub fn code(e: &Error) -> Code {
         }
         Error::Busy(_) | Error::InvalidToken(_) => Code::Aborted,
         Error::Backend(b) => backend_code(b),
-        Error::Mkfs(m) => match m {
+        Error::Mkfs(m) => match **m {
             MkfsError::PoolFull { .. } => Code::ResourceExhausted,
             MkfsError::Failed { .. } => Code::Internal,
         },
@@ -180,7 +180,7 @@ mod tests {
                 err: io(Errno::EIO),
             })
         };
-        let full = Error::Mkfs(MkfsError::PoolFull {
+        let full = Error::from(MkfsError::PoolFull {
             fs_type: "xfs".into(),
             device: PathBuf::from("/dev/loop0"),
             image: PathBuf::from("/pool/v.img"),
@@ -189,7 +189,7 @@ mod tests {
             source: source(),
         });
         assert_eq!(code(&full), Code::ResourceExhausted);
-        let failed = Error::Mkfs(MkfsError::Failed {
+        let failed = Error::from(MkfsError::Failed {
             fs_type: "xfs".into(),
             device: PathBuf::from("/dev/loop0"),
             source: source(),

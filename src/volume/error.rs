@@ -62,7 +62,7 @@ pub enum Error {
     #[error(transparent)]
     Command(#[from] CommandError),
     #[error(transparent)]
-    Mkfs(#[from] MkfsError),
+    Mkfs(Box<MkfsError>),
     #[error(transparent)]
     MountTable(#[from] MountTableError),
     #[error("{what} {path}: {err}")]
@@ -72,6 +72,12 @@ pub enum Error {
         #[source]
         err: std::io::Error,
     },
+}
+
+impl From<MkfsError> for Error {
+    fn from(e: MkfsError) -> Self {
+        Error::Mkfs(Box::new(e))
+    }
 }
 
 impl Error {
