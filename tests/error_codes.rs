@@ -145,6 +145,60 @@ async fn node_stage_on_a_full_pool_image_host_is_resource_exhausted() {
     env.unstage(&v.volume_id, &staging).await.unwrap();
 }
 
+/// NodeExpandVolume on a full pool: growing the filesystem writes new
+/// metadata through the loop device and fails (the errno reaches
+/// xfs_growfs only as its text); the answer is RESOURCE_EXHAUSTED, the filesystem
+/// keeps working at its old size, and once space is freed the CO's retry
+/// grows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_expand_on_a_full_pool_is_resource_exhausted() {
+    let mut env = Env::with_pool_size("ext4", "", 640 << 20, &["--pool-image", "never"]).await;
+    let v = env.create("grow", "xfs", 320 * MIB).await;
+    let staging = env.staging_dir("grow");
+    let target = env.target_path("grow");
+    env.stage(&v.volume_id, "xfs", &staging).await.unwrap();
+    env.publish(&v.volume_id, "xfs", &staging, &target, false)
+        .await
+        .unwrap();
+    let expand = |env: &mut Env| {
+        let mut c = env.c.clone();
+        let id = v.volume_id.clone();
+        let path = target.display().to_string();
+        async move {
+            c.node
+                .node_expand_volume(csi::NodeExpandVolumeRequest {
+                    volume_id: id,
+                    volume_path: path,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    let filler = fill(&pool_fs(&env));
+    env.c
+        .controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let s = expect_code(expand(&mut env).await, Code::ResourceExhausted);
+    assert!(s.message().contains("out of space"), "{s:?}");
+    let size = || stowage::os::fs::usage(&target).unwrap().total_bytes;
+    assert!(size() < 320 << 20, "{}", size());
+
+    std::fs::remove_file(&filler).unwrap();
+    expand(&mut env).await.unwrap();
+    assert!(size() > 900 << 20, "{}", size());
+    env.unpublish(&v.volume_id, &target).await.unwrap();
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
 /// A clone on a full ext4 pool (sparse copies: copy_file_range answers
 /// ENOSPC) is RESOURCE_EXHAUSTED, for block and dir volumes alike, and
 /// leaves no partial copy behind.

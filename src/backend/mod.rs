@@ -167,6 +167,8 @@ fn resize_errno(e: &ResizeError) -> Option<Errno> {
     match e {
         ResizeError::Open { err, .. } | ResizeError::SetLength { err, .. } => io_errno(err),
         ResizeError::TooLarge { .. } => Some(Errno::EFBIG),
+        // Found by a probe allocation that answered ENOSPC or EDQUOT.
+        ResizeError::PoolFull { .. } => Some(Errno::ENOSPC),
         ResizeError::Unsupported { .. }
         | ResizeError::MissingCapability { .. }
         | ResizeError::Grow { .. }

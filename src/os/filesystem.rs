@@ -95,7 +95,11 @@ pub fn make(device: &Path, fs_type: &str) -> Result<(), MkfsError> {
     run_mkfs(device, fs_type).map_err(|e| {
         let source = Box::new(e);
         match full_pool_behind(device) {
-            Some((image, full, probe_bytes)) => MkfsError::PoolFull {
+            Some(OutOfSpace {
+                image,
+                full,
+                probe_bytes,
+            }) => MkfsError::PoolFull {
                 fs_type: fs_type.to_owned(),
                 device: device.to_owned(),
                 image,
@@ -112,14 +116,26 @@ pub fn make(device: &Path, fs_type: &str) -> Result<(), MkfsError> {
     })
 }
 
+/// What [`full_pool_behind`] found full.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfSpace {
+    /// The loop device's backing file.
+    pub image: PathBuf,
+    /// A directory on the filesystem that cannot allocate.
+    pub full: PathBuf,
+    /// How much it was asked to allocate.
+    pub probe_bytes: u64,
+}
+
 /// When `device` is a loop device whose backing file's filesystem cannot
-/// allocate one maximal request of the device: that file, a directory on
-/// the full filesystem, and the number of bytes asked for. A filesystem
+/// allocate one maximal request of the device: what is full. A filesystem
 /// kept in an image of its own (a pool image on ext4) is followed to its
 /// host: the host can be full while the filesystem in the image, which
 /// only counts its own blocks, still has room. None when every level has
-/// room, or when that cannot be found out.
-fn full_pool_behind(device: &Path) -> Option<(PathBuf, PathBuf, u64)> {
+/// room, or when that cannot be found out. For a tool writing through the
+/// device that failed (mkfs, resize2fs, xfs_growfs), "full" explains the
+/// failure; see [`make`] for why the tool's own message cannot.
+pub fn full_pool_behind(device: &Path) -> Option<OutOfSpace> {
     let dev = LoopDevice::from_path(device)?;
     let image = dev.backing_file()?;
     let probe_bytes = std::fs::read_to_string(format!(
@@ -134,7 +150,13 @@ fn full_pool_behind(device: &Path) -> Option<(PathBuf, PathBuf, u64)> {
     let mut dir = image.parent()?.to_owned();
     for _ in 0..MAX_IMAGE_DEPTH {
         match can_allocate(&dir, probe_bytes) {
-            Ok(false) => return Some((image, dir, probe_bytes)),
+            Ok(false) => {
+                return Some(OutOfSpace {
+                    image,
+                    full: dir,
+                    probe_bytes,
+                });
+            }
             Ok(true) => {}
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot probe for free space");

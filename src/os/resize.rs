@@ -22,6 +22,20 @@ pub enum ResizeError {
         fs_type: String,
         capability: &'static str,
     },
+    /// The grow failed and the pool behind the device is full (see
+    /// [`super::filesystem::full_pool_behind`]).
+    #[error(
+        "grow {fs_type} filesystem at {target}: the filesystem at {full} is out of space \
+         (it cannot allocate {probe_bytes} more bytes): {source}"
+    )]
+    PoolFull {
+        fs_type: String,
+        target: PathBuf,
+        full: PathBuf,
+        probe_bytes: u64,
+        #[source]
+        source: Box<CommandError>,
+    },
     #[error("grow {fs_type} filesystem at {target}: {source}")]
     Grow {
         fs_type: String,
@@ -186,12 +200,28 @@ pub fn grow_filesystem(fs_type: &str, device: &Path, mountpoint: &Path) -> Resul
             });
         }
     };
-    command::run(program, args).map_err(|source| ResizeError::Grow {
-        fs_type: fs_type.to_owned(),
-        target: target.to_owned(),
-        source,
-    })?;
+    command::run(program, args).map_err(|e| grow_failed(fs_type, device, target, e))?;
     Ok(())
+}
+
+/// The error for a grow tool that failed writing through `device`:
+/// [`ResizeError::PoolFull`] when the pool behind it is full, else
+/// [`ResizeError::Grow`].
+fn grow_failed(fs_type: &str, device: &Path, target: &Path, source: CommandError) -> ResizeError {
+    match super::filesystem::full_pool_behind(device) {
+        Some(out) => ResizeError::PoolFull {
+            fs_type: fs_type.to_owned(),
+            target: target.to_owned(),
+            full: out.full,
+            probe_bytes: out.probe_bytes,
+            source: Box::new(source),
+        },
+        None => ResizeError::Grow {
+            fs_type: fs_type.to_owned(),
+            target: target.to_owned(),
+            source,
+        },
+    }
 }
 
 /// Whether the ext4 filesystem on `device` already spans the whole device
@@ -223,11 +253,7 @@ pub fn ext4_fills_device(device: &Path) -> Result<bool, ResizeError> {
 /// check (`e2fsck -f -p`, which offline resize2fs requires) then
 /// `resize2fs`. Needs no capability beyond opening the device.
 pub fn grow_ext4_offline(device: &Path) -> Result<(), ResizeError> {
-    let grow_err = |source| ResizeError::Grow {
-        fs_type: "ext4".to_owned(),
-        target: device.to_owned(),
-        source,
-    };
+    let grow_err = |source| grow_failed("ext4", device, device, source);
     command::run("e2fsck", ["-f".as_ref(), "-p".as_ref(), device.as_os_str()]).map_err(grow_err)?;
     command::run("resize2fs", [device.as_os_str()]).map_err(grow_err)?;
     Ok(())

@@ -79,6 +79,7 @@ fn backend_code(b: &BackendError) -> Code {
         BackendError::TooLarge { .. } => Code::OutOfRange,
         BackendError::Resize(r) => match r {
             ResizeError::Shrink { .. } | ResizeError::TooLarge { .. } => Code::OutOfRange,
+            ResizeError::PoolFull { .. } => Code::ResourceExhausted,
             ResizeError::MissingCapability { .. } | ResizeError::Unsupported { .. } => {
                 Code::FailedPrecondition
             }
