@@ -4,9 +4,9 @@
 //!
 //! A new volume's root is `0755`, owned by the server (root), like the root
 //! of a freshly made filesystem on a block volume, and never world-writable.
-//! Sharing it with a pod's users is the CO's job: the CSIDriver declares
-//! `fsGroupPolicy: File`, so the kubelet gives the volume to the pod's
-//! fsGroup (group owner, group rw, setgid) before the pod starts.
+//! Sharing it with a pod's users is the CO's job: with `fsGroupPolicy:
+//! File` on the CSIDriver (DESIGN.md), the kubelet gives the volume to the
+//! pod's fsGroup (group owner, group rw, setgid) before the pod starts.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
