@@ -91,6 +91,11 @@ pub struct Staging {
     pub device: Option<PathBuf>,
     /// Whether a filesystem (or the dir bind) is mounted at `path`.
     pub mounted: bool,
+    /// The id (as in mountinfo) of the mount made at `path`, so unstage
+    /// unmounts exactly that one. None before the mount is made, and in
+    /// records written before ids were kept.
+    #[serde(default)]
+    pub mount_id: Option<u32>,
 }
 
 /// What was done at one target path.
@@ -103,6 +108,16 @@ pub struct Publication {
     pub own_device: Option<PathBuf>,
     /// Whether stowage created the target (and so removes it on unpublish).
     pub created_target: bool,
+    /// The id (as in mountinfo) of the mount made at the target, so
+    /// unpublish unmounts exactly that one, even after a rename moved it.
+    /// None before the mount is made, and in records written before ids
+    /// were kept.
+    #[serde(default)]
+    pub mount_id: Option<u32>,
+    /// `(st_dev, st_ino)` of the file or directory stowage created at the
+    /// target: unpublish removes the target only while it is still that.
+    #[serde(default)]
+    pub created_inode: Option<(u64, u64)>,
 }
 
 /// A volume's footprint on this node.
