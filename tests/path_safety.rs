@@ -279,6 +279,10 @@ async fn first_stage_does_not_mount_into_a_parent_swapped_during_mkfs() {
                 assert!(swapped, "NodeStage failed without a swap: {s:?}");
                 swapped_before_mount += 1;
                 assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+                assert!(
+                    s.message().contains("changed while it was being mounted"),
+                    "{s:?}"
+                );
                 assert!(mounts_under(&root).is_empty(), "{s:?}");
             }
         }

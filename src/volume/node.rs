@@ -224,6 +224,14 @@ fn unmount_entry(subject: &dyn std::fmt::Display, e: &MountEntry) -> Result<()> 
     }
 }
 
+/// The filesystem mount a block staging needs.
+enum StagingMount {
+    /// This volume is mounted there already (made before a crash).
+    Adopt(u32),
+    /// Mount onto this directory, opened before anything slow runs.
+    Make(PathFd),
+}
+
 /// Whether two paths are equal or one is inside the other.
 fn overlaps(a: &Path, b: &Path) -> bool {
     a.starts_with(b) || b.starts_with(a)
@@ -415,20 +423,15 @@ impl Node {
     }
 
     /// Resolves `path` without following symlinks and makes sure it is a
-    /// directory, creating it when `create`. Returns whether it was made.
-    fn anchor_dir(
-        &self,
-        path: &Path,
-        field: &'static str,
-        create: bool,
-    ) -> Result<(AnchoredPath, bool)> {
+    /// directory, creating it when `create`.
+    fn anchor_dir(&self, path: &Path, field: &'static str, create: bool) -> Result<AnchoredPath> {
         let at = anchor(path, field)?;
         match at.kind().map_err(Error::io("inspect", path))? {
-            PathKind::Directory => Ok((at, false)),
+            PathKind::Directory => Ok(at),
             PathKind::Missing if create => {
                 at.create_dir(0o750)
                     .map_err(Error::io("create directory", path))?;
-                Ok((at, true))
+                Ok(at)
             }
             PathKind::Missing => Err(Error::invalid(
                 field,
@@ -574,14 +577,21 @@ impl Node {
         }
     }
 
-    /// The id of this volume's mount at `path` (topmost there, reached
-    /// without symlinks), with what its root is.
+    /// This volume's mount at `path` (topmost there, reached without
+    /// symlinks), with what its root is.
     fn volume_mount_at(&self, id: &VolumeId, path: &Path, raw: bool) -> Option<Found> {
         let at = AnchoredPath::new(path).ok()?;
         mount_at(&at)
             .ok()
             .flatten()
             .filter(|f| f.entry.mount_point == path && self.is_volume_root(id, &f.root, raw))
+    }
+
+    /// Whether `path` is a staging path or target recorded on this node.
+    fn is_recorded_path(&self, path: &Path) -> bool {
+        lock(&self.records).values().any(|r| {
+            r.staging.as_ref().is_some_and(|s| s.path == path) || r.publications.contains_key(path)
+        })
     }
 
     /// Removes the mounts made at `path` for a staging or publication: the
@@ -600,8 +610,11 @@ impl Node {
     ) -> Result<()> {
         if let Some(mid) = mount_id {
             let table = MountTable::read()?;
+            // An id left stale by a reboot may name another recorded mount
+            // of the volume now: never that one.
             if let Some(e) = table.by_id(mid)
                 && self.volume_mounts(id, &table).contains(&mid)
+                && (e.mount_point == path || !self.is_recorded_path(&e.mount_point))
             {
                 unmount_entry(id, e)?;
             }
@@ -616,7 +629,15 @@ impl Node {
             }
             // Gone, or through a symlink now: nothing can be mounted at
             // that path (mount points are reached without symlinks).
-            Err(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(Error::io("resolve", path)(e)),
         };
         // Bounded: each pass removes one mount or returns.
         for _ in 0..16 {
@@ -694,7 +715,7 @@ impl Node {
         let previous = rec.staging.clone();
         let claim = self.claim();
         self.check_overlap(&id, &req.staging_path, PathRole::Staging)?;
-        let (at, _) = self.anchor_dir(&req.staging_path, "staging_target_path", true)?;
+        let at = self.anchor_dir(&req.staging_path, "staging_target_path", true)?;
         rec.staging = Some(Staging {
             path: req.staging_path.clone(),
             capability: req.capability.clone(),
@@ -831,8 +852,8 @@ impl Node {
                 // very directory however long mkfs takes.
                 let mount = match access {
                     AccessType::Mount { .. } => match self.existing_staging_mount(id, at)? {
-                        Some(mid) => Some(Err(mid)),
-                        None => Some(Ok(self.open_mount_point(id, at, FIELD)?)),
+                        Some(mid) => Some(StagingMount::Adopt(mid)),
+                        None => Some(StagingMount::Make(self.open_mount_point(id, at, FIELD)?)),
                     },
                     AccessType::Block => None,
                 };
@@ -858,8 +879,8 @@ impl Node {
                 };
                 match mount {
                     None => {}
-                    Some(Err(adopted)) => st.mount_id = Some(adopted),
-                    Some(Ok(target)) => {
+                    Some(StagingMount::Adopt(mid)) => st.mount_id = Some(mid),
+                    Some(StagingMount::Make(target)) => {
                         let fs = cap.fs_type().unwrap_or(FsType::DEFAULT);
                         match filesystem::probe(&device.path())? {
                             None => {
@@ -1490,7 +1511,7 @@ impl Node {
             if !self.staging_intact(&id, &st) {
                 let restaged = self
                     .anchor_dir(&st.path, "staging_target_path", false)
-                    .and_then(|(at, _)| self.do_stage(&id, &at, &st.capability, Some(&st), false));
+                    .and_then(|at| self.do_stage(&id, &at, &st.capability, Some(&st), false));
                 match restaged {
                     Ok(new) => {
                         tracing::info!(volume = %id, "restored staging after restart");

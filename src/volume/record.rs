@@ -141,3 +141,54 @@ pub struct NodeRecord {
     pub node_id: String,
     pub topology: BTreeMap<String, String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::volume::capability::{AccessMode, AccessType};
+
+    /// Records written before mount ids and created inodes were kept still
+    /// load, with those fields absent.
+    #[test]
+    fn node_records_without_mount_ids_load() {
+        let rec = NodeVolumeRecord {
+            id: VolumeId::parse("block:n1:0123456789abcdef0123456789abcdef").unwrap(),
+            staging: Some(Staging {
+                path: "/s".into(),
+                capability: Capability {
+                    access_type: AccessType::Block,
+                    access_mode: AccessMode::SingleNodeWriter,
+                },
+                device: Some("/dev/loop3".into()),
+                mounted: false,
+                mount_id: Some(7),
+            }),
+            publications: BTreeMap::from([(
+                PathBuf::from("/t"),
+                Publication {
+                    capability: Capability {
+                        access_type: AccessType::Block,
+                        access_mode: AccessMode::SingleNodeWriter,
+                    },
+                    read_only: false,
+                    own_device: None,
+                    created_target: true,
+                    mount_id: Some(9),
+                    created_inode: Some((1, 2)),
+                },
+            )]),
+        };
+        let mut v = serde_json::to_value(&rec).unwrap();
+        v["staging"].as_object_mut().unwrap().remove("mount_id");
+        let p = v["publications"]["/t"].as_object_mut().unwrap();
+        p.remove("mount_id");
+        p.remove("created_inode");
+        let old: NodeVolumeRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(old.staging.unwrap().mount_id, None);
+        let p = &old.publications[Path::new("/t")];
+        assert_eq!((p.mount_id, p.created_inode), (None, None));
+        assert!(p.created_target);
+    }
+}
