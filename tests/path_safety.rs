@@ -328,6 +328,8 @@ async fn targets_overlapping_pool_state_or_staging_are_refused() {
         (state.join("fresh"), Code::InvalidArgument),
         (pool_fs.clone(), Code::InvalidArgument),
         (env.scratch.root.clone(), Code::InvalidArgument),
+        // Where the pool's image file goes when the pool is kept in one.
+        (pool_fs.join("pool.xfs.img"), Code::InvalidArgument),
     ];
     for (target, code) in &cases {
         let existed = target.exists();

@@ -84,8 +84,9 @@ pub struct Node {
     store: Store,
     inflight: InFlight,
     records: Mutex<HashMap<Uuid, NodeVolumeRecord>>,
-    /// The pool and the state directory (as configured and resolved): no
-    /// staging path or target may be at, inside or above them.
+    /// The pool, its image file and the state directory (as configured
+    /// and resolved): no staging path or target may be at, inside or above
+    /// them.
     reserved: Vec<(&'static str, PathBuf)>,
     /// See [`Node::claim`].
     claims: Mutex<()>,
@@ -280,6 +281,10 @@ impl Node {
         let mut reserved = Vec::new();
         for (what, dir) in [
             ("the pool", backends.pool.clone()),
+            (
+                "the pool image",
+                crate::os::pool_image::image_path(&backends.pool),
+            ),
             ("the state directory", store.root().to_owned()),
         ] {
             if let Ok(real) = dir.canonicalize()
@@ -373,10 +378,10 @@ impl Node {
     }
 
     /// Refuses a staging path or target that is at, inside or above the
-    /// pool or the state directory (INVALID_ARGUMENT: such a path is never
-    /// usable), or a staging path or publication target recorded on this
-    /// node, of any volume (FAILED_PRECONDITION: usable once that one is
-    /// gone). A mount there would hide, or be hidden by, the other, and
+    /// pool (or its image file) or the state directory (INVALID_ARGUMENT:
+    /// such a path is never usable), or a staging path or publication
+    /// target recorded on this node, of any volume (FAILED_PRECONDITION:
+    /// usable once that one is gone). A mount there would hide, or be hidden by, the other, and
     /// unpublish or unstage could no longer find and remove it. The same
     /// path in the same role for the same volume is the idempotent repeat.
     fn check_overlap(&self, id: &VolumeId, path: &Path, role: PathRole) -> Result<()> {
