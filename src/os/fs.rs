@@ -113,6 +113,8 @@ pub fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
 }
 
 /// Whether any component of `path` (which must be absolute) is a symlink.
+/// Only a snapshot: the answer may be stale by the next call. To act on a
+/// path without following symlinks, use [`AnchoredPath`].
 pub fn has_symlink_component(path: &Path) -> std::io::Result<bool> {
     let mut cur = PathBuf::from("/");
     for c in path.components().skip(1) {
@@ -128,7 +130,9 @@ pub fn has_symlink_component(path: &Path) -> std::io::Result<bool> {
 }
 
 /// Set once openat2(2) answered ENOSYS (old kernel, or a seccomp filter
-/// that does not know it), so later walks go straight to the fallback.
+/// that does not know it) or EPERM (an older seccomp profile's answer to
+/// syscalls it does not list), so later walks go straight to the fallback,
+/// which is just as safe, one syscall per component.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
 fn errno(e: Errno) -> std::io::Error {
@@ -157,7 +161,7 @@ fn normal_components(path: &Path) -> std::io::Result<Vec<&OsStr>> {
 /// symlink, ENOENT or ENOTDIR as open(2) gives them. Mount points are
 /// crossed as usual (the descriptor is on the topmost mount). Uses
 /// openat2(2) with RESOLVE_NO_SYMLINKS, or a walk of O_NOFOLLOW opens where
-/// the kernel lacks openat2.
+/// openat2 is missing or filtered.
 pub fn open_dir_nofollow(path: &Path) -> std::io::Result<OwnedFd> {
     normal_components(path)?;
     if !NO_OPENAT2.load(Ordering::Relaxed) {
@@ -166,7 +170,7 @@ pub fn open_dir_nofollow(path: &Path) -> std::io::Result<OwnedFd> {
             .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         match nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how) {
-            Err(Errno::ENOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+            Err(Errno::ENOSYS | Errno::EPERM) => NO_OPENAT2.store(true, Ordering::Relaxed),
             r => return r.map_err(errno),
         }
     }
