@@ -112,23 +112,6 @@ pub fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((md.dev(), md.ino()))
 }
 
-/// Whether any component of `path` (which must be absolute) is a symlink.
-/// Only a snapshot: the answer may be stale by the next call. To act on a
-/// path without following symlinks, use [`AnchoredPath`].
-pub fn has_symlink_component(path: &Path) -> std::io::Result<bool> {
-    let mut cur = PathBuf::from("/");
-    for c in path.components().skip(1) {
-        cur.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(md) if md.file_type().is_symlink() => return Ok(true),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(false)
-}
-
 /// Set once openat2(2) answered ENOSYS (old kernel, or a seccomp filter
 /// that does not know it) or EPERM (an older seccomp profile's answer to
 /// syscalls it does not list), so later walks go straight to the fallback,
