@@ -604,17 +604,28 @@ fn rolled_back(
     store: &Store,
     id: &str,
 ) -> ClientError {
-    match undo {
-        Ok(()) => err,
-        Err(u) => ClientError::Local(format!(
-            "{}; undoing what this call did failed too: {} (what may remain is listed in {})",
-            err.report(),
-            u.report(),
-            store
-                .record_path(id)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        )),
+    let Err(u) = undo else {
+        return err;
+    };
+    let undo_note = format!(
+        "undoing what this call did failed too: {} (what may remain is listed in {})",
+        u.report(),
+        store
+            .record_path(id)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    match err {
+        // The plugin was busy with this volume (e.g. still finishing a
+        // killed client's call): the record keeps what may remain, and the
+        // caller may retry the whole call, so the code stays ABORTED.
+        ClientError::Rpc { call, status } if status.code() == tonic::Code::Aborted => {
+            ClientError::Rpc {
+                call,
+                status: tonic::Status::aborted(format!("{}; {undo_note}", status.message())),
+            }
+        }
+        err => ClientError::Local(format!("{}; {undo_note}", err.report())),
     }
 }
 
@@ -1087,6 +1098,38 @@ pub async fn stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call refused as busy stays ABORTED (so callers retry it) even when
+    /// undoing it failed too; other failures carry both messages.
+    #[test]
+    fn a_busy_call_whose_undo_failed_stays_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rpc = |code| ClientError::Rpc {
+            call: "NodeStageVolume",
+            status: tonic::Status::new(code, "busy"),
+        };
+        let undo = || Err(rpc(tonic::Code::Aborted));
+        match rolled_back(rpc(tonic::Code::Aborted), undo(), &store, "v1") {
+            ClientError::Rpc { status, .. } => {
+                assert_eq!(status.code(), tonic::Code::Aborted);
+                assert!(
+                    status
+                        .message()
+                        .contains("undoing what this call did failed too")
+                );
+            }
+            other => panic!("expected ABORTED, got {other:?}"),
+        }
+        match rolled_back(rpc(tonic::Code::Internal), undo(), &store, "v1") {
+            ClientError::Local(m) => assert!(m.contains("INTERNAL") && m.contains("undoing")),
+            other => panic!("expected a local error, got {other:?}"),
+        }
+        assert!(matches!(
+            rolled_back(rpc(tonic::Code::Internal), Ok(()), &store, "v1"),
+            ClientError::Rpc { .. }
+        ));
+    }
 
     #[test]
     fn safe_ids_are_kept_and_others_hex_encoded() {
