@@ -141,6 +141,20 @@ async fn an_ext4_pool_is_kept_in_an_xfs_image_with_instant_snapshots() {
         snap.ready_to_use,
         "a reflink snapshot is ready when CreateSnapshot returns"
     );
+    // The pool image's own loop device is not something leaked.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("status")
+        .arg("--state-dir")
+        .arg(&env.layout.state)
+        .arg("--pool")
+        .arg(&env.layout.pool)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stowage status: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     env.unpublish(&v.volume_id, &target).await.unwrap();
     env.unstage(&v.volume_id, &staging).await.unwrap();
 

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::os::pool::{self, Strategy};
+use crate::os::pool::{self, PoolStrategy, Strategy};
 use crate::os::pool_image::{self, Mounted, PoolImageError};
 
 /// Whether stowage may keep the pool in an image (`serve --pool-image`).
@@ -45,7 +45,12 @@ impl Placement {
 /// Prepares the pool directory `pool` (created if missing, mode 0700) and
 /// mounts or makes its image as `mode` allows. Idempotent: a pool image
 /// mounted already is left as it is. Reasons to stay native are logged.
-pub fn place(pool: &Path, mode: PoolImageMode) -> Result<Placement, PoolImageError> {
+/// Returns the probe of a native pool when it had to probe one (so the
+/// caller need not probe again).
+pub fn place(
+    pool: &Path,
+    mode: PoolImageMode,
+) -> Result<(Placement, Option<PoolStrategy>), PoolImageError> {
     let image = pool_image::image_path(pool);
     let io = |what, path: &Path| {
         let path = path.to_owned();
@@ -57,39 +62,40 @@ pub fn place(pool: &Path, mode: PoolImageMode) -> Result<Placement, PoolImageErr
         if how == Mounted::Now {
             tracing::info!(pool = %pool.display(), image = %image.display(), "pool image mounted");
         }
-        return Ok(Placement::Image { image });
+        return Ok((Placement::Image { image }, None));
     }
     if mode == PoolImageMode::Never {
-        return Ok(Placement::Native);
+        return Ok((Placement::Native, None));
     }
-    match pool::probe(pool) {
-        Ok(p) if p.strategy != Strategy::Copy => return Ok(Placement::Native),
-        Ok(_) => {}
+    let probed = match pool::probe(pool) {
+        Ok(p) if p.strategy != Strategy::Copy => return Ok((Placement::Native, Some(p))),
+        Ok(p) => p,
         Err(e) => {
             tracing::warn!(pool = %pool.display(), error = %e, "cannot probe the pool; keeping it as it is");
-            return Ok(Placement::Native);
+            return Ok((Placement::Native, None));
         }
-    }
+    };
+    let native = Ok((Placement::Native, Some(probed)));
     if !pool_image::holds_no_data(pool)? {
         tracing::warn!(pool = %pool.display(),
             "the pool's filesystem cannot share extents but the pool already holds volumes; keeping sparse copies (snapshots of staged block volumes stall writers while they copy)");
-        return Ok(Placement::Native);
+        return native;
     }
     if !pool_image::mkfs_available() {
         tracing::warn!(pool = %pool.display(),
             "the pool's filesystem cannot share extents and mkfs.xfs is not installed; keeping sparse copies (install xfsprogs for O(1) snapshots)");
-        return Ok(Placement::Native);
+        return native;
     }
     let host = image.parent().unwrap_or(Path::new("/"));
     let size = pool_image::default_size(host)?;
     if size < pool_image::MIN_SIZE {
         tracing::warn!(pool = %pool.display(), free = size,
             "too little free space for a pool image; keeping sparse copies");
-        return Ok(Placement::Native);
+        return native;
     }
     pool_image::create(&image, size)?;
     pool_image::mount(pool, &image)?;
     tracing::info!(pool = %pool.display(), image = %image.display(), size,
         "the pool's filesystem cannot share extents: keeping the pool in a sparse xfs image with reflinks");
-    Ok(Placement::Image { image })
+    Ok((Placement::Image { image }, None))
 }

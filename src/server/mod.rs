@@ -9,6 +9,7 @@ pub mod identity;
 pub mod node;
 pub mod snapshot_metadata;
 pub mod status;
+mod transport;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -161,9 +162,9 @@ impl Driver {
         let store = Store::open(&cfg.state_dir).map_err(Error::from)?;
         // First of all: nothing a killed predecessor froze stays frozen.
         crate::volume::snapshot::thaw_staged(&store)?;
-        let placement = placement::place(&cfg.pool, cfg.pool_image)?;
+        let (placement, probed) = placement::place(&cfg.pool, cfg.pool_image)?;
         prepare_pool(&cfg.pool).map_err(Error::from)?;
-        let strategy = match crate::os::pool::probe(&cfg.pool) {
+        let strategy = match probed.map_or_else(|| crate::os::pool::probe(&cfg.pool), Ok) {
             Ok(s) => {
                 tracing::info!(pool = %cfg.pool.display(), strategy = %s, "pool probed");
                 s
@@ -364,7 +365,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             tracing::info!(endpoint = %path.display(), "listening");
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            // Through the `:authority` rewrite: h2 refuses what gRPC
+            // C-core and grpc-java send on a unix socket.
+            let incoming = transport::incoming(listener);
             let r = router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;

@@ -366,15 +366,14 @@ impl Controller {
         let _g = self.guard(format!("snap:{}", id.uuid))?;
         let job = self.snaps().copying.get(&id.uuid).cloned();
         if let Some(job) = job {
-            // Deleting a snapshot being cut cancels the copy; the copy
-            // removes what it made and releases its source.
+            // Deleting a snapshot being cut cancels the copy; a cancelled
+            // copy removes what it made and releases its source. A copy
+            // that finished first left a ready snapshot, deleted below.
             if !job.cancel_and_wait(CANCEL_WAIT) {
                 return Err(Error::Busy(format!(
                     "snapshot {id} (its copy has not stopped yet)"
                 )));
             }
-            tracing::info!(snapshot = %id, "snapshot deleted while being copied");
-            return Ok(());
         }
         let rec = self
             .snaps()
