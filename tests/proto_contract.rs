@@ -1,14 +1,24 @@
-//! The wire contract: `proto/csi.proto` must compile to exactly the same
-//! descriptor as the upstream CSI v1.12.0 `csi.proto` (comments and layout
-//! aside). Both files are compiled with protox; the `csi.proto`
-//! FileDescriptorProto of each, with `source_code_info` cleared, is decoded
-//! dynamically (so custom options such as `(csi_secret)` and
-//! `(alpha_field)` are compared too, which `prost_types` would drop) and the
-//! encodings must be byte-identical.
+//! The wire contract: `proto/csi.proto` must compile to exactly the
+//! descriptor of the upstream CSI v1.12.0 `csi.proto` (comments and layout
+//! aside).
 //!
-//! The upstream file is read from `../shared/reference/csi.proto` relative to
-//! the crate, or from the path in `STOWAGE_REFERENCE_PROTO`. A missing
-//! reference is a failure, never a skip.
+//! The upstream descriptor is committed as `proto/csi-v1.12.0.fingerprint`,
+//! so the check needs nothing outside the repository: the `csi.proto`
+//! FileDescriptorProto that protox compiles from the upstream file, with
+//! `source_code_info` cleared, decoded dynamically (so custom options such
+//! as `(csi_secret)` and `(alpha_field)` are compared too, which
+//! `prost_types` would drop), written as one protobuf-text-format section
+//! per declaration, after an FNV-1a hash of its encoding. `proto/csi.proto`,
+//! compiled the same way, must give the same hash and the same sections;
+//! a difference is reported section by section.
+//!
+//! Where the upstream file is at hand (`../shared/reference/csi.proto`
+//! beside the crate, or the path in `STOWAGE_REFERENCE_PROTO`), the
+//! committed fingerprint must also be exactly the one it gives, so a stale
+//! or hand-edited fingerprint fails. `scripts/proto-fingerprint.sh`
+//! regenerates the file from there (it runs that test with
+//! `STOWAGE_WRITE_FINGERPRINT=1`). A `STOWAGE_REFERENCE_PROTO` that names a
+//! missing file is a failure, never a skip.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,6 +28,11 @@ use protox::prost::Message as _;
 use protox::prost_reflect::{DynamicMessage, Value};
 
 const PROTO_NAME: &str = "csi.proto";
+const FINGERPRINT_NAME: &str = "csi-v1.12.0.fingerprint";
+/// Starts each section of a fingerprint file (never the start of a line of
+/// protobuf text format).
+const SECTION_MARK: &str = "== ";
+const HASH_KEY: &str = "fingerprint: ";
 
 /// The compiled `csi.proto` descriptor, source info removed.
 struct Contract {
@@ -28,20 +43,51 @@ struct Contract {
     bytes: Vec<u8>,
 }
 
+/// A descriptor's comparable form: what the fingerprint file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    /// `fnv1a64 <16 hex digits>, <n> bytes` of the encoding.
+    hash: String,
+    /// (section name, its text format) in declaration order.
+    sections: Vec<(String, String)>,
+}
+
 fn project_proto() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("proto")
         .join(PROTO_NAME)
 }
 
-fn reference_proto() -> PathBuf {
+fn fingerprint_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("proto")
+        .join(FINGERPRINT_NAME)
+}
+
+/// The upstream file: `Ok(Some)` where it is, `Ok(None)` when the default
+/// location holds nothing, `Err` when `STOWAGE_REFERENCE_PROTO` names a
+/// file that is not there.
+fn reference_proto() -> Result<Option<PathBuf>, String> {
     match std::env::var_os("STOWAGE_REFERENCE_PROTO") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("shared")
-            .join("reference")
-            .join(PROTO_NAME),
+        Some(p) if !p.is_empty() => {
+            let path = PathBuf::from(p);
+            if path.is_file() {
+                Ok(Some(path))
+            } else {
+                Err(format!(
+                    "STOWAGE_REFERENCE_PROTO={} is not a file",
+                    path.display()
+                ))
+            }
+        }
+        _ => {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("shared")
+                .join("reference")
+                .join(PROTO_NAME);
+            Ok(path.is_file().then_some(path))
+        }
     }
 }
 
@@ -205,68 +251,155 @@ fn line_diff(a: &str, b: &str) -> String {
     out
 }
 
-/// Describes how two descriptors differ; `None` when they are identical.
-fn describe_difference(project: &Contract, reference: &Contract) -> Option<String> {
-    if project.bytes == reference.bytes {
+/// FNV-1a, 64 bits: a dependency-free digest of the encoding (the sections
+/// carry the content; this catches anything text format does not show).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn fingerprint(contract: &Contract) -> Fingerprint {
+    Fingerprint {
+        hash: format!(
+            "fnv1a64 {:016x}, {} bytes",
+            fnv1a64(&contract.bytes),
+            contract.bytes.len()
+        ),
+        sections: sections(&contract.file),
+    }
+}
+
+/// The fingerprint file's text: a comment header, the hash line, then each
+/// section as a `== <name>` line followed by its text format.
+fn render(fp: &Fingerprint) -> String {
+    let mut out = String::from(
+        "# The CSI v1.12.0 wire contract: the descriptor protox compiles from the\n\
+         # upstream csi.proto (source info removed), one protobuf text format\n\
+         # section per declaration. tests/proto_contract.rs requires\n\
+         # proto/csi.proto to compile to exactly this. Generated by\n\
+         # scripts/proto-fingerprint.sh from ../shared/reference/csi.proto;\n\
+         # do not edit.\n",
+    );
+    let _ = writeln!(out, "{HASH_KEY}{}", fp.hash);
+    for (name, text) in &fp.sections {
+        let _ = writeln!(out, "{SECTION_MARK}{name}");
+        for line in text.lines() {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
+/// Reads a fingerprint file; anything but comments before the hash line,
+/// a missing hash, text outside a section, an empty or repeated section is
+/// an error (so a damaged file cannot compare equal by accident).
+fn parse(text: &str) -> Result<Fingerprint, String> {
+    let mut hash: Option<String> = None;
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        if let Some(name) = line.strip_prefix(SECTION_MARK) {
+            if hash.is_none() {
+                return Err(format!("line {n}: section before the `{HASH_KEY}` line"));
+            }
+            if let Some((prev, body)) = sections.last()
+                && body.is_empty()
+            {
+                return Err(format!("section {prev} is empty"));
+            }
+            if sections.iter().any(|(s, _)| s == name) {
+                return Err(format!("line {n}: section {name} appears twice"));
+            }
+            sections.push((name.to_owned(), String::new()));
+        } else if let Some((_, body)) = sections.last_mut() {
+            if !body.is_empty() {
+                body.push('\n');
+            }
+            body.push_str(line);
+        } else if let Some(h) = line.strip_prefix(HASH_KEY) {
+            if hash.replace(h.to_owned()).is_some() {
+                return Err(format!("line {n}: a second `{HASH_KEY}` line"));
+            }
+        } else if !(line.starts_with('#') || line.trim().is_empty()) {
+            return Err(format!("line {n}: text outside a section: {line:?}"));
+        }
+    }
+    let hash = hash.ok_or_else(|| format!("no `{HASH_KEY}` line"))?;
+    match sections.last() {
+        None => return Err("no sections".to_owned()),
+        Some((name, body)) if body.is_empty() => return Err(format!("section {name} is empty")),
+        Some(_) => {}
+    }
+    Ok(Fingerprint { hash, sections })
+}
+
+/// The committed fingerprint, parsed.
+fn committed() -> Fingerprint {
+    let path = fingerprint_path();
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Describes how `actual` differs from `expected` (- actual, + expected);
+/// `None` when they are identical.
+fn describe_difference(actual: &Fingerprint, expected: &Fingerprint) -> Option<String> {
+    if actual == expected {
         return None;
     }
-    let ps = sections(&project.file);
-    let rs = sections(&reference.file);
-    let pm: BTreeMap<&str, &str> = ps.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let rm: BTreeMap<&str, &str> = rs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut report = String::from(
-        "proto/csi.proto does not match the upstream CSI v1.12.0 descriptor \
-         (- project, + reference):\n",
-    );
-    for (name, text) in &rm {
-        match pm.get(name) {
+    let am: BTreeMap<&str, &str> = actual
+        .sections
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let em: BTreeMap<&str, &str> = expected
+        .sections
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut report = String::new();
+    for (name, text) in &em {
+        match am.get(name) {
             None => {
-                let _ = writeln!(report, "  {name}: missing from proto/csi.proto");
+                let _ = writeln!(report, "  {name}: missing");
             }
-            Some(p) if p != text => {
-                let _ = writeln!(report, "  {name} differs:\n{}", line_diff(p, text));
+            Some(a) if a != text => {
+                let _ = writeln!(report, "  {name} differs:\n{}", line_diff(a, text));
             }
             Some(_) => {}
         }
     }
-    for name in pm.keys().filter(|k| !rm.contains_key(*k)) {
-        let _ = writeln!(report, "  {name}: not in the upstream file");
+    for name in am.keys().filter(|k| !em.contains_key(*k)) {
+        let _ = writeln!(report, "  {name}: not in CSI v1.12.0");
     }
-    let p_order: Vec<&str> = ps.iter().map(|(k, _)| k.as_str()).collect();
-    let r_order: Vec<&str> = rs.iter().map(|(k, _)| k.as_str()).collect();
-    if p_order != r_order {
+    let a_order: Vec<&str> = actual.sections.iter().map(|(k, _)| k.as_str()).collect();
+    let e_order: Vec<&str> = expected.sections.iter().map(|(k, _)| k.as_str()).collect();
+    if a_order != e_order {
         let _ = writeln!(
             report,
             "  declaration order differs:\n{}",
-            line_diff(&p_order.join("\n"), &r_order.join("\n"))
+            line_diff(&a_order.join("\n"), &e_order.join("\n"))
         );
     }
-    if pm == rm && p_order == r_order {
+    if actual.hash != expected.hash {
         let _ = writeln!(
             report,
-            "  (no section differs in text format; the encodings differ in \
-             {} vs {} bytes, e.g. unknown fields)",
-            project.bytes.len(),
-            reference.bytes.len()
+            "  encoding: {} (expected {}){}",
+            actual.hash,
+            expected.hash,
+            if am == em && a_order == e_order {
+                "; no section differs in text format (e.g. unknown fields)"
+            } else {
+                ""
+            }
         );
     }
     Some(report)
 }
 
-fn compile_project() -> Contract {
-    compile_path(&project_proto()).unwrap_or_else(|e| panic!("project proto: {e}"))
-}
-
-fn compile_reference() -> Contract {
-    let path = reference_proto();
-    assert!(
-        path.is_file(),
-        "the upstream CSI v1.12.0 reference proto is missing at {} \
-         (set STOWAGE_REFERENCE_PROTO to its path); the wire contract cannot \
-         be checked without it",
-        path.display()
-    );
-    compile_path(&path).unwrap_or_else(|e| panic!("reference proto {}: {e}", path.display()))
+fn compile_project() -> Fingerprint {
+    fingerprint(&compile_path(&project_proto()).unwrap_or_else(|e| panic!("project proto: {e}")))
 }
 
 fn project_text() -> String {
@@ -299,30 +432,98 @@ fn replace_in_message(text: &str, message: &str, from: &str, to: &str) -> String
     )
 }
 
+/// `fp` with the single `from` in section `name` replaced by `to`.
+fn edit_section(fp: &Fingerprint, name: &str, from: &str, to: &str) -> Fingerprint {
+    let mut fp = fp.clone();
+    let (_, body) = fp
+        .sections
+        .iter_mut()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no section {name}"));
+    assert_eq!(body.matches(from).count(), 1, "one `{from}` in {name}");
+    *body = body.replacen(from, to, 1);
+    fp
+}
+
 #[test]
-fn project_proto_matches_upstream_csi_v1_12_0() {
-    let reference = compile_reference();
-    let project = compile_project();
-    // Guard against a vacuous comparison: the descriptor must really be CSI
-    // and carry the custom options.
-    assert_eq!(string(&reference.file, "package"), "csi.v1");
+fn project_proto_matches_committed_csi_v1_12_0_fingerprint() {
+    let expected = committed();
+    // Guard against a vacuous comparison: the fingerprint must really be
+    // CSI and carry the custom options.
+    let header = &expected.sections[0];
+    assert_eq!(header.0, "file header");
+    assert!(header.1.contains("package: \"csi.v1\""), "{}", header.1);
+    let services = expected
+        .sections
+        .iter()
+        .filter(|(n, _)| n.starts_with("service "))
+        .count();
     assert!(
-        list(&reference.file, "service").len() >= 3,
-        "reference has Identity, Controller, Node services (and more)"
+        services >= 3,
+        "Identity, Controller, Node services (and more)"
     );
-    let rendered = format!("{}", reference.file);
+    let all: String = expected.sections.iter().map(|(_, t)| t.as_str()).collect();
     assert!(
-        rendered.contains("csi_secret") && rendered.contains("alpha_field"),
+        all.contains("csi_secret") && all.contains("alpha_field"),
         "extension options must be part of the compared descriptor"
     );
-    if let Some(report) = describe_difference(&project, &reference) {
-        panic!("{report}");
+    if let Some(report) = describe_difference(&compile_project(), &expected) {
+        panic!(
+            "proto/csi.proto does not match the upstream CSI v1.12.0 descriptor \
+             in proto/{FINGERPRINT_NAME} (- project, + upstream):\n{report}"
+        );
+    }
+}
+
+/// Where the upstream file is at hand, the committed fingerprint is exactly
+/// its own: a stale or hand-edited fingerprint fails here. With
+/// `STOWAGE_WRITE_FINGERPRINT=1` (`scripts/proto-fingerprint.sh`) the file
+/// is written instead.
+#[test]
+fn committed_fingerprint_is_the_upstream_references() {
+    let reference = reference_proto().unwrap_or_else(|e| panic!("{e}"));
+    let write = std::env::var_os("STOWAGE_WRITE_FINGERPRINT").is_some_and(|v| v == "1");
+    let Some(reference) = reference else {
+        assert!(
+            !write,
+            "STOWAGE_WRITE_FINGERPRINT=1 needs the upstream csi.proto at \
+             ../shared/reference/csi.proto or in STOWAGE_REFERENCE_PROTO"
+        );
+        eprintln!(
+            "note: no upstream csi.proto at ../shared/reference/csi.proto (nor \
+             STOWAGE_REFERENCE_PROTO): proto/csi.proto is checked against the \
+             committed proto/{FINGERPRINT_NAME} only"
+        );
+        return;
+    };
+    let upstream = fingerprint(
+        &compile_path(&reference)
+            .unwrap_or_else(|e| panic!("reference proto {}: {e}", reference.display())),
+    );
+    if write {
+        std::fs::write(fingerprint_path(), render(&upstream))
+            .unwrap_or_else(|e| panic!("write {}: {e}", fingerprint_path().display()));
+        eprintln!(
+            "wrote {} from {}",
+            fingerprint_path().display(),
+            reference.display()
+        );
+    }
+    // What is written must read back as itself.
+    assert_eq!(parse(&render(&upstream)).as_ref(), Ok(&upstream));
+    if let Some(report) = describe_difference(&committed(), &upstream) {
+        panic!(
+            "proto/{FINGERPRINT_NAME} is not the fingerprint of {} \
+             (- committed, + upstream); regenerate it with \
+             scripts/proto-fingerprint.sh:\n{report}",
+            reference.display()
+        );
     }
 }
 
 #[test]
 fn changed_field_number_is_detected() {
-    let reference = compile_reference();
+    let expected = committed();
     let original = project_text();
     let mutated = replace_in_message(
         &original,
@@ -331,8 +532,8 @@ fn changed_field_number_is_detected() {
         "vendor_version = 7;",
     );
     assert_ne!(mutated, original);
-    let mutated = compile_text(&mutated).unwrap_or_else(|e| panic!("mutated proto: {e}"));
-    let report = describe_difference(&mutated, &reference)
+    let mutated = fingerprint(&compile_text(&mutated).unwrap_or_else(|e| panic!("mutated: {e}")));
+    let report = describe_difference(&mutated, &expected)
         .expect("a changed field number must make the descriptors differ");
     assert!(
         report.contains("field .csi.v1.GetPluginInfoResponse.vendor_version differs"),
@@ -342,14 +543,15 @@ fn changed_field_number_is_detected() {
         report.contains("number: 7") && report.contains("number: 2"),
         "the report shows both field numbers:\n{report}"
     );
-    // Only that message differs.
+    // Only that field differs (and so does the encoding).
     assert_eq!(report.matches(" differs:").count(), 1, "{report}");
+    assert!(report.contains("  encoding: "), "{report}");
 }
 
 #[test]
 fn dropped_custom_option_is_detected() {
     // prost_types drops extension options; this proves they are compared.
-    let reference = compile_reference();
+    let expected = committed();
     let original = project_text();
     let mutated = replace_in_message(
         &original,
@@ -357,12 +559,80 @@ fn dropped_custom_option_is_detected() {
         " [(csi_secret) = true];",
         ";",
     );
-    let mutated = compile_text(&mutated).unwrap_or_else(|e| panic!("mutated proto: {e}"));
-    let report = describe_difference(&mutated, &reference)
+    let mutated = fingerprint(&compile_text(&mutated).unwrap_or_else(|e| panic!("mutated: {e}")));
+    let report = describe_difference(&mutated, &expected)
         .expect("a dropped (csi_secret) option must make the descriptors differ");
     assert!(
         report.contains("field .csi.v1.CreateVolumeRequest.secrets differs"),
         "{report}"
     );
     assert!(report.contains("csi_secret"), "{report}");
+}
+
+/// A fingerprint that disagrees with the project, in one section or only
+/// in the hash line, fails the comparison: the committed file is really
+/// what the project is held to.
+#[test]
+fn edited_fingerprint_is_detected() {
+    let project = compile_project();
+    let edited = edit_section(
+        &project,
+        "field .csi.v1.NodeStageVolumeRequest.staging_target_path",
+        "number: 3",
+        "number: 30",
+    );
+    let report = describe_difference(&project, &edited).expect("an edited section must differ");
+    assert!(
+        report.contains("field .csi.v1.NodeStageVolumeRequest.staging_target_path differs"),
+        "{report}"
+    );
+
+    let mut rehashed = project.clone();
+    rehashed.hash = "fnv1a64 0000000000000000, 1 bytes".to_owned();
+    let report =
+        describe_difference(&project, &rehashed).expect("a different hash alone must differ");
+    assert!(
+        report.contains("no section differs in text format"),
+        "{report}"
+    );
+
+    let mut dropped = project.clone();
+    let gone = dropped.sections.pop().expect("sections").0;
+    let report = describe_difference(&project, &dropped).expect("an extra section must differ");
+    assert!(
+        report.contains(&format!("{gone}: not in CSI v1.12.0")),
+        "{report}"
+    );
+    let report = describe_difference(&dropped, &project).expect("a missing section must differ");
+    assert!(report.contains(&format!("{gone}: missing")), "{report}");
+}
+
+/// The file format round-trips, and a damaged file is an error rather than
+/// a fingerprint that might compare equal to something.
+#[test]
+fn fingerprint_file_round_trips_and_damage_is_refused() {
+    let project = compile_project();
+    let text = render(&project);
+    assert_eq!(parse(&text), Ok(project.clone()));
+
+    let no_hash: String = text
+        .lines()
+        .filter(|l| !l.starts_with(HASH_KEY))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(parse(&no_hash).is_err());
+    assert!(parse(&format!("{HASH_KEY}x\n")).is_err(), "no sections");
+    assert!(
+        parse(&format!("stray\n{text}")).is_err(),
+        "text before the hash"
+    );
+    assert!(
+        parse(&format!("{text}{SECTION_MARK}file header\nname: \"x\"\n")).is_err(),
+        "a repeated section"
+    );
+    assert!(
+        parse(&format!("{text}{SECTION_MARK}empty\n")).is_err(),
+        "an empty section"
+    );
+    assert!(parse("").is_err());
 }
