@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use stowage::backend::placement::PoolImageMode;
 use stowage::client::{self, ClientCommand, GlobalArgs, OutputFormat};
-use stowage::server::{self, Advertise, Config, Endpoint, Mode};
+use stowage::server::{self, Config, Endpoint, Mode};
 
 #[derive(Debug, Parser)]
 #[command(name = "stowage", version = stowage::VENDOR_VERSION, about = "A CSI driver for local dir and block volumes")]
@@ -86,15 +86,6 @@ struct ServeArgs {
     /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// Advertise the SNAPSHOT_METADATA_SERVICE plugin capability (changed
-    /// block tracking; its RPCs are served either way). Off by default:
-    /// csi-sanity v5.3.1 rejects the capability as unknown.
-    #[arg(long)]
-    enable_snapshot_metadata: bool,
-    /// Advertise the GET_SNAPSHOT controller capability (GetSnapshot is
-    /// served either way). Off by default for the same reason.
-    #[arg(long)]
-    enable_get_snapshot: bool,
 }
 
 fn init_logging(format: LogFormat) {
@@ -184,10 +175,6 @@ fn serve(args: ServeArgs) -> ExitCode {
             ModeArg::Node => Mode::Node,
         },
         max_volumes_per_node: args.max_volumes_per_node,
-        advertise: Advertise {
-            snapshot_metadata: args.enable_snapshot_metadata,
-            get_snapshot: args.enable_get_snapshot,
-        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

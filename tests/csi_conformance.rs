@@ -146,47 +146,27 @@ async fn advertised(env: &mut Env) -> (Vec<i32>, Vec<i32>) {
 }
 
 /// GetPluginCapabilities: "CONTROLLER_SERVICE ... VOLUME_ACCESSIBILITY_CONSTRAINTS
-/// ... GROUP_CONTROLLER_SERVICE"; by default nothing newer than the
-/// conformance suite knows (SNAPSHOT_METADATA_SERVICE, GET_SNAPSHOT).
+/// ... GROUP_CONTROLLER_SERVICE ... SNAPSHOT_METADATA_SERVICE", and
+/// ControllerGetCapabilities: stowage implements every plugin service and
+/// every controller RPC CSI v1.12 defines, and advertises them all with
+/// default flags (GET_SNAPSHOT and SNAPSHOT_METADATA_SERVICE included).
 #[tokio::test(flavor = "multi_thread")]
-async fn identity_capabilities_include_controller_and_topology() {
+async fn identity_and_controller_advertise_every_v1_12_capability_by_default() {
     use csi::controller_service_capability::rpc::Type as Rpc;
     use csi::plugin_capability::service::Type;
     let mut env = Env::new("ext4").await;
     let (services, rpcs) = advertised(&mut env).await;
-    assert!(services.contains(&(Type::ControllerService as i32)));
-    assert!(services.contains(&(Type::VolumeAccessibilityConstraints as i32)));
-    assert!(services.contains(&(Type::GroupControllerService as i32)));
-    assert!(!services.contains(&(Type::SnapshotMetadataService as i32)));
-    assert!(rpcs.contains(&(Rpc::CreateDeleteSnapshot as i32)));
-    assert!(!rpcs.contains(&(Rpc::GetSnapshot as i32)));
-}
-
-/// `--enable-snapshot-metadata` and `--enable-get-snapshot` add
-/// SNAPSHOT_METADATA_SERVICE and GET_SNAPSHOT, and nothing else changes.
-#[tokio::test(flavor = "multi_thread")]
-async fn identity_advertises_opt_in_capabilities_when_enabled() {
-    use csi::controller_service_capability::rpc::Type as Rpc;
-    use csi::plugin_capability::service::Type;
-    let mut plain = Env::new("ext4").await;
-    let (base_services, base_rpcs) = advertised(&mut plain).await;
-    drop(plain);
-    let mut env = Env::with_args(
-        "ext4",
-        &["--enable-snapshot-metadata", "--enable-get-snapshot"],
-    )
-    .await;
-    let (services, rpcs) = advertised(&mut env).await;
-    let mut expect_services = base_services;
-    expect_services.push(Type::SnapshotMetadataService as i32);
-    let mut expect_rpcs = base_rpcs;
-    expect_rpcs.push(Rpc::GetSnapshot as i32);
+    // Every value the enums define, UNKNOWN (0) aside.
+    let every_service: Vec<i32> = (1..).take_while(|&t| Type::try_from(t).is_ok()).collect();
+    let every_rpc: Vec<i32> = (1..).take_while(|&t| Rpc::try_from(t).is_ok()).collect();
+    assert!(every_service.contains(&(Type::SnapshotMetadataService as i32)));
+    assert!(every_rpc.contains(&(Rpc::GetSnapshot as i32)));
     let sorted = |mut v: Vec<i32>| {
         v.sort_unstable();
         v
     };
-    assert_eq!(sorted(services), sorted(expect_services));
-    assert_eq!(sorted(rpcs), sorted(expect_rpcs));
+    assert_eq!(sorted(services), every_service);
+    assert_eq!(sorted(rpcs), every_rpc);
 }
 
 /// Probe: "ready ... the plugin is in a state where it can serve requests";

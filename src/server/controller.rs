@@ -19,8 +19,7 @@ pub struct ControllerService {
     pub(super) driver: Arc<Driver>,
 }
 
-/// The controller capabilities stowage always advertises (GET_SNAPSHOT is
-/// added when `Advertise::get_snapshot` is set).
+/// The controller capabilities stowage advertises: every one it implements.
 pub const CAPABILITIES: &[Rpc] = &[
     Rpc::CreateDeleteVolume,
     Rpc::PublishUnpublishVolume,
@@ -29,6 +28,7 @@ pub const CAPABILITIES: &[Rpc] = &[
     Rpc::PublishReadonly,
     Rpc::CreateDeleteSnapshot,
     Rpc::ListSnapshots,
+    Rpc::GetSnapshot,
     Rpc::CloneVolume,
     Rpc::ModifyVolume,
     Rpc::ExpandVolume,
@@ -324,12 +324,6 @@ impl ControllerRpc for ControllerService {
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities: CAPABILITIES
                 .iter()
-                .chain(
-                    self.driver
-                        .advertise
-                        .get_snapshot
-                        .then_some(&Rpc::GetSnapshot),
-                )
                 .map(|t| csi::ControllerServiceCapability {
                     r#type: Some(csi::controller_service_capability::Type::Rpc(
                         csi::controller_service_capability::Rpc { r#type: *t as i32 },

@@ -53,10 +53,9 @@ impl Identity for IdentityService {
         if self.driver.controller.is_some() {
             capabilities.insert(0, service(ServiceType::ControllerService));
             capabilities.push(service(ServiceType::GroupControllerService));
-            // Served always, announced on request: see `Advertise`.
-            if self.driver.advertise.snapshot_metadata {
-                capabilities.push(service(ServiceType::SnapshotMetadataService));
-            }
+            // Served with the controller (block volume snapshots' changed
+            // blocks, for the external-snapshot-metadata sidecar).
+            capabilities.push(service(ServiceType::SnapshotMetadataService));
         }
         capabilities.push(csi::PluginCapability {
             r#type: Some(csi::plugin_capability::Type::VolumeExpansion(

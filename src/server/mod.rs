@@ -78,24 +78,6 @@ pub struct Config {
     pub pool_image: PoolImageMode,
     pub mode: Mode,
     pub max_volumes_per_node: u64,
-    /// Optional capabilities to advertise (the RPCs behind them are served
-    /// either way).
-    pub advertise: Advertise,
-}
-
-/// Capabilities stowage implements but advertises only when asked: both
-/// arrived with CSI 1.10+, and conformance tools built against older specs
-/// (csi-sanity v5.3.1) fail a plugin that announces a capability they do
-/// not know. The reference hostpath driver gates its SnapshotMetadata
-/// service the same way (`--enable-snapshot-metadata`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Advertise {
-    /// The SNAPSHOT_METADATA_SERVICE plugin capability (changed-block
-    /// tracking for backup tools, via the external-snapshot-metadata
-    /// sidecar).
-    pub snapshot_metadata: bool,
-    /// The GET_SNAPSHOT controller capability.
-    pub get_snapshot: bool,
 }
 
 /// A startup failure, with what to fix.
@@ -144,8 +126,6 @@ pub struct Driver {
     pub strategy: crate::os::pool::PoolStrategy,
     /// Whether the pool is kept in an xfs image.
     pub placement: Placement,
-    /// Optional capabilities turned on.
-    pub advertise: Advertise,
 }
 
 impl Driver {
@@ -208,7 +188,6 @@ impl Driver {
             pool: cfg.pool.clone(),
             strategy,
             placement,
-            advertise: cfg.advertise,
         })
     }
 
