@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Runs stowage's whole test suite on a fresh Debian machine, as root:
-# installs the filesystem tools (and systemd-analyze) the tests use, then checks
-# formatting and lints, and runs every test (unit, integration, property).
+# installs the filesystem tools (and systemd-analyze) the tests use, then
+# checks formatting and lints, runs every test binary of the workspace (unit,
+# integration, property; each one even when another fails), and, when
+# `csi-sanity` is on PATH, the upstream conformance suite (scripts/sanity.sh)
+# in mount and block modes on an xfs pool and on an ext4 pool (kept in an
+# xfs image). It ends with a summary: each step, each test binary's totals,
+# csi-sanity's own summary lines, and a last line
+#   tests: N passed, N failed
+# summing every cargo test and csi-sanity spec. It exits non-zero if any
+# step, test or spec failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +29,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 modprobe loop 2>/dev/null || true
 
-# tests/python_client.rs calls the server with Python's grpcio (gRPC C-core).
+# tests/python_client.rs calls the server with Python's grpcio (gRPC C-core);
+# scripts/sanity.sh reads csi-sanity's JUnit report with python3.
 if ! python3 -c 'import grpc' >/dev/null 2>&1; then
   if ! python3 -m pip --version >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
@@ -33,9 +42,135 @@ if ! python3 -c 'import grpc' >/dev/null 2>&1; then
     python3 -m pip install --quiet --break-system-packages grpcio
 fi
 
+# From here on every step runs whatever the previous ones did; failures are
+# counted and reported at the end.
+set +e
+logs=$(mktemp -d /tmp/stowage-test.XXXXXX)
+trap 'rm -rf "$logs"' EXIT
+steps=()  # "name: ok|FAILED"
+failed_steps=0
+step() {
+  local name=$1; shift
+  echo "== $name"
+  if "$@"; then
+    steps+=("$name: ok")
+  else
+    steps+=("$name: FAILED")
+    failed_steps=$((failed_steps + 1))
+  fi
+}
+
 # The workspace: the stowage package and the sidecars crate.
-cargo fmt --all -- --check
-cargo clippy --locked --workspace --all-targets -- -D warnings
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --locked --workspace --all-targets -- -D warnings
+
 # The unit-file test must check the units with systemd-analyze, not skip it.
 export STOWAGE_REQUIRE_SYSTEMD_ANALYZE=1
-cargo test --workspace --locked --lib --bins --tests
+echo "== cargo test"
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$logs/cargo-test.log"
+test_rc=${PIPESTATUS[0]}
+if [ "$test_rc" -eq 0 ]; then steps+=("cargo test: ok"); else
+  steps+=("cargo test: FAILED")
+  failed_steps=$((failed_steps + 1))
+fi
+
+# One line per test binary: "<label>\t<passed>\t<failed>" ("-" when the
+# binary printed no result, e.g. it crashed).
+awk '
+  function flush() { if (cur != "") print cur "\t-\t-"; cur = "" }
+  /^     Running / {
+    flush()
+    line = $0; sub(/^     Running /, "", line)
+    label = line; sub(/ \(.*$/, "", label)
+    if (label ~ /^unittests /) {
+      crate = line; sub(/^.*\//, "", crate); sub(/-[0-9a-f]+\)$/, "", crate)
+      label = label " [" crate "]"
+    }
+    cur = label; next
+  }
+  /^test result: / && cur != "" {
+    p = $0; sub(/^.* ok\. |^.* FAILED\. /, "", p)
+    split(p, parts, "; ")
+    passed = parts[1]; sub(/ passed.*/, "", passed)
+    failed = parts[2]; sub(/ failed.*/, "", failed)
+    print cur "\t" passed "\t" failed; cur = ""
+  }
+  END { flush() }
+' "$logs/cargo-test.log" >"$logs/binaries.tsv"
+
+cargo_passed=0
+cargo_failed=0
+binaries=()
+while IFS=$'\t' read -r label passed failed; do
+  if [ "$passed" = "-" ]; then
+    binaries+=("  $label: no result (crashed?): counted as 1 failed")
+    cargo_failed=$((cargo_failed + 1))
+  else
+    binaries+=("  $label: $passed passed, $failed failed")
+    cargo_passed=$((cargo_passed + passed))
+    cargo_failed=$((cargo_failed + failed))
+  fi
+done <"$logs/binaries.tsv"
+if [ "$test_rc" -ne 0 ] && [ "$cargo_failed" -eq 0 ]; then
+  # Nothing failed that printed a result: the build itself failed.
+  binaries+=("  cargo test exited $test_rc before any test failed (build error?): counted as 1 failed")
+  cargo_failed=1
+fi
+
+# The upstream conformance suite, against the debug binary cargo test built.
+sanity=${CSI_SANITY:-csi-sanity}
+sanity_passed=0
+sanity_failed=0
+sanity_lines=()
+if command -v "$sanity" >/dev/null 2>&1; then
+  target_dir=$(cargo metadata --locked --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  if cargo build --locked -p stowage --bin stowage; then
+    sanity_lines+=("  $(command -v "$sanity"): $("$sanity" -version 2>&1 | head -n 1)")
+    for fs in xfs ext4; do
+      echo "== scripts/sanity.sh ($fs pool)"
+      SANITY_POOL_FS=$fs STOWAGE_BIN="$target_dir/debug/stowage" scripts/sanity.sh 2>&1 |
+        tee "$logs/sanity-$fs.log"
+      rc=${PIPESTATUS[0]}
+      mapfile -t lines < <(grep -E '^== csi-sanity: |^Ran [0-9]+ of [0-9]+ Specs|^(SUCCESS|FAIL)! -- |^sanity\.sh: |^  [A-Z]+: \[' "$logs/sanity-$fs.log")
+      sanity_lines+=("${lines[@]/#/  }")
+      verdicts=0
+      while read -r p f; do
+        sanity_passed=$((sanity_passed + p))
+        sanity_failed=$((sanity_failed + f))
+        verdicts=$((verdicts + 1))
+      done < <(sed -nE 's/^sanity\.sh: .*: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/p' "$logs/sanity-$fs.log")
+      if [ "$rc" -ne 0 ] && [ "$verdicts" -eq 0 ]; then
+        sanity_lines+=("  scripts/sanity.sh ($fs pool) exited $rc without a verdict: counted as 1 failed")
+        sanity_failed=$((sanity_failed + 1))
+      fi
+      if [ "$rc" -eq 0 ]; then steps+=("csi-sanity ($fs pool): ok"); else
+        steps+=("csi-sanity ($fs pool): FAILED")
+        failed_steps=$((failed_steps + 1))
+      fi
+    done
+  else
+    sanity_lines+=("  cannot build target/debug/stowage: csi-sanity not run, counted as 1 failed")
+    sanity_failed=1
+    failed_steps=$((failed_steps + 1))
+  fi
+else
+  sanity_lines+=(
+    "  !!! csi-sanity NOT RUN: '$sanity' is not on PATH. The upstream conformance"
+    "  !!! suite did not run; only the Rust conformance suites above did. Install"
+    "  !!! it (go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.5.0)"
+    "  !!! and run scripts/test.sh again, or scripts/sanity.sh alone."
+  )
+  steps+=("csi-sanity: NOT RUN (not on PATH)")
+fi
+
+echo
+echo "==================== scripts/test.sh summary ===================="
+printf '%s\n' "${steps[@]}"
+echo "cargo test --no-fail-fast, per test binary:"
+printf '%s\n' "${binaries[@]}"
+echo "  all test binaries: $cargo_passed passed, $cargo_failed failed"
+echo "csi-sanity:"
+printf '%s\n' "${sanity_lines[@]}"
+echo "tests: $((cargo_passed + sanity_passed)) passed, $((cargo_failed + sanity_failed)) failed"
+[ "$failed_steps" -eq 0 ] && [ "$test_rc" -eq 0 ] && [ "$cargo_failed" -eq 0 ] && [ "$sanity_failed" -eq 0 ]
