@@ -21,6 +21,18 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 modprobe loop 2>/dev/null || true
 
+# tests/python_client.rs calls the server with Python's grpcio (gRPC C-core).
+if ! python3 -c 'import grpc' >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-pip
+  fi
+  # Debian's python3 is externally managed (PEP 668): then pip must be told.
+  python3 -m pip install --quiet grpcio 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages grpcio
+fi
+
 # The workspace: the stowage package and the sidecars crate.
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings

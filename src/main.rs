@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use stowage::backend::placement::PoolImageMode;
 use stowage::client::{self, ClientCommand, GlobalArgs, OutputFormat};
 use stowage::server::{self, Advertise, Config, Endpoint, Mode};
 
@@ -43,6 +44,12 @@ enum ModeArg {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum PoolImageArg {
+    Auto,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -65,6 +72,11 @@ struct ServeArgs {
     /// Where volumes live (default: <state-dir>/pool).
     #[arg(long)]
     pool: Option<PathBuf>,
+    /// Keep the pool in a sparse xfs image (mounted at the pool directory)
+    /// when the pool's filesystem cannot share extents (ext4, tmpfs), so
+    /// snapshots are O(1): auto, or never.
+    #[arg(long, value_enum, default_value = "auto")]
+    pool_image: PoolImageArg,
     /// Which services to serve.
     #[arg(long, value_enum, default_value = "all")]
     mode: ModeArg,
@@ -162,6 +174,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         driver_name: args.driver_name,
         pool: args.pool.unwrap_or_else(|| args.state_dir.join("pool")),
         state_dir: args.state_dir,
+        pool_image: match args.pool_image {
+            PoolImageArg::Auto => PoolImageMode::Auto,
+            PoolImageArg::Never => PoolImageMode::Never,
+        },
         mode: match args.mode {
             ModeArg::All => Mode::All,
             ModeArg::Controller => Mode::Controller,

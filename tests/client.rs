@@ -725,7 +725,7 @@ async fn concurrent_publishes_of_one_volume_both_land_in_the_record() {
 /// stderr a pipe, no progress line is written.
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_create_waits_for_ready_to_use_unless_told_not_to() {
-    let env = Env::new("ext4").await;
+    let env = Env::with_args("ext4", &["--pool-image", "never"]).await;
     let vol = json(
         &env,
         &["volume", "create", "cli-src", "--size", "64Mi", "--block"],

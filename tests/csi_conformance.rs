@@ -75,7 +75,7 @@ async fn lifecycle(fs: &str, kind: &str) {
     env.unpublish(&id, &target).await.unwrap();
     env.unstage(&id, &staging).await.unwrap();
     env.delete(&id).await.unwrap();
-    assert!(loops_under(&env.scratch.root.join("pool-fs")).is_empty());
+    assert!(loops_under(&env.layout.pool).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

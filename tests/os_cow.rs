@@ -208,6 +208,7 @@ fn check_sparse_copy(fs: &str) {
     let copied = cow::sparse_copy(&src, &dst, &|done, total| {
         calls.set(calls.get() + 1);
         last.set((done, total));
+        true
     })
     .unwrap();
     assert_eq!(copied, data);
@@ -227,7 +228,7 @@ fn check_sparse_copy(fs: &str) {
     assert!(std::fs::read(&dst).unwrap() == std::fs::read(&src).unwrap());
 
     // The destination is never overwritten.
-    let err = cow::sparse_copy(&src, &dst, &|_, _| {}).unwrap_err();
+    let err = cow::sparse_copy(&src, &dst, &|_, _| true).unwrap_err();
     assert!(matches!(err, CowError::Create { .. }), "{err:?}");
 }
 
@@ -253,7 +254,7 @@ fn sparse_copy_across_filesystems_keeps_holes() {
     let src = pool.join("src.img");
     let dst = other.join("dst.img");
     sparse_file(&src, 16 * MIB, &[(4 * MIB, 256 * KIB)]);
-    let copied = cow::sparse_copy(&src, &dst, &|_, _| {}).unwrap();
+    let copied = cow::sparse_copy(&src, &dst, &|_, _| true).unwrap();
     assert_eq!(copied, 256 * KIB);
     assert_eq!(
         cow::allocated_ranges(&dst).unwrap(),

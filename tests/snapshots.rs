@@ -15,6 +15,17 @@ use common::*;
 use stowage::csi;
 use tonic::Code;
 
+/// Server flags that keep `pool` as it is: an ext4 pool is tested as the
+/// sparse-copy pool it is with `--pool-image never` (by default it would be
+/// kept in an xfs image; tests/pool_image.rs covers that).
+fn pool_args(pool: &str) -> &'static [&'static str] {
+    if pool == "ext4" {
+        &["--pool-image", "never"]
+    } else {
+        &[]
+    }
+}
+
 fn snap_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
     csi::CreateSnapshotRequest {
         source_volume_id: source.into(),
@@ -127,7 +138,7 @@ async fn unmount(env: &mut Env, vol: &str, staging: &Path, target: &Path) {
 /// it was at the snapshot, and stays restorable after the source is
 /// deleted ("snapshots are independent of their source").
 async fn round_trip(pool: &str, kind: &str) {
-    let mut env = Env::new(pool).await;
+    let mut env = Env::with_args(pool, pool_args(pool)).await;
     let size = if kind == "dir" { 0 } else { 320 * MIB };
     let v = env.create("src", kind, size).await;
     let (s1, t1) = mount(&mut env, &v.volume_id, kind, "src").await;
@@ -210,7 +221,7 @@ async fn snapshot_round_trip_dir_on_xfs_reflink_pool() {
 /// processed"); the plugin reports its strategy in GetPluginInfo.
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_pool_snapshots_become_ready_in_the_background() {
-    let mut env = Env::new("ext4").await;
+    let mut env = Env::with_args("ext4", pool_args("ext4")).await;
     let info = env
         .c
         .identity
@@ -728,7 +739,7 @@ async fn group_snapshots_follow_the_spec() {
 /// written; starting_offset and max_results page the stream.
 async fn cbt_exact(pool: &str) {
     use stowage::csi::snapshot_metadata_client::SnapshotMetadataClient;
-    let mut env = Env::new(pool).await;
+    let mut env = Env::with_args(pool, pool_args(pool)).await;
     let v = env.create("cbt", "raw", 64 * MIB).await;
     let (s, t) = mount(&mut env, &v.volume_id, "raw", "cbt").await;
     let write_at = |offsets: &[u64], seed: u64| {
@@ -960,7 +971,7 @@ async fn thick_provisioning_reserves_space() {
 /// reported as not enforced where it cannot; growing the volume raises the
 /// limit.
 async fn dir_capacity(fs: &str, mount_data: &str, enforced: bool) {
-    let mut env = Env::with_pool(fs, mount_data, &[]).await;
+    let mut env = Env::with_pool(fs, mount_data, pool_args(fs)).await;
     let v = env.create("q", "dir", 16 * MIB).await;
     assert_eq!(
         v.volume_context

@@ -162,7 +162,7 @@ impl VolumeStore for BlockBackend {
         &self,
         from: Object,
         to: Object,
-        progress: &dyn Fn(u64, u64),
+        progress: &dyn Fn(u64, u64) -> bool,
     ) -> Result<(), BackendError> {
         let (src, dst) = (self.object_path(from), self.object_path(to));
         let err = |what: &str, err| BackendError::Copy {

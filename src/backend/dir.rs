@@ -172,7 +172,7 @@ impl VolumeStore for DirBackend {
         &self,
         from: Object,
         to: Object,
-        _progress: &dyn Fn(u64, u64),
+        _progress: &dyn Fn(u64, u64) -> bool,
     ) -> Result<(), BackendError> {
         let (src, dst) = (self.object_path(from), self.object_path(to));
         if self.strategy == Strategy::BtrfsSubvolumes

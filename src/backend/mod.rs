@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod dir;
+pub mod placement;
 
 use std::path::{Path, PathBuf};
 
@@ -117,14 +118,15 @@ pub trait VolumeStore: Send + Sync + std::fmt::Debug {
 
     /// Makes `to` (which must not exist) a copy of `from`, with the pool's
     /// strategy: O(1) with btrfs snapshots or reflinks, a sparse copy
-    /// otherwise (`progress(copied, total)` is called as it goes). `from`
+    /// otherwise (`progress(copied, total)` is called as it goes, and a
+    /// copy it answers `false` stops, cancelled). `from`
     /// must not change meanwhile (the caller freezes a mounted
     /// filesystem). Nothing is left at `to` on failure.
     fn copy(
         &self,
         from: Object,
         to: Object,
-        progress: &dyn Fn(u64, u64),
+        progress: &dyn Fn(u64, u64) -> bool,
     ) -> Result<(), BackendError>;
 
     /// Removes a snapshot's storage. Idempotent.
@@ -218,6 +220,9 @@ pub struct Backends {
     pub strategy: Strategy,
     pub dir: dir::DirBackend,
     pub block: block::BlockBackend,
+    /// Where the pool's image file lives when the pool is kept in one
+    /// (see [`placement`]): its free space bounds the pool's.
+    pub image_host: Option<PathBuf>,
 }
 
 impl Backends {
@@ -238,6 +243,24 @@ impl Backends {
             strategy,
             dir: dir::DirBackend::new(pool, strategy).with_quota(enforcement),
             block: block::BlockBackend::new(pool, strategy),
+            image_host: None,
+        }
+    }
+
+    /// Notes that the pool is kept in an image file in `dir`.
+    pub fn with_image_host(mut self, dir: Option<PathBuf>) -> Self {
+        self.image_host = dir;
+        self
+    }
+
+    /// Bytes new volumes can still get: the pool's free space, bounded by
+    /// the free space of the filesystem holding the pool image, if any
+    /// (the image is sparse, so the host can run out first).
+    pub fn available_bytes(&self) -> std::io::Result<u64> {
+        let pool = crate::os::fs::usage(&self.pool)?.available_bytes;
+        match &self.image_host {
+            Some(host) => Ok(pool.min(crate::os::fs::usage(host)?.available_bytes)),
+            None => Ok(pool),
         }
     }
 

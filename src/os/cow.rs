@@ -96,6 +96,8 @@ pub enum CowError {
         #[source]
         err: std::io::Error,
     },
+    #[error("copy of {path} cancelled at offset {offset}")]
+    Cancelled { path: PathBuf, offset: u64 },
     #[error("{path} ended at offset {offset} while being copied (it shrank)")]
     SourceShrank { path: PathBuf, offset: u64 },
     #[error("set length of {path} to {len}: {err}")]
@@ -349,7 +351,7 @@ fn copy_data(
     src_path: &Path,
     dst: &File,
     dst_path: &Path,
-    progress: &dyn Fn(u64, u64),
+    progress: &dyn Fn(u64, u64) -> bool,
 ) -> Result<u64, CowError> {
     let len = src
         .metadata()
@@ -360,7 +362,13 @@ fn copy_data(
         .len();
     let ranges = data_ranges(src, src_path)?;
     let total: u64 = ranges.iter().map(|(_, l)| l).sum();
-    progress(0, total);
+    let cancelled = |offset| CowError::Cancelled {
+        path: src_path.to_owned(),
+        offset,
+    };
+    if !progress(0, total) {
+        return Err(cancelled(0));
+    }
     let mut copied = 0u64;
     let mut in_kernel = true;
     let mut buffer = Vec::new();
@@ -421,7 +429,9 @@ fn copy_data(
             }
             pos += moved;
             copied += moved;
-            progress(copied, total);
+            if !progress(copied, total) {
+                return Err(cancelled(pos));
+            }
         }
     }
     dst.set_len(len).map_err(|err| CowError::SetLength {
@@ -438,10 +448,15 @@ fn copy_data(
 /// share extents instead of copying) and falls back to read/write where
 /// the kernel cannot copy between the two files. Returns the bytes of data
 /// copied; calls `progress(copied, total_data)` once at the start and after
-/// every step. `src` must be a regular file that nobody writes meanwhile
+/// every step (16 MiB), and stops with [`CowError::Cancelled`] as soon as it
+/// returns false. `src` must be a regular file that nobody writes meanwhile
 /// (freeze or snapshot it first); if it shrinks the copy fails. Not synced.
 /// On any failure `dst` is removed again.
-pub fn sparse_copy(src: &Path, dst: &Path, progress: &dyn Fn(u64, u64)) -> Result<u64, CowError> {
+pub fn sparse_copy(
+    src: &Path,
+    dst: &Path,
+    progress: &dyn Fn(u64, u64) -> bool,
+) -> Result<u64, CowError> {
     let source = open_source(src)?;
     let target = create_destination(dst)?;
     let guard = RemoveOnDrop::new(dst);
@@ -729,7 +744,7 @@ impl TreeCopier<'_> {
         if reflinked {
             self.stats.reflinked += 1;
         } else {
-            self.stats.copied_bytes += copy_data(&source, src, &target, dst, &|_, _| {})?;
+            self.stats.copied_bytes += copy_data(&source, src, &target, dst, &|_, _| true)?;
         }
         copy_file_attributes(&target, dst, &opened)?;
         self.stats.files += 1;

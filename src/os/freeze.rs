@@ -82,13 +82,16 @@ fn freeze_fd(file: &File, mountpoint: &Path) -> Result<(), FreezeError> {
     }
 }
 
-fn thaw_fd(file: &File, mountpoint: &Path) -> Result<(), FreezeError> {
+/// Thaws; Ok(true) when the filesystem was frozen, Ok(false) when it was
+/// not.
+fn thaw_fd(file: &File, mountpoint: &Path) -> Result<bool, FreezeError> {
     let mut unused: libc::c_int = 0;
     // SAFETY: FITHAW takes a pointer to an int it does not use; `unused`
     // lives across the call and the fd is an open directory.
     match unsafe { ioctl::fithaw(file.as_raw_fd(), &mut unused) } {
+        Ok(_) => Ok(true),
         // EINVAL: not frozen, which is what the caller wants.
-        Ok(_) | Err(Errno::EINVAL) => Ok(()),
+        Err(Errno::EINVAL) => Ok(false),
         Err(errno) => Err(FreezeError::Thaw {
             path: mountpoint.to_owned(),
             errno,
@@ -107,8 +110,8 @@ pub fn freeze(mountpoint: &Path) -> Result<(), FreezeError> {
 }
 
 /// Thaws the filesystem mounted at `mountpoint`. Idempotent: thawing a
-/// filesystem that is not frozen succeeds.
-pub fn thaw(mountpoint: &Path) -> Result<(), FreezeError> {
+/// filesystem that is not frozen succeeds. Returns whether it was frozen.
+pub fn thaw(mountpoint: &Path) -> Result<bool, FreezeError> {
     thaw_fd(&open_mount_point(mountpoint)?, mountpoint)
 }
 
@@ -140,7 +143,7 @@ impl FrozenFs {
     /// Thaws now, reporting a failure instead of logging it.
     pub fn thaw(mut self) -> Result<(), FreezeError> {
         let file = self.file.take().expect("only thawed once");
-        thaw_fd(&file, &self.mountpoint)
+        thaw_fd(&file, &self.mountpoint).map(drop)
     }
 }
 

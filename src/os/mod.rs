@@ -13,5 +13,6 @@ pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
 pub mod pool;
+pub mod pool_image;
 pub mod quota;
 pub mod resize;

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod node;
 pub mod snapshot_metadata;
 pub mod status;
+mod transport;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use std::time::Instant;
 
 use tonic::{Response, Status};
 
+use crate::backend::placement::{self, Placement, PoolImageMode};
 use crate::backend::{Backends, prepare_pool};
 use crate::csi;
 use crate::state::Store;
@@ -72,6 +74,8 @@ pub struct Config {
     pub driver_name: String,
     pub state_dir: PathBuf,
     pub pool: PathBuf,
+    /// Whether the pool may be kept in an xfs image.
+    pub pool_image: PoolImageMode,
     pub mode: Mode,
     pub max_volumes_per_node: u64,
     /// Optional capabilities to advertise (the RPCs behind them are served
@@ -121,6 +125,8 @@ pub enum StartError {
         #[source]
         err: std::io::Error,
     },
+    #[error("cannot prepare the pool: {0}")]
+    Pool(#[from] crate::os::pool_image::PoolImageError),
     #[error("cannot open the driver: {0}")]
     Open(#[from] Error),
     #[error("gRPC server: {0}")]
@@ -136,6 +142,8 @@ pub struct Driver {
     pub pool: PathBuf,
     /// What the pool probe chose (reported in GetPluginInfo's manifest).
     pub strategy: crate::os::pool::PoolStrategy,
+    /// Whether the pool is kept in an xfs image.
+    pub placement: Placement,
     /// Optional capabilities turned on.
     pub advertise: Advertise,
 }
@@ -152,8 +160,11 @@ impl Driver {
             return Err(StartError::NodeId(cfg.node_id.clone()));
         }
         let store = Store::open(&cfg.state_dir).map_err(Error::from)?;
+        // First of all: nothing a killed predecessor froze stays frozen.
+        crate::volume::snapshot::thaw_staged(&store)?;
+        let (placement, probed) = placement::place(&cfg.pool, cfg.pool_image)?;
         prepare_pool(&cfg.pool).map_err(Error::from)?;
-        let strategy = match crate::os::pool::probe(&cfg.pool) {
+        let strategy = match probed.map_or_else(|| crate::os::pool::probe(&cfg.pool), Ok) {
             Ok(s) => {
                 tracing::info!(pool = %cfg.pool.display(), strategy = %s, "pool probed");
                 s
@@ -168,11 +179,10 @@ impl Driver {
         };
         let enforcement = Backends::probe_quota(&cfg.pool, strategy.strategy);
         tracing::info!(dir_capacity = ?enforcement, "dir volume capacity enforcement");
-        let backends = Arc::new(Backends::with_quota(
-            &cfg.pool,
-            strategy.strategy,
-            enforcement,
-        ));
+        let backends = Arc::new(
+            Backends::with_quota(&cfg.pool, strategy.strategy, enforcement)
+                .with_image_host(placement.image_host()),
+        );
         let controller = match cfg.mode {
             Mode::All | Mode::Controller => Some(Arc::new(Controller::open(
                 &cfg.node_id,
@@ -197,6 +207,7 @@ impl Driver {
             node,
             pool: cfg.pool.clone(),
             strategy,
+            placement,
             advertise: cfg.advertise,
         })
     }
@@ -354,7 +365,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             tracing::info!(endpoint = %path.display(), "listening");
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            // Through the `:authority` rewrite: h2 refuses what gRPC
+            // C-core and grpc-java send on a unix socket.
+            let incoming = transport::incoming(listener);
             let r = router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;

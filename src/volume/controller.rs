@@ -16,7 +16,6 @@ use super::token::TokenSigner;
 use super::{FsType, TOPOLOGY_NODE_KEY};
 use crate::backend::Backends;
 use crate::backend::Object;
-use crate::os;
 use crate::state::{Store, Table};
 
 /// Volume context key saying whether the pool holds the volume to its
@@ -398,7 +397,7 @@ impl Controller {
         match source {
             None => store.create(id.uuid, size)?,
             Some((from, src_size)) => {
-                store.copy(from, Object::Volume(id.uuid), &|_, _| {})?;
+                store.copy(from, Object::Volume(id.uuid), &|_, _| true)?;
                 // Also sets the new volume's own capacity limit (dir).
                 if let Err(e) = store.expand(id.uuid, size) {
                     let _ = store.delete(id.uuid);
@@ -835,11 +834,13 @@ impl Controller {
         if caps.iter().any(|c| c.supported_by(params.backend).is_err()) {
             return Ok(none);
         }
-        let usage = os::fs::usage(&self.backends.pool)
+        let available = self
+            .backends
+            .available_bytes()
             .map_err(Error::io("statvfs", self.backends.pool.clone()))?;
         Ok(Capacity {
-            available: usage.available_bytes,
-            maximum_volume_size: Some(usage.available_bytes),
+            available,
+            maximum_volume_size: Some(available),
         })
     }
 

@@ -128,7 +128,7 @@ impl Controller {
             if let Err(e) = backend.copy(
                 Object::Volume(v.id.uuid),
                 Object::Snapshot(rec.id.uuid),
-                &|_, _| {},
+                &|_, _| true,
             ) {
                 result = Err(e);
                 break;

@@ -4,8 +4,10 @@
 //! the copy so the snapshot is consistent. Snapshots are independent of
 //! their source: deleting the volume leaves them restorable.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use super::controller::Controller;
 use super::error::{Error, Result};
@@ -16,12 +18,48 @@ use crate::backend::{Backends, Object};
 use crate::os::freeze::FrozenFs;
 use crate::state::{Store, Table};
 
-/// Snapshots by UUID and by name, and the ones still being copied.
+/// A background copy in progress: asked to stop by DeleteSnapshot, which
+/// then waits for it to have cleaned up.
+#[derive(Debug, Default)]
+pub(super) struct CopyJob {
+    cancel: AtomicBool,
+    finished: Mutex<bool>,
+    done: Condvar,
+}
+
+impl CopyJob {
+    fn finish(&self) {
+        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.done.notify_all();
+    }
+
+    /// Asks the copy to stop and waits up to `limit` for it to be gone;
+    /// whether it is.
+    fn cancel_and_wait(&self, limit: Duration) -> bool {
+        self.cancel.store(true, Ordering::Relaxed);
+        let finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        let (finished, _) = self
+            .done
+            .wait_timeout_while(finished, limit, |f| !*f)
+            .unwrap_or_else(|e| e.into_inner());
+        *finished
+    }
+}
+
+/// How long DeleteSnapshot waits for a cancelled copy to stop (it checks
+/// between 16 MiB steps, so this is ample).
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
+/// Snapshots by UUID and by name, the ones still being copied, and copies
+/// that failed since their CreateSnapshot was last asked about them.
 #[derive(Debug, Default)]
 pub struct SnapshotIndex {
     by_uuid: BTreeMap<Uuid, SnapshotRecord>,
     by_name: HashMap<String, Uuid>,
-    copying: HashSet<Uuid>,
+    copying: HashMap<Uuid, Arc<CopyJob>>,
+    /// Name → (source volume, why its copy failed): the next CreateSnapshot
+    /// of that name answers with the error, and the one after starts anew.
+    failed: HashMap<String, (String, Error)>,
 }
 
 impl SnapshotIndex {
@@ -62,6 +100,33 @@ impl SnapshotIndex {
             self.by_name.remove(&rec.name);
         }
     }
+}
+
+/// Thaws every filesystem this node has staged (block volumes mounted at
+/// their staging path). Snapshots and clones freeze a staged filesystem for
+/// the instant of the copy; a server killed meanwhile would otherwise leave
+/// it frozen for good, with every writer blocked. Thawing a filesystem that
+/// is not frozen does nothing, so this runs at every start, before
+/// anything else touches the volumes. Failures are logged.
+pub fn thaw_staged(store: &Store) -> Result<()> {
+    for (_, rec) in store.load_all::<NodeVolumeRecord>(Table::NodeVolumes)? {
+        let Some(st) = rec.staging.filter(|s| s.mounted) else {
+            continue;
+        };
+        if rec.id.backend != BackendKind::Block {
+            continue;
+        }
+        match crate::os::freeze::thaw(&st.path) {
+            Ok(true) => {
+                tracing::warn!(volume = %rec.id, path = %st.path.display(), "thawed a filesystem left frozen by an interrupted snapshot");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(volume = %rec.id, path = %st.path.display(), error = %e, "cannot check whether a staged filesystem is frozen");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A page of ListSnapshots.
@@ -131,10 +196,21 @@ impl Controller {
     ) -> Result<SnapshotRecord> {
         check_parameters(params)?;
         let _g = self.guard(format!("snapname:{name}"))?;
-        let existing = {
-            let s = self.snaps();
-            s.by_name.get(name).and_then(|u| s.by_uuid.get(u)).cloned()
+        let (existing, failed) = {
+            let mut s = self.snaps();
+            let failed = s
+                .failed
+                .remove(name)
+                .filter(|(src, _)| src == source)
+                .map(|(_, e)| e);
+            (
+                s.by_name.get(name).and_then(|u| s.by_uuid.get(u)).cloned(),
+                failed,
+            )
         };
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if let Some(rec) = existing {
             if rec.source_volume_id == source {
                 return Ok(rec);
@@ -153,7 +229,7 @@ impl Controller {
             uuid: Uuid::new_random(),
         };
         let backend = self.backends.store(vol.id.backend);
-        let mut rec = SnapshotRecord {
+        let rec = SnapshotRecord {
             id: id.clone(),
             name: name.to_owned(),
             source_volume_id: vol.id.to_string(),
@@ -168,7 +244,7 @@ impl Controller {
             backend.copy(
                 Object::Volume(vol.id.uuid),
                 Object::Snapshot(id.uuid),
-                &|_, _| {},
+                &|_, _| true,
             )?;
             drop(frozen);
             if let Err(e) = self.store.put(Table::Snapshots, &id.uuid.to_hex(), &rec) {
@@ -182,64 +258,129 @@ impl Controller {
         // No extent sharing on this pool: copy in the background, holding
         // the volume's guard (and its frozen filesystem) until done.
         self.store.put(Table::Snapshots, &id.uuid.to_hex(), &rec)?;
+        let job = Arc::new(CopyJob::default());
         {
             let mut s = self.snaps();
             s.insert(rec.clone());
-            s.copying.insert(id.uuid);
+            s.copying.insert(id.uuid, Arc::clone(&job));
         }
-        let frozen = self.freeze_source(&vol)?;
+        let frozen = match self.freeze_source(&vol) {
+            Ok(f) => f,
+            Err(e) => {
+                self.forget_copy(&rec);
+                return Err(e);
+            }
+        };
         let this = Arc::clone(self);
         let result_rec = rec.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("snapshot-{}", id.uuid))
             .spawn(move || {
                 let _vol_guard = vol_guard;
                 let backend = this.backends.store(rec.id.backend);
-                let r = backend.copy(Object::Volume(vol.id.uuid), Object::Snapshot(rec.id.uuid), &|done, total| {
-                    tracing::debug!(snapshot = %rec.id, done, total, "copying snapshot");
-                });
+                let r = backend.copy(
+                    Object::Volume(vol.id.uuid),
+                    Object::Snapshot(rec.id.uuid),
+                    &|done, total| {
+                        tracing::debug!(snapshot = %rec.id, done, total, "copying snapshot");
+                        !job.cancel.load(Ordering::Relaxed)
+                    },
+                );
                 drop(frozen);
-                let key = rec.id.uuid.to_hex();
-                match r {
-                    Ok(()) => {
-                        rec.ready = true;
-                        if let Err(e) = this.store.put(Table::Snapshots, &key, &rec) {
-                            tracing::error!(snapshot = %rec.id, error = %e, "cannot record a finished snapshot");
-                        } else {
-                            tracing::info!(snapshot = %rec.id, "snapshot copy finished");
-                        }
-                        let mut s = this.snaps();
-                        s.copying.remove(&rec.id.uuid);
-                        s.insert(rec);
-                    }
-                    Err(e) => {
-                        tracing::error!(snapshot = %rec.id, error = %e, "snapshot copy failed");
-                        let _ = backend.delete_snapshot(rec.id.uuid);
-                        let _ = this.store.delete(Table::Snapshots, &key);
-                        let mut s = this.snaps();
-                        s.copying.remove(&rec.id.uuid);
-                        s.remove(rec.id.uuid);
-                    }
-                }
-            })
-            .map_err(Error::io("spawn copy thread for", format!("snapshot {id}")))?;
+                this.finish_copy(rec, r, &job);
+                job.finish();
+            });
+        if let Err(e) = spawned {
+            self.forget_copy(&result_rec);
+            return Err(Error::io("spawn copy thread for", format!("snapshot {id}"))(e));
+        }
         Ok(result_rec)
     }
 
+    /// Removes every trace of a snapshot whose copy did not finish: its
+    /// storage, its record and its index entries.
+    fn forget_copy(&self, rec: &SnapshotRecord) {
+        let _ = self
+            .backends
+            .store(rec.id.backend)
+            .delete_snapshot(rec.id.uuid);
+        if let Err(e) = self.store.delete(Table::Snapshots, &rec.id.uuid.to_hex()) {
+            // Start-up drops records of unfinished copies anyway.
+            tracing::error!(snapshot = %rec.id, error = %e, "cannot remove the record of an unfinished snapshot");
+        }
+        let mut s = self.snaps();
+        s.copying.remove(&rec.id.uuid);
+        s.remove(rec.id.uuid);
+    }
+
+    /// Records how a background copy ended: ready, cancelled (by
+    /// DeleteSnapshot: nothing is left), or failed (nothing is left, and the
+    /// next CreateSnapshot of its name reports why).
+    fn finish_copy(
+        &self,
+        mut rec: SnapshotRecord,
+        r: std::result::Result<(), crate::backend::BackendError>,
+        job: &CopyJob,
+    ) {
+        let cancelled = job.cancel.load(Ordering::Relaxed);
+        match (r, cancelled) {
+            (_, true) => {
+                tracing::info!(snapshot = %rec.id, "snapshot copy cancelled");
+                self.forget_copy(&rec);
+            }
+            (Ok(()), false) => {
+                rec.ready = true;
+                if let Err(e) = self
+                    .store
+                    .put(Table::Snapshots, &rec.id.uuid.to_hex(), &rec)
+                {
+                    tracing::error!(snapshot = %rec.id, error = %e, "cannot record a finished snapshot");
+                    self.forget_copy(&rec);
+                    self.snaps()
+                        .failed
+                        .insert(rec.name.clone(), (rec.source_volume_id.clone(), e.into()));
+                    return;
+                }
+                tracing::info!(snapshot = %rec.id, "snapshot copy finished");
+                let mut s = self.snaps();
+                s.copying.remove(&rec.id.uuid);
+                s.insert(rec);
+            }
+            (Err(e), false) => {
+                tracing::error!(snapshot = %rec.id, error = %e, "snapshot copy failed");
+                self.forget_copy(&rec);
+                self.snaps()
+                    .failed
+                    .insert(rec.name.clone(), (rec.source_volume_id.clone(), e.into()));
+            }
+        }
+    }
+
     /// DeleteSnapshot. Idempotent: an unknown or malformed ID is success.
-    /// A snapshot still being copied is busy (ABORTED).
+    /// A snapshot still being copied has its copy cancelled, and is gone
+    /// (storage and record) when this returns.
     pub fn delete_snapshot(&self, raw: &str) -> Result<()> {
         let Some(id) = SnapshotId::parse(raw) else {
             return Ok(());
         };
         let _g = self.guard(format!("snap:{}", id.uuid))?;
-        let rec = {
-            let s = self.snaps();
-            if s.copying.contains(&id.uuid) {
-                return Err(Error::Busy(format!("snapshot {id} (still copying)")));
+        let job = self.snaps().copying.get(&id.uuid).cloned();
+        if let Some(job) = job {
+            // Deleting a snapshot being cut cancels the copy; a cancelled
+            // copy removes what it made and releases its source. A copy
+            // that finished first left a ready snapshot, deleted below.
+            if !job.cancel_and_wait(CANCEL_WAIT) {
+                return Err(Error::Busy(format!(
+                    "snapshot {id} (its copy has not stopped yet)"
+                )));
             }
-            s.by_uuid.get(&id.uuid).filter(|r| r.id == id).cloned()
-        };
+        }
+        let rec = self
+            .snaps()
+            .by_uuid
+            .get(&id.uuid)
+            .filter(|r| r.id == id)
+            .cloned();
         let Some(rec) = rec else {
             return Ok(());
         };
