@@ -1310,7 +1310,7 @@ async fn kill9_during_node_publish_leaves_no_unrecorded_mount() {
 
 /// Arguments that give the server a pool of sparse copies on the ext4 pool
 /// filesystem (copies take time, with the source frozen meanwhile).
-const COPY_POOL_ARGS: &[&str] = &[];
+const COPY_POOL_ARGS: &[&str] = &["--pool-image", "never"];
 /// Data in the source volume, so that its copy lasts long enough for the
 /// kill to land inside it.
 const BALLAST: usize = 256 << 20;
@@ -1620,4 +1620,190 @@ async fn kill9_during_a_clone_leaves_nothing_frozen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_a_group_snapshot_leaves_nothing_frozen() {
     kill9_during_a_freezing_copy_leaves_nothing_frozen(FreezingCopy::GroupSnapshot).await;
+}
+
+// ---------------------------------------------------------------------------
+// Issue 9, defect 6: whatever the API creates, the API (or start-up
+// recovery) must be able to find and remove.
+
+/// CreateVolumeGroupSnapshot cut short by a kill, at delays spread over
+/// its measured duration: afterwards every member snapshot ListSnapshots
+/// returns must belong to a group GetVolumeGroupSnapshot finds (else
+/// DeleteVolumeGroupSnapshot, answering OK for an unknown group, removes
+/// nothing, and DeleteSnapshot refuses a member), and a CO that retries
+/// the create and then deletes the group must leave no snapshot listed and
+/// nothing in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_a_group_snapshot_leaves_nothing_the_api_cannot_remove() {
+    const ATTEMPTS: u32 = 24;
+    let mut env = Env::new("xfs").await;
+    let mut ids = Vec::new();
+    for name in ["grp-a", "grp-b"] {
+        ids.push(env.create(name, "raw", VOLUME_SIZE).await.volume_id);
+    }
+    let req = |name: String| csi::CreateVolumeGroupSnapshotRequest {
+        name,
+        source_volume_ids: ids.clone(),
+        ..Default::default()
+    };
+    let delete = |id: String| csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id,
+        ..Default::default()
+    };
+    let mut g = env.c.group.clone();
+    let t = Instant::now();
+    let first = g
+        .create_volume_group_snapshot(req("grp-measure".into()))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    let took = t.elapsed();
+    g.delete_volume_group_snapshot(delete(first.group_snapshot_id))
+        .await
+        .unwrap();
+
+    let mut problems = Vec::new();
+    let mut landed = BTreeMap::new();
+    // Groups already reported (their members stay listed): once each.
+    let mut reported = BTreeSet::new();
+    for attempt in 0..ATTEMPTS {
+        let name = format!("grp-{attempt}");
+        let delay = took.mul_f64(1.2 * f64::from(attempt) / f64::from(ATTEMPTS));
+        let mut g = env.c.group.clone();
+        let r = req(name.clone());
+        let create = tokio::spawn(async move { g.create_volume_group_snapshot(r).await });
+        tokio::task::block_in_place(|| {
+            std::thread::sleep(delay);
+            env.server.kill9();
+        });
+        let outcome = match create.await.unwrap() {
+            Ok(_) => "answered",
+            Err(e) if is_transport(&e) => "in flight",
+            Err(e) => panic!("attempt {attempt}: CreateVolumeGroupSnapshot failed: {e:?}"),
+        };
+        *landed.entry(outcome).or_insert(0) += 1;
+        tokio::task::block_in_place(|| env.server.restart());
+        env.reconnect().await;
+        let what = format!("attempt {attempt} (kill after {delay:?}, create {outcome})");
+
+        // Every listed member's group exists.
+        let snaps = env
+            .c
+            .controller
+            .list_snapshots(csi::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let groups: BTreeSet<String> = snaps
+            .iter()
+            .filter_map(|e| e.snapshot.as_ref())
+            .map(|s| s.group_snapshot_id.clone())
+            .filter(|g| !g.is_empty())
+            .collect();
+        for id in groups.difference(&reported.clone()) {
+            if let Err(e) = env
+                .c
+                .group
+                .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+            {
+                let members: Vec<&str> = snaps
+                    .iter()
+                    .filter_map(|e| e.snapshot.as_ref())
+                    .filter(|s| s.group_snapshot_id == *id)
+                    .map(|s| s.snapshot_id.as_str())
+                    .collect();
+                problems.push(format!(
+                    "{what}: ListSnapshots lists {members:?} as members of {id}, \
+                     but GetVolumeGroupSnapshot answers {:?}",
+                    e.code()
+                ));
+                reported.insert(id.clone());
+            }
+        }
+
+        // The CO retries the create, then deletes the group.
+        let mut g = env.c.group.clone();
+        match g.create_volume_group_snapshot(req(name)).await {
+            Ok(r) => {
+                let id = r.into_inner().group_snapshot.unwrap().group_snapshot_id;
+                if let Err(e) = g.delete_volume_group_snapshot(delete(id)).await {
+                    problems.push(format!("{what}: DeleteVolumeGroupSnapshot: {e:?}"));
+                }
+            }
+            Err(e) => problems.push(format!("{what}: retried create: {e:?}")),
+        }
+        let left = env
+            .c
+            .controller
+            .list_snapshots(csi::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let ids: Vec<String> = left
+            .into_iter()
+            .filter_map(|e| e.snapshot)
+            .filter(|s| !reported.contains(&s.group_snapshot_id))
+            .map(|s| format!("{} (group {})", s.snapshot_id, s.group_snapshot_id))
+            .collect();
+        if !ids.is_empty() {
+            problems.push(format!(
+                "{what}: after the CO deleted its group, ListSnapshots still has {ids:?}"
+            ));
+        }
+    }
+    // Whatever is left is removed through the API, as a CO tearing down
+    // would; the pool must then be empty.
+    let snaps = env
+        .c
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    for s in snaps.into_iter().filter_map(|e| e.snapshot) {
+        if !s.group_snapshot_id.is_empty() {
+            let _ = env
+                .c
+                .group
+                .delete_volume_group_snapshot(delete(s.group_snapshot_id.clone()))
+                .await;
+        }
+        if let Err(e) = env
+            .c
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: s.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            problems.push(format!(
+                "clean-up: DeleteSnapshot {}: {:?}: {}",
+                s.snapshot_id,
+                e.code(),
+                e.message()
+            ));
+        }
+    }
+    for id in &ids {
+        env.delete(id).await.unwrap();
+    }
+    let left = pool_entries(&env.layout.pool);
+    if !left.is_empty() {
+        problems.push(format!("pool objects left after the clean-up: {left:?}"));
+    }
+    assert!(
+        problems.is_empty(),
+        "kill -9 during CreateVolumeGroupSnapshot ({ATTEMPTS} attempts over {took:?}; {landed:?}):\n  {}",
+        problems.join("\n  ")
+    );
 }

@@ -2506,7 +2506,15 @@ async fn crash_soak_on_an_xfs_pool() {
     soak("xfs", &[]).await;
 }
 
+/// By default an ext4 pool is kept in an xfs image (reflinks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_soak_on_an_ext4_pool() {
     soak("ext4", &[]).await;
+}
+
+/// The ext4 pool as it is: snapshots and clones are sparse copies, with a
+/// staged source frozen for the whole copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_soak_on_an_ext4_pool_of_sparse_copies() {
+    soak("ext4", &["--pool-image", "never"]).await;
 }

@@ -525,7 +525,7 @@ pub fn pool_entries(pool: &Path) -> std::collections::BTreeSet<PathBuf> {
 pub fn is_frozen(mountpoint: &Path) -> Result<bool, stowage::os::freeze::FreezeError> {
     use stowage::os::freeze::{FreezeError, freeze, thaw};
     match freeze(mountpoint) {
-        Ok(()) => thaw(mountpoint).map(|()| false),
+        Ok(()) => thaw(mountpoint).map(|_| false),
         Err(FreezeError::AlreadyFrozen { .. }) => Ok(true),
         Err(e) => Err(e),
     }
