@@ -391,12 +391,13 @@ proptest! {
     }
 
     /// NodePublishVolume: volume_id, target_path and volume_capability are
-    /// REQUIRED; staging_target_path is optional (no STAGE capability
-    /// needed to validate it) but must be clean when given, and differ from
+    /// REQUIRED; staging_target_path "MUST be set if the Node Plugin
+    /// implements the STAGE_UNSTAGE_VOLUME node capability", which stowage
+    /// advertises, so it is required too; it must be clean and differ from
     /// the target.
     #[test]
     fn node_publish_conversion(req in node_publish_request()) {
-        let staging_ok = req.staging_target_path.is_empty() || path_ok(&req.staging_target_path);
+        let staging_ok = path_ok(&req.staging_target_path);
         let ok = !req.volume_id.is_empty()
             && path_ok(&req.target_path)
             && staging_ok
@@ -409,7 +410,7 @@ proptest! {
                 prop_assert_eq!(cmd.read_only, req.readonly);
                 assert_clean_path(&cmd.target_path, &req.target_path)?;
                 match &cmd.staging_path {
-                    None => prop_assert!(req.staging_target_path.is_empty()),
+                    None => prop_assert!(false, "no staging path: {:?}", cmd),
                     Some(s) => assert_clean_path(s, &req.staging_target_path)?,
                 }
             }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -154,7 +155,13 @@ impl StateStore {
         // of one state file share one lock.
         let path = match (path.parent(), path.file_name()) {
             (Some(dir), Some(name)) => {
-                std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+                // The state describes volumes: a directory made for it is
+                // owner-only, whatever the umask.
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(io("create", dir))?;
                 std::fs::canonicalize(dir)
                     .map_err(io("resolve", dir))?
                     .join(name)
@@ -166,6 +173,7 @@ impl StateStore {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(io("open", &lock_path))?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
@@ -199,7 +207,14 @@ impl StateStore {
         let tmp = self.path.with_extension("json.tmp");
         let guard = TempGuard(&tmp);
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            // Explicitly: a temp file left by a crash keeps its old mode.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             f.write_all(&bytes)?;
             f.sync_all()
         };

@@ -111,6 +111,15 @@ impl VolumeStore for BlockBackend {
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&p);
+                if e.raw_os_error() == Some(libc::EFBIG) {
+                    return Err(BackendError::TooLarge {
+                        backend: BackendKind::Block,
+                        uuid,
+                        requested: size,
+                        limit: crate::os::resize::file_size_limit(&self.root),
+                        path: p,
+                    });
+                }
                 Err(self.io(uuid, "create", &p)(e))
             }
         }
@@ -192,7 +201,22 @@ impl VolumeStore for BlockBackend {
     }
 
     fn expand(&self, uuid: Uuid, size: u64) -> Result<(), BackendError> {
-        Ok(crate::os::resize::grow_file(&self.image(uuid), size)?)
+        use crate::os::resize::{self, ResizeError};
+        match resize::grow_file(&self.image(uuid), size) {
+            Ok(()) => Ok(()),
+            Err(ResizeError::TooLarge {
+                path,
+                requested,
+                limit,
+            }) => Err(BackendError::TooLarge {
+                backend: BackendKind::Block,
+                uuid,
+                path,
+                requested,
+                limit,
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn copies_are_constant_time(&self) -> bool {
@@ -212,7 +236,7 @@ impl VolumeStore for BlockBackend {
         let len = f.metadata().map_err(self.io(uuid, "stat", &p))?.len();
         match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, len as i64) {
             Ok(()) => Ok(true),
-            Err(nix::errno::Errno::ENOSPC) => Ok(false),
+            Err(nix::errno::Errno::ENOSPC | nix::errno::Errno::EDQUOT) => Ok(false),
             Err(e) => Err(self.io(uuid, "fallocate", &p)(e.into())),
         }
     }

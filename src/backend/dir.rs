@@ -1,6 +1,12 @@
 //! The `dir` backend: a directory per volume in the pool, bind-mounted on
 //! the node. Capacity is recorded but not enforced on this pool (quotas
 //! come with the snapshot/expansion work).
+//!
+//! A new volume's root is `0755`, owned by the server (root), like the root
+//! of a freshly made filesystem on a block volume, and never world-writable.
+//! Sharing it with a pod's users is the CO's job: with `fsGroupPolicy:
+//! File` on the CSIDriver (DESIGN.md), the kubelet gives the volume to the
+//! pod's fsGroup (group owner, group rw, setgid) before the pod starts.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +19,9 @@ use crate::os::cow;
 use crate::os::pool::{self, Strategy};
 use crate::os::quota::{self, Enforcement};
 use crate::volume::{BackendKind, Uuid};
+
+/// The mode of a new volume's root directory.
+pub const ROOT_MODE: u32 = 0o755;
 
 /// Directory volumes under `<pool>/volumes/dir/`.
 #[derive(Debug, Clone)]
@@ -77,6 +86,18 @@ impl DirBackend {
         }
     }
 
+    /// A copy keeps its source root's owner and mode (the kubelet may have
+    /// given it to a pod's fsGroup), except that a volume root is never
+    /// world-writable: volumes made by earlier versions were 0777, and a
+    /// clone or restore of one must not hand that on.
+    fn not_world_writable(root: &Path) -> std::io::Result<()> {
+        let mode = std::fs::symlink_metadata(root)?.permissions().mode() & 0o7777;
+        if mode & 0o002 == 0 {
+            return Ok(());
+        }
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode & !0o002))
+    }
+
     /// The volume's directory.
     pub fn path(&self, uuid: Uuid) -> PathBuf {
         self.root.join(uuid.to_hex())
@@ -126,16 +147,16 @@ impl VolumeStore for DirBackend {
                 Err(e) => return Err(self.io(uuid, "create", &p)(e)),
             }
         }
-        // Pods run as arbitrary users; the pool root (0700) keeps the
-        // directory unreachable except through its mounts.
-        let r = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777));
+        // Set explicitly: the mode given at creation is cut by the umask
+        // (and btrfs picks its own).
+        let r = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(ROOT_MODE));
+        if let Err(e) = r {
+            let _ = self.remove_tree(uuid, &p);
+            return Err(self.io(uuid, "chmod", &p)(e));
+        }
         if let Err(e) = self.limit(uuid, _size) {
             let _ = self.remove_tree(uuid, &p);
             return Err(e);
-        }
-        if let Err(e) = r {
-            let _ = std::fs::remove_dir(&p);
-            return Err(self.io(uuid, "create", &p)(e));
         }
         Ok(())
     }
@@ -182,27 +203,20 @@ impl VolumeStore for DirBackend {
             // are writable ones.
             let readonly = matches!(to, Object::Snapshot(_));
             pool::btrfs_subvolume_snapshot(&src, &dst, readonly)?;
-            return Ok(());
+        } else {
+            cow::reflink_tree(&src, &dst)
+                .map(drop)
+                .map_err(|err| BackendError::Copy {
+                    backend: BackendKind::Dir,
+                    what: format!("copy {} to {}", src.display(), dst.display()),
+                    err,
+                })?;
         }
-        cow::reflink_tree(&src, &dst)
-            .map(drop)
-            .map_err(|err| BackendError::Copy {
-                backend: BackendKind::Dir,
-                what: format!("copy {} to {}", src.display(), dst.display()),
-                err,
-            })?;
-        if matches!(to, Object::Volume(_)) {
-            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o777)).map_err(
-                |e| {
-                    self.io(
-                        match to {
-                            Object::Volume(u) | Object::Snapshot(u) => u,
-                        },
-                        "chmod",
-                        &dst,
-                    )(e)
-                },
-            )?;
+        if let Object::Volume(uuid) = to
+            && let Err(e) = Self::not_world_writable(&dst)
+        {
+            let _ = self.remove_tree(uuid, &dst);
+            return Err(self.io(uuid, "chmod", &dst)(e));
         }
         Ok(())
     }

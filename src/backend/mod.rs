@@ -11,10 +11,12 @@ pub mod placement;
 
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+
 use crate::os::cow::CowError;
 use crate::os::loopdev::{LoopDevice, LoopError};
 use crate::os::pool::{PoolError, Strategy};
-use crate::os::resize::ResizeError;
+use crate::os::resize::{FileSizeLimit, ResizeError};
 use crate::volume::{BackendKind, Uuid};
 
 /// A backend step that failed.
@@ -31,6 +33,15 @@ pub enum BackendError {
     },
     #[error("{backend} volume {uuid} does not exist in the pool")]
     Missing { backend: BackendKind, uuid: Uuid },
+    /// The pool's filesystem refuses a file as large as the volume.
+    #[error("{backend} volume {uuid}: {path} cannot be {requested} bytes long: {limit}")]
+    TooLarge {
+        backend: BackendKind,
+        uuid: Uuid,
+        path: PathBuf,
+        requested: u64,
+        limit: FileSizeLimit,
+    },
     #[error("{backend} volume {uuid} exists with size {existing}, not {requested}")]
     SizeMismatch {
         backend: BackendKind,
@@ -59,6 +70,111 @@ pub enum BackendError {
     Resize(#[from] ResizeError),
     #[error(transparent)]
     Quota(#[from] crate::os::quota::QuotaError),
+}
+
+impl BackendError {
+    /// The errno of the system call that failed underneath, where one did
+    /// (external commands and checks of our own have none).
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            BackendError::Io { err, .. } | BackendError::Pool { err, .. } => io_errno(err),
+            BackendError::Missing { .. }
+            | BackendError::TooLarge { .. }
+            | BackendError::SizeMismatch { .. }
+            | BackendError::Quota(_) => None,
+            BackendError::Loop(e) => loop_errno(e),
+            BackendError::Copy { err, .. } => cow_errno(err),
+            BackendError::Btrfs(e) => pool_errno(e),
+            BackendError::Resize(e) => resize_errno(e),
+        }
+    }
+
+    /// Whether the step failed because the pool is out of space (ENOSPC)
+    /// or over a quota (EDQUOT): the CO may retry once space is freed.
+    pub fn is_no_space(&self) -> bool {
+        is_no_space(self.errno())
+    }
+}
+
+/// ENOSPC or EDQUOT.
+pub fn is_no_space(errno: Option<Errno>) -> bool {
+    matches!(errno, Some(Errno::ENOSPC | Errno::EDQUOT))
+}
+
+fn io_errno(err: &std::io::Error) -> Option<Errno> {
+    err.raw_os_error().map(Errno::from_raw)
+}
+
+/// The errno under a loop device step, where one failed.
+pub fn loop_errno(e: &LoopError) -> Option<Errno> {
+    match e {
+        LoopError::Open { err, .. } | LoopError::Sysfs(err) => io_errno(err),
+        LoopError::GetFree(errno)
+        | LoopError::Configure { errno, .. }
+        | LoopError::Detach { errno, .. }
+        | LoopError::SetCapacity { errno, .. } => Some(*errno),
+        LoopError::Exhausted { .. } => None,
+    }
+}
+
+/// Every copy step, so that a new one must say whether it has an errno.
+fn cow_errno(e: &CowError) -> Option<Errno> {
+    match e {
+        CowError::Open { err, .. }
+        | CowError::Create { err, .. }
+        | CowError::Read { err, .. }
+        | CowError::Write { err, .. }
+        | CowError::SetLength { err, .. }
+        | CowError::MakeDir { err, .. }
+        | CowError::Symlink { err, .. }
+        | CowError::HardLink { err, .. }
+        | CowError::SetOwner { err, .. }
+        | CowError::SetMode { err, .. } => io_errno(err),
+        CowError::Stat { errno, .. }
+        | CowError::ReflinkUnsupported { errno, .. }
+        | CowError::Reflink { errno, .. }
+        | CowError::Seek { errno, .. }
+        | CowError::CopyRange { errno, .. }
+        | CowError::Fiemap { errno, .. }
+        | CowError::ReadDir { errno, .. }
+        | CowError::ReadLink { errno, .. }
+        | CowError::MakeNode { errno, .. }
+        | CowError::SetTimes { errno, .. } => Some(*errno),
+        CowError::NotRegularFile { .. }
+        | CowError::Changed { .. }
+        | CowError::Cancelled { .. }
+        | CowError::SourceShrank { .. }
+        | CowError::CrossesFilesystem { .. }
+        | CowError::DestinationInsideSource { .. } => None,
+    }
+}
+
+fn pool_errno(e: &PoolError) -> Option<Errno> {
+    match e {
+        PoolError::Statfs { errno, .. } => Some(*errno),
+        PoolError::Stat { err, .. }
+        | PoolError::ProbeFile { err, .. }
+        | PoolError::RemoveProbe { err, .. } => io_errno(err),
+        PoolError::ReflinkProbe { source, .. } => cow_errno(source),
+        PoolError::Exists { .. }
+        | PoolError::SubvolumeCreate { .. }
+        | PoolError::SubvolumeSnapshot { .. }
+        | PoolError::SubvolumeDelete { .. } => None,
+    }
+}
+
+fn resize_errno(e: &ResizeError) -> Option<Errno> {
+    match e {
+        ResizeError::Open { err, .. } | ResizeError::SetLength { err, .. } => io_errno(err),
+        ResizeError::TooLarge { .. } => Some(Errno::EFBIG),
+        // Found by a probe allocation that answered ENOSPC or EDQUOT.
+        ResizeError::PoolFull { .. } => Some(Errno::ENOSPC),
+        ResizeError::Unsupported { .. }
+        | ResizeError::MissingCapability { .. }
+        | ResizeError::Grow { .. }
+        | ResizeError::NotRegularFile { .. }
+        | ResizeError::Shrink { .. } => None,
+    }
 }
 
 /// A volume or a snapshot, as a source or destination of a copy.

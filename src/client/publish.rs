@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -244,6 +245,12 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
 }
 
+/// Publication records and lock files: owner-only, whatever the umask.
+const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// The records directory (and a staging root this client creates).
+const PRIVATE_DIR_MODE: u32 = 0o700;
+
 /// How long an operation waits for another client working on the same
 /// volume before giving up.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
@@ -268,12 +275,23 @@ struct Store {
 }
 
 impl Store {
+    /// Opens the store, creating what is missing. The records describe
+    /// volumes and where they are mounted, so the records directory is
+    /// owner-only (0700, also when it already existed with another mode)
+    /// and a staging root this creates is 0700 too; an existing staging
+    /// root keeps its mode (it may be a directory the operator chose).
     fn open(root: &Path) -> Result<Store, ClientError> {
+        use std::os::unix::fs::DirBuilderExt;
         let root = std::path::absolute(root)
             .map_err(io_err(format!("cannot resolve {}", root.display())))?;
         let dir = root.join(".publications");
-        std::fs::create_dir_all(&dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_DIR_MODE)
+            .create(&dir)
             .map_err(io_err(format!("cannot create {}", dir.display())))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+            .map_err(io_err(format!("cannot restrict {}", dir.display())))?;
         Ok(Store { root })
     }
 
@@ -313,8 +331,12 @@ impl Store {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(PRIVATE_FILE_MODE)
             .open(&path)
             .map_err(io_err(format!("cannot open {}", path.display())))?;
+        // One made by an earlier version may be 0644.
+        file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+            .map_err(io_err(format!("cannot restrict {}", path.display())))?;
         let start = Instant::now();
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -359,7 +381,14 @@ impl Store {
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(rec)?;
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(PRIVATE_FILE_MODE)
+                .open(&tmp)?;
+            // Explicitly: a temp file left by a crash keeps its old mode.
+            f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
@@ -575,17 +604,28 @@ fn rolled_back(
     store: &Store,
     id: &str,
 ) -> ClientError {
-    match undo {
-        Ok(()) => err,
-        Err(u) => ClientError::Local(format!(
-            "{}; undoing what this call did failed too: {} (what may remain is listed in {})",
-            err.report(),
-            u.report(),
-            store
-                .record_path(id)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        )),
+    let Err(u) = undo else {
+        return err;
+    };
+    let undo_note = format!(
+        "undoing what this call did failed too: {} (what may remain is listed in {})",
+        u.report(),
+        store
+            .record_path(id)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    match err {
+        // The plugin was busy with this volume (e.g. still finishing a
+        // killed client's call): the record keeps what may remain, and the
+        // caller may retry the whole call, so the code stays ABORTED.
+        ClientError::Rpc { call, status } if status.code() == tonic::Code::Aborted => {
+            ClientError::Rpc {
+                call,
+                status: tonic::Status::aborted(format!("{}; {undo_note}", status.message())),
+            }
+        }
+        err => ClientError::Local(format!("{}; {undo_note}", err.report())),
     }
 }
 
@@ -1058,6 +1098,38 @@ pub async fn stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call refused as busy stays ABORTED (so callers retry it) even when
+    /// undoing it failed too; other failures carry both messages.
+    #[test]
+    fn a_busy_call_whose_undo_failed_stays_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rpc = |code| ClientError::Rpc {
+            call: "NodeStageVolume",
+            status: tonic::Status::new(code, "busy"),
+        };
+        let undo = || Err(rpc(tonic::Code::Aborted));
+        match rolled_back(rpc(tonic::Code::Aborted), undo(), &store, "v1") {
+            ClientError::Rpc { status, .. } => {
+                assert_eq!(status.code(), tonic::Code::Aborted);
+                assert!(
+                    status
+                        .message()
+                        .contains("undoing what this call did failed too")
+                );
+            }
+            other => panic!("expected ABORTED, got {other:?}"),
+        }
+        match rolled_back(rpc(tonic::Code::Internal), undo(), &store, "v1") {
+            ClientError::Local(m) => assert!(m.contains("INTERNAL") && m.contains("undoing")),
+            other => panic!("expected a local error, got {other:?}"),
+        }
+        assert!(matches!(
+            rolled_back(rpc(tonic::Code::Internal), Ok(()), &store, "v1"),
+            ClientError::Rpc { .. }
+        ));
+    }
 
     #[test]
     fn safe_ids_are_kept_and_others_hex_encoded() {

@@ -91,7 +91,8 @@ pub struct PublicationView {
 /// Something leaked or inconsistent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
-    /// `leaked-loop-device`, `leaked-mount`, `storage-without-record`,
+    /// `leaked-loop-device`, `leaked-mount` (a mount of a leaked device,
+    /// or of a volume at a path no record names), `storage-without-record`,
     /// `record-without-storage`, `staged-mount-missing`,
     /// `publication-mount-missing`, `device-not-backed`.
     pub kind: &'static str,
@@ -236,6 +237,16 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
                 device: p.own_device.clone(),
             });
         }
+        for m in unexplained_mounts(&mounts, &backends, &loops, v, node) {
+            issue(
+                "leaked-mount",
+                m.mount_point.display().to_string(),
+                format!(
+                    "{} mounts volume {id} but is not its recorded staging path or a recorded target",
+                    m.mount_point.display()
+                ),
+            );
+        }
         views.push(VolumeView {
             id,
             name: v.name.clone(),
@@ -302,6 +313,9 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
         }
     }
 
+    let mut seen = BTreeSet::new();
+    problems.retain(|p| seen.insert((p.kind, p.subject.clone())));
+
     Ok(StatusView {
         pool: PoolView {
             path: pool,
@@ -315,6 +329,59 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
         snapshots: snapshots.len(),
         problems,
     })
+}
+
+/// Mounts that show volume `v` (binds of a dir volume's directory; mounts
+/// of the filesystem on its loop devices, binds of those device nodes) at
+/// a path that is neither its recorded staging path nor a recorded target,
+/// nor a copy mount propagation made of a mount at one.
+fn unexplained_mounts<'a>(
+    mounts: &'a MountTable,
+    backends: &Backends,
+    loops: &[(LoopDevice, PathBuf)],
+    v: &VolumeRecord,
+    node: Option<&NodeVolumeRecord>,
+) -> Vec<&'a crate::os::mountinfo::MountEntry> {
+    let mut showing = Vec::new();
+    match v.id.backend {
+        BackendKind::Dir => {
+            let dir = backends.dir.path(v.id.uuid);
+            showing.extend(mounts.mounts_showing(&dir));
+        }
+        BackendKind::Block => {
+            let image = backends.block.image(v.id.uuid);
+            for (dev, _) in loops.iter().filter(|(_, b)| *b == image) {
+                if let Ok(rdev) = dev.rdev() {
+                    showing.extend(mounts.of_device(rdev));
+                }
+                showing.extend(mounts.mounts_showing(&dev.path()));
+            }
+        }
+    }
+    let mut ids = BTreeSet::new();
+    showing.retain(|m| ids.insert(m.mount_id));
+    let recorded: BTreeSet<&Path> = node
+        .into_iter()
+        .flat_map(|n| {
+            n.staging
+                .iter()
+                .filter(|s| s.mounted)
+                .map(|s| s.path.as_path())
+                .chain(n.publications.keys().map(PathBuf::as_path))
+        })
+        .collect();
+    let explained: Vec<_> = showing
+        .iter()
+        .copied()
+        .filter(|m| recorded.contains(m.mount_point.as_path()))
+        .collect();
+    showing
+        .into_iter()
+        .filter(|m| {
+            !recorded.contains(m.mount_point.as_path())
+                && !explained.iter().any(|e| mounts.propagated_copy(m, e))
+        })
+        .collect()
 }
 
 fn size(bytes: u64) -> String {

@@ -1,9 +1,50 @@
 //! Filesystems on block devices: probing (blkid), making (mkfs.*), and
-//! reading the kernel's error counters.
+//! reading the kernel's error counters; and whether a directory's
+//! filesystem can still allocate space (to tell a full pool from a broken
+//! mkfs).
 
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
 
 use super::command::{self, CommandError};
+use super::loopdev::LoopDevice;
+
+/// What [`make`] probes for when mkfs fails on a loop device and the
+/// device's request size cannot be read: one MiB, at least a maximal
+/// request on every kernel default.
+const DEFAULT_PROBE_BYTES: u64 = 1 << 20;
+
+/// A filesystem that could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum MkfsError {
+    /// mkfs failed and the filesystem holding the device's image (or the
+    /// host of that filesystem's own image) cannot allocate even one more
+    /// write of the device: the pool is full.
+    #[error(
+        "make {fs_type} filesystem on {device} (image {image}): the filesystem at {full} \
+         is out of space (it cannot allocate {probe_bytes} more bytes): {source}"
+    )]
+    PoolFull {
+        fs_type: String,
+        device: PathBuf,
+        image: PathBuf,
+        /// A directory on the filesystem that is full.
+        full: PathBuf,
+        probe_bytes: u64,
+        #[source]
+        source: Box<CommandError>,
+    },
+    /// mkfs failed for another reason (or could not run).
+    #[error("make {fs_type} filesystem on {device}: {source}")]
+    Failed {
+        fs_type: String,
+        device: PathBuf,
+        #[source]
+        source: Box<CommandError>,
+    },
+}
 
 /// Probes `device` for a filesystem signature with `blkid -p` (low-level,
 /// bypassing the cache). Returns None when the device holds no known
@@ -37,7 +78,148 @@ pub fn probe(device: &Path) -> Result<Option<String>, CommandError> {
 /// sector sizes are 4 KiB whatever the device says: a loop device over a
 /// reflinked image on xfs gets 4 KiB logical blocks (its direct I/O
 /// alignment), and the filesystem must mount there too.
-pub fn make(device: &Path, fs_type: &str) -> Result<(), CommandError> {
+///
+/// When mkfs fails on a loop device whose image's filesystem has no room
+/// left, the error is [`MkfsError::PoolFull`]. mkfs's own message cannot
+/// tell: the loop device hands the pool's ENOSPC to mkfs as ENOSPC or as
+/// EIO depending on the kernel path, mkfs.xfs prints the one and mkfs.ext4
+/// says "Input/output error", and the text is localised anyway. So after a
+/// failure the pool itself is asked: can it allocate one maximal request of
+/// the device ([`can_allocate`])? A write through the device fails for
+/// lack of space only when the pool cannot allocate that write, so "no"
+/// means the pool is full (and explains mkfs's failure); "yes" means mkfs
+/// failed for another reason (or space was freed meanwhile, when the CO's
+/// retry will do). The probe runs only after a failure, so a successful
+/// mkfs costs nothing.
+pub fn make(device: &Path, fs_type: &str) -> Result<(), MkfsError> {
+    run_mkfs(device, fs_type).map_err(|e| {
+        let source = Box::new(e);
+        match full_pool_behind(device) {
+            Some(OutOfSpace {
+                image,
+                full,
+                probe_bytes,
+            }) => MkfsError::PoolFull {
+                fs_type: fs_type.to_owned(),
+                device: device.to_owned(),
+                image,
+                full,
+                probe_bytes,
+                source,
+            },
+            None => MkfsError::Failed {
+                fs_type: fs_type.to_owned(),
+                device: device.to_owned(),
+                source,
+            },
+        }
+    })
+}
+
+/// What [`full_pool_behind`] found full.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfSpace {
+    /// The loop device's backing file.
+    pub image: PathBuf,
+    /// A directory on the filesystem that cannot allocate.
+    pub full: PathBuf,
+    /// How much it was asked to allocate.
+    pub probe_bytes: u64,
+}
+
+/// When `device` is a loop device whose backing file's filesystem cannot
+/// allocate one maximal request of the device: what is full. A filesystem
+/// kept in an image of its own (a pool image on ext4) is followed to its
+/// host: the host can be full while the filesystem in the image, which
+/// only counts its own blocks, still has room. None when every level has
+/// room, or when that cannot be found out. For a tool writing through the
+/// device that failed (mkfs, resize2fs, xfs_growfs), "full" explains the
+/// failure; see [`make`] for why the tool's own message cannot.
+pub fn full_pool_behind(device: &Path) -> Option<OutOfSpace> {
+    let dev = LoopDevice::from_path(device)?;
+    let image = dev.backing_file()?;
+    let probe_bytes = std::fs::read_to_string(format!(
+        "/sys/block/loop{}/queue/max_sectors_kb",
+        dev.number()
+    ))
+    .ok()
+    .and_then(|s| s.trim().parse::<u64>().ok())
+    .map_or(DEFAULT_PROBE_BYTES, |kib| {
+        (kib << 10).max(DEFAULT_PROBE_BYTES)
+    });
+    let mut dir = image.parent()?.to_owned();
+    for _ in 0..MAX_IMAGE_DEPTH {
+        match can_allocate(&dir, probe_bytes) {
+            Ok(false) => {
+                return Some(OutOfSpace {
+                    image,
+                    full: dir,
+                    probe_bytes,
+                });
+            }
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot probe for free space");
+                return None;
+            }
+        }
+        dir = loop_backing_file_of(&dir)?.parent()?.to_owned();
+    }
+    None
+}
+
+/// How many filesystems-in-images [`full_pool_behind`] looks through.
+const MAX_IMAGE_DEPTH: usize = 4;
+
+/// The backing file of the loop device holding the filesystem of `path`,
+/// when that filesystem is on a loop device (from its `st_dev`, through
+/// `/sys/dev/block/MAJ:MIN/loop/backing_file`).
+fn loop_backing_file_of(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let s = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file"))
+        .ok()?;
+    let s = s.trim_end_matches('\n');
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+/// Whether the filesystem holding directory `dir` can allocate `bytes`
+/// more bytes right now, asked by allocating them (fallocate) in an
+/// unnamed temporary file (O_TMPFILE) there, which is gone when closed and
+/// leaves nothing behind even after a crash. This is the allocator's own
+/// answer, with its reserves and quotas (ext4 refuses root its last
+/// reserved clusters while statvfs still counts them free). Ok(false) on
+/// ENOSPC or EDQUOT; an error when the filesystem cannot answer (no
+/// O_TMPFILE or fallocate). The space is held only for the instant of the
+/// call.
+pub fn can_allocate(dir: &Path, bytes: u64) -> std::io::Result<bool> {
+    let no_space = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error().map(Errno::from_raw),
+            Some(Errno::ENOSPC | Errno::EDQUOT)
+        )
+    };
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    {
+        Ok(f) => f,
+        Err(e) if no_space(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let len = i64::try_from(bytes).map_err(|_| std::io::Error::from(Errno::EFBIG))?;
+    match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(true),
+        Err(Errno::ENOSPC | Errno::EDQUOT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs the mkfs program for `fs_type`.
+fn run_mkfs(device: &Path, fs_type: &str) -> Result<(), CommandError> {
     let dev = device.as_os_str();
     match fs_type {
         "ext4" => command::run(

@@ -1,9 +1,14 @@
 //! mount(2) and umount2(2), called directly (never the `mount` program).
-//! Bind mounts always pass the explicit fstype "none".
+//! Bind mounts always pass the explicit fstype "none". Request paths are
+//! mounted on and unmounted through descriptors from
+//! [`crate::os::fs::AnchoredPath`] (the `*_onto` and `unmount_anchored`
+//! calls), so a symlink swapped into the path cannot redirect them.
 
 #![allow(clippy::disallowed_methods)] // this module is the mount wrapper
 
 use std::path::{Path, PathBuf};
+
+use crate::os::fs::{AnchoredPath, PathFd};
 
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
@@ -164,6 +169,78 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
     nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(|errno| MountError::Unmount {
         target: target.to_owned(),
         errno,
+    })
+}
+
+/// Bind-mounts `src` (a trusted path such as a pool directory or a device
+/// node, or another [`PathFd`]'s `proc_path`) onto the file or directory
+/// `target` holds, wherever that now is. The new mount inherits the
+/// propagation of the mount it lands in.
+pub fn bind_onto(src: &Path, target: &PathFd) -> Result<(), MountError> {
+    nix::mount::mount(
+        Some(src),
+        &target.proc_path(),
+        Some("none"),
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|errno| MountError::Bind {
+        src: src.to_owned(),
+        target: target.path().to_owned(),
+        errno,
+    })
+}
+
+/// Mounts the filesystem on `device` onto the directory `target` holds.
+pub fn mount_filesystem_onto(
+    device: &Path,
+    target: &PathFd,
+    fs_type: &str,
+    options: &MountOptions,
+) -> Result<(), MountError> {
+    let data = (!options.data.is_empty()).then_some(options.data.as_str());
+    nix::mount::mount(
+        Some(device),
+        &target.proc_path(),
+        Some(fs_type),
+        options.flags,
+        data,
+    )
+    .map_err(|errno| MountError::Filesystem {
+        device: device.to_owned(),
+        fs_type: fs_type.to_owned(),
+        options: options.data.clone(),
+        target: target.path().to_owned(),
+        errno,
+    })
+}
+
+/// [`remount_bind_read_only`] of the bind mount whose root `root` holds
+/// (opened after the mount was made, so it is on the mount itself).
+pub fn remount_bind_read_only_fd(root: &PathFd, keep: MsFlags) -> Result<(), MountError> {
+    nix::mount::mount(
+        None::<&str>,
+        &root.proc_path(),
+        Some("none"),
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | keep,
+        None::<&str>,
+    )
+    .map_err(|errno| MountError::RemountReadOnly {
+        target: root.path().to_owned(),
+        errno,
+    })
+}
+
+/// Unmounts the topmost mount at `at`'s final component, inside the parent
+/// directory it holds, without following a symlink there. No descriptor on
+/// the mount itself may be open (the kernel would answer EBUSY). EINVAL:
+/// not a mount point.
+pub fn unmount_anchored(at: &AnchoredPath) -> Result<(), MountError> {
+    nix::mount::umount2(&at.in_parent(), MntFlags::UMOUNT_NOFOLLOW).map_err(|errno| {
+        MountError::Unmount {
+            target: at.path().to_owned(),
+            errno,
+        }
     })
 }
 

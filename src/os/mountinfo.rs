@@ -56,6 +56,22 @@ impl MountEntry {
         }
     }
 
+    /// The peer group this mount shares propagation with (`shared:N`).
+    pub fn peer_group(&self) -> Option<u32> {
+        self.optional_fields
+            .iter()
+            .find_map(|f| f.strip_prefix("shared:"))
+            .and_then(|n| n.parse().ok())
+    }
+
+    /// The peer group this mount receives propagation from (`master:N`).
+    pub fn master(&self) -> Option<u32> {
+        self.optional_fields
+            .iter()
+            .find_map(|f| f.strip_prefix("master:"))
+            .and_then(|n| n.parse().ok())
+    }
+
     /// Whether the per-mount options include `ro`.
     pub fn is_read_only(&self) -> bool {
         self.mount_options.split(',').any(|o| o == "ro")
@@ -237,8 +253,118 @@ impl MountTable {
             })
     }
 
+    /// The mount with id `id`, if it is still mounted.
+    pub fn by_id(&self, id: u32) -> Option<&MountEntry> {
+        self.entries.iter().find(|e| e.mount_id == id)
+    }
+
+    /// Where `path` lives: the device of the mount containing it and its
+    /// path relative to that filesystem's root (what a bind mount of it
+    /// shows as `root`). `path` must be canonical.
+    pub fn source_of(&self, path: &Path) -> Option<(u64, PathBuf)> {
+        let m = self.containing(path)?;
+        let rel = path.strip_prefix(&m.mount_point).ok()?;
+        let root = if rel.as_os_str().is_empty() {
+            m.root.clone()
+        } else {
+            m.root.join(rel)
+        };
+        Some((m.dev(), root))
+    }
+
+    /// Every mount that shows the file or directory at `path` (canonical)
+    /// or something below it: bind mounts of it, wherever they are (and
+    /// the mount whose root `path` is, if it is one).
+    pub fn mounts_showing<'a>(&'a self, path: &Path) -> Vec<&'a MountEntry> {
+        let Some((dev, root)) = self.source_of(path) else {
+            return Vec::new();
+        };
+        self.entries
+            .iter()
+            .filter(|e| e.dev() == dev && e.root.starts_with(&root))
+            .collect()
+    }
+
+    /// Whether `copy` is a copy of `original` that mount propagation made:
+    /// the same filesystem directory, mounted at the same place under a
+    /// parent mount that is a peer or slave of `original`'s parent. (A
+    /// bind of a shared mount joins its peer group too, so the peer group
+    /// alone cannot tell a propagated copy from another bind.)
+    pub fn propagated_copy(&self, copy: &MountEntry, original: &MountEntry) -> bool {
+        let (Some(p), Some(pc)) = (self.by_id(original.parent_id), self.by_id(copy.parent_id))
+        else {
+            return false;
+        };
+        let Some(group) = p.peer_group() else {
+            return false;
+        };
+        let place = |m: &MountEntry, parent: &MountEntry| {
+            m.mount_point
+                .strip_prefix(&parent.mount_point)
+                .ok()
+                .map(|rel| (parent.dev(), parent.root.join(rel)))
+        };
+        copy.mount_id != original.mount_id
+            && copy.dev() == original.dev()
+            && copy.root == original.root
+            && (pc.peer_group() == Some(group) || pc.master() == Some(group))
+            && place(copy, pc).is_some()
+            && place(copy, pc) == place(original, p)
+    }
+
     /// Every mount of the filesystem on device `dev` (st_dev numbering).
     pub fn of_device(&self, dev: u64) -> impl Iterator<Item = &MountEntry> + '_ {
         self.entries.iter().filter(move |e| e.dev() == dev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/var/lib/kubelet` bind-mounted (a peer) at `/data/kubelet`; a
+    /// staging mount under it, its propagated copy, and a bind of it.
+    const PEERS: &str = "\
+27 1 259:1 / / rw shared:1 - ext4 /dev/root rw
+60 27 259:1 /var/lib/kubelet /data/kubelet rw shared:1 - ext4 /dev/root rw
+70 27 7:3 / /var/lib/kubelet/plugins/x/globalmount rw shared:80 - ext4 /dev/loop3 rw
+71 60 7:3 / /data/kubelet/plugins/x/globalmount rw shared:80 - ext4 /dev/loop3 rw
+72 27 7:3 / /var/lib/kubelet/pods/p/mount rw shared:80 - ext4 /dev/loop3 rw
+73 27 259:1 /srv/vol /var/lib/kubelet/pods/q/mount rw shared:1 - ext4 /dev/root rw
+";
+
+    #[test]
+    fn propagated_copies_are_told_from_other_binds() {
+        let t = MountTable::from_text(PEERS).unwrap();
+        let e = |id| t.by_id(id).unwrap();
+        assert!(t.propagated_copy(e(71), e(70)));
+        // A bind of the shared staging mount joins its peer group, but it
+        // is not a copy.
+        assert_eq!(e(72).peer_group(), e(70).peer_group());
+        assert!(!t.propagated_copy(e(72), e(70)));
+        assert!(!t.propagated_copy(e(70), e(70)));
+        assert!(!t.propagated_copy(e(73), e(70)));
+    }
+
+    #[test]
+    fn mounts_showing_a_directory_are_its_binds() {
+        let t = MountTable::from_text(PEERS).unwrap();
+        let ids = |p: &str| -> Vec<u32> {
+            t.mounts_showing(Path::new(p))
+                .iter()
+                .map(|e| e.mount_id)
+                .collect()
+        };
+        assert_eq!(ids("/srv/vol"), [73]);
+        assert_eq!(ids("/srv"), [73]);
+        assert!(ids("/srv/other").is_empty());
+        assert_eq!(
+            t.source_of(Path::new("/data/kubelet/a")),
+            Some((e_dev(259, 1), PathBuf::from("/var/lib/kubelet/a")))
+        );
+    }
+
+    fn e_dev(major: u64, minor: u64) -> u64 {
+        nix::sys::stat::makedev(major, minor)
     }
 }

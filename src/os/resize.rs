@@ -22,6 +22,20 @@ pub enum ResizeError {
         fs_type: String,
         capability: &'static str,
     },
+    /// The grow failed and the pool behind the device is full (see
+    /// [`super::filesystem::full_pool_behind`]).
+    #[error(
+        "grow {fs_type} filesystem at {target}: the filesystem at {full} is out of space \
+         (it cannot allocate {probe_bytes} more bytes): {source}"
+    )]
+    PoolFull {
+        fs_type: String,
+        target: PathBuf,
+        full: PathBuf,
+        probe_bytes: u64,
+        #[source]
+        source: Box<CommandError>,
+    },
     #[error("grow {fs_type} filesystem at {target}: {source}")]
     Grow {
         fs_type: String,
@@ -50,6 +64,103 @@ pub enum ResizeError {
         #[source]
         err: std::io::Error,
     },
+    /// The filesystem refuses a file this long (EFBIG).
+    #[error("{path} cannot be {requested} bytes long: {limit}")]
+    TooLarge {
+        path: PathBuf,
+        requested: u64,
+        limit: FileSizeLimit,
+    },
+}
+
+/// The largest file a filesystem allows, as [`file_size_limit`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSizeLimit {
+    /// The filesystem's name (`ext4`, `xfs`, ...).
+    pub fs: String,
+    /// Its largest file length in bytes; None when it could not be found.
+    pub max_len: Option<u64>,
+}
+
+impl std::fmt::Display for FileSizeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.max_len {
+            Some(max) => write!(
+                f,
+                "the pool's {} filesystem allows files of at most {max} bytes ({})",
+                self.fs,
+                binary_size(max)
+            ),
+            None => write!(
+                f,
+                "the pool's {} filesystem refuses files this large",
+                self.fs
+            ),
+        }
+    }
+}
+
+/// `bytes` in the largest binary unit that leaves a whole part, one
+/// decimal (e.g. `16.0 TiB`).
+fn binary_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >> (10 * (unit + 1)) > 0 {
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{bytes} B");
+    }
+    format!(
+        "{:.1} {}",
+        bytes as f64 / (1u64 << (10 * unit)) as f64,
+        UNITS[unit]
+    )
+}
+
+/// The largest file length the filesystem holding directory `dir` allows
+/// (what it answers EFBIG beyond), with that filesystem's name. Found by
+/// asking the filesystem rather than from a table (block size, bigalloc and
+/// feature flags all change it): a binary search of ftruncate lengths on an
+/// unnamed temporary file (O_TMPFILE) in `dir`, about 63 calls that only
+/// change an inode's size (the file stays one hole) and leave nothing
+/// behind, even after a crash. `max_len` is None when the filesystem cannot
+/// be asked (no O_TMPFILE).
+pub fn file_size_limit(dir: &Path) -> FileSizeLimit {
+    let fs =
+        super::pool::filesystem_of(dir).map_or_else(|_| "unknown".to_owned(), |fs| fs.to_string());
+    FileSizeLimit {
+        fs,
+        max_len: max_file_len(dir).ok(),
+    }
+}
+
+fn max_file_len(dir: &Path) -> std::io::Result<u64> {
+    let file = OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)?;
+    let fits = |len: u64| match file.set_len(len) {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EFBIG | libc::EINVAL)) => Ok(false),
+        Err(e) => Err(e),
+    };
+    // Invariant: `lo` fits, `hi` does not (lengths past i64::MAX never do).
+    let (mut lo, mut hi) = (0u64, i64::MAX as u64 + 1);
+    if fits(hi - 1)? {
+        return Ok(hi - 1);
+    }
+    hi -= 1;
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
 }
 
 /// Grows the filesystem of type `fs_type` (ext4/ext3, xfs, btrfs), mounted
@@ -89,12 +200,28 @@ pub fn grow_filesystem(fs_type: &str, device: &Path, mountpoint: &Path) -> Resul
             });
         }
     };
-    command::run(program, args).map_err(|source| ResizeError::Grow {
-        fs_type: fs_type.to_owned(),
-        target: target.to_owned(),
-        source,
-    })?;
+    command::run(program, args).map_err(|e| grow_failed(fs_type, device, target, e))?;
     Ok(())
+}
+
+/// The error for a grow tool that failed writing through `device`:
+/// [`ResizeError::PoolFull`] when the pool behind it is full, else
+/// [`ResizeError::Grow`].
+fn grow_failed(fs_type: &str, device: &Path, target: &Path, source: CommandError) -> ResizeError {
+    match super::filesystem::full_pool_behind(device) {
+        Some(out) => ResizeError::PoolFull {
+            fs_type: fs_type.to_owned(),
+            target: target.to_owned(),
+            full: out.full,
+            probe_bytes: out.probe_bytes,
+            source: Box::new(source),
+        },
+        None => ResizeError::Grow {
+            fs_type: fs_type.to_owned(),
+            target: target.to_owned(),
+            source,
+        },
+    }
 }
 
 /// Whether the ext4 filesystem on `device` already spans the whole device
@@ -126,11 +253,7 @@ pub fn ext4_fills_device(device: &Path) -> Result<bool, ResizeError> {
 /// check (`e2fsck -f -p`, which offline resize2fs requires) then
 /// `resize2fs`. Needs no capability beyond opening the device.
 pub fn grow_ext4_offline(device: &Path) -> Result<(), ResizeError> {
-    let grow_err = |source| ResizeError::Grow {
-        fs_type: "ext4".to_owned(),
-        target: device.to_owned(),
-        source,
-    };
+    let grow_err = |source| grow_failed("ext4", device, device, source);
     command::run("e2fsck", ["-f".as_ref(), "-p".as_ref(), device.as_os_str()]).map_err(grow_err)?;
     command::run("resize2fs", [device.as_os_str()]).map_err(grow_err)?;
     Ok(())
@@ -164,7 +287,8 @@ fn effective_capabilities(status: &str) -> Option<u64> {
 /// Grows the regular file `path` to `new_len` bytes; the new tail is a
 /// hole. Idempotent: a file already `new_len` long is left alone; a longer
 /// one is an error ([`ResizeError::Shrink`]), never truncated. A final
-/// symlink is not followed. Not synced.
+/// symlink is not followed. Not synced. A length the filesystem refuses
+/// (EFBIG) is [`ResizeError::TooLarge`], naming the filesystem's limit.
 pub fn grow_file(path: &Path, new_len: u64) -> Result<(), ResizeError> {
     let file = OpenOptions::new()
         .write(true)
@@ -195,10 +319,20 @@ pub fn grow_file(path: &Path, new_len: u64) -> Result<(), ResizeError> {
     if new_len == current {
         return Ok(());
     }
-    file.set_len(new_len).map_err(|err| ResizeError::SetLength {
-        path: path.to_owned(),
-        len: new_len,
-        err,
+    file.set_len(new_len).map_err(|err| {
+        if err.raw_os_error() == Some(libc::EFBIG) {
+            ResizeError::TooLarge {
+                path: path.to_owned(),
+                requested: new_len,
+                limit: file_size_limit(path.parent().unwrap_or(Path::new("/"))),
+            }
+        } else {
+            ResizeError::SetLength {
+                path: path.to_owned(),
+                len: new_len,
+                err,
+            }
+        }
     })
 }
 
@@ -216,5 +350,13 @@ mod tests {
         assert_ne!(eff & (1 << 21), 0, "CAP_SYS_ADMIN is held");
         assert_eq!(effective_capabilities("Name:\tx\n"), None);
         assert_eq!(effective_capabilities("CapEff:\tzz\n"), None);
+    }
+
+    #[test]
+    fn sizes_are_named_in_binary_units() {
+        assert_eq!(binary_size(512), "512 B");
+        assert_eq!(binary_size(1 << 20), "1.0 MiB");
+        assert_eq!(binary_size((16 << 40) - 4096), "16.0 TiB");
+        assert_eq!(binary_size(i64::MAX as u64), "8.0 EiB");
     }
 }

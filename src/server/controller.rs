@@ -468,6 +468,11 @@ impl ControllerRpc for ControllerService {
         let r = req.into_inner();
         tracing::debug!(request = ?r.redacted(), "ControllerModifyVolume");
         convert::required_str("volume_id", &r.volume_id)?;
+        // REQUIRED by the spec: a modify that names nothing to change is a
+        // malformed request, not a no-op.
+        if r.mutable_parameters.is_empty() {
+            return Err(Error::MissingField("mutable_parameters").into());
+        }
         let c = self.controller();
         blocking("ControllerModifyVolume", move || {
             c.modify_volume(&r.volume_id, &convert::map(&r.mutable_parameters))

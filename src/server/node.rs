@@ -60,7 +60,12 @@ impl TryFrom<&csi::NodePublishVolumeRequest> for PublishVolume {
         convert::required_str("volume_id", &r.volume_id)?;
         let target_path = convert::path("target_path", &r.target_path)?;
         let capability = convert::capability("volume_capability", r.volume_capability.as_ref())?;
-        let staging_path = if r.staging_target_path.is_empty() {
+        // "It MUST be set if the Node Plugin implements the
+        // STAGE_UNSTAGE_VOLUME node capability": missing is a malformed
+        // request (INVALID_ARGUMENT), not an unstaged volume.
+        let staging_path = if r.staging_target_path.is_empty()
+            && !CAPABILITIES.contains(&Rpc::StageUnstageVolume)
+        {
             None
         } else {
             Some(convert::path(

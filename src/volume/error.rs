@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::backend::BackendError;
 use crate::os::command::CommandError;
+use crate::os::filesystem::MkfsError;
 use crate::os::loopdev::LoopError;
 use crate::os::mount::MountError;
 use crate::os::mountinfo::MountTableError;
@@ -61,6 +62,8 @@ pub enum Error {
     #[error(transparent)]
     Command(#[from] CommandError),
     #[error(transparent)]
+    Mkfs(Box<MkfsError>),
+    #[error(transparent)]
     MountTable(#[from] MountTableError),
     #[error("{what} {path}: {err}")]
     Io {
@@ -69,6 +72,12 @@ pub enum Error {
         #[source]
         err: std::io::Error,
     },
+}
+
+impl From<MkfsError> for Error {
+    fn from(e: MkfsError) -> Self {
+        Error::Mkfs(Box::new(e))
+    }
 }
 
 impl Error {

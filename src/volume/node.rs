@@ -1,10 +1,13 @@
 //! Node operations: stage (attach + filesystem + mount, or bind a dir),
 //! publish (bind staging → target), their inverses, stats and health.
 //! Each step checks the mount table first, so repeats are no-ops and a
-//! mount stowage did not make is never unmounted. After a restart the node
-//! restores what its records say and removes loop devices nothing claims.
+//! mount stowage did not make is never unmounted. Staging paths and targets
+//! are resolved without following symlinks and acted on through the
+//! resulting descriptors ([`AnchoredPath`]); they never overlap the pool,
+//! the state directory or each other. After a restart the node restores
+//! what its records say and removes loop devices nothing claims.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -15,10 +18,10 @@ use super::inflight::{InFlight, InFlightGuard};
 use super::record::{NodeRecord, NodeVolumeRecord, Publication, Staging};
 use super::{FsType, TOPOLOGY_NODE_KEY};
 use crate::backend::{Attached, Backends};
-use crate::os::fs::{PathKind, identity, path_kind};
+use crate::os::fs::{AnchoredPath, FileInfo, PathFd, PathKind, identity};
 use crate::os::loopdev::LoopDevice;
 use crate::os::mount::{self, MountOptions};
-use crate::os::mountinfo::{MountTable, Propagation};
+use crate::os::mountinfo::{MountEntry, MountTable, Propagation};
 use crate::os::{self, filesystem};
 use crate::state::{Durability, Store, Table};
 
@@ -81,6 +84,12 @@ pub struct Node {
     store: Store,
     inflight: InFlight,
     records: Mutex<HashMap<Uuid, NodeVolumeRecord>>,
+    /// The pool, its image file and the state directory (as configured
+    /// and resolved): no staging path or target may be at, inside or above
+    /// them.
+    reserved: Vec<(&'static str, PathBuf)>,
+    /// See [`Node::claim`].
+    claims: Mutex<()>,
 }
 
 fn lock(
@@ -112,34 +121,137 @@ impl Drop for Rollback {
     }
 }
 
-fn unmount_if_mounted(path: &Path) -> Result<()> {
-    match mount::unmount(path) {
-        Ok(()) => Ok(()),
-        Err(e)
-            if matches!(
-                e.errno(),
-                Some(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT)
-            ) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Refuses a request path with a symlink anywhere in it: mounting through
-/// one would put the mount wherever the link points.
-fn refuse_symlinks(path: &Path, field: &'static str) -> Result<()> {
-    if os::fs::has_symlink_component(path).map_err(Error::io("inspect", path))? {
-        return Err(Error::invalid(
+/// Why a request path cannot be resolved without following a symlink.
+fn resolve_error(field: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_owned();
+    move |e| match e.raw_os_error() {
+        Some(libc::ELOOP) => Error::invalid(
             field,
             format!(
                 "{} goes through a symlink; give the real path",
                 path.display()
             ),
-        ));
+        ),
+        Some(libc::ENOTDIR) => Error::invalid(
+            field,
+            format!("a component of {} is not a directory", path.display()),
+        ),
+        Some(libc::ENOENT) => Error::invalid(
+            field,
+            format!("the parent directory of {} does not exist", path.display()),
+        ),
+        _ => Error::io("resolve", path)(e),
     }
-    Ok(())
+}
+
+/// Resolves the parent of a request path from `/` without following any
+/// symlink; every later step on the path goes through the result.
+fn anchor(path: &Path, field: &'static str) -> Result<AnchoredPath> {
+    AnchoredPath::new(path).map_err(resolve_error(field, path))
+}
+
+/// A mount found stacked at a path: its mountinfo entry and what fstat says
+/// about its root.
+#[derive(Debug, Clone)]
+struct Found {
+    entry: MountEntry,
+    root: FileInfo,
+}
+
+/// The topmost mount whose mount point is `at`, if one is there.
+fn mount_at(at: &AnchoredPath) -> Result<Option<Found>> {
+    let fd = match at.open() {
+        Ok(fd) => fd,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => return Ok(None),
+        Err(e) => return Err(Error::io("open", at.path())(e)),
+    };
+    let io = |e| Error::io("inspect", at.path())(e);
+    let id = fd.mount_id().map_err(io)?;
+    if id == at.parent_mount_id().map_err(io)? {
+        return Ok(None);
+    }
+    let root = fd.info().map_err(io)?;
+    drop(fd);
+    Ok(MountTable::read()?
+        .by_id(id)
+        .cloned()
+        .map(|entry| Found { entry, root }))
+}
+
+/// Unmounts `e` at its current mount point, reached without following a
+/// symlink, and only while it is still the topmost mount there (its id is
+/// checked just before). `subject` names what it belongs to in errors.
+/// EBUSY is [`Error::Busy`]; a mount covered by another is a precondition.
+fn unmount_entry(subject: &dyn std::fmt::Display, e: &MountEntry) -> Result<()> {
+    let mp = &e.mount_point;
+    let at = AnchoredPath::new(mp).map_err(|err| {
+        Error::precondition(
+            subject,
+            format!(
+                "cannot reach its mount at {} without following a symlink ({err})",
+                mp.display()
+            ),
+        )
+    })?;
+    match mount_at(&at)? {
+        Some(f) if f.entry.mount_id == e.mount_id => {}
+        Some(_) => {
+            return Err(Error::precondition(
+                subject,
+                format!(
+                    "its mount at {} is covered by a mount that is not this volume; unmount that first",
+                    mp.display()
+                ),
+            ));
+        }
+        None if MountTable::read()?.by_id(e.mount_id).is_none() => return Ok(()),
+        None => {
+            return Err(Error::precondition(
+                subject,
+                format!("cannot reach its mount at {}", mp.display()),
+            ));
+        }
+    }
+    match mount::unmount_anchored(&at) {
+        Ok(()) => Ok(()),
+        Err(err) => match err.errno() {
+            Some(nix::errno::Errno::EBUSY) => {
+                Err(Error::Busy(format!("the mount at {}", mp.display())))
+            }
+            // Gone between the check and the call.
+            Some(nix::errno::Errno::EINVAL) => Ok(()),
+            _ => Err(err.into()),
+        },
+    }
+}
+
+/// The filesystem mount a block staging needs.
+enum StagingMount {
+    /// This volume is mounted there already (made before a crash).
+    Adopt(u32),
+    /// Mount onto this directory, opened before anything slow runs.
+    Make(PathFd),
+}
+
+/// Whether two paths are equal or one is inside the other.
+fn overlaps(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// Which kind of request path is being claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PathRole {
+    Staging,
+    Target,
+}
+
+impl PathRole {
+    fn field(self) -> &'static str {
+        match self {
+            PathRole::Staging => "staging_target_path",
+            PathRole::Target => "target_path",
+        }
+    }
 }
 
 impl Node {
@@ -164,6 +276,24 @@ impl Node {
                 topology: BTreeMap::from([(TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())]),
             },
         )?;
+        // Request paths are compared with these as given and as resolved
+        // (requests name real paths: symlinks in them are refused).
+        let mut reserved = Vec::new();
+        for (what, dir) in [
+            ("the pool", backends.pool.clone()),
+            (
+                "the pool image",
+                crate::os::pool_image::image_path(&backends.pool),
+            ),
+            ("the state directory", store.root().to_owned()),
+        ] {
+            if let Ok(real) = dir.canonicalize()
+                && real != dir
+            {
+                reserved.push((what, real));
+            }
+            reserved.push((what, dir));
+        }
         let node = Self {
             node_id: node_id.to_owned(),
             max_volumes_per_node,
@@ -171,6 +301,8 @@ impl Node {
             store,
             inflight: InFlight::default(),
             records: Mutex::new(records),
+            reserved,
+            claims: Mutex::new(()),
         };
         node.restore();
         node.sweep_loop_devices()?;
@@ -238,8 +370,316 @@ impl Node {
         self.backends.block.image(id.uuid)
     }
 
+    /// Held while a request path is checked against the recorded ones and
+    /// its intent recorded, so two volumes cannot claim overlapping paths
+    /// at once.
+    fn claim(&self) -> MutexGuard<'_, ()> {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses a staging path or target that is at, inside or above the
+    /// pool (or its image file) or the state directory (INVALID_ARGUMENT:
+    /// such a path is never usable), or a staging path or publication
+    /// target recorded on this node, of any volume (FAILED_PRECONDITION:
+    /// usable once that one is gone). A mount there would hide, or be hidden by, the other, and
+    /// unpublish or unstage could no longer find and remove it. The same
+    /// path in the same role for the same volume is the idempotent repeat.
+    fn check_overlap(&self, id: &VolumeId, path: &Path, role: PathRole) -> Result<()> {
+        let field = role.field();
+        for (what, dir) in &self.reserved {
+            if overlaps(path, dir) {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "{} overlaps {what} {}; volumes cannot be mounted there",
+                        path.display(),
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        let records = lock(&self.records);
+        for rec in records.values() {
+            let mine = rec.id == *id;
+            let staging = rec.staging.iter().map(|s| (PathRole::Staging, &s.path));
+            let targets = rec.publications.keys().map(|t| (PathRole::Target, t));
+            for (r, other) in staging.chain(targets) {
+                if mine && r == role && other == path {
+                    continue;
+                }
+                if overlaps(path, other) {
+                    let what = match r {
+                        PathRole::Staging => "the staging path",
+                        PathRole::Target => "the target",
+                    };
+                    return Err(Error::precondition(
+                        id,
+                        format!(
+                            "{} overlaps {what} {} of volume {}",
+                            path.display(),
+                            other.display(),
+                            rec.id
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves `path` without following symlinks and makes sure it is a
+    /// directory, creating it when `create`.
+    fn anchor_dir(&self, path: &Path, field: &'static str, create: bool) -> Result<AnchoredPath> {
+        let at = anchor(path, field)?;
+        match at.kind().map_err(Error::io("inspect", path))? {
+            PathKind::Directory => Ok(at),
+            PathKind::Missing if create => {
+                at.create_dir(0o750)
+                    .map_err(Error::io("create directory", path))?;
+                Ok(at)
+            }
+            PathKind::Missing => Err(Error::invalid(
+                field,
+                format!("{} does not exist", path.display()),
+            )),
+            PathKind::Symlink => Err(Error::invalid(
+                field,
+                format!(
+                    "{} is a symlink; refusing to mount through it",
+                    path.display()
+                ),
+            )),
+            other => Err(Error::invalid(
+                field,
+                format!("{} is not a directory ({other:?})", path.display()),
+            )),
+        }
+    }
+
+    /// Opens the directory at `at` to mount onto it; nothing may be mounted
+    /// there already.
+    fn open_mount_point(
+        &self,
+        id: &VolumeId,
+        at: &AnchoredPath,
+        field: &'static str,
+    ) -> Result<PathFd> {
+        let path = at.path();
+        let fd = at.open().map_err(resolve_error(field, path))?;
+        let io = |e| Error::io("inspect", path)(e);
+        if fd.info().map_err(io)?.kind != PathKind::Directory {
+            return Err(Error::invalid(
+                field,
+                format!("{} is not a directory", path.display()),
+            ));
+        }
+        if fd.mount_id().map_err(io)? != at.parent_mount_id().map_err(io)? {
+            return Err(Error::precondition(
+                id,
+                format!(
+                    "{} already has a mount that is not this volume",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(fd)
+    }
+
+    /// Whether the root of a mount (as fstat saw it) is this volume: the
+    /// dir volume's directory, the filesystem on one of the loop devices of
+    /// its image, or (`raw`) one of those device nodes.
+    fn is_volume_root(&self, id: &VolumeId, root: &FileInfo, raw: bool) -> bool {
+        let devices = || self.devices(id).into_iter().filter_map(|d| d.rdev().ok());
+        if raw {
+            return matches!(root.kind, PathKind::BlockDevice { rdev } if devices().any(|d| d == rdev));
+        }
+        root.kind == PathKind::Directory
+            && match id.backend {
+                BackendKind::Dir => {
+                    identity(&self.backends.dir.path(id.uuid)).ok() == Some((root.dev, root.ino))
+                }
+                BackendKind::Block => devices().any(|d| d == root.dev),
+            }
+    }
+
+    /// The ids of every mount in `table` that shows this volume: binds of
+    /// the dir volume's directory; mounts of the filesystem on its loop
+    /// devices and binds of those device nodes.
+    fn volume_mounts(&self, id: &VolumeId, table: &MountTable) -> HashSet<u32> {
+        let mut out = HashSet::new();
+        match id.backend {
+            BackendKind::Dir => {
+                let dir = self.backends.dir.path(id.uuid);
+                let dir = dir.canonicalize().unwrap_or(dir);
+                out.extend(table.mounts_showing(&dir).iter().map(|e| e.mount_id));
+            }
+            BackendKind::Block => {
+                for d in self.devices(id) {
+                    if let Ok(rdev) = d.rdev() {
+                        out.extend(table.of_device(rdev).map(|e| e.mount_id));
+                    }
+                    out.extend(table.mounts_showing(&d.path()).iter().map(|e| e.mount_id));
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks the mount just made on `target` (opened from `at` before
+    /// mounting): it must show this volume and sit exactly at `at`'s path.
+    /// Returns its id and a descriptor on its root. A mount that landed
+    /// elsewhere (a component of the path was renamed or swapped for a
+    /// symlink meanwhile) is unmounted again, and the request refused.
+    fn landed(
+        &self,
+        id: &VolumeId,
+        at: &AnchoredPath,
+        target: &PathFd,
+        raw: bool,
+        field: &'static str,
+    ) -> Result<(u32, PathFd)> {
+        let path = at.path();
+        let io = |e| Error::io("inspect", path)(e);
+        let under = target.mount_id().map_err(io)?;
+        let refused = || {
+            Error::invalid(
+                field,
+                format!(
+                    "{} changed while it was being mounted (a component was renamed or replaced); nothing was left mounted",
+                    path.display()
+                ),
+            )
+        };
+        match mount_at(at)? {
+            Some(f) if f.entry.parent_id == under && self.is_volume_root(id, &f.root, raw) => {
+                if f.entry.mount_point == path && !f.entry.deleted {
+                    let root = at.open().map_err(io)?;
+                    if root.mount_id().map_err(io)? == f.entry.mount_id {
+                        return Ok((f.entry.mount_id, root));
+                    }
+                }
+                tracing::warn!(volume = %id, path = %path.display(), landed = %f.entry.mount_point.display(), "mount landed elsewhere; undoing it");
+                if let Err(e) = mount::unmount_anchored(at) {
+                    tracing::error!(volume = %id, error = %e, "cannot undo a misplaced mount");
+                    return Err(e.into());
+                }
+                Err(refused())
+            }
+            _ => {
+                // The mounted-on directory itself left its name: find the
+                // mount on it where the directory is now.
+                let now = target.current_path().map_err(io)?;
+                let table = MountTable::read()?;
+                let ours = self.volume_mounts(id, &table);
+                for e in table.entries.iter().rev().filter(|e| {
+                    e.parent_id == under && e.mount_point == now && ours.contains(&e.mount_id)
+                }) {
+                    tracing::warn!(volume = %id, path = %path.display(), landed = %e.mount_point.display(), "mount landed elsewhere; undoing it");
+                    unmount_entry(id, e)?;
+                }
+                Err(refused())
+            }
+        }
+    }
+
+    /// This volume's mount at `path` (topmost there, reached without
+    /// symlinks), with what its root is.
+    fn volume_mount_at(&self, id: &VolumeId, path: &Path, raw: bool) -> Option<Found> {
+        let at = AnchoredPath::new(path).ok()?;
+        mount_at(&at)
+            .ok()
+            .flatten()
+            .filter(|f| f.entry.mount_point == path && self.is_volume_root(id, &f.root, raw))
+    }
+
+    /// Whether `path` is a staging path or target recorded on this node.
+    fn is_recorded_path(&self, path: &Path) -> bool {
+        lock(&self.records).values().any(|r| {
+            r.staging.as_ref().is_some_and(|s| s.path == path) || r.publications.contains_key(path)
+        })
+    }
+
+    /// Removes the mounts made at `path` for a staging or publication: the
+    /// recorded mount (`mount_id`) wherever a rename has moved it, then any
+    /// mount of this volume still stacked at `path`. Fails, leaving the
+    /// rest, while a mount made for it remains: covered by another mount
+    /// (FAILED_PRECONDITION), busy ([`Error::Busy`]), or, with no recorded
+    /// id, when `path` now goes through a symlink (it may have moved with a
+    /// renamed parent and cannot be told apart).
+    fn unmount_made(
+        &self,
+        id: &VolumeId,
+        path: &Path,
+        mount_id: Option<u32>,
+        field: &'static str,
+    ) -> Result<()> {
+        if let Some(mid) = mount_id {
+            let table = MountTable::read()?;
+            // An id left stale by a reboot may name another recorded mount
+            // of the volume now: never that one.
+            if let Some(e) = table.by_id(mid)
+                && self.volume_mounts(id, &table).contains(&mid)
+                && (e.mount_point == path || !self.is_recorded_path(&e.mount_point))
+            {
+                unmount_entry(id, e)?;
+            }
+        }
+        let at = match AnchoredPath::new(path) {
+            Ok(at) => at,
+            Err(e)
+                if mount_id.is_none()
+                    && matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) =>
+            {
+                return Err(resolve_error(field, path)(e));
+            }
+            // Gone, or through a symlink now: nothing can be mounted at
+            // that path (mount points are reached without symlinks).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(Error::io("resolve", path)(e)),
+        };
+        // Bounded: each pass removes one mount or returns.
+        for _ in 0..16 {
+            let Some(f) = mount_at(&at)? else {
+                return Ok(());
+            };
+            let table = MountTable::read()?;
+            let ours = self.volume_mounts(id, &table);
+            if ours.contains(&f.entry.mount_id) {
+                unmount_entry(id, &f.entry)?;
+                continue;
+            }
+            if table
+                .all_at(path)
+                .any(|e| e.mount_id != f.entry.mount_id && ours.contains(&e.mount_id))
+            {
+                return Err(Error::precondition(
+                    id,
+                    format!(
+                        "its mount at {} is covered by a mount that is not this volume; unmount that first",
+                        path.display()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        Err(Error::precondition(
+            id,
+            format!("too many mounts are stacked at {}", path.display()),
+        ))
+    }
+
     /// NodeStageVolume. Idempotent for the same path and capability; a
-    /// different path or capability is [`Error::Incompatible`].
+    /// different path or capability is [`Error::Incompatible`]. The staging
+    /// path may not overlap the pool, the state directory or another
+    /// staging path or target ([`Node::check_overlap`]), and is created
+    /// (if missing) and mounted on without following a symlink.
     pub fn stage(&self, req: StageVolume) -> Result<()> {
         let id = self
             .local_id(&req.volume_id)
@@ -263,12 +703,11 @@ impl Node {
                     ),
                 });
             }
-            if self.staging_intact(&id, st, &MountTable::read()?) {
+            if self.staging_intact(&id, st) {
                 return Ok(());
             }
             tracing::warn!(volume = %id, "staging found incomplete; staging again");
         }
-        self.check_dir_target(&req.staging_path, "staging_target_path", true)?;
         // Record the intent first: a crash between the mount and the final
         // record then leaves a record that restart (or unstage) completes
         // or undoes, never an unrecorded mount. The write reaches the log
@@ -279,20 +718,20 @@ impl Node {
         // would resurrect a mount the CO was told is gone.
         let before = rec.clone();
         let previous = rec.staging.clone();
+        let claim = self.claim();
+        self.check_overlap(&id, &req.staging_path, PathRole::Staging)?;
+        let at = self.anchor_dir(&req.staging_path, "staging_target_path", true)?;
         rec.staging = Some(Staging {
             path: req.staging_path.clone(),
             capability: req.capability.clone(),
             device: previous.as_ref().and_then(|p| p.device.clone()),
             mounted: !(id.backend == BackendKind::Block && req.capability.is_block()),
+            mount_id: None,
         });
         self.save_with(rec.clone(), Durability::Deferred)?;
-        let staging = match self.do_stage(
-            &id,
-            &req.staging_path,
-            &req.capability,
-            previous.as_ref(),
-            req.grow_fs,
-        ) {
+        drop(claim);
+        let staging = match self.do_stage(&id, &at, &req.capability, previous.as_ref(), req.grow_fs)
+        {
             Ok(s) => s,
             Err(e) => {
                 let _ = self.save(before);
@@ -305,35 +744,8 @@ impl Node {
         Ok(())
     }
 
-    /// Checks (and with `create`, makes) a directory at `path` without
-    /// following a symlink there.
-    fn check_dir_target(&self, path: &Path, field: &'static str, create: bool) -> Result<bool> {
-        refuse_symlinks(path, field)?;
-        match path_kind(path).map_err(Error::io("inspect", path))? {
-            PathKind::Directory => Ok(false),
-            PathKind::Missing if create => {
-                std::fs::create_dir(path).map_err(Error::io("create directory", path))?;
-                Ok(true)
-            }
-            PathKind::Missing => Err(Error::invalid(
-                field,
-                format!("{} does not exist", path.display()),
-            )),
-            PathKind::Symlink => Err(Error::invalid(
-                field,
-                format!(
-                    "{} is a symlink; refusing to mount through it",
-                    path.display()
-                ),
-            )),
-            other => Err(Error::invalid(
-                field,
-                format!("{} is not a directory ({other:?})", path.display()),
-            )),
-        }
-    }
-
-    fn staging_intact(&self, id: &VolumeId, st: &Staging, table: &MountTable) -> bool {
+    /// Whether the staging still has its loop device and mount.
+    fn staging_intact(&self, id: &VolumeId, st: &Staging) -> bool {
         let device_ok = match (&st.device, id.backend) {
             (Some(d), _) => LoopDevice::from_path(d)
                 .and_then(|d| d.backing_file())
@@ -341,36 +753,7 @@ impl Node {
             (None, BackendKind::Block) => false,
             (None, BackendKind::Dir) => true,
         };
-        let mount_ok =
-            !st.mounted || (table.mounted_at(&st.path).is_some() && self.owns_mount(id, &st.path));
-        device_ok && mount_ok
-    }
-
-    /// Whether what is mounted at `path` is this volume: the dir volume's
-    /// directory, or a filesystem on one of the loop devices backed by its
-    /// image.
-    fn owns_mount(&self, id: &VolumeId, path: &Path) -> bool {
-        let Ok((dev, ino)) = identity(path) else {
-            return false;
-        };
-        match id.backend {
-            BackendKind::Dir => identity(&self.backends.dir.path(id.uuid)).ok() == Some((dev, ino)),
-            BackendKind::Block => self.devices(id).iter().any(|d| d.rdev().ok() == Some(dev)),
-        }
-    }
-
-    /// Whether `target` is a bind of one of the volume's loop device nodes.
-    fn owns_device_bind(&self, id: &VolumeId, target: &Path) -> bool {
-        self.bound_device(id, target).is_some()
-    }
-
-    /// The volume's loop device bound at `target`, if any.
-    fn bound_device(&self, id: &VolumeId, target: &Path) -> Option<LoopDevice> {
-        use std::os::unix::fs::MetadataExt;
-        let rdev = std::fs::metadata(target).ok()?.rdev();
-        self.devices(id)
-            .into_iter()
-            .find(|d| d.rdev().ok() == Some(rdev))
+        device_ok && (!st.mounted || self.volume_mount_at(id, &st.path, false).is_some())
     }
 
     /// Every loop device backed by the volume's image.
@@ -405,48 +788,80 @@ impl Node {
         Ok(devices.into_iter().find(|d| !d.read_only()))
     }
 
+    /// A mount already at the staging path: this volume's is adopted
+    /// (Some(id)), anything else refused.
+    fn existing_staging_mount(&self, id: &VolumeId, at: &AnchoredPath) -> Result<Option<u32>> {
+        match mount_at(at)? {
+            None => Ok(None),
+            Some(f)
+                if f.entry.mount_point == at.path() && self.is_volume_root(id, &f.root, false) =>
+            {
+                Ok(Some(f.entry.mount_id))
+            }
+            Some(_) => Err(Error::precondition(
+                id,
+                format!(
+                    "{} already has a mount that is not this volume",
+                    at.path().display()
+                ),
+            )),
+        }
+    }
+
+    /// Attaches and mounts the volume at the directory `at` (resolved
+    /// without symlinks before anything slow runs: the mount lands on that
+    /// directory, and [`Node::landed`] refuses it if the path moved).
     fn do_stage(
         &self,
         id: &VolumeId,
-        path: &Path,
+        at: &AnchoredPath,
         cap: &Capability,
         previous: Option<&Staging>,
         grow_fs: bool,
     ) -> Result<Staging> {
-        let table = MountTable::read()?;
+        const FIELD: &str = "staging_target_path";
+        let path = at.path();
         let read_only = cap.access_mode.is_read_only();
         let mut rollback = Rollback::new();
+        let unmount_on_rollback = |rollback: &mut Rollback| -> Result<()> {
+            let again = at.try_clone().map_err(Error::io("open", path))?;
+            rollback.push(move || drop(mount::unmount_anchored(&again)));
+            Ok(())
+        };
         let staging = match (id.backend, &cap.access_type) {
             (BackendKind::Dir, _) => {
                 let dir = self.backends.dir.path(id.uuid);
-                let st = Staging {
+                let mut st = Staging {
                     path: path.to_owned(),
                     capability: cap.clone(),
                     device: None,
                     mounted: true,
+                    mount_id: self.existing_staging_mount(id, at)?,
                 };
-                if table.mounted_at(path).is_some() {
-                    if !self.owns_mount(id, path) {
-                        return Err(Error::precondition(
-                            id,
-                            format!(
-                                "{} already has a mount that is not this volume",
-                                path.display()
-                            ),
-                        ));
-                    }
-                } else {
-                    mount::bind(&dir, path)?;
-                    let p = path.to_owned();
-                    rollback.push(move || drop(mount::unmount(&p)));
+                if st.mount_id.is_none() {
+                    let target = self.open_mount_point(id, at, FIELD)?;
+                    mount::bind_onto(&dir, &target)?;
+                    let (mid, root) = self.landed(id, at, &target, false, FIELD)?;
+                    unmount_on_rollback(&mut rollback)?;
                     if read_only {
-                        let keep = os::fs::mount_flags(path).map_err(Error::io("statvfs", path))?;
-                        mount::remount_bind_read_only(path, keep)?;
+                        let keep = os::fs::mount_flags(&root.proc_path())
+                            .map_err(Error::io("statvfs", path))?;
+                        mount::remount_bind_read_only_fd(&root, keep)?;
                     }
+                    st.mount_id = Some(mid);
                 }
                 st
             }
             (BackendKind::Block, access) => {
+                // Before attaching or formatting: the mount lands on this
+                // very directory however long mkfs takes.
+                let mount = match access {
+                    AccessType::Mount { .. } => match self.existing_staging_mount(id, at)? {
+                        Some(mid) => Some(StagingMount::Adopt(mid)),
+                        None => Some(StagingMount::Make(self.open_mount_point(id, at, FIELD)?)),
+                    },
+                    AccessType::Block => None,
+                };
                 let device = match self.existing_device(id, previous)? {
                     Some(d) => d,
                     None => {
@@ -464,22 +879,14 @@ impl Node {
                     path: path.to_owned(),
                     capability: cap.clone(),
                     device: Some(device.path()),
-                    mounted: false,
+                    mounted: mount.is_some(),
+                    mount_id: None,
                 };
-                if let AccessType::Mount { .. } = access {
-                    let fs = cap.fs_type().unwrap_or(FsType::DEFAULT);
-                    st.mounted = true;
-                    if table.mounted_at(path).is_some() {
-                        if !self.owns_mount(id, path) {
-                            return Err(Error::precondition(
-                                id,
-                                format!(
-                                    "{} already has a mount that is not this volume",
-                                    path.display()
-                                ),
-                            ));
-                        }
-                    } else {
+                match mount {
+                    None => {}
+                    Some(StagingMount::Adopt(mid)) => st.mount_id = Some(mid),
+                    Some(StagingMount::Make(target)) => {
+                        let fs = cap.fs_type().unwrap_or(FsType::DEFAULT);
                         match filesystem::probe(&device.path())? {
                             None => {
                                 tracing::info!(volume = %id, fs = fs.as_str(), "making filesystem on first stage");
@@ -524,9 +931,11 @@ impl Node {
                                 format!("{},nouuid", opts.data)
                             };
                         }
-                        mount::mount_filesystem(&device.path(), path, fs.as_str(), &opts)?;
-                        let p = path.to_owned();
-                        rollback.push(move || drop(mount::unmount(&p)));
+                        mount::mount_filesystem_onto(&device.path(), &target, fs.as_str(), &opts)?;
+                        let (mid, root) = self.landed(id, at, &target, false, FIELD)?;
+                        drop(root);
+                        unmount_on_rollback(&mut rollback)?;
+                        st.mount_id = Some(mid);
                         if grow_fs && !read_only {
                             crate::os::resize::grow_filesystem(fs.as_str(), &device.path(), path)
                                 .map_err(crate::backend::BackendError::from)?;
@@ -542,6 +951,9 @@ impl Node {
 
     /// NodeUnstageVolume. Idempotent: a volume not staged at `path` (or
     /// unknown) is success. Refused while the volume is still published.
+    /// Never answers OK while the staging mount (wherever a rename moved
+    /// it) or any other mount of the volume remains: those are errors
+    /// (busy: ABORTED; covered or elsewhere: FAILED_PRECONDITION).
     pub fn unstage(&self, raw: &str, path: &Path) -> Result<()> {
         let Some(id) = self.local_id(raw) else {
             return Ok(());
@@ -559,8 +971,27 @@ impl Node {
                         ),
                     ));
                 }
-                if MountTable::read()?.mounted_at(path).is_some() && self.owns_mount(&id, path) {
-                    unmount_if_mounted(path)?;
+                // No publication remains, so a mount of the volume other
+                // than the staging mount (and its propagated copies) is one
+                // no record explains: refuse before changing anything, as
+                // detaching the loop device under it would only be
+                // deferred until it goes.
+                let left = self.other_volume_mounts(&id, &st)?;
+                if !left.is_empty() {
+                    return Err(Error::precondition(
+                        &id,
+                        format!("the volume is still mounted at {left:?}; unmount it there first"),
+                    ));
+                }
+                if st.mounted {
+                    self.unmount_made(&id, path, st.mount_id, "staging_target_path")?;
+                }
+                let left = self.other_volume_mounts(&id, &st)?;
+                if !left.is_empty() {
+                    return Err(Error::precondition(
+                        &id,
+                        format!("the volume is still mounted at {left:?}; unmount it there first"),
+                    ));
                 }
                 // No publication remains, so every loop device of the image
                 // belongs to this staging.
@@ -576,9 +1007,39 @@ impl Node {
         }
     }
 
+    /// Mount points of mounts showing the volume other than its staging
+    /// mount (the recorded one, or this volume's at the staging path) and
+    /// that mount's propagated copies.
+    fn other_volume_mounts(&self, id: &VolumeId, st: &Staging) -> Result<Vec<PathBuf>> {
+        let table = MountTable::read()?;
+        let ours = self.volume_mounts(id, &table);
+        let mounts: Vec<&MountEntry> = table
+            .entries
+            .iter()
+            .filter(|e| ours.contains(&e.mount_id))
+            .collect();
+        let staging: Vec<&MountEntry> = mounts
+            .iter()
+            .copied()
+            .filter(|e| Some(e.mount_id) == st.mount_id || e.mount_point == st.path)
+            .collect();
+        Ok(mounts
+            .into_iter()
+            .filter(|e| {
+                !staging
+                    .iter()
+                    .any(|s| s.mount_id == e.mount_id || table.propagated_copy(e, s))
+            })
+            .map(|e| e.mount_point.clone())
+            .collect())
+    }
+
     /// NodePublishVolume. Idempotent for the same target, capability and
     /// readonly flag; different ones at the same target are
-    /// [`Error::Incompatible`].
+    /// [`Error::Incompatible`]. The target may not overlap the pool, the
+    /// state directory or another staging path or target
+    /// ([`Node::check_overlap`]); it is created (if missing) and mounted on
+    /// without following a symlink.
     pub fn publish(&self, req: PublishVolume) -> Result<()> {
         let id = self
             .local_id(&req.volume_id)
@@ -624,7 +1085,10 @@ impl Node {
                     reason: "capability or readonly flag differs".into(),
                 });
             }
-            if MountTable::read()?.mounted_at(&target).is_some() {
+            if self
+                .volume_mount_at(&id, &target, p.capability.is_block())
+                .is_some()
+            {
                 return Ok(());
             }
             tracing::warn!(volume = %id, target = %target.display(), "publication lost its mount; publishing again");
@@ -641,16 +1105,21 @@ impl Node {
             ));
         }
         let before = rec.clone();
+        let claim = self.claim();
+        self.check_overlap(&id, &target, PathRole::Target)?;
+        let at = anchor(&target, "target_path")?;
         let intent = Publication {
             capability: req.capability.clone(),
             read_only,
             own_device: None,
-            created_target: path_kind(&target).map_err(Error::io("inspect", &target))?
-                == PathKind::Missing,
+            created_target: at.kind().map_err(Error::io("inspect", &target))? == PathKind::Missing,
+            mount_id: None,
+            created_inode: None,
         };
         rec.publications.insert(target.clone(), intent.clone());
         self.save_with(rec.clone(), Durability::Deferred)?;
-        let publication = match self.do_publish(&id, &st, &target, &req.capability, read_only) {
+        drop(claim);
+        let publication = match self.do_publish(&id, &st, &at, &req.capability, read_only) {
             Ok(mut p) => {
                 p.created_target |= intent.created_target;
                 p
@@ -666,23 +1135,119 @@ impl Node {
         Ok(())
     }
 
+    /// A descriptor on the root of the volume's staging mount, reached
+    /// without following symlinks: the source of a publication's bind.
+    fn staging_root(&self, id: &VolumeId, st: &Staging) -> Result<PathFd> {
+        let at = anchor(&st.path, "staging_target_path")?;
+        if let Some(f) = mount_at(&at)?
+            && f.entry.mount_point == st.path
+            && self.is_volume_root(id, &f.root, false)
+        {
+            let fd = at.open().map_err(Error::io("open", &st.path))?;
+            if fd.mount_id().map_err(Error::io("inspect", &st.path))? == f.entry.mount_id {
+                return Ok(fd);
+            }
+        }
+        Err(Error::precondition(
+            id,
+            format!(
+                "the staging path {} does not hold this volume's mount; stage the volume again",
+                st.path.display()
+            ),
+        ))
+    }
+
     fn do_publish(
         &self,
         id: &VolumeId,
         st: &Staging,
-        target: &Path,
+        at: &AnchoredPath,
         cap: &Capability,
         read_only: bool,
     ) -> Result<Publication> {
-        let table = MountTable::read()?;
+        const FIELD: &str = "target_path";
+        let target = at.path();
+        let raw = cap.is_block();
         let mut rollback = Rollback::new();
         let mut publication = Publication {
             capability: cap.clone(),
             read_only,
             own_device: None,
             created_target: false,
+            mount_id: None,
+            created_inode: None,
         };
-        if cap.is_block() {
+        if let Some(f) = mount_at(at)? {
+            if f.entry.mount_point == target && self.is_volume_root(id, &f.root, raw) {
+                // A mount made before a crash: adopt it.
+                publication.mount_id = Some(f.entry.mount_id);
+                if let PathKind::BlockDevice { rdev } = f.root.kind
+                    && read_only
+                {
+                    publication.own_device = self
+                        .devices(id)
+                        .into_iter()
+                        .find(|d| d.rdev().ok() == Some(rdev) && Some(d.path()) != st.device)
+                        .map(|d| d.path());
+                }
+                return Ok(publication);
+            }
+            return Err(Error::precondition(
+                id,
+                format!(
+                    "{} already has a mount that is not this volume",
+                    target.display()
+                ),
+            ));
+        }
+        let kind = at.kind().map_err(Error::io("inspect", target))?;
+        let expected = if raw {
+            PathKind::File
+        } else {
+            PathKind::Directory
+        };
+        match kind {
+            PathKind::Missing => {
+                if raw {
+                    at.create_file(0o640)
+                        .map_err(Error::io("create target file", target))?;
+                } else {
+                    at.create_dir(0o750)
+                        .map_err(Error::io("create directory", target))?;
+                }
+                publication.created_target = true;
+                publication.created_inode = at.identity().ok();
+                let again = at.try_clone().map_err(Error::io("open", target))?;
+                rollback.push(move || {
+                    drop(if raw {
+                        again.remove_file()
+                    } else {
+                        again.remove_dir()
+                    })
+                });
+            }
+            k if k == expected => {}
+            PathKind::Symlink => {
+                return Err(Error::invalid(
+                    FIELD,
+                    format!(
+                        "{} is a symlink; refusing to mount through it",
+                        target.display()
+                    ),
+                ));
+            }
+            other => {
+                return Err(Error::invalid(
+                    FIELD,
+                    format!(
+                        "{} is not a {} ({other:?})",
+                        target.display(),
+                        if raw { "regular file" } else { "directory" }
+                    ),
+                ));
+            }
+        }
+        if raw {
             let staged = st
                 .device
                 .as_deref()
@@ -699,76 +1264,39 @@ impl Node {
             } else {
                 staged
             };
-            refuse_symlinks(target, "target_path")?;
-            match path_kind(target).map_err(Error::io("inspect", target))? {
-                PathKind::Missing => {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(target)
-                        .map_err(Error::io("create target file", target))?;
-                    publication.created_target = true;
-                    let t = target.to_owned();
-                    rollback.push(move || drop(std::fs::remove_file(t)));
-                }
-                PathKind::File => {}
-                PathKind::BlockDevice { .. } if table.mounted_at(target).is_some() => {
-                    if !self.owns_device_bind(id, target) {
-                        return Err(Error::precondition(
-                            id,
-                            format!(
-                                "{} already has a mount that is not this volume",
-                                target.display()
-                            ),
-                        ));
-                    }
-                    // A bind made before a crash: adopt it.
-                    rollback.disarm();
-                    return Ok(publication);
-                }
-                other => {
-                    return Err(Error::invalid(
-                        "target_path",
-                        format!("{} is not a regular file ({other:?})", target.display()),
-                    ));
-                }
-            }
-            mount::bind(&device.path(), target)?;
+            let t = at.open().map_err(resolve_error(FIELD, target))?;
+            mount::bind_onto(&device.path(), &t)?;
+            let (mid, root) = self.landed(id, at, &t, true, FIELD)?;
+            drop(root);
+            publication.mount_id = Some(mid);
         } else {
-            publication.created_target = self.check_dir_target(target, "target_path", true)?;
-            if publication.created_target {
-                let t = target.to_owned();
-                rollback.push(move || drop(std::fs::remove_dir(t)));
+            let opts = MountOptions::parse(cap.mount_flags()).map_err(|e| {
+                Error::invalid("volume_capability.mount.mount_flags", e.to_string())
+            })?;
+            let src = self.staging_root(id, st)?;
+            let t = self.open_mount_point(id, at, FIELD)?;
+            mount::bind_onto(&src.proc_path(), &t)?;
+            drop(src);
+            let (mid, root) = self.landed(id, at, &t, false, FIELD)?;
+            let again = at.try_clone().map_err(Error::io("open", target))?;
+            rollback.push(move || drop(mount::unmount_anchored(&again)));
+            if read_only {
+                let keep =
+                    os::fs::mount_flags(&root.proc_path()).map_err(Error::io("statvfs", target))?;
+                mount::remount_bind_read_only_fd(&root, keep | opts.flags)?;
             }
-            if table.mounted_at(target).is_some() {
-                if identity(target).ok() != identity(&st.path).ok() {
-                    return Err(Error::precondition(
-                        id,
-                        format!(
-                            "{} already has a mount that is not this volume",
-                            target.display()
-                        ),
-                    ));
-                }
-            } else {
-                mount::bind(&st.path, target)?;
-                let t = target.to_owned();
-                rollback.push(move || drop(mount::unmount(&t)));
-                let opts = MountOptions::parse(cap.mount_flags()).map_err(|e| {
-                    Error::invalid("volume_capability.mount.mount_flags", e.to_string())
-                })?;
-                if read_only {
-                    let keep = os::fs::mount_flags(target).map_err(Error::io("statvfs", target))?;
-                    mount::remount_bind_read_only(target, keep | opts.flags)?;
-                }
-            }
+            publication.mount_id = Some(mid);
         }
         rollback.disarm();
         Ok(publication)
     }
 
     /// NodeUnpublishVolume. Idempotent: a target that holds no publication
-    /// of this volume is success. Removes the target if stowage made it.
+    /// of this volume is success. Unmounts the publication's mount wherever
+    /// a rename has moved it, and never answers OK while it remains (busy:
+    /// ABORTED; covered: FAILED_PRECONDITION). Removes the target if
+    /// stowage made it, and only while it is still the file or directory
+    /// stowage made, reached without symlinks.
     pub fn unpublish(&self, raw: &str, target: &Path) -> Result<()> {
         let Some(id) = self.local_id(raw) else {
             return Ok(());
@@ -778,31 +1306,9 @@ impl Node {
         let Some(p) = rec.publications.get(target).cloned() else {
             return Ok(());
         };
-        if MountTable::read()?.mounted_at(target).is_some() {
-            let ours = if p.capability.is_block() {
-                self.owns_device_bind(&id, target)
-            } else {
-                rec.staging
-                    .as_ref()
-                    .is_some_and(|s| identity(target).ok() == identity(&s.path).ok())
-            };
-            if ours {
-                unmount_if_mounted(target)?;
-            } else {
-                tracing::warn!(volume = %id, target = %target.display(), "target holds a mount that is not this volume; leaving it");
-            }
-        }
+        self.unmount_made(&id, target, p.mount_id, "target_path")?;
         if p.created_target {
-            let r = if p.capability.is_block() {
-                std::fs::remove_file(target)
-            } else {
-                std::fs::remove_dir(target)
-            };
-            match r {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove target", target)(e)),
-            }
+            self.remove_target(&id, target, &p)?;
         }
         if let Some(d) = p.own_device.as_deref().and_then(LoopDevice::from_path)
             && d.backing_file().is_some_and(|b| b == self.image(&id))
@@ -813,6 +1319,49 @@ impl Node {
         self.save(rec)?;
         tracing::info!(volume = %id, target = %target.display(), "volume unpublished");
         Ok(())
+    }
+
+    /// Removes the target stowage created for `p`, if it is still there,
+    /// still the one created (when its inode was recorded) and reached
+    /// without symlinks. Anything else is left alone and logged.
+    fn remove_target(&self, id: &VolumeId, target: &Path, p: &Publication) -> Result<()> {
+        let at = match AnchoredPath::new(target) {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::warn!(volume = %id, target = %target.display(), error = %e, "not removing the target: it cannot be reached without following a symlink");
+                return Ok(());
+            }
+        };
+        let kind = at.kind().map_err(Error::io("inspect", target))?;
+        let expected = if p.capability.is_block() {
+            PathKind::File
+        } else {
+            PathKind::Directory
+        };
+        if kind == PathKind::Missing {
+            return Ok(());
+        }
+        let replaced = kind != expected
+            || p.created_inode
+                .is_some_and(|ino| at.identity().ok() != Some(ino));
+        if replaced {
+            tracing::warn!(volume = %id, target = %target.display(), "the target is no longer what stowage created; leaving it");
+            return Ok(());
+        }
+        if mount_at(&at)?.is_some() {
+            tracing::warn!(volume = %id, target = %target.display(), "the target holds a mount that is not this volume; leaving it");
+            return Ok(());
+        }
+        let r = if expected == PathKind::File {
+            at.remove_file()
+        } else {
+            at.remove_dir()
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove target", target)(e)),
+        }
     }
 
     /// NodeExpandVolume: makes the node see a volume the controller grew.
@@ -960,22 +1509,18 @@ impl Node {
         let records: Vec<NodeVolumeRecord> = lock(&self.records).values().cloned().collect();
         for mut rec in records {
             let id = rec.id.clone();
-            let Some(st) = rec.staging.clone() else {
+            let Some(mut st) = rec.staging.clone() else {
                 continue;
             };
-            let table = match MountTable::read() {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the mount table to restore volumes");
-                    return;
-                }
-            };
             let mut changed = false;
-            if !self.staging_intact(&id, &st, &table) {
-                match self.do_stage(&id, &st.path, &st.capability, Some(&st), false) {
+            if !self.staging_intact(&id, &st) {
+                let restaged = self
+                    .anchor_dir(&st.path, "staging_target_path", false)
+                    .and_then(|at| self.do_stage(&id, &at, &st.capability, Some(&st), false));
+                match restaged {
                     Ok(new) => {
                         tracing::info!(volume = %id, "restored staging after restart");
-                        rec.staging = Some(new);
+                        st = new;
                         changed = true;
                     }
                     Err(e) => {
@@ -983,30 +1528,44 @@ impl Node {
                         continue;
                     }
                 }
+            } else if st.mounted
+                && let Some(f) = self.volume_mount_at(&id, &st.path, false)
+                && st.mount_id != Some(f.entry.mount_id)
+            {
+                // A deferred record may have lost the id: find it again.
+                st.mount_id = Some(f.entry.mount_id);
+                changed = true;
             }
-            let st = rec.staging.clone().expect("staging present");
-            let table = MountTable::read().unwrap_or_default();
+            rec.staging = Some(st.clone());
             for (target, p) in rec.publications.clone() {
-                if table.mounted_at(&target).is_some() {
-                    // A deferred record may have lost the publication's own
-                    // read-only device; find it again from the bind.
-                    if p.capability.is_block() && p.read_only && p.own_device.is_none() {
-                        let staged = st.device.clone();
-                        if let Some(d) = self
-                            .bound_device(&id, &target)
-                            .filter(|d| Some(d.path()) != staged)
-                        {
-                            let mut p = p.clone();
-                            p.own_device = Some(d.path());
-                            rec.publications.insert(target.clone(), p);
-                            changed = true;
-                        }
+                let raw = p.capability.is_block();
+                if let Some(f) = self.volume_mount_at(&id, &target, raw) {
+                    // A deferred record may have lost the mount id or the
+                    // publication's own read-only device; find them again.
+                    let mut found = p.clone();
+                    found.mount_id = Some(f.entry.mount_id);
+                    if let PathKind::BlockDevice { rdev } = f.root.kind
+                        && p.read_only
+                        && p.own_device.is_none()
+                    {
+                        found.own_device = self
+                            .devices(&id)
+                            .into_iter()
+                            .find(|d| d.rdev().ok() == Some(rdev) && Some(d.path()) != st.device)
+                            .map(|d| d.path());
+                    }
+                    if found != p {
+                        rec.publications.insert(target.clone(), found);
+                        changed = true;
                     }
                     continue;
                 }
-                match self.do_publish(&id, &st, &target, &p.capability, p.read_only) {
+                let republished = anchor(&target, "target_path")
+                    .and_then(|at| self.do_publish(&id, &st, &at, &p.capability, p.read_only));
+                match republished {
                     Ok(mut new) => {
                         new.created_target |= p.created_target;
+                        new.created_inode = new.created_inode.or(p.created_inode);
                         rec.publications.insert(target.clone(), new);
                         changed = true;
                         tracing::info!(volume = %id, target = %target.display(), "restored publication after restart");
@@ -1048,14 +1607,11 @@ impl Node {
                 continue;
             }
             if let Ok(rdev) = dev.rdev() {
-                let mut points: Vec<PathBuf> = table
-                    .of_device(rdev)
-                    .map(|m| m.mount_point.clone())
-                    .collect();
-                points.reverse();
-                for p in points {
-                    tracing::warn!(device = %dev.path().display(), mount = %p.display(), "unmounting leaked mount");
-                    if let Err(e) = unmount_if_mounted(&p) {
+                let mut mounts: Vec<&MountEntry> = table.of_device(rdev).collect();
+                mounts.reverse();
+                for m in mounts {
+                    tracing::warn!(device = %dev.path().display(), mount = %m.mount_point.display(), "unmounting leaked mount");
+                    if let Err(e) = unmount_entry(&dev.path().display(), m) {
                         tracing::error!(error = %e, "cannot unmount leaked mount");
                     }
                 }

@@ -91,6 +91,11 @@ pub struct Staging {
     pub device: Option<PathBuf>,
     /// Whether a filesystem (or the dir bind) is mounted at `path`.
     pub mounted: bool,
+    /// The id (as in mountinfo) of the mount made at `path`, so unstage
+    /// unmounts exactly that one. None before the mount is made, and in
+    /// records written before ids were kept.
+    #[serde(default)]
+    pub mount_id: Option<u32>,
 }
 
 /// What was done at one target path.
@@ -103,6 +108,16 @@ pub struct Publication {
     pub own_device: Option<PathBuf>,
     /// Whether stowage created the target (and so removes it on unpublish).
     pub created_target: bool,
+    /// The id (as in mountinfo) of the mount made at the target, so
+    /// unpublish unmounts exactly that one, even after a rename moved it.
+    /// None before the mount is made, and in records written before ids
+    /// were kept.
+    #[serde(default)]
+    pub mount_id: Option<u32>,
+    /// `(st_dev, st_ino)` of the file or directory stowage created at the
+    /// target: unpublish removes the target only while it is still that.
+    #[serde(default)]
+    pub created_inode: Option<(u64, u64)>,
 }
 
 /// A volume's footprint on this node.
@@ -125,4 +140,55 @@ impl NodeVolumeRecord {
 pub struct NodeRecord {
     pub node_id: String,
     pub topology: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::volume::capability::{AccessMode, AccessType};
+
+    /// Records written before mount ids and created inodes were kept still
+    /// load, with those fields absent.
+    #[test]
+    fn node_records_without_mount_ids_load() {
+        let rec = NodeVolumeRecord {
+            id: VolumeId::parse("block:n1:0123456789abcdef0123456789abcdef").unwrap(),
+            staging: Some(Staging {
+                path: "/s".into(),
+                capability: Capability {
+                    access_type: AccessType::Block,
+                    access_mode: AccessMode::SingleNodeWriter,
+                },
+                device: Some("/dev/loop3".into()),
+                mounted: false,
+                mount_id: Some(7),
+            }),
+            publications: BTreeMap::from([(
+                PathBuf::from("/t"),
+                Publication {
+                    capability: Capability {
+                        access_type: AccessType::Block,
+                        access_mode: AccessMode::SingleNodeWriter,
+                    },
+                    read_only: false,
+                    own_device: None,
+                    created_target: true,
+                    mount_id: Some(9),
+                    created_inode: Some((1, 2)),
+                },
+            )]),
+        };
+        let mut v = serde_json::to_value(&rec).unwrap();
+        v["staging"].as_object_mut().unwrap().remove("mount_id");
+        let p = v["publications"]["/t"].as_object_mut().unwrap();
+        p.remove("mount_id");
+        p.remove("created_inode");
+        let old: NodeVolumeRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(old.staging.unwrap().mount_id, None);
+        let p = &old.publications[Path::new("/t")];
+        assert_eq!((p.mount_id, p.created_inode), (None, None));
+        assert!(p.created_target);
+    }
 }
