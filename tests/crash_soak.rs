@@ -1,8 +1,9 @@
 //! Crash soak (issue 9): a concurrent workload of I/O with fsync,
 //! snapshots, restores, clones, group snapshots, expansion, stage/publish
 //! and deletes runs against the real `stowage serve`, which is killed with
-//! SIGKILL at a random moment and restarted, round after round. After each
-//! restart the node is checked:
+//! SIGKILL at a random moment (every other round just after a copy of a
+//! block volume began, when a staged source is frozen) and restarted,
+//! round after round. After each restart the node is checked:
 //!
 //! - (a) `frozen`: no filesystem under the scratch dir is left frozen;
 //! - (b) `leaked_loops`: every loop device on a file under the scratch dir
@@ -229,9 +230,13 @@ struct Vol {
     users: u32,
     /// A create, stage, publish, unpublish, unstage or delete is under way.
     changing: bool,
+    /// Found unusable (counted once): left out of the workload and the
+    /// checks from then on, removed through the API at the end.
+    broken: bool,
     /// A clone's source and the source's slots when it was requested; the
     /// clone's content is settled when its CreateVolume is answered.
     clone_of: Option<(String, Vec<SlotState>)>,
+    /// "base", "clone of …", "restore of …" (for reports).
     origin: String,
 }
 
@@ -254,6 +259,8 @@ struct Snap {
     /// What it must hold, known once it was seen ready: the slots the
     /// source did not rewrite from the request until then.
     expected: Option<Vec<Content>>,
+    /// A call on it (readiness polls, a restore from it, its delete) is
+    /// under way.
     busy: bool,
 }
 
@@ -262,7 +269,9 @@ struct Group {
     id: Option<String>,
     /// The sources' slots when the group was requested, by volume name.
     sent: BTreeMap<String, Vec<SlotState>>,
+    /// Its member snapshots, by name in `Model::snaps`.
     members: Vec<String>,
+    /// Its create or delete is under way.
     busy: bool,
 }
 
@@ -280,6 +289,8 @@ enum Pending {
     Expand(String, i64),
 }
 
+/// The CO's view, by name: volumes, snapshots, groups, and the calls a
+/// kill cut short.
 #[derive(Debug, Default)]
 struct Model {
     vols: BTreeMap<String, Vol>,
@@ -291,7 +302,9 @@ struct Model {
     round_start: Option<Instant>,
     /// Operations of this round, for reports.
     log: Vec<String>,
+    /// Calls answered with an unexpected error, and I/O errors.
     failed_ops: Vec<String>,
+    /// Bytes that did not read back at a check during the round.
     lost: Vec<(usize, String)>,
 }
 
@@ -337,7 +350,7 @@ impl Model {
     fn clear_leases(&mut self) {
         for v in self.vols.values_mut() {
             v.users = 0;
-            v.changing = false;
+            v.changing = v.broken;
             for s in &mut v.slots {
                 s.busy = false;
             }
@@ -736,6 +749,7 @@ impl Paths {
             slots: vec![SlotState::default(); SLOTS + 1],
             users: 0,
             changing: true,
+            broken: false,
             clone_of: None,
             origin,
         }
@@ -2033,7 +2047,9 @@ async fn check_volumes(env: &mut Env, m: &mut Model, f: &mut Findings, rng: &mut
     let names: Vec<String> = m.vols.keys().cloned().collect();
     for name in names {
         let v = &m.vols[&name];
-        let Some(id) = v.id.clone() else { continue };
+        let Some(id) = v.id.clone().filter(|_| !v.broken) else {
+            continue;
+        };
         let (kind, staging, target) = (v.kind, v.staging.clone(), v.target.clone());
         let what = format!("{name} ({}, {id})", v.origin);
         let c = env.c.clone();
@@ -2053,6 +2069,7 @@ async fn check_volumes(env: &mut Env, m: &mut Model, f: &mut Findings, rng: &mut
                     s.message()
                 ),
             );
+            m.vols.get_mut(&name).unwrap().broken = true;
             continue;
         }
         let v = m.vols.get_mut(&name).unwrap();
@@ -2094,12 +2111,18 @@ async fn check_volumes(env: &mut Env, m: &mut Model, f: &mut Findings, rng: &mut
             write_slot(kind, &t, k, seed, len).and_then(|()| lost_bytes(kind, &t, k, seed, len))
         }) {
             Some(Ok(0)) => v.slots[k].content = Some((seed, len)),
-            Some(Ok(n)) => f.note(
-                Kind::UnusableVolumes,
-                1,
-                format!("(e) {what}: {n} bytes just written and fsync'ed read back wrong"),
-            ),
-            Some(Err(e)) => f.note(Kind::UnusableVolumes, 1, format!("(e) {what}: write: {e}")),
+            Some(Ok(n)) => {
+                v.broken = true;
+                f.note(
+                    Kind::UnusableVolumes,
+                    1,
+                    format!("(e) {what}: {n} bytes just written and fsync'ed read back wrong"),
+                );
+            }
+            Some(Err(e)) => {
+                v.broken = true;
+                f.note(Kind::UnusableVolumes, 1, format!("(e) {what}: write: {e}"));
+            }
             None => f.note(
                 Kind::HungIo,
                 1,
