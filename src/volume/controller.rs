@@ -214,8 +214,8 @@ impl Controller {
                 }
             }
         }
-        let snapshots = super::snapshot::SnapshotIndex::load(&store, &backends)?;
-        let store_for_groups = store.clone();
+        let mut snapshots = super::snapshot::SnapshotIndex::load(&store, &backends)?;
+        let groups = super::group::GroupIndex::load(&store, &mut snapshots, &backends)?;
         Ok(Self {
             node_id: node_id.to_owned(),
             max_volumes_per_node,
@@ -225,7 +225,7 @@ impl Controller {
             tokens: TokenSigner::default(),
             index: Mutex::new(index),
             snapshots: Mutex::new(snapshots),
-            groups: super::group::GroupIndex::load(&store_for_groups)?,
+            groups,
         })
     }
 

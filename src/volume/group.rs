@@ -10,8 +10,8 @@ use super::controller::Controller;
 use super::error::{Error, Result};
 use super::id::{SnapshotId, Uuid};
 use super::record::{GroupSnapshotRecord, SnapshotRecord};
-use super::snapshot::{check_parameters, now};
-use crate::backend::Object;
+use super::snapshot::{SnapshotIndex, check_parameters, now};
+use crate::backend::{Backends, Object};
 use crate::state::{Store, Table};
 
 /// Group snapshots by UUID.
@@ -21,11 +21,58 @@ pub struct GroupIndex {
 }
 
 impl GroupIndex {
-    pub fn load(store: &Store) -> Result<Mutex<Self>> {
+    /// Loads group snapshot records and makes groups and their members
+    /// agree: a group is recorded before its members, so a crash in between
+    /// leaves a group missing members, which is removed with the members
+    /// it has; a member whose group has no record (left by older versions,
+    /// which recorded members first) is removed too. Neither was ever
+    /// acknowledged to the CO, and neither could be deleted through the API.
+    pub fn load(
+        store: &Store,
+        snaps: &mut SnapshotIndex,
+        backends: &Backends,
+    ) -> Result<Mutex<Self>> {
         let mut idx = GroupIndex::default();
+        let forget = |snaps: &mut SnapshotIndex, id: &SnapshotId| -> Result<()> {
+            store.delete(Table::Snapshots, &id.uuid.to_hex())?;
+            snaps.remove(id.uuid);
+            backends.store(id.backend).delete_snapshot(id.uuid)?;
+            Ok(())
+        };
         for (key, rec) in store.load_all::<GroupSnapshotRecord>(Table::GroupSnapshots)? {
-            if let Some(u) = Uuid::parse_hex(&key) {
-                idx.by_uuid.insert(u, rec);
+            let Some(u) = Uuid::parse_hex(&key) else {
+                continue;
+            };
+            let members: Vec<SnapshotId> = rec
+                .members
+                .iter()
+                .filter_map(|m| SnapshotId::parse(m))
+                .collect();
+            let complete = members.len() == rec.members.len()
+                && members.iter().all(|id| {
+                    snaps
+                        .get(id.uuid)
+                        .is_some_and(|m| m.id == *id && m.group.as_deref() == Some(&rec.id))
+                });
+            if !complete {
+                tracing::warn!(group = %rec.id, "removing a group snapshot whose creation a crash interrupted");
+                for id in &members {
+                    if snaps.get(id.uuid).is_some_and(|m| m.id == *id) {
+                        forget(snaps, id)?;
+                    } else {
+                        backends.store(id.backend).delete_snapshot(id.uuid)?;
+                    }
+                }
+                store.delete(Table::GroupSnapshots, &key)?;
+                continue;
+            }
+            idx.by_uuid.insert(u, rec);
+        }
+        for m in snaps.grouped() {
+            let group = m.group.as_deref().unwrap_or_default();
+            if !idx.by_uuid.values().any(|g| g.id == group) {
+                tracing::warn!(snapshot = %m.id, %group, "removing a group member whose group was never recorded");
+                forget(snaps, &m.id)?;
             }
         }
         Ok(Mutex::new(idx))
@@ -149,12 +196,30 @@ impl Controller {
             members: made.iter().map(|m| m.id.to_string()).collect(),
             created_at,
         };
+        // The group first, then its members: a crash in between leaves a
+        // group missing members, which start-up removes (see
+        // GroupIndex::load); members without a group could not be deleted.
+        let recorded = (|| -> Result<()> {
+            self.store
+                .put(Table::GroupSnapshots, &group_uuid.to_hex(), &record)?;
+            for m in &made {
+                self.store.put(Table::Snapshots, &m.id.uuid.to_hex(), m)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = recorded {
+            for m in &made {
+                let _ = self.store.delete(Table::Snapshots, &m.id.uuid.to_hex());
+                let _ = self.backends.store(m.id.backend).delete_snapshot(m.id.uuid);
+            }
+            let _ = self
+                .store
+                .delete(Table::GroupSnapshots, &group_uuid.to_hex());
+            return Err(e);
+        }
         for m in &made {
-            self.store.put(Table::Snapshots, &m.id.uuid.to_hex(), m)?;
             self.snaps().insert(m.clone());
         }
-        self.store
-            .put(Table::GroupSnapshots, &group_uuid.to_hex(), &record)?;
         self.groups().by_uuid.insert(group_uuid, record.clone());
         tracing::info!(group = %group_id, members = made.len(), "group snapshot created");
         Ok(GroupSnapshot {

@@ -95,6 +95,19 @@ impl SnapshotIndex {
         self.by_uuid.insert(rec.id.uuid, rec);
     }
 
+    pub(super) fn get(&self, uuid: Uuid) -> Option<&SnapshotRecord> {
+        self.by_uuid.get(&uuid)
+    }
+
+    /// Snapshots that belong to a group snapshot.
+    pub(super) fn grouped(&self) -> Vec<SnapshotRecord> {
+        self.by_uuid
+            .values()
+            .filter(|r| r.group.is_some())
+            .cloned()
+            .collect()
+    }
+
     pub(super) fn remove(&mut self, uuid: Uuid) {
         if let Some(rec) = self.by_uuid.remove(&uuid) {
             self.by_name.remove(&rec.name);
