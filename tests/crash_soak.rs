@@ -297,6 +297,9 @@ struct Model {
     snaps: BTreeMap<String, Snap>,
     groups: BTreeMap<String, Group>,
     pending: Vec<Pending>,
+    /// Calls left half done by an ABORTED answer, retried with `pending`
+    /// (not counted as cut short by the kill).
+    deferred: Vec<Pending>,
     next_name: u64,
     /// When the round's workload started.
     round_start: Option<Instant>,
@@ -1227,11 +1230,19 @@ async fn mount_or_unmount(sh: &Shared, c: &mut Clients, rng: &mut Rng) {
             m.op(format!("{name} -> {to:?}"));
         }
         Answer::Killed => m.pending.push(op),
-        Answer::Busy => v.changing = false,
-        // Half done, perhaps (unpublished, not unstaged): the volume stays
-        // out of the workload, and the call is retried after the restart.
+        // Two calls: the second answered ABORTED (an unstage while a copy
+        // holds the filesystem) leaves it half done (unpublished, still
+        // staged). The volume stays out of the workload, and the pair is
+        // retried after the restart (retries repeat ABORTED answers).
+        Answer::Busy => {
+            m.deferred.push(op);
+            m.op(format!(
+                "{name} {phase:?} -> {to:?}: ABORTED, retried after the restart"
+            ));
+        }
+        // Half done too, perhaps; counted as a failure.
         Answer::Failed(s) => {
-            m.pending.push(op);
+            m.deferred.push(op);
             drop(m);
             sh.failed(format!("{name} {phase:?} -> {to:?}: {s:?}"));
         }
@@ -1729,7 +1740,9 @@ async fn check_pool_objects(env: &mut Env, f: &mut Findings) {
 /// Retries every call the kill cut short, as a CO would, and records the
 /// answers in the model.
 async fn settle(env: &mut Env, m: &mut Model, f: &mut Findings) {
-    for p in std::mem::take(&mut m.pending) {
+    let mut calls = std::mem::take(&mut m.pending);
+    calls.append(&mut m.deferred);
+    for p in calls {
         let c = env.c.clone();
         m.op(format!("after the restart: retry {}", describe(&p)));
         let failed = match p.clone() {
