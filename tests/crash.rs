@@ -1302,3 +1302,633 @@ async fn kill9_during_node_publish_leaves_no_unrecorded_mount() {
     assert!(loops_under(&env.layout.pool).is_empty());
     assert!(mounts_under(&[&env.layout.staging, &env.layout.targets]).is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// Issue 9: a kill -9 while a source filesystem is frozen for a copy. The
+// freeze is the kernel's (FIFREEZE), not the process's: it outlives a
+// killed server unless something thaws it, and then every writer blocks.
+
+/// Arguments that give the server a pool of sparse copies on the ext4 pool
+/// filesystem (copies take time, with the source frozen meanwhile).
+const COPY_POOL_ARGS: &[&str] = &["--pool-image", "never"];
+/// Data in the source volume, so that its copy lasts long enough for the
+/// kill to land inside it.
+const BALLAST: usize = 256 << 20;
+const FREEZE_SOURCE_SIZE: i64 = 512 * MIB;
+/// Bound for a write+fsync after the restart. A hang detector, not a
+/// timing assertion: a healthy write takes milliseconds.
+const WRITE_HANG_LIMIT: Duration = Duration::from_secs(60);
+
+/// The operations that freeze their source volumes while they copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FreezingCopy {
+    /// CreateSnapshot: answers ready_to_use=false and copies in the
+    /// background, the source frozen until the copy is done.
+    Snapshot,
+    /// CreateVolume with the staged volume as content source: copies
+    /// before answering.
+    Clone,
+    /// CreateVolumeGroupSnapshot: freezes every member, copies each.
+    GroupSnapshot,
+}
+
+fn volume_source(volume: &str) -> Option<csi::VolumeContentSource> {
+    Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: volume.into(),
+            },
+        )),
+    })
+}
+
+/// Waits (bounded polling) until the pool holds an object that was not in
+/// `before`: the copy has begun, so the source is frozen if it ever is.
+/// Panics if `done` says the operation finished first.
+async fn copy_begun(pool: &Path, before: &BTreeSet<PathBuf>, done: impl Fn() -> bool) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(p) = pool_entries(pool).difference(before).next() {
+            return p.clone();
+        }
+        assert!(
+            !done(),
+            "the operation finished before its copy was seen; is the pool copying?"
+        );
+        assert!(Instant::now() < deadline, "no copy began within 60 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A staged and published ext4 volume (BALLAST of data in the source, so
+/// that copying it takes a while) is copied by `op`; the server is killed
+/// while the copy runs and restarted. Then nothing may be frozen: the
+/// staged filesystems are probed (FIFREEZE answers EBUSY on a frozen one),
+/// staged and published again as a CO would, and written with fsync (the
+/// write of issue 9 blocked forever). The interrupted operation, retried,
+/// must complete, and cleaning up through the API must leave nothing.
+async fn kill9_during_a_freezing_copy_leaves_nothing_frozen(op: FreezingCopy) {
+    let mut env = Env::with_args("ext4", COPY_POOL_ARGS).await;
+    let info = env
+        .c
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.manifest.get("snapshot-strategy").map(String::as_str),
+        Some("sparse copies"),
+        "this test needs a pool whose copies take time"
+    );
+
+    // The source, and for the group a second member.
+    let mut vols: Vec<(String, PathBuf, PathBuf)> = Vec::new();
+    let mut names = vec![("frz-src", FREEZE_SOURCE_SIZE)];
+    if op == FreezingCopy::GroupSnapshot {
+        names.push(("frz-other", 64 * MIB));
+    }
+    for (name, size) in names {
+        let id = env.create(name, "ext4", size).await.volume_id;
+        vols.push((id, env.staging_dir(name), env.target_path(name)));
+    }
+    // Dropped before `env`: whatever this test finds frozen is thawed even
+    // when it fails, so that the cleanup can unmount and detach.
+    let _thaw = ThawGuard::new(vols.iter().map(|(_, s, _)| s.clone()).collect());
+    for (i, (id, staging, target)) in vols.iter().enumerate() {
+        env.stage(id, "ext4", staging).await.unwrap();
+        env.publish(id, "ext4", staging, target, false)
+            .await
+            .unwrap();
+        write_data("ext4", target, i as u64 + 1).unwrap();
+    }
+    {
+        let mut f = std::fs::File::create(vols[0].2.join("ballast")).unwrap();
+        let chunk = pattern(7, 4 << 20);
+        for _ in 0..BALLAST / chunk.len() {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+
+    // Start the copy, and kill the server while it runs.
+    let before = pool_entries(&env.layout.pool);
+    let ids: Vec<String> = vols.iter().map(|(id, _, _)| id.clone()).collect();
+    let clone_req = csi::CreateVolumeRequest {
+        volume_content_source: volume_source(&ids[0]),
+        ..create_req("frz-clone", "ext4", FREEZE_SOURCE_SIZE)
+    };
+    let snap_req = csi::CreateSnapshotRequest {
+        source_volume_id: ids[0].clone(),
+        name: "frz-snap".into(),
+        ..Default::default()
+    };
+    let group_req = csi::CreateVolumeGroupSnapshotRequest {
+        name: "frz-group".into(),
+        source_volume_ids: ids.clone(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let task = match op {
+        FreezingCopy::Snapshot => {
+            let s = env
+                .c
+                .controller
+                .create_snapshot(snap_req.clone())
+                .await
+                .expect("CreateSnapshot")
+                .into_inner()
+                .snapshot
+                .unwrap();
+            assert!(
+                !s.ready_to_use,
+                "a copied snapshot of {BALLAST} bytes cannot be ready at once"
+            );
+            None
+        }
+        FreezingCopy::Clone => {
+            let mut c = env.c.controller.clone();
+            let req = clone_req.clone();
+            Some(tokio::spawn(
+                async move { c.create_volume(req).await.map(drop) },
+            ))
+        }
+        FreezingCopy::GroupSnapshot => {
+            let mut g = env.c.group.clone();
+            let req = group_req.clone();
+            Some(tokio::spawn(async move {
+                g.create_volume_group_snapshot(req).await.map(drop)
+            }))
+        }
+    };
+    if let Some(t) = &task {
+        copy_begun(&env.layout.pool, &before, || t.is_finished()).await;
+    }
+    tokio::task::block_in_place(|| env.server.kill9());
+    let killed_after = started.elapsed();
+    if let Some(t) = task {
+        match t.await.unwrap() {
+            Ok(()) => panic!("{op:?} finished before the kill; make the copy longer"),
+            Err(e) if is_transport(&e) => {}
+            Err(e) => panic!("{op:?} failed before the kill: {e:?}"),
+        }
+    }
+    tokio::task::block_in_place(|| env.server.restart());
+    env.reconnect().await;
+
+    // After the restart nothing may be frozen, and a CO's stage, publish
+    // and write must all complete.
+    let mut problems = Vec::new();
+    let mut writable = Vec::new();
+    for (id, staging, target) in &vols {
+        match is_frozen(staging) {
+            Ok(false) => writable.push(target.clone()),
+            Ok(true) => problems.push(format!(
+                "{} ({id}) is still frozen after the restart",
+                staging.display()
+            )),
+            Err(e) => problems.push(format!("cannot probe {}: {e}", staging.display())),
+        }
+        if let Err(e) = env.stage(id, "ext4", staging).await {
+            problems.push(format!("NodeStage of {id} after the restart: {e:?}"));
+        }
+        if let Err(e) = env.publish(id, "ext4", staging, target, false).await {
+            problems.push(format!("NodePublish of {id} after the restart: {e:?}"));
+        }
+    }
+    // A write to a frozen filesystem would only hang; the probe said so.
+    for (i, target) in writable.into_iter().enumerate() {
+        let t = target.clone();
+        let seed = 100 + i as u64;
+        match within(WRITE_HANG_LIMIT, move || {
+            write_data("ext4", &t, seed).and_then(|()| check_data("ext4", &t, Some(seed)))
+        }) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => problems.push(e),
+            None => problems.push(format!(
+                "a write+fsync to {} did not finish within {} s",
+                target.display(),
+                WRITE_HANG_LIMIT.as_secs()
+            )),
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "kill -9 during {op:?} ({} ms after it began):\n  {}\nserver log (tail):\n{}",
+        killed_after.as_millis(),
+        problems.join("\n  "),
+        log_tail(&env, 40)
+    );
+
+    // The interrupted operation, retried as a CO would, completes; then
+    // everything is removed through the API, and nothing is left.
+    let mut g = env.c.group.clone();
+    let mut extra_volume = None;
+    match op {
+        FreezingCopy::Snapshot => {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let snap = loop {
+                let s = env
+                    .c
+                    .controller
+                    .create_snapshot(snap_req.clone())
+                    .await
+                    .expect("retried CreateSnapshot")
+                    .into_inner()
+                    .snapshot
+                    .unwrap();
+                if s.ready_to_use {
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "snapshot never became ready");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            env.c
+                .controller
+                .delete_snapshot(csi::DeleteSnapshotRequest {
+                    snapshot_id: snap.snapshot_id,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        FreezingCopy::Clone => {
+            let v = env
+                .c
+                .controller
+                .create_volume(clone_req)
+                .await
+                .expect("retried clone")
+                .into_inner()
+                .volume
+                .unwrap();
+            extra_volume = Some(v.volume_id);
+        }
+        FreezingCopy::GroupSnapshot => {
+            let grp = g
+                .create_volume_group_snapshot(group_req)
+                .await
+                .expect("retried group snapshot")
+                .into_inner()
+                .group_snapshot
+                .unwrap();
+            g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: grp.group_snapshot_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
+    for (id, staging, target) in &vols {
+        env.unpublish(id, target).await.unwrap();
+        env.unstage(id, staging).await.unwrap();
+        env.delete(id).await.unwrap();
+    }
+    if let Some(id) = extra_volume {
+        env.delete(&id).await.unwrap();
+    }
+    let left = pool_entries(&env.layout.pool);
+    assert!(left.is_empty(), "pool objects left: {left:?}");
+    assert!(
+        loops_under(&env.layout.pool).is_empty(),
+        "loop devices left"
+    );
+    assert!(
+        mounts_under(&[&env.layout.staging, &env.layout.targets]).is_empty(),
+        "mounts left"
+    );
+}
+
+/// The last `n` lines of the server's own log.
+fn log_tail(env: &Env, n: usize) -> String {
+    let log = server_log(env);
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_a_snapshot_copy_leaves_nothing_frozen() {
+    kill9_during_a_freezing_copy_leaves_nothing_frozen(FreezingCopy::Snapshot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_a_clone_leaves_nothing_frozen() {
+    kill9_during_a_freezing_copy_leaves_nothing_frozen(FreezingCopy::Clone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_a_group_snapshot_leaves_nothing_frozen() {
+    kill9_during_a_freezing_copy_leaves_nothing_frozen(FreezingCopy::GroupSnapshot).await;
+}
+
+// ---------------------------------------------------------------------------
+// Issue 9, defect 6: whatever the API creates, the API (or start-up
+// recovery) must be able to find and remove.
+
+/// CreateVolumeGroupSnapshot cut short by a kill, at delays spread over
+/// its measured duration: afterwards every member snapshot ListSnapshots
+/// returns must belong to a group GetVolumeGroupSnapshot finds (else
+/// DeleteVolumeGroupSnapshot, answering OK for an unknown group, removes
+/// nothing, and DeleteSnapshot refuses a member), and a CO that retries
+/// the create and then deletes the group must leave no snapshot listed and
+/// nothing in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_a_group_snapshot_leaves_nothing_the_api_cannot_remove() {
+    const ATTEMPTS: u32 = 24;
+    let mut env = Env::new("xfs").await;
+    let mut ids = Vec::new();
+    for name in ["grp-a", "grp-b"] {
+        ids.push(env.create(name, "raw", VOLUME_SIZE).await.volume_id);
+    }
+    let req = |name: String| csi::CreateVolumeGroupSnapshotRequest {
+        name,
+        source_volume_ids: ids.clone(),
+        ..Default::default()
+    };
+    let delete = |id: String| csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id,
+        ..Default::default()
+    };
+    let mut g = env.c.group.clone();
+    let t = Instant::now();
+    let first = g
+        .create_volume_group_snapshot(req("grp-measure".into()))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    let took = t.elapsed();
+    g.delete_volume_group_snapshot(delete(first.group_snapshot_id))
+        .await
+        .unwrap();
+
+    let mut problems = Vec::new();
+    let mut landed = BTreeMap::new();
+    // Groups already reported (their members stay listed): once each.
+    let mut reported = BTreeSet::new();
+    for attempt in 0..ATTEMPTS {
+        let name = format!("grp-{attempt}");
+        let delay = took.mul_f64(1.2 * f64::from(attempt) / f64::from(ATTEMPTS));
+        let mut g = env.c.group.clone();
+        let r = req(name.clone());
+        let create = tokio::spawn(async move { g.create_volume_group_snapshot(r).await });
+        tokio::task::block_in_place(|| {
+            std::thread::sleep(delay);
+            env.server.kill9();
+        });
+        let outcome = match create.await.unwrap() {
+            Ok(_) => "answered",
+            Err(e) if is_transport(&e) => "in flight",
+            Err(e) => panic!("attempt {attempt}: CreateVolumeGroupSnapshot failed: {e:?}"),
+        };
+        *landed.entry(outcome).or_insert(0) += 1;
+        tokio::task::block_in_place(|| env.server.restart());
+        env.reconnect().await;
+        let what = format!("attempt {attempt} (kill after {delay:?}, create {outcome})");
+
+        // Every listed member's group exists.
+        let snaps = env
+            .c
+            .controller
+            .list_snapshots(csi::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let groups: BTreeSet<String> = snaps
+            .iter()
+            .filter_map(|e| e.snapshot.as_ref())
+            .map(|s| s.group_snapshot_id.clone())
+            .filter(|g| !g.is_empty())
+            .collect();
+        for id in groups.difference(&reported.clone()) {
+            if let Err(e) = env
+                .c
+                .group
+                .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+            {
+                let members: Vec<&str> = snaps
+                    .iter()
+                    .filter_map(|e| e.snapshot.as_ref())
+                    .filter(|s| s.group_snapshot_id == *id)
+                    .map(|s| s.snapshot_id.as_str())
+                    .collect();
+                problems.push(format!(
+                    "{what}: ListSnapshots lists {members:?} as members of {id}, \
+                     but GetVolumeGroupSnapshot answers {:?}",
+                    e.code()
+                ));
+                reported.insert(id.clone());
+            }
+        }
+
+        // The CO retries the create, then deletes the group.
+        let mut g = env.c.group.clone();
+        match g.create_volume_group_snapshot(req(name)).await {
+            Ok(r) => {
+                let id = r.into_inner().group_snapshot.unwrap().group_snapshot_id;
+                if let Err(e) = g.delete_volume_group_snapshot(delete(id)).await {
+                    problems.push(format!("{what}: DeleteVolumeGroupSnapshot: {e:?}"));
+                }
+            }
+            Err(e) => problems.push(format!("{what}: retried create: {e:?}")),
+        }
+        let left = env
+            .c
+            .controller
+            .list_snapshots(csi::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let ids: Vec<String> = left
+            .into_iter()
+            .filter_map(|e| e.snapshot)
+            .filter(|s| !reported.contains(&s.group_snapshot_id))
+            .map(|s| format!("{} (group {})", s.snapshot_id, s.group_snapshot_id))
+            .collect();
+        if !ids.is_empty() {
+            problems.push(format!(
+                "{what}: after the CO deleted its group, ListSnapshots still has {ids:?}"
+            ));
+        }
+    }
+    // Whatever is left is removed through the API, as a CO tearing down
+    // would; the pool must then be empty.
+    let snaps = env
+        .c
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    for s in snaps.into_iter().filter_map(|e| e.snapshot) {
+        if !s.group_snapshot_id.is_empty() {
+            let _ = env
+                .c
+                .group
+                .delete_volume_group_snapshot(delete(s.group_snapshot_id.clone()))
+                .await;
+        }
+        if let Err(e) = env
+            .c
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: s.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            problems.push(format!(
+                "clean-up: DeleteSnapshot {}: {:?}: {}",
+                s.snapshot_id,
+                e.code(),
+                e.message()
+            ));
+        }
+    }
+    for id in &ids {
+        env.delete(id).await.unwrap();
+    }
+    let left = pool_entries(&env.layout.pool);
+    if !left.is_empty() {
+        problems.push(format!("pool objects left after the clean-up: {left:?}"));
+    }
+    assert!(
+        problems.is_empty(),
+        "kill -9 during CreateVolumeGroupSnapshot ({ATTEMPTS} attempts over {took:?}; {landed:?}):\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+/// A clone into a larger volume grows its ext4 on first stage (e2fsck,
+/// then resize2fs, before mounting). A kill at delays spread over that
+/// stage's measured duration: the CO's retried NodeStage must succeed and
+/// the source's data must be in the clone. (External tools the killed
+/// server started are not killed with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_the_first_stage_of_a_grown_clone_leaves_it_usable() {
+    const ATTEMPTS: u32 = 24;
+    const CLONE_SIZE: i64 = 4 * GIB;
+    let mut env = Env::new("xfs").await;
+    let src = env.create("grow-src", "ext4", 256 * MIB).await.volume_id;
+    let (s, t) = (env.staging_dir("grow-src"), env.target_path("grow-src"));
+    env.stage(&src, "ext4", &s).await.unwrap();
+    env.publish(&src, "ext4", &s, &t, false).await.unwrap();
+    write_data("ext4", &t, 5).unwrap();
+    {
+        let mut f = std::fs::File::create(t.join("ballast")).unwrap();
+        let chunk = pattern(7, 4 << 20);
+        for _ in 0..12 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    // The source stays published: it is cloned while mounted (frozen).
+    let clone_req = |name: &str| csi::CreateVolumeRequest {
+        volume_content_source: volume_source(&src),
+        ..create_req(name, "ext4", CLONE_SIZE)
+    };
+
+    // How long the first stage of such a clone takes.
+    let id = env
+        .c
+        .controller
+        .create_volume(clone_req("grow-measure"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = env.staging_dir("grow-measure");
+    let t0 = Instant::now();
+    env.stage(&id, "ext4", &staging).await.unwrap();
+    let took = t0.elapsed();
+    env.unstage(&id, &staging).await.unwrap();
+    env.delete(&id).await.unwrap();
+
+    let mut problems = Vec::new();
+    for attempt in 0..ATTEMPTS {
+        let name = format!("grow-{attempt}");
+        let id = env
+            .c
+            .controller
+            .create_volume(clone_req(&name))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let (staging, target) = (env.staging_dir(&name), env.target_path(&name));
+        // The check comes first; spread over the rest of the stage.
+        let delay = took.mul_f64(0.3 + 0.8 * f64::from(attempt) / f64::from(ATTEMPTS));
+        let mut c = env.c.clone();
+        let req = csi::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap_for("ext4")),
+            ..Default::default()
+        };
+        let stage = tokio::spawn(async move { c.node.node_stage_volume(req).await });
+        tokio::task::block_in_place(|| {
+            std::thread::sleep(delay);
+            env.server.kill9();
+        });
+        let outcome = match stage.await.unwrap() {
+            Ok(_) => "answered",
+            Err(e) if is_transport(&e) => "in flight",
+            Err(e) => panic!("attempt {attempt}: NodeStage failed before the kill: {e:?}"),
+        };
+        tokio::task::block_in_place(|| env.server.restart());
+        env.reconnect().await;
+        let what = format!("attempt {attempt} (kill after {delay:?} of {took:?}, stage {outcome})");
+
+        // The CO retries the stage (ABORTED while the server is busy).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let staged = loop {
+            match env.stage(&id, "ext4", &staging).await {
+                Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => break r,
+            }
+        };
+        if let Err(e) = staged {
+            problems.push(format!(
+                "{what}: retried NodeStage: {:?}: {}",
+                e.code(),
+                e.message()
+            ));
+            continue;
+        }
+        match env.publish(&id, "ext4", &staging, &target, false).await {
+            Ok(()) => {
+                if let Err(e) = check_data("ext4", &target, Some(5)) {
+                    problems.push(format!("{what}: {e}"));
+                }
+                env.unpublish(&id, &target).await.unwrap();
+            }
+            Err(e) => problems.push(format!("{what}: NodePublish: {e:?}")),
+        }
+        env.unstage(&id, &staging).await.unwrap();
+        env.delete(&id).await.unwrap();
+    }
+    assert!(
+        problems.is_empty(),
+        "kill -9 during the first stage of a grown clone ({took:?}):\n  {}\nserver log (tail):\n{}",
+        problems.join("\n  "),
+        log_tail(&env, 30)
+    );
+    env.unpublish(&src, &t).await.unwrap();
+    env.unstage(&src, &s).await.unwrap();
+    env.delete(&src).await.unwrap();
+}

@@ -498,3 +498,79 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Every object in the pool: the entries of `<pool>/volumes/<backend>` and
+/// `<pool>/snapshots/<backend>` (volume and snapshot images or directories,
+/// and anything else a crash may have left there).
+pub fn pool_entries(pool: &Path) -> std::collections::BTreeSet<PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    for top in ["volumes", "snapshots"] {
+        let Ok(backends) = std::fs::read_dir(pool.join(top)) else {
+            continue;
+        };
+        for b in backends.flatten() {
+            if let Ok(entries) = std::fs::read_dir(b.path()) {
+                out.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether someone else holds the filesystem mounted at `mountpoint`
+/// frozen, found without blocking: FIFREEZE answers EBUSY on a frozen
+/// filesystem; on one that was not frozen it succeeds, and the probe thaws
+/// it again at once. Err for a path that is not a mount point or a freeze
+/// the filesystem refuses for another reason.
+pub fn is_frozen(mountpoint: &Path) -> Result<bool, stowage::os::freeze::FreezeError> {
+    use stowage::os::freeze::{FreezeError, freeze, thaw};
+    match freeze(mountpoint) {
+        Ok(()) => thaw(mountpoint).map(|_| false),
+        Err(FreezeError::AlreadyFrozen { .. }) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Thaws the filesystems at its paths when dropped, so that a test that
+/// finds one frozen (and fails) does not leave it frozen: a frozen
+/// filesystem blocks every writer and keeps its loop device and the pool
+/// busy. Declare it after the `Env` so that it is dropped first.
+#[derive(Debug, Default)]
+pub struct ThawGuard {
+    pub paths: Vec<PathBuf>,
+}
+
+impl ThawGuard {
+    pub fn new(paths: Vec<PathBuf>) -> Self {
+        ThawGuard { paths }
+    }
+
+    /// Thaws every path that is a mount point now (idempotent; `thaw`
+    /// refuses a path that is not a mount point, which is ignored here).
+    pub fn thaw_all(&self) {
+        for p in &self.paths {
+            let _ = stowage::os::freeze::thaw(p);
+        }
+    }
+}
+
+impl Drop for ThawGuard {
+    fn drop(&mut self) {
+        self.thaw_all();
+    }
+}
+
+/// Runs `f` on a thread and waits at most `limit` for it: None if it has
+/// not returned by then (it is left running; a write blocked on a frozen
+/// filesystem finishes once the filesystem is thawed). A hang detector,
+/// not a timing assertion: pick a limit far above the expected duration.
+pub fn within<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
