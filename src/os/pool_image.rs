@@ -5,7 +5,7 @@
 //! whether to use one is the caller's decision. It never formats a file it
 //! did not create, and never mounts over a pool directory that holds data.
 
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -242,14 +242,6 @@ pub fn create(image: &Path, size: u64) -> Result<(), PoolImageError> {
 /// sparse, so this is a ceiling, not a reservation.
 pub fn default_size(dir: &Path) -> Result<u64, PoolImageError> {
     Ok(available_bytes(dir)? / (1 << 20) * (1 << 20))
-}
-
-/// Whether `a` and `b` are on the same filesystem (for capacity reports).
-pub fn same_filesystem(a: &Path, b: &Path) -> bool {
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev(),
-        _ => false,
-    }
 }
 
 #[cfg(test)]
