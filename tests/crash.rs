@@ -1807,3 +1807,128 @@ async fn kill9_during_a_group_snapshot_leaves_nothing_the_api_cannot_remove() {
         problems.join("\n  ")
     );
 }
+
+/// A clone into a larger volume grows its ext4 on first stage (e2fsck,
+/// then resize2fs, before mounting). A kill at delays spread over that
+/// stage's measured duration: the CO's retried NodeStage must succeed and
+/// the source's data must be in the clone. (External tools the killed
+/// server started are not killed with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_the_first_stage_of_a_grown_clone_leaves_it_usable() {
+    const ATTEMPTS: u32 = 24;
+    const CLONE_SIZE: i64 = 4 * GIB;
+    let mut env = Env::new("xfs").await;
+    let src = env.create("grow-src", "ext4", 256 * MIB).await.volume_id;
+    let (s, t) = (env.staging_dir("grow-src"), env.target_path("grow-src"));
+    env.stage(&src, "ext4", &s).await.unwrap();
+    env.publish(&src, "ext4", &s, &t, false).await.unwrap();
+    write_data("ext4", &t, 5).unwrap();
+    {
+        let mut f = std::fs::File::create(t.join("ballast")).unwrap();
+        let chunk = pattern(7, 4 << 20);
+        for _ in 0..12 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    // The source stays published: it is cloned while mounted (frozen).
+    let clone_req = |name: &str| csi::CreateVolumeRequest {
+        volume_content_source: volume_source(&src),
+        ..create_req(name, "ext4", CLONE_SIZE)
+    };
+
+    // How long the first stage of such a clone takes.
+    let id = env
+        .c
+        .controller
+        .create_volume(clone_req("grow-measure"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = env.staging_dir("grow-measure");
+    let t0 = Instant::now();
+    env.stage(&id, "ext4", &staging).await.unwrap();
+    let took = t0.elapsed();
+    env.unstage(&id, &staging).await.unwrap();
+    env.delete(&id).await.unwrap();
+
+    let mut problems = Vec::new();
+    for attempt in 0..ATTEMPTS {
+        let name = format!("grow-{attempt}");
+        let id = env
+            .c
+            .controller
+            .create_volume(clone_req(&name))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let (staging, target) = (env.staging_dir(&name), env.target_path(&name));
+        // The check comes first; spread over the rest of the stage.
+        let delay = took.mul_f64(0.3 + 0.8 * f64::from(attempt) / f64::from(ATTEMPTS));
+        let mut c = env.c.clone();
+        let req = csi::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap_for("ext4")),
+            ..Default::default()
+        };
+        let stage = tokio::spawn(async move { c.node.node_stage_volume(req).await });
+        tokio::task::block_in_place(|| {
+            std::thread::sleep(delay);
+            env.server.kill9();
+        });
+        let outcome = match stage.await.unwrap() {
+            Ok(_) => "answered",
+            Err(e) if is_transport(&e) => "in flight",
+            Err(e) => panic!("attempt {attempt}: NodeStage failed before the kill: {e:?}"),
+        };
+        tokio::task::block_in_place(|| env.server.restart());
+        env.reconnect().await;
+        let what = format!("attempt {attempt} (kill after {delay:?} of {took:?}, stage {outcome})");
+
+        // The CO retries the stage (ABORTED while the server is busy).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let staged = loop {
+            match env.stage(&id, "ext4", &staging).await {
+                Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => break r,
+            }
+        };
+        if let Err(e) = staged {
+            problems.push(format!(
+                "{what}: retried NodeStage: {:?}: {}",
+                e.code(),
+                e.message()
+            ));
+            continue;
+        }
+        match env.publish(&id, "ext4", &staging, &target, false).await {
+            Ok(()) => {
+                if let Err(e) = check_data("ext4", &target, Some(5)) {
+                    problems.push(format!("{what}: {e}"));
+                }
+                env.unpublish(&id, &target).await.unwrap();
+            }
+            Err(e) => problems.push(format!("{what}: NodePublish: {e:?}")),
+        }
+        env.unstage(&id, &staging).await.unwrap();
+        env.delete(&id).await.unwrap();
+    }
+    assert!(
+        problems.is_empty(),
+        "kill -9 during the first stage of a grown clone ({took:?}):\n  {}\nserver log (tail):\n{}",
+        problems.join("\n  "),
+        log_tail(&env, 30)
+    );
+    env.unpublish(&src, &t).await.unwrap();
+    env.unstage(&src, &s).await.unwrap();
+    env.delete(&src).await.unwrap();
+}

@@ -10,6 +10,7 @@ use super::{
 use crate::os::cow;
 use crate::os::loopdev::LoopDevice;
 use crate::os::pool::Strategy;
+use crate::os::resize::ResizeError;
 use crate::volume::{BackendKind, Uuid};
 
 /// Images are sized in whole MiB.
@@ -47,6 +48,72 @@ impl BlockBackend {
     /// The volume's image file.
     pub fn image(&self, uuid: Uuid) -> PathBuf {
         self.root.join(format!("{}.img", uuid.to_hex()))
+    }
+
+    /// The scratch copy in which [`BlockBackend::grow_ext4_offline`]
+    /// grows an image (not `*.img`: never listed as a volume).
+    fn grow_work(&self, uuid: Uuid) -> PathBuf {
+        self.root.join(format!("{}.img.grow", uuid.to_hex()))
+    }
+
+    /// Grows the ext4 filesystem in the (unattached) image of `uuid` to
+    /// fill the image, offline, for hosts where online growth is not
+    /// allowed (no CAP_SYS_RESOURCE). Atomic: `e2fsck` and `resize2fs` run
+    /// on a copy of the image (a reflink where the pool shares extents),
+    /// which then replaces it by rename. A crash at any point leaves
+    /// either the old image, which the next stage grows again, or the
+    /// grown one, never a half-resized filesystem (resize2fs killed in
+    /// the middle leaves one that needs a manual fsck). Returns whether it
+    /// grew anything; an image whose ext4 already fills it, or that holds
+    /// no ext4, is left alone.
+    pub fn grow_ext4_offline(&self, uuid: Uuid) -> Result<bool, BackendError> {
+        let image = self.image(uuid);
+        let work = self.grow_work(uuid);
+        match std::fs::remove_file(&work) {
+            Ok(()) => tracing::warn!(%uuid, "removed an interrupted grow's scratch copy"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.io(uuid, "remove", &work)(e)),
+        }
+        if crate::os::filesystem::probe(&image)
+            .map_err(|source| ResizeError::Grow {
+                fs_type: "ext4".to_owned(),
+                target: image.clone(),
+                source,
+            })?
+            .as_deref()
+            != Some("ext4")
+            || crate::os::resize::ext4_fills_device(&image)?
+        {
+            return Ok(false);
+        }
+        let copy_err = |what: &str, err| BackendError::Copy {
+            backend: BackendKind::Block,
+            what: format!("{what} {} to {}", image.display(), work.display()),
+            err,
+        };
+        let reflinked = self.strategy != Strategy::Copy
+            && match cow::reflink(&image, &work) {
+                Ok(()) => true,
+                Err(e) if e.is_not_supported() => false,
+                Err(e) => return Err(copy_err("reflink", e)),
+            };
+        if !reflinked {
+            cow::sparse_copy(&image, &work, &|_, _| true).map_err(|e| copy_err("copy", e))?;
+        }
+        let grown = crate::os::resize::grow_ext4_offline(&work)
+            .map_err(BackendError::from)
+            .and_then(|()| {
+                std::fs::File::open(&work)
+                    .and_then(|f| f.sync_all())
+                    .map_err(self.io(uuid, "sync", &work))
+            })
+            .and_then(|()| std::fs::rename(&work, &image).map_err(self.io(uuid, "rename", &work)));
+        if let Err(e) = grown {
+            let _ = std::fs::remove_file(&work);
+            return Err(e);
+        }
+        crate::os::fs::sync_dir(&self.root).map_err(self.io(uuid, "sync", &self.root))?;
+        Ok(true)
     }
 
     /// Whether `path` is an image of this backend (for leak sweeps).
@@ -126,6 +193,7 @@ impl VolumeStore for BlockBackend {
     }
 
     fn delete(&self, uuid: Uuid) -> Result<(), BackendError> {
+        let _ = std::fs::remove_file(self.grow_work(uuid));
         let p = self.image(uuid);
         match std::fs::remove_file(&p) {
             Ok(()) => Ok(()),

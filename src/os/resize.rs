@@ -224,6 +224,15 @@ fn grow_failed(fs_type: &str, device: &Path, target: &Path, source: CommandError
     }
 }
 
+/// Whether this process may grow a mounted ext4 filesystem (online
+/// growth needs CAP_SYS_RESOURCE). Online growth is journaled by the
+/// kernel, so a crash in the middle leaves a consistent filesystem;
+/// offline `resize2fs` killed in the middle can leave one that needs a
+/// manual fsck.
+pub fn can_grow_ext4_online() -> bool {
+    has_effective_capability(CAP_SYS_RESOURCE)
+}
+
 /// Whether the ext4 filesystem on `device` already spans the whole device
 /// (within one block), read from its superblock with `dumpe2fs -h`.
 pub fn ext4_fills_device(device: &Path) -> Result<bool, ResizeError> {

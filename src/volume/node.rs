@@ -862,7 +862,17 @@ impl Node {
                     },
                     AccessType::Block => None,
                 };
-                let device = match self.existing_device(id, previous)? {
+                let existing = self.existing_device(id, previous)?;
+                if existing.is_none()
+                    && matches!(mount, Some(StagingMount::Make(_)))
+                    && !read_only
+                    && cap.fs_type().unwrap_or(FsType::DEFAULT) == FsType::Ext4
+                    && !crate::os::resize::can_grow_ext4_online()
+                    && self.backends.block.grow_ext4_offline(id.uuid)?
+                {
+                    tracing::info!(volume = %id, "grew ext4 offline to its image before attaching (no CAP_SYS_RESOURCE for online growth)");
+                }
+                let device = match existing {
                     Some(d) => d,
                     None => {
                         let Attached::Device(d) =
@@ -884,26 +894,54 @@ impl Node {
                 };
                 match mount {
                     None => {}
-                    Some(StagingMount::Adopt(mid)) => st.mount_id = Some(mid),
+                    Some(StagingMount::Adopt(mid)) => {
+                        st.mount_id = Some(mid);
+                        // A stage cut short (a crash) after its mount may
+                        // not have finished growing the filesystem: finish
+                        // it (growth is idempotent).
+                        let fs = cap.fs_type().unwrap_or(FsType::DEFAULT);
+                        let ext4_short = fs == FsType::Ext4
+                            && crate::os::resize::can_grow_ext4_online()
+                            && !crate::os::resize::ext4_fills_device(&device.path())
+                                .map_err(crate::backend::BackendError::from)?;
+                        if !read_only && (grow_fs || ext4_short) {
+                            tracing::info!(volume = %id, fs = fs.as_str(), "growing the adopted staging's filesystem to its device");
+                            crate::os::resize::grow_filesystem(fs.as_str(), &device.path(), path)
+                                .map_err(crate::backend::BackendError::from)?;
+                        }
+                    }
                     Some(StagingMount::Make(target)) => {
                         let fs = cap.fs_type().unwrap_or(FsType::DEFAULT);
+                        let mut grow_after_mount = grow_fs;
                         match filesystem::probe(&device.path())? {
                             None => {
                                 tracing::info!(volume = %id, fs = fs.as_str(), "making filesystem on first stage");
                                 filesystem::make(&device.path(), fs.as_str())?;
                             }
                             Some(found) if found == fs.as_str() => {
-                                // Grown while unstaged: grow ext4 offline now,
-                                // which (unlike online) needs no
-                                // CAP_SYS_RESOURCE. xfs and btrfs grow online.
+                                // Grown while unstaged (or a larger clone or
+                                // restore): ext4 grows after mounting, in
+                                // the kernel, which journals each step, so
+                                // a crash midway leaves it consistent.
+                                // Without CAP_SYS_RESOURCE (which online
+                                // growth needs) it was grown offline in a
+                                // copy of the image before attaching. xfs
+                                // and btrfs always grow online.
                                 if fs == FsType::Ext4
                                     && !read_only
                                     && !crate::os::resize::ext4_fills_device(&device.path())
                                         .map_err(crate::backend::BackendError::from)?
                                 {
-                                    tracing::info!(volume = %id, "growing ext4 to its device before mounting");
-                                    crate::os::resize::grow_ext4_offline(&device.path())
-                                        .map_err(crate::backend::BackendError::from)?;
+                                    if crate::os::resize::can_grow_ext4_online() {
+                                        grow_after_mount = true;
+                                    } else {
+                                        // Only on a device left attached
+                                        // (the image was grown atomically
+                                        // before attaching otherwise).
+                                        tracing::info!(volume = %id, "growing ext4 offline on its attached device (no CAP_SYS_RESOURCE)");
+                                        crate::os::resize::grow_ext4_offline(&device.path())
+                                            .map_err(crate::backend::BackendError::from)?;
+                                    }
                                 }
                             }
                             Some(found) => {
@@ -936,7 +974,8 @@ impl Node {
                         drop(root);
                         unmount_on_rollback(&mut rollback)?;
                         st.mount_id = Some(mid);
-                        if grow_fs && !read_only {
+                        if grow_after_mount && !read_only {
+                            tracing::info!(volume = %id, fs = fs.as_str(), "growing the filesystem to its device");
                             crate::os::resize::grow_filesystem(fs.as_str(), &device.path(), path)
                                 .map_err(crate::backend::BackendError::from)?;
                         }
