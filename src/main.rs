@@ -11,8 +11,8 @@ use stowage::server::{self, Config, Endpoint, Mode};
 #[derive(Debug, Parser)]
 #[command(name = "stowage", version = stowage::VENDOR_VERSION, about = "A CSI driver for local dir and block volumes")]
 struct Cli {
-    /// For client commands: the CSI endpoint, unix:///path/csi.sock or
-    /// tcp://host:port [default: unix:///run/stowage/csi.sock]
+    /// For client commands: the CSI endpoint, unix:///path/csi.sock,
+    /// /path/csi.sock or tcp://host:port [default: unix:///run/stowage/csi.sock]
     #[arg(long)]
     endpoint: Option<String>,
     /// For client commands: the output format [default: table]
@@ -144,6 +144,17 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format);
+    // Said at once, rather than as a bare EPERM/EACCES on the state
+    // directory or /dev/loop-control later.
+    if !stowage::os::resize::has_effective_capability(stowage::os::resize::CAP_SYS_ADMIN) {
+        eprintln!(
+            "stowage: serve must run as root: it mounts filesystems and attaches loop devices, \
+             which need CAP_SYS_ADMIN (this process has uid {} and lacks it); run it with sudo, \
+             or as the stowage.service unit",
+            nix::unistd::geteuid()
+        );
+        return ExitCode::FAILURE;
+    }
     // Files stowage creates (records, the socket) are owner-only.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let endpoint = match Endpoint::parse(&args.endpoint) {
@@ -190,9 +201,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     match rt.block_on(server::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Once: as a plain line for people, or as a log record when the
+        // log is JSON (a plain line would break its parser).
         Err(e) => {
-            tracing::error!(error = %e, "stowage serve failed");
-            eprintln!("stowage: {e}");
+            match args.log_format {
+                LogFormat::Text => eprintln!("stowage: {e}"),
+                LogFormat::Json => tracing::error!(error = %e, "stowage serve failed"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -658,3 +658,136 @@ async fn watch_applies_file_changes_and_serves_healthz() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+/// `mutableParameters` in the file: given to CreateVolume, and a change is
+/// applied once with ControllerModifyVolume.
+#[tokio::test(flavor = "multi_thread")]
+async fn mutable_parameters_are_created_with_and_modified() {
+    let mut env = Env::new("xfs").await;
+    let a = Applier::new(&env);
+    let target = env.target_path("m");
+    let file = |p: &str| {
+        format!(
+            "volumes:\n  - name: m\n    size: 32Mi\n    mode: block\n    target: {}\n    mutableParameters: {{provisioning: {p}}}\n",
+            target.display()
+        )
+    };
+    let provisioning = |env: &mut Env, id: String| {
+        let mut c = env.c.controller.clone();
+        async move {
+            c.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_context["stowage.csi.dev/provisioning"]
+                .clone()
+        }
+    };
+    a.write(&file("thick"));
+    a.json(&env, &[], 0);
+    let id = a.volume_id("m");
+    assert_eq!(provisioning(&mut env, id.clone()).await, "thick");
+
+    a.write(&file("thin"));
+    let plan = a.json(&env, &["--dry-run"], 0);
+    assert_eq!(actions(&plan), ["m:modify:planned"], "{plan}");
+    assert_eq!(provisioning(&mut env, id.clone()).await, "thick");
+    let report = a.json(&env, &[], 0);
+    assert_eq!(actions(&report), ["m:modify:done"], "{report}");
+    assert_eq!(provisioning(&mut env, id.clone()).await, "thin");
+    let report = a.json(&env, &[], 0);
+    assert_eq!(actions(&report), Vec::<String>::new(), "{report}");
+}
+
+/// The capability that ext4's online resize needs, from <linux/capability.h>.
+const CAP_SYS_RESOURCE: libc::c_ulong = 24;
+
+/// A node that cannot grow the filesystem (an ext4 volume on a server
+/// without CAP_SYS_RESOURCE, dropped from this thread's bounding set so
+/// the server started from it lacks it on any machine): the report says
+/// what is true (the volume grew, its filesystem did not, and why), a dry
+/// run says what is left, and no line reads "from 128Mi to 128Mi".
+#[tokio::test(flavor = "current_thread")]
+async fn an_expansion_the_node_cannot_finish_is_reported_as_it_stands() {
+    // SAFETY: PR_CAPBSET_DROP takes an integer and touches no memory; it
+    // changes only this thread's bounding set (the server is spawned from
+    // this thread: a current-thread runtime runs the test here).
+    let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) };
+    assert_eq!(
+        r,
+        0,
+        "drop CAP_SYS_RESOURCE: {}",
+        std::io::Error::last_os_error()
+    );
+    let env = Env::new("xfs").await;
+    let a = Applier::new(&env);
+    let file = |size: &str| {
+        format!(
+            "volumes:\n  - name: pgdata\n    size: {size}\n    fs: ext4\n    target: {}\n",
+            env.target_path("pgdata").display()
+        )
+    };
+    a.write(&file("64Mi"));
+    a.json(&env, &[], 0);
+
+    a.write(&file("128Mi"));
+    let out = a.run(&env, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("FAILED to expand pgdata from 64Mi to 128Mi: the volume has 128Mi but its filesystem was not grown: ")
+            && text.contains("CAP_SYS_RESOURCE"),
+        "{text}"
+    );
+
+    let out = a.run(&env, &["--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(
+            "would grow the filesystem of pgdata to 128Mi (the volume already has 128Mi)"
+        ),
+        "{text}"
+    );
+    let out = a.run(&env, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("FAILED to grow the filesystem of pgdata to 128Mi")
+            && !text.contains("to 128Mi to"),
+        "{text}"
+    );
+    assert!(!text.contains("from 128Mi to 128Mi"), "{text}");
+}
+
+/// A call that could not be made never reads as done: with no server,
+/// "FAILED to create volume ok1 …: no server is running …".
+#[test]
+fn a_failed_create_does_not_read_as_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("v.yaml");
+    std::fs::write(
+        &file,
+        "volumes:\n  - name: ok1\n    size: 1Mi\n    target: /srv/ok1\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--endpoint")
+        .arg(dir.path().join("none.sock"))
+        .args(["apply", "-f"])
+        .arg(&file)
+        .arg("--state-file")
+        .arg(dir.path().join("state.json"))
+        .arg("--staging-root")
+        .arg(dir.path().join("staging"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("FAILED to create volume ok1 of 1Mi: no server is running on"),
+        "{text}"
+    );
+    assert!(!text.contains("created volume"), "{text}");
+}

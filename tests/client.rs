@@ -7,6 +7,7 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -185,8 +186,13 @@ async fn volume_and_snapshot_round_trip() {
     let out = stowage(&env, &["volume", "list"]);
     assert!(out.status.success());
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.starts_with("ID"), "{table}");
-    assert!(table.contains(&restored_id), "{table}");
+    assert!(table.starts_with("NAME  "), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("cli-restored ") && l.contains(&restored_id)),
+        "{table}"
+    );
 
     let deleted = json(&env, &["snapshot", "delete", &snap_id]);
     assert_eq!(deleted["deleted"], Value::Bool(true));
@@ -945,5 +951,627 @@ async fn ctrl_c_clears_the_progress_line() {
         out.stdout.is_empty(),
         "{:?}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Runs `stowage ARGS…` (no implicit endpoint).
+fn stowage_bare(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .output()
+        .expect("run stowage")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// CSI makes deleting what is gone and unpublishing what is not published
+/// succeed; the client keeps exit status 0 for scripts but says so on
+/// stderr, and reports `deleted: false` / `was_published: false`. A real
+/// deletion and a real unpublish say nothing of the kind.
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_or_unpublishing_nothing_says_so_and_exits_0() {
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+
+    let out = stowage(&env, &["-o", "json", "volume", "delete", "garbage"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("no such volume"),
+        "{}",
+        stderr_of(&out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["deleted"], Value::Bool(false), "{v}");
+    let table = stowage(&env, &["volume", "delete", "garbage"]);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("false (no such volume)"),
+        "{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
+
+    let vol = json(
+        &env,
+        &[
+            "volume",
+            "create",
+            "real",
+            "--size",
+            "32Mi",
+            "--param",
+            "backend=dir",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    let id = str_of(&vol, "volume_id").to_owned();
+    let target = env.target_path("real");
+    let target_s = target.display().to_string();
+    json(
+        &env,
+        &[
+            "volume",
+            "publish",
+            &id,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+
+    let out = stowage(
+        &env,
+        &[
+            "-o",
+            "json",
+            "volume",
+            "unpublish",
+            &id,
+            "/not/published",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("is not published at /not/published"),
+        "{}",
+        stderr_of(&out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["was_published"], Value::Bool(false), "{v}");
+    assert!(is_mounted(&target), "the real publication is untouched");
+
+    let out = stowage(
+        &env,
+        &[
+            "-o",
+            "json",
+            "volume",
+            "unpublish",
+            &id,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert!(
+        !stderr_of(&out).contains("not published"),
+        "{}",
+        stderr_of(&out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["was_published"], Value::Bool(true), "{v}");
+    assert!(!is_mounted(&target));
+
+    let out = stowage(&env, &["-o", "json", "volume", "delete", &id]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        !stderr_of(&out).contains("no such volume"),
+        "{}",
+        stderr_of(&out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["deleted"], Value::Bool(true), "{v}");
+}
+
+/// A volume created with `--block` is published as a raw block device when
+/// `--block` is forgotten (never formatted), from the client's 0600 record
+/// in a 0700 `<staging-root>/.volumes`; a flag that contradicts how a
+/// volume was created is refused before any call; `volume delete` forgets
+/// the record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_is_published_as_it_was_created() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    let create = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "volume",
+            "create",
+            name,
+            "--size",
+            "64Mi",
+            "--staging-root",
+            &root_s,
+        ];
+        args.extend_from_slice(extra);
+        str_of(&json(&env, &args), "volume_id").to_owned()
+    };
+    let raw = create("raw", &["--block"]);
+    let fs = create("fs", &["--fs", "ext4"]);
+
+    let records = root.join(".volumes");
+    assert_eq!(
+        records.metadata().unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    for e in std::fs::read_dir(&records).unwrap() {
+        let m = e.unwrap().metadata().unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    }
+
+    // Forgotten --block: published raw, and said so.
+    let target = env.target_path("raw");
+    let target_s = target.display().to_string();
+    let out = stowage(
+        &env,
+        &[
+            "volume",
+            "publish",
+            &raw,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("raw block volume"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(
+        std::fs::metadata(&target)
+            .unwrap()
+            .file_type()
+            .is_block_device(),
+        "published as a block device"
+    );
+
+    // Contradicting flags are refused, naming the way out.
+    let other = env.target_path("raw2").display().to_string();
+    let out = stowage(
+        &env,
+        &[
+            "volume",
+            "publish",
+            &raw,
+            &other,
+            "--fs",
+            "ext4",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("raw block volume") && stderr_of(&out).contains("--block"),
+        "{}",
+        stderr_of(&out)
+    );
+    let fs_target = env.target_path("fs").display().to_string();
+    for (flag, value) in [("--block", None), ("--fs", Some("xfs"))] {
+        let mut args = vec![
+            "volume",
+            "publish",
+            &fs,
+            &fs_target,
+            "--staging-root",
+            &root_s,
+            flag,
+        ];
+        args.extend(value);
+        let out = stowage(&env, &args);
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+        assert!(
+            stderr_of(&out).contains("ext4 filesystem") && stderr_of(&out).contains("refusing"),
+            "{}",
+            stderr_of(&out)
+        );
+    }
+    assert!(!env.target_path("fs").exists(), "nothing was published");
+
+    json(
+        &env,
+        &[
+            "volume",
+            "unpublish",
+            &raw,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    for id in [&raw, &fs] {
+        json(&env, &["volume", "delete", id, "--staging-root", &root_s]);
+    }
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+}
+
+/// `volume expand` of a published filesystem calls NodeExpandVolume
+/// online, as the kubelet does: the mounted filesystem grows (xfs, which
+/// grows online without CAP_SYS_RESOURCE).
+#[tokio::test(flavor = "multi_thread")]
+async fn expand_grows_a_published_filesystem_online() {
+    let env = Env::new("xfs").await;
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    let vol = json(
+        &env,
+        &[
+            "volume",
+            "create",
+            "grow",
+            "--size",
+            "320Mi",
+            "--fs",
+            "xfs",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    let id = str_of(&vol, "volume_id").to_owned();
+    let target = env.target_path("grow");
+    let target_s = target.display().to_string();
+    json(
+        &env,
+        &[
+            "volume",
+            "publish",
+            &id,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    let size = |p: &std::path::Path| {
+        let st = nix::sys::statvfs::statvfs(p).unwrap();
+        st.blocks() as u64 * st.fragment_size() as u64
+    };
+    let before = size(&target);
+
+    let v = json(
+        &env,
+        &[
+            "volume",
+            "expand",
+            &id,
+            "--size",
+            "640Mi",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert_eq!(v["node_expansion"]["state"], "done", "{v}");
+    let after = size(&target);
+    assert!(
+        after > before + (256 << 20),
+        "df size grew: {before} → {after}"
+    );
+
+    // The table says what happened, not "required at next stage/publish".
+    let out = stowage(
+        &env,
+        &[
+            "volume",
+            "expand",
+            &id,
+            "--size",
+            "640Mi",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("grown online at"), "{text}");
+
+    json(
+        &env,
+        &[
+            "volume",
+            "unpublish",
+            &id,
+            &target_s,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    // Not published by this client: the node part waits for the next stage.
+    let v = json(
+        &env,
+        &[
+            "volume",
+            "expand",
+            &id,
+            "--size",
+            "700Mi",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    assert_eq!(v["node_expansion"]["state"], "at_next_stage", "{v}");
+}
+
+/// Mutable parameters: refused as ordinary parameters with a pointer to
+/// `--mutable-param`; given at create; changed by `volume modify`.
+#[tokio::test(flavor = "multi_thread")]
+async fn mutable_parameters_at_create_and_modify() {
+    let env = Env::new("xfs").await;
+    let out = stowage(
+        &env,
+        &[
+            "volume",
+            "create",
+            "m",
+            "--size",
+            "32Mi",
+            "--param",
+            "provisioning=thick",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("--mutable-param provisioning=thick"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    let v = json(
+        &env,
+        &[
+            "volume",
+            "create",
+            "m",
+            "--size",
+            "32Mi",
+            "--mutable-param",
+            "provisioning=thick",
+        ],
+    );
+    let id = str_of(&v, "volume_id").to_owned();
+    let provisioning = |v: &Value| v["volume_context"]["stowage.csi.dev/provisioning"].clone();
+    assert_eq!(provisioning(&v), "thick", "{v}");
+
+    let m = json(
+        &env,
+        &[
+            "volume",
+            "modify",
+            &id,
+            "--mutable-param",
+            "provisioning=thin",
+        ],
+    );
+    assert_eq!(m["mutable_parameters"]["provisioning"], "thin", "{m}");
+    assert_eq!(provisioning(&json(&env, &["volume", "get", &id])), "thin");
+
+    let out = stowage(
+        &env,
+        &["volume", "modify", &id, "--mutable-param", "colour=blue"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("INVALID_ARGUMENT"),
+        "{}",
+        stderr_of(&out)
+    );
+    json(&env, &["volume", "delete", &id]);
+}
+
+/// Runs the binary as `nobody` (uid/gid 65534, no groups).
+fn as_nobody(args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .output()
+        .expect("run setpriv")
+}
+
+/// Not root: `status` says "permission denied" and what to do (not "does
+/// not exist"); `serve` fails at once, once, saying it must run as root
+/// (not later on /dev/loop-control); a client command on the root-only
+/// socket says permission denied and sudo, not a bare "Permission denied".
+#[tokio::test(flavor = "multi_thread")]
+async fn not_root_is_told_what_is_wrong_and_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("xfs").await;
+
+    let out = as_nobody(&[
+        "status",
+        "--state-dir",
+        &env.layout.state.display().to_string(),
+        "--pool",
+        &env.layout.pool.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("permission denied") && err.contains("sudo stowage status"),
+        "{err}"
+    );
+    assert!(!err.contains("does not exist"), "{err}");
+
+    let socket = env.layout.socket.display().to_string();
+    let out = as_nobody(&["--endpoint", &socket, "volume", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!("permission denied on {socket}")) && err.contains("sudo"),
+        "{err}"
+    );
+
+    // A directory nobody may write, for serve's own paths.
+    let dir = tempfile::Builder::new()
+        .prefix("stowage-test-nobody-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = dir.path().display().to_string();
+    let out = within(Duration::from_secs(60), move || {
+        as_nobody(&[
+            "serve",
+            "--endpoint",
+            &format!("unix://{d}/csi.sock"),
+            "--node-id",
+            "n1",
+            "--state-dir",
+            &format!("{d}/state"),
+        ])
+    })
+    .expect("serve as nobody fails at once instead of running");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("must run as root") && err.contains("sudo"),
+        "{err}"
+    );
+    assert_eq!(err.matches("must run as root").count(), 1, "{err}");
+    assert!(!dir.path().join("state").exists(), "nothing was made");
+}
+
+/// Connection messages and command-line conveniences: a dead socket and a
+/// missing one say no server is running there; a bare socket path works
+/// like unix://; typos get the nearest subcommand or flag; `plugin probe`
+/// prints one word; `volume list` has a NAME column; sizes are human.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_say_what_is_there() {
+    let env = Env::new("xfs").await;
+    let dead = env.scratch.root.join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+    assert!(dead.exists(), "the socket file stays");
+    let out = stowage_bare(&["--endpoint", &dead.display().to_string(), "plugin", "probe"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("no server is running") && err.contains("nothing is listening"),
+        "{err}"
+    );
+    let missing = env.scratch.root.join("missing.sock").display().to_string();
+    let out = stowage_bare(&["--endpoint", &missing, "plugin", "probe"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("there is no socket there"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    let bare = env.layout.socket.display().to_string();
+    let out = stowage_bare(&["--endpoint", &bare, "plugin", "probe"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ready\n");
+
+    let out = stowage(&env, &["volume", "lst"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("'list'"), "{}", stderr_of(&out));
+    let out = stowage(&env, &["volume", "create", "x", "--sise", "1Gi"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("'--size'"), "{}", stderr_of(&out));
+
+    let root = env.scratch.root.join("client-staging");
+    let root_s = root.display().to_string();
+    let v = json(
+        &env,
+        &[
+            "volume",
+            "create",
+            "named",
+            "--size",
+            "64Mi",
+            "--fs",
+            "ext4",
+            "--staging-root",
+            &root_s,
+        ],
+    );
+    let id = str_of(&v, "volume_id").to_owned();
+    let out = stowage(&env, &["volume", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = table.lines();
+    assert!(lines.next().unwrap().starts_with("NAME "), "{table}");
+    let row = lines.next().unwrap();
+    assert!(row.starts_with("named ") && row.contains(&id), "{table}");
+
+    // An ext4 filesystem's size is not a whole number of MiB: shown
+    // rounded in the largest unit, never as thousands of Ki.
+    let target = env.target_path("named").display().to_string();
+    json(
+        &env,
+        &["volume", "publish", &id, &target, "--staging-root", &root_s],
+    );
+    let out = stowage(&env, &["volume", "stats", &id, &target]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let bytes = table
+        .lines()
+        .find(|l| l.contains(" bytes "))
+        .unwrap_or_else(|| panic!("{table}"));
+    for cell in bytes.split_whitespace().skip(2).take(3) {
+        let digits: String = cell
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let n: f64 = digits
+            .parse()
+            .unwrap_or_else(|_| panic!("{cell} in {table}"));
+        assert!(n < 1024.0, "{cell} is in the largest unit: {table}");
+    }
+    json(
+        &env,
+        &[
+            "volume",
+            "unpublish",
+            &id,
+            &target,
+            "--staging-root",
+            &root_s,
+        ],
+    );
+}
+
+/// `stowage serve` reports a startup error once, not as a log line and
+/// again as a message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_serve_error_is_printed_once() {
+    let env = Env::new("xfs").await;
+    let socket = env.layout.socket.display().to_string();
+    let state = env.scratch.root.join("state2").display().to_string();
+    let out = within(Duration::from_secs(60), move || {
+        stowage_bare(&[
+            "serve",
+            "--endpoint",
+            &socket,
+            "--node-id",
+            "n2",
+            "--state-dir",
+            &state,
+        ])
+    })
+    .expect("a second serve on a live socket fails at once");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert_eq!(
+        err.matches("another server is listening").count(),
+        1,
+        "{err}"
     );
 }

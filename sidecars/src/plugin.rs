@@ -28,6 +28,7 @@ pub struct CreateVolume {
     pub bytes: i64,
     pub capability: Capability,
     pub parameters: BTreeMap<String, String>,
+    pub mutable_parameters: BTreeMap<String, String>,
 }
 
 /// A volume as CreateVolume returned it.
@@ -124,6 +125,13 @@ pub trait Plugin: Clone + Send + Sync + 'static {
         published_at: Option<&Path>,
         capability: &Capability,
     ) -> impl Future<Output = Result<i64, Self::Error>> + Send;
+
+    /// ControllerModifyVolume with these mutable parameters. Idempotent.
+    fn modify_volume(
+        &mut self,
+        volume_id: &str,
+        mutable_parameters: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// CreateSnapshot, idempotent by name.
     fn create_snapshot(

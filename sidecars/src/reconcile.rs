@@ -8,6 +8,7 @@
 //! and data, when the file asks for something only a rebuild could give
 //! (a different mode, filesystem or access mode, or a smaller size).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,7 @@ use serde::Serialize;
 
 use crate::plugin::{Capability, CreateVolume, Lookup, Plugin, PublishRequest};
 use crate::schedule::{due, slot_start, snapshot_name, to_prune};
-use crate::size::format_size;
+use crate::size::human_size;
 use crate::spec::{VolumeSpec, VolumesFile};
 use crate::state::{
     Intent, Publication, ScheduledSnapshot, State, StateError, StateStore, VolumeState,
@@ -57,9 +58,22 @@ pub enum Action {
     Unpublish {
         target: PathBuf,
     },
+    /// ControllerExpandVolume (and NodeExpandVolume where the plugin's
+    /// node must grow the filesystem too).
     Expand {
         from: i64,
         to: i64,
+        /// The volume already had `to` (an earlier pass grew it and its
+        /// filesystem was not grown yet): only the node's part is left.
+        filesystem_only: bool,
+        /// On a failure: the capacity the plugin reports afterwards, when
+        /// it reached `to` (the volume grew, its filesystem did not).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reached: Option<i64>,
+    },
+    /// ControllerModifyVolume with the file's mutable parameters.
+    Modify {
+        mutable_parameters: BTreeMap<String, String>,
     },
     Snapshot {
         snapshot: String,
@@ -142,12 +156,9 @@ impl std::fmt::Display for Event {
                 self.verb("created", "create"),
                 id(volume_id),
                 if *resumed {
-                    format!(
-                        ", resuming an interrupted create of {}",
-                        format_size(*bytes)
-                    )
+                    format!(", resuming an interrupted create of {}", human_size(*bytes))
                 } else if volume_id.is_none() {
-                    format!(" of {}", format_size(*bytes))
+                    format!(" of {}", human_size(*bytes))
                 } else {
                     String::new()
                 }
@@ -166,11 +177,39 @@ impl std::fmt::Display for Event {
                 self.verb("unpublished", "unpublish"),
                 target.display()
             ),
-            Action::Expand { from, to } => format!(
-                "{} {v} from {} to {}",
+            Action::Expand {
+                to,
+                filesystem_only: true,
+                ..
+            } => format!(
+                "{} the filesystem of {v} to {} (the volume already has {})",
+                self.verb("grew", "grow"),
+                human_size(*to),
+                human_size(*to)
+            ),
+            Action::Expand {
+                from, to, reached, ..
+            } => format!(
+                "{} {v} from {} to {}{}",
                 self.verb("expanded", "expand"),
-                format_size(*from),
-                format_size(*to)
+                human_size(*from),
+                human_size(*to),
+                match reached {
+                    Some(r) => format!(
+                        ": the volume has {} but its filesystem was not grown",
+                        human_size(*r)
+                    ),
+                    None => String::new(),
+                }
+            ),
+            Action::Modify { mutable_parameters } => format!(
+                "{} {v}'s mutable parameters to {}",
+                self.verb("changed", "change"),
+                mutable_parameters
+                    .iter()
+                    .map(|(k, val)| format!("{k}={val}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
             Action::Snapshot {
                 snapshot,
@@ -209,6 +248,8 @@ impl std::fmt::Display for Event {
             Action::Refuse { reason } => format!("refused: {v}: {reason}"),
         };
         match &self.outcome {
+            // Actions with a verb already say "FAILED to …".
+            Outcome::Failed { error } if self.has_verb() => write!(f, "{what}: {error}"),
             Outcome::Failed { error } => write!(f, "FAILED: {what}: {error}"),
             Outcome::Pending { reason } => write!(f, "{what}: {reason}"),
             _ => f.write_str(&what),
@@ -217,11 +258,23 @@ impl std::fmt::Display for Event {
 }
 
 impl Event {
+    /// The action's verb as the outcome puts it: "would create", "FAILED
+    /// to create" (never a past tense for something that did not happen),
+    /// or "created".
     fn verb(&self, done: &'static str, planned: &'static str) -> String {
         match self.outcome {
             Outcome::Planned => format!("would {planned}"),
+            Outcome::Failed { .. } => format!("FAILED to {planned}"),
             _ => done.to_owned(),
         }
+    }
+
+    /// Whether the action's text starts with [`Event::verb`].
+    fn has_verb(&self) -> bool {
+        !matches!(
+            self.action,
+            Action::Vanished { .. } | Action::LeftAlone { .. } | Action::Refuse { .. }
+        )
     }
 }
 
@@ -406,6 +459,7 @@ impl<P: Plugin> Pass<'_, P> {
                         capacity_bytes: 0,
                         capability: want_cap.clone(),
                         parameters: spec.parameters.clone(),
+                        mutable_parameters: spec.mutable_parameters.clone(),
                         published: None,
                         snapshots: vec![],
                         intent: Some(Intent::Create),
@@ -432,6 +486,7 @@ impl<P: Plugin> Pass<'_, P> {
                         rec.size_bytes = spec.size_bytes;
                         rec.capability = want_cap.clone();
                         rec.parameters = spec.parameters.clone();
+                        rec.mutable_parameters = spec.mutable_parameters.clone();
                         self.create(name, false).await?;
                     }
                     Ok(Lookup::Present { capacity_bytes }) => observed = Some(capacity_bytes),
@@ -497,14 +552,20 @@ impl<P: Plugin> Pass<'_, P> {
             }
         }
         self.publish(name, spec).await?;
-        // A refused or failed expansion does not hold back the snapshots.
+        // A refused or failed expansion or modification does not hold
+        // back the snapshots.
         let expanded = match self.expand(name, spec, observed).await {
             Err(Halt::Failed) => Err(Halt::Failed),
             Err(other) => return Err(other),
             Ok(()) => Ok(()),
         };
+        let modified = match self.modify(name, spec).await {
+            Err(Halt::Failed) => Err(Halt::Failed),
+            Err(other) => return Err(other),
+            Ok(()) => Ok(()),
+        };
         self.snapshots(name, spec).await?;
-        expanded.and(parameters)
+        expanded.and(modified).and(parameters)
     }
 
     /// CreateVolume with the arguments recorded in the volume's state.
@@ -515,6 +576,7 @@ impl<P: Plugin> Pass<'_, P> {
             bytes: rec.size_bytes,
             capability: rec.capability.clone(),
             parameters: rec.parameters.clone(),
+            mutable_parameters: rec.mutable_parameters.clone(),
         };
         self.checkpoint()?;
         let action = |volume_id| Action::Create {
@@ -632,8 +694,8 @@ impl<P: Plugin> Pass<'_, P> {
         if spec.size_bytes < rec.size_bytes && pending == 0 {
             let reason = format!(
                 "size {} is smaller than the {} it has; shrinking is refused",
-                format_size(spec.size_bytes),
-                format_size(rec.size_bytes)
+                human_size(spec.size_bytes),
+                human_size(rec.size_bytes)
             );
             self.emit(name, Action::Refuse { reason }, Outcome::Refused);
             return Err(Halt::Failed);
@@ -653,6 +715,10 @@ impl<P: Plugin> Pass<'_, P> {
             }
             return Ok(());
         }
+        // The controller already has the size (an earlier pass grew it):
+        // what is left is the node's part, and the report says so rather
+        // than "from 20Gi to 20Gi".
+        let filesystem_only = current >= goal;
         self.rec(name).intent = Some(Intent::Expand { bytes: goal });
         self.checkpoint()?;
         let capacity = if self.opts.dry_run {
@@ -667,11 +733,23 @@ impl<P: Plugin> Pass<'_, P> {
             {
                 Ok(c) => c,
                 Err(e) => {
+                    // Where the volume got to, so the report tells the
+                    // real state (grown, filesystem not) once.
+                    let reached = match self.plugin.lookup_volume(&id).await {
+                        Ok(Lookup::Present { capacity_bytes })
+                            if capacity_bytes >= goal && !filesystem_only =>
+                        {
+                            Some(capacity_bytes)
+                        }
+                        _ => None,
+                    };
                     return Err(self.fail(
                         name,
                         Action::Expand {
                             from: current,
                             to: goal,
+                            filesystem_only,
+                            reached,
                         },
                         e,
                     ));
@@ -689,6 +767,8 @@ impl<P: Plugin> Pass<'_, P> {
             Action::Expand {
                 from: current,
                 to: capacity,
+                filesystem_only,
+                reached: None,
             },
             outcome,
         );
@@ -697,13 +777,49 @@ impl<P: Plugin> Pass<'_, P> {
         if spec.size_bytes < goal {
             let reason = format!(
                 "size {} is smaller than the {} it has; shrinking is refused",
-                format_size(spec.size_bytes),
-                format_size(goal)
+                human_size(spec.size_bytes),
+                human_size(goal)
             );
             self.emit(name, Action::Refuse { reason }, Outcome::Refused);
             return Err(Halt::Failed);
         }
         Ok(())
+    }
+
+    /// ControllerModifyVolume when the file's mutable parameters differ
+    /// from those the volume was last given (a key only removed from the
+    /// file is forgotten, not undone: CSI has no call to unset one). The
+    /// record changes only once the call succeeded, so an interrupted or
+    /// failed call is repeated on the next pass.
+    async fn modify(&mut self, name: &str, spec: &VolumeSpec) -> Result<(), Halt> {
+        let had = self.rec(name).mutable_parameters.clone();
+        if had == spec.mutable_parameters {
+            return Ok(());
+        }
+        let changed = spec
+            .mutable_parameters
+            .iter()
+            .any(|(k, v)| had.get(k) != Some(v));
+        if changed {
+            let action = Action::Modify {
+                mutable_parameters: spec.mutable_parameters.clone(),
+            };
+            self.checkpoint()?;
+            if !self.opts.dry_run {
+                let id = self.id(name);
+                if let Err(e) = self
+                    .plugin
+                    .modify_volume(&id, &spec.mutable_parameters)
+                    .await
+                {
+                    return Err(self.fail(name, action, e));
+                }
+            }
+            let outcome = self.done();
+            self.emit(name, action, outcome);
+        }
+        self.rec(name).mutable_parameters = spec.mutable_parameters.clone();
+        self.save()
     }
 
     /// Takes the current slot's snapshot when due (an interrupted one was

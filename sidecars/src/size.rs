@@ -55,6 +55,32 @@ pub fn format_size(bytes: i64) -> String {
     bytes.to_string()
 }
 
+/// Formats bytes for people: in the largest binary unit not above them,
+/// exactly when it divides them (`1073741824` → `1Gi`), otherwise rounded
+/// to one decimal below ten units and to a whole number above
+/// (`1020702720` → `973Mi`, `1610612736` → `1.5Gi`); below 1Ki, plain
+/// bytes. For display only: [`format_size`] is the exact form.
+pub fn human_size(bytes: i64) -> String {
+    let sign = if bytes < 0 { "-" } else { "" };
+    let abs = bytes.unsigned_abs();
+    for (suffix, mult) in UNITS {
+        let mult = mult as u64;
+        if abs < mult {
+            continue;
+        }
+        if abs.is_multiple_of(mult) {
+            return format!("{sign}{}{suffix}", abs / mult);
+        }
+        let v = abs as f64 / mult as f64;
+        return if v < 9.95 {
+            format!("{sign}{v:.1}{suffix}")
+        } else {
+            format!("{sign}{v:.0}{suffix}")
+        };
+    }
+    bytes.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +125,18 @@ mod tests {
         assert_eq!(format_size(1024), "1Ki");
         assert_eq!(format_size(3 << 30), "3Gi");
         assert_eq!(format_size((1 << 30) + (512 << 20)), "1536Mi");
+    }
+
+    #[test]
+    fn human_sizes_round_to_the_largest_unit() {
+        assert_eq!(human_size(996_780 << 10), "973Mi");
+        assert_eq!(human_size((1 << 30) + (512 << 20)), "1.5Gi");
+        assert_eq!(human_size(20 << 30), "20Gi");
+        assert_eq!(human_size(1000), "1000");
+        assert_eq!(human_size(0), "0");
+        assert_eq!(human_size(1025), "1.0Ki");
+        assert_eq!(human_size((10 << 30) - 1), "10Gi");
+        assert_eq!(human_size(-(3 << 20)), "-3Mi");
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct VolumeSpec {
     pub fs: String,
     pub access_mode: AccessMode,
     pub parameters: BTreeMap<String, String>,
+    /// Mutable parameters (`mutableParameters`): given at creation and
+    /// applied with ControllerModifyVolume when they change.
+    pub mutable_parameters: BTreeMap<String, String>,
     pub target: PathBuf,
     pub read_only: bool,
     pub snapshots: Option<Schedule>,
@@ -106,6 +109,8 @@ struct RawVolume {
     access_mode: AccessMode,
     #[serde(default)]
     parameters: BTreeMap<String, String>,
+    #[serde(default)]
+    mutable_parameters: BTreeMap<String, String>,
     target: Target,
     #[serde(default)]
     read_only: bool,
@@ -319,6 +324,7 @@ impl VolumesFile {
                 fs,
                 access_mode: v.access_mode,
                 parameters: v.parameters,
+                mutable_parameters: v.mutable_parameters,
                 target: v.target.0,
                 read_only: v.read_only,
                 snapshots: v.snapshots.map(|s| Schedule {

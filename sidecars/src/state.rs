@@ -38,6 +38,11 @@ pub struct VolumeState {
     pub capacity_bytes: i64,
     pub capability: Capability,
     pub parameters: BTreeMap<String, String>,
+    /// The mutable parameters last given to CreateVolume or applied with
+    /// ControllerModifyVolume (absent in files written before they
+    /// existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mutable_parameters: BTreeMap<String, String>,
     /// Where the volume is (or may be, when a crash interrupted the call)
     /// published.
     pub published: Option<Publication>,
@@ -277,6 +282,7 @@ mod tests {
                 capacity_bytes: 0,
                 capability: Capability::default(),
                 parameters: BTreeMap::new(),
+                mutable_parameters: BTreeMap::from([("k".into(), "v".into())]),
                 published: None,
                 snapshots: vec![],
                 intent: Some(Intent::Snapshot {

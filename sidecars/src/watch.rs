@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::plugin::Plugin;
-use crate::reconcile::{ApplyOptions, Report, apply};
+use crate::reconcile::{ApplyOptions, Event, Report, apply};
 use crate::spec::VolumesFile;
 use crate::state::StateStore;
 
@@ -96,6 +96,38 @@ pub async fn wait_ready<P: Plugin>(plugin: &mut P, stop: &Stop) -> bool {
     }
 }
 
+/// Passes events on, except a failure that the previous pass reported in
+/// the same words (same volume, action and error): a failure that lasts is
+/// reported once, when it starts or changes, not on every pass. Each pass
+/// still logs how many actions failed.
+struct Repeats<'a> {
+    inner: &'a mut dyn Report,
+    previous: std::collections::HashSet<String>,
+    current: std::collections::HashSet<String>,
+}
+
+impl Repeats<'_> {
+    /// Ends a pass: its failures are the ones the next pass leaves out.
+    fn next_pass(&mut self) {
+        self.previous = std::mem::take(&mut self.current);
+    }
+}
+
+impl Report for Repeats<'_> {
+    fn event(&mut self, e: &Event) {
+        if e.is_failure() {
+            let text = e.to_string();
+            let repeated = self.previous.contains(&text);
+            self.current.insert(text);
+            if repeated {
+                tracing::debug!(volume = %e.volume, "failing as on the previous pass: {e}");
+                return;
+            }
+        }
+        self.inner.event(e);
+    }
+}
+
 /// Runs until stopped. `first` is the file as already validated at start.
 pub async fn watch<P: Plugin>(
     plugin: &mut P,
@@ -108,6 +140,11 @@ pub async fn watch<P: Plugin>(
     if !wait_ready(plugin, stop).await {
         return;
     }
+    let mut report = Repeats {
+        inner: report,
+        previous: Default::default(),
+        current: Default::default(),
+    };
     let mut good = first;
     let mut last_hash = std::fs::read(&opts.file).ok().map(|b| hash(&b));
     let mut due = true;
@@ -145,9 +182,12 @@ pub async fn watch<P: Plugin>(
                 stop: Some(stop.flag.clone()),
             };
             let result = match store.load() {
-                Ok(state) => apply(plugin, &good, Some(store), state, &apply_opts, report).await,
+                Ok(state) => {
+                    apply(plugin, &good, Some(store), state, &apply_opts, &mut report).await
+                }
                 Err(e) => Err(e),
             };
+            report.next_pass();
             match result {
                 Ok(s) if s.converged => {
                     tracing::info!(actions = s.events.len(), "applied; converged")
@@ -156,7 +196,8 @@ pub async fn watch<P: Plugin>(
                 Ok(s) => tracing::warn!(
                     failed = s.events.iter().filter(|e| e.is_failure()).count(),
                     pending = s.events.iter().filter(|e| e.is_pending()).count(),
-                    "applied; some actions failed or are pending (retried at the next interval)"
+                    "applied; some actions failed or are pending (retried at the next interval; \
+                     a failure is printed once while it stays the same)"
                 ),
                 Err(e) => tracing::error!(error = %crate::error_chain(&e), "apply failed"),
             }
@@ -172,4 +213,58 @@ fn hash(bytes: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::{Action, Outcome};
+
+    fn failed(error: &str) -> Event {
+        Event {
+            volume: "pgdata".into(),
+            action: Action::Expand {
+                from: 1 << 30,
+                to: 2 << 30,
+                filesystem_only: true,
+                reached: None,
+            },
+            outcome: Outcome::Failed {
+                error: error.into(),
+            },
+        }
+    }
+
+    /// A failure that stays the same is printed on the pass where it
+    /// starts, not on the following ones; a changed one, one that returns
+    /// after a pass without it, and every success are printed.
+    #[test]
+    fn a_lasting_failure_is_reported_once() {
+        let mut seen = Vec::new();
+        let mut sink = |e: &Event| seen.push(e.to_string());
+        let mut r = Repeats {
+            inner: &mut sink,
+            previous: Default::default(),
+            current: Default::default(),
+        };
+        r.event(&failed("read-only"));
+        r.next_pass();
+        r.event(&failed("read-only"));
+        r.next_pass();
+        r.event(&failed("out of space"));
+        r.next_pass();
+        r.next_pass();
+        r.event(&failed("out of space"));
+        let done = Event {
+            outcome: Outcome::Done,
+            ..failed("")
+        };
+        r.event(&done);
+        r.event(&done);
+        drop(r);
+        assert_eq!(seen.len(), 5, "{seen:#?}");
+        assert!(seen[0].contains("read-only") && seen[1].contains("out of space"));
+        assert!(seen[2].contains("out of space"));
+        assert!(seen[3].starts_with("grew") && seen[4].starts_with("grew"));
+    }
 }

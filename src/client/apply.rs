@@ -110,7 +110,7 @@ fn capability_args(c: &Capability) -> CapabilityArgs {
     CapabilityArgs {
         block: c.mode == VolumeMode::Block,
         fs: (!c.fs.is_empty()).then(|| c.fs.clone()),
-        access_mode: access_mode(c.access_mode),
+        access_mode: Some(access_mode(c.access_mode)),
     }
 }
 
@@ -173,6 +173,7 @@ impl CsiPlugin {
                 }),
                 volume_capabilities: vec![csi_capability(&req.capability)],
                 parameters: req.parameters.clone().into_iter().collect(),
+                mutable_parameters: req.mutable_parameters.clone().into_iter().collect(),
                 accessibility_requirements,
                 ..Default::default()
             })
@@ -184,10 +185,43 @@ impl CsiPlugin {
                 call: "CreateVolume",
                 what: "volume",
             })?;
+        // So that `stowage volume publish` of it knows its access type.
+        super::volume::remember(
+            &self.staging_root,
+            &v.volume_id,
+            &req.name,
+            &capability_args(&req.capability),
+        );
         Ok(CreatedVolume {
             id: v.volume_id,
             capacity_bytes: v.capacity_bytes,
         })
+    }
+
+    async fn modify_volume_once(
+        &mut self,
+        id: &str,
+        mutable_parameters: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ClientError> {
+        let s = self.s().await?;
+        if !s
+            .controller_rpcs()
+            .await?
+            .contains(&ControllerRpc::ModifyVolume)
+        {
+            return Err(ClientError::Local(
+                "the plugin does not offer MODIFY_VOLUME (ControllerModifyVolume)".into(),
+            ));
+        }
+        s.controller
+            .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                volume_id: id.to_owned(),
+                mutable_parameters: mutable_parameters.clone().into_iter().collect(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("ControllerModifyVolume"))?;
+        Ok(())
     }
 
     async fn delete_volume_once(&mut self, id: &str) -> Result<(), ClientError> {
@@ -200,7 +234,8 @@ impl CsiPlugin {
                 ..Default::default()
             })
             .await;
-        gone_is_done("DeleteVolume", r)
+        gone_is_done("DeleteVolume", r)?;
+        super::created::remove(&self.staging_root, id)
     }
 
     async fn publish_once(&mut self, req: &PublishRequest<'_>) -> Result<(), ClientError> {
@@ -405,6 +440,14 @@ impl Plugin for CsiPlugin {
             self.expand_once(volume_id, bytes, published_at, capability)
                 .await
         )
+    }
+
+    async fn modify_volume(
+        &mut self,
+        volume_id: &str,
+        mutable_parameters: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ClientError> {
+        retry_aborted!(self.modify_volume_once(volume_id, mutable_parameters).await)
     }
 
     async fn create_snapshot(

@@ -6,6 +6,7 @@
 //! state and the system for operators of stowage itself.
 
 pub mod apply;
+pub mod created;
 pub mod output;
 pub mod plugin;
 pub mod progress;
@@ -42,8 +43,8 @@ pub enum OutputFormat {
 /// Flags every client command accepts, before the noun or after the verb.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct GlobalArgs {
-    /// The CSI endpoint: unix:///path/csi.sock or tcp://host:port
-    /// [default: unix:///run/stowage/csi.sock]
+    /// The CSI endpoint: unix:///path/csi.sock, /path/csi.sock or
+    /// tcp://host:port [default: unix:///run/stowage/csi.sock]
     #[arg(long, global = true)]
     pub endpoint: Option<String>,
     /// Output format [default: table]
@@ -92,6 +93,28 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The socket file is there and nothing accepts on it (ECONNREFUSED):
+    /// a server that died (kill -9, a crash) leaves its socket behind.
+    #[error(
+        "no server is running on {}: the socket file exists but nothing is listening \
+         (start `stowage serve --endpoint unix://{}`, or check its log)",
+        .path.display(), .path.display()
+    )]
+    DeadSocket { path: PathBuf },
+    /// No socket file (ENOENT).
+    #[error(
+        "no server is running on {}: there is no socket there \
+         (start `stowage serve --endpoint unix://{}`, or give the right --endpoint)",
+        .path.display(), .path.display()
+    )]
+    NoSocket { path: PathBuf },
+    /// EACCES/EPERM on the socket or a directory above it.
+    #[error(
+        "permission denied on {} (the socket, or a directory above it; stowage serve makes \
+         its socket root's, mode 0600): run this command as root (e.g. with sudo)",
+        .path.display()
+    )]
+    SocketPermission { path: PathBuf },
     #[error("{call} failed: {} ({}): {}", code_name(.status.code()), .status.code().description(), .status.message())]
     Rpc {
         call: &'static str,
@@ -99,6 +122,8 @@ pub enum ClientError {
     },
     #[error("NOT_FOUND (some requested entity was not found): {kind} {id:?} does not exist")]
     NotFound { kind: &'static str, id: String },
+    #[error("the plugin answered Probe: not ready")]
+    NotReady,
     #[error("{call} returned no {what}")]
     EmptyResponse {
         call: &'static str,
@@ -125,9 +150,13 @@ impl ClientError {
         match self {
             ClientError::Endpoint(_) => 2,
             ClientError::Connect { .. }
+            | ClientError::DeadSocket { .. }
+            | ClientError::NoSocket { .. }
+            | ClientError::SocketPermission { .. }
             | ClientError::Rpc { .. }
             | ClientError::NotFound { .. }
             | ClientError::EmptyResponse { .. }
+            | ClientError::NotReady
             | ClientError::Local(_)
             | ClientError::Io { .. }
             | ClientError::Runtime(_)
@@ -135,9 +164,12 @@ impl ClientError {
         }
     }
 
-    /// The error and its causes, for stderr.
+    /// The error and its causes, for stderr. A local file or directory
+    /// refused with EACCES/EPERM gets what to do appended: the client's
+    /// records and stowage's state are root's.
     pub fn report(&self) -> String {
         let mut text = self.to_string();
+        let mut denied = false;
         let mut source = std::error::Error::source(self);
         while let Some(s) = source {
             // Transport errors repeat their cause in their own text.
@@ -146,10 +178,25 @@ impl ClientError {
                 text.push_str(": ");
                 text.push_str(&part);
             }
+            denied |= s
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| is_permission_denied(e.kind()));
             source = s.source();
+        }
+        if denied {
+            text.push_str(PERMISSION_HINT);
         }
         text
     }
+}
+
+/// What to do about a permission error, appended to its report.
+pub const PERMISSION_HINT: &str = " (permission denied: stowage's state, sockets and the client's \
+     records are root's; run this command as root, e.g. with sudo)";
+
+/// EACCES and EPERM (std maps both to `PermissionDenied`).
+pub fn is_permission_denied(kind: std::io::ErrorKind) -> bool {
+    kind == std::io::ErrorKind::PermissionDenied
 }
 
 /// The canonical upper-case name of a gRPC code, as the CSI spec writes it.
@@ -190,7 +237,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects to `unix:///path`, `unix:/path` or `tcp://host:port`.
+    /// Connects to `unix:///path`, `unix:/path`, `/path` or `tcp://host:port`.
     pub async fn connect(endpoint: &str) -> Result<Session, ClientError> {
         let channel = channel(endpoint).await?;
         Ok(Session {
@@ -283,7 +330,8 @@ impl Session {
     }
 }
 
-/// One gRPC channel to `unix:///path`, `unix:/path` or `tcp://host:port`:
+/// One gRPC channel to `unix:///path`, `unix:/path`, `/path` or
+/// `tcp://host:port`:
 /// the single place the project (client, benchmarks, tests) dials a CSI
 /// endpoint.
 pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
@@ -298,19 +346,53 @@ pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
             .connect()
             .await
             .map_err(connect_err),
-        Endpoint::Unix(path) => unix_channel(path).await.map_err(connect_err),
+        Endpoint::Unix(path) => {
+            // The connector's own error, to say what is wrong in words.
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+            match unix_channel(path.clone(), seen.clone()).await {
+                Ok(c) => Ok(c),
+                Err(e) => {
+                    let kind = *seen.lock().unwrap_or_else(|p| p.into_inner());
+                    Err(match kind.map(|k| (k, unix_connect_error(k, &path))) {
+                        Some((_, Some(err))) => err,
+                        _ => connect_err(e),
+                    })
+                }
+            }
+        }
     }
 }
 
-async fn unix_channel(path: PathBuf) -> Result<Channel, tonic::transport::Error> {
+/// The error to report for a failed connect to a unix socket, when its
+/// cause has a plainer name than the transport's.
+fn unix_connect_error(kind: std::io::ErrorKind, path: &std::path::Path) -> Option<ClientError> {
+    use std::io::ErrorKind;
+    let path = path.to_owned();
+    match kind {
+        ErrorKind::ConnectionRefused => Some(ClientError::DeadSocket { path }),
+        ErrorKind::NotFound => Some(ClientError::NoSocket { path }),
+        k if is_permission_denied(k) => Some(ClientError::SocketPermission { path }),
+        _ => None,
+    }
+}
+
+async fn unix_channel(
+    path: PathBuf,
+    seen: std::sync::Arc<std::sync::Mutex<Option<std::io::ErrorKind>>>,
+) -> Result<Channel, tonic::transport::Error> {
     // The URI is a placeholder: the connector below ignores it.
     tonic::transport::Endpoint::from_static("http://[::]:50051")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
+            let seen = seen.clone();
             async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(s) => Ok(hyper_util::rt::TokioIo::new(s)),
+                    Err(e) => {
+                        *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.kind());
+                        Err(e)
+                    }
+                }
             }
         }))
         .await

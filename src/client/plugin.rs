@@ -24,7 +24,8 @@ pub enum PluginVerb {
     Info,
     /// What the plugin, its controller and its node service offer.
     Capabilities,
-    /// Whether the plugin is ready (Probe).
+    /// Whether the plugin is ready (Probe): prints `ready` (exit status 0)
+    /// or `not-ready` (exit status 1).
     Probe,
 }
 
@@ -124,11 +125,15 @@ pub async fn run(
             let v = ProbeView {
                 ready: r.ready.unwrap_or(true),
             };
-            emit(format, &v, || {
-                let mut t = Table::new(&["READY"]);
-                t.row(vec![v.ready.to_string()]);
-                t
-            })
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                OutputFormat::Table => println!("{}", if v.ready { "ready" } else { "not-ready" }),
+            }
+            if v.ready {
+                Ok(())
+            } else {
+                Err(ClientError::NotReady)
+            }
         }
     }
 }

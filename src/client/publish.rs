@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::output::{Table, emit};
 use super::progress::Progress;
-use super::size::format_size;
+use super::size::human_size;
 use super::volume::AccessModeArg;
 use super::{ClientError, OutputFormat, Session, rpc};
 use crate::csi;
@@ -28,24 +28,29 @@ use crate::csi::volume_capability::access_mode::Mode;
 /// Where staging directories and publication records go by default.
 pub const DEFAULT_STAGING_ROOT: &str = "/var/lib/stowage-client/staging";
 
-/// The volume capability to stage and publish with.
+/// The volume capability to stage and publish with. Left out, each comes
+/// from what the client knows of the volume (how it is staged, else how
+/// `volume create` made it; see [`resolve_capability`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CapabilityArgs {
-    /// Publish as a raw block device instead of a mounted filesystem.
+    /// Publish as a raw block device instead of a mounted filesystem
+    /// (default: as the volume was created, when this client created it).
     #[arg(long, conflicts_with = "fs")]
     pub block: bool,
-    /// The filesystem type to mount (default: the plugin's).
+    /// The filesystem type to mount (default: as created, else the
+    /// plugin's).
     #[arg(long)]
     pub fs: Option<String>,
-    /// Access mode.
-    #[arg(long, value_enum, default_value = "rwo")]
-    pub access_mode: AccessModeArg,
+    /// Access mode (default: as created, else rwo).
+    #[arg(long, value_enum)]
+    pub access_mode: Option<AccessModeArg>,
 }
 
 /// Where staging directories and records live.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StagingArgs {
-    /// The directory holding staging directories and publication records.
+    /// The directory holding staging directories, publication records and
+    /// the records of volumes this client created.
     #[arg(long, default_value = DEFAULT_STAGING_ROOT)]
     pub staging_root: PathBuf,
 }
@@ -166,6 +171,12 @@ pub struct UnpublicationView {
     pub target: Option<PathBuf>,
     /// Whether a publication record existed.
     pub recorded: bool,
+    /// Whether the volume was published at the target before the call:
+    /// from the client's record, else NodeGetVolumeStats (NOT_FOUND: it
+    /// was not); null when neither could tell. Unpublishing what is not
+    /// published succeeds all the same (CSI makes it idempotent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub was_published: Option<bool>,
     pub unstaged: bool,
     pub controller_unpublished: bool,
     pub remaining_targets: Vec<TargetRecord>,
@@ -281,17 +292,9 @@ impl Store {
     /// and a staging root this creates is 0700 too; an existing staging
     /// root keeps its mode (it may be a directory the operator chose).
     fn open(root: &Path) -> Result<Store, ClientError> {
-        use std::os::unix::fs::DirBuilderExt;
         let root = std::path::absolute(root)
             .map_err(io_err(format!("cannot resolve {}", root.display())))?;
-        let dir = root.join(".publications");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(PRIVATE_DIR_MODE)
-            .create(&dir)
-            .map_err(io_err(format!("cannot create {}", dir.display())))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))
-            .map_err(io_err(format!("cannot restrict {}", dir.display())))?;
+        private_dir(&root.join(".publications"))?;
         Ok(Store { root })
     }
 
@@ -378,26 +381,8 @@ impl Store {
     /// unpublish knows of). A temporary file left by a failure is removed.
     fn save(&self, rec: &Record) -> Result<(), ClientError> {
         let path = self.record_path(&rec.volume_id)?;
-        let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(rec)?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(PRIVATE_FILE_MODE)
-                .open(&tmp)?;
-            // Explicitly: a temp file left by a crash keeps its old mode.
-            f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(self.root.join(".publications"))?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_err(format!("cannot write {}", path.display()))(e)
-        })
+        write_private(&path, &bytes)
     }
 
     /// Saves the record, or removes it when it lists nothing.
@@ -419,13 +404,57 @@ impl Store {
     }
 }
 
+/// Writes `bytes` to `path` atomically and durably, owner-only: a
+/// temporary file (0600 whatever the umask, also when a crash left one with
+/// another mode), synced, renamed over, then the directory synced so the
+/// rename survives a power loss. A temporary file left by a failure is
+/// removed.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
+    let tmp = path.with_extension("json.tmp");
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(format!("cannot write {}", path.display()))(e)
+    })
+}
+
+/// Creates `dir` (and its parents) and makes it 0700, also when it
+/// already existed with another mode.
+pub(crate) fn private_dir(dir: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+        .map_err(io_err(format!("cannot create {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+        .map_err(io_err(format!("cannot restrict {}", dir.display())))
+}
+
 impl CapabilityArgs {
-    fn record(&self) -> CapabilityRecord {
+    pub(crate) fn record(&self) -> CapabilityRecord {
         CapabilityRecord {
             block: self.block,
             fs: self.fs.clone().unwrap_or_default(),
-            access_mode: format!("{:?}", self.access_mode).to_lowercase(),
+            access_mode: format!("{:?}", self.access_mode()).to_lowercase(),
         }
+    }
+
+    fn access_mode(&self) -> AccessModeArg {
+        self.access_mode.unwrap_or(AccessModeArg::Rwo)
     }
 
     /// The CSI capability these flags describe (the one place the client
@@ -434,7 +463,7 @@ impl CapabilityArgs {
         use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
         csi::VolumeCapability {
             access_mode: Some(AccessMode {
-                mode: Mode::from(self.access_mode) as i32,
+                mode: Mode::from(self.access_mode()) as i32,
             }),
             access_type: Some(if self.block {
                 AccessType::Block(BlockVolume {})
@@ -447,6 +476,77 @@ impl CapabilityArgs {
             }),
         }
     }
+}
+
+/// What was known of a volume's capability, and from where.
+fn known_capability(
+    root: &Path,
+    id: &str,
+) -> Result<Option<(CapabilityRecord, &'static str)>, ClientError> {
+    // How it is staged now wins: that is what the plugin has.
+    let staged = std::path::absolute(root)
+        .ok()
+        .map(|r| Store { root: r })
+        .and_then(|st| st.load(id).ok().flatten())
+        .filter(|r| r.staging_path.is_some() || !r.targets.is_empty());
+    if let Some(r) = staged {
+        return Ok(Some((r.capability, "is staged")));
+    }
+    Ok(super::created::load(root, id)?.map(|r| (r.capability, "was created")))
+}
+
+/// The capability to stage or publish `id` with: the flags given,
+/// completed from what the client knows of the volume (how it is staged
+/// now, else how `volume create` made it); a flag that contradicts it is
+/// refused before any call: publishing a raw block volume as a filesystem
+/// would format it, and the plugin would refuse the other type later.
+/// Without a record the flags are taken as given.
+pub fn resolve_capability(
+    root: &Path,
+    id: &str,
+    args: &CapabilityArgs,
+) -> Result<CapabilityArgs, ClientError> {
+    let Some((known, how)) = known_capability(root, id)? else {
+        return Ok(args.clone());
+    };
+    let refuse = |msg: String| ClientError::Local(format!("volume {id:?} {how} as {msg}"));
+    let known_fs = if known.fs.is_empty() {
+        "a mounted filesystem".to_owned()
+    } else {
+        format!("a mounted {} filesystem", known.fs)
+    };
+    if args.block && !known.block {
+        return Err(refuse(format!(
+            "{known_fs}; refusing --block (leave it out to publish the filesystem)"
+        )));
+    }
+    if known.block && args.fs.is_some() {
+        return Err(refuse(format!(
+            "a raw block volume (--block); refusing --fs {}: a filesystem would be made on \
+             it (give --block, or leave out --fs)",
+            args.fs.as_deref().unwrap_or_default()
+        )));
+    }
+    if let Some(fs) = &args.fs
+        && !known.fs.is_empty()
+        && *fs != known.fs
+    {
+        return Err(refuse(format!(
+            "{known_fs}; refusing --fs {fs} (leave it out, or give --fs {})",
+            known.fs
+        )));
+    }
+    let access_mode = args
+        .access_mode
+        .or_else(|| <AccessModeArg as clap::ValueEnum>::from_str(&known.access_mode, true).ok());
+    Ok(CapabilityArgs {
+        block: known.block,
+        fs: args
+            .fs
+            .clone()
+            .or_else(|| (!known.fs.is_empty()).then(|| known.fs.clone())),
+        access_mode,
+    })
 }
 
 /// What the plugin needs, by capability discovery.
@@ -858,6 +958,14 @@ async fn unpublish_with(
     let target = std::path::absolute(target)
         .map_err(io_err(format!("cannot resolve {}", target.display())))?;
     let _lock = store.lock(id, LOCK_WAIT, progress).await?;
+    let recorded_there = store
+        .load(id)?
+        .is_some_and(|r| r.targets.iter().any(|t| t.path == target));
+    let was_published = if recorded_there {
+        Some(true)
+    } else {
+        progress.track(published_at(s, id, &target)).await
+    };
     progress.set(format!("NodeUnpublishVolume {id} at {}", target.display()));
     let r = progress
         .track(
@@ -873,6 +981,7 @@ async fn unpublish_with(
         volume_id: id.to_owned(),
         target: Some(target.clone()),
         recorded: false,
+        was_published,
         unstaged: false,
         controller_unpublished: false,
         remaining_targets: vec![],
@@ -891,6 +1000,132 @@ async fn unpublish_with(
     Ok(v)
 }
 
+/// Whether the plugin has `id` at `path` (a target or its staging path),
+/// by NodeGetVolumeStats when the node offers it: NOT_FOUND means it does
+/// not. None when that cannot be told.
+async fn published_at(s: &mut Session, id: &str, path: &Path) -> Option<bool> {
+    if !s.node_rpcs().await.ok()?.contains(&NodeRpc::GetVolumeStats) {
+        return None;
+    }
+    let r = s
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.to_owned(),
+            volume_path: path.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await;
+    match r {
+        Ok(_) => Some(true),
+        Err(st) if st.code() == tonic::Code::NotFound => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// What became of the node's part of an expansion, as printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum NodeExpansion {
+    /// The controller said the node need not do anything.
+    NotRequired,
+    /// NodeExpandVolume grew it online where this client has it.
+    Done {
+        volume_path: PathBuf,
+        /// As the node reported it (0: not reported).
+        capacity_bytes: i64,
+    },
+    /// This client has it neither staged nor published: the node grows it
+    /// when it is next staged or published.
+    AtNextStage,
+    /// The plugin's node does not offer EXPAND_VOLUME.
+    Unsupported,
+}
+
+impl NodeExpansion {
+    /// In words, for the table.
+    pub fn describe(&self) -> String {
+        match self {
+            NodeExpansion::NotRequired => "not required".into(),
+            NodeExpansion::Done { volume_path, .. } => {
+                format!("done (grown online at {})", volume_path.display())
+            }
+            NodeExpansion::AtNextStage => {
+                "at the next stage/publish (not staged or published by this client)".into()
+            }
+            NodeExpansion::Unsupported => {
+                "required, but the plugin's node does not offer EXPAND_VOLUME".into()
+            }
+        }
+    }
+}
+
+/// The node's part of an expansion to `bytes`, as the kubelet does it:
+/// NodeExpandVolume, online, on a target where this client has the volume
+/// published (else its staging path), under the volume's lock.
+pub async fn expand_on_node(
+    s: &mut Session,
+    id: &str,
+    bytes: i64,
+    staging_root: &Path,
+) -> Result<NodeExpansion, ClientError> {
+    if !s.node_rpcs().await?.contains(&NodeRpc::ExpandVolume) {
+        return Ok(NodeExpansion::Unsupported);
+    }
+    let root = std::path::absolute(staging_root)
+        .map_err(io_err(format!("cannot resolve {}", staging_root.display())))?;
+    if !root.join(".publications").is_dir() {
+        return Ok(NodeExpansion::AtNextStage);
+    }
+    let store = Store::open(&root)?;
+    let progress = Progress::stderr();
+    let _lock = store.lock(id, LOCK_WAIT, &progress).await?;
+    progress.clear();
+    let Some(rec) = store.load(id)? else {
+        return Ok(NodeExpansion::AtNextStage);
+    };
+    let Some(path) = rec
+        .targets
+        .first()
+        .map(|t| t.path.clone())
+        .or_else(|| rec.staging_path.clone())
+    else {
+        return Ok(NodeExpansion::AtNextStage);
+    };
+    let cap = CapabilityArgs {
+        block: rec.capability.block,
+        fs: (!rec.capability.fs.is_empty()).then(|| rec.capability.fs.clone()),
+        access_mode: <AccessModeArg as clap::ValueEnum>::from_str(
+            &rec.capability.access_mode,
+            true,
+        )
+        .ok(),
+    };
+    let r = s
+        .node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: id.to_owned(),
+            volume_path: path.display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            staging_target_path: rec
+                .staging_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            volume_capability: Some(cap.csi()),
+            ..Default::default()
+        })
+        .await
+        .map_err(rpc("NodeExpandVolume"))?
+        .into_inner();
+    Ok(NodeExpansion::Done {
+        volume_path: path,
+        capacity_bytes: r.capacity_bytes,
+    })
+}
+
 /// What the client has recorded for `id` under `staging_root`, if anything.
 pub fn load_record(staging_root: &Path, id: &str) -> Result<Option<Record>, ClientError> {
     Store::open(staging_root)?.load(id)
@@ -901,11 +1136,13 @@ pub async fn publish(
     args: PublishArgs,
     format: OutputFormat,
 ) -> Result<(), ClientError> {
+    let capability = resolve_capability(&args.staging.staging_root, &args.id, &args.capability)?;
+    note_inferred_block(&args.id, &args.capability, &capability);
     let spec = PublishSpec {
         id: args.id,
         target: args.target,
         readonly: args.readonly,
-        capability: args.capability,
+        capability,
         staging_root: args.staging.staging_root,
     };
     let progress = Progress::stderr();
@@ -931,7 +1168,22 @@ pub async fn unpublish(
     .await;
     progress.clear();
     let v = v?;
+    if v.was_published == Some(false) {
+        eprintln!(
+            "stowage: volume {} is not published at {} (nothing to unpublish; exit status 0)",
+            v.volume_id,
+            args.target.display()
+        );
+    }
     emit(format, &v, || unpublication_table(&v))
+}
+
+/// Says on stderr that a volume is used as a raw block device although
+/// `--block` was left out (it was created that way).
+fn note_inferred_block(id: &str, given: &CapabilityArgs, used: &CapabilityArgs) {
+    if used.block && !given.block {
+        eprintln!("stowage: volume {id} is a raw block volume (it was created with --block)");
+    }
 }
 
 /// `volume stage`: ControllerPublish and NodeStage as needed, kept until
@@ -942,6 +1194,9 @@ pub async fn stage(
     args: StageArgs,
     format: OutputFormat,
 ) -> Result<(), ClientError> {
+    let capability = resolve_capability(&args.staging.staging_root, &args.id, &args.capability)?;
+    note_inferred_block(&args.id, &args.capability, &capability);
+    let args = StageArgs { capability, ..args };
     let progress = Progress::stderr();
     let v = stage_with(s, &args, &progress).await;
     progress.clear();
@@ -1002,6 +1257,7 @@ async fn unstage_with(
         volume_id: args.id.clone(),
         target: None,
         recorded: false,
+        was_published: None,
         unstaged: false,
         controller_unpublished: false,
         remaining_targets: vec![],
@@ -1077,7 +1333,7 @@ pub async fn stats(
         for u in &v.usage {
             let show = |n: i64| {
                 if u.unit == "bytes" {
-                    format_size(n)
+                    human_size(n)
                 } else {
                     n.to_string()
                 }
@@ -1172,7 +1428,7 @@ mod tests {
         let cap = CapabilityArgs {
             block: false,
             fs: Some("ext4".into()),
-            access_mode: AccessModeArg::Rwo,
+            access_mode: Some(AccessModeArg::Rwo),
         };
         let mut rec = new_record("v/1", &cap);
         rec.targets.push(TargetRecord {
@@ -1233,7 +1489,7 @@ mod tests {
         let cap = CapabilityArgs {
             block: false,
             fs: None,
-            access_mode: AccessModeArg::Rwo,
+            access_mode: Some(AccessModeArg::Rwo),
         };
         std::fs::create_dir(store.record_path("v").unwrap()).unwrap();
         let err = store.save(&new_record("v", &cap)).unwrap_err();
@@ -1249,7 +1505,7 @@ mod tests {
         let cap = CapabilityArgs {
             block: false,
             fs: None,
-            access_mode: AccessModeArg::Rwo,
+            access_mode: Some(AccessModeArg::Rwo),
         };
         let mut rec = new_record("v", &cap);
         rec.staging_path = Some(dir.path().join("v"));

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::output::{Table, emit};
 use super::progress::Progress;
-use super::size::format_size;
+use super::size::human_size;
 use super::{ClientError, GlobalArgs, OutputFormat, Session, parse_key_value, rpc};
 use crate::csi;
 
@@ -95,7 +95,7 @@ fn snapshot_table(views: &[SnapshotView]) -> Table {
         t.row(vec![
             v.snapshot_id.clone(),
             v.source_volume_id.clone(),
-            format_size(v.size_bytes),
+            human_size(v.size_bytes),
             v.ready_to_use.to_string(),
             v.creation_time.clone().unwrap_or_default(),
         ]);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::output::Table;
-use super::size::format_size;
+use super::size::human_size;
 use super::{ClientError, OutputFormat};
 use crate::backend::Backends;
 use crate::os::loopdev::LoopDevice;
@@ -106,20 +106,34 @@ fn local(what: impl Into<String>) -> impl FnOnce(String) -> ClientError {
     move |e| ClientError::Local(format!("{what}: {e}"))
 }
 
+/// Checks that `path` is a directory this process may list, saying which
+/// of "does not exist", "is not a directory" and "permission denied" it is.
+fn readable_dir(what: &str, path: &Path) -> Result<(), ClientError> {
+    match std::fs::read_dir(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ClientError::Local(format!(
+            "{what} {} does not exist (give stowage serve's --state-dir/--pool)",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(ClientError::Local(
+            format!("{what} {} is not a directory", path.display()),
+        )),
+        Err(e) if super::is_permission_denied(e.kind()) => Err(ClientError::Local(format!(
+            "permission denied on {what} {}: stowage's state and pool are root's \
+             (mode 0700); run it as root: sudo stowage status",
+            path.display()
+        ))),
+        Err(source) => Err(ClientError::Io {
+            what: format!("cannot read {what} {}", path.display()),
+            source,
+        }),
+    }
+}
+
 /// Builds the report. Reads only; changes nothing.
 pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError> {
-    if !state_dir.is_dir() {
-        return Err(ClientError::Local(format!(
-            "state directory {} does not exist",
-            state_dir.display()
-        )));
-    }
-    if !pool.is_dir() {
-        return Err(ClientError::Local(format!(
-            "pool {} does not exist",
-            pool.display()
-        )));
-    }
+    readable_dir("state directory", state_dir)?;
+    readable_dir("pool", pool)?;
     // The kernel reports loop backing files by their resolved path.
     let pool = pool.canonicalize().unwrap_or_else(|_| pool.to_owned());
     let probed = crate::os::pool::probe(&pool)
@@ -385,7 +399,7 @@ fn unexplained_mounts<'a>(
 }
 
 fn size(bytes: u64) -> String {
-    format_size(i64::try_from(bytes).unwrap_or(i64::MAX))
+    human_size(i64::try_from(bytes).unwrap_or(i64::MAX))
 }
 
 fn print_table(s: &StatusView) {

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::output::{Table, emit, join_map};
 use super::progress::Progress;
-use super::size::{format_size, parse_size};
+use super::size::{human_size, parse_size};
 use super::{ClientError, GlobalArgs, OutputFormat, Session, parse_key_value, rpc};
 use crate::csi;
 use crate::csi::controller_service_capability::rpc::Type as ControllerRpc;
@@ -58,18 +58,32 @@ pub enum VolumeVerb {
         /// The volume id.
         id: String,
     },
-    /// Delete a volume (DeleteVolume).
+    /// Delete a volume (DeleteVolume). Deleting a volume that does not
+    /// exist succeeds (exit status 0) and says "no such volume" on stderr.
     Delete {
         /// The volume id.
         id: String,
+        #[command(flatten)]
+        staging: super::publish::StagingArgs,
     },
-    /// Grow a volume (ControllerExpandVolume).
+    /// Grow a volume (ControllerExpandVolume), and its filesystem online
+    /// where this client has it staged or published (NodeExpandVolume).
     Expand {
         /// The volume id.
         id: String,
         /// The new size: bytes, or a number with Ki, Mi, Gi or Ti.
         #[arg(long, value_parser = parse_size)]
         size: i64,
+        #[command(flatten)]
+        staging: super::publish::StagingArgs,
+    },
+    /// Change a volume's mutable parameters (ControllerModifyVolume).
+    Modify {
+        /// The volume id.
+        id: String,
+        /// A mutable parameter to set (repeatable, at least one).
+        #[arg(long = "mutable-param", value_name = "KEY=VALUE", value_parser = parse_key_value, required = true)]
+        mutable_params: Vec<(String, String)>,
     },
     /// Make a volume usable at TARGET: ControllerPublish and NodeStage when
     /// the plugin needs them, then NodePublish; recorded for unpublish.
@@ -101,21 +115,35 @@ pub struct CreateArgs {
     /// Access mode.
     #[arg(long, value_enum, default_value = "rwo")]
     pub access_mode: AccessModeArg,
-    /// A plugin parameter (repeatable).
+    /// A plugin parameter (repeatable); fixed at creation.
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub params: Vec<(String, String)>,
+    /// A mutable parameter (repeatable): changeable later with `volume
+    /// modify` (stowage: provisioning=thin|thick).
+    #[arg(long = "mutable-param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub mutable_params: Vec<(String, String)>,
     /// Restore from this snapshot.
     #[arg(long, conflicts_with = "from_volume")]
     pub from_snapshot: Option<String>,
     /// Clone this volume.
     #[arg(long)]
     pub from_volume: Option<String>,
+    #[command(flatten)]
+    pub staging: super::publish::StagingArgs,
 }
+
+/// The volume context key under which stowage reports a volume's
+/// CreateVolume name. Other drivers may not report one: the NAME column
+/// is then left out.
+pub use crate::volume::controller::NAME_KEY;
 
 /// A volume, as printed.
 #[derive(Debug, Clone, Serialize)]
 pub struct VolumeView {
     pub volume_id: String,
+    /// The CreateVolume name, where the driver reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub capacity_bytes: i64,
     pub volume_context: BTreeMap<String, String>,
     /// `snapshot:<id>` or `volume:<id>` when made from one.
@@ -133,25 +161,37 @@ pub struct ConditionView {
     pub message: String,
 }
 
-/// ControllerExpandVolume's answer, as printed.
+/// An expansion, as printed.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExpandView {
     pub volume_id: String,
     pub capacity_bytes: i64,
     pub node_expansion_required: bool,
+    /// What became of the node's part.
+    pub node_expansion: super::publish::NodeExpansion,
 }
 
 /// A deletion, as printed.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeletedView {
     pub volume_id: String,
+    /// False when there was no such volume (the call still succeeds:
+    /// deleting what is gone is a success in CSI).
     pub deleted: bool,
+}
+
+/// A modification, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModifiedView {
+    pub volume_id: String,
+    pub mutable_parameters: BTreeMap<String, String>,
 }
 
 impl VolumeView {
     fn new(v: csi::Volume) -> VolumeView {
         use csi::volume_content_source::Type;
         VolumeView {
+            name: v.volume_context.get(NAME_KEY).cloned(),
             volume_id: v.volume_id,
             capacity_bytes: v.capacity_bytes,
             volume_context: v.volume_context.into_iter().collect(),
@@ -180,11 +220,31 @@ impl VolumeView {
 }
 
 fn volume_table(views: &[VolumeView]) -> Table {
-    let mut t = Table::new(&["ID", "SIZE", "SOURCE", "PUBLISHED", "CONDITION", "CONTEXT"]);
+    // The NAME column only when the driver reports names.
+    let names = views.iter().any(|v| v.name.is_some());
+    let mut t = if names {
+        Table::new(&[
+            "NAME",
+            "ID",
+            "SIZE",
+            "SOURCE",
+            "PUBLISHED",
+            "CONDITION",
+            "CONTEXT",
+        ])
+    } else {
+        Table::new(&["ID", "SIZE", "SOURCE", "PUBLISHED", "CONDITION", "CONTEXT"])
+    };
     for v in views {
-        t.row(vec![
+        let mut context = v.volume_context.clone();
+        context.remove(NAME_KEY);
+        let mut row = Vec::new();
+        if names {
+            row.push(v.name.clone().unwrap_or_default());
+        }
+        row.extend([
             v.volume_id.clone(),
-            format_size(v.capacity_bytes),
+            human_size(v.capacity_bytes),
             v.content_source.clone().unwrap_or_default(),
             v.published_node_ids
                 .as_ref()
@@ -195,8 +255,9 @@ fn volume_table(views: &[VolumeView]) -> Table {
                 Some(_) => "healthy".to_owned(),
                 None => String::new(),
             },
-            join_map(&v.volume_context),
+            join_map(&context),
         ]);
+        t.row(row);
     }
     t
 }
@@ -213,6 +274,13 @@ pub async fn run(
                 (None, Some(vol)) => format!("cloning volume {vol} as {}", args.name),
                 (None, None) => format!("creating volume {}", args.name),
             };
+            let root = args.staging.staging_root.clone();
+            let name = args.name.clone();
+            let capability = super::publish::CapabilityArgs {
+                block: args.block,
+                fs: args.fs.clone(),
+                access_mode: Some(args.access_mode),
+            };
             let req = create_request(s, args).await?;
             let progress = Progress::stderr();
             progress.set(label);
@@ -224,6 +292,7 @@ pub async fn run(
                     what: "volume",
                 },
             )?;
+            remember(&root, &v.volume_id, &name, &capability);
             let v = VolumeView::new(v);
             emit(format, &v, || volume_table(std::slice::from_ref(&v)))
         }
@@ -235,21 +304,73 @@ pub async fn run(
             let v = get(s, &id).await?;
             emit(format, &v, || volume_table(std::slice::from_ref(&v)))
         }
-        VolumeVerb::Delete { id } => {
-            s.controller
+        VolumeVerb::Delete { id, staging } => {
+            let existed = exists(s, &id).await?;
+            let r = s
+                .controller
                 .delete_volume(csi::DeleteVolumeRequest {
                     volume_id: id.clone(),
                     ..Default::default()
                 })
-                .await
-                .map_err(rpc("DeleteVolume"))?;
+                .await;
+            // A driver that answers NOT_FOUND says the same: nothing to do.
+            let existed = match r {
+                Ok(_) => existed,
+                Err(st) if st.code() == tonic::Code::NotFound => Some(false),
+                Err(st) => return Err(rpc("DeleteVolume")(st)),
+            };
+            if let Err(e) = super::created::remove(&staging.staging_root, &id) {
+                eprintln!("stowage: warning: {}", e.report());
+            }
             let v = DeletedView {
                 volume_id: id,
-                deleted: true,
+                deleted: existed != Some(false),
             };
+            if !v.deleted {
+                eprintln!(
+                    "stowage: no such volume {:?} (nothing deleted; exit status 0)",
+                    v.volume_id
+                );
+            }
             emit(format, &v, || {
                 let mut t = Table::new(&["ID", "DELETED"]);
-                t.row(vec![v.volume_id.clone(), "true".into()]);
+                t.row(vec![
+                    v.volume_id.clone(),
+                    if v.deleted {
+                        "true".into()
+                    } else {
+                        "false (no such volume)".into()
+                    },
+                ]);
+                t
+            })
+        }
+        VolumeVerb::Modify { id, mutable_params } => {
+            if !s
+                .controller_rpcs()
+                .await?
+                .contains(&ControllerRpc::ModifyVolume)
+            {
+                return Err(ClientError::Local(
+                    "the plugin does not offer MODIFY_VOLUME (ControllerModifyVolume)".into(),
+                ));
+            }
+            let params: BTreeMap<String, String> = mutable_params.into_iter().collect();
+            s.controller
+                .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                    volume_id: id.clone(),
+                    mutable_parameters: params.clone().into_iter().collect(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("ControllerModifyVolume"))?;
+            let v = ModifiedView {
+                volume_id: id,
+                mutable_parameters: params,
+            };
+            emit(format, &v, || {
+                let mut t = Table::new(&["ID", "MUTABLE PARAMETERS"]);
+                t.row(vec![v.volume_id.clone(), join_map(&v.mutable_parameters)]);
                 t
             })
         }
@@ -258,7 +379,7 @@ pub async fn run(
         VolumeVerb::Stage(args) => super::publish::stage(s, args, format).await,
         VolumeVerb::Unstage(args) => super::publish::unstage(s, args, format).await,
         VolumeVerb::Stats(args) => super::publish::stats(s, args, format).await,
-        VolumeVerb::Expand { id, size } => {
+        VolumeVerb::Expand { id, size, staging } => {
             let r = s
                 .controller
                 .controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -272,25 +393,75 @@ pub async fn run(
                 .await
                 .map_err(rpc("ControllerExpandVolume"))?
                 .into_inner();
+            let node_expansion = if r.node_expansion_required {
+                super::publish::expand_on_node(s, &id, r.capacity_bytes, &staging.staging_root)
+                    .await
+                    .map_err(|e| {
+                        ClientError::Local(format!(
+                            "volume {id:?} was grown to {}, but not its filesystem: {}",
+                            human_size(r.capacity_bytes),
+                            e.report()
+                        ))
+                    })?
+            } else {
+                super::publish::NodeExpansion::NotRequired
+            };
             let v = ExpandView {
                 volume_id: id,
                 capacity_bytes: r.capacity_bytes,
                 node_expansion_required: r.node_expansion_required,
+                node_expansion,
             };
             emit(format, &v, || {
                 let mut t = Table::new(&["ID", "SIZE", "NODE EXPANSION"]);
                 t.row(vec![
                     v.volume_id.clone(),
-                    format_size(v.capacity_bytes),
-                    if v.node_expansion_required {
-                        "required at next stage/publish".into()
-                    } else {
-                        "not required".into()
-                    },
+                    human_size(v.capacity_bytes),
+                    v.node_expansion.describe(),
                 ]);
                 t
             })
         }
+    }
+}
+
+/// Records what a volume this client created was created for (see
+/// [`super::created`]); a record that cannot be written is a warning, as
+/// the volume exists either way.
+pub(crate) fn remember(
+    root: &std::path::Path,
+    id: &str,
+    name: &str,
+    capability: &super::publish::CapabilityArgs,
+) {
+    let rec = super::created::CreatedRecord {
+        volume_id: id.to_owned(),
+        name: name.to_owned(),
+        capability: capability.record(),
+    };
+    if let Err(e) = super::created::save(root, &rec) {
+        eprintln!(
+            "stowage: warning: volume {id} was created, but its access type could not be \
+             recorded (give the same --block/--fs when publishing it): {}",
+            e.report()
+        );
+    }
+}
+
+/// Whether the volume exists: Some when the plugin can tell (GET_VOLUME or
+/// LIST_VOLUMES), None otherwise.
+pub(crate) async fn exists(s: &mut Session, id: &str) -> Result<Option<bool>, ClientError> {
+    let rpcs = s.controller_rpcs().await?;
+    if !rpcs.contains(&ControllerRpc::GetVolume) && !rpcs.contains(&ControllerRpc::ListVolumes) {
+        return Ok(None);
+    }
+    match get(s, id).await {
+        Ok(_) => Ok(Some(true)),
+        Err(ClientError::NotFound { .. }) => Ok(Some(false)),
+        Err(ClientError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
+            Ok(Some(false))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -318,11 +489,12 @@ async fn create_request(
             super::publish::CapabilityArgs {
                 block: args.block,
                 fs: args.fs,
-                access_mode: args.access_mode,
+                access_mode: Some(args.access_mode),
             }
             .csi(),
         ],
         parameters: args.params.into_iter().collect(),
+        mutable_parameters: args.mutable_params.into_iter().collect(),
         volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
         accessibility_requirements,
         ..Default::default()

@@ -12,6 +12,10 @@ use super::command::{self, CommandError};
 /// ioctl (EXT4_IOC_RESIZE_FS, which resize2fs uses) requires it.
 const CAP_SYS_RESOURCE: u32 = 24;
 
+/// CAP_SYS_ADMIN from <linux/capability.h>: mount(2) and the loop device
+/// ioctls require it, so `stowage serve` cannot work without it.
+pub const CAP_SYS_ADMIN: u32 = 21;
+
 /// A grow step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ResizeError {
@@ -277,7 +281,7 @@ fn device_size(device: &Path) -> std::io::Result<u64> {
 
 /// Whether this process holds capability number `cap` (unknown counts as
 /// held: then the tool itself reports the refusal).
-fn has_effective_capability(cap: u32) -> bool {
+pub fn has_effective_capability(cap: u32) -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| effective_capabilities(&status))

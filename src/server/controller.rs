@@ -50,10 +50,16 @@ impl ControllerService {
 }
 
 fn to_volume(rec: &VolumeRecord) -> csi::Volume {
+    let mut volume_context: std::collections::HashMap<String, String> =
+        rec.volume_context.clone().into_iter().collect();
+    volume_context.insert(
+        crate::volume::controller::NAME_KEY.to_owned(),
+        rec.name.clone(),
+    );
     csi::Volume {
         capacity_bytes: rec.capacity_bytes as i64,
         volume_id: rec.id.to_string(),
-        volume_context: rec.volume_context.clone().into_iter().collect(),
+        volume_context,
         content_source: rec
             .content_source
             .as_ref()

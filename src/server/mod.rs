@@ -43,8 +43,12 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `unix:///path`, `unix:/path` or `tcp://host:port`.
+    /// Parses `unix:///path`, `unix:/path`, a bare absolute `/path` (as
+    /// csi-sanity and the Kubernetes sidecars accept) or `tcp://host:port`.
     pub fn parse(s: &str) -> Result<Self, String> {
+        if s.starts_with('/') {
+            return Ok(Endpoint::Unix(PathBuf::from(s)));
+        }
         if let Some(rest) = s
             .strip_prefix("unix://")
             .or_else(|| s.strip_prefix("unix:"))
@@ -61,7 +65,7 @@ impl Endpoint {
             return Ok(Endpoint::Tcp(rest.to_owned()));
         }
         Err(format!(
-            "endpoint {s:?}: expected unix:///path or tcp://host:port"
+            "endpoint {s:?}: expected unix:///path, an absolute /path or tcp://host:port"
         ))
     }
 }
@@ -386,7 +390,12 @@ mod tests {
             Endpoint::parse("tcp://127.0.0.1:1"),
             Ok(Endpoint::Tcp("127.0.0.1:1".into()))
         );
+        assert_eq!(
+            Endpoint::parse("/run/x.sock"),
+            Ok(Endpoint::Unix("/run/x.sock".into()))
+        );
         assert!(Endpoint::parse("unix://rel.sock").is_err());
+        assert!(Endpoint::parse("rel.sock").is_err());
         assert!(Endpoint::parse("http://x").is_err());
     }
 

@@ -22,6 +22,12 @@ use crate::state::{Store, Table};
 /// capacity ("false" for dir volumes on pools without quotas).
 pub const CAPACITY_ENFORCED_KEY: &str = "stowage.csi.dev/capacity-enforced";
 
+/// Volume context key reporting the volume's CreateVolume name, added to
+/// every volume the controller returns, for people listing volumes
+/// (`stowage volume list` shows it as NAME). Opaque to COs like every
+/// context key; the node ignores it.
+pub const NAME_KEY: &str = "stowage.csi.dev/name";
+
 /// Volume context key reporting thin or thick provisioning.
 pub const PROVISIONING_KEY: &str = "stowage.csi.dev/provisioning";
 

@@ -91,6 +91,12 @@ impl Parameters {
                         format!("parameter backend={v:?}: expected \"block\" or \"dir\"")
                     })?;
                 }
+                None if k == "provisioning" => {
+                    return Err(format!(
+                        "{k:?} is a mutable parameter: give it in mutable_parameters \
+                         (stowage volume create --mutable-param {k}={v}), not in parameters"
+                    ));
+                }
                 None => {
                     return Err(format!(
                         "unknown parameter {k:?} (known: {})",

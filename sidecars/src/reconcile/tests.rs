@@ -23,6 +23,13 @@ struct World {
     /// Snapshots (by name) still copying in the background: CreateSnapshot
     /// answers `ready: false` for them.
     copying: BTreeSet<String>,
+    /// volume id → mutable parameters given (create or modify).
+    mutable: BTreeMap<String, BTreeMap<String, String>>,
+    /// Make expand grow the volume, then fail with this (the node could
+    /// not grow the filesystem), every time.
+    node_expand_error: Option<String>,
+    /// Make create fail with this (the plugin cannot be reached).
+    create_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -56,6 +63,9 @@ impl Plugin for Fake {
     }
 
     async fn create_volume(&mut self, req: &CreateVolume) -> Result<CreatedVolume, FakeError> {
+        if let Some(e) = self.w().create_error.clone() {
+            return Err(FakeError(e));
+        }
         let v = {
             let mut w = self.w();
             if let Some((id, cap, c)) = w.volumes.get(&req.name).cloned() {
@@ -73,6 +83,7 @@ impl Plugin for Fake {
                     req.name.clone(),
                     (id.clone(), req.bytes, req.capability.clone()),
                 );
+                w.mutable.insert(id.clone(), req.mutable_parameters.clone());
                 CreatedVolume {
                     id,
                     capacity_bytes: req.bytes,
@@ -136,8 +147,26 @@ impl Plugin for Fake {
                 v.1 = v.1.max(bytes);
             }
         }
+        let node_error = self.w().node_expand_error.clone();
+        if let Some(e) = node_error {
+            self.w().mutations.push("expand".into());
+            return Err(FakeError(e));
+        }
         self.lost("expand")?;
         Ok(bytes)
+    }
+
+    async fn modify_volume(
+        &mut self,
+        volume_id: &str,
+        mutable_parameters: &BTreeMap<String, String>,
+    ) -> Result<(), FakeError> {
+        self.w()
+            .mutable
+            .entry(volume_id.to_owned())
+            .or_default()
+            .extend(mutable_parameters.clone());
+        self.lost("modify")
     }
 
     async fn create_snapshot(
@@ -667,4 +696,104 @@ async fn a_stop_request_ends_the_pass_before_the_next_step() {
         .await;
     assert!(s.stopped && !s.converged);
     assert!(h.fake.w().mutations.is_empty());
+}
+
+/// `mutableParameters` are given to CreateVolume, and a change in the file
+/// is applied once with ControllerModifyVolume (planned on a dry run,
+/// repeated when its answer was lost).
+#[tokio::test]
+async fn mutable_parameters_are_created_with_and_modified_when_they_change() {
+    let file = |p: &str| {
+        format!(
+            "volumes:\n  - name: a\n    size: 1Mi\n    target: /t/a\n    mutableParameters: {{provisioning: {p}}}\n"
+        )
+    };
+    let mut h = Harness::new();
+    assert!(h.apply_at(&file("thin"), 100).await.converged);
+    let thin = BTreeMap::from([("provisioning".to_owned(), "thin".to_owned())]);
+    assert_eq!(h.fake.w().mutable["vol-1"], thin);
+    assert_eq!(h.state().volumes["a"].mutable_parameters, thin);
+    assert!(h.apply_at(&file("thin"), 100).await.events.is_empty());
+
+    let plan = h.plan(&file("thick"), 100).await;
+    assert_eq!(kinds(&plan), ["a:modify:planned"]);
+    assert_eq!(
+        plan.events[0].to_string(),
+        "would change a's mutable parameters to provisioning=thick"
+    );
+    assert_eq!(
+        h.fake.w().mutable["vol-1"],
+        thin,
+        "a dry run changes nothing"
+    );
+
+    h.fake.w().lose_answer_of = Some("modify");
+    let s = h.apply_at(&file("thick"), 100).await;
+    assert_eq!(kinds(&s), ["a:modify:failed"]);
+    assert!(
+        s.events[0]
+            .to_string()
+            .starts_with("FAILED to change a's mutable parameters"),
+        "{}",
+        s.events[0]
+    );
+    let s = h.apply_at(&file("thick"), 100).await;
+    assert_eq!(kinds(&s), ["a:modify:done"]);
+    assert_eq!(h.fake.w().mutable["vol-1"]["provisioning"], "thick");
+    assert!(h.apply_at(&file("thick"), 100).await.events.is_empty());
+}
+
+/// A node that cannot grow the filesystem: the first pass says the volume
+/// grew and its filesystem did not (not "expanded"), and later passes and
+/// dry runs describe what is left (the filesystem), never "from 2Mi to
+/// 2Mi".
+#[tokio::test]
+async fn an_expansion_the_node_cannot_finish_is_reported_as_it_stands() {
+    let one = |size: &str| format!("volumes:\n  - name: a\n    size: {size}\n    target: /t/a\n");
+    let mut h = Harness::new();
+    assert!(h.apply_at(&one("1Mi"), 100).await.converged);
+    h.fake.w().node_expand_error = Some("read-only filesystem".into());
+    let s = h.apply_at(&one("2Mi"), 100).await;
+    assert_eq!(kinds(&s), ["a:expand:failed"]);
+    assert_eq!(
+        s.events[0].to_string(),
+        "FAILED to expand a from 1Mi to 2Mi: the volume has 2Mi but its filesystem was not \
+         grown: fake: read-only filesystem"
+    );
+    let plan = h.plan(&one("2Mi"), 100).await;
+    assert_eq!(
+        plan.events[0].to_string(),
+        "would grow the filesystem of a to 2Mi (the volume already has 2Mi)"
+    );
+    let s = h.apply_at(&one("2Mi"), 100).await;
+    assert_eq!(
+        s.events[0].to_string(),
+        "FAILED to grow the filesystem of a to 2Mi (the volume already has 2Mi): \
+         fake: read-only filesystem"
+    );
+    h.fake.w().node_expand_error = None;
+    let s = h.apply_at(&one("2Mi"), 100).await;
+    assert!(s.converged, "{:?}", kinds(&s));
+    assert_eq!(
+        s.events[0].to_string(),
+        "grew the filesystem of a to 2Mi (the volume already has 2Mi)"
+    );
+}
+
+/// A call that failed never reads as done: "FAILED to create volume a",
+/// not "FAILED: created volume a".
+#[tokio::test]
+async fn a_failed_create_does_not_read_as_created() {
+    let mut h = Harness::new();
+    h.fake.w().create_error = Some("cannot connect to unix:///x.sock".into());
+    let s = h
+        .apply_at(
+            "volumes:\n  - name: ok1\n    size: 1Mi\n    target: /t/a\n",
+            100,
+        )
+        .await;
+    assert_eq!(
+        s.events[0].to_string(),
+        "FAILED to create volume ok1 of 1Mi: fake: cannot connect to unix:///x.sock"
+    );
 }
