@@ -16,6 +16,15 @@
 //!     cargo bench --bench lifecycle -- [--cycles 50] [--workers 8] [--kinds dir,block,raw] [--json]
 //!     cargo bench --bench lifecycle -- --endpoint unix:///run/other/csi.sock \
 //!         [--access mount|block] [--fs-type ext4] [--size 64Mi] [--param k=v]...
+//!
+//! `--metrics-overhead` measures instead what `serve --metrics-address`
+//! costs a cycle: two servers on two equal pools, one with metrics (scraped
+//! once a round, outside the timed cycles) and one without, run
+//! sequential cycles in interleaved rounds (the order alternates each
+//! round), and the report is the ratio of their median cycle times (and the
+//! median of the per-round ratios), with the issue's limit of +2 %:
+//!
+//!     cargo bench --bench lifecycle -- --metrics-overhead [--rounds 10] [--cycles 20] [--kinds dir,block,raw] [--json]
 
 #![allow(clippy::disallowed_methods)]
 
@@ -335,8 +344,172 @@ fn print_table(r: &Report) {
     }
 }
 
+/// Metrics on vs off for one kind of volume.
+#[derive(Debug, serde::Serialize)]
+struct OverheadReport {
+    kind: String,
+    rounds: usize,
+    cycles_per_round: usize,
+    off: Summary,
+    on: Summary,
+    /// Median cycle with metrics over median cycle without.
+    ratio: f64,
+    /// The median of each round's on/off ratio of medians.
+    round_ratio_median: f64,
+    /// Requests the metrics server counted for CreateVolume, as a check
+    /// that it measured every cycle (warm-up included).
+    counted_creates: u64,
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// GET /metrics over plain HTTP/1.1.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// `stowage_rpc_requests_total{method="CreateVolume",code="OK"}` in an
+/// exposition.
+fn created(exposition: &str) -> u64 {
+    exposition
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"stowage_rpc_requests_total{method="CreateVolume",code="OK"} "#)
+        })
+        .map_or(0, |v| v.trim().parse().expect("a count"))
+}
+
+fn median_ms(v: &[Duration]) -> f64 {
+    summarize(v).median_ms
+}
+
+async fn metrics_overhead(args: &Args) {
+    let rounds: usize = args
+        .value("--rounds")
+        .map_or(10, |v| v.parse().expect("--rounds N"));
+    let cycles: usize = args
+        .value("--cycles")
+        .map_or(20, |v| v.parse().expect("--cycles N"));
+    let addr = free_addr();
+    let off_env = common::Env::new("xfs").await;
+    let on_env = common::Env::with_args("xfs", &["--metrics-address", &addr]).await;
+    let endpoint = |e: &common::Env| format!("unix://{}", e.layout.socket.display());
+    let drivers = [
+        Driver::discover(&endpoint(&off_env)).await,
+        Driver::discover(&endpoint(&on_env)).await,
+    ];
+    let works = [&off_env, &on_env].map(|e| {
+        let w = e.scratch.root.join("bench");
+        std::fs::create_dir_all(&w).unwrap();
+        w
+    });
+    let spec = |block: bool, fs: &str, backend: &str, size: i64| VolumeSpec {
+        block,
+        fs_type: fs.to_owned(),
+        size,
+        parameters: [("backend".to_owned(), backend.to_owned())].into(),
+    };
+    let kinds = [
+        ("dir", spec(false, "", "dir", 0)),
+        ("block+ext4", spec(false, "ext4", "block", 64 << 20)),
+        ("raw block", spec(true, "", "block", 64 << 20)),
+    ];
+    let only = args.value("--kinds");
+    let mut reports = Vec::new();
+    for (kind, spec) in kinds.iter().filter(|(k, _)| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|w| k.starts_with(w)))
+    }) {
+        let before = created(&scrape(&addr));
+        let tag = format!(
+            "mo-{}-{}",
+            std::process::id(),
+            kind.replace([' ', '+'], "-")
+        );
+        let mut ds = drivers.clone();
+        for (i, d) in ds.iter_mut().enumerate() {
+            cycle(d, spec, &format!("{tag}-warm{i}"), &works[i], false).await;
+        }
+        let mut all: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+        let mut round_ratios = Vec::with_capacity(rounds);
+        for r in 0..rounds {
+            let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+            let mut this: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+            for i in order {
+                for c in 0..cycles {
+                    let name = format!("{tag}-{i}-r{r}-c{c}");
+                    let t = cycle(&mut ds[i], spec, &name, &works[i], false).await;
+                    this[i].push(t.total);
+                }
+            }
+            // What a Prometheus server does now and then, outside the
+            // timed cycles.
+            scrape(&addr);
+            round_ratios.push(median_ms(&this[1]) / median_ms(&this[0]));
+            for (a, t) in all.iter_mut().zip(this.iter_mut()) {
+                a.append(t);
+            }
+        }
+        round_ratios.sort_by(f64::total_cmp);
+        let (off, on) = (summarize(&all[0]), summarize(&all[1]));
+        reports.push(OverheadReport {
+            kind: kind.to_string(),
+            rounds,
+            cycles_per_round: cycles,
+            off,
+            on,
+            ratio: on.median_ms / off.median_ms,
+            round_ratio_median: round_ratios[round_ratios.len() / 2],
+            counted_creates: created(&scrape(&addr)) - before,
+        });
+    }
+    if args.flag("--json") {
+        println!("{}", serde_json::to_string_pretty(&reports).unwrap());
+        return;
+    }
+    println!(
+        "metrics on vs off: {} rounds of sequential cycles per server, interleaved",
+        rounds
+    );
+    for r in &reports {
+        println!(
+            "{}: cycle median {:.3} ms off, {:.3} ms on: ratio {:.4} ({:+.2} %; median of per-round ratios {:.4}); limit +2 %; {} creates counted by the metrics",
+            r.kind,
+            r.off.median_ms,
+            r.on.median_ms,
+            r.ratio,
+            (r.ratio - 1.0) * 100.0,
+            r.round_ratio_median,
+            r.counted_creates
+        );
+    }
+}
+
 fn main() {
     let args = Args::from_env();
+    if args.flag("--metrics-overhead") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(metrics_overhead(&args));
+        return;
+    }
     let n: usize = args
         .value("--cycles")
         .map_or(50, |v| v.parse().expect("--cycles N"));
