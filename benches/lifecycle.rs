@@ -21,7 +21,7 @@
 //! costs: three servers on three equal pools, one with metrics (scraped
 //! once a round, outside the timed cycles), one without, and another
 //! without as an A/A control (its ratio to the first is the noise floor),
-//! run sequential cycles in interleaved rounds (the order changes every
+//! run sequential cycles in turn, cycle by cycle (the order changes every
 //! round). It reports the ratio of the median cycle times with and
 //! without metrics (and the median of the per-round ratios), against the
 //! issue's limit of +2 %, and the same for a no-op RPC:
@@ -604,8 +604,8 @@ async fn metrics_overhead(args: &Args) {
     let mut noop = Rounds::new();
     for r in 0..rounds {
         let mut this: [Vec<Duration>; 3] = Default::default();
-        for i in ORDERS[r % ORDERS.len()] {
-            for _ in 0..100 {
+        for _ in 0..100 {
+            for i in ORDERS[r % ORDERS.len()] {
                 let t = Instant::now();
                 drivers[i]
                     .node
@@ -655,8 +655,10 @@ async fn metrics_overhead(args: &Args) {
         let mut runs = Rounds::new();
         for r in 0..rounds {
             let mut this: [Vec<Duration>; 3] = Default::default();
-            for i in ORDERS[r % ORDERS.len()] {
-                for c in 0..cycles {
+            // Cycle by cycle in turn, so a burst of load elsewhere on the
+            // host falls on all three alike.
+            for c in 0..cycles {
+                for i in ORDERS[r % ORDERS.len()] {
                     let name = format!("{tag}-{i}-r{r}-c{c}");
                     let t = cycle(&mut drivers[i], spec, &name, &works[i], false).await;
                     this[i].push(t.total);
@@ -695,7 +697,7 @@ async fn metrics_overhead(args: &Args) {
         return;
     }
     println!(
-        "metrics on vs off: three servers (off, off again as an A/A control, on), {rounds} interleaved rounds"
+        "metrics on vs off: three servers (off, off again as an A/A control, on), {rounds} rounds of {cycles} cycles each, in turn"
     );
     let l = &run.layer;
     println!(
