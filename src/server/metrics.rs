@@ -645,6 +645,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::convert::Infallible;
 
     use super::*;
 
@@ -681,6 +682,127 @@ mod tests {
         ] {
             assert_eq!(method_label(p), "unknown", "{p}");
         }
+    }
+
+    type Frames = std::array::IntoIter<Result<Frame<tonic::codegen::Bytes>, Infallible>, 2>;
+    type TestBody = http_body_util::StreamBody<tokio_stream::Iter<Frames>>;
+
+    /// A response whose status is in its trailers (`Some`) or, trailers-only,
+    /// in its headers.
+    fn response(
+        trailer: Option<&'static str>,
+        header: Option<&'static str>,
+    ) -> http::Response<TestBody> {
+        let mut trailers = http::HeaderMap::new();
+        if let Some(code) = trailer {
+            trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+        }
+        let frames = tokio_stream::iter([
+            Ok(Frame::data(tonic::codegen::Bytes::from_static(b"x"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        let mut r = http::Response::new(http_body_util::StreamBody::new(frames));
+        if let Some(code) = header {
+            r.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static(code));
+        }
+        r
+    }
+
+    fn exposition(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    /// Sends one request for `path` whose answer is `resp`, reading the
+    /// body to its end unless `read` is false (the client went away).
+    async fn one(layer: &RpcMetricsLayer, path: &str, resp: http::Response<TestBody>, read: bool) {
+        use http_body_util::BodyExt;
+        use tower::{Layer, ServiceExt};
+        let resp = std::sync::Mutex::new(Some(resp));
+        let svc = layer.layer(tower::service_fn(move |_req: http::Request<()>| {
+            let r = resp.lock().unwrap().take().unwrap();
+            async move { Ok::<_, Infallible>(r) }
+        }));
+        let req = http::Request::builder().uri(path).body(()).unwrap();
+        let body = svc.oneshot(req).await.unwrap().into_body();
+        if read {
+            body.collect().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_layer_counts_codes_from_trailers_headers_and_cancellation() {
+        let mut registry = Registry::default();
+        let layer = RpcMetrics::register(&mut registry).layer();
+        let create = "/csi.v1.Controller/CreateVolume";
+        one(&layer, create, response(Some("0"), None), true).await;
+        one(&layer, create, response(Some("0"), None), true).await;
+        one(&layer, create, response(None, Some("10")), true).await;
+        one(
+            &layer,
+            "/csi.v1.Node/NodeStageVolume",
+            response(Some("5"), None),
+            true,
+        )
+        .await;
+        // Dropped before its trailers: CANCELLED.
+        one(
+            &layer,
+            "/csi.v1.Node/NodeStageVolume",
+            response(Some("0"), None),
+            false,
+        )
+        .await;
+        // No status anywhere: UNKNOWN.
+        one(&layer, "/x.Y/Z", response(None, None), true).await;
+
+        let text = exposition(&registry);
+        let has = |line: &str| text.lines().any(|l| l == line);
+        for line in [
+            r#"rpc_requests_total{method="CreateVolume",code="OK"} 2"#,
+            r#"rpc_requests_total{method="CreateVolume",code="ABORTED"} 1"#,
+            r#"rpc_requests_total{method="NodeStageVolume",code="NOT_FOUND"} 1"#,
+            r#"rpc_requests_total{method="NodeStageVolume",code="CANCELLED"} 1"#,
+            r#"rpc_requests_total{method="unknown",code="UNKNOWN"} 1"#,
+            r#"rpc_aborted_total{method="CreateVolume"} 1"#,
+            r#"rpc_aborted_total{method="NodeStageVolume"} 0"#,
+            r#"rpc_in_flight{method="CreateVolume"} 0"#,
+            r#"rpc_in_flight{method="NodeStageVolume"} 0"#,
+            r#"rpc_duration_seconds_count{method="CreateVolume"} 3"#,
+            r#"rpc_duration_seconds_count{method="NodeStageVolume"} 2"#,
+        ] {
+            assert!(has(line), "{line} missing from:\n{text}");
+        }
+        assert_eq!(text.matches("rpc_requests_total{").count(), 5, "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_inert_layer_passes_responses_through() {
+        use http_body_util::BodyExt;
+        use tower::{Layer, ServiceExt};
+        let svc =
+            RpcMetricsLayer::default().layer(tower::service_fn(|_req: http::Request<()>| async {
+                Ok::<_, Infallible>(response(Some("3"), None))
+            }));
+        let req = http::Request::builder()
+            .uri("/csi.v1.Identity/Probe")
+            .body(())
+            .unwrap();
+        let collected = svc
+            .oneshot(req)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            collected.trailers().and_then(grpc_status),
+            Some(Code::InvalidArgument)
+        );
+        assert_eq!(&collected.to_bytes()[..], b"x");
     }
 
     #[test]
