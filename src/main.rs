@@ -86,6 +86,10 @@ struct ServeArgs {
     /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Serve Prometheus metrics at /metrics and a health check at /healthz
+    /// over HTTP on HOST:PORT (off unless set).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_address: Option<String>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -186,6 +190,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             ModeArg::Node => Mode::Node,
         },
         max_volumes_per_node: args.max_volumes_per_node,
+        metrics_address: args.metrics_address,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -333,6 +333,19 @@ fn both_units_use_one_socket_in_the_runtime_directory() {
     );
 }
 
+/// The server's metrics and the reconciler's health endpoint listen on the
+/// loopback interface only, on different ports (one would fail to bind).
+#[test]
+fn http_endpoints_are_on_loopback_and_do_not_collide() {
+    let metrics = serve_unit().flag_value("ExecStart", "--metrics-address");
+    let health = apply_unit().flag_value("ExecStart", "--health-addr");
+    for addr in [&metrics, &health] {
+        let a: std::net::SocketAddr = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
+        assert!(a.ip().is_loopback(), "{addr} is reachable from other hosts");
+    }
+    assert_ne!(metrics, health);
+}
+
 #[test]
 fn state_paths_are_in_the_units_state_directories() {
     let serve = serve_unit();

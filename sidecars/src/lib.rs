@@ -1,7 +1,8 @@
 //! The headless counterparts of the Kubernetes CSI sidecars: a reconciler
 //! that makes a CSI plugin's volumes match a declarative file
 //! (provision, stage/publish, expand, scheduled snapshots, prune), and a
-//! `/healthz` endpoint backed by the plugin's Probe.
+//! `/healthz` endpoint backed by the plugin's Probe, served by a small
+//! HTTP/1.1 server that the driver's `/metrics` endpoint uses too.
 //!
 //! Everything here speaks to the plugin through the [`Plugin`] port, which
 //! is CSI-shaped and small, so the logic works against any CSI driver and
@@ -9,6 +10,7 @@
 //! the binary implements the port over gRPC (`stowage::client::apply`).
 
 pub mod health;
+pub mod http;
 pub mod plugin;
 pub mod reconcile;
 pub mod schedule;

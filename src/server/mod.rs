@@ -6,6 +6,7 @@ pub mod controller;
 pub mod convert;
 pub mod group_controller;
 pub mod identity;
+pub mod metrics;
 pub mod node;
 pub mod snapshot_metadata;
 pub mod status;
@@ -82,6 +83,8 @@ pub struct Config {
     pub pool_image: PoolImageMode,
     pub mode: Mode,
     pub max_volumes_per_node: u64,
+    /// Where to serve `/metrics` and `/healthz` (HTTP), if anywhere.
+    pub metrics_address: Option<String>,
 }
 
 /// A startup failure, with what to fix.
@@ -111,6 +114,12 @@ pub enum StartError {
         #[source]
         err: std::io::Error,
     },
+    #[error("serve metrics on {addr}: {err}")]
+    Metrics {
+        addr: String,
+        #[source]
+        err: std::io::Error,
+    },
     #[error("cannot prepare the pool: {0}")]
     Pool(#[from] crate::os::pool_image::PoolImageError),
     #[error("cannot open the driver: {0}")]
@@ -130,6 +139,10 @@ pub struct Driver {
     pub strategy: crate::os::pool::PoolStrategy,
     /// Whether the pool is kept in an xfs image.
     pub placement: Placement,
+    /// The pool's volume stores (shared with the services).
+    pub backends: Arc<Backends>,
+    /// The state store (shared with the services).
+    pub store: Store,
 }
 
 impl Driver {
@@ -180,8 +193,8 @@ impl Driver {
             Mode::All | Mode::Node => Some(Arc::new(Node::open(
                 &cfg.node_id,
                 cfg.max_volumes_per_node,
-                backends,
-                store,
+                Arc::clone(&backends),
+                store.clone(),
             )?)),
             Mode::Controller => None,
         };
@@ -192,7 +205,16 @@ impl Driver {
             pool: cfg.pool.clone(),
             strategy,
             placement,
+            backends,
+            store,
         })
+    }
+
+    /// The pool's size and the bytes new volumes can still get (bounded by
+    /// the pool image's host, as GetCapacity is).
+    pub fn pool_capacity(&self) -> std::io::Result<(u64, u64)> {
+        let total = crate::os::fs::usage(&self.pool)?.total_bytes;
+        Ok((total, self.backends.available_bytes()?))
     }
 
     /// Ready when every opened service can use its pool and state.
@@ -305,11 +327,36 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         "stowage starting"
     );
 
-    let mut router = tonic::transport::Server::builder().add_service(
-        csi::identity_server::IdentityServer::new(identity::IdentityService {
-            driver: Arc::clone(&driver),
-        }),
-    );
+    // Metrics are served before the socket is bound: a client that can
+    // connect can scrape too.
+    let metrics = cfg
+        .metrics_address
+        .as_ref()
+        .map(|_| metrics::Metrics::new(Arc::clone(&driver)));
+    let mut metrics_task = None;
+    if let (Some(addr), Some(m)) = (&cfg.metrics_address, &metrics) {
+        let listener =
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|err| StartError::Metrics {
+                    addr: addr.clone(),
+                    err,
+                })?;
+        let local = listener
+            .local_addr()
+            .map_or(addr.clone(), |a| a.to_string());
+        tracing::info!(address = %local, "serving /metrics and /healthz");
+        metrics_task = Some(tokio::spawn(Arc::clone(m).serve(listener)));
+    }
+    let layer = metrics.as_ref().map(|m| m.layer()).unwrap_or_default();
+
+    let mut router = tonic::transport::Server::builder()
+        .layer(layer)
+        .add_service(csi::identity_server::IdentityServer::new(
+            identity::IdentityService {
+                driver: Arc::clone(&driver),
+            },
+        ));
     if driver.controller.is_some() {
         router = router
             .add_service(csi::controller_server::ControllerServer::new(
@@ -371,6 +418,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?;
         }
+    }
+    if let Some(t) = metrics_task {
+        t.abort();
     }
     tracing::info!("stopped");
     Ok(())

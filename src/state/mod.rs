@@ -50,6 +50,11 @@ impl Table {
         Table::GroupSnapshots,
     ];
 
+    /// The table's name in logs and metrics (its log file, less `.log`).
+    pub fn name(self) -> &'static str {
+        self.file_name().trim_end_matches(".log")
+    }
+
     fn file_name(self) -> &'static str {
         match self {
             Table::Volumes => "volumes.log",
@@ -69,6 +74,23 @@ pub enum Durability {
     /// In the log, durable with the next immediate write (for records that
     /// can be rebuilt from the system after a crash).
     Deferred,
+}
+
+/// The size of one table's log, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStats {
+    pub table: Table,
+    /// The log file's size on disk (entries and zero-filled space ahead),
+    /// 0 when there is no log yet.
+    pub file_bytes: u64,
+    /// Bytes of entries, live and superseded; None for a table this
+    /// process has not written (it would have to replay the log).
+    pub used_bytes: Option<u64>,
+    /// Bytes the live records would take in a freshly compacted log; None
+    /// as for `used_bytes`.
+    pub live_bytes: Option<u64>,
+    /// Compactions since this process opened the log for writing.
+    pub compactions: u64,
 }
 
 /// A state store failure, naming the file involved.
@@ -186,6 +208,8 @@ struct Writer {
     /// compact without re-encoding everything).
     sizes: HashMap<String, u64>,
     live: u64,
+    /// Compactions since this process opened the log.
+    compactions: u64,
 }
 
 fn zero_fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
@@ -242,6 +266,7 @@ impl Writer {
             records,
             sizes,
             live,
+            compactions: 0,
         };
         // Zero whatever follows the last good entry (a torn write), so
         // later entries are never read back behind garbage.
@@ -343,6 +368,7 @@ impl Writer {
         self._lock = lock;
         self.end = end;
         self.allocated = allocated;
+        self.compactions += 1;
         Ok(())
     }
 }
@@ -496,6 +522,32 @@ impl Store {
             .collect()
     }
 
+    /// The size of every table's log and how often it was compacted. Reads
+    /// only metadata: never replays a log.
+    pub fn log_stats(&self) -> Vec<LogStats> {
+        let writers = self.writers();
+        Table::ALL
+            .iter()
+            .map(|&table| match writers.get(&table) {
+                Some(w) => LogStats {
+                    table,
+                    file_bytes: w.allocated,
+                    used_bytes: Some(w.end),
+                    live_bytes: Some(w.live),
+                    compactions: w.compactions,
+                },
+                None => LogStats {
+                    table,
+                    file_bytes: std::fs::metadata(self.inner.root.join(table.file_name()))
+                        .map_or(0, |m| m.len()),
+                    used_bytes: None,
+                    live_bytes: None,
+                    compactions: 0,
+                },
+            })
+            .collect()
+    }
+
     /// Checks that the state directory accepts durable writes (Probe).
     pub fn check_writable(&self) -> Result<(), StateError> {
         let path = self.inner.root.join(".probe");
@@ -609,6 +661,20 @@ mod tests {
             .unwrap()
             .len();
         assert!(len < 6 * CHUNK, "log was not compacted: {len} bytes");
+        let stats = s.log_stats();
+        let volumes = stats.iter().find(|t| t.table == Table::Volumes).unwrap();
+        assert!(volumes.compactions > 0, "{volumes:?}");
+        assert_eq!(volumes.file_bytes, len);
+        let (used, live) = (volumes.used_bytes.unwrap(), volumes.live_bytes.unwrap());
+        assert!(
+            live > 7 * 4000 && live <= used && used <= len,
+            "{volumes:?}"
+        );
+        let nodes = stats.iter().find(|t| t.table == Table::Nodes).unwrap();
+        assert_eq!(
+            (nodes.file_bytes, nodes.compactions, nodes.used_bytes),
+            (0, 0, None)
+        );
         drop(s);
         let s = Store::open(dir.path()).unwrap();
         let all: Vec<(String, String)> = s.load_all(Table::Volumes).unwrap();

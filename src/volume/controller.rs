@@ -106,6 +106,20 @@ pub struct Capacity {
     pub maximum_volume_size: Option<u64>,
 }
 
+/// What the controller holds right now (for metrics). Counts come from
+/// memory; nothing is read from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerInventory {
+    /// Volume records per backend, every backend listed.
+    pub volumes: Vec<(BackendKind, u64)>,
+    /// Snapshot records per backend (ready or still being copied).
+    pub snapshots: Vec<(BackendKind, u64)>,
+    /// Snapshot copies running in the background (sparse-copy pools).
+    pub copies_running: u64,
+    /// Volumes, snapshots and names held by an operation in flight.
+    pub in_flight: u64,
+}
+
 #[derive(Debug, Default)]
 struct Index {
     by_uuid: BTreeMap<Uuid, VolumeRecord>,
@@ -848,6 +862,27 @@ impl Controller {
             available,
             maximum_volume_size: Some(available),
         })
+    }
+
+    /// Counts of what this controller holds, for metrics.
+    pub fn inventory(&self) -> ControllerInventory {
+        const KINDS: [BackendKind; 2] = [BackendKind::Dir, BackendKind::Block];
+        let volumes = {
+            let index = lock(&self.index);
+            KINDS
+                .map(|k| {
+                    let n = index.by_uuid.values().filter(|r| r.id.backend == k).count();
+                    (k, n as u64)
+                })
+                .to_vec()
+        };
+        let snaps = self.snaps();
+        ControllerInventory {
+            volumes,
+            snapshots: KINDS.map(|k| (k, snaps.count(k))).to_vec(),
+            copies_running: snaps.copies_running(),
+            in_flight: self.inflight.len() as u64,
+        }
     }
 
     /// Whether the pool and the state directory are usable (Probe).

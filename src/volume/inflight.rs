@@ -30,6 +30,16 @@ impl InFlight {
             key,
         })
     }
+
+    /// How many keys are held right now.
+    pub fn len(&self) -> usize {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Drop for InFlightGuard {
@@ -48,8 +58,11 @@ mod tests {
         let f = InFlight::default();
         let g = f.try_acquire("v1".into()).unwrap();
         assert!(f.try_acquire("v1".into()).is_none());
-        assert!(f.try_acquire("v2".into()).is_some());
+        let g2 = f.try_acquire("v2".into()).unwrap();
+        assert_eq!(f.len(), 2);
+        drop(g2);
         drop(g);
+        assert!(f.is_empty());
         assert!(f.try_acquire("v1".into()).is_some());
     }
 

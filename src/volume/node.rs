@@ -75,6 +75,20 @@ pub struct VolumeStats {
     pub condition: NodeCondition,
 }
 
+/// What the node holds right now (for metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInventory {
+    /// Volumes staged on this node.
+    pub staged: u64,
+    /// Publications (volume, target) on this node.
+    pub published: u64,
+    /// Volumes held by an operation in flight.
+    pub in_flight: u64,
+    /// Loop devices attached to images of this pool, as the kernel lists
+    /// them (None when the list cannot be read).
+    pub loop_devices: Option<u64>,
+}
+
 /// The node side of the driver.
 #[derive(Debug)]
 pub struct Node {
@@ -1688,6 +1702,41 @@ impl Node {
                 None => tracing::warn!(path = %probe.display(), "no mount contains this path"),
             },
             Err(e) => tracing::warn!(error = %e, "cannot read the mount table"),
+        }
+    }
+
+    /// Counts of what this node holds, for metrics. Stagings and
+    /// publications come from memory; loop devices from the kernel.
+    pub fn inventory(&self) -> NodeInventory {
+        let (staged, published) = {
+            let records = lock(&self.records);
+            let staged = records.values().filter(|r| r.staging.is_some()).count();
+            let published = records
+                .values()
+                .map(|r| r.publications.len())
+                .sum::<usize>();
+            (staged as u64, published as u64)
+        };
+        let loop_devices = match LoopDevice::list_attached() {
+            Ok(list) => Some(
+                list.iter()
+                    .filter(|(_, backing)| {
+                        let backing = backing.to_string_lossy();
+                        let backing = Path::new(backing.trim_end_matches(" (deleted)"));
+                        self.backends.block.owns_image(backing).is_some()
+                    })
+                    .count() as u64,
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list loop devices");
+                None
+            }
+        };
+        NodeInventory {
+            staged,
+            published,
+            in_flight: self.inflight.len() as u64,
+            loop_devices,
         }
     }
 

@@ -113,6 +113,19 @@ impl SnapshotIndex {
             self.by_name.remove(&rec.name);
         }
     }
+
+    /// Snapshots of `kind` (ready or still being copied).
+    pub(super) fn count(&self, kind: BackendKind) -> u64 {
+        self.by_uuid
+            .values()
+            .filter(|r| r.id.backend == kind)
+            .count() as u64
+    }
+
+    /// Background copies running.
+    pub(super) fn copies_running(&self) -> u64 {
+        self.copying.len() as u64
+    }
 }
 
 /// Thaws every filesystem this node has staged (block volumes mounted at
