@@ -14,6 +14,7 @@ pub mod volume;
 
 /// Code generated from `proto/csi.proto` at build time.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod cluster;
 pub mod csi {
     tonic::include_proto!("csi.v1");
 }

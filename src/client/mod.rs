@@ -6,6 +6,7 @@
 //! state and the system for operators of stowage itself.
 
 pub mod apply;
+pub mod node;
 pub mod output;
 pub mod plugin;
 pub mod progress;
@@ -79,6 +80,8 @@ pub enum ClientCommand {
     Volume(volume::VolumeArgs),
     /// Create, inspect and delete snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// The nodes of a cluster (against a `--mode controller` socket).
+    Node(node::NodeArgs),
 }
 
 /// Why a client command failed.
@@ -339,6 +342,10 @@ pub fn run(command: ClientCommand, outer: &GlobalArgs) -> Result<(), ClientError
                 let g = args.globals.or(outer);
                 let mut s = Session::connect(g.endpoint()).await?;
                 snapshot::run(&mut s, args.verb, g.format()).await
+            }
+            ClientCommand::Node(args) => {
+                let g = args.globals.or(outer);
+                node::run(g.endpoint(), args.verb, g.format()).await
             }
         }
     })

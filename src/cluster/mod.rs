@@ -1,0 +1,14 @@
+//! Many nodes (DESIGN.md, "Many nodes"): node agents serve the
+//! controller-side operations of their own pool on one mutually
+//! authenticated TLS port and register with a stateless controller, which
+//! routes CSI Controller calls to them.
+
+pub mod agent;
+pub mod registry;
+pub mod router;
+pub mod tls;
+
+/// stowage's own cluster API (registration, agent, admin).
+pub mod proto {
+    tonic::include_proto!("stowage.cluster.v1");
+}
