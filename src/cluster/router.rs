@@ -841,3 +841,166 @@ impl proto::admin_server::Admin for Router {
         Ok(Response::new(proto::ForgetResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn registry(nodes: &[(&str, u64, bool)]) -> Router {
+        let r = Arc::new(Registry::new(tonic::transport::ClientTlsConfig::new()));
+        for (id, free, cordoned) in nodes {
+            r.register(proto::RegisterRequest {
+                node_id: (*id).to_owned(),
+                advertise: "127.0.0.1:1".to_owned(),
+                topology: [(TOPOLOGY_NODE_KEY.to_owned(), (*id).to_owned())].into(),
+                free_bytes: *free,
+                total_bytes: *free * 2,
+                cordoned: *cordoned,
+                interval_seconds: 5,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        Router::new(r, "stowage.csi.dev".to_owned())
+    }
+
+    fn topo(node: &str) -> csi::Topology {
+        csi::Topology {
+            segments: [(TOPOLOGY_NODE_KEY.to_owned(), node.to_owned())].into(),
+        }
+    }
+
+    fn create(
+        need: i64,
+        preferred: &[&str],
+        requisite: &[&str],
+        params: &[(&str, &str)],
+    ) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            name: "v".to_owned(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: need,
+                limit_bytes: 0,
+            }),
+            parameters: params
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            accessibility_requirements: (!preferred.is_empty() || !requisite.is_empty()).then(
+                || csi::TopologyRequirement {
+                    preferred: preferred.iter().map(|n| topo(n)).collect(),
+                    requisite: requisite.iter().map(|n| topo(n)).collect(),
+                },
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn placement_follows_parameter_topology_then_free_space() {
+        let r = registry(&[("a", 100, false), ("b", 300, false), ("c", 500, true)]);
+        // Most free uncordoned node that fits.
+        assert_eq!(r.place(&create(10, &[], &[], &[])).unwrap().id, "b");
+        assert_eq!(r.place(&create(200, &[], &[], &[])).unwrap().id, "b");
+        let e = r.place(&create(400, &[], &[], &[])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        // preferred[0] wins; a cordoned one is passed over for the next.
+        assert_eq!(r.place(&create(10, &["a", "b"], &["a", "b"], &[])).unwrap().id, "a");
+        assert_eq!(r.place(&create(10, &["c", "a"], &[], &[])).unwrap().id, "a");
+        assert_eq!(r.place(&create(10, &[], &["c", "b"], &[])).unwrap().id, "b");
+        let e = r.place(&create(10, &["c"], &["c"], &[])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        // Unknown nodes in the topology are no place to go.
+        let e = r.place(&create(10, &["zz"], &[], &[])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        // The node parameter pins; an unregistered one is UNAVAILABLE
+        // (it may register), a cordoned one RESOURCE_EXHAUSTED.
+        assert_eq!(r.place(&create(10, &[], &[], &[("node", "a")])).unwrap().id, "a");
+        let e = r.place(&create(10, &[], &[], &[("node", "zz")])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        let e = r.place(&create(10, &[], &[], &[("node", "c")])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn forgotten_and_unknown_nodes_route_as_the_spec_needs() {
+        let r = registry(&[("a", 100, false)]);
+        assert!(matches!(r.route("a"), Ok(Route::Node(n)) if n.id == "a"));
+        assert_eq!(
+            r.route("b").err().map(|s| s.code()),
+            Some(tonic::Code::Unavailable)
+        );
+        // A fresh node cannot be forgotten; an unknown one can.
+        assert!(r.registry.forget("a").is_err());
+        r.registry.forget("b").unwrap();
+        assert!(matches!(r.route("b"), Ok(Route::Forgotten)));
+        // Malformed IDs go to any node, which answers as one server would.
+        assert!(matches!(r.volume_route("garbage"), Ok(Route::Node(n)) if n.id == "a"));
+        let id = format!("block:b:{}", "0".repeat(32));
+        assert!(matches!(r.volume_route(&id), Ok(Route::Forgotten)));
+        assert_eq!(group_node(&format!("group:a:{}", "1".repeat(32))).as_deref(), Some("a"));
+        assert_eq!(group_node("group:a:xyz"), None);
+    }
+
+    /// Pages through fake per-node lists with every page size: each entry
+    /// exactly once, in node order, and tokens name the node.
+    #[tokio::test]
+    async fn paging_fans_out_over_nodes_and_resumes_from_tokens() {
+        let r = registry(&[("a", 1, false), ("b", 1, false), ("c", 1, false)]);
+        let data: HashMap<&str, Vec<String>> = [
+            ("a", (0..5).map(|i| format!("a{i}")).collect()),
+            ("b", Vec::new()),
+            ("c", (0..3).map(|i| format!("c{i}")).collect()),
+        ]
+        .into();
+        let data = &data;
+        let fetch = |n: NodeEntry, max: i32, token: String| async move {
+            let all = &data[n.id.as_str()];
+            let start: usize = if token.is_empty() {
+                0
+            } else {
+                token.parse().map_err(|_| Status::aborted("bad inner token"))?
+            };
+            let end = if max == 0 {
+                all.len()
+            } else {
+                (start + max as usize).min(all.len())
+            };
+            let next = if end < all.len() {
+                end.to_string()
+            } else {
+                String::new()
+            };
+            Ok((all[start..end].to_vec(), next))
+        };
+        let everything: Vec<String> = ["a0", "a1", "a2", "a3", "a4", "c0", "c1", "c2"]
+            .map(String::from)
+            .to_vec();
+        for page in 0..=9 {
+            let (mut got, mut token) = (Vec::new(), String::new());
+            for _ in 0..20 {
+                let (entries, next) = r.paged(page, &token, fetch).await.unwrap();
+                assert!(page == 0 || entries.len() <= page as usize);
+                got.extend(entries);
+                token = next;
+                if token.is_empty() {
+                    break;
+                }
+            }
+            assert_eq!(got, everything, "page size {page}");
+        }
+        assert_eq!(
+            r.paged(0, "nonsense", fetch).await.err().map(|s| s.code()),
+            Some(tonic::Code::Aborted)
+        );
+        assert_eq!(
+            r.paged(0, "zz/1", fetch).await.err().map(|s| s.code()),
+            Some(tonic::Code::Aborted)
+        );
+        assert_eq!(
+            r.paged(-1, "", fetch).await.err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
+    }
+}
