@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -346,6 +347,60 @@ fn log_captures_stdout_and_stderr_and_tails() {
     assert_eq!(p.log_text().matches("line1").count(), 2);
 }
 
+/// Sockets made in a host serve async code on the test's own runtime:
+/// the echo answers, and a partition cuts an async connect too.
+#[test]
+fn async_connections_from_a_host_work_on_the_tests_runtime() {
+    let _g = shared();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async_connections());
+}
+
+async fn async_connections() {
+    let net = Net::new(2);
+    let (a, b) = (net.host(0), net.host(1));
+    let server = EchoServer::start(b, AGENT_PORT);
+    let s = a.tokio_connect(b.agent_addr(), LIMIT).await.unwrap();
+    assert_eq!(s.local_addr().unwrap().ip(), a.ip());
+    let mut sent = &b"tokio"[..];
+    while !sent.is_empty() {
+        s.writable().await.unwrap();
+        if let Ok(n) = s.try_write(sent) {
+            sent = &sent[n..];
+        }
+    }
+    let mut back = Vec::new();
+    while back.len() < 5 {
+        s.readable().await.unwrap();
+        let mut buf = [0u8; 16];
+        match s.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => back.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(back, b"tokio");
+    assert_eq!(server.peers().len(), 1);
+
+    net.partition(b);
+    let cut = a.tokio_connect(b.agent_addr(), CUT).await;
+    assert!(cut.is_err(), "{cut:?}");
+    net.heal(b);
+    let mut ok = false;
+    for _ in 0..20 {
+        if a.tokio_connect(b.agent_addr(), CUT).await.is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "no async connection after heal");
+}
+
 /// Two networks get different subnets and cannot reach each other.
 #[test]
 fn two_networks_are_isolated() {
@@ -370,7 +425,7 @@ fn nothing_outlives_a_test_even_one_that_panics() {
     let ours_before = netns::own_namespaces();
     assert!(ours_before.is_empty(), "{ours_before:?}");
 
-    let seen = Mutex::new((Vec::<u32>::new(), Vec::<String>::new()));
+    let seen = Mutex::new((Vec::<u32>::new(), Vec::<String>::new(), PathBuf::new()));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let net = Net::new(2);
         let p = net.host(0).spawn(Command::new("sleep").arg("300"));
@@ -382,13 +437,16 @@ fn nothing_outlives_a_test_even_one_that_panics() {
         let mut s = seen.lock().unwrap();
         s.0 = vec![p.pid(), q.pid(), helper];
         s.1 = net.namespace_names();
+        s.2 = net.log_dir().to_owned();
+        assert!(s.2.is_dir());
         assert_eq!(s.1.len(), 3);
         assert!(s.1.iter().all(|n| netns::ns_exists(n)));
         drop(s);
         panic!("deliberate failure with the network up");
     }));
     assert!(r.is_err());
-    let (pids, names) = seen.into_inner().unwrap();
+    let (pids, names, logs) = seen.into_inner().unwrap();
+    assert!(!logs.exists(), "{} survived", logs.display());
     for pid in &pids {
         assert!(eventually(LIMIT, || dead(*pid)), "pid {pid} survived");
     }
@@ -409,6 +467,27 @@ fn nothing_outlives_a_test_even_one_that_panics() {
     drop(p);
     assert_eq!(netns::own_namespaces(), ours_before);
     assert_eq!(root_links(), links_before);
+}
+
+/// A child of this test, killed (by its pid) and reaped on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes the directories it names on drop.
+struct RemoveDirs(Vec<PathBuf>);
+
+impl Drop for RemoveDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 /// Deletes the namespaces it names on drop (decoys made by this test).
@@ -432,16 +511,21 @@ fn stale_namespaces_of_dead_runs_are_removed_and_nothing_else() {
     let mut child = Command::new("true").spawn().unwrap();
     child.wait().unwrap();
     let dead_pid = child.id();
+    let live = KillOnDrop(Command::new("sleep").arg("60").spawn().unwrap());
+    let live_pid = live.0.id();
     let stale = vec![
         format!("swn{dead_pid:x}.00b"),
         format!("swn{dead_pid:x}.00h00"),
     ];
+    // Names carry pids of this process or its children, so test processes
+    // running at the same time never make the same ones.
     let decoys = vec![
-        "swn1.00b".to_owned(), // pid 1 is alive
+        format!("swn{live_pid:x}.00b"), // a live process, not ours
         format!("swn{dead_pid:x}.00bx"),
         format!("swn{dead_pid:x}.0b"),
         format!("xswn{dead_pid:x}.00b"),
-        format!("swn{dead_pid:X}.00h0g"),
+        format!("swn{dead_pid:x}.00h0g"),
+        format!("swn0{dead_pid:x}.00b"),
     ];
     let _made = MadeNamespaces(stale.iter().chain(&decoys).cloned().collect());
     for n in stale.iter().chain(&decoys) {
@@ -451,13 +535,26 @@ fn stale_namespaces_of_dead_runs_are_removed_and_nothing_else() {
 
     let removed = netns::remove_stale_namespaces();
     for n in &stale {
-        assert!(removed.contains(n), "{n} not removed: {removed:?}");
-        assert!(!netns::ns_exists(n));
+        // Another test process's sweep may have got there first.
+        assert!(!netns::ns_exists(n), "{n} not removed: {removed:?}");
     }
     for n in &decoys {
         assert!(!removed.contains(n), "{n} removed");
         assert!(netns::ns_exists(n), "{n} gone");
     }
+
+    // Log directories follow the same rule.
+    let stale_logs = PathBuf::from(format!("/tmp/stowage-netns-{dead_pid:x}-t"));
+    let live_logs = PathBuf::from(format!("/tmp/stowage-netns-{live_pid:x}-t"));
+    let _dirs = RemoveDirs(vec![stale_logs.clone(), live_logs.clone()]);
+    for d in [&stale_logs, &live_logs] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("h0-x-0.log"), "log").unwrap();
+    }
+    let removed = netns::remove_stale_log_dirs();
+    assert!(!stale_logs.exists(), "{removed:?}");
+    assert!(live_logs.join("h0-x-0.log").exists(), "{removed:?}");
+
     // Our own live namespaces are never stale.
     let net = Net::new(1);
     let removed = netns::remove_stale_namespaces();

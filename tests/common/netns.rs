@@ -49,6 +49,9 @@ pub const HOST_IFACE: &str = "eth0";
 /// The bridge's name inside the bridge namespace.
 const BRIDGE: &str = "br0";
 
+/// Log directories are `/tmp/stowage-netns-<pid hex>-<random>`.
+const LOG_DIR_PREFIX: &str = "stowage-netns-";
+
 static NEXT_NET: AtomicU32 = AtomicU32::new(0);
 static STALE_SWEEP: Once = Once::new();
 
@@ -133,9 +136,44 @@ pub fn remove_stale_namespaces() -> Vec<String> {
         if pid_alive(pid) {
             continue;
         }
+        // Direct children died with the crashed run (PR_SET_PDEATHSIG);
+        // grandchildren may not have.
+        if let Ok(pids) = ip(&["netns", "pids", &name])
+            && !pids.trim().is_empty()
+        {
+            let pids: Vec<&str> = pids.split_whitespace().collect();
+            eprintln!("netns: stale namespace {name} still holds processes {pids:?}; left running");
+        }
         match ip(&["netns", "del", &name]) {
             Ok(_) => removed.push(name),
             Err(e) => eprintln!("netns: could not remove stale namespace {name}: {e}"),
+        }
+    }
+    removed
+}
+
+/// Removes the log directories crashed runs left in /tmp (named with this
+/// harness's prefix and the pid of a process that no longer exists).
+/// Returns the paths removed.
+pub fn remove_stale_log_dirs() -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(LOG_DIR_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| u32::from_str_radix(pid, 16).ok())
+        else {
+            continue;
+        };
+        // A real directory only (never follow a symlink), of a dead pid.
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && !pid_alive(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path());
         }
     }
     removed
@@ -266,6 +304,10 @@ impl Net {
             if !removed.is_empty() {
                 eprintln!("netns: removed stale namespaces {removed:?}");
             }
+            let removed = remove_stale_log_dirs();
+            if !removed.is_empty() {
+                eprintln!("netns: removed stale log directories {removed:?}");
+            }
         });
         let pid = std::process::id();
         // A name already taken can only be a leftover of a dead process
@@ -279,7 +321,7 @@ impl Net {
             .expect("a free network number");
 
         let logs = tempfile::Builder::new()
-            .prefix("stowage-netns-")
+            .prefix(&format!("{LOG_DIR_PREFIX}{pid:x}-"))
             .tempdir_in("/tmp")
             .expect("make log dir")
             .keep();
@@ -507,8 +549,10 @@ impl Host {
     /// directory inside this host's network namespace only: it keeps the
     /// test's mount namespace, so mounts it makes are the test's. Its own
     /// process group; stdin is /dev/null, stdout and stderr go to one log
-    /// file; SIGKILLed if the test process dies. Stdio settings on `cmd`
-    /// are ignored, and so is `env_clear` (not observable on a Command).
+    /// file; SIGKILLed if the test process dies (PR_SET_PDEATHSIG: the
+    /// process itself, not helpers it started, which only `kill9` and
+    /// teardown reach). Stdio settings on `cmd` are ignored, and so is
+    /// `env_clear` (not observable on a Command).
     pub fn spawn(&self, cmd: &mut Command) -> Proc {
         let spec = Spec {
             program: cmd.get_program().to_owned(),
@@ -549,7 +593,8 @@ impl Host {
 
     /// Runs `f` on a fresh thread that has entered this host's network
     /// namespace (only that thread; it ends with `f`). Sockets made there
-    /// stay in this namespace wherever they are used afterwards.
+    /// stay in this namespace wherever they are used afterwards. Blocks the
+    /// calling thread until `f` returns.
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let ns = self
             .open_netns()
@@ -566,6 +611,32 @@ impl Host {
             });
             t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
+    }
+
+    /// An unconnected tokio socket of this namespace: `connect` it from any
+    /// async context (e.g. inside a tonic connector).
+    pub fn tokio_socket(&self) -> io::Result<tokio::net::TcpSocket> {
+        self.run_in(tokio::net::TcpSocket::new_v4)
+    }
+
+    /// An async connection from this namespace to `to`, given up after
+    /// `limit`. Needs a tokio runtime with IO and time enabled.
+    pub async fn tokio_connect(
+        &self,
+        to: SocketAddr,
+        limit: Duration,
+    ) -> io::Result<tokio::net::TcpStream> {
+        let socket = self.tokio_socket()?;
+        match tokio::time::timeout(limit, socket.connect(to)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "connect to {to} from {}: no answer within {limit:?}",
+                    self.name
+                ),
+            )),
+        }
     }
 
     /// A listener on `ip:port` in this namespace.
