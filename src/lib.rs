@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod os;
 pub mod server;
 pub mod state;
@@ -14,7 +15,6 @@ pub mod volume;
 
 /// Code generated from `proto/csi.proto` at build time.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]
-pub mod cluster;
 pub mod csi {
     tonic::include_proto!("csi.v1");
 }

@@ -32,6 +32,9 @@ enum Command {
     /// Make the plugin's volumes match a declarative file (the headless
     /// reconciler; --watch keeps it running as a sidecar).
     Apply(client::apply::ApplyArgs),
+    /// Make the certificates stowage processes on several hosts use
+    /// (local files; no endpoint).
+    Cluster(client::cluster::ClusterArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -238,6 +241,17 @@ fn main() -> ExitCode {
             }
             ExitCode::from(client::apply::run(args, &outer))
         }
+        Command::Cluster(_) if outer.endpoint.is_some() || outer.output.is_some() => {
+            eprintln!("stowage: cluster writes local files and takes no --endpoint or --output");
+            ExitCode::from(2)
+        }
+        Command::Cluster(args) => match client::cluster::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stowage: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Client(command) => match client::run(command, &outer) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -6,6 +6,7 @@
 //! state and the system for operators of stowage itself.
 
 pub mod apply;
+pub mod cluster;
 pub mod node;
 pub mod output;
 pub mod plugin;
