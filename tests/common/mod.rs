@@ -228,15 +228,20 @@ pub struct Clients {
 
 /// Connects to a unix socket.
 pub async fn connect(socket: &Path) -> Clients {
+    try_connect(socket).await.expect("connect to stowage")
+}
+
+/// Connects to a unix socket, or says why not.
+pub async fn try_connect(socket: &Path) -> Result<Clients, String> {
     let channel = stowage::client::channel(&format!("unix://{}", socket.display()))
         .await
-        .expect("connect to stowage");
-    Clients {
+        .map_err(|e| format!("connect to stowage: {e:?}"))?;
+    Ok(Clients {
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),
         group: GroupControllerClient::new(channel.clone()),
         node: NodeClient::new(channel),
-    }
+    })
 }
 
 /// A pool filesystem, a state dir and a running server, all under one
@@ -291,7 +296,10 @@ impl Env {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let server = Server::start(&layout.socket, args, &scratch.root.join("server.log"));
-        let c = connect(&layout.socket).await;
+        let c = match try_connect(&layout.socket).await {
+            Ok(c) => c,
+            Err(e) => panic!("{e}\nserver log:\n{}", server.log_text()),
+        };
         Env {
             server,
             c,
@@ -303,7 +311,10 @@ impl Env {
 
     /// Reconnects after a restart.
     pub async fn reconnect(&mut self) {
-        self.c = connect(&self.layout.socket).await;
+        self.c = match try_connect(&self.layout.socket).await {
+            Ok(c) => c,
+            Err(e) => panic!("{e}\nserver log:\n{}", self.server.log_text()),
+        };
     }
 
     /// A fresh staging directory (as a CO would make it).
