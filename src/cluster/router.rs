@@ -33,7 +33,7 @@ pub struct Router {
 
 /// Where a call goes.
 enum Route {
-    Node(NodeEntry),
+    Node(Box<NodeEntry>),
     /// The ID names a node that an operator forgot: deletes succeed.
     Forgotten,
 }
@@ -62,7 +62,7 @@ impl Router {
             return Ok(Route::Forgotten);
         }
         match self.registry.get(node) {
-            Some(n) if n.fresh(Instant::now()) => Ok(Route::Node(n)),
+            Some(n) if n.fresh(Instant::now()) => Ok(Route::Node(Box::new(n))),
             Some(n) => Err(Status::unavailable(format!(
                 "node {node} has not registered for {} s",
                 n.last_seen.elapsed().as_secs()
@@ -86,7 +86,7 @@ impl Router {
     fn node_for(&self, node: Option<String>) -> Result<Route, Status> {
         match node {
             Some(n) => self.route(&n),
-            None => self.any_node().map(Route::Node),
+            None => self.any_node().map(|n| Route::Node(Box::new(n))),
         }
     }
 
@@ -101,7 +101,7 @@ impl Router {
     /// Like [`Router::volume_route`], for calls that must reach the node.
     fn volume_node(&self, raw: &str) -> Result<NodeEntry, Status> {
         match self.volume_route(raw)? {
-            Route::Node(n) => Ok(n),
+            Route::Node(n) => Ok(*n),
             Route::Forgotten => Err(Status::not_found(format!(
                 "volume {raw} lived on a node that was forgotten"
             ))),
@@ -110,7 +110,7 @@ impl Router {
 
     fn snapshot_node(&self, raw: &str) -> Result<NodeEntry, Status> {
         match self.snapshot_route(raw)? {
-            Route::Node(n) => Ok(n),
+            Route::Node(n) => Ok(*n),
             Route::Forgotten => Err(Status::not_found(format!(
                 "snapshot {raw} lived on a node that was forgotten"
             ))),
@@ -155,7 +155,7 @@ impl Router {
         let eligible = |n: &NodeEntry| n.fresh(now) && !n.cordoned;
         if let Some(pinned) = r.parameters.get("node") {
             let n = match self.route(pinned)? {
-                Route::Node(n) => n,
+                Route::Node(n) => *n,
                 Route::Forgotten => {
                     return Err(Status::invalid_argument(format!(
                         "parameters: node={pinned:?} was forgotten"
@@ -280,9 +280,9 @@ impl Router {
 }
 
 /// Runs futures concurrently, answers in order.
-async fn futures_join_all<F: std::future::Future>(fs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F>(fs: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
@@ -337,7 +337,7 @@ impl csi::controller_server::Controller for Router {
             match source_node {
                 Some(Some(src)) => {
                     let n = match self.route(&src)? {
-                        Route::Node(n) => n,
+                        Route::Node(n) => *n,
                         Route::Forgotten => {
                             return Err(Status::not_found(format!(
                                 "the source lived on node {src}, which was forgotten"
@@ -618,7 +618,7 @@ impl csi::group_controller_server::GroupController for Router {
             )));
         }
         let n = match self.node_for(named.into_iter().next().cloned())? {
-            Route::Node(n) => n,
+            Route::Node(n) => *n,
             Route::Forgotten => {
                 return Err(Status::not_found("the source volumes' node was forgotten"));
             }
@@ -803,7 +803,7 @@ impl proto::admin_server::Admin for Router {
     ) -> Result<Response<proto::CordonResponse>, Status> {
         let r = req.into_inner();
         let n = match self.route(&r.node_id)? {
-            Route::Node(n) => n,
+            Route::Node(n) => *n,
             Route::Forgotten => {
                 return Err(Status::not_found(format!(
                     "node {} was forgotten",
@@ -906,7 +906,12 @@ mod tests {
         let e = r.place(&create(400, &[], &[], &[])).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
         // preferred[0] wins; a cordoned one is passed over for the next.
-        assert_eq!(r.place(&create(10, &["a", "b"], &["a", "b"], &[])).unwrap().id, "a");
+        assert_eq!(
+            r.place(&create(10, &["a", "b"], &["a", "b"], &[]))
+                .unwrap()
+                .id,
+            "a"
+        );
         assert_eq!(r.place(&create(10, &["c", "a"], &[], &[])).unwrap().id, "a");
         assert_eq!(r.place(&create(10, &[], &["c", "b"], &[])).unwrap().id, "b");
         let e = r.place(&create(10, &["c"], &["c"], &[])).unwrap_err();
@@ -916,10 +921,17 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
         // The node parameter pins; an unregistered one is UNAVAILABLE
         // (it may register), a cordoned one RESOURCE_EXHAUSTED.
-        assert_eq!(r.place(&create(10, &[], &[], &[("node", "a")])).unwrap().id, "a");
-        let e = r.place(&create(10, &[], &[], &[("node", "zz")])).unwrap_err();
+        assert_eq!(
+            r.place(&create(10, &[], &[], &[("node", "a")])).unwrap().id,
+            "a"
+        );
+        let e = r
+            .place(&create(10, &[], &[], &[("node", "zz")]))
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-        let e = r.place(&create(10, &[], &[], &[("node", "c")])).unwrap_err();
+        let e = r
+            .place(&create(10, &[], &[], &[("node", "c")]))
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     }
 
@@ -939,7 +951,10 @@ mod tests {
         assert!(matches!(r.volume_route("garbage"), Ok(Route::Node(n)) if n.id == "a"));
         let id = format!("block:b:{}", "0".repeat(32));
         assert!(matches!(r.volume_route(&id), Ok(Route::Forgotten)));
-        assert_eq!(group_node(&format!("group:a:{}", "1".repeat(32))).as_deref(), Some("a"));
+        assert_eq!(
+            group_node(&format!("group:a:{}", "1".repeat(32))).as_deref(),
+            Some("a")
+        );
         assert_eq!(group_node("group:a:xyz"), None);
     }
 
@@ -960,7 +975,9 @@ mod tests {
             let start: usize = if token.is_empty() {
                 0
             } else {
-                token.parse().map_err(|_| Status::aborted("bad inner token"))?
+                token
+                    .parse()
+                    .map_err(|_| Status::aborted("bad inner token"))?
             };
             let end = if max == 0 {
                 all.len()
