@@ -43,14 +43,24 @@ where
     #[allow(clippy::disallowed_methods)] // this is the one place allowed to spawn
     let mut cmd = Command::new(program);
     cmd.args(&args).stdin(Stdio::null());
+    let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec and only
-    // calls prctl(2), which is async-signal-safe. It ties the child's life
-    // to ours: a killed server leaves no mkfs writing to a device that a
-    // restarted server may hand out again.
+    // calls prctl(2) and getppid(2), which are async-signal-safe. It ties
+    // the child's life to ours: a killed server leaves no mkfs writing to a
+    // device that a restarted server may hand out again. A server killed
+    // between the fork and the prctl would not signal the child, so the
+    // child checks that its parent is still the server (else it was
+    // reparented) and gives up before running anything.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "the server died before the program started",
+                ));
+            }
+            Ok(())
         });
     }
     let output = cmd.output().map_err(|err| CommandError::Spawn {

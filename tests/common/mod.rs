@@ -183,10 +183,33 @@ impl Server {
         }
     }
 
-    /// Starts the same server again (after kill9/terminate).
+    /// Starts the same server again (after kill9/terminate). Ready when
+    /// the new server logs that it listens: until then a connect by path
+    /// may still reach the killed server's socket, which a child forked
+    /// just before the kill can hold open for a moment.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server first");
+        let listening = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains("listening") && l.contains("endpoint"))
+                .count()
+        };
+        let before = listening(&self.log_text());
         self.child = Some(spawn(&self.args, &self.log));
+        let start = Instant::now();
+        while listening(&self.log_text()) == before {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("stowage serve exited with {status}: {}", self.log_text());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "stowage serve did not listen within 20 s: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.wait_ready();
     }
 
