@@ -7,9 +7,10 @@ use std::process::Command;
 #[allow(clippy::disallowed_methods)] // build scripts may run git
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/csi.proto");
+    println!("cargo:rerun-if-changed=proto/stowage_cluster.proto");
     println!("cargo:rerun-if-changed=build.rs");
 
-    let fds = protox::compile(["csi.proto"], ["proto"])?;
+    let fds = protox::compile(["csi.proto", "stowage_cluster.proto"], ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -9,6 +9,12 @@
 #   SANITY_POOL_FS=xfs|ext4|tmpfs scripts/sanity.sh   (the pool's filesystem; xfs by default)
 #   STOWAGE_BIN=target/debug/stowage scripts/sanity.sh (skip the release build)
 #   STOWAGE_SERVE_ARGS="--pool-image never" scripts/sanity.sh (extra serve flags)
+#   SANITY_CLUSTER=3 scripts/sanity.sh (a cluster on loopback: `serve --mode
+#       controller` and 3 `serve --mode node` agents with mutual TLS from
+#       `stowage cluster init`; csi-sanity talks to the controller's socket
+#       (--csi.controllerendpoint) and to node n1's (--csi.endpoint), and
+#       pins its volumes to n1 with the `node` parameter, because its
+#       node tests create volumes without topology)
 #
 # It passes only if, in each mode, no spec fails and none is skipped: the
 # one spec csi-sanity itself marks pending (XIt: "ListVolumes pagination
@@ -42,15 +48,19 @@ else
     bin=$PWD/target/release/stowage
 fi
 
+nodes=${SANITY_CLUSTER:-0}
+case "$nodes" in [0-9]) ;; *) echo "sanity.sh: SANITY_CLUSTER must be 0-9" >&2; exit 2;; esac
 work=$(mktemp -d /tmp/stowage-sanity.XXXXXX)
-server=
+servers=()
 loopdev=
 cleanup() {
     set +e
-    [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
+    for pid in "${servers[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; done
     # The pool image stowage keeps inside an ext4/tmpfs pool is mounted
     # below the state directory: unmount it first.
-    mountpoint -q "$work/state/pool" && umount "$work/state/pool"
+    for m in "$work"/state/pool "$work"/state/n*/pool; do
+        mountpoint -q "$m" && umount "$m"
+    done
     mountpoint -q "$work/state" && umount "$work/state"
     [ -n "$loopdev" ] && losetup -d "$loopdev"
     rm -rf "$work"
@@ -75,11 +85,42 @@ printf 'backend: block\n' >"$work/block.yaml"
 
 # Default flags (every implemented capability is advertised), plus a volume
 # limit per node so the attach-limit test runs instead of skipping.
-# shellcheck disable=SC2086 # STOWAGE_SERVE_ARGS is a list of flags
-"$bin" serve --endpoint "unix://$work/csi.sock" --state-dir "$work/state" \
-    --node-id sanity --max-volumes-per-node 8 --log-format text ${STOWAGE_SERVE_ARGS:-} 2>"$work/serve.log" &
-server=$!
-for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
+endpoint="unix://$work/csi.sock"
+cluster_flags=()
+label="$pool_fs pool"
+if [ "$nodes" -eq 0 ]; then
+    # shellcheck disable=SC2086 # STOWAGE_SERVE_ARGS is a list of flags
+    "$bin" serve --endpoint "$endpoint" --state-dir "$work/state" \
+        --node-id sanity --max-volumes-per-node 8 --log-format text ${STOWAGE_SERVE_ARGS:-} 2>"$work/serve.log" &
+    servers+=($!)
+    for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
+else
+    label="$pool_fs pools, cluster of $nodes"
+    "$bin" cluster init "$work/tls" >/dev/null
+    port=$((20000 + RANDOM % 20000))
+    "$bin" serve --mode controller --endpoint "unix://$work/controller.sock" \
+        --listen "127.0.0.1:$port" --tls-dir "$work/tls" 2>"$work/serve.log" &
+    servers+=($!)
+    for i in $(seq "$nodes"); do
+        # shellcheck disable=SC2086
+        "$bin" serve --mode node --node-id "n$i" --endpoint "unix://$work/n$i.sock" \
+            --state-dir "$work/state/n$i" --max-volumes-per-node 8 \
+            --listen "127.0.0.1:$((port + i))" --controller "https://127.0.0.1:$port" \
+            --tls-dir "$work/tls" --register-interval 1 ${STOWAGE_SERVE_ARGS:-} 2>"$work/serve-n$i.log" &
+        servers+=($!)
+    done
+    ready=0
+    for _ in $(seq 150); do
+        ready=$("$bin" --endpoint "unix://$work/controller.sock" node list -o json 2>/dev/null \
+            | python3 -c 'import json,sys; print(sum(n["fresh"] for n in json.load(sys.stdin)["nodes"]))' 2>/dev/null || echo 0)
+        [ "$ready" -eq "$nodes" ] && break
+        sleep 0.1
+    done
+    [ "$ready" -eq "$nodes" ] || { echo "sanity.sh: only $ready of $nodes nodes registered" >&2; cat "$work"/serve*.log >&2; exit 1; }
+    endpoint="unix://$work/n1.sock"
+    cluster_flags=(--csi.controllerendpoint "unix://$work/controller.sock")
+    printf 'node: n1\n' >>"$work/block.yaml"
+fi
 
 # Reads csi-sanity's JUnit report: prints the verdict line and each spec
 # that failed or did not run; exits 1 unless every spec passed but the one
@@ -130,22 +171,22 @@ status=0
 verdicts=()
 run() {
     local name=$1; shift
-    echo "== csi-sanity: $name ($pool_fs pool)"
-    "$sanity" --csi.endpoint "unix://$work/csi.sock" \
+    echo "== csi-sanity: $name ($label)"
+    "$sanity" --csi.endpoint "$endpoint" "${cluster_flags[@]}" \
         --csi.mountdir "$work/mnt" --csi.stagingdir "$work/staging" \
         --csi.testvolumemutableparameters "$work/mutable.yaml" \
         --csi.testvolumeparameters "$work/block.yaml" \
         --csi.testnodevolumeattachlimit \
         --csi.junitfile "$work/junit-$name.xml" \
         "${color[@]}" "$@" || status=1
-    verdicts+=("$(verdict "$name ($pool_fs pool)" "$work/junit-$name.xml")") || status=1
+    verdicts+=("$(verdict "$name ($label)" "$work/junit-$name.xml")") || status=1
 }
 run mount --csi.testvolumeaccesstype mount "$@"
 run block --csi.testvolumeaccesstype block "$@"
 
 if [ "$status" -ne 0 ]; then
-    echo "sanity.sh: failures; server log follows" >&2
-    tail -n 200 "$work/serve.log" >&2
+    echo "sanity.sh: failures; server logs follow" >&2
+    for log in "$work"/serve*.log; do echo "== $log" >&2; tail -n 200 "$log" >&2; done
 fi
 printf '%s\n' "${verdicts[@]}"
 exit "$status"

@@ -4,8 +4,9 @@
 # checks formatting and lints, runs every test binary of the workspace (unit,
 # integration, property; each one even when another fails), and, when
 # `csi-sanity` is on PATH, the upstream conformance suite (scripts/sanity.sh)
-# in mount and block modes on an xfs pool and on an ext4 pool (kept in an
-# xfs image). It ends with a summary: each step, each test binary's totals,
+# in mount and block modes on an xfs pool, on an ext4 pool (kept in an
+# xfs image), and against a cluster of three node agents behind a routing
+# controller (SANITY_CLUSTER=3). It ends with a summary: each step, each test binary's totals,
 # csi-sanity's own summary lines, and a last line
 #   tests: N passed, N failed
 # summing every cargo test and csi-sanity spec. It exits non-zero if any
@@ -127,25 +128,30 @@ if command -v "$sanity" >/dev/null 2>&1; then
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
   if cargo build --locked -p stowage --bin stowage; then
     sanity_lines+=("  $(command -v "$sanity"): $("$sanity" -version 2>&1 | head -n 1)")
-    for fs in xfs ext4; do
-      echo "== scripts/sanity.sh ($fs pool)"
-      SANITY_POOL_FS=$fs STOWAGE_BIN="$target_dir/debug/stowage" scripts/sanity.sh 2>&1 |
-        tee "$logs/sanity-$fs.log"
+    # One server on an xfs pool, one on an ext4 pool, and a cluster of
+    # three node agents behind a routing controller (mutual TLS on loopback).
+    for run in xfs ext4 xfs-cluster; do
+      fs=${run%%-*}
+      nodes=0
+      [ "$run" = xfs-cluster ] && nodes=3
+      echo "== scripts/sanity.sh ($run)"
+      SANITY_POOL_FS=$fs SANITY_CLUSTER=$nodes STOWAGE_BIN="$target_dir/debug/stowage" scripts/sanity.sh 2>&1 |
+        tee "$logs/sanity-$run.log"
       rc=${PIPESTATUS[0]}
-      mapfile -t lines < <(grep -E '^== csi-sanity: |^Ran [0-9]+ of [0-9]+ Specs|^(SUCCESS|FAIL)! -- |^sanity\.sh: |^  [A-Z]+: \[' "$logs/sanity-$fs.log")
+      mapfile -t lines < <(grep -E '^== csi-sanity: |^Ran [0-9]+ of [0-9]+ Specs|^(SUCCESS|FAIL)! -- |^sanity\.sh: |^  [A-Z]+: \[' "$logs/sanity-$run.log")
       sanity_lines+=("${lines[@]/#/  }")
       verdicts=0
       while read -r p f; do
         sanity_passed=$((sanity_passed + p))
         sanity_failed=$((sanity_failed + f))
         verdicts=$((verdicts + 1))
-      done < <(sed -nE 's/^sanity\.sh: .*: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/p' "$logs/sanity-$fs.log")
+      done < <(sed -nE 's/^sanity\.sh: .*: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/p' "$logs/sanity-$run.log")
       if [ "$rc" -ne 0 ] && [ "$verdicts" -eq 0 ]; then
-        sanity_lines+=("  scripts/sanity.sh ($fs pool) exited $rc without a verdict: counted as 1 failed")
+        sanity_lines+=("  scripts/sanity.sh ($run) exited $rc without a verdict: counted as 1 failed")
         sanity_failed=$((sanity_failed + 1))
       fi
-      if [ "$rc" -eq 0 ]; then steps+=("csi-sanity ($fs pool): ok"); else
-        steps+=("csi-sanity ($fs pool): FAILED")
+      if [ "$rc" -eq 0 ]; then steps+=("csi-sanity ($run): ok"); else
+        steps+=("csi-sanity ($run): FAILED")
         failed_steps=$((failed_steps + 1))
       fi
     done

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod os;
 pub mod server;
 pub mod state;

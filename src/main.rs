@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use stowage::backend::placement::PoolImageMode;
 use stowage::client::{self, ClientCommand, GlobalArgs, OutputFormat};
-use stowage::server::{self, Config, Endpoint, Mode};
+use stowage::server::{self, ClusterConfig, Config, Endpoint, Mode};
 
 #[derive(Debug, Parser)]
 #[command(name = "stowage", version = stowage::VENDOR_VERSION, about = "A CSI driver for local dir and block volumes")]
@@ -32,6 +32,9 @@ enum Command {
     /// Make the plugin's volumes match a declarative file (the headless
     /// reconciler; --watch keeps it running as a sidecar).
     Apply(client::apply::ApplyArgs),
+    /// Make the certificates stowage processes on several hosts use
+    /// (local files; no endpoint).
+    Cluster(client::cluster::ClusterArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -90,6 +93,112 @@ struct ServeArgs {
     /// over HTTP on HOST:PORT (off unless set).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_address: Option<String>,
+    /// Many nodes: the TCP address (host:port) of the agent API (node) or
+    /// of registration (controller); mutual TLS only.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Node: the address the controller dials (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Node: the controller's registration address, https://host:port.
+    #[arg(long)]
+    controller: Option<String>,
+    /// Many nodes: the directory with ca.crt, tls.crt and tls.key
+    /// (`stowage cluster init`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Node: a label reported to the controller (repeatable), e.g. zone=a.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Node: seconds between registrations (the controller counts a node
+    /// gone after three missed ones).
+    #[arg(long, default_value_t = 5)]
+    register_interval: u64,
+}
+
+/// The cluster part of serve's flags, checked against the mode.
+fn cluster_config(
+    args: &ServeArgs,
+    state_dir: &std::path::Path,
+) -> Result<Option<ClusterConfig>, String> {
+    let clustered = args.listen.is_some()
+        || args.advertise.is_some()
+        || args.controller.is_some()
+        || args.tls_dir.is_some()
+        || !args.labels.is_empty();
+    let need = |flag: &str, v: &Option<String>| {
+        v.clone()
+            .ok_or_else(|| format!("--mode {} needs {flag}", mode_name(args.mode)))
+    };
+    match args.mode {
+        ModeArg::All if clustered => Err(
+            "--listen, --advertise, --controller, --tls-dir and --label are for --mode node or controller"
+                .to_owned(),
+        ),
+        ModeArg::All => Ok(None),
+        ModeArg::Controller => {
+            if args.advertise.is_some() || args.controller.is_some() || !args.labels.is_empty() {
+                return Err("--advertise, --controller and --label are node flags".to_owned());
+            }
+            Ok(Some(ClusterConfig {
+                listen: need("--listen", &args.listen)?,
+                tls_dir: args
+                    .tls_dir
+                    .clone()
+                    .ok_or("--mode controller needs --tls-dir")?,
+                agent: None,
+            }))
+        }
+        ModeArg::Node => {
+            let listen = need("--listen", &args.listen)?;
+            let controller = need("--controller", &args.controller)?;
+            if !controller.starts_with("https://") {
+                return Err(format!(
+                    "--controller {controller:?}: expected https://host:port (everything between nodes is mutual TLS)"
+                ));
+            }
+            let advertise = match &args.advertise {
+                Some(a) => a.clone(),
+                None if listen.starts_with("0.0.0.0:") || listen.starts_with("[::]:") => {
+                    return Err(format!(
+                        "--listen {listen} is a wildcard address: give --advertise host:port"
+                    ));
+                }
+                None => listen.clone(),
+            };
+            let mut labels = std::collections::BTreeMap::new();
+            for l in &args.labels {
+                let (k, v) = l
+                    .split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
+                    .ok_or_else(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+                labels.insert(k.to_owned(), v.to_owned());
+            }
+            if !(1..=300).contains(&args.register_interval) {
+                return Err("--register-interval: 1 to 300 seconds".to_owned());
+            }
+            Ok(Some(ClusterConfig {
+                listen: listen.clone(),
+                tls_dir: args.tls_dir.clone().ok_or("--mode node needs --tls-dir")?,
+                agent: Some(stowage::cluster::agent::AgentConfig {
+                    listen,
+                    advertise,
+                    controller,
+                    labels,
+                    interval: std::time::Duration::from_secs(args.register_interval),
+                    cordon_file: state_dir.join("cordoned"),
+                }),
+            }))
+        }
+    }
+}
+
+fn mode_name(m: ModeArg) -> &'static str {
+    match m {
+        ModeArg::All => "all",
+        ModeArg::Controller => "controller",
+        ModeArg::Node => "node",
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -136,6 +245,17 @@ fn main() -> ExitCode {
             }
             ExitCode::from(client::apply::run(args, &outer))
         }
+        Command::Cluster(_) if outer.endpoint.is_some() || outer.output.is_some() => {
+            eprintln!("stowage: cluster writes local files and takes no --endpoint or --output");
+            ExitCode::from(2)
+        }
+        Command::Cluster(args) => match client::cluster::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stowage: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Client(command) => match client::run(command, &outer) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -149,8 +269,11 @@ fn main() -> ExitCode {
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format);
     // Said at once, rather than as a bare EPERM/EACCES on the state
-    // directory or /dev/loop-control later.
-    if !stowage::os::resize::has_effective_capability(stowage::os::resize::CAP_SYS_ADMIN) {
+    // directory or /dev/loop-control later. The routing controller mounts
+    // nothing and runs unprivileged.
+    if !matches!(args.mode, ModeArg::Controller)
+        && !stowage::os::resize::has_effective_capability(stowage::os::resize::CAP_SYS_ADMIN)
+    {
         eprintln!(
             "stowage: serve must run as root: it mounts filesystems and attaches loop devices, \
              which need CAP_SYS_ADMIN (this process has uid {} and lacks it); run it with sudo, \
@@ -168,6 +291,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let cluster = match cluster_config(&args, &args.state_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let node_id = args.node_id.unwrap_or_else(|| {
         nix::unistd::gethostname()
             .ok()
@@ -175,6 +305,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             .unwrap_or_default()
     });
     let cfg = Config {
+        cluster,
         endpoint,
         node_id,
         driver_name: args.driver_name,

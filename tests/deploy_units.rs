@@ -115,8 +115,11 @@ impl Unit {
     fn exec_lines(&self) -> Vec<(String, Vec<String>)> {
         self.sections["Service"]
             .iter()
-            .filter(|(k, _)| k.starts_with("Exec"))
+            .filter(|(k, v)| k.starts_with("Exec") && !v.is_empty())
             .map(|(k, v)| {
+                // The one expansion the units use: systemd's credentials
+                // directory (LoadCredential=).
+                let v = v.replace("${CREDENTIALS_DIRECTORY}", "/run/credentials/unit");
                 assert!(
                     !v.contains(['"', '\'', '$', '%']),
                     "{}: {k}= uses quoting or expansion this test does not read: {v}",
@@ -401,7 +404,12 @@ fn help_flags(path: &[&str]) -> BTreeMap<String, bool> {
 
 #[test]
 fn every_flag_on_an_exec_line_is_one_the_binary_has() {
-    for unit in [serve_unit(), apply_unit()] {
+    for unit in [
+        serve_unit(),
+        apply_unit(),
+        Unit::load("stowage-controller.service"),
+        Unit::load("stowage-node.conf"),
+    ] {
         for (key, words) in unit.exec_lines() {
             assert_eq!(
                 words[0], INSTALLED,
@@ -514,7 +522,11 @@ fn systemd_analyze_verify_accepts_the_units() {
     // binary under test.
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
-    for name in ["stowage.service", "stowage-apply.service"] {
+    for name in [
+        "stowage.service",
+        "stowage-apply.service",
+        "stowage-controller.service",
+    ] {
         let text = std::fs::read_to_string(deploy_dir().join(name)).unwrap();
         let path = dir.path().join(name);
         std::fs::write(&path, text.replace(INSTALLED, STOWAGE)).unwrap();

@@ -6,7 +6,9 @@
 //! state and the system for operators of stowage itself.
 
 pub mod apply;
+pub mod cluster;
 pub mod created;
+pub mod node;
 pub mod output;
 pub mod plugin;
 pub mod progress;
@@ -80,6 +82,8 @@ pub enum ClientCommand {
     Volume(volume::VolumeArgs),
     /// Create, inspect and delete snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// The nodes of a cluster (against a `--mode controller` socket).
+    Node(node::NodeArgs),
 }
 
 /// Why a client command failed.
@@ -421,6 +425,10 @@ pub fn run(command: ClientCommand, outer: &GlobalArgs) -> Result<(), ClientError
                 let g = args.globals.or(outer);
                 let mut s = Session::connect(g.endpoint()).await?;
                 snapshot::run(&mut s, args.verb, g.format()).await
+            }
+            ClientCommand::Node(args) => {
+                let g = args.globals.or(outer);
+                node::run(g.endpoint(), args.verb, g.format()).await
             }
         }
     })

@@ -38,7 +38,25 @@ pub const CAPABILITIES: &[Rpc] = &[
     Rpc::SingleNodeMultiWriter,
 ];
 
+/// ControllerGetCapabilities' answer.
+pub fn capabilities() -> csi::ControllerGetCapabilitiesResponse {
+    csi::ControllerGetCapabilitiesResponse {
+        capabilities: CAPABILITIES
+            .iter()
+            .map(|t| csi::ControllerServiceCapability {
+                r#type: Some(csi::controller_service_capability::Type::Rpc(
+                    csi::controller_service_capability::Rpc { r#type: *t as i32 },
+                )),
+            })
+            .collect(),
+    }
+}
+
 impl ControllerService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        Self { driver }
+    }
+
     fn controller(&self) -> Arc<Controller> {
         Arc::clone(
             self.driver
@@ -327,16 +345,7 @@ impl ControllerRpc for ControllerService {
         &self,
         _req: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
-            capabilities: CAPABILITIES
-                .iter()
-                .map(|t| csi::ControllerServiceCapability {
-                    r#type: Some(csi::controller_service_capability::Type::Rpc(
-                        csi::controller_service_capability::Rpc { r#type: *t as i32 },
-                    )),
-                })
-                .collect(),
-        }))
+        Ok(Response::new(capabilities()))
     }
 
     async fn controller_get_volume(

@@ -50,21 +50,32 @@ fn to_group(g: &GroupSnapshot) -> csi::VolumeGroupSnapshot {
     }
 }
 
+/// GroupControllerGetCapabilities' answer.
+pub fn capabilities() -> csi::GroupControllerGetCapabilitiesResponse {
+    csi::GroupControllerGetCapabilitiesResponse {
+        capabilities: vec![csi::GroupControllerServiceCapability {
+            r#type: Some(csi::group_controller_service_capability::Type::Rpc(
+                csi::group_controller_service_capability::Rpc {
+                    r#type: Rpc::CreateDeleteGetVolumeGroupSnapshot as i32,
+                },
+            )),
+        }],
+    }
+}
+
+impl GroupControllerService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        Self { driver }
+    }
+}
+
 #[tonic::async_trait]
 impl GroupController for GroupControllerService {
     async fn group_controller_get_capabilities(
         &self,
         _req: Request<csi::GroupControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(csi::GroupControllerGetCapabilitiesResponse {
-            capabilities: vec![csi::GroupControllerServiceCapability {
-                r#type: Some(csi::group_controller_service_capability::Type::Rpc(
-                    csi::group_controller_service_capability::Rpc {
-                        r#type: Rpc::CreateDeleteGetVolumeGroupSnapshot as i32,
-                    },
-                )),
-            }],
-        }))
+        Ok(Response::new(capabilities()))
     }
 
     async fn create_volume_group_snapshot(

@@ -22,6 +22,24 @@ fn service(t: ServiceType) -> csi::PluginCapability {
     }
 }
 
+/// GetPluginCapabilities' answer: the plugin's, in every mode.
+pub fn capabilities() -> csi::GetPluginCapabilitiesResponse {
+    let mut capabilities = vec![
+        service(ServiceType::ControllerService),
+        service(ServiceType::VolumeAccessibilityConstraints),
+        service(ServiceType::GroupControllerService),
+        service(ServiceType::SnapshotMetadataService),
+    ];
+    capabilities.push(csi::PluginCapability {
+        r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+            csi::plugin_capability::VolumeExpansion {
+                r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+            },
+        )),
+    });
+    csi::GetPluginCapabilitiesResponse { capabilities }
+}
+
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn get_plugin_info(
@@ -49,24 +67,11 @@ impl Identity for IdentityService {
         &self,
         _req: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
-        if self.driver.controller.is_some() {
-            capabilities.insert(0, service(ServiceType::ControllerService));
-            capabilities.push(service(ServiceType::GroupControllerService));
-            // Served with the controller (block volume snapshots' changed
-            // blocks, for the external-snapshot-metadata sidecar).
-            capabilities.push(service(ServiceType::SnapshotMetadataService));
-        }
-        capabilities.push(csi::PluginCapability {
-            r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
-                csi::plugin_capability::VolumeExpansion {
-                    r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
-                },
-            )),
-        });
-        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
-            capabilities,
-        }))
+        // The plugin as a whole, whatever this instance serves: "All
+        // instances of the same version ... SHALL return the same set of
+        // capabilities, regardless of ... which RPCs an instance is
+        // serving" (CSI spec, GetPluginCapabilities).
+        Ok(Response::new(capabilities()))
     }
 
     async fn probe(

@@ -85,6 +85,19 @@ pub struct Config {
     pub max_volumes_per_node: u64,
     /// Where to serve `/metrics` and `/healthz` (HTTP), if anywhere.
     pub metrics_address: Option<String>,
+    /// Many nodes: where the controller and node agents talk (mutual TLS).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `--mode controller` and `--mode node`: the TCP side.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Holds ca.crt, tls.crt and tls.key (`stowage cluster init`).
+    pub tls_dir: PathBuf,
+    /// Controller: where nodes register (host:port). Node: see `agent`.
+    pub listen: String,
+    /// Node agents only.
+    pub agent: Option<crate::cluster::agent::AgentConfig>,
 }
 
 /// A startup failure, with what to fix.
@@ -126,12 +139,20 @@ pub enum StartError {
     Open(#[from] Error),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("cluster TLS material: {0}")]
+    Tls(#[from] crate::cluster::tls::TlsError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The services' shared state.
 #[derive(Debug)]
 pub struct Driver {
     pub name: String,
+    /// Which services the unix socket serves.
+    pub mode: Mode,
+    /// The domain controller: served on the unix socket (`--mode all`) or
+    /// to the cluster's controller through the agent API (`--mode node`).
     pub controller: Option<Arc<Controller>>,
     pub node: Option<Arc<Node>>,
     pub pool: PathBuf,
@@ -180,14 +201,19 @@ impl Driver {
             Backends::with_quota(&cfg.pool, strategy.strategy, enforcement)
                 .with_image_host(placement.image_host()),
         );
+        if cfg.mode == Mode::Controller {
+            return Err(StartError::Config(
+                "a routing controller opens no pool".to_owned(),
+            ));
+        }
         let controller = match cfg.mode {
-            Mode::All | Mode::Controller => Some(Arc::new(Controller::open(
+            Mode::All | Mode::Node => Some(Arc::new(Controller::open(
                 &cfg.node_id,
                 cfg.max_volumes_per_node,
                 Arc::clone(&backends),
                 store.clone(),
             )?)),
-            Mode::Node => None,
+            Mode::Controller => None,
         };
         let node = match cfg.mode {
             Mode::All | Mode::Node => Some(Arc::new(Node::open(
@@ -200,6 +226,7 @@ impl Driver {
         };
         Ok(Self {
             name: cfg.driver_name.clone(),
+            mode: cfg.mode,
             controller,
             node,
             pool: cfg.pool.clone(),
@@ -302,9 +329,76 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, StartError> {
     Ok(listener)
 }
 
+/// Resolves once SIGTERM or SIGINT arrives; every server of the process
+/// waits on a clone.
+fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Serves `router` on the CSI endpoint until shutdown.
+/// The CSI services' router, behind the per-RPC metrics layer (inert when
+/// metrics are off).
+type CsiRouter = tonic::transport::server::Router<
+    tower::layer::util::Stack<metrics::RpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
+async fn serve_endpoint(
+    router: CsiRouter,
+    endpoint: &Endpoint,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    match endpoint {
+        Endpoint::Unix(path) => {
+            let listener = bind_unix(path)?;
+            tracing::info!(endpoint = %path.display(), "listening");
+            // Through the `:authority` rewrite: h2 refuses what gRPC
+            // C-core and grpc-java send on a unix socket.
+            let incoming = transport::incoming(listener);
+            let r = router
+                .serve_with_incoming_shutdown(incoming, stopped(stop))
+                .await;
+            let _ = std::fs::remove_file(path);
+            r?;
+        }
+        Endpoint::Tcp(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|err| StartError::Tcp {
+                        addr: addr.clone(),
+                        err,
+                    })?;
+            tracing::info!(endpoint = %addr, "listening");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, stopped(stop))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Serves until SIGTERM or SIGINT, then stops accepting, lets in-flight
 /// RPCs finish and returns.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
+    if cfg.mode == Mode::Controller {
+        return run_router(cfg).await;
+    }
     // A second server must fail on the socket, not half-way through
     // opening the state the first one holds. The socket itself is bound
     // only once the driver is open (restored), so a client that can
@@ -312,6 +406,15 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     if let Endpoint::Unix(path) = &cfg.endpoint {
         refuse_live_socket(path)?;
     }
+    let tls = match (&cfg.mode, &cfg.cluster) {
+        (Mode::Node, Some(c)) => Some(crate::cluster::tls::TlsMaterial::load(&c.tls_dir)?),
+        (Mode::Node, None) => {
+            return Err(StartError::Config(
+                "--mode node needs --listen, --controller and --tls-dir".to_owned(),
+            ));
+        }
+        _ => None,
+    };
     let cfg2 = cfg.clone();
     let driver = tokio::task::spawn_blocking(move || Driver::open(&cfg2))
         .await
@@ -357,7 +460,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
                 driver: Arc::clone(&driver),
             },
         ));
-    if driver.controller.is_some() {
+    if driver.mode == Mode::All {
         router = router
             .add_service(csi::controller_server::ControllerServer::new(
                 controller::ControllerService {
@@ -381,47 +484,98 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }));
     }
 
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
+    let stop = shutdown_signal();
+    let agent = match (tls, cfg.cluster.as_ref().and_then(|c| c.agent.clone())) {
+        (Some(tls), Some(agent)) => {
+            tokio::spawn(crate::cluster::agent::register_loop(
+                Arc::clone(&driver),
+                agent.clone(),
+                tls.clone(),
+            ));
+            let (d, s) = (Arc::clone(&driver), stop.clone());
+            Some(tokio::spawn(async move {
+                crate::cluster::agent::serve_agent(d, &agent, &tls, stopped(s)).await
+            }))
         }
-        tracing::info!("shutting down: finishing in-flight requests");
+        _ => None,
     };
-
-    match &cfg.endpoint {
-        Endpoint::Unix(path) => {
-            let listener = bind_unix(path)?;
-            tracing::info!(endpoint = %path.display(), "listening");
-            // Through the `:authority` rewrite: h2 refuses what gRPC
-            // C-core and grpc-java send on a unix socket.
-            let incoming = transport::incoming(listener);
-            let r = router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await;
-            let _ = std::fs::remove_file(path);
-            r?;
-        }
-        Endpoint::Tcp(addr) => {
-            let listener =
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|err| StartError::Tcp {
-                        addr: addr.clone(),
-                        err,
-                    })?;
-            tracing::info!(endpoint = %addr, "listening");
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await?;
+    let served = serve_endpoint(router, &cfg.endpoint, stop).await;
+    if let Some(a) = agent {
+        match a.await {
+            Ok(r) => r?,
+            Err(e) => tracing::error!(error = %e, "agent API task failed"),
         }
     }
     if let Some(t) = metrics_task {
         t.abort();
     }
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `--mode controller`: the routing controller on the CSI endpoint and the
+/// registration API on `--listen`. Opens no pool and no state.
+async fn run_router(cfg: Config) -> Result<(), StartError> {
+    use crate::cluster::{proto, registry::Registry, router};
+    let Some(cluster) = cfg.cluster.clone() else {
+        return Err(StartError::Config(
+            "--mode controller needs --listen and --tls-dir".to_owned(),
+        ));
+    };
+    if !valid_driver_name(&cfg.driver_name) {
+        return Err(StartError::DriverName(cfg.driver_name.clone()));
+    }
+    if let Endpoint::Unix(path) = &cfg.endpoint {
+        refuse_live_socket(path)?;
+    }
+    let tls = crate::cluster::tls::TlsMaterial::load(&cluster.tls_dir)?;
+    let registry = Arc::new(Registry::new(tls.client_config()));
+    let router = router::Router::new(Arc::clone(&registry), cfg.driver_name.clone());
+    tracing::info!(
+        name = %cfg.driver_name,
+        version = crate::VENDOR_VERSION,
+        listen = %cluster.listen,
+        "stowage controller starting"
+    );
+    let stop = shutdown_signal();
+    let listener = tokio::net::TcpListener::bind(&cluster.listen)
+        .await
+        .map_err(|err| StartError::Tcp {
+            addr: cluster.listen.clone(),
+            err,
+        })?;
+    tracing::info!(listen = %cluster.listen, "registration API listening (mutual TLS)");
+    let registration = tonic::transport::Server::builder()
+        .tls_config(tls.server_config())?
+        .add_service(proto::registry_server::RegistryServer::new(
+            router::RegistryService {
+                registry: Arc::clone(&registry),
+            },
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stopped(stop.clone()),
+        );
+    let csi_router = tonic::transport::Server::builder()
+        .layer(metrics::RpcMetricsLayer::default())
+        .add_service(csi::identity_server::IdentityServer::new(router.clone()))
+        .add_service(csi::controller_server::ControllerServer::new(
+            router.clone(),
+        ))
+        .add_service(csi::group_controller_server::GroupControllerServer::new(
+            router.clone(),
+        ))
+        .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+            router.clone(),
+        ))
+        .add_service(proto::admin_server::AdminServer::new(router));
+    let (a, b) = tokio::join!(
+        async { registration.await.map_err(StartError::from) },
+        serve_endpoint(csi_router, &cfg.endpoint, stop)
+    );
+    a?;
+    b?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -24,6 +24,10 @@ const DEFAULT_PAGE: usize = 1024;
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 impl SnapshotMetadataService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        Self { driver }
+    }
+
     fn controller(&self) -> Arc<Controller> {
         Arc::clone(
             self.driver

@@ -253,6 +253,24 @@ impl Controller {
         &self.node_id
     }
 
+    /// The volume this node holds under the CSI name `name`, if any (the
+    /// controller of several nodes asks before placing a new volume, so a
+    /// retried CreateVolume finds the volume wherever it was made).
+    pub fn volume_by_name(&self, name: &str) -> Option<VolumeId> {
+        let idx = lock(&self.index);
+        idx.by_name
+            .get(name)
+            .and_then(|u| idx.by_uuid.get(u))
+            .map(|r| r.id.clone())
+    }
+
+    /// The pool's free bytes (as GetCapacity counts them) and its size.
+    pub fn pool_space(&self) -> std::io::Result<(u64, u64)> {
+        let free = self.backends.available_bytes()?;
+        let total = crate::os::fs::usage(&self.backends.pool)?.total_bytes;
+        Ok((free, total))
+    }
+
     pub(super) fn guard(&self, key: String) -> Result<InFlightGuard> {
         self.inflight
             .try_acquire(key.clone())
@@ -289,6 +307,14 @@ impl Controller {
     pub fn create_volume(&self, req: CreateVolume) -> Result<VolumeRecord> {
         let params =
             Parameters::parse(&req.parameters).map_err(|r| Error::invalid("parameters", r))?;
+        if let Some(n) = params.node.as_deref()
+            && n != self.node_id
+        {
+            return Err(Error::invalid(
+                "parameters",
+                format!("node={n:?}: this is node {:?}", self.node_id),
+            ));
+        }
         let backend = params.backend;
         for c in &req.capabilities {
             c.supported_by(backend)
@@ -846,6 +872,9 @@ impl Controller {
             available: 0,
             maximum_volume_size: Some(0),
         };
+        if params.node.as_deref().is_some_and(|n| n != self.node_id) {
+            return Ok(none);
+        }
         if let Some(t) = topology
             && !self.topology_ok(std::slice::from_ref(t), &[])
         {

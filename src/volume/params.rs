@@ -11,14 +11,18 @@ use super::BackendKind;
 pub enum ParamKey {
     /// `backend`: `block` (default) or `dir`.
     Backend,
+    /// `node`: the node the volume must be made on (a cluster places a
+    /// volume without topology there; any other node refuses it).
+    Node,
 }
 
 impl ParamKey {
-    pub const ALL: [ParamKey; 1] = [ParamKey::Backend];
+    pub const ALL: [ParamKey; 2] = [ParamKey::Backend, ParamKey::Node];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ParamKey::Backend => "backend",
+            ParamKey::Node => "node",
         }
     }
 
@@ -75,12 +79,15 @@ pub const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parameters {
     pub backend: BackendKind,
+    /// The node the volume must live on, if the parameters pin one.
+    pub node: Option<String>,
 }
 
 impl Parameters {
     /// Parses a parameter map, naming the offending key on error.
     pub fn parse(map: &BTreeMap<String, String>) -> Result<Self, String> {
         let mut backend = BackendKind::Block;
+        let mut node = None;
         for (k, v) in map {
             if k.starts_with(KUBERNETES_PREFIX) {
                 continue;
@@ -90,6 +97,14 @@ impl Parameters {
                     backend = v.parse().map_err(|()| {
                         format!("parameter backend={v:?}: expected \"block\" or \"dir\"")
                     })?;
+                }
+                Some(ParamKey::Node) => {
+                    if !super::id::valid_node_id(v) {
+                        return Err(format!(
+                            "parameter node={v:?}: not a node id (1-63 of [A-Za-z0-9._-])"
+                        ));
+                    }
+                    node = Some(v.clone());
                 }
                 None if k == "provisioning" => {
                     return Err(format!(
@@ -105,7 +120,7 @@ impl Parameters {
                 }
             }
         }
-        Ok(Parameters { backend })
+        Ok(Parameters { backend, node })
     }
 
     /// The parameters that define the volume (used to compare repeated

@@ -17,6 +17,8 @@ use stowage::csi::node_client::NodeClient;
 use stowage::os::loopdev::LoopDevice;
 use tonic::transport::Channel;
 
+pub mod netns;
+
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
 

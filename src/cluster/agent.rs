@@ -1,0 +1,215 @@
+//! The node agent (`serve --mode node`): the agent API on one mutually
+//! authenticated TLS port (the CSI Controller, GroupController and
+//! SnapshotMetadata services of this node's own pool, plus [`Agent`]),
+//! and the registration loop that keeps the controller's registry fresh.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::proto::agent_server::{Agent, AgentServer};
+use super::proto::registry_client::RegistryClient;
+use super::proto::{
+    FindVolumeRequest, FindVolumeResponse, RegisterRequest, SetCordonRequest, SetCordonResponse,
+};
+use super::tls::{PeerIdentity, TlsMaterial, peer_identity};
+use crate::csi;
+use crate::server::{Driver, controller, group_controller, snapshot_metadata};
+
+/// How a node agent reaches and reports to its controller.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the agent API listens (host:port).
+    pub listen: String,
+    /// The address the controller dials (host:port).
+    pub advertise: String,
+    /// The controller's registration address (`https://host:port`).
+    pub controller: String,
+    pub labels: BTreeMap<String, String>,
+    pub interval: Duration,
+    /// Present while the node is cordoned (durable: survives restarts of
+    /// the node and of the controller).
+    pub cordon_file: PathBuf,
+}
+
+/// Only the controller (holding the cluster certificate) drives a node's
+/// pool: a node certificate is good for registering as that node only.
+#[allow(clippy::result_large_err)]
+fn controller_only(req: Request<()>) -> Result<Request<()>, Status> {
+    match peer_identity(&req) {
+        Some(PeerIdentity::Cluster) => Ok(req),
+        Some(PeerIdentity::Node(n)) => Err(Status::permission_denied(format!(
+            "the certificate of node {n} may not call the agent API"
+        ))),
+        None => Err(Status::unauthenticated("no client certificate")),
+    }
+}
+
+#[derive(Debug)]
+struct AgentService {
+    driver: Arc<Driver>,
+    cordon_file: PathBuf,
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn set_cordon(
+        &self,
+        req: Request<SetCordonRequest>,
+    ) -> Result<Response<SetCordonResponse>, Status> {
+        let cordoned = req.into_inner().cordoned;
+        let f = self.cordon_file.clone();
+        tokio::task::spawn_blocking(move || set_cordon_file(&f, cordoned))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("cordon file: {e}")))?;
+        tracing::info!(cordoned, "cordon changed");
+        Ok(Response::new(SetCordonResponse {}))
+    }
+
+    async fn find_volume(
+        &self,
+        req: Request<FindVolumeRequest>,
+    ) -> Result<Response<FindVolumeResponse>, Status> {
+        let name = req.into_inner().name;
+        let c = self
+            .driver
+            .controller
+            .as_ref()
+            .ok_or_else(|| Status::internal("node without controller"))?;
+        Ok(Response::new(FindVolumeResponse {
+            volume_id: c
+                .volume_by_name(&name)
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        }))
+    }
+}
+
+fn set_cordon_file(f: &std::path::Path, cordoned: bool) -> std::io::Result<()> {
+    if cordoned {
+        crate::os::fs::write_atomic(f, b"cordoned\n")
+    } else {
+        match std::fs::remove_file(f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Serves the agent API until `shutdown` resolves.
+pub async fn serve_agent(
+    driver: Arc<Driver>,
+    cfg: &AgentConfig,
+    tls: &TlsMaterial,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), crate::server::StartError> {
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|err| crate::server::StartError::Tcp {
+            addr: cfg.listen.clone(),
+            err,
+        })?;
+    tracing::info!(listen = %cfg.listen, advertise = %cfg.advertise, "agent API listening (mutual TLS)");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tls_config(tls.server_config())?
+        .add_service(csi::controller_server::ControllerServer::with_interceptor(
+            controller::ControllerService::new(Arc::clone(&driver)),
+            controller_only,
+        ))
+        .add_service(
+            csi::group_controller_server::GroupControllerServer::with_interceptor(
+                group_controller::GroupControllerService::new(Arc::clone(&driver)),
+                controller_only,
+            ),
+        )
+        .add_service(
+            csi::snapshot_metadata_server::SnapshotMetadataServer::with_interceptor(
+                snapshot_metadata::SnapshotMetadataService::new(Arc::clone(&driver)),
+                controller_only,
+            ),
+        )
+        .add_service(AgentServer::with_interceptor(
+            AgentService {
+                driver,
+                cordon_file: cfg.cordon_file.clone(),
+            },
+            controller_only,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Registers with the controller every `cfg.interval`, for ever.
+pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMaterial) {
+    let endpoint = match tonic::transport::Endpoint::from_shared(cfg.controller.clone())
+        .and_then(|e| e.tls_config(tls.client_config()))
+    {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10)),
+        Err(e) => {
+            tracing::error!(controller = %cfg.controller, error = %e, "invalid controller address; not registering");
+            return;
+        }
+    };
+    let mut client = RegistryClient::new(endpoint.connect_lazy());
+    let mut failing = false;
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let d = Arc::clone(&driver);
+        let cordon_file = cfg.cordon_file.clone();
+        let facts = tokio::task::spawn_blocking(move || {
+            let c = d
+                .controller
+                .as_ref()
+                .expect("node agents open a controller");
+            let (free, total) = c.pool_space().unwrap_or((0, 0));
+            (
+                c.node_id().to_owned(),
+                c.topology(),
+                free,
+                total,
+                cordon_file.exists(),
+            )
+        })
+        .await;
+        let Ok((node_id, topology, free, total, cordoned)) = facts else {
+            continue;
+        };
+        let req = RegisterRequest {
+            node_id,
+            advertise: cfg.advertise.clone(),
+            topology: topology.into_iter().collect(),
+            labels: cfg.labels.clone().into_iter().collect(),
+            free_bytes: free,
+            total_bytes: total,
+            cordoned,
+            interval_seconds: cfg.interval.as_secs().max(1) as u32,
+            version: crate::VENDOR_VERSION.to_owned(),
+        };
+        match client.register(req).await {
+            Ok(_) => {
+                if failing {
+                    tracing::info!(controller = %cfg.controller, "registered again");
+                } else {
+                    tracing::debug!(controller = %cfg.controller, "registered");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(controller = %cfg.controller, code = ?e.code(), message = e.message(), "cannot register with the controller; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
+}

@@ -1,0 +1,923 @@
+//! TLS between stowage processes: making the cluster CA and certificates
+//! (`stowage cluster init|issue`), loading them from a `--tls-dir`, tonic's
+//! server and client configurations (mutual TLS 1.3 under the cluster CA,
+//! never plaintext, never anonymous), and who a peer is from its verified
+//! certificate. It never overwrites a key or certificate, and the CA key is
+//! read only by `issue_node`, never at run time.
+//!
+//! Identities live in URI subject alternative names: `stowage://cluster` for
+//! the shared certificate (its holder may act as the controller or register
+//! as any node) and `stowage://node/ID` for a node certificate (its holder
+//! may act only as node ID). Every certificate also carries the DNS name
+//! [`SERVER_NAME`], which clients check whatever address they dial.
+//!
+//! TLS 1.3 only: tonic's `ServerTlsConfig` and `ClientTlsConfig` take no
+//! protocol versions, and rustls offers 1.2 and 1.3 by default. Both build
+//! their rustls configuration from the process's default crypto provider,
+//! so [`TlsMaterial::server_config`] and [`TlsMaterial::client_config`]
+//! first install one (rustls' `ring` provider) that has only TLS 1.3 cipher
+//! suites: a TLS 1.2 hello then finds nothing to agree on. This is
+//! process-wide; nothing else in stowage speaks TLS.
+
+use std::fmt;
+use std::fs::{self, DirBuilder, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+};
+use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// The DNS name in every stowage certificate; clients verify servers
+/// against it (not against the address they dialled).
+pub const SERVER_NAME: &str = "stowage-cluster";
+/// The CA certificate, in a `--tls-dir` and in `cluster init`'s directory.
+pub const CA_CERT_FILE: &str = "ca.crt";
+/// The CA's private key: only in `cluster init`'s directory, never needed at
+/// run time.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// This process's certificate, in a `--tls-dir`.
+pub const CERT_FILE: &str = "tls.crt";
+/// This process's private key, in a `--tls-dir`.
+pub const KEY_FILE: &str = "tls.key";
+
+/// How long the CA made by [`init`] is valid: ten years.
+pub const CA_VALIDITY: Duration = Duration::from_secs(3653 * 24 * 3600);
+/// How long the shared and node certificates are valid: ten years too, as
+/// nothing renews them (a new set is a new `cluster init` rolled out).
+pub const CERT_VALIDITY: Duration = Duration::from_secs(3653 * 24 * 3600);
+/// Certificates start an hour in the past, for peers whose clock is behind.
+const BACKDATE: Duration = Duration::from_secs(3600);
+/// A peer that has not finished its handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const CLUSTER_URI: &str = "stowage://cluster";
+const NODE_URI_PREFIX: &str = "stowage://node/";
+const CA_COMMON_NAME: &str = "stowage cluster CA";
+/// Longest node id a certificate carries (a DNS name's limit).
+const MAX_NODE_ID_LEN: usize = 253;
+
+const LOAD_HINT: &str = "a --tls-dir needs ca.crt, tls.crt and tls.key, as made by \
+    `stowage cluster init DIR` or `stowage cluster issue --ca-dir DIR --node N OUT`";
+const CA_HINT: &str = "--ca-dir must be a directory made by `stowage cluster init DIR`";
+
+/// Who a peer is, according to its certificate (verified against the
+/// cluster CA before any request runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// The shared certificate (`stowage://cluster`): the controller, or a
+    /// node trusted to register under any node id.
+    Cluster,
+    /// A node certificate (`stowage://node/ID`): may act only as this node.
+    Node(String),
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerIdentity::Cluster => f.write_str("the shared cluster certificate"),
+            PeerIdentity::Node(id) => write!(f, "the certificate of node {id}"),
+        }
+    }
+}
+
+/// Why certificates could not be made, loaded or issued. Each error names
+/// the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}; {hint}", path.display())]
+    Read {
+        path: PathBuf,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} holds no PEM {what}; {hint}", path.display())]
+    Pem {
+        path: PathBuf,
+        what: &'static str,
+        hint: &'static str,
+    },
+    #[error(
+        "{} names no stowage identity (a URI SAN stowage://cluster or stowage://node/ID); \
+         make it with `stowage cluster init` or `stowage cluster issue`", path.display()
+    )]
+    NoIdentity { path: PathBuf },
+    #[error("{} is not the private key of {}: {source}; take both from the same directory", key.display(), cert.display())]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error(
+        "{} is not valid under the CA in {}: {source}; take both from the same \
+         `stowage cluster init` (or issue a new certificate if it expired)",
+        cert.display(), ca.display()
+    )]
+    Untrusted {
+        cert: PathBuf,
+        ca: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{} holds no CA certificate rustls accepts; {hint}", path.display())]
+    NoTrustAnchor { path: PathBuf, hint: &'static str },
+    #[error("{} does not go with any certificate in {}; {CA_HINT}", key.display(), cert.display())]
+    CaKeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{} cannot be used: {source}; {CA_HINT}", path.display())]
+    CaKey {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error(
+        "{} was not made by `stowage cluster init` (its subject is not stowage's), so \
+         `stowage cluster issue` cannot sign for it", path.display()
+    )]
+    ForeignCa { path: PathBuf },
+    #[error(
+        "{} already exists: stowage never overwrites a key or certificate; choose another \
+         directory, or move the old files away first (certificates signed by an old CA \
+         stop being trusted when it is replaced)", path.display()
+    )]
+    Exists { path: PathBuf },
+    #[error("cannot create directory {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "node id {id:?} cannot go in a certificate: use 1 to {MAX_NODE_ID_LEN} characters \
+         from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+    )]
+    NodeId { id: String },
+    #[error("cannot make {what}: {source}")]
+    Generate {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+/// The TLS files of one process (its `--tls-dir`): the cluster CA, its own
+/// certificate and key, and the identity that certificate names. Checked
+/// when loaded: the key matches the certificate, which is valid now under
+/// the CA for both client and server use, with name [`SERVER_NAME`].
+#[derive(Clone)]
+pub struct TlsMaterial {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+    identity: PeerIdentity,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.debug_struct("TlsMaterial")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsMaterial {
+    /// Reads `ca.crt`, `tls.crt` and `tls.key` from `dir` (never `ca.key`).
+    /// Errors name the missing or bad file: unreadable, not PEM, a key that
+    /// is not the certificate's, a certificate not signed by the CA, expired
+    /// or not yet valid, or naming no stowage identity.
+    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        let ca_path = dir.join(CA_CERT_FILE);
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        let ca_pem = read_text(&ca_path, LOAD_HINT)?;
+        let cert_pem = read_text(&cert_path, LOAD_HINT)?;
+        let key_pem = read_text(&key_path, LOAD_HINT)?;
+
+        let ca = pem_certs(&ca_path, &ca_pem, LOAD_HINT)?;
+        let chain = pem_certs(&cert_path, &cert_pem, LOAD_HINT)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| TlsError::Pem {
+            path: key_path.clone(),
+            what: "private key",
+            hint: LOAD_HINT,
+        })?;
+        let provider = tls13_provider();
+        CertifiedKey::from_der(chain.clone(), key, &provider).map_err(|source| {
+            TlsError::KeyMismatch {
+                cert: cert_path.clone(),
+                key: key_path,
+                source,
+            }
+        })?;
+        check_chain(&ca_path, &ca, &cert_path, &chain, provider)?;
+        let identity =
+            certificate_identity(&chain[0]).ok_or(TlsError::NoIdentity { path: cert_path })?;
+        Ok(TlsMaterial {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            identity,
+        })
+    }
+
+    /// Serve with this: peers must present a certificate signed by the
+    /// cluster CA (no anonymous clients, no plaintext), TLS 1.3 only (see
+    /// the module doc), a handshake must finish within 10 s. Handlers read
+    /// who called with [`peer_identity`].
+    pub fn server_config(&self) -> ServerTlsConfig {
+        install_tls13_only();
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            .client_auth_optional(false)
+            .timeout(HANDSHAKE_TIMEOUT)
+    }
+
+    /// Dial with this (an `https://` endpoint): presents our certificate,
+    /// trusts only the cluster CA, and checks the server's name is
+    /// [`SERVER_NAME`] whatever address is dialled; TLS 1.3 only.
+    pub fn client_config(&self) -> ClientTlsConfig {
+        install_tls13_only();
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .domain_name(SERVER_NAME)
+            .timeout(HANDSHAKE_TIMEOUT)
+    }
+
+    /// The identity our own certificate names.
+    pub fn identity(&self) -> PeerIdentity {
+        self.identity.clone()
+    }
+}
+
+/// Who made this request, from the certificate the peer presented. On a
+/// server built with [`TlsMaterial::server_config`] that certificate was
+/// verified against the cluster CA before the request could run. `None`
+/// when the connection carried no certificate (plaintext, a unix socket)
+/// or the certificate names no single stowage identity.
+pub fn peer_identity<T>(req: &tonic::Request<T>) -> Option<PeerIdentity> {
+    let certs = req.peer_certs()?;
+    certificate_identity(certs.first()?)
+}
+
+/// Makes a new cluster CA and a shared cluster certificate in `dir`
+/// (created, mode 0700, if missing): `ca.crt`, `ca.key` (0600), `tls.crt`,
+/// `tls.key` (0600). Refuses, writing nothing, when any of the four exists;
+/// never overwrites. On a failure part-way, the files it made are removed.
+pub fn init(dir: &Path) -> Result<(), TlsError> {
+    let ca_cert_path = dir.join(CA_CERT_FILE);
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    let cert_path = dir.join(CERT_FILE);
+    let key_path = dir.join(KEY_FILE);
+    create_dir(dir)?;
+    refuse_existing(&[&ca_cert_path, &ca_key_path, &cert_path, &key_path])?;
+
+    let (not_before, ca_not_after) = validity(CA_VALIDITY);
+    let ca_key = KeyPair::generate().map_err(generate("the CA key"))?;
+    // A name of its own, so a certificate from another stowage cluster is
+    // refused as an unknown issuer rather than as a bad signature.
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let mut ca_params = ca_params(&format!("{CA_COMMON_NAME} {}", &unique[..12]));
+    ca_params.not_before = not_before;
+    ca_params.not_after = ca_not_after;
+    let ca_cert = ca_params
+        .self_signed(&ca_key)
+        .map_err(generate("the CA certificate"))?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let (cert_pem, key_pem) = leaf("stowage cluster", CLUSTER_URI, &issuer)?;
+
+    let mut files = NewFiles::default();
+    files.create(&ca_cert_path, ca_cert.pem().as_bytes(), 0o644)?;
+    files.create(&ca_key_path, ca_key.serialize_pem().as_bytes(), 0o600)?;
+    files.create(&cert_path, cert_pem.as_bytes(), 0o644)?;
+    files.create(&key_path, key_pem.as_bytes(), 0o600)?;
+    files.commit(dir)
+}
+
+/// Makes a certificate for node `node_id` (URI SAN `stowage://node/ID`),
+/// signed by the CA in `ca_dir` (its `ca.crt` and `ca.key`), and writes
+/// `out/ca.crt`, `out/tls.crt` and `out/tls.key` (0600), creating `out`
+/// (mode 0700) if missing. Refuses, writing nothing, when any of the three
+/// exists, and when the CA was not made by [`init`].
+pub fn issue_node(ca_dir: &Path, node_id: &str, out: &Path) -> Result<(), TlsError> {
+    if !valid_node_id(node_id) {
+        return Err(TlsError::NodeId {
+            id: node_id.to_owned(),
+        });
+    }
+    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let ca_pem = read_text(&ca_cert_path, CA_HINT)?;
+    let ca_key_pem = read_text(&ca_key_path, CA_HINT)?;
+    let ca_certs = pem_certs(&ca_cert_path, &ca_pem, CA_HINT)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|source| TlsError::CaKey {
+        path: ca_key_path.clone(),
+        source,
+    })?;
+    let ca_spki = ca_key.subject_public_key_info();
+    let ca_subject = ca_certs
+        .iter()
+        .filter_map(|c| parse_certificate(c).ok())
+        .find(|c| c.spki == ca_spki)
+        .ok_or_else(|| TlsError::CaKeyMismatch {
+            cert: ca_cert_path.clone(),
+            key: ca_key_path.clone(),
+        })?
+        .subject;
+    let ca_name = stowage_ca_name(&ca_subject).ok_or_else(|| TlsError::ForeignCa {
+        path: ca_cert_path.clone(),
+    })?;
+
+    let out_ca = out.join(CA_CERT_FILE);
+    let out_cert = out.join(CERT_FILE);
+    let out_key = out.join(KEY_FILE);
+    refuse_existing(&[&out_ca, &out_cert, &out_key])?;
+
+    let issuer = Issuer::new(ca_params(&ca_name), &ca_key);
+    let (cert_pem, key_pem) = leaf(
+        &format!("stowage node {node_id}"),
+        &format!("{NODE_URI_PREFIX}{node_id}"),
+        &issuer,
+    )?;
+    let chain = pem_certs(&out_cert, &cert_pem, CA_HINT)?;
+    // The issuer was rebuilt from the CA's name: it must come out the same.
+    if parse_certificate(&chain[0]).map(|c| c.issuer).ok() != Some(ca_subject) {
+        return Err(TlsError::ForeignCa { path: ca_cert_path });
+    }
+    check_chain(
+        &ca_cert_path,
+        &ca_certs,
+        &out_cert,
+        &chain,
+        tls13_provider(),
+    )?;
+
+    create_dir(out)?;
+    let mut files = NewFiles::default();
+    files.create(&out_ca, ca_pem.as_bytes(), 0o644)?;
+    files.create(&out_cert, cert_pem.as_bytes(), 0o644)?;
+    files.create(&out_key, key_pem.as_bytes(), 0o600)?;
+    files.commit(out)
+}
+
+/// Node ids a certificate may carry: what a hostname or a Kubernetes node
+/// name looks like, so the URI needs no escaping.
+fn valid_node_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && id.len() <= MAX_NODE_ID_LEN
+}
+
+/// The identity a certificate names: exactly one `stowage:` URI SAN, which
+/// is `stowage://cluster` or `stowage://node/ID` with a valid ID. Anything
+/// else (none, two, an unknown `stowage:` URI, an unparsable certificate)
+/// names nobody.
+fn certificate_identity(der: &[u8]) -> Option<PeerIdentity> {
+    identity_from_uris(parse_certificate(der).ok()?.uris.iter().map(String::as_str))
+}
+
+fn identity_from_uris<'a>(uris: impl IntoIterator<Item = &'a str>) -> Option<PeerIdentity> {
+    let mut found = None;
+    for uri in uris {
+        let this = if uri == CLUSTER_URI {
+            PeerIdentity::Cluster
+        } else if let Some(id) = uri.strip_prefix(NODE_URI_PREFIX)
+            && valid_node_id(id)
+        {
+            PeerIdentity::Node(id.to_owned())
+        } else if uri
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("stowage:"))
+        {
+            return None;
+        } else {
+            continue;
+        };
+        if found.replace(this).is_some() {
+            return None;
+        }
+    }
+    found
+}
+
+/// The parts of an X.509 certificate stowage reads.
+#[derive(Debug)]
+struct CertificateFields {
+    /// The issuer Name, as DER.
+    issuer: Vec<u8>,
+    /// The subject Name, as DER.
+    subject: Vec<u8>,
+    /// The SubjectPublicKeyInfo, as DER.
+    spki: Vec<u8>,
+    /// The URI subject alternative names.
+    uris: Vec<String>,
+}
+
+const SUBJECT_ALT_NAME_OID: &[u64] = &[2, 5, 29, 17];
+
+/// Reads a DER certificate (RFC 5280 4.1) strictly: any malformed field is
+/// an error. The signature is not checked here; rustls does that.
+fn parse_certificate(der: &[u8]) -> Result<CertificateFields, yasna::ASN1Error> {
+    use yasna::Tag;
+    yasna::parse_der(der, |r| {
+        r.read_sequence(|cert| {
+            let fields = cert.next().read_sequence(|tbs| {
+                tbs.read_optional(|r| r.read_tagged(Tag::context(0), |r| r.read_u8()))?;
+                tbs.next().read_der()?; // serialNumber
+                tbs.next().read_der()?; // signature
+                let issuer = tbs.next().read_der()?;
+                tbs.next().read_der()?; // validity
+                let subject = tbs.next().read_der()?;
+                let spki = tbs.next().read_der()?;
+                // issuerUniqueID, subjectUniqueID
+                tbs.read_optional(|r| r.read_tagged_implicit(Tag::context(1), |r| r.read_bytes()))?;
+                tbs.read_optional(|r| r.read_tagged_implicit(Tag::context(2), |r| r.read_bytes()))?;
+                let mut uris = Vec::new();
+                tbs.read_optional(|r| {
+                    r.read_tagged(Tag::context(3), |r| {
+                        r.read_sequence_of(|r| {
+                            r.read_sequence(|ext| {
+                                let oid = ext.next().read_oid()?;
+                                ext.read_default(false, |r| r.read_bool())?;
+                                let value = ext.next().read_bytes()?;
+                                if oid.components().as_slice() == SUBJECT_ALT_NAME_OID {
+                                    uris.extend(parse_uri_names(&value)?);
+                                }
+                                Ok(())
+                            })
+                        })
+                    })
+                })?;
+                Ok(CertificateFields {
+                    issuer,
+                    subject,
+                    spki,
+                    uris,
+                })
+            })?;
+            cert.next().read_der()?; // signatureAlgorithm
+            cert.next().read_der()?; // signatureValue
+            Ok(fields)
+        })
+    })
+}
+
+const COMMON_NAME_OID: &[u64] = &[2, 5, 4, 3];
+
+/// The common name of a CA made by [`init`], from its subject Name (DER):
+/// a single UTF8String CN starting with [`CA_COMMON_NAME`], as
+/// [`ca_params`] writes it. `None` for any other name.
+fn stowage_ca_name(subject: &[u8]) -> Option<String> {
+    let attributes = yasna::parse_der(subject, |r| {
+        r.collect_sequence_of(|rdn| {
+            rdn.collect_set_of(|atv| {
+                atv.read_sequence(|atv| {
+                    let oid = atv.next().read_oid()?;
+                    let value = atv.next().read_utf8string()?;
+                    Ok((oid, value))
+                })
+            })
+        })
+    })
+    .ok()?;
+    match attributes.as_slice() {
+        [rdn] => match rdn.as_slice() {
+            [(oid, name)]
+                if oid.components().as_slice() == COMMON_NAME_OID
+                    && name.starts_with(CA_COMMON_NAME) =>
+            {
+                Some(name.clone())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The uniformResourceIdentifier entries ([6] IA5String) of GeneralNames.
+fn parse_uri_names(der: &[u8]) -> Result<Vec<String>, yasna::ASN1Error> {
+    let uri_tag = yasna::Tag::context(6);
+    yasna::parse_der(der, |r| {
+        let mut uris = Vec::new();
+        r.read_sequence_of(|name| {
+            if name.lookahead_tag()? == uri_tag {
+                uris.push(name.read_tagged_implicit(uri_tag, |r| r.read_ia5_string())?);
+            } else {
+                name.read_der()?;
+            }
+            Ok(())
+        })?;
+        Ok(uris)
+    })
+}
+
+/// rustls' ring provider without its TLS 1.2 cipher suites.
+fn tls13_provider() -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| s.version() == &rustls::version::TLS13);
+    provider
+}
+
+/// Makes [`tls13_provider`] the process's default, which tonic's TLS
+/// configurations use. Another provider installed first cannot be
+/// replaced: that is logged, as TLS 1.2 may then be negotiated.
+fn install_tls13_only() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // Err only when a provider is already installed; checked below.
+        let _ = tls13_provider().install_default();
+        let only_tls13 = CryptoProvider::get_default().is_some_and(|p| {
+            p.cipher_suites
+                .iter()
+                .all(|s| s.version() == &rustls::version::TLS13)
+        });
+        if !only_tls13 {
+            tracing::warn!(
+                "another TLS crypto provider was installed before stowage's: \
+                 TLS 1.2 may be negotiated between stowage processes"
+            );
+        }
+    });
+}
+
+/// Checks `chain` is valid now under `ca` as both a server certificate for
+/// [`SERVER_NAME`] and a client certificate.
+fn check_chain(
+    ca_path: &Path,
+    ca: &[CertificateDer<'static>],
+    cert_path: &Path,
+    chain: &[CertificateDer<'static>],
+    provider: CryptoProvider,
+) -> Result<(), TlsError> {
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(ca.iter().cloned());
+    let no_anchor = || TlsError::NoTrustAnchor {
+        path: ca_path.to_owned(),
+        hint: LOAD_HINT,
+    };
+    if added == 0 {
+        return Err(no_anchor());
+    }
+    let roots = Arc::new(roots);
+    let provider = Arc::new(provider);
+    let untrusted = |source| TlsError::Untrusted {
+        cert: cert_path.to_owned(),
+        ca: ca_path.to_owned(),
+        source,
+    };
+    let (end_entity, intermediates) = chain.split_first().ok_or_else(no_anchor)?;
+    let now = UnixTime::now();
+    let name = ServerName::try_from(SERVER_NAME).expect("SERVER_NAME is a DNS name");
+    WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|_| no_anchor())?
+        .verify_server_cert(end_entity, intermediates, &name, &[], now)
+        .map_err(untrusted)?;
+    WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .build()
+        .map_err(|_| no_anchor())?
+        .verify_client_cert(end_entity, intermediates, now)
+        .map_err(untrusted)?;
+    Ok(())
+}
+
+/// The CA's parameters, less its validity. `issue_node` rebuilds the issuer
+/// from these and the name [`stowage_ca_name`] reads back, so they must not
+/// change.
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+/// A new key and a certificate for it, signed by `issuer`, for both server
+/// and client use, named [`SERVER_NAME`] and `uri`: (certificate PEM, key
+/// PEM).
+fn leaf(
+    common_name: &str,
+    uri: &str,
+    issuer: &Issuer<'_, &KeyPair>,
+) -> Result<(String, String), TlsError> {
+    let what = "the certificate";
+    let key = KeyPair::generate().map_err(generate("a key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.subject_alt_names = vec![
+        SanType::DnsName(SERVER_NAME.try_into().map_err(generate(what))?),
+        SanType::URI(uri.try_into().map_err(generate(what))?),
+    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    (params.not_before, params.not_after) = validity(CERT_VALIDITY);
+    let cert = params.signed_by(&key, issuer).map_err(generate(what))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// (not before, not after) for something valid from now for `length`.
+fn validity(length: Duration) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (now - BACKDATE, now + length)
+}
+
+fn generate(what: &'static str) -> impl Fn(rcgen::Error) -> TlsError {
+    move |source| TlsError::Generate { what, source }
+}
+
+fn read_text(path: &Path, hint: &'static str) -> Result<String, TlsError> {
+    fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        hint,
+        source,
+    })
+}
+
+fn pem_certs(
+    path: &Path,
+    pem: &str,
+    hint: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    match CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>() {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        _ => Err(TlsError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+            hint,
+        }),
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), TlsError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| TlsError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+fn refuse_existing(paths: &[&Path]) -> Result<(), TlsError> {
+    match paths.iter().find(|p| fs::symlink_metadata(p).is_ok()) {
+        Some(p) => Err(TlsError::Exists {
+            path: (*p).to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Files one `init` or `issue_node` creates: all of them, or (dropped
+/// before [`NewFiles::commit`]) none.
+#[derive(Debug, Default)]
+struct NewFiles {
+    created: Vec<PathBuf>,
+}
+
+impl NewFiles {
+    /// Creates `path` with `contents`, failing if it exists (O_EXCL, so
+    /// never overwriting, even racing another writer), mode exactly `mode`,
+    /// synced.
+    fn create(&mut self, path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+        let write_err = |source| TlsError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::AlreadyExists => TlsError::Exists {
+                    path: path.to_owned(),
+                },
+                _ => write_err(source),
+            })?;
+        self.created.push(path.to_owned());
+        // The umask may have taken bits away; a key must be exactly 0600.
+        file.set_permissions(Permissions::from_mode(mode))
+            .map_err(write_err)?;
+        file.write_all(contents).map_err(write_err)?;
+        file.sync_all().map_err(write_err)
+    }
+
+    /// Keeps the files, and makes their names durable.
+    fn commit(mut self, dir: &Path) -> Result<(), TlsError> {
+        let synced = fs::File::open(dir).and_then(|d| d.sync_all());
+        synced.map_err(|source| TlsError::Write {
+            path: dir.to_owned(),
+            source,
+        })?;
+        self.created.clear();
+        Ok(())
+    }
+}
+
+impl Drop for NewFiles {
+    fn drop(&mut self) {
+        for path in &self.created {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> (KeyPair, CertificateParams) {
+        let key = KeyPair::generate().unwrap();
+        (key, ca_params("stowage cluster CA test"))
+    }
+
+    fn leaf_der(sans: Vec<SanType>) -> Vec<u8> {
+        let (ca_key, params) = ca();
+        let issuer = Issuer::new(params, &ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.signed_by(&key, &issuer).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn the_uri_names_of_a_certificate_are_read_among_other_names() {
+        let der = leaf_der(vec![
+            SanType::DnsName("stowage-cluster".try_into().unwrap()),
+            uri("https://example.org/x"),
+            SanType::IpAddress("127.0.0.1".parse().unwrap()),
+            uri("stowage://node/n1"),
+        ]);
+        let fields = parse_certificate(&der).unwrap();
+        assert_eq!(fields.uris, ["https://example.org/x", "stowage://node/n1"]);
+        assert_eq!(
+            certificate_identity(&der),
+            Some(PeerIdentity::Node("n1".into()))
+        );
+    }
+
+    #[test]
+    fn a_certificate_without_extensions_names_nobody() {
+        let der = leaf_der(vec![]);
+        assert!(parse_certificate(&der).unwrap().uris.is_empty());
+        assert_eq!(certificate_identity(&der), None);
+    }
+
+    #[test]
+    fn subject_and_key_are_those_rcgen_wrote() {
+        let (ca_key, params) = ca();
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        let ca_fields = parse_certificate(ca_cert.der()).unwrap();
+        assert_eq!(ca_fields.spki, ca_key.subject_public_key_info());
+        assert_eq!(ca_fields.issuer, ca_fields.subject);
+        let issuer = Issuer::new(ca_params("stowage cluster CA test"), &ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::default()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let leaf_fields = parse_certificate(leaf.der()).unwrap();
+        assert_eq!(leaf_fields.issuer, ca_fields.subject);
+        assert_ne!(leaf_fields.subject, ca_fields.subject);
+        assert_eq!(leaf_fields.spki, key.subject_public_key_info());
+    }
+
+    #[test]
+    fn a_stowage_ca_name_reads_back_and_others_do_not() {
+        let name_of = |params: &CertificateParams| {
+            let key = KeyPair::generate().unwrap();
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            stowage_ca_name(&parse_certificate(&der).unwrap().subject)
+        };
+        assert_eq!(
+            name_of(&ca_params("stowage cluster CA 0123abcd")).as_deref(),
+            Some("stowage cluster CA 0123abcd")
+        );
+        assert_eq!(name_of(&ca_params("someone else's CA")), None);
+        let mut two = ca_params("stowage cluster CA 1");
+        two.distinguished_name
+            .push(DnType::OrganizationName, "stowage cluster CA 2");
+        assert_eq!(name_of(&two), None);
+        let mut printable = CertificateParams::default();
+        printable.distinguished_name = DistinguishedName::new();
+        printable.distinguished_name.push(
+            DnType::CommonName,
+            rcgen::DnValue::PrintableString("stowage cluster CA".try_into().unwrap()),
+        );
+        assert_eq!(name_of(&printable), None);
+    }
+
+    #[test]
+    fn exactly_one_stowage_uri_names_an_identity() {
+        let id = |uris: &[&str]| identity_from_uris(uris.iter().copied());
+        assert_eq!(id(&["stowage://cluster"]), Some(PeerIdentity::Cluster));
+        assert_eq!(
+            id(&["https://x", "stowage://node/a.b-c_1"]),
+            Some(PeerIdentity::Node("a.b-c_1".into()))
+        );
+        assert_eq!(id(&[]), None);
+        assert_eq!(id(&["https://x"]), None);
+        assert_eq!(id(&["stowage://cluster", "stowage://node/n1"]), None);
+        assert_eq!(id(&["stowage://node/n1", "stowage://node/n2"]), None);
+        assert_eq!(id(&["stowage://cluster", "stowage://cluster"]), None);
+        assert_eq!(id(&["stowage://node/"]), None);
+        assert_eq!(id(&["stowage://node/n1/x"]), None);
+        assert_eq!(id(&["stowage://node/../x"]), None);
+        assert_eq!(id(&["stowage://admin"]), None);
+        assert_eq!(id(&["STOWAGE://cluster"]), None);
+        assert_eq!(id(&["stowage://node/n1", "Stowage://admin"]), None);
+    }
+
+    #[test]
+    fn node_ids_are_hostname_like() {
+        assert!(valid_node_id("n1"));
+        assert!(valid_node_id("worker-3.example.org"));
+        assert!(valid_node_id(&"a".repeat(MAX_NODE_ID_LEN)));
+        assert!(!valid_node_id(&"a".repeat(MAX_NODE_ID_LEN + 1)));
+        for bad in ["", "-n", ".n", "n/1", "n 1", "n%2F", "nö", "n\n"] {
+            assert!(!valid_node_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        let material = TlsMaterial::load(dir.path()).unwrap();
+        let shown = format!("{material:?}");
+        assert!(shown.contains("Cluster"), "{shown}");
+        assert!(!shown.contains("PRIVATE"), "{shown}");
+    }
+
+    /// A real certificate to mangle: its bytes take the reader deep into
+    /// the structure, where random bytes would stop at the first tag.
+    fn sample_der() -> &'static [u8] {
+        static DER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        DER.get_or_init(|| {
+            leaf_der(vec![
+                SanType::DnsName("stowage-cluster".try_into().unwrap()),
+                uri("stowage://node/n1"),
+            ])
+        })
+    }
+
+    proptest::proptest! {
+        /// Peer certificates are untrusted input until rustls has checked
+        /// them: the reader rejects a damaged one, it never panics.
+        #[test]
+        fn the_certificate_reader_never_panics(
+            edits in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 0..8),
+            cut in 0usize..4096,
+        ) {
+            let mut der = sample_der().to_vec();
+            for (at, byte) in edits {
+                let i = at % der.len();
+                der[i] = byte;
+            }
+            der.truncate(der.len() - cut % 64);
+            let _ = certificate_identity(&der);
+            let _ = parse_uri_names(&der);
+        }
+    }
+}

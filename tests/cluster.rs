@@ -1,0 +1,750 @@
+//! Several hosts, for real (issue 11): a `serve --mode controller` and
+//! three `serve --mode node` agents, each in a network namespace of its own
+//! on a bridge of the test's own (198.18.0.0/15, nothing else is reached),
+//! with mutual TLS from `stowage cluster init`, each node with its own
+//! state and pool. CSI calls go to the controller's unix socket (routed over
+//! TCP to the nodes) and to the nodes' own sockets, as a CO would.
+//! Everything is torn down on drop, also when a test fails.
+
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::netns::{AGENT_PORT, Net, Proc};
+use common::*;
+use stowage::cluster::proto::admin_client::AdminClient;
+use stowage::cluster::proto::{ListNodesRequest, NodeInfo};
+use stowage::csi;
+use stowage::volume::TOPOLOGY_NODE_KEY;
+use tonic::Code;
+
+const NODES: usize = 3;
+/// Registration period of the test nodes (seconds): a node is stale after
+/// three missed periods.
+const INTERVAL: u64 = 1;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_stowage")
+}
+
+/// Field order is drop order: processes stop before their pool goes.
+struct Cluster {
+    controller: Proc,
+    nodes: Vec<Proc>,
+    net: Net,
+    c: Clients,
+    admin: AdminClient<tonic::transport::Channel>,
+    root: PathBuf,
+    _scratch: Scratch,
+}
+
+fn node_id(i: usize) -> String {
+    format!("n{i}")
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let scratch = Scratch::new("cluster");
+        let root = scratch.root.clone();
+        let pool_fs = make_pool_fs(&scratch, "xfs", 8 << 30);
+        let out = Command::new(bin())
+            .args(["cluster", "init"])
+            .arg(root.join("tls"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cluster init: {out:?}");
+        let net = Net::new(NODES + 1);
+        let ctl_addr = net.host(0).addr(AGENT_PORT);
+        let controller = net.host(0).spawn(
+            Command::new(bin())
+                .args(["serve", "--mode", "controller", "--endpoint"])
+                .arg(format!("unix://{}", root.join("controller.sock").display()))
+                .args(["--listen", &ctl_addr.to_string(), "--tls-dir"])
+                .arg(root.join("tls"))
+                .env("STOWAGE_LOG", "debug"),
+        );
+        let mut nodes = Vec::new();
+        for i in 1..=NODES {
+            let h = net.host(i);
+            let state = pool_fs.join(node_id(i));
+            nodes.push(
+                h.spawn(
+                    Command::new(bin())
+                        .args(["serve", "--mode", "node", "--node-id", &node_id(i)])
+                        .arg("--endpoint")
+                        .arg(format!(
+                            "unix://{}",
+                            root.join(format!("n{i}.sock")).display()
+                        ))
+                        .arg("--state-dir")
+                        .arg(&state)
+                        .args(["--listen", &h.agent_addr().to_string()])
+                        .args(["--controller", &format!("https://{ctl_addr}")])
+                        .arg("--tls-dir")
+                        .arg(root.join("tls"))
+                        .args(["--label", &format!("zone=z{}", i % 2)])
+                        .args(["--register-interval", &INTERVAL.to_string()])
+                        .env("STOWAGE_LOG", "debug"),
+                ),
+            );
+        }
+        let socket = root.join("controller.sock");
+        wait_socket(&socket, &controller);
+        let c = try_connect(&socket).await.unwrap();
+        let admin = AdminClient::new(
+            stowage::client::channel(&format!("unix://{}", socket.display()))
+                .await
+                .unwrap(),
+        );
+        let mut cl = Cluster {
+            controller,
+            nodes,
+            net,
+            c,
+            admin,
+            root,
+            _scratch: scratch,
+        };
+        for i in 1..=NODES {
+            wait_socket(&cl.node_socket(i), &cl.nodes[i - 1]);
+        }
+        cl.wait_fresh(&(1..=NODES).map(node_id).collect::<Vec<_>>())
+            .await;
+        cl
+    }
+
+    fn node_socket(&self, i: usize) -> PathBuf {
+        self.root.join(format!("n{i}.sock"))
+    }
+
+    async fn node(&self, i: usize) -> Clients {
+        try_connect(&self.node_socket(i)).await.unwrap()
+    }
+
+    async fn nodes(&mut self) -> Vec<NodeInfo> {
+        self.admin
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+    }
+
+    /// Waits (bounded) until every node in `ids` is registered and fresh.
+    async fn wait_fresh(&mut self, ids: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let nodes = self.nodes().await;
+            if ids
+                .iter()
+                .all(|id| nodes.iter().any(|n| &n.node_id == id && n.fresh))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes {ids:?} not all fresh within 30 s: {nodes:?}\ncontroller log:\n{}",
+                self.controller.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits (bounded) until node `id` is registered but no longer fresh.
+    async fn wait_stale(&mut self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .nodes()
+            .await
+            .iter()
+            .any(|n| n.node_id == id && n.fresh)
+        {
+            assert!(Instant::now() < deadline, "{id} still fresh after 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn reconnect(&mut self) {
+        let socket = self.root.join("controller.sock");
+        wait_socket(&socket, &self.controller);
+        self.c = try_connect(&socket).await.unwrap();
+        self.admin = AdminClient::new(
+            stowage::client::channel(&format!("unix://{}", socket.display()))
+                .await
+                .unwrap(),
+        );
+    }
+
+    async fn create(
+        &mut self,
+        req: csi::CreateVolumeRequest,
+    ) -> Result<csi::Volume, tonic::Status> {
+        self.c
+            .controller
+            .create_volume(req)
+            .await
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.c
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn get(&mut self, id: &str) -> Result<csi::ControllerGetVolumeResponse, tonic::Status> {
+        self.c
+            .controller
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: id.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Every volume ListVolumes returns, page by page.
+    async fn list_all(&mut self, page: i32) -> Result<Vec<String>, tonic::Status> {
+        let (mut out, mut token) = (Vec::new(), String::new());
+        for _ in 0..1000 {
+            let r = self
+                .c
+                .controller
+                .list_volumes(csi::ListVolumesRequest {
+                    max_entries: page,
+                    starting_token: token,
+                })
+                .await?
+                .into_inner();
+            out.extend(r.entries.into_iter().map(|e| e.volume.unwrap().volume_id));
+            token = r.next_token;
+            if token.is_empty() {
+                return Ok(out);
+            }
+        }
+        panic!("ListVolumes never ended");
+    }
+
+    /// Runs `stowage` (the client) against the controller's socket.
+    fn client(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("--endpoint")
+            .arg(format!(
+                "unix://{}",
+                self.root.join("controller.sock").display()
+            ))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+fn wait_socket(socket: &Path, p: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            p.is_running(),
+            "server exited: {:?}\n{}",
+            p.exit_status(),
+            p.log_tail(40)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{} not up in 30 s:\n{}",
+            socket.display(),
+            p.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn topo(node: &str) -> csi::Topology {
+    csi::Topology {
+        segments: [(TOPOLOGY_NODE_KEY.to_owned(), node.to_owned())].into(),
+    }
+}
+
+fn on(preferred: &[&str], requisite: &[&str]) -> Option<csi::TopologyRequirement> {
+    Some(csi::TopologyRequirement {
+        preferred: preferred.iter().map(|n| topo(n)).collect(),
+        requisite: requisite.iter().map(|n| topo(n)).collect(),
+    })
+}
+
+fn node_of(volume_id: &str) -> &str {
+    volume_id.split(':').nth(1).unwrap()
+}
+
+fn block(name: &str, topology: Option<csi::TopologyRequirement>) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        accessibility_requirements: topology,
+        ..create_req(name, "ext4", 64 << 20)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_land_on_the_preferred_node_and_restores_on_their_source() {
+    let mut cl = Cluster::start().await;
+
+    // Preferred node first; a retry preferring another node finds the
+    // volume by name where it is (placement alone would pick n3).
+    let v = cl
+        .create(block("pref", on(&["n2", "n1"], &["n1", "n2"])))
+        .await
+        .unwrap();
+    assert_eq!(node_of(&v.volume_id), "n2");
+    assert_eq!(
+        v.accessible_topology,
+        vec![topo("n2")],
+        "the volume says where it can be used"
+    );
+    let again = cl
+        .create(block("pref", on(&["n3"], &["n3", "n2"])))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.volume_id, v.volume_id,
+        "CreateVolume is idempotent by name across nodes"
+    );
+    // No topology: some registered node; the node parameter pins.
+    let free = cl.create(block("free", None)).await.unwrap();
+    assert!(["n1", "n2", "n3"].contains(&node_of(&free.volume_id)));
+    let mut pinned = block("pinned", None);
+    pinned.parameters.insert("node".into(), "n3".into());
+    let pinned = cl.create(pinned).await.unwrap();
+    assert_eq!(node_of(&pinned.volume_id), "n3");
+
+    // Data written through n2's node service reads back from a restore,
+    // which is made on n2, the source's node.
+    let (staging, target) = (cl.root.join("st-pref"), cl.root.join("pub-pref"));
+    std::fs::create_dir(&staging).unwrap();
+    let mut n2 = cl.node(2).await;
+    n2.node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap_for("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    n2.node
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap_for("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    std::fs::write(target.join("hello"), b"from n2").unwrap();
+    nix::unistd::sync();
+    let snap =
+        cl.c.controller
+            .create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: v.volume_id.clone(),
+                name: "pref-snap".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+    assert!(snap.snapshot_id.contains(":n2:"), "{}", snap.snapshot_id);
+    let from = |name: &str, topology| csi::CreateVolumeRequest {
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        }),
+        ..block(name, topology)
+    };
+    // A restore the scheduler would place elsewhere: retryable, not invalid.
+    let e = cl
+        .create(from("restore-n1", on(&["n1"], &["n1"])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let restored = cl
+        .create(from("restore", on(&["n1"], &["n1", "n2"])))
+        .await
+        .unwrap();
+    assert_eq!(node_of(&restored.volume_id), "n2");
+    // A cross-node group snapshot is refused clearly.
+    let e =
+        cl.c.group
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: "g".into(),
+                source_volume_ids: vec![v.volume_id.clone(), pinned.volume_id.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // Capacity per node: the node's own answer; an unknown node has none.
+    let cap = |node: &str| csi::GetCapacityRequest {
+        volume_capabilities: vec![cap_for("ext4")],
+        parameters: params_for("ext4"),
+        accessible_topology: Some(topo(node)),
+    };
+    let routed =
+        cl.c.controller
+            .get_capacity(cap("n3"))
+            .await
+            .unwrap()
+            .into_inner();
+    let direct = {
+        // The node's own pool, measured the way the node measures it.
+        let usage = stowage::os::fs::usage(&cl._scratch.root.join("pool-fs/n3/pool")).unwrap();
+        usage.available_bytes as i64
+    };
+    assert!(routed.available_capacity > 0);
+    assert!(
+        (routed.available_capacity - direct).abs() < (64 << 20),
+        "GetCapacity(n3) = {}, the pool has {direct} free",
+        routed.available_capacity
+    );
+    let none =
+        cl.c.controller
+            .get_capacity(cap("nobody"))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(none.available_capacity, 0);
+
+    // Lists merge every node, with tokens, at every page size.
+    let mut want: Vec<String> = [&v, &free, &pinned, &restored]
+        .iter()
+        .map(|v| v.volume_id.clone())
+        .collect();
+    want.sort();
+    for page in [0, 1, 2, 3] {
+        let mut got = cl.list_all(page).await.unwrap();
+        got.sort();
+        assert_eq!(got, want, "page size {page}");
+    }
+
+    n2.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    n2.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+    // The restore carries the data (staged on n2, where it lives).
+    let (rs, rt) = (cl.root.join("st-r"), cl.root.join("pub-r"));
+    std::fs::create_dir(&rs).unwrap();
+    n2.node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+            staging_target_path: rs.display().to_string(),
+            volume_capability: Some(cap_for("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    n2.node
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+            staging_target_path: rs.display().to_string(),
+            target_path: rt.display().to_string(),
+            volume_capability: Some(cap_for("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(rt.join("hello")).unwrap(), b"from n2");
+    n2.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+            target_path: rt.display().to_string(),
+        })
+        .await
+        .unwrap();
+    n2.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+            staging_target_path: rs.display().to_string(),
+        })
+        .await
+        .unwrap();
+    for id in &want {
+        cl.delete(id).await.unwrap();
+    }
+    cl.c.controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(cl.list_all(0).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_and_partitioned_nodes_are_unavailable_and_come_back() {
+    let mut cl = Cluster::start().await;
+    let a = cl.create(block("a", on(&["n2"], &["n2"]))).await.unwrap();
+    let b = cl.create(block("b", on(&["n3"], &["n3"]))).await.unwrap();
+
+    // A killed agent: its volumes are UNAVAILABLE (retryable), the others
+    // work; after its restart everything does.
+    cl.nodes[1].kill9();
+    let e = cl.get(&a.volume_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    cl.get(&b.volume_id).await.unwrap();
+    let e = cl.list_all(0).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unavailable,
+        "an incomplete list is an error: {e:?}"
+    );
+    cl.nodes[1].restart();
+    cl.wait_fresh(&["n2".to_owned()]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match cl.get(&a.volume_id).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("after the restart: {e:?}"),
+        }
+    }
+
+    // A partition: UNAVAILABLE within a bounded time, service after healing.
+    cl.net.partition(cl.net.host(3));
+    let t0 = Instant::now();
+    let e = cl.get(&b.volume_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    cl.wait_stale("n3").await;
+    let e = cl.delete(&b.volume_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    cl.net.heal(cl.net.host(3));
+    cl.wait_fresh(&["n3".to_owned()]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match cl.get(&b.volume_id).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("after healing: {e:?}"),
+        }
+    }
+    cl.delete(&a.volume_id).await.unwrap();
+    cl.delete(&b.volume_id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_loses_nothing() {
+    let mut cl = Cluster::start().await;
+    let mut want = Vec::new();
+    for (i, n) in ["n1", "n2", "n3", "n1"].iter().enumerate() {
+        want.push(
+            cl.create(block(&format!("keep-{i}"), on(&[n], &[n])))
+                .await
+                .unwrap()
+                .volume_id,
+        );
+    }
+    want.sort();
+    cl.controller.kill9();
+    cl.controller.restart();
+    cl.reconnect().await;
+    // Complete again within one registration period (plus slack).
+    cl.wait_fresh(&["n1".into(), "n2".into(), "n3".into()])
+        .await;
+    let mut got = cl.list_all(1).await.unwrap();
+    got.sort();
+    assert_eq!(got, want);
+    for id in &want {
+        cl.delete(id).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordon_stops_new_volumes_and_forget_releases_a_dead_node() {
+    let mut cl = Cluster::start().await;
+    // Through the real client commands, against the controller's socket.
+    let out = cl.client(&["node", "cordon", "n1"]);
+    assert!(out.status.success(), "{out:?}");
+    let e = cl
+        .create(block("c1", on(&["n1"], &["n1"])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let v = cl
+        .create(block("c2", on(&["n1", "n2"], &["n1", "n2"])))
+        .await
+        .unwrap();
+    assert_eq!(node_of(&v.volume_id), "n2");
+    // Durable on the node: survives the node's restart.
+    cl.nodes[0].kill9();
+    cl.nodes[0].restart();
+    tokio::time::sleep(Duration::from_secs(INTERVAL * 2)).await;
+    cl.wait_fresh(&["n1".to_owned()]).await;
+    let list = cl.client(&["node", "list"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("n1 ") && l.contains("cordoned")),
+        "{text}"
+    );
+    assert!(cl.client(&["node", "uncordon", "n1"]).status.success());
+    let v1 = cl.create(block("c1", on(&["n1"], &["n1"]))).await.unwrap();
+    assert_eq!(node_of(&v1.volume_id), "n1");
+
+    // Forget: refused while the node registers; once it is gone for good,
+    // deletes of its volumes succeed.
+    let gone = cl
+        .create(block("gone", on(&["n3"], &["n3"])))
+        .await
+        .unwrap();
+    let out = cl.client(&["node", "forget", "n3"]);
+    assert!(
+        !out.status.success(),
+        "forgetting a live node must be refused"
+    );
+    cl.nodes[2].kill9();
+    cl.wait_stale("n3").await;
+    let e = cl.delete(&gone.volume_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let out = cl.client(&["node", "forget", "n3"]);
+    assert!(out.status.success(), "{out:?}");
+    cl.delete(&gone.volume_id).await.unwrap();
+    let text = String::from_utf8_lossy(&cl.client(&["node", "list"]).stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("n3 ") && l.contains("forgotten")),
+        "{text}"
+    );
+    // The client's volume commands work against the controller unchanged.
+    let out = cl.client(&["volume", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&v.volume_id) && text.contains(&v1.volume_id),
+        "{text}"
+    );
+    cl.delete(&v.volume_id).await.unwrap();
+    cl.delete(&v1.volume_id).await.unwrap();
+}
+
+/// Sends an HTTP/2 (plaintext gRPC) preface to `to` from host `h` and
+/// returns what came back before the peer closed or went quiet.
+fn plaintext_probe(h: &common::netns::Host, to: SocketAddr) -> Vec<u8> {
+    h.run_in(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_refused_before_any_rpc() {
+    let mut cl = Cluster::start().await;
+    let ctl = cl.net.host(0).addr(AGENT_PORT);
+    // Plaintext gRPC to the controller and to a node agent: no HTTP/2
+    // frame comes back (a SETTINGS frame would be type 4 at byte 3).
+    for to in [ctl, cl.net.host(2).agent_addr()] {
+        let answer = plaintext_probe(cl.net.host(1), to);
+        assert!(
+            answer.len() < 9 || answer[3] != 4,
+            "{to} answered plaintext HTTP/2: {answer:?}"
+        );
+    }
+    // A node agent with certificates of another cluster's CA never
+    // registers; nor does a node whose own certificate names another node.
+    let other = cl.root.join("other-tls");
+    assert!(
+        Command::new(bin())
+            .args(["cluster", "init"])
+            .arg(&other)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let issued = cl.root.join("n9-tls");
+    assert!(
+        Command::new(bin())
+            .args(["cluster", "issue", "--ca-dir"])
+            .arg(cl.root.join("tls"))
+            .args(["--node", "n8"])
+            .arg(&issued)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut strangers = Vec::new();
+    for (id, tls, port) in [("n7", &other, 7450u16), ("n9", &issued, 7451u16)] {
+        let h1 = cl.net.host(1);
+        let p = h1.spawn(
+            Command::new(bin())
+                .args(["serve", "--mode", "node", "--node-id", id])
+                .arg("--endpoint")
+                .arg(format!(
+                    "unix://{}",
+                    cl.root.join(format!("{id}.sock")).display()
+                ))
+                .arg("--state-dir")
+                .arg(cl.root.join(format!("pool-fs/{id}")))
+                .args(["--listen", &h1.addr(port).to_string()])
+                .args(["--controller", &format!("https://{ctl}")])
+                .arg("--tls-dir")
+                .arg(tls)
+                .args(["--register-interval", "1"])
+                .env("STOWAGE_LOG", "debug"),
+        );
+        strangers.push(p);
+    }
+    // Both try to register at least twice.
+    for p in &strangers {
+        assert!(
+            p.wait_log(
+                "cannot register with the controller",
+                Duration::from_secs(30)
+            ),
+            "{}",
+            p.log_tail(20)
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ids: Vec<String> = cl.nodes().await.into_iter().map(|n| n.node_id).collect();
+    assert_eq!(ids, ["n1", "n2", "n3"], "strangers registered");
+    assert!(
+        strangers[1].log_text().contains("PermissionDenied")
+            || strangers[1].log_text().contains("may not register"),
+        "{}",
+        strangers[1].log_tail(20)
+    );
+    // The cluster still works.
+    let v = cl.create(block("after", None)).await.unwrap();
+    cl.delete(&v.volume_id).await.unwrap();
+}
