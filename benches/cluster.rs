@@ -706,12 +706,13 @@ async fn populate(b: &Bench, volumes: usize, workers: usize) -> CreateReport {
     let next = Arc::new(AtomicUsize::new(0));
     let retried = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
-    let mut tasks = Vec::new();
+    // A JoinSet aborts its tasks when dropped (a panic elsewhere, Ctrl-C).
+    let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let mut ctl = controller_client(&b.controller_socket()).await;
         let next = Arc::clone(&next);
         let retried = Arc::clone(&retried);
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut lat = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -752,11 +753,11 @@ async fn populate(b: &Bench, volumes: usize, workers: usize) -> CreateReport {
                     }
                 }
             }
-        }));
+        });
     }
     let mut lat = Vec::with_capacity(volumes);
-    for t in tasks {
-        lat.extend(t.await.expect("create worker"));
+    while let Some(t) = tasks.join_next().await {
+        lat.extend(t.expect("create worker"));
     }
     let secs = start.elapsed().as_secs_f64();
     CreateReport {
@@ -928,6 +929,20 @@ fn print_report(r: &Report) {
         "worst routing overhead at the median: {:+.3} ms (limit {:.1} ms)",
         r.worst_median_overhead_ms, r.overhead_limit_ms
     );
+    for l in &r.latency {
+        for k in &l.kinds {
+            for c in k
+                .calls
+                .iter()
+                .filter(|c| c.overhead_median_ms > r.overhead_limit_ms)
+            {
+                println!(
+                    "  over the limit: {} {} with {} node(s) registered: {:+.3} ms",
+                    k.kind, c.call, l.registered_nodes, c.overhead_median_ms
+                );
+            }
+        }
+    }
     if let Some(l) = &r.list {
         println!();
         println!(
