@@ -580,6 +580,18 @@ async fn a_restarted_controller_loses_nothing() {
     let mut got = cl.list_all(1).await.unwrap();
     got.sort();
     assert_eq!(got, want);
+    // The restarted controller still knows where each name lives: a retry
+    // preferring another node finds the volume (placement would pick n2).
+    let again = cl
+        .create(block("keep-0", on(&["n2"], &["n2", "n1"])))
+        .await
+        .unwrap();
+    assert!(
+        want.contains(&again.volume_id),
+        "{} made anew",
+        again.volume_id
+    );
+    assert_eq!(node_of(&again.volume_id), "n1");
     for id in &want {
         cl.delete(id).await.unwrap();
     }

@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status};
 use super::proto::agent_server::{Agent, AgentServer};
 use super::proto::registry_client::RegistryClient;
 use super::proto::{
-    FindVolumeRequest, FindVolumeResponse, RegisterRequest, SetCordonRequest, SetCordonResponse,
+    FindVolumeRequest, FindVolumeResponse, ListNamesRequest, ListNamesResponse, NamedVolume,
+    RegisterRequest, SetCordonRequest, SetCordonResponse,
 };
 use super::tls::{PeerIdentity, TlsMaterial, peer_identity};
 use crate::csi;
@@ -75,17 +76,39 @@ impl Agent for AgentService {
         req: Request<FindVolumeRequest>,
     ) -> Result<Response<FindVolumeResponse>, Status> {
         let name = req.into_inner().name;
-        let c = self
-            .driver
-            .controller
-            .as_ref()
-            .ok_or_else(|| Status::internal("node without controller"))?;
+        let c = self.controller()?;
         Ok(Response::new(FindVolumeResponse {
             volume_id: c
                 .volume_by_name(&name)
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
         }))
+    }
+
+    async fn list_names(
+        &self,
+        _req: Request<ListNamesRequest>,
+    ) -> Result<Response<ListNamesResponse>, Status> {
+        let c = self.controller()?;
+        Ok(Response::new(ListNamesResponse {
+            volumes: c
+                .volume_names()
+                .into_iter()
+                .map(|(name, id)| NamedVolume {
+                    name,
+                    volume_id: id.to_string(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+impl AgentService {
+    fn controller(&self) -> Result<&Arc<crate::volume::controller::Controller>, Status> {
+        self.driver
+            .controller
+            .as_ref()
+            .ok_or_else(|| Status::internal("node without controller"))
     }
 }
 
@@ -114,7 +137,7 @@ pub async fn serve_agent(
             err,
         })?;
     tracing::info!(listen = %cfg.listen, advertise = %cfg.advertise, "agent API listening (mutual TLS)");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::server::tcp_incoming(listener);
     tonic::transport::Server::builder()
         .tls_config(tls.server_config())?
         .add_service(csi::controller_server::ControllerServer::with_interceptor(

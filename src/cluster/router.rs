@@ -12,6 +12,7 @@ use std::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use super::names::NameIndex;
 use super::proto;
 use super::registry::{NodeEntry, Registry};
 use super::tls::{PeerIdentity, peer_identity};
@@ -29,6 +30,10 @@ type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Se
 pub struct Router {
     pub registry: Arc<Registry>,
     pub name: String,
+    pub names: Arc<NameIndex>,
+    /// CreateVolume names being placed now: a concurrent CreateVolume of
+    /// the same name is ABORTED (it could otherwise be placed elsewhere).
+    creating: crate::volume::inflight::InFlight,
 }
 
 /// Where a call goes.
@@ -52,7 +57,29 @@ fn node_of_topology(t: &csi::Topology) -> Option<&str> {
 
 impl Router {
     pub fn new(registry: Arc<Registry>, name: String) -> Self {
-        Self { registry, name }
+        Self {
+            registry,
+            name,
+            names: Arc::new(NameIndex::default()),
+            creating: Default::default(),
+        }
+    }
+
+    /// The node holding a volume of this CSI name: from the name index
+    /// when every fresh node's names are loaded, else by asking every
+    /// fresh node.
+    async fn lookup_name(&self, name: &str) -> Result<Option<NodeEntry>, Status> {
+        let fresh = self.registry.fresh();
+        if fresh.iter().all(|n| self.names.is_loaded(&n.id)) {
+            return match self.names.node_of(name) {
+                None => Ok(None),
+                Some(node) => match self.route(&node)? {
+                    Route::Node(n) => Ok(Some(*n)),
+                    Route::Forgotten => Ok(None),
+                },
+            };
+        }
+        self.find_by_name(name).await
     }
 
     /// The route to `node`: UNAVAILABLE (retryable) when it is not
@@ -330,6 +357,7 @@ impl csi::controller_server::Controller for Router {
             }
             None => None,
         };
+        let sourced = source_node.is_some();
         let node = if r.name.is_empty() || r.volume_capabilities.is_empty() {
             // Invalid: any node refuses it as one server would.
             self.any_node()?
@@ -363,14 +391,40 @@ impl csi::controller_server::Controller for Router {
                     n
                 }
                 Some(None) => self.any_node()?,
-                None => match self.find_by_name(&r.name).await? {
-                    Some(n) => n,
-                    None => self.place(&r)?,
-                },
+                None => {
+                    let guard = self.creating.try_acquire(r.name.clone()).ok_or_else(|| {
+                        Status::aborted(format!(
+                            "a CreateVolume of name {:?} is in progress",
+                            r.name
+                        ))
+                    })?;
+                    let node = match self.lookup_name(&r.name).await? {
+                        Some(n) => n,
+                        None => self.place(&r)?,
+                    };
+                    let name = r.name.clone();
+                    let made = relay(&node, cc(&node).create_volume(r).await)?;
+                    if let Some(v) = &made.get_ref().volume {
+                        self.names.insert(&name, &node.id, &v.volume_id);
+                    }
+                    drop(guard);
+                    return Ok(made);
+                }
             }
         };
+        if sourced && let Some(other) = self.names.node_of(&r.name).filter(|o| *o != node.id) {
+            return Err(Status::already_exists(format!(
+                "volume name {:?} is taken by a volume on node {other}",
+                r.name
+            )));
+        }
         tracing::debug!(name = %r.name, node = %node.id, "CreateVolume routed");
-        relay(&node, cc(&node).create_volume(r).await)
+        let name = r.name.clone();
+        let made = relay(&node, cc(&node).create_volume(r).await)?;
+        if let Some(v) = &made.get_ref().volume {
+            self.names.insert(&name, &node.id, &v.volume_id);
+        }
+        Ok(made)
     }
 
     async fn delete_volume(
@@ -378,10 +432,15 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::DeleteVolumeRequest>,
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
-        match self.volume_route(&r.volume_id)? {
+        let id = r.volume_id.clone();
+        let done = match self.volume_route(&r.volume_id)? {
             Route::Forgotten => Ok(Response::new(csi::DeleteVolumeResponse {})),
             Route::Node(n) => relay(&n, cc(&n).delete_volume(r).await),
+        };
+        if done.is_ok() {
+            self.names.remove_volume(&id);
         }
+        done
     }
 
     async fn controller_publish_volume(
@@ -739,6 +798,7 @@ impl csi::identity_server::Identity for Router {
 #[derive(Debug, Clone)]
 pub struct RegistryService {
     pub registry: Arc<Registry>,
+    pub names: Arc<NameIndex>,
 }
 
 #[tonic::async_trait]
@@ -761,9 +821,32 @@ impl proto::registry_server::Registry for RegistryService {
             }
             None => return Err(Status::unauthenticated("no client certificate")),
         }
+        let node = r.node_id.clone();
         self.registry
             .register(r)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.names.start_loading(&node)
+            && let Some(n) = self.registry.get(&node)
+        {
+            let names = Arc::clone(&self.names);
+            tokio::spawn(async move {
+                let mut agent = proto::agent_client::AgentClient::new(n.channel.clone());
+                match agent.list_names(proto::ListNamesRequest {}).await {
+                    Ok(r) => {
+                        let vols = r.into_inner().volumes;
+                        tracing::debug!(node = %n.id, names = vols.len(), "volume names loaded");
+                        names.finish_loading(
+                            &n.id,
+                            vols.into_iter().map(|v| (v.name, v.volume_id)).collect(),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %n.id, code = ?e.code(), message = e.message(), "cannot load the node's volume names; retrying at its next registration");
+                        names.abort_loading(&n.id);
+                    }
+                }
+            });
+        }
         Ok(Response::new(proto::RegisterResponse {}))
     }
 }
@@ -837,6 +920,7 @@ impl proto::admin_server::Admin for Router {
         self.registry
             .forget(&r.node_id)
             .map_err(Status::failed_precondition)?;
+        self.names.unload(&r.node_id);
         tracing::warn!(node = %r.node_id, "node forgotten: deletes of its volumes now succeed");
         Ok(Response::new(proto::ForgetResponse {}))
     }

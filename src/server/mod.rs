@@ -350,6 +350,17 @@ async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// Accepted TCP connections with Nagle's algorithm off (and keepalive
+/// probes on): gRPC answers are small writes, and with Nagle each answer
+/// after the first waits for the peer's delayed ACK (~40 ms).
+pub(crate) fn tcp_incoming(
+    listener: tokio::net::TcpListener,
+) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(30)))
+}
+
 /// Serves `router` on the CSI endpoint until shutdown.
 /// The CSI services' router, behind the per-RPC metrics layer (inert when
 /// metrics are off).
@@ -384,7 +395,7 @@ async fn serve_endpoint(
                         err,
                     })?;
             tracing::info!(endpoint = %addr, "listening");
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = tcp_incoming(listener);
             router
                 .serve_with_incoming_shutdown(incoming, stopped(stop))
                 .await?;
@@ -551,12 +562,10 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
         .add_service(proto::registry_server::RegistryServer::new(
             router::RegistryService {
                 registry: Arc::clone(&registry),
+                names: Arc::clone(&router.names),
             },
         ))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            stopped(stop.clone()),
-        );
+        .serve_with_incoming_shutdown(tcp_incoming(listener), stopped(stop.clone()));
     let csi_router = tonic::transport::Server::builder()
         .layer(metrics::RpcMetricsLayer::default())
         .add_service(csi::identity_server::IdentityServer::new(router.clone()))

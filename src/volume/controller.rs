@@ -264,6 +264,15 @@ impl Controller {
             .map(|r| r.id.clone())
     }
 
+    /// Every (CSI name, volume) this node holds.
+    pub fn volume_names(&self) -> Vec<(String, VolumeId)> {
+        let idx = lock(&self.index);
+        idx.by_name
+            .iter()
+            .filter_map(|(n, u)| idx.by_uuid.get(u).map(|r| (n.clone(), r.id.clone())))
+            .collect()
+    }
+
     /// The pool's free bytes (as GetCapacity counts them) and its size.
     pub fn pool_space(&self) -> std::io::Result<(u64, u64)> {
         let free = self.backends.available_bytes()?;
