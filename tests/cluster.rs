@@ -425,6 +425,20 @@ async fn volumes_land_on_the_preferred_node_and_restores_on_their_source() {
             .unwrap()
             .into_inner();
     assert_eq!(none.available_capacity, 0);
+    // No topology: the largest single node's free space (as last reported).
+    let mut any = cap("n1");
+    any.accessible_topology = None;
+    let any =
+        cl.c.controller
+            .get_capacity(any)
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(
+        (any.available_capacity - direct).abs() < (256 << 20),
+        "GetCapacity() = {}, a node's pool has {direct} free",
+        any.available_capacity
+    );
 
     // Lists merge every node, with tokens, at every page size.
     let mut want: Vec<String> = [&v, &free, &pinned, &restored]

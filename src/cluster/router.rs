@@ -525,28 +525,38 @@ impl csi::controller_server::Controller for Router {
                 },
             };
         }
-        // No node named: the largest answer of any one node.
-        let nodes = self.registry.fresh();
-        let asks = nodes.iter().map(|n| {
-            let (mut c, mut r) = (cc(n), r.clone());
-            if let Some(t) = r.accessible_topology.as_mut() {
-                t.segments
-                    .insert(TOPOLOGY_NODE_KEY.to_owned(), n.id.clone());
-            }
-            async move { c.get_capacity(r).await }
-        });
-        let mut best = csi::GetCapacityResponse {
-            available_capacity: 0,
-            maximum_volume_size: Some(0),
-            minimum_volume_size: None,
+        // No node named: the largest free space of any one node that takes
+        // new volumes, as the nodes last reported it (at most one
+        // registration period old; GetCapacity is an estimate anyway), so
+        // the answer costs no round trip to every node. Parameters and
+        // capabilities are checked as a node would.
+        let caps = r
+            .volume_capabilities
+            .iter()
+            .map(|cap| crate::server::convert::capability("volume_capabilities", Some(cap)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let params = crate::volume::params::Parameters::parse(&crate::server::convert::map(
+            &r.parameters,
+        ))
+        .map_err(|reason| Status::from(crate::volume::Error::invalid("parameters", reason)))?;
+        let now = Instant::now();
+        let free = if caps.iter().any(|c| c.supported_by(params.backend).is_err()) {
+            0
+        } else {
+            self.registry
+                .all()
+                .iter()
+                .filter(|n| n.fresh(now) && !n.cordoned)
+                .map(|n| n.free_bytes)
+                .max()
+                .unwrap_or(0)
         };
-        for (n, a) in nodes.iter().zip(futures_join_all(asks).await) {
-            let a = relay(n, a)?.into_inner();
-            if a.available_capacity > best.available_capacity {
-                best = a;
-            }
-        }
-        Ok(Response::new(best))
+        let free = i64::try_from(free).unwrap_or(i64::MAX);
+        Ok(Response::new(csi::GetCapacityResponse {
+            available_capacity: free,
+            maximum_volume_size: Some(free),
+            minimum_volume_size: None,
+        }))
     }
 
     async fn controller_get_capabilities(
