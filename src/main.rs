@@ -15,6 +15,10 @@ struct Cli {
     /// /path/csi.sock or tcp://host:port [default: unix:///run/stowage/csi.sock]
     #[arg(long)]
     endpoint: Option<String>,
+    /// For client commands on a node of a cluster: the controller's socket,
+    /// where controller calls go (node calls go to --endpoint)
+    #[arg(long)]
+    controller_endpoint: Option<String>,
     /// For client commands: the output format [default: table]
     #[arg(short = 'o', long = "output", value_enum)]
     output: Option<OutputFormat>,
@@ -24,7 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the CSI Identity, Controller and Node services.
+    /// Serve CSI: Identity, Controller and Node on one host (--mode all), or
+    /// a cluster's node agent or routing controller (--mode node|controller).
     Serve(ServeArgs),
     /// Report this host's pool, volumes and anything leaked or inconsistent
     /// (reads local state; exits 1 when problems are listed).
@@ -219,15 +224,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outer = GlobalArgs {
         endpoint: cli.endpoint,
+        controller_endpoint: cli.controller_endpoint,
         output: cli.output,
     };
     match cli.command {
-        Command::Serve(_) if outer.endpoint.is_some() || outer.output.is_some() => {
+        Command::Serve(_)
+            if outer.endpoint.is_some()
+                || outer.controller_endpoint.is_some()
+                || outer.output.is_some() =>
+        {
             eprintln!("stowage: give serve's flags after `serve`");
             ExitCode::from(2)
         }
         Command::Serve(args) => serve(args),
-        Command::Status(_) if outer.endpoint.is_some() => {
+        Command::Status(_) if outer.endpoint.is_some() || outer.controller_endpoint.is_some() => {
             eprintln!("stowage: status reads local state and takes no --endpoint");
             ExitCode::from(2)
         }

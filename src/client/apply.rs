@@ -75,6 +75,7 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone)]
 pub struct CsiPlugin {
     endpoint: String,
+    controller_endpoint: Option<String>,
     staging_root: PathBuf,
     session: Option<Session>,
 }
@@ -83,6 +84,7 @@ impl CsiPlugin {
     pub fn new(endpoint: &str, staging_root: &Path) -> CsiPlugin {
         CsiPlugin {
             endpoint: endpoint.to_owned(),
+            controller_endpoint: None,
             staging_root: staging_root.to_owned(),
             session: None,
         }
@@ -90,7 +92,9 @@ impl CsiPlugin {
 
     async fn s(&mut self) -> Result<&mut Session, ClientError> {
         if self.session.is_none() {
-            self.session = Some(Session::connect(&self.endpoint).await?);
+            self.session = Some(
+                Session::connect_split(&self.endpoint, self.controller_endpoint.as_deref()).await?,
+            );
         }
         Ok(self.session.as_mut().expect("connected above"))
     }
@@ -546,7 +550,14 @@ pub fn run(args: ApplyArgs, outer: &GlobalArgs) -> u8 {
             return 1;
         }
     };
-    let plugin = CsiPlugin::new(&endpoint, &args.staging_root);
+    if let Some(c) = &g.controller_endpoint
+        && let Err(e) = crate::server::Endpoint::parse(c)
+    {
+        eprintln!("stowage: --controller-endpoint: {e}");
+        return 2;
+    }
+    let mut plugin = CsiPlugin::new(&endpoint, &args.staging_root);
+    plugin.controller_endpoint = g.controller_endpoint.clone();
     let result = rt.block_on(async {
         if args.watch {
             watch(plugin, file, &args, format).await.map(|()| 0)

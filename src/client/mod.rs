@@ -49,6 +49,11 @@ pub struct GlobalArgs {
     /// tcp://host:port [default: unix:///run/stowage/csi.sock]
     #[arg(long, global = true)]
     pub endpoint: Option<String>,
+    /// Where the CSI Controller service is, when not at --endpoint: on a
+    /// node of a cluster, the controller's socket (controller calls go
+    /// there, node calls to --endpoint)
+    #[arg(long, global = true)]
+    pub controller_endpoint: Option<String>,
     /// Output format [default: table]
     #[arg(short = 'o', long = "output", value_enum, global = true)]
     pub output: Option<OutputFormat>,
@@ -60,6 +65,10 @@ impl GlobalArgs {
     pub fn or(&self, outer: &GlobalArgs) -> GlobalArgs {
         GlobalArgs {
             endpoint: self.endpoint.clone().or_else(|| outer.endpoint.clone()),
+            controller_endpoint: self
+                .controller_endpoint
+                .clone()
+                .or_else(|| outer.controller_endpoint.clone()),
             output: self.output.or(outer.output),
         }
     }
@@ -243,10 +252,24 @@ pub struct Session {
 impl Session {
     /// Connects to `unix:///path`, `unix:/path`, `/path` or `tcp://host:port`.
     pub async fn connect(endpoint: &str) -> Result<Session, ClientError> {
+        Self::connect_split(endpoint, None).await
+    }
+
+    /// Like [`Session::connect`], with the Controller service at
+    /// `controller` when given (a cluster's controller socket; Identity and
+    /// Node stay at `endpoint`).
+    pub async fn connect_split(
+        endpoint: &str,
+        controller: Option<&str>,
+    ) -> Result<Session, ClientError> {
         let channel = channel(endpoint).await?;
+        let controller = match controller {
+            Some(c) => ControllerClient::new(self::channel(c).await?),
+            None => ControllerClient::new(channel.clone()),
+        };
         Ok(Session {
             identity: IdentityClient::new(channel.clone()),
-            controller: ControllerClient::new(channel.clone()),
+            controller,
             node: NodeClient::new(channel),
         })
     }
@@ -413,17 +436,20 @@ pub fn run(command: ClientCommand, outer: &GlobalArgs) -> Result<(), ClientError
         match command {
             ClientCommand::Plugin(args) => {
                 let g = args.globals.or(outer);
-                let mut s = Session::connect(g.endpoint()).await?;
+                let mut s =
+                    Session::connect_split(g.endpoint(), g.controller_endpoint.as_deref()).await?;
                 plugin::run(&mut s, args.verb, g.format()).await
             }
             ClientCommand::Volume(args) => {
                 let g = args.globals.or(outer);
-                let mut s = Session::connect(g.endpoint()).await?;
+                let mut s =
+                    Session::connect_split(g.endpoint(), g.controller_endpoint.as_deref()).await?;
                 volume::run(&mut s, args.verb, g.format()).await
             }
             ClientCommand::Snapshot(args) => {
                 let g = args.globals.or(outer);
-                let mut s = Session::connect(g.endpoint()).await?;
+                let mut s =
+                    Session::connect_split(g.endpoint(), g.controller_endpoint.as_deref()).await?;
                 snapshot::run(&mut s, args.verb, g.format()).await
             }
             ClientCommand::Node(args) => {
@@ -465,14 +491,17 @@ mod tests {
     fn inner_flags_win_over_outer_ones() {
         let outer = GlobalArgs {
             endpoint: Some("unix:///a".into()),
+            controller_endpoint: Some("unix:///c".into()),
             output: Some(OutputFormat::Json),
         };
         let inner = GlobalArgs {
             endpoint: Some("unix:///b".into()),
+            controller_endpoint: None,
             output: None,
         };
         let g = inner.or(&outer);
         assert_eq!(g.endpoint(), "unix:///b");
+        assert_eq!(g.controller_endpoint.as_deref(), Some("unix:///c"));
         assert_eq!(g.format(), OutputFormat::Json);
         assert_eq!(GlobalArgs::default().endpoint(), DEFAULT_ENDPOINT);
         assert_eq!(GlobalArgs::default().format(), OutputFormat::Table);
