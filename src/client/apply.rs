@@ -207,25 +207,7 @@ impl CsiPlugin {
         id: &str,
         mutable_parameters: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), ClientError> {
-        let s = self.s().await?;
-        if !s
-            .controller_rpcs()
-            .await?
-            .contains(&ControllerRpc::ModifyVolume)
-        {
-            return Err(ClientError::Local(
-                "the plugin does not offer MODIFY_VOLUME (ControllerModifyVolume)".into(),
-            ));
-        }
-        s.controller
-            .controller_modify_volume(csi::ControllerModifyVolumeRequest {
-                volume_id: id.to_owned(),
-                mutable_parameters: mutable_parameters.clone().into_iter().collect(),
-                ..Default::default()
-            })
-            .await
-            .map_err(rpc("ControllerModifyVolume"))?;
-        Ok(())
+        self.s().await?.modify_volume(id, mutable_parameters).await
     }
 
     async fn delete_volume_once(&mut self, id: &str) -> Result<(), ClientError> {

@@ -212,29 +212,7 @@ pub fn is_permission_denied(kind: std::io::ErrorKind) -> bool {
     kind == std::io::ErrorKind::PermissionDenied
 }
 
-/// The canonical upper-case name of a gRPC code, as the CSI spec writes it.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
+pub use crate::server::convert::code_name;
 
 /// Maps a failed call's status into [`ClientError::Rpc`].
 pub(crate) fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
@@ -272,6 +250,34 @@ impl Session {
             controller,
             node: NodeClient::new(channel),
         })
+    }
+
+    /// ControllerModifyVolume, refused locally when the plugin does not
+    /// offer MODIFY_VOLUME.
+    pub async fn modify_volume(
+        &mut self,
+        id: &str,
+        mutable_parameters: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ClientError> {
+        use crate::csi::controller_service_capability::rpc::Type as ControllerRpc;
+        if !self
+            .controller_rpcs()
+            .await?
+            .contains(&ControllerRpc::ModifyVolume)
+        {
+            return Err(ClientError::Local(
+                "the plugin does not offer MODIFY_VOLUME (ControllerModifyVolume)".into(),
+            ));
+        }
+        self.controller
+            .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                volume_id: id.to_owned(),
+                mutable_parameters: mutable_parameters.clone().into_iter().collect(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("ControllerModifyVolume"))?;
+        Ok(())
     }
 
     /// The plugin's capabilities (GetPluginCapabilities).

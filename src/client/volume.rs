@@ -346,24 +346,8 @@ pub async fn run(
             })
         }
         VolumeVerb::Modify { id, mutable_params } => {
-            if !s
-                .controller_rpcs()
-                .await?
-                .contains(&ControllerRpc::ModifyVolume)
-            {
-                return Err(ClientError::Local(
-                    "the plugin does not offer MODIFY_VOLUME (ControllerModifyVolume)".into(),
-                ));
-            }
             let params: BTreeMap<String, String> = mutable_params.into_iter().collect();
-            s.controller
-                .controller_modify_volume(csi::ControllerModifyVolumeRequest {
-                    volume_id: id.clone(),
-                    mutable_parameters: params.clone().into_iter().collect(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(rpc("ControllerModifyVolume"))?;
+            s.modify_volume(&id, &params).await?;
             let v = ModifiedView {
                 volume_id: id,
                 mutable_parameters: params,

@@ -5,7 +5,6 @@
 //! out over every registered node. Its only state is the [`Registry`].
 
 use std::collections::BTreeSet;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +22,7 @@ use crate::csi::snapshot_metadata_client::SnapshotMetadataClient;
 use crate::volume::TOPOLOGY_NODE_KEY;
 use crate::volume::id::{SnapshotId, VolumeId};
 
-type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+use crate::server::snapshot_metadata::Stream;
 
 /// The routing controller.
 #[derive(Debug, Clone)]

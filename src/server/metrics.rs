@@ -77,30 +77,6 @@ pub fn method_label(path: &str) -> &'static str {
     known.copied().unwrap_or("unknown")
 }
 
-/// The canonical name of a gRPC status code, as the gRPC specification
-/// spells it (`OK`, `NOT_FOUND`, …).
-pub fn code_label(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// The `grpc-status` of a header or trailer map, if it has one.
 fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
     let v = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
@@ -236,7 +212,7 @@ impl RpcMetrics {
         cell.get_or_init(|| {
             self.requests.get_or_create_owned(&CodeLabels {
                 method: slot_label(slot),
-                code: code_label(code),
+                code: crate::server::convert::code_name(code),
             })
         })
         .inc();
@@ -811,7 +787,7 @@ mod tests {
         assert_eq!(grpc_status(&h), None);
         h.insert("grpc-status", "10".parse().unwrap());
         assert_eq!(grpc_status(&h), Some(Code::Aborted));
-        assert_eq!(code_label(Code::Aborted), "ABORTED");
+        assert_eq!(crate::server::convert::code_name(Code::Aborted), "ABORTED");
         h.insert("grpc-status", "x".parse().unwrap());
         assert_eq!(grpc_status(&h), None);
     }

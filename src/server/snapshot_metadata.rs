@@ -21,7 +21,8 @@ pub struct SnapshotMetadataService {
 /// Ranges per response when the request leaves `max_results` at 0.
 const DEFAULT_PAGE: usize = 1024;
 
-type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+/// A server-streaming answer (also the routing controller's).
+pub(crate) type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 impl SnapshotMetadataService {
     pub fn new(driver: Arc<Driver>) -> Self {
