@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod dir;
+pub mod object;
 pub mod placement;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,1 @@
+//! FUSE mounter daemons for object volumes (filled in by the mounter work).
