@@ -340,3 +340,68 @@ impl VolumeAttacher for BlockBackend {
         }
     }
 }
+
+/// The size of a block volume created without a capacity range.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
+/// The block backend's decisions: image files on loop devices, formatted
+/// with the filesystem the capabilities ask for.
+#[derive(Debug)]
+pub struct BlockProfile;
+
+impl super::profile::Profile for BlockProfile {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Block
+    }
+
+    fn check_capability(&self, cap: &crate::volume::capability::Capability) -> Result<(), String> {
+        use crate::volume::capability::{AccessType, FsType};
+        super::profile::node_local_modes(BackendKind::Block, cap)?;
+        match &cap.access_type {
+            AccessType::Block => Ok(()),
+            AccessType::Mount { fs_type, .. } => match fs_type.as_deref() {
+                None | Some("") => Ok(()),
+                Some(fs) if FsType::parse(fs).is_some() => Ok(()),
+                Some(fs) => Err(format!(
+                    "fs_type {fs:?} is not supported (ext4, xfs, btrfs)"
+                )),
+            },
+        }
+    }
+
+    fn filesystem(
+        &self,
+        caps: &[crate::volume::capability::Capability],
+    ) -> Result<Option<crate::volume::capability::FsType>, String> {
+        crate::volume::capability::filesystem_of(caps)
+    }
+
+    fn sizes(&self, fs: Option<crate::volume::capability::FsType>) -> (u64, u64) {
+        (
+            DEFAULT_SIZE,
+            fs.map(|f| f.min_size()).unwrap_or(GRANULARITY),
+        )
+    }
+
+    fn staging(&self) -> super::profile::StagingKind {
+        super::profile::StagingKind::Device
+    }
+
+    fn snapshots(&self) -> super::profile::SnapshotStrategy {
+        super::profile::SnapshotStrategy::PoolCopy {
+            freeze_staged: true,
+        }
+    }
+
+    fn node_expansion(&self) -> bool {
+        true
+    }
+
+    fn mutable_parameters(&self) -> &'static [&'static str] {
+        &["provisioning"]
+    }
+
+    fn block_metadata(&self) -> bool {
+        true
+    }
+}

@@ -270,3 +270,30 @@ impl VolumeAttacher for DirBackend {
         Ok(())
     }
 }
+
+/// The dir backend's decisions: directories of the pool, bind-mounted.
+#[derive(Debug)]
+pub struct DirProfile;
+
+impl super::profile::Profile for DirProfile {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Dir
+    }
+
+    fn check_capability(&self, cap: &crate::volume::capability::Capability) -> Result<(), String> {
+        super::profile::node_local_modes(BackendKind::Dir, cap)?;
+        super::profile::no_fs_type(BackendKind::Dir, "directories on the pool", cap)
+    }
+
+    fn staging(&self) -> super::profile::StagingKind {
+        super::profile::StagingKind::BindDirectory
+    }
+
+    fn snapshots(&self) -> super::profile::SnapshotStrategy {
+        // The pool's filesystem is never frozen; on btrfs the snapshot of
+        // a subvolume is atomic anyway.
+        super::profile::SnapshotStrategy::PoolCopy {
+            freeze_staged: false,
+        }
+    }
+}

@@ -9,6 +9,7 @@ pub mod block;
 pub mod dir;
 pub mod object;
 pub mod placement;
+pub mod profile;
 
 use std::path::{Path, PathBuf};
 
@@ -301,7 +302,7 @@ pub fn prepare_pool(pool: &Path) -> Result<(), BackendError> {
     };
     std::fs::create_dir_all(pool).map_err(err(pool))?;
     std::fs::set_permissions(pool, std::fs::Permissions::from_mode(0o700)).map_err(err(pool))?;
-    for kind in [BackendKind::Dir, BackendKind::Block] {
+    for kind in BackendKind::LOCAL {
         for d in [backend_dir(pool, kind), snapshot_dir(pool, kind)] {
             std::fs::create_dir_all(&d).map_err(err(&d))?;
         }
@@ -407,5 +408,13 @@ impl Backends {
             BackendKind::Dir => &self.dir,
             BackendKind::Block => &self.block,
         }
+    }
+}
+
+/// The decisions of the backend of `kind`.
+pub fn profile(kind: BackendKind) -> &'static dyn profile::Profile {
+    match kind {
+        BackendKind::Dir => &dir::DirProfile,
+        BackendKind::Block => &block::BlockProfile,
     }
 }

@@ -106,31 +106,7 @@ impl Capability {
     /// Checks the capability against what `backend` can do, returning a
     /// reason when it cannot.
     pub fn supported_by(&self, backend: BackendKind) -> Result<(), String> {
-        if self.access_mode.is_multi_node() {
-            return Err(format!(
-                "access mode {:?} needs a multi-node backend; {backend} volumes are node-local",
-                self.access_mode
-            ));
-        }
-        match (&self.access_type, backend) {
-            (AccessType::Block, BackendKind::Block) => Ok(()),
-            (AccessType::Block, BackendKind::Dir) => {
-                Err("dir volumes cannot be used as raw block devices".into())
-            }
-            (AccessType::Mount { fs_type, .. }, BackendKind::Dir) => match fs_type.as_deref() {
-                None | Some("") => Ok(()),
-                Some(fs) => Err(format!(
-                    "dir volumes are directories on the pool; fs_type {fs:?} cannot be chosen"
-                )),
-            },
-            (AccessType::Mount { fs_type, .. }, BackendKind::Block) => match fs_type.as_deref() {
-                None | Some("") => Ok(()),
-                Some(fs) if FsType::parse(fs).is_some() => Ok(()),
-                Some(fs) => Err(format!(
-                    "fs_type {fs:?} is not supported (ext4, xfs, btrfs)"
-                )),
-            },
-        }
+        backend.profile().check_capability(self)
     }
 
     /// The filesystem a mount capability asks for (default when unset);

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::capability::{Capability, filesystem_of};
+use super::capability::Capability;
 use super::error::{Error, Result};
 use super::id::{BackendKind, Uuid, VolumeId, valid_node_id};
 use super::inflight::{InFlight, InFlightGuard};
@@ -55,7 +55,7 @@ fn merge_fs(
 }
 
 /// Size given to a block volume when the request names none.
-pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 30;
+pub const DEFAULT_BLOCK_SIZE: u64 = crate::backend::block::DEFAULT_SIZE;
 
 /// A topology segment map.
 pub type Topology = BTreeMap<String, String>;
@@ -221,7 +221,7 @@ impl Controller {
                 tracing::warn!(volume = %rec.id, "recreated volume storage that a crash lost before it was durable");
             }
         }
-        for kind in [BackendKind::Dir, BackendKind::Block] {
+        for kind in BackendKind::LOCAL {
             let backend = backends.store(kind);
             for uuid in backend.list()? {
                 let known = index
@@ -331,11 +331,10 @@ impl Controller {
         }
         let mutable = MutableParameters::parse(&req.mutable_parameters, backend)
             .map_err(|r| Error::invalid("mutable_parameters", r))?;
-        let fs = match backend {
-            BackendKind::Block => filesystem_of(&req.capabilities)
-                .map_err(|r| Error::invalid("volume_capabilities", r))?,
-            BackendKind::Dir => None,
-        };
+        let profile = backend.profile();
+        let fs = profile
+            .filesystem(&req.capabilities)
+            .map_err(|r| Error::invalid("volume_capabilities", r))?;
         let _g = self.guard(format!("name:{}", req.name))?;
 
         let existing = {
@@ -395,14 +394,7 @@ impl Controller {
             }
         }
         let store = self.backends.store(backend);
-        let (default, min) = match backend {
-            BackendKind::Block => (
-                DEFAULT_BLOCK_SIZE,
-                fs.map(FsType::min_size)
-                    .unwrap_or(crate::backend::block::GRANULARITY),
-            ),
-            BackendKind::Dir => (0, 0),
-        };
+        let (default, min) = profile.sizes(fs);
         let size = choose_size(req.required_bytes, req.limit_bytes, default, min, |s| {
             store.round_size(s)
         })
@@ -805,7 +797,7 @@ impl Controller {
                 rec.capacity_bytes
             )));
         }
-        let node_expansion = rec.id.backend == BackendKind::Block;
+        let node_expansion = rec.id.backend.profile().node_expansion();
         if size == rec.capacity_bytes {
             return Ok((size, node_expansion));
         }
@@ -904,7 +896,7 @@ impl Controller {
 
     /// Counts of what this controller holds, for metrics.
     pub fn inventory(&self) -> ControllerInventory {
-        const KINDS: [BackendKind; 2] = [BackendKind::Dir, BackendKind::Block];
+        const KINDS: [BackendKind; 2] = BackendKind::ALL;
         let volumes = {
             let index = lock(&self.index);
             KINDS
@@ -926,7 +918,7 @@ impl Controller {
     /// Whether the pool and the state directory are usable (Probe).
     pub fn check_ready(&self) -> std::result::Result<(), String> {
         self.store.check_writable().map_err(|e| e.to_string())?;
-        for kind in [BackendKind::Dir, BackendKind::Block] {
+        for kind in BackendKind::LOCAL {
             self.backends
                 .store(kind)
                 .list()

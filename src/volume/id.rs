@@ -16,6 +16,17 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// The backends whose volumes live in the node's pool.
+    pub const LOCAL: [BackendKind; 2] = [BackendKind::Dir, BackendKind::Block];
+
+    /// Every backend.
+    pub const ALL: [BackendKind; 2] = [BackendKind::Dir, BackendKind::Block];
+
+    /// The backend's decisions (capabilities, sizes, staging, snapshots).
+    pub fn profile(self) -> &'static dyn crate::backend::profile::Profile {
+        crate::backend::profile(self)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Dir => "dir",

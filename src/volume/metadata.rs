@@ -59,7 +59,7 @@ fn cow_err(what: &str, err: cow::CowError) -> Error {
 impl Controller {
     fn block_snapshot(&self, raw: &str) -> Result<SnapshotRecord> {
         let s = self.get_snapshot(raw)?;
-        if s.id.backend != BackendKind::Block || !s.ready {
+        if !s.id.backend.profile().block_metadata() || !s.ready {
             return Err(Error::invalid(
                 "snapshot_id",
                 format!("{raw} is not a ready snapshot of a block volume"),

@@ -13,10 +13,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::capability::{AccessType, Capability};
 use super::error::{Error, Result};
-use super::id::{BackendKind, Uuid, VolumeId};
+use super::id::{Uuid, VolumeId};
 use super::inflight::{InFlight, InFlightGuard};
 use super::record::{NodeRecord, NodeVolumeRecord, Publication, Staging};
 use super::{FsType, TOPOLOGY_NODE_KEY};
+use crate::backend::profile::StagingKind;
 use crate::backend::{Attached, Backends};
 use crate::os::fs::{AnchoredPath, FileInfo, PathFd, PathKind, identity};
 use crate::os::loopdev::LoopDevice;
@@ -508,11 +509,11 @@ impl Node {
             return matches!(root.kind, PathKind::BlockDevice { rdev } if devices().any(|d| d == rdev));
         }
         root.kind == PathKind::Directory
-            && match id.backend {
-                BackendKind::Dir => {
+            && match id.backend.profile().staging() {
+                StagingKind::BindDirectory => {
                     identity(&self.backends.dir.path(id.uuid)).ok() == Some((root.dev, root.ino))
                 }
-                BackendKind::Block => devices().any(|d| d == root.dev),
+                StagingKind::Device => devices().any(|d| d == root.dev),
             }
     }
 
@@ -521,13 +522,13 @@ impl Node {
     /// devices and binds of those device nodes.
     fn volume_mounts(&self, id: &VolumeId, table: &MountTable) -> HashSet<u32> {
         let mut out = HashSet::new();
-        match id.backend {
-            BackendKind::Dir => {
+        match id.backend.profile().staging() {
+            StagingKind::BindDirectory => {
                 let dir = self.backends.dir.path(id.uuid);
                 let dir = dir.canonicalize().unwrap_or(dir);
                 out.extend(table.mounts_showing(&dir).iter().map(|e| e.mount_id));
             }
-            BackendKind::Block => {
+            StagingKind::Device => {
                 for d in self.devices(id) {
                     if let Ok(rdev) = d.rdev() {
                         out.extend(table.of_device(rdev).map(|e| e.mount_id));
@@ -739,7 +740,8 @@ impl Node {
             path: req.staging_path.clone(),
             capability: req.capability.clone(),
             device: previous.as_ref().and_then(|p| p.device.clone()),
-            mounted: !(id.backend == BackendKind::Block && req.capability.is_block()),
+            mounted: !(id.backend.profile().staging() == StagingKind::Device
+                && req.capability.is_block()),
             mount_id: None,
         });
         self.save_with(rec.clone(), Durability::Deferred)?;
@@ -760,19 +762,19 @@ impl Node {
 
     /// Whether the staging still has its loop device and mount.
     fn staging_intact(&self, id: &VolumeId, st: &Staging) -> bool {
-        let device_ok = match (&st.device, id.backend) {
+        let device_ok = match (&st.device, id.backend.profile().staging()) {
             (Some(d), _) => LoopDevice::from_path(d)
                 .and_then(|d| d.backing_file())
                 .is_some_and(|b| b == self.image(id)),
-            (None, BackendKind::Block) => false,
-            (None, BackendKind::Dir) => true,
+            (None, StagingKind::Device) => false,
+            (None, StagingKind::BindDirectory) => true,
         };
         device_ok && (!st.mounted || self.volume_mount_at(id, &st.path, false).is_some())
     }
 
     /// Every loop device backed by the volume's image.
     fn devices(&self, id: &VolumeId) -> Vec<LoopDevice> {
-        if id.backend != BackendKind::Block {
+        if id.backend.profile().staging() != StagingKind::Device {
             return Vec::new();
         }
         LoopDevice::find_by_backing(&self.image(id)).unwrap_or_default()
@@ -842,8 +844,8 @@ impl Node {
             rollback.push(move || drop(mount::unmount_anchored(&again)));
             Ok(())
         };
-        let staging = match (id.backend, &cap.access_type) {
-            (BackendKind::Dir, _) => {
+        let staging = match (id.backend.profile().staging(), &cap.access_type) {
+            (StagingKind::BindDirectory, _) => {
                 let dir = self.backends.dir.path(id.uuid);
                 let mut st = Staging {
                     path: path.to_owned(),
@@ -866,7 +868,7 @@ impl Node {
                 }
                 st
             }
-            (BackendKind::Block, access) => {
+            (StagingKind::Device, access) => {
                 // Before attaching or formatting: the mount lands on this
                 // very directory however long mkfs takes.
                 let mount = match access {
@@ -1442,7 +1444,7 @@ impl Node {
                 path: path.to_owned(),
             });
         }
-        if id.backend == BackendKind::Dir {
+        if id.backend.profile().staging() != StagingKind::Device {
             return Ok(0);
         }
         let device = st

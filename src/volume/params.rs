@@ -46,7 +46,11 @@ impl MutableParameters {
         for (k, v) in map {
             match k.as_str() {
                 "provisioning" => {
-                    if backend != BackendKind::Block {
+                    if !backend
+                        .profile()
+                        .mutable_parameters()
+                        .contains(&"provisioning")
+                    {
                         return Err(format!(
                             "provisioning applies to block volumes, not {backend}"
                         ));

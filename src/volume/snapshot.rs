@@ -14,6 +14,7 @@ use super::error::{Error, Result};
 use super::id::{BackendKind, SnapshotId, Uuid};
 use super::params::KUBERNETES_PREFIX;
 use super::record::{NodeVolumeRecord, SnapshotRecord, VolumeRecord};
+use crate::backend::profile::{SnapshotStrategy, StagingKind};
 use crate::backend::{Backends, Object};
 use crate::os::freeze::FrozenFs;
 use crate::state::{Store, Table};
@@ -78,7 +79,7 @@ impl SnapshotIndex {
             }
             idx.insert(rec);
         }
-        for kind in [BackendKind::Dir, BackendKind::Block] {
+        for kind in BackendKind::LOCAL {
             let b = backends.store(kind);
             for uuid in b.list_snapshots()? {
                 if idx.by_uuid.get(&uuid).is_none_or(|r| r.id.backend != kind) {
@@ -139,7 +140,7 @@ pub fn thaw_staged(store: &Store) -> Result<()> {
         let Some(st) = rec.staging.filter(|s| s.mounted) else {
             continue;
         };
-        if rec.id.backend != BackendKind::Block {
+        if rec.id.backend.profile().staging() != StagingKind::Device {
             continue;
         }
         match crate::os::freeze::thaw(&st.path) {
@@ -190,7 +191,11 @@ impl Controller {
     /// image is consistent. Dir volumes share the pool filesystem, which is
     /// never frozen; on btrfs their snapshots are atomic anyway.
     pub(super) fn freeze_source(&self, vol: &VolumeRecord) -> Result<Option<FrozenFs>> {
-        if vol.id.backend != BackendKind::Block {
+        if vol.id.backend.profile().snapshots()
+            != (SnapshotStrategy::PoolCopy {
+                freeze_staged: true,
+            })
+        {
             return Ok(None);
         }
         let node = self
