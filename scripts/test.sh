@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs stowage's whole test suite on a fresh Debian machine, as root:
-# installs the filesystem tools (and systemd-analyze) the tests use, then
+# installs the filesystem tools (and systemd-analyze, s3fs and a Garage S3 server) the tests use, then
 # checks formatting and lints, runs every test binary of the workspace (unit,
 # integration, property; each one even when another fails), and, when
 # `csi-sanity` is on PATH, the upstream conformance suite (scripts/sanity.sh)
@@ -20,7 +20,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need=()
-for tool in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs blkid:util-linux systemd-analyze:systemd ip:iproute2; do
+# s3fs and fusermount3: the FUSE mounter of object volumes (issue 12).
+for tool in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs blkid:util-linux systemd-analyze:systemd ip:iproute2 s3fs:s3fs fusermount3:fuse3; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -29,6 +30,19 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 modprobe loop 2>/dev/null || true
+
+# Object-volume tests run a real Garage S3 server (tests/common/garage.rs).
+# No distribution packages it: build it from crates.io once (~15 min on two
+# cores) into a fixed root that later runs on the same machine reuse.
+# `garage --version` prints "garage cargo:2.5.0 [features: ...]".
+GARAGE_VERSION=2.5.0
+GARAGE_ROOT=/opt/stowage-ci
+garage_have=$("$GARAGE_ROOT/bin/garage" --version 2>/dev/null || true)
+if [[ "$garage_have" != "garage cargo:$GARAGE_VERSION "* ]]; then
+  echo "== cargo install garage $GARAGE_VERSION into $GARAGE_ROOT"
+  cargo install --locked -j2 --root "$GARAGE_ROOT" garage --version "$GARAGE_VERSION"
+fi
+export STOWAGE_GARAGE=$GARAGE_ROOT/bin/garage
 
 # tests/python_client.rs calls the server with Python's grpcio (gRPC C-core);
 # scripts/sanity.sh reads csi-sanity's JUnit report with python3.
