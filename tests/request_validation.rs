@@ -66,11 +66,19 @@ fn capability_ok(c: &csi::VolumeCapability) -> bool {
     let type_ok = match &c.access_type {
         None => false,
         Some(PbAccessType::Block(_)) => true,
-        Some(PbAccessType::Mount(m)) => {
-            m.volume_mount_group.is_empty() && !m.mount_flags.iter().any(|f| f.contains('\0'))
-        }
+        Some(PbAccessType::Mount(m)) => !m.mount_flags.iter().any(|f| f.contains('\0')),
     };
     type_ok && mode_ok(c.access_mode.as_ref())
+}
+
+/// NodeStage also reads VOLUME_MOUNT_GROUP: a numeric group id or nothing.
+fn mount_group_ok(c: &csi::VolumeCapability) -> bool {
+    match &c.access_type {
+        Some(PbAccessType::Mount(m)) => {
+            m.volume_mount_group.is_empty() || m.volume_mount_group.parse::<u32>().is_ok()
+        }
+        _ => true,
+    }
 }
 
 fn code_of(e: stowage::volume::Error) -> Code {
@@ -143,7 +151,7 @@ fn access_type() -> impl Strategy<Value = Option<PbAccessType>> {
         "[a-z=,]{0,12}",
         "[a-z]{0,4}\\x00[a-z]{0,4}",
     ];
-    let group = prop_oneof![3 => Just(String::new()), 1 => "\\PC{1,8}"];
+    let group = prop_oneof![3 => Just(String::new()), 1 => "\\PC{1,8}", 1 => "[0-9]{1,6}"];
     prop_oneof![
         1 => Just(None),
         2 => Just(Some(PbAccessType::Block(BlockVolume {}))),
@@ -376,7 +384,10 @@ proptest! {
     fn node_stage_conversion(req in node_stage_request()) {
         let ok = !req.volume_id.is_empty()
             && path_ok(&req.staging_target_path)
-            && req.volume_capability.as_ref().is_some_and(capability_ok);
+            && req
+                .volume_capability
+                .as_ref()
+                .is_some_and(|c| capability_ok(c) && mount_group_ok(c));
         match StageVolume::try_from(&req) {
             Ok(cmd) => {
                 prop_assert!(ok, "accepted a malformed request: {:?}", cmd);

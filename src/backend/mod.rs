@@ -400,6 +400,7 @@ impl Backends {
         match kind {
             BackendKind::Dir => &self.dir,
             BackendKind::Block => &self.block,
+            BackendKind::Object => &object::ObjectBackend,
         }
     }
 
@@ -407,6 +408,7 @@ impl Backends {
         match kind {
             BackendKind::Dir => &self.dir,
             BackendKind::Block => &self.block,
+            BackendKind::Object => &object::ObjectBackend,
         }
     }
 }
@@ -416,5 +418,6 @@ pub fn profile(kind: BackendKind) -> &'static dyn profile::Profile {
     match kind {
         BackendKind::Dir => &dir::DirProfile,
         BackendKind::Block => &block::BlockProfile,
+        BackendKind::Object => &object::ObjectProfile,
     }
 }

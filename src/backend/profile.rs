@@ -15,6 +15,9 @@ pub enum StagingKind {
     /// Attaches a device; mount capabilities also get a filesystem on it,
     /// mounted at the staging path.
     Device,
+    /// Mounts a remote store at the staging path with a FUSE daemon that
+    /// outlives the node plugin.
+    Fuse,
 }
 
 /// How snapshots of the backend's volumes are made.
@@ -23,6 +26,8 @@ pub enum SnapshotStrategy {
     /// A copy in the pool (O(1) where the pool reflinks or snapshots); a
     /// filesystem staged on the controller's node is frozen meanwhile.
     PoolCopy { freeze_staged: bool },
+    /// A server-side copy of every object, in the background.
+    ServerSideCopy,
 }
 
 /// The per-backend decisions of the domain.
@@ -49,6 +54,13 @@ pub trait Profile: Sync + std::fmt::Debug {
     fn staging(&self) -> StagingKind;
 
     fn snapshots(&self) -> SnapshotStrategy;
+
+    /// Whether volumes live in one node's pool (topology: that node, and
+    /// only single-node access modes); false for remote storage every node
+    /// reaches.
+    fn node_local(&self) -> bool {
+        true
+    }
 
     /// Whether expansion also needs NodeExpandVolume (a filesystem to grow).
     fn node_expansion(&self) -> bool {

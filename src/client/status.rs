@@ -275,7 +275,7 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
         });
     }
 
-    for kind in [BackendKind::Dir, BackendKind::Block] {
+    for kind in BackendKind::LOCAL {
         // A pool the server never prepared has no volumes yet.
         if !crate::backend::backend_dir(&pool, kind).is_dir() {
             continue;
@@ -289,6 +289,7 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
                 let path = match kind {
                     BackendKind::Dir => backends.dir.path(uuid),
                     BackendKind::Block => backends.block.image(uuid),
+                    BackendKind::Object => continue,
                 };
                 problems.push(Problem {
                     kind: "storage-without-record",
@@ -371,6 +372,8 @@ fn unexplained_mounts<'a>(
                 showing.extend(mounts.mounts_showing(&dev.path()));
             }
         }
+        // FUSE mounts of a remote store: nothing in the pool to trace.
+        BackendKind::Object => {}
     }
     let mut ids = BTreeSet::new();
     showing.retain(|m| ids.insert(m.mount_id));

@@ -95,11 +95,16 @@ fn to_volume(rec: &VolumeRecord) -> csi::Volume {
                     ),
                 }),
             }),
-        accessible_topology: vec![csi::Topology {
-            segments: [(TOPOLOGY_NODE_KEY.to_owned(), rec.id.node.clone())]
-                .into_iter()
-                .collect(),
-        }],
+        // Remote storage (object volumes) is reachable from every node.
+        accessible_topology: if rec.id.backend.profile().node_local() {
+            vec![csi::Topology {
+                segments: [(TOPOLOGY_NODE_KEY.to_owned(), rec.id.node.clone())]
+                    .into_iter()
+                    .collect(),
+            }]
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -173,6 +178,7 @@ impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
             preferred,
             content_source,
             mutable_parameters: convert::map(&r.mutable_parameters),
+            secrets: convert::map(&r.secrets),
         })
     }
 }
@@ -218,7 +224,7 @@ impl ControllerRpc for ControllerService {
         convert::required_str("volume_id", &r.volume_id)?;
         let c = self.controller();
         blocking("DeleteVolume", move || {
-            c.delete_volume(&r.volume_id)
+            c.delete_volume(&r.volume_id, &convert::map(&r.secrets))
                 .map(|()| csi::DeleteVolumeResponse {})
         })
         .await
@@ -378,8 +384,12 @@ impl ControllerRpc for ControllerService {
         convert::required_str("source_volume_id", &r.source_volume_id)?;
         let c = self.controller();
         blocking("CreateSnapshot", move || {
-            let s =
-                c.create_snapshot(&r.name, &r.source_volume_id, &convert::map(&r.parameters))?;
+            let s = c.create_snapshot(
+                &r.name,
+                &r.source_volume_id,
+                &convert::map(&r.parameters),
+                &convert::map(&r.secrets),
+            )?;
             Ok(csi::CreateSnapshotResponse {
                 snapshot: Some(to_snapshot(&s)),
             })
@@ -396,7 +406,7 @@ impl ControllerRpc for ControllerService {
         convert::required_str("snapshot_id", &r.snapshot_id)?;
         let c = self.controller();
         blocking("DeleteSnapshot", move || {
-            c.delete_snapshot(&r.snapshot_id)
+            c.delete_snapshot(&r.snapshot_id, &convert::map(&r.secrets))
                 .map(|()| csi::DeleteSnapshotResponse {})
         })
         .await

@@ -56,12 +56,8 @@ pub fn capability(field: &'static str, c: Option<&csi::VolumeCapability>) -> Res
     let c = c.ok_or(Error::MissingField(field))?;
     let access_type = match &c.access_type {
         Some(Pb::Mount(m)) => {
-            if !m.volume_mount_group.is_empty() {
-                return Err(Error::invalid(
-                    field,
-                    "volume_mount_group is not supported (no VOLUME_MOUNT_GROUP capability)",
-                ));
-            }
+            // volume_mount_group (VOLUME_MOUNT_GROUP) is read by the node
+            // requests themselves: it is not part of the capability.
             if m.mount_flags.iter().any(|f| f.contains('\0')) {
                 return Err(Error::invalid(field, "mount flag contains a NUL byte"));
             }

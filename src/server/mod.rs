@@ -224,6 +224,9 @@ impl Driver {
             )?)),
             Mode::Controller => None,
         };
+        if let Some(n) = &node {
+            spawn_object_supervisor(Arc::downgrade(n));
+        }
         Ok(Self {
             name: cfg.driver_name.clone(),
             mode: cfg.mode,
@@ -268,6 +271,25 @@ pub fn valid_driver_name(s: &str) -> bool {
         && b[b.len() - 1].is_ascii_alphabetic()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
+}
+
+/// Every two seconds, mounts again the object volumes whose FUSE daemon
+/// died (see [`Node::supervise_object_mounts`]); stops with the node.
+fn spawn_object_supervisor(node: std::sync::Weak<Node>) {
+    let spawned = std::thread::Builder::new()
+        .name("object-mounts".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                match node.upgrade() {
+                    Some(n) => n.supervise_object_mounts(),
+                    None => break,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the object mount supervisor");
+    }
 }
 
 /// Runs a domain operation on the blocking pool (it makes syscalls and may

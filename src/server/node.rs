@@ -25,6 +25,7 @@ pub const CAPABILITIES: &[Rpc] = &[
     Rpc::VolumeCondition,
     Rpc::SingleNodeMultiWriter,
     Rpc::ExpandVolume,
+    Rpc::VolumeMountGroup,
 ];
 
 impl NodeService {
@@ -36,6 +37,24 @@ impl NodeService {
                 .expect("node service runs with a node"),
         )
     }
+}
+
+/// VOLUME_MOUNT_GROUP: the group id a mount capability names, if any.
+fn mount_group(cap: Option<&csi::VolumeCapability>) -> Result<Option<u32>, Error> {
+    let Some(csi::volume_capability::AccessType::Mount(m)) =
+        cap.and_then(|c| c.access_type.as_ref())
+    else {
+        return Ok(None);
+    };
+    if m.volume_mount_group.is_empty() {
+        return Ok(None);
+    }
+    m.volume_mount_group.parse::<u32>().map(Some).map_err(|_| {
+        Error::invalid(
+            "volume_capability.mount.volume_mount_group",
+            format!("{:?} is not a numeric group id", m.volume_mount_group),
+        )
+    })
 }
 
 impl TryFrom<&csi::NodeStageVolumeRequest> for StageVolume {
@@ -50,6 +69,9 @@ impl TryFrom<&csi::NodeStageVolumeRequest> for StageVolume {
                 .volume_context
                 .get(crate::volume::controller::GROW_FS_KEY)
                 .is_some_and(|v| v == "true"),
+            volume_context: r.volume_context.clone().into_iter().collect(),
+            secrets: crate::volume::node::Secrets(r.secrets.clone().into_iter().collect()),
+            mount_group: mount_group(r.volume_capability.as_ref())?,
         })
     }
 }

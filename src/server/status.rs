@@ -70,6 +70,18 @@ pub fn code(e: &Error) -> Code {
         },
         Error::Io { err, .. } => internal_unless_no_space(err.raw_os_error().map(Errno::from_raw)),
         Error::Command(_) => Code::Internal,
+        Error::ObjectStore(s) => {
+            use crate::backend::object::s3::S3ErrorKind as K;
+            match s.kind {
+                K::PermissionDenied => Code::PermissionDenied,
+                K::Unavailable => Code::Unavailable,
+                K::AlreadyExists => Code::AlreadyExists,
+                K::NotFound | K::NotEmpty => Code::FailedPrecondition,
+                K::InvalidArgument => Code::InvalidArgument,
+                K::Cancelled => Code::Aborted,
+                K::Other => Code::Internal,
+            }
+        }
     }
 }
 

@@ -74,6 +74,9 @@ pub struct CreateVolume {
     pub content_source: Option<ContentSource>,
     /// Mutable parameters (VolumeAttributesClass) given at creation.
     pub mutable_parameters: BTreeMap<String, String>,
+    /// Provisioner secrets (remote backends' credentials): never logged
+    /// or recorded.
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// A validated ControllerPublishVolume.
@@ -188,7 +191,7 @@ pub fn choose_size(
     }
 }
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -325,6 +328,9 @@ impl Controller {
             ));
         }
         let backend = params.backend;
+        if !backend.profile().node_local() {
+            return self.create_object_volume(req);
+        }
         for c in &req.capabilities {
             c.supported_by(backend)
                 .map_err(|r| Error::invalid("volume_capabilities", r))?;
@@ -473,6 +479,33 @@ impl Controller {
         Ok(rec)
     }
 
+    pub(super) fn check_compatible_pub(
+        &self,
+        rec: &VolumeRecord,
+        req: &CreateVolume,
+        backend: BackendKind,
+        fs: Option<FsType>,
+    ) -> Result<()> {
+        self.check_compatible(rec, req, backend, fs)
+    }
+
+    /// The volume recorded under a CSI name.
+    pub(super) fn record_by_name(&self, name: &str) -> Option<VolumeRecord> {
+        let idx = lock(&self.index);
+        idx.by_name
+            .get(name)
+            .and_then(|u| idx.by_uuid.get(u))
+            .cloned()
+    }
+
+    pub(super) fn index_insert(&self, rec: VolumeRecord) {
+        lock(&self.index).insert(rec);
+    }
+
+    pub(super) fn index_remove(&self, uuid: Uuid) {
+        lock(&self.index).remove(uuid);
+    }
+
     fn check_compatible(
         &self,
         rec: &VolumeRecord,
@@ -522,7 +555,7 @@ impl Controller {
 
     /// DeleteVolume. Idempotent: an unknown or malformed ID is success. A
     /// volume still published or staged is refused.
-    pub fn delete_volume(&self, raw: &str) -> Result<()> {
+    pub fn delete_volume(&self, raw: &str, secrets: &BTreeMap<String, String>) -> Result<()> {
         let Some(id) = VolumeId::parse(raw) else {
             return Ok(());
         };
@@ -553,6 +586,9 @@ impl Controller {
                     n.publications.len()
                 ),
             ));
+        }
+        if !id.backend.profile().node_local() {
+            return self.delete_object_volume(&rec, secrets);
         }
         // Record first, storage second: a crash in between leaves storage
         // that no record explains, which the next start removes.
@@ -896,7 +932,7 @@ impl Controller {
 
     /// Counts of what this controller holds, for metrics.
     pub fn inventory(&self) -> ControllerInventory {
-        const KINDS: [BackendKind; 2] = BackendKind::ALL;
+        const KINDS: [BackendKind; 3] = BackendKind::ALL;
         let volumes = {
             let index = lock(&self.index);
             KINDS

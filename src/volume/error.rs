@@ -65,6 +65,8 @@ pub enum Error {
     Mkfs(Box<MkfsError>),
     #[error(transparent)]
     MountTable(#[from] MountTableError),
+    #[error("S3: {0}")]
+    ObjectStore(crate::backend::object::s3::S3Error),
     #[error("{what} {path}: {err}")]
     Io {
         what: &'static str,

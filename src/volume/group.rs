@@ -158,6 +158,7 @@ impl Controller {
         let mut result = Ok(());
         for v in &vols {
             let rec = SnapshotRecord {
+                location: None,
                 id: SnapshotId {
                     backend: v.id.backend,
                     node: v.id.node.clone(),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub enum BackendKind {
     Dir,
     Block,
+    Object,
 }
 
 impl BackendKind {
@@ -20,7 +21,7 @@ impl BackendKind {
     pub const LOCAL: [BackendKind; 2] = [BackendKind::Dir, BackendKind::Block];
 
     /// Every backend.
-    pub const ALL: [BackendKind; 2] = [BackendKind::Dir, BackendKind::Block];
+    pub const ALL: [BackendKind; 3] = [BackendKind::Dir, BackendKind::Block, BackendKind::Object];
 
     /// The backend's decisions (capabilities, sizes, staging, snapshots).
     pub fn profile(self) -> &'static dyn crate::backend::profile::Profile {
@@ -31,6 +32,7 @@ impl BackendKind {
         match self {
             BackendKind::Dir => "dir",
             BackendKind::Block => "block",
+            BackendKind::Object => "object",
         }
     }
 }
@@ -41,6 +43,7 @@ impl FromStr for BackendKind {
         match s {
             "dir" => Ok(BackendKind::Dir),
             "block" => Ok(BackendKind::Block),
+            "object" => Ok(BackendKind::Object),
             _ => Err(()),
         }
     }

@@ -10,6 +10,7 @@ pub mod id;
 pub mod inflight;
 pub mod metadata;
 pub mod node;
+pub mod object;
 pub mod params;
 pub mod paths;
 pub mod record;

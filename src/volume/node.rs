@@ -15,8 +15,10 @@ use super::capability::{AccessType, Capability};
 use super::error::{Error, Result};
 use super::id::{Uuid, VolumeId};
 use super::inflight::{InFlight, InFlightGuard};
-use super::record::{NodeRecord, NodeVolumeRecord, Publication, Staging};
+use super::record::{FuseStaging, NodeRecord, NodeVolumeRecord, Publication, Staging};
 use super::{FsType, TOPOLOGY_NODE_KEY};
+use crate::backend::object::mounter::{Health, MountSpec, Mounter};
+use crate::backend::object::{Credentials, Location};
 use crate::backend::profile::StagingKind;
 use crate::backend::{Attached, Backends};
 use crate::os::fs::{AnchoredPath, FileInfo, PathFd, PathKind, identity};
@@ -35,6 +37,23 @@ pub struct StageVolume {
     /// Grow the filesystem to the device after mounting (a restore or
     /// clone into a larger volume).
     pub grow_fs: bool,
+    /// The volume_context (where an object volume lives).
+    pub volume_context: BTreeMap<String, String>,
+    /// The node-stage secrets (an object volume's credentials): never
+    /// logged or recorded.
+    pub secrets: Secrets,
+    /// VOLUME_MOUNT_GROUP: the group the volume's files belong to.
+    pub mount_group: Option<u32>,
+}
+
+/// CSI secrets, whose Debug shows only the keys.
+#[derive(Clone, Default)]
+pub struct Secrets(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// A validated NodePublishVolume.
@@ -105,6 +124,30 @@ pub struct Node {
     reserved: Vec<(&'static str, PathBuf)>,
     /// See [`Node::claim`].
     claims: Mutex<()>,
+    object: ObjectMounts,
+}
+
+/// The FUSE mounts of object volumes on this node.
+#[derive(Debug)]
+struct ObjectMounts {
+    mounter: Mounter,
+    /// Private mount points (`<state>/object-mounts/<uuid>`), bound onto
+    /// staging paths: the daemon never sees a path from a request.
+    mounts_dir: PathBuf,
+    /// The credentials of staged object volumes, in memory only (read
+    /// back from a live daemon's environment after a restart), to mount
+    /// again when a daemon dies.
+    credentials: Mutex<HashMap<Uuid, Credentials>>,
+}
+
+impl ObjectMounts {
+    fn mount_point(&self, uuid: Uuid) -> PathBuf {
+        self.mounts_dir.join(uuid.to_hex())
+    }
+
+    fn credentials(&self) -> MutexGuard<'_, HashMap<Uuid, Credentials>> {
+        self.credentials.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn lock(
@@ -240,6 +283,52 @@ fn unmount_entry(subject: &dyn std::fmt::Display, e: &MountEntry) -> Result<()> 
     }
 }
 
+fn to_mounter(c: &Credentials) -> crate::backend::object::mounter::Credentials {
+    crate::backend::object::mounter::Credentials {
+        access_key_id: c.access_key_id.clone(),
+        secret_access_key: c.secret_access_key.clone(),
+    }
+}
+
+/// Lazily detaches the mount `mount_id` at `path` (a bind of a FUSE mount
+/// whose daemon died: it cannot be opened, only detached), if the mount
+/// table still shows it there. The last component is not followed.
+/// (`os::mount` unmounts through descriptors, which a dead FUSE mount
+/// cannot give: this detach is by path.)
+#[allow(clippy::disallowed_methods)]
+fn detach_stale(path: &Path, mount_id: Option<u32>) -> Result<()> {
+    let Some(mid) = mount_id else {
+        return Ok(());
+    };
+    let table = MountTable::read()?;
+    if table.by_id(mid).is_some_and(|e| e.mount_point == path) {
+        match nix::mount::umount2(
+            path,
+            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+            Err(errno) => {
+                return Err(Error::io("detach", path)(
+                    std::io::Error::from_raw_os_error(errno as i32),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A mounter failure as the CO should see it: a missing mounter or
+/// /dev/fuse is a precondition of the node; S3 refusing the credentials or
+/// the bucket shows in the daemon's log tail.
+fn object_mount_error(id: &VolumeId, e: crate::backend::object::mounter::MounterError) -> Error {
+    use crate::backend::object::mounter::MounterError as M;
+    match e {
+        M::InvalidSpec { .. } | M::InvalidKey(_) => Error::invalid("volume_context", e.to_string()),
+        M::Busy { .. } => Error::Busy(e.to_string()),
+        _ => Error::precondition(id, e.to_string()),
+    }
+}
+
 /// The filesystem mount a block staging needs.
 enum StagingMount {
     /// This volume is mounted there already (made before a crash).
@@ -309,6 +398,11 @@ impl Node {
             }
             reserved.push((what, dir));
         }
+        let object = ObjectMounts {
+            mounter: Mounter::new(store.root().join("object")),
+            mounts_dir: store.root().join("object-mounts"),
+            credentials: Mutex::new(HashMap::new()),
+        };
         let node = Self {
             node_id: node_id.to_owned(),
             max_volumes_per_node,
@@ -318,6 +412,7 @@ impl Node {
             records: Mutex::new(records),
             reserved,
             claims: Mutex::new(()),
+            object,
         };
         node.restore();
         node.sweep_loop_devices()?;
@@ -346,7 +441,8 @@ impl Node {
 
     /// Parses an ID naming a volume on this node.
     fn local_id(&self, raw: &str) -> Option<VolumeId> {
-        VolumeId::parse(raw).filter(|id| id.node == self.node_id)
+        VolumeId::parse(raw)
+            .filter(|id| id.node == self.node_id || !id.backend.profile().node_local())
     }
 
     fn record(&self, id: &VolumeId) -> NodeVolumeRecord {
@@ -510,8 +606,8 @@ impl Node {
         }
         root.kind == PathKind::Directory
             && match id.backend.profile().staging() {
-                StagingKind::BindDirectory => {
-                    identity(&self.backends.dir.path(id.uuid)).ok() == Some((root.dev, root.ino))
+                StagingKind::BindDirectory | StagingKind::Fuse => {
+                    identity(&self.bind_source(id)).ok() == Some((root.dev, root.ino))
                 }
                 StagingKind::Device => devices().any(|d| d == root.dev),
             }
@@ -523,10 +619,18 @@ impl Node {
     fn volume_mounts(&self, id: &VolumeId, table: &MountTable) -> HashSet<u32> {
         let mut out = HashSet::new();
         match id.backend.profile().staging() {
-            StagingKind::BindDirectory => {
-                let dir = self.backends.dir.path(id.uuid);
+            StagingKind::BindDirectory | StagingKind::Fuse => {
+                let dir = self.bind_source(id);
                 let dir = dir.canonicalize().unwrap_or(dir);
-                out.extend(table.mounts_showing(&dir).iter().map(|e| e.mount_id));
+                // Not the object volume's own FUSE mount at its private
+                // mount point: only what shows it elsewhere.
+                out.extend(
+                    table
+                        .mounts_showing(&dir)
+                        .iter()
+                        .filter(|e| e.mount_point != dir)
+                        .map(|e| e.mount_id),
+                );
             }
             StagingKind::Device => {
                 for d in self.devices(id) {
@@ -743,21 +847,157 @@ impl Node {
             mounted: !(id.backend.profile().staging() == StagingKind::Device
                 && req.capability.is_block()),
             mount_id: None,
+            fuse: previous.as_ref().and_then(|p| p.fuse.clone()),
         });
         self.save_with(rec.clone(), Durability::Deferred)?;
         drop(claim);
+        // An object volume: its FUSE mount first (the staging binds it).
+        let (fuse, fresh) = if id.backend.profile().staging() == StagingKind::Fuse {
+            match self.mount_object(&id, &req, previous.as_ref()) {
+                Ok((fuse, fresh)) => (Some(fuse), fresh),
+                Err(e) => {
+                    let _ = self.save(before);
+                    return Err(e);
+                }
+            }
+        } else {
+            (None, false)
+        };
         let staging = match self.do_stage(&id, &at, &req.capability, previous.as_ref(), req.grow_fs)
         {
             Ok(s) => s,
             Err(e) => {
+                if let Some(f) = fuse.as_ref().filter(|_| fresh) {
+                    let _ = self.object.mounter.unmount(&f.daemon.target, &f.daemon);
+                    self.object.credentials().remove(&id.uuid);
+                }
                 let _ = self.save(before);
                 return Err(e);
             }
         };
+        let mut staging = staging;
+        if fuse.is_some() {
+            staging.fuse = fuse;
+        } else if let Some(gid) = req.mount_group {
+            self.apply_mount_group(&id, &staging, gid)?;
+        }
         rec.staging = Some(staging);
         self.save_with(rec, Durability::Deferred)?;
         tracing::info!(volume = %id, path = %req.staging_path.display(), "volume staged");
         Ok(())
+    }
+
+    /// What the staging path of a dir or object volume binds: the dir
+    /// volume's directory, or the object volume's private FUSE mount.
+    fn bind_source(&self, id: &VolumeId) -> PathBuf {
+        match id.backend.profile().staging() {
+            StagingKind::Fuse => self.object.mount_point(id.uuid),
+            _ => self.backends.dir.path(id.uuid),
+        }
+    }
+
+    /// Makes sure the object volume's FUSE daemon serves its private mount
+    /// point: adopts the recorded one while it is healthy, mounts it
+    /// otherwise (first stage, or its daemon died). Returns the FUSE record
+    /// and whether this call started the daemon.
+    fn mount_object(
+        &self,
+        id: &VolumeId,
+        req: &StageVolume,
+        previous: Option<&Staging>,
+    ) -> Result<(FuseStaging, bool)> {
+        let (loc, _mounter) = Location::from_context(&req.volume_context)
+            .map_err(|r| Error::invalid("volume_context", r))?;
+        let creds = crate::backend::object::credentials_from_secrets(&req.secrets.0, "node-stage")
+            .map_err(|r| Error::invalid("secrets", r))?;
+        let spec = MountSpec {
+            bucket: loc.bucket.clone(),
+            prefix: (!loc.prefix.is_empty()).then(|| loc.prefix.trim_end_matches('/').to_owned()),
+            endpoint: loc.endpoint.clone(),
+            region: loc.region.clone(),
+            read_only: req.capability.access_mode.is_read_only(),
+            uid: None,
+            gid: req.mount_group,
+            umask: None,
+            allow_other: true,
+        };
+        if let Some(f) = previous.and_then(|p| p.fuse.as_ref())
+            && f.spec == spec
+            && self.object.mounter.adopt(&f.daemon) == Health::Healthy
+        {
+            self.object.credentials().insert(id.uuid, creds);
+            return Ok((f.clone(), false));
+        }
+        let point = self.object.mount_point(id.uuid);
+        self.prepare_mount_point(&point)?;
+        if let Some(f) = previous.and_then(|p| p.fuse.as_ref()) {
+            // A dead mount (or one of other options): take it away first.
+            self.object
+                .mounter
+                .unmount(&f.daemon.target, &f.daemon)
+                .map_err(|e| {
+                    Error::precondition(id, format!("cannot remove the old mount: {e}"))
+                })?;
+        }
+        let daemon = self
+            .object
+            .mounter
+            .mount(&id.uuid.to_hex(), &spec, &to_mounter(&creds), &point)
+            .map_err(|e| object_mount_error(id, e))?;
+        self.object.credentials().insert(id.uuid, creds);
+        tracing::info!(volume = %id, pid = daemon.pid, bucket = %spec.bucket, "object volume mounted");
+        Ok((
+            FuseStaging {
+                spec,
+                daemon,
+                lost: None,
+            },
+            true,
+        ))
+    }
+
+    /// Creates `<state>/object-mounts/<uuid>` (the parent mode 0700: only
+    /// root walks to the private mounts; pods reach them through binds).
+    fn prepare_mount_point(&self, point: &Path) -> Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let parent = &self.object.mounts_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(Error::io("create", parent))?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))
+            .map_err(Error::io("chmod", parent))?;
+        match std::fs::DirBuilder::new().mode(0o755).create(point) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(Error::io("create", point)(e)),
+        }
+    }
+
+    /// VOLUME_MOUNT_GROUP for dir and block volumes: the volume's root
+    /// directory gets the group, group rwx and setgid (new files inherit
+    /// the group), without walking the tree: what is already there keeps
+    /// its owner, as it would on a filesystem the CO chowned once.
+    fn apply_mount_group(&self, id: &VolumeId, st: &Staging, gid: u32) -> Result<()> {
+        if !st.mounted || st.capability.is_block() || st.capability.access_mode.is_read_only() {
+            return Ok(());
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let root = self.staging_root(id, st)?;
+        // Through the descriptor's /proc link: the directory the staging
+        // mount shows, whatever happened to the path meanwhile.
+        let at = root.proc_path();
+        std::os::unix::fs::chown(&at, None, Some(gid)).map_err(Error::io("chown", &st.path))?;
+        let mode = std::fs::metadata(&at)
+            .map_err(Error::io("stat", &st.path))?
+            .permissions()
+            .mode();
+        std::fs::set_permissions(
+            &at,
+            std::fs::Permissions::from_mode((mode & 0o7777) | 0o2070),
+        )
+        .map_err(Error::io("chmod", &st.path))
     }
 
     /// Whether the staging still has its loop device and mount.
@@ -768,6 +1008,10 @@ impl Node {
                 .is_some_and(|b| b == self.image(id)),
             (None, StagingKind::Device) => false,
             (None, StagingKind::BindDirectory) => true,
+            (None, StagingKind::Fuse) => st
+                .fuse
+                .as_ref()
+                .is_some_and(|f| self.object.mounter.health(&f.daemon.target) == Health::Healthy),
         };
         device_ok && (!st.mounted || self.volume_mount_at(id, &st.path, false).is_some())
     }
@@ -845,14 +1089,15 @@ impl Node {
             Ok(())
         };
         let staging = match (id.backend.profile().staging(), &cap.access_type) {
-            (StagingKind::BindDirectory, _) => {
-                let dir = self.backends.dir.path(id.uuid);
+            (StagingKind::BindDirectory | StagingKind::Fuse, _) => {
+                let dir = self.bind_source(id);
                 let mut st = Staging {
                     path: path.to_owned(),
                     capability: cap.clone(),
                     device: None,
                     mounted: true,
                     mount_id: self.existing_staging_mount(id, at)?,
+                    fuse: previous.and_then(|p| p.fuse.clone()),
                 };
                 if st.mount_id.is_none() {
                     let target = self.open_mount_point(id, at, FIELD)?;
@@ -907,6 +1152,7 @@ impl Node {
                     device: Some(device.path()),
                     mounted: mount.is_some(),
                     mount_id: None,
+                    fuse: None,
                 };
                 match mount {
                     None => {}
@@ -1038,6 +1284,13 @@ impl Node {
                         format!("the volume is still mounted at {left:?}; unmount it there first"),
                     ));
                 }
+                if let Some(f) = &st.fuse
+                    && self.object.mounter.health(&f.daemon.target) != Health::Healthy
+                {
+                    // Its daemon died: the bind at the staging path shows a
+                    // dead connection that no check can open.
+                    detach_stale(&st.path, st.mount_id)?;
+                }
                 if st.mounted {
                     self.unmount_made(&id, path, st.mount_id, "staging_target_path")?;
                 }
@@ -1052,6 +1305,14 @@ impl Node {
                 // belongs to this staging.
                 for d in self.devices(&id) {
                     d.detach_settled()?;
+                }
+                if let Some(f) = &st.fuse {
+                    self.object
+                        .mounter
+                        .unmount(&f.daemon.target, &f.daemon)
+                        .map_err(|e| object_mount_error(&id, e))?;
+                    let _ = std::fs::remove_dir(&f.daemon.target);
+                    self.object.credentials().remove(&id.uuid);
                 }
                 rec.staging = None;
                 self.save(rec)?;
@@ -1500,6 +1761,23 @@ impl Node {
         {
             problems.push(format!("loop device {} is detached", d.path().display()));
         }
+        if let Some(f) = st.as_ref().and_then(|s| s.fuse.as_ref()) {
+            let health = self.object.mounter.health(&f.daemon.target);
+            if let Some(why) = &f.lost {
+                problems.push(why.clone());
+            } else if health != Health::Healthy {
+                problems.push(format!("the FUSE mount stopped serving ({health:?})"));
+            }
+            if !problems.is_empty() {
+                return Ok(VolumeStats {
+                    usage: Vec::new(),
+                    condition: NodeCondition {
+                        abnormal: true,
+                        message: problems.join("; "),
+                    },
+                });
+            }
+        }
         let mounted = table.mounted_at(&path_buf);
         let expect_mount = !(is_staging && cap.is_block());
         if expect_mount && mounted.is_none() {
@@ -1558,6 +1836,102 @@ impl Node {
         Ok(VolumeStats { usage, condition })
     }
 
+    /// One pass of the object mount supervisor: every staged object
+    /// volume whose FUSE mount stopped serving (its daemon died) is
+    /// marked lost (its condition turns abnormal) and mounted again, with
+    /// its staging path and targets bound anew. A volume busy with a
+    /// request is left for the next pass.
+    pub fn supervise_object_mounts(&self) {
+        let lost: Vec<NodeVolumeRecord> = lock(&self.records)
+            .values()
+            .filter(|r| {
+                r.staging
+                    .as_ref()
+                    .and_then(|s| s.fuse.as_ref())
+                    .is_some_and(|f| {
+                        self.object.mounter.health(&f.daemon.target) != Health::Healthy
+                    })
+            })
+            .cloned()
+            .collect();
+        for rec in lost {
+            let id = rec.id.clone();
+            let Ok(_g) = self.guard(&id) else { continue };
+            let rec = self.record(&id);
+            if let Err(e) = self.recover_object(rec) {
+                tracing::error!(volume = %id, error = %e, "cannot mount the object volume again");
+            }
+        }
+    }
+
+    /// Mounts a lost object volume again and binds its staging path and
+    /// targets anew. The loss is recorded first, so the condition shows
+    /// it (here and in the controller's ListVolumes) until this succeeds.
+    fn recover_object(&self, mut rec: NodeVolumeRecord) -> Result<()> {
+        let id = rec.id.clone();
+        let Some(mut st) = rec.staging.clone() else {
+            return Ok(());
+        };
+        let Some(mut fuse) = st.fuse.clone() else {
+            return Ok(());
+        };
+        let health = self.object.mounter.health(&fuse.daemon.target);
+        if health == Health::Healthy && fuse.lost.is_none() {
+            return Ok(());
+        }
+        let why = format!("the FUSE mount stopped serving ({health:?}); mounting it again");
+        if fuse.lost.as_deref() != Some(why.as_str()) && health != Health::Healthy {
+            tracing::warn!(volume = %id, pid = fuse.daemon.pid, ?health, "object volume's FUSE daemon died");
+            fuse.lost = Some(why);
+            st.fuse = Some(fuse.clone());
+            rec.staging = Some(st.clone());
+            self.save(rec.clone())?;
+        }
+        let creds = self.object.credentials().get(&id.uuid).cloned();
+        let Some(creds) = creds else {
+            return Err(Error::precondition(
+                &id,
+                "the FUSE daemon died after a plugin restart and its credentials are gone; stage the volume again",
+            ));
+        };
+        if health != Health::Healthy {
+            for (target, p) in &rec.publications {
+                detach_stale(target, p.mount_id)?;
+            }
+            detach_stale(&st.path, st.mount_id)?;
+            let daemon = self
+                .object
+                .mounter
+                .remount(&fuse.spec, &to_mounter(&creds), &fuse.daemon)
+                .map_err(|e| object_mount_error(&id, e))?;
+            fuse.daemon = daemon;
+        }
+        fuse.lost = None;
+        st.fuse = Some(fuse.clone());
+        st.mount_id = None;
+        let at = self.anchor_dir(&st.path, "staging_target_path", false)?;
+        let mut new = self.do_stage(&id, &at, &st.capability, Some(&st), false)?;
+        new.fuse = Some(fuse);
+        rec.staging = Some(new.clone());
+        for (target, p) in rec.publications.clone() {
+            let republished = anchor(&target, "target_path")
+                .and_then(|at| self.do_publish(&id, &new, &at, &p.capability, p.read_only));
+            match republished {
+                Ok(mut np) => {
+                    np.created_target |= p.created_target;
+                    np.created_inode = np.created_inode.or(p.created_inode);
+                    rec.publications.insert(target, np);
+                }
+                Err(e) => {
+                    tracing::error!(volume = %id, target = %target.display(), error = %e, "cannot bind the object volume's target again");
+                }
+            }
+        }
+        self.save(rec)?;
+        tracing::info!(volume = %id, "object volume mounted again");
+        Ok(())
+    }
+
     /// Re-establishes stagings and publications that lost their loop device
     /// or mount (after a reboot or a crash). Failures are logged, not fatal.
     fn restore(&self) {
@@ -1568,6 +1942,34 @@ impl Node {
                 continue;
             };
             let mut changed = false;
+            if let Some(f) = &st.fuse {
+                // An object volume: adopt its daemon (and learn its
+                // credentials again), or mount it again.
+                match self.object.mounter.adopt(&f.daemon) {
+                    Health::Healthy => {
+                        match self.object.mounter.credentials(&f.daemon) {
+                            Ok(c) => {
+                                let c = Credentials {
+                                    access_key_id: c.access_key_id,
+                                    secret_access_key: c.secret_access_key,
+                                };
+                                self.object.credentials().insert(id.uuid, c);
+                            }
+                            Err(e) => {
+                                tracing::warn!(volume = %id, error = %e, "cannot read the adopted daemon's credentials")
+                            }
+                        }
+                        tracing::info!(volume = %id, pid = f.daemon.pid, "adopted the object volume's FUSE daemon");
+                    }
+                    h => {
+                        tracing::warn!(volume = %id, health = ?h, "object volume's FUSE daemon is gone");
+                        if let Err(e) = self.recover_object(rec.clone()) {
+                            tracing::error!(volume = %id, error = %e, "cannot mount the object volume again");
+                        }
+                        continue;
+                    }
+                }
+            }
             if !self.staging_intact(&id, &st) {
                 let restaged = self
                     .anchor_dir(&st.path, "staging_target_path", false)

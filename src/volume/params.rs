@@ -91,17 +91,22 @@ impl Parameters {
     /// Parses a parameter map, naming the offending key on error.
     pub fn parse(map: &BTreeMap<String, String>) -> Result<Self, String> {
         let mut backend = BackendKind::Block;
+        if let Some(v) = map.get(ParamKey::Backend.as_str()) {
+            backend = v.parse().map_err(|()| {
+                format!("parameter backend={v:?}: expected \"block\", \"dir\" or \"object\"")
+            })?;
+        }
         let mut node = None;
         for (k, v) in map {
             if k.starts_with(KUBERNETES_PREFIX) {
                 continue;
             }
+            // The backend's own keys, which it parses itself.
+            if backend.profile().parameters().contains(&k.as_str()) {
+                continue;
+            }
             match ParamKey::parse(k) {
-                Some(ParamKey::Backend) => {
-                    backend = v.parse().map_err(|()| {
-                        format!("parameter backend={v:?}: expected \"block\" or \"dir\"")
-                    })?;
-                }
+                Some(ParamKey::Backend) => {}
                 Some(ParamKey::Node) => {
                     if !super::id::valid_node_id(v) {
                         return Err(format!(
@@ -117,9 +122,11 @@ impl Parameters {
                     ));
                 }
                 None => {
+                    let mut known: Vec<&str> = ParamKey::ALL.map(ParamKey::as_str).to_vec();
+                    known.extend(backend.profile().parameters());
                     return Err(format!(
-                        "unknown parameter {k:?} (known: {})",
-                        ParamKey::ALL.map(ParamKey::as_str).join(", ")
+                        "unknown parameter {k:?} for {backend} volumes (known: {})",
+                        known.join(", ")
                     ));
                 }
             }

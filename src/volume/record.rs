@@ -67,6 +67,9 @@ pub struct SnapshotRecord {
     /// The group snapshot this snapshot belongs to, if any.
     #[serde(default)]
     pub group: Option<String>,
+    /// Where an object volume's snapshot is kept (no credentials).
+    #[serde(default)]
+    pub location: Option<crate::backend::object::Location>,
 }
 
 /// Snapshots of several volumes taken at one instant.
@@ -96,6 +99,22 @@ pub struct Staging {
     /// records written before ids were kept.
     #[serde(default)]
     pub mount_id: Option<u32>,
+    /// The FUSE daemon of an object volume (its mount, at a private
+    /// mount point, is what the staging path binds).
+    #[serde(default)]
+    pub fuse: Option<FuseStaging>,
+}
+
+/// An object volume's FUSE mount: what was mounted (no secret) and the
+/// daemon serving it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuseStaging {
+    pub spec: crate::backend::object::mounter::MountSpec,
+    pub daemon: crate::backend::object::mounter::Daemon,
+    /// Why the mount is not serving, while it is not (the daemon died
+    /// and the plugin could not yet mount it again).
+    #[serde(default)]
+    pub lost: Option<String>,
 }
 
 /// What was done at one target path.
@@ -164,6 +183,7 @@ mod tests {
                 device: Some("/dev/loop3".into()),
                 mounted: false,
                 mount_id: Some(7),
+                fuse: None,
             }),
             publications: BTreeMap::from([(
                 PathBuf::from("/t"),

@@ -23,12 +23,20 @@ use crate::state::{Store, Table};
 /// then waits for it to have cleaned up.
 #[derive(Debug, Default)]
 pub(super) struct CopyJob {
-    cancel: AtomicBool,
+    cancel: Arc<AtomicBool>,
     finished: Mutex<bool>,
     done: Condvar,
 }
 
 impl CopyJob {
+    pub(super) fn cancel_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.cancel)
+    }
+
+    pub(super) fn finish_pub(&self) {
+        self.finish()
+    }
+
     fn finish(&self) {
         *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.done.notify_all();
@@ -71,6 +79,14 @@ impl SnapshotIndex {
         let mut idx = SnapshotIndex::default();
         for (key, rec) in store.load_all::<SnapshotRecord>(Table::Snapshots)? {
             let b = backends.store(rec.id.backend);
+            if !rec.ready && rec.location.is_some() {
+                // An object snapshot's copy, cut short: kept, and copied on
+                // (the objects done are skipped) by the CO's next
+                // CreateSnapshot, which brings the credentials.
+                tracing::info!(snapshot = %rec.id, "object snapshot copy to resume on the next CreateSnapshot");
+                idx.insert(rec);
+                continue;
+            }
             if !rec.ready || !b.snapshot_exists(rec.id.uuid) {
                 tracing::warn!(snapshot = %rec.id, "dropping a snapshot whose copy did not finish");
                 b.delete_snapshot(rec.id.uuid)?;
@@ -224,6 +240,7 @@ impl Controller {
         name: &str,
         source: &str,
         params: &BTreeMap<String, String>,
+        secrets: &BTreeMap<String, String>,
     ) -> Result<SnapshotRecord> {
         check_parameters(params)?;
         let _g = self.guard(format!("snapname:{name}"))?;
@@ -244,6 +261,19 @@ impl Controller {
         }
         if let Some(rec) = existing {
             if rec.source_volume_id == source {
+                if !rec.ready
+                    && rec.location.is_some()
+                    && !self.snaps().copying.contains_key(&rec.id.uuid)
+                {
+                    // Its copy stopped (a plugin restart): copy on.
+                    let vol = self.lookup(source)?;
+                    let vol_guard = self.guard(format!("vol:{}", vol.id))?;
+                    let (_, from) = self.object_snapshot_record(&vol, name)?;
+                    let creds =
+                        crate::backend::object::credentials_from_secrets(secrets, "provisioner")
+                            .map_err(|r| Error::invalid("secrets", r))?;
+                    self.start_object_copy(rec.clone(), from, creds, vol_guard)?;
+                }
                 return Ok(rec);
             }
             return Err(Error::NameConflict {
@@ -254,6 +284,19 @@ impl Controller {
         }
         let vol = self.lookup(source)?;
         let vol_guard = self.guard(format!("vol:{}", vol.id))?;
+        if vol.id.backend.profile().snapshots() == SnapshotStrategy::ServerSideCopy {
+            let creds = crate::backend::object::credentials_from_secrets(secrets, "provisioner")
+                .map_err(|r| Error::invalid("secrets", r))?;
+            let (rec, from) = self.object_snapshot_record(&vol, name)?;
+            self.store
+                .put(Table::Snapshots, &rec.id.uuid.to_hex(), &rec)?;
+            if let Err(e) = self.start_object_copy(rec.clone(), from, creds, vol_guard) {
+                self.forget_copy(&rec);
+                return Err(e);
+            }
+            tracing::info!(snapshot = %rec.id, volume = %vol.id, "object snapshot copy started");
+            return Ok(rec);
+        }
         let id = SnapshotId {
             backend: vol.id.backend,
             node: vol.id.node.clone(),
@@ -269,6 +312,7 @@ impl Controller {
             created_at: now(),
             ready: backend.copies_are_constant_time(),
             group: None,
+            location: None,
         };
         if rec.ready {
             let frozen = self.freeze_source(&vol)?;
@@ -318,7 +362,7 @@ impl Controller {
                     },
                 );
                 drop(frozen);
-                this.finish_copy(rec, r, &job);
+                this.finish_copy(rec, r.map_err(Error::from), &job);
                 job.finish();
             });
         if let Err(e) = spawned {
@@ -347,12 +391,27 @@ impl Controller {
     /// Records how a background copy ended: ready, cancelled (by
     /// DeleteSnapshot: nothing is left), or failed (nothing is left, and the
     /// next CreateSnapshot of its name reports why).
-    fn finish_copy(
-        &self,
-        mut rec: SnapshotRecord,
-        r: std::result::Result<(), crate::backend::BackendError>,
-        job: &CopyJob,
-    ) {
+    /// Registers a running copy of `rec` (inserted in the index); false
+    /// when one runs already.
+    pub(super) fn snapshot_copy_begin(&self, rec: &SnapshotRecord, job: Arc<CopyJob>) -> bool {
+        let mut s = self.snaps();
+        if s.copying.contains_key(&rec.id.uuid) {
+            return false;
+        }
+        s.insert(rec.clone());
+        s.copying.insert(rec.id.uuid, job);
+        true
+    }
+
+    pub(super) fn snapshot_copy_abandon(&self, id: &SnapshotId) {
+        self.snaps().copying.remove(&id.uuid);
+    }
+
+    pub(super) fn finish_copy_pub(&self, rec: SnapshotRecord, r: Result<()>, job: &CopyJob) {
+        self.finish_copy(rec, r, job)
+    }
+
+    fn finish_copy(&self, mut rec: SnapshotRecord, r: Result<()>, job: &CopyJob) {
         let cancelled = job.cancel.load(Ordering::Relaxed);
         match (r, cancelled) {
             (_, true) => {
@@ -382,7 +441,7 @@ impl Controller {
                 self.forget_copy(&rec);
                 self.snaps()
                     .failed
-                    .insert(rec.name.clone(), (rec.source_volume_id.clone(), e.into()));
+                    .insert(rec.name.clone(), (rec.source_volume_id.clone(), e));
             }
         }
     }
@@ -390,7 +449,7 @@ impl Controller {
     /// DeleteSnapshot. Idempotent: an unknown or malformed ID is success.
     /// A snapshot still being copied has its copy cancelled, and is gone
     /// (storage and record) when this returns.
-    pub fn delete_snapshot(&self, raw: &str) -> Result<()> {
+    pub fn delete_snapshot(&self, raw: &str, secrets: &BTreeMap<String, String>) -> Result<()> {
         let Some(id) = SnapshotId::parse(raw) else {
             return Ok(());
         };
@@ -420,6 +479,9 @@ impl Controller {
                 &id,
                 format!("snapshot belongs to group snapshot {group}; delete the group"),
             ));
+        }
+        if rec.location.is_some() {
+            self.delete_object_snapshot(&rec, secrets)?;
         }
         self.store.delete(Table::Snapshots, &id.uuid.to_hex())?;
         self.snaps().remove(id.uuid);
