@@ -58,6 +58,9 @@ const DAEMON_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 const LOG_NAME: &str = "s3fs.log";
 const POLL: Duration = Duration::from_millis(20);
 const LOG_TAIL_LINES: usize = 20;
+/// What s3fs logs (at `dbglevel=err` and above) when its start-up check of
+/// the bucket and credentials failed after the mount was made.
+const INIT_FAILED: &str = "Exiting FUSE event loop";
 
 /// What to mount: a bucket, or one prefix of it, on an S3 endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,10 +78,16 @@ pub struct MountSpec {
     /// The group every file shows (s3fs `gid=`): CSI VOLUME_MOUNT_GROUP.
     pub gid: Option<u32>,
     /// Permission bits cleared on every file and on the mount root (s3fs
-    /// `umask=` and `mp_umask=`; s3fs then shows `0777 & !umask` for every
-    /// file, whatever mode it was created with). None: 0o002 when `gid` is
-    /// set, so that the group can write; otherwise the modes stored with
-    /// the objects.
+    /// `umask=` and `mp_umask=`; s3fs then shows and enforces `0777 &
+    /// !umask` for every file, whatever mode it was created with). None:
+    /// 0o000 when `gid` is set, otherwise the modes stored with the
+    /// objects. Why not 0o002 for a mount group: s3fs 1.90 grants group
+    /// rights only to a caller whose *primary* gid is the file's group, or
+    /// who is listed as a member in the daemon's group database; it never
+    /// sees the caller's supplementary groups, which is how a CO hands the
+    /// mount group (fsGroup) to a workload. With 0o002 such a workload
+    /// could not write at all. Who can reach the mount point still limits
+    /// who gets in.
     pub umask: Option<u32>,
     /// Let users other than the mounting one (root) in (FUSE `allow_other`).
     pub allow_other: bool,
@@ -336,8 +345,14 @@ impl Mounter {
             err,
         })?;
 
+        if dir.as_os_str().as_bytes().contains(&b',') {
+            return Err(MounterError::RuntimeDir {
+                path: dir,
+                err: std::io::Error::other("a comma would split s3fs's options"),
+            });
+        }
         let mut cmd = Command::new(&self.program);
-        cmd.args(s3fs_args(spec, key, &target, &tmp))
+        cmd.args(s3fs_args(spec, key, &target, &dir))
             .env_clear()
             .env("PATH", DAEMON_PATH)
             // s3fs falls back to ~/.aws/credentials and ~/.passwd-s3fs: point
@@ -373,6 +388,12 @@ impl Mounter {
         })?;
         let pid = child.id();
         let fail = |child: &mut Child, why: String| {
+            // Most failures are a daemon on its way out: let it finish (and
+            // flush its stdout into the log) before killing it.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(POLL);
+            }
             let _ = child.kill();
             let _ = child.wait();
             // A mount that appeared after the deadline would be dead now.
@@ -380,6 +401,11 @@ impl Mounter {
                 let _ = detach(&target);
             }
             let _ = std::fs::remove_dir_all(&tmp);
+            let why = if log_since(&log_path, log_start).contains(INIT_FAILED) {
+                "its start-up check of the bucket and credentials failed".to_owned()
+            } else {
+                why
+            };
             MounterError::MountFailed {
                 target: target.clone(),
                 why,
@@ -408,6 +434,30 @@ impl Mounter {
                 ));
             }
             std::thread::sleep(POLL);
+        }
+        // s3fs 1.90 checks the bucket and credentials only after mounting,
+        // while it answers the kernel's FUSE INIT, and on failure logs
+        // "Exiting FUSE event loop" before that answer, then exits and
+        // unmounts. The kernel holds every other request until INIT is
+        // answered, so once a statfs comes back the verdict is in the log.
+        let budget = MOUNT_TIMEOUT
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        let probed = probe(&target, budget);
+        if log_since(&log_path, log_start).contains(INIT_FAILED) {
+            return Err(fail(&mut child, String::new()));
+        }
+        match probed {
+            Probe::Answered => {}
+            Probe::Failed(errno) => {
+                return Err(fail(&mut child, format!("the mount fails with {errno}")));
+            }
+            Probe::NoAnswer => {
+                return Err(fail(&mut child, "the mount does not answer".into()));
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(fail(&mut child, format!("it exited ({status})")));
         }
         tracing::info!(key, pid, target = %target.display(), elapsed_ms = started.elapsed().as_millis() as u64, "s3fs mounted");
         self.lock_children().insert(pid, child);
@@ -674,16 +724,19 @@ fn validate_key(key: &str) -> Result<(), MounterError> {
     }
 }
 
-/// The s3fs command line (after the program name) for a validated `spec`.
-/// Holds no credential: those go through the environment.
+/// The s3fs command line (after the program name) for a validated `spec`,
+/// with the volume's private directory `dir` (no comma in it). Holds no
+/// credential: those go through the environment.
 ///
 /// Options beyond the endpoint ones: `-f` keeps s3fs in the foreground so
 /// the PID we hold is the daemon; `tmpdir` keeps its staging files in the
 /// volume's private directory (no `use_cache`: the local cache stays off);
-/// `sigv4` never falls back to unsigned-by-v4 requests; `complement_stat`
-/// gives objects written by other S3 clients (no mode metadata) a usable
-/// mode; `instance_name` tags the log lines with the volume key.
-fn s3fs_args(spec: &MountSpec, key: &str, target: &Path, tmpdir: &Path) -> Vec<OsString> {
+/// `logfile` makes s3fs write each log line as it happens (its stdout is
+/// block-buffered, so a failure would only show once it exits); `sigv4`
+/// never falls back to SigV2; `complement_stat` gives objects written by
+/// other S3 clients (no mode metadata) a usable mode; `instance_name` tags
+/// the log lines with the volume key.
+fn s3fs_args(spec: &MountSpec, key: &str, target: &Path, dir: &Path) -> Vec<OsString> {
     let mut source = spec.bucket.clone();
     if let Some(p) = spec.prefix.as_deref().and_then(normalized_prefix) {
         source.push(':');
@@ -699,7 +752,9 @@ fn s3fs_args(spec: &MountSpec, key: &str, target: &Path, tmpdir: &Path) -> Vec<O
         "dbglevel=err".into(),
     ];
     let mut tmp_opt = OsString::from("tmpdir=");
-    tmp_opt.push(tmpdir);
+    tmp_opt.push(dir.join("tmp"));
+    tmp_opt.push(",logfile=");
+    tmp_opt.push(dir.join(LOG_NAME));
     if spec.read_only {
         opts.push("ro".into());
     }
@@ -712,7 +767,7 @@ fn s3fs_args(spec: &MountSpec, key: &str, target: &Path, tmpdir: &Path) -> Vec<O
     if let Some(gid) = spec.gid {
         opts.push(format!("gid={gid}"));
     }
-    let umask = spec.umask.or(spec.gid.map(|_| 0o002));
+    let umask = spec.umask.or(spec.gid.map(|_| 0o000));
     if let Some(u) = umask {
         opts.push(format!("umask={u:04o}"));
         opts.push(format!("mp_umask={u:04o}"));
@@ -813,25 +868,30 @@ fn credentials_from_environ(environ: &[u8]) -> Option<Credentials> {
 /// key and secret blanked and lines that look like they carry a signature
 /// or credentials left out.
 fn log_tail(path: &Path, from: u64, credentials: &Credentials) -> String {
-    let mut text = String::new();
+    redact_log(&log_since(path, from), credentials, LOG_TAIL_LINES)
+}
+
+/// What the log at `path` holds from byte `from` on (at most 1 MiB).
+fn log_since(path: &Path, from: u64) -> String {
+    let mut buf = Vec::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         let _ = f.seek(SeekFrom::Start(from));
-        let mut buf = Vec::new();
         let _ = f.take(1 << 20).read_to_end(&mut buf);
-        text = String::from_utf8_lossy(&buf).into_owned();
     }
-    redact_log(&text, credentials, LOG_TAIL_LINES)
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 fn redact_log(text: &str, credentials: &Credentials, max_lines: usize) -> String {
+    // Header- and assignment-like forms only: s3fs's own complaints
+    // ("invalid credentials", "SignatureDoesNotMatch") are worth keeping.
     const SECRET_MARKERS: [&str; 7] = [
-        "authorization",
-        "signature",
-        "secret",
-        "credential",
+        "authorization:",
+        "signature=",
+        "credential=",
+        "secret_access_key",
+        "secretaccesskey",
         "security-token",
         "session_token",
-        "passwd",
     ];
     let lines: Vec<String> = text
         .lines()
@@ -939,7 +999,7 @@ mod tests {
             spec,
             "ab12",
             Path::new("/stage/x"),
-            Path::new("/run/o/ab12/tmp"),
+            Path::new("/run/o/ab12"),
         )
         .into_iter()
         .map(|a| a.into_string().unwrap())
@@ -964,6 +1024,9 @@ mod tests {
             "use_path_request_style",
             "endpoint=garage",
             "tmpdir=/run/o/ab12/tmp",
+            "logfile=/run/o/ab12/s3fs.log",
+            // mount() reads the start-up verdict from the log at this level.
+            "dbglevel=err",
         ] {
             assert!(o.contains(&want.to_owned()), "{want} missing from {o:?}");
         }
@@ -1002,11 +1065,11 @@ mod tests {
     }
 
     #[test]
-    fn mount_group_sets_gid_and_a_group_writable_umask() {
+    fn mount_group_sets_gid_and_an_open_umask() {
         let mut s = spec();
         s.gid = Some(4242);
         let o = options(&s);
-        for want in ["gid=4242", "umask=0002", "mp_umask=0002"] {
+        for want in ["gid=4242", "umask=0000", "mp_umask=0000"] {
             assert!(o.contains(&want.to_owned()), "{want} missing from {o:?}");
         }
         s.umask = Some(0o027);
@@ -1070,20 +1133,22 @@ mod tests {
         let c = creds();
         let log = format!(
             "line one\nAuthorization: AWS4-HMAC-SHA256 Credential={id}/x, Signature=ab\n\
-             key {secret} leaked\nsecret_access_key=zzz\nfailed for {id}\nlast line\n",
+             key {secret} leaked\nsecret_access_key=zzz\nfailed for {id}\n\
+             [CRT] invalid credentials (SignatureDoesNotMatch)\nlast line\n",
             id = c.access_key_id,
             secret = c.secret_access_key
         );
         let tail = redact_log(&log, &c, 20);
         assert!(!tail.contains(&c.secret_access_key), "{tail}");
         assert!(!tail.contains(&c.access_key_id), "{tail}");
-        assert!(!tail.to_ascii_lowercase().contains("signature"), "{tail}");
+        assert!(!tail.to_ascii_lowercase().contains("signature="), "{tail}");
         assert!(!tail.contains("zzz"), "{tail}");
         assert!(
             tail.contains("line one") && tail.contains("last line"),
             "{tail}"
         );
         assert!(tail.contains("key <redacted> leaked"), "{tail}");
+        assert!(tail.contains("invalid credentials"), "{tail}");
         assert_eq!(redact_log(&log, &c, 1), "last line");
     }
 
