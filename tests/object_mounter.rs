@@ -490,6 +490,31 @@ fn killed_daemon_is_dead_and_remount_restores_the_data() {
     assert_eq!(table.all_at(&m.daemon.target).count(), 1);
 }
 
+/// A daemon that stops answering (SIGSTOP) is reported unresponsive, and
+/// unmount detaches its mount and, when the daemon does not exit, signals
+/// it (TERM with CONT, then KILL) until it is gone.
+#[test]
+fn stopped_daemon_is_unresponsive_and_unmount_still_ends_it() {
+    let mut w = World::new("mnt-stop");
+    w.mounter = Mounter::new(w.scratch.root.join("run")).with_exit_timeout(Duration::from_secs(2));
+    let target = w.dir("a");
+    let m = w.mount(&w.spec(), &target);
+    let pid = Pid::from_raw(m.daemon.pid as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    assert_eq!(
+        w.mounter.health(&target),
+        Health::Dead(DeadReason::Unresponsive)
+    );
+    assert!(
+        w.mounter.is_daemon(&m.daemon),
+        "a stopped daemon is still it"
+    );
+    w.mounter.unmount(&target, &m.daemon).unwrap();
+    assert!(gone(m.daemon.pid));
+    assert!(!s3fs_mounted(&target));
+    assert_eq!(w.mounter.health(&target), Health::NotMounted);
+}
+
 /// What the helper process needs to mount (secrets in its environment).
 const CHILD_ENV: &str = "STOWAGE_TEST_MOUNTER_CHILD";
 

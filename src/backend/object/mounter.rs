@@ -42,9 +42,9 @@ pub const FS_TYPE: &str = "fuse.s3fs";
 pub const PACKAGE: &str = "s3fs";
 /// How long [`Mounter::mount`] waits for the mount to appear.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long [`Mounter::unmount`] waits for the daemon to exit on its own
-/// after its mount is gone, before SIGTERM (and as long again before
-/// SIGKILL).
+/// How long [`Mounter::unmount`] waits by default for the daemon to exit
+/// on its own after its mount is gone, before SIGTERM (and as long again
+/// before SIGKILL).
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a health probe (statfs on the mount, answered by the daemon
 /// without asking S3) may take before the daemon counts as unresponsive.
@@ -233,6 +233,7 @@ pub struct Mounter {
     /// Daemons this process spawned, kept to reap them once they exit
     /// (adopted ones are reaped by whoever inherited them).
     children: Mutex<HashMap<u32, Child>>,
+    exit_timeout: Duration,
 }
 
 impl Mounter {
@@ -244,7 +245,15 @@ impl Mounter {
             runtime_dir: runtime_dir.into(),
             program: PathBuf::from(PROGRAM),
             children: Mutex::new(HashMap::new()),
+            exit_timeout: EXIT_TIMEOUT,
         }
+    }
+
+    /// Replaces [`EXIT_TIMEOUT`], the wait before each escalation when a
+    /// daemon does not exit after its unmount.
+    pub fn with_exit_timeout(mut self, timeout: Duration) -> Self {
+        self.exit_timeout = timeout;
+        self
     }
 
     /// Checks that s3fs and `/dev/fuse` are there and returns the s3fs
@@ -412,6 +421,7 @@ impl Mounter {
                 log_tail: log_tail(&log_path, log_start, credentials),
             }
         };
+        let mut poll = Duration::from_millis(2);
         let start_time = match read_proc_stat(pid) {
             Ok(stat) => stat.start_time,
             Err(e) => return Err(fail(&mut child, e.to_string())),
@@ -433,7 +443,10 @@ impl Mounter {
                     format!("no mount after {}s", MOUNT_TIMEOUT.as_secs()),
                 ));
             }
-            std::thread::sleep(POLL);
+            // s3fs usually mounts within a few tens of milliseconds: poll
+            // fast at first, then back off.
+            std::thread::sleep(poll);
+            poll = (poll * 2).min(POLL);
         }
         // s3fs 1.90 checks the bucket and credentials only after mounting,
         // while it answers the kernel's FUSE INIT, and on failure logs
@@ -592,41 +605,45 @@ impl Mounter {
     }
 
     /// Waits for `daemon` to exit, then signals it (TERM, then KILL) while
-    /// it is still the recorded process.
+    /// it is still the recorded process. Returns once the process is gone
+    /// (or a zombie), not merely on its way out.
     fn stop(&self, daemon: &Daemon) -> Result<(), MounterError> {
-        if self.wait_gone(daemon, EXIT_TIMEOUT) {
-            return Ok(());
-        }
-        for signal in [Signal::SIGTERM, Signal::SIGKILL] {
-            if !self.is_daemon(daemon) {
-                return Ok(());
-            }
-            let pid = i32::try_from(daemon.pid).map_err(|_| MounterError::NotOurDaemon {
-                pid: daemon.pid,
-                target: daemon.target.clone(),
-            })?;
-            tracing::warn!(pid, %signal, "s3fs daemon still running after its unmount");
-            match nix::sys::signal::kill(Pid::from_raw(pid), signal) {
-                Ok(()) | Err(Errno::ESRCH) => {}
-                Err(errno) => {
-                    return Err(MounterError::Signal {
-                        pid: daemon.pid,
-                        signal,
-                        errno,
-                    });
+        for signal in [None, Some(Signal::SIGTERM), Some(Signal::SIGKILL)] {
+            // A daemon that is exiting has already lost its command line:
+            // it is no longer provably ours, and needs no signal anyway.
+            if let Some(signal) = signal.filter(|_| self.is_daemon(daemon)) {
+                tracing::warn!(pid = daemon.pid, %signal, "s3fs daemon still running after its unmount");
+                let pid = i32::try_from(daemon.pid).map_err(|_| MounterError::NotOurDaemon {
+                    pid: daemon.pid,
+                    target: daemon.target.clone(),
+                })?;
+                let sent = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+                // A stopped daemon acts on SIGTERM only once continued.
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGCONT);
+                match sent {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(errno) => {
+                        return Err(MounterError::Signal {
+                            pid: daemon.pid,
+                            signal,
+                            errno,
+                        });
+                    }
                 }
             }
-            if self.wait_gone(daemon, EXIT_TIMEOUT) {
+            if self.wait_gone(daemon, self.exit_timeout) {
                 return Ok(());
             }
         }
         Err(MounterError::StillRunning { pid: daemon.pid })
     }
 
+    /// Waits until no live process has `daemon`'s PID and start time.
     fn wait_gone(&self, daemon: &Daemon, timeout: Duration) -> bool {
         let start = Instant::now();
         loop {
-            if !self.is_daemon(daemon) {
+            self.reap();
+            if !is_running(daemon) {
                 return true;
             }
             if start.elapsed() > timeout {
@@ -831,15 +848,19 @@ fn cmdline_serves(cmdline: &[u8], target: &Path) -> bool {
     program == Some(OsStr::new(PROGRAM)) && args.any(|a| a == target.as_os_str().as_bytes())
 }
 
+/// Whether a live (not zombie) process has `daemon`'s PID and start time.
+fn is_running(daemon: &Daemon) -> bool {
+    read_proc_stat(daemon.pid).is_ok_and(|stat| {
+        stat.start_time == daemon.start_time && !matches!(stat.state, 'Z' | 'X' | 'x')
+    })
+}
+
+/// [`is_running`], and its command line is s3fs serving the recorded
+/// target (an exiting process has an empty one).
 fn is_same_process(daemon: &Daemon) -> bool {
-    let Ok(stat) = read_proc_stat(daemon.pid) else {
-        return false;
-    };
-    if stat.start_time != daemon.start_time || matches!(stat.state, 'Z' | 'X' | 'x') {
-        return false;
-    }
-    std::fs::read(format!("/proc/{}/cmdline", daemon.pid))
-        .is_ok_and(|c| cmdline_serves(&c, &daemon.target))
+    is_running(daemon)
+        && std::fs::read(format!("/proc/{}/cmdline", daemon.pid))
+            .is_ok_and(|c| cmdline_serves(&c, &daemon.target))
 }
 
 /// The S3 credentials in a NUL-separated environment block.
@@ -1197,6 +1218,15 @@ mod tests {
             credentials_from_environ(b"AWS_ACCESS_KEY_ID=x\0AWS_SECRET_ACCESS_KEY=\0"),
             None
         );
+    }
+
+    #[test]
+    fn a_missing_s3fs_names_the_debian_package() {
+        let mut m = Mounter::new("/nonexistent");
+        m.program = PathBuf::from("/nonexistent/bin/s3fs");
+        let e = m.check_installed().unwrap_err();
+        assert!(matches!(e, MounterError::NotInstalled { .. }), "{e:?}");
+        assert!(e.to_string().contains("Debian package `s3fs`"), "{e}");
     }
 
     #[test]
