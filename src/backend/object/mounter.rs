@@ -42,9 +42,9 @@ pub const FS_TYPE: &str = "fuse.s3fs";
 pub const PACKAGE: &str = "s3fs";
 /// How long [`Mounter::mount`] waits for the mount to appear.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long [`Mounter::unmount`] waits for the daemon to exit on its own
-/// after its mount is gone, before SIGTERM (and as long again before
-/// SIGKILL).
+/// How long [`Mounter::unmount`] waits by default for the daemon to exit
+/// on its own after its mount is gone, before SIGTERM (and as long again
+/// before SIGKILL).
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a health probe (statfs on the mount, answered by the daemon
 /// without asking S3) may take before the daemon counts as unresponsive.
@@ -58,6 +58,9 @@ const DAEMON_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 const LOG_NAME: &str = "s3fs.log";
 const POLL: Duration = Duration::from_millis(20);
 const LOG_TAIL_LINES: usize = 20;
+/// What s3fs logs (at `dbglevel=err` and above) when its start-up check of
+/// the bucket and credentials failed after the mount was made.
+const INIT_FAILED: &str = "Exiting FUSE event loop";
 
 /// What to mount: a bucket, or one prefix of it, on an S3 endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,10 +78,16 @@ pub struct MountSpec {
     /// The group every file shows (s3fs `gid=`): CSI VOLUME_MOUNT_GROUP.
     pub gid: Option<u32>,
     /// Permission bits cleared on every file and on the mount root (s3fs
-    /// `umask=` and `mp_umask=`; s3fs then shows `0777 & !umask` for every
-    /// file, whatever mode it was created with). None: 0o002 when `gid` is
-    /// set, so that the group can write; otherwise the modes stored with
-    /// the objects.
+    /// `umask=` and `mp_umask=`; s3fs then shows and enforces `0777 &
+    /// !umask` for every file, whatever mode it was created with). None:
+    /// 0o000 when `gid` is set, otherwise the modes stored with the
+    /// objects. Why not 0o002 for a mount group: s3fs 1.90 grants group
+    /// rights only to a caller whose *primary* gid is the file's group, or
+    /// who is listed as a member in the daemon's group database; it never
+    /// sees the caller's supplementary groups, which is how a CO hands the
+    /// mount group (fsGroup) to a workload. With 0o002 such a workload
+    /// could not write at all. Who can reach the mount point still limits
+    /// who gets in.
     pub umask: Option<u32>,
     /// Let users other than the mounting one (root) in (FUSE `allow_other`).
     pub allow_other: bool,
@@ -224,6 +233,7 @@ pub struct Mounter {
     /// Daemons this process spawned, kept to reap them once they exit
     /// (adopted ones are reaped by whoever inherited them).
     children: Mutex<HashMap<u32, Child>>,
+    exit_timeout: Duration,
 }
 
 impl Mounter {
@@ -235,7 +245,15 @@ impl Mounter {
             runtime_dir: runtime_dir.into(),
             program: PathBuf::from(PROGRAM),
             children: Mutex::new(HashMap::new()),
+            exit_timeout: EXIT_TIMEOUT,
         }
+    }
+
+    /// Replaces [`EXIT_TIMEOUT`], the wait before each escalation when a
+    /// daemon does not exit after its unmount.
+    pub fn with_exit_timeout(mut self, timeout: Duration) -> Self {
+        self.exit_timeout = timeout;
+        self
     }
 
     /// Checks that s3fs and `/dev/fuse` are there and returns the s3fs
@@ -336,8 +354,14 @@ impl Mounter {
             err,
         })?;
 
+        if dir.as_os_str().as_bytes().contains(&b',') {
+            return Err(MounterError::RuntimeDir {
+                path: dir,
+                err: std::io::Error::other("a comma would split s3fs's options"),
+            });
+        }
         let mut cmd = Command::new(&self.program);
-        cmd.args(s3fs_args(spec, key, &target, &tmp))
+        cmd.args(s3fs_args(spec, key, &target, &dir))
             .env_clear()
             .env("PATH", DAEMON_PATH)
             // s3fs falls back to ~/.aws/credentials and ~/.passwd-s3fs: point
@@ -373,6 +397,12 @@ impl Mounter {
         })?;
         let pid = child.id();
         let fail = |child: &mut Child, why: String| {
+            // Most failures are a daemon on its way out: let it finish (and
+            // flush its stdout into the log) before killing it.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(POLL);
+            }
             let _ = child.kill();
             let _ = child.wait();
             // A mount that appeared after the deadline would be dead now.
@@ -380,12 +410,18 @@ impl Mounter {
                 let _ = detach(&target);
             }
             let _ = std::fs::remove_dir_all(&tmp);
+            let why = if log_since(&log_path, log_start).contains(INIT_FAILED) {
+                "its start-up check of the bucket and credentials failed".to_owned()
+            } else {
+                why
+            };
             MounterError::MountFailed {
                 target: target.clone(),
                 why,
                 log_tail: log_tail(&log_path, log_start, credentials),
             }
         };
+        let mut poll = Duration::from_millis(2);
         let start_time = match read_proc_stat(pid) {
             Ok(stat) => stat.start_time,
             Err(e) => return Err(fail(&mut child, e.to_string())),
@@ -407,7 +443,34 @@ impl Mounter {
                     format!("no mount after {}s", MOUNT_TIMEOUT.as_secs()),
                 ));
             }
-            std::thread::sleep(POLL);
+            // s3fs usually mounts within a few tens of milliseconds: poll
+            // fast at first, then back off.
+            std::thread::sleep(poll);
+            poll = (poll * 2).min(POLL);
+        }
+        // s3fs 1.90 checks the bucket and credentials only after mounting,
+        // while it answers the kernel's FUSE INIT, and on failure logs
+        // "Exiting FUSE event loop" before that answer, then exits and
+        // unmounts. The kernel holds every other request until INIT is
+        // answered, so once a statfs comes back the verdict is in the log.
+        let budget = MOUNT_TIMEOUT
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        let probed = probe(&target, budget);
+        if log_since(&log_path, log_start).contains(INIT_FAILED) {
+            return Err(fail(&mut child, String::new()));
+        }
+        match probed {
+            Probe::Answered => {}
+            Probe::Failed(errno) => {
+                return Err(fail(&mut child, format!("the mount fails with {errno}")));
+            }
+            Probe::NoAnswer => {
+                return Err(fail(&mut child, "the mount does not answer".into()));
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(fail(&mut child, format!("it exited ({status})")));
         }
         tracing::info!(key, pid, target = %target.display(), elapsed_ms = started.elapsed().as_millis() as u64, "s3fs mounted");
         self.lock_children().insert(pid, child);
@@ -542,41 +605,45 @@ impl Mounter {
     }
 
     /// Waits for `daemon` to exit, then signals it (TERM, then KILL) while
-    /// it is still the recorded process.
+    /// it is still the recorded process. Returns once the process is gone
+    /// (or a zombie), not merely on its way out.
     fn stop(&self, daemon: &Daemon) -> Result<(), MounterError> {
-        if self.wait_gone(daemon, EXIT_TIMEOUT) {
-            return Ok(());
-        }
-        for signal in [Signal::SIGTERM, Signal::SIGKILL] {
-            if !self.is_daemon(daemon) {
-                return Ok(());
-            }
-            let pid = i32::try_from(daemon.pid).map_err(|_| MounterError::NotOurDaemon {
-                pid: daemon.pid,
-                target: daemon.target.clone(),
-            })?;
-            tracing::warn!(pid, %signal, "s3fs daemon still running after its unmount");
-            match nix::sys::signal::kill(Pid::from_raw(pid), signal) {
-                Ok(()) | Err(Errno::ESRCH) => {}
-                Err(errno) => {
-                    return Err(MounterError::Signal {
-                        pid: daemon.pid,
-                        signal,
-                        errno,
-                    });
+        for signal in [None, Some(Signal::SIGTERM), Some(Signal::SIGKILL)] {
+            // A daemon that is exiting has already lost its command line:
+            // it is no longer provably ours, and needs no signal anyway.
+            if let Some(signal) = signal.filter(|_| self.is_daemon(daemon)) {
+                tracing::warn!(pid = daemon.pid, %signal, "s3fs daemon still running after its unmount");
+                let pid = i32::try_from(daemon.pid).map_err(|_| MounterError::NotOurDaemon {
+                    pid: daemon.pid,
+                    target: daemon.target.clone(),
+                })?;
+                let sent = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+                // A stopped daemon acts on SIGTERM only once continued.
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGCONT);
+                match sent {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(errno) => {
+                        return Err(MounterError::Signal {
+                            pid: daemon.pid,
+                            signal,
+                            errno,
+                        });
+                    }
                 }
             }
-            if self.wait_gone(daemon, EXIT_TIMEOUT) {
+            if self.wait_gone(daemon, self.exit_timeout) {
                 return Ok(());
             }
         }
         Err(MounterError::StillRunning { pid: daemon.pid })
     }
 
+    /// Waits until no live process has `daemon`'s PID and start time.
     fn wait_gone(&self, daemon: &Daemon, timeout: Duration) -> bool {
         let start = Instant::now();
         loop {
-            if !self.is_daemon(daemon) {
+            self.reap();
+            if !is_running(daemon) {
                 return true;
             }
             if start.elapsed() > timeout {
@@ -674,16 +741,19 @@ fn validate_key(key: &str) -> Result<(), MounterError> {
     }
 }
 
-/// The s3fs command line (after the program name) for a validated `spec`.
-/// Holds no credential: those go through the environment.
+/// The s3fs command line (after the program name) for a validated `spec`,
+/// with the volume's private directory `dir` (no comma in it). Holds no
+/// credential: those go through the environment.
 ///
 /// Options beyond the endpoint ones: `-f` keeps s3fs in the foreground so
 /// the PID we hold is the daemon; `tmpdir` keeps its staging files in the
 /// volume's private directory (no `use_cache`: the local cache stays off);
-/// `sigv4` never falls back to unsigned-by-v4 requests; `complement_stat`
-/// gives objects written by other S3 clients (no mode metadata) a usable
-/// mode; `instance_name` tags the log lines with the volume key.
-fn s3fs_args(spec: &MountSpec, key: &str, target: &Path, tmpdir: &Path) -> Vec<OsString> {
+/// `logfile` makes s3fs write each log line as it happens (its stdout is
+/// block-buffered, so a failure would only show once it exits); `sigv4`
+/// never falls back to SigV2; `complement_stat` gives objects written by
+/// other S3 clients (no mode metadata) a usable mode; `instance_name` tags
+/// the log lines with the volume key.
+fn s3fs_args(spec: &MountSpec, key: &str, target: &Path, dir: &Path) -> Vec<OsString> {
     let mut source = spec.bucket.clone();
     if let Some(p) = spec.prefix.as_deref().and_then(normalized_prefix) {
         source.push(':');
@@ -699,7 +769,9 @@ fn s3fs_args(spec: &MountSpec, key: &str, target: &Path, tmpdir: &Path) -> Vec<O
         "dbglevel=err".into(),
     ];
     let mut tmp_opt = OsString::from("tmpdir=");
-    tmp_opt.push(tmpdir);
+    tmp_opt.push(dir.join("tmp"));
+    tmp_opt.push(",logfile=");
+    tmp_opt.push(dir.join(LOG_NAME));
     if spec.read_only {
         opts.push("ro".into());
     }
@@ -712,7 +784,7 @@ fn s3fs_args(spec: &MountSpec, key: &str, target: &Path, tmpdir: &Path) -> Vec<O
     if let Some(gid) = spec.gid {
         opts.push(format!("gid={gid}"));
     }
-    let umask = spec.umask.or(spec.gid.map(|_| 0o002));
+    let umask = spec.umask.or(spec.gid.map(|_| 0o000));
     if let Some(u) = umask {
         opts.push(format!("umask={u:04o}"));
         opts.push(format!("mp_umask={u:04o}"));
@@ -776,15 +848,19 @@ fn cmdline_serves(cmdline: &[u8], target: &Path) -> bool {
     program == Some(OsStr::new(PROGRAM)) && args.any(|a| a == target.as_os_str().as_bytes())
 }
 
+/// Whether a live (not zombie) process has `daemon`'s PID and start time.
+fn is_running(daemon: &Daemon) -> bool {
+    read_proc_stat(daemon.pid).is_ok_and(|stat| {
+        stat.start_time == daemon.start_time && !matches!(stat.state, 'Z' | 'X' | 'x')
+    })
+}
+
+/// [`is_running`], and its command line is s3fs serving the recorded
+/// target (an exiting process has an empty one).
 fn is_same_process(daemon: &Daemon) -> bool {
-    let Ok(stat) = read_proc_stat(daemon.pid) else {
-        return false;
-    };
-    if stat.start_time != daemon.start_time || matches!(stat.state, 'Z' | 'X' | 'x') {
-        return false;
-    }
-    std::fs::read(format!("/proc/{}/cmdline", daemon.pid))
-        .is_ok_and(|c| cmdline_serves(&c, &daemon.target))
+    is_running(daemon)
+        && std::fs::read(format!("/proc/{}/cmdline", daemon.pid))
+            .is_ok_and(|c| cmdline_serves(&c, &daemon.target))
 }
 
 /// The S3 credentials in a NUL-separated environment block.
@@ -813,25 +889,30 @@ fn credentials_from_environ(environ: &[u8]) -> Option<Credentials> {
 /// key and secret blanked and lines that look like they carry a signature
 /// or credentials left out.
 fn log_tail(path: &Path, from: u64, credentials: &Credentials) -> String {
-    let mut text = String::new();
+    redact_log(&log_since(path, from), credentials, LOG_TAIL_LINES)
+}
+
+/// What the log at `path` holds from byte `from` on (at most 1 MiB).
+fn log_since(path: &Path, from: u64) -> String {
+    let mut buf = Vec::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         let _ = f.seek(SeekFrom::Start(from));
-        let mut buf = Vec::new();
         let _ = f.take(1 << 20).read_to_end(&mut buf);
-        text = String::from_utf8_lossy(&buf).into_owned();
     }
-    redact_log(&text, credentials, LOG_TAIL_LINES)
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 fn redact_log(text: &str, credentials: &Credentials, max_lines: usize) -> String {
+    // Header- and assignment-like forms only: s3fs's own complaints
+    // ("invalid credentials", "SignatureDoesNotMatch") are worth keeping.
     const SECRET_MARKERS: [&str; 7] = [
-        "authorization",
-        "signature",
-        "secret",
-        "credential",
+        "authorization:",
+        "signature=",
+        "credential=",
+        "secret_access_key",
+        "secretaccesskey",
         "security-token",
         "session_token",
-        "passwd",
     ];
     let lines: Vec<String> = text
         .lines()
@@ -939,7 +1020,7 @@ mod tests {
             spec,
             "ab12",
             Path::new("/stage/x"),
-            Path::new("/run/o/ab12/tmp"),
+            Path::new("/run/o/ab12"),
         )
         .into_iter()
         .map(|a| a.into_string().unwrap())
@@ -964,6 +1045,9 @@ mod tests {
             "use_path_request_style",
             "endpoint=garage",
             "tmpdir=/run/o/ab12/tmp",
+            "logfile=/run/o/ab12/s3fs.log",
+            // mount() reads the start-up verdict from the log at this level.
+            "dbglevel=err",
         ] {
             assert!(o.contains(&want.to_owned()), "{want} missing from {o:?}");
         }
@@ -1002,11 +1086,11 @@ mod tests {
     }
 
     #[test]
-    fn mount_group_sets_gid_and_a_group_writable_umask() {
+    fn mount_group_sets_gid_and_an_open_umask() {
         let mut s = spec();
         s.gid = Some(4242);
         let o = options(&s);
-        for want in ["gid=4242", "umask=0002", "mp_umask=0002"] {
+        for want in ["gid=4242", "umask=0000", "mp_umask=0000"] {
             assert!(o.contains(&want.to_owned()), "{want} missing from {o:?}");
         }
         s.umask = Some(0o027);
@@ -1070,20 +1154,22 @@ mod tests {
         let c = creds();
         let log = format!(
             "line one\nAuthorization: AWS4-HMAC-SHA256 Credential={id}/x, Signature=ab\n\
-             key {secret} leaked\nsecret_access_key=zzz\nfailed for {id}\nlast line\n",
+             key {secret} leaked\nsecret_access_key=zzz\nfailed for {id}\n\
+             [CRT] invalid credentials (SignatureDoesNotMatch)\nlast line\n",
             id = c.access_key_id,
             secret = c.secret_access_key
         );
         let tail = redact_log(&log, &c, 20);
         assert!(!tail.contains(&c.secret_access_key), "{tail}");
         assert!(!tail.contains(&c.access_key_id), "{tail}");
-        assert!(!tail.to_ascii_lowercase().contains("signature"), "{tail}");
+        assert!(!tail.to_ascii_lowercase().contains("signature="), "{tail}");
         assert!(!tail.contains("zzz"), "{tail}");
         assert!(
             tail.contains("line one") && tail.contains("last line"),
             "{tail}"
         );
         assert!(tail.contains("key <redacted> leaked"), "{tail}");
+        assert!(tail.contains("invalid credentials"), "{tail}");
         assert_eq!(redact_log(&log, &c, 1), "last line");
     }
 
@@ -1132,6 +1218,15 @@ mod tests {
             credentials_from_environ(b"AWS_ACCESS_KEY_ID=x\0AWS_SECRET_ACCESS_KEY=\0"),
             None
         );
+    }
+
+    #[test]
+    fn a_missing_s3fs_names_the_debian_package() {
+        let mut m = Mounter::new("/nonexistent");
+        m.program = PathBuf::from("/nonexistent/bin/s3fs");
+        let e = m.check_installed().unwrap_err();
+        assert!(matches!(e, MounterError::NotInstalled { .. }), "{e:?}");
+        assert!(e.to_string().contains("Debian package `s3fs`"), "{e}");
     }
 
     #[test]
