@@ -32,9 +32,11 @@ pub struct FsUsage {
 pub fn usage(path: &Path) -> std::io::Result<FsUsage> {
     let s = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     let frsize = s.fragment_size();
-    let total = s.blocks() * frsize;
-    let avail = s.blocks_available() * frsize;
-    let free = s.blocks_free() * frsize;
+    // Saturating: FUSE filesystems (s3fs) report block counts whose byte
+    // totals do not fit 64 bits.
+    let total = s.blocks().saturating_mul(frsize);
+    let avail = s.blocks_available().saturating_mul(frsize);
+    let free = s.blocks_free().saturating_mul(frsize);
     let files = s.files();
     let ffree = s.files_free();
     Ok(FsUsage {

@@ -201,9 +201,9 @@ impl NodeRpc for NodeService {
                         } => (Unit::Inodes, total, available, used),
                     };
                     csi::VolumeUsage {
-                        available: available as i64,
-                        total: total as i64,
-                        used: used as i64,
+                        available: i64::try_from(available).unwrap_or(i64::MAX),
+                        total: i64::try_from(total).unwrap_or(i64::MAX),
+                        used: i64::try_from(used).unwrap_or(i64::MAX),
                         unit: unit as i32,
                     }
                 })
