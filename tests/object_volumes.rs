@@ -323,7 +323,10 @@ fn create_req(
     }
 }
 
-async fn try_create(c: &mut Clients, req: csi::CreateVolumeRequest) -> Result<csi::Volume, tonic::Status> {
+async fn try_create(
+    c: &mut Clients,
+    req: csi::CreateVolumeRequest,
+) -> Result<csi::Volume, tonic::Status> {
     c.controller
         .create_volume(req)
         .await
@@ -372,18 +375,35 @@ async fn try_stage(
 /// Stages `vol` read-write for many nodes and returns the s3fs daemon that
 /// serves it (checked to mount the volume's private mount point).
 async fn stage(p: &Plugin, vol: &csi::Volume, staging: &Path, key: &S3Key) -> u32 {
-    try_stage(p, vol, staging, &secrets(key), cap(Mode::MultiNodeMultiWriter, ""))
-        .await
-        .unwrap_or_else(|e| panic!("NodeStageVolume: {e:?}\n{}", p.log_tail()));
+    try_stage(
+        p,
+        vol,
+        staging,
+        &secrets(key),
+        cap(Mode::MultiNodeMultiWriter, ""),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("NodeStageVolume: {e:?}\n{}", p.log_tail()));
     staged_daemon(p, vol)
 }
 
-/// The daemon serving `vol` on `p`, after checking its private mount.
+/// The daemon serving `vol` on `p`, after checking its private mount (and
+/// that the staging paths show it).
 fn staged_daemon(p: &Plugin, vol: &csi::Volume) -> u32 {
     let private = p.private_mount(vol);
     let e = mount_entry(&private)
         .unwrap_or_else(|| panic!("no mount at {}\n{}", private.display(), p.log_tail()));
     assert_eq!(e.fs_type, "fuse.s3fs", "{e:?}");
+    let binds: Vec<_> = stowage::os::mountinfo::MountTable::read()
+        .unwrap()
+        .entries
+        .into_iter()
+        .filter(|b| b.mount_point.starts_with(&p.env.layout.staging))
+        .collect();
+    assert!(
+        binds.iter().all(|b| b.fs_type == "fuse.s3fs"),
+        "a staging path shows something else than the s3fs mount: {binds:?}"
+    );
     daemon_of(&private).unwrap_or_else(|| panic!("no s3fs daemon mounts {}", private.display()))
 }
 
@@ -471,7 +491,10 @@ fn uuid_hex(vol: &csi::Volume) -> String {
 fn buckets(g: &Garage) -> BTreeSet<String> {
     let list = g.json_api("ListBuckets", serde_json::Value::Null);
     let mut out = BTreeSet::new();
-    for b in list.as_array().unwrap_or_else(|| panic!("ListBuckets: {list}")) {
+    for b in list
+        .as_array()
+        .unwrap_or_else(|| panic!("ListBuckets: {list}"))
+    {
         for a in b["globalAliases"].as_array().into_iter().flatten() {
             out.extend(a.as_str().map(str::to_owned));
         }
@@ -509,8 +532,8 @@ async fn usage(g: &Garage, vol: &csi::Volume) -> (u64, u64) {
 // Files
 
 fn write_file(path: &Path, data: &[u8]) {
-    let mut f = std::fs::File::create(path)
-        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     f.write_all(data).unwrap();
     f.sync_all().unwrap();
 }
@@ -569,7 +592,11 @@ async fn create_delete_are_idempotent_and_delete_removes_or_retains_the_bucket()
 
     let v = create(&p, create_req("vol-1", params(&g, &[]), s.clone())).await;
     assert!(v.volume_id.starts_with("object:"), "{}", v.volume_id);
-    assert!(v.accessible_topology.is_empty(), "{:?}", v.accessible_topology);
+    assert!(
+        v.accessible_topology.is_empty(),
+        "{:?}",
+        v.accessible_topology
+    );
     let ctx = &v.volume_context;
     assert_eq!(ctx[CTX_ENDPOINT], g.endpoint);
     assert_eq!(ctx[CTX_REGION], g.region);
@@ -597,29 +624,53 @@ async fn create_delete_are_idempotent_and_delete_removes_or_retains_the_bucket()
     // The same name, other parameters.
     let other = create_req("vol-1", params(&g, &[("onDelete", "retain")]), s.clone());
     assert_code(try_create(&mut p.c(), other).await, Code::AlreadyExists);
-    let other = create_req("vol-1", params(&g, &[("bucket", g.bucket.as_str())]), s.clone());
+    let other = create_req(
+        "vol-1",
+        params(&g, &[("bucket", g.bucket.as_str())]),
+        s.clone(),
+    );
     assert_code(try_create(&mut p.c(), other).await, Code::AlreadyExists);
 
     // Delete needs the provisioner secrets, then removes the bucket; twice
     // is fine.
-    assert_code(delete(&p, &v.volume_id, &HashMap::new()).await, Code::InvalidArgument);
-    assert!(buckets(&g).contains(&bucket), "refused delete kept the bucket");
+    assert_code(
+        delete(&p, &v.volume_id, &HashMap::new()).await,
+        Code::InvalidArgument,
+    );
+    assert!(
+        buckets(&g).contains(&bucket),
+        "refused delete kept the bucket"
+    );
     delete(&p, &v.volume_id, &s)
         .await
         .unwrap_or_else(|e| panic!("DeleteVolume: {e:?}\n{}", p.log_tail()));
-    assert!(!buckets(&g).contains(&bucket), "the bucket outlived its volume");
-    delete(&p, &v.volume_id, &s).await.expect("second DeleteVolume");
+    assert!(
+        !buckets(&g).contains(&bucket),
+        "the bucket outlived its volume"
+    );
+    delete(&p, &v.volume_id, &s)
+        .await
+        .expect("second DeleteVolume");
     assert_eq!(buckets(&g), before);
 
     // onDelete=retain: the bucket (with what was written) stays.
-    let r = create(&p, create_req("vol-keep", params(&g, &[("onDelete", "retain")]), s.clone())).await;
+    let r = create(
+        &p,
+        create_req("vol-keep", params(&g, &[("onDelete", "retain")]), s.clone()),
+    )
+    .await;
     let kept = r.volume_context[CTX_BUCKET].clone();
     s3(&g, &g.key)
         .put_object(&kept, "written-before-delete", b"kept".to_vec())
         .await
         .unwrap();
-    delete(&p, &r.volume_id, &s).await.expect("DeleteVolume retain");
-    assert!(buckets(&g).contains(&kept), "onDelete=retain removed the bucket");
+    delete(&p, &r.volume_id, &s)
+        .await
+        .expect("DeleteVolume retain");
+    assert!(
+        buckets(&g).contains(&kept),
+        "onDelete=retain removed the bucket"
+    );
     assert_eq!(
         s3(&g, &g.key)
             .get_object(&kept, "written-before-delete")
@@ -628,7 +679,9 @@ async fn create_delete_are_idempotent_and_delete_removes_or_retains_the_bucket()
             .as_deref(),
         Some(&b"kept"[..])
     );
-    delete(&p, &r.volume_id, &s).await.expect("DeleteVolume retain again");
+    delete(&p, &r.volume_id, &s)
+        .await
+        .expect("DeleteVolume retain again");
     // Gone from the plugin: ListVolumes no longer shows either.
     let listed = p
         .c()
@@ -638,10 +691,10 @@ async fn create_delete_are_idempotent_and_delete_removes_or_retains_the_bucket()
         .unwrap()
         .into_inner();
     assert!(
-        listed
-            .entries
-            .iter()
-            .all(|e| e.volume.as_ref().is_none_or(|v| !v.volume_id.starts_with("object:"))),
+        listed.entries.iter().all(|e| e
+            .volume
+            .as_ref()
+            .is_none_or(|v| !v.volume_id.starts_with("object:"))),
         "{listed:?}"
     );
 }
@@ -680,7 +733,10 @@ async fn capabilities_and_error_codes_of_object_volumes() {
         .controller
         .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
             volume_id: v.volume_id.clone(),
-            volume_capabilities: vec![cap(Mode::MultiNodeMultiWriter, ""), cap(Mode::MultiNodeReaderOnly, "")],
+            volume_capabilities: vec![
+                cap(Mode::MultiNodeMultiWriter, ""),
+                cap(Mode::MultiNodeReaderOnly, ""),
+            ],
             ..Default::default()
         })
         .await
@@ -715,7 +771,11 @@ async fn capabilities_and_error_codes_of_object_volumes() {
 
     // Missing secrets, or half of them.
     assert_code(
-        try_create(&mut c, create_req("no-secrets", params(&g, &[]), HashMap::new())).await,
+        try_create(
+            &mut c,
+            create_req("no-secrets", params(&g, &[]), HashMap::new()),
+        )
+        .await,
         Code::InvalidArgument,
     );
     let mut half = s.clone();
@@ -731,7 +791,11 @@ async fn capabilities_and_error_codes_of_object_volumes() {
         secret_access_key: "0".repeat(64),
     };
     assert_code(
-        try_create(&mut c, create_req("wrong", params(&g, &[]), secrets(&wrong))).await,
+        try_create(
+            &mut c,
+            create_req("wrong", params(&g, &[]), secrets(&wrong)),
+        )
+        .await,
         Code::PermissionDenied,
     );
     let weak = g.key_without_rights();
@@ -744,7 +808,11 @@ async fn capabilities_and_error_codes_of_object_volumes() {
     assert_code(
         try_create(
             &mut c,
-            create_req("foreign", params(&g, &[("bucket", "someone-elses")]), s.clone()),
+            create_req(
+                "foreign",
+                params(&g, &[("bucket", "someone-elses")]),
+                s.clone(),
+            ),
         )
         .await,
         Code::PermissionDenied,
@@ -763,7 +831,11 @@ async fn capabilities_and_error_codes_of_object_volumes() {
     assert_code(try_create(&mut c, req).await, Code::Unavailable);
 
     // A shared bucket that does not exist.
-    let req = create_req("no-bucket", params(&g, &[("bucket", "no-such-bucket")]), s.clone());
+    let req = create_req(
+        "no-bucket",
+        params(&g, &[("bucket", "no-such-bucket")]),
+        s.clone(),
+    );
     assert_code(try_create(&mut c, req).await, Code::FailedPrecondition);
 
     // Nothing of the failures is left: no bucket, no volume.
@@ -795,7 +867,14 @@ async fn node_stage_checks_secrets_and_is_idempotent() {
     let staging = p.staging_dir("v");
 
     assert_code(
-        try_stage(&p, &v, &staging, &HashMap::new(), cap(Mode::MultiNodeMultiWriter, "")).await,
+        try_stage(
+            &p,
+            &v,
+            &staging,
+            &HashMap::new(),
+            cap(Mode::MultiNodeMultiWriter, ""),
+        )
+        .await,
         Code::InvalidArgument,
     );
     let raw = csi::VolumeCapability {
@@ -804,20 +883,37 @@ async fn node_stage_checks_secrets_and_is_idempotent() {
         )),
         ..cap(Mode::MultiNodeMultiWriter, "")
     };
-    assert_code(try_stage(&p, &v, &staging, &s, raw).await, Code::InvalidArgument);
+    assert_code(
+        try_stage(&p, &v, &staging, &s, raw).await,
+        Code::InvalidArgument,
+    );
     let wrong = S3Key {
         access_key_id: g.key.access_key_id.clone(),
         secret_access_key: "1".repeat(64),
     };
-    let r = try_stage(&p, &v, &staging, &secrets(&wrong), cap(Mode::MultiNodeMultiWriter, "")).await;
+    let r = try_stage(
+        &p,
+        &v,
+        &staging,
+        &secrets(&wrong),
+        cap(Mode::MultiNodeMultiWriter, ""),
+    )
+    .await;
     let e = r.expect_err("a stage with a wrong secret must fail");
-    eprintln!("NodeStage with a wrong secret: {:?} {}", e.code(), e.message());
+    eprintln!(
+        "NodeStage with a wrong secret: {:?} {}",
+        e.code(),
+        e.message()
+    );
     assert!(
         matches!(e.code(), Code::PermissionDenied | Code::FailedPrecondition),
         "{e:?}"
     );
     assert!(!e.message().contains(&wrong.secret_access_key));
-    assert!(mount_entry(&staging).is_none(), "a failed stage left a mount");
+    assert!(
+        mount_entry(&staging).is_none(),
+        "a failed stage left a mount"
+    );
     let left = wait_gone(&p.daemons(), Duration::from_secs(20));
     assert!(left.is_empty(), "a failed stage left s3fs daemons {left:?}");
 
@@ -826,7 +922,11 @@ async fn node_stage_checks_secrets_and_is_idempotent() {
     try_stage(&p, &v, &staging, &s, cap(Mode::MultiNodeMultiWriter, ""))
         .await
         .unwrap_or_else(|e| panic!("a repeated NodeStage: {e:?}\n{}", p.log_tail()));
-    assert_eq!(staged_daemon(&p, &v), pid, "a repeated stage started another daemon");
+    assert_eq!(
+        staged_daemon(&p, &v),
+        pid,
+        "a repeated stage started another daemon"
+    );
     seen.extend(p.daemons());
     assert_eq!(seen.len(), 1, "one daemon per staged volume: {seen:?}");
     write_file(&staging.join("f"), b"hello");
@@ -852,8 +952,16 @@ async fn bucket_mode_and_prefix_mode_keep_volumes_apart() {
     let shared = g.bucket.clone();
 
     let own = create(&p, create_req("own", params(&g, &[]), s.clone())).await;
-    let a = create(&p, create_req("pa", params(&g, &[("bucket", shared.as_str())]), s.clone())).await;
-    let b = create(&p, create_req("pb", params(&g, &[("bucket", shared.as_str())]), s.clone())).await;
+    let a = create(
+        &p,
+        create_req("pa", params(&g, &[("bucket", shared.as_str())]), s.clone()),
+    )
+    .await;
+    let b = create(
+        &p,
+        create_req("pb", params(&g, &[("bucket", shared.as_str())]), s.clone()),
+    )
+    .await;
     assert!(own.volume_context[CTX_BUCKET].starts_with("stowage-"));
     assert_eq!(own.volume_context[CTX_PREFIX], "");
     for v in [&a, &b] {
@@ -894,11 +1002,26 @@ async fn bucket_mode_and_prefix_mode_keep_volumes_apart() {
     }
     p.assert_clean(&seen);
     delete(&p, &a.volume_id, &s).await.unwrap();
-    assert_eq!(usage(&g, &a).await, (0, 0), "the deleted volume's prefix is empty");
-    assert_ne!(usage(&g, &b).await.0, 0, "the other volume's prefix was touched");
-    assert!(buckets(&g).contains(&shared), "a prefix delete removed the shared bucket");
+    assert_eq!(
+        usage(&g, &a).await,
+        (0, 0),
+        "the deleted volume's prefix is empty"
+    );
+    assert_ne!(
+        usage(&g, &b).await.0,
+        0,
+        "the other volume's prefix was touched"
+    );
     assert!(
-        s3(&g, &g.key).get_object(&shared, "outsider").await.unwrap().is_some(),
+        buckets(&g).contains(&shared),
+        "a prefix delete removed the shared bucket"
+    );
+    assert!(
+        s3(&g, &g.key)
+            .get_object(&shared, "outsider")
+            .await
+            .unwrap()
+            .is_some(),
         "a prefix delete removed an object outside it"
     );
     delete(&p, &b.volume_id, &s).await.unwrap();
@@ -927,8 +1050,12 @@ async fn what_node_a_writes_node_b_reads() {
     assert_eq!(seen.len(), 2, "each node runs its own daemon");
     let t_a = a.target_path("pod-a");
     let t_b = b.target_path("pod-b");
-    publish(&a, &v, &st_a, &t_a, Mode::MultiNodeMultiWriter, false).await.unwrap();
-    publish(&b, &v, &st_b, &t_b, Mode::MultiNodeMultiWriter, false).await.unwrap();
+    publish(&a, &v, &st_a, &t_a, Mode::MultiNodeMultiWriter, false)
+        .await
+        .unwrap();
+    publish(&b, &v, &st_b, &t_b, Mode::MultiNodeMultiWriter, false)
+        .await
+        .unwrap();
 
     let data = pattern(3, 3 << 20);
     write_file(&t_a.join("from-a"), &data);
@@ -965,7 +1092,9 @@ async fn random_writes_rename_fsync_and_a_large_file_survive_a_restage() {
     let st = p.staging_dir("v");
     let t = p.target_path("pod");
     let mut seen = BTreeSet::from([stage(&p, &v, &st, &g.key).await]);
-    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false).await.unwrap();
+    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false)
+        .await
+        .unwrap();
 
     // Random writes against an in-memory model.
     let len = 5 << 20;
@@ -986,7 +1115,7 @@ async fn random_writes_rename_fsync_and_a_large_file_survive_a_restage() {
             let chunk = pattern(100 + i as u64, 1 + (i * 277) % 9000);
             f.write_all_at(&chunk, at as u64).unwrap();
             model[at..at + chunk.len()].copy_from_slice(&chunk);
-            if i % 8 == 0 {
+            if i.is_multiple_of(8) {
                 f.sync_data().unwrap();
             }
         }
@@ -1020,7 +1149,10 @@ async fn random_writes_rename_fsync_and_a_large_file_survive_a_restage() {
         }
         f.sync_all().unwrap();
     }
-    assert_eq!(std::fs::metadata(t.join("big")).unwrap().len(), big.len() as u64);
+    assert_eq!(
+        std::fs::metadata(t.join("big")).unwrap().len(),
+        big.len() as u64
+    );
 
     let before = tree(&t);
     unpublish(&p, &v.volume_id, &t).await;
@@ -1064,8 +1196,12 @@ async fn read_only_publish_refuses_writes() {
 
     let ro = p.target_path("ro");
     let rw = p.target_path("rw");
-    publish(&p, &v, &st, &ro, Mode::MultiNodeMultiWriter, true).await.unwrap();
-    publish(&p, &v, &st, &rw, Mode::MultiNodeMultiWriter, false).await.unwrap();
+    publish(&p, &v, &st, &ro, Mode::MultiNodeMultiWriter, true)
+        .await
+        .unwrap();
+    publish(&p, &v, &st, &rw, Mode::MultiNodeMultiWriter, false)
+        .await
+        .unwrap();
     assert_same_file(&ro.join("data"), b"readable");
     let e = std::fs::File::create(ro.join("new")).expect_err("a write through a read-only target");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
@@ -1075,7 +1211,9 @@ async fn read_only_publish_refuses_writes() {
         .expect_err("an open for writing through a read-only target");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     assert_eq!(
-        std::fs::remove_file(ro.join("data")).unwrap_err().raw_os_error(),
+        std::fs::remove_file(ro.join("data"))
+            .unwrap_err()
+            .raw_os_error(),
         Some(libc::EROFS)
     );
     // The read-write target next to it still writes, and the read-only
@@ -1093,7 +1231,9 @@ async fn read_only_publish_refuses_writes() {
         .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log_tail()));
     seen.insert(staged_daemon(&p, &v));
     let t = p.target_path("rox");
-    publish(&p, &v, &st2, &t, Mode::MultiNodeReaderOnly, true).await.unwrap();
+    publish(&p, &v, &st2, &t, Mode::MultiNodeReaderOnly, true)
+        .await
+        .unwrap();
     assert_same_file(&t.join("data"), b"readable");
     let e = std::fs::File::create(t.join("x")).expect_err("a write on a reader-only volume");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
@@ -1167,7 +1307,9 @@ async fn a_killed_fuse_daemon_turns_abnormal_then_is_restored() {
     let t = p.target_path("pod");
     let first = stage(&p, &v, &st, &g.key).await;
     let mut seen = BTreeSet::from([first]);
-    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false).await.unwrap();
+    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false)
+        .await
+        .unwrap();
     let data = pattern(20, 1 << 20);
     write_file(&t.join("data"), &data);
     let normal = condition(&p, &v.volume_id, &t).await.unwrap();
@@ -1195,7 +1337,10 @@ async fn a_killed_fuse_daemon_turns_abnormal_then_is_restored() {
             Ok(_) => {}
             // The supervisor may hold the volume while it remounts.
             Err(e) if e.code() == Code::Aborted => {}
-            Err(e) => panic!("NodeGetVolumeStats on a dead mount: {e:?}\n{}", p.log_tail()),
+            Err(e) => panic!(
+                "NodeGetVolumeStats on a dead mount: {e:?}\n{}",
+                p.log_tail()
+            ),
         }
         assert!(start.elapsed() < LIMIT, "never abnormal\n{}", p.log_tail());
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1223,7 +1368,10 @@ async fn a_killed_fuse_daemon_turns_abnormal_then_is_restored() {
     // Staging and target show the new mount and take writes.
     write_file(&t.join("after"), b"after the restore");
     assert_same_file(&st.join("after"), b"after the restore");
-    assert!(p.log().contains("died") || p.log().contains("again"), "the log says nothing");
+    assert!(
+        p.log().contains("died") || p.log().contains("again"),
+        "the log says nothing"
+    );
 
     unpublish(&p, &v.volume_id, &t).await;
     unstage(&p, &v.volume_id, &st).await;
@@ -1248,7 +1396,9 @@ async fn a_killed_node_plugin_leaves_writers_alone_and_readopts_the_daemon() {
     let t = p.target_path("pod");
     let daemon = stage(&p, &v, &st, &g.key).await;
     let seen = BTreeSet::from([daemon]);
-    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false).await.unwrap();
+    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false)
+        .await
+        .unwrap();
 
     // The writer: 64 KiB chunks of a known pattern, fsync every 16.
     const CHUNK: usize = 64 << 10;
@@ -1262,7 +1412,7 @@ async fn a_killed_node_plugin_leaves_writers_alone_and_readopts_the_daemon() {
             while !stop.load(Ordering::Relaxed) || n < 64 {
                 f.write_all(&pattern(n, CHUNK))?;
                 n += 1;
-                if n % 16 == 0 {
+                if n.is_multiple_of(16) {
                     f.sync_data()?;
                 }
                 written.store(n, Ordering::Relaxed);
@@ -1309,14 +1459,21 @@ async fn a_killed_node_plugin_leaves_writers_alone_and_readopts_the_daemon() {
         .join()
         .unwrap()
         .unwrap_or_else(|e| panic!("the writer noticed: {e}\n{}", p.log_tail()));
-    assert_eq!(staged_daemon(&p, &v), daemon, "the restarted plugin replaced the daemon");
+    assert_eq!(
+        staged_daemon(&p, &v),
+        daemon,
+        "the restarted plugin replaced the daemon"
+    );
     assert!(alive(daemon));
 
     // Every chunk made it, in order.
     let got = std::fs::read(t.join("stream")).unwrap();
     assert_eq!(got.len() as u64, chunks * CHUNK as u64);
     for (i, c) in got.chunks(CHUNK).enumerate() {
-        assert!(c == pattern(i as u64, CHUNK).as_slice(), "chunk {i} differs");
+        assert!(
+            c == pattern(i as u64, CHUNK).as_slice(),
+            "chunk {i} differs"
+        );
     }
     unpublish(&p, &v.volume_id, &t).await;
     unstage(&p, &v.volume_id, &st).await;
@@ -1333,7 +1490,9 @@ fn files_under(dir: &Path, mounts: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut todo = vec![dir.to_owned()];
     while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let path = e.path();
             if mounts.contains(&path) {
@@ -1365,13 +1524,19 @@ async fn secrets_are_absent_from_logs_state_answers_and_command_lines() {
     let st = p.staging_dir("v");
     let t = p.target_path("pod");
     let daemon = stage(&p, &v, &st, &g.key).await;
-    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false).await.unwrap();
+    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false)
+        .await
+        .unwrap();
     write_file(&t.join("f"), b"data");
     let wrong = S3Key {
         access_key_id: g.key.access_key_id.clone(),
         secret_access_key: other_secret.clone(),
     };
-    let _ = try_create(&mut p.c(), create_req("wrong", params(&g, &[]), secrets(&wrong))).await;
+    let _ = try_create(
+        &mut p.c(),
+        create_req("wrong", params(&g, &[]), secrets(&wrong)),
+    )
+    .await;
     let snap = p
         .c()
         .controller
@@ -1391,11 +1556,17 @@ async fn secrets_are_absent_from_logs_state_answers_and_command_lines() {
     let mut c = p.c();
     answers += &format!(
         "{:?}",
-        c.controller.list_volumes(csi::ListVolumesRequest::default()).await.unwrap()
+        c.controller
+            .list_volumes(csi::ListVolumesRequest::default())
+            .await
+            .unwrap()
     );
     answers += &format!(
         "{:?}",
-        c.controller.list_snapshots(csi::ListSnapshotsRequest::default()).await.unwrap()
+        c.controller
+            .list_snapshots(csi::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
     );
     answers += &format!("{:?}", condition(&p, &v.volume_id, &t).await);
     answers += &format!("{v:?}{snap:?}");
@@ -1423,7 +1594,10 @@ async fn secrets_are_absent_from_logs_state_answers_and_command_lines() {
 
     let inspect = |p: &Plugin| {
         check("the server log", &p.log());
-        assert!(p.log().contains("object volume"), "the log says nothing of the volume");
+        assert!(
+            p.log().contains("object volume"),
+            "the log says nothing of the volume"
+        );
         let mounts: BTreeSet<PathBuf> = stowage::os::mountinfo::MountTable::read()
             .unwrap()
             .entries
@@ -1435,9 +1609,9 @@ async fn secrets_are_absent_from_logs_state_answers_and_command_lines() {
         for f in files {
             let text = std::fs::read(&f).unwrap_or_default();
             check(&f.display().to_string(), &String::from_utf8_lossy(&text));
-            // And nothing world-readable that a secret could have been in.
+            // And no state file is for others to read.
             let mode = std::fs::metadata(&f).unwrap().mode();
-            eprintln!("{:o} {}", mode & 0o7777, f.display());
+            assert_eq!(mode & 0o004, 0, "{} is world-readable", f.display());
         }
     };
     inspect(&p);
@@ -1541,7 +1715,10 @@ async fn snapshot_and_restore_a_tree_of_1000_files() {
     assert_eq!(first.source_volume_id, v.volume_id);
     // The copy of 1 000 objects runs in the background: the answer comes
     // before it ends.
-    assert!(!first.ready_to_use, "ready at once: not a background copy? {first:?}");
+    assert!(
+        !first.ready_to_use,
+        "ready at once: not a background copy? {first:?}"
+    );
     let mut polls = 0;
     let start = Instant::now();
     loop {
@@ -1564,7 +1741,11 @@ async fn snapshot_and_restore_a_tree_of_1000_files() {
             break;
         }
         let _ = listed;
-        assert!(start.elapsed() < LIMIT, "the snapshot never became ready\n{}", p.log_tail());
+        assert!(
+            start.elapsed() < LIMIT,
+            "the snapshot never became ready\n{}",
+            p.log_tail()
+        );
         tokio::time::sleep(POLL).await;
     }
     eprintln!("snapshot ready after {polls} polls");
@@ -1592,7 +1773,9 @@ async fn snapshot_and_restore_a_tree_of_1000_files() {
     let got = tree(&st_r);
     assert_eq!(got.len(), 1000, "files in the restored volume");
     for (path, data) in &want {
-        let have = got.get(path).unwrap_or_else(|| panic!("{} missing", path.display()));
+        let have = got
+            .get(path)
+            .unwrap_or_else(|| panic!("{} missing", path.display()));
         assert!(have == data, "{} differs", path.display());
     }
     // The source still has its change.
@@ -1614,8 +1797,12 @@ async fn snapshot_and_restore_a_tree_of_1000_files() {
                 .await
         }
     };
-    del(first.snapshot_id.clone()).await.unwrap_or_else(|e| panic!("{e:?}\n{}", p.log_tail()));
-    del(first.snapshot_id.clone()).await.expect("DeleteSnapshot twice");
+    del(first.snapshot_id.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log_tail()));
+    del(first.snapshot_id.clone())
+        .await
+        .expect("DeleteSnapshot twice");
     assert!(list_snapshot(&p, &first.snapshot_id).await.is_none());
     delete(&p, &r.volume_id, &s).await.unwrap();
     delete(&p, &v.volume_id, &s).await.unwrap();
@@ -1633,7 +1820,15 @@ async fn delete_snapshot_cancels_a_running_copy_and_leaves_nothing() {
     let p = Plugin::start("snapcancel", "node-a").await;
     let s = secrets(&g.key);
     let shared = g.bucket.clone();
-    let v = create(&p, create_req("many", params(&g, &[("bucket", shared.as_str())]), s.clone())).await;
+    let v = create(
+        &p,
+        create_req(
+            "many",
+            params(&g, &[("bucket", shared.as_str())]),
+            s.clone(),
+        ),
+    )
+    .await;
     let prefix = v.volume_context[CTX_PREFIX].clone();
 
     const OBJECTS: usize = 4000;
@@ -1676,7 +1871,10 @@ async fn delete_snapshot_cancels_a_running_copy_and_leaves_nothing() {
         .await
         .unwrap_or_else(|e| panic!("DeleteSnapshot: {e:?}\n{}", p.log_tail()));
     eprintln!("the copy was running at DeleteSnapshot: {was_running}");
-    assert!(was_running, "the copy of {OBJECTS} objects had finished before DeleteSnapshot");
+    assert!(
+        was_running,
+        "the copy of {OBJECTS} objects had finished before DeleteSnapshot"
+    );
     assert!(list_snapshot(&p, &snap.snapshot_id).await.is_none());
 
     // Nothing of the copy stays: the bucket holds what it held before
@@ -1723,7 +1921,9 @@ async fn a_volume_keeps_working_when_a_garage_node_dies() {
     let st = p.staging_dir("v");
     let t = p.target_path("pod");
     let seen = BTreeSet::from([stage(&p, &v, &st, &g.key).await]);
-    publish(&p, &v, &st, &t, Mode::MultiNodeMultiWriter, false).await.unwrap();
+    publish(&p, &v, &st, &t, Mode::MultiNodeMultiWriter, false)
+        .await
+        .unwrap();
     let old = pattern(30, 2 << 20);
     write_file(&t.join("before"), &old);
 
@@ -1756,4 +1956,59 @@ async fn a_volume_keeps_working_when_a_garage_node_dies() {
     delete(&p, &v.volume_id, &s)
         .await
         .unwrap_or_else(|e| panic!("DeleteVolume with a node down: {e:?}\n{}", p.log_tail()));
+}
+
+// ---------------------------------------------------------------------------
+// The harness itself
+
+/// A test that panics with a volume staged and published leaves nothing:
+/// [`Plugin`]'s drop kills the server, detaches the mounts and ends the
+/// s3fs daemon (which outlives the server by design), and the scratch
+/// directory is removed.
+#[test]
+fn a_failing_test_leaves_no_daemon_mount_or_directory() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let result = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let g = Garage::start();
+            let p = Plugin::start("panics", "node-a").await;
+            let v = create(&p, create_req("p", params(&g, &[]), secrets(&g.key))).await;
+            let st = p.staging_dir("v");
+            let t = p.target_path("pod");
+            let pid = stage(&p, &v, &st, &g.key).await;
+            publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false)
+                .await
+                .unwrap();
+            write_file(&t.join("f"), b"x");
+            tx.send((pid, p.root().to_owned())).unwrap();
+            panic!("test failure with a volume published");
+        })
+    })
+    .join();
+    assert!(result.is_err(), "the inner test should have panicked");
+    let (pid, root) = rx.recv().unwrap();
+    assert!(
+        wait_gone(&BTreeSet::from([pid]), Duration::from_secs(5)).is_empty(),
+        "s3fs daemon {pid} outlived the failed test"
+    );
+    assert!(daemons_under(&root).is_empty());
+    assert!(
+        s3fs_mounts_under(&root).is_empty() && common::loops_under(&root).is_empty(),
+        "mounts left under {}",
+        root.display()
+    );
+    let left: Vec<PathBuf> = stowage::os::mountinfo::MountTable::read()
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|m| m.starts_with(&root))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!root.exists(), "{} left behind", root.display());
 }
