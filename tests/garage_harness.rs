@@ -1,8 +1,8 @@
 //! The Garage harness (`common::garage`) tested on its own: a single node
 //! and a three-node cluster come up healthy with a key that can create
 //! buckets, extra keys get exactly the rights promised, a killed node
-//! restarts, and nothing the harness started outlives it, even when the
-//! test panics.
+//! restarts, nothing the harness started outlives it, even when the test
+//! panics, and an object put through stowage's S3 layer lands in Garage.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -155,4 +155,35 @@ fn a_panicking_test_leaves_nothing_behind() {
         assert!(dead(p), "garage pid {p} outlived a panicking test");
     }
     assert!(!root.exists(), "{} left behind", root.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_put_and_get_through_the_stowage_layer() {
+    use stowage::backend::object::s3::{Credentials, S3Client, S3Config};
+    let g = Garage::start();
+    let c = S3Client::new(
+        &S3Config {
+            endpoint: g.endpoint.clone(),
+            region: g.region.clone(),
+        },
+        Credentials {
+            access_key_id: g.key.access_key_id.clone(),
+            secret_access_key: g.key.secret_access_key.clone(),
+        },
+    )
+    .unwrap();
+    let data = common::pattern(3, 300_000);
+    c.put_object(&g.bucket, "harness/probe", data.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        c.get_object(&g.bucket, "harness/probe").await.unwrap(),
+        Some(data)
+    );
+    // The object is really in Garage: its bucket counts it.
+    let info = g.json_api(
+        "GetBucketInfo",
+        serde_json::json!({ "globalAlias": g.bucket }),
+    );
+    assert_eq!(info["objects"], 1, "{info}");
 }

@@ -662,7 +662,8 @@ impl Controller {
                 reason: "capability or readonly flag differs".into(),
             });
         }
-        if req.node_id != id.node {
+        let local = id.backend.profile().node_local();
+        if local && req.node_id != id.node {
             return Err(Error::precondition(
                 &id,
                 format!(
@@ -671,7 +672,13 @@ impl Controller {
                 ),
             ));
         }
-        if let Some(other) = rec.attachments.keys().next() {
+        // Remote storage serves many nodes when the access mode allows it.
+        if let Some(other) = rec
+            .attachments
+            .keys()
+            .next()
+            .filter(|_| local || !req.capability.access_mode.is_multi_node())
+        {
             return Err(Error::precondition(
                 &id,
                 format!("already published to node {other:?} with a single-node access mode"),
@@ -749,6 +756,27 @@ impl Controller {
     }
 
     fn condition(&self, rec: &VolumeRecord) -> Condition {
+        if !rec.id.backend.profile().node_local() {
+            // A FUSE mount that lost its daemon, as the node recorded it.
+            let lost = self
+                .store
+                .get::<NodeVolumeRecord>(Table::NodeVolumes, &rec.id.uuid.to_hex())
+                .ok()
+                .flatten()
+                .and_then(|n| n.staging)
+                .and_then(|s| s.fuse)
+                .and_then(|f| f.lost);
+            return match lost {
+                Some(why) => Condition {
+                    abnormal: true,
+                    message: why,
+                },
+                None => Condition {
+                    abnormal: false,
+                    message: "object volume: its mounts on this node serve".into(),
+                },
+            };
+        }
         if self.backends.store(rec.id.backend).exists(rec.id.uuid) {
             Condition {
                 abnormal: false,

@@ -1504,6 +1504,36 @@ mod tests {
     }
 
     #[test]
+    fn a_client_never_shows_its_secret() {
+        let c = S3Client::new(
+            &S3Config {
+                endpoint: "http://127.0.0.1:9".into(),
+                region: "garage".into(),
+            },
+            Credentials {
+                access_key_id: "GKabc".into(),
+                secret_access_key: "s3cr3t-value".into(),
+            },
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let err = S3Client::new(
+            &S3Config {
+                endpoint: "http://GKabc:s3cr3t-value@host".into(),
+                region: "garage".into(),
+            },
+            Credentials {
+                access_key_id: "GKabc".into(),
+                secret_access_key: "x".into(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, S3ErrorKind::InvalidArgument);
+        assert!(!err.message.contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
     fn copy_source_encodes_the_key_but_keeps_slashes() {
         assert_eq!(copy_source("b", "a/b c/d+e"), "b/a/b%20c/d%2Be");
         assert_eq!(copy_source("b", "ü?#%"), "b/%C3%BC%3F%23%25");
