@@ -1481,6 +1481,75 @@ async fn a_killed_node_plugin_leaves_writers_alone_and_readopts_the_daemon() {
     delete(&p, &v.volume_id, &s).await.unwrap();
 }
 
+/// The two together: after a plugin restart (which adopted the running
+/// daemon, and has no request's secrets in memory any more), kill -9 of
+/// the daemon is still detected and repaired: the restarted plugin finds
+/// the credentials again from the adopted daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_that_dies_after_a_plugin_restart_is_restored_too() {
+    let g = Garage::start();
+    let mut p = Plugin::start("restartkill", "node-a").await;
+    let s = secrets(&g.key);
+    let v = create(&p, create_req("rk", params(&g, &[]), s.clone())).await;
+    let st = p.staging_dir("v");
+    let t = p.target_path("pod");
+    let first = stage(&p, &v, &st, &g.key).await;
+    let mut seen = BTreeSet::from([first]);
+    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false)
+        .await
+        .unwrap();
+    write_file(&t.join("data"), b"before the restart");
+
+    p.env.server.kill9();
+    p.env.server.restart();
+    p.env.reconnect().await;
+    let start = Instant::now();
+    while !matches!(condition(&p, &v.volume_id, &t).await, Ok((false, _))) {
+        assert!(
+            start.elapsed() < LIMIT,
+            "not normal after the restart\n{}",
+            p.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(
+        staged_daemon(&p, &v),
+        first,
+        "the restart replaced the daemon"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_gone(&BTreeSet::from([first]), LIMIT).is_empty());
+    let start = Instant::now();
+    loop {
+        let c = condition(&p, &v.volume_id, &t).await;
+        let new = daemon_of(&p.private_mount(&v)).filter(|&d| d != first);
+        if matches!(c, Ok((false, _)))
+            && new.is_some()
+            && std::fs::read(t.join("data")).is_ok_and(|d| d == b"before the restart")
+        {
+            seen.extend(new);
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "not restored after a restart and a daemon kill: {c:?}\n{}",
+            p.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    write_file(&t.join("after"), b"after");
+    assert_same_file(&st.join("after"), b"after");
+    unpublish(&p, &v.volume_id, &t).await;
+    unstage(&p, &v.volume_id, &st).await;
+    p.assert_clean(&seen);
+    delete(&p, &v.volume_id, &s).await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // 8. Secrets
 
