@@ -9,6 +9,11 @@
 #   SANITY_POOL_FS=xfs|ext4|tmpfs scripts/sanity.sh   (the pool's filesystem; xfs by default)
 #   STOWAGE_BIN=target/debug/stowage scripts/sanity.sh (skip the release build)
 #   STOWAGE_SERVE_ARGS="--pool-image never" scripts/sanity.sh (extra serve flags)
+#   SANITY_BACKEND=object scripts/sanity.sh (object volumes: a single-node
+#       Garage S3 server on loopback (STOWAGE_GARAGE or `garage` on PATH),
+#       volumes as buckets mounted with s3fs, S3 credentials passed as CSI
+#       secrets (--csi.secrets), `onDelete: delete` as the mutable parameter;
+#       mount mode only: object volumes are never raw block devices)
 #   SANITY_CLUSTER=3 scripts/sanity.sh (a cluster on loopback: `serve --mode
 #       controller` and 3 `serve --mode node` agents with mutual TLS from
 #       `stowage cluster init`; csi-sanity talks to the controller's socket
@@ -56,6 +61,11 @@ loopdev=
 cleanup() {
     set +e
     for pid in "${servers[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; done
+    # s3fs daemons of object volumes a failed run left staged.
+    for m in $(awk '$3 == "fuse.s3fs" {print $2}' /proc/mounts | grep "^$work/" | sort -r); do
+        umount -l "$m"
+    done
+    [ -n "${garage_pid:-}" ] && kill "$garage_pid" 2>/dev/null && wait "$garage_pid" 2>/dev/null
     # The pool image stowage keeps inside an ext4/tmpfs pool is mounted
     # below the state directory: unmount it first.
     for m in "$work"/state/pool "$work"/state/n*/pool; do
@@ -82,6 +92,58 @@ fi
 
 printf 'provisioning: thick\n' >"$work/mutable.yaml"
 printf 'backend: block\n' >"$work/block.yaml"
+mutable=(--csi.testvolumemutableparameters "$work/mutable.yaml")
+secrets=()
+backend=${SANITY_BACKEND:-block}
+case "$backend" in block|object) ;; *) echo "sanity.sh: SANITY_BACKEND must be block or object" >&2; exit 2;; esac
+if [ "$backend" = object ]; then
+    garage=${STOWAGE_GARAGE:-$(command -v garage || echo /opt/stowage-ci/bin/garage)}
+    [ -x "$garage" ] || { echo "sanity.sh: no garage binary (STOWAGE_GARAGE); scripts/test.sh installs one" >&2; exit 2; }
+    command -v s3fs >/dev/null || { echo "sanity.sh: s3fs is needed for object volumes" >&2; exit 2; }
+    gport=$((40000 + RANDOM % 20000))
+    mkdir -m 0700 "$work/garage"
+    key=GK$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+    secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+    (umask 077; cat >"$work/garage/garage.toml" <<TOML
+metadata_dir = "$work/garage/meta"
+data_dir = "$work/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$((gport + 1))"
+rpc_public_addr = "127.0.0.1:$((gport + 1))"
+rpc_secret = "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$gport"
+root_domain = ".s3.garage.localhost"
+TOML
+    )
+    # The key (allowed to create buckets) comes from the environment, not
+    # from a command line.
+    GARAGE_DEFAULT_ACCESS_KEY=$key GARAGE_DEFAULT_SECRET_KEY=$secret GARAGE_DEFAULT_BUCKET=sanity \
+        "$garage" -c "$work/garage/garage.toml" server --single-node --default-bucket \
+        >"$work/garage/server.log" 2>&1 &
+    garage_pid=$!
+    for _ in $(seq 200); do
+        python3 - "$gport" <<'PY' && break
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=0.2).close()
+except OSError:
+    sys.exit(1)
+PY
+        sleep 0.1
+    done
+    sleep 1 # the default key and bucket are made just after the listener
+    printf 'backend: object\nendpoint: http://127.0.0.1:%s\nregion: garage\n' "$gport" >"$work/block.yaml"
+    (umask 077; {
+        for k in CreateVolumeSecret DeleteVolumeSecret NodeStageVolumeSecret CreateSnapshotSecret DeleteSnapshotSecret; do
+            printf '%s:\n  accessKeyID: %s\n  secretAccessKey: %s\n' "$k" "$key" "$secret"
+        done
+    } >"$work/secrets.yaml")
+    secrets=(--csi.secrets "$work/secrets.yaml")
+    printf 'onDelete: delete\n' >"$work/mutable.yaml"
+fi
 
 # Default flags (every implemented capability is advertised), plus a volume
 # limit per node so the attach-limit test runs instead of skipping.
@@ -174,15 +236,20 @@ run() {
     echo "== csi-sanity: $name ($label)"
     "$sanity" --csi.endpoint "$endpoint" "${cluster_flags[@]}" \
         --csi.mountdir "$work/mnt" --csi.stagingdir "$work/staging" \
-        --csi.testvolumemutableparameters "$work/mutable.yaml" \
+        "${mutable[@]}" "${secrets[@]}" \
         --csi.testvolumeparameters "$work/block.yaml" \
         --csi.testnodevolumeattachlimit \
         --csi.junitfile "$work/junit-$name.xml" \
         "${color[@]}" "$@" || status=1
     verdicts+=("$(verdict "$name ($label)" "$work/junit-$name.xml")") || status=1
 }
-run mount --csi.testvolumeaccesstype mount "$@"
-run block --csi.testvolumeaccesstype block "$@"
+if [ "$backend" = object ]; then
+    label="object volumes on Garage"
+    run object --csi.testvolumeaccesstype mount "$@"
+else
+    run mount --csi.testvolumeaccesstype mount "$@"
+    run block --csi.testvolumeaccesstype block "$@"
+fi
 
 if [ "$status" -ne 0 ]; then
     echo "sanity.sh: failures; server logs follow" >&2

@@ -5,8 +5,9 @@
 # integration, property; each one even when another fails), and, when
 # `csi-sanity` is on PATH, the upstream conformance suite (scripts/sanity.sh)
 # in mount and block modes on an xfs pool, on an ext4 pool (kept in an
-# xfs image), and against a cluster of three node agents behind a routing
-# controller (SANITY_CLUSTER=3). It ends with a summary: each step, each test binary's totals,
+# xfs image), against a cluster of three node agents behind a routing
+# controller (SANITY_CLUSTER=3), and for object volumes on a Garage S3 server
+# (SANITY_BACKEND=object, mount mode). It ends with a summary: each step, each test binary's totals,
 # csi-sanity's own summary lines, and a last line
 #   tests: N passed, N failed
 # summing every cargo test and csi-sanity spec. It exits non-zero if any
@@ -144,12 +145,15 @@ if command -v "$sanity" >/dev/null 2>&1; then
     sanity_lines+=("  $(command -v "$sanity"): $("$sanity" -version 2>&1 | head -n 1)")
     # One server on an xfs pool, one on an ext4 pool, and a cluster of
     # three node agents behind a routing controller (mutual TLS on loopback).
-    for run in xfs ext4 xfs-cluster; do
+    # Object volumes: a single-node Garage and s3fs.
+    for run in xfs ext4 xfs-cluster object; do
       fs=${run%%-*}
       nodes=0
+      backend=block
       [ "$run" = xfs-cluster ] && nodes=3
+      [ "$run" = object ] && fs=xfs && backend=object
       echo "== scripts/sanity.sh ($run)"
-      SANITY_POOL_FS=$fs SANITY_CLUSTER=$nodes STOWAGE_BIN="$target_dir/debug/stowage" scripts/sanity.sh 2>&1 |
+      SANITY_POOL_FS=$fs SANITY_CLUSTER=$nodes SANITY_BACKEND=$backend STOWAGE_BIN="$target_dir/debug/stowage" scripts/sanity.sh 2>&1 |
         tee "$logs/sanity-$run.log"
       rc=${PIPESTATUS[0]}
       mapfile -t lines < <(grep -E '^== csi-sanity: |^Ran [0-9]+ of [0-9]+ Specs|^(SUCCESS|FAIL)! -- |^sanity\.sh: |^  [A-Z]+: \[' "$logs/sanity-$run.log")

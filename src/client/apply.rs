@@ -19,6 +19,7 @@ use super::publish::{
     CapabilityArgs, DEFAULT_STAGING_ROOT, PublishSpec, load_record, publish_volume,
     unpublish_volume,
 };
+use super::secrets::{Secrets, SecretsArgs};
 use super::volume::AccessModeArg;
 use super::{ClientError, DEFAULT_ENDPOINT, GlobalArgs, OutputFormat, Session, rpc};
 use crate::csi;
@@ -59,6 +60,11 @@ pub struct ApplyArgs {
     /// (shared with `stowage volume publish|unpublish`).
     #[arg(long, default_value = DEFAULT_STAGING_ROOT)]
     pub staging_root: PathBuf,
+    /// Passed as the secrets of every CreateVolume, DeleteVolume,
+    /// CreateSnapshot, DeleteSnapshot and NodeStageVolume (read once, at
+    /// start).
+    #[command(flatten)]
+    pub secrets: SecretsArgs,
     #[command(flatten)]
     pub globals: GlobalArgs,
 }
@@ -77,6 +83,8 @@ pub struct CsiPlugin {
     endpoint: String,
     controller_endpoint: Option<String>,
     staging_root: PathBuf,
+    /// The calls' secrets (`--secrets-file`); none by default.
+    secrets: Secrets,
     session: Option<Session>,
 }
 
@@ -86,6 +94,7 @@ impl CsiPlugin {
             endpoint: endpoint.to_owned(),
             controller_endpoint: None,
             staging_root: staging_root.to_owned(),
+            secrets: Secrets::default(),
             session: None,
         }
     }
@@ -165,6 +174,7 @@ impl CsiPlugin {
         &mut self,
         req: &CreateVolume,
     ) -> Result<CreatedVolume, ClientError> {
+        let secrets = self.secrets.to_csi();
         let s = self.s().await?;
         let accessibility_requirements = s.local_topology().await?;
         let v = s
@@ -179,6 +189,7 @@ impl CsiPlugin {
                 parameters: req.parameters.clone().into_iter().collect(),
                 mutable_parameters: req.mutable_parameters.clone().into_iter().collect(),
                 accessibility_requirements,
+                secrets,
                 ..Default::default()
             })
             .await
@@ -211,13 +222,14 @@ impl CsiPlugin {
     }
 
     async fn delete_volume_once(&mut self, id: &str) -> Result<(), ClientError> {
+        let secrets = self.secrets.to_csi();
         let r = self
             .s()
             .await?
             .controller
             .delete_volume(csi::DeleteVolumeRequest {
                 volume_id: id.to_owned(),
-                ..Default::default()
+                secrets,
             })
             .await;
         gone_is_done("DeleteVolume", r)?;
@@ -231,6 +243,7 @@ impl CsiPlugin {
             readonly: req.read_only,
             capability: capability_args(req.capability),
             staging_root: self.staging_root.clone(),
+            node_stage_secrets: self.secrets.clone(),
         };
         publish_volume(self.s().await?, &spec).await.map(drop)
     }
@@ -324,6 +337,7 @@ impl CsiPlugin {
         let req = csi::CreateSnapshotRequest {
             source_volume_id: volume_id.to_owned(),
             name: name.to_owned(),
+            secrets: self.secrets.to_csi(),
             ..Default::default()
         };
         let deadline = tokio::time::Instant::now() + SNAPSHOT_READY_WAIT;
@@ -347,13 +361,14 @@ impl CsiPlugin {
     }
 
     async fn delete_snapshot_once(&mut self, snapshot_id: &str) -> Result<(), ClientError> {
+        let secrets = self.secrets.to_csi();
         let r = self
             .s()
             .await?
             .controller
             .delete_snapshot(csi::DeleteSnapshotRequest {
                 snapshot_id: snapshot_id.to_owned(),
-                ..Default::default()
+                secrets,
             })
             .await;
         gone_is_done("DeleteSnapshot", r)
@@ -540,6 +555,13 @@ pub fn run(args: ApplyArgs, outer: &GlobalArgs) -> u8 {
     }
     let mut plugin = CsiPlugin::new(&endpoint, &args.staging_root);
     plugin.controller_endpoint = g.controller_endpoint.clone();
+    plugin.secrets = match args.secrets.load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("stowage: {}", ClientError::from(e).report());
+            return 2;
+        }
+    };
     let result = rt.block_on(async {
         if args.watch {
             watch(plugin, file, &args, format).await.map(|()| 0)

@@ -13,6 +13,7 @@ pub mod output;
 pub mod plugin;
 pub mod progress;
 pub mod publish;
+pub mod secrets;
 pub mod size;
 pub mod snapshot;
 pub mod status;
@@ -154,6 +155,8 @@ pub enum ClientError {
     Runtime(#[source] std::io::Error),
     #[error("cannot write JSON output")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
 }
 
 impl ClientError {
@@ -173,7 +176,8 @@ impl ClientError {
             | ClientError::Local(_)
             | ClientError::Io { .. }
             | ClientError::Runtime(_)
-            | ClientError::Json(_) => 1,
+            | ClientError::Json(_)
+            | ClientError::Secrets(_) => 1,
         }
     }
 

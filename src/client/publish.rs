@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::output::{Table, emit};
 use super::progress::Progress;
+use super::secrets::{Secrets, SecretsArgs};
 use super::size::human_size;
 use super::volume::AccessModeArg;
 use super::{ClientError, OutputFormat, Session, rpc};
@@ -69,6 +70,9 @@ pub struct PublishArgs {
     pub capability: CapabilityArgs,
     #[command(flatten)]
     pub staging: StagingArgs,
+    /// Passed as NodeStageVolume's secrets.
+    #[command(flatten)]
+    pub secrets: SecretsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -89,6 +93,9 @@ pub struct StageArgs {
     pub capability: CapabilityArgs,
     #[command(flatten)]
     pub staging: StagingArgs,
+    /// Passed as NodeStageVolume's secrets.
+    #[command(flatten)]
+    pub secrets: SecretsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -594,6 +601,15 @@ fn tolerate_not_found<T>(
     }
 }
 
+/// What ControllerPublish and NodeStage are called with, besides the
+/// volume id and what the record holds.
+struct PrepareInputs<'a> {
+    cap: &'a csi::VolumeCapability,
+    ctx: &'a std::collections::HashMap<String, String>,
+    /// NodeStageVolume's secrets.
+    secrets: &'a Secrets,
+}
+
 /// ControllerPublish (when the plugin offers it) and NodeStage (when it
 /// needs staging), each recorded before it is called. Both calls are
 /// idempotent, so they are repeated on every publish.
@@ -601,11 +617,11 @@ async fn prepare(
     s: &mut Session,
     store: &Store,
     rec: &mut Record,
-    cap: &csi::VolumeCapability,
-    ctx: &std::collections::HashMap<String, String>,
+    inputs: PrepareInputs<'_>,
     needs: &Needs,
     progress: &Progress,
 ) -> Result<(), ClientError> {
+    let PrepareInputs { cap, ctx, secrets } = inputs;
     let id = rec.volume_id.clone();
     if needs.controller_publish {
         progress.set(format!("NodeGetInfo for volume {id}"));
@@ -653,7 +669,7 @@ async fn prepare(
                 staging_target_path: staging.display().to_string(),
                 volume_capability: Some(cap.clone()),
                 volume_context: ctx.clone(),
-                ..Default::default()
+                secrets: secrets.to_csi(),
             }))
             .await
             .map_err(rpc("NodeStageVolume"))?;
@@ -845,6 +861,8 @@ pub struct PublishSpec {
     pub readonly: bool,
     pub capability: CapabilityArgs,
     pub staging_root: PathBuf,
+    /// NodeStageVolume's secrets; never recorded.
+    pub node_stage_secrets: Secrets,
 }
 
 /// Publishes `spec.id` at `spec.target`: ControllerPublish when offered,
@@ -895,7 +913,12 @@ async fn publish_steps(
     let needs = progress.track(needs(s)).await?;
     let ctx = progress.track(volume_context(s, &spec.id)).await?;
     let cap = spec.capability.csi();
-    prepare(s, store, rec, &cap, &ctx, &needs, progress).await?;
+    let inputs = PrepareInputs {
+        cap: &cap,
+        ctx: &ctx,
+        secrets: &spec.node_stage_secrets,
+    };
+    prepare(s, store, rec, inputs, &needs, progress).await?;
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)
             .map_err(io_err(format!("cannot create {}", parent.display())))?;
@@ -1136,6 +1159,7 @@ pub async fn publish(
     args: PublishArgs,
     format: OutputFormat,
 ) -> Result<(), ClientError> {
+    let node_stage_secrets = args.secrets.load()?;
     let capability = resolve_capability(&args.staging.staging_root, &args.id, &args.capability)?;
     note_inferred_block(&args.id, &args.capability, &capability);
     let spec = PublishSpec {
@@ -1144,6 +1168,7 @@ pub async fn publish(
         readonly: args.readonly,
         capability,
         staging_root: args.staging.staging_root,
+        node_stage_secrets,
     };
     let progress = Progress::stderr();
     let v = publish_with(s, &spec, &progress).await;
@@ -1198,7 +1223,8 @@ pub async fn stage(
     note_inferred_block(&args.id, &args.capability, &capability);
     let args = StageArgs { capability, ..args };
     let progress = Progress::stderr();
-    let v = stage_with(s, &args, &progress).await;
+    let secrets = args.secrets.load()?;
+    let v = stage_with(s, &args, &secrets, &progress).await;
     progress.clear();
     let v = v?;
     emit(format, &v, || publication_table(&v))
@@ -1207,6 +1233,7 @@ pub async fn stage(
 async fn stage_with(
     s: &mut Session,
     args: &StageArgs,
+    secrets: &Secrets,
     progress: &Progress,
 ) -> Result<PublicationView, ClientError> {
     let store = Store::open(&args.staging.staging_root)?;
@@ -1222,7 +1249,12 @@ async fn stage_with(
         let needs = progress.track(needs(s)).await?;
         let ctx = progress.track(volume_context(s, &args.id)).await?;
         let cap = args.capability.csi();
-        prepare(s, &store, &mut rec, &cap, &ctx, &needs, progress).await
+        let inputs = PrepareInputs {
+            cap: &cap,
+            ctx: &ctx,
+            secrets,
+        };
+        prepare(s, &store, &mut rec, inputs, &needs, progress).await
     };
     match steps.await {
         Ok(()) => Ok(publication_view(&store, &rec, None)),

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::output::{Table, emit};
 use super::progress::Progress;
+use super::secrets::SecretsArgs;
 use super::size::human_size;
 use super::{ClientError, GlobalArgs, OutputFormat, Session, parse_key_value, rpc};
 use crate::csi;
@@ -38,6 +39,8 @@ pub enum SnapshotVerb {
         /// (by default create waits until it is).
         #[arg(long)]
         no_wait: bool,
+        #[command(flatten)]
+        secrets: SecretsArgs,
     },
     /// List snapshots (ListSnapshots).
     List {
@@ -54,6 +57,8 @@ pub enum SnapshotVerb {
     Delete {
         /// The snapshot id.
         id: String,
+        #[command(flatten)]
+        secrets: SecretsArgs,
     },
 }
 
@@ -114,12 +119,13 @@ pub async fn run(
             name,
             params,
             no_wait,
+            secrets,
         } => {
             let req = csi::CreateSnapshotRequest {
                 source_volume_id: volume,
                 name,
                 parameters: params.into_iter().collect::<HashMap<_, _>>(),
-                ..Default::default()
+                secrets: secrets.load()?.to_csi(),
             };
             let progress = Progress::stderr();
             let snap = create(s, req, !no_wait, &progress).await;
@@ -142,11 +148,11 @@ pub async fn run(
                 })?;
             emit(format, &v, || snapshot_table(std::slice::from_ref(&v)))
         }
-        SnapshotVerb::Delete { id } => {
+        SnapshotVerb::Delete { id, secrets } => {
             s.controller
                 .delete_snapshot(csi::DeleteSnapshotRequest {
                     snapshot_id: id.clone(),
-                    ..Default::default()
+                    secrets: secrets.load()?.to_csi(),
                 })
                 .await
                 .map_err(rpc("DeleteSnapshot"))?;

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::output::{Table, emit, join_map};
 use super::progress::Progress;
+use super::secrets::SecretsArgs;
 use super::size::{human_size, parse_size};
 use super::{ClientError, GlobalArgs, OutputFormat, Session, parse_key_value, rpc};
 use crate::csi;
@@ -65,6 +66,8 @@ pub enum VolumeVerb {
         id: String,
         #[command(flatten)]
         staging: super::publish::StagingArgs,
+        #[command(flatten)]
+        secrets: SecretsArgs,
     },
     /// Grow a volume (ControllerExpandVolume), and its filesystem online
     /// where this client has it staged or published (NodeExpandVolume).
@@ -130,6 +133,8 @@ pub struct CreateArgs {
     pub from_volume: Option<String>,
     #[command(flatten)]
     pub staging: super::publish::StagingArgs,
+    #[command(flatten)]
+    pub secrets: SecretsArgs,
 }
 
 /// The volume context key under which stowage reports a volume's
@@ -281,7 +286,9 @@ pub async fn run(
                 fs: args.fs.clone(),
                 access_mode: Some(args.access_mode),
             };
-            let req = create_request(s, args).await?;
+            let secrets = args.secrets.load()?;
+            let mut req = create_request(s, args).await?;
+            req.secrets = secrets.to_csi();
             let progress = Progress::stderr();
             progress.set(label);
             let r = progress.track(s.controller.create_volume(req)).await;
@@ -304,13 +311,18 @@ pub async fn run(
             let v = get(s, &id).await?;
             emit(format, &v, || volume_table(std::slice::from_ref(&v)))
         }
-        VolumeVerb::Delete { id, staging } => {
+        VolumeVerb::Delete {
+            id,
+            staging,
+            secrets,
+        } => {
+            let secrets = secrets.load()?;
             let existed = exists(s, &id).await?;
             let r = s
                 .controller
                 .delete_volume(csi::DeleteVolumeRequest {
                     volume_id: id.clone(),
-                    ..Default::default()
+                    secrets: secrets.to_csi(),
                 })
                 .await;
             // A driver that answers NOT_FOUND says the same: nothing to do.

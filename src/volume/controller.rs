@@ -899,6 +899,9 @@ impl Controller {
             .map_err(|r| Error::invalid("mutable_parameters", r))?;
         let _g = self.guard(format!("vol:{}", rec.id))?;
         let mut rec = self.lookup(raw)?;
+        if !rec.id.backend.profile().node_local() {
+            return self.modify_object_volume(rec, &mutable);
+        }
         match mutable.thick {
             None => return Ok(()),
             Some(thick) if thick == rec.thick => return Ok(()),

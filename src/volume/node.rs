@@ -414,6 +414,10 @@ impl Node {
             claims: Mutex::new(()),
             object,
         };
+        match node.object.mounter.check_installed() {
+            Ok(version) => tracing::info!(mounter = "s3fs", %version, "object volumes can be mounted"),
+            Err(e) => tracing::warn!(error = %e, "object volumes cannot be staged on this node"),
+        }
         node.restore();
         node.sweep_loop_devices()?;
         node.log_propagation();

@@ -45,12 +45,8 @@ impl Controller {
             c.supported_by(backend)
                 .map_err(|r| Error::invalid("volume_capabilities", r))?;
         }
-        if !req.mutable_parameters.is_empty() {
-            return Err(Error::invalid(
-                "mutable_parameters",
-                "object volumes have no mutable parameters",
-            ));
-        }
+        let mutable = super::params::MutableParameters::parse(&req.mutable_parameters, backend)
+            .map_err(|r| Error::invalid("mutable_parameters", r))?;
         let _g = self.guard(format!("name:{}", req.name))?;
         if let Some(rec) = self.record_by_name(&req.name) {
             self.check_compatible_pub(&rec, &req, backend, None)?;
@@ -107,6 +103,9 @@ impl Controller {
         let mut volume_context = loc.to_context(op.mounter);
         volume_context.insert("stowage.csi.dev/backend".into(), backend.as_str().into());
         volume_context.insert(CAPACITY_ENFORCED_KEY.into(), "false".into());
+        if let Some(retain) = mutable.retain {
+            volume_context.insert(object::CTX_ON_DELETE.into(), on_delete_str(retain).into());
+        }
         volume_context.insert(
             CAPACITY_NOTE_KEY.into(),
             "capacity is recorded and reported, not enforced: the S3 service holds what is written"
@@ -161,14 +160,23 @@ impl Controller {
     ) -> Result<()> {
         let op =
             ObjectParams::parse(&rec.parameters).map_err(|r| Error::precondition(&rec.id, r))?;
-        if op.on_delete == OnDelete::Delete {
+        let on_delete = match rec
+            .volume_context
+            .get(object::CTX_ON_DELETE)
+            .map(String::as_str)
+        {
+            Some("retain") => OnDelete::Retain,
+            Some(_) => OnDelete::Delete,
+            None => op.on_delete,
+        };
+        if on_delete == OnDelete::Delete {
             let creds = credentials_from_secrets(secrets, "provisioner")
                 .map_err(|r| Error::invalid("secrets", r))?;
             object::remote::delete(&location_of(rec)?, &creds)?;
         }
         self.store.delete(Table::Volumes, &rec.id.uuid.to_hex())?;
         self.index_remove(rec.id.uuid);
-        tracing::info!(volume = %rec.id, retained = (op.on_delete == OnDelete::Retain), "object volume deleted");
+        tracing::info!(volume = %rec.id, retained = (on_delete == OnDelete::Retain), "object volume deleted");
         Ok(())
     }
 
@@ -256,6 +264,30 @@ impl Controller {
             location: Some(from.snapshot(uuid)),
         };
         Ok((rec, from))
+    }
+}
+
+fn on_delete_str(retain: bool) -> &'static str {
+    if retain { "retain" } else { "delete" }
+}
+
+impl Controller {
+    /// ModifyVolume of an object volume: `onDelete`.
+    pub(super) fn modify_object_volume(
+        &self,
+        mut rec: VolumeRecord,
+        mutable: &super::params::MutableParameters,
+    ) -> Result<()> {
+        let Some(retain) = mutable.retain else {
+            return Ok(());
+        };
+        rec.volume_context
+            .insert(object::CTX_ON_DELETE.into(), on_delete_str(retain).into());
+        self.store
+            .put(Table::Volumes, &rec.id.uuid.to_hex(), &rec)?;
+        tracing::info!(volume = %rec.id, retain, "object volume modified");
+        self.index_insert(rec);
+        Ok(())
     }
 }
 

@@ -36,6 +36,9 @@ impl ParamKey {
 pub struct MutableParameters {
     /// `provisioning`: `thin` (default) or `thick`; None when not given.
     pub thick: Option<bool>,
+    /// `onDelete` (object volumes): `delete` or `retain`; None when not
+    /// given.
+    pub retain: Option<bool>,
 }
 
 impl MutableParameters {
@@ -65,9 +68,21 @@ impl MutableParameters {
                         }
                     });
                 }
+                "onDelete" if backend.profile().mutable_parameters().contains(&"onDelete") => {
+                    out.retain = Some(match v.as_str() {
+                        "delete" => false,
+                        "retain" => true,
+                        other => {
+                            return Err(format!(
+                                "onDelete={other:?}: expected \"delete\" or \"retain\""
+                            ));
+                        }
+                    });
+                }
                 other => {
                     return Err(format!(
-                        "unknown mutable parameter {other:?} (known: provisioning)"
+                        "unknown mutable parameter {other:?} for {backend} volumes (known: {})",
+                        backend.profile().mutable_parameters().join(", ")
                     ));
                 }
             }

@@ -42,6 +42,10 @@ pub const CTX_MOUNTER: &str = "stowage.csi.dev/mounter";
 /// prefix starts with a dot, so no volume's mount shows them).
 pub const SNAPSHOT_PREFIX: &str = ".stowage-snapshots/";
 
+/// volume_context key of the onDelete a ModifyVolume (or the mutable
+/// parameters at creation) set, overriding the StorageClass's.
+pub const CTX_ON_DELETE: &str = "stowage.csi.dev/on-delete";
+
 /// The FUSE mounters stowage runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -348,6 +352,10 @@ impl Profile for ObjectProfile {
 
     fn parameters(&self) -> &'static [&'static str] {
         &PARAMETERS
+    }
+
+    fn mutable_parameters(&self) -> &'static [&'static str] {
+        &["onDelete"]
     }
 }
 
