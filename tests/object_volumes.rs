@@ -1291,6 +1291,49 @@ async fn volume_mount_group_sets_the_group_of_object_files() {
     delete(&p, &v.volume_id, &s).await.unwrap();
 }
 
+/// NodeGetVolumeStats of an object volume: VolumeUsage's available, total
+/// and used "MUST NOT be negative", at the target and at the staging path.
+#[tokio::test(flavor = "multi_thread")]
+async fn volume_stats_of_an_object_volume_are_not_negative() {
+    let g = Garage::start();
+    let p = Plugin::start("stats", "node-a").await;
+    let s = secrets(&g.key);
+    let v = create(&p, create_req("stats", params(&g, &[]), s.clone())).await;
+    let st = p.staging_dir("v");
+    let t = p.target_path("pod");
+    let seen = BTreeSet::from([stage(&p, &v, &st, &g.key).await]);
+    publish(&p, &v, &st, &t, Mode::SingleNodeWriter, false)
+        .await
+        .unwrap();
+    write_file(&t.join("f"), &pattern(5, 100_000));
+    let mut bad = Vec::new();
+    for path in [&t, &st] {
+        let r = p
+            .c()
+            .node
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: path.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("NodeGetVolumeStats: {e:?}\n{}", p.log_tail()))
+            .into_inner();
+        eprintln!("{}: {:?}", path.display(), r.usage);
+        bad.extend(
+            r.usage
+                .iter()
+                .filter(|u| u.available < 0 || u.total < 0 || u.used < 0)
+                .map(|u| format!("{}: {u:?}", path.display())),
+        );
+    }
+    unpublish(&p, &v.volume_id, &t).await;
+    unstage(&p, &v.volume_id, &st).await;
+    p.assert_clean(&seen);
+    delete(&p, &v.volume_id, &s).await.unwrap();
+    assert!(bad.is_empty(), "negative usage: {bad:#?}");
+}
+
 // ---------------------------------------------------------------------------
 // 6. The FUSE daemon dies
 
