@@ -415,7 +415,9 @@ impl Node {
             object,
         };
         match node.object.mounter.check_installed() {
-            Ok(version) => tracing::info!(mounter = "s3fs", %version, "object volumes can be mounted"),
+            Ok(version) => {
+                tracing::info!(mounter = "s3fs", %version, "object volumes can be mounted")
+            }
             Err(e) => tracing::warn!(error = %e, "object volumes cannot be staged on this node"),
         }
         node.restore();
