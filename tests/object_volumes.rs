@@ -935,6 +935,15 @@ async fn node_stage_checks_secrets_and_is_idempotent() {
     unstage(&p, &v.volume_id, &staging).await;
     assert!(mount_entry(&staging).is_none());
     p.assert_clean(&seen);
+    // Nothing of the volume's daemon (log, temporary files) or of its
+    // private mount point stays in the state directory.
+    let uuid = v.volume_id.rsplit(':').next().unwrap().to_owned();
+    for left in [
+        p.env.layout.state.join("object").join(&uuid),
+        p.env.layout.state.join("object-mounts").join(&uuid),
+    ] {
+        assert!(!left.exists(), "{} is left after unstage", left.display());
+    }
     delete(&p, &v.volume_id, &s).await.unwrap();
 }
 

@@ -325,6 +325,23 @@ fn object_mount_error(id: &VolumeId, e: crate::backend::object::mounter::Mounter
     match e {
         M::InvalidSpec { .. } | M::InvalidKey(_) => Error::invalid("volume_context", e.to_string()),
         M::Busy { .. } => Error::Busy(e.to_string()),
+        // s3fs mounts first and checks the key after: the S3 refusal is in
+        // its log.
+        M::MountFailed { ref log_tail, .. }
+            if [
+                "invalid credentials",
+                "AccessDenied",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+            ]
+            .iter()
+            .any(|w| log_tail.contains(w)) =>
+        {
+            Error::ObjectStore(crate::backend::object::s3::S3Error {
+                kind: crate::backend::object::s3::S3ErrorKind::PermissionDenied,
+                message: e.to_string(),
+            })
+        }
         _ => Error::precondition(id, e.to_string()),
     }
 }
@@ -1318,6 +1335,10 @@ impl Node {
                         .unmount(&f.daemon.target, &f.daemon)
                         .map_err(|e| object_mount_error(&id, e))?;
                     let _ = std::fs::remove_dir(&f.daemon.target);
+                    // The daemon's log and temporary files (the key is the
+                    // volume's hex uuid, checked by the mounter).
+                    let _ =
+                        std::fs::remove_dir_all(self.object.mounter.volume_dir(&id.uuid.to_hex()));
                     self.object.credentials().remove(&id.uuid);
                 }
                 rec.staging = None;
