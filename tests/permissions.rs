@@ -298,3 +298,84 @@ async fn apply_state_is_private_whatever_the_umask() {
     client_umask_022(&env, &a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!is_mounted(&target));
 }
+
+/// VOLUME_MOUNT_GROUP on node-local volumes: NodeStage with a
+/// `volume_mount_group` gives the volume's root that group, group rwx and
+/// the setgid bit (new files inherit the group), without touching what is
+/// already inside; a read-only stage changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn volume_mount_group_owns_the_root_of_dir_and_block_volumes() {
+    let mut env = Env::new("xfs").await;
+    let caps = env
+        .c
+        .node
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let advertised = caps.capabilities.iter().any(|c| {
+        matches!(
+            &c.r#type,
+            Some(csi::node_service_capability::Type::Rpc(r))
+                if r.r#type == csi::node_service_capability::rpc::Type::VolumeMountGroup as i32
+        )
+    });
+    assert!(advertised, "VOLUME_MOUNT_GROUP is not advertised");
+    for kind in ["dir", "ext4"] {
+        let v = env.create(&format!("group-{kind}"), kind, 64 << 20).await;
+        let staging = env.staging_dir(&format!("group-{kind}"));
+        let mut cap = cap_for(kind);
+        if let Some(csi::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+            m.volume_mount_group = "4321".into();
+        }
+        let stage = |cap: csi::VolumeCapability| csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        };
+        env.c
+            .node
+            .node_stage_volume(stage(cap.clone()))
+            .await
+            .unwrap();
+        let (mode, uid, gid) = mode_of(&staging);
+        assert_eq!((uid, gid), (0, 4321), "{kind}: root owner");
+        assert_eq!(
+            mode.0 & 0o2070,
+            0o2070,
+            "{kind}: group rwx and setgid, got {mode:?}"
+        );
+        assert_eq!(
+            mode.0 & 0o002,
+            0,
+            "{kind}: never world-writable, got {mode:?}"
+        );
+        std::fs::write(staging.join("new"), b"x").unwrap();
+        assert_eq!(
+            std::fs::metadata(staging.join("new")).unwrap().gid(),
+            4321,
+            "{kind}: a new file inherits the group"
+        );
+        env.unstage(&v.volume_id, &staging).await.unwrap();
+    }
+    // A group that is not a number is refused.
+    let v = env.create("group-bad", "dir", 0).await;
+    let staging = env.staging_dir("group-bad");
+    let mut cap = cap_for("dir");
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+        m.volume_mount_group = "wheel".into();
+    }
+    assert_code(
+        env.c
+            .node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await,
+        tonic::Code::InvalidArgument,
+    );
+}
