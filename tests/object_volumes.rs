@@ -2133,3 +2133,153 @@ fn a_failing_test_leaves_no_daemon_mount_or_directory() {
     assert!(left.is_empty(), "{left:?}");
     assert!(!root.exists(), "{} left behind", root.display());
 }
+
+/// Issue 12: "the copy survives a plugin restart or is restarted". The
+/// plugin is killed (-9) while a snapshot copy runs; after the restart
+/// ListSnapshots still shows the snapshot, not ready, and the CO's next
+/// CreateSnapshot of the same name (with its secrets) copies on, skipping
+/// what was copied, until it is ready; a restore then holds every object.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_copy_cut_by_a_plugin_kill_resumes_on_the_next_create_snapshot() {
+    let g = Garage::start();
+    let mut p = Plugin::start("snaprestart", "node-a").await;
+    let s = secrets(&g.key);
+    let shared = g.bucket.clone();
+    let v = create(
+        &p,
+        create_req(
+            "resume",
+            params(&g, &[("bucket", shared.as_str())]),
+            s.clone(),
+        ),
+    )
+    .await;
+    let prefix = v.volume_context[CTX_PREFIX].clone();
+    const OBJECTS: usize = 3000;
+    let client = s3(&g, &g.key);
+    let mut tasks = tokio::task::JoinSet::new();
+    for batch in 0..32 {
+        let (client, shared, prefix) = (client.clone(), shared.clone(), prefix.clone());
+        tasks.spawn(async move {
+            for i in (batch..OBJECTS).step_by(32) {
+                client
+                    .put_object(&shared, &format!("{prefix}o{i:05}"), pattern(i as u64, 256))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let snap = p
+        .c()
+        .controller
+        .create_snapshot(snap_req("resumed", &v.volume_id, &s))
+        .await
+        .unwrap_or_else(|e| panic!("CreateSnapshot: {e:?}\n{}", p.log_tail()))
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(
+        !snap.ready_to_use,
+        "the copy of {OBJECTS} objects had finished at once"
+    );
+    // Killed in the middle of the copy: some objects copied, not all.
+    let snap_prefix = format!(
+        ".stowage-snapshots/{}/",
+        snap.snapshot_id.rsplit(':').next().unwrap()
+    );
+    let start = Instant::now();
+    while client.usage(&shared, &snap_prefix).await.unwrap().0 < 100 {
+        assert!(
+            start.elapsed() < LIMIT,
+            "the copy does not progress\n{}",
+            p.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.env.server.kill9();
+    let copied_at_kill = client.usage(&shared, &snap_prefix).await.unwrap().0;
+    eprintln!("objects copied when the plugin was killed: {copied_at_kill} of {OBJECTS}");
+    assert!(
+        copied_at_kill < OBJECTS as u64,
+        "the copy finished before the kill: nothing to resume"
+    );
+    p.env.server.restart();
+    p.env.reconnect().await;
+    let listed = list_snapshot(&p, &snap.snapshot_id)
+        .await
+        .expect("the snapshot is gone after the restart");
+    assert!(
+        !listed.ready_to_use,
+        "ready although its copy was cut short"
+    );
+    // The CO repeats CreateSnapshot until the snapshot is ready.
+    let start = Instant::now();
+    loop {
+        let again = p
+            .c()
+            .controller
+            .create_snapshot(snap_req("resumed", &v.volume_id, &s))
+            .await;
+        match again {
+            Ok(r) => {
+                let again = r.into_inner().snapshot.unwrap();
+                assert_eq!(
+                    again.snapshot_id, snap.snapshot_id,
+                    "a new snapshot was made"
+                );
+                if again.ready_to_use {
+                    break;
+                }
+            }
+            Err(e) if e.code() == Code::Aborted => {}
+            Err(e) => panic!("CreateSnapshot after the restart: {e:?}\n{}", p.log_tail()),
+        }
+        assert!(
+            start.elapsed() < LIMIT * 6,
+            "not ready after the restart\n{}",
+            p.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        client.usage(&shared, &snap_prefix).await.unwrap().0,
+        OBJECTS as u64,
+        "the resumed copy does not hold every object"
+    );
+    let mut restore = create_req(
+        "restored",
+        params(&g, &[("bucket", shared.as_str())]),
+        s.clone(),
+    );
+    restore.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    let r = create_retrying(&p, restore).await;
+    let rp = r.volume_context[CTX_PREFIX].clone();
+    for i in [0usize, 1234, OBJECTS - 1] {
+        let got = client
+            .get_object(&shared, &format!("{rp}o{i:05}"))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("object {i} missing from the restore"));
+        assert_eq!(got, pattern(i as u64, 256), "object {i} differs");
+    }
+    assert_eq!(client.usage(&shared, &rp).await.unwrap().0, OBJECTS as u64);
+    p.c()
+        .controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            secrets: s.clone(),
+        })
+        .await
+        .unwrap();
+    delete(&p, &r.volume_id, &s).await.unwrap();
+    delete(&p, &v.volume_id, &s).await.unwrap();
+}
