@@ -41,9 +41,9 @@
 //! Run as root (FUSE and bind mounts, drop_caches), with s3fs and Garage
 //! installed (`STOWAGE_GARAGE`, `garage` on PATH or /opt/stowage-ci):
 //!
-//!     cargo bench --bench object -- [--size 64Mi] [--files 300]
-//!         [--file-size 4Ki] [--writers 4] [--rounds 3]
-//!         [--big-objects 100] [--small-objects 1000] [--snap-rounds 1]
+//!     cargo bench --bench object -- [--size 64Mi] [--files 500]
+//!         [--file-size 4Ki] [--writers 4] [--rounds 7]
+//!         [--big-objects 100] [--small-objects 1000] [--snap-rounds 3]
 //!         [--upload-concurrency 32] [--volumes 50] [--shared-bucket]
 //!         [--parts memory,data,snapshot] [--json]
 //!
@@ -252,13 +252,13 @@ impl Opts {
         Opts {
             parts,
             size: size("--size", "64Mi"),
-            files: num("--files", 300),
+            files: num("--files", 500),
             file_size: size("--file-size", "4Ki") as usize,
             writers: num("--writers", 4).max(1),
-            rounds: num("--rounds", 3).max(1),
+            rounds: num("--rounds", 7).max(1),
             big_objects: num("--big-objects", 100),
             small_objects: num("--small-objects", 1000),
-            snap_rounds: num("--snap-rounds", 1).max(1),
+            snap_rounds: num("--snap-rounds", 3).max(1),
             upload_concurrency: num("--upload-concurrency", 32).max(1),
             volumes: num("--volumes", 50),
             shared: a.flag("--shared-bucket"),
