@@ -918,6 +918,7 @@ struct SnapRound {
 
 #[derive(Debug, serde::Serialize)]
 struct SnapReport {
+    name: String,
     objects: usize,
     object_size: usize,
     upload_s: f64,
@@ -1120,6 +1121,7 @@ async fn snapshots(b: &Bench, o: &Opts, name: &str, n: usize, size: usize) -> Sn
     );
     let nf = n as f64;
     SnapReport {
+        name: name.to_owned(),
         objects: n,
         object_size: size,
         upload_s,
@@ -1211,7 +1213,7 @@ async fn memory_part(b: &Bench, o: &Opts, idle_kib: u64) -> MemoryReport {
 struct Report {
     memory: Option<MemoryReport>,
     data: Option<DataReport>,
-    snapshots: Vec<(String, SnapReport)>,
+    snapshots: Vec<SnapReport>,
     /// s3fs daemons of the bench still running after its teardown (0
     /// expected; the drop guards end them anyway).
     leftover_s3fs: usize,
@@ -1299,10 +1301,15 @@ fn print_report(r: &Report) {
             "snap/c",
             "rest/c"
         );
-        for (name, s) in &r.snapshots {
+        for s in &r.snapshots {
             println!(
                 "  {:<18} {:>9.2} {:>9.2} {:>9.2} {:>9.0} {:>9.0} {:>9.0} {:>7.2} {:>7.2}",
-                format!("{name}: {} x {}", s.objects, human(s.object_size as u64)),
+                format!(
+                    "{}: {} x {}",
+                    s.name,
+                    s.objects,
+                    human(s.object_size as u64)
+                ),
                 s.copy_prefix_median_s,
                 s.snapshot_median_s,
                 s.restore_median_s,
@@ -1365,7 +1372,7 @@ async fn run(opts: &Opts) -> Report {
             ("small", opts.small_objects, 4 << 10),
         ] {
             if n > 0 {
-                snaps.push((name.to_owned(), snapshots(&b, opts, name, n, size).await));
+                snaps.push(snapshots(&b, opts, name, n, size).await);
             }
         }
     }
