@@ -1869,8 +1869,15 @@ impl Node {
     /// its staging path and targets bound anew. A volume busy with a
     /// request is left for the next pass.
     pub fn supervise_object_mounts(&self) {
-        let lost: Vec<NodeVolumeRecord> = lock(&self.records)
+        // Probed outside the records' lock: a hung daemon's probe takes
+        // seconds, which no other request should wait for.
+        let staged: Vec<NodeVolumeRecord> = lock(&self.records)
             .values()
+            .filter(|r| r.staging.as_ref().is_some_and(|s| s.fuse.is_some()))
+            .cloned()
+            .collect();
+        let lost: Vec<NodeVolumeRecord> = staged
+            .into_iter()
             .filter(|r| {
                 r.staging
                     .as_ref()
@@ -1879,7 +1886,6 @@ impl Node {
                         self.object.mounter.health(&f.daemon.target) != Health::Healthy
                     })
             })
-            .cloned()
             .collect();
         for rec in lost {
             let id = rec.id.clone();
