@@ -503,7 +503,9 @@ impl Mounter {
         }
         match probe(target, PROBE_TIMEOUT) {
             Probe::Answered => Health::Healthy,
-            Probe::Failed(Errno::ENOTCONN) => Health::Dead(DeadReason::NotConnected),
+            Probe::Failed(Errno::ENOTCONN | Errno::ECONNABORTED) => {
+                Health::Dead(DeadReason::NotConnected)
+            }
             Probe::Failed(errno) => Health::Dead(DeadReason::Failing(errno)),
             Probe::NoAnswer => Health::Dead(DeadReason::Unresponsive),
         }
