@@ -283,13 +283,6 @@ fn unmount_entry(subject: &dyn std::fmt::Display, e: &MountEntry) -> Result<()> 
     }
 }
 
-fn to_mounter(c: &Credentials) -> crate::backend::object::mounter::Credentials {
-    crate::backend::object::mounter::Credentials {
-        access_key_id: c.access_key_id.clone(),
-        secret_access_key: c.secret_access_key.clone(),
-    }
-}
-
 /// Lazily detaches the mount `mount_id` at `path` (a bind of a FUSE mount
 /// whose daemon died: it cannot be opened, only detached), if the mount
 /// table still shows it there. The last component is not followed.
@@ -965,7 +958,7 @@ impl Node {
         let daemon = self
             .object
             .mounter
-            .mount(&id.uuid.to_hex(), &spec, &to_mounter(&creds), &point)
+            .mount(&id.uuid.to_hex(), &spec, &creds, &point)
             .map_err(|e| object_mount_error(id, e))?;
         self.object.credentials().insert(id.uuid, creds);
         tracing::info!(volume = %id, pid = daemon.pid, bucket = %spec.bucket, "object volume mounted");
@@ -1935,7 +1928,7 @@ impl Node {
             let daemon = self
                 .object
                 .mounter
-                .remount(&fuse.spec, &to_mounter(&creds), &fuse.daemon)
+                .remount(&fuse.spec, &creds, &fuse.daemon)
                 .map_err(|e| object_mount_error(&id, e))?;
             fuse.daemon = daemon;
         }
@@ -1982,10 +1975,6 @@ impl Node {
                     Health::Healthy => {
                         match self.object.mounter.credentials(&f.daemon) {
                             Ok(c) => {
-                                let c = Credentials {
-                                    access_key_id: c.access_key_id,
-                                    secret_access_key: c.secret_access_key,
-                                };
                                 self.object.credentials().insert(id.uuid, c);
                             }
                             Err(e) => {

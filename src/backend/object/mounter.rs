@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::fmt;
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
@@ -93,21 +92,9 @@ pub struct MountSpec {
     pub allow_other: bool,
 }
 
-/// S3 credentials for a mount. `Debug` never shows the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .finish()
-    }
-}
+/// S3 credentials for a mount (the S3 layer's: `Debug` never shows the
+/// secret).
+pub use super::s3::Credentials;
 
 /// A running s3fs daemon: what a node record keeps to find it again after
 /// a plugin restart. The start time (clock ticks since boot, from
