@@ -479,16 +479,6 @@ impl Controller {
         Ok(rec)
     }
 
-    pub(super) fn check_compatible_pub(
-        &self,
-        rec: &VolumeRecord,
-        req: &CreateVolume,
-        backend: BackendKind,
-        fs: Option<FsType>,
-    ) -> Result<()> {
-        self.check_compatible(rec, req, backend, fs)
-    }
-
     /// The volume recorded under a CSI name.
     pub(super) fn record_by_name(&self, name: &str) -> Option<VolumeRecord> {
         let idx = lock(&self.index);
@@ -506,7 +496,7 @@ impl Controller {
         lock(&self.index).remove(uuid);
     }
 
-    fn check_compatible(
+    pub(super) fn check_compatible(
         &self,
         rec: &VolumeRecord,
         req: &CreateVolume,

@@ -49,7 +49,7 @@ impl Controller {
             .map_err(|r| Error::invalid("mutable_parameters", r))?;
         let _g = self.guard(format!("name:{}", req.name))?;
         if let Some(rec) = self.record_by_name(&req.name) {
-            self.check_compatible_pub(&rec, &req, backend, None)?;
+            self.check_compatible(&rec, &req, backend, None)?;
             object::remote::create(&location_of(&rec)?, &creds)?;
             return Ok(rec);
         }
@@ -214,7 +214,7 @@ impl Controller {
                         tracing::error!(snapshot = %rec.id, error = %e, "cannot remove the objects of an unfinished snapshot copy");
                     }
                 }
-                this.finish_copy_pub(rec, r.map(drop).map_err(Error::from), &job);
+                this.finish_copy(rec, r.map(drop).map_err(Error::from), &job);
                 job.finish_pub();
             });
         if let Err(e) = spawned {

@@ -407,11 +407,7 @@ impl Controller {
         self.snaps().copying.remove(&id.uuid);
     }
 
-    pub(super) fn finish_copy_pub(&self, rec: SnapshotRecord, r: Result<()>, job: &CopyJob) {
-        self.finish_copy(rec, r, job)
-    }
-
-    fn finish_copy(&self, mut rec: SnapshotRecord, r: Result<()>, job: &CopyJob) {
+    pub(super) fn finish_copy(&self, mut rec: SnapshotRecord, r: Result<()>, job: &CopyJob) {
         let cancelled = job.cancel.load(Ordering::Relaxed);
         match (r, cancelled) {
             (_, true) => {
