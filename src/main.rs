@@ -192,6 +192,7 @@ fn cluster_config(
                     labels,
                     interval: std::time::Duration::from_secs(args.register_interval),
                     cordon_file: state_dir.join("cordoned"),
+                    cordon_lock: Default::default(),
                 }),
             }))
         }

@@ -34,6 +34,11 @@ pub struct AgentConfig {
     /// Present while the node is cordoned (durable: survives restarts of
     /// the node and of the controller).
     pub cordon_file: PathBuf,
+    /// Held by a cordon change and by a heartbeat from reading the cordon
+    /// file until the controller has the registration, so that a heartbeat
+    /// that read the old state cannot land after the controller recorded
+    /// the change the node confirmed.
+    pub cordon_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Only the controller (holding the cluster certificate) drives a node's
@@ -53,6 +58,7 @@ fn controller_only(req: Request<()>) -> Result<Request<()>, Status> {
 struct AgentService {
     driver: Arc<Driver>,
     cordon_file: PathBuf,
+    cordon_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[tonic::async_trait]
@@ -63,6 +69,7 @@ impl Agent for AgentService {
     ) -> Result<Response<SetCordonResponse>, Status> {
         let cordoned = req.into_inner().cordoned;
         let f = self.cordon_file.clone();
+        let _serial = self.cordon_lock.lock().await;
         tokio::task::spawn_blocking(move || set_cordon_file(&f, cordoned))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
@@ -160,6 +167,7 @@ pub async fn serve_agent(
             AgentService {
                 driver,
                 cordon_file: cfg.cordon_file.clone(),
+                cordon_lock: Arc::clone(&cfg.cordon_lock),
             },
             controller_only,
         ))
@@ -187,6 +195,7 @@ pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMateri
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let serial = cfg.cordon_lock.lock().await;
         let d = Arc::clone(&driver);
         let cordon_file = cfg.cordon_file.clone();
         let facts = tokio::task::spawn_blocking(move || {
@@ -218,7 +227,9 @@ pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMateri
             interval_seconds: cfg.interval.as_secs().max(1) as u32,
             version: crate::VENDOR_VERSION.to_owned(),
         };
-        match client.register(req).await {
+        let sent = client.register(req).await;
+        drop(serial);
+        match sent {
             Ok(_) => {
                 if failing {
                     tracing::info!(controller = %cfg.controller, "registered again");
