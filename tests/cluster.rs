@@ -881,3 +881,169 @@ async fn the_client_and_apply_work_on_a_node_with_the_controllers_socket() {
     run(&["volume", "delete", &vid]);
     assert!(cl.list_all(0).await.unwrap().is_empty());
 }
+
+/// Ends the s3fs daemons a failed test left mounting under the cluster's
+/// scratch directory (the node plugins' daemons outlive them by design).
+struct EndS3fs(PathBuf);
+
+impl Drop for EndS3fs {
+    fn drop(&mut self) {
+        common::s3fs::end_daemons_under(&self.0);
+    }
+}
+
+/// Issue 12 with several hosts: an object volume carries no topology,
+/// takes no room in any node's pool (a 1 TiB volume on nodes of a few
+/// GiB), and is published to, staged on and written from two nodes at
+/// once; a node that never registered is NOT_FOUND; delete removes its
+/// bucket. The S3 service (a real Garage on the test's loopback) is
+/// reached from every namespace through a forwarder on host 0's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_volumes_are_shared_by_nodes_of_a_cluster() {
+    use common::garage::Garage;
+    use std::collections::HashMap;
+    const S3_PORT: u16 = 3900;
+    let g = Garage::start();
+    let mut cl = Cluster::start().await;
+    let _end_s3fs = EndS3fs(cl.root.clone());
+    let to: SocketAddr = g.endpoint.trim_start_matches("http://").parse().unwrap();
+    let _fwd =
+        common::forward::Forward::start(cl.net.host(0).listen(S3_PORT).unwrap(), to).unwrap();
+    let endpoint = format!("http://{}", cl.net.host(0).addr(S3_PORT));
+    let secrets = HashMap::from([
+        ("accessKeyID".to_owned(), g.key.access_key_id.clone()),
+        (
+            "secretAccessKey".to_owned(),
+            g.key.secret_access_key.clone(),
+        ),
+    ]);
+    let shared = mount_cap("", Mode::MultiNodeMultiWriter);
+    let v = cl
+        .create(csi::CreateVolumeRequest {
+            name: "shared-bucket".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 1 << 40,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![shared.clone()],
+            parameters: HashMap::from([
+                ("backend".to_owned(), "object".to_owned()),
+                ("endpoint".to_owned(), endpoint.clone()),
+                ("region".to_owned(), g.region.clone()),
+            ]),
+            secrets: secrets.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
+    assert!(
+        v.accessible_topology.is_empty(),
+        "an object volume is reachable from every node: {:?}",
+        v.accessible_topology
+    );
+    assert_eq!(v.capacity_bytes, 1 << 40);
+    let bucket = v.volume_context["stowage.csi.dev/bucket"].clone();
+
+    let publish = |node: &str| csi::ControllerPublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(shared.clone()),
+        ..Default::default()
+    };
+    let e =
+        cl.c.controller
+            .controller_publish_volume(publish("n9"))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let mut mounted = Vec::new();
+    for i in [1, 2] {
+        let ctx =
+            cl.c.controller
+                .controller_publish_volume(publish(&node_id(i)))
+                .await
+                .unwrap_or_else(|e| panic!("publish to n{i}: {e:?}"))
+                .into_inner()
+                .publish_context;
+        let mut node = cl.node(i).await;
+        let staging = cl.root.join(format!("stage-n{i}"));
+        let target = cl.root.join(format!("pod-n{i}"));
+        std::fs::create_dir(&staging).unwrap();
+        node.node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                publish_context: ctx.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(shared.clone()),
+                secrets: secrets.clone(),
+                volume_context: v.volume_context.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("stage on n{i}: {e:?}\n{}", cl.nodes[i - 1].log_tail(40)));
+        node.node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                publish_context: ctx,
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(shared.clone()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("publish on n{i}: {e:?}"));
+        mounted.push((node, staging, target));
+    }
+    let data = pattern(12, 2 << 20);
+    std::fs::write(mounted[0].2.join("from-n1"), &data).unwrap();
+    assert!(
+        std::fs::read(mounted[1].2.join("from-n1")).unwrap() == data,
+        "n2 reads what n1 wrote"
+    );
+    std::fs::write(mounted[1].2.join("from-n2"), b"back from n2").unwrap();
+    assert_eq!(
+        std::fs::read(mounted[0].2.join("from-n2")).unwrap(),
+        b"back from n2"
+    );
+
+    for (i, (mut node, staging, target)) in mounted.into_iter().enumerate() {
+        node.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .unwrap();
+        node.node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .unwrap();
+        cl.c.controller
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                node_id: node_id(i + 1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert!(
+        common::s3fs::mounts_under(&cl.root).is_empty(),
+        "unstage left s3fs mounts"
+    );
+    cl.c.controller
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets,
+        })
+        .await
+        .unwrap();
+    let left = g.admin(&["bucket", "list"]);
+    assert!(
+        !left.contains(&bucket),
+        "bucket {bucket} outlived its volume:\n{left}"
+    );
+}

@@ -143,31 +143,17 @@ fn s3fs_mounted(target: &Path) -> bool {
 
 /// True once `pid` is gone or a zombie.
 fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
+    !common::s3fs::alive(pid)
 }
 
 /// PIDs of live s3fs processes whose command line names `target`.
 fn s3fs_serving(target: &Path) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        let is_s3fs = args.first().is_some_and(|a| a.ends_with(b"s3fs"));
-        if is_s3fs && args.contains(&target.as_os_str().as_encoded_bytes()) && !gone(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
+    let target = target.to_str().unwrap();
+    common::s3fs::processes()
+        .into_iter()
+        .filter(|(_, argv)| argv.iter().any(|a| a == target))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 #[test]

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::garage::{Garage, S3Key};
+use common::s3fs;
 use common::{Clients, Env, Layout, Mode, Scratch, Server, assert_code, pattern, try_connect};
 use stowage::backend::object::s3::{Credentials as S3Credentials, S3Client, S3Config};
 use stowage::csi;
@@ -44,73 +45,16 @@ const POLL: Duration = Duration::from_millis(50);
 // ---------------------------------------------------------------------------
 // Processes and mounts
 
-/// Every s3fs process on the host: PID and argv.
-fn s3fs_processes() -> Vec<(u32, Vec<String>)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let argv: Vec<String> = raw
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_s3fs = argv
-            .first()
-            .is_some_and(|a0| Path::new(a0).file_name().is_some_and(|n| n == "s3fs"));
-        if is_s3fs && alive(pid) {
-            out.push((pid, argv));
-        }
-    }
-    out
-}
-
-/// The live s3fs daemons whose command line mentions a path under `root`.
-fn daemons_under(root: &Path) -> BTreeSet<u32> {
-    let root = format!("{}/", root.to_str().unwrap());
-    s3fs_processes()
-        .into_iter()
-        .filter(|(_, argv)| argv.iter().any(|a| a.contains(&root)))
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
 /// The one live s3fs daemon whose command line names `mount_point`.
 fn daemon_of(mount_point: &Path) -> Option<u32> {
     let mp = mount_point.to_str().unwrap();
-    let found: Vec<u32> = s3fs_processes()
+    let found: Vec<u32> = s3fs::processes()
         .into_iter()
         .filter(|(_, argv)| argv.iter().any(|a| a == mp || a.ends_with(mp)))
         .map(|(pid, _)| pid)
         .collect();
     assert!(found.len() <= 1, "several s3fs daemons for {mp}: {found:?}");
     found.first().copied()
-}
-
-/// True while `pid` runs (a zombie counts as gone).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-    }
-}
-
-/// Waits (bounded) until every PID in `pids` is gone.
-fn wait_gone(pids: &BTreeSet<u32>, limit: Duration) -> BTreeSet<u32> {
-    let start = Instant::now();
-    loop {
-        let left: BTreeSet<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-        if left.is_empty() || start.elapsed() > limit {
-            return left;
-        }
-        std::thread::sleep(POLL);
-    }
 }
 
 fn mount_entry(path: &Path) -> Option<stowage::os::mountinfo::MountEntry> {
@@ -120,17 +64,6 @@ fn mount_entry(path: &Path) -> Option<stowage::os::mountinfo::MountEntry> {
         .into_iter()
         .rev()
         .find(|e| e.mount_point == path)
-}
-
-/// The fuse.s3fs mounts whose mount point is under `root`.
-fn s3fs_mounts_under(root: &Path) -> Vec<PathBuf> {
-    stowage::os::mountinfo::MountTable::read()
-        .unwrap()
-        .entries
-        .into_iter()
-        .filter(|e| e.fs_type == "fuse.s3fs" && e.mount_point.starts_with(root))
-        .map(|e| e.mount_point)
-        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -225,14 +158,14 @@ impl Plugin {
 
     /// The s3fs daemons this plugin's mounts run now.
     fn daemons(&self) -> BTreeSet<u32> {
-        daemons_under(self.root())
+        s3fs::daemons_under(self.root())
     }
 
     /// Asserts that none of `seen` (daemons this test saw) runs any more
     /// and that no s3fs mount is left under the scratch directory.
     fn assert_clean(&self, seen: &BTreeSet<u32>) {
         assert!(!seen.is_empty(), "the test saw no s3fs daemon at all");
-        let left = wait_gone(seen, Duration::from_secs(20));
+        let left = s3fs::wait_gone(seen, Duration::from_secs(20));
         assert!(
             left.is_empty(),
             "s3fs daemons {left:?} outlived their unstage\n{}",
@@ -240,7 +173,7 @@ impl Plugin {
         );
         let left = self.daemons();
         assert!(left.is_empty(), "s3fs daemons {left:?} left running");
-        let mounts = s3fs_mounts_under(self.root());
+        let mounts = s3fs::mounts_under(self.root());
         assert!(mounts.is_empty(), "s3fs mounts left: {mounts:?}");
     }
 }
@@ -248,20 +181,7 @@ impl Plugin {
 impl Drop for Plugin {
     fn drop(&mut self) {
         self.env.server.kill9();
-        let root = self.env.scratch.root.clone();
-        common::cleanup_under(&root);
-        // A detached FUSE mount ends its daemon once nothing holds it; a
-        // daemon still running after that is ours to end (by PID: it
-        // mounts in our scratch directory).
-        let left = wait_gone(&daemons_under(&root), Duration::from_secs(10));
-        for pid in left {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = wait_gone(&daemons_under(&root), Duration::from_secs(10));
-        common::cleanup_under(&root);
+        s3fs::end_daemons_under(&self.env.scratch.root);
     }
 }
 
@@ -914,7 +834,7 @@ async fn node_stage_checks_secrets_and_is_idempotent() {
         mount_entry(&staging).is_none(),
         "a failed stage left a mount"
     );
-    let left = wait_gone(&p.daemons(), Duration::from_secs(20));
+    let left = s3fs::wait_gone(&p.daemons(), Duration::from_secs(20));
     assert!(left.is_empty(), "a failed stage left s3fs daemons {left:?}");
 
     let pid = stage(&p, &v, &staging, &g.key).await;
@@ -1372,7 +1292,7 @@ async fn a_killed_fuse_daemon_turns_abnormal_then_is_restored() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_gone(&BTreeSet::from([first]), LIMIT).is_empty());
+    assert!(s3fs::wait_gone(&BTreeSet::from([first]), LIMIT).is_empty());
 
     // Abnormal: until the supervisor's next pass (every 2 s) and during
     // the remount.
@@ -1484,11 +1404,11 @@ async fn a_killed_node_plugin_leaves_writers_alone_and_readopts_the_daemon() {
     wait_for(8);
     let server_pid = p.env.server.pid();
     p.env.server.kill9();
-    assert!(!alive(server_pid as u32));
+    assert!(!s3fs::alive(server_pid as u32));
     // The writer goes on while no plugin runs.
     let at_kill = written.load(Ordering::Relaxed);
     wait_for(at_kill + 32);
-    assert!(alive(daemon), "the s3fs daemon died with the plugin");
+    assert!(s3fs::alive(daemon), "the s3fs daemon died with the plugin");
 
     p.env.server.restart();
     p.env.reconnect().await;
@@ -1516,7 +1436,7 @@ async fn a_killed_node_plugin_leaves_writers_alone_and_readopts_the_daemon() {
         daemon,
         "the restarted plugin replaced the daemon"
     );
-    assert!(alive(daemon));
+    assert!(s3fs::alive(daemon));
 
     // Every chunk made it, in order.
     let got = std::fs::read(t.join("stream")).unwrap();
@@ -1575,7 +1495,7 @@ async fn a_daemon_that_dies_after_a_plugin_restart_is_restored_too() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_gone(&BTreeSet::from([first]), LIMIT).is_empty());
+    assert!(s3fs::wait_gone(&BTreeSet::from([first]), LIMIT).is_empty());
     let start = Instant::now();
     loop {
         let c = condition(&p, &v.volume_id, &t).await;
@@ -2114,12 +2034,12 @@ fn a_failing_test_leaves_no_daemon_mount_or_directory() {
     assert!(result.is_err(), "the inner test should have panicked");
     let (pid, root) = rx.recv().unwrap();
     assert!(
-        wait_gone(&BTreeSet::from([pid]), Duration::from_secs(5)).is_empty(),
+        s3fs::wait_gone(&BTreeSet::from([pid]), Duration::from_secs(5)).is_empty(),
         "s3fs daemon {pid} outlived the failed test"
     );
-    assert!(daemons_under(&root).is_empty());
+    assert!(s3fs::daemons_under(&root).is_empty());
     assert!(
-        s3fs_mounts_under(&root).is_empty() && common::loops_under(&root).is_empty(),
+        s3fs::mounts_under(&root).is_empty() && common::loops_under(&root).is_empty(),
         "mounts left under {}",
         root.display()
     );

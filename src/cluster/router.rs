@@ -213,9 +213,15 @@ impl Router {
                 seen
             )));
         }
+        // Remote storage (object volumes) takes no room in a node's pool:
+        // the node only records it, and any node will do.
+        let remote =
+            crate::volume::params::Parameters::parse(&crate::server::convert::map(&r.parameters))
+                .is_ok_and(|p| !p.backend.profile().node_local());
         let need = r
             .capacity_range
             .as_ref()
+            .filter(|_| !remote)
             .map_or(0, |c| c.required_bytes.max(0) as u64);
         let all = self.registry.all();
         let mut fits: Vec<NodeEntry> = all
@@ -448,6 +454,17 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
         let r = req.into_inner();
         let n = self.volume_node(&r.volume_id)?;
+        // The node agent takes the controller's word for the node a volume
+        // is published to: a node that never registered does not exist.
+        if crate::volume::id::valid_node_id(&r.node_id)
+            && self.registry.get(&r.node_id).is_none()
+            && VolumeId::parse(&r.volume_id).is_some()
+        {
+            return Err(Status::not_found(format!(
+                "node {} is not registered with this controller",
+                r.node_id
+            )));
+        }
         relay(&n, cc(&n).controller_publish_volume(r).await)
     }
 

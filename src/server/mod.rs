@@ -207,13 +207,20 @@ impl Driver {
             ));
         }
         let controller = match cfg.mode {
-            Mode::All | Mode::Node => Some(Arc::new(Controller::open(
-                &cfg.node_id,
-                cfg.max_volumes_per_node,
-                Arc::clone(&backends),
-                store.clone(),
-            )?)),
             Mode::Controller => None,
+            mode => {
+                let c = Controller::open(
+                    &cfg.node_id,
+                    cfg.max_volumes_per_node,
+                    Arc::clone(&backends),
+                    store.clone(),
+                )?;
+                Some(Arc::new(if mode == Mode::Node {
+                    c.with_vouched_nodes()
+                } else {
+                    c
+                }))
+            }
         };
         let node = match cfg.mode {
             Mode::All | Mode::Node => Some(Arc::new(Node::open(

@@ -147,6 +147,9 @@ impl Index {
 pub struct Controller {
     pub(super) node_id: String,
     max_volumes_per_node: u64,
+    /// A node agent's controller: only the cluster controller calls it,
+    /// and that has checked a ControllerPublish's node is registered.
+    nodes_vouched: bool,
     pub(super) backends: Arc<Backends>,
     pub(super) store: Store,
     inflight: InFlight,
@@ -242,6 +245,7 @@ impl Controller {
         Ok(Self {
             node_id: node_id.to_owned(),
             max_volumes_per_node,
+            nodes_vouched: false,
             backends,
             store,
             inflight: InFlight::default(),
@@ -594,12 +598,24 @@ impl Controller {
         Ok(())
     }
 
+    /// Makes this a node agent's controller, called only by the cluster
+    /// controller, which answers for the nodes a volume is published to
+    /// (they registered with it): remote volumes can then be published to
+    /// every node of the cluster, not only this one.
+    pub fn with_vouched_nodes(mut self) -> Self {
+        self.nodes_vouched = true;
+        self
+    }
+
     fn node_known(&self, node_id: &str) -> Result<bool> {
         if node_id == self.node_id {
             return Ok(true);
         }
         if !valid_node_id(node_id) {
             return Ok(false);
+        }
+        if self.nodes_vouched {
+            return Ok(true);
         }
         Ok(self
             .store

@@ -17,8 +17,10 @@ use stowage::csi::node_client::NodeClient;
 use stowage::os::loopdev::LoopDevice;
 use tonic::transport::Channel;
 
+pub mod forward;
 pub mod garage;
 pub mod netns;
+pub mod s3fs;
 
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
