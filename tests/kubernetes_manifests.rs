@@ -8,7 +8,8 @@
 //! digest, the CSIDriver says what the driver does, no sidecar gets an
 //! RBAC verb beyond its allow-list below, no Secret data is committed, and
 //! every `stowage serve` flag the manifests pass exists in the binary (and
-//! parses). `deploy/Containerfile` is checked against the manifests too.
+//! parses). `deploy/Containerfile` is checked against the manifests too,
+//! and the README's Kubernetes examples against the same schemas.
 //!
 //! Tools: `kubectl` (its kustomize), `kubernetes-validate` (the schemas)
 //! and Python with PyYAML (the rendered YAML as JSON, read with
@@ -1383,6 +1384,90 @@ fn containerfile_builds_the_binary_the_manifests_run() {
             pod["securityContext"]["runAsUser"].as_u64(),
             Some(uid),
             "{t}"
+        );
+    }
+}
+
+#[test]
+fn readme_kubernetes_examples_are_current_api_forms() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let start = readme
+        .find("\n## Kubernetes\n")
+        .expect("README: ## Kubernetes");
+    let section = &readme[start + 1..];
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |i| i + 1)];
+    let mut yaml = String::new();
+    let mut inside = false;
+    for line in section.lines() {
+        if line.trim_start().starts_with("```") {
+            inside = !inside && line.trim() == "```yaml";
+            if inside {
+                yaml.push_str("---\n");
+            }
+        } else if inside {
+            yaml.push_str(line);
+            yaml.push('\n');
+        }
+    }
+    assert!(!inside, "README: unclosed code block");
+    let (ok, json, err) = run(
+        Command::new(tool("python3")).args([
+            "-c",
+            "import json, sys, yaml\n\
+             json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)",
+        ]),
+        Some(yaml.as_bytes()),
+    );
+    assert!(ok, "README YAML: {err}");
+    let docs: Vec<Value> = serde_json::from_str(&json).expect("JSON");
+    let manifests = &rendered()["overlays/all"].objects;
+    let mut objects = String::new();
+    let mut count = 0;
+    for d in &docs {
+        // The kustomization example is kustomize's, not the API's.
+        if d.get("kind").is_none() || s(&d["kind"]) == "Kustomization" {
+            continue;
+        }
+        if let Some(class) = d
+            .pointer("/spec/storageClassName")
+            .or(d.pointer("/spec/volumeClaimTemplates/0/spec/storageClassName"))
+        {
+            named(manifests, "StorageClass", s(class));
+        }
+        if s(&d["apiVersion"]).starts_with("snapshot.storage.k8s.io") {
+            // A CRD: no schema in kubernetes-validate.
+            assert_eq!(s(&d["apiVersion"]), "snapshot.storage.k8s.io/v1");
+            named(
+                manifests,
+                "VolumeSnapshotClass",
+                s(&d["spec"]["volumeSnapshotClassName"]),
+            );
+            continue;
+        }
+        objects.push_str("---\n");
+        objects.push_str(&serde_json::to_string(d).expect("JSON"));
+        objects.push('\n');
+        count += 1;
+    }
+    assert!(count >= 6, "README: {count} examples");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("readme.yaml");
+    std::fs::write(&file, objects).expect("write");
+    for version in [OLDEST, NEWEST] {
+        let (ok, out, err) = run(
+            Command::new(tool("kubernetes-validate"))
+                .args(["--strict", "-k", version])
+                .arg(&file),
+            None,
+        );
+        let passed = out
+            .lines()
+            .filter(|l| l.contains(" passed for resource "))
+            .count();
+        assert!(
+            ok && passed == count,
+            "README examples against {version}:\n{out}{err}"
         );
     }
 }
