@@ -9,7 +9,7 @@ use stowage::client::{self, ClientCommand, GlobalArgs, OutputFormat};
 use stowage::server::{self, ClusterConfig, Config, Endpoint, Mode};
 
 #[derive(Debug, Parser)]
-#[command(name = "stowage", version = stowage::VENDOR_VERSION, about = "A CSI driver for local dir and block volumes")]
+#[command(name = "stowage", version = stowage::VENDOR_VERSION, about = "A CSI driver: local dir and block volumes, object volumes on S3")]
 struct Cli {
     /// For client commands: the CSI endpoint, unix:///path/csi.sock,
     /// /path/csi.sock or tcp://host:port [default: unix:///run/stowage/csi.sock]
@@ -144,6 +144,12 @@ fn cluster_config(
         ModeArg::Controller => {
             if args.advertise.is_some() || args.controller.is_some() || !args.labels.is_empty() {
                 return Err("--advertise, --controller and --label are node flags".to_owned());
+            }
+            if args.metrics_address.is_some() {
+                return Err(
+                    "--metrics-address is served by --mode node and all; the routing controller has no metrics endpoint yet"
+                        .to_owned(),
+                );
             }
             Ok(Some(ClusterConfig {
                 listen: need("--listen", &args.listen)?,
@@ -367,5 +373,40 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+
+    fn serve_args(args: &[&str]) -> super::ServeArgs {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from([&["stowage", "serve"], args].concat()).unwrap();
+        match cli.command {
+            super::Command::Serve(a) => a,
+            _ => unreachable!("parsed a serve command"),
+        }
+    }
+
+    #[test]
+    fn the_routing_controller_refuses_flags_it_would_ignore() {
+        let base = [
+            "--mode",
+            "controller",
+            "--listen",
+            "127.0.0.1:7444",
+            "--tls-dir",
+            "/x",
+        ];
+        let dir = std::path::Path::new("/state");
+        assert!(super::cluster_config(&serve_args(&base), dir).is_ok());
+        let e = super::cluster_config(
+            &serve_args(&[&base[..], &["--metrics-address", "127.0.0.1:9809"]].concat()),
+            dir,
+        )
+        .unwrap_err();
+        assert!(e.contains("--metrics-address"), "{e}");
+        let e = super::cluster_config(
+            &serve_args(&[&base[..], &["--label", "zone=a"]].concat()),
+            dir,
+        )
+        .unwrap_err();
+        assert!(e.contains("node flags"), "{e}");
     }
 }
