@@ -24,7 +24,7 @@ impl From<S3Error> for Error {
     }
 }
 
-fn location_of(rec: &VolumeRecord) -> Result<Location> {
+pub(super) fn location_of(rec: &VolumeRecord) -> Result<Location> {
     Location::from_context(&rec.volume_context)
         .map(|(l, _)| l)
         .map_err(|r| Error::precondition(&rec.id, format!("its record names no location: {r}")))

@@ -268,7 +268,7 @@ impl Controller {
                     // Its copy stopped (a plugin restart): copy on.
                     let vol = self.lookup(source)?;
                     let vol_guard = self.guard(format!("vol:{}", vol.id))?;
-                    let (_, from) = self.object_snapshot_record(&vol, name)?;
+                    let from = super::object::location_of(&vol)?;
                     let creds =
                         crate::backend::object::credentials_from_secrets(secrets, "provisioner")
                             .map_err(|r| Error::invalid("secrets", r))?;
