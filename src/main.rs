@@ -145,12 +145,6 @@ fn cluster_config(
             if args.advertise.is_some() || args.controller.is_some() || !args.labels.is_empty() {
                 return Err("--advertise, --controller and --label are node flags".to_owned());
             }
-            if args.metrics_address.is_some() {
-                return Err(
-                    "--metrics-address is served by --mode node and all; the routing controller has no metrics endpoint yet"
-                        .to_owned(),
-                );
-            }
             Ok(Some(ClusterConfig {
                 listen: need("--listen", &args.listen)?,
                 tls_dir: args
@@ -385,7 +379,7 @@ mod tests {
     }
 
     #[test]
-    fn the_routing_controller_refuses_flags_it_would_ignore() {
+    fn the_routing_controller_refuses_node_flags() {
         let base = [
             "--mode",
             "controller",
@@ -396,17 +390,10 @@ mod tests {
         ];
         let dir = std::path::Path::new("/state");
         assert!(super::cluster_config(&serve_args(&base), dir).is_ok());
-        let e = super::cluster_config(
-            &serve_args(&[&base[..], &["--metrics-address", "127.0.0.1:9809"]].concat()),
-            dir,
-        )
-        .unwrap_err();
-        assert!(e.contains("--metrics-address"), "{e}");
-        let e = super::cluster_config(
-            &serve_args(&[&base[..], &["--label", "zone=a"]].concat()),
-            dir,
-        )
-        .unwrap_err();
-        assert!(e.contains("node flags"), "{e}");
+        for extra in [["--label", "zone=a"], ["--advertise", "10.0.0.1:7443"]] {
+            let e = super::cluster_config(&serve_args(&[&base[..], &extra[..]].concat()), dir)
+                .unwrap_err();
+            assert!(e.contains("node flags"), "{e}");
+        }
     }
 }

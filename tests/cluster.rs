@@ -24,6 +24,8 @@ use stowage::volume::TOPOLOGY_NODE_KEY;
 use tonic::Code;
 
 const NODES: usize = 3;
+/// Where the controller serves `/metrics` and `/healthz` (in its namespace).
+const METRICS_PORT: u16 = 9810;
 /// Registration period of the test nodes (seconds): a node is stale after
 /// three missed periods.
 const INTERVAL: u64 = 1;
@@ -66,6 +68,10 @@ impl Cluster {
                 .arg(format!("unix://{}", root.join("controller.sock").display()))
                 .args(["--listen", &ctl_addr.to_string(), "--tls-dir"])
                 .arg(root.join("tls"))
+                .args([
+                    "--metrics-address",
+                    &net.host(0).addr(METRICS_PORT).to_string(),
+                ])
                 .env("STOWAGE_LOG", "debug"),
         );
         let mut nodes = Vec::new();
@@ -1046,4 +1052,72 @@ async fn object_volumes_are_shared_by_nodes_of_a_cluster() {
         !left.contains(&bucket),
         "bucket {bucket} outlived its volume:\n{left}"
     );
+}
+
+/// GET `path` from the controller's metrics address, from inside its
+/// namespace: the status line and the body.
+fn controller_http(cl: &Cluster, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let to = cl.net.host(0).addr(METRICS_PORT);
+    let mut s = cl.net.host(0).connect(to, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: stowage\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The routing controller serves `/healthz` and `/metrics` on
+/// `--metrics-address`: its CSI calls by method and code, and each node's
+/// freshness, cordon and pool space as the registry sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_serves_metrics_of_its_calls_and_nodes() {
+    let mut cl = Cluster::start().await;
+    let (status, body) = controller_http(&cl, "/healthz");
+    assert!(status.contains(" 200"), "{status}\n{body}");
+    let v = cl.create(block("m1", on(&["n2"], &["n2"]))).await.unwrap();
+    assert!(cl.client(&["node", "cordon", "n3"]).status.success());
+    let (status, body) = controller_http(&cl, "/metrics");
+    assert!(status.contains(" 200"), "{status}\n{body}");
+    let line = |prefix: &str| {
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{body}"))
+            .to_owned()
+    };
+    for i in 1..=NODES {
+        assert!(
+            line(&format!("stowage_cluster_node_fresh{{node=\"n{i}\"}}")).ends_with(" 1"),
+            "{body}"
+        );
+        let free: u64 = line(&format!(
+            "stowage_cluster_node_pool_free_bytes{{node=\"n{i}\"}}"
+        ))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+        assert!(free > 0, "{body}");
+    }
+    assert!(line("stowage_cluster_node_cordoned{node=\"n3\"}").ends_with(" 1"));
+    assert!(line("stowage_cluster_node_cordoned{node=\"n1\"}").ends_with(" 0"));
+    let created = body
+        .lines()
+        .find(|l| {
+            l.starts_with("stowage_rpc_requests_total{")
+                && l.contains("method=\"CreateVolume\"")
+                && l.contains("code=\"OK\"")
+        })
+        .unwrap_or_else(|| panic!("no CreateVolume OK series in\n{body}"));
+    assert!(created.ends_with(" 1"), "{created}");
+    cl.delete(&v.volume_id).await.unwrap();
 }

@@ -1220,9 +1220,21 @@ fn storage_classes_carry_only_parameters_stowage_accepts() {
 }
 
 #[test]
-fn metrics_service_points_at_the_node_plugins_metrics_address() {
-    for (t, objects) in all_overlays() {
-        let svc = named(objects, "Service", "stowage-node-metrics");
+fn metrics_services_point_at_the_plugins_metrics_addresses() {
+    for (t, objects, svc_name, kind, workload) in all_overlays().flat_map(|(t, o)| {
+        [
+            (t, o, "stowage-node-metrics", "DaemonSet", "stowage-node"),
+            (
+                t,
+                o,
+                "stowage-controller-metrics",
+                "Deployment",
+                "stowage-controller",
+            ),
+        ]
+    }) {
+        let t = format!("{t} {svc_name}");
+        let svc = named(objects, "Service", svc_name);
         let ann = |k: &str| {
             s(at(
                 svc,
@@ -1232,7 +1244,7 @@ fn metrics_service_points_at_the_node_plugins_metrics_address() {
         };
         assert_eq!(ann("scrape"), "true", "{t}");
         assert_eq!(ann("path"), "/metrics", "{t}");
-        let ds = named(objects, "DaemonSet", "stowage-node");
+        let ds = named(objects, kind, workload);
         let plugin = container(at(ds, "/spec/template/spec"), "stowage");
         let addr = flag(plugin, "--metrics-address").expect("--metrics-address");
         let port = port_of(addr);
@@ -1263,7 +1275,10 @@ fn metrics_service_points_at_the_node_plugins_metrics_address() {
                 ] {
                     if let Some(v) = a.strip_prefix(f) {
                         let p = v.parse::<u16>().unwrap_or_else(|_| port_of(v));
-                        assert!(ports.insert(p), "{t}: port {p} used twice in the node pod");
+                        assert!(
+                            ports.insert(p),
+                            "{t}: port {p} used twice in the {workload} pod"
+                        );
                     }
                 }
             }

@@ -551,25 +551,105 @@ impl Collector for DriverCollector {
     }
 }
 
-/// The registry, the layer to put around the gRPC server, and the driver
-/// whose state and health are served.
+/// The routing controller's view of its nodes, encoded at each scrape.
 #[derive(Debug)]
+struct RouterCollector {
+    registry: Arc<crate::cluster::registry::Registry>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+impl Collector for RouterCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = std::time::Instant::now();
+        let nodes = self.registry.all();
+        let node = |n: &crate::cluster::registry::NodeEntry| NodeLabels { node: n.id.clone() };
+        gauges(
+            &mut enc,
+            "cluster_node_fresh",
+            "1 while the node registers on time, 0 once it missed three periods",
+            None,
+            &nodes
+                .iter()
+                .map(|n| (node(n), i64::from(n.fresh(now))))
+                .collect::<Vec<_>>(),
+        )?;
+        gauges(
+            &mut enc,
+            "cluster_node_cordoned",
+            "1 while no new volumes are placed on the node",
+            None,
+            &nodes
+                .iter()
+                .map(|n| (node(n), i64::from(n.cordoned)))
+                .collect::<Vec<_>>(),
+        )?;
+        gauges(
+            &mut enc,
+            "cluster_node_pool_free",
+            "free bytes of the node's pool, as it last registered",
+            Some(&Unit::Bytes),
+            &nodes
+                .iter()
+                .map(|n| (node(n), signed(n.free_bytes)))
+                .collect::<Vec<_>>(),
+        )?;
+        gauges(
+            &mut enc,
+            "cluster_node_pool_size",
+            "size in bytes of the node's pool, as it last registered",
+            Some(&Unit::Bytes),
+            &nodes
+                .iter()
+                .map(|n| (node(n), signed(n.total_bytes)))
+                .collect::<Vec<_>>(),
+        )
+    }
+}
+
+/// What `/healthz` answers: ready, or the reason it is not.
+type HealthCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// The registry, the layer to put around the gRPC server, and the health
+/// check of what is served (a driver, or the routing controller).
 pub struct Metrics {
     registry: Registry,
-    driver: Arc<Driver>,
+    health: HealthCheck,
     rpc: Arc<RpcMetrics>,
 }
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
 impl Metrics {
+    /// The driver's (`--mode all` and `node`): RPCs, pool and volumes.
     pub fn new(driver: Arc<Driver>) -> Arc<Self> {
+        let health = {
+            let d = Arc::clone(&driver);
+            Box::new(move || d.check_ready()) as HealthCheck
+        };
+        Self::with(Box::new(DriverCollector { driver }), health)
+    }
+
+    /// The routing controller's (`--mode controller`): RPCs and the nodes
+    /// it knows. It is healthy while it runs: nodes come and go.
+    pub fn for_router(registry: Arc<crate::cluster::registry::Registry>) -> Arc<Self> {
+        Self::with(Box::new(RouterCollector { registry }), Box::new(|| Ok(())))
+    }
+
+    fn with(collector: Box<dyn Collector>, health: HealthCheck) -> Arc<Self> {
         let mut registry = Registry::with_prefix("stowage");
         let rpc = RpcMetrics::register(&mut registry);
-        registry.register_collector(Box::new(DriverCollector {
-            driver: Arc::clone(&driver),
-        }));
+        registry.register_collector(collector);
         Arc::new(Metrics {
             registry,
-            driver,
+            health,
             rpc,
         })
     }
@@ -600,7 +680,7 @@ impl Metrics {
                 content_type: prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                 body: self.render(),
             },
-            "/healthz" => match self.driver.check_ready() {
+            "/healthz" => match (self.health)() {
                 Ok(()) => Reply::text(200, "ok\n"),
                 Err(reason) => Reply::text(503, format!("{reason}\n")),
             },

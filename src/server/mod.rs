@@ -595,8 +595,24 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
             },
         ))
         .serve_with_incoming_shutdown(tcp_incoming(listener), stopped(stop.clone()));
+    let metrics = cfg
+        .metrics_address
+        .as_ref()
+        .map(|_| metrics::Metrics::for_router(Arc::clone(&registry)));
+    let mut metrics_task = None;
+    if let (Some(addr), Some(m)) = (&cfg.metrics_address, &metrics) {
+        let listener =
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|err| StartError::Metrics {
+                    addr: addr.clone(),
+                    err,
+                })?;
+        tracing::info!(address = %addr, "serving /metrics and /healthz");
+        metrics_task = Some(tokio::spawn(Arc::clone(m).serve(listener)));
+    }
     let csi_router = tonic::transport::Server::builder()
-        .layer(metrics::RpcMetricsLayer::default())
+        .layer(metrics.as_ref().map(|m| m.layer()).unwrap_or_default())
         .add_service(csi::identity_server::IdentityServer::new(router.clone()))
         .add_service(csi::controller_server::ControllerServer::new(
             router.clone(),
@@ -612,6 +628,9 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
         async { registration.await.map_err(StartError::from) },
         serve_endpoint(csi_router, &cfg.endpoint, stop)
     );
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     a?;
     b?;
     tracing::info!("stopped");
