@@ -1,31 +1,148 @@
-//! A TCP forwarder for tests: accepts on a listener (which may live in a
-//! test network namespace) and relays each connection to one address
-//! (e.g. a server on the test's loopback), byte for byte in both
-//! directions. Stops accepting and closes every relayed connection on
-//! drop; its threads end by themselves.
+//! A TCP forwarder for tests, and the fault injector of multi-node tests
+//! (these kernels have no `netem`): it accepts on a listener (which may live
+//! in a test network namespace) and relays each connection to one address,
+//! byte for byte in both directions, through [`Faults`] that can delay
+//! every chunk, stall a share of chunks (a lost packet's retransmission, as
+//! the endpoints see it), hold everything (a blackhole that heals), or cut
+//! every connection and refuse new ones. Stops accepting and closes every
+//! relayed connection on drop; its threads end by themselves.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// What the relay does to the bytes it carries now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultConfig {
+    /// Every chunk waits this long before it is passed on.
+    pub delay: Duration,
+    /// This share (0.0–1.0) of chunks also waits `stall` (a dropped packet
+    /// and its retransmission, as TCP's ends see it).
+    pub stall_share: f64,
+    pub stall: Duration,
+    /// While set, nothing is passed on (data waits, in order); clearing it
+    /// lets everything through again.
+    pub hold: bool,
+    /// While set, new connections are refused (closed at once).
+    pub refuse: bool,
+}
+
+impl Default for FaultConfig {
+    fn default() -> Self {
+        FaultConfig {
+            delay: Duration::ZERO,
+            stall_share: 0.0,
+            stall: Duration::ZERO,
+            hold: false,
+            refuse: false,
+        }
+    }
+}
+
+/// Shared, changeable faults of one forwarder; a seeded generator decides
+/// which chunks stall, so a run can be repeated.
+#[derive(Debug)]
+pub struct Faults {
+    config: Mutex<FaultConfig>,
+    rng: Mutex<u64>,
+    /// Chunks passed on, and of them stalled (for a test's report).
+    counts: Mutex<(u64, u64)>,
+}
+
+/// Longest single sleep while holding: a changed config is seen this soon.
+const HOLD_POLL: Duration = Duration::from_millis(5);
+
+impl Faults {
+    fn new(seed: u64) -> Self {
+        Faults {
+            config: Mutex::new(FaultConfig::default()),
+            rng: Mutex::new(seed | 1),
+            counts: Mutex::new((0, 0)),
+        }
+    }
+
+    pub fn set(&self, c: FaultConfig) {
+        *lock(&self.config) = c;
+    }
+
+    pub fn get(&self) -> FaultConfig {
+        lock(&self.config).clone()
+    }
+
+    /// (chunks passed on, of them stalled).
+    pub fn counts(&self) -> (u64, u64) {
+        *lock(&self.counts)
+    }
+
+    /// xorshift64*: uniform in [0, 1).
+    fn draw(&self) -> f64 {
+        let mut x = lock(&self.rng);
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (v >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Waits as the faults say before a chunk goes on; false once `stop`
+    /// is set (the chunk is dropped with its connection).
+    fn pass(&self, stop: &AtomicBool) -> bool {
+        let c = self.get();
+        let stalled = c.stall_share > 0.0 && self.draw() < c.stall_share;
+        let mut wait = c.delay;
+        if stalled {
+            wait += c.stall;
+        }
+        let until = Instant::now() + wait;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let now = Instant::now();
+            let held = self.get().hold;
+            if !held && now >= until {
+                break;
+            }
+            let left = if held { HOLD_POLL } else { until - now };
+            std::thread::sleep(left.min(HOLD_POLL));
+        }
+        let mut n = lock(&self.counts);
+        n.0 += 1;
+        n.1 += u64::from(stalled);
+        true
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub struct Forward {
     stop: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
     accept: Option<JoinHandle<()>>,
     pub local: SocketAddr,
+    pub faults: Arc<Faults>,
 }
 
 impl Forward {
-    /// Relays every connection `listener` accepts to `to`.
+    /// Relays every connection `listener` accepts to `to`, with no faults
+    /// until [`Forward::faults`] sets some.
     pub fn start(listener: TcpListener, to: SocketAddr) -> io::Result<Forward> {
+        Self::with_seed(listener, to, 0x5eed)
+    }
+
+    /// [`Forward::start`] with the seed that decides which chunks stall.
+    pub fn with_seed(listener: TcpListener, to: SocketAddr, seed: u64) -> io::Result<Forward> {
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (s, o) = (Arc::clone(&stop), Arc::clone(&open));
+        let faults = Arc::new(Faults::new(seed));
+        let (s, o, f) = (Arc::clone(&stop), Arc::clone(&open), Arc::clone(&faults));
         let accept = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let client = match listener.accept() {
@@ -36,6 +153,10 @@ impl Forward {
                     }
                     Err(_) => continue,
                 };
+                if f.get().refuse {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
                     continue;
                 };
@@ -46,7 +167,7 @@ impl Forward {
                     continue;
                 };
                 {
-                    let mut open = o.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut open = lock(&o);
                     open.retain(|st| st.peer_addr().is_ok());
                     for st in [&client, &server] {
                         if let Ok(c) = st.try_clone() {
@@ -54,8 +175,8 @@ impl Forward {
                         }
                     }
                 }
-                relay(client, s2);
-                relay(server, c2);
+                relay(client, s2, Arc::clone(&f), Arc::clone(&s));
+                relay(server, c2, Arc::clone(&f), Arc::clone(&s));
             }
         });
         Ok(Forward {
@@ -63,14 +184,33 @@ impl Forward {
             open,
             accept: Some(accept),
             local,
+            faults,
         })
+    }
+
+    /// Closes every relayed connection now (both ways); new ones are
+    /// accepted unless [`FaultConfig::refuse`] is set.
+    pub fn cut(&self) {
+        for s in lock(&self.open).drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 }
 
-/// Copies `from` to `to` on a thread of its own until either side ends.
-fn relay(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to` through `faults` on a thread of its own until
+/// either side ends or the forwarder stops.
+fn relay(mut from: TcpStream, mut to: TcpStream, faults: Arc<Faults>, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
-        let _ = io::copy(&mut from, &mut to);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !faults.pass(&stop) || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
         let _ = to.shutdown(Shutdown::Write);
     });
 }
@@ -81,13 +221,6 @@ impl Drop for Forward {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        for s in self
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        self.cut();
     }
 }
