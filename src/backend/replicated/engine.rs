@@ -189,6 +189,9 @@ impl Link {
 #[derive(Debug, Clone)]
 struct PendingWrite {
     region: Region,
+    /// Acknowledged to the user; kept until copies being rebuilt have it
+    /// too (or drop out).
+    acked: bool,
     waiting: BTreeSet<String>,
     issued: u64,
     last_sent: u64,
@@ -240,7 +243,7 @@ impl Engine {
         let change = Change::Start {
             node: cfg.node.clone(),
         };
-        let (p, out) = Proposer::new(&cfg.id, change, &record, now, cfg.timeout);
+        let (p, out) = Proposer::new(&cfg.id, change, &record, ballot.round, now, cfg.timeout);
         Engine {
             state: EngineState::Starting,
             ballot,
@@ -321,7 +324,7 @@ impl Engine {
     }
 
     fn busy(&self, region: Region) -> bool {
-        self.writes.values().any(|w| w.region == region)
+        self.writes.values().any(|w| !w.acked && w.region == region)
             || self
                 .links
                 .values()
@@ -382,6 +385,7 @@ impl Engine {
             self.seq,
             PendingWrite {
                 region,
+                acked: false,
                 waiting,
                 issued: self.now,
                 last_sent: self.now,
@@ -391,7 +395,9 @@ impl Engine {
         Ok(tag)
     }
 
-    /// Starts a flush of every write acknowledged so far.
+    /// Starts a flush of every write acknowledged so far. It also goes to
+    /// copies being rebuilt: one that has not flushed when the flush is
+    /// acknowledged must flush again before it may join.
     pub fn flush(&mut self) -> Result<u64, IoError> {
         if self.state != EngineState::Running {
             return Err(IoError::NotRunning);
@@ -408,7 +414,7 @@ impl Engine {
         let nodes: Vec<String> = self.links.keys().cloned().collect();
         for n in nodes {
             let l = &self.links[&n];
-            if !required.contains(&n) || l.phase == Phase::Out {
+            if !(required.contains(&n) || l.phase == Phase::Rebuilding) || l.phase == Phase::Out {
                 continue;
             }
             f.covers.insert(n.clone(), covered(l));
@@ -793,6 +799,7 @@ impl Engine {
             &self.cfg.id,
             change,
             &self.record,
+            self.ballot.round,
             self.now,
             self.cfg.timeout,
         );
@@ -804,7 +811,7 @@ impl Engine {
         self.state = state;
         self.proposer = None;
         let writes = std::mem::take(&mut self.writes);
-        for (seq, w) in writes {
+        for (seq, w) in writes.into_iter().filter(|(_, w)| !w.acked) {
             self.events.push(EngineEvent::WriteFailed {
                 region: w.region,
                 tag: Tag {
@@ -1139,22 +1146,21 @@ impl Engine {
             return;
         }
         let required = self.required();
-        let done: Vec<u64> = self
-            .writes
-            .iter()
-            .filter(|(_, w)| w.waiting.is_disjoint(&required))
-            .map(|(s, _)| *s)
-            .collect();
-        for seq in done {
-            let w = self.writes.remove(&seq).expect("listed");
-            self.events.push(EngineEvent::Acked {
-                region: w.region,
-                tag: Tag {
-                    epoch: self.record.epoch,
-                    seq,
-                },
-            });
+        let links = &self.links;
+        let epoch = self.record.epoch;
+        for (&seq, w) in self.writes.iter_mut() {
+            w.waiting
+                .retain(|n| links.get(n).is_some_and(|l| l.phase != Phase::Out));
+            if !w.acked && w.waiting.is_disjoint(&required) {
+                w.acked = true;
+                self.events.push(EngineEvent::Acked {
+                    region: w.region,
+                    tag: Tag { epoch, seq },
+                });
+            }
         }
+        self.writes
+            .retain(|_, w| !(w.acked && w.waiting.is_empty()));
         let done: Vec<u64> = self
             .flushes
             .iter()
@@ -1162,7 +1168,14 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in done {
-            self.flushes.remove(&id);
+            let f = self.flushes.remove(&id).expect("listed");
+            for n in f.waiting {
+                if let Some(l) = self.links.get_mut(&n)
+                    && l.phase == Phase::Rebuilding
+                {
+                    l.flushed = false;
+                }
+            }
             self.events.push(EngineEvent::FlushAcked { id });
         }
     }

@@ -540,13 +540,19 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts `change` as proposer `id` (unique among everyone who may
-    /// propose for this volume) against the voters of `record`. `timeout`
-    /// is how many ticks a phase may take before starting over.
+    /// Starts `change` as proposer `id` against the voters of `record`,
+    /// with ballots above round `after`. A ballot must never carry two
+    /// different records: `id` is unique among everyone who may propose for
+    /// this volume, and a proposer id used for an earlier change starts
+    /// above every round that change used (an engine passes the round of
+    /// its last chosen change; a controller without state uses a fresh id
+    /// per change). `timeout` is how many ticks a phase may take before
+    /// starting over.
     pub fn new(
         id: &str,
         change: Change,
         record: &ReplicaRecord,
+        after: u64,
         now: u64,
         timeout: u64,
     ) -> (Self, Vec<Envelope>) {
@@ -556,7 +562,7 @@ impl Proposer {
             voters: record.voters().map(str::to_owned).collect(),
             quorum: record.quorum(),
             ballot: Ballot::zero(),
-            highest_seen: 0,
+            highest_seen: after,
             phase: Phase::Done,
             promises: BTreeMap::new(),
             accepts: BTreeSet::new(),
@@ -761,7 +767,7 @@ mod tests {
             node: "x".into(),
             readonly: false,
         };
-        let (mut p, out) = Proposer::new("ctl", ch, &r, 0, 5);
+        let (mut p, out) = Proposer::new("ctl", ch, &r, 0, 0, 5);
         let Some(Outcome::Chosen { record: got, .. }) = run(&mut p, out, &mut vs, &["a", "b"])
         else {
             panic!("publish with a majority must be chosen");
@@ -777,7 +783,7 @@ mod tests {
         let r = record();
         let mut vs = voters(&r);
         let ch = Change::Unpublish { node: "x".into() };
-        let (mut p, out) = Proposer::new("ctl", ch, &r, 0, 5);
+        let (mut p, out) = Proposer::new("ctl", ch, &r, 0, 0, 5);
         assert_eq!(run(&mut p, out, &mut vs, &["a"]), None);
     }
 
@@ -789,7 +795,7 @@ mod tests {
             node: "x".into(),
             readonly: false,
         };
-        let (mut p, out) = Proposer::new("ctl", pubx, &r, 0, 5);
+        let (mut p, out) = Proposer::new("ctl", pubx, &r, 0, 0, 5);
         run(&mut p, out, &mut vs, &["a", "b", "c"]).unwrap();
         let ch = Change::SetInSync {
             node: "y".into(),
@@ -797,7 +803,7 @@ mod tests {
             in_sync: [("a".to_owned(), 0)].into(),
         };
         // The engine knows only the old record; the majority tells it.
-        let (mut p, out) = Proposer::new("engine-y", ch, &r, 0, 5);
+        let (mut p, out) = Proposer::new("engine-y", ch, &r, 0, 0, 5);
         let Some(Outcome::Refused { refusal, record }) = run(&mut p, out, &mut vs, &["b", "c"])
         else {
             panic!("expected a refusal");
@@ -818,7 +824,7 @@ mod tests {
             node: "x".into(),
             readonly: false,
         };
-        let (mut p, out) = Proposer::new("ctl", pubx, &r, 0, 5);
+        let (mut p, out) = Proposer::new("ctl", pubx, &r, 0, 0, 5);
         for e in out {
             if let Some(reply) = vs.get_mut(&e.to).unwrap().handle(e.msg) {
                 let (more, _) = p.handle(&e.to, &reply);
@@ -833,7 +839,7 @@ mod tests {
             node: "y".into(),
             readonly: false,
         };
-        let (mut p2, out) = Proposer::new("ctl2", puby, &r, 0, 5);
+        let (mut p2, out) = Proposer::new("ctl2", puby, &r, 0, 0, 5);
         let outcome = run(&mut p2, out, &mut vs, &["a", "b"]).unwrap();
         assert!(
             matches!(
