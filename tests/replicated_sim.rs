@@ -13,7 +13,8 @@
 //!     without a vote (Commit, Attach) only once it is chosen;
 //! and at the end of each run, with the faults stopped, that changes and
 //! writes finish within a bounded number of steps (d) and the copies then
-//! hold the same data (e). Deterministic: each run is a seed.
+//! hold the same data (e). Deterministic: each run is a seed;
+//! `REPL_SEED=n` replays one, `REPL_SEEDS=n` runs n per test (a soak).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -132,6 +133,8 @@ struct Stats {
     crashes: u64,
     reseeds: u64,
     rebuilt_joins: u64,
+    steps: u64,
+    steps_serving: u64,
 }
 
 /// What the checker knows: every accept, the chosen history, and what was
@@ -303,6 +306,13 @@ impl Sim {
         self.deliver();
         self.tick();
         self.check_each_step();
+        self.stats.steps += 1;
+        if self
+            .current
+            .is_some_and(|c| self.engines[&c].engine.state() == EngineState::Running)
+        {
+            self.stats.steps_serving += 1;
+        }
     }
 
     fn inject_faults(&mut self) {
@@ -724,7 +734,8 @@ impl Sim {
     }
 
     /// (a): every acknowledged write is on every copy the newest chosen
-    /// record names in sync at its current boot.
+    /// record names in sync at its current boot, and on its stable storage
+    /// once a flush after it was acknowledged.
     fn check_each_step(&self) {
         let latest = &self.checker.latest.1;
         for (n, boot) in &latest.in_sync {
@@ -737,6 +748,14 @@ impl Sim {
                 if have < *want {
                     self.fail(format!(
                         "(a) in-sync copy {n} holds {have:?} in region {r}, acknowledged {want:?}"
+                    ));
+                }
+            }
+            for (r, want) in &self.checker.flushed {
+                let have = v.durable_data().get(r).copied().unwrap_or_default();
+                if have < *want {
+                    self.fail(format!(
+                        "(a) in-sync copy {n} has {have:?} on stable storage in region {r}, acknowledged as flushed {want:?}"
                     ));
                 }
             }
@@ -826,12 +845,12 @@ fn run(seed: u64, witness: bool, steps: u64, mutation: Mutation) -> Stats {
 }
 
 fn run_many(seeds: std::ops::Range<u64>, witness: bool, steps: u64) {
-    let seeds = match std::env::var("REPL_SEED") {
-        Ok(s) => {
-            let s: u64 = s.parse().unwrap();
-            s..s + 1
-        }
-        Err(_) => seeds,
+    // REPL_SEED=n replays one seed; REPL_SEEDS=n runs n seeds (a soak).
+    let env = |k: &str| std::env::var(k).ok().map(|v| v.parse::<u64>().unwrap());
+    let seeds = match (env("REPL_SEED"), env("REPL_SEEDS")) {
+        (Some(s), _) => s..s + 1,
+        (None, Some(n)) => seeds.start..seeds.start + n,
+        (None, None) => seeds,
     };
     let mut total = Stats::default();
     for seed in seeds.clone() {
@@ -844,10 +863,14 @@ fn run_many(seeds: std::ops::Range<u64>, witness: bool, steps: u64) {
         total.crashes += s.crashes;
         total.reseeds += s.reseeds;
         total.rebuilt_joins += s.rebuilt_joins;
+        total.steps += s.steps;
+        total.steps_serving += s.steps_serving;
     }
     eprintln!(
-        "seeds {seeds:?} ({} steps each, witness {witness}): {} writes acked, {} flushes, {} reads, {} writes refused, {} ownership moves, {} crashes, {} copies rejoined, {} reseeds",
+        "seeds {seeds:?} ({} faulty steps each, {} steps in all, {} with the owner's engine serving), witness {witness}: {} writes acked, {} flushes, {} reads, {} writes refused, {} ownership moves, {} crashes, {} copies rejoined, {} reseeds",
         steps,
+        total.steps,
+        total.steps_serving,
         total.acked,
         total.flushes,
         total.reads,

@@ -142,8 +142,7 @@ struct Link {
     unflushed: BTreeMap<Region, (Tag, bool)>,
     attach_sent: Option<u64>,
     copying: Option<Copying>,
-    /// The flush that ends a rebuild: id, when sent, what it covers.
-    join_flush: Option<(u64, u64, Vec<(Region, Tag)>)>,
+    join_flush: Option<JoinFlush>,
     flushed: bool,
 }
 
@@ -186,6 +185,14 @@ impl Link {
     }
 }
 
+/// The flush that ends a rebuild.
+#[derive(Debug, Clone)]
+struct JoinFlush {
+    id: u64,
+    sent: u64,
+    covers: Vec<(Region, Tag)>,
+}
+
 #[derive(Debug, Clone)]
 struct PendingWrite {
     region: Region,
@@ -225,6 +232,8 @@ pub struct Engine {
     start_replies: BTreeMap<String, (u64, BTreeMap<Region, Tag>)>,
     attach_deadline: u64,
     reseed: Option<(String, u64)>,
+    /// A copy refused a request as from an older epoch.
+    suspect_fenced: bool,
     writes: BTreeMap<u64, PendingWrite>,
     flushes: BTreeMap<u64, PendingFlush>,
     reads: BTreeMap<u64, PendingRead>,
@@ -252,6 +261,7 @@ impl Engine {
             start_replies: BTreeMap::new(),
             attach_deadline: 0,
             reseed: None,
+            suspect_fenced: false,
             writes: BTreeMap::new(),
             flushes: BTreeMap::new(),
             reads: BTreeMap::new(),
@@ -518,8 +528,8 @@ impl Engine {
                     l.failing = false;
                 }
                 let mut covers = Vec::new();
-                if l.join_flush.as_ref().is_some_and(|(j, _, _)| *j == id) {
-                    covers = l.join_flush.take().expect("some").2;
+                if l.join_flush.as_ref().is_some_and(|j| j.id == id) {
+                    covers = l.join_flush.take().expect("some").covers;
                     l.flushed = true;
                 }
                 if let Some(f) = self.flushes.get_mut(&id)
@@ -586,9 +596,14 @@ impl Engine {
                         self.send(from, msg);
                     }
                     IoRefusal::WrongBoot { .. } => self.fail(from, true),
-                    IoRefusal::Fenced { .. } | IoRefusal::StaleConn | IoRefusal::NotACopy => {
+                    IoRefusal::Fenced { .. } => {
+                        // Confirm on a majority: either the engine is fenced
+                        // or the copy's newer record is not chosen (and the
+                        // next change overwrites it).
+                        self.suspect_fenced = true;
                         self.fail(from, false)
                     }
+                    IoRefusal::StaleConn | IoRefusal::NotACopy => self.fail(from, false),
                 }
             }
         }
@@ -857,7 +872,8 @@ impl Engine {
     }
 
     fn resend_attach(&mut self) {
-        if (self.now + self.cfg.timeout - self.attach_deadline) % self.cfg.resend != 0 {
+        let since = self.now + self.cfg.timeout - self.attach_deadline;
+        if !since.is_multiple_of(self.cfg.resend) {
             return;
         }
         let nodes: Vec<String> = self
@@ -1086,19 +1102,22 @@ impl Engine {
             return;
         }
         let pending_to_n = self.writes.values().any(|w| w.waiting.contains(n));
-        match l.join_flush {
-            Some((_, sent, _)) if now >= sent + timeout => self.fail(n, false),
-            Some((id, sent, _)) => {
-                if now >= sent + resend && (now - sent) % resend == 0 {
-                    let io = self.io(n);
-                    self.send(n, Request::Flush { io, id });
-                }
+        match l.join_flush.as_ref().map(|j| (j.id, j.sent)) {
+            Some((_, sent)) if now >= sent + timeout => self.fail(n, false),
+            Some((id, sent)) if now > sent && (now - sent).is_multiple_of(resend) => {
+                let io = self.io(n);
+                self.send(n, Request::Flush { io, id });
             }
+            Some(_) => {}
             None if !pending_to_n => {
                 self.next_id += 1;
                 let id = self.next_id;
                 let l = self.links.get_mut(n).expect("listed");
-                l.join_flush = Some((id, now, covered(l)));
+                l.join_flush = Some(JoinFlush {
+                    id,
+                    sent: now,
+                    covers: covered(l),
+                });
                 let io = self.io(n);
                 self.send(n, Request::Flush { io, id });
             }
@@ -1135,7 +1154,8 @@ impl Engine {
                 }
             }
         }
-        if desired != self.record.in_sync {
+        if desired != self.record.in_sync || self.suspect_fenced {
+            self.suspect_fenced = false;
             self.propose(desired);
         }
     }
@@ -1188,4 +1208,207 @@ fn covered(l: &Link) -> Vec<(Region, Tag)> {
         .filter(|(_, (_, acked))| *acked)
         .map(|(r, (t, _))| (*r, *t))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::replicated::protocol::Voter;
+    use crate::backend::replicated::record::Member;
+    use crate::volume::Uuid;
+
+    /// Three copies on a perfect network, minus the nodes in `down`.
+    struct Net {
+        voters: BTreeMap<String, Voter>,
+        down: BTreeSet<String>,
+        now: u64,
+    }
+
+    impl Net {
+        fn new() -> (Self, ReplicaRecord) {
+            let r = ReplicaRecord::new(
+                Uuid::parse_hex("000000000000000000000000000000aa").unwrap(),
+                4 << 20,
+                vec![Member::copy("a"), Member::copy("b"), Member::copy("c")],
+                &BTreeMap::new(),
+            )
+            .unwrap();
+            let voters = r
+                .voters()
+                .map(|n| (n.to_owned(), Voter::new(n, r.clone(), 0)))
+                .collect();
+            let net = Net {
+                voters,
+                down: BTreeSet::new(),
+                now: 0,
+            };
+            (net, r)
+        }
+
+        /// Runs a controller change to its outcome.
+        fn change(&mut self, change: Change, record: &ReplicaRecord, id: &str) -> Outcome {
+            let (mut p, mut out) = Proposer::new(id, change, record, 0, self.now, 10);
+            loop {
+                let mut next = Vec::new();
+                for e in out.drain(..) {
+                    if let Some((from, reply)) = self.deliver(e) {
+                        let (more, outcome) = p.handle(&from, &reply);
+                        if let Some(o) = outcome {
+                            return o;
+                        }
+                        next.extend(more);
+                    }
+                }
+                self.now += 1;
+                next.extend(p.tick(self.now, 1));
+                out = next;
+                assert!(self.now < 1000, "the change did not finish");
+            }
+        }
+
+        /// Publishes to `node` and starts its engine.
+        fn publish(&mut self, node: &str, record: &ReplicaRecord, id: &str) -> Engine {
+            let change = Change::Publish {
+                node: node.into(),
+                readonly: false,
+            };
+            let Outcome::Chosen { ballot, record } = self.change(change, record, id) else {
+                panic!("publish refused");
+            };
+            let cfg = EngineConfig {
+                id: format!("engine-{id}"),
+                node: node.into(),
+                regions: 4,
+                timeout: 10,
+                resend: 2,
+            };
+            Engine::new(cfg, ballot, record, self.now)
+        }
+
+        fn deliver(&mut self, e: Envelope) -> Option<(String, Reply)> {
+            if self.down.contains(&e.to) {
+                return None;
+            }
+            let reply = self.voters.get_mut(&e.to).unwrap().handle(e.msg)?;
+            Some((e.to, reply))
+        }
+
+        /// Runs `engine` for `steps` ticks; returns its events.
+        fn run(&mut self, engine: &mut Engine, steps: u64) -> Vec<EngineEvent> {
+            let mut events = Vec::new();
+            for _ in 0..steps {
+                self.now += 1;
+                engine.tick(self.now, 1);
+                loop {
+                    let (out, ev) = engine.drain();
+                    events.extend(ev);
+                    if out.is_empty() {
+                        break;
+                    }
+                    for e in out {
+                        if let Some((from, reply)) = self.deliver(e) {
+                            engine.handle(&from, reply);
+                        }
+                    }
+                }
+            }
+            events
+        }
+    }
+
+    fn acked(events: &[EngineEvent]) -> Vec<Tag> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                EngineEvent::Acked { tag, .. } => Some(*tag),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_write_is_acknowledged_once_every_copy_has_it() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        let ev = net.run(&mut e, 3);
+        assert!(ev.contains(&EngineEvent::Ready { epoch: 2 }), "{ev:?}");
+        let tag = e.write(1).unwrap();
+        assert_eq!(e.write(1), Err(IoError::Busy(1)));
+        let ev = net.run(&mut e, 1);
+        assert_eq!(acked(&ev), [tag]);
+        for v in net.voters.values() {
+            assert_eq!(v.data().get(&1), Some(&tag), "{}", v.node());
+        }
+    }
+
+    #[test]
+    fn a_dead_copy_is_marked_out_of_sync_before_the_write_is_acknowledged() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        net.down.insert("c".into());
+        let tag = e.write(2).unwrap();
+        let ev = net.run(&mut e, 5);
+        assert!(acked(&ev).is_empty(), "acked before c was marked out");
+        let ev = net.run(&mut e, 20);
+        assert_eq!(acked(&ev), [tag]);
+        // The mark-out is on a majority and came first.
+        let pos_chosen = ev
+            .iter()
+            .position(|x| matches!(x, EngineEvent::Chosen { record, .. } if !record.in_sync.contains_key("c")))
+            .expect("c marked out");
+        let pos_ack = ev
+            .iter()
+            .position(|x| matches!(x, EngineEvent::Acked { .. }))
+            .unwrap();
+        assert!(pos_chosen < pos_ack);
+        assert!(!net.voters["a"].state().record.in_sync.contains_key("c"));
+        assert!(!e.all_in_sync());
+    }
+
+    #[test]
+    fn a_copy_that_comes_back_is_rebuilt_from_its_dirty_regions_and_rejoins() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        net.down.insert("c".into());
+        let t0 = e.write(0).unwrap();
+        net.run(&mut e, 20);
+        let t3 = e.write(3).unwrap();
+        net.run(&mut e, 2);
+        assert_eq!(net.voters["c"].data().get(&0), None);
+        net.down.clear();
+        net.run(&mut e, 60);
+        assert!(e.all_in_sync(), "{e:?}");
+        assert_eq!(net.voters["c"].data().get(&0), Some(&t0));
+        assert_eq!(net.voters["c"].data().get(&3), Some(&t3));
+        assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    #[test]
+    fn an_engine_is_fenced_once_the_volume_is_published_elsewhere() {
+        let (mut net, r) = Net::new();
+        let mut old = net.publish("a", &r, "ctl1");
+        net.run(&mut old, 3);
+        // Force-detach: unpublish a, publish b.
+        let change = Change::Unpublish { node: "a".into() };
+        let Outcome::Chosen { record: latest, .. } = net.change(change, &r, "ctl2") else {
+            panic!("unpublish refused");
+        };
+        assert_eq!(latest.owner, None);
+        let mut new = net.publish("b", &latest, "ctl3");
+        net.run(&mut new, 3);
+        assert_eq!(new.state(), EngineState::Running);
+        let tag = old.write(0).unwrap();
+        let ev = net.run(&mut old, 30);
+        assert!(acked(&ev).is_empty());
+        assert!(
+            ev.contains(&EngineEvent::WriteFailed { region: 0, tag }),
+            "{ev:?}"
+        );
+        assert_eq!(old.state(), EngineState::Fenced);
+        for v in net.voters.values() {
+            assert_eq!(v.data().get(&0), None, "{} took a fenced write", v.node());
+        }
+    }
 }
