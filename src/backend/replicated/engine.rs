@@ -556,7 +556,7 @@ impl Engine {
                 if !l.lost {
                     l.failing = false;
                 }
-                if self.reads.get(&id).is_some_and(|r| r.from == from) {
+                if l.phase == Phase::InSync && self.reads.get(&id).is_some_and(|r| r.from == from) {
                     self.reads.remove(&id);
                     self.events.push(EngineEvent::ReadDone { id, region, tag });
                     return;
@@ -974,10 +974,20 @@ impl Engine {
         let now = self.now;
         let mut failed = Vec::new();
         let mut resend = Vec::new();
+        let source = self.source();
+        let links = &self.links;
         for (&id, r) in &mut self.reads {
             if now >= r.issued + self.cfg.timeout {
                 failed.push(id);
             } else if now >= r.last_sent + self.cfg.resend {
+                // Only ever from a copy in sync now: the first one asked
+                // may have dropped out (and come back being rebuilt).
+                let ok = links
+                    .get(&r.from)
+                    .is_some_and(|l| l.phase == Phase::InSync && !l.failing);
+                if !ok && let Some(s) = &source {
+                    r.from = s.clone();
+                }
                 r.last_sent = now;
                 resend.push((r.from.clone(), r.region, id));
             }
@@ -987,11 +997,10 @@ impl Engine {
             self.events.push(EngineEvent::ReadFailed { id });
         }
         for (n, region, id) in resend {
-            if !self.live(&n) {
-                continue;
+            if self.links.get(&n).is_some_and(|l| l.phase == Phase::InSync) && self.live(&n) {
+                let io = self.io(&n);
+                self.send(&n, Request::Read { io, region, id });
             }
-            let io = self.io(&n);
-            self.send(&n, Request::Read { io, region, id });
         }
     }
 

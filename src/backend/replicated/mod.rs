@@ -66,7 +66,23 @@
 //! so it is out of sync by construction. Rebuild copies each dirty region
 //! from an in-sync copy while holding that region (user writes to it wait),
 //! flushes the copy, and adds it to the in-sync set on a majority; from the
-//! moment the change is proposed, writes wait for that copy too.
+//! moment the change is proposed, writes wait for that copy too. A user
+//! flush also goes to copies being rebuilt, and one that has not flushed by
+//! the time the flush is acknowledged must flush again before it joins.
+//!
+//! If every in-sync copy restarts while an engine runs, writes it
+//! acknowledged but nobody flushed may be gone (as on a disk that lost
+//! power): the engine stops and fails I/O. The next engine, once every
+//! in-sync copy has answered under its new boot, makes one of them the only
+//! in-sync copy (each holds every flushed write) and rebuilds the others
+//! from it.
+//!
+//! # What the data path adds
+//! Transport (TLS, deadlines), persisting [`protocol::VoterState`] before a
+//! voter replies, the regions' bytes behind the tags, a per-region tag map
+//! on each copy (or an equivalent log of regions written in the current
+//! epoch) for the start-up comparison, and the FUSE/loop device in front of
+//! the engine.
 
 pub mod engine;
 pub mod placement;

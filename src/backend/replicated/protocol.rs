@@ -76,8 +76,11 @@ pub enum Request {
         record: ReplicaRecord,
     },
     /// An engine opens connection `conn` to a copy; installs the chosen
-    /// record like [`Request::Commit`] first. Answered with the copy's
-    /// boot and the tag of every region.
+    /// record like [`Request::Commit`] first, and makes everything the copy
+    /// holds stable (the engine tracks unflushed writes from here on; what
+    /// an earlier engine left unflushed would otherwise go unnoticed if the
+    /// copy restarted). Answered with the copy's boot and the tag of every
+    /// region.
     Attach {
         ballot: Ballot,
         record: ReplicaRecord,
@@ -88,8 +91,11 @@ pub enum Request {
         region: Region,
         tag: Tag,
     },
-    /// A rebuild's copy of one region from an in-sync copy: replaces what
-    /// the region holds whatever its tag (the engine holds the region).
+    /// A rebuild's copy of one region from an in-sync copy (the engine
+    /// holds the region meanwhile). Replaces what the region holds when
+    /// that was written before the current epoch (leftovers the in-sync
+    /// copies may not have), or is not newer; a late duplicate never undoes
+    /// a newer write of this epoch.
     Rebuild {
         io: Io,
         region: Region,
@@ -276,11 +282,14 @@ impl Voter {
                 };
                 Some(match self.check(io) {
                     Err(why) => Reply::Refused { conn, why },
-                    Ok(()) => Reply::Attached {
-                        conn,
-                        boot: self.state.boot,
-                        tags: self.volatile.clone(),
-                    },
+                    Ok(()) => {
+                        self.durable = self.volatile.clone();
+                        Reply::Attached {
+                            conn,
+                            boot: self.state.boot,
+                            tags: self.volatile.clone(),
+                        }
+                    }
                 })
             }
             Request::Write { io, region, tag } => Some(self.io(io, |v| {
@@ -295,7 +304,10 @@ impl Voter {
                 }
             })),
             Request::Rebuild { io, region, tag } => Some(self.io(io, |v| {
-                v.volatile.insert(region, tag);
+                let held = v.volatile.entry(region).or_default();
+                if held.epoch < io.epoch || tag >= *held {
+                    *held = tag;
+                }
                 Reply::Rebuilt {
                     conn: io.conn,
                     region,
