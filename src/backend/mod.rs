@@ -10,6 +10,7 @@ pub mod dir;
 pub mod object;
 pub mod placement;
 pub mod profile;
+pub mod replicated;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,1423 @@
+//! The engine's replication logic, sans I/O: what the node that owns a
+//! replicated volume sends to its copies for each write, flush and read,
+//! when a write may be acknowledged, which copies it marks out of sync and
+//! how it rebuilds them. It never touches a socket, a file or a clock; the
+//! data path feeds it replies and ticks and sends what it returns.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::protocol::{
+    Ballot, Change, Envelope, Io, IoRefusal, Outcome, Proposer, Refusal, Region, Reply, Request,
+    Tag,
+};
+use super::record::ReplicaRecord;
+
+/// An engine instance's settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Proposer id, unique among everyone who may change the record (e.g.
+    /// `engine/<node>/<start counter>`).
+    pub id: String,
+    /// The node the engine runs on (the owner).
+    pub node: String,
+    /// How many regions the volume has.
+    pub regions: u32,
+    /// Ticks a copy may take to answer before it counts as failed; also a
+    /// record change's phase timeout.
+    pub timeout: u64,
+    /// Ticks between resends of an unanswered request.
+    pub resend: u64,
+}
+
+/// Where the engine is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineState {
+    /// Taking an epoch of its own (the Start change).
+    Starting,
+    /// Attaching the in-sync copies and comparing what they hold.
+    Attaching,
+    /// Recording which of them are really in sync.
+    Settling,
+    /// Serving I/O.
+    Running,
+    /// Another owner or epoch holds the volume: nothing more is sent.
+    Fenced,
+    /// Every in-sync copy restarted and lost unflushed writes while this
+    /// engine ran: its acknowledgements can no longer be honoured, so it
+    /// stops (the data path fails I/O; a new engine reseeds).
+    Failed,
+}
+
+/// Why an I/O was not started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    #[error("the engine is not running")]
+    NotRunning,
+    #[error("region {0} has a request in flight")]
+    Busy(Region),
+    #[error("region {0} is beyond the volume")]
+    OutOfRange(Region),
+    #[error("no copy is in sync")]
+    NoCopy,
+}
+
+/// What the engine tells the data path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// The engine serves I/O at `epoch`.
+    Ready {
+        epoch: u64,
+    },
+    /// A write is on every in-sync copy: acknowledge it.
+    Acked {
+        region: Region,
+        tag: Tag,
+    },
+    /// A write will never be acknowledged (the engine stopped).
+    WriteFailed {
+        region: Region,
+        tag: Tag,
+    },
+    FlushAcked {
+        id: u64,
+    },
+    FlushFailed {
+        id: u64,
+    },
+    ReadDone {
+        id: u64,
+        region: Region,
+        tag: Tag,
+    },
+    ReadFailed {
+        id: u64,
+    },
+    /// The engine made a change: `record` is chosen at `ballot`.
+    Chosen {
+        ballot: Ballot,
+        record: ReplicaRecord,
+    },
+    /// At start no in-sync copy was as it had been (all restarted): `base`
+    /// becomes the only in-sync copy and the others are rebuilt from it.
+    Reseeded {
+        base: String,
+        boot: u64,
+    },
+    Fenced {
+        refusal: Refusal,
+    },
+    AllCopiesLost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    InSync,
+    Out,
+    Rebuilding,
+}
+
+#[derive(Debug, Clone)]
+struct Copying {
+    region: Region,
+    read: u64,
+    tag: Option<Tag>,
+    sent_at: u64,
+    started: u64,
+}
+
+/// The engine's view of one copy.
+#[derive(Debug, Clone)]
+struct Link {
+    phase: Phase,
+    conn: u64,
+    boot: u64,
+    /// Failed while required: to be marked out of sync.
+    failing: bool,
+    /// Restarted (so it lost what it had not flushed).
+    lost: bool,
+    /// Regions it may lack (while out of sync or rebuilding).
+    dirty: BTreeSet<Region>,
+    /// Per region, the last write or rebuild sent to it since its last
+    /// flush, and whether it acknowledged it.
+    unflushed: BTreeMap<Region, (Tag, bool)>,
+    attach_sent: Option<u64>,
+    copying: Option<Copying>,
+    join_flush: Option<JoinFlush>,
+    flushed: bool,
+}
+
+impl Link {
+    fn new(phase: Phase, boot: u64) -> Self {
+        Link {
+            phase,
+            conn: 0,
+            boot,
+            failing: false,
+            lost: false,
+            dirty: BTreeSet::new(),
+            unflushed: BTreeMap::new(),
+            attach_sent: None,
+            copying: None,
+            join_flush: None,
+            flushed: false,
+        }
+    }
+
+    fn go_out(&mut self) {
+        self.phase = Phase::Out;
+        self.dirty.extend(self.unflushed.keys().copied());
+        self.unflushed.clear();
+        self.failing = false;
+        self.lost = false;
+        self.attach_sent = None;
+        self.copying = None;
+        self.join_flush = None;
+        self.flushed = false;
+    }
+
+    fn is_joiner(&self) -> bool {
+        self.phase == Phase::Rebuilding
+            && self.flushed
+            && !self.failing
+            && self.dirty.is_empty()
+            && self.copying.is_none()
+            && self.unflushed.values().all(|(_, acked)| *acked)
+    }
+}
+
+/// The flush that ends a rebuild.
+#[derive(Debug, Clone)]
+struct JoinFlush {
+    id: u64,
+    sent: u64,
+    covers: Vec<(Region, Tag)>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingWrite {
+    region: Region,
+    /// Acknowledged to the user; kept until copies being rebuilt have it
+    /// too (or drop out).
+    acked: bool,
+    waiting: BTreeSet<String>,
+    issued: u64,
+    last_sent: u64,
+}
+
+#[derive(Debug, Clone)]
+struct PendingFlush {
+    waiting: BTreeSet<String>,
+    covers: BTreeMap<String, Vec<(Region, Tag)>>,
+    issued: u64,
+    last_sent: u64,
+}
+
+#[derive(Debug, Clone)]
+struct PendingRead {
+    region: Region,
+    from: String,
+    issued: u64,
+    last_sent: u64,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    state: EngineState,
+    ballot: Ballot,
+    record: ReplicaRecord,
+    links: BTreeMap<String, Link>,
+    proposer: Option<Proposer>,
+    start_replies: BTreeMap<String, (u64, BTreeMap<Region, Tag>)>,
+    attach_deadline: u64,
+    reseed: Option<(String, u64)>,
+    /// A copy refused a request as from an older epoch.
+    suspect_fenced: bool,
+    writes: BTreeMap<u64, PendingWrite>,
+    flushes: BTreeMap<u64, PendingFlush>,
+    reads: BTreeMap<u64, PendingRead>,
+    seq: u64,
+    next_id: u64,
+    now: u64,
+    out: Vec<Envelope>,
+    events: Vec<EngineEvent>,
+}
+
+impl Engine {
+    /// Starts an engine on the owner node from the record (chosen at
+    /// `ballot`) that ControllerPublish returned. It first takes an epoch
+    /// of its own; I/O waits for [`EngineEvent::Ready`].
+    pub fn new(cfg: EngineConfig, ballot: Ballot, record: ReplicaRecord, now: u64) -> Self {
+        let change = Change::Start {
+            node: cfg.node.clone(),
+        };
+        let (p, out) = Proposer::new(&cfg.id, change, &record, ballot.round, now, cfg.timeout);
+        Engine {
+            state: EngineState::Starting,
+            ballot,
+            links: BTreeMap::new(),
+            proposer: Some(p),
+            start_replies: BTreeMap::new(),
+            attach_deadline: 0,
+            reseed: None,
+            suspect_fenced: false,
+            writes: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            seq: 0,
+            next_id: 0,
+            now,
+            out,
+            events: Vec::new(),
+            record,
+            cfg,
+        }
+    }
+
+    pub fn state(&self) -> EngineState {
+        self.state
+    }
+
+    /// The engine's epoch once it started (before: the publication's).
+    pub fn epoch(&self) -> u64 {
+        self.record.epoch
+    }
+
+    /// The newest record this engine knows to be chosen.
+    pub fn record(&self) -> &ReplicaRecord {
+        &self.record
+    }
+
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    /// Whether nothing is in flight: no write, flush, read or change.
+    pub fn idle(&self) -> bool {
+        self.writes.is_empty()
+            && self.flushes.is_empty()
+            && self.reads.is_empty()
+            && self.proposer.is_none()
+    }
+
+    /// Whether every copy is in sync and nothing is being rebuilt.
+    pub fn all_in_sync(&self) -> bool {
+        self.links
+            .values()
+            .all(|l| l.phase == Phase::InSync && !l.failing)
+            && self.record.in_sync.len() == self.record.copies().count()
+    }
+
+    /// Takes what to send and what happened since the last call.
+    pub fn drain(&mut self) -> (Vec<Envelope>, Vec<EngineEvent>) {
+        (
+            std::mem::take(&mut self.out),
+            std::mem::take(&mut self.events),
+        )
+    }
+
+    fn io(&self, node: &str) -> Io {
+        let l = &self.links[node];
+        Io {
+            epoch: self.record.epoch,
+            boot: l.boot,
+            conn: l.conn,
+        }
+    }
+
+    fn send(&mut self, to: &str, msg: Request) {
+        self.out.push(Envelope {
+            to: to.to_owned(),
+            msg,
+        });
+    }
+
+    fn busy(&self, region: Region) -> bool {
+        self.writes.values().any(|w| !w.acked && w.region == region)
+            || self
+                .links
+                .values()
+                .any(|l| l.copying.as_ref().is_some_and(|c| c.region == region))
+    }
+
+    /// Copies whose acknowledgement a write or flush needs: the in-sync set
+    /// of the chosen record and of a change in flight (a copy being added
+    /// must have every write acknowledged from the moment it is proposed).
+    fn required(&self) -> BTreeSet<String> {
+        let mut r: BTreeSet<String> = self.record.in_sync.keys().cloned().collect();
+        if let Some(Change::SetInSync { in_sync, .. }) = self.proposer.as_ref().map(|p| p.change())
+        {
+            r.extend(in_sync.keys().cloned());
+        }
+        r
+    }
+
+    /// Where reads and rebuilds read from: the local copy when it is in
+    /// sync, else the first in-sync copy that is not failing.
+    fn source(&self) -> Option<String> {
+        let ok = |n: &str| {
+            self.links
+                .get(n)
+                .is_some_and(|l| l.phase == Phase::InSync && !l.failing)
+        };
+        if ok(&self.cfg.node) {
+            return Some(self.cfg.node.clone());
+        }
+        self.links.keys().find(|n| ok(n)).cloned()
+    }
+
+    /// Starts a write of `region`; its outcome comes as an event.
+    pub fn write(&mut self, region: Region) -> Result<Tag, IoError> {
+        self.check_io(region)?;
+        self.seq += 1;
+        let tag = Tag {
+            epoch: self.record.epoch,
+            seq: self.seq,
+        };
+        let mut waiting = BTreeSet::new();
+        let nodes: Vec<String> = self.links.keys().cloned().collect();
+        for n in nodes {
+            let l = self.links.get_mut(&n).expect("listed");
+            match l.phase {
+                Phase::Out => {
+                    l.dirty.insert(region);
+                }
+                Phase::InSync | Phase::Rebuilding => {
+                    l.unflushed.insert(region, (tag, false));
+                    waiting.insert(n.clone());
+                    let io = self.io(&n);
+                    self.send(&n, Request::Write { io, region, tag });
+                }
+            }
+        }
+        self.writes.insert(
+            self.seq,
+            PendingWrite {
+                region,
+                acked: false,
+                waiting,
+                issued: self.now,
+                last_sent: self.now,
+            },
+        );
+        self.settle();
+        Ok(tag)
+    }
+
+    /// Starts a flush of every write acknowledged so far. It also goes to
+    /// copies being rebuilt: one that has not flushed when the flush is
+    /// acknowledged must flush again before it may join.
+    pub fn flush(&mut self) -> Result<u64, IoError> {
+        if self.state != EngineState::Running {
+            return Err(IoError::NotRunning);
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut f = PendingFlush {
+            waiting: BTreeSet::new(),
+            covers: BTreeMap::new(),
+            issued: self.now,
+            last_sent: self.now,
+        };
+        let required = self.required();
+        let nodes: Vec<String> = self.links.keys().cloned().collect();
+        for n in nodes {
+            let l = &self.links[&n];
+            if !(required.contains(&n) || l.phase == Phase::Rebuilding) || l.phase == Phase::Out {
+                continue;
+            }
+            f.covers.insert(n.clone(), covered(l));
+            f.waiting.insert(n.clone());
+            let io = self.io(&n);
+            self.send(&n, Request::Flush { io, id });
+        }
+        self.flushes.insert(id, f);
+        self.settle();
+        Ok(id)
+    }
+
+    /// Starts a read of `region` from the local copy when it is in sync,
+    /// else from an in-sync copy.
+    pub fn read(&mut self, region: Region) -> Result<u64, IoError> {
+        if self.state != EngineState::Running {
+            return Err(IoError::NotRunning);
+        }
+        if region >= self.cfg.regions {
+            return Err(IoError::OutOfRange(region));
+        }
+        let from = self.source().ok_or(IoError::NoCopy)?;
+        self.next_id += 1;
+        let id = self.next_id;
+        let io = self.io(&from);
+        self.send(&from, Request::Read { io, region, id });
+        self.reads.insert(
+            id,
+            PendingRead {
+                region,
+                from,
+                issued: self.now,
+                last_sent: self.now,
+            },
+        );
+        Ok(id)
+    }
+
+    fn check_io(&self, region: Region) -> Result<(), IoError> {
+        if self.state != EngineState::Running {
+            return Err(IoError::NotRunning);
+        }
+        if region >= self.cfg.regions {
+            return Err(IoError::OutOfRange(region));
+        }
+        if self.busy(region) {
+            return Err(IoError::Busy(region));
+        }
+        Ok(())
+    }
+
+    /// A voter answered.
+    pub fn handle(&mut self, from: &str, reply: Reply) {
+        if matches!(self.state, EngineState::Fenced | EngineState::Failed) {
+            return;
+        }
+        match reply {
+            Reply::Promise { .. } | Reply::Nack { .. } | Reply::Accepted { .. } => {
+                if let Some(p) = self.proposer.as_mut() {
+                    let (out, outcome) = p.handle(from, &reply);
+                    self.out.extend(out);
+                    if let Some(o) = outcome {
+                        self.proposer = None;
+                        self.on_outcome(o);
+                    }
+                }
+            }
+            Reply::Attached { conn, boot, tags } => self.attached(from, conn, boot, tags),
+            Reply::Written { conn, region, tag } | Reply::Rebuilt { conn, region, tag } => {
+                if !self.current(from, conn) {
+                    return;
+                }
+                let l = self.links.get_mut(from).expect("current");
+                if !l.lost {
+                    l.failing = false;
+                }
+                if let Some(u) = l.unflushed.get_mut(&region)
+                    && u.0 == tag
+                {
+                    u.1 = true;
+                }
+                if let Some(c) = &l.copying
+                    && c.region == region
+                    && c.tag == Some(tag)
+                {
+                    l.dirty.remove(&region);
+                    l.copying = None;
+                }
+                if tag.epoch == self.record.epoch
+                    && let Some(w) = self.writes.get_mut(&tag.seq)
+                {
+                    w.waiting.remove(from);
+                }
+            }
+            Reply::Flushed { conn, id } => {
+                if !self.current(from, conn) {
+                    return;
+                }
+                let l = self.links.get_mut(from).expect("current");
+                if !l.lost {
+                    l.failing = false;
+                }
+                let mut covers = Vec::new();
+                if l.join_flush.as_ref().is_some_and(|j| j.id == id) {
+                    covers = l.join_flush.take().expect("some").covers;
+                    l.flushed = true;
+                }
+                if let Some(f) = self.flushes.get_mut(&id)
+                    && f.waiting.remove(from)
+                {
+                    covers.extend(f.covers.remove(from).unwrap_or_default());
+                }
+                for (region, tag) in covers {
+                    if l.unflushed.get(&region).is_some_and(|u| u.0 == tag) {
+                        l.unflushed.remove(&region);
+                    }
+                }
+            }
+            Reply::ReadData {
+                conn,
+                id,
+                region,
+                tag,
+            } => {
+                if !self.current(from, conn) {
+                    return;
+                }
+                let l = self.links.get_mut(from).expect("current");
+                if !l.lost {
+                    l.failing = false;
+                }
+                if l.phase == Phase::InSync && self.reads.get(&id).is_some_and(|r| r.from == from) {
+                    self.reads.remove(&id);
+                    self.events.push(EngineEvent::ReadDone { id, region, tag });
+                    return;
+                }
+                // A rebuild's read: copy what the source holds.
+                let targets: Vec<String> = self
+                    .links
+                    .iter()
+                    .filter(|(_, l)| {
+                        l.copying
+                            .as_ref()
+                            .is_some_and(|c| c.read == id && c.tag.is_none())
+                    })
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for t in targets {
+                    let now = self.now;
+                    let l = self.links.get_mut(&t).expect("listed");
+                    let c = l.copying.as_mut().expect("filtered");
+                    c.tag = Some(tag);
+                    c.sent_at = now;
+                    l.unflushed.insert(region, (tag, false));
+                    let io = self.io(&t);
+                    self.send(&t, Request::Rebuild { io, region, tag });
+                }
+            }
+            Reply::Refused { conn, why } => {
+                if !self.current(from, conn) {
+                    return;
+                }
+                match why {
+                    IoRefusal::Behind { .. } => {
+                        let msg = Request::Commit {
+                            ballot: self.ballot.clone(),
+                            record: self.record.clone(),
+                        };
+                        self.send(from, msg);
+                    }
+                    IoRefusal::WrongBoot { .. } => self.fail(from, true),
+                    IoRefusal::Fenced { .. } => {
+                        // Confirm on a majority: either the engine is fenced
+                        // or the copy's newer record is not chosen (and the
+                        // next change overwrites it).
+                        self.suspect_fenced = true;
+                        self.fail(from, false)
+                    }
+                    IoRefusal::StaleConn | IoRefusal::NotACopy => self.fail(from, false),
+                }
+            }
+        }
+        self.settle();
+    }
+
+    fn current(&self, from: &str, conn: u64) -> bool {
+        self.links
+            .get(from)
+            .is_some_and(|l| l.conn == conn && l.phase != Phase::Out)
+    }
+
+    fn attached(&mut self, from: &str, conn: u64, boot: u64, tags: BTreeMap<Region, Tag>) {
+        let Some(l) = self.links.get_mut(from) else {
+            return;
+        };
+        if l.conn != conn {
+            return;
+        }
+        match self.state {
+            EngineState::Attaching => {
+                self.start_replies.insert(from.to_owned(), (boot, tags));
+                let waiting = self
+                    .record
+                    .in_sync
+                    .keys()
+                    .any(|n| !self.start_replies.contains_key(n));
+                if !waiting {
+                    self.decide_start();
+                }
+            }
+            EngineState::Running if l.phase == Phase::Out && l.attach_sent.is_some() => {
+                l.phase = Phase::Rebuilding;
+                l.boot = boot;
+                l.attach_sent = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// A copy failed to answer in time or refused: a required copy is to be
+    /// marked out of sync; a copy being rebuilt starts over.
+    fn fail(&mut self, node: &str, lost: bool) {
+        let required = self.required();
+        let Some(l) = self.links.get_mut(node) else {
+            return;
+        };
+        match l.phase {
+            Phase::Out => {}
+            Phase::InSync => {
+                l.failing = true;
+                l.lost |= lost;
+            }
+            Phase::Rebuilding if required.contains(node) => {
+                l.failing = true;
+                l.lost |= lost;
+            }
+            Phase::Rebuilding => l.go_out(),
+        }
+    }
+
+    fn on_outcome(&mut self, o: Outcome) {
+        match o {
+            Outcome::Refused { refusal, .. } => {
+                self.stop(EngineState::Fenced);
+                self.events.push(EngineEvent::Fenced { refusal });
+            }
+            Outcome::Chosen { ballot, record } => {
+                self.ballot = ballot.clone();
+                self.record = record.clone();
+                self.events.push(EngineEvent::Chosen { ballot, record });
+                match self.state {
+                    EngineState::Starting => self.begin_attach(),
+                    EngineState::Settling => {
+                        self.apply_in_sync();
+                        self.state = EngineState::Running;
+                        if let Some((base, boot)) = self.reseed.take() {
+                            self.events.push(EngineEvent::Reseeded { base, boot });
+                        }
+                        self.events.push(EngineEvent::Ready {
+                            epoch: self.record.epoch,
+                        });
+                    }
+                    _ => self.apply_in_sync(),
+                }
+            }
+        }
+    }
+
+    /// Brings the links in line with the chosen record's in-sync set.
+    fn apply_in_sync(&mut self) {
+        for (n, l) in self.links.iter_mut() {
+            match self.record.in_sync.get(n) {
+                Some(&boot) if l.phase != Phase::InSync => {
+                    l.phase = Phase::InSync;
+                    l.boot = boot;
+                    l.dirty.clear();
+                    l.copying = None;
+                    l.join_flush = None;
+                    l.flushed = false;
+                }
+                None if l.phase == Phase::InSync => l.go_out(),
+                None if l.phase == Phase::Rebuilding && l.failing => l.go_out(),
+                _ => {}
+            }
+        }
+    }
+
+    fn begin_attach(&mut self) {
+        self.state = EngineState::Attaching;
+        self.start_replies.clear();
+        self.attach_deadline = self.now + self.cfg.timeout;
+        let copies: Vec<String> = self.record.copies().map(str::to_owned).collect();
+        for c in copies {
+            let boot = self.record.in_sync.get(&c).copied();
+            let l = self
+                .links
+                .entry(c.clone())
+                .or_insert_with(|| Link::new(Phase::Out, 0));
+            l.conn += 1;
+            if boot.is_none() {
+                l.go_out();
+                l.dirty = (0..self.cfg.regions).collect();
+                continue;
+            }
+            let msg = Request::Attach {
+                ballot: self.ballot.clone(),
+                record: self.record.clone(),
+                conn: l.conn,
+            };
+            self.send(&c, msg);
+        }
+    }
+
+    /// Every in-sync copy answered (or the time ran out): keep in sync the
+    /// copies that did not restart and hold what the source holds; the
+    /// others are rebuilt. If all restarted, one becomes the base.
+    fn decide_start(&mut self) {
+        let mut good: BTreeMap<String, BTreeMap<Region, Tag>> = self
+            .start_replies
+            .iter()
+            .filter(|(n, (boot, _))| self.record.in_sync_at(n, *boot))
+            .map(|(n, (_, tags))| (n.clone(), tags.clone()))
+            .collect();
+        if good.is_empty() {
+            // Reseed only when every in-sync copy answered and all of them
+            // restarted; one that did not answer may still hold everything.
+            let all_answered = self
+                .record
+                .in_sync
+                .keys()
+                .all(|n| self.start_replies.contains_key(n));
+            let first = self.start_replies.first_key_value();
+            let (Some((base, (boot, tags))), true) = (first, all_answered) else {
+                self.begin_attach();
+                return;
+            };
+            self.reseed = Some((base.clone(), *boot));
+            good.insert(base.clone(), tags.clone());
+        }
+        let source = if good.contains_key(&self.cfg.node) {
+            self.cfg.node.clone()
+        } else {
+            good.keys().next().expect("not empty").clone()
+        };
+        let base = good[&source].clone();
+        let mut in_sync = BTreeMap::new();
+        let all: BTreeSet<Region> = (0..self.cfg.regions).collect();
+        for (n, l) in self.links.iter_mut() {
+            if self.record.in_sync.contains_key(n) || self.reseed.is_some() {
+                l.go_out();
+                l.dirty = match good.get(n) {
+                    Some(tags) => all
+                        .iter()
+                        .copied()
+                        .filter(|r| tags.get(r) != base.get(r))
+                        .collect(),
+                    None => all.clone(),
+                };
+                if let Some((boot, _)) = self.start_replies.get(n)
+                    && good.contains_key(n)
+                    && l.dirty.is_empty()
+                {
+                    l.phase = Phase::InSync;
+                    l.boot = *boot;
+                    in_sync.insert(n.clone(), *boot);
+                }
+            }
+        }
+        if in_sync == self.record.in_sync {
+            self.state = EngineState::Running;
+            self.events.push(EngineEvent::Ready {
+                epoch: self.record.epoch,
+            });
+            return;
+        }
+        self.state = EngineState::Settling;
+        self.propose(in_sync);
+    }
+
+    fn propose(&mut self, in_sync: BTreeMap<String, u64>) {
+        let change = Change::SetInSync {
+            node: self.cfg.node.clone(),
+            epoch: self.record.epoch,
+            in_sync,
+        };
+        let (p, out) = Proposer::new(
+            &self.cfg.id,
+            change,
+            &self.record,
+            self.ballot.round,
+            self.now,
+            self.cfg.timeout,
+        );
+        self.proposer = Some(p);
+        self.out.extend(out);
+    }
+
+    fn stop(&mut self, state: EngineState) {
+        self.state = state;
+        self.proposer = None;
+        let writes = std::mem::take(&mut self.writes);
+        for (seq, w) in writes.into_iter().filter(|(_, w)| !w.acked) {
+            self.events.push(EngineEvent::WriteFailed {
+                region: w.region,
+                tag: Tag {
+                    epoch: self.record.epoch,
+                    seq,
+                },
+            });
+        }
+        for id in std::mem::take(&mut self.flushes).into_keys() {
+            self.events.push(EngineEvent::FlushFailed { id });
+        }
+        for id in std::mem::take(&mut self.reads).into_keys() {
+            self.events.push(EngineEvent::ReadFailed { id });
+        }
+    }
+
+    /// Time passes: resends, timeouts, rebuild steps and record changes.
+    /// `jitter` comes from the caller's randomness (a change's backoff).
+    pub fn tick(&mut self, now: u64, jitter: u64) {
+        self.now = now;
+        if let Some(p) = self.proposer.as_mut() {
+            let out = p.tick(now, jitter);
+            self.out.extend(out);
+        }
+        match self.state {
+            EngineState::Attaching => {
+                if now >= self.attach_deadline {
+                    self.decide_start();
+                } else {
+                    self.resend_attach();
+                }
+            }
+            EngineState::Running => {
+                self.tick_writes();
+                self.tick_flushes();
+                self.tick_reads();
+                self.tick_rebuilds();
+                self.maybe_change();
+            }
+            _ => {}
+        }
+        self.settle();
+    }
+
+    fn resend_attach(&mut self) {
+        let since = self.now + self.cfg.timeout - self.attach_deadline;
+        if !since.is_multiple_of(self.cfg.resend) {
+            return;
+        }
+        let nodes: Vec<String> = self
+            .record
+            .in_sync
+            .keys()
+            .filter(|n| !self.start_replies.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in nodes {
+            let msg = Request::Attach {
+                ballot: self.ballot.clone(),
+                record: self.record.clone(),
+                conn: self.links[&n].conn,
+            };
+            self.send(&n, msg);
+        }
+    }
+
+    fn live(&self, n: &str) -> bool {
+        self.links
+            .get(n)
+            .is_some_and(|l| l.phase != Phase::Out && !(l.failing && l.lost))
+    }
+
+    fn tick_writes(&mut self) {
+        let now = self.now;
+        let required = self.required();
+        let mut failed = Vec::new();
+        let mut resend = Vec::new();
+        for (&seq, w) in self.writes.iter_mut() {
+            let due = now >= w.last_sent + self.cfg.resend;
+            for n in &w.waiting {
+                let Some(l) = self.links.get(n) else { continue };
+                if l.phase == Phase::Out {
+                    continue;
+                }
+                if now >= w.issued + self.cfg.timeout
+                    && (required.contains(n) || l.phase == Phase::Rebuilding)
+                {
+                    failed.push(n.clone());
+                }
+                if due {
+                    resend.push((n.clone(), w.region, seq));
+                }
+            }
+            if due {
+                w.last_sent = now;
+            }
+        }
+        for n in failed {
+            self.fail(&n, false);
+        }
+        for (n, region, seq) in resend {
+            if !self.live(&n) {
+                continue;
+            }
+            let tag = Tag {
+                epoch: self.record.epoch,
+                seq,
+            };
+            let io = self.io(&n);
+            self.send(&n, Request::Write { io, region, tag });
+        }
+    }
+
+    fn tick_flushes(&mut self) {
+        let now = self.now;
+        let mut failed = Vec::new();
+        let mut resend = Vec::new();
+        for (&id, f) in self.flushes.iter_mut() {
+            let due = now >= f.last_sent + self.cfg.resend;
+            for n in &f.waiting {
+                if now >= f.issued + self.cfg.timeout {
+                    failed.push(n.clone());
+                }
+                if due {
+                    resend.push((n.clone(), id));
+                }
+            }
+            if due {
+                f.last_sent = now;
+            }
+        }
+        for n in failed {
+            self.fail(&n, false);
+        }
+        for (n, id) in resend {
+            if !self.live(&n) {
+                continue;
+            }
+            let io = self.io(&n);
+            self.send(&n, Request::Flush { io, id });
+        }
+    }
+
+    fn tick_reads(&mut self) {
+        let now = self.now;
+        let mut failed = Vec::new();
+        let mut resend = Vec::new();
+        let source = self.source();
+        let links = &self.links;
+        for (&id, r) in &mut self.reads {
+            if now >= r.issued + self.cfg.timeout {
+                failed.push(id);
+            } else if now >= r.last_sent + self.cfg.resend {
+                // Only ever from a copy in sync now: the first one asked
+                // may have dropped out (and come back being rebuilt).
+                let ok = links
+                    .get(&r.from)
+                    .is_some_and(|l| l.phase == Phase::InSync && !l.failing);
+                if !ok && let Some(s) = &source {
+                    r.from = s.clone();
+                }
+                r.last_sent = now;
+                resend.push((r.from.clone(), r.region, id));
+            }
+        }
+        for id in failed {
+            self.reads.remove(&id);
+            self.events.push(EngineEvent::ReadFailed { id });
+        }
+        for (n, region, id) in resend {
+            if self.links.get(&n).is_some_and(|l| l.phase == Phase::InSync) && self.live(&n) {
+                let io = self.io(&n);
+                self.send(&n, Request::Read { io, region, id });
+            }
+        }
+    }
+
+    fn tick_rebuilds(&mut self) {
+        let now = self.now;
+        let nodes: Vec<String> = self.links.keys().cloned().collect();
+        for n in nodes {
+            let phase = self.links[&n].phase;
+            match phase {
+                Phase::InSync => {}
+                Phase::Out => {
+                    let l = self.links.get_mut(&n).expect("listed");
+                    if l.attach_sent.is_none_or(|t| now >= t + self.cfg.resend) {
+                        l.conn += 1;
+                        l.attach_sent = Some(now);
+                        let msg = Request::Attach {
+                            ballot: self.ballot.clone(),
+                            record: self.record.clone(),
+                            conn: l.conn,
+                        };
+                        self.send(&n, msg);
+                    }
+                }
+                Phase::Rebuilding => self.rebuild_step(&n),
+            }
+        }
+    }
+
+    /// One step of rebuilding `n`: copy a dirty region (read it from the
+    /// source, write it to `n`), then flush `n`; it then joins on the next
+    /// change.
+    fn rebuild_step(&mut self, n: &str) {
+        let now = self.now;
+        let timeout = self.cfg.timeout;
+        let resend = self.cfg.resend;
+        let l = &self.links[n];
+        if l.failing {
+            return;
+        }
+        if let Some(c) = l.copying.clone() {
+            if now >= c.started + timeout {
+                match c.tag {
+                    // The target did not answer.
+                    Some(_) => self.fail(n, false),
+                    // The source did not: try again (maybe elsewhere).
+                    None => self.links.get_mut(n).expect("listed").copying = None,
+                }
+            } else if now >= c.sent_at + resend {
+                self.links
+                    .get_mut(n)
+                    .expect("listed")
+                    .copying
+                    .as_mut()
+                    .expect("some")
+                    .sent_at = now;
+                match c.tag {
+                    Some(tag) => {
+                        let io = self.io(n);
+                        self.send(
+                            n,
+                            Request::Rebuild {
+                                io,
+                                region: c.region,
+                                tag,
+                            },
+                        );
+                    }
+                    None => {
+                        if let Some(src) = self.source() {
+                            let io = self.io(&src);
+                            self.send(
+                                &src,
+                                Request::Read {
+                                    io,
+                                    region: c.region,
+                                    id: c.read,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(&region) = l.dirty.iter().find(|r| !self.busy(**r)) {
+            let Some(src) = self.source() else { return };
+            self.next_id += 1;
+            let read = self.next_id;
+            self.links.get_mut(n).expect("listed").copying = Some(Copying {
+                region,
+                read,
+                tag: None,
+                sent_at: now,
+                started: now,
+            });
+            let io = self.io(&src);
+            self.send(
+                &src,
+                Request::Read {
+                    io,
+                    region,
+                    id: read,
+                },
+            );
+            return;
+        }
+        if !l.dirty.is_empty() || l.flushed {
+            return;
+        }
+        let pending_to_n = self.writes.values().any(|w| w.waiting.contains(n));
+        match l.join_flush.as_ref().map(|j| (j.id, j.sent)) {
+            Some((_, sent)) if now >= sent + timeout => self.fail(n, false),
+            Some((id, sent)) if now > sent && (now - sent).is_multiple_of(resend) => {
+                let io = self.io(n);
+                self.send(n, Request::Flush { io, id });
+            }
+            Some(_) => {}
+            None if !pending_to_n => {
+                self.next_id += 1;
+                let id = self.next_id;
+                let l = self.links.get_mut(n).expect("listed");
+                l.join_flush = Some(JoinFlush {
+                    id,
+                    sent: now,
+                    covers: covered(l),
+                });
+                let io = self.io(n);
+                self.send(n, Request::Flush { io, id });
+            }
+            None => {}
+        }
+    }
+
+    /// Proposes the in-sync set the links call for, one change at a time:
+    /// failing copies out, flushed rebuilt copies in. The last in-sync copy
+    /// is never marked out; if it restarted, the engine stops.
+    fn maybe_change(&mut self) {
+        if self.proposer.is_some() || self.state != EngineState::Running {
+            return;
+        }
+        let mut desired: BTreeMap<String, u64> = self
+            .links
+            .iter()
+            .filter(|(_, l)| (l.phase == Phase::InSync && !l.failing) || l.is_joiner())
+            .map(|(n, l)| (n.clone(), l.boot))
+            .collect();
+        if desired.is_empty() {
+            let keep = self
+                .links
+                .iter()
+                .find(|(_, l)| l.phase == Phase::InSync && !l.lost);
+            match keep {
+                Some((n, l)) => {
+                    desired.insert(n.clone(), l.boot);
+                }
+                None => {
+                    self.stop(EngineState::Failed);
+                    self.events.push(EngineEvent::AllCopiesLost);
+                    return;
+                }
+            }
+        }
+        if desired != self.record.in_sync || self.suspect_fenced {
+            self.suspect_fenced = false;
+            self.propose(desired);
+        }
+    }
+
+    /// Acknowledges the writes and flushes no required copy still owes.
+    fn settle(&mut self) {
+        if self.state != EngineState::Running {
+            return;
+        }
+        let required = self.required();
+        let links = &self.links;
+        let epoch = self.record.epoch;
+        for (&seq, w) in self.writes.iter_mut() {
+            w.waiting
+                .retain(|n| links.get(n).is_some_and(|l| l.phase != Phase::Out));
+            if !w.acked && w.waiting.is_disjoint(&required) {
+                w.acked = true;
+                self.events.push(EngineEvent::Acked {
+                    region: w.region,
+                    tag: Tag { epoch, seq },
+                });
+            }
+        }
+        self.writes
+            .retain(|_, w| !(w.acked && w.waiting.is_empty()));
+        let done: Vec<u64> = self
+            .flushes
+            .iter()
+            .filter(|(_, f)| f.waiting.is_disjoint(&required))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let f = self.flushes.remove(&id).expect("listed");
+            for n in f.waiting {
+                if let Some(l) = self.links.get_mut(&n)
+                    && l.phase == Phase::Rebuilding
+                {
+                    l.flushed = false;
+                }
+            }
+            self.events.push(EngineEvent::FlushAcked { id });
+        }
+    }
+}
+
+/// The writes a copy acknowledged and has not flushed yet.
+fn covered(l: &Link) -> Vec<(Region, Tag)> {
+    l.unflushed
+        .iter()
+        .filter(|(_, (_, acked))| *acked)
+        .map(|(r, (t, _))| (*r, *t))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::replicated::protocol::Voter;
+    use crate::backend::replicated::record::Member;
+    use crate::volume::Uuid;
+
+    /// Three copies on a perfect network, minus the nodes in `down`.
+    struct Net {
+        voters: BTreeMap<String, Voter>,
+        down: BTreeSet<String>,
+        now: u64,
+    }
+
+    impl Net {
+        fn new() -> (Self, ReplicaRecord) {
+            let r = ReplicaRecord::new(
+                Uuid::parse_hex("000000000000000000000000000000aa").unwrap(),
+                4 << 20,
+                vec![Member::copy("a"), Member::copy("b"), Member::copy("c")],
+                &BTreeMap::new(),
+            )
+            .unwrap();
+            let voters = r
+                .voters()
+                .map(|n| (n.to_owned(), Voter::new(n, r.clone(), 0)))
+                .collect();
+            let net = Net {
+                voters,
+                down: BTreeSet::new(),
+                now: 0,
+            };
+            (net, r)
+        }
+
+        /// Runs a controller change to its outcome.
+        fn change(&mut self, change: Change, record: &ReplicaRecord, id: &str) -> Outcome {
+            let (mut p, mut out) = Proposer::new(id, change, record, 0, self.now, 10);
+            loop {
+                let mut next = Vec::new();
+                for e in out.drain(..) {
+                    if let Some((from, reply)) = self.deliver(e) {
+                        let (more, outcome) = p.handle(&from, &reply);
+                        if let Some(o) = outcome {
+                            return o;
+                        }
+                        next.extend(more);
+                    }
+                }
+                self.now += 1;
+                next.extend(p.tick(self.now, 1));
+                out = next;
+                assert!(self.now < 1000, "the change did not finish");
+            }
+        }
+
+        /// Publishes to `node` and starts its engine.
+        fn publish(&mut self, node: &str, record: &ReplicaRecord, id: &str) -> Engine {
+            let change = Change::Publish {
+                node: node.into(),
+                readonly: false,
+            };
+            let Outcome::Chosen { ballot, record } = self.change(change, record, id) else {
+                panic!("publish refused");
+            };
+            let cfg = EngineConfig {
+                id: format!("engine-{id}"),
+                node: node.into(),
+                regions: 4,
+                timeout: 10,
+                resend: 2,
+            };
+            Engine::new(cfg, ballot, record, self.now)
+        }
+
+        fn deliver(&mut self, e: Envelope) -> Option<(String, Reply)> {
+            if self.down.contains(&e.to) {
+                return None;
+            }
+            let reply = self.voters.get_mut(&e.to).unwrap().handle(e.msg)?;
+            Some((e.to, reply))
+        }
+
+        /// Runs `engine` for `steps` ticks; returns its events.
+        fn run(&mut self, engine: &mut Engine, steps: u64) -> Vec<EngineEvent> {
+            let mut events = Vec::new();
+            for _ in 0..steps {
+                self.now += 1;
+                engine.tick(self.now, 1);
+                loop {
+                    let (out, ev) = engine.drain();
+                    events.extend(ev);
+                    if out.is_empty() {
+                        break;
+                    }
+                    for e in out {
+                        if let Some((from, reply)) = self.deliver(e) {
+                            engine.handle(&from, reply);
+                        }
+                    }
+                }
+            }
+            events
+        }
+    }
+
+    fn acked(events: &[EngineEvent]) -> Vec<Tag> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                EngineEvent::Acked { tag, .. } => Some(*tag),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_write_is_acknowledged_once_every_copy_has_it() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        let ev = net.run(&mut e, 3);
+        assert!(ev.contains(&EngineEvent::Ready { epoch: 2 }), "{ev:?}");
+        let tag = e.write(1).unwrap();
+        assert_eq!(e.write(1), Err(IoError::Busy(1)));
+        let ev = net.run(&mut e, 1);
+        assert_eq!(acked(&ev), [tag]);
+        for v in net.voters.values() {
+            assert_eq!(v.data().get(&1), Some(&tag), "{}", v.node());
+        }
+    }
+
+    #[test]
+    fn a_dead_copy_is_marked_out_of_sync_before_the_write_is_acknowledged() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        net.down.insert("c".into());
+        let tag = e.write(2).unwrap();
+        let ev = net.run(&mut e, 5);
+        assert!(acked(&ev).is_empty(), "acked before c was marked out");
+        let ev = net.run(&mut e, 20);
+        assert_eq!(acked(&ev), [tag]);
+        // The mark-out is on a majority and came first.
+        let pos_chosen = ev
+            .iter()
+            .position(|x| matches!(x, EngineEvent::Chosen { record, .. } if !record.in_sync.contains_key("c")))
+            .expect("c marked out");
+        let pos_ack = ev
+            .iter()
+            .position(|x| matches!(x, EngineEvent::Acked { .. }))
+            .unwrap();
+        assert!(pos_chosen < pos_ack);
+        assert!(!net.voters["a"].state().record.in_sync.contains_key("c"));
+        assert!(!e.all_in_sync());
+    }
+
+    #[test]
+    fn a_copy_that_comes_back_is_rebuilt_from_its_dirty_regions_and_rejoins() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        net.down.insert("c".into());
+        let t0 = e.write(0).unwrap();
+        net.run(&mut e, 20);
+        let t3 = e.write(3).unwrap();
+        net.run(&mut e, 2);
+        assert_eq!(net.voters["c"].data().get(&0), None);
+        net.down.clear();
+        net.run(&mut e, 60);
+        assert!(e.all_in_sync(), "{e:?}");
+        assert_eq!(net.voters["c"].data().get(&0), Some(&t0));
+        assert_eq!(net.voters["c"].data().get(&3), Some(&t3));
+        assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    #[test]
+    fn an_engine_is_fenced_once_the_volume_is_published_elsewhere() {
+        let (mut net, r) = Net::new();
+        let mut old = net.publish("a", &r, "ctl1");
+        net.run(&mut old, 3);
+        // Force-detach: unpublish a, publish b.
+        let change = Change::Unpublish { node: "a".into() };
+        let Outcome::Chosen { record: latest, .. } = net.change(change, &r, "ctl2") else {
+            panic!("unpublish refused");
+        };
+        assert_eq!(latest.owner, None);
+        let mut new = net.publish("b", &latest, "ctl3");
+        net.run(&mut new, 3);
+        assert_eq!(new.state(), EngineState::Running);
+        let tag = old.write(0).unwrap();
+        let ev = net.run(&mut old, 30);
+        assert!(acked(&ev).is_empty());
+        assert!(
+            ev.contains(&EngineEvent::WriteFailed { region: 0, tag }),
+            "{ev:?}"
+        );
+        assert_eq!(old.state(), EngineState::Fenced);
+        for v in net.voters.values() {
+            assert_eq!(v.data().get(&0), None, "{} took a fenced write", v.node());
+        }
+    }
+}

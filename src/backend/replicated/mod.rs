@@ -1,0 +1,90 @@
+//! Replicated volumes: block volumes whose data lives on N copies on
+//! different nodes, the copies (not a controller, etcd or CRDs) being the
+//! source of truth. This module is the logic without I/O that the data path
+//! sits on: the record ([`record`]), how changes to it reach a majority and
+//! how the owner's engine keeps its copies in sync ([`protocol`],
+//! [`engine`]), and where copies go ([`placement`]). It never opens a
+//! socket, a file or a FUSE session, and never reads a clock.
+//!
+//! # What each voter keeps
+//! Every member is a voter: a *copy* (data and record) or, beside exactly
+//! two copies, a *witness* (record only) on a third node, so that two copies
+//! still have a majority of three voters. A voter keeps, durably, the
+//! highest ballot it promised, the ballot at which it accepted its current
+//! record, that record (members, in-sync copies with their boot, owner,
+//! epoch, version) and its own boot counter. A copy also keeps the data; the
+//! model tags each region with the write that last filled it.
+//!
+//! # Changing the record
+//! A change (publish, unpublish, an engine starting, the in-sync set) is one
+//! round of single-decree Paxos applied to a register, as in CASPaxos: the
+//! proposer sends Prepare(b) to every voter; each voter whose promise is
+//! below `b` promises `b` and returns its accepted ballot and record. On a
+//! majority of promises the proposer takes the record accepted at the
+//! highest ballot, checks it is still entitled to its change (ControllerPublish
+//! is refused while another node owns the volume; an engine may change only
+//! a record whose owner is its node and whose epoch is the one it holds,
+//! otherwise it learns that it is fenced and stops), applies the change and
+//! sends Accept(b, record) to every voter; the record is *chosen* once a
+//! majority accepted it. A Nack or a timeout starts over with a higher
+//! ballot after a jitter the caller draws. Ballots are (round, proposer id),
+//! so no two proposers ever share one.
+//!
+//! # Why it is safe
+//! If a record R is chosen at ballot b, every Accept at a ballot above b
+//! carries a record built on R: the proposer's majority of promises meets
+//! the majority that accepted R in at least one voter, which accepted R
+//! before promising (after promising it would have refused b), so the
+//! highest accepted ballot the proposer sees is at least b, and by
+//! induction the record it builds on descends from R. Chosen records thus
+//! form a single history (each change raises `version` by one, and two
+//! different records are never chosen for one ballot or one version), and a
+//! change applied to the newest record sees every earlier chosen change. A
+//! chosen record may be installed on a lagging voter at its ballot (Commit,
+//! Attach) without a promise: it is already on a majority, so it tells later
+//! proposers nothing they would not learn anyway.
+//!
+//! # Fencing
+//! ControllerPublish sets the owner and raises the epoch; an engine starting
+//! raises it again to an epoch of its own. Every data request carries the
+//! sender's epoch, and a copy serves it only when it equals the epoch of the
+//! record the copy *accepted*: older is refused (fenced), newer is answered
+//! "behind" so the engine sends the chosen record along. Promises play no
+//! part: a fenced engine's Prepare cannot stop the rightful owner's writes.
+//! A new engine attaches every in-sync copy at its epoch (installing the
+//! record) and compares what they hold before it serves I/O, so writes the
+//! old engine got onto some copies before they learned the new epoch are
+//! rebuilt away rather than left on one copy only.
+//!
+//! # Writes, failures and rebuilds
+//! A write goes to every in-sync copy (and to copies being rebuilt) and is
+//! acknowledged once every in-sync copy has it; a copy that fails or times
+//! out is first marked out of sync on a majority, then the write is
+//! acknowledged. The engine keeps, per out-of-sync copy, the regions it may
+//! lack: those written while it was out plus those it had not flushed. A
+//! copy that restarts comes back under a new boot, which no record names,
+//! so it is out of sync by construction. Rebuild copies each dirty region
+//! from an in-sync copy while holding that region (user writes to it wait),
+//! flushes the copy, and adds it to the in-sync set on a majority; from the
+//! moment the change is proposed, writes wait for that copy too. A user
+//! flush also goes to copies being rebuilt, and one that has not flushed by
+//! the time the flush is acknowledged must flush again before it joins.
+//!
+//! If every in-sync copy restarts while an engine runs, writes it
+//! acknowledged but nobody flushed may be gone (as on a disk that lost
+//! power): the engine stops and fails I/O. The next engine, once every
+//! in-sync copy has answered under its new boot, makes one of them the only
+//! in-sync copy (each holds every flushed write) and rebuilds the others
+//! from it.
+//!
+//! # What the data path adds
+//! Transport (TLS, deadlines), persisting [`protocol::VoterState`] before a
+//! voter replies, the regions' bytes behind the tags, a per-region tag map
+//! on each copy (or an equivalent log of regions written in the current
+//! epoch) for the start-up comparison, and the FUSE/loop device in front of
+//! the engine.
+
+pub mod engine;
+pub mod placement;
+pub mod protocol;
+pub mod record;

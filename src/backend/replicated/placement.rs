@@ -1,0 +1,405 @@
+//! Where a replicated volume's copies go, and the volume's uuid. Pure
+//! functions of what the controller's registry says about the nodes: the
+//! controller keeps no placement state, so a retried CreateVolume derives
+//! the same uuid from the CSI name and finds the copies that hold it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ring::digest;
+
+use super::record::{MAX_COPIES, MIN_COPIES, Member};
+use crate::volume::Uuid;
+
+/// Copies when the StorageClass does not say.
+pub const DEFAULT_REPLICAS: usize = 3;
+
+/// `locality`: whether one copy goes on the node that will use the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Locality {
+    /// One copy on the preferred node when it is eligible.
+    #[default]
+    BestEffort,
+    None,
+}
+
+/// The replicated backend's StorageClass parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaParams {
+    pub replicas: usize,
+    pub locality: Locality,
+}
+
+/// A parameter with a value stowage does not accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    #[error("replicas must be a whole number from {MIN_COPIES} to {MAX_COPIES}, not {0:?}")]
+    Replicas(String),
+    #[error("locality must be best-effort or none, not {0:?}")]
+    Locality(String),
+}
+
+impl ReplicaParams {
+    /// Parses the `replicas` and `locality` values (None when absent:
+    /// 3 copies, best-effort locality).
+    pub fn parse(replicas: Option<&str>, locality: Option<&str>) -> Result<Self, ParamError> {
+        let replicas = match replicas {
+            None => DEFAULT_REPLICAS,
+            Some(s) => s
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (MIN_COPIES..=MAX_COPIES).contains(n))
+                .ok_or_else(|| ParamError::Replicas(s.to_owned()))?,
+        };
+        let locality = match locality {
+            None | Some("best-effort") => Locality::BestEffort,
+            Some("none") => Locality::None,
+            Some(s) => return Err(ParamError::Locality(s.to_owned())),
+        };
+        Ok(ReplicaParams { replicas, locality })
+    }
+}
+
+/// What the registry says about one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub node: String,
+    /// The node's `zone` label, if it has one (nodes without one count as
+    /// one zone together).
+    pub zone: Option<String>,
+    pub fresh: bool,
+    pub cordoned: bool,
+    pub free_bytes: u64,
+}
+
+/// The chosen voters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub copies: Vec<String>,
+    pub witness: Option<String>,
+}
+
+impl Placed {
+    /// The members of the volume's record.
+    pub fn members(&self) -> Vec<Member> {
+        let mut m: Vec<Member> = self.copies.iter().map(|n| Member::copy(n)).collect();
+        m.extend(self.witness.iter().map(|n| Member::witness(n)));
+        m
+    }
+}
+
+/// Not enough nodes (CSI RESOURCE_EXHAUSTED).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error(
+        "{found} eligible node(s) (fresh, not cordoned, {size} bytes free) for {needed} copies"
+    )]
+    NotEnoughNodes {
+        found: usize,
+        needed: usize,
+        size: u64,
+    },
+    #[error(
+        "two copies need a witness on a third node: {found} eligible node(s) (fresh, not cordoned) of 3 needed"
+    )]
+    NoWitness { found: usize },
+}
+
+/// The uuid of the replicated volume named `name`: the first 128 bits of
+/// SHA-256 over a fixed prefix and the name. The same name always gives the
+/// same uuid.
+pub fn volume_uuid(name: &str) -> Uuid {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(b"stowage replicated volume\0");
+    ctx.update(name.as_bytes());
+    let d = ctx.finish();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d.as_ref()[..16]);
+    Uuid::parse_hex(&format!("{:032x}", u128::from_be_bytes(b))).expect("32 hex digits")
+}
+
+/// How many chosen copies each zone holds.
+fn zone_load<'a>(chosen: &[&'a Candidate]) -> BTreeMap<Option<&'a str>, usize> {
+    let mut load = BTreeMap::new();
+    for c in chosen {
+        *load.entry(c.zone.as_deref()).or_default() += 1;
+    }
+    load
+}
+
+/// A node's rank for a volume (rendezvous hashing): stable while the node
+/// set is, and different volumes rank nodes differently, so copies spread.
+fn rank(uuid: Uuid, node: &str) -> [u8; 8] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(uuid.to_hex().as_bytes());
+    ctx.update(b"\0");
+    ctx.update(node.as_bytes());
+    let d = ctx.finish();
+    let mut r = [0u8; 8];
+    r.copy_from_slice(&d.as_ref()[..8]);
+    r
+}
+
+/// Chooses `replicas` distinct nodes for volume `uuid` of `size` bytes:
+/// only fresh, uncordoned nodes with `size` bytes free; never two copies in
+/// one zone while a zone without a copy has an eligible node;
+/// with [`Locality::BestEffort`], one copy on `preferred` when it is
+/// eligible. Two copies also get a witness on a third fresh, uncordoned
+/// node (no room needed), in a zone of its own where one exists.
+pub fn place(
+    uuid: Uuid,
+    candidates: &[Candidate],
+    replicas: usize,
+    size: u64,
+    locality: Locality,
+    preferred: Option<&str>,
+) -> Result<Placed, PlacementError> {
+    let mut seen = BTreeSet::new();
+    let usable: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.fresh && !c.cordoned && seen.insert(c.node.as_str()))
+        .collect();
+    let eligible: Vec<&Candidate> = usable
+        .iter()
+        .copied()
+        .filter(|c| c.free_bytes >= size)
+        .collect();
+    if eligible.len() < replicas {
+        return Err(PlacementError::NotEnoughNodes {
+            found: eligible.len(),
+            needed: replicas,
+            size,
+        });
+    }
+    let mut copies: Vec<&Candidate> = Vec::new();
+    if locality == Locality::BestEffort
+        && let Some(p) = preferred
+        && let Some(c) = eligible.iter().find(|c| c.node == p)
+    {
+        copies.push(c);
+    }
+    while copies.len() < replicas {
+        let load = zone_load(&copies);
+        let next = eligible
+            .iter()
+            .filter(|c| !copies.iter().any(|k| k.node == c.node))
+            .min_by_key(|c| {
+                (
+                    load.get(&c.zone.as_deref()).copied().unwrap_or(0),
+                    rank(uuid, &c.node),
+                )
+            })
+            .expect("enough eligible nodes");
+        copies.push(next);
+    }
+    let witness = if replicas == 2 {
+        let load = zone_load(&copies);
+        let w = usable
+            .iter()
+            .filter(|c| !copies.iter().any(|k| k.node == c.node))
+            .min_by_key(|c| {
+                (
+                    load.get(&c.zone.as_deref()).copied().unwrap_or(0),
+                    rank(uuid, &c.node),
+                )
+            })
+            .ok_or(PlacementError::NoWitness {
+                found: usable.len(),
+            })?;
+        Some(w.node.clone())
+    } else {
+        None
+    };
+    Ok(Placed {
+        copies: copies.iter().map(|c| c.node.clone()).collect(),
+        witness,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: &str, zone: &str, free: u64) -> Candidate {
+        Candidate {
+            node: n.into(),
+            zone: (!zone.is_empty()).then(|| zone.into()),
+            fresh: true,
+            cordoned: false,
+            free_bytes: free,
+        }
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn params_default_and_parse() {
+        assert_eq!(
+            ReplicaParams::parse(None, None),
+            Ok(ReplicaParams {
+                replicas: 3,
+                locality: Locality::BestEffort
+            })
+        );
+        assert_eq!(
+            ReplicaParams::parse(Some("5"), Some("none")),
+            Ok(ReplicaParams {
+                replicas: 5,
+                locality: Locality::None
+            })
+        );
+        for bad in ["0", "6", "-1", "three", "", " 3"] {
+            let e = ReplicaParams::parse(Some(bad), None).unwrap_err();
+            assert_eq!(e, ParamError::Replicas(bad.into()));
+            assert!(e.to_string().contains("from 1 to 5"), "{e}");
+        }
+        let e = ReplicaParams::parse(None, Some("always")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "locality must be best-effort or none, not \"always\""
+        );
+    }
+
+    #[test]
+    fn uuid_is_a_function_of_the_name() {
+        let a = volume_uuid("pvc-1");
+        assert_eq!(a, volume_uuid("pvc-1"));
+        assert_ne!(a, volume_uuid("pvc-2"));
+        assert_eq!(volume_uuid("").to_hex().len(), 32, "always 32 hex digits");
+    }
+
+    #[test]
+    fn uuid_matches_sha256_of_prefix_and_name() {
+        // SHA-256("stowage replicated volume\0abc"), computed independently
+        // with `printf 'stowage replicated volume\0abc' | sha256sum`.
+        assert_eq!(
+            volume_uuid("abc").to_hex(),
+            "4691518f72a39b00038ff43fdd325d4f"
+        );
+    }
+
+    #[test]
+    fn only_fresh_uncordoned_nodes_with_room() {
+        let mut stale = node("stale", "", 10 * GIB);
+        stale.fresh = false;
+        let mut cordoned = node("cordoned", "", 10 * GIB);
+        cordoned.cordoned = true;
+        let small = node("small", "", GIB / 2);
+        let ok = node("ok", "", 10 * GIB);
+        let all = [stale, cordoned, small, ok];
+        let u = volume_uuid("v");
+        let p = place(u, &all, 1, GIB, Locality::None, None).unwrap();
+        assert_eq!(p.copies, ["ok"]);
+        let e = place(u, &all, 3, GIB, Locality::None, None).unwrap_err();
+        assert_eq!(
+            e,
+            PlacementError::NotEnoughNodes {
+                found: 1,
+                needed: 3,
+                size: GIB
+            }
+        );
+        assert!(e.to_string().starts_with("1 eligible node(s)"), "{e}");
+        assert!(e.to_string().contains("for 3 copies"), "{e}");
+    }
+
+    #[test]
+    fn copies_spread_over_zones_first() {
+        let all = [
+            node("a1", "a", GIB),
+            node("a2", "a", GIB),
+            node("a3", "a", GIB),
+            node("b1", "b", GIB),
+            node("c1", "c", GIB),
+        ];
+        for name in ["x", "y", "z", "w"] {
+            let p = place(volume_uuid(name), &all, 3, GIB, Locality::None, None).unwrap();
+            let zones: BTreeSet<char> = p.copies.iter().map(|n| n.as_bytes()[0] as char).collect();
+            assert_eq!(zones.len(), 3, "{p:?}");
+        }
+        // Four copies over three zones: exactly one zone holds two.
+        let p = place(volume_uuid("x"), &all, 4, GIB, Locality::None, None).unwrap();
+        let a = p.copies.iter().filter(|n| n.starts_with('a')).count();
+        assert_eq!(a, 2, "{p:?}");
+    }
+
+    #[test]
+    fn best_effort_locality_puts_a_copy_on_the_preferred_node() {
+        let all: Vec<Candidate> = (0..6).map(|i| node(&format!("n{i}"), "", GIB)).collect();
+        for pref in ["n0", "n3", "n5"] {
+            let p = place(
+                volume_uuid("v"),
+                &all,
+                2,
+                GIB,
+                Locality::BestEffort,
+                Some(pref),
+            )
+            .unwrap();
+            assert!(p.copies.iter().any(|n| n == pref), "{p:?}");
+        }
+        // Not eligible: placed elsewhere, no error.
+        let mut full = all.clone();
+        full[3].free_bytes = 0;
+        let p = place(
+            volume_uuid("v"),
+            &full,
+            3,
+            GIB,
+            Locality::BestEffort,
+            Some("n3"),
+        )
+        .unwrap();
+        assert!(!p.copies.iter().any(|n| n == "n3"), "{p:?}");
+    }
+
+    #[test]
+    fn placement_is_stable_and_distinct() {
+        let all: Vec<Candidate> = (0..8).map(|i| node(&format!("n{i}"), "", GIB)).collect();
+        let u = volume_uuid("v");
+        let p = place(u, &all, 5, GIB, Locality::None, None).unwrap();
+        assert_eq!(p, place(u, &all, 5, GIB, Locality::None, None).unwrap());
+        let distinct: BTreeSet<&String> = p.copies.iter().collect();
+        assert_eq!(distinct.len(), 5);
+        // Different volumes do not all land on the same nodes.
+        let firsts: BTreeSet<String> = (0..20)
+            .map(|i| {
+                place(
+                    volume_uuid(&format!("v{i}")),
+                    &all,
+                    1,
+                    GIB,
+                    Locality::None,
+                    None,
+                )
+                .unwrap()
+                .copies[0]
+                    .clone()
+            })
+            .collect();
+        assert!(firsts.len() > 2, "{firsts:?}");
+    }
+
+    #[test]
+    fn two_copies_get_a_witness_on_a_third_node_without_room() {
+        let mut tiny = node("tiny", "c", 0);
+        tiny.free_bytes = 0;
+        let all = [node("a1", "a", GIB), node("b1", "b", GIB), tiny];
+        let p = place(volume_uuid("v"), &all, 2, GIB, Locality::None, None).unwrap();
+        assert_eq!(p.witness.as_deref(), Some("tiny"));
+        assert_eq!(p.members().len(), 3);
+        let e = place(volume_uuid("v"), &all[..2], 2, GIB, Locality::None, None).unwrap_err();
+        assert_eq!(e, PlacementError::NoWitness { found: 2 });
+        assert!(e.to_string().contains("2 eligible node(s)"), "{e}");
+        // Three copies: no witness.
+        let three = [node("a", "", GIB), node("b", "", GIB), node("c", "", GIB)];
+        let p = place(volume_uuid("v"), &three, 3, GIB, Locality::None, None).unwrap();
+        assert_eq!(p.witness, None);
+    }
+
+    #[test]
+    fn a_node_listed_twice_counts_once() {
+        let all = [node("a", "", GIB), node("a", "", GIB)];
+        let e = place(volume_uuid("v"), &all, 2, GIB, Locality::None, None).unwrap_err();
+        assert!(matches!(e, PlacementError::NotEnoughNodes { found: 1, .. }));
+    }
+}

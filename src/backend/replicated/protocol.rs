@@ -1,0 +1,1017 @@
+//! The record protocol's messages and its two sans-I/O parties: the
+//! [`Voter`] on each member node (copy or witness) and the [`Proposer`] that
+//! drives one change of the record to a majority. Nothing here sends,
+//! sleeps, reads a clock or draws a random number: callers deliver
+//! messages, pass the time and the jitter in, and persist a voter's
+//! [`VoterState`] before they send the reply it returned.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{Owner, Quorum, RecordError, ReplicaRecord, Role};
+
+/// A proposal number. Ordered by round, then by proposer id, so two
+/// proposers never use the same ballot as long as their ids differ.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ballot {
+    pub round: u64,
+    pub proposer: String,
+}
+
+impl Ballot {
+    /// The ballot of a volume's first record, below every real ballot.
+    pub fn zero() -> Self {
+        Ballot {
+            round: 0,
+            proposer: String::new(),
+        }
+    }
+}
+
+/// A region of the volume: the unit of dirty tracking and rebuild.
+pub type Region = u32;
+
+/// Names one write: the epoch of the engine that issued it and that
+/// engine's sequence number. Within a region, a later write has a larger
+/// tag (an engine never has two writes to one region in flight, and a
+/// newer engine has a larger epoch). A copy keeps the tag of what each
+/// region holds; the model's "data" is the tag itself.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct Tag {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// What every data request carries: the sender's epoch (fencing), the boot
+/// of the copy it believes it talks to (a copy that restarted may have lost
+/// unflushed writes, so it refuses) and the engine's connection number for
+/// that copy (a copy drops requests of an older connection, as a new TCP
+/// connection makes the old one's late packets harmless).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Io {
+    pub epoch: u64,
+    pub boot: u64,
+    pub conn: u64,
+}
+
+/// A request to a voter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Phase 1: promise to ignore lower ballots; report the accepted record.
+    Prepare {
+        ballot: Ballot,
+    },
+    /// Phase 2: accept `record` unless a higher ballot was promised.
+    Accept {
+        ballot: Ballot,
+        record: ReplicaRecord,
+    },
+    /// `record` was chosen at `ballot` (a majority accepted it): install
+    /// it if it is newer than the accepted one. No reply.
+    Commit {
+        ballot: Ballot,
+        record: ReplicaRecord,
+    },
+    /// An engine opens connection `conn` to a copy; installs the chosen
+    /// record like [`Request::Commit`] first, and makes everything the copy
+    /// holds stable (the engine tracks unflushed writes from here on; what
+    /// an earlier engine left unflushed would otherwise go unnoticed if the
+    /// copy restarted). Answered with the copy's boot and the tag of every
+    /// region.
+    Attach {
+        ballot: Ballot,
+        record: ReplicaRecord,
+        conn: u64,
+    },
+    Write {
+        io: Io,
+        region: Region,
+        tag: Tag,
+    },
+    /// A rebuild's copy of one region from an in-sync copy (the engine
+    /// holds the region meanwhile). Replaces what the region holds when
+    /// that was written before the current epoch (leftovers the in-sync
+    /// copies may not have), or is not newer; a late duplicate never undoes
+    /// a newer write of this epoch.
+    Rebuild {
+        io: Io,
+        region: Region,
+        tag: Tag,
+    },
+    Flush {
+        io: Io,
+        id: u64,
+    },
+    Read {
+        io: Io,
+        region: Region,
+        id: u64,
+    },
+}
+
+/// Why a copy refused a data request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoRefusal {
+    /// The copy accepted a record of a later epoch: the sender may be
+    /// fenced (or the record is not chosen yet; a change tells).
+    Fenced { epoch: u64 },
+    /// The copy's accepted record is older than the sender's epoch: send it
+    /// the chosen record ([`Request::Commit`]) and retry.
+    Behind { epoch: u64 },
+    /// The copy restarted since (its boot is now `boot`).
+    WrongBoot { boot: u64 },
+    /// The request belongs to an older connection.
+    StaleConn,
+    /// The voter is a witness and holds no data.
+    NotACopy,
+}
+
+/// A voter's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Promise {
+        ballot: Ballot,
+        accepted: Ballot,
+        record: ReplicaRecord,
+    },
+    /// Refused `ballot`: `promised` is higher.
+    Nack {
+        ballot: Ballot,
+        promised: Ballot,
+    },
+    Accepted {
+        ballot: Ballot,
+    },
+    Attached {
+        conn: u64,
+        boot: u64,
+        tags: BTreeMap<Region, Tag>,
+    },
+    Written {
+        conn: u64,
+        region: Region,
+        tag: Tag,
+    },
+    Rebuilt {
+        conn: u64,
+        region: Region,
+        tag: Tag,
+    },
+    Flushed {
+        conn: u64,
+        id: u64,
+    },
+    ReadData {
+        conn: u64,
+        id: u64,
+        region: Region,
+        tag: Tag,
+    },
+    Refused {
+        conn: u64,
+        why: IoRefusal,
+    },
+}
+
+/// What a voter must keep on stable storage before it replies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoterState {
+    pub promised: Ballot,
+    pub accepted: Ballot,
+    pub record: ReplicaRecord,
+    /// Incremented every time the voter's process starts.
+    pub boot: u64,
+}
+
+/// One member's voter: the record register, and for a copy the data
+/// (modelled as a tag per region: what reached it, and what reached
+/// stable storage).
+#[derive(Debug, Clone)]
+pub struct Voter {
+    node: String,
+    role: Role,
+    state: VoterState,
+    volatile: BTreeMap<Region, Tag>,
+    durable: BTreeMap<Region, Tag>,
+    /// The newest connection of the current epoch's engine.
+    conn: u64,
+    conn_epoch: u64,
+}
+
+impl Voter {
+    /// A new member holding the volume's first record (chosen at
+    /// [`Ballot::zero`] by construction: every voter starts with it).
+    pub fn new(node: &str, record: ReplicaRecord, boot: u64) -> Self {
+        let role = record
+            .members
+            .iter()
+            .find(|m| m.node == node)
+            .map_or(Role::Witness, |m| m.role);
+        Voter {
+            node: node.to_owned(),
+            role,
+            state: VoterState {
+                promised: Ballot::zero(),
+                accepted: Ballot::zero(),
+                record,
+                boot,
+            },
+            volatile: BTreeMap::new(),
+            durable: BTreeMap::new(),
+            conn: 0,
+            conn_epoch: 0,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn state(&self) -> &VoterState {
+        &self.state
+    }
+
+    /// What each region holds now (reads see this).
+    pub fn data(&self) -> &BTreeMap<Region, Tag> {
+        &self.volatile
+    }
+
+    /// What each region holds on stable storage.
+    pub fn durable_data(&self) -> &BTreeMap<Region, Tag> {
+        &self.durable
+    }
+
+    /// The process died and started again: unflushed data and connections
+    /// are gone, the record (persisted before every reply) is not, and the
+    /// boot rises.
+    pub fn restart(&mut self) {
+        self.volatile = self.durable.clone();
+        self.conn = 0;
+        self.state.boot += 1;
+    }
+
+    /// Handles one request. Idempotent for duplicates: a repeated Prepare
+    /// or Accept of the same ballot gets the same answer, a repeated write
+    /// never replaces a later one.
+    pub fn handle(&mut self, req: Request) -> Option<Reply> {
+        match req {
+            Request::Prepare { ballot } => Some(self.prepare(ballot)),
+            Request::Accept { ballot, record } => Some(self.accept(ballot, record)),
+            Request::Commit { ballot, record } => {
+                self.learn(ballot, record);
+                None
+            }
+            Request::Attach {
+                ballot,
+                record,
+                conn,
+            } => {
+                let epoch = record.epoch;
+                self.learn(ballot, record);
+                let io = Io {
+                    epoch,
+                    boot: self.state.boot,
+                    conn,
+                };
+                Some(match self.check(io) {
+                    Err(why) => Reply::Refused { conn, why },
+                    Ok(()) => {
+                        self.durable = self.volatile.clone();
+                        Reply::Attached {
+                            conn,
+                            boot: self.state.boot,
+                            tags: self.volatile.clone(),
+                        }
+                    }
+                })
+            }
+            Request::Write { io, region, tag } => Some(self.io(io, |v| {
+                let held = v.volatile.entry(region).or_default();
+                if tag > *held {
+                    *held = tag;
+                }
+                Reply::Written {
+                    conn: io.conn,
+                    region,
+                    tag,
+                }
+            })),
+            Request::Rebuild { io, region, tag } => Some(self.io(io, |v| {
+                let held = v.volatile.entry(region).or_default();
+                if held.epoch < io.epoch || tag >= *held {
+                    *held = tag;
+                }
+                Reply::Rebuilt {
+                    conn: io.conn,
+                    region,
+                    tag,
+                }
+            })),
+            Request::Flush { io, id } => Some(self.io(io, |v| {
+                v.durable = v.volatile.clone();
+                Reply::Flushed { conn: io.conn, id }
+            })),
+            Request::Read { io, region, id } => Some(self.io(io, |v| Reply::ReadData {
+                conn: io.conn,
+                id,
+                region,
+                tag: v.volatile.get(&region).copied().unwrap_or_default(),
+            })),
+        }
+    }
+
+    fn prepare(&mut self, ballot: Ballot) -> Reply {
+        if ballot < self.state.promised {
+            return Reply::Nack {
+                promised: self.state.promised.clone(),
+                ballot,
+            };
+        }
+        self.state.promised = ballot.clone();
+        Reply::Promise {
+            ballot,
+            accepted: self.state.accepted.clone(),
+            record: self.state.record.clone(),
+        }
+    }
+
+    fn accept(&mut self, ballot: Ballot, record: ReplicaRecord) -> Reply {
+        if ballot < self.state.promised {
+            return Reply::Nack {
+                promised: self.state.promised.clone(),
+                ballot,
+            };
+        }
+        self.state.promised = ballot.clone();
+        self.state.accepted = ballot.clone();
+        self.state.record = record;
+        Reply::Accepted { ballot }
+    }
+
+    /// Installs a record chosen at `ballot` when it is newer than the
+    /// accepted one. Safe whatever was promised: a chosen record is already
+    /// on a majority, so every later proposal builds on it anyway.
+    fn learn(&mut self, ballot: Ballot, record: ReplicaRecord) {
+        if ballot > self.state.accepted {
+            if ballot > self.state.promised {
+                self.state.promised = ballot.clone();
+            }
+            self.state.accepted = ballot;
+            self.state.record = record;
+        }
+    }
+
+    /// The fencing rule: data requests are served only for the epoch of the
+    /// accepted record (never decided by promises, so a fenced engine's
+    /// Prepare cannot starve the owner), to the current boot and a current
+    /// connection.
+    fn check(&mut self, io: Io) -> Result<(), IoRefusal> {
+        if self.role != Role::Copy {
+            return Err(IoRefusal::NotACopy);
+        }
+        let epoch = self.state.record.epoch;
+        if io.epoch < epoch {
+            return Err(IoRefusal::Fenced { epoch });
+        }
+        if io.epoch > epoch {
+            return Err(IoRefusal::Behind { epoch });
+        }
+        if io.boot != self.state.boot {
+            return Err(IoRefusal::WrongBoot {
+                boot: self.state.boot,
+            });
+        }
+        if self.conn_epoch != epoch {
+            self.conn_epoch = epoch;
+            self.conn = 0;
+        }
+        if io.conn < self.conn {
+            return Err(IoRefusal::StaleConn);
+        }
+        self.conn = io.conn;
+        Ok(())
+    }
+
+    fn io(&mut self, io: Io, serve: impl FnOnce(&mut Self) -> Reply) -> Reply {
+        match self.check(io) {
+            Ok(()) => serve(self),
+            Err(why) => Reply::Refused { conn: io.conn, why },
+        }
+    }
+}
+
+/// A change of the record, applied to the newest record a majority
+/// reported. Each says who may make it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// ControllerPublish: `node` becomes the owner and the epoch rises.
+    /// Idempotent when `node` owns it already; refused while another node
+    /// does.
+    Publish { node: String, readonly: bool },
+    /// ControllerUnpublish: releases `node`'s ownership (the epoch rises,
+    /// fencing its engine). Nothing to do when `node` is not the owner.
+    Unpublish { node: String },
+    /// An engine starting on the owner node takes an epoch of its own,
+    /// fencing any earlier engine there.
+    Start { node: String },
+    /// The engine owning epoch `epoch` on `node` sets the in-sync set.
+    SetInSync {
+        node: String,
+        epoch: u64,
+        in_sync: BTreeMap<String, u64>,
+    },
+}
+
+/// Why a change was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the volume is published on node {owner}")]
+    OwnedBy { owner: String },
+    #[error("fenced: the record's owner is {owner:?} at epoch {epoch}")]
+    Fenced { owner: Option<String>, epoch: u64 },
+    #[error(transparent)]
+    Invalid(#[from] RecordError),
+}
+
+impl Change {
+    /// The record after this change, or why the proposer may not make it.
+    /// The version always rises, so every accepted proposal is distinct.
+    pub fn apply(&self, current: &ReplicaRecord) -> Result<ReplicaRecord, Refusal> {
+        let mut r = current.clone();
+        let owner = current.owner.as_ref().map(|o| o.node.as_str());
+        let fenced = || Refusal::Fenced {
+            owner: owner.map(str::to_owned),
+            epoch: current.epoch,
+        };
+        match self {
+            Change::Publish { node, readonly } => match owner {
+                Some(o) if o == node => {}
+                Some(o) => {
+                    return Err(Refusal::OwnedBy {
+                        owner: o.to_owned(),
+                    });
+                }
+                None => {
+                    r.owner = Some(Owner {
+                        node: node.clone(),
+                        readonly: *readonly,
+                    });
+                    r.epoch += 1;
+                }
+            },
+            Change::Unpublish { node } => {
+                if owner == Some(node.as_str()) {
+                    r.owner = None;
+                    r.epoch += 1;
+                }
+            }
+            Change::Start { node } => {
+                if owner != Some(node.as_str()) {
+                    return Err(fenced());
+                }
+                r.epoch += 1;
+            }
+            Change::SetInSync {
+                node,
+                epoch,
+                in_sync,
+            } => {
+                if owner != Some(node.as_str()) || current.epoch != *epoch {
+                    return Err(fenced());
+                }
+                r.in_sync = in_sync.clone();
+            }
+        }
+        r.version += 1;
+        r.validate()?;
+        Ok(r)
+    }
+}
+
+/// A message for one voter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub to: String,
+    pub msg: Request,
+}
+
+/// How a change ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A majority accepted `record` at `ballot`: it is the volume's record.
+    Chosen {
+        ballot: Ballot,
+        record: ReplicaRecord,
+    },
+    /// The change does not apply to `record`, the newest record a majority
+    /// reported (which may not be chosen yet).
+    Refused {
+        refusal: Refusal,
+        record: ReplicaRecord,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Preparing,
+    Accepting(ReplicaRecord),
+    /// Waiting to try again with a higher ballot (after a Nack or a
+    /// timeout); `at` is set on the next tick from the caller's jitter.
+    Backoff {
+        at: Option<u64>,
+    },
+    Done,
+}
+
+/// Drives one [`Change`] to a majority (single-decree Paxos per change):
+/// Prepare to every voter; on a majority of promises, apply the change to
+/// the record accepted at the highest ballot among them; Accept the result
+/// at the same ballot on a majority. A Nack or a timeout starts over with a
+/// higher ballot after a jitter the caller chooses.
+#[derive(Debug, Clone)]
+pub struct Proposer {
+    id: String,
+    change: Change,
+    voters: Vec<String>,
+    quorum: Quorum,
+    ballot: Ballot,
+    highest_seen: u64,
+    phase: Phase,
+    promises: BTreeMap<String, (Ballot, ReplicaRecord)>,
+    accepts: BTreeSet<String>,
+    now: u64,
+    deadline: u64,
+    timeout: u64,
+}
+
+impl Proposer {
+    /// Starts `change` as proposer `id` against the voters of `record`,
+    /// with ballots above round `after`. A ballot must never carry two
+    /// different records: `id` is unique among everyone who may propose for
+    /// this volume, and a proposer id used for an earlier change starts
+    /// above every round that change used (an engine passes the round of
+    /// its last chosen change; a controller without state uses a fresh id
+    /// per change). `timeout` is how many ticks a phase may take before
+    /// starting over.
+    pub fn new(
+        id: &str,
+        change: Change,
+        record: &ReplicaRecord,
+        after: u64,
+        now: u64,
+        timeout: u64,
+    ) -> (Self, Vec<Envelope>) {
+        let mut p = Proposer {
+            id: id.to_owned(),
+            change,
+            voters: record.voters().map(str::to_owned).collect(),
+            quorum: record.quorum(),
+            ballot: Ballot::zero(),
+            highest_seen: after,
+            phase: Phase::Done,
+            promises: BTreeMap::new(),
+            accepts: BTreeSet::new(),
+            now,
+            deadline: 0,
+            timeout,
+        };
+        let out = p.prepare();
+        (p, out)
+    }
+
+    pub fn change(&self) -> &Change {
+        &self.change
+    }
+
+    pub fn ballot(&self) -> &Ballot {
+        &self.ballot
+    }
+
+    pub fn done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    fn prepare(&mut self) -> Vec<Envelope> {
+        self.highest_seen = self.highest_seen.max(self.ballot.round);
+        self.ballot = Ballot {
+            round: self.highest_seen + 1,
+            proposer: self.id.clone(),
+        };
+        self.phase = Phase::Preparing;
+        self.promises.clear();
+        self.accepts.clear();
+        self.deadline = self.now + self.timeout;
+        self.broadcast(|b| Request::Prepare { ballot: b })
+    }
+
+    fn broadcast(&self, msg: impl Fn(Ballot) -> Request) -> Vec<Envelope> {
+        self.voters
+            .iter()
+            .map(|v| Envelope {
+                to: v.clone(),
+                msg: msg(self.ballot.clone()),
+            })
+            .collect()
+    }
+
+    /// Time passes. Starts over when a phase took too long or a backoff
+    /// ended; `jitter` (from the caller's randomness) spreads competing
+    /// proposers' retries.
+    pub fn tick(&mut self, now: u64, jitter: u64) -> Vec<Envelope> {
+        self.now = now;
+        match &mut self.phase {
+            Phase::Done => Vec::new(),
+            Phase::Backoff { at } => match at {
+                None => {
+                    *at = Some(now + jitter);
+                    Vec::new()
+                }
+                Some(t) if now >= *t => self.prepare(),
+                Some(_) => Vec::new(),
+            },
+            Phase::Preparing | Phase::Accepting(_) => {
+                if now >= self.deadline {
+                    self.phase = Phase::Backoff { at: None };
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// A voter answered. Returns what to send and, once decided, the
+    /// outcome (after which the proposer ignores everything).
+    pub fn handle(&mut self, from: &str, reply: &Reply) -> (Vec<Envelope>, Option<Outcome>) {
+        if !self.voters.iter().any(|v| v == from) {
+            return (Vec::new(), None);
+        }
+        match reply {
+            Reply::Nack { ballot, promised } if *ballot == self.ballot => {
+                if matches!(self.phase, Phase::Preparing | Phase::Accepting(_)) {
+                    self.highest_seen = self.highest_seen.max(promised.round);
+                    self.phase = Phase::Backoff { at: None };
+                }
+                (Vec::new(), None)
+            }
+            Reply::Promise {
+                ballot,
+                accepted,
+                record,
+            } if *ballot == self.ballot && self.phase == Phase::Preparing => {
+                self.promises
+                    .insert(from.to_owned(), (accepted.clone(), record.clone()));
+                if !self.quorum.reached(self.promises.len()) {
+                    return (Vec::new(), None);
+                }
+                let (_, newest) = self
+                    .promises
+                    .values()
+                    .max_by(|a, b| a.0.cmp(&b.0))
+                    .expect("a quorum is never empty");
+                let newest = newest.clone();
+                match self.change.apply(&newest) {
+                    Err(refusal) => {
+                        self.phase = Phase::Done;
+                        (
+                            Vec::new(),
+                            Some(Outcome::Refused {
+                                refusal,
+                                record: newest,
+                            }),
+                        )
+                    }
+                    Ok(next) => {
+                        self.phase = Phase::Accepting(next.clone());
+                        self.deadline = self.now + self.timeout;
+                        let out = self.broadcast(|b| Request::Accept {
+                            ballot: b,
+                            record: next.clone(),
+                        });
+                        (out, None)
+                    }
+                }
+            }
+            Reply::Accepted { ballot } if *ballot == self.ballot => {
+                let Phase::Accepting(record) = &self.phase else {
+                    return (Vec::new(), None);
+                };
+                let record = record.clone();
+                self.accepts.insert(from.to_owned());
+                if !self.quorum.reached(self.accepts.len()) {
+                    return (Vec::new(), None);
+                }
+                self.phase = Phase::Done;
+                (
+                    Vec::new(),
+                    Some(Outcome::Chosen {
+                        ballot: self.ballot.clone(),
+                        record,
+                    }),
+                )
+            }
+            _ => (Vec::new(), None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::replicated::record::Member;
+    use crate::volume::Uuid;
+
+    fn record() -> ReplicaRecord {
+        ReplicaRecord::new(
+            Uuid::parse_hex("00000000000000000000000000000001").unwrap(),
+            8,
+            vec![Member::copy("a"), Member::copy("b"), Member::copy("c")],
+            &BTreeMap::new(),
+        )
+        .unwrap()
+    }
+
+    fn voters(r: &ReplicaRecord) -> BTreeMap<String, Voter> {
+        r.voters()
+            .map(|n| (n.to_owned(), Voter::new(n, r.clone(), 0)))
+            .collect()
+    }
+
+    /// Runs a proposer to its end, delivering to the voters in `reach` only.
+    fn run(
+        p: &mut Proposer,
+        mut out: Vec<Envelope>,
+        vs: &mut BTreeMap<String, Voter>,
+        reach: &[&str],
+    ) -> Option<Outcome> {
+        let mut now = 0;
+        for _ in 0..100 {
+            let mut next = Vec::new();
+            for e in out.drain(..) {
+                if !reach.contains(&e.to.as_str()) {
+                    continue;
+                }
+                if let Some(reply) = vs.get_mut(&e.to).unwrap().handle(e.msg) {
+                    let (more, outcome) = p.handle(&e.to, &reply);
+                    if outcome.is_some() {
+                        return outcome;
+                    }
+                    next.extend(more);
+                }
+            }
+            now += 1;
+            next.extend(p.tick(now, 1));
+            out = next;
+        }
+        None
+    }
+
+    #[test]
+    fn publish_raises_the_epoch_and_sets_the_owner_on_a_majority() {
+        let r = record();
+        let mut vs = voters(&r);
+        let ch = Change::Publish {
+            node: "x".into(),
+            readonly: false,
+        };
+        let (mut p, out) = Proposer::new("ctl", ch, &r, 0, 0, 5);
+        let Some(Outcome::Chosen { record: got, .. }) = run(&mut p, out, &mut vs, &["a", "b"])
+        else {
+            panic!("publish with a majority must be chosen");
+        };
+        assert_eq!(got.owner.as_ref().unwrap().node, "x");
+        assert_eq!(got.epoch, 1);
+        assert_eq!(vs["a"].state().record, got);
+        assert_eq!(vs["c"].state().record, r, "c was unreachable");
+    }
+
+    #[test]
+    fn no_majority_no_decision() {
+        let r = record();
+        let mut vs = voters(&r);
+        let ch = Change::Unpublish { node: "x".into() };
+        let (mut p, out) = Proposer::new("ctl", ch, &r, 0, 0, 5);
+        assert_eq!(run(&mut p, out, &mut vs, &["a"]), None);
+    }
+
+    #[test]
+    fn an_engine_that_is_not_the_owner_is_fenced() {
+        let r = record();
+        let mut vs = voters(&r);
+        let pubx = Change::Publish {
+            node: "x".into(),
+            readonly: false,
+        };
+        let (mut p, out) = Proposer::new("ctl", pubx, &r, 0, 0, 5);
+        run(&mut p, out, &mut vs, &["a", "b", "c"]).unwrap();
+        let ch = Change::SetInSync {
+            node: "y".into(),
+            epoch: 1,
+            in_sync: [("a".to_owned(), 0)].into(),
+        };
+        // The engine knows only the old record; the majority tells it.
+        let (mut p, out) = Proposer::new("engine-y", ch, &r, 0, 0, 5);
+        let Some(Outcome::Refused { refusal, record }) = run(&mut p, out, &mut vs, &["b", "c"])
+        else {
+            panic!("expected a refusal");
+        };
+        assert!(
+            matches!(refusal, Refusal::Fenced { epoch: 1, .. }),
+            "{refusal}"
+        );
+        assert_eq!(record.owner.unwrap().node, "x");
+    }
+
+    #[test]
+    fn a_later_proposer_builds_on_a_record_accepted_by_a_minority() {
+        let r = record();
+        let mut vs = voters(&r);
+        // Publish to x reaches only a (not chosen).
+        let pubx = Change::Publish {
+            node: "x".into(),
+            readonly: false,
+        };
+        let (mut p, out) = Proposer::new("ctl", pubx, &r, 0, 0, 5);
+        for e in out {
+            if let Some(reply) = vs.get_mut(&e.to).unwrap().handle(e.msg) {
+                let (more, _) = p.handle(&e.to, &reply);
+                for m in more.into_iter().filter(|m| m.to == "a") {
+                    vs.get_mut("a").unwrap().handle(m.msg);
+                }
+            }
+        }
+        assert_eq!(vs["a"].state().record.epoch, 1);
+        // A second publisher that hears from a sees x as the owner.
+        let puby = Change::Publish {
+            node: "y".into(),
+            readonly: false,
+        };
+        let (mut p2, out) = Proposer::new("ctl2", puby, &r, 0, 0, 5);
+        let outcome = run(&mut p2, out, &mut vs, &["a", "b"]).unwrap();
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Refused {
+                    refusal: Refusal::OwnedBy { .. },
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn writes_are_fenced_by_the_accepted_epoch_not_by_promises() {
+        let mut r = record();
+        r.owner = Some(Owner {
+            node: "x".into(),
+            readonly: false,
+        });
+        r.epoch = 3;
+        let mut v = Voter::new("a", r.clone(), 0);
+        let io = |epoch| Io {
+            epoch,
+            boot: 0,
+            conn: 1,
+        };
+        let w = |epoch, seq| Request::Write {
+            io: io(epoch),
+            region: 0,
+            tag: Tag { epoch, seq },
+        };
+        assert!(matches!(v.handle(w(3, 1)), Some(Reply::Written { .. })));
+        // A high prepare (say from a fenced engine) does not stop writes.
+        v.handle(Request::Prepare {
+            ballot: Ballot {
+                round: 99,
+                proposer: "old".into(),
+            },
+        });
+        assert!(matches!(v.handle(w(3, 2)), Some(Reply::Written { .. })));
+        assert!(matches!(
+            v.handle(w(2, 9)),
+            Some(Reply::Refused {
+                why: IoRefusal::Fenced { epoch: 3 },
+                ..
+            })
+        ));
+        assert!(matches!(
+            v.handle(w(4, 1)),
+            Some(Reply::Refused {
+                why: IoRefusal::Behind { epoch: 3 },
+                ..
+            })
+        ));
+        assert_eq!(v.data()[&0], Tag { epoch: 3, seq: 2 });
+        // A duplicate of an older write does not replace a newer one.
+        v.handle(w(3, 1));
+        assert_eq!(v.data()[&0], Tag { epoch: 3, seq: 2 });
+    }
+
+    #[test]
+    fn a_restart_loses_unflushed_writes_and_refuses_the_old_boot() {
+        let mut r = record();
+        r.owner = Some(Owner {
+            node: "x".into(),
+            readonly: false,
+        });
+        let mut v = Voter::new("a", r, 0);
+        let io = Io {
+            epoch: 0,
+            boot: 0,
+            conn: 1,
+        };
+        let t1 = Tag { epoch: 0, seq: 1 };
+        let t2 = Tag { epoch: 0, seq: 2 };
+        v.handle(Request::Write {
+            io,
+            region: 0,
+            tag: t1,
+        });
+        v.handle(Request::Flush { io, id: 1 });
+        v.handle(Request::Write {
+            io,
+            region: 1,
+            tag: t2,
+        });
+        v.restart();
+        assert_eq!(v.data().get(&0), Some(&t1));
+        assert_eq!(v.data().get(&1), None);
+        assert!(matches!(
+            v.handle(Request::Read {
+                io,
+                region: 0,
+                id: 1
+            }),
+            Some(Reply::Refused {
+                why: IoRefusal::WrongBoot { boot: 1 },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_witness_votes_but_holds_no_data() {
+        let r = ReplicaRecord::new(
+            Uuid::parse_hex("00000000000000000000000000000001").unwrap(),
+            8,
+            vec![Member::copy("a"), Member::copy("b"), Member::witness("w")],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let mut w = Voter::new("w", r.clone(), 0);
+        assert_eq!(w.role(), Role::Witness);
+        let b = Ballot {
+            round: 1,
+            proposer: "p".into(),
+        };
+        assert!(matches!(
+            w.handle(Request::Prepare { ballot: b.clone() }),
+            Some(Reply::Promise { .. })
+        ));
+        let io = Io {
+            epoch: 0,
+            boot: 0,
+            conn: 1,
+        };
+        assert!(matches!(
+            w.handle(Request::Write {
+                io,
+                region: 0,
+                tag: Tag::default()
+            }),
+            Some(Reply::Refused {
+                why: IoRefusal::NotACopy,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn commit_installs_only_newer_records() {
+        let r = record();
+        let mut v = Voter::new("a", r.clone(), 0);
+        let mut r2 = r.clone();
+        r2.version = 5;
+        let b = |round| Ballot {
+            round,
+            proposer: "p".into(),
+        };
+        v.handle(Request::Commit {
+            ballot: b(3),
+            record: r2.clone(),
+        });
+        assert_eq!(v.state().record, r2);
+        assert_eq!(v.state().promised, b(3));
+        v.handle(Request::Commit {
+            ballot: b(2),
+            record: r.clone(),
+        });
+        assert_eq!(v.state().record, r2);
+    }
+}
