@@ -901,20 +901,33 @@ impl LocalFile {
         Self::open(path)
     }
 
-    /// Opens an existing volume file for reading and writing.
+    /// Opens an existing volume file for reading and writing, with O_DIRECT
+    /// where the filesystem allows it.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let direct = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path);
-        let (file, direct) = match direct {
+        Self::open_with(path, true)
+    }
+
+    /// [`LocalFile::open`], or buffered I/O when `direct` is false (for
+    /// measuring what O_DIRECT is worth).
+    pub fn open_with(path: &Path, direct: bool) -> io::Result<Self> {
+        let opened = if direct {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        };
+        let (file, direct) = match opened {
             Ok(f) => (f, true),
             Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    "the pool cannot do direct I/O for this volume; using buffered I/O (double caching)"
-                );
+                if direct {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "the pool cannot do direct I/O for this volume; using buffered I/O (double caching)"
+                    );
+                }
                 let f = OpenOptions::new().read(true).write(true).open(path)?;
                 (f, false)
             }
