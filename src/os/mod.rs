@@ -9,6 +9,7 @@ pub mod cow;
 pub mod filesystem;
 pub mod freeze;
 pub mod fs;
+pub mod fuse_file;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
