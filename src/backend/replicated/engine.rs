@@ -137,9 +137,8 @@ struct Link {
     lost: bool,
     /// Regions it may lack (while out of sync or rebuilding).
     dirty: BTreeSet<Region>,
-    /// Per region, the last write or rebuild sent to it since its last
-    /// flush, and whether it acknowledged it.
-    unflushed: BTreeMap<Region, (Tag, bool)>,
+    /// Regions sent to it since its last flush.
+    unflushed: BTreeMap<Region, Unflushed>,
     attach_sent: Option<u64>,
     copying: Option<Copying>,
     join_flush: Option<JoinFlush>,
@@ -175,13 +174,60 @@ impl Link {
         self.flushed = false;
     }
 
-    fn is_joiner(&self) -> bool {
+    /// Whether it holds, not yet flushed, a write that an acknowledged
+    /// flush promised stable: one issued at or before `upto` (the sequence
+    /// number when the newest acknowledged flush was issued), or a rebuilt
+    /// region (older data).
+    fn owes_stability(&self, epoch: u64, upto: u64) -> bool {
+        self.unflushed
+            .values()
+            .any(|u| u.oldest.epoch < epoch || u.oldest.seq <= upto)
+    }
+
+    /// Whether it may join the in-sync set: rebuilt, everything sent to it
+    /// acknowledged, and everything an acknowledged flush covers stable.
+    fn is_joiner(&self, epoch: u64, upto: u64) -> bool {
         self.phase == Phase::Rebuilding
             && self.flushed
+            && !self.owes_stability(epoch, upto)
             && !self.failing
             && self.dirty.is_empty()
             && self.copying.is_none()
-            && self.unflushed.values().all(|(_, acked)| *acked)
+            && self.unflushed.values().all(|u| u.acked)
+    }
+}
+
+/// What a copy may hold only in memory in one region.
+#[derive(Debug, Clone, Copy)]
+struct Unflushed {
+    /// No older write of the region is missing from its stable storage.
+    oldest: Tag,
+    /// The last write or rebuild sent, and whether it acknowledged it.
+    latest: Tag,
+    acked: bool,
+}
+
+impl Link {
+    /// Notes a write or rebuild of `region` sent to this copy.
+    fn sent(&mut self, region: Region, tag: Tag) {
+        let u = self.unflushed.entry(region).or_insert(Unflushed {
+            oldest: tag,
+            latest: tag,
+            acked: false,
+        });
+        u.latest = tag;
+        u.acked = false;
+    }
+
+    /// A flush covering `latest` of `region` reached stable storage.
+    fn stable(&mut self, region: Region, latest: Tag) {
+        if let Some(u) = self.unflushed.get_mut(&region) {
+            if u.latest == latest {
+                self.unflushed.remove(&region);
+            } else {
+                u.oldest = latest;
+            }
+        }
     }
 }
 
@@ -206,6 +252,8 @@ struct PendingWrite {
 
 #[derive(Debug, Clone)]
 struct PendingFlush {
+    /// The write sequence number when it was issued.
+    upto: u64,
     waiting: BTreeSet<String>,
     covers: BTreeMap<String, Vec<(Region, Tag)>>,
     issued: u64,
@@ -234,6 +282,8 @@ pub struct Engine {
     reseed: Option<(String, u64)>,
     /// A copy refused a request as from an older epoch.
     suspect_fenced: bool,
+    /// The `upto` of the newest acknowledged flush.
+    flushed_upto: u64,
     writes: BTreeMap<u64, PendingWrite>,
     flushes: BTreeMap<u64, PendingFlush>,
     reads: BTreeMap<u64, PendingRead>,
@@ -262,6 +312,7 @@ impl Engine {
             attach_deadline: 0,
             reseed: None,
             suspect_fenced: false,
+            flushed_upto: 0,
             writes: BTreeMap::new(),
             flushes: BTreeMap::new(),
             reads: BTreeMap::new(),
@@ -384,7 +435,7 @@ impl Engine {
                     l.dirty.insert(region);
                 }
                 Phase::InSync | Phase::Rebuilding => {
-                    l.unflushed.insert(region, (tag, false));
+                    l.sent(region, tag);
                     waiting.insert(n.clone());
                     let io = self.io(&n);
                     self.send(&n, Request::Write { io, region, tag });
@@ -415,6 +466,7 @@ impl Engine {
         self.next_id += 1;
         let id = self.next_id;
         let mut f = PendingFlush {
+            upto: self.seq,
             waiting: BTreeSet::new(),
             covers: BTreeMap::new(),
             issued: self.now,
@@ -502,9 +554,9 @@ impl Engine {
                     l.failing = false;
                 }
                 if let Some(u) = l.unflushed.get_mut(&region)
-                    && u.0 == tag
+                    && u.latest == tag
                 {
-                    u.1 = true;
+                    u.acked = true;
                 }
                 if let Some(c) = &l.copying
                     && c.region == region
@@ -538,9 +590,7 @@ impl Engine {
                     covers.extend(f.covers.remove(from).unwrap_or_default());
                 }
                 for (region, tag) in covers {
-                    if l.unflushed.get(&region).is_some_and(|u| u.0 == tag) {
-                        l.unflushed.remove(&region);
-                    }
+                    l.stable(region, tag);
                 }
             }
             Reply::ReadData {
@@ -578,7 +628,7 @@ impl Engine {
                     let c = l.copying.as_mut().expect("filtered");
                     c.tag = Some(tag);
                     c.sent_at = now;
-                    l.unflushed.insert(region, (tag, false));
+                    l.sent(region, tag);
                     let io = self.io(&t);
                     self.send(&t, Request::Rebuild { io, region, tag });
                 }
@@ -1107,10 +1157,17 @@ impl Engine {
             );
             return;
         }
-        if !l.dirty.is_empty() || l.flushed {
+        if !l.dirty.is_empty() {
             return;
         }
-        let pending_to_n = self.writes.values().any(|w| w.waiting.contains(n));
+        if l.flushed {
+            if l.join_flush.is_none() && l.owes_stability(self.record.epoch, self.flushed_upto) {
+                // A flush was acknowledged that covers writes this copy
+                // only has in memory: flush it again before it joins.
+                self.links.get_mut(n).expect("listed").flushed = false;
+            }
+            return;
+        }
         match l.join_flush.as_ref().map(|j| (j.id, j.sent)) {
             Some((_, sent)) if now >= sent + timeout => self.fail(n, false),
             Some((id, sent)) if now > sent && (now - sent).is_multiple_of(resend) => {
@@ -1118,7 +1175,7 @@ impl Engine {
                 self.send(n, Request::Flush { io, id });
             }
             Some(_) => {}
-            None if !pending_to_n => {
+            None => {
                 self.next_id += 1;
                 let id = self.next_id;
                 let l = self.links.get_mut(n).expect("listed");
@@ -1130,7 +1187,6 @@ impl Engine {
                 let io = self.io(n);
                 self.send(n, Request::Flush { io, id });
             }
-            None => {}
         }
     }
 
@@ -1144,7 +1200,10 @@ impl Engine {
         let mut desired: BTreeMap<String, u64> = self
             .links
             .iter()
-            .filter(|(_, l)| (l.phase == Phase::InSync && !l.failing) || l.is_joiner())
+            .filter(|(_, l)| {
+                (l.phase == Phase::InSync && !l.failing)
+                    || l.is_joiner(self.record.epoch, self.flushed_upto)
+            })
             .map(|(n, l)| (n.clone(), l.boot))
             .collect();
         if desired.is_empty() {
@@ -1198,6 +1257,7 @@ impl Engine {
             .collect();
         for id in done {
             let f = self.flushes.remove(&id).expect("listed");
+            self.flushed_upto = self.flushed_upto.max(f.upto);
             for n in f.waiting {
                 if let Some(l) = self.links.get_mut(&n)
                     && l.phase == Phase::Rebuilding
@@ -1214,8 +1274,8 @@ impl Engine {
 fn covered(l: &Link) -> Vec<(Region, Tag)> {
     l.unflushed
         .iter()
-        .filter(|(_, (_, acked))| *acked)
-        .map(|(r, (t, _))| (*r, *t))
+        .filter(|(_, u)| u.acked)
+        .map(|(r, u)| (*r, u.latest))
         .collect()
 }
 

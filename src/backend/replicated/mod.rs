@@ -66,9 +66,11 @@
 //! so it is out of sync by construction. Rebuild copies each dirty region
 //! from an in-sync copy while holding that region (user writes to it wait),
 //! flushes the copy, and adds it to the in-sync set on a majority; from the
-//! moment the change is proposed, writes wait for that copy too. A user
-//! flush also goes to copies being rebuilt, and one that has not flushed by
-//! the time the flush is acknowledged must flush again before it joins.
+//! moment the change is proposed, writes wait for that copy too. A copy
+//! joins only once every write an acknowledged flush covered is on its
+//! stable storage (user flushes also go to copies being rebuilt; otherwise
+//! it flushes again). Attaching a copy flushes it, so the engine's record of
+//! unflushed regions is complete from then on.
 //!
 //! If every in-sync copy restarts while an engine runs, writes it
 //! acknowledged but nobody flushed may be gone (as on a disk that lost
