@@ -513,3 +513,119 @@ fn fuse_file_serves_one_file_and_unmounts_on_drop() {
     assert!(!is_mounted(&mnt));
     assert_clean(&scratch);
 }
+
+/// Environment of [`fuse_server_child`]: where to mount, the backing file,
+/// the size, and the file to create once serving.
+const CHILD_ENV: &str = "STOWAGE_FUSE_TEST_CHILD";
+
+/// Kills and reaps the child on drop (also when the test fails).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Not a test of its own: the serving process of
+/// [`killed_server_process_fails_io_promptly`], which runs this test
+/// binary again with only this function and [`CHILD_ENV`] set. Without
+/// that variable it returns at once.
+#[test]
+#[ignore = "helper process, started by killed_server_process_fails_io_promptly"]
+fn fuse_server_child() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split('|').collect();
+    let [mnt, backing, size, ready] = parts[..] else {
+        panic!("{CHILD_ENV}={spec:?}: want mnt|backing|size|ready");
+    };
+    let local = Arc::new(LocalFile::open(Path::new(backing)).unwrap());
+    let fuse = FuseFile::mount(
+        Path::new(mnt),
+        size.parse().unwrap(),
+        local,
+        &FuseOptions::default(),
+    )
+    .unwrap();
+    std::fs::write(ready, b"serving").unwrap();
+    // Serve until killed.
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = fuse.size();
+    }
+}
+
+/// The process serving the FUSE file is killed (SIGKILL) while a loop
+/// device is attached to the file: I/O on the device fails promptly with
+/// EIO (the kernel aborts the connection when the last /dev/fuse
+/// descriptor closes), and the device and the dead mount can be cleaned
+/// up.
+#[test]
+fn killed_server_process_fails_io_promptly() {
+    let scratch = Scratch::new("fuse-kill");
+    let size = 8 * MIB;
+    let (backing, local) = volume(&scratch, size);
+    drop(local);
+    let mnt = scratch.root.join("fuse");
+    let ready = scratch.root.join("ready");
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "fuse_server_child", "--ignored", "--nocapture"])
+        .env(
+            CHILD_ENV,
+            format!(
+                "{}|{}|{size}|{}",
+                mnt.display(),
+                backing.display(),
+                ready.display()
+            ),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let start = std::time::Instant::now();
+    while !ready.exists() {
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("the serving process exited: {status}");
+        }
+        assert!(
+            start.elapsed() < HANG,
+            "the serving process never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let device = stowage::os::loopdev::LoopDevice::attach(&mnt.join("volume"), false)
+        .expect("attach a loop device to the FUSE file");
+    assert!(device.direct_io());
+    let path = device.path();
+    let block = aligned_copy(&pattern(12, 4096));
+    open_direct(&path)
+        .write_all_at(block.as_slice(), 0)
+        .expect("write while the server lives");
+
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let p = path.clone();
+    let (write, read) = within(HANG, move || {
+        let f = open_direct(&p);
+        let block = aligned_copy(&pattern(13, 4096));
+        let write = f.write_all_at(block.as_slice(), 4096);
+        let mut back = AlignedBuf::zeroed(4096);
+        let read = f.read_exact_at(back.as_mut_slice(), 0);
+        (write, read)
+    })
+    .expect("I/O after the server was killed hung");
+    assert_eq!(write.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+    assert_eq!(read.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+
+    // What a restarted node plugin does: detach, then unmount the dead
+    // mount (its connection is gone, so a lazy unmount is immediate).
+    device.detach_settled().unwrap();
+    nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH).expect("unmount the dead mount");
+    assert_clean(&scratch);
+    assert_eq!(read_backing(&backing, 0, 4096), block.as_slice());
+}
