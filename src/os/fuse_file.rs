@@ -20,7 +20,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -877,9 +877,13 @@ pub struct LocalFile {
     align: u64,
     /// O_DIRECT memory alignment (1 when buffered).
     mem_align: usize,
-    /// Read-modify-write of a partially written aligned block holds that
-    /// block's stripe, so two writes into one block cannot undo each other.
-    stripes: Vec<Mutex<()>>,
+    /// Writes hold it shared; a read-modify-write of a partly written
+    /// block holds it alone, so no write into that block (a whole-block
+    /// write included) can land between its read and its write-back and be
+    /// undone by it. Partial blocks are rare (a loop device of 512-byte
+    /// sectors on a pool that needs 4 KiB), so their serialising costs
+    /// little.
+    rmw: RwLock<()>,
 }
 
 /// The sizes a [`LocalFile`] accepts: whole pages.
@@ -940,7 +944,7 @@ impl LocalFile {
             direct,
             align,
             mem_align,
-            stripes: (0..64).map(|_| Mutex::new(())).collect(),
+            rmw: RwLock::new(()),
         })
     }
 
@@ -957,10 +961,6 @@ impl LocalFile {
         offset.is_multiple_of(self.align)
             && (len as u64).is_multiple_of(self.align)
             && (ptr as usize).is_multiple_of(self.mem_align)
-    }
-
-    fn stripe(&self, block: u64) -> usize {
-        (block % self.stripes.len() as u64) as usize
     }
 }
 
@@ -1035,27 +1035,19 @@ impl BlockHandler for LocalFile {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         if !self.direct || self.aligned(offset, data.len(), data.as_ptr()) {
+            let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
             return self.file.write_all_at(data, offset);
         }
         let end = offset + data.len() as u64;
         let start = offset - offset % self.align;
         let aligned_end = end.next_multiple_of(self.align);
         // Blocks only partly covered by `data` are read, patched and
-        // written back under their stripe lock (in index order: no
-        // deadlock between two writers).
+        // written back with every other write held off.
         let head = (start != offset).then_some(start / self.align);
         let tail = (aligned_end != end).then_some((aligned_end - 1) / self.align);
-        let mut stripes: Vec<usize> = head
-            .into_iter()
-            .chain(tail)
-            .map(|b| self.stripe(b))
-            .collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let _held: Vec<_> = stripes
-            .iter()
-            .map(|&i| self.stripes[i].lock().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+        let partial = head.is_some() || tail.is_some();
+        let _exclusive = partial.then(|| self.rmw.write().unwrap_or_else(|e| e.into_inner()));
+        let _shared = (!partial).then(|| self.rmw.read().unwrap_or_else(|e| e.into_inner()));
         with_buffer(&BOUNCE_BUF, (aligned_end - start) as usize, |bounce| {
             let block = self.align as usize;
             if head.is_some() {
