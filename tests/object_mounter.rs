@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -786,58 +786,4 @@ fn bad_credentials_fail_cleanly_without_leaking_the_secret() {
 fn s3fs_is_installed() {
     let version = Mounter::new("/nonexistent").check_installed().unwrap();
     assert!(version.starts_with("1."), "{version}");
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-/// Figures, not a check: mount latency and daemon memory (idle, and after
-/// writing and reading a 64 MiB file). Run with
-/// `cargo test --test object_mounter -- --ignored --exact measure_mount_latency_and_daemon_rss --nocapture`.
-#[test]
-#[ignore = "measurement; run by hand"]
-fn measure_mount_latency_and_daemon_rss() {
-    let w = World::new("mnt-measure");
-    let mut latencies = Vec::new();
-    let mut idle = Vec::new();
-    for i in 0..5 {
-        let target = w.dir(&format!("m{i}"));
-        let start = Instant::now();
-        let m = w.mount(&w.spec(), &target);
-        latencies.push(start.elapsed());
-        assert_eq!(w.mounter.health(&target), Health::Healthy);
-        std::fs::read_dir(&target).unwrap().count();
-        idle.push(rss_kib(m.daemon.pid));
-    }
-    let m = w.mount(&w.spec(), &w.dir("busy"));
-    let data = pattern(64 << 20, 7);
-    let start = Instant::now();
-    std::fs::File::create(m.path("f"))
-        .unwrap()
-        .write_all(&data)
-        .unwrap();
-    let write = start.elapsed();
-    let start = Instant::now();
-    let back = std::fs::read(m.path("f")).unwrap();
-    let read = start.elapsed();
-    assert!(back == data);
-    let busy = rss_kib(m.daemon.pid);
-    latencies.sort();
-    idle.sort();
-    eprintln!(
-        "s3fs mount latency (5 mounts): min {:?} median {:?} max {:?}",
-        latencies[0], latencies[2], latencies[4]
-    );
-    eprintln!(
-        "s3fs daemon RSS idle: min {} KiB median {} KiB; after 64 MiB write+read: {} KiB",
-        idle[0], idle[2], busy
-    );
-    eprintln!("64 MiB write {write:?}, read {read:?}");
 }

@@ -476,21 +476,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         .metrics_address
         .as_ref()
         .map(|_| metrics::Metrics::new(Arc::clone(&driver)));
-    let mut metrics_task = None;
-    if let (Some(addr), Some(m)) = (&cfg.metrics_address, &metrics) {
-        let listener =
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|err| StartError::Metrics {
-                    addr: addr.clone(),
-                    err,
-                })?;
-        let local = listener
-            .local_addr()
-            .map_or(addr.clone(), |a| a.to_string());
-        tracing::info!(address = %local, "serving /metrics and /healthz");
-        metrics_task = Some(tokio::spawn(Arc::clone(m).serve(listener)));
-    }
+    let metrics_task = serve_metrics(cfg.metrics_address.as_deref(), metrics.as_ref()).await?;
     let layer = metrics.as_ref().map(|m| m.layer()).unwrap_or_default();
 
     let mut router = tonic::transport::Server::builder()
@@ -556,6 +542,29 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
 /// `--mode controller`: the routing controller on the CSI endpoint and the
 /// registration API on `--listen`. Opens no pool and no state.
+/// Binds `addr` and serves `m`'s `/metrics` and `/healthz` there, when
+/// both are given.
+async fn serve_metrics(
+    addr: Option<&str>,
+    m: Option<&Arc<metrics::Metrics>>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, StartError> {
+    let (Some(addr), Some(m)) = (addr, m) else {
+        return Ok(None);
+    };
+    let listener =
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|err| StartError::Metrics {
+                addr: addr.to_owned(),
+                err,
+            })?;
+    let local = listener
+        .local_addr()
+        .map_or(addr.to_owned(), |a| a.to_string());
+    tracing::info!(address = %local, "serving /metrics and /healthz");
+    Ok(Some(tokio::spawn(Arc::clone(m).serve(listener))))
+}
+
 async fn run_router(cfg: Config) -> Result<(), StartError> {
     use crate::cluster::{proto, registry::Registry, router};
     let Some(cluster) = cfg.cluster.clone() else {
@@ -599,18 +608,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
         .metrics_address
         .as_ref()
         .map(|_| metrics::Metrics::for_router(Arc::clone(&registry)));
-    let mut metrics_task = None;
-    if let (Some(addr), Some(m)) = (&cfg.metrics_address, &metrics) {
-        let listener =
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|err| StartError::Metrics {
-                    addr: addr.clone(),
-                    err,
-                })?;
-        tracing::info!(address = %addr, "serving /metrics and /healthz");
-        metrics_task = Some(tokio::spawn(Arc::clone(m).serve(listener)));
-    }
+    let metrics_task = serve_metrics(cfg.metrics_address.as_deref(), metrics.as_ref()).await?;
     let csi_router = tonic::transport::Server::builder()
         .layer(metrics.as_ref().map(|m| m.layer()).unwrap_or_default())
         .add_service(csi::identity_server::IdentityServer::new(router.clone()))
