@@ -360,6 +360,33 @@ impl Engine {
             && self.record.in_sync.len() == self.record.copies().count()
     }
 
+    /// Whether the write with sequence number `seq` (of this engine's
+    /// epoch) may still be sent to a copy: the data path keeps its bytes
+    /// until then.
+    pub fn write_pending(&self, seq: u64) -> bool {
+        self.writes.contains_key(&seq)
+    }
+
+    /// Whether some copy is being rebuilt with `tag` of `region`: the data
+    /// path keeps the bytes it read for that rebuild until then.
+    pub fn copying(&self, region: Region, tag: Tag) -> bool {
+        self.links.values().any(|l| {
+            l.copying
+                .as_ref()
+                .is_some_and(|c| c.region == region && c.tag == Some(tag))
+        })
+    }
+
+    /// The transport could not reach `node` (connection refused or reset,
+    /// deadline passed): it counts as failed at once instead of after the
+    /// timeout, as an unanswered request would.
+    pub fn unreachable(&mut self, node: &str) {
+        if self.state == EngineState::Running {
+            self.fail(node, false);
+            self.settle();
+        }
+    }
+
     /// Takes what to send and what happened since the last call.
     pub fn drain(&mut self) -> (Vec<Envelope>, Vec<EngineEvent>) {
         (

@@ -90,3 +90,8 @@ pub mod engine;
 pub mod placement;
 pub mod protocol;
 pub mod record;
+pub mod wire;
+
+/// The unit of dirty tracking, rebuild and write ordering: a volume is
+/// split into regions of this many bytes (the last may be shorter).
+pub const REGION_BYTES: u64 = 1 << 20;
