@@ -402,6 +402,7 @@ impl Backends {
             BackendKind::Dir => &self.dir,
             BackendKind::Block => &self.block,
             BackendKind::Object => &object::ObjectBackend,
+            BackendKind::Replicated => &replicated::backend::ReplicatedBackend,
         }
     }
 
@@ -410,6 +411,7 @@ impl Backends {
             BackendKind::Dir => &self.dir,
             BackendKind::Block => &self.block,
             BackendKind::Object => &object::ObjectBackend,
+            BackendKind::Replicated => &replicated::backend::ReplicatedBackend,
         }
     }
 }
@@ -420,5 +422,6 @@ pub fn profile(kind: BackendKind) -> &'static dyn profile::Profile {
         BackendKind::Dir => &dir::DirProfile,
         BackendKind::Block => &block::BlockProfile,
         BackendKind::Object => &object::ObjectProfile,
+        BackendKind::Replicated => &replicated::backend::ReplicatedProfile,
     }
 }

@@ -289,7 +289,7 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
                 let path = match kind {
                     BackendKind::Dir => backends.dir.path(uuid),
                     BackendKind::Block => backends.block.image(uuid),
-                    BackendKind::Object => continue,
+                    BackendKind::Object | BackendKind::Replicated => continue,
                 };
                 problems.push(Problem {
                     kind: "storage-without-record",
@@ -372,8 +372,9 @@ fn unexplained_mounts<'a>(
                 showing.extend(mounts.mounts_showing(&dev.path()));
             }
         }
-        // FUSE mounts of a remote store: nothing in the pool to trace.
-        BackendKind::Object => {}
+        // FUSE mounts of a remote store, or the copies on several nodes:
+        // nothing in the pool to trace.
+        BackendKind::Object | BackendKind::Replicated => {}
     }
     let mut ids = BTreeSet::new();
     showing.retain(|m| ids.insert(m.mount_id));

@@ -163,6 +163,15 @@ pub async fn serve_agent(
                 controller_only,
             ),
         )
+        .add_service(
+            super::proto::replica_server::ReplicaServer::new(super::replica::ReplicaService::new(
+                driver.replicas.clone().ok_or_else(|| {
+                    crate::server::StartError::Config("a node agent keeps replicas".to_owned())
+                })?,
+            ))
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20),
+        )
         .add_service(AgentServer::with_interceptor(
             AgentService {
                 driver,

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod names;
 pub mod registry;
+pub mod replica;
 pub mod router;
 pub mod tls;
 

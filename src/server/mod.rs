@@ -164,6 +164,8 @@ pub struct Driver {
     pub backends: Arc<Backends>,
     /// The state store (shared with the services).
     pub store: Store,
+    /// This node's copies of replicated volumes (`--mode node`).
+    pub replicas: Option<Arc<crate::backend::replicated::store::ReplicaStore>>,
 }
 
 impl Driver {
@@ -234,7 +236,15 @@ impl Driver {
         if let Some(n) = &node {
             spawn_object_supervisor(Arc::downgrade(n));
         }
+        let replicas = match cfg.mode {
+            Mode::Node => Some(Arc::new(
+                crate::backend::replicated::store::ReplicaStore::open(&cfg.pool, &cfg.node_id)
+                    .map_err(|e| StartError::Config(e.to_string()))?,
+            )),
+            _ => None,
+        };
         Ok(Self {
+            replicas,
             name: cfg.driver_name.clone(),
             mode: cfg.mode,
             controller,

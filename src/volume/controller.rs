@@ -332,6 +332,12 @@ impl Controller {
             ));
         }
         let backend = params.backend;
+        if backend == BackendKind::Replicated {
+            return Err(Error::invalid(
+                "parameters",
+                "backend=replicated needs a cluster: a controller (serve --mode controller) with node agents (serve --mode node) that keep the copies",
+            ));
+        }
         if !backend.profile().node_local() {
             return self.create_object_volume(req);
         }
@@ -969,7 +975,7 @@ impl Controller {
 
     /// Counts of what this controller holds, for metrics.
     pub fn inventory(&self) -> ControllerInventory {
-        const KINDS: [BackendKind; 3] = BackendKind::ALL;
+        const KINDS: [BackendKind; 4] = BackendKind::ALL;
         let volumes = {
             let index = lock(&self.index);
             KINDS

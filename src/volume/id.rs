@@ -1,6 +1,8 @@
 //! Volume and node identifiers. A volume ID is `<backend>:<node>:<uuid>`
-//! (e.g. `block:node-1:6f1c…`, 32 lowercase hex digits) and is parsed with a
-//! strict grammar; only the UUID part ever becomes a file name.
+//! (e.g. `block:node-1:6f1c…`, 32 lowercase hex digits), or
+//! `replicated:<uuid>` for a volume whose copies live on several nodes. IDs
+//! are parsed with a strict grammar; only the UUID part ever becomes a file
+//! name.
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,6 +16,8 @@ pub enum BackendKind {
     Dir,
     Block,
     Object,
+    /// N copies on different nodes (`replicated:<uuid>`: no node).
+    Replicated,
 }
 
 impl BackendKind {
@@ -21,7 +25,12 @@ impl BackendKind {
     pub const LOCAL: [BackendKind; 2] = [BackendKind::Dir, BackendKind::Block];
 
     /// Every backend.
-    pub const ALL: [BackendKind; 3] = [BackendKind::Dir, BackendKind::Block, BackendKind::Object];
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::Dir,
+        BackendKind::Block,
+        BackendKind::Object,
+        BackendKind::Replicated,
+    ];
 
     /// The backend's decisions (capabilities, sizes, staging, snapshots).
     pub fn profile(self) -> &'static dyn crate::backend::profile::Profile {
@@ -33,6 +42,7 @@ impl BackendKind {
             BackendKind::Dir => "dir",
             BackendKind::Block => "block",
             BackendKind::Object => "object",
+            BackendKind::Replicated => "replicated",
         }
     }
 }
@@ -44,6 +54,7 @@ impl FromStr for BackendKind {
             "dir" => Ok(BackendKind::Dir),
             "block" => Ok(BackendKind::Block),
             "object" => Ok(BackendKind::Object),
+            "replicated" => Ok(BackendKind::Replicated),
             _ => Err(()),
         }
     }
@@ -115,6 +126,15 @@ impl VolumeId {
         }
         let mut parts = s.split(':');
         let backend = parts.next()?.parse().ok()?;
+        if backend == BackendKind::Replicated {
+            // The copies hold it, on whichever nodes: the ID names none.
+            let uuid = Uuid::parse_hex(parts.next()?)?;
+            return parts.next().is_none().then(|| VolumeId {
+                backend,
+                node: String::new(),
+                uuid,
+            });
+        }
         let node = parts.next()?;
         let uuid = Uuid::parse_hex(parts.next()?)?;
         if parts.next().is_some() || !valid_node_id(node) {
@@ -130,6 +150,9 @@ impl VolumeId {
 
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.backend == BackendKind::Replicated {
+            return write!(f, "{}:{}", self.backend, self.uuid);
+        }
         write!(f, "{}:{}:{}", self.backend, self.node, self.uuid)
     }
 }
@@ -160,6 +183,9 @@ impl SnapshotId {
     /// `SnapshotId` is rejected.
     pub fn parse(s: &str) -> Option<Self> {
         let v = VolumeId::parse(s.strip_prefix("snap:")?)?;
+        if v.node.is_empty() {
+            return None;
+        }
         Some(SnapshotId {
             backend: v.backend,
             node: v.node,

@@ -108,7 +108,7 @@ impl Parameters {
         let mut backend = BackendKind::Block;
         if let Some(v) = map.get(ParamKey::Backend.as_str()) {
             backend = v.parse().map_err(|()| {
-                format!("parameter backend={v:?}: expected \"block\", \"dir\" or \"object\"")
+                format!("parameter backend={v:?}: expected \"block\", \"dir\", \"object\" or \"replicated\"")
             })?;
         }
         let mut node = None;

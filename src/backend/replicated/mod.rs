@@ -86,10 +86,12 @@
 //! epoch) for the start-up comparison, and the FUSE/loop device in front of
 //! the engine.
 
+pub mod backend;
 pub mod engine;
 pub mod placement;
 pub mod protocol;
 pub mod record;
+pub mod store;
 pub mod wire;
 
 /// The unit of dirty tracking, rebuild and write ordering: a volume is

@@ -226,6 +226,27 @@ impl Voter {
         }
     }
 
+    /// A voter whose process started again: `state` as persisted (its
+    /// boot already raised by the caller) and `tags`, what each region
+    /// holds on stable storage.
+    pub fn restore(node: &str, state: VoterState, tags: BTreeMap<Region, Tag>) -> Self {
+        let role = state
+            .record
+            .members
+            .iter()
+            .find(|m| m.node == node)
+            .map_or(Role::Witness, |m| m.role);
+        Voter {
+            node: node.to_owned(),
+            role,
+            state,
+            volatile: tags.clone(),
+            durable: tags,
+            conn: 0,
+            conn_epoch: 0,
+        }
+    }
+
     pub fn node(&self) -> &str {
         &self.node
     }

@@ -16,7 +16,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use uuid::Uuid;
+use crate::volume::id::Uuid;
 
 use super::protocol::{Reply, Request};
 

@@ -1,0 +1,475 @@
+//! The voter side on disk: each node keeps its copies (and witness records)
+//! of replicated volumes under `<pool>/replicas/<uuid>/`:
+//! - `voter.json`: the [`VoterState`] (promise, accepted ballot and record,
+//!   boot), replaced atomically and made durable before any reply that
+//!   depends on it;
+//! - `data` (copies only): the volume's bytes, a sparse file;
+//! - `tags` (copies only): 16 bytes per region, the [`Tag`] of the write
+//!   that last filled it (epoch, sequence number; little endian), written
+//!   after the region's bytes and made durable with them by a flush.
+//!
+//! Decisions are the [`Voter`]'s; this module adds the bytes. A `Write`
+//! stores its bytes when the voter took its tag for the region and a
+//! `Rebuild` whenever the voter holds its tag afterwards, under a lock per region, so a late duplicate never overwrites a
+//! newer write. A flush (and an attach) `fdatasync`s the data and the tags.
+//! A copy's boot rises once each time this process first opens it, so an
+//! engine learns that unflushed writes may be gone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::volume::id::Uuid;
+
+use super::REGION_BYTES;
+use super::protocol::{Ballot, Region, Reply, Request, Tag, Voter, VoterState};
+use super::record::{ReplicaRecord, Role};
+use super::wire::{Answer, Call};
+
+const VOTER_FILE: &str = "voter.json";
+const DATA_FILE: &str = "data";
+const TAGS_FILE: &str = "tags";
+const TAG_BYTES: u64 = 16;
+/// Writes to regions that share a stripe serialize; different stripes run
+/// in parallel.
+const STRIPES: usize = 64;
+
+/// Why the store could not serve a call.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no copy of replicated volume {0} on this node")]
+    NotFound(Uuid),
+    #[error("replicated volume {uuid} already has a copy here with another record")]
+    Conflict { uuid: Uuid },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("replica storage {path}: {err}")]
+    Io { path: PathBuf, err: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |err| StoreError::Io {
+        path: path.to_owned(),
+        err,
+    }
+}
+
+fn region_len(size: u64, region: Region) -> u64 {
+    let start = u64::from(region) * REGION_BYTES;
+    size.saturating_sub(start).min(REGION_BYTES)
+}
+
+fn regions_of(size: u64) -> u64 {
+    size.div_ceil(REGION_BYTES)
+}
+
+/// One copy or witness record, open.
+#[derive(Debug)]
+struct Held {
+    dir: PathBuf,
+    voter: Mutex<Voter>,
+    data: Option<File>,
+    tags: Option<File>,
+    size: u64,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl Held {
+    fn persist(&self, state: &VoterState) -> Result<(), StoreError> {
+        let path = self.dir.join(VOTER_FILE);
+        let json = serde_json::to_vec(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        crate::os::fs::write_atomic(&path, &json).map_err(io_err(&path))
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        if let (Some(d), Some(t)) = (&self.data, &self.tags) {
+            d.sync_data().map_err(io_err(&self.dir))?;
+            t.sync_data().map_err(io_err(&self.dir))?;
+        }
+        Ok(())
+    }
+
+    fn data(&self) -> Result<(&File, &File), StoreError> {
+        match (&self.data, &self.tags) {
+            (Some(d), Some(t)) => Ok((d, t)),
+            _ => Err(StoreError::Invalid("a witness holds no data".to_owned())),
+        }
+    }
+
+    /// Runs one call: the voter decides, the bytes follow.
+    fn handle(&self, call: Call) -> Result<Answer, StoreError> {
+        match call.request {
+            Request::Write { region, tag, .. } | Request::Rebuild { region, tag, .. } => {
+                self.store(call, region, tag)
+            }
+            Request::Read { region, .. } => self.read(call, region),
+            Request::Flush { .. } | Request::Attach { .. } => {
+                // Sync first: the voter's answer promises stability.
+                if self.data.is_some() {
+                    self.sync()?;
+                }
+                self.decide(call.request)
+            }
+            Request::Prepare { .. } | Request::Accept { .. } | Request::Commit { .. } => {
+                self.decide(call.request)
+            }
+        }
+    }
+
+    /// Hands a request to the voter and persists its state when the
+    /// request changed it, before the answer leaves.
+    fn decide(&self, req: Request) -> Result<Answer, StoreError> {
+        let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
+        let before = v.state().clone();
+        let reply = v.handle(req);
+        if *v.state() != before {
+            if let Err(e) = self.persist(v.state()) {
+                // Not durable: forget the change so nothing depends on it.
+                *v = Voter::restore(v.node(), before, v.durable_data().clone());
+                return Err(e);
+            }
+        }
+        Ok(Answer {
+            reply,
+            data: Vec::new(),
+        })
+    }
+
+    fn check_range(&self, region: Region, offset: u64, len: u64) -> Result<(), StoreError> {
+        let rl = region_len(self.size, region);
+        if rl == 0 || offset.checked_add(len).is_none_or(|end| end > rl) {
+            return Err(StoreError::Invalid(format!(
+                "bytes {offset}+{len} are outside region {region} of a {}-byte volume",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn store(&self, call: Call, region: Region, tag: Tag) -> Result<Answer, StoreError> {
+        let (data, tags) = self.data()?;
+        let rebuild = matches!(call.request, Request::Rebuild { .. });
+        let offset = if rebuild { 0 } else { u64::from(call.offset) };
+        let len = call.data.len() as u64;
+        if rebuild && len != region_len(self.size, region) {
+            return Err(StoreError::Invalid(format!(
+                "a rebuild of region {region} carries {len} bytes"
+            )));
+        }
+        self.check_range(region, offset, len)?;
+        let _region = self.stripes[region as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (reply, took) = {
+            let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
+            let before = v.data().get(&region).copied();
+            let reply = v.handle(call.request);
+            let after = v.data().get(&region).copied();
+            // A rebuild always lands when the voter takes its tag: the
+            // region may hold that tag's write without the older partial
+            // writes the copy missed, and the rebuild brings the whole
+            // region. A write already held (a duplicate) is skipped.
+            (reply, after == Some(tag) && (rebuild || before != Some(tag)))
+        };
+        if took {
+            let at = u64::from(region) * REGION_BYTES + offset;
+            data.write_all_at(&call.data, at)
+                .map_err(io_err(&self.dir))?;
+            let mut t = [0u8; TAG_BYTES as usize];
+            t[..8].copy_from_slice(&tag.epoch.to_le_bytes());
+            t[8..].copy_from_slice(&tag.seq.to_le_bytes());
+            tags.write_all_at(&t, u64::from(region) * TAG_BYTES)
+                .map_err(io_err(&self.dir))?;
+        }
+        Ok(Answer {
+            reply,
+            data: Vec::new(),
+        })
+    }
+
+    fn read(&self, call: Call, region: Region) -> Result<Answer, StoreError> {
+        let (data, _) = self.data()?;
+        let (offset, len) = if call.len == 0 {
+            (0, region_len(self.size, region))
+        } else {
+            (u64::from(call.offset), u64::from(call.len))
+        };
+        self.check_range(region, offset, len)?;
+        let reply = {
+            let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
+            v.handle(call.request)
+        };
+        let mut buf = Vec::new();
+        if matches!(reply, Some(Reply::ReadData { .. })) {
+            buf = vec![0u8; len as usize];
+            data.read_exact_at(&mut buf, u64::from(region) * REGION_BYTES + offset)
+                .map_err(io_err(&self.dir))?;
+        }
+        Ok(Answer { reply, data: buf })
+    }
+}
+
+/// What a node holds of one replicated volume, as `stowage volume status`
+/// and the controller see it.
+#[derive(Debug, Clone)]
+pub struct HeldState {
+    pub role: Role,
+    pub state: VoterState,
+}
+
+/// Every copy and witness record on this node.
+#[derive(Debug)]
+pub struct ReplicaStore {
+    root: PathBuf,
+    node: String,
+    open: Mutex<HashMap<Uuid, Arc<Held>>>,
+}
+
+impl ReplicaStore {
+    /// The store of node `node` under `<pool>/replicas` (created, 0700).
+    pub fn open(pool: &Path, node: &str) -> Result<Self, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        let root = pool.join("replicas");
+        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&root))?;
+        // A create or delete cut short leaves only these behind.
+        for entry in std::fs::read_dir(&root).map_err(io_err(&root))? {
+            let entry = entry.map_err(io_err(&root))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".new-") || name.starts_with(".gone-") {
+                let p = entry.path();
+                std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+            }
+        }
+        Ok(ReplicaStore {
+            root,
+            node: node.to_owned(),
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn dir(&self, uuid: Uuid) -> PathBuf {
+        self.root.join(uuid.to_hex())
+    }
+
+    /// Creates this node's member of a new volume holding its first
+    /// record (at [`Ballot::zero`], boot 1). Idempotent: a member that
+    /// exists with the same first record is left as it is.
+    pub fn create(&self, record: &ReplicaRecord) -> Result<(), StoreError> {
+        record
+            .validate()
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        if record.epoch != 0 || record.version != 0 || record.owner.is_some() {
+            return Err(StoreError::Invalid("not a first record".to_owned()));
+        }
+        let Some(member) = record.members.iter().find(|m| m.node == self.node) else {
+            return Err(StoreError::Invalid(format!(
+                "node {} is not a member of volume {}",
+                self.node, record.uuid
+            )));
+        };
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = self.dir(record.uuid);
+        if dir.exists() {
+            let held = self.load(&mut open, record.uuid)?;
+            let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
+            let r = &v.state().record;
+            return if r.members == record.members && r.size == record.size {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict { uuid: record.uuid })
+            };
+        }
+        let tmp = self.root.join(format!(".new-{}", record.uuid.to_hex()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        let made = (|| {
+            if member.role == Role::Copy {
+                for (name, len) in [
+                    (DATA_FILE, record.size),
+                    (TAGS_FILE, regions_of(record.size) * TAG_BYTES),
+                ] {
+                    let p = tmp.join(name);
+                    let f = File::create(&p).map_err(io_err(&p))?;
+                    f.set_len(len).map_err(io_err(&p))?;
+                    f.sync_all().map_err(io_err(&p))?;
+                }
+            }
+            let state = VoterState {
+                promised: Ballot::zero(),
+                accepted: Ballot::zero(),
+                record: record.clone(),
+                boot: 1,
+            };
+            let p = tmp.join(VOTER_FILE);
+            let json = serde_json::to_vec(&state).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            crate::os::fs::write_atomic(&p, &json).map_err(io_err(&p))?;
+            std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+            crate::os::fs::sync_dir(&self.root).map_err(io_err(&self.root))
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let held = Self::open_held(&dir, &self.node, 1, None)?;
+        open.insert(record.uuid, Arc::new(held));
+        Ok(())
+    }
+
+    /// Removes this node's member of a volume. Idempotent.
+    pub fn delete(&self, uuid: Uuid) -> Result<(), StoreError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.remove(&uuid);
+        let dir = self.dir(uuid);
+        if !dir.exists() {
+            return Ok(());
+        }
+        let gone = self.root.join(format!(".gone-{}", uuid.to_hex()));
+        let _ = std::fs::remove_dir_all(&gone);
+        std::fs::rename(&dir, &gone).map_err(io_err(&dir))?;
+        crate::os::fs::sync_dir(&self.root).map_err(io_err(&self.root))?;
+        std::fs::remove_dir_all(&gone).map_err(io_err(&gone))
+    }
+
+    /// What this node holds of `uuid`, if anything.
+    pub fn get(&self, uuid: Uuid) -> Result<Option<HeldState>, StoreError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.dir(uuid).exists() {
+            open.remove(&uuid);
+            return Ok(None);
+        }
+        let held = self.load(&mut open, uuid)?;
+        let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Some(HeldState {
+            role: v.role(),
+            state: v.state().clone(),
+        }))
+    }
+
+    /// Every volume this node holds a member of.
+    pub fn list(&self) -> Result<Vec<Uuid>, StoreError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let entry = entry.map_err(io_err(&self.root))?;
+            if let Some(u) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| Uuid::parse_hex(n))
+            {
+                out.push(u);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Serves one protocol call for `uuid`.
+    pub fn call(&self, uuid: Uuid, call: Call) -> Result<Answer, StoreError> {
+        let held = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            self.load(&mut open, uuid)?
+        };
+        held.handle(call)
+    }
+
+    fn load(&self, open: &mut HashMap<Uuid, Arc<Held>>, uuid: Uuid) -> Result<Arc<Held>, StoreError> {
+        if let Some(h) = open.get(&uuid) {
+            return Ok(Arc::clone(h));
+        }
+        let dir = self.dir(uuid);
+        let p = dir.join(VOTER_FILE);
+        let json = match std::fs::read(&p) {
+            Ok(j) => j,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound(uuid)),
+            Err(e) => return Err(io_err(&p)(e)),
+        };
+        let mut state: VoterState = serde_json::from_slice(&json)
+            .map_err(|e| StoreError::Invalid(format!("{}: {e}", p.display())))?;
+        if state.record.uuid != uuid {
+            return Err(StoreError::Invalid(format!(
+                "{} names volume {}",
+                p.display(),
+                state.record.uuid
+            )));
+        }
+        // Opened for the first time by this process: a new boot.
+        state.boot += 1;
+        let held = Self::open_held(&dir, &self.node, state.boot, Some(state))?;
+        let held = Arc::new(held);
+        open.insert(uuid, Arc::clone(&held));
+        Ok(held)
+    }
+
+    fn open_held(
+        dir: &Path,
+        node: &str,
+        boot: u64,
+        state: Option<VoterState>,
+    ) -> Result<Held, StoreError> {
+        let state = match state {
+            Some(s) => s,
+            None => {
+                let p = dir.join(VOTER_FILE);
+                let json = std::fs::read(&p).map_err(io_err(&p))?;
+                let mut s: VoterState = serde_json::from_slice(&json)
+                    .map_err(|e| StoreError::Invalid(format!("{}: {e}", p.display())))?;
+                s.boot = boot;
+                s
+            }
+        };
+        let size = state.record.size;
+        let copy = state
+            .record
+            .members
+            .iter()
+            .any(|m| m.node == node && m.role == Role::Copy);
+        let (data, tags, tag_map) = if copy {
+            let open = |name: &str| {
+                let p = dir.join(name);
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&p)
+                    .map_err(io_err(&p))
+            };
+            let data = open(DATA_FILE)?;
+            let tags = open(TAGS_FILE)?;
+            let mut raw = vec![0u8; (regions_of(size) * TAG_BYTES) as usize];
+            tags.read_exact_at(&mut raw, 0).map_err(io_err(dir))?;
+            let mut map = BTreeMap::new();
+            for (i, c) in raw.chunks_exact(TAG_BYTES as usize).enumerate() {
+                let epoch = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+                let seq = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
+                if epoch != 0 || seq != 0 {
+                    map.insert(i as Region, Tag { epoch, seq });
+                }
+            }
+            (Some(data), Some(tags), map)
+        } else {
+            (None, None, BTreeMap::new())
+        };
+        let held = Held {
+            dir: dir.to_owned(),
+            voter: Mutex::new(Voter::restore(node, state, tag_map)),
+            data,
+            tags,
+            size,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        };
+        {
+            let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
+            held.persist(v.state())?;
+        }
+        Ok(held)
+    }
+}
