@@ -8,6 +8,7 @@ pub mod agent;
 pub mod names;
 pub mod registry;
 pub mod replica;
+pub mod replicated;
 pub mod router;
 pub mod tls;
 

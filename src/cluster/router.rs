@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::names::NameIndex;
 use super::proto;
 use super::registry::{NodeEntry, Registry};
+use super::replicated;
 use super::tls::{PeerIdentity, peer_identity};
 use crate::csi;
 use crate::csi::controller_client::ControllerClient;
@@ -33,6 +34,8 @@ pub struct Router {
     /// CreateVolume names being placed now: a concurrent CreateVolume of
     /// the same name is ABORTED (it could otherwise be placed elsewhere).
     creating: crate::volume::inflight::InFlight,
+    /// Replicated volumes, which no single node routes.
+    replicated: super::replicated::Replicated,
 }
 
 /// Where a call goes.
@@ -57,11 +60,21 @@ fn node_of_topology(t: &csi::Topology) -> Option<&str> {
 impl Router {
     pub fn new(registry: Arc<Registry>, name: String) -> Self {
         Self {
-            registry,
             name,
             names: Arc::new(NameIndex::default()),
             creating: Default::default(),
+            replicated: super::replicated::Replicated::new(Arc::clone(&registry)),
+            registry,
         }
+    }
+
+    /// One operation at a time per replicated volume: a concurrent one is
+    /// ABORTED.
+    #[allow(clippy::result_large_err)]
+    fn volume_guard(&self, raw: &str) -> Result<crate::volume::inflight::InFlightGuard, Status> {
+        self.creating
+            .try_acquire(format!("\0volume\0{raw}"))
+            .ok_or_else(|| Status::aborted(format!("an operation on volume {raw} is in progress")))
     }
 
     /// The node holding a volume of this CSI name: from the name index
@@ -349,6 +362,12 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::CreateVolumeRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
+        if replicated::wants_replicated(&r.parameters) {
+            let _guard = self.creating.try_acquire(r.name.clone()).ok_or_else(|| {
+                Status::aborted(format!("a CreateVolume of name {:?} is in progress", r.name))
+            })?;
+            return self.replicated.create_volume(r).await.map(Response::new);
+        }
         let source_node = match r
             .volume_content_source
             .as_ref()
@@ -437,6 +456,11 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::DeleteVolumeRequest>,
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_id(&r.volume_id) {
+            let _guard = self.volume_guard(&r.volume_id)?;
+            self.replicated.delete_volume(&r.volume_id).await?;
+            return Ok(Response::new(csi::DeleteVolumeResponse {}));
+        }
         let id = r.volume_id.clone();
         let done = match self.volume_route(&r.volume_id)? {
             Route::Forgotten => Ok(Response::new(csi::DeleteVolumeResponse {})),
@@ -453,6 +477,10 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_id(&r.volume_id) {
+            let _guard = self.volume_guard(&r.volume_id)?;
+            return self.replicated.publish(&r).await.map(Response::new);
+        }
         let n = self.volume_node(&r.volume_id)?;
         // The node agent takes the controller's word for the node a volume
         // is published to: a node that never registered does not exist.
@@ -473,6 +501,11 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_id(&r.volume_id) {
+            let _guard = self.volume_guard(&r.volume_id)?;
+            self.replicated.unpublish(&r).await?;
+            return Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}));
+        }
         match self.volume_route(&r.volume_id)? {
             Route::Forgotten => Ok(Response::new(csi::ControllerUnpublishVolumeResponse {})),
             Route::Node(n) => relay(&n, cc(&n).controller_unpublish_volume(r).await),
@@ -484,6 +517,9 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_id(&r.volume_id) {
+            return self.replicated.validate(r).await.map(Response::new);
+        }
         let n = self.volume_node(&r.volume_id)?;
         relay(&n, cc(&n).validate_volume_capabilities(r).await)
     }
@@ -587,6 +623,11 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_id(&r.source_volume_id) {
+            return Err(Status::invalid_argument(
+                "source_volume_id: snapshots of replicated volumes are not built yet",
+            ));
+        }
         let n = self.volume_node(&r.source_volume_id)?;
         relay(&n, cc(&n).create_snapshot(r).await)
     }
@@ -652,6 +693,11 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_id(&r.volume_id) {
+            return Err(Status::invalid_argument(
+                "volume_id: expansion of replicated volumes is not built yet",
+            ));
+        }
         let n = self.volume_node(&r.volume_id)?;
         relay(&n, cc(&n).controller_expand_volume(r).await)
     }
@@ -661,6 +707,9 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ControllerGetVolumeRequest>,
     ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_id(&r.volume_id) {
+            return self.replicated.get_volume(&r.volume_id).await.map(Response::new);
+        }
         let n = self.volume_node(&r.volume_id)?;
         relay(&n, cc(&n).controller_get_volume(r).await)
     }
@@ -670,6 +719,11 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_id(&r.volume_id) {
+            return Err(Status::invalid_argument(
+                "volume_id: replicated volumes have no mutable parameters yet",
+            ));
+        }
         let n = self.volume_node(&r.volume_id)?;
         relay(&n, cc(&n).controller_modify_volume(r).await)
     }

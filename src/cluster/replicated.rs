@@ -1,0 +1,660 @@
+//! The routing controller's side of replicated volumes: CreateVolume places
+//! copies on registered nodes and gives each the volume's first record;
+//! DeleteVolume removes them; ControllerPublish/Unpublish are changes of
+//! the record driven to a majority of its voters (the copies are the source
+//! of truth: the controller keeps nothing). A volume is found by asking the
+//! fresh nodes what they hold of its uuid, which the CSI name determines.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+
+use super::proto::replica_client::ReplicaClient;
+use super::proto::{CreateReplicaRequest, DeleteReplicaRequest, GetReplicaRequest, ReplicaCall};
+use super::registry::{NodeEntry, Registry};
+use crate::backend::replicated::REGION_BYTES;
+use crate::backend::replicated::placement::{self, Candidate, ReplicaParams};
+use crate::backend::replicated::protocol::{
+    Change, Envelope, Outcome, Proposer, Refusal, Reply, VoterState,
+};
+use crate::backend::replicated::record::ReplicaRecord;
+use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError};
+use crate::csi;
+use crate::volume::BackendKind;
+use crate::volume::id::{Uuid, VolumeId};
+
+/// How long one call to a node may take.
+const CALL_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a record change may take before the CO is told to retry.
+const CHANGE_DEADLINE: Duration = Duration::from_secs(15);
+/// A change's phase timeout, in the proposer's milliseconds.
+const PHASE_TIMEOUT_MS: u64 = 2_000;
+
+/// `publish_context` keys the node's engine starts from.
+pub const CONTEXT_RECORD: &str = "replicated.stowage.io/record";
+pub const CONTEXT_BALLOT: &str = "replicated.stowage.io/ballot";
+pub const CONTEXT_ADDRESSES: &str = "replicated.stowage.io/addresses";
+
+/// Whether `raw` is a replicated volume's ID (well formed or not: the
+/// prefix alone routes it here, which then refuses a malformed one).
+pub fn is_replicated_id(raw: &str) -> bool {
+    raw.starts_with("replicated:")
+}
+
+/// Whether CreateVolume parameters ask for a replicated volume.
+pub fn wants_replicated(params: &HashMap<String, String>) -> bool {
+    params.get("backend").map(String::as_str) == Some("replicated")
+}
+
+#[allow(clippy::result_large_err)]
+fn parse_id(raw: &str) -> Result<Uuid, Status> {
+    VolumeId::parse(raw)
+        .filter(|v| v.backend == BackendKind::Replicated)
+        .map(|v| v.uuid)
+        .ok_or_else(|| Status::not_found(format!("no volume has the malformed ID {raw:?}")))
+}
+
+fn volume_id(uuid: Uuid) -> String {
+    VolumeId {
+        backend: BackendKind::Replicated,
+        node: String::new(),
+        uuid,
+    }
+    .to_string()
+}
+
+/// Reaches voters through the registry's channels to the agents (the
+/// controller's cluster certificate).
+#[derive(Debug)]
+pub struct RegistryPeer {
+    registry: Arc<Registry>,
+}
+
+#[tonic::async_trait]
+impl Peer for RegistryPeer {
+    async fn call(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError> {
+        let n = self.registry.get(node).ok_or_else(|| PeerError::Unreachable {
+            node: node.to_owned(),
+            why: "not registered".to_owned(),
+        })?;
+        let request = serde_json::to_vec(&call.request).map_err(|e| PeerError::Failed {
+            node: node.to_owned(),
+            why: e.to_string(),
+        })?;
+        let mut c = ReplicaClient::new(n.channel.clone());
+        let sent = c.call(ReplicaCall {
+            volume: volume.to_hex(),
+            request,
+            offset: call.offset,
+            len: call.len,
+            data: call.data.as_ref().clone(),
+        });
+        let answer = match tokio::time::timeout(CALL_DEADLINE, sent).await {
+            Err(_) => {
+                return Err(PeerError::Unreachable {
+                    node: node.to_owned(),
+                    why: "no answer in time".to_owned(),
+                });
+            }
+            Ok(Err(s)) => {
+                return Err(PeerError::Failed {
+                    node: node.to_owned(),
+                    why: s.message().to_owned(),
+                });
+            }
+            Ok(Ok(a)) => a.into_inner(),
+        };
+        let reply = if answer.reply.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_slice::<Reply>(&answer.reply).map_err(|e| PeerError::Failed {
+                    node: node.to_owned(),
+                    why: e.to_string(),
+                })?,
+            )
+        };
+        Ok(Answer {
+            reply,
+            data: answer.data,
+        })
+    }
+}
+
+/// Drives one record change to its outcome, or UNAVAILABLE when no majority
+/// answered in time.
+pub async fn drive(
+    peer: Arc<dyn Peer>,
+    volume: Uuid,
+    mut proposer: Proposer,
+    first: Vec<Envelope>,
+    deadline: Duration,
+) -> Result<Outcome, Status> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Reply)>();
+    let send = |out: Vec<Envelope>| {
+        for e in out {
+            let (peer, tx) = (Arc::clone(&peer), tx.clone());
+            tokio::spawn(async move {
+                if let Ok(Answer {
+                    reply: Some(r), ..
+                }) = peer.call(&e.to, volume, Call::control(e.msg)).await
+                {
+                    let _ = tx.send((e.to, r));
+                }
+            });
+        }
+    };
+    send(first);
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut jitter = uuid::Uuid::new_v4().as_u128() as u64;
+    loop {
+        tokio::select! {
+            Some((from, reply)) = rx.recv() => {
+                let (out, outcome) = proposer.handle(&from, &reply);
+                send(out);
+                if let Some(o) = outcome {
+                    return Ok(o);
+                }
+            }
+            _ = tick.tick() => {
+                if start.elapsed() > deadline {
+                    return Err(Status::unavailable(format!(
+                        "no majority of volume {volume}'s voters answered within {} s",
+                        deadline.as_secs()
+                    )));
+                }
+                jitter ^= jitter << 13;
+                jitter ^= jitter >> 7;
+                jitter ^= jitter << 17;
+                let now = start.elapsed().as_millis() as u64;
+                send(proposer.tick(now, jitter % 200));
+            }
+        }
+    }
+}
+
+/// What the fresh nodes hold of a volume.
+struct Found {
+    /// The record accepted at the highest ballot, and that ballot.
+    newest: Option<VoterState>,
+    /// Nodes that hold a member of it.
+    holders: Vec<String>,
+    /// Fresh nodes that answered that they hold nothing.
+    without: Vec<String>,
+}
+
+/// The controller's operations on replicated volumes.
+#[derive(Debug, Clone)]
+pub struct Replicated {
+    registry: Arc<Registry>,
+    peer: Arc<dyn Peer>,
+}
+
+impl Replicated {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Replicated {
+            peer: Arc::new(RegistryPeer {
+                registry: Arc::clone(&registry),
+            }),
+            registry,
+        }
+    }
+
+    /// Asks every fresh node what it holds of `uuid`. A fresh node that
+    /// does not answer makes the answer unknown: UNAVAILABLE.
+    async fn find(&self, uuid: Uuid) -> Result<Found, Status> {
+        let nodes = self.registry.fresh();
+        let asks = nodes.iter().map(|n| {
+            let mut c = ReplicaClient::new(n.channel.clone());
+            let req = GetReplicaRequest {
+                volume: uuid.to_hex(),
+            };
+            tokio::spawn(async move { tokio::time::timeout(CALL_DEADLINE, c.get(req)).await })
+        });
+        let asks: Vec<_> = asks.collect();
+        let mut found = Found {
+            newest: None,
+            holders: Vec::new(),
+            without: Vec::new(),
+        };
+        for (n, a) in nodes.iter().zip(asks) {
+            let answer = a.await.map_err(|e| Status::internal(e.to_string()))?;
+            let r = match answer {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) => {
+                    return Err(Status::unavailable(format!(
+                        "cannot ask node {} about volume {uuid}: {}",
+                        n.id,
+                        s.message()
+                    )));
+                }
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "node {} did not answer about volume {uuid} in time",
+                        n.id
+                    )));
+                }
+            };
+            if !r.found {
+                found.without.push(n.id.clone());
+                continue;
+            }
+            let state: VoterState = serde_json::from_str(&r.state)
+                .map_err(|e| Status::internal(format!("node {}: {e}", n.id)))?;
+            found.holders.push(n.id.clone());
+            if found
+                .newest
+                .as_ref()
+                .is_none_or(|s| (&state.accepted, state.record.version) > (&s.accepted, s.record.version))
+            {
+                found.newest = Some(state);
+            }
+        }
+        Ok(found)
+    }
+
+    fn node(&self, id: &str) -> Result<NodeEntry, Status> {
+        self.registry
+            .get(id)
+            .filter(|n| n.fresh(Instant::now()))
+            .ok_or_else(|| Status::unavailable(format!("node {id} is not registered and fresh")))
+    }
+
+    async fn create_on(&self, node: &str, record: &ReplicaRecord) -> Result<(), Status> {
+        let n = self.node(node)?;
+        let mut c = ReplicaClient::new(n.channel.clone());
+        let req = CreateReplicaRequest {
+            record: serde_json::to_string(record).map_err(|e| Status::internal(e.to_string()))?,
+        };
+        match tokio::time::timeout(CALL_DEADLINE, c.create(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => Err(Status::already_exists(
+                format!("node {node}: {}", s.message()),
+            )),
+            Ok(Err(s)) => Err(Status::unavailable(format!(
+                "node {node} could not create its copy: {}",
+                s.message()
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "node {node} did not create its copy in time"
+            ))),
+        }
+    }
+
+    async fn delete_on(&self, node: &str, uuid: Uuid) -> Result<(), Status> {
+        if self.registry.is_forgotten(node) {
+            return Ok(());
+        }
+        let n = self.node(node)?;
+        let mut c = ReplicaClient::new(n.channel.clone());
+        let req = DeleteReplicaRequest {
+            volume: uuid.to_hex(),
+        };
+        match tokio::time::timeout(CALL_DEADLINE, c.delete(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(Status::unavailable(format!(
+                "node {node} could not delete its copy: {}",
+                s.message()
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "node {node} did not delete its copy in time"
+            ))),
+        }
+    }
+
+    fn volume(record: &ReplicaRecord) -> csi::Volume {
+        let copies: Vec<&str> = record.copies().collect();
+        csi::Volume {
+            capacity_bytes: record.size as i64,
+            volume_id: volume_id(record.uuid),
+            volume_context: HashMap::from([("replicas".to_owned(), copies.len().to_string())]),
+            content_source: None,
+            accessible_topology: Vec::new(),
+        }
+    }
+
+    /// CreateVolume of `backend=replicated`.
+    pub async fn create_volume(
+        &self,
+        r: csi::CreateVolumeRequest,
+    ) -> Result<csi::CreateVolumeResponse, Status> {
+        use crate::server::convert;
+        convert::required_str("name", &r.name).map_err(Status::from)?;
+        let caps =
+            convert::capabilities("volume_capabilities", &r.volume_capabilities).map_err(Status::from)?;
+        let profile = BackendKind::Replicated.profile();
+        for c in &caps {
+            profile
+                .check_capability(c)
+                .map_err(|e| Status::invalid_argument(format!("volume_capabilities: {e}")))?;
+        }
+        let fs = profile
+            .filesystem(&caps)
+            .map_err(|e| Status::invalid_argument(format!("volume_capabilities: {e}")))?;
+        let params = convert::map(&r.parameters);
+        crate::volume::params::Parameters::parse(&params)
+            .map_err(|e| Status::invalid_argument(format!("parameters: {e}")))?;
+        let rp = ReplicaParams::parse(
+            params.get("replicas").map(String::as_str),
+            params.get("locality").map(String::as_str),
+        )
+        .map_err(|e| Status::invalid_argument(format!("parameters: {e}")))?;
+        if r.volume_content_source.is_some() {
+            return Err(Status::invalid_argument(
+                "volume_content_source: replicated volumes cannot be restored or cloned yet",
+            ));
+        }
+        if !r.mutable_parameters.is_empty() {
+            return Err(Status::invalid_argument(
+                "mutable_parameters: replicated volumes have none yet",
+            ));
+        }
+        let (default, min) = profile.sizes(fs);
+        let (required, limit) = match &r.capacity_range {
+            Some(c) if c.required_bytes < 0 || c.limit_bytes < 0 => {
+                return Err(Status::invalid_argument("capacity_range: negative"));
+            }
+            Some(c) => (c.required_bytes as u64, c.limit_bytes as u64),
+            None => (0, 0),
+        };
+        let want = if required == 0 {
+            if limit != 0 { limit.min(default) } else { default }
+        } else {
+            required
+        }
+        .max(min);
+        let size = want.div_ceil(REGION_BYTES) * REGION_BYTES;
+        if limit != 0 && size > limit {
+            return Err(Status::out_of_range(format!(
+                "a replicated volume of {want} bytes takes {size} bytes (whole MiB regions, at least {min}), above the limit of {limit}"
+            )));
+        }
+        let uuid = placement::volume_uuid(&r.name);
+        let found = self.find(uuid).await?;
+        if let Some(state) = &found.newest {
+            let rec = &state.record;
+            let compatible = (required == 0 || rec.size >= required)
+                && (limit == 0 || rec.size <= limit)
+                && rec.copies().count() == rp.replicas;
+            if !compatible {
+                return Err(Status::already_exists(format!(
+                    "volume name {:?} is taken by a replicated volume of {} bytes with {} copies",
+                    r.name,
+                    rec.size,
+                    rec.copies().count()
+                )));
+            }
+            // A create cut short: members still missing get the first
+            // record (only while nothing has changed it).
+            if rec.version == 0 {
+                for m in &rec.members {
+                    if !found.holders.contains(&m.node) {
+                        self.create_on(&m.node, rec).await?;
+                    }
+                }
+            }
+            return Ok(csi::CreateVolumeResponse {
+                volume: Some(Self::volume(rec)),
+            });
+        }
+        let now = Instant::now();
+        let candidates: Vec<Candidate> = self
+            .registry
+            .all()
+            .into_iter()
+            .map(|n| Candidate {
+                fresh: n.fresh(now),
+                zone: n.labels.get("zone").cloned(),
+                cordoned: n.cordoned,
+                free_bytes: n.free_bytes,
+                node: n.id,
+            })
+            .collect();
+        let preferred = r
+            .accessibility_requirements
+            .iter()
+            .flat_map(|a| a.preferred.iter())
+            .find_map(|t| t.segments.get(crate::volume::TOPOLOGY_NODE_KEY).cloned());
+        let placed = placement::place(
+            uuid,
+            &candidates,
+            rp.replicas,
+            size,
+            rp.locality,
+            preferred.as_deref(),
+        )
+        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let members = placed.members();
+        let boots: BTreeMap<String, u64> = members.iter().map(|m| (m.node.clone(), 1)).collect();
+        let record = ReplicaRecord::new(uuid, size, members, &boots)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut made: Vec<String> = Vec::new();
+        for m in &record.members {
+            if let Err(e) = self.create_on(&m.node, &record).await {
+                for n in &made {
+                    let _ = self.delete_on(n, uuid).await;
+                }
+                return Err(e);
+            }
+            made.push(m.node.clone());
+        }
+        tracing::info!(name = %r.name, volume = %volume_id(uuid), members = ?made, size, "replicated volume created");
+        Ok(csi::CreateVolumeResponse {
+            volume: Some(Self::volume(&record)),
+        })
+    }
+
+    /// DeleteVolume. Idempotent; refused while the volume is published.
+    pub async fn delete_volume(&self, raw: &str) -> Result<(), Status> {
+        let Ok(uuid) = parse_id(raw) else {
+            // A malformed ID names no volume: deleted already.
+            return Ok(());
+        };
+        let found = self.find(uuid).await?;
+        let Some(state) = found.newest else {
+            return Ok(());
+        };
+        if let Some(o) = &state.record.owner {
+            return Err(Status::failed_precondition(format!(
+                "volume {raw} is published on node {}",
+                o.node
+            )));
+        }
+        let mut nodes: Vec<String> = state.record.voters().map(str::to_owned).collect();
+        for h in found.holders {
+            if !nodes.contains(&h) {
+                nodes.push(h);
+            }
+        }
+        for n in &nodes {
+            self.delete_on(n, uuid).await?;
+        }
+        tracing::info!(volume = %raw, "replicated volume deleted");
+        Ok(())
+    }
+
+    /// The newest record of a volume, or NOT_FOUND.
+    async fn newest(&self, raw: &str) -> Result<(Uuid, VoterState), Status> {
+        let uuid = parse_id(raw)?;
+        let found = self.find(uuid).await?;
+        let state = found
+            .newest
+            .ok_or_else(|| Status::not_found(format!("volume {raw} does not exist")))?;
+        Ok((uuid, state))
+    }
+
+    async fn change(
+        &self,
+        uuid: Uuid,
+        state: &VoterState,
+        change: Change,
+    ) -> Result<Outcome, Status> {
+        let id = format!("controller/{}", uuid::Uuid::new_v4().simple());
+        let (p, out) = Proposer::new(
+            &id,
+            change,
+            &state.record,
+            state.accepted.round.max(state.promised.round),
+            0,
+            PHASE_TIMEOUT_MS,
+        );
+        drive(Arc::clone(&self.peer), uuid, p, out, CHANGE_DEADLINE).await
+    }
+
+    /// ControllerPublishVolume: `node` becomes the owner (the epoch rises,
+    /// fencing any engine elsewhere); the publish_context carries what the
+    /// node's engine starts from.
+    pub async fn publish(
+        &self,
+        r: &csi::ControllerPublishVolumeRequest,
+    ) -> Result<csi::ControllerPublishVolumeResponse, Status> {
+        use crate::server::convert;
+        convert::required_str("volume_id", &r.volume_id).map_err(Status::from)?;
+        convert::required_str("node_id", &r.node_id).map_err(Status::from)?;
+        let cap = convert::capability("volume_capability", r.volume_capability.as_ref())
+            .map_err(Status::from)?;
+        BackendKind::Replicated
+            .profile()
+            .check_capability(&cap)
+            .map_err(|e| Status::invalid_argument(format!("volume_capability: {e}")))?;
+        let (uuid, state) = self.newest(&r.volume_id).await?;
+        if self.registry.get(&r.node_id).is_none() {
+            return Err(Status::not_found(format!(
+                "node {} is not registered with this controller",
+                r.node_id
+            )));
+        }
+        let readonly = r.readonly || cap.access_mode.is_read_only();
+        let change = Change::Publish {
+            node: r.node_id.clone(),
+            readonly,
+        };
+        let (ballot, record) = match self.change(uuid, &state, change).await? {
+            Outcome::Chosen { ballot, record } => (ballot, record),
+            Outcome::Refused {
+                refusal: Refusal::OwnedBy { owner },
+                ..
+            } => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is published on node {owner}; unpublish it there first",
+                    r.volume_id
+                )));
+            }
+            Outcome::Refused { refusal, .. } => {
+                return Err(Status::failed_precondition(refusal.to_string()));
+            }
+        };
+        if record.owner.as_ref().is_some_and(|o| o.readonly != readonly) {
+            return Err(Status::already_exists(format!(
+                "volume {} is published on node {} with readonly={}",
+                r.volume_id,
+                r.node_id,
+                !readonly
+            )));
+        }
+        let addresses: BTreeMap<String, String> = record
+            .voters()
+            .filter_map(|n| self.registry.get(n).map(|e| (n.to_owned(), e.advertise)))
+            .collect();
+        tracing::info!(volume = %r.volume_id, node = %r.node_id, epoch = record.epoch, "replicated volume published");
+        Ok(csi::ControllerPublishVolumeResponse {
+            publish_context: HashMap::from([
+                (CONTEXT_RECORD.to_owned(), to_json(&record)?),
+                (CONTEXT_BALLOT.to_owned(), to_json(&ballot)?),
+                (CONTEXT_ADDRESSES.to_owned(), to_json(&addresses)?),
+            ]),
+        })
+    }
+
+    /// ControllerUnpublishVolume: releases the owner (fencing its engine).
+    /// A volume or node that is gone is unpublished already.
+    pub async fn unpublish(&self, r: &csi::ControllerUnpublishVolumeRequest) -> Result<(), Status> {
+        crate::server::convert::required_str("volume_id", &r.volume_id).map_err(Status::from)?;
+        let Ok(uuid) = parse_id(&r.volume_id) else {
+            return Err(Status::not_found(format!(
+                "no volume has the malformed ID {:?}",
+                r.volume_id
+            )));
+        };
+        let found = self.find(uuid).await?;
+        let Some(state) = found.newest else {
+            return Err(Status::not_found(format!(
+                "volume {} does not exist",
+                r.volume_id
+            )));
+        };
+        let node = match (&state.record.owner, r.node_id.as_str()) {
+            (None, _) => return Ok(()),
+            (Some(o), "") => o.node.clone(),
+            (Some(o), n) if o.node != n => return Ok(()),
+            (Some(o), _) => o.node.clone(),
+        };
+        match self.change(uuid, &state, Change::Unpublish { node }).await? {
+            Outcome::Chosen { .. } => Ok(()),
+            Outcome::Refused { refusal, .. } => Err(Status::internal(refusal.to_string())),
+        }
+    }
+
+    /// ValidateVolumeCapabilities: confirmed when the volume exists and
+    /// every capability is one it serves.
+    pub async fn validate(
+        &self,
+        r: csi::ValidateVolumeCapabilitiesRequest,
+    ) -> Result<csi::ValidateVolumeCapabilitiesResponse, Status> {
+        use crate::server::convert;
+        convert::required_str("volume_id", &r.volume_id).map_err(Status::from)?;
+        let caps = convert::capabilities("volume_capabilities", &r.volume_capabilities)
+            .map_err(Status::from)?;
+        self.newest(&r.volume_id).await?;
+        let profile = BackendKind::Replicated.profile();
+        let refused: Vec<String> = caps
+            .iter()
+            .filter_map(|c| profile.check_capability(c).err())
+            .collect();
+        if !refused.is_empty() {
+            return Ok(csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: refused.join("; "),
+            });
+        }
+        Ok(csi::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                volume_context: r.volume_context,
+                volume_capabilities: r.volume_capabilities,
+                parameters: r.parameters,
+                mutable_parameters: r.mutable_parameters,
+            }),
+            message: String::new(),
+        })
+    }
+
+    /// ControllerGetVolume: the volume, the node it is published on, and
+    /// its condition (abnormal while a copy is out of sync).
+    pub async fn get_volume(&self, raw: &str) -> Result<csi::ControllerGetVolumeResponse, Status> {
+        let record = self.newest(raw).await?.1.record;
+        let copies = record.copies().count();
+        let in_sync = record.in_sync.len();
+        Ok(csi::ControllerGetVolumeResponse {
+            volume: Some(Self::volume(&record)),
+            status: Some(csi::controller_get_volume_response::VolumeStatus {
+                published_node_ids: record.owner.iter().map(|o| o.node.clone()).collect(),
+                volume_condition: Some(csi::VolumeCondition {
+                    abnormal: in_sync < copies,
+                    message: format!(
+                        "{in_sync} of {copies} copies in sync (epoch {})",
+                        record.epoch
+                    ),
+                }),
+            }),
+        })
+    }
+}
+
+/// JSON of what goes into publish_context.
+#[allow(clippy::result_large_err)]
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
+    serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))
+}
