@@ -48,6 +48,32 @@ pub enum EngineState {
     Failed,
 }
 
+/// Where a copy stands, as the engine sees it (for status and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyPhase {
+    /// In the in-sync set: writes wait for it.
+    InSync,
+    /// Out of sync, not reachable (or not attached yet).
+    Out,
+    /// Attached again and being rebuilt from its dirty regions.
+    Rebuilding,
+}
+
+/// One copy as the engine sees it: [`Engine::copies`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyView {
+    pub node: String,
+    pub phase: CopyPhase,
+    /// Failed to answer in time (or refused): about to be marked out of
+    /// sync (or, being rebuilt, to start over).
+    pub failing: bool,
+    /// Regions it may lack: what a rebuild still has to copy (0 when in
+    /// sync).
+    pub dirty: usize,
+    /// The boot the engine knows it under.
+    pub boot: u64,
+}
+
 /// Why an I/O was not started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum IoError {
@@ -350,6 +376,25 @@ impl Engine {
             && self.flushes.is_empty()
             && self.reads.is_empty()
             && self.proposer.is_none()
+    }
+
+    /// Every copy the engine tracks (none before it starts attaching), in
+    /// node order. Read-only: for status and metrics.
+    pub fn copies(&self) -> Vec<CopyView> {
+        self.links
+            .iter()
+            .map(|(n, l)| CopyView {
+                node: n.clone(),
+                phase: match l.phase {
+                    Phase::InSync => CopyPhase::InSync,
+                    Phase::Out => CopyPhase::Out,
+                    Phase::Rebuilding => CopyPhase::Rebuilding,
+                },
+                failing: l.failing,
+                dirty: l.dirty.len(),
+                boot: l.boot,
+            })
+            .collect()
     }
 
     /// Whether every copy is in sync and nothing is being rebuilt.

@@ -87,6 +87,7 @@
 //! the engine.
 
 pub mod backend;
+pub mod driver;
 pub mod engine;
 pub mod placement;
 pub mod protocol;

@@ -1,0 +1,1187 @@
+//! The engine driver: the async task around the sans-I/O [`Engine`] that
+//! turns block I/O (the [`BlockHandler`] a FUSE file calls) into replicated
+//! writes, flushes and reads, carries each request's bytes over a [`Peer`],
+//! and reports the engine's state. It owns the time and randomness the
+//! model is given; it never decides on its own when a write is acknowledged
+//! or a copy is in sync (the engine does).
+//!
+//! One task owns the engine. It waits on three things: commands from the
+//! I/O side, answers of calls in flight (one spawned task per call, each
+//! with a deadline), and a tick. After every step it drains the engine,
+//! sends what it asks for with the bytes attached, completes the operations
+//! whose events arrived and starts writes that waited for their region.
+//!
+//! Bytes: a write's payload is kept by its sequence number until the engine
+//! no longer needs it ([`Engine::write_pending`]), so a resend carries the
+//! same bytes; a rebuild's read fetches the whole region and its bytes are
+//! kept by (region, tag) until that region's copy is done
+//! ([`Engine::copying`]).
+//!
+//! Order per copy and region: the engine orders writes to a region among
+//! in-sync copies (a region's next write starts only once the previous one
+//! is acknowledged), but a copy being rebuilt is not waited for, and a copy
+//! keeps only the newest tag of a region. A partial write overtaken by a
+//! later one would then be lost on that copy while its tag says otherwise.
+//! So at most one `Write`/`Rebuild` per (copy, region) is in flight; the
+//! next waits for its answer. A call that ends without an answer counts the
+//! copy as failed at once ([`Engine::unreachable`]), so the engine marks
+//! the regions it sent there dirty, and what waited behind it is dropped
+//! (the engine resends what it still needs).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{Id as TaskId, JoinHandle, JoinSet};
+use tokio::time::MissedTickBehavior;
+use crate::volume::id::Uuid;
+
+use super::REGION_BYTES;
+use super::engine::{CopyView, Engine, EngineConfig, EngineEvent, EngineState, IoError};
+use super::protocol::{Ballot, Envelope, Refusal, Region, Reply, Request, Tag};
+use super::record::ReplicaRecord;
+use super::wire::{Answer, Call, Peer, PeerError};
+use crate::os::fuse_file::BlockHandler;
+
+/// An engine driver's settings. [`DriverConfig::new`] fills in the
+/// defaults.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The volume (must be the record's uuid).
+    pub volume: Uuid,
+    /// This node: the owner the engine runs for.
+    pub node: String,
+    /// The engine's proposer id, unique among everyone who may change the
+    /// record: `engine/<node>/<random>`.
+    pub id: String,
+    /// The volume's size in bytes (must be the record's size).
+    pub size: u64,
+    /// The engine's clock: the model's time is the number of ticks since
+    /// the driver started.
+    pub tick: Duration,
+    /// A copy that takes longer to answer counts as failed; also the
+    /// deadline of every call and a record change's phase timeout.
+    pub timeout: Duration,
+    /// How long an unanswered request waits before it is sent again.
+    pub resend: Duration,
+    /// How long a block I/O may wait for the engine before it fails with
+    /// EIO (while a majority is unreachable, the engine can neither
+    /// acknowledge a write nor mark a copy out of sync).
+    pub io_timeout: Duration,
+    /// How long [`EngineDriver::start`] waits for the engine to be ready.
+    pub start_timeout: Duration,
+}
+
+impl DriverConfig {
+    /// The default settings for `volume` of `size` bytes owned by `node`,
+    /// with a fresh random proposer id.
+    pub fn new(volume: Uuid, node: &str, size: u64) -> Self {
+        DriverConfig {
+            volume,
+            node: node.to_owned(),
+            id: format!("engine/{node}/{}", uuid::Uuid::new_v4().simple()),
+            size,
+            tick: Duration::from_millis(10),
+            timeout: Duration::from_secs(2),
+            resend: Duration::from_millis(500),
+            io_timeout: Duration::from_secs(15),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why an engine driver did not start, or its last flush failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("volume {volume}: the record is of volume {record}")]
+    WrongVolume { volume: Uuid, record: String },
+    #[error("volume {volume}: {size} bytes configured, the record says {record}")]
+    WrongSize {
+        volume: Uuid,
+        size: u64,
+        record: u64,
+    },
+    #[error("volume {volume}: the tick must be above zero")]
+    ZeroTick { volume: Uuid },
+    #[error("volume {volume}: {size} bytes is more regions than the engine can count")]
+    TooLarge { volume: Uuid, size: u64 },
+    /// Another owner or a later engine holds the volume.
+    #[error("volume {volume}: fenced: {refusal}")]
+    Fenced { volume: Uuid, refusal: Refusal },
+    /// Every in-sync copy restarted while the engine ran.
+    #[error("volume {volume}: every in-sync copy lost unflushed writes; the engine stopped")]
+    AllCopiesLost { volume: Uuid },
+    #[error("volume {volume}: the engine was not ready within {waited:?}")]
+    StartTimeout { volume: Uuid, waited: Duration },
+    /// The engine task ended (stopped, or the runtime shut down).
+    #[error("volume {volume}: the engine task ended")]
+    Stopped { volume: Uuid },
+    #[error("volume {volume}: the final flush failed: {why}")]
+    FinalFlush { volume: Uuid, why: IoFailure },
+}
+
+/// Why a block I/O failed. [`BlockHandler`] calls return it inside an
+/// [`io::Error`] (kind `Other`); the FUSE file reports every error as EIO.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IoFailure {
+    #[error("the engine is fenced: {0}")]
+    Fenced(String),
+    #[error("every in-sync copy lost unflushed writes; the engine stopped")]
+    AllCopiesLost,
+    #[error("the engine driver stopped")]
+    Stopped,
+    #[error("the engine did not finish the request within {0:?}")]
+    Timeout(Duration),
+    #[error("the engine refused the request: {0}")]
+    Engine(#[from] IoError),
+    #[error("the write to region {0} failed")]
+    WriteFailed(Region),
+    #[error("the read of region {0} failed")]
+    ReadFailed(Region),
+    #[error("the flush failed")]
+    FlushFailed,
+    #[error("region {region}: a copy returned {got} bytes for a read of {want}")]
+    ShortRead {
+        region: Region,
+        got: usize,
+        want: usize,
+    },
+}
+
+impl From<IoFailure> for io::Error {
+    fn from(f: IoFailure) -> Self {
+        io::Error::other(f)
+    }
+}
+
+/// A snapshot of a driver for `stowage volume status` and metrics.
+#[derive(Debug, Clone)]
+pub struct DriverStatus {
+    pub state: EngineState,
+    /// [`EngineDriver::stop`] ran or the task ended: I/O fails.
+    pub stopped: bool,
+    pub epoch: u64,
+    /// The newest record the engine knows to be chosen (members, in-sync
+    /// copies with their boots, owner).
+    pub record: ReplicaRecord,
+    /// Every copy: in sync, out, or being rebuilt with how many dirty
+    /// regions remain.
+    pub copies: Vec<CopyView>,
+    /// Bytes sent to copies being rebuilt since the driver started.
+    pub rebuild_bytes: u64,
+}
+
+type Done<T> = oneshot::Sender<Result<T, IoFailure>>;
+
+enum Command {
+    Write {
+        region: Region,
+        offset: u32,
+        data: Arc<Vec<u8>>,
+        done: Done<()>,
+    },
+    Read {
+        region: Region,
+        offset: u32,
+        len: u32,
+        done: Done<Vec<u8>>,
+    },
+    Flush {
+        done: Done<()>,
+    },
+    Stop {
+        done: oneshot::Sender<Result<(), DriverError>>,
+    },
+}
+
+/// What the task and the I/O side share.
+#[derive(Debug)]
+struct Shared {
+    /// Set once: every later I/O fails at once with this.
+    dead: OnceLock<IoFailure>,
+    status: Mutex<DriverStatus>,
+}
+
+/// Serves a replicated volume's block I/O through an [`Engine`]. See the
+/// module documentation.
+pub struct EngineDriver {
+    volume: Uuid,
+    size: u64,
+    cmds: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for EngineDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineDriver")
+            .field("volume", &self.volume)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineDriver {
+    /// Starts an engine for the record ControllerPublish chose at `ballot`
+    /// (the engine first takes an epoch of its own, then attaches the
+    /// copies) on a task spawned on `rt`, and returns once it serves I/O.
+    /// Fails when the engine is fenced (the refusal says by whom), or was
+    /// not ready within `cfg.start_timeout`; the task is gone then. Async:
+    /// call it from the node service; the returned driver's
+    /// [`BlockHandler`] methods block and must be called from plain
+    /// threads (FUSE workers), never from an async task.
+    pub async fn start(
+        cfg: DriverConfig,
+        ballot: Ballot,
+        record: ReplicaRecord,
+        peer: Arc<dyn Peer>,
+        rt: Handle,
+    ) -> Result<Arc<EngineDriver>, DriverError> {
+        let volume = cfg.volume;
+        if cfg.volume != record.uuid {
+            return Err(DriverError::WrongVolume {
+                volume,
+                record: record.uuid.to_hex(),
+            });
+        }
+        if cfg.size != record.size {
+            return Err(DriverError::WrongSize {
+                volume,
+                size: cfg.size,
+                record: record.size,
+            });
+        }
+        if cfg.tick.is_zero() {
+            return Err(DriverError::ZeroTick { volume });
+        }
+        let regions =
+            u32::try_from(cfg.size.div_ceil(REGION_BYTES)).map_err(|_| DriverError::TooLarge {
+                volume,
+                size: cfg.size,
+            })?;
+        let status = DriverStatus {
+            state: EngineState::Starting,
+            stopped: false,
+            epoch: record.epoch,
+            record: record.clone(),
+            copies: Vec::new(),
+            rebuild_bytes: 0,
+        };
+        let shared = Arc::new(Shared {
+            dead: OnceLock::new(),
+            status: Mutex::new(status),
+        });
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = Task::new(&cfg, regions, ballot, record, peer, shared.clone());
+        let join = rt.spawn(task.run(cmd_rx, ready_tx));
+        let outcome = tokio::time::timeout(cfg.start_timeout, ready_rx).await;
+        let err = match outcome {
+            Ok(Ok(Ok(()))) => {
+                return Ok(Arc::new(EngineDriver {
+                    volume,
+                    size: cfg.size,
+                    cmds,
+                    shared,
+                    task: Mutex::new(Some(join)),
+                }));
+            }
+            Ok(Ok(Err(e))) => e,
+            Ok(Err(_)) => DriverError::Stopped { volume },
+            Err(_) => DriverError::StartTimeout {
+                volume,
+                waited: cfg.start_timeout,
+            },
+        };
+        // Closing the command channel ends the task.
+        drop(cmds);
+        let _ = join.await;
+        Err(err)
+    }
+
+    /// A snapshot of the engine's state. Never blocks on the engine: the
+    /// task refreshes it every tick and on every record change.
+    pub fn status(&self) -> DriverStatus {
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Flushes, stops the task and waits for it. Every I/O after (or still
+    /// waiting) fails with EIO. Returns the final flush's error, if it
+    /// failed (the task is stopped either way); stopping twice is a no-op.
+    /// Call it once no I/O is expected (after unmounting): a write still
+    /// in flight fails, though it may have reached some copies.
+    pub async fn stop(&self) -> Result<(), DriverError> {
+        let join = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(join) = join else { return Ok(()) };
+        let (tx, rx) = oneshot::channel();
+        let result = match self.cmds.send(Command::Stop { done: tx }) {
+            Ok(()) => rx.await.unwrap_or(Ok(())),
+            Err(_) => Ok(()),
+        };
+        let _ = join.await;
+        let _ = self.shared.dead.set(IoFailure::Stopped);
+        result
+    }
+
+    fn alive(&self) -> Result<(), IoFailure> {
+        match self.shared.dead.get() {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), IoFailure> {
+        self.cmds.send(cmd).map_err(|_| IoFailure::Stopped)
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{len} bytes at {offset} reach beyond the volume ({} bytes)",
+                    self.size
+                ),
+            )),
+        }
+    }
+}
+
+/// The pieces of `len` bytes at `offset`, one per region: (region, offset
+/// in the region, offset in the caller's buffer, length).
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (Region, u32, usize, usize)> {
+    let end = offset + len as u64;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let region = at / REGION_BYTES;
+        let within = at % REGION_BYTES;
+        let n = (REGION_BYTES - within).min(end - at);
+        let piece = (
+            region as Region,
+            within as u32,
+            (at - offset) as usize,
+            n as usize,
+        );
+        at += n;
+        Some(piece)
+    })
+}
+
+/// Waits for every answer; the first failure wins.
+fn wait_all<T>(
+    waits: Vec<oneshot::Receiver<Result<T, IoFailure>>>,
+    mut each: impl FnMut(usize, T),
+) -> Result<(), IoFailure> {
+    let mut result = Ok(());
+    for (i, rx) in waits.into_iter().enumerate() {
+        match rx.blocking_recv() {
+            Ok(Ok(v)) => each(i, v),
+            Ok(Err(e)) => result = result.and(Err(e)),
+            Err(_) => result = result.and(Err(IoFailure::Stopped)),
+        }
+    }
+    result
+}
+
+impl BlockHandler for EngineDriver {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.alive()?;
+        self.check_range(offset, buf.len())?;
+        let mut waits = Vec::new();
+        let mut spans = Vec::new();
+        for (region, within, at, len) in pieces(offset, buf.len()) {
+            let (done, rx) = oneshot::channel();
+            self.send(Command::Read {
+                region,
+                offset: within,
+                len: len as u32,
+                done,
+            })?;
+            waits.push(rx);
+            spans.push((at, len));
+        }
+        wait_all(waits, |i, data: Vec<u8>| {
+            let (at, len) = spans[i];
+            buf[at..at + len].copy_from_slice(&data);
+        })?;
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.alive()?;
+        self.check_range(offset, data.len())?;
+        let mut waits = Vec::new();
+        for (region, within, at, len) in pieces(offset, data.len()) {
+            let (done, rx) = oneshot::channel();
+            self.send(Command::Write {
+                region,
+                offset: within,
+                data: Arc::new(data[at..at + len].to_vec()),
+                done,
+            })?;
+            waits.push(rx);
+        }
+        wait_all(waits, |_, ()| {})?;
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.alive()?;
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Flush { done })?;
+        wait_all(vec![rx], |_, ()| {})?;
+        Ok(())
+    }
+
+    fn resize(&self, _len: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "replicated volumes cannot grow yet",
+        ))
+    }
+}
+
+/// A write waiting for its region (the engine has one write per region in
+/// flight).
+struct QueuedWrite {
+    offset: u32,
+    data: Arc<Vec<u8>>,
+    done: Done<()>,
+    deadline: u64,
+}
+
+/// A write's bytes, kept while the engine may send it.
+struct Payload {
+    offset: u32,
+    data: Arc<Vec<u8>>,
+}
+
+/// An I/O operation the engine is working on. `done` is gone once the
+/// caller was answered (or gave up at the deadline); the entry stays until
+/// the engine's event for it.
+struct Op<T> {
+    region: Region,
+    done: Option<Done<T>>,
+    deadline: u64,
+}
+
+impl<T> Op<T> {
+    fn finish(&mut self, r: Result<T, IoFailure>) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(r);
+        }
+    }
+}
+
+struct ReadOp {
+    op: Op<Vec<u8>>,
+    offset: u32,
+    len: u32,
+    /// The bytes of the answer handed to the engine last.
+    data: Option<Vec<u8>>,
+}
+
+/// The one `Write`/`Rebuild` in flight to a (copy, region), and what waits
+/// behind it.
+struct Lane {
+    current: Request,
+    queue: VecDeque<Call>,
+}
+
+/// What a call in flight was.
+struct Sent {
+    node: String,
+    lane: Option<Region>,
+}
+
+struct Stopping {
+    flush: Option<u64>,
+    deadline: u64,
+    done: oneshot::Sender<Result<(), DriverError>>,
+    result: Result<(), DriverError>,
+}
+
+enum Step {
+    Command(Option<Command>),
+    Answer(TaskId, Box<Result<Answer, PeerError>>),
+    Idle,
+    Tick,
+}
+
+/// The task that owns the engine.
+struct Task {
+    engine: Engine,
+    peer: Arc<dyn Peer>,
+    volume: Uuid,
+    size: u64,
+    tick: Duration,
+    call_timeout: Duration,
+    io_timeout: Duration,
+    io_ticks: u64,
+    resend_ticks: u64,
+    now: u64,
+    rng: u64,
+    calls: JoinSet<Result<Answer, PeerError>>,
+    sent: HashMap<TaskId, Sent>,
+    lanes: HashMap<(String, Region), Lane>,
+    payloads: BTreeMap<u64, Payload>,
+    rebuild_data: HashMap<(Region, Tag), Arc<Vec<u8>>>,
+    queued: BTreeMap<Region, VecDeque<QueuedWrite>>,
+    writes: HashMap<u64, Op<()>>,
+    reads: HashMap<u64, ReadOp>,
+    flushes: HashMap<u64, Op<()>>,
+    ready: Option<oneshot::Sender<Result<(), DriverError>>>,
+    stopping: Option<Stopping>,
+    in_sync: BTreeMap<String, u64>,
+    rebuild_bytes: u64,
+    shared: Arc<Shared>,
+}
+
+fn ticks(d: Duration, tick: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(tick.as_nanos()))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl Task {
+    fn new(
+        cfg: &DriverConfig,
+        regions: u32,
+        ballot: Ballot,
+        record: ReplicaRecord,
+        peer: Arc<dyn Peer>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        // The model's clock counts ticks: its resends of attaches and join
+        // flushes fire when the time since the first send is a multiple of
+        // `resend`, which needs a clock that never skips a value.
+        let resend_ticks = ticks(cfg.resend, cfg.tick);
+        let ecfg = EngineConfig {
+            id: cfg.id.clone(),
+            node: cfg.node.clone(),
+            regions,
+            timeout: ticks(cfg.timeout, cfg.tick),
+            resend: resend_ticks,
+        };
+        let in_sync = record.in_sync.clone();
+        let seed = uuid::Uuid::new_v4().as_u64_pair();
+        Task {
+            engine: Engine::new(ecfg, ballot, record, 0),
+            peer,
+            volume: cfg.volume,
+            size: cfg.size,
+            tick: cfg.tick,
+            call_timeout: cfg.timeout,
+            io_timeout: cfg.io_timeout,
+            io_ticks: ticks(cfg.io_timeout, cfg.tick),
+            resend_ticks,
+            now: 0,
+            rng: (seed.0 ^ seed.1) | 1,
+            calls: JoinSet::new(),
+            sent: HashMap::new(),
+            lanes: HashMap::new(),
+            payloads: BTreeMap::new(),
+            rebuild_data: HashMap::new(),
+            queued: BTreeMap::new(),
+            writes: HashMap::new(),
+            reads: HashMap::new(),
+            flushes: HashMap::new(),
+            ready: None,
+            stopping: None,
+            in_sync,
+            rebuild_bytes: 0,
+            shared,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut cmds: mpsc::UnboundedReceiver<Command>,
+        ready: oneshot::Sender<Result<(), DriverError>>,
+    ) {
+        self.ready = Some(ready);
+        let mut interval = tokio::time::interval(self.tick);
+        // Missed ticks fire at once, so the tick count follows the clock.
+        interval.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        self.settle();
+        loop {
+            let step = tokio::select! {
+                c = cmds.recv() => Step::Command(c),
+                a = self.calls.join_next_with_id(), if !self.calls.is_empty() => match a {
+                    Some(Ok((id, result))) => Step::Answer(id, Box::new(result)),
+                    Some(Err(e)) => {
+                        let why = format!("the call task failed: {e}");
+                        let node = String::new();
+                        Step::Answer(e.id(), Box::new(Err(PeerError::Failed { node, why })))
+                    }
+                    None => Step::Idle,
+                },
+                _ = interval.tick() => Step::Tick,
+            };
+            match step {
+                // Every handle dropped (or start gave up): no caller is left.
+                Step::Command(None) => break,
+                Step::Command(Some(c)) => self.command(c),
+                Step::Answer(id, result) => self.answered(id, *result),
+                Step::Idle => {}
+                Step::Tick => self.tick(),
+            }
+            self.settle();
+            if self.stopping.as_ref().is_some_and(|s| s.flush.is_none()) {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    /// The task ends: callers still waiting fail, and so does every later
+    /// call.
+    fn finish(mut self) {
+        let _ = self.shared.dead.set(IoFailure::Stopped);
+        self.refresh_status(true);
+        self.calls.abort_all();
+        if let Some(s) = self.stopping.take() {
+            let _ = s.done.send(s.result);
+        }
+        tracing::info!(volume = %self.volume, "replicated volume engine stopped");
+    }
+
+    fn jitter(&mut self) -> u64 {
+        // xorshift64: spreads competing proposers' retries.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        1 + self.rng % self.resend_ticks
+    }
+
+    fn region_len(&self, region: Region) -> u64 {
+        (self.size - u64::from(region) * REGION_BYTES).min(REGION_BYTES)
+    }
+
+    fn dead(&self) -> Option<IoFailure> {
+        if self.stopping.is_some() {
+            return Some(IoFailure::Stopped);
+        }
+        self.shared.dead.get().cloned()
+    }
+
+    fn command(&mut self, c: Command) {
+        let deadline = self.now + self.io_ticks;
+        match c {
+            Command::Write {
+                region,
+                offset,
+                data,
+                done,
+            } => {
+                if let Some(why) = self.dead() {
+                    let _ = done.send(Err(why));
+                    return;
+                }
+                // Started in order by start_queued, behind any earlier
+                // write of the region.
+                self.queued
+                    .entry(region)
+                    .or_default()
+                    .push_back(QueuedWrite {
+                        offset,
+                        data,
+                        done,
+                        deadline,
+                    });
+            }
+            Command::Read {
+                region,
+                offset,
+                len,
+                done,
+            } => {
+                if let Some(why) = self.dead() {
+                    let _ = done.send(Err(why));
+                    return;
+                }
+                match self.engine.read(region) {
+                    Ok(id) => {
+                        let op = Op {
+                            region,
+                            done: Some(done),
+                            deadline,
+                        };
+                        self.reads.insert(
+                            id,
+                            ReadOp {
+                                op,
+                                offset,
+                                len,
+                                data: None,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::Flush { done } => {
+                if let Some(why) = self.dead() {
+                    let _ = done.send(Err(why));
+                    return;
+                }
+                match self.engine.flush() {
+                    Ok(id) => {
+                        let op = Op {
+                            region: 0,
+                            done: Some(done),
+                            deadline,
+                        };
+                        self.flushes.insert(id, op);
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::Stop { done } => {
+                if self.stopping.is_some() {
+                    let _ = done.send(Ok(()));
+                    return;
+                }
+                let (flush, result) = match self.shared.dead.get() {
+                    Some(_) => (None, Ok(())),
+                    None => match self.engine.flush() {
+                        Ok(id) => (Some(id), Ok(())),
+                        Err(e) => (
+                            None,
+                            Err(DriverError::FinalFlush {
+                                volume: self.volume,
+                                why: e.into(),
+                            }),
+                        ),
+                    },
+                };
+                self.stopping = Some(Stopping {
+                    flush,
+                    deadline,
+                    done,
+                    result,
+                });
+            }
+        }
+    }
+
+    fn answered(&mut self, id: TaskId, result: Result<Answer, PeerError>) {
+        let Some(sent) = self.sent.remove(&id) else {
+            return;
+        };
+        let failed = result.is_err();
+        match result {
+            Ok(Answer {
+                reply: Some(reply),
+                data,
+            }) => {
+                if self.take_bytes(&reply, data) {
+                    self.engine.handle(&sent.node, reply);
+                }
+            }
+            Ok(Answer { reply: None, .. }) => {}
+            Err(e) => {
+                // Failed (the node answered with an error) counts like
+                // Unreachable: the request was not applied as far as we
+                // know, waiting for the engine's timeout would only hold
+                // writes longer, and the (copy, region) lane below may
+                // release a later write only once this copy counts as
+                // failed (its unflushed regions are then rebuilt).
+                tracing::debug!(volume = %self.volume, node = %sent.node, %e, "call failed");
+                self.engine.unreachable(&sent.node);
+            }
+        }
+        if let Some(region) = sent.lane {
+            self.release_lane(sent.node, region, failed);
+        }
+    }
+
+    /// Keeps the bytes a `ReadData` brought, for the read or rebuild it
+    /// answers. False when they are unusable (the reply is then dropped
+    /// and the engine resends or times out).
+    fn take_bytes(&mut self, reply: &Reply, data: Vec<u8>) -> bool {
+        let Reply::ReadData {
+            id, region, tag, ..
+        } = reply
+        else {
+            return true;
+        };
+        if let Some(r) = self.reads.get_mut(id) {
+            if data.len() != r.len as usize {
+                let f = IoFailure::ShortRead {
+                    region: *region,
+                    got: data.len(),
+                    want: r.len as usize,
+                };
+                tracing::warn!(volume = %self.volume, %f, "dropping a read answer");
+                return false;
+            }
+            r.data = Some(data);
+            return true;
+        }
+        // A rebuild's read: the whole region, for the Rebuild that follows.
+        let want = self.region_len(*region) as usize;
+        if data.len() != want {
+            let f = IoFailure::ShortRead {
+                region: *region,
+                got: data.len(),
+                want,
+            };
+            tracing::warn!(volume = %self.volume, %f, "dropping a rebuild read answer");
+            return false;
+        }
+        self.rebuild_data.insert((*region, *tag), Arc::new(data));
+        true
+    }
+
+    fn tick(&mut self) {
+        self.now += 1;
+        let jitter = self.jitter();
+        self.engine.tick(self.now, jitter);
+        self.expire();
+        if self
+            .stopping
+            .as_ref()
+            .is_some_and(|s| self.now >= s.deadline && s.flush.is_some())
+        {
+            let s = self.stopping.as_mut().expect("checked");
+            s.flush = None;
+            s.result = Err(DriverError::FinalFlush {
+                volume: self.volume,
+                why: IoFailure::Timeout(self.io_timeout),
+            });
+        }
+        self.refresh_status(false);
+    }
+
+    /// Fails the operations whose deadline passed (the engine may still
+    /// complete them: a timed-out write may land).
+    fn expire(&mut self) {
+        let now = self.now;
+        let late = IoFailure::Timeout(self.io_timeout);
+        for q in self.queued.values_mut() {
+            while q.front().is_some_and(|w| now >= w.deadline) {
+                let w = q.pop_front().expect("checked");
+                let _ = w.done.send(Err(late.clone()));
+            }
+        }
+        self.queued.retain(|_, q| !q.is_empty());
+        for w in self.writes.values_mut().filter(|w| now >= w.deadline) {
+            w.finish(Err(late.clone()));
+        }
+        for f in self.flushes.values_mut().filter(|f| now >= f.deadline) {
+            f.finish(Err(late.clone()));
+        }
+        for r in self.reads.values_mut().filter(|r| now >= r.op.deadline) {
+            r.op.finish(Err(late.clone()));
+        }
+    }
+
+    /// Starts the queued writes whose region is free, drains the engine,
+    /// sends and completes, until nothing changes.
+    fn settle(&mut self) {
+        loop {
+            self.start_queued();
+            let (out, events) = self.engine.drain();
+            if out.is_empty() && events.is_empty() {
+                break;
+            }
+            for ev in events {
+                self.event(ev);
+            }
+            for e in out {
+                self.send(e);
+            }
+        }
+        let engine = &self.engine;
+        self.payloads.retain(|seq, _| engine.write_pending(*seq));
+        self.rebuild_data
+            .retain(|(region, tag), _| engine.copying(*region, *tag));
+    }
+
+    fn start_queued(&mut self) {
+        let failed = self.dead();
+        let mut empty = Vec::new();
+        for (&region, q) in self.queued.iter_mut() {
+            while !q.is_empty() {
+                if let Some(why) = &failed {
+                    let w = q.pop_front().expect("checked");
+                    let _ = w.done.send(Err(why.clone()));
+                    continue;
+                }
+                match self.engine.write(region) {
+                    Ok(tag) => {
+                        let w = q.pop_front().expect("checked");
+                        self.payloads.insert(
+                            tag.seq,
+                            Payload {
+                                offset: w.offset,
+                                data: w.data,
+                            },
+                        );
+                        self.writes.insert(
+                            tag.seq,
+                            Op {
+                                region,
+                                done: Some(w.done),
+                                deadline: w.deadline,
+                            },
+                        );
+                    }
+                    Err(IoError::Busy(_)) => break,
+                    Err(e) => {
+                        let w = q.pop_front().expect("checked");
+                        let _ = w.done.send(Err(e.into()));
+                    }
+                }
+            }
+            if q.is_empty() {
+                empty.push(region);
+            }
+        }
+        for r in empty {
+            self.queued.remove(&r);
+        }
+    }
+
+    fn event(&mut self, ev: EngineEvent) {
+        let v = self.volume;
+        match ev {
+            EngineEvent::Ready { epoch } => {
+                tracing::info!(volume = %v, epoch, in_sync = ?self.in_sync.keys().collect::<Vec<_>>(),
+                    "replicated volume engine ready");
+                if let Some(r) = self.ready.take() {
+                    let _ = r.send(Ok(()));
+                }
+                self.refresh_status(false);
+            }
+            EngineEvent::Acked { tag, .. } => {
+                if let Some(mut w) = self.writes.remove(&tag.seq) {
+                    w.finish(Ok(()));
+                }
+            }
+            EngineEvent::WriteFailed { region, tag } => {
+                if let Some(mut w) = self.writes.remove(&tag.seq) {
+                    w.finish(Err(IoFailure::WriteFailed(region)));
+                }
+            }
+            EngineEvent::FlushAcked { id } => {
+                if let Some(mut f) = self.flushes.remove(&id) {
+                    f.finish(Ok(()));
+                }
+                self.stop_flushed(id, Ok(()));
+            }
+            EngineEvent::FlushFailed { id } => {
+                if let Some(mut f) = self.flushes.remove(&id) {
+                    f.finish(Err(IoFailure::FlushFailed));
+                }
+                self.stop_flushed(id, Err(IoFailure::FlushFailed));
+            }
+            EngineEvent::ReadDone { id, region, .. } => {
+                if let Some(mut r) = self.reads.remove(&id) {
+                    let result = r.data.take().ok_or(IoFailure::ReadFailed(region));
+                    r.op.finish(result);
+                }
+            }
+            EngineEvent::ReadFailed { id } => {
+                if let Some(mut r) = self.reads.remove(&id) {
+                    let region = r.op.region;
+                    r.op.finish(Err(IoFailure::ReadFailed(region)));
+                }
+            }
+            EngineEvent::Chosen { record, .. } => {
+                for n in self.in_sync.keys() {
+                    if !record.in_sync.contains_key(n) {
+                        tracing::info!(volume = %v, node = %n, epoch = record.epoch,
+                            "copy marked out of sync");
+                    }
+                }
+                for n in record.in_sync.keys() {
+                    if !self.in_sync.contains_key(n) {
+                        tracing::info!(volume = %v, node = %n, epoch = record.epoch,
+                            "copy rebuilt and back in sync");
+                    }
+                }
+                self.in_sync = record.in_sync.clone();
+                self.refresh_status(false);
+            }
+            EngineEvent::Reseeded { base, boot } => {
+                tracing::warn!(volume = %v, %base, boot,
+                    "every in-sync copy had restarted: reseeding the others from one of them");
+            }
+            EngineEvent::Fenced { refusal } => {
+                tracing::warn!(volume = %v, %refusal, "replicated volume engine fenced");
+                let _ = self.shared.dead.set(IoFailure::Fenced(refusal.to_string()));
+                if let Some(r) = self.ready.take() {
+                    let _ = r.send(Err(DriverError::Fenced { volume: v, refusal }));
+                }
+                self.refresh_status(false);
+            }
+            EngineEvent::AllCopiesLost => {
+                tracing::error!(volume = %v,
+                    "every in-sync copy lost unflushed writes: the engine stopped, I/O fails");
+                let _ = self.shared.dead.set(IoFailure::AllCopiesLost);
+                if let Some(r) = self.ready.take() {
+                    let _ = r.send(Err(DriverError::AllCopiesLost { volume: v }));
+                }
+                self.refresh_status(false);
+            }
+        }
+    }
+
+    fn stop_flushed(&mut self, id: u64, r: Result<(), IoFailure>) {
+        let volume = self.volume;
+        if let Some(s) = self.stopping.as_mut()
+            && s.flush == Some(id)
+        {
+            s.flush = None;
+            s.result = r.map_err(|why| DriverError::FinalFlush { volume, why });
+        }
+    }
+
+    /// Sends one envelope with its bytes, keeping one `Write`/`Rebuild` per
+    /// (copy, region) in flight.
+    fn send(&mut self, e: Envelope) {
+        let call = match &e.msg {
+            Request::Write { tag, .. } => {
+                let Some(p) = self.payloads.get(&tag.seq) else {
+                    tracing::error!(volume = %self.volume, ?tag, "no bytes for a write; not sent");
+                    return;
+                };
+                Call {
+                    request: e.msg.clone(),
+                    offset: p.offset,
+                    len: 0,
+                    data: p.data.clone(),
+                }
+            }
+            Request::Rebuild { region, tag, .. } => {
+                let Some(data) = self.rebuild_data.get(&(*region, *tag)) else {
+                    tracing::error!(volume = %self.volume, region, ?tag,
+                        "no bytes for a rebuild; not sent");
+                    return;
+                };
+                Call {
+                    request: e.msg.clone(),
+                    offset: 0,
+                    len: 0,
+                    data: data.clone(),
+                }
+            }
+            Request::Read { id, .. } => match self.reads.get(id) {
+                Some(r) => Call {
+                    request: e.msg.clone(),
+                    offset: r.offset,
+                    len: r.len,
+                    data: Arc::default(),
+                },
+                // Not the I/O side's: a rebuild reads the whole region.
+                None => Call::control(e.msg.clone()),
+            },
+            _ => Call::control(e.msg.clone()),
+        };
+        let lane = match &e.msg {
+            Request::Write { region, .. } | Request::Rebuild { region, .. } => Some(*region),
+            _ => None,
+        };
+        if let Some(region) = lane {
+            let key = (e.to.clone(), region);
+            if let Some(l) = self.lanes.get_mut(&key) {
+                // An identical request in flight or waiting answers this
+                // resend too.
+                if l.current != e.msg && l.queue.iter().all(|c| c.request != e.msg) {
+                    l.queue.push_back(call);
+                }
+                return;
+            }
+            self.lanes.insert(
+                key,
+                Lane {
+                    current: e.msg.clone(),
+                    queue: VecDeque::new(),
+                },
+            );
+        }
+        self.spawn(e.to, lane, call);
+    }
+
+    fn spawn(&mut self, node: String, lane: Option<Region>, call: Call) {
+        if let Request::Rebuild { .. } = call.request {
+            self.rebuild_bytes += call.data.len() as u64;
+        }
+        let peer = self.peer.clone();
+        let volume = self.volume;
+        let timeout = self.call_timeout;
+        let to = node.clone();
+        let handle = self.calls.spawn(async move {
+            match tokio::time::timeout(timeout, peer.call(&to, volume, call)).await {
+                Ok(r) => r,
+                Err(_) => Err(PeerError::Unreachable {
+                    node: to,
+                    why: format!("no answer within {timeout:?}"),
+                }),
+            }
+        });
+        self.sent.insert(handle.id(), Sent { node, lane });
+    }
+
+    /// The call in flight on (node, region) ended: send the next one that
+    /// is still needed. After a call without an answer, what waited is
+    /// dropped (the copy now counts as failed; the engine resends what it
+    /// still needs, on its new connection).
+    fn release_lane(&mut self, node: String, region: Region, failed: bool) {
+        let key = (node, region);
+        let Some(mut lane) = self.lanes.remove(&key) else {
+            return;
+        };
+        if failed {
+            lane.queue.clear();
+        }
+        let epoch = self.engine.epoch();
+        while let Some(call) = lane.queue.pop_front() {
+            let needed = match &call.request {
+                Request::Write { tag, .. } => {
+                    tag.epoch == epoch && self.engine.write_pending(tag.seq)
+                }
+                Request::Rebuild { region, tag, .. } => self.engine.copying(*region, *tag),
+                _ => true,
+            };
+            if !needed {
+                continue;
+            }
+            lane.current = call.request.clone();
+            let node = key.0.clone();
+            self.lanes.insert(key, lane);
+            self.spawn(node, Some(region), call);
+            return;
+        }
+    }
+
+    fn refresh_status(&self, stopped: bool) {
+        let mut s = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.state = self.engine.state();
+        s.stopped |= stopped;
+        s.epoch = self.engine.epoch();
+        if s.record != *self.engine.record() {
+            s.record = self.engine.record().clone();
+        }
+        s.copies = self.engine.copies();
+        s.rebuild_bytes = self.rebuild_bytes;
+    }
+}
