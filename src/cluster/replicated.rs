@@ -32,10 +32,7 @@ const CHANGE_DEADLINE: Duration = Duration::from_secs(15);
 /// A change's phase timeout, in the proposer's milliseconds.
 const PHASE_TIMEOUT_MS: u64 = 2_000;
 
-/// `publish_context` keys the node's engine starts from.
-pub const CONTEXT_RECORD: &str = "replicated.stowage.io/record";
-pub const CONTEXT_BALLOT: &str = "replicated.stowage.io/ballot";
-pub const CONTEXT_ADDRESSES: &str = "replicated.stowage.io/addresses";
+use crate::backend::replicated::engines::{CONTEXT_ADDRESSES, CONTEXT_BALLOT, CONTEXT_RECORD};
 
 /// Whether `raw` is a replicated volume's ID (well formed or not: the
 /// prefix alone routes it here, which then refuses a malformed one).

@@ -521,6 +521,10 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     }
 
     let stop = shutdown_signal();
+    if let (Some(tls), Some(node), Some(replicas)) = (&tls, &driver.node, &driver.replicas) {
+        node.replicated()
+            .set_connector(replication_connector(Arc::clone(replicas), tls));
+    }
     let agent = match (tls, cfg.cluster.as_ref().and_then(|c| c.agent.clone())) {
         (Some(tls), Some(agent)) => {
             tokio::spawn(crate::cluster::agent::register_loop(
@@ -548,6 +552,24 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How this node's engines reach the copies of replicated volumes: the
+/// local store directly, other nodes' agents over mutual TLS with this
+/// node's certificate.
+fn replication_connector(
+    local: Arc<crate::backend::replicated::store::ReplicaStore>,
+    tls: &crate::cluster::tls::TlsMaterial,
+) -> crate::backend::replicated::engines::Connector {
+    let client = tls.client_config();
+    Arc::new(move |addresses| {
+        Arc::new(crate::cluster::replica::GrpcPeer::new(
+            Some(Arc::clone(&local)),
+            addresses.clone(),
+            Some(client.clone()),
+            std::time::Duration::from_secs(2),
+        ))
+    })
 }
 
 /// `--mode controller`: the routing controller on the CSI endpoint and the

@@ -72,6 +72,7 @@ impl TryFrom<&csi::NodeStageVolumeRequest> for StageVolume {
             volume_context: r.volume_context.clone().into_iter().collect(),
             secrets: crate::volume::node::Secrets(r.secrets.clone().into_iter().collect()),
             mount_group: mount_group(r.volume_capability.as_ref())?,
+            publish_context: r.publish_context.clone().into_iter().collect(),
         })
     }
 }

@@ -44,6 +44,7 @@ pub fn code(e: &Error) -> Code {
             Code::ResourceExhausted
         }
         Error::Busy(_) | Error::InvalidToken(_) => Code::Aborted,
+        Error::Unavailable(_) => Code::Unavailable,
         Error::Backend(b) => backend_code(b),
         Error::Mkfs(m) => match **m {
             MkfsError::PoolFull { .. } => Code::ResourceExhausted,

@@ -49,6 +49,10 @@ pub enum Error {
     AttachLimit { node: String, max: u64 },
     #[error("an operation on {0} is already in progress")]
     Busy(String),
+    /// Something the operation needs (another node) cannot be reached now;
+    /// the CO retries.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("starting_token {0:?} was not issued by this plugin")]
     InvalidToken(String),
     #[error(transparent)]

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use crate::volume::BackendKind;
 
 use super::capability::{AccessType, Capability};
 use super::error::{Error, Result};
@@ -44,6 +45,9 @@ pub struct StageVolume {
     pub secrets: Secrets,
     /// VOLUME_MOUNT_GROUP: the group the volume's files belong to.
     pub mount_group: Option<u32>,
+    /// What ControllerPublishVolume returned (a replicated volume's record
+    /// and the addresses of its copies).
+    pub publish_context: BTreeMap<String, String>,
 }
 
 /// CSI secrets, whose Debug shows only the keys.
@@ -125,6 +129,8 @@ pub struct Node {
     /// See [`Node::claim`].
     claims: Mutex<()>,
     object: ObjectMounts,
+    /// The engines of replicated volumes staged here.
+    replicated: Arc<crate::backend::replicated::engines::Engines>,
 }
 
 /// The FUSE mounts of object volumes on this node.
@@ -313,6 +319,27 @@ fn detach_stale(path: &Path, mount_id: Option<u32>) -> Result<()> {
 /// A mounter failure as the CO should see it: a missing mounter or
 /// /dev/fuse is a precondition of the node; S3 refusing the credentials or
 /// the bucket shows in the daemon's log tail.
+/// A replicated engine that could not start or stop: fenced (published
+/// elsewhere) is FAILED_PRECONDITION, copies out of reach UNAVAILABLE.
+fn replication_error(id: &VolumeId, e: crate::backend::replicated::engines::EngineError) -> Error {
+    use crate::backend::replicated::driver::DriverError;
+    use crate::backend::replicated::engines::EngineError as E;
+    match e {
+        E::Context(_) => Error::invalid("publish_context", e.to_string()),
+        E::NoCluster | E::NotOwner { .. } | E::Driver(DriverError::Fenced { .. }) => {
+            Error::precondition(id, e.to_string())
+        }
+        E::Driver(DriverError::StartTimeout { .. } | DriverError::AllCopiesLost { .. }) => {
+            Error::Unavailable(format!("volume {id}: {e}"))
+        }
+        E::Driver(_) | E::Fuse(_) => Error::Io {
+            what: "replicated engine",
+            path: PathBuf::from(id.uuid.to_hex()),
+            err: std::io::Error::other(e.to_string()),
+        },
+    }
+}
+
 fn object_mount_error(id: &VolumeId, e: crate::backend::object::mounter::MounterError) -> Error {
     use crate::backend::object::mounter::MounterError as M;
     match e {
@@ -413,6 +440,10 @@ impl Node {
             mounts_dir: store.root().join("object-mounts"),
             credentials: Mutex::new(HashMap::new()),
         };
+        let replicated = Arc::new(crate::backend::replicated::engines::Engines::new(
+            node_id,
+            store.root().join("replicated"),
+        ));
         let node = Self {
             node_id: node_id.to_owned(),
             max_volumes_per_node,
@@ -423,6 +454,7 @@ impl Node {
             reserved,
             claims: Mutex::new(()),
             object,
+            replicated,
         };
         match node.object.mounter.check_installed() {
             Ok(version) => {
@@ -438,6 +470,11 @@ impl Node {
 
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The engines of replicated volumes on this node.
+    pub fn replicated(&self) -> &Arc<crate::backend::replicated::engines::Engines> {
+        &self.replicated
     }
 
     pub fn max_volumes_per_node(&self) -> u64 {
@@ -494,6 +531,9 @@ impl Node {
     }
 
     fn image(&self, id: &VolumeId) -> PathBuf {
+        if id.backend == BackendKind::Replicated {
+            return self.replicated.image(id.uuid);
+        }
         self.backends.block.image(id.uuid)
     }
 
@@ -879,8 +919,14 @@ impl Node {
         } else {
             (None, false)
         };
-        let staging = match self.do_stage(&id, &at, &req.capability, previous.as_ref(), req.grow_fs)
-        {
+        let staging = match self.do_stage(
+            &id,
+            &at,
+            &req.capability,
+            previous.as_ref(),
+            req.grow_fs,
+            Some(&req.publish_context),
+        ) {
             Ok(s) => s,
             Err(e) => {
                 if let Some(f) = fuse.as_ref().filter(|_| fresh) {
@@ -1018,6 +1064,11 @@ impl Node {
 
     /// Whether the staging still has its loop device and mount.
     fn staging_intact(&self, id: &VolumeId, st: &Staging) -> bool {
+        if id.backend == BackendKind::Replicated
+            && self.replicated.attached(id.uuid).map(|d| d.path()) != st.device
+        {
+            return false;
+        }
         let device_ok = match (&st.device, id.backend.profile().staging()) {
             (Some(d), _) => LoopDevice::from_path(d)
                 .and_then(|d| d.backing_file())
@@ -1094,6 +1145,7 @@ impl Node {
         cap: &Capability,
         previous: Option<&Staging>,
         grow_fs: bool,
+        publish_context: Option<&BTreeMap<String, String>>,
     ) -> Result<Staging> {
         const FIELD: &str = "staging_target_path";
         let path = at.path();
@@ -1139,8 +1191,14 @@ impl Node {
                     },
                     AccessType::Block => None,
                 };
-                let existing = self.existing_device(id, previous)?;
+                let replicated = id.backend == BackendKind::Replicated;
+                let existing = if replicated {
+                    self.replicated.attached(id.uuid)
+                } else {
+                    self.existing_device(id, previous)?
+                };
                 if existing.is_none()
+                    && !replicated
                     && matches!(mount, Some(StagingMount::Make(_)))
                     && !read_only
                     && cap.fs_type().unwrap_or(FsType::DEFAULT) == FsType::Ext4
@@ -1151,6 +1209,21 @@ impl Node {
                 }
                 let device = match existing {
                     Some(d) => d,
+                    None if replicated => {
+                        let ctx = publish_context.ok_or_else(|| {
+                            Error::precondition(
+                                id,
+                                "the engine is not running; NodeStageVolume with the publish_context starts it",
+                            )
+                        })?;
+                        let d = self
+                            .replicated
+                            .attach(id.uuid, ctx)
+                            .map_err(|e| replication_error(id, e))?;
+                        let (engines, uuid) = (Arc::clone(&self.replicated), id.uuid);
+                        rollback.push(move || drop(engines.detach(uuid)));
+                        d
+                    }
                     None => {
                         let Attached::Device(d) =
                             self.backends.block.attach_image(id.uuid, read_only)?
@@ -1316,6 +1389,11 @@ impl Node {
                         &id,
                         format!("the volume is still mounted at {left:?}; unmount it there first"),
                     ));
+                }
+                if id.backend == BackendKind::Replicated {
+                    self.replicated
+                        .detach(id.uuid)
+                        .map_err(|e| replication_error(&id, e))?;
                 }
                 // No publication remains, so every loop device of the image
                 // belongs to this staging.
@@ -1936,7 +2014,7 @@ impl Node {
         st.fuse = Some(fuse.clone());
         st.mount_id = None;
         let at = self.anchor_dir(&st.path, "staging_target_path", false)?;
-        let mut new = self.do_stage(&id, &at, &st.capability, Some(&st), false)?;
+        let mut new = self.do_stage(&id, &at, &st.capability, Some(&st), false, None)?;
         new.fuse = Some(fuse);
         rec.staging = Some(new.clone());
         for (target, p) in rec.publications.clone() {
@@ -1995,7 +2073,9 @@ impl Node {
             if !self.staging_intact(&id, &st) {
                 let restaged = self
                     .anchor_dir(&st.path, "staging_target_path", false)
-                    .and_then(|at| self.do_stage(&id, &at, &st.capability, Some(&st), false));
+                    .and_then(|at| {
+                        self.do_stage(&id, &at, &st.capability, Some(&st), false, None)
+                    });
                 match restaged {
                     Ok(new) => {
                         tracing::info!(volume = %id, "restored staging after restart");

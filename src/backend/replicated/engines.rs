@@ -1,0 +1,215 @@
+//! The engines running on this node: one per staged replicated volume, each
+//! an [`EngineDriver`] serving the volume as one file on a FUSE filesystem
+//! of its own (`<state>/replicated/<uuid>/`) with a loop device on it in
+//! direct-I/O mode. NodeStage attaches one from the publish_context that
+//! ControllerPublish returned; NodeUnstage detaches it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::driver::{DriverConfig, DriverError, DriverStatus, EngineDriver};
+use super::protocol::Ballot;
+use super::record::ReplicaRecord;
+use super::wire::Peer;
+use crate::os::fuse_file::{FuseFileError, FuseLoopDevice, FuseOptions, VOLUME_FILE};
+use crate::os::loopdev::LoopDevice;
+use crate::volume::id::Uuid;
+
+/// `publish_context` keys the engine starts from (set by the controller's
+/// ControllerPublishVolume).
+pub const CONTEXT_RECORD: &str = "replicated.stowage.io/record";
+pub const CONTEXT_BALLOT: &str = "replicated.stowage.io/ballot";
+pub const CONTEXT_ADDRESSES: &str = "replicated.stowage.io/addresses";
+
+/// Makes the transport to a volume's voters from their addresses
+/// (node id → host:port); set once by the server in cluster mode.
+pub type Connector = Arc<dyn Fn(&BTreeMap<String, String>) -> Arc<dyn Peer> + Send + Sync>;
+
+/// Why an engine could not be attached or detached.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("publish_context: {0}")]
+    Context(String),
+    #[error("this node is not part of a cluster: replicated volumes need node agents")]
+    NoCluster,
+    #[error("the volume is published on node {owner:?}, not on this node {node}")]
+    NotOwner { owner: Option<String>, node: String },
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error(transparent)]
+    Fuse(#[from] FuseFileError),
+}
+
+/// What ControllerPublishVolume gave the node.
+#[derive(Debug, Clone)]
+pub struct PublishContext {
+    pub record: ReplicaRecord,
+    pub ballot: Ballot,
+    pub addresses: BTreeMap<String, String>,
+}
+
+impl PublishContext {
+    pub fn parse(ctx: &BTreeMap<String, String>) -> Result<Self, EngineError> {
+        fn field<T: serde::de::DeserializeOwned>(
+            ctx: &BTreeMap<String, String>,
+            key: &str,
+        ) -> Result<T, EngineError> {
+            let raw = ctx.get(key).ok_or_else(|| {
+                EngineError::Context(format!(
+                    "{key} is missing (was the volume published with ControllerPublishVolume?)"
+                ))
+            })?;
+            serde_json::from_str(raw).map_err(|e| EngineError::Context(format!("{key}: {e}")))
+        }
+        let record: ReplicaRecord = field(ctx, CONTEXT_RECORD)?;
+        record
+            .validate()
+            .map_err(|e| EngineError::Context(format!("{CONTEXT_RECORD}: {e}")))?;
+        Ok(PublishContext {
+            record,
+            ballot: field(ctx, CONTEXT_BALLOT)?,
+            addresses: field(ctx, CONTEXT_ADDRESSES)?,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    driver: Arc<EngineDriver>,
+    device: FuseLoopDevice,
+}
+
+/// The engines of this node.
+pub struct Engines {
+    node: String,
+    dir: PathBuf,
+    connect: OnceLock<Connector>,
+    running: Mutex<HashMap<Uuid, Running>>,
+    options: FuseOptions,
+}
+
+impl std::fmt::Debug for Engines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engines")
+            .field("node", &self.node)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engines {
+    /// Engines of `node`, with their FUSE mounts under `dir`.
+    pub fn new(node: &str, dir: PathBuf) -> Self {
+        Engines {
+            node: node.to_owned(),
+            dir,
+            connect: OnceLock::new(),
+            running: Mutex::new(HashMap::new()),
+            options: FuseOptions::default(),
+        }
+    }
+
+    /// Enables replicated volumes on this node (cluster mode).
+    pub fn set_connector(&self, c: Connector) {
+        let _ = self.connect.set(c);
+    }
+
+    fn mount_point(&self, uuid: Uuid) -> PathBuf {
+        self.dir.join(uuid.to_hex())
+    }
+
+    /// The FUSE file the volume's loop device is backed by.
+    pub fn image(&self, uuid: Uuid) -> PathBuf {
+        self.mount_point(uuid).join(VOLUME_FILE)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The loop device of the volume's running engine.
+    pub fn attached(&self, uuid: Uuid) -> Option<LoopDevice> {
+        self.lock().get(&uuid).map(|r| r.device.device().clone())
+    }
+
+    /// The running engine's state.
+    pub fn status(&self, uuid: Uuid) -> Option<DriverStatus> {
+        self.lock().get(&uuid).map(|r| r.driver.status())
+    }
+
+    /// Every volume with a running engine.
+    pub fn volumes(&self) -> Vec<Uuid> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// Starts the volume's engine from its publish_context and returns the
+    /// loop device serving it. Blocking: call from a blocking thread of the
+    /// runtime (the node services do). An engine already running is
+    /// stopped first (a NodeStage after a failure starts anew).
+    pub fn attach(
+        &self,
+        uuid: Uuid,
+        ctx: &BTreeMap<String, String>,
+    ) -> Result<LoopDevice, EngineError> {
+        let connect = self.connect.get().ok_or(EngineError::NoCluster)?;
+        let pc = PublishContext::parse(ctx)?;
+        if pc.record.uuid != uuid {
+            return Err(EngineError::Context(format!(
+                "the record is of volume {}, not {uuid}",
+                pc.record.uuid
+            )));
+        }
+        let owner = pc.record.owner.as_ref().map(|o| o.node.clone());
+        if owner.as_deref() != Some(self.node.as_str()) {
+            return Err(EngineError::NotOwner {
+                owner,
+                node: self.node.clone(),
+            });
+        }
+        self.detach(uuid)?;
+        let peer = connect(&pc.addresses);
+        let rt = tokio::runtime::Handle::current();
+        let cfg = DriverConfig::new(uuid, &self.node, pc.record.size);
+        let size = cfg.size;
+        let driver = rt.block_on(EngineDriver::start(
+            cfg,
+            pc.ballot,
+            pc.record,
+            peer,
+            rt.clone(),
+        ))?;
+        let handler: Arc<dyn crate::os::fuse_file::BlockHandler> = driver.clone();
+        let device = match FuseLoopDevice::attach(&self.mount_point(uuid), size, handler, &self.options)
+        {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = rt.block_on(driver.stop());
+                return Err(e.into());
+            }
+        };
+        let loopdev = device.device().clone();
+        tracing::info!(volume = %uuid, device = %loopdev.path().display(), "replicated volume's engine started");
+        self.lock().insert(uuid, Running { driver, device });
+        Ok(loopdev)
+    }
+
+    /// Stops the volume's engine: detaches the loop device (unmount what
+    /// is on it first), unmounts the FUSE file, flushes and stops the
+    /// driver. Idempotent.
+    pub fn detach(&self, uuid: Uuid) -> Result<(), EngineError> {
+        let Some(r) = self.lock().remove(&uuid) else {
+            return Ok(());
+        };
+        let closed = r.device.close();
+        let rt = tokio::runtime::Handle::current();
+        let stopped = rt.block_on(r.driver.stop());
+        let _ = std::fs::remove_dir(self.mount_point(uuid));
+        closed?;
+        if let Err(e) = stopped {
+            tracing::warn!(volume = %uuid, error = %e, "the replicated engine's last flush failed");
+        }
+        tracing::info!(volume = %uuid, "replicated volume's engine stopped");
+        Ok(())
+    }
+}
