@@ -58,7 +58,9 @@ impl Pool {
         match kind {
             BackendKind::Dir => dir.join(uuid.to_hex()),
             BackendKind::Block => dir.join(format!("{}.img", uuid.to_hex())),
-            BackendKind::Object => unreachable!("the pool suite runs the local backends"),
+            BackendKind::Object | BackendKind::Replicated => {
+                unreachable!("the pool suite runs the local backends")
+            }
         }
     }
 }
@@ -183,7 +185,9 @@ fn create_is_idempotent_with_same_size(
         // A repeat must not recreate (and so empty) the volume.
         BackendKind::Dir => assert_eq!(std::fs::read(&marker).unwrap(), b"kept"),
         BackendKind::Block => assert_eq!(std::fs::metadata(&storage).unwrap().len(), size),
-        BackendKind::Object => unreachable!("the pool suite runs the local backends"),
+        BackendKind::Object | BackendKind::Replicated => {
+            unreachable!("the pool suite runs the local backends")
+        }
     }
     store.delete(u).unwrap();
 }
@@ -222,7 +226,9 @@ fn create_with_other_size_is_size_mismatch(
                 "{r:?}"
             );
         }
-        BackendKind::Object => unreachable!("the pool suite runs the local backends"),
+        BackendKind::Object | BackendKind::Replicated => {
+            unreachable!("the pool suite runs the local backends")
+        }
     }
     // The existing volume is untouched.
     assert!(store.exists(u));
@@ -267,14 +273,18 @@ fn round_size_granularity(store: &dyn VolumeStore, _: &dyn VolumeAttacher, pool:
                 assert!(r >= MIB, "a block volume has at least one MiB");
             }
             BackendKind::Dir => assert_eq!(r, n, "dir keeps sizes in bytes"),
-            BackendKind::Object => unreachable!("the pool suite runs the local backends"),
+            BackendKind::Object | BackendKind::Replicated => {
+                unreachable!("the pool suite runs the local backends")
+            }
         }
     }
     assert_eq!(store.round_size(MIB + 1), {
         match store.kind() {
             BackendKind::Block => 2 * MIB,
             BackendKind::Dir => MIB + 1,
-            BackendKind::Object => unreachable!("the pool suite runs the local backends"),
+            BackendKind::Object | BackendKind::Replicated => {
+                unreachable!("the pool suite runs the local backends")
+            }
         }
     });
     // A rounded size is what create really gives.
@@ -345,7 +355,9 @@ fn attach_attached_detach(store: &dyn VolumeStore, attacher: &dyn VolumeAttacher
             assert_eq!(d.size_bytes(), Some(size));
             assert!(!d.read_only());
         }
-        BackendKind::Object => unreachable!("the pool suite runs the local backends"),
+        BackendKind::Object | BackendKind::Replicated => {
+            unreachable!("the pool suite runs the local backends")
+        }
     }
     let now = attacher.attached(u).unwrap();
     assert!(now.contains(&a), "attached() = {now:?} lacks {a:?}");
@@ -394,7 +406,9 @@ fn each_attach_is_a_new_attachment(
             attacher.detach(&a).unwrap();
             attacher.detach(&b).unwrap();
         }
-        BackendKind::Object => unreachable!("the pool suite runs the local backends"),
+        BackendKind::Object | BackendKind::Replicated => {
+            unreachable!("the pool suite runs the local backends")
+        }
     }
     store.delete(u).unwrap();
 }
@@ -426,7 +440,9 @@ fn read_only_attach(store: &dyn VolumeStore, attacher: &dyn VolumeAttacher, _: &
                 .read_exact(&mut buf)
                 .expect("read from a read-only device");
         }
-        BackendKind::Object => unreachable!("the pool suite runs the local backends"),
+        BackendKind::Object | BackendKind::Replicated => {
+            unreachable!("the pool suite runs the local backends")
+        }
     }
     assert!(attacher.attached(u).unwrap().contains(&a));
     attacher.detach(&a).unwrap();

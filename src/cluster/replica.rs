@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::volume::id::Uuid;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
-use crate::volume::id::Uuid;
 
 use super::proto::replica_client::ReplicaClient;
 use super::proto::replica_server::Replica;

@@ -72,10 +72,13 @@ pub struct RegistryPeer {
 #[tonic::async_trait]
 impl Peer for RegistryPeer {
     async fn call(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError> {
-        let n = self.registry.get(node).ok_or_else(|| PeerError::Unreachable {
-            node: node.to_owned(),
-            why: "not registered".to_owned(),
-        })?;
+        let n = self
+            .registry
+            .get(node)
+            .ok_or_else(|| PeerError::Unreachable {
+                node: node.to_owned(),
+                why: "not registered".to_owned(),
+            })?;
         let request = serde_json::to_vec(&call.request).map_err(|e| PeerError::Failed {
             node: node.to_owned(),
             why: e.to_string(),
@@ -134,9 +137,8 @@ pub async fn drive(
         for e in out {
             let (peer, tx) = (Arc::clone(&peer), tx.clone());
             tokio::spawn(async move {
-                if let Ok(Answer {
-                    reply: Some(r), ..
-                }) = peer.call(&e.to, volume, Call::control(e.msg)).await
+                if let Ok(Answer { reply: Some(r), .. }) =
+                    peer.call(&e.to, volume, Call::control(e.msg)).await
                 {
                     let _ = tx.send((e.to, r));
                 }
@@ -181,6 +183,23 @@ struct Found {
     holders: Vec<String>,
     /// Fresh nodes that answered that they hold nothing.
     without: Vec<String>,
+    /// Fresh nodes that did not answer, and why.
+    unreached: Vec<String>,
+}
+
+impl Found {
+    /// UNAVAILABLE when nothing was found but some node did not answer:
+    /// it may hold the volume.
+    #[allow(clippy::result_large_err)]
+    fn certain(&self, uuid: Uuid) -> Result<(), Status> {
+        if self.newest.is_none() && !self.unreached.is_empty() {
+            return Err(Status::unavailable(format!(
+                "cannot tell whether volume {uuid} exists: {}",
+                self.unreached.join("; ")
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The controller's operations on replicated volumes.
@@ -200,8 +219,10 @@ impl Replicated {
         }
     }
 
-    /// Asks every fresh node what it holds of `uuid`. A fresh node that
-    /// does not answer makes the answer unknown: UNAVAILABLE.
+    /// Asks every fresh node what it holds of `uuid`; see
+    /// [`Found::certain`] for nodes that do not answer. (A record chosen by
+    /// a majority is seen from any majority, and a change drives the newest
+    /// record anyway.)
     async fn find(&self, uuid: Uuid) -> Result<Found, Status> {
         let nodes = self.registry.fresh();
         let asks = nodes.iter().map(|n| {
@@ -216,23 +237,23 @@ impl Replicated {
             newest: None,
             holders: Vec::new(),
             without: Vec::new(),
+            unreached: Vec::new(),
         };
         for (n, a) in nodes.iter().zip(asks) {
             let answer = a.await.map_err(|e| Status::internal(e.to_string()))?;
             let r = match answer {
                 Ok(Ok(r)) => r.into_inner(),
                 Ok(Err(s)) => {
-                    return Err(Status::unavailable(format!(
-                        "cannot ask node {} about volume {uuid}: {}",
-                        n.id,
-                        s.message()
-                    )));
+                    found
+                        .unreached
+                        .push(format!("node {}: {}", n.id, s.message()));
+                    continue;
                 }
                 Err(_) => {
-                    return Err(Status::unavailable(format!(
-                        "node {} did not answer about volume {uuid} in time",
-                        n.id
-                    )));
+                    found
+                        .unreached
+                        .push(format!("node {}: no answer in time", n.id));
+                    continue;
                 }
             };
             if !r.found {
@@ -242,11 +263,9 @@ impl Replicated {
             let state: VoterState = serde_json::from_str(&r.state)
                 .map_err(|e| Status::internal(format!("node {}: {e}", n.id)))?;
             found.holders.push(n.id.clone());
-            if found
-                .newest
-                .as_ref()
-                .is_none_or(|s| (&state.accepted, state.record.version) > (&s.accepted, s.record.version))
-            {
+            if found.newest.as_ref().is_none_or(|s| {
+                (&state.accepted, state.record.version) > (&s.accepted, s.record.version)
+            }) {
                 found.newest = Some(state);
             }
         }
@@ -320,8 +339,8 @@ impl Replicated {
     ) -> Result<csi::CreateVolumeResponse, Status> {
         use crate::server::convert;
         convert::required_str("name", &r.name).map_err(Status::from)?;
-        let caps =
-            convert::capabilities("volume_capabilities", &r.volume_capabilities).map_err(Status::from)?;
+        let caps = convert::capabilities("volume_capabilities", &r.volume_capabilities)
+            .map_err(Status::from)?;
         let profile = BackendKind::Replicated.profile();
         for c in &caps {
             profile
@@ -358,7 +377,11 @@ impl Replicated {
             None => (0, 0),
         };
         let want = if required == 0 {
-            if limit != 0 { limit.min(default) } else { default }
+            if limit != 0 {
+                limit.min(default)
+            } else {
+                default
+            }
         } else {
             required
         }
@@ -371,6 +394,7 @@ impl Replicated {
         }
         let uuid = placement::volume_uuid(&r.name);
         let found = self.find(uuid).await?;
+        found.certain(uuid)?;
         if let Some(state) = &found.newest {
             let rec = &state.record;
             let compatible = (required == 0 || rec.size >= required)
@@ -451,6 +475,7 @@ impl Replicated {
             return Ok(());
         };
         let found = self.find(uuid).await?;
+        found.certain(uuid)?;
         let Some(state) = found.newest else {
             return Ok(());
         };
@@ -477,6 +502,7 @@ impl Replicated {
     async fn newest(&self, raw: &str) -> Result<(Uuid, VoterState), Status> {
         let uuid = parse_id(raw)?;
         let found = self.find(uuid).await?;
+        found.certain(uuid)?;
         let state = found
             .newest
             .ok_or_else(|| Status::not_found(format!("volume {raw} does not exist")))?;
@@ -544,12 +570,14 @@ impl Replicated {
                 return Err(Status::failed_precondition(refusal.to_string()));
             }
         };
-        if record.owner.as_ref().is_some_and(|o| o.readonly != readonly) {
+        if record
+            .owner
+            .as_ref()
+            .is_some_and(|o| o.readonly != readonly)
+        {
             return Err(Status::already_exists(format!(
                 "volume {} is published on node {} with readonly={}",
-                r.volume_id,
-                r.node_id,
-                !readonly
+                r.volume_id, r.node_id, !readonly
             )));
         }
         let addresses: BTreeMap<String, String> = record
@@ -577,6 +605,7 @@ impl Replicated {
             )));
         };
         let found = self.find(uuid).await?;
+        found.certain(uuid)?;
         let Some(state) = found.newest else {
             return Err(Status::not_found(format!(
                 "volume {} does not exist",
@@ -589,7 +618,10 @@ impl Replicated {
             (Some(o), n) if o.node != n => return Ok(()),
             (Some(o), _) => o.node.clone(),
         };
-        match self.change(uuid, &state, Change::Unpublish { node }).await? {
+        match self
+            .change(uuid, &state, Change::Unpublish { node })
+            .await?
+        {
             Outcome::Chosen { .. } => Ok(()),
             Outcome::Refused { refusal, .. } => Err(Status::internal(refusal.to_string())),
         }

@@ -364,7 +364,10 @@ impl csi::controller_server::Controller for Router {
         let r = req.into_inner();
         if replicated::wants_replicated(&r.parameters) {
             let _guard = self.creating.try_acquire(r.name.clone()).ok_or_else(|| {
-                Status::aborted(format!("a CreateVolume of name {:?} is in progress", r.name))
+                Status::aborted(format!(
+                    "a CreateVolume of name {:?} is in progress",
+                    r.name
+                ))
             })?;
             return self.replicated.create_volume(r).await.map(Response::new);
         }
@@ -708,7 +711,11 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.volume_id) {
-            return self.replicated.get_volume(&r.volume_id).await.map(Response::new);
+            return self
+                .replicated
+                .get_volume(&r.volume_id)
+                .await
+                .map(Response::new);
         }
         let n = self.volume_node(&r.volume_id)?;
         relay(&n, cc(&n).controller_get_volume(r).await)

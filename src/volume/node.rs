@@ -7,10 +7,10 @@
 //! the state directory or each other. After a restart the node restores
 //! what its records say and removes loop devices nothing claims.
 
+use crate::volume::BackendKind;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use crate::volume::BackendKind;
 
 use super::capability::{AccessType, Capability};
 use super::error::{Error, Result};
@@ -2073,9 +2073,7 @@ impl Node {
             if !self.staging_intact(&id, &st) {
                 let restaged = self
                     .anchor_dir(&st.path, "staging_target_path", false)
-                    .and_then(|at| {
-                        self.do_stage(&id, &at, &st.capability, Some(&st), false, None)
-                    });
+                    .and_then(|at| self.do_stage(&id, &at, &st.capability, Some(&st), false, None));
                 match restaged {
                     Ok(new) => {
                         tracing::info!(volume = %id, "restored staging after restart");

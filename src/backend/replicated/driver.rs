@@ -34,11 +34,11 @@ use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::volume::id::Uuid;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{Id as TaskId, JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
-use crate::volume::id::Uuid;
 
 use super::REGION_BYTES;
 use super::engine::{CopyView, Engine, EngineConfig, EngineEvent, EngineState, IoError};

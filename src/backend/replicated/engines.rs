@@ -180,14 +180,14 @@ impl Engines {
             rt.clone(),
         ))?;
         let handler: Arc<dyn crate::os::fuse_file::BlockHandler> = driver.clone();
-        let device = match FuseLoopDevice::attach(&self.mount_point(uuid), size, handler, &self.options)
-        {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = rt.block_on(driver.stop());
-                return Err(e.into());
-            }
-        };
+        let device =
+            match FuseLoopDevice::attach(&self.mount_point(uuid), size, handler, &self.options) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = rt.block_on(driver.stop());
+                    return Err(e.into());
+                }
+            };
         let loopdev = device.device().clone();
         tracing::info!(volume = %uuid, device = %loopdev.path().display(), "replicated volume's engine started");
         self.lock().insert(uuid, Running { driver, device });

@@ -125,12 +125,12 @@ impl Held {
         let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
         let before = v.state().clone();
         let reply = v.handle(req);
-        if *v.state() != before {
-            if let Err(e) = self.persist(v.state()) {
-                // Not durable: forget the change so nothing depends on it.
-                *v = Voter::restore(v.node(), before, v.durable_data().clone());
-                return Err(e);
-            }
+        if *v.state() != before
+            && let Err(e) = self.persist(v.state())
+        {
+            // Not durable: forget the change so nothing depends on it.
+            *v = Voter::restore(v.node(), before, v.durable_data().clone());
+            return Err(e);
         }
         Ok(Answer {
             reply,
@@ -172,7 +172,10 @@ impl Held {
             // region may hold that tag's write without the older partial
             // writes the copy missed, and the rebuild brings the whole
             // region. A write already held (a duplicate) is skipped.
-            (reply, after == Some(tag) && (rebuild || before != Some(tag)))
+            (
+                reply,
+                after == Some(tag) && (rebuild || before != Some(tag)),
+            )
         };
         if took {
             let at = u64::from(region) * REGION_BYTES + offset;
@@ -311,7 +314,8 @@ impl ReplicaStore {
                 boot: 1,
             };
             let p = tmp.join(VOTER_FILE);
-            let json = serde_json::to_vec(&state).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let json =
+                serde_json::to_vec(&state).map_err(|e| StoreError::Invalid(e.to_string()))?;
             crate::os::fs::write_atomic(&p, &json).map_err(io_err(&p))?;
             std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
             crate::os::fs::sync_dir(&self.root).map_err(io_err(&self.root))
@@ -360,11 +364,7 @@ impl ReplicaStore {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.root).map_err(io_err(&self.root))? {
             let entry = entry.map_err(io_err(&self.root))?;
-            if let Some(u) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| Uuid::parse_hex(n))
-            {
+            if let Some(u) = entry.file_name().to_str().and_then(Uuid::parse_hex) {
                 out.push(u);
             }
         }
@@ -381,7 +381,11 @@ impl ReplicaStore {
         held.handle(call)
     }
 
-    fn load(&self, open: &mut HashMap<Uuid, Arc<Held>>, uuid: Uuid) -> Result<Arc<Held>, StoreError> {
+    fn load(
+        &self,
+        open: &mut HashMap<Uuid, Arc<Held>>,
+        uuid: Uuid,
+    ) -> Result<Arc<Held>, StoreError> {
         if let Some(h) = open.get(&uuid) {
             return Ok(Arc::clone(h));
         }
@@ -389,7 +393,9 @@ impl ReplicaStore {
         let p = dir.join(VOTER_FILE);
         let json = match std::fs::read(&p) {
             Ok(j) => j,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound(uuid)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(uuid));
+            }
             Err(e) => return Err(io_err(&p)(e)),
         };
         let mut state: VoterState = serde_json::from_slice(&json)
