@@ -316,3 +316,149 @@ async fn a_killed_copy_is_marked_out_of_sync_and_rebuilt_when_it_returns() {
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
 }
+
+/// Writes `data` to `path` and fsyncs, in a thread: the error, if any
+/// (bounded: the engine fails I/O it cannot complete).
+fn try_write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_engine_is_fenced_once_the_volume_moved() {
+    let mut cl = Cluster::start().await;
+    let cap = ext4();
+    let v = cl
+        .create(replicated("rep-f", "3", cap.clone()))
+        .await
+        .unwrap();
+    let m1 = Mounted::up(&mut cl, 1, &v, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
+    let a = pattern(21, 2 << 20);
+    write_synced(&m1.target.join("a"), &a);
+    // The controller is not on the data path: writes go on while it is
+    // down.
+    cl.controller.kill9();
+    let b = pattern(22, 2 << 20);
+    write_synced(&m1.target.join("b"), &b);
+    cl.controller.restart();
+    cl.reconnect().await;
+    cl.wait_fresh(&(1..=NODES).map(node_id).collect::<Vec<_>>())
+        .await;
+
+    // n1 is cut off (as a node that looks dead): the CO moves the volume.
+    cl.net.partition(cl.net.host(1));
+    cl.c.controller
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: node_id(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("unpublish from the cut-off n1: {e:?}"));
+    let m2 = Mounted::up(&mut cl, 2, &v, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
+    assert!(std::fs::read(m2.target.join("a")).unwrap() == a);
+    assert!(std::fs::read(m2.target.join("b")).unwrap() == b);
+    let c = pattern(23, 1 << 20);
+    write_synced(&m2.target.join("c"), &c);
+
+    // n1 comes back: its engine's writes are refused, never land.
+    cl.net.heal(cl.net.host(1));
+    let target = m1.target.clone();
+    let late = tokio::task::spawn_blocking(move || {
+        try_write_synced(&target.join("late"), &pattern(24, 1 << 20))
+    })
+    .await
+    .unwrap();
+    assert!(late.is_err(), "the fenced engine acknowledged a write");
+    m2.down(&mut cl, &v.volume_id).await;
+
+    // What n2 wrote is whole; nothing of n1's late write.
+    let m3 = Mounted::up(&mut cl, 3, &v, &cap).await.unwrap();
+    assert!(std::fs::read(m3.target.join("c")).unwrap() == c);
+    assert!(std::fs::read(m3.target.join("a")).unwrap() == a);
+    assert!(
+        !m3.target.join("late").exists(),
+        "a write of the fenced engine landed"
+    );
+    m3.down(&mut cl, &v.volume_id).await;
+    // n1 cleans up its stale staging (its publication is gone already).
+    let mut n1 = cl.node(1).await;
+    n1.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: m1.target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    n1.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: m1.staging.display().to_string(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("unstage on n1: {e:?}\n{}", cl.nodes[0].log_tail(30)));
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_majority_fails_io_and_loses_no_acknowledged_write() {
+    let mut cl = Cluster::start().await;
+    let cap = ext4();
+    let mut req = replicated("rep-m", "3", cap.clone());
+    req.accessibility_requirements = on(&["n1"], &[]);
+    let v = cl.create(req).await.unwrap();
+    let m = Mounted::up(&mut cl, 1, &v, &cap).await.unwrap();
+    let kept = pattern(31, 4 << 20);
+    write_synced(&m.target.join("kept"), &kept);
+    // Two of three copies die: the engine can neither acknowledge nor mark
+    // them out of sync, so I/O fails (bounded), never acknowledged.
+    cl.nodes[1].kill9();
+    cl.nodes[2].kill9();
+    let target = m.target.clone();
+    let lost = tokio::task::spawn_blocking(move || {
+        try_write_synced(&target.join("lost"), &pattern(32, 1 << 20))
+    })
+    .await
+    .unwrap();
+    assert!(lost.is_err(), "a write was acknowledged without a majority");
+    cl.nodes[1].restart();
+    cl.nodes[2].restart();
+    cl.wait_fresh(&[node_id(2), node_id(3)]).await;
+    // The stuck staging is taken down; a fresh one has every acknowledged
+    // write.
+    let mut n1 = cl.node(1).await;
+    n1.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: m.target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    n1.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: m.staging.display().to_string(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("unstage on n1: {e:?}\n{}", cl.nodes[0].log_tail(30)));
+    cl.c.controller
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: node_id(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let m = Mounted::up(&mut cl, 2, &v, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
+    assert!(std::fs::read(m.target.join("kept")).unwrap() == kept);
+    m.down(&mut cl, &v.volume_id).await;
+    cl.delete(&v.volume_id).await.unwrap();
+}
