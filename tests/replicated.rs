@@ -54,6 +54,7 @@ struct Mounted {
     node: usize,
     staging: PathBuf,
     target: PathBuf,
+    ctx: HashMap<String, String>,
 }
 
 impl Mounted {
@@ -91,7 +92,7 @@ impl Mounted {
         node.node
             .node_publish_volume(csi::NodePublishVolumeRequest {
                 volume_id: v.volume_id.clone(),
-                publish_context: ctx,
+                publish_context: ctx.clone(),
                 staging_target_path: staging.display().to_string(),
                 target_path: target.display().to_string(),
                 volume_capability: Some(cap.clone()),
@@ -103,6 +104,7 @@ impl Mounted {
             node: i,
             staging,
             target,
+            ctx,
         })
     }
 
@@ -489,7 +491,9 @@ fn parse_block(block: u64, b: &[u8]) -> Result<Option<u64>, String> {
     let named = u64::from_le_bytes(b[..8].try_into().unwrap());
     let write = u64::from_le_bytes(b[8..16].try_into().unwrap());
     if named != block || b != block_bytes(block, write).as_slice() {
-        return Err(format!("block {block}: holds block {named}'s write {write}"));
+        return Err(format!(
+            "block {block}: holds block {named}'s write {write}"
+        ));
     }
     Ok(Some(write))
 }
@@ -563,7 +567,9 @@ impl History {
             let w = self.next;
             self.issued.entry(block).or_default().push(w);
             buf.as_mut_slice().copy_from_slice(&block_bytes(block, w));
-            if f.write_all_at(buf.as_slice(), block * BLOCK as u64).is_err() {
+            if f.write_all_at(buf.as_slice(), block * BLOCK as u64)
+                .is_err()
+            {
                 self.failures += 1;
                 return;
             }
@@ -704,7 +710,79 @@ async fn no_acknowledged_write_is_lost_under_copy_faults() {
     );
     assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
     assert!(corrupt.is_empty(), "corrupted blocks: {corrupt:?}");
-    assert!(h.acks > 0, "nothing was acknowledged: the check proves nothing");
+    assert!(
+        h.acks > 0,
+        "nothing was acknowledged: the check proves nothing"
+    );
+    m.down(&mut cl, &v.volume_id).await;
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_stage_recovers_a_volume_whose_engine_died_with_the_plugin() {
+    let mut cl = Cluster::start().await;
+    let cap = ext4();
+    let mut req = replicated("rep-r", "3", cap.clone());
+    req.accessibility_requirements = on(&["n1"], &[]);
+    let v = cl.create(req).await.unwrap();
+    let m = Mounted::up(&mut cl, 1, &v, &cap).await.unwrap();
+    let a = pattern(41, 4 << 20);
+    write_synced(&m.target.join("a"), &a);
+    // The node plugin (and the engine in it) dies and starts again.
+    cl.nodes[0].kill9();
+    cl.nodes[0].restart();
+    wait_socket(&cl.node_socket(1), &cl.nodes[0]);
+    cl.wait_fresh(&[node_id(1)]).await;
+    let mut n1 = cl.node(1).await;
+    let stats = n1
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: m.staging.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = stats.volume_condition.unwrap();
+    assert!(c.abnormal, "a staging without engine is abnormal: {c:?}");
+    assert!(c.message.contains("not running"), "{c:?}");
+    // NodeStageVolume again recovers it: a new engine, the filesystem
+    // mounted again, the publication bound again.
+    n1.node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            publish_context: m.ctx.clone(),
+            staging_target_path: m.staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            volume_context: v.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("restage: {e:?}\n{}", cl.nodes[0].log_tail(40)));
+    assert!(std::fs::read(m.target.join("a")).unwrap() == a);
+    let b = pattern(42, 1 << 20);
+    write_synced(&m.target.join("b"), &b);
+    let c = n1
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: m.target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_condition
+        .unwrap();
+    assert!(
+        !c.abnormal || c.message.contains("copies in sync"),
+        "after recovery: {c:?}"
+    );
+    wait_in_sync(&mut cl, &v.volume_id, Duration::from_secs(60)).await;
+    m.down(&mut cl, &v.volume_id).await;
+    let m = Mounted::up(&mut cl, 2, &v, &cap).await.unwrap();
+    assert!(std::fs::read(m.target.join("b")).unwrap() == b);
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
 }

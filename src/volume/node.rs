@@ -866,7 +866,7 @@ impl Node {
         if !self.backends.store(id.backend).exists(id.uuid) {
             return Err(Error::VolumeNotFound(req.volume_id));
         }
-        let mut rec = self.record(&id);
+        let rec = self.record(&id);
         if let Some(st) = &rec.staging {
             if st.path != req.staging_path || st.capability != req.capability {
                 return Err(Error::Incompatible {
@@ -882,7 +882,18 @@ impl Node {
                 return Ok(());
             }
             tracing::warn!(volume = %id, "staging found incomplete; staging again");
+            if id.backend == BackendKind::Replicated {
+                return self.recover_replicated(&id, req);
+            }
         }
+        self.stage_fresh(&id, req)
+    }
+
+    /// The part of NodeStageVolume after the checks (the caller holds the
+    /// volume's in-flight guard).
+    fn stage_fresh(&self, id: &VolumeId, req: StageVolume) -> Result<()> {
+        let id = id.clone();
+        let mut rec = self.record(&id);
         // Record the intent first: a crash between the mount and the final
         // record then leaves a record that restart (or unstage) completes
         // or undoes, never an unrecorded mount. The write reaches the log
@@ -947,6 +958,101 @@ impl Node {
         self.save_with(rec, Durability::Deferred)?;
         tracing::info!(volume = %id, path = %req.staging_path.display(), "volume staged");
         Ok(())
+    }
+
+    /// NodeStageVolume of a replicated volume whose engine is gone (the node
+    /// plugin restarted; the kernel fails I/O on the loop device over the
+    /// dead FUSE file at once): detaches the dead mounts, loop devices and
+    /// FUSE mount, stages anew with a new engine (the filesystem replays
+    /// its journal; ext4 is checked first) and binds the recorded
+    /// publications again.
+    fn recover_replicated(&self, id: &VolumeId, mut req: StageVolume) -> Result<()> {
+        let rec = self.record(id);
+        self.clear_dead_replicated(id, &rec)?;
+        let mut cleared = rec.clone();
+        if let Some(st) = cleared.staging.as_mut() {
+            st.mount_id = None;
+            st.device = None;
+        }
+        let publications = std::mem::take(&mut cleared.publications);
+        cleared.staging = None;
+        self.save(cleared)?;
+        req.grow_fs = false;
+        self.stage_fresh(id, req)?;
+        let mut rec = self.record(id);
+        let Some(st) = rec.staging.clone() else {
+            return Err(Error::precondition(id, "staging vanished while recovering"));
+        };
+        for (target, p) in publications {
+            let again = anchor(&target, "target_path")
+                .and_then(|at| self.do_publish(id, &st, &at, &p.capability, p.read_only));
+            match again {
+                Ok(mut new) => {
+                    new.created_target |= p.created_target;
+                    new.created_inode = new.created_inode.or(p.created_inode);
+                    rec.publications.insert(target.clone(), new);
+                    tracing::info!(volume = %id, target = %target.display(), "publication bound again after recovery");
+                }
+                Err(e) => {
+                    tracing::error!(volume = %id, target = %target.display(), error = %e, "cannot bind the publication again");
+                    rec.publications.insert(target, p);
+                }
+            }
+        }
+        self.save(rec)?;
+        tracing::info!(volume = %id, "replicated volume recovered with a new engine");
+        Ok(())
+    }
+
+    /// What is wrong with a staged replicated volume, as its engine sees it.
+    fn replicated_problems(&self, id: &VolumeId) -> Vec<String> {
+        use crate::backend::replicated::engine::{CopyPhase, EngineState};
+        let Some(status) = self.replicated.status(id.uuid) else {
+            return vec![
+                "the replicated engine is not running (the node plugin restarted); I/O fails until NodeStageVolume starts it again".to_owned(),
+            ];
+        };
+        let mut out = Vec::new();
+        if status.stopped || status.state != EngineState::Running {
+            out.push(format!("the engine is {:?}", status.state));
+        }
+        let total = status.copies.len();
+        let in_sync = status
+            .copies
+            .iter()
+            .filter(|c| c.phase == CopyPhase::InSync && !c.failing)
+            .count();
+        if in_sync < total {
+            let behind: Vec<String> = status
+                .copies
+                .iter()
+                .filter(|c| c.phase != CopyPhase::InSync || c.failing)
+                .map(|c| format!("{} {:?} ({} regions to rebuild)", c.node, c.phase, c.dirty))
+                .collect();
+            out.push(format!(
+                "{in_sync} of {total} copies in sync: {}",
+                behind.join(", ")
+            ));
+        }
+        out
+    }
+
+    /// Lazily detaches what a dead engine left: the publications' and the
+    /// staging's mounts (they show a filesystem whose device fails every
+    /// I/O), the loop devices on its FUSE file and the FUSE mount.
+    fn clear_dead_replicated(&self, id: &VolumeId, rec: &NodeVolumeRecord) -> Result<()> {
+        for (target, p) in &rec.publications {
+            detach_stale(target, p.mount_id)?;
+        }
+        if let Some(st) = &rec.staging {
+            detach_stale(&st.path, st.mount_id)?;
+        }
+        for d in self.devices(id) {
+            d.detach()?;
+        }
+        self.replicated
+            .clear_dead(id.uuid)
+            .map_err(|e| replication_error(id, e))
     }
 
     /// What the staging path of a dir or object volume binds: the dir
@@ -1379,6 +1485,13 @@ impl Node {
                     // Its daemon died: the bind at the staging path shows a
                     // dead connection that no check can open.
                     detach_stale(&st.path, st.mount_id)?;
+                }
+                if id.backend == BackendKind::Replicated
+                    && self.replicated.attached(id.uuid).is_none()
+                {
+                    // Its engine died with an earlier node plugin: the
+                    // mount shows a device that fails every I/O.
+                    self.clear_dead_replicated(&id, &rec)?;
                 }
                 if st.mounted {
                     self.unmount_made(&id, path, st.mount_id, "staging_target_path")?;
@@ -1858,6 +1971,9 @@ impl Node {
             && d.backing_file().is_none_or(|b| b != self.image(&id))
         {
             problems.push(format!("loop device {} is detached", d.path().display()));
+        }
+        if id.backend == BackendKind::Replicated {
+            problems.extend(self.replicated_problems(&id));
         }
         if let Some(f) = st.as_ref().and_then(|s| s.fuse.as_ref()) {
             let health = self.object.mounter.health(&f.daemon.target);

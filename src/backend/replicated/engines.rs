@@ -194,6 +194,31 @@ impl Engines {
         Ok(loopdev)
     }
 
+    /// Lazily detaches the FUSE mount a dead engine left (its process
+    /// ended: the kernel answers every request with ENOTCONN). Nothing to
+    /// do while the engine runs or when nothing is mounted there.
+    #[allow(clippy::disallowed_methods)]
+    pub fn clear_dead(&self, uuid: Uuid) -> Result<(), EngineError> {
+        if self.lock().contains_key(&uuid) {
+            return Ok(());
+        }
+        let point = self.mount_point(uuid);
+        match nix::mount::umount2(
+            &point,
+            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+        ) {
+            Ok(()) => {
+                tracing::info!(volume = %uuid, "detached the FUSE mount of a dead engine");
+                Ok(())
+            }
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(EngineError::Fuse(FuseFileError::MountPoint {
+                path: point,
+                err: std::io::Error::from_raw_os_error(e as i32),
+            })),
+        }
+    }
+
     /// Stops the volume's engine: detaches the loop device (unmount what
     /// is on it first), unmounts the FUSE file, flushes and stops the
     /// driver. Idempotent.
