@@ -788,22 +788,7 @@ async fn object_volumes_are_shared_by_nodes_of_a_cluster() {
 /// GET `path` from the controller's metrics address, from inside its
 /// namespace: the status line and the body.
 fn controller_http(cl: &Cluster, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let to = cl.net.host(0).addr(METRICS_PORT);
-    let mut s = cl.net.host(0).connect(to, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: stowage\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
+    cl.http_get(0, METRICS_PORT, path)
 }
 
 /// The routing controller serves `/healthz` and `/metrics` on

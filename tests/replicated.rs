@@ -300,11 +300,40 @@ async fn a_killed_copy_is_marked_out_of_sync_and_rebuilt_when_it_returns() {
     let (abnormal, msg) = condition(&mut cl, &v.volume_id).await;
     assert!(abnormal, "a dead copy is out of sync: {msg}");
     assert!(msg.contains("2 of 3"), "{msg}");
+    assert!(msg.contains("published on n1"), "{msg}");
+    assert!(
+        msg.contains("n3 out"),
+        "the engine's view of each copy: {msg}"
+    );
+    // The node's metrics show each copy as its engine sees it.
+    let (_, body) = cl.http_get(1, NODE_METRICS_PORT, "/metrics");
+    let line = |copy: &str| {
+        body.lines()
+            .find(|l| {
+                l.starts_with("stowage_replicated_copy_in_sync{")
+                    && l.contains(&format!("copy=\"{copy}\""))
+            })
+            .unwrap_or_else(|| panic!("no in-sync sample of {copy}:\n{body}"))
+            .to_owned()
+    };
+    assert!(line("n3").ends_with(" 0"), "{}", line("n3"));
+    assert!(line("n2").ends_with(" 1"), "{}", line("n2"));
     // It comes back (a new boot): rebuilt from the regions written while
     // it was away, then in sync again.
     cl.nodes[2].restart();
     cl.wait_fresh(&[node_id(3)]).await;
     wait_in_sync(&mut cl, &v.volume_id, Duration::from_secs(60)).await;
+    let (_, body) = cl.http_get(1, NODE_METRICS_PORT, "/metrics");
+    let rebuilt: u64 = body
+        .lines()
+        .find(|l| l.starts_with("stowage_replicated_rebuild_bytes_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no rebuild counter:\n{body}"));
+    assert!(
+        rebuilt >= 16 << 20 && rebuilt < SIZE as u64,
+        "rebuilt the regions written while away (16 MiB and metadata), not the whole volume: {rebuilt}"
+    );
     write_synced(&m.target.join("after"), &pattern(3, 1 << 20));
     m.down(&mut cl, &v.volume_id).await;
     let first = copy_dir(&cl, 1, &v.volume_id).join("data");

@@ -168,6 +168,7 @@ pub async fn serve_agent(
                 driver.replicas.clone().ok_or_else(|| {
                     crate::server::StartError::Config("a node agent keeps replicas".to_owned())
                 })?,
+                driver.node.as_ref().map(|n| Arc::clone(n.replicated())),
             ))
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(8 << 20),

@@ -15,9 +15,9 @@ use tonic::{Request, Response, Status};
 use super::proto::replica_client::ReplicaClient;
 use super::proto::replica_server::Replica;
 use super::proto::{
-    CreateReplicaRequest, CreateReplicaResponse, DeleteReplicaRequest, DeleteReplicaResponse,
-    GetReplicaRequest, GetReplicaResponse, ListReplicasRequest, ListReplicasResponse,
-    ReplicaAnswer, ReplicaCall,
+    CopyStatus, CreateReplicaRequest, CreateReplicaResponse, DeleteReplicaRequest,
+    DeleteReplicaResponse, EngineStatusResponse, GetReplicaRequest, GetReplicaResponse,
+    ListReplicasRequest, ListReplicasResponse, ReplicaAnswer, ReplicaCall,
 };
 use super::tls::{PeerIdentity, peer_identity};
 use crate::backend::replicated::protocol::{Reply, Request as ProtoRequest};
@@ -43,11 +43,16 @@ fn volume_of(raw: &str) -> Result<Uuid, Status> {
 #[derive(Debug)]
 pub struct ReplicaService {
     store: Arc<ReplicaStore>,
+    engines: Option<Arc<crate::backend::replicated::engines::Engines>>,
 }
 
 impl ReplicaService {
-    pub fn new(store: Arc<ReplicaStore>) -> Self {
-        ReplicaService { store }
+    /// Serves `store`, and the status of this node's `engines`.
+    pub fn new(
+        store: Arc<ReplicaStore>,
+        engines: Option<Arc<crate::backend::replicated::engines::Engines>>,
+    ) -> Self {
+        ReplicaService { store, engines }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -148,6 +153,39 @@ impl Replica for ReplicaService {
         let all = self.blocking(|s| s.list()).await?;
         Ok(Response::new(ListReplicasResponse {
             volumes: all.iter().map(|u| u.to_string()).collect(),
+        }))
+    }
+
+    async fn engine(
+        &self,
+        req: Request<GetReplicaRequest>,
+    ) -> Result<Response<EngineStatusResponse>, Status> {
+        use crate::backend::replicated::engine::CopyPhase;
+        controller_only(&req)?;
+        let volume = volume_of(&req.get_ref().volume)?;
+        let Some(st) = self.engines.as_ref().and_then(|e| e.status(volume)) else {
+            return Ok(Response::new(EngineStatusResponse::default()));
+        };
+        Ok(Response::new(EngineStatusResponse {
+            running: !st.stopped,
+            state: format!("{:?}", st.state),
+            epoch: st.epoch,
+            copies: st
+                .copies
+                .iter()
+                .map(|c| CopyStatus {
+                    node: c.node.clone(),
+                    phase: match c.phase {
+                        CopyPhase::InSync => "in-sync",
+                        CopyPhase::Out => "out",
+                        CopyPhase::Rebuilding => "rebuilding",
+                    }
+                    .to_owned(),
+                    failing: c.failing,
+                    dirty_regions: c.dirty as u64,
+                })
+                .collect(),
+            rebuild_bytes: st.rebuild_bytes,
         }))
     }
 

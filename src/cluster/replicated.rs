@@ -627,6 +627,50 @@ impl Replicated {
         }
     }
 
+    /// What the engine on `node` says of each copy (best effort: a node that
+    /// does not answer is named).
+    async fn engine_view(&self, node: &str, uuid: Uuid) -> String {
+        let Some(n) = self.registry.get(node) else {
+            return format!("; node {node} is not registered");
+        };
+        let mut c = ReplicaClient::new(n.channel.clone());
+        let req = GetReplicaRequest {
+            volume: uuid.to_hex(),
+        };
+        match tokio::time::timeout(Duration::from_secs(2), c.engine(req)).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                if !r.running {
+                    return "; no engine runs there (not staged yet, or its node plugin restarted)"
+                        .to_owned();
+                }
+                let copies: Vec<String> = r
+                    .copies
+                    .iter()
+                    .map(|c| {
+                        let mut s = format!("{} {}", c.node, c.phase);
+                        if c.failing {
+                            s.push_str(" (failing)");
+                        }
+                        if c.dirty_regions > 0 {
+                            s.push_str(&format!(" ({} MiB to rebuild)", c.dirty_regions));
+                        }
+                        s
+                    })
+                    .collect();
+                format!(
+                    "; engine {} at epoch {}: {}; {} MiB rebuilt",
+                    r.state,
+                    r.epoch,
+                    copies.join(", "),
+                    r.rebuild_bytes >> 20
+                )
+            }
+            Ok(Err(s)) => format!("; the engine on {node} did not answer: {}", s.message()),
+            Err(_) => format!("; the engine on {node} did not answer in time"),
+        }
+    }
+
     /// ValidateVolumeCapabilities: confirmed when the volume exists and
     /// every capability is one it serves.
     pub async fn validate(
@@ -663,19 +707,33 @@ impl Replicated {
     /// ControllerGetVolume: the volume, the node it is published on, and
     /// its condition (abnormal while a copy is out of sync).
     pub async fn get_volume(&self, raw: &str) -> Result<csi::ControllerGetVolumeResponse, Status> {
-        let record = self.newest(raw).await?.1.record;
+        let (uuid, state) = self.newest(raw).await?;
+        let record = state.record;
         let copies = record.copies().count();
         let in_sync = record.in_sync.len();
+        let mut message = format!(
+            "{in_sync} of {copies} copies in sync (epoch {}); copies on {}",
+            record.epoch,
+            record.copies().collect::<Vec<_>>().join(", ")
+        );
+        if let Some(w) = record
+            .members
+            .iter()
+            .find(|m| m.role == crate::backend::replicated::record::Role::Witness)
+        {
+            message.push_str(&format!("; witness on {}", w.node));
+        }
+        if let Some(o) = &record.owner {
+            message.push_str(&format!("; published on {}", o.node));
+            message.push_str(&self.engine_view(&o.node, uuid).await);
+        }
         Ok(csi::ControllerGetVolumeResponse {
             volume: Some(Self::volume(&record)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids: record.owner.iter().map(|o| o.node.clone()).collect(),
                 volume_condition: Some(csi::VolumeCondition {
                     abnormal: in_sync < copies,
-                    message: format!(
-                        "{in_sync} of {copies} copies in sync (epoch {})",
-                        record.epoch
-                    ),
+                    message,
                 }),
             }),
         })

@@ -501,6 +501,7 @@ impl Collector for DriverCollector {
                 )?;
             }
             in_flight.push(([("service", "node")], signed(inv.in_flight)));
+            replicated(&mut enc, n.replicated())?;
         }
         gauges(
             &mut enc,
@@ -549,6 +550,76 @@ impl Collector for DriverCollector {
         }
         Ok(())
     }
+}
+
+/// The engines of replicated volumes on this node: each copy's state as
+/// the engine sees it, the epoch, and the bytes rebuilt (a counter: its
+/// rate is the rebuild rate).
+fn replicated(
+    enc: &mut DescriptorEncoder,
+    engines: &crate::backend::replicated::engines::Engines,
+) -> Result<(), std::fmt::Error> {
+    use crate::backend::replicated::engine::CopyPhase;
+    let mut in_sync = Vec::new();
+    let mut rebuilding = Vec::new();
+    let mut dirty = Vec::new();
+    let mut epoch = Vec::new();
+    let mut rebuilt = Vec::new();
+    for uuid in engines.volumes() {
+        let Some(st) = engines.status(uuid) else {
+            continue;
+        };
+        let volume = format!("replicated:{uuid}");
+        for c in &st.copies {
+            let labels = [("volume", volume.clone()), ("copy", c.node.clone())];
+            in_sync.push((
+                labels.clone(),
+                i64::from(c.phase == CopyPhase::InSync && !c.failing),
+            ));
+            rebuilding.push((labels.clone(), i64::from(c.phase == CopyPhase::Rebuilding)));
+            dirty.push((labels, signed(c.dirty as u64)));
+        }
+        epoch.push(([("volume", volume.clone())], signed(st.epoch)));
+        rebuilt.push(([("volume", volume)], st.rebuild_bytes));
+    }
+    gauges(
+        enc,
+        "replicated_copy_in_sync",
+        "1 when the copy is in the replicated volume's in-sync set (writes wait for it), as the engine on this node sees it.",
+        None,
+        &in_sync,
+    )?;
+    gauges(
+        enc,
+        "replicated_copy_rebuilding",
+        "1 while the copy is being rebuilt.",
+        None,
+        &rebuilding,
+    )?;
+    gauges(
+        enc,
+        "replicated_copy_dirty_regions",
+        "Regions (1 MiB) the copy may lack: what its rebuild still has to copy.",
+        None,
+        &dirty,
+    )?;
+    gauges(
+        enc,
+        "replicated_epoch",
+        "The epoch of the engine serving the volume on this node (fencing).",
+        None,
+        &epoch,
+    )?;
+    let mut family = enc.encode_descriptor(
+        "replicated_rebuild",
+        "Bytes sent to copies being rebuilt since the engine started (its rate is the rebuild rate).",
+        Some(&Unit::Bytes),
+        ConstCounter::new(0u64).metric_type(),
+    )?;
+    for (labels, v) in &rebuilt {
+        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
 }
 
 /// The routing controller's view of its nodes, encoded at each scrape.

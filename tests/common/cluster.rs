@@ -22,6 +22,8 @@ use super::*;
 pub const NODES: usize = 3;
 /// Where the controller serves `/metrics` and `/healthz` (in its namespace).
 pub const METRICS_PORT: u16 = 9810;
+/// Where each node serves `/metrics` (in its namespace).
+pub const NODE_METRICS_PORT: u16 = 9811;
 /// Registration period of the test nodes (seconds): a node is stale after
 /// three missed periods.
 pub const INTERVAL: u64 = 1;
@@ -91,6 +93,7 @@ impl Cluster {
                         .arg(root.join("tls"))
                         .args(["--label", &format!("zone=z{}", i % 2)])
                         .args(["--register-interval", &INTERVAL.to_string()])
+                        .args(["--metrics-address", &h.addr(NODE_METRICS_PORT).to_string()])
                         .env("STOWAGE_LOG", "debug"),
                 ),
             );
@@ -237,6 +240,28 @@ impl Cluster {
             }
         }
         panic!("ListVolumes never ended");
+    }
+
+    /// GET `path` over HTTP from `port` of host `host` (0: the
+    /// controller's), from inside that host's namespace: the status line
+    /// and the body.
+    pub fn http_get(&self, host: usize, port: u16, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let h = self.net.host(host);
+        let mut s = h.connect(h.addr(port), Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: stowage\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (
+            head.lines().next().unwrap_or("").to_owned(),
+            body.to_owned(),
+        )
     }
 
     /// Runs `stowage` (the client) against the controller's socket.
