@@ -815,3 +815,100 @@ async fn node_stage_recovers_a_volume_whose_engine_died_with_the_plugin() {
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
 }
+
+/// Headless: no orchestrator, only the `stowage` client on a node (its own
+/// socket, the controller's for controller calls) and `apply`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_and_apply_manage_replicated_volumes_without_an_orchestrator() {
+    use std::process::Command;
+    let cl = Cluster::start().await;
+    let ctl = format!("unix://{}", cl.root.join("controller.sock").display());
+    let n2 = format!("unix://{}", cl.node_socket(2).display());
+    let root = cl.root.join("client-n2").display().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(["--endpoint", &n2, "--controller-endpoint", &ctl])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stowage {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = run(&[
+        "volume",
+        "create",
+        "cli-rep",
+        "--size",
+        "64Mi",
+        "--param",
+        "backend=replicated",
+        "--param",
+        "replicas=2",
+        "-o",
+        "json",
+    ]);
+    let id = out
+        .split('"')
+        .find(|w| w.starts_with("replicated:"))
+        .unwrap_or_else(|| panic!("no replicated volume id in {out}"))
+        .to_owned();
+    let target = cl.root.join("cli-rep-target");
+    let t = target.display().to_string();
+    run(&["volume", "publish", &id, &t, "--staging-root", &root]);
+    let data = pattern(51, 3 << 20);
+    write_synced(&target.join("f"), &data);
+    let shown = run(&["volume", "get", &id, "-o", "json"]);
+    assert!(
+        shown.contains("2 of 2 copies in sync") && shown.contains("witness on"),
+        "volume get shows the copies and the witness: {shown}"
+    );
+    run(&["volume", "unpublish", &id, &t, "--staging-root", &root]);
+    assert!(!is_mounted(&target));
+    run(&["volume", "publish", &id, &t, "--staging-root", &root]);
+    assert!(std::fs::read(target.join("f")).unwrap() == data);
+    run(&["volume", "unpublish", &id, &t, "--staging-root", &root]);
+    run(&["volume", "delete", &id]);
+
+    // apply: one replicated volume, converged twice.
+    let file = cl.root.join("volumes.yaml");
+    let applied = cl.root.join("applied-rep");
+    std::fs::write(
+        &file,
+        format!(
+            "volumes:\n  - name: applied-rep\n    size: 64Mi\n    parameters:\n      backend: replicated\n      replicas: \"3\"\n    target: {}\n",
+            applied.display()
+        ),
+    )
+    .unwrap();
+    let state = cl.root.join("apply-state.json");
+    let apply = || {
+        run(&[
+            "apply",
+            "-f",
+            &file.display().to_string(),
+            "--state-file",
+            &state.display().to_string(),
+            "--staging-root",
+            &root,
+        ])
+    };
+    apply();
+    assert!(is_mounted(&applied), "apply did not publish on n2");
+    write_synced(&applied.join("g"), b"applied");
+    apply();
+    let vid = format!(
+        "replicated:{}",
+        stowage::backend::replicated::placement::volume_uuid("applied-rep")
+    );
+    let a = applied.display().to_string();
+    run(&["volume", "unpublish", &vid, &a, "--staging-root", &root]);
+    run(&["volume", "delete", &vid]);
+    for i in 1..=NODES {
+        assert!(!copy_dir(&cl, i, &vid).exists(), "n{i} kept a copy");
+    }
+}
