@@ -49,6 +49,7 @@ const TARGETS: &[&str] = &[
     "overlays/block-default",
     "overlays/dir",
     "overlays/object",
+    "overlays/replicated",
 ];
 
 fn k8s_dir() -> PathBuf {
@@ -308,13 +309,15 @@ fn every_overlay_renders_with_the_classes_it_promises() {
     );
     assert_eq!(classes("overlays/dir"), set(&["stowage-dir"]));
     assert_eq!(classes("overlays/object"), set(&["stowage-object"]));
+    assert_eq!(classes("overlays/replicated"), set(&["stowage-replicated"]));
     assert_eq!(
         classes("overlays/all"),
         set(&[
             "stowage-block",
             "stowage-block-xfs",
             "stowage-dir",
-            "stowage-object"
+            "stowage-object",
+            "stowage-replicated"
         ])
     );
 
@@ -1114,6 +1117,10 @@ fn provisioner_runs_centrally_with_capacity_and_no_default_fstype() {
     }
 }
 
+fn param_of<'a>(class: &'a Value, key: &str) -> &'a str {
+    class["parameters"].get(key).map(s).unwrap_or_default()
+}
+
 #[test]
 fn storage_classes_carry_only_parameters_stowage_accepts() {
     let fstype = "csi.storage.k8s.io/fstype";
@@ -1144,7 +1151,14 @@ fn storage_classes_carry_only_parameters_stowage_accepts() {
         for c in kind(objects, "StorageClass") {
             let name = s(&c["metadata"]["name"]);
             assert_eq!(s(&c["provisioner"]), DRIVER, "{t}: {name}");
-            assert_eq!(c["allowVolumeExpansion"], Value::Bool(true), "{t}: {name}");
+            // Replicated volumes cannot be expanded yet (README,
+            // "Replicated volumes", "Limits"): the class must not promise it.
+            let expands = param_of(c, "backend") != "replicated";
+            assert_eq!(
+                c["allowVolumeExpansion"],
+                Value::Bool(expands),
+                "{t}: {name}"
+            );
             let params = c["parameters"].as_object().expect("parameters");
             let keys: BTreeSet<&str> = params.keys().map(String::as_str).collect();
             let param = |k: &str| params.get(k).map(s).unwrap_or_default();
@@ -1167,6 +1181,24 @@ fn storage_classes_carry_only_parameters_stowage_accepts() {
                         "{t}: {name}: a dir volume refuses an fs_type"
                     );
                     assert_eq!(binding, "WaitForFirstConsumer", "{t}: {name} is node-local");
+                }
+                "replicated" => {
+                    let allowed = BTreeSet::from(["backend", "replicas", "locality", fstype]);
+                    assert!(keys.is_subset(&allowed), "{t}: {name}: {keys:?}");
+                    stowage::backend::replicated::placement::ReplicaParams::parse(
+                        params.get("replicas").map(s),
+                        params.get("locality").map(s),
+                    )
+                    .unwrap_or_else(|e| panic!("{t}: {name}: {e}"));
+                    assert!(
+                        ["ext4", "xfs"].contains(&param(fstype)),
+                        "{t}: {name}: {}",
+                        param(fstype)
+                    );
+                    assert_eq!(
+                        binding, "WaitForFirstConsumer",
+                        "{t}: {name}: the scheduler picks the node first, so one copy can go there"
+                    );
                 }
                 "object" => {
                     let allowed: BTreeSet<&str> = [

@@ -197,6 +197,15 @@ async fn a_replicated_volume_keeps_its_data_on_every_copy_and_moves_between_node
             "n{i} holds a copy"
         );
     }
+    // Listed with the node-local volumes, page by page too.
+    cl.create(create_req("plain", "ext4", 64 << 20))
+        .await
+        .unwrap();
+    for page in [0, 1] {
+        let listed = cl.list_all(page).await.unwrap();
+        assert_eq!(listed.len(), 2, "page size {page}: {listed:?}");
+        assert!(listed.contains(&v.volume_id), "{listed:?}");
+    }
     // Idempotent by name, with no controller state: the same answer again,
     // a conflicting one refused.
     let again = cl

@@ -671,6 +671,66 @@ impl Replicated {
         }
     }
 
+    /// Every replicated volume any fresh node holds a member of, sorted.
+    /// UNAVAILABLE when a fresh node does not answer (the list would be
+    /// incomplete).
+    pub async fn list(&self) -> Result<Vec<Uuid>, Status> {
+        let mut all = std::collections::BTreeSet::new();
+        for n in self.registry.fresh() {
+            let mut c = ReplicaClient::new(n.channel.clone());
+            let r =
+                tokio::time::timeout(CALL_DEADLINE, c.list(super::proto::ListReplicasRequest {}))
+                    .await
+                    .map_err(|_| {
+                        Status::unavailable(format!(
+                            "node {} did not list its copies in time",
+                            n.id
+                        ))
+                    })?
+                    .map_err(|s| {
+                        Status::unavailable(format!(
+                            "node {} did not list its copies: {}",
+                            n.id,
+                            s.message()
+                        ))
+                    })?;
+            for v in r.into_inner().volumes {
+                if let Some(u) = Uuid::parse_hex(&v) {
+                    all.insert(u);
+                }
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    /// ListVolumes' entry for one replicated volume (None when it went
+    /// meanwhile).
+    pub async fn list_entry(
+        &self,
+        uuid: Uuid,
+    ) -> Result<Option<csi::list_volumes_response::Entry>, Status> {
+        let found = self.find(uuid).await?;
+        let Some(state) = found.newest else {
+            return Ok(None);
+        };
+        let record = state.record;
+        let copies = record.copies().count();
+        let in_sync = record.in_sync.len();
+        Ok(Some(csi::list_volumes_response::Entry {
+            volume: Some(Self::volume(&record)),
+            status: Some(csi::list_volumes_response::VolumeStatus {
+                published_node_ids: record.owner.iter().map(|o| o.node.clone()).collect(),
+                volume_condition: Some(csi::VolumeCondition {
+                    abnormal: in_sync < copies,
+                    message: format!(
+                        "{in_sync} of {copies} copies in sync (epoch {})",
+                        record.epoch
+                    ),
+                }),
+            }),
+        }))
+    }
+
     /// ValidateVolumeCapabilities: confirmed when the volume exists and
     /// every capability is one it serves.
     pub async fn validate(

@@ -38,6 +38,10 @@ pub struct Router {
     replicated: super::replicated::Replicated,
 }
 
+/// ListVolumes tokens past the nodes' volumes: `~replicated/<index>` (no node id
+/// starts with `~`).
+const REPLICATED_TOKEN: &str = "~replicated/";
+
 /// Where a call goes.
 enum Route {
     Node(Box<NodeEntry>),
@@ -66,6 +70,38 @@ impl Router {
             replicated: super::replicated::Replicated::new(Arc::clone(&registry)),
             registry,
         }
+    }
+
+    /// Up to `max` (0: all) replicated volumes from index `from`, and the
+    /// token of the rest.
+    async fn replicated_page(
+        &self,
+        from: usize,
+        max: i32,
+    ) -> Result<(Vec<csi::list_volumes_response::Entry>, String), Status> {
+        let all = self.replicated.list().await?;
+        if from > all.len() {
+            return Err(Status::aborted(format!(
+                "starting_token {REPLICATED_TOKEN}{from} is beyond the list"
+            )));
+        }
+        let end = if max == 0 {
+            all.len()
+        } else {
+            (from + max as usize).min(all.len())
+        };
+        let mut out = Vec::new();
+        for u in &all[from..end] {
+            if let Some(e) = self.replicated.list_entry(*u).await? {
+                out.push(e);
+            }
+        }
+        let next = if end < all.len() {
+            format!("{REPLICATED_TOKEN}{end}")
+        } else {
+            String::new()
+        };
+        Ok((out, next))
     }
 
     /// One operation at a time per replicated volume: a concurrent one is
@@ -532,7 +568,19 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        let (entries, next_token) = self
+        // Node-local volumes first (node by node), then the replicated
+        // ones (`~replicated/<index>` tokens).
+        if let Some(rest) = r.starting_token.strip_prefix(REPLICATED_TOKEN) {
+            let from: usize = rest.parse().map_err(|_| {
+                Status::aborted(format!("invalid starting_token {:?}", r.starting_token))
+            })?;
+            let (entries, next_token) = self.replicated_page(from, r.max_entries).await?;
+            return Ok(Response::new(csi::ListVolumesResponse {
+                entries,
+                next_token,
+            }));
+        }
+        let (mut entries, mut next_token) = self
             .paged(
                 r.max_entries,
                 &r.starting_token,
@@ -551,6 +599,20 @@ impl csi::controller_server::Controller for Router {
                 },
             )
             .await?;
+        if next_token.is_empty() {
+            let room = if r.max_entries == 0 {
+                0
+            } else {
+                r.max_entries - entries.len() as i32
+            };
+            if r.max_entries == 0 || room > 0 {
+                let (more, next) = self.replicated_page(0, room).await?;
+                entries.extend(more);
+                next_token = next;
+            } else if !self.replicated.list().await?.is_empty() {
+                next_token = format!("{REPLICATED_TOKEN}0");
+            }
+        }
         Ok(Response::new(csi::ListVolumesResponse {
             entries,
             next_token,
