@@ -236,6 +236,7 @@ pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMateri
             cordoned,
             interval_seconds: cfg.interval.as_secs().max(1) as u32,
             version: crate::VENDOR_VERSION.to_owned(),
+            max_volumes: driver.node.as_ref().map_or(0, |n| n.max_volumes_per_node()),
         };
         let sent = client.register(req).await;
         drop(serial);

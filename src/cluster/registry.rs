@@ -25,6 +25,8 @@ pub struct NodeEntry {
     pub cordoned: bool,
     pub interval: Duration,
     pub version: String,
+    /// The node's attach limit (0: none).
+    pub max_volumes: u64,
     pub last_seen: Instant,
     /// A lazily connected mutual-TLS channel to the node's agent API.
     pub channel: Channel,
@@ -102,6 +104,7 @@ impl Registry {
                 cordoned: r.cordoned,
                 interval,
                 version: r.version,
+                max_volumes: r.max_volumes,
                 last_seen: Instant::now(),
                 channel,
             },

@@ -358,7 +358,34 @@ impl Replicated {
             params.get("locality").map(String::as_str),
         )
         .map_err(|e| Status::invalid_argument(format!("parameters: {e}")))?;
-        if r.volume_content_source.is_some() {
+        if let Some(src) = r
+            .volume_content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref())
+        {
+            use csi::volume_content_source::Type;
+            // A source that does not exist is NOT_FOUND, as the spec asks;
+            // one that does cannot be copied into a replicated volume yet.
+            match src {
+                Type::Volume(v) if is_replicated_id(&v.volume_id) => {
+                    self.newest(&v.volume_id).await?;
+                }
+                Type::Volume(v) if VolumeId::parse(&v.volume_id).is_none() => {
+                    return Err(Status::not_found(format!(
+                        "source volume {:?} does not exist",
+                        v.volume_id
+                    )));
+                }
+                Type::Snapshot(s)
+                    if crate::volume::id::SnapshotId::parse(&s.snapshot_id).is_none() =>
+                {
+                    return Err(Status::not_found(format!(
+                        "source snapshot {:?} does not exist",
+                        s.snapshot_id
+                    )));
+                }
+                _ => {}
+            }
             return Err(Status::invalid_argument(
                 "volume_content_source: replicated volumes cannot be restored or cloned yet",
             ));
@@ -544,11 +571,25 @@ impl Replicated {
             .check_capability(&cap)
             .map_err(|e| Status::invalid_argument(format!("volume_capability: {e}")))?;
         let (uuid, state) = self.newest(&r.volume_id).await?;
-        if self.registry.get(&r.node_id).is_none() {
+        let Some(target) = self.registry.get(&r.node_id) else {
             return Err(Status::not_found(format!(
                 "node {} is not registered with this controller",
                 r.node_id
             )));
+        };
+        let already = state
+            .record
+            .owner
+            .as_ref()
+            .is_some_and(|o| o.node == r.node_id);
+        if target.max_volumes > 0 && !already {
+            let owned = self.owned_by(&r.node_id, uuid).await?;
+            if owned >= target.max_volumes {
+                return Err(Status::resource_exhausted(format!(
+                    "node {} already has {owned} replicated volumes published, its limit",
+                    r.node_id
+                )));
+            }
         }
         let readonly = r.readonly || cap.access_mode.is_read_only();
         let change = Change::Publish {
@@ -594,6 +635,25 @@ impl Replicated {
         })
     }
 
+    /// How many replicated volumes other than `except` are published on
+    /// `node`.
+    async fn owned_by(&self, node: &str, except: Uuid) -> Result<u64, Status> {
+        let mut n = 0;
+        for u in self.list().await? {
+            if u == except {
+                continue;
+            }
+            let found = self.find(u).await?;
+            if found
+                .newest
+                .is_some_and(|s| s.record.owner.is_some_and(|o| o.node == node))
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// ControllerUnpublishVolume: releases the owner (fencing its engine).
     /// A volume or node that is gone is unpublished already.
     pub async fn unpublish(&self, r: &csi::ControllerUnpublishVolumeRequest) -> Result<(), Status> {
@@ -606,11 +666,9 @@ impl Replicated {
         };
         let found = self.find(uuid).await?;
         found.certain(uuid)?;
+        // Gone: unpublished everywhere already.
         let Some(state) = found.newest else {
-            return Err(Status::not_found(format!(
-                "volume {} does not exist",
-                r.volume_id
-            )));
+            return Ok(());
         };
         let node = match (&state.record.owner, r.node_id.as_str()) {
             (None, _) => return Ok(()),
