@@ -69,7 +69,7 @@ cleanup() {
     for m in $(awk '{print $2}' /proc/mounts | grep "^$work/\(mnt\|staging\)" | sort -r); do
         umount -l "$m"
     done
-    losetup -l -n -O NAME,BACK-FILE 2>/dev/null | awk -v w="$work/" 'index($2, w) == 1 {print $1}' |
+    losetup -l -n -O NAME,BACK-FILE 2>/dev/null | awk -v w="$work/" 'index($2, w) == 1 && $2 ~ /\/replicated\// {print $1}' |
         while read -r d; do losetup -d "$d"; done
     for m in $(awk '$3 == "fuse" || $3 ~ /^fuse\./ {print $2}' /proc/mounts | grep "^$work/.*/replicated/" | sort -r); do
         umount -l "$m"
