@@ -898,10 +898,15 @@ impl Task {
     fn settle(&mut self) {
         loop {
             self.start_queued();
-            let (out, events) = self.engine.drain();
+            let (out, mut events) = self.engine.drain();
             if out.is_empty() && events.is_empty() {
                 break;
             }
+            // The engine stopping comes first: a caller whose write just
+            // failed then finds every later call failing with the reason.
+            events.sort_by_key(|e| {
+                !matches!(e, EngineEvent::Fenced { .. } | EngineEvent::AllCopiesLost)
+            });
             for ev in events {
                 self.event(ev);
             }
@@ -966,10 +971,11 @@ impl Task {
             EngineEvent::Ready { epoch } => {
                 tracing::info!(volume = %v, epoch, in_sync = ?self.in_sync.keys().collect::<Vec<_>>(),
                     "replicated volume engine ready");
+                // The status first: start returns on the signal.
+                self.refresh_status(false);
                 if let Some(r) = self.ready.take() {
                     let _ = r.send(Ok(()));
                 }
-                self.refresh_status(false);
             }
             EngineEvent::Acked { tag, .. } => {
                 if let Some(mut w) = self.writes.remove(&tag.seq) {
@@ -1027,20 +1033,20 @@ impl Task {
             }
             EngineEvent::Fenced { refusal } => {
                 tracing::warn!(volume = %v, %refusal, "replicated volume engine fenced");
+                self.refresh_status(false);
                 let _ = self.shared.dead.set(IoFailure::Fenced(refusal.to_string()));
                 if let Some(r) = self.ready.take() {
                     let _ = r.send(Err(DriverError::Fenced { volume: v, refusal }));
                 }
-                self.refresh_status(false);
             }
             EngineEvent::AllCopiesLost => {
                 tracing::error!(volume = %v,
                     "every in-sync copy lost unflushed writes: the engine stopped, I/O fails");
+                self.refresh_status(false);
                 let _ = self.shared.dead.set(IoFailure::AllCopiesLost);
                 if let Some(r) = self.ready.take() {
                     let _ = r.send(Err(DriverError::AllCopiesLost { volume: v }));
                 }
-                self.refresh_status(false);
             }
         }
     }
@@ -1183,5 +1189,626 @@ impl Task {
         }
         s.copies = self.engine.copies();
         s.rebuild_bytes = self.rebuild_bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::backend::replicated::engine::CopyPhase;
+    use crate::backend::replicated::protocol::{Change, Outcome, Proposer, Voter};
+    use crate::backend::replicated::record::Member;
+
+    /// Three and a half regions: the last one is partial.
+    const SIZE: u64 = 3 * REGION_BYTES + REGION_BYTES / 2;
+    const VOLUME: &str = "0123456789abcdef0123456789abcdef";
+
+    fn region_len(region: Region) -> usize {
+        (SIZE - u64::from(region) * REGION_BYTES).min(REGION_BYTES) as usize
+    }
+
+    /// One voter and the bytes behind its tags.
+    #[derive(Debug)]
+    struct Node {
+        voter: Voter,
+        bytes: BTreeMap<Region, Vec<u8>>,
+        /// The bytes of the durable tags (flushed or attached).
+        durable: BTreeMap<Region, Vec<u8>>,
+        down: bool,
+        delay: Duration,
+    }
+
+    /// The copies of one volume in memory, behind [`Peer`]. A Write's or
+    /// Rebuild's bytes are applied when the voter holds the request's tag
+    /// afterwards (what the real store does).
+    #[derive(Debug)]
+    struct Net {
+        nodes: Mutex<BTreeMap<String, Node>>,
+        /// (node, region) of every Rebuild applied.
+        rebuilt: Mutex<Vec<(String, Region)>>,
+        /// Bytes of every Rebuild applied.
+        rebuilt_bytes: Mutex<u64>,
+        /// Requests the mock found malformed.
+        violations: Mutex<Vec<String>>,
+    }
+
+    impl Net {
+        /// Copies on `nodes`, published to `owner`.
+        fn cluster(nodes: &[&str], owner: &str) -> (Arc<Net>, Ballot, ReplicaRecord) {
+            let r = ReplicaRecord::new(
+                crate::volume::Uuid::parse_hex(VOLUME).unwrap(),
+                SIZE,
+                nodes.iter().map(|n| Member::copy(n)).collect(),
+                &BTreeMap::new(),
+            )
+            .unwrap();
+            let net = Net {
+                nodes: Mutex::new(
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            let node = Node {
+                                voter: Voter::new(n, r.clone(), 0),
+                                bytes: BTreeMap::new(),
+                                durable: BTreeMap::new(),
+                                down: false,
+                                delay: Duration::ZERO,
+                            };
+                            (n.to_string(), node)
+                        })
+                        .collect(),
+                ),
+                rebuilt: Mutex::default(),
+                rebuilt_bytes: Mutex::default(),
+                violations: Mutex::default(),
+            };
+            let (ballot, record) = net.publish(owner, &r);
+            (Arc::new(net), ballot, record)
+        }
+
+        /// ControllerPublish, run to its end over the reachable voters.
+        fn publish(&self, owner: &str, r: &ReplicaRecord) -> (Ballot, ReplicaRecord) {
+            let change = Change::Publish {
+                node: owner.into(),
+                readonly: false,
+            };
+            let (mut p, mut out) = Proposer::new("ctl/test", change, r, 0, 0, 10);
+            let mut nodes = self.nodes.lock().unwrap();
+            for now in 1..100 {
+                let mut next = Vec::new();
+                for e in out.drain(..) {
+                    let n = nodes.get_mut(&e.to).unwrap();
+                    if n.down {
+                        continue;
+                    }
+                    if let Some(reply) = n.voter.handle(e.msg) {
+                        let (more, outcome) = p.handle(&e.to, &reply);
+                        match outcome {
+                            Some(Outcome::Chosen { ballot, record }) => return (ballot, record),
+                            Some(o) => panic!("publish refused: {o:?}"),
+                            None => next.extend(more),
+                        }
+                    }
+                }
+                next.extend(p.tick(now, 1));
+                out = next;
+            }
+            panic!("publish did not finish");
+        }
+
+        fn set_down(&self, node: &str, down: bool) {
+            self.nodes.lock().unwrap().get_mut(node).unwrap().down = down;
+        }
+
+        fn restart(&self, node: &str) {
+            let mut nodes = self.nodes.lock().unwrap();
+            let n = nodes.get_mut(node).unwrap();
+            n.voter.restart();
+            n.bytes = n.durable.clone();
+        }
+
+        /// What `node` holds: the whole volume.
+        fn image(&self, node: &str) -> Vec<u8> {
+            let nodes = self.nodes.lock().unwrap();
+            let n = &nodes[node];
+            let regions = SIZE.div_ceil(REGION_BYTES) as Region;
+            (0..regions)
+                .flat_map(|r| {
+                    n.bytes
+                        .get(&r)
+                        .cloned()
+                        .unwrap_or_else(|| vec![0; region_len(r)])
+                })
+                .collect()
+        }
+
+        fn in_sync_on(&self, node: &str) -> BTreeSet<String> {
+            let nodes = self.nodes.lock().unwrap();
+            nodes[node]
+                .voter
+                .state()
+                .record
+                .in_sync
+                .keys()
+                .cloned()
+                .collect()
+        }
+
+        fn reach(&self, node: &str) -> Result<Duration, PeerError> {
+            let nodes = self.nodes.lock().unwrap();
+            match nodes.get(node) {
+                Some(n) if !n.down => Ok(n.delay),
+                _ => Err(PeerError::Unreachable {
+                    node: node.into(),
+                    why: "down".into(),
+                }),
+            }
+        }
+
+        fn violation(&self, what: String) {
+            self.violations.lock().unwrap().push(what);
+        }
+
+        fn check(&self) {
+            let v = self.violations.lock().unwrap();
+            assert!(v.is_empty(), "malformed requests: {v:?}");
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Peer for Net {
+        async fn call(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError> {
+            if volume.simple().to_string() != VOLUME {
+                self.violation(format!("a call for volume {volume}"));
+            }
+            let delay = self.reach(node)?;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+                self.reach(node)?;
+            }
+            let mut nodes = self.nodes.lock().unwrap();
+            let n = nodes.get_mut(node).expect("reachable");
+            let reply = n.voter.handle(call.request.clone());
+            let mut data = Vec::new();
+            match (&call.request, &reply) {
+                (Request::Write { region, tag, .. }, Some(Reply::Written { .. })) => {
+                    let len = region_len(*region);
+                    let at = call.offset as usize;
+                    if at + call.data.len() > len || call.data.is_empty() {
+                        self.violation(format!("write of {} at {at}", call.data.len()));
+                    } else if n.voter.data().get(region) == Some(tag) {
+                        let b = n.bytes.entry(*region).or_insert_with(|| vec![0; len]);
+                        b[at..at + call.data.len()].copy_from_slice(&call.data);
+                    }
+                }
+                (Request::Rebuild { region, tag, .. }, Some(Reply::Rebuilt { .. })) => {
+                    if call.data.len() != region_len(*region) {
+                        self.violation(format!("rebuild of {} bytes", call.data.len()));
+                    } else if n.voter.data().get(region) == Some(tag) {
+                        n.bytes.insert(*region, call.data.to_vec());
+                        self.rebuilt.lock().unwrap().push((node.into(), *region));
+                        *self.rebuilt_bytes.lock().unwrap() += call.data.len() as u64;
+                    }
+                }
+                (Request::Flush { .. }, Some(Reply::Flushed { .. }))
+                | (Request::Attach { .. }, Some(Reply::Attached { .. })) => {
+                    n.durable = n.bytes.clone();
+                }
+                (Request::Read { region, .. }, Some(Reply::ReadData { .. })) => {
+                    let len = region_len(*region);
+                    let b = n.bytes.get(region).cloned().unwrap_or(vec![0; len]);
+                    let (at, want) = (call.offset as usize, call.len as usize);
+                    data = match want {
+                        0 => b,
+                        _ if at + want <= len => b[at..at + want].to_vec(),
+                        _ => {
+                            self.violation(format!("read of {want} at {at}"));
+                            Vec::new()
+                        }
+                    };
+                }
+                _ => {}
+            }
+            Ok(Answer { reply, data })
+        }
+    }
+
+    fn config(node: &str) -> DriverConfig {
+        let mut c = DriverConfig::new(Uuid::parse_str(VOLUME).unwrap(), node, SIZE);
+        c.tick = Duration::from_millis(5);
+        c.timeout = Duration::from_millis(500);
+        c.resend = Duration::from_millis(50);
+        c.io_timeout = Duration::from_secs(3);
+        c.start_timeout = Duration::from_secs(30);
+        c
+    }
+
+    async fn start(
+        net: &Arc<Net>,
+        node: &str,
+        ballot: &Ballot,
+        r: &ReplicaRecord,
+    ) -> Arc<EngineDriver> {
+        let peer: Arc<dyn Peer> = net.clone();
+        EngineDriver::start(
+            config(node),
+            ballot.clone(),
+            r.clone(),
+            peer,
+            Handle::current(),
+        )
+        .await
+        .expect("the engine starts")
+    }
+
+    /// Runs blocking I/O on a thread outside the runtime's workers, as the
+    /// FUSE workers do.
+    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        tokio::task::spawn_blocking(f).await.unwrap()
+    }
+
+    async fn write(d: &Arc<EngineDriver>, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        let d = d.clone();
+        blocking(move || d.write_at(offset, &data)).await
+    }
+
+    async fn read(d: &Arc<EngineDriver>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let d = d.clone();
+        blocking(move || {
+            let mut buf = vec![0; len];
+            d.read_at(offset, &mut buf).map(|()| buf)
+        })
+        .await
+    }
+
+    async fn flush(d: &Arc<EngineDriver>) -> io::Result<()> {
+        let d = d.clone();
+        blocking(move || d.flush()).await
+    }
+
+    fn failure(e: &io::Error) -> IoFailure {
+        e.get_ref()
+            .and_then(|e| e.downcast_ref::<IoFailure>())
+            .unwrap_or_else(|| panic!("not an I/O failure of the driver: {e}"))
+            .clone()
+    }
+
+    /// Bytes that differ with `seed` and along the buffer.
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Waits (bounded, so a bug fails instead of hanging) for `cond`.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn all_in_sync(d: &EngineDriver, copies: usize) -> bool {
+        let s = d.status();
+        s.record.in_sync.len() == copies
+            && s.copies.len() == copies
+            && s.copies.iter().all(|c| c.phase == CopyPhase::InSync)
+    }
+
+    fn assert_images(net: &Net, nodes: &[&str], want: &[u8]) {
+        for n in nodes {
+            let got = net.image(n);
+            let first = got.iter().zip(want).position(|(a, b)| a != b);
+            assert!(first.is_none(), "copy {n} differs first at byte {first:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_and_reads_across_region_boundaries_reach_every_copy() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let d = start(&net, "a", &ballot, &r).await;
+        assert_eq!(d.status().state, EngineState::Running);
+        // Never written: zeros.
+        assert_eq!(read(&d, REGION_BYTES - 5, 10).await.unwrap(), vec![0; 10]);
+        let mut model = vec![0u8; SIZE as usize];
+        let writes: [(u64, usize); 6] = [
+            (0, SIZE as usize),
+            (5, 1000),
+            (REGION_BYTES - 3, 7),
+            (REGION_BYTES + 12_345, REGION_BYTES as usize + 777),
+            (3 * REGION_BYTES - 1, 2),
+            (SIZE - 100, 100),
+        ];
+        for (i, (offset, len)) in writes.into_iter().enumerate() {
+            let data = pattern(i as u64, len);
+            model[offset as usize..offset as usize + len].copy_from_slice(&data);
+            write(&d, offset, data).await.unwrap();
+        }
+        flush(&d).await.unwrap();
+        assert_eq!(read(&d, 0, SIZE as usize).await.unwrap(), model);
+        for (offset, len) in [
+            (7, 3),
+            (REGION_BYTES - 10, 20),
+            (2 * REGION_BYTES + 1, 4096),
+        ] {
+            let got = read(&d, offset, len).await.unwrap();
+            assert_eq!(
+                got,
+                model[offset as usize..offset as usize + len],
+                "{offset}"
+            );
+        }
+        let err = write(&d, SIZE - 1, vec![1, 2]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        until("every copy in sync", || all_in_sync(&d, 3)).await;
+        assert_images(&net, &["a", "b", "c"], &model);
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_copy_drops_out_and_is_rebuilt_from_its_dirty_regions() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let d = start(&net, "a", &ballot, &r).await;
+        let mut model = vec![0u8; SIZE as usize];
+        let mut put = |offset: u64, data: &[u8]| {
+            model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        };
+        let w3 = pattern(3, 5000);
+        put(3 * REGION_BYTES + 10, &w3);
+        write(&d, 3 * REGION_BYTES + 10, w3).await.unwrap();
+        flush(&d).await.unwrap();
+
+        net.set_down("c", true);
+        let w0 = pattern(0, 5000);
+        put(10, &w0);
+        write(&d, 10, w0).await.unwrap();
+        let w2 = pattern(2, REGION_BYTES as usize);
+        put(2 * REGION_BYTES, &w2);
+        write(&d, 2 * REGION_BYTES, w2).await.unwrap();
+        let s = d.status();
+        assert!(!s.record.in_sync.contains_key("c"), "{:?}", s.record);
+        let marked =
+            net.in_sync_on("a").contains("c") as u8 + net.in_sync_on("b").contains("c") as u8;
+        assert_eq!(marked, 0, "c is still in sync on a voter of the majority");
+
+        net.set_down("c", false);
+        // Writes go on while c is rebuilt, into a dirty region too.
+        let w0b = pattern(10, 3000);
+        put(500_000, &w0b);
+        write(&d, 500_000, w0b).await.unwrap();
+        until("c rebuilt and in sync", || all_in_sync(&d, 3)).await;
+        assert!(net.in_sync_on("a").contains("c") && net.in_sync_on("b").contains("c"));
+
+        let regions: BTreeSet<Region> = net
+            .rebuilt
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _)| n == "c")
+            .map(|(_, r)| *r)
+            .collect();
+        assert_eq!(
+            regions,
+            BTreeSet::from([0, 2]),
+            "only the dirty regions are copied"
+        );
+        let moved = *net.rebuilt_bytes.lock().unwrap();
+        assert!(moved >= 2 * REGION_BYTES, "{moved} bytes moved");
+        assert!(d.status().rebuild_bytes >= 2 * REGION_BYTES);
+        flush(&d).await.unwrap();
+        assert_eq!(read(&d, 0, SIZE as usize).await.unwrap(), model);
+        assert_images(&net, &["a", "b", "c"], &model);
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_to_one_region_keep_their_order_on_every_copy() {
+        const THREADS: u8 = 4;
+        const EACH: u8 = 40;
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let d = start(&net, "a", &ballot, &r).await;
+        // 4 KiB on each side of the boundary between regions 0 and 1.
+        let offset = REGION_BYTES - 4096;
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    for k in 0..EACH {
+                        // Unique per write; a thread's later write follows
+                        // its earlier one, which had returned.
+                        let v = t * EACH + k + 1;
+                        d.write_at(offset, &[v; 8192]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            blocking(move || t.join().unwrap()).await;
+        }
+        let lasts: BTreeSet<u8> = (0..THREADS).map(|t| t * EACH + EACH).collect();
+        let got = read(&d, offset, 8192).await.unwrap();
+        for half in got.chunks(4096) {
+            assert!(half.iter().all(|b| *b == half[0]), "a region holds a mix");
+            assert!(
+                lasts.contains(&half[0]),
+                "value {} is not some writer's last write",
+                half[0]
+            );
+        }
+        until("every copy in sync", || all_in_sync(&d, 3)).await;
+        for n in ["a", "b", "c"] {
+            let image = net.image(n);
+            assert_eq!(
+                image[offset as usize..offset as usize + 8192],
+                got,
+                "copy {n}"
+            );
+        }
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_later_engine_fences_the_first_which_fails_io_at_once() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let first = start(&net, "a", &ballot, &r).await;
+        let data = pattern(7, 70_000);
+        write(&first, REGION_BYTES - 1000, data.clone())
+            .await
+            .unwrap();
+
+        let second = start(&net, "a", &ballot, &r).await;
+        assert!(second.status().epoch > first.status().epoch);
+        let err = write(&first, 0, vec![1; 512]).await.unwrap_err();
+        assert!(
+            matches!(
+                failure(&err),
+                IoFailure::Fenced(_) | IoFailure::WriteFailed(_)
+            ),
+            "{err}"
+        );
+        // From now on at once, without asking the engine.
+        let err = read(&first, 0, 512).await.unwrap_err();
+        assert!(matches!(failure(&err), IoFailure::Fenced(_)), "{err}");
+        assert_eq!(first.status().state, EngineState::Fenced);
+
+        assert_eq!(
+            read(&second, REGION_BYTES - 1000, 70_000).await.unwrap(),
+            data
+        );
+        assert_eq!(
+            read(&second, 0, 512).await.unwrap(),
+            vec![0; 512],
+            "the fenced write landed"
+        );
+        net.check();
+        first.stop().await.unwrap();
+        second.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_majority_io_fails_and_no_acknowledged_write_is_lost() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let first = start(&net, "a", &ballot, &r).await;
+        let acked = pattern(1, 10_000);
+        write(&first, REGION_BYTES + 5, acked.clone())
+            .await
+            .unwrap();
+
+        net.set_down("b", true);
+        net.set_down("c", true);
+        let err = write(&first, 2 * REGION_BYTES, pattern(2, 4096))
+            .await
+            .unwrap_err();
+        assert!(matches!(failure(&err), IoFailure::Timeout(_)), "{err}");
+        let err = flush(&first).await.unwrap_err();
+        assert!(matches!(failure(&err), IoFailure::Timeout(_)), "{err}");
+        assert!(
+            first.stop().await.is_err(),
+            "the final flush cannot succeed"
+        );
+        let err = write(&first, 0, vec![1]).await.unwrap_err();
+        assert_eq!(failure(&err), IoFailure::Stopped);
+
+        net.set_down("b", false);
+        net.set_down("c", false);
+        let second = start(&net, "a", &ballot, &r).await;
+        assert_eq!(
+            read(&second, REGION_BYTES + 5, 10_000).await.unwrap(),
+            acked
+        );
+        let unacked = read(&second, 2 * REGION_BYTES, 4096).await.unwrap();
+        assert!(
+            unacked == vec![0; 4096] || unacked == pattern(2, 4096),
+            "a write that failed is either there or not, never torn"
+        );
+        until("every copy in sync", || all_in_sync(&second, 3)).await;
+        let image = net.image("a");
+        assert_images(&net, &["b", "c"], &image);
+        net.check();
+        second.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_that_restarts_loses_only_what_it_had_not_flushed_and_is_rebuilt() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let d = start(&net, "a", &ballot, &r).await;
+        let flushed = pattern(1, 4096);
+        write(&d, 0, flushed.clone()).await.unwrap();
+        flush(&d).await.unwrap();
+        let unflushed = pattern(2, 4096);
+        write(&d, 3 * REGION_BYTES, unflushed.clone())
+            .await
+            .unwrap();
+        net.restart("b");
+        // b refuses the old boot: out of sync, then rebuilt under its new
+        // boot.
+        write(&d, REGION_BYTES, pattern(3, 4096)).await.unwrap();
+        until("b rebuilt under its new boot", || {
+            all_in_sync(&d, 3) && d.status().record.in_sync["b"] == 1
+        })
+        .await;
+        let rebuilt: BTreeSet<Region> = net
+            .rebuilt
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _)| n == "b")
+            .map(|(_, r)| *r)
+            .collect();
+        assert!(
+            rebuilt.contains(&3),
+            "the region b lost was rebuilt: {rebuilt:?}"
+        );
+        assert!(
+            !rebuilt.contains(&0),
+            "a flushed region was copied: {rebuilt:?}"
+        );
+        assert_eq!(read(&d, 3 * REGION_BYTES, 4096).await.unwrap(), unflushed);
+        let image = net.image("a");
+        assert_images(&net, &["b", "c"], &image);
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_stop_io_fails_and_dropping_a_driver_ends_its_task() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let d = start(&net, "a", &ballot, &r).await;
+        write(&d, 0, vec![9; 100]).await.unwrap();
+        let err = blocking({
+            let d = d.clone();
+            move || d.resize(2 * SIZE)
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        d.stop().await.unwrap();
+        d.stop().await.unwrap();
+        assert!(d.status().stopped);
+        let err = read(&d, 0, 100).await.unwrap_err();
+        assert_eq!(failure(&err), IoFailure::Stopped);
+
+        let d = start(&net, "a", &ballot, &r).await;
+        assert_eq!(read(&d, 0, 100).await.unwrap(), vec![9; 100]);
+        let shared = d.shared.clone();
+        drop(d);
+        until("the dropped driver's task ended", || {
+            shared.status.lock().unwrap().stopped
+        })
+        .await;
+        net.check();
     }
 }
