@@ -621,6 +621,10 @@ impl Engine {
                 if !self.current(from, conn) {
                     return;
                 }
+                // Only a Rebuild carries the whole region: a user write
+                // with the same tag (sent to the copy before the rebuild
+                // read the region) may have filled only part of it.
+                let whole = matches!(reply, Reply::Rebuilt { .. });
                 let l = self.links.get_mut(from).expect("current");
                 if !l.lost {
                     l.failing = false;
@@ -631,6 +635,7 @@ impl Engine {
                     u.acked = true;
                 }
                 if let Some(c) = &l.copying
+                    && whole
                     && c.region == region
                     && c.tag == Some(tag)
                 {
