@@ -1218,6 +1218,8 @@ mod tests {
         /// The bytes of the durable tags (flushed or attached).
         durable: BTreeMap<Region, Vec<u8>>,
         down: bool,
+        /// Each call waits a random time up to this (so calls overtake
+        /// each other).
         delay: Duration,
     }
 
@@ -1303,6 +1305,10 @@ mod tests {
             self.nodes.lock().unwrap().get_mut(node).unwrap().down = down;
         }
 
+        fn set_delay(&self, node: &str, delay: Duration) {
+            self.nodes.lock().unwrap().get_mut(node).unwrap().delay = delay;
+        }
+
         fn restart(&self, node: &str) {
             let mut nodes = self.nodes.lock().unwrap();
             let n = nodes.get_mut(node).unwrap();
@@ -1366,7 +1372,9 @@ mod tests {
             }
             let delay = self.reach(node)?;
             if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+                let random = Uuid::new_v4().as_u64_pair().0;
+                let nanos = random % delay.as_nanos() as u64;
+                tokio::time::sleep(Duration::from_nanos(nanos)).await;
                 self.reach(node)?;
             }
             let mut nodes = self.nodes.lock().unwrap();
@@ -1608,6 +1616,55 @@ mod tests {
         assert!(d.status().rebuild_bytes >= 2 * REGION_BYTES);
         flush(&d).await.unwrap();
         assert_eq!(read(&d, 0, SIZE as usize).await.unwrap(), model);
+        assert_images(&net, &["a", "b", "c"], &model);
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    /// A copy being rebuilt is not waited for, so several writes to one
+    /// region may be on their way to it at once: they must land in order
+    /// (a partial write overtaken by a later one would be lost under a
+    /// tag that says otherwise), and a region copied after writes reached
+    /// it must still be replaced whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_to_a_copy_being_rebuilt_land_in_order() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let d = start(&net, "a", &ballot, &r).await;
+        let mut model = vec![0u8; SIZE as usize];
+        net.set_down("c", true);
+        // Dirty on c: regions 0, 2 and 3, copied in that order.
+        for region in [0, 2, 3] {
+            let offset = region * REGION_BYTES;
+            let data = pattern(region, 70_000);
+            model[offset as usize..offset as usize + 70_000].copy_from_slice(&data);
+            write(&d, offset, data).await.unwrap();
+        }
+        until("c out of sync", || {
+            !d.status().record.in_sync.contains_key("c")
+        })
+        .await;
+        net.set_delay("c", Duration::from_millis(40));
+        net.set_down("c", false);
+        until("c being rebuilt", || {
+            d.status()
+                .copies
+                .iter()
+                .any(|c| c.node == "c" && c.phase == CopyPhase::Rebuilding)
+        })
+        .await;
+        // Small writes at distinct offsets of region 1 (clean on c) and
+        // region 3 (dirty on c, copied last: writes reach c before its
+        // copy does), one after the other.
+        for k in 0..30u64 {
+            for region in [1, 3] {
+                let offset = region * REGION_BYTES + 100_000 + k * 3000;
+                let data = pattern(100 + k + region * 1000, 2000);
+                model[offset as usize..offset as usize + 2000].copy_from_slice(&data);
+                write(&d, offset, data).await.unwrap();
+            }
+        }
+        net.set_delay("c", Duration::ZERO);
+        until("c in sync", || all_in_sync(&d, 3)).await;
         assert_images(&net, &["a", "b", "c"], &model);
         net.check();
         d.stop().await.unwrap();
