@@ -629,16 +629,20 @@ impl Engine {
                 if !l.lost {
                     l.failing = false;
                 }
+                let copying = l
+                    .copying
+                    .as_ref()
+                    .is_some_and(|c| c.region == region && c.tag == Some(tag));
+                // Nor does such a write make the rebuilt region count as
+                // on the copy (a flush would otherwise cover it before the
+                // Rebuild lands).
                 if let Some(u) = l.unflushed.get_mut(&region)
                     && u.latest == tag
+                    && (whole || !copying)
                 {
                     u.acked = true;
                 }
-                if let Some(c) = &l.copying
-                    && whole
-                    && c.region == region
-                    && c.tag == Some(tag)
-                {
+                if whole && copying {
                     l.dirty.remove(&region);
                     l.copying = None;
                 }
