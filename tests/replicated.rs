@@ -921,3 +921,120 @@ async fn the_client_and_apply_manage_replicated_volumes_without_an_orchestrator(
         assert!(!copy_dir(&cl, i, &vid).exists(), "n{i} kept a copy");
     }
 }
+
+/// ControllerExpandVolume then NodeExpandVolume of a published volume.
+async fn expand(
+    cl: &mut Cluster,
+    v: &csi::Volume,
+    m: &Mounted,
+    cap: &csi::VolumeCapability,
+    to: i64,
+) {
+    let r =
+        cl.c.controller
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: to,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(30)))
+            .into_inner();
+    assert_eq!(r.capacity_bytes, to);
+    assert!(r.node_expansion_required, "the engine grows on the node");
+    let mut n = cl.node(m.node).await;
+    let r = n
+        .node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: m.target.display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: to,
+                limit_bytes: 0,
+            }),
+            staging_target_path: m.staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.nodes[m.node - 1].log_tail(30)))
+        .into_inner();
+    assert_eq!(r.capacity_bytes, to);
+}
+
+/// Online expansion: the record, every copy's file, the engine, the FUSE
+/// file, the loop device and the filesystem grow while the volume is
+/// published; bytes written past the old end are there for a fresh engine
+/// on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_volume_grows_online() {
+    use std::os::unix::fs::FileExt;
+    let mut cl = Cluster::start().await;
+    // Raw: the data path past the old end.
+    let raw = block_cap(Mode::SingleNodeWriter);
+    let v = cl
+        .create(replicated("rep-x", "3", raw.clone()))
+        .await
+        .unwrap();
+    let m = Mounted::up(&mut cl, 1, &v, &raw).await.unwrap();
+    expand(&mut cl, &v, &m, &raw, 2 * SIZE).await;
+    let dev_len = {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&m.target).unwrap();
+        f.seek(SeekFrom::End(0)).unwrap()
+    };
+    assert_eq!(dev_len, 2 * SIZE as u64, "the device grew");
+    let tail = pattern(63, 4 << 20);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&m.target)
+            .unwrap();
+        f.write_all_at(&tail, SIZE as u64 + (8 << 20)).unwrap();
+        f.sync_all().unwrap();
+    }
+    m.down(&mut cl, &v.volume_id).await;
+    for i in 1..=NODES {
+        let len = std::fs::metadata(copy_dir(&cl, i, &v.volume_id).join("data"))
+            .unwrap()
+            .len();
+        assert_eq!(len, 2 * SIZE as u64, "n{i}'s copy grew");
+    }
+    let m = Mounted::up(&mut cl, 2, &v, &raw).await.unwrap();
+    let mut back = vec![0u8; tail.len()];
+    std::fs::File::open(&m.target)
+        .unwrap()
+        .read_exact_at(&mut back, SIZE as u64 + (8 << 20))
+        .unwrap();
+    assert!(back == tail, "the bytes past the old end");
+    m.down(&mut cl, &v.volume_id).await;
+    cl.delete(&v.volume_id).await.unwrap();
+
+    // A filesystem (xfs: it grows online without CAP_SYS_RESOURCE).
+    let xfs = mount_cap("xfs", Mode::SingleNodeWriter);
+    let mut req = replicated("rep-xfs", "3", xfs.clone());
+    req.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 320 << 20,
+        limit_bytes: 0,
+    });
+    let v = cl.create(req).await.unwrap();
+    let m = Mounted::up(&mut cl, 1, &v, &xfs).await.unwrap();
+    let total = |p: &Path| {
+        let s = nix::sys::statvfs::statvfs(p).unwrap();
+        s.blocks() * s.fragment_size()
+    };
+    let before = total(&m.target);
+    expand(&mut cl, &v, &m, &xfs, 640 << 20).await;
+    let after = total(&m.target);
+    assert!(
+        after > before + (200 << 20),
+        "the filesystem grew online: {before} -> {after}"
+    );
+    write_synced(&m.target.join("f"), &pattern(64, 4 << 20));
+    m.down(&mut cl, &v.volume_id).await;
+    cl.delete(&v.volume_id).await.unwrap();
+}

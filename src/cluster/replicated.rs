@@ -155,6 +155,21 @@ pub async fn drive(
                 let (out, outcome) = proposer.handle(&from, &reply);
                 send(out);
                 if let Some(o) = outcome {
+                    // Voters that missed the chosen record learn it now
+                    // (best effort: the next change carries it anyway).
+                    if let Outcome::Chosen { ballot, record } = &o {
+                        let commits = record
+                            .voters()
+                            .map(|v| Envelope {
+                                to: v.to_owned(),
+                                msg: crate::backend::replicated::protocol::Request::Commit {
+                                    ballot: ballot.clone(),
+                                    record: record.clone(),
+                                },
+                            })
+                            .collect();
+                        send(commits);
+                    }
                     return Ok(o);
                 }
             }
@@ -652,6 +667,52 @@ impl Replicated {
             }
         }
         Ok(n)
+    }
+
+    /// ControllerExpandVolume: the record's size grows on a majority (each
+    /// copy extends its files as it takes it); the filesystem and the
+    /// engine grow with NodeExpandVolume.
+    pub async fn expand(
+        &self,
+        r: &csi::ControllerExpandVolumeRequest,
+    ) -> Result<csi::ControllerExpandVolumeResponse, Status> {
+        crate::server::convert::required_str("volume_id", &r.volume_id).map_err(Status::from)?;
+        let c = r
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+        if c.required_bytes < 0 || c.limit_bytes < 0 {
+            return Err(Status::invalid_argument("capacity_range: negative"));
+        }
+        let want = (c.required_bytes as u64).div_ceil(REGION_BYTES) * REGION_BYTES;
+        if c.limit_bytes > 0 && want > c.limit_bytes as u64 {
+            return Err(Status::out_of_range(format!(
+                "{} bytes take {want} (whole MiB regions), above the limit of {}",
+                c.required_bytes, c.limit_bytes
+            )));
+        }
+        let (uuid, state) = self.newest(&r.volume_id).await?;
+        let mut size = state.record.size;
+        if want > size {
+            if u32::try_from(want.div_ceil(REGION_BYTES)).is_err() {
+                return Err(Status::out_of_range(format!("{want} bytes is too large")));
+            }
+            match self
+                .change(uuid, &state, Change::Resize { size: want })
+                .await?
+            {
+                Outcome::Chosen { record, .. } => size = record.size,
+                Outcome::Refused { refusal, .. } => {
+                    return Err(Status::internal(refusal.to_string()));
+                }
+            }
+            tracing::info!(volume = %r.volume_id, size, "replicated volume expanded");
+        }
+        Ok(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: size as i64,
+            // Raw or not, the engine on the node grows the volume it serves.
+            node_expansion_required: true,
+        })
     }
 
     /// ControllerUnpublishVolume: releases the owner (fencing its engine).

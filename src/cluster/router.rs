@@ -759,9 +759,8 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.volume_id) {
-            return Err(Status::invalid_argument(
-                "volume_id: expansion of replicated volumes is not built yet",
-            ));
+            let _guard = self.volume_guard(&r.volume_id)?;
+            return self.replicated.expand(&r).await.map(Response::new);
         }
         let n = self.volume_node(&r.volume_id)?;
         relay(&n, cc(&n).controller_expand_volume(r).await)

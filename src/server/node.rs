@@ -230,7 +230,12 @@ impl NodeRpc for NodeService {
         convert::required_str("volume_path", &r.volume_path)?;
         let n = self.node();
         blocking("NodeExpandVolume", move || {
-            let size = n.expand(&r.volume_id, &r.volume_path)?;
+            let required = r
+                .capacity_range
+                .as_ref()
+                .map(|c| c.required_bytes.max(0) as u64)
+                .filter(|b| *b > 0);
+            let size = n.expand(&r.volume_id, &r.volume_path, required)?;
             Ok(csi::NodeExpandVolumeResponse {
                 capacity_bytes: size as i64,
             })

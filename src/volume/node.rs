@@ -1895,7 +1895,7 @@ impl Node {
     /// Block: refreshes the loop device's capacity and grows a mounted
     /// filesystem online; raw block needs nothing more; dir volumes nothing
     /// at all. Idempotent. Returns the capacity now usable (0 = unknown).
-    pub fn expand(&self, raw: &str, path: &str) -> Result<u64> {
+    pub fn expand(&self, raw: &str, path: &str, required: Option<u64>) -> Result<u64> {
         let id = self
             .local_id(raw)
             .ok_or_else(|| Error::VolumeNotFound(raw.to_owned()))?;
@@ -1924,6 +1924,21 @@ impl Node {
             .as_deref()
             .and_then(LoopDevice::from_path)
             .ok_or_else(|| Error::precondition(&id, "staging recorded no loop device"))?;
+        if id.backend == BackendKind::Replicated {
+            // The copies grew with ControllerExpandVolume; the engine, its
+            // FUSE file and the loop device grow here (to a whole region).
+            let want = required.ok_or_else(|| {
+                Error::invalid(
+                    "capacity_range",
+                    "a replicated volume grows to capacity_range.required_bytes",
+                )
+            })?;
+            let size = want.div_ceil(crate::backend::replicated::REGION_BYTES)
+                * crate::backend::replicated::REGION_BYTES;
+            self.replicated
+                .resize(id.uuid, size)
+                .map_err(|e| replication_error(&id, e))?;
+        }
         device.refresh_capacity()?;
         for p in rec.publications.values() {
             if let Some(own) = p.own_device.as_deref().and_then(LoopDevice::from_path) {

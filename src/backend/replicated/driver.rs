@@ -193,6 +193,12 @@ enum Command {
     Flush {
         done: Done<()>,
     },
+    /// The volume grew (its record says so): `regions` regions.
+    Grow {
+        size: u64,
+        regions: u32,
+        done: oneshot::Sender<()>,
+    },
     Stop {
         done: oneshot::Sender<Result<(), DriverError>>,
     },
@@ -210,7 +216,8 @@ struct Shared {
 /// module documentation.
 pub struct EngineDriver {
     volume: Uuid,
-    size: u64,
+    /// Grows with [`EngineDriver::grow`].
+    size: std::sync::atomic::AtomicU64,
     cmds: mpsc::UnboundedSender<Command>,
     shared: Arc<Shared>,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -220,7 +227,7 @@ impl fmt::Debug for EngineDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EngineDriver")
             .field("volume", &self.volume)
-            .field("size", &self.size)
+            .field("size", &self.size())
             .finish_non_exhaustive()
     }
 }
@@ -284,7 +291,7 @@ impl EngineDriver {
             Ok(Ok(Ok(()))) => {
                 return Ok(Arc::new(EngineDriver {
                     volume,
-                    size: cfg.size,
+                    size: std::sync::atomic::AtomicU64::new(cfg.size),
                     cmds,
                     shared,
                     task: Mutex::new(Some(join)),
@@ -343,16 +350,50 @@ impl EngineDriver {
     }
 
     fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
+        let size = self.size();
         match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!(
-                    "{len} bytes at {offset} reach beyond the volume ({} bytes)",
-                    self.size
-                ),
+                format!("{len} bytes at {offset} reach beyond the volume ({size} bytes)"),
             )),
         }
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Grows the volume to `size` bytes (a whole number of regions, or the
+    /// record's size): the copies' record must say so already
+    /// (ControllerExpandVolume). Never shrinks; I/O beyond the old end is
+    /// accepted once this returns.
+    pub async fn grow(&self, size: u64) -> Result<(), DriverError> {
+        if size <= self.size() {
+            return Ok(());
+        }
+        let regions =
+            u32::try_from(size.div_ceil(REGION_BYTES)).map_err(|_| DriverError::TooLarge {
+                volume: self.volume,
+                size,
+            })?;
+        let (done, rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Grow {
+                size,
+                regions,
+                done,
+            })
+            .map_err(|_| DriverError::Stopped {
+                volume: self.volume,
+            })?;
+        rx.await.map_err(|_| DriverError::Stopped {
+            volume: self.volume,
+        })?;
+        self.size
+            .fetch_max(size, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
     }
 }
 
@@ -445,10 +486,18 @@ impl BlockHandler for EngineDriver {
         Ok(())
     }
 
-    fn resize(&self, _len: u64) -> io::Result<()> {
+    /// The FUSE file follows a growth [`EngineDriver::grow`] made (which
+    /// needs the record's word first); it never leads one.
+    fn resize(&self, len: u64) -> io::Result<()> {
+        if len <= self.size() {
+            return Ok(());
+        }
         Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "replicated volumes cannot grow yet",
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the engine serves {} bytes: grow it (NodeExpandVolume) before the file",
+                self.size()
+            ),
         ))
     }
 }
@@ -752,6 +801,15 @@ impl Task {
                         let _ = done.send(Err(e.into()));
                     }
                 }
+            }
+            Command::Grow {
+                size,
+                regions,
+                done,
+            } => {
+                self.engine.grow(regions);
+                self.size = self.size.max(size);
+                let _ = done.send(());
             }
             Command::Stop { done } => {
                 if self.stopping.is_some() {

@@ -405,6 +405,13 @@ impl Engine {
             && self.record.in_sync.len() == self.record.copies().count()
     }
 
+    /// The volume grew to `regions` regions (its record already says so:
+    /// ControllerExpandVolume chose it). The new regions read as zeros on
+    /// every copy, so none is dirty. Never shrinks.
+    pub fn grow(&mut self, regions: u32) {
+        self.cfg.regions = self.cfg.regions.max(regions);
+    }
+
     /// Whether the write with sequence number `seq` (of this engine's
     /// epoch) may still be sent to a copy: the data path keeps its bytes
     /// until then.

@@ -179,6 +179,18 @@ impl Engines {
             peer,
             rt.clone(),
         ))?;
+        // The volume may have grown since this publish_context was made
+        // (a recovery with the old one): the engine's record is the newest.
+        let newest = driver.status().record.size;
+        let size = if newest > size {
+            if let Err(e) = rt.block_on(driver.grow(newest)) {
+                let _ = rt.block_on(driver.stop());
+                return Err(e.into());
+            }
+            newest
+        } else {
+            size
+        };
         let handler: Arc<dyn crate::os::fuse_file::BlockHandler> = driver.clone();
         let device =
             match FuseLoopDevice::attach(&self.mount_point(uuid), size, handler, &self.options) {
@@ -192,6 +204,26 @@ impl Engines {
         tracing::info!(volume = %uuid, device = %loopdev.path().display(), "replicated volume's engine started");
         self.lock().insert(uuid, Running { driver, device });
         Ok(loopdev)
+    }
+
+    /// Grows the running engine's volume to `size` bytes (its record must
+    /// say so already: ControllerExpandVolume), then the FUSE file and the
+    /// loop device. Idempotent; never shrinks.
+    pub fn resize(&self, uuid: Uuid, size: u64) -> Result<(), EngineError> {
+        let running = self.lock();
+        let r = running.get(&uuid).ok_or_else(|| {
+            EngineError::Context(format!(
+                "no engine runs for volume {uuid} on this node: stage it first"
+            ))
+        })?;
+        if size <= r.device.fuse().size() {
+            return Ok(());
+        }
+        let rt = tokio::runtime::Handle::current();
+        rt.block_on(r.driver.grow(size))?;
+        r.device.resize(size)?;
+        tracing::info!(volume = %uuid, size, "replicated volume grown on the node");
+        Ok(())
     }
 
     /// Lazily detaches the FUSE mount a dead engine left (its process

@@ -442,6 +442,10 @@ pub enum Change {
     /// An engine starting on the owner node takes an epoch of its own,
     /// fencing any earlier engine there.
     Start { node: String },
+    /// ControllerExpandVolume: the volume grows to `size` bytes (never
+    /// shrinks). Copies extend their files when they take the record; the
+    /// engine grows when NodeExpandVolume tells it.
+    Resize { size: u64 },
     /// The engine owning epoch `epoch` on `node` sets the in-sync set.
     SetInSync {
         node: String,
@@ -499,6 +503,7 @@ impl Change {
                 }
                 r.epoch += 1;
             }
+            Change::Resize { size } => r.size = r.size.max(*size),
             Change::SetInSync {
                 node,
                 epoch,

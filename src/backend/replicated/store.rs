@@ -73,7 +73,6 @@ struct Held {
     voter: Mutex<Voter>,
     data: Option<File>,
     tags: Option<File>,
-    size: u64,
     stripes: Vec<Mutex<()>>,
 }
 
@@ -119,14 +118,46 @@ impl Held {
         }
     }
 
+    /// The volume's size as the record this copy holds says.
+    fn size(&self) -> u64 {
+        self.voter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+            .record
+            .size
+    }
+
+    /// Extends the data and tags files to a grown record's size.
+    fn grow(&self, size: u64) -> Result<(), StoreError> {
+        if let (Some(d), Some(t)) = (&self.data, &self.tags) {
+            if d.metadata().map_err(io_err(&self.dir))?.len() < size {
+                d.set_len(size).map_err(io_err(&self.dir))?;
+            }
+            let tags = regions_of(size) * TAG_BYTES;
+            if t.metadata().map_err(io_err(&self.dir))?.len() < tags {
+                t.set_len(tags).map_err(io_err(&self.dir))?;
+            }
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Hands a request to the voter and persists its state when the
-    /// request changed it, before the answer leaves.
+    /// request changed it, before the answer leaves. A record that grew the
+    /// volume extends the files first.
     fn decide(&self, req: Request) -> Result<Answer, StoreError> {
         let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
         let before = v.state().clone();
         let reply = v.handle(req);
+        let grown = v.state().record.size > before.record.size;
         if *v.state() != before
-            && let Err(e) = self.persist(v.state())
+            && let Err(e) = (if grown {
+                self.grow(v.state().record.size)
+            } else {
+                Ok(())
+            })
+            .and_then(|()| self.persist(v.state()))
         {
             // Not durable: forget the change so nothing depends on it.
             *v = Voter::restore(v.node(), before, v.durable_data().clone());
@@ -139,11 +170,11 @@ impl Held {
     }
 
     fn check_range(&self, region: Region, offset: u64, len: u64) -> Result<(), StoreError> {
-        let rl = region_len(self.size, region);
+        let size = self.size();
+        let rl = region_len(size, region);
         if rl == 0 || offset.checked_add(len).is_none_or(|end| end > rl) {
             return Err(StoreError::Invalid(format!(
-                "bytes {offset}+{len} are outside region {region} of a {}-byte volume",
-                self.size
+                "bytes {offset}+{len} are outside region {region} of a {size}-byte volume"
             )));
         }
         Ok(())
@@ -154,7 +185,7 @@ impl Held {
         let rebuild = matches!(call.request, Request::Rebuild { .. });
         let offset = if rebuild { 0 } else { u64::from(call.offset) };
         let len = call.data.len() as u64;
-        if rebuild && len != region_len(self.size, region) {
+        if rebuild && len != region_len(self.size(), region) {
             return Err(StoreError::Invalid(format!(
                 "a rebuild of region {region} carries {len} bytes"
             )));
@@ -196,7 +227,7 @@ impl Held {
     fn read(&self, call: Call, region: Region) -> Result<Answer, StoreError> {
         let (data, _) = self.data()?;
         let (offset, len) = if call.len == 0 {
-            (0, region_len(self.size, region))
+            (0, region_len(self.size(), region))
         } else {
             (u64::from(call.offset), u64::from(call.len))
         };
@@ -450,6 +481,13 @@ impl ReplicaStore {
             };
             let data = open(DATA_FILE)?;
             let tags = open(TAGS_FILE)?;
+            // Files never shorter than the record says (it is persisted
+            // after they grow; this only repairs a copy made by hand).
+            for (f, len) in [(&data, size), (&tags, regions_of(size) * TAG_BYTES)] {
+                if f.metadata().map_err(io_err(dir))?.len() < len {
+                    f.set_len(len).map_err(io_err(dir))?;
+                }
+            }
             let mut raw = vec![0u8; (regions_of(size) * TAG_BYTES) as usize];
             tags.read_exact_at(&mut raw, 0).map_err(io_err(dir))?;
             let mut map = BTreeMap::new();
@@ -469,7 +507,6 @@ impl ReplicaStore {
             voter: Mutex::new(Voter::restore(node, state, tag_map)),
             data,
             tags,
-            size,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         };
         {
