@@ -1299,7 +1299,7 @@ mod tests {
         /// Copies on `nodes`, published to `owner`.
         fn cluster(nodes: &[&str], owner: &str) -> (Arc<Net>, Ballot, ReplicaRecord) {
             let r = ReplicaRecord::new(
-                crate::volume::Uuid::parse_hex(VOLUME).unwrap(),
+                Uuid::parse_hex(VOLUME).unwrap(),
                 SIZE,
                 nodes.iter().map(|n| Member::copy(n)).collect(),
                 &BTreeMap::new(),
@@ -1425,12 +1425,12 @@ mod tests {
     #[tonic::async_trait]
     impl Peer for Net {
         async fn call(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError> {
-            if volume.simple().to_string() != VOLUME {
+            if volume.to_hex() != VOLUME {
                 self.violation(format!("a call for volume {volume}"));
             }
             let delay = self.reach(node)?;
             if !delay.is_zero() {
-                let random = Uuid::new_v4().as_u64_pair().0;
+                let random = uuid::Uuid::new_v4().as_u64_pair().0;
                 let nanos = random % delay.as_nanos() as u64;
                 tokio::time::sleep(Duration::from_nanos(nanos)).await;
                 self.reach(node)?;
@@ -1483,7 +1483,7 @@ mod tests {
     }
 
     fn config(node: &str) -> DriverConfig {
-        let mut c = DriverConfig::new(Uuid::parse_str(VOLUME).unwrap(), node, SIZE);
+        let mut c = DriverConfig::new(Uuid::parse_hex(VOLUME).unwrap(), node, SIZE);
         c.tick = Duration::from_millis(5);
         c.timeout = Duration::from_millis(500);
         c.resend = Duration::from_millis(50);
