@@ -16,7 +16,7 @@
 #       mount mode only: object volumes are never raw block devices)
 #   SANITY_CLUSTER=3 SANITY_BACKEND=replicated scripts/sanity.sh (replicated
 #       volumes with 3 copies; not in scripts/test.sh yet: their snapshots,
-#       clones, expansion and ModifyVolume are not built, so those specs fail)
+#       clones and ModifyVolume are not built, so those specs fail)
 #   SANITY_CLUSTER=3 scripts/sanity.sh (a cluster on loopback: `serve --mode
 #       controller` and 3 `serve --mode node` agents with mutual TLS from
 #       `stowage cluster init`; csi-sanity talks to the controller's socket

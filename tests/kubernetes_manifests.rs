@@ -1117,10 +1117,6 @@ fn provisioner_runs_centrally_with_capacity_and_no_default_fstype() {
     }
 }
 
-fn param_of<'a>(class: &'a Value, key: &str) -> &'a str {
-    class["parameters"].get(key).map(s).unwrap_or_default()
-}
-
 #[test]
 fn storage_classes_carry_only_parameters_stowage_accepts() {
     let fstype = "csi.storage.k8s.io/fstype";
@@ -1151,14 +1147,7 @@ fn storage_classes_carry_only_parameters_stowage_accepts() {
         for c in kind(objects, "StorageClass") {
             let name = s(&c["metadata"]["name"]);
             assert_eq!(s(&c["provisioner"]), DRIVER, "{t}: {name}");
-            // Replicated volumes cannot be expanded yet (README,
-            // "Replicated volumes", "Limits"): the class must not promise it.
-            let expands = param_of(c, "backend") != "replicated";
-            assert_eq!(
-                c["allowVolumeExpansion"],
-                Value::Bool(expands),
-                "{t}: {name}"
-            );
+            assert_eq!(c["allowVolumeExpansion"], Value::Bool(true), "{t}: {name}");
             let params = c["parameters"].as_object().expect("parameters");
             let keys: BTreeSet<&str> = params.keys().map(String::as_str).collect();
             let param = |k: &str| params.get(k).map(s).unwrap_or_default();
