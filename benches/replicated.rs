@@ -1,0 +1,1935 @@
+//! Replicated volumes (issue 14, "Figures"): what one, two and three
+//! synchronous copies cost against a local block volume on the same disk,
+//! how long publishing, staging and a copy's failure take, and how fast a
+//! copy is rebuilt.
+//!
+//! Everything runs on this machine over loopback with mutual TLS (as
+//! benches/cluster.rs does): a `serve --mode controller` and three node
+//! agents `n1`..`n3` (`serve --mode node`), all with their state and pools
+//! on one loop-mounted xfs filesystem in a scratch directory, so every
+//! copy and the baseline share one disk. Volumes are raw block
+//! (SINGLE_NODE_WRITER), published and staged on `n1` through CSI calls as
+//! a CO makes them. Four parts:
+//!
+//! 1. fio (`--direct=1`, io_uring by default, JSON output) on a local
+//!    `backend=block` volume pinned to n1 (the baseline) and on
+//!    `backend=replicated` volumes of 1, 2 and 3 copies created with
+//!    `locality=best-effort` and n1 preferred (where the copies landed is
+//!    read from the nodes' pools and printed). Jobs: sequential 1 MiB write
+//!    and read (QD8 by default: `--seq-iodepth`), random 4 KiB write and
+//!    read at QD1 and QD32. Every volume is written in full once first (no
+//!    read of a hole). Each job runs on every volume back to back, the
+//!    order rotating from round to round; the median of the rounds counts,
+//!    the spread ((max − min) / median) shows the noise. Each figure is
+//!    printed as MiB/s and IOPS and as % of local next to the issue's
+//!    targets.
+//! 2. Publish and stage: ControllerPublish, NodeStage, NodeUnstage and
+//!    ControllerUnpublish of a small 3-copy replicated volume (NodeStage
+//!    starts its engine) and a small block volume, interleaved, medians
+//!    over `--publish-repeats`. Then failover: a loop of 4 KiB O_DIRECT
+//!    writes, each followed by fdatasync, runs back to back on the
+//!    published 3-copy fio volume; after 5 s the agent of a copy other than
+//!    n1 gets SIGKILL. The longest write+fsync that ends in the 3 s after
+//!    the kill (the engine's call timeout is 2 s) is the gap, its end is
+//!    when writes flow again; the longest in the 3 s before the kill is
+//!    printed next to it as the noise, with a timeline per 250 ms.
+//! 3. Dirty-region rebuild: with that agent still dead, 1 MiB writes at
+//!    `--dirty-rate` MB/s for `--dirty-seconds` (the issue says 60 s at
+//!    10 MB/s; the default here is 20 s), then the agent is started again
+//!    and the time until ControllerGetVolume no longer reports the volume
+//!    abnormal (every copy in sync) is measured. Bytes moved are the
+//!    regions (1 MiB) written while it was away; where the condition
+//!    message carries the engine's own count ("N MiB rebuilt") it is
+//!    printed next to it.
+//! 4. Full rebuild: a 3-copy volume of `--full-size` is written in full,
+//!    the agent of one copy (not n1) is killed, a write marks it out of
+//!    sync, the volume is unstaged and unpublished, the dead copy's bytes
+//!    are wiped on disk (its `data` file truncated to a hole and its
+//!    region tags zeroed: a copy whose data was lost, its record kept;
+//!    `--no-wipe` skips this), the agent comes back, and the volume is
+//!    published and staged on n1 again: a new engine finds the copy out of
+//!    sync and rebuilds every region of it. Timed from NodeStage's return
+//!    until every copy is in sync; afterwards the rebuilt copy's bytes are
+//!    compared with n1's.
+//!
+//! Run as root (loop devices, FUSE, mounts), with fio installed:
+//!
+//!     cargo bench --bench replicated -- [--size 1Gi] [--runtime 10] [--rounds 2]
+//!         [--ramp 1] [--seq-iodepth 8] [--ioengine io_uring|libaio]
+//!         [--publish-repeats 5] [--dirty-seconds 20] [--dirty-rate 10]
+//!         [--full-size 1Gi] [--no-wipe] [--skip-fio] [--json]
+//!
+//! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
+//! × rounds × runtime). Nothing is asserted about timings: these 2-core
+//! machines are noisy, the figures are reported. Processes are killed by
+//! PID, mounts unmounted, loop devices detached and the scratch directory
+//! removed when the bench ends, panics, or is interrupted with Ctrl-C.
+
+#![allow(clippy::disallowed_methods)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Scratch;
+use serde::Serialize;
+use stowage::cluster::proto::ListNodesRequest;
+use stowage::cluster::proto::admin_client::AdminClient;
+use stowage::csi;
+use stowage::csi::controller_client::ControllerClient;
+use stowage::csi::node_client::NodeClient;
+use stowage::volume::TOPOLOGY_NODE_KEY;
+use support::Args;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1 << 20;
+/// A replicated volume's region (src/backend/replicated: REGION_BYTES).
+const REGION: u64 = 1 << 20;
+const NODES: usize = 3;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_stowage")
+}
+
+// ------------------------------------------------------------ processes
+
+/// A `stowage` process of the bench: killed (SIGKILL, by its PID) and
+/// reaped when dropped.
+struct Proc {
+    name: String,
+    args: Vec<String>,
+    socket: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn new(name: &str, args: Vec<String>, socket: &Path, logs: &Path) -> Proc {
+        Proc {
+            name: name.to_owned(),
+            args,
+            socket: socket.to_owned(),
+            log: logs.join(format!("{name}.log")),
+            child: None,
+        }
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} is running", self.name);
+        // A killed server leaves its socket file: remove it so that
+        // `wait_socket` waits for the new one.
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(bin())
+                .args(&self.args)
+                .env("STOWAGE_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn stowage"),
+        );
+    }
+
+    fn wait_socket(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("{} exited with {st}:\n{}", self.name, self.log_tail(30));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen within 30 s:\n{}",
+                self.name,
+                self.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Free TCP ports on 127.0.0.1 (held together while picked, so distinct).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+// ------------------------------------------------------------ the cluster
+
+fn node_id(i: usize) -> String {
+    format!("n{i}")
+}
+
+/// Field order is drop order: every process stops before the pool goes.
+struct Cluster {
+    controller: Proc,
+    nodes: Vec<Proc>,
+    ctl: ControllerClient<Channel>,
+    root: PathBuf,
+    pool_fs: PathBuf,
+    _scratch: Scratch,
+}
+
+impl Cluster {
+    async fn start(pool_bytes: u64) -> Cluster {
+        let scratch = Scratch::new("bench-replicated");
+        let root = scratch.root.clone();
+        let pool_fs = common::make_pool_fs(&scratch, "xfs", pool_bytes);
+        let out = Command::new(bin())
+            .args(["cluster", "init"])
+            .arg(root.join("tls"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "stowage cluster init: {out:?}");
+        let logs = root.join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let ports = free_ports(NODES + 1);
+        let tls = root.join("tls").display().to_string();
+        let mut controller = Proc::new(
+            "controller",
+            vec![
+                "serve".into(),
+                "--mode".into(),
+                "controller".into(),
+                "--endpoint".into(),
+                format!("unix://{}", root.join("controller.sock").display()),
+                "--listen".into(),
+                format!("127.0.0.1:{}", ports[0]),
+                "--tls-dir".into(),
+                tls.clone(),
+            ],
+            &root.join("controller.sock"),
+            &logs,
+        );
+        controller.spawn();
+        controller.wait_socket();
+        let mut nodes = Vec::new();
+        for i in 1..=NODES {
+            let socket = root.join(format!("n{i}.sock"));
+            let mut p = Proc::new(
+                &node_id(i),
+                vec![
+                    "serve".into(),
+                    "--mode".into(),
+                    "node".into(),
+                    "--node-id".into(),
+                    node_id(i),
+                    "--endpoint".into(),
+                    format!("unix://{}", socket.display()),
+                    "--state-dir".into(),
+                    pool_fs.join(node_id(i)).display().to_string(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", ports[i]),
+                    "--controller".into(),
+                    format!("https://127.0.0.1:{}", ports[0]),
+                    "--tls-dir".into(),
+                    tls.clone(),
+                    "--register-interval".into(),
+                    "1".into(),
+                ],
+                &socket,
+                &logs,
+            );
+            p.spawn();
+            nodes.push(p);
+        }
+        for n in &mut nodes {
+            n.wait_socket();
+        }
+        let ctl = ControllerClient::new(
+            support::connect(&format!(
+                "unix://{}",
+                root.join("controller.sock").display()
+            ))
+            .await,
+        );
+        let mut cl = Cluster {
+            controller,
+            nodes,
+            ctl,
+            root,
+            pool_fs,
+            _scratch: scratch,
+        };
+        cl.wait_fresh(&(1..=NODES).collect::<Vec<_>>()).await;
+        cl
+    }
+
+    async fn node(&self, i: usize) -> NodeClient<Channel> {
+        NodeClient::new(
+            support::connect(&format!(
+                "unix://{}",
+                self.root.join(format!("n{i}.sock")).display()
+            ))
+            .await,
+        )
+    }
+
+    /// Waits (bounded) until the nodes `which` are registered and fresh.
+    async fn wait_fresh(&mut self, which: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ids: Vec<String> = which.iter().map(|&i| node_id(i)).collect();
+        loop {
+            if let Ok(ch) = stowage::client::channel(&format!(
+                "unix://{}",
+                self.root.join("controller.sock").display()
+            ))
+            .await
+                && let Ok(r) = AdminClient::new(ch).list_nodes(ListNodesRequest {}).await
+            {
+                let nodes = r.into_inner().nodes;
+                if ids
+                    .iter()
+                    .all(|id| nodes.iter().any(|n| &n.node_id == id && n.fresh))
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes {ids:?} not all fresh within 60 s:\n{}",
+                self.controller.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The directory of node `i`'s member of a replicated volume.
+    fn member_dir(&self, i: usize, volume_id: &str) -> PathBuf {
+        let hex = volume_id.strip_prefix("replicated:").expect("replicated");
+        self.pool_fs
+            .join(node_id(i))
+            .join("pool/replicas")
+            .join(hex)
+    }
+
+    /// Where a replicated volume's members are: "n1 n2 (witness n3)".
+    fn placement(&self, volume_id: &str) -> String {
+        let (mut copies, mut witnesses) = (Vec::new(), Vec::new());
+        for i in 1..=NODES {
+            let d = self.member_dir(i, volume_id);
+            if d.join("data").exists() {
+                copies.push(node_id(i));
+            } else if d.exists() {
+                witnesses.push(node_id(i));
+            }
+        }
+        let mut s = format!("copies on {}", copies.join(", "));
+        if !witnesses.is_empty() {
+            s += &format!(" (witness on {})", witnesses.join(", "));
+        }
+        s
+    }
+
+    /// Nodes holding a copy (with data) of a replicated volume.
+    fn copy_nodes(&self, volume_id: &str) -> Vec<usize> {
+        (1..=NODES)
+            .filter(|&i| self.member_dir(i, volume_id).join("data").exists())
+            .collect()
+    }
+
+    /// The volume's condition as the controller reads it from the copies'
+    /// records: (abnormal, message).
+    async fn condition(&mut self, volume_id: &str) -> Result<(bool, String), tonic::Status> {
+        let r = self
+            .ctl
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: volume_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let c = r
+            .status
+            .and_then(|s| s.volume_condition)
+            .unwrap_or_default();
+        Ok((c.abnormal, c.message))
+    }
+
+    /// Polls the condition every 50 ms until it is `abnormal` (bounded);
+    /// returns when it was first seen so, and the last message.
+    async fn wait_condition(
+        &mut self,
+        volume_id: &str,
+        abnormal: bool,
+        within: Duration,
+    ) -> Result<(Instant, String), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let last = match self.condition(volume_id).await {
+                Ok((a, msg)) if a == abnormal => return Ok((Instant::now(), msg)),
+                Ok((_, msg)) => msg,
+                Err(e) => format!("ControllerGetVolume: {e}"),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "volume condition not abnormal={abnormal} within {within:?}; last: {last}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn topo(node: &str) -> csi::Topology {
+    csi::Topology {
+        segments: [(TOPOLOGY_NODE_KEY.to_owned(), node.to_owned())].into(),
+    }
+}
+
+fn raw_block() -> csi::VolumeCapability {
+    common::block_cap(common::Mode::SingleNodeWriter)
+}
+
+/// CreateVolume of a local block volume on n1 (`replicas` None) or a
+/// replicated one with one copy preferably on n1.
+fn create_request(name: &str, size: u64, replicas: Option<usize>) -> csi::CreateVolumeRequest {
+    let parameters: HashMap<String, String> = match replicas {
+        None => [("backend", "block"), ("node", "n1")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
+        Some(n) => [
+            ("backend".to_owned(), "replicated".to_owned()),
+            ("replicas".to_owned(), n.to_string()),
+            ("locality".to_owned(), "best-effort".to_owned()),
+        ]
+        .into(),
+    };
+    csi::CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: size as i64,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![raw_block()],
+        parameters,
+        accessibility_requirements: Some(csi::TopologyRequirement {
+            requisite: Vec::new(),
+            preferred: vec![topo("n1")],
+        }),
+        ..Default::default()
+    }
+}
+
+/// A raw block volume as the bench uses it.
+#[derive(Debug, Clone)]
+struct Vol {
+    label: String,
+    volume: csi::Volume,
+    staging: PathBuf,
+    target: PathBuf,
+    /// Staged and published on n1.
+    up: bool,
+}
+
+impl Vol {
+    fn id(&self) -> &str {
+        &self.volume.volume_id
+    }
+}
+
+/// How long each step of bringing a volume up took.
+#[derive(Debug, Clone, Copy, Default)]
+struct UpTimes {
+    controller_publish: Duration,
+    node_stage: Duration,
+    node_publish: Duration,
+}
+
+async fn create(cl: &mut Cluster, label: &str, size: u64, replicas: Option<usize>) -> Vol {
+    let volume = cl
+        .ctl
+        .create_volume(create_request(label, size, replicas))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "CreateVolume {label}: {e:?}\n{}",
+                cl.controller.log_tail(30)
+            )
+        })
+        .into_inner()
+        .volume
+        .expect("a volume");
+    let work = cl.root.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    Vol {
+        label: label.to_owned(),
+        volume,
+        staging: work.join(format!("{label}-staging")),
+        target: work.join(format!("{label}-target")),
+        up: false,
+    }
+}
+
+/// ControllerPublish + NodeStage (+ NodePublish when `publish`) on n1,
+/// each timed.
+async fn up(cl: &mut Cluster, v: &mut Vol, publish: bool) -> Result<UpTimes, String> {
+    let mut t = UpTimes::default();
+    let start = Instant::now();
+    let ctx = cl
+        .ctl
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: v.id().to_owned(),
+            node_id: "n1".into(),
+            volume_capability: Some(raw_block()),
+            volume_context: v.volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("ControllerPublish {}: {e:?}", v.label))?
+        .into_inner()
+        .publish_context;
+    t.controller_publish = start.elapsed();
+    std::fs::create_dir_all(&v.staging).unwrap();
+    let mut node = cl.node(1).await;
+    let start = Instant::now();
+    node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: v.id().to_owned(),
+        publish_context: ctx.clone(),
+        staging_target_path: v.staging.display().to_string(),
+        volume_capability: Some(raw_block()),
+        volume_context: v.volume.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("NodeStage {}: {e:?}\n{}", v.label, cl.nodes[0].log_tail(30)))?;
+    t.node_stage = start.elapsed();
+    if publish {
+        let start = Instant::now();
+        node.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: v.id().to_owned(),
+            publish_context: ctx,
+            staging_target_path: v.staging.display().to_string(),
+            target_path: v.target.display().to_string(),
+            volume_capability: Some(raw_block()),
+            volume_context: v.volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("NodePublish {}: {e:?}", v.label))?;
+        t.node_publish = start.elapsed();
+        v.up = true;
+    }
+    Ok(t)
+}
+
+/// How long each step of taking a volume down took.
+#[derive(Debug, Clone, Copy, Default)]
+struct DownTimes {
+    node_unstage: Duration,
+    controller_unpublish: Duration,
+}
+
+/// [NodeUnpublish +] NodeUnstage + ControllerUnpublish on n1.
+async fn down(cl: &mut Cluster, v: &mut Vol) -> Result<DownTimes, String> {
+    let mut t = DownTimes::default();
+    let mut node = cl.node(1).await;
+    if v.up {
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.id().to_owned(),
+            target_path: v.target.display().to_string(),
+        })
+        .await
+        .map_err(|e| format!("NodeUnpublish {}: {e:?}", v.label))?;
+        v.up = false;
+    }
+    let start = Instant::now();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: v.id().to_owned(),
+        staging_target_path: v.staging.display().to_string(),
+    })
+    .await
+    .map_err(|e| {
+        format!(
+            "NodeUnstage {}: {e:?}\n{}",
+            v.label,
+            cl.nodes[0].log_tail(30)
+        )
+    })?;
+    t.node_unstage = start.elapsed();
+    let start = Instant::now();
+    cl.ctl
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: v.id().to_owned(),
+            node_id: "n1".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("ControllerUnpublish {}: {e:?}", v.label))?;
+    t.controller_unpublish = start.elapsed();
+    Ok(t)
+}
+
+/// Takes a volume down and deletes it; failures are printed, not fatal
+/// (the scratch teardown removes what is left).
+async fn remove(cl: &mut Cluster, mut v: Vol) {
+    if let Err(e) = down(cl, &mut v).await {
+        eprintln!("teardown of {}: {e}", v.label);
+        return;
+    }
+    if let Err(e) = cl
+        .ctl
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.id().to_owned(),
+            ..Default::default()
+        })
+        .await
+    {
+        eprintln!("DeleteVolume {}: {e:?}", v.label);
+    }
+}
+
+/// The loop device behind a published raw block target, described from
+/// sysfs: "loop3 dio=1".
+fn describe_device(target: &Path) -> String {
+    let Ok(md) = std::fs::metadata(target) else {
+        return "?".into();
+    };
+    let rdev = md.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let name = std::fs::read_link(&sys)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| format!("{major}:{minor}"));
+    let dio = std::fs::read_to_string(sys.join("loop/dio"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    format!("{name} dio={dio}")
+}
+
+// ------------------------------------------------------------ fio
+
+/// One fio job shape.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    /// 0 = the sequential queue depth from the command line.
+    iodepth: u32,
+    read: bool,
+}
+
+const JOBS: [Job; 6] = [
+    Job {
+        name: "seq-write",
+        rw: "write",
+        bs: "1M",
+        iodepth: 0,
+        read: false,
+    },
+    Job {
+        name: "seq-read",
+        rw: "read",
+        bs: "1M",
+        iodepth: 0,
+        read: true,
+    },
+    Job {
+        name: "rand-write-qd1",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        read: false,
+    },
+    Job {
+        name: "rand-read-qd1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+        read: true,
+    },
+    Job {
+        name: "rand-write-qd32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        read: false,
+    },
+    Job {
+        name: "rand-read-qd32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        read: true,
+    },
+];
+
+/// The issue's target (fraction of local) for `copies` copies and a job;
+/// None where the issue sets none.
+fn target(copies: usize, job: &str) -> Option<f64> {
+    let read_or_one = |job: &str| match job {
+        "seq-write" | "seq-read" => Some(0.85),
+        "rand-write-qd32" | "rand-read-qd32" => Some(0.50),
+        _ => None,
+    };
+    match (copies, job) {
+        (1, j) => read_or_one(j),
+        (3, "seq-write") => Some(0.50),
+        (3, "rand-write-qd1") => Some(0.50),
+        (3, "rand-write-qd32") => Some(0.23),
+        (3, j) if j.contains("read") => read_or_one(j),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct FioConfig {
+    ioengine: String,
+    runtime_s: u64,
+    ramp_s: u64,
+    size_bytes: u64,
+    seq_iodepth: u32,
+    rounds: usize,
+}
+
+/// A fio process, killed by PID when dropped (an interrupted bench).
+struct FioChild(Option<Child>);
+
+impl Drop for FioChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs fio with `args` (JSON output to a file) and parses the JSON.
+async fn fio(args: &[String], out: &Path) -> Result<serde_json::Value, String> {
+    let child = Command::new("fio")
+        .args(args)
+        .arg("--output-format=json")
+        .arg(format!("--output={}", out.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run fio: {e}"))?;
+    let mut guard = FioChild(Some(child));
+    let status = loop {
+        if let Some(st) = guard
+            .0
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .map_err(|e| e.to_string())?
+        {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let child = guard.0.take().unwrap();
+    let res = child.wait_with_output().map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    if !status.success() {
+        return Err(format!(
+            "fio {} failed ({status}): {}{}{text}",
+            args.join(" "),
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        ));
+    }
+    let start = text
+        .find('{')
+        .ok_or_else(|| format!("no JSON from fio: {text}"))?;
+    serde_json::from_str(&text[start..]).map_err(|e| format!("parse fio JSON: {e}: {text}"))
+}
+
+fn fio_common(cfg: &FioConfig, device: &Path) -> Vec<String> {
+    vec![
+        format!("--filename={}", device.display()),
+        format!("--size={}", cfg.size_bytes),
+        format!("--ioengine={}", cfg.ioengine),
+        "--direct=1".into(),
+        "--numjobs=1".into(),
+        "--randrepeat=0".into(),
+        "--norandommap".into(),
+    ]
+}
+
+/// Writes the whole device once (1 MiB, QD8) so no read is of a hole.
+async fn prefill(cfg: &FioConfig, device: &Path, out: &Path) -> Result<Duration, String> {
+    let mut args = fio_common(cfg, device);
+    args.extend([
+        "--name=prefill".into(),
+        "--rw=write".into(),
+        "--bs=1M".into(),
+        "--iodepth=8".into(),
+        "--end_fsync=1".into(),
+    ]);
+    let t = Instant::now();
+    fio(&args, out).await?;
+    Ok(t.elapsed())
+}
+
+/// What one fio run measured.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Measure {
+    bw_kib_s: f64,
+    iops: f64,
+    clat_p50_us: f64,
+    clat_p99_us: f64,
+}
+
+async fn run_job(cfg: &FioConfig, job: &Job, device: &Path, out: &Path) -> Result<Measure, String> {
+    let iodepth = if job.iodepth == 0 {
+        cfg.seq_iodepth
+    } else {
+        job.iodepth
+    };
+    let mut args = fio_common(cfg, device);
+    args.extend([
+        format!("--name={}", job.name),
+        format!("--rw={}", job.rw),
+        format!("--bs={}", job.bs),
+        format!("--iodepth={iodepth}"),
+        "--time_based".into(),
+        format!("--runtime={}", cfg.runtime_s),
+        format!("--ramp_time={}", cfg.ramp_s),
+    ]);
+    let v = fio(&args, out).await?;
+    let s = &v["jobs"][0][if job.read { "read" } else { "write" }];
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let pct = |p: &str| num(&s["clat_ns"]["percentile"][p]) / 1e3;
+    let m = Measure {
+        bw_kib_s: num(&s["bw"]),
+        iops: num(&s["iops"]),
+        clat_p50_us: pct("50.000000"),
+        clat_p99_us: pct("99.000000"),
+    };
+    if m.iops == 0.0 {
+        return Err(format!(
+            "fio {} on {}: no I/O measured",
+            job.name,
+            device.display()
+        ));
+    }
+    Ok(m)
+}
+
+/// The run with the median bandwidth (the upper one of an even count).
+fn median_measure(runs: &[Measure]) -> Measure {
+    let mut v = runs.to_vec();
+    v.sort_by(|a, b| a.bw_kib_s.total_cmp(&b.bw_kib_s));
+    v[v.len() / 2]
+}
+
+/// (max − min) / median of the bandwidths; 0 for a single run.
+fn spread(runs: &[Measure]) -> f64 {
+    let (lo, hi) = runs
+        .iter()
+        .map(|m| m.bw_kib_s)
+        .fold((f64::MAX, 0.0f64), |(lo, hi), b| (lo.min(b), hi.max(b)));
+    (hi - lo) / median_measure(runs).bw_kib_s
+}
+
+#[derive(Debug, Serialize)]
+struct FioRow {
+    volume: String,
+    copies: usize,
+    #[serde(flatten)]
+    measure: Measure,
+    /// Each round's bandwidth, KiB/s.
+    rounds_kib_s: Vec<f64>,
+    /// Bandwidth / the local volume's bandwidth (medians).
+    of_local: f64,
+    spread: f64,
+    target: Option<f64>,
+    met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct FioJob {
+    job: &'static str,
+    iodepth: u32,
+    rows: Vec<FioRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct FioVolume {
+    label: String,
+    copies: usize,
+    placement: String,
+    device: String,
+    controller_publish_ms: f64,
+    node_stage_ms: f64,
+    prefill_mib_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct FioReport {
+    config: FioConfig,
+    volumes: Vec<FioVolume>,
+    jobs: Vec<FioJob>,
+}
+
+/// The fio volumes: "local" (block on n1), then "rep1".."rep3".
+async fn fio_volumes(cl: &mut Cluster, size: u64) -> Vec<(Vol, usize, UpTimes)> {
+    let mut out = Vec::new();
+    for (label, replicas) in [
+        ("local", None),
+        ("rep1", Some(1)),
+        ("rep2", Some(2)),
+        ("rep3", Some(3)),
+    ] {
+        let mut v = create(cl, label, size, replicas).await;
+        let t = up(cl, &mut v, true).await.unwrap_or_else(|e| panic!("{e}"));
+        out.push((v, replicas.unwrap_or(0), t));
+    }
+    out
+}
+
+async fn fio_part(
+    cl: &mut Cluster,
+    cfg: &FioConfig,
+    vols: &[(Vol, usize, UpTimes)],
+) -> Result<FioReport, String> {
+    let out = cl.root.join("fio.json");
+    let mut volumes = Vec::new();
+    for (v, copies, t) in vols {
+        eprintln!("prefill {} ({} MiB)", v.label, cfg.size_bytes / MIB);
+        let took = prefill(cfg, &v.target, &out).await?;
+        volumes.push(FioVolume {
+            label: v.label.clone(),
+            copies: *copies,
+            placement: if *copies == 0 {
+                "block volume on n1".into()
+            } else {
+                cl.placement(v.id())
+            },
+            device: describe_device(&v.target),
+            controller_publish_ms: ms(t.controller_publish),
+            node_stage_ms: ms(t.node_stage),
+            prefill_mib_s: cfg.size_bytes as f64 / MIB as f64 / took.as_secs_f64(),
+        });
+    }
+    let mut jobs = Vec::new();
+    for (i, job) in JOBS.iter().enumerate() {
+        let mut runs: Vec<Vec<Measure>> = vec![Vec::new(); vols.len()];
+        for round in 0..cfg.rounds {
+            // Rotate so that no volume always runs first.
+            for k in 0..vols.len() {
+                let at = (i + round + k) % vols.len();
+                let v = &vols[at].0;
+                eprintln!("job {} round {}: {}", job.name, round + 1, v.label);
+                runs[at].push(run_job(cfg, job, &v.target, &out).await?);
+            }
+        }
+        let base = median_measure(&runs[0]).bw_kib_s;
+        let rows = vols
+            .iter()
+            .zip(&runs)
+            .map(|((v, copies, _), r)| {
+                let m = median_measure(r);
+                let of_local = m.bw_kib_s / base;
+                let target = target(*copies, job.name);
+                FioRow {
+                    volume: v.label.clone(),
+                    copies: *copies,
+                    measure: m,
+                    rounds_kib_s: r.iter().map(|m| m.bw_kib_s).collect(),
+                    of_local,
+                    spread: spread(r),
+                    target,
+                    met: target.map(|t| of_local >= t),
+                }
+            })
+            .collect();
+        jobs.push(FioJob {
+            job: job.name,
+            iodepth: if job.iodepth == 0 {
+                cfg.seq_iodepth
+            } else {
+                job.iodepth
+            },
+            rows,
+        });
+    }
+    Ok(FioReport {
+        config: cfg.clone(),
+        volumes,
+        jobs,
+    })
+}
+
+// ------------------------------------------------------------ publish/stage latency
+
+#[derive(Debug, Serialize)]
+struct StepSummary {
+    step: &'static str,
+    block: support::Summary,
+    replicated: support::Summary,
+}
+
+#[derive(Debug, Serialize)]
+struct PublishReport {
+    repeats: usize,
+    volume_bytes: u64,
+    replicated_placement: String,
+    steps: Vec<StepSummary>,
+}
+
+async fn publish_part(cl: &mut Cluster, repeats: usize) -> Result<PublishReport, String> {
+    let size = 64 * MIB;
+    let mut block = create(cl, "lat-block", size, None).await;
+    let mut rep = create(cl, "lat-rep3", size, Some(3)).await;
+    let placement = cl.placement(rep.id());
+    type Samples = [Vec<Duration>; 4];
+    let (mut sb, mut sr): (Samples, Samples) = Default::default();
+    for round in 0..repeats {
+        // Alternate which goes first.
+        for k in 0..2 {
+            let (v, s) = if (round + k) % 2 == 0 {
+                (&mut block, &mut sb)
+            } else {
+                (&mut rep, &mut sr)
+            };
+            let u = up(cl, v, false).await?;
+            let d = down(cl, v).await?;
+            s[0].push(u.controller_publish);
+            s[1].push(u.node_stage);
+            s[2].push(d.node_unstage);
+            s[3].push(d.controller_unpublish);
+        }
+    }
+    remove(cl, block).await;
+    remove(cl, rep).await;
+    let steps = [
+        "ControllerPublish",
+        "NodeStage",
+        "NodeUnstage",
+        "ControllerUnpublish",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, step)| StepSummary {
+        step,
+        block: support::summarize(&sb[i]),
+        replicated: support::summarize(&sr[i]),
+    })
+    .collect();
+    Ok(PublishReport {
+        repeats,
+        volume_bytes: size,
+        replicated_placement: placement,
+        steps,
+    })
+}
+
+// ------------------------------------------------------------ writers
+
+/// A page-aligned buffer for O_DIRECT.
+struct Aligned {
+    raw: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, fill: u8) -> Self {
+        let mut raw = vec![fill; len + 4096];
+        let at = raw.as_mut_ptr().align_offset(4096);
+        Aligned { raw, at, len }
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.raw[self.at..self.at + self.len]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.at..self.at + self.len]
+    }
+}
+
+fn open_direct(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+/// One write+fsync of the loop: when it started and ended, and whether it
+/// failed.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    start: Instant,
+    end: Instant,
+    ok: bool,
+}
+
+/// A thread writing until told to stop; told to stop when dropped.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Sample>>>,
+}
+
+impl Writer {
+    /// Writes `block` bytes + fdatasync at `offsets` (cycled), one after
+    /// the other, `interval` apart at the earliest (ZERO: back to back).
+    fn start(device: &Path, block: usize, offsets: Vec<u64>, interval: Duration) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let f = open_direct(device).expect("open the published device O_DIRECT");
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut buf = Aligned::new(block, 0);
+            let mut samples = Vec::new();
+            let mut next = Instant::now();
+            for (i, off) in offsets.iter().cycle().enumerate() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                if !interval.is_zero() {
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    next += interval;
+                }
+                buf.bytes_mut()[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                let start = Instant::now();
+                let ok = f.write_all_at(buf.bytes(), *off).is_ok() && f.sync_data().is_ok();
+                samples.push(Sample {
+                    start,
+                    end: Instant::now(),
+                    ok,
+                });
+            }
+            samples
+        });
+        Writer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    async fn finish(mut self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        let t = self.thread.take().expect("running");
+        tokio::task::spawn_blocking(move || t.join().expect("writer thread"))
+            .await
+            .expect("join")
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// "N MiB rebuilt" from a volume condition's message, where the
+/// controller reports the engine's rebuild counter (newer versions do).
+fn rebuilt_mib(message: &str) -> Option<u64> {
+    let at = message.find(" MiB rebuilt")?;
+    message[..at].rsplit(' ').next()?.parse().ok()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+// ------------------------------------------------------------ failover
+
+/// How long after a kill a stall is attributed to it: the engine's call
+/// timeout (2 s) and a record change fit in it.
+const FAILOVER_WINDOW: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Serialize)]
+struct FailoverReport {
+    volume: String,
+    killed: String,
+    writes_before: usize,
+    before_median_ms: f64,
+    before_p99_ms: f64,
+    /// The longest write+fsync that ended in the window before the kill
+    /// (the noise a stall is compared with).
+    before_longest_ms: f64,
+    /// The longest write+fsync that ended in the window after the kill.
+    stall_ms: f64,
+    /// From the kill until that write ended: writes flow again.
+    kill_to_flowing_ms: f64,
+    writes_after: usize,
+    after_median_ms: f64,
+    after_p99_ms: f64,
+    failed_writes: usize,
+    /// Per 250 ms from the kill: (start of the bucket in ms after the
+    /// kill, writes that ended in it, the longest of them in ms).
+    timeline: Vec<(i64, usize, f64)>,
+    /// The condition the controller reported after the kill.
+    condition: String,
+}
+
+async fn failover_part(
+    cl: &mut Cluster,
+    v: &Vol,
+    victim: usize,
+    dirty: &mut BTreeSet<u64>,
+) -> Result<FailoverReport, String> {
+    // 4 KiB writes over the first 64 KiB (region 0).
+    let offsets: Vec<u64> = (0..16).map(|i| i * 4096).collect();
+    let w = Writer::start(&v.target, 4096, offsets, Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let kill = Instant::now();
+    cl.nodes[victim - 1].kill9();
+    eprintln!("killed {} (SIGKILL)", node_id(victim));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let samples = w.finish().await;
+    dirty.insert(0);
+    let lat = |s: &&Sample| s.end - s.start;
+    let before: Vec<&Sample> = samples.iter().filter(|s| s.end < kill).collect();
+    let before_lat: Vec<Duration> = before.iter().map(lat).collect();
+    let before_longest = before
+        .iter()
+        .filter(|s| s.end + FAILOVER_WINDOW >= kill)
+        .map(lat)
+        .max()
+        .unwrap_or_default();
+    let stalled = samples
+        .iter()
+        .filter(|s| s.end >= kill && s.end < kill + FAILOVER_WINDOW)
+        .max_by_key(|s| s.end - s.start)
+        .ok_or("no write ended in the 3 s after the kill")?;
+    let after_lat: Vec<Duration> = samples
+        .iter()
+        .filter(|s| s.start >= stalled.end)
+        .map(|s| s.end - s.start)
+        .collect();
+    let (b, a) = (
+        support::summarize(&before_lat),
+        support::summarize(&after_lat),
+    );
+    let last = samples.last().map_or(kill, |s| s.end);
+    let rel = |t: Instant| {
+        if t >= kill {
+            (t - kill).as_millis() as i64
+        } else {
+            -((kill - t).as_millis() as i64)
+        }
+    };
+    let mut timeline = Vec::new();
+    let mut at = -1000i64;
+    while at < rel(last) {
+        let in_bucket: Vec<f64> = samples
+            .iter()
+            .filter(|s| (at..at + 250).contains(&rel(s.end)))
+            .map(|s| ms(s.end - s.start))
+            .collect();
+        timeline.push((
+            at,
+            in_bucket.len(),
+            in_bucket.iter().copied().fold(0.0, f64::max),
+        ));
+        at += 250;
+    }
+    let condition = match cl.condition(v.id()).await {
+        Ok((a, m)) => format!("abnormal={a}: {m}"),
+        Err(e) => format!("ControllerGetVolume: {e}"),
+    };
+    Ok(FailoverReport {
+        volume: v.label.clone(),
+        killed: node_id(victim),
+        writes_before: before.len(),
+        before_median_ms: b.median_ms,
+        before_p99_ms: b.p99_ms,
+        before_longest_ms: ms(before_longest),
+        stall_ms: ms(stalled.end - stalled.start),
+        kill_to_flowing_ms: ms(stalled.end - kill),
+        writes_after: after_lat.len(),
+        after_median_ms: a.median_ms,
+        after_p99_ms: a.p99_ms,
+        failed_writes: samples.iter().filter(|s| !s.ok).count(),
+        timeline,
+        condition,
+    })
+}
+
+// ------------------------------------------------------------ rebuilds
+
+#[derive(Debug, Serialize)]
+struct DirtyRebuildReport {
+    volume: String,
+    node: String,
+    dirty_seconds: u64,
+    rate_mb_s_asked: f64,
+    rate_mb_s_achieved: f64,
+    bytes_written: u64,
+    failed_writes: usize,
+    /// Distinct 1 MiB regions written while the copy was away.
+    dirty_regions: usize,
+    bytes_moved_estimate: u64,
+    /// The engine's own count, when the condition message carries it.
+    rebuilt_mib_reported: Option<u64>,
+    /// Restart → the agent's socket answers.
+    agent_up_ms: f64,
+    /// Restart → every copy in sync (ControllerGetVolume).
+    restart_to_in_sync_ms: f64,
+    /// Agent up → every copy in sync.
+    rebuild_ms: f64,
+    rebuild_mib_s: f64,
+    condition: String,
+}
+
+async fn dirty_rebuild_part(
+    cl: &mut Cluster,
+    v: &Vol,
+    victim: usize,
+    size: u64,
+    seconds: u64,
+    rate_mb_s: f64,
+    dirty: &mut BTreeSet<u64>,
+) -> Result<DirtyRebuildReport, String> {
+    let regions = size / REGION;
+    // Sequential 1 MiB writes from region 1 on (region 0 took the
+    // failover's writes), wrapping around.
+    let count = ((seconds as f64 * rate_mb_s * 1e6) / MIB as f64).ceil() as u64;
+    let offsets: Vec<u64> = (0..count)
+        .map(|i| (1 + i % (regions - 1)) * REGION)
+        .collect();
+    dirty.extend(offsets.iter().map(|o| o / REGION));
+    let interval = Duration::from_secs_f64(MIB as f64 / (rate_mb_s * 1e6));
+    eprintln!(
+        "writing {count} MiB at {rate_mb_s} MB/s for {seconds} s while {} is down",
+        node_id(victim)
+    );
+    let start = Instant::now();
+    let w = Writer::start(&v.target, MIB as usize, offsets.clone(), interval);
+    // Stop once every offset was written once.
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if w.thread.as_ref().is_none_or(|t| t.is_finished())
+            || start.elapsed() >= interval * count as u32
+        {
+            break;
+        }
+    }
+    let samples = w.finish().await;
+    let wrote = samples.len() as u64 * MIB;
+    let took = start.elapsed();
+    let failed = samples.iter().filter(|s| !s.ok).count();
+    let (abnormal, msg) = cl.condition(v.id()).await.map_err(|e| e.to_string())?;
+    if !abnormal {
+        return Err(format!(
+            "the volume is not abnormal with {} down: {msg}",
+            node_id(victim)
+        ));
+    }
+    eprintln!("restarting {}", node_id(victim));
+    let restart = Instant::now();
+    cl.nodes[victim - 1].spawn();
+    cl.nodes[victim - 1].wait_socket();
+    let agent_up = Instant::now();
+    let (synced, condition) = cl
+        .wait_condition(v.id(), false, Duration::from_secs(600))
+        .await
+        .map_err(|e| format!("{e}\nn1 log:\n{}", cl.nodes[0].log_tail(30)))?;
+    let moved = dirty.len() as u64 * REGION;
+    let rebuild = synced - agent_up;
+    Ok(DirtyRebuildReport {
+        volume: v.label.clone(),
+        node: node_id(victim),
+        dirty_seconds: seconds,
+        rate_mb_s_asked: rate_mb_s,
+        rate_mb_s_achieved: wrote as f64 / 1e6 / took.as_secs_f64(),
+        bytes_written: wrote,
+        failed_writes: failed,
+        dirty_regions: dirty.len(),
+        bytes_moved_estimate: moved,
+        rebuilt_mib_reported: rebuilt_mib(&condition),
+        agent_up_ms: ms(agent_up - restart),
+        restart_to_in_sync_ms: ms(synced - restart),
+        rebuild_ms: ms(rebuild),
+        rebuild_mib_s: moved as f64 / MIB as f64 / rebuild.as_secs_f64(),
+        condition,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct FullRebuildReport {
+    volume: String,
+    bytes: u64,
+    placement: String,
+    node: String,
+    wiped: bool,
+    /// ControllerPublish + NodeStage of the new engine.
+    publish_ms: f64,
+    stage_ms: f64,
+    /// NodeStage's return → every copy in sync.
+    rebuild_ms: f64,
+    rebuild_mib_s: f64,
+    /// The engine's own count, when the condition message carries it.
+    rebuilt_mib_reported: Option<u64>,
+    condition: String,
+    /// After unstaging: the rebuilt copy's bytes equal n1's.
+    identical: Option<bool>,
+}
+
+/// Empties a dead copy's bytes on disk, keeping its record: its `data`
+/// file becomes one hole of the same size and its region tags zero.
+fn wipe_copy(dir: &Path) -> std::io::Result<()> {
+    for name in ["data", "tags"] {
+        let p = dir.join(name);
+        let f = std::fs::OpenOptions::new().write(true).open(&p)?;
+        let len = f.metadata()?.len();
+        f.set_len(0)?;
+        f.set_len(len)?;
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Whether two files hold the same bytes (read 4 MiB at a time).
+fn same_bytes(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+async fn full_rebuild_part(
+    cl: &mut Cluster,
+    cfg: &FioConfig,
+    size: u64,
+    wipe: bool,
+) -> Result<FullRebuildReport, String> {
+    let mut v = create(cl, "full", size, Some(3)).await;
+    let placement = cl.placement(v.id());
+    let victim = *cl
+        .copy_nodes(v.id())
+        .iter()
+        .rev()
+        .find(|&&i| i != 1)
+        .ok_or("no copy off n1")?;
+    up(cl, &mut v, true).await?;
+    eprintln!("full rebuild: writing {} MiB", size / MIB);
+    let fcfg = FioConfig {
+        size_bytes: size,
+        ..cfg.clone()
+    };
+    prefill(&fcfg, &v.target, &cl.root.join("fio.json")).await?;
+    cl.nodes[victim - 1].kill9();
+    // One write+fsync: the engine notices the dead copy and marks it out.
+    let w = Writer::start(&v.target, 4096, vec![0], Duration::from_millis(100));
+    let marked = cl
+        .wait_condition(v.id(), true, Duration::from_secs(60))
+        .await;
+    let samples = w.finish().await;
+    marked?;
+    if samples.iter().any(|s| !s.ok) {
+        return Err("a write failed after the copy was killed".into());
+    }
+    down(cl, &mut v).await?;
+    let dir = cl.member_dir(victim, v.id());
+    if wipe {
+        wipe_copy(&dir).map_err(|e| format!("wipe {}: {e}", dir.display()))?;
+    }
+    cl.nodes[victim - 1].spawn();
+    cl.nodes[victim - 1].wait_socket();
+    cl.wait_fresh(&[victim]).await;
+    let t = up(cl, &mut v, true).await?;
+    let staged = Instant::now();
+    eprintln!("full rebuild: staged again, waiting for every copy in sync");
+    let (synced, condition) = cl
+        .wait_condition(v.id(), false, Duration::from_secs(1800))
+        .await
+        .map_err(|e| format!("{e}\nn1 log:\n{}", cl.nodes[0].log_tail(30)))?;
+    let rebuild = synced - staged;
+    down(cl, &mut v).await?;
+    let identical = same_bytes(&cl.member_dir(1, v.id()).join("data"), &dir.join("data")).ok();
+    remove(cl, v).await;
+    Ok(FullRebuildReport {
+        volume: "full".into(),
+        bytes: size,
+        placement,
+        node: node_id(victim),
+        wiped: wipe,
+        publish_ms: ms(t.controller_publish),
+        stage_ms: ms(t.node_stage),
+        rebuild_ms: ms(rebuild),
+        rebuild_mib_s: size as f64 / MIB as f64 / rebuild.as_secs_f64(),
+        rebuilt_mib_reported: rebuilt_mib(&condition),
+        condition,
+        identical,
+    })
+}
+
+// ------------------------------------------------------------ report
+
+#[derive(Debug, Serialize)]
+struct Report {
+    transport: &'static str,
+    pool_fs: &'static str,
+    fio: Option<FioReport>,
+    publish: Option<PublishReport>,
+    failover: Option<FailoverReport>,
+    dirty_rebuild: Option<DirtyRebuildReport>,
+    full_rebuild: Option<FullRebuildReport>,
+    /// Identical bytes on every copy of the 3-copy fio volume after it was
+    /// unstaged (after the dirty-region rebuild).
+    rep3_copies_identical: Option<bool>,
+    errors: Vec<String>,
+    loadavg: String,
+    wall_s: f64,
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "stowage replicated-volume bench: controller + {NODES} node agents over {}, every pool on {}",
+        r.transport, r.pool_fs
+    );
+    if let Some(f) = &r.fio {
+        let c = &f.config;
+        println!();
+        println!(
+            "fio {} direct=1, raw block volumes staged and published on n1, {} MiB each, {} s per job after {} s ramp, sequential QD{}, median of {} interleaved round(s)",
+            c.ioengine,
+            c.size_bytes / MIB,
+            c.runtime_s,
+            c.ramp_s,
+            c.seq_iodepth,
+            c.rounds
+        );
+        for v in &f.volumes {
+            println!(
+                "  {:<6} {:<40} {:<12} ControllerPublish {:>7.1} ms, NodeStage {:>7.1} ms, prefill {:>6.1} MiB/s",
+                v.label,
+                v.placement,
+                v.device,
+                v.controller_publish_ms,
+                v.node_stage_ms,
+                v.prefill_mib_s
+            );
+        }
+        for j in &f.jobs {
+            println!();
+            println!("{} (QD{})", j.job, j.iodepth);
+            println!(
+                "  {:<6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}  {:<8} rounds MiB/s",
+                "volume", "MiB/s", "IOPS", "p50 µs", "p99 µs", "of local", "spread", "target"
+            );
+            for row in &j.rows {
+                let m = &row.measure;
+                let target = match (row.target, row.met) {
+                    (Some(t), Some(true)) => format!("≥{:.0}% ok", t * 100.0),
+                    (Some(t), _) => format!("≥{:.0}% MISSED", t * 100.0),
+                    _ => String::new(),
+                };
+                println!(
+                    "  {:<6} {:>9.1} {:>9.0} {:>9.1} {:>9.1} {:>8} {:>7}  {:<12} {}",
+                    row.volume,
+                    m.bw_kib_s / 1024.0,
+                    m.iops,
+                    m.clat_p50_us,
+                    m.clat_p99_us,
+                    pct(row.of_local),
+                    pct(row.spread),
+                    target,
+                    row.rounds_kib_s
+                        .iter()
+                        .map(|b| format!("{:.1}", b / 1024.0))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
+        }
+        println!();
+        println!("issue 14 targets (% of local, medians):");
+        for j in &f.jobs {
+            for row in j.rows.iter().filter(|r| r.target.is_some()) {
+                println!(
+                    "  {} cop{} {:<16} {:>7}  target ≥{:.0}%  {}",
+                    row.copies,
+                    if row.copies == 1 { "y  " } else { "ies" },
+                    j.job,
+                    pct(row.of_local),
+                    row.target.unwrap() * 100.0,
+                    if row.met == Some(true) {
+                        "met"
+                    } else {
+                        "NOT met"
+                    }
+                );
+            }
+        }
+    }
+    if let Some(p) = &r.publish {
+        println!();
+        println!(
+            "publish/stage of {} MiB raw block volumes on n1, {} interleaved rounds (replicated: 3 copies, {}), ms:",
+            p.volume_bytes / MIB,
+            p.repeats,
+            p.replicated_placement
+        );
+        println!(
+            "  {:<20} {:>9} {:>9} {:>11} {:>9}",
+            "call", "block", "p90", "replicated", "p90"
+        );
+        for s in &p.steps {
+            println!(
+                "  {:<20} {:>9.1} {:>9.1} {:>11.1} {:>9.1}",
+                s.step,
+                s.block.median_ms,
+                s.block.p90_ms,
+                s.replicated.median_ms,
+                s.replicated.p90_ms
+            );
+        }
+    }
+    if let Some(f) = &r.failover {
+        println!();
+        println!(
+            "failover: SIGKILL of {}'s agent under 4 KiB O_DIRECT write+fdatasync back to back on {} (published on n1)",
+            f.killed, f.volume
+        );
+        println!(
+            "  before: {} writes, median {:.2} ms, p99 {:.2} ms; longest in the 3 s before the kill {:.0} ms",
+            f.writes_before, f.before_median_ms, f.before_p99_ms, f.before_longest_ms
+        );
+        println!(
+            "  longest write+fsync ending in the 3 s after the kill: {:.0} ms; writes flow again {:.0} ms after the kill",
+            f.stall_ms, f.kill_to_flowing_ms
+        );
+        println!(
+            "  from then: {} writes, median {:.2} ms, p99 {:.2} ms; {} write(s) failed in all",
+            f.writes_after, f.after_median_ms, f.after_p99_ms, f.failed_writes
+        );
+        println!(
+            "  writes ended per 250 ms, −1 s to +3 s from the kill (start ms: count/longest ms): {}",
+            f.timeline
+                .iter()
+                .filter(|(at, _, _)| *at < FAILOVER_WINDOW.as_millis() as i64)
+                .map(|(at, n, max)| format!("{at}:{n}/{max:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        println!("  condition after: {}", f.condition);
+    }
+    if let Some(d) = &r.dirty_rebuild {
+        println!();
+        println!(
+            "dirty-region rebuild of {}'s copy of {}: {:.1} MB written in {} s (asked {:.1} MB/s, achieved {:.2} MB/s, {} failed) while it was down",
+            d.node,
+            d.volume,
+            d.bytes_written as f64 / 1e6,
+            d.dirty_seconds,
+            d.rate_mb_s_asked,
+            d.rate_mb_s_achieved,
+            d.failed_writes
+        );
+        println!(
+            "  agent restarted, listening after {:.0} ms; every copy in sync {:.0} ms after the restart = {:.0} ms after the agent was up",
+            d.agent_up_ms, d.restart_to_in_sync_ms, d.rebuild_ms
+        );
+        println!(
+            "  bytes moved ≈ {} dirty regions × 1 MiB = {:.1} MiB (the regions written while it was down) → {:.1} MiB/s; the engine's count: {}",
+            d.dirty_regions,
+            d.bytes_moved_estimate as f64 / MIB as f64,
+            d.rebuild_mib_s,
+            d.rebuilt_mib_reported
+                .map_or("not reported".to_owned(), |m| format!("{m} MiB rebuilt"))
+        );
+        println!("  condition after: {}", d.condition);
+    }
+    if let Some(identical) = r.rep3_copies_identical {
+        println!(
+            "  rep3 after unstaging: every copy's bytes {}",
+            if identical { "identical" } else { "DIFFER" }
+        );
+    }
+    if let Some(f) = &r.full_rebuild {
+        println!();
+        println!(
+            "full rebuild: {} MiB 3-copy volume ({}), {}'s copy {} while its agent was dead, then published and staged on n1 again (ControllerPublish {:.0} ms, NodeStage {:.0} ms)",
+            f.bytes / MIB,
+            f.placement,
+            f.node,
+            if f.wiped {
+                "wiped (data truncated to a hole, tags zeroed)"
+            } else {
+                "left as it was"
+            },
+            f.publish_ms,
+            f.stage_ms
+        );
+        println!(
+            "  every copy in sync {:.0} ms after NodeStage returned: {:.1} MiB/s; rebuilt copy identical to n1's: {}",
+            f.rebuild_ms,
+            f.rebuild_mib_s,
+            match f.identical {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "not compared",
+            }
+        );
+        if let Some(m) = f.rebuilt_mib_reported {
+            println!("  the engine's count: {m} MiB rebuilt");
+        }
+        println!("  condition after: {}", f.condition);
+    }
+    if !r.errors.is_empty() {
+        println!();
+        println!("errors:");
+        for e in &r.errors {
+            println!("  {e}");
+        }
+    }
+    println!();
+    println!("loadavg {}; wall time {:.0} s", r.loadavg, r.wall_s);
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+async fn run(args: &Args) -> Report {
+    let wall = Instant::now();
+    let num = |flag: &str, default: u64| {
+        args.value(flag)
+            .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{flag} N")))
+            .unwrap_or(default)
+    };
+    let size_arg = |flag: &str, default: u64| {
+        let s = args
+            .value(flag)
+            .map_or(default, |s| support::parse_size(&s) as u64);
+        s.div_ceil(MIB).max(64) * MIB
+    };
+    let size = size_arg("--size", 1 << 30);
+    let full_size = size_arg("--full-size", 1 << 30);
+    let cfg = FioConfig {
+        ioengine: args
+            .value("--ioengine")
+            .unwrap_or_else(|| "io_uring".into()),
+        runtime_s: num("--runtime", 10).max(1),
+        ramp_s: num("--ramp", 1),
+        size_bytes: size,
+        seq_iodepth: num("--seq-iodepth", 8).max(1) as u32,
+        rounds: num("--rounds", 2).max(1) as usize,
+    };
+    let repeats = num("--publish-repeats", 5).max(1) as usize;
+    let dirty_seconds = num("--dirty-seconds", 20).max(1);
+    let dirty_rate: f64 = args
+        .value("--dirty-rate")
+        .map_or(10.0, |v| v.parse().expect("--dirty-rate MB/s"));
+    let wipe = !args.flag("--no-wipe");
+    let skip_fio = args.flag("--skip-fio");
+
+    // Every copy written in full: 1 + 1 + 2 + 3 volumes of `size`, three
+    // copies of `full_size`, and room for xfs.
+    let pool = (7 * size + 3 * full_size + (4 << 30)).max(16 << 30);
+    let mut cl = Cluster::start(pool).await;
+    let mut errors = Vec::new();
+
+    let vols = fio_volumes(&mut cl, size).await;
+    let fio = if skip_fio {
+        None
+    } else {
+        match fio_part(&mut cl, &cfg, &vols).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                errors.push(format!("fio: {e}"));
+                None
+            }
+        }
+    };
+    let mut vols: Vec<Vol> = vols.into_iter().map(|(v, _, _)| v).collect();
+
+    let publish = match publish_part(&mut cl, repeats).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            errors.push(format!("publish/stage: {e}"));
+            None
+        }
+    };
+
+    // Failover and dirty-region rebuild on the 3-copy fio volume: kill a
+    // copy other than n1's.
+    let rep3 = vols.pop().expect("rep3");
+    let victim = *cl
+        .copy_nodes(rep3.id())
+        .iter()
+        .rev()
+        .find(|&&i| i != 1)
+        .expect("a copy off n1");
+    let mut dirty = BTreeSet::new();
+    let mut dirty_rebuild = None;
+    let failover = match failover_part(&mut cl, &rep3, victim, &mut dirty).await {
+        Ok(f) => {
+            match dirty_rebuild_part(
+                &mut cl,
+                &rep3,
+                victim,
+                size,
+                dirty_seconds,
+                dirty_rate,
+                &mut dirty,
+            )
+            .await
+            {
+                Ok(d) => dirty_rebuild = Some(d),
+                Err(e) => errors.push(format!("dirty-region rebuild: {e}")),
+            }
+            Some(f)
+        }
+        Err(e) => {
+            errors.push(format!("failover: {e}"));
+            None
+        }
+    };
+    if cl.nodes[victim - 1].child.is_none() {
+        cl.nodes[victim - 1].spawn();
+        cl.nodes[victim - 1].wait_socket();
+    }
+    cl.wait_fresh(&[victim]).await;
+
+    // Compare rep3's copies once its engine is stopped (flushed).
+    let mut rep3 = rep3;
+    let rep3_id = rep3.id().to_owned();
+    let rep3_copies_identical = match down(&mut cl, &mut rep3).await {
+        Ok(_) => {
+            let nodes = cl.copy_nodes(&rep3_id);
+            let first = cl.member_dir(nodes[0], &rep3_id).join("data");
+            nodes[1..]
+                .iter()
+                .map(|&i| same_bytes(&first, &cl.member_dir(i, &rep3_id).join("data")))
+                .collect::<Result<Vec<bool>, _>>()
+                .ok()
+                .map(|v| v.iter().all(|&b| b))
+        }
+        Err(e) => {
+            errors.push(format!("rep3 down: {e}"));
+            None
+        }
+    };
+    let _ = cl
+        .ctl
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: rep3_id,
+            ..Default::default()
+        })
+        .await;
+    for v in vols {
+        remove(&mut cl, v).await;
+    }
+
+    let full_rebuild = match full_rebuild_part(&mut cl, &cfg, full_size, wipe).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            errors.push(format!("full rebuild: {e}"));
+            None
+        }
+    };
+
+    Report {
+        transport: "loopback TCP, mutual TLS",
+        pool_fs: "one xfs filesystem on a loop device",
+        fio,
+        publish,
+        failover,
+        dirty_rebuild,
+        full_rebuild,
+        rep3_copies_identical,
+        errors,
+        loadavg: loadavg(),
+        wall_s: wall.elapsed().as_secs_f64(),
+    }
+}
+
+fn fio_installed() -> bool {
+    Command::new("fio")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn main() {
+    let args = Args::from_env();
+    if !fio_installed() {
+        eprintln!(
+            "replicated: fio not found: install the fio package (Debian: apt-get install fio)"
+        );
+        std::process::exit(2);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = rt.block_on(async {
+        // Ctrl-C drops the bench future, and with it every process, fio,
+        // the mounts, loop devices and the scratch directory.
+        tokio::select! {
+            r = run(&args) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    let Some(report) = report else {
+        eprintln!("interrupted; cleaned up");
+        std::process::exit(130);
+    };
+    if args.flag("--json") {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    } else {
+        print_report(&report);
+    }
+    if !report.errors.is_empty() {
+        std::process::exit(1);
+    }
+}
