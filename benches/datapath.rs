@@ -40,6 +40,8 @@
 mod common;
 mod support;
 
+use support::fio::{JOBS, Job, Measure, median, spread};
+
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -53,62 +55,6 @@ use support::{Args, Driver, Published, VolumeSpec};
 
 const MIB: u64 = 1 << 20;
 
-/// One fio job shape.
-#[derive(Debug, Clone, Copy)]
-struct Job {
-    name: &'static str,
-    rw: &'static str,
-    bs: &'static str,
-    /// 0 = the sequential queue depth from the command line.
-    iodepth: u32,
-    read: bool,
-}
-
-const JOBS: [Job; 6] = [
-    Job {
-        name: "seq-write",
-        rw: "write",
-        bs: "1M",
-        iodepth: 0,
-        read: false,
-    },
-    Job {
-        name: "seq-read",
-        rw: "read",
-        bs: "1M",
-        iodepth: 0,
-        read: true,
-    },
-    Job {
-        name: "rand-write-qd1",
-        rw: "randwrite",
-        bs: "4k",
-        iodepth: 1,
-        read: false,
-    },
-    Job {
-        name: "rand-read-qd1",
-        rw: "randread",
-        bs: "4k",
-        iodepth: 1,
-        read: true,
-    },
-    Job {
-        name: "rand-write-qd32",
-        rw: "randwrite",
-        bs: "4k",
-        iodepth: 32,
-        read: false,
-    },
-    Job {
-        name: "rand-read-qd32",
-        rw: "randread",
-        bs: "4k",
-        iodepth: 32,
-        read: true,
-    },
-];
-
 /// The volume kinds, in table order.
 const KINDS: [&str; 3] = ["ext4", "raw", "dir"];
 
@@ -120,15 +66,6 @@ fn goal(kind: &str, job: &str) -> Option<f64> {
         ("ext4" | "raw", "rand-read-qd32") => Some(0.60),
         _ => None,
     }
-}
-
-/// What one fio run measured.
-#[derive(Debug, Clone, Copy, Serialize)]
-struct Measure {
-    bw_kib_s: f64,
-    iops: f64,
-    clat_p50_us: f64,
-    clat_p99_us: f64,
 }
 
 /// Settings shared by every fio run.
@@ -381,20 +318,6 @@ fn loadavg() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
-}
-
-/// The run with the median bandwidth (the upper one of an even count).
-fn median(runs: &[Measure]) -> Measure {
-    let mut v = runs.to_vec();
-    v.sort_by(|a, b| a.bw_kib_s.total_cmp(&b.bw_kib_s));
-    v[v.len() / 2]
-}
-
-/// (max − min) / median of the bandwidths; 0 for a single run.
-fn spread(runs: &[Measure]) -> f64 {
-    let bw = runs.iter().map(|m| m.bw_kib_s);
-    let (lo, hi) = bw.fold((f64::MAX, 0.0f64), |(lo, hi), b| (lo.min(b), hi.max(b)));
-    (hi - lo) / median(runs).bw_kib_s
 }
 
 /// Prefills every target, then runs each job on the baseline and each

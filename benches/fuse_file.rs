@@ -35,6 +35,8 @@
 mod common;
 mod support;
 
+use support::fio::{Measure, median, spread};
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -110,15 +112,6 @@ const JOBS: [Job; 6] = [
         goal: Some(0.50),
     },
 ];
-
-/// What one fio run measured.
-#[derive(Debug, Clone, Copy, Serialize)]
-struct Measure {
-    bw_kib_s: f64,
-    iops: f64,
-    clat_p50_us: f64,
-    clat_p99_us: f64,
-}
 
 #[derive(Debug, Clone, Serialize)]
 struct Config {
@@ -220,22 +213,6 @@ fn run_job(cfg: &Config, job: &Job, t: &Target) -> Result<Measure, String> {
         return Err(format!("fio {} on {}: no I/O measured", job.name, t.label));
     }
     Ok(m)
-}
-
-/// The run with the median bandwidth (the upper one of an even count).
-fn median(runs: &[Measure]) -> Measure {
-    let mut v = runs.to_vec();
-    v.sort_by(|a, b| a.bw_kib_s.total_cmp(&b.bw_kib_s));
-    v[v.len() / 2]
-}
-
-/// (max − min) / median of the bandwidths; 0 for a single run.
-fn spread(runs: &[Measure]) -> f64 {
-    let (lo, hi) = runs
-        .iter()
-        .map(|m| m.bw_kib_s)
-        .fold((f64::MAX, 0.0f64), |(lo, hi), b| (lo.min(b), hi.max(b)));
-    (hi - lo) / median(runs).bw_kib_s
 }
 
 #[derive(Debug, Serialize)]

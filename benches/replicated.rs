@@ -71,6 +71,8 @@
 mod common;
 mod support;
 
+use support::fio::{JOBS, Job, Measure, median as median_measure, spread};
+
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -637,62 +639,6 @@ fn describe_device(target: &Path) -> String {
 
 // ------------------------------------------------------------ fio
 
-/// One fio job shape.
-#[derive(Debug, Clone, Copy)]
-struct Job {
-    name: &'static str,
-    rw: &'static str,
-    bs: &'static str,
-    /// 0 = the sequential queue depth from the command line.
-    iodepth: u32,
-    read: bool,
-}
-
-const JOBS: [Job; 6] = [
-    Job {
-        name: "seq-write",
-        rw: "write",
-        bs: "1M",
-        iodepth: 0,
-        read: false,
-    },
-    Job {
-        name: "seq-read",
-        rw: "read",
-        bs: "1M",
-        iodepth: 0,
-        read: true,
-    },
-    Job {
-        name: "rand-write-qd1",
-        rw: "randwrite",
-        bs: "4k",
-        iodepth: 1,
-        read: false,
-    },
-    Job {
-        name: "rand-read-qd1",
-        rw: "randread",
-        bs: "4k",
-        iodepth: 1,
-        read: true,
-    },
-    Job {
-        name: "rand-write-qd32",
-        rw: "randwrite",
-        bs: "4k",
-        iodepth: 32,
-        read: false,
-    },
-    Job {
-        name: "rand-read-qd32",
-        rw: "randread",
-        bs: "4k",
-        iodepth: 32,
-        read: true,
-    },
-];
-
 /// The issue's target (fraction of local) for `copies` copies and a job;
 /// None where the issue sets none.
 fn target(copies: usize, job: &str) -> Option<f64> {
@@ -801,15 +747,6 @@ async fn prefill(cfg: &FioConfig, device: &Path, out: &Path) -> Result<Duration,
     Ok(t.elapsed())
 }
 
-/// What one fio run measured.
-#[derive(Debug, Clone, Copy, Serialize)]
-struct Measure {
-    bw_kib_s: f64,
-    iops: f64,
-    clat_p50_us: f64,
-    clat_p99_us: f64,
-}
-
 async fn run_job(cfg: &FioConfig, job: &Job, device: &Path, out: &Path) -> Result<Measure, String> {
     let iodepth = if job.iodepth == 0 {
         cfg.seq_iodepth
@@ -844,22 +781,6 @@ async fn run_job(cfg: &FioConfig, job: &Job, device: &Path, out: &Path) -> Resul
         ));
     }
     Ok(m)
-}
-
-/// The run with the median bandwidth (the upper one of an even count).
-fn median_measure(runs: &[Measure]) -> Measure {
-    let mut v = runs.to_vec();
-    v.sort_by(|a, b| a.bw_kib_s.total_cmp(&b.bw_kib_s));
-    v[v.len() / 2]
-}
-
-/// (max − min) / median of the bandwidths; 0 for a single run.
-fn spread(runs: &[Measure]) -> f64 {
-    let (lo, hi) = runs
-        .iter()
-        .map(|m| m.bw_kib_s)
-        .fold((f64::MAX, 0.0f64), |(lo, hi), b| (lo.min(b), hi.max(b)));
-    (hi - lo) / median_measure(runs).bw_kib_s
 }
 
 #[derive(Debug, Serialize)]

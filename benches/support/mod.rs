@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod fio;
+
 use stowage::csi;
 use stowage::csi::controller_client::ControllerClient;
 use stowage::csi::identity_client::IdentityClient;

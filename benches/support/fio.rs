@@ -1,0 +1,84 @@
+//! fio pieces the data-path benchmarks share: the job shapes, what one run
+//! measured, and the median and spread over interleaved rounds.
+
+use serde::Serialize;
+
+/// One fio job shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Job {
+    pub name: &'static str,
+    pub rw: &'static str,
+    pub bs: &'static str,
+    /// 0 = the sequential queue depth from the command line.
+    pub iodepth: u32,
+    pub read: bool,
+}
+
+/// The jobs of the datapath and replicated benchmarks.
+pub const JOBS: [Job; 6] = [
+    Job {
+        name: "seq-write",
+        rw: "write",
+        bs: "1M",
+        iodepth: 0,
+        read: false,
+    },
+    Job {
+        name: "seq-read",
+        rw: "read",
+        bs: "1M",
+        iodepth: 0,
+        read: true,
+    },
+    Job {
+        name: "rand-write-qd1",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        read: false,
+    },
+    Job {
+        name: "rand-read-qd1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+        read: true,
+    },
+    Job {
+        name: "rand-write-qd32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        read: false,
+    },
+    Job {
+        name: "rand-read-qd32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        read: true,
+    },
+];
+
+/// What one fio run measured.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Measure {
+    pub bw_kib_s: f64,
+    pub iops: f64,
+    pub clat_p50_us: f64,
+    pub clat_p99_us: f64,
+}
+
+/// The run with the median bandwidth (the upper one of an even count).
+pub fn median(runs: &[Measure]) -> Measure {
+    let mut v = runs.to_vec();
+    v.sort_by(|a, b| a.bw_kib_s.total_cmp(&b.bw_kib_s));
+    v[v.len() / 2]
+}
+
+/// (max − min) / median of the bandwidths; 0 for a single run.
+pub fn spread(runs: &[Measure]) -> f64 {
+    let bw = runs.iter().map(|m| m.bw_kib_s);
+    let (lo, hi) = bw.fold((f64::MAX, 0.0f64), |(lo, hi), b| (lo.min(b), hi.max(b)));
+    (hi - lo) / median(runs).bw_kib_s
+}
