@@ -108,7 +108,8 @@ impl Mounted {
         })
     }
 
-    async fn down(self, cl: &mut Cluster, volume_id: &str) {
+    /// NodeUnpublish and NodeUnstage on the node, as the kubelet does.
+    async fn node_down(&self, cl: &mut Cluster, volume_id: &str) {
         let mut node = cl.node(self.node).await;
         node.node
             .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
@@ -124,6 +125,11 @@ impl Mounted {
             })
             .await
             .unwrap_or_else(|e| panic!("unstage: {e:?}\n{}", cl.nodes[self.node - 1].log_tail(30)));
+    }
+
+    /// [`Mounted::node_down`], then ControllerUnpublish.
+    async fn down(self, cl: &mut Cluster, volume_id: &str) {
+        self.node_down(cl, volume_id).await;
         cl.c.controller
             .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
                 volume_id: volume_id.to_owned(),
@@ -428,21 +434,7 @@ async fn a_cut_off_engine_is_fenced_once_the_volume_moved() {
     );
     m3.down(&mut cl, &v.volume_id).await;
     // n1 cleans up its stale staging (its publication is gone already).
-    let mut n1 = cl.node(1).await;
-    n1.node
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            target_path: m1.target.display().to_string(),
-        })
-        .await
-        .unwrap();
-    n1.node
-        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            staging_target_path: m1.staging.display().to_string(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("unstage on n1: {e:?}\n{}", cl.nodes[0].log_tail(30)));
+    m1.node_down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
 }
 
@@ -472,29 +464,7 @@ async fn losing_a_majority_fails_io_and_loses_no_acknowledged_write() {
     cl.wait_fresh(&[node_id(2), node_id(3)]).await;
     // The stuck staging is taken down; a fresh one has every acknowledged
     // write.
-    let mut n1 = cl.node(1).await;
-    n1.node
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            target_path: m.target.display().to_string(),
-        })
-        .await
-        .unwrap();
-    n1.node
-        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            staging_target_path: m.staging.display().to_string(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("unstage on n1: {e:?}\n{}", cl.nodes[0].log_tail(30)));
-    cl.c.controller
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            node_id: node_id(1),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    m.down(&mut cl, &v.volume_id).await;
     let m = Mounted::up(&mut cl, 2, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
