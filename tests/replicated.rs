@@ -1008,3 +1008,285 @@ async fn a_replicated_volume_grows_online() {
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
 }
+
+fn snapshot_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+fn from_source(
+    mut req: csi::CreateVolumeRequest,
+    source: csi::volume_content_source::Type,
+) -> csi::CreateVolumeRequest {
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(source),
+    });
+    req
+}
+
+fn from_snapshot(req: csi::CreateVolumeRequest, id: &str) -> csi::CreateVolumeRequest {
+    from_source(
+        req,
+        csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+            snapshot_id: id.into(),
+        }),
+    )
+}
+
+/// The directory of node `i`'s part of a snapshot.
+fn snapshot_dir(cl: &Cluster, i: usize, snapshot_id: &str) -> PathBuf {
+    let hex = snapshot_id.rsplit(':').next().unwrap();
+    state_dir(cl, i).join("pool/replicas/.snapshots").join(hex)
+}
+
+async fn list_snapshots(
+    cl: &mut Cluster,
+    snapshot_id: &str,
+    source: &str,
+    max: i32,
+) -> Vec<csi::Snapshot> {
+    let (mut out, mut token) = (Vec::new(), String::new());
+    for _ in 0..50 {
+        let r =
+            cl.c.controller
+                .list_snapshots(csi::ListSnapshotsRequest {
+                    max_entries: max,
+                    starting_token: token,
+                    source_volume_id: source.into(),
+                    snapshot_id: snapshot_id.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+        out.extend(r.entries.into_iter().filter_map(|e| e.snapshot));
+        if r.next_token.is_empty() {
+            return out;
+        }
+        token = r.next_token;
+    }
+    panic!("ListSnapshots never ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies() {
+    use csi::volume_content_source::{Type, VolumeSource};
+    let mut cl = Cluster::start().await;
+    let cap = ext4();
+    let v = cl
+        .create(replicated("rep-s", "3", cap.clone()))
+        .await
+        .unwrap();
+    let m = Mounted::up(&mut cl, 1, &v, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
+    let first = pattern(31, 4 << 20);
+    write_synced(&m.target.join("a"), &first);
+
+    // Taken while the volume is published and in use, on every copy.
+    let snap =
+        cl.c.controller
+            .create_snapshot(snapshot_req("snap-s", &v.volume_id))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)))
+            .into_inner()
+            .snapshot
+            .unwrap();
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.source_volume_id, v.volume_id);
+    assert_eq!(snap.size_bytes, SIZE);
+    assert!(snap.snapshot_id.starts_with("snap:replicated:"), "{snap:?}");
+    for i in 1..=NODES {
+        assert!(
+            snapshot_dir(&cl, i, &snap.snapshot_id)
+                .join("data")
+                .exists(),
+            "n{i} holds its copy's snapshot"
+        );
+    }
+    // Idempotent by name; the name is taken for another source.
+    let again =
+        cl.c.controller
+            .create_snapshot(snapshot_req("snap-s", &v.volume_id))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+    assert_eq!(again.creation_time, snap.creation_time);
+    let other = cl
+        .create(replicated("rep-o", "3", cap.clone()))
+        .await
+        .unwrap();
+    let e =
+        cl.c.controller
+            .create_snapshot(snapshot_req("snap-s", &other.volume_id))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    // Listed by ID, by source and with everything, page by page too.
+    for (id, source) in [(snap.snapshot_id.as_str(), ""), ("", v.volume_id.as_str())] {
+        let got = list_snapshots(&mut cl, id, source, 0).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].snapshot_id, snap.snapshot_id);
+    }
+    let snap_o =
+        cl.c.controller
+            .create_snapshot(snapshot_req("snap-o", &other.volume_id))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+    for page in [0, 1] {
+        let got: Vec<String> = list_snapshots(&mut cl, "", "", page)
+            .await
+            .into_iter()
+            .map(|s| s.snapshot_id)
+            .collect();
+        assert_eq!(got.len(), 2, "page size {page}: {got:?}");
+        assert!(got.contains(&snap.snapshot_id) && got.contains(&snap_o.snapshot_id));
+    }
+
+    // Written after the snapshot: not in it.
+    let second = pattern(32, 4 << 20);
+    write_synced(&m.target.join("a"), &second);
+    write_synced(&m.target.join("b"), &pattern(33, 1 << 20));
+
+    // Restored: the snapshot's point in time, on another node.
+    let r = cl
+        .create(from_snapshot(
+            replicated("rep-r", "3", cap.clone()),
+            &snap.snapshot_id,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
+    assert!(r.content_source.is_some());
+    let mr = Mounted::up(&mut cl, 2, &r, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
+    assert!(std::fs::read(mr.target.join("a")).unwrap() == first);
+    assert!(!mr.target.join("b").exists());
+    mr.down(&mut cl, &r.volume_id).await;
+
+    // Cloned while the source is in use: its state now.
+    let c = cl
+        .create(from_source(
+            replicated("rep-c", "3", cap.clone()),
+            Type::Volume(VolumeSource {
+                volume_id: v.volume_id.clone(),
+            }),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
+    let mc = Mounted::up(&mut cl, 3, &c, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n3: {e:?}\n{}", cl.nodes[2].log_tail(40)));
+    assert!(std::fs::read(mc.target.join("a")).unwrap() == second);
+    assert!(mc.target.join("b").exists());
+    mc.down(&mut cl, &c.volume_id).await;
+    m.down(&mut cl, &v.volume_id).await;
+
+    // A snapshot outlives its volume; a 2-copy volume's snapshot restores
+    // into 3 copies, the third rebuilt in full from the others.
+    cl.delete(&v.volume_id).await.unwrap();
+    let two = cl
+        .create(replicated("rep-two", "2", cap.clone()))
+        .await
+        .unwrap();
+    let m2 = Mounted::up(&mut cl, 1, &two, &cap).await.unwrap();
+    let third = pattern(34, 2 << 20);
+    write_synced(&m2.target.join("t"), &third);
+    let snap2 =
+        cl.c.controller
+            .create_snapshot(snapshot_req("snap-two", &two.volume_id))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+    m2.down(&mut cl, &two.volume_id).await;
+    let holders = (1..=NODES)
+        .filter(|&i| snapshot_dir(&cl, i, &snap2.snapshot_id).exists())
+        .count();
+    assert_eq!(holders, 2, "only the two copies hold it");
+    let r3 = cl
+        .create(from_snapshot(
+            replicated("rep-r3", "3", cap.clone()),
+            &snap2.snapshot_id,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
+    let (abnormal, msg) = condition(&mut cl, &r3.volume_id).await;
+    assert!(abnormal && msg.contains("2 of 3"), "{msg}");
+    let m3 = Mounted::up(&mut cl, 3, &r3, &cap).await.unwrap();
+    assert!(std::fs::read(m3.target.join("t")).unwrap() == third);
+    wait_in_sync(&mut cl, &r3.volume_id, Duration::from_secs(60)).await;
+    m3.down(&mut cl, &r3.volume_id).await;
+    let base = copy_dir(&cl, 1, &r3.volume_id).join("data");
+    for i in 2..=NODES {
+        assert!(
+            same_files(&base, &copy_dir(&cl, i, &r3.volume_id).join("data")),
+            "n{i}'s copy of the restored volume differs"
+        );
+    }
+    // Still restorable after its source went.
+    let r4 = cl
+        .create(from_snapshot(
+            replicated("rep-r4", "3", cap.clone()),
+            &snap.snapshot_id,
+        ))
+        .await
+        .unwrap();
+    let m4 = Mounted::up(&mut cl, 1, &r4, &cap).await.unwrap();
+    assert!(std::fs::read(m4.target.join("a")).unwrap() == first);
+    m4.down(&mut cl, &r4.volume_id).await;
+
+    // Deleted from every node, idempotently; then a missing source.
+    for s in [&snap, &snap2, &snap_o] {
+        cl.c.controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: s.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for i in 1..=NODES {
+        assert!(!snapshot_dir(&cl, i, &snap.snapshot_id).exists());
+    }
+    cl.c.controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        list_snapshots(&mut cl, &snap.snapshot_id, "", 0)
+            .await
+            .is_empty()
+    );
+    let e = cl
+        .create(from_snapshot(
+            replicated("rep-gone", "3", cap.clone()),
+            &snap.snapshot_id,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    for id in [
+        &r.volume_id,
+        &c.volume_id,
+        &two.volume_id,
+        &r3.volume_id,
+        &r4.volume_id,
+        &other.volume_id,
+    ] {
+        cl.delete(id).await.unwrap();
+    }
+}

@@ -17,12 +17,13 @@ use super::proto::replica_server::Replica;
 use super::proto::{
     CopyStatus, CreateReplicaRequest, CreateReplicaResponse, DeleteReplicaRequest,
     DeleteReplicaResponse, EngineStatusResponse, GetReplicaRequest, GetReplicaResponse,
-    ListReplicasRequest, ListReplicasResponse, ReplicaAnswer, ReplicaCall,
+    ListReplicaSnapshotsResponse, ListReplicasRequest, ListReplicasResponse, ReplicaAnswer,
+    ReplicaCall, ReplicaSnapshot, ReplicaSnapshotRef, ReplicaSnapshotRequest,
 };
 use super::tls::{PeerIdentity, peer_identity};
 use crate::backend::replicated::protocol::{Reply, Request as ProtoRequest};
 use crate::backend::replicated::record::ReplicaRecord;
-use crate::backend::replicated::store::{ReplicaStore, StoreError};
+use crate::backend::replicated::store::{Base, ReplicaStore, SnapshotInfo, StoreError};
 use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError};
 
 fn status_of(e: StoreError) -> Status {
@@ -30,6 +31,7 @@ fn status_of(e: StoreError) -> Status {
         StoreError::NotFound(_) => Status::not_found(e.to_string()),
         StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
         StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        StoreError::Stale(_) => Status::aborted(e.to_string()),
         StoreError::Io { .. } => Status::internal(e.to_string()),
     }
 }
@@ -37,6 +39,17 @@ fn status_of(e: StoreError) -> Status {
 #[allow(clippy::result_large_err)]
 fn volume_of(raw: &str) -> Result<Uuid, Status> {
     Uuid::parse_hex(raw).ok_or_else(|| Status::invalid_argument(format!("invalid volume {raw:?}")))
+}
+
+fn snapshot_message(i: &SnapshotInfo) -> ReplicaSnapshot {
+    ReplicaSnapshot {
+        snapshot: i.snapshot.to_hex(),
+        volume: i.volume.to_hex(),
+        size: i.size,
+        epoch: i.epoch,
+        created_seconds: i.created_seconds,
+        created_nanos: i.created_nanos,
+    }
 }
 
 /// Serves the node's [`ReplicaStore`].
@@ -109,9 +122,25 @@ impl Replica for ReplicaService {
         req: Request<CreateReplicaRequest>,
     ) -> Result<Response<CreateReplicaResponse>, Status> {
         controller_only(&req)?;
-        let record: ReplicaRecord = serde_json::from_str(&req.into_inner().record)
+        let r = req.into_inner();
+        let record: ReplicaRecord = serde_json::from_str(&r.record)
             .map_err(|e| Status::invalid_argument(format!("record: {e}")))?;
-        self.blocking(move |s| s.create(&record)).await?;
+        let base = match (r.from_snapshot.as_str(), r.from_volume.as_str()) {
+            ("", "") => None,
+            (snap, "") => Some(Base::Snapshot(volume_of(snap)?)),
+            ("", volume) => Some(Base::Volume {
+                uuid: volume_of(volume)?,
+                expect: serde_json::from_str(&r.from_record)
+                    .map_err(|e| Status::invalid_argument(format!("from_record: {e}")))?,
+            }),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "from_snapshot and from_volume exclude each other",
+                ));
+            }
+        };
+        self.blocking(move |s| s.create_from(&record, base.as_ref()))
+            .await?;
         Ok(Response::new(CreateReplicaResponse {}))
     }
 
@@ -186,6 +215,43 @@ impl Replica for ReplicaService {
                 })
                 .collect(),
             rebuild_bytes: st.rebuild_bytes,
+        }))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<ReplicaSnapshotRequest>,
+    ) -> Result<Response<ReplicaSnapshot>, Status> {
+        controller_only(&req)?;
+        let r = req.into_inner();
+        let volume = volume_of(&r.volume)?;
+        let snap = volume_of(&r.snapshot)?;
+        let expect: ReplicaRecord = serde_json::from_str(&r.record)
+            .map_err(|e| Status::invalid_argument(format!("record: {e}")))?;
+        let info = self
+            .blocking(move |s| s.snapshot(volume, snap, &expect))
+            .await?;
+        Ok(Response::new(snapshot_message(&info)))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<ReplicaSnapshotRef>,
+    ) -> Result<Response<DeleteReplicaResponse>, Status> {
+        controller_only(&req)?;
+        let snap = volume_of(&req.get_ref().snapshot)?;
+        self.blocking(move |s| s.delete_snapshot(snap)).await?;
+        Ok(Response::new(DeleteReplicaResponse {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<ListReplicasRequest>,
+    ) -> Result<Response<ListReplicaSnapshotsResponse>, Status> {
+        controller_only(&req)?;
+        let all = self.blocking(|s| s.snapshots()).await?;
+        Ok(Response::new(ListReplicaSnapshotsResponse {
+            snapshots: all.iter().map(snapshot_message).collect(),
         }))
     }
 

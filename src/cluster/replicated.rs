@@ -34,6 +34,9 @@ const PHASE_TIMEOUT_MS: u64 = 2_000;
 
 use crate::backend::replicated::engines::{CONTEXT_ADDRESSES, CONTEXT_BALLOT, CONTEXT_RECORD};
 
+mod snap;
+pub use snap::is_replicated_snapshot_id;
+
 /// Whether `raw` is a replicated volume's ID (well formed or not: the
 /// prefix alone routes it here, which then refuses a malformed one).
 pub fn is_replicated_id(raw: &str) -> bool {
@@ -299,6 +302,7 @@ impl Replicated {
         let mut c = ReplicaClient::new(n.channel.clone());
         let req = CreateReplicaRequest {
             record: serde_json::to_string(record).map_err(|e| Status::internal(e.to_string()))?,
+            ..Default::default()
         };
         match tokio::time::timeout(CALL_DEADLINE, c.create(req)).await {
             Ok(Ok(_)) => Ok(()),
@@ -373,38 +377,9 @@ impl Replicated {
             params.get("locality").map(String::as_str),
         )
         .map_err(|e| Status::invalid_argument(format!("parameters: {e}")))?;
-        if let Some(src) = r
-            .volume_content_source
-            .as_ref()
-            .and_then(|s| s.r#type.as_ref())
-        {
-            use csi::volume_content_source::Type;
-            // A source that does not exist is NOT_FOUND, as the spec asks;
-            // one that does cannot be copied into a replicated volume yet.
-            match src {
-                Type::Volume(v) if is_replicated_id(&v.volume_id) => {
-                    self.newest(&v.volume_id).await?;
-                }
-                Type::Volume(v) if VolumeId::parse(&v.volume_id).is_none() => {
-                    return Err(Status::not_found(format!(
-                        "source volume {:?} does not exist",
-                        v.volume_id
-                    )));
-                }
-                Type::Snapshot(s)
-                    if crate::volume::id::SnapshotId::parse(&s.snapshot_id).is_none() =>
-                {
-                    return Err(Status::not_found(format!(
-                        "source snapshot {:?} does not exist",
-                        s.snapshot_id
-                    )));
-                }
-                _ => {}
-            }
-            return Err(Status::invalid_argument(
-                "volume_content_source: replicated volumes cannot be restored or cloned yet",
-            ));
-        }
+        let source = self
+            .content_source(r.volume_content_source.as_ref())
+            .await?;
         if !r.mutable_parameters.is_empty() {
             return Err(Status::invalid_argument(
                 "mutable_parameters: replicated volumes have none yet",
@@ -434,6 +409,13 @@ impl Replicated {
                 "a replicated volume of {want} bytes takes {size} bytes (whole MiB regions, at least {min}), above the limit of {limit}"
             )));
         }
+        // A copy of a source is at least as large as the source.
+        let size = size.max(source.as_ref().map_or(0, snap::Source::size));
+        if limit != 0 && size > limit {
+            return Err(Status::out_of_range(format!(
+                "the source holds {size} bytes, above the limit of {limit}"
+            )));
+        }
         let uuid = placement::volume_uuid(&r.name);
         let found = self.find(uuid).await?;
         found.certain(uuid)?;
@@ -455,12 +437,17 @@ impl Replicated {
             if rec.version == 0 {
                 for m in &rec.members {
                     if !found.holders.contains(&m.node) {
-                        self.create_on(&m.node, rec).await?;
+                        match &source {
+                            Some(src) => self.create_from_on(&m.node, rec, src).await?,
+                            None => self.create_on(&m.node, rec).await?,
+                        }
                     }
                 }
             }
+            let mut volume = Self::volume(rec);
+            volume.content_source = source.as_ref().map(snap::Source::csi);
             return Ok(csi::CreateVolumeResponse {
-                volume: Some(Self::volume(rec)),
+                volume: Some(volume),
             });
         }
         let now = Instant::now();
@@ -481,22 +468,44 @@ impl Replicated {
             .iter()
             .flat_map(|a| a.preferred.iter())
             .find_map(|t| t.segments.get(crate::volume::TOPOLOGY_NODE_KEY).cloned());
-        let placed = placement::place(
-            uuid,
-            &candidates,
-            rp.replicas,
-            size,
-            rp.locality,
-            preferred.as_deref(),
-        )
-        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let members = placed.members();
-        let boots: BTreeMap<String, u64> = members.iter().map(|m| (m.node.clone(), 1)).collect();
-        let record = ReplicaRecord::new(uuid, size, members, &boots)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let record = match &source {
+            None => {
+                let placed = placement::place(
+                    uuid,
+                    &candidates,
+                    rp.replicas,
+                    size,
+                    rp.locality,
+                    preferred.as_deref(),
+                )
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+                let members = placed.members();
+                let boots: BTreeMap<String, u64> =
+                    members.iter().map(|m| (m.node.clone(), 1)).collect();
+                ReplicaRecord::new(uuid, size, members, &boots)
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
+            Some(src) => {
+                // Copies on nodes holding the source start from it, in
+                // sync; the others start empty and are rebuilt.
+                let (members, in_sync) = self.place_from(uuid, src, &rp, size)?;
+                let mut record = ReplicaRecord::new(uuid, size, members, &in_sync)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                record.in_sync = in_sync;
+                record.epoch = src.epoch();
+                record
+                    .validate()
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                record
+            }
+        };
         let mut made: Vec<String> = Vec::new();
         for m in &record.members {
-            if let Err(e) = self.create_on(&m.node, &record).await {
+            let created = match &source {
+                Some(src) => self.create_from_on(&m.node, &record, src).await,
+                None => self.create_on(&m.node, &record).await,
+            };
+            if let Err(e) = created {
                 for n in &made {
                     let _ = self.delete_on(n, uuid).await;
                 }
@@ -505,8 +514,10 @@ impl Replicated {
             made.push(m.node.clone());
         }
         tracing::info!(name = %r.name, volume = %volume_id(uuid), members = ?made, size, "replicated volume created");
+        let mut volume = Self::volume(&record);
+        volume.content_source = source.as_ref().map(snap::Source::csi);
         Ok(csi::CreateVolumeResponse {
-            volume: Some(Self::volume(&record)),
+            volume: Some(volume),
         })
     }
 

@@ -38,6 +38,46 @@ pub struct Router {
     replicated: super::replicated::Replicated,
 }
 
+/// One page of replicated snapshots from a `~replicated/<index>` token
+/// (empty: from the start), and the token of the rest.
+#[allow(clippy::result_large_err)]
+fn replicated_snapshot_page(
+    all: Vec<csi::Snapshot>,
+    token: &str,
+    max: i32,
+) -> Result<(Vec<csi::list_snapshots_response::Entry>, String), Status> {
+    let from: usize = if token.is_empty() {
+        0
+    } else {
+        token
+            .strip_prefix(REPLICATED_TOKEN)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| Status::aborted(format!("invalid starting_token {token:?}")))?
+    };
+    if from > all.len() {
+        return Err(Status::aborted(format!(
+            "starting_token {token} is beyond the list"
+        )));
+    }
+    let end = if max <= 0 {
+        all.len()
+    } else {
+        (from + max as usize).min(all.len())
+    };
+    let next = if end < all.len() {
+        format!("{REPLICATED_TOKEN}{end}")
+    } else {
+        String::new()
+    };
+    let entries = all
+        .into_iter()
+        .skip(from)
+        .take(end - from)
+        .map(|s| csi::list_snapshots_response::Entry { snapshot: Some(s) })
+        .collect();
+    Ok((entries, next))
+}
+
 /// ListVolumes tokens past the nodes' volumes: `~replicated/<index>` (no node id
 /// starts with `~`).
 const REPLICATED_TOKEN: &str = "~replicated/";
@@ -689,9 +729,8 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.source_volume_id) {
-            return Err(Status::invalid_argument(
-                "source_volume_id: snapshots of replicated volumes are not built yet",
-            ));
+            let _guard = self.volume_guard(&r.source_volume_id)?;
+            return self.replicated.create_snapshot(&r).await.map(Response::new);
         }
         let n = self.volume_node(&r.source_volume_id)?;
         relay(&n, cc(&n).create_snapshot(r).await)
@@ -702,6 +741,10 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_snapshot_id(&r.snapshot_id) {
+            self.replicated.delete_snapshot(&r.snapshot_id).await?;
+            return Ok(Response::new(csi::DeleteSnapshotResponse {}));
+        }
         match self.snapshot_route(&r.snapshot_id)? {
             Route::Forgotten => Ok(Response::new(csi::DeleteSnapshotResponse {})),
             Route::Node(n) => relay(&n, cc(&n).delete_snapshot(r).await),
@@ -713,6 +756,31 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
         let r = req.into_inner();
+        // Replicated snapshots: after the nodes' ones (`~replicated/<n>`
+        // tokens), or alone when filtered by one of them or its source.
+        if replicated::is_replicated_snapshot_id(&r.snapshot_id)
+            || (r.snapshot_id.is_empty() && replicated::is_replicated_id(&r.source_volume_id))
+        {
+            let all = self
+                .replicated
+                .list_snapshots(&r.snapshot_id, &r.source_volume_id)
+                .await?;
+            let (entries, next_token) =
+                replicated_snapshot_page(all, &r.starting_token, r.max_entries)?;
+            return Ok(Response::new(csi::ListSnapshotsResponse {
+                entries,
+                next_token,
+            }));
+        }
+        if r.starting_token.starts_with(REPLICATED_TOKEN) {
+            let all = self.replicated.list_snapshots("", "").await?;
+            let (entries, next_token) =
+                replicated_snapshot_page(all, &r.starting_token, r.max_entries)?;
+            return Ok(Response::new(csi::ListSnapshotsResponse {
+                entries,
+                next_token,
+            }));
+        }
         // Filtered by one snapshot or one source: that object's node.
         let single = if !r.snapshot_id.is_empty() {
             Some(self.snapshot_route(&r.snapshot_id)?)
@@ -725,7 +793,7 @@ impl csi::controller_server::Controller for Router {
             Some(Route::Forgotten) => Ok(Response::new(csi::ListSnapshotsResponse::default())),
             Some(Route::Node(n)) => relay(&n, cc(&n).list_snapshots(r).await),
             None => {
-                let (entries, next_token) = self
+                let (mut entries, mut next_token) = self
                     .paged(r.max_entries, &r.starting_token, |n, max, token| {
                         let mut r = r.clone();
                         async move {
@@ -736,6 +804,22 @@ impl csi::controller_server::Controller for Router {
                         }
                     })
                     .await?;
+                if next_token.is_empty() {
+                    let all = self.replicated.list_snapshots("", "").await?;
+                    if r.max_entries == 0 || (entries.len() as i32) < r.max_entries {
+                        let room = if r.max_entries == 0 {
+                            0
+                        } else {
+                            r.max_entries - entries.len() as i32
+                        };
+                        let start = format!("{REPLICATED_TOKEN}0");
+                        let (more, next) = replicated_snapshot_page(all, &start, room)?;
+                        entries.extend(more);
+                        next_token = next;
+                    } else if !all.is_empty() {
+                        next_token = format!("{REPLICATED_TOKEN}0");
+                    }
+                }
                 Ok(Response::new(csi::ListSnapshotsResponse {
                     entries,
                     next_token,
@@ -749,6 +833,12 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_snapshot_id(&r.snapshot_id) {
+            let snapshot = self.replicated.get_snapshot(&r.snapshot_id).await?;
+            return Ok(Response::new(csi::GetSnapshotResponse {
+                snapshot: Some(snapshot),
+            }));
+        }
         let n = self.snapshot_node(&r.snapshot_id)?;
         relay(&n, cc(&n).get_snapshot(r).await)
     }

@@ -29,6 +29,9 @@ use super::protocol::{Ballot, Region, Reply, Request, Tag, Voter, VoterState};
 use super::record::{ReplicaRecord, Role};
 use super::wire::{Answer, Call};
 
+mod snap;
+pub use snap::{Base, SnapshotInfo};
+
 const VOTER_FILE: &str = "voter.json";
 const DATA_FILE: &str = "data";
 const TAGS_FILE: &str = "tags";
@@ -46,6 +49,10 @@ pub enum StoreError {
     Conflict { uuid: Uuid },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The request rests on a record this copy has moved past: read the
+    /// record again and retry.
+    #[error("stale: {0}")]
+    Stale(String),
     #[error("replica storage {path}: {err}")]
     Io { path: PathBuf, err: io::Error },
 }
@@ -280,11 +287,13 @@ impl ReplicaStore {
                 std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
             }
         }
-        Ok(ReplicaStore {
+        let store = ReplicaStore {
             root,
             node: node.to_owned(),
             open: Mutex::new(HashMap::new()),
-        })
+        };
+        store.clean_snapshots()?;
+        Ok(store)
     }
 
     pub fn node(&self) -> &str {
@@ -299,10 +308,22 @@ impl ReplicaStore {
     /// record (at [`Ballot::zero`], boot 1). Idempotent: a member that
     /// exists with the same first record is left as it is.
     pub fn create(&self, record: &ReplicaRecord) -> Result<(), StoreError> {
+        self.create_from(record, None)
+    }
+
+    /// [`ReplicaStore::create`], where a copy in the record's in-sync set
+    /// starts from `base` (a restore or a clone) instead of zeros. A first
+    /// record starts at any epoch (a restored volume's starts at the
+    /// source's), at version 0 and with no owner.
+    pub fn create_from(
+        &self,
+        record: &ReplicaRecord,
+        base: Option<&Base>,
+    ) -> Result<(), StoreError> {
         record
             .validate()
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
-        if record.epoch != 0 || record.version != 0 || record.owner.is_some() {
+        if record.version != 0 || record.owner.is_some() {
             return Err(StoreError::Invalid("not a first record".to_owned()));
         }
         let Some(member) = record.members.iter().find(|m| m.node == self.node) else {
@@ -311,23 +332,27 @@ impl ReplicaStore {
                 self.node, record.uuid
             )));
         };
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let dir = self.dir(record.uuid);
-        if dir.exists() {
-            let held = self.load(&mut open, record.uuid)?;
+        let existing = |open: &mut HashMap<Uuid, Arc<Held>>| -> Result<(), StoreError> {
+            let held = self.load(open, record.uuid)?;
             let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
             let r = &v.state().record;
-            return if r.members == record.members && r.size == record.size {
+            if r.members == record.members && r.size == record.size {
                 Ok(())
             } else {
                 Err(StoreError::Conflict { uuid: record.uuid })
-            };
+            }
+        };
+        if dir.exists() {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            return existing(&mut open);
         }
-        let tmp = self.root.join(format!(".new-{}", record.uuid.to_hex()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        let tmp = Self::scratch(&self.root, &record.uuid.to_hex())?;
         let made = (|| {
-            if member.role == Role::Copy {
+            let based = base.filter(|_| record.in_sync.contains_key(&self.node));
+            if let (Role::Copy, Some(base)) = (member.role, based) {
+                self.fill_from(base, record, &tmp)?;
+            } else if member.role == Role::Copy {
                 for (name, len) in [
                     (DATA_FILE, record.size),
                     (TAGS_FILE, regions_of(record.size) * TAG_BYTES),
@@ -347,11 +372,22 @@ impl ReplicaStore {
             let p = tmp.join(VOTER_FILE);
             let json =
                 serde_json::to_vec(&state).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            crate::os::fs::write_atomic(&p, &json).map_err(io_err(&p))?;
-            std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
-            crate::os::fs::sync_dir(&self.root).map_err(io_err(&self.root))
+            crate::os::fs::write_atomic(&p, &json).map_err(io_err(&p))
         })();
         if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if dir.exists() {
+            // Made meanwhile by a concurrent create.
+            let _ = std::fs::remove_dir_all(&tmp);
+            return existing(&mut open);
+        }
+        let placed = std::fs::rename(&tmp, &dir)
+            .map_err(io_err(&dir))
+            .and_then(|()| crate::os::fs::sync_dir(&self.root).map_err(io_err(&self.root)));
+        if let Err(e) = placed {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }

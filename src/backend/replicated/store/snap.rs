@@ -1,0 +1,344 @@
+//! Snapshots of this node's copies, and copies that start from one (a
+//! restore) or from another volume's copy here (a clone).
+//!
+//! A snapshot is one copy frozen at a point in time: every region lock of
+//! the copy is held while its `data` and `tags` are reflinked (or, where
+//! the filesystem cannot share extents, copied sparsely), so no write lands
+//! halfway. It is taken only from a copy that is in sync, at its current
+//! boot, in the newest record the controller found, so it holds every
+//! write acknowledged before the request. Copies of one volume may differ
+//! in writes that were in flight (never acknowledged): a volume restored
+//! from the snapshots of several copies starts with all of them in sync,
+//! and its first engine compares their tags and rebuilds every region that
+//! differs from one base copy, so the restored volume is exactly one copy's
+//! point in time.
+//!
+//! Layout: `<pool>/replicas/.snapshots/<snapshot uuid>/` with `data`,
+//! `tags` and `snapshot.json`, made in a `.new-*` directory and renamed
+//! into place.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::os::cow;
+use crate::volume::id::Uuid;
+
+use super::{DATA_FILE, ReplicaStore, StoreError, TAG_BYTES, TAGS_FILE, io_err, regions_of};
+use crate::backend::replicated::record::{ReplicaRecord, Role};
+
+const SNAP_DIR: &str = ".snapshots";
+const META_FILE: &str = "snapshot.json";
+
+/// One snapshot of a copy on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub snapshot: Uuid,
+    pub volume: Uuid,
+    pub size: u64,
+    /// The highest epoch of any write the snapshot holds: a volume made
+    /// from it starts at this epoch or later, so its own writes always
+    /// carry newer tags.
+    pub epoch: u64,
+    pub created_seconds: i64,
+    pub created_nanos: i32,
+}
+
+/// `snapshot.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    snapshot: String,
+    volume: String,
+    size: u64,
+    epoch: u64,
+    created_seconds: i64,
+    created_nanos: i32,
+}
+
+impl Meta {
+    fn info(&self) -> Option<SnapshotInfo> {
+        Some(SnapshotInfo {
+            snapshot: Uuid::parse_hex(&self.snapshot)?,
+            volume: Uuid::parse_hex(&self.volume)?,
+            size: self.size,
+            epoch: self.epoch,
+            created_seconds: self.created_seconds,
+            created_nanos: self.created_nanos,
+        })
+    }
+}
+
+/// What a new copy starts from.
+#[derive(Debug, Clone)]
+pub enum Base {
+    /// A snapshot on this node.
+    Snapshot(Uuid),
+    /// This node's copy of another volume, which must be in sync at its
+    /// current boot in `expect`.
+    Volume { uuid: Uuid, expect: ReplicaRecord },
+}
+
+/// Makes `dst` a copy of `src` sharing extents where the filesystem can.
+fn clone_file(src: &Path, dst: &Path) -> Result<(), StoreError> {
+    match cow::reflink(src, dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_supported() => cow::sparse_copy(src, dst, &|_, _| true)
+            .map(|_| ())
+            .map_err(|e| StoreError::Io {
+                path: dst.to_owned(),
+                err: std::io::Error::other(e.to_string()),
+            }),
+        Err(e) => Err(StoreError::Io {
+            path: dst.to_owned(),
+            err: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+/// Extends `dir`'s data and tags to `size` bytes and makes them durable.
+fn size_and_sync(dir: &Path, size: u64) -> Result<(), StoreError> {
+    for (name, len) in [(DATA_FILE, size), (TAGS_FILE, regions_of(size) * TAG_BYTES)] {
+        let p = dir.join(name);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io_err(&p))?;
+        if f.metadata().map_err(io_err(&p))?.len() < len {
+            f.set_len(len).map_err(io_err(&p))?;
+        }
+        f.sync_all().map_err(io_err(&p))?;
+    }
+    Ok(())
+}
+
+fn read_meta(dir: &Path) -> Result<Option<SnapshotInfo>, StoreError> {
+    let p = dir.join(META_FILE);
+    let json = match std::fs::read(&p) {
+        Ok(j) => j,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&p)(e)),
+    };
+    let meta: Meta = serde_json::from_slice(&json)
+        .map_err(|e| StoreError::Invalid(format!("{}: {e}", p.display())))?;
+    meta.info()
+        .map(Some)
+        .ok_or_else(|| StoreError::Invalid(format!("{}: malformed uuid", p.display())))
+}
+
+impl ReplicaStore {
+    fn snap_root(&self) -> PathBuf {
+        self.root.join(SNAP_DIR)
+    }
+
+    /// A scratch directory under `parent` for something being made; the
+    /// store removes leftovers (`.new-*`) when it opens.
+    pub(super) fn scratch(parent: &Path, name: &str) -> Result<PathBuf, StoreError> {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        let tmp = parent.join(format!(
+            ".new-{name}-{:016x}",
+            uuid::Uuid::new_v4().as_u64_pair().0
+        ));
+        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        Ok(tmp)
+    }
+
+    /// Removes leftovers of snapshots cut short.
+    pub(super) fn clean_snapshots(&self) -> Result<(), StoreError> {
+        let root = self.snap_root();
+        let entries = match std::fs::read_dir(&root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&root)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_err(&root))?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                let p = entry.path();
+                std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies this node's copy of `uuid` into `dst` (data and tags, made
+    /// durable) at one point in time, when it is in sync at its current
+    /// boot in `expect` and holds no newer record. Returns the copy's size
+    /// and the highest epoch of its writes.
+    fn freeze_into(
+        &self,
+        uuid: Uuid,
+        expect: &ReplicaRecord,
+        dst: &Path,
+    ) -> Result<(u64, u64), StoreError> {
+        if expect.uuid != uuid {
+            return Err(StoreError::Invalid(format!(
+                "the record given names volume {}, not {uuid}",
+                expect.uuid
+            )));
+        }
+        let held = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            self.load(&mut open, uuid)?
+        };
+        held.data()?;
+        // Every region lock, in order (writes take one at a time): no
+        // write or rebuild lands on this copy until the files are copied.
+        let _frozen: Vec<_> = held
+            .stripes
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let (size, epoch) = {
+            let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
+            let s = v.state();
+            if v.role() != Role::Copy {
+                return Err(StoreError::Invalid("a witness holds no data".to_owned()));
+            }
+            if s.record.version > expect.version {
+                return Err(StoreError::Stale(format!(
+                    "the copy holds a newer record (version {} > {})",
+                    s.record.version, expect.version
+                )));
+            }
+            if expect.in_sync.get(&self.node) != Some(&s.boot) {
+                return Err(StoreError::Stale(format!(
+                    "the copy on {} is not in sync at its boot {}",
+                    self.node, s.boot
+                )));
+            }
+            let epoch = v.data().values().map(|t| t.epoch).max().unwrap_or(0);
+            (s.record.size.max(expect.size), epoch)
+        };
+        for name in [DATA_FILE, TAGS_FILE] {
+            clone_file(&held.dir.join(name), &dst.join(name))?;
+        }
+        size_and_sync(dst, size)?;
+        Ok((size, epoch))
+    }
+
+    /// Snapshots this node's copy of `uuid` as `snap`; see
+    /// [`ReplicaStore::freeze_into`] for when it may. Idempotent: a
+    /// snapshot `snap` of the same volume is returned as it is, one of
+    /// another volume is a conflict.
+    pub fn snapshot(
+        &self,
+        uuid: Uuid,
+        snap: Uuid,
+        expect: &ReplicaRecord,
+    ) -> Result<SnapshotInfo, StoreError> {
+        let root = self.snap_root();
+        let dir = root.join(snap.to_hex());
+        if let Some(have) = read_meta(&dir)? {
+            return if have.volume == uuid {
+                Ok(have)
+            } else {
+                Err(StoreError::Conflict { uuid: snap })
+            };
+        }
+        let tmp = Self::scratch(&root, &snap.to_hex())?;
+        let made = (|| {
+            let (size, epoch) = self.freeze_into(uuid, expect, &tmp)?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let meta = Meta {
+                snapshot: snap.to_hex(),
+                volume: uuid.to_hex(),
+                size,
+                epoch,
+                created_seconds: now.as_secs() as i64,
+                created_nanos: now.subsec_nanos() as i32,
+            };
+            let p = tmp.join(META_FILE);
+            let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            crate::os::fs::write_atomic(&p, &json).map_err(io_err(&p))?;
+            std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+            crate::os::fs::sync_dir(&root).map_err(io_err(&root))?;
+            meta.info()
+                .ok_or_else(|| StoreError::Invalid("malformed uuid".to_owned()))
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        made
+    }
+
+    /// Every snapshot on this node.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        let root = self.snap_root();
+        let entries = match std::fs::read_dir(&root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&root)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&root))?;
+            let named = entry.file_name().to_str().and_then(Uuid::parse_hex);
+            if named.is_some()
+                && let Some(info) = read_meta(&entry.path())?
+            {
+                out.push(info);
+            }
+        }
+        out.sort_by_key(|i| i.snapshot);
+        Ok(out)
+    }
+
+    /// Removes snapshot `snap` from this node. Idempotent.
+    pub fn delete_snapshot(&self, snap: Uuid) -> Result<(), StoreError> {
+        let root = self.snap_root();
+        let dir = root.join(snap.to_hex());
+        if !dir.exists() {
+            return Ok(());
+        }
+        let gone = root.join(format!(".gone-{}", snap.to_hex()));
+        let _ = std::fs::remove_dir_all(&gone);
+        std::fs::rename(&dir, &gone).map_err(io_err(&dir))?;
+        crate::os::fs::sync_dir(&root).map_err(io_err(&root))?;
+        std::fs::remove_dir_all(&gone).map_err(io_err(&gone))
+    }
+
+    /// Fills a new copy's directory `dst` for `record` from `base`: the
+    /// files sized to the record, made durable. Every tag the base holds
+    /// must be of an epoch the record has reached, or the new volume's own
+    /// writes could look older than what the regions hold.
+    pub(super) fn fill_from(
+        &self,
+        base: &Base,
+        record: &ReplicaRecord,
+        dst: &Path,
+    ) -> Result<(), StoreError> {
+        let (size, epoch) = match base {
+            Base::Snapshot(snap) => {
+                let dir = self.snap_root().join(snap.to_hex());
+                let Some(info) = read_meta(&dir)? else {
+                    return Err(StoreError::Invalid(format!(
+                        "no snapshot {snap} on node {}",
+                        self.node
+                    )));
+                };
+                for name in [DATA_FILE, TAGS_FILE] {
+                    clone_file(&dir.join(name), &dst.join(name))?;
+                }
+                (info.size, info.epoch)
+            }
+            Base::Volume { uuid, expect } => self.freeze_into(*uuid, expect, dst)?,
+        };
+        if size > record.size {
+            return Err(StoreError::Invalid(format!(
+                "the source holds {size} bytes, more than the new volume's {}",
+                record.size
+            )));
+        }
+        if epoch > record.epoch {
+            return Err(StoreError::Invalid(format!(
+                "the source holds writes of epoch {epoch}, above the new record's {}",
+                record.epoch
+            )));
+        }
+        size_and_sync(dst, record.size)
+    }
+}
