@@ -398,6 +398,10 @@ async fn a_slow_copy_is_marked_out_of_sync_and_rebuilt_once_it_is_fast_again() {
         .await;
     t.done("n3 delayed past the call timeout, marked out");
     assert!(msg.contains("published on n1"), "{msg}");
+    assert!(
+        msg.contains("n1 in-sync") && msg.contains("n2 in-sync") && !msg.contains("n3 in-sync"),
+        "the engine's view of each copy: {msg}"
+    );
     assert_eq!(cl.copy_in_sync_metric(1, "n3"), Some(0), "n1's engine view");
     assert_eq!(cl.copy_in_sync_metric(1, "n2"), Some(1), "n1's engine view");
     w.progress(150, "n3 slower than the call timeout").await;
@@ -585,7 +589,10 @@ async fn a_copy_with_a_full_pool_is_marked_out_of_sync_and_rebuilt_once_space_is
         )
         .await;
     t.done("n3 marked out");
-    assert!(!msg.contains("n3 in_sync"), "{msg}");
+    assert!(
+        msg.contains("n1 in-sync") && msg.contains("n2 in-sync") && !msg.contains("n3 in-sync"),
+        "the engine's view of each copy: {msg}"
+    );
     assert_eq!(cl.copy_in_sync_metric(1, "n3"), Some(0), "n1's engine view");
     w.progress(100, "n3 out of sync").await;
     assert!(
