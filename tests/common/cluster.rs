@@ -6,6 +6,10 @@
 //! controller's unix socket (routed over TCP to the nodes) and to the
 //! nodes' own sockets, as a CO would. Everything is torn down on drop, also
 //! when a test fails.
+//!
+//! A node may differ ([`NodeOpts`]): reached by everyone else through a
+//! fault-injecting proxy in its namespace (it advertises the proxy's
+//! address), or keeping its pool on a small filesystem of its own.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +20,7 @@ use stowage::cluster::proto::{ListNodesRequest, NodeInfo};
 use stowage::csi;
 use stowage::volume::TOPOLOGY_NODE_KEY;
 
+use super::forward::Forward;
 use super::netns::{AGENT_PORT, Net, Proc};
 use super::*;
 
@@ -27,6 +32,21 @@ pub const NODE_METRICS_PORT: u16 = 9811;
 /// Registration period of the test nodes (seconds): a node is stale after
 /// three missed periods.
 pub const INTERVAL: u64 = 1;
+/// Where a proxied node's proxy listens (in the node's namespace, on its
+/// address), relaying to the agent on [`AGENT_PORT`].
+pub const PROXY_PORT: u16 = 7444;
+
+/// How one node of a [`Cluster`] differs from the others.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOpts {
+    /// The controller and the other nodes reach its agent only through a
+    /// [`Forward`] ([`Cluster::proxy`]): the node advertises the proxy.
+    pub proxied: bool,
+    /// Its pool is an xfs filesystem of its own of this many bytes (at
+    /// least 300 MiB, mkfs.xfs's minimum) mounted at `<state>/pool`,
+    /// instead of a directory of the shared pool filesystem.
+    pub pool_bytes: Option<u64>,
+}
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_stowage")
@@ -36,6 +56,8 @@ pub fn bin() -> &'static str {
 pub struct Cluster {
     pub controller: Proc,
     pub nodes: Vec<Proc>,
+    /// Node i's proxy at index i - 1, for proxied nodes.
+    pub proxies: Vec<Option<Forward>>,
     pub net: Net,
     pub c: Clients,
     pub admin: AdminClient<tonic::transport::Channel>,
@@ -49,6 +71,12 @@ pub fn node_id(i: usize) -> String {
 
 impl Cluster {
     pub async fn start() -> Cluster {
+        Self::start_with(&[]).await
+    }
+
+    /// A cluster whose node i is set up as `opts[i - 1]` says (nodes past
+    /// the end of `opts` as by default).
+    pub async fn start_with(opts: &[NodeOpts]) -> Cluster {
         let scratch = Scratch::new("cluster");
         let root = scratch.root.clone();
         let pool_fs = make_pool_fs(&scratch, "xfs", 8 << 30);
@@ -73,9 +101,26 @@ impl Cluster {
                 .env("STOWAGE_LOG", "debug"),
         );
         let mut nodes = Vec::new();
+        let mut proxies = Vec::new();
         for i in 1..=NODES {
             let h = net.host(i);
             let state = pool_fs.join(node_id(i));
+            let o = opts.get(i - 1).cloned().unwrap_or_default();
+            if let Some(bytes) = o.pool_bytes {
+                own_pool_fs(&root, &node_id(i), &state.join("pool"), bytes);
+            }
+            let advertise = if o.proxied {
+                let listener = h
+                    .listen(PROXY_PORT)
+                    .unwrap_or_else(|e| panic!("proxy listener of n{i}: {e}"));
+                let f = Forward::start_in(listener, h.agent_addr(), &h.netns_path())
+                    .unwrap_or_else(|e| panic!("proxy of n{i}: {e}"));
+                proxies.push(Some(f));
+                h.addr(PROXY_PORT)
+            } else {
+                proxies.push(None);
+                h.agent_addr()
+            };
             nodes.push(
                 h.spawn(
                     Command::new(bin())
@@ -88,6 +133,7 @@ impl Cluster {
                         .arg("--state-dir")
                         .arg(&state)
                         .args(["--listen", &h.agent_addr().to_string()])
+                        .args(["--advertise", &advertise.to_string()])
                         .args(["--controller", &format!("https://{ctl_addr}")])
                         .arg("--tls-dir")
                         .arg(root.join("tls"))
@@ -109,6 +155,7 @@ impl Cluster {
         let mut cl = Cluster {
             controller,
             nodes,
+            proxies,
             net,
             c,
             admin,
@@ -121,6 +168,86 @@ impl Cluster {
         cl.wait_fresh(&(1..=NODES).map(node_id).collect::<Vec<_>>())
             .await;
         cl
+    }
+
+    /// The proxy in front of node `i`'s agent (started with
+    /// [`NodeOpts::proxied`]).
+    pub fn proxy(&self, i: usize) -> &Forward {
+        self.proxies[i - 1]
+            .as_ref()
+            .unwrap_or_else(|| panic!("n{i} was started without a proxy"))
+    }
+
+    /// Node `i`'s state directory (its pool is `pool` in it).
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.root.join("pool-fs").join(node_id(i))
+    }
+
+    /// The `data` file of node `i`'s copy of a replicated volume.
+    pub fn copy_data(&self, i: usize, volume_id: &str) -> PathBuf {
+        let hex = volume_id.strip_prefix("replicated:").unwrap();
+        self.state_dir(i)
+            .join("pool/replicas")
+            .join(hex)
+            .join("data")
+    }
+
+    /// The (abnormal, message) of a replicated volume's condition as the
+    /// controller reads it from the copies' records (and the engine).
+    pub async fn condition(&mut self, volume_id: &str) -> (bool, String) {
+        let c = self
+            .get(volume_id)
+            .await
+            .unwrap_or_else(|e| panic!("ControllerGetVolume {volume_id}: {e:?}"))
+            .status
+            .unwrap()
+            .volume_condition
+            .unwrap();
+        (c.abnormal, c.message)
+    }
+
+    /// Waits (bounded) until the volume's condition satisfies `ok`; its
+    /// (abnormal, message) then.
+    pub async fn wait_condition(
+        &mut self,
+        volume_id: &str,
+        within: Duration,
+        what: &str,
+        ok: impl Fn(bool, &str) -> bool,
+    ) -> (bool, String) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (abnormal, msg) = self.condition(volume_id).await;
+            if ok(abnormal, &msg) {
+                return (abnormal, msg);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}; the condition is (abnormal: {abnormal}) {msg}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits (bounded) until every copy of the volume is in sync.
+    pub async fn wait_in_sync(&mut self, volume_id: &str, within: Duration) {
+        self.wait_condition(volume_id, within, "every copy in sync", |abnormal, _| {
+            !abnormal
+        })
+        .await;
+    }
+
+    /// The value of node `i`'s `stowage_replicated_copy_in_sync` sample
+    /// for `copy` (from the engine's node), None without one.
+    pub fn copy_in_sync_metric(&self, i: usize, copy: &str) -> Option<u64> {
+        let (_, body) = self.http_get(i, NODE_METRICS_PORT, "/metrics");
+        body.lines()
+            .find(|l| {
+                l.starts_with("stowage_replicated_copy_in_sync{")
+                    && l.contains(&format!("copy=\"{copy}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
     }
 
     pub fn node_socket(&self, i: usize) -> PathBuf {
@@ -275,6 +402,113 @@ impl Cluster {
             .args(args)
             .output()
             .unwrap()
+    }
+}
+
+/// Makes an xfs filesystem of `bytes` in an image under `root` and mounts
+/// it at `at` (created): a pool of node `name`'s own. The scratch
+/// directory's cleanup unmounts it and detaches its loop device.
+fn own_pool_fs(root: &Path, name: &str, at: &Path, bytes: u64) {
+    let image = root.join(format!("pool-{name}.img"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(bytes)
+        .unwrap();
+    let dev = LoopDevice::attach(&image, false).expect("attach a node's pool image");
+    stowage::os::filesystem::make(&dev.path(), "xfs").expect("mkfs a node's pool");
+    std::fs::create_dir_all(at).unwrap();
+    let opts = stowage::os::mount::MountOptions::parse(&[""]).unwrap();
+    stowage::os::mount::mount_filesystem(&dev.path(), at, "xfs", &opts)
+        .expect("mount a node's pool");
+    // Detach on last close: the mount keeps it alive until unmounted.
+    let _ = dev.detach();
+}
+
+/// A volume staged and published on one node, as a CO leaves it.
+pub struct Published {
+    pub node: usize,
+    pub staging: PathBuf,
+    pub target: PathBuf,
+    pub ctx: std::collections::HashMap<String, String>,
+}
+
+impl Published {
+    /// ControllerPublish to node `i`, then NodeStage and NodePublish there.
+    pub async fn up(
+        cl: &mut Cluster,
+        i: usize,
+        v: &csi::Volume,
+        cap: &csi::VolumeCapability,
+    ) -> Result<Published, tonic::Status> {
+        let ctx =
+            cl.c.controller
+                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    node_id: node_id(i),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .publish_context;
+        let mut node = cl.node(i).await;
+        let staging = cl.root.join(format!("stage-{}-n{i}", v.volume_id.len()));
+        let target = cl.root.join(format!("pod-{}-n{i}", v.volume_id.len()));
+        let _ = std::fs::create_dir(&staging);
+        node.node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                publish_context: ctx.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap.clone()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await?;
+        node.node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                publish_context: ctx.clone(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap.clone()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(Published {
+            node: i,
+            staging,
+            target,
+            ctx,
+        })
+    }
+
+    /// NodeUnpublish and NodeUnstage on the node, then ControllerUnpublish.
+    pub async fn down(self, cl: &mut Cluster, volume_id: &str) {
+        let mut node = cl.node(self.node).await;
+        node.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                target_path: self.target.display().to_string(),
+            })
+            .await
+            .unwrap();
+        node.node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                staging_target_path: self.staging.display().to_string(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("unstage: {e:?}\n{}", cl.nodes[self.node - 1].log_tail(30)));
+        cl.c.controller
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                node_id: node_id(self.node),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
     }
 }
 

@@ -5,10 +5,15 @@
 //! every chunk, stall a share of chunks (a lost packet's retransmission, as
 //! the endpoints see it), hold everything (a blackhole that heals), or cut
 //! every connection and refuse new ones. Stops accepting and closes every
-//! relayed connection on drop; its threads end by themselves.
+//! relayed connection on drop; its threads end by themselves. It may dial
+//! from a network namespace of its own choosing ([`Forward::start_in`]), so
+//! it can stand in front of a process in a test host's namespace.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -137,13 +142,49 @@ impl Forward {
 
     /// [`Forward::start`] with the seed that decides which chunks stall.
     pub fn with_seed(listener: TcpListener, to: SocketAddr, seed: u64) -> io::Result<Forward> {
+        Self::spawn(listener, to, seed, None)
+    }
+
+    /// [`Forward::start`], dialling `to` from the network namespace at
+    /// `netns` (e.g. `/run/netns/NAME`): its accepting thread enters that
+    /// namespace (only that thread and the relays it starts).
+    pub fn start_in(listener: TcpListener, to: SocketAddr, netns: &Path) -> io::Result<Forward> {
+        Self::spawn(listener, to, 0x5eed, Some(File::open(netns)?))
+    }
+
+    fn spawn(
+        listener: TcpListener,
+        to: SocketAddr,
+        seed: u64,
+        netns: Option<File>,
+    ) -> io::Result<Forward> {
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let faults = Arc::new(Faults::new(seed));
         let (s, o, f) = (Arc::clone(&stop), Arc::clone(&open), Arc::clone(&faults));
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
         let accept = std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                // SAFETY: setns(2) on a valid open descriptor; it changes
+                // only this thread's network namespace (and that of the
+                // relay threads it starts), which dial and relay nothing
+                // but this forwarder's connections.
+                let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                let entered = if r == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                };
+                let failed = entered.is_err();
+                let _ = entered_tx.send(entered);
+                if failed {
+                    return;
+                }
+            } else {
+                let _ = entered_tx.send(Ok(()));
+            }
             while !s.load(Ordering::Relaxed) {
                 let client = match listener.accept() {
                     Ok((c, _)) => c,
@@ -179,6 +220,9 @@ impl Forward {
                 relay(server, c2, Arc::clone(&f), Arc::clone(&s));
             }
         });
+        entered_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the accepting thread died")))?;
         Ok(Forward {
             stop,
             open,
