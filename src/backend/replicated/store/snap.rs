@@ -342,3 +342,160 @@ impl ReplicaStore {
         size_and_sync(dst, record.size)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::replicated::REGION_BYTES;
+    use crate::backend::replicated::protocol::{Ballot, Io, Request, Tag};
+    use crate::backend::replicated::record::Member;
+    use crate::backend::replicated::wire::Call;
+
+    const SIZE: u64 = 4 * REGION_BYTES;
+
+    fn record(uuid: Uuid, epoch: u64) -> ReplicaRecord {
+        let boots = BTreeMap::from([("n1".to_owned(), 1)]);
+        let mut r = ReplicaRecord::new(uuid, SIZE, vec![Member::copy("n1")], &boots).unwrap();
+        r.epoch = epoch;
+        r
+    }
+
+    /// Writes `fill` over region 0 as write `seq` of epoch `epoch`.
+    fn write(store: &ReplicaStore, uuid: Uuid, epoch: u64, seq: u64, fill: u8) {
+        let call = Call {
+            request: Request::Write {
+                io: Io {
+                    epoch,
+                    boot: 1,
+                    conn: 1,
+                },
+                region: 0,
+                tag: Tag { epoch, seq },
+            },
+            offset: 0,
+            len: 0,
+            data: Arc::new(vec![fill; 4096]),
+        };
+        let answer = store.call(uuid, call).unwrap();
+        assert!(
+            matches!(
+                answer.reply,
+                Some(crate::backend::replicated::protocol::Reply::Written { .. })
+            ),
+            "{answer:?}"
+        );
+    }
+
+    fn first_bytes(store: &ReplicaStore, uuid: Uuid) -> Vec<u8> {
+        let data = std::fs::read(store.root.join(uuid.to_hex()).join(DATA_FILE)).unwrap();
+        assert_eq!(data.len() as u64, SIZE);
+        data[..4096].to_vec()
+    }
+
+    #[test]
+    fn a_snapshot_is_the_copy_at_one_point_and_restores_into_a_new_copy() {
+        let pool = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
+        let (vol, snap) = (Uuid::new_random(), Uuid::new_random());
+        let rec = record(vol, 3);
+        store.create(&rec).unwrap();
+        write(&store, vol, 3, 1, 0xaa);
+        let info = store.snapshot(vol, snap, &rec).unwrap();
+        assert_eq!((info.volume, info.size, info.epoch), (vol, SIZE, 3));
+        // Idempotent; the same name for another volume is a conflict.
+        assert_eq!(store.snapshot(vol, snap, &rec).unwrap(), info);
+        assert!(matches!(
+            store.snapshot(Uuid::new_random(), snap, &rec),
+            Err(StoreError::Conflict { .. })
+        ));
+        // Later writes do not reach it.
+        write(&store, vol, 3, 2, 0xbb);
+        assert_eq!(store.snapshots().unwrap(), vec![info.clone()]);
+
+        // A restore must start at the snapshot's epoch or later.
+        let restored = Uuid::new_random();
+        let e = store
+            .create_from(&record(restored, 2), Some(&Base::Snapshot(snap)))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+        store
+            .create_from(&record(restored, 3), Some(&Base::Snapshot(snap)))
+            .unwrap();
+        assert_eq!(first_bytes(&store, restored), vec![0xaa; 4096]);
+        // Its tags came along: the voter knows what region 0 holds.
+        let held = store.get(restored).unwrap().unwrap();
+        assert_eq!(held.state.record.epoch, 3);
+
+        // A clone is the source as it is now.
+        let clone = Uuid::new_random();
+        store
+            .create_from(
+                &record(clone, 3),
+                Some(&Base::Volume {
+                    uuid: vol,
+                    expect: rec.clone(),
+                }),
+            )
+            .unwrap();
+        assert_eq!(first_bytes(&store, clone), vec![0xbb; 4096]);
+
+        store.delete_snapshot(snap).unwrap();
+        store.delete_snapshot(snap).unwrap();
+        assert!(store.snapshots().unwrap().is_empty());
+        let e = store
+            .create_from(&record(Uuid::new_random(), 3), Some(&Base::Snapshot(snap)))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+    }
+
+    #[test]
+    fn a_copy_out_of_sync_or_past_the_record_is_not_snapshotted() {
+        let pool = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
+        let vol = Uuid::new_random();
+        let rec = record(vol, 0);
+        store.create(&rec).unwrap();
+        // In sync at another boot (it restarted since): refused.
+        let mut other_boot = rec.clone();
+        other_boot.in_sync.insert("n1".to_owned(), 7);
+        let e = store
+            .snapshot(vol, Uuid::new_random(), &other_boot)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Stale(_)), "{e}");
+        // The copy took a newer record than the one read: refused.
+        let mut newer = rec.clone();
+        newer.version = 1;
+        let commit = Request::Commit {
+            ballot: Ballot {
+                round: 1,
+                proposer: "c".to_owned(),
+            },
+            record: newer,
+        };
+        store.call(vol, Call::control(commit)).unwrap();
+        let e = store.snapshot(vol, Uuid::new_random(), &rec).unwrap_err();
+        assert!(matches!(e, StoreError::Stale(_)), "{e}");
+        // Nothing was left behind.
+        assert!(store.snapshots().unwrap().is_empty());
+        let names: Vec<_> = std::fs::read_dir(store.snap_root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+    }
+
+    #[test]
+    fn leftovers_of_a_snapshot_cut_short_are_removed_on_open() {
+        let pool = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
+        let left = ReplicaStore::scratch(&store.snap_root(), "x").unwrap();
+        std::fs::write(left.join(DATA_FILE), b"half").unwrap();
+        drop(store);
+        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
+        assert!(!left.exists());
+        assert!(store.snapshots().unwrap().is_empty());
+    }
+}
