@@ -903,6 +903,15 @@ impl csi::group_controller_server::GroupController for Router {
         req: Request<csi::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
         let r = req.into_inner();
+        if let Some(v) = r
+            .source_volume_ids
+            .iter()
+            .find(|v| replicated::is_replicated_id(v))
+        {
+            return Err(Status::invalid_argument(format!(
+                "source_volume_ids: replicated volume {v} cannot be in a volume group snapshot; snapshot it with CreateSnapshot"
+            )));
+        }
         let nodes: BTreeSet<Option<String>> = r
             .source_volume_ids
             .iter()
