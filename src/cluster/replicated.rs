@@ -444,8 +444,7 @@ impl Replicated {
                     }
                 }
             }
-            let mut volume = Self::volume(rec);
-            volume.content_source = source.as_ref().map(snap::Source::csi);
+            let volume = snap::with_source(Self::volume(rec), source.as_ref());
             return Ok(csi::CreateVolumeResponse {
                 volume: Some(volume),
             });
@@ -514,8 +513,7 @@ impl Replicated {
             made.push(m.node.clone());
         }
         tracing::info!(name = %r.name, volume = %volume_id(uuid), members = ?made, size, "replicated volume created");
-        let mut volume = Self::volume(&record);
-        volume.content_source = source.as_ref().map(snap::Source::csi);
+        let volume = snap::with_source(Self::volume(&record), source.as_ref());
         Ok(csi::CreateVolumeResponse {
             volume: Some(volume),
         })

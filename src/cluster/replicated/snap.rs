@@ -162,6 +162,22 @@ impl Source {
     }
 }
 
+/// `volume` made from `source`: the source it reports, and, when it is
+/// larger than the source, the context key that makes NodeStageVolume grow
+/// the filesystem to the device.
+pub(super) fn with_source(mut volume: csi::Volume, source: Option<&Source>) -> csi::Volume {
+    if let Some(src) = source {
+        volume.content_source = Some(src.csi());
+        if volume.capacity_bytes as u64 > src.size() {
+            volume.volume_context.insert(
+                crate::volume::controller::GROW_FS_KEY.to_owned(),
+                "true".to_owned(),
+            );
+        }
+    }
+    volume
+}
+
 impl Replicated {
     /// Every snapshot the fresh nodes hold; UNAVAILABLE when a node does
     /// not answer (it may hold some).
