@@ -12,6 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let fds = protox::compile(["csi.proto", "stowage_cluster.proto"], ["proto"])?;
     tonic_prost_build::configure()
+        // The bytes replicated writes and reads carry: shared, not copied,
+        // between the engine's buffers and the wire.
+        .bytes(".stowage.cluster.v1.ReplicaCall.data")
+        .bytes(".stowage.cluster.v1.ReplicaAnswer.data")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -58,6 +58,7 @@
 //!         [--ramp 1] [--seq-iodepth 8] [--ioengine io_uring|libaio]
 //!         [--publish-repeats 5] [--dirty-seconds 20] [--dirty-rate 10]
 //!         [--full-size 1Gi] [--no-wipe] [--skip-fio] [--json]
+//!         [--replication-tls both|on|off] [--jobs seq-write,...] [--only-fio]
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
 //! × rounds × runtime). Nothing is asserted about timings: these 2-core
@@ -97,8 +98,15 @@ const MIB: u64 = 1 << 20;
 const REGION: u64 = 1 << 20;
 const NODES: usize = 3;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_stowage")
+/// The stowage binary the bench runs: a copy taken when the cluster
+/// starts (the build's own may be replaced meanwhile by another build in
+/// the same target directory).
+static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn bin() -> &'static Path {
+    BIN.get()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new(env!("CARGO_BIN_EXE_stowage")))
 }
 
 // ------------------------------------------------------------ processes
@@ -207,6 +215,8 @@ struct Cluster {
     ctl: ControllerClient<Channel>,
     root: PathBuf,
     pool_fs: PathBuf,
+    /// The agents run with replication TLS on (the default).
+    replication_tls: bool,
     _scratch: Scratch,
 }
 
@@ -214,6 +224,9 @@ impl Cluster {
     async fn start(pool_bytes: u64) -> Cluster {
         let scratch = Scratch::new("bench-replicated");
         let root = scratch.root.clone();
+        let copy = root.join("stowage");
+        std::fs::copy(bin(), &copy).expect("copy the stowage binary");
+        let _ = BIN.set(copy);
         let pool_fs = common::make_pool_fs(&scratch, "xfs", pool_bytes);
         let out = Command::new(bin())
             .args(["cluster", "init"])
@@ -289,6 +302,7 @@ impl Cluster {
             ctl,
             root,
             pool_fs,
+            replication_tls: true,
             _scratch: scratch,
         };
         cl.wait_fresh(&(1..=NODES).collect::<Vec<_>>()).await;
@@ -332,6 +346,25 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Restarts every node agent with `--replication-tls` `on` or `off`
+    /// (no volume may be staged meanwhile) and waits until all are fresh.
+    async fn set_replication_tls(&mut self, on: bool) {
+        const OFF: &str = "--replication-tls=off";
+        for n in &mut self.nodes {
+            n.kill9();
+            n.args.retain(|a| a != OFF);
+            if !on {
+                n.args.push(OFF.into());
+            }
+            n.spawn();
+        }
+        for n in &mut self.nodes {
+            n.wait_socket();
+        }
+        self.replication_tls = on;
+        self.wait_fresh(&(1..=NODES).collect::<Vec<_>>()).await;
     }
 
     /// The directory of node `i`'s member of a replicated volume.
@@ -665,6 +698,8 @@ struct FioConfig {
     size_bytes: u64,
     seq_iodepth: u32,
     rounds: usize,
+    /// Only these jobs (`--jobs a,b`; empty: all).
+    jobs: Vec<String>,
 }
 
 /// A fio process, killed by PID when dropped (an interrupted bench).
@@ -839,16 +874,23 @@ async fn fio_volumes(cl: &mut Cluster, size: u64) -> Vec<(Vol, usize, UpTimes)> 
     out
 }
 
+/// fio on `vols` (the first is the baseline): prefilled first when
+/// `prefill` (else they were, in an earlier pass), `cfg.jobs` only.
 async fn fio_part(
     cl: &mut Cluster,
     cfg: &FioConfig,
-    vols: &[(Vol, usize, UpTimes)],
+    vols: &[&(Vol, usize, UpTimes)],
+    prefill_first: bool,
 ) -> Result<FioReport, String> {
     let out = cl.root.join("fio.json");
     let mut volumes = Vec::new();
-    for (v, copies, t) in vols {
-        eprintln!("prefill {} ({} MiB)", v.label, cfg.size_bytes / MIB);
-        let took = prefill(cfg, &v.target, &out).await?;
+    for &(v, copies, t) in vols {
+        let took = if prefill_first {
+            eprintln!("prefill {} ({} MiB)", v.label, cfg.size_bytes / MIB);
+            prefill(cfg, &v.target, &out).await?
+        } else {
+            Duration::ZERO
+        };
         volumes.push(FioVolume {
             label: v.label.clone(),
             copies: *copies,
@@ -860,18 +902,35 @@ async fn fio_part(
             device: describe_device(&v.target),
             controller_publish_ms: ms(t.controller_publish),
             node_stage_ms: ms(t.node_stage),
-            prefill_mib_s: cfg.size_bytes as f64 / MIB as f64 / took.as_secs_f64(),
+            prefill_mib_s: if took.is_zero() {
+                0.0
+            } else {
+                cfg.size_bytes as f64 / MIB as f64 / took.as_secs_f64()
+            },
         });
     }
     let mut jobs = Vec::new();
     for (i, job) in JOBS.iter().enumerate() {
+        if !cfg.jobs.is_empty() && !cfg.jobs.iter().any(|j| j == job.name) {
+            continue;
+        }
         let mut runs: Vec<Vec<Measure>> = vec![Vec::new(); vols.len()];
         for round in 0..cfg.rounds {
             // Rotate so that no volume always runs first.
             for k in 0..vols.len() {
                 let at = (i + round + k) % vols.len();
                 let v = &vols[at].0;
-                eprintln!("job {} round {}: {}", job.name, round + 1, v.label);
+                eprintln!(
+                    "job {} round {}: {}{}",
+                    job.name,
+                    round + 1,
+                    v.label,
+                    if cl.replication_tls {
+                        ""
+                    } else {
+                        " (plaintext)"
+                    }
+                );
                 runs[at].push(run_job(cfg, job, &v.target, &out).await?);
             }
         }
@@ -910,6 +969,45 @@ async fn fio_part(
         volumes,
         jobs,
     })
+}
+
+fn transport(cl: &Cluster) -> &'static str {
+    if cl.replication_tls {
+        "loopback TCP, mutual TLS"
+    } else {
+        "loopback TCP, mutual TLS (engine to copies: plaintext, --replication-tls=off)"
+    }
+}
+
+/// Takes every volume down, restarts the agents with replication TLS off,
+/// brings the volumes up again and runs `cfg`'s jobs on the baseline and
+/// the volumes with copies on other nodes; then the same back to TLS on.
+async fn plain_pass(
+    cl: &mut Cluster,
+    cfg: &FioConfig,
+    vols: &mut [(Vol, usize, UpTimes)],
+) -> Result<FioReport, String> {
+    async fn cycle(
+        cl: &mut Cluster,
+        vols: &mut [(Vol, usize, UpTimes)],
+        tls: bool,
+    ) -> Result<(), String> {
+        for (v, _, _) in vols.iter_mut() {
+            down(cl, v).await?;
+        }
+        cl.set_replication_tls(tls).await;
+        for (v, _, t) in vols.iter_mut() {
+            *t = up(cl, v, true).await?;
+        }
+        Ok(())
+    }
+    eprintln!("restarting the agents with --replication-tls=off");
+    cycle(cl, vols, false).await?;
+    let some: Vec<_> = vols.iter().filter(|(_, c, _)| *c != 1).collect();
+    let report = fio_part(cl, cfg, &some, false).await;
+    eprintln!("restarting the agents with replication TLS on");
+    cycle(cl, vols, true).await?;
+    report
 }
 
 // ------------------------------------------------------------ publish/stage latency
@@ -1430,6 +1528,8 @@ struct Report {
     transport: &'static str,
     pool_fs: &'static str,
     fio: Option<FioReport>,
+    /// fio again with every agent on `--replication-tls=off` (`--replication-tls both`).
+    fio_plain: Option<FioReport>,
     publish: Option<PublishReport>,
     failover: Option<FailoverReport>,
     dirty_rebuild: Option<DirtyRebuildReport>,
@@ -1446,85 +1546,103 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
+fn print_fio(f: &FioReport, heading: &str) {
+    let c = &f.config;
+    println!();
+    println!("{heading}");
+    println!(
+        "fio {} direct=1, raw block volumes staged and published on n1, {} MiB each, {} s per job after {} s ramp, sequential QD{}, median of {} interleaved round(s)",
+        c.ioengine,
+        c.size_bytes / MIB,
+        c.runtime_s,
+        c.ramp_s,
+        c.seq_iodepth,
+        c.rounds
+    );
+    for v in &f.volumes {
+        println!(
+            "  {:<6} {:<40} {:<12} ControllerPublish {:>7.1} ms, NodeStage {:>7.1} ms, prefill {:>6.1} MiB/s",
+            v.label,
+            v.placement,
+            v.device,
+            v.controller_publish_ms,
+            v.node_stage_ms,
+            v.prefill_mib_s
+        );
+    }
+    for j in &f.jobs {
+        println!();
+        println!("{} (QD{})", j.job, j.iodepth);
+        println!(
+            "  {:<6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}  {:<8} rounds MiB/s",
+            "volume", "MiB/s", "IOPS", "p50 µs", "p99 µs", "of local", "spread", "target"
+        );
+        for row in &j.rows {
+            let m = &row.measure;
+            let target = match (row.target, row.met) {
+                (Some(t), Some(true)) => format!("≥{:.0}% ok", t * 100.0),
+                (Some(t), _) => format!("≥{:.0}% MISSED", t * 100.0),
+                _ => String::new(),
+            };
+            println!(
+                "  {:<6} {:>9.1} {:>9.0} {:>9.1} {:>9.1} {:>8} {:>7}  {:<12} {}",
+                row.volume,
+                m.bw_kib_s / 1024.0,
+                m.iops,
+                m.clat_p50_us,
+                m.clat_p99_us,
+                pct(row.of_local),
+                pct(row.spread),
+                target,
+                row.rounds_kib_s
+                    .iter()
+                    .map(|b| format!("{:.1}", b / 1024.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
+    println!();
+    println!("issue 14 targets (% of local, medians; {heading}):");
+    for j in &f.jobs {
+        for row in j.rows.iter().filter(|r| r.target.is_some()) {
+            println!(
+                "  {} cop{} {:<16} {:>7}  target ≥{:.0}%  {}",
+                row.copies,
+                if row.copies == 1 { "y  " } else { "ies" },
+                j.job,
+                pct(row.of_local),
+                row.target.unwrap() * 100.0,
+                if row.met == Some(true) {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            );
+        }
+    }
+}
+
 fn print_report(r: &Report) {
     println!(
         "stowage replicated-volume bench: controller + {NODES} node agents over {}, every pool on {}",
         r.transport, r.pool_fs
     );
     if let Some(f) = &r.fio {
-        let c = &f.config;
-        println!();
-        println!(
-            "fio {} direct=1, raw block volumes staged and published on n1, {} MiB each, {} s per job after {} s ramp, sequential QD{}, median of {} interleaved round(s)",
-            c.ioengine,
-            c.size_bytes / MIB,
-            c.runtime_s,
-            c.ramp_s,
-            c.seq_iodepth,
-            c.rounds
+        print_fio(
+            f,
+            if r.transport.contains("plaintext") {
+                "replication TLS off (--replication-tls off; benchmarks only)"
+            } else {
+                "replication TLS on (the default)"
+            },
         );
-        for v in &f.volumes {
-            println!(
-                "  {:<6} {:<40} {:<12} ControllerPublish {:>7.1} ms, NodeStage {:>7.1} ms, prefill {:>6.1} MiB/s",
-                v.label,
-                v.placement,
-                v.device,
-                v.controller_publish_ms,
-                v.node_stage_ms,
-                v.prefill_mib_s
-            );
-        }
-        for j in &f.jobs {
-            println!();
-            println!("{} (QD{})", j.job, j.iodepth);
-            println!(
-                "  {:<6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}  {:<8} rounds MiB/s",
-                "volume", "MiB/s", "IOPS", "p50 µs", "p99 µs", "of local", "spread", "target"
-            );
-            for row in &j.rows {
-                let m = &row.measure;
-                let target = match (row.target, row.met) {
-                    (Some(t), Some(true)) => format!("≥{:.0}% ok", t * 100.0),
-                    (Some(t), _) => format!("≥{:.0}% MISSED", t * 100.0),
-                    _ => String::new(),
-                };
-                println!(
-                    "  {:<6} {:>9.1} {:>9.0} {:>9.1} {:>9.1} {:>8} {:>7}  {:<12} {}",
-                    row.volume,
-                    m.bw_kib_s / 1024.0,
-                    m.iops,
-                    m.clat_p50_us,
-                    m.clat_p99_us,
-                    pct(row.of_local),
-                    pct(row.spread),
-                    target,
-                    row.rounds_kib_s
-                        .iter()
-                        .map(|b| format!("{:.1}", b / 1024.0))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                );
-            }
-        }
-        println!();
-        println!("issue 14 targets (% of local, medians):");
-        for j in &f.jobs {
-            for row in j.rows.iter().filter(|r| r.target.is_some()) {
-                println!(
-                    "  {} cop{} {:<16} {:>7}  target ≥{:.0}%  {}",
-                    row.copies,
-                    if row.copies == 1 { "y  " } else { "ies" },
-                    j.job,
-                    pct(row.of_local),
-                    row.target.unwrap() * 100.0,
-                    if row.met == Some(true) {
-                        "met"
-                    } else {
-                        "NOT met"
-                    }
-                );
-            }
-        }
+    }
+    if let Some(f) = &r.fio_plain {
+        print_fio(
+            f,
+            "replication TLS off (every agent restarted with --replication-tls=off; benchmarks only)",
+        );
     }
     if let Some(p) = &r.publish {
         println!();
@@ -1688,7 +1806,19 @@ async fn run(args: &Args) -> Report {
         size_bytes: size,
         seq_iodepth: num("--seq-iodepth", 8).max(1) as u32,
         rounds: num("--rounds", 2).max(1) as usize,
+        jobs: args
+            .value("--jobs")
+            .map(|j| j.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
     };
+    let only_fio = args.flag("--only-fio");
+    let tls_mode = args
+        .value("--replication-tls")
+        .unwrap_or_else(|| "both".into());
+    assert!(
+        ["on", "off", "both"].contains(&tls_mode.as_str()),
+        "--replication-tls on|off|both"
+    );
     let repeats = num("--publish-repeats", 5).max(1) as usize;
     let dirty_seconds = num("--dirty-seconds", 20).max(1);
     let dirty_rate: f64 = args
@@ -1703,11 +1833,15 @@ async fn run(args: &Args) -> Report {
     let mut cl = Cluster::start(pool).await;
     let mut errors = Vec::new();
 
-    let vols = fio_volumes(&mut cl, size).await;
+    if tls_mode == "off" {
+        cl.set_replication_tls(false).await;
+    }
+    let mut vols = fio_volumes(&mut cl, size).await;
     let fio = if skip_fio {
         None
     } else {
-        match fio_part(&mut cl, &cfg, &vols).await {
+        let all: Vec<_> = vols.iter().collect();
+        match fio_part(&mut cl, &cfg, &all, true).await {
             Ok(f) => Some(f),
             Err(e) => {
                 errors.push(format!("fio: {e}"));
@@ -1715,7 +1849,46 @@ async fn run(args: &Args) -> Report {
             }
         }
     };
+    // The same volumes with replication TLS off (every agent restarted
+    // with --replication-tls=off): the writes of the volumes with copies
+    // on other nodes, against the same baseline.
+    let fio_plain = if skip_fio || tls_mode != "both" {
+        None
+    } else {
+        let mut plain_cfg = cfg.clone();
+        if plain_cfg.jobs.is_empty() {
+            plain_cfg.jobs = ["seq-write", "rand-write-qd1", "rand-write-qd32"]
+                .map(str::to_owned)
+                .to_vec();
+        }
+        match plain_pass(&mut cl, &plain_cfg, &mut vols).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                errors.push(format!("fio with replication TLS off: {e}"));
+                None
+            }
+        }
+    };
     let mut vols: Vec<Vol> = vols.into_iter().map(|(v, _, _)| v).collect();
+    if only_fio {
+        for v in vols {
+            remove(&mut cl, v).await;
+        }
+        return Report {
+            transport: transport(&cl),
+            pool_fs: "one xfs filesystem on a loop device",
+            fio,
+            fio_plain,
+            publish: None,
+            failover: None,
+            dirty_rebuild: None,
+            full_rebuild: None,
+            rep3_copies_identical: None,
+            errors,
+            loadavg: loadavg(),
+            wall_s: wall.elapsed().as_secs_f64(),
+        };
+    }
 
     let publish = match publish_part(&mut cl, repeats).await {
         Ok(p) => Some(p),
@@ -1804,9 +1977,10 @@ async fn run(args: &Args) -> Report {
     };
 
     Report {
-        transport: "loopback TCP, mutual TLS",
+        transport: transport(&cl),
         pool_fs: "one xfs filesystem on a loop device",
         fio,
+        fio_plain,
         publish,
         failover,
         dirty_rebuild,

@@ -57,6 +57,12 @@ enum PoolImageArg {
     Never,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -119,6 +125,12 @@ struct ServeArgs {
     /// gone after three missed ones).
     #[arg(long, default_value_t = 5)]
     register_interval: u64,
+    /// Node: TLS between engines and the copies of replicated volumes.
+    /// `off` is for benchmarks only: data requests to copies then travel
+    /// unencrypted and unauthenticated on a second port when both nodes
+    /// have it off (the agent API stays mutual TLS).
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    replication_tls: OnOff,
 }
 
 /// The cluster part of serve's flags, checked against the mode.
@@ -140,10 +152,20 @@ fn cluster_config(
             "--listen, --advertise, --controller, --tls-dir and --label are for --mode node or controller"
                 .to_owned(),
         ),
+        ModeArg::All if args.replication_tls == OnOff::Off => {
+            Err("--replication-tls is a --mode node flag".to_owned())
+        }
         ModeArg::All => Ok(None),
         ModeArg::Controller => {
-            if args.advertise.is_some() || args.controller.is_some() || !args.labels.is_empty() {
-                return Err("--advertise, --controller and --label are node flags".to_owned());
+            if args.advertise.is_some()
+                || args.controller.is_some()
+                || !args.labels.is_empty()
+                || args.replication_tls == OnOff::Off
+            {
+                return Err(
+                    "--advertise, --controller, --label and --replication-tls are node flags"
+                        .to_owned(),
+                );
             }
             Ok(Some(ClusterConfig {
                 listen: need("--listen", &args.listen)?,
@@ -193,6 +215,7 @@ fn cluster_config(
                     interval: std::time::Duration::from_secs(args.register_interval),
                     cordon_file: state_dir.join("cordoned"),
                     cordon_lock: Default::default(),
+                    replication_tls: args.replication_tls == OnOff::On,
                 }),
             }))
         }

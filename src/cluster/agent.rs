@@ -39,6 +39,10 @@ pub struct AgentConfig {
     /// that read the old state cannot land after the controller recorded
     /// the change the node confirmed.
     pub cordon_lock: Arc<tokio::sync::Mutex<()>>,
+    /// False with `--replication-tls=off` (benchmarks only): copies also
+    /// take data requests in plaintext on a second port (see
+    /// [`super::replica`]).
+    pub replication_tls: bool,
 }
 
 /// Only the controller (holding the cluster certificate) drives a node's
@@ -145,7 +149,22 @@ pub async fn serve_agent(
         })?;
     tracing::info!(listen = %cfg.listen, advertise = %cfg.advertise, "agent API listening (mutual TLS)");
     let incoming = crate::server::tcp_incoming(listener);
-    tonic::transport::Server::builder()
+    let store = driver.replicas.clone().ok_or_else(|| {
+        crate::server::StartError::Config("a node agent keeps replicas".to_owned())
+    })?;
+    let mut replica = super::replica::ReplicaService::new(
+        Arc::clone(&store),
+        driver.node.as_ref().map(|n| Arc::clone(n.replicated())),
+    );
+    let (plain_tx, plain_rx) = tokio::sync::watch::channel(false);
+    let plain = if cfg.replication_tls {
+        None
+    } else {
+        let (addr, task) = serve_plain_replication(cfg, store, plain_rx).await?;
+        replica = replica.with_plain_address(addr);
+        Some(task)
+    };
+    let served = replica_windows(tonic::transport::Server::builder())
         .tls_config(tls.server_config())?
         .add_service(csi::controller_server::ControllerServer::with_interceptor(
             controller::ControllerService::new(Arc::clone(&driver)),
@@ -164,14 +183,9 @@ pub async fn serve_agent(
             ),
         )
         .add_service(
-            super::proto::replica_server::ReplicaServer::new(super::replica::ReplicaService::new(
-                driver.replicas.clone().ok_or_else(|| {
-                    crate::server::StartError::Config("a node agent keeps replicas".to_owned())
-                })?,
-                driver.node.as_ref().map(|n| Arc::clone(n.replicated())),
-            ))
-            .max_decoding_message_size(8 << 20)
-            .max_encoding_message_size(8 << 20),
+            super::proto::replica_server::ReplicaServer::new(replica)
+                .max_decoding_message_size(8 << 20)
+                .max_encoding_message_size(8 << 20),
         )
         .add_service(AgentServer::with_interceptor(
             AgentService {
@@ -182,8 +196,64 @@ pub async fn serve_agent(
             controller_only,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .await;
+    let _ = plain_tx.send(true);
+    if let Some(t) = plain {
+        let _ = t.await;
+    }
+    served?;
     Ok(())
+}
+
+/// The HTTP/2 settings of a server that takes replicated writes: windows
+/// and frames for 1 MiB requests (see [`super::replica::STREAM_WINDOW`]).
+fn replica_windows(b: tonic::transport::Server) -> tonic::transport::Server {
+    b.initial_stream_window_size(super::replica::STREAM_WINDOW)
+        .initial_connection_window_size(super::replica::CONNECTION_WINDOW)
+        .max_frame_size(super::replica::MAX_FRAME)
+}
+
+/// Replication TLS off: serves the plaintext data port (only `Call` with
+/// data requests, see [`super::replica`]) on the host of `--listen`, an
+/// ephemeral port, until `stop` turns true. Returns the address engines
+/// dial (the host of `--advertise`) and the serving task.
+async fn serve_plain_replication(
+    cfg: &AgentConfig,
+    store: Arc<crate::backend::replicated::store::ReplicaStore>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(String, tokio::task::JoinHandle<()>), crate::server::StartError> {
+    let host = |hp: &str| hp.rsplit_once(':').map_or(hp, |(h, _)| h).to_owned();
+    let bind = format!("{}:0", host(&cfg.listen));
+    let listener = tokio::net::TcpListener::bind(&bind).await.map_err(|err| {
+        crate::server::StartError::Tcp {
+            addr: bind.clone(),
+            err,
+        }
+    })?;
+    let port = listener
+        .local_addr()
+        .map_err(|err| crate::server::StartError::Tcp { addr: bind, err })?
+        .port();
+    let addr = format!("{}:{port}", host(&cfg.advertise));
+    tracing::warn!(address = %addr,
+        "--replication-tls=off: copies take data requests UNENCRYPTED and UNAUTHENTICATED here (benchmarks only)");
+    let router = replica_windows(tonic::transport::Server::builder()).add_service(
+        super::proto::replica_server::ReplicaServer::new(
+            super::replica::ReplicaService::plaintext(store),
+        )
+        .max_decoding_message_size(8 << 20)
+        .max_encoding_message_size(8 << 20),
+    );
+    let incoming = crate::server::tcp_incoming(listener);
+    let task = tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+            tracing::error!(error = %e, "plaintext replication port failed");
+        }
+    });
+    Ok((addr, task))
 }
 
 /// Registers with the controller every `cfg.interval`, for ever.

@@ -3,6 +3,17 @@
 //! transport engines and the controller reach voters with: mutual TLS to
 //! other nodes' agents, a direct call into the store for the caller's own
 //! node.
+//!
+//! Replication TLS off (`--replication-tls=off`, for benchmarks only): the
+//! agent also serves [`ReplicaService::plaintext`] on a second port with
+//! no TLS, which takes only the data requests (`Write`, `Rebuild`, `Read`,
+//! `Flush`) and nothing else of the `Replica` service (no certificate: the
+//! other methods refuse). An agent with the flag tells engines that port in
+//! its answer to an `Attach` (over mutual TLS); an engine whose node has the
+//! flag too then sends that copy's data requests in plaintext. Record
+//! changes, attaches and everything the controller sends stay on mutual
+//! TLS, so fencing, epochs and membership are unchanged; the epoch each
+//! data request carries is still checked by the copy.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -57,6 +68,11 @@ fn snapshot_message(i: &SnapshotInfo) -> ReplicaSnapshot {
 pub struct ReplicaService {
     store: Arc<ReplicaStore>,
     engines: Option<Arc<crate::backend::replicated::engines::Engines>>,
+    /// Serving the plaintext data port (replication TLS off).
+    plaintext: bool,
+    /// host:port of this node's plaintext data port, told to engines that
+    /// attach (replication TLS off).
+    plain_address: Option<String>,
 }
 
 impl ReplicaService {
@@ -65,7 +81,41 @@ impl ReplicaService {
         store: Arc<ReplicaStore>,
         engines: Option<Arc<crate::backend::replicated::engines::Engines>>,
     ) -> Self {
-        ReplicaService { store, engines }
+        ReplicaService {
+            store,
+            engines,
+            plaintext: false,
+            plain_address: None,
+        }
+    }
+
+    /// Tells engines that attach over mutual TLS that this node takes data
+    /// requests in plaintext at `addr` (replication TLS off).
+    pub fn with_plain_address(mut self, addr: String) -> Self {
+        self.plain_address = Some(addr);
+        self
+    }
+
+    /// The service of the plaintext data port: `Call` with data requests
+    /// only; every other method refuses (no client certificate).
+    pub fn plaintext(store: Arc<ReplicaStore>) -> Self {
+        ReplicaService {
+            store,
+            engines: None,
+            plaintext: true,
+            plain_address: None,
+        }
+    }
+
+    /// [`Self::allowed`] for a call, without leaving the async task when the
+    /// copy is open (every call after the first).
+    async fn may_call<T>(&self, req: &Request<T>, volume: Uuid) -> Result<(), Status> {
+        if let Some(PeerIdentity::Node(n)) = peer_identity(req)
+            && self.store.names(volume, &n) == Some(true)
+        {
+            return Ok(());
+        }
+        self.allowed(req, volume).await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -257,15 +307,23 @@ impl Replica for ReplicaService {
 
     async fn call(&self, req: Request<ReplicaCall>) -> Result<Response<ReplicaAnswer>, Status> {
         let volume = volume_of(&req.get_ref().volume)?;
-        self.allowed(&req, volume).await?;
+        if !self.plaintext {
+            self.may_call(&req, volume).await?;
+        }
         let c = req.into_inner();
         let request: ProtoRequest = serde_json::from_slice(&c.request)
             .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
+        if self.plaintext && !is_data(&request) {
+            return Err(Status::permission_denied(
+                "the plaintext replication port takes data requests only",
+            ));
+        }
+        let attach = matches!(request, ProtoRequest::Attach { .. });
         let call = Call {
             request,
             offset: c.offset,
             len: c.len,
-            data: Arc::new(c.data),
+            data: c.data.into(),
         };
         let answer = self.blocking(move |s| s.call(volume, call)).await?;
         Ok(Response::new(ReplicaAnswer {
@@ -274,36 +332,70 @@ impl Replica for ReplicaService {
                 None => Vec::new(),
             },
             data: answer.data,
+            plain_address: match (&self.plain_address, attach) {
+                (Some(a), true) => a.clone(),
+                _ => String::new(),
+            },
         }))
     }
 }
 
+/// The requests that only move bytes under an epoch a copy already
+/// accepted: the ones the plaintext data port takes.
+fn is_data(r: &ProtoRequest) -> bool {
+    matches!(
+        r,
+        ProtoRequest::Write { .. }
+            | ProtoRequest::Rebuild { .. }
+            | ProtoRequest::Read { .. }
+            | ProtoRequest::Flush { .. }
+    )
+}
+
+/// HTTP/2 flow-control windows of replication channels (both ends): room
+/// for a queue of 1 MiB writes in flight without waiting for window
+/// updates.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// The largest HTTP/2 frame replication channels take: a 1 MiB write in
+/// few frames.
+pub const MAX_FRAME: u32 = 1 << 20;
+
 /// Reaches the voters of replicated volumes: the local store directly,
 /// other nodes' agents over mutual TLS (one lazily connected channel per
-/// address), each call bounded by a deadline.
+/// address), each call bounded by a deadline. With replication TLS off,
+/// data requests to a node that offered its plaintext port (see the module
+/// documentation) go there instead.
 #[derive(Debug)]
 pub struct GrpcPeer {
     local: Option<Arc<ReplicaStore>>,
     addresses: Mutex<BTreeMap<String, String>>,
     channels: Mutex<BTreeMap<String, Channel>>,
-    tls: Option<ClientTlsConfig>,
+    /// Plaintext channels to nodes' data ports, by node.
+    plain: Mutex<BTreeMap<String, Channel>>,
+    tls: ClientTlsConfig,
+    /// This node runs with replication TLS off.
+    plaintext: bool,
     deadline: Duration,
 }
 
 impl GrpcPeer {
-    /// `addresses` maps node ids to their agent's host:port; `tls` is
-    /// `None` only when replication TLS is turned off (benchmarks).
+    /// `addresses` maps node ids to their agent's host:port; `plaintext`
+    /// only when this node runs with replication TLS off (benchmarks).
     pub fn new(
         local: Option<Arc<ReplicaStore>>,
         addresses: BTreeMap<String, String>,
-        tls: Option<ClientTlsConfig>,
+        tls: ClientTlsConfig,
+        plaintext: bool,
         deadline: Duration,
     ) -> Self {
         GrpcPeer {
             local,
             addresses: Mutex::new(addresses),
             channels: Mutex::new(BTreeMap::new()),
+            plain: Mutex::new(BTreeMap::new()),
             tls,
+            plaintext,
             deadline,
         }
     }
@@ -317,7 +409,29 @@ impl GrpcPeer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(node);
+            self.forget_plain(node);
         }
+    }
+
+    fn forget_plain(&self, node: &str) {
+        self.plain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node);
+    }
+
+    fn endpoint(&self, endpoint: Endpoint) -> Channel {
+        endpoint
+            .connect_timeout(self.deadline)
+            .timeout(self.deadline)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(self.deadline)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .tcp_nodelay(true)
+            .connect_lazy()
     }
 
     /// The client for `node`'s Replica service.
@@ -337,26 +451,46 @@ impl GrpcPeer {
                     .get(node)
                     .cloned()
                     .ok_or_else(|| unreachable("no address known".to_owned()))?;
-                let endpoint = match &self.tls {
-                    Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
-                        .and_then(|e| e.tls_config(tls.clone())),
-                    None => Endpoint::from_shared(format!("http://{addr}")),
-                }
-                .map_err(|e| unreachable(format!("address {addr:?}: {e}")))?;
-                let c = endpoint
-                    .connect_timeout(self.deadline)
-                    .timeout(self.deadline)
-                    .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(self.deadline)
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+                let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+                    .and_then(|e| e.tls_config(self.tls.clone()))
+                    .map_err(|e| unreachable(format!("address {addr:?}: {e}")))?;
+                let c = self.endpoint(endpoint);
                 ch.insert(node.to_owned(), c.clone());
                 c
             }
         };
-        Ok(ReplicaClient::new(channel)
+        Ok(Self::wrap(channel))
+    }
+
+    fn wrap(channel: Channel) -> ReplicaClient<Channel> {
+        ReplicaClient::new(channel)
             .max_decoding_message_size(8 << 20)
-            .max_encoding_message_size(8 << 20))
+            .max_encoding_message_size(8 << 20)
+    }
+
+    /// Remembers the plaintext data port a node offered in an `Attach`
+    /// answer, when this node may use it.
+    fn offered(&self, node: &str, addr: &str) {
+        if !self.plaintext || addr.is_empty() {
+            return;
+        }
+        let mut plain = self.plain.lock().unwrap_or_else(|e| e.into_inner());
+        if plain.contains_key(node) {
+            return;
+        }
+        match Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => {
+                tracing::info!(
+                    node,
+                    address = addr,
+                    "replication data to this node in plaintext"
+                );
+                plain.insert(node.to_owned(), self.endpoint(e));
+            }
+            Err(e) => {
+                tracing::warn!(node, address = addr, error = %e, "bad plaintext replication address")
+            }
+        }
     }
 
     fn status_error(node: &str, s: &Status) -> PeerError {
@@ -393,22 +527,44 @@ impl Peer for GrpcPeer {
                     why: e.to_string(),
                 });
         }
-        let mut client = self.client(node)?;
+        let plain = if is_data(&call.request) {
+            self.plain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(node)
+                .cloned()
+        } else {
+            None
+        };
+        let over_plain = plain.is_some();
+        let mut client = match plain {
+            Some(c) => Self::wrap(c),
+            None => self.client(node)?,
+        };
         let request = serde_json::to_vec(&call.request).map_err(|e| PeerError::Failed {
             node: node.to_owned(),
             why: e.to_string(),
         })?;
-        let answer = client
+        let answer = match client
             .call(ReplicaCall {
                 volume: volume.to_string(),
                 request,
                 offset: call.offset,
                 len: call.len,
-                data: call.data.as_ref().clone(),
+                data: call.data.bytes(),
             })
             .await
-            .map_err(|s| Self::status_error(node, &s))?
-            .into_inner();
+        {
+            Ok(a) => a.into_inner(),
+            Err(s) => {
+                if over_plain {
+                    // The node may have come back with TLS on: its next
+                    // attach tells again.
+                    self.forget_plain(node);
+                }
+                return Err(Self::status_error(node, &s));
+            }
+        };
         let reply: Option<Reply> = if answer.reply.is_empty() {
             None
         } else {
@@ -419,6 +575,9 @@ impl Peer for GrpcPeer {
                 })?,
             )
         };
+        if matches!(reply, Some(Reply::Attached { .. })) {
+            self.offered(node, &answer.plain_address);
+        }
         Ok(Answer {
             reply,
             data: answer.data,

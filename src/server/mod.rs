@@ -522,8 +522,16 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
     let stop = shutdown_signal();
     if let (Some(tls), Some(node), Some(replicas)) = (&tls, &driver.node, &driver.replicas) {
-        node.replicated()
-            .set_connector(replication_connector(Arc::clone(replicas), tls));
+        let plaintext = cfg
+            .cluster
+            .as_ref()
+            .and_then(|c| c.agent.as_ref())
+            .is_some_and(|a| !a.replication_tls);
+        node.replicated().set_connector(replication_connector(
+            Arc::clone(replicas),
+            tls,
+            plaintext,
+        ));
     }
     let agent = match (tls, cfg.cluster.as_ref().and_then(|c| c.agent.clone())) {
         (Some(tls), Some(agent)) => {
@@ -556,17 +564,20 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
 /// How this node's engines reach the copies of replicated volumes: the
 /// local store directly, other nodes' agents over mutual TLS with this
-/// node's certificate.
+/// node's certificate (data requests in plaintext to nodes that offer it
+/// when `plaintext`: `--replication-tls=off`).
 fn replication_connector(
     local: Arc<crate::backend::replicated::store::ReplicaStore>,
     tls: &crate::cluster::tls::TlsMaterial,
+    plaintext: bool,
 ) -> crate::backend::replicated::engines::Connector {
     let client = tls.client_config();
     Arc::new(move |addresses| {
         Arc::new(crate::cluster::replica::GrpcPeer::new(
             Some(Arc::clone(&local)),
             addresses.clone(),
-            Some(client.clone()),
+            client.clone(),
+            plaintext,
             std::time::Duration::from_secs(2),
         ))
     })

@@ -44,8 +44,9 @@ use super::REGION_BYTES;
 use super::engine::{CopyView, Engine, EngineConfig, EngineEvent, EngineState, IoError};
 use super::protocol::{Ballot, Envelope, Refusal, Region, Reply, Request, Tag};
 use super::record::ReplicaRecord;
-use super::wire::{Answer, Call, Peer, PeerError};
+use super::wire::{Answer, Call, Payload, Peer, PeerError};
 use crate::os::fuse_file::BlockHandler;
+use bytes::Bytes;
 
 /// An engine driver's settings. [`DriverConfig::new`] fills in the
 /// defaults.
@@ -181,14 +182,14 @@ enum Command {
     Write {
         region: Region,
         offset: u32,
-        data: Arc<Vec<u8>>,
+        data: Payload,
         done: Done<()>,
     },
     Read {
         region: Region,
         offset: u32,
         len: u32,
-        done: Done<Vec<u8>>,
+        done: Done<Bytes>,
     },
     Flush {
         done: Done<()>,
@@ -453,7 +454,7 @@ impl BlockHandler for EngineDriver {
             waits.push(rx);
             spans.push((at, len));
         }
-        wait_all(waits, |i, data: Vec<u8>| {
+        wait_all(waits, |i, data: Bytes| {
             let (at, len) = spans[i];
             buf[at..at + len].copy_from_slice(&data);
         })?;
@@ -469,7 +470,7 @@ impl BlockHandler for EngineDriver {
             self.send(Command::Write {
                 region,
                 offset: within,
-                data: Arc::new(data[at..at + len].to_vec()),
+                data: data[at..at + len].to_vec().into(),
                 done,
             })?;
             waits.push(rx);
@@ -506,15 +507,15 @@ impl BlockHandler for EngineDriver {
 /// flight).
 struct QueuedWrite {
     offset: u32,
-    data: Arc<Vec<u8>>,
+    data: Payload,
     done: Done<()>,
     deadline: u64,
 }
 
 /// A write's bytes, kept while the engine may send it.
-struct Payload {
+struct KeptWrite {
     offset: u32,
-    data: Arc<Vec<u8>>,
+    data: Payload,
 }
 
 /// An I/O operation the engine is working on. `done` is gone once the
@@ -535,11 +536,11 @@ impl<T> Op<T> {
 }
 
 struct ReadOp {
-    op: Op<Vec<u8>>,
+    op: Op<Bytes>,
     offset: u32,
     len: u32,
     /// The bytes of the answer handed to the engine last.
-    data: Option<Vec<u8>>,
+    data: Option<Bytes>,
 }
 
 /// The one `Write`/`Rebuild` in flight to a (copy, region), and what waits
@@ -585,8 +586,8 @@ struct Task {
     calls: JoinSet<Result<Answer, PeerError>>,
     sent: HashMap<TaskId, Sent>,
     lanes: HashMap<(String, Region), Lane>,
-    payloads: BTreeMap<u64, Payload>,
-    rebuild_data: HashMap<(Region, Tag), Arc<Vec<u8>>>,
+    payloads: BTreeMap<u64, KeptWrite>,
+    rebuild_data: HashMap<(Region, Tag), Payload>,
     queued: BTreeMap<Region, VecDeque<QueuedWrite>>,
     writes: HashMap<u64, Op<()>>,
     reads: HashMap<u64, ReadOp>,
@@ -873,7 +874,7 @@ impl Task {
     /// Keeps the bytes a `ReadData` brought, for the read or rebuild it
     /// answers. False when they are unusable (the reply is then dropped
     /// and the engine resends or times out).
-    fn take_bytes(&mut self, reply: &Reply, data: Vec<u8>) -> bool {
+    fn take_bytes(&mut self, reply: &Reply, data: Bytes) -> bool {
         let Reply::ReadData {
             id, region, tag, ..
         } = reply
@@ -904,7 +905,7 @@ impl Task {
             tracing::warn!(volume = %self.volume, %f, "dropping a rebuild read answer");
             return false;
         }
-        self.rebuild_data.insert((*region, *tag), Arc::new(data));
+        self.rebuild_data.insert((*region, *tag), data.into());
         true
     }
 
@@ -993,7 +994,7 @@ impl Task {
                         let w = q.pop_front().expect("checked");
                         self.payloads.insert(
                             tag.seq,
-                            Payload {
+                            KeptWrite {
                                 offset: w.offset,
                                 data: w.data,
                             },
@@ -1153,7 +1154,7 @@ impl Task {
                     request: e.msg.clone(),
                     offset: r.offset,
                     len: r.len,
-                    data: Arc::default(),
+                    data: Payload::default(),
                 },
                 // Not the I/O side's: a rebuild reads the whole region.
                 None => Call::control(e.msg.clone()),
@@ -1478,7 +1479,10 @@ mod tests {
                 }
                 _ => {}
             }
-            Ok(Answer { reply, data })
+            Ok(Answer {
+                reply,
+                data: data.into(),
+            })
         }
     }
 

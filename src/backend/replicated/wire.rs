@@ -14,9 +14,10 @@
 //! - Everything else moves no bytes.
 
 use std::fmt;
-use std::sync::Arc;
+use std::ops::Deref;
 
 use crate::volume::id::Uuid;
+use bytes::Bytes;
 
 use super::protocol::{Reply, Request};
 
@@ -29,7 +30,45 @@ pub struct Call {
     /// Bytes to read (`Read`; 0 = the whole region).
     pub len: u32,
     /// Bytes to store (`Write`, `Rebuild`).
-    pub data: Arc<Vec<u8>>,
+    pub data: Payload,
+}
+
+/// The bytes a call carries: shared, never copied on the way to a voter
+/// (each copy's call and its resends hold the same buffer).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Payload(Bytes);
+
+impl Payload {
+    /// The bytes as a [`Bytes`] (no copy), e.g. for a gRPC message.
+    pub fn bytes(&self) -> Bytes {
+        self.0.clone()
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(b: Bytes) -> Self {
+        Payload(b)
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Self {
+        Payload(v.into())
+    }
+}
+
+impl Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// `call.data.as_ref().clone()` is a [`Bytes`], without a copy.
+impl AsRef<Bytes> for Payload {
+    fn as_ref(&self) -> &Bytes {
+        &self.0
+    }
 }
 
 impl Call {
@@ -39,7 +78,7 @@ impl Call {
             request,
             offset: 0,
             len: 0,
-            data: Arc::default(),
+            data: Payload::default(),
         }
     }
 }
@@ -48,7 +87,7 @@ impl Call {
 #[derive(Debug, Clone, Default)]
 pub struct Answer {
     pub reply: Option<Reply>,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 /// Why a call got no answer.

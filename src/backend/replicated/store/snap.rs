@@ -346,7 +346,6 @@ impl ReplicaStore {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::Arc;
 
     use super::*;
     use crate::backend::replicated::REGION_BYTES;
@@ -377,7 +376,7 @@ mod tests {
             },
             offset: 0,
             len: 0,
-            data: Arc::new(vec![fill; 4096]),
+            data: vec![fill; 4096].into(),
         };
         let answer = store.call(uuid, call).unwrap();
         assert!(
