@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::checker::{BLOCK, History, block_bytes, open_direct};
 use common::cluster::*;
 use common::*;
 use stowage::csi;
@@ -20,125 +20,11 @@ use tonic::Code;
 const SIZE: i64 = 256 << 20;
 
 fn replicated(name: &str, replicas: &str, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: SIZE,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![cap],
-        parameters: HashMap::from([
-            ("backend".to_owned(), "replicated".to_owned()),
-            ("replicas".to_owned(), replicas.to_owned()),
-        ]),
-        ..Default::default()
-    }
+    replicated_req(name, replicas, SIZE, cap)
 }
 
 fn ext4() -> csi::VolumeCapability {
     mount_cap("ext4", Mode::SingleNodeWriter)
-}
-
-/// The directory of node `i`'s member of a volume.
-fn copy_dir(cl: &Cluster, i: usize, volume_id: &str) -> PathBuf {
-    let hex = volume_id.strip_prefix("replicated:").unwrap();
-    state_dir(cl, i).join("pool/replicas").join(hex)
-}
-
-fn state_dir(cl: &Cluster, i: usize) -> PathBuf {
-    cl.root.join("pool-fs").join(node_id(i))
-}
-
-/// A volume staged and published on one node, as a CO leaves it.
-struct Mounted {
-    node: usize,
-    staging: PathBuf,
-    target: PathBuf,
-    ctx: HashMap<String, String>,
-}
-
-impl Mounted {
-    async fn up(
-        cl: &mut Cluster,
-        i: usize,
-        v: &csi::Volume,
-        cap: &csi::VolumeCapability,
-    ) -> Result<Mounted, tonic::Status> {
-        let ctx =
-            cl.c.controller
-                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                    volume_id: v.volume_id.clone(),
-                    node_id: node_id(i),
-                    volume_capability: Some(cap.clone()),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .publish_context;
-        let mut node = cl.node(i).await;
-        let staging = cl.root.join(format!("stage-{}-n{i}", v.volume_id.len()));
-        let target = cl.root.join(format!("pod-{}-n{i}", v.volume_id.len()));
-        let _ = std::fs::create_dir(&staging);
-        node.node
-            .node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                publish_context: ctx.clone(),
-                staging_target_path: staging.display().to_string(),
-                volume_capability: Some(cap.clone()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
-            .await?;
-        node.node
-            .node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                publish_context: ctx.clone(),
-                staging_target_path: staging.display().to_string(),
-                target_path: target.display().to_string(),
-                volume_capability: Some(cap.clone()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
-            .await?;
-        Ok(Mounted {
-            node: i,
-            staging,
-            target,
-            ctx,
-        })
-    }
-
-    /// NodeUnpublish and NodeUnstage on the node, as the kubelet does.
-    async fn node_down(&self, cl: &mut Cluster, volume_id: &str) {
-        let mut node = cl.node(self.node).await;
-        node.node
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: volume_id.to_owned(),
-                target_path: self.target.display().to_string(),
-            })
-            .await
-            .unwrap();
-        node.node
-            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: volume_id.to_owned(),
-                staging_target_path: self.staging.display().to_string(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("unstage: {e:?}\n{}", cl.nodes[self.node - 1].log_tail(30)));
-    }
-
-    /// [`Mounted::node_down`], then ControllerUnpublish.
-    async fn down(self, cl: &mut Cluster, volume_id: &str) {
-        self.node_down(cl, volume_id).await;
-        cl.c.controller
-            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                volume_id: volume_id.to_owned(),
-                node_id: node_id(self.node),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
 }
 
 fn write_synced(path: &Path, data: &[u8]) {
@@ -146,40 +32,6 @@ fn write_synced(path: &Path, data: &[u8]) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(data).unwrap();
     f.sync_all().unwrap();
-}
-
-/// The (abnormal, message) of the volume's condition as the controller
-/// reads it from the copies' records.
-async fn condition(cl: &mut Cluster, volume_id: &str) -> (bool, String) {
-    let c = cl
-        .get(volume_id)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .volume_condition
-        .unwrap();
-    (c.abnormal, c.message)
-}
-
-/// Waits (bounded) until every copy of the volume is in sync again.
-async fn wait_in_sync(cl: &mut Cluster, volume_id: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let (abnormal, msg) = condition(cl, volume_id).await;
-        if !abnormal {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "copies not back in sync within {within:?}: {msg}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn same_files(a: &Path, b: &Path) -> bool {
-    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,10 +50,7 @@ async fn a_replicated_volume_keeps_its_data_on_every_copy_and_moves_between_node
     assert!(v.accessible_topology.is_empty());
     assert_eq!(v.capacity_bytes, SIZE);
     for i in 1..=NODES {
-        assert!(
-            copy_dir(&cl, i, &v.volume_id).join("data").exists(),
-            "n{i} holds a copy"
-        );
+        assert!(cl.copy_data(i, &v.volume_id).exists(), "n{i} holds a copy");
     }
     // Listed with the node-local volumes, page by page too.
     cl.create(create_req("plain", "ext4", 64 << 20))
@@ -247,7 +96,7 @@ async fn a_replicated_volume_keeps_its_data_on_every_copy_and_moves_between_node
     );
 
     // Published on n1, written there.
-    let m = Mounted::up(&mut cl, 1, &v, &cap)
+    let m = Published::up(&mut cl, 1, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
     // Single-node: another node is refused while n1 holds it.
@@ -266,17 +115,16 @@ async fn a_replicated_volume_keeps_its_data_on_every_copy_and_moves_between_node
     write_synced(&m.target.join("file"), &data);
     m.down(&mut cl, &v.volume_id).await;
     // Every copy holds the same bytes.
-    let first = copy_dir(&cl, 1, &v.volume_id).join("data");
     for i in 2..=NODES {
         assert!(
-            same_files(&first, &copy_dir(&cl, i, &v.volume_id).join("data")),
+            cl.same_copies(1, i, &v.volume_id).await,
             "n{i}'s copy differs from n1's"
         );
     }
-    assert!(!condition(&mut cl, &v.volume_id).await.0);
+    assert!(!cl.condition(&v.volume_id).await.0);
 
     // Moved to n2: the data is there.
-    let m = Mounted::up(&mut cl, 2, &v, &cap)
+    let m = Published::up(&mut cl, 2, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
     assert!(std::fs::read(m.target.join("file")).unwrap() == data);
@@ -285,7 +133,7 @@ async fn a_replicated_volume_keeps_its_data_on_every_copy_and_moves_between_node
     cl.delete(&v.volume_id).await.unwrap();
     for i in 1..=NODES {
         assert!(
-            !copy_dir(&cl, i, &v.volume_id).exists(),
+            !cl.copy_dir(i, &v.volume_id).exists(),
             "n{i}'s copy outlived the volume"
         );
     }
@@ -304,7 +152,7 @@ async fn a_killed_copy_is_marked_out_of_sync_and_rebuilt_when_it_returns() {
         .create(replicated("rep-k", "3", cap.clone()))
         .await
         .unwrap();
-    let m = Mounted::up(&mut cl, 1, &v, &cap)
+    let m = Published::up(&mut cl, 1, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
     write_synced(&m.target.join("before"), &pattern(1, 4 << 20));
@@ -312,7 +160,7 @@ async fn a_killed_copy_is_marked_out_of_sync_and_rebuilt_when_it_returns() {
     cl.nodes[2].kill9();
     let during = pattern(2, 16 << 20);
     write_synced(&m.target.join("during"), &during);
-    let (abnormal, msg) = condition(&mut cl, &v.volume_id).await;
+    let (abnormal, msg) = cl.condition(&v.volume_id).await;
     assert!(abnormal, "a dead copy is out of sync: {msg}");
     assert!(msg.contains("2 of 3"), "{msg}");
     assert!(msg.contains("published on n1"), "{msg}");
@@ -321,23 +169,13 @@ async fn a_killed_copy_is_marked_out_of_sync_and_rebuilt_when_it_returns() {
         "the engine's view of each copy: {msg}"
     );
     // The node's metrics show each copy as its engine sees it.
-    let (_, body) = cl.http_get(1, NODE_METRICS_PORT, "/metrics");
-    let line = |copy: &str| {
-        body.lines()
-            .find(|l| {
-                l.starts_with("stowage_replicated_copy_in_sync{")
-                    && l.contains(&format!("copy=\"{copy}\""))
-            })
-            .unwrap_or_else(|| panic!("no in-sync sample of {copy}:\n{body}"))
-            .to_owned()
-    };
-    assert!(line("n3").ends_with(" 0"), "{}", line("n3"));
-    assert!(line("n2").ends_with(" 1"), "{}", line("n2"));
+    assert_eq!(cl.copy_in_sync_metric(1, "n3"), Some(0), "n1's engine view");
+    assert_eq!(cl.copy_in_sync_metric(1, "n2"), Some(1), "n1's engine view");
     // It comes back (a new boot): rebuilt from the regions written while
     // it was away, then in sync again.
     cl.nodes[2].restart();
     cl.wait_fresh(&[node_id(3)]).await;
-    wait_in_sync(&mut cl, &v.volume_id, Duration::from_secs(60)).await;
+    cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;
     let (_, body) = cl.http_get(1, NODE_METRICS_PORT, "/metrics");
     let rebuilt: u64 = body
         .lines()
@@ -351,13 +189,12 @@ async fn a_killed_copy_is_marked_out_of_sync_and_rebuilt_when_it_returns() {
     );
     write_synced(&m.target.join("after"), &pattern(3, 1 << 20));
     m.down(&mut cl, &v.volume_id).await;
-    let first = copy_dir(&cl, 1, &v.volume_id).join("data");
     assert!(
-        same_files(&first, &copy_dir(&cl, 3, &v.volume_id).join("data")),
+        cl.same_copies(1, 3, &v.volume_id).await,
         "the rebuilt copy differs"
     );
     // Read back on the rebuilt node.
-    let m = Mounted::up(&mut cl, 3, &v, &cap).await.unwrap();
+    let m = Published::up(&mut cl, 3, &v, &cap).await.unwrap();
     assert!(std::fs::read(m.target.join("during")).unwrap() == during);
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
@@ -380,7 +217,7 @@ async fn a_cut_off_engine_is_fenced_once_the_volume_moved() {
         .create(replicated("rep-f", "3", cap.clone()))
         .await
         .unwrap();
-    let m1 = Mounted::up(&mut cl, 1, &v, &cap)
+    let m1 = Published::up(&mut cl, 1, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
     let a = pattern(21, 2 << 20);
@@ -405,7 +242,7 @@ async fn a_cut_off_engine_is_fenced_once_the_volume_moved() {
         })
         .await
         .unwrap_or_else(|e| panic!("unpublish from the cut-off n1: {e:?}"));
-    let m2 = Mounted::up(&mut cl, 2, &v, &cap)
+    let m2 = Published::up(&mut cl, 2, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
     assert!(std::fs::read(m2.target.join("a")).unwrap() == a);
@@ -425,7 +262,7 @@ async fn a_cut_off_engine_is_fenced_once_the_volume_moved() {
     m2.down(&mut cl, &v.volume_id).await;
 
     // What n2 wrote is whole; nothing of n1's late write.
-    let m3 = Mounted::up(&mut cl, 3, &v, &cap).await.unwrap();
+    let m3 = Published::up(&mut cl, 3, &v, &cap).await.unwrap();
     assert!(std::fs::read(m3.target.join("c")).unwrap() == c);
     assert!(std::fs::read(m3.target.join("a")).unwrap() == a);
     assert!(
@@ -445,7 +282,7 @@ async fn losing_a_majority_fails_io_and_loses_no_acknowledged_write() {
     let mut req = replicated("rep-m", "3", cap.clone());
     req.accessibility_requirements = on(&["n1"], &[]);
     let v = cl.create(req).await.unwrap();
-    let m = Mounted::up(&mut cl, 1, &v, &cap).await.unwrap();
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
     let kept = pattern(31, 4 << 20);
     write_synced(&m.target.join("kept"), &kept);
     // Two of three copies die: the engine can neither acknowledge nor mark
@@ -465,59 +302,12 @@ async fn losing_a_majority_fails_io_and_loses_no_acknowledged_write() {
     // The stuck staging is taken down; a fresh one has every acknowledged
     // write.
     m.down(&mut cl, &v.volume_id).await;
-    let m = Mounted::up(&mut cl, 2, &v, &cap)
+    let m = Published::up(&mut cl, 2, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
     assert!(std::fs::read(m.target.join("kept")).unwrap() == kept);
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
-}
-
-/// One block of the checker: 4 KiB naming its block and write, the rest a
-/// pattern of the write, with a checksum.
-const BLOCK: usize = 4096;
-
-fn block_bytes(block: u64, write: u64) -> Vec<u8> {
-    let mut b = pattern(block.wrapping_mul(1_000_003) ^ write, BLOCK);
-    b[..8].copy_from_slice(&block.to_le_bytes());
-    b[8..16].copy_from_slice(&write.to_le_bytes());
-    let sum = crc32fast::hash(&b[..BLOCK - 4]);
-    b[BLOCK - 4..].copy_from_slice(&sum.to_le_bytes());
-    b
-}
-
-/// What a block holds: Some(write) when it is a whole block of a write,
-/// None when it is zeros (never written); Err when it is neither.
-fn parse_block(block: u64, b: &[u8]) -> Result<Option<u64>, String> {
-    if b.iter().all(|&x| x == 0) {
-        return Ok(None);
-    }
-    let sum = u32::from_le_bytes(b[BLOCK - 4..].try_into().unwrap());
-    if crc32fast::hash(&b[..BLOCK - 4]) != sum {
-        return Err(format!("block {block}: checksum mismatch"));
-    }
-    let named = u64::from_le_bytes(b[..8].try_into().unwrap());
-    let write = u64::from_le_bytes(b[8..16].try_into().unwrap());
-    if named != block || b != block_bytes(block, write).as_slice() {
-        return Err(format!(
-            "block {block}: holds block {named}'s write {write}"
-        ));
-    }
-    Ok(Some(write))
-}
-
-/// The raw device at `path`, opened for direct I/O (a plain file where
-/// the filesystem refuses O_DIRECT).
-fn open_direct(path: &Path) -> std::fs::File {
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = |flags| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(flags)
-            .open(path)
-    };
-    open(libc::O_DIRECT).or_else(|_| open(0)).unwrap()
 }
 
 /// The checker itself can fail: on a plain file, an acknowledged write
@@ -533,7 +323,7 @@ fn the_checker_finds_lost_and_corrupted_writes() {
         .unwrap();
     let mut h = History::default();
     let mut rng = 7;
-    h.burst(&dev, &mut rng, 64, 200);
+    h.burst(&open_direct(&dev), &mut rng, 64, 200);
     assert_eq!(h.check(&dev, 64), (vec![], vec![]));
     let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
     let (&block, writes) = h.issued.iter().find(|(_, w)| w.len() > 1).unwrap();
@@ -545,82 +335,6 @@ fn the_checker_finds_lost_and_corrupted_writes() {
     f.write_all_at(&[0xff], other * BLOCK as u64 + 100).unwrap();
     let (_, corrupt) = h.check(&dev, 64);
     assert_eq!(corrupt.len(), 1, "{corrupt:?}");
-}
-
-/// The checker's history: for each block, every write issued and the
-/// newest acknowledged (fdatasync returned) one.
-#[derive(Default)]
-struct History {
-    issued: HashMap<u64, Vec<u64>>,
-    acked: HashMap<u64, u64>,
-    next: u64,
-    acks: u64,
-    failures: u64,
-}
-
-impl History {
-    /// Writes `count` blocks chosen by `rng` from `blocks`, each with
-    /// O_DIRECT, then fdatasync: acknowledged when it returns.
-    fn burst(&mut self, dev: &Path, rng: &mut u64, blocks: u64, count: usize) {
-        use std::os::unix::fs::FileExt;
-        let f = open_direct(dev);
-        let mut batch = Vec::new();
-        let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
-        for _ in 0..count {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            let block = *rng % blocks;
-            self.next += 1;
-            let w = self.next;
-            self.issued.entry(block).or_default().push(w);
-            buf.as_mut_slice().copy_from_slice(&block_bytes(block, w));
-            if f.write_all_at(buf.as_slice(), block * BLOCK as u64)
-                .is_err()
-            {
-                self.failures += 1;
-                return;
-            }
-            batch.push((block, w));
-        }
-        if f.sync_data().is_err() {
-            self.failures += 1;
-            return;
-        }
-        for (block, w) in batch {
-            self.acked.insert(block, w);
-            self.acks += 1;
-        }
-    }
-
-    /// Reads every block back: (lost acknowledged writes, corrupted).
-    fn check(&self, dev: &Path, blocks: u64) -> (Vec<String>, Vec<String>) {
-        use std::os::unix::fs::FileExt;
-        let f = open_direct(dev);
-        let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
-        let (mut lost, mut corrupt) = (Vec::new(), Vec::new());
-        for block in 0..blocks {
-            f.read_exact_at(buf.as_mut_slice(), block * BLOCK as u64)
-                .unwrap();
-            let issued = self.issued.get(&block).map(Vec::as_slice).unwrap_or(&[]);
-            match parse_block(block, buf.as_slice()) {
-                Err(e) => corrupt.push(e),
-                Ok(Some(w)) if !issued.contains(&w) => {
-                    corrupt.push(format!("block {block}: write {w} was never issued"))
-                }
-                Ok(held) => {
-                    if let Some(&a) = self.acked.get(&block)
-                        && held.is_none_or(|w| w < a)
-                    {
-                        lost.push(format!(
-                            "block {block}: acknowledged write {a}, holds {held:?}"
-                        ));
-                    }
-                }
-            }
-        }
-        (lost, corrupt)
-    }
 }
 
 /// Jepsen-style: unique, verifiable 4 KiB writes with fdatasync from the
@@ -645,11 +359,10 @@ async fn no_acknowledged_write_is_lost_under_copy_faults() {
     req.accessibility_requirements = on(&["n1"], &[]);
     let v = cl.create(req).await.unwrap();
     let blocks = 4096; // the first 16 MiB: bursts hit blocks many times
-    let m = Mounted::up(&mut cl, 1, &v, &cap).await.unwrap();
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
     let mut h = History::default();
     let mut faults = Vec::new();
     for round in 0..rounds {
-        let dev = m.target.clone();
         let victim = 2 + round % 2;
         let fault = match round % 3 {
             0 => "kill -9",
@@ -657,27 +370,14 @@ async fn no_acknowledged_write_is_lost_under_copy_faults() {
             _ => "kill -9 twice",
         };
         faults.push(format!("round {round}: {fault} n{victim}"));
-        (h, rng) = tokio::task::spawn_blocking(move || {
-            h.burst(&dev, &mut rng, blocks, 200);
-            (h, rng)
-        })
-        .await
-        .unwrap();
+        (h, rng) = h.bursts(m.target.clone(), rng, blocks, 1, 200).await;
         match fault {
             "link cut" => cl.net.partition(cl.net.host(victim)),
             _ => {
                 cl.nodes[victim - 1].kill9();
             }
         }
-        let dev = m.target.clone();
-        (h, rng) = tokio::task::spawn_blocking(move || {
-            for _ in 0..3 {
-                h.burst(&dev, &mut rng, blocks, 100);
-            }
-            (h, rng)
-        })
-        .await
-        .unwrap();
+        (h, rng) = h.bursts(m.target.clone(), rng, blocks, 3, 100).await;
         match fault {
             "link cut" => cl.net.heal(cl.net.host(victim)),
             "kill -9 twice" => {
@@ -689,39 +389,14 @@ async fn no_acknowledged_write_is_lost_under_copy_faults() {
             _ => cl.nodes[victim - 1].restart(),
         }
         cl.wait_fresh(&[node_id(victim)]).await;
-        let dev = m.target.clone();
-        (h, rng) = tokio::task::spawn_blocking(move || {
-            h.burst(&dev, &mut rng, blocks, 200);
-            (h, rng)
-        })
-        .await
-        .unwrap();
-        wait_in_sync(&mut cl, &v.volume_id, Duration::from_secs(60)).await;
+        (h, rng) = h.bursts(m.target.clone(), rng, blocks, 1, 200).await;
+        cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;
     }
     m.down(&mut cl, &v.volume_id).await;
-    let m = Mounted::up(&mut cl, 2, &v, &cap).await.unwrap();
-    let dev = m.target.clone();
-    let (h, (lost, corrupt)) = tokio::task::spawn_blocking(move || {
-        let r = h.check(&dev, blocks);
-        (h, r)
-    })
-    .await
-    .unwrap();
-    eprintln!(
-        "checker: {rounds} rounds ({}), {} writes issued, {} acknowledged, {} bursts failed; {} acknowledged writes lost, {} blocks corrupted",
-        faults.join("; "),
-        h.next,
-        h.acks,
-        h.failures,
-        lost.len(),
-        corrupt.len()
-    );
-    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
-    assert!(corrupt.is_empty(), "corrupted blocks: {corrupt:?}");
-    assert!(
-        h.acks > 0,
-        "nothing was acknowledged: the check proves nothing"
-    );
+    let m = Published::up(&mut cl, 2, &v, &cap).await.unwrap();
+    let what = format!("{rounds} rounds ({}), ", faults.join("; "));
+    let (h, lost, corrupt) = h.read_back(m.target.clone(), blocks, &what).await;
+    h.assert_intact(&lost, &corrupt);
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
 }
@@ -733,7 +408,7 @@ async fn node_stage_recovers_a_volume_whose_engine_died_with_the_plugin() {
     let mut req = replicated("rep-r", "3", cap.clone());
     req.accessibility_requirements = on(&["n1"], &[]);
     let v = cl.create(req).await.unwrap();
-    let m = Mounted::up(&mut cl, 1, &v, &cap).await.unwrap();
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
     let a = pattern(41, 4 << 20);
     write_synced(&m.target.join("a"), &a);
     // The node plugin (and the engine in it) dies and starts again.
@@ -787,9 +462,9 @@ async fn node_stage_recovers_a_volume_whose_engine_died_with_the_plugin() {
         !c.abnormal || c.message.contains("copies in sync"),
         "after recovery: {c:?}"
     );
-    wait_in_sync(&mut cl, &v.volume_id, Duration::from_secs(60)).await;
+    cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;
     m.down(&mut cl, &v.volume_id).await;
-    let m = Mounted::up(&mut cl, 2, &v, &cap).await.unwrap();
+    let m = Published::up(&mut cl, 2, &v, &cap).await.unwrap();
     assert!(std::fs::read(m.target.join("b")).unwrap() == b);
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
@@ -888,7 +563,7 @@ async fn the_client_and_apply_manage_replicated_volumes_without_an_orchestrator(
     run(&["volume", "unpublish", &vid, &a, "--staging-root", &root]);
     run(&["volume", "delete", &vid]);
     for i in 1..=NODES {
-        assert!(!copy_dir(&cl, i, &vid).exists(), "n{i} kept a copy");
+        assert!(!cl.copy_dir(i, &vid).exists(), "n{i} kept a copy");
     }
 }
 
@@ -896,7 +571,7 @@ async fn the_client_and_apply_manage_replicated_volumes_without_an_orchestrator(
 async fn expand(
     cl: &mut Cluster,
     v: &csi::Volume,
-    m: &Mounted,
+    m: &Published,
     cap: &csi::VolumeCapability,
     to: i64,
 ) {
@@ -950,7 +625,7 @@ async fn a_replicated_volume_grows_online() {
         .create(replicated("rep-x", "3", raw.clone()))
         .await
         .unwrap();
-    let m = Mounted::up(&mut cl, 1, &v, &raw).await.unwrap();
+    let m = Published::up(&mut cl, 1, &v, &raw).await.unwrap();
     expand(&mut cl, &v, &m, &raw, 2 * SIZE).await;
     let dev_len = {
         use std::io::{Seek, SeekFrom};
@@ -969,12 +644,12 @@ async fn a_replicated_volume_grows_online() {
     }
     m.down(&mut cl, &v.volume_id).await;
     for i in 1..=NODES {
-        let len = std::fs::metadata(copy_dir(&cl, i, &v.volume_id).join("data"))
+        let len = std::fs::metadata(cl.copy_data(i, &v.volume_id))
             .unwrap()
             .len();
         assert_eq!(len, 2 * SIZE as u64, "n{i}'s copy grew");
     }
-    let m = Mounted::up(&mut cl, 2, &v, &raw).await.unwrap();
+    let m = Published::up(&mut cl, 2, &v, &raw).await.unwrap();
     let mut back = vec![0u8; tail.len()];
     std::fs::File::open(&m.target)
         .unwrap()
@@ -992,7 +667,7 @@ async fn a_replicated_volume_grows_online() {
         limit_bytes: 0,
     });
     let v = cl.create(req).await.unwrap();
-    let m = Mounted::up(&mut cl, 1, &v, &xfs).await.unwrap();
+    let m = Published::up(&mut cl, 1, &v, &xfs).await.unwrap();
     let total = |p: &Path| {
         let s = nix::sys::statvfs::statvfs(p).unwrap();
         s.blocks() * s.fragment_size()
@@ -1039,7 +714,7 @@ fn from_snapshot(req: csi::CreateVolumeRequest, id: &str) -> csi::CreateVolumeRe
 /// The directory of node `i`'s part of a snapshot.
 fn snapshot_dir(cl: &Cluster, i: usize, snapshot_id: &str) -> PathBuf {
     let hex = snapshot_id.rsplit(':').next().unwrap();
-    state_dir(cl, i).join("pool/replicas/.snapshots").join(hex)
+    cl.state_dir(i).join("pool/replicas/.snapshots").join(hex)
 }
 
 async fn list_snapshots(
@@ -1080,7 +755,7 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
         .create(replicated("rep-s", "3", cap.clone()))
         .await
         .unwrap();
-    let m = Mounted::up(&mut cl, 1, &v, &cap)
+    let m = Published::up(&mut cl, 1, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
     let first = pattern(31, 4 << 20);
@@ -1166,7 +841,7 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
     assert!(r.content_source.is_some());
-    let mr = Mounted::up(&mut cl, 2, &r, &cap)
+    let mr = Published::up(&mut cl, 2, &r, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
     assert!(std::fs::read(mr.target.join("a")).unwrap() == first);
@@ -1183,7 +858,7 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
         ))
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
-    let mc = Mounted::up(&mut cl, 3, &c, &cap)
+    let mc = Published::up(&mut cl, 3, &c, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n3: {e:?}\n{}", cl.nodes[2].log_tail(40)));
     assert!(std::fs::read(mc.target.join("a")).unwrap() == second);
@@ -1198,7 +873,7 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
         .create(replicated("rep-two", "2", cap.clone()))
         .await
         .unwrap();
-    let m2 = Mounted::up(&mut cl, 1, &two, &cap).await.unwrap();
+    let m2 = Published::up(&mut cl, 1, &two, &cap).await.unwrap();
     let third = pattern(34, 2 << 20);
     write_synced(&m2.target.join("t"), &third);
     let snap2 =
@@ -1221,16 +896,16 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
         ))
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
-    let (abnormal, msg) = condition(&mut cl, &r3.volume_id).await;
+    let (abnormal, msg) = cl.condition(&r3.volume_id).await;
     assert!(abnormal && msg.contains("2 of 3"), "{msg}");
-    let m3 = Mounted::up(&mut cl, 3, &r3, &cap).await.unwrap();
+    let m3 = Published::up(&mut cl, 3, &r3, &cap).await.unwrap();
     assert!(std::fs::read(m3.target.join("t")).unwrap() == third);
-    wait_in_sync(&mut cl, &r3.volume_id, Duration::from_secs(60)).await;
+    cl.wait_in_sync(&r3.volume_id, Duration::from_secs(60))
+        .await;
     m3.down(&mut cl, &r3.volume_id).await;
-    let base = copy_dir(&cl, 1, &r3.volume_id).join("data");
     for i in 2..=NODES {
         assert!(
-            same_files(&base, &copy_dir(&cl, i, &r3.volume_id).join("data")),
+            cl.same_copies(1, i, &r3.volume_id).await,
             "n{i}'s copy of the restored volume differs"
         );
     }
@@ -1242,7 +917,7 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
         ))
         .await
         .unwrap();
-    let m4 = Mounted::up(&mut cl, 1, &r4, &cap).await.unwrap();
+    let m4 = Published::up(&mut cl, 1, &r4, &cap).await.unwrap();
     assert!(std::fs::read(m4.target.join("a")).unwrap() == first);
     m4.down(&mut cl, &r4.volume_id).await;
 

@@ -13,25 +13,19 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::checker::{BLOCK, History, WAIT, Writer};
 use common::cluster::*;
 use common::forward::FaultConfig;
 use common::*;
 use stowage::csi;
-use stowage::os::fuse_file::AlignedBuf;
 
 const SIZE: i64 = 128 << 20;
 /// The engine's per-call timeout (`DriverConfig::timeout`): a copy that
 /// takes longer to answer counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Bound of every wait for progress, a condition or a rebuild.
-const WAIT: Duration = Duration::from_secs(60);
 
 /// Reports how long each step of a test took (to stderr, for the run's
 /// record; nothing is asserted on it).
@@ -54,234 +48,21 @@ impl Steps {
     }
 }
 
-fn replicated_raw(name: &str) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: SIZE,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![block_cap(Mode::SingleNodeWriter)],
-        parameters: HashMap::from([
-            ("backend".to_owned(), "replicated".to_owned()),
-            ("replicas".to_owned(), "3".to_owned()),
-        ]),
-        accessibility_requirements: on(&["n1"], &[]),
-        ..Default::default()
-    }
-}
-
-// ------------------------------------------------------------ the checker
-
-/// One block of the checker: 4 KiB naming its block and write, the rest a
-/// pattern of the write, with a checksum (as in tests/replicated.rs).
-const BLOCK: usize = 4096;
-
-fn block_bytes(block: u64, write: u64) -> Vec<u8> {
-    let mut b = pattern(block.wrapping_mul(1_000_003) ^ write, BLOCK);
-    b[..8].copy_from_slice(&block.to_le_bytes());
-    b[8..16].copy_from_slice(&write.to_le_bytes());
-    let sum = crc32fast::hash(&b[..BLOCK - 4]);
-    b[BLOCK - 4..].copy_from_slice(&sum.to_le_bytes());
-    b
-}
-
-/// What a block holds: Some(write) for a whole block of a write, None for
-/// zeros (never written); Err when it is neither.
-fn parse_block(block: u64, b: &[u8]) -> Result<Option<u64>, String> {
-    if b.iter().all(|&x| x == 0) {
-        return Ok(None);
-    }
-    let sum = u32::from_le_bytes(b[BLOCK - 4..].try_into().unwrap());
-    if crc32fast::hash(&b[..BLOCK - 4]) != sum {
-        return Err(format!("block {block}: checksum mismatch"));
-    }
-    let named = u64::from_le_bytes(b[..8].try_into().unwrap());
-    let write = u64::from_le_bytes(b[8..16].try_into().unwrap());
-    if named != block || b != block_bytes(block, write).as_slice() {
-        return Err(format!(
-            "block {block}: holds block {named}'s write {write}"
-        ));
-    }
-    Ok(Some(write))
-}
-
-/// The raw device at `path`, opened for direct I/O (a plain file where
-/// the filesystem refuses O_DIRECT).
-fn open_direct(path: &Path) -> std::fs::File {
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = |flags| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(flags)
-            .open(path)
-    };
-    open(libc::O_DIRECT).or_else(|_| open(0)).unwrap()
-}
-
-/// Every write issued per block and the newest acknowledged one
-/// (fdatasync returned).
-#[derive(Default, Debug)]
-struct History {
-    issued: HashMap<u64, Vec<u64>>,
-    acked: HashMap<u64, u64>,
-    next: u64,
-    acks: u64,
-    /// Bursts whose write or fdatasync failed, with the error.
-    failures: Vec<String>,
-}
-
-impl History {
-    /// Writes `count` blocks drawn from `blocks`, then fdatasync: all of
-    /// them acknowledged when it returns.
-    fn burst(&mut self, f: &std::fs::File, rng: &mut u64, blocks: u64, count: usize) {
-        let mut batch = Vec::new();
-        let mut buf = AlignedBuf::zeroed(BLOCK);
-        for _ in 0..count {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            let block = *rng % blocks;
-            self.next += 1;
-            let w = self.next;
-            self.issued.entry(block).or_default().push(w);
-            buf.as_mut_slice().copy_from_slice(&block_bytes(block, w));
-            if let Err(e) = f.write_all_at(buf.as_slice(), block * BLOCK as u64) {
-                self.failures.push(format!("write of block {block}: {e}"));
-                return;
-            }
-            batch.push((block, w));
-        }
-        if let Err(e) = f.sync_data() {
-            self.failures.push(format!("fdatasync: {e}"));
-            return;
-        }
-        for (block, w) in batch {
-            self.acked.insert(block, w);
-            self.acks += 1;
-        }
-    }
-
-    /// Reads blocks 0..`blocks` back (1 MiB at a time): (lost acknowledged
-    /// writes, corrupted blocks).
-    fn check(&self, dev: &Path, blocks: u64) -> (Vec<String>, Vec<String>) {
-        const CHUNK: u64 = 256;
-        let f = open_direct(dev);
-        let mut buf = AlignedBuf::zeroed(CHUNK as usize * BLOCK);
-        let (mut lost, mut corrupt) = (Vec::new(), Vec::new());
-        for first in (0..blocks).step_by(CHUNK as usize) {
-            let n = CHUNK.min(blocks - first) as usize;
-            f.read_exact_at(&mut buf.as_mut_slice()[..n * BLOCK], first * BLOCK as u64)
-                .unwrap();
-            for (k, b) in buf.as_slice()[..n * BLOCK].chunks(BLOCK).enumerate() {
-                let block = first + k as u64;
-                let issued = self.issued.get(&block).map(Vec::as_slice).unwrap_or(&[]);
-                match parse_block(block, b) {
-                    Err(e) => corrupt.push(e),
-                    Ok(Some(w)) if !issued.contains(&w) => {
-                        corrupt.push(format!("block {block}: write {w} was never issued"))
-                    }
-                    Ok(held) => {
-                        if let Some(&a) = self.acked.get(&block)
-                            && held.is_none_or(|w| w < a)
-                        {
-                            lost.push(format!(
-                                "block {block}: acknowledged write {a}, holds {held:?}"
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        (lost, corrupt)
-    }
-}
-
-/// A thread writing bursts of checker blocks to a published raw volume
-/// until stopped. Dropped without [`Writer::stop`] (a failed test), it is
-/// told to stop and left to end by itself: its I/O fails once the cluster
-/// is gone.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acks: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    history: Arc<Mutex<History>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    /// Bursts of `burst` blocks drawn from the first `blocks` of `dev`.
-    fn start(dev: PathBuf, blocks: u64, burst: usize, seed: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acks = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let history = Arc::new(Mutex::new(History::default()));
-        let (s, a, fl, h) = (
-            Arc::clone(&stop),
-            Arc::clone(&acks),
-            Arc::clone(&failed),
-            Arc::clone(&history),
-        );
-        let thread = std::thread::spawn(move || {
-            let f = open_direct(&dev);
-            let mut rng = seed | 1;
-            while !s.load(Ordering::Relaxed) {
-                let mut h = h.lock().unwrap();
-                h.burst(&f, &mut rng, blocks, burst);
-                a.store(h.acks, Ordering::Relaxed);
-                fl.store(h.failures.len() as u64, Ordering::Relaxed);
-            }
-        });
-        Writer {
-            stop,
-            acks,
-            failed,
-            history,
-            thread: Some(thread),
-        }
-    }
-
-    fn acks(&self) -> u64 {
-        self.acks.load(Ordering::Relaxed)
-    }
-
-    /// Waits (bounded) until `more` further writes are acknowledged, with
-    /// no burst failing meanwhile: writes keep completing.
-    async fn progress(&self, more: u64, what: &str) {
-        let want = self.acks() + more;
-        let deadline = Instant::now() + WAIT;
-        while self.acks() < want {
-            assert_eq!(
-                self.failed.load(Ordering::Relaxed),
-                0,
-                "{what}: a write failed: {:?}",
-                self.history.lock().map(|h| h.failures.clone())
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{what}: writes stopped completing ({} acknowledged, waiting for {want})",
-                self.acks()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Stops after the current burst: the history.
-    async fn stop(mut self) -> History {
-        self.stop.store(true, Ordering::Relaxed);
-        let t = self.thread.take().unwrap();
-        tokio::task::spawn_blocking(move || t.join().unwrap())
-            .await
-            .unwrap();
-        std::mem::take(&mut *self.history.lock().unwrap())
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
+/// A cluster whose n3 is set up as `n3` says, with a raw replicated
+/// volume `name` of three copies created and published on n1.
+async fn raw_volume_on_n1(name: &str, n3: NodeOpts) -> (Cluster, csi::Volume, Published) {
+    let mut cl = Cluster::start_with(&[NodeOpts::default(), NodeOpts::default(), n3]).await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut req = replicated_req(name, "3", SIZE, cap.clone());
+    req.accessibility_requirements = on(&["n1"], &[]);
+    let v = cl
+        .create(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
+    let m = Published::up(&mut cl, 1, &v, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
+    (cl, v, m)
 }
 
 /// The volume taken down on n1 and published afresh on `on`: every block
@@ -302,40 +83,17 @@ async fn verify(
         .await
         .unwrap_or_else(|e| panic!("up on n{on}: {e:?}\n{}", cl.nodes[on - 1].log_tail(40)));
     t.done("published afresh");
-    let dev = m.target.clone();
-    let (h, (lost, corrupt)) = tokio::task::spawn_blocking(move || {
-        let r = h.check(&dev, blocks);
-        (h, r)
-    })
-    .await
-    .unwrap();
-    eprintln!(
-        "checker: {} writes issued, {} acknowledged, {} bursts failed; {} acknowledged writes lost, {} blocks corrupted",
-        h.next,
-        h.acks,
-        h.failures.len(),
-        lost.len(),
-        corrupt.len()
-    );
+    let (h, lost, corrupt) = h.read_back(m.target.clone(), blocks, "").await;
     assert!(h.failures.is_empty(), "writes failed: {:?}", h.failures);
-    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
-    assert!(corrupt.is_empty(), "corrupted blocks: {corrupt:?}");
-    assert!(
-        h.acks > 0,
-        "nothing was acknowledged: the check proves nothing"
-    );
+    h.assert_intact(&lost, &corrupt);
     t.done("read back");
     m.down(cl, &v.volume_id).await;
     t.done("taken down again");
-    let first = cl.copy_data(1, &v.volume_id);
     for i in 2..=NODES {
-        let (first, other) = (first.clone(), cl.copy_data(i, &v.volume_id));
-        let same = tokio::task::spawn_blocking(move || {
-            std::fs::read(first).unwrap() == std::fs::read(other).unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(same, "n{i}'s copy differs from n1's");
+        assert!(
+            cl.same_copies(1, i, &v.volume_id).await,
+            "n{i}'s copy differs from n1's"
+        );
     }
 }
 
@@ -349,23 +107,14 @@ async fn verify(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_copy_is_marked_out_of_sync_and_rebuilt_once_it_is_fast_again() {
     let mut t = Steps::new("slow copy");
-    let mut cl = Cluster::start_with(&[
-        NodeOpts::default(),
-        NodeOpts::default(),
+    let (mut cl, v, m) = raw_volume_on_n1(
+        "rep-slow",
         NodeOpts {
             proxied: true,
             ..Default::default()
         },
-    ])
+    )
     .await;
-    let cap = block_cap(Mode::SingleNodeWriter);
-    let v = cl
-        .create(replicated_raw("rep-slow"))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
-    let m = Published::up(&mut cl, 1, &v, &cap)
-        .await
-        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
     let blocks = 16384; // the first 64 MiB
     t.done("cluster up, volume published");
     let w = Writer::start(m.target.clone(), blocks, 32, 0x51_0e);
@@ -429,23 +178,14 @@ async fn a_slow_copy_is_marked_out_of_sync_and_rebuilt_once_it_is_fast_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_drops_or_holds_its_traffic_loses_no_acknowledged_write() {
     let mut t = Steps::new("dropping copy");
-    let mut cl = Cluster::start_with(&[
-        NodeOpts::default(),
-        NodeOpts::default(),
+    let (mut cl, v, m) = raw_volume_on_n1(
+        "rep-drop",
         NodeOpts {
             proxied: true,
             ..Default::default()
         },
-    ])
+    )
     .await;
-    let cap = block_cap(Mode::SingleNodeWriter);
-    let v = cl
-        .create(replicated_raw("rep-drop"))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
-    let m = Published::up(&mut cl, 1, &v, &cap)
-        .await
-        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
     let blocks = 16384;
     t.done("cluster up, volume published");
     let w = Writer::start(m.target.clone(), blocks, 32, 0xd0_0d);
@@ -551,23 +291,14 @@ fn fill(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_with_a_full_pool_is_marked_out_of_sync_and_rebuilt_once_space_is_freed() {
     let mut t = Steps::new("full pool");
-    let mut cl = Cluster::start_with(&[
-        NodeOpts::default(),
-        NodeOpts::default(),
+    let (mut cl, v, m) = raw_volume_on_n1(
+        "rep-full",
         NodeOpts {
             pool_bytes: Some(320 << 20),
             ..Default::default()
         },
-    ])
+    )
     .await;
-    let cap = block_cap(Mode::SingleNodeWriter);
-    let v = cl
-        .create(replicated_raw("rep-full"))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
-    let m = Published::up(&mut cl, 1, &v, &cap)
-        .await
-        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
     let blocks = (SIZE as usize / BLOCK) as u64; // all of it
     t.done("cluster up, volume published");
     let w = Writer::start(m.target.clone(), blocks, 32, 0xf0_11);

@@ -183,13 +183,24 @@ impl Cluster {
         self.root.join("pool-fs").join(node_id(i))
     }
 
+    /// The directory of node `i`'s copy of a replicated volume.
+    pub fn copy_dir(&self, i: usize, volume_id: &str) -> PathBuf {
+        let hex = volume_id.strip_prefix("replicated:").unwrap();
+        self.state_dir(i).join("pool/replicas").join(hex)
+    }
+
     /// The `data` file of node `i`'s copy of a replicated volume.
     pub fn copy_data(&self, i: usize, volume_id: &str) -> PathBuf {
-        let hex = volume_id.strip_prefix("replicated:").unwrap();
-        self.state_dir(i)
-            .join("pool/replicas")
-            .join(hex)
-            .join("data")
+        self.copy_dir(i, volume_id).join("data")
+    }
+
+    /// Whether nodes `i` and `j` hold the same bytes in their copies of a
+    /// replicated volume (read from a blocking thread).
+    pub async fn same_copies(&self, i: usize, j: usize, volume_id: &str) -> bool {
+        let (a, b) = (self.copy_data(i, volume_id), self.copy_data(j, volume_id));
+        tokio::task::spawn_blocking(move || std::fs::read(a).unwrap() == std::fs::read(b).unwrap())
+            .await
+            .unwrap()
     }
 
     /// The (abnormal, message) of a replicated volume's condition as the
@@ -484,8 +495,8 @@ impl Published {
         })
     }
 
-    /// NodeUnpublish and NodeUnstage on the node, then ControllerUnpublish.
-    pub async fn down(self, cl: &mut Cluster, volume_id: &str) {
+    /// NodeUnpublish and NodeUnstage on the node, as the kubelet does.
+    pub async fn node_down(&self, cl: &mut Cluster, volume_id: &str) {
         let mut node = cl.node(self.node).await;
         node.node
             .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
@@ -501,6 +512,11 @@ impl Published {
             })
             .await
             .unwrap_or_else(|e| panic!("unstage: {e:?}\n{}", cl.nodes[self.node - 1].log_tail(30)));
+    }
+
+    /// [`Published::node_down`], then ControllerUnpublish.
+    pub async fn down(self, cl: &mut Cluster, volume_id: &str) {
+        self.node_down(cl, volume_id).await;
         cl.c.controller
             .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
                 volume_id: volume_id.to_owned(),
@@ -542,6 +558,29 @@ pub fn on(preferred: &[&str], requisite: &[&str]) -> Option<csi::TopologyRequire
         preferred: preferred.iter().map(|n| topo(n)).collect(),
         requisite: requisite.iter().map(|n| topo(n)).collect(),
     })
+}
+
+/// CreateVolume of a replicated volume of `replicas` copies of `bytes`.
+pub fn replicated_req(
+    name: &str,
+    replicas: &str,
+    bytes: i64,
+    cap: csi::VolumeCapability,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        parameters: [
+            ("backend".to_owned(), "replicated".to_owned()),
+            ("replicas".to_owned(), replicas.to_owned()),
+        ]
+        .into(),
+        ..Default::default()
+    }
 }
 
 pub fn node_of(volume_id: &str) -> &str {

@@ -17,6 +17,7 @@ use stowage::csi::node_client::NodeClient;
 use stowage::os::loopdev::LoopDevice;
 use tonic::transport::Channel;
 
+pub mod checker;
 pub mod cluster;
 pub mod forward;
 pub mod garage;
