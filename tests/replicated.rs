@@ -912,13 +912,31 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
     // Still restorable after its source went.
     let r4 = cl
         .create(from_snapshot(
-            replicated("rep-r4", "3", cap.clone()),
+            {
+                // Into a larger volume: its filesystem grows at staging.
+                let mut req = replicated("rep-r4", "3", cap.clone());
+                req.capacity_range.as_mut().unwrap().required_bytes = 2 * SIZE;
+                req
+            },
             &snap.snapshot_id,
         ))
         .await
         .unwrap();
+    assert_eq!(r4.capacity_bytes, 2 * SIZE);
+    assert_eq!(
+        r4.volume_context
+            .get("stowage.csi.dev/grow-fs")
+            .map(String::as_str),
+        Some("true")
+    );
     let m4 = Published::up(&mut cl, 1, &r4, &cap).await.unwrap();
     assert!(std::fs::read(m4.target.join("a")).unwrap() == first);
+    let st = nix::sys::statvfs::statvfs(&m4.target).unwrap();
+    let fs_bytes = st.blocks() as i64 * st.fragment_size() as i64;
+    assert!(
+        fs_bytes > SIZE + SIZE / 2,
+        "the filesystem grew to the volume: {fs_bytes} bytes"
+    );
     m4.down(&mut cl, &r4.volume_id).await;
 
     // Deleted from every node, idempotently; then a missing source.

@@ -264,10 +264,18 @@ pub fn ext4_fills_device(device: &Path) -> Result<bool, ResizeError> {
 
 /// Grows the unmounted ext4 filesystem on `device` to fill it: a forced
 /// check (`e2fsck -f -p`, which offline resize2fs requires) then
-/// `resize2fs`. Needs no capability beyond opening the device.
+/// `resize2fs`. Needs no capability beyond opening the device. e2fsck
+/// exiting 1 or 2 corrected the filesystem (e.g. replayed the journal of a
+/// crash-consistent snapshot): that is a check passed; 4 and above is not.
 pub fn grow_ext4_offline(device: &Path) -> Result<(), ResizeError> {
     let grow_err = |source| grow_failed("ext4", device, device, source);
-    command::run("e2fsck", ["-f".as_ref(), "-p".as_ref(), device.as_os_str()]).map_err(grow_err)?;
+    match command::run("e2fsck", ["-f".as_ref(), "-p".as_ref(), device.as_os_str()]) {
+        Ok(_) => {}
+        Err(e) if matches!(e.exit_code(), Some(1 | 2)) => {
+            tracing::info!(device = %device.display(), "e2fsck corrected the filesystem before growing it");
+        }
+        Err(e) => return Err(grow_err(e)),
+    }
     command::run("resize2fs", [device.as_os_str()]).map_err(grow_err)?;
     Ok(())
 }
