@@ -119,6 +119,11 @@ struct ServeArgs {
     /// gone after three missed ones).
     #[arg(long, default_value_t = 5)]
     register_interval: u64,
+    /// Controller: seconds after which a replicated volume's copy (or
+    /// witness) on a node not heard from is replaced on another node (a
+    /// full rebuild while I/O continues).
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    replica_replace_after: u64,
 }
 
 /// The cluster part of serve's flags, checked against the mode.
@@ -152,6 +157,7 @@ fn cluster_config(
                     .clone()
                     .ok_or("--mode controller needs --tls-dir")?,
                 agent: None,
+                replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
             }))
         }
         ModeArg::Node => {
@@ -194,6 +200,7 @@ fn cluster_config(
                     cordon_file: state_dir.join("cordoned"),
                     cordon_lock: Default::default(),
                 }),
+                replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
             }))
         }
     }
