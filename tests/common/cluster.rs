@@ -49,6 +49,12 @@ pub fn node_id(i: usize) -> String {
 
 impl Cluster {
     pub async fn start() -> Cluster {
+        Cluster::start_with(NODES, &[]).await
+    }
+
+    /// `nodes` node agents, and `controller_args` added to the controller's
+    /// command line.
+    pub async fn start_with(nodes_wanted: usize, controller_args: &[&str]) -> Cluster {
         let scratch = Scratch::new("cluster");
         let root = scratch.root.clone();
         let pool_fs = make_pool_fs(&scratch, "xfs", 8 << 30);
@@ -58,7 +64,7 @@ impl Cluster {
             .output()
             .unwrap();
         assert!(out.status.success(), "cluster init: {out:?}");
-        let net = Net::new(NODES + 1);
+        let net = Net::new(nodes_wanted + 1);
         let ctl_addr = net.host(0).addr(AGENT_PORT);
         let controller = net.host(0).spawn(
             Command::new(bin())
@@ -70,10 +76,11 @@ impl Cluster {
                     "--metrics-address",
                     &net.host(0).addr(METRICS_PORT).to_string(),
                 ])
+                .args(controller_args)
                 .env("STOWAGE_LOG", "debug"),
         );
         let mut nodes = Vec::new();
-        for i in 1..=NODES {
+        for i in 1..=nodes_wanted {
             let h = net.host(i);
             let state = pool_fs.join(node_id(i));
             nodes.push(
@@ -115,10 +122,10 @@ impl Cluster {
             root,
             _scratch: scratch,
         };
-        for i in 1..=NODES {
+        for i in 1..=nodes_wanted {
             wait_socket(&cl.node_socket(i), &cl.nodes[i - 1]);
         }
-        cl.wait_fresh(&(1..=NODES).map(node_id).collect::<Vec<_>>())
+        cl.wait_fresh(&(1..=nodes_wanted).map(node_id).collect::<Vec<_>>())
             .await;
         cl
     }
