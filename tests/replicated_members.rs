@@ -267,6 +267,7 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
         (&[("replicas", "6")][..], Code::InvalidArgument),
         (&[("replicas", "two")][..], Code::InvalidArgument),
         (&[("locality", "none")][..], Code::InvalidArgument),
+        (&[][..], Code::InvalidArgument),
         (&[("replicas", "5")][..], Code::ResourceExhausted),
     ] {
         let e = modify(&mut cl, &id, params).await.unwrap_err();

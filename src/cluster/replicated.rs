@@ -411,10 +411,17 @@ impl Replicated {
                 "volume_content_source: replicated volumes cannot be restored or cloned yet",
             ));
         }
-        if !r.mutable_parameters.is_empty() {
-            return Err(Status::invalid_argument(
-                "mutable_parameters: replicated volumes have none yet",
-            ));
+        // `replicas` is the one mutable parameter: given here, it wins.
+        let mut rp = rp;
+        if let Some(k) = r.mutable_parameters.keys().find(|k| *k != "replicas") {
+            return Err(Status::invalid_argument(format!(
+                "mutable_parameters: {k:?} is not one of a replicated volume's (only replicas)"
+            )));
+        }
+        if let Some(v) = r.mutable_parameters.get("replicas") {
+            rp.replicas = ReplicaParams::parse(Some(v), None)
+                .map_err(|e| Status::invalid_argument(format!("mutable_parameters: {e}")))?
+                .replicas;
         }
         let (default, min) = profile.sizes(fs);
         let (required, limit) = match &r.capacity_range {
@@ -777,10 +784,10 @@ impl Replicated {
                 }
             }
         }
-        let (uuid, state) = self.newest(&r.volume_id).await?;
         let Some(replicas) = replicas else {
-            return Ok(());
+            return Err(Status::invalid_argument("mutable_parameters is required"));
         };
+        let (uuid, state) = self.newest(&r.volume_id).await?;
         let state = self.finish_members(uuid, state).await?;
         let members = placement::reshape(
             &self.candidates(),
