@@ -112,8 +112,8 @@ case "$backend" in block|object|replicated) ;; *) echo "sanity.sh: SANITY_BACKEN
 if [ "$backend" = replicated ]; then
     [ "$nodes" -ge 3 ] || { echo "sanity.sh: replicated volumes need SANITY_CLUSTER=3 or more" >&2; exit 2; }
     printf 'backend: replicated\nreplicas: "3"\n' >"$work/block.yaml"
-    # Replicated volumes have no mutable parameter yet.
-    mutable=()
+    # ModifyVolume of a replicated volume changes its copies.
+    printf 'replicas: "3"\n' >"$work/mutable.yaml"
 fi
 if [ "$backend" = object ]; then
     garage=${STOWAGE_GARAGE:-$(command -v garage || echo /opt/stowage-ci/bin/garage)}

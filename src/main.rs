@@ -131,6 +131,11 @@ struct ServeArgs {
     /// have it off (the agent API stays mutual TLS).
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     replication_tls: OnOff,
+    /// Controller: seconds after which a replicated volume's copy (or
+    /// witness) on a node not heard from is replaced on another node (a
+    /// full rebuild while I/O continues).
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    replica_replace_after: u64,
 }
 
 /// The cluster part of serve's flags, checked against the mode.
@@ -174,6 +179,7 @@ fn cluster_config(
                     .clone()
                     .ok_or("--mode controller needs --tls-dir")?,
                 agent: None,
+                replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
             }))
         }
         ModeArg::Node => {
@@ -217,6 +223,7 @@ fn cluster_config(
                     cordon_lock: Default::default(),
                     replication_tls: args.replication_tls == OnOff::On,
                 }),
+                replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
             }))
         }
     }

@@ -11,6 +11,9 @@
 //! (c) never two different records accepted for one ballot, never two
 //!     different records chosen for one version, and a record is installed
 //!     without a vote (Commit, Attach) only once it is chosen;
+//! The controller also changes the members now and then (a copy replaced
+//! by a new node, three copies to two and a witness and back), so (c) also
+//! covers membership changes interleaved with writes, crashes and cuts.
 //! and at the end of each run, with the faults stopped, that changes and
 //! writes finish within a bounded number of steps (d) and the copies then
 //! hold the same data (e). Deterministic: each run is a seed;
@@ -86,6 +89,7 @@ struct Faults {
     cut: u64,
     heal: u64,
     move_owner: u64,
+    reconfig: u64,
 }
 
 const HOSTILE: Faults = Faults {
@@ -96,6 +100,7 @@ const HOSTILE: Faults = Faults {
     cut: 10,
     heal: 20,
     move_owner: 5,
+    reconfig: 6,
 };
 
 const CALM: Faults = Faults {
@@ -106,6 +111,7 @@ const CALM: Faults = Faults {
     cut: 0,
     heal: 1000,
     move_owner: 0,
+    reconfig: 0,
 };
 
 struct Controller {
@@ -133,6 +139,7 @@ struct Stats {
     crashes: u64,
     reseeds: u64,
     rebuilt_joins: u64,
+    reconfigs: u64,
     steps: u64,
     steps_serving: u64,
 }
@@ -140,7 +147,6 @@ struct Stats {
 /// What the checker knows: every accept, the chosen history, and what was
 /// acknowledged.
 struct Checker {
-    quorum: usize,
     accepts: BTreeMap<Ballot, (ReplicaRecord, BTreeSet<String>)>,
     chosen_by_version: BTreeMap<u64, ReplicaRecord>,
     latest: (Ballot, ReplicaRecord),
@@ -170,6 +176,8 @@ struct Sim {
     stats: Stats,
     /// Break a rule on purpose to see the checker catch it.
     mutation: Mutation,
+    /// New nodes made so far (each membership change adds fresh ones).
+    spares: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +217,6 @@ impl Sim {
             now: 0,
             faults: HOSTILE,
             checker: Checker {
-                quorum: record.quorum().need,
                 accepts: BTreeMap::new(),
                 chosen_by_version: [(0, record.clone())].into(),
                 latest: (Ballot::zero(), record.clone()),
@@ -233,6 +240,7 @@ impl Sim {
             cut: BTreeSet::new(),
             stats: Stats::default(),
             mutation,
+            spares: 0,
         }
     }
 
@@ -353,6 +361,12 @@ impl Sim {
             let c = self.rng.pick(&cuts).clone();
             self.cut.remove(&c);
         }
+        if self.ctl.proposer.is_none()
+            && self.ctl.plan.is_empty()
+            && self.rng.chance(self.faults.reconfig)
+        {
+            self.change_members();
+        }
         if self.ctl.proposer.is_none() && self.ctl.plan.is_empty() {
             let dead = self.current.is_none_or(|c| {
                 matches!(
@@ -365,6 +379,57 @@ impl Sim {
                 self.move_owner(to);
             }
         }
+    }
+
+    /// ControllerModifyVolume or a lost copy's replacement: a new node
+    /// joins (created with a first record naming it, as the controller
+    /// does) in place of a copy or the witness, or the shape changes
+    /// between three copies and two plus a witness. Two changes: the
+    /// second ends the first. A record left mid-change is finished first.
+    fn change_members(&mut self) {
+        let latest = self.checker.latest.1.clone();
+        if latest.previous.is_some() {
+            let members = latest.members.clone();
+            self.ctl.plan = vec![Change::Members { members }];
+            return;
+        }
+        self.spares += 1;
+        let fresh = format!("s{}", self.spares);
+        let copies: Vec<String> = latest.copies().map(str::to_owned).collect();
+        let witness = latest
+            .members
+            .iter()
+            .find(|m| m.role == Role::Witness)
+            .map(|m| m.node.clone());
+        let mut members: Vec<Member> = latest.members.clone();
+        match (self.rng.below(2), witness) {
+            // Replace one member (copy or witness) by the new node.
+            (0, _) => {
+                let i = self.rng.below(members.len() as u64) as usize;
+                members[i].node = fresh.clone();
+            }
+            // Two copies and a witness: the witness goes, a copy comes.
+            (_, Some(w)) => {
+                members.retain(|m| m.node != w);
+                members.push(Member::copy(&fresh));
+            }
+            // Three copies: one goes, a witness comes.
+            (_, None) => {
+                let gone = self.rng.pick(&copies).clone();
+                members.retain(|m| m.node != gone);
+                members.push(Member::witness(&fresh));
+            }
+        }
+        let first = ReplicaRecord::new(latest.uuid, latest.size, members.clone(), &BTreeMap::new())
+            .unwrap();
+        self.voters
+            .insert(fresh.clone(), Voter::new(&fresh, first, 0));
+        self.ctl.plan = vec![
+            Change::Members {
+                members: members.clone(),
+            },
+            Change::Members { members },
+        ];
     }
 
     /// ControllerUnpublish of the current owner, then ControllerPublish to
@@ -535,7 +600,21 @@ impl Sim {
         self.checker
             .accepts
             .get(ballot)
-            .is_some_and(|(r, who)| r == record && who.len() >= self.checker.quorum)
+            .is_some_and(|(r, who)| r == record && self.chosen_by(record, who))
+    }
+
+    /// Whether `who` accepting `record` chooses it: a majority of each of
+    /// its voter sets and of those of the chosen record it follows.
+    fn chosen_by(&self, record: &ReplicaRecord, who: &BTreeSet<String>) -> bool {
+        let mut q = record.quorums();
+        if let Some(prev) = record
+            .version
+            .checked_sub(1)
+            .and_then(|v| self.checker.chosen_by_version.get(&v))
+        {
+            q = q.with(&prev.quorums());
+        }
+        q.reached(who)
     }
 
     fn note_accept(&mut self, voter: &str, ballot: Ballot, record: ReplicaRecord) {
@@ -554,7 +633,8 @@ impl Sim {
             ));
         }
         entry.1.insert(voter.to_owned());
-        if entry.1.len() < self.checker.quorum {
+        let who = entry.1.clone();
+        if !self.chosen_by(&record, &who) {
             return;
         }
         match self.checker.chosen_by_version.get(&record.version) {
@@ -666,6 +746,19 @@ impl Sim {
                 }
             }
             (Change::Unpublish { .. }, Outcome::Chosen { .. }) => self.ctl.owner = None,
+            (Change::Members { .. }, Outcome::Chosen { record, .. }) => {
+                if record.previous.is_none() {
+                    self.stats.reconfigs += 1;
+                }
+                // The controller's Refresh: the owner's engine reads the
+                // record again.
+                if let Some(c) = self.current {
+                    self.engines.get_mut(&c).unwrap().engine.refresh();
+                }
+            }
+            // Another change is under way or the shape is not valid (no
+            // copy would stay in sync): give up; a later one finishes it.
+            (Change::Members { .. }, Outcome::Refused { .. }) => self.ctl.plan.clear(),
             (_, Outcome::Refused { record, .. }) => {
                 // Someone else owns it: release it first, then retry.
                 self.ctl.owner = record.owner.map(|o| o.node);
@@ -863,11 +956,12 @@ fn run_many(seeds: std::ops::Range<u64>, witness: bool, steps: u64) {
         total.crashes += s.crashes;
         total.reseeds += s.reseeds;
         total.rebuilt_joins += s.rebuilt_joins;
+        total.reconfigs += s.reconfigs;
         total.steps += s.steps;
         total.steps_serving += s.steps_serving;
     }
     eprintln!(
-        "seeds {seeds:?} ({} faulty steps each, {} steps in all, {} with the owner's engine serving), witness {witness}: {} writes acked, {} flushes, {} reads, {} writes refused, {} ownership moves, {} crashes, {} copies rejoined, {} reseeds",
+        "seeds {seeds:?} ({} faulty steps each, {} steps in all, {} with the owner's engine serving), witness {witness}: {} writes acked, {} flushes, {} reads, {} writes refused, {} ownership moves, {} crashes, {} copies rejoined, {} reseeds, {} membership changes",
         steps,
         total.steps,
         total.steps_serving,
@@ -878,10 +972,12 @@ fn run_many(seeds: std::ops::Range<u64>, witness: bool, steps: u64) {
         total.moves,
         total.crashes,
         total.rebuilt_joins,
-        total.reseeds
+        total.reseeds,
+        total.reconfigs
     );
     assert!(total.acked > 0 && total.moves > 0 && total.crashes > 0);
     assert!(total.rebuilt_joins > 0, "no copy was ever rebuilt");
+    assert!(total.reconfigs > 0, "the members never changed");
 }
 
 /// Three copies under every fault; invariants after every step, liveness

@@ -305,6 +305,13 @@ impl Replica for ReplicaService {
         }))
     }
 
+    async fn refresh(
+        &self,
+        req: Request<ReplicaCall>,
+    ) -> Result<Response<EngineStatusResponse>, Status> {
+        self.refresh_engine(req).await
+    }
+
     async fn call(&self, req: Request<ReplicaCall>) -> Result<Response<ReplicaAnswer>, Status> {
         let volume = volume_of(&req.get_ref().volume)?;
         if !self.plaintext {
@@ -360,6 +367,33 @@ pub const CONNECTION_WINDOW: u32 = 32 << 20;
 /// The largest HTTP/2 frame replication channels take: a 1 MiB write in
 /// few frames.
 pub const MAX_FRAME: u32 = 1 << 20;
+
+impl ReplicaService {
+    /// Refresh: the controller changed a volume's members; the engine
+    /// serving it here (if any) learns the voters' addresses (the call's
+    /// `request`, JSON of node id -> host:port) and reads the newest
+    /// record. Answers `running: false` when no engine runs here.
+    async fn refresh_engine(
+        &self,
+        req: Request<ReplicaCall>,
+    ) -> Result<Response<EngineStatusResponse>, Status> {
+        controller_only(&req)?;
+        let c = req.into_inner();
+        let volume = volume_of(&c.volume)?;
+        let addresses: BTreeMap<String, String> = serde_json::from_slice(&c.request)
+            .map_err(|e| Status::invalid_argument(format!("addresses: {e}")))?;
+        let Some(engines) = self.engines.as_ref() else {
+            return Ok(Response::new(EngineStatusResponse::default()));
+        };
+        let running = engines
+            .refresh(volume, &addresses)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(EngineStatusResponse {
+            running,
+            ..Default::default()
+        }))
+    }
+}
 
 /// Reaches the voters of replicated volumes: the local store directly,
 /// other nodes' agents over mutual TLS (one lazily connected channel per

@@ -16,9 +16,11 @@ use super::proto::{CreateReplicaRequest, DeleteReplicaRequest, GetReplicaRequest
 use super::registry::{NodeEntry, Registry};
 use crate::backend::replicated::REGION_BYTES;
 use crate::backend::replicated::placement::{self, Candidate, ReplicaParams};
+use crate::backend::replicated::protocol::Ballot;
 use crate::backend::replicated::protocol::{
     Change, Envelope, Outcome, Proposer, Refusal, Reply, VoterState,
 };
+use crate::backend::replicated::record::Member;
 use crate::backend::replicated::record::ReplicaRecord;
 use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError};
 use crate::csi;
@@ -56,7 +58,7 @@ fn parse_id(raw: &str) -> Result<Uuid, Status> {
         .ok_or_else(|| Status::not_found(format!("no volume has the malformed ID {raw:?}")))
 }
 
-fn volume_id(uuid: Uuid) -> String {
+pub fn volume_id(uuid: Uuid) -> String {
     VolumeId {
         backend: BackendKind::Replicated,
         node: String::new(),
@@ -161,8 +163,10 @@ pub async fn drive(
                     // Voters that missed the chosen record learn it now
                     // (best effort: the next change carries it anyway).
                     if let Outcome::Chosen { ballot, record } = &o {
-                        let commits = record
-                            .voters()
+                        let mut to: std::collections::BTreeSet<&str> = record.voters().collect();
+                        to.extend(record.previous.iter().flatten().map(|m| m.node.as_str()));
+                        let commits = to
+                            .into_iter()
                             .map(|v| Envelope {
                                 to: v.to_owned(),
                                 msg: crate::backend::replicated::protocol::Request::Commit {
@@ -225,6 +229,7 @@ impl Found {
 pub struct Replicated {
     registry: Arc<Registry>,
     peer: Arc<dyn Peer>,
+    started: Instant,
 }
 
 impl Replicated {
@@ -234,6 +239,7 @@ impl Replicated {
                 registry: Arc::clone(&registry),
             }),
             registry,
+            started: Instant::now(),
         }
     }
 
@@ -380,10 +386,17 @@ impl Replicated {
         let source = self
             .content_source(r.volume_content_source.as_ref())
             .await?;
-        if !r.mutable_parameters.is_empty() {
-            return Err(Status::invalid_argument(
-                "mutable_parameters: replicated volumes have none yet",
-            ));
+        // `replicas` is the one mutable parameter: given here, it wins.
+        let mut rp = rp;
+        if let Some(k) = r.mutable_parameters.keys().find(|k| *k != "replicas") {
+            return Err(Status::invalid_argument(format!(
+                "mutable_parameters: {k:?} is not one of a replicated volume's (only replicas)"
+            )));
+        }
+        if let Some(v) = r.mutable_parameters.get("replicas") {
+            rp.replicas = ReplicaParams::parse(Some(v), None)
+                .map_err(|e| Status::invalid_argument(format!("mutable_parameters: {e}")))?
+                .replicas;
         }
         let (default, min) = profile.sizes(fs);
         let (required, limit) = match &r.capacity_range {
@@ -753,6 +766,226 @@ impl Replicated {
             Outcome::Chosen { .. } => Ok(()),
             Outcome::Refused { refusal, .. } => Err(Status::internal(refusal.to_string())),
         }
+    }
+
+    /// ControllerModifyVolume: the only mutable parameter is `replicas`
+    /// (1-5). Copies are added on new nodes (rebuilt in full by the engine
+    /// while I/O goes on, or by the next engine to start) or removed, then
+    /// deleted once the change is chosen. Idempotent: the volume already
+    /// has that many copies -> nothing to do. INVALID_ARGUMENT for another
+    /// parameter or a value out of range, NOT_FOUND for no such volume,
+    /// RESOURCE_EXHAUSTED when too few nodes can take a copy.
+    pub async fn modify(&self, r: &csi::ControllerModifyVolumeRequest) -> Result<(), Status> {
+        crate::server::convert::required_str("volume_id", &r.volume_id).map_err(Status::from)?;
+        let mut replicas = None;
+        for (k, v) in &r.mutable_parameters {
+            match k.as_str() {
+                "replicas" => {
+                    let p = ReplicaParams::parse(Some(v), None).map_err(|e| {
+                        Status::invalid_argument(format!("mutable_parameters: {e}"))
+                    })?;
+                    replicas = Some(p.replicas);
+                }
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "mutable_parameters: {other:?} cannot be changed on a replicated volume (only replicas)"
+                    )));
+                }
+            }
+        }
+        let Some(replicas) = replicas else {
+            return Err(Status::invalid_argument("mutable_parameters is required"));
+        };
+        let (uuid, state) = self.newest(&r.volume_id).await?;
+        let state = self.finish_members(uuid, state).await?;
+        let members = placement::reshape(
+            &self.candidates(),
+            &state.record,
+            replicas,
+            &Default::default(),
+        )
+        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        self.set_members(uuid, state, members).await?;
+        tracing::info!(volume = %r.volume_id, replicas, "replicated volume's copies changed");
+        Ok(())
+    }
+
+    fn candidates(&self) -> Vec<Candidate> {
+        let now = Instant::now();
+        self.registry
+            .all()
+            .into_iter()
+            .map(|n| Candidate {
+                fresh: n.fresh(now),
+                zone: n.labels.get("zone").cloned(),
+                cordoned: n.cordoned,
+                free_bytes: n.free_bytes,
+                node: n.id,
+            })
+            .collect()
+    }
+
+    /// A membership change cut short (the record still names the previous
+    /// members) is finished first; returns the newest state.
+    async fn finish_members(&self, uuid: Uuid, state: VoterState) -> Result<VoterState, Status> {
+        if state.record.previous.is_none() {
+            return Ok(state);
+        }
+        let target = state.record.members.clone();
+        self.set_members(uuid, state, target).await?;
+        let (_, state) = self.newest(&volume_id(uuid)).await?;
+        Ok(state)
+    }
+
+    /// Changes the members to `members`: creates the new ones (holding a
+    /// first record that names them, accepted at the zero ballot, so it
+    /// never outranks a chosen record), drives the two steps of the change,
+    /// tells the owner's engine, deletes the removed members. Idempotent.
+    async fn set_members(
+        &self,
+        uuid: Uuid,
+        mut state: VoterState,
+        members: Vec<Member>,
+    ) -> Result<(), Status> {
+        let old: Vec<String> = state
+            .record
+            .voters()
+            .chain(
+                state
+                    .record
+                    .previous
+                    .iter()
+                    .flatten()
+                    .map(|m| m.node.as_str()),
+            )
+            .map(str::to_owned)
+            .collect();
+        if state.record.has_members(&members) && state.record.previous.is_none() {
+            return Ok(());
+        }
+        if state.accepted == Ballot::zero() {
+            // Nothing chosen above the zero ballot yet: a no-op change
+            // first, so the joiners' first record can never tie with it.
+            let noop = Change::Members {
+                members: state.record.members.clone(),
+            };
+            state = self.chosen(uuid, &state, noop).await?;
+        }
+        let first = ReplicaRecord::new(uuid, state.record.size, members.clone(), &BTreeMap::new())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        for m in &members {
+            if !old.contains(&m.node) {
+                self.create_on(&m.node, &first).await?;
+            }
+        }
+        let change = Change::Members { members };
+        let mid = self.chosen(uuid, &state, change.clone()).await?;
+        self.refresh_owner(&mid.record).await;
+        let done = self.chosen(uuid, &mid, change).await?;
+        self.refresh_owner(&done.record).await;
+        for n in &old {
+            if !done.record.voters().any(|v| v == n)
+                && self
+                    .registry
+                    .get(n)
+                    .is_some_and(|e| e.fresh(Instant::now()))
+                && let Err(e) = self.delete_on(n, uuid).await
+            {
+                tracing::warn!(volume = %volume_id(uuid), node = %n, error = %e.message(), "removed member not deleted");
+            }
+        }
+        Ok(())
+    }
+
+    /// Drives `change` and returns the state it chose (as a voter that
+    /// accepted it holds it).
+    async fn chosen(
+        &self,
+        uuid: Uuid,
+        state: &VoterState,
+        change: Change,
+    ) -> Result<VoterState, Status> {
+        match self.change(uuid, state, change).await? {
+            Outcome::Chosen { ballot, record } => Ok(VoterState {
+                promised: ballot.clone(),
+                accepted: ballot,
+                record,
+                boot: state.boot,
+            }),
+            Outcome::Refused {
+                refusal: r @ Refusal::Reconfiguring { .. },
+                ..
+            } => Err(Status::aborted(r.to_string())),
+            Outcome::Refused { refusal, .. } => Err(Status::failed_precondition(format!(
+                "volume {}: {refusal}",
+                volume_id(uuid)
+            ))),
+        }
+    }
+
+    /// Tells the owner's engine (if the volume is published) that the
+    /// members changed, with every voter's address. Best effort: an engine
+    /// that misses it learns with its next change, and one that starts
+    /// later reads the newest record.
+    async fn refresh_owner(&self, record: &ReplicaRecord) {
+        let Some(owner) = &record.owner else { return };
+        let Some(n) = self.registry.get(&owner.node) else {
+            return;
+        };
+        let addresses: BTreeMap<String, String> = record
+            .voters()
+            .filter_map(|v| self.registry.get(v).map(|e| (v.to_owned(), e.advertise)))
+            .collect();
+        let Ok(request) = serde_json::to_vec(&addresses) else {
+            return;
+        };
+        let mut c = ReplicaClient::new(n.channel.clone());
+        let call = ReplicaCall {
+            volume: record.uuid.to_hex(),
+            request,
+            ..Default::default()
+        };
+        if let Ok(Err(s)) | Err(s) = tokio::time::timeout(CALL_DEADLINE, c.refresh(call))
+            .await
+            .map_err(|_| Status::deadline_exceeded("no answer in time"))
+        {
+            tracing::warn!(volume = %volume_id(record.uuid), node = %owner.node, error = %s.message(), "the engine was not told of new members");
+        }
+    }
+
+    /// Replaces `uuid`'s members on nodes the registry has not heard from
+    /// for `after` (lost nodes; a node that never registered since this
+    /// controller started counts once the controller has been up that
+    /// long) by members on other nodes: new copies are rebuilt in full.
+    /// Returns whether it changed the members. A volume whose in-sync
+    /// copies are all lost is left alone (nothing to rebuild from).
+    pub async fn replace_lost(&self, uuid: Uuid, after: Duration) -> Result<bool, Status> {
+        let now = Instant::now();
+        let unknown_lost = now.duration_since(self.started) >= after;
+        let is_lost = |n: &str| match self.registry.get(n) {
+            Some(e) => now.duration_since(e.last_seen) >= after,
+            None => unknown_lost,
+        };
+        let found = self.find(uuid).await?;
+        let Some(state) = found.newest else {
+            return Ok(false);
+        };
+        let r = &state.record;
+        let gone: std::collections::BTreeSet<String> = r
+            .voters()
+            .filter(|v| is_lost(v))
+            .map(str::to_owned)
+            .collect();
+        if gone.is_empty() || r.in_sync.keys().all(|n| gone.contains(n)) {
+            return Ok(false);
+        }
+        let copies = r.copies().count();
+        let state = self.finish_members(uuid, state).await?;
+        let members = placement::reshape(&self.candidates(), &state.record, copies, &gone)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        self.set_members(uuid, state, members).await?;
+        tracing::info!(volume = %volume_id(uuid), lost = ?gone, "lost members replaced");
+        Ok(true)
     }
 
     /// What the engine on `node` says of each copy (best effort: a node that

@@ -112,6 +112,30 @@ impl Router {
         }
     }
 
+    /// One round of replacing lost members (`--replica-replace-after`):
+    /// every replicated volume whose members include a node not heard from
+    /// for `after` gets a member elsewhere instead. A volume with an
+    /// operation in progress is skipped until the next round; errors are
+    /// logged and retried then.
+    pub async fn replace_lost_members(&self, after: std::time::Duration) {
+        let volumes = match self.replicated.list().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e.message(), "replicated volumes not listed");
+                return;
+            }
+        };
+        for uuid in volumes {
+            let raw = replicated::volume_id(uuid);
+            let Ok(_guard) = self.volume_guard(&raw) else {
+                continue;
+            };
+            if let Err(e) = self.replicated.replace_lost(uuid, after).await {
+                tracing::warn!(volume = %raw, error = %e.message(), "lost members not replaced yet");
+            }
+        }
+    }
+
     /// Up to `max` (0: all) replicated volumes from index `from`, and the
     /// token of the rest.
     async fn replicated_page(
@@ -878,9 +902,9 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.volume_id) {
-            return Err(Status::invalid_argument(
-                "volume_id: replicated volumes have no mutable parameters yet",
-            ));
+            let _guard = self.volume_guard(&r.volume_id)?;
+            self.replicated.modify(&r).await?;
+            return Ok(Response::new(csi::ControllerModifyVolumeResponse {}));
         }
         let n = self.volume_node(&r.volume_id)?;
         relay(&n, cc(&n).controller_modify_volume(r).await)

@@ -98,6 +98,9 @@ pub struct ClusterConfig {
     pub listen: String,
     /// Node agents only.
     pub agent: Option<crate::cluster::agent::AgentConfig>,
+    /// Controller: a replicated volume's member on a node not heard from
+    /// for this long is replaced on another node.
+    pub replace_after: std::time::Duration,
 }
 
 /// A startup failure, with what to fix.
@@ -631,6 +634,19 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
         "stowage controller starting"
     );
     let stop = shutdown_signal();
+    let replacer = {
+        let (router, after) = (router.clone(), cluster.replace_after);
+        let every = (after / 4).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(30),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                router.replace_lost_members(after).await;
+            }
+        })
+    };
     let listener = tokio::net::TcpListener::bind(&cluster.listen)
         .await
         .map_err(|err| StartError::Tcp {
@@ -672,6 +688,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
     if let Some(t) = metrics_task {
         t.abort();
     }
+    replacer.abort();
     a?;
     b?;
     tracing::info!("stopped");

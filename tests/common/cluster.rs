@@ -77,6 +77,17 @@ impl Cluster {
     /// A cluster whose node i is set up as `opts[i - 1]` says (nodes past
     /// the end of `opts` as by default).
     pub async fn start_with(opts: &[NodeOpts]) -> Cluster {
+        Self::start_full(NODES, &[], opts).await
+    }
+
+    /// `nodes_wanted` node agents (set up as `opts` says, as in
+    /// [`Cluster::start_with`]), and `controller_args` added to the
+    /// controller's command line.
+    pub async fn start_full(
+        nodes_wanted: usize,
+        controller_args: &[&str],
+        opts: &[NodeOpts],
+    ) -> Cluster {
         let scratch = Scratch::new("cluster");
         let root = scratch.root.clone();
         let pool_fs = make_pool_fs(&scratch, "xfs", 8 << 30);
@@ -86,7 +97,7 @@ impl Cluster {
             .output()
             .unwrap();
         assert!(out.status.success(), "cluster init: {out:?}");
-        let net = Net::new(NODES + 1);
+        let net = Net::new(nodes_wanted + 1);
         let ctl_addr = net.host(0).addr(AGENT_PORT);
         let controller = net.host(0).spawn(
             Command::new(bin())
@@ -98,11 +109,12 @@ impl Cluster {
                     "--metrics-address",
                     &net.host(0).addr(METRICS_PORT).to_string(),
                 ])
+                .args(controller_args)
                 .env("STOWAGE_LOG", "debug"),
         );
         let mut nodes = Vec::new();
         let mut proxies = Vec::new();
-        for i in 1..=NODES {
+        for i in 1..=nodes_wanted {
             let h = net.host(i);
             let state = pool_fs.join(node_id(i));
             let o = opts.get(i - 1).cloned().unwrap_or_default();
@@ -162,10 +174,10 @@ impl Cluster {
             root,
             _scratch: scratch,
         };
-        for i in 1..=NODES {
+        for i in 1..=nodes_wanted {
             wait_socket(&cl.node_socket(i), &cl.nodes[i - 1]);
         }
-        cl.wait_fresh(&(1..=NODES).map(node_id).collect::<Vec<_>>())
+        cl.wait_fresh(&(1..=nodes_wanted).map(node_id).collect::<Vec<_>>())
             .await;
         cl
     }

@@ -203,6 +203,11 @@ enum Command {
     Stop {
         done: oneshot::Sender<Result<(), DriverError>>,
     },
+    /// The members may have changed: reach the voters through `peer` (it
+    /// knows the new ones) and read the record again.
+    Refresh {
+        peer: Arc<dyn Peer>,
+    },
 }
 
 /// What the task and the I/O side share.
@@ -337,6 +342,18 @@ impl EngineDriver {
         let _ = join.await;
         let _ = self.shared.dead.set(IoFailure::Stopped);
         result
+    }
+
+    /// The controller changed the members: from now on the engine reaches
+    /// the voters through `peer`, and it reads the newest record with its
+    /// next change (copies that joined are rebuilt in full while I/O goes
+    /// on). Does not wait.
+    pub fn refresh(&self, peer: Arc<dyn Peer>) -> Result<(), DriverError> {
+        self.cmds
+            .send(Command::Refresh { peer })
+            .map_err(|_| DriverError::Stopped {
+                volume: self.volume,
+            })
     }
 
     fn alive(&self) -> Result<(), IoFailure> {
@@ -802,6 +819,10 @@ impl Task {
                         let _ = done.send(Err(e.into()));
                     }
                 }
+            }
+            Command::Refresh { peer } => {
+                self.peer = peer;
+                self.engine.refresh();
             }
             Command::Grow {
                 size,

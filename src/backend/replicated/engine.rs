@@ -308,6 +308,9 @@ pub struct Engine {
     reseed: Option<(String, u64)>,
     /// A copy refused a request as from an older epoch.
     suspect_fenced: bool,
+    /// Told the record may have changed (members): read it again with
+    /// the next change.
+    relearn: bool,
     /// The `upto` of the newest acknowledged flush.
     flushed_upto: u64,
     writes: BTreeMap<u64, PendingWrite>,
@@ -338,6 +341,7 @@ impl Engine {
             attach_deadline: 0,
             reseed: None,
             suspect_fenced: false,
+            relearn: false,
             flushed_upto: 0,
             writes: BTreeMap::new(),
             flushes: BTreeMap::new(),
@@ -437,6 +441,15 @@ impl Engine {
             self.fail(node, false);
             self.settle();
         }
+    }
+
+    /// The record may have changed (the controller changed the members):
+    /// the engine makes a change of its own as soon as it runs, which
+    /// reads the newest record from a majority and brings the copies in
+    /// line with it: copies that joined are rebuilt in full while I/O
+    /// goes on, removed ones get nothing more.
+    pub fn refresh(&mut self) {
+        self.relearn = true;
     }
 
     /// Takes what to send and what happened since the last call.
@@ -813,6 +826,7 @@ impl Engine {
                 self.ballot = ballot.clone();
                 self.record = record.clone();
                 self.events.push(EngineEvent::Chosen { ballot, record });
+                self.follow_members();
                 match self.state {
                     EngineState::Starting => self.begin_attach(),
                     EngineState::Settling => {
@@ -827,6 +841,41 @@ impl Engine {
                     }
                     _ => self.apply_in_sync(),
                 }
+            }
+        }
+    }
+
+    /// Brings the links in line with the chosen record's copies: a copy
+    /// that joined starts out of sync with every region dirty (a full
+    /// rebuild), a removed one is forgotten (nothing waits for it).
+    /// Before the engine attaches, `begin_attach` makes the links.
+    fn follow_members(&mut self) {
+        if self.state == EngineState::Starting {
+            return;
+        }
+        let copies: BTreeSet<String> = self.record.copies().map(str::to_owned).collect();
+        let gone: Vec<String> = self
+            .links
+            .keys()
+            .filter(|n| !copies.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.links.remove(&n);
+            self.start_replies.remove(&n);
+            for w in self.writes.values_mut() {
+                w.waiting.remove(&n);
+            }
+            for f in self.flushes.values_mut() {
+                f.waiting.remove(&n);
+                f.covers.remove(&n);
+            }
+        }
+        for c in copies {
+            if !self.links.contains_key(&c) {
+                let mut l = Link::new(Phase::Out, 0);
+                l.dirty = (0..self.cfg.regions).collect();
+                self.links.insert(c, l);
             }
         }
     }
@@ -1310,8 +1359,9 @@ impl Engine {
                 }
             }
         }
-        if desired != self.record.in_sync || self.suspect_fenced {
+        if desired != self.record.in_sync || self.suspect_fenced || self.relearn {
             self.suspect_fenced = false;
+            self.relearn = false;
             self.propose(desired);
         }
     }
@@ -1540,6 +1590,54 @@ mod tests {
         assert_eq!(net.voters["c"].data().get(&0), Some(&t0));
         assert_eq!(net.voters["c"].data().get(&3), Some(&t3));
         assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    #[test]
+    fn a_copy_that_replaces_another_is_rebuilt_in_full_while_writes_go_on_then_joins() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        let t0 = e.write(0).unwrap();
+        net.run(&mut e, 2);
+        // The controller puts d in c's place: d is created with a first
+        // record naming it, then the members change in two steps.
+        let to = vec![Member::copy("a"), Member::copy("b"), Member::copy("d")];
+        let first = ReplicaRecord::new(r.uuid, r.size, to.clone(), &BTreeMap::new()).unwrap();
+        net.voters.insert("d".into(), Voter::new("d", first, 0));
+        for id in ["m1", "m2"] {
+            let members = Change::Members {
+                members: to.clone(),
+            };
+            let Outcome::Chosen { .. } = net.change(members, &r, id) else {
+                panic!("membership change refused");
+            };
+        }
+        // The engine has not heard yet: its writes still go to c, whose
+        // record says it is no longer a copy.
+        let t1 = e.write(1).unwrap();
+        net.run(&mut e, 30);
+        e.refresh();
+        let t2 = e.write(2).unwrap();
+        let ev = net.run(&mut e, 100);
+        assert!(acked(&ev).contains(&t2), "{ev:?}");
+        assert!(e.all_in_sync(), "{:?}", e.copies());
+        assert_eq!(
+            e.copies()
+                .iter()
+                .map(|c| c.node.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b", "d"]
+        );
+        for (region, tag) in [(0, t0), (1, t1), (2, t2)] {
+            assert_eq!(net.voters["d"].data().get(&region), Some(&tag));
+        }
+        let t3 = e.write(3).unwrap();
+        assert!(acked(&net.run(&mut e, 3)).contains(&t3));
+        assert_eq!(net.voters["d"].data().get(&3), Some(&t3));
+        assert_eq!(net.voters["c"].data().get(&3), None, "c gets no more I/O");
+        let rec = &net.voters["a"].state().record;
+        assert_eq!(rec.in_sync.keys().collect::<Vec<_>>(), ["a", "b", "d"]);
+        assert_eq!(rec.epoch, e.epoch(), "a membership change fences no engine");
     }
 
     #[test]

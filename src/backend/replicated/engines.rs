@@ -78,6 +78,8 @@ impl PublishContext {
 struct Running {
     driver: Arc<EngineDriver>,
     device: FuseLoopDevice,
+    /// The voters' addresses the engine's transport knows.
+    addresses: BTreeMap<String, String>,
 }
 
 /// The engines of this node.
@@ -202,8 +204,36 @@ impl Engines {
             };
         let loopdev = device.device().clone();
         tracing::info!(volume = %uuid, device = %loopdev.path().display(), "replicated volume's engine started");
-        self.lock().insert(uuid, Running { driver, device });
+        self.lock().insert(
+            uuid,
+            Running {
+                driver,
+                device,
+                addresses: pc.addresses,
+            },
+        );
         Ok(loopdev)
+    }
+
+    /// The controller changed the volume's members: the engine learns the
+    /// addresses of voters that joined (`addresses`, node id -> host:port)
+    /// and reads the newest record. Returns whether an engine runs for the
+    /// volume here (nothing to do otherwise: the next engine starts from
+    /// the newest record).
+    pub fn refresh(
+        &self,
+        uuid: Uuid,
+        addresses: &BTreeMap<String, String>,
+    ) -> Result<bool, EngineError> {
+        let connect = self.connect.get().ok_or(EngineError::NoCluster)?;
+        let mut running = self.lock();
+        let Some(r) = running.get_mut(&uuid) else {
+            return Ok(false);
+        };
+        r.addresses
+            .extend(addresses.iter().map(|(k, v)| (k.clone(), v.clone())));
+        r.driver.refresh(connect(&r.addresses))?;
+        Ok(true)
     }
 
     /// Grows the running engine's volume to `size` bytes (its record must

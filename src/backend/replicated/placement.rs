@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ring::digest;
 
-use super::record::{MAX_COPIES, MIN_COPIES, Member};
+use super::record::{MAX_COPIES, MIN_COPIES, Member, ReplicaRecord, Role};
 use crate::volume::Uuid;
 
 /// Copies when the StorageClass does not say.
@@ -215,6 +215,101 @@ pub fn place(
     })
 }
 
+/// The members a volume should have with `replicas` copies, the members on
+/// the `lost` nodes replaced: copies that stay are kept (in-sync ones
+/// first, `lost` ones never), new copies go to fresh, uncordoned nodes
+/// with room that hold nothing of the volume yet, spread over zones with
+/// the kept ones; two copies keep (or get) a witness on another node, any
+/// other count has none. Returns the members unchanged when nothing is to
+/// do.
+pub fn reshape(
+    candidates: &[Candidate],
+    record: &ReplicaRecord,
+    replicas: usize,
+    lost: &BTreeSet<String>,
+) -> Result<Vec<Member>, PlacementError> {
+    let uuid = record.uuid;
+    let mut kept: Vec<&str> = record.copies().filter(|n| !lost.contains(*n)).collect();
+    // In-sync copies first, then member order.
+    kept.sort_by_key(|n| !record.in_sync.contains_key(*n));
+    kept.truncate(replicas);
+    let used: BTreeSet<&str> = record.voters().collect();
+    let mut seen = BTreeSet::new();
+    let usable: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| {
+            c.fresh && !c.cordoned && !used.contains(c.node.as_str()) && seen.insert(&c.node)
+        })
+        .collect();
+    let eligible: Vec<&Candidate> = usable
+        .iter()
+        .copied()
+        .filter(|c| c.free_bytes >= record.size)
+        .collect();
+    let need = replicas - kept.len();
+    if eligible.len() < need {
+        return Err(PlacementError::NotEnoughNodes {
+            found: eligible.len(),
+            needed: need,
+            size: record.size,
+        });
+    }
+    let zone_of = |n: &str| {
+        candidates
+            .iter()
+            .find(|c| c.node == n)
+            .and_then(|c| c.zone.as_deref())
+    };
+    let mut load: BTreeMap<Option<&str>, usize> = BTreeMap::new();
+    for n in &kept {
+        *load.entry(zone_of(n)).or_default() += 1;
+    }
+    let mut added: Vec<&Candidate> = Vec::new();
+    while added.len() < need {
+        let next = eligible
+            .iter()
+            .filter(|c| !added.iter().any(|k| k.node == c.node))
+            .min_by_key(|c| {
+                (
+                    load.get(&c.zone.as_deref()).copied().unwrap_or(0),
+                    rank(uuid, &c.node),
+                )
+            })
+            .expect("enough eligible nodes");
+        *load.entry(next.zone.as_deref()).or_default() += 1;
+        added.push(next);
+    }
+    let mut members: Vec<Member> = kept.iter().map(|n| Member::copy(n)).collect();
+    members.extend(added.iter().map(|c| Member::copy(&c.node)));
+    if replicas == 2 {
+        let old = record
+            .members
+            .iter()
+            .find(|m| m.role == Role::Witness && !lost.contains(&m.node));
+        let witness = match old {
+            Some(w) => w.node.clone(),
+            None => usable
+                .iter()
+                .filter(|c| !added.iter().any(|k| k.node == c.node))
+                .min_by_key(|c| {
+                    (
+                        load.get(&c.zone.as_deref()).copied().unwrap_or(0),
+                        rank(uuid, &c.node),
+                    )
+                })
+                .map(|c| c.node.clone())
+                .ok_or(PlacementError::NoWitness {
+                    found: usable.len() + kept.len() + added.len(),
+                })?,
+        };
+        members.push(Member::witness(&witness));
+    }
+    if record.has_members(&members) {
+        return Ok(record.members.clone());
+    }
+    Ok(members)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +325,62 @@ mod tests {
     }
 
     const GIB: u64 = 1 << 30;
+
+    fn record(members: Vec<Member>) -> ReplicaRecord {
+        ReplicaRecord::new(volume_uuid("v"), GIB, members, &BTreeMap::new()).unwrap()
+    }
+
+    #[test]
+    fn reshape_adds_and_removes_copies_keeping_the_witness_rule() {
+        let nodes = [
+            node("a", "z1", 4 * GIB),
+            node("b", "z2", 4 * GIB),
+            node("c", "z1", 4 * GIB),
+            node("d", "z3", 4 * GIB),
+        ];
+        let two = record(vec![
+            Member::copy("a"),
+            Member::copy("b"),
+            Member::witness("c"),
+        ]);
+        let none = BTreeSet::new();
+        // 2 -> 3: the witness goes, the new copy goes to the free zone.
+        let three = reshape(&nodes, &two, 3, &none).unwrap();
+        assert_eq!(
+            three,
+            vec![Member::copy("a"), Member::copy("b"), Member::copy("d")]
+        );
+        // Nothing to do: the same members.
+        assert_eq!(reshape(&nodes, &two, 2, &none).unwrap(), two.members);
+        // 3 -> 2: an out-of-sync copy goes first, a witness comes.
+        let mut r3 = record(vec![
+            Member::copy("a"),
+            Member::copy("b"),
+            Member::copy("c"),
+        ]);
+        r3.in_sync.remove("a");
+        let back = reshape(&nodes, &r3, 2, &none).unwrap();
+        assert_eq!(
+            back,
+            vec![Member::copy("b"), Member::copy("c"), Member::witness("d")]
+        );
+        // A lost copy is replaced on a node holding nothing of the volume.
+        let lost: BTreeSet<String> = ["b".to_owned()].into();
+        let swapped = reshape(&nodes, &r3, 3, &lost).unwrap();
+        assert_eq!(
+            swapped,
+            vec![Member::copy("c"), Member::copy("a"), Member::copy("d")]
+        );
+        // Not enough nodes.
+        assert!(matches!(
+            reshape(&nodes, &r3, 5, &none),
+            Err(PlacementError::NotEnoughNodes {
+                found: 1,
+                needed: 2,
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn params_default_and_parse() {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{Owner, Quorum, RecordError, ReplicaRecord, Role};
+use super::record::{JointQuorum, Member, Owner, RecordError, ReplicaRecord, Role};
 
 /// A proposal number. Ordered by round, then by proposer id, so two
 /// proposers never use the same ballot as long as their ids differ.
@@ -394,7 +394,8 @@ impl Voter {
     /// Prepare cannot starve the owner), to the current boot and a current
     /// connection.
     fn check(&mut self, io: Io) -> Result<(), IoRefusal> {
-        if self.role != Role::Copy {
+        // A copy removed from the members serves no more I/O.
+        if self.role != Role::Copy || !self.state.record.is_copy(&self.node) {
             return Err(IoRefusal::NotACopy);
         }
         let epoch = self.state.record.epoch;
@@ -446,12 +447,24 @@ pub enum Change {
     /// shrinks). Copies extend their files when they take the record; the
     /// engine grows when NodeExpandVolume tells it.
     Resize { size: u64 },
-    /// The engine owning epoch `epoch` on `node` sets the in-sync set.
+    /// The engine owning epoch `epoch` on `node` sets the in-sync set
+    /// (of the record's copies: nodes no longer copies are left out, so a
+    /// membership change never fences the engine).
     SetInSync {
         node: String,
         epoch: u64,
         in_sync: BTreeMap<String, u64>,
     },
+    /// ControllerModifyVolume (or replacing a lost copy): the members
+    /// become `members`, in two chosen steps. The first keeps the old
+    /// members as `previous` (so it, and every change until the second,
+    /// needs a majority of both sets); copies that join are out of sync
+    /// and removed ones leave the in-sync set, which must keep a copy.
+    /// The second, the same change again, drops `previous`. Idempotent:
+    /// nothing to do when the members are `members` already; refused
+    /// while a change to other members is under way. The epoch stays, so
+    /// the engine goes on writing.
+    Members { members: Vec<Member> },
 }
 
 /// Why a change was not made.
@@ -461,6 +474,8 @@ pub enum Refusal {
     OwnedBy { owner: String },
     #[error("fenced: the record's owner is {owner:?} at epoch {epoch}")]
     Fenced { owner: Option<String>, epoch: u64 },
+    #[error("a change to the members {members} is under way")]
+    Reconfiguring { members: String },
     #[error(transparent)]
     Invalid(#[from] RecordError),
 }
@@ -512,8 +527,28 @@ impl Change {
                 if owner != Some(node.as_str()) || current.epoch != *epoch {
                     return Err(fenced());
                 }
-                r.in_sync = in_sync.clone();
+                r.in_sync = in_sync
+                    .iter()
+                    .filter(|(n, _)| current.is_copy(n))
+                    .map(|(n, b)| (n.clone(), *b))
+                    .collect();
             }
+            Change::Members { members } => match &current.previous {
+                Some(_) if current.has_members(members) => r.previous = None,
+                Some(_) => {
+                    let names: Vec<&str> = current.voters().collect();
+                    return Err(Refusal::Reconfiguring {
+                        members: names.join(", "),
+                    });
+                }
+                None if current.has_members(members) => {}
+                None => {
+                    r.previous = Some(current.members.clone());
+                    r.members = members.clone();
+                    let next = r.clone();
+                    r.in_sync.retain(|n, _| next.is_copy(n));
+                }
+            },
         }
         r.version += 1;
         r.validate()?;
@@ -547,7 +582,8 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
     Preparing,
-    Accepting(ReplicaRecord),
+    /// Accepting `0`, which needs the quorum `1`.
+    Accepting(ReplicaRecord, JointQuorum),
     /// Waiting to try again with a higher ballot (after a Nack or a
     /// timeout); `at` is set on the next tick from the caller's jitter.
     Backoff {
@@ -556,17 +592,30 @@ enum Phase {
     Done,
 }
 
-/// Drives one [`Change`] to a majority (single-decree Paxos per change):
-/// Prepare to every voter; on a majority of promises, apply the change to
-/// the record accepted at the highest ballot among them; Accept the result
-/// at the same ballot on a majority. A Nack or a timeout starts over with a
-/// higher ballot after a jitter the caller chooses.
+/// Drives one [`Change`] to its outcome (single-decree Paxos per change):
+/// Prepare to the voters; once the promises hold a majority of every voter
+/// set of the record the proposer started from and of the newest record
+/// they report (accepted at the highest ballot), apply the change to that
+/// record; Accept the result at the same ballot on a majority of every
+/// voter set of the newest record and of the result. A Nack or a timeout
+/// starts over with a higher ballot after a jitter the caller chooses.
+///
+/// Membership changes are safe because a chosen record was accepted by a
+/// majority of each of its voter sets and of its predecessor's: a later
+/// proposer reaches a majority of the sets it knows, so it meets the
+/// newest chosen record's acceptors in one of them (or a record newer
+/// still) and, when that record names other voters, widens its Prepare to
+/// them before it decides (see `JointQuorum`). A membership change keeps
+/// both sets in the record until a second change ends it, so no record
+/// is chosen by the new voters alone before the old ones accepted it.
 #[derive(Debug, Clone)]
 pub struct Proposer {
     id: String,
     change: Change,
-    voters: Vec<String>,
-    quorum: Quorum,
+    /// Everyone Prepare went to (grows as newer records name voters).
+    voters: BTreeSet<String>,
+    /// The voter sets of the record the proposer started from.
+    view: JointQuorum,
     ballot: Ballot,
     highest_seen: u64,
     phase: Phase,
@@ -594,11 +643,12 @@ impl Proposer {
         now: u64,
         timeout: u64,
     ) -> (Self, Vec<Envelope>) {
+        let view = record.quorums();
         let mut p = Proposer {
             id: id.to_owned(),
             change,
-            voters: record.voters().map(str::to_owned).collect(),
-            quorum: record.quorum(),
+            voters: view.voters(),
+            view,
             ballot: Ballot::zero(),
             highest_seen: after,
             phase: Phase::Done,
@@ -634,12 +684,12 @@ impl Proposer {
         self.promises.clear();
         self.accepts.clear();
         self.deadline = self.now + self.timeout;
-        self.broadcast(|b| Request::Prepare { ballot: b })
+        let all = self.voters.clone();
+        self.send_to(&all, |b| Request::Prepare { ballot: b })
     }
 
-    fn broadcast(&self, msg: impl Fn(Ballot) -> Request) -> Vec<Envelope> {
-        self.voters
-            .iter()
+    fn send_to(&self, to: &BTreeSet<String>, msg: impl Fn(Ballot) -> Request) -> Vec<Envelope> {
+        to.iter()
             .map(|v| Envelope {
                 to: v.clone(),
                 msg: msg(self.ballot.clone()),
@@ -662,7 +712,7 @@ impl Proposer {
                 Some(t) if now >= *t => self.prepare(),
                 Some(_) => Vec::new(),
             },
-            Phase::Preparing | Phase::Accepting(_) => {
+            Phase::Preparing | Phase::Accepting(..) => {
                 if now >= self.deadline {
                     self.phase = Phase::Backoff { at: None };
                 }
@@ -674,12 +724,12 @@ impl Proposer {
     /// A voter answered. Returns what to send and, once decided, the
     /// outcome (after which the proposer ignores everything).
     pub fn handle(&mut self, from: &str, reply: &Reply) -> (Vec<Envelope>, Option<Outcome>) {
-        if !self.voters.iter().any(|v| v == from) {
+        if !self.voters.contains(from) {
             return (Vec::new(), None);
         }
         match reply {
             Reply::Nack { ballot, promised } if *ballot == self.ballot => {
-                if matches!(self.phase, Phase::Preparing | Phase::Accepting(_)) {
+                if matches!(self.phase, Phase::Preparing | Phase::Accepting(..)) {
                     self.highest_seen = self.highest_seen.max(promised.round);
                     self.phase = Phase::Backoff { at: None };
                 }
@@ -692,15 +742,23 @@ impl Proposer {
             } if *ballot == self.ballot && self.phase == Phase::Preparing => {
                 self.promises
                     .insert(from.to_owned(), (accepted.clone(), record.clone()));
-                if !self.quorum.reached(self.promises.len()) {
-                    return (Vec::new(), None);
-                }
                 let (_, newest) = self
                     .promises
                     .values()
                     .max_by(|a, b| a.0.cmp(&b.0))
-                    .expect("a quorum is never empty");
+                    .expect("just inserted");
                 let newest = newest.clone();
+                // The newest record may name voters the proposer did not
+                // know: their majority is needed too.
+                let need = self.view.clone().with(&newest.quorums());
+                let fresh: BTreeSet<String> =
+                    need.voters().difference(&self.voters).cloned().collect();
+                self.voters.extend(fresh.iter().cloned());
+                let mut out = self.send_to(&fresh, |b| Request::Prepare { ballot: b });
+                let promised: BTreeSet<String> = self.promises.keys().cloned().collect();
+                if !need.reached(&promised) {
+                    return (out, None);
+                }
                 match self.change.apply(&newest) {
                     Err(refusal) => {
                         self.phase = Phase::Done;
@@ -713,23 +771,26 @@ impl Proposer {
                         )
                     }
                     Ok(next) => {
-                        self.phase = Phase::Accepting(next.clone());
+                        let quorum = newest.quorums().with(&next.quorums());
+                        let to = quorum.voters();
+                        self.voters.extend(to.iter().cloned());
+                        self.phase = Phase::Accepting(next.clone(), quorum);
                         self.deadline = self.now + self.timeout;
-                        let out = self.broadcast(|b| Request::Accept {
+                        out.extend(self.send_to(&to, |b| Request::Accept {
                             ballot: b,
                             record: next.clone(),
-                        });
+                        }));
                         (out, None)
                     }
                 }
             }
             Reply::Accepted { ballot } if *ballot == self.ballot => {
-                let Phase::Accepting(record) = &self.phase else {
+                let Phase::Accepting(record, quorum) = &self.phase else {
                     return (Vec::new(), None);
                 };
-                let record = record.clone();
+                let (record, quorum) = (record.clone(), quorum.clone());
                 self.accepts.insert(from.to_owned());
-                if !self.quorum.reached(self.accepts.len()) {
+                if !quorum.reached(&self.accepts) {
                     return (Vec::new(), None);
                 }
                 self.phase = Phase::Done;
@@ -1016,6 +1077,113 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_membership_change_takes_two_steps_and_the_joiner_starts_out_of_sync() {
+        let r = record();
+        let mut vs = voters(&r);
+        vs.insert("d".into(), Voter::new("d", r.clone(), 0));
+        let to = vec![Member::copy("a"), Member::copy("b"), Member::copy("d")];
+        let ch = Change::Members {
+            members: to.clone(),
+        };
+        let (mut p, out) = Proposer::new("ctl", ch.clone(), &r, 0, 0, 5);
+        // A majority of the new set alone is not enough: b, d are not a
+        // majority of a, b, c.
+        assert_eq!(run(&mut p, out, &mut vs, &["b", "d"]), None);
+        let (mut p, out) = Proposer::new("ctl2", ch.clone(), &r, 0, 0, 5);
+        let Some(Outcome::Chosen { record: joint, .. }) =
+            run(&mut p, out, &mut vs, &["a", "b", "d"])
+        else {
+            panic!("a majority of both sets chooses it");
+        };
+        assert!(joint.has_members(&to));
+        assert_eq!(joint.previous.as_ref().unwrap().len(), 3);
+        assert!(!joint.in_sync.contains_key("c") && !joint.in_sync.contains_key("d"));
+        let (mut p, out) = Proposer::new("ctl3", ch, &joint, 0, 0, 5);
+        let Some(Outcome::Chosen { record: done, .. }) = run(&mut p, out, &mut vs, &["a", "b"])
+        else {
+            panic!("ending it needs a majority of both sets: a, b");
+        };
+        assert_eq!(done.previous, None);
+        // Another change while one is under way is refused.
+        let mut half = joint.clone();
+        half.version = 99;
+        let other = Change::Members {
+            members: vec![Member::copy("a"), Member::copy("b"), Member::copy("e")],
+        };
+        assert!(matches!(
+            other.apply(&half),
+            Err(Refusal::Reconfiguring { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stale_proposer_widens_its_prepare_to_the_new_members() {
+        let r = record();
+        let mut vs = voters(&r);
+        for n in ["d", "e"] {
+            vs.insert(n.into(), Voter::new(n, r.clone(), 0));
+        }
+        // a, b, c -> a, d, e, chosen on a, b (old) and a, d, e (new); then
+        // a change the new set alone chooses.
+        let to = vec![Member::copy("a"), Member::copy("d"), Member::copy("e")];
+        let ch = Change::Members { members: to };
+        let (mut p, out) = Proposer::new("c1", ch.clone(), &r, 0, 0, 5);
+        let Some(Outcome::Chosen { record: joint, .. }) =
+            run(&mut p, out, &mut vs, &["a", "b", "d", "e"])
+        else {
+            panic!("chosen");
+        };
+        let (mut p, out) = Proposer::new("c2", ch, &joint, 0, 0, 5);
+        let Some(Outcome::Chosen { .. }) = run(&mut p, out, &mut vs, &["a", "b", "d", "e"]) else {
+            panic!("chosen");
+        };
+        let pubx = Change::Publish {
+            node: "x".into(),
+            readonly: false,
+        };
+        let (mut p, out) = Proposer::new("c3", pubx, &vs["d"].state().record, 0, 0, 5);
+        let Some(Outcome::Chosen {
+            record: published, ..
+        }) = run(&mut p, out, &mut vs, &["d", "e"])
+        else {
+            panic!("chosen by the new set");
+        };
+        // A proposer that only knows a, b, c hears b and c (old records)
+        // and a, learns of d and e and must hear them before deciding.
+        let puby = Change::Publish {
+            node: "y".into(),
+            readonly: false,
+        };
+        let (mut p, out) = Proposer::new("c4", puby.clone(), &r, 0, 0, 5);
+        assert_eq!(run(&mut p, out, &mut vs, &["a", "b", "c"]), None);
+        let (mut p, out) = Proposer::new("c5", puby, &r, 0, 0, 5);
+        let Some(Outcome::Refused { refusal, record }) =
+            run(&mut p, out, &mut vs, &["a", "b", "c", "d"])
+        else {
+            panic!("expected a refusal");
+        };
+        assert!(matches!(refusal, Refusal::OwnedBy { .. }), "{refusal}");
+        assert_eq!(record, published);
+    }
+
+    #[test]
+    fn set_in_sync_leaves_out_nodes_that_are_no_longer_copies() {
+        let mut r = record();
+        r.owner = Some(Owner {
+            node: "x".into(),
+            readonly: false,
+        });
+        r.members = vec![Member::copy("a"), Member::copy("b"), Member::copy("d")];
+        let ch = Change::SetInSync {
+            node: "x".into(),
+            epoch: 0,
+            in_sync: [("a".to_owned(), 1), ("c".to_owned(), 1)].into(),
+        };
+        let next = ch.apply(&r).unwrap();
+        assert_eq!(next.in_sync, [("a".to_owned(), 1)].into());
     }
 
     #[test]

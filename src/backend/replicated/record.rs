@@ -61,12 +61,17 @@ pub struct Owner {
 /// history. `in_sync` maps each in-sync copy to the boot (incarnation) of
 /// that copy at which it was in sync: a copy that restarted may have lost
 /// writes it had not flushed, and is no longer in sync under its new boot.
+/// `previous` is set while a membership change is under way (the members
+/// before it): every change of such a record needs a majority of both
+/// sets (see [`ReplicaRecord::quorums`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ReplicaRecord {
     #[serde(with = "uuid_hex")]
     pub uuid: Uuid,
     pub size: u64,
     pub members: Vec<Member>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Vec<Member>>,
     pub in_sync: BTreeMap<String, u64>,
     pub owner: Option<Owner>,
     pub epoch: u64,
@@ -112,6 +117,7 @@ impl ReplicaRecord {
             uuid,
             size,
             members,
+            previous: None,
             in_sync,
             owner: None,
             epoch: 0,
@@ -128,13 +134,15 @@ impl ReplicaRecord {
         if self.size == 0 {
             return Err(RecordError::ZeroSize);
         }
-        let mut seen = BTreeSet::new();
-        for m in &self.members {
-            if !valid_node_id(&m.node) {
-                return Err(RecordError::NodeId(m.node.clone()));
-            }
-            if !seen.insert(m.node.as_str()) {
-                return Err(RecordError::DuplicateMember(m.node.clone()));
+        for set in std::iter::once(&self.members).chain(self.previous.as_ref()) {
+            let mut seen = BTreeSet::new();
+            for m in set {
+                if !valid_node_id(&m.node) {
+                    return Err(RecordError::NodeId(m.node.clone()));
+                }
+                if !seen.insert(m.node.as_str()) {
+                    return Err(RecordError::DuplicateMember(m.node.clone()));
+                }
             }
         }
         let copies = self.copies().count();
@@ -181,9 +189,25 @@ impl ReplicaRecord {
             .any(|m| m.node == node && m.role == Role::Copy)
     }
 
-    /// How many voters make a majority.
+    /// How many voters make a majority of the members.
     pub fn quorum(&self) -> Quorum {
         Quorum::majority_of(self.members.len())
+    }
+
+    /// The voter sets whose majorities a change of this record needs: the
+    /// members, and during a membership change the previous members too.
+    pub fn quorums(&self) -> JointQuorum {
+        let mut q = JointQuorum::default();
+        q.add(self.voters());
+        if let Some(p) = &self.previous {
+            q.add(p.iter().map(|m| m.node.as_str()));
+        }
+        q
+    }
+
+    /// Whether the members are `members`, in any order.
+    pub fn has_members(&self, members: &[Member]) -> bool {
+        same_members(&self.members, members)
     }
 
     /// Whether `node` is in sync under boot `boot`.
@@ -215,6 +239,70 @@ impl Quorum {
 impl fmt::Display for Quorum {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} of {}", self.need, self.of)
+    }
+}
+
+/// Whether two member lists hold the same members, in any order.
+pub fn same_members(a: &[Member], b: &[Member]) -> bool {
+    let key = |v: &[Member]| {
+        let mut k: Vec<(String, Role)> = v.iter().map(|m| (m.node.clone(), m.role)).collect();
+        k.sort();
+        k
+    };
+    key(a) == key(b)
+}
+
+/// "How many must answer" when several voter sets must agree: a majority
+/// of each set. A change of a record needs the [`ReplicaRecord::quorums`]
+/// of the record it starts from and of the record it makes, so a
+/// membership change is accepted by a majority of the old and of the new
+/// voters, and any later majority of either set meets it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JointQuorum {
+    sets: Vec<BTreeSet<String>>,
+}
+
+impl JointQuorum {
+    /// Adds a voter set (ignored when it is already there).
+    pub fn add<'a>(&mut self, voters: impl IntoIterator<Item = &'a str>) {
+        let set: BTreeSet<String> = voters.into_iter().map(str::to_owned).collect();
+        if !set.is_empty() && !self.sets.contains(&set) {
+            self.sets.push(set);
+        }
+    }
+
+    /// Both quorums at once.
+    pub fn with(mut self, other: &JointQuorum) -> Self {
+        for s in &other.sets {
+            self.add(s.iter().map(String::as_str));
+        }
+        self
+    }
+
+    /// Every voter of every set.
+    pub fn voters(&self) -> BTreeSet<String> {
+        self.sets.iter().flatten().cloned().collect()
+    }
+
+    /// Whether `answered` holds a majority of every set.
+    pub fn reached(&self, answered: &BTreeSet<String>) -> bool {
+        self.sets.iter().all(|s| {
+            Quorum::majority_of(s.len()).reached(s.iter().filter(|v| answered.contains(*v)).count())
+        })
+    }
+}
+
+impl fmt::Display for JointQuorum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.sets.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" and ")?;
+            }
+            let q = Quorum::majority_of(s.len());
+            let names: Vec<&str> = s.iter().map(String::as_str).collect();
+            write!(f, "{} of {{{}}}", q.need, names.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -340,6 +428,29 @@ mod tests {
             readonly: false,
         });
         assert_eq!(r.validate(), Err(RecordError::NodeId("a/b".into())));
+    }
+
+    #[test]
+    fn a_membership_change_needs_a_majority_of_both_sets() {
+        let mut r = rec(vec![
+            Member::copy("a"),
+            Member::copy("b"),
+            Member::witness("w"),
+        ])
+        .unwrap();
+        assert_eq!(r.quorums().to_string(), "2 of {a, b, w}");
+        r.previous = Some(r.members.clone());
+        r.members = vec![Member::copy("a"), Member::copy("b"), Member::copy("c")];
+        let q = r.quorums();
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        assert!(q.reached(&set(&["a", "b"])));
+        assert!(!q.reached(&set(&["a", "c"])), "no majority of a, b, w");
+        assert!(!q.reached(&set(&["a", "w"])), "no majority of a, b, c");
+        assert!(q.reached(&set(&["a", "w", "c"])));
+        assert_eq!(q.voters().len(), 4);
+        assert!(r.has_members(&[Member::copy("c"), Member::copy("a"), Member::copy("b")]));
+        r.previous = Some(vec![Member::copy("a"), Member::copy("a")]);
+        assert_eq!(r.validate(), Err(RecordError::DuplicateMember("a".into())));
     }
 
     #[test]

@@ -1,0 +1,356 @@
+//! Changing a replicated volume's members on a real cluster (issue 14): a
+//! controller and four node agents in network namespaces. ControllerModify
+//! Volume of `replicas` adds a copy (rebuilt in full while a writer goes
+//! on) or removes one (its directory deleted); a node killed for good gets
+//! its copy replaced on another node, which is rebuilt and joins the
+//! in-sync set. Each test is bounded.
+
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::*;
+use stowage::csi;
+use tonic::Code;
+
+const SIZE: i64 = 64 << 20;
+const FOUR: usize = 4;
+
+fn replicated(name: &str, replicas: &str) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: SIZE,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![ext4()],
+        parameters: HashMap::from([
+            ("backend".to_owned(), "replicated".to_owned()),
+            ("replicas".to_owned(), replicas.to_owned()),
+        ]),
+        ..Default::default()
+    }
+}
+
+fn ext4() -> csi::VolumeCapability {
+    mount_cap("ext4", Mode::SingleNodeWriter)
+}
+
+fn copy_dir(cl: &Cluster, i: usize, volume_id: &str) -> PathBuf {
+    let hex = volume_id.strip_prefix("replicated:").unwrap();
+    cl.root
+        .join("pool-fs")
+        .join(node_id(i))
+        .join("pool/replicas")
+        .join(hex)
+}
+
+fn index_of(node: &str) -> usize {
+    node.trim_start_matches('n').parse().unwrap()
+}
+
+/// Published, staged and mounted on node `node`, as a CO leaves it.
+struct Mounted {
+    node: usize,
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+impl Mounted {
+    async fn up(cl: &mut Cluster, i: usize, v: &csi::Volume) -> Mounted {
+        let ctx =
+            cl.c.controller
+                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    node_id: node_id(i),
+                    volume_capability: Some(ext4()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .publish_context;
+        let mut node = cl.node(i).await;
+        let staging = cl.root.join(format!("stage-n{i}"));
+        let target = cl.root.join(format!("pod-n{i}"));
+        let _ = std::fs::create_dir(&staging);
+        node.node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                publish_context: ctx.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(ext4()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("stage on n{i}: {e:?}\n{}", cl.nodes[i - 1].log_tail(40)));
+        node.node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                publish_context: ctx,
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(ext4()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        Mounted {
+            node: i,
+            staging,
+            target,
+        }
+    }
+
+    async fn down(self, cl: &mut Cluster, volume_id: &str) {
+        let mut node = cl.node(self.node).await;
+        node.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                target_path: self.target.display().to_string(),
+            })
+            .await
+            .unwrap();
+        node.node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                staging_target_path: self.staging.display().to_string(),
+            })
+            .await
+            .unwrap();
+        cl.c.controller
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                node_id: node_id(self.node),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Writes files of known content with fsync into a mounted volume until
+/// stopped; returns the names of the acknowledged ones.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(PathBuf, u64)>>,
+}
+
+impl Writer {
+    fn start(dir: &Path) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, dir) = (Arc::clone(&stop), dir.to_owned());
+        let thread = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut done = Vec::new();
+            let mut k = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                k += 1;
+                let p = dir.join(format!("w{}", k % 40));
+                let mut f = std::fs::File::create(&p).expect("create");
+                f.write_all(&pattern(k, 256 << 10)).expect("write");
+                f.sync_all().expect("fsync");
+                done.retain(|(q, _): &(PathBuf, u64)| *q != p);
+                done.push((p, k));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done
+        });
+        Writer { stop, thread }
+    }
+
+    /// Stops and checks every acknowledged file reads back as written.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let done = self.thread.join().expect("the writer failed");
+        for (p, k) in &done {
+            let got = std::fs::read(p).unwrap();
+            assert!(got == pattern(*k, 256 << 10), "{} differs", p.display());
+        }
+        done.len()
+    }
+}
+
+/// (copies, in sync, message) as the controller reads the record.
+async fn copies(cl: &mut Cluster, volume_id: &str) -> (Vec<String>, bool, String) {
+    let c = cl
+        .get(volume_id)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    let list = c
+        .message
+        .split("copies on ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap_or_default()
+        .split(", ")
+        .map(str::to_owned)
+        .collect();
+    (list, !c.abnormal, c.message)
+}
+
+/// Waits (bounded) until the volume has `n` copies, all in sync, none of
+/// them on `not_on`; returns them.
+async fn wait_copies(
+    cl: &mut Cluster,
+    volume_id: &str,
+    n: usize,
+    not_on: Option<&str>,
+    within: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let (list, in_sync, msg) = copies(cl, volume_id).await;
+        if list.len() == n && in_sync && not_on.is_none_or(|x| !list.iter().any(|c| c == x)) {
+            return list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not {n} copies in sync within {within:?}: {msg}\ncontroller:\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn modify(
+    cl: &mut Cluster,
+    volume_id: &str,
+    params: &[(&str, &str)],
+) -> Result<(), tonic::Status> {
+    cl.c.controller
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            mutable_parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+fn same_data(cl: &Cluster, volume_id: &str, nodes: &[String]) {
+    let first = std::fs::read(copy_dir(cl, index_of(&nodes[0]), volume_id).join("data")).unwrap();
+    for n in &nodes[1..] {
+        let other = std::fs::read(copy_dir(cl, index_of(n), volume_id).join("data")).unwrap();
+        assert!(first == other, "copies on {} and {n} differ", nodes[0]);
+    }
+}
+
+/// ControllerModifyVolume of `replicas`, 2 -> 3 -> 2, while a writer runs
+/// on the published volume: the new copy is rebuilt in full and joins, the
+/// removed members' directories go, the final copies hold the same bytes.
+/// Repeating a modify is a no-op; a bad parameter or value is
+/// INVALID_ARGUMENT, too many copies RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread")]
+async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
+    let mut cl = Cluster::start_full(FOUR, &[], &[]).await;
+    let v = cl.create(replicated("mem-m", "2")).await.unwrap();
+    let id = v.volume_id.clone();
+    for (params, code) in [
+        (&[("replicas", "0")][..], Code::InvalidArgument),
+        (&[("replicas", "6")][..], Code::InvalidArgument),
+        (&[("replicas", "two")][..], Code::InvalidArgument),
+        (&[("locality", "none")][..], Code::InvalidArgument),
+        (&[][..], Code::InvalidArgument),
+        (&[("replicas", "5")][..], Code::ResourceExhausted),
+    ] {
+        let e = modify(&mut cl, &id, params).await.unwrap_err();
+        assert_eq!(e.code(), code, "{params:?}: {e:?}");
+    }
+    let e = modify(
+        &mut cl,
+        "replicated:0123456789abcdef0123456789abcdef",
+        &[("replicas", "3")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let (two, _, msg) = copies(&mut cl, &id).await;
+    let witness = msg
+        .split("witness on ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap()
+        .to_owned();
+    let m = Mounted::up(&mut cl, index_of(&two[0]), &v).await;
+    let w = Writer::start(&m.target);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
+    modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
+    let three = wait_copies(&mut cl, &id, 3, None, Duration::from_secs(60)).await;
+    assert!(
+        two.iter().all(|c| three.contains(c)),
+        "{two:?} -> {three:?}"
+    );
+    assert!(!three.contains(&witness));
+    assert!(
+        !copy_dir(&cl, index_of(&witness), &id).exists(),
+        "the witness {witness} was deleted"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    modify(&mut cl, &id, &[("replicas", "2")]).await.unwrap();
+    let back = wait_copies(&mut cl, &id, 2, None, Duration::from_secs(60)).await;
+    let removed: Vec<&String> = three.iter().filter(|c| !back.contains(c)).collect();
+    assert_eq!(removed.len(), 1, "{three:?} -> {back:?}");
+    assert!(
+        !copy_dir(&cl, index_of(removed[0]), &id).exists(),
+        "the removed copy on {} was deleted",
+        removed[0]
+    );
+    let (_, _, msg) = copies(&mut cl, &id).await;
+    assert!(
+        msg.contains("witness on "),
+        "two copies get a witness: {msg}"
+    );
+
+    let files = w.finish();
+    assert!(files > 0);
+    m.down(&mut cl, &id).await;
+    same_data(&cl, &id, &back);
+    cl.delete(&id).await.unwrap();
+    for i in 1..=FOUR {
+        assert!(!copy_dir(&cl, i, &id).exists(), "n{i} still holds it");
+    }
+}
+
+/// A node killed for good: after `--replica-replace-after`, its copy is
+/// replaced on the fourth node, rebuilt in full while the writer goes on,
+/// and joins the in-sync set; the final copies hold the same bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
+    let mut cl = Cluster::start_full(FOUR, &["--replica-replace-after", "4"], &[]).await;
+    let v = cl.create(replicated("mem-r", "3")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (three, _, _) = copies(&mut cl, &id).await;
+    let owner = index_of(&three[0]);
+    let m = Mounted::up(&mut cl, owner, &v).await;
+    let w = Writer::start(&m.target);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = three[2].clone();
+    cl.nodes[index_of(&victim) - 1].kill9();
+    let now = wait_copies(&mut cl, &id, 3, Some(&victim), Duration::from_secs(90)).await;
+    assert!(!now.contains(&victim), "{now:?}");
+    let files = w.finish();
+    assert!(files > 0);
+    m.down(&mut cl, &id).await;
+    same_data(&cl, &id, &now);
+    cl.delete(&id).await.unwrap();
+}
