@@ -15,8 +15,8 @@
 #       secrets (--csi.secrets), `onDelete: delete` as the mutable parameter;
 #       mount mode only: object volumes are never raw block devices)
 #   SANITY_CLUSTER=3 SANITY_BACKEND=replicated scripts/sanity.sh (replicated
-#       volumes with 3 copies; not in scripts/test.sh yet: their snapshots,
-#       clones and ModifyVolume are not built, so those specs fail)
+#       volumes with 3 copies on a cluster of 3 node agents, `replicas: "3"`
+#       as the mutable parameter)
 #   SANITY_CLUSTER=3 scripts/sanity.sh (a cluster on loopback: `serve --mode
 #       controller` and 3 `serve --mode node` agents with mutual TLS from
 #       `stowage cluster init`; csi-sanity talks to the controller's socket

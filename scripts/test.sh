@@ -7,8 +7,9 @@
 # `csi-sanity` is on PATH, the upstream conformance suite (scripts/sanity.sh)
 # in mount and block modes on an xfs pool, on an ext4 pool (kept in an
 # xfs image), against a cluster of three node agents behind a routing
-# controller (SANITY_CLUSTER=3), and for object volumes on a Garage S3 server
-# (SANITY_BACKEND=object, mount mode). It ends with a summary: each step, each test binary's totals,
+# controller (SANITY_CLUSTER=3), for object volumes on a Garage S3 server
+# (SANITY_BACKEND=object, mount mode) and for replicated volumes with 3
+# copies on such a cluster (SANITY_BACKEND=replicated). It ends with a summary: each step, each test binary's totals,
 # csi-sanity's own summary lines, and a last line
 #   tests: N passed, N failed
 # summing every cargo test and csi-sanity spec. It exits non-zero if any
@@ -172,13 +173,15 @@ if command -v "$sanity" >/dev/null 2>&1; then
     sanity_lines+=("  $(command -v "$sanity"): $("$sanity" -version 2>&1 | head -n 1)")
     # One server on an xfs pool, one on an ext4 pool, and a cluster of
     # three node agents behind a routing controller (mutual TLS on loopback).
-    # Object volumes: a single-node Garage and s3fs.
-    for run in xfs ext4 xfs-cluster object; do
+    # Object volumes: a single-node Garage and s3fs. Replicated volumes: 3
+    # copies on a cluster of three node agents.
+    for run in xfs ext4 xfs-cluster object replicated; do
       fs=${run%%-*}
       nodes=0
       backend=block
       [ "$run" = xfs-cluster ] && nodes=3
       [ "$run" = object ] && fs=xfs && backend=object
+      [ "$run" = replicated ] && fs=xfs && nodes=3 && backend=replicated
       echo "== scripts/sanity.sh ($run)"
       SANITY_POOL_FS=$fs SANITY_CLUSTER=$nodes SANITY_BACKEND=$backend STOWAGE_BIN="$target_dir/debug/stowage" scripts/sanity.sh 2>&1 |
         tee "$logs/sanity-$run.log"
