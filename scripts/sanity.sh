@@ -177,6 +177,7 @@ if [ "$nodes" -eq 0 ]; then
     for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
 else
     label="$pool_fs pools, cluster of $nodes"
+    [ "$backend" = replicated ] && label="replicated volumes, 3 copies, $label"
     "$bin" cluster init "$work/tls" >/dev/null
     port=$((20000 + RANDOM % 20000))
     "$bin" serve --mode controller --endpoint "unix://$work/controller.sock" \
