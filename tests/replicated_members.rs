@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,118 +23,15 @@ const SIZE: i64 = 64 << 20;
 const FOUR: usize = 4;
 
 fn replicated(name: &str, replicas: &str) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: SIZE,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![ext4()],
-        parameters: HashMap::from([
-            ("backend".to_owned(), "replicated".to_owned()),
-            ("replicas".to_owned(), replicas.to_owned()),
-        ]),
-        ..Default::default()
-    }
+    replicated_req(name, replicas, SIZE, ext4())
 }
 
 fn ext4() -> csi::VolumeCapability {
     mount_cap("ext4", Mode::SingleNodeWriter)
 }
 
-fn copy_dir(cl: &Cluster, i: usize, volume_id: &str) -> PathBuf {
-    let hex = volume_id.strip_prefix("replicated:").unwrap();
-    cl.root
-        .join("pool-fs")
-        .join(node_id(i))
-        .join("pool/replicas")
-        .join(hex)
-}
-
 fn index_of(node: &str) -> usize {
     node.trim_start_matches('n').parse().unwrap()
-}
-
-/// Published, staged and mounted on node `node`, as a CO leaves it.
-struct Mounted {
-    node: usize,
-    staging: PathBuf,
-    target: PathBuf,
-}
-
-impl Mounted {
-    async fn up(cl: &mut Cluster, i: usize, v: &csi::Volume) -> Mounted {
-        let ctx =
-            cl.c.controller
-                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                    volume_id: v.volume_id.clone(),
-                    node_id: node_id(i),
-                    volume_capability: Some(ext4()),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .publish_context;
-        let mut node = cl.node(i).await;
-        let staging = cl.root.join(format!("stage-n{i}"));
-        let target = cl.root.join(format!("pod-n{i}"));
-        let _ = std::fs::create_dir(&staging);
-        node.node
-            .node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                publish_context: ctx.clone(),
-                staging_target_path: staging.display().to_string(),
-                volume_capability: Some(ext4()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("stage on n{i}: {e:?}\n{}", cl.nodes[i - 1].log_tail(40)));
-        node.node
-            .node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                publish_context: ctx,
-                staging_target_path: staging.display().to_string(),
-                target_path: target.display().to_string(),
-                volume_capability: Some(ext4()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        Mounted {
-            node: i,
-            staging,
-            target,
-        }
-    }
-
-    async fn down(self, cl: &mut Cluster, volume_id: &str) {
-        let mut node = cl.node(self.node).await;
-        node.node
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: volume_id.to_owned(),
-                target_path: self.target.display().to_string(),
-            })
-            .await
-            .unwrap();
-        node.node
-            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: volume_id.to_owned(),
-                staging_target_path: self.staging.display().to_string(),
-            })
-            .await
-            .unwrap();
-        cl.c.controller
-            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                volume_id: volume_id.to_owned(),
-                node_id: node_id(self.node),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
 }
 
 /// Writes files of known content with fsync into a mounted volume until
@@ -245,9 +141,9 @@ async fn modify(
 }
 
 fn same_data(cl: &Cluster, volume_id: &str, nodes: &[String]) {
-    let first = std::fs::read(copy_dir(cl, index_of(&nodes[0]), volume_id).join("data")).unwrap();
+    let first = std::fs::read(cl.copy_dir(index_of(&nodes[0]), volume_id).join("data")).unwrap();
     for n in &nodes[1..] {
-        let other = std::fs::read(copy_dir(cl, index_of(n), volume_id).join("data")).unwrap();
+        let other = std::fs::read(cl.copy_dir(index_of(n), volume_id).join("data")).unwrap();
         assert!(first == other, "copies on {} and {n} differ", nodes[0]);
     }
 }
@@ -288,7 +184,9 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
         .and_then(|s| s.split(';').next())
         .unwrap()
         .to_owned();
-    let m = Mounted::up(&mut cl, index_of(&two[0]), &v).await;
+    let m = Published::up(&mut cl, index_of(&two[0]), &v, &ext4())
+        .await
+        .unwrap();
     let w = Writer::start(&m.target);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -301,7 +199,7 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
     );
     assert!(!three.contains(&witness));
     assert!(
-        !copy_dir(&cl, index_of(&witness), &id).exists(),
+        !cl.copy_dir(index_of(&witness), &id).exists(),
         "the witness {witness} was deleted"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -311,7 +209,7 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
     let removed: Vec<&String> = three.iter().filter(|c| !back.contains(c)).collect();
     assert_eq!(removed.len(), 1, "{three:?} -> {back:?}");
     assert!(
-        !copy_dir(&cl, index_of(removed[0]), &id).exists(),
+        !cl.copy_dir(index_of(removed[0]), &id).exists(),
         "the removed copy on {} was deleted",
         removed[0]
     );
@@ -327,7 +225,7 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
     same_data(&cl, &id, &back);
     cl.delete(&id).await.unwrap();
     for i in 1..=FOUR {
-        assert!(!copy_dir(&cl, i, &id).exists(), "n{i} still holds it");
+        assert!(!cl.copy_dir(i, &id).exists(), "n{i} still holds it");
     }
 }
 
@@ -341,7 +239,7 @@ async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
     let id = v.volume_id.clone();
     let (three, _, _) = copies(&mut cl, &id).await;
     let owner = index_of(&three[0]);
-    let m = Mounted::up(&mut cl, owner, &v).await;
+    let m = Published::up(&mut cl, owner, &v, &ext4()).await.unwrap();
     let w = Writer::start(&m.target);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let victim = three[2].clone();
