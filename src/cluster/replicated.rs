@@ -462,19 +462,7 @@ impl Replicated {
                 volume: Some(volume),
             });
         }
-        let now = Instant::now();
-        let candidates: Vec<Candidate> = self
-            .registry
-            .all()
-            .into_iter()
-            .map(|n| Candidate {
-                fresh: n.fresh(now),
-                zone: n.labels.get("zone").cloned(),
-                cordoned: n.cordoned,
-                free_bytes: n.free_bytes,
-                node: n.id,
-            })
-            .collect();
+        let candidates = self.candidates();
         let preferred = r
             .accessibility_requirements
             .iter()

@@ -15,7 +15,6 @@
 //! copies, frozen the same way, with nothing left behind.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use tonic::Status;
 
@@ -433,20 +432,8 @@ impl Replicated {
         rp: &ReplicaParams,
         size: u64,
     ) -> Result<(Vec<Member>, BTreeMap<String, u64>), Status> {
-        let now = Instant::now();
         let holders = source.holders();
-        let candidates: Vec<Candidate> = self
-            .registry
-            .all()
-            .into_iter()
-            .map(|n| Candidate {
-                fresh: n.fresh(now),
-                zone: n.labels.get("zone").cloned(),
-                cordoned: n.cordoned,
-                free_bytes: n.free_bytes,
-                node: n.id,
-            })
-            .collect();
+        let candidates = self.candidates();
         // Holders only (the others keep no room, so a witness may still go
         // there), else anywhere with one holder as the preferred node.
         let only_holders: Vec<Candidate> = candidates
