@@ -51,6 +51,14 @@
 //!    sync and rebuilds every region of it. Timed from NodeStage's return
 //!    until every copy is in sync; afterwards the rebuilt copy's bytes are
 //!    compared with n1's.
+//! 5. Owner failover (run before the full rebuild): a 3-copy volume is
+//!    published and staged on n2 and 1 MiB is written and fsynced; n2's
+//!    agent gets SIGKILL, and the volume moves to n3 as a CO would move it
+//!    (ControllerUnpublish from n2, ControllerPublish to n3, NodeStage and
+//!    NodePublish there), each step timed until a first write + fsync on
+//!    n3 returns (the CO's own detection of the dead node is not part of
+//!    it); the 1 MiB is read back on n3, then n2 comes back and its stale
+//!    publication and stage are removed.
 //!
 //! Run as root (loop devices, FUSE, mounts), with fio installed:
 //!
@@ -536,13 +544,18 @@ async fn create(cl: &mut Cluster, label: &str, size: u64, replicas: Option<usize
 /// ControllerPublish + NodeStage (+ NodePublish when `publish`) on n1,
 /// each timed.
 async fn up(cl: &mut Cluster, v: &mut Vol, publish: bool) -> Result<UpTimes, String> {
+    up_on(cl, v, 1, publish).await
+}
+
+/// [`up`] on node `i`.
+async fn up_on(cl: &mut Cluster, v: &mut Vol, i: usize, publish: bool) -> Result<UpTimes, String> {
     let mut t = UpTimes::default();
     let start = Instant::now();
     let ctx = cl
         .ctl
         .controller_publish_volume(csi::ControllerPublishVolumeRequest {
             volume_id: v.id().to_owned(),
-            node_id: "n1".into(),
+            node_id: node_id(i),
             volume_capability: Some(raw_block()),
             volume_context: v.volume.volume_context.clone(),
             ..Default::default()
@@ -553,7 +566,7 @@ async fn up(cl: &mut Cluster, v: &mut Vol, publish: bool) -> Result<UpTimes, Str
         .publish_context;
     t.controller_publish = start.elapsed();
     std::fs::create_dir_all(&v.staging).unwrap();
-    let mut node = cl.node(1).await;
+    let mut node = cl.node(i).await;
     let start = Instant::now();
     node.node_stage_volume(csi::NodeStageVolumeRequest {
         volume_id: v.id().to_owned(),
@@ -564,7 +577,13 @@ async fn up(cl: &mut Cluster, v: &mut Vol, publish: bool) -> Result<UpTimes, Str
         ..Default::default()
     })
     .await
-    .map_err(|e| format!("NodeStage {}: {e:?}\n{}", v.label, cl.nodes[0].log_tail(30)))?;
+    .map_err(|e| {
+        format!(
+            "NodeStage {}: {e:?}\n{}",
+            v.label,
+            cl.nodes[i - 1].log_tail(30)
+        )
+    })?;
     t.node_stage = start.elapsed();
     if publish {
         let start = Instant::now();
@@ -594,8 +613,13 @@ struct DownTimes {
 
 /// [NodeUnpublish +] NodeUnstage + ControllerUnpublish on n1.
 async fn down(cl: &mut Cluster, v: &mut Vol) -> Result<DownTimes, String> {
+    down_on(cl, v, 1).await
+}
+
+/// [`down`] on node `i`.
+async fn down_on(cl: &mut Cluster, v: &mut Vol, i: usize) -> Result<DownTimes, String> {
     let mut t = DownTimes::default();
-    let mut node = cl.node(1).await;
+    let mut node = cl.node(i).await;
     if v.up {
         node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
             volume_id: v.id().to_owned(),
@@ -615,7 +639,7 @@ async fn down(cl: &mut Cluster, v: &mut Vol) -> Result<DownTimes, String> {
         format!(
             "NodeUnstage {}: {e:?}\n{}",
             v.label,
-            cl.nodes[0].log_tail(30)
+            cl.nodes[i - 1].log_tail(30)
         )
     })?;
     t.node_unstage = start.elapsed();
@@ -623,7 +647,7 @@ async fn down(cl: &mut Cluster, v: &mut Vol) -> Result<DownTimes, String> {
     cl.ctl
         .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
             volume_id: v.id().to_owned(),
-            node_id: "n1".into(),
+            node_id: node_id(i),
             ..Default::default()
         })
         .await
@@ -1300,6 +1324,144 @@ async fn failover_part(
     })
 }
 
+// ------------------------------------------------------ owner failover
+
+#[derive(Debug, Serialize)]
+struct OwnerFailoverReport {
+    volume: String,
+    from: String,
+    to: String,
+    controller_unpublish_ms: f64,
+    controller_publish_ms: f64,
+    node_stage_ms: f64,
+    node_publish_ms: f64,
+    /// The first 4 KiB O_DIRECT write + fdatasync on the new owner.
+    first_write_ms: f64,
+    /// From the SIGKILL of the owner's agent until that write returned.
+    kill_to_writing_ms: f64,
+    /// The 1 MiB written and fsynced before the kill read back the same.
+    data_intact: bool,
+    /// The old owner's agent restarted: its NodeUnpublish + NodeUnstage.
+    old_owner_cleanup: String,
+}
+
+/// Writes `data` at `offset` of `path` with O_DIRECT, then fdatasync.
+fn write_synced(path: &Path, offset: u64, data: &Aligned) -> std::io::Result<()> {
+    let f = open_direct(path)?;
+    f.write_all_at(data.bytes(), offset)?;
+    f.sync_data()
+}
+
+/// The owner dies: a 3-copy volume published and staged on n2, 1 MiB
+/// written and fsynced, then n2's agent gets SIGKILL and the CO moves the
+/// volume to n3 (ControllerUnpublish from n2, ControllerPublish to n3,
+/// NodeStage and NodePublish there), each step timed, until a first
+/// write and fsync on n3 returns. The 1 MiB is read back on n3. Then n2
+/// comes back and its stale stage is cleaned up as a CO would.
+async fn owner_failover_part(cl: &mut Cluster, size: u64) -> Result<OwnerFailoverReport, String> {
+    let mut v = create(cl, "owner-fo", size, Some(3)).await;
+    let work = cl.root.join("work");
+    let on = |v: &mut Vol, i: usize| {
+        v.staging = work.join(format!("{}-staging-{}", v.label, node_id(i)));
+        v.target = work.join(format!("{}-target-{}", v.label, node_id(i)));
+    };
+    on(&mut v, 2);
+    up_on(cl, &mut v, 2, true).await?;
+    let mut pattern = Aligned::new(1 << 20, 0);
+    for (i, b) in pattern.bytes_mut().iter_mut().enumerate() {
+        *b = (i % 251) as u8 ^ 0x5a;
+    }
+    let pattern = Arc::new(pattern);
+    let (target, p) = (v.target.clone(), Arc::clone(&pattern));
+    tokio::task::spawn_blocking(move || write_synced(&target, 0, &p))
+        .await
+        .unwrap()
+        .map_err(|e| format!("write on n2: {e}"))?;
+    let (old_staging, old_target) = (v.staging.clone(), v.target.clone());
+
+    let kill = Instant::now();
+    cl.nodes[1].kill9();
+    eprintln!("killed n2 (SIGKILL), the owner of {}", v.label);
+    let start = Instant::now();
+    cl.ctl
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: v.id().to_owned(),
+            node_id: "n2".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("ControllerUnpublish from the dead n2: {e:?}"))?;
+    let controller_unpublish = start.elapsed();
+    v.up = false;
+    on(&mut v, 3);
+    let t = up_on(cl, &mut v, 3, true).await?;
+    let block = Arc::new(Aligned::new(4096, 0xa5));
+    let target = v.target.clone();
+    let start = Instant::now();
+    tokio::task::spawn_blocking(move || write_synced(&target, 1 << 20, &block))
+        .await
+        .unwrap()
+        .map_err(|e| format!("first write on n3: {e}"))?;
+    let first_write = start.elapsed();
+    let kill_to_writing = kill.elapsed();
+    let target = v.target.clone();
+    let back = tokio::task::spawn_blocking(move || -> std::io::Result<Aligned> {
+        let mut b = Aligned::new(1 << 20, 0);
+        open_direct(&target)?.read_exact_at(b.bytes_mut(), 0)?;
+        Ok(b)
+    })
+    .await
+    .unwrap()
+    .map_err(|e| format!("read back on n3: {e}"))?;
+    let data_intact = back.bytes() == pattern.bytes();
+
+    cl.nodes[1].spawn();
+    cl.nodes[1].wait_socket();
+    cl.wait_fresh(&[2]).await;
+    let mut n2 = cl.node(2).await;
+    let unpublish = n2
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.id().to_owned(),
+            target_path: old_target.display().to_string(),
+        })
+        .await;
+    let unstage = n2
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: v.id().to_owned(),
+            staging_target_path: old_staging.display().to_string(),
+        })
+        .await;
+    let old_owner_cleanup = match (unpublish, unstage) {
+        (Ok(_), Ok(_)) => "NodeUnpublish and NodeUnstage ok".to_owned(),
+        (a, b) => format!(
+            "NodeUnpublish: {:?}; NodeUnstage: {:?}",
+            a.err().map(|e| e.message().to_owned()),
+            b.err().map(|e| e.message().to_owned())
+        ),
+    };
+    down_on(cl, &mut v, 3).await?;
+    let _ = cl
+        .ctl
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.id().to_owned(),
+            ..Default::default()
+        })
+        .await;
+    Ok(OwnerFailoverReport {
+        volume: v.label.clone(),
+        from: "n2".into(),
+        to: "n3".into(),
+        controller_unpublish_ms: ms(controller_unpublish),
+        controller_publish_ms: ms(t.controller_publish),
+        node_stage_ms: ms(t.node_stage),
+        node_publish_ms: ms(t.node_publish),
+        first_write_ms: ms(first_write),
+        kill_to_writing_ms: ms(kill_to_writing),
+        data_intact,
+        old_owner_cleanup,
+    })
+}
+
 // ------------------------------------------------------------ rebuilds
 
 #[derive(Debug, Serialize)]
@@ -1532,6 +1694,7 @@ struct Report {
     fio_plain: Option<FioReport>,
     publish: Option<PublishReport>,
     failover: Option<FailoverReport>,
+    owner_failover: Option<OwnerFailoverReport>,
     dirty_rebuild: Option<DirtyRebuildReport>,
     full_rebuild: Option<FullRebuildReport>,
     /// Identical bytes on every copy of the 3-copy fio volume after it was
@@ -1702,6 +1865,30 @@ fn print_report(r: &Report) {
                 .join(" ")
         );
         println!("  condition after: {}", f.condition);
+    }
+    if let Some(o) = &r.owner_failover {
+        println!();
+        println!(
+            "owner failover: SIGKILL of {}'s agent while it owned {} (3 copies), the volume moved to {}, ms:",
+            o.from, o.volume, o.to
+        );
+        println!(
+            "  ControllerUnpublish from {} {:.1}, ControllerPublish to {} {:.1}, NodeStage {:.1}, NodePublish {:.1}, first 4 KiB write+fdatasync {:.1}",
+            o.from,
+            o.controller_unpublish_ms,
+            o.to,
+            o.controller_publish_ms,
+            o.node_stage_ms,
+            o.node_publish_ms,
+            o.first_write_ms
+        );
+        println!(
+            "  kill to writing on {}: {:.0} ms (the CO's own detection time not included); 1 MiB written before the kill read back intact: {}",
+            o.to,
+            o.kill_to_writing_ms,
+            if o.data_intact { "yes" } else { "NO" }
+        );
+        println!("  {} restarted: {}", o.from, o.old_owner_cleanup);
     }
     if let Some(d) = &r.dirty_rebuild {
         println!();
@@ -1881,6 +2068,7 @@ async fn run(args: &Args) -> Report {
             fio_plain,
             publish: None,
             failover: None,
+            owner_failover: None,
             dirty_rebuild: None,
             full_rebuild: None,
             rep3_copies_identical: None,
@@ -1968,6 +2156,14 @@ async fn run(args: &Args) -> Report {
         remove(&mut cl, v).await;
     }
 
+    let owner_failover = match owner_failover_part(&mut cl, 256 * MIB).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            errors.push(format!("owner failover: {e}"));
+            None
+        }
+    };
+
     let full_rebuild = match full_rebuild_part(&mut cl, &cfg, full_size, wipe).await {
         Ok(f) => Some(f),
         Err(e) => {
@@ -1983,6 +2179,7 @@ async fn run(args: &Args) -> Report {
         fio_plain,
         publish,
         failover,
+        owner_failover,
         dirty_rebuild,
         full_rebuild,
         rep3_copies_identical,

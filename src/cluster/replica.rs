@@ -29,7 +29,7 @@ use super::proto::{
     CopyStatus, CreateReplicaRequest, CreateReplicaResponse, DeleteReplicaRequest,
     DeleteReplicaResponse, EngineStatusResponse, GetReplicaRequest, GetReplicaResponse,
     ListReplicaSnapshotsResponse, ListReplicasRequest, ListReplicasResponse, ReplicaAnswer,
-    ReplicaCall, ReplicaSnapshot, ReplicaSnapshotRef, ReplicaSnapshotRequest,
+    ReplicaBatch, ReplicaCall, ReplicaResult, ReplicaResults, ReplicaSnapshot, ReplicaSnapshotRef, ReplicaSnapshotRequest,
 };
 use super::tls::{PeerIdentity, peer_identity};
 use crate::backend::replicated::protocol::{Reply, Request as ProtoRequest};
@@ -312,6 +312,68 @@ impl Replica for ReplicaService {
         self.refresh_engine(req).await
     }
 
+    async fn call_batch(
+        &self,
+        req: Request<ReplicaBatch>,
+    ) -> Result<Response<ReplicaResults>, Status> {
+        let volume = volume_of(&req.get_ref().volume)?;
+        if !self.plaintext {
+            self.may_call(&req, volume).await?;
+        }
+        let mut calls = Vec::with_capacity(req.get_ref().calls.len());
+        for c in req.into_inner().calls {
+            let request: ProtoRequest = serde_json::from_slice(&c.request)
+                .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
+            if !request.is_data() {
+                return Err(Status::invalid_argument(
+                    "a batch takes data requests only (Write, Rebuild, Read, Flush)",
+                ));
+            }
+            calls.push(Call {
+                request,
+                offset: c.offset,
+                len: c.len,
+                data: c.data.into(),
+            });
+        }
+        let store = Arc::clone(&self.store);
+        let answers = tokio::task::spawn_blocking(move || {
+            calls
+                .into_iter()
+                .map(|c| store.call(volume, c))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let mut results = Vec::with_capacity(answers.len());
+        for a in answers {
+            results.push(match a {
+                Ok(answer) => ReplicaResult {
+                    answer: Some(ReplicaAnswer {
+                        reply: match &answer.reply {
+                            Some(r) => serde_json::to_vec(r)
+                                .map_err(|e| Status::internal(e.to_string()))?,
+                            None => Vec::new(),
+                        },
+                        data: answer.data,
+                        plain_address: String::new(),
+                    }),
+                    code: 0,
+                    error: String::new(),
+                },
+                Err(e) => {
+                    let s = status_of(e);
+                    ReplicaResult {
+                        answer: None,
+                        code: s.code() as i32 as u32,
+                        error: s.message().to_owned(),
+                    }
+                }
+            });
+        }
+        Ok(Response::new(ReplicaResults { results }))
+    }
+
     async fn call(&self, req: Request<ReplicaCall>) -> Result<Response<ReplicaAnswer>, Status> {
         let volume = volume_of(&req.get_ref().volume)?;
         if !self.plaintext {
@@ -320,7 +382,7 @@ impl Replica for ReplicaService {
         let c = req.into_inner();
         let request: ProtoRequest = serde_json::from_slice(&c.request)
             .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
-        if self.plaintext && !is_data(&request) {
+        if self.plaintext && !request.is_data() {
             return Err(Status::permission_denied(
                 "the plaintext replication port takes data requests only",
             ));
@@ -347,17 +409,6 @@ impl Replica for ReplicaService {
     }
 }
 
-/// The requests that only move bytes under an epoch a copy already
-/// accepted: the ones the plaintext data port takes.
-fn is_data(r: &ProtoRequest) -> bool {
-    matches!(
-        r,
-        ProtoRequest::Write { .. }
-            | ProtoRequest::Rebuild { .. }
-            | ProtoRequest::Read { .. }
-            | ProtoRequest::Flush { .. }
-    )
-}
 
 /// HTTP/2 flow-control windows of replication channels (both ends): room
 /// for a queue of 1 MiB writes in flight without waiting for window
@@ -547,6 +598,114 @@ impl GrpcPeer {
 
 #[tonic::async_trait]
 impl Peer for GrpcPeer {
+    fn is_here(&self, node: &str) -> bool {
+        self.local.as_ref().is_some_and(|l| l.node() == node)
+    }
+
+    fn call_here(&self, node: &str, volume: Uuid, call: Call) -> Option<Result<Answer, PeerError>> {
+        let local = self.local.as_ref().filter(|l| l.node() == node)?;
+        Some(local.call(volume, call).map_err(|e| PeerError::Failed {
+            node: node.to_owned(),
+            why: e.to_string(),
+        }))
+    }
+
+    async fn call_batch(
+        &self,
+        node: &str,
+        volume: Uuid,
+        calls: Vec<Call>,
+    ) -> Vec<Result<Answer, PeerError>> {
+        let n = calls.len();
+        if self.is_here(node) || calls.iter().any(|c| !c.request.is_data()) {
+            let mut out = Vec::with_capacity(n);
+            for c in calls {
+                out.push(self.call(node, volume, c).await);
+            }
+            return out;
+        }
+        let fail_all = |e: PeerError| vec![Err(e); n];
+        let plain = self
+            .plain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned();
+        let over_plain = plain.is_some();
+        let mut client = match plain {
+            Some(c) => Self::wrap(c),
+            None => match self.client(node) {
+                Ok(c) => c,
+                Err(e) => return fail_all(e),
+            },
+        };
+        let mut msgs = Vec::with_capacity(n);
+        for c in calls {
+            let request = match serde_json::to_vec(&c.request) {
+                Ok(r) => r,
+                Err(e) => {
+                    return fail_all(PeerError::Failed {
+                        node: node.to_owned(),
+                        why: e.to_string(),
+                    });
+                }
+            };
+            msgs.push(ReplicaCall {
+                volume: String::new(),
+                request,
+                offset: c.offset,
+                len: c.len,
+                data: c.data.bytes(),
+            });
+        }
+        let results = match client
+            .call_batch(ReplicaBatch {
+                volume: volume.to_string(),
+                calls: msgs,
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().results,
+            Err(s) => {
+                if over_plain {
+                    self.forget_plain(node);
+                }
+                return fail_all(Self::status_error(node, &s));
+            }
+        };
+        if results.len() != n {
+            return fail_all(PeerError::Failed {
+                node: node.to_owned(),
+                why: format!("{} results for a batch of {n} calls", results.len()),
+            });
+        }
+        results
+            .into_iter()
+            .map(|r| match r.answer {
+                Some(a) if r.code == 0 => {
+                    let reply = if a.reply.is_empty() {
+                        None
+                    } else {
+                        Some(serde_json::from_slice(&a.reply).map_err(|e| {
+                            PeerError::Failed {
+                                node: node.to_owned(),
+                                why: format!("reply: {e}"),
+                            }
+                        })?)
+                    };
+                    Ok(Answer {
+                        reply,
+                        data: a.data,
+                    })
+                }
+                _ => Err(Self::status_error(
+                    node,
+                    &Status::new(tonic::Code::from(r.code as i32), r.error),
+                )),
+            })
+            .collect()
+    }
+
     async fn call(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError> {
         if let Some(local) = self.local.as_ref().filter(|l| l.node() == node) {
             let local = Arc::clone(local);
@@ -561,7 +720,7 @@ impl Peer for GrpcPeer {
                     why: e.to_string(),
                 });
         }
-        let plain = if is_data(&call.request) {
+        let plain = if call.request.is_data() {
             self.plain
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

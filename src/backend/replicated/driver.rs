@@ -5,11 +5,17 @@
 //! model is given; it never decides on its own when a write is acknowledged
 //! or a copy is in sync (the engine does).
 //!
-//! One task owns the engine. It waits on three things: commands from the
-//! I/O side, answers of calls in flight (one spawned task per call, each
-//! with a deadline), and a tick. After every step it drains the engine,
-//! sends what it asks for with the bytes attached, completes the operations
-//! whose events arrived and starts writes that waited for their region.
+//! The engine and its bookkeeping ([`Task`]) sit behind one lock, and
+//! whoever has news takes it for one step: a FUSE worker with a block I/O,
+//! the task of a call in flight with its answer (one spawned task per call
+//! to another node, each with a deadline), or the ticker. After every step
+//! the engine is drained: the operations whose events arrived complete,
+//! writes that waited for their region start, and what the engine asks for
+//! is sent with its bytes once the lock is released. Calls to this node's
+//! own copy ([`Peer::call_here`]) run right there on a FUSE worker (so a
+//! block I/O that stays on this node needs no hop at all), and on the
+//! blocking pool from an async step. A read the engine would serve from
+//! the local copy skips the engine altogether (see [`LocalRead`]).
 //!
 //! Bytes: a write's payload is kept by its sequence number until the engine
 //! no longer needs it ([`Engine::write_pending`]), so a resend carries the
@@ -31,18 +37,18 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use crate::volume::id::Uuid;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::{Id as TaskId, JoinHandle, JoinSet};
+use tokio::sync::oneshot;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::MissedTickBehavior;
 
 use super::REGION_BYTES;
 use super::engine::{CopyView, Engine, EngineConfig, EngineEvent, EngineState, IoError};
-use super::protocol::{Ballot, Envelope, Refusal, Region, Reply, Request, Tag};
+use super::protocol::{Ballot, Envelope, Io, Refusal, Region, Reply, Request, Tag};
 use super::record::ReplicaRecord;
 use super::wire::{Answer, Call, Payload, Peer, PeerError};
 use crate::os::fuse_file::BlockHandler;
@@ -216,6 +222,29 @@ struct Shared {
     /// Set once: every later I/O fails at once with this.
     dead: OnceLock<IoFailure>,
     status: Mutex<DriverStatus>,
+    /// Where the I/O side may read by itself, see [`LocalRead`].
+    local_read: RwLock<Option<LocalRead>>,
+}
+
+/// This node's own copy while the engine would read from it (running, in
+/// sync, not failing), with the `Io` the engine would send: a read then
+/// goes straight from the FUSE worker to the store, with no hop through
+/// the task. Anything but data (a refusal, an error) sends the read the
+/// engine's way, which then learns what happened. The task replaces it
+/// before it completes any operation, so once the local copy drops out of
+/// sync no read that starts after a write is acknowledged reads it (a read
+/// concurrent with a write may see either, as on any disk).
+#[derive(Debug, Clone)]
+struct LocalRead {
+    node: String,
+    io: Io,
+    peer: Arc<dyn Peer>,
+}
+
+impl LocalRead {
+    fn same(&self, other: &LocalRead) -> bool {
+        self.io == other.io && self.node == other.node && Arc::ptr_eq(&self.peer, &other.peer)
+    }
 }
 
 /// Serves a replicated volume's block I/O through an [`Engine`]. See the
@@ -224,9 +253,294 @@ pub struct EngineDriver {
     volume: Uuid,
     /// Grows with [`EngineDriver::grow`].
     size: std::sync::atomic::AtomicU64,
-    cmds: mpsc::UnboundedSender<Command>,
+    core: Arc<Core>,
     shared: Arc<Shared>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// The ticker; taken by [`EngineDriver::stop`].
+    ticker: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The engine's task state behind its lock, and what steps need besides.
+struct Core {
+    task: Mutex<Task>,
+    rt: Handle,
+    volume: Uuid,
+    call_timeout: Duration,
+    /// Calls to other nodes in flight, aborted when the driver ends.
+    calls: Mutex<HashMap<u64, AbortHandle>>,
+    /// Data calls to other nodes, batched per node.
+    queues: Mutex<HashMap<String, NodeQueue>>,
+}
+
+/// Batches of data calls to one node in flight at once: what queues up
+/// meanwhile goes in the next batch, so under load one round trip carries
+/// many writes while a lone write still leaves at once.
+const BATCHES_IN_FLIGHT: usize = 4;
+/// At most this many calls...
+const BATCH_CALLS: usize = 16;
+/// ...and about this many bytes in one batch (a larger call goes alone).
+const BATCH_BYTES: usize = 4 << 20;
+
+/// The data calls waiting for a batch to one node.
+#[derive(Default)]
+struct NodeQueue {
+    in_flight: usize,
+    waiting: VecDeque<OutCall>,
+}
+
+/// A call the engine asked for, made once the lock is released.
+struct OutCall {
+    id: u64,
+    node: String,
+    call: Call,
+    peer: Arc<dyn Peer>,
+    /// To this node's own copy: [`Peer::call_here`].
+    here: bool,
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, Task> {
+        self.task.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One step under the lock: `f`, then the engine settles; returns the
+    /// calls to make. Ends the task once a stop's flush is done.
+    fn locked(&self, f: impl FnOnce(&mut Task)) -> Vec<OutCall> {
+        let (out, finished) = {
+            let mut t = self.lock();
+            if !t.finished {
+                f(&mut t);
+                t.settle();
+                if t.stopping.as_ref().is_some_and(|s| s.flush.is_none()) {
+                    t.finish();
+                }
+            }
+            (std::mem::take(&mut t.out), t.finished)
+        };
+        if finished {
+            self.abort_calls();
+            return Vec::new();
+        }
+        out
+    }
+
+    fn abort_calls(&self) {
+        self.queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let calls = std::mem::take(&mut *self.calls.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in calls.into_values() {
+            c.abort();
+        }
+    }
+
+    /// Runs one step and makes the calls it asked for: those to other
+    /// nodes on tasks of their own, those to this node on this thread when
+    /// `inline` (a FUSE worker, which may block), else on the blocking
+    /// pool; their answers are the next steps.
+    fn step(self: &Arc<Self>, inline: bool, f: impl FnOnce(&mut Task)) {
+        let out = self.locked(f);
+        self.send(out, inline);
+    }
+
+    fn send(self: &Arc<Self>, mut out: Vec<OutCall>, inline: bool) {
+        loop {
+            let here = self.send_remote(out);
+            if here.is_empty() {
+                return;
+            }
+            if !inline {
+                let core = Arc::clone(self);
+                self.rt.spawn_blocking(move || {
+                    let answers = core.call_here(here);
+                    let out = core.locked(move |t| t.answered_all(answers));
+                    core.send(out, true);
+                });
+                return;
+            }
+            let answers = self.call_here(here);
+            out = self.locked(move |t| t.answered_all(answers));
+        }
+    }
+
+    /// Spawns the calls to other nodes (data calls in batches, see
+    /// [`NodeQueue`]); returns those to this node.
+    fn send_remote(self: &Arc<Self>, out: Vec<OutCall>) -> Vec<OutCall> {
+        let (here, remote): (Vec<_>, Vec<_>) = out.into_iter().partition(|c| c.here);
+        let (data, control): (Vec<_>, Vec<_>) =
+            remote.into_iter().partition(|c| c.call.request.is_data());
+        if !data.is_empty() {
+            let mut nodes = Vec::new();
+            {
+                let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+                for c in data {
+                    if !nodes.contains(&c.node) {
+                        nodes.push(c.node.clone());
+                    }
+                    queues.entry(c.node.clone()).or_default().waiting.push_back(c);
+                }
+            }
+            for n in nodes {
+                self.pump(&n);
+            }
+        }
+        for c in control {
+            let core = Arc::clone(self);
+            let (volume, timeout, id) = (self.volume, self.call_timeout, c.id);
+            let handle = self.rt.spawn(async move {
+                let result =
+                    match tokio::time::timeout(timeout, c.peer.call(&c.node, volume, c.call)).await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(PeerError::Unreachable {
+                            node: c.node,
+                            why: format!("no answer within {timeout:?}"),
+                        }),
+                    };
+                core.calls
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                core.step(false, move |t| t.answered(id, result));
+            });
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            if !handle.is_finished() {
+                calls.insert(id, handle.abort_handle());
+            }
+        }
+        here
+    }
+
+    /// Sends batches of what waits for `node` while fewer than
+    /// [`BATCHES_IN_FLIGHT`] are in flight.
+    fn pump(self: &Arc<Self>, node: &str) {
+        loop {
+            let batch: Vec<OutCall> = {
+                let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(q) = queues.get_mut(node) else { return };
+                if q.in_flight >= BATCHES_IN_FLIGHT || q.waiting.is_empty() {
+                    return;
+                }
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                while let Some(c) = q.waiting.front() {
+                    let len = c.call.data.len();
+                    if !batch.is_empty() && (batch.len() >= BATCH_CALLS || bytes + len > BATCH_BYTES) {
+                        break;
+                    }
+                    bytes += len;
+                    batch.push(q.waiting.pop_front().expect("checked"));
+                }
+                q.in_flight += 1;
+                batch
+            };
+            self.send_batch(node.to_owned(), batch);
+        }
+    }
+
+    fn send_batch(self: &Arc<Self>, node: String, batch: Vec<OutCall>) {
+        let core = Arc::clone(self);
+        let (volume, timeout) = (self.volume, self.call_timeout);
+        let key = batch[0].id;
+        let ids: Vec<u64> = batch.iter().map(|c| c.id).collect();
+        let peer = Arc::clone(&batch[0].peer);
+        let calls: Vec<Call> = batch.into_iter().map(|c| c.call).collect();
+        let handle = self.rt.spawn(async move {
+            let n = calls.len();
+            let sent = async {
+                if n == 1 {
+                    let c = calls.into_iter().next().expect("one");
+                    vec![peer.call(&node, volume, c).await]
+                } else {
+                    peer.call_batch(&node, volume, calls).await
+                }
+            };
+            let results = match tokio::time::timeout(timeout, sent).await {
+                Ok(r) if r.len() == n => r,
+                Ok(r) => vec![
+                    Err(PeerError::Failed {
+                        node: node.clone(),
+                        why: format!("{} results for a batch of {n}", r.len()),
+                    });
+                    n
+                ],
+                Err(_) => vec![
+                    Err(PeerError::Unreachable {
+                        node: node.clone(),
+                        why: format!("no answer within {timeout:?}"),
+                    });
+                    n
+                ],
+            };
+            core.calls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            if let Some(q) = core
+                .queues
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&node)
+            {
+                q.in_flight = q.in_flight.saturating_sub(1);
+            }
+            core.pump(&node);
+            let answers: Vec<_> = ids.into_iter().zip(results).collect();
+            core.step(false, move |t| t.answered_all(answers));
+        });
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        if !handle.is_finished() {
+            calls.insert(key, handle.abort_handle());
+        }
+    }
+
+    fn call_here(&self, here: Vec<OutCall>) -> Vec<(u64, Result<Answer, PeerError>)> {
+        here.into_iter()
+            .map(|c| {
+                let node = c.node.clone();
+                let r = c
+                    .peer
+                    .call_here(&c.node, self.volume, c.call)
+                    .unwrap_or_else(|| {
+                        Err(PeerError::Failed {
+                            node,
+                            why: "not this node's copy".to_owned(),
+                        })
+                    });
+                (c.id, r)
+            })
+            .collect()
+    }
+}
+
+/// Ticks the engine until the driver ends or is dropped.
+async fn ticker(core: Weak<Core>, tick: Duration) {
+    let mut interval = tokio::time::interval(tick);
+    // Missed ticks fire at once, so the tick count follows the clock.
+    interval.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let Some(core) = core.upgrade() else { return };
+        let mut finished = false;
+        core.step(false, |t| {
+            t.tick();
+            finished = t.finished;
+        });
+        if finished {
+            return;
+        }
+    }
+}
+
+impl Drop for EngineDriver {
+    /// Every handle gone: the task ends, callers still waiting fail.
+    fn drop(&mut self) {
+        self.core.locked(Task::finish);
+        if let Some(t) = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
 }
 
 impl fmt::Debug for EngineDriver {
@@ -287,20 +601,29 @@ impl EngineDriver {
         let shared = Arc::new(Shared {
             dead: OnceLock::new(),
             status: Mutex::new(status),
+            local_read: RwLock::new(None),
         });
-        let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = Task::new(&cfg, regions, ballot, record, peer, shared.clone());
-        let join = rt.spawn(task.run(cmd_rx, ready_tx));
+        let core = Arc::new(Core {
+            task: Mutex::new(task),
+            rt: rt.clone(),
+            volume,
+            call_timeout: cfg.timeout,
+            calls: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
+        });
+        core.step(false, |t| t.ready = Some(ready_tx));
+        let ticker = rt.spawn(ticker(Arc::downgrade(&core), cfg.tick));
         let outcome = tokio::time::timeout(cfg.start_timeout, ready_rx).await;
         let err = match outcome {
             Ok(Ok(Ok(()))) => {
                 return Ok(Arc::new(EngineDriver {
                     volume,
                     size: std::sync::atomic::AtomicU64::new(cfg.size),
-                    cmds,
+                    core,
                     shared,
-                    task: Mutex::new(Some(join)),
+                    ticker: Mutex::new(Some(ticker)),
                 }));
             }
             Ok(Ok(Err(e))) => e,
@@ -310,9 +633,9 @@ impl EngineDriver {
                 waited: cfg.start_timeout,
             },
         };
-        // Closing the command channel ends the task.
-        drop(cmds);
-        let _ = join.await;
+        core.locked(Task::finish);
+        ticker.abort();
+        let _ = ticker.await;
         Err(err)
     }
 
@@ -332,14 +655,15 @@ impl EngineDriver {
     /// Call it once no I/O is expected (after unmounting): a write still
     /// in flight fails, though it may have reached some copies.
     pub async fn stop(&self) -> Result<(), DriverError> {
-        let join = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(join) = join else { return Ok(()) };
+        let ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(ticker) = ticker else { return Ok(()) };
         let (tx, rx) = oneshot::channel();
-        let result = match self.cmds.send(Command::Stop { done: tx }) {
-            Ok(()) => rx.await.unwrap_or(Ok(())),
-            Err(_) => Ok(()),
-        };
-        let _ = join.await;
+        self.core
+            .step(false, |t| t.command(Command::Stop { done: tx }));
+        // Ends once the task did (it sends the result as it finishes).
+        let result = rx.await.unwrap_or(Ok(()));
+        ticker.abort();
+        let _ = ticker.await;
         let _ = self.shared.dead.set(IoFailure::Stopped);
         result
     }
@@ -349,11 +673,14 @@ impl EngineDriver {
     /// next change (copies that joined are rebuilt in full while I/O goes
     /// on). Does not wait.
     pub fn refresh(&self, peer: Arc<dyn Peer>) -> Result<(), DriverError> {
-        self.cmds
-            .send(Command::Refresh { peer })
-            .map_err(|_| DriverError::Stopped {
+        if self.shared.dead.get().is_some() {
+            return Err(DriverError::Stopped {
                 volume: self.volume,
-            })
+            });
+        }
+        self.core
+            .step(false, |t| t.command(Command::Refresh { peer }));
+        Ok(())
     }
 
     fn alive(&self) -> Result<(), IoFailure> {
@@ -363,8 +690,14 @@ impl EngineDriver {
         }
     }
 
-    fn send(&self, cmd: Command) -> Result<(), IoFailure> {
-        self.cmds.send(cmd).map_err(|_| IoFailure::Stopped)
+    /// Hands the task I/O commands, in one step on this thread (a FUSE
+    /// worker: it may make this node's calls itself).
+    fn submit(&self, cmds: Vec<Command>) {
+        self.core.step(true, |t| {
+            for c in cmds {
+                t.command(c);
+            }
+        });
     }
 
     fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
@@ -397,15 +730,13 @@ impl EngineDriver {
                 size,
             })?;
         let (done, rx) = oneshot::channel();
-        self.cmds
-            .send(Command::Grow {
+        self.core.step(false, |t| {
+            t.command(Command::Grow {
                 size,
                 regions,
                 done,
             })
-            .map_err(|_| DriverError::Stopped {
-                volume: self.volume,
-            })?;
+        });
         rx.await.map_err(|_| DriverError::Stopped {
             volume: self.volume,
         })?;
@@ -454,22 +785,65 @@ fn wait_all<T>(
     result
 }
 
+impl EngineDriver {
+    /// Reads `out.len()` bytes at `within` into `region` from this node's
+    /// own copy on the caller's thread; false when that gave no data (the
+    /// engine's read then tells why).
+    fn read_here(&self, h: &LocalRead, region: Region, within: u32, out: &mut [u8]) -> bool {
+        let call = Call {
+            request: Request::Read {
+                io: h.io,
+                region,
+                id: 0,
+            },
+            offset: within,
+            len: out.len() as u32,
+            data: Payload::default(),
+        };
+        match h.peer.call_here(&h.node, self.volume, call) {
+            Some(Ok(Answer {
+                reply: Some(Reply::ReadData { .. }),
+                data,
+            })) if data.len() == out.len() => {
+                out.copy_from_slice(&data);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl BlockHandler for EngineDriver {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.alive()?;
         self.check_range(offset, buf.len())?;
+        let here = self
+            .shared
+            .local_read
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut waits = Vec::new();
         let mut spans = Vec::new();
+        let mut cmds = Vec::new();
         for (region, within, at, len) in pieces(offset, buf.len()) {
+            if let Some(h) = &here
+                && self.read_here(h, region, within, &mut buf[at..at + len])
+            {
+                continue;
+            }
             let (done, rx) = oneshot::channel();
-            self.send(Command::Read {
+            cmds.push(Command::Read {
                 region,
                 offset: within,
                 len: len as u32,
                 done,
-            })?;
+            });
             waits.push(rx);
             spans.push((at, len));
+        }
+        if !cmds.is_empty() {
+            self.submit(cmds);
         }
         wait_all(waits, |i, data: Bytes| {
             let (at, len) = spans[i];
@@ -482,16 +856,18 @@ impl BlockHandler for EngineDriver {
         self.alive()?;
         self.check_range(offset, data.len())?;
         let mut waits = Vec::new();
+        let mut cmds = Vec::new();
         for (region, within, at, len) in pieces(offset, data.len()) {
             let (done, rx) = oneshot::channel();
-            self.send(Command::Write {
+            cmds.push(Command::Write {
                 region,
                 offset: within,
                 data: data[at..at + len].to_vec().into(),
                 done,
-            })?;
+            });
             waits.push(rx);
         }
+        self.submit(cmds);
         wait_all(waits, |_, ()| {})?;
         Ok(())
     }
@@ -499,7 +875,7 @@ impl BlockHandler for EngineDriver {
     fn flush(&self) -> io::Result<()> {
         self.alive()?;
         let (done, rx) = oneshot::channel();
-        self.send(Command::Flush { done })?;
+        self.submit(vec![Command::Flush { done }]);
         wait_all(vec![rx], |_, ()| {})?;
         Ok(())
     }
@@ -580,28 +956,24 @@ struct Stopping {
     result: Result<(), DriverError>,
 }
 
-enum Step {
-    Command(Option<Command>),
-    Answer(TaskId, Box<Result<Answer, PeerError>>),
-    Idle,
-    Tick,
-}
-
-/// The task that owns the engine.
+/// The engine and its bookkeeping (see the module documentation).
 struct Task {
     engine: Engine,
     peer: Arc<dyn Peer>,
     volume: Uuid,
     size: u64,
-    tick: Duration,
-    call_timeout: Duration,
     io_timeout: Duration,
     io_ticks: u64,
     resend_ticks: u64,
     now: u64,
     rng: u64,
-    calls: JoinSet<Result<Answer, PeerError>>,
-    sent: HashMap<TaskId, Sent>,
+    /// Calls made and not answered, by call id.
+    sent: HashMap<u64, Sent>,
+    next_call: u64,
+    /// Calls to make once the lock is released.
+    out: Vec<OutCall>,
+    /// Ended: I/O fails, answers are dropped.
+    finished: bool,
     lanes: HashMap<(String, Region), Lane>,
     payloads: BTreeMap<u64, KeptWrite>,
     rebuild_data: HashMap<(Region, Tag), Payload>,
@@ -649,15 +1021,15 @@ impl Task {
             peer,
             volume: cfg.volume,
             size: cfg.size,
-            tick: cfg.tick,
-            call_timeout: cfg.timeout,
             io_timeout: cfg.io_timeout,
             io_ticks: ticks(cfg.io_timeout, cfg.tick),
             resend_ticks,
             now: 0,
             rng: (seed.0 ^ seed.1) | 1,
-            calls: JoinSet::new(),
             sent: HashMap::new(),
+            next_call: 0,
+            out: Vec::new(),
+            finished: false,
             lanes: HashMap::new(),
             payloads: BTreeMap::new(),
             rebuild_data: HashMap::new(),
@@ -673,52 +1045,23 @@ impl Task {
         }
     }
 
-    async fn run(
-        mut self,
-        mut cmds: mpsc::UnboundedReceiver<Command>,
-        ready: oneshot::Sender<Result<(), DriverError>>,
-    ) {
-        self.ready = Some(ready);
-        let mut interval = tokio::time::interval(self.tick);
-        // Missed ticks fire at once, so the tick count follows the clock.
-        interval.set_missed_tick_behavior(MissedTickBehavior::Burst);
-        self.settle();
-        loop {
-            let step = tokio::select! {
-                c = cmds.recv() => Step::Command(c),
-                a = self.calls.join_next_with_id(), if !self.calls.is_empty() => match a {
-                    Some(Ok((id, result))) => Step::Answer(id, Box::new(result)),
-                    Some(Err(e)) => {
-                        let why = format!("the call task failed: {e}");
-                        let node = String::new();
-                        Step::Answer(e.id(), Box::new(Err(PeerError::Failed { node, why })))
-                    }
-                    None => Step::Idle,
-                },
-                _ = interval.tick() => Step::Tick,
-            };
-            match step {
-                // Every handle dropped (or start gave up): no caller is left.
-                Step::Command(None) => break,
-                Step::Command(Some(c)) => self.command(c),
-                Step::Answer(id, result) => self.answered(id, *result),
-                Step::Idle => {}
-                Step::Tick => self.tick(),
-            }
-            self.settle();
-            if self.stopping.as_ref().is_some_and(|s| s.flush.is_none()) {
-                break;
-            }
-        }
-        self.finish();
-    }
-
     /// The task ends: callers still waiting fail, and so does every later
     /// call.
-    fn finish(mut self) {
+    fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
         let _ = self.shared.dead.set(IoFailure::Stopped);
+        self.publish_local_read();
         self.refresh_status(true);
-        self.calls.abort_all();
+        self.out.clear();
+        self.sent.clear();
+        if let Some(r) = self.ready.take() {
+            let _ = r.send(Err(DriverError::Stopped {
+                volume: self.volume,
+            }));
+        }
         if let Some(s) = self.stopping.take() {
             let _ = s.done.send(s.result);
         }
@@ -861,7 +1204,13 @@ impl Task {
         }
     }
 
-    fn answered(&mut self, id: TaskId, result: Result<Answer, PeerError>) {
+    fn answered_all(&mut self, answers: Vec<(u64, Result<Answer, PeerError>)>) {
+        for (id, r) in answers {
+            self.answered(id, r);
+        }
+    }
+
+    fn answered(&mut self, id: u64, result: Result<Answer, PeerError>) {
         let Some(sent) = self.sent.remove(&id) else {
             return;
         };
@@ -979,6 +1328,8 @@ impl Task {
         loop {
             self.start_queued();
             let (out, mut events) = self.engine.drain();
+            // Before any operation completes (see LocalRead).
+            self.publish_local_read();
             if out.is_empty() && events.is_empty() {
                 break;
             }
@@ -998,6 +1349,38 @@ impl Task {
         self.payloads.retain(|seq, _| engine.write_pending(*seq));
         self.rebuild_data
             .retain(|(region, tag), _| engine.copying(*region, *tag));
+    }
+
+    /// Tells the I/O side whether, and with which `Io`, it may read this
+    /// node's copy by itself.
+    fn publish_local_read(&self) {
+        let now = match self.dead() {
+            Some(_) => None,
+            None => self.engine.local_read().map(|io| LocalRead {
+                node: self.engine.node().to_owned(),
+                io,
+                peer: Arc::clone(&self.peer),
+            }),
+        };
+        let unchanged = {
+            let held = self
+                .shared
+                .local_read
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            match (&*held, &now) {
+                (Some(a), Some(b)) => a.same(b),
+                (None, None) => true,
+                _ => false,
+            }
+        };
+        if !unchanged {
+            *self
+                .shared
+                .local_read
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = now;
+        }
     }
 
     fn start_queued(&mut self) {
@@ -1211,20 +1594,16 @@ impl Task {
         if let Request::Rebuild { .. } = call.request {
             self.rebuild_bytes += call.data.len() as u64;
         }
-        let peer = self.peer.clone();
-        let volume = self.volume;
-        let timeout = self.call_timeout;
-        let to = node.clone();
-        let handle = self.calls.spawn(async move {
-            match tokio::time::timeout(timeout, peer.call(&to, volume, call)).await {
-                Ok(r) => r,
-                Err(_) => Err(PeerError::Unreachable {
-                    node: to,
-                    why: format!("no answer within {timeout:?}"),
-                }),
-            }
+        self.next_call += 1;
+        let id = self.next_call;
+        self.out.push(OutCall {
+            id,
+            here: self.peer.is_here(&node),
+            node: node.clone(),
+            call,
+            peer: Arc::clone(&self.peer),
         });
-        self.sent.insert(handle.id(), Sent { node, lane });
+        self.sent.insert(id, Sent { node, lane });
     }
 
     /// The call in flight on (node, region) ended: send the next one that
@@ -1444,18 +1823,60 @@ mod tests {
         }
     }
 
+    /// The network as the engine on `node` sees it: calls to `node` itself
+    /// run on the caller's thread ([`Peer::call_here`]), without delay.
+    #[derive(Debug)]
+    struct At {
+        net: Arc<Net>,
+        node: String,
+    }
+
+    #[tonic::async_trait]
+    impl Peer for At {
+        async fn call(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError> {
+            self.net.call(node, volume, call).await
+        }
+
+        fn is_here(&self, node: &str) -> bool {
+            node == self.node
+        }
+
+        fn call_here(
+            &self,
+            node: &str,
+            volume: Uuid,
+            call: Call,
+        ) -> Option<Result<Answer, PeerError>> {
+            if node != self.node {
+                return None;
+            }
+            Some(
+                self.net
+                    .reach(node)
+                    .and_then(|_| self.net.apply(node, volume, call)),
+            )
+        }
+    }
+
     #[tonic::async_trait]
     impl Peer for Net {
         async fn call(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError> {
-            if volume.to_hex() != VOLUME {
-                self.violation(format!("a call for volume {volume}"));
-            }
             let delay = self.reach(node)?;
             if !delay.is_zero() {
                 let random = uuid::Uuid::new_v4().as_u64_pair().0;
                 let nanos = random % delay.as_nanos() as u64;
                 tokio::time::sleep(Duration::from_nanos(nanos)).await;
                 self.reach(node)?;
+            }
+            self.apply(node, volume, call)
+        }
+    }
+
+    impl Net {
+        /// A call reaching `node`'s voter.
+        fn apply(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError> {
+            if volume.to_hex() != VOLUME {
+                self.violation(format!("a call for volume {volume}"));
             }
             let mut nodes = self.nodes.lock().unwrap();
             let n = nodes.get_mut(node).expect("reachable");
@@ -1523,7 +1944,10 @@ mod tests {
         ballot: &Ballot,
         r: &ReplicaRecord,
     ) -> Arc<EngineDriver> {
-        let peer: Arc<dyn Peer> = net.clone();
+        let peer: Arc<dyn Peer> = Arc::new(At {
+            net: net.clone(),
+            node: node.to_owned(),
+        });
         EngineDriver::start(
             config(node),
             ballot.clone(),

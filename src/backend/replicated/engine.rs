@@ -581,6 +581,16 @@ impl Engine {
         Ok(id)
     }
 
+    /// The `Io` of a read from this node's own copy when [`Engine::read`]
+    /// would read there now (running, the local copy in sync and not
+    /// failing), so the caller may read it directly; `None` otherwise.
+    pub fn local_read(&self) -> Option<Io> {
+        if self.state != EngineState::Running {
+            return None;
+        }
+        (self.source().as_deref() == Some(self.cfg.node.as_str())).then(|| self.io(&self.cfg.node))
+    }
+
     /// Starts a read of `region` from the local copy when it is in sync,
     /// else from an in-sync copy.
     pub fn read(&mut self, region: Region) -> Result<u64, IoError> {

@@ -112,6 +112,18 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Moves bytes under an epoch a copy already accepted (`Write`,
+    /// `Rebuild`, `Read`, `Flush`): what a batch or the plaintext data port
+    /// takes.
+    pub fn is_data(&self) -> bool {
+        matches!(
+            self,
+            Request::Write { .. } | Request::Rebuild { .. } | Request::Read { .. } | Request::Flush { .. }
+        )
+    }
+}
+
 /// Why a copy refused a data request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IoRefusal {

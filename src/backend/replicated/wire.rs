@@ -107,4 +107,39 @@ pub enum PeerError {
 #[tonic::async_trait]
 pub trait Peer: Send + Sync + fmt::Debug + 'static {
     async fn call(&self, node: &str, volume: Uuid, call: Call) -> Result<Answer, PeerError>;
+
+    /// Several data calls to one node ([`Request::is_data`](super::protocol::Request::is_data)),
+    /// applied there in order; one result per call. By default one call
+    /// after the other.
+    async fn call_batch(
+        &self,
+        node: &str,
+        volume: Uuid,
+        calls: Vec<Call>,
+    ) -> Vec<Result<Answer, PeerError>> {
+        let mut out = Vec::with_capacity(calls.len());
+        for c in calls {
+            out.push(self.call(node, volume, c).await);
+        }
+        out
+    }
+
+    /// Whether `node` is the one whose store this peer holds, so
+    /// [`Peer::call_here`] serves it.
+    fn is_here(&self, _node: &str) -> bool {
+        false
+    }
+
+    /// Runs `call` on the caller's thread, blocking, when `node` is the one
+    /// whose store this peer holds (the engine's own node), so block I/O
+    /// that stays on this node needs no task and no hop; `None` when it is
+    /// another node (use [`Peer::call`]).
+    fn call_here(
+        &self,
+        _node: &str,
+        _volume: Uuid,
+        _call: Call,
+    ) -> Option<Result<Answer, PeerError>> {
+        None
+    }
 }
