@@ -1784,6 +1784,9 @@ fn print_fio(f: &FioReport, heading: &str) {
             );
         }
     }
+    println!(
+        "  (every copy's pool is on this one disk: a write to N copies is N writes to it, so a write job's ceiling here is 1/N of local, 33.3% for 3 copies; on nodes with disks of their own it is not)"
+    );
 }
 
 fn print_report(r: &Report) {

@@ -51,6 +51,9 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 /// every O_DIRECT memory alignment Linux asks for.
 pub const BUFFER_ALIGN: usize = 4096;
 
+/// Answers a write: called once, with its outcome, on any thread.
+pub type WriteDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+
 /// Where the data of a FUSE-served volume lives. Offsets are bytes into the
 /// volume; the FUSE layer only calls with ranges inside the volume's size.
 /// An error is reported to the kernel as EIO (through a loop device, to the
@@ -62,6 +65,14 @@ pub trait BlockHandler: Send + Sync + 'static {
     /// Stores `data` at `offset`; it must be readable once this returns.
     /// `data` has no particular alignment.
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// [`BlockHandler::write_at`], answered through `done`, which may run
+    /// later on another thread: a handler that waits for others (the
+    /// replicated engine's copies) returns at once, so the FUSE worker
+    /// takes the next request meanwhile. `data` is only borrowed for the
+    /// call. By default `write_at`, then `done`.
+    fn write_then(&self, offset: u64, data: &[u8], done: WriteDone) {
+        done(self.write_at(offset, data));
+    }
     /// Makes every write that returned before this call durable.
     fn flush(&self) -> io::Result<()>;
     /// Grows the volume to `len` bytes (never shrinks; the new range reads
@@ -411,13 +422,18 @@ impl Filesystem for VolumeFs {
         {
             return reply.error(FuseErrno::ENOSPC);
         }
-        match self.handler.write_at(offset, data) {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(err) => {
-                tracing::warn!(offset, len, %err, "volume write failed; EIO to the kernel");
-                reply.error(FuseErrno::EIO)
-            }
-        }
+        let n = data.len() as u32;
+        self.handler.write_then(
+            offset,
+            data,
+            Box::new(move |r| match r {
+                Ok(()) => reply.written(n),
+                Err(err) => {
+                    tracing::warn!(offset, len, %err, "volume write failed; EIO to the kernel");
+                    reply.error(FuseErrno::EIO)
+                }
+            }),
+        );
     }
 
     fn flush(

@@ -51,7 +51,7 @@ use super::engine::{CopyView, Engine, EngineConfig, EngineEvent, EngineState, Io
 use super::protocol::{Ballot, Envelope, Io, Refusal, Region, Reply, Request, Tag};
 use super::record::ReplicaRecord;
 use super::wire::{Answer, Call, Payload, Peer, PeerError};
-use crate::os::fuse_file::BlockHandler;
+use crate::os::fuse_file::{BlockHandler, WriteDone};
 use bytes::Bytes;
 
 /// An engine driver's settings. [`DriverConfig::new`] fills in the
@@ -182,7 +182,69 @@ pub struct DriverStatus {
     pub rebuild_bytes: u64,
 }
 
-type Done<T> = oneshot::Sender<Result<T, IoFailure>>;
+/// Where an I/O operation's outcome goes: a waiting FUSE worker, or a
+/// callback (a write answered later, see [`BlockHandler::write_then`]).
+enum Done<T> {
+    Wait(oneshot::Sender<Result<T, IoFailure>>),
+    Then(Box<dyn FnOnce(Result<T, IoFailure>) + Send>),
+}
+
+impl<T> Done<T> {
+    fn send(self, r: Result<T, IoFailure>) {
+        match self {
+            Done::Wait(tx) => {
+                let _ = tx.send(r);
+            }
+            Done::Then(f) => f(r),
+        }
+    }
+}
+
+/// The pieces of one block write (one per region it touches): the caller
+/// is answered once every piece is, with the first failure; a piece
+/// dropped unanswered counts as failed.
+struct Countdown {
+    state: Mutex<(usize, Option<IoFailure>, Option<WriteDone>)>,
+}
+
+impl Countdown {
+    fn piece(self: &Arc<Self>) -> Done<()> {
+        let all = Arc::clone(self);
+        Done::Then(Box::new(move |r| all.done(r)))
+    }
+
+    fn done(&self, r: Result<(), IoFailure>) {
+        let finished = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 = s.0.saturating_sub(1);
+            if let Err(e) = r
+                && s.1.is_none()
+            {
+                s.1 = Some(e);
+            }
+            if s.0 == 0 {
+                s.2.take().map(|d| (d, s.1.take()))
+            } else {
+                None
+            }
+        };
+        if let Some((done, failed)) = finished {
+            done(match failed {
+                None => Ok(()),
+                Some(e) => Err(e.into()),
+            });
+        }
+    }
+}
+
+impl Drop for Countdown {
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(done) = s.2.take() {
+            done(Err(s.1.take().unwrap_or(IoFailure::Stopped).into()));
+        }
+    }
+}
 
 enum Command {
     Write {
@@ -377,7 +439,11 @@ impl Core {
                     if !nodes.contains(&c.node) {
                         nodes.push(c.node.clone());
                     }
-                    queues.entry(c.node.clone()).or_default().waiting.push_back(c);
+                    queues
+                        .entry(c.node.clone())
+                        .or_default()
+                        .waiting
+                        .push_back(c);
                 }
             }
             for n in nodes {
@@ -417,7 +483,9 @@ impl Core {
         loop {
             let batch: Vec<OutCall> = {
                 let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(q) = queues.get_mut(node) else { return };
+                let Some(q) = queues.get_mut(node) else {
+                    return;
+                };
                 if q.in_flight >= BATCHES_IN_FLIGHT || q.waiting.is_empty() {
                     return;
                 }
@@ -425,7 +493,9 @@ impl Core {
                 let mut bytes = 0;
                 while let Some(c) = q.waiting.front() {
                     let len = c.call.data.len();
-                    if !batch.is_empty() && (batch.len() >= BATCH_CALLS || bytes + len > BATCH_BYTES) {
+                    if !batch.is_empty()
+                        && (batch.len() >= BATCH_CALLS || bytes + len > BATCH_BYTES)
+                    {
                         break;
                     }
                     bytes += len;
@@ -837,7 +907,7 @@ impl BlockHandler for EngineDriver {
                 region,
                 offset: within,
                 len: len as u32,
-                done,
+                done: Done::Wait(done),
             });
             waits.push(rx);
             spans.push((at, len));
@@ -863,7 +933,7 @@ impl BlockHandler for EngineDriver {
                 region,
                 offset: within,
                 data: data[at..at + len].to_vec().into(),
-                done,
+                done: Done::Wait(done),
             });
             waits.push(rx);
         }
@@ -872,10 +942,40 @@ impl BlockHandler for EngineDriver {
         Ok(())
     }
 
+    /// Hands the write to the engine and returns: `done` runs once every
+    /// in-sync copy has it (on whichever thread saw the last answer), so
+    /// the FUSE worker takes the next request meanwhile.
+    fn write_then(&self, offset: u64, data: &[u8], done: WriteDone) {
+        if let Err(e) = self
+            .alive()
+            .map_err(io::Error::from)
+            .and_then(|()| self.check_range(offset, data.len()))
+        {
+            return done(Err(e));
+        }
+        let pieces: Vec<_> = pieces(offset, data.len()).collect();
+        let all = Arc::new(Countdown {
+            state: Mutex::new((pieces.len(), None, Some(done))),
+        });
+        let cmds = pieces
+            .into_iter()
+            .map(|(region, within, at, len)| Command::Write {
+                region,
+                offset: within,
+                data: data[at..at + len].to_vec().into(),
+                done: all.piece(),
+            })
+            .collect();
+        drop(all);
+        self.submit(cmds);
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.alive()?;
         let (done, rx) = oneshot::channel();
-        self.submit(vec![Command::Flush { done }]);
+        self.submit(vec![Command::Flush {
+            done: Done::Wait(done),
+        }]);
         wait_all(vec![rx], |_, ()| {})?;
         Ok(())
     }
@@ -923,7 +1023,7 @@ struct Op<T> {
 impl<T> Op<T> {
     fn finish(&mut self, r: Result<T, IoFailure>) {
         if let Some(done) = self.done.take() {
-            let _ = done.send(r);
+            done.send(r);
         }
     }
 }
@@ -1057,6 +1157,22 @@ impl Task {
         self.refresh_status(true);
         self.out.clear();
         self.sent.clear();
+        // Nobody steps the engine again: whoever waits is answered now.
+        let stopped = IoFailure::Stopped;
+        for (_, q) in std::mem::take(&mut self.queued) {
+            for w in q {
+                w.done.send(Err(stopped.clone()));
+            }
+        }
+        for (_, mut w) in self.writes.drain() {
+            w.finish(Err(stopped.clone()));
+        }
+        for (_, mut f) in self.flushes.drain() {
+            f.finish(Err(stopped.clone()));
+        }
+        for (_, mut r) in self.reads.drain() {
+            r.op.finish(Err(stopped.clone()));
+        }
         if let Some(r) = self.ready.take() {
             let _ = r.send(Err(DriverError::Stopped {
                 volume: self.volume,
@@ -1097,7 +1213,7 @@ impl Task {
                 done,
             } => {
                 if let Some(why) = self.dead() {
-                    let _ = done.send(Err(why));
+                    done.send(Err(why));
                     return;
                 }
                 // Started in order by start_queued, behind any earlier
@@ -1119,7 +1235,7 @@ impl Task {
                 done,
             } => {
                 if let Some(why) = self.dead() {
-                    let _ = done.send(Err(why));
+                    done.send(Err(why));
                     return;
                 }
                 match self.engine.read(region) {
@@ -1140,13 +1256,13 @@ impl Task {
                         );
                     }
                     Err(e) => {
-                        let _ = done.send(Err(e.into()));
+                        done.send(Err(e.into()));
                     }
                 }
             }
             Command::Flush { done } => {
                 if let Some(why) = self.dead() {
-                    let _ = done.send(Err(why));
+                    done.send(Err(why));
                     return;
                 }
                 match self.engine.flush() {
@@ -1159,7 +1275,7 @@ impl Task {
                         self.flushes.insert(id, op);
                     }
                     Err(e) => {
-                        let _ = done.send(Err(e.into()));
+                        done.send(Err(e.into()));
                     }
                 }
             }
@@ -1307,7 +1423,7 @@ impl Task {
         for q in self.queued.values_mut() {
             while q.front().is_some_and(|w| now >= w.deadline) {
                 let w = q.pop_front().expect("checked");
-                let _ = w.done.send(Err(late.clone()));
+                w.done.send(Err(late.clone()));
             }
         }
         self.queued.retain(|_, q| !q.is_empty());
@@ -1390,7 +1506,7 @@ impl Task {
             while !q.is_empty() {
                 if let Some(why) = &failed {
                     let w = q.pop_front().expect("checked");
-                    let _ = w.done.send(Err(why.clone()));
+                    w.done.send(Err(why.clone()));
                     continue;
                 }
                 match self.engine.write(region) {
@@ -1415,7 +1531,7 @@ impl Task {
                     Err(IoError::Busy(_)) => break,
                     Err(e) => {
                         let w = q.pop_front().expect("checked");
-                        let _ = w.done.send(Err(e.into()));
+                        w.done.send(Err(e.into()));
                     }
                 }
             }
@@ -2026,6 +2142,62 @@ mod tests {
             let first = got.iter().zip(want).position(|(a, b)| a != b);
             assert!(first.is_none(), "copy {n} differs first at byte {first:?}");
         }
+    }
+
+    /// `write_then` from a FUSE-like thread; the outcome as it arrived.
+    async fn write_then(d: Arc<EngineDriver>, offset: u64, data: Vec<u8>) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        blocking(move || {
+            d.write_then(
+                offset,
+                &data,
+                Box::new(move |r| {
+                    let _ = tx.send(r.map_err(|e| e.to_string()));
+                }),
+            )
+        })
+        .await;
+        rx.await.expect("write_then answers exactly once")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_answered_later_reach_every_copy_and_fail_once_stopped() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let d = start(&net, "a", &ballot, &r).await;
+        let mut model = vec![0u8; SIZE as usize];
+        // Within one region, then across three.
+        for (i, (offset, len)) in [(100, 4096), (REGION_BYTES / 2, 2 * REGION_BYTES as usize)]
+            .into_iter()
+            .enumerate()
+        {
+            let data = pattern(40 + i as u64, len);
+            model[offset as usize..offset as usize + len].copy_from_slice(&data);
+            write_then(d.clone(), offset, data).await.unwrap();
+        }
+        // Many at once (none overlapping), as a queue of FUSE requests.
+        let mut all = Vec::new();
+        for i in 0..32u64 {
+            let offset = (i * 37 * 4096) % (SIZE - 4096);
+            let data = pattern(100 + i, 4096);
+            let w = tokio::spawn(write_then(d.clone(), offset, data.clone()));
+            all.push((offset, data, w));
+        }
+        for (offset, data, w) in all {
+            w.await.unwrap().unwrap();
+            model[offset as usize..offset as usize + 4096].copy_from_slice(&data);
+        }
+        flush(&d).await.unwrap();
+        assert_eq!(read(&d, 0, SIZE as usize).await.unwrap(), model);
+        let err = write_then(d.clone(), SIZE - 1, vec![1, 2])
+            .await
+            .unwrap_err();
+        assert!(err.contains("beyond the volume"), "{err}");
+        until("every copy in sync", || all_in_sync(&d, 3)).await;
+        assert_images(&net, &["a", "b", "c"], &model);
+        d.stop().await.unwrap();
+        let err = write_then(d.clone(), 0, vec![1; 512]).await.unwrap_err();
+        assert!(err.contains("stopped"), "{err}");
+        net.check();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

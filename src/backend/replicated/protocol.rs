@@ -119,7 +119,10 @@ impl Request {
     pub fn is_data(&self) -> bool {
         matches!(
             self,
-            Request::Write { .. } | Request::Rebuild { .. } | Request::Read { .. } | Request::Flush { .. }
+            Request::Write { .. }
+                | Request::Rebuild { .. }
+                | Request::Read { .. }
+                | Request::Flush { .. }
         )
     }
 }
