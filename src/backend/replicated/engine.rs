@@ -304,6 +304,8 @@ pub struct Engine {
     links: BTreeMap<String, Link>,
     proposer: Option<Proposer>,
     start_replies: BTreeMap<String, (u64, BTreeMap<Region, Tag>)>,
+    /// In-sync copies whose attach could not be delivered at all.
+    start_unreachable: BTreeSet<String>,
     attach_deadline: u64,
     reseed: Option<(String, u64)>,
     /// A copy refused a request as from an older epoch.
@@ -338,6 +340,7 @@ impl Engine {
             links: BTreeMap::new(),
             proposer: Some(p),
             start_replies: BTreeMap::new(),
+            start_unreachable: BTreeSet::new(),
             attach_deadline: 0,
             reseed: None,
             suspect_fenced: false,
@@ -437,10 +440,37 @@ impl Engine {
     /// deadline passed): it counts as failed at once instead of after the
     /// timeout, as an unanswered request would.
     pub fn unreachable(&mut self, node: &str) {
-        if self.state == EngineState::Running {
-            self.fail(node, false);
-            self.settle();
+        match self.state {
+            EngineState::Running => {
+                self.fail(node, false);
+                self.settle();
+            }
+            // Not waited for until the deadline (see `start_ready`).
+            EngineState::Attaching if self.record.in_sync.contains_key(node) => {
+                self.start_unreachable.insert(node.to_owned());
+                if self.start_ready() {
+                    self.decide_start();
+                }
+            }
+            _ => {}
         }
+    }
+
+    /// Whether the start may be decided before the deadline: every in-sync
+    /// copy answered, or could not be reached at all while another in-sync
+    /// copy answered at its recorded boot (a copy whose node refuses
+    /// connections would only be marked out of sync at the deadline).
+    fn start_ready(&self) -> bool {
+        let waiting =
+            self.record.in_sync.keys().any(|n| {
+                !self.start_replies.contains_key(n) && !self.start_unreachable.contains(n)
+            });
+        !waiting
+            && (self.start_unreachable.is_empty()
+                || self
+                    .start_replies
+                    .iter()
+                    .any(|(n, (boot, _))| self.record.in_sync_at(n, *boot)))
     }
 
     /// The record may have changed (the controller changed the members):
@@ -787,12 +817,8 @@ impl Engine {
         match self.state {
             EngineState::Attaching => {
                 self.start_replies.insert(from.to_owned(), (boot, tags));
-                let waiting = self
-                    .record
-                    .in_sync
-                    .keys()
-                    .any(|n| !self.start_replies.contains_key(n));
-                if !waiting {
+                self.start_unreachable.remove(from);
+                if self.start_ready() {
                     self.decide_start();
                 }
             }
@@ -912,6 +938,7 @@ impl Engine {
     fn begin_attach(&mut self) {
         self.state = EngineState::Attaching;
         self.start_replies.clear();
+        self.start_unreachable.clear();
         self.attach_deadline = self.now + self.cfg.timeout;
         let copies: Vec<String> = self.record.copies().map(str::to_owned).collect();
         for c in copies {
@@ -1438,6 +1465,8 @@ mod tests {
     struct Net {
         voters: BTreeMap<String, Voter>,
         down: BTreeSet<String>,
+        /// Down, and refusing connections: the engine hears of it at once.
+        refused: BTreeSet<String>,
         now: u64,
     }
 
@@ -1457,6 +1486,7 @@ mod tests {
             let net = Net {
                 voters,
                 down: BTreeSet::new(),
+                refused: BTreeSet::new(),
                 now: 0,
             };
             (net, r)
@@ -1523,7 +1553,9 @@ mod tests {
                         break;
                     }
                     for e in out {
-                        if let Some((from, reply)) = self.deliver(e) {
+                        if self.refused.contains(&e.to) {
+                            engine.unreachable(&e.to);
+                        } else if let Some((from, reply)) = self.deliver(e) {
                             engine.handle(&from, reply);
                         }
                     }
@@ -1581,6 +1613,35 @@ mod tests {
         assert!(pos_chosen < pos_ack);
         assert!(!net.voters["a"].state().record.in_sync.contains_key("c"));
         assert!(!e.all_in_sync());
+    }
+
+    #[test]
+    fn a_start_waits_for_a_silent_copy_but_not_for_one_that_cannot_be_reached() {
+        let ready = |ev: &[EngineEvent]| ev.iter().any(|x| matches!(x, EngineEvent::Ready { .. }));
+        // Silent: marked out of sync only at the attach deadline (10 ticks).
+        let (mut net, r) = Net::new();
+        net.down.insert("c".into());
+        let mut e = net.publish("a", &r, "ctl1");
+        assert!(!ready(&net.run(&mut e, 5)));
+        assert!(ready(&net.run(&mut e, 20)));
+        assert!(!e.record().in_sync.contains_key("c"));
+        // Refusing connections: the start goes on once a and b answered.
+        let (mut net, r) = Net::new();
+        net.refused.insert("c".into());
+        let mut e = net.publish("a", &r, "ctl1");
+        let ev = net.run(&mut e, 5);
+        assert!(ready(&ev), "{ev:?}");
+        assert!(!e.record().in_sync.contains_key("c"));
+        let tag = e.write(1).unwrap();
+        assert_eq!(acked(&net.run(&mut e, 1)), [tag]);
+        // Every copy unreachable: no start.
+        let (mut net, r) = Net::new();
+        for n in ["a", "b", "c"] {
+            net.refused.insert(n.into());
+        }
+        let mut e = net.publish("a", &r, "ctl1");
+        assert!(!ready(&net.run(&mut e, 30)));
+        assert_ne!(e.state(), EngineState::Running);
     }
 
     #[test]
