@@ -9,7 +9,7 @@
 //! on one loop-mounted xfs filesystem in a scratch directory, so every
 //! copy and the baseline share one disk. Volumes are raw block
 //! (SINGLE_NODE_WRITER), published and staged on `n1` through CSI calls as
-//! a CO makes them. Four parts:
+//! a CO makes them. Five parts:
 //!
 //! 1. fio (`--direct=1`, io_uring by default, JSON output) on a local
 //!    `backend=block` volume pinned to n1 (the baseline) and on
