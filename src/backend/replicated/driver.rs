@@ -954,6 +954,9 @@ impl BlockHandler for EngineDriver {
             return done(Err(e));
         }
         let pieces: Vec<_> = pieces(offset, data.len()).collect();
+        if pieces.is_empty() {
+            return done(Ok(()));
+        }
         let all = Arc::new(Countdown {
             state: Mutex::new((pieces.len(), None, Some(done))),
         });
@@ -2188,6 +2191,7 @@ mod tests {
         }
         flush(&d).await.unwrap();
         assert_eq!(read(&d, 0, SIZE as usize).await.unwrap(), model);
+        write_then(d.clone(), 10, Vec::new()).await.unwrap();
         let err = write_then(d.clone(), SIZE - 1, vec![1, 2])
             .await
             .unwrap_err();
@@ -2275,7 +2279,13 @@ mod tests {
         put(500_000, &w0b);
         write(&d, 500_000, w0b).await.unwrap();
         until("c rebuilt and in sync", || all_in_sync(&d, 3)).await;
-        assert!(net.in_sync_on("a").contains("c") && net.in_sync_on("b").contains("c"));
+        // Chosen on a majority of the voters (which one, and whether the
+        // third learned it yet, is the network's timing).
+        let holding = ["a", "b", "c"]
+            .into_iter()
+            .filter(|n| net.in_sync_on(n).contains("c"))
+            .count();
+        assert!(holding >= 2, "c is in sync on only {holding} voter(s)");
 
         let regions: BTreeSet<Region> = net
             .rebuilt
