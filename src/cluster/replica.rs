@@ -36,7 +36,7 @@ use super::tls::{PeerIdentity, peer_identity};
 use crate::backend::replicated::protocol::{Reply, Request as ProtoRequest};
 use crate::backend::replicated::record::ReplicaRecord;
 use crate::backend::replicated::store::{Base, ReplicaStore, SnapshotInfo, StoreError};
-use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError};
+use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError, one_by_one};
 
 fn status_of(e: StoreError) -> Status {
     match e {
@@ -350,15 +350,7 @@ impl Replica for ReplicaService {
         for a in answers {
             results.push(match a {
                 Ok(answer) => ReplicaResult {
-                    answer: Some(ReplicaAnswer {
-                        reply: match &answer.reply {
-                            Some(r) => serde_json::to_vec(r)
-                                .map_err(|e| Status::internal(e.to_string()))?,
-                            None => Vec::new(),
-                        },
-                        data: answer.data,
-                        plain_address: String::new(),
-                    }),
+                    answer: Some(answer_message(answer, String::new())?),
                     code: 0,
                     error: String::new(),
                 },
@@ -401,18 +393,38 @@ impl Replica for ReplicaService {
         } else {
             self.blocking(move |s| s.call(volume, call)).await?
         };
-        Ok(Response::new(ReplicaAnswer {
-            reply: match &answer.reply {
-                Some(r) => serde_json::to_vec(r).map_err(|e| Status::internal(e.to_string()))?,
-                None => Vec::new(),
-            },
-            data: answer.data,
-            plain_address: match (&self.plain_address, attach) {
-                (Some(a), true) => a.clone(),
-                _ => String::new(),
-            },
-        }))
+        let plain_address = match (&self.plain_address, attach) {
+            (Some(a), true) => a.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(answer_message(answer, plain_address)?))
     }
+}
+
+/// The `Reply` an agent's answer carries (JSON; none for a `Commit`).
+fn reply_of(node: &str, a: &ReplicaAnswer) -> Result<Option<Reply>, PeerError> {
+    if a.reply.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_slice(&a.reply)
+        .map(Some)
+        .map_err(|e| PeerError::Failed {
+            node: node.to_owned(),
+            why: format!("reply: {e}"),
+        })
+}
+
+/// An [`Answer`] as the agent sends it back (the reply as JSON).
+#[allow(clippy::result_large_err)]
+fn answer_message(answer: Answer, plain_address: String) -> Result<ReplicaAnswer, Status> {
+    Ok(ReplicaAnswer {
+        reply: match &answer.reply {
+            Some(r) => serde_json::to_vec(r).map_err(|e| Status::internal(e.to_string()))?,
+            None => Vec::new(),
+        },
+        data: answer.data,
+        plain_address,
+    })
 }
 
 /// Bytes up to which a `Write` or `Read` runs on the async task that
@@ -637,11 +649,7 @@ impl Peer for GrpcPeer {
     ) -> Vec<Result<Answer, PeerError>> {
         let n = calls.len();
         if self.is_here(node) || calls.iter().any(|c| !c.request.is_data()) {
-            let mut out = Vec::with_capacity(n);
-            for c in calls {
-                out.push(self.call(node, volume, c).await);
-            }
-            return out;
+            return one_by_one(self, node, volume, calls).await;
         }
         let fail_all = |e: PeerError| vec![Err(e); n];
         let plain = self
@@ -692,31 +700,13 @@ impl Peer for GrpcPeer {
                 return fail_all(Self::status_error(node, &s));
             }
         };
-        if results.len() != n {
-            return fail_all(PeerError::Failed {
-                node: node.to_owned(),
-                why: format!("{} results for a batch of {n} calls", results.len()),
-            });
-        }
         results
             .into_iter()
             .map(|r| match r.answer {
-                Some(a) if r.code == 0 => {
-                    let reply = if a.reply.is_empty() {
-                        None
-                    } else {
-                        Some(
-                            serde_json::from_slice(&a.reply).map_err(|e| PeerError::Failed {
-                                node: node.to_owned(),
-                                why: format!("reply: {e}"),
-                            })?,
-                        )
-                    };
-                    Ok(Answer {
-                        reply,
-                        data: a.data,
-                    })
-                }
+                Some(a) if r.code == 0 => Ok(Answer {
+                    reply: reply_of(node, &a)?,
+                    data: a.data,
+                }),
                 _ => Err(Self::status_error(
                     node,
                     &Status::new(tonic::Code::from(r.code as i32), r.error),
@@ -777,16 +767,7 @@ impl Peer for GrpcPeer {
                 return Err(Self::status_error(node, &s));
             }
         };
-        let reply: Option<Reply> = if answer.reply.is_empty() {
-            None
-        } else {
-            Some(
-                serde_json::from_slice(&answer.reply).map_err(|e| PeerError::Failed {
-                    node: node.to_owned(),
-                    why: format!("reply: {e}"),
-                })?,
-            )
-        };
+        let reply = reply_of(node, &answer)?;
         if matches!(reply, Some(Reply::Attached { .. })) {
             self.offered(node, &answer.plain_address);
         }

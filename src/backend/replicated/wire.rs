@@ -103,6 +103,20 @@ pub enum PeerError {
     Failed { node: String, why: String },
 }
 
+/// [`Peer::call_batch`] made of single calls, one after the other.
+pub async fn one_by_one<P: Peer + ?Sized>(
+    peer: &P,
+    node: &str,
+    volume: Uuid,
+    calls: Vec<Call>,
+) -> Vec<Result<Answer, PeerError>> {
+    let mut out = Vec::with_capacity(calls.len());
+    for c in calls {
+        out.push(peer.call(node, volume, c).await);
+    }
+    out
+}
+
 /// Delivers calls to the voters of a volume, by node id.
 #[tonic::async_trait]
 pub trait Peer: Send + Sync + fmt::Debug + 'static {
@@ -117,11 +131,7 @@ pub trait Peer: Send + Sync + fmt::Debug + 'static {
         volume: Uuid,
         calls: Vec<Call>,
     ) -> Vec<Result<Answer, PeerError>> {
-        let mut out = Vec::with_capacity(calls.len());
-        for c in calls {
-            out.push(self.call(node, volume, c).await);
-        }
-        out
+        one_by_one(self, node, volume, calls).await
     }
 
     /// Whether `node` is the one whose store this peer holds, so
