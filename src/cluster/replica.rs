@@ -323,19 +323,13 @@ impl Replica for ReplicaService {
         }
         let mut calls = Vec::with_capacity(req.get_ref().calls.len());
         for c in req.into_inner().calls {
-            let request: ProtoRequest = serde_json::from_slice(&c.request)
-                .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
-            if !request.is_data() {
+            let call = call_of(c)?;
+            if !call.request.is_data() {
                 return Err(Status::invalid_argument(
                     "a batch takes data requests only (Write, Rebuild, Read, Flush)",
                 ));
             }
-            calls.push(Call {
-                request,
-                offset: c.offset,
-                len: c.len,
-                data: c.data.into(),
-            });
+            calls.push(call);
         }
         let store = Arc::clone(&self.store);
         let answers = tokio::task::spawn_blocking(move || {
@@ -372,21 +366,13 @@ impl Replica for ReplicaService {
         if !self.plaintext {
             self.may_call(&req, volume).await?;
         }
-        let c = req.into_inner();
-        let request: ProtoRequest = serde_json::from_slice(&c.request)
-            .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
-        if self.plaintext && !request.is_data() {
+        let call = call_of(req.into_inner())?;
+        if self.plaintext && !call.request.is_data() {
             return Err(Status::permission_denied(
                 "the plaintext replication port takes data requests only",
             ));
         }
-        let attach = matches!(request, ProtoRequest::Attach { .. });
-        let call = Call {
-            request,
-            offset: c.offset,
-            len: c.len,
-            data: c.data.into(),
-        };
+        let attach = matches!(call.request, ProtoRequest::Attach { .. });
         let answer = if is_small(&call) {
             // A few µs of O_DIRECT I/O: not worth two thread hand-offs.
             self.store.call(volume, call).map_err(status_of)?
@@ -399,6 +385,19 @@ impl Replica for ReplicaService {
         };
         Ok(Response::new(answer_message(answer, plain_address)?))
     }
+}
+
+/// The [`Call`] a gRPC message carries (the request as JSON).
+#[allow(clippy::result_large_err)]
+fn call_of(c: ReplicaCall) -> Result<Call, Status> {
+    let request = serde_json::from_slice(&c.request)
+        .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
+    Ok(Call {
+        request,
+        offset: c.offset,
+        len: c.len,
+        data: c.data.into(),
+    })
 }
 
 /// The `Reply` an agent's answer carries (JSON; none for a `Commit`).
