@@ -22,7 +22,7 @@
 //!
 //! `--dir` is where both backing files go (default: a scratch dir under
 //! /tmp); it should be the filesystem local block volumes live on. The
-//! FUSE flags set [`FuseOptions`] (defaults: 8 workers, clone_fd, 1 MiB
+//! FUSE flags set [`FuseOptions`] (defaults: 16 workers, clone_fd, 1 MiB
 //! max_write, 64 background requests); `--buffered-handler` opens the
 //! backing file without O_DIRECT. `--control` adds a second plain loop
 //! device whose ratio shows the run's noise. Targets from issue 14

@@ -67,6 +67,7 @@
 //!         [--publish-repeats 5] [--dirty-seconds 20] [--dirty-rate 10]
 //!         [--full-size 1Gi] [--no-wipe] [--skip-fio] [--json]
 //!         [--replication-tls both|on|off] [--jobs seq-write,...] [--only-fio]
+//!         [--fuse-workers N]
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
 //! × rounds × runtime). Nothing is asserted about timings: these 2-core
@@ -229,7 +230,8 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(pool_bytes: u64) -> Cluster {
+    /// `node_args` are added to every agent's command line.
+    async fn start(pool_bytes: u64, node_args: &[String]) -> Cluster {
         let scratch = Scratch::new("bench-replicated");
         let root = scratch.root.clone();
         let copy = root.join("stowage");
@@ -287,7 +289,10 @@ impl Cluster {
                     tls.clone(),
                     "--register-interval".into(),
                     "1".into(),
-                ],
+                ]
+                .into_iter()
+                .chain(node_args.iter().cloned())
+                .collect(),
                 &socket,
                 &logs,
             );
@@ -2020,7 +2025,11 @@ async fn run(args: &Args) -> Report {
     // Every copy written in full: 1 + 1 + 2 + 3 volumes of `size`, three
     // copies of `full_size`, and room for xfs.
     let pool = (7 * size + 3 * full_size + (4 << 30)).max(16 << 30);
-    let mut cl = Cluster::start(pool).await;
+    let node_args: Vec<String> = args
+        .value("--fuse-workers")
+        .map(|n| vec!["--fuse-workers".into(), n])
+        .unwrap_or_default();
+    let mut cl = Cluster::start(pool, &node_args).await;
     let mut errors = Vec::new();
 
     if tls_mode == "off" {

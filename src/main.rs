@@ -131,6 +131,11 @@ struct ServeArgs {
     /// have it off (the agent API stays mutual TLS).
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     replication_tls: OnOff,
+    /// Node: FUSE worker threads per staged replicated volume (1-256).
+    /// Each answers one kernel request at a time: they bound the random
+    /// I/O a volume keeps in flight on its local copy.
+    #[arg(long, value_name = "N")]
+    fuse_workers: Option<usize>,
     /// Controller: seconds after which a replicated volume's copy (or
     /// witness) on a node not heard from is replaced on another node (a
     /// full rebuild while I/O continues).
@@ -157,8 +162,8 @@ fn cluster_config(
             "--listen, --advertise, --controller, --tls-dir and --label are for --mode node or controller"
                 .to_owned(),
         ),
-        ModeArg::All if args.replication_tls == OnOff::Off => {
-            Err("--replication-tls is a --mode node flag".to_owned())
+        ModeArg::All if args.replication_tls == OnOff::Off || args.fuse_workers.is_some() => {
+            Err("--replication-tls and --fuse-workers are --mode node flags".to_owned())
         }
         ModeArg::All => Ok(None),
         ModeArg::Controller => {
@@ -166,9 +171,10 @@ fn cluster_config(
                 || args.controller.is_some()
                 || !args.labels.is_empty()
                 || args.replication_tls == OnOff::Off
+                || args.fuse_workers.is_some()
             {
                 return Err(
-                    "--advertise, --controller, --label and --replication-tls are node flags"
+                    "--advertise, --controller, --label, --replication-tls and --fuse-workers are node flags"
                         .to_owned(),
                 );
             }
@@ -210,6 +216,12 @@ fn cluster_config(
             if !(1..=300).contains(&args.register_interval) {
                 return Err("--register-interval: 1 to 300 seconds".to_owned());
             }
+            let fuse_workers = args
+                .fuse_workers
+                .unwrap_or(stowage::os::fuse_file::FuseOptions::default().workers);
+            if !(1..=256).contains(&fuse_workers) {
+                return Err("--fuse-workers: 1 to 256 threads".to_owned());
+            }
             Ok(Some(ClusterConfig {
                 listen: listen.clone(),
                 tls_dir: args.tls_dir.clone().ok_or("--mode node needs --tls-dir")?,
@@ -222,6 +234,7 @@ fn cluster_config(
                     cordon_file: state_dir.join("cordoned"),
                     cordon_lock: Default::default(),
                     replication_tls: args.replication_tls == OnOff::On,
+                    fuse_workers,
                 }),
                 replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
             }))
@@ -420,10 +433,44 @@ mod tests {
         ];
         let dir = std::path::Path::new("/state");
         assert!(super::cluster_config(&serve_args(&base), dir).is_ok());
-        for extra in [["--label", "zone=a"], ["--advertise", "10.0.0.1:7443"]] {
+        for extra in [
+            ["--label", "zone=a"],
+            ["--advertise", "10.0.0.1:7443"],
+            ["--fuse-workers", "4"],
+        ] {
             let e = super::cluster_config(&serve_args(&[&base[..], &extra[..]].concat()), dir)
                 .unwrap_err();
             assert!(e.contains("node flags"), "{e}");
         }
+    }
+
+    #[test]
+    fn fuse_workers_is_a_node_flag_within_bounds() {
+        let base = [
+            "--mode",
+            "node",
+            "--listen",
+            "127.0.0.1:7443",
+            "--controller",
+            "https://127.0.0.1:7444",
+            "--tls-dir",
+            "/x",
+        ];
+        let dir = std::path::Path::new("/state");
+        let workers = |extra: &[&str]| {
+            super::cluster_config(&serve_args(&[&base[..], extra].concat()), dir)
+                .map(|c| c.and_then(|c| c.agent).map(|a| a.fuse_workers))
+        };
+        assert_eq!(
+            workers(&[]),
+            Ok(Some(stowage::os::fuse_file::FuseOptions::default().workers))
+        );
+        assert_eq!(workers(&["--fuse-workers", "32"]), Ok(Some(32)));
+        for bad in ["0", "257"] {
+            let e = workers(&["--fuse-workers", bad]).unwrap_err();
+            assert!(e.contains("--fuse-workers"), "{e}");
+        }
+        let e = super::cluster_config(&serve_args(&["--fuse-workers", "4"]), dir).unwrap_err();
+        assert!(e.contains("--fuse-workers"), "{e}");
     }
 }

@@ -27,6 +27,16 @@ fn ext4() -> csi::VolumeCapability {
     mount_cap("ext4", Mode::SingleNodeWriter)
 }
 
+/// Threads of process `pid` that serve a FUSE file (fuser names them
+/// `fuser-<i>`).
+fn fuse_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("fuser-"))
+        .count()
+}
+
 fn write_synced(path: &Path, data: &[u8]) {
     use std::io::Write;
     let mut f = std::fs::File::create(path).unwrap();
@@ -36,7 +46,16 @@ fn write_synced(path: &Path, data: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicated_volume_keeps_its_data_on_every_copy_and_moves_between_nodes() {
-    let mut cl = Cluster::start().await;
+    // n2 serves its engines' FUSE files with 3 workers instead of the
+    // default.
+    let mut cl = Cluster::start_with(&[
+        NodeOpts::default(),
+        NodeOpts {
+            args: vec!["--fuse-workers".into(), "3".into()],
+            ..Default::default()
+        },
+    ])
+    .await;
     let cap = ext4();
     let v = cl
         .create(replicated("rep-a", "3", cap.clone()))
@@ -123,12 +142,16 @@ async fn a_replicated_volume_keeps_its_data_on_every_copy_and_moves_between_node
     }
     assert!(!cl.condition(&v.volume_id).await.0);
 
-    // Moved to n2: the data is there.
+    // Moved to n2: the data is there, served by as many FUSE workers as
+    // n2 was told.
+    assert_eq!(fuse_workers(cl.nodes[1].pid()), 0);
     let m = Published::up(&mut cl, 2, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
     assert!(std::fs::read(m.target.join("file")).unwrap() == data);
+    assert_eq!(fuse_workers(cl.nodes[1].pid()), 3);
     m.down(&mut cl, &v.volume_id).await;
+    assert_eq!(fuse_workers(cl.nodes[1].pid()), 0);
 
     cl.delete(&v.volume_id).await.unwrap();
     for i in 1..=NODES {

@@ -43,6 +43,9 @@ pub struct AgentConfig {
     /// take data requests in plaintext on a second port (see
     /// [`super::replica`]).
     pub replication_tls: bool,
+    /// FUSE worker threads per replicated volume staged here
+    /// (`--fuse-workers`).
+    pub fuse_workers: usize,
 }
 
 /// Only the controller (holding the cluster certificate) drives a node's

@@ -525,11 +525,11 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
     let stop = shutdown_signal();
     if let (Some(tls), Some(node), Some(replicas)) = (&tls, &driver.node, &driver.replicas) {
-        let plaintext = cfg
-            .cluster
-            .as_ref()
-            .and_then(|c| c.agent.as_ref())
-            .is_some_and(|a| !a.replication_tls);
+        let agent = cfg.cluster.as_ref().and_then(|c| c.agent.as_ref());
+        let plaintext = agent.is_some_and(|a| !a.replication_tls);
+        if let Some(a) = agent {
+            node.replicated().set_fuse_workers(a.fuse_workers);
+        }
         node.replicated().set_connector(replication_connector(
             Arc::clone(replicas),
             tls,

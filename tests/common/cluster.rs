@@ -46,6 +46,8 @@ pub struct NodeOpts {
     /// least 300 MiB, mkfs.xfs's minimum) mounted at `<state>/pool`,
     /// instead of a directory of the shared pool filesystem.
     pub pool_bytes: Option<u64>,
+    /// Added to its `serve` command line.
+    pub args: Vec<String>,
 }
 
 pub fn bin() -> &'static str {
@@ -152,6 +154,7 @@ impl Cluster {
                         .args(["--label", &format!("zone=z{}", i % 2)])
                         .args(["--register-interval", &INTERVAL.to_string()])
                         .args(["--metrics-address", &h.addr(NODE_METRICS_PORT).to_string()])
+                        .args(&o.args)
                         .env("STOWAGE_LOG", "debug"),
                 ),
             );

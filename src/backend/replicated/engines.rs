@@ -88,7 +88,9 @@ pub struct Engines {
     dir: PathBuf,
     connect: OnceLock<Connector>,
     running: Mutex<HashMap<Uuid, Running>>,
-    options: FuseOptions,
+    /// How engines started from now on serve their FUSE file (the
+    /// defaults unless [`Engines::set_fuse_workers`] was called).
+    options: Mutex<FuseOptions>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -108,8 +110,19 @@ impl Engines {
             dir,
             connect: OnceLock::new(),
             running: Mutex::new(HashMap::new()),
-            options: FuseOptions::default(),
+            options: Mutex::new(FuseOptions::default()),
         }
+    }
+
+    /// The number of FUSE worker threads of each engine started from now
+    /// on (`serve --fuse-workers`). Each worker answers one kernel request
+    /// at a time, so they bound the I/O a volume has in flight on its
+    /// local copy.
+    pub fn set_fuse_workers(&self, workers: usize) {
+        self.options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .workers = workers.max(1);
     }
 
     /// Enables replicated volumes on this node (cluster mode).
@@ -194,14 +207,19 @@ impl Engines {
             size
         };
         let handler: Arc<dyn crate::os::fuse_file::BlockHandler> = driver.clone();
-        let device =
-            match FuseLoopDevice::attach(&self.mount_point(uuid), size, handler, &self.options) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = rt.block_on(driver.stop());
-                    return Err(e.into());
-                }
-            };
+        let options = self
+            .options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let device = match FuseLoopDevice::attach(&self.mount_point(uuid), size, handler, &options)
+        {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = rt.block_on(driver.stop());
+                return Err(e.into());
+            }
+        };
         let loopdev = device.device().clone();
         tracing::info!(volume = %uuid, device = %loopdev.path().display(), "replicated volume's engine started");
         self.lock().insert(
