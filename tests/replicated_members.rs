@@ -231,7 +231,8 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
 
 /// A node killed for good: after `--replica-replace-after`, its copy is
 /// replaced on the fourth node, rebuilt in full while the writer goes on,
-/// and joins the in-sync set; the final copies hold the same bytes.
+/// and joins the in-sync set; the final copies hold the same bytes. When
+/// the node comes back after all, its old copy is deleted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
     let mut cl = Cluster::start_full(FOUR, &["--replica-replace-after", "4"], &[]).await;
@@ -250,5 +251,29 @@ async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
     assert!(files > 0);
     m.down(&mut cl, &id).await;
     same_data(&cl, &id, &now);
+
+    // The lost node comes back: its old copy, no longer a member, is
+    // deleted from it, and only from it.
+    let (vi, old_copy) = (index_of(&victim), cl.copy_dir(index_of(&victim), &id));
+    assert!(
+        old_copy.exists(),
+        "the dead node's copy is still on its disk"
+    );
+    cl.nodes[vi - 1].restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while old_copy.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{victim}'s removed copy outlived its return by 60 s\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for n in &now {
+        assert!(cl.copy_data(index_of(n), &id).exists(), "{n} lost its copy");
+    }
+    let (again, in_sync, msg) = copies(&mut cl, &id).await;
+    assert_eq!(again, now, "{msg}");
+    assert!(in_sync, "{msg}");
     cl.delete(&id).await.unwrap();
 }

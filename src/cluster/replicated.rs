@@ -203,6 +203,8 @@ struct Found {
     newest: Option<VoterState>,
     /// Nodes that hold a member of it.
     holders: Vec<String>,
+    /// The ballot each holder accepted its record at.
+    accepted: Vec<(String, Ballot)>,
     /// Fresh nodes that answered that they hold nothing.
     without: Vec<String>,
     /// Fresh nodes that did not answer, and why.
@@ -260,6 +262,7 @@ impl Replicated {
         let mut found = Found {
             newest: None,
             holders: Vec::new(),
+            accepted: Vec::new(),
             without: Vec::new(),
             unreached: Vec::new(),
         };
@@ -287,6 +290,7 @@ impl Replicated {
             let state: VoterState = serde_json::from_str(&r.state)
                 .map_err(|e| Status::internal(format!("node {}: {e}", n.id)))?;
             found.holders.push(n.id.clone());
+            found.accepted.push((n.id.clone(), state.accepted.clone()));
             if found.newest.as_ref().is_none_or(|s| {
                 (&state.accepted, state.record.version) > (&s.accepted, s.record.version)
             }) {
@@ -946,7 +950,10 @@ impl Replicated {
     /// controller started counts once the controller has been up that
     /// long) by members on other nodes: new copies are rebuilt in full.
     /// Returns whether it changed the members. A volume whose in-sync
-    /// copies are all lost is left alone (nothing to rebuild from).
+    /// copies are all lost is left alone (nothing to rebuild from). First,
+    /// members removed while their node was away (by ModifyVolume, or
+    /// replaced here) are deleted from it once it is back (see
+    /// [`removed_members`]).
     pub async fn replace_lost(&self, uuid: Uuid, after: Duration) -> Result<bool, Status> {
         let now = Instant::now();
         let unknown_lost = now.duration_since(self.started) >= after;
@@ -958,6 +965,17 @@ impl Replicated {
         let Some(state) = found.newest else {
             return Ok(false);
         };
+        // Members removed while their node was away, now back.
+        for n in removed_members(&state, &found.accepted) {
+            match self.delete_on(&n, uuid).await {
+                Ok(()) => {
+                    tracing::info!(volume = %volume_id(uuid), node = %n, "removed member deleted from its node")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %volume_id(uuid), node = %n, error = %e.message(), "removed member not deleted yet")
+                }
+            }
+        }
         let r = &state.record;
         let gone: std::collections::BTreeSet<String> = r
             .voters()
@@ -1151,6 +1169,109 @@ impl Replicated {
 
 /// JSON of what goes into publish_context.
 #[allow(clippy::result_large_err)]
+/// The holders of a volume's members (with the ballot each accepted its
+/// record at) that `newest` removed: `newest` is settled (no membership
+/// change in flight) and a majority of its voters accepted it at its
+/// ballot, so it is chosen and no later record can bring them back
+/// without creating them anew; the holder is not among its voters, and
+/// accepted a real record (above the zero ballot) older than it, so it was
+/// a member once. A holder at the zero ballot may be a copy a membership
+/// change has just created and not proposed yet: never removed here.
+fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<String> {
+    let record = &newest.record;
+    if record.previous.is_some() || newest.accepted == Ballot::zero() {
+        return Vec::new();
+    }
+    let at_newest = accepted
+        .iter()
+        .filter(|(n, b)| *b == newest.accepted && record.voters().any(|v| v == n))
+        .count();
+    if !record.quorum().reached(at_newest) {
+        return Vec::new();
+    }
+    accepted
+        .iter()
+        .filter(|(n, b)| {
+            !record.voters().any(|v| v == n) && *b != Ballot::zero() && *b < newest.accepted
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
     serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ballot(round: u64) -> Ballot {
+        Ballot {
+            round,
+            proposer: "controller/x".to_owned(),
+        }
+    }
+
+    /// A settled record of `members` accepted at round `round`.
+    fn state(members: &[&str], round: u64) -> VoterState {
+        let members = members.iter().map(|n| Member::copy(n)).collect();
+        let record =
+            ReplicaRecord::new(Uuid::new_random(), 1 << 20, members, &BTreeMap::new()).unwrap();
+        VoterState {
+            promised: ballot(round),
+            accepted: ballot(round),
+            record,
+            boot: 1,
+        }
+    }
+
+    fn held(h: &[(&str, Ballot)]) -> Vec<(String, Ballot)> {
+        h.iter()
+            .map(|(n, b)| ((*n).to_owned(), b.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_member_removed_by_a_chosen_record_is_named() {
+        let newest = state(&["a", "b", "d"], 5);
+        let h = held(&[
+            ("a", ballot(5)),
+            ("b", ballot(5)),
+            ("c", ballot(3)),
+            ("d", ballot(5)),
+        ]);
+        assert_eq!(removed_members(&newest, &h), vec!["c".to_owned()]);
+        // A majority of the voters is enough to know it chosen.
+        let h = held(&[("a", ballot(5)), ("b", ballot(5)), ("c", ballot(3))]);
+        assert_eq!(removed_members(&newest, &h), vec!["c".to_owned()]);
+    }
+
+    #[test]
+    fn nothing_is_removed_on_uncertain_ground() {
+        let newest = state(&["a", "b", "d"], 5);
+        // Only one voter seen at the newest ballot: maybe not chosen.
+        let h = held(&[("a", ballot(5)), ("b", ballot(4)), ("c", ballot(3))]);
+        assert!(removed_members(&newest, &h).is_empty());
+        // A copy just created for a change (zero ballot) stays.
+        let h = held(&[("a", ballot(5)), ("b", ballot(5)), ("e", Ballot::zero())]);
+        assert!(removed_members(&newest, &h).is_empty());
+        // A membership change in flight: the previous members may still
+        // be needed.
+        let mut mid = newest.clone();
+        mid.record.previous = Some(vec![Member::copy("a"), Member::copy("c")]);
+        let h = held(&[("a", ballot(5)), ("b", ballot(5)), ("c", ballot(3))]);
+        assert!(removed_members(&mid, &h).is_empty());
+        // A voter of the newest record behind it is not removed.
+        let h = held(&[("a", ballot(5)), ("b", ballot(5)), ("d", ballot(2))]);
+        assert!(removed_members(&newest, &h).is_empty());
+        // Nothing chosen above the zero ballot yet.
+        let fresh = state(&["a", "b"], 0);
+        let fresh = VoterState {
+            accepted: Ballot::zero(),
+            ..fresh
+        };
+        let h = held(&[("a", Ballot::zero()), ("b", Ballot::zero())]);
+        assert!(removed_members(&fresh, &h).is_empty());
+    }
 }

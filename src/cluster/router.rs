@@ -114,9 +114,10 @@ impl Router {
 
     /// One round of replacing lost members (`--replica-replace-after`):
     /// every replicated volume whose members include a node not heard from
-    /// for `after` gets a member elsewhere instead. A volume with an
-    /// operation in progress is skipped until the next round; errors are
-    /// logged and retried then.
+    /// for `after` gets a member elsewhere instead; and members removed
+    /// while their node was away are deleted from it once it is back. A
+    /// volume with an operation in progress is skipped until the next
+    /// round; errors are logged and retried then.
     pub async fn replace_lost_members(&self, after: std::time::Duration) {
         let volumes = match self.replicated.list().await {
             Ok(v) => v,
@@ -131,7 +132,7 @@ impl Router {
                 continue;
             };
             if let Err(e) = self.replicated.replace_lost(uuid, after).await {
-                tracing::warn!(volume = %raw, error = %e.message(), "lost members not replaced yet");
+                tracing::warn!(volume = %raw, error = %e.message(), "lost or removed members not dealt with yet");
             }
         }
     }
