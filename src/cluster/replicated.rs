@@ -1176,7 +1176,9 @@ impl Replicated {
 /// without creating them anew; the holder is not among its voters, and
 /// accepted a real record (above the zero ballot) older than it, so it was
 /// a member once. A holder at the zero ballot may be a copy a membership
-/// change has just created and not proposed yet: never removed here.
+/// change has just created and not proposed yet: never removed here. Nor
+/// is the owner's (its engine may still have the copy open): that one goes
+/// once the volume is unpublished from there.
 fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<String> {
     let record = &newest.record;
     if record.previous.is_some() || newest.accepted == Ballot::zero() {
@@ -1192,7 +1194,10 @@ fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<St
     accepted
         .iter()
         .filter(|(n, b)| {
-            !record.voters().any(|v| v == n) && *b != Ballot::zero() && *b < newest.accepted
+            !record.voters().any(|v| v == n)
+                && record.owner.as_ref().is_none_or(|o| o.node != *n)
+                && *b != Ballot::zero()
+                && *b < newest.accepted
         })
         .map(|(n, _)| n.clone())
         .collect()
@@ -1265,6 +1270,14 @@ mod tests {
         // A voter of the newest record behind it is not removed.
         let h = held(&[("a", ballot(5)), ("b", ballot(5)), ("d", ballot(2))]);
         assert!(removed_members(&newest, &h).is_empty());
+        // The owner's engine may still use its removed copy.
+        let mut owned = newest.clone();
+        owned.record.owner = Some(crate::backend::replicated::record::Owner {
+            node: "c".to_owned(),
+            readonly: false,
+        });
+        let h = held(&[("a", ballot(5)), ("b", ballot(5)), ("c", ballot(3))]);
+        assert!(removed_members(&owned, &h).is_empty());
         // Nothing chosen above the zero ballot yet.
         let fresh = state(&["a", "b"], 0);
         let fresh = VoterState {
