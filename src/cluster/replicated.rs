@@ -1167,8 +1167,6 @@ impl Replicated {
     }
 }
 
-/// JSON of what goes into publish_context.
-#[allow(clippy::result_large_err)]
 /// The holders of a volume's members (with the ballot each accepted its
 /// record at) that `newest` removed: `newest` is settled (no membership
 /// change in flight) and a majority of its voters accepted it at its
@@ -1203,6 +1201,8 @@ fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<St
         .collect()
 }
 
+/// JSON of what goes into publish_context.
+#[allow(clippy::result_large_err)]
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
     serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))
 }
