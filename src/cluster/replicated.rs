@@ -201,10 +201,9 @@ pub async fn drive(
 struct Found {
     /// The record accepted at the highest ballot, and that ballot.
     newest: Option<VoterState>,
-    /// Nodes that hold a member of it.
-    holders: Vec<String>,
-    /// The ballot each holder accepted its record at.
-    accepted: Vec<(String, Ballot)>,
+    /// Nodes that hold a member of it, with the ballot each accepted its
+    /// record at.
+    holders: Vec<(String, Ballot)>,
     /// Fresh nodes that answered that they hold nothing.
     without: Vec<String>,
     /// Fresh nodes that did not answer, and why.
@@ -262,7 +261,6 @@ impl Replicated {
         let mut found = Found {
             newest: None,
             holders: Vec::new(),
-            accepted: Vec::new(),
             without: Vec::new(),
             unreached: Vec::new(),
         };
@@ -289,8 +287,7 @@ impl Replicated {
             }
             let state: VoterState = serde_json::from_str(&r.state)
                 .map_err(|e| Status::internal(format!("node {}: {e}", n.id)))?;
-            found.holders.push(n.id.clone());
-            found.accepted.push((n.id.clone(), state.accepted.clone()));
+            found.holders.push((n.id.clone(), state.accepted.clone()));
             if found.newest.as_ref().is_none_or(|s| {
                 (&state.accepted, state.record.version) > (&s.accepted, s.record.version)
             }) {
@@ -453,7 +450,7 @@ impl Replicated {
             // record (only while nothing has changed it).
             if rec.version == 0 {
                 for m in &rec.members {
-                    if !found.holders.contains(&m.node) {
+                    if !found.holders.iter().any(|(h, _)| *h == m.node) {
                         match &source {
                             Some(src) => self.create_from_on(&m.node, rec, src).await?,
                             None => self.create_on(&m.node, rec).await?,
@@ -542,7 +539,7 @@ impl Replicated {
             )));
         }
         let mut nodes: Vec<String> = state.record.voters().map(str::to_owned).collect();
-        for h in found.holders {
+        for (h, _) in found.holders {
             if !nodes.contains(&h) {
                 nodes.push(h);
             }
@@ -966,7 +963,7 @@ impl Replicated {
             return Ok(false);
         };
         // Members removed while their node was away, now back.
-        for n in removed_members(&state, &found.accepted) {
+        for n in removed_members(&state, &found.holders) {
             match self.delete_on(&n, uuid).await {
                 Ok(()) => {
                     tracing::info!(volume = %volume_id(uuid), node = %n, "removed member deleted from its node")
