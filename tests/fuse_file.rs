@@ -418,6 +418,43 @@ fn failing_handler_gives_eio_to_the_writer() {
     );
 }
 
+/// `blkid` says "no filesystem" about a device it cannot read, so NodeStage
+/// must not take that for an empty device and format it:
+/// `filesystem::check_readable` tells the two apart. An ext4 device whose
+/// reads fail is unreadable there (EIO), readable again once they work.
+#[test]
+fn a_device_that_fails_reads_is_not_taken_for_an_empty_one() {
+    use stowage::os::filesystem;
+    let scratch = Scratch::new("fuse-unreadable");
+    let size = 64 * MIB;
+    let backing = scratch.root.join("volume.img");
+    let flaky = Arc::new(Flaky {
+        inner: LocalFile::create(&backing, size).unwrap(),
+        fail: AtomicBool::new(false),
+    });
+    let dev = attach(&scratch, size, flaky.clone());
+    let path = dev.device().path();
+    filesystem::check_readable(&path).expect("an empty device reads");
+    filesystem::make(&path, "ext4").unwrap();
+    assert_eq!(filesystem::probe(&path).unwrap().as_deref(), Some("ext4"));
+
+    flaky.fail.store(true, Ordering::SeqCst);
+    let p = path.clone();
+    let (probed, readable) = within(HANG, move || {
+        (filesystem::probe(&p), filesystem::check_readable(&p))
+    })
+    .expect("probing a failing device hung");
+    eprintln!("blkid on the failing device: {probed:?}");
+    let err = readable.expect_err("a device failing every read passed as readable");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
+    flaky.fail.store(false, Ordering::SeqCst);
+    filesystem::check_readable(&path).unwrap();
+    assert_eq!(filesystem::probe(&path).unwrap().as_deref(), Some("ext4"));
+    dev.close().expect("close");
+    assert_clean(&scratch);
+}
+
 /// The serving side dies while the loop device is attached (the
 /// connection is cut as when the process is killed): I/O on the device
 /// fails promptly instead of hanging, and the guard still detaches and

@@ -71,8 +71,56 @@ pub fn probe(device: &Path) -> Result<Option<String>, CommandError> {
     }
 }
 
+/// Bytes read at each end of a device by [`check_readable`]: where
+/// filesystem superblocks (the first 64 KiB and more) and RAID or LVM
+/// labels (the last MiB) live, what `blkid -p` probes.
+const READABLE_BYTES: u64 = 1 << 20;
+
+/// Reads the first and the last MiB of `device` with `O_DIRECT` (from the
+/// device, not the page cache). `blkid -p` reports a device it cannot read
+/// as holding no filesystem, so before making one where [`probe`] found
+/// none the caller checks here that the device answered: an I/O error
+/// taken for an empty device would be formatted over.
+pub fn check_readable(device: &Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    const ALIGN: usize = 4096;
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags | libc::O_CLOEXEC)
+            .open(device)
+    };
+    let (mut f, direct) = match open(libc::O_DIRECT) {
+        Ok(f) => (f, true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
+        Err(e) => return Err(e),
+    };
+    let size = f.seek(SeekFrom::End(0))?;
+    let len = READABLE_BYTES.min(size - size % ALIGN as u64) as usize;
+    if len == 0 {
+        return Ok(());
+    }
+    let mut raw = vec![0u8; len + ALIGN];
+    let skip = raw.as_ptr().align_offset(ALIGN);
+    let buf = &mut raw[skip..skip + len];
+    let tail = (size - len as u64) / ALIGN as u64 * ALIGN as u64;
+    for at in [0, tail] {
+        let r = f.read_exact_at(buf, at);
+        match r {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                // A logical block larger than ALIGN: through the cache.
+                open(0)?.read_exact_at(buf, at)?
+            }
+            r => r?,
+        }
+    }
+    Ok(())
+}
+
 /// Makes a filesystem of `fs_type` (ext4, xfs, btrfs) on `device`. The
-/// caller must have checked with [`probe`] that the device is empty: this
+/// caller must have checked with [`probe`] that the device is empty (and
+/// with [`check_readable`] that it could tell): this
 /// forces, because loop devices look like whole disks to mkfs. Discard is
 /// skipped because a fresh sparse image has nothing to discard. Block and
 /// sector sizes are 4 KiB whatever the device says: a loop device over a

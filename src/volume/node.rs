@@ -1372,6 +1372,14 @@ impl Node {
                         let mut grow_after_mount = grow_fs;
                         match filesystem::probe(&device.path())? {
                             None => {
+                                // blkid finds nothing on a device it cannot
+                                // read: never format what may hold data.
+                                filesystem::check_readable(&device.path()).map_err(|e| {
+                                    Error::Unavailable(format!(
+                                        "volume {id}: its device {} cannot be read ({e}), so whether it holds a filesystem is unknown; not formatting it",
+                                        device.path().display()
+                                    ))
+                                })?;
                                 tracing::info!(volume = %id, fs = fs.as_str(), "making filesystem on first stage");
                                 filesystem::make(&device.path(), fs.as_str())?;
                             }
