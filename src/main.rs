@@ -111,6 +111,15 @@ struct ServeArgs {
     /// Node: the address the controller dials (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
+    /// Node: where the replication data link listens, host:port (default:
+    /// the host of --listen, any free port); engines on other nodes send
+    /// replicated volumes' data there, mutual TLS.
+    #[arg(long, value_name = "HOST:PORT")]
+    data_listen: Option<String>,
+    /// Node: the data link address engines dial (default: the host of
+    /// --advertise, the data link's port).
+    #[arg(long, value_name = "HOST:PORT")]
+    data_advertise: Option<String>,
     /// Node: the controller's registration address, https://host:port.
     #[arg(long)]
     controller: Option<String>,
@@ -162,8 +171,16 @@ fn cluster_config(
             "--listen, --advertise, --controller, --tls-dir and --label are for --mode node or controller"
                 .to_owned(),
         ),
-        ModeArg::All if args.replication_tls == OnOff::Off || args.fuse_workers.is_some() => {
-            Err("--replication-tls and --fuse-workers are --mode node flags".to_owned())
+        ModeArg::All
+            if args.replication_tls == OnOff::Off
+                || args.fuse_workers.is_some()
+                || args.data_listen.is_some()
+                || args.data_advertise.is_some() =>
+        {
+            Err(
+                "--replication-tls, --fuse-workers, --data-listen and --data-advertise are --mode node flags"
+                    .to_owned(),
+            )
         }
         ModeArg::All => Ok(None),
         ModeArg::Controller => {
@@ -172,9 +189,11 @@ fn cluster_config(
                 || !args.labels.is_empty()
                 || args.replication_tls == OnOff::Off
                 || args.fuse_workers.is_some()
+                || args.data_listen.is_some()
+                || args.data_advertise.is_some()
             {
                 return Err(
-                    "--advertise, --controller, --label, --replication-tls and --fuse-workers are node flags"
+                    "--advertise, --controller, --label, --replication-tls, --fuse-workers, --data-listen and --data-advertise are node flags"
                         .to_owned(),
                 );
             }
@@ -205,6 +224,32 @@ fn cluster_config(
                 }
                 None => listen.clone(),
             };
+            let host = |hp: &str| hp.rsplit_once(':').map_or(hp, |(h, _)| h).to_owned();
+            let port_of = |flag: &str, hp: &str| {
+                hp.rsplit_once(':')
+                    .and_then(|(h, p)| p.parse::<u16>().ok().filter(|_| !h.is_empty()))
+                    .ok_or_else(|| format!("{flag} {hp:?}: expected host:port"))
+            };
+            let data_listen = match &args.data_listen {
+                Some(d) => {
+                    port_of("--data-listen", d)?;
+                    d.clone()
+                }
+                None => format!("{}:0", host(&listen)),
+            };
+            if let Some(d) = &args.data_advertise
+                && port_of("--data-advertise", d)? == 0
+            {
+                return Err(format!("--data-advertise {d:?}: give the port engines dial"));
+            }
+            if args.data_advertise.is_none()
+                && (data_listen.starts_with("0.0.0.0:") || data_listen.starts_with("[::]:"))
+                && args.advertise.is_none()
+            {
+                return Err(format!(
+                    "--data-listen {data_listen} is a wildcard address: give --data-advertise host:port"
+                ));
+            }
             let mut labels = std::collections::BTreeMap::new();
             for l in &args.labels {
                 let (k, v) = l
@@ -235,6 +280,8 @@ fn cluster_config(
                     cordon_lock: Default::default(),
                     replication_tls: args.replication_tls == OnOff::On,
                     fuse_workers,
+                    data_listen,
+                    data_advertise: args.data_advertise.clone(),
                 }),
                 replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
             }))
@@ -437,6 +484,8 @@ mod tests {
             ["--label", "zone=a"],
             ["--advertise", "10.0.0.1:7443"],
             ["--fuse-workers", "4"],
+            ["--data-listen", "127.0.0.1:7445"],
+            ["--data-advertise", "10.0.0.1:7445"],
         ] {
             let e = super::cluster_config(&serve_args(&[&base[..], &extra[..]].concat()), dir)
                 .unwrap_err();
@@ -472,5 +521,49 @@ mod tests {
         }
         let e = super::cluster_config(&serve_args(&["--fuse-workers", "4"]), dir).unwrap_err();
         assert!(e.contains("--fuse-workers"), "{e}");
+    }
+
+    #[test]
+    fn the_data_link_listens_beside_the_agent_unless_told() {
+        let base = [
+            "--mode",
+            "node",
+            "--listen",
+            "127.0.0.1:7443",
+            "--controller",
+            "https://127.0.0.1:7444",
+            "--tls-dir",
+            "/x",
+        ];
+        let dir = std::path::Path::new("/state");
+        let data = |extra: &[&str]| {
+            super::cluster_config(&serve_args(&[&base[..], extra].concat()), dir).map(|c| {
+                let a = c.and_then(|c| c.agent).unwrap();
+                (a.data_listen, a.data_advertise)
+            })
+        };
+        assert_eq!(data(&[]), Ok(("127.0.0.1:0".to_owned(), None)));
+        assert_eq!(
+            data(&[
+                "--data-listen",
+                "0.0.0.0:7445",
+                "--data-advertise",
+                "10.0.0.1:7445"
+            ]),
+            Ok(("0.0.0.0:7445".to_owned(), Some("10.0.0.1:7445".to_owned())))
+        );
+        for (bad, flag) in [
+            (&["--data-listen", "7445"][..], "--data-listen"),
+            (&["--data-listen", "h:x"][..], "--data-listen"),
+            (&["--data-advertise", "10.0.0.1:0"][..], "--data-advertise"),
+            // A wildcard with nothing to tell engines.
+            (&["--data-listen", "0.0.0.0:7445"][..], "--data-advertise"),
+        ] {
+            let e = data(bad).unwrap_err();
+            assert!(e.contains(flag), "{bad:?}: {e}");
+        }
+        let e =
+            super::cluster_config(&serve_args(&["--data-listen", "127.0.0.1:1"]), dir).unwrap_err();
+        assert!(e.contains("--data-listen"), "{e}");
     }
 }

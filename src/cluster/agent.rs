@@ -39,13 +39,18 @@ pub struct AgentConfig {
     /// that read the old state cannot land after the controller recorded
     /// the change the node confirmed.
     pub cordon_lock: Arc<tokio::sync::Mutex<()>>,
-    /// False with `--replication-tls=off` (benchmarks only): copies also
-    /// take data requests in plaintext on a second port (see
-    /// [`super::replica`]).
+    /// False with `--replication-tls=off` (benchmarks only): the data link
+    /// takes data requests in plaintext (see [`super::replica`]).
     pub replication_tls: bool,
     /// FUSE worker threads per replicated volume staged here
     /// (`--fuse-workers`).
     pub fuse_workers: usize,
+    /// Where the replication data link listens (host:port, port 0 for any
+    /// free one; `--data-listen`).
+    pub data_listen: String,
+    /// The data link address engines dial (`--data-advertise`; default:
+    /// the host of `advertise`, the port bound).
+    pub data_advertise: Option<String>,
 }
 
 /// Only the controller (holding the cluster certificate) drives a node's
@@ -159,14 +164,17 @@ pub async fn serve_agent(
         Arc::clone(&store),
         driver.node.as_ref().map(|n| Arc::clone(n.replicated())),
     );
-    let (plain_tx, plain_rx) = tokio::sync::watch::channel(false);
-    let plain = if cfg.replication_tls {
-        None
+    let (link_tx, link_rx) = tokio::sync::watch::channel(false);
+    let link_tls = if cfg.replication_tls {
+        Some(
+            tls.link_server_config()
+                .map_err(|e| crate::server::StartError::Config(e.to_string()))?,
+        )
     } else {
-        let (addr, task) = serve_plain_replication(cfg, store, plain_rx).await?;
-        replica = replica.with_plain_address(addr);
-        Some(task)
+        None
     };
+    let (link, link_task) = serve_link(cfg, store, link_tls, link_rx).await?;
+    replica = replica.with_link(link);
     let served = replica_windows(tonic::transport::Server::builder())
         .tls_config(tls.server_config())?
         .add_service(csi::controller_server::ControllerServer::with_interceptor(
@@ -200,10 +208,8 @@ pub async fn serve_agent(
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
-    let _ = plain_tx.send(true);
-    if let Some(t) = plain {
-        let _ = t.await;
-    }
+    let _ = link_tx.send(true);
+    let _ = link_task.await;
     served?;
     Ok(())
 }
@@ -216,17 +222,19 @@ fn replica_windows(b: tonic::transport::Server) -> tonic::transport::Server {
         .max_frame_size(super::replica::MAX_FRAME)
 }
 
-/// Replication TLS off: serves the plaintext data port (only `Call` with
-/// data requests, see [`super::replica`]) on the host of `--listen`, an
-/// ephemeral port, until `stop` turns true. Returns the address engines
-/// dial (the host of `--advertise`) and the serving task.
-async fn serve_plain_replication(
+/// Serves the data link ([`super::link`]) on `--data-listen` until `stop`
+/// turns true: mutual TLS with `tls`, plaintext without (replication TLS
+/// off). Returns the address engines dial (`tls://` or `tcp://`;
+/// `--data-advertise`, or the host of `--advertise` and the port bound)
+/// and the serving task.
+async fn serve_link(
     cfg: &AgentConfig,
     store: Arc<crate::backend::replicated::store::ReplicaStore>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(String, tokio::task::JoinHandle<()>), crate::server::StartError> {
     let host = |hp: &str| hp.rsplit_once(':').map_or(hp, |(h, _)| h).to_owned();
-    let bind = format!("{}:0", host(&cfg.listen));
+    let bind = cfg.data_listen.clone();
     let listener = tokio::net::TcpListener::bind(&bind).await.map_err(|err| {
         crate::server::StartError::Tcp {
             addr: bind.clone(),
@@ -237,25 +245,18 @@ async fn serve_plain_replication(
         .local_addr()
         .map_err(|err| crate::server::StartError::Tcp { addr: bind, err })?
         .port();
-    let addr = format!("{}:{port}", host(&cfg.advertise));
-    tracing::warn!(address = %addr,
-        "--replication-tls=off: copies take data requests UNENCRYPTED and UNAUTHENTICATED here (benchmarks only)");
-    let router = replica_windows(tonic::transport::Server::builder()).add_service(
-        super::proto::replica_server::ReplicaServer::new(
-            super::replica::ReplicaService::plaintext(store),
-        )
-        .max_decoding_message_size(8 << 20)
-        .max_encoding_message_size(8 << 20),
-    );
-    let incoming = crate::server::tcp_incoming(listener);
-    let task = tokio::spawn(async move {
-        let stopped = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
-            tracing::error!(error = %e, "plaintext replication port failed");
-        }
-    });
+    let scheme = if tls.is_some() { "tls" } else { "tcp" };
+    let addr = match &cfg.data_advertise {
+        Some(a) => format!("{scheme}://{a}"),
+        None => format!("{scheme}://{}:{port}", host(&cfg.advertise)),
+    };
+    if tls.is_some() {
+        tracing::info!(address = %addr, "replication data link listening (mutual TLS)");
+    } else {
+        tracing::warn!(address = %addr,
+            "--replication-tls=off: copies take data requests UNENCRYPTED and UNAUTHENTICATED here (benchmarks only)");
+    }
+    let task = tokio::spawn(super::link::serve(listener, tls, store, stop));
     Ok((addr, task))
 }
 

@@ -5,6 +5,7 @@
 //! mutual TLS under one cluster CA.
 
 pub mod agent;
+pub mod link;
 pub mod names;
 pub mod registry;
 pub mod replica;

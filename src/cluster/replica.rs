@@ -2,18 +2,17 @@
 //! records of replicated volumes, [`ReplicaStore`]) and [`GrpcPeer`], the
 //! transport engines and the controller reach voters with: mutual TLS to
 //! other nodes' agents, a direct call into the store for the caller's own
-//! node.
+//! node, and the data link ([`super::link`]) for data requests to nodes
+//! that offer one.
 //!
-//! Replication TLS off (`--replication-tls=off`, for benchmarks only): the
-//! agent also serves [`ReplicaService::plaintext`] on a second port with
-//! no TLS, which takes only the data requests (`Write`, `Rebuild`, `Read`,
-//! `Flush`) and nothing else of the `Replica` service (no certificate: the
-//! other methods refuse). An agent with the flag tells engines that port in
-//! its answer to an `Attach` (over mutual TLS); an engine whose node has the
-//! flag too then sends that copy's data requests in plaintext. Record
-//! changes, attaches and everything the controller sends stay on mutual
-//! TLS, so fencing, epochs and membership are unchanged; the epoch each
-//! data request carries is still checked by the copy.
+//! Every agent serves a data link beside its gRPC port and tells engines
+//! its address in its answer to an `Attach` (over mutual TLS). With
+//! replication TLS off (`--replication-tls=off`, for benchmarks only) that
+//! link is plaintext and unauthenticated, and an engine uses it only when
+//! its own node has the flag too. Record changes, attaches and everything
+//! the controller sends stay on the gRPC port, so fencing, epochs and
+//! membership are unchanged; the epoch each data request carries is still
+//! checked by the copy.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -23,6 +22,7 @@ use crate::volume::id::Uuid;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
+use super::link::LinkClient;
 use super::proto::replica_client::ReplicaClient;
 use super::proto::replica_server::Replica;
 use super::proto::{
@@ -38,7 +38,7 @@ use crate::backend::replicated::record::ReplicaRecord;
 use crate::backend::replicated::store::{Base, ReplicaStore, SnapshotInfo, StoreError};
 use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError, one_by_one};
 
-fn status_of(e: StoreError) -> Status {
+pub(crate) fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(_) => Status::not_found(e.to_string()),
         StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
@@ -69,11 +69,9 @@ fn snapshot_message(i: &SnapshotInfo) -> ReplicaSnapshot {
 pub struct ReplicaService {
     store: Arc<ReplicaStore>,
     engines: Option<Arc<crate::backend::replicated::engines::Engines>>,
-    /// Serving the plaintext data port (replication TLS off).
-    plaintext: bool,
-    /// host:port of this node's plaintext data port, told to engines that
-    /// attach (replication TLS off).
-    plain_address: Option<String>,
+    /// This node's data link (`tls://host:port`, or `tcp://host:port` with
+    /// replication TLS off), told to engines that attach.
+    link: Option<String>,
 }
 
 impl ReplicaService {
@@ -85,27 +83,16 @@ impl ReplicaService {
         ReplicaService {
             store,
             engines,
-            plaintext: false,
-            plain_address: None,
+            link: None,
         }
     }
 
-    /// Tells engines that attach over mutual TLS that this node takes data
-    /// requests in plaintext at `addr` (replication TLS off).
-    pub fn with_plain_address(mut self, addr: String) -> Self {
-        self.plain_address = Some(addr);
+    /// Tells engines that attach where this node's data link listens
+    /// (see [`super::link`]): `tls://host:port`, or `tcp://host:port` with
+    /// replication TLS off.
+    pub fn with_link(mut self, link: String) -> Self {
+        self.link = Some(link);
         self
-    }
-
-    /// The service of the plaintext data port: `Call` with data requests
-    /// only; every other method refuses (no client certificate).
-    pub fn plaintext(store: Arc<ReplicaStore>) -> Self {
-        ReplicaService {
-            store,
-            engines: None,
-            plaintext: true,
-            plain_address: None,
-        }
     }
 
     /// [`Self::allowed`] for a call, without leaving the async task when the
@@ -130,28 +117,45 @@ impl ReplicaService {
             .map_err(status_of)
     }
 
-    /// A node certificate may act on a volume only when the record this
-    /// node holds names it (a member or the owner).
+    /// [`authorize`], on the blocking pool (it may open the copy).
     async fn allowed<T>(&self, req: &Request<T>, volume: Uuid) -> Result<(), Status> {
-        match peer_identity(req) {
-            Some(PeerIdentity::Cluster) => Ok(()),
-            Some(PeerIdentity::Node(n)) => {
-                let held = self.blocking(move |s| s.get(volume)).await?;
-                let named = held.is_some_and(|h| {
-                    let r = &h.state.record;
-                    r.members.iter().any(|m| m.node == n)
-                        || r.owner.as_ref().is_some_and(|o| o.node == n)
-                });
-                if named {
-                    Ok(())
-                } else {
-                    Err(Status::permission_denied(format!(
-                        "the certificate of node {n} may not act on replicated volume {volume}"
-                    )))
-                }
+        let who = peer_identity(req);
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || authorize(&store, who.as_ref(), volume))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+    }
+}
+
+/// Whether `who` may act on `volume`'s copy here: the cluster certificate
+/// may; a node certificate only when the record this node holds names that
+/// node (a member or the owner). Blocks when the copy is not open yet.
+#[allow(clippy::result_large_err)]
+pub(crate) fn authorize(
+    store: &ReplicaStore,
+    who: Option<&PeerIdentity>,
+    volume: Uuid,
+) -> Result<(), Status> {
+    match who {
+        Some(PeerIdentity::Cluster) => Ok(()),
+        Some(PeerIdentity::Node(n)) => {
+            if store.names(volume, n) == Some(true) {
+                return Ok(());
             }
-            None => Err(Status::unauthenticated("no client certificate")),
+            let named = store.get(volume).map_err(status_of)?.is_some_and(|h| {
+                let r = &h.state.record;
+                r.members.iter().any(|m| &m.node == n)
+                    || r.owner.as_ref().is_some_and(|o| &o.node == n)
+            });
+            if named {
+                Ok(())
+            } else {
+                Err(Status::permission_denied(format!(
+                    "the certificate of node {n} may not act on replicated volume {volume}"
+                )))
+            }
         }
+        None => Err(Status::unauthenticated("no client certificate")),
     }
 }
 
@@ -318,9 +322,7 @@ impl Replica for ReplicaService {
         req: Request<ReplicaBatch>,
     ) -> Result<Response<ReplicaResults>, Status> {
         let volume = volume_of(&req.get_ref().volume)?;
-        if !self.plaintext {
-            self.may_call(&req, volume).await?;
-        }
+        self.may_call(&req, volume).await?;
         let mut calls = Vec::with_capacity(req.get_ref().calls.len());
         for c in req.into_inner().calls {
             let call = call_of(c)?;
@@ -363,15 +365,8 @@ impl Replica for ReplicaService {
 
     async fn call(&self, req: Request<ReplicaCall>) -> Result<Response<ReplicaAnswer>, Status> {
         let volume = volume_of(&req.get_ref().volume)?;
-        if !self.plaintext {
-            self.may_call(&req, volume).await?;
-        }
+        self.may_call(&req, volume).await?;
         let call = call_of(req.into_inner())?;
-        if self.plaintext && !call.request.is_data() {
-            return Err(Status::permission_denied(
-                "the plaintext replication port takes data requests only",
-            ));
-        }
         let attach = matches!(call.request, ProtoRequest::Attach { .. });
         let answer = if is_small(&call) {
             // A few µs of O_DIRECT I/O: not worth two thread hand-offs.
@@ -379,11 +374,11 @@ impl Replica for ReplicaService {
         } else {
             self.blocking(move |s| s.call(volume, call)).await?
         };
-        let plain_address = match (&self.plain_address, attach) {
+        let link = match (&self.link, attach) {
             (Some(a), true) => a.clone(),
             _ => String::new(),
         };
-        Ok(Response::new(answer_message(answer, plain_address)?))
+        Ok(Response::new(answer_message(answer, link)?))
     }
 }
 
@@ -415,14 +410,14 @@ fn reply_of(node: &str, a: &ReplicaAnswer) -> Result<Option<Reply>, PeerError> {
 
 /// An [`Answer`] as the agent sends it back (the reply as JSON).
 #[allow(clippy::result_large_err)]
-fn answer_message(answer: Answer, plain_address: String) -> Result<ReplicaAnswer, Status> {
+fn answer_message(answer: Answer, link: String) -> Result<ReplicaAnswer, Status> {
     Ok(ReplicaAnswer {
         reply: match &answer.reply {
             Some(r) => serde_json::to_vec(r).map_err(|e| Status::internal(e.to_string()))?,
             None => Vec::new(),
         },
         data: answer.data,
-        plain_address,
+        link,
     })
 }
 
@@ -478,29 +473,34 @@ impl ReplicaService {
 
 /// Reaches the voters of replicated volumes: the local store directly,
 /// other nodes' agents over mutual TLS (one lazily connected channel per
-/// address), each call bounded by a deadline. With replication TLS off,
-/// data requests to a node that offered its plaintext port (see the module
-/// documentation) go there instead.
+/// address), each call bounded by a deadline. Data requests to a node that
+/// offered its data link in an `Attach` answer go over that link instead
+/// ([`super::link`]); a plaintext link (replication TLS off there) only when
+/// this node runs with replication TLS off too.
 #[derive(Debug)]
 pub struct GrpcPeer {
     local: Option<Arc<ReplicaStore>>,
     addresses: Mutex<BTreeMap<String, String>>,
     channels: Mutex<BTreeMap<String, Channel>>,
-    /// Plaintext channels to nodes' data ports, by node.
-    plain: Mutex<BTreeMap<String, Channel>>,
+    /// Data links to nodes that offered one, by node.
+    links: Mutex<BTreeMap<String, Arc<LinkClient>>>,
     tls: ClientTlsConfig,
+    link_tls: Arc<rustls::ClientConfig>,
     /// This node runs with replication TLS off.
     plaintext: bool,
     deadline: Duration,
 }
 
 impl GrpcPeer {
-    /// `addresses` maps node ids to their agent's host:port; `plaintext`
-    /// only when this node runs with replication TLS off (benchmarks).
+    /// `addresses` maps node ids to their agent's host:port; `tls` and
+    /// `link_tls` carry this node's certificate (gRPC, data links);
+    /// `plaintext` only when this node runs with replication TLS off
+    /// (benchmarks).
     pub fn new(
         local: Option<Arc<ReplicaStore>>,
         addresses: BTreeMap<String, String>,
         tls: ClientTlsConfig,
+        link_tls: Arc<rustls::ClientConfig>,
         plaintext: bool,
         deadline: Duration,
     ) -> Self {
@@ -508,8 +508,9 @@ impl GrpcPeer {
             local,
             addresses: Mutex::new(addresses),
             channels: Mutex::new(BTreeMap::new()),
-            plain: Mutex::new(BTreeMap::new()),
+            links: Mutex::new(BTreeMap::new()),
             tls,
+            link_tls,
             plaintext,
             deadline,
         }
@@ -524,15 +525,25 @@ impl GrpcPeer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(node);
-            self.forget_plain(node);
+            self.forget_link(node);
         }
     }
 
-    fn forget_plain(&self, node: &str) {
-        self.plain
+    /// Sends `node`'s data requests over gRPC again, until its next
+    /// `Attach` answer offers the link anew.
+    fn forget_link(&self, node: &str) {
+        self.links
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(node);
+    }
+
+    fn link(&self, node: &str) -> Option<Arc<LinkClient>> {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
     }
 
     fn endpoint(&self, endpoint: Endpoint) -> Channel {
@@ -574,55 +585,75 @@ impl GrpcPeer {
                 c
             }
         };
-        Ok(Self::wrap(channel))
-    }
-
-    fn wrap(channel: Channel) -> ReplicaClient<Channel> {
-        ReplicaClient::new(channel)
+        Ok(ReplicaClient::new(channel)
             .max_decoding_message_size(8 << 20)
-            .max_encoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20))
     }
 
-    /// Remembers the plaintext data port a node offered in an `Attach`
-    /// answer, when this node may use it.
-    fn offered(&self, node: &str, addr: &str) {
-        if !self.plaintext || addr.is_empty() {
+    /// Remembers the data link a node offered in an `Attach` answer
+    /// (`tls://host:port`, or `tcp://host:port` taken only when this node
+    /// runs with replication TLS off too).
+    fn offered(&self, node: &str, link: &str) {
+        let (tls, addr) = if let Some(a) = link.strip_prefix("tls://") {
+            (Some(Arc::clone(&self.link_tls)), a)
+        } else if let Some(a) = link.strip_prefix("tcp://") {
+            if !self.plaintext {
+                return;
+            }
+            (None, a)
+        } else {
+            if !link.is_empty() {
+                tracing::warn!(node, link, "ignoring a data link address of unknown form");
+            }
+            return;
+        };
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links
+            .get(node)
+            .is_some_and(|l| l.addr() == addr && l.tls() == tls.is_some())
+        {
             return;
         }
-        let mut plain = self.plain.lock().unwrap_or_else(|e| e.into_inner());
-        if plain.contains_key(node) {
-            return;
+        if tls.is_none() {
+            tracing::info!(
+                node,
+                address = addr,
+                "replication data to this node in plaintext"
+            );
         }
-        match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => {
-                tracing::info!(
-                    node,
-                    address = addr,
-                    "replication data to this node in plaintext"
-                );
-                plain.insert(node.to_owned(), self.endpoint(e));
-            }
-            Err(e) => {
-                tracing::warn!(node, address = addr, error = %e, "bad plaintext replication address")
+        links.insert(
+            node.to_owned(),
+            Arc::new(LinkClient::new(node, addr, tls, self.deadline)),
+        );
+    }
+
+    /// Data calls to `node` over its link: `None` when it offered none.
+    /// A link that failed is forgotten (gRPC until the next attach).
+    async fn over_link(
+        &self,
+        node: &str,
+        volume: Uuid,
+        calls: &[Call],
+    ) -> Option<Vec<Result<Answer, PeerError>>> {
+        if calls.iter().any(|c| !c.request.is_data()) {
+            return None;
+        }
+        let link = self.link(node)?;
+        let results = link.calls(volume, calls).await;
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(PeerError::Unreachable { .. })))
+        {
+            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            if links.get(node).is_some_and(|l| Arc::ptr_eq(l, &link)) {
+                links.remove(node);
             }
         }
+        Some(results)
     }
 
     fn status_error(node: &str, s: &Status) -> PeerError {
-        use tonic::Code;
-        let why = format!("{:?}: {}", s.code(), s.message());
-        match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                PeerError::Unreachable {
-                    node: node.to_owned(),
-                    why,
-                }
-            }
-            _ => PeerError::Failed {
-                node: node.to_owned(),
-                why,
-            },
-        }
+        super::link::status_error(node, s.code(), s.message().to_owned())
     }
 }
 
@@ -650,20 +681,13 @@ impl Peer for GrpcPeer {
         if self.is_here(node) || calls.iter().any(|c| !c.request.is_data()) {
             return one_by_one(self, node, volume, calls).await;
         }
+        if let Some(results) = self.over_link(node, volume, &calls).await {
+            return results;
+        }
         let fail_all = |e: PeerError| vec![Err(e); n];
-        let plain = self
-            .plain
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(node)
-            .cloned();
-        let over_plain = plain.is_some();
-        let mut client = match plain {
-            Some(c) => Self::wrap(c),
-            None => match self.client(node) {
-                Ok(c) => c,
-                Err(e) => return fail_all(e),
-            },
+        let mut client = match self.client(node) {
+            Ok(c) => c,
+            Err(e) => return fail_all(e),
         };
         let mut msgs = Vec::with_capacity(n);
         for c in calls {
@@ -692,12 +716,7 @@ impl Peer for GrpcPeer {
             .await
         {
             Ok(r) => r.into_inner().results,
-            Err(s) => {
-                if over_plain {
-                    self.forget_plain(node);
-                }
-                return fail_all(Self::status_error(node, &s));
-            }
+            Err(s) => return fail_all(Self::status_error(node, &s)),
         };
         results
             .into_iter()
@@ -728,20 +747,13 @@ impl Peer for GrpcPeer {
                     why: e.to_string(),
                 });
         }
-        let plain = if call.request.is_data() {
-            self.plain
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(node)
-                .cloned()
-        } else {
-            None
-        };
-        let over_plain = plain.is_some();
-        let mut client = match plain {
-            Some(c) => Self::wrap(c),
-            None => self.client(node)?,
-        };
+        if let Some(results) = self
+            .over_link(node, volume, std::slice::from_ref(&call))
+            .await
+        {
+            return results.into_iter().next().expect("one call, one result");
+        }
+        let mut client = self.client(node)?;
         let request = serde_json::to_vec(&call.request).map_err(|e| PeerError::Failed {
             node: node.to_owned(),
             why: e.to_string(),
@@ -757,18 +769,11 @@ impl Peer for GrpcPeer {
             .await
         {
             Ok(a) => a.into_inner(),
-            Err(s) => {
-                if over_plain {
-                    // The node may have come back with TLS on: its next
-                    // attach tells again.
-                    self.forget_plain(node);
-                }
-                return Err(Self::status_error(node, &s));
-            }
+            Err(s) => return Err(Self::status_error(node, &s)),
         };
         let reply = reply_of(node, &answer)?;
         if matches!(reply, Some(Reply::Attached { .. })) {
-            self.offered(node, &answer.plain_address);
+            self.offered(node, &answer.link);
         }
         Ok(Answer {
             reply,

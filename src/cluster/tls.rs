@@ -17,7 +17,10 @@
 //! so [`TlsMaterial::server_config`] and [`TlsMaterial::client_config`]
 //! first install one (rustls' `ring` provider) that has only TLS 1.3 cipher
 //! suites: a TLS 1.2 hello then finds nothing to agree on. This is
-//! process-wide; nothing else in stowage speaks TLS.
+//! process-wide. The replication data link ([`super::link`]) speaks rustls
+//! itself, with configurations built here from that same provider and TLS
+//! 1.3 only ([`TlsMaterial::link_server_config`],
+//! [`TlsMaterial::link_client_config`]).
 
 use std::fmt;
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
@@ -172,6 +175,9 @@ pub enum TlsError {
          from A-Z a-z 0-9 . _ -, starting with a letter or digit"
     )]
     NodeId { id: String },
+    /// Loaded material rustls refuses for the data link's configuration.
+    #[error("cannot configure TLS for the replication data link: {0}")]
+    Config(String),
     #[error("cannot make {what}: {source}")]
     Generate {
         what: &'static str,
@@ -263,6 +269,66 @@ impl TlsMaterial {
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(SERVER_NAME)
             .timeout(HANDSHAKE_TIMEOUT)
+    }
+
+    /// The rustls server configuration of the data link
+    /// ([`super::link`]): what [`Self::server_config`] asks of peers
+    /// (a certificate under the cluster CA, TLS 1.3 only), built here as
+    /// the link speaks rustls itself.
+    pub fn link_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(tls13_provider());
+        let (roots, chain, key) = self.parts()?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Arc::new(config))
+    }
+
+    /// The rustls client configuration of the data link: presents our
+    /// certificate, trusts only the cluster CA, TLS 1.3 only (the caller
+    /// checks the server's name is [`SERVER_NAME`]).
+    pub fn link_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let provider = Arc::new(tls13_provider());
+        let (roots, chain, key) = self.parts()?;
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Arc::new(config))
+    }
+
+    /// The CA as trust roots, our chain and our key.
+    #[allow(clippy::type_complexity)]
+    fn parts(
+        &self,
+    ) -> Result<
+        (
+            RootCertStore,
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+        ),
+        TlsError,
+    > {
+        let bad = |what: &str| TlsError::Config(format!("the loaded {what} no longer parses"));
+        let mut roots = RootCertStore::empty();
+        let ca = CertificateDer::pem_slice_iter(self.ca_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad("CA"))?;
+        roots.add_parsable_certificates(ca);
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad("certificate"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|_| bad("key"))?;
+        Ok((roots, chain, key))
     }
 
     /// The identity our own certificate names.
@@ -394,7 +460,7 @@ fn valid_node_id(id: &str) -> bool {
 /// is `stowage://cluster` or `stowage://node/ID` with a valid ID. Anything
 /// else (none, two, an unknown `stowage:` URI, an unparsable certificate)
 /// names nobody.
-fn certificate_identity(der: &[u8]) -> Option<PeerIdentity> {
+pub(crate) fn certificate_identity(der: &[u8]) -> Option<PeerIdentity> {
     identity_from_uris(parse_certificate(der).ok()?.uris.iter().map(String::as_str))
 }
 

@@ -534,7 +534,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             Arc::clone(replicas),
             tls,
             plaintext,
-        ));
+        )?);
     }
     let agent = match (tls, cfg.cluster.as_ref().and_then(|c| c.agent.clone())) {
         (Some(tls), Some(agent)) => {
@@ -566,24 +566,28 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 }
 
 /// How this node's engines reach the copies of replicated volumes: the
-/// local store directly, other nodes' agents over mutual TLS with this
-/// node's certificate (data requests in plaintext to nodes that offer it
-/// when `plaintext`: `--replication-tls=off`).
+/// local store directly, other nodes' agents and data links over mutual
+/// TLS with this node's certificate (data requests in plaintext to nodes
+/// that offer it when `plaintext`: `--replication-tls=off`).
 fn replication_connector(
     local: Arc<crate::backend::replicated::store::ReplicaStore>,
     tls: &crate::cluster::tls::TlsMaterial,
     plaintext: bool,
-) -> crate::backend::replicated::engines::Connector {
+) -> Result<crate::backend::replicated::engines::Connector, StartError> {
     let client = tls.client_config();
-    Arc::new(move |addresses| {
+    let link = tls
+        .link_client_config()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    Ok(Arc::new(move |addresses| {
         Arc::new(crate::cluster::replica::GrpcPeer::new(
             Some(Arc::clone(&local)),
             addresses.clone(),
             client.clone(),
+            Arc::clone(&link),
             plaintext,
             std::time::Duration::from_secs(2),
         ))
-    })
+    }))
 }
 
 /// `--mode controller`: the routing controller on the CSI endpoint and the

@@ -35,6 +35,10 @@ pub const INTERVAL: u64 = 1;
 /// Where a proxied node's proxy listens (in the node's namespace, on its
 /// address), relaying to the agent on [`AGENT_PORT`].
 pub const PROXY_PORT: u16 = 7444;
+/// A proxied node's data link (`--data-listen`), and the proxy's port in
+/// front of it (`--data-advertise`).
+pub const DATA_PORT: u16 = 7445;
+pub const PROXY_DATA_PORT: u16 = 7446;
 
 /// How one node of a [`Cluster`] differs from the others.
 #[derive(Debug, Clone, Default)]
@@ -123,13 +127,29 @@ impl Cluster {
             if let Some(bytes) = o.pool_bytes {
                 own_pool_fs(&root, &node_id(i), &state.join("pool"), bytes);
             }
+            let mut data_args: Vec<String> = Vec::new();
             let advertise = if o.proxied {
-                let listener = h
-                    .listen(PROXY_PORT)
-                    .unwrap_or_else(|e| panic!("proxy listener of n{i}: {e}"));
-                let f = Forward::start_in(listener, h.agent_addr(), &h.netns_path())
-                    .unwrap_or_else(|e| panic!("proxy of n{i}: {e}"));
+                // Both the agent port and the data link go through the
+                // proxy (one set of faults).
+                let listen = |port| {
+                    h.listen(port)
+                        .unwrap_or_else(|e| panic!("proxy listener of n{i}: {e}"))
+                };
+                let f = Forward::start_many_in(
+                    vec![
+                        (listen(PROXY_PORT), h.agent_addr()),
+                        (listen(PROXY_DATA_PORT), h.addr(DATA_PORT)),
+                    ],
+                    &h.netns_path(),
+                )
+                .unwrap_or_else(|e| panic!("proxy of n{i}: {e}"));
                 proxies.push(Some(f));
+                data_args.extend([
+                    "--data-listen".to_owned(),
+                    h.addr(DATA_PORT).to_string(),
+                    "--data-advertise".to_owned(),
+                    h.addr(PROXY_DATA_PORT).to_string(),
+                ]);
                 h.addr(PROXY_PORT)
             } else {
                 proxies.push(None);
@@ -154,6 +174,7 @@ impl Cluster {
                         .args(["--label", &format!("zone=z{}", i % 2)])
                         .args(["--register-interval", &INTERVAL.to_string()])
                         .args(["--metrics-address", &h.addr(NODE_METRICS_PORT).to_string()])
+                        .args(&data_args)
                         .args(&o.args)
                         .env("STOWAGE_LOG", "debug"),
                 ),

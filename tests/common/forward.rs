@@ -142,24 +142,39 @@ impl Forward {
 
     /// [`Forward::start`] with the seed that decides which chunks stall.
     pub fn with_seed(listener: TcpListener, to: SocketAddr, seed: u64) -> io::Result<Forward> {
-        Self::spawn(listener, to, seed, None)
+        Self::spawn(vec![(listener, to)], seed, None)
     }
 
     /// [`Forward::start`], dialling `to` from the network namespace at
     /// `netns` (e.g. `/run/netns/NAME`): its accepting thread enters that
     /// namespace (only that thread and the relays it starts).
     pub fn start_in(listener: TcpListener, to: SocketAddr, netns: &Path) -> io::Result<Forward> {
-        Self::spawn(listener, to, 0x5eed, Some(File::open(netns)?))
+        Self::spawn(vec![(listener, to)], 0x5eed, Some(File::open(netns)?))
+    }
+
+    /// [`Forward::start_in`] for several listeners, each relayed to its own
+    /// address, all through the same [`Forward::faults`] (e.g. a node's
+    /// agent port and its data link). `local` is the first listener's.
+    pub fn start_many_in(
+        routes: Vec<(TcpListener, SocketAddr)>,
+        netns: &Path,
+    ) -> io::Result<Forward> {
+        Self::spawn(routes, 0x5eed, Some(File::open(netns)?))
     }
 
     fn spawn(
-        listener: TcpListener,
-        to: SocketAddr,
+        routes: Vec<(TcpListener, SocketAddr)>,
         seed: u64,
         netns: Option<File>,
     ) -> io::Result<Forward> {
-        listener.set_nonblocking(true)?;
-        let local = listener.local_addr()?;
+        for (l, _) in &routes {
+            l.set_nonblocking(true)?;
+        }
+        let local = routes
+            .first()
+            .ok_or_else(|| io::Error::other("no route to forward"))?
+            .0
+            .local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let faults = Arc::new(Faults::new(seed));
@@ -186,13 +201,13 @@ impl Forward {
                 let _ = entered_tx.send(Ok(()));
             }
             while !s.load(Ordering::Relaxed) {
-                let client = match listener.accept() {
-                    Ok((c, _)) => c,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                    Err(_) => continue,
+                let accepted = routes.iter().find_map(|(l, to)| match l.accept() {
+                    Ok((c, _)) => Some((c, *to)),
+                    Err(_) => None,
+                });
+                let Some((client, to)) = accepted else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
                 };
                 if f.get().refuse {
                     let _ = client.shutdown(Shutdown::Both);

@@ -114,7 +114,7 @@ pub enum Request {
 
 impl Request {
     /// Moves bytes under an epoch a copy already accepted (`Write`,
-    /// `Rebuild`, `Read`, `Flush`): what a batch or the plaintext data port
+    /// `Rebuild`, `Read`, `Flush`): what a batch or the data link
     /// takes.
     pub fn is_data(&self) -> bool {
         matches!(

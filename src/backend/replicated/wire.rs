@@ -1,9 +1,9 @@
 //! What travels between an engine (or the controller) and a voter: one
 //! [`protocol::Request`](super::protocol::Request) with the bytes it moves,
 //! answered by at most one [`Reply`] with the bytes it returns. The
-//! transport (the agent's `Replica` gRPC service over mutual TLS, or a
-//! direct call into the store of the engine's own node) hides behind
-//! [`Peer`].
+//! transport (the agent's `Replica` gRPC service over mutual TLS, its
+//! data link for data requests, or a direct call into the store of the
+//! engine's own node) hides behind [`Peer`].
 //!
 //! Bytes by request:
 //! - `Write`: `data` is written at `offset` bytes into the region.
