@@ -123,6 +123,12 @@ async fn a_slow_copy_is_marked_out_of_sync_and_rebuilt_once_it_is_fast_again() {
         cl.proxy(3).faults.counts().0 > 0,
         "nothing went through n3's proxy: the test would prove nothing"
     );
+    // The copy's data went over its data link (the proxy's second route),
+    // not only over the agent port.
+    assert!(
+        cl.proxy(3).accepted[1].load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no data link connection to n3: its data bypassed the link"
+    );
 
     // A little slower: writes complete.
     cl.proxy(3).faults.set(FaultConfig {

@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -131,6 +131,8 @@ pub struct Forward {
     accept: Option<JoinHandle<()>>,
     pub local: SocketAddr,
     pub faults: Arc<Faults>,
+    /// Connections relayed so far, per route (in the order given).
+    pub accepted: Arc<Vec<AtomicU64>>,
 }
 
 impl Forward {
@@ -178,7 +180,10 @@ impl Forward {
         let stop = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let faults = Arc::new(Faults::new(seed));
+        let accepted: Arc<Vec<AtomicU64>> =
+            Arc::new(routes.iter().map(|_| AtomicU64::new(0)).collect());
         let (s, o, f) = (Arc::clone(&stop), Arc::clone(&open), Arc::clone(&faults));
+        let counts = Arc::clone(&accepted);
         let (entered_tx, entered_rx) = std::sync::mpsc::channel();
         let accept = std::thread::spawn(move || {
             if let Some(ns) = netns {
@@ -201,11 +206,14 @@ impl Forward {
                 let _ = entered_tx.send(Ok(()));
             }
             while !s.load(Ordering::Relaxed) {
-                let accepted = routes.iter().find_map(|(l, to)| match l.accept() {
-                    Ok((c, _)) => Some((c, *to)),
-                    Err(_) => None,
-                });
-                let Some((client, to)) = accepted else {
+                let next = routes
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, (l, to))| match l.accept() {
+                        Ok((c, _)) => Some((c, *to, i)),
+                        Err(_) => None,
+                    });
+                let Some((client, to, route)) = next else {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 };
@@ -216,6 +224,7 @@ impl Forward {
                 let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
                     continue;
                 };
+                counts[route].fetch_add(1, Ordering::Relaxed);
                 let _ = client.set_nonblocking(false);
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
@@ -244,6 +253,7 @@ impl Forward {
             accept: Some(accept),
             local,
             faults,
+            accepted,
         })
     }
 
