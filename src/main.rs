@@ -493,18 +493,21 @@ mod tests {
         }
     }
 
+    /// The flags every `--mode node` test starts from.
+    const NODE_ARGS: [&str; 8] = [
+        "--mode",
+        "node",
+        "--listen",
+        "127.0.0.1:7443",
+        "--controller",
+        "https://127.0.0.1:7444",
+        "--tls-dir",
+        "/x",
+    ];
+
     #[test]
     fn fuse_workers_is_a_node_flag_within_bounds() {
-        let base = [
-            "--mode",
-            "node",
-            "--listen",
-            "127.0.0.1:7443",
-            "--controller",
-            "https://127.0.0.1:7444",
-            "--tls-dir",
-            "/x",
-        ];
+        let base = NODE_ARGS;
         let dir = std::path::Path::new("/state");
         let workers = |extra: &[&str]| {
             super::cluster_config(&serve_args(&[&base[..], extra].concat()), dir)
@@ -525,16 +528,7 @@ mod tests {
 
     #[test]
     fn the_data_link_listens_beside_the_agent_unless_told() {
-        let base = [
-            "--mode",
-            "node",
-            "--listen",
-            "127.0.0.1:7443",
-            "--controller",
-            "https://127.0.0.1:7444",
-            "--tls-dir",
-            "/x",
-        ];
+        let base = NODE_ARGS;
         let dir = std::path::Path::new("/state");
         let data = |extra: &[&str]| {
             super::cluster_config(&serve_args(&[&base[..], extra].concat()), dir).map(|c| {

@@ -367,19 +367,25 @@ impl BlockHandler for Flaky {
     }
 }
 
+/// A fresh backing file of `size` bytes behind a [`Flaky`] handler (working
+/// until told otherwise), and a FUSE loop device on it.
+fn flaky_device(scratch: &Scratch, size: u64) -> (PathBuf, Arc<Flaky>, FuseLoopDevice) {
+    let backing = scratch.root.join("volume.img");
+    let flaky = Arc::new(Flaky {
+        inner: LocalFile::create(&backing, size).unwrap(),
+        fail: AtomicBool::new(false),
+    });
+    let dev = attach(scratch, size, flaky.clone());
+    (backing, flaky, dev)
+}
+
 /// A handler error reaches the writer (and reader, and fsync) as EIO: not
 /// a hang, not a silent success; the volume works again once the handler
 /// does.
 #[test]
 fn failing_handler_gives_eio_to_the_writer() {
     let scratch = Scratch::new("fuse-eio");
-    let size = 8 * MIB;
-    let backing = scratch.root.join("volume.img");
-    let flaky = Arc::new(Flaky {
-        inner: LocalFile::create(&backing, size).unwrap(),
-        fail: AtomicBool::new(false),
-    });
-    let dev = attach(&scratch, size, flaky.clone());
+    let (backing, flaky, dev) = flaky_device(&scratch, 8 * MIB);
     let path = dev.device().path();
     let block = aligned_copy(&pattern(7, 4096));
     open_direct(&path)
@@ -426,13 +432,7 @@ fn failing_handler_gives_eio_to_the_writer() {
 fn a_device_that_fails_reads_is_not_taken_for_an_empty_one() {
     use stowage::os::filesystem;
     let scratch = Scratch::new("fuse-unreadable");
-    let size = 64 * MIB;
-    let backing = scratch.root.join("volume.img");
-    let flaky = Arc::new(Flaky {
-        inner: LocalFile::create(&backing, size).unwrap(),
-        fail: AtomicBool::new(false),
-    });
-    let dev = attach(&scratch, size, flaky.clone());
+    let (_, flaky, dev) = flaky_device(&scratch, 64 * MIB);
     let path = dev.device().path();
     filesystem::check_readable(&path).expect("an empty device reads");
     filesystem::make(&path, "ext4").unwrap();

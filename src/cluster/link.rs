@@ -62,11 +62,17 @@ fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
 }
 
-/// The frame of a call (length prefix included).
-fn encode_call(id: u64, volume: Uuid, call: &Call) -> Result<Vec<u8>, serde_json::Error> {
+/// Appends the frame of a call (length prefix included) to `f`, so a
+/// batch is encoded straight into the buffer that is written.
+fn encode_call(
+    f: &mut Vec<u8>,
+    id: u64,
+    volume: Uuid,
+    call: &Call,
+) -> Result<(), serde_json::Error> {
     let json = serde_json::to_vec(&call.request)?;
     let body = 8 + 32 + 4 + 4 + 4 + json.len() + call.data.len();
-    let mut f = Vec::with_capacity(4 + body);
+    f.reserve(4 + body);
     f.put_u32_le(body as u32);
     f.put_u64_le(id);
     f.put_slice(volume.to_hex().as_bytes());
@@ -75,7 +81,7 @@ fn encode_call(id: u64, volume: Uuid, call: &Call) -> Result<Vec<u8>, serde_json
     f.put_u32_le(json.len() as u32);
     f.put_slice(&json);
     f.put_slice(&call.data);
-    Ok(f)
+    Ok(())
 }
 
 /// The id of a call frame's body, if it has one.
@@ -748,17 +754,14 @@ impl LinkClient {
         };
         for c in calls {
             let id = conn.next.fetch_add(1, Ordering::Relaxed);
-            match encode_call(id, volume, c) {
-                Ok(f) => frames.extend_from_slice(&f),
-                Err(e) => {
-                    return vec![
-                        Err(PeerError::Failed {
-                            node: self.node.clone(),
-                            why: e.to_string(),
-                        });
-                        n
-                    ];
-                }
+            if let Err(e) = encode_call(&mut frames, id, volume, c) {
+                return vec![
+                    Err(PeerError::Failed {
+                        node: self.node.clone(),
+                        why: e.to_string(),
+                    });
+                    n
+                ];
             }
             let (tx, rx) = oneshot::channel();
             match conn
@@ -843,7 +846,8 @@ mod tests {
     fn a_call_frame_decodes_to_the_call_it_encodes() {
         let volume = Uuid::new_random();
         let call = write_call();
-        let f = encode_call(42, volume, &call).unwrap();
+        let mut f = Vec::new();
+        encode_call(&mut f, 42, volume, &call).unwrap();
         let len = frame_len(f[..4].try_into().unwrap()).unwrap();
         assert_eq!(len, f.len() - 4);
         let (id, v, back) = decode_call(Bytes::from(f).slice(4..)).unwrap();
@@ -886,7 +890,8 @@ mod tests {
         assert!(frame_len((MAX_FRAME as u32).to_le_bytes()).is_ok());
         assert!(decode_call(Bytes::from_static(&[0u8; 20])).is_err());
         assert!(decode_answer(Bytes::from_static(&[0u8; 10])).is_err());
-        let mut f = encode_call(1, Uuid::new_random(), &write_call()).unwrap();
+        let mut f = Vec::new();
+        encode_call(&mut f, 1, Uuid::new_random(), &write_call()).unwrap();
         // A request length past the end of the frame.
         let at = 4 + 8 + 32 + 8;
         f[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
