@@ -189,6 +189,25 @@ impl AlignedBuf {
         Self { ptr, len }
     }
 
+    /// An aligned copy of `data`: one allocation and one copy, no zeroing
+    /// (a write's bytes, aligned once so every copy can write them with
+    /// O_DIRECT as they are).
+    pub fn copy_of(data: &[u8]) -> Self {
+        let layout = Self::layout(data.len());
+        // SAFETY: the layout has a non-zero size (at least BUFFER_ALIGN).
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout);
+        };
+        // SAFETY: the allocation holds at least data.len() bytes and cannot
+        // overlap data; every byte as_slice exposes is written here.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
+        Self {
+            ptr,
+            len: data.len(),
+        }
+    }
+
     fn layout(len: usize) -> Layout {
         Layout::from_size_align(len.max(1).next_multiple_of(BUFFER_ALIGN), BUFFER_ALIGN)
             .expect("buffer size fits a Layout")
@@ -203,7 +222,8 @@ impl AlignedBuf {
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len initialised (zeroed) bytes owned by self.
+        // SAFETY: ptr is valid for len initialised bytes (zeroed or copied)
+        // owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -215,8 +235,14 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr came from alloc_zeroed with this same layout.
+        // SAFETY: ptr came from alloc or alloc_zeroed with this same layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
     }
 }
 
