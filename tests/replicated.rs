@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::checker::{BLOCK, History, block_bytes, open_direct};
@@ -735,11 +735,6 @@ fn from_snapshot(req: csi::CreateVolumeRequest, id: &str) -> csi::CreateVolumeRe
 }
 
 /// The directory of node `i`'s part of a snapshot.
-fn snapshot_dir(cl: &Cluster, i: usize, snapshot_id: &str) -> PathBuf {
-    let hex = snapshot_id.rsplit(':').next().unwrap();
-    cl.state_dir(i).join("pool/replicas/.snapshots").join(hex)
-}
-
 async fn list_snapshots(
     cl: &mut Cluster,
     snapshot_id: &str,
@@ -799,9 +794,7 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
     assert!(snap.snapshot_id.starts_with("snap:replicated:"), "{snap:?}");
     for i in 1..=NODES {
         assert!(
-            snapshot_dir(&cl, i, &snap.snapshot_id)
-                .join("data")
-                .exists(),
+            cl.snapshot_dir(i, &snap.snapshot_id).join("data").exists(),
             "n{i} holds its copy's snapshot"
         );
     }
@@ -909,7 +902,7 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
             .unwrap();
     m2.down(&mut cl, &two.volume_id).await;
     let holders = (1..=NODES)
-        .filter(|&i| snapshot_dir(&cl, i, &snap2.snapshot_id).exists())
+        .filter(|&i| cl.snapshot_dir(i, &snap2.snapshot_id).exists())
         .count();
     assert_eq!(holders, 2, "only the two copies hold it");
     let r3 = cl
@@ -973,7 +966,7 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
             .unwrap();
     }
     for i in 1..=NODES {
-        assert!(!snapshot_dir(&cl, i, &snap.snapshot_id).exists());
+        assert!(!cl.snapshot_dir(i, &snap.snapshot_id).exists());
     }
     cl.c.controller
         .delete_snapshot(csi::DeleteSnapshotRequest {

@@ -3,7 +3,8 @@
 //! Volume of `replicas` adds a copy (rebuilt in full while a writer goes
 //! on) or removes one (its directory deleted); a node killed for good gets
 //! its copy replaced on another node, which is rebuilt and joins the
-//! in-sync set. Each test is bounded.
+//! in-sync set; a snapshot is deleted from a node that was down once it
+//! is back. Each test is bounded.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -276,4 +277,89 @@ async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
     assert_eq!(again, now, "{msg}");
     assert!(in_sync, "{msg}");
     cl.delete(&id).await.unwrap();
+}
+
+/// DeleteSnapshot of a snapshot taken on a node that is down waits for it
+/// (UNAVAILABLE, nothing deleted anywhere) and deletes it everywhere once
+/// the node is back, so no node keeps a snapshot the CO no longer knows;
+/// a node forgotten for good no longer holds a delete up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_waits_for_a_node_that_is_down_to_be_deleted() {
+    let mut cl = Cluster::start().await;
+    let v = cl.create(replicated("snap-down", "3")).await.unwrap();
+    let (three, in_sync, msg) = copies(&mut cl, &v.volume_id).await;
+    assert!(in_sync && three.len() == 3, "{msg}");
+    let take = |name: &str| csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: v.volume_id.clone(),
+        ..Default::default()
+    };
+    let delete = |id: &str| csi::DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    let mut snaps = Vec::new();
+    for name in ["snap-a", "snap-b"] {
+        let s = cl.c.controller.create_snapshot(take(name)).await.unwrap();
+        snaps.push(s.into_inner().snapshot.unwrap().snapshot_id);
+    }
+    for s in &snaps {
+        for n in &three {
+            assert!(cl.snapshot_dir(index_of(n), s).exists(), "{n} lacks {s}");
+        }
+    }
+
+    let victim = three[2].clone();
+    let vi = index_of(&victim);
+    cl.nodes[vi - 1].kill9();
+    cl.wait_stale(&victim).await;
+    let e =
+        cl.c.controller
+            .delete_snapshot(delete(&snaps[0]))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains(&victim), "{e:?}");
+    for n in &three {
+        assert!(
+            cl.snapshot_dir(index_of(n), &snaps[0]).exists(),
+            "{n}'s snapshot went while {victim} was down"
+        );
+    }
+
+    cl.nodes[vi - 1].restart();
+    cl.wait_fresh(std::slice::from_ref(&victim)).await;
+    for _ in 0..2 {
+        // Idempotent.
+        cl.c.controller
+            .delete_snapshot(delete(&snaps[0]))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(30)));
+    }
+    for n in &three {
+        assert!(
+            !cl.snapshot_dir(index_of(n), &snaps[0]).exists(),
+            "{n} kept the deleted snapshot"
+        );
+    }
+
+    // A node gone for good: forgotten, it no longer holds the delete up.
+    cl.nodes[vi - 1].kill9();
+    cl.wait_stale(&victim).await;
+    let e =
+        cl.c.controller
+            .delete_snapshot(delete(&snaps[1]))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let out = cl.client(&["node", "forget", &victim]);
+    assert!(out.status.success(), "{out:?}");
+    cl.c.controller
+        .delete_snapshot(delete(&snaps[1]))
+        .await
+        .unwrap();
+    for n in &three[..2] {
+        assert!(!cl.snapshot_dir(index_of(n), &snaps[1]).exists());
+    }
+    cl.delete(&v.volume_id).await.unwrap();
 }

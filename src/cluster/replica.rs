@@ -61,6 +61,7 @@ fn snapshot_message(i: &SnapshotInfo) -> ReplicaSnapshot {
         epoch: i.epoch,
         created_seconds: i.created_seconds,
         created_nanos: i.created_nanos,
+        nodes: i.nodes.clone(),
     }
 }
 

@@ -225,6 +225,12 @@ impl Cluster {
         self.state_dir(i).join("pool/replicas").join(hex)
     }
 
+    /// Node `i`'s directory of a replicated volume's snapshot.
+    pub fn snapshot_dir(&self, i: usize, snapshot_id: &str) -> PathBuf {
+        let hex = snapshot_id.rsplit(':').next().unwrap();
+        self.state_dir(i).join("pool/replicas/.snapshots").join(hex)
+    }
+
     /// The `data` file of node `i`'s copy of a replicated volume.
     pub fn copy_data(&self, i: usize, volume_id: &str) -> PathBuf {
         self.copy_dir(i, volume_id).join("data")

@@ -6,7 +6,8 @@
 //! sync in it to freeze itself into a snapshot (all its region locks held
 //! while its files are reflinked), so each snapshot holds every write
 //! acknowledged before the request. The snapshot lives on the nodes that
-//! took it; it is found by asking the fresh nodes, like a volume. A
+//! took it; it is found by asking the fresh nodes, like a volume, and
+//! deleted only once every node it was taken on is fresh (or forgotten). A
 //! restore places copies on those nodes first: each starts from its
 //! node's snapshot and is in sync, further copies start empty and out of
 //! sync (the first engine rebuilds them in full), and the first engine
@@ -14,7 +15,7 @@
 //! documentation). A clone is a restore straight from the source's in-sync
 //! copies, frozen the same way, with nothing left behind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tonic::Status;
 
@@ -66,11 +67,15 @@ pub(super) struct HeldSnapshot {
     pub created: (i64, i32),
     /// Nodes holding it.
     pub holders: Vec<String>,
+    /// Nodes asked to take it, as its holders remember (a holder that is
+    /// down is among them, not among `holders`).
+    pub taken_on: BTreeSet<String>,
 }
 
 impl HeldSnapshot {
     fn add(&mut self, node: &str, s: &ReplicaSnapshot) {
         self.holders.push(node.to_owned());
+        self.taken_on.extend(s.nodes.iter().cloned());
         self.size = self.size.max(s.size);
         self.epoch = self.epoch.max(s.epoch);
         self.created = self.created.min((s.created_seconds, s.created_nanos));
@@ -224,6 +229,7 @@ impl Replicated {
                         epoch: 0,
                         created: (i64::MAX, 0),
                         holders: Vec::new(),
+                        taken_on: BTreeSet::new(),
                     })
                     .add(&n.id, s);
             }
@@ -315,11 +321,33 @@ impl Replicated {
         unreachable!("the last attempt returns")
     }
 
-    /// DeleteSnapshot: removed from every fresh node. Idempotent.
+    /// DeleteSnapshot: removed from every fresh node, once every node it
+    /// was taken on is fresh again (or forgotten: gone for good), so no
+    /// node that was down keeps it unseen. UNAVAILABLE, with nothing
+    /// deleted, while one is down. Idempotent.
     pub async fn delete_snapshot(&self, raw: &str) -> Result<(), Status> {
         let Some(uuid) = parse_snapshot_id(raw) else {
             return Ok(());
         };
+        if let Some(held) = self.held_snapshot(uuid).await? {
+            let down: Vec<&str> = held
+                .taken_on
+                .iter()
+                .filter(|n| !self.registry.is_forgotten(n) && self.node(n).is_err())
+                .map(String::as_str)
+                .collect();
+            if !down.is_empty() {
+                return Err(Status::unavailable(format!(
+                    "snapshot {raw} was also taken on {}, not registered and fresh now: it is deleted once {} back (or forgotten with `stowage node forget` when gone for good)",
+                    down.join(", "),
+                    if down.len() == 1 {
+                        "that node is"
+                    } else {
+                        "those nodes are"
+                    }
+                )));
+            }
+        }
         for n in self.registry.fresh() {
             let mut c = ReplicaClient::new(n.channel.clone());
             let req = ReplicaSnapshotRef {

@@ -43,6 +43,9 @@ pub struct SnapshotInfo {
     pub epoch: u64,
     pub created_seconds: i64,
     pub created_nanos: i32,
+    /// Every node asked to take this snapshot (the copies in sync in the
+    /// record it was taken at), so it can be deleted from all of them.
+    pub nodes: Vec<String>,
 }
 
 /// `snapshot.json`.
@@ -54,6 +57,9 @@ struct Meta {
     epoch: u64,
     created_seconds: i64,
     created_nanos: i32,
+    /// Absent in snapshots taken before it was kept.
+    #[serde(default)]
+    nodes: Vec<String>,
 }
 
 impl Meta {
@@ -65,6 +71,7 @@ impl Meta {
             epoch: self.epoch,
             created_seconds: self.created_seconds,
             created_nanos: self.created_nanos,
+            nodes: self.nodes.clone(),
         })
     }
 }
@@ -250,6 +257,7 @@ impl ReplicaStore {
                 epoch,
                 created_seconds: now.as_secs() as i64,
                 created_nanos: now.subsec_nanos() as i32,
+                nodes: expect.in_sync.keys().cloned().collect(),
             };
             let p = tmp.join(META_FILE);
             let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Invalid(e.to_string()))?;
