@@ -774,6 +774,15 @@ impl Engine {
                     self.send(&t, Request::Rebuild { io, region, tag });
                 }
             }
+            Reply::Refused { conn, why } if self.state == EngineState::Attaching => {
+                // A copy holds a newer record than the one the engine
+                // attaches with (the controller changed it meanwhile):
+                // waiting for its answer would wait for ever.
+                let attaching = self.links.get(from).is_some_and(|l| l.conn == conn);
+                if attaching && !matches!(why, IoRefusal::StaleConn) {
+                    self.restart();
+                }
+            }
             Reply::Refused { conn, why } => {
                 if !self.current(from, conn) {
                     return;
@@ -960,6 +969,31 @@ impl Engine {
             };
             self.send(&c, msg);
         }
+    }
+
+    /// Starts over from the newest record: takes an epoch again (the
+    /// change reads the newest record from a majority), then attaches the
+    /// copies it names. Only before the engine first runs (no I/O yet).
+    fn restart(&mut self) {
+        let change = Change::Start {
+            node: self.cfg.node.clone(),
+        };
+        let (p, out) = Proposer::new(
+            &self.cfg.id,
+            change,
+            &self.record,
+            self.ballot.round,
+            self.now,
+            self.cfg.timeout,
+        );
+        self.state = EngineState::Starting;
+        self.links.clear();
+        self.start_replies.clear();
+        self.start_unreachable.clear();
+        self.reseed = None;
+        self.relearn = false;
+        self.proposer = Some(p);
+        self.out.extend(out);
     }
 
     /// Every in-sync copy answered (or the time ran out): keep in sync the
