@@ -153,7 +153,8 @@ fn same_data(cl: &Cluster, volume_id: &str, nodes: &[String]) {
 /// on the published volume: the new copy is rebuilt in full and joins, the
 /// removed members' directories go, the final copies hold the same bytes.
 /// Repeating a modify is a no-op; a bad parameter or value is
-/// INVALID_ARGUMENT, too many copies RESOURCE_EXHAUSTED.
+/// INVALID_ARGUMENT, too many copies RESOURCE_EXHAUSTED; CreateVolume
+/// retried after the modify still finds the volume.
 #[tokio::test(flavor = "multi_thread")]
 async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
     let mut cl = Cluster::start_full(FOUR, &[], &[]).await;
@@ -203,6 +204,18 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
         !cl.copy_dir(index_of(&witness), &id).exists(),
         "the witness {witness} was deleted"
     );
+    // CreateVolume retried by the CO after the modify (its request still
+    // asks for 2 copies) finds the volume; so does one asking for the
+    // copies it has now; another count is a different volume.
+    for replicas in ["2", "3"] {
+        let again = cl
+            .create(replicated("mem-m", replicas))
+            .await
+            .unwrap_or_else(|e| panic!("replicas={replicas}: {e:?}"));
+        assert_eq!(again.volume_id, id);
+    }
+    let e = cl.create(replicated("mem-m", "4")).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     modify(&mut cl, &id, &[("replicas", "2")]).await.unwrap();

@@ -435,9 +435,11 @@ impl Replicated {
         found.certain(uuid)?;
         if let Some(state) = &found.newest {
             let rec = &state.record;
+            // The copies asked for at creation, or those it has now (a
+            // ModifyVolume may have changed them since).
             let compatible = (required == 0 || rec.size >= required)
                 && (limit == 0 || rec.size <= limit)
-                && rec.copies().count() == rp.replicas;
+                && (rec.copies().count() == rp.replicas || rec.created_copies == Some(rp.replicas));
             if !compatible {
                 return Err(Status::already_exists(format!(
                     "volume name {:?} is taken by a replicated volume of {} bytes with {} copies",
@@ -469,7 +471,7 @@ impl Replicated {
             .iter()
             .flat_map(|a| a.preferred.iter())
             .find_map(|t| t.segments.get(crate::volume::TOPOLOGY_NODE_KEY).cloned());
-        let record = match &source {
+        let mut record = match &source {
             None => {
                 let placed = placement::place(
                     uuid,
@@ -500,6 +502,7 @@ impl Replicated {
                 record
             }
         };
+        record.created_copies = Some(rp.replicas);
         let mut made: Vec<String> = Vec::new();
         for m in &record.members {
             let created = match &source {

@@ -63,7 +63,10 @@ pub struct Owner {
 /// writes it had not flushed, and is no longer in sync under its new boot.
 /// `previous` is set while a membership change is under way (the members
 /// before it): every change of such a record needs a majority of both
-/// sets (see [`ReplicaRecord::quorums`]).
+/// sets (see [`ReplicaRecord::quorums`]). `created_copies` is the copy
+/// count CreateVolume asked for (absent in records made before it was
+/// kept): a CreateVolume retried after ModifyVolume changed the copies
+/// still finds its volume.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ReplicaRecord {
     #[serde(with = "uuid_hex")]
@@ -76,6 +79,8 @@ pub struct ReplicaRecord {
     pub owner: Option<Owner>,
     pub epoch: u64,
     pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_copies: Option<usize>,
 }
 
 /// Why a record is not well formed.
@@ -122,6 +127,7 @@ impl ReplicaRecord {
             owner: None,
             epoch: 0,
             version: 0,
+            created_copies: None,
         };
         r.validate()?;
         Ok(r)
