@@ -330,10 +330,7 @@ impl Engine {
     /// `ballot`) that ControllerPublish returned. It first takes an epoch
     /// of its own; I/O waits for [`EngineEvent::Ready`].
     pub fn new(cfg: EngineConfig, ballot: Ballot, record: ReplicaRecord, now: u64) -> Self {
-        let change = Change::Start {
-            node: cfg.node.clone(),
-        };
-        let (p, out) = Proposer::new(&cfg.id, change, &record, ballot.round, now, cfg.timeout);
+        let (p, out) = start_change(&cfg, &record, ballot.round, now);
         Engine {
             state: EngineState::Starting,
             ballot,
@@ -975,17 +972,7 @@ impl Engine {
     /// change reads the newest record from a majority), then attaches the
     /// copies it names. Only before the engine first runs (no I/O yet).
     fn restart(&mut self) {
-        let change = Change::Start {
-            node: self.cfg.node.clone(),
-        };
-        let (p, out) = Proposer::new(
-            &self.cfg.id,
-            change,
-            &self.record,
-            self.ballot.round,
-            self.now,
-            self.cfg.timeout,
-        );
+        let (p, out) = start_change(&self.cfg, &self.record, self.ballot.round, self.now);
         self.state = EngineState::Starting;
         self.links.clear();
         self.start_replies.clear();
@@ -1477,6 +1464,20 @@ impl Engine {
             self.events.push(EngineEvent::FlushAcked { id });
         }
     }
+}
+
+/// The change an engine starts with: it takes an epoch of its own on
+/// `node`, reading the newest record from a majority (above `round`).
+fn start_change(
+    cfg: &EngineConfig,
+    record: &ReplicaRecord,
+    round: u64,
+    now: u64,
+) -> (Proposer, Vec<Envelope>) {
+    let change = Change::Start {
+        node: cfg.node.clone(),
+    };
+    Proposer::new(&cfg.id, change, record, round, now, cfg.timeout)
 }
 
 /// The writes a copy acknowledged and has not flushed yet.
