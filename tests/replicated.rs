@@ -295,6 +295,9 @@ async fn a_cut_off_engine_is_fenced_once_the_volume_moved() {
     m3.down(&mut cl, &v.volume_id).await;
     // n1 cleans up its stale staging (its publication is gone already).
     m1.node_down(&mut cl, &v.volume_id).await;
+    // DeleteVolume needs every member fresh (UNAVAILABLE before): n1
+    // registers again within its interval after the heal.
+    cl.wait_fresh(&[node_id(1)]).await;
     cl.delete(&v.volume_id).await.unwrap();
 }
 
@@ -734,7 +737,6 @@ fn from_snapshot(req: csi::CreateVolumeRequest, id: &str) -> csi::CreateVolumeRe
     )
 }
 
-/// The directory of node `i`'s part of a snapshot.
 async fn list_snapshots(
     cl: &mut Cluster,
     snapshot_id: &str,
