@@ -180,32 +180,29 @@ unsafe impl Send for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (at least one byte is allocated).
     pub fn zeroed(len: usize) -> Self {
-        let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size (at least BUFFER_ALIGN).
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout);
-        };
-        Self { ptr, len }
+        Self::allocate(len, |layout| unsafe { std::alloc::alloc_zeroed(layout) })
     }
 
     /// An aligned copy of `data`: one allocation and one copy, no zeroing
     /// (a write's bytes, aligned once so every copy can write them with
     /// O_DIRECT as they are).
     pub fn copy_of(data: &[u8]) -> Self {
-        let layout = Self::layout(data.len());
         // SAFETY: the layout has a non-zero size (at least BUFFER_ALIGN).
-        let raw = unsafe { std::alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout);
-        };
+        let buf = Self::allocate(data.len(), |layout| unsafe { std::alloc::alloc(layout) });
         // SAFETY: the allocation holds at least data.len() bytes and cannot
         // overlap data; every byte as_slice exposes is written here.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
-        Self {
-            ptr,
-            len: data.len(),
-        }
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
+        buf
+    }
+
+    /// `len` bytes from `alloc` with this buffer's layout.
+    fn allocate(len: usize, alloc: impl FnOnce(Layout) -> *mut u8) -> Self {
+        let layout = Self::layout(len);
+        let Some(ptr) = NonNull::new(alloc(layout)) else {
+            std::alloc::handle_alloc_error(layout);
+        };
+        Self { ptr, len }
     }
 
     fn layout(len: usize) -> Layout {

@@ -338,13 +338,8 @@ impl Replicated {
                 .collect();
             if !down.is_empty() {
                 return Err(Status::unavailable(format!(
-                    "snapshot {raw} was also taken on {}, not registered and fresh now: it is deleted once {} back (or forgotten with `stowage node forget` when gone for good)",
-                    down.join(", "),
-                    if down.len() == 1 {
-                        "that node is"
-                    } else {
-                        "those nodes are"
-                    }
+                    "snapshot {raw} is also on {}, not registered and fresh now: it is deleted once back (or once forgotten with `stowage node forget`, when gone for good)",
+                    down.join(", ")
                 )));
             }
         }
