@@ -76,6 +76,24 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// The boot a new copy starts at: the one its first record names it in
+/// sync at (a new volume's copies, a restore's or a clone's copies that
+/// start from their source), else a random one (48 bits, never 0: a copy
+/// that joins empty and is rebuilt). Boots are only compared for equality,
+/// and placement may choose a node for a copy of a volume it held a copy
+/// of long ago: were every joiner to start at the same boot, a far-delayed
+/// request meant for the old copy, from an engine still at the same epoch,
+/// would pass as one for the new copy.
+fn first_boot(record: &ReplicaRecord, node: &str) -> u64 {
+    match record.in_sync.get(node) {
+        Some(&boot) if boot != 0 => boot,
+        _ => {
+            let bits = uuid::Uuid::new_v4().as_u128() as u64;
+            (bits & ((1 << 48) - 1)).max(1)
+        }
+    }
+}
+
 fn region_len(size: u64, region: Region) -> u64 {
     let start = u64::from(region) * REGION_BYTES;
     size.saturating_sub(start).min(REGION_BYTES)
@@ -460,7 +478,7 @@ impl ReplicaStore {
     }
 
     /// Creates this node's member of a new volume holding its first
-    /// record (at [`Ballot::zero`], boot 1). Idempotent: a member that
+    /// record (at [`Ballot::zero`], a [`first_boot`]). Idempotent: a member that
     /// exists with the same first record is left as it is.
     pub fn create(&self, record: &ReplicaRecord) -> Result<(), StoreError> {
         self.create_from(record, None)
@@ -503,6 +521,7 @@ impl ReplicaStore {
             return existing(&mut open);
         }
         let tmp = Self::scratch(&self.root, &record.uuid.to_hex())?;
+        let boot = first_boot(record, &self.node);
         let made = (|| {
             let based = base.filter(|_| record.in_sync.contains_key(&self.node));
             if let (Role::Copy, Some(base)) = (member.role, based) {
@@ -522,7 +541,7 @@ impl ReplicaStore {
                 promised: Ballot::zero(),
                 accepted: Ballot::zero(),
                 record: record.clone(),
-                boot: 1,
+                boot,
             };
             let p = tmp.join(VOTER_FILE);
             let json =
@@ -546,7 +565,7 @@ impl ReplicaStore {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        let held = Self::open_held(&dir, &self.node, 1, None)?;
+        let held = Self::open_held(&dir, &self.node, boot, None)?;
         open.insert(record.uuid, Arc::new(held));
         Ok(())
     }
@@ -771,6 +790,41 @@ mod tests {
             .read_exact_at(&mut plain, 0)
             .unwrap();
         assert_eq!(plain, model);
+    }
+
+    /// A copy that joins empty and is deleted and created again on the same
+    /// node (a node placement chose once more) starts at a boot of its own
+    /// each time; one its first record names in sync starts at that boot.
+    /// Each open raises the boot.
+    #[test]
+    fn a_copy_created_again_starts_at_another_boot() {
+        let pool = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
+        let members = vec![
+            super::super::record::Member::copy("n1"),
+            super::super::record::Member::copy("n2"),
+            super::super::record::Member::copy("n3"),
+        ];
+        // Named in sync at boot 0: a joiner's first record.
+        let record =
+            ReplicaRecord::new(Uuid::new_random(), 1 << 20, members, &BTreeMap::new()).unwrap();
+        let boot = |store: &ReplicaStore| store.get(record.uuid).unwrap().unwrap().state.boot;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..3 {
+            store.create(&record).unwrap();
+            let first = boot(&store);
+            assert_ne!(first, 0);
+            assert!(seen.insert(first), "boot {first} again");
+            // Opened again by a new process: the boot rises.
+            let reopened = ReplicaStore::open(pool.path(), "n1").unwrap();
+            assert_eq!(boot(&reopened), first + 1);
+            store.delete(record.uuid).unwrap();
+            assert!(store.get(record.uuid).unwrap().is_none());
+        }
+        let mut named = record.clone();
+        named.in_sync.insert("n1".to_owned(), 1);
+        store.create(&named).unwrap();
+        assert_eq!(boot(&store), 1);
     }
 
     #[test]

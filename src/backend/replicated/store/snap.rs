@@ -372,11 +372,12 @@ mod tests {
 
     /// Writes `fill` over region 0 as write `seq` of epoch `epoch`.
     fn write(store: &ReplicaStore, uuid: Uuid, epoch: u64, seq: u64, fill: u8) {
+        let boot = store.get(uuid).unwrap().expect("a copy").state.boot;
         let call = Call {
             request: Request::Write {
                 io: Io {
                     epoch,
-                    boot: 1,
+                    boot,
                     conn: 1,
                 },
                 region: 0,
