@@ -4,7 +4,8 @@
 //! on) or removes one (its directory deleted); a node killed for good gets
 //! its copy replaced on another node, which is rebuilt and joins the
 //! in-sync set; a snapshot is deleted from a node that was down once it
-//! is back. Each test is bounded.
+//! is back; a copy made for a change that never happened is deleted. Each
+//! test is bounded.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -375,4 +376,107 @@ async fn a_snapshot_waits_for_a_node_that_is_down_to_be_deleted() {
         assert!(!cl.snapshot_dir(index_of(n), &snaps[1]).exists());
     }
     cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// A copy a membership change created and then never made a member (the
+/// controller that made it failed before proposing the change): made here
+/// as that controller would have, through the agent API of the fourth node
+/// with the cluster certificate. It is deleted from its node once it has
+/// sat untouched for `--replica-replace-after`; the volume's own copies
+/// stay as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_made_for_a_change_that_never_happened_is_deleted() {
+    use stowage::backend::replicated::protocol::VoterState;
+    use stowage::backend::replicated::record::{Member, ReplicaRecord};
+    use stowage::cluster::proto::CreateReplicaRequest;
+    use stowage::cluster::proto::replica_client::ReplicaClient;
+
+    let mut cl = Cluster::start_full(FOUR, &["--replica-replace-after", "4"], &[]).await;
+    let v = cl.create(replicated("orphan", "3")).await.unwrap();
+    let id = v.volume_id.clone();
+    // Published once, so a record above the zero ballot is chosen.
+    let (three, in_sync, msg) = copies(&mut cl, &id).await;
+    assert!(in_sync && three.len() == 3, "{msg}");
+    let m = Published::up(&mut cl, index_of(&three[0]), &v, &ext4())
+        .await
+        .unwrap();
+    m.down(&mut cl, &id).await;
+    let spare = (1..=FOUR)
+        .map(node_id)
+        .find(|n| !three.contains(n))
+        .unwrap();
+    let si = index_of(&spare);
+    let held: VoterState = serde_json::from_slice(
+        &std::fs::read(cl.copy_dir(index_of(&three[0]), &id).join("voter.json")).unwrap(),
+    )
+    .unwrap();
+    // The joiner's first record, as a change to these copies plus the
+    // spare would make it.
+    let mut members = held.record.members.clone();
+    members.push(Member::copy(&spare));
+    let first = ReplicaRecord::new(
+        held.record.uuid,
+        held.record.size,
+        members,
+        &Default::default(),
+    )
+    .unwrap();
+    let tls = stowage::cluster::tls::TlsMaterial::load(&cl.root.join("tls")).unwrap();
+    let to = cl.net.host(si).agent_addr();
+    let host0 = cl.net.host(0);
+    let created = host0.run_in(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let ch = tonic::transport::Endpoint::from_shared(format!("https://{to}"))
+                .unwrap()
+                .tls_config(tls.client_config())
+                .unwrap()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(10))
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            ReplicaClient::new(ch)
+                .create(CreateReplicaRequest {
+                    record: serde_json::to_string(&first).unwrap(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("create: {s:?}"))
+        })
+    });
+    created.unwrap();
+    let orphan = cl.copy_dir(si, &id);
+    assert!(
+        orphan.join("voter.json").exists(),
+        "no copy made on {spare}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while orphan.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{spare}'s copy of a change that never happened outlived 60 s\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        cl.controller
+            .log_text()
+            .contains("member of a failed change deleted"),
+        "{}",
+        cl.controller.log_tail(30)
+    );
+    for n in &three {
+        assert!(cl.copy_data(index_of(n), &id).exists(), "{n} lost its copy");
+    }
+    let (again, in_sync, msg) = copies(&mut cl, &id).await;
+    assert_eq!(again, three, "{msg}");
+    assert!(in_sync, "{msg}");
+    cl.delete(&id).await.unwrap();
 }

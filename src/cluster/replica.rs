@@ -221,11 +221,13 @@ impl Replica for ReplicaService {
             None => GetReplicaResponse {
                 found: false,
                 state: String::new(),
+                idle_seconds: None,
             },
             Some(h) => GetReplicaResponse {
                 found: true,
                 state: serde_json::to_string(&h.state)
                     .map_err(|e| Status::internal(e.to_string()))?,
+                idle_seconds: h.idle.map(|d| d.as_secs()),
             },
         }))
     }

@@ -204,6 +204,8 @@ struct Found {
     /// Nodes that hold a member of it, with the ballot each accepted its
     /// record at.
     holders: Vec<(String, Ballot)>,
+    /// How long each holder's state has not changed, where it tells.
+    idle: BTreeMap<String, Duration>,
     /// Fresh nodes that answered that they hold nothing.
     without: Vec<String>,
     /// Fresh nodes that did not answer, and why.
@@ -261,6 +263,7 @@ impl Replicated {
         let mut found = Found {
             newest: None,
             holders: Vec::new(),
+            idle: BTreeMap::new(),
             without: Vec::new(),
             unreached: Vec::new(),
         };
@@ -288,6 +291,9 @@ impl Replicated {
             let state: VoterState = serde_json::from_str(&r.state)
                 .map_err(|e| Status::internal(format!("node {}: {e}", n.id)))?;
             found.holders.push((n.id.clone(), state.accepted.clone()));
+            if let Some(s) = r.idle_seconds {
+                found.idle.insert(n.id.clone(), Duration::from_secs(s));
+            }
             if found.newest.as_ref().is_none_or(|s| {
                 (&state.accepted, state.record.version) > (&s.accepted, s.record.version)
             }) {
@@ -965,14 +971,21 @@ impl Replicated {
         let Some(state) = found.newest else {
             return Ok(false);
         };
-        // Members removed while their node was away, now back.
-        for n in removed_members(&state, &found.holders) {
+        // Members removed while their node was away, now back; members
+        // made for a change that never happened, long untouched.
+        let removed = removed_members(&state, &found.holders);
+        let orphans = orphaned_members(&state, &found.holders, &found.idle, after);
+        for (n, what) in removed.into_iter().map(|n| (n, "removed member")).chain(
+            orphans
+                .into_iter()
+                .map(|n| (n, "member of a failed change")),
+        ) {
             match self.delete_on(&n, uuid).await {
                 Ok(()) => {
-                    tracing::info!(volume = %volume_id(uuid), node = %n, "removed member deleted from its node")
+                    tracing::info!(volume = %volume_id(uuid), node = %n, "{what} deleted from its node")
                 }
                 Err(e) => {
-                    tracing::warn!(volume = %volume_id(uuid), node = %n, error = %e.message(), "removed member not deleted yet")
+                    tracing::warn!(volume = %volume_id(uuid), node = %n, error = %e.message(), "{what} not deleted yet")
                 }
             }
         }
@@ -1167,28 +1180,36 @@ impl Replicated {
     }
 }
 
-/// The holders of a volume's members (with the ballot each accepted its
-/// record at) that `newest` removed: `newest` is settled (no membership
-/// change in flight) and a majority of its voters accepted it at its
-/// ballot, so it is chosen and no later record can bring them back
-/// without creating them anew; the holder is not among its voters, and
-/// accepted a real record (above the zero ballot) older than it, so it was
-/// a member once. A holder at the zero ballot may be a copy a membership
-/// change has just created and not proposed yet: never removed here. Nor
-/// is the owner's (its engine may still have the copy open): that one goes
-/// once the volume is unpublished from there.
-fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<String> {
+/// Whether `newest` is settled (no membership change in flight) and a
+/// majority of its voters accepted it at its ballot (above the zero one):
+/// chosen, so no later record is built on anything older.
+fn chosen_and_settled(newest: &VoterState, accepted: &[(String, Ballot)]) -> bool {
     let record = &newest.record;
     if record.previous.is_some() || newest.accepted == Ballot::zero() {
-        return Vec::new();
+        return false;
     }
     let at_newest = accepted
         .iter()
         .filter(|(n, b)| *b == newest.accepted && record.voters().any(|v| v == n))
         .count();
-    if !record.quorum().reached(at_newest) {
+    record.quorum().reached(at_newest)
+}
+
+/// The holders of a volume's members (with the ballot each accepted its
+/// record at) that `newest` removed: `newest` is chosen and settled (see
+/// [`chosen_and_settled`]), so no later record can bring them back
+/// without creating them anew; the holder is not among its voters, and
+/// accepted a real record (above the zero ballot) older than it, so it was
+/// a member once. A holder at the zero ballot may be a copy a membership
+/// change has just created and not proposed yet: not removed here (see
+/// [`orphaned_members`]). Nor
+/// is the owner's (its engine may still have the copy open): that one goes
+/// once the volume is unpublished from there.
+fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<String> {
+    if !chosen_and_settled(newest, accepted) {
         return Vec::new();
     }
+    let record = &newest.record;
     accepted
         .iter()
         .filter(|(n, b)| {
@@ -1196,6 +1217,36 @@ fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<St
                 && record.owner.as_ref().is_none_or(|o| o.node != *n)
                 && *b != Ballot::zero()
                 && *b < newest.accepted
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// The holders of a copy (or witness record) a membership change created
+/// and then never made a member: still at the zero ballot (their first
+/// record only, never part of a chosen one), not named by the newest
+/// record, which a majority of its voters shows chosen and settled, and
+/// untouched for `grace` (a change that created them and is still under
+/// way, say from another controller, keeps them busy: it proposes to them
+/// right after creating them). A holder that does not tell how long it has
+/// been idle stays.
+fn orphaned_members(
+    newest: &VoterState,
+    accepted: &[(String, Ballot)],
+    idle: &BTreeMap<String, Duration>,
+    grace: Duration,
+) -> Vec<String> {
+    if !chosen_and_settled(newest, accepted) {
+        return Vec::new();
+    }
+    let record = &newest.record;
+    accepted
+        .iter()
+        .filter(|(n, b)| {
+            *b == Ballot::zero()
+                && !record.members.iter().any(|m| m.node == *n)
+                && record.owner.as_ref().is_none_or(|o| o.node != *n)
+                && idle.get(n).is_some_and(|d| *d >= grace)
         })
         .map(|(n, _)| n.clone())
         .collect()
@@ -1250,6 +1301,50 @@ mod tests {
         // A majority of the voters is enough to know it chosen.
         let h = held(&[("a", ballot(5)), ("b", ballot(5)), ("c", ballot(3))]);
         assert_eq!(removed_members(&newest, &h), vec!["c".to_owned()]);
+    }
+
+    #[test]
+    fn a_member_of_a_change_that_never_happened_goes_once_idle_long_enough() {
+        let grace = Duration::from_secs(300);
+        let newest = state(&["a", "b", "d"], 5);
+        let h = held(&[
+            ("a", ballot(5)),
+            ("b", ballot(5)),
+            ("d", ballot(5)),
+            ("e", Ballot::zero()),
+            ("f", Ballot::zero()),
+            ("g", Ballot::zero()),
+        ]);
+        let idle: BTreeMap<String, Duration> = [("e", 301), ("f", 299), ("a", 1000)]
+            .into_iter()
+            .map(|(n, s)| (n.to_owned(), Duration::from_secs(s)))
+            .collect();
+        // e: idle long enough; f: not yet; g: cannot tell.
+        assert_eq!(
+            orphaned_members(&newest, &h, &idle, grace),
+            vec!["e".to_owned()]
+        );
+        // Not on uncertain ground: not chosen by a majority seen...
+        let few = held(&[("a", ballot(5)), ("b", ballot(4)), ("e", Ballot::zero())]);
+        assert!(orphaned_members(&newest, &few, &idle, grace).is_empty());
+        // ...a change in flight (e may be its joiner)...
+        let mut mid = newest.clone();
+        mid.record.previous = Some(vec![Member::copy("a"), Member::copy("b")]);
+        assert!(orphaned_members(&mid, &h, &idle, grace).is_empty());
+        // ...nothing chosen yet (a new volume's copies all sit at zero)...
+        let mut fresh = newest.clone();
+        fresh.accepted = Ballot::zero();
+        assert!(orphaned_members(&fresh, &h, &idle, grace).is_empty());
+        // ...a member of the newest record, or the owner.
+        let mut named = newest.clone();
+        named.record.members.push(Member::copy("e"));
+        assert!(orphaned_members(&named, &h, &idle, grace).is_empty());
+        let mut owned = newest.clone();
+        owned.record.owner = Some(crate::backend::replicated::record::Owner {
+            node: "e".to_owned(),
+            readonly: false,
+        });
+        assert!(orphaned_members(&owned, &h, &idle, grace).is_empty());
     }
 
     #[test]

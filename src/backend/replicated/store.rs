@@ -432,6 +432,10 @@ impl Held {
 pub struct HeldState {
     pub role: Role,
     pub state: VoterState,
+    /// How long since the state was last written (`voter.json`'s mtime:
+    /// a change the voter took, or an open by a new process); None when
+    /// the clock or the file cannot tell.
+    pub idle: Option<std::time::Duration>,
 }
 
 /// Every copy and witness record on this node.
@@ -594,9 +598,14 @@ impl ReplicaStore {
         }
         let held = self.load(&mut open, uuid)?;
         let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = std::fs::metadata(self.dir(uuid).join(VOTER_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok());
         Ok(Some(HeldState {
             role: v.role(),
             state: v.state().clone(),
+            idle,
         }))
     }
 
