@@ -256,7 +256,13 @@ async fn serve_link(
         tracing::warn!(address = %addr,
             "--replication-tls=off: copies take data requests UNENCRYPTED and UNAUTHENTICATED here (benchmarks only)");
     }
-    let task = tokio::spawn(super::link::serve(listener, tls, store, stop));
+    let task = tokio::spawn(super::link::serve(
+        listener,
+        tls,
+        store,
+        stop,
+        super::link::ServeThreads::default(),
+    ));
     Ok((addr, task))
 }
 

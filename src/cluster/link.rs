@@ -30,14 +30,16 @@
 //! connection may be served concurrently (up to [`SERVER_THREADS`] threads
 //! per connection, each reading the next frame in turn and serving it); the
 //! engine never has two writes to one region of a copy in flight, so their
-//! order does not matter.
+//! order does not matter. Threads start as calls overlap, and a thread
+//! that has waited [`THREAD_IDLE`] for its turn to read (no call came
+//! meanwhile) ends: an idle connection keeps one.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -55,6 +57,27 @@ use crate::volume::id::Uuid;
 pub const MAX_FRAME: usize = REGION_BYTES as usize + (64 << 10);
 /// Threads serving one connection at most (more calls wait for a turn).
 pub const SERVER_THREADS: usize = 8;
+/// A connection's thread that has waited this long for the reading turn
+/// ends (the thread reading stays).
+pub const THREAD_IDLE: Duration = Duration::from_secs(30);
+
+/// How the threads serving the data link come and go.
+#[derive(Debug, Clone)]
+pub struct ServeThreads {
+    /// See [`THREAD_IDLE`].
+    pub idle: Duration,
+    /// Serving threads alive, over every connection.
+    pub live: Arc<AtomicUsize>,
+}
+
+impl Default for ServeThreads {
+    fn default() -> Self {
+        ServeThreads {
+            idle: THREAD_IDLE,
+            live: Arc::default(),
+        }
+    }
+}
 /// A peer that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -206,7 +229,10 @@ struct ServerConn {
     /// Held while a frame is encrypted and written, so frames go out whole
     /// and in the order they were encrypted.
     send: Mutex<()>,
-    /// The reading turn: held by the one thread reading the next frame.
+    /// The reading turn: true while a thread reads the next frame (from
+    /// `inbound`); `turn_free` wakes a thread waiting for it.
+    turn: Mutex<bool>,
+    turn_free: Condvar,
     inbound: Mutex<Inbound>,
     identity: Option<PeerIdentity>,
     store: Arc<ReplicaStore>,
@@ -214,6 +240,7 @@ struct ServerConn {
     /// Threads waiting for the reading turn or holding it.
     readers: AtomicUsize,
     closed: AtomicBool,
+    spawn: ServeThreads,
 }
 
 impl ServerConn {
@@ -293,6 +320,32 @@ impl ServerConn {
         let _ = self.sock.shutdown(Shutdown::Both);
     }
 
+    /// Waits for the reading turn and takes it; false when another thread
+    /// has held it for [`ServeThreads::idle`] meanwhile (this one is not
+    /// needed: that one stays).
+    fn take_turn(&self) -> bool {
+        let deadline = Instant::now() + self.spawn.idle;
+        let mut taken = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        while *taken {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            taken = self
+                .turn_free
+                .wait_timeout(taken, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *taken = true;
+        true
+    }
+
+    fn give_turn(&self) {
+        *self.turn.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.turn_free.notify_one();
+    }
+
     /// Answers one call.
     fn serve(&self, body: Bytes) -> Option<Vec<u8>> {
         let id = call_id(&body)?;
@@ -330,18 +383,25 @@ fn take_plaintext(c: &mut rustls::ServerConnection, plain: &mut BytesMut) -> io:
 
 /// One of a connection's threads: takes the reading turn, reads a frame,
 /// passes the turn on (starting another thread when none waits for it),
-/// serves the frame and writes the answer; until the connection ends.
+/// serves the frame and writes the answer; until the connection ends, or
+/// until it has waited long for the turn.
 fn server_thread(conn: Arc<ServerConn>) {
     loop {
         conn.readers.fetch_add(1, Ordering::SeqCst);
+        if !conn.take_turn() {
+            conn.readers.fetch_sub(1, Ordering::SeqCst);
+            break;
+        }
+        if conn.closed.load(Ordering::SeqCst) {
+            conn.give_turn();
+            conn.readers.fetch_sub(1, Ordering::SeqCst);
+            break;
+        }
         let frame = {
             let mut inb = conn.inbound.lock().unwrap_or_else(|e| e.into_inner());
-            if conn.closed.load(Ordering::SeqCst) {
-                conn.readers.fetch_sub(1, Ordering::SeqCst);
-                break;
-            }
             conn.next_frame(&mut inb)
         };
+        conn.give_turn();
         conn.readers.fetch_sub(1, Ordering::SeqCst);
         let body = match frame {
             Ok(Some(b)) => b,
@@ -360,6 +420,7 @@ fn server_thread(conn: Arc<ServerConn>) {
             && conn.threads.load(Ordering::SeqCst) < SERVER_THREADS
         {
             conn.threads.fetch_add(1, Ordering::SeqCst);
+            conn.spawn.live.fetch_add(1, Ordering::SeqCst);
             let next = Arc::clone(&conn);
             if std::thread::Builder::new()
                 .name("stowage-link".into())
@@ -367,6 +428,7 @@ fn server_thread(conn: Arc<ServerConn>) {
                 .is_err()
             {
                 conn.threads.fetch_sub(1, Ordering::SeqCst);
+                conn.spawn.live.fetch_sub(1, Ordering::SeqCst);
             }
         }
         let Some(answer) = conn.serve(body) else {
@@ -381,6 +443,7 @@ fn server_thread(conn: Arc<ServerConn>) {
         }
     }
     conn.threads.fetch_sub(1, Ordering::SeqCst);
+    conn.spawn.live.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Finishes the TLS handshake of an accepted connection (bounded by
@@ -426,6 +489,7 @@ fn accept(
     store: Arc<ReplicaStore>,
     open: Arc<Mutex<HashMap<u64, TcpStream>>>,
     key: u64,
+    spawn: ServeThreads,
 ) {
     let _ = sock.set_nodelay(true);
     keepalive(&sock);
@@ -453,6 +517,8 @@ fn accept(
         sock,
         tls,
         send: Mutex::new(()),
+        turn: Mutex::new(false),
+        turn_free: Condvar::new(),
         inbound: Mutex::new(Inbound {
             plain: BytesMut::with_capacity(256 << 10),
             raw: vec![0u8; 256 << 10].into_boxed_slice(),
@@ -462,19 +528,22 @@ fn accept(
         threads: AtomicUsize::new(1),
         readers: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
+        spawn,
     });
+    conn.spawn.live.fetch_add(1, Ordering::SeqCst);
     server_thread(conn);
     open.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
 }
 
 /// Serves the data link on `listener` until `stop` turns true: mutual TLS
-/// with `tls`, plaintext without (replication TLS off). Connections still
-/// open then are shut down.
+/// with `tls`, plaintext without (replication TLS off), each connection on
+/// threads as `threads` says. Connections still open then are shut down.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     store: Arc<ReplicaStore>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    threads: ServeThreads,
 ) {
     let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
     let mut next = 0u64;
@@ -503,9 +572,10 @@ pub async fn serve(
                 .insert(key, c);
         }
         let (tls, store, open) = (tls.clone(), Arc::clone(&store), Arc::clone(&open));
+        let spawn = threads.clone();
         if let Err(e) = std::thread::Builder::new()
             .name("stowage-link".into())
-            .spawn(move || accept(sock, tls, store, open, key))
+            .spawn(move || accept(sock, tls, store, open, key, spawn))
         {
             tracing::warn!(error = %e, "data link: no thread for a connection");
         }
@@ -915,12 +985,17 @@ mod tests {
         certs: std::path::PathBuf,
         stop: tokio::sync::watch::Sender<bool>,
         served: tokio::task::JoinHandle<()>,
+        threads: ServeThreads,
     }
 
     impl Setup {
         /// A copy of a volume whose only member is node n1, served by the
         /// link over TLS (`tls`) or in plaintext.
         async fn start(tls_on: bool) -> Setup {
+            Self::start_with(tls_on, ServeThreads::default()).await
+        }
+
+        async fn start_with(tls_on: bool, threads: ServeThreads) -> Setup {
             let dir = tempfile::tempdir().unwrap();
             let certs = dir.path().join("ca");
             tls::init(&certs).unwrap();
@@ -941,7 +1016,13 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap().to_string();
             let (stop, rx) = tokio::sync::watch::channel(false);
-            let served = tokio::spawn(serve(listener, server_tls, Arc::clone(&store), rx));
+            let served = tokio::spawn(serve(
+                listener,
+                server_tls,
+                Arc::clone(&store),
+                rx,
+                threads.clone(),
+            ));
             Setup {
                 _dir: dir,
                 volume,
@@ -949,6 +1030,7 @@ mod tests {
                 certs,
                 stop,
                 served,
+                threads,
             }
         }
 
@@ -1008,6 +1090,69 @@ mod tests {
             offset: 8192,
             len: 4096,
             data: Default::default(),
+        }
+    }
+
+    /// A connection's threads grow as calls come, and those that wait long
+    /// for a turn to read end: an idle connection keeps one thread, which
+    /// still serves, and more start again with the next calls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_threads_of_a_connection_end_and_one_stays() {
+        let threads = ServeThreads {
+            idle: Duration::from_millis(300),
+            live: Arc::default(),
+        };
+        let s = Setup::start_with(true, threads).await;
+        let counter = Arc::clone(&s.threads.live);
+        let live = move || counter.load(Ordering::SeqCst);
+        let c = Arc::new(s.client(Some("n1")));
+        let settle_at_one = || async {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while live() != 1 {
+                assert!(Instant::now() < deadline, "{} threads stay", live());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        for round in 0..2 {
+            // The thread that reads a call starts another (none waited).
+            let a = c.calls(s.volume, &[write(1, round + 1, 7)]).await;
+            assert!(
+                matches!(
+                    a[0],
+                    Ok(Answer {
+                        reply: Some(Reply::Written { .. }),
+                        ..
+                    })
+                ),
+                "{a:?}"
+            );
+            assert!(live() >= 2, "{} threads after a call", live());
+            settle_at_one().await;
+        }
+        // Many at once: served, never by more than SERVER_THREADS.
+        let reads: Vec<_> = (0..64)
+            .map(|i| {
+                let (c, v) = (Arc::clone(&c), s.volume);
+                tokio::spawn(async move { c.calls(v, &[read(i % 4)]).await })
+            })
+            .collect();
+        for t in reads {
+            let a = t.await.unwrap().pop().unwrap().unwrap();
+            assert!(matches!(a.reply, Some(Reply::ReadData { .. })), "{a:?}");
+            assert!(live() <= SERVER_THREADS, "{} threads", live());
+        }
+        settle_at_one().await;
+        drop(c);
+        s.stop.send(true).unwrap();
+        s.served.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while live() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} threads after the end",
+                live()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
