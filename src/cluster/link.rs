@@ -60,6 +60,8 @@ pub const SERVER_THREADS: usize = 8;
 /// A connection's thread that has waited this long for the reading turn
 /// ends (the thread reading stays).
 pub const THREAD_IDLE: Duration = Duration::from_secs(30);
+/// A peer that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the threads serving the data link come and go.
 #[derive(Debug, Clone)]
@@ -78,8 +80,6 @@ impl Default for ServeThreads {
         }
     }
 }
-/// A peer that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
