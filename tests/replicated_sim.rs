@@ -998,6 +998,20 @@ fn an_engine_whose_attach_is_refused_starts_over_from_the_newest_record() {
     run(1113, false, 800, Mutation::None);
 }
 
+/// Seeds 3184 (three copies) and 10032 (two copies and a witness), found
+/// by a 20 000-seed soak: the controller's record ending a membership
+/// change reached a majority of the new members only, built on a first
+/// step that was never chosen, while the old members chose another record
+/// of the same version (two records chosen for one version). A proposer
+/// that read the first record would have built on it with the new members
+/// alone. The record ending a change now keeps the old members' majority
+/// in its voter sets (`ended`) until the next change.
+#[test]
+fn a_record_ending_a_change_needs_the_old_members_until_the_next_change() {
+    run(3184, false, 800, Mutation::None);
+    run(10032, true, 800, Mutation::None);
+}
+
 /// Two copies and a witness: the witness makes the majority.
 #[test]
 fn two_copies_and_a_witness_keep_acknowledged_writes_under_faults() {

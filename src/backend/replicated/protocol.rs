@@ -500,6 +500,9 @@ impl Change {
     /// The version always rises, so every accepted proposal is distinct.
     pub fn apply(&self, current: &ReplicaRecord) -> Result<ReplicaRecord, Refusal> {
         let mut r = current.clone();
+        // The old voters of a change ended by `current` are needed for
+        // this change (its quorum includes `current`'s sets), not after.
+        r.ended = None;
         let owner = current.owner.as_ref().map(|o| o.node.as_str());
         let fenced = || Refusal::Fenced {
             owner: owner.map(str::to_owned),
@@ -549,7 +552,7 @@ impl Change {
                     .collect();
             }
             Change::Members { members } => match &current.previous {
-                Some(_) if current.has_members(members) => r.previous = None,
+                Some(_) if current.has_members(members) => r.ended = r.previous.take(),
                 Some(_) => {
                     let names: Vec<&str> = current.voters().collect();
                     return Err(Refusal::Reconfiguring {
@@ -1141,8 +1144,8 @@ mod tests {
         for n in ["d", "e"] {
             vs.insert(n.into(), Voter::new(n, r.clone(), 0));
         }
-        // a, b, c -> a, d, e, chosen on a, b (old) and a, d, e (new); then
-        // a change the new set alone chooses.
+        // a, b, c -> a, d, e, chosen on a, b (old) and a, d, e (new); the
+        // next change still needs the old set, the one after it does not.
         let to = vec![Member::copy("a"), Member::copy("d"), Member::copy("e")];
         let ch = Change::Members { members: to };
         let (mut p, out) = Proposer::new("c1", ch.clone(), &r, 0, 0, 5);
@@ -1159,7 +1162,22 @@ mod tests {
             node: "x".into(),
             readonly: false,
         };
-        let (mut p, out) = Proposer::new("c3", pubx, &vs["d"].state().record, 0, 0, 5);
+        let ended = vs["d"].state().record.clone();
+        assert_eq!(ended.previous, None);
+        assert_eq!(ended.ended.as_deref(), Some(&r.members[..]));
+        let (mut p, out) = Proposer::new("c3", pubx.clone(), &ended, 0, 0, 5);
+        assert_eq!(run(&mut p, out, &mut vs, &["d", "e"]), None);
+        let (mut p, out) = Proposer::new("c3b", pubx, &ended, 0, 0, 5);
+        let Some(Outcome::Chosen { record: next, .. }) =
+            run(&mut p, out, &mut vs, &["a", "b", "d", "e"])
+        else {
+            panic!("chosen by both sets");
+        };
+        assert_eq!(next.ended, None);
+        let grow = Change::Resize {
+            size: next.size + 1,
+        };
+        let (mut p, out) = Proposer::new("c3c", grow, &next, 0, 0, 5);
         let Some(Outcome::Chosen {
             record: published, ..
         }) = run(&mut p, out, &mut vs, &["d", "e"])
