@@ -1004,8 +1004,8 @@ fn an_engine_whose_attach_is_refused_starts_over_from_the_newest_record() {
 /// step that was never chosen, while the old members chose another record
 /// of the same version (two records chosen for one version). A proposer
 /// that read the first record would have built on it with the new members
-/// alone. The record ending a change now keeps the old members' majority
-/// in its voter sets (`ended`) until the next change.
+/// alone. The record ending a change is now built only on a first step
+/// known to be chosen.
 #[test]
 fn a_record_ending_a_change_needs_the_old_members_until_the_next_change() {
     run(3184, false, 800, Mutation::None);

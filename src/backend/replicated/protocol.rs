@@ -500,9 +500,6 @@ impl Change {
     /// The version always rises, so every accepted proposal is distinct.
     pub fn apply(&self, current: &ReplicaRecord) -> Result<ReplicaRecord, Refusal> {
         let mut r = current.clone();
-        // The old voters of a change ended by `current` are needed for
-        // this change (its quorum includes `current`'s sets), not after.
-        r.ended = None;
         let owner = current.owner.as_ref().map(|o| o.node.as_str());
         let fenced = || Refusal::Fenced {
             owner: owner.map(str::to_owned),
@@ -552,7 +549,7 @@ impl Change {
                     .collect();
             }
             Change::Members { members } => match &current.previous {
-                Some(_) if current.has_members(members) => r.ended = r.previous.take(),
+                Some(_) if current.has_members(members) => r.previous = None,
                 Some(_) => {
                     let names: Vec<&str> = current.voters().collect();
                     return Err(Refusal::Reconfiguring {
@@ -602,6 +599,10 @@ enum Phase {
     Preparing,
     /// Accepting `0`, which needs the quorum `1`.
     Accepting(ReplicaRecord, JointQuorum),
+    /// Accepting `0` unchanged but for its version (quorum `1`), to know
+    /// it chosen before a change that ends a membership change is built
+    /// on it; then a new round.
+    Confirming(ReplicaRecord, JointQuorum),
     /// Waiting to try again with a higher ballot (after a Nack or a
     /// timeout); `at` is set on the next tick from the caller's jitter.
     Backoff {
@@ -626,6 +627,15 @@ enum Phase {
 /// them before it decides (see `JointQuorum`). A membership change keeps
 /// both sets in the record until a second change ends it, so no record
 /// is chosen by the new voters alone before the old ones accepted it.
+///
+/// The change that ends it drops the old voters, so it is built only on
+/// a first step known to be chosen: a majority of each of its voter sets
+/// promised with it at its ballot, or this proposer just had it accepted
+/// so (it re-proposes the newest record unchanged but for its version
+/// when neither holds). Built on a first step that was only accepted
+/// somewhere, the record ending the change could reach the new voters
+/// alone while the old ones chose another record of the same version,
+/// and whoever read it would ask the new voters only.
 #[derive(Debug, Clone)]
 pub struct Proposer {
     id: String,
@@ -639,6 +649,8 @@ pub struct Proposer {
     phase: Phase,
     promises: BTreeMap<String, (Ballot, ReplicaRecord)>,
     accepts: BTreeSet<String>,
+    /// A record this proposer had chosen (while confirming), and its ballot.
+    confirmed: Option<(Ballot, ReplicaRecord)>,
     now: u64,
     deadline: u64,
     timeout: u64,
@@ -672,6 +684,7 @@ impl Proposer {
             phase: Phase::Done,
             promises: BTreeMap::new(),
             accepts: BTreeSet::new(),
+            confirmed: None,
             now,
             deadline: 0,
             timeout,
@@ -730,13 +743,33 @@ impl Proposer {
                 Some(t) if now >= *t => self.prepare(),
                 Some(_) => Vec::new(),
             },
-            Phase::Preparing | Phase::Accepting(..) => {
+            Phase::Preparing | Phase::Accepting(..) | Phase::Confirming(..) => {
                 if now >= self.deadline {
                     self.phase = Phase::Backoff { at: None };
                 }
                 Vec::new()
             }
         }
+    }
+
+    /// Whether `record`, accepted at `ballot`, is known chosen: this
+    /// proposer had it chosen, or a majority of each of its voter sets
+    /// promised with it accepted at that ballot.
+    fn known_chosen(&self, ballot: &Ballot, record: &ReplicaRecord) -> bool {
+        if self
+            .confirmed
+            .as_ref()
+            .is_some_and(|(b, r)| b == ballot && r == record)
+        {
+            return true;
+        }
+        let holders: BTreeSet<String> = self
+            .promises
+            .iter()
+            .filter(|(_, (b, r))| b == ballot && r == record)
+            .map(|(n, _)| n.clone())
+            .collect();
+        record.quorums().reached(&holders)
     }
 
     /// A voter answered. Returns what to send and, once decided, the
@@ -747,7 +780,10 @@ impl Proposer {
         }
         match reply {
             Reply::Nack { ballot, promised } if *ballot == self.ballot => {
-                if matches!(self.phase, Phase::Preparing | Phase::Accepting(..)) {
+                if matches!(
+                    self.phase,
+                    Phase::Preparing | Phase::Accepting(..) | Phase::Confirming(..)
+                ) {
                     self.highest_seen = self.highest_seen.max(promised.round);
                     self.phase = Phase::Backoff { at: None };
                 }
@@ -760,12 +796,12 @@ impl Proposer {
             } if *ballot == self.ballot && self.phase == Phase::Preparing => {
                 self.promises
                     .insert(from.to_owned(), (accepted.clone(), record.clone()));
-                let (_, newest) = self
+                let (newest_ballot, newest) = self
                     .promises
                     .values()
                     .max_by(|a, b| a.0.cmp(&b.0))
                     .expect("just inserted");
-                let newest = newest.clone();
+                let (newest_ballot, newest) = (newest_ballot.clone(), newest.clone());
                 // The newest record may name voters the proposer did not
                 // know: their majority is needed too.
                 let need = self.view.clone().with(&newest.quorums());
@@ -777,7 +813,24 @@ impl Proposer {
                 if !need.reached(&promised) {
                     return (out, None);
                 }
-                match self.change.apply(&newest) {
+                let result = self.change.apply(&newest);
+                let ends_change = newest.previous.is_some()
+                    && matches!(&result, Ok(next) if next.previous.is_none());
+                if ends_change && !self.known_chosen(&newest_ballot, &newest) {
+                    let mut same = newest.clone();
+                    same.version += 1;
+                    let quorum = newest.quorums();
+                    let to = quorum.voters();
+                    self.voters.extend(to.iter().cloned());
+                    self.phase = Phase::Confirming(same.clone(), quorum);
+                    self.deadline = self.now + self.timeout;
+                    out.extend(self.send_to(&to, |b| Request::Accept {
+                        ballot: b,
+                        record: same.clone(),
+                    }));
+                    return (out, None);
+                }
+                match result {
                     Err(refusal) => {
                         self.phase = Phase::Done;
                         (
@@ -803,6 +856,16 @@ impl Proposer {
                 }
             }
             Reply::Accepted { ballot } if *ballot == self.ballot => {
+                if let Phase::Confirming(record, quorum) = &self.phase {
+                    let (record, quorum) = (record.clone(), quorum.clone());
+                    self.accepts.insert(from.to_owned());
+                    if !quorum.reached(&self.accepts) {
+                        return (Vec::new(), None);
+                    }
+                    // Chosen: build on it in a new round.
+                    self.confirmed = Some((self.ballot.clone(), record));
+                    return (self.prepare(), None);
+                }
                 let Phase::Accepting(record, quorum) = &self.phase else {
                     return (Vec::new(), None);
                 };
@@ -1137,6 +1200,48 @@ mod tests {
         ));
     }
 
+    /// The first step of a, b, c -> a, d, e accepted by a, d and e only
+    /// (all the new voters, one old one): not chosen. The change that ends
+    /// it is not built on it until it is chosen: with the old voters out of
+    /// reach nothing is decided, and with b back the first step is chosen
+    /// again (unchanged but for its version) before the end is built on it.
+    #[test]
+    fn a_membership_change_ends_only_on_a_first_step_known_chosen() {
+        let r = record();
+        let mut vs = voters(&r);
+        for n in ["d", "e"] {
+            vs.insert(n.into(), Voter::new(n, r.clone(), 0));
+        }
+        let to = vec![Member::copy("a"), Member::copy("d"), Member::copy("e")];
+        let ch = Change::Members { members: to };
+        let first = ch.apply(&r).unwrap();
+        assert!(first.previous.is_some());
+        let b1 = Ballot {
+            round: 1,
+            proposer: "c1".into(),
+        };
+        for n in ["a", "d", "e"] {
+            let reply = vs.get_mut(n).unwrap().handle(Request::Accept {
+                ballot: b1.clone(),
+                record: first.clone(),
+            });
+            assert_eq!(reply, Some(Reply::Accepted { ballot: b1.clone() }));
+        }
+        let (mut p, out) = Proposer::new("c2", ch.clone(), &first, 1, 0, 5);
+        assert_eq!(run(&mut p, out, &mut vs, &["a", "d", "e"]), None);
+        let (mut p, out) = Proposer::new("c3", ch, &first, 1, 0, 5);
+        let Some(Outcome::Chosen { record: end, .. }) =
+            run(&mut p, out, &mut vs, &["a", "b", "d", "e"])
+        else {
+            panic!("chosen");
+        };
+        assert_eq!(end.previous, None);
+        assert!(end.has_members(&first.members));
+        // first (v1), first again (v2), the end (v3).
+        assert_eq!(end.version, first.version + 2);
+        assert_eq!(vs["b"].state().record, end);
+    }
+
     #[test]
     fn a_stale_proposer_widens_its_prepare_to_the_new_members() {
         let r = record();
@@ -1144,8 +1249,8 @@ mod tests {
         for n in ["d", "e"] {
             vs.insert(n.into(), Voter::new(n, r.clone(), 0));
         }
-        // a, b, c -> a, d, e, chosen on a, b (old) and a, d, e (new); the
-        // next change still needs the old set, the one after it does not.
+        // a, b, c -> a, d, e, chosen on a, b (old) and a, d, e (new); then
+        // a change the new set alone chooses.
         let to = vec![Member::copy("a"), Member::copy("d"), Member::copy("e")];
         let ch = Change::Members { members: to };
         let (mut p, out) = Proposer::new("c1", ch.clone(), &r, 0, 0, 5);
@@ -1162,22 +1267,7 @@ mod tests {
             node: "x".into(),
             readonly: false,
         };
-        let ended = vs["d"].state().record.clone();
-        assert_eq!(ended.previous, None);
-        assert_eq!(ended.ended.as_deref(), Some(&r.members[..]));
-        let (mut p, out) = Proposer::new("c3", pubx.clone(), &ended, 0, 0, 5);
-        assert_eq!(run(&mut p, out, &mut vs, &["d", "e"]), None);
-        let (mut p, out) = Proposer::new("c3b", pubx, &ended, 0, 0, 5);
-        let Some(Outcome::Chosen { record: next, .. }) =
-            run(&mut p, out, &mut vs, &["a", "b", "d", "e"])
-        else {
-            panic!("chosen by both sets");
-        };
-        assert_eq!(next.ended, None);
-        let grow = Change::Resize {
-            size: next.size + 1,
-        };
-        let (mut p, out) = Proposer::new("c3c", grow, &next, 0, 0, 5);
+        let (mut p, out) = Proposer::new("c3", pubx, &vs["d"].state().record, 0, 0, 5);
         let Some(Outcome::Chosen {
             record: published, ..
         }) = run(&mut p, out, &mut vs, &["d", "e"])

@@ -63,10 +63,7 @@ pub struct Owner {
 /// writes it had not flushed, and is no longer in sync under its new boot.
 /// `previous` is set while a membership change is under way (the members
 /// before it): every change of such a record needs a majority of both
-/// sets (see [`ReplicaRecord::quorums`]). `ended` is set on the record
-/// that ends a membership change (the members before the change) and
-/// cleared by the next change: the old voters' majority is needed for that
-/// one too (see [`ReplicaRecord::quorums`]). `created_copies` is the copy
+/// sets (see [`ReplicaRecord::quorums`]). `created_copies` is the copy
 /// count CreateVolume asked for (absent in records made before it was
 /// kept): a CreateVolume retried after ModifyVolume changed the copies
 /// still finds its volume.
@@ -78,8 +75,6 @@ pub struct ReplicaRecord {
     pub members: Vec<Member>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Vec<Member>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended: Option<Vec<Member>>,
     pub in_sync: BTreeMap<String, u64>,
     pub owner: Option<Owner>,
     pub epoch: u64,
@@ -128,7 +123,6 @@ impl ReplicaRecord {
             size,
             members,
             previous: None,
-            ended: None,
             in_sync,
             owner: None,
             epoch: 0,
@@ -146,10 +140,7 @@ impl ReplicaRecord {
         if self.size == 0 {
             return Err(RecordError::ZeroSize);
         }
-        for set in std::iter::once(&self.members)
-            .chain(self.previous.as_ref())
-            .chain(self.ended.as_ref())
-        {
+        for set in std::iter::once(&self.members).chain(self.previous.as_ref()) {
             let mut seen = BTreeSet::new();
             for m in set {
                 if !valid_node_id(&m.node) {
@@ -210,22 +201,12 @@ impl ReplicaRecord {
     }
 
     /// The voter sets whose majorities a change of this record needs: the
-    /// members; during a membership change the previous members too; and
-    /// on the record that ended one, the members before it (`ended`).
-    ///
-    /// Why the last: the record ending a change may be accepted by a
-    /// majority of the new members only (its proposer stopped before the
-    /// old voters accepted it, as it must for it to be chosen), while the
-    /// old voters, who never saw it, choose another record of the same
-    /// version. A later proposer that knew only the new members would
-    /// then build on the record that was never chosen. With the old
-    /// members in its voter sets, anyone who reads that record also asks
-    /// the old voters, and learns what they chose.
+    /// members, and during a membership change the previous members too.
     pub fn quorums(&self) -> JointQuorum {
         let mut q = JointQuorum::default();
         q.add(self.voters());
-        for set in [&self.previous, &self.ended].into_iter().flatten() {
-            q.add(set.iter().map(|m| m.node.as_str()));
+        if let Some(p) = &self.previous {
+            q.add(p.iter().map(|m| m.node.as_str()));
         }
         q
     }
