@@ -1007,7 +1007,7 @@ fn an_engine_whose_attach_is_refused_starts_over_from_the_newest_record() {
 /// alone. The record ending a change is now built only on a first step
 /// known to be chosen.
 #[test]
-fn a_record_ending_a_change_needs_the_old_members_until_the_next_change() {
+fn a_membership_change_ends_only_on_a_first_step_known_chosen() {
     run(3184, false, 800, Mutation::None);
     run(10032, true, 800, Mutation::None);
 }
