@@ -1202,9 +1202,8 @@ fn chosen_and_settled(newest: &VoterState, accepted: &[(String, Ballot)]) -> boo
 /// accepted a real record (above the zero ballot) older than it, so it was
 /// a member once. A holder at the zero ballot may be a copy a membership
 /// change has just created and not proposed yet: not removed here (see
-/// [`orphaned_members`]). Nor
-/// is the owner's (its engine may still have the copy open): that one goes
-/// once the volume is unpublished from there.
+/// [`orphaned_members`]). Nor is the owner's (its engine may still have
+/// the copy open): that one goes once the volume is unpublished from there.
 fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<String> {
     if !chosen_and_settled(newest, accepted) {
         return Vec::new();
@@ -1212,12 +1211,7 @@ fn removed_members(newest: &VoterState, accepted: &[(String, Ballot)]) -> Vec<St
     let record = &newest.record;
     accepted
         .iter()
-        .filter(|(n, b)| {
-            !record.voters().any(|v| v == n)
-                && record.owner.as_ref().is_none_or(|o| o.node != *n)
-                && *b != Ballot::zero()
-                && *b < newest.accepted
-        })
+        .filter(|(n, b)| !record.names(n) && *b != Ballot::zero() && *b < newest.accepted)
         .map(|(n, _)| n.clone())
         .collect()
 }
@@ -1243,10 +1237,7 @@ fn orphaned_members(
     accepted
         .iter()
         .filter(|(n, b)| {
-            *b == Ballot::zero()
-                && !record.members.iter().any(|m| m.node == *n)
-                && record.owner.as_ref().is_none_or(|o| o.node != *n)
-                && idle.get(n).is_some_and(|d| *d >= grace)
+            *b == Ballot::zero() && !record.names(n) && idle.get(n).is_some_and(|d| *d >= grace)
         })
         .map(|(n, _)| n.clone())
         .collect()

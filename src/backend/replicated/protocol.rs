@@ -910,6 +910,15 @@ mod tests {
             .collect()
     }
 
+    /// The voters of `r`, and d and e holding `r` too (joiners to be).
+    fn voters_with_joiners(r: &ReplicaRecord) -> BTreeMap<String, Voter> {
+        let mut vs = voters(r);
+        for n in ["d", "e"] {
+            vs.insert(n.into(), Voter::new(n, r.clone(), 0));
+        }
+        vs
+    }
+
     /// Runs a proposer to its end, delivering to the voters in `reach` only.
     fn run(
         p: &mut Proposer,
@@ -1208,10 +1217,7 @@ mod tests {
     #[test]
     fn a_membership_change_ends_only_on_a_first_step_known_chosen() {
         let r = record();
-        let mut vs = voters(&r);
-        for n in ["d", "e"] {
-            vs.insert(n.into(), Voter::new(n, r.clone(), 0));
-        }
+        let mut vs = voters_with_joiners(&r);
         let to = vec![Member::copy("a"), Member::copy("d"), Member::copy("e")];
         let ch = Change::Members { members: to };
         let first = ch.apply(&r).unwrap();
@@ -1245,10 +1251,7 @@ mod tests {
     #[test]
     fn a_stale_proposer_widens_its_prepare_to_the_new_members() {
         let r = record();
-        let mut vs = voters(&r);
-        for n in ["d", "e"] {
-            vs.insert(n.into(), Voter::new(n, r.clone(), 0));
-        }
+        let mut vs = voters_with_joiners(&r);
         // a, b, c -> a, d, e, chosen on a, b (old) and a, d, e (new); then
         // a change the new set alone chooses.
         let to = vec![Member::copy("a"), Member::copy("d"), Member::copy("e")];

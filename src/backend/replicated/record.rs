@@ -211,6 +211,11 @@ impl ReplicaRecord {
         q
     }
 
+    /// Whether the record names `node`, as a member or as the owner.
+    pub fn names(&self, node: &str) -> bool {
+        self.voters().any(|v| v == node) || self.owner.as_ref().is_some_and(|o| o.node == node)
+    }
+
     /// Whether the members are `members`, in any order.
     pub fn has_members(&self, members: &[Member]) -> bool {
         same_members(&self.members, members)

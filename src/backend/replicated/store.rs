@@ -619,10 +619,7 @@ impl ReplicaStore {
         };
         let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
         let r = &v.state().record;
-        Some(
-            r.members.iter().any(|m| m.node == node)
-                || r.owner.as_ref().is_some_and(|o| o.node == node),
-        )
+        Some(r.names(node))
     }
 
     /// Every volume this node holds a member of.
