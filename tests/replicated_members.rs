@@ -480,3 +480,44 @@ async fn a_copy_made_for_a_change_that_never_happened_is_deleted() {
     assert!(in_sync, "{msg}");
     cl.delete(&id).await.unwrap();
 }
+
+/// ControllerModifyVolume of `replicas` 3 -> 1 -> 2 on three nodes while a
+/// writer runs on the published volume: the shrink to one copy deletes
+/// the other two (the copy on the publishing node stays); the grow makes
+/// a copy and a witness on nodes that held copies before, and the new copy
+/// is rebuilt in full (the engine may not have seen the shrink, and must
+/// not take it for the old copy) and holds the same bytes as the one that
+/// stayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn shrinking_to_one_copy_and_growing_again_keeps_the_copies_equal() {
+    let mut cl = Cluster::start_full(3, &[], &[]).await;
+    let v = cl.create(replicated("mem-one", "3")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (three, _, _) = copies(&mut cl, &id).await;
+    let m = Published::up(&mut cl, index_of(&three[0]), &v, &ext4())
+        .await
+        .unwrap();
+    let w = Writer::start(&m.target);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    modify(&mut cl, &id, &[("replicas", "1")]).await.unwrap();
+    let one = wait_copies(&mut cl, &id, 1, None, Duration::from_secs(60)).await;
+    assert_eq!(one, [three[0].clone()], "the owner's copy stays");
+    for gone in &three[1..] {
+        assert!(
+            !cl.copy_dir(index_of(gone), &id).exists(),
+            "the removed copy on {gone} was deleted"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    modify(&mut cl, &id, &[("replicas", "2")]).await.unwrap();
+    let two = wait_copies(&mut cl, &id, 2, None, Duration::from_secs(60)).await;
+    assert!(two.contains(&one[0]), "{one:?} -> {two:?}");
+
+    let files = w.finish();
+    assert!(files > 0);
+    m.down(&mut cl, &id).await;
+    same_data(&cl, &id, &two);
+    cl.delete(&id).await.unwrap();
+}

@@ -140,6 +140,7 @@ struct Stats {
     reseeds: u64,
     rebuilt_joins: u64,
     reconfigs: u64,
+    readds: u64,
     steps: u64,
     steps_serving: u64,
 }
@@ -178,6 +179,10 @@ struct Sim {
     mutation: Mutation,
     /// New nodes made so far (each membership change adds fresh ones).
     spares: u64,
+    /// A membership change may add, half the time, a node that was a
+    /// member before (its old voter deleted, as the controller does, and
+    /// made again empty at a boot of its own) instead of a new node.
+    readd: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +201,7 @@ fn pair(a: &str, b: &str) -> (String, String) {
 }
 
 impl Sim {
-    fn new(seed: u64, witness: bool, mutation: Mutation) -> Self {
+    fn new(seed: u64, witness: bool, readd: bool, mutation: Mutation) -> Self {
         let members = if witness {
             vec![Member::copy("n1"), Member::copy("n2"), Member::witness("w")]
         } else {
@@ -241,6 +246,7 @@ impl Sim {
             stats: Stats::default(),
             mutation,
             spares: 0,
+            readd,
         }
     }
 
@@ -252,12 +258,18 @@ impl Sim {
             .rev()
             .take(8)
             .map(|r| {
+                let members: Vec<String> = r
+                    .members
+                    .iter()
+                    .map(|m| format!("{}:{:?}@{}", m.node, m.role, m.since))
+                    .collect();
                 format!(
-                    "v{} epoch {} owner {:?} in_sync {:?}",
+                    "v{} epoch {} owner {:?} in_sync {:?} members {members:?}{}",
                     r.version,
                     r.epoch,
                     r.owner.as_ref().map(|o| &o.node),
-                    r.in_sync
+                    r.in_sync,
+                    if r.previous.is_some() { " (joint)" } else { "" }
                 )
             })
             .collect();
@@ -393,8 +405,22 @@ impl Sim {
             self.ctl.plan = vec![Change::Members { members }];
             return;
         }
-        self.spares += 1;
-        let fresh = format!("s{}", self.spares);
+        // A former member that is up: the controller could create a copy
+        // there again (once it deleted the old one).
+        let former: Vec<String> = self
+            .voters
+            .keys()
+            .filter(|n| !latest.voters().any(|v| v == n.as_str()) && !self.down.contains_key(*n))
+            .cloned()
+            .collect();
+        let (fresh, boot) = if self.readd && !former.is_empty() && self.rng.chance(500) {
+            self.stats.readds += 1;
+            let again = self.rng.pick(&former).clone();
+            (again, 1 + self.rng.below(1 << 40))
+        } else {
+            self.spares += 1;
+            (format!("s{}", self.spares), 0)
+        };
         let copies: Vec<String> = latest.copies().map(str::to_owned).collect();
         let witness = latest
             .members
@@ -423,7 +449,7 @@ impl Sim {
         let first = ReplicaRecord::new(latest.uuid, latest.size, members.clone(), &BTreeMap::new())
             .unwrap();
         self.voters
-            .insert(fresh.clone(), Voter::new(&fresh, first, 0));
+            .insert(fresh.clone(), Voter::new(&fresh, first, boot));
         self.ctl.plan = vec![
             Change::Members {
                 members: members.clone(),
@@ -927,7 +953,11 @@ impl Sim {
 }
 
 fn run(seed: u64, witness: bool, steps: u64, mutation: Mutation) -> Stats {
-    let mut sim = Sim::new(seed, witness, mutation);
+    run_with(seed, witness, false, steps, mutation)
+}
+
+fn run_with(seed: u64, witness: bool, readd: bool, steps: u64, mutation: Mutation) -> Stats {
+    let mut sim = Sim::new(seed, witness, readd, mutation);
     let first = sim.rng.pick(&sim.hosts).clone();
     sim.move_owner(first);
     for _ in 0..steps {
@@ -937,7 +967,7 @@ fn run(seed: u64, witness: bool, steps: u64, mutation: Mutation) -> Stats {
     sim.stats
 }
 
-fn run_many(seeds: std::ops::Range<u64>, witness: bool, steps: u64) {
+fn run_many(seeds: std::ops::Range<u64>, witness: bool, readd: bool, steps: u64) {
     // REPL_SEED=n replays one seed; REPL_SEEDS=n runs n seeds (a soak).
     let env = |k: &str| std::env::var(k).ok().map(|v| v.parse::<u64>().unwrap());
     let seeds = match (env("REPL_SEED"), env("REPL_SEEDS")) {
@@ -947,7 +977,7 @@ fn run_many(seeds: std::ops::Range<u64>, witness: bool, steps: u64) {
     };
     let mut total = Stats::default();
     for seed in seeds.clone() {
-        let s = run(seed, witness, steps, Mutation::None);
+        let s = run_with(seed, witness, readd, steps, Mutation::None);
         total.acked += s.acked;
         total.flushes += s.flushes;
         total.reads += s.reads;
@@ -957,11 +987,12 @@ fn run_many(seeds: std::ops::Range<u64>, witness: bool, steps: u64) {
         total.reseeds += s.reseeds;
         total.rebuilt_joins += s.rebuilt_joins;
         total.reconfigs += s.reconfigs;
+        total.readds += s.readds;
         total.steps += s.steps;
         total.steps_serving += s.steps_serving;
     }
     eprintln!(
-        "seeds {seeds:?} ({} faulty steps each, {} steps in all, {} with the owner's engine serving), witness {witness}: {} writes acked, {} flushes, {} reads, {} writes refused, {} ownership moves, {} crashes, {} copies rejoined, {} reseeds, {} membership changes",
+        "seeds {seeds:?} ({} faulty steps each, {} steps in all, {} with the owner's engine serving), witness {witness}: {} writes acked, {} flushes, {} reads, {} writes refused, {} ownership moves, {} crashes, {} copies rejoined, {} reseeds, {} membership changes ({} adding a former member)",
         steps,
         total.steps,
         total.steps_serving,
@@ -973,18 +1004,23 @@ fn run_many(seeds: std::ops::Range<u64>, witness: bool, steps: u64) {
         total.crashes,
         total.rebuilt_joins,
         total.reseeds,
-        total.reconfigs
+        total.reconfigs,
+        total.readds
     );
     assert!(total.acked > 0 && total.moves > 0 && total.crashes > 0);
     assert!(total.rebuilt_joins > 0, "no copy was ever rebuilt");
     assert!(total.reconfigs > 0, "the members never changed");
+    assert!(
+        !readd || total.readds > 0,
+        "no former member was added again"
+    );
 }
 
 /// Three copies under every fault; invariants after every step, liveness
 /// and convergence at the end of each seed.
 #[test]
 fn three_copies_keep_acknowledged_writes_under_faults() {
-    run_many(0..150, false, 800);
+    run_many(0..150, false, false, 800);
 }
 
 /// Seed 1113 of the three-copy configuration (found by the 2000-seed soak,
@@ -1015,7 +1051,18 @@ fn a_membership_change_ends_only_on_a_first_step_known_chosen() {
 /// Two copies and a witness: the witness makes the majority.
 #[test]
 fn two_copies_and_a_witness_keep_acknowledged_writes_under_faults() {
-    run_many(1000..1150, true, 800);
+    run_many(1000..1150, true, false, 800);
+}
+
+/// Membership changes that add former members again (ModifyVolume 3 -> 1
+/// -> 2 on three nodes does): the node holds a new, empty copy under its
+/// old name, which an engine that missed the changes must neither take
+/// for the old copy's dirty regions nor put in sync under the old copy's
+/// boot. Three copies, then two copies and a witness.
+#[test]
+fn members_added_again_keep_acknowledged_writes_under_faults() {
+    run_many(2000..2150, false, true, 800);
+    run_many(3000..3150, true, true, 800);
 }
 
 /// The checker can fail: with fencing switched off in the copies, an old

@@ -155,6 +155,9 @@ struct Copying {
 #[derive(Debug, Clone)]
 struct Link {
     phase: Phase,
+    /// The `since` of the member it is a link to: a node removed and added
+    /// again is another copy (empty), whatever the link knew of the old.
+    since: u64,
     conn: u64,
     boot: u64,
     /// Failed while required: to be marked out of sync.
@@ -175,6 +178,7 @@ impl Link {
     fn new(phase: Phase, boot: u64) -> Self {
         Link {
             phase,
+            since: 0,
             conn: 0,
             boot,
             failing: false,
@@ -895,15 +899,20 @@ impl Engine {
         if self.state == EngineState::Starting {
             return;
         }
-        let copies: BTreeSet<String> = self.record.copies().map(str::to_owned).collect();
+        let copies: BTreeMap<String, u64> = self.record.copy_since();
         let gone: Vec<String> = self
             .links
-            .keys()
-            .filter(|n| !copies.contains(*n))
-            .cloned()
+            .iter()
+            .filter(|(n, l)| copies.get(*n) != Some(&l.since))
+            .map(|(n, _)| n.clone())
             .collect();
+        let mut conns = BTreeMap::new();
         for n in gone {
-            self.links.remove(&n);
+            // A copy made again under the same name: its link starts over
+            // (a full rebuild) but its connection numbers keep rising, so
+            // no late answer of the old copy counts for the new one.
+            let old = self.links.remove(&n).expect("listed");
+            conns.insert(n.clone(), old.conn);
             self.start_replies.remove(&n);
             for w in self.writes.values_mut() {
                 w.waiting.remove(&n);
@@ -913,9 +922,11 @@ impl Engine {
                 f.covers.remove(&n);
             }
         }
-        for c in copies {
+        for (c, since) in copies {
             if !self.links.contains_key(&c) {
                 let mut l = Link::new(Phase::Out, 0);
+                l.since = since;
+                l.conn = conns.get(&c).copied().unwrap_or(0);
                 l.dirty = (0..self.cfg.regions).collect();
                 self.links.insert(c, l);
             }
@@ -946,13 +957,12 @@ impl Engine {
         self.start_replies.clear();
         self.start_unreachable.clear();
         self.attach_deadline = self.now + self.cfg.timeout;
-        let copies: Vec<String> = self.record.copies().map(str::to_owned).collect();
-        for c in copies {
+        for (c, since) in self.record.copy_since() {
             let boot = self.record.in_sync.get(&c).copied();
-            let l = self
-                .links
-                .entry(c.clone())
-                .or_insert_with(|| Link::new(Phase::Out, 0));
+            let l = self.links.entry(c.clone()).or_insert_with(|| Link {
+                since,
+                ..Link::new(Phase::Out, 0)
+            });
             l.conn += 1;
             if boot.is_none() {
                 l.go_out();
@@ -1054,6 +1064,7 @@ impl Engine {
             node: self.cfg.node.clone(),
             epoch: self.record.epoch,
             in_sync,
+            copies: self.record.copy_since(),
         };
         let (p, out) = Proposer::new(
             &self.cfg.id,
@@ -1744,6 +1755,72 @@ mod tests {
         let rec = &net.voters["a"].state().record;
         assert_eq!(rec.in_sync.keys().collect::<Vec<_>>(), ["a", "b", "d"]);
         assert_eq!(rec.epoch, e.epoch(), "a membership change fences no engine");
+    }
+
+    /// The members go {a, b, c} -> {a} -> {a, c, witness b} while the
+    /// engine on a hears of neither change: c is then a new, empty copy
+    /// under an old name, and is rebuilt in full (not only from the regions
+    /// the engine had marked dirty for the old c).
+    #[test]
+    fn a_copy_removed_and_added_again_unseen_is_rebuilt_in_full() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        let t0 = e.write(0).unwrap();
+        let t1 = e.write(1).unwrap();
+        net.run(&mut e, 2);
+        // Flushed: the old c held them for good, nothing of them is dirty.
+        let f = e.flush().unwrap();
+        assert!(
+            net.run(&mut e, 2)
+                .contains(&EngineEvent::FlushAcked { id: f })
+        );
+        let mut record = r.clone();
+        for (members, ids) in [
+            (vec![Member::copy("a")], ["m1", "m2"]),
+            (
+                vec![Member::copy("a"), Member::copy("c"), Member::witness("b")],
+                ["m3", "m4"],
+            ),
+        ] {
+            if members.len() == 3 {
+                // The controller deleted the old c and b and makes them
+                // again from a first record naming the new members; c
+                // starts at a boot of its own.
+                let first =
+                    ReplicaRecord::new(r.uuid, r.size, members.clone(), &BTreeMap::new()).unwrap();
+                net.voters
+                    .insert("c".into(), Voter::new("c", first.clone(), 77));
+                net.voters.insert("b".into(), Voter::new("b", first, 0));
+            }
+            for id in ids {
+                let change = Change::Members {
+                    members: members.clone(),
+                };
+                let Outcome::Chosen { record: next, .. } = net.change(change, &record, id) else {
+                    panic!("membership change refused");
+                };
+                record = next;
+            }
+        }
+        assert_eq!(record.members[1].since, 5, "{record:?}");
+        // The engine learns the newest record by changing it before any
+        // I/O shows it c's new boot: its in-sync set names the old c.
+        e.refresh();
+        net.run(&mut e, 5);
+        assert!(!e.record().in_sync.contains_key("c"), "{:?}", e.record());
+        let t2 = e.write(2).unwrap();
+        let ev = net.run(&mut e, 200);
+        assert!(acked(&ev).contains(&t2), "{ev:?}");
+        assert!(e.all_in_sync(), "{:?}", e.copies());
+        assert_eq!(e.record().in_sync.keys().collect::<Vec<_>>(), ["a", "c"]);
+        for (region, tag) in [(0, t0), (1, t1), (2, t2)] {
+            assert_eq!(
+                net.voters["c"].data().get(&region),
+                Some(&tag),
+                "region {region}"
+            );
+        }
     }
 
     #[test]

@@ -462,13 +462,19 @@ pub enum Change {
     /// shrinks). Copies extend their files when they take the record; the
     /// engine grows when NodeExpandVolume tells it.
     Resize { size: u64 },
-    /// The engine owning epoch `epoch` on `node` sets the in-sync set
-    /// (of the record's copies: nodes no longer copies are left out, so a
-    /// membership change never fences the engine).
+    /// The engine owning epoch `epoch` on `node` sets the in-sync state
+    /// of the copies it knows, `copies` (each with its member's `since`):
+    /// those in `in_sync` are in sync at the boot given, the others not. A
+    /// copy of the record it does not know (a node no longer a copy, or
+    /// removed and added again since) keeps its state, so a membership
+    /// change never fences the engine, nor does an engine that missed one
+    /// put a new copy in sync in place of the old.
     SetInSync {
         node: String,
         epoch: u64,
         in_sync: BTreeMap<String, u64>,
+        #[serde(default)]
+        copies: BTreeMap<String, u64>,
     },
     /// ControllerModifyVolume (or replacing a lost copy): the members
     /// become `members`, in two chosen steps. The first keeps the old
@@ -538,13 +544,18 @@ impl Change {
                 node,
                 epoch,
                 in_sync,
+                copies,
             } => {
                 if owner != Some(node.as_str()) || current.epoch != *epoch {
                     return Err(fenced());
                 }
-                r.in_sync = in_sync
+                let now = current.copy_since();
+                let known = |n: &String| now.get(n).is_some_and(|s| copies.get(n) == Some(s));
+                r.in_sync = current
+                    .in_sync
                     .iter()
-                    .filter(|(n, _)| current.is_copy(n))
+                    .filter(|(n, _)| !known(n))
+                    .chain(in_sync.iter().filter(|(n, _)| known(n)))
                     .map(|(n, b)| (n.clone(), *b))
                     .collect();
             }
@@ -559,7 +570,21 @@ impl Change {
                 None if current.has_members(members) => {}
                 None => {
                     r.previous = Some(current.members.clone());
-                    r.members = members.clone();
+                    // A member kept in its role keeps its `since`; one
+                    // added (or in a new role) starts at this version.
+                    r.members = members
+                        .iter()
+                        .map(|m| {
+                            let kept = current
+                                .members
+                                .iter()
+                                .find(|c| c.node == m.node && c.role == m.role);
+                            Member {
+                                since: kept.map_or(current.version + 1, |c| c.since),
+                                ..m.clone()
+                            }
+                        })
+                        .collect();
                     let next = r.clone();
                     r.in_sync.retain(|n, _| next.is_copy(n));
                 }
@@ -990,6 +1015,7 @@ mod tests {
             node: "y".into(),
             epoch: 1,
             in_sync: [("a".to_owned(), 0)].into(),
+            copies: r.copy_since(),
         };
         // The engine knows only the old record; the majority tells it.
         let (mut p, out) = Proposer::new("engine-y", ch, &r, 0, 0, 5);
@@ -1295,21 +1321,103 @@ mod tests {
         assert_eq!(record, published);
     }
 
+    /// The engine knew copies a, b and c; the members have since become a,
+    /// b, d and e, where e joined in sync (a restore's copy, say) and b
+    /// was removed and added again (a new copy). Only a and the old b are
+    /// the engine's to set: c is gone, the new b and e keep their state.
     #[test]
-    fn set_in_sync_leaves_out_nodes_that_are_no_longer_copies() {
+    fn set_in_sync_sets_only_the_copies_the_engine_knows() {
         let mut r = record();
         r.owner = Some(Owner {
             node: "x".into(),
             readonly: false,
         });
-        r.members = vec![Member::copy("a"), Member::copy("b"), Member::copy("d")];
+        let known = r.copy_since();
+        r.members = vec![
+            Member::copy("a"),
+            Member {
+                since: 4,
+                ..Member::copy("b")
+            },
+            Member::copy("d"),
+            Member {
+                since: 4,
+                ..Member::copy("e")
+            },
+        ];
+        r.in_sync = [("a".to_owned(), 1), ("e".to_owned(), 7)].into();
         let ch = Change::SetInSync {
             node: "x".into(),
             epoch: 0,
-            in_sync: [("a".to_owned(), 1), ("c".to_owned(), 1)].into(),
+            in_sync: [
+                ("a".to_owned(), 2),
+                ("b".to_owned(), 1),
+                ("c".to_owned(), 1),
+            ]
+            .into(),
+            copies: known.clone(),
         };
         let next = ch.apply(&r).unwrap();
-        assert_eq!(next.in_sync, [("a".to_owned(), 1)].into());
+        assert_eq!(
+            next.in_sync,
+            [("a".to_owned(), 2), ("e".to_owned(), 7)].into()
+        );
+        // Once the engine knows the new b, it may set it.
+        let ch = Change::SetInSync {
+            node: "x".into(),
+            epoch: 0,
+            in_sync: [("b".to_owned(), 9)].into(),
+            copies: r.copy_since(),
+        };
+        let next = ch.apply(&r).unwrap();
+        assert_eq!(next.in_sync, [("b".to_owned(), 9)].into());
+        // Marking its last known copy out leaves a copy it does not know.
+        let ch = Change::SetInSync {
+            node: "x".into(),
+            epoch: 0,
+            in_sync: BTreeMap::new(),
+            copies: known,
+        };
+        assert_eq!(ch.apply(&r).unwrap().in_sync, [("e".to_owned(), 7)].into());
+    }
+
+    /// A membership change gives a member added (or in a new role) the
+    /// new record's version as `since`; one kept in its role keeps its own.
+    #[test]
+    fn a_member_added_again_is_another_member() {
+        let r = record();
+        let members = |m: &[Member]| Change::Members {
+            members: m.to_vec(),
+        };
+        let shrink = members(&[Member::copy("a")]);
+        let joint = shrink.apply(&r).unwrap();
+        let one = shrink.apply(&joint).unwrap();
+        let grow = members(&[Member::copy("a"), Member::copy("b"), Member::witness("c")]);
+        let joint = grow.apply(&one).unwrap();
+        assert_eq!(joint.version, 3);
+        let two = grow.apply(&joint).unwrap();
+        let since: Vec<(&str, u64)> = two
+            .members
+            .iter()
+            .map(|m| (m.node.as_str(), m.since))
+            .collect();
+        assert_eq!(since, [("a", 0), ("b", 3), ("c", 3)]);
+        assert_eq!(two.previous, None);
+        // The request's own `since` counts for nothing.
+        let odd = members(&[
+            Member {
+                since: 99,
+                ..Member::copy("a")
+            },
+            Member::copy("b"),
+        ]);
+        let joint = odd.apply(&two).unwrap();
+        let since: Vec<(&str, u64)> = joint
+            .members
+            .iter()
+            .map(|m| (m.node.as_str(), m.since))
+            .collect();
+        assert_eq!(since, [("a", 0), ("b", 3)]);
     }
 
     #[test]

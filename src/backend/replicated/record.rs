@@ -23,11 +23,22 @@ pub enum Role {
     Witness,
 }
 
-/// One voter of the volume, on its node.
+/// One voter of the volume, on its node. `since` is the version of the
+/// record that made it a member in this role (0 for a founding member; a
+/// membership change sets it, whatever the change's request says): a node
+/// removed and added again holds a new, empty copy under the same name,
+/// and an engine that missed the records in between tells the two apart
+/// by it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Member {
     pub node: String,
     pub role: Role,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub since: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Member {
@@ -35,6 +46,7 @@ impl Member {
         Member {
             node: node.to_owned(),
             role: Role::Copy,
+            since: 0,
         }
     }
 
@@ -42,6 +54,7 @@ impl Member {
         Member {
             node: node.to_owned(),
             role: Role::Witness,
+            since: 0,
         }
     }
 }
@@ -187,6 +200,15 @@ impl ReplicaRecord {
     /// Every voter's node (copies and witness), in member order.
     pub fn voters(&self) -> impl Iterator<Item = &str> {
         self.members.iter().map(|m| m.node.as_str())
+    }
+
+    /// The copies, each with its member's `since`.
+    pub fn copy_since(&self) -> BTreeMap<String, u64> {
+        self.members
+            .iter()
+            .filter(|m| m.role == Role::Copy)
+            .map(|m| (m.node.clone(), m.since))
+            .collect()
     }
 
     pub fn is_copy(&self, node: &str) -> bool {

@@ -35,7 +35,7 @@ use bytes::Bytes;
 
 use super::REGION_BYTES;
 use super::protocol::{Ballot, Region, Reply, Request, Tag, Voter, VoterState};
-use super::record::{ReplicaRecord, Role};
+use super::record::{ReplicaRecord, Role, same_members};
 use super::wire::{Answer, Call};
 
 mod snap;
@@ -514,7 +514,7 @@ impl ReplicaStore {
             let held = self.load(open, record.uuid)?;
             let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
             let r = &v.state().record;
-            if r.members == record.members && r.size == record.size {
+            if same_members(&r.members, &record.members) && r.size == record.size {
                 Ok(())
             } else {
                 Err(StoreError::Conflict { uuid: record.uuid })
