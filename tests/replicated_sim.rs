@@ -58,6 +58,8 @@ const REGIONS: u32 = 8;
 const TIMEOUT: u64 = 30;
 const RESEND: u64 = 5;
 const CONTROLLER: usize = 0;
+/// Steps between two rounds of the controller's background loop.
+const REFRESH_ROUND: u64 = 200;
 
 #[derive(Debug, Clone)]
 enum Payload {
@@ -90,6 +92,9 @@ struct Faults {
     heal: u64,
     move_owner: u64,
     reconfig: u64,
+    /// The controller's Refresh of the owner's engine is lost (with
+    /// former members added again only).
+    lose_refresh: u64,
 }
 
 const HOSTILE: Faults = Faults {
@@ -101,6 +106,7 @@ const HOSTILE: Faults = Faults {
     heal: 20,
     move_owner: 5,
     reconfig: 6,
+    lose_refresh: 500,
 };
 
 const CALM: Faults = Faults {
@@ -112,6 +118,7 @@ const CALM: Faults = Faults {
     heal: 1000,
     move_owner: 0,
     reconfig: 0,
+    lose_refresh: 0,
 };
 
 struct Controller {
@@ -485,6 +492,19 @@ impl Sim {
             self.ctl.proposer = Some(p);
             self.send(CONTROLLER, out);
         }
+        // The controller's round (replace_lost): a record with a copy out
+        // of sync gets its owner's engine told again (lost as often).
+        let r = &self.checker.latest.1;
+        if self.ctl.proposer.is_none()
+            && self.now.is_multiple_of(REFRESH_ROUND)
+            && r.owner.is_some()
+            && r.copies().any(|c| !r.in_sync.contains_key(c))
+        {
+            let lost = self.readd && self.rng.chance(self.faults.lose_refresh);
+            if let Some(c) = self.current.filter(|_| !lost) {
+                self.engines.get_mut(&c).unwrap().engine.refresh();
+            }
+        }
     }
 
     fn workload(&mut self) {
@@ -777,8 +797,12 @@ impl Sim {
                     self.stats.reconfigs += 1;
                 }
                 // The controller's Refresh: the owner's engine reads the
-                // record again.
-                if let Some(c) = self.current {
+                // record again. Best effort: with former members added
+                // again, it is lost half the time (the engine then learns
+                // with its next change, or when a copy it still asks to
+                // attach says it is none).
+                let lost = self.readd && self.rng.chance(self.faults.lose_refresh);
+                if let Some(c) = self.current.filter(|_| !lost) {
                     self.engines.get_mut(&c).unwrap().engine.refresh();
                 }
             }
@@ -891,6 +915,7 @@ impl Sim {
             && e.state() == EngineState::Running
             && e.idle()
             && e.all_in_sync()
+            && self.checker.latest.1.copies().count() == self.checker.latest.1.in_sync.len()
     }
 
     /// (d) and (e): faults stop; within a bounded number of steps the

@@ -661,10 +661,16 @@ async fn read_answers(
 }
 
 /// A failure a copy answered, as the engine counts it: gone for the codes
-/// of a connection or a deadline, an error of that copy otherwise.
+/// of a connection or a deadline, no copy for NOT_FOUND (the store's
+/// answer for a volume it holds nothing of), an error of that copy
+/// otherwise.
 pub fn status_error(node: &str, code: Code, message: String) -> PeerError {
     let why = format!("{code:?}: {message}");
     match code {
+        Code::NotFound => PeerError::NoCopy {
+            node: node.to_owned(),
+            why,
+        },
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
             PeerError::Unreachable {
                 node: node.to_owned(),
@@ -1254,7 +1260,7 @@ mod tests {
         assert!(cluster.calls(s.volume, &[write(0, 1, 1)]).await[0].is_ok());
         // An unknown volume: the store's error, not a dead link.
         match &cluster.calls(Uuid::new_random(), &[write(0, 1, 1)]).await[0] {
-            Err(PeerError::Failed { why, .. }) => assert!(why.contains("NotFound"), "{why}"),
+            Err(PeerError::NoCopy { why, .. }) => assert!(why.contains("NotFound"), "{why}"),
             r => panic!("a write to no volume: {r:?}"),
         }
         // Nothing was written by n9: region 0 holds the cluster's write.

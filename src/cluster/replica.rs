@@ -38,6 +38,13 @@ use crate::backend::replicated::record::ReplicaRecord;
 use crate::backend::replicated::store::{Base, ReplicaStore, SnapshotInfo, StoreError};
 use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError, one_by_one};
 
+/// A failure of this node's own copy as a remote one would be reported
+/// (see [`super::link::status_error`]).
+fn local_error(node: &str, e: StoreError) -> PeerError {
+    let status = status_of(e);
+    super::link::status_error(node, status.code(), status.message().to_owned())
+}
+
 pub(crate) fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(_) => Status::not_found(e.to_string()),
@@ -668,10 +675,7 @@ impl Peer for GrpcPeer {
 
     fn call_here(&self, node: &str, volume: Uuid, call: Call) -> Option<Result<Answer, PeerError>> {
         let local = self.local.as_ref().filter(|l| l.node() == node)?;
-        Some(local.call(volume, call).map_err(|e| PeerError::Failed {
-            node: node.to_owned(),
-            why: e.to_string(),
-        }))
+        Some(local.call(volume, call).map_err(|e| local_error(node, e)))
     }
 
     async fn call_batch(
@@ -745,10 +749,7 @@ impl Peer for GrpcPeer {
                     node: node.to_owned(),
                     why: e.to_string(),
                 })?
-                .map_err(|e| PeerError::Failed {
-                    node: node.to_owned(),
-                    why: e.to_string(),
-                });
+                .map_err(|e| local_error(node, e));
         }
         if let Some(results) = self
             .over_link(node, volume, std::slice::from_ref(&call))

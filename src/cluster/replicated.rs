@@ -995,6 +995,14 @@ impl Replicated {
             .filter(|v| is_lost(v))
             .map(str::to_owned)
             .collect();
+        if gone.is_empty() && r.copies().any(|c| !r.in_sync.contains_key(c)) {
+            // A copy out of sync with no node lost: the owner's engine is
+            // rebuilding it, or it missed the Refresh that named the copy
+            // (best effort) and would leave it out of sync for good. Tell
+            // it again: an engine that knows the copy reads the record
+            // once more, which costs one change per round.
+            self.refresh_owner(r).await;
+        }
         if gone.is_empty() || r.in_sync.keys().all(|n| gone.contains(n)) {
             return Ok(false);
         }

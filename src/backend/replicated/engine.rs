@@ -317,6 +317,8 @@ pub struct Engine {
     /// Told the record may have changed (members): read it again with
     /// the next change.
     relearn: bool,
+    /// When a copy out of sync last said it is none (see `not_a_copy`).
+    not_a_copy_at: Option<u64>,
     /// The `upto` of the newest acknowledged flush.
     flushed_upto: u64,
     writes: BTreeMap<u64, PendingWrite>,
@@ -346,6 +348,7 @@ impl Engine {
             reseed: None,
             suspect_fenced: false,
             relearn: false,
+            not_a_copy_at: None,
             flushed_upto: 0,
             writes: BTreeMap::new(),
             flushes: BTreeMap::new(),
@@ -481,6 +484,27 @@ impl Engine {
     /// goes on, removed ones get nothing more.
     pub fn refresh(&mut self) {
         self.relearn = true;
+    }
+
+    /// `node` answered that it holds no copy of the volume (or refused as
+    /// not a copy). For a copy in sync or being rebuilt this is a failure
+    /// like any other; for one out of sync, which the engine keeps asking
+    /// to attach, it means the members changed without the engine hearing
+    /// (the controller's Refresh is best effort): the engine reads the
+    /// record again with a change of its own, at most once per timeout.
+    pub fn not_a_copy(&mut self, node: &str) {
+        let out = self.links.get(node).is_some_and(|l| l.phase == Phase::Out);
+        if !out {
+            self.unreachable(node);
+            return;
+        }
+        let due = self
+            .not_a_copy_at
+            .is_none_or(|t| self.now >= t + self.cfg.timeout);
+        if self.state == EngineState::Running && due {
+            self.not_a_copy_at = Some(self.now);
+            self.relearn = true;
+        }
     }
 
     /// Takes what to send and what happened since the last call.
@@ -785,6 +809,13 @@ impl Engine {
                 }
             }
             Reply::Refused { conn, why } => {
+                let attaching = self
+                    .links
+                    .get(from)
+                    .is_some_and(|l| l.conn == conn && l.phase == Phase::Out);
+                if attaching && why == IoRefusal::NotACopy {
+                    self.not_a_copy(from);
+                }
                 if !self.current(from, conn) {
                     return;
                 }
@@ -1821,6 +1852,46 @@ mod tests {
                 "region {region}"
             );
         }
+    }
+
+    /// c fails, then the controller removes it while the engine hears
+    /// nothing (its Refresh lost): the engine keeps asking c to attach
+    /// and c answers it is no copy. That tells the engine to read the
+    /// record again; it then lets c go instead of asking for ever.
+    #[test]
+    fn an_engine_that_missed_a_removal_learns_it_from_the_removed_copy() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        net.refused.insert("c".into());
+        let t = e.write(0).unwrap();
+        let ev = net.run(&mut e, 5);
+        assert!(acked(&ev).contains(&t), "{ev:?}");
+        assert!(!e.record().in_sync.contains_key("c"), "{:?}", e.record());
+        let mut record = e.record().clone();
+        for id in ["m1", "m2"] {
+            let change = Change::Members {
+                members: vec![Member::copy("a"), Member::copy("b")],
+            };
+            let Outcome::Chosen { record: next, .. } = net.change(change, &record, id) else {
+                panic!("membership change refused");
+            };
+            record = next;
+        }
+        assert!(!record.is_copy("c"));
+        // c is back and knows it is no copy (it holds the newest record;
+        // a copy deleted by the controller answers the same through the
+        // driver); nobody told the engine.
+        net.voters
+            .insert("c".into(), Voter::new("c", record.clone(), 0));
+        net.refused.clear();
+        net.run(&mut e, 60);
+        assert!(!e.record().is_copy("c"), "{:?}", e.record());
+        assert!(e.all_in_sync(), "{:?}", e.copies());
+        assert!(e.copies().iter().all(|c| c.node != "c"), "{:?}", e.copies());
+        let t = e.write(1).unwrap();
+        let ev = net.run(&mut e, 5);
+        assert!(acked(&ev).contains(&t), "{ev:?}");
     }
 
     #[test]

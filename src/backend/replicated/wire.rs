@@ -97,10 +97,14 @@ pub enum PeerError {
     /// may count it as failed now.
     #[error("node {node} unreachable: {why}")]
     Unreachable { node: String, why: String },
-    /// The node answered with an error (no such copy, a bad request, a
-    /// refused certificate, its disk failed).
+    /// The node answered with an error (a bad request, a refused
+    /// certificate, its disk failed).
     #[error("node {node}: {why}")]
     Failed { node: String, why: String },
+    /// The node answered that it holds nothing of the volume: never made
+    /// there, or deleted since a membership change removed it.
+    #[error("node {node}: {why}")]
+    NoCopy { node: String, why: String },
 }
 
 /// [`Peer::call_batch`] made of single calls, one after the other.
