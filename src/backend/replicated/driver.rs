@@ -1356,9 +1356,10 @@ impl Task {
             Ok(Answer { reply: None, .. }) => {}
             Err(e) => {
                 // Failed (the node answered with an error) counts like
-                // Unreachable (and so does NoCopy, but for a copy out of
-                // sync, see Engine::not_a_copy): the request was not applied as far as we
-                // know, waiting for the engine's timeout would only hold
+                // Unreachable, and so does NoCopy but for a copy out of
+                // sync (see Engine::not_a_copy): the request was not
+                // applied as far as we know, waiting for the engine's
+                // timeout would only hold
                 // writes longer, and the (copy, region) lane below may
                 // release a later write only once this copy counts as
                 // failed (its unflushed regions are then rebuilt).
