@@ -55,6 +55,27 @@ impl Rng {
 }
 
 const REGIONS: u32 = 8;
+
+/// `REPL_TRACE=1`: print every acceptance and re-added member (with
+/// `REPL_SEED`, to follow one run).
+fn trace() -> bool {
+    std::env::var_os("REPL_TRACE").is_some()
+}
+
+fn describe(r: &ReplicaRecord) -> String {
+    let m = |ms: &[Member]| -> Vec<String> {
+        ms.iter()
+            .map(|m| format!("{}:{:?}@{}", m.node, m.role, m.since))
+            .collect()
+    };
+    format!(
+        "epoch {} in_sync {:?} members {:?} previous {:?}",
+        r.epoch,
+        r.in_sync,
+        m(&r.members),
+        r.previous.as_deref().map(m)
+    )
+}
 const TIMEOUT: u64 = 30;
 const RESEND: u64 = 5;
 const CONTROLLER: usize = 0;
@@ -155,7 +176,12 @@ struct Stats {
 /// What the checker knows: every accept, the chosen history, and what was
 /// acknowledged.
 struct Checker {
-    accepts: BTreeMap<Ballot, (ReplicaRecord, BTreeSet<String>)>,
+    /// Each ballot's record and who accepted it: (node, voter floor).
+    accepts: BTreeMap<Ballot, (ReplicaRecord, BTreeSet<(String, u64)>)>,
+    /// The floors of every voter each node held, oldest first: the voter
+    /// that holds member (node, since) is the one with the highest floor
+    /// not above `since`.
+    floors: BTreeMap<String, Vec<u64>>,
     chosen_by_version: BTreeMap<u64, ReplicaRecord>,
     latest: (Ballot, ReplicaRecord),
     acked: BTreeMap<Region, Tag>,
@@ -230,6 +256,7 @@ impl Sim {
             faults: HOSTILE,
             checker: Checker {
                 accepts: BTreeMap::new(),
+                floors: BTreeMap::new(),
                 chosen_by_version: [(0, record.clone())].into(),
                 latest: (Ballot::zero(), record.clone()),
                 acked: BTreeMap::new(),
@@ -423,6 +450,9 @@ impl Sim {
         let (fresh, boot) = if self.readd && !former.is_empty() && self.rng.chance(500) {
             self.stats.readds += 1;
             let again = self.rng.pick(&former).clone();
+            if trace() {
+                eprintln!("step {}: {again} added again, its state wiped", self.now);
+            }
             (again, 1 + self.rng.below(1 << 40))
         } else {
             self.spares += 1;
@@ -453,10 +483,25 @@ impl Sim {
                 members.push(Member::witness(&fresh));
             }
         }
-        let first = ReplicaRecord::new(latest.uuid, latest.size, members.clone(), &BTreeMap::new())
-            .unwrap();
-        self.voters
-            .insert(fresh.clone(), Voter::new(&fresh, first, boot));
+        // As the controller does: the joiner's `since` in its first record
+        // (its voter's floor) is above the version it read.
+        let floor = latest.version + 1;
+        let first_members: Vec<Member> = members
+            .iter()
+            .map(|m| Member {
+                since: if m.node == fresh { floor } else { m.since },
+                ..m.clone()
+            })
+            .collect();
+        let first =
+            ReplicaRecord::new(latest.uuid, latest.size, first_members, &BTreeMap::new()).unwrap();
+        let voter = Voter::new(&fresh, first, boot);
+        self.checker
+            .floors
+            .entry(fresh.clone())
+            .or_default()
+            .push(voter.floor());
+        self.voters.insert(fresh.clone(), voter);
         self.ctl.plan = vec![
             Change::Members {
                 members: members.clone(),
@@ -618,7 +663,8 @@ impl Sim {
                         "{to} installed a record not chosen at {ballot:?}: {record:?}"
                     ));
                 }
-                self.note_accept(to, ballot, record);
+                let floor = self.voters[to].floor();
+                self.note_accept(to, floor, ballot, record);
             }
         }
         if let (Some(epoch), Some(Reply::Written { .. })) = (write_epoch, &reply) {
@@ -651,7 +697,7 @@ impl Sim {
 
     /// Whether `who` accepting `record` chooses it: a majority of each of
     /// its voter sets and of those of the chosen record it follows.
-    fn chosen_by(&self, record: &ReplicaRecord, who: &BTreeSet<String>) -> bool {
+    fn chosen_by(&self, record: &ReplicaRecord, who: &BTreeSet<(String, u64)>) -> bool {
         let mut q = record.quorums();
         if let Some(prev) = record
             .version
@@ -660,10 +706,19 @@ impl Sim {
         {
             q = q.with(&prev.quorums());
         }
-        q.reached(who)
+        // A member's vote is its own voter's: the one of its node with the
+        // highest floor not above its `since`.
+        let holder = |node: &str, since: u64| -> u64 {
+            self.checker
+                .floors
+                .get(node)
+                .and_then(|fs| fs.iter().copied().filter(|f| *f <= since).max())
+                .unwrap_or(0)
+        };
+        q.reached_by(|node, since| who.contains(&(node.to_owned(), holder(node, since))))
     }
 
-    fn note_accept(&mut self, voter: &str, ballot: Ballot, record: ReplicaRecord) {
+    fn note_accept(&mut self, voter: &str, floor: u64, ballot: Ballot, record: ReplicaRecord) {
         if ballot == Ballot::zero() {
             return;
         }
@@ -678,8 +733,18 @@ impl Sim {
                 "(c) two records accepted at {ballot:?}: {first:?} and {record:?}"
             ));
         }
-        entry.1.insert(voter.to_owned());
+        entry.1.insert((voter.to_owned(), floor));
         let who = entry.1.clone();
+        if trace() {
+            eprintln!(
+                "step {}: {voter} accepted v{} at {}/{} {} (now {who:?})",
+                self.now,
+                record.version,
+                ballot.round,
+                ballot.proposer,
+                describe(&record)
+            );
+        }
         if !self.chosen_by(&record, &who) {
             return;
         }

@@ -869,10 +869,26 @@ impl Replicated {
             };
             state = self.chosen(uuid, &state, noop).await?;
         }
-        let first = ReplicaRecord::new(uuid, state.record.size, members.clone(), &BTreeMap::new())
+        // A joiner's `since` in its first record is its voter's floor:
+        // above every version at which its node was a member before (the
+        // change that adds it applies to this record or a newer one and
+        // sets the same or a higher `since`).
+        let joiner = |m: &Member| !old.contains(&m.node);
+        let first_members = members
+            .iter()
+            .map(|m| Member {
+                since: if joiner(m) {
+                    state.record.version + 1
+                } else {
+                    m.since
+                },
+                ..m.clone()
+            })
+            .collect();
+        let first = ReplicaRecord::new(uuid, state.record.size, first_members, &BTreeMap::new())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         for m in &members {
-            if !old.contains(&m.node) {
+            if joiner(m) {
                 self.create_on(&m.node, &first).await?;
             }
         }
@@ -909,6 +925,7 @@ impl Replicated {
                 accepted: ballot,
                 record,
                 boot: state.boot,
+                floor: state.floor,
             }),
             Outcome::Refused {
                 refusal: r @ Refusal::Reconfiguring { .. },
@@ -1278,6 +1295,7 @@ mod tests {
             accepted: ballot(round),
             record,
             boot: 1,
+            floor: 0,
         }
     }
 

@@ -151,6 +151,10 @@ pub enum Reply {
         ballot: Ballot,
         accepted: Ballot,
         record: ReplicaRecord,
+        /// The voter's floor (see [`Voter`]): the promise counts for a
+        /// member of this node whose `since` is at least this.
+        #[serde(default)]
+        floor: u64,
     },
     /// Refused `ballot`: `promised` is higher.
     Nack {
@@ -159,6 +163,9 @@ pub enum Reply {
     },
     Accepted {
         ballot: Ballot,
+        /// As in [`Reply::Promise`].
+        #[serde(default)]
+        floor: u64,
     },
     Attached {
         conn: u64,
@@ -199,11 +206,30 @@ pub struct VoterState {
     pub record: ReplicaRecord,
     /// Incremented every time the voter's process starts.
     pub boot: u64,
+    /// The voter's floor (see [`Voter`]); 0 for a founding member and in
+    /// states written before floors existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub floor: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One member's voter: the record register, and for a copy the data
 /// (modelled as a tag per region: what reached it, and what reached
 /// stable storage).
+///
+/// A voter is one member, not one node: a node removed and added again
+/// starts a new voter with no memory of what the old one promised and
+/// accepted. Counted under the old member's name, its answers could let a
+/// proposer that still knows the old members choose a record that
+/// contradicts one the old voter helped choose. So each voter has a
+/// floor, the `since` its member has in the first record it was created
+/// with (0 for a founding member; the controller gives an added member a
+/// `since` above every version its node was a member at before), and its
+/// answers count only for members of its node whose `since` is at least
+/// the floor (see [`JointQuorum`](super::record::JointQuorum)).
 #[derive(Debug, Clone)]
 pub struct Voter {
     node: String,
@@ -231,6 +257,11 @@ impl Voter {
             state: VoterState {
                 promised: Ballot::zero(),
                 accepted: Ballot::zero(),
+                floor: record
+                    .members
+                    .iter()
+                    .find(|m| m.node == node)
+                    .map_or(0, |m| m.since),
                 record,
                 boot,
             },
@@ -272,6 +303,11 @@ impl Voter {
 
     pub fn state(&self) -> &VoterState {
         &self.state
+    }
+
+    /// The lowest `since` of a member this voter answers for.
+    pub fn floor(&self) -> u64 {
+        self.state.floor
     }
 
     /// What each region holds now (reads see this).
@@ -375,6 +411,7 @@ impl Voter {
             ballot,
             accepted: self.state.accepted.clone(),
             record: self.state.record.clone(),
+            floor: self.state.floor,
         }
     }
 
@@ -388,7 +425,10 @@ impl Voter {
         self.state.promised = ballot.clone();
         self.state.accepted = ballot.clone();
         self.state.record = record;
-        Reply::Accepted { ballot }
+        Reply::Accepted {
+            ballot,
+            floor: self.state.floor,
+        }
     }
 
     /// Installs a record chosen at `ballot` when it is newer than the
@@ -669,11 +709,15 @@ pub struct Proposer {
     voters: BTreeSet<String>,
     /// The voter sets of the record the proposer started from.
     view: JointQuorum,
+    /// That record's version.
+    view_version: u64,
     ballot: Ballot,
     highest_seen: u64,
     phase: Phase,
-    promises: BTreeMap<String, (Ballot, ReplicaRecord)>,
-    accepts: BTreeSet<String>,
+    /// Each promise with the floor of the voter that made it.
+    promises: BTreeMap<String, (Ballot, ReplicaRecord, u64)>,
+    /// Each acceptance's voter floor.
+    accepts: BTreeMap<String, u64>,
     /// A record this proposer had chosen (while confirming), and its ballot.
     confirmed: Option<(Ballot, ReplicaRecord)>,
     now: u64,
@@ -704,11 +748,12 @@ impl Proposer {
             change,
             voters: view.voters(),
             view,
+            view_version: record.version,
             ballot: Ballot::zero(),
             highest_seen: after,
             phase: Phase::Done,
             promises: BTreeMap::new(),
-            accepts: BTreeSet::new(),
+            accepts: BTreeMap::new(),
             confirmed: None,
             now,
             deadline: 0,
@@ -770,10 +815,34 @@ impl Proposer {
             },
             Phase::Preparing | Phase::Accepting(..) | Phase::Confirming(..) => {
                 if now >= self.deadline {
+                    if self.phase == Phase::Preparing {
+                        self.adopt_chosen_view();
+                    }
                     self.phase = Phase::Backoff { at: None };
                 }
                 Vec::new()
             }
+        }
+    }
+
+    /// A round of promises that never made a majority: when they showed a
+    /// record newer than the one the proposer started from and known
+    /// chosen, the next round starts from that one, as a proposer made
+    /// afresh from it would. The voters of a record that old may be gone
+    /// for good (removed, or removed and added again as new voters, which
+    /// do not answer for their old members), and waiting for them would
+    /// wait for ever.
+    fn adopt_chosen_view(&mut self) {
+        let newest = self
+            .promises
+            .values()
+            .filter(|(b, r, _)| r.version > self.view_version && self.known_chosen(b, r))
+            .max_by_key(|(_, r, _)| r.version)
+            .map(|(_, r, _)| r.clone());
+        if let Some(r) = newest {
+            self.view = r.quorums();
+            self.view_version = r.version;
+            self.voters.extend(self.view.voters());
         }
     }
 
@@ -788,11 +857,11 @@ impl Proposer {
         {
             return true;
         }
-        let holders: BTreeSet<String> = self
+        let holders: BTreeMap<String, u64> = self
             .promises
             .iter()
-            .filter(|(_, (b, r))| b == ballot && r == record)
-            .map(|(n, _)| n.clone())
+            .filter(|(_, (b, r, _))| b == ballot && r == record)
+            .map(|(n, (_, _, floor))| (n.clone(), *floor))
             .collect();
         record.quorums().reached(&holders)
     }
@@ -818,10 +887,11 @@ impl Proposer {
                 ballot,
                 accepted,
                 record,
+                floor,
             } if *ballot == self.ballot && self.phase == Phase::Preparing => {
                 self.promises
-                    .insert(from.to_owned(), (accepted.clone(), record.clone()));
-                let (newest_ballot, newest) = self
+                    .insert(from.to_owned(), (accepted.clone(), record.clone(), *floor));
+                let (newest_ballot, newest, _) = self
                     .promises
                     .values()
                     .max_by(|a, b| a.0.cmp(&b.0))
@@ -834,7 +904,11 @@ impl Proposer {
                     need.voters().difference(&self.voters).cloned().collect();
                 self.voters.extend(fresh.iter().cloned());
                 let mut out = self.send_to(&fresh, |b| Request::Prepare { ballot: b });
-                let promised: BTreeSet<String> = self.promises.keys().cloned().collect();
+                let promised: BTreeMap<String, u64> = self
+                    .promises
+                    .iter()
+                    .map(|(n, (_, _, floor))| (n.clone(), *floor))
+                    .collect();
                 if !need.reached(&promised) {
                     return (out, None);
                 }
@@ -880,10 +954,10 @@ impl Proposer {
                     }
                 }
             }
-            Reply::Accepted { ballot } if *ballot == self.ballot => {
+            Reply::Accepted { ballot, floor } if *ballot == self.ballot => {
                 if let Phase::Confirming(record, quorum) = &self.phase {
                     let (record, quorum) = (record.clone(), quorum.clone());
-                    self.accepts.insert(from.to_owned());
+                    self.accepts.insert(from.to_owned(), *floor);
                     if !quorum.reached(&self.accepts) {
                         return (Vec::new(), None);
                     }
@@ -895,7 +969,7 @@ impl Proposer {
                     return (Vec::new(), None);
                 };
                 let (record, quorum) = (record.clone(), quorum.clone());
-                self.accepts.insert(from.to_owned());
+                self.accepts.insert(from.to_owned(), *floor);
                 if !quorum.reached(&self.accepts) {
                     return (Vec::new(), None);
                 }
@@ -1257,7 +1331,13 @@ mod tests {
                 ballot: b1.clone(),
                 record: first.clone(),
             });
-            assert_eq!(reply, Some(Reply::Accepted { ballot: b1.clone() }));
+            assert_eq!(
+                reply,
+                Some(Reply::Accepted {
+                    ballot: b1.clone(),
+                    floor: 0
+                })
+            );
         }
         let (mut p, out) = Proposer::new("c2", ch.clone(), &first, 1, 0, 5);
         assert_eq!(run(&mut p, out, &mut vs, &["a", "d", "e"]), None);
@@ -1418,6 +1498,60 @@ mod tests {
             .map(|m| (m.node.as_str(), m.since))
             .collect();
         assert_eq!(since, [("a", 0), ("b", 3)]);
+    }
+
+    /// b is removed (c, cut off, misses it), then added again: a new
+    /// voter, empty, whose floor is above every version the old b was a
+    /// member at. A proposer that still starts from the record naming the
+    /// old b and reaches only the new b and c must not choose anything:
+    /// the new b does not answer for the old one, which helped choose the
+    /// removal. Once a answers, the change builds on the newest record.
+    #[test]
+    fn a_voter_added_again_does_not_answer_for_its_former_member() {
+        let r = record();
+        let mut vs = voters_with_joiners(&r);
+        let change = Change::Members {
+            members: vec![Member::copy("a"), Member::copy("c"), Member::copy("d")],
+        };
+        let (mut p, out) = Proposer::new("ctl1", change.clone(), &r, 0, 0, 5);
+        let Some(Outcome::Chosen { record: mid, .. }) = run(&mut p, out, &mut vs, &["a", "b", "d"])
+        else {
+            panic!("the first step must be chosen");
+        };
+        let (mut p, out) = Proposer::new("ctl2", change, &mid, 0, 0, 5);
+        let Some(Outcome::Chosen { record: done, .. }) =
+            run(&mut p, out, &mut vs, &["a", "b", "d"])
+        else {
+            panic!("the second step must be chosen");
+        };
+        assert!(!done.voters().any(|v| v == "b"));
+        // b added again, as the controller creates it.
+        let mut first = r.clone();
+        first.members[1].since = done.version + 1;
+        let again = Voter::new("b", first, 7);
+        assert_eq!(again.floor(), done.version + 1);
+        vs.insert("b".into(), again);
+
+        let publish = Change::Publish {
+            node: "x".into(),
+            readonly: false,
+        };
+        let (mut stale, out) = Proposer::new("eng", publish.clone(), &r, 0, 0, 5);
+        assert_eq!(run(&mut stale, out, &mut vs, &["b", "c"]), None);
+        for n in ["b", "c"] {
+            assert_ne!(vs[n].state().accepted.proposer, "eng", "{n} accepted");
+        }
+        // Started again from the same old record, now reaching a too.
+        let after = stale.ballot().round;
+        let (mut stale, out) = Proposer::new("eng", publish, &r, after, 0, 5);
+        let Some(Outcome::Chosen { record: got, .. }) =
+            run(&mut stale, out, &mut vs, &["a", "b", "c", "d"])
+        else {
+            panic!("with a the change must be chosen");
+        };
+        assert_eq!(got.members, done.members);
+        assert_eq!(got.version, done.version + 1);
+        assert_eq!(got.owner.as_ref().unwrap().node, "x");
     }
 
     #[test]

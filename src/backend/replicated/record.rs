@@ -226,9 +226,9 @@ impl ReplicaRecord {
     /// members, and during a membership change the previous members too.
     pub fn quorums(&self) -> JointQuorum {
         let mut q = JointQuorum::default();
-        q.add(self.voters());
+        q.add(&self.members);
         if let Some(p) = &self.previous {
-            q.add(p.iter().map(|m| m.node.as_str()));
+            q.add(p);
         }
         q
     }
@@ -290,15 +290,25 @@ pub fn same_members(a: &[Member], b: &[Member]) -> bool {
 /// of the record it starts from and of the record it makes, so a
 /// membership change is accepted by a majority of the old and of the new
 /// voters, and any later majority of either set meets it.
+///
+/// A set holds members, not just node names: a node removed and added
+/// again is another voter (its state starts anew), so an answer counts
+/// for a member only from the voter created for it (see [`Voter`]'s
+/// floor: a member whose `since` is at least the answering voter's).
+///
+/// [`Voter`]: super::protocol::Voter
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JointQuorum {
-    sets: Vec<BTreeSet<String>>,
+    sets: Vec<BTreeSet<(String, u64)>>,
 }
 
 impl JointQuorum {
     /// Adds a voter set (ignored when it is already there).
-    pub fn add<'a>(&mut self, voters: impl IntoIterator<Item = &'a str>) {
-        let set: BTreeSet<String> = voters.into_iter().map(str::to_owned).collect();
+    pub fn add<'a>(&mut self, voters: impl IntoIterator<Item = &'a Member>) {
+        let set: BTreeSet<(String, u64)> = voters
+            .into_iter()
+            .map(|m| (m.node.clone(), m.since))
+            .collect();
         if !set.is_empty() && !self.sets.contains(&set) {
             self.sets.push(set);
         }
@@ -307,20 +317,30 @@ impl JointQuorum {
     /// Both quorums at once.
     pub fn with(mut self, other: &JointQuorum) -> Self {
         for s in &other.sets {
-            self.add(s.iter().map(String::as_str));
+            if !self.sets.contains(s) {
+                self.sets.push(s.clone());
+            }
         }
         self
     }
 
-    /// Every voter of every set.
+    /// Every voter's node, of every set.
     pub fn voters(&self) -> BTreeSet<String> {
-        self.sets.iter().flatten().cloned().collect()
+        self.sets.iter().flatten().map(|(n, _)| n.clone()).collect()
     }
 
-    /// Whether `answered` holds a majority of every set.
-    pub fn reached(&self, answered: &BTreeSet<String>) -> bool {
+    /// Whether `answered` (each answering node with its voter's floor)
+    /// holds a majority of every set.
+    pub fn reached(&self, answered: &BTreeMap<String, u64>) -> bool {
+        self.reached_by(|node, since| answered.get(node).is_some_and(|floor| since >= *floor))
+    }
+
+    /// Whether the members for which `answered(node, since)` holds make a
+    /// majority of every set.
+    pub fn reached_by(&self, answered: impl Fn(&str, u64) -> bool) -> bool {
         self.sets.iter().all(|s| {
-            Quorum::majority_of(s.len()).reached(s.iter().filter(|v| answered.contains(*v)).count())
+            let n = s.iter().filter(|(v, since)| answered(v, *since)).count();
+            Quorum::majority_of(s.len()).reached(n)
         })
     }
 }
@@ -332,7 +352,7 @@ impl fmt::Display for JointQuorum {
                 f.write_str(" and ")?;
             }
             let q = Quorum::majority_of(s.len());
-            let names: Vec<&str> = s.iter().map(String::as_str).collect();
+            let names: Vec<&str> = s.iter().map(|(n, _)| n.as_str()).collect();
             write!(f, "{} of {{{}}}", q.need, names.join(", "))?;
         }
         Ok(())
@@ -475,7 +495,7 @@ mod tests {
         r.previous = Some(r.members.clone());
         r.members = vec![Member::copy("a"), Member::copy("b"), Member::copy("c")];
         let q = r.quorums();
-        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        let set = |v: &[&str]| v.iter().map(|s| (s.to_string(), 0)).collect();
         assert!(q.reached(&set(&["a", "b"])));
         assert!(!q.reached(&set(&["a", "c"])), "no majority of a, b, w");
         assert!(!q.reached(&set(&["a", "w"])), "no majority of a, b, c");

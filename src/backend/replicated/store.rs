@@ -546,6 +546,7 @@ impl ReplicaStore {
                 accepted: Ballot::zero(),
                 record: record.clone(),
                 boot,
+                floor: member.since,
             };
             let p = tmp.join(VOTER_FILE);
             let json =
