@@ -208,12 +208,8 @@ pub struct VoterState {
     pub boot: u64,
     /// The voter's floor (see [`Voter`]); 0 for a founding member and in
     /// states written before floors existed.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "super::record::is_zero")]
     pub floor: u64,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
 }
 
 /// One member's voter: the record register, and for a copy the data
@@ -246,22 +242,18 @@ impl Voter {
     /// A new member holding the volume's first record (chosen at
     /// [`Ballot::zero`] by construction: every voter starts with it).
     pub fn new(node: &str, record: ReplicaRecord, boot: u64) -> Self {
-        let role = record
+        let (role, floor) = record
             .members
             .iter()
             .find(|m| m.node == node)
-            .map_or(Role::Witness, |m| m.role);
+            .map_or((Role::Witness, 0), |m| (m.role, m.since));
         Voter {
             node: node.to_owned(),
             role,
             state: VoterState {
                 promised: Ballot::zero(),
                 accepted: Ballot::zero(),
-                floor: record
-                    .members
-                    .iter()
-                    .find(|m| m.node == node)
-                    .map_or(0, |m| m.since),
+                floor,
                 record,
                 boot,
             },

@@ -37,7 +37,7 @@ pub struct Member {
     pub since: u64,
 }
 
-fn is_zero(v: &u64) -> bool {
+pub(super) fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
