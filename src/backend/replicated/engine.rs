@@ -172,6 +172,9 @@ struct Link {
     copying: Option<Copying>,
     join_flush: Option<JoinFlush>,
     flushed: bool,
+    /// When it was last asked to flush because it is failing but kept in
+    /// sync (see `probe`).
+    probed: u64,
 }
 
 impl Link {
@@ -189,6 +192,7 @@ impl Link {
             copying: None,
             join_flush: None,
             flushed: false,
+            probed: 0,
         }
     }
 
@@ -204,10 +208,9 @@ impl Link {
         self.flushed = false;
     }
 
-    /// Whether it holds, not yet flushed, a write that an acknowledged
-    /// flush promised stable: one issued at or before `upto` (the sequence
-    /// number when the newest acknowledged flush was issued), or a rebuilt
-    /// region (older data).
+    /// Whether it holds, not yet flushed, a write that a flush promises
+    /// stable: one issued at or before `upto` (see `promised_upto`), or a
+    /// rebuilt region (older data).
     fn owes_stability(&self, epoch: u64, upto: u64) -> bool {
         self.unflushed
             .values()
@@ -215,7 +218,8 @@ impl Link {
     }
 
     /// Whether it may join the in-sync set: rebuilt, everything sent to it
-    /// acknowledged, and everything an acknowledged flush covers stable.
+    /// acknowledged, and everything a flush (acknowledged or pending)
+    /// covers stable.
     fn is_joiner(&self, epoch: u64, upto: u64) -> bool {
         self.phase == Phase::Rebuilding
             && self.flushed
@@ -1297,7 +1301,7 @@ impl Engine {
         for n in nodes {
             let phase = self.links[&n].phase;
             match phase {
-                Phase::InSync => {}
+                Phase::InSync => self.probe(&n),
                 Phase::Out => {
                     let l = self.links.get_mut(&n).expect("listed");
                     if l.attach_sent.is_none_or(|t| now >= t + self.cfg.resend) {
@@ -1314,6 +1318,26 @@ impl Engine {
                 Phase::Rebuilding => self.rebuild_step(&n),
             }
         }
+    }
+
+    /// A copy in sync that failed but is kept in sync (the last one is
+    /// never marked out) may have nothing outstanding whose answer would
+    /// clear the mark, and while it stands nothing reads from the copy or
+    /// rebuilds the others from it. So it is asked for a flush every
+    /// resend: an answer shows it back (every write it missed is still
+    /// pending and resent), a refusal decides as any other.
+    fn probe(&mut self, n: &str) {
+        let now = self.now;
+        let resend = self.cfg.resend;
+        let l = self.links.get_mut(n).expect("listed");
+        if !l.failing || l.lost || now < l.probed + resend {
+            return;
+        }
+        l.probed = now;
+        self.next_id += 1;
+        let id = self.next_id;
+        let io = self.io(n);
+        self.send(n, Request::Flush { io, id });
     }
 
     /// One step of rebuilding `n`: copy a dirty region (read it from the
@@ -1398,7 +1422,7 @@ impl Engine {
             return;
         }
         if l.flushed {
-            if l.join_flush.is_none() && l.owes_stability(self.record.epoch, self.flushed_upto) {
+            if l.join_flush.is_none() && l.owes_stability(self.record.epoch, self.promised_upto()) {
                 // A flush was acknowledged that covers writes this copy
                 // only has in memory: flush it again before it joins.
                 self.links.get_mut(n).expect("listed").flushed = false;
@@ -1427,6 +1451,20 @@ impl Engine {
         }
     }
 
+    /// The sequence number up to which a flush promises stability: the
+    /// newest acknowledged flush's or a pending one's. A pending flush is
+    /// acknowledged once the copies it waits for answer, and a copy being
+    /// rebuilt may have answered it before a write it covers reached the
+    /// copy (or never have been asked): a copy that joins must hold stable
+    /// what pending flushes cover too, or it would be in sync with a write
+    /// flushed only in its memory.
+    fn promised_upto(&self) -> u64 {
+        self.flushes
+            .values()
+            .map(|f| f.upto)
+            .fold(self.flushed_upto, u64::max)
+    }
+
     /// Proposes the in-sync set the links call for, one change at a time:
     /// failing copies out, flushed rebuilt copies in. The last in-sync copy
     /// is never marked out; if it restarted, the engine stops.
@@ -1439,7 +1477,7 @@ impl Engine {
             .iter()
             .filter(|(_, l)| {
                 (l.phase == Phase::InSync && !l.failing)
-                    || l.is_joiner(self.record.epoch, self.flushed_upto)
+                    || l.is_joiner(self.record.epoch, self.promised_upto())
             })
             .map(|(n, l)| (n.clone(), l.boot))
             .collect();
@@ -1619,26 +1657,54 @@ mod tests {
 
         /// Runs `engine` for `steps` ticks; returns its events.
         fn run(&mut self, engine: &mut Engine, steps: u64) -> Vec<EngineEvent> {
+            self.run_holding(engine, steps, &mut Vec::new(), &|_| false)
+        }
+
+        /// Runs `engine` for `steps` ticks, keeping back in `held` the
+        /// messages `hold` picks (delayed, not lost); returns its events.
+        fn run_holding(
+            &mut self,
+            engine: &mut Engine,
+            steps: u64,
+            held: &mut Vec<Envelope>,
+            hold: &dyn Fn(&Envelope) -> bool,
+        ) -> Vec<EngineEvent> {
             let mut events = Vec::new();
             for _ in 0..steps {
                 self.now += 1;
                 engine.tick(self.now, 1);
-                loop {
-                    let (out, ev) = engine.drain();
-                    events.extend(ev);
-                    if out.is_empty() {
-                        break;
-                    }
-                    for e in out {
-                        if self.refused.contains(&e.to) {
-                            engine.unreachable(&e.to);
-                        } else if let Some((from, reply)) = self.deliver(e) {
-                            engine.handle(&from, reply);
-                        }
+                events.extend(self.exchange(engine, Vec::new(), held, hold));
+            }
+            events
+        }
+
+        /// Delivers `out` and everything the engine sends in answer, but
+        /// for what `hold` picks.
+        fn exchange(
+            &mut self,
+            engine: &mut Engine,
+            mut out: Vec<Envelope>,
+            held: &mut Vec<Envelope>,
+            hold: &dyn Fn(&Envelope) -> bool,
+        ) -> Vec<EngineEvent> {
+            let mut events = Vec::new();
+            loop {
+                let (more, ev) = engine.drain();
+                events.extend(ev);
+                out.extend(more);
+                if out.is_empty() {
+                    return events;
+                }
+                for e in std::mem::take(&mut out) {
+                    if hold(&e) {
+                        held.push(e);
+                    } else if self.refused.contains(&e.to) {
+                        engine.unreachable(&e.to);
+                    } else if let Some((from, reply)) = self.deliver(e) {
+                        engine.handle(&from, reply);
                     }
                 }
             }
-            events
         }
     }
 
@@ -1918,6 +1984,99 @@ mod tests {
         assert_eq!(old.state(), EngineState::Fenced);
         for v in net.voters.values() {
             assert_eq!(v.data().get(&0), None, "{} took a fenced write", v.node());
+        }
+    }
+
+    /// Only a is in sync and b and c are rebuilt from it when a refuses a
+    /// request (here a rebuild's read). a is the last copy in sync, so it
+    /// stays in sync, marked failing, with nothing outstanding whose answer
+    /// would clear the mark: found by the simulator (seed 4734), where the
+    /// rebuilds then waited for ever for a source. The engine asks it
+    /// again; once it answers, b and c are rebuilt and join.
+    #[test]
+    fn the_last_copy_in_sync_marked_failing_is_asked_again_and_the_others_rebuild() {
+        let (mut net, mut r) = Net::new();
+        r.in_sync.retain(|n, _| n == "a");
+        net.voters = r
+            .voters()
+            .map(|n| (n.to_owned(), Voter::new(n, r.clone(), 0)))
+            .collect();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        assert_eq!(e.state(), EngineState::Running);
+        assert!(!e.all_in_sync());
+        let conn = e.links["a"].conn;
+        e.handle(
+            "a",
+            Reply::Refused {
+                conn,
+                why: IoRefusal::StaleConn,
+            },
+        );
+        assert!(e.links["a"].failing);
+        net.run(&mut e, 100);
+        assert!(e.all_in_sync(), "{:?}", e.copies());
+        assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    /// c is being rebuilt when a write reaches it late: after a flush that
+    /// was sent to it while the write was on its way, and after the flush
+    /// that ends its rebuild. Meanwhile the first flush waits for a slow
+    /// b. Once c holds the write it may not join before a flush of its own
+    /// makes the write stable there, or the pending flush, acknowledged
+    /// later, promises a write that c, in sync, holds only in memory (the
+    /// simulator's seed 19554, where every other copy then dropped out and
+    /// the write was lost).
+    #[test]
+    fn a_copy_joins_only_once_it_holds_stable_what_a_pending_flush_promises() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        net.down.insert("c".into());
+        e.write(0).unwrap();
+        net.run(&mut e, 20);
+        assert!(!e.record().in_sync.contains_key("c"));
+        net.down.clear();
+        let mut held = Vec::new();
+        let to_c_write = |m: &Envelope| m.to == "c" && matches!(m.msg, Request::Write { .. });
+        for _ in 0..10 {
+            if e.links["c"].phase == Phase::Rebuilding {
+                break;
+            }
+            net.run(&mut e, 1);
+        }
+        assert_eq!(e.links["c"].phase, Phase::Rebuilding);
+        let w = e.write(1).unwrap();
+        let ev = net.exchange(&mut e, Vec::new(), &mut held, &to_c_write);
+        assert_eq!(acked(&ev), [w], "c is not required yet");
+        let slow = |m: &Envelope| to_c_write(m) || m.to == "b";
+        let f = e.flush().unwrap();
+        let mut events = net.exchange(&mut e, Vec::new(), &mut held, &slow);
+        for _ in 0..6 {
+            if e.links["c"].flushed {
+                break;
+            }
+            events.extend(net.run_holding(&mut e, 1, &mut held, &slow));
+        }
+        assert!(e.links["c"].flushed, "c's rebuild did not end");
+        // The write reaches c; b stays slow a little longer.
+        let (late, rest): (Vec<_>, Vec<_>) = held.drain(..).partition(|m| m.to == "c");
+        held = rest;
+        events.extend(net.exchange(&mut e, late, &mut held, &slow));
+        events.extend(net.run_holding(&mut e, 3, &mut held, &|m| m.to == "b"));
+        events.extend(net.exchange(&mut e, std::mem::take(&mut held), &mut held, &|_| false));
+        events.extend(net.run(&mut e, 30));
+        assert!(
+            events.contains(&EngineEvent::FlushAcked { id: f }),
+            "{events:?}"
+        );
+        assert!(e.all_in_sync(), "{:?}", e.copies());
+        for n in e.record().in_sync.keys() {
+            assert_eq!(
+                net.voters[n].durable_data().get(&1),
+                Some(&w),
+                "{n} in sync without the flushed write on stable storage"
+            );
         }
     }
 }
