@@ -184,18 +184,6 @@ impl AlignedBuf {
         Self::allocate(len, |layout| unsafe { std::alloc::alloc_zeroed(layout) })
     }
 
-    /// An aligned copy of `data`: one allocation and one copy, no zeroing
-    /// (a write's bytes, aligned once so every copy can write them with
-    /// O_DIRECT as they are).
-    pub fn copy_of(data: &[u8]) -> Self {
-        // SAFETY: the layout has a non-zero size (at least BUFFER_ALIGN).
-        let buf = Self::allocate(data.len(), |layout| unsafe { std::alloc::alloc(layout) });
-        // SAFETY: the allocation holds at least data.len() bytes and cannot
-        // overlap data; every byte as_slice exposes is written here.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
-        buf
-    }
-
     /// `len` bytes from `alloc` with this buffer's layout.
     fn allocate(len: usize, alloc: impl FnOnce(Layout) -> *mut u8) -> Self {
         let layout = Self::layout(len);

@@ -51,7 +51,7 @@ use super::engine::{CopyView, Engine, EngineConfig, EngineEvent, EngineState, Io
 use super::protocol::{Ballot, Envelope, Io, Refusal, Region, Reply, Request, Tag};
 use super::record::ReplicaRecord;
 use super::wire::{Answer, Call, Payload, Peer, PeerError};
-use crate::os::fuse_file::{AlignedBuf, BlockHandler, WriteDone};
+use crate::os::fuse_file::{BlockHandler, WriteDone};
 use bytes::Bytes;
 
 /// An engine driver's settings. [`DriverConfig::new`] fills in the
@@ -839,14 +839,6 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (Region, u32, usize, 
     })
 }
 
-/// A write's bytes in one buffer aligned for O_DIRECT, so this node's copy
-/// writes them as they are (fuser hands them unaligned): one copy here
-/// instead of one here and one more in the store. A piece of it that
-/// starts on a region boundary stays aligned when the write's offset is.
-fn aligned_copy(data: &[u8]) -> Bytes {
-    Bytes::from_owner(AlignedBuf::copy_of(data))
-}
-
 /// Waits for every answer; the first failure wins.
 fn wait_all<T>(
     waits: Vec<oneshot::Receiver<Result<T, IoFailure>>>,
@@ -935,7 +927,7 @@ impl BlockHandler for EngineDriver {
         self.check_range(offset, data.len())?;
         let mut waits = Vec::new();
         let mut cmds = Vec::new();
-        let bytes = aligned_copy(data);
+        let bytes = Bytes::copy_from_slice(data);
         for (region, within, at, len) in pieces(offset, data.len()) {
             let (done, rx) = oneshot::channel();
             cmds.push(Command::Write {
@@ -969,7 +961,7 @@ impl BlockHandler for EngineDriver {
         let all = Arc::new(Countdown {
             state: Mutex::new((pieces.len(), None, Some(done))),
         });
-        let bytes = aligned_copy(data);
+        let bytes = Bytes::copy_from_slice(data);
         let cmds = pieces
             .into_iter()
             .map(|(region, within, at, len)| Command::Write {
@@ -1796,27 +1788,21 @@ mod tests {
     use crate::backend::replicated::record::Member;
 
     #[test]
-    fn a_writes_pieces_keep_its_bytes_aligned_for_direct_io() {
+    fn a_write_is_cut_into_pieces_on_region_boundaries() {
         let data: Vec<u8> = (0..2 * REGION_BYTES as usize + 8192)
             .map(|i| (i * 7 % 251) as u8)
             .collect();
-        // Unaligned as fuser hands it: one byte into a vector.
-        let mut unaligned = vec![0u8; data.len() + 1];
-        unaligned[1..].copy_from_slice(&data);
-        let src = &unaligned[1..];
-        let bytes = aligned_copy(src);
+        let bytes = Bytes::copy_from_slice(&data);
         let mut n = 0;
-        for (_, _, at, len) in pieces(REGION_BYTES / 2, src.len()) {
-            let piece = bytes.slice(at..at + len);
-            assert_eq!(&piece[..], &data[at..at + len]);
-            assert_eq!(
-                piece.as_ptr() as usize % crate::backend::replicated::store::DIRECT_ALIGN,
-                0,
-                "piece at {at}"
-            );
+        let mut next = 0;
+        for (_, _, at, len) in pieces(REGION_BYTES / 2, data.len()) {
+            assert_eq!(at, next, "pieces are contiguous");
+            assert!(len as u64 <= REGION_BYTES);
+            assert_eq!(&bytes.slice(at..at + len)[..], &data[at..at + len]);
+            next = at + len;
             n += 1;
         }
-        assert_eq!(n, 3);
+        assert_eq!((n, next), (3, data.len()));
     }
 
     /// Three and a half regions: the last one is partial.
