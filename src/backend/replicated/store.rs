@@ -100,9 +100,9 @@ fn first_boot(record: &ReplicaRecord, node: &str) -> u64 {
 /// for it: the next flush then waits only for what was written since
 /// (at most [`WRITEBACK_EVERY`]) and what is still on its way, not for
 /// everything written since the last flush (however much this node's
-/// memory holds), so it keeps within the engine's timeout. It waits only
-/// when the disk falls behind, which holds writers to its pace. A failure
-/// is the next flush's (`fdatasync` reports it).
+/// memory holds), which on a disk of today's speeds keeps it within the
+/// engine's timeout. A failure is the next flush's (`fdatasync` reports
+/// it).
 fn start_writeback(file: &File) {
     // SAFETY: a syscall on a descriptor `file` keeps open; no memory is
     // passed. Offset 0 and length 0: the whole file.
