@@ -1423,8 +1423,8 @@ impl Engine {
         }
         if l.flushed {
             if l.join_flush.is_none() && l.owes_stability(self.record.epoch, self.promised_upto()) {
-                // A flush was acknowledged that covers writes this copy
-                // only has in memory: flush it again before it joins.
+                // A flush (acknowledged or pending) covers writes this
+                // copy only has in memory: flush it again before it joins.
                 self.links.get_mut(n).expect("listed").flushed = false;
             }
             return;
@@ -1472,12 +1472,12 @@ impl Engine {
         if self.proposer.is_some() || self.state != EngineState::Running {
             return;
         }
+        let upto = self.promised_upto();
         let mut desired: BTreeMap<String, u64> = self
             .links
             .iter()
             .filter(|(_, l)| {
-                (l.phase == Phase::InSync && !l.failing)
-                    || l.is_joiner(self.record.epoch, self.promised_upto())
+                (l.phase == Phase::InSync && !l.failing) || l.is_joiner(self.record.epoch, upto)
             })
             .map(|(n, l)| (n.clone(), l.boot))
             .collect();
