@@ -1594,17 +1594,20 @@ mod tests {
                 &BTreeMap::new(),
             )
             .unwrap();
-            let voters = r
-                .voters()
-                .map(|n| (n.to_owned(), Voter::new(n, r.clone(), 0)))
-                .collect();
-            let net = Net {
-                voters,
+            (Net::holding(&r), r)
+        }
+
+        /// Every voter of `r`, each holding `r` as its first record.
+        fn holding(r: &ReplicaRecord) -> Self {
+            Net {
+                voters: r
+                    .voters()
+                    .map(|n| (n.to_owned(), Voter::new(n, r.clone(), 0)))
+                    .collect(),
                 down: BTreeSet::new(),
                 refused: BTreeSet::new(),
                 now: 0,
-            };
-            (net, r)
+            }
         }
 
         /// Runs a controller change to its outcome.
@@ -1995,12 +1998,9 @@ mod tests {
     /// again; once it answers, b and c are rebuilt and join.
     #[test]
     fn the_last_copy_in_sync_marked_failing_is_asked_again_and_the_others_rebuild() {
-        let (mut net, mut r) = Net::new();
+        let (_, mut r) = Net::new();
         r.in_sync.retain(|n, _| n == "a");
-        net.voters = r
-            .voters()
-            .map(|n| (n.to_owned(), Voter::new(n, r.clone(), 0)))
-            .collect();
+        let mut net = Net::holding(&r);
         let mut e = net.publish("a", &r, "ctl1");
         net.run(&mut e, 3);
         assert_eq!(e.state(), EngineState::Running);
