@@ -8,12 +8,12 @@
 //!   that last filled it (epoch, sequence number; little endian), written
 //!   after the region's bytes and made durable with them by a flush.
 //!
-//! The `data` file is written and read through the page cache, and its
-//! writeback is started (`sync_file_range`, not waited for) after every
-//! [`WRITEBACK_EVERY`] bytes: a write is stable only after the next flush
-//! (`fdatasync`), which is all the engine counts on, and a flush finds
-//! little left to write. Direct I/O made every write wait for the disk;
-//! see the README's *Performance* of replicated volumes for the figures.
+//! The `data` file is written and read through the page cache: a write is
+//! stable only after the next flush (`fdatasync`), which is all the engine
+//! counts on. So that a flush finds little left to write, each copy starts
+//! writing back after a window of writes sized to its disk
+//! ([`writeback`]). Direct I/O made every write wait for the disk; see the
+//! README's *Performance* of replicated volumes for the figures.
 //!
 //! Decisions are the [`Voter`]'s; this module adds the bytes. A `Write`
 //! stores its bytes when the voter took its tag for the region and a
@@ -27,7 +27,6 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::volume::id::Uuid;
@@ -39,6 +38,7 @@ use super::record::{ReplicaRecord, Role, same_members};
 use super::wire::{Answer, Call};
 
 mod snap;
+pub mod writeback;
 pub use snap::{Base, SnapshotInfo};
 
 const VOTER_FILE: &str = "voter.json";
@@ -48,11 +48,6 @@ const TAG_BYTES: u64 = 16;
 /// Writes to regions that share a stripe serialize; different stripes run
 /// in parallel.
 const STRIPES: usize = 64;
-/// A copy starts the writeback of its data file each time this many bytes
-/// were written to it. Starting it after every write halved the rate of
-/// random 4 KiB writes in the `replicated` bench; never starting it lets a
-/// flush find gigabytes to write.
-const WRITEBACK_EVERY: u64 = 64 << 20;
 
 /// Why the store could not serve a call.
 #[derive(Debug, thiserror::Error)]
@@ -96,26 +91,6 @@ fn first_boot(record: &ReplicaRecord, node: &str) -> u64 {
     }
 }
 
-/// Starts writing back everything `file` holds in memory, without waiting
-/// for it: the next flush then waits only for what was written since
-/// (at most [`WRITEBACK_EVERY`]) and what is still on its way, not for
-/// everything written since the last flush (however much this node's
-/// memory holds), which on a disk of today's speeds keeps it within the
-/// engine's timeout. A failure is the next flush's (`fdatasync` reports
-/// it).
-fn start_writeback(file: &File) {
-    // SAFETY: a syscall on a descriptor `file` keeps open; no memory is
-    // passed. Offset 0 and length 0: the whole file.
-    unsafe {
-        libc::sync_file_range(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            0,
-            0,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
-    };
-}
-
 fn region_len(size: u64, region: Region) -> u64 {
     let start = u64::from(region) * REGION_BYTES;
     size.saturating_sub(start).min(REGION_BYTES)
@@ -133,9 +108,8 @@ struct Held {
     data: Option<File>,
     tags: Option<File>,
     stripes: Vec<Mutex<()>>,
-    /// Bytes written since writeback was last started (see
-    /// [`WRITEBACK_EVERY`]).
-    unstarted: AtomicU64,
+    /// When the data file's writeback is started (see [`writeback`]).
+    pacer: writeback::Pacer,
 }
 
 impl Held {
@@ -253,7 +227,7 @@ impl Held {
             )));
         }
         self.check_range(region, offset, len)?;
-        let _region = self.stripes[region as usize % STRIPES]
+        let region_lock = self.stripes[region as usize % STRIPES]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let (reply, took) = {
@@ -274,16 +248,14 @@ impl Held {
             let at = u64::from(region) * REGION_BYTES + offset;
             data.write_all_at(&call.data, at)
                 .map_err(io_err(&self.dir))?;
-            let unstarted = self.unstarted.fetch_add(len, Ordering::Relaxed) + len;
-            if unstarted >= WRITEBACK_EVERY {
-                self.unstarted.store(0, Ordering::Relaxed);
-                start_writeback(data);
-            }
             let mut t = [0u8; TAG_BYTES as usize];
             t[..8].copy_from_slice(&tag.epoch.to_le_bytes());
             t[8..].copy_from_slice(&tag.seq.to_le_bytes());
             tags.write_all_at(&t, u64::from(region) * TAG_BYTES)
                 .map_err(io_err(&self.dir))?;
+            // The pacer may wait for the disk: not with the stripe held.
+            drop(region_lock);
+            self.pacer.wrote(data, len);
         }
         Ok(Answer {
             reply,
@@ -326,6 +298,10 @@ pub struct HeldState {
     /// a change the voter took, or an open by a new process); None when
     /// the clock or the file cannot tell.
     pub idle: Option<std::time::Duration>,
+    /// How many bytes this copy lets be written before it starts writing
+    /// them back, as its disk's pace set it ([`writeback`]); None for a
+    /// witness.
+    pub writeback_window: Option<u64>,
 }
 
 /// Every copy and witness record on this node.
@@ -497,6 +473,7 @@ impl ReplicaStore {
             role: v.role(),
             state: v.state().clone(),
             idle,
+            writeback_window: held.data.is_some().then(|| held.pacer.window()),
         }))
     }
 
@@ -631,7 +608,7 @@ impl ReplicaStore {
             data,
             tags,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            unstarted: AtomicU64::new(0),
+            pacer: writeback::Pacer::default(),
         };
         {
             let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
