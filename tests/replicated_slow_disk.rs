@@ -2,7 +2,7 @@
 //! on a loop device whose "disk" is a FUSE file served by this process at a
 //! bounded rate (these kernels have no dm-delay or cgroup I/O limits).
 //! Writes go through the copy's store as an engine sends them; the store
-//! must shrink its writeback window (src/backend/replicated/store/
+//! must size its writeback window (src/backend/replicated/store/
 //! writeback.rs) to what that disk writes back in a quarter second, so a
 //! flush finds little to write, and every byte must read back after the
 //! flush. Guards unmount and detach even when the test fails.
@@ -76,7 +76,7 @@ fn io() -> Io {
 }
 
 #[test]
-fn a_copy_on_a_slow_disk_shrinks_its_writeback_window_and_keeps_every_byte() {
+fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_byte() {
     // Dropped last: by then the pool is unmounted and the disk closed.
     let scratch = Scratch::new("slow-disk");
     let size = 512 * MIB;
@@ -145,11 +145,12 @@ fn a_copy_on_a_slow_disk_shrinks_its_writeback_window_and_keeps_every_byte() {
         );
     }
     // The disk writes 16 MiB a second: a window it writes back in 250 ms
-    // is about 4 MiB. The first window (16 MiB) took it a second, so the
-    // window shrank at least to a quarter; it never goes below the floor.
+    // is about 4 MiB. The window started at 256 KiB, doubled while the disk
+    // kept up and shrank when a writeback took longer: it ends near 4 MiB,
+    // neither at its floor nor at the 16 MiB the disk needs a second for.
     let w = window(&store);
     assert!(
-        (writeback::MIN..=writeback::FIRST / 2).contains(&w),
+        (MIB..=12 * MIB).contains(&w),
         "window {w} bytes after 64 MiB on a 16 MiB/s disk"
     );
 

@@ -11,7 +11,7 @@
 //! as scattered 4 KiB writes, over a minute on a spinning one. So the
 //! window follows the disk: it shrinks in proportion when the last
 //! writeback took longer than [`TARGET`] and doubles when one finished
-//! within it, between [`MIN`] and [`MAX`]. The wait is also what holds a
+//! within it, between [`MIN`] and [`MAX`], starting at [`MIN`]. The wait is also what holds a
 //! writer back when it writes faster than the disk for long, before the
 //! kernel's own dirty-page limits would.
 
@@ -29,8 +29,11 @@ pub const MIN: u64 = 256 << 10;
 /// The largest: starting writeback per write, or per few MiB on a fast
 /// disk, halved the rate of random 4 KiB writes in the `replicated` bench.
 pub const MAX: u64 = 64 << 20;
-/// Where a copy's window starts.
-pub const FIRST: u64 = 16 << 20;
+/// Where a copy's window starts: the smallest, doubled while the disk
+/// keeps up. A larger first window could take a slow disk far longer than
+/// the engine's timeout to write back, and the write that waits for it
+/// would time out.
+pub const FIRST: u64 = MIN;
 /// A wait shorter than this means the last writeback had finished.
 const NO_WAIT: Duration = Duration::from_millis(1);
 
@@ -164,15 +167,18 @@ mod tests {
             .open(dir.path().join("data"))
             .expect("open");
         let pacer = Pacer::default();
-        let chunk = vec![7u8; 1 << 20];
+        let chunk = vec![7u8; 64 << 10];
         use std::os::unix::fs::FileExt;
-        for i in 0..(FIRST >> 20) - 1 {
-            file.write_all_at(&chunk, i << 20).expect("write");
-            pacer.wrote(&file, 1 << 20);
+        let chunks = FIRST / chunk.len() as u64;
+        for i in 0..chunks - 1 {
+            file.write_all_at(&chunk, i * chunk.len() as u64)
+                .expect("write");
+            pacer.wrote(&file, chunk.len() as u64);
         }
         assert!(pacer.last.lock().expect("lock").is_none(), "started early");
-        file.write_all_at(&chunk, FIRST - (1 << 20)).expect("write");
-        pacer.wrote(&file, 1 << 20);
+        file.write_all_at(&chunk, FIRST - chunk.len() as u64)
+            .expect("write");
+        pacer.wrote(&file, chunk.len() as u64);
         assert!(pacer.last.lock().expect("lock").is_some(), "not started");
         assert_eq!(pacer.unstarted.load(Ordering::Relaxed), 0);
         // The first start knows no time to learn from.
