@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Scratch, is_mounted, loops_under, pattern, within};
+use common::{Mounted, Scratch, is_mounted, loops_under, pattern, within};
 use stowage::os::fuse_file::{
     AlignedBuf, BlockHandler, FuseFile, FuseFileError, FuseLoopDevice, FuseOptions, LocalFile,
 };
@@ -25,15 +25,6 @@ use stowage::os::fuse_file::{
 const MIB: u64 = 1 << 20;
 /// Far above any expected duration: a hang detector, not a timing check.
 const HANG: Duration = Duration::from_secs(60);
-
-/// Unmounts (lazily) a filesystem the test mounted, first thing on drop.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
 
 /// A fresh backing file of `size` bytes and a FUSE loop device on it.
 fn volume(scratch: &Scratch, size: u64) -> (PathBuf, Arc<LocalFile>) {

@@ -12,11 +12,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Scratch, pattern};
+use common::{Mounted, Scratch, pattern};
 use stowage::backend::replicated::REGION_BYTES;
 use stowage::backend::replicated::protocol::{Io, Reply, Request, Tag};
 use stowage::backend::replicated::record::{Member, ReplicaRecord};
@@ -55,15 +54,6 @@ impl BlockHandler for SlowDisk {
     }
     fn resize(&self, len: u64) -> std::io::Result<()> {
         self.inner.resize(len)
-    }
-}
-
-/// Unmounts (lazily) the pool on drop, before the disk under it goes.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -81,6 +81,16 @@ impl Drop for Scratch {
     }
 }
 
+/// Unmounts (lazily) a filesystem the test mounted, first thing on drop
+/// (declared after what must outlive the mount, e.g. the device under it).
+pub struct Mounted(pub PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// A filesystem of type `fs` in a sparse image, loop-mounted at
 /// `<scratch>/pool-fs`. Dropped with its scratch dir.
 pub fn make_pool_fs(scratch: &Scratch, fs: &str, size: u64) -> PathBuf {
