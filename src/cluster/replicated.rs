@@ -1213,11 +1213,14 @@ fn chosen_and_settled(newest: &VoterState, accepted: &[(String, Ballot)]) -> boo
     if record.previous.is_some() || newest.accepted == Ballot::zero() {
         return false;
     }
-    let at_newest = accepted
+    // Distinct voters: a holder listed twice must not count twice towards
+    // the majority that deleting members rests on.
+    let at_newest: std::collections::BTreeSet<&str> = accepted
         .iter()
         .filter(|(n, b)| *b == newest.accepted && record.voters().any(|v| v == n))
-        .count();
-    record.quorum().reached(at_newest)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    record.quorum().reached(at_newest.len())
 }
 
 /// The holders of a volume's members (with the ballot each accepted its
@@ -1367,6 +1370,9 @@ mod tests {
     #[test]
     fn nothing_is_removed_on_uncertain_ground() {
         let newest = state(&["a", "b", "d"], 5);
+        // One voter at the newest ballot, listed twice, is still one.
+        let h = held(&[("a", ballot(5)), ("a", ballot(5)), ("c", ballot(3))]);
+        assert!(removed_members(&newest, &h).is_empty());
         // Only one voter seen at the newest ballot: maybe not chosen.
         let h = held(&[("a", ballot(5)), ("b", ballot(4)), ("c", ballot(3))]);
         assert!(removed_members(&newest, &h).is_empty());

@@ -11,9 +11,9 @@
 //! as scattered 4 KiB writes, over a minute on a spinning one. So the
 //! window follows the disk: it shrinks in proportion when the last
 //! writeback took longer than [`TARGET`] and doubles when one finished
-//! within it, between [`MIN`] and [`MAX`], starting at [`MIN`]. The wait is also what holds a
-//! writer back when it writes faster than the disk for long, before the
-//! kernel's own dirty-page limits would.
+//! within it, between [`MIN`] and [`MAX`], starting at [`MIN`]. The wait
+//! is also what holds a writer back when it writes faster than the disk
+//! for long, before the kernel's own dirty-page limits would.
 
 use std::fs::File;
 use std::sync::Mutex;
@@ -26,8 +26,9 @@ pub const TARGET: Duration = Duration::from_millis(250);
 /// The smallest window: 64 scattered 4 KiB writes, about 0.4 s on a
 /// spinning disk.
 pub const MIN: u64 = 256 << 10;
-/// The largest: starting writeback per write, or per few MiB on a fast
-/// disk, halved the rate of random 4 KiB writes in the `replicated` bench.
+/// The largest: the fixed window copies used before the pacing (starting
+/// writeback after every write instead halved the rate of random 4 KiB
+/// writes in the `replicated` bench).
 pub const MAX: u64 = 64 << 20;
 /// Where a copy's window starts: the smallest, doubled while the disk
 /// keeps up. A larger first window could take a slow disk far longer than
