@@ -376,15 +376,18 @@ impl Cluster {
             .map(|r| r.into_inner().volume.unwrap())
     }
 
+    /// DeleteVolume, retried while ABORTED (see [`retry_aborted`]).
     pub async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
-        self.c
-            .controller
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: id.to_owned(),
-                ..Default::default()
-            })
-            .await
-            .map(drop)
+        let c = self.c.controller.clone();
+        let req = csi::DeleteVolumeRequest {
+            volume_id: id.to_owned(),
+            ..Default::default()
+        };
+        retry_aborted(|| {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { c.delete_volume(req).await.map(drop) }
+        })
+        .await
     }
 
     pub async fn get(
@@ -556,18 +559,44 @@ impl Published {
             .unwrap_or_else(|e| panic!("unstage: {e:?}\n{}", cl.nodes[self.node - 1].log_tail(30)));
     }
 
-    /// [`Published::node_down`], then ControllerUnpublish.
+    /// [`Published::node_down`], then ControllerUnpublish (retried while
+    /// ABORTED, see [`retry_aborted`]).
     pub async fn down(self, cl: &mut Cluster, volume_id: &str) {
         self.node_down(cl, volume_id).await;
-        cl.c.controller
-            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                volume_id: volume_id.to_owned(),
-                node_id: node_id(self.node),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let c = cl.c.controller.clone();
+        let req = csi::ControllerUnpublishVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            node_id: node_id(self.node),
+            ..Default::default()
+        };
+        retry_aborted(|| {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { c.controller_unpublish_volume(req).await }
+        })
+        .await
+        .unwrap();
     }
+}
+
+/// Calls `call` again while it answers ABORTED, as a CO does: the
+/// controller answers so while another operation holds the volume, such
+/// as its own pass replacing lost members (every second with
+/// `--replica-replace-after 4`). Every 200 ms, at most 150 times (30 s);
+/// then the last answer.
+pub async fn retry_aborted<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    for _ in 1..150 {
+        match call().await {
+            Err(e) if e.code() == tonic::Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            done => return done,
+        }
+    }
+    call().await
 }
 
 pub fn wait_socket(socket: &Path, p: &Proc) {
