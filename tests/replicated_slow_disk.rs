@@ -146,15 +146,7 @@ fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_
 
     let flush_started = Instant::now();
     let flushed = store
-        .call(
-            volume,
-            Call {
-                request: Request::Flush { io: io(), id: 1 },
-                offset: 0,
-                len: 0,
-                data: Default::default(),
-            },
-        )
+        .call(volume, Call::control(Request::Flush { io: io(), id: 1 }))
         .expect("flush");
     assert!(
         matches!(flushed.reply, Some(Reply::Flushed { id: 1, .. })),
@@ -167,21 +159,13 @@ fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_
         flush_started.elapsed()
     );
     for region in 0..regions {
-        let back = store
-            .call(
-                volume,
-                Call {
-                    request: Request::Read {
-                        io: io(),
-                        region,
-                        id: 2,
-                    },
-                    offset: 0,
-                    len: 0,
-                    data: Default::default(),
-                },
-            )
-            .expect("read");
+        // The request carries no bytes; len 0 asks for the whole region.
+        let read = Request::Read {
+            io: io(),
+            region,
+            id: 2,
+        };
+        let back = store.call(volume, Call::control(read)).expect("read");
         assert!(
             back.data[..] == pattern(u64::from(region), REGION_BYTES as usize)[..],
             "region {region} reads back other bytes"
