@@ -8,14 +8,18 @@
 //!   any remote copy can add.
 //! - `tls`: the same over mutual TLS 1.3 with the link's own rustls
 //!   configurations (the cluster CA), on blocking sockets.
-//! - `link`: [`LinkClient::calls`] with one `Write` to a copy served by
-//!   [`link::serve`] on a real [`ReplicaStore`] (TLS on and, for
-//!   `link-plain`, off), started the way the engine driver starts a call to
-//!   another node: a plain thread (a FUSE worker's stand-in) spawns a task
-//!   on a two-worker runtime and waits for its answer.
-//! - `link×2`: the 3-copy shape: that thread writes its own copy in place
-//!   (`ReplicaStore::call`) while calls to two other copies are in flight,
-//!   and the write is done when all three are.
+//! - `link`: one `Write` to a copy served by [`link::serve`] on a real
+//!   [`ReplicaStore`] (TLS on and, for `link-plain`, off), sent the way the
+//!   engine driver sends a write from a FUSE worker once the link is
+//!   connected: [`LinkClient::send_now`] on a plain thread, the answer
+//!   coming back from the connection's reading thread.
+//! - `link×2`: the 3-copy shape: that thread sends to two other copies,
+//!   then writes its own copy in place (`ReplicaStore::call`), and the
+//!   write is done when all three are.
+//! - `link-task×2`: the same, each call made by [`LinkClient::calls`] on a
+//!   task that thread spawns on a two-worker runtime (how the driver sends
+//!   when the link is not yet connected, and how it sent every call before
+//!   `send_now`).
 //!
 //! `store` (the copy's own work, `ReplicaStore::call` on the caller's
 //! thread) is printed too. Each shape reports its median and p99 over the
@@ -270,14 +274,15 @@ fn write(seq: u64) -> Call {
     }
 }
 
-/// `calls` writes, one at a time, each sent to `remote` from a task
-/// spawned by this thread (as the engine driver does) while this thread
-/// writes `here` (when given); each waits for every copy.
+/// `calls` writes, one at a time, each sent to `remote` (from this thread
+/// when `direct`, as the engine driver does from a FUSE worker once the
+/// link is connected; else from a task it spawns) while this thread writes
+/// `here` (when given); each waits for every copy.
 fn link_round(
     rt: &tokio::runtime::Runtime,
     copies: &Copies,
     remote: &[Arc<LinkClient>],
-    here: bool,
+    (here, direct): (bool, bool),
     seq: &mut u64,
     calls: usize,
 ) -> Vec<Duration> {
@@ -290,6 +295,14 @@ fn link_round(
             for c in remote {
                 let (c, tx, call, volume) =
                     (Arc::clone(c), tx.clone(), call.clone(), copies.volume);
+                if direct {
+                    let done = Box::new(move |r| {
+                        let _ = tx.send(r);
+                    });
+                    let sent = c.send_now(volume, std::slice::from_ref(&call), done);
+                    assert!(sent.is_ok(), "no open connection to send on");
+                    continue;
+                }
                 rt.spawn(async move {
                     let r = c.calls(volume, &[call]).await;
                     let _ = tx.send(r);
@@ -328,7 +341,7 @@ fn main() {
     let mut seq = 0u64;
 
     type Shape = &'static str;
-    const SHAPES: [Shape; 7] = [
+    const SHAPES: [Shape; 8] = [
         "tcp",
         "tls",
         "tls×2",
@@ -336,6 +349,7 @@ fn main() {
         "link",
         "link-plain",
         "link×2",
+        "link-task×2",
     ];
     let mut run = |shape: Shape, n: usize, seq: &mut u64| -> Vec<Duration> {
         match shape {
@@ -351,13 +365,21 @@ fn main() {
                     t.elapsed()
                 })
                 .collect(),
-            "link" => link_round(&rt, &copies, &tls_clients[..1], false, seq, n),
-            "link-plain" => link_round(&rt, &copies, &plain_clients[..1], false, seq, n),
-            "link×2" => link_round(&rt, &copies, &tls_clients, true, seq, n),
+            "link" => link_round(&rt, &copies, &tls_clients[..1], (false, true), seq, n),
+            "link-plain" => link_round(&rt, &copies, &plain_clients[..1], (false, true), seq, n),
+            "link×2" => link_round(&rt, &copies, &tls_clients, (true, true), seq, n),
+            "link-task×2" => link_round(&rt, &copies, &tls_clients, (true, false), seq, n),
             _ => unreachable!("listed above"),
         }
     };
     // Connections made, pages touched, threads started.
+    // Connections made (sending at once needs an open one), pages
+    // touched, threads started.
+    for c in tls_clients.iter().chain(&plain_clients) {
+        seq += 1;
+        let r = rt.block_on(c.calls(copies.volume, &[write(seq)]));
+        assert!(r.iter().all(Result::is_ok), "a copy refused a write: {r:?}");
+    }
     for s in SHAPES {
         run(s, 500, &mut seq);
     }

@@ -36,7 +36,7 @@ use super::tls::{PeerIdentity, peer_identity};
 use crate::backend::replicated::protocol::{Reply, Request as ProtoRequest};
 use crate::backend::replicated::record::ReplicaRecord;
 use crate::backend::replicated::store::{Base, ReplicaStore, SnapshotInfo, StoreError};
-use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError, one_by_one};
+use crate::backend::replicated::wire::{Answer, BatchDone, Call, Peer, PeerError, one_by_one};
 
 /// A failure of this node's own copy as a remote one would be reported
 /// (see [`super::link::status_error`]).
@@ -671,6 +671,22 @@ impl GrpcPeer {
 impl Peer for GrpcPeer {
     fn is_here(&self, node: &str) -> bool {
         self.local.as_ref().is_some_and(|l| l.node() == node)
+    }
+
+    fn send_now(
+        &self,
+        node: &str,
+        volume: Uuid,
+        calls: Vec<Call>,
+        done: BatchDone,
+    ) -> Result<(), (Vec<Call>, BatchDone)> {
+        if self.is_here(node) || calls.iter().any(|c| !c.request.is_data()) {
+            return Err((calls, done));
+        }
+        let Some(link) = self.link(node) else {
+            return Err((calls, done));
+        };
+        link.send_now(volume, &calls, done).map_err(|d| (calls, d))
     }
 
     fn call_here(&self, node: &str, volume: Uuid, call: Call) -> Option<Result<Answer, PeerError>> {

@@ -50,7 +50,7 @@ use super::REGION_BYTES;
 use super::engine::{CopyView, Engine, EngineConfig, EngineEvent, EngineState, IoError};
 use super::protocol::{Ballot, Envelope, Io, Refusal, Region, Reply, Request, Tag};
 use super::record::ReplicaRecord;
-use super::wire::{Answer, Call, Payload, Peer, PeerError};
+use super::wire::{Answer, BatchDone, Call, Payload, Peer, PeerError};
 use crate::os::fuse_file::{BlockHandler, WriteDone};
 use bytes::Bytes;
 
@@ -407,7 +407,7 @@ impl Core {
 
     fn send(self: &Arc<Self>, mut out: Vec<OutCall>, inline: bool) {
         loop {
-            let here = self.send_remote(out);
+            let here = self.send_remote(out, inline);
             if here.is_empty() {
                 return;
             }
@@ -426,8 +426,9 @@ impl Core {
     }
 
     /// Spawns the calls to other nodes (data calls in batches, see
-    /// [`NodeQueue`]); returns those to this node.
-    fn send_remote(self: &Arc<Self>, out: Vec<OutCall>) -> Vec<OutCall> {
+    /// [`NodeQueue`], sent from this thread when `direct`); returns those
+    /// to this node.
+    fn send_remote(self: &Arc<Self>, out: Vec<OutCall>, direct: bool) -> Vec<OutCall> {
         let (here, remote): (Vec<_>, Vec<_>) = out.into_iter().partition(|c| c.here);
         let (data, control): (Vec<_>, Vec<_>) =
             remote.into_iter().partition(|c| c.call.request.is_data());
@@ -447,7 +448,7 @@ impl Core {
                 }
             }
             for n in nodes {
-                self.pump(&n);
+                self.pump(&n, direct);
             }
         }
         for c in control {
@@ -479,7 +480,7 @@ impl Core {
 
     /// Sends batches of what waits for `node` while fewer than
     /// [`BATCHES_IN_FLIGHT`] are in flight.
-    fn pump(self: &Arc<Self>, node: &str) {
+    fn pump(self: &Arc<Self>, node: &str, direct: bool) {
         loop {
             let batch: Vec<OutCall> = {
                 let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
@@ -504,17 +505,29 @@ impl Core {
                 q.in_flight += 1;
                 batch
             };
-            self.send_batch(node.to_owned(), batch);
+            self.send_batch(node.to_owned(), batch, direct);
         }
     }
 
-    fn send_batch(self: &Arc<Self>, node: String, batch: Vec<OutCall>) {
+    /// Sends a batch of data calls to `node`: on this thread when `direct`
+    /// (a FUSE worker, which may block) and the peer can send at once, so a
+    /// write leaves with no hop to the runtime; on a task of its own
+    /// otherwise. Its answers are the next step either way.
+    fn send_batch(self: &Arc<Self>, node: String, batch: Vec<OutCall>, direct: bool) {
         let core = Arc::clone(self);
         let (volume, timeout) = (self.volume, self.call_timeout);
         let key = batch[0].id;
         let ids: Vec<u64> = batch.iter().map(|c| c.id).collect();
         let peer = Arc::clone(&batch[0].peer);
-        let calls: Vec<Call> = batch.into_iter().map(|c| c.call).collect();
+        let mut calls: Vec<Call> = batch.into_iter().map(|c| c.call).collect();
+        if direct {
+            let (c, n, ids) = (Arc::clone(self), node.clone(), ids.clone());
+            let done: BatchDone = Box::new(move |results| c.batch_done(&n, key, ids, results));
+            match peer.send_now(&node, volume, calls, done) {
+                Ok(()) => return,
+                Err((back, _)) => calls = back,
+            }
+        }
         let handle = self.rt.spawn(async move {
             let n = calls.len();
             let sent = async {
@@ -542,26 +555,39 @@ impl Core {
                     n
                 ],
             };
-            core.calls
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            if let Some(q) = core
-                .queues
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_mut(&node)
-            {
-                q.in_flight = q.in_flight.saturating_sub(1);
-            }
-            core.pump(&node);
-            let answers: Vec<_> = ids.into_iter().zip(results).collect();
-            core.step(false, move |t| t.answered_all(answers));
+            core.batch_done(&node, key, ids, results);
         });
         let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         if !handle.is_finished() {
             calls.insert(key, handle.abort_handle());
         }
+    }
+
+    /// A batch to `node` (its calls `ids`, the first being `key`) was
+    /// answered: the next batch for that node may leave, and the answers
+    /// are a step.
+    fn batch_done(
+        self: &Arc<Self>,
+        node: &str,
+        key: u64,
+        ids: Vec<u64>,
+        results: Vec<Result<Answer, PeerError>>,
+    ) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        if let Some(q) = self
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(node)
+        {
+            q.in_flight = q.in_flight.saturating_sub(1);
+        }
+        self.pump(node, false);
+        let answers: Vec<_> = ids.into_iter().zip(results).collect();
+        self.step(false, move |t| t.answered_all(answers));
     }
 
     fn call_here(&self, here: Vec<OutCall>) -> Vec<(u64, Result<Answer, PeerError>)> {

@@ -121,6 +121,9 @@ pub async fn one_by_one<P: Peer + ?Sized>(
     out
 }
 
+/// Called once with one result per call of a batch, in order.
+pub type BatchDone = Box<dyn FnOnce(Vec<Result<Answer, PeerError>>) + Send>;
+
 /// Delivers calls to the voters of a volume, by node id.
 #[tonic::async_trait]
 pub trait Peer: Send + Sync + fmt::Debug + 'static {
@@ -136,6 +139,22 @@ pub trait Peer: Send + Sync + fmt::Debug + 'static {
         calls: Vec<Call>,
     ) -> Vec<Result<Answer, PeerError>> {
         one_by_one(self, node, volume, calls).await
+    }
+
+    /// Sends data calls to `node` from the caller's thread without waiting
+    /// for them, when that can be done at once (a connection to it is
+    /// open): `done` then gets one result per call, in order, from another
+    /// thread, and every call fails once the peer's deadline passes. Gives
+    /// the calls and `done` back otherwise (use [`Peer::call_batch`]),
+    /// which is all the default does.
+    fn send_now(
+        &self,
+        _node: &str,
+        _volume: Uuid,
+        calls: Vec<Call>,
+        done: BatchDone,
+    ) -> Result<(), (Vec<Call>, BatchDone)> {
+        Err((calls, done))
     }
 
     /// Whether `node` is the one whose store this peer holds, so
