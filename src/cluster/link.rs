@@ -63,6 +63,9 @@ pub const SERVER_THREADS: usize = 8;
 /// A connection's thread that has waited this long for the reading turn
 /// ends (the thread reading stays).
 pub const THREAD_IDLE: Duration = Duration::from_secs(30);
+/// [`LinkClient::calls`] writes a batch of at most this many bytes on the
+/// runtime's thread, and a larger one on the blocking pool.
+const SEND_ON_THIS_THREAD: usize = 64 << 10;
 /// A peer that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1002,7 +1005,17 @@ impl LinkClient {
                 (w, rx)
             })
             .unzip();
-        let ids = conn.send(volume, calls, waiters);
+        // A large batch (a rebuild's regions) may wait for the peer to
+        // read before it is all written: not on the runtime's threads.
+        let bytes: usize = calls.iter().map(|c| c.data.len()).sum();
+        let ids = if bytes > SEND_ON_THIS_THREAD {
+            let (c, calls) = (Arc::clone(&conn), calls.to_vec());
+            tokio::task::spawn_blocking(move || c.send(volume, &calls, waiters))
+                .await
+                .unwrap_or_default()
+        } else {
+            conn.send(volume, calls, waiters)
+        };
         let _forget = Forget { conn: &conn, ids };
         let answers = async {
             let mut out = Vec::with_capacity(n);
