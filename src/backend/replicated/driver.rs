@@ -7,11 +7,14 @@
 //!
 //! The engine and its bookkeeping ([`Task`]) sit behind one lock, and
 //! whoever has news takes it for one step: a FUSE worker with a block I/O,
-//! the task of a call in flight with its answer (one spawned task per call
-//! to another node, each with a deadline), or the ticker. After every step
-//! the engine is drained: the operations whose events arrived complete,
-//! writes that waited for their region start, and what the engine asks for
-//! is sent with its bytes once the lock is released. Calls to this node's
+//! whoever brings a call's answer (the reading thread of the data link to
+//! that node, or the task a call was made on, each with a deadline), or
+//! the ticker. After every step the engine is drained: the operations
+//! whose events arrived complete, writes that waited for their region
+//! start, and what the engine asks for is sent with its bytes once the
+//! lock is released: data calls from a FUSE worker straight onto a
+//! connected data link ([`Peer::send_now`]), everything else on a task
+//! spawned per call (or per batch, see [`NodeQueue`]). Calls to this node's
 //! own copy ([`Peer::call_here`]) run right there on a FUSE worker (so a
 //! block I/O that stays on this node needs no hop at all), and on the
 //! blocking pool from an async step. A read the engine would serve from
