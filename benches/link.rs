@@ -20,6 +20,10 @@
 //!   task that thread spawns on a two-worker runtime (how the driver sends
 //!   when the link is not yet connected, and how it sent every call before
 //!   `send_now`).
+//! - `link-server`: the copy's side alone: a blocking TLS client on this
+//!   thread writes the link's call frames to that copy itself and reads
+//!   each answer (`link` minus `link-server` is what the engine's side of
+//!   the link costs).
 //!
 //! `store` (the copy's own work, `ReplicaStore::call` on the caller's
 //! thread) is printed too. Each shape reports its median and p99 over the
@@ -146,6 +150,51 @@ fn tls_pair(server: &TlsMaterial, client: &TlsMaterial) -> TlsClient {
     let c = rustls::ClientConnection::new(client.link_client_config().expect("client"), name)
         .expect("client");
     rustls::StreamOwned::new(c, s)
+}
+
+/// A blocking TLS client of a link at `addr` with n1's certificate, which
+/// speaks the link's frames itself (their format is in
+/// `src/cluster/link.rs`): the copy's side of the link alone.
+fn raw_link(addr: &str, client: &TlsMaterial) -> TlsClient {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).expect("name");
+    let c = rustls::ClientConnection::new(client.link_client_config().expect("client"), name)
+        .expect("client");
+    rustls::StreamOwned::new(c, s)
+}
+
+/// `calls` writes over a [`raw_link`], one at a time, each framed and
+/// its answer read on this thread.
+fn raw_round(s: &mut TlsClient, volume: Uuid, seq: &mut u64, calls: usize) -> Vec<Duration> {
+    (0..calls)
+        .map(|_| {
+            *seq += 1;
+            let call = write(*seq);
+            let t = Instant::now();
+            let json = serde_json::to_vec(&call.request).expect("request");
+            let body = 8 + 32 + 12 + json.len() + call.data.len();
+            let mut f = Vec::with_capacity(4 + body);
+            f.extend_from_slice(&(body as u32).to_le_bytes());
+            f.extend_from_slice(&seq.to_le_bytes());
+            f.extend_from_slice(volume.to_hex().as_bytes());
+            f.extend_from_slice(&call.offset.to_le_bytes());
+            f.extend_from_slice(&call.len.to_le_bytes());
+            f.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            f.extend_from_slice(&json);
+            f.extend_from_slice(&call.data);
+            s.write_all(&f).expect("call");
+            s.flush().expect("call");
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).expect("answer");
+            let mut answer = vec![0u8; u32::from_le_bytes(len) as usize];
+            s.read_exact(&mut answer).expect("answer");
+            let took = t.elapsed();
+            let code = u32::from_le_bytes(answer[8..12].try_into().expect("4 bytes"));
+            assert_eq!(code, 0, "the copy refused a write: {answer:?}");
+            took
+        })
+        .collect()
 }
 
 /// Copies of one volume on nodes n2 and n3 of members n1..n3, each served
@@ -336,16 +385,18 @@ fn main() {
     let client = TlsMaterial::load(&copies.client_certs).expect("n1");
     let mut tcp = [tcp_pair()];
     let mut tls = [tls_pair(&server, &client), tls_pair(&server, &client)];
+    let mut raw = raw_link(&copies.addrs[0], &client);
     let tls_clients = copies.clients(true);
     let plain_clients = copies.clients(false);
     let mut seq = 0u64;
 
     type Shape = &'static str;
-    const SHAPES: [Shape; 8] = [
+    const SHAPES: [Shape; 9] = [
         "tcp",
         "tls",
         "tls×2",
         "store",
+        "link-server",
         "link",
         "link-plain",
         "link×2",
@@ -365,6 +416,7 @@ fn main() {
                     t.elapsed()
                 })
                 .collect(),
+            "link-server" => raw_round(&mut raw, copies.volume, seq, n),
             "link" => link_round(&rt, &copies, &tls_clients[..1], (false, true), seq, n),
             "link-plain" => link_round(&rt, &copies, &plain_clients[..1], (false, true), seq, n),
             "link×2" => link_round(&rt, &copies, &tls_clients, (true, true), seq, n),
@@ -372,7 +424,6 @@ fn main() {
             _ => unreachable!("listed above"),
         }
     };
-    // Connections made, pages touched, threads started.
     // Connections made (sending at once needs an open one), pages
     // touched, threads started.
     for c in tls_clients.iter().chain(&plain_clients) {
