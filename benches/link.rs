@@ -144,6 +144,14 @@ fn tls_pair(server: &TlsMaterial, client: &TlsMaterial) -> TlsClient {
         let c = rustls::ServerConnection::new(config).expect("server");
         pong(rustls::StreamOwned::new(c, s));
     });
+    tls_client(&addr.to_string(), client)
+}
+
+/// A blocking TLS client of `addr` with `client`'s certificate and the
+/// link's client configuration. Over a link it speaks the link's frames
+/// itself (their format is in `src/cluster/link.rs`): the copy's side of
+/// the link alone.
+fn tls_client(addr: &str, client: &TlsMaterial) -> TlsClient {
     let s = TcpStream::connect(addr).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).expect("name");
@@ -152,19 +160,7 @@ fn tls_pair(server: &TlsMaterial, client: &TlsMaterial) -> TlsClient {
     rustls::StreamOwned::new(c, s)
 }
 
-/// A blocking TLS client of a link at `addr` with n1's certificate, which
-/// speaks the link's frames itself (their format is in
-/// `src/cluster/link.rs`): the copy's side of the link alone.
-fn raw_link(addr: &str, client: &TlsMaterial) -> TlsClient {
-    let s = TcpStream::connect(addr).expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).expect("name");
-    let c = rustls::ClientConnection::new(client.link_client_config().expect("client"), name)
-        .expect("client");
-    rustls::StreamOwned::new(c, s)
-}
-
-/// `calls` writes over a [`raw_link`], one at a time, each framed and
+/// `calls` writes over a [`tls_client`] of a link, one at a time, each framed and
 /// its answer read on this thread.
 fn raw_round(s: &mut TlsClient, volume: Uuid, seq: &mut u64, calls: usize) -> Vec<Duration> {
     (0..calls)
@@ -385,7 +381,7 @@ fn main() {
     let client = TlsMaterial::load(&copies.client_certs).expect("n1");
     let mut tcp = [tcp_pair()];
     let mut tls = [tls_pair(&server, &client), tls_pair(&server, &client)];
-    let mut raw = raw_link(&copies.addrs[0], &client);
+    let mut raw = tls_client(&copies.addrs[0], &client);
     let tls_clients = copies.clients(true);
     let plain_clients = copies.clients(false);
     let mut seq = 0u64;

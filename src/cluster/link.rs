@@ -652,11 +652,14 @@ impl ClientConn {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         let _ = self.wire.sock.shutdown(Shutdown::Both);
-        for (_, p) in gone.into_iter().flatten() {
-            (p.done)(Err(PeerError::Unreachable {
-                node: self.node.clone(),
-                why: why.to_owned(),
-            }));
+        let waiters = gone.into_iter().flatten().map(|(_, p)| p.done);
+        fail(waiters, &self.unreachable(why));
+    }
+
+    fn unreachable(&self, why: &str) -> PeerError {
+        PeerError::Unreachable {
+            node: self.node.clone(),
+            why: why.to_owned(),
         }
     }
 
@@ -668,13 +671,11 @@ impl ClientConn {
         for c in calls {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = encode_call(&mut frames, id, volume, c) {
-                let why = e.to_string();
-                for w in waiters {
-                    w(Err(PeerError::Failed {
-                        node: self.node.clone(),
-                        why: why.clone(),
-                    }));
-                }
+                let failed = PeerError::Failed {
+                    node: self.node.clone(),
+                    why: e.to_string(),
+                };
+                fail(waiters, &failed);
                 return Vec::new();
             }
             ids.push(id);
@@ -684,12 +685,7 @@ impl ClientConn {
             let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
             let Some(w) = waiting.as_mut() else {
                 drop(waiting);
-                for w in waiters {
-                    w(Err(PeerError::Unreachable {
-                        node: self.node.clone(),
-                        why: "data link closed".to_owned(),
-                    }));
-                }
+                fail(waiters, &self.unreachable("data link closed"));
                 return Vec::new();
             };
             let sent = Instant::now();
@@ -724,6 +720,13 @@ impl ClientConn {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .is_some_and(|w| w.values().any(|p| p.sent.elapsed() > deadline))
+    }
+}
+
+/// Calls every one of `waiters` with `e`.
+fn fail(waiters: impl IntoIterator<Item = Waiter>, e: &PeerError) {
+    for w in waiters {
+        w(Err(e.clone()));
     }
 }
 

@@ -517,7 +517,6 @@ impl Core {
     /// write leaves with no hop to the runtime; on a task of its own
     /// otherwise. Its answers are the next step either way.
     fn send_batch(self: &Arc<Self>, node: String, batch: Vec<OutCall>, direct: bool) {
-        let core = Arc::clone(self);
         let (volume, timeout) = (self.volume, self.call_timeout);
         let key = batch[0].id;
         let ids: Vec<u64> = batch.iter().map(|c| c.id).collect();
@@ -531,6 +530,7 @@ impl Core {
                 Err((back, _)) => calls = back,
             }
         }
+        let core = Arc::clone(self);
         let handle = self.rt.spawn(async move {
             let n = calls.len();
             let sent = async {
