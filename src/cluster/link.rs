@@ -616,7 +616,9 @@ pub async fn serve(
 // read by a thread of its own.
 
 /// What becomes of a call's answer: called once, on the connection's
-/// reading thread (or on the caller's, when the connection had ended).
+/// reading thread, never on a thread that sends or closes (which may hold
+/// a lock the waiter takes: an engine drops its old peers, and so their
+/// links, under its task's lock).
 type Waiter = Box<dyn FnOnce(Result<Answer, PeerError>) + Send>;
 
 struct Pending {
@@ -632,20 +634,46 @@ struct ClientConn {
     node: String,
     /// Calls waiting for their answer; `None` once the connection ended.
     waiting: Mutex<Option<Waiters>>,
+    /// Why the connection is closing, once [`ClientConn::close`] was called:
+    /// its reading thread then ends it.
+    closing: Mutex<Option<String>>,
     next: AtomicU64,
 }
 
 impl ClientConn {
     fn alive(&self) -> bool {
-        self.waiting
+        self.closing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+            .is_none()
+            && self
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
     }
 
-    /// Ends the connection: every waiting call fails with `why`, new ones
-    /// are refused, and its reading thread stops.
+    /// Closes the connection from any thread: new calls are refused at
+    /// once, and the reading thread, woken by the socket's shutdown, fails
+    /// every waiting call with `why` (the first reason given wins).
+    fn close(&self, why: &str) {
+        self.closing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| why.to_owned());
+        let _ = self.wire.sock.shutdown(Shutdown::Both);
+    }
+
+    /// Ends the connection, on its reading thread: every waiting call
+    /// fails (with the reason given to `close`, if it was called, else
+    /// `why`), and new ones are refused.
     fn end(&self, why: &str) {
+        let why = self
+            .closing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| why.to_owned())
+            .clone();
         let gone = self
             .waiting
             .lock()
@@ -653,7 +681,14 @@ impl ClientConn {
             .take();
         let _ = self.wire.sock.shutdown(Shutdown::Both);
         let waiters = gone.into_iter().flatten().map(|(_, p)| p.done);
-        fail(waiters, &self.unreachable(why));
+        fail(waiters, &self.unreachable(&why));
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     fn unreachable(&self, why: &str) -> PeerError {
@@ -664,8 +699,16 @@ impl ClientConn {
     }
 
     /// Sends `calls` for `volume`, each answer going to its waiter; the
-    /// ids given to them (to forget them again).
-    fn send(&self, volume: Uuid, calls: &[Call], waiters: Vec<Waiter>) -> Vec<u64> {
+    /// ids given to them (to forget them again). The waiters come back,
+    /// uncalled, with the error when the calls cannot be sent at all (the
+    /// connection has ended, a call does not encode). A write that fails
+    /// closes the connection: its reading thread fails the calls.
+    fn send(
+        &self,
+        volume: Uuid,
+        calls: &[Call],
+        waiters: Vec<Waiter>,
+    ) -> Result<Vec<u64>, (Vec<Waiter>, PeerError)> {
         let mut frames = Vec::new();
         let mut ids = Vec::with_capacity(calls.len());
         for c in calls {
@@ -675,8 +718,7 @@ impl ClientConn {
                     node: self.node.clone(),
                     why: e.to_string(),
                 };
-                fail(waiters, &failed);
-                return Vec::new();
+                return Err((waiters, failed));
             }
             ids.push(id);
         }
@@ -684,9 +726,7 @@ impl ClientConn {
         {
             let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
             let Some(w) = waiting.as_mut() else {
-                drop(waiting);
-                fail(waiters, &self.unreachable("data link closed"));
-                return Vec::new();
+                return Err((waiters, self.unreachable("data link closed")));
             };
             let sent = Instant::now();
             for (id, done) in ids.iter().zip(waiters) {
@@ -694,9 +734,9 @@ impl ClientConn {
             }
         }
         if let Err(e) = self.wire.send_frame(&frames) {
-            self.end(&format!("data link: {e}"));
+            self.close(&format!("data link: {e}"));
         }
-        ids
+        Ok(ids)
     }
 
     /// Forgets calls whose caller no longer waits.
@@ -761,8 +801,8 @@ fn read_answers(conn: Arc<ClientConn>, deadline: Duration) {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if !conn.alive() {
-                    return;
+                if conn.is_closing() {
+                    break "data link closed".to_owned();
                 }
                 continue;
             }
@@ -910,7 +950,7 @@ impl Drop for LinkClient {
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            c.end("data link closed");
+            c.close("data link closed");
         }
     }
 }
@@ -980,6 +1020,7 @@ impl LinkClient {
             wire,
             node: self.node.clone(),
             waiting: Mutex::new(Some(Waiters::new())),
+            closing: Mutex::new(None),
             next: AtomicU64::new(1),
         });
         let reader = Arc::clone(&conn);
@@ -1011,13 +1052,17 @@ impl LinkClient {
         // A large batch (a rebuild's regions) may wait for the peer to
         // read before it is all written: not on the runtime's threads.
         let bytes: usize = calls.iter().map(|c| c.data.len()).sum();
-        let ids = if bytes > SEND_ON_THIS_THREAD {
+        let sent = if bytes > SEND_ON_THIS_THREAD {
             let (c, calls) = (Arc::clone(&conn), calls.to_vec());
-            tokio::task::spawn_blocking(move || c.send(volume, &calls, waiters))
+            tokio::task::spawn_blocking(move || c.send(volume, &calls, waiters).map_err(|(_, e)| e))
                 .await
-                .unwrap_or_default()
+                .unwrap_or_else(|e| Err(self.unreachable(format!("data link: {e}"))))
         } else {
-            conn.send(volume, calls, waiters)
+            conn.send(volume, calls, waiters).map_err(|(_, e)| e)
+        };
+        let ids = match sent {
+            Ok(ids) => ids,
+            Err(e) => return vec![Err(e); n],
         };
         let _forget = Forget { conn: &conn, ids };
         let answers = async {
@@ -1039,7 +1084,7 @@ impl LinkClient {
                     "data link {}: no answer within {:?}",
                     self.addr, self.deadline
                 );
-                conn.end(&why);
+                conn.close(&why);
                 vec![Err(self.unreachable(why)); n]
             }
         }
@@ -1048,8 +1093,9 @@ impl LinkClient {
     /// Sends `calls` (data requests) for `volume` on this thread when a
     /// connection is open, without waiting: `done` gets their results
     /// from the connection's reading thread (every call fails once the
-    /// deadline passes). Gives `done` back when no connection is open
-    /// (then [`LinkClient::calls`] connects).
+    /// deadline passes), never on this one. Gives `done` back, uncalled,
+    /// when no connection is open or the calls cannot be sent on it (then
+    /// [`LinkClient::calls`] connects, or says why).
     pub fn send_now(&self, volume: Uuid, calls: &[Call], done: BatchDone) -> Result<(), BatchDone> {
         let Some(conn) = self.open() else {
             return Err(done);
@@ -1066,8 +1112,15 @@ impl LinkClient {
                 Box::new(move |r| Gather::put(&g, i, r)) as Waiter
             })
             .collect();
-        conn.send(volume, calls, waiters);
-        Ok(())
+        match conn.send(volume, calls, waiters) {
+            Ok(_) => Ok(()),
+            // The waiters came back uncalled (and are dropped so): `done`
+            // is still there.
+            Err(_) => match gather.lock().unwrap_or_else(|e| e.into_inner()).done.take() {
+                Some(done) => Err(done),
+                None => Ok(()),
+            },
+        }
     }
 }
 
@@ -1630,6 +1683,57 @@ mod tests {
             "the connection stayed open past a deadline"
         );
         assert!(sent_now(&c, volume, &[write(0, 2, 1)]).is_none());
+        let _ = stop.send(());
+        held.join().unwrap();
+    }
+
+    /// A link dropped (or closed) by a thread that holds a lock its waiting
+    /// calls take (an engine drops its old peers under its task's lock)
+    /// does not call them there: dropping returns at once, and the calls
+    /// fail on the connection's reading thread once the lock is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_a_link_never_runs_its_waiting_calls_on_the_dropping_thread() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let held = std::thread::spawn(move || {
+            let conns: Vec<_> = listener.incoming().take(1).collect();
+            let _ = stopped.recv();
+            drop(conns);
+        });
+        // A long deadline: only the drop may end these calls.
+        let c = LinkClient::new("n1", &addr, None, Duration::from_secs(60));
+        let volume = Uuid::new_random();
+        let conn = c.connected().await.unwrap();
+        let engine = Arc::new(Mutex::new(()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (e, on) = (Arc::clone(&engine), std::thread::current().id());
+        let done: BatchDone = Box::new(move |r| {
+            let _locked = e.lock().unwrap();
+            let _ = tx.send((std::thread::current().id() != on, r));
+        });
+        assert!(c.send_now(volume, &[write(0, 1, 1)], done).is_ok());
+        let dropped = std::thread::scope(|scope| {
+            let (dropped_tx, dropped_rx) = std::sync::mpsc::channel();
+            let locked = engine.lock().unwrap();
+            scope.spawn(move || {
+                drop(c);
+                let _ = dropped_tx.send(());
+            });
+            let dropped = dropped_rx.recv_timeout(Duration::from_secs(10));
+            drop(locked);
+            dropped
+        });
+        assert!(dropped.is_ok(), "dropping the link waited for the lock");
+        let (elsewhere, got) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiting call was never failed");
+        assert!(elsewhere, "the waiter ran on the thread that sent it");
+        assert!(
+            matches!(&got[0], Err(PeerError::Unreachable { why, .. }) if why.contains("closed")),
+            "{got:?}"
+        );
+        assert!(!conn.alive());
         let _ = stop.send(());
         held.join().unwrap();
     }

@@ -891,39 +891,9 @@ impl S3Client {
                 if items.is_empty() {
                     return Ok(());
                 }
-                let ids = items
-                    .iter()
-                    .map(|o| ObjectIdentifier::builder().key(&o.key).build())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| S3Error::invalid(format!("{what}: {e}")))?;
-                let n = ids.len() as u64;
-                let delete = Delete::builder()
-                    .set_objects(Some(ids))
-                    .quiet(true)
-                    .build()
-                    .map_err(|e| S3Error::invalid(format!("{what}: {e}")))?;
-                let out = self
-                    .inner
-                    .delete_objects()
-                    .bucket(bucket)
-                    .delete(delete)
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error(&what, e))?;
-                if let Some(first) = out.errors().first() {
-                    let code = first.code();
-                    return Err(S3Error::new(
-                        classify(code, None).max_unavailable(),
-                        format!(
-                            "{what}: {} of {n} objects not deleted, first {:?}: {} {}",
-                            out.errors().len(),
-                            first.key().unwrap_or(""),
-                            code.unwrap_or("no error code"),
-                            first.message().unwrap_or(""),
-                        ),
-                    ));
-                }
-                deleted += n;
+                let keys: Vec<&str> = items.iter().map(|o| o.key.as_str()).collect();
+                self.delete_keys(&what, bucket, keys).await?;
+                deleted += items.len() as u64;
                 Ok(())
             })
             .await;
@@ -931,6 +901,78 @@ impl S3Client {
             Ok(()) => Ok(deleted),
             Err(e) if e.kind == S3ErrorKind::NotFound && deleted == 0 => Ok(0),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `keys` (at most a page) with DeleteObjects. A store that
+    /// answers 200 but names keys it could not delete for a passing reason
+    /// (ServiceUnavailable, SlowDown, InternalError: Garage under load
+    /// answers "database is locked" this way) gets those keys again, up to
+    /// [`MAX_ATTEMPTS`] requests with backoff: the SDK's own retries only
+    /// see whole failed requests. Any other key error ends it at once.
+    async fn delete_keys(
+        &self,
+        what: &Op<'_>,
+        bucket: &str,
+        keys: Vec<&str>,
+    ) -> Result<(), S3Error> {
+        let total = keys.len();
+        let mut pending = keys;
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let ids = pending
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(*k).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| S3Error::invalid(format!("{what}: {e}")))?;
+            let delete = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| S3Error::invalid(format!("{what}: {e}")))?;
+            let out = self
+                .inner
+                .delete_objects()
+                .bucket(bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| sdk_error(what, e))?;
+            let Some(first) = out.errors().first() else {
+                return Ok(());
+            };
+            let passing = out
+                .errors()
+                .iter()
+                .all(|e| classify(e.code(), None) == S3ErrorKind::Unavailable);
+            if !passing || attempt == MAX_ATTEMPTS {
+                let code = first.code();
+                return Err(S3Error::new(
+                    classify(code, None).max_unavailable(),
+                    format!(
+                        "{what}: {} of {total} objects not deleted after {attempt} \
+                         request(s), first {:?}: {} {}",
+                        out.errors().len(),
+                        first.key().unwrap_or(""),
+                        code.unwrap_or("no error code"),
+                        first.message().unwrap_or(""),
+                    ),
+                ));
+            }
+            let failed: std::collections::HashSet<&str> =
+                out.errors().iter().filter_map(|e| e.key()).collect();
+            pending.retain(|k| failed.contains(k));
+            if pending.is_empty() {
+                // Errors that name no key: ask for the whole page again.
+                return Err(S3Error::new(
+                    S3ErrorKind::Unavailable,
+                    format!("{what}: the store reported errors naming no key"),
+                ));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
         }
     }
 
@@ -1588,5 +1630,102 @@ mod tests {
             ..src.clone()
         };
         assert!(!already_copied(&src, &undated));
+    }
+
+    /// A one-thread HTTP/1.1 answerer for DeleteObjects: it answers the
+    /// n-th request with the n-th body of `script` (200, XML) and closes
+    /// the connection; the bodies it was sent come back from the join.
+    fn scripted_store(script: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for answer in script {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                seen.push(String::from_utf8(body).unwrap());
+                let mut stream = reader.into_inner();
+                write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        (endpoint, handle)
+    }
+
+    fn client_of(endpoint: String) -> S3Client {
+        let config = S3Config {
+            endpoint,
+            region: "garage".into(),
+        };
+        let credentials = Credentials {
+            access_key_id: "GK0000".into(),
+            secret_access_key: "secret".into(),
+        };
+        S3Client::new(&config, credentials).unwrap()
+    }
+
+    const KEY_LOCKED: &str = "<DeleteResult><Error><Key>b</Key><Code>ServiceUnavailable</Code>\
+        <Message>database is locked</Message></Error></DeleteResult>";
+    const ALL_DELETED: &str = "<DeleteResult></DeleteResult>";
+
+    #[tokio::test]
+    async fn keys_the_store_could_not_delete_for_now_are_sent_again_alone() {
+        let (endpoint, store) = scripted_store(vec![KEY_LOCKED, ALL_DELETED]);
+        let client = client_of(endpoint);
+        client
+            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", vec!["a", "b"])
+            .await
+            .unwrap();
+        let seen = store.join().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[0].contains("<Key>a</Key>") && seen[0].contains("<Key>b</Key>"));
+        assert!(seen[1].contains("<Key>b</Key>"), "{}", seen[1]);
+        assert!(!seen[1].contains("<Key>a</Key>"), "{}", seen[1]);
+    }
+
+    #[tokio::test]
+    async fn keys_refused_for_good_or_too_often_end_the_delete_with_their_code() {
+        let denied = "<DeleteResult><Error><Key>a</Key><Code>AccessDenied</Code>\
+            <Message>no</Message></Error></DeleteResult>";
+        let (endpoint, store) = scripted_store(vec![denied]);
+        let err = client_of(endpoint)
+            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", vec!["a"])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, S3ErrorKind::PermissionDenied, "{err}");
+        assert_eq!(store.join().unwrap().len(), 1);
+
+        let script = vec![KEY_LOCKED; MAX_ATTEMPTS as usize];
+        let (endpoint, store) = scripted_store(script);
+        let err = client_of(endpoint)
+            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", vec!["a", "b"])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, S3ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("database is locked"), "{err}");
+        assert_eq!(store.join().unwrap().len(), MAX_ATTEMPTS as usize);
     }
 }
