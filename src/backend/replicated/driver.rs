@@ -20,6 +20,12 @@
 //! blocking pool from an async step. A read the engine would serve from
 //! the local copy skips the engine altogether (see [`LocalRead`]).
 //!
+//! A step also drops what it replaced under that lock (peers, and with them
+//! their data links, when the members change): nothing a peer owns may
+//! call back into the driver while it is dropped, or the step would wait
+//! for its own lock. A data link fails its waiting calls on its reading
+//! thread, never on the thread that drops or closes it.
+//!
 //! Bytes: a write's payload is kept by its sequence number until the engine
 //! no longer needs it ([`Engine::write_pending`]), so a resend carries the
 //! same bytes; a rebuild's read fetches the whole region and its bytes are
