@@ -357,8 +357,15 @@ fn the_checker_finds_lost_and_corrupted_writes() {
         .unwrap();
     let (lost, corrupt) = h.check(&dev, 64);
     assert_eq!((lost.len(), corrupt.len()), (1, 0), "{lost:?} {corrupt:?}");
+    // A real flip: the byte there may already be 0xff.
     let other = (block + 1) % 64;
-    f.write_all_at(&[0xff], other * BLOCK as u64 + 100).unwrap();
+    let at = other * BLOCK as u64 + 100;
+    let mut byte = [0u8];
+    std::fs::File::open(&dev)
+        .unwrap()
+        .read_exact_at(&mut byte, at)
+        .unwrap();
+    f.write_all_at(&[!byte[0]], at).unwrap();
     let (_, corrupt) = h.check(&dev, 64);
     assert_eq!(corrupt.len(), 1, "{corrupt:?}");
 }
