@@ -965,7 +965,8 @@ impl S3Client {
                 out.errors().iter().filter_map(|e| e.key()).collect();
             pending.retain(|k| failed.contains(k));
             if pending.is_empty() {
-                // Errors that name no key: ask for the whole page again.
+                // Errors naming none of the keys sent: nothing to send
+                // again, and the store said it did not delete them all.
                 return Err(S3Error::new(
                     S3ErrorKind::Unavailable,
                     format!("{what}: the store reported errors naming no key"),
