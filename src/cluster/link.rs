@@ -1634,11 +1634,13 @@ mod tests {
         }
     }
 
-    /// Calls sent at once to a copy that holds the connection open and
-    /// never answers fail at the deadline (the reading thread ends the
-    /// connection), and the next call dials anew.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn calls_sent_at_once_to_a_silent_copy_fail_at_the_deadline() {
+    /// A copy that takes one connection and never answers, until `stop`
+    /// is sent: its address, the stop, its thread.
+    fn silent_copy() -> (
+        String,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -1647,6 +1649,15 @@ mod tests {
             let _ = stopped.recv();
             drop(conns);
         });
+        (addr, stop, held)
+    }
+
+    /// Calls sent at once to a copy that holds the connection open and
+    /// never answers fail at the deadline (the reading thread ends the
+    /// connection), and the next call dials anew.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_sent_at_once_to_a_silent_copy_fail_at_the_deadline() {
+        let (addr, stop, held) = silent_copy();
         let deadline = Duration::from_millis(400);
         let c = Arc::new(LinkClient::new("n1", &addr, None, deadline));
         let volume = Uuid::new_random();
@@ -1693,14 +1704,7 @@ mod tests {
     /// fail on the connection's reading thread once the lock is free.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_a_link_never_runs_its_waiting_calls_on_the_dropping_thread() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let held = std::thread::spawn(move || {
-            let conns: Vec<_> = listener.incoming().take(1).collect();
-            let _ = stopped.recv();
-            drop(conns);
-        });
+        let (addr, stop, held) = silent_copy();
         // A long deadline: only the drop may end these calls.
         let c = LinkClient::new("n1", &addr, None, Duration::from_secs(60));
         let volume = Uuid::new_random();
