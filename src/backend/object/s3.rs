@@ -1729,4 +1729,21 @@ mod tests {
         assert!(err.to_string().contains("database is locked"), "{err}");
         assert_eq!(store.join().unwrap().len(), MAX_ATTEMPTS as usize);
     }
+
+    #[tokio::test]
+    async fn passing_errors_that_name_no_key_sent_end_the_delete_unavailable() {
+        // One error names a key that was not sent, one names none: there is
+        // nothing to send again, and the store said not all were deleted.
+        let stray = "<DeleteResult><Error><Key>zz</Key><Code>SlowDown</Code>\
+            <Message>later</Message></Error><Error><Code>ServiceUnavailable</Code>\
+            <Message>busy</Message></Error></DeleteResult>";
+        let (endpoint, store) = scripted_store(vec![stray]);
+        let err = client_of(endpoint)
+            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", vec!["a", "b"])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, S3ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("naming no key"), "{err}");
+        assert_eq!(store.join().unwrap().len(), 1, "nothing is sent again");
+    }
 }
