@@ -1692,15 +1692,23 @@ mod tests {
         <Message>database is locked</Message></Error></DeleteResult>";
     const ALL_DELETED: &str = "<DeleteResult></DeleteResult>";
 
+    /// Deletes `keys` from bucket "bkt" of a store answering DeleteObjects
+    /// from `script`: the result, and the request bodies the store got.
+    async fn delete_scripted(
+        script: Vec<&'static str>,
+        keys: Vec<&str>,
+    ) -> (Result<(), S3Error>, Vec<String>) {
+        let (endpoint, store) = scripted_store(script);
+        let result = client_of(endpoint)
+            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", keys)
+            .await;
+        (result, store.join().unwrap())
+    }
+
     #[tokio::test]
     async fn keys_the_store_could_not_delete_for_now_are_sent_again_alone() {
-        let (endpoint, store) = scripted_store(vec![KEY_LOCKED, ALL_DELETED]);
-        let client = client_of(endpoint);
-        client
-            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", vec!["a", "b"])
-            .await
-            .unwrap();
-        let seen = store.join().unwrap();
+        let (result, seen) = delete_scripted(vec![KEY_LOCKED, ALL_DELETED], vec!["a", "b"]).await;
+        result.unwrap();
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(seen[0].contains("<Key>a</Key>") && seen[0].contains("<Key>b</Key>"));
         assert!(seen[1].contains("<Key>b</Key>"), "{}", seen[1]);
@@ -1711,23 +1719,17 @@ mod tests {
     async fn keys_refused_for_good_or_too_often_end_the_delete_with_their_code() {
         let denied = "<DeleteResult><Error><Key>a</Key><Code>AccessDenied</Code>\
             <Message>no</Message></Error></DeleteResult>";
-        let (endpoint, store) = scripted_store(vec![denied]);
-        let err = client_of(endpoint)
-            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", vec!["a"])
-            .await
-            .unwrap_err();
+        let (result, seen) = delete_scripted(vec![denied], vec!["a"]).await;
+        let err = result.unwrap_err();
         assert_eq!(err.kind, S3ErrorKind::PermissionDenied, "{err}");
-        assert_eq!(store.join().unwrap().len(), 1);
+        assert_eq!(seen.len(), 1);
 
         let script = vec![KEY_LOCKED; MAX_ATTEMPTS as usize];
-        let (endpoint, store) = scripted_store(script);
-        let err = client_of(endpoint)
-            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", vec!["a", "b"])
-            .await
-            .unwrap_err();
+        let (result, seen) = delete_scripted(script, vec!["a", "b"]).await;
+        let err = result.unwrap_err();
         assert_eq!(err.kind, S3ErrorKind::Unavailable, "{err}");
         assert!(err.to_string().contains("database is locked"), "{err}");
-        assert_eq!(store.join().unwrap().len(), MAX_ATTEMPTS as usize);
+        assert_eq!(seen.len(), MAX_ATTEMPTS as usize);
     }
 
     #[tokio::test]
@@ -1737,13 +1739,10 @@ mod tests {
         let stray = "<DeleteResult><Error><Key>zz</Key><Code>SlowDown</Code>\
             <Message>later</Message></Error><Error><Code>ServiceUnavailable</Code>\
             <Message>busy</Message></Error></DeleteResult>";
-        let (endpoint, store) = scripted_store(vec![stray]);
-        let err = client_of(endpoint)
-            .delete_keys(&op("DeleteObjects", "bkt", ""), "bkt", vec!["a", "b"])
-            .await
-            .unwrap_err();
+        let (result, seen) = delete_scripted(vec![stray], vec!["a", "b"]).await;
+        let err = result.unwrap_err();
         assert_eq!(err.kind, S3ErrorKind::Unavailable, "{err}");
         assert!(err.to_string().contains("naming no key"), "{err}");
-        assert_eq!(store.join().unwrap().len(), 1, "nothing is sent again");
+        assert_eq!(seen.len(), 1, "nothing is sent again");
     }
 }
