@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod link;
 pub mod names;
+mod record;
 pub mod registry;
 pub mod replica;
 pub mod replicated;

@@ -282,12 +282,16 @@ impl TlsMaterial {
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
+        // The link seals its records itself once rustls has made the
+        // handshake (`link.rs`, `record.rs`), and never resumes.
+        config.enable_secret_extraction = true;
+        config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
 
@@ -297,12 +301,15 @@ impl TlsMaterial {
     pub fn link_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let provider = Arc::new(tls13_provider());
         let (roots, chain, key) = self.parts()?;
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
+        // As in `link_server_config`.
+        config.enable_secret_extraction = true;
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
 
