@@ -96,9 +96,22 @@ fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
 }
 
-/// Appends the frame of a call (length prefix included) to `f`, so a
-/// batch is encoded straight into the buffer that is written.
+/// Appends the frame of a call (length prefix included) to `f`: what
+/// [`LinkClient`] sends for it, as the tests build it.
+#[cfg(test)]
 fn encode_call(
+    f: &mut Vec<u8>,
+    id: u64,
+    volume: Uuid,
+    call: &Call,
+) -> Result<(), serde_json::Error> {
+    encode_call_head(f, id, volume, call)?;
+    f.put_slice(&call.data);
+    Ok(())
+}
+
+/// A call's frame up to its data (which follows it on the wire).
+fn encode_call_head(
     f: &mut Vec<u8>,
     id: u64,
     volume: Uuid,
@@ -106,7 +119,7 @@ fn encode_call(
 ) -> Result<(), serde_json::Error> {
     let json = serde_json::to_vec(&call.request)?;
     let body = 8 + 32 + 4 + 4 + 4 + json.len() + call.data.len();
-    f.reserve(4 + body);
+    f.reserve(4 + body - call.data.len());
     f.put_u32_le(body as u32);
     f.put_u64_le(id);
     f.put_slice(volume.to_hex().as_bytes());
@@ -114,7 +127,6 @@ fn encode_call(
     f.put_u32_le(call.len);
     f.put_u32_le(json.len() as u32);
     f.put_slice(&json);
-    f.put_slice(&call.data);
     Ok(())
 }
 
@@ -343,16 +355,25 @@ impl Wire {
 
     /// Writes one frame (sealed when over TLS).
     fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
+        self.send_parts(&[frame])
+    }
+
+    /// Writes the bytes of `parts`, one after the other (sealed when over
+    /// TLS): whole frames, or a frame's parts.
+    fn send_parts(&self, parts: &[&[u8]]) -> io::Result<()> {
         let mut out = self.send.lock().unwrap_or_else(|e| e.into_inner());
         let Outbound { sealer, buf } = &mut *out;
-        let Some(sealer) = sealer else {
-            return (&self.sock).write_all(frame);
-        };
         buf.clear();
-        if sealer.wants_key_update() {
-            sealer.update_key(&mut self.keys(), buf)?;
+        match sealer {
+            None if parts.len() == 1 => return (&self.sock).write_all(parts[0]),
+            None => parts.iter().for_each(|p| buf.extend_from_slice(p)),
+            Some(sealer) => {
+                if sealer.wants_key_update() {
+                    sealer.update_key(&mut self.keys(), buf)?;
+                }
+                sealer.seal_parts(parts, buf)?;
+            }
         }
-        sealer.seal(frame, buf)?;
         let sent = (&self.sock).write_all(buf);
         if buf.capacity() > KEEP_OUTBOUND {
             *buf = Vec::new();
@@ -771,11 +792,16 @@ impl ClientConn {
         calls: &[Call],
         waiters: Vec<Waiter>,
     ) -> Result<Vec<u64>, (Vec<Waiter>, PeerError)> {
-        let mut frames = Vec::new();
+        // The calls' frames up to their data, one after the other; sealed
+        // with the data between them (not copied into one frame first).
+        let mut heads = Vec::new();
+        let mut ends = Vec::with_capacity(calls.len());
         let mut ids = Vec::with_capacity(calls.len());
         for c in calls {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = encode_call(&mut frames, id, volume, c) {
+            let head = encode_call_head(&mut heads, id, volume, c);
+            ends.push(heads.len());
+            if let Err(e) = head {
                 let failed = PeerError::Failed {
                     node: self.node.clone(),
                     why: e.to_string(),
@@ -795,7 +821,13 @@ impl ClientConn {
                 w.insert(*id, Pending { sent, done });
             }
         }
-        if let Err(e) = self.wire.send_frame(&frames) {
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * calls.len());
+        let mut from = 0;
+        for (c, &end) in calls.iter().zip(&ends) {
+            parts.extend([&heads[from..end], &c.data[..]]);
+            from = end;
+        }
+        if let Err(e) = self.wire.send_parts(&parts) {
             self.close(&format!("data link: {e}"));
         }
         Ok(ids)

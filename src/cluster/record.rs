@@ -133,26 +133,63 @@ pub(super) struct Sealer {
 
 impl Sealer {
     /// Appends `data` to `out` as application-data records.
-    pub(super) fn seal(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        out.reserve(data.len() + data.len().div_ceil(MAX_CONTENT).max(1) * (HEADER + 1 + TAG));
-        if data.is_empty() {
+    #[cfg(test)]
+    fn seal(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        self.seal_parts(&[data], out)
+    }
+
+    /// Appends the bytes of `parts`, one after the other, to `out` as
+    /// application-data records: each part is copied once, straight into
+    /// the records it falls in.
+    pub(super) fn seal_parts(&mut self, parts: &[&[u8]], out: &mut Vec<u8>) -> io::Result<()> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        out.reserve(total + total.div_ceil(MAX_CONTENT).max(1) * (HEADER + 1 + TAG));
+        if total == 0 {
             return self.seal_record(APPLICATION_DATA, &[], out);
         }
-        for chunk in data.chunks(MAX_CONTENT) {
-            self.seal_record(APPLICATION_DATA, chunk, out)?;
+        let mut parts = parts.iter().copied();
+        let mut part: &[u8] = &[];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(MAX_CONTENT);
+            let at = self.begin_record(n, out);
+            let mut need = n;
+            while need > 0 {
+                if part.is_empty() {
+                    part = parts.next().expect("the parts hold `total` bytes");
+                }
+                let k = need.min(part.len());
+                out.extend_from_slice(&part[..k]);
+                part = &part[k..];
+                need -= k;
+            }
+            self.finish_record(APPLICATION_DATA, at, out)?;
+            left -= n;
         }
         Ok(())
     }
 
     fn seal_record(&mut self, typ: u8, content: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        debug_assert!(content.len() <= MAX_CONTENT);
-        let len = u16::try_from(content.len() + 1 + TAG).expect("a record's length fits");
-        let [hi, lo] = len.to_be_bytes();
-        let header = [APPLICATION_DATA, 3, 3, hi, lo];
-        let nonce = self.dir.next_nonce()?;
-        out.extend_from_slice(&header);
-        let at = out.len();
+        let at = self.begin_record(content.len(), out);
         out.extend_from_slice(content);
+        self.finish_record(typ, at, out)
+    }
+
+    /// Appends the header of a record of `len` bytes of content to `out`;
+    /// where its content starts.
+    fn begin_record(&self, len: usize, out: &mut Vec<u8>) -> usize {
+        debug_assert!(len <= MAX_CONTENT);
+        let len = u16::try_from(len + 1 + TAG).expect("a record's length fits");
+        let [hi, lo] = len.to_be_bytes();
+        out.extend_from_slice(&[APPLICATION_DATA, 3, 3, hi, lo]);
+        out.len()
+    }
+
+    /// Seals the record whose content starts at `out[at..]`: its type
+    /// after the content, then the tag.
+    fn finish_record(&mut self, typ: u8, at: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let header: [u8; HEADER] = out[at - HEADER..at].try_into().expect("a header");
+        let nonce = self.dir.next_nonce()?;
         out.push(typ);
         let tag = self
             .dir
@@ -631,6 +668,23 @@ mod tests {
             );
             assert!(plain.is_empty());
         }
+    }
+
+    #[test]
+    fn parts_seal_as_the_bytes_they_make_together() {
+        let data = pattern(50_000, 5);
+        // Parts cut across record boundaries, empty ones among them.
+        let cuts = [0, 0, 1, 16_383, 16_384, 16_385, 20_000, 50_000, 50_000];
+        let parts: Vec<&[u8]> = cuts.windows(2).map(|w| &data[w[0]..w[1]]).collect();
+        let (mut a, _) = pair();
+        let (mut b, mut opener) = pair();
+        let (mut whole, mut gathered) = (Vec::new(), Vec::new());
+        a.seal(&data, &mut whole).unwrap();
+        b.seal_parts(&parts, &mut gathered).unwrap();
+        assert_eq!(gathered, whole);
+        let mut plain = BytesMut::new();
+        opener.open(&mut gathered, &mut plain).unwrap();
+        assert_eq!(&plain[..], &data[..]);
     }
 
     #[test]
