@@ -167,8 +167,9 @@ fn decode_call(mut body: Bytes) -> Result<(u64, Uuid, Call), String> {
     ))
 }
 
-/// The frame of an answer (length prefix included).
-fn encode_answer(id: u64, result: &Result<Answer, Status>) -> Vec<u8> {
+/// The frame of an answer up to its data (length prefix included), and
+/// the data, which follows it on the wire.
+fn answer_parts(id: u64, result: &Result<Answer, Status>) -> (Vec<u8>, &[u8]) {
     let (code, text, data): (u32, Vec<u8>, &[u8]) = match result {
         Ok(a) => {
             let reply = match &a.reply {
@@ -183,13 +184,20 @@ fn encode_answer(id: u64, result: &Result<Answer, Status>) -> Vec<u8> {
         Err(s) => (s.code() as u32, s.message().as_bytes().to_vec(), &[]),
     };
     let body = 8 + 4 + 4 + text.len() + data.len();
-    let mut f = Vec::with_capacity(4 + body);
+    let mut f = Vec::with_capacity(4 + body - data.len());
     f.put_u32_le(body as u32);
     f.put_u64_le(id);
     f.put_u32_le(code);
     f.put_u32_le(text.len() as u32);
     f.put_slice(&text);
-    f.put_slice(data);
+    (f, data)
+}
+
+/// The whole frame of an answer, as the tests build it.
+#[cfg(test)]
+fn encode_answer(id: u64, result: &Result<Answer, Status>) -> Vec<u8> {
+    let (mut f, data) = answer_parts(id, result);
+    f.extend_from_slice(data);
     f
 }
 
@@ -353,11 +361,6 @@ impl Wire {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes one frame (sealed when over TLS).
-    fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
-        self.send_parts(&[frame])
-    }
-
     /// Writes the bytes of `parts`, one after the other (sealed when over
     /// TLS): whole frames, or a frame's parts.
     fn send_parts(&self, parts: &[&[u8]]) -> io::Result<()> {
@@ -477,8 +480,8 @@ impl ServerConn {
         self.turn_free.notify_one();
     }
 
-    /// Answers one call.
-    fn serve(&self, body: Bytes) -> Option<Vec<u8>> {
+    /// Serves one call: its id and its answer.
+    fn serve(&self, body: Bytes) -> Option<(u64, Result<Answer, Status>)> {
         let id = call_id(&body)?;
         let result = decode_call(body)
             .map_err(Status::invalid_argument)
@@ -495,7 +498,7 @@ impl ServerConn {
                     .call(volume, call)
                     .map_err(super::replica::status_of)
             });
-        Some(encode_answer(id, &result))
+        Some((id, result))
     }
 }
 
@@ -554,12 +557,13 @@ fn server_thread(conn: Arc<ServerConn>) {
                 conn.spawn.live.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        let Some(answer) = conn.serve(body) else {
+        let Some((id, result)) = conn.serve(body) else {
             tracing::debug!(identity = ?conn.identity, "data link: a frame without an id");
             conn.close();
             break;
         };
-        if let Err(e) = conn.wire.send_frame(&answer) {
+        let (head, data) = answer_parts(id, &result);
+        if let Err(e) = conn.wire.send_parts(&[&head, data]) {
             tracing::debug!(identity = ?conn.identity, error = %e, "data link: cannot answer");
             conn.close();
             break;
