@@ -83,7 +83,7 @@ struct ServeArgs {
     /// Where stowage keeps its records.
     #[arg(long, default_value = "/var/lib/stowage")]
     state_dir: PathBuf,
-    /// Where volumes live (default: <state-dir>/pool).
+    /// Where volumes live (default: STATE_DIR/pool).
     #[arg(long)]
     pool: Option<PathBuf>,
     /// Keep the pool in a sparse xfs image (mounted at the pool directory)

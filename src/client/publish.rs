@@ -868,7 +868,7 @@ pub struct PublishSpec {
 /// Publishes `spec.id` at `spec.target`: ControllerPublish when offered,
 /// NodeStage when needed, NodePublish; each step recorded before it is
 /// taken, under the volume's lock. Idempotent. On an error, what this call
-/// added is undone (see [`roll_back`]) and the error returned; a target
+/// added is undone (see `roll_back`) and the error returned; a target
 /// that was already published is left as it was.
 pub async fn publish_volume(
     s: &mut Session,

@@ -28,7 +28,7 @@ pub struct StatusArgs {
     /// Where stowage keeps its records.
     #[arg(long, default_value = "/var/lib/stowage")]
     pub state_dir: PathBuf,
-    /// Where volumes live (default: <state-dir>/pool).
+    /// Where volumes live (default: STATE_DIR/pool).
     #[arg(long)]
     pub pool: Option<PathBuf>,
     /// Output format [default: table]

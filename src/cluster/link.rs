@@ -18,7 +18,7 @@
 //! Security is that of the agent port: mutual TLS 1.3 under the cluster CA
 //! ([`TlsMaterial::link_server_config`](super::tls::TlsMaterial::link_server_config)),
 //! and a node certificate acts only on volumes whose record on this node
-//! names that node ([`super::replica::authorize`]). rustls makes the
+//! names that node (`replica::authorize`). rustls makes the
 //! handshake; `record.rs` then seals and opens the records itself,
 //! decrypting in place in the buffer the socket was read into (rustls's
 //! buffered connection copied each byte three times, a fifth of the CPU

@@ -976,7 +976,7 @@ impl Replicated {
     /// copies are all lost is left alone (nothing to rebuild from). First,
     /// members removed while their node was away (by ModifyVolume, or
     /// replaced here) are deleted from it once it is back (see
-    /// [`removed_members`]).
+    /// `removed_members`).
     pub async fn replace_lost(&self, uuid: Uuid, after: Duration) -> Result<bool, Status> {
         let now = Instant::now();
         let unknown_lost = now.duration_since(self.started) >= after;

@@ -137,7 +137,7 @@ pub fn holds_no_data(pool: &Path) -> Result<bool, PoolImageError> {
     Ok(true)
 }
 
-/// How [`mount`] found the pool image.
+/// How [`mount()`] found the pool image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mounted {
     /// It was mounted already (a restart of the server).

@@ -1,5 +1,5 @@
 //! The CSI Controller service: converts requests, calls the domain's
-//! [`Controller`](crate::volume::controller::Controller), converts back.
+//! [`crate::volume::controller::Controller`], converts back.
 
 use std::sync::Arc;
 

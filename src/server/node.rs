@@ -1,5 +1,5 @@
 //! The CSI Node service: converts requests, calls the domain's
-//! [`Node`](crate::volume::node::Node), converts back.
+//! [`crate::volume::node::Node`], converts back.
 
 use std::sync::Arc;
 

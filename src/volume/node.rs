@@ -853,7 +853,7 @@ impl Node {
     /// NodeStageVolume. Idempotent for the same path and capability; a
     /// different path or capability is [`Error::Incompatible`]. The staging
     /// path may not overlap the pool, the state directory or another
-    /// staging path or target ([`Node::check_overlap`]), and is created
+    /// staging path or target (`Node::check_overlap`), and is created
     /// (if missing) and mounted on without following a symlink.
     pub fn stage(&self, req: StageVolume) -> Result<()> {
         let id = self
@@ -1573,7 +1573,7 @@ impl Node {
     /// readonly flag; different ones at the same target are
     /// [`Error::Incompatible`]. The target may not overlap the pool, the
     /// state directory or another staging path or target
-    /// ([`Node::check_overlap`]); it is created (if missing) and mounted on
+    /// (`Node::check_overlap`); it is created (if missing) and mounted on
     /// without following a symlink.
     pub fn publish(&self, req: PublishVolume) -> Result<()> {
         let id = self

@@ -5,7 +5,7 @@
 //! model is given; it never decides on its own when a write is acknowledged
 //! or a copy is in sync (the engine does).
 //!
-//! The engine and its bookkeeping ([`Task`]) sit behind one lock, and
+//! The engine and its bookkeeping (`Task`) sit behind one lock, and
 //! whoever has news takes it for one step: a FUSE worker with a block I/O,
 //! whoever brings a call's answer (the reading thread of the data link to
 //! that node, or the task a call was made on, each with a deadline), or
@@ -14,11 +14,11 @@
 //! start, and what the engine asks for is sent with its bytes once the
 //! lock is released: data calls from a FUSE worker straight onto a
 //! connected data link ([`Peer::send_now`]), everything else on a task
-//! spawned per call (or per batch, see [`NodeQueue`]). Calls to this node's
+//! spawned per call (or per batch, see `NodeQueue`). Calls to this node's
 //! own copy ([`Peer::call_here`]) run right there on a FUSE worker (so a
 //! block I/O that stays on this node needs no hop at all), and on the
 //! blocking pool from an async step. A read the engine would serve from
-//! the local copy skips the engine altogether (see [`LocalRead`]).
+//! the local copy skips the engine altogether (see `LocalRead`).
 //!
 //! A step also drops what it replaced under that lock (peers, and with them
 //! their data links, when the members change): nothing a peer owns may

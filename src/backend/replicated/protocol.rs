@@ -225,7 +225,7 @@ pub struct VoterState {
 /// with (0 for a founding member; the controller gives an added member a
 /// `since` above every version its node was a member at before), and its
 /// answers count only for members of its node whose `since` is at least
-/// the floor (see [`JointQuorum`](super::record::JointQuorum)).
+/// the floor (see [`super::record::JointQuorum`]).
 #[derive(Debug, Clone)]
 pub struct Voter {
     node: String,

@@ -348,7 +348,7 @@ impl ReplicaStore {
     }
 
     /// Creates this node's member of a new volume holding its first
-    /// record (at [`Ballot::zero`], a [`first_boot`]). Idempotent: a member that
+    /// record (at [`Ballot::zero`], a `first_boot`). Idempotent: a member that
     /// exists with the same first record is left as it is.
     pub fn create(&self, record: &ReplicaRecord) -> Result<(), StoreError> {
         self.create_from(record, None)

@@ -226,7 +226,7 @@ impl ReplicaStore {
     }
 
     /// Snapshots this node's copy of `uuid` as `snap`; see
-    /// [`ReplicaStore::freeze_into`] for when it may. Idempotent: a
+    /// `ReplicaStore::freeze_into` for when it may. Idempotent: a
     /// snapshot `snap` of the same volume is returned as it is, one of
     /// another volume is a conflict.
     pub fn snapshot(
