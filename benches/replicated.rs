@@ -905,6 +905,11 @@ async fn fio_volumes(cl: &mut Cluster, size: u64) -> Vec<(Vol, usize, UpTimes)> 
 
 /// fio on `vols` (the first is the baseline): prefilled first when
 /// `prefill` (else they were, in an earlier pass), `cfg.jobs` only.
+/// Writes every dirty page of the machine back and waits for it.
+async fn settle() {
+    let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
+}
+
 async fn fio_part(
     cl: &mut Cluster,
     cfg: &FioConfig,
@@ -960,6 +965,11 @@ async fn fio_part(
                         " (plaintext)"
                     }
                 );
+                // No run inherits the one before's dirty pages: copies
+                // write through their nodes' page cache, and with every
+                // pool on one disk the last run's writeback would land on
+                // this one (the local volume's too).
+                settle().await;
                 runs[at].push(run_job(cfg, job, &v.target, &out).await?);
             }
         }
@@ -1719,7 +1729,7 @@ fn print_fio(f: &FioReport, heading: &str) {
     println!();
     println!("{heading}");
     println!(
-        "fio {} direct=1, raw block volumes staged and published on n1, {} MiB each, {} s per job after {} s ramp, sequential QD{}, median of {} interleaved round(s)",
+        "fio {} direct=1, raw block volumes staged and published on n1, {} MiB each, {} s per job after a sync and {} s ramp, sequential QD{}, median of {} interleaved round(s)",
         c.ioengine,
         c.size_bytes / MIB,
         c.runtime_s,
