@@ -373,3 +373,54 @@ mod path_benches {
         bencher.bench(|| checked_path(black_box(&p)));
     }
 }
+
+/// What sealing a replicated write's megabyte costs the data link with
+/// each TLS 1.3 AEAD (ring's, which `cluster/record.rs` calls the same
+/// way: 16 KiB records, sealed in place, tag apart), so the suite the link
+/// prefers (AES-128-GCM) is compared with the others in one run.
+#[divan::bench_group(name = "link_aead", sample_count = 50)]
+mod link_aead {
+    use super::*;
+    use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+
+    const MIB: usize = 1 << 20;
+    const RECORD: usize = 1 << 14;
+
+    fn seal_mib(bencher: Bencher, alg: &'static aead::Algorithm) {
+        let key = LessSafeKey::new(UnboundKey::new(alg, &vec![7u8; alg.key_len()]).unwrap());
+        let mut data = vec![0x5au8; MIB];
+        let mut seq = 0u64;
+        bencher
+            .counter(divan::counter::BytesCount::new(MIB))
+            .bench_local(|| {
+                for chunk in data.chunks_mut(RECORD) {
+                    let mut n = [0u8; aead::NONCE_LEN];
+                    n[4..].copy_from_slice(&seq.to_be_bytes());
+                    seq += 1;
+                    let tag = key
+                        .seal_in_place_separate_tag(
+                            Nonce::assume_unique_for_key(n),
+                            Aad::from([23u8, 3, 3, 0x40, 0x11]),
+                            chunk,
+                        )
+                        .unwrap();
+                    let _ = black_box(tag);
+                }
+            });
+    }
+
+    #[divan::bench]
+    fn aes_128_gcm(bencher: Bencher) {
+        seal_mib(bencher, &aead::AES_128_GCM);
+    }
+
+    #[divan::bench]
+    fn aes_256_gcm(bencher: Bencher) {
+        seal_mib(bencher, &aead::AES_256_GCM);
+    }
+
+    #[divan::bench]
+    fn chacha20_poly1305(bencher: Bencher) {
+        seal_mib(bencher, &aead::CHACHA20_POLY1305);
+    }
+}

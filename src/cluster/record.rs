@@ -925,6 +925,11 @@ mod tests {
         let conn = UnbufferedServerConnection::new(server).unwrap();
         let mut ours = Ours::new(Handshaking::Server(conn), sock);
         let mut theirs = theirs.join().unwrap();
+        assert_eq!(
+            theirs.conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "the link prefers AES-128-GCM"
+        );
         // The client updates its key (and asks for ours) mid-stream.
         theirs.write_all(b"before").unwrap();
         theirs.conn.refresh_traffic_keys().unwrap();
@@ -957,6 +962,11 @@ mod tests {
         let conn = UnbufferedClientConnection::new(client, name).unwrap();
         let mut ours = Ours::new(Handshaking::Client(conn), sock);
         let mut theirs = theirs.join().unwrap();
+        assert_eq!(
+            theirs.conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "the link prefers AES-128-GCM"
+        );
         talk_to_rustls(&mut ours, &mut theirs, |t| {
             t.conn.send_close_notify();
             t.flush().unwrap();
