@@ -903,13 +903,13 @@ async fn fio_volumes(cl: &mut Cluster, size: u64) -> Vec<(Vol, usize, UpTimes)> 
     out
 }
 
-/// fio on `vols` (the first is the baseline): prefilled first when
-/// `prefill` (else they were, in an earlier pass), `cfg.jobs` only.
 /// Writes every dirty page of the machine back and waits for it.
 async fn settle() {
     let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
 }
 
+/// fio on `vols` (the first is the baseline): prefilled first when
+/// `prefill` (else they were, in an earlier pass), `cfg.jobs` only.
 async fn fio_part(
     cl: &mut Cluster,
     cfg: &FioConfig,

@@ -873,6 +873,16 @@ mod tests {
         rustls::ClientConnection::new(Arc::clone(c), name).unwrap()
     }
 
+    /// The suite rustls's end agreed on with ours: the one the link
+    /// prefers.
+    fn assert_link_suite(theirs: &rustls::CommonState) {
+        assert_eq!(
+            theirs.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "the link prefers AES-128-GCM"
+        );
+    }
+
     /// Our end against rustls's own record layer, both ways, through key
     /// updates from either end and close_notify.
     fn talk_to_rustls<P: Read + Write>(
@@ -925,11 +935,7 @@ mod tests {
         let conn = UnbufferedServerConnection::new(server).unwrap();
         let mut ours = Ours::new(Handshaking::Server(conn), sock);
         let mut theirs = theirs.join().unwrap();
-        assert_eq!(
-            theirs.conn.negotiated_cipher_suite().map(|s| s.suite()),
-            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
-            "the link prefers AES-128-GCM"
-        );
+        assert_link_suite(&theirs.conn);
         // The client updates its key (and asks for ours) mid-stream.
         theirs.write_all(b"before").unwrap();
         theirs.conn.refresh_traffic_keys().unwrap();
@@ -962,11 +968,7 @@ mod tests {
         let conn = UnbufferedClientConnection::new(client, name).unwrap();
         let mut ours = Ours::new(Handshaking::Client(conn), sock);
         let mut theirs = theirs.join().unwrap();
-        assert_eq!(
-            theirs.conn.negotiated_cipher_suite().map(|s| s.suite()),
-            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
-            "the link prefers AES-128-GCM"
-        );
+        assert_link_suite(&theirs.conn);
         talk_to_rustls(&mut ours, &mut theirs, |t| {
             t.conn.send_close_notify();
             t.flush().unwrap();
