@@ -183,23 +183,31 @@ async fn identity_probe_not_ready_when_state_is_unwritable() {
         .unwrap()
         .into_inner();
     assert_eq!(ready(r), Some(true));
-    // Fill the pool filesystem (state and pool live on it) to the last
-    // block: nothing can be written any more.
-    let pool_fs = env.scratch.root.join("pool-fs");
-    let mut i = 0;
-    loop {
-        let f = std::fs::File::create(pool_fs.join(format!("fill{i}"))).unwrap();
-        let free = nix::sys::statvfs::statvfs(&pool_fs).unwrap();
-        let bytes = (free.blocks_free() * free.fragment_size()) as i64;
-        if bytes == 0
-            || nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, bytes.max(4096))
-                .is_err()
-        {
-            break;
-        }
-        i += 1;
-        assert!(i < 64, "could not fill the pool filesystem");
-    }
+    // Make the state directory refuse writes: a read-only bind mount of
+    // it over itself (unmounted first thing on drop). Filling its
+    // filesystem instead was not certain: ext4 frees blocks again after
+    // a fill (journal commits, the server's own writes), and one Probe in
+    // 30 still found room.
+    let state = env.layout.state.clone();
+    nix::mount::mount(
+        Some(&state),
+        &state,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let _read_only = common::Mounted(state.clone());
+    nix::mount::mount(
+        None::<&str>,
+        &state,
+        None::<&str>,
+        nix::mount::MsFlags::MS_REMOUNT
+            | nix::mount::MsFlags::MS_BIND
+            | nix::mount::MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .unwrap();
     let r = env
         .c
         .identity
