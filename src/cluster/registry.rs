@@ -39,11 +39,17 @@ impl NodeEntry {
     }
 }
 
+/// The node ID no node may have: replicated volumes' group snapshots are
+/// `group:replicated:<uuid>`, where other group snapshots name their node.
+pub const RESERVED_NODE_ID: &str = "replicated";
+
 /// Why a registration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
     #[error("invalid node id {0:?}")]
     NodeId(String),
+    #[error("node id {0:?} is reserved: replicated volumes' IDs use it")]
+    Reserved(String),
     #[error("invalid advertise address {0:?}: expected host:port")]
     Advertise(String),
 }
@@ -77,6 +83,9 @@ impl Registry {
     pub fn register(&self, r: RegisterRequest) -> Result<(), RegisterError> {
         if !crate::volume::id::valid_node_id(&r.node_id) {
             return Err(RegisterError::NodeId(r.node_id));
+        }
+        if r.node_id == RESERVED_NODE_ID {
+            return Err(RegisterError::Reserved(r.node_id));
         }
         if r.advertise.parse::<std::net::SocketAddr>().is_err()
             && r.advertise

@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod freeze;
+
 use crate::volume::id::Uuid;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
@@ -29,13 +31,14 @@ use super::proto::{
     CopyStatus, CreateReplicaRequest, CreateReplicaResponse, DeleteReplicaRequest,
     DeleteReplicaResponse, EngineStatusResponse, GetReplicaRequest, GetReplicaResponse,
     ListReplicaSnapshotsResponse, ListReplicasRequest, ListReplicasResponse, ReplicaAnswer,
-    ReplicaBatch, ReplicaCall, ReplicaResult, ReplicaResults, ReplicaSnapshot, ReplicaSnapshotRef,
-    ReplicaSnapshotRequest,
+    ReplicaBatch, ReplicaCall, ReplicaFreezeRequest, ReplicaFreezeResponse, ReplicaResult,
+    ReplicaResults, ReplicaSnapshot, ReplicaSnapshotRef, ReplicaSnapshotRequest,
+    ReplicaThawRequest,
 };
 use super::tls::{PeerIdentity, peer_identity};
 use crate::backend::replicated::protocol::{Reply, Request as ProtoRequest};
 use crate::backend::replicated::record::ReplicaRecord;
-use crate::backend::replicated::store::{Base, ReplicaStore, SnapshotInfo, StoreError};
+use crate::backend::replicated::store::{Base, GroupOf, ReplicaStore, SnapshotInfo, StoreError};
 use crate::backend::replicated::wire::{Answer, BatchDone, Call, Peer, PeerError, one_by_one};
 
 /// A failure of this node's own copy as a remote one would be reported
@@ -69,6 +72,16 @@ fn snapshot_message(i: &SnapshotInfo) -> ReplicaSnapshot {
         created_seconds: i.created_seconds,
         created_nanos: i.created_nanos,
         nodes: i.nodes.clone(),
+        group: i
+            .group
+            .as_ref()
+            .map(|g| g.group.to_hex())
+            .unwrap_or_default(),
+        group_volumes: i
+            .group
+            .as_ref()
+            .map(|g| g.volumes.iter().map(|v| v.to_hex()).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -80,6 +93,8 @@ pub struct ReplicaService {
     /// This node's data link (`tls://host:port`, or `tcp://host:port` with
     /// replication TLS off), told to engines that attach.
     link: Option<String>,
+    /// Group snapshot freezes held on this node's copies.
+    freezes: freeze::Freezes,
 }
 
 impl ReplicaService {
@@ -92,6 +107,7 @@ impl ReplicaService {
             store,
             engines,
             link: None,
+            freezes: freeze::Freezes::default(),
         }
     }
 
@@ -318,6 +334,63 @@ impl Replica for ReplicaService {
         Ok(Response::new(ListReplicaSnapshotsResponse {
             snapshots: all.iter().map(snapshot_message).collect(),
         }))
+    }
+
+    async fn freeze(
+        &self,
+        req: Request<ReplicaFreezeRequest>,
+    ) -> Result<Response<ReplicaFreezeResponse>, Status> {
+        controller_only(&req)?;
+        let r = req.into_inner();
+        let volume = volume_of(&r.volume)?;
+        let snapshot = volume_of(&r.snapshot)?;
+        let expect: ReplicaRecord = serde_json::from_str(&r.record)
+            .map_err(|e| Status::invalid_argument(format!("record: {e}")))?;
+        let mut volumes = r
+            .group_volumes
+            .iter()
+            .map(|v| volume_of(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        volumes.sort();
+        volumes.dedup();
+        if !volumes.contains(&volume) {
+            return Err(Status::invalid_argument(
+                "group_volumes: the group does not hold the volume frozen",
+            ));
+        }
+        let lease = Duration::from_millis(r.lease_ms.into());
+        if lease.is_zero() || lease > freeze::MAX_LEASE {
+            return Err(Status::invalid_argument(format!(
+                "lease_ms: from 1 to {}",
+                freeze::MAX_LEASE.as_millis()
+            )));
+        }
+        let of = freeze::FreezeOf {
+            volume,
+            snapshot,
+            expect,
+            group: GroupOf {
+                group: volume_of(&r.group)?,
+                volumes,
+            },
+            token: r.token,
+            lease,
+        };
+        self.freezes.freeze(Arc::clone(&self.store), of).await?;
+        Ok(Response::new(ReplicaFreezeResponse {}))
+    }
+
+    async fn thaw(
+        &self,
+        req: Request<ReplicaThawRequest>,
+    ) -> Result<Response<ReplicaSnapshot>, Status> {
+        controller_only(&req)?;
+        let r = req.into_inner();
+        let snapshot = volume_of(&r.snapshot)?;
+        let taken = self.freezes.thaw(snapshot, r.token, r.commit).await?;
+        Ok(Response::new(
+            taken.as_ref().map(snapshot_message).unwrap_or_default(),
+        ))
     }
 
     async fn refresh(

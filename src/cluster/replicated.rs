@@ -36,7 +36,9 @@ const PHASE_TIMEOUT_MS: u64 = 2_000;
 
 use crate::backend::replicated::engines::{CONTEXT_ADDRESSES, CONTEXT_BALLOT, CONTEXT_RECORD};
 
+mod group;
 mod snap;
+pub use group::is_replicated_group_id;
 pub use snap::is_replicated_snapshot_id;
 
 /// Whether `raw` is a replicated volume's ID (well formed or not: the

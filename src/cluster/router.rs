@@ -928,14 +928,27 @@ impl csi::group_controller_server::GroupController for Router {
         req: Request<csi::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
         let r = req.into_inner();
-        if let Some(v) = r
+        let replicated_ones = r
             .source_volume_ids
             .iter()
-            .find(|v| replicated::is_replicated_id(v))
-        {
-            return Err(Status::invalid_argument(format!(
-                "source_volume_ids: replicated volume {v} cannot be in a volume group snapshot; snapshot it with CreateSnapshot"
-            )));
+            .filter(|v| replicated::is_replicated_id(v))
+            .count();
+        if replicated_ones > 0 {
+            if replicated_ones < r.source_volume_ids.len() {
+                return Err(Status::invalid_argument(
+                    "source_volume_ids: a group snapshot holds either replicated volumes or volumes of one node, not both",
+                ));
+            }
+            // One operation on each volume at a time, taken in one order.
+            let ordered: BTreeSet<&String> = r.source_volume_ids.iter().collect();
+            let _guards = ordered
+                .into_iter()
+                .map(|v| self.volume_guard(v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let group = self.replicated.create_group_snapshot(&r).await?;
+            return Ok(Response::new(csi::CreateVolumeGroupSnapshotResponse {
+                group_snapshot: Some(group),
+            }));
         }
         let nodes: BTreeSet<Option<String>> = r
             .source_volume_ids
@@ -967,6 +980,12 @@ impl csi::group_controller_server::GroupController for Router {
         req: Request<csi::DeleteVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_group_id(&r.group_snapshot_id) {
+            self.replicated
+                .delete_group_snapshot(&r.group_snapshot_id, &r.snapshot_ids)
+                .await?;
+            return Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {}));
+        }
         match self.node_for(group_node(&r.group_snapshot_id))? {
             Route::Forgotten => Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {})),
             Route::Node(n) => relay(
@@ -983,6 +1002,15 @@ impl csi::group_controller_server::GroupController for Router {
         req: Request<csi::GetVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
         let r = req.into_inner();
+        if replicated::is_replicated_group_id(&r.group_snapshot_id) {
+            let group = self
+                .replicated
+                .get_group_snapshot(&r.group_snapshot_id, &r.snapshot_ids)
+                .await?;
+            return Ok(Response::new(csi::GetVolumeGroupSnapshotResponse {
+                group_snapshot: Some(group),
+            }));
+        }
         match self.node_for(group_node(&r.group_snapshot_id))? {
             Route::Forgotten => Err(Status::not_found(format!(
                 "group snapshot {} lived on a node that was forgotten",
@@ -1312,6 +1340,25 @@ mod tests {
             Some("a")
         );
         assert_eq!(group_node("group:a:xyz"), None);
+        // No node may take the name replicated group snapshots use.
+        let reserved = r.registry.register(proto::RegisterRequest {
+            node_id: crate::cluster::registry::RESERVED_NODE_ID.to_owned(),
+            advertise: "127.0.0.1:1".to_owned(),
+            interval_seconds: 5,
+            ..Default::default()
+        });
+        assert!(
+            matches!(
+                reserved,
+                Err(crate::cluster::registry::RegisterError::Reserved(_))
+            ),
+            "{reserved:?}"
+        );
+        assert!(replicated::is_replicated_group_id(&format!(
+            "group:{}:{}",
+            crate::cluster::registry::RESERVED_NODE_ID,
+            "1".repeat(32)
+        )));
     }
 
     /// Pages through fake per-node lists with every page size: each entry

@@ -39,7 +39,7 @@ use super::wire::{Answer, Call};
 
 mod snap;
 pub mod writeback;
-pub use snap::{Base, SnapshotInfo};
+pub use snap::{Base, GroupOf, SnapshotInfo};
 
 const VOTER_FILE: &str = "voter.json";
 const DATA_FILE: &str = "data";

@@ -47,7 +47,7 @@ fn parse_snapshot_id(raw: &str) -> Option<Uuid> {
 
 /// `snap:replicated:<uuid>`: like a replicated volume's ID, it names no
 /// node.
-fn snapshot_id(uuid: Uuid) -> String {
+pub(super) fn snapshot_id(uuid: Uuid) -> String {
     format!("{SNAPSHOT_PREFIX}{}", uuid.to_hex())
 }
 
@@ -70,6 +70,8 @@ pub(super) struct HeldSnapshot {
     /// Nodes asked to take it, as its holders remember (a holder that is
     /// down is among them, not among `holders`).
     pub taken_on: BTreeSet<String>,
+    /// The group snapshot it is a member of, and that group's volumes.
+    pub group: Option<(Uuid, Vec<Uuid>)>,
 }
 
 impl HeldSnapshot {
@@ -79,6 +81,15 @@ impl HeldSnapshot {
         self.size = self.size.max(s.size);
         self.epoch = self.epoch.max(s.epoch);
         self.created = self.created.min((s.created_seconds, s.created_nanos));
+        if let Some(g) = Uuid::parse_hex(&s.group) {
+            let mut volumes: Vec<Uuid> = s
+                .group_volumes
+                .iter()
+                .filter_map(|v| Uuid::parse_hex(v))
+                .collect();
+            volumes.sort();
+            self.group = Some((g, volumes));
+        }
     }
 
     pub fn csi(&self) -> csi::Snapshot {
@@ -91,7 +102,11 @@ impl HeldSnapshot {
                 nanos: self.created.1,
             }),
             ready_to_use: true,
-            group_snapshot_id: String::new(),
+            group_snapshot_id: self
+                .group
+                .as_ref()
+                .map(|(g, _)| super::group::group_id(*g))
+                .unwrap_or_default(),
         }
     }
 }
@@ -230,6 +245,7 @@ impl Replicated {
                         created: (i64::MAX, 0),
                         holders: Vec::new(),
                         taken_on: BTreeSet::new(),
+                        group: None,
                     })
                     .add(&n.id, s);
             }
@@ -329,7 +345,25 @@ impl Replicated {
         let Some(uuid) = parse_snapshot_id(raw) else {
             return Ok(());
         };
-        if let Some(held) = self.held_snapshot(uuid).await? {
+        let held = self.held_snapshot(uuid).await?;
+        if let Some((group, _)) = held.as_ref().and_then(|h| h.group.as_ref()) {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {raw} belongs to group snapshot {}; delete the group",
+                super::group::group_id(*group)
+            )));
+        }
+        self.remove_snapshot(uuid, held.as_ref()).await
+    }
+
+    /// Removes snapshot `uuid` (`held` as the fresh nodes hold it) from
+    /// every fresh node; see [`Self::delete_snapshot`].
+    pub(super) async fn remove_snapshot(
+        &self,
+        uuid: Uuid,
+        held: Option<&HeldSnapshot>,
+    ) -> Result<(), Status> {
+        let raw = snapshot_id(uuid);
+        if let Some(held) = held {
             let down: Vec<&str> = held
                 .taken_on
                 .iter()

@@ -46,6 +46,17 @@ pub struct SnapshotInfo {
     /// Every node asked to take this snapshot (the copies in sync in the
     /// record it was taken at), so it can be deleted from all of them.
     pub nodes: Vec<String>,
+    /// The group snapshot it is a member of, if any.
+    pub group: Option<GroupOf>,
+}
+
+/// The group snapshot a snapshot is a member of: the group's uuid and the
+/// volumes of all its members (sorted), so a group cut short shows which
+/// members it lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupOf {
+    pub group: Uuid,
+    pub volumes: Vec<Uuid>,
 }
 
 /// `snapshot.json`.
@@ -60,10 +71,25 @@ struct Meta {
     /// Absent in snapshots taken before it was kept.
     #[serde(default)]
     nodes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    group_volumes: Vec<String>,
 }
 
 impl Meta {
     fn info(&self) -> Option<SnapshotInfo> {
+        let group = match &self.group {
+            None => None,
+            Some(g) => Some(GroupOf {
+                group: Uuid::parse_hex(g)?,
+                volumes: self
+                    .group_volumes
+                    .iter()
+                    .map(|v| Uuid::parse_hex(v))
+                    .collect::<Option<_>>()?,
+            }),
+        };
         Some(SnapshotInfo {
             snapshot: Uuid::parse_hex(&self.snapshot)?,
             volume: Uuid::parse_hex(&self.volume)?,
@@ -72,6 +98,7 @@ impl Meta {
             created_seconds: self.created_seconds,
             created_nanos: self.created_nanos,
             nodes: self.nodes.clone(),
+            group,
         })
     }
 }
@@ -171,13 +198,17 @@ impl ReplicaStore {
 
     /// Copies this node's copy of `uuid` into `dst` (data and tags, made
     /// durable) at one point in time, when it is in sync at its current
-    /// boot in `expect` and holds no newer record. Returns the copy's size
-    /// and the highest epoch of its writes.
+    /// boot in `expect` and holds no newer record. `gate` is called once
+    /// the copy is frozen and found fit, before anything is copied; the
+    /// copy stays frozen while it runs, and nothing is copied when it
+    /// returns false. Returns the copy's size and the highest epoch of its
+    /// writes.
     fn freeze_into(
         &self,
         uuid: Uuid,
         expect: &ReplicaRecord,
         dst: &Path,
+        gate: &mut dyn FnMut() -> bool,
     ) -> Result<(u64, u64), StoreError> {
         if expect.uuid != uuid {
             return Err(StoreError::Invalid(format!(
@@ -218,6 +249,11 @@ impl ReplicaStore {
             let epoch = v.data().values().map(|t| t.epoch).max().unwrap_or(0);
             (s.record.size.max(expect.size), epoch)
         };
+        if !gate() {
+            return Err(StoreError::Stale(
+                "the freeze was called off or its lease ran out".to_owned(),
+            ));
+        }
         for name in [DATA_FILE, TAGS_FILE] {
             clone_file(&held.dir.join(name), &dst.join(name))?;
         }
@@ -235,10 +271,25 @@ impl ReplicaStore {
         snap: Uuid,
         expect: &ReplicaRecord,
     ) -> Result<SnapshotInfo, StoreError> {
+        self.snapshot_gated(uuid, snap, expect, None, &mut || true)
+    }
+
+    /// [`Self::snapshot`] as a member of `group`, taken only if `gate`
+    /// (called while the copy is frozen, see `freeze_into`) says so. A
+    /// snapshot `snap` that exists already is returned without calling
+    /// `gate` when it is of the same volume and group.
+    pub fn snapshot_gated(
+        &self,
+        uuid: Uuid,
+        snap: Uuid,
+        expect: &ReplicaRecord,
+        group: Option<&GroupOf>,
+        gate: &mut dyn FnMut() -> bool,
+    ) -> Result<SnapshotInfo, StoreError> {
         let root = self.snap_root();
         let dir = root.join(snap.to_hex());
         if let Some(have) = read_meta(&dir)? {
-            return if have.volume == uuid {
+            return if have.volume == uuid && have.group.as_ref() == group {
                 Ok(have)
             } else {
                 Err(StoreError::Conflict { uuid: snap })
@@ -246,7 +297,7 @@ impl ReplicaStore {
         }
         let tmp = Self::scratch(&root, &snap.to_hex())?;
         let made = (|| {
-            let (size, epoch) = self.freeze_into(uuid, expect, &tmp)?;
+            let (size, epoch) = self.freeze_into(uuid, expect, &tmp, gate)?;
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
@@ -258,6 +309,10 @@ impl ReplicaStore {
                 created_seconds: now.as_secs() as i64,
                 created_nanos: now.subsec_nanos() as i32,
                 nodes: expect.in_sync.keys().cloned().collect(),
+                group: group.map(|g| g.group.to_hex()),
+                group_volumes: group
+                    .map(|g| g.volumes.iter().map(|v| v.to_hex()).collect())
+                    .unwrap_or_default(),
             };
             let p = tmp.join(META_FILE);
             let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -333,7 +388,7 @@ impl ReplicaStore {
                 }
                 (info.size, info.epoch)
             }
-            Base::Volume { uuid, expect } => self.freeze_into(*uuid, expect, dst)?,
+            Base::Volume { uuid, expect } => self.freeze_into(*uuid, expect, dst, &mut || true)?,
         };
         if size > record.size {
             return Err(StoreError::Invalid(format!(
@@ -493,6 +548,86 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(names.is_empty(), "{names:?}");
+    }
+
+    /// A group member's copy stays frozen while the gate runs: a write
+    /// sent meanwhile lands only after the snapshot was taken. A closed
+    /// gate takes nothing and leaves nothing.
+    #[test]
+    fn a_gated_snapshot_holds_writes_off_until_its_gate_opens() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let pool = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
+        let (vol, snap) = (Uuid::new_random(), Uuid::new_random());
+        let rec = record(vol, 3);
+        store.create(&rec).unwrap();
+        write(&store, vol, 3, 1, 0xaa);
+        let mut volumes = vec![vol, Uuid::new_random()];
+        volumes.sort();
+        let group = GroupOf {
+            group: Uuid::new_random(),
+            volumes,
+        };
+
+        // Closed: nothing taken, nothing left, the copy writable again.
+        let e = store
+            .snapshot_gated(vol, snap, &rec, Some(&group), &mut || false)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Stale(_)), "{e}");
+        assert!(store.snapshots().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(store.snap_root()).unwrap().count(), 0);
+
+        let (landed_tx, landed_rx) = mpsc::channel();
+        let info = std::thread::scope(|sc| {
+            let mut writer = None;
+            let info = store
+                .snapshot_gated(vol, snap, &rec, Some(&group), &mut || {
+                    let (store, landed) = (&store, landed_tx.clone());
+                    writer = Some(sc.spawn(move || {
+                        write(store, vol, 3, 2, 0xbb);
+                        landed.send(()).unwrap();
+                    }));
+                    // Frozen: the write waits for the snapshot.
+                    landed_rx.recv_timeout(Duration::from_millis(300)).is_err()
+                })
+                .unwrap();
+            landed_rx.recv().unwrap();
+            writer.unwrap().join().unwrap();
+            info
+        });
+        assert_eq!(info.group.as_ref(), Some(&group));
+        assert_eq!(first_bytes(&store, vol), vec![0xbb; 4096]);
+        let restored = Uuid::new_random();
+        store
+            .create_from(&record(restored, 3), Some(&Base::Snapshot(snap)))
+            .unwrap();
+        assert_eq!(
+            first_bytes(&store, restored),
+            vec![0xaa; 4096],
+            "the snapshot holds the copy as it was when it froze"
+        );
+        // Listed with its group; asked again it is returned as it is (the
+        // gate is not called), for another group it is a conflict.
+        assert_eq!(store.snapshots().unwrap(), vec![info.clone()]);
+        let again = store
+            .snapshot_gated(vol, snap, &rec, Some(&group), &mut || {
+                panic!("gate called for a snapshot taken already")
+            })
+            .unwrap();
+        assert_eq!(again, info);
+        let other = GroupOf {
+            group: Uuid::new_random(),
+            volumes: group.volumes.clone(),
+        };
+        let e = store
+            .snapshot_gated(vol, snap, &rec, Some(&other), &mut || true)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
+        assert!(matches!(
+            store.snapshot(vol, snap, &rec),
+            Err(StoreError::Conflict { .. })
+        ));
     }
 
     #[test]
