@@ -1008,3 +1008,292 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
         cl.delete(id).await.unwrap();
     }
 }
+
+/// What block 0 of node `i`'s copy of replicated snapshot `snapshot_id`
+/// holds (None when the node holds no such snapshot).
+fn member_block(cl: &Cluster, i: usize, snapshot_id: &str) -> Option<Option<u64>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(cl.snapshot_dir(i, snapshot_id).join("data")).ok()?;
+    let mut b = vec![0; BLOCK];
+    f.read_exact_at(&mut b, 0).unwrap();
+    Some(common::checker::parse_block(0, &b).unwrap())
+}
+
+/// Writes 1, 2, 3… to block 0 of `a` and then of `b`, each write made
+/// durable before the next is issued, until told to stop (at most a
+/// million rounds). Returns how many rounds ended; `done` counts them.
+fn ping_pong(
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        let (fa, fb) = (open_direct(&a), open_direct(&b));
+        let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) && n < 1_000_000 {
+            n += 1;
+            for (f, which) in [(&fa, "a"), (&fb, "b")] {
+                buf.as_mut_slice().copy_from_slice(&block_bytes(0, n));
+                f.write_all_at(buf.as_slice(), 0)
+                    .and_then(|()| f.sync_data())
+                    .map_err(|e| format!("write {n} to {which}: {e}"))?;
+            }
+            done.store(n, Ordering::Relaxed);
+        }
+        Ok(n)
+    })
+}
+
+/// A group snapshot of replicated volumes published on two nodes, taken
+/// while a writer alternates between them (write n to a, acknowledged, then
+/// write n to b): every member copy of a holds a, every one of b holds b
+/// with a - 1 <= b <= a, which only one instant shared by both volumes
+/// gives (snapshots taken one after the other would show b > a). Writes
+/// go on throughout and no copy falls out of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut cl = Cluster::start().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut ra = replicated("rep-ga", "3", cap.clone());
+    ra.accessibility_requirements = on(&["n1"], &[]);
+    let mut rb = replicated("rep-gb", "2", cap.clone());
+    rb.accessibility_requirements = on(&["n2"], &[]);
+    let a = cl.create(ra).await.unwrap();
+    let b = cl.create(rb).await.unwrap();
+    let ma = Published::up(&mut cl, 1, &a, &cap).await.unwrap();
+    let mb = Published::up(&mut cl, 2, &b, &cap).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = ping_pong(
+        ma.target.clone(),
+        mb.target.clone(),
+        Arc::clone(&stop),
+        Arc::clone(&done),
+    );
+    let progress = |more: u64| {
+        let done = Arc::clone(&done);
+        async move {
+            let want = done.load(Ordering::Relaxed) + more;
+            for _ in 0..600 {
+                if done.load(Ordering::Relaxed) >= want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the writer did not reach round {want}");
+        }
+    };
+    progress(20).await;
+
+    let mut g = cl.c.group.clone();
+    let req = |name: &str, ids: Vec<String>| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids,
+        ..Default::default()
+    };
+    let both = vec![a.volume_id.clone(), b.volume_id.clone()];
+    let mut groups = Vec::new();
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let grp = g
+            .create_volume_group_snapshot(req(&format!("grp-{round}"), both.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)))
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert!(grp.ready_to_use);
+        assert!(
+            grp.group_snapshot_id.starts_with("group:replicated:"),
+            "{grp:?}"
+        );
+        assert_eq!(grp.snapshots.len(), 2, "{grp:?}");
+        let member = |v: &str| {
+            grp.snapshots
+                .iter()
+                .find(|s| s.source_volume_id == v)
+                .unwrap_or_else(|| panic!("no member of {v}: {grp:?}"))
+                .clone()
+        };
+        let (sa, sb) = (member(&a.volume_id), member(&b.volume_id));
+        for s in [&sa, &sb] {
+            assert_eq!(s.group_snapshot_id, grp.group_snapshot_id);
+            assert!(s.ready_to_use);
+        }
+        // Every holder of a against every holder of b.
+        let held = |s: &csi::Snapshot| -> Vec<(usize, u64)> {
+            (1..=NODES)
+                .filter_map(|i| member_block(&cl, i, &s.snapshot_id).map(|w| (i, w.unwrap_or(0))))
+                .collect()
+        };
+        let (ha, hb) = (held(&sa), held(&sb));
+        assert_eq!(ha.len(), 3, "every copy of a took its member: {ha:?}");
+        assert_eq!(hb.len(), 2, "every copy of b took its member: {hb:?}");
+        for &(i, wa) in &ha {
+            for &(j, wb) in &hb {
+                assert!(
+                    wa >= 1 && wb + 1 >= wa && wb <= wa,
+                    "round {round}: n{i}'s member of a holds write {wa}, n{j}'s member of b write {wb}: not one instant"
+                );
+            }
+        }
+        seen.push(format!("{ha:?}/{hb:?}"));
+        groups.push(grp);
+        progress(5).await;
+    }
+    // The freezes stalled writes briefly: no copy fell out of sync.
+    for v in [&a, &b] {
+        let (abnormal, msg) = cl.condition(&v.volume_id).await;
+        assert!(!abnormal, "{}: {msg}", v.volume_id);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds = writer.join().unwrap().unwrap();
+    eprintln!("{rounds} write rounds; members' block 0 (node, write) per group: {seen:?}");
+
+    // Idempotent by name, whatever the order; other volumes are a conflict.
+    let first = groups[0].clone();
+    let again = g
+        .create_volume_group_snapshot(req("grp-0", both.iter().rev().cloned().collect()))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(again.group_snapshot_id, first.group_snapshot_id);
+    let ids = |g: &csi::VolumeGroupSnapshot| {
+        let mut v: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&again), ids(&first));
+    let e = g
+        .create_volume_group_snapshot(req("grp-0", vec![a.volume_id.clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let local = format!("block:n1:{}", "0".repeat(32));
+    let e = g
+        .create_volume_group_snapshot(req("mixed", vec![a.volume_id.clone(), local]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = g
+        .create_volume_group_snapshot(req("", both.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut with_param = req("param", both.clone());
+    with_param.parameters.insert("freeze".into(), "no".into());
+    let e = g
+        .create_volume_group_snapshot(with_param)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Found by ID; members listed with their group; a member is deleted
+    // only with its group.
+    let get = |id: &str, members: Vec<String>| csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    };
+    let got = g
+        .get_volume_group_snapshot(get(&first.group_snapshot_id, ids(&first)))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(ids(&got), ids(&first));
+    assert_eq!(got.creation_time, first.creation_time);
+    let e = g
+        .get_volume_group_snapshot(get(&first.group_snapshot_id, vec![ids(&first)[0].clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let listed = list_snapshots(&mut cl, &ids(&first)[0], "", 0).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].group_snapshot_id, first.group_snapshot_id);
+    let e =
+        cl.c.controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: ids(&first)[0].clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // A member restores into a volume of its own: one of its copies' data.
+    let sa = first
+        .snapshots
+        .iter()
+        .find(|s| s.source_volume_id == a.volume_id)
+        .unwrap();
+    let options: Vec<u64> = (1..=NODES)
+        .filter_map(|i| member_block(&cl, i, &sa.snapshot_id).flatten())
+        .collect();
+    let r = cl
+        .create(from_snapshot(
+            replicated("rep-gr", "3", cap.clone()),
+            &sa.snapshot_id,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
+    let mr = Published::up(&mut cl, 3, &r, &cap).await.unwrap();
+    let restored = {
+        use std::os::unix::fs::FileExt;
+        let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
+        open_direct(&mr.target)
+            .read_exact_at(buf.as_mut_slice(), 0)
+            .unwrap();
+        common::checker::parse_block(0, buf.as_slice()).unwrap()
+    };
+    assert!(
+        restored.is_some_and(|w| options.contains(&w)),
+        "restored {restored:?}, members held {options:?}"
+    );
+    mr.down(&mut cl, &r.volume_id).await;
+    cl.delete(&r.volume_id).await.unwrap();
+
+    // Deleted with its members from every node, idempotently.
+    let del = |id: &str, members: Vec<String>| csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    };
+    let e = g
+        .delete_volume_group_snapshot(del(&first.group_snapshot_id, vec![ids(&first)[1].clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    for grp in &groups {
+        g.delete_volume_group_snapshot(del(&grp.group_snapshot_id, ids(grp)))
+            .await
+            .unwrap();
+        for s in &grp.snapshots {
+            for i in 1..=NODES {
+                assert!(!cl.snapshot_dir(i, &s.snapshot_id).exists());
+            }
+        }
+    }
+    g.delete_volume_group_snapshot(del(&first.group_snapshot_id, vec![]))
+        .await
+        .unwrap();
+    let e = g
+        .get_volume_group_snapshot(get(&first.group_snapshot_id, vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    ma.down(&mut cl, &a.volume_id).await;
+    mb.down(&mut cl, &b.volume_id).await;
+    cl.delete(&a.volume_id).await.unwrap();
+    cl.delete(&b.volume_id).await.unwrap();
+}
