@@ -9,7 +9,7 @@
 //! on one loop-mounted xfs filesystem in a scratch directory, so every
 //! copy and the baseline share one disk. Volumes are raw block
 //! (SINGLE_NODE_WRITER), published and staged on `n1` through CSI calls as
-//! a CO makes them. Five parts:
+//! a CO makes them. Six parts:
 //!
 //! 1. fio (`--direct=1`, io_uring by default, JSON output) on a local
 //!    `backend=block` volume pinned to n1 (the baseline) and on
@@ -59,6 +59,14 @@
 //!    n3 returns (the CO's own detection of the dead node is not part of
 //!    it); the 1 MiB is read back on n3, then n2 comes back and its stale
 //!    publication and stage are removed.
+//! 6. Snapshot stall (last; alone with `--only-snapshots`): a 3-copy
+//!    volume `a` and a 2-copy volume `b` published on n1 with 64 MiB of
+//!    data each; a loop of 4 KiB O_DIRECT write + fdatasync runs on `a`
+//!    while, `--snapshot-rounds` times, a CreateSnapshot of `a` (the
+//!    baseline) and a CreateVolumeGroupSnapshot of `a` and `b` are made
+//!    700 ms apart. For each kind: the call's median time and the longest
+//!    write that overlapped a call (median over rounds), their ratio, and
+//!    the writes' median outside any call.
 //!
 //! Run as root (loop devices, FUSE, mounts), with fio installed:
 //!
@@ -67,7 +75,7 @@
 //!         [--publish-repeats 5] [--dirty-seconds 20] [--dirty-rate 10]
 //!         [--full-size 1Gi] [--no-wipe] [--skip-fio] [--json]
 //!         [--replication-tls both|on|off] [--jobs seq-write,...] [--only-fio]
-//!         [--fuse-workers N]
+//!         [--fuse-workers N] [--snapshot-rounds 5] [--only-snapshots]
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
 //! × rounds × runtime). Nothing is asserted about timings: these 2-core
@@ -97,6 +105,7 @@ use stowage::cluster::proto::ListNodesRequest;
 use stowage::cluster::proto::admin_client::AdminClient;
 use stowage::csi;
 use stowage::csi::controller_client::ControllerClient;
+use stowage::csi::group_controller_client::GroupControllerClient;
 use stowage::csi::node_client::NodeClient;
 use stowage::volume::TOPOLOGY_NODE_KEY;
 use support::Args;
@@ -222,6 +231,7 @@ struct Cluster {
     controller: Proc,
     nodes: Vec<Proc>,
     ctl: ControllerClient<Channel>,
+    group: GroupControllerClient<Channel>,
     root: PathBuf,
     pool_fs: PathBuf,
     /// The agents run with replication TLS on (the default).
@@ -302,17 +312,18 @@ impl Cluster {
         for n in &mut nodes {
             n.wait_socket();
         }
-        let ctl = ControllerClient::new(
-            support::connect(&format!(
-                "unix://{}",
-                root.join("controller.sock").display()
-            ))
-            .await,
-        );
+        let channel = support::connect(&format!(
+            "unix://{}",
+            root.join("controller.sock").display()
+        ))
+        .await;
+        let ctl = ControllerClient::new(channel.clone());
+        let group = GroupControllerClient::new(channel);
         let mut cl = Cluster {
             controller,
             nodes,
             ctl,
+            group,
             root,
             pool_fs,
             replication_tls: true,
@@ -1698,6 +1709,163 @@ async fn full_rebuild_part(
     })
 }
 
+// ---------------------------------------------------- snapshot stall
+
+#[derive(Debug, Serialize)]
+struct StallKind {
+    call_median_ms: f64,
+    /// Per round, the longest write+fdatasync that overlapped the call.
+    stalls_ms: Vec<f64>,
+    stall_median_ms: f64,
+    stall_max_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct SnapshotStallReport {
+    setup: String,
+    rounds: usize,
+    writes_outside: usize,
+    outside_median_ms: f64,
+    outside_p99_ms: f64,
+    single: StallKind,
+    group: StallKind,
+    failed_writes: usize,
+    /// Whether a copy of either volume was out of sync afterwards.
+    out_of_sync: bool,
+}
+
+fn stall_kind(calls: &[(Instant, Instant)], samples: &[Sample]) -> StallKind {
+    let stalls: Vec<f64> = calls
+        .iter()
+        .map(|&(from, to)| {
+            samples
+                .iter()
+                .filter(|s| s.end >= from && s.start <= to)
+                .map(|s| ms(s.end - s.start))
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    let call: Vec<Duration> = calls.iter().map(|&(a, b)| b - a).collect();
+    let stall_d: Vec<Duration> = stalls
+        .iter()
+        .map(|&m| Duration::from_secs_f64(m / 1e3))
+        .collect();
+    StallKind {
+        call_median_ms: support::summarize(&call).median_ms,
+        stall_median_ms: support::summarize(&stall_d).median_ms,
+        stall_max_ms: stalls.iter().copied().fold(0.0, f64::max),
+        stalls_ms: stalls,
+    }
+}
+
+/// How long writes stall while a volume is snapshotted, alone
+/// (CreateSnapshot, the baseline) and in a group with another volume
+/// (CreateVolumeGroupSnapshot: every copy of both frozen at once), rounds
+/// interleaved under one QD1 writer on the 3-copy volume `a`.
+async fn snapshot_stall_part(
+    cl: &mut Cluster,
+    rounds: usize,
+) -> Result<SnapshotStallReport, String> {
+    let size = 256 * MIB;
+    let mut a = create(cl, "snap-a", size, Some(3)).await;
+    let mut b = create(cl, "snap-b", size, Some(2)).await;
+    up(cl, &mut a, true).await?;
+    up(cl, &mut b, true).await?;
+    // 64 MiB of data in each, so the copies have extents to share.
+    let mib = Aligned::new(MIB as usize, 0x5a);
+    for v in [&a, &b] {
+        let f = open_direct(&v.target).map_err(|e| e.to_string())?;
+        for i in 0..64 {
+            f.write_all_at(mib.bytes(), i * MIB)
+                .map_err(|e| e.to_string())?;
+        }
+        f.sync_data().map_err(|e| e.to_string())?;
+    }
+    let offsets: Vec<u64> = (0..16).map(|i| i * 4096).collect();
+    let w = Writer::start(&a.target, 4096, offsets, Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut single, mut group) = (Vec::new(), Vec::new());
+    let mut errors = Vec::new();
+    for round in 0..rounds {
+        let start = Instant::now();
+        let r = cl
+            .ctl
+            .create_snapshot(csi::CreateSnapshotRequest {
+                name: format!("stall-{round}"),
+                source_volume_id: a.id().to_owned(),
+                ..Default::default()
+            })
+            .await;
+        single.push((start, Instant::now()));
+        match r {
+            Ok(r) => {
+                let id = r.into_inner().snapshot.map(|s| s.snapshot_id);
+                let _ = cl
+                    .ctl
+                    .delete_snapshot(csi::DeleteSnapshotRequest {
+                        snapshot_id: id.unwrap_or_default(),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Err(e) => errors.push(format!("CreateSnapshot: {e:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let start = Instant::now();
+        let r = cl
+            .group
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: format!("stall-group-{round}"),
+                source_volume_ids: vec![a.id().to_owned(), b.id().to_owned()],
+                ..Default::default()
+            })
+            .await;
+        group.push((start, Instant::now()));
+        match r {
+            Ok(r) => {
+                let id = r.into_inner().group_snapshot.map(|g| g.group_snapshot_id);
+                let _ = cl
+                    .group
+                    .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                        group_snapshot_id: id.unwrap_or_default(),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Err(e) => errors.push(format!("CreateVolumeGroupSnapshot: {e:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let samples = w.finish().await;
+    let mut out_of_sync = false;
+    for v in [&a, &b] {
+        out_of_sync |= cl.condition(v.id()).await.map_or(true, |(bad, _)| bad);
+    }
+    remove(cl, a).await;
+    remove(cl, b).await;
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    let calls: Vec<(Instant, Instant)> = single.iter().chain(&group).copied().collect();
+    let outside: Vec<Duration> = samples
+        .iter()
+        .filter(|s| !calls.iter().any(|&(f, t)| s.end >= f && s.start <= t))
+        .map(|s| s.end - s.start)
+        .collect();
+    let o = support::summarize(&outside);
+    Ok(SnapshotStallReport {
+        setup: "a: 3 copies, written QD1 from n1; b: 2 copies; 64 MiB of data each".into(),
+        rounds,
+        writes_outside: outside.len(),
+        outside_median_ms: o.median_ms,
+        outside_p99_ms: o.p99_ms,
+        single: stall_kind(&single, &samples),
+        group: stall_kind(&group, &samples),
+        failed_writes: samples.iter().filter(|s| !s.ok).count(),
+        out_of_sync,
+    })
+}
+
 // ------------------------------------------------------------ report
 
 #[derive(Debug, Serialize)]
@@ -1712,6 +1880,7 @@ struct Report {
     owner_failover: Option<OwnerFailoverReport>,
     dirty_rebuild: Option<DirtyRebuildReport>,
     full_rebuild: Option<FullRebuildReport>,
+    snapshot_stall: Option<SnapshotStallReport>,
     /// Identical bytes on every copy of the 3-copy fio volume after it was
     /// unstaged (after the dirty-region rebuild).
     rep3_copies_identical: Option<bool>,
@@ -1970,6 +2139,33 @@ fn print_report(r: &Report) {
         }
         println!("  condition after: {}", f.condition);
     }
+    if let Some(s) = &r.snapshot_stall {
+        println!();
+        println!(
+            "snapshots while writing ({}; {} interleaved rounds)",
+            s.setup, s.rounds
+        );
+        println!(
+            "  writes outside any snapshot: {} 4 KiB write+fdatasync, median {:.2} ms, p99 {:.2} ms",
+            s.writes_outside, s.outside_median_ms, s.outside_p99_ms
+        );
+        for (what, k) in [
+            ("CreateSnapshot of a", &s.single),
+            ("CreateVolumeGroupSnapshot of a and b", &s.group),
+        ] {
+            println!(
+                "  {what}: call median {:.1} ms; longest write during it, median over rounds {:.1} ms (max {:.1} ms)",
+                k.call_median_ms, k.stall_median_ms, k.stall_max_ms
+            );
+        }
+        println!(
+            "  group / single: call {:.2}x, longest write {:.2}x; failed writes {}; copies out of sync after: {}",
+            s.group.call_median_ms / s.single.call_median_ms,
+            s.group.stall_median_ms / s.single.stall_median_ms,
+            s.failed_writes,
+            s.out_of_sync
+        );
+    }
     if !r.errors.is_empty() {
         println!();
         println!("errors:");
@@ -2031,6 +2227,8 @@ async fn run(args: &Args) -> Report {
         .map_or(10.0, |v| v.parse().expect("--dirty-rate MB/s"));
     let wipe = !args.flag("--no-wipe");
     let skip_fio = args.flag("--skip-fio");
+    let snapshot_rounds = num("--snapshot-rounds", 5).max(1) as usize;
+    let only_snapshots = args.flag("--only-snapshots");
 
     // Every copy written in full: 1 + 1 + 2 + 3 volumes of `size`, three
     // copies of `full_size`, and room for xfs.
@@ -2041,6 +2239,31 @@ async fn run(args: &Args) -> Report {
         .unwrap_or_default();
     let mut cl = Cluster::start(pool, &node_args).await;
     let mut errors = Vec::new();
+    if only_snapshots {
+        let snapshot_stall = match snapshot_stall_part(&mut cl, snapshot_rounds).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errors.push(format!("snapshot stall: {e}"));
+                None
+            }
+        };
+        return Report {
+            transport: transport(&cl),
+            pool_fs: "one xfs filesystem on a loop device",
+            fio: None,
+            fio_plain: None,
+            publish: None,
+            failover: None,
+            owner_failover: None,
+            dirty_rebuild: None,
+            full_rebuild: None,
+            snapshot_stall,
+            rep3_copies_identical: None,
+            errors,
+            loadavg: loadavg(),
+            wall_s: wall.elapsed().as_secs_f64(),
+        };
+    }
 
     if tls_mode == "off" {
         cl.set_replication_tls(false).await;
@@ -2093,6 +2316,7 @@ async fn run(args: &Args) -> Report {
             owner_failover: None,
             dirty_rebuild: None,
             full_rebuild: None,
+            snapshot_stall: None,
             rep3_copies_identical: None,
             errors,
             loadavg: loadavg(),
@@ -2194,6 +2418,14 @@ async fn run(args: &Args) -> Report {
         }
     };
 
+    let snapshot_stall = match snapshot_stall_part(&mut cl, snapshot_rounds).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            errors.push(format!("snapshot stall: {e}"));
+            None
+        }
+    };
+
     Report {
         transport: transport(&cl),
         pool_fs: "one xfs filesystem on a loop device",
@@ -2204,6 +2436,7 @@ async fn run(args: &Args) -> Report {
         owner_failover,
         dirty_rebuild,
         full_rebuild,
+        snapshot_stall,
         rep3_copies_identical,
         errors,
         loadavg: loadavg(),
