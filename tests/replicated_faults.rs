@@ -250,6 +250,57 @@ async fn a_copy_that_drops_or_holds_its_traffic_loses_no_acknowledged_write() {
     cl.delete(&v.volume_id).await.unwrap();
 }
 
+/// A cut data link does not leave a copy's data on gRPC: n3's connections
+/// are cut under writes, three times. The calls in flight on the link fail,
+/// so the engine marks n3 out of sync at once (a failed call counts as a
+/// failed copy), attaches it again and rebuilds it; n3's data then goes
+/// over a new link connection (the link client forgot the broken link
+/// before the engine saw the failure, so the attach's answer offers it
+/// anew). Nothing lost, copies byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_data_link_is_dialled_again_after_the_rebuild() {
+    use std::sync::atomic::Ordering;
+    let mut t = Steps::new("cut link");
+    let (mut cl, v, m) = raw_volume_on_n1(
+        "rep-cut",
+        NodeOpts {
+            proxied: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let blocks = 16384;
+    let w = Writer::start(m.target.clone(), blocks, 32, 0xc0_7a);
+    w.progress(100, "through the proxy").await;
+    let counter = std::sync::Arc::clone(&cl.proxy(3).accepted);
+    let links = || counter[1].load(Ordering::Relaxed);
+    let before = links();
+    assert!(before > 0, "no data link connection to n3");
+    for cut in 1..=3 {
+        let was = links();
+        cl.proxy(3).cut();
+        w.progress(100, "after a cut").await;
+        cl.wait_in_sync(&v.volume_id, WAIT).await;
+        let until = Instant::now() + WAIT;
+        while links() == was {
+            assert!(
+                Instant::now() < until,
+                "cut {cut}: n3 is in sync but its data link was not dialled again"
+            );
+            w.progress(10, "waiting for the link").await;
+        }
+        t.done("cut, in sync, link dialled again");
+    }
+    w.progress(100, "after the cuts").await;
+    eprintln!(
+        "data link connections to n3: {before} before the cuts, {} after",
+        links()
+    );
+    let h = w.stop().await;
+    verify(&mut t, &mut cl, &v, m, h, 2, blocks).await;
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
 /// Fills `dir`'s filesystem with the file `dir/fill` until writes fail
 /// with ENOSPC (most of it allocated at once with fallocate(1), the rest
 /// written); the file's path.
