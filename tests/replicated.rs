@@ -1318,3 +1318,261 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
     cl.delete(&a.volume_id).await.unwrap();
     cl.delete(&b.volume_id).await.unwrap();
 }
+
+/// A call to node `i`'s agent API with the cluster (controller's)
+/// certificate, from the controller's namespace, as the controller makes
+/// it.
+fn as_controller<T: Send + 'static>(
+    cl: &Cluster,
+    i: usize,
+    call: impl FnOnce(
+        stowage::cluster::proto::replica_client::ReplicaClient<tonic::transport::Channel>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>
+    + Send,
+) -> T {
+    let tls = stowage::cluster::tls::TlsMaterial::load(&cl.root.join("tls")).unwrap();
+    let to = cl.net.host(i).agent_addr();
+    cl.net.host(0).run_in(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let ch = tonic::transport::Endpoint::from_shared(format!("https://{to}"))
+                .unwrap()
+                .tls_config(tls.client_config())
+                .unwrap()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(10))
+                .connect()
+                .await
+                .expect("connect to the agent");
+            call(stowage::cluster::proto::replica_client::ReplicaClient::new(
+                ch,
+            ))
+            .await
+        })
+    })
+}
+
+/// The record node `i` holds for its copy of `volume_id`, as JSON.
+fn record_on(cl: &Cluster, i: usize, volume_id: &str) -> String {
+    let held: stowage::backend::replicated::protocol::VoterState = serde_json::from_slice(
+        &std::fs::read(cl.copy_dir(i, volume_id).join("voter.json")).unwrap(),
+    )
+    .unwrap();
+    serde_json::to_string(&held.record).unwrap()
+}
+
+/// Freezes node `i`'s copy of `volume_id` as the controller's first
+/// phase does: `req` with the volume and the record node `i` holds filled
+/// in.
+fn freeze_on(
+    cl: &Cluster,
+    i: usize,
+    volume_id: &str,
+    mut req: stowage::cluster::proto::ReplicaFreezeRequest,
+) -> Result<(), tonic::Status> {
+    req.volume = volume_id.strip_prefix("replicated:").unwrap().to_owned();
+    req.record = record_on(cl, i, volume_id);
+    as_controller(cl, i, move |mut c| {
+        Box::pin(async move { c.freeze(req).await.map(|_| ()) })
+    })
+}
+
+/// The request freezing a copy for `member` of `group` (of `volumes`).
+fn freeze_req(
+    member: &str,
+    group: &str,
+    volumes: &[String],
+    token: u64,
+    lease_ms: u32,
+) -> stowage::cluster::proto::ReplicaFreezeRequest {
+    stowage::cluster::proto::ReplicaFreezeRequest {
+        snapshot: member.to_owned(),
+        group: group.to_owned(),
+        group_volumes: volumes.to_vec(),
+        token,
+        lease_ms,
+        ..Default::default()
+    }
+}
+
+fn thaw_on(
+    cl: &Cluster,
+    i: usize,
+    member: &str,
+    token: u64,
+) -> Result<stowage::cluster::proto::ReplicaSnapshot, tonic::Status> {
+    let req = stowage::cluster::proto::ReplicaThawRequest {
+        snapshot: member.to_owned(),
+        token,
+        commit: true,
+    };
+    as_controller(cl, i, move |mut c| {
+        Box::pin(async move { c.thaw(req).await.map(|r| r.into_inner()) })
+    })
+}
+
+/// What a controller that died between a group snapshot's phases leaves:
+/// copies frozen with nobody to thaw them let go when their lease runs out
+/// (writes go on, no copy falls out of sync, a late commit is refused and
+/// takes nothing); a group whose members were committed for one volume
+/// only is seen as incomplete (UNAVAILABLE) and taken anew by the retried
+/// CreateVolumeGroupSnapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use stowage::backend::replicated::placement::volume_uuid;
+    let mut cl = Cluster::start().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut ra = replicated("rep-ca", "3", cap.clone());
+    ra.accessibility_requirements = on(&["n1"], &[]);
+    let mut rb = replicated("rep-cb", "2", cap.clone());
+    rb.accessibility_requirements = on(&["n2"], &[]);
+    let a = cl.create(ra).await.unwrap();
+    let b = cl.create(rb).await.unwrap();
+    let ma = Published::up(&mut cl, 1, &a, &cap).await.unwrap();
+    let mb = Published::up(&mut cl, 2, &b, &cap).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = ping_pong(
+        ma.target.clone(),
+        mb.target.clone(),
+        Arc::clone(&stop),
+        Arc::clone(&done),
+    );
+    let progress = |more: u64| {
+        let done = Arc::clone(&done);
+        async move {
+            let want = done.load(Ordering::Relaxed) + more;
+            for _ in 0..600 {
+                if done.load(Ordering::Relaxed) >= want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the writer did not reach round {want}");
+        }
+    };
+    progress(20).await;
+    let hex = |id: &str| id.strip_prefix("replicated:").unwrap().to_owned();
+    let a_nodes: Vec<usize> = (1..=NODES)
+        .filter(|&i| cl.copy_data(i, &a.volume_id).exists())
+        .collect();
+    assert_eq!(a_nodes.len(), 3);
+
+    // Frozen, never thawed: every copy of a lets go after its 300 ms.
+    let lapsed = volume_uuid("lapsed member").to_hex();
+    let group = volume_uuid("lapsed group").to_hex();
+    for &i in &a_nodes {
+        let req = freeze_req(&lapsed, &group, &[hex(&a.volume_id)], 7, 300);
+        freeze_on(&cl, i, &a.volume_id, req).unwrap_or_else(|e| panic!("freeze on n{i}: {e:?}"));
+    }
+    progress(20).await;
+    for &i in &a_nodes {
+        let e = thaw_on(&cl, i, &lapsed, 7).unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "n{i}: {e:?}");
+        assert!(!cl.snapshot_dir(i, &lapsed).exists(), "n{i} took it late");
+    }
+    let (abnormal, msg) = cl.condition(&a.volume_id).await;
+    assert!(!abnormal, "a lapsed freeze took a copy out of sync: {msg}");
+
+    // A group cut short: only a's member was committed.
+    let name = "cut";
+    let group = volume_uuid(&format!("group\0{name}")).to_hex();
+    let member_a = volume_uuid(&format!("group\0{name}\0{}", hex(&a.volume_id))).to_hex();
+    let mut volumes = vec![hex(&a.volume_id), hex(&b.volume_id)];
+    volumes.sort();
+    let mut first_taken = Vec::new();
+    for &i in &a_nodes {
+        freeze_on(
+            &cl,
+            i,
+            &a.volume_id,
+            freeze_req(&member_a, &group, &volumes, 9, 1000),
+        )
+        .unwrap();
+    }
+    for &i in &a_nodes {
+        let s = thaw_on(&cl, i, &member_a, 9).unwrap();
+        first_taken.push((s.created_seconds, s.created_nanos));
+    }
+    let group_id = format!("group:replicated:{group}");
+    let mut g = cl.c.group.clone();
+    let e = g
+        .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: group_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains(&b.volume_id),
+        "names what it lacks: {e:?}"
+    );
+    progress(20).await;
+
+    // The CO's retry takes the whole group anew, at one instant.
+    let grp = g
+        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+            name: name.into(),
+            source_volume_ids: vec![a.volume_id.clone(), b.volume_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)))
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(grp.group_snapshot_id, group_id);
+    assert_eq!(grp.snapshots.len(), 2);
+    let sa = grp
+        .snapshots
+        .iter()
+        .find(|s| s.source_volume_id == a.volume_id)
+        .unwrap();
+    let taken = sa.creation_time.as_ref().unwrap();
+    assert!(
+        first_taken
+            .iter()
+            .all(|&t| t < (taken.seconds, taken.nanos)),
+        "a's member was taken again, not kept from the cut-short try: {taken:?} vs {first_taken:?}"
+    );
+    let sb = grp
+        .snapshots
+        .iter()
+        .find(|s| s.source_volume_id == b.volume_id)
+        .unwrap();
+    let block = |i: usize, id: &str| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(cl.snapshot_dir(i, id).join("data")).ok()?;
+        let mut buf = vec![0; BLOCK];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        Some(common::checker::parse_block(0, &buf).unwrap().unwrap_or(0))
+    };
+    for i in 1..=NODES {
+        for j in 1..=NODES {
+            if let (Some(wa), Some(wb)) = (block(i, &sa.snapshot_id), block(j, &sb.snapshot_id)) {
+                assert!(
+                    wb <= wa && wb + 1 >= wa,
+                    "n{i}'s member of a holds {wa}, n{j}'s of b {wb}"
+                );
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap().unwrap();
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    ma.down(&mut cl, &a.volume_id).await;
+    mb.down(&mut cl, &b.volume_id).await;
+    cl.delete(&a.volume_id).await.unwrap();
+    cl.delete(&b.volume_id).await.unwrap();
+}
