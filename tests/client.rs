@@ -194,6 +194,40 @@ async fn volume_and_snapshot_round_trip() {
         "{table}"
     );
 
+    // A group snapshot of both volumes: created, shown (JSON and table),
+    // deleted with its members.
+    let grp = json(
+        &env,
+        &[
+            "snapshot",
+            "group",
+            "create",
+            "cli-group",
+            &block_id,
+            &dir_id,
+        ],
+    );
+    let grp_id = str_of(&grp, "group_snapshot_id").to_owned();
+    let members = grp["snapshots"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{grp}");
+    for m in members {
+        assert_eq!(str_of(m, "group_snapshot_id"), grp_id);
+    }
+    let got = json(&env, &["snapshot", "group", "get", &grp_id]);
+    assert_eq!(str_of(&got, "group_snapshot_id"), grp_id);
+    assert_eq!(got["snapshots"].as_array().unwrap().len(), 2, "{got}");
+    let out = stowage(&env, &["snapshot", "group", "get", &grp_id]);
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("GROUP  "), "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains(&grp_id)).count(), 2);
+    let deleted = json(&env, &["snapshot", "group", "delete", &grp_id]);
+    assert_eq!(str_of(&deleted, "group_snapshot_id"), grp_id);
+    assert_eq!(deleted["deleted"], Value::Bool(true));
+    let out = stowage(&env, &["snapshot", "group", "get", &grp_id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"));
+
     let deleted = json(&env, &["snapshot", "delete", &snap_id]);
     assert_eq!(deleted["deleted"], Value::Bool(true));
     for id in [&restored_id, &block_id, &dir_id] {

@@ -559,6 +559,50 @@ async fn the_client_and_apply_manage_replicated_volumes_without_an_orchestrator(
     run(&["volume", "publish", &id, &t, "--staging-root", &root]);
     assert!(std::fs::read(target.join("f")).unwrap() == data);
     run(&["volume", "unpublish", &id, &t, "--staging-root", &root]);
+
+    // A group snapshot with another replicated volume, through the
+    // controller's socket.
+    let out = run(&[
+        "volume",
+        "create",
+        "cli-rep-2",
+        "--size",
+        "64Mi",
+        "--param",
+        "backend=replicated",
+        "--param",
+        "replicas=1",
+        "-o",
+        "json",
+    ]);
+    let id2 = out
+        .split('"')
+        .find(|w| w.starts_with("replicated:"))
+        .unwrap_or_else(|| panic!("no replicated volume id in {out}"))
+        .to_owned();
+    let grp: serde_json::Value = serde_json::from_str(&run(&[
+        "snapshot", "group", "create", "cli-grp", &id, &id2, "-o", "json",
+    ]))
+    .unwrap();
+    let grp_id = grp["group_snapshot_id"].as_str().unwrap().to_owned();
+    assert!(grp_id.starts_with("group:replicated:"), "{grp}");
+    let sources: std::collections::BTreeSet<&str> = grp["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["source_volume_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, [id.as_str(), id2.as_str()].into(), "{grp}");
+    let shown = run(&["snapshot", "group", "get", &grp_id]);
+    assert_eq!(shown.lines().filter(|l| l.contains(&grp_id)).count(), 2);
+    run(&["snapshot", "group", "delete", &grp_id]);
+    for s in grp["snapshots"].as_array().unwrap() {
+        let sid = s["snapshot_id"].as_str().unwrap();
+        for i in 1..=NODES {
+            assert!(!cl.snapshot_dir(i, sid).exists(), "n{i} kept {sid}");
+        }
+    }
+    run(&["volume", "delete", &id2]);
     run(&["volume", "delete", &id]);
 
     // apply: one replicated volume, converged twice.

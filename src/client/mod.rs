@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 
 use crate::csi;
 use crate::csi::controller_client::ControllerClient;
+use crate::csi::group_controller_client::GroupControllerClient;
 use crate::csi::identity_client::IdentityClient;
 use crate::csi::node_client::NodeClient;
 use crate::server::Endpoint;
@@ -228,6 +229,8 @@ pub(crate) fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> ClientErr
 pub struct Session {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
+    /// The GroupController service, beside the Controller service.
+    pub group: GroupControllerClient<Channel>,
     pub node: NodeClient<Channel>,
 }
 
@@ -245,13 +248,14 @@ impl Session {
         controller: Option<&str>,
     ) -> Result<Session, ClientError> {
         let channel = channel(endpoint).await?;
-        let controller = match controller {
-            Some(c) => ControllerClient::new(self::channel(c).await?),
-            None => ControllerClient::new(channel.clone()),
+        let controller_channel = match controller {
+            Some(c) => self::channel(c).await?,
+            None => channel.clone(),
         };
         Ok(Session {
             identity: IdentityClient::new(channel.clone()),
-            controller,
+            controller: ControllerClient::new(controller_channel.clone()),
+            group: GroupControllerClient::new(controller_channel),
             node: NodeClient::new(channel),
         })
     }

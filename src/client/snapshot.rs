@@ -1,5 +1,6 @@
 //! `stowage snapshot create|list|get|delete`: the Controller service's
-//! snapshot calls. `get` filters ListSnapshots by id, which every plugin
+//! snapshot calls; `stowage snapshot group create|get|delete`: the
+//! GroupController service's. `get` filters ListSnapshots by id, which every plugin
 //! with LIST_SNAPSHOTS supports (GetSnapshot is alpha). `create` waits for
 //! readiness by repeating CreateSnapshot, as the spec allows a CO to.
 
@@ -60,6 +61,180 @@ pub enum SnapshotVerb {
         #[command(flatten)]
         secrets: SecretsArgs,
     },
+    /// Group snapshots: several volumes at one crash-consistent instant.
+    #[command(subcommand)]
+    Group(GroupVerb),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupVerb {
+    /// Snapshot volumes together (CreateVolumeGroupSnapshot); idempotent
+    /// by NAME.
+    Create {
+        /// The group snapshot name (the idempotency key).
+        name: String,
+        /// The source volume ids.
+        #[arg(required = true)]
+        volumes: Vec<String>,
+        /// A plugin parameter (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        secrets: SecretsArgs,
+    },
+    /// Show a group snapshot and its members (GetVolumeGroupSnapshot).
+    Get {
+        /// The group snapshot id.
+        id: String,
+        #[command(flatten)]
+        secrets: SecretsArgs,
+    },
+    /// Delete a group snapshot with its members
+    /// (DeleteVolumeGroupSnapshot).
+    Delete {
+        /// The group snapshot id.
+        id: String,
+        #[command(flatten)]
+        secrets: SecretsArgs,
+    },
+}
+
+/// A group snapshot, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupView {
+    pub group_snapshot_id: String,
+    pub snapshots: Vec<SnapshotView>,
+    /// RFC 3339, when the plugin reports it.
+    pub creation_time: Option<String>,
+    pub ready_to_use: bool,
+}
+
+impl From<csi::VolumeGroupSnapshot> for GroupView {
+    fn from(g: csi::VolumeGroupSnapshot) -> GroupView {
+        GroupView {
+            group_snapshot_id: g.group_snapshot_id,
+            snapshots: g.snapshots.into_iter().map(SnapshotView::from).collect(),
+            creation_time: g.creation_time.map(|t| t.to_string()),
+            ready_to_use: g.ready_to_use,
+        }
+    }
+}
+
+fn group_table(g: &GroupView) -> Table {
+    let mut t = Table::new(&["GROUP", "SNAPSHOT", "VOLUME", "SIZE", "READY", "CREATED"]);
+    for v in &g.snapshots {
+        t.row(vec![
+            g.group_snapshot_id.clone(),
+            v.snapshot_id.clone(),
+            v.source_volume_id.clone(),
+            human_size(v.size_bytes),
+            v.ready_to_use.to_string(),
+            v.creation_time.clone().unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+async fn run_group(
+    s: &mut Session,
+    verb: GroupVerb,
+    format: OutputFormat,
+) -> Result<(), ClientError> {
+    let group = |g: Option<csi::VolumeGroupSnapshot>, call| {
+        g.map(GroupView::from).ok_or(ClientError::EmptyResponse {
+            call,
+            what: "group_snapshot",
+        })
+    };
+    match verb {
+        GroupVerb::Create {
+            name,
+            volumes,
+            params,
+            secrets,
+        } => {
+            let req = csi::CreateVolumeGroupSnapshotRequest {
+                name,
+                source_volume_ids: volumes,
+                parameters: params.into_iter().collect::<HashMap<_, _>>(),
+                secrets: secrets.load()?.to_csi(),
+            };
+            let g = s
+                .group
+                .create_volume_group_snapshot(req)
+                .await
+                .map_err(rpc("CreateVolumeGroupSnapshot"))?
+                .into_inner()
+                .group_snapshot;
+            let v = group(g, "CreateVolumeGroupSnapshot")?;
+            emit(format, &v, || group_table(&v))
+        }
+        GroupVerb::Get { id, secrets } => {
+            let g = s
+                .group
+                .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id,
+                    snapshot_ids: Vec::new(),
+                    secrets: secrets.load()?.to_csi(),
+                })
+                .await
+                .map_err(rpc("GetVolumeGroupSnapshot"))?
+                .into_inner()
+                .group_snapshot;
+            let v = group(g, "GetVolumeGroupSnapshot")?;
+            emit(format, &v, || group_table(&v))
+        }
+        GroupVerb::Delete { id, secrets } => {
+            s.group
+                .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id.clone(),
+                    snapshot_ids: Vec::new(),
+                    secrets: secrets.load()?.to_csi(),
+                })
+                .await
+                .map_err(rpc("DeleteVolumeGroupSnapshot"))?;
+            deleted(
+                format,
+                &DeletedGroupView {
+                    group_snapshot_id: id,
+                    deleted: true,
+                },
+            )
+        }
+    }
+}
+
+/// A group deletion, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeletedGroupView {
+    pub group_snapshot_id: String,
+    pub deleted: bool,
+}
+
+/// Prints the deletion `v`.
+fn deleted<V: Serialize + Deleted>(format: OutputFormat, v: &V) -> Result<(), ClientError> {
+    emit(format, v, || {
+        let mut t = Table::new(&["ID", "DELETED"]);
+        t.row(vec![v.id().to_owned(), "true".into()]);
+        t
+    })
+}
+
+/// What a deletion names.
+trait Deleted {
+    fn id(&self) -> &str;
+}
+
+impl Deleted for DeletedView {
+    fn id(&self) -> &str {
+        &self.snapshot_id
+    }
+}
+
+impl Deleted for DeletedGroupView {
+    fn id(&self) -> &str {
+        &self.group_snapshot_id
+    }
 }
 
 /// A snapshot, as printed.
@@ -156,16 +331,15 @@ pub async fn run(
                 })
                 .await
                 .map_err(rpc("DeleteSnapshot"))?;
-            let v = DeletedView {
-                snapshot_id: id,
-                deleted: true,
-            };
-            emit(format, &v, || {
-                let mut t = Table::new(&["ID", "DELETED"]);
-                t.row(vec![v.snapshot_id.clone(), "true".into()]);
-                t
-            })
+            deleted(
+                format,
+                &DeletedView {
+                    snapshot_id: id,
+                    deleted: true,
+                },
+            )
         }
+        SnapshotVerb::Group(verb) => run_group(s, verb, format).await,
     }
 }
 
