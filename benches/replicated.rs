@@ -1889,6 +1889,28 @@ struct Report {
     wall_s: f64,
 }
 
+impl Report {
+    /// A report of the parts a partial run (`--only-…`) leaves out: none.
+    fn partial(cl: &Cluster, errors: Vec<String>, wall: Instant) -> Report {
+        Report {
+            transport: transport(cl),
+            pool_fs: "one xfs filesystem on a loop device",
+            fio: None,
+            fio_plain: None,
+            publish: None,
+            failover: None,
+            owner_failover: None,
+            dirty_rebuild: None,
+            full_rebuild: None,
+            snapshot_stall: None,
+            rep3_copies_identical: None,
+            errors,
+            loadavg: loadavg(),
+            wall_s: wall.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
@@ -2240,28 +2262,13 @@ async fn run(args: &Args) -> Report {
     let mut cl = Cluster::start(pool, &node_args).await;
     let mut errors = Vec::new();
     if only_snapshots {
-        let snapshot_stall = match snapshot_stall_part(&mut cl, snapshot_rounds).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                errors.push(format!("snapshot stall: {e}"));
-                None
-            }
-        };
+        let snapshot_stall = snapshot_stall_part(&mut cl, snapshot_rounds)
+            .await
+            .map_err(|e| errors.push(format!("snapshot stall: {e}")))
+            .ok();
         return Report {
-            transport: transport(&cl),
-            pool_fs: "one xfs filesystem on a loop device",
-            fio: None,
-            fio_plain: None,
-            publish: None,
-            failover: None,
-            owner_failover: None,
-            dirty_rebuild: None,
-            full_rebuild: None,
             snapshot_stall,
-            rep3_copies_identical: None,
-            errors,
-            loadavg: loadavg(),
-            wall_s: wall.elapsed().as_secs_f64(),
+            ..Report::partial(&cl, errors, wall)
         };
     }
 
@@ -2307,20 +2314,9 @@ async fn run(args: &Args) -> Report {
             remove(&mut cl, v).await;
         }
         return Report {
-            transport: transport(&cl),
-            pool_fs: "one xfs filesystem on a loop device",
             fio,
             fio_plain,
-            publish: None,
-            failover: None,
-            owner_failover: None,
-            dirty_rebuild: None,
-            full_rebuild: None,
-            snapshot_stall: None,
-            rep3_copies_identical: None,
-            errors,
-            loadavg: loadavg(),
-            wall_s: wall.elapsed().as_secs_f64(),
+            ..Report::partial(&cl, errors, wall)
         };
     }
 
@@ -2418,13 +2414,10 @@ async fn run(args: &Args) -> Report {
         }
     };
 
-    let snapshot_stall = match snapshot_stall_part(&mut cl, snapshot_rounds).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            errors.push(format!("snapshot stall: {e}"));
-            None
-        }
-    };
+    let snapshot_stall = snapshot_stall_part(&mut cl, snapshot_rounds)
+        .await
+        .map_err(|e| errors.push(format!("snapshot stall: {e}")))
+        .ok();
 
     Report {
         transport: transport(&cl),

@@ -1063,33 +1063,123 @@ fn member_block(cl: &Cluster, i: usize, snapshot_id: &str) -> Option<Option<u64>
     Some(common::checker::parse_block(0, &b).unwrap())
 }
 
-/// Writes 1, 2, 3… to block 0 of `a` and then of `b`, each write made
-/// durable before the next is issued, until told to stop (at most a
-/// million rounds). Returns how many rounds ended; `done` counts them.
-fn ping_pong(
-    a: std::path::PathBuf,
-    b: std::path::PathBuf,
+/// A writer on two raw devices: 1, 2, 3… to block 0 of `a` and then of
+/// `b`, each write made durable before the next is issued, until stopped
+/// (at most a million rounds).
+struct PingPong {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     done: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) -> std::thread::JoinHandle<Result<u64, String>> {
-    use std::os::unix::fs::FileExt;
-    use std::sync::atomic::Ordering;
-    std::thread::spawn(move || {
-        let (fa, fb) = (open_direct(&a), open_direct(&b));
-        let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
-        let mut n = 0;
-        while !stop.load(Ordering::Relaxed) && n < 1_000_000 {
-            n += 1;
-            for (f, which) in [(&fa, "a"), (&fb, "b")] {
-                buf.as_mut_slice().copy_from_slice(&block_bytes(0, n));
-                f.write_all_at(buf.as_slice(), 0)
-                    .and_then(|()| f.sync_data())
-                    .map_err(|e| format!("write {n} to {which}: {e}"))?;
+    thread: Option<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl PingPong {
+    fn start(a: std::path::PathBuf, b: std::path::PathBuf) -> PingPong {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stopped, count) = (std::sync::Arc::clone(&stop), std::sync::Arc::clone(&done));
+        let thread = std::thread::spawn(move || {
+            let (fa, fb) = (open_direct(&a), open_direct(&b));
+            let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
+            let mut n = 0;
+            while !stopped.load(Ordering::Relaxed) && n < 1_000_000 {
+                n += 1;
+                for (f, which) in [(&fa, "a"), (&fb, "b")] {
+                    buf.as_mut_slice().copy_from_slice(&block_bytes(0, n));
+                    f.write_all_at(buf.as_slice(), 0)
+                        .and_then(|()| f.sync_data())
+                        .map_err(|e| format!("write {n} to {which}: {e}"))?;
+                }
+                count.store(n, Ordering::Relaxed);
             }
-            done.store(n, Ordering::Relaxed);
+            Ok(n)
+        });
+        PingPong {
+            stop,
+            done,
+            thread: Some(thread),
         }
-        Ok(n)
-    })
+    }
+
+    /// Waits (bounded) until `more` rounds have ended.
+    async fn progress(&self, more: u64) {
+        use std::sync::atomic::Ordering;
+        let want = self.done.load(Ordering::Relaxed) + more;
+        for _ in 0..600 {
+            if self.done.load(Ordering::Relaxed) >= want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the writer did not reach round {want}");
+    }
+
+    /// Stops it: how many rounds ended (a failed write panics).
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let t = self.thread.take().expect("running");
+        t.join().unwrap().unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for PingPong {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Two raw replicated volumes for group snapshots, `a` (3 copies)
+/// published on n1 and `b` (2 copies) on n2, and a [`PingPong`] writer
+/// between them that has made 20 rounds.
+struct Pair {
+    cl: Cluster,
+    a: csi::Volume,
+    b: csi::Volume,
+    ma: Published,
+    mb: Published,
+    w: PingPong,
+}
+
+impl Pair {
+    async fn start(prefix: &str) -> Pair {
+        let mut cl = Cluster::start().await;
+        let cap = block_cap(Mode::SingleNodeWriter);
+        let mut ra = replicated(&format!("{prefix}-a"), "3", cap.clone());
+        ra.accessibility_requirements = on(&["n1"], &[]);
+        let mut rb = replicated(&format!("{prefix}-b"), "2", cap.clone());
+        rb.accessibility_requirements = on(&["n2"], &[]);
+        let a = cl.create(ra).await.unwrap();
+        let b = cl.create(rb).await.unwrap();
+        let ma = Published::up(&mut cl, 1, &a, &cap).await.unwrap();
+        let mb = Published::up(&mut cl, 2, &b, &cap).await.unwrap();
+        let w = PingPong::start(ma.target.clone(), mb.target.clone());
+        w.progress(20).await;
+        Pair {
+            cl,
+            a,
+            b,
+            ma,
+            mb,
+            w,
+        }
+    }
+
+    /// Takes both volumes down and deletes them.
+    async fn finish(self) {
+        let Pair {
+            mut cl,
+            a,
+            b,
+            ma,
+            mb,
+            ..
+        } = self;
+        ma.down(&mut cl, &a.volume_id).await;
+        mb.down(&mut cl, &b.volume_id).await;
+        cl.delete(&a.volume_id).await.unwrap();
+        cl.delete(&b.volume_id).await.unwrap();
+    }
 }
 
 /// A group snapshot of replicated volumes published on two nodes, taken
@@ -1100,40 +1190,9 @@ fn ping_pong(
 /// go on throughout and no copy falls out of sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let mut cl = Cluster::start().await;
+    let mut p = Pair::start("rep-g").await;
+    let Pair { cl, a, b, w, .. } = &mut p;
     let cap = block_cap(Mode::SingleNodeWriter);
-    let mut ra = replicated("rep-ga", "3", cap.clone());
-    ra.accessibility_requirements = on(&["n1"], &[]);
-    let mut rb = replicated("rep-gb", "2", cap.clone());
-    rb.accessibility_requirements = on(&["n2"], &[]);
-    let a = cl.create(ra).await.unwrap();
-    let b = cl.create(rb).await.unwrap();
-    let ma = Published::up(&mut cl, 1, &a, &cap).await.unwrap();
-    let mb = Published::up(&mut cl, 2, &b, &cap).await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let writer = ping_pong(
-        ma.target.clone(),
-        mb.target.clone(),
-        Arc::clone(&stop),
-        Arc::clone(&done),
-    );
-    let progress = |more: u64| {
-        let done = Arc::clone(&done);
-        async move {
-            let want = done.load(Ordering::Relaxed) + more;
-            for _ in 0..600 {
-                if done.load(Ordering::Relaxed) >= want {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("the writer did not reach round {want}");
-        }
-    };
-    progress(20).await;
 
     let mut g = cl.c.group.clone();
     let req = |name: &str, ids: Vec<String>| csi::CreateVolumeGroupSnapshotRequest {
@@ -1185,7 +1244,7 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
         // Every holder of a against every holder of b.
         let held = |s: &csi::Snapshot| -> Vec<(usize, u64)> {
             (1..=NODES)
-                .filter_map(|i| member_block(&cl, i, &s.snapshot_id).map(|w| (i, w.unwrap_or(0))))
+                .filter_map(|i| member_block(cl, i, &s.snapshot_id).map(|w| (i, w.unwrap_or(0))))
                 .collect()
         };
         let (ha, hb) = (held(&sa), held(&sb));
@@ -1210,10 +1269,9 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
         }
         seen.push(format!("{ha:?}/{hb:?}"));
         groups.push(grp);
-        progress(5).await;
+        w.progress(5).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let rounds = writer.join().unwrap().unwrap();
+    let rounds = w.stop();
     eprintln!("{rounds} write rounds; members' block 0 (node, write) per group: {seen:?}");
     cl.nodes[2].restart();
     cl.wait_fresh(&[node_id(3)]).await;
@@ -1282,7 +1340,7 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    let listed = list_snapshots(&mut cl, &ids(&first)[0], "", 0).await;
+    let listed = list_snapshots(cl, &ids(&first)[0], "", 0).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].group_snapshot_id, first.group_snapshot_id);
     let e =
@@ -1302,7 +1360,7 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
         .find(|s| s.source_volume_id == a.volume_id)
         .unwrap();
     let options: Vec<u64> = (1..=NODES)
-        .filter_map(|i| member_block(&cl, i, &sa.snapshot_id).flatten())
+        .filter_map(|i| member_block(cl, i, &sa.snapshot_id).flatten())
         .collect();
     let r = cl
         .create(from_snapshot(
@@ -1311,7 +1369,7 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
         ))
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
-    let mr = Published::up(&mut cl, 3, &r, &cap).await.unwrap();
+    let mr = Published::up(cl, 3, &r, &cap).await.unwrap();
     let restored = {
         use std::os::unix::fs::FileExt;
         let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
@@ -1324,7 +1382,7 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
         restored.is_some_and(|w| options.contains(&w)),
         "restored {restored:?}, members held {options:?}"
     );
-    mr.down(&mut cl, &r.volume_id).await;
+    mr.down(cl, &r.volume_id).await;
     cl.delete(&r.volume_id).await.unwrap();
 
     // Deleted with its members from every node, idempotently.
@@ -1357,46 +1415,7 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
-    ma.down(&mut cl, &a.volume_id).await;
-    mb.down(&mut cl, &b.volume_id).await;
-    cl.delete(&a.volume_id).await.unwrap();
-    cl.delete(&b.volume_id).await.unwrap();
-}
-
-/// A call to node `i`'s agent API with the cluster (controller's)
-/// certificate, from the controller's namespace, as the controller makes
-/// it.
-fn as_controller<T: Send + 'static>(
-    cl: &Cluster,
-    i: usize,
-    call: impl FnOnce(
-        stowage::cluster::proto::replica_client::ReplicaClient<tonic::transport::Channel>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>
-    + Send,
-) -> T {
-    let tls = stowage::cluster::tls::TlsMaterial::load(&cl.root.join("tls")).unwrap();
-    let to = cl.net.host(i).agent_addr();
-    cl.net.host(0).run_in(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let ch = tonic::transport::Endpoint::from_shared(format!("https://{to}"))
-                .unwrap()
-                .tls_config(tls.client_config())
-                .unwrap()
-                .connect_timeout(Duration::from_secs(10))
-                .timeout(Duration::from_secs(10))
-                .connect()
-                .await
-                .expect("connect to the agent");
-            call(stowage::cluster::proto::replica_client::ReplicaClient::new(
-                ch,
-            ))
-            .await
-        })
-    })
+    p.finish().await;
 }
 
 /// The record node `i` holds for its copy of `volume_id`, as JSON.
@@ -1419,7 +1438,7 @@ fn freeze_on(
 ) -> Result<(), tonic::Status> {
     req.volume = volume_id.strip_prefix("replicated:").unwrap().to_owned();
     req.record = record_on(cl, i, volume_id);
-    as_controller(cl, i, move |mut c| {
+    cl.as_controller(i, move |mut c| {
         Box::pin(async move { c.freeze(req).await.map(|_| ()) })
     })
 }
@@ -1453,7 +1472,7 @@ fn thaw_on(
         token,
         commit: true,
     };
-    as_controller(cl, i, move |mut c| {
+    cl.as_controller(i, move |mut c| {
         Box::pin(async move { c.thaw(req).await.map(|r| r.into_inner()) })
     })
 }
@@ -1466,41 +1485,9 @@ fn thaw_on(
 /// CreateVolumeGroupSnapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use stowage::backend::replicated::placement::volume_uuid;
-    let mut cl = Cluster::start().await;
-    let cap = block_cap(Mode::SingleNodeWriter);
-    let mut ra = replicated("rep-ca", "3", cap.clone());
-    ra.accessibility_requirements = on(&["n1"], &[]);
-    let mut rb = replicated("rep-cb", "2", cap.clone());
-    rb.accessibility_requirements = on(&["n2"], &[]);
-    let a = cl.create(ra).await.unwrap();
-    let b = cl.create(rb).await.unwrap();
-    let ma = Published::up(&mut cl, 1, &a, &cap).await.unwrap();
-    let mb = Published::up(&mut cl, 2, &b, &cap).await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let writer = ping_pong(
-        ma.target.clone(),
-        mb.target.clone(),
-        Arc::clone(&stop),
-        Arc::clone(&done),
-    );
-    let progress = |more: u64| {
-        let done = Arc::clone(&done);
-        async move {
-            let want = done.load(Ordering::Relaxed) + more;
-            for _ in 0..600 {
-                if done.load(Ordering::Relaxed) >= want {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("the writer did not reach round {want}");
-        }
-    };
-    progress(20).await;
+    let mut p = Pair::start("rep-c").await;
+    let Pair { cl, a, b, w, .. } = &mut p;
     let hex = |id: &str| id.strip_prefix("replicated:").unwrap().to_owned();
     let a_nodes: Vec<usize> = (1..=NODES)
         .filter(|&i| cl.copy_data(i, &a.volume_id).exists())
@@ -1512,11 +1499,11 @@ async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again(
     let group = volume_uuid("lapsed group").to_hex();
     for &i in &a_nodes {
         let req = freeze_req(&lapsed, &group, &[hex(&a.volume_id)], 7, 300);
-        freeze_on(&cl, i, &a.volume_id, req).unwrap_or_else(|e| panic!("freeze on n{i}: {e:?}"));
+        freeze_on(cl, i, &a.volume_id, req).unwrap_or_else(|e| panic!("freeze on n{i}: {e:?}"));
     }
-    progress(20).await;
+    w.progress(20).await;
     for &i in &a_nodes {
-        let e = thaw_on(&cl, i, &lapsed, 7).unwrap_err();
+        let e = thaw_on(cl, i, &lapsed, 7).unwrap_err();
         assert_eq!(e.code(), Code::Aborted, "n{i}: {e:?}");
         assert!(!cl.snapshot_dir(i, &lapsed).exists(), "n{i} took it late");
     }
@@ -1532,7 +1519,7 @@ async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again(
     let mut first_taken = Vec::new();
     for &i in &a_nodes {
         freeze_on(
-            &cl,
+            cl,
             i,
             &a.volume_id,
             freeze_req(&member_a, &group, &volumes, 9, 1000),
@@ -1540,7 +1527,7 @@ async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again(
         .unwrap();
     }
     for &i in &a_nodes {
-        let s = thaw_on(&cl, i, &member_a, 9).unwrap();
+        let s = thaw_on(cl, i, &member_a, 9).unwrap();
         first_taken.push((s.created_seconds, s.created_nanos));
     }
     let group_id = format!("group:replicated:{group}");
@@ -1557,7 +1544,7 @@ async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again(
         e.message().contains(&b.volume_id),
         "names what it lacks: {e:?}"
     );
-    progress(20).await;
+    w.progress(20).await;
 
     // The CO's retry takes the whole group anew, at one instant.
     let grp = g
@@ -1590,13 +1577,7 @@ async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again(
         .iter()
         .find(|s| s.source_volume_id == b.volume_id)
         .unwrap();
-    let block = |i: usize, id: &str| {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::File::open(cl.snapshot_dir(i, id).join("data")).ok()?;
-        let mut buf = vec![0; BLOCK];
-        f.read_exact_at(&mut buf, 0).unwrap();
-        Some(common::checker::parse_block(0, &buf).unwrap().unwrap_or(0))
-    };
+    let block = |i: usize, id: &str| member_block(cl, i, id).map(|w| w.unwrap_or(0));
     for i in 1..=NODES {
         for j in 1..=NODES {
             if let (Some(wa), Some(wb)) = (block(i, &sa.snapshot_id), block(j, &sb.snapshot_id)) {
@@ -1607,16 +1588,12 @@ async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again(
             }
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap().unwrap();
+    w.stop();
     g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
         group_snapshot_id: group_id,
         ..Default::default()
     })
     .await
     .unwrap();
-    ma.down(&mut cl, &a.volume_id).await;
-    mb.down(&mut cl, &b.volume_id).await;
-    cl.delete(&a.volume_id).await.unwrap();
-    cl.delete(&b.volume_id).await.unwrap();
+    p.finish().await;
 }

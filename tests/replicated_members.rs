@@ -389,7 +389,6 @@ async fn a_copy_made_for_a_change_that_never_happened_is_deleted() {
     use stowage::backend::replicated::protocol::VoterState;
     use stowage::backend::replicated::record::{Member, ReplicaRecord};
     use stowage::cluster::proto::CreateReplicaRequest;
-    use stowage::cluster::proto::replica_client::ReplicaClient;
 
     let mut cl = Cluster::start_full(FOUR, &["--replica-replace-after", "4"], &[]).await;
     let v = cl.create(replicated("orphan", "3")).await.unwrap();
@@ -421,32 +420,15 @@ async fn a_copy_made_for_a_change_that_never_happened_is_deleted() {
         &Default::default(),
     )
     .unwrap();
-    let tls = stowage::cluster::tls::TlsMaterial::load(&cl.root.join("tls")).unwrap();
-    let to = cl.net.host(si).agent_addr();
-    let host0 = cl.net.host(0);
-    let created = host0.run_in(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let ch = tonic::transport::Endpoint::from_shared(format!("https://{to}"))
-                .unwrap()
-                .tls_config(tls.client_config())
-                .unwrap()
-                .connect_timeout(Duration::from_secs(10))
-                .timeout(Duration::from_secs(10))
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
-            ReplicaClient::new(ch)
-                .create(CreateReplicaRequest {
-                    record: serde_json::to_string(&first).unwrap(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("create: {s:?}"))
+    let created = cl.as_controller(si, move |mut c| {
+        Box::pin(async move {
+            c.create(CreateReplicaRequest {
+                record: serde_json::to_string(&first).unwrap(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("create: {s:?}"))
         })
     });
     created.unwrap();

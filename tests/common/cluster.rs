@@ -448,6 +448,42 @@ impl Cluster {
     }
 
     /// Runs `stowage` (the client) against the controller's socket.
+    /// A call to node `i`'s agent API with the cluster (controller's)
+    /// certificate, from the controller's namespace, as the controller
+    /// makes it.
+    pub fn as_controller<T: Send + 'static>(
+        &self,
+        i: usize,
+        call: impl FnOnce(
+            stowage::cluster::proto::replica_client::ReplicaClient<tonic::transport::Channel>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>
+        + Send,
+    ) -> T {
+        let tls = stowage::cluster::tls::TlsMaterial::load(&self.root.join("tls")).unwrap();
+        let to = self.net.host(i).agent_addr();
+        self.net.host(0).run_in(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let ch = tonic::transport::Endpoint::from_shared(format!("https://{to}"))
+                    .unwrap()
+                    .tls_config(tls.client_config())
+                    .unwrap()
+                    .connect_timeout(Duration::from_secs(10))
+                    .timeout(Duration::from_secs(10))
+                    .connect()
+                    .await
+                    .expect("connect to the agent");
+                call(stowage::cluster::proto::replica_client::ReplicaClient::new(
+                    ch,
+                ))
+                .await
+            })
+        })
+    }
+
     pub fn client(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin())
             .arg("--endpoint")
