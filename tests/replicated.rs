@@ -1482,7 +1482,8 @@ fn thaw_on(
 /// (writes go on, no copy falls out of sync, a late commit is refused and
 /// takes nothing); a group whose members were committed for one volume
 /// only is seen as incomplete (UNAVAILABLE) and taken anew by the retried
-/// CreateVolumeGroupSnapshot.
+/// CreateVolumeGroupSnapshot; but one lacking a member because the node
+/// holding it is down is not taken anew (UNAVAILABLE, nothing deleted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again() {
     use stowage::backend::replicated::placement::volume_uuid;
@@ -1588,6 +1589,72 @@ async fn a_group_snapshot_cut_short_by_its_controller_is_let_go_and_taken_again(
             }
         }
     }
+
+    // A group one of whose members is only on a node that is down: not
+    // taken for one cut short. Get and a retried create are UNAVAILABLE,
+    // nothing is deleted, and once the node is back the group is whole.
+    let mut rc = replicated("rep-c-solo", "1", block_cap(Mode::SingleNodeWriter));
+    rc.accessibility_requirements = on(&["n3"], &[]);
+    let c = cl.create(rc).await.unwrap();
+    assert!(
+        cl.copy_data(3, &c.volume_id).exists(),
+        "c's one copy is on n3"
+    );
+    let solo_req = || csi::CreateVolumeGroupSnapshotRequest {
+        name: "solo".into(),
+        source_volume_ids: vec![b.volume_id.clone(), c.volume_id.clone()],
+        ..Default::default()
+    };
+    let solo = g
+        .create_volume_group_snapshot(solo_req())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    let get_solo = || csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: solo.group_snapshot_id.clone(),
+        ..Default::default()
+    };
+    cl.nodes[2].kill9();
+    cl.wait_stale(&node_id(3)).await;
+    for e in [
+        g.get_volume_group_snapshot(get_solo()).await.unwrap_err(),
+        g.create_volume_group_snapshot(solo_req())
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("n3"), "names the node: {e:?}");
+    }
+    for s in &solo.snapshots {
+        if s.source_volume_id == a.volume_id {
+            assert!(
+                cl.snapshot_dir(1, &s.snapshot_id).exists(),
+                "a's member kept"
+            );
+        }
+    }
+    cl.nodes[2].restart();
+    cl.wait_fresh(&[node_id(3)]).await;
+    let back = g
+        .get_volume_group_snapshot(get_solo())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(back.snapshots.len(), 2);
+    assert_eq!(back.creation_time, solo.creation_time, "the same group");
+    cl.wait_in_sync(&a.volume_id, Duration::from_secs(60)).await;
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: solo.group_snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    cl.delete(&c.volume_id).await.unwrap();
+
     w.stop();
     g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
         group_snapshot_id: group_id,

@@ -82,6 +82,11 @@ fn snapshot_message(i: &SnapshotInfo) -> ReplicaSnapshot {
             .as_ref()
             .map(|g| g.volumes.iter().map(|v| v.to_hex()).collect())
             .unwrap_or_default(),
+        group_nodes: i
+            .group
+            .as_ref()
+            .map(|g| g.nodes.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -372,6 +377,12 @@ impl Replica for ReplicaService {
             group: GroupOf {
                 group: volume_of(&r.group)?,
                 volumes,
+                nodes: {
+                    let mut n = r.group_nodes;
+                    n.sort();
+                    n.dedup();
+                    n
+                },
             },
             token: r.token,
             lease,

@@ -218,6 +218,7 @@ mod tests {
             group: GroupOf {
                 group: Uuid::new_random(),
                 volumes: vec![rec.uuid],
+                nodes: vec!["n1".to_owned()],
             },
             token,
             lease: Duration::from_millis(lease_ms),

@@ -18,9 +18,11 @@
 //! lease run out), the members taken are removed and the whole is tried
 //! again, a few times. Nothing is kept by the controller: the group is found
 //! by asking the fresh nodes for snapshots that name it, and each member
-//! names every volume of the group, so a group cut short by a controller
-//! that died midway is seen as such and taken again by the retried
-//! CreateVolumeGroupSnapshot.
+//! names every volume of the group and every node asked to take a member.
+//! A group lacking a member is one cut short by a controller that died
+//! midway, taken again by the retried CreateVolumeGroupSnapshot, unless
+//! one of those nodes is down (then it may hold the member: UNAVAILABLE,
+//! nothing deleted).
 //!
 //! The lease is shorter than the time an engine waits for a copy before it
 //! marks the copy out of sync, so a group snapshot stalls writes briefly
@@ -85,6 +87,8 @@ struct HeldGroup {
     uuid: Uuid,
     /// The volumes every member names.
     volumes: Vec<Uuid>,
+    /// Every node asked to take a member, as the members remember.
+    nodes: BTreeSet<String>,
     members: BTreeMap<Uuid, HeldSnapshot>,
 }
 
@@ -92,6 +96,15 @@ impl HeldGroup {
     /// Whether a member of every volume is held.
     fn complete(&self) -> bool {
         self.volumes.iter().all(|v| self.members.contains_key(v))
+    }
+
+    /// The volumes with no member held, as IDs.
+    fn lacking(&self) -> Vec<String> {
+        self.volumes
+            .iter()
+            .filter(|v| !self.members.contains_key(v))
+            .map(|v| volume_id(*v))
+            .collect()
     }
 
     fn member_ids(&self) -> BTreeSet<String> {
@@ -144,22 +157,41 @@ impl Replicated {
     async fn held_group(&self, uuid: Uuid) -> Result<Option<HeldGroup>, Status> {
         let mut group: Option<HeldGroup> = None;
         for s in self.held_snapshots().await?.into_values() {
-            let Some((g, volumes)) = s.group.clone() else {
+            let Some(of) = s.group.clone().filter(|g| g.group == uuid) else {
                 continue;
             };
-            if g != uuid {
-                continue;
-            }
-            group
-                .get_or_insert_with(|| HeldGroup {
-                    uuid,
-                    volumes,
-                    members: BTreeMap::new(),
-                })
-                .members
-                .insert(s.volume, s);
+            let held = group.get_or_insert_with(|| HeldGroup {
+                uuid,
+                volumes: of.volumes,
+                nodes: BTreeSet::new(),
+                members: BTreeMap::new(),
+            });
+            held.nodes.extend(of.nodes);
+            held.members.insert(s.volume, s);
         }
         Ok(group)
+    }
+
+    /// UNAVAILABLE when `held` lacks members and a node that may hold
+    /// them is down (not fresh, not forgotten): then it cannot be told from
+    /// a group cut short.
+    #[allow(clippy::result_large_err)]
+    fn none_down(&self, held: &HeldGroup) -> Result<(), Status> {
+        let down: Vec<&str> = held
+            .nodes
+            .iter()
+            .filter(|n| !self.registry.is_forgotten(n) && self.node(n).is_err())
+            .map(String::as_str)
+            .collect();
+        if held.complete() || down.is_empty() {
+            return Ok(());
+        }
+        Err(Status::unavailable(format!(
+            "group snapshot {} lacks the members of {}, which may be on {} (not registered and fresh now)",
+            group_id(held.uuid),
+            held.lacking().join(", "),
+            down.join(", ")
+        )))
     }
 
     /// CreateVolumeGroupSnapshot of replicated volumes. Idempotent by
@@ -205,8 +237,10 @@ impl Replicated {
                 if held.complete() {
                     return Ok(held.csi());
                 }
-                // Cut short by an earlier try: its members are of no one
+                // Cut short by an earlier try (unless the lacking members
+                // are on a node that is down): its members are of no one
                 // instant with the ones taken now.
+                self.none_down(&held)?;
                 for m in held.members.values() {
                     self.remove_snapshot(m.uuid, Some(m)).await?;
                 }
@@ -238,6 +272,12 @@ impl Replicated {
         }
         let token = uuid::Uuid::new_v4().as_u64_pair().0;
         let group_volumes: Vec<String> = volumes.iter().map(|v| v.to_hex()).collect();
+        let group_nodes: Vec<String> = records
+            .values()
+            .flat_map(|r| r.in_sync.keys().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let started = Instant::now();
 
         // Phase 1: every copy in sync freezes, all at once.
@@ -257,6 +297,7 @@ impl Replicated {
                     record: json.clone(),
                     group: uuid.to_hex(),
                     group_volumes: group_volumes.clone(),
+                    group_nodes: group_nodes.clone(),
                     token,
                     lease_ms: LEASE.as_millis() as u32,
                 };
@@ -433,16 +474,11 @@ impl Replicated {
         let held =
             held.ok_or_else(|| Status::not_found(format!("group snapshot {raw} does not exist")))?;
         held.check_members(snapshot_ids)?;
+        self.none_down(&held)?;
         if !held.complete() {
-            let lacking: Vec<String> = held
-                .volumes
-                .iter()
-                .filter(|v| !held.members.contains_key(v))
-                .map(|v| volume_id(*v))
-                .collect();
             return Err(Status::unavailable(format!(
-                "group snapshot {raw} lacks the members of {}: the nodes holding them are down, or the group was cut short (CreateVolumeGroupSnapshot takes it again)",
-                lacking.join(", ")
+                "group snapshot {raw} lacks the members of {}: it was cut short (CreateVolumeGroupSnapshot takes it again)",
+                held.lacking().join(", ")
             )));
         }
         Ok(held.csi())

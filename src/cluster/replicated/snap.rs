@@ -70,8 +70,18 @@ pub(super) struct HeldSnapshot {
     /// Nodes asked to take it, as its holders remember (a holder that is
     /// down is among them, not among `holders`).
     pub taken_on: BTreeSet<String>,
-    /// The group snapshot it is a member of, and that group's volumes.
-    pub group: Option<(Uuid, Vec<Uuid>)>,
+    /// The group snapshot it is a member of.
+    pub group: Option<MemberOf>,
+}
+
+/// A member's group as its holders remember it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct MemberOf {
+    pub group: Uuid,
+    /// The volumes of every member (sorted).
+    pub volumes: Vec<Uuid>,
+    /// Every node asked to take a member.
+    pub nodes: BTreeSet<String>,
 }
 
 impl HeldSnapshot {
@@ -81,14 +91,19 @@ impl HeldSnapshot {
         self.size = self.size.max(s.size);
         self.epoch = self.epoch.max(s.epoch);
         self.created = self.created.min((s.created_seconds, s.created_nanos));
-        if let Some(g) = Uuid::parse_hex(&s.group) {
+        if let Some(group) = Uuid::parse_hex(&s.group) {
             let mut volumes: Vec<Uuid> = s
                 .group_volumes
                 .iter()
                 .filter_map(|v| Uuid::parse_hex(v))
                 .collect();
             volumes.sort();
-            self.group = Some((g, volumes));
+            let nodes = s.group_nodes.iter().cloned().collect();
+            self.group = Some(MemberOf {
+                group,
+                volumes,
+                nodes,
+            });
         }
     }
 
@@ -105,7 +120,7 @@ impl HeldSnapshot {
             group_snapshot_id: self
                 .group
                 .as_ref()
-                .map(|(g, _)| super::group::group_id(*g))
+                .map(|g| super::group::group_id(g.group))
                 .unwrap_or_default(),
         }
     }
@@ -346,10 +361,10 @@ impl Replicated {
             return Ok(());
         };
         let held = self.held_snapshot(uuid).await?;
-        if let Some((group, _)) = held.as_ref().and_then(|h| h.group.as_ref()) {
+        if let Some(g) = held.as_ref().and_then(|h| h.group.as_ref()) {
             return Err(Status::failed_precondition(format!(
                 "snapshot {raw} belongs to group snapshot {}; delete the group",
-                super::group::group_id(*group)
+                super::group::group_id(g.group)
             )));
         }
         self.remove_snapshot(uuid, held.as_ref()).await

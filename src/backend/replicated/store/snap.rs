@@ -50,13 +50,15 @@ pub struct SnapshotInfo {
     pub group: Option<GroupOf>,
 }
 
-/// The group snapshot a snapshot is a member of: the group's uuid and the
-/// volumes of all its members (sorted), so a group cut short shows which
-/// members it lacks.
+/// The group snapshot a snapshot is a member of: the group's uuid, the
+/// volumes of all its members (sorted) and every node asked to take one
+/// (sorted), so a group cut short shows which members it lacks and where
+/// they could be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupOf {
     pub group: Uuid,
     pub volumes: Vec<Uuid>,
+    pub nodes: Vec<String>,
 }
 
 /// `snapshot.json`.
@@ -75,6 +77,8 @@ struct Meta {
     group: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     group_volumes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    group_nodes: Vec<String>,
 }
 
 impl Meta {
@@ -88,6 +92,7 @@ impl Meta {
                     .iter()
                     .map(|v| Uuid::parse_hex(v))
                     .collect::<Option<_>>()?,
+                nodes: self.group_nodes.clone(),
             }),
         };
         Some(SnapshotInfo {
@@ -313,6 +318,7 @@ impl ReplicaStore {
                 group_volumes: group
                     .map(|g| g.volumes.iter().map(|v| v.to_hex()).collect())
                     .unwrap_or_default(),
+                group_nodes: group.map(|g| g.nodes.clone()).unwrap_or_default(),
             };
             let p = tmp.join(META_FILE);
             let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -568,6 +574,7 @@ mod tests {
         let group = GroupOf {
             group: Uuid::new_random(),
             volumes,
+            nodes: vec!["n1".to_owned(), "n2".to_owned()],
         };
 
         // Closed: nothing taken, nothing left, the copy writable again.
@@ -618,7 +625,7 @@ mod tests {
         assert_eq!(again, info);
         let other = GroupOf {
             group: Uuid::new_random(),
-            volumes: group.volumes.clone(),
+            ..group.clone()
         };
         let e = store
             .snapshot_gated(vol, snap, &rec, Some(&other), &mut || true)
