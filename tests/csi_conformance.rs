@@ -189,25 +189,9 @@ async fn identity_probe_not_ready_when_state_is_unwritable() {
     // a fill (journal commits, the server's own writes), and one Probe in
     // 30 still found room.
     let state = env.layout.state.clone();
-    nix::mount::mount(
-        Some(&state),
-        &state,
-        None::<&str>,
-        nix::mount::MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .unwrap();
+    stowage::os::mount::bind(&state, &state).unwrap();
     let _read_only = common::Mounted(state.clone());
-    nix::mount::mount(
-        None::<&str>,
-        &state,
-        None::<&str>,
-        nix::mount::MsFlags::MS_REMOUNT
-            | nix::mount::MsFlags::MS_BIND
-            | nix::mount::MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .unwrap();
+    stowage::os::mount::remount_bind_read_only(&state, nix::mount::MsFlags::empty()).unwrap();
     let r = env
         .c
         .identity

@@ -526,24 +526,28 @@ async fn the_client_and_apply_manage_replicated_volumes_without_an_orchestrator(
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let out = run(&[
-        "volume",
-        "create",
-        "cli-rep",
-        "--size",
-        "64Mi",
-        "--param",
-        "backend=replicated",
-        "--param",
-        "replicas=2",
-        "-o",
-        "json",
-    ]);
-    let id = out
-        .split('"')
-        .find(|w| w.starts_with("replicated:"))
-        .unwrap_or_else(|| panic!("no replicated volume id in {out}"))
-        .to_owned();
+    // A replicated volume of 64 MiB and `replicas` copies: its ID.
+    let create = |name: &str, replicas: &str| {
+        let replicas = format!("replicas={replicas}");
+        let out = run(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "64Mi",
+            "--param",
+            "backend=replicated",
+            "--param",
+            &replicas,
+            "-o",
+            "json",
+        ]);
+        out.split('"')
+            .find(|w| w.starts_with("replicated:"))
+            .unwrap_or_else(|| panic!("no replicated volume id in {out}"))
+            .to_owned()
+    };
+    let id = create("cli-rep", "2");
     let target = cl.root.join("cli-rep-target");
     let t = target.display().to_string();
     run(&["volume", "publish", &id, &t, "--staging-root", &root]);
@@ -562,24 +566,7 @@ async fn the_client_and_apply_manage_replicated_volumes_without_an_orchestrator(
 
     // A group snapshot with another replicated volume, through the
     // controller's socket.
-    let out = run(&[
-        "volume",
-        "create",
-        "cli-rep-2",
-        "--size",
-        "64Mi",
-        "--param",
-        "backend=replicated",
-        "--param",
-        "replicas=1",
-        "-o",
-        "json",
-    ]);
-    let id2 = out
-        .split('"')
-        .find(|w| w.starts_with("replicated:"))
-        .unwrap_or_else(|| panic!("no replicated volume id in {out}"))
-        .to_owned();
+    let id2 = create("cli-rep-2", "1");
     let grp: serde_json::Value = serde_json::from_str(&run(&[
         "snapshot", "group", "create", "cli-grp", &id, &id2, "-o", "json",
     ]))

@@ -140,11 +140,13 @@ async fn run_group(
     verb: GroupVerb,
     format: OutputFormat,
 ) -> Result<(), ClientError> {
-    let group = |g: Option<csi::VolumeGroupSnapshot>, call| {
-        g.map(GroupView::from).ok_or(ClientError::EmptyResponse {
+    // Prints the group an answer carries.
+    let show = |g: Option<csi::VolumeGroupSnapshot>, call| {
+        let v = g.map(GroupView::from).ok_or(ClientError::EmptyResponse {
             call,
             what: "group_snapshot",
-        })
+        })?;
+        emit(format, &v, || group_table(&v))
     };
     match verb {
         GroupVerb::Create {
@@ -166,8 +168,7 @@ async fn run_group(
                 .map_err(rpc("CreateVolumeGroupSnapshot"))?
                 .into_inner()
                 .group_snapshot;
-            let v = group(g, "CreateVolumeGroupSnapshot")?;
-            emit(format, &v, || group_table(&v))
+            show(g, "CreateVolumeGroupSnapshot")
         }
         GroupVerb::Get { id, secrets } => {
             let g = s
@@ -181,8 +182,7 @@ async fn run_group(
                 .map_err(rpc("GetVolumeGroupSnapshot"))?
                 .into_inner()
                 .group_snapshot;
-            let v = group(g, "GetVolumeGroupSnapshot")?;
-            emit(format, &v, || group_table(&v))
+            show(g, "GetVolumeGroupSnapshot")
         }
         GroupVerb::Delete { id, secrets } => {
             s.group

@@ -266,9 +266,8 @@ impl Replicated {
     /// failed try is kept.
     async fn take_group(&self, name: &str, uuid: Uuid, volumes: &[Uuid]) -> Result<(), Status> {
         let mut records: BTreeMap<Uuid, ReplicaRecord> = BTreeMap::new();
-        for v in volumes {
-            let (_, state) = self.newest(&volume_id(*v)).await?;
-            records.insert(*v, state.record);
+        for (v, read) in volumes.iter().zip(self.records(volumes).await) {
+            records.insert(*v, read?);
         }
         let token = uuid::Uuid::new_v4().as_u64_pair().0;
         let group_volumes: Vec<String> = volumes.iter().map(|v| v.to_hex()).collect();
@@ -326,20 +325,18 @@ impl Replicated {
             }
         }
         let frozen_at = started.elapsed();
-        if let Some(v) = volumes
-            .iter()
-            .find(|v| !frozen.iter().any(|f| f.volume == **v))
-        {
+        if let Some(v) = lacking(volumes, &frozen) {
             self.thaw(&frozen, token, false).await;
-            return Err(missing(*v, "froze", &why));
+            return Err(missing(v, "froze", &why));
         }
 
         // The instant is now: every copy is frozen. Keep those still in
-        // sync at the boot they froze at.
-        let mut kept = Vec::new();
-        for (v, before) in &records {
-            let (_, now) = match self.newest(&volume_id(*v)).await {
-                Ok(n) => n,
+        // sync at the boot they froze at (every record read at once: the
+        // writes wait meanwhile).
+        let mut now = BTreeMap::new();
+        for (v, read) in volumes.iter().zip(self.records(volumes).await) {
+            match read {
+                Ok(r) => now.insert(*v, r),
                 Err(e) => {
                     self.thaw(&frozen, token, false).await;
                     return Err(Status::aborted(format!(
@@ -349,41 +346,26 @@ impl Replicated {
                     )));
                 }
             };
-            for f in frozen.iter().filter(|f| f.volume == *v) {
-                let same = now.record.in_sync.get(&f.node) == before.in_sync.get(&f.node);
-                if same {
-                    kept.push(f.clone());
-                } else {
-                    why.push(Status::aborted(format!(
-                        "the copy on {} left the in-sync set while frozen",
-                        f.node
-                    )));
-                }
-            }
         }
-        let dropped: Vec<Frozen> = frozen
-            .iter()
-            .filter(|f| {
-                !kept
-                    .iter()
-                    .any(|k| k.node == f.node && k.volume == f.volume)
-            })
-            .cloned()
-            .collect();
+        let (kept, dropped): (Vec<Frozen>, Vec<Frozen>) = frozen.into_iter().partition(|f| {
+            now[&f.volume].in_sync.get(&f.node) == records[&f.volume].in_sync.get(&f.node)
+        });
+        why.extend(dropped.iter().map(|f| {
+            Status::aborted(format!(
+                "the copy on {} left the in-sync set while frozen",
+                f.node
+            ))
+        }));
         self.thaw(&dropped, token, false).await;
-        if let Some(v) = volumes
-            .iter()
-            .find(|v| !kept.iter().any(|f| f.volume == **v))
-        {
+        if let Some(v) = lacking(volumes, &kept) {
             self.thaw(&kept, token, false).await;
-            return Err(missing(*v, "stayed in sync while frozen", &why));
+            return Err(missing(v, "stayed in sync while frozen", &why));
         }
 
         // Phase 2: each kept copy takes its member, then lets go.
         let committed = self.thaw(&kept, token, true).await;
-        let took: BTreeSet<Uuid> = committed.iter().map(|f| f.volume).collect();
         let stalled = started.elapsed();
-        if let Some(v) = volumes.iter().find(|v| !took.contains(v)) {
+        if let Some(v) = lacking(volumes, &committed) {
             let why = vec![Status::aborted(
                 "a commit came after its copy's lease ran out",
             )];
@@ -391,7 +373,7 @@ impl Replicated {
             for m in volumes.iter().map(|v| member_uuid(name, *v)) {
                 self.remove_snapshot(m, held.remove(&m).as_ref()).await?;
             }
-            return Err(missing(*v, "took its member", &why));
+            return Err(missing(v, "took its member", &why));
         }
         tracing::info!(
             group = %group_id(uuid),
@@ -403,6 +385,25 @@ impl Replicated {
             "replicated group snapshot taken"
         );
         Ok(())
+    }
+
+    /// The newest record of each of `volumes`, read at once, in order.
+    async fn records(&self, volumes: &[Uuid]) -> Vec<Result<ReplicaRecord, Status>> {
+        let asks: Vec<_> = volumes
+            .iter()
+            .map(|v| {
+                let (me, id) = (self.clone(), volume_id(*v));
+                tokio::spawn(async move { me.newest(&id).await.map(|(_, s)| s.record) })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(asks.len());
+        for a in asks {
+            out.push(
+                a.await
+                    .unwrap_or_else(|e| Err(Status::internal(e.to_string()))),
+            );
+        }
+        out
     }
 
     /// Thaws `frozen` copies, committing them with `commit`; returns those
@@ -483,6 +484,14 @@ impl Replicated {
         }
         Ok(held.csi())
     }
+}
+
+/// The first of `volumes` with no copy among `copies`.
+fn lacking(volumes: &[Uuid], copies: &[Frozen]) -> Option<Uuid> {
+    volumes
+        .iter()
+        .copied()
+        .find(|v| !copies.iter().any(|f| f.volume == *v))
 }
 
 /// Why volume `v` has no copy that `did`.

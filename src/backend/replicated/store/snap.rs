@@ -458,6 +458,18 @@ mod tests {
         );
     }
 
+    /// A store on a fresh pool holding one copy (epoch 3) whose region 0
+    /// was written with 0xaa.
+    fn written_copy() -> (tempfile::TempDir, ReplicaStore, Uuid, ReplicaRecord) {
+        let pool = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
+        let vol = Uuid::new_random();
+        let rec = record(vol, 3);
+        store.create(&rec).unwrap();
+        write(&store, vol, 3, 1, 0xaa);
+        (pool, store, vol, rec)
+    }
+
     fn first_bytes(store: &ReplicaStore, uuid: Uuid) -> Vec<u8> {
         let data = std::fs::read(store.root.join(uuid.to_hex()).join(DATA_FILE)).unwrap();
         assert_eq!(data.len() as u64, SIZE);
@@ -466,12 +478,8 @@ mod tests {
 
     #[test]
     fn a_snapshot_is_the_copy_at_one_point_and_restores_into_a_new_copy() {
-        let pool = tempfile::tempdir().unwrap();
-        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
-        let (vol, snap) = (Uuid::new_random(), Uuid::new_random());
-        let rec = record(vol, 3);
-        store.create(&rec).unwrap();
-        write(&store, vol, 3, 1, 0xaa);
+        let (_pool, store, vol, rec) = written_copy();
+        let snap = Uuid::new_random();
         let info = store.snapshot(vol, snap, &rec).unwrap();
         assert_eq!((info.volume, info.size, info.epoch), (vol, SIZE, 3));
         // Idempotent; the same name for another volume is a conflict.
@@ -563,12 +571,8 @@ mod tests {
     fn a_gated_snapshot_holds_writes_off_until_its_gate_opens() {
         use std::sync::mpsc;
         use std::time::Duration;
-        let pool = tempfile::tempdir().unwrap();
-        let store = ReplicaStore::open(pool.path(), "n1").unwrap();
-        let (vol, snap) = (Uuid::new_random(), Uuid::new_random());
-        let rec = record(vol, 3);
-        store.create(&rec).unwrap();
-        write(&store, vol, 3, 1, 0xaa);
+        let (_pool, store, vol, rec) = written_copy();
+        let snap = Uuid::new_random();
         let mut volumes = vec![vol, Uuid::new_random()];
         volumes.sort();
         let group = GroupOf {
