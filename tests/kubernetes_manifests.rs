@@ -48,6 +48,7 @@ const TARGETS: &[&str] = &[
     "overlays/block",
     "overlays/block-default",
     "overlays/dir",
+    "overlays/group-snapshots",
     "overlays/object",
     "overlays/replicated",
 ];
@@ -310,16 +311,21 @@ fn every_overlay_renders_with_the_classes_it_promises() {
     assert_eq!(classes("overlays/dir"), set(&["stowage-dir"]));
     assert_eq!(classes("overlays/object"), set(&["stowage-object"]));
     assert_eq!(classes("overlays/replicated"), set(&["stowage-replicated"]));
-    assert_eq!(
-        classes("overlays/all"),
-        set(&[
-            "stowage-block",
-            "stowage-block-xfs",
-            "stowage-dir",
-            "stowage-object",
-            "stowage-replicated"
-        ])
-    );
+    let every = set(&[
+        "stowage-block",
+        "stowage-block-xfs",
+        "stowage-dir",
+        "stowage-object",
+        "stowage-replicated",
+    ]);
+    assert_eq!(classes("overlays/all"), every);
+    assert_eq!(classes("overlays/group-snapshots"), every);
+    // Group snapshots are opt-in (they need the cluster's v1 group CRDs):
+    // only their own overlay has the class.
+    for (t, objects) in all_overlays() {
+        let groups = kind(objects, "VolumeGroupSnapshotClass").len();
+        assert_eq!(groups, usize::from(t == "overlays/group-snapshots"), "{t}");
+    }
 
     for (t, objects) in all_overlays() {
         let mut ids = BTreeSet::new();
@@ -367,7 +373,8 @@ fn rendered_objects_validate_against_the_oldest_and_newest_kubernetes_schemas() 
         std::fs::write(&file, &r.yaml).expect("write");
         // The snapshot classes are CRDs (external-snapshotter's), which
         // kubernetes-validate has no schema for: checked by hand below.
-        let crds = kind(&r.objects, "VolumeSnapshotClass").len();
+        let crds = kind(&r.objects, "VolumeSnapshotClass").len()
+            + kind(&r.objects, "VolumeGroupSnapshotClass").len();
         for version in [OLDEST, NEWEST] {
             let (ok, out, err) = run(
                 Command::new(&validate)
@@ -382,9 +389,12 @@ fn rendered_objects_validate_against_the_oldest_and_newest_kubernetes_schemas() 
                 if line.contains(" passed for resource ") {
                     passed += 1;
                 } else if line.starts_with("WARN")
-                    && line.contains(
+                    && [
                         "Couldn't find schema for kind VolumeSnapshotClass with api version snapshot.storage.k8s.io/v1",
-                    )
+                        "Couldn't find schema for kind VolumeGroupSnapshotClass with api version groupsnapshot.storage.k8s.io/v1",
+                    ]
+                    .iter()
+                    .any(|w| line.contains(w))
                 {
                 } else if !line.trim().is_empty() {
                     panic!("{t} against {version}: {line}");
@@ -396,7 +406,15 @@ fn rendered_objects_validate_against_the_oldest_and_newest_kubernetes_schemas() 
                 "{t} against {version}: every object but the snapshot classes must be validated:\n{text}"
             );
         }
-        for c in kind(&r.objects, "VolumeSnapshotClass") {
+        let classes = kind(&r.objects, "VolumeSnapshotClass")
+            .into_iter()
+            .map(|c| (c, "snapshot.storage.k8s.io/v1"))
+            .chain(
+                kind(&r.objects, "VolumeGroupSnapshotClass")
+                    .into_iter()
+                    .map(|c| (c, "groupsnapshot.storage.k8s.io/v1")),
+            );
+        for (c, api) in classes {
             let keys: BTreeSet<&str> = c
                 .as_object()
                 .expect("object")
@@ -411,11 +429,9 @@ fn rendered_objects_validate_against_the_oldest_and_newest_kubernetes_schemas() 
                 "deletionPolicy",
                 "parameters",
             ]);
-            assert!(
-                keys.is_subset(&allowed),
-                "{t}: VolumeSnapshotClass fields {keys:?}"
-            );
-            assert_eq!(s(&c["apiVersion"]), "snapshot.storage.k8s.io/v1");
+            let k = s(&c["kind"]);
+            assert!(keys.is_subset(&allowed), "{t}: {k} fields {keys:?}");
+            assert_eq!(s(&c["apiVersion"]), api, "{t}: {k}");
             assert_eq!(s(&c["driver"]), DRIVER);
             assert!(["Delete", "Retain"].contains(&s(&c["deletionPolicy"])));
             for (k, v) in c["parameters"].as_object().into_iter().flatten() {
@@ -740,6 +756,26 @@ fn allow_list(
                 ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"),
                 &["update", "patch"],
             ),
+            // Only with --feature-gates=CSIVolumeGroupSnapshot=true
+            // (components/group-snapshots).
+            (
+                ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses"),
+                READ,
+            ),
+            (
+                (
+                    "groupsnapshot.storage.k8s.io",
+                    "volumegroupsnapshotcontents",
+                ),
+                &["get", "list", "watch", "update", "patch"],
+            ),
+            (
+                (
+                    "groupsnapshot.storage.k8s.io",
+                    "volumegroupsnapshotcontents/status",
+                ),
+                &["update", "patch"],
+            ),
         ],
         ("Role", "stowage-csi-attacher" | "stowage-csi-resizer" | "stowage-csi-snapshotter") => {
             vec![(("coordination.k8s.io", "leases"), LEASES)]
@@ -817,12 +853,34 @@ fn rbac_grants_no_sidecar_a_verb_beyond_its_allow_list() {
             "{t}: the resizer watches all pods unless told not to, and has no right to"
         );
         let snapshotter = container(controller, "csi-snapshotter");
-        assert!(
-            !args(snapshotter)
-                .iter()
-                .any(|a| a.contains("CSIVolumeGroupSnapshot")),
-            "{t}: group snapshots need the groupsnapshot.storage.k8s.io rules"
-        );
+        let gate = flag(snapshotter, "--feature-gates");
+        let group_rules = list(&named(objects, "ClusterRole", "stowage-csi-snapshotter")["rules"])
+            .iter()
+            .filter(|r| {
+                list(&r["apiGroups"])
+                    .iter()
+                    .any(|g| s(g) == "groupsnapshot.storage.k8s.io")
+            })
+            .count();
+        match t {
+            "overlays/group-snapshots" => {
+                assert_eq!(gate, Some("CSIVolumeGroupSnapshot=true"), "{t}");
+                assert_eq!(
+                    group_rules, 3,
+                    "{t}: group snapshots need the groupsnapshot.storage.k8s.io rules"
+                );
+                // The component repeats the snapshotter's arguments (a
+                // patch replaces a list): none of the base's may be lost.
+                let base = pod_spec(&rendered()["."].objects, "Deployment", "stowage-controller");
+                let mut want = args(container(base, "csi-snapshotter"));
+                want.push("--feature-gates=CSIVolumeGroupSnapshot=true");
+                assert_eq!(args(snapshotter), want, "{t}");
+            }
+            _ => {
+                assert_eq!(gate, None, "{t}: group snapshots are opt-in");
+                assert_eq!(group_rules, 0, "{t}: group rules without group snapshots");
+            }
+        }
 
         // The stowage containers have no API credentials at all: no token
         // is automounted, only the sidecars that call the API mount one.
@@ -1470,6 +1528,20 @@ fn readme_kubernetes_examples_are_current_api_forms() {
             .or(d.pointer("/spec/volumeClaimTemplates/0/spec/storageClassName"))
         {
             named(manifests, "StorageClass", s(class));
+        }
+        if s(&d["apiVersion"]).starts_with("groupsnapshot.storage.k8s.io") {
+            // A CRD too, served only with the opt-in overlay.
+            assert_eq!(s(&d["apiVersion"]), "groupsnapshot.storage.k8s.io/v1");
+            named(
+                &rendered()["overlays/group-snapshots"].objects,
+                "VolumeGroupSnapshotClass",
+                s(&d["spec"]["volumeGroupSnapshotClassName"]),
+            );
+            assert!(
+                d.pointer("/spec/source/selector/matchLabels").is_some(),
+                "README: a VolumeGroupSnapshot names its claims by label"
+            );
+            continue;
         }
         if s(&d["apiVersion"]).starts_with("snapshot.storage.k8s.io") {
             // A CRD: no schema in kubernetes-validate.
