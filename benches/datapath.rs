@@ -171,20 +171,8 @@ fn run_job(cfg: &Config, job: &Job, t: &Target) -> Result<Measure, String> {
         format!("--ramp_time={}", cfg.ramp_s),
     ]);
     let v = fio(&args)?;
-    let side = if job.read { "read" } else { "write" };
-    let s = &v["jobs"][0][side];
-    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    let pct = |p: &str| num(&s["clat_ns"]["percentile"][p]) / 1e3;
-    let m = Measure {
-        bw_kib_s: num(&s["bw"]),
-        iops: num(&s["iops"]),
-        clat_p50_us: pct("50.000000"),
-        clat_p99_us: pct("99.000000"),
-    };
-    if m.iops == 0.0 {
-        return Err(format!("fio {} on {}: no I/O measured", job.name, t.label));
-    }
-    Ok(m)
+    Measure::from_fio(&v, job.read)
+        .ok_or_else(|| format!("fio {} on {}: no I/O measured", job.name, t.label))
 }
 
 /// Tries a tiny io_uring job; falls back to libaio when the kernel or fio

@@ -839,23 +839,8 @@ async fn run_job(cfg: &FioConfig, job: &Job, device: &Path, out: &Path) -> Resul
         format!("--ramp_time={}", cfg.ramp_s),
     ]);
     let v = fio(&args, out).await?;
-    let s = &v["jobs"][0][if job.read { "read" } else { "write" }];
-    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    let pct = |p: &str| num(&s["clat_ns"]["percentile"][p]) / 1e3;
-    let m = Measure {
-        bw_kib_s: num(&s["bw"]),
-        iops: num(&s["iops"]),
-        clat_p50_us: pct("50.000000"),
-        clat_p99_us: pct("99.000000"),
-    };
-    if m.iops == 0.0 {
-        return Err(format!(
-            "fio {} on {}: no I/O measured",
-            job.name,
-            device.display()
-        ));
-    }
-    Ok(m)
+    Measure::from_fio(&v, job.read)
+        .ok_or_else(|| format!("fio {} on {}: no I/O measured", job.name, device.display()))
 }
 
 #[derive(Debug, Serialize)]
@@ -1943,8 +1928,17 @@ fn print_fio(f: &FioReport, heading: &str) {
         println!();
         println!("{} (QD{})", j.job, j.iodepth);
         println!(
-            "  {:<6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}  {:<8} rounds MiB/s",
-            "volume", "MiB/s", "IOPS", "p50 µs", "p99 µs", "of local", "spread", "target"
+            "  {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}  {:<8} rounds MiB/s",
+            "volume",
+            "MiB/s",
+            "IOPS",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "mean µs",
+            "of local",
+            "spread",
+            "target"
         );
         for row in &j.rows {
             let m = &row.measure;
@@ -1954,12 +1948,14 @@ fn print_fio(f: &FioReport, heading: &str) {
                 _ => String::new(),
             };
             println!(
-                "  {:<6} {:>9.1} {:>9.0} {:>9.1} {:>9.1} {:>8} {:>7}  {:<12} {}",
+                "  {:<6} {:>9.1} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>7}  {:<12} {}",
                 row.volume,
                 m.bw_kib_s / 1024.0,
                 m.iops,
                 m.clat_p50_us,
                 m.clat_p99_us,
+                m.clat_p999_us,
+                m.clat_mean_us,
                 pct(row.of_local),
                 pct(row.spread),
                 target,

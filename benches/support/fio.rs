@@ -67,6 +67,29 @@ pub struct Measure {
     pub iops: f64,
     pub clat_p50_us: f64,
     pub clat_p99_us: f64,
+    /// The tail the percentiles above miss: at QD1 the IOPS follow the
+    /// mean completion time, which a few stalls of milliseconds move.
+    pub clat_p999_us: f64,
+    pub clat_mean_us: f64,
+}
+
+impl Measure {
+    /// What fio's JSON output `v` says of its first job's reads (`read`)
+    /// or writes; None when it measured no I/O.
+    pub fn from_fio(v: &serde_json::Value, read: bool) -> Option<Measure> {
+        let s = &v["jobs"][0][if read { "read" } else { "write" }];
+        let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+        let pct = |p: &str| num(&s["clat_ns"]["percentile"][p]) / 1e3;
+        let m = Measure {
+            bw_kib_s: num(&s["bw"]),
+            iops: num(&s["iops"]),
+            clat_p50_us: pct("50.000000"),
+            clat_p99_us: pct("99.000000"),
+            clat_p999_us: pct("99.900000"),
+            clat_mean_us: num(&s["clat_ns"]["mean"]) / 1e3,
+        };
+        (m.iops > 0.0).then_some(m)
+    }
 }
 
 /// The run with the median bandwidth (the upper one of an even count).

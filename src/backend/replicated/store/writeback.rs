@@ -13,11 +13,14 @@
 //! writeback took longer than [`TARGET`] and doubles when one finished
 //! within it, between [`MIN`] and [`MAX`], starting at [`MIN`]. The wait
 //! is also what holds a writer back when it writes faster than the disk
-//! for long, before the kernel's own dirty-page limits would.
+//! for long, before the kernel's own dirty-page limits would; it is made
+//! on a thread of the pacer's own, and holds writers back only once they
+//! are [`BEHIND`] windows ahead of it.
 
 use std::fs::File;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// What one window should take to write back: a flush then waits for
@@ -56,53 +59,138 @@ pub fn next_window(window: u64, since: Option<Duration>, waited: Duration) -> u6
     next.clamp(MIN, MAX)
 }
 
-/// A copy's data file's writeback pacing.
-#[derive(Debug)]
+/// How many windows may wait unstarted while the last writeback is still
+/// being waited for before a writer is held back until it is done: what
+/// a flush finds stays about three windows.
+const BEHIND: u64 = 2;
+
+/// Waits for the last writeback of a file and starts the next (the real
+/// one is [`wait_and_start`]; tests give their own).
+type Start = dyn Fn(&File) + Send + Sync;
+
+/// A copy's data file's writeback pacing. Writers only count what they
+/// wrote; the wait for the disk is made on a thread of the pacer's own,
+/// so the write that crosses a window is not the one that waits for the
+/// last window's writeback (at queue depth 1, each such wait was a stall
+/// of the whole volume). A writer is held back only when [`BEHIND`]
+/// windows wait while that thread still waits for the disk.
 pub struct Pacer {
+    shared: Arc<Shared>,
+    /// The thread waiting for the last writeback and starting the next;
+    /// joined before the next is started and when the pacer is dropped,
+    /// so no duplicate of the file outlives its copy.
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
     /// Bytes written since writeback was last started.
     unstarted: AtomicU64,
     window: AtomicU64,
-    /// When writeback was last started; held while it is being started
-    /// (a writer that finds it held leaves it to that one).
+    /// When writeback was last started.
     last: Mutex<Option<Instant>>,
+    start: Box<Start>,
+}
+
+impl std::fmt::Debug for Pacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pacer")
+            .field("unstarted", &self.shared.unstarted)
+            .field("window", &self.shared.window)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Pacer {
     fn default() -> Self {
-        Pacer {
-            unstarted: AtomicU64::new(0),
-            window: AtomicU64::new(FIRST),
-            last: Mutex::new(None),
+        Pacer::with_start(Box::new(wait_and_start))
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        let worker = self.worker.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = worker.take() {
+            let _ = h.join();
         }
     }
 }
 
 impl Pacer {
-    /// `len` bytes were written to `file`: past a window, wait for the
-    /// last writeback and start the next. Failures are the next flush's
-    /// (`fdatasync` reports them).
+    fn with_start(start: Box<Start>) -> Self {
+        Pacer {
+            shared: Arc::new(Shared {
+                unstarted: AtomicU64::new(0),
+                window: AtomicU64::new(FIRST),
+                last: Mutex::new(None),
+                start,
+            }),
+            worker: Mutex::new(None),
+        }
+    }
+
+    /// `len` bytes were written to `file`: past a window, the pacer's
+    /// thread waits for the last writeback and starts the next. Failures
+    /// are the next flush's (`fdatasync` reports them).
     pub fn wrote(&self, file: &File, len: u64) {
-        let unstarted = self.unstarted.fetch_add(len, Ordering::Relaxed) + len;
-        if unstarted < self.window.load(Ordering::Relaxed) {
+        let window = self.shared.window.load(Ordering::Relaxed);
+        let unstarted = self.shared.unstarted.fetch_add(len, Ordering::Relaxed) + len;
+        if unstarted < window {
             return;
         }
-        let Ok(mut last) = self.last.try_lock() else {
-            return;
+        let behind = unstarted >= BEHIND * window;
+        let mut worker = if behind {
+            self.worker.lock().unwrap_or_else(|e| e.into_inner())
+        } else {
+            match self.worker.try_lock() {
+                Ok(w) => w,
+                // Another writer is starting it.
+                Err(_) => return,
+            }
         };
-        self.unstarted.store(0, Ordering::Relaxed);
+        if worker.as_ref().is_some_and(|h| !h.is_finished()) && !behind {
+            return;
+        }
+        if let Some(h) = worker.take() {
+            // Finished, or this writer is held back until it is.
+            let _ = h.join();
+        }
+        // Another writer may have started it while this one waited.
+        if self.shared.unstarted.load(Ordering::Relaxed) < window {
+            return;
+        }
+        self.shared.unstarted.store(0, Ordering::Relaxed);
+        let thread = file.try_clone().and_then(|file| {
+            let shared = Arc::clone(&self.shared);
+            std::thread::Builder::new()
+                .name("copy-writeback".into())
+                .spawn(move || shared.wait_and_start(&file))
+        });
+        match thread {
+            Ok(h) => *worker = Some(h),
+            // No descriptor or thread to spare: wait here, as before.
+            Err(_) => self.shared.wait_and_start(file),
+        }
+    }
+
+    /// The current window, in bytes.
+    pub fn window(&self) -> u64 {
+        self.shared.window.load(Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    /// Waits for the last writeback, starts the next, and sizes the next
+    /// window from how long the disk took.
+    fn wait_and_start(&self, file: &File) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let asked = Instant::now();
-        wait_and_start(file);
+        (self.start)(file);
         let now = Instant::now();
         let since = last.map(|t| asked.saturating_duration_since(t));
         let window = self.window.load(Ordering::Relaxed);
         self.window
             .store(next_window(window, since, now - asked), Ordering::Relaxed);
         *last = Some(now);
-    }
-
-    /// The current window, in bytes.
-    pub fn window(&self) -> u64 {
-        self.window.load(Ordering::Relaxed)
     }
 }
 
@@ -157,16 +245,33 @@ mod tests {
         assert_eq!(next_window(8 << 20, None, 300 * MS), 8 << 20);
     }
 
-    #[test]
-    fn writes_start_writeback_once_a_window_was_written() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = File::options()
+    impl Pacer {
+        /// Waits until the pacer's thread, if any, is done.
+        fn settle(&self) {
+            if let Some(h) = self.worker.lock().expect("lock").take() {
+                h.join().expect("pacer thread");
+            }
+        }
+
+        fn last(&self) -> Option<Instant> {
+            *self.shared.last.lock().expect("lock")
+        }
+    }
+
+    fn data_file(dir: &tempfile::TempDir) -> File {
+        File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(dir.path().join("data"))
-            .expect("open");
+            .expect("open")
+    }
+
+    #[test]
+    fn writes_start_writeback_once_a_window_was_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = data_file(&dir);
         let pacer = Pacer::default();
         let chunk = vec![7u8; 64 << 10];
         use std::os::unix::fs::FileExt;
@@ -176,26 +281,74 @@ mod tests {
                 .expect("write");
             pacer.wrote(&file, chunk.len() as u64);
         }
-        assert!(pacer.last.lock().expect("lock").is_none(), "started early");
+        pacer.settle();
+        assert!(pacer.last().is_none(), "started early");
         file.write_all_at(&chunk, FIRST - chunk.len() as u64)
             .expect("write");
         pacer.wrote(&file, chunk.len() as u64);
-        assert!(pacer.last.lock().expect("lock").is_some(), "not started");
-        assert_eq!(pacer.unstarted.load(Ordering::Relaxed), 0);
+        pacer.settle();
+        assert!(pacer.last().is_some(), "not started");
+        assert_eq!(pacer.shared.unstarted.load(Ordering::Relaxed), 0);
         // The first start knows no time to learn from.
         assert_eq!(pacer.window(), FIRST);
-        let first = *pacer.last.lock().expect("lock");
+        let first = pacer.last();
         pacer.wrote(&file, FIRST - 1);
-        assert_eq!(
-            *pacer.last.lock().expect("lock"),
-            first,
-            "started again early"
-        );
+        pacer.settle();
+        assert_eq!(pacer.last(), first, "started again early");
         pacer.wrote(&file, 1);
-        assert_ne!(
-            *pacer.last.lock().expect("lock"),
-            first,
-            "not started again"
+        pacer.settle();
+        assert_ne!(pacer.last(), first, "not started again");
+    }
+
+    #[test]
+    fn a_writer_waits_for_the_disk_only_once_it_is_two_windows_ahead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = Arc::new(data_file(&dir));
+        // A disk that finishes each writeback only when the test says so.
+        let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
+        let open_rx = Mutex::new(open_rx);
+        let starts = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&starts);
+        let pacer = Arc::new(Pacer::with_start(Box::new(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            // Bounded, so a failing test ends rather than hangs.
+            let _ = open_rx
+                .lock()
+                .expect("lock")
+                .recv_timeout(Duration::from_secs(60));
+        })));
+        let write = |len: u64| {
+            let (p, f) = (Arc::clone(&pacer), Arc::clone(&file));
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                p.wrote(&f, len);
+                drop(p);
+                let _ = tx.send(());
+            });
+            rx
+        };
+        let returns = |rx: std::sync::mpsc::Receiver<()>, what: &str| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("{what}: the writer was held"));
+        };
+        // The write that crosses the window hands the wait to the pacer's
+        // thread, which the disk holds; the next window's writer is not
+        // held either.
+        returns(write(FIRST), "first window");
+        returns(write(FIRST), "second window");
+        // Two windows ahead of a disk that has not finished: held until it
+        // does, then the next writeback starts.
+        let held = write(FIRST);
+        assert!(
+            held.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a writer two windows ahead of the disk was not held back"
         );
+        open_tx.send(()).expect("open");
+        returns(held, "after the disk finished");
+        // Dropping the pacer waits for its thread (the second writeback).
+        open_tx.send(()).expect("open");
+        let pacer = Arc::try_unwrap(pacer).expect("only owner");
+        drop(pacer);
+        assert_eq!(starts.load(Ordering::SeqCst), 2);
     }
 }
