@@ -153,7 +153,7 @@ fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_
         "{:?}",
         flushed.reply
     );
-    // For the reader of the log, not a check: about two windows' worth.
+    // For the reader of the log, not a check: a few windows' worth.
     eprintln!(
         "window {w} bytes; the flush took {:?}",
         flush_started.elapsed()

@@ -508,12 +508,12 @@ impl ServerConn {
 /// until it has waited long for the turn.
 ///
 /// Every call passes the turn on, even a 4 KiB write the page cache takes
-/// in a few µs: the write that fills its copy's writeback window waits for
-/// the last writeback (`store/writeback.rs`, up to about its `TARGET`), and
-/// a thread serving that write with the turn held would stop the whole
-/// connection meanwhile, where now only that call waits. Serving small
-/// writes inline saves a wake-up per call but showed no gain beyond this
-/// machine's noise in the `replicated` bench's QD1 and QD32 write jobs.
+/// in a few µs: a write far ahead of its copy's disk is held back
+/// (`store/writeback.rs`, up to about its `TARGET`), and a thread serving
+/// that write with the turn held would stop the whole connection
+/// meanwhile, where now only that call waits. Serving small writes inline
+/// saves a wake-up per call but showed no gain beyond this machine's noise
+/// in the `replicated` bench's QD1 and QD32 write jobs.
 fn server_thread(conn: Arc<ServerConn>) {
     loop {
         conn.readers.fetch_add(1, Ordering::SeqCst);

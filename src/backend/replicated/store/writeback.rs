@@ -6,7 +6,7 @@
 //! the copy is marked out of sync. Each time a window's worth was written,
 //! the copy waits for the writeback it started last time to finish and
 //! starts the next (`sync_file_range(WAIT_BEFORE | WRITE)` on the whole
-//! file), so a flush finds at most about two windows to write. A fixed
+//! file), so a flush finds a few windows to write. A fixed
 //! window cannot fit every disk: 64 MiB is 40 ms on a fast NVMe disk and,
 //! as scattered 4 KiB writes, over a minute on a spinning one. So the
 //! window follows the disk: it shrinks in proportion when the last
@@ -14,8 +14,8 @@
 //! within it, between [`MIN`] and [`MAX`], starting at [`MIN`]. The wait
 //! is also what holds a writer back when it writes faster than the disk
 //! for long, before the kernel's own dirty-page limits would; it is made
-//! on a thread of the pacer's own, and holds writers back only once they
-//! are [`BEHIND`] windows ahead of it.
+//! on a thread of the pacer's own, and holds a writer back only once the
+//! writers are [`BEHIND`] windows ahead of it.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,8 +60,7 @@ pub fn next_window(window: u64, since: Option<Duration>, waited: Duration) -> u6
 }
 
 /// How many windows may wait unstarted while the last writeback is still
-/// being waited for before a writer is held back until it is done: what
-/// a flush finds stays about three windows.
+/// being waited for before a writer is held back until it is done.
 const BEHIND: u64 = 2;
 
 /// Waits for the last writeback of a file and starts the next (the real
@@ -73,7 +72,8 @@ type Start = dyn Fn(&File) + Send + Sync;
 /// so the write that crosses a window is not the one that waits for the
 /// last window's writeback (at queue depth 1, each such wait was a stall
 /// of the whole volume). A writer is held back only when [`BEHIND`]
-/// windows wait while that thread still waits for the disk.
+/// windows wait while that thread still waits for the disk, and only one
+/// at a time.
 pub struct Pacer {
     shared: Arc<Shared>,
     /// The thread waiting for the last writeback and starting the next;
@@ -137,26 +137,20 @@ impl Pacer {
         if unstarted < window {
             return;
         }
-        let behind = unstarted >= BEHIND * window;
-        let mut worker = if behind {
-            self.worker.lock().unwrap_or_else(|e| e.into_inner())
-        } else {
-            match self.worker.try_lock() {
-                Ok(w) => w,
-                // Another writer is starting it.
-                Err(_) => return,
-            }
+        // Another writer is starting it, or is the one held back: one
+        // writer waiting for the disk holds the others back enough (as
+        // before the pacer had a thread, when the writer that crossed a
+        // window waited and the others went on).
+        let Ok(mut worker) = self.worker.try_lock() else {
+            return;
         };
+        let behind = unstarted >= BEHIND * window;
         if worker.as_ref().is_some_and(|h| !h.is_finished()) && !behind {
             return;
         }
         if let Some(h) = worker.take() {
             // Finished, or this writer is held back until it is.
             let _ = h.join();
-        }
-        // Another writer may have started it while this one waited.
-        if self.shared.unstarted.load(Ordering::Relaxed) < window {
-            return;
         }
         self.shared.unstarted.store(0, Ordering::Relaxed);
         let thread = file.try_clone().and_then(|file| {
