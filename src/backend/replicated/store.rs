@@ -444,23 +444,32 @@ impl ReplicaStore {
     /// Removes this node's member of a volume. Idempotent.
     pub fn delete(&self, uuid: Uuid) -> Result<(), StoreError> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.remove(&uuid);
-        let dir = self.dir(uuid);
-        if !dir.exists() {
-            return Ok(());
-        }
-        let gone = self.root.join(format!(".gone-{}", uuid.to_hex()));
-        let _ = std::fs::remove_dir_all(&gone);
-        std::fs::rename(&dir, &gone).map_err(io_err(&dir))?;
-        crate::os::fs::sync_dir(&self.root).map_err(io_err(&self.root))?;
-        std::fs::remove_dir_all(&gone).map_err(io_err(&gone))
+        let closed = open.remove(&uuid);
+        let removed = (|| {
+            let dir = self.dir(uuid);
+            if !dir.exists() {
+                return Ok(());
+            }
+            let gone = self.root.join(format!(".gone-{}", uuid.to_hex()));
+            let _ = std::fs::remove_dir_all(&gone);
+            std::fs::rename(&dir, &gone).map_err(io_err(&dir))?;
+            crate::os::fs::sync_dir(&self.root).map_err(io_err(&self.root))?;
+            std::fs::remove_dir_all(&gone).map_err(io_err(&gone))
+        })();
+        // Closed after the lock: a copy's pacer waits for its writeback
+        // thread, which other volumes' calls must not wait for.
+        drop(open);
+        drop(closed);
+        removed
     }
 
     /// What this node holds of `uuid`, if anything.
     pub fn get(&self, uuid: Uuid) -> Result<Option<HeldState>, StoreError> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if !self.dir(uuid).exists() {
-            open.remove(&uuid);
+            let closed = open.remove(&uuid);
+            drop(open);
+            drop(closed);
             return Ok(None);
         }
         let held = self.load(&mut open, uuid)?;
