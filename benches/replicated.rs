@@ -904,6 +904,20 @@ async fn settle() {
     let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
 }
 
+/// Waits (bounded) until every copy of replicated volume `v` is in sync,
+/// saying why and for how long when one was not.
+async fn in_sync(cl: &mut Cluster, v: &Vol) -> Result<(), String> {
+    let (abnormal, msg) = cl.condition(v.id()).await.map_err(|e| e.to_string())?;
+    if abnormal {
+        eprintln!("  {} is not in sync before its job: {msg}", v.label);
+        let start = Instant::now();
+        cl.wait_condition(v.id(), false, Duration::from_secs(600))
+            .await?;
+        eprintln!("  {} in sync after {:?}", v.label, start.elapsed());
+    }
+    Ok(())
+}
+
 /// fio on `vols` (the first is the baseline): prefilled first when
 /// `prefill` (else they were, in an earlier pass), `cfg.jobs` only.
 async fn fio_part(
@@ -966,6 +980,11 @@ async fn fio_part(
                 // pool on one disk the last run's writeback would land on
                 // this one (the local volume's too).
                 settle().await;
+                // Nor a rebuild: a copy out of sync (a restart, a write
+                // that timed out) is rebuilt first, and the log says so.
+                if vols[at].1 > 0 {
+                    in_sync(cl, v).await?;
+                }
                 runs[at].push(run_job(cfg, job, &v.target, &out).await?);
             }
         }
