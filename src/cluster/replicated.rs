@@ -334,6 +334,16 @@ impl Replicated {
         }
     }
 
+    /// Those of `nodes` that are down: neither registered and fresh nor
+    /// forgotten (so they may still hold something).
+    fn down<'a>(&self, nodes: impl IntoIterator<Item = &'a String>) -> Vec<&'a str> {
+        nodes
+            .into_iter()
+            .filter(|n| !self.registry.is_forgotten(n) && self.node(n).is_err())
+            .map(String::as_str)
+            .collect()
+    }
+
     async fn delete_on(&self, node: &str, uuid: Uuid) -> Result<(), Status> {
         if self.registry.is_forgotten(node) {
             return Ok(());

@@ -177,12 +177,7 @@ impl Replicated {
     /// a group cut short.
     #[allow(clippy::result_large_err)]
     fn none_down(&self, held: &HeldGroup) -> Result<(), Status> {
-        let down: Vec<&str> = held
-            .nodes
-            .iter()
-            .filter(|n| !self.registry.is_forgotten(n) && self.node(n).is_err())
-            .map(String::as_str)
-            .collect();
+        let down = self.down(&held.nodes);
         if held.complete() || down.is_empty() {
             return Ok(());
         }

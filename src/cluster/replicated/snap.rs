@@ -379,12 +379,7 @@ impl Replicated {
     ) -> Result<(), Status> {
         let raw = snapshot_id(uuid);
         if let Some(held) = held {
-            let down: Vec<&str> = held
-                .taken_on
-                .iter()
-                .filter(|n| !self.registry.is_forgotten(n) && self.node(n).is_err())
-                .map(String::as_str)
-                .collect();
+            let down = self.down(&held.taken_on);
             if !down.is_empty() {
                 return Err(Status::unavailable(format!(
                     "snapshot {raw} is also on {}, not registered and fresh now: it is deleted once back (or once forgotten with `stowage node forget`, when gone for good)",
