@@ -284,6 +284,119 @@ async fn copy_pool_snapshots_become_ready_in_the_background() {
     unmount(&mut env, &r.volume_id, &s2, &t2).await;
 }
 
+/// A background copy that fails (here: the pool fills up) is reported to
+/// the next CreateSnapshot with the spec's code (RESOURCE_EXHAUSTED), and
+/// the one after copies anew under the snapshot ID the CO already holds:
+/// a snapshot never changes its ID for the same name and source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id() {
+    let mut env = Env::with_args("ext4", pool_args("ext4")).await;
+    let v = env.create("full", "raw", 512 * MIB).await;
+    let (s, t) = mount(&mut env, &v.volume_id, "raw", "full").await;
+    let mut f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
+    let chunk = pattern(5, 4 << 20);
+    for _ in 0..48 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    unmount(&mut env, &v.volume_id, &s, &t).await;
+
+    // Leave 64 MiB of the pool's filesystem (blocks reserved for root
+    // included: the server is root): less than the 192 MiB to copy.
+    let fs_root = env.layout.pool.parent().unwrap().to_owned();
+    let st = nix::sys::statvfs::statvfs(&fs_root).unwrap();
+    let free = st.blocks_free() * st.fragment_size();
+    let filler_path = fs_root.join("filler");
+    let filler = std::fs::File::create(&filler_path).unwrap();
+    nix::fcntl::fallocate(
+        &filler,
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        (free - 64 * MIB as u64) as i64,
+    )
+    .unwrap();
+    drop(filler);
+
+    let first = env
+        .c
+        .controller
+        .create_snapshot(snap_req("nospace", &v.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(!first.ready_to_use);
+    let start = Instant::now();
+    let failed = loop {
+        match env
+            .c
+            .controller
+            .create_snapshot(snap_req("nospace", &v.volume_id))
+            .await
+        {
+            Ok(r) => {
+                let s = r.into_inner().snapshot.unwrap();
+                assert_eq!(s.snapshot_id, first.snapshot_id);
+                assert!(!s.ready_to_use, "192 MiB cannot fit in 64 MiB");
+            }
+            Err(e) => break e,
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the copy never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(failed.code(), Code::ResourceExhausted, "{failed:?}");
+    let snaps = std::fs::read_dir(env.layout.pool.join("snapshots/block"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(snaps, 0, "nothing of the failed copy is left");
+
+    std::fs::remove_file(&filler_path).unwrap();
+    let ready = snapshot_ready(&mut env, "nospace", &v.volume_id).await;
+    assert_eq!(
+        ready.snapshot_id, first.snapshot_id,
+        "the copy made anew keeps the ID the CO was given"
+    );
+    let listed = env
+        .c
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let r = env
+        .c
+        .controller
+        .create_volume(restore_req(
+            "nospace-restore",
+            "raw",
+            512 * MIB,
+            &ready.snapshot_id,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (s2, t2) = mount(&mut env, &r.volume_id, "raw", "nospace-restore").await;
+    let mut g = std::fs::File::open(&t2).unwrap();
+    g.seek(SeekFrom::Start(47 * (4 << 20))).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    g.read_exact(&mut buf).unwrap();
+    assert!(buf == chunk, "the restored volume holds the data");
+    drop(g);
+    unmount(&mut env, &r.volume_id, &s2, &t2).await;
+}
+
 /// CreateSnapshot: idempotent by name and source; the name taken for
 /// another source is ALREADY_EXISTS; missing fields are INVALID_ARGUMENT;
 /// ListSnapshots filters and paginates; GetSnapshot/DeleteSnapshot of

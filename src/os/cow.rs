@@ -344,6 +344,16 @@ pub fn allocated_ranges(path: &Path) -> Result<Vec<(u64, u64)>, CowError> {
     data_ranges(&file, path)
 }
 
+/// What [`copy_data`] does when the source ends before the length it had
+/// when the copy began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnShrink {
+    /// Fail with [`CowError::SourceShrank`].
+    Fail,
+    /// End the copy where the source ended (a live file, taken as it is).
+    Stop,
+}
+
 /// Copies the data ranges of `src` into the empty file `dst` at the same
 /// offsets, then sets `dst`'s length, so holes stay holes.
 fn copy_data(
@@ -352,8 +362,9 @@ fn copy_data(
     dst: &File,
     dst_path: &Path,
     progress: &dyn Fn(u64, u64) -> bool,
+    on_shrink: OnShrink,
 ) -> Result<u64, CowError> {
-    let len = src
+    let mut len = src
         .metadata()
         .map_err(|err| CowError::Open {
             path: src_path.to_owned(),
@@ -372,7 +383,7 @@ fn copy_data(
     let mut copied = 0u64;
     let mut in_kernel = true;
     let mut buffer = Vec::new();
-    for (start, range_len) in ranges {
+    'ranges: for (start, range_len) in ranges {
         let end = start + range_len;
         let mut pos = start;
         while pos < end {
@@ -422,6 +433,10 @@ fn copy_data(
                 n as u64
             };
             if moved == 0 {
+                if on_shrink == OnShrink::Stop {
+                    len = pos;
+                    break 'ranges;
+                }
                 return Err(CowError::SourceShrank {
                     path: src_path.to_owned(),
                     offset: pos,
@@ -460,7 +475,7 @@ pub fn sparse_copy(
     let source = open_source(src)?;
     let target = create_destination(dst)?;
     let guard = RemoveOnDrop::new(dst);
-    let copied = copy_data(&source, src, &target, dst, progress)?;
+    let copied = copy_data(&source, src, &target, dst, progress, OnShrink::Fail)?;
     guard.disarm();
     Ok(copied)
 }
@@ -481,7 +496,20 @@ pub struct TreeCopy {
     pub hard_links: u64,
     /// FIFOs, sockets and device nodes.
     pub special_files: u64,
+    /// Entries listed that were gone when their turn came (removed or
+    /// renamed away meanwhile): left out, as if listed a moment later.
+    pub vanished: u64,
+    /// Entries copied again because they changed under their copy
+    /// (replaced by another file, or a file written to meanwhile).
+    pub retried: u64,
+    /// Files still changing after [`LIVE_ATTEMPTS`] copies, taken as read
+    /// on the last: their copy may mix what they held before and after.
+    pub unsettled: u64,
 }
+
+/// How often a tree copy copies one entry that keeps changing under it
+/// before it takes the entry as it reads it.
+pub const LIVE_ATTEMPTS: u32 = 4;
 
 /// A source directory being walked: its fd (all lookups are relative to
 /// it, so nothing on the way is resolved twice) and both paths.
@@ -611,9 +639,42 @@ struct TreeCopier<'a> {
     /// (a read-only or dated directory must be filled first).
     finished_dirs: Vec<(PathBuf, FileStat)>,
     stats: TreeCopy,
+    /// Called with each regular file's source path once it is open and
+    /// its copy made, before its data is copied (tests change it there).
+    before_data: &'a dyn Fn(&Path),
+}
+
+/// Whether `e` says the source entry `src` no longer exists.
+fn source_vanished(e: &CowError, src: &Path) -> bool {
+    match e {
+        CowError::Stat { path, errno } | CowError::ReadLink { path, errno } => {
+            path == src && *errno == Errno::ENOENT
+        }
+        CowError::Open { path, err } => path == src && err.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// Whether `e` says the source entry `src` changed under its copy.
+fn source_changed(e: &CowError, src: &Path) -> bool {
+    match e {
+        CowError::Changed { path } | CowError::SourceShrank { path, .. } => path == src,
+        _ => false,
+    }
+}
+
+/// Whether a file's data may have changed between two stats of it: its
+/// size, or its modification or change time, differs.
+fn written_between(before: &FileStat, after: &FileStat) -> bool {
+    (before.st_size, before.st_mtime, before.st_mtime_nsec)
+        != (after.st_size, after.st_mtime, after.st_mtime_nsec)
+        || (before.st_ctime, before.st_ctime_nsec) != (after.st_ctime, after.st_ctime_nsec)
 }
 
 impl TreeCopier<'_> {
+    /// Copies one listed entry. The source may be in use: an entry gone
+    /// since the listing is left out, and one that changed under its copy
+    /// is copied again, up to [`LIVE_ATTEMPTS`] times in all.
     fn copy_entry(
         &mut self,
         parent: &PendingDir,
@@ -622,6 +683,38 @@ impl TreeCopier<'_> {
     ) -> Result<(), CowError> {
         let src = parent.src.join(name);
         let dst = parent.dst.join(name);
+        let mut attempt = 1;
+        loop {
+            let last = attempt == LIVE_ATTEMPTS;
+            match self.copy_entry_once(parent, name, &src, &dst, pending, last) {
+                Err(e) if source_vanished(&e, &src) => {
+                    tracing::debug!(path = %src.display(), "left out: gone since its directory was listed");
+                    self.stats.vanished += 1;
+                    return Ok(());
+                }
+                Err(e) if !last && source_changed(&e, &src) => {
+                    tracing::debug!(path = %src.display(), attempt, "copying again: {e}");
+                    self.stats.retried += 1;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One attempt of [`Self::copy_entry`]; on any error nothing of it is
+    /// left at `dst`. `last`: a file that changes meanwhile is taken as
+    /// read rather than refused.
+    fn copy_entry_once(
+        &mut self,
+        parent: &PendingDir,
+        name: &OsStr,
+        src: &Path,
+        dst: &Path,
+        pending: &mut Vec<PendingDir>,
+        last: bool,
+    ) -> Result<(), CowError> {
+        let (src, dst) = (src.to_owned(), dst.to_owned());
         let st =
             nix::sys::stat::fstatat(&parent.fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
                 .map_err(|errno| CowError::Stat {
@@ -655,7 +748,7 @@ impl TreeCopier<'_> {
             self.finished_dirs.push((dst.clone(), st));
             pending.push(PendingDir { fd, src, dst });
         } else if kind == SFlag::S_IFREG {
-            self.copy_regular(parent, name, &src, &dst, &st)?;
+            self.copy_regular(parent, name, &src, &dst, &st, last)?;
         } else if kind == SFlag::S_IFLNK {
             let target =
                 nix::fcntl::readlinkat(&parent.fd, name).map_err(|errno| CowError::ReadLink {
@@ -694,6 +787,7 @@ impl TreeCopier<'_> {
         src: &Path,
         dst: &Path,
         st: &FileStat,
+        last: bool,
     ) -> Result<(), CowError> {
         if st.st_nlink > 1
             && let Some(first) = self.links.get(&st.st_ino)
@@ -730,6 +824,8 @@ impl TreeCopier<'_> {
         }
         let source = File::from(fd);
         let target = create_destination(dst)?;
+        let made = RemoveOnDrop::new(dst);
+        (self.before_data)(src);
         let mut reflinked = false;
         if self.try_reflink {
             match clone_whole(&source, src, &target, dst) {
@@ -742,11 +838,28 @@ impl TreeCopier<'_> {
             }
         }
         if reflinked {
+            // FICLONE shares the file as it was at one instant.
             self.stats.reflinked += 1;
         } else {
-            self.stats.copied_bytes += copy_data(&source, src, &target, dst, &|_, _| true)?;
+            let on_shrink = if last { OnShrink::Stop } else { OnShrink::Fail };
+            let copied = copy_data(&source, src, &target, dst, &|_, _| true, on_shrink)?;
+            if written_between(&opened, &fstat(&source, src)?) {
+                if !last {
+                    return Err(CowError::Changed {
+                        path: src.to_owned(),
+                    });
+                }
+                tracing::warn!(
+                    path = %src.display(),
+                    attempts = LIVE_ATTEMPTS,
+                    "a file kept changing while it was copied: taken as read"
+                );
+                self.stats.unsettled += 1;
+            }
+            self.stats.copied_bytes += copied;
         }
         copy_file_attributes(&target, dst, &opened)?;
+        made.disarm();
         self.stats.files += 1;
         if st.st_nlink > 1 {
             self.links.insert(st.st_ino, dst.to_owned());
@@ -764,10 +877,28 @@ impl TreeCopier<'_> {
 /// open directory and refuses symlinks, so a tree changing underneath
 /// cannot redirect the copy elsewhere; an entry on another filesystem than
 /// `src_dir` (a mount inside the tree) is an error, and so is a `dst_dir`
-/// inside `src_dir`. The source should be
-/// quiescent (frozen or unused) for a consistent copy. On failure the
-/// partial `dst_dir` is removed.
+/// inside `src_dir`. On failure the partial `dst_dir` is removed.
+///
+/// The source may be in use (a directory volume is never frozen): each
+/// entry is copied as it is when its turn comes, so the copy is not one
+/// instant of the whole tree. An entry removed since its directory was
+/// listed is left out; one replaced meanwhile, or a file written to while
+/// its data was copied (its size or times differ afterwards), is copied
+/// again, and a file still changing after [`LIVE_ATTEMPTS`] copies is
+/// taken as read on the last ([`TreeCopy::unsettled`]). A reflinked file
+/// is one instant of that file.
 pub fn reflink_tree(src_dir: &Path, dst_dir: &Path) -> Result<TreeCopy, CowError> {
+    reflink_tree_with(src_dir, dst_dir, true, &|_| ())
+}
+
+/// [`reflink_tree`], reflinking only if `try_reflink`, and calling
+/// `before_data` as each regular file's data is about to be copied.
+fn reflink_tree_with(
+    src_dir: &Path,
+    dst_dir: &Path,
+    try_reflink: bool,
+    before_data: &dyn Fn(&Path),
+) -> Result<TreeCopy, CowError> {
     let root_fd = open_dir_at(&nix::fcntl::AT_FDCWD, src_dir.as_os_str(), src_dir)?;
     let root_st = fstat(&root_fd, src_dir)?;
     std::fs::create_dir(dst_dir).map_err(|err| CowError::MakeDir {
@@ -790,13 +921,14 @@ pub fn reflink_tree(src_dir: &Path, dst_dir: &Path) -> Result<TreeCopy, CowError
                 0
             },
             dst_root: dst_dir,
-            try_reflink: true,
+            try_reflink,
             links: HashMap::new(),
             finished_dirs: vec![(dst_dir.to_owned(), root_st)],
             stats: TreeCopy {
                 directories: 1,
                 ..TreeCopy::default()
             },
+            before_data,
         };
         let mut pending = vec![PendingDir {
             fd: root_fd,
@@ -1163,5 +1295,119 @@ mod tests {
         for e in [Errno::EIO, Errno::ENOSPC, Errno::EPERM, Errno::EBADF] {
             assert!(!reflink_unsupported(e), "{e}");
         }
+    }
+
+    // A tree copy of a source in use, with the changes made by the hook
+    // that runs as each file's data is about to be copied.
+
+    fn bytes(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| seed.wrapping_add((i % 251) as u8))
+            .collect()
+    }
+
+    fn tree(files: &[(&str, Vec<u8>)]) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for (name, data) in files {
+            std::fs::write(src.join(name), data).unwrap();
+        }
+        let dst = dir.path().join("dst");
+        (dir, src, dst)
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_file_written_while_its_data_is_copied_is_copied_again_as_it_is_now() {
+        let (_dir, src, dst) = tree(&[("a", bytes(1, 300_000)), ("b", bytes(2, 5000))]);
+        let rewritten = std::cell::Cell::new(false);
+        let stats = reflink_tree_with(&src, &dst, false, &|p| {
+            if p.ends_with("a") && !rewritten.replace(true) {
+                // What File::create and a write do: shorter, new bytes.
+                std::fs::write(p, bytes(9, 70_000)).unwrap();
+            }
+        })
+        .expect("a file changing under the copy is no error");
+        assert!(rewritten.get());
+        assert_eq!((stats.retried, stats.unsettled, stats.vanished), (1, 0, 0));
+        assert_eq!(std::fs::read(dst.join("a")).unwrap(), bytes(9, 70_000));
+        assert_eq!(std::fs::read(dst.join("b")).unwrap(), bytes(2, 5000));
+        assert_eq!(stats.files, 2);
+    }
+
+    #[test]
+    fn a_file_that_never_holds_still_is_taken_as_read_on_the_last_copy() {
+        let (_dir, src, dst) = tree(&[("a", bytes(1, 1000))]);
+        let writes = std::cell::Cell::new(0usize);
+        let stats = reflink_tree_with(&src, &dst, false, &|p| {
+            let n = writes.get() + 1;
+            writes.set(n);
+            std::fs::write(p, bytes(n as u8, 1000 + n * 4096)).unwrap();
+        })
+        .expect("a file that keeps changing is taken, not refused");
+        let n = LIVE_ATTEMPTS as usize;
+        assert_eq!(writes.get(), n, "one copy per attempt");
+        assert_eq!(stats.retried, u64::from(LIVE_ATTEMPTS) - 1);
+        assert_eq!(stats.unsettled, 1);
+        // The last write came before the last copy's data: that copy has it.
+        assert_eq!(
+            std::fs::read(dst.join("a")).unwrap(),
+            bytes(n as u8, 1000 + n * 4096)
+        );
+    }
+
+    #[test]
+    fn entries_removed_after_the_listing_are_left_out_and_a_replaced_file_is_copied_anew() {
+        let (_dir, src, dst) = tree(&[
+            ("x", bytes(1, 9000)),
+            ("y", bytes(2, 9000)),
+            ("z", bytes(3, 9000)),
+        ]);
+        std::os::unix::fs::symlink("x", src.join("link")).unwrap();
+        let first = std::cell::RefCell::new(None::<String>);
+        let stats = reflink_tree_with(&src, &dst, false, &|p| {
+            let me = p.file_name().unwrap().to_str().unwrap().to_owned();
+            if first.borrow().is_some() {
+                return;
+            }
+            *first.borrow_mut() = Some(me.clone());
+            // The first file copied: every other entry but the directory
+            // goes, and this file is replaced (renamed over) by another.
+            for other in ["x", "y", "z", "link"] {
+                if other != me {
+                    std::fs::remove_file(p.with_file_name(other)).unwrap();
+                }
+            }
+            let new = p.with_file_name("new");
+            std::fs::write(&new, bytes(7, 12_345)).unwrap();
+            std::fs::rename(&new, p).unwrap();
+        })
+        .expect("a tree changing under the copy is no error");
+        let me = first.borrow().clone().expect("a file was copied");
+        assert_eq!(names(&dst), vec![me.clone()]);
+        assert_eq!(std::fs::read(dst.join(&me)).unwrap(), bytes(7, 12_345));
+        assert_eq!((stats.vanished, stats.retried, stats.files), (3, 1, 1));
+    }
+
+    #[test]
+    fn a_missing_destination_is_no_vanished_source_and_fails_the_copy() {
+        let (_dir, src, dst) = tree(&[("a", bytes(1, 1000)), ("b", bytes(2, 1000))]);
+        let e = reflink_tree_with(&src, &dst, false, &|_| {
+            // ENOENT on the destination's side, from the second file on.
+            let _ = std::fs::remove_dir_all(&dst);
+        })
+        .expect_err("the copy cannot be made");
+        assert!(matches!(e, CowError::Create { .. }), "{e}");
+        assert!(!dst.exists());
+        assert_eq!(names(&src), vec!["a", "b"], "the source is untouched");
     }
 }

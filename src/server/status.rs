@@ -10,6 +10,7 @@ use nix::errno::Errno;
 use tonic::{Code, Status};
 
 use crate::backend::{BackendError, is_no_space, loop_errno};
+use crate::os::cow::CowError;
 use crate::os::filesystem::MkfsError;
 use crate::os::mount::MountError;
 use crate::os::mountinfo::MountTableError;
@@ -101,6 +102,13 @@ fn backend_code(b: &BackendError) -> Code {
             | ResizeError::NotRegularFile { .. }
             | ResizeError::SetLength { .. } => internal_unless_no_space(b.errno()),
         },
+        // The source changed under a copy that cannot take it as it is
+        // (a block image, or a tree entry changing past every retry):
+        // nothing is wrong with the volume, and a new attempt may succeed.
+        BackendError::Copy {
+            err: CowError::Changed { .. } | CowError::SourceShrank { .. },
+            ..
+        } => Code::Aborted,
         BackendError::SizeMismatch { .. }
         | BackendError::Io { .. }
         | BackendError::Pool { .. }
@@ -135,7 +143,6 @@ mod tests {
 
     use super::*;
     use crate::os::command::CommandError;
-    use crate::os::cow::CowError;
     use crate::os::resize::FileSizeLimit;
     use crate::volume::{BackendKind, Uuid};
 
@@ -166,6 +173,19 @@ mod tests {
             offset: 4096,
             err: io(errno),
         })
+    }
+
+    #[test]
+    fn a_copy_whose_source_changed_under_it_is_aborted_to_be_retried() {
+        let path = PathBuf::from("/pool/volumes/dir/x/slot-3");
+        assert_eq!(
+            code(&copy(CowError::SourceShrank {
+                path: path.clone(),
+                offset: 196_608
+            })),
+            Code::Aborted
+        );
+        assert_eq!(code(&copy(CowError::Changed { path })), Code::Aborted);
     }
 
     #[test]

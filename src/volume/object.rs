@@ -240,14 +240,16 @@ impl Controller {
         Ok(())
     }
 
-    /// The record and location a new object snapshot of `vol` gets.
+    /// The record and location a new object snapshot of `vol` gets: a new
+    /// UUID, or `reuse` (a failed copy's, made anew).
     pub(super) fn object_snapshot_record(
         &self,
         vol: &VolumeRecord,
         name: &str,
+        reuse: Option<Uuid>,
     ) -> Result<(SnapshotRecord, Location)> {
         let from = location_of(vol)?;
-        let uuid = Uuid::new_random();
+        let uuid = reuse.unwrap_or_else(Uuid::new_random);
         let rec = SnapshotRecord {
             id: SnapshotId {
                 backend: vol.id.backend,

@@ -66,9 +66,21 @@ pub struct SnapshotIndex {
     by_uuid: BTreeMap<Uuid, SnapshotRecord>,
     by_name: HashMap<String, Uuid>,
     copying: HashMap<Uuid, Arc<CopyJob>>,
-    /// Name → (source volume, why its copy failed): the next CreateSnapshot
-    /// of that name answers with the error, and the one after starts anew.
-    failed: HashMap<String, (String, Error)>,
+    /// Snapshots whose background copy failed, by name: the next
+    /// CreateSnapshot of that name answers with the error, and the one
+    /// after copies anew under the same snapshot ID.
+    failed: HashMap<String, FailedCopy>,
+}
+
+/// A snapshot whose background copy failed (nothing of it is left).
+#[derive(Debug)]
+struct FailedCopy {
+    source: String,
+    /// Why, until a CreateSnapshot was answered with it.
+    error: Option<Error>,
+    /// The ID's UUID, kept for the copy made anew: the CO already has the
+    /// ID from the CreateSnapshot that started the copy.
+    uuid: Uuid,
 }
 
 impl SnapshotIndex {
@@ -244,20 +256,26 @@ impl Controller {
     ) -> Result<SnapshotRecord> {
         check_parameters(params)?;
         let _g = self.guard(format!("snapname:{name}"))?;
-        let (existing, failed) = {
+        let (existing, failed, reuse) = {
             let mut s = self.snaps();
-            let failed = s
-                .failed
-                .remove(name)
-                .filter(|(src, _)| src == source)
-                .map(|(_, e)| e);
+            let (failed, reuse) = match s.failed.get_mut(name) {
+                Some(f) if f.source == source => match f.error.take() {
+                    Some(e) => (Some(e), None),
+                    None => (None, s.failed.remove(name).map(|f| f.uuid)),
+                },
+                _ => (None, None),
+            };
             (
                 s.by_name.get(name).and_then(|u| s.by_uuid.get(u)).cloned(),
                 failed,
+                reuse,
             )
         };
         if let Some(e) = failed {
             return Err(e);
+        }
+        if let Some(uuid) = reuse {
+            tracing::info!(snapshot = name, %uuid, "copying anew a snapshot whose copy failed");
         }
         if let Some(rec) = existing {
             if rec.source_volume_id == source {
@@ -287,7 +305,7 @@ impl Controller {
         if vol.id.backend.profile().snapshots() == SnapshotStrategy::ServerSideCopy {
             let creds = crate::backend::object::credentials_from_secrets(secrets, "provisioner")
                 .map_err(|r| Error::invalid("secrets", r))?;
-            let (rec, from) = self.object_snapshot_record(&vol, name)?;
+            let (rec, from) = self.object_snapshot_record(&vol, name, reuse)?;
             self.store
                 .put(Table::Snapshots, &rec.id.uuid.to_hex(), &rec)?;
             if let Err(e) = self.start_object_copy(rec.clone(), from, creds, vol_guard) {
@@ -300,7 +318,7 @@ impl Controller {
         let id = SnapshotId {
             backend: vol.id.backend,
             node: vol.id.node.clone(),
-            uuid: Uuid::new_random(),
+            uuid: reuse.unwrap_or_else(Uuid::new_random),
         };
         let backend = self.backends.store(vol.id.backend);
         let rec = SnapshotRecord {
@@ -422,9 +440,7 @@ impl Controller {
                 {
                     tracing::error!(snapshot = %rec.id, error = %e, "cannot record a finished snapshot");
                     self.forget_copy(&rec);
-                    self.snaps()
-                        .failed
-                        .insert(rec.name.clone(), (rec.source_volume_id.clone(), e.into()));
+                    self.copy_failed(&rec, e.into());
                     return;
                 }
                 tracing::info!(snapshot = %rec.id, "snapshot copy finished");
@@ -435,11 +451,22 @@ impl Controller {
             (Err(e), false) => {
                 tracing::error!(snapshot = %rec.id, error = %e, "snapshot copy failed");
                 self.forget_copy(&rec);
-                self.snaps()
-                    .failed
-                    .insert(rec.name.clone(), (rec.source_volume_id.clone(), e));
+                self.copy_failed(&rec, e);
             }
         }
+    }
+
+    /// Keeps why the copy of `rec` (of which nothing is left) failed, for
+    /// the next CreateSnapshot of its name.
+    fn copy_failed(&self, rec: &SnapshotRecord, error: Error) {
+        self.snaps().failed.insert(
+            rec.name.clone(),
+            FailedCopy {
+                source: rec.source_volume_id.clone(),
+                error: Some(error),
+                uuid: rec.id.uuid,
+            },
+        );
     }
 
     /// DeleteSnapshot. Idempotent: an unknown or malformed ID is success.
@@ -450,6 +477,8 @@ impl Controller {
             return Ok(());
         };
         let _g = self.guard(format!("snap:{}", id.uuid))?;
+        // A failed copy's ID is deleted too: no later copy takes it up.
+        self.snaps().failed.retain(|_, f| f.uuid != id.uuid);
         let job = self.snaps().copying.get(&id.uuid).cloned();
         if let Some(job) = job {
             // Deleting a snapshot being cut cancels the copy; a cancelled
