@@ -242,17 +242,13 @@ impl Replicated {
             }
             match self.take_group(&r.name, uuid, &volumes).await {
                 Ok(()) => {}
-                Err(s) if s.code() == tonic::Code::Aborted => why = s,
+                Err(s) if worth_another_try(&s) => why = s,
                 Err(s) => return Err(s),
             }
         }
         match self.held_group(uuid).await? {
             Some(held) if held.complete() => Ok(held.csi()),
-            _ => Err(Status::aborted(format!(
-                "group snapshot {:?} was not taken in {GROUP_ATTEMPTS} tries: {}",
-                r.name,
-                why.message()
-            ))),
+            _ => Err(gave_up(&r.name, &why)),
         }
     }
 
@@ -304,7 +300,7 @@ impl Replicated {
                             s.code(),
                             format!("node {}: {}", f.node, s.message()),
                         )),
-                        Err(_) => Err(Status::aborted(format!(
+                        Err(_) => Err(Status::deadline_exceeded(format!(
                             "node {} did not freeze its copy in time",
                             f.node
                         ))),
@@ -489,25 +485,83 @@ fn lacking(volumes: &[Uuid], copies: &[Frozen]) -> Option<Uuid> {
         .find(|v| !copies.iter().any(|f| f.volume == *v))
 }
 
-/// Why volume `v` has no copy that `did`.
+/// Whether a try that failed with `s` is tried again: it was cut short
+/// (ABORTED) or a copy did not answer in time (DEADLINE_EXCEEDED).
+fn worth_another_try(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Aborted | tonic::Code::DeadlineExceeded
+    )
+}
+
+/// Why volume `v` has no copy that `did`: ABORTED when every copy's try
+/// was cut short, DEADLINE_EXCEEDED when some copy did not answer in time
+/// and the others were cut short (both tried again), else UNAVAILABLE.
 fn missing(v: Uuid, did: &str, why: &[Status]) -> Status {
     let detail: Vec<&str> = why.iter().map(|s| s.message()).collect();
-    let retry = why.iter().all(|s| s.code() == tonic::Code::Aborted);
     let msg = format!(
         "no copy of volume {} {did}: {}",
         volume_id(v),
         detail.join("; ")
     );
-    if retry {
+    if why.iter().all(|s| s.code() == tonic::Code::Aborted) {
         Status::aborted(msg)
+    } else if why.iter().all(worth_another_try) {
+        Status::deadline_exceeded(msg)
     } else {
         Status::unavailable(msg)
+    }
+}
+
+/// The answer once every try failed, the last with `why`: a copy that
+/// did not answer in time, try after try, is UNAVAILABLE (the CO retries
+/// later); tries cut short by other operations are ABORTED.
+fn gave_up(name: &str, why: &Status) -> Status {
+    let msg = format!(
+        "group snapshot {name:?} was not taken in {GROUP_ATTEMPTS} tries: {}",
+        why.message()
+    );
+    match why.code() {
+        tonic::Code::Aborted => Status::aborted(msg),
+        _ => Status::unavailable(msg),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_that_never_freeze_in_time_end_unavailable_and_cut_short_tries_aborted() {
+        let v = Uuid::new_random();
+        let late = Status::deadline_exceeded("node n2 did not freeze its copy in time");
+        let cut = Status::aborted("the copy on n3 left the in-sync set while frozen");
+        let down = Status::unavailable("node n4: connection refused");
+        let hung = missing(v, "froze", &[late.clone(), late.clone()]);
+        assert_eq!(hung.code(), tonic::Code::DeadlineExceeded);
+        assert!(worth_another_try(&hung));
+        assert_eq!(
+            missing(v, "froze", &[late.clone(), cut.clone()]).code(),
+            tonic::Code::DeadlineExceeded
+        );
+        assert_eq!(
+            missing(v, "froze", &[cut.clone(), cut.clone()]).code(),
+            tonic::Code::Aborted
+        );
+        let mixed = missing(v, "froze", &[late, down]);
+        assert_eq!(mixed.code(), tonic::Code::Unavailable);
+        assert!(!worth_another_try(&mixed));
+        let last = gave_up("g", &hung);
+        assert_eq!(last.code(), tonic::Code::Unavailable);
+        assert!(
+            last.message().contains("did not freeze its copy in time"),
+            "{last:?}"
+        );
+        assert_eq!(
+            gave_up("g", &missing(v, "froze", &[cut])).code(),
+            tonic::Code::Aborted
+        );
+    }
 
     #[test]
     fn group_ids_name_no_node_and_differ_from_snapshots() {
