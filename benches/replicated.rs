@@ -197,6 +197,28 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, as an operator's restart sends, and at most 30 s for it
+    /// to exit; then SIGKILL.
+    fn terminate(&mut self) {
+        let Some(c) = self.child.as_mut() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.child = None;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("{} ignored SIGTERM for 30 s: SIGKILL", self.name);
+        self.kill9();
+    }
+
     fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -374,10 +396,12 @@ impl Cluster {
 
     /// Restarts every node agent with `--replication-tls` `on` or `off`
     /// (no volume may be staged meanwhile) and waits until all are fresh.
+    /// The restart is graceful (SIGTERM): the copies close clean and keep
+    /// their boots, so no volume is rebuilt after it.
     async fn set_replication_tls(&mut self, on: bool) {
         const OFF: &str = "--replication-tls=off";
         for n in &mut self.nodes {
-            n.kill9();
+            n.terminate();
             n.args.retain(|a| a != OFF);
             if !on {
                 n.args.push(OFF.into());

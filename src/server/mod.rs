@@ -557,6 +557,14 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             Err(e) => tracing::error!(error = %e, "agent API task failed"),
         }
     }
+    if let Some(replicas) = driver.replicas.clone() {
+        // Synced and marked, the copies keep their boot in the next
+        // process: engines need not rebuild them.
+        match tokio::task::spawn_blocking(move || replicas.close_all()).await {
+            Ok(n) => tracing::info!(copies = n, "replicated copies closed clean"),
+            Err(e) => tracing::error!(error = %e, "closing the replicated copies failed"),
+        }
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }

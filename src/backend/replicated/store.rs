@@ -20,13 +20,18 @@
 //! `Rebuild` whenever the voter holds its tag afterwards, under a lock per region, so a late duplicate never overwrites a
 //! newer write. A flush (and an attach) `fdatasync`s the data and the tags.
 //! A copy's boot rises once each time this process first opens it, so an
-//! engine learns that unflushed writes may be gone.
+//! engine learns that unflushed writes may be gone. Not after a clean
+//! close ([`ReplicaStore::close_all`], on SIGTERM): that syncs every copy
+//! and leaves a `clean` file naming its boot, which the next open keeps
+//! (nothing unflushed was lost, so the copies stay in sync and need no
+//! rebuild). The first write after a clean close removes the file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::volume::id::Uuid;
@@ -44,6 +49,9 @@ pub use snap::{Base, GroupOf, SnapshotInfo};
 const VOTER_FILE: &str = "voter.json";
 const DATA_FILE: &str = "data";
 const TAGS_FILE: &str = "tags";
+/// Present after a clean close: the boot the copy closed at, every write
+/// of which is on stable storage.
+const CLEAN_FILE: &str = "clean";
 const TAG_BYTES: u64 = 16;
 /// Writes to regions that share a stripe serialize; different stripes run
 /// in parallel.
@@ -70,6 +78,23 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |err| StoreError::Io {
         path: path.to_owned(),
         err,
+    }
+}
+
+/// The boot a copy in `dir` was closed clean at, if it was.
+fn clean_boot(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join(CLEAN_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Removes `dir`'s `CLEAN_FILE` durably (nothing if it is not there).
+fn remove_clean_file(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(CLEAN_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => crate::os::fs::sync_dir(dir).map_err(io_err(dir)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(&path)(e)),
     }
 }
 
@@ -110,9 +135,56 @@ struct Held {
     stripes: Vec<Mutex<()>>,
     /// When the data file's writeback is started (see [`writeback`]).
     pacer: writeback::Pacer,
+    /// Whether `CLEAN_FILE` is there: a write removes it first.
+    clean: Mutex<bool>,
+    /// `clean`, read without its lock by every write (set and cleared
+    /// under it, and only set with every stripe held).
+    clean_hint: AtomicBool,
 }
 
 impl Held {
+    /// Closes the copy clean: with every stripe held (no write under
+    /// way), syncs the data and tags and records the boot in `CLEAN_FILE`.
+    /// False for a witness, which holds no data.
+    fn close_clean(&self) -> Result<bool, StoreError> {
+        if self.data.is_none() {
+            return Ok(false);
+        }
+        let _stripes: Vec<_> = self
+            .stripes
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let mut clean = self.clean.lock().unwrap_or_else(|e| e.into_inner());
+        self.sync()?;
+        let boot = self
+            .voter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+            .boot;
+        let path = self.dir.join(CLEAN_FILE);
+        crate::os::fs::write_atomic(&path, boot.to_string().as_bytes()).map_err(io_err(&path))?;
+        *clean = true;
+        self.clean_hint.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Removes `CLEAN_FILE`, durably, if it is there: called before any
+    /// byte is written.
+    fn unmark_clean(&self) -> Result<(), StoreError> {
+        if !self.clean_hint.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut clean = self.clean.lock().unwrap_or_else(|e| e.into_inner());
+        if *clean {
+            remove_clean_file(&self.dir)?;
+            *clean = false;
+            self.clean_hint.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
     fn persist(&self, state: &VoterState) -> Result<(), StoreError> {
         let path = self.dir.join(VOTER_FILE);
         let json = serde_json::to_vec(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -245,6 +317,7 @@ impl Held {
             )
         };
         if took {
+            self.unmark_clean()?;
             let at = u64::from(region) * REGION_BYTES + offset;
             data.write_all_at(&call.data, at)
                 .map_err(io_err(&self.dir))?;
@@ -441,6 +514,30 @@ impl ReplicaStore {
         Ok(())
     }
 
+    /// Closes every open copy clean (see the module documentation), for a
+    /// process about to exit; how many. Writes may still come: the first
+    /// one to a copy undoes its clean close.
+    pub fn close_all(&self) -> usize {
+        let open: Vec<(Uuid, Arc<Held>)> = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(u, h)| (*u, Arc::clone(h)))
+            .collect();
+        let mut closed = 0;
+        for (uuid, held) in open {
+            match held.close_clean() {
+                Ok(true) => closed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %uuid, error = %e, "copy not closed clean: its next open starts a new boot")
+                }
+            }
+        }
+        closed
+    }
+
     /// Removes this node's member of a volume. Idempotent.
     pub fn delete(&self, uuid: Uuid) -> Result<(), StoreError> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -547,8 +644,15 @@ impl ReplicaStore {
                 state.record.uuid
             )));
         }
-        // Opened for the first time by this process: a new boot.
-        state.boot += 1;
+        // Opened for the first time by this process: a new boot, unless
+        // it was closed clean at the boot it has (nothing was lost).
+        let clean = clean_boot(&dir);
+        if clean == Some(state.boot) {
+            tracing::info!(volume = %uuid, boot = state.boot, "copy was closed clean: it keeps its boot");
+        } else {
+            state.boot += 1;
+        }
+        remove_clean_file(&dir)?;
         let held = Self::open_held(&dir, &self.node, state.boot, Some(state))?;
         let held = Arc::new(held);
         open.insert(uuid, Arc::clone(&held));
@@ -618,6 +722,8 @@ impl ReplicaStore {
             tags,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             pacer: writeback::Pacer::default(),
+            clean: Mutex::new(false),
+            clean_hint: AtomicBool::new(false),
         };
         {
             let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());

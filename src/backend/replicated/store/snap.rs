@@ -476,6 +476,30 @@ mod tests {
         data[..4096].to_vec()
     }
 
+    /// A copy closed clean keeps its boot when a new process opens it
+    /// (nothing unflushed was lost); a process that ends without a clean
+    /// close, or a write after one, means a new boot.
+    #[test]
+    fn a_copy_closed_clean_keeps_its_boot_until_written_again() {
+        let (pool, store, vol, _rec) = written_copy();
+        let boot = |s: &ReplicaStore| s.get(vol).unwrap().expect("a copy").state.boot;
+        let b = boot(&store);
+        assert_eq!(store.close_all(), 1);
+        let again = ReplicaStore::open(pool.path(), "n1").unwrap();
+        assert_eq!(boot(&again), b, "closed clean: the same boot");
+        assert_eq!(first_bytes(&again, vol), vec![0xaa; 4096]);
+        // This process ends without closing clean: the next one takes a
+        // new boot.
+        let third = ReplicaStore::open(pool.path(), "n1").unwrap();
+        assert_eq!(boot(&third), b + 1);
+        // Closed clean, then written: the write undoes the clean close.
+        assert_eq!(third.close_all(), 1);
+        write(&third, vol, 3, 2, 0xbb);
+        let fourth = ReplicaStore::open(pool.path(), "n1").unwrap();
+        assert_eq!(boot(&fourth), b + 2);
+        assert_eq!(first_bytes(&fourth, vol), vec![0xbb; 4096]);
+    }
+
     #[test]
     fn a_snapshot_is_the_copy_at_one_point_and_restores_into_a_new_copy() {
         let (_pool, store, vol, rec) = written_copy();
