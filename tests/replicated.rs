@@ -231,10 +231,12 @@ fn rebuilt_bytes(cl: &Cluster, host: usize) -> Result<u64, String> {
 
 /// Agents stopped with SIGTERM (an upgrade, a reboot) close their copies
 /// clean: each keeps its boot, so the volume staged again is in sync at
-/// once, with nothing rebuilt. Agents killed with -9 instead leave every
-/// copy at a new boot: all but one are rebuilt in full, as a crash must.
+/// once, with nothing rebuilt. So do copies nobody wrote for a while, even
+/// when their agents are then killed with -9. Agents killed with -9 right
+/// after a write leave every copy at a new boot: all but one are rebuilt
+/// in full, as a crash must.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copies_closed_clean_by_a_graceful_restart_need_no_rebuild() {
+async fn copies_closed_clean_by_a_graceful_restart_or_while_idle_need_no_rebuild() {
     let mut cl = Cluster::start().await;
     let cap = ext4();
     let v = cl
@@ -246,13 +248,44 @@ async fn copies_closed_clean_by_a_graceful_restart_need_no_rebuild() {
     write_synced(&m.target.join("kept"), &data);
     m.down(&mut cl, &v.volume_id).await;
 
-    for graceful in [true, false] {
-        for n in &cl.nodes {
-            if graceful {
-                let st = n.terminate().expect("running");
-                assert!(st.success(), "SIGTERM: {st}");
-            } else {
-                let _ = n.kill9();
+    let clean_files = |cl: &Cluster| -> Vec<bool> {
+        (1..=3)
+            .map(|i| {
+                cl.copy_data(i, &v.volume_id)
+                    .with_file_name("clean")
+                    .exists()
+            })
+            .collect()
+    };
+    for stop in ["SIGTERM", "kill -9 once idle", "kill -9"] {
+        match stop {
+            "SIGTERM" => {
+                for n in &cl.nodes {
+                    let st = n.terminate().expect("running");
+                    assert!(st.success(), "SIGTERM: {st}");
+                }
+            }
+            "kill -9 once idle" => {
+                // Unwritten for 5 s, each copy is closed clean (checked
+                // every 2 s).
+                let start = std::time::Instant::now();
+                while clean_files(&cl) != [true; 3] {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(30),
+                        "idle copies not closed clean in 30 s: {:?}",
+                        clean_files(&cl)
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                for n in &cl.nodes {
+                    let _ = n.kill9();
+                }
+            }
+            _ => {
+                assert_eq!(clean_files(&cl), [false; 3], "just written");
+                for n in &cl.nodes {
+                    let _ = n.kill9();
+                }
             }
         }
         for i in 1..=3 {
@@ -262,19 +295,26 @@ async fn copies_closed_clean_by_a_graceful_restart_need_no_rebuild() {
         cl.wait_fresh(&[node_id(1), node_id(2), node_id(3)]).await;
         let m = Published::up(&mut cl, 1, &v, &cap)
             .await
-            .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
-        if graceful {
-            let (abnormal, msg) = cl.condition(&v.volume_id).await;
-            assert!(!abnormal, "copies closed clean are in sync at once: {msg}");
-            assert!(msg.contains("3 of 3"), "{msg}");
-            assert_eq!(rebuilt_bytes(&cl, 1).unwrap_or(0), 0, "nothing rebuilt");
-        } else {
+            .unwrap_or_else(|e| panic!("{stop}: up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
+        if stop == "kill -9" {
             cl.wait_in_sync(&v.volume_id, Duration::from_secs(120))
                 .await;
             let rebuilt = rebuilt_bytes(&cl, 1).expect("a rebuild counter");
             assert!(
                 rebuilt >= 2 * SIZE as u64,
                 "after kill -9 every copy restarted: two are reseeded in full, not {rebuilt} bytes"
+            );
+        } else {
+            let (abnormal, msg) = cl.condition(&v.volume_id).await;
+            assert!(
+                !abnormal,
+                "{stop}: copies closed clean are in sync at once: {msg}"
+            );
+            assert!(msg.contains("3 of 3"), "{msg}");
+            assert_eq!(
+                rebuilt_bytes(&cl, 1).unwrap_or(0),
+                0,
+                "{stop}: nothing rebuilt"
             );
         }
         assert!(std::fs::read(m.target.join("kept")).unwrap() == data);

@@ -371,6 +371,13 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, StartError> {
     Ok(listener)
 }
 
+/// How often the node looks for replicated copies to close clean, and how
+/// long a copy must have gone unwritten for it (see
+/// `backend::replicated::store`: a copy closed clean survives a crash of
+/// this process without a rebuild).
+const CLEAN_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+const CLEAN_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Resolves once SIGTERM or SIGINT arrives; every server of the process
 /// waits on a clone.
 fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
@@ -550,7 +557,23 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
         _ => None,
     };
+    let idle_closer = driver.replicas.clone().map(|replicas| {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CLEAN_CHECK).await;
+                let r = Arc::clone(&replicas);
+                match tokio::task::spawn_blocking(move || r.close_idle(CLEAN_AFTER_IDLE)).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(copies = n, "idle replicated copies closed clean"),
+                    Err(e) => tracing::error!(error = %e, "closing idle replicated copies failed"),
+                }
+            }
+        })
+    });
     let served = serve_endpoint(router, &cfg.endpoint, stop).await;
+    if let Some(t) = idle_closer {
+        t.abort();
+    }
     if let Some(a) = agent {
         match a.await {
             Ok(r) => r?,

@@ -21,17 +21,19 @@
 //! newer write. A flush (and an attach) `fdatasync`s the data and the tags.
 //! A copy's boot rises once each time this process first opens it, so an
 //! engine learns that unflushed writes may be gone. Not after a clean
-//! close ([`ReplicaStore::close_all`], on SIGTERM): that syncs every copy
-//! and leaves a `clean` file naming its boot, which the next open keeps
-//! (nothing unflushed was lost, so the copies stay in sync and need no
-//! rebuild). The first write after a clean close removes the file.
+//! close ([`ReplicaStore::close_all`] on SIGTERM, and
+//! [`ReplicaStore::close_idle`] for a copy nobody wrote for a while): that
+//! syncs the copy and leaves a `clean` file naming its boot, which the next
+//! open keeps (nothing unflushed was lost, so the copies stay in sync and
+//! need no rebuild). The first write after a clean close removes the file,
+//! durably, before its bytes land.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::volume::id::Uuid;
@@ -140,21 +142,33 @@ struct Held {
     /// `clean`, read without its lock by every write (set and cleared
     /// under it, and only set with every stripe held).
     clean_hint: AtomicBool,
+    /// When bytes were last written, in milliseconds since `opened`.
+    last_write: AtomicU64,
+    opened: std::time::Instant,
 }
 
 impl Held {
     /// Closes the copy clean: with every stripe held (no write under
     /// way), syncs the data and tags and records the boot in `CLEAN_FILE`.
-    /// False for a witness, which holds no data.
-    fn close_clean(&self) -> Result<bool, StoreError> {
+    /// Without `wait`, gives up (false) when a stripe is held (a write, or
+    /// a group snapshot's freeze). False for a witness, which holds no
+    /// data.
+    fn close_clean(&self, wait: bool) -> Result<bool, StoreError> {
         if self.data.is_none() {
             return Ok(false);
         }
-        let _stripes: Vec<_> = self
-            .stripes
-            .iter()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+        let mut stripes = Vec::with_capacity(self.stripes.len());
+        for m in &self.stripes {
+            stripes.push(if wait {
+                m.lock().unwrap_or_else(|e| e.into_inner())
+            } else {
+                match m.try_lock() {
+                    Ok(g) => g,
+                    Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+                }
+            });
+        }
         let mut clean = self.clean.lock().unwrap_or_else(|e| e.into_inner());
         self.sync()?;
         let boot = self
@@ -317,6 +331,8 @@ impl Held {
             )
         };
         if took {
+            self.last_write
+                .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
             self.unmark_clean()?;
             let at = u64::from(region) * REGION_BYTES + offset;
             data.write_all_at(&call.data, at)
@@ -518,16 +534,35 @@ impl ReplicaStore {
     /// process about to exit; how many. Writes may still come: the first
     /// one to a copy undoes its clean close.
     pub fn close_all(&self) -> usize {
+        self.close_where(true, |_| true)
+    }
+
+    /// Closes clean (see the module documentation) every open copy not
+    /// written for `idle` and not closed clean since, unless a stripe of it
+    /// is held; how many. A crash then costs such a copy no boot: the
+    /// copies of a volume nobody writes stay in sync through it.
+    pub fn close_idle(&self, idle: std::time::Duration) -> usize {
+        let idle = idle.as_millis() as u64;
+        self.close_where(false, |h| {
+            !h.clean_hint.load(Ordering::Acquire)
+                && (h.opened.elapsed().as_millis() as u64)
+                    .saturating_sub(h.last_write.load(Ordering::Relaxed))
+                    >= idle
+        })
+    }
+
+    fn close_where(&self, wait: bool, pick: impl Fn(&Held) -> bool) -> usize {
         let open: Vec<(Uuid, Arc<Held>)> = self
             .open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
+            .filter(|(_, h)| h.data.is_some() && pick(h))
             .map(|(u, h)| (*u, Arc::clone(h)))
             .collect();
         let mut closed = 0;
         for (uuid, held) in open {
-            match held.close_clean() {
+            match held.close_clean(wait) {
                 Ok(true) => closed += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -724,6 +759,8 @@ impl ReplicaStore {
             pacer: writeback::Pacer::default(),
             clean: Mutex::new(false),
             clean_hint: AtomicBool::new(false),
+            last_write: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
         };
         {
             let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());

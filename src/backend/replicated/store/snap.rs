@@ -500,6 +500,33 @@ mod tests {
         assert_eq!(first_bytes(&fourth, vol), vec![0xbb; 4096]);
     }
 
+    /// A copy is closed clean once nobody wrote it for the time asked, and
+    /// only once until written again.
+    #[test]
+    fn an_idle_copy_is_closed_clean_once_until_written_again() {
+        use std::time::Duration;
+        let (pool, store, vol, _rec) = written_copy();
+        let boot = |s: &ReplicaStore| s.get(vol).unwrap().expect("a copy").state.boot;
+        let b = boot(&store);
+        assert_eq!(
+            store.close_idle(Duration::from_secs(3600)),
+            0,
+            "just written"
+        );
+        assert_eq!(store.close_idle(Duration::ZERO), 1);
+        assert_eq!(store.close_idle(Duration::ZERO), 0, "closed clean already");
+        // A crash now (no close_all): the next process keeps the boot.
+        let again = ReplicaStore::open(pool.path(), "n1").unwrap();
+        assert_eq!(boot(&again), b);
+        write(&store, vol, 3, 2, 0xcc);
+        assert_eq!(
+            store.close_idle(Duration::from_secs(3600)),
+            0,
+            "written again"
+        );
+        assert_eq!(store.close_idle(Duration::ZERO), 1);
+    }
+
     #[test]
     fn a_snapshot_is_the_copy_at_one_point_and_restores_into_a_new_copy() {
         let (_pool, store, vol, rec) = written_copy();
