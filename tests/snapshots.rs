@@ -215,6 +215,43 @@ async fn snapshot_round_trip_dir_on_xfs_reflink_pool() {
     round_trip("xfs", "dir").await;
 }
 
+/// A 512 MiB raw volume `name` holding 48 copies of `chunk` (4 MiB) from
+/// its start, written through a publication and synced, then unpublished.
+async fn raw_volume_of_chunks(env: &mut Env, name: &str, chunk: &[u8]) -> csi::Volume {
+    let v = env.create(name, "raw", 512 * MIB).await;
+    let (s, t) = mount(env, &v.volume_id, "raw", name).await;
+    let mut f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
+    for _ in 0..48 {
+        f.write_all(chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    unmount(env, &v.volume_id, &s, &t).await;
+    v
+}
+
+/// Restores `snapshot` (of a [`raw_volume_of_chunks`] volume) into raw
+/// volume `name` and checks its last chunk is `chunk`.
+async fn restore_holds_last_chunk(env: &mut Env, name: &str, snapshot: &str, chunk: &[u8]) {
+    let r = env
+        .c
+        .controller
+        .create_volume(restore_req(name, "raw", 512 * MIB, snapshot))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (s, t) = mount(env, &r.volume_id, "raw", name).await;
+    let mut g = std::fs::File::open(&t).unwrap();
+    g.seek(SeekFrom::Start(47 * (4 << 20))).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    g.read_exact(&mut buf).unwrap();
+    assert!(buf == chunk, "the restored volume {name} holds the data");
+    drop(g);
+    unmount(env, &r.volume_id, &s, &t).await;
+}
+
 /// On a pool without extent sharing, CreateSnapshot answers at once with
 /// ready_to_use=false and a repeated call reports readiness ("the SP
 /// SHOULD return ... ready_to_use false ... while the snapshot is being
@@ -233,16 +270,8 @@ async fn copy_pool_snapshots_become_ready_in_the_background() {
         info.manifest.get("snapshot-strategy").map(String::as_str),
         Some("sparse copies")
     );
-    let v = env.create("big", "raw", 512 * MIB).await;
-    let (s, t) = mount(&mut env, &v.volume_id, "raw", "big").await;
-    let mut f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
     let chunk = pattern(9, 4 << 20);
-    for _ in 0..48 {
-        f.write_all(&chunk).unwrap();
-    }
-    f.sync_all().unwrap();
-    drop(f);
-    unmount(&mut env, &v.volume_id, &s, &t).await;
+    let v = raw_volume_of_chunks(&mut env, "big", &chunk).await;
     let first = env
         .c
         .controller
@@ -260,28 +289,7 @@ async fn copy_pool_snapshots_become_ready_in_the_background() {
     assert_code(env.delete(&v.volume_id).await, Code::Aborted);
     let ready = snapshot_ready(&mut env, "bg", &v.volume_id).await;
     assert_eq!(ready.snapshot_id, first.snapshot_id);
-    let r = env
-        .c
-        .controller
-        .create_volume(restore_req(
-            "bg-restore",
-            "raw",
-            512 * MIB,
-            &ready.snapshot_id,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
-    let (s2, t2) = mount(&mut env, &r.volume_id, "raw", "bg-restore").await;
-    let mut g = std::fs::File::open(&t2).unwrap();
-    g.seek(SeekFrom::Start(47 * (4 << 20))).unwrap();
-    let mut buf = vec![0u8; 4 << 20];
-    g.read_exact(&mut buf).unwrap();
-    assert!(buf == chunk);
-    drop(g);
-    unmount(&mut env, &r.volume_id, &s2, &t2).await;
+    restore_holds_last_chunk(&mut env, "bg-restore", &ready.snapshot_id, &chunk).await;
 }
 
 /// A background copy that fails (here: the pool fills up) is reported to
@@ -291,16 +299,8 @@ async fn copy_pool_snapshots_become_ready_in_the_background() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id() {
     let mut env = Env::with_args("ext4", pool_args("ext4")).await;
-    let v = env.create("full", "raw", 512 * MIB).await;
-    let (s, t) = mount(&mut env, &v.volume_id, "raw", "full").await;
-    let mut f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
     let chunk = pattern(5, 4 << 20);
-    for _ in 0..48 {
-        f.write_all(&chunk).unwrap();
-    }
-    f.sync_all().unwrap();
-    drop(f);
-    unmount(&mut env, &v.volume_id, &s, &t).await;
+    let v = raw_volume_of_chunks(&mut env, "full", &chunk).await;
 
     // Leave 64 MiB of the pool's filesystem (blocks reserved for root
     // included: the server is root): less than the 192 MiB to copy.
@@ -373,28 +373,7 @@ async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id()
         .into_inner()
         .entries;
     assert_eq!(listed.len(), 1, "{listed:?}");
-    let r = env
-        .c
-        .controller
-        .create_volume(restore_req(
-            "nospace-restore",
-            "raw",
-            512 * MIB,
-            &ready.snapshot_id,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
-    let (s2, t2) = mount(&mut env, &r.volume_id, "raw", "nospace-restore").await;
-    let mut g = std::fs::File::open(&t2).unwrap();
-    g.seek(SeekFrom::Start(47 * (4 << 20))).unwrap();
-    let mut buf = vec![0u8; 4 << 20];
-    g.read_exact(&mut buf).unwrap();
-    assert!(buf == chunk, "the restored volume holds the data");
-    drop(g);
-    unmount(&mut env, &r.volume_id, &s2, &t2).await;
+    restore_holds_last_chunk(&mut env, "nospace-restore", &ready.snapshot_id, &chunk).await;
 }
 
 /// CreateSnapshot: idempotent by name and source; the name taken for

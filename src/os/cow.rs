@@ -750,11 +750,17 @@ impl TreeCopier<'_> {
         } else if kind == SFlag::S_IFREG {
             self.copy_regular(parent, name, &src, &dst, &st, last)?;
         } else if kind == SFlag::S_IFLNK {
-            let target =
-                nix::fcntl::readlinkat(&parent.fd, name).map_err(|errno| CowError::ReadLink {
-                    path: src.clone(),
-                    errno,
-                })?;
+            let target = nix::fcntl::readlinkat(&parent.fd, name).map_err(|errno| {
+                if errno == Errno::EINVAL {
+                    // No longer a symlink: replaced since the stat.
+                    CowError::Changed { path: src.clone() }
+                } else {
+                    CowError::ReadLink {
+                        path: src.clone(),
+                        errno,
+                    }
+                }
+            })?;
             std::os::unix::fs::symlink(&target, &dst).map_err(|err| CowError::Symlink {
                 path: dst.clone(),
                 err,

@@ -316,6 +316,11 @@ impl Held {
         let region_lock = self.stripes[region as usize % STRIPES]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        // Before the voter takes the tag: a copy closed clean stops being
+        // so before any byte can land (or the voter expect one).
+        self.last_write
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.unmark_clean()?;
         let (reply, took) = {
             let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
             let before = v.data().get(&region).copied();
@@ -331,9 +336,6 @@ impl Held {
             )
         };
         if took {
-            self.last_write
-                .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
-            self.unmark_clean()?;
             let at = u64::from(region) * REGION_BYTES + offset;
             data.write_all_at(&call.data, at)
                 .map_err(io_err(&self.dir))?;
