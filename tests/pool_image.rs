@@ -275,7 +275,8 @@ async fn deleting_a_snapshot_being_copied_cancels_the_copy() {
 /// A copy that fails (the pool fills up) ends in an error the CO sees: the
 /// next CreateSnapshot of that name answers RESOURCE_EXHAUSTED, nothing is
 /// left in the pool or in ListSnapshots, and a later CreateSnapshot starts
-/// anew (and fails the same way here).
+/// anew under the same snapshot ID (and fails the same way here; the
+/// copy made anew succeeding is `tests/snapshots.rs`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_that_runs_out_of_space_is_reported_and_leaves_nothing() {
     let mut env = Env::with_pool_size("ext4", "", 900 << 20, NEVER).await;
@@ -309,10 +310,10 @@ async fn a_copy_that_runs_out_of_space_is_reported_and_leaves_nothing() {
         "{:?}",
         snapshot_storage(&env)
     );
-    // Asked again, the plugin tries again.
+    // Asked again, the plugin tries again, under the ID the CO holds.
     let again = create_snapshot(&mut env, "full-snap", &vol).await;
     assert!(!again.ready_to_use);
-    assert_ne!(again.snapshot_id, first.snapshot_id);
+    assert_eq!(again.snapshot_id, first.snapshot_id);
     env.c
         .controller
         .delete_snapshot(csi::DeleteSnapshotRequest {

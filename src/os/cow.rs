@@ -891,8 +891,9 @@ impl TreeCopier<'_> {
 /// listed is left out; one replaced meanwhile, or a file written to while
 /// its data was copied (its size or times differ afterwards), is copied
 /// again, and a file still changing after [`LIVE_ATTEMPTS`] copies is
-/// taken as read on the last ([`TreeCopy::unsettled`]). A reflinked file
-/// is one instant of that file.
+/// taken as read on the last ([`TreeCopy::unsettled`]). File times have
+/// the kernel's coarse clock, so a rewrite back to the same size within
+/// one tick goes unseen. A reflinked file is one instant of that file.
 pub fn reflink_tree(src_dir: &Path, dst_dir: &Path) -> Result<TreeCopy, CowError> {
     reflink_tree_with(src_dir, dst_dir, true, &|_| ())
 }
