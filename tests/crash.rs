@@ -268,6 +268,23 @@ async fn call(c: &mut Clients, s: &Slot, op: Op) -> Result<Option<String>, Statu
 
 /// Whether a failed call says nothing about the outcome (the server died
 /// under it, or was already dead).
+/// The answer to a call the server was killed under, or None when there is
+/// none within 20 s (the task is then aborted): a call the kill beat to the
+/// socket waits for a connection until the server restarts, which comes
+/// only after this, so the server never had it.
+async fn answer_after_kill<T>(
+    call: tokio::task::JoinHandle<Result<T, Status>>,
+) -> Option<Result<T, Status>> {
+    let abort = call.abort_handle();
+    match tokio::time::timeout(Duration::from_secs(20), call).await {
+        Ok(r) => Some(r.expect("the call's task")),
+        Err(_) => {
+            abort.abort();
+            None
+        }
+    }
+}
+
 fn is_transport(s: &Status) -> bool {
     matches!(
         s.code(),
@@ -1242,10 +1259,11 @@ async fn kill9_during_node_publish_leaves_no_unrecorded_mount() {
                 std::thread::sleep(delay);
                 env.server.kill9();
             });
-            let outcome = match publish.await.unwrap() {
-                Ok(_) => "acknowledged".to_owned(),
-                Err(e) if is_transport(&e) => "in flight".to_owned(),
-                Err(e) => panic!("{what}: NodePublish failed: {e:?}"),
+            let outcome = match answer_after_kill(publish).await {
+                Some(Ok(_)) => "acknowledged".to_owned(),
+                Some(Err(e)) if is_transport(&e) => "in flight".to_owned(),
+                Some(Err(e)) => panic!("{what}: NodePublish failed: {e:?}"),
+                None => "not sent before the kill".to_owned(),
             };
             tokio::task::block_in_place(|| env.server.restart());
             env.reconnect().await;
@@ -1429,6 +1447,7 @@ async fn kill9_during_a_freezing_copy_leaves_nothing_frozen(op: FreezingCopy) {
         ..Default::default()
     };
     let started = Instant::now();
+    let mut first_id = None;
     let task = match op {
         FreezingCopy::Snapshot => {
             let s = env
@@ -1444,6 +1463,7 @@ async fn kill9_during_a_freezing_copy_leaves_nothing_frozen(op: FreezingCopy) {
                 !s.ready_to_use,
                 "a copied snapshot of {BALLAST} bytes cannot be ready at once"
             );
+            first_id = Some(s.snapshot_id);
             None
         }
         FreezingCopy::Clone => {
@@ -1543,6 +1563,11 @@ async fn kill9_during_a_freezing_copy_leaves_nothing_frozen(op: FreezingCopy) {
                 assert!(Instant::now() < deadline, "snapshot never became ready");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
+            assert_eq!(
+                Some(&snap.snapshot_id),
+                first_id.as_ref(),
+                "the copy made anew after the restart keeps the ID the CO was given"
+            );
             env.c
                 .controller
                 .delete_snapshot(csi::DeleteSnapshotRequest {
@@ -1678,10 +1703,11 @@ async fn kill9_during_a_group_snapshot_leaves_nothing_the_api_cannot_remove() {
             std::thread::sleep(delay);
             env.server.kill9();
         });
-        let outcome = match create.await.unwrap() {
-            Ok(_) => "answered",
-            Err(e) if is_transport(&e) => "in flight",
-            Err(e) => panic!("attempt {attempt}: CreateVolumeGroupSnapshot failed: {e:?}"),
+        let outcome = match answer_after_kill(create).await {
+            Some(Ok(_)) => "answered",
+            Some(Err(e)) if is_transport(&e) => "in flight",
+            Some(Err(e)) => panic!("attempt {attempt}: CreateVolumeGroupSnapshot failed: {e:?}"),
+            None => "not sent before the kill",
         };
         *landed.entry(outcome).or_insert(0) += 1;
         tokio::task::block_in_place(|| env.server.restart());
@@ -1883,10 +1909,11 @@ async fn kill9_during_the_first_stage_of_a_grown_clone_leaves_it_usable() {
             std::thread::sleep(delay);
             env.server.kill9();
         });
-        let outcome = match stage.await.unwrap() {
-            Ok(_) => "answered",
-            Err(e) if is_transport(&e) => "in flight",
-            Err(e) => panic!("attempt {attempt}: NodeStage failed before the kill: {e:?}"),
+        let outcome = match answer_after_kill(stage).await {
+            Some(Ok(_)) => "answered",
+            Some(Err(e)) if is_transport(&e) => "in flight",
+            Some(Err(e)) => panic!("attempt {attempt}: NodeStage failed before the kill: {e:?}"),
+            None => "not sent before the kill",
         };
         tokio::task::block_in_place(|| env.server.restart());
         env.reconnect().await;

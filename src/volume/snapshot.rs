@@ -85,8 +85,9 @@ struct FailedCopy {
 
 impl SnapshotIndex {
     /// Loads snapshot records; removes snapshot storage no record explains
-    /// and forgets snapshots whose copy a crash interrupted (their storage
-    /// is partial).
+    /// and snapshots whose copy a crash interrupted (their storage is
+    /// partial), keeping their IDs: the next CreateSnapshot of such a name
+    /// copies anew under the ID its first call returned.
     pub fn load(store: &Store, backends: &Backends) -> Result<Self> {
         let mut idx = SnapshotIndex::default();
         for (key, rec) in store.load_all::<SnapshotRecord>(Table::Snapshots)? {
@@ -103,6 +104,18 @@ impl SnapshotIndex {
                 tracing::warn!(snapshot = %rec.id, "dropping a snapshot whose copy did not finish");
                 b.delete_snapshot(rec.id.uuid)?;
                 store.delete(Table::Snapshots, &key)?;
+                if !rec.ready && rec.group.is_none() {
+                    // The CO holds its ID and asks again: the copy is made
+                    // anew under it.
+                    idx.failed.insert(
+                        rec.name.clone(),
+                        FailedCopy {
+                            source: rec.source_volume_id.clone(),
+                            error: None,
+                            uuid: rec.id.uuid,
+                        },
+                    );
+                }
                 continue;
             }
             idx.insert(rec);
