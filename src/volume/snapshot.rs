@@ -83,6 +83,16 @@ struct FailedCopy {
     uuid: Uuid,
 }
 
+impl FailedCopy {
+    fn of(rec: &SnapshotRecord, error: Option<Error>) -> Self {
+        FailedCopy {
+            source: rec.source_volume_id.clone(),
+            error,
+            uuid: rec.id.uuid,
+        }
+    }
+}
+
 impl SnapshotIndex {
     /// Loads snapshot records; removes snapshot storage no record explains
     /// and snapshots whose copy a crash interrupted (their storage is
@@ -107,14 +117,8 @@ impl SnapshotIndex {
                 if !rec.ready && rec.group.is_none() {
                     // The CO holds its ID and asks again: the copy is made
                     // anew under it.
-                    idx.failed.insert(
-                        rec.name.clone(),
-                        FailedCopy {
-                            source: rec.source_volume_id.clone(),
-                            error: None,
-                            uuid: rec.id.uuid,
-                        },
-                    );
+                    idx.failed
+                        .insert(rec.name.clone(), FailedCopy::of(&rec, None));
                 }
                 continue;
             }
@@ -472,14 +476,9 @@ impl Controller {
     /// Keeps why the copy of `rec` (of which nothing is left) failed, for
     /// the next CreateSnapshot of its name.
     fn copy_failed(&self, rec: &SnapshotRecord, error: Error) {
-        self.snaps().failed.insert(
-            rec.name.clone(),
-            FailedCopy {
-                source: rec.source_volume_id.clone(),
-                error: Some(error),
-                uuid: rec.id.uuid,
-            },
-        );
+        self.snaps()
+            .failed
+            .insert(rec.name.clone(), FailedCopy::of(rec, Some(error)));
     }
 
     /// DeleteSnapshot. Idempotent: an unknown or malformed ID is success.
