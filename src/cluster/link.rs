@@ -68,6 +68,8 @@ pub const SERVER_THREADS: usize = 8;
 /// A connection's thread that has waited this long for the reading turn
 /// ends (the thread reading stays).
 pub const THREAD_IDLE: Duration = Duration::from_secs(30);
+/// A thread serves at most this many frames that arrived together.
+const FRAMES_AT_ONCE: usize = 64;
 /// [`LinkClient::calls`] writes a batch of at most this many bytes on the
 /// runtime's thread, and a larger one on the blocking pool.
 const SEND_ON_THIS_THREAD: usize = 64 << 10;
@@ -295,6 +297,21 @@ struct Outbound {
     sealer: Option<record::Sealer>,
     /// The sealed records of the frame being written (kept for the next).
     buf: Vec<u8>,
+    /// Bytes a send that could not wait left unwritten (the socket was
+    /// full): whoever sends next writes them first, and a thread started
+    /// for them does if nobody comes ([`Wire::try_send_parts`]).
+    tail: Vec<u8>,
+}
+
+/// Where `send` may wait: anywhere but on a data link's reading thread
+/// (see [`ClientConn::send`]).
+fn may_block() -> bool {
+    !ON_READER.with(std::cell::Cell::get)
+}
+
+thread_local! {
+    /// Set on a connection's reading thread for its whole life.
+    static ON_READER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A sealed frame this large is not kept for the next one.
@@ -342,6 +359,7 @@ impl Wire {
             send: Mutex::new(Outbound {
                 sealer,
                 buf: Vec::new(),
+                tail: Vec::new(),
             }),
             inbound: Mutex::new(Inbound::new(opener)),
             keys,
@@ -361,14 +379,34 @@ impl Wire {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    fn outbound(&self) -> std::sync::MutexGuard<'_, Outbound> {
+        self.send.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what a send that could not wait left (before anything else).
+    fn write_tail(&self, out: &mut Outbound) -> io::Result<()> {
+        if !out.tail.is_empty() {
+            (&self.sock).write_all(&out.tail)?;
+            out.tail = Vec::new();
+        }
+        Ok(())
+    }
+
     /// Writes the bytes of `parts`, one after the other (sealed when over
     /// TLS): whole frames, or a frame's parts.
     fn send_parts(&self, parts: &[&[u8]]) -> io::Result<()> {
-        let mut out = self.send.lock().unwrap_or_else(|e| e.into_inner());
-        let Outbound { sealer, buf } = &mut *out;
+        let mut out = self.outbound();
+        self.write_tail(&mut out)?;
+        self.seal_and_write(&mut out, parts, true)
+    }
+
+    /// Seals `parts` (over TLS) and writes them; when not `wait`, writes
+    /// what the socket takes at once and keeps the rest in `out.tail`.
+    fn seal_and_write(&self, out: &mut Outbound, parts: &[&[u8]], wait: bool) -> io::Result<()> {
+        let Outbound { sealer, buf, tail } = out;
         buf.clear();
         match sealer {
-            None if parts.len() == 1 => return (&self.sock).write_all(parts[0]),
+            None if parts.len() == 1 && wait => return (&self.sock).write_all(parts[0]),
             None => parts.iter().for_each(|p| buf.extend_from_slice(p)),
             Some(sealer) => {
                 if sealer.wants_key_update() {
@@ -377,17 +415,47 @@ impl Wire {
                 sealer.seal_parts(parts, buf)?;
             }
         }
-        let sent = (&self.sock).write_all(buf);
+        let sent = if wait {
+            (&self.sock).write_all(buf)
+        } else {
+            self.write_at_once(buf).map(|n| {
+                if n < buf.len() {
+                    *tail = buf[n..].to_vec();
+                }
+            })
+        };
         if buf.capacity() > KEEP_OUTBOUND {
             *buf = Vec::new();
         }
         sent
     }
 
+    /// Writes as much of `bytes` as the socket takes without waiting.
+    fn write_at_once(&self, bytes: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::{MsgFlags, send};
+        use std::os::fd::AsRawFd;
+        let mut done = 0;
+        while done < bytes.len() {
+            match send(
+                self.sock.as_raw_fd(),
+                &bytes[done..],
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(done)
+    }
+
     /// Updates our key, as the peer asked in its key update.
     fn answer_key_update(&self) -> io::Result<()> {
-        let mut out = self.send.lock().unwrap_or_else(|e| e.into_inner());
-        let Outbound { sealer, buf } = &mut *out;
+        let mut out = self.outbound();
+        self.write_tail(&mut out)?;
+        let Outbound { sealer, buf, .. } = &mut *out;
         let Some(sealer) = sealer else {
             return Ok(());
         };
@@ -399,18 +467,33 @@ impl Wire {
     /// The next frame's body, read by the one thread holding `inbound`;
     /// `None` at the end of the stream.
     fn next_frame(&self) -> io::Result<Option<Bytes>> {
+        let mut frames = self.next_frames(1)?;
+        Ok(frames.pop())
+    }
+
+    /// The next frame's body and those of the frames after it that were
+    /// read with it, up to `most` in all (none at the end of the stream):
+    /// what a peer sent in one go is taken in one go, with no read more.
+    fn next_frames(&self, most: usize) -> io::Result<Vec<Bytes>> {
         let mut inb = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
         let inb = &mut *inb;
         loop {
             if let Some(frame) = inb.frame()? {
-                return Ok(Some(frame));
+                let mut frames = vec![frame];
+                while frames.len() < most {
+                    match inb.frame()? {
+                        Some(f) => frames.push(f),
+                        None => break,
+                    }
+                }
+                return Ok(frames);
             }
             if inb.closed {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let at = if inb.opener.is_some() { inb.end } else { 0 };
             let n = match (&self.sock).read(&mut inb.raw[at..]) {
-                Ok(0) => return Ok(None),
+                Ok(0) => return Ok(Vec::new()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -480,6 +563,25 @@ impl ServerConn {
         self.turn_free.notify_one();
     }
 
+    /// Writes the answers of `served` in one go; false (the connection
+    /// closed) when it cannot.
+    fn answer(&self, served: &[(u64, Result<Answer, Status>)]) -> bool {
+        let heads: Vec<_> = served
+            .iter()
+            .map(|(id, result)| answer_parts(*id, result))
+            .collect();
+        let parts: Vec<&[u8]> = heads
+            .iter()
+            .flat_map(|(head, data)| [&head[..], data])
+            .collect();
+        if let Err(e) = self.wire.send_parts(&parts) {
+            tracing::debug!(identity = ?self.identity, error = %e, "data link: cannot answer");
+            self.close();
+            return false;
+        }
+        true
+    }
+
     /// Serves one call: its id and its answer.
     fn serve(&self, body: Bytes) -> Option<(u64, Result<Answer, Status>)> {
         let id = call_id(&body)?;
@@ -502,18 +604,20 @@ impl ServerConn {
     }
 }
 
-/// One of a connection's threads: takes the reading turn, reads a frame,
-/// passes the turn on (starting another thread when none waits for it),
-/// serves the frame and writes the answer; until the connection ends, or
-/// until it has waited long for the turn.
+/// One of a connection's threads: takes the reading turn, reads the next
+/// frame and those read with it (up to [`FRAMES_AT_ONCE`]), passes the
+/// turn on (starting another thread when none waits for it), serves the
+/// frames one after the other and writes their answers in one go; until
+/// the connection ends, or until it has waited long for the turn.
 ///
-/// Every call passes the turn on, even a 4 KiB write the page cache takes
-/// in a few µs: a write far ahead of its copy's disk is held back
-/// (`store/writeback.rs`, up to about its `TARGET`), and a thread serving
-/// that write with the turn held would stop the whole connection
-/// meanwhile, where now only that call waits. Serving small writes inline
-/// saves a wake-up per call but showed no gain beyond this machine's noise
-/// in the `replicated` bench's QD1 and QD32 write jobs.
+/// The turn passes on before serving, even for 4 KiB writes the page
+/// cache takes in a few µs: a write far ahead of its copy's disk is held
+/// back (`store/writeback.rs`, up to about its `TARGET`), and a thread
+/// serving it with the turn held would stop the whole connection
+/// meanwhile, where now only the frames taken with it wait. Frames that
+/// arrived together are the engine's batch (`driver.rs`, `NodeQueue`),
+/// whose answers it takes together anyway: serving them on one thread and
+/// answering them in one write saves a hand-off and a wake-up per call.
 fn server_thread(conn: Arc<ServerConn>) {
     loop {
         conn.readers.fetch_add(1, Ordering::SeqCst);
@@ -526,12 +630,12 @@ fn server_thread(conn: Arc<ServerConn>) {
             conn.readers.fetch_sub(1, Ordering::SeqCst);
             break;
         }
-        let frame = conn.wire.next_frame();
+        let frames = conn.wire.next_frames(FRAMES_AT_ONCE);
         conn.give_turn();
         conn.readers.fetch_sub(1, Ordering::SeqCst);
-        let body = match frame {
-            Ok(Some(b)) => b,
-            Ok(None) => {
+        let bodies = match frames {
+            Ok(b) if !b.is_empty() => b,
+            Ok(_) => {
                 tracing::debug!(identity = ?conn.identity, "data link connection closed by the peer");
                 conn.close();
                 break;
@@ -557,15 +661,25 @@ fn server_thread(conn: Arc<ServerConn>) {
                 conn.spawn.live.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        let Some((id, result)) = conn.serve(body) else {
-            tracing::debug!(identity = ?conn.identity, "data link: a frame without an id");
-            conn.close();
-            break;
-        };
-        let (head, data) = answer_parts(id, &result);
-        if let Err(e) = conn.wire.send_parts(&[&head, data]) {
-            tracing::debug!(identity = ?conn.identity, error = %e, "data link: cannot answer");
-            conn.close();
+        let (mut served, mut bytes) = (Vec::with_capacity(bodies.len()), 0);
+        let last = bodies.len() - 1;
+        for (i, body) in bodies.into_iter().enumerate() {
+            let Some(answer) = conn.serve(body) else {
+                tracing::debug!(identity = ?conn.identity, "data link: a frame without an id");
+                conn.close();
+                break;
+            };
+            bytes += answer.1.as_ref().map_or(0, |a| a.data.len());
+            served.push(answer);
+            // Answers carrying data (reads) leave a region's worth at a time.
+            if (i == last || bytes >= REGION_BYTES as usize) && !conn.answer(&served) {
+                break;
+            }
+            if bytes >= REGION_BYTES as usize {
+                (served, bytes) = (Vec::new(), 0);
+            }
+        }
+        if conn.closed.load(Ordering::SeqCst) {
             break;
         }
     }
@@ -788,10 +902,20 @@ impl ClientConn {
     /// Sends `calls` for `volume`, each answer going to its waiter; the
     /// ids given to them (to forget them again). The waiters come back,
     /// uncalled, with the error when the calls cannot be sent at all (the
-    /// connection has ended, a call does not encode). A write that fails
-    /// closes the connection: its reading thread fails the calls.
+    /// connection has ended, a call does not encode) or not at once from a
+    /// reading thread. A write that fails closes the connection: its
+    /// reading thread fails the calls.
+    ///
+    /// On a connection's reading thread (an engine sends the next batch
+    /// when a batch's answers come in) this never waits: not for the
+    /// connection's send lock (another sender may be waiting on a full
+    /// socket), nor on the socket (its peer may be waiting for us to read
+    /// its answers, and its peer's reading thread, for this thread to read
+    /// them, while this one would wait for it). What the socket does not
+    /// take at once stays in the connection's tail, and a thread started
+    /// here writes it unless a sender comes first.
     fn send(
-        &self,
+        self: &Arc<Self>,
         volume: Uuid,
         calls: &[Call],
         waiters: Vec<Waiter>,
@@ -814,6 +938,15 @@ impl ClientConn {
             }
             ids.push(id);
         }
+        let wait = may_block();
+        let mut out = if wait {
+            self.wire.outbound()
+        } else {
+            match self.wire.send.try_lock() {
+                Ok(out) if out.tail.is_empty() => out,
+                _ => return Err((waiters, self.unreachable("data link busy"))),
+            }
+        };
         // Waiting before the frames leave: an answer may come back at once.
         {
             let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
@@ -831,8 +964,25 @@ impl ClientConn {
             parts.extend([&heads[from..end], &c.data[..]]);
             from = end;
         }
-        if let Err(e) = self.wire.send_parts(&parts) {
+        let sent = self
+            .wire
+            .write_tail(&mut out)
+            .and_then(|()| self.wire.seal_and_write(&mut out, &parts, wait));
+        if let Err(e) = sent {
             self.close(&format!("data link: {e}"));
+        } else if !out.tail.is_empty() {
+            let conn = Arc::clone(self);
+            let started = std::thread::Builder::new()
+                .name("stowage-link-tail".into())
+                .spawn(move || {
+                    let mut out = conn.wire.outbound();
+                    if let Err(e) = conn.wire.write_tail(&mut out) {
+                        conn.close(&format!("data link: {e}"));
+                    }
+                });
+            if started.is_err() {
+                self.close("data link: cannot start a thread to finish a write");
+            }
         }
         Ok(ids)
     }
@@ -879,6 +1029,7 @@ fn overdue_check(deadline: Duration) -> Duration {
 /// `deadline` is ended (like a gRPC deadline; and a peer that vanished
 /// without a word sends no reset), so the next call connects anew.
 fn read_answers(conn: Arc<ClientConn>, deadline: Duration) {
+    ON_READER.with(|r| r.set(true));
     let check = overdue_check(deadline);
     let _ = conn.wire.sock.set_read_timeout(Some(check));
     let mut checked = Instant::now();
@@ -1441,6 +1592,123 @@ mod tests {
             len: 4096,
             data: Default::default(),
         }
+    }
+
+    /// A batch mixing whole-region reads (answered a region's worth at a
+    /// time) and writes: every answer comes back in its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_region_reads_and_writes_is_answered_in_place() {
+        let s = Setup::start(true).await;
+        let c = s.client(Some("n1"));
+        let writes: Vec<Call> = (0..4).map(|r| write(r, 1, r as u8 + 20)).collect();
+        assert!(c.calls(s.volume, &writes).await.iter().all(Result::is_ok));
+        let whole = |r| Call {
+            len: 0,
+            offset: 0,
+            ..read(r)
+        };
+        let batch = vec![
+            whole(0),
+            write(1, 2, 31),
+            whole(2),
+            whole(3),
+            read(1),
+            whole(1),
+        ];
+        let answers: Vec<Answer> = c
+            .calls(s.volume, &batch)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        for (i, r) in [(0, 0u8), (2, 2), (3, 3)] {
+            let a = &answers[i];
+            assert_eq!(a.data.len() as u64, REGION_BYTES, "answer {i}");
+            assert!(a.data[8192..8192 + 4096].iter().all(|b| *b == r + 20));
+        }
+        assert!(matches!(
+            answers[1].reply,
+            Some(Reply::Written { region: 1, .. })
+        ));
+        assert_eq!(&answers[4].data[..], &[31u8; 4096][..]);
+        assert_eq!(&answers[5].data[8192..8192 + 4096], &[31u8; 4096][..]);
+        let _ = s.stop.send(true);
+        s.served.await.unwrap();
+    }
+
+    /// A send from a connection's reading thread never waits: while
+    /// another sender holds the connection it comes back unsent (the
+    /// engine then sends on a task), and once free it goes at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reading_thread_does_not_wait_for_a_busy_connection() {
+        let s = Setup::start(true).await;
+        let c = Arc::new(s.client(Some("n1")));
+        assert!(c.calls(s.volume, &[write(0, 1, 7)]).await[0].is_ok());
+        let conn = c.open().expect("connected");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let send = |seq: u64| {
+            let (c, tx, volume) = (Arc::clone(&c), tx.clone(), s.volume);
+            let (sent_tx, sent) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                ON_READER.with(|r| r.set(true));
+                let done: BatchDone = Box::new(move |r| {
+                    let _ = tx.send(r);
+                });
+                let _ = sent_tx.send(c.send_now(volume, &[write(0, seq, 8)], done).is_ok());
+            });
+            sent.recv_timeout(Duration::from_secs(10))
+                .expect("a reading thread waited to send")
+        };
+        let held = conn.wire.outbound();
+        assert!(!send(2), "sent while the connection was busy");
+        drop(held);
+        assert!(send(3), "not sent on a free connection");
+        let answers = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(answers[..], [Ok(_)]), "{answers:?}");
+        let _ = s.stop.send(true);
+        s.served.await.unwrap();
+    }
+
+    /// A send that may not wait, on a socket its peer does not read,
+    /// writes what fits and keeps the rest; the next sender writes that
+    /// first, so the peer gets every frame whole and in order.
+    #[test]
+    fn what_a_full_socket_did_not_take_goes_first_and_whole() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let wire = Arc::new(Wire::new(sock, None));
+        let frame = |i: u8| {
+            let mut f = vec![i; 256 << 10];
+            f[..4].copy_from_slice(&((256u32 << 10) - 4).to_le_bytes());
+            f
+        };
+        // Frames until the socket is full (bounded: loopback buffers hold
+        // a few MiB), on a thread that may not wait.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = Arc::clone(&wire);
+        std::thread::spawn(move || {
+            let mut out = w.outbound();
+            let mut sent = 0u8;
+            while out.tail.is_empty() && sent < 200 {
+                w.seal_and_write(&mut out, &[&frame(sent)], false).unwrap();
+                sent += 1;
+            }
+            let _ = tx.send((sent, !out.tail.is_empty()));
+        });
+        let (sent, kept) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a send that may not wait waited");
+        assert!(kept, "{sent} frames of 256 KiB and the socket never filled");
+        let w = Arc::clone(&wire);
+        let last = std::thread::spawn(move || w.send_parts(&[&frame(sent)]));
+        let mut got = vec![0u8; (sent as usize + 1) * (256 << 10)];
+        peer.read_exact(&mut got).unwrap();
+        last.join().unwrap().unwrap();
+        for (i, f) in got.chunks(256 << 10).enumerate() {
+            assert_eq!(f, &frame(i as u8)[..], "frame {i}");
+        }
+        assert!(wire.outbound().tail.is_empty());
     }
 
     /// A connection's threads grow as calls come, and those that wait long
