@@ -318,43 +318,33 @@ async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id()
     .unwrap();
     drop(filler);
 
-    let first = env
-        .c
-        .controller
-        .create_snapshot(snap_req("nospace", &v.volume_id))
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
-    assert!(!first.ready_to_use);
-    let start = Instant::now();
-    let failed = loop {
-        match env
-            .c
-            .controller
-            .create_snapshot(snap_req("nospace", &v.volume_id))
-            .await
-        {
-            Ok(r) => {
-                let s = r.into_inner().snapshot.unwrap();
-                assert_eq!(s.snapshot_id, first.snapshot_id);
-                assert!(!s.ready_to_use, "192 MiB cannot fit in 64 MiB");
-            }
-            Err(e) => break e,
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the copy never failed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (first, failed) = copy_that_fails(&mut env, "nospace", &v.volume_id).await;
     assert_eq!(failed.code(), Code::ResourceExhausted, "{failed:?}");
     let snaps = std::fs::read_dir(env.layout.pool.join("snapshots/block"))
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(snaps, 0, "nothing of the failed copy is left");
+    // Another that fails, and is deleted: its ID is gone for good.
+    let (gone, failed) = copy_that_fails(&mut env, "gone", &v.volume_id).await;
+    assert_eq!(failed.code(), Code::ResourceExhausted, "{failed:?}");
+    env.c
+        .controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: gone.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 
+    // The plugin restarts (twice) before the CO asks again: the ID is
+    // still the one the CO was given.
+    for _ in 0..2 {
+        tokio::task::block_in_place(|| {
+            env.server.terminate();
+            env.server.restart();
+        });
+        env.reconnect().await;
+    }
     std::fs::remove_file(&filler_path).unwrap();
     let ready = snapshot_ready(&mut env, "nospace", &v.volume_id).await;
     assert_eq!(
@@ -374,6 +364,51 @@ async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id()
         .entries;
     assert_eq!(listed.len(), 1, "{listed:?}");
     restore_holds_last_chunk(&mut env, "nospace-restore", &ready.snapshot_id, &chunk).await;
+    let again = snapshot_ready(&mut env, "gone", &v.volume_id).await;
+    assert_ne!(
+        again.snapshot_id, gone.snapshot_id,
+        "a deleted snapshot ID came back"
+    );
+}
+
+/// Starts a snapshot `name` of `volume` whose copy fails: its first answer
+/// and the error a later CreateSnapshot reports (within 60 s).
+async fn copy_that_fails(
+    env: &mut Env,
+    name: &str,
+    volume: &str,
+) -> (csi::Snapshot, tonic::Status) {
+    let first = env
+        .c
+        .controller
+        .create_snapshot(snap_req(name, volume))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(!first.ready_to_use);
+    let start = Instant::now();
+    loop {
+        match env
+            .c
+            .controller
+            .create_snapshot(snap_req(name, volume))
+            .await
+        {
+            Ok(r) => {
+                let s = r.into_inner().snapshot.unwrap();
+                assert_eq!(s.snapshot_id, first.snapshot_id);
+                assert!(!s.ready_to_use, "192 MiB cannot fit in 64 MiB");
+            }
+            Err(e) => return (first, e),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the copy never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// CreateSnapshot: idempotent by name and source; the name taken for

@@ -93,6 +93,13 @@ impl FailedCopy {
     }
 }
 
+/// Whether a snapshot whose copy failed or was cut short keeps its ID (and
+/// its unfinished record) for the next CreateSnapshot of its name: one
+/// copied in the pool, not part of a group (a group is cut anew whole).
+fn keeps_its_id(rec: &SnapshotRecord) -> bool {
+    rec.group.is_none() && rec.location.is_none()
+}
+
 impl SnapshotIndex {
     /// Loads snapshot records; removes snapshot storage no record explains
     /// and snapshots whose copy a crash interrupted (their storage is
@@ -113,12 +120,14 @@ impl SnapshotIndex {
             if !rec.ready || !b.snapshot_exists(rec.id.uuid) {
                 tracing::warn!(snapshot = %rec.id, "dropping a snapshot whose copy did not finish");
                 b.delete_snapshot(rec.id.uuid)?;
-                store.delete(Table::Snapshots, &key)?;
-                if !rec.ready && rec.group.is_none() {
+                if !rec.ready && keeps_its_id(&rec) {
                     // The CO holds its ID and asks again: the copy is made
-                    // anew under it.
+                    // anew under it. The record stays (unfinished) until
+                    // then, or until a DeleteSnapshot of that ID.
                     idx.failed
                         .insert(rec.name.clone(), FailedCopy::of(&rec, None));
+                } else {
+                    store.delete(Table::Snapshots, &key)?;
                 }
                 continue;
             }
@@ -410,10 +419,24 @@ impl Controller {
     /// Removes every trace of a snapshot whose copy did not finish: its
     /// storage, its record and its index entries.
     fn forget_copy(&self, rec: &SnapshotRecord) {
+        self.forget_copy_but(rec, false);
+    }
+
+    /// [`Self::forget_copy`], keeping the (unfinished) record when
+    /// `keep_record`: a failed copy's, whose ID the next CreateSnapshot of
+    /// its name takes up again, across restarts too (see
+    /// [`SnapshotIndex::load`]).
+    fn forget_copy_but(&self, rec: &SnapshotRecord, keep_record: bool) {
         let _ = self
             .backends
             .store(rec.id.backend)
             .delete_snapshot(rec.id.uuid);
+        if keep_record {
+            let mut s = self.snaps();
+            s.copying.remove(&rec.id.uuid);
+            s.remove(rec.id.uuid);
+            return;
+        }
         if let Err(e) = self.store.delete(Table::Snapshots, &rec.id.uuid.to_hex()) {
             // Start-up drops records of unfinished copies anyway.
             tracing::error!(snapshot = %rec.id, error = %e, "cannot remove the record of an unfinished snapshot");
@@ -467,7 +490,7 @@ impl Controller {
             }
             (Err(e), false) => {
                 tracing::error!(snapshot = %rec.id, error = %e, "snapshot copy failed");
-                self.forget_copy(&rec);
+                self.forget_copy_but(&rec, keeps_its_id(&rec));
                 self.copy_failed(&rec, e);
             }
         }
@@ -490,7 +513,15 @@ impl Controller {
         };
         let _g = self.guard(format!("snap:{}", id.uuid))?;
         // A failed copy's ID is deleted too: no later copy takes it up.
-        self.snaps().failed.retain(|_, f| f.uuid != id.uuid);
+        let failed = {
+            let mut s = self.snaps();
+            let before = s.failed.len();
+            s.failed.retain(|_, f| f.uuid != id.uuid);
+            s.failed.len() < before
+        };
+        if failed {
+            self.store.delete(Table::Snapshots, &id.uuid.to_hex())?;
+        }
         let job = self.snaps().copying.get(&id.uuid).cloned();
         if let Some(job) = job {
             // Deleting a snapshot being cut cancels the copy; a cancelled
