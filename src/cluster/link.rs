@@ -302,7 +302,7 @@ struct Outbound {
     buf: Vec<u8>,
     /// Bytes a send that could not wait left unwritten (the socket was
     /// full): whoever sends next writes them first, and a thread started
-    /// for them does if nobody comes ([`Wire::try_send_parts`]).
+    /// for them does if nobody comes ([`ClientConn::send`]).
     tail: Vec<u8>,
 }
 
