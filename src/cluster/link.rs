@@ -675,10 +675,10 @@ fn server_thread(conn: Arc<ServerConn>) {
             bytes += answer.1.as_ref().map_or(0, |a| a.data.len());
             served.push(answer);
             // Answers carrying data (reads) leave a region's worth at a time.
-            if (i == last || bytes >= REGION_BYTES as usize) && !conn.answer(&served) {
-                break;
-            }
-            if bytes >= REGION_BYTES as usize {
+            if i == last || bytes >= REGION_BYTES as usize {
+                if !conn.answer(&served) {
+                    break;
+                }
                 (served, bytes) = (Vec::new(), 0);
             }
         }

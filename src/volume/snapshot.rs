@@ -431,14 +431,8 @@ impl Controller {
             .backends
             .store(rec.id.backend)
             .delete_snapshot(rec.id.uuid);
-        if keep_record {
-            let mut s = self.snaps();
-            s.copying.remove(&rec.id.uuid);
-            s.remove(rec.id.uuid);
-            return;
-        }
-        if let Err(e) = self.store.delete(Table::Snapshots, &rec.id.uuid.to_hex()) {
-            // Start-up drops records of unfinished copies anyway.
+        if !keep_record && let Err(e) = self.store.delete(Table::Snapshots, &rec.id.uuid.to_hex()) {
+            // Start-up takes a record left so for a failed copy's.
             tracing::error!(snapshot = %rec.id, error = %e, "cannot remove the record of an unfinished snapshot");
         }
         let mut s = self.snaps();
