@@ -778,6 +778,17 @@ impl EngineDriver {
             .clone()
     }
 
+    /// How many writes' bytes the driver still keeps for resending.
+    #[cfg(test)]
+    fn kept_writes(&self) -> usize {
+        self.core
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .payloads
+            .len()
+    }
+
     /// Flushes, stops the task and waits for it. Every I/O after (or still
     /// waiting) fails with EIO. Returns the final flush's error, if it
     /// failed (the task is stopped either way); stopping twice is a no-op.
@@ -1531,7 +1542,6 @@ impl Task {
             }
         }
         let engine = &self.engine;
-        self.payloads.retain(|seq, _| engine.write_pending(*seq));
         self.rebuild_data
             .retain(|(region, tag), _| engine.copying(*region, *tag));
     }
@@ -1629,6 +1639,9 @@ impl Task {
                 if let Some(mut w) = self.writes.remove(&tag.seq) {
                     w.finish(Ok(()));
                 }
+            }
+            EngineEvent::Settled { seq } => {
+                self.payloads.remove(&seq);
             }
             EngineEvent::WriteFailed { region, tag } => {
                 if let Some(mut w) = self.writes.remove(&tag.seq) {
@@ -2607,6 +2620,8 @@ mod tests {
             "a flushed region was copied: {rebuilt:?}"
         );
         assert_eq!(read(&d, 3 * REGION_BYTES, 4096).await.unwrap(), unflushed);
+        // Every write is settled: none of their bytes is kept.
+        assert_eq!(d.kept_writes(), 0);
         let image = net.image("a");
         assert_images(&net, &["b", "c"], &image);
         net.check();

@@ -133,6 +133,12 @@ pub enum EngineEvent {
         refusal: Refusal,
     },
     AllCopiesLost,
+    /// The write with sequence number `seq` goes to no copy any more
+    /// (every copy it went to answered or left, or the engine stopped):
+    /// its bytes may go ([`Engine::write_pending`] is false from here on).
+    Settled {
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +308,35 @@ struct PendingRead {
     last_sent: u64,
 }
 
+/// What a write's settling depends on besides its own `waiting`: each
+/// copy's name and whether it is out, and the required copies. While these
+/// stay the same, a write nobody answered since settles as it did.
+#[derive(Debug)]
+struct SettledUnder {
+    copies: Vec<(String, bool)>,
+    required: BTreeSet<String>,
+}
+
+impl SettledUnder {
+    fn new(links: &BTreeMap<String, Link>, required: BTreeSet<String>) -> Self {
+        let copies = links
+            .iter()
+            .map(|(n, l)| (n.clone(), l.phase == Phase::Out))
+            .collect();
+        SettledUnder { copies, required }
+    }
+
+    fn holds(&self, links: &BTreeMap<String, Link>, required: &BTreeSet<String>) -> bool {
+        self.required == *required
+            && self.copies.len() == links.len()
+            && self
+                .copies
+                .iter()
+                .zip(links)
+                .all(|((c, out), (n, l))| c == n && *out == (l.phase == Phase::Out))
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Engine {
@@ -326,6 +361,11 @@ pub struct Engine {
     /// The `upto` of the newest acknowledged flush.
     flushed_upto: u64,
     writes: BTreeMap<u64, PendingWrite>,
+    /// Writes whose `waiting` changed (or that are new) since the last
+    /// [`Engine::settle`] looked at them.
+    unsettled: Vec<u64>,
+    /// What the last [`Engine::settle`] that looked at every write saw.
+    settled_under: Option<SettledUnder>,
     flushes: BTreeMap<u64, PendingFlush>,
     reads: BTreeMap<u64, PendingRead>,
     seq: u64,
@@ -355,6 +395,8 @@ impl Engine {
             not_a_copy_at: None,
             flushed_upto: 0,
             writes: BTreeMap::new(),
+            unsettled: Vec::new(),
+            settled_under: None,
             flushes: BTreeMap::new(),
             reads: BTreeMap::new(),
             seq: 0,
@@ -603,6 +645,7 @@ impl Engine {
                 last_sent: self.now,
             },
         );
+        self.unsettled.push(self.seq);
         self.settle();
         Ok(tag)
     }
@@ -737,8 +780,9 @@ impl Engine {
                 }
                 if tag.epoch == self.record.epoch
                     && let Some(w) = self.writes.get_mut(&tag.seq)
+                    && w.waiting.remove(from)
                 {
-                    w.waiting.remove(from);
+                    self.unsettled.push(tag.seq);
                 }
             }
             Reply::Flushed { conn, id } => {
@@ -1117,7 +1161,8 @@ impl Engine {
         self.state = state;
         self.proposer = None;
         let writes = std::mem::take(&mut self.writes);
-        for (seq, w) in writes.into_iter().filter(|(_, w)| !w.acked) {
+        self.unsettled.clear();
+        for (&seq, w) in writes.iter().filter(|(_, w)| !w.acked) {
             self.events.push(EngineEvent::WriteFailed {
                 region: w.region,
                 tag: Tag {
@@ -1125,6 +1170,9 @@ impl Engine {
                     seq,
                 },
             });
+        }
+        for seq in writes.into_keys() {
+            self.events.push(EngineEvent::Settled { seq });
         }
         for id in std::mem::take(&mut self.flushes).into_keys() {
             self.events.push(EngineEvent::FlushFailed { id });
@@ -1512,7 +1560,22 @@ impl Engine {
         let required = self.required();
         let links = &self.links;
         let epoch = self.record.epoch;
-        for (&seq, w) in self.writes.iter_mut() {
+        let mut seqs = std::mem::take(&mut self.unsettled);
+        if self
+            .settled_under
+            .as_ref()
+            .is_some_and(|u| u.holds(links, &required))
+        {
+            seqs.sort_unstable();
+            seqs.dedup();
+        } else {
+            self.settled_under = Some(SettledUnder::new(links, required.clone()));
+            seqs = self.writes.keys().copied().collect();
+        }
+        for seq in seqs {
+            let Some(w) = self.writes.get_mut(&seq) else {
+                continue;
+            };
             w.waiting
                 .retain(|n| links.get(n).is_some_and(|l| l.phase != Phase::Out));
             if !w.acked && w.waiting.is_disjoint(&required) {
@@ -1522,9 +1585,11 @@ impl Engine {
                     tag: Tag { epoch, seq },
                 });
             }
+            if w.acked && w.waiting.is_empty() {
+                self.writes.remove(&seq);
+                self.events.push(EngineEvent::Settled { seq });
+            }
         }
-        self.writes
-            .retain(|_, w| !(w.acked && w.waiting.is_empty()));
         let done: Vec<u64> = self
             .flushes
             .iter()
@@ -1807,6 +1872,49 @@ mod tests {
         assert_eq!(net.voters["c"].data().get(&0), Some(&t0));
         assert_eq!(net.voters["c"].data().get(&3), Some(&t3));
         assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    /// A write also goes to a copy being rebuilt, which no acknowledgement
+    /// waits for. When that copy falls silent and is marked out, the
+    /// write, acknowledged long before, is settled (its bytes may go)
+    /// with no answer from it: nothing else about the write changed, and
+    /// the copies' and the required set's change alone must settle it.
+    #[test]
+    fn a_write_a_rebuilding_copy_never_answers_is_settled_once_that_copy_is_out() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        net.down.insert("c".into());
+        e.write(0).unwrap();
+        net.run(&mut e, 20);
+        net.down.clear();
+        // c comes back; its rebuild of region 0 never lands.
+        let mut held = Vec::new();
+        let rebuild_to_c = |x: &Envelope| x.to == "c" && matches!(x.msg, Request::Rebuild { .. });
+        net.run_holding(&mut e, 4, &mut held, &rebuild_to_c);
+        let phase = |e: &Engine| {
+            e.copies()
+                .into_iter()
+                .find(|v| v.node == "c")
+                .unwrap()
+                .phase
+        };
+        assert_eq!(phase(&e), CopyPhase::Rebuilding, "{:?}", e.copies());
+        let tag = e.write(2).unwrap();
+        let mut ev = net.run_holding(&mut e, 2, &mut held, &|x: &Envelope| x.to == "c");
+        assert_eq!(acked(&ev), [tag], "a and b have it");
+        assert!(
+            e.write_pending(tag.seq),
+            "still owed to c: {:?} {ev:?}",
+            e.copies()
+        );
+        ev.extend(net.run_holding(&mut e, 30, &mut held, &|x: &Envelope| x.to == "c"));
+        assert_eq!(phase(&e), CopyPhase::Out, "{:?}", e.copies());
+        assert!(
+            ev.contains(&EngineEvent::Settled { seq: tag.seq }),
+            "{ev:?}"
+        );
+        assert!(!e.write_pending(tag.seq));
     }
 
     #[test]
