@@ -8,6 +8,11 @@ use stowage::backend::placement::PoolImageMode;
 use stowage::client::{self, ClientCommand, GlobalArgs, OutputFormat};
 use stowage::server::{self, ClusterConfig, Config, Endpoint, Mode};
 
+/// mimalloc rather than glibc's malloc: the replicated data path makes
+/// several small allocations per write on many threads (see Cargo.toml).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "stowage", version = stowage::VENDOR_VERSION, about = "A CSI driver: local dir and block volumes, object volumes on S3")]
 struct Cli {
