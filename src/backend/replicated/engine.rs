@@ -1662,6 +1662,19 @@ mod tests {
             (Net::holding(&r), r)
         }
 
+        /// Three copies and a running engine on a, which marked c out of
+        /// sync when c, down (and still down), missed a write of region 0
+        /// (its tag).
+        fn with_c_out() -> (Self, Engine, Tag) {
+            let (mut net, r) = Net::new();
+            let mut e = net.publish("a", &r, "ctl1");
+            net.run(&mut e, 3);
+            net.down.insert("c".into());
+            let tag = e.write(0).unwrap();
+            net.run(&mut e, 20);
+            (net, e, tag)
+        }
+
         /// Every voter of `r`, each holding `r` as its first record.
         fn holding(r: &ReplicaRecord) -> Self {
             Net {
@@ -1857,12 +1870,7 @@ mod tests {
 
     #[test]
     fn a_copy_that_comes_back_is_rebuilt_from_its_dirty_regions_and_rejoins() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
-        net.down.insert("c".into());
-        let t0 = e.write(0).unwrap();
-        net.run(&mut e, 20);
+        let (mut net, mut e, t0) = Net::with_c_out();
         let t3 = e.write(3).unwrap();
         net.run(&mut e, 2);
         assert_eq!(net.voters["c"].data().get(&0), None);
@@ -1881,12 +1889,7 @@ mod tests {
     /// the copies' and the required set's change alone must settle it.
     #[test]
     fn a_write_a_rebuilding_copy_never_answers_is_settled_once_that_copy_is_out() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
-        net.down.insert("c".into());
-        e.write(0).unwrap();
-        net.run(&mut e, 20);
+        let (mut net, mut e, _) = Net::with_c_out();
         net.down.clear();
         // c comes back; its rebuild of region 0 never lands.
         let mut held = Vec::new();
@@ -2137,12 +2140,7 @@ mod tests {
     /// the write was lost).
     #[test]
     fn a_copy_joins_only_once_it_holds_stable_what_a_pending_flush_promises() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
-        net.down.insert("c".into());
-        e.write(0).unwrap();
-        net.run(&mut e, 20);
+        let (mut net, mut e, _) = Net::with_c_out();
         assert!(!e.record().in_sync.contains_key("c"));
         net.down.clear();
         let mut held = Vec::new();
