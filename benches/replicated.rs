@@ -22,7 +22,12 @@
 //!    order rotating from round to round; the median of the rounds counts,
 //!    the spread ((max − min) / median) shows the noise. Each figure is
 //!    printed as MiB/s and IOPS and as % of local next to the issue's
-//!    targets.
+//!    targets. Every copy's pool is on this one disk, so a write to N
+//!    copies is N writes to it: each round of a write job also runs on the
+//!    local volume and one, then two more local volumes of n1 at once
+//!    (`local2`, `local3`, written only so), and what each of N got is the
+//!    ceiling the disk leaves a write to N copies here, printed with the
+//!    2- and 3-copy rows as "against local ×N at once".
 //! 2. Publish and stage: ControllerPublish, NodeStage, NodeUnstage and
 //!    ControllerUnpublish of a small 3-copy replicated volume (NodeStage
 //!    starts its engine) and a small block volume, interleaved, medians
@@ -78,7 +83,8 @@
 //!         [--fuse-workers N] [--snapshot-rounds 5] [--only-snapshots]
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
-//! × rounds × runtime). Nothing is asserted about timings: these 2-core
+//! × rounds × runtime, and 3 write jobs × 2 at-once runs × rounds ×
+//! runtime). Nothing is asserted about timings: these 2-core
 //! machines are noisy, the figures are reported. Processes are killed by
 //! PID, mounts unmounted, loop devices detached and the scratch directory
 //! removed when the bench ends, panics, or is interrupted with Ctrl-C.
@@ -89,7 +95,7 @@
 mod common;
 mod support;
 
-use support::fio::{JOBS, Job, Measure, median as median_measure, spread};
+use support::fio::{JOBS, Job, Measure, median as median_measure, median_bw, spread};
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -846,25 +852,64 @@ async fn prefill(cfg: &FioConfig, device: &Path, out: &Path) -> Result<Duration,
     Ok(t.elapsed())
 }
 
-async fn run_job(cfg: &FioConfig, job: &Job, device: &Path, out: &Path) -> Result<Measure, String> {
+/// `job`'s shape and length, for fio's command line.
+fn job_args(cfg: &FioConfig, job: &Job) -> [String; 6] {
     let iodepth = if job.iodepth == 0 {
         cfg.seq_iodepth
     } else {
         job.iodepth
     };
-    let mut args = fio_common(cfg, device);
-    args.extend([
-        format!("--name={}", job.name),
+    [
         format!("--rw={}", job.rw),
         format!("--bs={}", job.bs),
         format!("--iodepth={iodepth}"),
         "--time_based".into(),
         format!("--runtime={}", cfg.runtime_s),
         format!("--ramp_time={}", cfg.ramp_s),
-    ]);
+    ]
+}
+
+async fn run_job(cfg: &FioConfig, job: &Job, device: &Path, out: &Path) -> Result<Measure, String> {
+    let mut args = fio_common(cfg, device);
+    args.push(format!("--name={}", job.name));
+    args.extend(job_args(cfg, job));
     let v = fio(&args, out).await?;
     Measure::from_fio(&v, job.read)
         .ok_or_else(|| format!("fio {} on {}: no I/O measured", job.name, device.display()))
+}
+
+/// `job` on every one of `devices` at once (one fio process, a job per
+/// device, started together): the mean of what each got.
+async fn run_job_at_once(
+    cfg: &FioConfig,
+    job: &Job,
+    devices: &[&Path],
+    out: &Path,
+) -> Result<f64, String> {
+    // The options before the first --name apply to every job; each job
+    // then names its own device.
+    let mut args: Vec<String> = fio_common(cfg, devices[0])
+        .into_iter()
+        .filter(|a| !a.starts_with("--filename="))
+        .collect();
+    args.extend(job_args(cfg, job));
+    for (k, d) in devices.iter().enumerate() {
+        args.push(format!("--name={}-{k}", job.name));
+        args.push(format!("--filename={}", d.display()));
+    }
+    let v = fio(&args, out).await?;
+    let mut sum = 0.0;
+    for (k, d) in devices.iter().enumerate() {
+        let m = Measure::from_fio_job(&v, k, job.read).ok_or_else(|| {
+            format!(
+                "fio {} at once on {}: no I/O measured",
+                job.name,
+                d.display()
+            )
+        })?;
+        sum += m.bw_kib_s;
+    }
+    Ok(sum / devices.len() as f64)
 }
 
 #[derive(Debug, Serialize)]
@@ -877,9 +922,27 @@ struct FioRow {
     rounds_kib_s: Vec<f64>,
     /// Bandwidth / the local volume's bandwidth (medians).
     of_local: f64,
+    /// Bandwidth / what each of as many local volumes as this one has
+    /// copies got written at once (write jobs, 2 and 3 copies): how near
+    /// the volume came to what the one disk under every copy allows.
+    of_ceiling: Option<f64>,
     spread: f64,
     target: Option<f64>,
     met: Option<bool>,
+}
+
+/// A write job on `volumes` local volumes of one pool at once: what a
+/// write to that many copies can reach when every copy is on this one
+/// disk (each copy's bytes are one more write to it).
+#[derive(Debug, Serialize)]
+struct AtOnce {
+    volumes: usize,
+    /// Each round: the mean of the volumes' bandwidths, KiB/s.
+    rounds_kib_s: Vec<f64>,
+    /// The median of the rounds, KiB/s.
+    per_volume_kib_s: f64,
+    /// `per_volume_kib_s` / the local volume's bandwidth alone.
+    of_local: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -887,6 +950,8 @@ struct FioJob {
     job: &'static str,
     iodepth: u32,
     rows: Vec<FioRow>,
+    /// Write jobs: the local volume and more local volumes written at once.
+    at_once: Vec<AtOnce>,
 }
 
 #[derive(Debug, Serialize)]
@@ -907,11 +972,15 @@ struct FioReport {
     jobs: Vec<FioJob>,
 }
 
-/// The fio volumes: "local" (block on n1), then "rep1".."rep3".
+/// The fio volumes: "local" (block on n1), "local2" and "local3" (block
+/// on n1, written only at once with "local": see [`AtOnce`]), then
+/// "rep1".."rep3".
 async fn fio_volumes(cl: &mut Cluster, size: u64) -> Vec<(Vol, usize, UpTimes)> {
     let mut out = Vec::new();
     for (label, replicas) in [
         ("local", None),
+        ("local2", None),
+        ("local3", None),
         ("rep1", Some(1)),
         ("rep2", Some(2)),
         ("rep3", Some(3)),
@@ -942,17 +1011,26 @@ async fn in_sync(cl: &mut Cluster, v: &Vol) -> Result<(), String> {
     Ok(())
 }
 
-/// fio on `vols` (the first is the baseline): prefilled first when
-/// `prefill` (else they were, in an earlier pass), `cfg.jobs` only.
+/// fio on `all` (the first is the baseline): prefilled first when
+/// `prefill` (else they were, in an earlier pass), `cfg.jobs` only. The
+/// local volumes after the first are written only at once with it (write
+/// jobs: [`AtOnce`]), as many as the most copies of a volume in `all`.
 async fn fio_part(
     cl: &mut Cluster,
     cfg: &FioConfig,
-    vols: &[&(Vol, usize, UpTimes)],
+    all: &[&(Vol, usize, UpTimes)],
     prefill_first: bool,
 ) -> Result<FioReport, String> {
     let out = cl.root.join("fio.json");
+    let (partners, vols): (Vec<_>, Vec<_>) = all
+        .iter()
+        .enumerate()
+        .partition(|&(k, (_, copies, _))| k > 0 && *copies == 0);
+    let partners: Vec<&Vol> = partners.into_iter().map(|(_, (v, _, _))| v).collect();
+    let vols: Vec<&(Vol, usize, UpTimes)> = vols.into_iter().map(|(_, &v)| v).collect();
+    let most_copies = vols.iter().map(|(_, c, _)| *c).max().unwrap_or(0);
     let mut volumes = Vec::new();
-    for &(v, copies, t) in vols {
+    for &(v, copies, t) in all {
         let took = if prefill_first {
             eprintln!("prefill {} ({} MiB)", v.label, cfg.size_bytes / MIB);
             prefill(cfg, &v.target, &out).await?
@@ -983,6 +1061,8 @@ async fn fio_part(
             continue;
         }
         let mut runs: Vec<Vec<Measure>> = vec![Vec::new(); vols.len()];
+        // [k]: k + 2 local volumes at once, a bandwidth per round.
+        let mut at_once_runs: Vec<Vec<f64>> = vec![Vec::new(); partners.len()];
         for round in 0..cfg.rounds {
             // Rotate so that no volume always runs first.
             for k in 0..vols.len() {
@@ -1011,8 +1091,44 @@ async fn fio_part(
                 }
                 runs[at].push(run_job(cfg, job, &v.target, &out).await?);
             }
+            // The one disk's share: the local volume written at once with
+            // 1, then 2 more (as many as the copies measured above).
+            // (Write jobs: a read takes nothing from the other copies.)
+            let n_max = if job.read {
+                1
+            } else {
+                (1 + partners.len()).min(most_copies)
+            };
+            for (n, rounds) in (2..=n_max).zip(at_once_runs.iter_mut()) {
+                eprintln!(
+                    "job {} round {}: {n} local volumes at once",
+                    job.name,
+                    round + 1
+                );
+                settle().await;
+                let devices: Vec<&Path> = std::iter::once(&vols[0].0)
+                    .chain(partners.iter().copied())
+                    .take(n)
+                    .map(|v| v.target.as_path())
+                    .collect();
+                rounds.push(run_job_at_once(cfg, job, &devices, &out).await?);
+            }
         }
         let base = median_measure(&runs[0]).bw_kib_s;
+        let at_once: Vec<AtOnce> = at_once_runs
+            .into_iter()
+            .zip(2..)
+            .filter(|(r, _)| !r.is_empty())
+            .map(|(rounds_kib_s, volumes)| {
+                let per_volume_kib_s = median_bw(&rounds_kib_s);
+                AtOnce {
+                    volumes,
+                    rounds_kib_s,
+                    per_volume_kib_s,
+                    of_local: per_volume_kib_s / base,
+                }
+            })
+            .collect();
         let rows = vols
             .iter()
             .zip(&runs)
@@ -1026,6 +1142,10 @@ async fn fio_part(
                     measure: m,
                     rounds_kib_s: r.iter().map(|m| m.bw_kib_s).collect(),
                     of_local,
+                    of_ceiling: at_once
+                        .iter()
+                        .find(|a| a.volumes == *copies)
+                        .map(|a| m.bw_kib_s / a.per_volume_kib_s),
                     spread: spread(r),
                     target,
                     met: target.map(|t| of_local >= t),
@@ -1040,6 +1160,7 @@ async fn fio_part(
                 job.iodepth
             },
             rows,
+            at_once,
         });
     }
     Ok(FioReport {
@@ -2009,13 +2130,50 @@ fn print_fio(f: &FioReport, heading: &str) {
                     .join(" ")
             );
         }
+        for a in &j.at_once {
+            println!(
+                "  local ×{} at once: {:.1} MiB/s each, {} of local alone (rounds {})",
+                a.volumes,
+                a.per_volume_kib_s / 1024.0,
+                pct(a.of_local),
+                a.rounds_kib_s
+                    .iter()
+                    .map(|b| format!("{:.1}", b / 1024.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        for row in j.rows.iter().filter(|r| r.of_ceiling.is_some()) {
+            println!(
+                "  {} against local ×{} at once: {}",
+                row.volume,
+                row.copies,
+                pct(row.of_ceiling.unwrap_or_default())
+            );
+        }
     }
     println!();
     println!("issue 14 targets (% of local, medians; {heading}):");
     for j in &f.jobs {
         for row in j.rows.iter().filter(|r| r.target.is_some()) {
+            // Every copy's pool is on this one disk: a write to N copies
+            // is N writes to it, so what N local volumes written at once
+            // get each is what the disk leaves a write to N copies.
+            let ceiling = j
+                .at_once
+                .iter()
+                .find(|a| a.volumes == row.copies)
+                .map(|a| {
+                    format!(
+                        "  (the one disk's ceiling, {} local volumes at once: {} each; this is {} of it)",
+                        a.volumes,
+                        pct(a.of_local),
+                        pct(row.of_ceiling.unwrap_or_default())
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "  {} cop{} {:<16} {:>7}  target ≥{:.0}%  {}",
+                "  {} cop{} {:<16} {:>7}  target ≥{:.0}%  {}{ceiling}",
                 row.copies,
                 if row.copies == 1 { "y  " } else { "ies" },
                 j.job,
@@ -2029,9 +2187,6 @@ fn print_fio(f: &FioReport, heading: &str) {
             );
         }
     }
-    println!(
-        "  (every copy's pool is on this one disk: a write to N copies is N writes to it, so a write job's ceiling here is 1/N of local, 33.3% for 3 copies; on nodes with disks of their own it is not)"
-    );
 }
 
 fn print_report(r: &Report) {
@@ -2291,9 +2446,9 @@ async fn run(args: &Args) -> Report {
     let snapshot_rounds = num("--snapshot-rounds", 5).max(1) as usize;
     let only_snapshots = args.flag("--only-snapshots");
 
-    // Every copy written in full: 1 + 1 + 2 + 3 volumes of `size`, three
+    // Every copy written in full: 3 local volumes and 1 + 2 + 3 copies of `size`, three
     // copies of `full_size`, and room for xfs.
-    let pool = (7 * size + 3 * full_size + (4 << 30)).max(16 << 30);
+    let pool = (9 * size + 3 * full_size + (4 << 30)).max(16 << 30);
     let node_args: Vec<String> = args
         .value("--fuse-workers")
         .map(|n| vec!["--fuse-workers".into(), n])

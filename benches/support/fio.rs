@@ -77,7 +77,12 @@ impl Measure {
     /// What fio's JSON output `v` says of its first job's reads (`read`)
     /// or writes; None when it measured no I/O.
     pub fn from_fio(v: &serde_json::Value, read: bool) -> Option<Measure> {
-        let s = &v["jobs"][0][if read { "read" } else { "write" }];
+        Measure::from_fio_job(v, 0, read)
+    }
+
+    /// [`Measure::from_fio`] of job `k` of a run of several at once.
+    pub fn from_fio_job(v: &serde_json::Value, k: usize, read: bool) -> Option<Measure> {
+        let s = &v["jobs"][k][if read { "read" } else { "write" }];
         let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
         let pct = |p: &str| num(&s["clat_ns"]["percentile"][p]) / 1e3;
         let m = Measure {
@@ -96,6 +101,13 @@ impl Measure {
 pub fn median(runs: &[Measure]) -> Measure {
     let mut v = runs.to_vec();
     v.sort_by(|a, b| a.bw_kib_s.total_cmp(&b.bw_kib_s));
+    v[v.len() / 2]
+}
+
+/// The median of bandwidths, the upper one of an even count (as [`median`]).
+pub fn median_bw(bw: &[f64]) -> f64 {
+    let mut v = bw.to_vec();
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
