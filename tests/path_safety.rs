@@ -11,7 +11,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -20,28 +19,6 @@ use common::*;
 use serde_json::Value;
 use stowage::os::mountinfo::MountTable;
 use tonic::Code;
-
-/// `stowage status -o json` over `env`'s state and pool: exit code and
-/// report.
-fn status(env: &Env) -> (i32, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("status")
-        .arg("--state-dir")
-        .arg(&env.layout.state)
-        .arg("--pool")
-        .arg(&env.layout.pool)
-        .args(["-o", "json"])
-        .output()
-        .expect("run stowage status");
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "status: not JSON ({e}): {} / {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().expect("exit code"), v)
-}
 
 /// Paths the node records as staging paths or publication targets.
 fn recorded_paths(report: &Value) -> Vec<PathBuf> {
@@ -62,7 +39,7 @@ fn recorded_paths(report: &Value) -> Vec<PathBuf> {
 /// target, or one of `foreign` (mounts the test made itself).
 #[track_caller]
 fn assert_clean(env: &Env, foreign: &[&Path]) {
-    let (code, report) = status(env);
+    let (code, report) = env.status();
     assert_eq!(
         report["problems"].as_array().unwrap().len(),
         0,
@@ -535,7 +512,7 @@ async fn status_reports_a_volume_mounted_where_no_record_says() {
         .unwrap();
         made.push((vol.volume_id, staging, stray));
     }
-    let (code, report) = status(&env);
+    let (code, report) = env.status();
     assert_eq!(code, 1, "{report:#}");
     for (_, _, stray) in &made {
         assert!(

@@ -246,8 +246,9 @@ async fn a_pool_holding_volumes_is_never_hidden_under_an_image() {
 
 /// DeleteSnapshot while the snapshot is still being copied succeeds at
 /// once ("deleting a snapshot being cut cancels the copy"): the copy stops,
-/// nothing is left in the pool or in ListSnapshots, and the source volume is
-/// free again (DeleteVolume succeeds, not ABORTED).
+/// nothing is left in the pool, in ListSnapshots or in the state (across a
+/// restart, no record brings the ID back), and the source volume is free
+/// again (DeleteVolume succeeds, not ABORTED).
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_a_snapshot_being_copied_cancels_the_copy() {
     let mut env = Env::with_args("ext4", NEVER).await;
@@ -270,6 +271,79 @@ async fn deleting_a_snapshot_being_copied_cancels_the_copy() {
     );
     env.delete(&vol).await.expect("the source is free again");
     assert!(env.server.log_text().contains("snapshot copy cancelled"));
+    let (_, report) = env.status();
+    assert_eq!(report["snapshots"], 0, "{report:#}");
+    env.restart_server().await;
+    assert!(list_snapshots(&mut env).await.is_empty());
+    let (_, report) = env.status();
+    assert_eq!(report["snapshots"], 0, "{report:#}");
+}
+
+/// Makes a file immutable (`chattr +i`: every write to it fails with
+/// EPERM, through descriptors opened before too) until dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Self {
+        let st = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .expect("run chattr");
+        assert!(st.success(), "chattr +i {}", path.display());
+        Immutable(path.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A snapshot being copied whose record cannot be removed when a
+/// DeleteSnapshot cancels its copy (the state's snapshot log made
+/// immutable): DeleteSnapshot is not OK until the record is gone. Once
+/// the log can be written, the CO's next try removes it, and no restart
+/// brings the deleted ID back (start-up would take a record left behind
+/// for a failed copy's and make its copy anew under that ID).
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_snapshot_being_copied_is_not_ok_until_its_record_is_gone() {
+    let mut env = Env::with_args("ext4", NEVER).await;
+    let vol = volume_with_data(&mut env, "left-src", 768, 640).await;
+    let snap = create_snapshot(&mut env, "left-snap", &vol).await;
+    assert!(!snap.ready_to_use, "a 640 MiB copy is not done at once");
+    let delete = csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    };
+    let log = env.layout.state.join("snapshots.log");
+    let immutable = Immutable::set(&log);
+    let err = env
+        .c
+        .controller
+        .delete_snapshot(delete.clone())
+        .await
+        .expect_err("DeleteSnapshot answered OK with the record still there");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(env.server.log_text().contains("snapshot copy cancelled"));
+    drop(immutable);
+    env.c
+        .controller
+        .delete_snapshot(delete)
+        .await
+        .expect("DeleteSnapshot once the record can be removed");
+    let (_, report) = env.status();
+    assert_eq!(report["snapshots"], 0, "{report:#}");
+    env.restart_server().await;
+    let again = create_snapshot(&mut env, "left-snap", &vol).await;
+    assert_ne!(
+        again.snapshot_id, snap.snapshot_id,
+        "a deleted snapshot ID came back"
+    );
 }
 
 /// A copy that fails (the pool fills up) ends in an error the CO sees: the

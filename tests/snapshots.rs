@@ -339,14 +339,17 @@ async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id()
     // The plugin restarts (twice) before the CO asks again: the ID is
     // still the one the CO was given.
     for _ in 0..2 {
-        tokio::task::block_in_place(|| {
-            env.server.terminate();
-            env.server.restart();
-        });
-        env.reconnect().await;
+        env.restart_server().await;
     }
+    // `stowage status` counts the kept record, and says it is not ready;
+    // the deleted one is not counted at all.
+    let (_, report) = env.status();
+    assert_eq!(report["snapshots"], 1, "{report:#}");
+    assert_eq!(report["snapshots_not_ready"], 1, "{report:#}");
     std::fs::remove_file(&filler_path).unwrap();
     let ready = snapshot_ready(&mut env, "nospace", &v.volume_id).await;
+    let (_, report) = env.status();
+    assert_eq!(report["snapshots_not_ready"], 0, "{report:#}");
     assert_eq!(
         ready.snapshot_id, first.snapshot_id,
         "the copy made anew keeps the ID the CO was given"

@@ -6,33 +6,8 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-use serde_json::Value;
 use stowage::os::loopdev::LoopDevice;
-
-/// Runs `stowage status -o json` over `env`'s state and pool; returns the
-/// exit code and the parsed report.
-fn status(env: &Env) -> (i32, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("status")
-        .arg("--state-dir")
-        .arg(&env.layout.state)
-        .arg("--pool")
-        .arg(&env.layout.pool)
-        .args(["-o", "json"])
-        .output()
-        .expect("run stowage status");
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "status: not JSON ({e}): {} / {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().expect("exit code"), v)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_volumes_and_leaks() {
@@ -41,7 +16,7 @@ async fn status_reports_volumes_and_leaks() {
     let staging = env.staging_dir("status-vol");
     env.stage(&vol.volume_id, "ext4", &staging).await.unwrap();
 
-    let (code, report) = status(&env);
+    let (code, report) = env.status();
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["pool"]["filesystem"], "xfs");
     assert!(report["pool"]["total_bytes"].as_u64().unwrap() > 0);
@@ -73,7 +48,7 @@ async fn status_reports_volumes_and_leaks() {
         .set_len(8 << 20)
         .unwrap();
     let dev = LoopDevice::attach(&stray, false).expect("attach stray");
-    let (code, report) = status(&env);
+    let (code, report) = env.status();
     assert_eq!(code, 1, "{report:#}");
     let problems = report["problems"].as_array().unwrap();
     let has = |kind: &str, subject: &str| {

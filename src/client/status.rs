@@ -41,7 +41,12 @@ pub struct StatusArgs {
 pub struct StatusView {
     pub pool: PoolView,
     pub volumes: Vec<VolumeView>,
+    /// Snapshot records, ready or not.
     pub snapshots: usize,
+    /// Of those, the ones not ready: a background copy still running, or
+    /// one that failed and whose record is kept for its ID (the next
+    /// CreateSnapshot of its name copies anew under it).
+    pub snapshots_not_ready: usize,
     pub problems: Vec<Problem>,
 }
 
@@ -342,6 +347,7 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
         },
         volumes: views,
         snapshots: snapshots.len(),
+        snapshots_not_ready: snapshots.iter().filter(|(_, r)| !r.ready).count(),
         problems,
     })
 }
@@ -416,7 +422,14 @@ fn print_table(s: &StatusView) {
         size(p.used_bytes),
         size(p.free_bytes)
     );
-    println!("Snapshots:  {}", s.snapshots);
+    if s.snapshots_not_ready == 0 {
+        println!("Snapshots:  {}", s.snapshots);
+    } else {
+        println!(
+            "Snapshots:  {} ({} not ready: being copied, or a failed copy kept for its ID)",
+            s.snapshots, s.snapshots_not_ready
+        );
+    }
     println!();
     let mut t = Table::new(&[
         "ID",

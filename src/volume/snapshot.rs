@@ -4,7 +4,7 @@
 //! the copy so the snapshot is consistent. Snapshots are independent of
 //! their source: deleting the volume leaves them restorable.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -70,6 +70,9 @@ pub struct SnapshotIndex {
     /// CreateSnapshot of that name answers with the error, and the one
     /// after copies anew under the same snapshot ID.
     failed: HashMap<String, FailedCopy>,
+    /// Unfinished snapshots whose records could not be removed (see
+    /// [`Controller::delete_snapshot`]).
+    records_left: HashSet<Uuid>,
 }
 
 /// A snapshot whose background copy failed (nothing of it is left).
@@ -431,11 +434,20 @@ impl Controller {
             .backends
             .store(rec.id.backend)
             .delete_snapshot(rec.id.uuid);
-        if !keep_record && let Err(e) = self.store.delete(Table::Snapshots, &rec.id.uuid.to_hex()) {
-            // Start-up takes a record left so for a failed copy's.
-            tracing::error!(snapshot = %rec.id, error = %e, "cannot remove the record of an unfinished snapshot");
-        }
+        let left = !keep_record
+            && match self.store.delete(Table::Snapshots, &rec.id.uuid.to_hex()) {
+                Ok(()) => false,
+                Err(e) => {
+                    // Start-up takes a record left so for a failed copy's;
+                    // a DeleteSnapshot of its ID removes it first.
+                    tracing::error!(snapshot = %rec.id, error = %e, "cannot remove the record of an unfinished snapshot");
+                    true
+                }
+            };
         let mut s = self.snaps();
+        if left {
+            s.records_left.insert(rec.id.uuid);
+        }
         s.copying.remove(&rec.id.uuid);
         s.remove(rec.id.uuid);
     }
@@ -507,14 +519,12 @@ impl Controller {
         };
         let _g = self.guard(format!("snap:{}", id.uuid))?;
         // A failed copy's ID is deleted too: no later copy takes it up.
-        let failed = {
-            let mut s = self.snaps();
-            let before = s.failed.len();
-            s.failed.retain(|_, f| f.uuid != id.uuid);
-            s.failed.len() < before
-        };
+        // It is forgotten once its record is gone, so that the CO's next
+        // try removes a record this one could not.
+        let failed = self.snaps().failed.values().any(|f| f.uuid == id.uuid);
         if failed {
             self.store.delete(Table::Snapshots, &id.uuid.to_hex())?;
+            self.snaps().failed.retain(|_, f| f.uuid != id.uuid);
         }
         let job = self.snaps().copying.get(&id.uuid).cloned();
         if let Some(job) = job {
@@ -526,6 +536,14 @@ impl Controller {
                     "snapshot {id} (its copy has not stopped yet)"
                 )));
             }
+        }
+        // A cancelled copy removes its record but can only log a failure
+        // to: a record left so would be taken at start-up for a failed
+        // copy's, and the deleted ID made anew. Not OK until it is gone
+        // (this call or the CO's next).
+        if self.snaps().records_left.contains(&id.uuid) {
+            self.store.delete(Table::Snapshots, &id.uuid.to_hex())?;
+            self.snaps().records_left.remove(&id.uuid);
         }
         let rec = self
             .snaps()

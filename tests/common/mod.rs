@@ -355,7 +355,39 @@ impl Env {
         };
     }
 
+    /// Stops the server (SIGTERM, waited for) and starts it again with the
+    /// same arguments; connects anew.
+    pub async fn restart_server(&mut self) {
+        tokio::task::block_in_place(|| {
+            self.server.terminate();
+            self.server.restart();
+        });
+        self.reconnect().await;
+    }
+
     /// A fresh staging directory (as a CO would make it).
+    /// `stowage status -o json` over this environment's state and pool:
+    /// exit code and report.
+    pub fn status(&self) -> (i32, serde_json::Value) {
+        let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("status")
+            .arg("--state-dir")
+            .arg(&self.layout.state)
+            .arg("--pool")
+            .arg(&self.layout.pool)
+            .args(["-o", "json"])
+            .output()
+            .expect("run stowage status");
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status: not JSON ({e}): {} / {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().expect("exit code"), v)
+    }
+
     pub fn staging_dir(&self, name: &str) -> PathBuf {
         let p = self.layout.staging.join(name);
         std::fs::create_dir_all(&p).unwrap();
