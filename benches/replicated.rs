@@ -1012,7 +1012,7 @@ async fn in_sync(cl: &mut Cluster, v: &Vol) -> Result<(), String> {
 }
 
 /// fio on `all` (the first is the baseline): prefilled first when
-/// `prefill` (else they were, in an earlier pass), `cfg.jobs` only. The
+/// `prefill_first` (else they were, in an earlier pass), `cfg.jobs` only. The
 /// local volumes after the first are written only at once with it (write
 /// jobs: [`AtOnce`]), as many as the most copies of a volume in `all`.
 async fn fio_part(
