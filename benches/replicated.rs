@@ -2064,6 +2064,15 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
+/// Bandwidths in KiB/s as MiB/s, one decimal, space-separated.
+fn mib_s_list(kib_s: &[f64]) -> String {
+    kib_s
+        .iter()
+        .map(|b| format!("{:.1}", b / 1024.0))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn print_fio(f: &FioReport, heading: &str) {
     let c = &f.config;
     println!();
@@ -2123,11 +2132,7 @@ fn print_fio(f: &FioReport, heading: &str) {
                 pct(row.of_local),
                 pct(row.spread),
                 target,
-                row.rounds_kib_s
-                    .iter()
-                    .map(|b| format!("{:.1}", b / 1024.0))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                mib_s_list(&row.rounds_kib_s)
             );
         }
         for a in &j.at_once {
@@ -2136,11 +2141,7 @@ fn print_fio(f: &FioReport, heading: &str) {
                 a.volumes,
                 a.per_volume_kib_s / 1024.0,
                 pct(a.of_local),
-                a.rounds_kib_s
-                    .iter()
-                    .map(|b| format!("{:.1}", b / 1024.0))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                mib_s_list(&a.rounds_kib_s)
             );
         }
         for row in j.rows.iter().filter(|r| r.of_ceiling.is_some()) {
@@ -2446,8 +2447,8 @@ async fn run(args: &Args) -> Report {
     let snapshot_rounds = num("--snapshot-rounds", 5).max(1) as usize;
     let only_snapshots = args.flag("--only-snapshots");
 
-    // Every copy written in full: 3 local volumes and 1 + 2 + 3 copies of `size`, three
-    // copies of `full_size`, and room for xfs.
+    // Every copy written in full: 3 local volumes and 1 + 2 + 3 copies
+    // of `size`, three copies of `full_size`, and room for xfs.
     let pool = (9 * size + 3 * full_size + (4 << 30)).max(16 << 30);
     let node_args: Vec<String> = args
         .value("--fuse-workers")
