@@ -279,31 +279,6 @@ async fn deleting_a_snapshot_being_copied_cancels_the_copy() {
     assert_eq!(report["snapshots"], 0, "{report:#}");
 }
 
-/// Makes a file immutable (`chattr +i`: every write to it fails with
-/// EPERM, through descriptors opened before too) until dropped.
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn set(path: &Path) -> Self {
-        let st = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(path)
-            .status()
-            .expect("run chattr");
-        assert!(st.success(), "chattr +i {}", path.display());
-        Immutable(path.to_owned())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A snapshot being copied whose record cannot be removed when a
 /// DeleteSnapshot cancels its copy (the state's snapshot log made
 /// immutable): DeleteSnapshot is not OK until the record is gone. Once

@@ -81,6 +81,31 @@ impl Drop for Scratch {
     }
 }
 
+/// Makes a file immutable (`chattr +i`: every write to it fails with
+/// EPERM, through descriptors opened before too) until dropped.
+pub struct Immutable(PathBuf);
+
+impl Immutable {
+    pub fn set(path: &Path) -> Self {
+        let st = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .expect("run chattr");
+        assert!(st.success(), "chattr +i {}", path.display());
+        Immutable(path.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 /// Unmounts (lazily) a filesystem the test mounted, first thing on drop
 /// (declared after what must outlive the mount, e.g. the device under it).
 pub struct Mounted(pub PathBuf);
