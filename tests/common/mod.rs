@@ -413,6 +413,30 @@ impl Env {
         (out.status.code().expect("exit code"), v)
     }
 
+    /// DeleteSnapshot of `snapshot_id` while the state's snapshot log
+    /// cannot be written (made immutable): it must be INTERNAL, the record
+    /// not removed. Then, with the log writable again, the retry must be OK.
+    pub async fn delete_snapshot_once_its_record_can_go(&mut self, snapshot_id: &str) {
+        let delete = csi::DeleteSnapshotRequest {
+            snapshot_id: snapshot_id.to_owned(),
+            ..Default::default()
+        };
+        let immutable = Immutable::set(&self.layout.state.join("snapshots.log"));
+        let err = self
+            .c
+            .controller
+            .delete_snapshot(delete.clone())
+            .await
+            .expect_err("DeleteSnapshot answered OK with the record still there");
+        assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+        drop(immutable);
+        self.c
+            .controller
+            .delete_snapshot(delete)
+            .await
+            .expect("DeleteSnapshot once the record can be removed");
+    }
+
     pub fn staging_dir(&self, name: &str) -> PathBuf {
         let p = self.layout.staging.join(name);
         std::fs::create_dir_all(&p).unwrap();
