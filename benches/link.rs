@@ -32,8 +32,20 @@
 //! is where it can still get faster; what the transport costs on two
 //! cores shared by every process is not.
 //!
+//! Then the bulk path, as a sequential write streams it: 1 MiB writes
+//! (a whole region each), [`BULK_IN_FLIGHT`] in flight, `--bulk-mib` MiB
+//! a round after [`WARM_MIB`] unmeasured, in MiB/s (median of the rounds)
+//! with the process's minor page faults per MiB written:
+//!
+//! - `tls-stream`: those bytes pushed one way over a rustls stream with
+//!   the link's configurations to a thread reading them: the transport;
+//! - `store-bulk`: the copy's own work, `ReplicaStore::call` on this
+//!   thread;
+//! - `link-bulk`: the writes sent to a copy over the link (TLS on), the
+//!   next one as each answer comes back.
+//!
 //! ```text
-//! cargo bench --bench link -- [--calls N] [--rounds N] [--dir DIR]
+//! cargo bench --bench link -- [--calls N] [--rounds N] [--bulk-mib N] [--dir DIR]
 //! ```
 //!
 //! `--dir` holds the stores' pools (default: a scratch dir under /tmp).
@@ -58,6 +70,11 @@ const SIZE: u64 = 64 << 20;
 const BLOCK: usize = 4096;
 const ANSWER: usize = 32;
 const EPOCH: u64 = 3;
+/// Bulk writes in flight, as fio's sequential jobs keep (QD8).
+const BULK_IN_FLIGHT: usize = 8;
+const REGION: usize = stowage::backend::replicated::REGION_BYTES as usize;
+/// MiB each bulk shape writes unmeasured before its measured round.
+const WARM_MIB: usize = 64;
 
 fn arg(flag: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -365,6 +382,112 @@ fn link_round(
         .collect()
 }
 
+/// This process's minor page faults so far (`/proc/self/stat`, field 10).
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    after_name
+        .split(' ')
+        .nth(7)
+        .and_then(|f| f.parse().ok())
+        .expect("minflt")
+}
+
+/// A bulk shape's round: MiB/s and minor faults per MiB of `f(mib)`,
+/// after `f(WARM_MIB)` unmeasured (a connection quiet for a second lets
+/// its spare buffers go: what a stream costs once it flows is measured).
+fn bulk_measure(mib: usize, mut f: impl FnMut(usize)) -> (f64, f64) {
+    f(WARM_MIB);
+    let faults = minor_faults();
+    let t = Instant::now();
+    f(mib);
+    let took = t.elapsed().as_secs_f64();
+    let faults = minor_faults() - faults;
+    (mib as f64 / took, faults as f64 / mib as f64)
+}
+
+/// A whole-region write of `data` to region `seq % regions` with a fresh tag.
+fn write_region(seq: u64, data: &bytes::Bytes) -> Call {
+    let regions = SIZE / stowage::backend::replicated::REGION_BYTES;
+    Call {
+        request: Request::Write {
+            io: Io {
+                epoch: EPOCH,
+                boot: 1,
+                conn: 1,
+            },
+            region: (seq % regions) as u32,
+            tag: Tag { epoch: EPOCH, seq },
+        },
+        offset: 0,
+        len: 0,
+        data: data.clone().into(),
+    }
+}
+
+/// A thread reading everything a rustls stream sends and answering one
+/// byte per `REGION` bytes read, until the peer closes.
+fn tls_sink(server: &TlsMaterial, client: &TlsMaterial) -> TlsClient {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let config = server.link_server_config().expect("server config");
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        let mut s =
+            rustls::StreamOwned::new(rustls::ServerConnection::new(config).expect("server"), s);
+        let mut buf = vec![0u8; REGION];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&[1]).and_then(|()| s.flush()).is_err() {
+                return;
+            }
+        }
+    });
+    tls_client(&addr.to_string(), client)
+}
+
+/// `mib` MiB pushed over `s` in `REGION` writes, [`BULK_IN_FLIGHT`] ahead
+/// of their acknowledgements.
+fn tls_bulk(s: &mut TlsClient, mib: usize) {
+    let data = vec![5u8; REGION];
+    let mut ack = [0u8; 1];
+    for i in 0..mib {
+        s.write_all(&data).expect("bulk");
+        s.flush().expect("bulk");
+        if i >= BULK_IN_FLIGHT {
+            s.read_exact(&mut ack).expect("ack");
+        }
+    }
+    for _ in 0..mib.min(BULK_IN_FLIGHT) {
+        s.read_exact(&mut ack).expect("ack");
+    }
+}
+
+/// `mib` whole-region writes to the copy behind `c`, [`BULK_IN_FLIGHT`]
+/// at a time, each answer sending the next.
+fn link_bulk(c: &LinkClient, volume: Uuid, seq: &mut u64, data: &bytes::Bytes, mib: usize) {
+    let (tx, rx) = mpsc::channel();
+    let send = |seq: &mut u64| {
+        *seq += 1;
+        let tx = tx.clone();
+        let done = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        let sent = c.send_now(volume, &[write_region(*seq, data)], done);
+        assert!(sent.is_ok(), "no open connection to send on");
+    };
+    for _ in 0..mib.min(BULK_IN_FLIGHT) {
+        send(seq);
+    }
+    for i in 0..mib {
+        let r = rx.recv().expect("answer");
+        assert!(r.iter().all(Result::is_ok), "a copy refused a write: {r:?}");
+        if i + BULK_IN_FLIGHT < mib {
+            send(seq);
+        }
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -462,4 +585,48 @@ fn main() {
         p50("link") - p50("tls") - p50("store"),
         p50("store")
     );
+
+    let mib = num("--bulk-mib", 2048).max(BULK_IN_FLIGHT);
+    let data = bytes::Bytes::from(vec![9u8; REGION]);
+    let mut sink = tls_sink(&server, &client);
+    const BULK: [Shape; 3] = ["tls-stream", "store-bulk", "link-bulk"];
+    let mut bulk = |shape: Shape, n: usize, seq: &mut u64| match shape {
+        "tls-stream" => bulk_measure(n, |n| tls_bulk(&mut sink, n)),
+        "store-bulk" => bulk_measure(n, |n| {
+            for _ in 0..n {
+                *seq += 1;
+                let call = write_region(*seq, &data);
+                copies.here.call(copies.volume, call).expect("own copy");
+            }
+        }),
+        "link-bulk" => bulk_measure(n, |n| {
+            link_bulk(&tls_clients[0], copies.volume, seq, &data, n);
+        }),
+        _ => unreachable!("listed above"),
+    };
+    let mut measured: BTreeMap<Shape, Vec<(f64, f64)>> = BTreeMap::new();
+    for round in 0..rounds {
+        for i in 0..BULK.len() {
+            let s = BULK[(i + round) % BULK.len()];
+            measured.entry(s).or_default().push(bulk(s, mib, &mut seq));
+        }
+    }
+    let rate = |s: Shape| median(measured[s].iter().map(|m| m.0).collect());
+    let faults = |s: Shape| median(measured[s].iter().map(|m| m.1).collect());
+    println!(
+        "bulk: {mib} MiB a round in 1 MiB writes after {WARM_MIB} MiB unmeasured, {BULK_IN_FLIGHT} in flight, {rounds} rounds, median of the rounds"
+    );
+    println!(
+        "{:<12} {:>9} {:>12} {:>13}",
+        "shape", "MiB/s", "÷ tls-stream", "faults / MiB"
+    );
+    for s in BULK {
+        println!(
+            "{:<12} {:>9.0} {:>12.2} {:>13.2}",
+            s,
+            rate(s),
+            rate(s) / rate("tls-stream"),
+            faults(s)
+        );
+    }
 }
