@@ -30,6 +30,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Instant;
 
+#[cfg(test)]
 use bytes::BytesMut;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
@@ -200,6 +201,12 @@ impl Sealer {
         Ok(())
     }
 
+    /// Makes the next seal update the key first.
+    #[cfg(test)]
+    pub(super) fn update_key_next(&mut self) {
+        self.update_after = self.dir.seq;
+    }
+
     /// True once this key has sealed as many records as it should.
     pub(super) fn wants_key_update(&self) -> bool {
         self.dir.seq >= self.update_after
@@ -228,56 +235,99 @@ pub(super) enum Opened {
     KeyUpdate { requested: bool },
 }
 
+/// What [`Opener::open_within`] did to a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Within {
+    /// The buffer's data ends here.
+    pub plain: usize,
+    /// What was not opened starts here.
+    pub used: usize,
+    pub opened: Opened,
+}
+
 /// Opens what the peer sends.
 pub(super) struct Opener {
     dir: Direction,
 }
 
 impl Opener {
-    /// Opens the whole records at the start of `buf`, in place, appending
-    /// their application data to `plain`, until the buffer holds no whole
-    /// record or something other than data came. Returns how many bytes
-    /// of `buf` it used and what stopped it.
-    pub(super) fn open(
-        &mut self,
-        buf: &mut [u8],
-        plain: &mut BytesMut,
-    ) -> io::Result<(usize, Opened)> {
-        let mut used = 0;
+    /// Opens the whole records of `buf[at..]` in place, until no whole
+    /// record is left or something other than data came: each record's
+    /// application data moves, as it is decrypted, to follow the data
+    /// before it, `buf[..at]` first, so no byte is copied twice. Returns
+    /// where the data ends (`buf[..plain]`), where what was not opened
+    /// starts (`buf[used..]`; the bytes between are spent), and what
+    /// stopped it.
+    pub(super) fn open_within(&mut self, buf: &mut [u8], at: usize) -> io::Result<Within> {
+        let (mut plain, mut used) = (at, at);
         while let Some(len) = record_len(&buf[used..])? {
-            let record = &mut buf[used..used + len];
-            let (typ, content) = self.open_record(record)?;
+            let (typ, n) = self.open_record(buf, plain, used, len)?;
             used += len;
-            match typ {
-                APPLICATION_DATA => plain.extend_from_slice(content),
+            let content = &buf[plain..plain + n];
+            let opened = match typ {
+                APPLICATION_DATA => {
+                    plain += n;
+                    continue;
+                }
                 ALERT => match content {
-                    [_, 0] => return Ok((used, Opened::Closed)),
+                    [_, 0] => Opened::Closed,
                     [_, what] => return Err(invalid(format!("TLS: alert {what} from the peer"))),
                     _ => return Err(invalid("TLS: a malformed alert")),
                 },
-                HANDSHAKE => {
-                    if let Some(requested) = post_handshake(content)? {
-                        return Ok((used, Opened::KeyUpdate { requested }));
-                    }
-                }
+                HANDSHAKE => match post_handshake(content)? {
+                    Some(requested) => Opened::KeyUpdate { requested },
+                    None => continue,
+                },
                 t => {
                     return Err(invalid(format!(
                         "TLS: a record of type {t} after the handshake"
                     )));
                 }
-            }
+            };
+            return Ok(Within {
+                plain,
+                used,
+                opened,
+            });
         }
-        Ok((used, Opened::More))
+        Ok(Within {
+            plain,
+            used,
+            opened: Opened::More,
+        })
     }
 
-    /// Decrypts one whole record in place; its inner type and content.
-    fn open_record<'a>(&mut self, record: &'a mut [u8]) -> io::Result<(u8, &'a [u8])> {
-        let header: [u8; HEADER] = record[..HEADER].try_into().expect("a whole header");
+    /// Opens the whole records at the start of `buf` as
+    /// [`Opener::open_within`] does, appending their application data to
+    /// `plain`; how many bytes of `buf` it used and what stopped it.
+    #[cfg(test)]
+    fn open(&mut self, buf: &mut [u8], plain: &mut BytesMut) -> io::Result<(usize, Opened)> {
+        let w = self.open_within(buf, 0)?;
+        plain.extend_from_slice(&buf[..w.plain]);
+        Ok((w.used, w.opened))
+    }
+
+    /// Decrypts the whole record `buf[at..at + len]`, its inner plaintext
+    /// landing at `buf[to..]` (`to <= at`) as it is decrypted; its inner
+    /// type and the length of its content there.
+    fn open_record(
+        &mut self,
+        buf: &mut [u8],
+        to: usize,
+        at: usize,
+        len: usize,
+    ) -> io::Result<(u8, usize)> {
+        let header: [u8; HEADER] = buf[at..at + HEADER].try_into().expect("a whole header");
         let nonce = self.dir.next_nonce()?;
         let inner = self
             .dir
             .key
-            .open_in_place(nonce, Aad::from(header), &mut record[HEADER..])
+            .open_within(
+                nonce,
+                Aad::from(header),
+                &mut buf[to..at + len],
+                at - to + HEADER..,
+            )
             .map_err(|_| invalid("TLS: a record failed authentication"))?;
         // The content, its type, then zero padding (RFC 8446 §5.4).
         let Some(end) = inner.iter().rposition(|&b| b != 0) else {
@@ -286,7 +336,7 @@ impl Opener {
         if end > MAX_CONTENT {
             return Err(invalid("TLS: a record with too much content"));
         }
-        Ok((inner[end], &inner[..end]))
+        Ok((inner[end], end))
     }
 
     /// Switches to the peer's next key, after its KeyUpdate.
@@ -668,6 +718,47 @@ mod tests {
             );
             assert!(plain.is_empty());
         }
+    }
+
+    /// Records open where they lie: their data follows the data before
+    /// them (a frame begun earlier), a record not yet whole stays as it
+    /// came, and a control record stops the opening after the data before
+    /// it.
+    #[test]
+    fn records_open_in_place_after_the_data_before_them() {
+        let (mut sealer, mut opener) = pair();
+        let data = pattern(40_000, 3);
+        let mut wire = b"earlier".to_vec();
+        sealer.seal(&data, &mut wire).unwrap();
+        let whole = wire.len();
+        let mut more = Vec::new();
+        sealer.seal(&pattern(100, 4), &mut more).unwrap();
+        wire.extend_from_slice(&more[..HEADER + 50]);
+        let w = opener.open_within(&mut wire, 7).unwrap();
+        assert_eq!(
+            (w.used, w.opened),
+            (whole, Opened::More),
+            "the last record is not whole"
+        );
+        assert_eq!(&wire[..7], b"earlier");
+        assert_eq!(&wire[7..w.plain], &data[..]);
+        assert_eq!(
+            &wire[w.used..],
+            &more[..HEADER + 50],
+            "an unopened record moved"
+        );
+
+        // Data, then close_notify, then data that must not be opened.
+        let (mut sealer, mut opener) = pair();
+        let mut wire = Vec::new();
+        sealer.seal(b"last", &mut wire).unwrap();
+        let inner = [1, 0, ALERT];
+        wire.extend(seal_inner(&mut sealer, &inner));
+        let closed_at = wire.len();
+        sealer.seal(b"after", &mut wire).unwrap();
+        let w = opener.open_within(&mut wire, 0).unwrap();
+        assert_eq!((w.plain, w.used, w.opened), (4, closed_at, Opened::Closed));
+        assert_eq!(&wire[..4], b"last");
     }
 
     #[test]
