@@ -150,8 +150,20 @@ fn tcp_pair() -> TcpStream {
 
 type TlsClient = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
+type TlsServer = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
 /// The same over mutual TLS with the link's configurations.
 fn tls_pair(server: &TlsMaterial, client: &TlsMaterial) -> TlsClient {
+    tls_served(server, client, pong)
+}
+
+/// A TLS client of a connection a thread serves with `serve`, over
+/// mutual TLS with the link's configurations.
+fn tls_served(
+    server: &TlsMaterial,
+    client: &TlsMaterial,
+    serve: impl FnOnce(TlsServer) + Send + 'static,
+) -> TlsClient {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let config = server.link_server_config().expect("server config");
@@ -159,7 +171,7 @@ fn tls_pair(server: &TlsMaterial, client: &TlsMaterial) -> TlsClient {
         let (s, _) = l.accept().expect("accept");
         s.set_nodelay(true).expect("nodelay");
         let c = rustls::ServerConnection::new(config).expect("server");
-        pong(rustls::StreamOwned::new(c, s));
+        serve(rustls::StreamOwned::new(c, s));
     });
     tls_client(&addr.to_string(), client)
 }
@@ -319,20 +331,9 @@ impl Drop for Copies {
 
 /// A write of 4 KiB to region `seq % regions` with a fresh tag.
 fn write(seq: u64) -> Call {
-    let regions = SIZE / stowage::backend::replicated::REGION_BYTES;
     Call {
-        request: Request::Write {
-            io: Io {
-                epoch: EPOCH,
-                boot: 1,
-                conn: 1,
-            },
-            region: (seq % regions) as u32,
-            tag: Tag { epoch: EPOCH, seq },
-        },
         offset: ((seq * 8192) % stowage::backend::replicated::REGION_BYTES) as u32,
-        len: 0,
-        data: vec![(seq % 251) as u8; BLOCK].into(),
+        ..write_region(seq, &vec![(seq % 251) as u8; BLOCK].into())
     }
 }
 
@@ -406,7 +407,8 @@ fn bulk_measure(mib: usize, mut f: impl FnMut(usize)) -> (f64, f64) {
     (mib as f64 / took, faults as f64 / mib as f64)
 }
 
-/// A whole-region write of `data` to region `seq % regions` with a fresh tag.
+/// A write of `data` at the start of region `seq % regions` (all of it
+/// for a region's worth) with a fresh tag.
 fn write_region(seq: u64, data: &bytes::Bytes) -> Call {
     let regions = SIZE / stowage::backend::replicated::REGION_BYTES;
     Call {
@@ -428,22 +430,14 @@ fn write_region(seq: u64, data: &bytes::Bytes) -> Call {
 /// A thread reading everything a rustls stream sends and answering one
 /// byte per `REGION` bytes read, until the peer closes.
 fn tls_sink(server: &TlsMaterial, client: &TlsMaterial) -> TlsClient {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let config = server.link_server_config().expect("server config");
-    std::thread::spawn(move || {
-        let (s, _) = l.accept().expect("accept");
-        s.set_nodelay(true).expect("nodelay");
-        let mut s =
-            rustls::StreamOwned::new(rustls::ServerConnection::new(config).expect("server"), s);
+    tls_served(server, client, |mut s| {
         let mut buf = vec![0u8; REGION];
         while s.read_exact(&mut buf).is_ok() {
             if s.write_all(&[1]).and_then(|()| s.flush()).is_err() {
                 return;
             }
         }
-    });
-    tls_client(&addr.to_string(), client)
+    })
 }
 
 /// `mib` MiB pushed over `s` in `REGION` writes, [`BULK_IN_FLIGHT`] ahead
@@ -488,6 +482,26 @@ fn link_bulk(c: &LinkClient, volume: Uuid, seq: &mut u64, data: &bytes::Bytes, m
     }
 }
 
+type Shape = &'static str;
+
+/// `measure` of every shape in each of `rounds` rounds, the order
+/// rotating from round to round: each shape's figures, a round each.
+fn interleaved<T>(
+    shapes: &[Shape],
+    rounds: usize,
+    mut measure: impl FnMut(Shape) -> T,
+) -> BTreeMap<Shape, Vec<T>> {
+    let mut results: BTreeMap<Shape, Vec<T>> = BTreeMap::new();
+    for round in 0..rounds {
+        for i in 0..shapes.len() {
+            let s = shapes[(i + round) % shapes.len()];
+            let m = measure(s);
+            results.entry(s).or_default().push(m);
+        }
+    }
+    results
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -509,7 +523,6 @@ fn main() {
     let plain_clients = copies.clients(false);
     let mut seq = 0u64;
 
-    type Shape = &'static str;
     const SHAPES: [Shape; 9] = [
         "tcp",
         "tls",
@@ -553,14 +566,7 @@ fn main() {
     for s in SHAPES {
         run(s, 500, &mut seq);
     }
-    let mut results: BTreeMap<Shape, Vec<(f64, f64)>> = BTreeMap::new();
-    for round in 0..rounds {
-        for i in 0..SHAPES.len() {
-            let s = SHAPES[(i + round) % SHAPES.len()];
-            let q = quantiles(run(s, calls, &mut seq));
-            results.entry(s).or_default().push(q);
-        }
-    }
+    let results = interleaved(&SHAPES, rounds, |s| quantiles(run(s, calls, &mut seq)));
     let p50 = |s: Shape| median(results[s].iter().map(|q| q.0).collect());
     let p99 = |s: Shape| median(results[s].iter().map(|q| q.1).collect());
     println!(
@@ -604,13 +610,7 @@ fn main() {
         }),
         _ => unreachable!("listed above"),
     };
-    let mut measured: BTreeMap<Shape, Vec<(f64, f64)>> = BTreeMap::new();
-    for round in 0..rounds {
-        for i in 0..BULK.len() {
-            let s = BULK[(i + round) % BULK.len()];
-            measured.entry(s).or_default().push(bulk(s, mib, &mut seq));
-        }
-    }
+    let measured = interleaved(&BULK, rounds, |s| bulk(s, mib, &mut seq));
     let rate = |s: Shape| median(measured[s].iter().map(|m| m.0).collect());
     let faults = |s: Shape| median(measured[s].iter().map(|m| m.1).collect());
     println!(

@@ -22,9 +22,10 @@
 //! and a node certificate acts only on volumes whose record on this node
 //! names that node (`replica::authorize`). rustls makes the
 //! handshake; `record.rs` then seals and opens the records itself,
-//! decrypting in place in the buffer the socket was read into (rustls's
-//! buffered connection copied each byte three times, a fifth of the CPU
-//! time of a 3-copy sequential write here). Only with
+//! decrypting each where the socket was read into, the frame buffer a
+//! frame handed out keeps (rustls's buffered connection copied each byte
+//! three times, a fifth of the CPU time of a 3-copy sequential write
+//! here). Only with
 //! `--replication-tls=off` (benchmarks) does the link run in plaintext,
 //! unauthenticated, as the README says. Record changes, attaches and
 //! everything the controller sends stay on the agent's gRPC port; an agent
