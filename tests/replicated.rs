@@ -231,12 +231,13 @@ fn rebuilt_bytes(cl: &Cluster, host: usize) -> Result<u64, String> {
 
 /// Agents stopped with SIGTERM (an upgrade, a reboot) close their copies
 /// clean: each keeps its boot, so the volume staged again is in sync at
-/// once, with nothing rebuilt. So do copies nobody wrote for a while, even
-/// when their agents are then killed with -9. Agents killed with -9 right
-/// after a write leave every copy at a new boot: all but one are rebuilt
-/// in full, as a crash must.
+/// once, with nothing rebuilt. So do copies of a volume just released
+/// (ControllerUnpublish), and copies nobody wrote for a while, even when
+/// their agents are then killed with -9. Agents killed with -9 right after
+/// a write, the volume unstaged but not released, leave every copy at a
+/// new boot: all but one are rebuilt in full, as a crash must.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copies_closed_clean_by_a_graceful_restart_or_while_idle_need_no_rebuild() {
+async fn copies_closed_clean_by_a_graceful_restart_a_release_or_while_idle_need_no_rebuild() {
     let mut cl = Cluster::start().await;
     let cap = ext4();
     let v = cl
@@ -257,7 +258,24 @@ async fn copies_closed_clean_by_a_graceful_restart_or_while_idle_need_no_rebuild
             })
             .collect()
     };
-    for stop in ["SIGTERM", "kill -9 once idle", "kill -9"] {
+    let wait_all_clean = |cl: &Cluster, why: &str| {
+        let start = std::time::Instant::now();
+        while clean_files(cl) != [true; 3] {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{why} copies not closed clean in 30 s: {:?}",
+                clean_files(cl)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let more = pattern(9, 4 << 20);
+    for stop in [
+        "SIGTERM",
+        "kill -9 right after the release",
+        "kill -9 once idle",
+        "kill -9",
+    ] {
         match stop {
             "SIGTERM" => {
                 for n in &cl.nodes {
@@ -265,23 +283,32 @@ async fn copies_closed_clean_by_a_graceful_restart_or_while_idle_need_no_rebuild
                     assert!(st.success(), "SIGTERM: {st}");
                 }
             }
+            "kill -9 right after the release" => {
+                // The last round ended with the volume released: each
+                // copy that took the release (a majority, before
+                // ControllerUnpublish answered) closed clean as it did.
+                let closed = clean_files(&cl);
+                assert!(
+                    closed.iter().filter(|c| **c).count() >= 2,
+                    "copies closed clean by the release: {closed:?}"
+                );
+                // The last one may take the release a little later.
+                wait_all_clean(&cl, "released");
+                for n in &cl.nodes {
+                    let _ = n.kill9();
+                }
+            }
             "kill -9 once idle" => {
+                written_not_released(&mut cl, &v, &cap, &more).await;
                 // Unwritten for 5 s, each copy is closed clean (checked
                 // every 2 s).
-                let start = std::time::Instant::now();
-                while clean_files(&cl) != [true; 3] {
-                    assert!(
-                        start.elapsed() < Duration::from_secs(30),
-                        "idle copies not closed clean in 30 s: {:?}",
-                        clean_files(&cl)
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                wait_all_clean(&cl, "idle");
                 for n in &cl.nodes {
                     let _ = n.kill9();
                 }
             }
             _ => {
+                written_not_released(&mut cl, &v, &cap, &more).await;
                 assert_eq!(clean_files(&cl), [false; 3], "just written");
                 for n in &cl.nodes {
                     let _ = n.kill9();
@@ -318,11 +345,28 @@ async fn copies_closed_clean_by_a_graceful_restart_or_while_idle_need_no_rebuild
             );
         }
         assert!(std::fs::read(m.target.join("kept")).unwrap() == data);
+        if stop.contains("idle") || stop == "kill -9" {
+            assert!(std::fs::read(m.target.join("more")).unwrap() == more);
+        }
         m.down(&mut cl, &v.volume_id).await;
     }
     assert!(cl.same_copies(1, 2, &v.volume_id).await);
     assert!(cl.same_copies(1, 3, &v.volume_id).await);
     cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// Publishes `v` on n1, writes `data` to its file `more` with fsync, and
+/// unstages it without releasing it (no ControllerUnpublish): the engine
+/// flushed and stopped, the copies still owned by n1.
+async fn written_not_released(
+    cl: &mut Cluster,
+    v: &csi::Volume,
+    cap: &csi::VolumeCapability,
+    data: &[u8],
+) {
+    let m = Published::up(cl, 1, v, cap).await.unwrap();
+    write_synced(&m.target.join("more"), data);
+    m.node_down(cl, &v.volume_id).await;
 }
 
 /// Writes `data` to `path` and fsyncs, in a thread: the error, if any

@@ -21,8 +21,9 @@
 //! newer write. A flush (and an attach) `fdatasync`s the data and the tags.
 //! A copy's boot rises once each time this process first opens it, so an
 //! engine learns that unflushed writes may be gone. Not after a clean
-//! close ([`ReplicaStore::close_all`] on SIGTERM, and
-//! [`ReplicaStore::close_idle`] for a copy nobody wrote for a while): that
+//! close ([`ReplicaStore::close_all`] on SIGTERM, a record that releases
+//! the volume as it is taken, and [`ReplicaStore::close_idle`] for a copy
+//! nobody wrote for a while): that
 //! syncs the copy and leaves a `clean` file naming its boot, which the next
 //! open keeps (nothing unflushed was lost, so the copies stay in sync and
 //! need no rebuild). The first write after a clean close removes the file,
@@ -267,7 +268,11 @@ impl Held {
 
     /// Hands a request to the voter and persists its state when the
     /// request changed it, before the answer leaves. A record that grew the
-    /// volume extends the files first.
+    /// volume extends the files first. A record that releases the volume
+    /// (its owner gone: ControllerUnpublishVolume, after the engine
+    /// flushed and stopped) closes the copy clean before the answer leaves,
+    /// so a crash of this node right after costs no rebuild (the idle
+    /// close would come only after [`ReplicaStore::close_idle`]'s wait).
     fn decide(&self, req: Request) -> Result<Answer, StoreError> {
         let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
         let before = v.state().clone();
@@ -284,6 +289,15 @@ impl Held {
             // Not durable: forget the change so nothing depends on it.
             *v = Voter::restore(v.node(), before, v.durable_data().clone());
             return Err(e);
+        }
+        let released = before.record.owner.is_some() && v.state().record.owner.is_none();
+        // close_clean takes the voter's lock itself.
+        drop(v);
+        if released
+            && !self.clean_hint.load(Ordering::Acquire)
+            && let Err(e) = self.close_clean(false)
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "released copy not closed clean: its next open starts a new boot");
         }
         Ok(Answer {
             reply,

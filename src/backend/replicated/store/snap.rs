@@ -527,6 +527,47 @@ mod tests {
         assert_eq!(store.close_idle(Duration::ZERO), 1);
     }
 
+    /// A record that releases the volume (no owner any more) closes the
+    /// copy clean as it is taken, so a crash right after costs no boot; a
+    /// record that moves the owner to another node does not.
+    #[test]
+    fn a_copy_is_closed_clean_when_its_volume_is_released() {
+        let (pool, store, vol, rec) = written_copy();
+        let boot = |s: &ReplicaStore| s.get(vol).unwrap().expect("a copy").state.boot;
+        let b = boot(&store);
+        let clean = || {
+            store
+                .root
+                .join(vol.to_hex())
+                .join(super::super::CLEAN_FILE)
+                .exists()
+        };
+        let commit = |version: u64, owner: Option<&str>| {
+            let mut r = rec.clone();
+            r.version = version;
+            r.owner = owner.map(|n| crate::backend::replicated::record::Owner {
+                node: n.to_owned(),
+                readonly: false,
+            });
+            let ballot = Ballot {
+                round: version,
+                proposer: "c".to_owned(),
+            };
+            let commit = Request::Commit { ballot, record: r };
+            store.call(vol, Call::control(commit)).unwrap();
+        };
+        commit(1, Some("n1"));
+        write(&store, vol, 3, 2, 0xbb);
+        commit(2, Some("n2"));
+        assert!(!clean(), "closed clean when the owner moved");
+        commit(3, None);
+        assert!(clean(), "not closed clean when released");
+        // A crash now (no close_all): the next process keeps the boot.
+        let again = ReplicaStore::open(pool.path(), "n1").unwrap();
+        assert_eq!(boot(&again), b);
+        assert_eq!(first_bytes(&again, vol), vec![0xbb; 4096]);
+    }
+
     #[test]
     fn a_snapshot_is_the_copy_at_one_point_and_restores_into_a_new_copy() {
         let (_pool, store, vol, rec) = written_copy();
