@@ -349,11 +349,10 @@ impl Inbound {
         let n = usize::try_from(got).map_err(|_| io::Error::last_os_error())?;
         // SAFETY: recv wrote those `n` bytes of the room just now.
         unsafe { self.plain.set_len(self.plain.len() + n) };
-        self.sealed += n;
         let Some(opener) = &mut self.opener else {
-            self.sealed = 0;
             return Ok(n);
         };
+        self.sealed += n;
         loop {
             let at = self.plain.len() - self.sealed;
             let within = opener.open_within(&mut self.plain, at)?;

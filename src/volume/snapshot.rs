@@ -518,14 +518,6 @@ impl Controller {
             return Ok(());
         };
         let _g = self.guard(format!("snap:{}", id.uuid))?;
-        // A failed copy's ID is deleted too: no later copy takes it up.
-        // It is forgotten once its record is gone, so that the CO's next
-        // try removes a record this one could not.
-        let failed = self.snaps().failed.values().any(|f| f.uuid == id.uuid);
-        if failed {
-            self.store.delete(Table::Snapshots, &id.uuid.to_hex())?;
-            self.snaps().failed.retain(|_, f| f.uuid != id.uuid);
-        }
         let job = self.snaps().copying.get(&id.uuid).cloned();
         if let Some(job) = job {
             // Deleting a snapshot being cut cancels the copy; a cancelled
@@ -537,13 +529,21 @@ impl Controller {
                 )));
             }
         }
-        // A cancelled copy removes its record but can only log a failure
-        // to: a record left so would be taken at start-up for a failed
-        // copy's, and the deleted ID made anew. Not OK until it is gone
-        // (this call or the CO's next).
-        if self.snaps().records_left.contains(&id.uuid) {
+        // Records of unfinished snapshots go too, and are forgotten only
+        // once gone, so that the CO's next try removes one this call
+        // could not (not OK until then): a failed copy's, kept for its ID
+        // (no later copy takes the ID up), and one a cancelled copy could
+        // not remove (start-up would take it for a failed copy's and make
+        // the deleted ID anew).
+        let left = {
+            let s = self.snaps();
+            s.records_left.contains(&id.uuid) || s.failed.values().any(|f| f.uuid == id.uuid)
+        };
+        if left {
             self.store.delete(Table::Snapshots, &id.uuid.to_hex())?;
-            self.snaps().records_left.remove(&id.uuid);
+            let mut s = self.snaps();
+            s.records_left.remove(&id.uuid);
+            s.failed.retain(|_, f| f.uuid != id.uuid);
         }
         let rec = self
             .snaps()

@@ -390,7 +390,6 @@ impl Env {
         self.reconnect().await;
     }
 
-    /// A fresh staging directory (as a CO would make it).
     /// `stowage status -o json` over this environment's state and pool:
     /// exit code and report.
     pub fn status(&self) -> (i32, serde_json::Value) {
@@ -437,6 +436,7 @@ impl Env {
             .expect("DeleteSnapshot once the record can be removed");
     }
 
+    /// A fresh staging directory (as a CO would make it).
     pub fn staging_dir(&self, name: &str) -> PathBuf {
         let p = self.layout.staging.join(name);
         std::fs::create_dir_all(&p).unwrap();
