@@ -1495,6 +1495,21 @@ async fn kill9_during_a_freezing_copy_leaves_nothing_frozen(op: FreezingCopy) {
     }
     tokio::task::block_in_place(|| env.server.restart());
     env.reconnect().await;
+    if let Some(id) = &first_id {
+        // `stowage status` does not take the copy's record for a copy
+        // running: the restart marked it cut short.
+        let (_, report) = env.status();
+        let failed = report["failed_snapshots"].as_array().expect("a list");
+        assert!(
+            report["snapshots_not_ready"] == 1,
+            "the copy finished before the kill; make it longer: {report:#}"
+        );
+        assert_eq!(report["snapshots_copying"], 0, "{report:#}");
+        assert_eq!(failed.len(), 1, "{report:#}");
+        assert_eq!(failed[0]["id"].as_str(), Some(id.as_str()), "{report:#}");
+        let why = failed[0]["error"].as_str().unwrap();
+        assert!(why.contains("cut short by a restart"), "{why}");
+    }
 
     // After the restart nothing may be frozen, and a CO's stage, publish
     // and write must all complete.

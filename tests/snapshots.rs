@@ -324,9 +324,16 @@ async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id()
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(snaps, 0, "nothing of the failed copy is left");
+    // `stowage status` tells the kept record from a copy running, and
+    // says why it failed.
+    assert_failed_copies(&env, &[(&first.snapshot_id, "nospace")]);
     // Another that fails, and is deleted: its ID is gone for good.
     let (gone, failed) = copy_that_fails(&mut env, "gone", &v.volume_id).await;
     assert_eq!(failed.code(), Code::ResourceExhausted, "{failed:?}");
+    assert_failed_copies(
+        &env,
+        &[(&first.snapshot_id, "nospace"), (&gone.snapshot_id, "gone")],
+    );
     // While its record cannot be removed, DeleteSnapshot is not OK; the
     // retry once it can is.
     env.delete_snapshot_once_its_record_can_go(&gone.snapshot_id)
@@ -337,15 +344,18 @@ async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id()
     for _ in 0..2 {
         env.restart_server().await;
     }
-    // `stowage status` counts the kept record, and says it is not ready;
+    // `stowage status` counts the kept record, and says it is not ready
+    // and why (the restarts did not take it for a copy they cut short);
     // the deleted one is not counted at all.
     let (_, report) = env.status();
     assert_eq!(report["snapshots"], 1, "{report:#}");
     assert_eq!(report["snapshots_not_ready"], 1, "{report:#}");
+    assert_failed_copies(&env, &[(&first.snapshot_id, "nospace")]);
     std::fs::remove_file(&filler_path).unwrap();
     let ready = snapshot_ready(&mut env, "nospace", &v.volume_id).await;
     let (_, report) = env.status();
     assert_eq!(report["snapshots_not_ready"], 0, "{report:#}");
+    assert_failed_copies(&env, &[]);
     assert_eq!(
         ready.snapshot_id, first.snapshot_id,
         "the copy made anew keeps the ID the CO was given"
@@ -368,6 +378,26 @@ async fn a_failed_background_copy_is_reported_then_made_anew_under_the_same_id()
         again.snapshot_id, gone.snapshot_id,
         "a deleted snapshot ID came back"
     );
+}
+
+/// `stowage status` lists exactly the snapshots `failed` (ID, name) as
+/// copies failed for want of space, and no copy as running.
+fn assert_failed_copies(env: &Env, failed: &[(&str, &str)]) {
+    let (_, report) = env.status();
+    let listed = report["failed_snapshots"].as_array().expect("a list");
+    let mut got: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|f| (f["id"].as_str().unwrap(), f["name"].as_str().unwrap()))
+        .collect();
+    got.sort();
+    let mut want = failed.to_vec();
+    want.sort();
+    assert_eq!(got, want, "{report:#}");
+    for f in listed {
+        let why = f["error"].as_str().unwrap();
+        assert!(why.contains("space"), "not why it failed: {why}");
+    }
+    assert_eq!(report["snapshots_copying"], 0, "{report:#}");
 }
 
 /// Starts a snapshot `name` of `volume` whose copy fails: its first answer

@@ -74,3 +74,83 @@ async fn status_reports_volumes_and_leaks() {
     env.delete(&vol.volume_id).await.unwrap();
     // The Scratch guard detaches the stray device when `env` drops.
 }
+
+/// The snapshot line of `stowage status` tells copies running from failed
+/// ones kept for their IDs, by the mark the server leaves on a failed
+/// copy's record: a state with one snapshot of each kind (written through
+/// the server's own store) is reported so, in JSON and in the table.
+#[test]
+fn status_tells_running_snapshot_copies_from_failed_ones() {
+    use stowage::state::{Store, Table as StateTable};
+    use stowage::volume::record::SnapshotRecord;
+    use stowage::volume::{BackendKind, SnapshotId, Uuid};
+
+    let scratch = Scratch::new("status-snaps");
+    let state = scratch.root.join("state");
+    let pool = scratch.root.join("pool");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&pool).unwrap();
+    let snap = |name: &str, ready: bool, failed: Option<&str>| SnapshotRecord {
+        id: SnapshotId {
+            backend: BackendKind::Block,
+            node: "n1".into(),
+            uuid: Uuid::new_random(),
+        },
+        name: name.into(),
+        source_volume_id: "block:n1:0123456789abcdef0123456789abcdef".into(),
+        size_bytes: MIB as u64,
+        fs_type: None,
+        created_at: (0, 0),
+        ready,
+        group: None,
+        location: None,
+        failed: failed.map(str::to_owned),
+    };
+    let records = [
+        snap("done", true, None),
+        snap("running", false, None),
+        snap("broken", false, Some("not enough space in the pool: test")),
+    ];
+    {
+        let store = Store::open(&state).unwrap();
+        for r in &records {
+            store
+                .put(StateTable::Snapshots, &r.id.uuid.to_hex(), r)
+                .unwrap();
+        }
+    }
+    let run = |format: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("status")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--pool")
+            .arg(&pool)
+            .args(["-o", format])
+            .output()
+            .expect("run stowage status");
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    assert_eq!(report["snapshots"], 3, "{report:#}");
+    assert_eq!(report["snapshots_not_ready"], 2, "{report:#}");
+    assert_eq!(report["snapshots_copying"], 1, "{report:#}");
+    let failed = report["failed_snapshots"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{report:#}");
+    assert_eq!(failed[0]["id"], records[2].id.to_string());
+    assert_eq!(failed[0]["name"], "broken");
+    assert_eq!(failed[0]["error"], "not enough space in the pool: test");
+    let table = run("table");
+    assert!(
+        table.contains("Snapshots:  3 (1 being copied, 1 whose copy failed)"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "{} (broken, of {}): not enough space in the pool: test",
+            records[2].id, records[2].source_volume_id
+        )),
+        "{table}"
+    );
+}

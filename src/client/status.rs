@@ -47,7 +47,23 @@ pub struct StatusView {
     /// one that failed and whose record is kept for its ID (the next
     /// CreateSnapshot of its name copies anew under it).
     pub snapshots_not_ready: usize,
+    /// Of the ones not ready, those whose copy is running. (A copy whose
+    /// server stopped before it could mark the record counts here until
+    /// the server's next start, which marks it failed.)
+    pub snapshots_copying: usize,
+    /// Of the ones not ready, those whose copy failed, with why.
+    pub failed_snapshots: Vec<FailedSnapshotView>,
     pub problems: Vec<Problem>,
+}
+
+/// A snapshot whose background copy failed; nothing of its data is left,
+/// and the next CreateSnapshot of its name copies anew under its ID.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedSnapshotView {
+    pub id: String,
+    pub name: String,
+    pub source_volume_id: String,
+    pub error: String,
 }
 
 /// The pool and its capacity.
@@ -348,6 +364,22 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
         volumes: views,
         snapshots: snapshots.len(),
         snapshots_not_ready: snapshots.iter().filter(|(_, r)| !r.ready).count(),
+        snapshots_copying: snapshots
+            .iter()
+            .filter(|(_, r)| !r.ready && r.failed.is_none())
+            .count(),
+        failed_snapshots: snapshots
+            .iter()
+            .filter(|(_, r)| !r.ready)
+            .filter_map(|(_, r)| {
+                Some(FailedSnapshotView {
+                    id: r.id.to_string(),
+                    name: r.name.clone(),
+                    source_volume_id: r.source_volume_id.clone(),
+                    error: r.failed.clone()?,
+                })
+            })
+            .collect(),
         problems,
     })
 }
@@ -422,13 +454,12 @@ fn print_table(s: &StatusView) {
         size(p.used_bytes),
         size(p.free_bytes)
     );
-    if s.snapshots_not_ready == 0 {
-        println!("Snapshots:  {}", s.snapshots);
-    } else {
-        println!(
-            "Snapshots:  {} ({} not ready: being copied, or a failed copy kept for its ID)",
-            s.snapshots, s.snapshots_not_ready
-        );
+    match (s.snapshots_copying, s.failed_snapshots.len()) {
+        (0, 0) => println!("Snapshots:  {}", s.snapshots),
+        (copying, failed) => println!(
+            "Snapshots:  {} ({copying} being copied, {failed} whose copy failed)",
+            s.snapshots
+        ),
     }
     println!();
     let mut t = Table::new(&[
@@ -470,6 +501,16 @@ fn print_table(s: &StatusView) {
     }
     print!("{t}");
     println!();
+    if !s.failed_snapshots.is_empty() {
+        println!("Failed snapshot copies (the next CreateSnapshot of the name copies anew):");
+        for f in &s.failed_snapshots {
+            println!(
+                "  {} ({}, of {}): {}",
+                f.id, f.name, f.source_volume_id, f.error
+            );
+        }
+        println!();
+    }
     if s.problems.is_empty() {
         println!("No problems.");
     } else {

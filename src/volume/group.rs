@@ -159,6 +159,7 @@ impl Controller {
         for v in &vols {
             let rec = SnapshotRecord {
                 location: None,
+                failed: None,
                 id: SnapshotId {
                     backend: v.id.backend,
                     node: v.id.node.clone(),

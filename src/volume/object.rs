@@ -264,6 +264,7 @@ impl Controller {
             ready: false,
             group: None,
             location: Some(from.snapshot(uuid)),
+            failed: None,
         };
         Ok((rec, from))
     }

@@ -70,6 +70,12 @@ pub struct SnapshotRecord {
     /// Where an object volume's snapshot is kept (no credentials).
     #[serde(default)]
     pub location: Option<crate::backend::object::Location>,
+    /// Why its background copy failed or stopped, on an unfinished record
+    /// kept for its ID (the next CreateSnapshot of its name copies anew
+    /// under it); none while a copy runs. `stowage status` tells the two
+    /// apart by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// Snapshots of several volumes taken at one instant.

@@ -55,6 +55,9 @@ impl CopyJob {
     }
 }
 
+/// Why a copy whose record start-up finds unfinished did not finish.
+const CUT_SHORT: &str = "the copy was cut short by a restart of the plugin";
+
 /// How long DeleteSnapshot waits for a cancelled copy to stop (it checks
 /// between 16 MiB steps, so this is ample).
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
@@ -126,9 +129,17 @@ impl SnapshotIndex {
                 if !rec.ready && keeps_its_id(&rec) {
                     // The CO holds its ID and asks again: the copy is made
                     // anew under it. The record stays (unfinished) until
-                    // then, or until a DeleteSnapshot of that ID.
+                    // then, or until a DeleteSnapshot of that ID, marked
+                    // as no copy running.
                     idx.failed
                         .insert(rec.name.clone(), FailedCopy::of(&rec, None));
+                    if rec.failed.is_none() {
+                        let marked = SnapshotRecord {
+                            failed: Some(CUT_SHORT.to_owned()),
+                            ..rec
+                        };
+                        store.put(Table::Snapshots, &key, &marked)?;
+                    }
                 } else {
                     store.delete(Table::Snapshots, &key)?;
                 }
@@ -360,6 +371,7 @@ impl Controller {
             ready: backend.copies_are_constant_time(),
             group: None,
             location: None,
+            failed: None,
         };
         if rec.ready {
             let frozen = self.freeze_source(&vol)?;
@@ -422,20 +434,37 @@ impl Controller {
     /// Removes every trace of a snapshot whose copy did not finish: its
     /// storage, its record and its index entries.
     fn forget_copy(&self, rec: &SnapshotRecord) {
-        self.forget_copy_but(rec, false);
+        self.forget(rec, None);
     }
 
-    /// [`Self::forget_copy`], keeping the (unfinished) record when
-    /// `keep_record`: a failed copy's, whose ID the next CreateSnapshot of
-    /// its name takes up again, across restarts too (see
+    /// [`Self::forget_copy`] of a copy that failed: why is kept for the
+    /// next CreateSnapshot of its name, and so is the (unfinished) record
+    /// when `keep_record`, marked with why: a failed copy's, whose ID that
+    /// CreateSnapshot takes up again, across restarts too (see
     /// [`SnapshotIndex::load`]).
-    fn forget_copy_but(&self, rec: &SnapshotRecord, keep_record: bool) {
+    fn forget_failed_copy(&self, rec: &SnapshotRecord, error: Error, keep_record: bool) {
+        self.forget(rec, Some((error, keep_record)));
+    }
+
+    fn forget(&self, rec: &SnapshotRecord, failure: Option<(Error, bool)>) {
         let _ = self
             .backends
             .store(rec.id.backend)
             .delete_snapshot(rec.id.uuid);
-        let left = !keep_record
-            && match self.store.delete(Table::Snapshots, &rec.id.uuid.to_hex()) {
+        let key = rec.id.uuid.to_hex();
+        let left = match &failure {
+            Some((why, true)) => {
+                let marked = SnapshotRecord {
+                    failed: Some(why.to_string()),
+                    ..rec.clone()
+                };
+                if let Err(e) = self.store.put(Table::Snapshots, &key, &marked) {
+                    // Kept all the same, unmarked: start-up marks it.
+                    tracing::warn!(snapshot = %rec.id, error = %e, "cannot mark the record of a failed copy");
+                }
+                false
+            }
+            _ => match self.store.delete(Table::Snapshots, &key) {
                 Ok(()) => false,
                 Err(e) => {
                     // Start-up takes a record left so for a failed copy's;
@@ -443,18 +472,23 @@ impl Controller {
                     tracing::error!(snapshot = %rec.id, error = %e, "cannot remove the record of an unfinished snapshot");
                     true
                 }
-            };
+            },
+        };
+        // In one step with the copy's end, so that a DeleteSnapshot or
+        // CreateSnapshot never finds the copy gone and its failure not yet
+        // kept (the record would outlive a delete; the ID would change).
         let mut s = self.snaps();
         if left {
             s.records_left.insert(rec.id.uuid);
+        }
+        if let Some((error, _)) = failure {
+            s.failed
+                .insert(rec.name.clone(), FailedCopy::of(rec, Some(error)));
         }
         s.copying.remove(&rec.id.uuid);
         s.remove(rec.id.uuid);
     }
 
-    /// Records how a background copy ended: ready, cancelled (by
-    /// DeleteSnapshot: nothing is left), or failed (nothing is left, and the
-    /// next CreateSnapshot of its name reports why).
     /// Registers a running copy of `rec` (inserted in the index); false
     /// when one runs already.
     pub(super) fn snapshot_copy_begin(&self, rec: &SnapshotRecord, job: Arc<CopyJob>) -> bool {
@@ -471,6 +505,9 @@ impl Controller {
         self.snaps().copying.remove(&id.uuid);
     }
 
+    /// Records how a background copy ended: ready, cancelled (by
+    /// DeleteSnapshot: nothing is left), or failed (nothing is left, and the
+    /// next CreateSnapshot of its name reports why).
     pub(super) fn finish_copy(&self, mut rec: SnapshotRecord, r: Result<()>, job: &CopyJob) {
         let cancelled = job.cancel.load(Ordering::Relaxed);
         match (r, cancelled) {
@@ -485,8 +522,7 @@ impl Controller {
                     .put(Table::Snapshots, &rec.id.uuid.to_hex(), &rec)
                 {
                     tracing::error!(snapshot = %rec.id, error = %e, "cannot record a finished snapshot");
-                    self.forget_copy(&rec);
-                    self.copy_failed(&rec, e.into());
+                    self.forget_failed_copy(&rec, e.into(), false);
                     return;
                 }
                 tracing::info!(snapshot = %rec.id, "snapshot copy finished");
@@ -496,18 +532,10 @@ impl Controller {
             }
             (Err(e), false) => {
                 tracing::error!(snapshot = %rec.id, error = %e, "snapshot copy failed");
-                self.forget_copy_but(&rec, keeps_its_id(&rec));
-                self.copy_failed(&rec, e);
+                let keep = keeps_its_id(&rec);
+                self.forget_failed_copy(&rec, e, keep);
             }
         }
-    }
-
-    /// Keeps why the copy of `rec` (of which nothing is left) failed, for
-    /// the next CreateSnapshot of its name.
-    fn copy_failed(&self, rec: &SnapshotRecord, error: Error) {
-        self.snaps()
-            .failed
-            .insert(rec.name.clone(), FailedCopy::of(rec, Some(error)));
     }
 
     /// DeleteSnapshot. Idempotent: an unknown or malformed ID is success.
