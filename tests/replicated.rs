@@ -1186,6 +1186,101 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
     }
 }
 
+/// A copy whose disk stalls while CreateSnapshot waits for it (its pool
+/// filesystem frozen: its records still read, nothing on it can be
+/// written) is left out: CreateSnapshot answers with the other copies'
+/// snapshots. Once the disk moves again, the stalled copy must not take
+/// the snapshot after all: its point in time would come after
+/// CreateSnapshot answered, and could hold writes acknowledged since.
+/// The snapshot is then deleted and restores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_stalled_past_create_snapshot_does_not_take_it_later() {
+    let mut cl = Cluster::start_with(&[
+        NodeOpts::default(),
+        NodeOpts::default(),
+        NodeOpts {
+            pool_bytes: Some(640 << 20),
+            ..Default::default()
+        },
+    ])
+    .await;
+    let cap = ext4();
+    let v = cl
+        .create(replicated("rep-st", "3", cap.clone()))
+        .await
+        .unwrap();
+    let m = Published::up(&mut cl, 1, &v, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
+    write_synced(&m.target.join("a"), &pattern(41, 1 << 20));
+
+    // Thawed when dropped, before the cluster (declared after it), even
+    // when this test fails.
+    let stalled = stowage::os::freeze::FrozenFs::new(&cl.state_dir(3).join("pool"))
+        .expect("freeze n3's pool");
+    let snap =
+        cl.c.controller
+            .create_snapshot(snapshot_req("snap-st", &v.volume_id))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)))
+            .into_inner()
+            .snapshot
+            .unwrap();
+    assert!(snap.ready_to_use);
+    for i in 1..=2 {
+        assert!(
+            cl.snapshot_dir(i, &snap.snapshot_id).join("data").exists(),
+            "n{i} holds its copy's snapshot"
+        );
+    }
+    stalled.thaw().expect("thaw n3's pool");
+
+    // n3's taking, stuck until now, ends: wait for its word on it.
+    let hex = snap.snapshot_id.trim_start_matches("snap:replicated:");
+    let late = cl.snapshot_dir(3, &snap.snapshot_id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            !late.exists(),
+            "n3 took the snapshot after CreateSnapshot answered:\n{}",
+            cl.nodes[2].log_tail(20)
+        );
+        let log = cl.nodes[2].log_text();
+        if log
+            .lines()
+            .any(|l| l.contains(hex) && l.contains("snapshot not taken"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n3 never ended its taking of the snapshot:\n{}",
+            cl.nodes[2].log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!late.exists(), "n3 took the snapshot after all");
+    let listed = list_snapshots(&mut cl, &snap.snapshot_id, "", 0).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // The volume goes on on every copy, and the snapshot goes for good.
+    write_synced(&m.target.join("b"), &pattern(42, 1 << 20));
+    cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;
+    cl.c.controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(list_snapshots(&mut cl, "", "", 0).await.is_empty());
+    for i in 1..=3 {
+        assert!(!cl.snapshot_dir(i, &snap.snapshot_id).exists(), "n{i}");
+    }
+    m.down(&mut cl, &v.volume_id).await;
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
 /// What block 0 of node `i`'s copy of replicated snapshot `snapshot_id`
 /// holds (None when the node holds no such snapshot).
 fn member_block(cl: &Cluster, i: usize, snapshot_id: &str) -> Option<Option<u64>> {

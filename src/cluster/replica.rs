@@ -314,9 +314,30 @@ impl Replica for ReplicaService {
         let snap = volume_of(&r.snapshot)?;
         let expect: ReplicaRecord = serde_json::from_str(&r.record)
             .map_err(|e| Status::invalid_argument(format!("record: {e}")))?;
+        // The copy freezes only while the controller waits for this
+        // answer: once it stopped waiting (its deadline, or this call's,
+        // passed), the snapshot it reported holds no copy frozen later,
+        // which could hold writes acknowledged after it.
+        let (waiting, waited_on) = tokio::sync::oneshot::channel::<()>();
         let info = self
-            .blocking(move |s| s.snapshot(volume, snap, &expect))
+            .blocking(move |s| {
+                let made = s.snapshot_gated(volume, snap, &expect, None, &mut || {
+                    !waiting.is_closed()
+                });
+                if waiting.is_closed() {
+                    match &made {
+                        Ok(_) => {
+                            tracing::info!(%volume, snapshot = %snap, "snapshot taken, though the controller stopped waiting after the copy froze");
+                        }
+                        Err(e) => {
+                            tracing::info!(%volume, snapshot = %snap, error = %e, "snapshot not taken: the controller stopped waiting before the copy could freeze");
+                        }
+                    }
+                }
+                made
+            })
             .await?;
+        drop(waited_on);
         Ok(Response::new(snapshot_message(&info)))
     }
 

@@ -415,6 +415,11 @@ pub struct ReplicaStore {
     root: PathBuf,
     node: String,
     open: Mutex<HashMap<Uuid, Arc<Held>>>,
+    /// Snapshots being taken, by taker: the snapshot, and whether it was
+    /// deleted meanwhile (the taker then keeps nothing). See
+    /// `snap.rs`.
+    taking: Mutex<HashMap<u64, (Uuid, bool)>>,
+    takers: AtomicU64,
 }
 
 impl ReplicaStore {
@@ -439,6 +444,8 @@ impl ReplicaStore {
             root,
             node: node.to_owned(),
             open: Mutex::new(HashMap::new()),
+            taking: Mutex::new(HashMap::new()),
+            takers: AtomicU64::new(0),
         };
         store.clean_snapshots()?;
         Ok(store)

@@ -34,6 +34,13 @@ use crate::volume::id::{SnapshotId, Uuid};
 /// it meanwhile.
 const SNAPSHOT_ATTEMPTS: usize = 3;
 
+/// How long a copy may take to freeze for a snapshot, counted where it
+/// is (the call's gRPC deadline): short of [`CALL_DEADLINE`], so that a
+/// copy freezes only while CreateSnapshot still waits for it, and the
+/// snapshot holds no write acknowledged after CreateSnapshot answered,
+/// even when the call's cancel does not reach the node.
+const FREEZE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// Whether `raw` is a replicated volume's snapshot ID (well formed or not).
 pub fn is_replicated_snapshot_id(raw: &str) -> bool {
     raw.starts_with(SNAPSHOT_PREFIX)
@@ -313,6 +320,8 @@ impl Replicated {
                     tokio::spawn(async move {
                         let n = n?;
                         let mut c = ReplicaClient::new(n.channel.clone());
+                        let mut req = tonic::Request::new(req);
+                        req.set_timeout(FREEZE_DEADLINE);
                         match tokio::time::timeout(CALL_DEADLINE, c.snapshot(req)).await {
                             Ok(Ok(_)) => Ok(node),
                             Ok(Err(s)) => Err(s),

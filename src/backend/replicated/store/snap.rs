@@ -17,7 +17,10 @@
 //! `tags` and `snapshot.json`, made in a `.new-*` directory and renamed
 //! into place.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::MutexGuard;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -300,6 +303,32 @@ impl ReplicaStore {
                 Err(StoreError::Conflict { uuid: snap })
             };
         }
+        let taker = self.takers.fetch_add(1, Ordering::Relaxed);
+        self.taking_now().insert(taker, (snap, false));
+        let made = self.take_snapshot(uuid, snap, expect, group, gate, taker);
+        self.taking_now().remove(&taker);
+        made
+    }
+
+    fn taking_now(&self) -> MutexGuard<'_, HashMap<u64, (Uuid, bool)>> {
+        self.taking.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The body of [`Self::snapshot_gated`] for `taker`: the snapshot is
+    /// renamed into place unless a [`Self::delete_snapshot`] of it came
+    /// meanwhile, which would otherwise find nothing to delete and leave
+    /// it to appear afterwards.
+    fn take_snapshot(
+        &self,
+        uuid: Uuid,
+        snap: Uuid,
+        expect: &ReplicaRecord,
+        group: Option<&GroupOf>,
+        gate: &mut dyn FnMut() -> bool,
+        taker: u64,
+    ) -> Result<SnapshotInfo, StoreError> {
+        let root = self.snap_root();
+        let dir = root.join(snap.to_hex());
         let tmp = Self::scratch(&root, &snap.to_hex())?;
         let made = (|| {
             let (size, epoch) = self.freeze_into(uuid, expect, &tmp, gate)?;
@@ -323,7 +352,17 @@ impl ReplicaStore {
             let p = tmp.join(META_FILE);
             let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Invalid(e.to_string()))?;
             crate::os::fs::write_atomic(&p, &json).map_err(io_err(&p))?;
-            std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+            {
+                // Under the lock a delete marks takers with, so that it
+                // either marks this one or finds the snapshot in place.
+                let taking = self.taking_now();
+                if taking.get(&taker).is_some_and(|(_, deleted)| *deleted) {
+                    return Err(StoreError::Stale(format!(
+                        "snapshot {snap} was deleted while it was being taken"
+                    )));
+                }
+                std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+            }
             crate::os::fs::sync_dir(&root).map_err(io_err(&root))?;
             meta.info()
                 .ok_or_else(|| StoreError::Invalid("malformed uuid".to_owned()))
@@ -356,12 +395,21 @@ impl ReplicaStore {
         Ok(out)
     }
 
-    /// Removes snapshot `snap` from this node. Idempotent.
+    /// Removes snapshot `snap` from this node, and calls off any taking of
+    /// it still under way (it keeps nothing). Idempotent.
     pub fn delete_snapshot(&self, snap: Uuid) -> Result<(), StoreError> {
         let root = self.snap_root();
         let dir = root.join(snap.to_hex());
-        if !dir.exists() {
-            return Ok(());
+        {
+            let mut taking = self.taking_now();
+            for (s, deleted) in taking.values_mut() {
+                if *s == snap {
+                    *deleted = true;
+                }
+            }
+            if !dir.exists() {
+                return Ok(());
+            }
         }
         let gone = root.join(format!(".gone-{}", snap.to_hex()));
         let _ = std::fs::remove_dir_all(&gone);
@@ -525,6 +573,44 @@ mod tests {
             "written again"
         );
         assert_eq!(store.close_idle(Duration::ZERO), 1);
+    }
+
+    /// A DeleteSnapshot that reaches a node while it is still taking that
+    /// snapshot (a copy slow to freeze, past the controller's wait) finds
+    /// nothing to delete; the taking must then keep nothing, or the
+    /// deleted snapshot would appear afterwards. A later taking of the
+    /// same snapshot (its name asked for again) is kept.
+    #[test]
+    fn a_snapshot_deleted_while_it_is_taken_is_not_kept() {
+        use std::sync::mpsc;
+        let (_pool, store, vol, rec) = written_copy();
+        let store = std::sync::Arc::new(store);
+        let snap = Uuid::new_random();
+        let (frozen_tx, frozen_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let taker = {
+            let (store, rec) = (std::sync::Arc::clone(&store), rec.clone());
+            std::thread::spawn(move || {
+                store.snapshot_gated(vol, snap, &rec, None, &mut || {
+                    frozen_tx.send(()).unwrap();
+                    go_rx.recv().is_ok()
+                })
+            })
+        };
+        frozen_rx.recv().unwrap();
+        store.delete_snapshot(snap).unwrap();
+        go_tx.send(()).unwrap();
+        let made = taker.join().unwrap();
+        assert!(matches!(made, Err(StoreError::Stale(_))), "{made:?}");
+        assert_eq!(store.snapshots().unwrap(), Vec::new());
+        let left: Vec<_> = std::fs::read_dir(store.snap_root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+
+        let again = store.snapshot(vol, snap, &rec).unwrap();
+        assert_eq!(store.snapshots().unwrap(), vec![again]);
     }
 
     /// A record that releases the volume (no owner any more) closes the
