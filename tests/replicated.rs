@@ -1192,7 +1192,8 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
 /// snapshots. Once the disk moves again, the stalled copy must not take
 /// the snapshot after all: its point in time would come after
 /// CreateSnapshot answered, and could hold writes acknowledged since.
-/// The snapshot is then deleted and restores nothing.
+/// The same for a group snapshot taken meanwhile. Both are then deleted
+/// from every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_stalled_past_create_snapshot_does_not_take_it_later() {
     let mut cl = Cluster::start_with(&[
@@ -1204,7 +1205,9 @@ async fn a_copy_stalled_past_create_snapshot_does_not_take_it_later() {
         },
     ])
     .await;
-    let cap = ext4();
+    // Raw: no filesystem writes in the background meanwhile, which would
+    // mark n3 out of sync, and then it would not even be asked.
+    let cap = block_cap(Mode::SingleNodeWriter);
     let v = cl
         .create(replicated("rep-st", "3", cap.clone()))
         .await
@@ -1212,7 +1215,17 @@ async fn a_copy_stalled_past_create_snapshot_does_not_take_it_later() {
     let m = Published::up(&mut cl, 1, &v, &cap)
         .await
         .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
-    write_synced(&m.target.join("a"), &pattern(41, 1 << 20));
+    let write_block = |block: u64, write: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = open_direct(&m.target);
+        let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
+        buf.as_mut_slice()
+            .copy_from_slice(&block_bytes(block, write));
+        f.write_all_at(buf.as_slice(), block * BLOCK as u64)
+            .unwrap();
+        f.sync_all().unwrap();
+    };
+    write_block(0, 1);
 
     // Thawed when dropped, before the cluster (declared after it), even
     // when this test fails.
@@ -1227,44 +1240,64 @@ async fn a_copy_stalled_past_create_snapshot_does_not_take_it_later() {
             .snapshot
             .unwrap();
     assert!(snap.ready_to_use);
-    for i in 1..=2 {
-        assert!(
-            cl.snapshot_dir(i, &snap.snapshot_id).join("data").exists(),
-            "n{i} holds its copy's snapshot"
-        );
+    // A group snapshot of it too: n3 does not freeze in time for it.
+    let grp =
+        cl.c.group
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: "grp-st".into(),
+                source_volume_ids: vec![v.volume_id.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)))
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    assert_eq!(grp.snapshots.len(), 1, "{grp:?}");
+    let member = grp.snapshots[0].snapshot_id.clone();
+    let taken = [&snap.snapshot_id, &member];
+    for id in taken {
+        for i in 1..=2 {
+            assert!(
+                cl.snapshot_dir(i, id).join("data").exists(),
+                "n{i} holds its copy's {id}"
+            );
+        }
     }
     stalled.thaw().expect("thaw n3's pool");
 
-    // n3's taking, stuck until now, ends: wait for its word on it.
-    let hex = snap.snapshot_id.trim_start_matches("snap:replicated:");
-    let late = cl.snapshot_dir(3, &snap.snapshot_id);
+    // n3's takings, stuck until now, end: wait for its word on each.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(
-            !late.exists(),
-            "n3 took the snapshot after CreateSnapshot answered:\n{}",
-            cl.nodes[2].log_tail(20)
-        );
-        let log = cl.nodes[2].log_text();
-        if log
-            .lines()
-            .any(|l| l.contains(hex) && l.contains("snapshot not taken"))
-        {
-            break;
+    for (id, word) in [
+        (&snap.snapshot_id, "snapshot not taken"),
+        (&member, "group snapshot member not taken"),
+    ] {
+        let hex = id.trim_start_matches("snap:replicated:");
+        let late = cl.snapshot_dir(3, id);
+        loop {
+            assert!(
+                !late.exists(),
+                "n3 took {id} after it was answered:\n{}",
+                cl.nodes[2].log_tail(20)
+            );
+            let log = cl.nodes[2].log_text();
+            if log.lines().any(|l| l.contains(hex) && l.contains(word)) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "n3 never ended its taking of {id}:\n{}",
+                cl.nodes[2].log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "n3 never ended its taking of the snapshot:\n{}",
-            cl.nodes[2].log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!late.exists(), "n3 took {id} after all");
     }
-    assert!(!late.exists(), "n3 took the snapshot after all");
-    let listed = list_snapshots(&mut cl, &snap.snapshot_id, "", 0).await;
-    assert_eq!(listed.len(), 1, "{listed:?}");
+    let listed = list_snapshots(&mut cl, "", &v.volume_id, 0).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
 
-    // The volume goes on on every copy, and the snapshot goes for good.
-    write_synced(&m.target.join("b"), &pattern(42, 1 << 20));
+    // The volume goes on on every copy, and the snapshots go for good.
+    write_block(1, 2);
     cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;
     cl.c.controller
         .delete_snapshot(csi::DeleteSnapshotRequest {
@@ -1273,10 +1306,59 @@ async fn a_copy_stalled_past_create_snapshot_does_not_take_it_later() {
         })
         .await
         .unwrap();
+    cl.c.group
+        .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: grp.group_snapshot_id.clone(),
+            snapshot_ids: vec![member.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert!(list_snapshots(&mut cl, "", "", 0).await.is_empty());
-    for i in 1..=3 {
-        assert!(!cl.snapshot_dir(i, &snap.snapshot_id).exists(), "n{i}");
+    for id in taken {
+        for i in 1..=3 {
+            assert!(!cl.snapshot_dir(i, id).exists(), "n{i}: {id}");
+        }
     }
+    // A second stall, now under a write: n3 cannot take it, and the
+    // engine marks n3 out of sync meanwhile (n3's own part of that record
+    // change waits for its disk, holding n3's voter). The controller's
+    // reads of the record must not wait for n3's disk: a group snapshot,
+    // whose copies stay frozen only for a 1 s lease, is taken from n1 and
+    // n2 (waiting 5 s for n3's answer, every try would outlast it).
+    let stalled = stowage::os::freeze::FrozenFs::new(&cl.state_dir(3).join("pool"))
+        .expect("freeze n3's pool again");
+    tokio::task::block_in_place(|| write_block(2, 3));
+    let grp =
+        cl.c.group
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: "grp-st2".into(),
+                source_volume_ids: vec![v.volume_id.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)))
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    let member = grp.snapshots[0].snapshot_id.clone();
+    for i in 1..=2 {
+        assert!(
+            cl.snapshot_dir(i, &member).join("data").exists(),
+            "n{i} holds its copy's {member}"
+        );
+    }
+    stalled.thaw().expect("thaw n3's pool");
+    cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;
+    cl.c.group
+        .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: grp.group_snapshot_id.clone(),
+            snapshot_ids: vec![member],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(list_snapshots(&mut cl, "", "", 0).await.is_empty());
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
 }

@@ -133,6 +133,12 @@ fn regions_of(size: u64) -> u64 {
 struct Held {
     dir: PathBuf,
     voter: Mutex<Voter>,
+    /// The voter's state as last made durable, and its role: what
+    /// [`ReplicaStore::get`] answers without waiting for a change being
+    /// persisted under the voter's lock (a stalled disk would hold every
+    /// reader, and the controller's reads of every volume behind it).
+    durable: Mutex<VoterState>,
+    role: Role,
     data: Option<File>,
     tags: Option<File>,
     stripes: Vec<Mutex<()>>,
@@ -289,6 +295,9 @@ impl Held {
             // Not durable: forget the change so nothing depends on it.
             *v = Voter::restore(v.node(), before, v.durable_data().clone());
             return Err(e);
+        }
+        if *v.state() != before {
+            *self.durable.lock().unwrap_or_else(|e| e.into_inner()) = v.state().clone();
         }
         let released = before.record.owner.is_some() && v.state().record.owner.is_none();
         // close_clean takes the voter's lock itself.
@@ -619,23 +628,31 @@ impl ReplicaStore {
     }
 
     /// What this node holds of `uuid`, if anything.
+    /// The state is the one last made durable: a record change still being
+    /// written is not waited for.
     pub fn get(&self, uuid: Uuid) -> Result<Option<HeldState>, StoreError> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.dir(uuid).exists() {
-            let closed = open.remove(&uuid);
-            drop(open);
-            drop(closed);
-            return Ok(None);
-        }
-        let held = self.load(&mut open, uuid)?;
-        let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
+        let held = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.dir(uuid).exists() {
+                let closed = open.remove(&uuid);
+                drop(open);
+                drop(closed);
+                return Ok(None);
+            }
+            self.load(&mut open, uuid)?
+        };
+        let state = held
+            .durable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let idle = std::fs::metadata(self.dir(uuid).join(VOTER_FILE))
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| std::time::SystemTime::now().duration_since(t).ok());
         Ok(Some(HeldState {
-            role: v.role(),
-            state: v.state().clone(),
+            role: held.role,
+            state,
             idle,
             writeback_window: held.data.is_some().then(|| held.pacer.window()),
         }))
@@ -773,9 +790,12 @@ impl ReplicaStore {
         } else {
             (None, None, BTreeMap::new())
         };
+        let voter = Voter::restore(node, state.clone(), tag_map);
         let held = Held {
             dir: dir.to_owned(),
-            voter: Mutex::new(Voter::restore(node, state, tag_map)),
+            role: voter.role(),
+            durable: Mutex::new(state),
+            voter: Mutex::new(voter),
             data,
             tags,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),

@@ -95,6 +95,7 @@ impl Freezes {
                         let told = frozen_tx.take().is_some_and(|tx| tx.send(Ok(())).is_ok());
                         if !told {
                             // The controller stopped waiting: let go now.
+                            tracing::info!(volume = %f.volume, snapshot = %f.snapshot, "group snapshot member not taken: the controller stopped waiting before the copy could freeze");
                             return false;
                         }
                         let decided = decide_rx.recv_timeout(f.lease).ok().or_else(|| {
