@@ -133,11 +133,12 @@ fn regions_of(size: u64) -> u64 {
 struct Held {
     dir: PathBuf,
     voter: Mutex<Voter>,
-    /// The voter's state as last made durable, and its role: what
-    /// [`ReplicaStore::get`] answers without waiting for a change being
-    /// persisted under the voter's lock (a stalled disk would hold every
-    /// reader, and the controller's reads of every volume behind it).
+    /// The voter's state as last made durable: what [`ReplicaStore::get`]
+    /// answers without waiting for a change being persisted under the
+    /// voter's lock (a stalled disk would hold every reader of the record
+    /// for as long).
     durable: Mutex<VoterState>,
+    /// The voter's role (fixed when it is restored).
     role: Role,
     data: Option<File>,
     tags: Option<File>,
@@ -627,9 +628,9 @@ impl ReplicaStore {
         removed
     }
 
-    /// What this node holds of `uuid`, if anything.
-    /// The state is the one last made durable: a record change still being
-    /// written is not waited for.
+    /// What this node holds of `uuid`, if anything. The state is the one
+    /// last made durable: a record change still being written is not
+    /// waited for.
     pub fn get(&self, uuid: Uuid) -> Result<Option<HeldState>, StoreError> {
         let held = {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());

@@ -294,15 +294,8 @@ impl ReplicaStore {
         group: Option<&GroupOf>,
         gate: &mut dyn FnMut() -> bool,
     ) -> Result<SnapshotInfo, StoreError> {
-        let root = self.snap_root();
-        let dir = root.join(snap.to_hex());
-        if let Some(have) = read_meta(&dir)? {
-            return if have.volume == uuid && have.group.as_ref() == group {
-                Ok(have)
-            } else {
-                Err(StoreError::Conflict { uuid: snap })
-            };
-        }
+        // Registered before anything is looked at, so that a delete from
+        // now on either finds the snapshot or marks this taker.
         let taker = self.takers.fetch_add(1, Ordering::Relaxed);
         self.taking_now().insert(taker, (snap, false));
         let made = self.take_snapshot(uuid, snap, expect, group, gate, taker);
@@ -329,6 +322,13 @@ impl ReplicaStore {
     ) -> Result<SnapshotInfo, StoreError> {
         let root = self.snap_root();
         let dir = root.join(snap.to_hex());
+        if let Some(have) = read_meta(&dir)? {
+            return if have.volume == uuid && have.group.as_ref() == group {
+                Ok(have)
+            } else {
+                Err(StoreError::Conflict { uuid: snap })
+            };
+        }
         let tmp = Self::scratch(&root, &snap.to_hex())?;
         let made = (|| {
             let (size, epoch) = self.freeze_into(uuid, expect, &tmp, gate)?;
