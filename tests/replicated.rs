@@ -1196,7 +1196,8 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
 /// from every node. Then the disk stalls under a write, with n3's voter
 /// stuck writing the record change that marks it out of sync: the
 /// controller's reads of the record must not wait for it, or no group
-/// snapshot could be taken within its copies' lease.
+/// snapshot could be taken within its copies' lease; and a CreateVolume
+/// that fails for want of n3 must not leave n3 a member made afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_disk_stalls_neither_takes_snapshots_late_nor_holds_up_the_others() {
     let mut cl = Cluster::start_with(&[
@@ -1257,31 +1258,12 @@ async fn a_copy_whose_disk_stalls_neither_takes_snapshots_late_nor_holds_up_the_
     stalled.thaw().expect("thaw n3's pool");
 
     // n3's takings, stuck until now, end: wait for its word on each.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     for (id, word) in [
         (&snap.snapshot_id, "snapshot not taken"),
         (&member, "group snapshot member not taken"),
     ] {
         let hex = id.trim_start_matches("snap:replicated:");
-        let late = cl.snapshot_dir(3, id);
-        loop {
-            assert!(
-                !late.exists(),
-                "n3 took {id} after it was answered:\n{}",
-                cl.nodes[2].log_tail(20)
-            );
-            let log = cl.nodes[2].log_text();
-            if log.lines().any(|l| l.contains(hex) && l.contains(word)) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "n3 never ended its taking of {id}:\n{}",
-                cl.nodes[2].log_tail(30)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(!late.exists(), "n3 took {id} after all");
+        ends_without(&cl, 3, &cl.snapshot_dir(3, id), &[word, hex]).await;
     }
     let listed = list_snapshots(&mut cl, "", &v.volume_id, 0).await;
     assert_eq!(listed.len(), 2, "{listed:?}");
@@ -1319,12 +1301,58 @@ async fn a_copy_whose_disk_stalls_neither_takes_snapshots_late_nor_holds_up_the_
             "n{i} holds its copy's {member}"
         );
     }
+    // A volume created meanwhile cannot get its member on n3: CreateVolume
+    // fails (the members made are removed), and n3 must not make its
+    // member once its disk moves again: a volume that was never created
+    // would be found and listed.
+    let e = cl
+        .create(replicated("rep-st-new", "3", cap.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let never = format!(
+        "replicated:{}",
+        stowage::backend::replicated::placement::volume_uuid("rep-st-new").to_hex()
+    );
     stalled.thaw().expect("thaw n3's pool");
+    let hex = never.trim_start_matches("replicated:");
+    ends_without(&cl, 3, &cl.copy_dir(3, &never), &["copy not created", hex]).await;
+    for i in 1..=3 {
+        assert!(!cl.copy_dir(i, &never).exists(), "n{i} holds {never}");
+    }
+    assert_eq!(cl.list_all(0).await.unwrap(), vec![v.volume_id.clone()]);
     cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;
     delete_group(&mut cl, &grp, &member).await;
     assert!(list_snapshots(&mut cl, "", "", 0).await.is_empty());
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// Waits (at most 60 s) for a line of node `i`'s log holding all of
+/// `words` (the node's word that it called something off), failing at
+/// once should `late` (what it was not to make) appear meanwhile.
+async fn ends_without(cl: &Cluster, i: usize, late: &Path, words: &[&str]) {
+    let node = &cl.nodes[i - 1];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            !late.exists(),
+            "n{i} made {} after all:\n{}",
+            late.display(),
+            node.log_tail(20)
+        );
+        let log = node.log_text();
+        if log.lines().any(|l| words.iter().all(|w| l.contains(w))) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n{i} never said {words:?}:\n{}",
+            node.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!late.exists(), "n{i} made {} after all", late.display());
 }
 
 /// A group snapshot `name` of `volume` alone: its ID and its member's.

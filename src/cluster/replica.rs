@@ -223,8 +223,21 @@ impl Replica for ReplicaService {
                 ));
             }
         };
-        self.blocking(move |s| s.create_from(&record, base.as_ref()))
-            .await?;
+        // Made only while the controller waits for this answer: one it
+        // stopped waiting for would be a member no CreateVolume made (the
+        // controller removed the others, or a retry makes it anew).
+        let (waiting, waited_on) = tokio::sync::oneshot::channel::<()>();
+        self.blocking(move |s| {
+            let made = s.create_from_gated(&record, base.as_ref(), &mut || !waiting.is_closed());
+            if let Err(e) = &made
+                && waiting.is_closed()
+            {
+                tracing::info!(volume = %record.uuid, error = %e, "copy not created: the controller stopped waiting");
+            }
+            made
+        })
+        .await?;
+        drop(waited_on);
         Ok(Response::new(CreateReplicaResponse {}))
     }
 

@@ -29,6 +29,17 @@ use crate::volume::id::{Uuid, VolumeId};
 
 /// How long one call to a node may take.
 const CALL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// `msg` as a request its node gives up on by itself (its gRPC deadline)
+/// a second before the controller stops waiting for it after `wait`: what
+/// the node does for it (a copy made, a copy frozen for a snapshot) then
+/// happens while the controller still waits, even when the call's cancel
+/// cannot reach the node.
+fn bounded<T>(msg: T, wait: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(wait.saturating_sub(Duration::from_secs(1)));
+    r
+}
 /// How long a record change may take before the CO is told to retry.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(15);
 /// A change's phase timeout, in the proposer's milliseconds.
@@ -319,7 +330,7 @@ impl Replicated {
             record: serde_json::to_string(record).map_err(|e| Status::internal(e.to_string()))?,
             ..Default::default()
         };
-        match tokio::time::timeout(CALL_DEADLINE, c.create(req)).await {
+        match tokio::time::timeout(CALL_DEADLINE, c.create(bounded(req, CALL_DEADLINE))).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => Err(Status::already_exists(
                 format!("node {node}: {}", s.message()),

@@ -485,6 +485,20 @@ impl ReplicaStore {
         record: &ReplicaRecord,
         base: Option<&Base>,
     ) -> Result<(), StoreError> {
+        self.create_from_gated(record, base, &mut || true)
+    }
+
+    /// [`ReplicaStore::create_from`], made only if `gate` still says so
+    /// when the member is ready to be put in place (and, for a clone, when
+    /// the source copy is frozen): a create its caller stopped waiting
+    /// for leaves nothing, as the caller took it for failed (and removed
+    /// the members it made) or, gone, leaves it to a retry.
+    pub fn create_from_gated(
+        &self,
+        record: &ReplicaRecord,
+        base: Option<&Base>,
+        gate: &mut dyn FnMut() -> bool,
+    ) -> Result<(), StoreError> {
         record
             .validate()
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -517,7 +531,7 @@ impl ReplicaStore {
         let made = (|| {
             let based = base.filter(|_| record.in_sync.contains_key(&self.node));
             if let (Role::Copy, Some(base)) = (member.role, based) {
-                self.fill_from(base, record, &tmp)?;
+                self.fill_from(base, record, &tmp, gate)?;
             } else if member.role == Role::Copy {
                 for (name, len) in [
                     (DATA_FILE, record.size),
@@ -550,6 +564,12 @@ impl ReplicaStore {
             // Made meanwhile by a concurrent create.
             let _ = std::fs::remove_dir_all(&tmp);
             return existing(&mut open);
+        }
+        if !gate() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(StoreError::Stale(
+                "the create was called off: its caller stopped waiting".to_owned(),
+            ));
         }
         let placed = std::fs::rename(&tmp, &dir)
             .map_err(io_err(&dir))

@@ -24,7 +24,7 @@ use super::super::proto::{
     CreateReplicaRequest, ListReplicasRequest, ReplicaSnapshot, ReplicaSnapshotRef,
     ReplicaSnapshotRequest,
 };
-use super::{CALL_DEADLINE, Replicated, is_replicated_id, parse_id, volume_id};
+use super::{CALL_DEADLINE, Replicated, bounded, is_replicated_id, parse_id, volume_id};
 use crate::backend::replicated::placement::{self, Candidate, Locality, ReplicaParams};
 use crate::backend::replicated::record::{Member, ReplicaRecord};
 use crate::csi;
@@ -33,13 +33,6 @@ use crate::volume::id::{SnapshotId, Uuid};
 /// How often CreateSnapshot reads the record again when a copy moved past
 /// it meanwhile.
 const SNAPSHOT_ATTEMPTS: usize = 3;
-
-/// How long a copy may take to freeze for a snapshot, counted where it
-/// is (the call's gRPC deadline): short of [`CALL_DEADLINE`], so that a
-/// copy freezes only while CreateSnapshot still waits for it, and the
-/// snapshot holds no write acknowledged after CreateSnapshot answered,
-/// even when the call's cancel does not reach the node.
-const FREEZE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// Whether `raw` is a replicated volume's snapshot ID (well formed or not).
 pub fn is_replicated_snapshot_id(raw: &str) -> bool {
@@ -320,8 +313,7 @@ impl Replicated {
                     tokio::spawn(async move {
                         let n = n?;
                         let mut c = ReplicaClient::new(n.channel.clone());
-                        let mut req = tonic::Request::new(req);
-                        req.set_timeout(FREEZE_DEADLINE);
+                        let req = bounded(req, CALL_DEADLINE);
                         match tokio::time::timeout(CALL_DEADLINE, c.snapshot(req)).await {
                             Ok(Ok(_)) => Ok(node),
                             Ok(Err(s)) => Err(s),
@@ -568,7 +560,8 @@ impl Replicated {
         let n = self.node(node)?;
         let mut c = ReplicaClient::new(n.channel.clone());
         let req = source.request(record)?;
-        match tokio::time::timeout(CALL_DEADLINE * 4, c.create(req)).await {
+        let wait = CALL_DEADLINE * 4;
+        match tokio::time::timeout(wait, c.create(bounded(req, wait))).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => Err(Status::already_exists(
                 format!("node {node}: {}", s.message()),

@@ -427,6 +427,7 @@ impl ReplicaStore {
         base: &Base,
         record: &ReplicaRecord,
         dst: &Path,
+        gate: &mut dyn FnMut() -> bool,
     ) -> Result<(), StoreError> {
         let (size, epoch) = match base {
             Base::Snapshot(snap) => {
@@ -442,7 +443,7 @@ impl ReplicaStore {
                 }
                 (info.size, info.epoch)
             }
-            Base::Volume { uuid, expect } => self.freeze_into(*uuid, expect, dst, &mut || true)?,
+            Base::Volume { uuid, expect } => self.freeze_into(*uuid, expect, dst, gate)?,
         };
         if size > record.size {
             return Err(StoreError::Invalid(format!(
