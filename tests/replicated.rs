@@ -1290,11 +1290,25 @@ async fn a_copy_whose_disk_stalls_neither_takes_snapshots_late_nor_holds_up_the_
     // change waits for its disk, holding n3's voter). The controller's
     // reads of the record must not wait for n3's disk: a group snapshot,
     // whose copies stay frozen only for a 1 s lease, is taken from n1 and
-    // n2 (waiting 5 s for n3's answer, every try would outlast it).
+    // n2 (waiting 5 s for n3's answer, every try would outlast it). Nor
+    // may they wait for n3's part of a DeleteVolume of another volume,
+    // stuck on the disk meanwhile.
+    let doomed = cl
+        .create(replicated("rep-st-del", "3", cap.clone()))
+        .await
+        .unwrap();
     let stalled = stowage::os::freeze::FrozenFs::new(&cl.state_dir(3).join("pool"))
         .expect("freeze n3's pool again");
     tokio::task::block_in_place(|| write_block(2, 3));
+    let e = cl.delete(&doomed.volume_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     let (grp, member) = group_of_one(&mut cl, "grp-st2", &v.volume_id).await;
+    // n3 itself goes on answering: still registered and fresh.
+    let nodes = cl.nodes().await;
+    assert!(
+        nodes.iter().any(|n| n.node_id == "n3" && n.fresh),
+        "{nodes:?}"
+    );
     for i in 1..=2 {
         assert!(
             cl.snapshot_dir(i, &member).join("data").exists(),
@@ -1319,6 +1333,17 @@ async fn a_copy_whose_disk_stalls_neither_takes_snapshots_late_nor_holds_up_the_
     ends_without(&cl, 3, &cl.copy_dir(3, &never), &["copy not created", hex]).await;
     for i in 1..=3 {
         assert!(!cl.copy_dir(i, &never).exists(), "n{i} holds {never}");
+    }
+    // The delete stuck on n3 ends; the CO's retry deletes the rest (n3
+    // may still be finishing its own: UNAVAILABLE until then).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while let Err(e) = cl.delete(&doomed.volume_id).await {
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(std::time::Instant::now() < deadline, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 1..=3 {
+        assert!(!cl.copy_dir(i, &doomed.volume_id).exists(), "n{i}");
     }
     assert_eq!(cl.list_all(0).await.unwrap(), vec![v.volume_id.clone()]);
     cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;

@@ -430,6 +430,11 @@ pub struct ReplicaStore {
     /// `snap.rs`.
     taking: Mutex<HashMap<u64, (Uuid, bool)>>,
     takers: AtomicU64,
+    /// Volumes whose member is being deleted here: not opened again until
+    /// the delete ended. A delete does its I/O without `open` held, so a
+    /// stalled disk does not hold every call on the node for as long.
+    /// (Taken only with `open` held, or alone.)
+    deleting: Mutex<std::collections::HashSet<Uuid>>,
 }
 
 impl ReplicaStore {
@@ -456,6 +461,7 @@ impl ReplicaStore {
             open: Mutex::new(HashMap::new()),
             taking: Mutex::new(HashMap::new()),
             takers: AtomicU64::new(0),
+            deleting: Mutex::new(std::collections::HashSet::new()),
         };
         store.clean_snapshots()?;
         Ok(store)
@@ -626,10 +632,22 @@ impl ReplicaStore {
         closed
     }
 
-    /// Removes this node's member of a volume. Idempotent.
+    fn deleting_now(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<Uuid>> {
+        self.deleting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes this node's member of a volume. Idempotent. ABORTED
+    /// (stale) while another delete of it runs.
     pub fn delete(&self, uuid: Uuid) -> Result<(), StoreError> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let closed = open.remove(&uuid);
+        let closed = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.deleting_now().insert(uuid) {
+                return Err(StoreError::Stale(format!(
+                    "volume {uuid} is being deleted here already"
+                )));
+            }
+            open.remove(&uuid)
+        };
         let removed = (|| {
             let dir = self.dir(uuid);
             if !dir.exists() {
@@ -641,9 +659,9 @@ impl ReplicaStore {
             crate::os::fs::sync_dir(&self.root).map_err(io_err(&self.root))?;
             std::fs::remove_dir_all(&gone).map_err(io_err(&gone))
         })();
-        // Closed after the lock: a copy's pacer waits for its writeback
+        self.deleting_now().remove(&uuid);
+        // Closed without the lock: a copy's pacer waits for its writeback
         // thread, which other volumes' calls must not wait for.
-        drop(open);
         drop(closed);
         removed
     }
@@ -660,7 +678,11 @@ impl ReplicaStore {
                 drop(closed);
                 return Ok(None);
             }
-            self.load(&mut open, uuid)?
+            match self.load(&mut open, uuid) {
+                // Being deleted: held no more.
+                Err(StoreError::NotFound(_)) => return Ok(None),
+                held => held?,
+            }
         };
         let state = held
             .durable
@@ -719,6 +741,9 @@ impl ReplicaStore {
         open: &mut HashMap<Uuid, Arc<Held>>,
         uuid: Uuid,
     ) -> Result<Arc<Held>, StoreError> {
+        if self.deleting_now().contains(&uuid) {
+            return Err(StoreError::NotFound(uuid));
+        }
         if let Some(h) = open.get(&uuid) {
             return Ok(Arc::clone(h));
         }
