@@ -125,10 +125,10 @@ impl ReplicaService {
     }
 
     /// [`Self::allowed`] for a call, without leaving the async task when the
-    /// copy is open (every call after the first).
+    /// copy is open and not busy (every call after the first, as a rule).
     async fn may_call<T>(&self, req: &Request<T>, volume: Uuid) -> Result<(), Status> {
         if let Some(PeerIdentity::Node(n)) = peer_identity(req)
-            && self.store.names(volume, &n) == Some(true)
+            && self.store.names_at_once(volume, &n) == Some(true)
         {
             return Ok(());
         }

@@ -714,6 +714,16 @@ impl ReplicaStore {
         Some(r.names(node))
     }
 
+    /// [`Self::names`] without waiting: None also when the copy or its
+    /// voter is busy (a change being written may hold the voter for as
+    /// long as the disk takes). For checks made on an async task, which
+    /// must never wait on the disk.
+    pub fn names_at_once(&self, uuid: Uuid, node: &str) -> Option<bool> {
+        let held = Arc::clone(self.open.try_lock().ok()?.get(&uuid)?);
+        let v = held.voter.try_lock().ok()?;
+        Some(v.state().record.names(node))
+    }
+
     /// Every volume this node holds a member of.
     pub fn list(&self) -> Result<Vec<Uuid>, StoreError> {
         let mut out = Vec::new();
@@ -896,5 +906,43 @@ mod tests {
         named.in_sync.insert("n1".to_owned(), 1);
         store.create(&named).unwrap();
         assert_eq!(boot(&store), 1);
+    }
+    /// The check made on an async task for every call never waits for a
+    /// busy voter (one whose change is being written to a stalled disk):
+    /// it answers None at once, and the caller takes the blocking path.
+    /// Record reads meanwhile answer the state last made durable.
+    #[test]
+    fn checks_and_reads_do_not_wait_for_a_busy_voter() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let pool = tempfile::tempdir().unwrap();
+        let store = Arc::new(ReplicaStore::open(pool.path(), "n1").unwrap());
+        let members = vec![
+            super::super::record::Member::copy("n1"),
+            super::super::record::Member::copy("n2"),
+            super::super::record::Member::copy("n3"),
+        ];
+        let record =
+            ReplicaRecord::new(Uuid::new_random(), 1 << 20, members, &BTreeMap::new()).unwrap();
+        store.create(&record).unwrap();
+        let uuid = record.uuid;
+        assert_eq!(store.names_at_once(uuid, "n2"), Some(true));
+        assert_eq!(store.names_at_once(uuid, "n9"), Some(false));
+
+        let held = Arc::clone(store.open.lock().unwrap().get(&uuid).unwrap());
+        let busy = held.voter.lock().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let s = Arc::clone(&store);
+        std::thread::spawn(move || {
+            let checked = s.names_at_once(uuid, "n2");
+            let read = s.get(uuid).map(|h| h.map(|h| h.state.record.version));
+            let _ = tx.send((checked, read));
+        });
+        let (checked, read) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a check or read waited for the busy voter");
+        drop(busy);
+        assert_eq!(checked, None);
+        assert_eq!(read.unwrap(), Some(record.version));
     }
 }
