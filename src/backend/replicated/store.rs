@@ -29,7 +29,7 @@
 //! need no rebuild). The first write after a clean close removes the file,
 //! durably, before its bytes land.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -285,19 +285,18 @@ impl Held {
         let before = v.state().clone();
         let reply = v.handle(req);
         let grown = v.state().record.size > before.record.size;
-        if *v.state() != before
-            && let Err(e) = (if grown {
+        if *v.state() != before {
+            if let Err(e) = (if grown {
                 self.grow(v.state().record.size)
             } else {
                 Ok(())
             })
             .and_then(|()| self.persist(v.state()))
-        {
-            // Not durable: forget the change so nothing depends on it.
-            *v = Voter::restore(v.node(), before, v.durable_data().clone());
-            return Err(e);
-        }
-        if *v.state() != before {
+            {
+                // Not durable: forget the change so nothing depends on it.
+                *v = Voter::restore(v.node(), before, v.durable_data().clone());
+                return Err(e);
+            }
             *self.durable.lock().unwrap_or_else(|e| e.into_inner()) = v.state().clone();
         }
         let released = before.record.owner.is_some() && v.state().record.owner.is_none();
@@ -434,7 +433,7 @@ pub struct ReplicaStore {
     /// the delete ended. A delete does its I/O without `open` held, so a
     /// stalled disk does not hold every call on the node for as long.
     /// (Taken only with `open` held, or alone.)
-    deleting: Mutex<std::collections::HashSet<Uuid>>,
+    deleting: Mutex<HashSet<Uuid>>,
 }
 
 impl ReplicaStore {
@@ -461,7 +460,7 @@ impl ReplicaStore {
             open: Mutex::new(HashMap::new()),
             taking: Mutex::new(HashMap::new()),
             takers: AtomicU64::new(0),
-            deleting: Mutex::new(std::collections::HashSet::new()),
+            deleting: Mutex::new(HashSet::new()),
         };
         store.clean_snapshots()?;
         Ok(store)
@@ -632,7 +631,7 @@ impl ReplicaStore {
         closed
     }
 
-    fn deleting_now(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<Uuid>> {
+    fn deleting_now(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
         self.deleting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -672,17 +671,14 @@ impl ReplicaStore {
     pub fn get(&self, uuid: Uuid) -> Result<Option<HeldState>, StoreError> {
         let held = {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            if !self.dir(uuid).exists() {
+            // Being deleted: held no more.
+            if self.deleting_now().contains(&uuid) || !self.dir(uuid).exists() {
                 let closed = open.remove(&uuid);
                 drop(open);
                 drop(closed);
                 return Ok(None);
             }
-            match self.load(&mut open, uuid) {
-                // Being deleted: held no more.
-                Err(StoreError::NotFound(_)) => return Ok(None),
-                held => held?,
-            }
+            self.load(&mut open, uuid)?
         };
         let state = held
             .durable
@@ -873,6 +869,16 @@ impl ReplicaStore {
 mod tests {
     use super::*;
 
+    /// The first record of a 1 MiB volume with copies on n1, n2 and n3,
+    /// none of them in sync yet.
+    fn three_copies() -> ReplicaRecord {
+        let members = ["n1", "n2", "n3"]
+            .into_iter()
+            .map(super::super::record::Member::copy)
+            .collect();
+        ReplicaRecord::new(Uuid::new_random(), 1 << 20, members, &BTreeMap::new()).unwrap()
+    }
+
     /// A copy that joins empty and is deleted and created again on the same
     /// node (a node placement chose once more) starts at a boot of its own
     /// each time; one its first record names in sync starts at that boot.
@@ -881,14 +887,8 @@ mod tests {
     fn a_copy_created_again_starts_at_another_boot() {
         let pool = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(pool.path(), "n1").unwrap();
-        let members = vec![
-            super::super::record::Member::copy("n1"),
-            super::super::record::Member::copy("n2"),
-            super::super::record::Member::copy("n3"),
-        ];
         // Named in sync at boot 0: a joiner's first record.
-        let record =
-            ReplicaRecord::new(Uuid::new_random(), 1 << 20, members, &BTreeMap::new()).unwrap();
+        let record = three_copies();
         let boot = |store: &ReplicaStore| store.get(record.uuid).unwrap().unwrap().state.boot;
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..3 {
@@ -907,6 +907,7 @@ mod tests {
         store.create(&named).unwrap();
         assert_eq!(boot(&store), 1);
     }
+
     /// The check made on an async task for every call never waits for a
     /// busy voter (one whose change is being written to a stalled disk):
     /// it answers None at once, and the caller takes the blocking path.
@@ -917,13 +918,7 @@ mod tests {
         use std::time::Duration;
         let pool = tempfile::tempdir().unwrap();
         let store = Arc::new(ReplicaStore::open(pool.path(), "n1").unwrap());
-        let members = vec![
-            super::super::record::Member::copy("n1"),
-            super::super::record::Member::copy("n2"),
-            super::super::record::Member::copy("n3"),
-        ];
-        let record =
-            ReplicaRecord::new(Uuid::new_random(), 1 << 20, members, &BTreeMap::new()).unwrap();
+        let record = three_copies();
         store.create(&record).unwrap();
         let uuid = record.uuid;
         assert_eq!(store.names_at_once(uuid, "n2"), Some(true));

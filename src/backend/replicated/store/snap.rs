@@ -168,6 +168,27 @@ fn read_meta(dir: &Path) -> Result<Option<SnapshotInfo>, StoreError> {
         .ok_or_else(|| StoreError::Invalid(format!("{}: malformed uuid", p.display())))
 }
 
+/// A snapshot being taken, registered in the store's `taking` until
+/// dropped (see [`ReplicaStore::delete_snapshot`]).
+struct Taking<'a> {
+    store: &'a ReplicaStore,
+    id: u64,
+}
+
+impl<'a> Taking<'a> {
+    fn new(store: &'a ReplicaStore, snap: Uuid) -> Self {
+        let id = store.takers.fetch_add(1, Ordering::Relaxed);
+        store.taking_now().insert(id, (snap, false));
+        Taking { store, id }
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        self.store.taking_now().remove(&self.id);
+    }
+}
+
 impl ReplicaStore {
     fn snap_root(&self) -> PathBuf {
         self.root.join(SNAP_DIR)
@@ -295,31 +316,10 @@ impl ReplicaStore {
         gate: &mut dyn FnMut() -> bool,
     ) -> Result<SnapshotInfo, StoreError> {
         // Registered before anything is looked at, so that a delete from
-        // now on either finds the snapshot or marks this taker.
-        let taker = self.takers.fetch_add(1, Ordering::Relaxed);
-        self.taking_now().insert(taker, (snap, false));
-        let made = self.take_snapshot(uuid, snap, expect, group, gate, taker);
-        self.taking_now().remove(&taker);
-        made
-    }
-
-    fn taking_now(&self) -> MutexGuard<'_, HashMap<u64, (Uuid, bool)>> {
-        self.taking.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The body of [`Self::snapshot_gated`] for `taker`: the snapshot is
-    /// renamed into place unless a [`Self::delete_snapshot`] of it came
-    /// meanwhile, which would otherwise find nothing to delete and leave
-    /// it to appear afterwards.
-    fn take_snapshot(
-        &self,
-        uuid: Uuid,
-        snap: Uuid,
-        expect: &ReplicaRecord,
-        group: Option<&GroupOf>,
-        gate: &mut dyn FnMut() -> bool,
-        taker: u64,
-    ) -> Result<SnapshotInfo, StoreError> {
+        // now on either finds the snapshot or marks this taking, which
+        // then renames nothing into place (the delete would otherwise find
+        // nothing to delete and leave the snapshot to appear afterwards).
+        let taking = Taking::new(self, snap);
         let root = self.snap_root();
         let dir = root.join(snap.to_hex());
         if let Some(have) = read_meta(&dir)? {
@@ -355,8 +355,8 @@ impl ReplicaStore {
             {
                 // Under the lock a delete marks takers with, so that it
                 // either marks this one or finds the snapshot in place.
-                let taking = self.taking_now();
-                if taking.get(&taker).is_some_and(|(_, deleted)| *deleted) {
+                let takings = self.taking_now();
+                if takings.get(&taking.id).is_some_and(|(_, deleted)| *deleted) {
                     return Err(StoreError::Stale(format!(
                         "snapshot {snap} was deleted while it was being taken"
                     )));
@@ -371,6 +371,10 @@ impl ReplicaStore {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         made
+    }
+
+    fn taking_now(&self) -> MutexGuard<'_, HashMap<u64, (Uuid, bool)>> {
+        self.taking.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every snapshot on this node.
