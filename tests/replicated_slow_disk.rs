@@ -175,3 +175,169 @@ fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_
     drop(mounted);
     dev.close().expect("close the disk");
 }
+
+/// Runs `f` on a thread of its own and waits for its answer, at most
+/// `limit`; None when it did not answer by then (the thread is left to
+/// end by itself once what it waits for moves).
+fn answer_within<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Waits until thread `tid` of this process is in `state` ("D": asleep
+/// in the kernel, as on a frozen filesystem's write lock; "S": waiting,
+/// as on a futex), at most 20 s; `what` says why it would.
+fn wait_thread_state(tid: i32, state: &str, what: &str) {
+    let stat = format!("/proc/self/task/{tid}/stat");
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = std::fs::read_to_string(&stat).unwrap_or_default();
+        // "tid (comm) S ...": the state follows the last ')'.
+        let now = s
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next());
+        if now == Some(state) {
+            return;
+        }
+        assert!(Instant::now() < until, "{what}: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Spawns `f` on a thread and returns it with the thread's kernel id.
+fn spawn_with_tid<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (std::thread::JoinHandle<T>, i32) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let _ = tx.send(unsafe { libc::gettid() });
+        f()
+    });
+    (handle, rx.recv().expect("the thread started"))
+}
+
+/// The first open of a copy in a process writes to its disk (its new
+/// boot). When that disk stalls (the pool filesystem frozen), only calls
+/// of that volume may wait for it: another volume's record, names and
+/// data still answer, and a delete of the stalled volume marks it gone at
+/// once, then waits for the open to end before removing anything, so no
+/// open copy of a deleted volume is left behind.
+#[test]
+fn a_copy_opened_on_a_stalled_disk_holds_up_no_other_volume() {
+    let scratch = Scratch::new("stalled-open");
+    let pool = common::make_pool_fs(&scratch, "xfs", 512 * MIB);
+    let _mounted = Mounted(pool.clone());
+    let boots = BTreeMap::from([("n1".to_owned(), 1)]);
+    let record = || {
+        let mut r = ReplicaRecord::new(
+            Uuid::new_random(),
+            4 * MIB,
+            vec![Member::copy("n1"), Member::copy("n2")],
+            &boots,
+        )
+        .unwrap();
+        r.epoch = 3;
+        r
+    };
+    let (a, b) = (record(), record());
+    {
+        // The process before: A written and flushed.
+        let before = ReplicaStore::open(&pool, "n1").expect("open store");
+        before.create(&a).expect("create A");
+        before.create(&b).expect("create B");
+        let write = Call {
+            request: Request::Write {
+                io: io(),
+                region: 0,
+                tag: Tag { epoch: 3, seq: 1 },
+            },
+            offset: 0,
+            len: 0,
+            data: pattern(7, REGION_BYTES as usize).into(),
+        };
+        before.call(a.uuid, write).expect("write A");
+        before
+            .call(a.uuid, Call::control(Request::Flush { io: io(), id: 1 }))
+            .expect("flush A");
+    }
+    let store = Arc::new(ReplicaStore::open(&pool, "n1").expect("open store again"));
+    let a_boot = store.get(a.uuid).unwrap().expect("A held").state.boot;
+
+    // Thawed when dropped (declared after the mount's guard): even when
+    // this test fails, nothing stays frozen.
+    let frozen = stowage::os::freeze::FrozenFs::new(&pool).expect("freeze the pool");
+    let (opener, tid) = {
+        let store = Arc::clone(&store);
+        let uuid = b.uuid;
+        spawn_with_tid(move || store.get(uuid))
+    };
+    wait_thread_state(tid, "D", "B's open never blocked on the frozen pool");
+
+    let limit = Duration::from_secs(10);
+    let answers = {
+        let store = Arc::clone(&store);
+        let uuid = a.uuid;
+        answer_within(limit, move || {
+            let state = store.get(uuid).map(|h| h.map(|h| h.state));
+            let named = store.names(uuid, "n2");
+            let read = Request::Read {
+                io: Io {
+                    boot: a_boot,
+                    ..io()
+                },
+                region: 0,
+                id: 2,
+            };
+            let data = store.call(uuid, Call::control(read)).map(|a| a.data);
+            (state, named, data)
+        })
+    }
+    .expect("a call of volume A waited for B's open on the stalled disk");
+    let (state, named, data) = answers;
+    assert_eq!(state.unwrap().expect("A held").boot, a_boot);
+    assert_eq!(named, Some(true));
+    assert!(
+        data.expect("read A")[..] == pattern(7, REGION_BYTES as usize)[..],
+        "A reads back other bytes"
+    );
+
+    // B deleted meanwhile: gone at once for every reader, removed once
+    // the open stuck on the disk ends.
+    let (deleter, tid) = {
+        let store = Arc::clone(&store);
+        let uuid = b.uuid;
+        spawn_with_tid(move || store.delete(uuid))
+    };
+    // Not on the disk: waiting for the open to end (on a futex), with B
+    // marked as being deleted.
+    wait_thread_state(tid, "S", "the delete of B never waited for its open");
+    let gone = {
+        let store = Arc::clone(&store);
+        let uuid = b.uuid;
+        answer_within(limit, move || store.get(uuid).map(|h| h.is_none()))
+    }
+    .expect("a read of B waited for its open on the stalled disk");
+    assert!(gone.expect("read B"), "B still read as held while deleted");
+    assert!(!deleter.is_finished(), "the delete ended on a frozen disk");
+    frozen.thaw().expect("thaw the pool");
+    opener
+        .join()
+        .unwrap()
+        .expect("B's open ends once the disk moves");
+    deleter.join().unwrap().expect("delete B");
+    assert!(store.get(b.uuid).unwrap().is_none());
+    assert_eq!(
+        store.names(b.uuid, "n2"),
+        None,
+        "B left open after its delete"
+    );
+    assert!(!pool.join("replicas").join(b.uuid.to_hex()).exists());
+    assert_eq!(store.list().unwrap(), vec![a.uuid]);
+}

@@ -35,7 +35,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::volume::id::Uuid;
 use bytes::Bytes;
@@ -153,6 +153,45 @@ struct Held {
     /// When bytes were last written, in milliseconds since `opened`.
     last_write: AtomicU64,
     opened: std::time::Instant,
+}
+
+/// Volumes with an open, a create's placement or a delete under way in
+/// this process: one at a time per volume. They do their disk I/O under
+/// this mark instead of with the store's `open` lock held, so that a
+/// stalled disk holds up the calls of that volume only, not every call on
+/// the node.
+#[derive(Debug, Default)]
+struct Busy {
+    volumes: Mutex<HashSet<Uuid>>,
+    freed: Condvar,
+}
+
+impl Busy {
+    /// Marks `uuid` busy, once no one else has it marked.
+    fn hold(&self, uuid: Uuid) -> BusyMark<'_> {
+        let mut volumes = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
+        while !volumes.insert(uuid) {
+            volumes = self.freed.wait(volumes).unwrap_or_else(|e| e.into_inner());
+        }
+        BusyMark { busy: self, uuid }
+    }
+}
+
+/// A volume marked by [`Busy::hold`], until dropped.
+struct BusyMark<'a> {
+    busy: &'a Busy,
+    uuid: Uuid,
+}
+
+impl Drop for BusyMark<'_> {
+    fn drop(&mut self) {
+        self.busy
+            .volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.uuid);
+        self.busy.freed.notify_all();
+    }
 }
 
 impl Held {
@@ -429,11 +468,14 @@ pub struct ReplicaStore {
     /// `snap.rs`.
     taking: Mutex<HashMap<u64, (Uuid, bool)>>,
     takers: AtomicU64,
-    /// Volumes whose member is being deleted here: not opened again until
-    /// the delete ended. A delete does its I/O without `open` held, so a
-    /// stalled disk does not hold every call on the node for as long.
-    /// (Taken only with `open` held, or alone.)
+    /// Volumes whose member is being deleted here: read as gone and not
+    /// opened again until the delete ended. A delete does its I/O under
+    /// the volume's busy mark, without `open` held, so a stalled disk does
+    /// not hold every call on the node for as long. (Taken with `open`
+    /// held, or alone.)
     deleting: Mutex<HashSet<Uuid>>,
+    /// See [`Busy`]. Never waited for with `open` held.
+    busy: Busy,
 }
 
 impl ReplicaStore {
@@ -461,6 +503,7 @@ impl ReplicaStore {
             taking: Mutex::new(HashMap::new()),
             takers: AtomicU64::new(0),
             deleting: Mutex::new(HashSet::new()),
+            busy: Busy::default(),
         };
         store.clean_snapshots()?;
         Ok(store)
@@ -517,8 +560,8 @@ impl ReplicaStore {
             )));
         };
         let dir = self.dir(record.uuid);
-        let existing = |open: &mut HashMap<Uuid, Arc<Held>>| -> Result<(), StoreError> {
-            let held = self.load(open, record.uuid)?;
+        let existing = || -> Result<(), StoreError> {
+            let held = self.load(record.uuid)?;
             let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
             let r = &v.state().record;
             if same_members(&r.members, &record.members) && r.size == record.size {
@@ -528,8 +571,7 @@ impl ReplicaStore {
             }
         };
         if dir.exists() {
-            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            return existing(&mut open);
+            return existing();
         }
         let tmp = Self::scratch(&self.root, &record.uuid.to_hex())?;
         let boot = first_boot(record, &self.node);
@@ -564,11 +606,12 @@ impl ReplicaStore {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let busy = self.busy.hold(record.uuid);
         if dir.exists() {
             // Made meanwhile by a concurrent create.
             let _ = std::fs::remove_dir_all(&tmp);
-            return existing(&mut open);
+            drop(busy);
+            return existing();
         }
         if !gate() {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -584,7 +627,11 @@ impl ReplicaStore {
             return Err(e);
         }
         let held = Self::open_held(&dir, &self.node, boot, None)?;
-        open.insert(record.uuid, Arc::new(held));
+        // A delete begun meanwhile waits for the busy mark, then closes it.
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.uuid, Arc::new(held));
         Ok(())
     }
 
@@ -638,15 +685,19 @@ impl ReplicaStore {
     /// Removes this node's member of a volume. Idempotent. ABORTED
     /// (stale) while another delete of it runs.
     pub fn delete(&self, uuid: Uuid) -> Result<(), StoreError> {
-        let closed = {
-            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            if !self.deleting_now().insert(uuid) {
-                return Err(StoreError::Stale(format!(
-                    "volume {uuid} is being deleted here already"
-                )));
-            }
-            open.remove(&uuid)
-        };
+        if !self.deleting_now().insert(uuid) {
+            return Err(StoreError::Stale(format!(
+                "volume {uuid} is being deleted here already"
+            )));
+        }
+        // From here on it reads as gone. An open or create of it under
+        // way ends first (on a stalled disk, this waits for it).
+        let busy = self.busy.hold(uuid);
+        let closed = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&uuid);
         let removed = (|| {
             let dir = self.dir(uuid);
             if !dir.exists() {
@@ -659,6 +710,7 @@ impl ReplicaStore {
             std::fs::remove_dir_all(&gone).map_err(io_err(&gone))
         })();
         self.deleting_now().remove(&uuid);
+        drop(busy);
         // Closed without the lock: a copy's pacer waits for its writeback
         // thread, which other volumes' calls must not wait for.
         drop(closed);
@@ -669,16 +721,21 @@ impl ReplicaStore {
     /// last made durable: a record change still being written is not
     /// waited for.
     pub fn get(&self, uuid: Uuid) -> Result<Option<HeldState>, StoreError> {
-        let held = {
+        let gone = || self.deleting_now().contains(&uuid) || !self.dir(uuid).exists();
+        {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            // Being deleted: held no more.
-            if self.deleting_now().contains(&uuid) || !self.dir(uuid).exists() {
+            // Being deleted: held no more. (A stat: nothing written.)
+            if gone() {
                 let closed = open.remove(&uuid);
                 drop(open);
                 drop(closed);
                 return Ok(None);
             }
-            self.load(&mut open, uuid)?
+        }
+        let held = match self.load(uuid) {
+            // Deleted since.
+            Err(StoreError::NotFound(_)) if gone() => return Ok(None),
+            held => held?,
         };
         let state = held
             .durable
@@ -735,23 +792,30 @@ impl ReplicaStore {
 
     /// Serves one protocol call for `uuid`.
     pub fn call(&self, uuid: Uuid, call: Call) -> Result<Answer, StoreError> {
-        let held = {
-            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            self.load(&mut open, uuid)?
-        };
-        held.handle(call)
+        self.load(uuid)?.handle(call)
     }
 
-    fn load(
-        &self,
-        open: &mut HashMap<Uuid, Arc<Held>>,
-        uuid: Uuid,
-    ) -> Result<Arc<Held>, StoreError> {
+    /// This process's open copy of `uuid`; None when it is not open yet.
+    /// NotFound while it is being deleted.
+    fn opened(&self, uuid: Uuid) -> Result<Option<Arc<Held>>, StoreError> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if self.deleting_now().contains(&uuid) {
             return Err(StoreError::NotFound(uuid));
         }
-        if let Some(h) = open.get(&uuid) {
-            return Ok(Arc::clone(h));
+        Ok(open.get(&uuid).map(Arc::clone))
+    }
+
+    /// The open copy of `uuid`, opened when this process first asks for
+    /// it: its files are read and its new boot written under the volume's
+    /// busy mark, not with `open` held.
+    fn load(&self, uuid: Uuid) -> Result<Arc<Held>, StoreError> {
+        if let Some(held) = self.opened(uuid)? {
+            return Ok(held);
+        }
+        let _busy = self.busy.hold(uuid);
+        // Opened meanwhile, or deleted.
+        if let Some(held) = self.opened(uuid)? {
+            return Ok(held);
         }
         let dir = self.dir(uuid);
         let p = dir.join(VOTER_FILE);
@@ -780,9 +844,11 @@ impl ReplicaStore {
             state.boot += 1;
         }
         remove_clean_file(&dir)?;
-        let held = Self::open_held(&dir, &self.node, state.boot, Some(state))?;
-        let held = Arc::new(held);
-        open.insert(uuid, Arc::clone(&held));
+        let held = Arc::new(Self::open_held(&dir, &self.node, state.boot, Some(state))?);
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uuid, Arc::clone(&held));
         Ok(held)
     }
 

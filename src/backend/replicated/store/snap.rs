@@ -245,10 +245,7 @@ impl ReplicaStore {
                 expect.uuid
             )));
         }
-        let held = {
-            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            self.load(&mut open, uuid)?
-        };
+        let held = self.load(uuid)?;
         held.data()?;
         // Every region lock, in order (writes take one at a time): no
         // write or rebuild lands on this copy until the files are copied.
