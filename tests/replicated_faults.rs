@@ -1,19 +1,22 @@
 //! Replicated volumes under the faults tests/replicated.rs does not inject
 //! (issue 14): a slow copy, a copy whose traffic stalls, is held or is
-//! refused, and a copy whose pool is full. A controller and three node
-//! agents in network namespaces of their own; node n3's agent is reached
-//! only through a fault-injecting TCP proxy in its namespace (it advertises
-//! the proxy), or keeps its pool on a small filesystem of its own. The
-//! volume is published raw on n1 and written by a checker in the style of
-//! Jepsen's: unique, checksummed 4 KiB blocks with O_DIRECT and fdatasync,
-//! every acknowledged write recorded, everything read back at the end from
-//! a fresh publish on another node, and every copy's `data` file compared.
+//! refused, a copy whose pool is full, and a copy whose disk has a bad
+//! sector. A controller and three node agents in network namespaces of
+//! their own; node n3's agent is reached only through a fault-injecting
+//! TCP proxy in its namespace (it advertises the proxy), or keeps its pool
+//! on a small filesystem of its own (n1's, on a disk this process serves,
+//! for the bad sector). The volume is published raw on n1 and written by
+//! a checker in the style of Jepsen's: unique, checksummed 4 KiB blocks
+//! with O_DIRECT and fdatasync, every acknowledged write recorded,
+//! everything read back at the end from a fresh publish on another node,
+//! and every copy's `data` file compared.
 
 #![allow(clippy::disallowed_methods)]
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::checker::{BLOCK, History, WAIT, Writer};
@@ -400,5 +403,233 @@ async fn a_copy_with_a_full_pool_is_marked_out_of_sync_and_rebuilt_once_space_is
     let h = w.stop().await;
     verify(&mut t, &mut cl, &v, m, h, 3, blocks).await;
     t.done("copies compared");
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// A disk with bad sectors: a read that touches one fails (EIO) until
+/// the sector is written again (a disk remaps it then).
+struct BadSectors {
+    inner: stowage::os::fuse_file::LocalFile,
+    /// Byte ranges [start, end) that fail reads.
+    bad: std::sync::Mutex<Vec<(u64, u64)>>,
+    failed_reads: std::sync::atomic::AtomicU64,
+}
+
+impl BadSectors {
+    fn new(path: &Path, size: u64) -> BadSectors {
+        BadSectors {
+            inner: stowage::os::fuse_file::LocalFile::create(path, size).expect("disk image"),
+            bad: Default::default(),
+            failed_reads: Default::default(),
+        }
+    }
+
+    fn spoil(&self, start: u64, len: u64) {
+        self.bad.lock().unwrap().push((start, start + len));
+    }
+
+    fn bad(&self) -> Vec<(u64, u64)> {
+        self.bad.lock().unwrap().clone()
+    }
+
+    fn failed_reads(&self) -> u64 {
+        self.failed_reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl stowage::os::fuse_file::BlockHandler for BadSectors {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if self
+            .bad
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(s, e)| s < end && offset < e)
+        {
+            self.failed_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, data)?;
+        // What was written reads again.
+        let end = offset + data.len() as u64;
+        let mut bad = self.bad.lock().unwrap();
+        *bad = bad
+            .iter()
+            .flat_map(|&(s, e)| [(s, e.min(offset)), (s.max(end), e)])
+            .filter(|&(s, e)| s < e)
+            .collect();
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn resize(&self, len: u64) -> std::io::Result<()> {
+        self.inner.resize(len)
+    }
+}
+
+/// Where byte `at` of `file` lies on its filesystem's disk.
+fn on_disk(file: &Path, at: u64) -> u64 {
+    let extents = stowage::os::cow::fiemap(file).expect("fiemap");
+    let e = extents
+        .iter()
+        .find(|e| e.logical <= at && at < e.logical + e.length)
+        .unwrap_or_else(|| {
+            panic!(
+                "byte {at} of {} is not on the disk: {extents:?}",
+                file.display()
+            )
+        });
+    assert!(e.has_location(), "{e:?}");
+    e.physical + (at - e.logical)
+}
+
+/// Drops what the page cache holds of `file`, so its next read goes to
+/// the disk.
+fn uncache(file: &Path) {
+    let f = std::fs::File::open(file).unwrap();
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .expect("fadvise");
+}
+
+/// The last `n` lines of node `i`'s own log (its HTTP/2 and TLS chatter
+/// left out).
+fn own_log(cl: &Cluster, i: usize, n: usize) -> String {
+    let text = cl.nodes[i - 1].log_text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("stowage")).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Block `block` of the published raw volume at `target`, read with
+/// O_DIRECT.
+fn read_block(target: &Path, block: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = common::checker::open_direct(target);
+    let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
+    f.read_exact_at(buf.as_mut_slice(), block * BLOCK as u64)?;
+    Ok(buf.as_slice().to_vec())
+}
+
+/// A latent sector error on the copy the engine reads from (its own, on
+/// n1): a read of that block must still return its bytes (from another
+/// copy), not EIO, and the bad copy must be written again there (which
+/// remaps the sector), so that it reads right once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewritten() {
+    let mut t = Steps::new("bad sector");
+    // Declared before the cluster: outlives it (the cluster closes the
+    // disk after its nodes stopped).
+    let disk_dir = Scratch::new("bad-sectors");
+    let disk_bytes = 640 << 20;
+    let disk = Arc::new(BadSectors::new(&disk_dir.root.join("disk.img"), disk_bytes));
+    let mut cl = Cluster::start_with(&[
+        NodeOpts {
+            pool_bytes: Some(disk_bytes),
+            pool_disk: Some(PoolDisk(disk.clone())),
+            ..Default::default()
+        },
+        NodeOpts::default(),
+        NodeOpts::default(),
+    ])
+    .await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut req = replicated_req("rep-bad", "3", SIZE, cap.clone());
+    req.accessibility_requirements = on(&["n1"], &[]);
+    let v = cl
+        .create(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
+    let m = Published::up(&mut cl, 1, &v, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
+    t.done("cluster up, volume published");
+    let blocks = 64;
+    {
+        let target = m.target.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let f = common::checker::open_direct(&target);
+            let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
+            for b in 0..blocks {
+                buf.as_mut_slice()
+                    .copy_from_slice(&common::checker::block_bytes(b, 1));
+                f.write_all_at(buf.as_slice(), b * BLOCK as u64).unwrap();
+            }
+            f.sync_all().unwrap();
+        })
+        .await
+        .unwrap();
+    }
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    assert!(!cl.condition(&v.volume_id).await.0);
+
+    let bad_block = 37;
+    let data = cl.copy_data(1, &v.volume_id);
+    let at = on_disk(&data, bad_block * BLOCK as u64);
+    disk.spoil(at, BLOCK as u64);
+    uncache(&data);
+    let read = {
+        let target = m.target.clone();
+        tokio::task::spawn_blocking(move || read_block(&target, bad_block))
+            .await
+            .unwrap()
+    };
+    t.done("the bad block read");
+    assert!(
+        disk.failed_reads() > 0,
+        "the read never reached the bad sector: the test would prove nothing"
+    );
+    let read = read.unwrap_or_else(|e| {
+        panic!(
+            "reading the block n1's copy cannot read: {e}\n{}",
+            own_log(&cl, 1, 40)
+        )
+    });
+    assert!(
+        read == common::checker::block_bytes(bad_block, 1),
+        "block {bad_block} read back other bytes"
+    );
+
+    // Repaired: n1's copy written again there, in sync, and it reads.
+    let until = Instant::now() + WAIT;
+    while !disk.bad().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "n1's bad sector was never written again: {:?}\n{}",
+            disk.bad(),
+            own_log(&cl, 1, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    t.done("n1's copy rewritten and in sync");
+    let failed = disk.failed_reads();
+    uncache(&data);
+    let again = {
+        let target = m.target.clone();
+        tokio::task::spawn_blocking(move || read_block(&target, bad_block))
+            .await
+            .unwrap()
+    }
+    .expect("read the block again");
+    assert!(again == common::checker::block_bytes(bad_block, 1));
+    assert_eq!(disk.failed_reads(), failed, "a bad read after the repair");
+    m.down(&mut cl, &v.volume_id).await;
+    for i in 2..=NODES {
+        assert!(
+            cl.same_copies(1, i, &v.volume_id).await,
+            "n{i}'s copy differs from n1's"
+        );
+    }
     cl.delete(&v.volume_id).await.unwrap();
 }

@@ -9,15 +9,18 @@
 //!
 //! A node may differ ([`NodeOpts`]): reached by everyone else through a
 //! fault-injecting proxy in its namespace (it advertises the proxy's
-//! address), or keeping its pool on a small filesystem of its own.
+//! address), or keeping its pool on a small filesystem of its own, whose
+//! disk may be one this process serves (and makes fail).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stowage::cluster::proto::admin_client::AdminClient;
 use stowage::cluster::proto::{ListNodesRequest, NodeInfo};
 use stowage::csi;
+use stowage::os::fuse_file::{BlockHandler, FuseLoopDevice, FuseOptions};
 use stowage::volume::TOPOLOGY_NODE_KEY;
 
 use super::forward::Forward;
@@ -50,8 +53,63 @@ pub struct NodeOpts {
     /// least 300 MiB, mkfs.xfs's minimum) mounted at `<state>/pool`,
     /// instead of a directory of the shared pool filesystem.
     pub pool_bytes: Option<u64>,
+    /// With `pool_bytes`: that filesystem's disk is a FUSE file this
+    /// process serves through this handler (a loop device on it), so a
+    /// test can make the disk slow or fail.
+    pub pool_disk: Option<PoolDisk>,
     /// Added to its `serve` command line.
     pub args: Vec<String>,
+}
+
+/// The handler of a node's pool disk ([`NodeOpts::pool_disk`]).
+#[derive(Clone)]
+pub struct PoolDisk(pub Arc<dyn BlockHandler>);
+
+impl std::fmt::Debug for PoolDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolDisk")
+    }
+}
+
+/// A node's pool filesystem on a [`PoolDisk`]: dropped after the node's
+/// process stopped, it unmounts the filesystem, then closes the disk.
+struct OwnDisk {
+    pool: PathBuf,
+    dev: Option<FuseLoopDevice>,
+}
+
+impl OwnDisk {
+    fn new(root: &Path, name: &str, at: &Path, bytes: u64, disk: &PoolDisk) -> OwnDisk {
+        let dev = FuseLoopDevice::attach(
+            &root.join(format!("disk-{name}")),
+            bytes,
+            Arc::clone(&disk.0),
+            &FuseOptions::default(),
+        )
+        .expect("a node's pool disk");
+        let own = OwnDisk {
+            pool: at.to_owned(),
+            dev: Some(dev),
+        };
+        let path = own.dev.as_ref().expect("attached").device().path();
+        stowage::os::filesystem::make(&path, "xfs").expect("mkfs a node's pool");
+        std::fs::create_dir_all(at).unwrap();
+        let opts = stowage::os::mount::MountOptions::parse(&[""]).unwrap();
+        stowage::os::mount::mount_filesystem(&path, at, "xfs", &opts).expect("mount a node's pool");
+        own
+    }
+}
+
+impl Drop for OwnDisk {
+    fn drop(&mut self) {
+        cleanup_under(&self.pool);
+        let _ = nix::mount::umount2(&self.pool, nix::mount::MntFlags::MNT_DETACH);
+        if let Some(dev) = self.dev.take()
+            && let Err(e) = dev.close()
+        {
+            eprintln!("closing the pool disk of {}: {e}", self.pool.display());
+        }
+    }
 }
 
 pub fn bin() -> &'static str {
@@ -62,6 +120,8 @@ pub fn bin() -> &'static str {
 pub struct Cluster {
     pub controller: Proc,
     pub nodes: Vec<Proc>,
+    /// The pool disks this process serves ([`NodeOpts::pool_disk`]).
+    disks: Vec<OwnDisk>,
     /// Node i's proxy at index i - 1, for proxied nodes.
     pub proxies: Vec<Option<Forward>>,
     pub net: Net,
@@ -118,14 +178,28 @@ impl Cluster {
                 .args(controller_args)
                 .env("STOWAGE_LOG", "debug"),
         );
+        // Declared before the nodes: on a panic here the processes stop
+        // before their disks go.
+        let mut disks = Vec::new();
         let mut nodes = Vec::new();
         let mut proxies = Vec::new();
         for i in 1..=nodes_wanted {
             let h = net.host(i);
             let state = pool_fs.join(node_id(i));
             let o = opts.get(i - 1).cloned().unwrap_or_default();
-            if let Some(bytes) = o.pool_bytes {
-                own_pool_fs(&root, &node_id(i), &state.join("pool"), bytes);
+            match (o.pool_bytes, &o.pool_disk) {
+                (Some(bytes), Some(disk)) => {
+                    disks.push(OwnDisk::new(
+                        &root,
+                        &node_id(i),
+                        &state.join("pool"),
+                        bytes,
+                        disk,
+                    ));
+                }
+                (Some(bytes), None) => own_pool_fs(&root, &node_id(i), &state.join("pool"), bytes),
+                (None, Some(_)) => panic!("n{i}: a pool disk needs pool_bytes"),
+                (None, None) => {}
             }
             let mut data_args: Vec<String> = Vec::new();
             let advertise = if o.proxied {
@@ -191,6 +265,7 @@ impl Cluster {
         let mut cl = Cluster {
             controller,
             nodes,
+            disks,
             proxies,
             net,
             c,

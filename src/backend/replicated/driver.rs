@@ -1182,6 +1182,8 @@ struct Lane {
 struct Sent {
     node: String,
     lane: Option<Region>,
+    /// The engine's id of a read.
+    read: Option<u64>,
 }
 
 struct Stopping {
@@ -1486,8 +1488,11 @@ impl Task {
                 // release a later write only once this copy counts as
                 // failed (its unflushed regions are then rebuilt).
                 tracing::debug!(volume = %self.volume, node = %sent.node, %e, "call failed");
-                match e {
-                    PeerError::NoCopy { .. } => self.engine.not_a_copy(&sent.node),
+                match (e, sent.read) {
+                    (PeerError::NoCopy { .. }, _) => self.engine.not_a_copy(&sent.node),
+                    // Sent on to another copy at once, and the region
+                    // rebuilt on this one (a bad sector, say).
+                    (_, Some(read)) => self.engine.read_failed(&sent.node, read),
                     _ => self.engine.unreachable(&sent.node),
                 }
             }
@@ -1852,6 +1857,10 @@ impl Task {
         if let Request::Rebuild { .. } = call.request {
             self.rebuild_bytes += call.data.len() as u64;
         }
+        let read = match call.request {
+            Request::Read { id, .. } => Some(id),
+            _ => None,
+        };
         self.next_call += 1;
         let id = self.next_call;
         self.out.push(OutCall {
@@ -1861,7 +1870,7 @@ impl Task {
             call,
             peer: Arc::clone(&self.peer),
         });
-        self.sent.insert(id, Sent { node, lane });
+        self.sent.insert(id, Sent { node, lane, read });
     }
 
     /// The call in flight on (node, region) ended: send the next one that

@@ -172,6 +172,10 @@ struct Link {
     lost: bool,
     /// Regions it may lack (while out of sync or rebuilding).
     dirty: BTreeSet<Region>,
+    /// Regions it failed to read (a bad sector, see
+    /// [`Engine::read_failed`]): it stays failing until it went out of
+    /// sync, and these are then rebuilt, which writes them again.
+    unreadable: BTreeSet<Region>,
     /// Regions sent to it since its last flush.
     unflushed: BTreeMap<Region, Unflushed>,
     attach_sent: Option<u64>,
@@ -193,6 +197,7 @@ impl Link {
             failing: false,
             lost: false,
             dirty: BTreeSet::new(),
+            unreadable: BTreeSet::new(),
             unflushed: BTreeMap::new(),
             attach_sent: None,
             copying: None,
@@ -202,9 +207,18 @@ impl Link {
         }
     }
 
+    /// It answered: it no longer counts as failing, unless it restarted
+    /// (lost writes) or cannot read a region.
+    fn answered(&mut self) {
+        if !self.lost && self.unreadable.is_empty() {
+            self.failing = false;
+        }
+    }
+
     fn go_out(&mut self) {
         self.phase = Phase::Out;
         self.dirty.extend(self.unflushed.keys().copied());
+        self.dirty.append(&mut self.unreadable);
         self.unflushed.clear();
         self.failing = false;
         self.lost = false;
@@ -506,6 +520,40 @@ impl Engine {
         }
     }
 
+    /// A read sent to `node` (read `id`) failed there: an I/O error on
+    /// its disk, or no answer. The copy counts as failed until it went out
+    /// of sync, and the region is rebuilt on it then (written again: a
+    /// disk remaps a bad sector when it is written). The read goes at once
+    /// to another in-sync copy, if there is one; else it waits for its
+    /// resend or timeout, as any read.
+    pub fn read_failed(&mut self, node: &str, id: u64) {
+        let Some(region) = self
+            .reads
+            .get(&id)
+            .filter(|r| r.from == node)
+            .map(|r| r.region)
+        else {
+            self.unreachable(node);
+            return;
+        };
+        if let Some(l) = self.links.get_mut(node)
+            && l.phase == Phase::InSync
+        {
+            l.unreadable.insert(region);
+        }
+        self.unreachable(node);
+        if self.state != EngineState::Running {
+            return;
+        }
+        if let Some(from) = self.source().filter(|s| s != node) {
+            let io = self.io(&from);
+            let r = self.reads.get_mut(&id).expect("pending");
+            r.from = from.clone();
+            r.last_sent = self.now;
+            self.send(&from, Request::Read { io, region, id });
+        }
+    }
+
     /// Whether the start may be decided before the deadline: every in-sync
     /// copy answered, or could not be reached at all while another in-sync
     /// copy answered at its recorded boot (a copy whose node refuses
@@ -758,9 +806,7 @@ impl Engine {
                 // read the region) may have filled only part of it.
                 let whole = matches!(reply, Reply::Rebuilt { .. });
                 let l = self.links.get_mut(from).expect("current");
-                if !l.lost {
-                    l.failing = false;
-                }
+                l.answered();
                 let copying = l
                     .copying
                     .as_ref()
@@ -790,9 +836,7 @@ impl Engine {
                     return;
                 }
                 let l = self.links.get_mut(from).expect("current");
-                if !l.lost {
-                    l.failing = false;
-                }
+                l.answered();
                 let mut covers = Vec::new();
                 if l.join_flush.as_ref().is_some_and(|j| j.id == id) {
                     covers = l.join_flush.take().expect("some").covers;
@@ -817,9 +861,7 @@ impl Engine {
                     return;
                 }
                 let l = self.links.get_mut(from).expect("current");
-                if !l.lost {
-                    l.failing = false;
-                }
+                l.answered();
                 if l.phase == Phase::InSync && self.reads.get(&id).is_some_and(|r| r.from == from) {
                     self.reads.remove(&id);
                     self.events.push(EngineEvent::ReadDone { id, region, tag });
@@ -1880,6 +1922,73 @@ mod tests {
         assert_eq!(net.voters["c"].data().get(&0), Some(&t0));
         assert_eq!(net.voters["c"].data().get(&3), Some(&t3));
         assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    /// A copy that fails a read (a bad sector on its disk) has the read
+    /// sent at once to another in-sync copy. It goes out of sync even
+    /// though it answers a write meanwhile, and the region it could not
+    /// read is rebuilt on it (written again) before it rejoins.
+    #[test]
+    fn a_read_a_copy_fails_goes_to_another_copy_and_is_rebuilt_there() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        let t1 = e.write(1).unwrap();
+        assert_eq!(acked(&net.run(&mut e, 2)), [t1]);
+        // Flushed: no copy lacks region 1 for want of a flush.
+        let f = e.flush().unwrap();
+        assert!(
+            net.run(&mut e, 2)
+                .contains(&EngineEvent::FlushAcked { id: f })
+        );
+        let id = e.read(1).unwrap();
+        let (out, _) = e.drain();
+        assert!(
+            matches!(&out[..], [Envelope { to, msg: Request::Read { .. } }] if to == "a"),
+            "{out:?}"
+        );
+        e.read_failed("a", id);
+        let t2 = e.write(2).unwrap();
+        let (out, _) = e.drain();
+        let read_to: Vec<&str> = out
+            .iter()
+            .filter(|x| matches!(x.msg, Request::Read { id: i, .. } if i == id))
+            .map(|x| x.to.as_str())
+            .collect();
+        assert!(read_to == ["b"] || read_to == ["c"], "{out:?}");
+        // a answers the write (and everything else) meanwhile.
+        let ev = net.exchange(&mut e, out, &mut Vec::new(), &|_| false);
+        assert!(
+            ev.contains(&EngineEvent::ReadDone {
+                id,
+                region: 1,
+                tag: t1
+            }),
+            "{ev:?}"
+        );
+        assert!(acked(&ev).contains(&t2), "{ev:?}");
+        // Region 1 is rebuilt on a: caught on its way, then let through.
+        let mut held = Vec::new();
+        let rebuild =
+            |x: &Envelope| x.to == "a" && matches!(x.msg, Request::Rebuild { region: 1, .. });
+        net.run_holding(&mut e, 30, &mut held, &rebuild);
+        assert!(
+            !held.is_empty(),
+            "region 1 never rebuilt on a: {:?}",
+            e.copies()
+        );
+        assert!(!e.all_in_sync());
+        net.exchange(&mut e, held, &mut Vec::new(), &|_| false);
+        net.run(&mut e, 30);
+        assert!(e.all_in_sync(), "{:?}", e.copies());
+        assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+        // Read from a again.
+        e.read(1).unwrap();
+        let (out, _) = e.drain();
+        assert!(
+            matches!(&out[..], [Envelope { to, .. }] if to == "a"),
+            "{out:?}"
+        );
     }
 
     /// A write also goes to a copy being rebuilt, which no acknowledgement
