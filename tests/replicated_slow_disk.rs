@@ -341,3 +341,177 @@ fn a_copy_opened_on_a_stalled_disk_holds_up_no_other_volume() {
     assert!(!pool.join("replicas").join(b.uuid.to_hex()).exists());
     assert_eq!(store.list().unwrap(), vec![a.uuid]);
 }
+
+/// A disk whose writes to some byte ranges fail (EIO), as a failing disk's
+/// do; counts the writes that reach each range it watches.
+struct FailingWrites {
+    inner: LocalFile,
+    failing: Mutex<Vec<(u64, u64)>>,
+    watched: Mutex<Vec<((u64, u64), u64)>>,
+}
+
+impl BlockHandler for FailingWrites {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let end = offset + data.len() as u64;
+        for ((s, e), n) in self.watched.lock().unwrap().iter_mut() {
+            if *s < end && offset < *e {
+                *n += 1;
+            }
+        }
+        let fails = self
+            .failing
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(s, e)| s < end && offset < e);
+        if fails {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn resize(&self, len: u64) -> std::io::Result<()> {
+        self.inner.resize(len)
+    }
+}
+
+/// Where `len` bytes of `file` from `at` lie on its filesystem's disk (one
+/// extent).
+fn on_disk(file: &std::path::Path, at: u64, len: u64) -> (u64, u64) {
+    let extents = stowage::os::cow::fiemap(file).expect("fiemap");
+    let e = extents
+        .iter()
+        .find(|e| e.logical <= at && at + len <= e.logical + e.length)
+        .unwrap_or_else(|| panic!("{at}+{len} not in one extent: {extents:?}"));
+    assert!(e.has_location(), "{e:?}");
+    let start = e.physical + (at - e.logical);
+    (start, start + len)
+}
+
+/// When the disk fails to write back a copy's data, the next flush must
+/// say so, even when the copy's own writeback pacing waited for that
+/// writeback first (waiting takes the error: the kernel reports it once
+/// per open file, and the pages it could not write are clean since). And
+/// once a flush failed, no later flush may answer for what it lost: the
+/// copy counts as restarted (its boot rises), so a flush sent before, or
+/// one of another request in flight, is refused and the engine rebuilds
+/// what it had not flushed there.
+#[test]
+fn a_flush_reports_a_failed_writeback_even_when_the_pacing_waited_for_it() {
+    let scratch = Scratch::new("failing-writes");
+    let size = 512 * MIB;
+    let disk = Arc::new(FailingWrites {
+        inner: LocalFile::create(&scratch.root.join("disk.img"), size).expect("disk image"),
+        failing: Mutex::new(Vec::new()),
+        watched: Mutex::new(Vec::new()),
+    });
+    let dev = FuseLoopDevice::attach(
+        &scratch.root.join("fuse"),
+        size,
+        disk.clone(),
+        &FuseOptions::default(),
+    )
+    .expect("FUSE loop device");
+    stowage::os::filesystem::make(&dev.device().path(), "xfs").expect("mkfs.xfs");
+    let pool = scratch.root.join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    let opts = stowage::os::mount::MountOptions::parse(&[""]).unwrap();
+    stowage::os::mount::mount_filesystem(&dev.device().path(), &pool, "xfs", &opts)
+        .expect("mount the pool");
+    let mounted = Mounted(pool.clone());
+
+    let store = ReplicaStore::open(&pool, "n1").expect("open store");
+    let volume = Uuid::new_random();
+    let boots = BTreeMap::from([("n1".to_owned(), 1)]);
+    let mut record = ReplicaRecord::new(volume, 8 * MIB, vec![Member::copy("n1")], &boots).unwrap();
+    record.epoch = 3;
+    store.create(&record).expect("create the copy");
+    let write = |region: u32, seq: u64| {
+        let answer = store
+            .call(
+                volume,
+                Call {
+                    request: Request::Write {
+                        io: io(),
+                        region,
+                        tag: Tag { epoch: 3, seq },
+                    },
+                    offset: 0,
+                    len: 0,
+                    data: pattern(seq, REGION_BYTES as usize).into(),
+                },
+            )
+            .expect("write");
+        assert!(
+            matches!(answer.reply, Some(Reply::Written { .. })),
+            "{:?}",
+            answer.reply
+        );
+    };
+    let flush = |id: u64| store.call(volume, Call::control(Request::Flush { io: io(), id }));
+    // Regions 0 and 1 written and flushed: they have their place on the
+    // disk, and are written there again in place.
+    write(0, 1);
+    write(1, 2);
+    let flushed = flush(1).expect("first flush");
+    assert!(matches!(flushed.reply, Some(Reply::Flushed { id: 1, .. })));
+    let data = pool.join("replicas").join(volume.to_hex()).join("data");
+    let region0 = on_disk(&data, 0, REGION_BYTES);
+    let region1 = on_disk(&data, REGION_BYTES, REGION_BYTES);
+    disk.failing.lock().unwrap().push(region0);
+    disk.watched
+        .lock()
+        .unwrap()
+        .extend([(region0, 0), (region1, 0)]);
+    let reached = |range: (u64, u64)| {
+        disk.watched
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(r, _)| *r == range)
+            .map(|(_, n)| *n)
+            .unwrap()
+    };
+    let wait_reached = |range: (u64, u64), what: &str| {
+        let until = Instant::now() + Duration::from_secs(30);
+        while reached(range) == 0 {
+            assert!(Instant::now() < until, "{what} never reached the disk");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Region 0 again (a window's worth): the pacing starts its writeback,
+    // which fails.
+    write(0, 3);
+    wait_reached(region0, "the writeback of region 0");
+    // Region 1 again, until a window's worth (the window grew) made the
+    // pacing start its writeback: it waits for region 0's first (and
+    // takes its error).
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut seq = 4;
+    while reached(region1) == 0 {
+        assert!(Instant::now() < until, "region 1 never written back");
+        write(1, seq);
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let err = flush(2).expect_err("a flush after a failed writeback succeeded");
+    assert!(err.to_string().contains("Input/output error"), "{err}");
+    // Any later flush at the boot the writes were made at is refused.
+    let later = flush(3).expect("a later flush is answered");
+    assert!(
+        !matches!(later.reply, Some(Reply::Flushed { .. })),
+        "a later flush answered for what the failed writeback lost: {:?}",
+        later.reply
+    );
+    let boot = store.get(volume).unwrap().expect("held").state.boot;
+    assert!(boot > io().boot, "the copy keeps its boot {boot}");
+    drop(store);
+    drop(mounted);
+    dev.close().expect("close the disk");
+}

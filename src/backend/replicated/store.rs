@@ -142,9 +142,20 @@ struct Held {
     role: Role,
     data: Option<File>,
     tags: Option<File>,
+    /// The data file opened once more, for the pacer: its waits for
+    /// writeback take the errors of that writeback for this descriptor
+    /// only (the kernel reports a writeback error once per open file), so
+    /// the next flush, on `data`, still reports them.
+    pacing: Option<File>,
     stripes: Vec<Mutex<()>>,
     /// When the data file's writeback is started (see [`writeback`]).
     pacer: writeback::Pacer,
+    /// Held across each sync of the data and tags, so that no sync answers
+    /// for what another one found lost.
+    syncing: Mutex<()>,
+    /// A sync failed and the voter has not yet been told (see
+    /// [`Held::lose_if_failed`]).
+    sync_failed: AtomicBool,
     /// Whether `CLEAN_FILE` is there: a write removes it first.
     clean: Mutex<bool>,
     /// `clean`, read without its lock by every write (set and cleared
@@ -252,12 +263,56 @@ impl Held {
         crate::os::fs::write_atomic(&path, &json).map_err(io_err(&path))
     }
 
+    /// Makes the data and tags durable. A failure loses what was not
+    /// flushed: see [`Held::lose_if_failed`], done here at once.
     fn sync(&self) -> Result<(), StoreError> {
-        if let (Some(d), Some(t)) = (&self.data, &self.tags) {
-            d.sync_data().map_err(io_err(&self.dir))?;
-            t.sync_data().map_err(io_err(&self.dir))?;
+        let synced = self.sync_files();
+        if synced.is_err() {
+            self.lose_if_failed(&mut self.voter.lock().unwrap_or_else(|e| e.into_inner()));
         }
-        Ok(())
+        synced
+    }
+
+    /// [`Held::sync`] without telling the voter of a failure (for a caller
+    /// that holds the voter's lock; the next [`Held::lose_if_failed`]
+    /// does). One sync at a time: the kernel reports a writeback error to
+    /// one sync only and marks the pages it could not write clean, so a
+    /// sync running beside the failed one could succeed and answer for
+    /// them.
+    fn sync_files(&self) -> Result<(), StoreError> {
+        let (Some(d), Some(t)) = (&self.data, &self.tags) else {
+            return Ok(());
+        };
+        let _one = self.syncing.lock().unwrap_or_else(|e| e.into_inner());
+        let synced = d.sync_data().and_then(|()| t.sync_data());
+        if synced.is_err() {
+            self.sync_failed.store(true, Ordering::SeqCst);
+        }
+        synced.map_err(io_err(&self.dir))
+    }
+
+    /// After a failed sync, what the copy had not flushed may be gone for
+    /// good: it counts as restarted. The voter's boot rises (persisted when
+    /// the disk lets it), so every request made at the old boot, a flush
+    /// sent before the failure among them, is refused, and the engine
+    /// rebuilds here what it had not seen flushed. Called with the voter's
+    /// lock held, before it decides anything.
+    fn lose_if_failed(&self, v: &mut Voter) {
+        // A load first: every write and read passes here.
+        if !self.sync_failed.load(Ordering::Acquire)
+            || !self.sync_failed.swap(false, Ordering::SeqCst)
+        {
+            return;
+        }
+        v.restart();
+        let state = v.state().clone();
+        tracing::warn!(dir = %self.dir.display(), boot = state.boot, "a sync of the copy failed: it counts as restarted, what it had not flushed is rebuilt");
+        match self.persist(&state) {
+            Ok(()) => *self.durable.lock().unwrap_or_else(|e| e.into_inner()) = state,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "the copy's new boot is not durable")
+            }
+        }
     }
 
     fn data(&self) -> Result<(&File, &File), StoreError> {
@@ -307,7 +362,8 @@ impl Held {
             if t.metadata().map_err(io_err(&self.dir))?.len() < tags {
                 t.set_len(tags).map_err(io_err(&self.dir))?;
             }
-            self.sync()?;
+            // The voter's lock is held: a failure reaches it next time.
+            self.sync_files()?;
         }
         Ok(())
     }
@@ -321,6 +377,7 @@ impl Held {
     /// close would come only after [`ReplicaStore::close_idle`]'s wait).
     fn decide(&self, req: Request) -> Result<Answer, StoreError> {
         let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
+        self.lose_if_failed(&mut v);
         let before = v.state().clone();
         let reply = v.handle(req);
         let grown = v.state().record.size > before.record.size;
@@ -385,6 +442,7 @@ impl Held {
         self.unmark_clean()?;
         let (reply, took) = {
             let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
+            self.lose_if_failed(&mut v);
             let before = v.data().get(&region).copied();
             let reply = v.handle(call.request);
             let after = v.data().get(&region).copied();
@@ -408,7 +466,7 @@ impl Held {
                 .map_err(io_err(&self.dir))?;
             // The pacer may wait for the disk: not with the stripe held.
             drop(region_lock);
-            self.pacer.wrote(data, len);
+            self.pacer.wrote(self.pacing.as_ref().unwrap_or(data), len);
         }
         Ok(Answer {
             reply,
@@ -426,6 +484,7 @@ impl Held {
         self.check_range(region, offset, len)?;
         let reply = {
             let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
+            self.lose_if_failed(&mut v);
             v.handle(call.request)
         };
         let mut buf = Vec::new();
@@ -875,7 +934,7 @@ impl ReplicaStore {
             .members
             .iter()
             .any(|m| m.node == node && m.role == Role::Copy);
-        let (data, tags, tag_map) = if copy {
+        let (data, tags, pacing, tag_map) = if copy {
             let open = |name: &str| {
                 let p = dir.join(name);
                 std::fs::OpenOptions::new()
@@ -887,6 +946,12 @@ impl ReplicaStore {
             };
             let data = open(DATA_FILE)?;
             let tags = open(TAGS_FILE)?;
+            let p = dir.join(DATA_FILE);
+            let pacing = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&p)
+                .map_err(io_err(&p))?;
             // Files never shorter than the record says (it is persisted
             // after they grow; this only repairs a copy made by hand).
             for (f, len) in [(&data, size), (&tags, regions_of(size) * TAG_BYTES)] {
@@ -904,9 +969,9 @@ impl ReplicaStore {
                     map.insert(i as Region, Tag { epoch, seq });
                 }
             }
-            (Some(data), Some(tags), map)
+            (Some(data), Some(tags), Some(pacing), map)
         } else {
-            (None, None, BTreeMap::new())
+            (None, None, None, BTreeMap::new())
         };
         let voter = Voter::restore(node, state.clone(), tag_map);
         let held = Held {
@@ -916,8 +981,11 @@ impl ReplicaStore {
             voter: Mutex::new(voter),
             data,
             tags,
+            pacing,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             pacer: writeback::Pacer::default(),
+            syncing: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
             clean: Mutex::new(false),
             clean_hint: AtomicBool::new(false),
             last_write: AtomicU64::new(0),

@@ -255,7 +255,9 @@ impl ReplicaStore {
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
             .collect();
         let (size, epoch) = {
-            let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
+            // A copy whose sync failed is not in sync at its boot.
+            held.lose_if_failed(&mut v);
             let s = v.state();
             if v.role() != Role::Copy {
                 return Err(StoreError::Invalid("a witness holds no data".to_owned()));

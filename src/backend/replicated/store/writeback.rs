@@ -130,7 +130,9 @@ impl Pacer {
 
     /// `len` bytes were written to `file`: past a window, the pacer's
     /// thread waits for the last writeback and starts the next. Failures
-    /// are the next flush's (`fdatasync` reports them).
+    /// are the next flush's (`fdatasync` reports them) as long as `file`
+    /// is an open file of its own, not the one flushes sync: a wait for
+    /// writeback takes its error for the open file it is made on.
     pub fn wrote(&self, file: &File, len: u64) {
         let window = self.shared.window.load(Ordering::Relaxed);
         let unstarted = self.shared.unstarted.fetch_add(len, Ordering::Relaxed) + len;
