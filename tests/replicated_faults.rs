@@ -1,11 +1,11 @@
 //! Replicated volumes under the faults tests/replicated.rs does not inject
 //! (issue 14): a slow copy, a copy whose traffic stalls, is held or is
 //! refused, a copy whose pool is full, and a copy whose disk has a bad
-//! sector. A controller and three node agents in network namespaces of
+//! sector or fails writes. A controller and three node agents in network namespaces of
 //! their own; node n3's agent is reached only through a fault-injecting
 //! TCP proxy in its namespace (it advertises the proxy), or keeps its pool
 //! on a small filesystem of its own (n1's, on a disk this process serves,
-//! for the bad sector). The volume is published raw on n1 and written by
+//! for the disk faults). The volume is published raw on n1 and written by
 //! a checker in the style of Jepsen's: unique, checksummed 4 KiB blocks
 //! with O_DIRECT and fdatasync, every acknowledged write recorded,
 //! everything read back at the end from a fresh publish on another node,
@@ -54,7 +54,12 @@ impl Steps {
 /// A cluster whose n3 is set up as `n3` says, with a raw replicated
 /// volume `name` of three copies created and published on n1.
 async fn raw_volume_on_n1(name: &str, n3: NodeOpts) -> (Cluster, csi::Volume, Published) {
-    let mut cl = Cluster::start_with(&[NodeOpts::default(), NodeOpts::default(), n3]).await;
+    raw_volume_with(name, [NodeOpts::default(), NodeOpts::default(), n3]).await
+}
+
+/// [`raw_volume_on_n1`] with each node set up as `nodes` says.
+async fn raw_volume_with(name: &str, nodes: [NodeOpts; 3]) -> (Cluster, csi::Volume, Published) {
+    let mut cl = Cluster::start_with(&nodes).await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let mut req = replicated_req(name, "3", SIZE, cap.clone());
     req.accessibility_requirements = on(&["n1"], &[]);
@@ -92,6 +97,11 @@ async fn verify(
     t.done("read back");
     m.down(cl, &v.volume_id).await;
     t.done("taken down again");
+    // Compared as the disks hold them: a page its disk failed to write
+    // stays in the cache, clean, until dropped.
+    for i in 1..=NODES {
+        uncache(&cl.copy_data(i, &v.volume_id));
+    }
     for i in 2..=NODES {
         assert!(
             cl.same_copies(1, i, &v.volume_id).await,
@@ -406,21 +416,32 @@ async fn a_copy_with_a_full_pool_is_marked_out_of_sync_and_rebuilt_once_space_is
     cl.delete(&v.volume_id).await.unwrap();
 }
 
-/// A disk with bad sectors: a read that touches one fails (EIO) until
-/// the sector is written again (a disk remaps it then).
-struct BadSectors {
+/// A disk that fails: reads touching a bad sector fail (EIO) until the
+/// sector is written again (a disk remaps it then), and writes to the
+/// ranges set failing fail (EIO) until they are cleared.
+struct FaultyDisk {
     inner: stowage::os::fuse_file::LocalFile,
     /// Byte ranges [start, end) that fail reads.
     bad: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Byte ranges [start, end) that fail writes.
+    failing_writes: std::sync::Mutex<Vec<(u64, u64)>>,
     failed_reads: std::sync::atomic::AtomicU64,
+    failed_writes: std::sync::atomic::AtomicU64,
 }
 
-impl BadSectors {
-    fn new(path: &Path, size: u64) -> BadSectors {
-        BadSectors {
+fn overlaps(ranges: &[(u64, u64)], offset: u64, len: usize) -> bool {
+    let end = offset + len as u64;
+    ranges.iter().any(|&(s, e)| s < end && offset < e)
+}
+
+impl FaultyDisk {
+    fn new(path: &Path, size: u64) -> FaultyDisk {
+        FaultyDisk {
             inner: stowage::os::fuse_file::LocalFile::create(path, size).expect("disk image"),
             bad: Default::default(),
+            failing_writes: Default::default(),
             failed_reads: Default::default(),
+            failed_writes: Default::default(),
         }
     }
 
@@ -432,21 +453,22 @@ impl BadSectors {
         self.bad.lock().unwrap().clone()
     }
 
+    fn fail_writes(&self, ranges: Vec<(u64, u64)>) {
+        *self.failing_writes.lock().unwrap() = ranges;
+    }
+
     fn failed_reads(&self) -> u64 {
         self.failed_reads.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    fn failed_writes(&self) -> u64 {
+        self.failed_writes.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
-impl stowage::os::fuse_file::BlockHandler for BadSectors {
+impl stowage::os::fuse_file::BlockHandler for FaultyDisk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let end = offset + buf.len() as u64;
-        if self
-            .bad
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|&(s, e)| s < end && offset < e)
-        {
+        if overlaps(&self.bad.lock().unwrap(), offset, buf.len()) {
             self.failed_reads
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
@@ -454,6 +476,11 @@ impl stowage::os::fuse_file::BlockHandler for BadSectors {
         self.inner.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if overlaps(&self.failing_writes.lock().unwrap(), offset, data.len()) {
+            self.failed_writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
         self.inner.write_at(offset, data)?;
         // What was written reads again.
         let end = offset + data.len() as u64;
@@ -531,27 +558,20 @@ async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewrit
     // disk after its nodes stopped).
     let disk_dir = Scratch::new("bad-sectors");
     let disk_bytes = 640 << 20;
-    let disk = Arc::new(BadSectors::new(&disk_dir.root.join("disk.img"), disk_bytes));
-    let mut cl = Cluster::start_with(&[
-        NodeOpts {
-            pool_bytes: Some(disk_bytes),
-            pool_disk: Some(PoolDisk(disk.clone())),
-            ..Default::default()
-        },
-        NodeOpts::default(),
-        NodeOpts::default(),
-    ])
+    let disk = Arc::new(FaultyDisk::new(&disk_dir.root.join("disk.img"), disk_bytes));
+    let (mut cl, v, m) = raw_volume_with(
+        "rep-bad",
+        [
+            NodeOpts {
+                pool_bytes: Some(disk_bytes),
+                pool_disk: Some(PoolDisk(disk.clone())),
+                ..Default::default()
+            },
+            NodeOpts::default(),
+            NodeOpts::default(),
+        ],
+    )
     .await;
-    let cap = block_cap(Mode::SingleNodeWriter);
-    let mut req = replicated_req("rep-bad", "3", SIZE, cap.clone());
-    req.accessibility_requirements = on(&["n1"], &[]);
-    let v = cl
-        .create(req)
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
-    let m = Published::up(&mut cl, 1, &v, &cap)
-        .await
-        .unwrap_or_else(|e| panic!("up on n1: {e:?}\n{}", cl.nodes[0].log_tail(40)));
     t.done("cluster up, volume published");
     let blocks = 64;
     {
@@ -631,5 +651,225 @@ async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewrit
             "n{i}'s copy differs from n1's"
         );
     }
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// A copy whose disk fails writes (n1's, the engine's own): its flushes
+/// fail, so it is marked out of sync while writes go on with the other
+/// copies; once the disk writes again it is rebuilt and rejoins. No
+/// acknowledged write is lost, and every copy holds the same bytes on its
+/// disk (compared past the page cache, which still holds what the disk
+/// failed to write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_disk_fails_writes_is_marked_out_and_rebuilt_once_it_writes_again() {
+    let mut t = Steps::new("failing writes");
+    // Outlives the cluster, which closes the disk after its nodes stopped.
+    let disk_dir = Scratch::new("failing-writes");
+    let disk_bytes = 640 << 20;
+    let disk = Arc::new(FaultyDisk::new(&disk_dir.root.join("disk.img"), disk_bytes));
+    let (mut cl, v, m) = raw_volume_with(
+        "rep-wfail",
+        [
+            NodeOpts {
+                pool_bytes: Some(disk_bytes),
+                pool_disk: Some(PoolDisk(disk.clone())),
+                ..Default::default()
+            },
+            NodeOpts::default(),
+            NodeOpts::default(),
+        ],
+    )
+    .await;
+    t.done("cluster up, volume published");
+    // The range written, written once and flushed first: n1's copy has
+    // its place on the disk, where it is written again in place.
+    let blocks = 8192u64; // 32 MiB
+    {
+        let target = m.target.clone();
+        tokio::task::spawn_blocking(move || {
+            write_pattern(&target, 0, blocks * BLOCK as u64, None);
+            common::checker::open_direct(&target).sync_all().unwrap();
+        })
+        .await
+        .unwrap();
+    }
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    let data = cl.copy_data(1, &v.volume_id);
+    let end = blocks * BLOCK as u64;
+    let ranges: Vec<(u64, u64)> = stowage::os::cow::fiemap(&data)
+        .expect("fiemap")
+        .into_iter()
+        .filter(|e| e.logical < end)
+        .map(|e| {
+            assert!(e.has_location(), "{e:?}");
+            (e.physical, e.physical + e.length)
+        })
+        .collect();
+    t.done("written once");
+
+    let w = Writer::start(m.target.clone(), blocks, 32, 0xfa_11);
+    w.progress(100, "before n1's disk fails").await;
+    disk.fail_writes(ranges);
+    let (_, msg) = cl
+        .wait_condition(
+            &v.volume_id,
+            WAIT,
+            "n1 marked out of sync",
+            |abnormal, m| abnormal && m.contains("2 of 3"),
+        )
+        .await;
+    t.done("n1 marked out");
+    assert!(
+        !msg.contains("n1 in-sync") && msg.contains("n2 in-sync") && msg.contains("n3 in-sync"),
+        "the engine's view of each copy: {msg}"
+    );
+    assert!(
+        disk.failed_writes() > 0,
+        "no write reached n1's failing disk: the test would prove nothing"
+    );
+    w.progress(200, "n1's disk failing").await;
+
+    disk.fail_writes(Vec::new());
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    t.done("n1's disk writes again; n1 rebuilt and in sync");
+    w.progress(100, "n1 back").await;
+    let h = w.stop().await;
+    verify(&mut t, &mut cl, &v, m, h, 2, blocks).await;
+    t.done("copies compared");
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// Writes `len` bytes of pattern `seed` (zeros for None) at `at` of the
+/// published raw volume, 1 MiB at a time with O_DIRECT (no fsync).
+fn write_pattern(target: &Path, at: u64, len: u64, seed: Option<u64>) {
+    use std::os::unix::fs::FileExt;
+    let f = common::checker::open_direct(target);
+    let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(1 << 20);
+    for mib in 0..len >> 20 {
+        let off = at + (mib << 20);
+        if let Some(seed) = seed {
+            buf.as_mut_slice()
+                .copy_from_slice(&pattern(seed ^ off, 1 << 20));
+        }
+        f.write_all_at(buf.as_slice(), off).unwrap();
+    }
+}
+
+/// Whether `len` bytes at `at` of the published raw volume hold pattern
+/// `seed` (as [`write_pattern`] wrote it); the first MiB that does not.
+fn check_pattern(target: &Path, at: u64, len: u64, seed: u64) -> Result<(), u64> {
+    use std::os::unix::fs::FileExt;
+    let f = common::checker::open_direct(target);
+    let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(1 << 20);
+    for mib in 0..len >> 20 {
+        let off = at + (mib << 20);
+        f.read_exact_at(buf.as_mut_slice(), off).unwrap();
+        if buf.as_slice() != &pattern(seed ^ off, 1 << 20)[..] {
+            return Err(off);
+        }
+    }
+    Ok(())
+}
+
+/// The same failing disk under long sequential writes with one fsync at
+/// the end: the copy's writeback pacing waits for the writeback its disk
+/// failed long before the fsync, whose own writeback then succeeds. The
+/// failure must still reach the flush: n1 is marked out, rebuilt once its
+/// disk writes again, and every byte reads back, from every copy's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_disk_failed_writes_before_a_flush_is_not_taken_for_flushed() {
+    let mut t = Steps::new("failed writeback");
+    let disk_dir = Scratch::new("failed-writeback");
+    let disk_bytes = 640 << 20;
+    let disk = Arc::new(FaultyDisk::new(&disk_dir.root.join("disk.img"), disk_bytes));
+    let (mut cl, v, m) = raw_volume_with(
+        "rep-wback",
+        [
+            NodeOpts {
+                pool_bytes: Some(disk_bytes),
+                pool_disk: Some(PoolDisk(disk.clone())),
+                ..Default::default()
+            },
+            NodeOpts::default(),
+            NodeOpts::default(),
+        ],
+    )
+    .await;
+    t.done("cluster up, volume published");
+    // The first 32 MiB written and flushed: they have their place on n1's
+    // disk, which then fails writes there. The rest is written afresh
+    // (elsewhere on the disk, which writes it).
+    let failing = 32u64 << 20;
+    let size = SIZE as u64;
+    let target = m.target.clone();
+    tokio::task::spawn_blocking(move || {
+        write_pattern(&target, 0, failing, Some(0));
+        common::checker::open_direct(&target).sync_all().unwrap();
+    })
+    .await
+    .unwrap();
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    let ranges: Vec<(u64, u64)> = stowage::os::cow::fiemap(&cl.copy_data(1, &v.volume_id))
+        .expect("fiemap")
+        .into_iter()
+        .filter(|e| e.logical < failing)
+        .map(|e| {
+            assert!(e.has_location(), "{e:?}");
+            (e.physical, e.physical + e.length)
+        })
+        .collect();
+    disk.fail_writes(ranges);
+    let target = m.target.clone();
+    tokio::task::spawn_blocking(move || {
+        write_pattern(&target, 0, failing, Some(1));
+        write_pattern(&target, failing, size - failing, Some(1));
+        // The pacing's last waits end before the fsync.
+        std::thread::sleep(Duration::from_secs(1));
+        common::checker::open_direct(&target).sync_all().unwrap();
+    })
+    .await
+    .unwrap();
+    t.done("written, n1's disk failing");
+    assert!(
+        disk.failed_writes() > 0,
+        "no write reached n1's failing disk: the test would prove nothing"
+    );
+    cl.wait_condition(
+        &v.volume_id,
+        WAIT,
+        "n1 marked out of sync",
+        |abnormal, m| abnormal && m.contains("2 of 3"),
+    )
+    .await;
+    t.done("n1 marked out");
+
+    disk.fail_writes(Vec::new());
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    t.done("n1's disk writes again; n1 rebuilt and in sync");
+    let cap = block_cap(Mode::SingleNodeWriter);
+    m.down(&mut cl, &v.volume_id).await;
+    let m = Published::up(&mut cl, 2, &v, &cap)
+        .await
+        .unwrap_or_else(|e| panic!("up on n2: {e:?}\n{}", cl.nodes[1].log_tail(40)));
+    let target = m.target.clone();
+    let read = tokio::task::spawn_blocking(move || check_pattern(&target, 0, size, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        read,
+        Ok(()),
+        "the MiB at this offset reads back other bytes"
+    );
+    m.down(&mut cl, &v.volume_id).await;
+    for i in 1..=NODES {
+        uncache(&cl.copy_data(i, &v.volume_id));
+    }
+    for i in 2..=NODES {
+        assert!(
+            cl.same_copies(1, i, &v.volume_id).await,
+            "n{i}'s copy differs from n1's on their disks"
+        );
+    }
+    t.done("read back, copies compared");
     cl.delete(&v.volume_id).await.unwrap();
 }
