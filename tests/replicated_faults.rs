@@ -1,11 +1,11 @@
 //! Replicated volumes under the faults tests/replicated.rs does not inject
 //! (issue 14): a slow copy, a copy whose traffic stalls, is held or is
 //! refused, a copy whose pool is full, and a copy whose disk has a bad
-//! sector or fails writes. A controller and three node agents in network namespaces of
-//! their own; node n3's agent is reached only through a fault-injecting
-//! TCP proxy in its namespace (it advertises the proxy), or keeps its pool
-//! on a small filesystem of its own (n1's, on a disk this process serves,
-//! for the disk faults). The volume is published raw on n1 and written by
+//! sector or fails writes. A controller and three node agents in network
+//! namespaces of their own; node n3's agent is reached only through a
+//! fault-injecting TCP proxy in its namespace (it advertises the proxy),
+//! or keeps its pool on a small filesystem of its own (n1's, on a disk
+//! this process serves, for the disk faults). The volume is published raw on n1 and written by
 //! a checker in the style of Jepsen's: unique, checksummed 4 KiB blocks
 //! with O_DIRECT and fdatasync, every acknowledged write recorded,
 //! everything read back at the end from a fresh publish on another node,
