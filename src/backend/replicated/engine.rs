@@ -520,28 +520,35 @@ impl Engine {
         }
     }
 
-    /// A read sent to `node` (read `id`) failed there: an I/O error on
-    /// its disk, or no answer. The copy counts as failed until it went out
-    /// of sync, and the region is rebuilt on it then (written again: a
-    /// disk remaps a bad sector when it is written). The read goes at once
-    /// to another in-sync copy, if there is one; else it waits for its
-    /// resend or timeout, as any read.
+    /// A read sent to `node` (read `id`, a user's or a rebuild's) failed
+    /// there: an I/O error on its disk, or no answer. The copy counts as
+    /// failed until it went out of sync, and the region is rebuilt on it
+    /// then (written again: a disk remaps a bad sector when it is
+    /// written). A user's read goes at once to another in-sync copy, if
+    /// there is one; else it waits for its resend or timeout, as any read.
+    /// A rebuild reads from another source at its next step.
     pub fn read_failed(&mut self, node: &str, id: u64) {
-        let Some(region) = self
+        let user = self
             .reads
             .get(&id)
             .filter(|r| r.from == node)
-            .map(|r| r.region)
-        else {
-            self.unreachable(node);
-            return;
-        };
-        if let Some(l) = self.links.get_mut(node)
+            .map(|r| r.region);
+        let rebuild = self
+            .links
+            .values()
+            .filter_map(|l| l.copying.as_ref())
+            .find(|c| c.read == id)
+            .map(|c| c.region);
+        if let Some(region) = user.or(rebuild)
+            && let Some(l) = self.links.get_mut(node)
             && l.phase == Phase::InSync
         {
             l.unreadable.insert(region);
         }
         self.unreachable(node);
+        let Some(region) = user else {
+            return;
+        };
         if self.state != EngineState::Running {
             return;
         }
@@ -1989,6 +1996,51 @@ mod tests {
             matches!(&out[..], [Envelope { to, .. }] if to == "a"),
             "{out:?}"
         );
+    }
+
+    /// A rebuild whose read fails on its source (a bad sector there) reads
+    /// the region from another copy, and the source goes out of sync and
+    /// gets that region written again too.
+    #[test]
+    fn a_rebuild_read_its_source_fails_is_read_elsewhere_and_the_source_repaired() {
+        let (mut net, mut e, t0) = Net::with_c_out();
+        // Flushed: no copy lacks region 0 for want of a flush.
+        let f = e.flush().unwrap();
+        assert!(
+            net.run(&mut e, 2)
+                .contains(&EngineEvent::FlushAcked { id: f })
+        );
+        net.down.clear();
+        // c's rebuild of region 0 reads it from a (the engine's own copy).
+        let mut held = Vec::new();
+        let read_from_a =
+            |x: &Envelope| x.to == "a" && matches!(x.msg, Request::Read { region: 0, .. });
+        net.run_holding(&mut e, 10, &mut held, &read_from_a);
+        let id = match held.first() {
+            Some(Envelope {
+                msg: Request::Read { id, .. },
+                ..
+            }) => *id,
+            other => panic!("no rebuild read sent to a: {other:?} {:?}", e.copies()),
+        };
+        e.read_failed("a", id);
+        let mut rebuilt_on_a = Vec::new();
+        let rebuild_to_a =
+            |x: &Envelope| x.to == "a" && matches!(x.msg, Request::Rebuild { region: 0, .. });
+        net.run_holding(&mut e, 60, &mut rebuilt_on_a, &rebuild_to_a);
+        assert_eq!(
+            net.voters["c"].data().get(&0),
+            Some(&t0),
+            "c rebuilt from b"
+        );
+        assert!(
+            !rebuilt_on_a.is_empty(),
+            "region 0 never rebuilt on a: {:?}",
+            e.copies()
+        );
+        net.exchange(&mut e, rebuilt_on_a, &mut Vec::new(), &|_| false);
+        net.run(&mut e, 60);
+        assert!(e.all_in_sync(), "{:?}", e.copies());
     }
 
     /// A write also goes to a copy being rebuilt, which no acknowledgement
