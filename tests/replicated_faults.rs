@@ -73,6 +73,28 @@ async fn raw_volume_with(name: &str, nodes: [NodeOpts; 3]) -> (Cluster, csi::Vol
     (cl, v, m)
 }
 
+/// Waits (bounded) until node `out`'s copy is marked out of sync, the
+/// other two still in sync, in the condition and the engine's view of
+/// each copy; the condition's message then.
+async fn wait_marked_out(cl: &mut Cluster, v: &csi::Volume, out: usize) -> String {
+    let (_, msg) = cl
+        .wait_condition(
+            &v.volume_id,
+            WAIT,
+            &format!("n{out} marked out of sync"),
+            |abnormal, m| abnormal && m.contains("2 of 3"),
+        )
+        .await;
+    for i in 1..=NODES {
+        assert_eq!(
+            msg.contains(&format!("n{i} in-sync")),
+            i != out,
+            "n{i} in the engine's view of each copy: {msg}"
+        );
+    }
+    msg
+}
+
 /// The volume taken down on n1 and published afresh on `on`: every block
 /// the writer wrote read back; then every copy's `data` file compared.
 async fn verify(
@@ -156,20 +178,9 @@ async fn a_slow_copy_is_marked_out_of_sync_and_rebuilt_once_it_is_fast_again() {
         delay: CALL_TIMEOUT + Duration::from_secs(1),
         ..Default::default()
     });
-    let (_, msg) = cl
-        .wait_condition(
-            &v.volume_id,
-            WAIT,
-            "n3 marked out of sync",
-            |abnormal, m| abnormal && m.contains("2 of 3"),
-        )
-        .await;
+    let msg = wait_marked_out(&mut cl, &v, 3).await;
     t.done("n3 delayed past the call timeout, marked out");
     assert!(msg.contains("published on n1"), "{msg}");
-    assert!(
-        msg.contains("n1 in-sync") && msg.contains("n2 in-sync") && !msg.contains("n3 in-sync"),
-        "the engine's view of each copy: {msg}"
-    );
     assert_eq!(cl.copy_in_sync_metric(1, "n3"), Some(0), "n1's engine view");
     assert_eq!(cl.copy_in_sync_metric(1, "n2"), Some(1), "n1's engine view");
     w.progress(150, "n3 slower than the call timeout").await;
@@ -381,19 +392,8 @@ async fn a_copy_with_a_full_pool_is_marked_out_of_sync_and_rebuilt_once_space_is
         .unwrap();
     t.done("n3's pool filled");
     w.progress(150, "n3's pool full").await;
-    let (_, msg) = cl
-        .wait_condition(
-            &v.volume_id,
-            WAIT,
-            "n3 marked out of sync",
-            |abnormal, m| abnormal && m.contains("2 of 3"),
-        )
-        .await;
+    wait_marked_out(&mut cl, &v, 3).await;
     t.done("n3 marked out");
-    assert!(
-        msg.contains("n1 in-sync") && msg.contains("n2 in-sync") && !msg.contains("n3 in-sync"),
-        "the engine's view of each copy: {msg}"
-    );
     assert_eq!(cl.copy_in_sync_metric(1, "n3"), Some(0), "n1's engine view");
     w.progress(100, "n3 out of sync").await;
     assert!(
@@ -500,6 +500,22 @@ impl stowage::os::fuse_file::BlockHandler for FaultyDisk {
     }
 }
 
+/// [`raw_volume_with`] where n1's pool is on a [`FaultyDisk`] this process
+/// serves; with the disk's scratch dir, to be kept until the cluster is
+/// gone (the cluster closes the disk after its nodes stopped).
+async fn faulty_n1(name: &str) -> (Scratch, Arc<FaultyDisk>, Cluster, csi::Volume, Published) {
+    let dir = Scratch::new("faulty-disk");
+    let bytes = 640 << 20;
+    let disk = Arc::new(FaultyDisk::new(&dir.root.join("disk.img"), bytes));
+    let n1 = NodeOpts {
+        pool_bytes: Some(bytes),
+        pool_disk: Some(PoolDisk(disk.clone())),
+        ..Default::default()
+    };
+    let (cl, v, m) = raw_volume_with(name, [n1, NodeOpts::default(), NodeOpts::default()]).await;
+    (dir, disk, cl, v, m)
+}
+
 /// Where byte `at` of `file` lies on its filesystem's disk.
 fn on_disk(file: &Path, at: u64) -> u64 {
     let extents = stowage::os::cow::fiemap(file).expect("fiemap");
@@ -554,24 +570,9 @@ fn read_block(target: &Path, block: u64) -> std::io::Result<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewritten() {
     let mut t = Steps::new("bad sector");
-    // Declared before the cluster: outlives it (the cluster closes the
-    // disk after its nodes stopped).
-    let disk_dir = Scratch::new("bad-sectors");
-    let disk_bytes = 640 << 20;
-    let disk = Arc::new(FaultyDisk::new(&disk_dir.root.join("disk.img"), disk_bytes));
-    let (mut cl, v, m) = raw_volume_with(
-        "rep-bad",
-        [
-            NodeOpts {
-                pool_bytes: Some(disk_bytes),
-                pool_disk: Some(PoolDisk(disk.clone())),
-                ..Default::default()
-            },
-            NodeOpts::default(),
-            NodeOpts::default(),
-        ],
-    )
-    .await;
+    // The scratch dir first: it outlives the cluster, which closes the
+    // disk after its nodes stopped.
+    let (_disk_dir, disk, mut cl, v, m) = faulty_n1("rep-bad").await;
     t.done("cluster up, volume published");
     let blocks = 64;
     {
@@ -663,23 +664,7 @@ async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewrit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_disk_fails_writes_is_marked_out_and_rebuilt_once_it_writes_again() {
     let mut t = Steps::new("failing writes");
-    // Outlives the cluster, which closes the disk after its nodes stopped.
-    let disk_dir = Scratch::new("failing-writes");
-    let disk_bytes = 640 << 20;
-    let disk = Arc::new(FaultyDisk::new(&disk_dir.root.join("disk.img"), disk_bytes));
-    let (mut cl, v, m) = raw_volume_with(
-        "rep-wfail",
-        [
-            NodeOpts {
-                pool_bytes: Some(disk_bytes),
-                pool_disk: Some(PoolDisk(disk.clone())),
-                ..Default::default()
-            },
-            NodeOpts::default(),
-            NodeOpts::default(),
-        ],
-    )
-    .await;
+    let (_disk_dir, disk, mut cl, v, m) = faulty_n1("rep-wfail").await;
     t.done("cluster up, volume published");
     // The range written, written once and flushed first: n1's copy has
     // its place on the disk, where it is written again in place.
@@ -710,19 +695,8 @@ async fn a_copy_whose_disk_fails_writes_is_marked_out_and_rebuilt_once_it_writes
     let w = Writer::start(m.target.clone(), blocks, 32, 0xfa_11);
     w.progress(100, "before n1's disk fails").await;
     disk.fail_writes(ranges);
-    let (_, msg) = cl
-        .wait_condition(
-            &v.volume_id,
-            WAIT,
-            "n1 marked out of sync",
-            |abnormal, m| abnormal && m.contains("2 of 3"),
-        )
-        .await;
+    wait_marked_out(&mut cl, &v, 1).await;
     t.done("n1 marked out");
-    assert!(
-        !msg.contains("n1 in-sync") && msg.contains("n2 in-sync") && msg.contains("n3 in-sync"),
-        "the engine's view of each copy: {msg}"
-    );
     assert!(
         disk.failed_writes() > 0,
         "no write reached n1's failing disk: the test would prove nothing"
@@ -779,22 +753,7 @@ fn check_pattern(target: &Path, at: u64, len: u64, seed: u64) -> Result<(), u64>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_disk_failed_writes_before_a_flush_is_not_taken_for_flushed() {
     let mut t = Steps::new("failed writeback");
-    let disk_dir = Scratch::new("failed-writeback");
-    let disk_bytes = 640 << 20;
-    let disk = Arc::new(FaultyDisk::new(&disk_dir.root.join("disk.img"), disk_bytes));
-    let (mut cl, v, m) = raw_volume_with(
-        "rep-wback",
-        [
-            NodeOpts {
-                pool_bytes: Some(disk_bytes),
-                pool_disk: Some(PoolDisk(disk.clone())),
-                ..Default::default()
-            },
-            NodeOpts::default(),
-            NodeOpts::default(),
-        ],
-    )
-    .await;
+    let (_disk_dir, disk, mut cl, v, m) = faulty_n1("rep-wback").await;
     t.done("cluster up, volume published");
     // The first 32 MiB written and flushed: they have their place on n1's
     // disk, which then fails writes there. The rest is written afresh
@@ -834,13 +793,7 @@ async fn a_copy_whose_disk_failed_writes_before_a_flush_is_not_taken_for_flushed
         disk.failed_writes() > 0,
         "no write reached n1's failing disk: the test would prove nothing"
     );
-    cl.wait_condition(
-        &v.volume_id,
-        WAIT,
-        "n1 marked out of sync",
-        |abnormal, m| abnormal && m.contains("2 of 3"),
-    )
-    .await;
+    wait_marked_out(&mut cl, &v, 1).await;
     t.done("n1 marked out");
 
     disk.fail_writes(Vec::new());

@@ -65,15 +65,14 @@ fn io() -> Io {
     }
 }
 
-#[test]
-fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_byte() {
-    // Dropped last: by then the pool is unmounted and the disk closed.
-    let scratch = Scratch::new("slow-disk");
-    let size = 512 * MIB;
-    let disk = Arc::new(SlowDisk {
-        inner: LocalFile::create(&scratch.root.join("disk.img"), size).expect("disk image"),
-        free_at: Mutex::new(Instant::now()),
-    });
+/// An xfs pool on a disk this process serves through `disk` (a loop
+/// device on a FUSE file), mounted at `<scratch>/pool`. Drop the mount's
+/// guard, then close the device, before the scratch dir goes.
+fn xfs_on(
+    scratch: &Scratch,
+    size: u64,
+    disk: Arc<dyn BlockHandler>,
+) -> (FuseLoopDevice, std::path::PathBuf, Mounted) {
     let dev = FuseLoopDevice::attach(
         &scratch.root.join("fuse"),
         size,
@@ -88,6 +87,19 @@ fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_
     stowage::os::mount::mount_filesystem(&dev.device().path(), &pool, "xfs", &opts)
         .expect("mount the pool");
     let mounted = Mounted(pool.clone());
+    (dev, pool, mounted)
+}
+
+#[test]
+fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_byte() {
+    // Dropped last: by then the pool is unmounted and the disk closed.
+    let scratch = Scratch::new("slow-disk");
+    let size = 512 * MIB;
+    let disk = Arc::new(SlowDisk {
+        inner: LocalFile::create(&scratch.root.join("disk.img"), size).expect("disk image"),
+        free_at: Mutex::new(Instant::now()),
+    });
+    let (dev, pool, mounted) = xfs_on(&scratch, size, disk);
 
     let store = ReplicaStore::open(&pool, "n1").expect("open store");
     let volume = Uuid::new_random();
@@ -174,20 +186,6 @@ fn a_copy_on_a_slow_disk_sizes_its_writeback_window_to_the_disk_and_keeps_every_
     drop(store);
     drop(mounted);
     dev.close().expect("close the disk");
-}
-
-/// Runs `f` on a thread of its own and waits for its answer, at most
-/// `limit`; None when it did not answer by then (the thread is left to
-/// end by itself once what it waits for moves).
-fn answer_within<T: Send + 'static>(
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Option<T> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit).ok()
 }
 
 /// Waits until thread `tid` of this process is in `state` ("D": asleep
@@ -284,7 +282,7 @@ fn a_copy_opened_on_a_stalled_disk_holds_up_no_other_volume() {
     let answers = {
         let store = Arc::clone(&store);
         let uuid = a.uuid;
-        answer_within(limit, move || {
+        common::within(limit, move || {
             let state = store.get(uuid).map(|h| h.map(|h| h.state));
             let named = store.names(uuid, "n2");
             let read = Request::Read {
@@ -321,7 +319,7 @@ fn a_copy_opened_on_a_stalled_disk_holds_up_no_other_volume() {
     let gone = {
         let store = Arc::clone(&store);
         let uuid = b.uuid;
-        answer_within(limit, move || store.get(uuid).map(|h| h.is_none()))
+        common::within(limit, move || store.get(uuid).map(|h| h.is_none()))
     }
     .expect("a read of B waited for its open on the stalled disk");
     assert!(gone.expect("read B"), "B still read as held while deleted");
@@ -410,20 +408,7 @@ fn a_flush_reports_a_failed_writeback_even_when_the_pacing_waited_for_it() {
         failing: Mutex::new(Vec::new()),
         watched: Mutex::new(Vec::new()),
     });
-    let dev = FuseLoopDevice::attach(
-        &scratch.root.join("fuse"),
-        size,
-        disk.clone(),
-        &FuseOptions::default(),
-    )
-    .expect("FUSE loop device");
-    stowage::os::filesystem::make(&dev.device().path(), "xfs").expect("mkfs.xfs");
-    let pool = scratch.root.join("pool");
-    std::fs::create_dir(&pool).unwrap();
-    let opts = stowage::os::mount::MountOptions::parse(&[""]).unwrap();
-    stowage::os::mount::mount_filesystem(&dev.device().path(), &pool, "xfs", &opts)
-        .expect("mount the pool");
-    let mounted = Mounted(pool.clone());
+    let (dev, pool, mounted) = xfs_on(&scratch, size, disk.clone());
 
     let store = ReplicaStore::open(&pool, "n1").expect("open store");
     let volume = Uuid::new_random();

@@ -1785,6 +1785,13 @@ mod tests {
             Some((e.to, reply))
         }
 
+        /// A flush of `engine`, run until it is acknowledged.
+        fn flush(&mut self, engine: &mut Engine) {
+            let id = engine.flush().unwrap();
+            let ev = self.run(engine, 2);
+            assert!(ev.contains(&EngineEvent::FlushAcked { id }), "{ev:?}");
+        }
+
         /// Runs `engine` for `steps` ticks; returns its events.
         fn run(&mut self, engine: &mut Engine, steps: u64) -> Vec<EngineEvent> {
             self.run_holding(engine, steps, &mut Vec::new(), &|_| false)
@@ -1943,11 +1950,7 @@ mod tests {
         let t1 = e.write(1).unwrap();
         assert_eq!(acked(&net.run(&mut e, 2)), [t1]);
         // Flushed: no copy lacks region 1 for want of a flush.
-        let f = e.flush().unwrap();
-        assert!(
-            net.run(&mut e, 2)
-                .contains(&EngineEvent::FlushAcked { id: f })
-        );
+        net.flush(&mut e);
         let id = e.read(1).unwrap();
         let (out, _) = e.drain();
         assert!(
@@ -2005,11 +2008,7 @@ mod tests {
     fn a_rebuild_read_its_source_fails_is_read_elsewhere_and_the_source_repaired() {
         let (mut net, mut e, t0) = Net::with_c_out();
         // Flushed: no copy lacks region 0 for want of a flush.
-        let f = e.flush().unwrap();
-        assert!(
-            net.run(&mut e, 2)
-                .contains(&EngineEvent::FlushAcked { id: f })
-        );
+        net.flush(&mut e);
         net.down.clear();
         // c's rebuild of region 0 reads it from a (the engine's own copy).
         let mut held = Vec::new();
