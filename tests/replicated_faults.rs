@@ -620,6 +620,22 @@ async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewrit
         read == common::checker::block_bytes(bad_block, 1),
         "block {bad_block} read back other bytes"
     );
+    // Why n1 went out is there to see (once the engine's view is
+    // refreshed): in the condition and in n1's metrics.
+    let n1_failed = |m: &str| {
+        // "…; engine Running at epoch E: n1 <its state>, n2 …"
+        m.find(": n1 ")
+            .and_then(|at| m[at..].split(", n2 ").next())
+            .is_some_and(|n1| n1.contains("failed calls") && n1.contains("Input/output error"))
+    };
+    cl.wait_condition(&v.volume_id, WAIT, "n1's failed read shown", |_, m| {
+        n1_failed(m)
+    })
+    .await;
+    assert!(
+        cl.copy_metric(1, "stowage_replicated_copy_call_errors_total", "n1") >= Some(1),
+        "n1's metrics count no failed call"
+    );
 
     // Repaired: n1's copy written again there, in sync, and it reads.
     let until = Instant::now() + WAIT;

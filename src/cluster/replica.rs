@@ -311,6 +311,16 @@ impl Replica for ReplicaService {
                     .to_owned(),
                     failing: c.failing,
                     dirty_regions: c.dirty as u64,
+                    errors: st.errors.get(&c.node).map_or(0, |e| e.count),
+                    last_error: st
+                        .errors
+                        .get(&c.node)
+                        .map(|e| e.last.clone())
+                        .unwrap_or_default(),
+                    last_error_age_ms: st
+                        .errors
+                        .get(&c.node)
+                        .map_or(0, |e| e.last_at.elapsed().as_millis() as u64),
                 })
                 .collect(),
             rebuild_bytes: st.rebuild_bytes,

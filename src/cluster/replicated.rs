@@ -1083,6 +1083,14 @@ impl Replicated {
                         if c.dirty_regions > 0 {
                             s.push_str(&format!(" ({} MiB to rebuild)", c.dirty_regions));
                         }
+                        if c.errors > 0 {
+                            s.push_str(&format!(
+                                " ({} failed calls, the last {} s ago: {})",
+                                c.errors,
+                                c.last_error_age_ms / 1000,
+                                c.last_error
+                            ));
+                        }
                         s
                     })
                     .collect();

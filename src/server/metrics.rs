@@ -563,6 +563,7 @@ fn replicated(
     let mut in_sync = Vec::new();
     let mut rebuilding = Vec::new();
     let mut dirty = Vec::new();
+    let mut errors = Vec::new();
     let mut epoch = Vec::new();
     let mut rebuilt = Vec::new();
     for uuid in engines.volumes() {
@@ -577,6 +578,10 @@ fn replicated(
                 i64::from(c.phase == CopyPhase::InSync && !c.failing),
             ));
             rebuilding.push((labels.clone(), i64::from(c.phase == CopyPhase::Rebuilding)));
+            errors.push((
+                labels.clone(),
+                st.errors.get(&c.node).map_or(0, |e| e.count),
+            ));
             dirty.push((labels, signed(c.dirty as u64)));
         }
         epoch.push(([("volume", volume.clone())], signed(st.epoch)));
@@ -610,6 +615,15 @@ fn replicated(
         None,
         &epoch,
     )?;
+    let mut family = enc.encode_descriptor(
+        "replicated_copy_call_errors",
+        "Calls from the engine on this node to the copy that failed (an error, no answer in time): each marks the copy failing.",
+        None,
+        ConstCounter::new(0u64).metric_type(),
+    )?;
+    for (labels, v) in &errors {
+        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
+    }
     let mut family = enc.encode_descriptor(
         "replicated_rebuild",
         "Bytes sent to copies being rebuilt since the engine started (its rate is the rebuild rate).",

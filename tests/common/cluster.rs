@@ -368,11 +368,16 @@ impl Cluster {
     /// The value of node `i`'s `stowage_replicated_copy_in_sync` sample
     /// for `copy` (from the engine's node), None without one.
     pub fn copy_in_sync_metric(&self, i: usize, copy: &str) -> Option<u64> {
+        self.copy_metric(i, "stowage_replicated_copy_in_sync", copy)
+    }
+
+    /// Node `i`'s sample of metric `name` for copy `copy` (of the one
+    /// replicated volume its engine serves).
+    pub fn copy_metric(&self, i: usize, name: &str, copy: &str) -> Option<u64> {
         let (_, body) = self.http_get(i, NODE_METRICS_PORT, "/metrics");
         body.lines()
             .find(|l| {
-                l.starts_with("stowage_replicated_copy_in_sync{")
-                    && l.contains(&format!("copy=\"{copy}\""))
+                l.starts_with(&format!("{name}{{")) && l.contains(&format!("copy=\"{copy}\""))
             })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())

@@ -189,6 +189,17 @@ pub struct DriverStatus {
     pub copies: Vec<CopyView>,
     /// Bytes sent to copies being rebuilt since the driver started.
     pub rebuild_bytes: u64,
+    /// Calls that failed, by copy (node): why a copy was marked out.
+    pub errors: BTreeMap<String, CopyErrors>,
+}
+
+/// The calls to one copy that failed since the driver started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyErrors {
+    pub count: u64,
+    /// The last one's error.
+    pub last: String,
+    pub last_at: std::time::Instant,
 }
 
 /// Where an I/O operation's outcome goes: a waiting FUSE worker, or a
@@ -783,6 +794,7 @@ impl EngineDriver {
             record: record.clone(),
             copies: Vec::new(),
             rebuild_bytes: 0,
+            errors: BTreeMap::new(),
         };
         let shared = Arc::new(Shared {
             dead: OnceLock::new(),
@@ -1222,6 +1234,8 @@ struct Task {
     stopping: Option<Stopping>,
     in_sync: BTreeMap<String, u64>,
     rebuild_bytes: u64,
+    /// Calls that failed, by copy (see [`DriverStatus::errors`]).
+    errors: BTreeMap<String, CopyErrors>,
     shared: Arc<Shared>,
 }
 
@@ -1278,6 +1292,7 @@ impl Task {
             stopping: None,
             in_sync,
             rebuild_bytes: 0,
+            errors: BTreeMap::new(),
             shared,
         }
     }
@@ -1488,6 +1503,7 @@ impl Task {
                 // release a later write only once this copy counts as
                 // failed (its unflushed regions are then rebuilt).
                 tracing::debug!(volume = %self.volume, node = %sent.node, %e, "call failed");
+                self.count_error(&sent.node, &e);
                 match (e, sent.read) {
                     (PeerError::NoCopy { .. }, _) => self.engine.not_a_copy(&sent.node),
                     // Sent on to another copy at once, and the region
@@ -1905,6 +1921,23 @@ impl Task {
         }
     }
 
+    fn count_error(&mut self, node: &str, e: &PeerError) {
+        let last = e.to_string();
+        let last_at = std::time::Instant::now();
+        self.errors
+            .entry(node.to_owned())
+            .and_modify(|c| {
+                c.count += 1;
+                c.last.clone_from(&last);
+                c.last_at = last_at;
+            })
+            .or_insert(CopyErrors {
+                count: 1,
+                last,
+                last_at,
+            });
+    }
+
     fn refresh_status(&self, stopped: bool) {
         let mut s = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
         s.state = self.engine.state();
@@ -1915,6 +1948,9 @@ impl Task {
         }
         s.copies = self.engine.copies();
         s.rebuild_bytes = self.rebuild_bytes;
+        if s.errors != self.errors {
+            s.errors.clone_from(&self.errors);
+        }
     }
 }
 
