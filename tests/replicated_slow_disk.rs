@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{Mounted, Scratch, pattern};
 use stowage::backend::replicated::REGION_BYTES;
-use stowage::backend::replicated::protocol::{Io, Reply, Request, Tag};
+use stowage::backend::replicated::protocol::{Io, IoRefusal, Reply, Request, Tag};
 use stowage::backend::replicated::record::{Member, ReplicaRecord};
 use stowage::backend::replicated::store::{ReplicaStore, writeback};
 use stowage::backend::replicated::wire::Call;
@@ -396,9 +396,11 @@ fn on_disk(file: &std::path::Path, at: u64, len: u64) -> (u64, u64) {
 /// writeback first (waiting takes the error: the kernel reports it once
 /// per open file, and the pages it could not write are clean since). And
 /// once a flush failed, no later flush may answer for what it lost: the
-/// copy counts as restarted (its boot rises), so a flush sent before, or
-/// one of another request in flight, is refused and the engine rebuilds
-/// what it had not flushed there.
+/// copy counts as restarted (it takes a new boot), so a flush sent before,
+/// or one of another request in flight, is refused and the engine
+/// rebuilds what it had not flushed there. When the new boot cannot be
+/// made durable, a restart of the process must not open the copy at that
+/// same boot.
 #[test]
 fn a_flush_reports_a_failed_writeback_even_when_the_pacing_waited_for_it() {
     let scratch = Scratch::new("failing-writes");
@@ -416,13 +418,13 @@ fn a_flush_reports_a_failed_writeback_even_when_the_pacing_waited_for_it() {
     let mut record = ReplicaRecord::new(volume, 8 * MIB, vec![Member::copy("n1")], &boots).unwrap();
     record.epoch = 3;
     store.create(&record).expect("create the copy");
-    let write = |region: u32, seq: u64| {
+    let write = |at: Io, region: u32, seq: u64| {
         let answer = store
             .call(
                 volume,
                 Call {
                     request: Request::Write {
-                        io: io(),
+                        io: at,
                         region,
                         tag: Tag { epoch: 3, seq },
                     },
@@ -438,12 +440,12 @@ fn a_flush_reports_a_failed_writeback_even_when_the_pacing_waited_for_it() {
             answer.reply
         );
     };
-    let flush = |id: u64| store.call(volume, Call::control(Request::Flush { io: io(), id }));
+    let flush = |at: Io, id: u64| store.call(volume, Call::control(Request::Flush { io: at, id }));
     // Regions 0 and 1 written and flushed: they have their place on the
     // disk, and are written there again in place.
-    write(0, 1);
-    write(1, 2);
-    let flushed = flush(1).expect("first flush");
+    write(io(), 0, 1);
+    write(io(), 1, 2);
+    let flushed = flush(io(), 1).expect("first flush");
     assert!(matches!(flushed.reply, Some(Reply::Flushed { id: 1, .. })));
     let data = pool.join("replicas").join(volume.to_hex()).join("data");
     let region0 = on_disk(&data, 0, REGION_BYTES);
@@ -471,7 +473,7 @@ fn a_flush_reports_a_failed_writeback_even_when_the_pacing_waited_for_it() {
     };
     // Region 0 again (a window's worth): the pacing starts its writeback,
     // which fails.
-    write(0, 3);
+    write(io(), 0, 3);
     wait_reached(region0, "the writeback of region 0");
     // Region 1 again, until a window's worth (the window grew) made the
     // pacing start its writeback: it waits for region 0's first (and
@@ -480,22 +482,53 @@ fn a_flush_reports_a_failed_writeback_even_when_the_pacing_waited_for_it() {
     let mut seq = 4;
     while reached(region1) == 0 {
         assert!(Instant::now() < until, "region 1 never written back");
-        write(1, seq);
+        write(io(), 1, seq);
         seq += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let err = flush(2).expect_err("a flush after a failed writeback succeeded");
+    let err = flush(io(), 2).expect_err("a flush after a failed writeback succeeded");
     assert!(err.to_string().contains("Input/output error"), "{err}");
     // Any later flush at the boot the writes were made at is refused.
-    let later = flush(3).expect("a later flush is answered");
+    let later = flush(io(), 3).expect("a later flush is answered");
     assert!(
         !matches!(later.reply, Some(Reply::Flushed { .. })),
         "a later flush answered for what the failed writeback lost: {:?}",
         later.reply
     );
     let boot = store.get(volume).unwrap().expect("held").state.boot;
-    assert!(boot > io().boot, "the copy keeps its boot {boot}");
+    assert_ne!(boot, io().boot, "the copy keeps its boot");
+
+    // Once more, where the new boot cannot be made durable (the copy's
+    // directory takes no new file): a restart of the process must not
+    // open the copy at the boot it took in memory, which an engine may
+    // have seen it in sync at meanwhile.
+    let at = Io { boot, ..io() };
+    let before = reached(region0);
+    let frozen_dir = common::Immutable::set(&pool.join("replicas").join(volume.to_hex()));
+    let until = Instant::now() + Duration::from_secs(30);
+    while reached(region0) == before {
+        assert!(Instant::now() < until, "region 0 never written back again");
+        write(at, 0, seq);
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    flush(at, 4).expect_err("a flush after a failed writeback succeeded");
+    let in_memory = match flush(at, 5).expect("a later flush is answered").reply {
+        Some(Reply::Refused {
+            why: IoRefusal::WrongBoot { boot },
+            ..
+        }) => boot,
+        other => panic!("a later flush: {other:?}"),
+    };
+    drop(frozen_dir);
+    let restarted = ReplicaStore::open(&pool, "n1").expect("open store again");
+    let reopened = restarted.get(volume).unwrap().expect("held").state.boot;
+    assert_ne!(
+        reopened, in_memory,
+        "a restart reopened the copy at the boot it took when its sync failed"
+    );
+    drop(restarted);
     drop(store);
     drop(mounted);
     dev.close().expect("close the disk");

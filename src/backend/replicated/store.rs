@@ -27,7 +27,9 @@
 //! syncs the copy and leaves a `clean` file naming its boot, which the next
 //! open keeps (nothing unflushed was lost, so the copies stay in sync and
 //! need no rebuild). The first write after a clean close removes the file,
-//! durably, before its bytes land.
+//! durably, before its bytes land. A sync that fails (the disk could not
+//! write back what the copy held in memory) gives the copy a new boot too,
+//! as if it had restarted: see `Held::lose_if_failed`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -112,11 +114,14 @@ fn remove_clean_file(dir: &Path) -> Result<(), StoreError> {
 fn first_boot(record: &ReplicaRecord, node: &str) -> u64 {
     match record.in_sync.get(node) {
         Some(&boot) if boot != 0 => boot,
-        _ => {
-            let bits = uuid::Uuid::new_v4().as_u128() as u64;
-            (bits & ((1 << 48) - 1)).max(1)
-        }
+        _ => random_boot(),
     }
+}
+
+/// A boot no other is likely to have: 48 random bits, never 0.
+fn random_boot() -> u64 {
+    let bits = uuid::Uuid::new_v4().as_u128() as u64;
+    (bits & ((1 << 48) - 1)).max(1)
 }
 
 fn region_len(size: u64, region: Region) -> u64 {
@@ -292,11 +297,14 @@ impl Held {
     }
 
     /// After a failed sync, what the copy had not flushed may be gone for
-    /// good: it counts as restarted. The voter's boot rises (persisted when
-    /// the disk lets it), so every request made at the old boot, a flush
-    /// sent before the failure among them, is refused, and the engine
-    /// rebuilds here what it had not seen flushed. Called with the voter's
-    /// lock held, before it decides anything.
+    /// good: it counts as restarted. The voter takes a new boot (persisted
+    /// when the disk lets it), so every request made at the old boot, a
+    /// flush sent before the failure among them, is refused, and the
+    /// engine rebuilds here what it had not seen flushed. The new boot is
+    /// a random one, not the next: when it cannot be made durable, a
+    /// restart of this process opens the copy at the durable boot's next,
+    /// which must not be one an engine saw this copy in sync at since.
+    /// Called with the voter's lock held, before it decides anything.
     fn lose_if_failed(&self, v: &mut Voter) {
         // A load first: every write and read passes here.
         if !self.sync_failed.load(Ordering::Acquire)
@@ -304,8 +312,10 @@ impl Held {
         {
             return;
         }
-        v.restart();
-        let state = v.state().clone();
+        let mut state = v.state().clone();
+        state.boot = random_boot();
+        // What a restart does: unflushed writes and connections gone.
+        *v = Voter::restore(v.node(), state.clone(), v.durable_data().clone());
         tracing::warn!(dir = %self.dir.display(), boot = state.boot, "a sync of the copy failed: it counts as restarted, what it had not flushed is rebuilt");
         match self.persist(&state) {
             Ok(()) => *self.durable.lock().unwrap_or_else(|e| e.into_inner()) = state,
