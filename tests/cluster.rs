@@ -243,13 +243,7 @@ async fn volumes_land_on_the_preferred_node_and_restores_on_their_source() {
     for id in &want {
         cl.delete(id).await.unwrap();
     }
-    cl.c.controller
-        .delete_snapshot(csi::DeleteSnapshotRequest {
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    cl.delete_snapshot(&snap.snapshot_id).await.unwrap();
     assert!(cl.list_all(0).await.unwrap().is_empty());
 }
 

@@ -1143,24 +1143,12 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
 
     // Deleted from every node, idempotently; then a missing source.
     for s in [&snap, &snap2, &snap_o] {
-        cl.c.controller
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: s.snapshot_id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        cl.delete_snapshot(&s.snapshot_id).await.unwrap();
     }
     for i in 1..=NODES {
         assert!(!cl.snapshot_dir(i, &snap.snapshot_id).exists());
     }
-    cl.c.controller
-        .delete_snapshot(csi::DeleteSnapshotRequest {
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    cl.delete_snapshot(&snap.snapshot_id).await.unwrap();
     assert!(
         list_snapshots(&mut cl, &snap.snapshot_id, "", 0)
             .await
@@ -1271,13 +1259,7 @@ async fn a_copy_whose_disk_stalls_neither_takes_snapshots_late_nor_holds_up_the_
     // The volume goes on on every copy, and the snapshots go for good.
     write_block(1, 2);
     cl.wait_in_sync(&v.volume_id, Duration::from_secs(60)).await;
-    cl.c.controller
-        .delete_snapshot(csi::DeleteSnapshotRequest {
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    cl.delete_snapshot(&snap.snapshot_id).await.unwrap();
     delete_group(&mut cl, &grp, &member).await;
     assert!(list_snapshots(&mut cl, "", "", 0).await.is_empty());
     for id in taken {
@@ -1700,14 +1682,7 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
     let listed = list_snapshots(cl, &ids(&first)[0], "", 0).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].group_snapshot_id, first.group_snapshot_id);
-    let e =
-        cl.c.controller
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: ids(&first)[0].clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
+    let e = cl.delete_snapshot(&ids(&first)[0]).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
     // A member restores into a volume of its own: one of its copies' data.

@@ -445,8 +445,8 @@ impl FaultyDisk {
         }
     }
 
-    fn spoil(&self, start: u64, len: u64) {
-        self.bad.lock().unwrap().push((start, start + len));
+    fn spoil(&self, ranges: Vec<(u64, u64)>) {
+        self.bad.lock().unwrap().extend(ranges);
     }
 
     fn bad(&self) -> Vec<(u64, u64)> {
@@ -516,22 +516,6 @@ async fn faulty_n1(name: &str) -> (Scratch, Arc<FaultyDisk>, Cluster, csi::Volum
     (dir, disk, cl, v, m)
 }
 
-/// Where byte `at` of `file` lies on its filesystem's disk.
-fn on_disk(file: &Path, at: u64) -> u64 {
-    let extents = stowage::os::cow::fiemap(file).expect("fiemap");
-    let e = extents
-        .iter()
-        .find(|e| e.logical <= at && at < e.logical + e.length)
-        .unwrap_or_else(|| {
-            panic!(
-                "byte {at} of {} is not on the disk: {extents:?}",
-                file.display()
-            )
-        });
-    assert!(e.has_location(), "{e:?}");
-    e.physical + (at - e.logical)
-}
-
 /// Drops what the page cache holds of `file`, so its next read goes to
 /// the disk.
 fn uncache(file: &Path) {
@@ -596,8 +580,8 @@ async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewrit
 
     let bad_block = 37;
     let data = cl.copy_data(1, &v.volume_id);
-    let at = on_disk(&data, bad_block * BLOCK as u64);
-    disk.spoil(at, BLOCK as u64);
+    let at = bad_block * BLOCK as u64;
+    disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
     uncache(&data);
     let read = {
         let target = m.target.clone();
@@ -697,15 +681,7 @@ async fn a_copy_whose_disk_fails_writes_is_marked_out_and_rebuilt_once_it_writes
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     let data = cl.copy_data(1, &v.volume_id);
     let end = blocks * BLOCK as u64;
-    let ranges: Vec<(u64, u64)> = stowage::os::cow::fiemap(&data)
-        .expect("fiemap")
-        .into_iter()
-        .filter(|e| e.logical < end)
-        .map(|e| {
-            assert!(e.has_location(), "{e:?}");
-            (e.physical, e.physical + e.length)
-        })
-        .collect();
+    let ranges = disk_ranges(&data, 0, end);
     t.done("written once");
 
     let w = Writer::start(m.target.clone(), blocks, 32, 0xfa_11);
@@ -784,16 +760,7 @@ async fn a_copy_whose_disk_failed_writes_before_a_flush_is_not_taken_for_flushed
     .await
     .unwrap();
     cl.wait_in_sync(&v.volume_id, WAIT).await;
-    let ranges: Vec<(u64, u64)> = stowage::os::cow::fiemap(&cl.copy_data(1, &v.volume_id))
-        .expect("fiemap")
-        .into_iter()
-        .filter(|e| e.logical < failing)
-        .map(|e| {
-            assert!(e.has_location(), "{e:?}");
-            (e.physical, e.physical + e.length)
-        })
-        .collect();
-    disk.fail_writes(ranges);
+    disk.fail_writes(disk_ranges(&cl.copy_data(1, &v.volume_id), 0, failing));
     let target = m.target.clone();
     tokio::task::spawn_blocking(move || {
         write_pattern(&target, 0, failing, Some(1));

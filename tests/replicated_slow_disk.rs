@@ -378,19 +378,6 @@ impl BlockHandler for FailingWrites {
     }
 }
 
-/// Where `len` bytes of `file` from `at` lie on its filesystem's disk (one
-/// extent).
-fn on_disk(file: &std::path::Path, at: u64, len: u64) -> (u64, u64) {
-    let extents = stowage::os::cow::fiemap(file).expect("fiemap");
-    let e = extents
-        .iter()
-        .find(|e| e.logical <= at && at + len <= e.logical + e.length)
-        .unwrap_or_else(|| panic!("{at}+{len} not in one extent: {extents:?}"));
-    assert!(e.has_location(), "{e:?}");
-    let start = e.physical + (at - e.logical);
-    (start, start + len)
-}
-
 /// When the disk fails to write back a copy's data, the next flush must
 /// say so, even when the copy's own writeback pacing waited for that
 /// writeback first (waiting takes the error: the kernel reports it once
@@ -448,8 +435,12 @@ fn a_flush_reports_a_failed_writeback_even_when_the_pacing_waited_for_it() {
     let flushed = flush(io(), 1).expect("first flush");
     assert!(matches!(flushed.reply, Some(Reply::Flushed { id: 1, .. })));
     let data = pool.join("replicas").join(volume.to_hex()).join("data");
-    let region0 = on_disk(&data, 0, REGION_BYTES);
-    let region1 = on_disk(&data, REGION_BYTES, REGION_BYTES);
+    // Each in one extent: one range to fail or watch.
+    let one = |at: u64| match common::disk_ranges(&data, at, at + REGION_BYTES)[..] {
+        [range] => range,
+        ref more => panic!("region at {at} in several extents: {more:?}"),
+    };
+    let (region0, region1) = (one(0), one(REGION_BYTES));
     disk.failing.lock().unwrap().push(region0);
     disk.watched
         .lock()

@@ -406,6 +406,22 @@ fn gauges<L: EncodeLabelSet>(
     Ok(())
 }
 
+/// Encodes one counter family from labelled samples.
+fn counters<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: &[(L, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family =
+        enc.encode_descriptor(name, help, unit, ConstCounter::new(0u64).metric_type())?;
+    for (labels, v) in samples {
+        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 /// Encodes one unlabelled gauge.
 fn gauge(
     enc: &mut DescriptorEncoder,
@@ -539,16 +555,16 @@ impl Collector for DriverCollector {
             Some(&Unit::Bytes),
             &samples(&|s| s.live_bytes),
         )?;
-        let mut compactions = enc.encode_descriptor(
+        counters(
+            &mut enc,
             "state_log_compactions",
             "Compactions of each state table's log since the server started.",
             None,
-            ConstCounter::new(0u64).metric_type(),
-        )?;
-        for s in &logs {
-            ConstCounter::new(s.compactions).encode(compactions.encode_family(&table(s.table))?)?;
-        }
-        Ok(())
+            &logs
+                .iter()
+                .map(|s| (table(s.table), s.compactions))
+                .collect::<Vec<_>>(),
+        )
     }
 }
 
@@ -615,25 +631,20 @@ fn replicated(
         None,
         &epoch,
     )?;
-    let mut family = enc.encode_descriptor(
+    counters(
+        enc,
         "replicated_copy_call_errors",
         "Calls from the engine on this node to the copy that failed (an error, no answer in time): each marks the copy failing.",
         None,
-        ConstCounter::new(0u64).metric_type(),
+        &errors,
     )?;
-    for (labels, v) in &errors {
-        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
-    }
-    let mut family = enc.encode_descriptor(
+    counters(
+        enc,
         "replicated_rebuild",
         "Bytes sent to copies being rebuilt since the engine started (its rate is the rebuild rate).",
         Some(&Unit::Bytes),
-        ConstCounter::new(0u64).metric_type(),
-    )?;
-    for (labels, v) in &rebuilt {
-        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+        &rebuilt,
+    )
 }
 
 /// The routing controller's view of its nodes, encoded at each scrape.

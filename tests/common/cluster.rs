@@ -457,6 +457,18 @@ impl Cluster {
     }
 
     /// DeleteVolume, retried while ABORTED (see [`retry_aborted`]).
+    /// DeleteSnapshot of `id` through the controller.
+    pub async fn delete_snapshot(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.c
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
     pub async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
         let c = self.c.controller.clone();
         let req = csi::DeleteVolumeRequest {

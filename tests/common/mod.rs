@@ -692,6 +692,34 @@ impl Drop for ThawGuard {
     }
 }
 
+/// Where bytes `start..end` of `file` lie on its filesystem's disk: the
+/// device byte ranges, in file order (FIEMAP, dirty data written back
+/// first). Panics on a hole or an extent without a place on the disk.
+pub fn disk_ranges(file: &Path, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let extents = stowage::os::cow::fiemap(file).expect("fiemap");
+    let ranges: Vec<(u64, u64)> = extents
+        .iter()
+        .filter(|e| e.logical < end && start < e.logical + e.length)
+        .map(|e| {
+            assert!(e.has_location(), "{e:?}");
+            let from = start.max(e.logical);
+            let to = end.min(e.logical + e.length);
+            (
+                e.physical + (from - e.logical),
+                e.physical + (to - e.logical),
+            )
+        })
+        .collect();
+    let mapped: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+    assert_eq!(
+        mapped,
+        end - start,
+        "bytes {start}..{end} of {} are not all on the disk: {extents:?}",
+        file.display()
+    );
+    ranges
+}
+
 /// Runs `f` on a thread and waits at most `limit` for it: None if it has
 /// not returned by then (it is left running; a write blocked on a frozen
 /// filesystem finishes once the filesystem is thawed). A hang detector,
