@@ -155,6 +155,18 @@ struct ServeArgs {
     /// full rebuild while I/O continues).
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     replica_replace_after: u64,
+    /// Node: seconds between scrub passes of each replicated volume whose
+    /// engine runs here (0: never). A pass reads every region on every
+    /// copy in sync from its disk and compares them; a copy that cannot
+    /// read a region, or holds other bytes than a majority of the copies,
+    /// is marked out of sync and gets the region written again. The first
+    /// pass starts at a random point within the first period.
+    #[arg(long, default_value_t = 7 * 24 * 3600, value_name = "SECONDS")]
+    replica_scrub_every: u64,
+    /// Node: the pace of a scrub pass, MiB per second read on each copy
+    /// (1-4096).
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    replica_scrub_rate: u64,
 }
 
 /// The cluster part of serve's flags, checked against the mode.
@@ -272,6 +284,9 @@ fn cluster_config(
             if !(1..=256).contains(&fuse_workers) {
                 return Err("--fuse-workers: 1 to 256 threads".to_owned());
             }
+            if !(1..=4096).contains(&args.replica_scrub_rate) {
+                return Err("--replica-scrub-rate: 1 to 4096 MiB per second".to_owned());
+            }
             Ok(Some(ClusterConfig {
                 listen: listen.clone(),
                 tls_dir: args.tls_dir.clone().ok_or("--mode node needs --tls-dir")?,
@@ -285,6 +300,9 @@ fn cluster_config(
                     cordon_lock: Default::default(),
                     replication_tls: args.replication_tls == OnOff::On,
                     fuse_workers,
+                    scrub_every: (args.replica_scrub_every > 0)
+                        .then(|| std::time::Duration::from_secs(args.replica_scrub_every)),
+                    scrub_rate: args.replica_scrub_rate << 20,
                     data_listen,
                     data_advertise: args.data_advertise.clone(),
                 }),

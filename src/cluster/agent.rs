@@ -45,6 +45,11 @@ pub struct AgentConfig {
     /// FUSE worker threads per replicated volume staged here
     /// (`--fuse-workers`).
     pub fuse_workers: usize,
+    /// How often engines here scrub their volumes (`--replica-scrub-every`;
+    /// None: never) and at what pace, bytes per second of each copy
+    /// (`--replica-scrub-rate`).
+    pub scrub_every: Option<std::time::Duration>,
+    pub scrub_rate: u64,
     /// Where the replication data link listens (host:port, port 0 for any
     /// free one; `--data-listen`).
     pub data_listen: String,

@@ -321,9 +321,15 @@ impl Replica for ReplicaService {
                         .errors
                         .get(&c.node)
                         .map_or(0, |e| e.last_at.elapsed().as_millis() as u64),
+                    scrub_repairs: st.scrub.repairs.get(&c.node).copied().unwrap_or(0),
                 })
                 .collect(),
             rebuild_bytes: st.rebuild_bytes,
+            scrub_passes: st.scrub.passes,
+            scrub_regions: st.scrub.regions,
+            scrub_unresolved: st.scrub.unresolved,
+            scrubbing: st.scrub.at.is_some(),
+            scrub_at: st.scrub.at.unwrap_or(0),
         }))
     }
 

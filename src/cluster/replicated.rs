@@ -1083,6 +1083,12 @@ impl Replicated {
                         if c.dirty_regions > 0 {
                             s.push_str(&format!(" ({} MiB to rebuild)", c.dirty_regions));
                         }
+                        if c.scrub_repairs > 0 {
+                            s.push_str(&format!(
+                                " ({} MiB repaired by the scrub)",
+                                c.scrub_repairs
+                            ));
+                        }
                         if c.errors > 0 {
                             s.push_str(&format!(
                                 " ({} failed calls, the last {} s ago: {})",
@@ -1094,8 +1100,21 @@ impl Replicated {
                         s
                     })
                     .collect();
+                let mut scrub = format!(
+                    "scrub: {} passes, {} MiB checked",
+                    r.scrub_passes, r.scrub_regions
+                );
+                if r.scrub_unresolved > 0 {
+                    scrub.push_str(&format!(
+                        ", {} MiB the copies disagree on with no majority to repair from",
+                        r.scrub_unresolved
+                    ));
+                }
+                if r.scrubbing {
+                    scrub.push_str(&format!(", at MiB {}", r.scrub_at));
+                }
                 format!(
-                    "; engine {} at epoch {}: {}; {} MiB rebuilt",
+                    "; engine {} at epoch {}: {}; {} MiB rebuilt; {scrub}",
                     r.state,
                     r.epoch,
                     copies.join(", "),

@@ -582,6 +582,10 @@ fn replicated(
     let mut errors = Vec::new();
     let mut epoch = Vec::new();
     let mut rebuilt = Vec::new();
+    let mut repairs = Vec::new();
+    let mut scrubbed = Vec::new();
+    let mut passes = Vec::new();
+    let mut unresolved = Vec::new();
     for uuid in engines.volumes() {
         let Some(st) = engines.status(uuid) else {
             continue;
@@ -598,8 +602,15 @@ fn replicated(
                 labels.clone(),
                 st.errors.get(&c.node).map_or(0, |e| e.count),
             ));
+            repairs.push((
+                labels.clone(),
+                st.scrub.repairs.get(&c.node).copied().unwrap_or(0),
+            ));
             dirty.push((labels, signed(c.dirty as u64)));
         }
+        scrubbed.push(([("volume", volume.clone())], st.scrub.regions));
+        passes.push(([("volume", volume.clone())], st.scrub.passes));
+        unresolved.push(([("volume", volume.clone())], st.scrub.unresolved));
         epoch.push(([("volume", volume.clone())], signed(st.epoch)));
         rebuilt.push(([("volume", volume)], st.rebuild_bytes));
     }
@@ -637,6 +648,34 @@ fn replicated(
         "Calls from the engine on this node to the copy that failed (an error, no answer in time): each marks the copy failing.",
         None,
         &errors,
+    )?;
+    counters(
+        enc,
+        "replicated_scrub_repairs",
+        "Regions (1 MiB) a scrub found the copy could not read or held other bytes than a majority of the copies; each was written again there.",
+        None,
+        &repairs,
+    )?;
+    counters(
+        enc,
+        "replicated_scrub_regions",
+        "Regions (1 MiB) the scrub checked on every copy in sync.",
+        None,
+        &scrubbed,
+    )?;
+    counters(
+        enc,
+        "replicated_scrub_passes",
+        "Scrub passes that reached the volume's last region.",
+        None,
+        &passes,
+    )?;
+    counters(
+        enc,
+        "replicated_scrub_unresolved",
+        "Regions the copies in sync disagreed on with no majority to repair from (or that the last copy in sync could not read).",
+        None,
+        &unresolved,
     )?;
     counters(
         enc,

@@ -536,6 +536,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         let plaintext = agent.is_some_and(|a| !a.replication_tls);
         if let Some(a) = agent {
             node.replicated().set_fuse_workers(a.fuse_workers);
+            node.replicated().set_scrub(a.scrub_every, a.scrub_rate);
         }
         node.replicated().set_connector(replication_connector(
             Arc::clone(replicas),

@@ -90,6 +90,13 @@ pub struct DriverConfig {
     pub io_timeout: Duration,
     /// How long [`EngineDriver::start`] waits for the engine to be ready.
     pub start_timeout: Duration,
+    /// How often a scrub pass reads every region on every copy in sync
+    /// and compares them (see [`Engine::scrub`]); None: never. The first
+    /// pass starts at a random point within the first period, so the
+    /// engines a node starts at once do not scrub at once.
+    pub scrub_every: Option<Duration>,
+    /// The pace of a scrub pass: bytes per second read on each copy.
+    pub scrub_rate: u64,
 }
 
 impl DriverConfig {
@@ -106,6 +113,8 @@ impl DriverConfig {
             resend: Duration::from_millis(500),
             io_timeout: Duration::from_secs(15),
             start_timeout: Duration::from_secs(30),
+            scrub_every: None,
+            scrub_rate: 16 << 20,
         }
     }
 }
@@ -191,6 +200,24 @@ pub struct DriverStatus {
     pub rebuild_bytes: u64,
     /// Calls that failed, by copy (node): why a copy was marked out.
     pub errors: BTreeMap<String, CopyErrors>,
+    pub scrub: ScrubStatus,
+}
+
+/// What the scrub found since the driver started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScrubStatus {
+    /// Passes that reached the last region.
+    pub passes: u64,
+    /// Regions checked.
+    pub regions: u64,
+    /// Regions found unreadable or differing on a copy, by copy (node):
+    /// each was written again there by the copy's rebuild.
+    pub repairs: BTreeMap<String, u64>,
+    /// Regions the copies disagreed on with no majority to repair from
+    /// (or that only the last copy in sync held and could not read).
+    pub unresolved: u64,
+    /// The next region of the pass under way.
+    pub at: Option<Region>,
 }
 
 /// The calls to one copy that failed since the driver started.
@@ -795,6 +822,7 @@ impl EngineDriver {
             copies: Vec::new(),
             rebuild_bytes: 0,
             errors: BTreeMap::new(),
+            scrub: ScrubStatus::default(),
         };
         let shared = Arc::new(Shared {
             dead: OnceLock::new(),
@@ -1236,6 +1264,13 @@ struct Task {
     rebuild_bytes: u64,
     /// Calls that failed, by copy (see [`DriverStatus::errors`]).
     errors: BTreeMap<String, CopyErrors>,
+    /// Ticks between scrub passes (see [`DriverConfig::scrub_every`]).
+    scrub_every: Option<u64>,
+    /// Ticks between two regions of a pass.
+    scrub_gap: u64,
+    /// When the next pass starts.
+    scrub_due: u64,
+    scrub: ScrubStatus,
     shared: Arc<Shared>,
 }
 
@@ -1267,6 +1302,11 @@ impl Task {
         };
         let in_sync = record.in_sync.clone();
         let seed = uuid::Uuid::new_v4().as_u64_pair();
+        let rng = (seed.0 ^ seed.1) | 1;
+        let scrub_every = cfg.scrub_every.map(|d| ticks(d, cfg.tick));
+        // One region's bytes at the rate.
+        let per_region =
+            Duration::from_secs_f64(REGION_BYTES as f64 / cfg.scrub_rate.max(1) as f64);
         Task {
             engine: Engine::new(ecfg, ballot, record, 0),
             peer,
@@ -1276,7 +1316,7 @@ impl Task {
             io_ticks: ticks(cfg.io_timeout, cfg.tick),
             resend_ticks,
             now: 0,
-            rng: (seed.0 ^ seed.1) | 1,
+            rng,
             sent: HashMap::new(),
             next_call: 0,
             out: Vec::new(),
@@ -1293,6 +1333,10 @@ impl Task {
             in_sync,
             rebuild_bytes: 0,
             errors: BTreeMap::new(),
+            scrub_every,
+            scrub_gap: ticks(per_region, cfg.tick),
+            scrub_due: scrub_every.map_or(0, |e| 1 + rng.rotate_left(17) % e),
+            scrub: ScrubStatus::default(),
             shared,
         }
     }
@@ -1560,6 +1604,12 @@ impl Task {
         self.now += 1;
         let jitter = self.jitter();
         self.engine.tick(self.now, jitter);
+        if let Some(every) = self.scrub_every
+            && self.now >= self.scrub_due
+            && self.engine.scrub(0, self.scrub_gap)
+        {
+            self.scrub_due = self.now + every;
+        }
         self.expire();
         if self
             .stopping
@@ -1769,6 +1819,29 @@ impl Task {
                 self.in_sync = record.in_sync.clone();
                 self.refresh_status(false);
             }
+            EngineEvent::Scrubbed {
+                region,
+                bad,
+                unresolved,
+            } => {
+                self.scrub.regions += 1;
+                if unresolved {
+                    self.scrub.unresolved += 1;
+                    tracing::error!(volume = %v, region, ?bad,
+                        "scrub: the copies in sync disagree on the region, or the only one holding it cannot read it: nothing to repair it from");
+                } else if !bad.is_empty() {
+                    for n in &bad {
+                        *self.scrub.repairs.entry(n.clone()).or_default() += 1;
+                    }
+                    tracing::warn!(volume = %v, region, ?bad,
+                        "scrub: copies could not read the region or held other bytes than the others: marked out of sync, the region is written again");
+                }
+            }
+            EngineEvent::ScrubDone => {
+                self.scrub.passes += 1;
+                tracing::info!(volume = %v, passes = self.scrub.passes,
+                    regions = self.scrub.regions, "scrub pass done");
+            }
             EngineEvent::Reseeded { base, boot } => {
                 tracing::warn!(volume = %v, %base, boot,
                     "every in-sync copy had restarted: reseeding the others from one of them");
@@ -1874,7 +1947,7 @@ impl Task {
             self.rebuild_bytes += call.data.len() as u64;
         }
         let read = match call.request {
-            Request::Read { id, .. } => Some(id),
+            Request::Read { id, .. } | Request::Verify { id, .. } => Some(id),
             _ => None,
         };
         self.next_call += 1;
@@ -1950,6 +2023,11 @@ impl Task {
         s.rebuild_bytes = self.rebuild_bytes;
         if s.errors != self.errors {
             s.errors.clone_from(&self.errors);
+        }
+        let at = self.engine.scrubbing();
+        if s.scrub.at != at || s.scrub.regions != self.scrub.regions {
+            s.scrub.clone_from(&self.scrub);
+            s.scrub.at = at;
         }
     }
 }

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::protocol::{
-    Ballot, Change, Envelope, Io, IoRefusal, Outcome, Proposer, Refusal, Region, Reply, Request,
-    Tag,
+    Ballot, Change, Digest, Envelope, Io, IoRefusal, Outcome, Proposer, Refusal, Region, Reply,
+    Request, Tag,
 };
 use super::record::ReplicaRecord;
 
@@ -133,6 +133,19 @@ pub enum EngineEvent {
         refusal: Refusal,
     },
     AllCopiesLost,
+    /// A scrub checked `region` on the copies in sync. `bad` lists those
+    /// that could not read it, or held other bytes than a majority of the
+    /// others: each is marked out of sync and gets the region written
+    /// again by its rebuild. `unresolved`: the copies disagreed with no
+    /// majority (or the only copy that could read the region is the one
+    /// in sync), so nothing could be repaired.
+    Scrubbed {
+        region: Region,
+        bad: Vec<String>,
+        unresolved: bool,
+    },
+    /// A scrub pass reached the last region.
+    ScrubDone,
     /// The write with sequence number `seq` goes to no copy any more
     /// (every copy it went to answered or left, or the engine stopped):
     /// its bytes may go ([`Engine::write_pending`] is false from here on).
@@ -185,6 +198,8 @@ struct Link {
     /// When it was last asked to flush because it is failing but kept in
     /// sync (see `probe`).
     probed: u64,
+    /// It takes [`Request::Verify`] (its last attach said so).
+    verifies: bool,
 }
 
 impl Link {
@@ -204,6 +219,7 @@ impl Link {
             join_flush: None,
             flushed: false,
             probed: 0,
+            verifies: false,
         }
     }
 
@@ -314,6 +330,32 @@ struct PendingFlush {
     last_sent: u64,
 }
 
+/// A scrub pass (see [`Engine::scrub`]).
+#[derive(Debug, Clone)]
+struct Scrub {
+    /// The next region to check.
+    next: Region,
+    /// Ticks between the end of one region's check and the next.
+    gap: u64,
+    /// When the last region's check ended.
+    last: u64,
+    checking: Option<Checking>,
+}
+
+/// One region being checked on the copies in sync: the engine holds it
+/// (no write of it starts) until every copy asked answered, failed or
+/// left, or the timeout passed.
+#[derive(Debug, Clone)]
+struct Checking {
+    region: Region,
+    id: u64,
+    asked: BTreeSet<String>,
+    answers: BTreeMap<String, (Tag, Digest)>,
+    /// Copies that could not read it.
+    failed: Vec<String>,
+    sent: u64,
+}
+
 #[derive(Debug, Clone)]
 struct PendingRead {
     region: Region,
@@ -382,6 +424,7 @@ pub struct Engine {
     settled_under: Option<SettledUnder>,
     flushes: BTreeMap<u64, PendingFlush>,
     reads: BTreeMap<u64, PendingRead>,
+    scrub: Option<Scrub>,
     seq: u64,
     next_id: u64,
     now: u64,
@@ -413,6 +456,7 @@ impl Engine {
             settled_under: None,
             flushes: BTreeMap::new(),
             reads: BTreeMap::new(),
+            scrub: None,
             seq: 0,
             next_id: 0,
             now,
@@ -520,13 +564,15 @@ impl Engine {
         }
     }
 
-    /// A read sent to `node` (read `id`, a user's or a rebuild's) failed
-    /// there: an I/O error on its disk, or no answer. The copy counts as
-    /// failed until it went out of sync, and the region is rebuilt on it
-    /// then (written again: a disk remaps a bad sector when it is
-    /// written). A user's read goes at once to another in-sync copy, if
-    /// there is one; else it waits for its resend or timeout, as any read.
-    /// A rebuild reads from another source at its next step.
+    /// A read sent to `node` (read `id`: a user's, a rebuild's or a
+    /// scrub's check) failed there: an I/O error on its disk, or no
+    /// answer. When another copy in sync can serve the region, the copy
+    /// counts as failed until it went out of sync, and the region is
+    /// rebuilt on it then (written again: a disk remaps a bad sector when
+    /// it is written); a user's read goes at once to that other copy. When
+    /// no other copy can, the copy is left as it is (failing it would stop
+    /// every read, not this one): the read waits for its resend or timeout,
+    /// as any read, and a rebuild or check of the region cannot complete.
     pub fn read_failed(&mut self, node: &str, id: u64) {
         let user = self
             .reads
@@ -539,7 +585,26 @@ impl Engine {
             .filter_map(|l| l.copying.as_ref())
             .find(|c| c.read == id)
             .map(|c| c.region);
-        if let Some(region) = user.or(rebuild)
+        let check = self
+            .scrub
+            .as_mut()
+            .and_then(|s| s.checking.as_mut())
+            .filter(|c| c.id == id && c.asked.contains(node));
+        let check = check.map(|c| {
+            c.failed.push(node.to_owned());
+            c.region
+        });
+        let elsewhere = self
+            .links
+            .iter()
+            .any(|(n, l)| n != node && l.phase == Phase::InSync && !l.failing);
+        if !elsewhere {
+            if check.is_some() {
+                self.check_done();
+            }
+            return;
+        }
+        if let Some(region) = user.or(rebuild).or(check)
             && let Some(l) = self.links.get_mut(node)
             && l.phase == Phase::InSync
         {
@@ -638,6 +703,11 @@ impl Engine {
                 .links
                 .values()
                 .any(|l| l.copying.as_ref().is_some_and(|c| c.region == region))
+            || self
+                .scrub
+                .as_ref()
+                .and_then(|s| s.checking.as_ref())
+                .is_some_and(|c| c.region == region)
     }
 
     /// Copies whose acknowledgement a write or flush needs: the in-sync set
@@ -803,7 +873,39 @@ impl Engine {
                     }
                 }
             }
-            Reply::Attached { conn, boot, tags } => self.attached(from, conn, boot, tags),
+            Reply::Attached {
+                conn,
+                boot,
+                tags,
+                verifies,
+            } => {
+                if let Some(l) = self.links.get_mut(from)
+                    && l.conn == conn
+                {
+                    l.verifies = verifies;
+                }
+                self.attached(from, conn, boot, tags)
+            }
+            Reply::Verified {
+                conn,
+                id,
+                region,
+                tag,
+                digest,
+            } => {
+                if !self.current(from, conn) {
+                    return;
+                }
+                self.links.get_mut(from).expect("current").answered();
+                if let Some(c) = self.scrub.as_mut().and_then(|s| s.checking.as_mut())
+                    && c.id == id
+                    && c.region == region
+                    && c.asked.contains(from)
+                {
+                    c.answers.insert(from.to_owned(), (tag, digest));
+                }
+                self.check_done();
+            }
             Reply::Written { conn, region, tag } | Reply::Rebuilt { conn, region, tag } => {
                 if !self.current(from, conn) {
                     return;
@@ -1229,6 +1331,7 @@ impl Engine {
         for id in std::mem::take(&mut self.reads).into_keys() {
             self.events.push(EngineEvent::ReadFailed { id });
         }
+        self.scrub = None;
     }
 
     /// Time passes: resends, timeouts, rebuild steps and record changes.
@@ -1252,6 +1355,7 @@ impl Engine {
                 self.tick_flushes();
                 self.tick_reads();
                 self.tick_rebuilds();
+                self.tick_scrub();
                 self.maybe_change();
             }
             _ => {}
@@ -1415,6 +1519,151 @@ impl Engine {
                 Phase::Rebuilding => self.rebuild_step(&n),
             }
         }
+    }
+
+    /// Starts a scrub pass at region `from` (0 for a whole pass, or where
+    /// an earlier pass stopped), unless one is under way: each region in
+    /// turn, `gap` ticks apart, is read by every copy in sync from its
+    /// disk and compared by digest (see [`Request::Verify`]). A copy that
+    /// cannot read a region, or holds other bytes than a majority of the
+    /// copies, is marked out of sync and gets the region written again,
+    /// as for a failed read ([`Engine::read_failed`]); see
+    /// [`EngineEvent::Scrubbed`]. False when a pass is under way already.
+    pub fn scrub(&mut self, from: Region, gap: u64) -> bool {
+        if self.scrub.is_some() || !matches!(self.state, EngineState::Running) {
+            return false;
+        }
+        self.scrub = Some(Scrub {
+            next: from,
+            gap,
+            last: self.now,
+            checking: None,
+        });
+        true
+    }
+
+    /// The next region of the scrub pass under way.
+    pub fn scrubbing(&self) -> Option<Region> {
+        self.scrub.as_ref().map(|s| s.next)
+    }
+
+    fn tick_scrub(&mut self) {
+        let now = self.now;
+        let Some(s) = self.scrub.as_mut() else {
+            return;
+        };
+        if let Some(c) = s.checking.as_mut() {
+            if now >= c.sent + self.cfg.timeout {
+                // Copies that never answered count for nothing (their
+                // other requests tell whether they failed).
+                let answers = &c.answers;
+                c.asked.retain(|n| answers.contains_key(n));
+            }
+            self.check_done();
+            return;
+        }
+        if now < s.last + s.gap {
+            return;
+        }
+        if s.next >= self.cfg.regions {
+            self.scrub = None;
+            self.events.push(EngineEvent::ScrubDone);
+            return;
+        }
+        let region = s.next;
+        if self.busy(region) {
+            return;
+        }
+        let asked: BTreeSet<String> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.phase == Phase::InSync && !l.failing && l.verifies)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if asked.is_empty() {
+            return;
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        for n in &asked {
+            let io = self.io(n);
+            self.send(n, Request::Verify { io, region, id });
+        }
+        let s = self.scrub.as_mut().expect("checked");
+        s.checking = Some(Checking {
+            region,
+            id,
+            asked,
+            answers: BTreeMap::new(),
+            failed: Vec::new(),
+            sent: now,
+        });
+    }
+
+    /// Ends the region's check once every copy asked answered, failed or
+    /// left the in-sync set: the copies whose bytes differ from a majority
+    /// of those that answered go out of sync and get the region again.
+    fn check_done(&mut self) {
+        let links = &self.links;
+        let Some(s) = self.scrub.as_mut() else {
+            return;
+        };
+        let Some(c) = s.checking.as_mut() else {
+            return;
+        };
+        c.asked.retain(|n| {
+            links
+                .get(n)
+                .is_some_and(|l| l.phase == Phase::InSync && !l.failing)
+                && !c.failed.contains(n)
+        });
+        let asked = &c.asked;
+        c.answers.retain(|n, _| asked.contains(n));
+        if c.asked.len() != c.answers.len() {
+            return;
+        }
+        let c = s.checking.take().expect("checked");
+        s.next = c.region + 1;
+        s.last = self.now;
+        let mut groups: BTreeMap<(Tag, Digest), Vec<String>> = BTreeMap::new();
+        for (n, a) in c.answers {
+            groups.entry(a).or_default().push(n);
+        }
+        let total: usize = groups.values().map(Vec::len).sum();
+        let largest = groups.values().map(Vec::len).max().unwrap_or(0);
+        let mut bad = c.failed;
+        let mut unresolved = false;
+        if groups.len() > 1 {
+            if largest * 2 > total {
+                let minority = groups.into_values().filter(|g| g.len() != largest);
+                let minority: Vec<String> = minority.flatten().collect();
+                for n in &minority {
+                    let l = self.links.get_mut(n).expect("asked");
+                    l.unreadable.insert(c.region);
+                }
+                for n in &minority {
+                    self.fail(n, false);
+                }
+                bad.extend(minority);
+            } else {
+                unresolved = true;
+            }
+        }
+        // A copy that could not read the region was failed then (when
+        // another could serve it), or is the one left.
+        if bad.iter().any(|n| {
+            self.links
+                .get(n)
+                .is_some_and(|l| l.phase == Phase::InSync && !l.failing)
+        }) {
+            unresolved = true;
+        }
+        bad.sort();
+        self.events.push(EngineEvent::Scrubbed {
+            region: c.region,
+            bad,
+            unresolved,
+        });
     }
 
     /// A copy in sync that failed but is kept in sync (the last one is
@@ -1999,6 +2248,242 @@ mod tests {
             matches!(&out[..], [Envelope { to, .. }] if to == "a"),
             "{out:?}"
         );
+    }
+
+    /// With one copy in sync (the others out and down), a read it fails
+    /// (a bad sector) fails that read only: the copy is not held failing
+    /// for a region nothing else could rewrite, so every other region
+    /// still reads from it.
+    #[test]
+    fn a_read_the_only_copy_in_sync_fails_fails_that_read_alone() {
+        let (mut net, mut e) = only_a_in_sync();
+        let id = e.read(1).unwrap();
+        let (out, _) = e.drain();
+        assert!(
+            matches!(&out[..], [Envelope { to, msg: Request::Read { .. } }] if to == "a"),
+            "{out:?}"
+        );
+        e.read_failed("a", id);
+        let (out, _) = e.drain();
+        assert!(out.is_empty(), "nowhere else to read from: {out:?}");
+        // The failing read keeps failing at a until its timeout.
+        let mut ev = Vec::new();
+        for _ in 0..12 {
+            let mut held = Vec::new();
+            ev.extend(net.run_holding(
+                &mut e,
+                1,
+                &mut held,
+                &|x| matches!(x.msg, Request::Read { id: i, .. } if i == id),
+            ));
+            if !held.is_empty() {
+                e.read_failed("a", id);
+            }
+        }
+        assert!(ev.contains(&EngineEvent::ReadFailed { id }), "{ev:?}");
+        // Another region reads from a as before.
+        let other = e.read(2).expect("a still serves reads");
+        let ev = net.run(&mut e, 2);
+        assert!(
+            ev.iter()
+                .any(|x| matches!(x, EngineEvent::ReadDone { id, .. } if *id == other)),
+            "{ev:?} {:?}",
+            e.copies()
+        );
+    }
+
+    /// A running engine on a whose copy is the only one in sync: b and c
+    /// were out at its start, and went down before their rebuild ended.
+    fn only_a_in_sync() -> (Net, Engine) {
+        let (_, mut r) = Net::new();
+        r.in_sync.retain(|n, _| n == "a");
+        let mut net = Net::holding(&r);
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        assert_eq!(e.state(), EngineState::Running);
+        net.down.extend(["b".to_owned(), "c".to_owned()]);
+        let t = e.write(1).unwrap();
+        let ev = net.run(&mut e, 30);
+        assert!(acked(&ev).contains(&t), "{ev:?}");
+        assert!(
+            e.copies()
+                .iter()
+                .all(|c| (c.phase == CopyPhase::InSync) == (c.node == "a")),
+            "{:?}",
+            e.copies()
+        );
+        (net, e)
+    }
+
+    /// Runs `e` until it sends a scrub check of `region`; returns the
+    /// checks (held back, one per copy asked) and the events meanwhile.
+    fn held_checks(net: &mut Net, e: &mut Engine, region: Region) -> Vec<Envelope> {
+        let mut held = Vec::new();
+        for _ in 0..300 {
+            net.run_holding(
+                e,
+                1,
+                &mut held,
+                &|x| matches!(x.msg, Request::Verify { region: r, .. } if r == region),
+            );
+            if !held.is_empty() {
+                return held;
+            }
+        }
+        panic!("no check of region {region} sent: {:?}", e.copies());
+    }
+
+    /// Delivers the held checks; `answer` may change each copy's answer
+    /// (None: the copy's disk failed the read).
+    fn answer_checks(
+        net: &mut Net,
+        e: &mut Engine,
+        held: Vec<Envelope>,
+        answer: &dyn Fn(&str, Reply) -> Option<Reply>,
+    ) -> Vec<EngineEvent> {
+        let mut events = Vec::new();
+        for x in held {
+            let Request::Verify { id, .. } = x.msg else {
+                unreachable!()
+            };
+            let (from, reply) = net.deliver(x).expect("up");
+            match answer(&from, reply) {
+                Some(r) => e.handle(&from, r),
+                None => e.read_failed(&from, id),
+            }
+            events.extend(net.exchange(e, Vec::new(), &mut Vec::new(), &|_| false));
+        }
+        events
+    }
+
+    /// Runs `e` until every copy is in sync; returns the (copy, region) of
+    /// each rebuild sent.
+    fn rebuild_all(net: &mut Net, e: &mut Engine) -> Vec<(String, Region)> {
+        let mut rebuilt = Vec::new();
+        for _ in 0..100 {
+            let mut held = Vec::new();
+            net.run_holding(e, 1, &mut held, &|x| {
+                matches!(x.msg, Request::Rebuild { .. })
+            });
+            for x in &held {
+                if let Request::Rebuild { region, .. } = x.msg {
+                    rebuilt.push((x.to.clone(), region));
+                }
+            }
+            net.exchange(e, held, &mut Vec::new(), &|_| false);
+            if e.all_in_sync() {
+                return rebuilt;
+            }
+        }
+        panic!("not all in sync: {:?}", e.copies());
+    }
+
+    fn other_bytes(reply: Reply) -> Reply {
+        match reply {
+            Reply::Verified {
+                conn,
+                id,
+                region,
+                tag,
+                ..
+            } => Reply::Verified {
+                conn,
+                id,
+                region,
+                tag,
+                digest: [7; 32],
+            },
+            r => r,
+        }
+    }
+
+    fn scrubbed(ev: &[EngineEvent]) -> Vec<(Region, Vec<String>, bool)> {
+        ev.iter()
+            .filter_map(|x| match x {
+                EngineEvent::Scrubbed {
+                    region,
+                    bad,
+                    unresolved,
+                } => Some((*region, bad.clone(), *unresolved)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A scrub asks every copy in sync for each region in turn, holding
+    /// the region meanwhile (a write of it waits). A copy whose disk
+    /// cannot read the region, and one that holds other bytes than the
+    /// other two, are each marked out of sync and get the region written
+    /// again; then all three rejoin and the pass ends.
+    #[test]
+    fn a_scrub_rewrites_a_region_a_copy_cannot_read_or_holds_otherwise() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        for region in 0..4 {
+            e.write(region).unwrap();
+        }
+        net.run(&mut e, 2);
+        net.flush(&mut e);
+        // Far apart: b is back in sync before region 2's check.
+        assert!(e.scrub(0, 100));
+        assert!(!e.scrub(0, 100), "one pass at a time");
+        // Region 0: every copy agrees.
+        let held = held_checks(&mut net, &mut e, 0);
+        let asked: Vec<&str> = held.iter().map(|x| x.to.as_str()).collect();
+        assert_eq!(asked, ["a", "b", "c"]);
+        assert_eq!(
+            e.write(0),
+            Err(IoError::Busy(0)),
+            "a write waits for the check"
+        );
+        let ev = answer_checks(&mut net, &mut e, held, &|_, r| Some(r));
+        assert_eq!(scrubbed(&ev), [(0, vec![], false)]);
+        // Region 1: b's disk fails the read.
+        let held = held_checks(&mut net, &mut e, 1);
+        let ev = answer_checks(&mut net, &mut e, held, &|n, r| (n != "b").then_some(r));
+        assert_eq!(scrubbed(&ev), [(1, vec!["b".to_owned()], false)]);
+        let rebuilt = rebuild_all(&mut net, &mut e);
+        assert!(rebuilt.contains(&("b".to_owned(), 1)), "{rebuilt:?}");
+        // Region 2: c holds other bytes.
+        let held = held_checks(&mut net, &mut e, 2);
+        assert_eq!(held.len(), 3, "{:?}", e.copies());
+        let ev = answer_checks(&mut net, &mut e, held, &|n, r| {
+            Some(if n == "c" { other_bytes(r) } else { r })
+        });
+        assert_eq!(scrubbed(&ev), [(2, vec!["c".to_owned()], false)]);
+        let rebuilt = rebuild_all(&mut net, &mut e);
+        assert!(rebuilt.contains(&("c".to_owned(), 2)), "{rebuilt:?}");
+        let ev = net.run(&mut e, 300);
+        assert!(ev.contains(&EngineEvent::ScrubDone), "{ev:?}");
+        assert_eq!(e.scrubbing(), None);
+        assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    /// Two copies that disagree have no majority: nothing is repaired (nor
+    /// marked out), the region is reported unresolved. The last copy in
+    /// sync that cannot read a region is reported the same way and kept.
+    #[test]
+    fn a_scrub_without_a_majority_repairs_nothing_and_says_so() {
+        let (mut net, mut e, _) = Net::with_c_out();
+        net.flush(&mut e);
+        assert!(e.scrub(0, 0));
+        let held = held_checks(&mut net, &mut e, 0);
+        assert_eq!(held.len(), 2, "c is out: {held:?}");
+        let ev = answer_checks(&mut net, &mut e, held, &|n, r| {
+            Some(if n == "b" { other_bytes(r) } else { r })
+        });
+        assert_eq!(scrubbed(&ev), [(0, vec![], true)]);
+        assert!(e.copies().iter().all(|c| !c.failing), "{:?}", e.copies());
+        // a alone cannot read a region.
+        let (mut net, mut e) = only_a_in_sync();
+        assert!(e.scrub(1, 0));
+        let held = held_checks(&mut net, &mut e, 1);
+        let ev = answer_checks(&mut net, &mut e, held, &|_, _| None);
+        assert_eq!(scrubbed(&ev), [(1, vec!["a".to_owned()], true)]);
+        let a = e.copies().into_iter().find(|c| c.node == "a").unwrap();
+        assert!(!a.failing, "{a:?}");
+        assert!(e.read(2).is_ok());
     }
 
     /// A rebuild whose read fails on its source (a bad sector there) reads

@@ -91,6 +91,8 @@ pub struct Engines {
     /// How engines started from now on serve their FUSE file (the
     /// defaults unless [`Engines::set_fuse_workers`] was called).
     options: Mutex<FuseOptions>,
+    /// `serve --replica-scrub-every` and `--replica-scrub-rate`.
+    scrub: Mutex<(Option<std::time::Duration>, u64)>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -111,6 +113,7 @@ impl Engines {
             connect: OnceLock::new(),
             running: Mutex::new(HashMap::new()),
             options: Mutex::new(FuseOptions::default()),
+            scrub: Mutex::new((None, 16 << 20)),
         }
     }
 
@@ -123,6 +126,12 @@ impl Engines {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .workers = workers.max(1);
+    }
+
+    /// How engines started from now on scrub their volumes (see
+    /// [`DriverConfig::scrub_every`]).
+    pub fn set_scrub(&self, every: Option<std::time::Duration>, rate: u64) {
+        *self.scrub.lock().unwrap_or_else(|e| e.into_inner()) = (every, rate);
     }
 
     /// Enables replicated volumes on this node (cluster mode).
@@ -185,7 +194,8 @@ impl Engines {
         self.detach(uuid)?;
         let peer = connect(&pc.addresses);
         let rt = tokio::runtime::Handle::current();
-        let cfg = DriverConfig::new(uuid, &self.node, pc.record.size);
+        let mut cfg = DriverConfig::new(uuid, &self.node, pc.record.size);
+        (cfg.scrub_every, cfg.scrub_rate) = *self.scrub.lock().unwrap_or_else(|e| e.into_inner());
         let size = cfg.size;
         let driver = rt.block_on(EngineDriver::start(
             cfg,

@@ -110,7 +110,22 @@ pub enum Request {
         region: Region,
         id: u64,
     },
+    /// A scrub's check of one region: the copy reads all of it from its
+    /// disk (past its page cache) and answers with the region's tag and a
+    /// digest of its bytes, or with an I/O error when its disk cannot read
+    /// them. Sent only to copies whose [`Reply::Attached`] said they take
+    /// it, and only while the engine holds the region (no write of it in
+    /// flight), so copies in sync answer alike unless one holds other
+    /// bytes than it was sent.
+    Verify {
+        io: Io,
+        region: Region,
+        id: u64,
+    },
 }
+
+/// A SHA-256 digest of a region's bytes ([`Reply::Verified`]).
+pub type Digest = [u8; 32];
 
 impl Request {
     /// Moves bytes under an epoch a copy already accepted (`Write`,
@@ -122,6 +137,7 @@ impl Request {
             Request::Write { .. }
                 | Request::Rebuild { .. }
                 | Request::Read { .. }
+                | Request::Verify { .. }
                 | Request::Flush { .. }
         )
     }
@@ -171,6 +187,10 @@ pub enum Reply {
         conn: u64,
         boot: u64,
         tags: BTreeMap<Region, Tag>,
+        /// The copy takes [`Request::Verify`] (absent from copies older
+        /// than the scrub, which must never be sent one).
+        #[serde(default)]
+        verifies: bool,
     },
     Written {
         conn: u64,
@@ -191,6 +211,15 @@ pub enum Reply {
         id: u64,
         region: Region,
         tag: Tag,
+    },
+    /// The answer to a [`Request::Verify`]: what the region holds, by tag
+    /// and by a digest of its bytes.
+    Verified {
+        conn: u64,
+        id: u64,
+        region: Region,
+        tag: Tag,
+        digest: Digest,
     },
     Refused {
         conn: u64,
@@ -352,6 +381,7 @@ impl Voter {
                             conn,
                             boot: self.state.boot,
                             tags: self.volatile.clone(),
+                            verifies: self.role == Role::Copy,
                         }
                     }
                 })
@@ -387,6 +417,14 @@ impl Voter {
                 id,
                 region,
                 tag: v.volatile.get(&region).copied().unwrap_or_default(),
+            })),
+            // The store reads the bytes and fills in the digest.
+            Request::Verify { io, region, id } => Some(self.io(io, |v| Reply::Verified {
+                conn: io.conn,
+                id,
+                region,
+                tag: v.volatile.get(&region).copied().unwrap_or_default(),
+                digest: Digest::default(),
             })),
         }
     }

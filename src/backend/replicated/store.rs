@@ -43,7 +43,7 @@ use crate::volume::id::Uuid;
 use bytes::Bytes;
 
 use super::REGION_BYTES;
-use super::protocol::{Ballot, Region, Reply, Request, Tag, Voter, VoterState};
+use super::protocol::{Ballot, Digest, Region, Reply, Request, Tag, Voter, VoterState};
 use super::record::{ReplicaRecord, Role, same_members};
 use super::wire::{Answer, Call};
 
@@ -339,6 +339,7 @@ impl Held {
                 self.store(call, region, tag)
             }
             Request::Read { region, .. } => self.read(call, region),
+            Request::Verify { region, .. } => self.verify(call, region),
             Request::Flush { .. } | Request::Attach { .. } => {
                 // Sync first: the voter's answer promises stability.
                 if self.data.is_some() {
@@ -507,6 +508,61 @@ impl Held {
             reply,
             data: buf.into(),
         })
+    }
+}
+
+impl Held {
+    /// A scrub's check of `region` (see [`Request::Verify`]): the voter
+    /// decides, then the region is read from the disk and digested.
+    fn verify(&self, call: Call, region: Region) -> Result<Answer, StoreError> {
+        self.data()?;
+        let len = region_len(self.size(), region);
+        self.check_range(region, 0, len)?;
+        let mut reply = {
+            let mut v = self.voter.lock().unwrap_or_else(|e| e.into_inner());
+            self.lose_if_failed(&mut v);
+            v.handle(call.request)
+        };
+        if let Some(Reply::Verified { digest, .. }) = reply.as_mut() {
+            *digest = self.digest_of(region, len)?;
+        }
+        Ok(Answer {
+            reply,
+            data: Bytes::new(),
+        })
+    }
+
+    /// A SHA-256 of `len` bytes of `region` as the disk holds them: read
+    /// with O_DIRECT, since the page cache would answer for a sector the
+    /// disk can no longer read (the kernel writes back the range's dirty
+    /// pages first, so the bytes are what the copy holds). Through the
+    /// cache only where the filesystem takes no O_DIRECT.
+    fn digest_of(&self, region: Region, len: u64) -> Result<Digest, StoreError> {
+        let path = self.dir.join(DATA_FILE);
+        let at = u64::from(region) * REGION_BYTES;
+        let direct = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path);
+        let d = match direct {
+            Ok(f) => {
+                // Whole sectors: the data file's size is whole regions.
+                let mut buf = crate::os::fuse_file::AlignedBuf::zeroed(len as usize);
+                f.read_exact_at(buf.as_mut_slice(), at)
+                    .map_err(io_err(&path))?;
+                ring::digest::digest(&ring::digest::SHA256, buf.as_slice())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let (data, _) = self.data()?;
+                let mut buf = vec![0u8; len as usize];
+                data.read_exact_at(&mut buf, at).map_err(io_err(&path))?;
+                ring::digest::digest(&ring::digest::SHA256, &buf)
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mut digest = Digest::default();
+        digest.copy_from_slice(d.as_ref());
+        Ok(digest)
     }
 }
 
