@@ -809,3 +809,156 @@ async fn a_copy_whose_disk_failed_writes_before_a_flush_is_not_taken_for_flushed
     t.done("read back, copies compared");
     cl.delete(&v.volume_id).await.unwrap();
 }
+
+/// The scrub: with n2's pool on a [`FaultyDisk`], every node scrubbing
+/// every 3 s. A bad sector on n2's copy (never read: reads go to n1's
+/// own copy) is found by the scrub and written again; bytes changed
+/// behind n3's copy's back (its tags unchanged) are outvoted by n1 and
+/// n2 and written again too. Before either, whole passes repair nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() {
+    let mut t = Steps::new("scrub");
+    let dir = Scratch::new("faulty-disk");
+    let bytes = 640 << 20;
+    let disk = Arc::new(FaultyDisk::new(&dir.root.join("disk.img"), bytes));
+    let scrub: Vec<String> = ["--replica-scrub-every", "3", "--replica-scrub-rate", "64"]
+        .map(String::from)
+        .to_vec();
+    let node = |pool_disk: Option<PoolDisk>| NodeOpts {
+        pool_bytes: pool_disk.as_ref().map(|_| bytes),
+        pool_disk,
+        args: scrub.clone(),
+        ..Default::default()
+    };
+    let (mut cl, v, m) = raw_volume_with(
+        "rep-scrub",
+        [node(None), node(Some(PoolDisk(disk.clone()))), node(None)],
+    )
+    .await;
+    t.done("cluster up, volume published");
+    let blocks = 64;
+    {
+        let target = m.target.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let f = common::checker::open_direct(&target);
+            let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
+            for b in 0..blocks {
+                buf.as_mut_slice()
+                    .copy_from_slice(&common::checker::block_bytes(b, 1));
+                f.write_all_at(buf.as_slice(), b * BLOCK as u64).unwrap();
+            }
+            f.sync_all().unwrap();
+        })
+        .await
+        .unwrap();
+    }
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    let metric = |cl: &Cluster, name: &str, copy: &str| {
+        cl.copy_metric(1, &format!("stowage_replicated_scrub_{name}_total"), copy)
+            .unwrap_or(0)
+    };
+    let passes = |cl: &Cluster| {
+        cl.volume_metric(1, "stowage_replicated_scrub_passes_total")
+            .unwrap_or(0)
+    };
+    // Two whole passes over healthy copies: nothing to repair.
+    let until = Instant::now() + WAIT;
+    while passes(&cl) < 2 {
+        assert!(
+            Instant::now() < until,
+            "no two scrub passes within {WAIT:?}\n{}",
+            own_log(&cl, 1, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.done("two passes");
+    for n in ["n1", "n2", "n3"] {
+        assert_eq!(metric(&cl, "repairs", n), 0, "{n} repaired while healthy");
+    }
+    assert_eq!(
+        cl.volume_metric(1, "stowage_replicated_scrub_unresolved_total"),
+        Some(0)
+    );
+    assert!(
+        cl.volume_metric(1, "stowage_replicated_scrub_regions_total")
+            >= Some(2 * (SIZE as u64 >> 20)),
+        "two passes check every region twice"
+    );
+
+    // A bad sector on n2's copy.
+    let bad_block = 37;
+    let data = cl.copy_data(2, &v.volume_id);
+    let at = bad_block * BLOCK as u64;
+    disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
+    // Left in n2's page cache, as written: the scrub reads past it.
+    let until = Instant::now() + WAIT;
+    while !disk.bad().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "n2's bad sector was never written again: {:?}\n{}",
+            disk.bad(),
+            own_log(&cl, 1, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.done("n2's bad sector found and written again");
+    assert!(
+        disk.failed_reads() > 0,
+        "the scrub never read the bad sector"
+    );
+    assert!(metric(&cl, "repairs", "n2") >= 1, "n2's repair not counted");
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    let (_, msg) = cl.condition(&v.volume_id).await;
+    assert!(msg.contains("repaired by the scrub"), "{msg}");
+
+    // Other bytes on n3's copy, behind its back (its tag unchanged).
+    let changed = 50;
+    let n3_data = cl.copy_data(3, &v.volume_id);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&n3_data)
+            .unwrap();
+        f.write_all_at(&[0x5a; BLOCK], changed * BLOCK as u64)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let n3_block = |path: &Path| {
+        use std::os::unix::fs::FileExt;
+        uncache(path);
+        let mut buf = vec![0u8; BLOCK];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, changed * BLOCK as u64)
+            .unwrap();
+        buf
+    };
+    let until = Instant::now() + WAIT;
+    while n3_block(&n3_data) != common::checker::block_bytes(changed, 1) {
+        assert!(
+            Instant::now() < until,
+            "n3's changed block was never written again\n{}",
+            own_log(&cl, 1, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.done("n3's changed block outvoted and written again");
+    assert!(metric(&cl, "repairs", "n3") >= 1, "n3's repair not counted");
+    assert_eq!(metric(&cl, "repairs", "n1"), 0, "n1 repaired");
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    m.down(&mut cl, &v.volume_id).await;
+    for i in 1..=NODES {
+        uncache(&cl.copy_data(i, &v.volume_id));
+    }
+    for i in 2..=NODES {
+        assert!(
+            cl.same_copies(1, i, &v.volume_id).await,
+            "n{i}'s copy differs from n1's"
+        );
+    }
+    cl.delete(&v.volume_id).await.unwrap();
+    drop(cl);
+    drop(dir);
+}

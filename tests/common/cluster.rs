@@ -383,6 +383,16 @@ impl Cluster {
             .and_then(|v| v.parse().ok())
     }
 
+    /// Node `i`'s sample of metric `name` (of the one replicated volume
+    /// its engine serves, a per-volume metric), None without one.
+    pub fn volume_metric(&self, i: usize, name: &str) -> Option<u64> {
+        let (_, body) = self.http_get(i, NODE_METRICS_PORT, "/metrics");
+        body.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
     pub fn node_socket(&self, i: usize) -> PathBuf {
         self.root.join(format!("n{i}.sock"))
     }

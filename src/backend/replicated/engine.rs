@@ -2460,6 +2460,42 @@ mod tests {
         assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
     }
 
+    /// A copy whose attach answer does not say it takes checks (a copy of
+    /// an older version, whose answer lacks the field) is never sent one.
+    #[test]
+    fn a_scrub_sends_no_check_to_a_copy_that_does_not_take_them() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        let Reply::Attached {
+            conn,
+            boot,
+            tags,
+            verifies,
+        } = serde_json::from_str(&format!(
+            r#"{{"Attached":{{"conn":{},"boot":{},"tags":{{}}}}}}"#,
+            e.links["c"].conn, e.links["c"].boot
+        ))
+        .unwrap()
+        else {
+            panic!("not an Attached");
+        };
+        assert!(!verifies, "absent means it does not take checks");
+        e.handle(
+            "c",
+            Reply::Attached {
+                conn,
+                boot,
+                tags,
+                verifies,
+            },
+        );
+        assert!(e.scrub(0, 0));
+        let held = held_checks(&mut net, &mut e, 0);
+        let asked: Vec<&str> = held.iter().map(|x| x.to.as_str()).collect();
+        assert_eq!(asked, ["a", "b"]);
+    }
+
     /// Two copies that disagree have no majority: nothing is repaired (nor
     /// marked out), the region is reported unresolved. The last copy in
     /// sync that cannot read a region is reported the same way and kept.
