@@ -72,6 +72,17 @@
 //!    700 ms apart. For each kind: the call's median time and the longest
 //!    write that overlapped a call (median over rounds), their ratio, and
 //!    the writes' median outside any call.
+//! 7. Scrub cost (after the snapshots; alone with `--only-scrub`): a
+//!    3-copy volume of `--size`
+//!    on n1, written in full; each round runs `--scrub-jobs` (default
+//!    seq-write, rand-write-qd1, rand-read-qd1) once with every agent on
+//!    `--replica-scrub-every=0` (no scrub, the baseline) and once on
+//!    `--replica-scrub-every=1` at `--scrub-rate` MiB/s (default 16, the
+//!    agents' default), so a pass runs through every job; the order
+//!    alternates from round to round, the volume is staged again after
+//!    each restart. Printed: each job's median with and without, their
+//!    ratio, and the rate the scrub reached meanwhile (regions checked, as
+//!    the engine counts them, over the time).
 //!
 //! Run as root (loop devices, FUSE, mounts), with fio installed:
 //!
@@ -81,6 +92,7 @@
 //!         [--full-size 1Gi] [--no-wipe] [--skip-fio] [--json]
 //!         [--replication-tls both|on|off] [--jobs seq-write,...] [--only-fio]
 //!         [--fuse-workers N] [--snapshot-rounds 5] [--only-snapshots]
+//!         [--only-scrub] [--scrub-rate 16] [--scrub-jobs seq-write,...]
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
 //! × rounds × runtime, and 3 write jobs × 2 at-once runs × rounds ×
@@ -418,6 +430,23 @@ impl Cluster {
             n.wait_socket();
         }
         self.replication_tls = on;
+        self.wait_fresh(&(1..=NODES).collect::<Vec<_>>()).await;
+    }
+
+    /// Restarts every node agent with `--NAME=VALUE` in place of any
+    /// earlier value of that flag, gracefully as
+    /// [`Cluster::set_replication_tls`] does.
+    async fn set_node_flag(&mut self, name: &str, value: &str) {
+        let prefix = format!("{name}=");
+        for n in &mut self.nodes {
+            n.terminate();
+            n.args.retain(|a| !a.starts_with(&prefix));
+            n.args.push(format!("{prefix}{value}"));
+            n.spawn();
+        }
+        for n in &mut self.nodes {
+            n.wait_socket();
+        }
         self.wait_fresh(&(1..=NODES).collect::<Vec<_>>()).await;
     }
 
@@ -1166,6 +1195,118 @@ async fn fio_part(
     Ok(FioReport {
         config: cfg.clone(),
         volumes,
+        jobs,
+    })
+}
+
+// ------------------------------------------------------------ scrub cost
+
+#[derive(Debug, Serialize)]
+struct ScrubJob {
+    job: &'static str,
+    without: Measure,
+    with: Measure,
+    spread_without: f64,
+    spread_with: f64,
+    /// Regions the engine checked during the runs with a scrub, per second.
+    scrub_mib_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ScrubReport {
+    setup: String,
+    rounds: usize,
+    rate_mib_s: u64,
+    jobs: Vec<ScrubJob>,
+}
+
+/// The regions the engine says it checked ("scrub: N passes, M MiB
+/// checked" in the volume's condition).
+fn scrubbed_mib(message: &str) -> Option<u64> {
+    let at = message.find(" passes, ")? + " passes, ".len();
+    message[at..].split(' ').next()?.parse().ok()
+}
+
+/// See the module documentation, part 7.
+async fn scrub_part(
+    cl: &mut Cluster,
+    cfg: &FioConfig,
+    jobs: &[String],
+    rate: u64,
+) -> Result<ScrubReport, String> {
+    let out = cl.root.join("fio.json");
+    let mut v = create(cl, "rep3-scrub", cfg.size_bytes, Some(3)).await;
+    up(cl, &mut v, true).await?;
+    eprintln!("prefill {} ({} MiB)", v.label, cfg.size_bytes / MIB);
+    prefill(cfg, &v.target, &out).await?;
+    let setup = format!(
+        "a 3-copy volume of {} MiB on n1 ({})",
+        cfg.size_bytes / MIB,
+        cl.placement(v.id())
+    );
+    let picked: Vec<&Job> = JOBS
+        .iter()
+        .filter(|j| jobs.iter().any(|n| n == j.name))
+        .collect();
+    if picked.is_empty() {
+        return Err(format!("--scrub-jobs {jobs:?}: no such job"));
+    }
+    // [job][with scrub]: the rounds' measures, and (with) the MiB checked
+    // and the seconds they took.
+    let mut runs: Vec<[Vec<Measure>; 2]> = vec![[Vec::new(), Vec::new()]; picked.len()];
+    let mut checked: Vec<(u64, f64)> = vec![(0, 0.0); picked.len()];
+    for round in 0..cfg.rounds {
+        for k in 0..2 {
+            let with = (round + k) % 2 == 1;
+            down(cl, &mut v).await?;
+            eprintln!(
+                "round {}: agents {} a scrub",
+                round + 1,
+                if with { "with" } else { "without" }
+            );
+            cl.set_node_flag("--replica-scrub-every", if with { "1" } else { "0" })
+                .await;
+            cl.set_node_flag("--replica-scrub-rate", &rate.to_string())
+                .await;
+            up(cl, &mut v, true).await?;
+            in_sync(cl, &v).await?;
+            // The first pass starts within 1 s of the engine's start.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            for (j, job) in picked.iter().enumerate() {
+                settle().await;
+                let before = cl.condition(v.id()).await.map_err(|e| e.to_string())?;
+                let t = Instant::now();
+                runs[j][usize::from(with)].push(run_job(cfg, job, &v.target, &out).await?);
+                let after = cl.condition(v.id()).await.map_err(|e| e.to_string())?;
+                if with {
+                    let (Some(a), Some(b)) = (scrubbed_mib(&before.1), scrubbed_mib(&after.1))
+                    else {
+                        return Err(format!("no scrub count in the condition: {}", after.1));
+                    };
+                    checked[j].0 += b - a;
+                    checked[j].1 += t.elapsed().as_secs_f64();
+                }
+            }
+        }
+    }
+    remove(cl, v).await;
+    let jobs = picked
+        .iter()
+        .zip(runs)
+        .zip(checked)
+        .map(|((job, [without, with]), (mib, secs))| ScrubJob {
+            job: job.name,
+            without: median_measure(&without),
+            with: median_measure(&with),
+            spread_without: spread(&without),
+            spread_with: spread(&with),
+            scrub_mib_s: mib as f64 / secs.max(f64::MIN_POSITIVE),
+        })
+        .collect();
+    Ok(ScrubReport {
+        setup,
+        rounds: cfg.rounds,
+        rate_mib_s: rate,
         jobs,
     })
 }
@@ -2030,6 +2171,7 @@ struct Report {
     dirty_rebuild: Option<DirtyRebuildReport>,
     full_rebuild: Option<FullRebuildReport>,
     snapshot_stall: Option<SnapshotStallReport>,
+    scrub: Option<ScrubReport>,
     /// Identical bytes on every copy of the 3-copy fio volume after it was
     /// unstaged (after the dirty-region rebuild).
     rep3_copies_identical: Option<bool>,
@@ -2052,6 +2194,7 @@ impl Report {
             dirty_rebuild: None,
             full_rebuild: None,
             snapshot_stall: None,
+            scrub: None,
             rep3_copies_identical: None,
             errors,
             loadavg: loadavg(),
@@ -2383,6 +2526,27 @@ fn print_report(r: &Report) {
             s.out_of_sync
         );
     }
+    if let Some(s) = &r.scrub {
+        println!();
+        println!(
+            "scrub cost on {} ({} rounds, scrub at {} MiB/s per copy, every 1 s, against none):",
+            s.setup, s.rounds, s.rate_mib_s
+        );
+        for j in &s.jobs {
+            println!(
+                "  {:<16} without {:>9.0} KiB/s {:>8.0} IOPS | with {:>9.0} KiB/s {:>8.0} IOPS | with / without {:>6.1} % (spread {:.0} % / {:.0} %); scrub reached {:.1} MiB/s",
+                j.job,
+                j.without.bw_kib_s,
+                j.without.iops,
+                j.with.bw_kib_s,
+                j.with.iops,
+                100.0 * j.with.bw_kib_s / j.without.bw_kib_s,
+                100.0 * j.spread_without,
+                100.0 * j.spread_with,
+                j.scrub_mib_s
+            );
+        }
+    }
     if !r.errors.is_empty() {
         println!();
         println!("errors:");
@@ -2446,6 +2610,14 @@ async fn run(args: &Args) -> Report {
     let skip_fio = args.flag("--skip-fio");
     let snapshot_rounds = num("--snapshot-rounds", 5).max(1) as usize;
     let only_snapshots = args.flag("--only-snapshots");
+    let only_scrub = args.flag("--only-scrub");
+    let scrub_rate = num("--scrub-rate", 16).max(1);
+    let scrub_jobs: Vec<String> = args
+        .value("--scrub-jobs")
+        .unwrap_or_else(|| "seq-write,rand-write-qd1,rand-read-qd1".to_owned())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
 
     // Every copy written in full: 3 local volumes and 1 + 2 + 3 copies
     // of `size`, three copies of `full_size`, and room for xfs.
@@ -2456,6 +2628,16 @@ async fn run(args: &Args) -> Report {
         .unwrap_or_default();
     let mut cl = Cluster::start(pool, &node_args).await;
     let mut errors = Vec::new();
+    if only_scrub {
+        let scrub = scrub_part(&mut cl, &cfg, &scrub_jobs, scrub_rate)
+            .await
+            .map_err(|e| errors.push(format!("scrub: {e}")))
+            .ok();
+        return Report {
+            scrub,
+            ..Report::partial(&cl, errors, wall)
+        };
+    }
     if only_snapshots {
         let snapshot_stall = snapshot_stall_part(&mut cl, snapshot_rounds)
             .await
@@ -2613,6 +2795,10 @@ async fn run(args: &Args) -> Report {
         .await
         .map_err(|e| errors.push(format!("snapshot stall: {e}")))
         .ok();
+    let scrub = scrub_part(&mut cl, &cfg, &scrub_jobs, scrub_rate)
+        .await
+        .map_err(|e| errors.push(format!("scrub: {e}")))
+        .ok();
 
     Report {
         transport: transport(&cl),
@@ -2625,6 +2811,7 @@ async fn run(args: &Args) -> Report {
         dirty_rebuild,
         full_rebuild,
         snapshot_stall,
+        scrub,
         rep3_copies_identical,
         errors,
         loadavg: loadavg(),
