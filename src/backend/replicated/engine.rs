@@ -339,6 +339,10 @@ struct Scrub {
     gap: u64,
     /// When the last region's check ended.
     last: u64,
+    /// The region the pass waits for (writes of it in flight) or checks:
+    /// no new write of it starts meanwhile, so a region written without
+    /// pause is checked too.
+    held: Option<Region>,
     checking: Option<Checking>,
 }
 
@@ -698,16 +702,16 @@ impl Engine {
     }
 
     fn busy(&self, region: Region) -> bool {
+        self.busy_io(region) || self.scrub.as_ref().is_some_and(|s| s.held == Some(region))
+    }
+
+    /// Whether a write or a rebuild of `region` is in flight.
+    fn busy_io(&self, region: Region) -> bool {
         self.writes.values().any(|w| !w.acked && w.region == region)
             || self
                 .links
                 .values()
                 .any(|l| l.copying.as_ref().is_some_and(|c| c.region == region))
-            || self
-                .scrub
-                .as_ref()
-                .and_then(|s| s.checking.as_ref())
-                .is_some_and(|c| c.region == region)
     }
 
     /// Copies whose acknowledgement a write or flush needs: the in-sync set
@@ -1537,6 +1541,7 @@ impl Engine {
             next: from,
             gap,
             last: self.now,
+            held: None,
             checking: None,
         });
         true
@@ -1571,7 +1576,8 @@ impl Engine {
             return;
         }
         let region = s.next;
-        if self.busy(region) {
+        s.held = Some(region);
+        if self.busy_io(region) {
             return;
         }
         let asked: BTreeSet<String> = self
@@ -1581,6 +1587,7 @@ impl Engine {
             .map(|(n, _)| n.clone())
             .collect();
         if asked.is_empty() {
+            self.scrub.as_mut().expect("checked").held = None;
             return;
         }
         self.next_id += 1;
@@ -1625,6 +1632,7 @@ impl Engine {
         let c = s.checking.take().expect("checked");
         s.next = c.region + 1;
         s.last = self.now;
+        s.held = None;
         let mut groups: BTreeMap<(Tag, Digest), Vec<String>> = BTreeMap::new();
         for (n, a) in c.answers {
             groups.entry(a).or_default().push(n);
@@ -2458,6 +2466,38 @@ mod tests {
         assert!(ev.contains(&EngineEvent::ScrubDone), "{ev:?}");
         assert_eq!(e.scrubbing(), None);
         assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    /// A region with a write in flight is checked once that write is
+    /// done, and no new write of it starts meanwhile: a region written
+    /// without pause is not skipped for ever.
+    #[test]
+    fn a_scrub_holds_a_busy_region_until_its_writes_are_done() {
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        let t = e.write(0).unwrap();
+        let mut held = Vec::new();
+        let ev = net.exchange(&mut e, Vec::new(), &mut held, &|x| {
+            matches!(x.msg, Request::Write { .. }) && x.to == "b"
+        });
+        assert!(acked(&ev).is_empty(), "b holds the write back");
+        assert!(e.scrub(0, 0));
+        let mut checks = Vec::new();
+        net.run_holding(&mut e, 1, &mut checks, &|x| {
+            matches!(x.msg, Request::Verify { .. })
+        });
+        assert!(checks.is_empty(), "checked with a write in flight");
+        let ev = net.exchange(&mut e, held, &mut Vec::new(), &|_| false);
+        assert_eq!(acked(&ev), [t]);
+        // The next write (queued behind it) does not start before the
+        // check.
+        assert_eq!(e.write(0), Err(IoError::Busy(0)), "a new write started");
+        let checks = held_checks(&mut net, &mut e, 0);
+        assert_eq!(checks.len(), 3);
+        let ev = answer_checks(&mut net, &mut e, checks, &|_, r| Some(r));
+        assert_eq!(scrubbed(&ev), [(0, vec![], false)]);
+        assert!(e.write(0).is_ok(), "the region is free again");
     }
 
     /// A copy whose attach answer does not say it takes checks (a copy of
