@@ -323,6 +323,13 @@ enum Command {
     Refresh {
         peer: Arc<dyn Peer>,
     },
+    /// The local copy failed a read this node made of it directly (see
+    /// [`LocalRead`]): `region` is read elsewhere from now on, and
+    /// rebuilt there.
+    LocalReadFailed {
+        region: Region,
+        error: PeerError,
+    },
 }
 
 /// What the task and the I/O side share.
@@ -1029,7 +1036,18 @@ impl EngineDriver {
     /// Reads `out.len()` bytes at `within` into `region` from this node's
     /// own copy on the caller's thread; false when that gave no data (the
     /// engine's read then tells why).
-    fn read_here(&self, h: &LocalRead, region: Region, within: u32, out: &mut [u8]) -> bool {
+    /// Reads `out` from this node's copy directly: true when it did. A
+    /// refusal (the copy moved on) is left to the engine's read; an error
+    /// of the copy (its disk failed the read) is told to the engine first,
+    /// so that its read goes to another copy rather than to this one again.
+    fn read_here(
+        &self,
+        h: &LocalRead,
+        region: Region,
+        within: u32,
+        out: &mut [u8],
+        cmds: &mut Vec<Command>,
+    ) -> bool {
         let call = Call {
             request: Request::Read {
                 io: h.io,
@@ -1047,6 +1065,10 @@ impl EngineDriver {
             })) if data.len() == out.len() => {
                 out.copy_from_slice(&data);
                 true
+            }
+            Some(Err(error @ PeerError::Failed { .. })) => {
+                cmds.push(Command::LocalReadFailed { region, error });
+                false
             }
             _ => false,
         }
@@ -1068,7 +1090,7 @@ impl BlockHandler for EngineDriver {
         let mut cmds = Vec::new();
         for (region, within, at, len) in pieces(offset, buf.len()) {
             if let Some(h) = &here
-                && self.read_here(h, region, within, &mut buf[at..at + len])
+                && self.read_here(h, region, within, &mut buf[at..at + len], &mut cmds)
             {
                 continue;
             }
@@ -1478,6 +1500,12 @@ impl Task {
             Command::Refresh { peer } => {
                 self.peer = peer;
                 self.engine.refresh();
+            }
+            Command::LocalReadFailed { region, error } => {
+                let node = self.engine.node().to_owned();
+                tracing::debug!(volume = %self.volume, %node, region, %error, "local read failed");
+                self.count_error(&node, &error);
+                self.engine.region_failed(&node, region);
             }
             Command::Grow {
                 size,
@@ -2079,6 +2107,11 @@ mod tests {
         /// Each call waits a random time up to this (so calls overtake
         /// each other).
         delay: Duration,
+        /// Regions its disk cannot read (bad sectors) until they are
+        /// written whole (a rebuild).
+        unreadable: BTreeSet<Region>,
+        /// Reads and checks that failed on them.
+        failed_reads: u64,
     }
 
     /// The copies of one volume in memory, behind [`Peer`]. A Write's or
@@ -2116,6 +2149,8 @@ mod tests {
                                 durable: BTreeMap::new(),
                                 down: false,
                                 delay: Duration::ZERO,
+                                unreadable: BTreeSet::new(),
+                                failed_reads: 0,
                             };
                             (n.to_string(), node)
                         })
@@ -2161,6 +2196,36 @@ mod tests {
 
         fn set_down(&self, node: &str, down: bool) {
             self.nodes.lock().unwrap().get_mut(node).unwrap().down = down;
+        }
+
+        /// Makes `node`'s disk unable to read `region` until it is
+        /// rebuilt there.
+        fn spoil(&self, node: &str, region: Region) {
+            self.nodes
+                .lock()
+                .unwrap()
+                .get_mut(node)
+                .unwrap()
+                .unreadable
+                .insert(region);
+        }
+
+        /// Changes the bytes `node` holds of `region` behind its back.
+        fn corrupt(&self, node: &str, region: Region) {
+            let mut nodes = self.nodes.lock().unwrap();
+            let b = nodes
+                .get_mut(node)
+                .unwrap()
+                .bytes
+                .entry(region)
+                .or_insert_with(|| vec![0; region_len(region)]);
+            b[100] ^= 0xff;
+        }
+
+        /// (regions still unreadable, reads that failed) on `node`.
+        fn spoiled(&self, node: &str) -> (usize, u64) {
+            let nodes = self.nodes.lock().unwrap();
+            (nodes[node].unreadable.len(), nodes[node].failed_reads)
         }
 
         fn set_delay(&self, node: &str, delay: Duration) {
@@ -2279,9 +2344,18 @@ mod tests {
             }
             let mut nodes = self.nodes.lock().unwrap();
             let n = nodes.get_mut(node).expect("reachable");
-            let reply = n.voter.handle(call.request.clone());
+            if let Request::Read { region, .. } | Request::Verify { region, .. } = call.request
+                && n.unreadable.contains(&region)
+            {
+                n.failed_reads += 1;
+                return Err(PeerError::Failed {
+                    node: node.into(),
+                    why: "Input/output error".into(),
+                });
+            }
+            let mut reply = n.voter.handle(call.request.clone());
             let mut data = Vec::new();
-            match (&call.request, &reply) {
+            match (&call.request, &mut reply) {
                 (Request::Write { region, tag, .. }, Some(Reply::Written { .. })) => {
                     let len = region_len(*region);
                     let at = call.offset as usize;
@@ -2296,6 +2370,7 @@ mod tests {
                     if call.data.len() != region_len(*region) {
                         self.violation(format!("rebuild of {} bytes", call.data.len()));
                     } else if n.voter.data().get(region) == Some(tag) {
+                        n.unreadable.remove(region);
                         n.bytes.insert(*region, call.data.to_vec());
                         self.rebuilt.lock().unwrap().push((node.into(), *region));
                         *self.rebuilt_bytes.lock().unwrap() += call.data.len() as u64;
@@ -2304,6 +2379,12 @@ mod tests {
                 (Request::Flush { .. }, Some(Reply::Flushed { .. }))
                 | (Request::Attach { .. }, Some(Reply::Attached { .. })) => {
                     n.durable = n.bytes.clone();
+                }
+                (Request::Verify { region, .. }, Some(Reply::Verified { digest, .. })) => {
+                    let len = region_len(*region);
+                    let b = n.bytes.get(region).cloned().unwrap_or(vec![0; len]);
+                    digest
+                        .copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &b).as_ref());
                 }
                 (Request::Read { region, .. }, Some(Reply::ReadData { .. })) => {
                     let len = region_len(*region);
@@ -2343,19 +2424,22 @@ mod tests {
         ballot: &Ballot,
         r: &ReplicaRecord,
     ) -> Arc<EngineDriver> {
+        start_with(net, config(node), ballot, r).await
+    }
+
+    async fn start_with(
+        net: &Arc<Net>,
+        cfg: DriverConfig,
+        ballot: &Ballot,
+        r: &ReplicaRecord,
+    ) -> Arc<EngineDriver> {
         let peer: Arc<dyn Peer> = Arc::new(At {
             net: net.clone(),
-            node: node.to_owned(),
+            node: cfg.node.clone(),
         });
-        EngineDriver::start(
-            config(node),
-            ballot.clone(),
-            r.clone(),
-            peer,
-            Handle::current(),
-        )
-        .await
-        .expect("the engine starts")
+        EngineDriver::start(cfg, ballot.clone(), r.clone(), peer, Handle::current())
+            .await
+            .expect("the engine starts")
     }
 
     /// Runs blocking I/O on a thread outside the runtime's workers, as the
@@ -2643,6 +2727,75 @@ mod tests {
         assert!(d.status().rebuild_bytes >= 2 * REGION_BYTES);
         flush(&d).await.unwrap();
         assert_eq!(read(&d, 0, SIZE as usize).await.unwrap(), model);
+        assert_images(&net, &["a", "b", "c"], &model);
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    /// The engine's node reads its own copy directly; when that copy's
+    /// disk fails the read, the engine's read of the region goes to
+    /// another copy at once, not to the failing disk again, and the region
+    /// is written again there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_read_the_copy_fails_is_asked_of_its_disk_once_then_read_elsewhere() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let d = start(&net, "a", &ballot, &r).await;
+        let w = pattern(1, 8192);
+        write(&d, REGION_BYTES + 4096, w.clone()).await.unwrap();
+        flush(&d).await.unwrap();
+        net.spoil("a", 1);
+        let got = read(&d, REGION_BYTES + 4096, 8192).await.unwrap();
+        assert!(got == w, "other bytes read back");
+        assert_eq!(net.spoiled("a").1, 1, "a's disk asked again for the region");
+        until("a's region written again, a in sync", || {
+            net.spoiled("a").0 == 0
+                && all_in_sync(&d, 3)
+                && d.status().copies.iter().all(|c| !c.failing)
+        })
+        .await;
+        assert!(d.status().errors["a"].count >= 1);
+        assert!(read(&d, REGION_BYTES + 4096, 8192).await.unwrap() == w);
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    /// A scrub finds a region a copy nobody reads cannot read, and bytes
+    /// changed behind another copy's back: both are written again from
+    /// the others, and the status counts them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrub_rewrites_what_copies_cannot_read_or_hold_otherwise() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let mut cfg = config("a");
+        cfg.scrub_every = Some(Duration::from_millis(100));
+        cfg.scrub_rate = 1 << 30;
+        let d = start_with(&net, cfg, &ballot, &r).await;
+        let mut model = vec![0u8; SIZE as usize];
+        model.copy_from_slice(&pattern(9, SIZE as usize));
+        write(&d, 0, model.clone()).await.unwrap();
+        flush(&d).await.unwrap();
+        until("a whole scrub pass", || d.status().scrub.passes >= 1).await;
+        assert!(
+            d.status().scrub.repairs.is_empty(),
+            "{:?}",
+            d.status().scrub
+        );
+        net.spoil("b", 2);
+        net.corrupt("c", 3);
+        until("b's and c's regions written again", || {
+            let s = d.status().scrub;
+            s.repairs.get("b") >= Some(&1) && s.repairs.get("c") >= Some(&1)
+        })
+        .await;
+        until("b's region written again, every copy in sync", || {
+            net.spoiled("b").0 == 0
+                && all_in_sync(&d, 3)
+                && d.status().copies.iter().all(|c| !c.failing)
+        })
+        .await;
+        assert!(net.spoiled("b").1 >= 1);
+        assert_eq!(d.status().scrub.unresolved, 0);
+        assert!(!d.status().scrub.repairs.contains_key("a"));
+        flush(&d).await.unwrap();
         assert_images(&net, &["a", "b", "c"], &model);
         net.check();
         d.stop().await.unwrap();

@@ -335,9 +335,9 @@ struct PendingFlush {
 struct Scrub {
     /// The next region to check.
     next: Region,
-    /// Ticks between the end of one region's check and the next.
+    /// Ticks from the start of one region's check to the next.
     gap: u64,
-    /// When the last region's check ended.
+    /// When the last region's check started.
     last: u64,
     /// The region the pass waits for (writes of it in flight) or checks:
     /// no new write of it starts meanwhile, so a region written without
@@ -598,11 +598,7 @@ impl Engine {
             c.failed.push(node.to_owned());
             c.region
         });
-        let elsewhere = self
-            .links
-            .iter()
-            .any(|(n, l)| n != node && l.phase == Phase::InSync && !l.failing);
-        if !elsewhere {
+        if !self.elsewhere(node) {
             if check.is_some() {
                 self.check_done();
             }
@@ -628,6 +624,30 @@ impl Engine {
             r.last_sent = self.now;
             self.send(&from, Request::Read { io, region, id });
         }
+    }
+
+    /// `node`'s copy could not read `region` when this node read its own
+    /// copy directly (see [`Engine::local_read`]): as
+    /// [`Engine::read_failed`], but with no read of the engine's to send
+    /// elsewhere (the caller's next [`Engine::read`] of the region goes to
+    /// another copy, since this one now counts as failing).
+    pub fn region_failed(&mut self, node: &str, region: Region) {
+        if !self.elsewhere(node) {
+            return;
+        }
+        if let Some(l) = self.links.get_mut(node)
+            && l.phase == Phase::InSync
+        {
+            l.unreadable.insert(region);
+        }
+        self.unreachable(node);
+    }
+
+    /// Whether a copy other than `node` is in sync and not failing.
+    fn elsewhere(&self, node: &str) -> bool {
+        self.links
+            .iter()
+            .any(|(n, l)| n != node && l.phase == Phase::InSync && !l.failing)
     }
 
     /// Whether the start may be decided before the deadline: every in-sync
@@ -1527,7 +1547,8 @@ impl Engine {
 
     /// Starts a scrub pass at region `from` (0 for a whole pass, or where
     /// an earlier pass stopped), unless one is under way: each region in
-    /// turn, `gap` ticks apart, is read by every copy in sync from its
+    /// turn, starting `gap` ticks apart (or once the last one ended), is
+    /// read by every copy in sync from its
     /// disk and compared by digest (see [`Request::Verify`]). A copy that
     /// cannot read a region, or holds other bytes than a majority of the
     /// copies, is marked out of sync and gets the region written again,
@@ -1575,6 +1596,16 @@ impl Engine {
             self.events.push(EngineEvent::ScrubDone);
             return;
         }
+        // A copy out of sync (or failing) could break a tie between the
+        // others, and its rebuild comes first: the pass waits for it.
+        if self
+            .links
+            .values()
+            .any(|l| l.phase != Phase::InSync || l.failing)
+        {
+            return;
+        }
+        let s = self.scrub.as_mut().expect("checked");
         let region = s.next;
         s.held = Some(region);
         if self.busy_io(region) {
@@ -1597,6 +1628,7 @@ impl Engine {
             self.send(n, Request::Verify { io, region, id });
         }
         let s = self.scrub.as_mut().expect("checked");
+        s.last = now;
         s.checking = Some(Checking {
             region,
             id,
@@ -1631,7 +1663,6 @@ impl Engine {
         }
         let c = s.checking.take().expect("checked");
         s.next = c.region + 1;
-        s.last = self.now;
         s.held = None;
         let mut groups: BTreeMap<(Tag, Digest), Vec<String>> = BTreeMap::new();
         for (n, a) in c.answers {
@@ -2507,6 +2538,16 @@ mod tests {
         let (mut net, r) = Net::new();
         let mut e = net.publish("a", &r, "ctl1");
         net.run(&mut e, 3);
+        takes_no_checks(&mut e, "c");
+        assert!(e.scrub(0, 0));
+        let held = held_checks(&mut net, &mut e, 0);
+        let asked: Vec<&str> = held.iter().map(|x| x.to.as_str()).collect();
+        assert_eq!(asked, ["a", "b"]);
+    }
+
+    /// `node`'s attach answer says it takes no checks (as a copy of an
+    /// older version's does, whose answer lacks the field).
+    fn takes_no_checks(e: &mut Engine, node: &str) {
         let Reply::Attached {
             conn,
             boot,
@@ -2514,7 +2555,7 @@ mod tests {
             verifies,
         } = serde_json::from_str(&format!(
             r#"{{"Attached":{{"conn":{},"boot":{},"tags":{{}}}}}}"#,
-            e.links["c"].conn, e.links["c"].boot
+            e.links[node].conn, e.links[node].boot
         ))
         .unwrap()
         else {
@@ -2522,7 +2563,7 @@ mod tests {
         };
         assert!(!verifies, "absent means it does not take checks");
         e.handle(
-            "c",
+            node,
             Reply::Attached {
                 conn,
                 boot,
@@ -2530,29 +2571,36 @@ mod tests {
                 verifies,
             },
         );
-        assert!(e.scrub(0, 0));
-        let held = held_checks(&mut net, &mut e, 0);
-        let asked: Vec<&str> = held.iter().map(|x| x.to.as_str()).collect();
-        assert_eq!(asked, ["a", "b"]);
     }
 
     /// Two copies that disagree have no majority: nothing is repaired (nor
-    /// marked out), the region is reported unresolved. The last copy in
-    /// sync that cannot read a region is reported the same way and kept.
+    /// marked out), the region is reported unresolved. The only copy of a
+    /// volume of one, which cannot read a region, is reported the same way
+    /// and kept.
     #[test]
     fn a_scrub_without_a_majority_repairs_nothing_and_says_so() {
-        let (mut net, mut e, _) = Net::with_c_out();
+        let (mut net, r) = Net::new();
+        let mut e = net.publish("a", &r, "ctl1");
+        net.run(&mut e, 3);
+        e.write(0).unwrap();
+        net.run(&mut e, 2);
         net.flush(&mut e);
+        takes_no_checks(&mut e, "c");
         assert!(e.scrub(0, 0));
         let held = held_checks(&mut net, &mut e, 0);
-        assert_eq!(held.len(), 2, "c is out: {held:?}");
+        assert_eq!(held.len(), 2, "c takes no checks: {held:?}");
         let ev = answer_checks(&mut net, &mut e, held, &|n, r| {
             Some(if n == "b" { other_bytes(r) } else { r })
         });
         assert_eq!(scrubbed(&ev), [(0, vec![], true)]);
         assert!(e.copies().iter().all(|c| !c.failing), "{:?}", e.copies());
-        // a alone cannot read a region.
-        let (mut net, mut e) = only_a_in_sync();
+        // One copy, which cannot read a region.
+        let one =
+            ReplicaRecord::new(r.uuid, r.size, vec![Member::copy("a")], &BTreeMap::new()).unwrap();
+        let mut net = Net::holding(&one);
+        let mut e = net.publish("a", &one, "ctl1");
+        net.run(&mut e, 3);
+        assert_eq!(e.state(), EngineState::Running);
         assert!(e.scrub(1, 0));
         let held = held_checks(&mut net, &mut e, 1);
         let ev = answer_checks(&mut net, &mut e, held, &|_, _| None);
@@ -2560,6 +2608,24 @@ mod tests {
         let a = e.copies().into_iter().find(|c| c.node == "a").unwrap();
         assert!(!a.failing, "{a:?}");
         assert!(e.read(2).is_ok());
+    }
+
+    /// While a copy is out of sync the pass waits (that copy could break a
+    /// tie, and its rebuild comes first); it goes on once the copy is back.
+    #[test]
+    fn a_scrub_waits_while_a_copy_is_out_of_sync() {
+        let (mut net, mut e, _) = Net::with_c_out();
+        net.flush(&mut e);
+        assert!(e.scrub(0, 0));
+        let mut checks = Vec::new();
+        net.run_holding(&mut e, 50, &mut checks, &|x| {
+            matches!(x.msg, Request::Verify { .. })
+        });
+        assert!(checks.is_empty(), "checked with c out: {checks:?}");
+        assert!(e.write(0).is_ok(), "a region held while waiting");
+        net.down.clear();
+        let checks = held_checks(&mut net, &mut e, 0);
+        assert_eq!(checks.len(), 3, "{:?}", e.copies());
     }
 
     /// A rebuild whose read fails on its source (a bad sector there) reads
