@@ -214,7 +214,7 @@ pub struct ScrubStatus {
     /// each was written again there by the copy's rebuild.
     pub repairs: BTreeMap<String, u64>,
     /// Regions the copies disagreed on with no majority to repair from
-    /// (or that only the last copy in sync held and could not read).
+    /// (or that the copy of a one-copy volume could not read).
     pub unresolved: u64,
     /// The next region of the pass under way.
     pub at: Option<Region>,
@@ -1856,7 +1856,7 @@ impl Task {
                 if unresolved {
                     self.scrub.unresolved += 1;
                     tracing::error!(volume = %v, region, ?bad,
-                        "scrub: the copies in sync disagree on the region, or the only one holding it cannot read it: nothing to repair it from");
+                        "scrub: the copies disagree on the region with no majority, or the only copy cannot read it: nothing to repair it from");
                 } else if !bad.is_empty() {
                     for n in &bad {
                         *self.scrub.repairs.entry(n.clone()).or_default() += 1;

@@ -137,8 +137,8 @@ pub enum EngineEvent {
     /// that could not read it, or held other bytes than a majority of the
     /// others: each is marked out of sync and gets the region written
     /// again by its rebuild. `unresolved`: the copies disagreed with no
-    /// majority (or the only copy that could read the region is the one
-    /// in sync), so nothing could be repaired.
+    /// majority (or the only copy in sync could not read the region), so
+    /// nothing could be repaired.
     Scrubbed {
         region: Region,
         bad: Vec<String>,
