@@ -537,6 +537,41 @@ fn own_log(cl: &Cluster, i: usize, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Blocks `0..blocks` of the published raw volume at `target`, each
+/// written once ([`common::checker::block_bytes`], write 1) with O_DIRECT,
+/// then synced.
+async fn write_blocks(target: &Path, blocks: u64) {
+    let target = target.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let f = common::checker::open_direct(&target);
+        let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
+        for b in 0..blocks {
+            buf.as_mut_slice()
+                .copy_from_slice(&common::checker::block_bytes(b, 1));
+            f.write_all_at(buf.as_slice(), b * BLOCK as u64).unwrap();
+        }
+        f.sync_all().unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits (bounded) until every bad sector of `disk` (node `node`'s pool)
+/// was written again.
+async fn wait_rewritten(cl: &Cluster, disk: &FaultyDisk, node: &str) {
+    let until = Instant::now() + WAIT;
+    while !disk.bad().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "{node}'s bad sector was never written again: {:?}\n{}",
+            disk.bad(),
+            own_log(cl, 1, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Block `block` of the published raw volume at `target`, read with
 /// O_DIRECT.
 fn read_block(target: &Path, block: u64) -> std::io::Result<Vec<u8>> {
@@ -559,22 +594,7 @@ async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewrit
     let (_disk_dir, disk, mut cl, v, m) = faulty_n1("rep-bad").await;
     t.done("cluster up, volume published");
     let blocks = 64;
-    {
-        let target = m.target.clone();
-        tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            let f = common::checker::open_direct(&target);
-            let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
-            for b in 0..blocks {
-                buf.as_mut_slice()
-                    .copy_from_slice(&common::checker::block_bytes(b, 1));
-                f.write_all_at(buf.as_slice(), b * BLOCK as u64).unwrap();
-            }
-            f.sync_all().unwrap();
-        })
-        .await
-        .unwrap();
-    }
+    write_blocks(&m.target, blocks).await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     assert!(!cl.condition(&v.volume_id).await.0);
 
@@ -622,16 +642,7 @@ async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewrit
     );
 
     // Repaired: n1's copy written again there, in sync, and it reads.
-    let until = Instant::now() + WAIT;
-    while !disk.bad().is_empty() {
-        assert!(
-            Instant::now() < until,
-            "n1's bad sector was never written again: {:?}\n{}",
-            disk.bad(),
-            own_log(&cl, 1, 40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_rewritten(&cl, &disk, "n1").await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     t.done("n1's copy rewritten and in sync");
     let failed = disk.failed_reads();
@@ -837,22 +848,7 @@ async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() 
     .await;
     t.done("cluster up, volume published");
     let blocks = 64;
-    {
-        let target = m.target.clone();
-        tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            let f = common::checker::open_direct(&target);
-            let mut buf = stowage::os::fuse_file::AlignedBuf::zeroed(BLOCK);
-            for b in 0..blocks {
-                buf.as_mut_slice()
-                    .copy_from_slice(&common::checker::block_bytes(b, 1));
-                f.write_all_at(buf.as_slice(), b * BLOCK as u64).unwrap();
-            }
-            f.sync_all().unwrap();
-        })
-        .await
-        .unwrap();
-    }
+    write_blocks(&m.target, blocks).await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     let metric = |cl: &Cluster, name: &str, copy: &str| {
         cl.copy_metric(1, &format!("stowage_replicated_scrub_{name}_total"), copy)
@@ -892,16 +888,7 @@ async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() 
     let at = bad_block * BLOCK as u64;
     disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
     // Left in n2's page cache, as written: the scrub reads past it.
-    let until = Instant::now() + WAIT;
-    while !disk.bad().is_empty() {
-        assert!(
-            Instant::now() < until,
-            "n2's bad sector was never written again: {:?}\n{}",
-            disk.bad(),
-            own_log(&cl, 1, 40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_rewritten(&cl, &disk, "n2").await;
     t.done("n2's bad sector found and written again");
     assert!(
         disk.failed_reads() > 0,

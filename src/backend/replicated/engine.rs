@@ -1999,6 +1999,14 @@ mod tests {
             (Net::holding(&r), r)
         }
 
+        /// Three copies and a running engine on a (published by ctl1).
+        fn running() -> (Self, Engine, ReplicaRecord) {
+            let (mut net, r) = Net::new();
+            let mut e = net.publish("a", &r, "ctl1");
+            net.run(&mut e, 3);
+            (net, e, r)
+        }
+
         /// Three copies and a running engine on a, which marked c out of
         /// sync when c, down (and still down), missed a write of region 0
         /// (its tag).
@@ -2456,9 +2464,7 @@ mod tests {
     /// again; then all three rejoin and the pass ends.
     #[test]
     fn a_scrub_rewrites_a_region_a_copy_cannot_read_or_holds_otherwise() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
+        let (mut net, mut e, _) = Net::running();
         for region in 0..4 {
             e.write(region).unwrap();
         }
@@ -2504,9 +2510,7 @@ mod tests {
     /// without pause is not skipped for ever.
     #[test]
     fn a_scrub_holds_a_busy_region_until_its_writes_are_done() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
+        let (mut net, mut e, _) = Net::running();
         let t = e.write(0).unwrap();
         let mut held = Vec::new();
         let ev = net.exchange(&mut e, Vec::new(), &mut held, &|x| {
@@ -2535,9 +2539,7 @@ mod tests {
     /// an older version, whose answer lacks the field) is never sent one.
     #[test]
     fn a_scrub_sends_no_check_to_a_copy_that_does_not_take_them() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
+        let (mut net, mut e, _) = Net::running();
         takes_no_checks(&mut e, "c");
         assert!(e.scrub(0, 0));
         let held = held_checks(&mut net, &mut e, 0);
@@ -2579,9 +2581,7 @@ mod tests {
     /// and kept.
     #[test]
     fn a_scrub_without_a_majority_repairs_nothing_and_says_so() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
+        let (mut net, mut e, r) = Net::running();
         e.write(0).unwrap();
         net.run(&mut e, 2);
         net.flush(&mut e);
@@ -2709,9 +2709,7 @@ mod tests {
 
     #[test]
     fn a_copy_that_replaces_another_is_rebuilt_in_full_while_writes_go_on_then_joins() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
+        let (mut net, mut e, r) = Net::running();
         let t0 = e.write(0).unwrap();
         net.run(&mut e, 2);
         // The controller puts d in c's place: d is created with a first
@@ -2761,9 +2759,7 @@ mod tests {
     /// the engine had marked dirty for the old c).
     #[test]
     fn a_copy_removed_and_added_again_unseen_is_rebuilt_in_full() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
+        let (mut net, mut e, r) = Net::running();
         let t0 = e.write(0).unwrap();
         let t1 = e.write(1).unwrap();
         net.run(&mut e, 2);
@@ -2827,9 +2823,7 @@ mod tests {
     /// record again; it then lets c go instead of asking for ever.
     #[test]
     fn an_engine_that_missed_a_removal_learns_it_from_the_removed_copy() {
-        let (mut net, r) = Net::new();
-        let mut e = net.publish("a", &r, "ctl1");
-        net.run(&mut e, 3);
+        let (mut net, mut e, _) = Net::running();
         net.refused.insert("c".into());
         let t = e.write(0).unwrap();
         let ev = net.run(&mut e, 5);
