@@ -949,3 +949,93 @@ async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() 
     drop(cl);
     drop(dir);
 }
+
+/// `stowage volume scrub` starts a pass now, in the engine of the node
+/// the volume is published on (every agent's own schedule off): bytes
+/// changed behind n3's copy's back are written again. A pass under way is
+/// said so; a volume not published, or not replicated, is refused with the
+/// code that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_asked_for_checks_every_copy_now() {
+    let off: Vec<String> = ["--replica-scrub-every", "0"].map(String::from).to_vec();
+    let node = || NodeOpts {
+        args: off.clone(),
+        ..Default::default()
+    };
+    let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut req = replicated_req("rep-scrub-now", "3", SIZE, cap.clone());
+    req.accessibility_requirements = on(&["n1"], &[]);
+    let v = cl.create(req).await.unwrap();
+    let scrub = |cl: &Cluster, id: &str| {
+        let out = cl.client(&["-o", "json", "volume", "scrub", id]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), text, err)
+    };
+    let (ok, _, err) = scrub(&cl, &v.volume_id);
+    assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
+    assert!(err.contains("not published"), "{err}");
+    let (ok, _, err) = scrub(&cl, "n1:0123456789abcdef0123456789abcdef");
+    assert!(!ok && err.contains("INVALID_ARGUMENT"), "{err}");
+    let (ok, _, err) = scrub(&cl, "replicated:0123456789abcdef0123456789abcdef");
+    assert!(!ok && err.contains("NOT_FOUND"), "{err}");
+
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    write_blocks(&m.target, 64).await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    let changed = 50;
+    let n3_data = cl.copy_data(3, &v.volume_id);
+    let n3_block = |path: &Path| {
+        use std::os::unix::fs::FileExt;
+        uncache(path);
+        let mut buf = vec![0u8; BLOCK];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, changed * BLOCK as u64)
+            .unwrap();
+        buf
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&n3_data)
+            .unwrap();
+        f.write_all_at(&[0x5a; BLOCK], changed * BLOCK as u64)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    // No scrub of its own: the change stays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(n3_block(&n3_data) != common::checker::block_bytes(changed, 1));
+
+    let (ok, text, err) = scrub(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["node"], "n1", "{r}");
+    assert_eq!(r["started"], true, "{r}");
+    assert_eq!(r["regions"], SIZE >> 20, "{r}");
+    // 128 regions at 16 MiB/s: under way for seconds.
+    let (ok, text, err) = scrub(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["started"], false, "a second pass started: {r}");
+    let until = Instant::now() + WAIT;
+    while n3_block(&n3_data) != common::checker::block_bytes(changed, 1) {
+        assert!(
+            Instant::now() < until,
+            "n3's changed block was never written again\n{}",
+            own_log(&cl, 1, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cl.wait_condition(&v.volume_id, WAIT, "the pass done", |_, m| {
+        m.contains("scrub: 1 passes")
+    })
+    .await;
+    m.down(&mut cl, &v.volume_id).await;
+    let (ok, _, err) = scrub(&cl, &v.volume_id);
+    assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
+    cl.delete(&v.volume_id).await.unwrap();
+}

@@ -232,6 +232,9 @@ pub struct Session {
     /// The GroupController service, beside the Controller service.
     pub group: GroupControllerClient<Channel>,
     pub node: NodeClient<Channel>,
+    /// A cluster controller's Admin service, beside the Controller service
+    /// (`stowage volume scrub`).
+    pub admin: crate::cluster::proto::admin_client::AdminClient<Channel>,
 }
 
 impl Session {
@@ -255,7 +258,8 @@ impl Session {
         Ok(Session {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(controller_channel.clone()),
-            group: GroupControllerClient::new(controller_channel),
+            group: GroupControllerClient::new(controller_channel.clone()),
+            admin: crate::cluster::proto::admin_client::AdminClient::new(controller_channel),
             node: NodeClient::new(channel),
         })
     }

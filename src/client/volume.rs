@@ -100,6 +100,13 @@ pub enum VolumeVerb {
     Unstage(super::publish::UnstageArgs),
     /// Usage and condition of a published volume (NodeGetVolumeStats).
     Stats(super::publish::StatsArgs),
+    /// Check every copy of a replicated volume now: a scrub pass in the
+    /// engine of the node it is published on (a cluster's controller).
+    /// Progress and findings show in `volume get`.
+    Scrub {
+        /// The volume id (`replicated:<uuid>`).
+        id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -183,6 +190,16 @@ pub struct DeletedView {
     /// False when there was no such volume (the call still succeeds:
     /// deleting what is gone is a success in CSI).
     pub deleted: bool,
+}
+
+/// A scrub started (or under way), as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScrubView {
+    pub volume_id: String,
+    pub node: String,
+    pub started: bool,
+    pub at_region: u32,
+    pub regions: u32,
 }
 
 /// A modification, as printed.
@@ -367,6 +384,41 @@ pub async fn run(
             emit(format, &v, || {
                 let mut t = Table::new(&["ID", "MUTABLE PARAMETERS"]);
                 t.row(vec![v.volume_id.clone(), join_map(&v.mutable_parameters)]);
+                t
+            })
+        }
+        VolumeVerb::Scrub { id } => {
+            let r = s
+                .admin
+                .scrub_volume(crate::cluster::proto::ScrubVolumeRequest {
+                    volume_id: id.clone(),
+                })
+                .await
+                .map_err(|e| {
+                    if e.code() == tonic::Code::Unimplemented {
+                        ClientError::Local(
+                            "the endpoint is not a cluster controller's socket: only replicated volumes are scrubbed (give --controller-endpoint)".into(),
+                        )
+                    } else {
+                        rpc("ScrubVolume")(e)
+                    }
+                })?
+                .into_inner();
+            let v = ScrubView {
+                volume_id: id,
+                node: r.node,
+                started: r.started,
+                at_region: r.at,
+                regions: r.regions,
+            };
+            emit(format, &v, || {
+                let mut t = Table::new(&["ID", "ENGINE NODE", "PASS", "AT REGION"]);
+                t.row(vec![
+                    v.volume_id.clone(),
+                    v.node.clone(),
+                    if v.started { "started" } else { "under way" }.to_owned(),
+                    format!("{} of {}", v.at_region, v.regions),
+                ]);
                 t
             })
         }

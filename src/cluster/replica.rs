@@ -33,7 +33,7 @@ use super::proto::{
     ListReplicaSnapshotsResponse, ListReplicasRequest, ListReplicasResponse, ReplicaAnswer,
     ReplicaBatch, ReplicaCall, ReplicaFreezeRequest, ReplicaFreezeResponse, ReplicaResult,
     ReplicaResults, ReplicaSnapshot, ReplicaSnapshotRef, ReplicaSnapshotRequest,
-    ReplicaThawRequest,
+    ReplicaThawRequest, ScrubResponse,
 };
 use super::tls::{PeerIdentity, peer_identity};
 use crate::backend::replicated::protocol::{Reply, Request as ProtoRequest};
@@ -459,6 +459,40 @@ impl Replica for ReplicaService {
         req: Request<ReplicaCall>,
     ) -> Result<Response<EngineStatusResponse>, Status> {
         self.refresh_engine(req).await
+    }
+
+    async fn scrub(
+        &self,
+        req: Request<GetReplicaRequest>,
+    ) -> Result<Response<ScrubResponse>, Status> {
+        use crate::backend::replicated::driver::Scrubbing;
+        controller_only(&req)?;
+        let volume = volume_of(&req.get_ref().volume)?;
+        let node = self.store.node().to_owned();
+        let Some(driver) = self.engines.as_ref().and_then(|e| e.driver(volume)) else {
+            return Err(Status::failed_precondition(format!(
+                "no engine of volume {volume} runs on node {node} (not staged there)"
+            )));
+        };
+        match driver
+            .scrub()
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?
+        {
+            Scrubbing::Pass {
+                started,
+                at,
+                regions,
+            } => Ok(Response::new(ScrubResponse {
+                node,
+                started,
+                at,
+                regions,
+            })),
+            Scrubbing::NotRunning(state) => Err(Status::unavailable(format!(
+                "the engine of volume {volume} on node {node} does not serve I/O ({state:?})"
+            ))),
+        }
     }
 
     async fn call_batch(

@@ -1221,6 +1221,33 @@ impl Replicated {
 
     /// ControllerGetVolume: the volume, the node it is published on, and
     /// its condition (abnormal while a copy is out of sync).
+    /// Starts a scrub pass of the volume now in the engine of the node it
+    /// is published on (`stowage volume scrub`).
+    pub async fn scrub(&self, raw: &str) -> Result<super::proto::ScrubResponse, Status> {
+        let (uuid, state) = self.newest(raw).await?;
+        let Some(owner) = state.record.owner else {
+            return Err(Status::failed_precondition(format!(
+                "volume {raw} is not published: its scrub runs in the engine of the node it is published on"
+            )));
+        };
+        let n = self.node(&owner.node)?;
+        let mut c = ReplicaClient::new(n.channel.clone());
+        let req = GetReplicaRequest {
+            volume: uuid.to_hex(),
+        };
+        match tokio::time::timeout(CALL_DEADLINE, c.scrub(bounded(req, CALL_DEADLINE))).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(Status::new(
+                s.code(),
+                format!("node {}: {}", owner.node, s.message()),
+            )),
+            Err(_) => Err(Status::unavailable(format!(
+                "node {} did not answer in time",
+                owner.node
+            ))),
+        }
+    }
+
     pub async fn get_volume(&self, raw: &str) -> Result<csi::ControllerGetVolumeResponse, Status> {
         let (uuid, state) = self.newest(raw).await?;
         let record = state.record;

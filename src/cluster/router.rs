@@ -1224,6 +1224,20 @@ impl proto::admin_server::Admin for Router {
         tracing::warn!(node = %r.node_id, "node forgotten: deletes of its volumes now succeed");
         Ok(Response::new(proto::ForgetResponse {}))
     }
+
+    async fn scrub_volume(
+        &self,
+        req: Request<proto::ScrubVolumeRequest>,
+    ) -> Result<Response<proto::ScrubResponse>, Status> {
+        let r = req.into_inner();
+        if !replicated::is_replicated_id(&r.volume_id) {
+            return Err(Status::invalid_argument(format!(
+                "volume {:?} is not a replicated volume: only those have copies to scrub",
+                r.volume_id
+            )));
+        }
+        self.replicated.scrub(&r.volume_id).await.map(Response::new)
+    }
 }
 
 #[cfg(test)]

@@ -203,6 +203,20 @@ pub struct DriverStatus {
     pub scrub: ScrubStatus,
 }
 
+/// What [`EngineDriver::scrub`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scrubbing {
+    /// A pass started, or was under way already (`started` false); it is
+    /// at region `at` of `regions`.
+    Pass {
+        started: bool,
+        at: Region,
+        regions: u32,
+    },
+    /// The engine does not serve I/O (starting, or stopped).
+    NotRunning(EngineState),
+}
+
 /// What the scrub found since the driver started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScrubStatus {
@@ -322,6 +336,10 @@ enum Command {
     /// knows the new ones) and read the record again.
     Refresh {
         peer: Arc<dyn Peer>,
+    },
+    /// Start a scrub pass now (see [`EngineDriver::scrub`]).
+    Scrub {
+        done: oneshot::Sender<Scrubbing>,
     },
     /// The local copy failed a read this node made of it directly (see
     /// [`LocalRead`]): `region` is read elsewhere from now on, and
@@ -967,6 +985,17 @@ impl EngineDriver {
     /// record's size): the copies' record must say so already
     /// (ControllerExpandVolume). Never shrinks; I/O beyond the old end is
     /// accepted once this returns.
+    /// Starts a scrub pass now, at the pace of [`DriverConfig::scrub_rate`],
+    /// unless one is under way (see [`Engine::scrub`]).
+    pub async fn scrub(&self) -> Result<Scrubbing, DriverError> {
+        let (done, rx) = oneshot::channel();
+        self.core
+            .step(On::Runtime, |t| t.command(Command::Scrub { done }));
+        rx.await.map_err(|_| DriverError::Stopped {
+            volume: self.volume,
+        })
+    }
+
     pub async fn grow(&self, size: u64) -> Result<(), DriverError> {
         if size <= self.size() {
             return Ok(());
@@ -1500,6 +1529,26 @@ impl Task {
             Command::Refresh { peer } => {
                 self.peer = peer;
                 self.engine.refresh();
+            }
+            Command::Scrub { done } => {
+                let started = self.engine.scrub(0, self.scrub_gap);
+                let answer = match self.engine.scrubbing() {
+                    Some(at) => {
+                        if started {
+                            tracing::info!(volume = %self.volume, "scrub pass started on request");
+                            if let Some(every) = self.scrub_every {
+                                self.scrub_due = self.now + every;
+                            }
+                        }
+                        Scrubbing::Pass {
+                            started,
+                            at,
+                            regions: self.size.div_ceil(REGION_BYTES) as u32,
+                        }
+                    }
+                    None => Scrubbing::NotRunning(self.engine.state()),
+                };
+                let _ = done.send(answer);
             }
             Command::LocalReadFailed { region, error } => {
                 let node = self.engine.node().to_owned();
@@ -2052,8 +2101,15 @@ impl Task {
         if s.errors != self.errors {
             s.errors.clone_from(&self.errors);
         }
+        // Every field: a pass's end may be seen here before its event.
         let at = self.engine.scrubbing();
-        if s.scrub.at != at || s.scrub.regions != self.scrub.regions {
+        let (old, new) = (&s.scrub, &self.scrub);
+        if old.at != at
+            || old.regions != new.regions
+            || old.passes != new.passes
+            || old.unresolved != new.unresolved
+            || old.repairs != new.repairs
+        {
             s.scrub.clone_from(&self.scrub);
             s.scrub.at = at;
         }
@@ -2799,6 +2855,34 @@ mod tests {
         assert_images(&net, &["a", "b", "c"], &model);
         net.check();
         d.stop().await.unwrap();
+    }
+
+    /// A pass asked for runs with no schedule, says so when one is under
+    /// way already, and shows in the status once it is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrub_asked_for_runs_one_pass_and_says_when_one_is_under_way() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let mut cfg = config("a");
+        cfg.scrub_rate = 4 << 20;
+        let d = start_with(&net, cfg, &ballot, &r).await;
+        let regions = SIZE.div_ceil(REGION_BYTES) as u32;
+        assert_eq!(
+            d.scrub().await.unwrap(),
+            Scrubbing::Pass {
+                started: true,
+                at: 0,
+                regions
+            }
+        );
+        assert!(matches!(
+            d.scrub().await.unwrap(),
+            Scrubbing::Pass { started: false, .. }
+        ));
+        until("the pass done", || d.status().scrub.passes == 1).await;
+        let s = d.status().scrub;
+        assert_eq!((s.regions, s.at), (u64::from(regions), None), "{s:?}");
+        d.stop().await.unwrap();
+        assert!(matches!(d.scrub().await, Err(DriverError::Stopped { .. })));
     }
 
     /// A copy being rebuilt is not waited for, so several writes to one

@@ -162,6 +162,11 @@ impl Engines {
         self.lock().get(&uuid).map(|r| r.driver.status())
     }
 
+    /// The volume's engine, if one runs here.
+    pub fn driver(&self, uuid: Uuid) -> Option<Arc<EngineDriver>> {
+        self.lock().get(&uuid).map(|r| Arc::clone(&r.driver))
+    }
+
     /// Every volume with a running engine.
     pub fn volumes(&self) -> Vec<Uuid> {
         self.lock().keys().copied().collect()
