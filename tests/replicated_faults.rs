@@ -1039,3 +1039,91 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
     cl.delete(&v.volume_id).await.unwrap();
 }
+
+/// A copy of a volume nobody publishes has no engine to scrub it: its own
+/// node reads it on the scrub's schedule. A bad sector on n2's idle copy
+/// is listed there (n2's metrics show it), and the next engine, when the
+/// volume is published again, writes that region again on n2 at its start,
+/// before any scrub of its own could find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine() {
+    let mut t = Steps::new("idle copy");
+    let dir = Scratch::new("faulty-disk");
+    let bytes = 640 << 20;
+    let disk = Arc::new(FaultyDisk::new(&dir.root.join("disk.img"), bytes));
+    let scrub: Vec<String> = ["--replica-scrub-every", "2", "--replica-scrub-rate", "256"]
+        .map(String::from)
+        .to_vec();
+    let node = |pool_disk: Option<PoolDisk>| NodeOpts {
+        pool_bytes: pool_disk.as_ref().map(|_| bytes),
+        pool_disk,
+        args: scrub.clone(),
+        ..Default::default()
+    };
+    let (mut cl, v, m) = raw_volume_with(
+        "rep-idle",
+        [node(None), node(Some(PoolDisk(disk.clone()))), node(None)],
+    )
+    .await;
+    write_blocks(&m.target, 64).await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    m.down(&mut cl, &v.volume_id).await;
+    t.done("written, then taken down");
+
+    let unreadable = |cl: &Cluster| {
+        cl.volume_metric(2, "stowage_replica_unreadable_regions")
+            .unwrap_or(0)
+    };
+    let bad_block = 37;
+    let data = cl.copy_data(2, &v.volume_id);
+    let at = bad_block * BLOCK as u64;
+    disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
+    let until = Instant::now() + WAIT;
+    while unreadable(&cl) == 0 {
+        assert!(
+            Instant::now() < until,
+            "n2 never found its idle copy's bad sector\n{}",
+            own_log(&cl, 2, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.done("n2 found the bad sector of its idle copy");
+    assert_eq!(unreadable(&cl), 1);
+    assert!(disk.failed_reads() > 0);
+    assert!(!disk.bad().is_empty(), "written meanwhile");
+
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    wait_rewritten(&cl, &disk, "n2").await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    t.done("n2's region written again by the new engine");
+    assert_eq!(
+        cl.copy_metric(1, "stowage_replicated_scrub_repairs_total", "n2"),
+        Some(0),
+        "the engine's scrub found it: the list was not used"
+    );
+    let until = Instant::now() + WAIT;
+    while unreadable(&cl) != 0 {
+        assert!(Instant::now() < until, "n2 still lists the region");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let target = m.target.clone();
+    let back = tokio::task::spawn_blocking(move || read_block(&target, bad_block))
+        .await
+        .unwrap()
+        .expect("read the block");
+    assert!(back == common::checker::block_bytes(bad_block, 1));
+    m.down(&mut cl, &v.volume_id).await;
+    for i in 1..=NODES {
+        uncache(&cl.copy_data(i, &v.volume_id));
+    }
+    for i in 2..=NODES {
+        assert!(
+            cl.same_copies(1, i, &v.volume_id).await,
+            "n{i}'s copy differs from n1's"
+        );
+    }
+    cl.delete(&v.volume_id).await.unwrap();
+    drop(cl);
+    drop(dir);
+}

@@ -1106,7 +1106,7 @@ impl Replicated {
                 );
                 if r.scrub_unresolved > 0 {
                     scrub.push_str(&format!(
-                        ", {} MiB the copies disagree on with no majority to repair from",
+                        ", {} MiB it could not repair (no majority, or the only copy cannot read them)",
                         r.scrub_unresolved
                     ));
                 }

@@ -519,6 +519,20 @@ impl Collector for DriverCollector {
             in_flight.push(([("service", "node")], signed(inv.in_flight)));
             replicated(&mut enc, n.replicated())?;
         }
+        if let Some(r) = &d.replicas {
+            let unreadable: Vec<_> = r
+                .unreadable_counts()
+                .into_iter()
+                .map(|(u, n)| ([("volume", format!("replicated:{u}"))], signed(n as u64)))
+                .collect();
+            gauges(
+                &mut enc,
+                "replica_unreadable_regions",
+                "Regions (1 MiB) of this node's copy its disk could not read while the volume was not published; the next engine rebuilds them here.",
+                None,
+                &unreadable,
+            )?;
+        }
         gauges(
             &mut enc,
             "operations_in_flight",
@@ -673,7 +687,7 @@ fn replicated(
     counters(
         enc,
         "replicated_scrub_unresolved",
-        "Regions the copies in sync disagreed on with no majority to repair from (or that the last copy in sync could not read).",
+        "Regions the scrub could not repair: the copies in sync disagreed with no majority, or the copy of a one-copy volume could not read them.",
         None,
         &unresolved,
     )?;

@@ -571,7 +571,24 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             }
         })
     });
+    // Copies of volumes nobody publishes: no engine scrubs them, so the
+    // node reads them itself, on the scrub's schedule and pace.
+    let idle_checker = match (
+        driver.replicas.clone(),
+        cfg.cluster
+            .as_ref()
+            .and_then(|c| c.agent.as_ref())
+            .and_then(|a| a.scrub_every.map(|every| (every, a.scrub_rate))),
+    ) {
+        (Some(replicas), Some((every, rate))) => {
+            Some(tokio::spawn(check_idle_copies(replicas, every, rate)))
+        }
+        _ => None,
+    };
     let served = serve_endpoint(router, &cfg.endpoint, stop).await;
+    if let Some(t) = idle_checker {
+        t.abort();
+    }
     if let Some(t) = idle_closer {
         t.abort();
     }
@@ -595,6 +612,72 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reads every copy on this node whose volume is not published, region by
+/// region at `rate` bytes per second, every `every` (the first sweep at a
+/// random point within the first period); the regions the disk cannot
+/// read are listed for the next engine to rebuild (see
+/// `ReplicaStore::check_idle`). Runs until aborted.
+async fn check_idle_copies(
+    replicas: Arc<crate::backend::replicated::store::ReplicaStore>,
+    every: std::time::Duration,
+    rate: u64,
+) {
+    use crate::backend::replicated::REGION_BYTES;
+    let per_region = std::time::Duration::from_secs_f64(REGION_BYTES as f64 / rate.max(1) as f64);
+    let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+    let first = std::time::Duration::from_millis(seed % (every.as_millis().max(1) as u64));
+    let mut due = tokio::time::Instant::now() + first;
+    loop {
+        tokio::time::sleep_until(due).await;
+        let started = tokio::time::Instant::now();
+        let r = Arc::clone(&replicas);
+        let volumes = match tokio::task::spawn_blocking(move || r.list()).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "idle copies not listed");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "listing idle copies failed");
+                Vec::new()
+            }
+        };
+        let (mut checked, mut found) = (0u64, 0u64);
+        for uuid in volumes {
+            let mut region = 0;
+            loop {
+                // Asked again each region: a publish ends the check (its
+                // engine scrubs from then on).
+                let r = Arc::clone(&replicas);
+                let step = tokio::task::spawn_blocking(move || match r.idle_regions(uuid)? {
+                    Some(n) if region < n => r.check_idle(uuid, region).map(Some),
+                    _ => Ok(None),
+                })
+                .await;
+                match step {
+                    Ok(Ok(Some(readable))) => {
+                        checked += 1;
+                        found += u64::from(!readable);
+                    }
+                    Ok(Ok(None)) => break,
+                    Ok(Err(e)) => {
+                        tracing::warn!(volume = %uuid, region, error = %e, "idle copy not checked");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %uuid, error = %e, "checking an idle copy failed");
+                        break;
+                    }
+                }
+                region += 1;
+                tokio::time::sleep(per_region).await;
+            }
+        }
+        tracing::debug!(regions = checked, unreadable = found, "idle copies checked");
+        due = (started + every).max(tokio::time::Instant::now());
+    }
 }
 
 /// How this node's engines reach the copies of replicated volumes: the

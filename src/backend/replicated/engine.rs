@@ -409,6 +409,9 @@ pub struct Engine {
     start_replies: BTreeMap<String, (u64, BTreeMap<Region, Tag>)>,
     /// In-sync copies whose attach could not be delivered at all.
     start_unreachable: BTreeSet<String>,
+    /// Regions each copy that answered the attach said its disk could not
+    /// read (see [`Reply::Attached`]).
+    start_unreadable: BTreeMap<String, BTreeSet<Region>>,
     attach_deadline: u64,
     reseed: Option<(String, u64)>,
     /// A copy refused a request as from an older epoch.
@@ -449,6 +452,7 @@ impl Engine {
             proposer: Some(p),
             start_replies: BTreeMap::new(),
             start_unreachable: BTreeSet::new(),
+            start_unreadable: BTreeMap::new(),
             attach_deadline: 0,
             reseed: None,
             suspect_fenced: false,
@@ -902,13 +906,14 @@ impl Engine {
                 boot,
                 tags,
                 verifies,
+                unreadable,
             } => {
                 if let Some(l) = self.links.get_mut(from)
                     && l.conn == conn
                 {
                     l.verifies = verifies;
                 }
-                self.attached(from, conn, boot, tags)
+                self.attached(from, conn, boot, tags, unreadable)
             }
             Reply::Verified {
                 conn,
@@ -1071,15 +1076,27 @@ impl Engine {
             .is_some_and(|l| l.conn == conn && l.phase != Phase::Out)
     }
 
-    fn attached(&mut self, from: &str, conn: u64, boot: u64, tags: BTreeMap<Region, Tag>) {
+    fn attached(
+        &mut self,
+        from: &str,
+        conn: u64,
+        boot: u64,
+        tags: BTreeMap<Region, Tag>,
+        unreadable: Vec<Region>,
+    ) {
         let Some(l) = self.links.get_mut(from) else {
             return;
         };
         if l.conn != conn {
             return;
         }
+        // What its disk could not read is rebuilt there (written again).
+        let regions = self.cfg.regions;
+        let unreadable: BTreeSet<Region> =
+            unreadable.into_iter().filter(|r| *r < regions).collect();
         match self.state {
             EngineState::Attaching => {
+                self.start_unreadable.insert(from.to_owned(), unreadable);
                 self.start_replies.insert(from.to_owned(), (boot, tags));
                 self.start_unreachable.remove(from);
                 if self.start_ready() {
@@ -1090,6 +1107,7 @@ impl Engine {
                 l.phase = Phase::Rebuilding;
                 l.boot = boot;
                 l.attach_sent = None;
+                l.dirty.extend(unreadable);
             }
             _ => {}
         }
@@ -1209,6 +1227,7 @@ impl Engine {
     fn begin_attach(&mut self) {
         self.state = EngineState::Attaching;
         self.start_replies.clear();
+        self.start_unreadable.clear();
         self.start_unreachable.clear();
         self.attach_deadline = self.now + self.cfg.timeout;
         for (c, since) in self.record.copy_since() {
@@ -1240,6 +1259,7 @@ impl Engine {
         self.state = EngineState::Starting;
         self.links.clear();
         self.start_replies.clear();
+        self.start_unreadable.clear();
         self.start_unreachable.clear();
         self.reseed = None;
         self.relearn = false;
@@ -1292,6 +1312,13 @@ impl Engine {
                         .collect(),
                     None => all.clone(),
                 };
+                // Regions its disk could not read are written again from
+                // the source (which has nothing to read them from).
+                if *n != source
+                    && let Some(bad) = self.start_unreadable.get(n)
+                {
+                    l.dirty.extend(bad.iter().copied());
+                }
                 if let Some((boot, _)) = self.start_replies.get(n)
                     && good.contains_key(n)
                     && l.dirty.is_empty()
@@ -2535,6 +2562,55 @@ mod tests {
         assert!(e.write(0).is_ok(), "the region is free again");
     }
 
+    /// A copy whose attach answer lists regions its disk could not read
+    /// (found while the volume was not published) gets those rebuilt at
+    /// the next engine's start, and nothing else; then all are in sync.
+    #[test]
+    fn regions_a_copy_could_not_read_while_idle_are_rebuilt_at_start() {
+        let (mut net, mut e, _) = Net::running();
+        rebuild_all(&mut net, &mut e);
+        for region in 0..4 {
+            e.write(region).unwrap();
+        }
+        net.run(&mut e, 2);
+        net.flush(&mut e);
+        let r = net.voters["a"].state().record.clone();
+        let mut e = net.publish("a", &r, "ctl2");
+        let mut held = Vec::new();
+        let attach_to_b = |x: &Envelope| x.to == "b" && matches!(x.msg, Request::Attach { .. });
+        for _ in 0..10 {
+            net.run_holding(&mut e, 1, &mut held, &attach_to_b);
+            if !held.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(held.len(), 1, "{held:?}");
+        let (from, reply) = net.deliver(held.remove(0)).unwrap();
+        let Reply::Attached {
+            conn,
+            boot,
+            tags,
+            verifies,
+            ..
+        } = reply
+        else {
+            panic!("{reply:?}");
+        };
+        e.handle(
+            &from,
+            Reply::Attached {
+                conn,
+                boot,
+                tags,
+                verifies,
+                unreadable: vec![2, 99],
+            },
+        );
+        let rebuilt = rebuild_all(&mut net, &mut e);
+        assert_eq!(rebuilt, [("b".to_owned(), 2)]);
+        assert_eq!(e.state(), EngineState::Running);
+    }
+
     /// A copy whose attach answer does not say it takes checks (a copy of
     /// an older version, whose answer lacks the field) is never sent one.
     #[test]
@@ -2550,29 +2626,23 @@ mod tests {
     /// `node`'s attach answer says it takes no checks (as a copy of an
     /// older version's does, whose answer lacks the field).
     fn takes_no_checks(e: &mut Engine, node: &str) {
-        let Reply::Attached {
-            conn,
-            boot,
-            tags,
-            verifies,
-        } = serde_json::from_str(&format!(
+        let reply: Reply = serde_json::from_str(&format!(
             r#"{{"Attached":{{"conn":{},"boot":{},"tags":{{}}}}}}"#,
             e.links[node].conn, e.links[node].boot
         ))
-        .unwrap()
-        else {
-            panic!("not an Attached");
-        };
-        assert!(!verifies, "absent means it does not take checks");
-        e.handle(
-            node,
-            Reply::Attached {
-                conn,
-                boot,
-                tags,
-                verifies,
-            },
+        .unwrap();
+        assert!(
+            matches!(
+                &reply,
+                Reply::Attached {
+                    verifies: false,
+                    unreadable,
+                    ..
+                } if unreadable.is_empty()
+            ),
+            "absent means it does not take checks, and lists nothing: {reply:?}"
         );
+        e.handle(node, reply);
     }
 
     /// Two copies that disagree have no majority: nothing is repaired (nor

@@ -191,6 +191,11 @@ pub enum Reply {
         /// than the scrub, which must never be sent one).
         #[serde(default)]
         verifies: bool,
+        /// Regions the copy's disk could not read while its volume was
+        /// not published (the store fills them in): the engine rebuilds
+        /// them there.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unreadable: Vec<Region>,
     },
     Written {
         conn: u64,
@@ -382,6 +387,7 @@ impl Voter {
                             boot: self.state.boot,
                             tags: self.volatile.clone(),
                             verifies: self.role == Role::Copy,
+                            unreadable: Vec::new(),
                         }
                     }
                 })

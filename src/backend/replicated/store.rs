@@ -48,6 +48,7 @@ use super::record::{ReplicaRecord, Role, same_members};
 use super::wire::{Answer, Call};
 
 mod snap;
+mod unreadable;
 pub mod writeback;
 pub use snap::{Base, GroupOf, SnapshotInfo};
 
@@ -169,6 +170,11 @@ struct Held {
     /// When bytes were last written, in milliseconds since `opened`.
     last_write: AtomicU64,
     opened: std::time::Instant,
+    /// The copy lists regions its disk could not read while it was idle
+    /// (see [`unreadable`]); the list is read and written under
+    /// `unreadable_lock`.
+    has_unreadable: AtomicBool,
+    unreadable_lock: Mutex<()>,
 }
 
 /// Volumes with an open, a create's placement or a delete under way in
@@ -345,7 +351,11 @@ impl Held {
                 if self.data.is_some() {
                     self.sync()?;
                 }
-                self.decide(call.request)
+                let mut answer = self.decide(call.request)?;
+                if let Some(Reply::Attached { unreadable, .. }) = answer.reply.as_mut() {
+                    *unreadable = self.unreadable();
+                }
+                Ok(answer)
             }
             Request::Prepare { .. } | Request::Accept { .. } | Request::Commit { .. } => {
                 self.decide(call.request)
@@ -478,6 +488,9 @@ impl Held {
             // The pacer may wait for the disk: not with the stripe held.
             drop(region_lock);
             self.pacer.wrote(self.pacing.as_ref().unwrap_or(data), len);
+            if rebuild {
+                self.rewritten(region)?;
+            }
         }
         Ok(Answer {
             reply,
@@ -532,34 +545,12 @@ impl Held {
         })
     }
 
-    /// A SHA-256 of `len` bytes of `region` as the disk holds them: read
-    /// with O_DIRECT, since the page cache would answer for a sector the
-    /// disk can no longer read (the kernel writes back the range's dirty
-    /// pages first, so the bytes are what the copy holds). Through the
-    /// cache only where the filesystem takes no O_DIRECT.
+    /// A SHA-256 of `len` bytes of `region` as the disk holds them (see
+    /// [`unreadable::read_region`]).
     fn digest_of(&self, region: Region, len: u64) -> Result<Digest, StoreError> {
-        let path = self.dir.join(DATA_FILE);
-        let at = u64::from(region) * REGION_BYTES;
-        let direct = File::options()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path);
-        let d = match direct {
-            Ok(f) => {
-                // Whole sectors: the data file's size is whole regions.
-                let mut buf = crate::os::fuse_file::AlignedBuf::zeroed(len as usize);
-                f.read_exact_at(buf.as_mut_slice(), at)
-                    .map_err(io_err(&path))?;
-                ring::digest::digest(&ring::digest::SHA256, buf.as_slice())
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let (data, _) = self.data()?;
-                let mut buf = vec![0u8; len as usize];
-                data.read_exact_at(&mut buf, at).map_err(io_err(&path))?;
-                ring::digest::digest(&ring::digest::SHA256, &buf)
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        };
+        let d = unreadable::read_region(&self.dir, region, len, |b| {
+            ring::digest::digest(&ring::digest::SHA256, b)
+        })?;
         let mut digest = Digest::default();
         digest.copy_from_slice(d.as_ref());
         Ok(digest)
@@ -1056,6 +1047,11 @@ impl ReplicaStore {
             clean_hint: AtomicBool::new(false),
             last_write: AtomicU64::new(0),
             opened: std::time::Instant::now(),
+            // Unsure (a list that cannot be read) counts as some.
+            has_unreadable: AtomicBool::new(
+                unreadable::listed(dir).map_or(true, |s| !s.is_empty()),
+            ),
+            unreadable_lock: Mutex::new(()),
         };
         {
             let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());
