@@ -516,6 +516,37 @@ async fn faulty_n1(name: &str) -> (Scratch, Arc<FaultyDisk>, Cluster, csi::Volum
     (dir, disk, cl, v, m)
 }
 
+/// [`raw_volume_with`] where n2's pool is on a [`FaultyDisk`] this process
+/// serves and every node scrubs every `every` seconds at `rate` MiB/s;
+/// with the disk's scratch dir, to be kept until the cluster is gone.
+async fn scrubbing_with_faulty_n2(
+    name: &str,
+    every: u64,
+    rate: u64,
+) -> (Scratch, Arc<FaultyDisk>, Cluster, csi::Volume, Published) {
+    let dir = Scratch::new("faulty-disk");
+    let bytes = 640 << 20;
+    let disk = Arc::new(FaultyDisk::new(&dir.root.join("disk.img"), bytes));
+    let args = vec![
+        "--replica-scrub-every".to_owned(),
+        every.to_string(),
+        "--replica-scrub-rate".to_owned(),
+        rate.to_string(),
+    ];
+    let node = |pool_disk: Option<PoolDisk>| NodeOpts {
+        pool_bytes: pool_disk.as_ref().map(|_| bytes),
+        pool_disk,
+        args: args.clone(),
+        ..Default::default()
+    };
+    let (cl, v, m) = raw_volume_with(
+        name,
+        [node(None), node(Some(PoolDisk(disk.clone()))), node(None)],
+    )
+    .await;
+    (dir, disk, cl, v, m)
+}
+
 /// Drops what the page cache holds of `file`, so its next read goes to
 /// the disk.
 fn uncache(file: &Path) {
@@ -829,23 +860,7 @@ async fn a_copy_whose_disk_failed_writes_before_a_flush_is_not_taken_for_flushed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() {
     let mut t = Steps::new("scrub");
-    let dir = Scratch::new("faulty-disk");
-    let bytes = 640 << 20;
-    let disk = Arc::new(FaultyDisk::new(&dir.root.join("disk.img"), bytes));
-    let scrub: Vec<String> = ["--replica-scrub-every", "3", "--replica-scrub-rate", "64"]
-        .map(String::from)
-        .to_vec();
-    let node = |pool_disk: Option<PoolDisk>| NodeOpts {
-        pool_bytes: pool_disk.as_ref().map(|_| bytes),
-        pool_disk,
-        args: scrub.clone(),
-        ..Default::default()
-    };
-    let (mut cl, v, m) = raw_volume_with(
-        "rep-scrub",
-        [node(None), node(Some(PoolDisk(disk.clone()))), node(None)],
-    )
-    .await;
+    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2("rep-scrub", 3, 64).await;
     t.done("cluster up, volume published");
     let blocks = 64;
     write_blocks(&m.target, blocks).await;
@@ -1048,23 +1063,7 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine() {
     let mut t = Steps::new("idle copy");
-    let dir = Scratch::new("faulty-disk");
-    let bytes = 640 << 20;
-    let disk = Arc::new(FaultyDisk::new(&dir.root.join("disk.img"), bytes));
-    let scrub: Vec<String> = ["--replica-scrub-every", "2", "--replica-scrub-rate", "256"]
-        .map(String::from)
-        .to_vec();
-    let node = |pool_disk: Option<PoolDisk>| NodeOpts {
-        pool_bytes: pool_disk.as_ref().map(|_| bytes),
-        pool_disk,
-        args: scrub.clone(),
-        ..Default::default()
-    };
-    let (mut cl, v, m) = raw_volume_with(
-        "rep-idle",
-        [node(None), node(Some(PoolDisk(disk.clone()))), node(None)],
-    )
-    .await;
+    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2("rep-idle", 2, 256).await;
     write_blocks(&m.target, 64).await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     m.down(&mut cl, &v.volume_id).await;
