@@ -115,7 +115,8 @@ pub struct Problem {
     /// `leaked-loop-device`, `leaked-mount` (a mount of a leaked device,
     /// or of a volume at a path no record names), `storage-without-record`,
     /// `record-without-storage`, `staged-mount-missing`,
-    /// `publication-mount-missing`, `device-not-backed`.
+    /// `publication-mount-missing`, `device-not-backed`,
+    /// `copy-with-unreadable-regions`.
     pub kind: &'static str,
     /// The path, device or volume the problem is about.
     pub subject: String,
@@ -347,6 +348,17 @@ pub fn collect(state_dir: &Path, pool: &Path) -> Result<StatusView, ClientError>
                 });
             }
         }
+    }
+
+    for (uuid, regions) in crate::backend::replicated::store::unreadable_in(&pool) {
+        problems.push(Problem {
+            kind: "copy-with-unreadable-regions",
+            subject: format!("replicated:{uuid}"),
+            detail: format!(
+                "this node's copy lists {} region(s) of 1 MiB its disk could not read while the volume was not published ({regions:?}); the next engine of the volume writes them again",
+                regions.len()
+            ),
+        });
     }
 
     let mut seen = BTreeSet::new();

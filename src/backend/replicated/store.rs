@@ -49,6 +49,7 @@ use super::wire::{Answer, Call};
 
 mod snap;
 mod unreadable;
+pub use unreadable::unreadable_in;
 pub mod writeback;
 pub use snap::{Base, GroupOf, SnapshotInfo};
 

@@ -221,15 +221,32 @@ impl ReplicaStore {
     /// How many regions each copy here lists as unreadable (those listing
     /// any).
     pub fn unreadable_counts(&self) -> Vec<(Uuid, usize)> {
-        let Ok(volumes) = self.list() else {
-            return Vec::new();
-        };
-        volumes
+        lists_under(&self.root)
             .into_iter()
-            .filter_map(|u| {
-                let n = listed(&self.dir(u)).map(|s| s.len()).unwrap_or(0);
-                (n > 0).then_some((u, n))
-            })
+            .map(|(u, set)| (u, set.len()))
             .collect()
     }
+}
+
+/// Every copy under `pool` that lists regions as unreadable, with them,
+/// read from the files alone (`stowage status`: no store is opened).
+pub fn unreadable_in(pool: &Path) -> Vec<(Uuid, BTreeSet<Region>)> {
+    lists_under(&pool.join("replicas"))
+}
+
+/// The copies under a store's `root` that list regions, with them.
+fn lists_under(root: &Path) -> Vec<(Uuid, BTreeSet<Region>)> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(Uuid, BTreeSet<Region>)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let uuid = Uuid::parse_hex(e.file_name().to_str()?)?;
+            let set = listed(&e.path()).ok()?;
+            (!set.is_empty()).then_some((uuid, set))
+        })
+        .collect();
+    found.sort();
+    found
 }
