@@ -119,17 +119,7 @@ async fn verify(
     t.done("read back");
     m.down(cl, &v.volume_id).await;
     t.done("taken down again");
-    // Compared as the disks hold them: a page its disk failed to write
-    // stays in the cache, clean, until dropped.
-    for i in 1..=NODES {
-        uncache(&cl.copy_data(i, &v.volume_id));
-    }
-    for i in 2..=NODES {
-        assert!(
-            cl.same_copies(1, i, &v.volume_id).await,
-            "n{i}'s copy differs from n1's"
-        );
-    }
+    assert_copies_equal(cl, v).await;
 }
 
 // ------------------------------------------------------------ the tests
@@ -547,6 +537,21 @@ async fn scrubbing_with_faulty_n2(
     (dir, disk, cl, v, m)
 }
 
+/// Every copy's `data` file compared with n1's as the disks hold them (a
+/// page its disk failed to write stays in the cache, clean, until
+/// dropped).
+async fn assert_copies_equal(cl: &Cluster, v: &csi::Volume) {
+    for i in 1..=NODES {
+        uncache(&cl.copy_data(i, &v.volume_id));
+    }
+    for i in 2..=NODES {
+        assert!(
+            cl.same_copies(1, i, &v.volume_id).await,
+            "n{i}'s copy differs from n1's"
+        );
+    }
+}
+
 /// Drops what the page cache holds of `file`, so its next read goes to
 /// the disk.
 fn uncache(file: &Path) {
@@ -688,12 +693,7 @@ async fn a_block_the_local_copy_cannot_read_is_read_from_another_copy_and_rewrit
     assert!(again == common::checker::block_bytes(bad_block, 1));
     assert_eq!(disk.failed_reads(), failed, "a bad read after the repair");
     m.down(&mut cl, &v.volume_id).await;
-    for i in 2..=NODES {
-        assert!(
-            cl.same_copies(1, i, &v.volume_id).await,
-            "n{i}'s copy differs from n1's"
-        );
-    }
+    assert_copies_equal(&cl, &v).await;
     cl.delete(&v.volume_id).await.unwrap();
 }
 
@@ -951,15 +951,7 @@ async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() 
     assert_eq!(metric(&cl, "repairs", "n1"), 0, "n1 repaired");
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     m.down(&mut cl, &v.volume_id).await;
-    for i in 1..=NODES {
-        uncache(&cl.copy_data(i, &v.volume_id));
-    }
-    for i in 2..=NODES {
-        assert!(
-            cl.same_copies(1, i, &v.volume_id).await,
-            "n{i}'s copy differs from n1's"
-        );
-    }
+    assert_copies_equal(&cl, &v).await;
     cl.delete(&v.volume_id).await.unwrap();
     drop(cl);
     drop(dir);
@@ -1090,6 +1082,21 @@ async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine(
     assert_eq!(unreadable(&cl), 1);
     assert!(disk.failed_reads() > 0);
     assert!(!disk.bad().is_empty(), "written meanwhile");
+    // `stowage status` on n2 lists it as a problem.
+    let in_status = |cl: &Cluster| {
+        let out = std::process::Command::new(bin())
+            .args(["status", "-o", "json", "--state-dir"])
+            .arg(cl.state_dir(2))
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("stowage status: {e}: {out:?}"));
+        let listed = report["problems"].as_array().unwrap().iter().any(|p| {
+            p["kind"] == "copy-with-unreadable-regions" && p["subject"] == v.volume_id.as_str()
+        });
+        (out.status.code(), listed)
+    };
+    assert_eq!(in_status(&cl), (Some(1), true));
 
     let cap = block_cap(Mode::SingleNodeWriter);
     let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
@@ -1106,6 +1113,7 @@ async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine(
         assert!(Instant::now() < until, "n2 still lists the region");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(!in_status(&cl).1, "stowage status still lists it");
     let target = m.target.clone();
     let back = tokio::task::spawn_blocking(move || read_block(&target, bad_block))
         .await
@@ -1113,15 +1121,7 @@ async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine(
         .expect("read the block");
     assert!(back == common::checker::block_bytes(bad_block, 1));
     m.down(&mut cl, &v.volume_id).await;
-    for i in 1..=NODES {
-        uncache(&cl.copy_data(i, &v.volume_id));
-    }
-    for i in 2..=NODES {
-        assert!(
-            cl.same_copies(1, i, &v.volume_id).await,
-            "n{i}'s copy differs from n1's"
-        );
-    }
+    assert_copies_equal(&cl, &v).await;
     cl.delete(&v.volume_id).await.unwrap();
     drop(cl);
     drop(dir);
