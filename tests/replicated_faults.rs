@@ -552,6 +552,43 @@ async fn assert_copies_equal(cl: &Cluster, v: &csi::Volume) {
     }
 }
 
+/// Changes block `block` of a copy's `data` file behind its back (its
+/// tags unchanged), durably.
+fn change_block(data: &Path, block: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(data).unwrap();
+    f.write_all_at(&[0x5a; BLOCK], block * BLOCK as u64)
+        .unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Block `block` of a copy's `data` file as its disk holds it.
+fn file_block(data: &Path, block: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    uncache(data);
+    let mut buf = vec![0u8; BLOCK];
+    std::fs::File::open(data)
+        .unwrap()
+        .read_exact_at(&mut buf, block * BLOCK as u64)
+        .unwrap();
+    buf
+}
+
+/// Waits (bounded) until block `block` of a copy's `data` file holds what
+/// [`write_blocks`] wrote there again.
+async fn wait_block_back(cl: &Cluster, data: &Path, block: u64) {
+    let until = Instant::now() + WAIT;
+    while file_block(data, block) != common::checker::block_bytes(block, 1) {
+        assert!(
+            Instant::now() < until,
+            "{}'s changed block {block} was never written again\n{}",
+            data.display(),
+            own_log(cl, 1, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Drops what the page cache holds of `file`, so its next read goes to
 /// the disk.
 fn uncache(file: &Path) {
@@ -917,35 +954,8 @@ async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() 
     // Other bytes on n3's copy, behind its back (its tag unchanged).
     let changed = 50;
     let n3_data = cl.copy_data(3, &v.volume_id);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&n3_data)
-            .unwrap();
-        f.write_all_at(&[0x5a; BLOCK], changed * BLOCK as u64)
-            .unwrap();
-        f.sync_all().unwrap();
-    }
-    let n3_block = |path: &Path| {
-        use std::os::unix::fs::FileExt;
-        uncache(path);
-        let mut buf = vec![0u8; BLOCK];
-        std::fs::File::open(path)
-            .unwrap()
-            .read_exact_at(&mut buf, changed * BLOCK as u64)
-            .unwrap();
-        buf
-    };
-    let until = Instant::now() + WAIT;
-    while n3_block(&n3_data) != common::checker::block_bytes(changed, 1) {
-        assert!(
-            Instant::now() < until,
-            "n3's changed block was never written again\n{}",
-            own_log(&cl, 1, 40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    change_block(&n3_data, changed);
+    wait_block_back(&cl, &n3_data, changed).await;
     t.done("n3's changed block outvoted and written again");
     assert!(metric(&cl, "repairs", "n3") >= 1, "n3's repair not counted");
     assert_eq!(metric(&cl, "repairs", "n1"), 0, "n1 repaired");
@@ -993,29 +1003,10 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     let changed = 50;
     let n3_data = cl.copy_data(3, &v.volume_id);
-    let n3_block = |path: &Path| {
-        use std::os::unix::fs::FileExt;
-        uncache(path);
-        let mut buf = vec![0u8; BLOCK];
-        std::fs::File::open(path)
-            .unwrap()
-            .read_exact_at(&mut buf, changed * BLOCK as u64)
-            .unwrap();
-        buf
-    };
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&n3_data)
-            .unwrap();
-        f.write_all_at(&[0x5a; BLOCK], changed * BLOCK as u64)
-            .unwrap();
-        f.sync_all().unwrap();
-    }
+    change_block(&n3_data, changed);
     // No scrub of its own: the change stays.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(n3_block(&n3_data) != common::checker::block_bytes(changed, 1));
+    assert!(file_block(&n3_data, changed) != common::checker::block_bytes(changed, 1));
 
     let (ok, text, err) = scrub(&cl, &v.volume_id);
     assert!(ok, "{err}");
@@ -1028,15 +1019,7 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(r["started"], false, "a second pass started: {r}");
-    let until = Instant::now() + WAIT;
-    while n3_block(&n3_data) != common::checker::block_bytes(changed, 1) {
-        assert!(
-            Instant::now() < until,
-            "n3's changed block was never written again\n{}",
-            own_log(&cl, 1, 40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_block_back(&cl, &n3_data, changed).await;
     cl.wait_condition(&v.volume_id, WAIT, "the pass done", |_, m| {
         m.contains("scrub: 1 passes")
     })

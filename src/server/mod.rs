@@ -624,8 +624,7 @@ async fn check_idle_copies(
     every: std::time::Duration,
     rate: u64,
 ) {
-    use crate::backend::replicated::REGION_BYTES;
-    let per_region = std::time::Duration::from_secs_f64(REGION_BYTES as f64 / rate.max(1) as f64);
+    let per_region = crate::backend::replicated::scrub_region_time(rate);
     let seed = uuid::Uuid::new_v4().as_u64_pair().0;
     let first = std::time::Duration::from_millis(seed % (every.as_millis().max(1) as u64));
     let mut due = tokio::time::Instant::now() + first;

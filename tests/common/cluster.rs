@@ -374,21 +374,21 @@ impl Cluster {
     /// Node `i`'s sample of metric `name` for copy `copy` (of the one
     /// replicated volume its engine serves).
     pub fn copy_metric(&self, i: usize, name: &str, copy: &str) -> Option<u64> {
-        let (_, body) = self.http_get(i, NODE_METRICS_PORT, "/metrics");
-        body.lines()
-            .find(|l| {
-                l.starts_with(&format!("{name}{{")) && l.contains(&format!("copy=\"{copy}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        self.metric_with(i, name, &format!("copy=\"{copy}\""))
     }
 
     /// Node `i`'s sample of metric `name` (of the one replicated volume
     /// its engine serves, a per-volume metric), None without one.
     pub fn volume_metric(&self, i: usize, name: &str) -> Option<u64> {
+        self.metric_with(i, name, "")
+    }
+
+    /// Node `i`'s first sample of labelled metric `name` whose labels
+    /// contain `label`.
+    fn metric_with(&self, i: usize, name: &str, label: &str) -> Option<u64> {
         let (_, body) = self.http_get(i, NODE_METRICS_PORT, "/metrics");
         body.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")))
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     }

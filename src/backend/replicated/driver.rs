@@ -1355,9 +1355,7 @@ impl Task {
         let seed = uuid::Uuid::new_v4().as_u64_pair();
         let rng = (seed.0 ^ seed.1) | 1;
         let scrub_every = cfg.scrub_every.map(|d| ticks(d, cfg.tick));
-        // One region's bytes at the rate.
-        let per_region =
-            Duration::from_secs_f64(REGION_BYTES as f64 / cfg.scrub_rate.max(1) as f64);
+        let per_region = super::scrub_region_time(cfg.scrub_rate);
         Task {
             engine: Engine::new(ecfg, ballot, record, 0),
             peer,

@@ -608,13 +608,10 @@ impl Engine {
             }
             return;
         }
-        if let Some(region) = user.or(rebuild).or(check)
-            && let Some(l) = self.links.get_mut(node)
-            && l.phase == Phase::InSync
-        {
-            l.unreadable.insert(region);
+        match user.or(rebuild).or(check) {
+            Some(region) => self.region_failed(node, region),
+            None => self.unreachable(node),
         }
-        self.unreachable(node);
         let Some(region) = user else {
             return;
         };
@@ -2168,6 +2165,17 @@ mod tests {
         }
     }
 
+    /// Starts a read of `region`; asserts it went to `node` alone.
+    fn read_from(e: &mut Engine, region: Region, node: &str) -> u64 {
+        let id = e.read(region).unwrap();
+        let (out, _) = e.drain();
+        assert!(
+            matches!(&out[..], [Envelope { to, msg: Request::Read { .. } }] if to == node),
+            "{out:?}"
+        );
+        id
+    }
+
     fn acked(events: &[EngineEvent]) -> Vec<Tag> {
         events
             .iter()
@@ -2274,12 +2282,7 @@ mod tests {
         assert_eq!(acked(&net.run(&mut e, 2)), [t1]);
         // Flushed: no copy lacks region 1 for want of a flush.
         net.flush(&mut e);
-        let id = e.read(1).unwrap();
-        let (out, _) = e.drain();
-        assert!(
-            matches!(&out[..], [Envelope { to, msg: Request::Read { .. } }] if to == "a"),
-            "{out:?}"
-        );
+        let id = read_from(&mut e, 1, "a");
         e.read_failed("a", id);
         let t2 = e.write(2).unwrap();
         let (out, _) = e.drain();
@@ -2331,12 +2334,7 @@ mod tests {
     #[test]
     fn a_read_the_only_copy_in_sync_fails_fails_that_read_alone() {
         let (mut net, mut e) = only_a_in_sync();
-        let id = e.read(1).unwrap();
-        let (out, _) = e.drain();
-        assert!(
-            matches!(&out[..], [Envelope { to, msg: Request::Read { .. } }] if to == "a"),
-            "{out:?}"
-        );
+        let id = read_from(&mut e, 1, "a");
         e.read_failed("a", id);
         let (out, _) = e.drain();
         assert!(out.is_empty(), "nowhere else to read from: {out:?}");
