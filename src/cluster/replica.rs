@@ -330,6 +330,8 @@ impl Replica for ReplicaService {
             scrub_unresolved: st.scrub.unresolved,
             scrubbing: st.scrub.at.is_some(),
             scrub_at: st.scrub.at.unwrap_or(0),
+            scrub_last_done: st.scrub.last_done,
+            scrub_next_at: st.scrub.next_at,
         }))
     }
 

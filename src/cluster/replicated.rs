@@ -1113,6 +1113,11 @@ impl Replicated {
                 if r.scrubbing {
                     scrub.push_str(&format!(", at MiB {}", r.scrub_at));
                 }
+                scrub.push_str(&scrub_schedule(
+                    r.scrub_last_done,
+                    r.scrub_next_at,
+                    crate::backend::replicated::store::unix_now(),
+                ));
                 format!(
                     "; engine {} at epoch {}: {}; {} MiB rebuilt; {scrub}",
                     r.state,
@@ -1350,6 +1355,33 @@ fn orphaned_members(
 
 /// JSON of what goes into publish_context.
 #[allow(clippy::result_large_err)]
+/// ", the last whole pass <age> ago, the next due in <time>" for a
+/// volume's condition, from when the last ended (`done`) and the next is
+/// due (`next`), both in seconds since the Unix epoch (0: none known or
+/// planned), at `now`; each part left out when unknown.
+fn scrub_schedule(done: u64, next: u64, now: u64) -> String {
+    let span = |s: u64| match s {
+        0..120 => format!("{s} s"),
+        120..7_200 => format!("{} min", s / 60),
+        7_200..172_800 => format!("{} h", s / 3_600),
+        _ => format!("{} days", s / 86_400),
+    };
+    let mut out = String::new();
+    if done > 0 {
+        out.push_str(&format!(
+            ", the last whole pass {} ago",
+            span(now.saturating_sub(done))
+        ));
+    }
+    if next > 0 {
+        out.push_str(&format!(
+            ", the next due in {}",
+            span(next.saturating_sub(now))
+        ));
+    }
+    out
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
     serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))
 }
@@ -1357,6 +1389,28 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scrub_schedule_is_said_in_the_unit_that_reads_best() {
+        assert_eq!(scrub_schedule(0, 0, 1_000), "");
+        let last = |age: u64| scrub_schedule(1_000, 0, 1_000 + age);
+        assert_eq!(last(42), ", the last whole pass 42 s ago");
+        assert_eq!(last(600), ", the last whole pass 10 min ago");
+        assert_eq!(last(3 * 3_600), ", the last whole pass 3 h ago");
+        assert_eq!(last(9 * 86_400), ", the last whole pass 9 days ago");
+        assert_eq!(
+            scrub_schedule(2_000, 0, 1_000),
+            ", the last whole pass 0 s ago"
+        );
+        assert_eq!(
+            scrub_schedule(0, 1_000 + 7 * 86_400, 1_000),
+            ", the next due in 7 days"
+        );
+        assert_eq!(
+            scrub_schedule(900, 1_030, 1_000),
+            ", the last whole pass 100 s ago, the next due in 30 s"
+        );
+    }
 
     fn ballot(round: u64) -> Ballot {
         Ballot {

@@ -55,11 +55,12 @@ use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::MissedTickBehavior;
 
-use super::REGION_BYTES;
 use super::engine::{CopyView, Engine, EngineConfig, EngineEvent, EngineState, IoError};
 use super::protocol::{Ballot, Envelope, Io, Refusal, Region, Reply, Request, Tag};
 use super::record::ReplicaRecord;
+use super::store::unix_now;
 use super::wire::{Answer, BatchDone, Call, Payload, Peer, PeerError};
+use super::{CheckDue, REGION_BYTES};
 use crate::os::fuse_file::{BlockHandler, WriteDone};
 use bytes::Bytes;
 
@@ -91,10 +92,17 @@ pub struct DriverConfig {
     /// How long [`EngineDriver::start`] waits for the engine to be ready.
     pub start_timeout: Duration,
     /// How often a scrub pass reads every region on every copy in sync
-    /// and compares them (see [`Engine::scrub`]); None: never. The first
-    /// pass starts at a random point within the first period, so the
-    /// engines a node starts at once do not scrub at once.
+    /// and compares them (see [`Engine::scrub`]); None: never. The copies
+    /// say how far passes got ([`CheckMark`](super::protocol::CheckMark)): the engine's first pass
+    /// resumes one an earlier engine did not finish, at a random point
+    /// within `scrub_spread` (or the period, when shorter), so the engines
+    /// a node starts at once do not scrub at once; it starts a period
+    /// after the last whole pass, or within `scrub_spread` when that is
+    /// past; with no pass ever done, at a random point within the first
+    /// period.
     pub scrub_every: Option<Duration>,
+    /// See `scrub_every`.
+    pub scrub_spread: Duration,
     /// The pace of a scrub pass: bytes per second read on each copy.
     pub scrub_rate: u64,
 }
@@ -114,6 +122,7 @@ impl DriverConfig {
             io_timeout: Duration::from_secs(15),
             start_timeout: Duration::from_secs(30),
             scrub_every: None,
+            scrub_spread: Duration::from_secs(60),
             scrub_rate: 16 << 20,
         }
     }
@@ -232,6 +241,12 @@ pub struct ScrubStatus {
     pub unresolved: u64,
     /// The next region of the pass under way.
     pub at: Option<Region>,
+    /// When the last whole pass ended, in seconds since the Unix epoch,
+    /// by this engine or as the copies said at its start (0: none known).
+    pub last_done: u64,
+    /// When the next pass is due to start, in seconds since the Unix
+    /// epoch (0: none planned).
+    pub next_at: u64,
 }
 
 /// The calls to one copy that failed since the driver started.
@@ -1319,9 +1334,17 @@ struct Task {
     scrub_every: Option<u64>,
     /// Ticks between two regions of a pass.
     scrub_gap: u64,
-    /// When the next pass starts.
+    /// When the next pass starts (once planned: see `plan_scrub`).
     scrub_due: u64,
+    /// The region it starts at.
+    scrub_from: Region,
+    /// The first pass was planned from the copies' [`CheckMark`](super::protocol::CheckMark)s.
+    scrub_planned: bool,
     scrub: ScrubStatus,
+    /// Ticks within which a due pass starts (see
+    /// [`DriverConfig::scrub_spread`]).
+    scrub_spread: u64,
+    tick: Duration,
     shared: Arc<Shared>,
 }
 
@@ -1384,8 +1407,12 @@ impl Task {
             errors: BTreeMap::new(),
             scrub_every,
             scrub_gap: ticks(per_region, cfg.tick),
-            scrub_due: scrub_every.map_or(0, |e| 1 + rng.rotate_left(17) % e),
+            scrub_due: 0,
+            scrub_from: 0,
+            scrub_planned: false,
             scrub: ScrubStatus::default(),
+            scrub_spread: ticks(cfg.scrub_spread, cfg.tick),
+            tick: cfg.tick,
             shared,
         }
     }
@@ -1529,13 +1556,16 @@ impl Task {
                 self.engine.refresh();
             }
             Command::Scrub { done } => {
+                if !self.scrub_planned && matches!(self.engine.state(), EngineState::Running) {
+                    self.plan_scrub();
+                }
                 let started = self.engine.scrub(0, self.scrub_gap);
                 let answer = match self.engine.scrubbing() {
                     Some(at) => {
                         if started {
                             tracing::info!(volume = %self.volume, "scrub pass started on request");
                             if let Some(every) = self.scrub_every {
-                                self.scrub_due = self.now + every;
+                                self.set_scrub_due(every);
                             }
                         }
                         Scrubbing::Pass {
@@ -1675,15 +1705,55 @@ impl Task {
         true
     }
 
+    /// Plans the engine's first scrub pass, once it runs, from how far the
+    /// copies it attached say passes got (see
+    /// [`DriverConfig::scrub_every`]).
+    fn plan_scrub(&mut self) {
+        self.scrub_planned = true;
+        let mark = self.engine.scrubbed();
+        if self.scrub.last_done == 0 {
+            self.scrub.last_done = mark.done;
+        }
+        let Some(every) = self.scrub_every else {
+            return;
+        };
+        let spread = every.min(self.scrub_spread);
+        let r = self.rng.rotate_left(17);
+        let regions = self.size.div_ceil(REGION_BYTES);
+        let period = Duration::from_nanos(every.saturating_mul(self.tick.as_nanos() as u64));
+        let due = CheckDue::of(mark, regions, unix_now(), period);
+        let (wait, from) = match due {
+            CheckDue::Resume(at) => (1 + r % spread, at),
+            CheckDue::After(left) => (ticks(left, self.tick), 0),
+            CheckDue::Overdue => (1 + r % spread, 0),
+            CheckDue::Never => (1 + r % every, 0),
+        };
+        self.set_scrub_due(wait);
+        self.scrub_from = from;
+        tracing::debug!(volume = %self.volume, ?due, in_ticks = wait, "first scrub pass planned");
+    }
+
+    /// The next pass is due `wait` ticks from now.
+    fn set_scrub_due(&mut self, wait: u64) {
+        self.scrub_due = self.now + wait;
+        let secs = Duration::from_nanos(wait.saturating_mul(self.tick.as_nanos() as u64)).as_secs();
+        self.scrub.next_at = unix_now() + secs;
+    }
+
     fn tick(&mut self) {
         self.now += 1;
         let jitter = self.jitter();
         self.engine.tick(self.now, jitter);
+        if !self.scrub_planned && matches!(self.engine.state(), EngineState::Running) {
+            self.plan_scrub();
+        }
         if let Some(every) = self.scrub_every
+            && self.scrub_planned
             && self.now >= self.scrub_due
-            && self.engine.scrub(0, self.scrub_gap)
+            && self.engine.scrub(self.scrub_from, self.scrub_gap)
         {
-            self.scrub_due = self.now + every;
+            self.set_scrub_due(every);
+            self.scrub_from = 0;
         }
         self.expire();
         if self
@@ -1914,6 +1984,7 @@ impl Task {
             }
             EngineEvent::ScrubDone => {
                 self.scrub.passes += 1;
+                self.scrub.last_done = unix_now();
                 tracing::info!(volume = %v, passes = self.scrub.passes,
                     regions = self.scrub.regions, "scrub pass done");
             }
@@ -2107,6 +2178,8 @@ impl Task {
             || old.passes != new.passes
             || old.unresolved != new.unresolved
             || old.repairs != new.repairs
+            || old.last_done != new.last_done
+            || old.next_at != new.next_at
         {
             s.scrub.clone_from(&self.scrub);
             s.scrub.at = at;
@@ -2121,7 +2194,7 @@ mod tests {
 
     use super::*;
     use crate::backend::replicated::engine::CopyPhase;
-    use crate::backend::replicated::protocol::{Change, Outcome, Proposer, Voter};
+    use crate::backend::replicated::protocol::{Change, CheckMark, Outcome, Proposer, Voter};
     use crate::backend::replicated::record::Member;
 
     #[test]
@@ -2166,6 +2239,11 @@ mod tests {
         unreadable: BTreeSet<Region>,
         /// Reads and checks that failed on them.
         failed_reads: u64,
+        /// How far scrub passes got here, as its attach answers say (the
+        /// store's `checked` file).
+        scrubbed: CheckMark,
+        /// The regions it answered checks of, in turn.
+        verified: Vec<Region>,
     }
 
     /// The copies of one volume in memory, behind [`Peer`]. A Write's or
@@ -2205,6 +2283,8 @@ mod tests {
                                 delay: Duration::ZERO,
                                 unreadable: BTreeSet::new(),
                                 failed_reads: 0,
+                                scrubbed: CheckMark::default(),
+                                verified: Vec::new(),
                             };
                             (n.to_string(), node)
                         })
@@ -2274,6 +2354,17 @@ mod tests {
                 .entry(region)
                 .or_insert_with(|| vec![0; region_len(region)]);
             b[100] ^= 0xff;
+        }
+
+        /// Makes `node`'s attach answers say scrub passes got as far as
+        /// `mark`.
+        fn set_scrubbed(&self, node: &str, mark: CheckMark) {
+            self.nodes.lock().unwrap().get_mut(node).unwrap().scrubbed = mark;
+        }
+
+        /// The regions `node` answered checks of, in turn.
+        fn verified(&self, node: &str) -> Vec<Region> {
+            self.nodes.lock().unwrap()[node].verified.clone()
         }
 
         /// (regions still unreadable, reads that failed) on `node`.
@@ -2430,11 +2521,15 @@ mod tests {
                         *self.rebuilt_bytes.lock().unwrap() += call.data.len() as u64;
                     }
                 }
-                (Request::Flush { .. }, Some(Reply::Flushed { .. }))
-                | (Request::Attach { .. }, Some(Reply::Attached { .. })) => {
+                (Request::Flush { .. }, Some(Reply::Flushed { .. })) => {
                     n.durable = n.bytes.clone();
                 }
+                (Request::Attach { .. }, Some(Reply::Attached { scrubbed, .. })) => {
+                    n.durable = n.bytes.clone();
+                    *scrubbed = n.scrubbed;
+                }
                 (Request::Verify { region, .. }, Some(Reply::Verified { digest, .. })) => {
+                    n.verified.push(*region);
                     let len = region_len(*region);
                     let b = n.bytes.get(region).cloned().unwrap_or(vec![0; len]);
                     digest
@@ -2853,6 +2948,91 @@ mod tests {
         assert_images(&net, &["a", "b", "c"], &model);
         net.check();
         d.stop().await.unwrap();
+    }
+
+    /// A new engine resumes a pass an earlier one stopped, where the
+    /// copies say it got (the furthest after the latest whole pass), long
+    /// before the period is up, and counts the next period from then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_engine_resumes_the_pass_an_earlier_one_stopped() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let now = unix_now();
+        net.set_scrubbed(
+            "a",
+            CheckMark {
+                done: now - 50,
+                next: 1,
+            },
+        );
+        net.set_scrubbed(
+            "b",
+            CheckMark {
+                done: now - 50,
+                next: 2,
+            },
+        );
+        // A pass stopped before the latest whole one.
+        net.set_scrubbed(
+            "c",
+            CheckMark {
+                done: now - 900,
+                next: 3,
+            },
+        );
+        let mut cfg = config("a");
+        let hour = 3_600;
+        cfg.scrub_every = Some(Duration::from_secs(hour));
+        cfg.scrub_spread = Duration::from_millis(50);
+        cfg.scrub_rate = 1 << 30;
+        let d = start_with(&net, cfg, &ballot, &r).await;
+        until("the resumed pass done", || d.status().scrub.passes == 1).await;
+        let s = d.status().scrub;
+        assert_eq!(s.regions, 2, "{s:?}");
+        for n in ["a", "b", "c"] {
+            assert_eq!(net.verified(n), [2, 3], "{n}");
+        }
+        assert!(s.last_done >= now, "{s:?}");
+        let next = s.next_at.saturating_sub(now);
+        assert!((hour - 5..=hour + 5).contains(&next), "{s:?}");
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    /// A new engine whose copies say the last whole pass ended some time
+    /// ago plans the next one a period after it; one with copies that
+    /// never saw a pass end plans it within the first period; one whose
+    /// last pass is a period old or more, within the spread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_engine_plans_the_next_pass_a_period_after_the_last_whole_one() {
+        let hour = 3_600;
+        let plan = |marks: [u64; 3]| async move {
+            let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+            for (n, done) in ["a", "b", "c"].into_iter().zip(marks) {
+                net.set_scrubbed(n, CheckMark { done, next: 0 });
+            }
+            let mut cfg = config("a");
+            cfg.scrub_every = Some(Duration::from_secs(hour));
+            let d = start_with(&net, cfg, &ballot, &r).await;
+            until("the pass planned", || d.status().scrub.next_at > 0).await;
+            let s = d.status().scrub;
+            assert_eq!(s.passes, 0);
+            d.stop().await.unwrap();
+            s
+        };
+        let now = unix_now();
+        let s = plan([now - 1_000, now - 3_000, 0]).await;
+        assert_eq!(s.last_done, now - 1_000);
+        let next = s.next_at.saturating_sub(now);
+        assert!(
+            (hour - 1_000 - 5..=hour - 1_000 + 5).contains(&next),
+            "{s:?}"
+        );
+        // Overdue: within the spread (a minute by default).
+        let s = plan([now - 2 * hour, 0, 0]).await;
+        assert!(s.next_at <= unix_now() + 61, "{s:?}");
+        let s = plan([0, 0, 0]).await;
+        assert_eq!(s.last_done, 0);
+        assert!(s.next_at <= unix_now() + hour + 1, "{s:?}");
     }
 
     /// A pass asked for runs with no schedule, says so when one is under

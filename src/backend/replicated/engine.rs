@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::protocol::{
-    Ballot, Change, Digest, Envelope, Io, IoRefusal, Outcome, Proposer, Refusal, Region, Reply,
-    Request, Tag,
+    Ballot, Change, CheckMark, Digest, Envelope, Io, IoRefusal, Outcome, Proposer, Refusal, Region,
+    Reply, Request, Tag,
 };
 use super::record::ReplicaRecord;
 
@@ -200,6 +200,8 @@ struct Link {
     probed: u64,
     /// It takes [`Request::Verify`] (its last attach said so).
     verifies: bool,
+    /// How far scrub passes got on it (its last attach said so).
+    scrubbed: CheckMark,
 }
 
 impl Link {
@@ -220,6 +222,7 @@ impl Link {
             flushed: false,
             probed: 0,
             verifies: false,
+            scrubbed: CheckMark::default(),
         }
     }
 
@@ -904,11 +907,13 @@ impl Engine {
                 tags,
                 verifies,
                 unreadable,
+                scrubbed,
             } => {
                 if let Some(l) = self.links.get_mut(from)
                     && l.conn == conn
                 {
                     l.verifies = verifies;
+                    l.scrubbed = scrubbed;
                 }
                 self.attached(from, conn, boot, tags, unreadable)
             }
@@ -1590,6 +1595,17 @@ impl Engine {
             checking: None,
         });
         true
+    }
+
+    /// How far scrub passes got, as the copies attached so far say: the
+    /// latest whole pass, and where a pass after it stopped (see
+    /// [`CheckMark`]).
+    pub fn scrubbed(&self) -> CheckMark {
+        self.links
+            .values()
+            .map(|l| l.scrubbed)
+            .max()
+            .unwrap_or_default()
     }
 
     /// The next region of the scrub pass under way.
@@ -2602,11 +2618,68 @@ mod tests {
                 tags,
                 verifies,
                 unreadable: vec![2, 99],
+                scrubbed: CheckMark::default(),
             },
         );
         let rebuilt = rebuild_all(&mut net, &mut e);
         assert_eq!(rebuilt, [("b".to_owned(), 2)]);
         assert_eq!(e.state(), EngineState::Running);
+    }
+
+    /// How far scrub passes got is what the copies' attach answers say:
+    /// the latest whole pass, with where a pass after it stopped; a pass
+    /// stopped before a later whole one does not count.
+    #[test]
+    fn the_scrub_progress_is_the_latest_the_attached_copies_name() {
+        let (mut net, mut e, _) = Net::running();
+        assert_eq!(e.scrubbed(), CheckMark::default());
+        rebuild_all(&mut net, &mut e);
+        net.flush(&mut e);
+        let r = net.voters["a"].state().record.clone();
+        let mut e = net.publish("a", &r, "ctl2");
+        let marks = [
+            ("b", CheckMark { done: 100, next: 9 }),
+            ("c", CheckMark { done: 200, next: 3 }),
+        ];
+        let mut held = Vec::new();
+        let attach = |x: &Envelope| x.to != "a" && matches!(x.msg, Request::Attach { .. });
+        for _ in 0..10 {
+            net.run_holding(&mut e, 1, &mut held, &attach);
+            if held.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(held.len(), 2, "{held:?}");
+        for x in held {
+            let (from, reply) = net.deliver(x).unwrap();
+            let Reply::Attached {
+                conn,
+                boot,
+                tags,
+                verifies,
+                unreadable,
+                scrubbed,
+            } = reply
+            else {
+                panic!("{reply:?}");
+            };
+            assert!(scrubbed.is_none(), "the model's voters keep none");
+            let scrubbed = marks.iter().find(|(n, _)| *n == from).unwrap().1;
+            e.handle(
+                &from,
+                Reply::Attached {
+                    conn,
+                    boot,
+                    tags,
+                    verifies,
+                    unreadable,
+                    scrubbed,
+                },
+            );
+        }
+        net.run(&mut e, 2);
+        assert_eq!(e.state(), EngineState::Running);
+        assert_eq!(e.scrubbed(), CheckMark { done: 200, next: 3 });
     }
 
     /// A copy whose attach answer does not say it takes checks (a copy of

@@ -105,3 +105,66 @@ pub const REGION_BYTES: u64 = 1 << 20;
 pub fn scrub_region_time(rate: u64) -> std::time::Duration {
     std::time::Duration::from_secs_f64(REGION_BYTES as f64 / rate.max(1) as f64)
 }
+
+/// When the next check of a copy (an engine's scrub pass, or a node's
+/// read of a copy nobody publishes) is due, from how far the checks got
+/// ([`protocol::CheckMark`]), for a volume of `regions` regions checked
+/// every `every`, at `now` (seconds since the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckDue {
+    /// A check stopped under way: it resumes at this region.
+    Resume(protocol::Region),
+    /// The last whole check ended less than `every` ago: the next is due
+    /// after this.
+    After(std::time::Duration),
+    /// The last whole check ended `every` ago or more.
+    Overdue,
+    /// None ever reached the end.
+    Never,
+}
+
+impl CheckDue {
+    pub fn of(
+        mark: protocol::CheckMark,
+        regions: u64,
+        now: u64,
+        every: std::time::Duration,
+    ) -> Self {
+        if mark.next > 0 && u64::from(mark.next) < regions {
+            return CheckDue::Resume(mark.next);
+        }
+        if mark.done == 0 {
+            return CheckDue::Never;
+        }
+        // A clock of the copy's node ahead of this one's: no time passed.
+        let since = std::time::Duration::from_secs(now.saturating_sub(mark.done));
+        match every.checked_sub(since) {
+            Some(left) if !left.is_zero() => CheckDue::After(left),
+            _ => CheckDue::Overdue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::protocol::CheckMark;
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_check_resumes_where_it_stopped_or_waits_out_the_period_from_the_last() {
+        let every = Duration::from_secs(100);
+        let due = |done, next| CheckDue::of(CheckMark { done, next }, 10, 1_000, every);
+        assert_eq!(due(0, 0), CheckDue::Never);
+        assert_eq!(due(0, 4), CheckDue::Resume(4));
+        assert_eq!(due(990, 4), CheckDue::Resume(4));
+        // Past the end (a mark of other size): a whole check.
+        assert_eq!(due(990, 10), CheckDue::After(Duration::from_secs(90)));
+        assert_eq!(due(0, 10), CheckDue::Never);
+        assert_eq!(due(990, 0), CheckDue::After(Duration::from_secs(90)));
+        assert_eq!(due(900, 0), CheckDue::Overdue);
+        assert_eq!(due(5, 0), CheckDue::Overdue);
+        // Done "later" than now by this clock.
+        assert_eq!(due(1_050, 0), CheckDue::After(every));
+    }
+}

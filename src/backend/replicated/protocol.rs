@@ -127,6 +127,29 @@ pub enum Request {
 /// A SHA-256 digest of a region's bytes ([`Reply::Verified`]).
 pub type Digest = [u8; 32];
 
+/// How far a check of a copy got, kept beside the copy so that the
+/// schedule outlives the process that checks it: an engine's scrub pass
+/// ([`Request::Verify`]; named in [`Reply::Attached`], so the next engine
+/// resumes a pass an unpublish or a restart stopped, and waits out the
+/// period from the last whole pass instead of starting afresh), or its
+/// node's check while the volume is not published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CheckMark {
+    /// When a check last reached the last region, in seconds since the
+    /// Unix epoch by the clock of the copy's node (0: never).
+    #[serde(default)]
+    pub done: u64,
+    /// The region a check under way is to check next (0: none under way).
+    #[serde(default)]
+    pub next: Region,
+}
+
+impl CheckMark {
+    pub fn is_none(&self) -> bool {
+        *self == CheckMark::default()
+    }
+}
+
 impl Request {
     /// Moves bytes under an epoch a copy already accepted (`Write`,
     /// `Rebuild`, `Read`, `Flush`): what a batch or the data link
@@ -196,6 +219,11 @@ pub enum Reply {
         /// them there.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         unreadable: Vec<Region>,
+        /// How far engines' scrub passes got on the copy (the store fills
+        /// it in; absent from older copies' answers, ignored by older
+        /// engines).
+        #[serde(default, skip_serializing_if = "CheckMark::is_none")]
+        scrubbed: CheckMark,
     },
     Written {
         conn: u64,
@@ -388,6 +416,7 @@ impl Voter {
                             tags: self.volatile.clone(),
                             verifies: self.role == Role::Copy,
                             unreadable: Vec::new(),
+                            scrubbed: CheckMark::default(),
                         }
                     }
                 })

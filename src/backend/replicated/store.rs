@@ -47,8 +47,10 @@ use super::protocol::{Ballot, Digest, Region, Reply, Request, Tag, Voter, VoterS
 use super::record::{ReplicaRecord, Role, same_members};
 use super::wire::{Answer, Call};
 
+mod checked;
 mod snap;
 mod unreadable;
+pub use checked::{Checked, unix_now};
 pub use unreadable::unreadable_in;
 pub mod writeback;
 pub use snap::{Base, GroupOf, SnapshotInfo};
@@ -176,6 +178,8 @@ struct Held {
     /// `unreadable_lock`.
     has_unreadable: AtomicBool,
     unreadable_lock: Mutex<()>,
+    /// How far the checks of the copy got (see [`checked`]).
+    checked: Mutex<checked::HeldChecked>,
 }
 
 /// Volumes with an open, a create's placement or a delete under way in
@@ -240,6 +244,7 @@ impl Held {
             });
         }
         let mut clean = self.clean.lock().unwrap_or_else(|e| e.into_inner());
+        self.save_checked(&mut self.checked.lock().unwrap_or_else(|e| e.into_inner()));
         self.sync()?;
         let boot = self
             .voter
@@ -353,8 +358,14 @@ impl Held {
                     self.sync()?;
                 }
                 let mut answer = self.decide(call.request)?;
-                if let Some(Reply::Attached { unreadable, .. }) = answer.reply.as_mut() {
+                if let Some(Reply::Attached {
+                    unreadable,
+                    scrubbed,
+                    ..
+                }) = answer.reply.as_mut()
+                {
                     *unreadable = self.unreadable();
+                    *scrubbed = self.scrubbed();
                 }
                 Ok(answer)
             }
@@ -538,6 +549,9 @@ impl Held {
             v.handle(call.request)
         };
         if let Some(Reply::Verified { digest, .. }) = reply.as_mut() {
+            // Checked, whatever the disk answers: the engine repairs what
+            // it cannot read.
+            self.scrub_checked(region);
             *digest = self.digest_of(region, len)?;
         }
         Ok(Answer {
@@ -1053,6 +1067,10 @@ impl ReplicaStore {
                 unreadable::listed(dir).map_or(true, |s| !s.is_empty()),
             ),
             unreadable_lock: Mutex::new(()),
+            checked: Mutex::new(checked::HeldChecked {
+                now: checked::load(dir),
+                unsaved: false,
+            }),
         };
         {
             let v = held.voter.lock().unwrap_or_else(|e| e.into_inner());

@@ -178,7 +178,8 @@ impl ReplicaStore {
 
     /// Reads `region` of `uuid`'s copy here from the disk (see the module
     /// documentation): false when the disk failed the read, and the region
-    /// is then listed for the next engine to rebuild.
+    /// is then listed for the next engine to rebuild. The copy's read
+    /// progress moves on (see [`super::Checked::read`]).
     pub fn check_idle(&self, uuid: Uuid, region: Region) -> Result<bool, StoreError> {
         // No open, create or delete of the copy meanwhile.
         let _busy = self.busy.hold(uuid);
@@ -195,12 +196,15 @@ impl ReplicaStore {
         if len == 0 {
             return Ok(true);
         }
-        match read_region(&dir, region, len, |_| ()) {
+        let held = self.opened(uuid)?;
+        let read = read_region(&dir, region, len, |_| ());
+        // Checked, whatever the disk answered (see `checked`).
+        self.read_checked(&dir, held.as_deref(), region, regions_of(size));
+        match read {
             Ok(()) => Ok(true),
             Err(e) if disk_failed(&e) => {
                 tracing::warn!(volume = %uuid, region, error = %e,
                     "the disk cannot read a region of an idle copy: its next engine rebuilds it here");
-                let held = self.opened(uuid)?;
                 let _l = held
                     .as_ref()
                     .map(|h| h.unreadable_lock.lock().unwrap_or_else(|e| e.into_inner()));
