@@ -1030,6 +1030,83 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     cl.delete(&v.volume_id).await.unwrap();
 }
 
+/// Where the pass under way is, from a volume's condition ("at MiB N").
+fn scrub_at(msg: &str) -> Option<u64> {
+    let rest = &msg[msg.find("at MiB ")? + "at MiB ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// A scrub pass an unpublish stopped resumes where it got when the volume
+/// is published again (the copies keep how far it got), long before the
+/// period is up and not from the start; once done, the volume's condition
+/// says when the last whole pass ended and when the next is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_pass_an_unpublish_stopped_resumes_where_it_got() {
+    let mut t = Steps::new("scrub resumed");
+    // A pass of 128 MiB at 4 MiB/s takes 32 s; one due starts within 20 s.
+    let args: Vec<String> = ["--replica-scrub-every", "20", "--replica-scrub-rate", "4"]
+        .map(String::from)
+        .to_vec();
+    let node = || NodeOpts {
+        args: args.clone(),
+        ..Default::default()
+    };
+    let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut req = replicated_req("rep-scrub-resume", "3", SIZE, cap.clone());
+    req.accessibility_requirements = on(&["n1"], &[]);
+    let v = cl.create(req).await.unwrap();
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    write_blocks(&m.target, 64).await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    let out = cl.client(&["volume", "scrub", &v.volume_id]);
+    assert!(out.status.success(), "{out:?}");
+    let (_, msg) = cl
+        .wait_condition(&v.volume_id, WAIT, "the pass past MiB 24", |_, m| {
+            scrub_at(m).is_some_and(|at| at >= 24)
+        })
+        .await;
+    assert!(!msg.contains("last whole pass"), "{msg}");
+    m.down(&mut cl, &v.volume_id).await;
+    let stopped = scrub_at(&msg).unwrap();
+    t.done(&format!("pass stopped by an unpublish past MiB {stopped}"));
+
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    let (_, msg) = cl
+        .wait_condition(&v.volume_id, WAIT, "a pass under way", |_, m| {
+            scrub_at(m).is_some()
+        })
+        .await;
+    let resumed = scrub_at(&msg).unwrap();
+    assert!(
+        resumed >= stopped,
+        "the new engine's pass started at MiB {resumed}, not where the last stopped ({stopped}): {msg}"
+    );
+    assert!(msg.contains("0 passes"), "{msg}");
+    t.done(&format!("resumed at MiB {resumed}"));
+    let (_, msg) = cl
+        .wait_condition(&v.volume_id, WAIT, "the pass done", |_, m| {
+            m.contains("scrub: 1 passes")
+        })
+        .await;
+    let checked: u64 = msg
+        .split("scrub: 1 passes, ")
+        .nth(1)
+        .and_then(|r| r.split(" MiB checked").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{msg}"));
+    assert!(
+        checked <= (SIZE as u64 >> 20) - stopped,
+        "the resumed pass checked {checked} MiB: {msg}"
+    );
+    assert!(msg.contains("the last whole pass"), "{msg}");
+    assert!(msg.contains("the next due in"), "{msg}");
+    t.done("pass done");
+    m.down(&mut cl, &v.volume_id).await;
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
 /// A copy of a volume nobody publishes has no engine to scrub it: its own
 /// node reads it on the scrub's schedule. A bad sector on n2's idle copy
 /// is listed there (n2's metrics show it), and the next engine, when the
