@@ -6,7 +6,10 @@
 //! - `data` (copies only): the volume's bytes, a sparse file;
 //! - `tags` (copies only): 16 bytes per region, the [`Tag`] of the write
 //!   that last filled it (epoch, sequence number; little endian), written
-//!   after the region's bytes and made durable with them by a flush.
+//!   after the region's bytes and made durable with them by a flush;
+//! - `checked` and `unreadable` (copies only, when there is something to
+//!   say): how far the scrub's checks got ([`checked`]) and the regions
+//!   the disk could not read while the volume was idle ([`unreadable`]).
 //!
 //! The `data` file is written and read through the page cache: a write is
 //! stable only after the next flush (`fdatasync`), which is all the engine
