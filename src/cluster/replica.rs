@@ -549,8 +549,12 @@ impl Replica for ReplicaService {
         let call = call_of(req.into_inner())?;
         let attach = matches!(call.request, ProtoRequest::Attach { .. });
         let answer = if is_small(&call) {
-            // A few µs of O_DIRECT I/O: not worth two thread hand-offs.
-            self.store.call(volume, call).map_err(status_of)?
+            // A few µs of page-cache I/O: not worth two thread hand-offs.
+            // But the disk may stall (or the voter wait for a change
+            // written to a stalled disk): this worker's other tasks move
+            // to another thread meanwhile.
+            let store = &self.store;
+            may_block(|| store.call(volume, call)).map_err(status_of)?
         } else {
             self.blocking(move |s| s.call(volume, call)).await?
         };
@@ -601,12 +605,24 @@ fn answer_message(answer: Answer, link: String) -> Result<ReplicaAnswer, Status>
     })
 }
 
+/// Runs `f`, which may block, on the async task's own thread: on a
+/// multi-threaded runtime (the server's) the runtime is told first and
+/// hands this worker's other tasks to another thread until `f` returns,
+/// so a call held up by a stalled disk holds up no other call, volume or
+/// heartbeat of the agent. One hand-off instead of `spawn_blocking`'s two.
+fn may_block<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Bytes up to which a `Write` or `Read` runs on the async task that
-/// received it rather than on the blocking pool.
+/// received it rather than on the blocking pool (see [`may_block`]).
 const SMALL_IO: usize = 64 << 10;
 
-/// A `Write` or `Read` of at most [`SMALL_IO`] bytes: one short O_DIRECT
-/// request against a copy already open (no fsync, no record change).
+/// A `Write` or `Read` of at most [`SMALL_IO`] bytes: one short request
+/// against a copy already open (no fsync, no record change).
 fn is_small(c: &Call) -> bool {
     match c.request {
         ProtoRequest::Write { .. } => c.data.len() <= SMALL_IO,
@@ -969,5 +985,47 @@ impl Peer for GrpcPeer {
             reply,
             data: answer.data,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What [`may_block`] runs does not hold up the other tasks of its
+    /// worker: with one worker, a task blocked in it until another task
+    /// runs is released (run plainly on the worker, it would wait for
+    /// ever: here until the bound).
+    #[test]
+    fn a_call_that_blocks_leaves_its_workers_other_tasks_running() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let released = rt.block_on(async {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (inside, entered) = std::sync::mpsc::channel();
+            let blocked = tokio::spawn(async move {
+                may_block(|| {
+                    let _ = inside.send(());
+                    rx.recv_timeout(std::time::Duration::from_secs(10))
+                })
+            });
+            // Only once the worker is in it (this thread is not a worker).
+            entered.recv().unwrap();
+            tokio::spawn(async move {
+                let _ = tx.send("ran");
+            });
+            blocked.await.unwrap()
+        });
+        assert_eq!(released, Ok("ran"));
+    }
+
+    /// On a runtime of one thread there is nowhere to hand tasks to: `f`
+    /// simply runs (`block_in_place` would panic there).
+    #[tokio::test]
+    async fn on_a_single_threaded_runtime_it_just_runs() {
+        assert_eq!(may_block(|| 7), 7);
     }
 }
