@@ -2459,11 +2459,15 @@ mod tests {
             if node != self.node {
                 return None;
             }
-            Some(
+            if matches!(call.request, Request::Verify { .. }) && IN_BLOCK_IO.get() {
                 self.net
-                    .reach(node)
-                    .and_then(|_| self.net.apply(node, volume, call)),
-            )
+                    .violation("a scrub's check ran inside a block I/O".to_owned());
+            }
+            // The local disk's time: the whole delay, on this thread.
+            Some(self.net.reach(node).and_then(|delay| {
+                std::thread::sleep(delay);
+                self.net.apply(node, volume, call)
+            }))
         }
     }
 
@@ -2597,23 +2601,37 @@ mod tests {
         tokio::task::spawn_blocking(f).await.unwrap()
     }
 
+    std::thread_local! {
+        /// This thread is in a block I/O call of the driver, as a FUSE
+        /// worker is (see [`At::call_here`]).
+        static IN_BLOCK_IO: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Runs `f` as a FUSE worker's block I/O.
+    fn block_io<T>(f: impl FnOnce() -> T) -> T {
+        IN_BLOCK_IO.set(true);
+        let r = f();
+        IN_BLOCK_IO.set(false);
+        r
+    }
+
     async fn write(d: &Arc<EngineDriver>, offset: u64, data: Vec<u8>) -> io::Result<()> {
         let d = d.clone();
-        blocking(move || d.write_at(offset, &data)).await
+        blocking(move || block_io(|| d.write_at(offset, &data))).await
     }
 
     async fn read(d: &Arc<EngineDriver>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let d = d.clone();
         blocking(move || {
             let mut buf = vec![0; len];
-            d.read_at(offset, &mut buf).map(|()| buf)
+            block_io(|| d.read_at(offset, &mut buf)).map(|()| buf)
         })
         .await
     }
 
     async fn flush(d: &Arc<EngineDriver>) -> io::Result<()> {
         let d = d.clone();
-        blocking(move || d.flush()).await
+        blocking(move || block_io(|| d.flush())).await
     }
 
     fn failure(e: &io::Error) -> IoFailure {
@@ -2946,6 +2964,35 @@ mod tests {
         assert!(!d.status().scrub.repairs.contains_key("a"));
         flush(&d).await.unwrap();
         assert_images(&net, &["a", "b", "c"], &model);
+        net.check();
+        d.stop().await.unwrap();
+    }
+
+    /// A scrub's check of the engine's own copy reads and hashes a whole
+    /// region: it never runs on a thread in a block I/O (a FUSE worker,
+    /// whose I/O would wait for it). Checks start on the ticker's steps
+    /// only, whose calls to this node run on the blocking pool, also when
+    /// the pass waited for a region's writes and the last one ends on a
+    /// worker. Passes run back to back here under small writes to every
+    /// region, each ended by the local copy's answer (it answers last).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrub_never_checks_the_local_copy_on_a_thread_doing_block_io() {
+        let (net, ballot, r) = Net::cluster(&["a", "b", "c"], "a");
+        let mut cfg = config("a");
+        cfg.scrub_every = Some(Duration::from_millis(5));
+        cfg.scrub_rate = 1 << 40;
+        let d = start_with(&net, cfg, &ballot, &r).await;
+        // The local copy answers last: a write's step on the worker ends it.
+        net.set_delay("a", Duration::from_millis(2));
+        let regions = SIZE.div_ceil(REGION_BYTES);
+        for i in 0..400u64 {
+            let at = (i % regions) * REGION_BYTES + (i * 4096) % (REGION_BYTES / 2);
+            write(&d, at, pattern(i, 4096)).await.unwrap();
+        }
+        flush(&d).await.unwrap();
+        let s = d.status().scrub;
+        assert!(s.passes >= 1, "{s:?}");
+        assert!(!net.verified("a").is_empty());
         net.check();
         d.stop().await.unwrap();
     }
