@@ -1332,7 +1332,7 @@ struct Task {
     errors: BTreeMap<String, CopyErrors>,
     /// Ticks between scrub passes (see [`DriverConfig::scrub_every`]).
     scrub_every: Option<u64>,
-    /// Ticks between two regions of a pass.
+    /// Thousandths of a tick between two regions of a pass.
     scrub_gap: u64,
     /// When the next pass starts (once planned: see `plan_scrub`).
     scrub_due: u64,
@@ -1346,6 +1346,11 @@ struct Task {
     scrub_spread: u64,
     tick: Duration,
     shared: Arc<Shared>,
+}
+
+/// `d` in thousandths of a tick (see [`Engine::scrub`]).
+fn milliticks(d: Duration, tick: Duration) -> u64 {
+    u64::try_from(d.as_nanos().saturating_mul(1000) / tick.as_nanos().max(1)).unwrap_or(u64::MAX)
 }
 
 fn ticks(d: Duration, tick: Duration) -> u64 {
@@ -1406,7 +1411,7 @@ impl Task {
             rebuild_bytes: 0,
             errors: BTreeMap::new(),
             scrub_every,
-            scrub_gap: ticks(per_region, cfg.tick),
+            scrub_gap: milliticks(per_region, cfg.tick),
             scrub_due: 0,
             scrub_from: 0,
             scrub_planned: false,

@@ -338,10 +338,16 @@ struct PendingFlush {
 struct Scrub {
     /// The next region to check.
     next: Region,
-    /// Ticks from the start of one region's check to the next.
+    /// Thousandths of a tick from the start of one region's check to the
+    /// next.
     gap: u64,
-    /// When the last region's check started.
-    last: u64,
+    /// When the next region's check may start, in thousandths of a tick:
+    /// a gap after the last one's due time, so that ticks round no gap
+    /// up and the pace holds on average; a gap after the last one's start
+    /// when that started over a tick late (it waited for a region's
+    /// writes, or for a copy out of sync), so the pass never catches up
+    /// in a burst.
+    due: u64,
     /// The region the pass waits for (writes of it in flight) or checks:
     /// no new write of it starts meanwhile, so a region written without
     /// pause is checked too.
@@ -1576,8 +1582,8 @@ impl Engine {
 
     /// Starts a scrub pass at region `from` (0 for a whole pass, or where
     /// an earlier pass stopped), unless one is under way: each region in
-    /// turn, starting `gap` ticks apart (or once the last one ended), is
-    /// read by every copy in sync from its
+    /// turn, starting `gap` thousandths of a tick apart on average (or
+    /// once the last one ended), is read by every copy in sync from its
     /// disk and compared by digest (see [`Request::Verify`]). A copy that
     /// cannot read a region, or holds other bytes than a majority of the
     /// copies, is marked out of sync and gets the region written again,
@@ -1590,7 +1596,7 @@ impl Engine {
         self.scrub = Some(Scrub {
             next: from,
             gap,
-            last: self.now,
+            due: self.now.saturating_mul(1000).saturating_add(gap),
             held: None,
             checking: None,
         });
@@ -1628,7 +1634,7 @@ impl Engine {
             self.check_done();
             return;
         }
-        if now < s.last + s.gap {
+        if now.saturating_mul(1000) < s.due {
             return;
         }
         if s.next >= self.cfg.regions {
@@ -1668,7 +1674,13 @@ impl Engine {
             self.send(n, Request::Verify { io, region, id });
         }
         let s = self.scrub.as_mut().expect("checked");
-        s.last = now;
+        let at = now.saturating_mul(1000);
+        s.due = if at > s.due.saturating_add(1000) {
+            at
+        } else {
+            s.due
+        }
+        .saturating_add(s.gap);
         s.checking = Some(Checking {
             region,
             id,
@@ -2512,8 +2524,8 @@ mod tests {
         net.run(&mut e, 2);
         net.flush(&mut e);
         // Far apart: b is back in sync before region 2's check.
-        assert!(e.scrub(0, 100));
-        assert!(!e.scrub(0, 100), "one pass at a time");
+        assert!(e.scrub(0, 100_000));
+        assert!(!e.scrub(0, 100_000), "one pass at a time");
         // Region 0: every copy agrees.
         let held = held_checks(&mut net, &mut e, 0);
         let asked: Vec<&str> = held.iter().map(|x| x.to.as_str()).collect();
@@ -2544,6 +2556,53 @@ mod tests {
         assert!(ev.contains(&EngineEvent::ScrubDone), "{ev:?}");
         assert_eq!(e.scrubbing(), None);
         assert_eq!(net.voters["a"].state().record.in_sync.len(), 3);
+    }
+
+    /// A pass keeps a pace of a fraction of a tick per region on average
+    /// (each region starts at the tick its due time falls in, not a whole
+    /// number of ticks after the last); a region that starts late (it
+    /// waited for a write) counts the next gap from its start, so the
+    /// pass does not catch up in a burst.
+    #[test]
+    fn a_scrub_keeps_its_pace_on_average_and_never_catches_up_in_a_burst() {
+        let (mut net, mut e, _) = Net::running();
+        let write_to_b = |x: &Envelope| matches!(x.msg, Request::Write { .. }) && x.to == "b";
+        // One pass at 6.25 ticks a region; with `busy`, region 1 is
+        // written from the end of region 0's check until tick 15 (b holds
+        // its answer). When each region was checked, in ticks from the
+        // pass's start.
+        let mut pass = |busy: bool| {
+            let start = net.now;
+            assert!(e.scrub(0, 6_250));
+            let (mut at, mut held, mut wrote) = (Vec::new(), Vec::new(), false);
+            for _ in 0..60 {
+                let ev = net.run_holding(&mut e, 1, &mut held, &write_to_b);
+                at.extend(
+                    scrubbed(&ev)
+                        .into_iter()
+                        .map(|(r, ..)| (r, net.now - start)),
+                );
+                if busy && at.len() == 1 && !wrote {
+                    wrote = true;
+                    e.write(1).unwrap();
+                    net.exchange(&mut e, Vec::new(), &mut held, &write_to_b);
+                    assert_eq!(held.len(), 1);
+                }
+                if net.now - start == 15 {
+                    net.exchange(&mut e, std::mem::take(&mut held), &mut Vec::new(), &|_| {
+                        false
+                    });
+                }
+                if ev.contains(&EngineEvent::ScrubDone) {
+                    break;
+                }
+            }
+            at
+        };
+        // At 6.25, 12.5, 18.75 and 25.
+        assert_eq!(pass(false), [(0, 7), (1, 13), (2, 19), (3, 25)]);
+        // Region 1 at 16, over a tick late: then 16 + 6.25 and + 12.5.
+        assert_eq!(pass(true), [(0, 7), (1, 16), (2, 23), (3, 29)]);
     }
 
     /// A region with a write in flight is checked once that write is
