@@ -137,6 +137,11 @@ impl CheckDue {
             return CheckDue::Never;
         }
         // A clock of the copy's node ahead of this one's: no time passed.
+        // A period ahead or more, it cannot be trusted (a mark that far in
+        // the future would put every pass off while it lasts).
+        if mark.done > now.saturating_add(every.as_secs()) {
+            return CheckDue::Overdue;
+        }
         let since = std::time::Duration::from_secs(now.saturating_sub(mark.done));
         match every.checked_sub(since) {
             Some(left) if !left.is_zero() => CheckDue::After(left),
@@ -166,5 +171,8 @@ mod tests {
         assert_eq!(due(5, 0), CheckDue::Overdue);
         // Done "later" than now by this clock.
         assert_eq!(due(1_050, 0), CheckDue::After(every));
+        assert_eq!(due(1_100, 0), CheckDue::After(every));
+        assert_eq!(due(1_101, 0), CheckDue::Overdue);
+        assert_eq!(due(u64::MAX, 0), CheckDue::Overdue);
     }
 }
