@@ -2635,6 +2635,37 @@ mod tests {
         assert!(e.write(0).is_ok(), "the region is free again");
     }
 
+    /// `e`'s volume published anew on a (by controller "ctl2") once its
+    /// writes are flushed, with the attach answers of the copies `to`
+    /// changed by `edit` before the new engine sees them: that engine.
+    fn republished_with(
+        net: &mut Net,
+        e: &mut Engine,
+        to: &[&str],
+        edit: &dyn Fn(&str, &mut Reply),
+    ) -> Engine {
+        net.flush(e);
+        let r = net.voters["a"].state().record.clone();
+        let mut e = net.publish("a", &r, "ctl2");
+        let mut held = Vec::new();
+        let attach =
+            |x: &Envelope| to.contains(&x.to.as_str()) && matches!(x.msg, Request::Attach { .. });
+        for _ in 0..10 {
+            net.run_holding(&mut e, 1, &mut held, &attach);
+            if held.len() == to.len() {
+                break;
+            }
+        }
+        assert_eq!(held.len(), to.len(), "{held:?}");
+        for x in held {
+            let (from, mut reply) = net.deliver(x).unwrap();
+            assert!(matches!(reply, Reply::Attached { .. }), "{reply:?}");
+            edit(&from, &mut reply);
+            e.handle(&from, reply);
+        }
+        e
+    }
+
     /// A copy whose attach answer lists regions its disk could not read
     /// (found while the volume was not published) gets those rebuilt at
     /// the next engine's start, and nothing else; then all are in sync.
@@ -2646,40 +2677,11 @@ mod tests {
             e.write(region).unwrap();
         }
         net.run(&mut e, 2);
-        net.flush(&mut e);
-        let r = net.voters["a"].state().record.clone();
-        let mut e = net.publish("a", &r, "ctl2");
-        let mut held = Vec::new();
-        let attach_to_b = |x: &Envelope| x.to == "b" && matches!(x.msg, Request::Attach { .. });
-        for _ in 0..10 {
-            net.run_holding(&mut e, 1, &mut held, &attach_to_b);
-            if !held.is_empty() {
-                break;
+        let mut e = republished_with(&mut net, &mut e, &["b"], &|_, reply| {
+            if let Reply::Attached { unreadable, .. } = reply {
+                *unreadable = vec![2, 99];
             }
-        }
-        assert_eq!(held.len(), 1, "{held:?}");
-        let (from, reply) = net.deliver(held.remove(0)).unwrap();
-        let Reply::Attached {
-            conn,
-            boot,
-            tags,
-            verifies,
-            ..
-        } = reply
-        else {
-            panic!("{reply:?}");
-        };
-        e.handle(
-            &from,
-            Reply::Attached {
-                conn,
-                boot,
-                tags,
-                verifies,
-                unreadable: vec![2, 99],
-                scrubbed: CheckMark::default(),
-            },
-        );
+        });
         let rebuilt = rebuild_all(&mut net, &mut e);
         assert_eq!(rebuilt, [("b".to_owned(), 2)]);
         assert_eq!(e.state(), EngineState::Running);
@@ -2693,49 +2695,15 @@ mod tests {
         let (mut net, mut e, _) = Net::running();
         assert_eq!(e.scrubbed(), CheckMark::default());
         rebuild_all(&mut net, &mut e);
-        net.flush(&mut e);
-        let r = net.voters["a"].state().record.clone();
-        let mut e = net.publish("a", &r, "ctl2");
-        let marks = [
-            ("b", CheckMark { done: 100, next: 9 }),
-            ("c", CheckMark { done: 200, next: 3 }),
-        ];
-        let mut held = Vec::new();
-        let attach = |x: &Envelope| x.to != "a" && matches!(x.msg, Request::Attach { .. });
-        for _ in 0..10 {
-            net.run_holding(&mut e, 1, &mut held, &attach);
-            if held.len() == 2 {
-                break;
+        let mut e = republished_with(&mut net, &mut e, &["b", "c"], &|from, reply| {
+            if let Reply::Attached { scrubbed, .. } = reply {
+                assert!(scrubbed.is_none(), "the model's voters keep none");
+                *scrubbed = match from {
+                    "b" => CheckMark { done: 100, next: 9 },
+                    _ => CheckMark { done: 200, next: 3 },
+                };
             }
-        }
-        assert_eq!(held.len(), 2, "{held:?}");
-        for x in held {
-            let (from, reply) = net.deliver(x).unwrap();
-            let Reply::Attached {
-                conn,
-                boot,
-                tags,
-                verifies,
-                unreadable,
-                scrubbed,
-            } = reply
-            else {
-                panic!("{reply:?}");
-            };
-            assert!(scrubbed.is_none(), "the model's voters keep none");
-            let scrubbed = marks.iter().find(|(n, _)| *n == from).unwrap().1;
-            e.handle(
-                &from,
-                Reply::Attached {
-                    conn,
-                    boot,
-                    tags,
-                    verifies,
-                    unreadable,
-                    scrubbed,
-                },
-            );
-        }
+        });
         net.run(&mut e, 2);
         assert_eq!(e.state(), EngineState::Running);
         assert_eq!(e.scrubbed(), CheckMark { done: 200, next: 3 });
