@@ -1085,6 +1085,10 @@ async fn a_scrub_pass_an_unpublish_stopped_resumes_where_it_got() {
     );
     assert!(msg.contains("0 passes"), "{msg}");
     t.done(&format!("resumed at MiB {resumed}"));
+    let resumed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let (_, msg) = cl
         .wait_condition(&v.volume_id, WAIT, "the pass done", |_, m| {
             m.contains("scrub: 1 passes")
@@ -1102,6 +1106,22 @@ async fn a_scrub_pass_an_unpublish_stopped_resumes_where_it_got() {
     );
     assert!(msg.contains("the last whole pass"), "{msg}");
     assert!(msg.contains("the next due in"), "{msg}");
+    // Each copy's node says when it was last read whole, and by what.
+    let checked = |i: usize, by: &str| {
+        cl.metric_with(
+            i,
+            "stowage_replica_checked_timestamp_seconds",
+            &format!("volume=\"{}\",by=\"{by}\"", v.volume_id),
+        )
+    };
+    for i in 1..=NODES {
+        let at = checked(i, "scrub").unwrap_or(0);
+        assert!(
+            at >= resumed_at,
+            "n{i}: last scrubbed at {at}, the pass resumed at {resumed_at}"
+        );
+        assert_eq!(checked(i, "node"), Some(0), "n{i}: read while published");
+    }
     t.done("pass done");
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();

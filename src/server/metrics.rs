@@ -525,6 +525,23 @@ impl Collector for DriverCollector {
                 .into_iter()
                 .map(|(u, n)| ([("volume", format!("replicated:{u}"))], signed(n as u64)))
                 .collect();
+            let mut checked = Vec::new();
+            for (u, c) in r.all_checked() {
+                let volume = format!("replicated:{u}");
+                for (by, at) in [("scrub", c.scrub.done), ("node", c.read.done)] {
+                    checked.push((
+                        [("volume", volume.clone()), ("by", by.to_owned())],
+                        signed(at),
+                    ));
+                }
+            }
+            gauges(
+                &mut enc,
+                "replica_checked_timestamp",
+                "When this node's copy was last read whole, in seconds since the Unix epoch (0: never): by an engine's scrub pass, which compared it with the other copies (by=scrub), or by this node while the volume was not published (by=node).",
+                Some(&Unit::Seconds),
+                &checked,
+            )?;
             gauges(
                 &mut enc,
                 "replica_unreadable_regions",

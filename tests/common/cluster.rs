@@ -385,7 +385,7 @@ impl Cluster {
 
     /// Node `i`'s first sample of labelled metric `name` whose labels
     /// contain `label`.
-    fn metric_with(&self, i: usize, name: &str, label: &str) -> Option<u64> {
+    pub fn metric_with(&self, i: usize, name: &str, label: &str) -> Option<u64> {
         let (_, body) = self.http_get(i, NODE_METRICS_PORT, "/metrics");
         body.lines()
             .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Held, ReplicaStore, StoreError, io_err, regions_of};
+use super::{DATA_FILE, Held, ReplicaStore, StoreError, io_err, regions_of};
 use crate::backend::replicated::protocol::{CheckMark, Region};
 use crate::volume::id::Uuid;
 
@@ -144,6 +144,41 @@ impl ReplicaStore {
         Ok(dir.is_dir().then(|| load(&dir)))
     }
 
+    /// How far the checks of each copy here got (witnesses have none),
+    /// without waiting for any volume's busy mark: a copy this process
+    /// has open from memory, the others from their files. By volume.
+    pub fn all_checked(&self) -> Vec<(Uuid, Checked)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let open: Vec<(Uuid, std::sync::Arc<Held>)> = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(u, h)| (*u, std::sync::Arc::clone(h)))
+            .collect();
+        let mut found: Vec<(Uuid, Checked)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let uuid = Uuid::parse_hex(e.file_name().to_str()?)?;
+                match open.iter().find(|(u, _)| *u == uuid) {
+                    Some((_, h)) => h
+                        .data
+                        .is_some()
+                        .then(|| h.checked.lock().unwrap_or_else(|e| e.into_inner()).now),
+                    None => {
+                        let dir = e.path();
+                        dir.join(DATA_FILE).exists().then(|| load(&dir))
+                    }
+                }
+                .map(|c| (uuid, c))
+            })
+            .collect();
+        found.sort_by_key(|(u, _)| *u);
+        found
+    }
+
     /// The node read `region` of the copy in `dir` (`held`, when this
     /// process has it open) while its volume was not published (see
     /// [`advanced`]). Called under the volume's busy mark.
@@ -178,7 +213,6 @@ impl ReplicaStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::DATA_FILE;
     use super::*;
     use crate::backend::replicated::REGION_BYTES;
     use crate::backend::replicated::protocol::{Ballot, Io, Reply, Request};
@@ -280,6 +314,13 @@ mod tests {
         assert_eq!((c.scrub, c.read), (m, CheckMark::default()));
     }
 
+    fn read_and(read: CheckMark) -> Checked {
+        Checked {
+            scrub: CheckMark::default(),
+            read,
+        }
+    }
+
     /// The node's reads of a copy nobody publishes move its read progress
     /// on, kept apart from the scrub's, whether this process has the copy
     /// open or not; a copy deleted has none.
@@ -310,6 +351,9 @@ mod tests {
             other.checked(r.uuid).unwrap().unwrap().scrub,
             CheckMark::default()
         );
+        // Every copy's, from memory or from the file alike.
+        assert_eq!(store.all_checked(), [(r.uuid, read_and(m))]);
+        assert_eq!(other.all_checked(), store.all_checked());
         // Past the data: not a region, nothing moves.
         assert!(store.check_idle(r.uuid, REGIONS as Region).unwrap());
         assert_eq!(read(&store), m);
@@ -317,6 +361,7 @@ mod tests {
         store.delete(r.uuid).unwrap();
         assert_eq!(store.checked(r.uuid).unwrap(), None);
         assert_eq!(other.checked(r.uuid).unwrap(), None);
+        assert!(store.all_checked().is_empty());
     }
 
     #[test]
