@@ -984,15 +984,37 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     let mut req = replicated_req("rep-scrub-now", "3", SIZE, cap.clone());
     req.accessibility_requirements = on(&["n1"], &[]);
     let v = cl.create(req).await.unwrap();
-    let scrub = |cl: &Cluster, id: &str| {
-        let out = cl.client(&["-o", "json", "volume", "scrub", id]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.success(), text, err)
+    // Not published: each copy's node reads its copy instead; asked
+    // again (128 MiB at 16 MiB/s: under way for seconds), each says so.
+    let started = |text: &str| -> Vec<bool> {
+        let r: serde_json::Value = serde_json::from_str(text).unwrap();
+        r["idle"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["started"] == true)
+            .collect()
     };
-    let (ok, _, err) = scrub(&cl, &v.volume_id);
-    assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
-    assert!(err.contains("not published"), "{err}");
+    let (ok, text, err) = scrub_json(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    assert_idle_reads(&text);
+    assert_eq!(started(&text), [true; 3], "{text}");
+    let (ok, text, err) = scrub_json(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    assert_eq!(started(&text), [false; 3], "{text}");
+    let out = cl.client(&["volume", "scrub", &v.volume_id]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        table.contains("COPY NODE") && table.contains("under way"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" of 128")).count(),
+        3,
+        "{table}"
+    );
+    let scrub = scrub_json;
     let (ok, _, err) = scrub(&cl, "n1:0123456789abcdef0123456789abcdef");
     assert!(!ok && err.contains("INVALID_ARGUMENT"), "{err}");
     let (ok, _, err) = scrub(&cl, "replicated:0123456789abcdef0123456789abcdef");
@@ -1025,9 +1047,32 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     })
     .await;
     m.down(&mut cl, &v.volume_id).await;
-    let (ok, _, err) = scrub(&cl, &v.volume_id);
-    assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
+    let (ok, text, err) = scrub(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    assert_idle_reads(&text);
     cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// `stowage -o json volume scrub ID`: (success, stdout, stderr).
+fn scrub_json(cl: &Cluster, id: &str) -> (bool, String, String) {
+    let out = cl.client(&["-o", "json", "volume", "scrub", id]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), text, err)
+}
+
+/// `volume scrub`'s answer for a volume not published: no engine node, a
+/// read under way on each of n1..n3, none failed.
+fn assert_idle_reads(text: &str) {
+    let r: serde_json::Value = serde_json::from_str(text).unwrap();
+    assert_eq!(r["node"], "", "{r}");
+    let idle = r["idle"].as_array().unwrap_or_else(|| panic!("{r}"));
+    let nodes: Vec<&str> = idle.iter().map(|c| c["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["n1", "n2", "n3"], "{r}");
+    for c in idle {
+        assert!(c.get("error").is_none(), "{r}");
+        assert_eq!(c["regions"], SIZE >> 20, "{r}");
+    }
 }
 
 /// Where the pass under way is, from a volume's condition ("at MiB N").
@@ -1125,6 +1170,56 @@ async fn a_scrub_pass_an_unpublish_stopped_resumes_where_it_got() {
     t.done("pass done");
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// `stowage volume scrub` of a volume nobody publishes has each copy's
+/// node read its copy now, with no schedule at all (every agent's scrub
+/// off): a bad sector on n2's copy is listed there and rebuilt by the
+/// next engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
+    let mut t = Steps::new("idle scrub asked for");
+    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2("rep-idle-now", 0, 256).await;
+    write_blocks(&m.target, 64).await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    m.down(&mut cl, &v.volume_id).await;
+    let bad_block = 41;
+    let data = cl.copy_data(2, &v.volume_id);
+    let at = bad_block * BLOCK as u64;
+    disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
+    // No schedule: nothing reads it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(disk.failed_reads(), 0);
+    t.done("written, taken down, a bad sector on n2's copy");
+
+    let (ok, text, err) = scrub_json(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    assert_idle_reads(&text);
+    let unreadable = |cl: &Cluster| {
+        cl.volume_metric(2, "stowage_replica_unreadable_regions")
+            .unwrap_or(0)
+    };
+    let until = Instant::now() + WAIT;
+    while unreadable(&cl) == 0 {
+        assert!(
+            Instant::now() < until,
+            "n2 never found its idle copy's bad sector\n{}",
+            own_log(&cl, 2, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(disk.failed_reads() > 0);
+    t.done("n2 read its copy and listed the bad sector");
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    wait_rewritten(&cl, &disk, "n2").await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    t.done("n2's region written again by the next engine");
+    m.down(&mut cl, &v.volume_id).await;
+    assert_copies_equal(&cl, &v).await;
+    cl.delete(&v.volume_id).await.unwrap();
+    drop(cl);
+    drop(dir);
 }
 
 /// A copy of a volume nobody publishes has no engine to scrub it: its own

@@ -102,7 +102,9 @@ pub enum VolumeVerb {
     Stats(super::publish::StatsArgs),
     /// Check every copy of a replicated volume now: a scrub pass in the
     /// engine of the node it is published on (a cluster's controller).
-    /// Progress and findings show in `volume get`.
+    /// Progress and findings show in `volume get`. Of a volume not
+    /// published, each copy's node reads its copy from its disk instead
+    /// (the regions it cannot read are rebuilt by the next engine).
     Scrub {
         /// The volume id (`replicated:<uuid>`).
         id: String,
@@ -200,6 +202,21 @@ pub struct ScrubView {
     pub started: bool,
     pub at_region: u32,
     pub regions: u32,
+    /// The volume is not published: each copy's node reads its copy
+    /// instead (`node` is then empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub idle: Vec<IdleCheckView>,
+}
+
+/// A node's read of its copy of a volume nobody publishes, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleCheckView {
+    pub node: String,
+    pub started: bool,
+    pub at_region: u32,
+    pub regions: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// A modification, as printed.
@@ -410,8 +427,33 @@ pub async fn run(
                 started: r.started,
                 at_region: r.at,
                 regions: r.regions,
+                idle: r
+                    .idle
+                    .into_iter()
+                    .map(|c| IdleCheckView {
+                        node: c.node,
+                        started: c.started,
+                        at_region: c.at,
+                        regions: c.regions,
+                        error: c.error,
+                    })
+                    .collect(),
             };
             emit(format, &v, || {
+                if !v.idle.is_empty() {
+                    // Not published: no engine compares the copies.
+                    let mut t = Table::new(&["ID", "COPY NODE", "READ", "AT REGION"]);
+                    for c in &v.idle {
+                        let (read, at) = if c.error.is_empty() {
+                            let read = if c.started { "started" } else { "under way" };
+                            (read.to_owned(), format!("{} of {}", c.at_region, c.regions))
+                        } else {
+                            (format!("failed: {}", c.error), String::new())
+                        };
+                        t.row(vec![v.volume_id.clone(), c.node.clone(), read, at]);
+                    }
+                    return t;
+                }
                 let mut t = Table::new(&["ID", "ENGINE NODE", "PASS", "AT REGION"]);
                 t.row(vec![
                     v.volume_id.clone(),

@@ -178,8 +178,17 @@ pub async fn serve_agent(
     } else {
         None
     };
+    // Copies of volumes nobody publishes: no engine scrubs them, so the
+    // node reads them itself, on the scrub's schedule and pace, and when
+    // asked.
+    let idle =
+        crate::backend::replicated::idle::IdleChecks::new(Arc::clone(&store), cfg.scrub_rate);
+    let sweep = cfg
+        .scrub_every
+        .map(|every| tokio::spawn(Arc::clone(&idle).sweep(every)));
+    let _sweep = AbortOnDrop(sweep);
     let (link, link_task) = serve_link(cfg, store, link_tls, link_rx).await?;
-    replica = replica.with_link(link);
+    replica = replica.with_link(link).with_idle(idle);
     let served = replica_windows(tonic::transport::Server::builder())
         .tls_config(tls.server_config())?
         .add_service(csi::controller_server::ControllerServer::with_interceptor(
@@ -340,6 +349,17 @@ pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMateri
                 }
                 failing = true;
             }
+        }
+    }
+}
+
+/// Aborts its task, if any, when dropped (when the agent API stops).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
         }
     }
 }

@@ -29,7 +29,7 @@ use super::proto::replica_client::ReplicaClient;
 use super::proto::replica_server::Replica;
 use super::proto::{
     CopyStatus, CreateReplicaRequest, CreateReplicaResponse, DeleteReplicaRequest,
-    DeleteReplicaResponse, EngineStatusResponse, GetReplicaRequest, GetReplicaResponse,
+    DeleteReplicaResponse, EngineStatusResponse, GetReplicaRequest, GetReplicaResponse, IdleCheck,
     ListReplicaSnapshotsResponse, ListReplicasRequest, ListReplicasResponse, ReplicaAnswer,
     ReplicaBatch, ReplicaCall, ReplicaFreezeRequest, ReplicaFreezeResponse, ReplicaResult,
     ReplicaResults, ReplicaSnapshot, ReplicaSnapshotRef, ReplicaSnapshotRequest,
@@ -100,6 +100,8 @@ pub struct ReplicaService {
     link: Option<String>,
     /// Group snapshot freezes held on this node's copies.
     freezes: freeze::Freezes,
+    /// This node's checks of its idle copies.
+    idle: Option<Arc<crate::backend::replicated::idle::IdleChecks>>,
 }
 
 impl ReplicaService {
@@ -113,7 +115,14 @@ impl ReplicaService {
             engines,
             link: None,
             freezes: freeze::Freezes::default(),
+            idle: None,
         }
+    }
+
+    /// Serves `stowage volume scrub` of volumes not published with `idle`.
+    pub fn with_idle(mut self, idle: Arc<crate::backend::replicated::idle::IdleChecks>) -> Self {
+        self.idle = Some(idle);
+        self
     }
 
     /// Tells engines that attach where this node's data link listens
@@ -490,9 +499,41 @@ impl Replica for ReplicaService {
                 started,
                 at,
                 regions,
+                idle: Vec::new(),
             })),
             Scrubbing::NotRunning(state) => Err(Status::unavailable(format!(
                 "the engine of volume {volume} on node {node} does not serve I/O ({state:?})"
+            ))),
+        }
+    }
+
+    async fn check_idle(
+        &self,
+        req: Request<GetReplicaRequest>,
+    ) -> Result<Response<IdleCheck>, Status> {
+        use crate::backend::replicated::idle::IdleCheck as Done;
+        controller_only(&req)?;
+        let volume = volume_of(&req.get_ref().volume)?;
+        let node = self.store.node().to_owned();
+        let Some(idle) = &self.idle else {
+            return Err(Status::unavailable(format!(
+                "node {node} does not check idle copies"
+            )));
+        };
+        match idle.check_now(volume).await.map_err(status_of)? {
+            Done::Reading {
+                started,
+                at,
+                regions,
+            } => Ok(Response::new(IdleCheck {
+                node,
+                started,
+                at,
+                regions,
+                error: String::new(),
+            })),
+            Done::NotIdle => Err(Status::failed_precondition(format!(
+                "node {node} holds no copy of volume {volume} that is not published"
             ))),
         }
     }

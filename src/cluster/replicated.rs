@@ -1224,16 +1224,14 @@ impl Replicated {
         })
     }
 
-    /// ControllerGetVolume: the volume, the node it is published on, and
-    /// its condition (abnormal while a copy is out of sync).
     /// Starts a scrub pass of the volume now in the engine of the node it
-    /// is published on (`stowage volume scrub`).
+    /// is published on (`stowage volume scrub`); of a volume not
+    /// published, a read of each copy by its node (see
+    /// [`Self::check_idle`]).
     pub async fn scrub(&self, raw: &str) -> Result<super::proto::ScrubResponse, Status> {
         let (uuid, state) = self.newest(raw).await?;
         let Some(owner) = state.record.owner else {
-            return Err(Status::failed_precondition(format!(
-                "volume {raw} is not published: its scrub runs in the engine of the node it is published on"
-            )));
+            return self.check_idle(raw, uuid, &state.record).await;
         };
         let n = self.node(&owner.node)?;
         let mut c = ReplicaClient::new(n.channel.clone());
@@ -1253,6 +1251,66 @@ impl Replicated {
         }
     }
 
+    /// `stowage volume scrub` of a volume nobody publishes: no engine runs
+    /// to compare its copies, so each copy's node reads its copy from its
+    /// disk now (the regions it cannot read are rebuilt by the next
+    /// engine). Every copy's answer, or why its node gave none;
+    /// UNAVAILABLE when no node answered, FAILED_PRECONDITION when the
+    /// volume was published meanwhile.
+    async fn check_idle(
+        &self,
+        raw: &str,
+        uuid: Uuid,
+        record: &ReplicaRecord,
+    ) -> Result<super::proto::ScrubResponse, Status> {
+        let mut idle = Vec::new();
+        for node in record.copies() {
+            let req = GetReplicaRequest {
+                volume: uuid.to_hex(),
+            };
+            let answer = match self.node(node) {
+                Err(s) => Err(s),
+                Ok(n) => {
+                    let mut c = ReplicaClient::new(n.channel.clone());
+                    let asked = c.check_idle(bounded(req, CALL_DEADLINE));
+                    match tokio::time::timeout(CALL_DEADLINE, asked).await {
+                        Ok(r) => r.map(|r| r.into_inner()),
+                        Err(_) => Err(Status::unavailable("no answer in time")),
+                    }
+                }
+            };
+            idle.push(answer.unwrap_or_else(|s| super::proto::IdleCheck {
+                node: node.to_owned(),
+                error: format!("{:?}: {}", s.code(), s.message()),
+                ..Default::default()
+            }));
+        }
+        if let Some(c) = idle
+            .iter()
+            .find(|c| c.error.starts_with("FailedPrecondition"))
+        {
+            return Err(Status::failed_precondition(format!(
+                "volume {raw} was published meanwhile (node {}: {}): scrub it again",
+                c.node, c.error
+            )));
+        }
+        if idle.iter().all(|c| !c.error.is_empty()) {
+            return Err(Status::unavailable(format!(
+                "volume {raw} is not published and no node of its copies could read them: {}",
+                idle.iter()
+                    .map(|c| format!("{}: {}", c.node, c.error))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        }
+        Ok(super::proto::ScrubResponse {
+            idle,
+            ..Default::default()
+        })
+    }
+
+    /// ControllerGetVolume: the volume, the node it is published on, and
+    /// its condition (abnormal while a copy is out of sync).
     pub async fn get_volume(&self, raw: &str) -> Result<csi::ControllerGetVolumeResponse, Status> {
         let (uuid, state) = self.newest(raw).await?;
         let record = state.record;

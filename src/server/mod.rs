@@ -571,24 +571,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             }
         })
     });
-    // Copies of volumes nobody publishes: no engine scrubs them, so the
-    // node reads them itself, on the scrub's schedule and pace.
-    let idle_checker = match (
-        driver.replicas.clone(),
-        cfg.cluster
-            .as_ref()
-            .and_then(|c| c.agent.as_ref())
-            .and_then(|a| a.scrub_every.map(|every| (every, a.scrub_rate))),
-    ) {
-        (Some(replicas), Some((every, rate))) => {
-            Some(tokio::spawn(check_idle_copies(replicas, every, rate)))
-        }
-        _ => None,
-    };
     let served = serve_endpoint(router, &cfg.endpoint, stop).await;
-    if let Some(t) = idle_checker {
-        t.abort();
-    }
     if let Some(t) = idle_closer {
         t.abort();
     }
@@ -612,117 +595,6 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     served?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// How often the node looks for copies of volumes nobody publishes whose
-/// check is due (or the scrub's period, when shorter).
-const IDLE_LOOK: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Reads every copy on this node whose volume is not published, region by
-/// region at `rate` bytes per second, when its check is due: `every` after
-/// the last whole check of it (the node's, or an engine's scrub pass),
-/// resuming one a publish or a restart of this process stopped (see
-/// `store::Checked`). Looks for such copies every [`IDLE_LOOK`], the first
-/// time at a random point within it. The regions the disk cannot read are
-/// listed for the next engine to rebuild (see `ReplicaStore::check_idle`).
-/// Runs until aborted.
-async fn check_idle_copies(
-    replicas: Arc<crate::backend::replicated::store::ReplicaStore>,
-    every: std::time::Duration,
-    rate: u64,
-) {
-    use crate::backend::replicated::CheckDue;
-    use crate::backend::replicated::protocol::CheckMark;
-    let per_region = crate::backend::replicated::scrub_region_time(rate);
-    let look = every.min(IDLE_LOOK);
-    let seed = uuid::Uuid::new_v4().as_u64_pair().0;
-    let first = std::time::Duration::from_millis(seed % (look.as_millis().max(1) as u64));
-    let mut due = tokio::time::Instant::now() + first;
-    loop {
-        tokio::time::sleep_until(due).await;
-        let started = tokio::time::Instant::now();
-        let r = Arc::clone(&replicas);
-        let volumes = match tokio::task::spawn_blocking(move || r.list()).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "idle copies not listed");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "listing idle copies failed");
-                Vec::new()
-            }
-        };
-        let (mut checked, mut found) = (0u64, 0u64);
-        for uuid in volumes {
-            // Where its check starts, if it is due.
-            let r = Arc::clone(&replicas);
-            let start = tokio::task::spawn_blocking(move || {
-                let Some(n) = r.idle_regions(uuid)? else {
-                    return Ok(None);
-                };
-                let Some(c) = r.checked(uuid)? else {
-                    return Ok(None);
-                };
-                // A scrub pass read every region too.
-                let mark = CheckMark {
-                    done: c.scrub.done.max(c.read.done),
-                    next: c.read.next,
-                };
-                let now = crate::backend::replicated::store::unix_now();
-                Ok(match CheckDue::of(mark, n.into(), now, every) {
-                    CheckDue::Resume(at) => Some(at),
-                    CheckDue::After(_) => None,
-                    CheckDue::Overdue | CheckDue::Never => Some(0),
-                })
-            })
-            .await;
-            let mut region = match start {
-                Ok(Ok(Some(at))) => at,
-                Ok(Ok(None)) => continue,
-                Ok(Err(e)) => {
-                    let e: crate::backend::replicated::store::StoreError = e;
-                    tracing::warn!(volume = %uuid, error = %e, "idle copy not checked");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(volume = %uuid, error = %e, "checking an idle copy failed");
-                    continue;
-                }
-            };
-            loop {
-                // Asked again each region: a publish ends the check (its
-                // engine scrubs from then on).
-                let r = Arc::clone(&replicas);
-                let step = tokio::task::spawn_blocking(move || match r.idle_regions(uuid)? {
-                    Some(n) if region < n => r.check_idle(uuid, region).map(Some),
-                    _ => Ok(None),
-                })
-                .await;
-                match step {
-                    Ok(Ok(Some(readable))) => {
-                        checked += 1;
-                        found += u64::from(!readable);
-                    }
-                    Ok(Ok(None)) => break,
-                    Ok(Err(e)) => {
-                        tracing::warn!(volume = %uuid, region, error = %e, "idle copy not checked");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = %uuid, error = %e, "checking an idle copy failed");
-                        break;
-                    }
-                }
-                region += 1;
-                tokio::time::sleep(per_region).await;
-            }
-        }
-        if checked > 0 {
-            tracing::debug!(regions = checked, unreadable = found, "idle copies checked");
-        }
-        due = (started + look).max(tokio::time::Instant::now());
-    }
 }
 
 /// How this node's engines reach the copies of replicated volumes: the

@@ -90,6 +90,7 @@ pub mod backend;
 pub mod driver;
 pub mod engine;
 pub mod engines;
+pub mod idle;
 pub mod placement;
 pub mod protocol;
 pub mod record;
