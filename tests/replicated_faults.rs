@@ -1222,6 +1222,95 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     drop(dir);
 }
 
+/// A node's read of its copy of a volume nobody publishes, stopped by a
+/// restart of the node, resumes where it got (the copy keeps how far,
+/// every 16 regions), not from the start; the node's metrics then say
+/// when the copy was last read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_read_of_an_idle_copy_resumes_after_a_restart() {
+    let mut t = Steps::new("idle read resumed");
+    // 128 MiB at 4 MiB/s: 32 s a read; the node looks every 4 s.
+    let args: Vec<String> = ["--replica-scrub-every", "4", "--replica-scrub-rate", "4"]
+        .map(String::from)
+        .to_vec();
+    let node = || NodeOpts {
+        args: args.clone(),
+        ..Default::default()
+    };
+    let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let v = cl
+        .create(replicated_req("rep-idle-resume", "3", SIZE, cap))
+        .await
+        .unwrap();
+    let file = cl.copy_dir(2, &v.volume_id).join("checked");
+    // (done, next) of n2's read, as its file says.
+    let read = || -> (u64, u64) {
+        let Ok(json) = std::fs::read(&file) else {
+            return (0, 0);
+        };
+        let c: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let r = &c["read"];
+        (
+            r["done"].as_u64().unwrap_or(0),
+            r["next"].as_u64().unwrap_or(0),
+        )
+    };
+    let until = Instant::now() + WAIT;
+    while read().1 < 16 {
+        assert!(
+            Instant::now() < until,
+            "n2 never read 16 regions: {:?}",
+            read()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let st = cl.nodes[1].terminate().expect("running");
+    assert!(st.success(), "SIGTERM: {st}");
+    let (done, stopped) = read();
+    assert_eq!(done, 0);
+    t.done(&format!("n2 stopped with its read at region {stopped}"));
+
+    // Each write of the file replaces it: a new inode.
+    let inode = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&file).map(|m| m.ino()).unwrap_or(0)
+    };
+    let written = inode();
+    cl.nodes[1].restart();
+    wait_socket(&cl.node_socket(2), &cl.nodes[1]);
+    let until = Instant::now() + WAIT;
+    let first = loop {
+        if inode() != written {
+            break read();
+        }
+        assert!(Instant::now() < until, "n2's read never went on");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        first.0 > 0 || first.1 > stopped,
+        "n2's read after the restart wrote {first:?}: begun again, not resumed at {stopped}"
+    );
+    t.done(&format!("resumed: next wrote {first:?}"));
+    let until = Instant::now() + WAIT;
+    while read().0 == 0 {
+        assert!(
+            Instant::now() < until,
+            "n2's read never ended: {:?}",
+            read()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let at = cl.metric_with(
+        2,
+        "stowage_replica_checked_timestamp_seconds",
+        &format!("volume=\"{}\",by=\"node\"", v.volume_id),
+    );
+    assert_eq!(at, Some(read().0));
+    t.done("read whole");
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
 /// A copy of a volume nobody publishes has no engine to scrub it: its own
 /// node reads it on the scrub's schedule. A bad sector on n2's idle copy
 /// is listed there (n2's metrics show it), and the next engine, when the
