@@ -1152,24 +1152,69 @@ async fn a_scrub_pass_an_unpublish_stopped_resumes_where_it_got() {
     assert!(msg.contains("the last whole pass"), "{msg}");
     assert!(msg.contains("the next due in"), "{msg}");
     // Each copy's node says when it was last read whole, and by what.
-    let checked = |i: usize, by: &str| {
-        cl.metric_with(
-            i,
-            "stowage_replica_checked_timestamp_seconds",
-            &format!("volume=\"{}\",by=\"{by}\"", v.volume_id),
-        )
-    };
     for i in 1..=NODES {
-        let at = checked(i, "scrub").unwrap_or(0);
+        let at = checked_at(&cl, i, &v, "scrub").unwrap_or(0);
         assert!(
             at >= resumed_at,
             "n{i}: last scrubbed at {at}, the pass resumed at {resumed_at}"
         );
-        assert_eq!(checked(i, "node"), Some(0), "n{i}: read while published");
+        assert_eq!(
+            checked_at(&cl, i, &v, "node"),
+            Some(0),
+            "n{i}: read while published"
+        );
     }
     t.done("pass done");
     m.down(&mut cl, &v.volume_id).await;
     cl.delete(&v.volume_id).await.unwrap();
+}
+
+/// The block whose sector [`idle_with_bad_sector_on_n2`] spoils.
+const BAD_BLOCK: u64 = 37;
+
+/// [`scrubbing_with_faulty_n2`] (every `every` seconds, at 256 MiB/s)
+/// with a raw volume published on n1, written, then taken down; then a
+/// bad sector in block [`BAD_BLOCK`] of n2's copy.
+async fn idle_with_bad_sector_on_n2(
+    name: &str,
+    every: u64,
+) -> (Scratch, Arc<FaultyDisk>, Cluster, csi::Volume) {
+    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2(name, every, 256).await;
+    write_blocks(&m.target, 64).await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    m.down(&mut cl, &v.volume_id).await;
+    let data = cl.copy_data(2, &v.volume_id);
+    let at = BAD_BLOCK * BLOCK as u64;
+    disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
+    (dir, disk, cl, v)
+}
+
+/// Waits (bounded) until n2 lists a region of its idle copy as
+/// unreadable (its gauge counts it).
+async fn wait_listed_on_n2(cl: &Cluster) {
+    let until = Instant::now() + WAIT;
+    while cl
+        .volume_metric(2, "stowage_replica_unreadable_regions")
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            Instant::now() < until,
+            "n2 never found its idle copy's bad sector\n{}",
+            own_log(cl, 2, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// When node `i` says its copy of `v` was last read whole `by` "scrub" or
+/// "node" (its `stowage_replica_checked_timestamp_seconds`).
+fn checked_at(cl: &Cluster, i: usize, v: &csi::Volume, by: &str) -> Option<u64> {
+    cl.metric_with(
+        i,
+        "stowage_replica_checked_timestamp_seconds",
+        &format!("volume=\"{}\",by=\"{by}\"", v.volume_id),
+    )
 }
 
 /// `stowage volume scrub` of a volume nobody publishes has each copy's
@@ -1179,14 +1224,7 @@ async fn a_scrub_pass_an_unpublish_stopped_resumes_where_it_got() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     let mut t = Steps::new("idle scrub asked for");
-    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2("rep-idle-now", 0, 256).await;
-    write_blocks(&m.target, 64).await;
-    cl.wait_in_sync(&v.volume_id, WAIT).await;
-    m.down(&mut cl, &v.volume_id).await;
-    let bad_block = 41;
-    let data = cl.copy_data(2, &v.volume_id);
-    let at = bad_block * BLOCK as u64;
-    disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
+    let (dir, disk, mut cl, v) = idle_with_bad_sector_on_n2("rep-idle-now", 0).await;
     // No schedule: nothing reads it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(disk.failed_reads(), 0);
@@ -1195,19 +1233,7 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     let (ok, text, err) = scrub_json(&cl, &v.volume_id);
     assert!(ok, "{err}");
     assert_idle_reads(&text);
-    let unreadable = |cl: &Cluster| {
-        cl.volume_metric(2, "stowage_replica_unreadable_regions")
-            .unwrap_or(0)
-    };
-    let until = Instant::now() + WAIT;
-    while unreadable(&cl) == 0 {
-        assert!(
-            Instant::now() < until,
-            "n2 never found its idle copy's bad sector\n{}",
-            own_log(&cl, 2, 40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_listed_on_n2(&cl).await;
     assert!(disk.failed_reads() > 0);
     t.done("n2 read its copy and listed the bad sector");
     let cap = block_cap(Mode::SingleNodeWriter);
@@ -1301,12 +1327,7 @@ async fn a_nodes_read_of_an_idle_copy_resumes_after_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let at = cl.metric_with(
-        2,
-        "stowage_replica_checked_timestamp_seconds",
-        &format!("volume=\"{}\",by=\"node\"", v.volume_id),
-    );
-    assert_eq!(at, Some(read().0));
+    assert_eq!(checked_at(&cl, 2, &v, "node"), Some(read().0));
     t.done("read whole");
     cl.delete(&v.volume_id).await.unwrap();
 }
@@ -1319,29 +1340,13 @@ async fn a_nodes_read_of_an_idle_copy_resumes_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine() {
     let mut t = Steps::new("idle copy");
-    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2("rep-idle", 2, 256).await;
-    write_blocks(&m.target, 64).await;
-    cl.wait_in_sync(&v.volume_id, WAIT).await;
-    m.down(&mut cl, &v.volume_id).await;
-    t.done("written, then taken down");
-
+    let (dir, disk, mut cl, v) = idle_with_bad_sector_on_n2("rep-idle", 2).await;
+    t.done("written, taken down, a bad sector on n2's copy");
     let unreadable = |cl: &Cluster| {
         cl.volume_metric(2, "stowage_replica_unreadable_regions")
             .unwrap_or(0)
     };
-    let bad_block = 37;
-    let data = cl.copy_data(2, &v.volume_id);
-    let at = bad_block * BLOCK as u64;
-    disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
-    let until = Instant::now() + WAIT;
-    while unreadable(&cl) == 0 {
-        assert!(
-            Instant::now() < until,
-            "n2 never found its idle copy's bad sector\n{}",
-            own_log(&cl, 2, 40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_listed_on_n2(&cl).await;
     t.done("n2 found the bad sector of its idle copy");
     assert_eq!(unreadable(&cl), 1);
     assert!(disk.failed_reads() > 0);
@@ -1379,11 +1384,11 @@ async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine(
     }
     assert!(!in_status(&cl).1, "stowage status still lists it");
     let target = m.target.clone();
-    let back = tokio::task::spawn_blocking(move || read_block(&target, bad_block))
+    let back = tokio::task::spawn_blocking(move || read_block(&target, BAD_BLOCK))
         .await
         .unwrap()
         .expect("read the block");
-    assert!(back == common::checker::block_bytes(bad_block, 1));
+    assert!(back == common::checker::block_bytes(BAD_BLOCK, 1));
     m.down(&mut cl, &v.volume_id).await;
     assert_copies_equal(&cl, &v).await;
     cl.delete(&v.volume_id).await.unwrap();
