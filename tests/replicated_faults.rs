@@ -517,17 +517,10 @@ async fn scrubbing_with_faulty_n2(
     let dir = Scratch::new("faulty-disk");
     let bytes = 640 << 20;
     let disk = Arc::new(FaultyDisk::new(&dir.root.join("disk.img"), bytes));
-    let args = vec![
-        "--replica-scrub-every".to_owned(),
-        every.to_string(),
-        "--replica-scrub-rate".to_owned(),
-        rate.to_string(),
-    ];
     let node = |pool_disk: Option<PoolDisk>| NodeOpts {
         pool_bytes: pool_disk.as_ref().map(|_| bytes),
         pool_disk,
-        args: args.clone(),
-        ..Default::default()
+        ..scrubbing(every, rate)
     };
     let (cl, v, m) = raw_volume_with(
         name,
@@ -535,6 +528,27 @@ async fn scrubbing_with_faulty_n2(
     )
     .await;
     (dir, disk, cl, v, m)
+}
+
+/// A node that scrubs every `every` seconds (0: never) at `rate` MiB/s.
+fn scrubbing(every: u64, rate: u64) -> NodeOpts {
+    NodeOpts {
+        args: vec![
+            "--replica-scrub-every".to_owned(),
+            every.to_string(),
+            "--replica-scrub-rate".to_owned(),
+            rate.to_string(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Takes the volume down, compares every copy with n1's ([`assert_copies_equal`])
+/// and deletes the volume; then the cluster stops.
+async fn down_and_compare(mut cl: Cluster, v: csi::Volume, m: Published) {
+    m.down(&mut cl, &v.volume_id).await;
+    assert_copies_equal(&cl, &v).await;
+    cl.delete(&v.volume_id).await.unwrap();
 }
 
 /// Every copy's `data` file compared with n1's as the disks hold them (a
@@ -960,10 +974,7 @@ async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() 
     assert!(metric(&cl, "repairs", "n3") >= 1, "n3's repair not counted");
     assert_eq!(metric(&cl, "repairs", "n1"), 0, "n1 repaired");
     cl.wait_in_sync(&v.volume_id, WAIT).await;
-    m.down(&mut cl, &v.volume_id).await;
-    assert_copies_equal(&cl, &v).await;
-    cl.delete(&v.volume_id).await.unwrap();
-    drop(cl);
+    down_and_compare(cl, v, m).await;
     drop(dir);
 }
 
@@ -974,11 +985,7 @@ async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() 
 /// code that says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_asked_for_checks_every_copy_now() {
-    let off: Vec<String> = ["--replica-scrub-every", "0"].map(String::from).to_vec();
-    let node = || NodeOpts {
-        args: off.clone(),
-        ..Default::default()
-    };
+    let node = || scrubbing(0, 16);
     let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let mut req = replicated_req("rep-scrub-now", "3", SIZE, cap.clone());
@@ -1090,13 +1097,7 @@ fn scrub_at(msg: &str) -> Option<u64> {
 async fn a_scrub_pass_an_unpublish_stopped_resumes_where_it_got() {
     let mut t = Steps::new("scrub resumed");
     // A pass of 128 MiB at 4 MiB/s takes 32 s; one due starts within 20 s.
-    let args: Vec<String> = ["--replica-scrub-every", "20", "--replica-scrub-rate", "4"]
-        .map(String::from)
-        .to_vec();
-    let node = || NodeOpts {
-        args: args.clone(),
-        ..Default::default()
-    };
+    let node = || scrubbing(20, 4);
     let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let mut req = replicated_req("rep-scrub-resume", "3", SIZE, cap.clone());
@@ -1241,10 +1242,7 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     wait_rewritten(&cl, &disk, "n2").await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     t.done("n2's region written again by the next engine");
-    m.down(&mut cl, &v.volume_id).await;
-    assert_copies_equal(&cl, &v).await;
-    cl.delete(&v.volume_id).await.unwrap();
-    drop(cl);
+    down_and_compare(cl, v, m).await;
     drop(dir);
 }
 
@@ -1256,13 +1254,7 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
 async fn a_nodes_read_of_an_idle_copy_resumes_after_a_restart() {
     let mut t = Steps::new("idle read resumed");
     // 128 MiB at 4 MiB/s: 32 s a read; the node looks every 4 s.
-    let args: Vec<String> = ["--replica-scrub-every", "4", "--replica-scrub-rate", "4"]
-        .map(String::from)
-        .to_vec();
-    let node = || NodeOpts {
-        args: args.clone(),
-        ..Default::default()
-    };
+    let node = || scrubbing(4, 4);
     let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let v = cl
@@ -1389,9 +1381,6 @@ async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine(
         .unwrap()
         .expect("read the block");
     assert!(back == common::checker::block_bytes(BAD_BLOCK, 1));
-    m.down(&mut cl, &v.volume_id).await;
-    assert_copies_equal(&cl, &v).await;
-    cl.delete(&v.volume_id).await.unwrap();
-    drop(cl);
+    down_and_compare(cl, v, m).await;
     drop(dir);
 }
