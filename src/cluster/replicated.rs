@@ -1264,6 +1264,7 @@ impl Replicated {
         record: &ReplicaRecord,
     ) -> Result<super::proto::ScrubResponse, Status> {
         let mut idle = Vec::new();
+        let mut published = None;
         for node in record.copies() {
             let req = GetReplicaRequest {
                 volume: uuid.to_hex(),
@@ -1279,19 +1280,20 @@ impl Replicated {
                     }
                 }
             };
-            idle.push(answer.unwrap_or_else(|s| super::proto::IdleCheck {
-                node: node.to_owned(),
-                error: format!("{:?}: {}", s.code(), s.message()),
-                ..Default::default()
+            idle.push(answer.unwrap_or_else(|s| {
+                if s.code() == tonic::Code::FailedPrecondition {
+                    published = Some(format!("node {node}: {}", s.message()));
+                }
+                super::proto::IdleCheck {
+                    node: node.to_owned(),
+                    error: format!("{:?}: {}", s.code(), s.message()),
+                    ..Default::default()
+                }
             }));
         }
-        if let Some(c) = idle
-            .iter()
-            .find(|c| c.error.starts_with("FailedPrecondition"))
-        {
+        if let Some(why) = published {
             return Err(Status::failed_precondition(format!(
-                "volume {raw} was published meanwhile (node {}: {}): scrub it again",
-                c.node, c.error
+                "volume {raw} was published meanwhile, or its members changed ({why}): scrub it again"
             )));
         }
         if idle.iter().all(|c| !c.error.is_empty()) {
@@ -1411,8 +1413,6 @@ fn orphaned_members(
         .collect()
 }
 
-/// JSON of what goes into publish_context.
-#[allow(clippy::result_large_err)]
 /// ", the last whole pass <age> ago, the next due in <time>" for a
 /// volume's condition, from when the last ended (`done`) and the next is
 /// due (`next`), both in seconds since the Unix epoch (0: none known or
@@ -1440,6 +1440,8 @@ fn scrub_schedule(done: u64, next: u64, now: u64) -> String {
     out
 }
 
+/// JSON of what goes into publish_context.
+#[allow(clippy::result_large_err)]
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
     serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))
 }
