@@ -70,38 +70,33 @@ impl IdleChecks {
         else {
             return Ok(IdleCheck::NotIdle);
         };
-        if let Some(at) = self.running().get(&uuid) {
-            return Ok(IdleCheck::Reading {
-                started: false,
-                at: *at,
-                regions,
-            });
-        }
-        let claim = self.claim(uuid, 0);
-        let started = claim.is_some();
-        if let Some(claim) = claim {
-            tokio::spawn(async move {
-                let (checked, found) = claim.check(0).await;
-                tracing::info!(volume = %uuid, regions = checked, unreadable = found,
-                    "idle copy checked on request");
-            });
-        }
+        let at = match self.claim(uuid, 0) {
+            Ok(claim) => {
+                tokio::spawn(async move {
+                    let (checked, found) = claim.check(0).await;
+                    tracing::info!(volume = %uuid, regions = checked, unreadable = found,
+                        "idle copy checked on request");
+                });
+                None
+            }
+            Err(at) => Some(at),
+        };
         Ok(IdleCheck::Reading {
-            started,
-            at: 0,
+            started: at.is_none(),
+            at: at.unwrap_or(0),
             regions,
         })
     }
 
     /// Marks `uuid` as being checked from `from` until the claim is
-    /// dropped; None when it is already.
-    fn claim(self: &Arc<Self>, uuid: Uuid, from: Region) -> Option<Claim> {
+    /// dropped; the region the check under way is at when there is one.
+    fn claim(self: &Arc<Self>, uuid: Uuid, from: Region) -> Result<Claim, Region> {
         let mut running = self.running();
-        if running.contains_key(&uuid) {
-            return None;
+        if let Some(at) = running.get(&uuid) {
+            return Err(*at);
         }
         running.insert(uuid, from);
-        Some(Claim {
+        Ok(Claim {
             checks: Arc::clone(self),
             uuid,
         })
@@ -225,7 +220,7 @@ impl IdleChecks {
                     }
                 };
                 // A check asked for may be under way.
-                if let Some(claim) = self.claim(uuid, from) {
+                if let Ok(claim) = self.claim(uuid, from) {
                     let (c, f) = claim.check(from).await;
                     checked += c;
                     found += f;

@@ -61,6 +61,16 @@ fn save(dir: &Path, c: &Checked) -> Result<(), StoreError> {
     crate::os::fs::write_atomic(&p, &json).map_err(io_err(&p))
 }
 
+/// The progress of the copy in `dir`: from memory when this process has
+/// it open (`held`), from its file otherwise; None when there is no copy
+/// (a witness, or gone).
+fn checked_of(held: Option<&Held>, dir: &Path) -> Option<Checked> {
+    match held {
+        Some(h) => h.checked_now(),
+        None => dir.join(DATA_FILE).exists().then(|| load(dir)),
+    }
+}
+
 /// Seconds since the Unix epoch (0 for a clock before it).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -103,14 +113,26 @@ impl Held {
 
     /// An engine's pass checked `region` here (see [`advanced`]).
     pub(super) fn scrub_checked(&self, region: Region) {
-        let regions = regions_of(self.size());
+        self.advance(|c| &mut c.scrub, region, regions_of(self.size()));
+    }
+
+    /// Moves the mark `pick` chooses on past `region` of `regions`,
+    /// written when [`advanced`] says so.
+    fn advance(&self, pick: fn(&mut Checked) -> &mut CheckMark, region: Region, regions: u64) {
         let mut c = self.checked.lock().unwrap_or_else(|e| e.into_inner());
-        let (mark, save_now) = advanced(c.now.scrub, region, regions, unix_now());
-        c.now.scrub = mark;
+        let mark = pick(&mut c.now);
+        let (moved, save_now) = advanced(*mark, region, regions, unix_now());
+        *mark = moved;
         c.unsaved = true;
         if save_now {
             self.save_checked(&mut c);
         }
+    }
+
+    /// The progress held in memory; None for a witness (no checks).
+    fn checked_now(&self) -> Option<Checked> {
+        let now = self.checked.lock().unwrap_or_else(|e| e.into_inner()).now;
+        self.data.is_some().then_some(now)
     }
 
     /// Writes the progress if it changed since (a close calls it too).
@@ -135,13 +157,8 @@ impl ReplicaStore {
         if self.deleting_now().contains(&uuid) {
             return Ok(None);
         }
-        if let Some(h) = self.opened(uuid)? {
-            return Ok(Some(
-                h.checked.lock().unwrap_or_else(|e| e.into_inner()).now,
-            ));
-        }
-        let dir = self.dir(uuid);
-        Ok(dir.is_dir().then(|| load(&dir)))
+        let held = self.opened(uuid)?;
+        Ok(checked_of(held.as_deref(), &self.dir(uuid)))
     }
 
     /// How far the checks of each copy here got (witnesses have none),
@@ -162,17 +179,8 @@ impl ReplicaStore {
             .flatten()
             .filter_map(|e| {
                 let uuid = Uuid::parse_hex(e.file_name().to_str()?)?;
-                match open.iter().find(|(u, _)| *u == uuid) {
-                    Some((_, h)) => h
-                        .data
-                        .is_some()
-                        .then(|| h.checked.lock().unwrap_or_else(|e| e.into_inner()).now),
-                    None => {
-                        let dir = e.path();
-                        dir.join(DATA_FILE).exists().then(|| load(&dir))
-                    }
-                }
-                .map(|c| (uuid, c))
+                let held = open.iter().find(|(u, _)| *u == uuid).map(|(_, h)| &**h);
+                checked_of(held, &e.path()).map(|c| (uuid, c))
             })
             .collect();
         found.sort_by_key(|(u, _)| *u);
@@ -189,21 +197,14 @@ impl ReplicaStore {
         region: Region,
         regions: u64,
     ) {
-        let now = unix_now();
         if let Some(h) = held {
-            let mut c = h.checked.lock().unwrap_or_else(|e| e.into_inner());
-            let (mark, save_now) = advanced(c.now.read, region, regions, now);
-            c.now.read = mark;
-            c.unsaved = true;
-            if save_now {
-                h.save_checked(&mut c);
-            }
+            h.advance(|c| &mut c.read, region, regions);
             return;
         }
         // Only `done` is taken from the file: what is not written yet is
         // this region's predecessors, which `advanced` does not need.
         let mut c = load(dir);
-        let (mark, save_now) = advanced(c.read, region, regions, now);
+        let (mark, save_now) = advanced(c.read, region, regions, unix_now());
         c.read = mark;
         if save_now && let Err(e) = save(dir, &c) {
             tracing::warn!(dir = %dir.display(), error = %e, "the scrub's progress is not written");
