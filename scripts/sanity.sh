@@ -61,6 +61,20 @@ case "$nodes" in [0-9]) ;; *) echo "sanity.sh: SANITY_CLUSTER must be 0-9" >&2; 
 work=$(mktemp -d /tmp/stowage-sanity.XXXXXX)
 servers=()
 loopdev=
+
+# Prints $1 TCP ports on 127.0.0.1 that are free now: the kernel picks them
+# (bound together, then let go), so none is a port another process holds.
+# Whoever binds one next may still lose it to a connection made meanwhile;
+# the cluster below is started again on new ports if a server exits.
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
 cleanup() {
     set +e
     for pid in "${servers[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; done
@@ -119,7 +133,7 @@ if [ "$backend" = object ]; then
     garage=${STOWAGE_GARAGE:-$(command -v garage || echo /opt/stowage-ci/bin/garage)}
     [ -x "$garage" ] || { echo "sanity.sh: no garage binary (STOWAGE_GARAGE); scripts/test.sh installs one" >&2; exit 2; }
     command -v s3fs >/dev/null || { echo "sanity.sh: s3fs is needed for object volumes" >&2; exit 2; }
-    gport=$((40000 + RANDOM % 20000))
+    read -r gport grpc_port < <(free_ports 2)
     mkdir -m 0700 "$work/garage"
     key=GK$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
     secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
@@ -128,8 +142,8 @@ metadata_dir = "$work/garage/meta"
 data_dir = "$work/garage/data"
 db_engine = "sqlite"
 replication_factor = 1
-rpc_bind_addr = "127.0.0.1:$((gport + 1))"
-rpc_public_addr = "127.0.0.1:$((gport + 1))"
+rpc_bind_addr = "127.0.0.1:$grpc_port"
+rpc_public_addr = "127.0.0.1:$grpc_port"
 rpc_secret = "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
 [s3_api]
 s3_region = "garage"
@@ -144,6 +158,7 @@ TOML
         >"$work/garage/server.log" 2>&1 &
     garage_pid=$!
     for _ in $(seq 200); do
+        kill -0 "$garage_pid" 2>/dev/null || { echo "sanity.sh: garage exited at start" >&2; cat "$work/garage/server.log" >&2; exit 1; }
         python3 - "$gport" <<'PY' && break
 import socket, sys
 try:
@@ -179,24 +194,39 @@ else
     label="$pool_fs pools, cluster of $nodes"
     [ "$backend" = replicated ] && label="replicated volumes, 3 copies, $label"
     "$bin" cluster init "$work/tls" >/dev/null
-    port=$((20000 + RANDOM % 20000))
-    "$bin" serve --mode controller --endpoint "unix://$work/controller.sock" \
-        --listen "127.0.0.1:$port" --tls-dir "$work/tls" 2>"$work/serve.log" &
-    servers+=($!)
-    for i in $(seq "$nodes"); do
-        # shellcheck disable=SC2086
-        "$bin" serve --mode node --node-id "n$i" --endpoint "unix://$work/n$i.sock" \
-            --state-dir "$work/state/n$i" --max-volumes-per-node 8 \
-            --listen "127.0.0.1:$((port + i))" --controller "https://127.0.0.1:$port" \
-            --tls-dir "$work/tls" --register-interval 1 ${STOWAGE_SERVE_ARGS:-} 2>"$work/serve-n$i.log" &
-        servers+=($!)
-    done
+    # A server that cannot take its port exits at start: the cluster is
+    # started again, on new ports, at most three times.
     ready=0
-    for _ in $(seq 150); do
-        ready=$("$bin" --endpoint "unix://$work/controller.sock" node list -o json 2>/dev/null \
-            | python3 -c 'import json,sys; print(sum(n["fresh"] for n in json.load(sys.stdin)["nodes"]))' 2>/dev/null || echo 0)
-        [ "$ready" -eq "$nodes" ] && break
-        sleep 0.1
+    base=${#servers[@]}
+    for attempt in 1 2 3; do
+        read -r -a ports < <(free_ports $((nodes + 1)))
+        "$bin" serve --mode controller --endpoint "unix://$work/controller.sock" \
+            --listen "127.0.0.1:${ports[0]}" --tls-dir "$work/tls" 2>"$work/serve.log" &
+        started=($!)
+        for i in $(seq "$nodes"); do
+            # shellcheck disable=SC2086
+            "$bin" serve --mode node --node-id "n$i" --endpoint "unix://$work/n$i.sock" \
+                --state-dir "$work/state/n$i" --max-volumes-per-node 8 \
+                --listen "127.0.0.1:${ports[i]}" --controller "https://127.0.0.1:${ports[0]}" \
+                --tls-dir "$work/tls" --register-interval 1 ${STOWAGE_SERVE_ARGS:-} 2>"$work/serve-n$i.log" &
+            started+=($!)
+        done
+        servers+=("${started[@]}")
+        exited=
+        for _ in $(seq 150); do
+            for pid in "${started[@]}"; do kill -0 "$pid" 2>/dev/null || exited=$pid; done
+            [ -n "$exited" ] && break
+            ready=$("$bin" --endpoint "unix://$work/controller.sock" node list -o json 2>/dev/null \
+                | python3 -c 'import json,sys; print(sum(n["fresh"] for n in json.load(sys.stdin)["nodes"]))' 2>/dev/null || echo 0)
+            [ "$ready" -eq "$nodes" ] && break
+            sleep 0.1
+        done
+        [ -z "$exited" ] && break
+        echo "sanity.sh: a server exited at start (attempt $attempt, ports ${ports[*]}):" >&2
+        tail -n 3 "$work"/serve*.log >&2
+        for pid in "${started[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+        servers=("${servers[@]:0:base}")
+        ready=0
     done
     [ "$ready" -eq "$nodes" ] || { echo "sanity.sh: only $ready of $nodes nodes registered" >&2; cat "$work"/serve*.log >&2; exit 1; }
     endpoint="unix://$work/n1.sock"

@@ -506,6 +506,64 @@ async fn strangers_are_refused_before_any_rpc() {
     cl.delete(&v.volume_id).await.unwrap();
 }
 
+/// A node agent that cannot take one of its ports (another process holds
+/// it) fails to start, saying which address, before it registers or binds
+/// its CSI socket: registered at an address nobody answers on, it would
+/// fail every call the controller routed to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_take_its_ports_fails_to_start() {
+    let mut cl = Cluster::start().await;
+    let ctl = cl.net.host(0).addr(AGENT_PORT);
+    let h1 = cl.net.host(1);
+    let held = h1.addr(7452);
+    let _held = h1.listen(7452).unwrap();
+    // n5's agent API on n1's agent port; n6's data link on the held port.
+    for (id, listen, data) in [
+        ("n5", h1.agent_addr(), None),
+        ("n6", h1.addr(7453), Some(held)),
+    ] {
+        let socket = cl.root.join(format!("{id}.sock"));
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--mode", "node", "--node-id", id])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--state-dir")
+            .arg(cl.root.join(format!("pool-fs/{id}")))
+            .args(["--listen", &listen.to_string()])
+            .args(["--controller", &format!("https://{ctl}")])
+            .arg("--tls-dir")
+            .arg(cl.root.join("tls"))
+            .args(["--register-interval", "1"])
+            .env("STOWAGE_LOG", "debug");
+        if let Some(d) = data {
+            cmd.args(["--data-listen", &d.to_string()]);
+        }
+        let p = h1.spawn(&mut cmd);
+        let status = p.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{id} did not fail to start ({status:?}):\n{}",
+            p.log_tail(20)
+        );
+        let said = format!("listen on {}", data.unwrap_or(listen));
+        assert!(
+            p.log_text().contains(&said),
+            "{id} did not say {said:?}:\n{}",
+            p.log_tail(20)
+        );
+        assert!(!socket.exists(), "{id} left its CSI socket behind");
+    }
+    let ids: Vec<String> = cl.nodes().await.into_iter().map(|n| n.node_id).collect();
+    assert_eq!(
+        ids,
+        ["n1", "n2", "n3"],
+        "a node that failed to start registered"
+    );
+    // n1, whose port n5 tried, still serves.
+    let v = cl.create(block("after", None)).await.unwrap();
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
 /// On a node of a cluster the client and `apply` send controller calls to
 /// the controller's socket (`--controller-endpoint`) and node calls to the
 /// node's own: volumes are created, published and unpublished there.

@@ -147,21 +147,42 @@ fn set_cordon_file(f: &std::path::Path, cordoned: bool) -> std::io::Result<()> {
     }
 }
 
-/// Serves the agent API until `shutdown` resolves.
+/// A node agent's two TCP listeners, the agent API (`--listen`) and the
+/// data link (`--data-listen`), bound by [`bind_agent`] before the node
+/// registers or serves CSI: a node that cannot take its ports fails to
+/// start, never registering an address nobody answers on.
+#[derive(Debug)]
+pub struct AgentListeners {
+    api: tokio::net::TcpListener,
+    link: tokio::net::TcpListener,
+}
+
+/// Binds the agent API and the data link of `cfg`.
+pub async fn bind_agent(cfg: &AgentConfig) -> Result<AgentListeners, crate::server::StartError> {
+    let bind = |addr: &String| {
+        let addr = addr.clone();
+        async move {
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|err| crate::server::StartError::Tcp { addr, err })
+        }
+    };
+    Ok(AgentListeners {
+        api: bind(&cfg.listen).await?,
+        link: bind(&cfg.data_listen).await?,
+    })
+}
+
+/// Serves the agent API on `listeners` until `shutdown` resolves.
 pub async fn serve_agent(
     driver: Arc<Driver>,
     cfg: &AgentConfig,
     tls: &TlsMaterial,
+    listeners: AgentListeners,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), crate::server::StartError> {
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|err| crate::server::StartError::Tcp {
-            addr: cfg.listen.clone(),
-            err,
-        })?;
     tracing::info!(listen = %cfg.listen, advertise = %cfg.advertise, "agent API listening (mutual TLS)");
-    let incoming = crate::server::tcp_incoming(listener);
+    let incoming = crate::server::tcp_incoming(listeners.api);
     let store = driver.replicas.clone().ok_or_else(|| {
         crate::server::StartError::Config("a node agent keeps replicas".to_owned())
     })?;
@@ -187,7 +208,7 @@ pub async fn serve_agent(
         .scrub_every
         .map(|every| tokio::spawn(Arc::clone(&idle).sweep(every)));
     let _sweep = AbortOnDrop(sweep);
-    let (link, link_task) = serve_link(cfg, store, link_tls, link_rx).await?;
+    let (link, link_task) = serve_link(cfg, listeners.link, store, link_tls, link_rx)?;
     replica = replica.with_link(link).with_idle(idle);
     let served = replica_windows(tonic::transport::Server::builder())
         .tls_config(tls.server_config())?
@@ -236,28 +257,25 @@ fn replica_windows(b: tonic::transport::Server) -> tonic::transport::Server {
         .max_frame_size(super::replica::MAX_FRAME)
 }
 
-/// Serves the data link ([`super::link`]) on `--data-listen` until `stop`
-/// turns true: mutual TLS with `tls`, plaintext without (replication TLS
-/// off). Returns the address engines dial (`tls://` or `tcp://`;
-/// `--data-advertise`, or the host of `--advertise` and the port bound)
-/// and the serving task.
-async fn serve_link(
+/// Serves the data link ([`super::link`]) on `listener` (`--data-listen`)
+/// until `stop` turns true: mutual TLS with `tls`, plaintext without
+/// (replication TLS off). Returns the address engines dial (`tls://` or
+/// `tcp://`; `--data-advertise`, or the host of `--advertise` and the port
+/// bound) and the serving task.
+fn serve_link(
     cfg: &AgentConfig,
+    listener: tokio::net::TcpListener,
     store: Arc<crate::backend::replicated::store::ReplicaStore>,
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(String, tokio::task::JoinHandle<()>), crate::server::StartError> {
     let host = |hp: &str| hp.rsplit_once(':').map_or(hp, |(h, _)| h).to_owned();
-    let bind = cfg.data_listen.clone();
-    let listener = tokio::net::TcpListener::bind(&bind).await.map_err(|err| {
-        crate::server::StartError::Tcp {
-            addr: bind.clone(),
-            err,
-        }
-    })?;
     let port = listener
         .local_addr()
-        .map_err(|err| crate::server::StartError::Tcp { addr: bind, err })?
+        .map_err(|err| crate::server::StartError::Tcp {
+            addr: cfg.data_listen.clone(),
+            err,
+        })?
         .port();
     let scheme = if tls.is_some() { "tls" } else { "tcp" };
     let addr = match &cfg.data_advertise {

@@ -420,7 +420,7 @@ type CsiRouter = tonic::transport::server::Router<
 async fn serve_endpoint(
     router: CsiRouter,
     endpoint: &Endpoint,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     match endpoint {
         Endpoint::Unix(path) => {
@@ -429,9 +429,7 @@ async fn serve_endpoint(
             // Through the `:authority` rewrite: h2 refuses what gRPC
             // C-core and grpc-java send on a unix socket.
             let incoming = transport::incoming(listener);
-            let r = router
-                .serve_with_incoming_shutdown(incoming, stopped(stop))
-                .await;
+            let r = router.serve_with_incoming_shutdown(incoming, stop).await;
             let _ = std::fs::remove_file(path);
             r?;
         }
@@ -445,9 +443,7 @@ async fn serve_endpoint(
                     })?;
             tracing::info!(endpoint = %addr, "listening");
             let incoming = tcp_incoming(listener);
-            router
-                .serve_with_incoming_shutdown(incoming, stopped(stop))
-                .await?;
+            router.serve_with_incoming_shutdown(incoming, stop).await?;
         }
     }
     Ok(())
@@ -544,19 +540,32 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             plaintext,
         )?);
     }
-    let agent = match (tls, cfg.cluster.as_ref().and_then(|c| c.agent.clone())) {
+    // The agent's ports are bound before the node registers and before the
+    // CSI socket is: a node that cannot listen fails to start rather than
+    // register an address nobody answers on. Should the agent API stop
+    // while the node runs, the node stops too (`agent_ended`).
+    let (agent, agent_ended) = match (tls, cfg.cluster.as_ref().and_then(|c| c.agent.clone())) {
         (Some(tls), Some(agent)) => {
+            let listeners = crate::cluster::agent::bind_agent(&agent).await?;
             tokio::spawn(crate::cluster::agent::register_loop(
                 Arc::clone(&driver),
                 agent.clone(),
                 tls.clone(),
             ));
             let (d, s) = (Arc::clone(&driver), stop.clone());
-            Some(tokio::spawn(async move {
-                crate::cluster::agent::serve_agent(d, &agent, &tls, stopped(s)).await
-            }))
+            let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                let _ended = ended_tx;
+                let r = crate::cluster::agent::serve_agent(d, &agent, &tls, listeners, stopped(s))
+                    .await;
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "the agent API stopped: stopping the node");
+                }
+                r
+            });
+            (Some(task), Some(ended))
         }
-        _ => None,
+        _ => (None, None),
     };
     let idle_closer = driver.replicas.clone().map(|replicas| {
         tokio::spawn(async move {
@@ -571,7 +580,18 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             }
         })
     });
-    let served = serve_endpoint(router, &cfg.endpoint, stop).await;
+    let until = async move {
+        match agent_ended {
+            Some(ended) => {
+                tokio::select! {
+                    _ = stopped(stop) => {}
+                    _ = ended => {}
+                }
+            }
+            None => stopped(stop).await,
+        }
+    };
+    let served = serve_endpoint(router, &cfg.endpoint, until).await;
     if let Some(t) = idle_closer {
         t.abort();
     }
@@ -719,7 +739,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
         .add_service(proto::admin_server::AdminServer::new(router));
     let (a, b) = tokio::join!(
         async { registration.await.map_err(StartError::from) },
-        serve_endpoint(csi_router, &cfg.endpoint, stop)
+        serve_endpoint(csi_router, &cfg.endpoint, stopped(stop))
     );
     if let Some(t) = metrics_task {
         t.abort();
