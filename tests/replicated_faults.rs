@@ -1057,6 +1057,23 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     let (ok, text, err) = scrub(&cl, &v.volume_id);
     assert!(ok, "{err}");
     assert_idle_reads(&text);
+    // Not published, with no engine to compare them: each node's read
+    // sums its copy, and the controller compares the sums.
+    cl.wait_condition(&v.volume_id, WAIT, "the copies' reads compared", |_, m| {
+        m.contains("n1, n2, n3 hold the same bytes")
+    })
+    .await;
+    let (abnormal, said) = cl.condition(&v.volume_id).await;
+    assert!(!abnormal, "{said}");
+    change_block(&n3_data, changed);
+    let (ok, _, err) = scrub(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    let (abnormal, said) = cl
+        .wait_condition(&v.volume_id, WAIT, "n3's other bytes found", |_, m| {
+            m.contains("n3 holds other bytes than n1, n2")
+        })
+        .await;
+    assert!(abnormal, "copies that differ, yet normal: {said}");
     cl.delete(&v.volume_id).await.unwrap();
 }
 
@@ -1229,6 +1246,14 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     // No schedule: nothing reads it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(disk.failed_reads(), 0);
+    let (abnormal, said) = cl.condition(&v.volume_id).await;
+    assert!(!abnormal, "{said}");
+    assert!(
+        said.contains(
+            "copies checked: n1 never read whole, n2 never read whole, n3 never read whole"
+        ),
+        "{said}"
+    );
     t.done("written, taken down, a bad sector on n2's copy");
 
     let (ok, text, err) = scrub_json(&cl, &v.volume_id);
@@ -1236,13 +1261,40 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     assert_idle_reads(&text);
     wait_listed_on_n2(&cl).await;
     assert!(disk.failed_reads() > 0);
-    t.done("n2 read its copy and listed the bad sector");
+    // The volume's condition says so, once every node's read is done.
+    let until = Instant::now() + WAIT;
+    let said = loop {
+        let (abnormal, said) = cl.condition(&v.volume_id).await;
+        if !said.contains("never read whole") {
+            assert!(
+                abnormal,
+                "a copy with an unreadable region, yet normal: {said}"
+            );
+            break said;
+        }
+        assert!(Instant::now() < until, "the reads never ended: {said}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for n in ["n1", "n3"] {
+        assert!(said.contains(&format!("{n} read whole ")), "{said}");
+    }
+    // n2's read, with a region it could not read, has no sum to compare.
+    assert!(said.ends_with("; n1, n3 hold the same bytes"), "{said}");
+    assert!(
+        said.contains("MiB its disk could not read: the next engine writes them again)"),
+        "{said}"
+    );
+    t.done("n2 read its copy and listed the bad sector; the condition says so");
     let cap = block_cap(Mode::SingleNodeWriter);
     let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
     wait_rewritten(&cl, &disk, "n2").await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     t.done("n2's region written again by the next engine");
-    down_and_compare(cl, v, m).await;
+    m.down(&mut cl, &v.volume_id).await;
+    let (abnormal, said) = cl.condition(&v.volume_id).await;
+    assert!(!abnormal && !said.contains("could not read"), "{said}");
+    assert_copies_equal(&cl, &v).await;
+    cl.delete(&v.volume_id).await.unwrap();
     drop(dir);
 }
 

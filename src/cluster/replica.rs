@@ -268,17 +268,21 @@ impl Replica for ReplicaService {
         self.allowed(&req, volume).await?;
         let held = self.blocking(move |s| s.get(volume)).await?;
         Ok(Response::new(match held {
-            None => GetReplicaResponse {
-                found: false,
-                state: String::new(),
-                idle_seconds: None,
-            },
-            Some(h) => GetReplicaResponse {
-                found: true,
-                state: serde_json::to_string(&h.state)
-                    .map_err(|e| Status::internal(e.to_string()))?,
-                idle_seconds: h.idle.map(|d| d.as_secs()),
-            },
+            None => GetReplicaResponse::default(),
+            Some(h) => {
+                let whole = h.checked.and_then(|c| c.read_sums.whole);
+                GetReplicaResponse {
+                    found: true,
+                    state: serde_json::to_string(&h.state)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                    idle_seconds: h.idle.map(|d| d.as_secs()),
+                    scrubbed_at: h.checked.map(|c| c.scrub.done),
+                    read_at: h.checked.map(|c| c.read.done),
+                    unreadable: h.unreadable as u64,
+                    read_sum: whole.and_then(|w| w.sum).map(Vec::from).unwrap_or_default(),
+                    read_sum_version: whole.map_or(0, |w| w.version),
+                }
+            }
         }))
     }
 

@@ -219,6 +219,8 @@ struct Found {
     holders: Vec<(String, Ballot)>,
     /// How long each holder's state has not changed, where it tells.
     idle: BTreeMap<String, Duration>,
+    /// What each holder of a copy says its checks found.
+    checks: BTreeMap<String, CopyChecks>,
     /// Fresh nodes that answered that they hold nothing.
     without: Vec<String>,
     /// Fresh nodes that did not answer, and why.
@@ -277,6 +279,7 @@ impl Replicated {
             newest: None,
             holders: Vec::new(),
             idle: BTreeMap::new(),
+            checks: BTreeMap::new(),
             without: Vec::new(),
             unreached: Vec::new(),
         };
@@ -306,6 +309,16 @@ impl Replicated {
             found.holders.push((n.id.clone(), state.accepted.clone()));
             if let Some(s) = r.idle_seconds {
                 found.idle.insert(n.id.clone(), Duration::from_secs(s));
+            }
+            if r.scrubbed_at.is_some() || r.read_at.is_some() {
+                found.checks.insert(
+                    n.id.clone(),
+                    CopyChecks {
+                        whole_at: r.scrubbed_at.max(r.read_at).unwrap_or(0),
+                        unreadable: r.unreadable,
+                        sum: (!r.read_sum.is_empty()).then_some((r.read_sum_version, r.read_sum)),
+                    },
+                );
             }
             if found.newest.as_ref().is_none_or(|s| {
                 (&state.accepted, state.record.version) > (&s.accepted, s.record.version)
@@ -585,13 +598,22 @@ impl Replicated {
 
     /// The newest record of a volume, or NOT_FOUND.
     async fn newest(&self, raw: &str) -> Result<(Uuid, VoterState), Status> {
+        let (uuid, state, _) = self.newest_found(raw).await?;
+        Ok((uuid, state))
+    }
+
+    /// [`Self::newest`], with what the copies' checks found.
+    async fn newest_found(
+        &self,
+        raw: &str,
+    ) -> Result<(Uuid, VoterState, BTreeMap<String, CopyChecks>), Status> {
         let uuid = parse_id(raw)?;
         let found = self.find(uuid).await?;
         found.certain(uuid)?;
         let state = found
             .newest
             .ok_or_else(|| Status::not_found(format!("volume {raw} does not exist")))?;
-        Ok((uuid, state))
+        Ok((uuid, state, found.checks))
     }
 
     async fn change(
@@ -1314,10 +1336,11 @@ impl Replicated {
     /// ControllerGetVolume: the volume, the node it is published on, and
     /// its condition (abnormal while a copy is out of sync).
     pub async fn get_volume(&self, raw: &str) -> Result<csi::ControllerGetVolumeResponse, Status> {
-        let (uuid, state) = self.newest(raw).await?;
+        let (uuid, state, checks) = self.newest_found(raw).await?;
         let record = state.record;
         let copies = record.copies().count();
         let in_sync = record.in_sync.len();
+        let mut abnormal = in_sync < copies;
         let mut message = format!(
             "{in_sync} of {copies} copies in sync (epoch {}); copies on {}",
             record.epoch,
@@ -1333,15 +1356,25 @@ impl Replicated {
         if let Some(o) = &record.owner {
             message.push_str(&format!("; published on {}", o.node));
             message.push_str(&self.engine_view(&o.node, uuid).await);
+        } else {
+            // No engine: what each copy's node found when it read it.
+            let copies: Vec<(&str, bool, Option<&CopyChecks>)> = record
+                .copies()
+                .map(|c| (c, record.in_sync.contains_key(c), checks.get(c)))
+                .collect();
+            let (said, bad) = copy_checks(
+                &copies,
+                record.version,
+                crate::backend::replicated::store::unix_now(),
+            );
+            message.push_str(&said);
+            abnormal |= bad;
         }
         Ok(csi::ControllerGetVolumeResponse {
             volume: Some(Self::volume(&record)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids: record.owner.iter().map(|o| o.node.clone()).collect(),
-                volume_condition: Some(csi::VolumeCondition {
-                    abnormal: in_sync < copies,
-                    message,
-                }),
+                volume_condition: Some(csi::VolumeCondition { abnormal, message }),
             }),
         })
     }
@@ -1418,12 +1451,6 @@ fn orphaned_members(
 /// due (`next`), both in seconds since the Unix epoch (0: none known or
 /// planned), at `now`; each part left out when unknown.
 fn scrub_schedule(done: u64, next: u64, now: u64) -> String {
-    let span = |s: u64| match s {
-        0..120 => format!("{s} s"),
-        120..7_200 => format!("{} min", s / 60),
-        7_200..172_800 => format!("{} h", s / 3_600),
-        _ => format!("{} days", s / 86_400),
-    };
     let mut out = String::new();
     if done > 0 {
         out.push_str(&format!(
@@ -1440,6 +1467,105 @@ fn scrub_schedule(done: u64, next: u64, now: u64) -> String {
     out
 }
 
+/// A span of `s` seconds in the unit that reads best.
+fn span(s: u64) -> String {
+    match s {
+        0..120 => format!("{s} s"),
+        120..7_200 => format!("{} min", s / 60),
+        7_200..172_800 => format!("{} h", s / 3_600),
+        _ => format!("{} days", s / 86_400),
+    }
+}
+
+/// What a copy's node says its checks found (its answer to GetReplica).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CopyChecks {
+    /// When the copy was last read whole, by a scrub or by its node
+    /// (Unix seconds, 0: never).
+    whole_at: u64,
+    /// Regions (1 MiB) its disk could not read, for the next engine to
+    /// write again.
+    unreadable: u64,
+    /// The sum of its node's last whole read, and the version of the
+    /// record it was read at (see `store::ReadPass`).
+    sum: Option<(u64, Vec<u8>)>,
+}
+
+/// The part of an unpublished volume's condition that says what each copy's
+/// checks found (None: its node did not say; the bool: the copy is in
+/// sync), at `now`, and whether that is abnormal: a copy holds regions
+/// its disk could not read (those regions have a copy fewer until an
+/// engine writes them again), or copies in sync that their nodes read
+/// whole at the record's `version` hold different bytes.
+fn copy_checks(
+    copies: &[(&str, bool, Option<&CopyChecks>)],
+    version: u64,
+    now: u64,
+) -> (String, bool) {
+    let mut bad = false;
+    let said: Vec<String> = copies
+        .iter()
+        .map(|(node, _, c)| match c {
+            None => format!("{node} did not say"),
+            Some(c) => {
+                let mut s = match c.whole_at {
+                    0 => format!("{node} never read whole"),
+                    at => format!("{node} read whole {} ago", span(now.saturating_sub(at))),
+                };
+                if c.unreadable > 0 {
+                    bad = true;
+                    s.push_str(&format!(
+                        " ({} MiB its disk could not read: the next engine writes them again)",
+                        c.unreadable
+                    ));
+                }
+                s
+            }
+        })
+        .collect();
+    let mut out = format!("; copies checked: {}", said.join(", "));
+    // The copies in sync read at this version, by what they summed.
+    let mut alike: Vec<(&[u8], Vec<&str>)> = Vec::new();
+    for (node, _, c) in copies.iter().filter(|(_, in_sync, _)| *in_sync) {
+        let Some((_, sum)) = c
+            .and_then(|c| c.sum.as_ref())
+            .filter(|(v, _)| *v == version)
+        else {
+            continue;
+        };
+        match alike.iter_mut().find(|(s, _)| *s == sum.as_slice()) {
+            Some((_, nodes)) => nodes.push(node),
+            None => alike.push((sum, vec![node])),
+        }
+    }
+    alike.sort_by_key(|(_, nodes)| std::cmp::Reverse(nodes.len()));
+    match &alike[..] {
+        [(_, nodes)] if nodes.len() > 1 => {
+            out.push_str(&format!("; {} hold the same bytes", nodes.join(", ")));
+        }
+        [] | [_] => {}
+        [(_, most), (_, next), ..] => {
+            bad = true;
+            if most.len() > next.len() {
+                let others: Vec<&str> = alike[1..].iter().flat_map(|(_, n)| n.clone()).collect();
+                out.push_str(&format!(
+                    "; {} {} other bytes than {} (an engine's scrub pass writes the majority's there)",
+                    others.join(", "),
+                    if others.len() == 1 { "holds" } else { "hold" },
+                    most.join(", ")
+                ));
+            } else {
+                let all: Vec<&str> = alike.iter().flat_map(|(_, n)| n.clone()).collect();
+                out.push_str(&format!(
+                    "; {} hold different bytes, with no majority to tell which are right",
+                    all.join(", ")
+                ));
+            }
+        }
+    }
+    (out, bad)
+}
+
 /// JSON of what goes into publish_context.
 #[allow(clippy::result_large_err)]
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
@@ -1449,6 +1575,112 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unpublished_volumes_condition_says_what_each_copys_checks_found() {
+        let now = 1_000_000;
+        let read = CopyChecks {
+            whole_at: now - 3 * 3_600,
+            unreadable: 0,
+            sum: None,
+        };
+        let never = CopyChecks {
+            whole_at: 0,
+            unreadable: 0,
+            sum: None,
+        };
+        let (said, bad) = copy_checks(
+            &[("n1", true, Some(&read)), ("n2", true, Some(&never))],
+            7,
+            now,
+        );
+        assert_eq!(
+            said,
+            "; copies checked: n1 read whole 3 h ago, n2 never read whole"
+        );
+        assert!(!bad);
+        let failing = CopyChecks {
+            whole_at: now - 42,
+            unreadable: 2,
+            sum: None,
+        };
+        let (said, bad) = copy_checks(
+            &[
+                ("n1", true, Some(&read)),
+                ("n2", true, Some(&failing)),
+                ("n3", true, None),
+            ],
+            7,
+            now,
+        );
+        assert_eq!(
+            said,
+            "; copies checked: n1 read whole 3 h ago, n2 read whole 42 s ago \
+             (2 MiB its disk could not read: the next engine writes them again), n3 did not say"
+        );
+        assert!(
+            bad,
+            "a copy with regions its disk cannot read makes the condition abnormal"
+        );
+    }
+
+    #[test]
+    fn copies_in_sync_read_at_the_records_version_are_compared_by_their_sums() {
+        let now = 1_000_000;
+        let summed = |version: u64, sum: u8| CopyChecks {
+            whole_at: now - 60,
+            unreadable: 0,
+            sum: Some((version, vec![sum; 32])),
+        };
+        let tail = |said: &str| {
+            said.split_once("ago; ")
+                .map(|(_, t)| t.to_owned())
+                .unwrap_or_default()
+        };
+        let (a, b) = (summed(7, 1), summed(7, 2));
+        let (said, bad) = copy_checks(
+            &[
+                ("n1", true, Some(&a)),
+                ("n2", true, Some(&a)),
+                ("n3", true, Some(&a)),
+            ],
+            7,
+            now,
+        );
+        assert_eq!(tail(&said), "n1, n2, n3 hold the same bytes");
+        assert!(!bad);
+        let (said, bad) = copy_checks(
+            &[
+                ("n1", true, Some(&a)),
+                ("n2", true, Some(&b)),
+                ("n3", true, Some(&a)),
+            ],
+            7,
+            now,
+        );
+        assert_eq!(
+            tail(&said),
+            "n2 holds other bytes than n1, n3 (an engine's scrub pass writes the majority's there)"
+        );
+        assert!(bad);
+        let (said, bad) = copy_checks(&[("n1", true, Some(&a)), ("n2", true, Some(&b))], 7, now);
+        assert_eq!(
+            tail(&said),
+            "n1, n2 hold different bytes, with no majority to tell which are right"
+        );
+        assert!(bad);
+        // Read at another version (a publish since), out of sync, or one
+        // copy alone: nothing to compare.
+        let old = summed(6, 2);
+        for copies in [
+            vec![("n1", true, Some(&a)), ("n2", true, Some(&old))],
+            vec![("n1", true, Some(&a)), ("n2", false, Some(&b))],
+            vec![("n1", true, Some(&a)), ("n2", true, None)],
+        ] {
+            let (said, bad) = copy_checks(&copies, 7, now);
+            assert!(!bad && !said.contains("bytes"), "{said}");
+        }
+    }
 
     #[test]
     fn the_scrub_schedule_is_said_in_the_unit_that_reads_best() {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::protocol::{CheckMark, Region};
-use super::store::{ReplicaStore, StoreError, unix_now};
+use super::store::{ReadPass, ReplicaStore, StoreError, unix_now};
 use super::{CheckDue, scrub_region_time};
 use crate::volume::id::Uuid;
 
@@ -64,12 +64,13 @@ impl IdleChecks {
     /// one is under way. Needs a Tokio runtime.
     pub async fn check_now(self: &Arc<Self>, uuid: Uuid) -> Result<IdleCheck, StoreError> {
         let r = Arc::clone(&self.replicas);
-        let Some(regions) = tokio::task::spawn_blocking(move || r.idle_regions(uuid))
+        let Some(copy) = tokio::task::spawn_blocking(move || r.idle_copy(uuid))
             .await
             .map_err(|e| StoreError::Invalid(e.to_string()))??
         else {
             return Ok(IdleCheck::NotIdle);
         };
+        let regions = copy.regions;
         let at = match self.claim(uuid, 0) {
             Ok(claim) => {
                 tokio::spawn(async move {
@@ -124,18 +125,29 @@ impl Claim {
         let (checks, uuid) = (&self.checks, self.uuid);
         let (mut checked, mut found) = (0u64, 0u64);
         let mut region = from;
+        // The pass's sum: a new one from the first region, else the one
+        // kept with the progress it resumes.
+        let mut pass = (from == 0).then(ReadPass::default);
         loop {
             checks.running().insert(uuid, region);
             // Asked again each region: a publish ends the check (its
             // engine scrubs from then on).
             let r = Arc::clone(&checks.replicas);
-            let step = tokio::task::spawn_blocking(move || match r.idle_regions(uuid)? {
-                Some(n) if region < n => r.check_idle(uuid, region).map(Some),
-                _ => Ok(None),
+            let step = tokio::task::spawn_blocking(move || {
+                let Some(copy) = r.idle_copy(uuid)?.filter(|c| region < c.regions) else {
+                    return Ok(None);
+                };
+                let mut pass = match pass {
+                    Some(p) => p,
+                    None => r.checked(uuid)?.unwrap_or_default().read_sums.pass,
+                };
+                let readable = r.check_idle(uuid, region, copy.version, &mut pass)?;
+                Ok::<_, StoreError>(Some((readable, pass)))
             })
             .await;
             match step {
-                Ok(Ok(Some(readable))) => {
+                Ok(Ok(Some((readable, now)))) => {
+                    pass = Some(now);
                     checked += 1;
                     found += u64::from(!readable);
                 }
@@ -163,7 +175,7 @@ impl IdleChecks {
     /// restart of this process stopped (see `store::Checked`).
     fn due(&self, uuid: Uuid, every: Duration) -> Result<Option<Region>, StoreError> {
         let r = &self.replicas;
-        let Some(n) = r.idle_regions(uuid)? else {
+        let Some(n) = r.idle_copy(uuid)?.map(|c| c.regions) else {
             return Ok(None);
         };
         let Some(c) = r.checked(uuid)? else {

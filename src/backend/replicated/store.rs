@@ -53,8 +53,8 @@ use super::wire::{Answer, Call};
 mod checked;
 mod snap;
 mod unreadable;
-pub use checked::{Checked, unix_now};
-pub use unreadable::unreadable_in;
+pub use checked::{Checked, ReadPass, ReadSums, unix_now};
+pub use unreadable::{IdleCopy, unreadable_in};
 pub mod writeback;
 pub use snap::{Base, GroupOf, SnapshotInfo};
 
@@ -566,12 +566,7 @@ impl Held {
     /// A SHA-256 of `len` bytes of `region` as the disk holds them (see
     /// [`unreadable::read_region`]).
     fn digest_of(&self, region: Region, len: u64) -> Result<Digest, StoreError> {
-        let d = unreadable::read_region(&self.dir, region, len, |b| {
-            ring::digest::digest(&ring::digest::SHA256, b)
-        })?;
-        let mut digest = Digest::default();
-        digest.copy_from_slice(d.as_ref());
-        Ok(digest)
+        unreadable::read_region(&self.dir, region, len, unreadable::digest)
     }
 }
 
@@ -589,6 +584,11 @@ pub struct HeldState {
     /// them back, as its disk's pace set it ([`writeback`]); None for a
     /// witness.
     pub writeback_window: Option<u64>,
+    /// How far the checks of the copy got (None for a witness).
+    pub checked: Option<Checked>,
+    /// How many regions its disk could not read when its node checked it
+    /// while idle, waiting for the next engine to write them again.
+    pub unreadable: usize,
 }
 
 /// Every copy and witness record on this node.
@@ -885,6 +885,8 @@ impl ReplicaStore {
             state,
             idle,
             writeback_window: held.data.is_some().then(|| held.pacer.window()),
+            checked: held.checked_now(),
+            unreadable: held.unreadable().len(),
         }))
     }
 

@@ -10,6 +10,12 @@
 //!   published ([`ReplicaStore::check_idle`]), which the node's sweep
 //!   moves on, so that a restart of the node resumes it too.
 //!
+//!
+//! The node's reads also sum what they read ([`ReadPass`]): the copies in
+//! sync of a volume nobody changed since hold the same bytes, so the sums
+//! their nodes read at one version of the record agree, and the controller
+//! tells a copy whose bytes differ with no engine running.
+//!
 //! The file is written every [`SAVE_EVERY`] regions and when a check ends:
 //! a crash loses a few regions' progress at most, which are then checked
 //! again. A file that cannot be read counts as no progress.
@@ -19,7 +25,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{DATA_FILE, Held, ReplicaStore, StoreError, io_err, regions_of};
-use crate::backend::replicated::protocol::{CheckMark, Region};
+use crate::backend::replicated::protocol::{CheckMark, Digest, Region};
 use crate::volume::id::Uuid;
 
 const CHECKED_FILE: &str = "checked";
@@ -36,6 +42,79 @@ pub struct Checked {
     /// The node's reads while the volume was not published.
     #[serde(default)]
     pub read: CheckMark,
+    /// What those reads summed.
+    #[serde(default)]
+    pub read_sums: ReadSums,
+}
+
+/// A node's read of its copy while the volume is not published, as a sum
+/// of what it read: the XOR over the regions read of a SHA-256 of each
+/// region's number and of its bytes' SHA-256 (in any order, so a pass a
+/// restart stopped goes on with it), at the `version` of the record the
+/// pass began at. Every change of the record raises its version, a
+/// publish among them (so any write), and a pass that sees another
+/// version has no sum; nor has one whose disk could not read a region.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadPass {
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub sum: Option<Digest>,
+}
+
+impl ReadPass {
+    /// The pass after `region` was read at record `version`, its bytes'
+    /// digest `digest` (None: the disk could not read them). Region 0
+    /// begins a pass.
+    pub fn step(self, region: Region, version: u64, digest: Option<&Digest>) -> ReadPass {
+        let pass = if region == 0 {
+            ReadPass {
+                version,
+                sum: Some(Digest::default()),
+            }
+        } else {
+            self
+        };
+        let sum = match (pass.sum, digest) {
+            (Some(mut sum), Some(d)) if pass.version == version => {
+                let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+                h.update(&region.to_le_bytes());
+                h.update(d);
+                for (s, b) in sum.iter_mut().zip(h.finish().as_ref()) {
+                    *s ^= b;
+                }
+                Some(sum)
+            }
+            _ => None,
+        };
+        ReadPass { sum, ..pass }
+    }
+}
+
+/// The node's read sums of a copy ([`ReadPass`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadSums {
+    /// The pass under way.
+    #[serde(default)]
+    pub pass: ReadPass,
+    /// The last whole pass, when it had a sum.
+    #[serde(default)]
+    pub whole: Option<ReadPass>,
+}
+
+impl ReadSums {
+    /// After the pass read a region as `pass` says, the last of the copy
+    /// when `done`.
+    fn read(&mut self, pass: ReadPass, done: bool) {
+        if done {
+            *self = ReadSums {
+                pass: ReadPass::default(),
+                whole: pass.sum.is_some().then_some(pass),
+            };
+        } else {
+            self.pass = pass;
+        }
+    }
 }
 
 /// The progress `dir`'s file holds (none without a file, or when it cannot
@@ -113,16 +192,24 @@ impl Held {
 
     /// An engine's pass checked `region` here (see [`advanced`]).
     pub(super) fn scrub_checked(&self, region: Region) {
-        self.advance(|c| &mut c.scrub, region, regions_of(self.size()));
+        self.advance(|c| &mut c.scrub, region, regions_of(self.size()), |_, _| {});
     }
 
-    /// Moves the mark `pick` chooses on past `region` of `regions`,
-    /// written when [`advanced`] says so.
-    fn advance(&self, pick: fn(&mut Checked) -> &mut CheckMark, region: Region, regions: u64) {
+    /// Moves the mark `pick` chooses on past `region` of `regions`, and
+    /// `then` the rest (told whether that was the last region), written
+    /// when [`advanced`] says so.
+    fn advance(
+        &self,
+        pick: fn(&mut Checked) -> &mut CheckMark,
+        region: Region,
+        regions: u64,
+        then: impl FnOnce(&mut Checked, bool),
+    ) {
         let mut c = self.checked.lock().unwrap_or_else(|e| e.into_inner());
         let mark = pick(&mut c.now);
         let (moved, save_now) = advanced(*mark, region, regions, unix_now());
         *mark = moved;
+        then(&mut c.now, u64::from(region) + 1 >= regions);
         c.unsaved = true;
         if save_now {
             self.save_checked(&mut c);
@@ -130,7 +217,7 @@ impl Held {
     }
 
     /// The progress held in memory; None for a witness (no checks).
-    fn checked_now(&self) -> Option<Checked> {
+    pub(super) fn checked_now(&self) -> Option<Checked> {
         let now = self.checked.lock().unwrap_or_else(|e| e.into_inner()).now;
         self.data.is_some().then_some(now)
     }
@@ -188,24 +275,34 @@ impl ReplicaStore {
     }
 
     /// The node read `region` of the copy in `dir` (`held`, when this
-    /// process has it open) while its volume was not published (see
-    /// [`advanced`]). Called under the volume's busy mark.
+    /// process has it open) while its volume was not published, which
+    /// made its pass `pass` (see [`advanced`]). Called under the volume's
+    /// busy mark.
     pub(super) fn read_checked(
         &self,
         dir: &Path,
         held: Option<&Held>,
         region: Region,
         regions: u64,
+        pass: ReadPass,
     ) {
+        let done = u64::from(region) + 1 >= regions;
         if let Some(h) = held {
-            h.advance(|c| &mut c.read, region, regions);
+            h.advance(
+                |c| &mut c.read,
+                region,
+                regions,
+                |c, done| c.read_sums.read(pass, done),
+            );
             return;
         }
         // Only `done` is taken from the file: what is not written yet is
-        // this region's predecessors, which `advanced` does not need.
+        // this region's predecessors, which `advanced` does not need (the
+        // pass under way is the caller's).
         let mut c = load(dir);
         let (mark, save_now) = advanced(c.read, region, regions, unix_now());
         c.read = mark;
+        c.read_sums.read(pass, done);
         if save_now && let Err(e) = save(dir, &c) {
             tracing::warn!(dir = %dir.display(), error = %e, "the scrub's progress is not written");
         }
@@ -315,13 +412,6 @@ mod tests {
         assert_eq!((c.scrub, c.read), (m, CheckMark::default()));
     }
 
-    fn read_and(read: CheckMark) -> Checked {
-        Checked {
-            scrub: CheckMark::default(),
-            read,
-        }
-    }
-
     /// The node's reads of a copy nobody publishes move its read progress
     /// on, kept apart from the scrub's, whether this process has the copy
     /// open or not; a copy deleted has none.
@@ -334,17 +424,18 @@ mod tests {
         // Not open in this process.
         let other = ReplicaStore::open(pool.path(), "n1").unwrap();
         let read = |s: &ReplicaStore| s.checked(r.uuid).unwrap().unwrap().read;
+        let mut pass = ReadPass::default();
         for region in 0..SAVE_EVERY {
-            assert!(other.check_idle(r.uuid, region).unwrap());
+            assert!(other.check_idle(r.uuid, region, 1, &mut pass).unwrap());
         }
         assert_eq!(read(&other).next, SAVE_EVERY);
         assert!(other.open.lock().unwrap().is_empty(), "the check opened it");
         // Open in this one: kept in memory, written every SAVE_EVERY.
-        assert!(store.check_idle(r.uuid, SAVE_EVERY).unwrap());
+        assert!(store.check_idle(r.uuid, SAVE_EVERY, 1, &mut pass).unwrap());
         assert_eq!(read(&store).next, SAVE_EVERY + 1);
         let before = unix_now();
         for region in SAVE_EVERY + 1..REGIONS as Region {
-            assert!(store.check_idle(r.uuid, region).unwrap());
+            assert!(store.check_idle(r.uuid, region, 1, &mut pass).unwrap());
         }
         let m = read(&other);
         assert!(m.next == 0 && m.done >= before, "{m:?}");
@@ -353,16 +444,104 @@ mod tests {
             CheckMark::default()
         );
         // Every copy's, from memory or from the file alike.
-        assert_eq!(store.all_checked(), [(r.uuid, read_and(m))]);
+        let all = store.all_checked();
+        assert_eq!(
+            all.iter()
+                .map(|(u, c)| (*u, c.scrub, c.read))
+                .collect::<Vec<_>>(),
+            [(r.uuid, CheckMark::default(), m)]
+        );
+        assert_eq!(all[0].1.read_sums.whole.map(|w| w.version), Some(1));
         assert_eq!(other.all_checked(), store.all_checked());
         // Past the data: not a region, nothing moves.
-        assert!(store.check_idle(r.uuid, REGIONS as Region).unwrap());
+        assert!(
+            store
+                .check_idle(r.uuid, REGIONS as Region, 1, &mut pass)
+                .unwrap()
+        );
         assert_eq!(read(&store), m);
         assert!(store.dir(r.uuid).join(DATA_FILE).exists());
         store.delete(r.uuid).unwrap();
         assert_eq!(store.checked(r.uuid).unwrap(), None);
         assert_eq!(other.checked(r.uuid).unwrap(), None);
         assert!(store.all_checked().is_empty());
+    }
+
+    /// Reads every region of `uuid`'s idle copy in `store` from `from`,
+    /// as the node's sweep does, at record `version`; the pass then.
+    fn read_from(store: &ReplicaStore, r: &ReplicaRecord, from: Region, version: u64) -> ReadPass {
+        let mut pass = if from == 0 {
+            ReadPass::default()
+        } else {
+            store.checked(r.uuid).unwrap().unwrap().read_sums.pass
+        };
+        for region in from..REGIONS as Region {
+            assert!(
+                store
+                    .check_idle(r.uuid, region, version, &mut pass)
+                    .unwrap()
+            );
+        }
+        pass
+    }
+
+    fn whole(store: &ReplicaStore, r: &ReplicaRecord) -> Option<ReadPass> {
+        store.checked(r.uuid).unwrap().unwrap().read_sums.whole
+    }
+
+    /// Two copies holding the same bytes sum alike, also when a restart
+    /// stopped one's read and it resumed; a copy with a byte changed sums
+    /// otherwise; a read across a change of the record has no sum.
+    #[test]
+    fn the_nodes_reads_of_copies_alike_sum_alike() {
+        let (p1, p2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (s1, s2) = (
+            ReplicaStore::open(p1.path(), "n1").unwrap(),
+            ReplicaStore::open(p2.path(), "n1").unwrap(),
+        );
+        let r = record();
+        s1.create(&r).unwrap();
+        s2.create(&r).unwrap();
+        // The same (nonzero) bytes in both.
+        for s in [&s1, &s2] {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(s.dir(r.uuid).join(DATA_FILE))
+                .unwrap();
+            f.write_all_at(&[7; 4096], 3 * REGION_BYTES + 512).unwrap();
+        }
+        read_from(&s1, &r, 0, 5);
+        let a = whole(&s1, &r).expect("a whole read has a sum");
+        assert_eq!(a.version, 5);
+        // s2: stopped after a saved region, resumed by a new process.
+        let mut pass = ReadPass::default();
+        for region in 0..SAVE_EVERY {
+            assert!(s2.check_idle(r.uuid, region, 5, &mut pass).unwrap());
+        }
+        let s2 = ReplicaStore::open(p2.path(), "n1").unwrap();
+        read_from(&s2, &r, SAVE_EVERY, 5);
+        assert_eq!(whole(&s2, &r), Some(a));
+        // One byte changed behind its back.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(s2.dir(r.uuid).join(DATA_FILE))
+                .unwrap();
+            f.write_all_at(&[8], 3 * REGION_BYTES + 600).unwrap();
+            f.sync_all().unwrap();
+        }
+        read_from(&s2, &r, 0, 5);
+        let b = whole(&s2, &r).unwrap();
+        assert_ne!(b.sum, a.sum);
+        // The record changed half-way: no sum, and none kept from before.
+        let mut pass = ReadPass::default();
+        for region in 0..REGIONS as Region {
+            let version = if region < 3 { 5 } else { 6 };
+            assert!(s1.check_idle(r.uuid, region, version, &mut pass).unwrap());
+        }
+        assert_eq!(whole(&s1, &r), None);
     }
 
     #[test]

@@ -14,15 +14,25 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use super::checked::ReadPass;
 use super::{
     DATA_FILE, Held, ReplicaStore, StoreError, VOTER_FILE, io_err, region_len, regions_of,
 };
 use crate::backend::replicated::REGION_BYTES;
-use crate::backend::replicated::protocol::{Region, VoterState};
+use crate::backend::replicated::protocol::{Digest, Region, VoterState};
 use crate::backend::replicated::record::Role;
 use crate::volume::id::Uuid;
 
 const UNREADABLE_FILE: &str = "unreadable";
+
+/// A copy to check while its volume is not published
+/// ([`ReplicaStore::idle_copy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleCopy {
+    pub regions: u32,
+    /// The version of the record the node holds.
+    pub version: u64,
+}
 
 /// The regions `dir`'s list names (none without a list).
 pub(super) fn listed(dir: &Path) -> Result<BTreeSet<Region>, StoreError> {
@@ -99,6 +109,13 @@ pub(super) fn read_region<T>(
     }
 }
 
+/// A SHA-256 of `bytes`.
+pub(super) fn digest(bytes: &[u8]) -> Digest {
+    let mut d = Digest::default();
+    d.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    d
+}
+
 /// Whether an error is the disk failing a read.
 fn disk_failed(e: &StoreError) -> bool {
     matches!(e, StoreError::Io { err, .. } if err.raw_os_error() == Some(libc::EIO))
@@ -152,11 +169,10 @@ impl Held {
 }
 
 impl ReplicaStore {
-    /// How many regions `uuid`'s copy here has, when it is to be checked
-    /// while idle: a copy of this node whose volume is not published (a
-    /// published one is scrubbed by its engine). None otherwise, or when it
-    /// is gone.
-    pub fn idle_regions(&self, uuid: Uuid) -> Result<Option<u32>, StoreError> {
+    /// `uuid`'s copy here, when it is to be checked while idle: a copy of
+    /// this node whose volume is not published (a published one is
+    /// scrubbed by its engine). None otherwise, or when it is gone.
+    pub fn idle_copy(&self, uuid: Uuid) -> Result<Option<IdleCopy>, StoreError> {
         if self.deleting_now().contains(&uuid) {
             return Ok(None);
         }
@@ -173,14 +189,24 @@ impl ReplicaStore {
             .members
             .iter()
             .any(|m| m.node == self.node && m.role == Role::Copy);
-        Ok((copy && r.owner.is_none()).then(|| regions_of(r.size) as u32))
+        Ok((copy && r.owner.is_none()).then(|| IdleCopy {
+            regions: regions_of(r.size) as u32,
+            version: r.version,
+        }))
     }
 
     /// Reads `region` of `uuid`'s copy here from the disk (see the module
-    /// documentation): false when the disk failed the read, and the region
+    /// documentation) at `version` of its record ([`IdleCopy`]), which
+    /// moves `pass` on: false when the disk failed the read, and the region
     /// is then listed for the next engine to rebuild. The copy's read
-    /// progress moves on (see [`super::Checked::read`]).
-    pub fn check_idle(&self, uuid: Uuid, region: Region) -> Result<bool, StoreError> {
+    /// progress and sums move on (see [`super::Checked::read`]).
+    pub fn check_idle(
+        &self,
+        uuid: Uuid,
+        region: Region,
+        version: u64,
+        pass: &mut ReadPass,
+    ) -> Result<bool, StoreError> {
         // No open, create or delete of the copy meanwhile.
         let _busy = self.busy.hold(uuid);
         if self.deleting_now().contains(&uuid) {
@@ -197,11 +223,12 @@ impl ReplicaStore {
             return Ok(true);
         }
         let held = self.opened(uuid)?;
-        let read = read_region(&dir, region, len, |_| ());
+        let read = read_region(&dir, region, len, digest);
+        *pass = pass.step(region, version, read.as_ref().ok());
         // Checked, whatever the disk answered (see `checked`).
-        self.read_checked(&dir, held.as_deref(), region, regions_of(size));
+        self.read_checked(&dir, held.as_deref(), region, regions_of(size), *pass);
         match read {
-            Ok(()) => Ok(true),
+            Ok(_) => Ok(true),
             Err(e) if disk_failed(&e) => {
                 tracing::warn!(volume = %uuid, region, error = %e,
                     "the disk cannot read a region of an idle copy: its next engine rebuilds it here");
