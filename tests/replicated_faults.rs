@@ -1028,6 +1028,22 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     assert!(!ok && err.contains("NOT_FOUND"), "{err}");
 
     let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    // A node asked to read its copy of a volume published meanwhile (the
+    // controller found it unpublished) says so by its code, which the
+    // controller passes on: the engine scrubs it now.
+    for i in 1..=NODES {
+        let volume = v.volume_id.strip_prefix("replicated:").unwrap().to_owned();
+        let answer = cl.as_controller(i, move |mut c| {
+            Box::pin(async move {
+                c.check_idle(stowage::cluster::proto::GetReplicaRequest { volume })
+                    .await
+                    .map(|_| ())
+            })
+        });
+        let e = answer.expect_err("a published copy read as idle");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "n{i}: {e:?}");
+        assert!(e.message().contains("not published"), "n{i}: {e:?}");
+    }
     write_blocks(&m.target, 64).await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     let changed = 50;

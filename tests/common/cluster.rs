@@ -549,7 +549,6 @@ impl Cluster {
         )
     }
 
-    /// Runs `stowage` (the client) against the controller's socket.
     /// A call to node `i`'s agent API with the cluster (controller's)
     /// certificate, from the controller's namespace, as the controller
     /// makes it.
@@ -586,6 +585,7 @@ impl Cluster {
         })
     }
 
+    /// Runs `stowage` (the client) against the controller's socket.
     pub fn client(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin())
             .arg("--endpoint")
