@@ -133,11 +133,15 @@ if [ "$backend" = object ]; then
     garage=${STOWAGE_GARAGE:-$(command -v garage || echo /opt/stowage-ci/bin/garage)}
     [ -x "$garage" ] || { echo "sanity.sh: no garage binary (STOWAGE_GARAGE); scripts/test.sh installs one" >&2; exit 2; }
     command -v s3fs >/dev/null || { echo "sanity.sh: s3fs is needed for object volumes" >&2; exit 2; }
-    read -r gport grpc_port < <(free_ports 2)
-    mkdir -m 0700 "$work/garage"
     key=GK$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
     secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
-    (umask 077; cat >"$work/garage/garage.toml" <<TOML
+    # Like the cluster below: started again on new ports, at most three
+    # times, if it does not listen (a port taken meanwhile).
+    for attempt in 1 2 3; do
+        read -r gport grpc_port < <(free_ports 2)
+        rm -rf "$work/garage"
+        mkdir -m 0700 "$work/garage"
+        (umask 077; cat >"$work/garage/garage.toml" <<TOML
 metadata_dir = "$work/garage/meta"
 data_dir = "$work/garage/data"
 db_engine = "sqlite"
@@ -150,25 +154,32 @@ s3_region = "garage"
 api_bind_addr = "127.0.0.1:$gport"
 root_domain = ".s3.garage.localhost"
 TOML
-    )
-    # The key (allowed to create buckets) comes from the environment, not
-    # from a command line.
-    GARAGE_DEFAULT_ACCESS_KEY=$key GARAGE_DEFAULT_SECRET_KEY=$secret GARAGE_DEFAULT_BUCKET=sanity \
-        "$garage" -c "$work/garage/garage.toml" server --single-node --default-bucket \
-        >"$work/garage/server.log" 2>&1 &
-    garage_pid=$!
-    for _ in $(seq 200); do
-        kill -0 "$garage_pid" 2>/dev/null || { echo "sanity.sh: garage exited at start" >&2; cat "$work/garage/server.log" >&2; exit 1; }
-        python3 - "$gport" <<'PY' && break
-import socket, sys
-try:
-    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=0.2).close()
-except OSError:
-    sys.exit(1)
-PY
-        sleep 0.1
+        )
+        # The key (allowed to create buckets) comes from the environment,
+        # not from a command line.
+        GARAGE_DEFAULT_ACCESS_KEY=$key GARAGE_DEFAULT_SECRET_KEY=$secret GARAGE_DEFAULT_BUCKET=sanity \
+            "$garage" -c "$work/garage/garage.toml" server --single-node --default-bucket \
+            >"$work/garage/server.log" 2>&1 &
+        garage_pid=$!
+        # Up once garage itself listens on the S3 port (not another
+        # process that took it: garage may then keep running without it).
+        up=
+        for _ in $(seq 200); do
+            kill -0 "$garage_pid" 2>/dev/null || break
+            if ss -Hltnp "sport = :$gport" | grep -q "pid=$garage_pid,"; then up=1; break; fi
+            sleep 0.1
+        done
+        if [ -n "$up" ]; then
+            sleep 1 # the default key and bucket are made just after the listener
+            break
+        fi
+        echo "sanity.sh: garage did not listen on 127.0.0.1:$gport (attempt $attempt, ports $gport $grpc_port):" >&2
+        tail -n 5 "$work/garage/server.log" >&2
+        kill "$garage_pid" 2>/dev/null || true
+        wait "$garage_pid" 2>/dev/null || true
+        garage_pid=
     done
-    sleep 1 # the default key and bucket are made just after the listener
+    [ -n "$garage_pid" ] || exit 1
     printf 'backend: object\nendpoint: http://127.0.0.1:%s\nregion: garage\n' "$gport" >"$work/block.yaml"
     (umask 077; {
         for k in CreateVolumeSecret DeleteVolumeSecret NodeStageVolumeSecret CreateSnapshotSecret DeleteSnapshotSecret; do

@@ -11,7 +11,7 @@
 //! temp dirs (configs, data, server logs) for debugging.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -166,6 +166,8 @@ impl Node {
             .append(true)
             .open(&self.log)
             .expect("open garage log");
+        // What this start logs (the log is appended to).
+        let logged_before = log.metadata().map_or(0, |m| m.len()) as usize;
         let mut cmd = Command::new(binary());
         cmd.arg("-c")
             .arg(&self.config)
@@ -192,11 +194,22 @@ impl Node {
                 self.child = None;
                 return Err(format!("garage server exited with {status}"));
             }
-            if TcpStream::connect(("127.0.0.1", self.rpc_port)).is_ok()
-                && TcpStream::connect(("127.0.0.1", self.s3_port)).is_ok()
+            // Garage itself on both ports: with a port another process
+            // took meanwhile, it keeps running without that server.
+            let pid = self.child.as_ref().map_or(0, |c| c.id());
+            if listens(pid, self.rpc_port)
+                && listens(pid, self.s3_port)
                 && self.cli(&["node", "id", "-q"], None).is_ok()
             {
                 return Ok(());
+            }
+            let logged = self.log_text();
+            let logged = logged.get(logged_before..).unwrap_or_default();
+            if logged.contains("server exited with error") {
+                return Err(format!(
+                    "a garage server stopped (port in use?): {}",
+                    tail(logged)
+                ));
             }
             if start.elapsed() > READY_LIMIT {
                 return Err(format!("garage server not ready within {READY_LIMIT:?}"));
@@ -371,6 +384,14 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind a loopback port")
         .port()
+}
+
+/// Whether process `pid` listens on loopback TCP `port` (`ss`, iproute2).
+fn listens(pid: u32, port: u16) -> bool {
+    Command::new("ss")
+        .args(["-Hltnp", &format!("sport = :{port}")])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("pid={pid},")))
 }
 
 fn tail(log: &str) -> &str {
