@@ -1090,6 +1090,11 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
         })
         .await;
     assert!(abnormal, "copies that differ, yet normal: {said}");
+    let (abnormal, listed) = cl.listed_condition(&v.volume_id).await;
+    assert!(
+        abnormal && listed.contains("n3 holds other bytes than n1, n2"),
+        "ListVolumes: {listed}"
+    );
     cl.delete(&v.volume_id).await.unwrap();
 }
 
@@ -1296,6 +1301,14 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     }
     // n2's read, with a region it could not read, has no sum to compare.
     assert!(said.ends_with("; n1, n3 hold the same bytes"), "{said}");
+    // ListVolumes says the same (Kubernetes' health monitor reads it).
+    let (abnormal, listed) = cl.listed_condition(&v.volume_id).await;
+    assert!(
+        abnormal
+            && listed.contains("MiB its disk could not read")
+            && listed.ends_with("; n1, n3 hold the same bytes"),
+        "ListVolumes: {listed}"
+    );
     assert!(
         said.contains("MiB its disk could not read: the next engine writes them again)"),
         "{said}"

@@ -1196,19 +1196,12 @@ impl Replicated {
             return Ok(None);
         };
         let record = state.record;
-        let copies = record.copies().count();
-        let in_sync = record.in_sync.len();
+        let (abnormal, message) = condition(&record, &found.checks);
         Ok(Some(csi::list_volumes_response::Entry {
             volume: Some(Self::volume(&record)),
             status: Some(csi::list_volumes_response::VolumeStatus {
                 published_node_ids: record.owner.iter().map(|o| o.node.clone()).collect(),
-                volume_condition: Some(csi::VolumeCondition {
-                    abnormal: in_sync < copies,
-                    message: format!(
-                        "{in_sync} of {copies} copies in sync (epoch {})",
-                        record.epoch
-                    ),
-                }),
+                volume_condition: Some(csi::VolumeCondition { abnormal, message }),
             }),
         }))
     }
@@ -1334,41 +1327,14 @@ impl Replicated {
     }
 
     /// ControllerGetVolume: the volume, the node it is published on, and
-    /// its condition (abnormal while a copy is out of sync).
+    /// its condition ([`condition`], with the engine's view of a published
+    /// volume).
     pub async fn get_volume(&self, raw: &str) -> Result<csi::ControllerGetVolumeResponse, Status> {
         let (uuid, state, checks) = self.newest_found(raw).await?;
         let record = state.record;
-        let copies = record.copies().count();
-        let in_sync = record.in_sync.len();
-        let mut abnormal = in_sync < copies;
-        let mut message = format!(
-            "{in_sync} of {copies} copies in sync (epoch {}); copies on {}",
-            record.epoch,
-            record.copies().collect::<Vec<_>>().join(", ")
-        );
-        if let Some(w) = record
-            .members
-            .iter()
-            .find(|m| m.role == crate::backend::replicated::record::Role::Witness)
-        {
-            message.push_str(&format!("; witness on {}", w.node));
-        }
+        let (abnormal, mut message) = condition(&record, &checks);
         if let Some(o) = &record.owner {
-            message.push_str(&format!("; published on {}", o.node));
             message.push_str(&self.engine_view(&o.node, uuid).await);
-        } else {
-            // No engine: what each copy's node found when it read it.
-            let copies: Vec<(&str, bool, Option<&CopyChecks>)> = record
-                .copies()
-                .map(|c| (c, record.in_sync.contains_key(c), checks.get(c)))
-                .collect();
-            let (said, bad) = copy_checks(
-                &copies,
-                record.version,
-                crate::backend::replicated::store::unix_now(),
-            );
-            message.push_str(&said);
-            abnormal |= bad;
         }
         Ok(csi::ControllerGetVolumeResponse {
             volume: Some(Self::volume(&record)),
@@ -1378,6 +1344,46 @@ impl Replicated {
             }),
         })
     }
+}
+
+/// A volume's condition as its copies' records say, for ListVolumes and
+/// ControllerGetVolume alike: how many copies are in sync, where the
+/// copies and the witness are and where it is published; of a volume
+/// nobody publishes (no engine), what each copy's node found when it read
+/// its copy ([`copy_checks`]). Abnormal while a copy is out of sync, or
+/// when those checks found a fault.
+fn condition(record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> (bool, String) {
+    let copies = record.copies().count();
+    let in_sync = record.in_sync.len();
+    let mut abnormal = in_sync < copies;
+    let mut message = format!(
+        "{in_sync} of {copies} copies in sync (epoch {}); copies on {}",
+        record.epoch,
+        record.copies().collect::<Vec<_>>().join(", ")
+    );
+    if let Some(w) = record
+        .members
+        .iter()
+        .find(|m| m.role == crate::backend::replicated::record::Role::Witness)
+    {
+        message.push_str(&format!("; witness on {}", w.node));
+    }
+    if let Some(o) = &record.owner {
+        message.push_str(&format!("; published on {}", o.node));
+    } else {
+        let copies: Vec<(&str, bool, Option<&CopyChecks>)> = record
+            .copies()
+            .map(|c| (c, record.in_sync.contains_key(c), checks.get(c)))
+            .collect();
+        let (said, bad) = copy_checks(
+            &copies,
+            record.version,
+            crate::backend::replicated::store::unix_now(),
+        );
+        message.push_str(&said);
+        abnormal |= bad;
+    }
+    (abnormal, message)
 }
 
 /// Whether `newest` is settled (no membership change in flight) and a

@@ -505,6 +505,25 @@ impl Cluster {
             .map(|r| r.into_inner())
     }
 
+    /// The (abnormal, message) of a volume's condition as ListVolumes
+    /// gives it (all in one page).
+    pub async fn listed_condition(&mut self, volume_id: &str) -> (bool, String) {
+        let r = self
+            .c
+            .controller
+            .list_volumes(csi::ListVolumesRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("ListVolumes: {e:?}"))
+            .into_inner();
+        let e = r
+            .entries
+            .into_iter()
+            .find(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == volume_id))
+            .unwrap_or_else(|| panic!("ListVolumes has no {volume_id}"));
+        let c = e.status.unwrap().volume_condition.unwrap();
+        (c.abnormal, c.message)
+    }
+
     /// Every volume ListVolumes returns, page by page.
     pub async fn list_all(&mut self, page: i32) -> Result<Vec<String>, tonic::Status> {
         let (mut out, mut token) = (Vec::new(), String::new());
