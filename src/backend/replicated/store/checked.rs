@@ -10,7 +10,6 @@
 //!   published ([`ReplicaStore::check_idle`]), which the node's sweep
 //!   moves on, so that a restart of the node resumes it too.
 //!
-//!
 //! The node's reads also sum what they read ([`ReadPass`]): the copies in
 //! sync of a volume nobody changed since hold the same bytes, so the sums
 //! their nodes read at one version of the record agree, and the controller

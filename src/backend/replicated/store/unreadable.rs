@@ -29,6 +29,7 @@ const UNREADABLE_FILE: &str = "unreadable";
 /// ([`ReplicaStore::idle_copy`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdleCopy {
+    /// How many regions the copy has.
     pub regions: u32,
     /// The version of the record the node holds.
     pub version: u64,
