@@ -1081,6 +1081,13 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     .await;
     let (abnormal, said) = cl.condition(&v.volume_id).await;
     assert!(!abnormal, "{said}");
+    let gauge = |cl: &Cluster| {
+        cl.controller_metric_with(
+            "stowage_replicated_volume_abnormal",
+            &format!("volume=\"{}\"", v.volume_id),
+        )
+    };
+    assert_eq!(gauge(&cl), Some(0));
     change_block(&n3_data, changed);
     let (ok, _, err) = scrub(&cl, &v.volume_id);
     assert!(ok, "{err}");
@@ -1095,6 +1102,8 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
         abnormal && listed.contains("n3 holds other bytes than n1, n2"),
         "ListVolumes: {listed}"
     );
+    // The controller's gauge, for alerts with no Kubernetes.
+    assert_eq!(gauge(&cl), Some(1));
     cl.delete(&v.volume_id).await.unwrap();
 }
 

@@ -248,6 +248,37 @@ pub struct Replicated {
     registry: Arc<Registry>,
     peer: Arc<dyn Peer>,
     started: Instant,
+    health: VolumeHealth,
+}
+
+/// Whether each replicated volume's condition was abnormal when the
+/// controller last worked it out ([`condition`]): each round of replacing
+/// lost members looks at every volume, and ControllerGetVolume and
+/// ListVolumes at theirs. For `/metrics` (`replicated_volume_abnormal`).
+#[derive(Debug, Clone, Default)]
+pub struct VolumeHealth(Arc<std::sync::Mutex<BTreeMap<Uuid, bool>>>);
+
+impl VolumeHealth {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uuid, bool>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, uuid: Uuid, abnormal: bool) {
+        self.map().insert(uuid, abnormal);
+    }
+
+    /// Forgets every volume but `live`.
+    fn retain(&self, live: &[Uuid]) {
+        self.map().retain(|u, _| live.contains(u));
+    }
+
+    /// Each volume's ID, and whether it was abnormal.
+    pub fn all(&self) -> Vec<(String, bool)> {
+        self.map()
+            .iter()
+            .map(|(u, a)| (volume_id(*u), *a))
+            .collect()
+    }
 }
 
 impl Replicated {
@@ -258,7 +289,29 @@ impl Replicated {
             }),
             registry,
             started: Instant::now(),
+            health: VolumeHealth::default(),
         }
+    }
+
+    /// What `/metrics` says of the volumes' conditions.
+    pub fn health(&self) -> VolumeHealth {
+        self.health.clone()
+    }
+
+    /// `record`'s condition ([`condition`]), noted in [`VolumeHealth`].
+    fn condition(
+        &self,
+        record: &ReplicaRecord,
+        checks: &BTreeMap<String, CopyChecks>,
+    ) -> (bool, String) {
+        let c = condition(record, checks);
+        self.health.set(record.uuid, c.0);
+        c
+    }
+
+    /// Forgets the health of every volume but `live` (the volumes listed).
+    pub fn forget_health_but(&self, live: &[Uuid]) {
+        self.health.retain(live);
     }
 
     /// Asks every fresh node what it holds of `uuid`; see
@@ -1033,6 +1086,7 @@ impl Replicated {
         let Some(state) = found.newest else {
             return Ok(false);
         };
+        self.condition(&state.record, &found.checks);
         // Members removed while their node was away, now back; members
         // made for a change that never happened, long untouched.
         let removed = removed_members(&state, &found.holders);
@@ -1196,7 +1250,7 @@ impl Replicated {
             return Ok(None);
         };
         let record = state.record;
-        let (abnormal, message) = condition(&record, &found.checks);
+        let (abnormal, message) = self.condition(&record, &found.checks);
         Ok(Some(csi::list_volumes_response::Entry {
             volume: Some(Self::volume(&record)),
             status: Some(csi::list_volumes_response::VolumeStatus {
@@ -1332,7 +1386,7 @@ impl Replicated {
     pub async fn get_volume(&self, raw: &str) -> Result<csi::ControllerGetVolumeResponse, Status> {
         let (uuid, state, checks) = self.newest_found(raw).await?;
         let record = state.record;
-        let (abnormal, mut message) = condition(&record, &checks);
+        let (abnormal, mut message) = self.condition(&record, &checks);
         if let Some(o) = &record.owner {
             message.push_str(&self.engine_view(&o.node, uuid).await);
         }

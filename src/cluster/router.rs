@@ -112,6 +112,11 @@ impl Router {
         }
     }
 
+    /// What `/metrics` says of the replicated volumes' conditions.
+    pub fn replicated_health(&self) -> super::replicated::VolumeHealth {
+        self.replicated.health()
+    }
+
     /// One round of replacing lost members (`--replica-replace-after`):
     /// every replicated volume whose members include a node not heard from
     /// for `after` gets a member elsewhere instead; and members removed
@@ -126,6 +131,7 @@ impl Router {
                 return;
             }
         };
+        self.replicated.forget_health_but(&volumes);
         for uuid in volumes {
             let raw = replicated::volume_id(uuid);
             let Ok(_guard) = self.volume_guard(&raw) else {

@@ -721,6 +721,7 @@ fn replicated(
 #[derive(Debug)]
 struct RouterCollector {
     registry: Arc<crate::cluster::registry::Registry>,
+    replicated: crate::cluster::replicated::VolumeHealth,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -772,6 +773,18 @@ impl Collector for RouterCollector {
                 .iter()
                 .map(|n| (node(n), signed(n.total_bytes)))
                 .collect::<Vec<_>>(),
+        )?;
+        gauges(
+            &mut enc,
+            "replicated_volume_abnormal",
+            "1 while the replicated volume's condition is abnormal (a copy out of sync; of a volume not published, a region a disk could not read, or copies in sync whose bytes differ), as the controller last looked",
+            None,
+            &self
+                .replicated
+                .all()
+                .into_iter()
+                .map(|(volume, abnormal)| ([("volume", volume)], i64::from(abnormal)))
+                .collect::<Vec<_>>(),
         )
     }
 }
@@ -805,8 +818,17 @@ impl Metrics {
 
     /// The routing controller's (`--mode controller`): RPCs and the nodes
     /// it knows. It is healthy while it runs: nodes come and go.
-    pub fn for_router(registry: Arc<crate::cluster::registry::Registry>) -> Arc<Self> {
-        Self::with(Box::new(RouterCollector { registry }), Box::new(|| Ok(())))
+    pub fn for_router(
+        registry: Arc<crate::cluster::registry::Registry>,
+        replicated: crate::cluster::replicated::VolumeHealth,
+    ) -> Arc<Self> {
+        Self::with(
+            Box::new(RouterCollector {
+                registry,
+                replicated,
+            }),
+            Box::new(|| Ok(())),
+        )
     }
 
     fn with(collector: Box<dyn Collector>, health: HealthCheck) -> Arc<Self> {

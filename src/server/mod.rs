@@ -722,7 +722,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
     let metrics = cfg
         .metrics_address
         .as_ref()
-        .map(|_| metrics::Metrics::for_router(Arc::clone(&registry)));
+        .map(|_| metrics::Metrics::for_router(Arc::clone(&registry), router.replicated_health()));
     let metrics_task = serve_metrics(cfg.metrics_address.as_deref(), metrics.as_ref()).await?;
     let csi_router = tonic::transport::Server::builder()
         .layer(metrics.as_ref().map(|m| m.layer()).unwrap_or_default())

@@ -387,10 +387,14 @@ impl Cluster {
     /// contain `label`.
     pub fn metric_with(&self, i: usize, name: &str, label: &str) -> Option<u64> {
         let (_, body) = self.http_get(i, NODE_METRICS_PORT, "/metrics");
-        body.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        sample(&body, name, label)
+    }
+
+    /// The controller's first sample of labelled metric `name` whose
+    /// labels contain `label`.
+    pub fn controller_metric_with(&self, name: &str, label: &str) -> Option<u64> {
+        let (_, body) = self.http_get(0, METRICS_PORT, "/metrics");
+        sample(&body, name, label)
     }
 
     pub fn node_socket(&self, i: usize) -> PathBuf {
@@ -733,6 +737,16 @@ impl Published {
         .await
         .unwrap();
     }
+}
+
+/// The first sample of labelled metric `name` in a Prometheus text
+/// exposition whose labels contain `label`.
+fn sample(exposition: &str, name: &str, label: &str) -> Option<u64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Calls `call` again while it answers ABORTED, as a CO does: the
