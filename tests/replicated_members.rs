@@ -290,7 +290,24 @@ async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
     let (again, in_sync, msg) = copies(&mut cl, &id).await;
     assert_eq!(again, now, "{msg}");
     assert!(in_sync, "{msg}");
+    // The controller's gauge says the volume is well; once it is deleted,
+    // the next round of replacements (every second here) forgets it.
+    let gauge = |cl: &Cluster| {
+        cl.controller_metric_with(
+            "stowage_replicated_volume_abnormal",
+            &format!("volume=\"{id}\""),
+        )
+    };
+    assert_eq!(gauge(&cl), Some(0), "{msg}");
     cl.delete(&id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gauge(&cl).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted volume's gauge outlived it by 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// DeleteSnapshot of a snapshot taken on a node that is down waits for it
