@@ -530,6 +530,12 @@ async fn scrubbing_with_faulty_n2(
     (dir, disk, cl, v, m)
 }
 
+/// A cluster of three nodes, each [`scrubbing`] as told.
+async fn scrubbing_cluster(every: u64, rate: u64) -> Cluster {
+    let node = || scrubbing(every, rate);
+    Cluster::start_with(&[node(), node(), node()]).await
+}
+
 /// A node that scrubs every `every` seconds (0: never) at `rate` MiB/s.
 fn scrubbing(every: u64, rate: u64) -> NodeOpts {
     NodeOpts {
@@ -985,8 +991,7 @@ async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() 
 /// code that says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_asked_for_checks_every_copy_now() {
-    let node = || scrubbing(0, 16);
-    let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
+    let mut cl = scrubbing_cluster(0, 16).await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let mut req = replicated_req("rep-scrub-now", "3", SIZE, cap.clone());
     req.accessibility_requirements = on(&["n1"], &[]);
@@ -1144,8 +1149,7 @@ fn scrub_at(msg: &str) -> Option<u64> {
 async fn a_scrub_pass_an_unpublish_stopped_resumes_where_it_got() {
     let mut t = Steps::new("scrub resumed");
     // A pass of 128 MiB at 4 MiB/s takes 32 s; one due starts within 20 s.
-    let node = || scrubbing(20, 4);
-    let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
+    let mut cl = scrubbing_cluster(20, 4).await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let mut req = replicated_req("rep-scrub-resume", "3", SIZE, cap.clone());
     req.accessibility_requirements = on(&["n1"], &[]);
@@ -1344,8 +1348,7 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
 async fn a_nodes_read_of_an_idle_copy_resumes_after_a_restart() {
     let mut t = Steps::new("idle read resumed");
     // 128 MiB at 4 MiB/s: 32 s a read; the node looks every 4 s.
-    let node = || scrubbing(4, 4);
-    let mut cl = Cluster::start_with(&[node(), node(), node()]).await;
+    let mut cl = scrubbing_cluster(4, 4).await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let v = cl
         .create(replicated_req("rep-idle-resume", "3", SIZE, cap))

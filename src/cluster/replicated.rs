@@ -1607,7 +1607,10 @@ fn copy_checks(
         [(_, most), (_, next), ..] => {
             bad = true;
             if most.len() > next.len() {
-                let others: Vec<&str> = alike[1..].iter().flat_map(|(_, n)| n.clone()).collect();
+                let others: Vec<&str> = alike[1..]
+                    .iter()
+                    .flat_map(|(_, n)| n.iter().copied())
+                    .collect();
                 out.push_str(&format!(
                     "; {} {} other bytes than {} (an engine's scrub pass writes the majority's there)",
                     others.join(", "),
@@ -1615,7 +1618,7 @@ fn copy_checks(
                     most.join(", ")
                 ));
             } else {
-                let all: Vec<&str> = alike.iter().flat_map(|(_, n)| n.clone()).collect();
+                let all: Vec<&str> = alike.iter().flat_map(|(_, n)| n.iter().copied()).collect();
                 out.push_str(&format!(
                     "; {} hold different bytes, with no majority to tell which are right",
                     all.join(", ")
