@@ -1096,19 +1096,58 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
     change_block(&n3_data, changed);
     let (ok, _, err) = scrub(&cl, &v.volume_id);
     assert!(ok, "{err}");
+    // Found, then (by the controller's next round, within 30 s) taken out
+    // of sync, which the condition also says: either may be seen first.
+    let other = "other bytes than n1, n2";
     let (abnormal, said) = cl
         .wait_condition(&v.volume_id, WAIT, "n3's other bytes found", |_, m| {
-            m.contains("n3 holds other bytes than n1, n2")
+            m.contains(other)
         })
         .await;
     assert!(abnormal, "copies that differ, yet normal: {said}");
     let (abnormal, listed) = cl.listed_condition(&v.volume_id).await;
-    assert!(
-        abnormal && listed.contains("n3 holds other bytes than n1, n2"),
-        "ListVolumes: {listed}"
-    );
+    assert!(abnormal && listed.contains(other), "ListVolumes: {listed}");
     // The controller's gauge, for alerts with no Kubernetes.
     assert_eq!(gauge(&cl), Some(1));
+    let (_, said) = cl
+        .wait_condition(&v.volume_id, WAIT, "n3 taken out of sync", |_, m| {
+            m.starts_with("2 of 3 copies in sync")
+        })
+        .await;
+    assert!(
+        said.contains("(out of sync: its read at record version")
+            && said.contains(&format!(
+                "found {other}; the next engine rebuilds it in full)"
+            )),
+        "{said}"
+    );
+    // Published on n3 itself, whose copy is no longer trusted: the block
+    // reads as written, never as its disk holds it, and the engine
+    // rebuilds the copy.
+    let m = Published::up(&mut cl, 3, &v, &cap).await.unwrap();
+    let target = m.target.clone();
+    let read = tokio::task::spawn_blocking(move || read_block(&target, changed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        read == common::checker::block_bytes(changed, 1),
+        "n3's engine read block {changed} from its own changed copy"
+    );
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    m.down(&mut cl, &v.volume_id).await;
+    assert!(file_block(&n3_data, changed) == common::checker::block_bytes(changed, 1));
+    let (ok, _, err) = scrub(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    let (abnormal, said) = cl
+        .wait_condition(&v.volume_id, WAIT, "the rebuilt copy read alike", |_, m| {
+            m.contains("n1, n2, n3 hold the same bytes")
+        })
+        .await;
+    assert!(
+        !abnormal && said.starts_with("3 of 3 copies in sync"),
+        "{said}"
+    );
     cl.delete(&v.volume_id).await.unwrap();
 }
 

@@ -299,13 +299,9 @@ impl Replicated {
     }
 
     /// `record`'s condition ([`condition`]), noted in [`VolumeHealth`].
-    fn condition(
-        &self,
-        record: &ReplicaRecord,
-        checks: &BTreeMap<String, CopyChecks>,
-    ) -> (bool, String) {
+    fn condition(&self, record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> Findings {
         let c = condition(record, checks);
-        self.health.set(record.uuid, c.0);
+        self.health.set(record.uuid, c.bad);
         c
     }
 
@@ -1066,6 +1062,33 @@ impl Replicated {
         }
     }
 
+    /// Takes `nodes` out of the in-sync set of `uuid`'s record `state`:
+    /// their idle reads at that record found other bytes than a majority
+    /// of the copies in sync ([`Change::Outvoted`]). Refused, harmlessly,
+    /// once the record moved on (a publish).
+    async fn outvote(
+        &self,
+        uuid: Uuid,
+        state: &VoterState,
+        nodes: Vec<String>,
+    ) -> Result<(), Status> {
+        let version = state.record.version;
+        let change = Change::Outvoted {
+            version,
+            nodes: nodes.clone(),
+        };
+        match self.change(uuid, state, change).await? {
+            Outcome::Chosen { .. } => {
+                tracing::warn!(volume = %volume_id(uuid), nodes = ?nodes, version, "copies whose reads found other bytes than the majority's taken out of sync: the next engine rebuilds them in full");
+                Ok(())
+            }
+            Outcome::Refused { refusal, .. } => Err(Status::aborted(format!(
+                "copies on {} not taken out of sync: {refusal}",
+                nodes.join(", ")
+            ))),
+        }
+    }
+
     /// Replaces `uuid`'s members on nodes the registry has not heard from
     /// for `after` (lost nodes; a node that never registered since this
     /// controller started counts once the controller has been up that
@@ -1074,7 +1097,9 @@ impl Replicated {
     /// copies are all lost is left alone (nothing to rebuild from). First,
     /// members removed while their node was away (by ModifyVolume, or
     /// replaced here) are deleted from it once it is back (see
-    /// `removed_members`).
+    /// `removed_members`). Before anything else, copies of a volume nobody
+    /// publishes that their idle reads found outvoted ([`copy_checks`])
+    /// are taken out of sync, and the round ends there for the volume.
     pub async fn replace_lost(&self, uuid: Uuid, after: Duration) -> Result<bool, Status> {
         let now = Instant::now();
         let unknown_lost = now.duration_since(self.started) >= after;
@@ -1086,7 +1111,11 @@ impl Replicated {
         let Some(state) = found.newest else {
             return Ok(false);
         };
-        self.condition(&state.record, &found.checks);
+        let outvoted = self.condition(&state.record, &found.checks).outvoted;
+        if !outvoted.is_empty() {
+            self.outvote(uuid, &state, outvoted).await?;
+            return Ok(false);
+        }
         // Members removed while their node was away, now back; members
         // made for a change that never happened, long untouched.
         let removed = removed_members(&state, &found.holders);
@@ -1250,7 +1279,11 @@ impl Replicated {
             return Ok(None);
         };
         let record = state.record;
-        let (abnormal, message) = self.condition(&record, &found.checks);
+        let Findings {
+            bad: abnormal,
+            said: message,
+            ..
+        } = self.condition(&record, &found.checks);
         Ok(Some(csi::list_volumes_response::Entry {
             volume: Some(Self::volume(&record)),
             status: Some(csi::list_volumes_response::VolumeStatus {
@@ -1386,7 +1419,11 @@ impl Replicated {
     pub async fn get_volume(&self, raw: &str) -> Result<csi::ControllerGetVolumeResponse, Status> {
         let (uuid, state, checks) = self.newest_found(raw).await?;
         let record = state.record;
-        let (abnormal, mut message) = self.condition(&record, &checks);
+        let Findings {
+            bad: abnormal,
+            said: mut message,
+            ..
+        } = self.condition(&record, &checks);
         if let Some(o) = &record.owner {
             message.push_str(&self.engine_view(&o.node, uuid).await);
         }
@@ -1404,12 +1441,12 @@ impl Replicated {
 /// ControllerGetVolume alike: how many copies are in sync, where the
 /// copies and the witness are and where it is published; of a volume
 /// nobody publishes (no engine), what each copy's node found when it read
-/// its copy ([`copy_checks`]). Abnormal while a copy is out of sync, or
-/// when those checks found a fault.
-fn condition(record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> (bool, String) {
+/// its copy ([`copy_checks`]), with the copies that found outvoted.
+/// Abnormal while a copy is out of sync, or when those checks found a
+/// fault.
+fn condition(record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> Findings {
     let copies = record.copies().count();
     let in_sync = record.in_sync.len();
-    let mut abnormal = in_sync < copies;
     let mut message = format!(
         "{in_sync} of {copies} copies in sync (epoch {}); copies on {}",
         record.epoch,
@@ -1422,6 +1459,7 @@ fn condition(record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> (
     {
         message.push_str(&format!("; witness on {}", w.node));
     }
+    let mut found = Findings::default();
     if let Some(o) = &record.owner {
         message.push_str(&format!("; published on {}", o.node));
     } else {
@@ -1429,15 +1467,16 @@ fn condition(record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> (
             .copies()
             .map(|c| (c, record.in_sync.contains_key(c), checks.get(c)))
             .collect();
-        let (said, bad) = copy_checks(
+        found = copy_checks(
             &copies,
             record.version,
             crate::backend::replicated::store::unix_now(),
         );
-        message.push_str(&said);
-        abnormal |= bad;
+        message.push_str(&found.said);
     }
-    (abnormal, message)
+    found.said = message;
+    found.bad |= in_sync < copies;
+    found
 }
 
 /// Whether `newest` is settled (no membership change in flight) and a
@@ -1551,42 +1590,24 @@ struct CopyChecks {
     sum: Option<(u64, Vec<u8>)>,
 }
 
-/// The part of an unpublished volume's condition that says what each copy's
-/// checks found (None: its node did not say; the bool: the copy is in
-/// sync), at `now`, and whether that is abnormal: a copy holds regions
-/// its disk could not read (those regions have a copy fewer until an
-/// engine writes them again), or copies in sync that their nodes read
-/// whole at the record's `version` hold different bytes.
-fn copy_checks(
-    copies: &[(&str, bool, Option<&CopyChecks>)],
+/// What the checks of an unpublished volume's copies found: the part of
+/// its condition that says so, whether that is abnormal, and the copies
+/// to take out of sync ([`Change::Outvoted`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Findings {
+    said: String,
+    bad: bool,
+    outvoted: Vec<String>,
+}
+
+/// The copies of `copies` that their nodes' last whole read summed at
+/// record `version`, grouped by that sum, the largest group first.
+fn alike_at<'a>(
+    copies: impl Iterator<Item = &'a (&'a str, bool, Option<&'a CopyChecks>)>,
     version: u64,
-    now: u64,
-) -> (String, bool) {
-    let mut bad = false;
-    let said: Vec<String> = copies
-        .iter()
-        .map(|(node, _, c)| match c {
-            None => format!("{node} did not say"),
-            Some(c) => {
-                let mut s = match c.whole_at {
-                    0 => format!("{node} never read whole"),
-                    at => format!("{node} read whole {} ago", span(now.saturating_sub(at))),
-                };
-                if c.unreadable > 0 {
-                    bad = true;
-                    s.push_str(&format!(
-                        " ({} MiB its disk could not read: the next engine writes them again)",
-                        c.unreadable
-                    ));
-                }
-                s
-            }
-        })
-        .collect();
-    let mut out = format!("; copies checked: {}", said.join(", "));
-    // The copies in sync read at this version, by what they summed.
+) -> Vec<Vec<&'a str>> {
     let mut alike: Vec<(&[u8], Vec<&str>)> = Vec::new();
-    for (node, _, c) in copies.iter().filter(|(_, in_sync, _)| *in_sync) {
+    for (node, _, c) in copies {
         let Some((_, sum)) = c
             .and_then(|c| c.sum.as_ref())
             .filter(|(v, _)| *v == version)
@@ -1599,34 +1620,100 @@ fn copy_checks(
         }
     }
     alike.sort_by_key(|(_, nodes)| std::cmp::Reverse(nodes.len()));
-    match &alike[..] {
-        [(_, nodes)] if nodes.len() > 1 => {
-            out.push_str(&format!("; {} hold the same bytes", nodes.join(", ")));
+    alike.into_iter().map(|(_, nodes)| nodes).collect()
+}
+
+/// The part of an unpublished volume's condition that says what each copy's
+/// checks found (None: its node did not say; the bool: the copy is in
+/// sync), at `now`. Abnormal when a copy holds regions its disk could not
+/// read (those regions have a copy fewer until an engine writes them
+/// again), or copies in sync that their nodes read whole at the record's
+/// `version` hold different bytes. Those that differ from what a majority
+/// of the copies in sync hold are outvoted: taken out of sync, they are
+/// never read from and the next engine rebuilds them in full. A copy out
+/// of sync whose read found other bytes than most copies read at the same
+/// version says so.
+fn copy_checks(copies: &[(&str, bool, Option<&CopyChecks>)], version: u64, now: u64) -> Findings {
+    let mut found = Findings::default();
+    let said: Vec<String> = copies
+        .iter()
+        .map(|(node, in_sync, c)| {
+            let mut s = match c.map(|c| c.whole_at) {
+                None => format!("{node} did not say"),
+                Some(0) => format!("{node} never read whole"),
+                Some(at) => format!("{node} read whole {} ago", span(now.saturating_sub(at))),
+            };
+            if let Some(c) = c
+                && c.unreadable > 0
+            {
+                found.bad = true;
+                s.push_str(&format!(
+                    " ({} MiB its disk could not read: the next engine writes them again)",
+                    c.unreadable
+                ));
+            }
+            if !in_sync {
+                let why = c.and_then(|c| c.sum.as_ref()).and_then(|(at, _)| {
+                    let groups = alike_at(copies.iter(), *at);
+                    let most = groups.first()?;
+                    let mine = groups.iter().find(|g| g.contains(node))?;
+                    (most.len() > mine.len()).then(|| {
+                        format!(
+                            "its read at record version {at} found other bytes than {}; ",
+                            most.join(", ")
+                        )
+                    })
+                });
+                s.push_str(&format!(
+                    " (out of sync: {}the next engine rebuilds it in full)",
+                    why.unwrap_or_default()
+                ));
+            }
+            s
+        })
+        .collect();
+    found.said = format!("; copies checked: {}", said.join(", "));
+    let in_sync = copies.iter().filter(|(_, s, _)| *s).count();
+    let groups = alike_at(copies.iter().filter(|(_, s, _)| *s), version);
+    match &groups[..] {
+        [nodes] if nodes.len() > 1 => {
+            found
+                .said
+                .push_str(&format!("; {} hold the same bytes", nodes.join(", ")));
         }
         [] | [_] => {}
-        [(_, most), (_, next), ..] => {
-            bad = true;
+        [most, next, ..] => {
+            found.bad = true;
             if most.len() > next.len() {
-                let others: Vec<&str> = alike[1..]
-                    .iter()
-                    .flat_map(|(_, n)| n.iter().copied())
-                    .collect();
-                out.push_str(&format!(
-                    "; {} {} other bytes than {} (an engine's scrub pass writes the majority's there)",
+                let others: Vec<&str> = groups[1..].iter().flatten().copied().collect();
+                let one = others.len() == 1;
+                // Outvoted only by a majority of all the copies in sync,
+                // not of those that were compared.
+                let fix = if most.len() * 2 > in_sync {
+                    found.outvoted = others.iter().map(|n| (*n).to_owned()).collect();
+                    format!(
+                        "the controller takes {} out of sync: the next engine rebuilds {0} in full",
+                        if one { "it" } else { "them" }
+                    )
+                } else {
+                    "an engine's scrub pass writes the majority's there".to_owned()
+                };
+                found.said.push_str(&format!(
+                    "; {} {} other bytes than {} ({fix})",
                     others.join(", "),
-                    if others.len() == 1 { "holds" } else { "hold" },
+                    if one { "holds" } else { "hold" },
                     most.join(", ")
                 ));
             } else {
-                let all: Vec<&str> = alike.iter().flat_map(|(_, n)| n.iter().copied()).collect();
-                out.push_str(&format!(
+                let all: Vec<&str> = groups.iter().flatten().copied().collect();
+                found.said.push_str(&format!(
                     "; {} hold different bytes, with no majority to tell which are right",
                     all.join(", ")
                 ));
             }
         }
     }
-    (out, bad)
+    found
 }
 
 /// JSON of what goes into publish_context.
@@ -1652,7 +1739,7 @@ mod tests {
             unreadable: 0,
             sum: None,
         };
-        let (said, bad) = copy_checks(
+        let Findings { said, bad, .. } = copy_checks(
             &[("n1", true, Some(&read)), ("n2", true, Some(&never))],
             7,
             now,
@@ -1667,7 +1754,7 @@ mod tests {
             unreadable: 2,
             sum: None,
         };
-        let (said, bad) = copy_checks(
+        let Findings { said, bad, .. } = copy_checks(
             &[
                 ("n1", true, Some(&read)),
                 ("n2", true, Some(&failing)),
@@ -1701,7 +1788,7 @@ mod tests {
                 .unwrap_or_default()
         };
         let (a, b) = (summed(7, 1), summed(7, 2));
-        let (said, bad) = copy_checks(
+        let Findings { said, bad, .. } = copy_checks(
             &[
                 ("n1", true, Some(&a)),
                 ("n2", true, Some(&a)),
@@ -1712,7 +1799,11 @@ mod tests {
         );
         assert_eq!(tail(&said), "n1, n2, n3 hold the same bytes");
         assert!(!bad);
-        let (said, bad) = copy_checks(
+        let Findings {
+            said,
+            bad,
+            outvoted,
+        } = copy_checks(
             &[
                 ("n1", true, Some(&a)),
                 ("n2", true, Some(&b)),
@@ -1723,10 +1814,64 @@ mod tests {
         );
         assert_eq!(
             tail(&said),
-            "n2 holds other bytes than n1, n3 (an engine's scrub pass writes the majority's there)"
+            "n2 holds other bytes than n1, n3 (the controller takes it out of sync: \
+             the next engine rebuilds it in full)"
         );
         assert!(bad);
-        let (said, bad) = copy_checks(&[("n1", true, Some(&a)), ("n2", true, Some(&b))], 7, now);
+        assert_eq!(outvoted, ["n2"]);
+        // Two of five copies in sync alike are no majority of them (two
+        // did not sum at this version): the engine's scrub decides.
+        let old = summed(6, 1);
+        let five = copy_checks(
+            &[
+                ("n1", true, Some(&a)),
+                ("n2", true, Some(&b)),
+                ("n3", true, Some(&a)),
+                ("n4", true, Some(&old)),
+                ("n5", true, None),
+            ],
+            7,
+            now,
+        );
+        assert!(
+            five.said.ends_with(
+                "n2 holds other bytes than n1, n3 (an engine's scrub pass writes the majority's there)"
+            ),
+            "{}",
+            five.said
+        );
+        assert!(five.bad && five.outvoted.is_empty());
+        // Once outvoted (the record moved on), the copy out of sync says
+        // why; one out of sync for another reason says only what comes.
+        let (a6, b6) = (summed(6, 1), summed(6, 2));
+        let after = copy_checks(
+            &[
+                ("n1", true, Some(&a6)),
+                ("n2", false, Some(&b6)),
+                ("n3", true, Some(&a6)),
+                ("n4", false, None),
+            ],
+            8,
+            now,
+        );
+        assert!(
+            after.said.contains(
+                "n2 read whole 60 s ago (out of sync: its read at record version 6 found \
+                 other bytes than n1, n3; the next engine rebuilds it in full)"
+            ),
+            "{}",
+            after.said
+        );
+        assert!(
+            after
+                .said
+                .ends_with("n4 did not say (out of sync: the next engine rebuilds it in full)"),
+            "{}",
+            after.said
+        );
+        assert!(after.outvoted.is_empty());
+        let Findings { said, bad, .. } =
+            copy_checks(&[("n1", true, Some(&a)), ("n2", true, Some(&b))], 7, now);
         assert_eq!(
             tail(&said),
             "n1, n2 hold different bytes, with no majority to tell which are right"
@@ -1740,7 +1885,7 @@ mod tests {
             vec![("n1", true, Some(&a)), ("n2", false, Some(&b))],
             vec![("n1", true, Some(&a)), ("n2", true, None)],
         ] {
-            let (said, bad) = copy_checks(&copies, 7, now);
+            let Findings { said, bad, .. } = copy_checks(&copies, 7, now);
             assert!(!bad && !said.contains("bytes"), "{said}");
         }
     }

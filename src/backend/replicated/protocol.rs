@@ -591,6 +591,14 @@ pub enum Change {
     /// while a change to other members is under way. The epoch stays, so
     /// the engine goes on writing.
     Members { members: Vec<Member> },
+    /// The controller takes `nodes` out of the in-sync set: copies whose
+    /// nodes' idle reads, made at record `version`, found other bytes than
+    /// a majority of the in-sync copies did (bit rot, or a change behind
+    /// the store's back). Only of that very record and only while nobody
+    /// publishes it: any change since (a publish) may have written the
+    /// regions, so the reads no longer say what the copies hold. The next
+    /// engine rebuilds them in full and never reads from them meanwhile.
+    Outvoted { version: u64, nodes: Vec<String> },
 }
 
 /// Why a change was not made.
@@ -602,6 +610,8 @@ pub enum Refusal {
     Fenced { owner: Option<String>, epoch: u64 },
     #[error("a change to the members {members} is under way")]
     Reconfiguring { members: String },
+    #[error("the record changed since version {version} (now {now})")]
+    Changed { version: u64, now: u64 },
     #[error(transparent)]
     Invalid(#[from] RecordError),
 }
@@ -694,6 +704,20 @@ impl Change {
                     r.in_sync.retain(|n, _| next.is_copy(n));
                 }
             },
+            Change::Outvoted { version, nodes } => {
+                if current.version != *version {
+                    return Err(Refusal::Changed {
+                        version: *version,
+                        now: current.version,
+                    });
+                }
+                if let Some(o) = owner {
+                    return Err(Refusal::OwnedBy {
+                        owner: o.to_owned(),
+                    });
+                }
+                r.in_sync.retain(|n, _| !nodes.contains(n));
+            }
         }
         r.version += 1;
         r.validate()?;
@@ -1372,6 +1396,45 @@ mod tests {
             other.apply(&half),
             Err(Refusal::Reconfiguring { .. })
         ));
+    }
+
+    /// The controller takes a copy its idle read found other bytes in out
+    /// of sync, only of the record the reads were made at, unpublished,
+    /// and never the last copy in sync.
+    #[test]
+    fn copies_outvoted_leave_the_in_sync_set_only_at_the_version_read() {
+        let r = record();
+        let mut vs = voters(&r);
+        let ch = Change::Outvoted {
+            version: r.version,
+            nodes: vec!["c".into()],
+        };
+        let (mut p, out) = Proposer::new("ctl", ch.clone(), &r, 0, 0, 5);
+        let Some(Outcome::Chosen { record: got, .. }) = run(&mut p, out, &mut vs, &["a", "c"])
+        else {
+            panic!("a majority takes it");
+        };
+        assert_eq!(got.in_sync.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(got.epoch, r.epoch, "no engine is fenced by it");
+        // The same change again: the record moved on since the reads.
+        assert_eq!(
+            ch.apply(&got),
+            Err(Refusal::Changed {
+                version: r.version,
+                now: got.version
+            })
+        );
+        let mut published = r.clone();
+        published.owner = Some(Owner {
+            node: "a".into(),
+            readonly: false,
+        });
+        assert!(matches!(ch.apply(&published), Err(Refusal::OwnedBy { .. })));
+        let all = Change::Outvoted {
+            version: r.version,
+            nodes: vec!["a".into(), "b".into(), "c".into()],
+        };
+        assert!(matches!(all.apply(&r), Err(Refusal::Invalid(_))));
     }
 
     /// The first step of a, b, c -> a, d, e accepted by a, d and e only
