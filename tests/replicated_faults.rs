@@ -1311,7 +1311,9 @@ fn checked_at(cl: &Cluster, i: usize, v: &csi::Volume, by: &str) -> Option<u64> 
 /// `stowage volume scrub` of a volume nobody publishes has each copy's
 /// node read its copy now, with no schedule at all (every agent's scrub
 /// off): a bad sector on n2's copy is listed there and rebuilt by the
-/// next engine.
+/// next engine, on n2 itself (the scheduled read's test,
+/// `a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine`,
+/// publishes on n1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     let mut t = Steps::new("idle scrub asked for");
@@ -1366,11 +1368,13 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
         "{said}"
     );
     t.done("n2 read its copy and listed the bad sector; the condition says so");
+    // Published on n2 itself: its engine starts from another copy and
+    // writes the region again at once, nothing reading it first.
     let cap = block_cap(Mode::SingleNodeWriter);
-    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    let m = Published::up(&mut cl, 2, &v, &cap).await.unwrap();
     wait_rewritten(&cl, &disk, "n2").await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
-    t.done("n2's region written again by the next engine");
+    t.done("n2's region written again by the next engine, its own");
     m.down(&mut cl, &v.volume_id).await;
     let (abnormal, said) = cl.condition(&v.volume_id).await;
     assert!(!abnormal && !said.contains("could not read"), "{said}");

@@ -1301,11 +1301,18 @@ impl Engine {
             self.reseed = Some((base.clone(), *boot));
             good.insert(base.clone(), tags.clone());
         }
-        let source = if good.contains_key(&self.cfg.node) {
-            self.cfg.node.clone()
-        } else {
-            good.keys().next().expect("not empty").clone()
-        };
+        // The base: this node's copy if it can read all it holds, else
+        // another that can (so the regions this one cannot read are
+        // rebuilt here now, not left until a read fails on them), else
+        // this node's copy or any.
+        let whole = |n: &String| self.start_unreadable.get(n).is_none_or(BTreeSet::is_empty);
+        let local = good.get_key_value(&self.cfg.node).map(|(n, _)| n);
+        let source = local
+            .filter(|n| whole(n))
+            .or_else(|| good.keys().find(|n| whole(n)))
+            .or(local)
+            .unwrap_or_else(|| good.keys().next().expect("not empty"))
+            .clone();
         let base = good[&source].clone();
         let mut in_sync = BTreeMap::new();
         let all: BTreeSet<Region> = (0..self.cfg.regions).collect();
@@ -2684,6 +2691,27 @@ mod tests {
         });
         let rebuilt = rebuild_all(&mut net, &mut e);
         assert_eq!(rebuilt, [("b".to_owned(), 2)]);
+        assert_eq!(e.state(), EngineState::Running);
+    }
+
+    /// The engine's own copy lists regions its disk could not read: another
+    /// copy is the base, so those regions are rebuilt here at the start
+    /// (not left until a read fails on them), and nothing else.
+    #[test]
+    fn regions_the_engines_own_copy_could_not_read_are_rebuilt_at_start() {
+        let (mut net, mut e, _) = Net::running();
+        rebuild_all(&mut net, &mut e);
+        for region in 0..4 {
+            e.write(region).unwrap();
+        }
+        net.run(&mut e, 2);
+        let mut e = republished_with(&mut net, &mut e, &["a"], &|_, reply| {
+            if let Reply::Attached { unreadable, .. } = reply {
+                *unreadable = vec![3];
+            }
+        });
+        let rebuilt = rebuild_all(&mut net, &mut e);
+        assert_eq!(rebuilt, [("a".to_owned(), 3)]);
         assert_eq!(e.state(), EngineState::Running);
     }
 
