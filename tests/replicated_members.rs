@@ -259,7 +259,26 @@ async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
     let w = Writer::start(&m.target);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let victim = three[2].clone();
+    let gauge = |cl: &Cluster| {
+        cl.controller_metric_with(
+            "stowage_replicated_volume_abnormal",
+            &format!("volume=\"{id}\""),
+        )
+    };
     cl.nodes[index_of(&victim) - 1].kill9();
+    // With nobody asking (no ControllerGetVolume, no ListVolumes), the
+    // controller's rounds (every second here) see a copy out of sync: the
+    // gauge an alert needs goes to 1 by itself.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gauge(&cl) != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the gauge never said the volume lost a copy: {:?}\n{}",
+            gauge(&cl),
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let now = wait_copies(&mut cl, &id, 3, Some(&victim), Duration::from_secs(90)).await;
     assert!(!now.contains(&victim), "{now:?}");
     let files = w.finish();
@@ -292,12 +311,6 @@ async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
     assert!(in_sync, "{msg}");
     // The controller's gauge says the volume is well; once it is deleted,
     // the next round of replacements (every second here) forgets it.
-    let gauge = |cl: &Cluster| {
-        cl.controller_metric_with(
-            "stowage_replicated_volume_abnormal",
-            &format!("volume=\"{id}\""),
-        )
-    };
     assert_eq!(gauge(&cl), Some(0), "{msg}");
     cl.delete(&id).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
