@@ -399,6 +399,23 @@ async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// Until `stop` is set, or until `ended` ends (its sender is dropped: the
+/// server the endpoint depends on stopped).
+async fn stopped_or(
+    stop: tokio::sync::watch::Receiver<bool>,
+    ended: Option<tokio::sync::oneshot::Receiver<()>>,
+) {
+    match ended {
+        Some(ended) => {
+            tokio::select! {
+                _ = stopped(stop) => {}
+                _ = ended => {}
+            }
+        }
+        None => stopped(stop).await,
+    }
+}
+
 /// Accepted TCP connections with Nagle's algorithm off (and keepalive
 /// probes on): gRPC answers are small writes, and with Nagle each answer
 /// after the first waits for the peer's delayed ACK (~40 ms).
@@ -580,18 +597,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             }
         })
     });
-    let until = async move {
-        match agent_ended {
-            Some(ended) => {
-                tokio::select! {
-                    _ = stopped(stop) => {}
-                    _ = ended => {}
-                }
-            }
-            None => stopped(stop).await,
-        }
-    };
-    let served = serve_endpoint(router, &cfg.endpoint, until).await;
+    let served = serve_endpoint(router, &cfg.endpoint, stopped_or(stop, agent_ended)).await;
     if let Some(t) = idle_closer {
         t.abort();
     }
@@ -642,8 +648,6 @@ fn replication_connector(
     }))
 }
 
-/// `--mode controller`: the routing controller on the CSI endpoint and the
-/// registration API on `--listen`. Opens no pool and no state.
 /// Binds `addr` and serves `m`'s `/metrics` and `/healthz` there, when
 /// both are given.
 async fn serve_metrics(
@@ -667,6 +671,10 @@ async fn serve_metrics(
     Ok(Some(tokio::spawn(Arc::clone(m).serve(listener))))
 }
 
+/// `--mode controller`: the routing controller on the CSI endpoint and the
+/// registration API on `--listen`. Opens no pool and no state. Should the
+/// registration API stop while the controller runs, the CSI endpoint
+/// stops too: a controller no node can register with routes to nobody.
 async fn run_router(cfg: Config) -> Result<(), StartError> {
     use crate::cluster::{proto, registry::Registry, router};
     let Some(cluster) = cfg.cluster.clone() else {
@@ -737,9 +745,17 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
             router.clone(),
         ))
         .add_service(proto::admin_server::AdminServer::new(router));
+    let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
     let (a, b) = tokio::join!(
-        async { registration.await.map_err(StartError::from) },
-        serve_endpoint(csi_router, &cfg.endpoint, stopped(stop))
+        async move {
+            let _ended = ended_tx;
+            let r = registration.await.map_err(StartError::from);
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "the registration API stopped: stopping the controller");
+            }
+            r
+        },
+        serve_endpoint(csi_router, &cfg.endpoint, stopped_or(stop, Some(ended)))
     );
     if let Some(t) = metrics_task {
         t.abort();
@@ -754,6 +770,30 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CSI endpoint's stop: a signal, or the end of the server it
+    /// needs (the agent API of a node, the registration API of a
+    /// controller), whichever comes first; neither, and it goes on.
+    #[tokio::test]
+    async fn an_endpoint_stops_with_the_server_it_needs_or_a_signal() {
+        use std::time::Duration;
+        let once = Duration::ZERO;
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+        let mut until = Box::pin(stopped_or(stop.clone(), Some(ended)));
+        assert!(tokio::time::timeout(once, &mut until).await.is_err());
+        drop(ended_tx);
+        assert!(tokio::time::timeout(once, &mut until).await.is_ok());
+
+        let (_ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+        let mut until = Box::pin(stopped_or(stop.clone(), Some(ended)));
+        let mut alone = Box::pin(stopped_or(stop, None));
+        assert!(tokio::time::timeout(once, &mut until).await.is_err());
+        assert!(tokio::time::timeout(once, &mut alone).await.is_err());
+        stop_tx.send(true).unwrap();
+        assert!(tokio::time::timeout(once, &mut until).await.is_ok());
+        assert!(tokio::time::timeout(once, &mut alone).await.is_ok());
+    }
 
     #[test]
     fn endpoints() {
