@@ -155,6 +155,14 @@ struct ServeArgs {
     /// full rebuild while I/O continues).
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     replica_replace_after: u64,
+    /// Controller: heal replicated volumes nobody publishes: when a copy is
+    /// out of sync (replaced, added, or outvoted by the others' reads) or
+    /// its node could not read some regions, an engine with no mount on a
+    /// node holding a copy in sync rebuilds it, in the same background
+    /// round as replacements. `off` leaves that to the next engine a
+    /// publication starts.
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    replica_heal_idle: OnOff,
     /// Node: seconds between scrub passes of each replicated volume whose
     /// engine runs here (0: never). A pass reads every region on every
     /// copy in sync from its disk and compares them; a copy that cannot
@@ -222,6 +230,7 @@ fn cluster_config(
                     .ok_or("--mode controller needs --tls-dir")?,
                 agent: None,
                 replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
+                heal_idle: args.replica_heal_idle == OnOff::On,
             }))
         }
         ModeArg::Node => {
@@ -307,6 +316,7 @@ fn cluster_config(
                     data_advertise: args.data_advertise.clone(),
                 }),
                 replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
+                heal_idle: args.replica_heal_idle == OnOff::On,
             }))
         }
     }

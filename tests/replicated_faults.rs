@@ -59,7 +59,17 @@ async fn raw_volume_on_n1(name: &str, n3: NodeOpts) -> (Cluster, csi::Volume, Pu
 
 /// [`raw_volume_on_n1`] with each node set up as `nodes` says.
 async fn raw_volume_with(name: &str, nodes: [NodeOpts; 3]) -> (Cluster, csi::Volume, Published) {
-    let mut cl = Cluster::start_with(&nodes).await;
+    raw_volume_full(name, nodes, &[]).await
+}
+
+/// [`raw_volume_with`], with `controller` added to the controller's
+/// command line.
+async fn raw_volume_full(
+    name: &str,
+    nodes: [NodeOpts; 3],
+    controller: &[&str],
+) -> (Cluster, csi::Volume, Published) {
+    let mut cl = Cluster::start_full(NODES, controller, &nodes).await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let mut req = replicated_req(name, "3", SIZE, cap.clone());
     req.accessibility_requirements = on(&["n1"], &[]);
@@ -507,12 +517,14 @@ async fn faulty_n1(name: &str) -> (Scratch, Arc<FaultyDisk>, Cluster, csi::Volum
 }
 
 /// [`raw_volume_with`] where n2's pool is on a [`FaultyDisk`] this process
-/// serves and every node scrubs every `every` seconds at `rate` MiB/s;
-/// with the disk's scratch dir, to be kept until the cluster is gone.
+/// serves and every node scrubs every `every` seconds at `rate` MiB/s,
+/// the controller run with `controller` added; with the disk's scratch
+/// dir, to be kept until the cluster is gone.
 async fn scrubbing_with_faulty_n2(
     name: &str,
     every: u64,
     rate: u64,
+    controller: &[&str],
 ) -> (Scratch, Arc<FaultyDisk>, Cluster, csi::Volume, Published) {
     let dir = Scratch::new("faulty-disk");
     let bytes = 640 << 20;
@@ -522,9 +534,10 @@ async fn scrubbing_with_faulty_n2(
         pool_disk,
         ..scrubbing(every, rate)
     };
-    let (cl, v, m) = raw_volume_with(
+    let (cl, v, m) = raw_volume_full(
         name,
         [node(None), node(Some(PoolDisk(disk.clone()))), node(None)],
+        controller,
     )
     .await;
     (dir, disk, cl, v, m)
@@ -917,7 +930,7 @@ async fn a_copy_whose_disk_failed_writes_before_a_flush_is_not_taken_for_flushed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_rewrites_a_bad_sector_and_changed_bytes_on_copies_never_read() {
     let mut t = Steps::new("scrub");
-    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2("rep-scrub", 3, 64).await;
+    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2("rep-scrub", 3, 64, &[]).await;
     t.done("cluster up, volume published");
     let blocks = 64;
     write_blocks(&m.target, blocks).await;
@@ -1265,20 +1278,31 @@ const BAD_BLOCK: u64 = 37;
 
 /// [`scrubbing_with_faulty_n2`] (every `every` seconds, at 256 MiB/s)
 /// with a raw volume published on n1, written, then taken down; then a
-/// bad sector in block [`BAD_BLOCK`] of n2's copy.
+/// bad sector in block [`BAD_BLOCK`] of n2's copy. The controller runs
+/// with `controller` added.
 async fn idle_with_bad_sector_on_n2(
     name: &str,
     every: u64,
+    controller: &[&str],
 ) -> (Scratch, Arc<FaultyDisk>, Cluster, csi::Volume) {
-    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2(name, every, 256).await;
+    let (dir, disk, mut cl, v, m) = scrubbing_with_faulty_n2(name, every, 256, controller).await;
     write_blocks(&m.target, 64).await;
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     m.down(&mut cl, &v.volume_id).await;
-    let data = cl.copy_data(2, &v.volume_id);
-    let at = BAD_BLOCK * BLOCK as u64;
-    disk.spoil(disk_ranges(&data, at, at + BLOCK as u64));
+    disk.spoil(bad_block_on_n2(&cl, &v));
     (dir, disk, cl, v)
 }
+
+/// Where block [`BAD_BLOCK`] of n2's copy of `v` lies on n2's disk.
+fn bad_block_on_n2(cl: &Cluster, v: &csi::Volume) -> Vec<(u64, u64)> {
+    let data = cl.copy_data(2, &v.volume_id);
+    let at = BAD_BLOCK * BLOCK as u64;
+    disk_ranges(&data, at, at + BLOCK as u64)
+}
+
+/// The controller's command line for tests of what the next engine does
+/// to a copy nobody published since it went out of sync: no heal first.
+const NO_HEAL: &[&str] = &["--replica-heal-idle", "off"];
 
 /// Waits (bounded) until n2 lists a region of its idle copy as
 /// unreadable (its gauge counts it).
@@ -1317,7 +1341,7 @@ fn checked_at(cl: &Cluster, i: usize, v: &csi::Volume, by: &str) -> Option<u64> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     let mut t = Steps::new("idle scrub asked for");
-    let (dir, disk, mut cl, v) = idle_with_bad_sector_on_n2("rep-idle-now", 0).await;
+    let (dir, disk, mut cl, v) = idle_with_bad_sector_on_n2("rep-idle-now", 0, NO_HEAL).await;
     // No schedule: nothing reads it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(disk.failed_reads(), 0);
@@ -1380,6 +1404,107 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
     assert!(!abnormal && !said.contains("could not read"), "{said}");
     assert_copies_equal(&cl, &v).await;
     cl.delete(&v.volume_id).await.unwrap();
+    drop(dir);
+}
+
+/// A heal (the controller's round every second here): a bad sector that
+/// n2's read of its idle copy found is written again with nobody
+/// publishing the volume, by an engine with no mount. First with n2's
+/// writes there failing, so the heal cannot end: a ControllerPublish
+/// takes the volume over (the heal ends, fenced), its engine serves I/O
+/// and, once the disk takes writes again, writes the region. Then a new
+/// bad sector, which the heal writes again alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_copys_bad_sector_is_healed_and_a_publish_takes_a_heal_over() {
+    let mut t = Steps::new("heal");
+    let (dir, disk, mut cl, v) =
+        idle_with_bad_sector_on_n2("rep-heal", 0, &["--replica-replace-after", "4"]).await;
+    disk.fail_writes(bad_block_on_n2(&cl, &v));
+    let (ok, _, err) = scrub_json(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    wait_listed_on_n2(&cl).await;
+    let (abnormal, said) = cl
+        .wait_condition(&v.volume_id, WAIT, "a heal under way", |_, m| {
+            m.contains("; healing on n1")
+        })
+        .await;
+    assert!(abnormal, "{said}");
+    let got = cl.get(&v.volume_id).await.unwrap().status.unwrap();
+    assert!(
+        got.published_node_ids.is_empty(),
+        "a heal is no publication: {got:?}"
+    );
+    t.done("n2's bad sector listed, a heal on n1 stuck on it");
+
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    let got = cl.get(&v.volume_id).await.unwrap().status.unwrap();
+    assert_eq!(got.published_node_ids, ["n1"]);
+    let until = Instant::now() + WAIT;
+    while !cl
+        .controller
+        .log_text()
+        .contains("heal ended before every copy was in sync")
+    {
+        assert!(
+            Instant::now() < until,
+            "the heal went on under the publication\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    write_blocks(&m.target, 64).await;
+    let target = m.target.clone();
+    let read = tokio::task::spawn_blocking(move || read_block(&target, BAD_BLOCK))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(read == common::checker::block_bytes(BAD_BLOCK, 1));
+    t.done("published over the heal; I/O served");
+    disk.fail_writes(Vec::new());
+    wait_rewritten(&cl, &disk, "n2").await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    m.down(&mut cl, &v.volume_id).await;
+    t.done("n2's region written again by the publication's engine");
+
+    // Alone, a heal ends what it starts.
+    disk.spoil(bad_block_on_n2(&cl, &v));
+    let (ok, _, err) = scrub_json(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    wait_rewritten(&cl, &disk, "n2").await;
+    let (abnormal, said) = cl
+        .wait_condition(&v.volume_id, WAIT, "healed", |_, m| {
+            m.starts_with("3 of 3 copies in sync") && !m.contains("healing")
+        })
+        .await;
+    assert!(!abnormal && !said.contains("could not read"), "{said}");
+    let got = cl.get(&v.volume_id).await.unwrap().status.unwrap();
+    assert!(got.published_node_ids.is_empty(), "{got:?}");
+    assert!(
+        cl.controller
+            .log_text()
+            .contains("healed: every copy in sync"),
+        "{}",
+        cl.controller.log_tail(30)
+    );
+    t.done("a new bad sector healed with nobody publishing");
+    assert_copies_equal(&cl, &v).await;
+
+    // DeleteVolume during a heal (stuck again): the heal is released and
+    // the copies go.
+    disk.spoil(bad_block_on_n2(&cl, &v));
+    disk.fail_writes(bad_block_on_n2(&cl, &v));
+    let (ok, _, err) = scrub_json(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    cl.wait_condition(&v.volume_id, WAIT, "a heal under way", |_, m| {
+        m.contains("; healing on n1")
+    })
+    .await;
+    cl.delete(&v.volume_id).await.unwrap();
+    for i in 1..=NODES {
+        assert!(!cl.copy_dir(i, &v.volume_id).exists(), "n{i} kept its copy");
+    }
+    disk.fail_writes(Vec::new());
     drop(dir);
 }
 
@@ -1468,7 +1593,7 @@ async fn a_nodes_read_of_an_idle_copy_resumes_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine() {
     let mut t = Steps::new("idle copy");
-    let (dir, disk, mut cl, v) = idle_with_bad_sector_on_n2("rep-idle", 2).await;
+    let (dir, disk, mut cl, v) = idle_with_bad_sector_on_n2("rep-idle", 2, NO_HEAL).await;
     t.done("written, taken down, a bad sector on n2's copy");
     let unreadable = |cl: &Cluster| {
         cl.volume_metric(2, "stowage_replica_unreadable_regions")

@@ -68,13 +68,19 @@ impl Writer {
 
     /// Stops and checks every acknowledged file reads back as written.
     fn finish(self) -> usize {
+        self.files().len()
+    }
+
+    /// Stops it and checks every acknowledged file: their paths, with the
+    /// pattern each holds.
+    fn files(self) -> Vec<(PathBuf, u64)> {
         self.stop.store(true, Ordering::Relaxed);
         let done = self.thread.join().expect("the writer failed");
         for (p, k) in &done {
             let got = std::fs::read(p).unwrap();
             assert!(got == pattern(*k, 256 << 10), "{} differs", p.display());
         }
-        done.len()
+        done
     }
 }
 
@@ -321,6 +327,47 @@ async fn a_copy_on_a_lost_node_is_replaced_and_rebuilt_on_another() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A copy of a volume nobody publishes, lost with its node, is replaced
+/// on another node and rebuilt there with nobody publishing the volume (a
+/// heal: the controller has an engine with no mount rebuild it), so the
+/// volume has its three copies again before anyone uses it; then a
+/// ControllerPublish goes as usual, and the copies hold the same bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_copy_of_a_volume_nobody_publishes_is_rebuilt_without_a_publish() {
+    let mut cl = Cluster::start_full(FOUR, &["--replica-replace-after", "4"], &[]).await;
+    let v = cl.create(replicated("mem-heal", "3")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (three, _, _) = copies(&mut cl, &id).await;
+    let m = Published::up(&mut cl, index_of(&three[0]), &v, &ext4())
+        .await
+        .unwrap();
+    let w = Writer::start(&m.target);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let files = w.files();
+    assert!(!files.is_empty());
+    m.down(&mut cl, &id).await;
+    let victim = three[2].clone();
+    cl.nodes[index_of(&victim) - 1].kill9();
+    let now = wait_copies(&mut cl, &id, 3, Some(&victim), Duration::from_secs(90)).await;
+    let got = cl.get(&id).await.unwrap().status.unwrap();
+    assert!(got.published_node_ids.is_empty(), "{got:?}");
+    let log = cl.controller.log_tail(200);
+    assert!(log.contains("healed: every copy in sync"), "{log}");
+    same_data(&cl, &id, &now);
+    // Published again, on the new copy's node: its files are all there.
+    let fresh = now.iter().find(|n| !three.contains(n)).unwrap();
+    let m = Published::up(&mut cl, index_of(fresh), &v, &ext4())
+        .await
+        .unwrap();
+    for (p, k) in &files {
+        let name = p.file_name().unwrap();
+        let got = std::fs::read(m.target.join(name)).unwrap();
+        assert!(got == pattern(*k, 256 << 10), "{name:?} differs on {fresh}");
+    }
+    m.down(&mut cl, &id).await;
+    cl.delete(&id).await.unwrap();
 }
 
 /// DeleteSnapshot of a snapshot taken on a node that is down waits for it

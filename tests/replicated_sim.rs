@@ -838,6 +838,7 @@ impl Sim {
                     regions: REGIONS,
                     timeout: TIMEOUT,
                     resend: RESEND,
+                    heal: false,
                 };
                 let engine = Engine::new(cfg, ballot, record, self.now);
                 self.engines.insert(

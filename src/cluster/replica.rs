@@ -41,6 +41,10 @@ use crate::backend::replicated::record::ReplicaRecord;
 use crate::backend::replicated::store::{Base, GroupOf, ReplicaStore, SnapshotInfo, StoreError};
 use crate::backend::replicated::wire::{Answer, BatchDone, Call, Peer, PeerError, one_by_one};
 
+/// A heal ends when its engine made no progress for this long (a copy out
+/// of reach, or a disk that fails every write).
+const HEAL_STALL: Duration = Duration::from_secs(60);
+
 /// A failure of this node's own copy as a remote one would be reported
 /// (see [`super::link::status_error`]).
 fn local_error(node: &str, e: StoreError) -> PeerError {
@@ -539,6 +543,54 @@ impl Replica for ReplicaService {
             Done::NotIdle => Err(Status::failed_precondition(format!(
                 "node {node} holds no copy of volume {volume} that is not published"
             ))),
+        }
+    }
+
+    async fn heal(
+        &self,
+        req: Request<super::proto::HealRequest>,
+    ) -> Result<Response<super::proto::HealResponse>, Status> {
+        use crate::backend::replicated::driver::DriverError;
+        use crate::backend::replicated::engines::{
+            CONTEXT_ADDRESSES, CONTEXT_BALLOT, CONTEXT_RECORD, EngineError, PublishContext,
+        };
+        controller_only(&req)?;
+        let r = req.into_inner();
+        let volume = volume_of(&r.volume)?;
+        let node = self.store.node().to_owned();
+        let Some(engines) = &self.engines else {
+            return Err(Status::unavailable(format!("node {node} runs no engines")));
+        };
+        let ctx = BTreeMap::from([
+            (CONTEXT_RECORD.to_owned(), r.record),
+            (CONTEXT_BALLOT.to_owned(), r.ballot),
+            (CONTEXT_ADDRESSES.to_owned(), r.addresses),
+        ]);
+        let pc =
+            PublishContext::parse(&ctx).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let store = Arc::clone(&self.store);
+        let me = node.clone();
+        let ours = move || {
+            store.get(volume).ok().flatten().is_none_or(|h| {
+                h.state
+                    .record
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| o.heal && o.node == me)
+            })
+        };
+        match engines.heal(volume, pc, HEAL_STALL, ours).await {
+            Ok(h) => Ok(Response::new(super::proto::HealResponse {
+                rebuilt_bytes: h.rebuilt_bytes,
+                seconds: h.elapsed.as_secs(),
+            })),
+            Err(e @ (EngineError::Context(_) | EngineError::NotOwner { .. })) => {
+                Err(Status::failed_precondition(format!("node {node}: {e}")))
+            }
+            // Taken over by a publication (or started after one).
+            Err(e @ EngineError::Driver(DriverError::Fenced { .. }))
+            | Err(e @ EngineError::Fenced(_)) => Err(Status::aborted(format!("node {node}: {e}"))),
+            Err(e) => Err(Status::unavailable(format!("node {node}: {e}"))),
         }
     }
 

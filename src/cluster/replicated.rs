@@ -249,6 +249,48 @@ pub struct Replicated {
     peer: Arc<dyn Peer>,
     started: Instant,
     health: VolumeHealth,
+    heals: Heals,
+}
+
+/// The heals this controller started ([`Replicated::heal`]): running, or
+/// when the last one failed (the next waits [`HEAL_RETRY`]).
+#[derive(Debug, Clone, Default)]
+struct Heals(Arc<std::sync::Mutex<BTreeMap<Uuid, Option<Instant>>>>);
+
+/// How long after a failed heal the next of the same volume may start.
+const HEAL_RETRY: Duration = Duration::from_secs(120);
+
+impl Heals {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uuid, Option<Instant>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn running(&self, uuid: Uuid) -> bool {
+        matches!(self.map().get(&uuid), Some(None))
+    }
+
+    /// Marks a heal of `uuid` started, unless one runs or one failed
+    /// within [`HEAL_RETRY`].
+    fn begin(&self, uuid: Uuid) -> bool {
+        let mut m = self.map();
+        match m.get(&uuid) {
+            Some(None) => false,
+            Some(Some(failed)) if failed.elapsed() < HEAL_RETRY => false,
+            _ => {
+                m.insert(uuid, None);
+                true
+            }
+        }
+    }
+
+    fn end(&self, uuid: Uuid, ok: bool) {
+        let mut m = self.map();
+        if ok {
+            m.remove(&uuid);
+        } else {
+            m.insert(uuid, Some(Instant::now()));
+        }
+    }
 }
 
 /// Whether each replicated volume's condition was abnormal when the
@@ -290,6 +332,7 @@ impl Replicated {
             registry,
             started: Instant::now(),
             health: VolumeHealth::default(),
+            heals: Heals::default(),
         }
     }
 
@@ -626,11 +669,15 @@ impl Replicated {
         let Some(state) = found.newest else {
             return Ok(());
         };
-        if let Some(o) = &state.record.owner {
+        if let Some(o) = state.record.published_on() {
             return Err(Status::failed_precondition(format!(
                 "volume {raw} is published on node {}",
                 o.node
             )));
+        }
+        if let Some(o) = &state.record.owner {
+            // A heal's: its engine is fenced, and the copies go with it.
+            self.end_heal(uuid, &o.node).await;
         }
         let mut nodes: Vec<String> = state.record.voters().map(str::to_owned).collect();
         for (h, _) in found.holders {
@@ -708,8 +755,7 @@ impl Replicated {
         };
         let already = state
             .record
-            .owner
-            .as_ref()
+            .published_on()
             .is_some_and(|o| o.node == r.node_id);
         if target.max_volumes > 0 && !already {
             let owned = self.owned_by(&r.node_id, uuid).await?;
@@ -775,7 +821,7 @@ impl Replicated {
             let found = self.find(u).await?;
             if found
                 .newest
-                .is_some_and(|s| s.record.owner.is_some_and(|o| o.node == node))
+                .is_some_and(|s| s.record.published_on().is_some_and(|o| o.node == node))
             {
                 n += 1;
             }
@@ -845,7 +891,7 @@ impl Replicated {
         let Some(state) = found.newest else {
             return Ok(());
         };
-        let node = match (&state.record.owner, r.node_id.as_str()) {
+        let node = match (state.record.published_on(), r.node_id.as_str()) {
             (None, _) => return Ok(()),
             (Some(o), "") => o.node.clone(),
             (Some(o), n) if o.node != n => return Ok(()),
@@ -1037,7 +1083,9 @@ impl Replicated {
     /// that misses it learns with its next change, and one that starts
     /// later reads the newest record.
     async fn refresh_owner(&self, record: &ReplicaRecord) {
-        let Some(owner) = &record.owner else { return };
+        let Some(owner) = record.published_on() else {
+            return;
+        };
         let Some(n) = self.registry.get(&owner.node) else {
             return;
         };
@@ -1059,6 +1107,101 @@ impl Replicated {
             .map_err(|_| Status::deadline_exceeded("no answer in time"))
         {
             tracing::warn!(volume = %volume_id(record.uuid), node = %owner.node, error = %s.message(), "the engine was not told of new members");
+        }
+    }
+
+    /// Starts a heal of `uuid` on `node` in the background, unless one
+    /// runs or failed lately ([`Heals::begin`]).
+    fn start_heal(&self, uuid: Uuid, node: String) {
+        if !self.heals.begin(uuid) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let r = this.heal(uuid, &node).await;
+            this.end_heal(uuid, &node).await;
+            match &r {
+                Ok(h) => {
+                    tracing::info!(volume = %volume_id(uuid), node = %node, bytes = h.rebuilt_bytes, seconds = h.seconds, "healed: every copy in sync")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %volume_id(uuid), node = %node, error = %e.message(), "heal ended before every copy was in sync")
+                }
+            }
+            // Taken over by a publication: its engine goes on, and a heal
+            // may follow as soon as it is unpublished.
+            let taken = r.as_ref().is_err_and(|e| e.code() == tonic::Code::Aborted);
+            this.heals.end(uuid, r.is_ok() || taken);
+        });
+    }
+
+    /// A heal: takes the volume nobody publishes for `node`
+    /// ([`Change::Heal`]), whose engine with no mount rebuilds the copies
+    /// out of sync (and the regions a copy could not read) until every
+    /// copy is in sync. A ControllerPublishVolume meanwhile takes the
+    /// volume over, which ends the heal; the next engine goes on.
+    async fn heal(&self, uuid: Uuid, node: &str) -> Result<super::proto::HealResponse, Status> {
+        let found = self.find(uuid).await?;
+        let state = found
+            .newest
+            .ok_or_else(|| Status::not_found("the volume went"))?;
+        let (ballot, record) = match self
+            .change(
+                uuid,
+                &state,
+                Change::Heal {
+                    node: node.to_owned(),
+                },
+            )
+            .await?
+        {
+            Outcome::Chosen { ballot, record } => (ballot, record),
+            Outcome::Refused { refusal, .. } => return Err(Status::aborted(refusal.to_string())),
+        };
+        tracing::info!(volume = %volume_id(uuid), node = %node, epoch = record.epoch, "healing: copies out of sync are rebuilt with nobody publishing the volume");
+        let addresses: BTreeMap<String, String> = record
+            .voters()
+            .filter_map(|n| self.registry.get(n).map(|e| (n.to_owned(), e.advertise)))
+            .collect();
+        let req = super::proto::HealRequest {
+            volume: uuid.to_hex(),
+            record: to_json(&record)?,
+            ballot: to_json(&ballot)?,
+            addresses: to_json(&addresses)?,
+        };
+        let mut c = ReplicaClient::new(self.node(node)?.channel.clone());
+        c.heal(req).await.map(tonic::Response::into_inner)
+    }
+
+    /// Releases `uuid` from a heal on `node` ([`Change::Healed`]; nothing
+    /// to do when a publication took it over). Best effort: the next
+    /// round releases a heal nobody runs.
+    async fn end_heal(&self, uuid: Uuid, node: &str) {
+        let released = async {
+            let found = self.find(uuid).await?;
+            let Some(state) = found.newest else {
+                return Ok(());
+            };
+            if !state
+                .record
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.heal && o.node == node)
+            {
+                return Ok(());
+            }
+            self.change(
+                uuid,
+                &state,
+                Change::Healed {
+                    node: node.to_owned(),
+                },
+            )
+            .await
+            .map(drop)
+        };
+        if let Err(e) = released.await {
+            tracing::warn!(volume = %volume_id(uuid), node = %node, error = %e.message(), "heal not released yet");
         }
     }
 
@@ -1100,7 +1243,12 @@ impl Replicated {
     /// `removed_members`). Before anything else, copies of a volume nobody
     /// publishes that their idle reads found outvoted ([`copy_checks`])
     /// are taken out of sync, and the round ends there for the volume.
-    pub async fn replace_lost(&self, uuid: Uuid, after: Duration) -> Result<bool, Status> {
+    pub async fn replace_lost(
+        &self,
+        uuid: Uuid,
+        after: Duration,
+        heal: bool,
+    ) -> Result<bool, Status> {
         let now = Instant::now();
         let unknown_lost = now.duration_since(self.started) >= after;
         let is_lost = |n: &str| match self.registry.get(n) {
@@ -1148,7 +1296,25 @@ impl Replicated {
             // once more, which costs one change per round.
             self.refresh_owner(r).await;
         }
-        if gone.is_empty() || r.in_sync.keys().all(|n| gone.contains(n)) {
+        if let Some(o) = r.owner.as_ref().filter(|o| o.heal)
+            && !self.heals.running(uuid)
+        {
+            // A heal this controller does not run (it ended, or the
+            // controller restarted during it): released.
+            self.end_heal(uuid, &o.node).await;
+            return Ok(false);
+        }
+        if gone.is_empty() {
+            if heal
+                && let Some(node) = heal_node(r, &found.checks, |n| {
+                    self.registry.get(n).is_some() && !is_lost(n)
+                })
+            {
+                self.start_heal(uuid, node);
+            }
+            return Ok(false);
+        }
+        if r.in_sync.keys().all(|n| gone.contains(n)) {
             return Ok(false);
         }
         let copies = r.copies().count();
@@ -1287,7 +1453,11 @@ impl Replicated {
         Ok(Some(csi::list_volumes_response::Entry {
             volume: Some(Self::volume(&record)),
             status: Some(csi::list_volumes_response::VolumeStatus {
-                published_node_ids: record.owner.iter().map(|o| o.node.clone()).collect(),
+                published_node_ids: record
+                    .published_on()
+                    .map(|o| o.node.clone())
+                    .into_iter()
+                    .collect(),
                 volume_condition: Some(csi::VolumeCondition { abnormal, message }),
             }),
         }))
@@ -1335,6 +1505,12 @@ impl Replicated {
         let Some(owner) = state.record.owner else {
             return self.check_idle(raw, uuid, &state.record).await;
         };
+        if owner.heal {
+            return Err(Status::failed_precondition(format!(
+                "volume {raw} is being healed on node {} (its copies out of sync rebuilt): scrub it once that ended",
+                owner.node
+            )));
+        }
         let n = self.node(&owner.node)?;
         let mut c = ReplicaClient::new(n.channel.clone());
         let req = GetReplicaRequest {
@@ -1424,17 +1600,42 @@ impl Replicated {
             said: mut message,
             ..
         } = self.condition(&record, &checks);
-        if let Some(o) = &record.owner {
+        if let Some(o) = record.published_on() {
             message.push_str(&self.engine_view(&o.node, uuid).await);
         }
         Ok(csi::ControllerGetVolumeResponse {
             volume: Some(Self::volume(&record)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
-                published_node_ids: record.owner.iter().map(|o| o.node.clone()).collect(),
+                published_node_ids: record
+                    .published_on()
+                    .map(|o| o.node.clone())
+                    .into_iter()
+                    .collect(),
                 volume_condition: Some(csi::VolumeCondition { abnormal, message }),
             }),
         })
     }
+}
+
+/// Where to heal a volume nobody publishes, if it needs it: some copy
+/// is out of sync, or its node found regions it could not read. The
+/// first node holding a copy in sync that is `up`; None while a
+/// membership change is under way.
+fn heal_node(
+    record: &ReplicaRecord,
+    checks: &BTreeMap<String, CopyChecks>,
+    up: impl Fn(&str) -> bool,
+) -> Option<String> {
+    if record.owner.is_some() || record.previous.is_some() {
+        return None;
+    }
+    let needs = record.copies().any(|c| {
+        !record.in_sync.contains_key(c) || checks.get(c).is_some_and(|k| k.unreadable > 0)
+    });
+    if !needs {
+        return None;
+    }
+    record.in_sync.keys().find(|n| up(n)).cloned()
 }
 
 /// A volume's condition as its copies' records say, for ListVolumes and
@@ -1461,7 +1662,17 @@ fn condition(record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> F
     }
     let mut found = Findings::default();
     if let Some(o) = &record.owner {
-        message.push_str(&format!("; published on {}", o.node));
+        if o.heal {
+            // Healing: something (a copy out of sync, regions a disk could
+            // not read) is being mended.
+            found.bad = true;
+            message.push_str(&format!(
+                "; healing on {} (an engine with no mount rebuilds the copies out of sync)",
+                o.node
+            ));
+        } else {
+            message.push_str(&format!("; published on {}", o.node));
+        }
     } else {
         let copies: Vec<(&str, bool, Option<&CopyChecks>)> = record
             .copies()
@@ -1994,6 +2205,7 @@ mod tests {
         owned.record.owner = Some(crate::backend::replicated::record::Owner {
             node: "e".to_owned(),
             readonly: false,
+            heal: false,
         });
         assert!(orphaned_members(&owned, &h, &idle, grace).is_empty());
     }
@@ -2024,6 +2236,7 @@ mod tests {
         owned.record.owner = Some(crate::backend::replicated::record::Owner {
             node: "c".to_owned(),
             readonly: false,
+            heal: false,
         });
         let h = held(&[("a", ballot(5)), ("b", ballot(5)), ("c", ballot(3))]);
         assert!(removed_members(&owned, &h).is_empty());

@@ -122,8 +122,10 @@ impl Router {
     /// for `after` gets a member elsewhere instead; and members removed
     /// while their node was away are deleted from it once it is back. A
     /// volume with an operation in progress is skipped until the next
-    /// round; errors are logged and retried then.
-    pub async fn replace_lost_members(&self, after: std::time::Duration) {
+    /// round; errors are logged and retried then. With `heal`, a volume
+    /// nobody publishes with a copy out of sync is healed in the
+    /// background (see `Replicated::replace_lost`).
+    pub async fn replace_lost_members(&self, after: std::time::Duration, heal: bool) {
         let volumes = match self.replicated.list().await {
             Ok(v) => v,
             Err(e) => {
@@ -137,7 +139,7 @@ impl Router {
             let Ok(_guard) = self.volume_guard(&raw) else {
                 continue;
             };
-            if let Err(e) = self.replicated.replace_lost(uuid, after).await {
+            if let Err(e) = self.replicated.replace_lost(uuid, after, heal).await {
                 tracing::warn!(volume = %raw, error = %e.message(), "lost or removed members not dealt with yet");
             }
         }

@@ -101,6 +101,9 @@ pub struct ClusterConfig {
     /// Controller: a replicated volume's member on a node not heard from
     /// for this long is replaced on another node.
     pub replace_after: std::time::Duration,
+    /// Controller: heal replicated volumes nobody publishes
+    /// (`--replica-heal-idle`).
+    pub heal_idle: bool,
 }
 
 /// A startup failure, with what to fix.
@@ -699,7 +702,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
     );
     let stop = shutdown_signal();
     let replacer = {
-        let (router, after) = (router.clone(), cluster.replace_after);
+        let (router, after, heal) = (router.clone(), cluster.replace_after, cluster.heal_idle);
         let every = (after / 4).clamp(
             std::time::Duration::from_secs(1),
             std::time::Duration::from_secs(30),
@@ -707,7 +710,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                router.replace_lost_members(after).await;
+                router.replace_lost_members(after, heal).await;
             }
         })
     };

@@ -316,9 +316,6 @@ fn detach_stale(path: &Path, mount_id: Option<u32>) -> Result<()> {
     Ok(())
 }
 
-/// A mounter failure as the CO should see it: a missing mounter or
-/// /dev/fuse is a precondition of the node; S3 refusing the credentials or
-/// the bucket shows in the daemon's log tail.
 /// A replicated engine that could not start or stop: fenced (published
 /// elsewhere) is FAILED_PRECONDITION, copies out of reach UNAVAILABLE.
 fn replication_error(id: &VolumeId, e: crate::backend::replicated::engines::EngineError) -> Error {
@@ -332,7 +329,7 @@ fn replication_error(id: &VolumeId, e: crate::backend::replicated::engines::Engi
         E::Driver(DriverError::StartTimeout { .. } | DriverError::AllCopiesLost { .. }) => {
             Error::Unavailable(format!("volume {id}: {e}"))
         }
-        E::Driver(_) | E::Fuse(_) => Error::Io {
+        E::Driver(_) | E::Fuse(_) | E::Healing(_) | E::Fenced(_) => Error::Io {
             what: "replicated engine",
             path: PathBuf::from(id.uuid.to_hex()),
             err: std::io::Error::other(e.to_string()),
@@ -340,6 +337,9 @@ fn replication_error(id: &VolumeId, e: crate::backend::replicated::engines::Engi
     }
 }
 
+/// A mounter failure as the CO should see it: a missing mounter or
+/// /dev/fuse is a precondition of the node; S3 refusing the credentials or
+/// the bucket shows in the daemon's log tail.
 fn object_mount_error(id: &VolumeId, e: crate::backend::object::mounter::MounterError) -> Error {
     use crate::backend::object::mounter::MounterError as M;
     match e {

@@ -105,6 +105,8 @@ pub struct DriverConfig {
     pub scrub_spread: Duration,
     /// The pace of a scrub pass: bytes per second read on each copy.
     pub scrub_rate: u64,
+    /// The engine of a heal, not of a publication ([`EngineConfig::heal`]).
+    pub heal: bool,
 }
 
 impl DriverConfig {
@@ -124,6 +126,7 @@ impl DriverConfig {
             scrub_every: None,
             scrub_spread: Duration::from_secs(60),
             scrub_rate: 16 << 20,
+            heal: false,
         }
     }
 }
@@ -1378,6 +1381,7 @@ impl Task {
             regions,
             timeout: ticks(cfg.timeout, cfg.tick),
             resend: resend_ticks,
+            heal: cfg.heal,
         };
         let in_sync = record.in_sync.clone();
         let seed = uuid::Uuid::new_v4().as_u64_pair();

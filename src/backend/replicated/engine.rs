@@ -27,6 +27,9 @@ pub struct EngineConfig {
     pub timeout: u64,
     /// Ticks between resends of an unanswered request.
     pub resend: u64,
+    /// The engine of a heal (see [`Change::Heal`]), not of a publication:
+    /// it may start only while the owner is a heal's.
+    pub heal: bool,
 }
 
 /// Where the engine is in its life.
@@ -2017,6 +2020,7 @@ fn start_change(
 ) -> (Proposer, Vec<Envelope>) {
     let change = Change::Start {
         node: cfg.node.clone(),
+        heal: cfg.heal,
     };
     Proposer::new(&cfg.id, change, record, round, now, cfg.timeout)
 }
@@ -2128,6 +2132,7 @@ mod tests {
                 regions: 4,
                 timeout: 10,
                 resend: 2,
+                heal: false,
             };
             Engine::new(cfg, ballot, record, self.now)
         }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::driver::{DriverConfig, DriverError, DriverStatus, EngineDriver};
+use super::engine::{CopyPhase, EngineState};
 use super::protocol::Ballot;
 use super::record::ReplicaRecord;
 use super::wire::Peer;
@@ -39,6 +40,18 @@ pub enum EngineError {
     Driver(#[from] DriverError),
     #[error(transparent)]
     Fuse(#[from] FuseFileError),
+    #[error("heal: {0}")]
+    Healing(String),
+    #[error("heal: {0}")]
+    Fenced(String),
+}
+
+/// What a heal did ([`Engines::heal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Healed {
+    /// Bytes the engine wrote to copies it rebuilt.
+    pub rebuilt_bytes: u64,
+    pub elapsed: std::time::Duration,
 }
 
 /// What ControllerPublishVolume gave the node.
@@ -246,6 +259,110 @@ impl Engines {
             },
         );
         Ok(loopdev)
+    }
+
+    /// A heal of a volume nobody publishes (its record's owner is a heal's
+    /// on this node, [`super::protocol::Change::Heal`]): runs an engine
+    /// with no mount, and so no I/O, until every copy is in sync (it
+    /// rebuilds those out of sync and the regions copies could not read),
+    /// then stops it. Fails when the engine is fenced (a publication took
+    /// the volume over) or stops, or when nothing progressed for `stall`.
+    /// The engine is not one of [`Self::volumes`]; dropping the future
+    /// stops it. `ours` says whether this node's copy still has the heal
+    /// as its owner: an engine with no I/O may not hear of a publication
+    /// that took the volume over until it next calls a copy.
+    pub async fn heal(
+        &self,
+        uuid: Uuid,
+        pc: PublishContext,
+        stall: std::time::Duration,
+        ours: impl Fn() -> bool,
+    ) -> Result<Healed, EngineError> {
+        let connect = self.connect.get().ok_or(EngineError::NoCluster)?;
+        if pc.record.uuid != uuid {
+            return Err(EngineError::Context(format!(
+                "the record is of volume {}, not {uuid}",
+                pc.record.uuid
+            )));
+        }
+        let owner = pc.record.owner.clone();
+        if !owner
+            .as_ref()
+            .is_some_and(|o| o.heal && o.node == self.node)
+        {
+            return Err(EngineError::NotOwner {
+                owner: owner.map(|o| o.node),
+                node: self.node.clone(),
+            });
+        }
+        let started = std::time::Instant::now();
+        let mut cfg = DriverConfig::new(uuid, &self.node, pc.record.size);
+        cfg.heal = true;
+        let driver = EngineDriver::start(
+            cfg,
+            pc.ballot,
+            pc.record,
+            connect(&pc.addresses),
+            tokio::runtime::Handle::current(),
+        )
+        .await?;
+        tracing::info!(volume = %uuid, "heal: an engine with no mount rebuilds the copies out of sync");
+        let mut last = None;
+        let mut progressed = std::time::Instant::now();
+        for turn in 0u64.. {
+            let st = driver.status();
+            // Its copy's record, read once a second (a stat or two).
+            if st.state == EngineState::Fenced || (turn % 5 == 4 && !ours()) {
+                let _ = driver.stop().await;
+                return Err(EngineError::Fenced(format!(
+                    "the heal's engine was fenced (a publication took the volume over) after {} bytes rebuilt",
+                    st.rebuild_bytes
+                )));
+            }
+            if st.stopped || st.state != EngineState::Running {
+                let _ = driver.stop().await;
+                return Err(EngineError::Healing(format!(
+                    "the engine ended ({:?}) after {} bytes rebuilt",
+                    st.state, st.rebuild_bytes
+                )));
+            }
+            let in_sync = st.record.in_sync.len() == st.record.copies().count()
+                && st
+                    .copies
+                    .iter()
+                    .all(|c| c.phase == CopyPhase::InSync && !c.failing);
+            if in_sync {
+                driver.stop().await?;
+                tracing::info!(volume = %uuid, bytes = st.rebuild_bytes, "heal done: every copy in sync");
+                return Ok(Healed {
+                    rebuilt_bytes: st.rebuild_bytes,
+                    elapsed: started.elapsed(),
+                });
+            }
+            let now = (
+                st.rebuild_bytes,
+                st.record.in_sync.len(),
+                st.copies.iter().map(|c| c.dirty).sum::<usize>(),
+            );
+            if last != Some(now) {
+                last = Some(now);
+                progressed = std::time::Instant::now();
+            } else if progressed.elapsed() >= stall {
+                let _ = driver.stop().await;
+                return Err(EngineError::Healing(format!(
+                    "no progress for {} s ({} bytes rebuilt; copies: {})",
+                    stall.as_secs(),
+                    st.rebuild_bytes,
+                    st.copies
+                        .iter()
+                        .map(|c| format!("{} {:?}", c.node, c.phase))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        unreachable!("the turns never run out")
     }
 
     /// The controller changed the volume's members: the engine learns the

@@ -555,14 +555,30 @@ impl Voter {
 pub enum Change {
     /// ControllerPublish: `node` becomes the owner and the epoch rises.
     /// Idempotent when `node` owns it already; refused while another node
-    /// does.
+    /// does, but for a heal's, which it takes over.
     Publish { node: String, readonly: bool },
     /// ControllerUnpublish: releases `node`'s ownership (the epoch rises,
-    /// fencing its engine). Nothing to do when `node` is not the owner.
+    /// fencing its engine). Nothing to do when `node` is not the owner, or
+    /// owns it only for a heal.
     Unpublish { node: String },
+    /// The controller takes a volume nobody publishes for an engine with
+    /// no mount on `node` to rebuild its copies out of sync (the epoch
+    /// rises): the owner is a heal's, which ControllerPublish takes over.
+    /// Idempotent; refused while anyone else owns it.
+    Heal { node: String },
+    /// The heal on `node` ended: releases the volume (the epoch rises).
+    /// Nothing to do when it is not a heal's on `node` (a publication
+    /// took it over).
+    Healed { node: String },
     /// An engine starting on the owner node takes an epoch of its own,
-    /// fencing any earlier engine there.
-    Start { node: String },
+    /// fencing any earlier engine there: a heal's engine only while the
+    /// owner is a heal's (`heal`), a publication's only while it is not,
+    /// so neither fences the other on the same node.
+    Start {
+        node: String,
+        #[serde(default)]
+        heal: bool,
+    },
     /// ControllerExpandVolume: the volume grows to `size` bytes (never
     /// shrinks). Copies extend their files when they take the record; the
     /// engine grows when NodeExpandVolume tells it.
@@ -627,29 +643,56 @@ impl Change {
             epoch: current.epoch,
         };
         match self {
-            Change::Publish { node, readonly } => match owner {
-                Some(o) if o == node => {}
-                Some(o) => {
+            Change::Publish { node, readonly } => match &current.owner {
+                Some(o) if !o.heal && o.node == *node => {}
+                Some(o) if !o.heal => {
                     return Err(Refusal::OwnedBy {
-                        owner: o.to_owned(),
+                        owner: o.node.clone(),
                     });
                 }
-                None => {
-                    r.owner = Some(Owner {
-                        node: node.clone(),
-                        readonly: *readonly,
-                    });
+                // Nobody's, or a heal's (whose engine the new epoch fences).
+                _ => {
+                    r.owner = Some(Owner::published(node, *readonly));
                     r.epoch += 1;
                 }
             },
             Change::Unpublish { node } => {
-                if owner == Some(node.as_str()) {
+                if current.published_on().is_some_and(|o| o.node == *node) {
                     r.owner = None;
                     r.epoch += 1;
                 }
             }
-            Change::Start { node } => {
-                if owner != Some(node.as_str()) {
+            Change::Heal { node } => match &current.owner {
+                Some(o) if o.heal && o.node == *node => {}
+                Some(o) => {
+                    return Err(Refusal::OwnedBy {
+                        owner: o.node.clone(),
+                    });
+                }
+                None => {
+                    r.owner = Some(Owner {
+                        heal: true,
+                        ..Owner::published(node, false)
+                    });
+                    r.epoch += 1;
+                }
+            },
+            Change::Healed { node } => {
+                if current
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| o.heal && o.node == *node)
+                {
+                    r.owner = None;
+                    r.epoch += 1;
+                }
+            }
+            Change::Start { node, heal } => {
+                if !current
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| o.node == *node && o.heal == *heal)
+                {
                     return Err(fenced());
                 }
                 r.epoch += 1;
@@ -1237,6 +1280,7 @@ mod tests {
         r.owner = Some(Owner {
             node: "x".into(),
             readonly: false,
+            heal: false,
         });
         r.epoch = 3;
         let mut v = Voter::new("a", r.clone(), 0);
@@ -1285,6 +1329,7 @@ mod tests {
         r.owner = Some(Owner {
             node: "x".into(),
             readonly: false,
+            heal: false,
         });
         let mut v = Voter::new("a", r, 0);
         let io = Io {
@@ -1398,6 +1443,75 @@ mod tests {
         ));
     }
 
+    /// A heal's ownership: taken only of a volume nobody owns, released
+    /// only by its end, never by an unpublish; a publication takes it
+    /// over with a new epoch (fencing the heal's engine), and the heal's
+    /// end then leaves the publication alone.
+    #[test]
+    fn a_heal_owns_a_volume_only_until_it_ends_or_a_publish_takes_it() {
+        let r = record();
+        let heal = Change::Heal { node: "a".into() };
+        let healing = heal.apply(&r).unwrap();
+        let o = healing.owner.clone().unwrap();
+        assert!(o.heal && o.node == "a" && !o.readonly);
+        assert_eq!(healing.epoch, r.epoch + 1);
+        assert_eq!(healing.published_on(), None);
+        assert_eq!(heal.apply(&healing).unwrap().epoch, healing.epoch);
+        assert!(matches!(
+            Change::Heal { node: "b".into() }.apply(&healing),
+            Err(Refusal::OwnedBy { .. })
+        ));
+        let unpublished = Change::Unpublish { node: "a".into() }
+            .apply(&healing)
+            .unwrap();
+        assert_eq!(unpublished.owner, healing.owner, "not a publication");
+        for node in ["a", "b"] {
+            let published = Change::Publish {
+                node: node.into(),
+                readonly: false,
+            }
+            .apply(&healing)
+            .unwrap();
+            assert_eq!(published.published_on().unwrap().node, node);
+            assert_eq!(published.epoch, healing.epoch + 1, "the heal is fenced");
+            let after = Change::Healed { node: "a".into() }
+                .apply(&published)
+                .unwrap();
+            assert_eq!(after.owner, published.owner);
+            assert!(matches!(
+                heal.apply(&published),
+                Err(Refusal::OwnedBy { .. })
+            ));
+        }
+        // Engines on the same node: a heal's starts only under the heal,
+        // a publication's only under the publication.
+        let start = |heal| Change::Start {
+            node: "a".into(),
+            heal,
+        };
+        assert!(start(true).apply(&healing).is_ok());
+        assert!(matches!(
+            start(false).apply(&healing),
+            Err(Refusal::Fenced { .. })
+        ));
+        let published = Change::Publish {
+            node: "a".into(),
+            readonly: false,
+        }
+        .apply(&healing)
+        .unwrap();
+        assert!(start(false).apply(&published).is_ok());
+        assert!(matches!(
+            start(true).apply(&published),
+            Err(Refusal::Fenced { .. })
+        ));
+        let healed = Change::Healed { node: "a".into() }.apply(&healing).unwrap();
+        assert_eq!(healed.owner, None);
+        assert_eq!(healed.epoch, healing.epoch + 1);
+        let ignored = Change::Healed { node: "b".into() }.apply(&healing).unwrap();
+        assert_eq!(ignored.owner, healing.owner);
+    }
+
     /// The controller takes a copy its idle read found other bytes in out
     /// of sync, only of the record the reads were made at, unpublished,
     /// and never the last copy in sync.
@@ -1428,6 +1542,7 @@ mod tests {
         published.owner = Some(Owner {
             node: "a".into(),
             readonly: false,
+            heal: false,
         });
         assert!(matches!(ch.apply(&published), Err(Refusal::OwnedBy { .. })));
         let all = Change::Outvoted {
@@ -1539,6 +1654,7 @@ mod tests {
         r.owner = Some(Owner {
             node: "x".into(),
             readonly: false,
+            heal: false,
         });
         let known = r.copy_since();
         r.members = vec![

@@ -61,10 +61,34 @@ impl Member {
 
 /// The publication that owns the volume: the node whose engine may write.
 /// The node need not hold a copy.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Owner {
     pub node: String,
     pub readonly: bool,
+    /// Not a publication: the controller took the volume, nobody
+    /// publishing it, for an engine with no mount on `node` to rebuild its
+    /// copies out of sync ([`super::protocol::Change::Heal`]).
+    /// ControllerPublishVolume takes it over, fencing that engine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub heal: bool,
+}
+
+impl Owner {
+    /// A publication on `node`.
+    pub fn published(node: &str, readonly: bool) -> Self {
+        Owner {
+            node: node.to_owned(),
+            readonly,
+            heal: false,
+        }
+    }
+}
+
+impl ReplicaRecord {
+    /// The node a CO published the volume on (not a heal's).
+    pub fn published_on(&self) -> Option<&Owner> {
+        self.owner.as_ref().filter(|o| !o.heal)
+    }
 }
 
 /// The record every voter keeps. `epoch` rises whenever the owner changes
@@ -474,11 +498,13 @@ mod tests {
         r.owner = Some(Owner {
             node: "elsewhere".into(),
             readonly: false,
+            heal: false,
         });
         assert_eq!(r.validate(), Ok(()));
         r.owner = Some(Owner {
             node: "a/b".into(),
             readonly: false,
+            heal: false,
         });
         assert_eq!(r.validate(), Err(RecordError::NodeId("a/b".into())));
     }
@@ -517,6 +543,7 @@ mod tests {
         r.owner = Some(Owner {
             node: "a".into(),
             readonly: false,
+            heal: false,
         });
         r.epoch = 7;
         let s = serde_json::to_string(&r).unwrap();

@@ -638,6 +638,7 @@ mod tests {
             r.owner = owner.map(|n| crate::backend::replicated::record::Owner {
                 node: n.to_owned(),
                 readonly: false,
+                heal: false,
             });
             let ballot = Ballot {
                 round: version,
