@@ -260,6 +260,10 @@ struct Heals(Arc<std::sync::Mutex<BTreeMap<Uuid, Option<Instant>>>>);
 /// How long after a failed heal the next of the same volume may start.
 const HEAL_RETRY: Duration = Duration::from_secs(120);
 
+/// Heals at once: after a node is lost, every idle volume it held needs
+/// one, and each rebuilds a whole copy; the others wait for later rounds.
+const HEALS_AT_ONCE: usize = 2;
+
 impl Heals {
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uuid, Option<Instant>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -269,10 +273,13 @@ impl Heals {
         matches!(self.map().get(&uuid), Some(None))
     }
 
-    /// Marks a heal of `uuid` started, unless one runs or one failed
-    /// within [`HEAL_RETRY`].
+    /// Marks a heal of `uuid` started, unless one runs, one failed within
+    /// [`HEAL_RETRY`], or [`HEALS_AT_ONCE`] run.
     fn begin(&self, uuid: Uuid) -> bool {
         let mut m = self.map();
+        if m.values().filter(|v| v.is_none()).count() >= HEALS_AT_ONCE {
+            return false;
+        }
         match m.get(&uuid) {
             Some(None) => false,
             Some(Some(failed)) if failed.elapsed() < HEAL_RETRY => false,
@@ -1305,10 +1312,9 @@ impl Replicated {
             return Ok(false);
         }
         if gone.is_empty() {
+            let fresh: Vec<String> = self.registry.fresh().into_iter().map(|n| n.id).collect();
             if heal
-                && let Some(node) = heal_node(r, &found.checks, |n| {
-                    self.registry.get(n).is_some() && !is_lost(n)
-                })
+                && let Some(node) = heal_node(r, &found.checks, |n| fresh.iter().any(|f| f == n))
             {
                 self.start_heal(uuid, node);
             }
@@ -1617,25 +1623,35 @@ impl Replicated {
     }
 }
 
-/// Where to heal a volume nobody publishes, if it needs it: some copy
-/// is out of sync, or its node found regions it could not read. The
-/// first node holding a copy in sync that is `up`; None while a
-/// membership change is under way.
+/// Where to heal a volume nobody publishes, if it needs it and a heal can
+/// end: some copy is out of sync, or its node found regions it could not
+/// read while another copy in sync read whole (something to rebuild
+/// them from: a lone copy's unreadable regions no heal can mend, and
+/// healing it each round would achieve nothing). Only while every copy's
+/// node is `up` (an engine waits for a copy it cannot reach; a lost one
+/// is replaced first) and no membership change is under way. The first
+/// copy in sync.
 fn heal_node(
     record: &ReplicaRecord,
     checks: &BTreeMap<String, CopyChecks>,
     up: impl Fn(&str) -> bool,
 ) -> Option<String> {
-    if record.owner.is_some() || record.previous.is_some() {
+    if record.owner.is_some() || record.previous.is_some() || !record.copies().all(&up) {
         return None;
     }
-    let needs = record.copies().any(|c| {
-        !record.in_sync.contains_key(c) || checks.get(c).is_some_and(|k| k.unreadable > 0)
+    let unreadable = |c: &str| checks.get(c).map(|k| k.unreadable > 0);
+    let out = record.copies().any(|c| !record.in_sync.contains_key(c));
+    let mendable = record.copies().any(|c| {
+        unreadable(c) == Some(true)
+            && record
+                .in_sync
+                .keys()
+                .any(|s| s != c && unreadable(s) == Some(false))
     });
-    if !needs {
+    if !out && !mendable {
         return None;
     }
-    record.in_sync.keys().find(|n| up(n)).cloned()
+    record.in_sync.keys().next().cloned()
 }
 
 /// A volume's condition as its copies' records say, for ListVolumes and
@@ -2099,6 +2115,73 @@ mod tests {
             let Findings { said, bad, .. } = copy_checks(&copies, 7, now);
             assert!(!bad && !said.contains("bytes"), "{said}");
         }
+    }
+
+    /// One heal of a volume at a time, a few at once, and none soon after
+    /// one failed.
+    #[test]
+    fn heals_are_one_per_volume_a_few_at_once_and_wait_after_a_failure() {
+        let h = Heals::default();
+        let (a, b, c) = (
+            Uuid::parse_hex(&"a".repeat(32)).unwrap(),
+            Uuid::parse_hex(&"b".repeat(32)).unwrap(),
+            Uuid::parse_hex(&"c".repeat(32)).unwrap(),
+        );
+        assert!(h.begin(a));
+        assert!(!h.begin(a), "a runs");
+        assert!(h.running(a));
+        assert!(h.begin(b));
+        assert!(!h.begin(c), "two at once");
+        h.end(a, true);
+        assert!(!h.running(a));
+        assert!(h.begin(c));
+        h.end(b, false);
+        assert!(!h.begin(b), "b failed just now");
+        h.end(c, true);
+        assert!(h.begin(a), "a healed, and may be again");
+    }
+
+    /// A heal starts only when it has something to mend, something to
+    /// mend it from, and every copy within reach.
+    #[test]
+    fn a_volume_is_healed_only_when_a_heal_can_end() {
+        let members = vec![Member::copy("n1"), Member::copy("n2"), Member::copy("n3")];
+        let record = ReplicaRecord::new(
+            Uuid::parse_hex(&"1".repeat(32)).unwrap(),
+            1 << 20,
+            members,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let checked = |unreadable: u64| CopyChecks {
+            whole_at: 1,
+            unreadable,
+            sum: None,
+        };
+        let all_up = |_: &str| true;
+        let none = BTreeMap::new();
+        assert_eq!(heal_node(&record, &none, all_up), None, "nothing to mend");
+        let mut out = record.clone();
+        out.in_sync.remove("n1");
+        assert_eq!(heal_node(&out, &none, all_up).as_deref(), Some("n2"));
+        assert_eq!(
+            heal_node(&out, &none, |n| n != "n1"),
+            None,
+            "n1 out of reach"
+        );
+        let mut owned = out.clone();
+        owned.owner = Some(crate::backend::replicated::record::Owner::published(
+            "n2", false,
+        ));
+        assert_eq!(heal_node(&owned, &none, all_up), None, "published");
+        let bad: BTreeMap<String, CopyChecks> =
+            [("n2".into(), checked(3)), ("n3".into(), checked(0))].into();
+        assert_eq!(heal_node(&record, &bad, all_up).as_deref(), Some("n1"));
+        // Nothing that read whole to rebuild from: n3 did not say, n1 and
+        // n2 cannot read some regions.
+        let stuck: BTreeMap<String, CopyChecks> =
+            [("n1".into(), checked(1)), ("n2".into(), checked(3))].into();
+        assert_eq!(heal_node(&record, &stuck, all_up), None);
     }
 
     #[test]
