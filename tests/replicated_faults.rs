@@ -1413,7 +1413,10 @@ async fn a_scrub_asked_for_of_an_idle_volume_has_each_node_read_its_copy() {
 /// writes there failing, so the heal cannot end: a ControllerPublish
 /// takes the volume over (the heal ends, fenced), its engine serves I/O
 /// and, once the disk takes writes again, writes the region. Then a new
-/// bad sector, which the heal writes again alone.
+/// bad sector, which the heal writes again alone. Then one more, stuck
+/// again: a controller restarted meanwhile releases the heal it does not
+/// run and starts its own, and DeleteVolume during that heal deletes the
+/// volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_copys_bad_sector_is_healed_and_a_publish_takes_a_heal_over() {
     let mut t = Steps::new("heal");
@@ -1500,6 +1503,31 @@ async fn an_idle_copys_bad_sector_is_healed_and_a_publish_takes_a_heal_over() {
         m.contains("; healing on n1")
     })
     .await;
+    t.done("a heal stuck again");
+    // The controller dies during it: the next one releases the heal it
+    // does not run, then starts its own.
+    let heals = |cl: &Cluster| {
+        cl.controller
+            .log_text()
+            .matches("healing: copies out of sync")
+            .count()
+    };
+    let before = heals(&cl);
+    cl.controller.kill9();
+    cl.controller.restart();
+    cl.reconnect().await;
+    cl.wait_fresh(&(1..=NODES).map(node_id).collect::<Vec<_>>())
+        .await;
+    let until = Instant::now() + WAIT;
+    while heals(&cl) == before {
+        assert!(
+            Instant::now() < until,
+            "the new controller never released the old heal to start its own\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.done("a new controller released the heal left behind and healed anew");
     cl.delete(&v.volume_id).await.unwrap();
     for i in 1..=NODES {
         assert!(!cl.copy_dir(i, &v.volume_id).exists(), "n{i} kept its copy");
