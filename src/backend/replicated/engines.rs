@@ -46,6 +46,41 @@ pub enum EngineError {
     Fenced(String),
 }
 
+/// Whether a heal gets anywhere: fewer regions left to rebuild than ever,
+/// or more copies in sync than ever. (Bytes sent are no measure: a copy
+/// whose writes keep failing is rebuilt over and over.)
+#[derive(Debug)]
+struct Progress {
+    /// The fewest regions left, the most copies in sync.
+    best: (usize, usize),
+    at: std::time::Instant,
+}
+
+impl Progress {
+    fn new(now: std::time::Instant) -> Self {
+        Progress {
+            best: (usize::MAX, 0),
+            at: now,
+        }
+    }
+
+    /// Notes `left` regions to rebuild and `joined` copies in sync at
+    /// `now`: whether nothing progressed for `stall`.
+    fn stalled(
+        &mut self,
+        left: usize,
+        joined: usize,
+        now: std::time::Instant,
+        stall: std::time::Duration,
+    ) -> bool {
+        if left < self.best.0 || joined > self.best.1 {
+            self.best = (self.best.0.min(left), self.best.1.max(joined));
+            self.at = now;
+        }
+        now.duration_since(self.at) >= stall
+    }
+}
+
 /// What a heal did ([`Engines::heal`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Healed {
@@ -307,9 +342,10 @@ impl Engines {
         )
         .await?;
         tracing::info!(volume = %uuid, "heal: an engine with no mount rebuilds the copies out of sync");
-        let mut last = None;
-        let mut progressed = std::time::Instant::now();
-        for turn in 0u64.. {
+        let mut progress = Progress::new(std::time::Instant::now());
+        let mut turn = 0u64;
+        loop {
+            turn += 1;
             let st = driver.status();
             // Its copy's record, read once a second (a stat or two).
             if st.state == EngineState::Fenced || (turn % 5 == 4 && !ours()) {
@@ -339,15 +375,9 @@ impl Engines {
                     elapsed: started.elapsed(),
                 });
             }
-            let now = (
-                st.rebuild_bytes,
-                st.record.in_sync.len(),
-                st.copies.iter().map(|c| c.dirty).sum::<usize>(),
-            );
-            if last != Some(now) {
-                last = Some(now);
-                progressed = std::time::Instant::now();
-            } else if progressed.elapsed() >= stall {
+            let left = st.copies.iter().map(|c| c.dirty).sum::<usize>();
+            let joined = st.record.in_sync.len();
+            if progress.stalled(left, joined, std::time::Instant::now(), stall) {
                 let _ = driver.stop().await;
                 return Err(EngineError::Healing(format!(
                     "no progress for {} s ({} bytes rebuilt; copies: {})",
@@ -362,7 +392,6 @@ impl Engines {
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        unreachable!("the turns never run out")
     }
 
     /// The controller changed the volume's members: the engine learns the
@@ -448,5 +477,32 @@ impl Engines {
         }
         tracing::info!(volume = %uuid, "replicated volume's engine stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A heal progresses while regions left shrink or copies join; going
+    /// round in circles (a copy whose writes keep failing, rebuilt again
+    /// and again) is a stall.
+    #[test]
+    fn a_heal_that_goes_round_in_circles_stalls() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let stall = Duration::from_secs(60);
+        let mut p = Progress::new(t0);
+        for (s, left) in [(0, 100), (50, 60), (100, 20), (150, 1)] {
+            assert!(!p.stalled(left, 2, at(s), stall), "{left} left at {s} s");
+        }
+        // Back up and down again, never below 1: no progress since 150 s.
+        assert!(!p.stalled(40, 2, at(180), stall));
+        assert!(!p.stalled(1, 2, at(200), stall));
+        assert!(p.stalled(40, 2, at(210), stall));
+        // A copy joined: progress.
+        assert!(!p.stalled(40, 3, at(220), stall));
+        assert!(p.stalled(40, 3, at(280), stall));
     }
 }
