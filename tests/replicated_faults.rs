@@ -1437,6 +1437,12 @@ async fn an_idle_copys_bad_sector_is_healed_and_a_publish_takes_a_heal_over() {
         got.published_node_ids.is_empty(),
         "a heal is no publication: {got:?}"
     );
+    // Neither is it a volume to scrub now.
+    let (ok, _, err) = scrub_json(&cl, &v.volume_id);
+    assert!(
+        !ok && err.contains("FAILED_PRECONDITION") && err.contains("being healed on node n1"),
+        "{err}"
+    );
     t.done("n2's bad sector listed, a heal on n1 stuck on it");
 
     let cap = block_cap(Mode::SingleNodeWriter);
