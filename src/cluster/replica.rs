@@ -551,9 +551,7 @@ impl Replica for ReplicaService {
         req: Request<super::proto::HealRequest>,
     ) -> Result<Response<super::proto::HealResponse>, Status> {
         use crate::backend::replicated::driver::DriverError;
-        use crate::backend::replicated::engines::{
-            CONTEXT_ADDRESSES, CONTEXT_BALLOT, CONTEXT_RECORD, EngineError, PublishContext,
-        };
+        use crate::backend::replicated::engines::{EngineError, PublishContext};
         controller_only(&req)?;
         let r = req.into_inner();
         let volume = volume_of(&r.volume)?;
@@ -561,11 +559,7 @@ impl Replica for ReplicaService {
         let Some(engines) = &self.engines else {
             return Err(Status::unavailable(format!("node {node} runs no engines")));
         };
-        let ctx = BTreeMap::from([
-            (CONTEXT_RECORD.to_owned(), r.record),
-            (CONTEXT_BALLOT.to_owned(), r.ballot),
-            (CONTEXT_ADDRESSES.to_owned(), r.addresses),
-        ]);
+        let ctx: BTreeMap<String, String> = r.context.into_iter().collect();
         let pc =
             PublishContext::parse(&ctx).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let store = Arc::clone(&self.store);

@@ -803,18 +803,37 @@ impl Replicated {
                 r.volume_id, r.node_id, !readonly
             )));
         }
-        let addresses: BTreeMap<String, String> = record
-            .voters()
-            .filter_map(|n| self.registry.get(n).map(|e| (n.to_owned(), e.advertise)))
-            .collect();
         tracing::info!(volume = %r.volume_id, node = %r.node_id, epoch = record.epoch, "replicated volume published");
         Ok(csi::ControllerPublishVolumeResponse {
-            publish_context: HashMap::from([
-                (CONTEXT_RECORD.to_owned(), to_json(&record)?),
-                (CONTEXT_BALLOT.to_owned(), to_json(&ballot)?),
-                (CONTEXT_ADDRESSES.to_owned(), to_json(&addresses)?),
-            ]),
+            publish_context: self.engine_context(&record, &ballot)?,
         })
+    }
+
+    /// The addresses (node id -> host:port) of `record`'s voters that the
+    /// registry knows.
+    fn addresses(&self, record: &ReplicaRecord) -> BTreeMap<String, String> {
+        record
+            .voters()
+            .filter_map(|n| self.registry.get(n).map(|e| (n.to_owned(), e.advertise)))
+            .collect()
+    }
+
+    /// What an engine starts from, for `record` chosen at `ballot`: a
+    /// publication's publish_context, or a heal's request.
+    #[allow(clippy::result_large_err)]
+    fn engine_context(
+        &self,
+        record: &ReplicaRecord,
+        ballot: &Ballot,
+    ) -> Result<HashMap<String, String>, Status> {
+        Ok(HashMap::from([
+            (CONTEXT_RECORD.to_owned(), to_json(record)?),
+            (CONTEXT_BALLOT.to_owned(), to_json(ballot)?),
+            (
+                CONTEXT_ADDRESSES.to_owned(),
+                to_json(&self.addresses(record))?,
+            ),
+        ]))
     }
 
     /// How many replicated volumes other than `except` are published on
@@ -1096,11 +1115,7 @@ impl Replicated {
         let Some(n) = self.registry.get(&owner.node) else {
             return;
         };
-        let addresses: BTreeMap<String, String> = record
-            .voters()
-            .filter_map(|v| self.registry.get(v).map(|e| (v.to_owned(), e.advertise)))
-            .collect();
-        let Ok(request) = serde_json::to_vec(&addresses) else {
+        let Ok(request) = serde_json::to_vec(&self.addresses(record)) else {
             return;
         };
         let mut c = ReplicaClient::new(n.channel.clone());
@@ -1117,15 +1132,16 @@ impl Replicated {
         }
     }
 
-    /// Starts a heal of `uuid` on `node` in the background, unless one
-    /// runs or failed lately ([`Heals::begin`]).
-    fn start_heal(&self, uuid: Uuid, node: String) {
+    /// Starts a heal of `uuid` (whose newest record is `state`) on `node`
+    /// in the background, unless one runs or failed lately
+    /// ([`Heals::begin`]).
+    fn start_heal(&self, uuid: Uuid, state: VoterState, node: String) {
         if !self.heals.begin(uuid) {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let r = this.heal(uuid, &node).await;
+            let r = this.heal(uuid, &state, &node).await;
             this.end_heal(uuid, &node).await;
             match &r {
                 Ok(h) => {
@@ -1147,15 +1163,16 @@ impl Replicated {
     /// out of sync (and the regions a copy could not read) until every
     /// copy is in sync. A ControllerPublishVolume meanwhile takes the
     /// volume over, which ends the heal; the next engine goes on.
-    async fn heal(&self, uuid: Uuid, node: &str) -> Result<super::proto::HealResponse, Status> {
-        let found = self.find(uuid).await?;
-        let state = found
-            .newest
-            .ok_or_else(|| Status::not_found("the volume went"))?;
+    async fn heal(
+        &self,
+        uuid: Uuid,
+        state: &VoterState,
+        node: &str,
+    ) -> Result<super::proto::HealResponse, Status> {
         let (ballot, record) = match self
             .change(
                 uuid,
-                &state,
+                state,
                 Change::Heal {
                     node: node.to_owned(),
                 },
@@ -1166,15 +1183,9 @@ impl Replicated {
             Outcome::Refused { refusal, .. } => return Err(Status::aborted(refusal.to_string())),
         };
         tracing::info!(volume = %volume_id(uuid), node = %node, epoch = record.epoch, "healing: copies out of sync are rebuilt with nobody publishing the volume");
-        let addresses: BTreeMap<String, String> = record
-            .voters()
-            .filter_map(|n| self.registry.get(n).map(|e| (n.to_owned(), e.advertise)))
-            .collect();
         let req = super::proto::HealRequest {
             volume: uuid.to_hex(),
-            record: to_json(&record)?,
-            ballot: to_json(&ballot)?,
-            addresses: to_json(&addresses)?,
+            context: self.engine_context(&record, &ballot)?,
         };
         let mut c = ReplicaClient::new(self.node(node)?.channel.clone());
         c.heal(req).await.map(tonic::Response::into_inner)
@@ -1316,7 +1327,7 @@ impl Replicated {
             if heal
                 && let Some(node) = heal_node(r, &found.checks, |n| fresh.iter().any(|f| f == n))
             {
-                self.start_heal(uuid, node);
+                self.start_heal(uuid, state.clone(), node);
             }
             return Ok(false);
         }

@@ -2678,25 +2678,33 @@ mod tests {
         e
     }
 
-    /// A copy whose attach answer lists regions its disk could not read
-    /// (found while the volume was not published) gets those rebuilt at
-    /// the next engine's start, and nothing else; then all are in sync.
-    #[test]
-    fn regions_a_copy_could_not_read_while_idle_are_rebuilt_at_start() {
+    /// Regions 0-3 written and the volume published anew on a, with
+    /// `copy`'s attach answer listing `unreadable`: what the new engine
+    /// rebuilds before every copy is in sync; it runs then.
+    fn rebuilt_at_start_listing(copy: &str, unreadable: Vec<Region>) -> Vec<(String, Region)> {
         let (mut net, mut e, _) = Net::running();
         rebuild_all(&mut net, &mut e);
         for region in 0..4 {
             e.write(region).unwrap();
         }
         net.run(&mut e, 2);
-        let mut e = republished_with(&mut net, &mut e, &["b"], &|_, reply| {
-            if let Reply::Attached { unreadable, .. } = reply {
-                *unreadable = vec![2, 99];
+        let mut e = republished_with(&mut net, &mut e, &[copy], &|_, reply| {
+            if let Reply::Attached { unreadable: u, .. } = reply {
+                *u = unreadable.clone();
             }
         });
         let rebuilt = rebuild_all(&mut net, &mut e);
-        assert_eq!(rebuilt, [("b".to_owned(), 2)]);
         assert_eq!(e.state(), EngineState::Running);
+        rebuilt
+    }
+
+    /// A copy whose attach answer lists regions its disk could not read
+    /// (found while the volume was not published) gets those rebuilt at
+    /// the next engine's start, and nothing else; then all are in sync.
+    #[test]
+    fn regions_a_copy_could_not_read_while_idle_are_rebuilt_at_start() {
+        let rebuilt = rebuilt_at_start_listing("b", vec![2, 99]);
+        assert_eq!(rebuilt, [("b".to_owned(), 2)]);
     }
 
     /// The engine's own copy lists regions its disk could not read: another
@@ -2704,20 +2712,8 @@ mod tests {
     /// (not left until a read fails on them), and nothing else.
     #[test]
     fn regions_the_engines_own_copy_could_not_read_are_rebuilt_at_start() {
-        let (mut net, mut e, _) = Net::running();
-        rebuild_all(&mut net, &mut e);
-        for region in 0..4 {
-            e.write(region).unwrap();
-        }
-        net.run(&mut e, 2);
-        let mut e = republished_with(&mut net, &mut e, &["a"], &|_, reply| {
-            if let Reply::Attached { unreadable, .. } = reply {
-                *unreadable = vec![3];
-            }
-        });
-        let rebuilt = rebuild_all(&mut net, &mut e);
+        let rebuilt = rebuilt_at_start_listing("a", vec![3]);
         assert_eq!(rebuilt, [("a".to_owned(), 3)]);
-        assert_eq!(e.state(), EngineState::Running);
     }
 
     /// How far scrub passes got is what the copies' attach answers say:

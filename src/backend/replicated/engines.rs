@@ -220,6 +220,32 @@ impl Engines {
         self.lock().keys().copied().collect()
     }
 
+    /// Whether an engine of `uuid` may start here from `pc`: this node is
+    /// in a cluster, the record is the volume's, and its owner is this
+    /// node, a heal's (`heal`) or a publication's. The connector then.
+    fn owned(
+        &self,
+        uuid: Uuid,
+        pc: &PublishContext,
+        heal: bool,
+    ) -> Result<&Connector, EngineError> {
+        let connect = self.connect.get().ok_or(EngineError::NoCluster)?;
+        if pc.record.uuid != uuid {
+            return Err(EngineError::Context(format!(
+                "the record is of volume {}, not {uuid}",
+                pc.record.uuid
+            )));
+        }
+        let owner = pc.record.owner.as_ref();
+        if !owner.is_some_and(|o| o.node == self.node && o.heal == heal) {
+            return Err(EngineError::NotOwner {
+                owner: owner.map(|o| o.node.clone()),
+                node: self.node.clone(),
+            });
+        }
+        Ok(connect)
+    }
+
     /// Starts the volume's engine from its publish_context and returns the
     /// loop device serving it. Blocking: call from a blocking thread of the
     /// runtime (the node services do). An engine already running is
@@ -229,21 +255,8 @@ impl Engines {
         uuid: Uuid,
         ctx: &BTreeMap<String, String>,
     ) -> Result<LoopDevice, EngineError> {
-        let connect = self.connect.get().ok_or(EngineError::NoCluster)?;
         let pc = PublishContext::parse(ctx)?;
-        if pc.record.uuid != uuid {
-            return Err(EngineError::Context(format!(
-                "the record is of volume {}, not {uuid}",
-                pc.record.uuid
-            )));
-        }
-        let owner = pc.record.owner.as_ref().map(|o| o.node.clone());
-        if owner.as_deref() != Some(self.node.as_str()) {
-            return Err(EngineError::NotOwner {
-                owner,
-                node: self.node.clone(),
-            });
-        }
+        let connect = self.owned(uuid, &pc, false)?;
         self.detach(uuid)?;
         let peer = connect(&pc.addresses);
         let rt = tokio::runtime::Handle::current();
@@ -313,23 +326,7 @@ impl Engines {
         stall: std::time::Duration,
         ours: impl Fn() -> bool,
     ) -> Result<Healed, EngineError> {
-        let connect = self.connect.get().ok_or(EngineError::NoCluster)?;
-        if pc.record.uuid != uuid {
-            return Err(EngineError::Context(format!(
-                "the record is of volume {}, not {uuid}",
-                pc.record.uuid
-            )));
-        }
-        let owner = pc.record.owner.clone();
-        if !owner
-            .as_ref()
-            .is_some_and(|o| o.heal && o.node == self.node)
-        {
-            return Err(EngineError::NotOwner {
-                owner: owner.map(|o| o.node),
-                node: self.node.clone(),
-            });
-        }
+        let connect = self.owned(uuid, &pc, true)?;
         let started = std::time::Instant::now();
         let mut cfg = DriverConfig::new(uuid, &self.node, pc.record.size);
         cfg.heal = true;
