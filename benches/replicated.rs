@@ -9,7 +9,7 @@
 //! on one loop-mounted xfs filesystem in a scratch directory, so every
 //! copy and the baseline share one disk. Volumes are raw block
 //! (SINGLE_NODE_WRITER), published and staged on `n1` through CSI calls as
-//! a CO makes them. Six parts:
+//! a CO makes them. Eight parts:
 //!
 //! 1. fio (`--direct=1`, io_uring by default, JSON output) on a local
 //!    `backend=block` volume pinned to n1 (the baseline) and on
@@ -83,6 +83,26 @@
 //!    each restart. Printed: each job's median with and without, their
 //!    ratio, and the rate the scrub reached meanwhile (regions checked, as
 //!    the engine counts them, over the time).
+//! 8. Heal cost (last; alone with `--only-heal`): the controller heals a
+//!    volume nobody publishes (a copy out of sync is rebuilt by an engine
+//!    with no mount), and the heal's disk and network traffic competes
+//!    with the volumes in use. A 3-copy volume `a` of `--size` is
+//!    published on n1 and written in full; a 2-copy volume `b` of
+//!    `--heal-size` (default 2 GiB), written in full once, is not
+//!    published. For each of `--heal-jobs` (default seq-write,
+//!    rand-write-qd1), each round runs the job on `a` three ways, in an
+//!    order rotating from round to round: with no heal (the baseline);
+//!    during a heal of `b` at the controller's `--replica-heal-rate` of
+//!    `--heal-rate` MiB/s (default 32, the controller's default); and
+//!    during an unpaced heal (`--replica-heal-rate 0`). A heal is made by
+//!    ControllerModifyVolume of `b` to 3 copies (a new copy, rebuilt in
+//!    full); the job starts once the condition says it is healing, and
+//!    the heal is timed until `b` is back in sync, then `b` goes back to 2
+//!    copies. The controller runs with `--replica-replace-after 8` (a
+//!    round every 2 s) and is restarted to change the rate. Printed: each
+//!    job's median without and with each heal, their ratio, the rate each
+//!    heal reached (the copy's size over its time), and whether the heal
+//!    outlasted the job (else the ratio flatters it).
 //!
 //! Run as root (loop devices, FUSE, mounts), with fio installed:
 //!
@@ -93,6 +113,7 @@
 //!         [--replication-tls both|on|off] [--jobs seq-write,...] [--only-fio]
 //!         [--fuse-workers N] [--snapshot-rounds 5] [--only-snapshots]
 //!         [--only-scrub] [--scrub-rate 16] [--scrub-jobs seq-write,...]
+//!         [--only-heal] [--heal-size 2Gi] [--heal-rate 32] [--heal-jobs seq-write,...]
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
 //! × rounds × runtime, and 3 write jobs × 2 at-once runs × rounds ×
@@ -447,6 +468,26 @@ impl Cluster {
         for n in &mut self.nodes {
             n.wait_socket();
         }
+        self.wait_fresh(&(1..=NODES).collect::<Vec<_>>()).await;
+    }
+
+    /// Restarts the controller with `--NAME=VALUE` in place of any earlier
+    /// value of that flag (it is stateless: the nodes register again
+    /// within a second) and waits until every node is fresh.
+    async fn set_controller_flag(&mut self, name: &str, value: &str) {
+        let prefix = format!("{name}=");
+        self.controller.terminate();
+        self.controller.args.retain(|a| !a.starts_with(&prefix));
+        self.controller.args.push(format!("{prefix}{value}"));
+        self.controller.spawn();
+        self.controller.wait_socket();
+        let channel = support::connect(&format!(
+            "unix://{}",
+            self.root.join("controller.sock").display()
+        ))
+        .await;
+        self.ctl = ControllerClient::new(channel.clone());
+        self.group = GroupControllerClient::new(channel);
         self.wait_fresh(&(1..=NODES).collect::<Vec<_>>()).await;
     }
 
@@ -1304,6 +1345,207 @@ async fn scrub_part(
         })
         .collect();
     Ok(ScrubReport {
+        setup,
+        rounds: cfg.rounds,
+        rate_mib_s: rate,
+        jobs,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct HealRun {
+    /// The job's median during these heals.
+    with: Measure,
+    spread: f64,
+    /// The median rate the heals reached (MiB/s).
+    heal_mib_s: f64,
+    /// Rounds whose heal ended before the job did.
+    ended_early: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct HealJob {
+    job: &'static str,
+    without: Measure,
+    spread_without: f64,
+    paced: HealRun,
+    unpaced: HealRun,
+}
+
+#[derive(Debug, Serialize)]
+struct HealReport {
+    setup: String,
+    rounds: usize,
+    rate_mib_s: u64,
+    jobs: Vec<HealJob>,
+}
+
+/// `b`'s copies set to `replicas` by ControllerModifyVolume.
+async fn set_replicas(cl: &mut Cluster, b: &Vol, replicas: usize) -> Result<(), String> {
+    cl.ctl
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: b.id().to_owned(),
+            mutable_parameters: [("replicas".to_owned(), replicas.to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "ControllerModifyVolume {} to {replicas} copies: {e:?}",
+                b.label
+            )
+        })
+}
+
+/// Polls (every 50 ms, bounded) until `volume_id`'s condition says a heal
+/// runs (`healing`) or not.
+async fn wait_healing(cl: &mut Cluster, volume_id: &str, healing: bool) -> Result<Instant, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, msg) = cl.condition(volume_id).await.map_err(|e| e.to_string())?;
+        if msg.contains("healing on") == healing {
+            return Ok(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("healing={healing} not within 60 s; last: {msg}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// See the module documentation, part 8.
+async fn heal_part(
+    cl: &mut Cluster,
+    cfg: &FioConfig,
+    jobs: &[String],
+    heal_size: u64,
+    rate: u64,
+) -> Result<HealReport, String> {
+    let out = cl.root.join("fio.json");
+    cl.set_controller_flag("--replica-replace-after", "8").await;
+    let mut b = create(cl, "rep2-heal", heal_size, Some(2)).await;
+    up(cl, &mut b, true).await?;
+    eprintln!("prefill {} ({} MiB)", b.label, heal_size / MIB);
+    let b_cfg = FioConfig {
+        size_bytes: heal_size,
+        ..cfg.clone()
+    };
+    prefill(&b_cfg, &b.target, &out).await?;
+    down(cl, &mut b).await?;
+    let mut a = create(cl, "rep3-heal", cfg.size_bytes, Some(3)).await;
+    up(cl, &mut a, true).await?;
+    eprintln!("prefill {} ({} MiB)", a.label, cfg.size_bytes / MIB);
+    prefill(cfg, &a.target, &out).await?;
+    let setup = format!(
+        "a 3-copy volume of {} MiB on n1 ({}); the heal of a new copy of a 2-copy volume of {} MiB nobody publishes ({})",
+        cfg.size_bytes / MIB,
+        cl.placement(a.id()),
+        heal_size / MIB,
+        cl.placement(b.id())
+    );
+    let picked: Vec<&Job> = JOBS
+        .iter()
+        .filter(|j| jobs.iter().any(|n| n == j.name))
+        .collect();
+    if picked.is_empty() {
+        return Err(format!("--heal-jobs {jobs:?}: no such job"));
+    }
+    // [job][none, paced, unpaced]: the rounds' measures; [job][paced,
+    // unpaced]: each heal's MiB/s, and the heals that ended first.
+    let mut runs: Vec<[Vec<Measure>; 3]> = vec![Default::default(); picked.len()];
+    let mut rates: Vec<[Vec<f64>; 2]> = vec![Default::default(); picked.len()];
+    let mut early: Vec<[usize; 2]> = vec![[0; 2]; picked.len()];
+    let mut current = None;
+    for round in 0..cfg.rounds {
+        for (j, job) in picked.iter().enumerate() {
+            for k in 0..3 {
+                let how = (round + k) % 3;
+                let want = match how {
+                    1 => Some(rate),
+                    2 => Some(0),
+                    _ => None,
+                };
+                if let Some(r) = want
+                    && current != Some(r)
+                {
+                    cl.set_controller_flag("--replica-heal-rate", &r.to_string())
+                        .await;
+                    current = Some(r);
+                }
+                let Some(r) = want else {
+                    settle().await;
+                    eprintln!("round {}: {} with no heal", round + 1, job.name);
+                    runs[j][0].push(run_job(cfg, job, &a.target, &out).await?);
+                    continue;
+                };
+                set_replicas(cl, &b, 3).await?;
+                let started = wait_healing(cl, b.id(), true).await?;
+                eprintln!(
+                    "round {}: {} during a heal at {}",
+                    round + 1,
+                    job.name,
+                    if r == 0 {
+                        "no pace".to_owned()
+                    } else {
+                        format!("{r} MiB/s")
+                    }
+                );
+                runs[j][how].push(run_job(cfg, job, &a.target, &out).await?);
+                let (_, msg) = cl.condition(b.id()).await.map_err(|e| e.to_string())?;
+                if !msg.contains("healing on") {
+                    early[j][how - 1] += 1;
+                }
+                let (ended, _) = cl
+                    .wait_condition(b.id(), false, Duration::from_secs(900))
+                    .await?;
+                let secs = ended.duration_since(started).as_secs_f64();
+                rates[j][how - 1].push(heal_size as f64 / MIB as f64 / secs);
+                set_replicas(cl, &b, 2).await?;
+                wait_healing(cl, b.id(), false).await?;
+                cl.wait_condition(b.id(), false, Duration::from_secs(120))
+                    .await?;
+            }
+        }
+    }
+    remove(cl, a).await;
+    let _ = cl
+        .ctl
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: b.id().to_owned(),
+            ..Default::default()
+        })
+        .await;
+    let median_f = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let jobs = picked
+        .iter()
+        .zip(runs)
+        .zip(rates)
+        .zip(early)
+        .map(
+            |(((job, [none, paced, unpaced]), [mut rp, mut ru]), [ep, eu])| HealJob {
+                job: job.name,
+                without: median_measure(&none),
+                spread_without: spread(&none),
+                paced: HealRun {
+                    with: median_measure(&paced),
+                    spread: spread(&paced),
+                    heal_mib_s: median_f(&mut rp),
+                    ended_early: ep,
+                },
+                unpaced: HealRun {
+                    with: median_measure(&unpaced),
+                    spread: spread(&unpaced),
+                    heal_mib_s: median_f(&mut ru),
+                    ended_early: eu,
+                },
+            },
+        )
+        .collect();
+    Ok(HealReport {
         setup,
         rounds: cfg.rounds,
         rate_mib_s: rate,
@@ -2172,6 +2414,7 @@ struct Report {
     full_rebuild: Option<FullRebuildReport>,
     snapshot_stall: Option<SnapshotStallReport>,
     scrub: Option<ScrubReport>,
+    heal: Option<HealReport>,
     /// Identical bytes on every copy of the 3-copy fio volume after it was
     /// unstaged (after the dirty-region rebuild).
     rep3_copies_identical: Option<bool>,
@@ -2195,6 +2438,7 @@ impl Report {
             full_rebuild: None,
             snapshot_stall: None,
             scrub: None,
+            heal: None,
             rep3_copies_identical: None,
             errors,
             loadavg: loadavg(),
@@ -2547,6 +2791,42 @@ fn print_report(r: &Report) {
             );
         }
     }
+    if let Some(h) = &r.heal {
+        println!();
+        println!(
+            "heal cost on {} ({} rounds; against no heal):",
+            h.setup, h.rounds
+        );
+        for j in &h.jobs {
+            println!(
+                "  {:<16} no heal {:>9.0} KiB/s {:>8.0} IOPS (spread {:.0} %)",
+                j.job,
+                j.without.bw_kib_s,
+                j.without.iops,
+                100.0 * j.spread_without
+            );
+            for (name, run) in [
+                (format!("heal at {} MiB/s", h.rate_mib_s), &j.paced),
+                ("unpaced heal".to_owned(), &j.unpaced),
+            ] {
+                println!(
+                    "  {:<16} {:<16} {:>9.0} KiB/s {:>8.0} IOPS | {:>6.1} % of no heal (spread {:.0} %); the heal reached {:.1} MiB/s{}",
+                    "",
+                    name,
+                    run.with.bw_kib_s,
+                    run.with.iops,
+                    100.0 * run.with.bw_kib_s / j.without.bw_kib_s,
+                    100.0 * run.spread,
+                    run.heal_mib_s,
+                    if run.ended_early > 0 {
+                        format!(" (ended before the job in {} rounds)", run.ended_early)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+    }
     if !r.errors.is_empty() {
         println!();
         println!("errors:");
@@ -2611,6 +2891,15 @@ async fn run(args: &Args) -> Report {
     let snapshot_rounds = num("--snapshot-rounds", 5).max(1) as usize;
     let only_snapshots = args.flag("--only-snapshots");
     let only_scrub = args.flag("--only-scrub");
+    let only_heal = args.flag("--only-heal");
+    let heal_size = size_arg("--heal-size", 2 << 30);
+    let heal_rate = num("--heal-rate", 32).max(1);
+    let heal_jobs: Vec<String> = args
+        .value("--heal-jobs")
+        .unwrap_or_else(|| "seq-write,rand-write-qd1".to_owned())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     let scrub_rate = num("--scrub-rate", 16).max(1);
     let scrub_jobs: Vec<String> = args
         .value("--scrub-jobs")
@@ -2621,7 +2910,7 @@ async fn run(args: &Args) -> Report {
 
     // Every copy written in full: 3 local volumes and 1 + 2 + 3 copies
     // of `size`, three copies of `full_size`, and room for xfs.
-    let pool = (9 * size + 3 * full_size + (4 << 30)).max(16 << 30);
+    let pool = (9 * size + 3 * full_size.max(heal_size) + (4 << 30)).max(16 << 30);
     let node_args: Vec<String> = args
         .value("--fuse-workers")
         .map(|n| vec!["--fuse-workers".into(), n])
@@ -2635,6 +2924,16 @@ async fn run(args: &Args) -> Report {
             .ok();
         return Report {
             scrub,
+            ..Report::partial(&cl, errors, wall)
+        };
+    }
+    if only_heal {
+        let heal = heal_part(&mut cl, &cfg, &heal_jobs, heal_size, heal_rate)
+            .await
+            .map_err(|e| errors.push(format!("heal: {e}")))
+            .ok();
+        return Report {
+            heal,
             ..Report::partial(&cl, errors, wall)
         };
     }
@@ -2799,6 +3098,10 @@ async fn run(args: &Args) -> Report {
         .await
         .map_err(|e| errors.push(format!("scrub: {e}")))
         .ok();
+    let heal = heal_part(&mut cl, &cfg, &heal_jobs, heal_size, heal_rate)
+        .await
+        .map_err(|e| errors.push(format!("heal: {e}")))
+        .ok();
 
     Report {
         transport: transport(&cl),
@@ -2812,6 +3115,7 @@ async fn run(args: &Args) -> Report {
         full_rebuild,
         snapshot_stall,
         scrub,
+        heal,
         rep3_copies_identical,
         errors,
         loadavg: loadavg(),

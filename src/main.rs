@@ -163,6 +163,12 @@ struct ServeArgs {
     /// publication starts.
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     replica_heal_idle: OnOff,
+    /// Controller: the pace of a heal, MiB per second written to the
+    /// copies it rebuilds (1-4096), so that a heal leaves the disks and
+    /// the network to the volumes in use; 0: no pace (a 1 MiB region
+    /// every 10 ms for each copy, as a publication's engine rebuilds).
+    #[arg(long, default_value_t = 32, value_name = "MIB")]
+    replica_heal_rate: u64,
     /// Node: seconds between scrub passes of each replicated volume whose
     /// engine runs here (0: never). A pass reads every region on every
     /// copy in sync from its disk and compares them; a copy that cannot
@@ -230,7 +236,7 @@ fn cluster_config(
                     .ok_or("--mode controller needs --tls-dir")?,
                 agent: None,
                 replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
-                heal_idle: args.replica_heal_idle == OnOff::On,
+                heal_idle: heal_idle(args)?,
             }))
         }
         ModeArg::Node => {
@@ -316,10 +322,22 @@ fn cluster_config(
                     data_advertise: args.data_advertise.clone(),
                 }),
                 replace_after: std::time::Duration::from_secs(args.replica_replace_after.max(1)),
-                heal_idle: args.replica_heal_idle == OnOff::On,
+                heal_idle: heal_idle(args)?,
             }))
         }
     }
+}
+
+/// `--replica-heal-idle` and `--replica-heal-rate`.
+fn heal_idle(args: &ServeArgs) -> Result<Option<stowage::cluster::replicated::HealIdle>, String> {
+    if args.replica_heal_rate > 4096 {
+        return Err("--replica-heal-rate: 0 (no pace) to 4096 MiB per second".to_owned());
+    }
+    Ok(
+        (args.replica_heal_idle == OnOff::On).then_some(stowage::cluster::replicated::HealIdle {
+            rate: (args.replica_heal_rate > 0).then_some(args.replica_heal_rate << 20),
+        }),
+    )
 }
 
 fn mode_name(m: ModeArg) -> &'static str {

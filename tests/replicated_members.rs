@@ -250,6 +250,71 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
     }
 }
 
+/// On three nodes, ControllerModifyVolume of `replicas` 2 -> 3 puts the
+/// third copy on the witness's node (its witness leaves, and it joins again
+/// as a copy, rebuilt in full), and 3 -> 2 leaves the witness on the node
+/// of the copy that goes, while a writer runs; every file it wrote reads
+/// back, and the copies left hold the same bytes. No fourth node is
+/// needed either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_three_nodes_the_witness_becomes_a_copy_and_a_copy_the_witness() {
+    let mut cl = Cluster::start_full(3, &[], &[]).await;
+    let v = cl.create(replicated("mem-w", "2")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (two, _, msg) = copies(&mut cl, &id).await;
+    let witness_of = |msg: &str| {
+        msg.split("witness on ")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .map(str::to_owned)
+    };
+    let witness = witness_of(&msg).unwrap_or_else(|| panic!("no witness: {msg}"));
+    let data = |cl: &Cluster, n: &str| cl.copy_dir(index_of(n), &id).join("data");
+    assert!(!data(&cl, &witness).exists(), "a witness holds no data");
+    let m = Published::up(&mut cl, index_of(&two[0]), &v, &ext4())
+        .await
+        .unwrap();
+    let w = Writer::start(&m.target);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    modify(&mut cl, &id, &[("replicas", "3")])
+        .await
+        .unwrap_or_else(|e| panic!("2 -> 3 on three nodes: {e:?}"));
+    let three = wait_copies(&mut cl, &id, 3, None, Duration::from_secs(60)).await;
+    assert!(three.contains(&witness), "{two:?} -> {three:?}");
+    assert!(data(&cl, &witness).exists());
+    let (_, _, msg) = copies(&mut cl, &id).await;
+    assert_eq!(
+        witness_of(&msg),
+        None,
+        "three copies have no witness: {msg}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    modify(&mut cl, &id, &[("replicas", "2")])
+        .await
+        .unwrap_or_else(|e| panic!("3 -> 2 on three nodes: {e:?}"));
+    let back = wait_copies(&mut cl, &id, 2, None, Duration::from_secs(60)).await;
+    let removed: Vec<&String> = three.iter().filter(|c| !back.contains(c)).collect();
+    assert_eq!(removed.len(), 1, "{three:?} -> {back:?}");
+    let (_, _, msg) = copies(&mut cl, &id).await;
+    assert_eq!(witness_of(&msg).as_ref(), Some(removed[0]), "{msg}");
+    assert!(
+        !data(&cl, removed[0]).exists(),
+        "{} is a witness now, with no data",
+        removed[0]
+    );
+
+    let files = w.finish();
+    assert!(files > 0);
+    m.down(&mut cl, &id).await;
+    same_data(&cl, &id, &back);
+    cl.delete(&id).await.unwrap();
+    for i in 1..=3 {
+        assert!(!cl.copy_dir(i, &id).exists(), "n{i} still holds it");
+    }
+}
+
 /// A node killed for good: after `--replica-replace-after`, its copy is
 /// replaced on the fourth node, rebuilt in full while the writer goes on,
 /// and joins the in-sync set; the final copies hold the same bytes. When

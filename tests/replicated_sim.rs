@@ -839,6 +839,7 @@ impl Sim {
                     timeout: TIMEOUT,
                     resend: RESEND,
                     heal: false,
+                    rebuild_gap: 0,
                 };
                 let engine = Engine::new(cfg, ballot, record, self.now);
                 self.engines.insert(

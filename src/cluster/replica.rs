@@ -573,7 +573,8 @@ impl Replica for ReplicaService {
                     .is_some_and(|o| o.heal && o.node == me)
             })
         };
-        match engines.heal(volume, pc, HEAL_STALL, ours).await {
+        let rate = (r.rate > 0).then_some(r.rate);
+        match engines.heal(volume, pc, rate, HEAL_STALL, ours).await {
             Ok(h) => Ok(Response::new(super::proto::HealResponse {
                 rebuilt_bytes: h.rebuilt_bytes,
                 seconds: h.elapsed.as_secs(),

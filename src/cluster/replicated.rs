@@ -20,8 +20,8 @@ use crate::backend::replicated::protocol::Ballot;
 use crate::backend::replicated::protocol::{
     Change, Envelope, Outcome, Proposer, Refusal, Reply, VoterState,
 };
-use crate::backend::replicated::record::Member;
 use crate::backend::replicated::record::ReplicaRecord;
+use crate::backend::replicated::record::{Member, Role};
 use crate::backend::replicated::wire::{Answer, Call, Peer, PeerError};
 use crate::csi;
 use crate::volume::BackendKind;
@@ -250,6 +250,15 @@ pub struct Replicated {
     started: Instant,
     health: VolumeHealth,
     heals: Heals,
+}
+
+/// How the controller heals volumes nobody publishes
+/// (`--replica-heal-idle on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealIdle {
+    /// The pace of a heal's rebuild, bytes per second
+    /// (`--replica-heal-rate`); None: a publication's engine's pace.
+    pub rate: Option<u64>,
 }
 
 /// The heals this controller started ([`Replicated::heal`]): running, or
@@ -1001,11 +1010,69 @@ impl Replicated {
         Ok(state)
     }
 
+    /// Changes the members to `members` ([`Replicated::change_members`]).
+    /// A node whose member changes role (a witness that becomes a copy, a
+    /// copy that becomes the witness: a node's store holds one member of a
+    /// volume, made as one or the other) leaves first and then joins
+    /// again: a first change to the members without it (and with no
+    /// witness, unless two copies remain), its member deleted, then the
+    /// change to `members`, where it is made anew (a copy out of sync,
+    /// rebuilt in full). Cut short between the two, the volume has the
+    /// first change's members, which are valid; a retry goes on from
+    /// there.
+    async fn set_members(
+        &self,
+        uuid: Uuid,
+        state: VoterState,
+        members: Vec<Member>,
+    ) -> Result<(), Status> {
+        let changed: Vec<String> = members
+            .iter()
+            .filter(|m| {
+                state
+                    .record
+                    .members
+                    .iter()
+                    .any(|o| o.node == m.node && o.role != m.role)
+            })
+            .map(|m| m.node.clone())
+            .collect();
+        if changed.is_empty() {
+            return self.change_members(uuid, state, members).await;
+        }
+        let mut first: Vec<Member> = members
+            .iter()
+            .filter(|m| !changed.contains(&m.node))
+            .cloned()
+            .collect();
+        if first.iter().filter(|m| m.role == Role::Copy).count() != 2 {
+            first.retain(|m| m.role == Role::Copy);
+        }
+        tracing::info!(volume = %volume_id(uuid), nodes = ?changed, "members that change role leave the volume first, then join again");
+        self.change_members(uuid, state, first).await?;
+        for n in &changed {
+            self.delete_on(n, uuid).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "{} (its member leaves volume {} to join again as a {}; retry to go on)",
+                    e.message(),
+                    volume_id(uuid),
+                    if members.iter().any(|m| &m.node == n && m.role == Role::Copy) {
+                        "copy"
+                    } else {
+                        "witness"
+                    }
+                ))
+            })?;
+        }
+        let (_, state) = self.newest(&volume_id(uuid)).await?;
+        self.change_members(uuid, state, members).await
+    }
+
     /// Changes the members to `members`: creates the new ones (holding a
     /// first record that names them, accepted at the zero ballot, so it
     /// never outranks a chosen record), drives the two steps of the change,
     /// tells the owner's engine, deletes the removed members. Idempotent.
-    async fn set_members(
+    async fn change_members(
         &self,
         uuid: Uuid,
         mut state: VoterState,
@@ -1135,13 +1202,13 @@ impl Replicated {
     /// Starts a heal of `uuid` (whose newest record is `state`) on `node`
     /// in the background, unless one runs or failed lately
     /// ([`Heals::begin`]).
-    fn start_heal(&self, uuid: Uuid, state: VoterState, node: String) {
+    fn start_heal(&self, uuid: Uuid, state: VoterState, node: String, how: HealIdle) {
         if !self.heals.begin(uuid) {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let r = this.heal(uuid, &state, &node).await;
+            let r = this.heal(uuid, &state, &node, how).await;
             this.end_heal(uuid, &node).await;
             match &r {
                 Ok(h) => {
@@ -1168,6 +1235,7 @@ impl Replicated {
         uuid: Uuid,
         state: &VoterState,
         node: &str,
+        how: HealIdle,
     ) -> Result<super::proto::HealResponse, Status> {
         let (ballot, record) = match self
             .change(
@@ -1186,6 +1254,7 @@ impl Replicated {
         let req = super::proto::HealRequest {
             volume: uuid.to_hex(),
             context: self.engine_context(&record, &ballot)?,
+            rate: how.rate.unwrap_or(0),
         };
         let mut c = ReplicaClient::new(self.node(node)?.channel.clone());
         c.heal(req).await.map(tonic::Response::into_inner)
@@ -1265,7 +1334,7 @@ impl Replicated {
         &self,
         uuid: Uuid,
         after: Duration,
-        heal: bool,
+        heal: Option<HealIdle>,
     ) -> Result<bool, Status> {
         let now = Instant::now();
         let unknown_lost = now.duration_since(self.started) >= after;
@@ -1324,10 +1393,10 @@ impl Replicated {
         }
         if gone.is_empty() {
             let fresh: Vec<String> = self.registry.fresh().into_iter().map(|n| n.id).collect();
-            if heal
+            if let Some(how) = heal
                 && let Some(node) = heal_node(r, &found.checks, |n| fresh.iter().any(|f| f == n))
             {
-                self.start_heal(uuid, state.clone(), node);
+                self.start_heal(uuid, state.clone(), node, how);
             }
             return Ok(false);
         }
@@ -1680,11 +1749,7 @@ fn condition(record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> F
         record.epoch,
         record.copies().collect::<Vec<_>>().join(", ")
     );
-    if let Some(w) = record
-        .members
-        .iter()
-        .find(|m| m.role == crate::backend::replicated::record::Role::Witness)
-    {
+    if let Some(w) = record.members.iter().find(|m| m.role == Role::Witness) {
         message.push_str(&format!("; witness on {}", w.node));
     }
     let mut found = Findings::default();

@@ -125,7 +125,11 @@ impl Router {
     /// round; errors are logged and retried then. With `heal`, a volume
     /// nobody publishes with a copy out of sync is healed in the
     /// background (see `Replicated::replace_lost`).
-    pub async fn replace_lost_members(&self, after: std::time::Duration, heal: bool) {
+    pub async fn replace_lost_members(
+        &self,
+        after: std::time::Duration,
+        heal: Option<replicated::HealIdle>,
+    ) {
         let volumes = match self.replicated.list().await {
             Ok(v) => v,
             Err(e) => {

@@ -101,9 +101,9 @@ pub struct ClusterConfig {
     /// Controller: a replicated volume's member on a node not heard from
     /// for this long is replaced on another node.
     pub replace_after: std::time::Duration,
-    /// Controller: heal replicated volumes nobody publishes
-    /// (`--replica-heal-idle`).
-    pub heal_idle: bool,
+    /// Controller: how to heal replicated volumes nobody publishes
+    /// (`--replica-heal-idle`, `--replica-heal-rate`); None: never.
+    pub heal_idle: Option<crate::cluster::replicated::HealIdle>,
 }
 
 /// A startup failure, with what to fix.

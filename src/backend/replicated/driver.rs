@@ -107,6 +107,10 @@ pub struct DriverConfig {
     pub scrub_rate: u64,
     /// The engine of a heal, not of a publication ([`EngineConfig::heal`]).
     pub heal: bool,
+    /// The pace of rebuilds, bytes per second written to the copies being
+    /// rebuilt, all together ([`EngineConfig::rebuild_gap`]); None: a
+    /// region a tick for each.
+    pub rebuild_rate: Option<u64>,
 }
 
 impl DriverConfig {
@@ -127,6 +131,7 @@ impl DriverConfig {
             scrub_spread: Duration::from_secs(60),
             scrub_rate: 16 << 20,
             heal: false,
+            rebuild_rate: None,
         }
     }
 }
@@ -1382,12 +1387,15 @@ impl Task {
             timeout: ticks(cfg.timeout, cfg.tick),
             resend: resend_ticks,
             heal: cfg.heal,
+            rebuild_gap: cfg
+                .rebuild_rate
+                .map_or(0, |r| milliticks(super::region_time(r), cfg.tick).max(1)),
         };
         let in_sync = record.in_sync.clone();
         let seed = uuid::Uuid::new_v4().as_u64_pair();
         let rng = (seed.0 ^ seed.1) | 1;
         let scrub_every = cfg.scrub_every.map(|d| ticks(d, cfg.tick));
-        let per_region = super::scrub_region_time(cfg.scrub_rate);
+        let per_region = super::region_time(cfg.scrub_rate);
         Task {
             engine: Engine::new(ecfg, ballot, record, 0),
             peer,

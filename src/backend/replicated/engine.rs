@@ -30,6 +30,11 @@ pub struct EngineConfig {
     /// The engine of a heal (see [`Change::Heal`]), not of a publication:
     /// it may start only while the owner is a heal's.
     pub heal: bool,
+    /// The pace of rebuilds: thousandths of a tick from the start of one
+    /// region's copy to the next, all copies together, on average and
+    /// never caught up in a burst (as a scrub pass keeps its pace); 0: no
+    /// pace (each copy rebuilding gets a region a tick).
+    pub rebuild_gap: u64,
 }
 
 /// Where the engine is in its life.
@@ -336,6 +341,20 @@ struct PendingFlush {
     last_sent: u64,
 }
 
+/// When the step after one started at `at` (thousandths of a tick) may
+/// start, for steps `gap` apart that were due at `due`: a gap after the
+/// due time, so that ticks round no gap up and the pace holds on average;
+/// a gap after the start when that came over a tick late (the step waited
+/// for something else), so a late pace never catches up in a burst.
+fn paced(due: u64, at: u64, gap: u64) -> u64 {
+    if at > due.saturating_add(1000) {
+        at
+    } else {
+        due
+    }
+    .saturating_add(gap)
+}
+
 /// A scrub pass (see [`Engine::scrub`]).
 #[derive(Debug, Clone)]
 struct Scrub {
@@ -444,6 +463,9 @@ pub struct Engine {
     flushes: BTreeMap<u64, PendingFlush>,
     reads: BTreeMap<u64, PendingRead>,
     scrub: Option<Scrub>,
+    /// When the next region's rebuild may start, in thousandths of a tick
+    /// (see [`EngineConfig::rebuild_gap`]).
+    rebuild_due: u64,
     seq: u64,
     next_id: u64,
     now: u64,
@@ -477,6 +499,7 @@ impl Engine {
             flushes: BTreeMap::new(),
             reads: BTreeMap::new(),
             scrub: None,
+            rebuild_due: 0,
             seq: 0,
             next_id: 0,
             now,
@@ -1684,13 +1707,7 @@ impl Engine {
             self.send(n, Request::Verify { io, region, id });
         }
         let s = self.scrub.as_mut().expect("checked");
-        let at = now.saturating_mul(1000);
-        s.due = if at > s.due.saturating_add(1000) {
-            at
-        } else {
-            s.due
-        }
-        .saturating_add(s.gap);
+        s.due = paced(s.due, now.saturating_mul(1000), s.gap);
         s.checking = Some(Checking {
             region,
             id,
@@ -1844,7 +1861,14 @@ impl Engine {
             return;
         }
         if let Some(&region) = l.dirty.iter().find(|r| !self.busy(**r)) {
+            let at = now.saturating_mul(1000);
+            if at < self.rebuild_due {
+                return;
+            }
             let Some(src) = self.source() else { return };
+            if self.cfg.rebuild_gap > 0 {
+                self.rebuild_due = paced(self.rebuild_due, at, self.cfg.rebuild_gap);
+            }
             self.next_id += 1;
             let read = self.next_id;
             self.links.get_mut(n).expect("listed").copying = Some(Copying {
@@ -2119,6 +2143,17 @@ mod tests {
 
         /// Publishes to `node` and starts its engine.
         fn publish(&mut self, node: &str, record: &ReplicaRecord, id: &str) -> Engine {
+            self.publish_paced(node, record, id, 0)
+        }
+
+        /// [`Net::publish`], the engine's rebuilds `rebuild_gap` apart.
+        fn publish_paced(
+            &mut self,
+            node: &str,
+            record: &ReplicaRecord,
+            id: &str,
+            rebuild_gap: u64,
+        ) -> Engine {
             let change = Change::Publish {
                 node: node.into(),
                 readonly: false,
@@ -2133,6 +2168,7 @@ mod tests {
                 timeout: 10,
                 resend: 2,
                 heal: false,
+                rebuild_gap,
             };
             Engine::new(cfg, ballot, record, self.now)
         }
@@ -2615,6 +2651,58 @@ mod tests {
         assert_eq!(pass(false), [(0, 7), (1, 13), (2, 19), (3, 25)]);
         // Region 1 at 16, over a tick late: then 16 + 6.25 and + 12.5.
         assert_eq!(pass(true), [(0, 7), (1, 16), (2, 23), (3, 29)]);
+    }
+
+    /// Paced rebuilds start a region a gap apart on average, over all the
+    /// copies together (one copy's regions, then the next's), as a scrub
+    /// pass keeps its pace; an engine with no pace starts a region a tick
+    /// on every copy it rebuilds.
+    #[test]
+    fn paced_rebuilds_keep_one_pace_over_all_the_copies() {
+        // b and c out of sync: the engine rebuilds every region of both.
+        // When each region's Rebuild was sent, in ticks from the first.
+        let rebuilt = |gap: u64| {
+            let (_, mut r) = Net::new();
+            r.in_sync.retain(|n, _| n == "a");
+            let mut net = Net::holding(&r);
+            let mut e = net.publish_paced("a", &r, "ctl1", gap);
+            let sent = std::cell::RefCell::new(Vec::new());
+            let mut held = Vec::new();
+            for _ in 0..60 {
+                let now = net.now + 1;
+                net.run_holding(&mut e, 1, &mut held, &|x| {
+                    if let Request::Rebuild { region, .. } = x.msg {
+                        sent.borrow_mut().push((x.to.clone(), region, now));
+                    }
+                    false
+                });
+            }
+            assert!(e.all_in_sync(), "{:?}", e.copies());
+            let sent = sent.into_inner();
+            let first = sent.first().expect("rebuilds").2;
+            sent.into_iter()
+                .map(|(n, r, at)| (n, r, at - first))
+                .collect::<Vec<_>>()
+        };
+        let at = |v: &[(String, Region, u64)]| v.iter().map(|x| x.2).collect::<Vec<_>>();
+        // 2.5 ticks a region: at 0, 2.5, 5, 7.5, ... each rounded up.
+        let paced = rebuilt(2_500);
+        assert_eq!(at(&paced), [0, 3, 5, 8, 10, 13, 15, 18], "{paced:?}");
+        let order: Vec<(&str, Region)> = paced.iter().map(|(n, r, _)| (n.as_str(), *r)).collect();
+        assert_eq!(
+            order,
+            [
+                ("b", 0),
+                ("b", 1),
+                ("b", 2),
+                ("b", 3),
+                ("c", 0),
+                ("c", 1),
+                ("c", 2),
+                ("c", 3)
+            ]
+        );
+        assert_eq!(at(&rebuilt(0)), [0, 0, 1, 1, 2, 2, 3, 3]);
     }
 
     /// A region with a write in flight is checked once that write is

@@ -313,7 +313,8 @@ impl Engines {
     /// on this node, [`super::protocol::Change::Heal`]): runs an engine
     /// with no mount, and so no I/O, until every copy is in sync (it
     /// rebuilds those out of sync and the regions copies could not read),
-    /// then stops it. Fails when the engine is fenced (a publication took
+    /// then stops it, rebuilding at `rate` bytes per second
+    /// ([`DriverConfig::rebuild_rate`]). Fails when the engine is fenced (a publication took
     /// the volume over) or stops, or when nothing progressed for `stall`.
     /// The engine is not one of [`Self::volumes`]; dropping the future
     /// stops it. `ours` says whether this node's copy still has the heal
@@ -323,6 +324,7 @@ impl Engines {
         &self,
         uuid: Uuid,
         pc: PublishContext,
+        rate: Option<u64>,
         stall: std::time::Duration,
         ours: impl Fn() -> bool,
     ) -> Result<Healed, EngineError> {
@@ -330,6 +332,7 @@ impl Engines {
         let started = std::time::Instant::now();
         let mut cfg = DriverConfig::new(uuid, &self.node, pc.record.size);
         cfg.heal = true;
+        cfg.rebuild_rate = rate;
         let driver = EngineDriver::start(
             cfg,
             pc.ballot,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::protocol::{CheckMark, Region};
 use super::store::{ReadPass, ReplicaStore, StoreError, unix_now};
-use super::{CheckDue, scrub_region_time};
+use super::{CheckDue, region_time};
 use crate::volume::id::Uuid;
 
 /// How often the sweep looks for copies whose check is due (or the
@@ -51,7 +51,7 @@ impl IdleChecks {
     pub fn new(replicas: Arc<ReplicaStore>, rate: u64) -> Arc<Self> {
         Arc::new(IdleChecks {
             replicas,
-            per_region: scrub_region_time(rate),
+            per_region: region_time(rate),
             running: Mutex::new(HashMap::new()),
         })
     }

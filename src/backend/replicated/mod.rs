@@ -101,9 +101,9 @@ pub mod wire;
 /// split into regions of this many bytes (the last may be shorter).
 pub const REGION_BYTES: u64 = 1 << 20;
 
-/// How long one region takes to read at a scrub's `rate` (bytes per
-/// second): the time between two regions of a pass.
-pub fn scrub_region_time(rate: u64) -> std::time::Duration {
+/// How long one region takes at `rate` (bytes per second): the time
+/// between two regions of a scrub pass or of a paced rebuild.
+pub fn region_time(rate: u64) -> std::time::Duration {
     std::time::Duration::from_secs_f64(REGION_BYTES as f64 / rate.max(1) as f64)
 }
 

@@ -218,10 +218,14 @@ pub fn place(
 /// The members a volume should have with `replicas` copies, the members on
 /// the `lost` nodes replaced: copies that stay are kept (in-sync ones
 /// first, `lost` ones never), new copies go to fresh, uncordoned nodes
-/// with room that hold nothing of the volume yet, spread over zones with
-/// the kept ones; two copies keep (or get) a witness on another node, any
-/// other count has none. Returns the members unchanged when nothing is to
-/// do.
+/// with room, spread over zones with the kept ones; two copies keep (or
+/// get) a witness on another node, any other count has none. A node
+/// holding nothing of the volume is preferred, but with no other node the
+/// witness's node takes a copy when the witness goes, and a copy that goes
+/// leaves its node for the witness (a member that changes role: the
+/// controller removes it and adds it again, see `set_members`), so three
+/// nodes can hold two copies and a witness, or three copies. Returns the
+/// members unchanged when nothing is to do.
 pub fn reshape(
     candidates: &[Candidate],
     record: &ReplicaRecord,
@@ -234,17 +238,34 @@ pub fn reshape(
     kept.sort_by_key(|n| !record.in_sync.contains_key(*n));
     kept.truncate(replicas);
     let used: BTreeSet<&str> = record.voters().collect();
+    let witness = record
+        .members
+        .iter()
+        .find(|m| m.role == Role::Witness && !lost.contains(&m.node))
+        .map(|m| m.node.as_str());
     let mut seen = BTreeSet::new();
+    // Nodes that may take a member: those holding nothing of the volume,
+    // and members not lost and not kept as copies.
     let usable: Vec<&Candidate> = candidates
         .iter()
         .filter(|c| {
-            c.fresh && !c.cordoned && !used.contains(c.node.as_str()) && seen.insert(&c.node)
+            c.fresh
+                && !c.cordoned
+                && !lost.contains(&c.node)
+                && !kept.contains(&c.node.as_str())
+                && seen.insert(&c.node)
         })
         .collect();
+    // A copy goes to a node holding nothing of the volume, or to the
+    // witness's when the witness goes.
     let eligible: Vec<&Candidate> = usable
         .iter()
         .copied()
-        .filter(|c| c.free_bytes >= record.size)
+        .filter(|c| {
+            c.free_bytes >= record.size
+                && (!used.contains(c.node.as_str())
+                    || (replicas != 2 && witness == Some(c.node.as_str())))
+        })
         .collect();
     let need = replicas - kept.len();
     if eligible.len() < need {
@@ -264,17 +285,20 @@ pub fn reshape(
     for n in &kept {
         *load.entry(zone_of(n)).or_default() += 1;
     }
+    // Spread over zones first, then a node holding nothing of the volume.
+    let key = |load: &BTreeMap<Option<&str>, usize>, c: &Candidate| {
+        (
+            load.get(&c.zone.as_deref()).copied().unwrap_or(0),
+            used.contains(c.node.as_str()),
+            rank(uuid, &c.node),
+        )
+    };
     let mut added: Vec<&Candidate> = Vec::new();
     while added.len() < need {
         let next = eligible
             .iter()
             .filter(|c| !added.iter().any(|k| k.node == c.node))
-            .min_by_key(|c| {
-                (
-                    load.get(&c.zone.as_deref()).copied().unwrap_or(0),
-                    rank(uuid, &c.node),
-                )
-            })
+            .min_by_key(|c| key(&load, c))
             .expect("enough eligible nodes");
         *load.entry(next.zone.as_deref()).or_default() += 1;
         added.push(next);
@@ -282,24 +306,15 @@ pub fn reshape(
     let mut members: Vec<Member> = kept.iter().map(|n| Member::copy(n)).collect();
     members.extend(added.iter().map(|c| Member::copy(&c.node)));
     if replicas == 2 {
-        let old = record
-            .members
-            .iter()
-            .find(|m| m.role == Role::Witness && !lost.contains(&m.node));
-        let witness = match old {
-            Some(w) => w.node.clone(),
+        let witness = match witness {
+            Some(w) => w.to_owned(),
             None => usable
                 .iter()
                 .filter(|c| !added.iter().any(|k| k.node == c.node))
-                .min_by_key(|c| {
-                    (
-                        load.get(&c.zone.as_deref()).copied().unwrap_or(0),
-                        rank(uuid, &c.node),
-                    )
-                })
+                .min_by_key(|c| key(&load, c))
                 .map(|c| c.node.clone())
                 .ok_or(PlacementError::NoWitness {
-                    found: usable.len() + kept.len() + added.len(),
+                    found: usable.len() + kept.len(),
                 })?,
         };
         members.push(Member::witness(&witness));
@@ -370,6 +385,34 @@ mod tests {
         assert_eq!(
             swapped,
             vec![Member::copy("c"), Member::copy("a"), Member::copy("d")]
+        );
+        // On three nodes, the witness's node takes the third copy, and the
+        // copy that goes leaves its node to the witness.
+        let three_nodes = &nodes[..3];
+        assert_eq!(
+            reshape(three_nodes, &two, 3, &none).unwrap(),
+            vec![Member::copy("a"), Member::copy("b"), Member::copy("c")]
+        );
+        assert_eq!(
+            reshape(three_nodes, &r3, 2, &none).unwrap(),
+            vec![Member::copy("b"), Member::copy("c"), Member::witness("a")]
+        );
+        // But not a lost one, nor a cordoned one: the witness stays where
+        // it is while two copies stay.
+        let c_lost: BTreeSet<String> = ["c".to_owned()].into();
+        assert!(matches!(
+            reshape(three_nodes, &two, 3, &c_lost),
+            Err(PlacementError::NotEnoughNodes { found: 0, .. })
+        ));
+        let mut cordoned = three_nodes.to_vec();
+        cordoned[0].cordoned = true;
+        assert!(matches!(
+            reshape(&cordoned, &r3, 2, &none),
+            Err(PlacementError::NoWitness { found: 2 })
+        ));
+        assert_eq!(
+            reshape(three_nodes, &two, 2, &c_lost).unwrap_err(),
+            PlacementError::NoWitness { found: 2 }
         );
         // Not enough nodes.
         assert!(matches!(
