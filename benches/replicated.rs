@@ -117,7 +117,8 @@
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
 //! × rounds × runtime, and 3 write jobs × 2 at-once runs × rounds ×
-//! runtime). Nothing is asserted about timings: these 2-core
+//! runtime), and the heal part about 3.5 minutes a round more (`--only-heal
+//! --rounds 3`: 623 s). Nothing is asserted about timings: these 2-core
 //! machines are noisy, the figures are reported. Processes are killed by
 //! PID, mounts unmounted, loop devices detached and the scratch directory
 //! removed when the bench ends, panics, or is interrupted with Ctrl-C.

@@ -315,6 +315,85 @@ async fn on_three_nodes_the_witness_becomes_a_copy_and_a_copy_the_witness() {
     }
 }
 
+/// ControllerModifyVolume while a heal runs (kept slow here with
+/// `--replica-heal-rate 1`): on three nodes, 2 -> 3 makes the witness's
+/// node a copy, which a heal rebuilds (nobody publishes the volume); 3 -> 2
+/// during that heal drops the copy being rebuilt, whose node takes the
+/// witness again. The heal ends and is released, the volume is normal
+/// with its two first copies in sync, the witness's node holds no data,
+/// and the files written before read back on either copy's node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
+    let mut cl = Cluster::start_full(
+        3,
+        &["--replica-replace-after", "4", "--replica-heal-rate", "1"],
+        &[],
+    )
+    .await;
+    let v = cl.create(replicated("mem-mh", "2")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (two, _, msg) = copies(&mut cl, &id).await;
+    let witness = msg
+        .split("witness on ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap()
+        .to_owned();
+    let m = Published::up(&mut cl, index_of(&two[0]), &v, &ext4())
+        .await
+        .unwrap();
+    let w = Writer::start(&m.target);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let files = w.files();
+    assert!(!files.is_empty());
+    m.down(&mut cl, &id).await;
+
+    modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, _, msg) = copies(&mut cl, &id).await;
+        if msg.contains(&format!("healing on {}", two[0]))
+            || msg.contains(&format!("healing on {}", two[1]))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no heal within 30 s: {msg}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 64 MiB at 1 MiB/s: the heal has a minute to go.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, _, msg) = copies(&mut cl, &id).await;
+    assert!(
+        msg.contains("healing on") && msg.contains("2 of 3 copies in sync"),
+        "the heal at 1 MiB/s still runs: {msg}"
+    );
+    modify(&mut cl, &id, &[("replicas", "2")])
+        .await
+        .unwrap_or_else(|e| panic!("3 -> 2 during a heal: {e:?}"));
+    let mut back = wait_copies(&mut cl, &id, 2, None, Duration::from_secs(60)).await;
+    back.sort();
+    let mut first = two.clone();
+    first.sort();
+    assert_eq!(back, first, "the copy being healed goes");
+    let (_, _, msg) = copies(&mut cl, &id).await;
+    assert!(!msg.contains("healing"), "{msg}");
+    assert!(msg.contains(&format!("witness on {witness}")), "{msg}");
+    assert!(!cl.copy_dir(index_of(&witness), &id).join("data").exists());
+    same_data(&cl, &id, &back);
+    for n in &two {
+        let m = Published::up(&mut cl, index_of(n), &v, &ext4())
+            .await
+            .unwrap_or_else(|e| panic!("publish on {n}: {e:?}"));
+        for (p, k) in &files {
+            let name = p.file_name().unwrap();
+            let got = std::fs::read(m.target.join(name)).unwrap();
+            assert!(got == pattern(*k, 256 << 10), "{name:?} differs on {n}");
+        }
+        m.down(&mut cl, &id).await;
+    }
+    cl.delete(&id).await.unwrap();
+}
+
 /// A node killed for good: after `--replica-replace-after`, its copy is
 /// replaced on the fourth node, rebuilt in full while the writer goes on,
 /// and joins the in-sync set; the final copies hold the same bytes. When

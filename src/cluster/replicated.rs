@@ -1250,7 +1250,7 @@ impl Replicated {
             Outcome::Chosen { ballot, record } => (ballot, record),
             Outcome::Refused { refusal, .. } => return Err(Status::aborted(refusal.to_string())),
         };
-        tracing::info!(volume = %volume_id(uuid), node = %node, epoch = record.epoch, "healing: copies out of sync are rebuilt with nobody publishing the volume");
+        tracing::info!(volume = %volume_id(uuid), node = %node, epoch = record.epoch, rate_mib_s = how.rate.map(|r| r >> 20), "healing: copies out of sync are rebuilt with nobody publishing the volume");
         let req = super::proto::HealRequest {
             volume: uuid.to_hex(),
             context: self.engine_context(&record, &ballot)?,
