@@ -319,7 +319,8 @@ async fn on_three_nodes_the_witness_becomes_a_copy_and_a_copy_the_witness() {
 /// `--replica-heal-rate 1`): on three nodes, 2 -> 3 makes the witness's
 /// node a copy, which a heal rebuilds (nobody publishes the volume); 3 -> 2
 /// during that heal drops the copy being rebuilt, whose node takes the
-/// witness again. The heal ends and is released, the volume is normal
+/// witness again. Meanwhile ControllerGetVolume shows the heal's engine
+/// and what it has left to rebuild. The heal ends and is released, the volume is normal
 /// with its two first copies in sync, the witness's node holds no data,
 /// and the files written before read back on either copy's node.
 #[tokio::test(flavor = "multi_thread")]
@@ -367,6 +368,14 @@ async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
         msg.contains("healing on") && msg.contains("2 of 3 copies in sync"),
         "the heal at 1 MiB/s still runs: {msg}"
     );
+    // ControllerGetVolume shows how far the heal's engine got.
+    let got = cl.get(&id).await.unwrap().status.unwrap();
+    let msg = got.volume_condition.unwrap().message;
+    assert!(
+        msg.contains("; engine Running at epoch") && msg.contains("MiB to rebuild"),
+        "{msg}"
+    );
+    assert!(got.published_node_ids.is_empty(), "{msg}");
     modify(&mut cl, &id, &[("replicas", "2")])
         .await
         .unwrap_or_else(|e| panic!("3 -> 2 during a heal: {e:?}"));

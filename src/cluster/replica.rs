@@ -308,7 +308,11 @@ impl Replica for ReplicaService {
         use crate::backend::replicated::engine::CopyPhase;
         controller_only(&req)?;
         let volume = volume_of(&req.get_ref().volume)?;
-        let Some(st) = self.engines.as_ref().and_then(|e| e.status(volume)) else {
+        let Some(st) = self
+            .engines
+            .as_ref()
+            .and_then(|e| e.status(volume).or_else(|| e.heal_status(volume)))
+        else {
             return Ok(Response::new(EngineStatusResponse::default()));
         };
         Ok(Response::new(EngineStatusResponse {

@@ -1686,7 +1686,8 @@ impl Replicated {
             said: mut message,
             ..
         } = self.condition(&record, &checks);
-        if let Some(o) = record.published_on() {
+        // A publication's engine, or a heal's.
+        if let Some(o) = &record.owner {
             message.push_str(&self.engine_view(&o.node, uuid).await);
         }
         Ok(csi::ControllerGetVolumeResponse {

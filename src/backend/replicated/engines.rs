@@ -136,6 +136,9 @@ pub struct Engines {
     dir: PathBuf,
     connect: OnceLock<Connector>,
     running: Mutex<HashMap<Uuid, Running>>,
+    /// The engines of heals running here ([`Engines::heal`]), for their
+    /// status.
+    healing: Mutex<HashMap<Uuid, Arc<EngineDriver>>>,
     /// How engines started from now on serve their FUSE file (the
     /// defaults unless [`Engines::set_fuse_workers`] was called).
     options: Mutex<FuseOptions>,
@@ -160,6 +163,7 @@ impl Engines {
             dir,
             connect: OnceLock::new(),
             running: Mutex::new(HashMap::new()),
+            healing: Mutex::new(HashMap::new()),
             options: Mutex::new(FuseOptions::default()),
             scrub: Mutex::new((None, 16 << 20)),
         }
@@ -208,6 +212,15 @@ impl Engines {
     /// The running engine's state.
     pub fn status(&self, uuid: Uuid) -> Option<DriverStatus> {
         self.lock().get(&uuid).map(|r| r.driver.status())
+    }
+
+    /// The state of the engine of a heal of `uuid` running here.
+    pub fn heal_status(&self, uuid: Uuid) -> Option<DriverStatus> {
+        self.healing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uuid)
+            .map(|d| d.status())
     }
 
     /// The volume's engine, if one runs here.
@@ -342,6 +355,22 @@ impl Engines {
         )
         .await?;
         tracing::info!(volume = %uuid, "heal: an engine with no mount rebuilds the copies out of sync");
+        // Listed for its status while this runs (also when the caller
+        // drops it).
+        struct Listed<'a>(&'a Engines, Uuid, Arc<EngineDriver>);
+        impl Drop for Listed<'_> {
+            fn drop(&mut self) {
+                let mut h = self.0.healing.lock().unwrap_or_else(|e| e.into_inner());
+                if h.get(&self.1).is_some_and(|d| Arc::ptr_eq(d, &self.2)) {
+                    h.remove(&self.1);
+                }
+            }
+        }
+        self.healing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uuid, Arc::clone(&driver));
+        let _listed = Listed(self, uuid, Arc::clone(&driver));
         let mut progress = Progress::new(std::time::Instant::now());
         let mut turn = 0u64;
         loop {
