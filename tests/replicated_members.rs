@@ -319,8 +319,8 @@ async fn on_three_nodes_the_witness_becomes_a_copy_and_a_copy_the_witness() {
 /// `--replica-heal-rate 1`): on three nodes, 2 -> 3 makes the witness's
 /// node a copy, which a heal rebuilds (nobody publishes the volume); 3 -> 2
 /// during that heal drops the copy being rebuilt, whose node takes the
-/// witness again. Meanwhile ControllerGetVolume shows the heal's engine
-/// and what it has left to rebuild. The heal ends and is released, the volume is normal
+/// witness again. Meanwhile ControllerGetVolume and the healing node's
+/// /metrics show the heal's engine and what it has left to rebuild. The heal ends and is released, the volume is normal
 /// with its two first copies in sync, the witness's node holds no data,
 /// and the files written before read back on either copy's node.
 #[tokio::test(flavor = "multi_thread")]
@@ -376,6 +376,19 @@ async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
         "{msg}"
     );
     assert!(got.published_node_ids.is_empty(), "{msg}");
+    // So does the healing node's /metrics.
+    let healer = msg
+        .split("healing on ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let left = cl.copy_metric(
+        index_of(&healer),
+        "stowage_replicated_copy_dirty_regions",
+        &witness,
+    );
+    assert!(left.is_some_and(|n| n > 0), "{healer}: {left:?}");
     modify(&mut cl, &id, &[("replicas", "2")])
         .await
         .unwrap_or_else(|e| panic!("3 -> 2 during a heal: {e:?}"));

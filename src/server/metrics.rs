@@ -599,8 +599,9 @@ impl Collector for DriverCollector {
     }
 }
 
-/// The engines of replicated volumes on this node: each copy's state as
-/// the engine sees it, the epoch, and the bytes rebuilt (a counter: its
+/// The engines of replicated volumes on this node (a heal's too, unless a
+/// publication's engine runs for the same volume here): each copy's state
+/// as the engine sees it, the epoch, and the bytes rebuilt (a counter: its
 /// rate is the rebuild rate).
 fn replicated(
     enc: &mut DescriptorEncoder,
@@ -617,10 +618,18 @@ fn replicated(
     let mut scrubbed = Vec::new();
     let mut passes = Vec::new();
     let mut unresolved = Vec::new();
-    for uuid in engines.volumes() {
-        let Some(st) = engines.status(uuid) else {
-            continue;
-        };
+    let published = engines.volumes();
+    let statuses = published
+        .iter()
+        .filter_map(|&u| engines.status(u).map(|st| (u, st)))
+        .chain(
+            engines
+                .heals()
+                .into_iter()
+                .filter(|u| !published.contains(u))
+                .filter_map(|u| engines.heal_status(u).map(|st| (u, st))),
+        );
+    for (uuid, st) in statuses {
         let volume = format!("replicated:{uuid}");
         for c in &st.copies {
             let labels = [("volume", volume.clone()), ("copy", c.node.clone())];

@@ -223,6 +223,16 @@ impl Engines {
             .map(|d| d.status())
     }
 
+    /// Every volume a heal's engine runs for here.
+    pub fn heals(&self) -> Vec<Uuid> {
+        self.healing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
     /// The volume's engine, if one runs here.
     pub fn driver(&self, uuid: Uuid) -> Option<Arc<EngineDriver>> {
         self.lock().get(&uuid).map(|r| Arc::clone(&r.driver))
