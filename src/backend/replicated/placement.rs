@@ -217,7 +217,8 @@ pub fn place(
 
 /// The members a volume should have with `replicas` copies, the members on
 /// the `lost` nodes replaced: copies that stay are kept (in-sync ones
-/// first, `lost` ones never), new copies go to fresh, uncordoned nodes
+/// first, and among them the copy of the node the volume is published on;
+/// `lost` ones never), new copies go to fresh, uncordoned nodes
 /// with room, spread over zones with the kept ones; two copies keep (or
 /// get) a witness on another node, any other count has none. A node
 /// holding nothing of the volume is preferred, but with no other node the
@@ -234,8 +235,10 @@ pub fn reshape(
 ) -> Result<Vec<Member>, PlacementError> {
     let uuid = record.uuid;
     let mut kept: Vec<&str> = record.copies().filter(|n| !lost.contains(*n)).collect();
-    // In-sync copies first, then member order.
-    kept.sort_by_key(|n| !record.in_sync.contains_key(*n));
+    // In-sync copies first, the publication's node's first among them
+    // (its engine reads from its own copy), then member order.
+    let owner = record.published_on().map(|o| o.node.as_str());
+    kept.sort_by_key(|n| (!record.in_sync.contains_key(*n), owner != Some(*n)));
     kept.truncate(replicas);
     let used: BTreeSet<&str> = record.voters().collect();
     let witness = record
@@ -385,6 +388,23 @@ mod tests {
         assert_eq!(
             swapped,
             vec![Member::copy("c"), Member::copy("a"), Member::copy("d")]
+        );
+        // The copy of the node the volume is published on stays, unless
+        // it is out of sync.
+        let mut published = r3.clone();
+        published.owner = Some(crate::backend::replicated::record::Owner {
+            node: "c".into(),
+            readonly: false,
+            heal: false,
+        });
+        assert_eq!(
+            reshape(&nodes, &published, 1, &none).unwrap(),
+            vec![Member::copy("c")]
+        );
+        published.in_sync.remove("c");
+        assert_eq!(
+            reshape(&nodes, &published, 1, &none).unwrap(),
+            vec![Member::copy("b")]
         );
         // On three nodes, the witness's node takes the third copy, and the
         // copy that goes leaves its node to the witness.
