@@ -130,22 +130,27 @@ async fn wait_copies(
     }
 }
 
+/// ControllerModifyVolume (retried while ABORTED, see [`retry_aborted`]).
 async fn modify(
     cl: &mut Cluster,
     volume_id: &str,
     params: &[(&str, &str)],
 ) -> Result<(), tonic::Status> {
-    cl.c.controller
-        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
-            volume_id: volume_id.to_owned(),
-            mutable_parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
+    let c = cl.c.controller.clone();
+    let req = csi::ControllerModifyVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        mutable_parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    retry_aborted(|| {
+        let (mut c, req) = (c.clone(), req.clone());
+        async move { c.controller_modify_volume(req).await }
+    })
+    .await
+    .map(|_| ())
 }
 
 fn same_data(cl: &Cluster, volume_id: &str, nodes: &[String]) {

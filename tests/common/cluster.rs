@@ -650,24 +650,28 @@ pub struct Published {
 }
 
 impl Published {
-    /// ControllerPublish to node `i`, then NodeStage and NodePublish there.
+    /// ControllerPublish to node `i` (retried while ABORTED, see
+    /// [`retry_aborted`]), then NodeStage and NodePublish there.
     pub async fn up(
         cl: &mut Cluster,
         i: usize,
         v: &csi::Volume,
         cap: &csi::VolumeCapability,
     ) -> Result<Published, tonic::Status> {
-        let ctx =
-            cl.c.controller
-                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                    volume_id: v.volume_id.clone(),
-                    node_id: node_id(i),
-                    volume_capability: Some(cap.clone()),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .publish_context;
+        let c = cl.c.controller.clone();
+        let req = csi::ControllerPublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: node_id(i),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        let ctx = retry_aborted(|| {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { c.controller_publish_volume(req).await }
+        })
+        .await?
+        .into_inner()
+        .publish_context;
         let mut node = cl.node(i).await;
         let staging = cl.root.join(format!("stage-{}-n{i}", v.volume_id.len()));
         let target = cl.root.join(format!("pod-{}-n{i}", v.volume_id.len()));
