@@ -1269,6 +1269,18 @@ fn scrubbed_mib(message: &str) -> Option<u64> {
     message[at..].split(' ').next()?.parse().ok()
 }
 
+/// The jobs named in `jobs` (the value of `flag`); an error when none is.
+fn pick_jobs(jobs: &[String], flag: &str) -> Result<Vec<&'static Job>, String> {
+    let picked: Vec<&'static Job> = JOBS
+        .iter()
+        .filter(|j| jobs.iter().any(|n| n == j.name))
+        .collect();
+    if picked.is_empty() {
+        return Err(format!("{flag} {jobs:?}: no such job"));
+    }
+    Ok(picked)
+}
+
 /// See the module documentation, part 7.
 async fn scrub_part(
     cl: &mut Cluster,
@@ -1286,13 +1298,7 @@ async fn scrub_part(
         cfg.size_bytes / MIB,
         cl.placement(v.id())
     );
-    let picked: Vec<&Job> = JOBS
-        .iter()
-        .filter(|j| jobs.iter().any(|n| n == j.name))
-        .collect();
-    if picked.is_empty() {
-        return Err(format!("--scrub-jobs {jobs:?}: no such job"));
-    }
+    let picked = pick_jobs(jobs, "--scrub-jobs")?;
     // [job][with scrub]: the rounds' measures, and (with) the MiB checked
     // and the seconds they took.
     let mut runs: Vec<[Vec<Measure>; 2]> = vec![[Vec::new(), Vec::new()]; picked.len()];
@@ -1445,13 +1451,7 @@ async fn heal_part(
         heal_size / MIB,
         cl.placement(b.id())
     );
-    let picked: Vec<&Job> = JOBS
-        .iter()
-        .filter(|j| jobs.iter().any(|n| n == j.name))
-        .collect();
-    if picked.is_empty() {
-        return Err(format!("--heal-jobs {jobs:?}: no such job"));
-    }
+    let picked = pick_jobs(jobs, "--heal-jobs")?;
     // [job][none, paced, unpaced]: the rounds' measures; [job][paced,
     // unpaced]: each heal's MiB/s, and the heals that ended first.
     let mut runs: Vec<[Vec<Measure>; 3]> = vec![Default::default(); picked.len()];

@@ -153,6 +153,42 @@ async fn modify(
     .map(|_| ())
 }
 
+/// The witness's node in a volume's condition message, if it names one.
+fn witness_of(msg: &str) -> Option<String> {
+    msg.split("witness on ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .map(str::to_owned)
+}
+
+/// Publishes `v` on `node`, writes files there for 1.5 s with a [`Writer`]
+/// and takes it down; returns the files (each read back as written).
+async fn files_written(cl: &mut Cluster, node: &str, v: &csi::Volume) -> Vec<(PathBuf, u64)> {
+    let m = Published::up(cl, index_of(node), v, &ext4())
+        .await
+        .unwrap_or_else(|e| panic!("publish on {node}: {e:?}"));
+    let w = Writer::start(&m.target);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let files = w.files();
+    assert!(!files.is_empty());
+    m.down(cl, &v.volume_id).await;
+    files
+}
+
+/// Publishes `v` on `node` and checks every file in `files` (written by a
+/// [`Writer`]) reads back as written; then takes it down again.
+async fn files_read_back(cl: &mut Cluster, node: &str, v: &csi::Volume, files: &[(PathBuf, u64)]) {
+    let m = Published::up(cl, index_of(node), v, &ext4())
+        .await
+        .unwrap_or_else(|e| panic!("publish on {node}: {e:?}"));
+    for (p, k) in files {
+        let name = p.file_name().unwrap();
+        let got = std::fs::read(m.target.join(name)).unwrap();
+        assert!(got == pattern(*k, 256 << 10), "{name:?} differs on {node}");
+    }
+    m.down(cl, &v.volume_id).await;
+}
+
 fn same_data(cl: &Cluster, volume_id: &str, nodes: &[String]) {
     let first = std::fs::read(cl.copy_dir(index_of(&nodes[0]), volume_id).join("data")).unwrap();
     for n in &nodes[1..] {
@@ -192,12 +228,7 @@ async fn modify_replicas_adds_and_removes_a_copy_while_writing() {
     .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let (two, _, msg) = copies(&mut cl, &id).await;
-    let witness = msg
-        .split("witness on ")
-        .nth(1)
-        .and_then(|s| s.split(';').next())
-        .unwrap()
-        .to_owned();
+    let witness = witness_of(&msg).unwrap_or_else(|| panic!("no witness: {msg}"));
     let m = Published::up(&mut cl, index_of(&two[0]), &v, &ext4())
         .await
         .unwrap();
@@ -267,12 +298,6 @@ async fn on_three_nodes_the_witness_becomes_a_copy_and_a_copy_the_witness() {
     let v = cl.create(replicated("mem-w", "2")).await.unwrap();
     let id = v.volume_id.clone();
     let (two, _, msg) = copies(&mut cl, &id).await;
-    let witness_of = |msg: &str| {
-        msg.split("witness on ")
-            .nth(1)
-            .and_then(|s| s.split(';').next())
-            .map(str::to_owned)
-    };
     let witness = witness_of(&msg).unwrap_or_else(|| panic!("no witness: {msg}"));
     let data = |cl: &Cluster, n: &str| cl.copy_dir(index_of(n), &id).join("data");
     assert!(!data(&cl, &witness).exists(), "a witness holds no data");
@@ -339,20 +364,8 @@ async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
     let v = cl.create(replicated("mem-mh", "2")).await.unwrap();
     let id = v.volume_id.clone();
     let (two, _, msg) = copies(&mut cl, &id).await;
-    let witness = msg
-        .split("witness on ")
-        .nth(1)
-        .and_then(|s| s.split(';').next())
-        .unwrap()
-        .to_owned();
-    let m = Published::up(&mut cl, index_of(&two[0]), &v, &ext4())
-        .await
-        .unwrap();
-    let w = Writer::start(&m.target);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let files = w.files();
-    assert!(!files.is_empty());
-    m.down(&mut cl, &id).await;
+    let witness = witness_of(&msg).unwrap_or_else(|| panic!("no witness: {msg}"));
+    let files = files_written(&mut cl, &two[0], &v).await;
 
     modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -408,15 +421,7 @@ async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
     assert!(!cl.copy_dir(index_of(&witness), &id).join("data").exists());
     same_data(&cl, &id, &back);
     for n in &two {
-        let m = Published::up(&mut cl, index_of(n), &v, &ext4())
-            .await
-            .unwrap_or_else(|e| panic!("publish on {n}: {e:?}"));
-        for (p, k) in &files {
-            let name = p.file_name().unwrap();
-            let got = std::fs::read(m.target.join(name)).unwrap();
-            assert!(got == pattern(*k, 256 << 10), "{name:?} differs on {n}");
-        }
-        m.down(&mut cl, &id).await;
+        files_read_back(&mut cl, n, &v, &files).await;
     }
     cl.delete(&id).await.unwrap();
 }
@@ -511,14 +516,7 @@ async fn a_lost_copy_of_a_volume_nobody_publishes_is_rebuilt_without_a_publish()
     let v = cl.create(replicated("mem-heal", "3")).await.unwrap();
     let id = v.volume_id.clone();
     let (three, _, _) = copies(&mut cl, &id).await;
-    let m = Published::up(&mut cl, index_of(&three[0]), &v, &ext4())
-        .await
-        .unwrap();
-    let w = Writer::start(&m.target);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let files = w.files();
-    assert!(!files.is_empty());
-    m.down(&mut cl, &id).await;
+    let files = files_written(&mut cl, &three[0], &v).await;
     let victim = three[2].clone();
     cl.nodes[index_of(&victim) - 1].kill9();
     let now = wait_copies(&mut cl, &id, 3, Some(&victim), Duration::from_secs(90)).await;
@@ -529,15 +527,7 @@ async fn a_lost_copy_of_a_volume_nobody_publishes_is_rebuilt_without_a_publish()
     same_data(&cl, &id, &now);
     // Published again, on the new copy's node: its files are all there.
     let fresh = now.iter().find(|n| !three.contains(n)).unwrap();
-    let m = Published::up(&mut cl, index_of(fresh), &v, &ext4())
-        .await
-        .unwrap();
-    for (p, k) in &files {
-        let name = p.file_name().unwrap();
-        let got = std::fs::read(m.target.join(name)).unwrap();
-        assert!(got == pattern(*k, 256 << 10), "{name:?} differs on {fresh}");
-    }
-    m.down(&mut cl, &id).await;
+    files_read_back(&mut cl, fresh, &v, &files).await;
     cl.delete(&id).await.unwrap();
 }
 
