@@ -426,6 +426,86 @@ async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
     cl.delete(&id).await.unwrap();
 }
 
+/// `chattr +i` on a directory while it lives: its entries can be neither
+/// added, removed nor renamed. Cleared when dropped (also when the test
+/// fails), so the scratch directory can go.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let st = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("run chattr");
+        assert!(st.success(), "chattr +i {}: {st}", dir.display());
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A ModifyVolume 3 -> 2 on three nodes cut short between its two member
+/// changes: the dropped copy's node cannot delete its member (its
+/// directory is immutable), so the answer is UNAVAILABLE, naming the node
+/// and saying to retry, and the volume is left with two copies and no
+/// witness. Once the node can delete again, the controller's round, with
+/// no retry, deletes the old member and gives the two copies their
+/// witness on that node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_change_cut_short_gets_its_witness_in_the_round() {
+    let mut cl = Cluster::start_full(3, &["--replica-replace-after", "4"], &[]).await;
+    let v = cl.create(replicated("mem-cut", "3")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (three, _, _) = copies(&mut cl, &id).await;
+    // All in sync, nobody publishes: the last member's copy goes.
+    let dropped = three[2].clone();
+    let held = Immutable::set(&cl.copy_dir(index_of(&dropped), &id));
+    let e = modify(&mut cl, &id, &[("replicas", "2")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains(&format!("node {dropped}")) && e.message().contains("retry"),
+        "{e:?}"
+    );
+    let (two, in_sync, msg) = copies(&mut cl, &id).await;
+    assert_eq!(two, three[..2], "{msg}");
+    assert!(in_sync, "{msg}");
+    assert_eq!(witness_of(&msg), None, "{msg}");
+    assert!(cl.copy_dir(index_of(&dropped), &id).join("data").exists());
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, _, msg) = copies(&mut cl, &id).await;
+        if witness_of(&msg).as_ref() == Some(&dropped) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no witness on {dropped} within 30 s: {msg}\ncontroller:\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !cl.copy_dir(index_of(&dropped), &id).join("data").exists(),
+        "{dropped} is a witness now, with no data"
+    );
+    cl.delete(&id).await.unwrap();
+    for i in 1..=3 {
+        assert!(!cl.copy_dir(i, &id).exists(), "n{i} still holds it");
+    }
+}
+
 /// A node killed for good: after `--replica-replace-after`, its copy is
 /// replaced on the fourth node, rebuilt in full while the writer goes on,
 /// and joins the in-sync set; the final copies hold the same bytes. When

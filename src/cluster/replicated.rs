@@ -1329,7 +1329,8 @@ impl Replicated {
     /// replaced here) are deleted from it once it is back (see
     /// `removed_members`). Before anything else, copies of a volume nobody
     /// publishes that their idle reads found outvoted ([`copy_checks`])
-    /// are taken out of sync, and the round ends there for the volume.
+    /// are taken out of sync, and the round ends there for the volume. Two
+    /// copies with no witness (a change of members cut short) get one.
     pub async fn replace_lost(
         &self,
         uuid: Uuid,
@@ -1390,6 +1391,20 @@ impl Replicated {
             // controller restarted during it): released.
             self.end_heal(uuid, &o.node).await;
             return Ok(false);
+        }
+        if gone.is_empty()
+            && r.previous.is_none()
+            && r.copies().count() == 2
+            && !r.members.iter().any(|m| m.role == Role::Witness)
+        {
+            // Two copies and no witness: a change of members cut short
+            // between its two steps (a member changing role, see
+            // `set_members`). It gets its witness, as two copies have.
+            let members = placement::reshape(&self.candidates(), r, 2, &gone)
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            self.set_members(uuid, state, members).await?;
+            tracing::info!(volume = %volume_id(uuid), "a witness added to two copies that had none");
+            return Ok(true);
         }
         if gone.is_empty() {
             let fresh: Vec<String> = self.registry.fresh().into_iter().map(|n| n.id).collect();
