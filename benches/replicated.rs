@@ -1269,6 +1269,27 @@ fn scrubbed_mib(message: &str) -> Option<u64> {
     message[at..].split(' ').next()?.parse().ok()
 }
 
+/// A new replicated volume of `size` with `replicas` copies, published on
+/// n1 and written in full (fio's output to `out`).
+async fn prefilled(
+    cl: &mut Cluster,
+    cfg: &FioConfig,
+    label: &str,
+    size: u64,
+    replicas: usize,
+    out: &Path,
+) -> Result<Vol, String> {
+    let mut v = create(cl, label, size, Some(replicas)).await;
+    up(cl, &mut v, true).await?;
+    eprintln!("prefill {} ({} MiB)", v.label, size / MIB);
+    let cfg = FioConfig {
+        size_bytes: size,
+        ..cfg.clone()
+    };
+    prefill(&cfg, &v.target, out).await?;
+    Ok(v)
+}
+
 /// The jobs named in `jobs` (the value of `flag`); an error when none is.
 fn pick_jobs(jobs: &[String], flag: &str) -> Result<Vec<&'static Job>, String> {
     let picked: Vec<&'static Job> = JOBS
@@ -1289,10 +1310,7 @@ async fn scrub_part(
     rate: u64,
 ) -> Result<ScrubReport, String> {
     let out = cl.root.join("fio.json");
-    let mut v = create(cl, "rep3-scrub", cfg.size_bytes, Some(3)).await;
-    up(cl, &mut v, true).await?;
-    eprintln!("prefill {} ({} MiB)", v.label, cfg.size_bytes / MIB);
-    prefill(cfg, &v.target, &out).await?;
+    let mut v = prefilled(cl, cfg, "rep3-scrub", cfg.size_bytes, 3, &out).await?;
     let setup = format!(
         "a 3-copy volume of {} MiB on n1 ({})",
         cfg.size_bytes / MIB,
@@ -1431,19 +1449,9 @@ async fn heal_part(
 ) -> Result<HealReport, String> {
     let out = cl.root.join("fio.json");
     cl.set_controller_flag("--replica-replace-after", "8").await;
-    let mut b = create(cl, "rep2-heal", heal_size, Some(2)).await;
-    up(cl, &mut b, true).await?;
-    eprintln!("prefill {} ({} MiB)", b.label, heal_size / MIB);
-    let b_cfg = FioConfig {
-        size_bytes: heal_size,
-        ..cfg.clone()
-    };
-    prefill(&b_cfg, &b.target, &out).await?;
+    let mut b = prefilled(cl, cfg, "rep2-heal", heal_size, 2, &out).await?;
     down(cl, &mut b).await?;
-    let mut a = create(cl, "rep3-heal", cfg.size_bytes, Some(3)).await;
-    up(cl, &mut a, true).await?;
-    eprintln!("prefill {} ({} MiB)", a.label, cfg.size_bytes / MIB);
-    prefill(cfg, &a.target, &out).await?;
+    let a = prefilled(cl, cfg, "rep3-heal", cfg.size_bytes, 3, &out).await?;
     let setup = format!(
         "a 3-copy volume of {} MiB on n1 ({}); the heal of a new copy of a 2-copy volume of {} MiB nobody publishes ({})",
         cfg.size_bytes / MIB,

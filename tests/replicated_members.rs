@@ -368,17 +368,10 @@ async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
     let files = files_written(&mut cl, &two[0], &v).await;
 
     modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, _, msg) = copies(&mut cl, &id).await;
-        if msg.contains(&format!("healing on {}", two[0]))
-            || msg.contains(&format!("healing on {}", two[1]))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no heal within 30 s: {msg}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cl.wait_condition(&id, Duration::from_secs(30), "a heal", |_, msg| {
+        two.iter().any(|n| msg.contains(&format!("healing on {n}")))
+    })
+    .await;
     // 64 MiB at 1 MiB/s: the heal has a minute to go.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, _, msg) = copies(&mut cl, &id).await;
@@ -426,32 +419,6 @@ async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
     cl.delete(&id).await.unwrap();
 }
 
-/// `chattr +i` on a directory while it lives: its entries can be neither
-/// added, removed nor renamed. Cleared when dropped (also when the test
-/// fails), so the scratch directory can go.
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn set(dir: &Path) -> Immutable {
-        let st = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(dir)
-            .status()
-            .expect("run chattr");
-        assert!(st.success(), "chattr +i {}: {st}", dir.display());
-        Immutable(dir.to_owned())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A ModifyVolume 3 -> 2 on three nodes cut short between its two member
 /// changes: the dropped copy's node cannot delete its member (its
 /// directory is immutable), so the answer is UNAVAILABLE, naming the node
@@ -483,19 +450,13 @@ async fn a_role_change_cut_short_gets_its_witness_in_the_round() {
     assert!(cl.copy_dir(index_of(&dropped), &id).join("data").exists());
 
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, _, msg) = copies(&mut cl, &id).await;
-        if witness_of(&msg).as_ref() == Some(&dropped) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no witness on {dropped} within 30 s: {msg}\ncontroller:\n{}",
-            cl.controller.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cl.wait_condition(
+        &id,
+        Duration::from_secs(30),
+        &format!("a witness on {dropped}"),
+        |_, msg| witness_of(msg).as_ref() == Some(&dropped),
+    )
+    .await;
     assert!(
         !cl.copy_dir(index_of(&dropped), &id).join("data").exists(),
         "{dropped} is a witness now, with no data"

@@ -82,7 +82,9 @@ impl Drop for Scratch {
 }
 
 /// Makes a file immutable (`chattr +i`: every write to it fails with
-/// EPERM, through descriptors opened before too) until dropped.
+/// EPERM, through descriptors opened before too) until dropped; or a
+/// directory, whose entries can then be neither added, removed nor
+/// renamed.
 pub struct Immutable(PathBuf);
 
 impl Immutable {
