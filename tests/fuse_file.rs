@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Mounted, Scratch, is_mounted, loops_under, pattern, within};
+use common::{KillOnDrop, Mounted, Scratch, is_mounted, loops_under, pattern, within};
 use stowage::os::fuse_file::{
     AlignedBuf, BlockHandler, FuseFile, FuseFileError, FuseLoopDevice, FuseOptions, LocalFile,
 };
@@ -545,16 +545,6 @@ fn fuse_file_serves_one_file_and_unmounts_on_drop() {
 /// Environment of [`fuse_server_child`]: where to mount, the backing file,
 /// the size, and the file to create once serving.
 const CHILD_ENV: &str = "STOWAGE_FUSE_TEST_CHILD";
-
-/// Kills and reaps the child on drop (also when the test fails).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Not a test of its own: the serving process of
 /// [`killed_server_process_fails_io_promptly`], which runs this test

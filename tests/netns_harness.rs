@@ -19,6 +19,7 @@ use std::process::Command;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use common::KillOnDrop;
 use common::netns::{self, AGENT_PORT, EchoServer, Net};
 
 /// Tests that count namespaces take this exclusively; the others share it,
@@ -467,16 +468,6 @@ fn nothing_outlives_a_test_even_one_that_panics() {
     drop(p);
     assert_eq!(netns::own_namespaces(), ours_before);
     assert_eq!(root_links(), links_before);
-}
-
-/// A child of this test, killed (by its pid) and reaped on drop.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Removes the directories it names on drop.

@@ -783,3 +783,223 @@ async fn shrinking_to_one_copy_and_growing_again_keeps_the_copies_equal() {
     same_data(&cl, &id, &two);
     cl.delete(&id).await.unwrap();
 }
+
+/// A name for a two-copy volume whose witness the controller places on
+/// `node` (of the four nodes, all alike): placement is a pure function of
+/// the name and the nodes.
+fn name_with_witness_on(node: &str) -> String {
+    use stowage::backend::replicated::placement::{Candidate, Locality, place, volume_uuid};
+    let nodes: Vec<Candidate> = (1..=FOUR)
+        .map(|i| Candidate {
+            node: node_id(i),
+            zone: None,
+            fresh: true,
+            cordoned: false,
+            free_bytes: u64::MAX,
+        })
+        .collect();
+    (0..100)
+        .map(|i| format!("drain-c{i}"))
+        .find(|n| {
+            let placed = place(
+                volume_uuid(n),
+                &nodes,
+                2,
+                SIZE as u64,
+                Locality::BestEffort,
+                None,
+            );
+            placed.unwrap().witness.as_deref() == Some(node)
+        })
+        .expect("some name puts the witness there")
+}
+
+/// `node`'s line in `stowage node list`.
+fn node_line(cl: &Cluster, node: &str) -> String {
+    let out = cl.client(&["node", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with(&format!("{node} ")))
+        .unwrap_or_else(|| panic!("{node} not listed: {text}"))
+        .to_owned()
+}
+
+/// The copies in sync that a volume's condition message counts.
+fn in_sync_of(msg: &str) -> usize {
+    msg.split(" of ")
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count: {msg}"))
+}
+
+/// `stowage node drain --wait` moves every replicated volume's member off
+/// a node, make before break, and says when it is done: a volume of three
+/// copies nobody publishes gets a fourth copy, rebuilt by a heal (kept
+/// slow with `--replica-heal-rate 4`) while the copy on the draining node
+/// still counts and is shown leaving, which goes once the new one is in
+/// sync; a volume of two copies published elsewhere, with a writer
+/// running, gets its new copy rebuilt by its engine; a witness on the node
+/// moves at once. No volume ever has fewer copies in sync than it had;
+/// the node ends up holding nothing of them, `node list` says drained,
+/// and the data reads back from the new copies. Uncordon makes it ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
+    use std::io::Read;
+    let mut cl = Cluster::start_full(
+        FOUR,
+        &["--replica-replace-after", "4", "--replica-heal-rate", "4"],
+        &[],
+    )
+    .await;
+    let b = cl.create(replicated("drain-b", "3")).await.unwrap();
+    let (b3, _, _) = copies(&mut cl, &b.volume_id).await;
+    let d = b3[0].clone();
+    let b_files = files_written(&mut cl, &b3[1], &b).await;
+    let mut req = replicated("drain-a", "2");
+    req.accessibility_requirements = on(&[&d], &[]);
+    let a = cl.create(req).await.unwrap();
+    let (a2, _, msg) = copies(&mut cl, &a.volume_id).await;
+    assert!(a2.contains(&d), "locality puts a copy on {d}: {msg}");
+    let user = a2.iter().find(|n| **n != d).unwrap().clone();
+    let c = cl
+        .create(replicated(&name_with_witness_on(&d), "2"))
+        .await
+        .unwrap();
+    let (_, _, msg) = copies(&mut cl, &c.volume_id).await;
+    assert_eq!(witness_of(&msg).as_deref(), Some(d.as_str()), "{msg}");
+    let m = Published::up(&mut cl, index_of(&user), &a, &ext4())
+        .await
+        .unwrap();
+    let w = Writer::start(&m.target);
+
+    let mut drain = KillOnDrop(
+        cl.client_command(&["node", "drain", &d, "--wait", "--timeout", "180"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (mut saw_four, mut saw_leaving) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(200);
+    let status = loop {
+        if let Some(status) = drain.0.try_wait().unwrap() {
+            break status;
+        }
+        for (id, had) in [(&a.volume_id, 2), (&b.volume_id, 3)] {
+            let (_, _, msg) = copies(&mut cl, id).await;
+            assert!(
+                in_sync_of(&msg) >= had,
+                "{id} has a copy fewer in sync during the drain: {msg}"
+            );
+            saw_four |= id == &b.volume_id && msg.contains(" of 4 copies");
+            saw_leaving |= msg.contains(&format!("leaving: {d}"));
+        }
+        assert!(Instant::now() < deadline, "the drain client still runs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (mut said, mut err) = (String::new(), String::new());
+    drain
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    drain
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        status.success() && said.contains(&format!("node {d} drained")),
+        "{status}: {said}{err}\ncontroller:\n{}",
+        cl.controller.log_tail(40)
+    );
+    assert!(saw_four, "the third copy's replacement came before it went");
+    assert!(saw_leaving, "the copy on {d} was shown leaving");
+
+    let a_now = wait_copies(&mut cl, &a.volume_id, 2, Some(&d), Duration::from_secs(30)).await;
+    let b_now = wait_copies(&mut cl, &b.volume_id, 3, Some(&d), Duration::from_secs(30)).await;
+    wait_copies(&mut cl, &c.volume_id, 2, Some(&d), Duration::from_secs(30)).await;
+    for id in [&a.volume_id, &b.volume_id, &c.volume_id] {
+        let (_, _, msg) = copies(&mut cl, id).await;
+        assert!(
+            witness_of(&msg).is_none_or(|n| n != d) && !msg.contains("leaving"),
+            "{msg}"
+        );
+        assert!(
+            !cl.copy_dir(index_of(&d), id).exists(),
+            "{d} still holds {id}"
+        );
+    }
+    let line = node_line(&cl, &d);
+    assert!(line.contains("drained"), "{line}");
+
+    assert!(w.finish() > 0);
+    m.down(&mut cl, &a.volume_id).await;
+    same_data(&cl, &a.volume_id, &a_now);
+    let new = b_now.iter().find(|n| !b3.contains(n)).unwrap().clone();
+    files_read_back(&mut cl, &new, &b, &b_files).await;
+
+    assert!(cl.client(&["node", "uncordon", &d]).status.success());
+    let line = node_line(&cl, &d);
+    assert!(line.contains("ready"), "{line}");
+    for id in [&a.volume_id, &b.volume_id, &c.volume_id] {
+        cl.delete(id).await.unwrap();
+        for i in 1..=FOUR {
+            assert!(!cl.copy_dir(i, id).exists(), "n{i} still holds {id}");
+        }
+    }
+}
+
+/// A drain the nodes left cannot take (three nodes: two copies and a
+/// witness need three others) starts nothing: `drain --wait` gives up at
+/// its timeout, saying why each volume stays; the volume keeps its members,
+/// all in sync, none leaving. A node not registered is UNAVAILABLE (it may
+/// register yet, as after a controller restart). Uncordon ends the drain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_that_cannot_end_starts_nothing_and_says_why() {
+    let mut cl = Cluster::start_full(3, &["--replica-replace-after", "4"], &[]).await;
+    let v = cl.create(replicated("drain-no", "2")).await.unwrap();
+    let (two, _, before) = copies(&mut cl, &v.volume_id).await;
+    let d = two[0].clone();
+    let out = cl.client(&["node", "drain", &d, "--wait", "--timeout", "6"]);
+    let (said, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{said}{err}");
+    assert!(
+        said.contains(&format!(
+            "{}: cannot move: two copies need a witness",
+            v.volume_id
+        )) && err.contains(&format!("node {d} not drained within 6s (1 volumes left")),
+        "{said}{err}"
+    );
+    let (now, in_sync, msg) = copies(&mut cl, &v.volume_id).await;
+    assert_eq!(now, two, "{msg}");
+    assert!(in_sync && !msg.contains("leaving"), "{msg}");
+    assert_eq!(witness_of(&msg), witness_of(&before), "{msg}");
+    assert!(
+        cl.copy_dir(index_of(&d), &v.volume_id)
+            .join("data")
+            .exists()
+    );
+    let line = node_line(&cl, &d);
+    assert!(line.contains("draining (1 volumes left)"), "{line}");
+
+    let out = cl.client(&["node", "drain", "n9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("UNAVAILABLE")
+            && err.contains("node n9 is not registered"),
+        "{out:?}"
+    );
+    assert!(cl.client(&["node", "uncordon", &d]).status.success());
+    let line = node_line(&cl, &d);
+    assert!(line.contains("ready"), "{line}");
+    cl.delete(&v.volume_id).await.unwrap();
+}

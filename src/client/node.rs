@@ -1,4 +1,4 @@
-//! `stowage node list|cordon|uncordon|forget`: the registry of a
+//! `stowage node list|cordon|drain|uncordon|forget`: the registry of a
 //! `--mode controller` server (its unix socket).
 
 use std::collections::BTreeMap;
@@ -25,7 +25,24 @@ pub enum NodeVerb {
     List,
     /// Place no new volumes on the node (existing ones keep working).
     Cordon { node_id: String },
-    /// Place new volumes on the node again.
+    /// Cordon the node and move every replicated volume's member off it,
+    /// make before break: each copy there is rebuilt on another node
+    /// before it goes, so no volume has a copy fewer meanwhile. The
+    /// volumes of the node's own pool (block, dir, object) stay. Lasts
+    /// across restarts of the node and of the controller until uncordoned.
+    Drain {
+        node_id: String,
+        /// Wait until no replicated volume has a member on the node,
+        /// saying what each one left waits for.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up (exit status 1) after this many seconds;
+        /// 0: no limit. The drain goes on.
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        timeout: u64,
+    },
+    /// Place new volumes on the node again (ends a drain; a copy already
+    /// rebuilt elsewhere for it still replaces the node's).
     Uncordon { node_id: String },
     /// Declare a node gone for good: deletes of its volumes and snapshots
     /// succeed from now on (refused while the node still registers).
@@ -43,6 +60,13 @@ pub struct NodeView {
     pub total_bytes: u64,
     pub labels: BTreeMap<String, String>,
     pub cordoned: bool,
+    pub draining: bool,
+    /// Of a draining node: the replicated volumes with a member there
+    /// (None until the controller has looked at every volume).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_left: Option<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drain_notes: Vec<String>,
     pub version: String,
 }
 
@@ -87,6 +111,9 @@ pub async fn run(endpoint: &str, verb: NodeVerb, format: OutputFormat) -> Result
                         total_bytes: n.total_bytes,
                         labels: n.labels.into_iter().collect(),
                         cordoned: n.cordoned,
+                        draining: n.draining,
+                        drain_left: n.drain_left,
+                        drain_notes: n.drain_notes,
                         version: n.version,
                     })
                     .collect(),
@@ -103,16 +130,19 @@ pub async fn run(endpoint: &str, verb: NodeVerb, format: OutputFormat) -> Result
                     "LABELS",
                 ]);
                 for n in &view.nodes {
-                    let state = match (n.fresh, n.cordoned) {
-                        (true, false) => "ready",
-                        (true, true) => "cordoned",
-                        (false, _) => "not registering",
+                    let state = match (n.fresh, n.cordoned, n.draining, n.drain_left) {
+                        (false, ..) => "not registering".to_owned(),
+                        (true, _, true, Some(0)) => "drained".to_owned(),
+                        (true, _, true, Some(left)) => format!("draining ({left} volumes left)"),
+                        (true, _, true, None) => "draining".to_owned(),
+                        (true, true, false, _) => "cordoned".to_owned(),
+                        (true, false, false, _) => "ready".to_owned(),
                     };
                     t.row(vec![
                         n.node_id.clone(),
                         n.address.clone(),
                         format!("{:.1}s ago", n.last_seen_seconds_ago),
-                        state.to_owned(),
+                        state,
                         gib(n.free_bytes),
                         gib(n.total_bytes),
                         join_map(&n.labels),
@@ -134,17 +164,41 @@ pub async fn run(endpoint: &str, verb: NodeVerb, format: OutputFormat) -> Result
                 .cordon(CordonRequest {
                     node_id: node_id.clone(),
                     cordoned: true,
+                    draining: false,
                 })
                 .await
                 .map_err(unimplemented)?;
             println!("node {node_id} cordoned: no new volumes are placed there");
             Ok(())
         }
+        NodeVerb::Drain {
+            node_id,
+            wait,
+            timeout,
+        } => {
+            admin
+                .cordon(CordonRequest {
+                    node_id: node_id.clone(),
+                    cordoned: true,
+                    draining: true,
+                })
+                .await
+                .map_err(unimplemented)?;
+            println!(
+                "node {node_id} draining: cordoned, and every replicated volume's member moves off it, copies rebuilt elsewhere first (its own pool's volumes stay)"
+            );
+            if !wait {
+                println!("`stowage node list` says how many volumes are left");
+                return Ok(());
+            }
+            wait_drained(&mut admin, &node_id, timeout).await
+        }
         NodeVerb::Uncordon { node_id } => {
             admin
                 .cordon(CordonRequest {
                     node_id: node_id.clone(),
                     cordoned: false,
+                    draining: false,
                 })
                 .await
                 .map_err(unimplemented)?;
@@ -161,5 +215,52 @@ pub async fn run(endpoint: &str, verb: NodeVerb, format: OutputFormat) -> Result
             println!("node {node_id} forgotten: deletes of its volumes and snapshots now succeed");
             Ok(())
         }
+    }
+}
+
+/// Polls the controller until `node` holds no member of a replicated
+/// volume, printing what the volumes left wait for whenever it changes.
+async fn wait_drained(
+    admin: &mut AdminClient<tonic::transport::Channel>,
+    node: &str,
+    timeout: u64,
+) -> Result<(), ClientError> {
+    let start = std::time::Instant::now();
+    let mut said: Option<Vec<String>> = None;
+    loop {
+        let nodes = admin
+            .list_nodes(ListNodesRequest {})
+            .await
+            .map_err(rpc("Admin"))?
+            .into_inner()
+            .nodes;
+        let Some(n) = nodes.into_iter().find(|n| n.node_id == node) else {
+            return Err(ClientError::Local(format!(
+                "node {node} is no longer registered with the controller"
+            )));
+        };
+        if !n.draining {
+            return Err(ClientError::Local(format!(
+                "node {node} is no longer draining (uncordoned?)"
+            )));
+        }
+        if n.drain_left == Some(0) {
+            println!("node {node} drained: no replicated volume has a member there");
+            return Ok(());
+        }
+        if n.drain_left.is_some() && said.as_ref() != Some(&n.drain_notes) {
+            for note in &n.drain_notes {
+                println!("  {note}");
+            }
+            said = Some(n.drain_notes.clone());
+        }
+        if timeout > 0 && start.elapsed() >= std::time::Duration::from_secs(timeout) {
+            return Err(ClientError::Local(format!(
+                "node {node} not drained within {timeout}s ({} volumes left; the drain goes on)",
+                n.drain_left
+                    .map_or_else(|| "not yet counted".to_owned(), |l| l.to_string())
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

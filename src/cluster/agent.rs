@@ -84,14 +84,15 @@ impl Agent for AgentService {
         &self,
         req: Request<SetCordonRequest>,
     ) -> Result<Response<SetCordonResponse>, Status> {
-        let cordoned = req.into_inner().cordoned;
+        let r = req.into_inner();
+        let (cordoned, draining) = (r.cordoned || r.draining, r.draining);
         let f = self.cordon_file.clone();
         let _serial = self.cordon_lock.lock().await;
-        tokio::task::spawn_blocking(move || set_cordon_file(&f, cordoned))
+        tokio::task::spawn_blocking(move || set_cordon_file(&f, cordoned, draining))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(format!("cordon file: {e}")))?;
-        tracing::info!(cordoned, "cordon changed");
+        tracing::info!(cordoned, draining, "cordon changed");
         Ok(Response::new(SetCordonResponse {}))
     }
 
@@ -136,14 +137,29 @@ impl AgentService {
     }
 }
 
-fn set_cordon_file(f: &std::path::Path, cordoned: bool) -> std::io::Result<()> {
-    if cordoned {
+/// Writes the node's cordon state: no file when neither cordoned nor
+/// draining; `draining` implies cordoned.
+fn set_cordon_file(f: &std::path::Path, cordoned: bool, draining: bool) -> std::io::Result<()> {
+    if draining {
+        crate::os::fs::write_atomic(f, DRAINING)
+    } else if cordoned {
         crate::os::fs::write_atomic(f, b"cordoned\n")
     } else {
         match std::fs::remove_file(f) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+const DRAINING: &[u8] = b"draining\n";
+
+/// The node's cordon state, (cordoned, draining), from its cordon file.
+fn read_cordon_file(f: &std::path::Path) -> (bool, bool) {
+    match std::fs::read(f) {
+        Ok(b) => (true, b == DRAINING),
+        // Unreadable but there: cordoned, as before the file had content.
+        Err(e) => (e.kind() != std::io::ErrorKind::NotFound, false),
     }
 }
 
@@ -331,11 +347,11 @@ pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMateri
                 c.topology(),
                 free,
                 total,
-                cordon_file.exists(),
+                read_cordon_file(&cordon_file),
             )
         })
         .await;
-        let Ok((node_id, topology, free, total, cordoned)) = facts else {
+        let Ok((node_id, topology, free, total, (cordoned, draining))) = facts else {
             continue;
         };
         let req = RegisterRequest {
@@ -346,6 +362,7 @@ pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMateri
             free_bytes: free,
             total_bytes: total,
             cordoned,
+            draining,
             interval_seconds: cfg.interval.as_secs().max(1) as u32,
             version: crate::VENDOR_VERSION.to_owned(),
             max_volumes: driver.node.as_ref().map_or(0, |n| n.max_volumes_per_node()),

@@ -23,6 +23,9 @@ pub struct NodeEntry {
     pub free_bytes: u64,
     pub total_bytes: u64,
     pub cordoned: bool,
+    /// Every replicated volume's member moves off the node (`stowage node
+    /// drain`); implies `cordoned`.
+    pub draining: bool,
     pub interval: Duration,
     pub version: String,
     /// The node's attach limit (0: none).
@@ -110,7 +113,8 @@ impl Registry {
                 labels: r.labels.into_iter().collect(),
                 free_bytes: r.free_bytes,
                 total_bytes: r.total_bytes,
-                cordoned: r.cordoned,
+                cordoned: r.cordoned || r.draining,
+                draining: r.draining,
                 interval,
                 version: r.version,
                 max_volumes: r.max_volumes,
@@ -160,10 +164,20 @@ impl Registry {
     }
 
     /// Records a cordon change the node confirmed.
-    pub fn set_cordoned(&self, id: &str, cordoned: bool) {
+    pub fn set_cordoned(&self, id: &str, cordoned: bool, draining: bool) {
         if let Some(n) = lock(&self.nodes).get_mut(id) {
-            n.cordoned = cordoned;
+            n.cordoned = cordoned || draining;
+            n.draining = draining;
         }
+    }
+
+    /// The nodes draining, fresh or not.
+    pub fn draining(&self) -> BTreeSet<String> {
+        lock(&self.nodes)
+            .values()
+            .filter(|n| n.draining)
+            .map(|n| n.id.clone())
+            .collect()
     }
 
     pub fn is_forgotten(&self, id: &str) -> bool {

@@ -5,7 +5,7 @@
 //! of truth: the controller keeps nothing). A volume is found by asking the
 //! fresh nodes what they hold of its uuid, which the CSI name determines.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use super::proto::replica_client::ReplicaClient;
 use super::proto::{CreateReplicaRequest, DeleteReplicaRequest, GetReplicaRequest, ReplicaCall};
 use super::registry::{NodeEntry, Registry};
 use crate::backend::replicated::REGION_BYTES;
-use crate::backend::replicated::placement::{self, Candidate, ReplicaParams};
+use crate::backend::replicated::placement::{self, Candidate, Evacuation, ReplicaParams, Step};
 use crate::backend::replicated::protocol::Ballot;
 use crate::backend::replicated::protocol::{
     Change, Envelope, Outcome, Proposer, Refusal, Reply, VoterState,
@@ -250,6 +250,7 @@ pub struct Replicated {
     started: Instant,
     health: VolumeHealth,
     heals: Heals,
+    drains: Drains,
 }
 
 /// How the controller heals volumes nobody publishes
@@ -339,6 +340,87 @@ impl VolumeHealth {
     }
 }
 
+/// What the rounds found of each volume with a member on a draining node
+/// (`stowage node drain`): those nodes, and what the volume waits for.
+/// Soft state, worked out again by every round.
+#[derive(Debug, Clone, Default)]
+pub struct Drains(Arc<std::sync::Mutex<DrainState>>);
+
+#[derive(Debug, Default)]
+struct DrainState {
+    volumes: BTreeMap<Uuid, (BTreeSet<String>, String)>,
+    /// The round under way (or the last one).
+    round: u64,
+    /// The round under way when each node's drain began.
+    began: BTreeMap<String, u64>,
+    /// Draining nodes a whole round looked at every volume for since their
+    /// drain began.
+    counted: BTreeSet<String>,
+}
+
+impl Drains {
+    fn state(&self) -> std::sync::MutexGuard<'_, DrainState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes `uuid`'s members on the draining `nodes`, and why they are
+    /// still there; logged when that changes.
+    fn note(&self, uuid: Uuid, nodes: BTreeSet<String>, why: String) {
+        let mut s = self.state();
+        if s.volumes.get(&uuid).is_none_or(|(_, w)| *w != why) {
+            tracing::info!(volume = %volume_id(uuid), nodes = ?nodes, "drain: {why}");
+        }
+        s.volumes.insert(uuid, (nodes, why));
+    }
+
+    fn clear(&self, uuid: Uuid) {
+        self.state().volumes.remove(&uuid);
+    }
+
+    /// A drain of `node` begins: it counts once a round that started
+    /// after now has ended.
+    pub fn begin(&self, node: &str) {
+        let mut s = self.state();
+        let round = s.round;
+        s.began.insert(node.to_owned(), round);
+        s.counted.remove(node);
+    }
+
+    /// A round begins; returns its number.
+    pub fn round_begins(&self) -> u64 {
+        let mut s = self.state();
+        s.round += 1;
+        s.round
+    }
+
+    /// Round `round` looked at every volume of `live` with `draining` the
+    /// nodes draining when it began.
+    pub fn round_ended(&self, round: u64, live: &[Uuid], draining: &BTreeSet<String>) {
+        let mut s = self.state();
+        s.volumes.retain(|u, _| live.contains(u));
+        let began = s.began.clone();
+        s.counted = draining
+            .iter()
+            .filter(|n| began.get(*n).is_none_or(|b| *b < round))
+            .cloned()
+            .collect();
+        s.began.retain(|n, _| draining.contains(n));
+    }
+
+    /// Of a draining `node` a whole round has looked at: the volumes with
+    /// a member there, each with what it waits for.
+    pub fn left(&self, node: &str) -> Option<Vec<String>> {
+        let s = self.state();
+        s.counted.contains(node).then(|| {
+            s.volumes
+                .iter()
+                .filter(|(_, (nodes, _))| nodes.contains(node))
+                .map(|(u, (_, why))| format!("{}: {why}", volume_id(*u)))
+                .collect()
+        })
+    }
+}
+
 impl Replicated {
     pub fn new(registry: Arc<Registry>) -> Self {
         Replicated {
@@ -349,12 +431,18 @@ impl Replicated {
             started: Instant::now(),
             health: VolumeHealth::default(),
             heals: Heals::default(),
+            drains: Drains::default(),
         }
     }
 
     /// What `/metrics` says of the volumes' conditions.
     pub fn health(&self) -> VolumeHealth {
         self.health.clone()
+    }
+
+    /// What the rounds found of the draining nodes' volumes.
+    pub fn drains(&self) -> &Drains {
+        &self.drains
     }
 
     /// `record`'s condition ([`condition`]), noted in [`VolumeHealth`].
@@ -1406,6 +1494,9 @@ impl Replicated {
             tracing::info!(volume = %volume_id(uuid), "a witness added to two copies that had none");
             return Ok(true);
         }
+        if gone.is_empty() && r.previous.is_none() && self.drain_step(uuid, &state, heal).await? {
+            return Ok(true);
+        }
         if gone.is_empty() {
             let fresh: Vec<String> = self.registry.fresh().into_iter().map(|n| n.id).collect();
             if let Some(how) = heal
@@ -1424,6 +1515,89 @@ impl Replicated {
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         self.set_members(uuid, state, members).await?;
         tracing::info!(volume = %volume_id(uuid), lost = ?gone, "lost members replaced");
+        Ok(true)
+    }
+
+    /// One step of moving `uuid`'s members off the draining nodes, make
+    /// before break ([`placement::evacuate`]), noted in [`Drains`]: a copy
+    /// more on another node for each one there, then, once the engine that
+    /// runs (a publication's or a heal's) has it in sync, the copy there
+    /// goes. Returns whether the members changed.
+    async fn drain_step(
+        &self,
+        uuid: Uuid,
+        state: &VoterState,
+        heal: Option<HealIdle>,
+    ) -> Result<bool, Status> {
+        let draining = self.registry.draining();
+        let r = &state.record;
+        let nodes: BTreeSet<String> = r
+            .voters()
+            .filter(|n| draining.contains(*n))
+            .chain(r.leaving())
+            .map(str::to_owned)
+            .collect();
+        let (members, step) = match placement::evacuate(&self.candidates(), r, &draining) {
+            Ok(Evacuation::Nothing) => {
+                self.drains.clear(uuid);
+                return Ok(false);
+            }
+            Err(e) => {
+                self.drains.note(uuid, nodes, format!("cannot move: {e}"));
+                return Ok(false);
+            }
+            Ok(Evacuation::Rebuilding(behind)) => {
+                let by = match &r.owner {
+                    Some(o) if o.heal => format!("healing on {}", o.node),
+                    Some(o) => format!("by the engine on {}, where it is published", o.node),
+                    None if heal.is_some() => "a heal starts in a round".to_owned(),
+                    None => {
+                        "no heal (--replica-heal-idle off): the next publication's engine rebuilds"
+                            .to_owned()
+                    }
+                };
+                self.drains.note(
+                    uuid,
+                    nodes,
+                    format!("new copy on {} being rebuilt ({by})", behind.join(", ")),
+                );
+                return Ok(false);
+            }
+            Ok(Evacuation::Members { members, step }) => (members, step),
+        };
+        if let Some(o) = r.owner.as_ref().filter(|o| o.heal) {
+            self.drains.note(
+                uuid,
+                nodes,
+                format!("waiting for the heal on {} to end", o.node),
+            );
+            return Ok(false);
+        }
+        let what = match step {
+            Step::Add => "copies added elsewhere first (make before break)",
+            Step::Remove => "leaving copies removed, their replacements in sync",
+            Step::Witness => "witness moved",
+            Step::Replace => "copies replaced in place (the volume has as many copies as it may)",
+        };
+        if let Err(e) = self.set_members(uuid, state.clone(), members.clone()).await {
+            self.drains.note(
+                uuid,
+                nodes,
+                format!("{what}: failed, retried next round: {}", e.message()),
+            );
+            return Err(e);
+        }
+        let on: Vec<&str> = members
+            .iter()
+            .filter(|m| draining.contains(&m.node))
+            .map(|m| m.node.as_str())
+            .collect();
+        tracing::info!(volume = %volume_id(uuid), from = ?nodes, members = ?members.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), "drain: {what}");
+        if on.is_empty() {
+            self.drains.clear(uuid);
+        } else {
+            self.drains.note(uuid, nodes, what.to_owned());
+        }
         Ok(true)
     }
 
@@ -1767,6 +1941,13 @@ fn condition(record: &ReplicaRecord, checks: &BTreeMap<String, CopyChecks>) -> F
     );
     if let Some(w) = record.members.iter().find(|m| m.role == Role::Witness) {
         message.push_str(&format!("; witness on {}", w.node));
+    }
+    let leaving: Vec<&str> = record.leaving().collect();
+    if !leaving.is_empty() {
+        message.push_str(&format!(
+            "; leaving: {} (its node drains: it goes once the other copies are in sync)",
+            leaving.join(", ")
+        ));
     }
     let mut found = Findings::default();
     if let Some(o) = &record.owner {

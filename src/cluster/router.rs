@@ -138,15 +138,19 @@ impl Router {
             }
         };
         self.replicated.forget_health_but(&volumes);
-        for uuid in volumes {
-            let raw = replicated::volume_id(uuid);
+        let drains = self.replicated.drains();
+        let round = drains.round_begins();
+        let draining = self.registry.draining();
+        for uuid in &volumes {
+            let raw = replicated::volume_id(*uuid);
             let Ok(_guard) = self.volume_guard(&raw) else {
                 continue;
             };
-            if let Err(e) = self.replicated.replace_lost(uuid, after, heal).await {
+            if let Err(e) = self.replicated.replace_lost(*uuid, after, heal).await {
                 tracing::warn!(volume = %raw, error = %e.message(), "lost or removed members not dealt with yet");
             }
         }
+        drains.round_ended(round, &volumes, &draining);
     }
 
     /// Up to `max` (0: all) replicated volumes from index `from`, and the
@@ -1171,6 +1175,7 @@ impl proto::admin_server::Admin for Router {
         _req: Request<proto::ListNodesRequest>,
     ) -> Result<Response<proto::ListNodesResponse>, Status> {
         let now = Instant::now();
+        let drains = self.replicated.drains();
         Ok(Response::new(proto::ListNodesResponse {
             nodes: self
                 .registry
@@ -1179,13 +1184,24 @@ impl proto::admin_server::Admin for Router {
                 .map(|n| proto::NodeInfo {
                     fresh: n.fresh(now),
                     last_seen_ms_ago: now.duration_since(n.last_seen).as_millis() as u64,
-                    node_id: n.id,
                     advertise: n.advertise,
                     free_bytes: n.free_bytes,
                     total_bytes: n.total_bytes,
                     labels: n.labels.into_iter().collect(),
                     cordoned: n.cordoned,
                     version: n.version,
+                    drain_left: n
+                        .draining
+                        .then(|| drains.left(&n.id))
+                        .flatten()
+                        .map(|l| l.len() as u32),
+                    drain_notes: if n.draining {
+                        drains.left(&n.id).unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
+                    draining: n.draining,
+                    node_id: n.id,
                 })
                 .collect(),
             forgotten: self.registry.forgotten(),
@@ -1210,11 +1226,16 @@ impl proto::admin_server::Admin for Router {
             &n,
             proto::agent_client::AgentClient::new(n.channel.clone())
                 .set_cordon(proto::SetCordonRequest {
-                    cordoned: r.cordoned,
+                    cordoned: r.cordoned || r.draining,
+                    draining: r.draining,
                 })
                 .await,
         )?;
-        self.registry.set_cordoned(&r.node_id, r.cordoned);
+        if r.draining && !n.draining {
+            self.replicated.drains().begin(&r.node_id);
+        }
+        self.registry
+            .set_cordoned(&r.node_id, r.cordoned, r.draining);
         Ok(Response::new(proto::CordonResponse {}))
     }
 

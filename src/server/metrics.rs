@@ -765,6 +765,16 @@ impl Collector for RouterCollector {
         )?;
         gauges(
             &mut enc,
+            "cluster_node_draining",
+            "1 while every replicated volume's member moves off the node (stowage node drain)",
+            None,
+            &nodes
+                .iter()
+                .map(|n| (node(n), i64::from(n.draining)))
+                .collect::<Vec<_>>(),
+        )?;
+        gauges(
+            &mut enc,
             "cluster_node_pool_free",
             "free bytes of the node's pool, as it last registered",
             Some(&Unit::Bytes),

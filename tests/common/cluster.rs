@@ -610,15 +610,19 @@ impl Cluster {
 
     /// Runs `stowage` (the client) against the controller's socket.
     pub fn client(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin())
-            .arg("--endpoint")
+        self.client_command(args).output().unwrap()
+    }
+
+    /// `stowage` (the client) against the controller's socket, to run.
+    pub fn client_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--endpoint")
             .arg(format!(
                 "unix://{}",
                 self.root.join("controller.sock").display()
             ))
-            .args(args)
-            .output()
-            .unwrap()
+            .args(args);
+        c
     }
 }
 

@@ -108,6 +108,17 @@ impl Drop for Immutable {
     }
 }
 
+/// A child process of the test, killed (by its pid) and reaped on drop,
+/// also when the test fails.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Unmounts (lazily) a filesystem the test mounted, first thing on drop
 /// (declared after what must outlive the mount, e.g. the device under it).
 pub struct Mounted(pub PathBuf);

@@ -235,10 +235,18 @@ pub fn reshape(
 ) -> Result<Vec<Member>, PlacementError> {
     let uuid = record.uuid;
     let mut kept: Vec<&str> = record.copies().filter(|n| !lost.contains(*n)).collect();
-    // In-sync copies first, the publication's node's first among them
-    // (its engine reads from its own copy), then member order.
+    // In-sync copies first, those not leaving (see `evacuate`) first among
+    // them, then the publication's node's (its engine reads from its own
+    // copy), then member order.
     let owner = record.published_on().map(|o| o.node.as_str());
-    kept.sort_by_key(|n| (!record.in_sync.contains_key(*n), owner != Some(*n)));
+    let leaving: BTreeSet<&str> = record.leaving().collect();
+    kept.sort_by_key(|n| {
+        (
+            !record.in_sync.contains_key(*n),
+            leaving.contains(n),
+            owner != Some(*n),
+        )
+    });
     kept.truncate(replicas);
     let used: BTreeSet<&str> = record.voters().collect();
     let witness = record
@@ -328,9 +336,120 @@ pub fn reshape(
     Ok(members)
 }
 
+/// The next step of moving a volume's members off draining nodes
+/// ([`evacuate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evacuation {
+    /// No member on a draining node, and no copy leaving.
+    Nothing,
+    /// The copies that replace the leaving ones are out of sync (these):
+    /// an engine rebuilds them first.
+    Rebuilding(Vec<String>),
+    /// Change the members to `members`.
+    Members { members: Vec<Member>, step: Step },
+}
+
+/// What an [`Evacuation::Members`] change does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Adds a copy elsewhere for each copy on a draining node, which is
+    /// marked leaving (make).
+    Add,
+    /// Removes the leaving copies, their replacements in sync (break).
+    Remove,
+    /// Moves a witness (no data): nothing to rebuild first.
+    Witness,
+    /// Replaces the copies in place: the volume has as many copies as it
+    /// may, so none can be added first; the other copies stay in sync.
+    Replace,
+}
+
+/// How the members of `record` (no membership change under way) move off
+/// the `draining` nodes, make before break: first a copy more on another
+/// node for each copy on a draining node, which is marked leaving
+/// ([`Step::Add`]); once every copy that stays is in sync, the leaving
+/// ones go ([`Step::Remove`]). The copy count is the same at the end; a
+/// witness moves at once. A volume with [`MAX_COPIES`] replaces its
+/// copies in place. Nothing is started that could not end: an error when
+/// the nodes left could not hold the volume without the draining ones.
+pub fn evacuate(
+    candidates: &[Candidate],
+    record: &ReplicaRecord,
+    draining: &BTreeSet<String>,
+) -> Result<Evacuation, PlacementError> {
+    // A draining node takes nothing, whatever the registry says of it.
+    let candidates: Vec<Candidate> = candidates
+        .iter()
+        .map(|c| Candidate {
+            cordoned: c.cordoned || draining.contains(&c.node),
+            ..c.clone()
+        })
+        .collect();
+    let candidates = &candidates[..];
+    let on: BTreeSet<String> = record
+        .voters()
+        .filter(|n| draining.contains(*n))
+        .map(str::to_owned)
+        .collect();
+    let leaving: BTreeSet<String> = record.leaving().map(str::to_owned).collect();
+    let copies = record.copies().count();
+    if !leaving.is_empty() {
+        let stay: Vec<&str> = record.copies().filter(|n| !leaving.contains(*n)).collect();
+        let behind: Vec<String> = stay
+            .iter()
+            .filter(|n| !record.in_sync.contains_key(**n))
+            .map(|n| (*n).to_owned())
+            .collect();
+        if !behind.is_empty() {
+            return Ok(Evacuation::Rebuilding(behind));
+        }
+        // A witness on a draining node goes too; a copy there that is not
+        // leaving yet (a second node draining) waits for its own turn.
+        let gone = record
+            .members
+            .iter()
+            .filter(|m| {
+                leaving.contains(&m.node) || (m.role == Role::Witness && on.contains(&m.node))
+            })
+            .map(|m| m.node.clone())
+            .collect();
+        let members = reshape(candidates, record, stay.len(), &gone)?;
+        return Ok(Evacuation::Members {
+            members,
+            step: Step::Remove,
+        });
+    }
+    let moving = record.copies().filter(|n| on.contains(*n)).count();
+    if on.is_empty() {
+        return Ok(Evacuation::Nothing);
+    }
+    if moving == 0 || copies + moving > MAX_COPIES {
+        let members = reshape(candidates, record, copies, &on)?;
+        let step = if moving == 0 {
+            Step::Witness
+        } else {
+            Step::Replace
+        };
+        return Ok(Evacuation::Members { members, step });
+    }
+    let mut members = reshape(candidates, record, copies + moving, &BTreeSet::new())?;
+    for m in &mut members {
+        m.leaving = m.role == Role::Copy && on.contains(&m.node);
+    }
+    // The break must be possible once the new copies are in sync.
+    let mut made = record.clone();
+    made.members = members.clone();
+    reshape(candidates, &made, copies, &on)?;
+    Ok(Evacuation::Members {
+        members,
+        step: Step::Add,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::replicated::record::RecordError;
 
     fn node(n: &str, zone: &str, free: u64) -> Candidate {
         Candidate {
@@ -443,6 +562,138 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_drain_adds_the_copy_first_and_removes_the_leaving_one_once_in_sync() {
+        let nodes = [
+            node("a", "z1", 4 * GIB),
+            node("b", "z2", 4 * GIB),
+            node("c", "z1", 4 * GIB),
+            node("d", "z3", 4 * GIB),
+        ];
+        let set = |n: &[&str]| -> BTreeSet<String> { n.iter().map(|s| (*s).to_owned()).collect() };
+        let leaving = |n: &str| Member {
+            leaving: true,
+            ..Member::copy(n)
+        };
+        let two = record(vec![
+            Member::copy("a"),
+            Member::copy("b"),
+            Member::witness("c"),
+        ]);
+        assert_eq!(
+            evacuate(&nodes, &two, &set(&["x"])),
+            Ok(Evacuation::Nothing)
+        );
+        // Make: a third copy, in the free zone; b's is marked leaving.
+        let Ok(Evacuation::Members { members, step }) = evacuate(&nodes, &two, &set(&["b"])) else {
+            panic!("no step");
+        };
+        assert_eq!(step, Step::Add);
+        assert_eq!(
+            members,
+            vec![Member::copy("a"), leaving("b"), Member::copy("d")]
+        );
+        // The new copy out of sync: nothing goes yet.
+        let mut made = two.clone();
+        made.members = members;
+        made.in_sync.insert("b".into(), 0);
+        assert_eq!(
+            evacuate(&nodes, &made, &set(&["b"])),
+            Ok(Evacuation::Rebuilding(vec!["d".into()]))
+        );
+        // In sync: the leaving copy goes, and two copies get their witness
+        // back.
+        made.in_sync.insert("d".into(), 0);
+        assert_eq!(
+            evacuate(&nodes, &made, &set(&["b"])),
+            Ok(Evacuation::Members {
+                members: vec![Member::copy("a"), Member::copy("d"), Member::witness("c")],
+                step: Step::Remove,
+            })
+        );
+        // A leaving copy goes even once its node no longer drains.
+        assert!(matches!(
+            evacuate(&nodes, &made, &set(&[])),
+            Ok(Evacuation::Members {
+                step: Step::Remove,
+                ..
+            })
+        ));
+        // A witness moves at once, to a node not draining.
+        assert_eq!(
+            evacuate(&nodes, &two, &set(&["c"])),
+            Ok(Evacuation::Members {
+                members: vec![Member::copy("a"), Member::copy("b"), Member::witness("d")],
+                step: Step::Witness,
+            })
+        );
+        // Three copies: the fourth node takes one, even when the registry
+        // has not heard of the drain yet (not cordoned there).
+        let three = record(vec![
+            Member::copy("a"),
+            Member::copy("b"),
+            Member::copy("c"),
+        ]);
+        assert_eq!(
+            evacuate(&nodes, &three, &set(&["a"])),
+            Ok(Evacuation::Members {
+                members: vec![
+                    leaving("a"),
+                    Member::copy("b"),
+                    Member::copy("c"),
+                    Member::copy("d")
+                ],
+                step: Step::Add,
+            })
+        );
+        // Three nodes cannot hold two copies and a witness without the
+        // draining one: nothing starts.
+        assert_eq!(
+            evacuate(&nodes[..3], &two, &set(&["b"])),
+            Err(PlacementError::NoWitness { found: 2 })
+        );
+        assert!(matches!(
+            evacuate(&nodes[..3], &three, &set(&["a"])),
+            Err(PlacementError::NotEnoughNodes { found: 0, .. })
+        ));
+        // Five copies, the most a volume may have: replaced in place.
+        let six: Vec<Candidate> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|n| node(n, "", 4 * GIB))
+            .collect();
+        let five = record(
+            ["a", "b", "c", "d", "e"]
+                .iter()
+                .map(|n| Member::copy(n))
+                .collect(),
+        );
+        assert_eq!(
+            evacuate(&six, &five, &set(&["c"])),
+            Ok(Evacuation::Members {
+                members: ["a", "b", "d", "e", "f"]
+                    .iter()
+                    .map(|n| Member::copy(n))
+                    .collect(),
+                step: Step::Replace,
+            })
+        );
+        // ModifyVolume down drops a leaving copy before one that stays.
+        let four = record(vec![
+            leaving("a"),
+            Member::copy("b"),
+            Member::copy("c"),
+            Member::copy("d"),
+        ]);
+        assert_eq!(
+            reshape(&nodes, &four, 3, &BTreeSet::new()).unwrap(),
+            vec![Member::copy("b"), Member::copy("c"), Member::copy("d")]
+        );
+        // Only a copy leaves so.
+        let mut odd = two.clone();
+        odd.members[2].leaving = true;
+        assert_eq!(odd.validate(), Err(RecordError::LeavingWitness("c".into())));
     }
 
     #[test]

@@ -28,17 +28,25 @@ pub enum Role {
 /// membership change sets it, whatever the change's request says): a node
 /// removed and added again holds a new, empty copy under the same name,
 /// and an engine that missed the records in between tells the two apart
-/// by it.
+/// by it. `leaving` marks a copy whose node drains: the copy that
+/// replaces it is rebuilt first, then it is removed (it votes and takes
+/// writes until then, like any copy).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Member {
     pub node: String,
     pub role: Role,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub since: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub leaving: bool,
 }
 
 pub(super) fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 impl Member {
@@ -47,6 +55,7 @@ impl Member {
             node: node.to_owned(),
             role: Role::Copy,
             since: 0,
+            leaving: false,
         }
     }
 
@@ -55,6 +64,7 @@ impl Member {
             node: node.to_owned(),
             role: Role::Witness,
             since: 0,
+            leaving: false,
         }
     }
 }
@@ -139,6 +149,8 @@ pub enum RecordError {
     InSyncNotCopy(String),
     #[error("no copy is in sync")]
     NoneInSync,
+    #[error("witness {0} is marked leaving: only a copy leaves so")]
+    LeavingWitness(String),
 }
 
 impl ReplicaRecord {
@@ -205,12 +217,27 @@ impl ReplicaRecord {
         if self.in_sync.is_empty() {
             return Err(RecordError::NoneInSync);
         }
+        if let Some(m) = self
+            .members
+            .iter()
+            .find(|m| m.leaving && m.role != Role::Copy)
+        {
+            return Err(RecordError::LeavingWitness(m.node.clone()));
+        }
         if let Some(o) = &self.owner
             && !valid_node_id(&o.node)
         {
             return Err(RecordError::NodeId(o.node.clone()));
         }
         Ok(())
+    }
+
+    /// The copies marked leaving (their nodes drain), in member order.
+    pub fn leaving(&self) -> impl Iterator<Item = &str> {
+        self.members
+            .iter()
+            .filter(|m| m.role == Role::Copy && m.leaving)
+            .map(|m| m.node.as_str())
     }
 
     /// The nodes holding a copy of the data, in member order.
