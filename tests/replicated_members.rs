@@ -838,8 +838,9 @@ fn in_sync_of(msg: &str) -> usize {
 /// slow with `--replica-heal-rate 4`) while the copy on the draining node
 /// still counts and is shown leaving, which goes once the new one is in
 /// sync; a volume of two copies published elsewhere, with a writer
-/// running, gets its new copy rebuilt by its engine; a witness on the node
-/// moves at once. No volume ever has fewer copies in sync than it had;
+/// running, gets its new copy rebuilt by its engine, as does one published
+/// on the draining node itself, whose writer goes on with its copies
+/// elsewhere; a witness on the node moves at once. No volume ever has fewer copies in sync than it had;
 /// the node ends up holding nothing of them, `node list` says drained,
 /// and the data reads back from the new copies. Uncordon makes it ready.
 #[tokio::test(flavor = "multi_thread")]
@@ -871,6 +872,15 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
         .await
         .unwrap();
     let w = Writer::start(&m.target);
+    // E: two copies, published on the draining node itself, whose engine
+    // reads from its own copy until that copy leaves.
+    let mut req = replicated("drain-e", "2");
+    req.accessibility_requirements = on(&[&d], &[]);
+    let e = cl.create(req).await.unwrap();
+    let me = Published::up(&mut cl, index_of(&d), &e, &ext4())
+        .await
+        .unwrap();
+    let we = Writer::start(&me.target);
 
     let mut drain = KillOnDrop(
         cl.client_command(&["node", "drain", &d, "--wait", "--timeout", "180"])
@@ -885,7 +895,7 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
         if let Some(status) = drain.0.try_wait().unwrap() {
             break status;
         }
-        for (id, had) in [(&a.volume_id, 2), (&b.volume_id, 3)] {
+        for (id, had) in [(&a.volume_id, 2), (&b.volume_id, 3), (&e.volume_id, 2)] {
             let (_, _, msg) = copies(&mut cl, id).await;
             assert!(
                 in_sync_of(&msg) >= had,
@@ -923,7 +933,8 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
     let a_now = wait_copies(&mut cl, &a.volume_id, 2, Some(&d), Duration::from_secs(30)).await;
     let b_now = wait_copies(&mut cl, &b.volume_id, 3, Some(&d), Duration::from_secs(30)).await;
     wait_copies(&mut cl, &c.volume_id, 2, Some(&d), Duration::from_secs(30)).await;
-    for id in [&a.volume_id, &b.volume_id, &c.volume_id] {
+    let e_now = wait_copies(&mut cl, &e.volume_id, 2, Some(&d), Duration::from_secs(30)).await;
+    for id in [&a.volume_id, &b.volume_id, &c.volume_id, &e.volume_id] {
         let (_, _, msg) = copies(&mut cl, id).await;
         assert!(
             witness_of(&msg).is_none_or(|n| n != d) && !msg.contains("leaving"),
@@ -940,13 +951,19 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
     assert!(w.finish() > 0);
     m.down(&mut cl, &a.volume_id).await;
     same_data(&cl, &a.volume_id, &a_now);
+    // E's writer on the drained node went on with its copies elsewhere.
+    let e_files = we.files();
+    assert!(!e_files.is_empty());
+    me.down(&mut cl, &e.volume_id).await;
+    same_data(&cl, &e.volume_id, &e_now);
+    files_read_back(&mut cl, &e_now[0], &e, &e_files).await;
     let new = b_now.iter().find(|n| !b3.contains(n)).unwrap().clone();
     files_read_back(&mut cl, &new, &b, &b_files).await;
 
     assert!(cl.client(&["node", "uncordon", &d]).status.success());
     let line = node_line(&cl, &d);
     assert!(line.contains("ready"), "{line}");
-    for id in [&a.volume_id, &b.volume_id, &c.volume_id] {
+    for id in [&a.volume_id, &b.volume_id, &c.volume_id, &e.volume_id] {
         cl.delete(id).await.unwrap();
         for i in 1..=FOUR {
             assert!(!cl.copy_dir(i, id).exists(), "n{i} still holds {id}");
