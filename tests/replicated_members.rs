@@ -1020,3 +1020,72 @@ async fn a_drain_that_cannot_end_starts_nothing_and_says_why() {
     assert!(line.contains("ready"), "{line}");
     cl.delete(&v.volume_id).await.unwrap();
 }
+
+/// A drain goes on across a controller restart, which keeps nothing: the
+/// draining mark is on the node, the leaving copy in the record. Killed
+/// (-9) once the fourth copy of a volume nobody publishes is being healed,
+/// the restarted controller heals it again and removes the leaving copy;
+/// the volume never gets a fifth copy and never has a copy fewer in sync.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_goes_on_across_a_controller_restart() {
+    let mut cl = Cluster::start_full(
+        FOUR,
+        &["--replica-replace-after", "4", "--replica-heal-rate", "4"],
+        &[],
+    )
+    .await;
+    let v = cl.create(replicated("drain-r", "3")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (three, _, _) = copies(&mut cl, &id).await;
+    let d = three[1].clone();
+    let files = files_written(&mut cl, &three[0], &v).await;
+    let out = cl.client(&["node", "drain", &d]);
+    assert!(out.status.success(), "{out:?}");
+    cl.wait_condition(
+        &id,
+        Duration::from_secs(30),
+        "a heal of the fourth copy",
+        |_, msg| {
+            msg.contains(" of 4 copies")
+                && msg.contains(&format!("leaving: {d}"))
+                && msg.contains("healing on")
+        },
+    )
+    .await;
+    cl.controller.kill9();
+    cl.controller.restart();
+    cl.reconnect().await;
+    let all: Vec<String> = (1..=FOUR).map(node_id).collect();
+    cl.wait_fresh(&all).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (list, _, msg) = copies(&mut cl, &id).await;
+        assert!(list.len() <= 4, "a fifth copy: {msg}");
+        assert!(in_sync_of(&msg) >= 3, "a copy fewer in sync: {msg}");
+        if !list.contains(&d) && !msg.contains("healing") && in_sync_of(&msg) == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained after the restart: {msg}\ncontroller:\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let now = wait_copies(&mut cl, &id, 3, Some(&d), Duration::from_secs(30)).await;
+    // Drained once the member change that removed the copy has ended,
+    // which deletes it from the node.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node_line(&cl, &d).contains("drained") {
+        assert!(Instant::now() < deadline, "{}", node_line(&cl, &d));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !cl.copy_dir(index_of(&d), &id).exists(),
+        "{d} still holds it"
+    );
+    let new = now.iter().find(|n| !three.contains(n)).unwrap().clone();
+    files_read_back(&mut cl, &new, &v, &files).await;
+    assert!(cl.client(&["node", "uncordon", &d]).status.success());
+    cl.delete(&id).await.unwrap();
+}
