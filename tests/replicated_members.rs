@@ -974,7 +974,8 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
 /// A drain the nodes left cannot take (three nodes: two copies and a
 /// witness need three others) starts nothing: `drain --wait` gives up at
 /// its timeout, saying why each volume stays; the volume keeps its members,
-/// all in sync, none leaving. A node not registered is UNAVAILABLE (it may
+/// all in sync, none leaving; the controller's /metrics gauge says
+/// draining. A node not registered is UNAVAILABLE (it may
 /// register yet, as after a controller restart). Uncordon ends the drain.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_that_cannot_end_starts_nothing_and_says_why() {
@@ -1004,6 +1005,12 @@ async fn a_drain_that_cannot_end_starts_nothing_and_says_why() {
             .join("data")
             .exists()
     );
+    for i in 1..=3 {
+        let n = node_id(i);
+        let draining =
+            cl.controller_metric_with("stowage_cluster_node_draining", &format!("node=\"{n}\""));
+        assert_eq!(draining, Some(u64::from(n == d)), "{n}");
+    }
     let line = node_line(&cl, &d);
     assert!(line.contains("draining (1 volumes left)"), "{line}");
 

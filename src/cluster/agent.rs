@@ -398,3 +398,27 @@ impl Drop for AbortOnDrop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cordon_file_keeps_cordoned_and_draining_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("cordoned");
+        assert_eq!(read_cordon_file(&f), (false, false));
+        for (cordoned, draining, read) in [
+            (true, false, (true, false)),
+            (false, true, (true, true)),
+            (true, true, (true, true)),
+            (false, false, (false, false)),
+        ] {
+            set_cordon_file(&f, cordoned, draining).unwrap();
+            assert_eq!(read_cordon_file(&f), read, "{cordoned} {draining}");
+        }
+        // A file of an older version (any content) is a cordon.
+        std::fs::write(&f, b"").unwrap();
+        assert_eq!(read_cordon_file(&f), (true, false));
+    }
+}
