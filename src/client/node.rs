@@ -219,7 +219,9 @@ pub async fn run(endpoint: &str, verb: NodeVerb, format: OutputFormat) -> Result
 }
 
 /// Polls the controller until `node` holds no member of a replicated
-/// volume, printing what the volumes left wait for whenever it changes.
+/// volume, printing what the volumes left wait for whenever it changes. A
+/// controller that does not answer, or does not know the node yet (it
+/// restarted), is waited for too.
 async fn wait_drained(
     admin: &mut AdminClient<tonic::transport::Channel>,
     node: &str,
@@ -227,38 +229,47 @@ async fn wait_drained(
 ) -> Result<(), ClientError> {
     let start = std::time::Instant::now();
     let mut said: Option<Vec<String>> = None;
+    let mut left = "not yet counted".to_owned();
     loop {
-        let nodes = admin
-            .list_nodes(ListNodesRequest {})
-            .await
-            .map_err(rpc("Admin"))?
-            .into_inner()
-            .nodes;
-        let Some(n) = nodes.into_iter().find(|n| n.node_id == node) else {
-            return Err(ClientError::Local(format!(
-                "node {node} is no longer registered with the controller"
-            )));
+        let listed = match admin.list_nodes(ListNodesRequest {}).await {
+            Ok(r) => Some(r.into_inner().nodes),
+            Err(e) if e.code() == tonic::Code::Unavailable => None,
+            Err(e) => return Err(rpc("Admin")(e)),
         };
-        if !n.draining {
-            return Err(ClientError::Local(format!(
-                "node {node} is no longer draining (uncordoned?)"
-            )));
-        }
-        if n.drain_left == Some(0) {
-            println!("node {node} drained: no replicated volume has a member there");
-            return Ok(());
-        }
-        if n.drain_left.is_some() && said.as_ref() != Some(&n.drain_notes) {
-            for note in &n.drain_notes {
+        let now = match listed.map(|l| l.into_iter().find(|n| n.node_id == node)) {
+            None => vec!["the controller does not answer: waiting".to_owned()],
+            Some(None) => vec![format!(
+                "node {node} is not registered with the controller (yet): waiting"
+            )],
+            Some(Some(n)) if !n.draining => {
+                return Err(ClientError::Local(format!(
+                    "node {node} is no longer draining (uncordoned?)"
+                )));
+            }
+            Some(Some(n)) if n.drain_left == Some(0) => {
+                println!("node {node} drained: no replicated volume has a member there");
+                return Ok(());
+            }
+            Some(Some(n)) => {
+                left = n
+                    .drain_left
+                    .map_or_else(|| "not yet counted".to_owned(), |l| l.to_string());
+                if n.drain_left.is_some() {
+                    n.drain_notes
+                } else {
+                    said.clone().unwrap_or_default()
+                }
+            }
+        };
+        if said.as_ref() != Some(&now) {
+            for note in &now {
                 println!("  {note}");
             }
-            said = Some(n.drain_notes.clone());
+            said = Some(now);
         }
         if timeout > 0 && start.elapsed() >= std::time::Duration::from_secs(timeout) {
             return Err(ClientError::Local(format!(
-                "node {node} not drained within {timeout}s ({} volumes left; the drain goes on)",
-                n.drain_left
-                    .map_or_else(|| "not yet counted".to_owned(), |l| l.to_string())
+                "node {node} not drained within {timeout}s ({left} volumes left; the drain goes on)"
             )));
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;

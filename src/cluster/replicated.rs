@@ -340,6 +340,17 @@ impl VolumeHealth {
     }
 }
 
+/// The nodes of `record`'s members that drain (`draining`), and of its
+/// copies marked leaving.
+fn draining_members(record: &ReplicaRecord, draining: &BTreeSet<String>) -> BTreeSet<String> {
+    record
+        .voters()
+        .filter(|n| draining.contains(*n))
+        .chain(record.leaving())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// What the rounds found of each volume with a member on a draining node
 /// (`stowage node drain`): those nodes, and what the volume waits for.
 /// Soft state, worked out again by every round.
@@ -356,6 +367,8 @@ struct DrainState {
     /// Draining nodes a whole round looked at every volume for since their
     /// drain began.
     counted: BTreeSet<String>,
+    /// The volumes the round under way has looked at.
+    seen: BTreeSet<Uuid>,
 }
 
 impl Drains {
@@ -377,6 +390,27 @@ impl Drains {
         self.state().volumes.remove(&uuid);
     }
 
+    /// The round looked at `uuid`, whose newest record is `record` (None:
+    /// it is gone): a volume with a member on a `draining` node (or a copy
+    /// leaving) is noted, as waiting for its other repairs until
+    /// [`Replicated::drain_step`] says more; any other is not.
+    fn look(&self, uuid: Uuid, record: Option<&ReplicaRecord>, draining: &BTreeSet<String>) {
+        let nodes = record.map_or_else(BTreeSet::new, |r| draining_members(r, draining));
+        let mut s = self.state();
+        s.seen.insert(uuid);
+        if nodes.is_empty() {
+            s.volumes.remove(&uuid);
+        } else {
+            s.volumes
+                .entry(uuid)
+                .and_modify(|(n, _)| n.clone_from(&nodes))
+                .or_insert_with(|| {
+                    let why = "waiting for its other repairs first (a lost member, a change under way, a heal)";
+                    (nodes, why.to_owned())
+                });
+        }
+    }
+
     /// A drain of `node` begins: it counts once a round that started
     /// after now has ended.
     pub fn begin(&self, node: &str) {
@@ -390,14 +424,19 @@ impl Drains {
     pub fn round_begins(&self) -> u64 {
         let mut s = self.state();
         s.round += 1;
+        s.seen.clear();
         s.round
     }
 
-    /// Round `round` looked at every volume of `live` with `draining` the
-    /// nodes draining when it began.
+    /// Round `round`, over the volumes `live`, with `draining` the nodes
+    /// draining when it began, has ended. The draining nodes count when it
+    /// looked at every volume (none was busy or out of reach).
     pub fn round_ended(&self, round: u64, live: &[Uuid], draining: &BTreeSet<String>) {
         let mut s = self.state();
         s.volumes.retain(|u, _| live.contains(u));
+        if !live.iter().all(|u| s.seen.contains(u)) {
+            return;
+        }
         let began = s.began.clone();
         s.counted = draining
             .iter()
@@ -1432,6 +1471,11 @@ impl Replicated {
             None => unknown_lost,
         };
         let found = self.find(uuid).await?;
+        self.drains.look(
+            uuid,
+            found.newest.as_ref().map(|s| &s.record),
+            &self.registry.draining(),
+        );
         let Some(state) = found.newest else {
             return Ok(false);
         };
@@ -1531,12 +1575,7 @@ impl Replicated {
     ) -> Result<bool, Status> {
         let draining = self.registry.draining();
         let r = &state.record;
-        let nodes: BTreeSet<String> = r
-            .voters()
-            .filter(|n| draining.contains(*n))
-            .chain(r.leaving())
-            .map(str::to_owned)
-            .collect();
+        let nodes = draining_members(r, &draining);
         let (members, step) = match placement::evacuate(&self.candidates(), r, &draining) {
             Ok(Evacuation::Nothing) => {
                 self.drains.clear(uuid);
@@ -2498,6 +2537,53 @@ mod tests {
             boot: 1,
             floor: 0,
         }
+    }
+
+    /// A drain counts (`node list` can say how many volumes are left, and
+    /// "drained" at none) only once a round that began after it looked at
+    /// every volume: a volume busy in a round might have a member there.
+    #[test]
+    fn a_drain_counts_once_a_whole_later_round_looked_at_every_volume() {
+        let d = Drains::default();
+        let draining: BTreeSet<String> = ["n1".to_owned()].into();
+        let (one, two) = (state(&["n1", "n2", "n3"], 1), state(&["n2", "n3", "n4"], 1));
+        let (u1, u2) = (one.record.uuid, two.record.uuid);
+        let live = [u1, u2];
+        let whole = |d: &Drains, busy: Option<Uuid>| {
+            let round = d.round_begins();
+            for (u, r) in [(u1, &one.record), (u2, &two.record)] {
+                if busy != Some(u) {
+                    d.look(u, Some(r), &draining);
+                }
+            }
+            d.round_ended(round, &live, &draining);
+        };
+        // Begun during a round: that round does not count it.
+        let round = d.round_begins();
+        d.begin("n1");
+        d.look(u1, Some(&one.record), &draining);
+        d.look(u2, Some(&two.record), &draining);
+        d.round_ended(round, &live, &draining);
+        assert_eq!(d.left("n1"), None);
+        // A round with the volume on n1 busy does not either.
+        whole(&d, Some(u1));
+        assert_eq!(d.left("n1"), None);
+        // One that looked at both does: one volume left, and why.
+        whole(&d, None);
+        let left = d.left("n1").unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(
+            left[0].starts_with(&format!("{}: waiting", volume_id(u1))),
+            "{left:?}"
+        );
+        // The member gone from n1 (its record no longer names it): none.
+        let moved = state(&["n2", "n3", "n4"], 2).record;
+        let round = d.round_begins();
+        d.look(u1, Some(&moved), &draining);
+        d.look(u2, Some(&two.record), &draining);
+        d.round_ended(round, &live, &draining);
+        assert_eq!(d.left("n1"), Some(vec![]));
+        assert_eq!(d.left("n2"), None, "not draining");
     }
 
     fn held(h: &[(&str, Ballot)]) -> Vec<(String, Ballot)> {

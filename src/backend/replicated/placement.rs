@@ -658,6 +658,26 @@ mod tests {
             evacuate(&nodes[..3], &three, &set(&["a"])),
             Err(PlacementError::NotEnoughNodes { found: 0, .. })
         ));
+        // One copy: two for a while, with a witness, as two copies have;
+        // then one again, elsewhere.
+        let one = record(vec![Member::copy("b")]);
+        let Ok(Evacuation::Members { members, step }) = evacuate(&nodes, &one, &set(&["b"])) else {
+            panic!("no step");
+        };
+        assert_eq!(step, Step::Add);
+        assert_eq!(members.len(), 3, "{members:?}");
+        assert_eq!(members[0], leaving("b"));
+        assert_eq!(members[2].role, Role::Witness);
+        let mut made = one.clone();
+        made.members = members;
+        made.in_sync.insert(made.members[1].node.clone(), 0);
+        assert_eq!(
+            evacuate(&nodes, &made, &set(&["b"])),
+            Ok(Evacuation::Members {
+                members: vec![made.members[1].clone()],
+                step: Step::Remove,
+            })
+        );
         // Five copies, the most a volume may have: replaced in place.
         let six: Vec<Candidate> = ["a", "b", "c", "d", "e", "f"]
             .iter()
