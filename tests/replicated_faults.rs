@@ -1679,3 +1679,116 @@ async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine(
     down_and_compare(cl, v, m).await;
     drop(dir);
 }
+
+/// `stowage volume repair ID --from NODE` (on the controller's socket):
+/// (success, stdout, stderr).
+fn repair(cl: &Cluster, id: &str, from: &str) -> (bool, String, String) {
+    let out = cl.client(&["-o", "json", "volume", "repair", id, "--from", from]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), text, err)
+}
+
+/// Two copies that hold different bytes have no majority to tell which
+/// are right: the volume's condition says so and nothing changes by
+/// itself. `stowage volume repair ID --from n1` trusts n1's copy: the
+/// other is taken out of sync and a heal rebuilds it from n1's in full,
+/// after which both read alike. Refused: a node holding no copy (or only
+/// the witness), a published volume, a copy out of sync as the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_that_disagree_are_repaired_from_the_copy_an_operator_trusts() {
+    let node = || scrubbing(0, 64);
+    let mut cl = Cluster::start_full(
+        NODES,
+        &["--replica-replace-after", "4"],
+        &[node(), node(), node()],
+    )
+    .await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut req = replicated_req("rep-repair", "2", SIZE, cap.clone());
+    req.accessibility_requirements = on(&["n1"], &[]);
+    let v = cl.create(req).await.unwrap();
+    let (_, said) = cl.condition(&v.volume_id).await;
+    let other = ["n2", "n3"]
+        .into_iter()
+        .find(|n| said.contains(&format!("copies on n1, {n}")))
+        .unwrap_or_else(|| panic!("two copies, one on n1: {said}"));
+    let witness = if other == "n2" { "n3" } else { "n2" };
+    let m = Published::up(&mut cl, 1, &v, &cap).await.unwrap();
+    write_blocks(&m.target, 64).await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    let (ok, _, err) = repair(&cl, &v.volume_id, "n1");
+    assert!(
+        !ok && err.contains("FAILED_PRECONDITION") && err.contains("published on n1"),
+        "{err}"
+    );
+    m.down(&mut cl, &v.volume_id).await;
+
+    let changed = 50;
+    let bad = cl.copy_data(other[1..].parse().unwrap(), &v.volume_id);
+    change_block(&bad, changed);
+    let (ok, _, err) = scrub_json(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    let no_majority = "hold different bytes, with no majority";
+    let (abnormal, said) = cl
+        .wait_condition(&v.volume_id, WAIT, "the copies' disagreement", |_, m| {
+            m.contains(no_majority)
+        })
+        .await;
+    assert!(
+        abnormal && said.starts_with("2 of 2 copies in sync"),
+        "{said}"
+    );
+    // Nothing changes by itself.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, said) = cl.condition(&v.volume_id).await;
+    assert!(
+        said.starts_with("2 of 2 copies in sync") && said.contains(no_majority),
+        "{said}"
+    );
+
+    for (from, code) in [
+        (witness, "INVALID_ARGUMENT"),
+        ("n9", "INVALID_ARGUMENT"),
+        ("", "INVALID_ARGUMENT"),
+    ] {
+        let (ok, _, err) = repair(&cl, &v.volume_id, from);
+        assert!(!ok && err.contains(code), "--from {from:?}: {err}");
+    }
+    let (ok, _, err) = repair(&cl, "replicated:0123456789abcdef0123456789abcdef", "n1");
+    assert!(!ok && err.contains("NOT_FOUND"), "{err}");
+    let (ok, _, err) = repair(&cl, "n1:0123456789abcdef0123456789abcdef", "n1");
+    assert!(!ok && err.contains("INVALID_ARGUMENT"), "{err}");
+
+    let (ok, text, err) = repair(&cl, &v.volume_id, "n1");
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["rebuilt"], serde_json::json!([other]), "{r}");
+    // Again at once: nothing else in sync to take out.
+    let (ok, text, err) = repair(&cl, &v.volume_id, "n1");
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["rebuilt"], serde_json::json!([]), "{r}");
+    // The copy out of sync cannot be the source meanwhile.
+    let (ok, _, err) = repair(&cl, &v.volume_id, other);
+    assert!(
+        !ok && (err.contains("FAILED_PRECONDITION") || err.contains("ABORTED")),
+        "{err}"
+    );
+    // A heal rebuilds it from n1's, in full.
+    wait_block_back(&cl, &bad, changed).await;
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    cl.wait_condition(&v.volume_id, WAIT, "the heal released", |_, m| {
+        !m.contains("healing")
+    })
+    .await;
+    let (ok, _, err) = scrub_json(&cl, &v.volume_id);
+    assert!(ok, "{err}");
+    let (abnormal, said) = cl
+        .wait_condition(&v.volume_id, WAIT, "the copies read alike", |_, m| {
+            m.contains(&format!("n1, {other} hold the same bytes"))
+        })
+        .await;
+    assert!(!abnormal, "{said}");
+    cl.delete(&v.volume_id).await.unwrap();
+}

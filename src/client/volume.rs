@@ -109,6 +109,18 @@ pub enum VolumeVerb {
         /// The volume id (`replicated:<uuid>`).
         id: String,
     },
+    /// Trust one copy of a replicated volume nobody publishes: every
+    /// other copy is rebuilt in full from it (by a heal, or the next
+    /// publication's engine). For copies that hold different bytes with
+    /// no majority to tell which are right (`volume get` says so); what
+    /// the other copies hold is lost.
+    Repair {
+        /// The volume id (`replicated:<uuid>`).
+        id: String,
+        /// The node whose copy is trusted (in sync).
+        #[arg(long, value_name = "NODE")]
+        from: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -192,6 +204,15 @@ pub struct DeletedView {
     /// False when there was no such volume (the call still succeeds:
     /// deleting what is gone is a success in CSI).
     pub deleted: bool,
+}
+
+/// A repair made, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairView {
+    pub volume_id: String,
+    pub from: String,
+    /// The copies taken out of sync, to be rebuilt from `from`'s.
+    pub rebuilt: Vec<String>,
 }
 
 /// A scrub started (or under way), as printed.
@@ -461,6 +482,43 @@ pub async fn run(
                     if v.started { "started" } else { "under way" }.to_owned(),
                     format!("{} of {}", v.at_region, v.regions),
                 ]);
+                t
+            })
+        }
+        VolumeVerb::Repair { id, from } => {
+            let r = s
+                .admin
+                .repair_volume(crate::cluster::proto::RepairVolumeRequest {
+                    volume_id: id.clone(),
+                    from: from.clone(),
+                })
+                .await
+                .map_err(|e| {
+                    if e.code() == tonic::Code::Unimplemented {
+                        ClientError::Local(
+                            "the endpoint is not a cluster controller's socket: only replicated volumes are repaired (give --controller-endpoint)".into(),
+                        )
+                    } else {
+                        rpc("RepairVolume")(e)
+                    }
+                })?
+                .into_inner();
+            let v = RepairView {
+                volume_id: id,
+                from,
+                rebuilt: r.rebuilt,
+            };
+            emit(format, &v, || {
+                let mut t = Table::new(&["ID", "TRUSTED COPY", "REBUILT FROM IT"]);
+                let rebuilt = if v.rebuilt.is_empty() {
+                    "none (no other copy in sync)".to_owned()
+                } else {
+                    format!(
+                        "{} (by a heal or the next publication)",
+                        v.rebuilt.join(", ")
+                    )
+                };
+                t.row(vec![v.volume_id.clone(), v.from.clone(), rebuilt]);
                 t
             })
         }

@@ -1419,15 +1419,18 @@ impl Replicated {
         }
     }
 
-    /// Takes `nodes` out of the in-sync set of `uuid`'s record `state`:
-    /// their idle reads at that record found other bytes than a majority
-    /// of the copies in sync ([`Change::Outvoted`]). Refused, harmlessly,
-    /// once the record moved on (a publish).
+    /// Takes `nodes` out of the in-sync set of `uuid`'s record `state`
+    /// ([`Change::Outvoted`]), saying `why` in the log: their idle reads at
+    /// that record found other bytes than a majority of the copies in sync,
+    /// or an operator trusts another copy ([`Replicated::repair`]).
+    /// Refused, harmlessly, once the record moved on (a publish) or while
+    /// anyone owns the volume.
     async fn outvote(
         &self,
         uuid: Uuid,
         state: &VoterState,
         nodes: Vec<String>,
+        why: &str,
     ) -> Result<(), Status> {
         let version = state.record.version;
         let change = Change::Outvoted {
@@ -1436,7 +1439,7 @@ impl Replicated {
         };
         match self.change(uuid, state, change).await? {
             Outcome::Chosen { .. } => {
-                tracing::warn!(volume = %volume_id(uuid), nodes = ?nodes, version, "copies whose reads found other bytes than the majority's taken out of sync: the next engine rebuilds them in full");
+                tracing::warn!(volume = %volume_id(uuid), nodes = ?nodes, version, "{why}: taken out of sync, the next engine (or heal) rebuilds them in full");
                 Ok(())
             }
             Outcome::Refused { refusal, .. } => Err(Status::aborted(format!(
@@ -1444,6 +1447,51 @@ impl Replicated {
                 nodes.join(", ")
             ))),
         }
+    }
+
+    /// `stowage volume repair ID --from NODE`: trusts the copy on `from`
+    /// of a volume nobody publishes. Every other copy in sync is taken out
+    /// of sync ([`Replicated::outvote`]), so the next heal (or the next
+    /// publication's engine) rebuilds it in full from the copy on `from`:
+    /// the way out when copies hold different bytes with no majority to
+    /// tell which are right. Returns the copies taken out of sync (none:
+    /// nothing else was in sync, as after a repair already made).
+    /// INVALID_ARGUMENT when `from` holds no copy, FAILED_PRECONDITION
+    /// when its copy is out of sync or the volume is published (its
+    /// engine's scrub repairs by majority), ABORTED while a heal holds it.
+    pub async fn repair(&self, raw: &str, from: &str) -> Result<Vec<String>, Status> {
+        crate::server::convert::required_str("from", from).map_err(Status::from)?;
+        let (uuid, state) = self.newest(raw).await?;
+        let r = &state.record;
+        if !r.is_copy(from) {
+            return Err(Status::invalid_argument(format!(
+                "{from} holds no copy of {raw} (copies on {})",
+                r.copies().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if !r.in_sync.contains_key(from) {
+            return Err(Status::failed_precondition(format!(
+                "the copy on {from} is out of sync: it cannot be the one the others are rebuilt from"
+            )));
+        }
+        if let Some(o) = r.published_on() {
+            return Err(Status::failed_precondition(format!(
+                "{raw} is published on {}: unpublish it first (a published volume's scrub writes the majority's bytes)",
+                o.node
+            )));
+        }
+        let others: Vec<String> = r.in_sync.keys().filter(|n| *n != from).cloned().collect();
+        if others.is_empty() {
+            return Ok(others);
+        }
+        self.outvote(
+            uuid,
+            &state,
+            others.clone(),
+            &format!("an operator's repair trusts the copy on {from}; the other copies"),
+        )
+        .await?;
+        Ok(others)
     }
 
     /// Replaces `uuid`'s members on nodes the registry has not heard from
@@ -1481,7 +1529,13 @@ impl Replicated {
         };
         let outvoted = self.condition(&state.record, &found.checks).outvoted;
         if !outvoted.is_empty() {
-            self.outvote(uuid, &state, outvoted).await?;
+            self.outvote(
+                uuid,
+                &state,
+                outvoted,
+                "copies whose reads found other bytes than the majority's",
+            )
+            .await?;
             return Ok(false);
         }
         // Members removed while their node was away, now back; members

@@ -1271,6 +1271,22 @@ impl proto::admin_server::Admin for Router {
         }
         self.replicated.scrub(&r.volume_id).await.map(Response::new)
     }
+
+    async fn repair_volume(
+        &self,
+        req: Request<proto::RepairVolumeRequest>,
+    ) -> Result<Response<proto::RepairVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if !replicated::is_replicated_id(&r.volume_id) {
+            return Err(Status::invalid_argument(format!(
+                "volume {:?} is not a replicated volume: only those have copies to repair",
+                r.volume_id
+            )));
+        }
+        let _guard = self.volume_guard(&r.volume_id)?;
+        let rebuilt = self.replicated.repair(&r.volume_id, &r.from).await?;
+        Ok(Response::new(proto::RepairVolumeResponse { rebuilt }))
+    }
 }
 
 #[cfg(test)]
