@@ -27,7 +27,8 @@ pub enum NodeVerb {
     Cordon { node_id: String },
     /// Cordon the node and move every replicated volume's member off it,
     /// make before break: each copy there is rebuilt on another node
-    /// before it goes, so no volume has a copy fewer meanwhile. The
+    /// before it goes, so no volume has a copy fewer meanwhile (but one of
+    /// five copies, the most, which is rebuilt in place). The
     /// volumes of the node's own pool (block, dir, object) stay. Lasts
     /// across restarts of the node and of the controller until uncordoned.
     Drain {
@@ -42,7 +43,7 @@ pub enum NodeVerb {
         timeout: u64,
     },
     /// Place new volumes on the node again (ends a drain; a copy already
-    /// rebuilt elsewhere for it still replaces the node's).
+    /// added elsewhere for one there still replaces it).
     Uncordon { node_id: String },
     /// Declare a node gone for good: deletes of its volumes and snapshots
     /// succeed from now on (refused while the node still registers).

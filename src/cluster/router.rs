@@ -1181,27 +1181,22 @@ impl proto::admin_server::Admin for Router {
                 .registry
                 .all()
                 .into_iter()
-                .map(|n| proto::NodeInfo {
-                    fresh: n.fresh(now),
-                    last_seen_ms_ago: now.duration_since(n.last_seen).as_millis() as u64,
-                    advertise: n.advertise,
-                    free_bytes: n.free_bytes,
-                    total_bytes: n.total_bytes,
-                    labels: n.labels.into_iter().collect(),
-                    cordoned: n.cordoned,
-                    version: n.version,
-                    drain_left: n
-                        .draining
-                        .then(|| drains.left(&n.id))
-                        .flatten()
-                        .map(|l| l.len() as u32),
-                    drain_notes: if n.draining {
-                        drains.left(&n.id).unwrap_or_default()
-                    } else {
-                        Vec::new()
-                    },
-                    draining: n.draining,
-                    node_id: n.id,
+                .map(|n| {
+                    let left = n.draining.then(|| drains.left(&n.id)).flatten();
+                    proto::NodeInfo {
+                        fresh: n.fresh(now),
+                        last_seen_ms_ago: now.duration_since(n.last_seen).as_millis() as u64,
+                        advertise: n.advertise,
+                        free_bytes: n.free_bytes,
+                        total_bytes: n.total_bytes,
+                        labels: n.labels.into_iter().collect(),
+                        cordoned: n.cordoned,
+                        version: n.version,
+                        drain_left: left.as_ref().map(|l| l.len() as u32),
+                        drain_notes: left.unwrap_or_default(),
+                        draining: n.draining,
+                        node_id: n.id,
+                    }
                 })
                 .collect(),
             forgotten: self.registry.forgotten(),

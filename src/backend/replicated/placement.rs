@@ -419,10 +419,10 @@ pub fn evacuate(
             step: Step::Remove,
         });
     }
-    let moving = record.copies().filter(|n| on.contains(*n)).count();
     if on.is_empty() {
         return Ok(Evacuation::Nothing);
     }
+    let moving = record.copies().filter(|n| on.contains(*n)).count();
     if moving == 0 || copies + moving > MAX_COPIES {
         let members = reshape(candidates, record, copies, &on)?;
         let step = if moving == 0 {
