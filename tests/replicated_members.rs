@@ -1006,7 +1006,8 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
 /// its timeout, saying why each volume stays; the volume keeps its members,
 /// all in sync, none leaving; the controller's /metrics gauge says
 /// draining. A node not registered is UNAVAILABLE (it may
-/// register yet, as after a controller restart). Uncordon ends the drain.
+/// register yet, as after a controller restart), and so is one that is
+/// down, saying its copies are replaced instead. Uncordon ends the drain.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_that_cannot_end_starts_nothing_and_says_why() {
     let mut cl = Cluster::start_full(3, &["--replica-replace-after", "4"], &[]).await;
@@ -1056,6 +1057,18 @@ async fn a_drain_that_cannot_end_starts_nothing_and_says_why() {
     let line = node_line(&cl, &d);
     assert!(line.contains("ready"), "{line}");
     cl.delete(&v.volume_id).await.unwrap();
+    // A node that is down cannot take the mark: UNAVAILABLE, saying what
+    // happens to its copies instead.
+    cl.nodes[index_of(&d) - 1].kill9();
+    let out = cl.client(&["node", "drain", &d]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("UNAVAILABLE")
+            && err.contains(&format!("node {d} did not answer"))
+            && err.contains("replaced after --replica-replace-after"),
+        "{out:?}"
+    );
 }
 
 /// A drain goes on across a controller restart, which keeps nothing: the

@@ -1225,7 +1225,14 @@ impl proto::admin_server::Admin for Router {
                     draining: r.draining,
                 })
                 .await,
-        )?;
+        )
+        .map_err(|e| match e.code() {
+            tonic::Code::Unavailable if r.draining => Status::unavailable(format!(
+                "{} (the mark is kept on the node, so a node that is down cannot be drained: its replicated volumes' members are replaced after --replica-replace-after instead)",
+                e.message()
+            )),
+            _ => e,
+        })?;
         if r.draining && !n.draining {
             self.replicated.drains().begin(&r.node_id);
         }
