@@ -1759,6 +1759,21 @@ async fn two_copies_that_disagree_are_repaired_from_the_copy_an_operator_trusts(
     assert!(!ok && err.contains("NOT_FOUND"), "{err}");
     let (ok, _, err) = repair(&cl, "n1:0123456789abcdef0123456789abcdef", "n1");
     assert!(!ok && err.contains("INVALID_ARGUMENT"), "{err}");
+    // Only a cluster's controller repairs: a node's own socket says so.
+    let out = std::process::Command::new(bin())
+        .arg("--endpoint")
+        .arg(format!("unix://{}", cl.node_socket(1).display()))
+        .args(["volume", "repair", &v.volume_id, "--from", "n1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "not a cluster controller's socket: only replicated volumes are repaired"
+            ),
+        "{out:?}"
+    );
 
     let (ok, text, err) = repair(&cl, &v.volume_id, "n1");
     assert!(ok, "{err}");

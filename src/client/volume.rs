@@ -206,6 +206,21 @@ pub struct DeletedView {
     pub deleted: bool,
 }
 
+/// The error of an Admin call `call` on replicated volumes, which only a
+/// cluster's controller answers: on another endpoint, says which to give
+/// for volumes to be `done` (e.g. "scrubbed").
+fn admin_error(call: &'static str, done: &'static str) -> impl Fn(tonic::Status) -> ClientError {
+    move |e| {
+        if e.code() == tonic::Code::Unimplemented {
+            ClientError::Local(format!(
+                "the endpoint is not a cluster controller's socket: only replicated volumes are {done} (give --controller-endpoint)"
+            ))
+        } else {
+            rpc(call)(e)
+        }
+    }
+}
+
 /// A repair made, as printed.
 #[derive(Debug, Clone, Serialize)]
 pub struct RepairView {
@@ -432,15 +447,7 @@ pub async fn run(
                     volume_id: id.clone(),
                 })
                 .await
-                .map_err(|e| {
-                    if e.code() == tonic::Code::Unimplemented {
-                        ClientError::Local(
-                            "the endpoint is not a cluster controller's socket: only replicated volumes are scrubbed (give --controller-endpoint)".into(),
-                        )
-                    } else {
-                        rpc("ScrubVolume")(e)
-                    }
-                })?
+                .map_err(admin_error("ScrubVolume", "scrubbed"))?
                 .into_inner();
             let v = ScrubView {
                 volume_id: id,
@@ -493,15 +500,7 @@ pub async fn run(
                     from: from.clone(),
                 })
                 .await
-                .map_err(|e| {
-                    if e.code() == tonic::Code::Unimplemented {
-                        ClientError::Local(
-                            "the endpoint is not a cluster controller's socket: only replicated volumes are repaired (give --controller-endpoint)".into(),
-                        )
-                    } else {
-                        rpc("RepairVolume")(e)
-                    }
-                })?
+                .map_err(admin_error("RepairVolume", "repaired"))?
                 .into_inner();
             let v = RepairView {
                 volume_id: id,
