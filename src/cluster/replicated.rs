@@ -1519,11 +1519,9 @@ impl Replicated {
             None => unknown_lost,
         };
         let found = self.find(uuid).await?;
-        self.drains.look(
-            uuid,
-            found.newest.as_ref().map(|s| &s.record),
-            &self.registry.draining(),
-        );
+        let draining = self.registry.draining();
+        self.drains
+            .look(uuid, found.newest.as_ref().map(|s| &s.record), &draining);
         let Some(state) = found.newest else {
             return Ok(false);
         };
@@ -1592,7 +1590,10 @@ impl Replicated {
             tracing::info!(volume = %volume_id(uuid), "a witness added to two copies that had none");
             return Ok(true);
         }
-        if gone.is_empty() && r.previous.is_none() && self.drain_step(uuid, &state, heal).await? {
+        if gone.is_empty()
+            && r.previous.is_none()
+            && self.drain_step(uuid, &state, &draining, heal).await?
+        {
             return Ok(true);
         }
         if gone.is_empty() {
@@ -1625,12 +1626,12 @@ impl Replicated {
         &self,
         uuid: Uuid,
         state: &VoterState,
+        draining: &BTreeSet<String>,
         heal: Option<HealIdle>,
     ) -> Result<bool, Status> {
-        let draining = self.registry.draining();
         let r = &state.record;
-        let nodes = draining_members(r, &draining);
-        let (members, step) = match placement::evacuate(&self.candidates(), r, &draining) {
+        let nodes = draining_members(r, draining);
+        let (members, step) = match placement::evacuate(&self.candidates(), r, draining) {
             Ok(Evacuation::Nothing) => {
                 self.drains.clear(uuid);
                 return Ok(false);

@@ -462,6 +462,18 @@ fn cc(n: &NodeEntry) -> ControllerClient<Channel> {
 /// A node's answer, passed on. A status the client library made itself (it
 /// carries the transport error as its source: no connection, a reset, a
 /// timeout) is UNAVAILABLE naming the node, so the CO retries.
+/// INVALID_ARGUMENT unless `volume_id` is a replicated volume's: only
+/// those have copies to `verb` (the Admin calls on copies).
+#[allow(clippy::result_large_err)]
+fn only_replicated(volume_id: &str, verb: &str) -> Result<(), Status> {
+    if replicated::is_replicated_id(volume_id) {
+        return Ok(());
+    }
+    Err(Status::invalid_argument(format!(
+        "volume {volume_id:?} is not a replicated volume: only those have copies to {verb}"
+    )))
+}
+
 fn relay<T>(node: &NodeEntry, r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
     r.map(|resp| Response::new(resp.into_inner())).map_err(|s| {
         if s.code() == tonic::Code::Unavailable || std::error::Error::source(&s).is_some() {
@@ -1221,7 +1233,7 @@ impl proto::admin_server::Admin for Router {
             &n,
             proto::agent_client::AgentClient::new(n.channel.clone())
                 .set_cordon(proto::SetCordonRequest {
-                    cordoned: r.cordoned || r.draining,
+                    cordoned: r.cordoned,
                     draining: r.draining,
                 })
                 .await,
@@ -1265,12 +1277,7 @@ impl proto::admin_server::Admin for Router {
         req: Request<proto::ScrubVolumeRequest>,
     ) -> Result<Response<proto::ScrubResponse>, Status> {
         let r = req.into_inner();
-        if !replicated::is_replicated_id(&r.volume_id) {
-            return Err(Status::invalid_argument(format!(
-                "volume {:?} is not a replicated volume: only those have copies to scrub",
-                r.volume_id
-            )));
-        }
+        only_replicated(&r.volume_id, "scrub")?;
         self.replicated.scrub(&r.volume_id).await.map(Response::new)
     }
 
@@ -1279,12 +1286,7 @@ impl proto::admin_server::Admin for Router {
         req: Request<proto::RepairVolumeRequest>,
     ) -> Result<Response<proto::RepairVolumeResponse>, Status> {
         let r = req.into_inner();
-        if !replicated::is_replicated_id(&r.volume_id) {
-            return Err(Status::invalid_argument(format!(
-                "volume {:?} is not a replicated volume: only those have copies to repair",
-                r.volume_id
-            )));
-        }
+        only_replicated(&r.volume_id, "repair")?;
         let _guard = self.volume_guard(&r.volume_id)?;
         let rebuilt = self.replicated.repair(&r.volume_id, &r.from).await?;
         Ok(Response::new(proto::RepairVolumeResponse { rebuilt }))
