@@ -945,15 +945,20 @@ struct ClientConn {
     /// Why the connection is closing, once [`ClientConn::close`] was called:
     /// its reading thread then ends it.
     closing: Mutex<Option<String>>,
+    /// Its client let it go ([`ClientConn::retire`]): it takes no new calls
+    /// and ends once none waits.
+    retiring: AtomicBool,
     next: AtomicU64,
 }
 
 impl ClientConn {
     fn alive(&self) -> bool {
-        self.closing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        !self.retiring.load(Ordering::SeqCst)
+            && self
+                .closing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
             && self
                 .waiting
                 .lock()
@@ -970,6 +975,30 @@ impl ClientConn {
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert_with(|| why.to_owned());
         let _ = self.wire.sock.shutdown(Shutdown::Both);
+    }
+
+    /// Its client let it go: the calls already sent are answered as if it
+    /// were still there, and the connection closes once none waits (at
+    /// once when none does). A client goes when an engine replaces its
+    /// peer or a link is forgotten; the writes it had in flight were sent,
+    /// and failing them would count a copy that took them as failed. The
+    /// wait is bounded: the reading thread ends a connection with a call
+    /// overdue.
+    fn retire(&self, why: &str) {
+        let idle = {
+            let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            self.retiring.store(true, Ordering::SeqCst);
+            waiting.as_ref().is_none_or(HashMap::is_empty)
+        };
+        if idle {
+            self.close(why);
+        }
+    }
+
+    /// Whether its client let it go and no call waits any more.
+    fn retired_idle(&self) -> bool {
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        self.retiring.load(Ordering::SeqCst) && waiting.as_ref().is_none_or(HashMap::is_empty)
     }
 
     /// Ends the connection, on its reading thread: every waiting call
@@ -1151,7 +1180,7 @@ fn read_answers(conn: Arc<ClientConn>, deadline: Duration) {
             Ok(Some(b)) => b,
             Ok(None) => break "data link closed by the peer".to_owned(),
             Err(e) if quiet(&e) => {
-                if conn.is_closing() {
+                if conn.is_closing() || conn.retired_idle() {
                     break "data link closed".to_owned();
                 }
                 continue;
@@ -1170,6 +1199,9 @@ fn read_answers(conn: Arc<ClientConn>, deadline: Duration) {
             .and_then(|w| w.remove(&id));
         if let Some(p) = waiter {
             (p.done)(result.map_err(|(code, why)| status_error(&conn.node, code, why)));
+        }
+        if conn.retired_idle() {
+            break "data link closed".to_owned();
         }
     };
     conn.end(&why);
@@ -1279,7 +1311,8 @@ impl std::fmt::Debug for LinkClient {
 }
 
 impl Drop for LinkClient {
-    /// The connection ends with its client (its reading thread then too).
+    /// The connection ends with its client (its reading thread then too),
+    /// once the calls it had sent are answered ([`ClientConn::retire`]).
     fn drop(&mut self) {
         if let Some(c) = self
             .conn
@@ -1287,7 +1320,7 @@ impl Drop for LinkClient {
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            c.close("data link closed");
+            c.retire("data link closed");
         }
     }
 }
@@ -1358,6 +1391,7 @@ impl LinkClient {
             node: self.node.clone(),
             waiting: Mutex::new(Some(Waiters::new())),
             closing: Mutex::new(None),
+            retiring: AtomicBool::new(false),
             next: AtomicU64::new(1),
         });
         let reader = Arc::clone(&conn);
@@ -2287,15 +2321,15 @@ mod tests {
         held.join().unwrap();
     }
 
-    /// A link dropped (or closed) by a thread that holds a lock its waiting
-    /// calls take (an engine drops its old peers under its task's lock)
-    /// does not call them there: dropping returns at once, and the calls
-    /// fail on the connection's reading thread once the lock is free.
+    /// A link dropped by a thread that holds a lock its waiting calls take
+    /// (an engine drops its peer under its task's lock when it stops) does
+    /// not call them there: dropping returns at once, and a call the copy
+    /// never answers fails on the connection's reading thread, at the
+    /// deadline, once the lock is free.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_a_link_never_runs_its_waiting_calls_on_the_dropping_thread() {
         let (addr, stop, held) = silent_copy();
-        // A long deadline: only the drop may end these calls.
-        let c = LinkClient::new("n1", &addr, None, Duration::from_secs(60));
+        let c = LinkClient::new("n1", &addr, None, Duration::from_millis(500));
         let volume = Uuid::new_random();
         let conn = c.connected().await.unwrap();
         let engine = Arc::new(Mutex::new(()));
@@ -2323,12 +2357,90 @@ mod tests {
             .expect("the waiting call was never failed");
         assert!(elsewhere, "the waiter ran on the thread that sent it");
         assert!(
-            matches!(&got[0], Err(PeerError::Unreachable { why, .. }) if why.contains("closed")),
+            matches!(&got[0], Err(PeerError::Unreachable { why, .. }) if why.contains("no answer")),
             "{got:?}"
         );
         assert!(!conn.alive());
+        assert!(conn.is_closing(), "the connection did not end");
         let _ = stop.send(());
         held.join().unwrap();
+    }
+
+    /// A forwarder between a link client and its copy that holds the
+    /// copy's answers back until `release` is sent: its address, the
+    /// release, its thread.
+    fn answers_held_back(
+        copy: &str,
+    ) -> (
+        String,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let copy = copy.to_owned();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let held = std::thread::spawn(move || {
+            let (mut client, _) = listener.accept().unwrap();
+            let mut server = TcpStream::connect(&copy).unwrap();
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let calls = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let _ = s_out.shutdown(Shutdown::Write);
+            });
+            let _ = released.recv_timeout(Duration::from_secs(30));
+            let _ = std::io::copy(&mut server, &mut client);
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = calls.join();
+        });
+        (addr, release, held)
+    }
+
+    /// Writes sent at once and then left by their client (an engine that
+    /// learned of new members used to replace its peer, and with it the
+    /// link, while its writes were in flight) are answered as if it were
+    /// still there: each gets the copy's answer, the copy has the bytes,
+    /// and the connection closes once the last was answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_let_go_of_answers_the_calls_it_had_sent_then_closes() {
+        let s = Setup::start(false).await;
+        let (addr, release, held) = answers_held_back(&s.addr);
+        let c = LinkClient::new("n1", &addr, None, Duration::from_secs(10));
+        let conn = c.connected().await.unwrap();
+        let writes: Vec<Call> = (0..3)
+            .map(|r| write(r, u64::from(r) + 1, r as u8 + 40))
+            .collect();
+        let rx = sent_now(&c, s.volume, &writes).expect("a connection is open");
+        drop(c);
+        assert!(!conn.alive(), "a connection let go of took new calls");
+        let _ = release.send(());
+        let got = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .expect("no answers");
+        for (i, r) in got.into_iter().enumerate() {
+            match r {
+                Ok(a) => assert!(
+                    matches!(a.reply, Some(Reply::Written { region, .. }) if region == i as u32),
+                    "{a:?}"
+                ),
+                Err(e) => panic!("write {i} failed when its link was let go of: {e}"),
+            }
+        }
+        let t = Instant::now();
+        while !conn.is_closing() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the connection stayed open once nothing waited"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        held.join().unwrap();
+        let c = s.plain_client();
+        for r in 0..3u32 {
+            let back = c.calls(s.volume, &[read(r)]).await.pop().unwrap().unwrap();
+            assert_eq!(&back.data[..], &vec![r as u8 + 40; 4096][..]);
+        }
     }
 
     /// A copy that takes the connection and never answers: the call fails

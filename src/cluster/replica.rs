@@ -808,7 +808,8 @@ impl GrpcPeer {
         }
     }
 
-    /// Learns (or changes) a node's address.
+    /// Learns (or changes) a node's address: a changed one forgets the
+    /// node's channel and link (they reach the old address).
     pub fn set_address(&self, node: &str, addr: &str) {
         let mut a = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
         if a.get(node).map(String::as_str) != Some(addr) {
@@ -953,6 +954,12 @@ impl GrpcPeer {
 impl Peer for GrpcPeer {
     fn is_here(&self, node: &str) -> bool {
         self.local.as_ref().is_some_and(|l| l.node() == node)
+    }
+
+    fn learn(&self, addresses: &BTreeMap<String, String>) {
+        for (node, addr) in addresses {
+            self.set_address(node, addr);
+        }
     }
 
     fn send_now(
@@ -1116,6 +1123,49 @@ mod tests {
             blocked.await.unwrap()
         });
         assert_eq!(released, Ok("ran"));
+    }
+
+    /// A peer that learns the addresses of voters that joined (the engine's
+    /// Refresh) keeps its links to the others, and with them the calls in
+    /// flight on them; a node whose address changed is reached anew.
+    #[tokio::test]
+    async fn learning_new_voters_keeps_the_links_to_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::cluster::tls::init(dir.path()).unwrap();
+        let tls = crate::cluster::tls::TlsMaterial::load(dir.path()).unwrap();
+        let peer = GrpcPeer::new(
+            None,
+            BTreeMap::from([
+                ("n1".to_owned(), "127.0.0.1:7001".to_owned()),
+                ("n2".to_owned(), "127.0.0.1:7002".to_owned()),
+            ]),
+            tls.client_config(),
+            tls.link_client_config().unwrap(),
+            false,
+            Duration::from_secs(1),
+        );
+        peer.offered("n1", "tls://127.0.0.1:8001");
+        peer.offered("n2", "tls://127.0.0.1:8002");
+        let (n1, n2) = (peer.link("n1").unwrap(), peer.link("n2").unwrap());
+        peer.learn(&BTreeMap::from([
+            ("n1".to_owned(), "127.0.0.1:7001".to_owned()),
+            ("n3".to_owned(), "127.0.0.1:7003".to_owned()),
+        ]));
+        assert!(
+            Arc::ptr_eq(&peer.link("n1").unwrap(), &n1),
+            "n1's link was replaced"
+        );
+        assert!(
+            Arc::ptr_eq(&peer.link("n2").unwrap(), &n2),
+            "n2's link was replaced"
+        );
+        assert!(peer.client("n3").is_ok(), "n3's address was not learnt");
+        peer.learn(&BTreeMap::from([(
+            "n2".to_owned(),
+            "127.0.0.1:7102".to_owned(),
+        )]));
+        assert!(peer.link("n2").is_none(), "n2 moved: its old link was kept");
+        assert!(Arc::ptr_eq(&peer.link("n1").unwrap(), &n1));
     }
 
     /// On a runtime of one thread there is nowhere to hand tasks to: `f`

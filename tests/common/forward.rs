@@ -133,6 +133,8 @@ pub struct Forward {
     pub faults: Arc<Faults>,
     /// Connections relayed so far, per route (in the order given).
     pub accepted: Arc<Vec<AtomicU64>>,
+    /// Bytes relayed so far (both ways), per route.
+    pub bytes: Arc<Vec<AtomicU64>>,
 }
 
 impl Forward {
@@ -184,6 +186,9 @@ impl Forward {
             Arc::new(routes.iter().map(|_| AtomicU64::new(0)).collect());
         let (s, o, f) = (Arc::clone(&stop), Arc::clone(&open), Arc::clone(&faults));
         let counts = Arc::clone(&accepted);
+        let bytes: Arc<Vec<AtomicU64>> =
+            Arc::new(routes.iter().map(|_| AtomicU64::new(0)).collect());
+        let relayed = Arc::clone(&bytes);
         let (entered_tx, entered_rx) = std::sync::mpsc::channel();
         let accept = std::thread::spawn(move || {
             if let Some(ns) = netns {
@@ -240,8 +245,9 @@ impl Forward {
                         }
                     }
                 }
-                relay(client, s2, Arc::clone(&f), Arc::clone(&s));
-                relay(server, c2, Arc::clone(&f), Arc::clone(&s));
+                let count = |route| (Arc::clone(&relayed), route);
+                relay(client, s2, Arc::clone(&f), Arc::clone(&s), count(route));
+                relay(server, c2, Arc::clone(&f), Arc::clone(&s), count(route));
             }
         });
         entered_rx
@@ -254,6 +260,7 @@ impl Forward {
             local,
             faults,
             accepted,
+            bytes,
         })
     }
 
@@ -268,7 +275,15 @@ impl Forward {
 
 /// Copies `from` to `to` through `faults` on a thread of its own until
 /// either side ends or the forwarder stops.
-fn relay(mut from: TcpStream, mut to: TcpStream, faults: Arc<Faults>, stop: Arc<AtomicBool>) {
+/// Relays `from` to `to` until either ends, adding what it relayed to
+/// `count` (bytes per route, and this relay's route).
+fn relay(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    faults: Arc<Faults>,
+    stop: Arc<AtomicBool>,
+    count: (Arc<Vec<AtomicU64>>, usize),
+) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -279,6 +294,7 @@ fn relay(mut from: TcpStream, mut to: TcpStream, faults: Arc<Faults>, stop: Arc<
             if !faults.pass(&stop) || to.write_all(&buf[..n]).is_err() {
                 break;
             }
+            count.0[count.1].fetch_add(n as u64, Ordering::Relaxed);
         }
         let _ = to.shutdown(Shutdown::Write);
     });

@@ -471,6 +471,7 @@ impl Drop for Net {
             if panicking && !st.reported {
                 st.reported = true;
                 eprintln!("{}", tail_report(&st.log, &st.label, 30));
+                keep_log(&st.log);
             }
             st.kill9();
         }
@@ -966,8 +967,30 @@ impl Drop for Proc {
         if std::thread::panicking() && !st.reported {
             st.reported = true;
             eprintln!("{}", tail_report(&st.log, &st.label, 30));
+            keep_log(&st.log);
         }
         st.kill9();
+    }
+}
+
+/// With `STOWAGE_TEST_LOGS=DIR`, a failed test's process logs are kept
+/// whole in DIR (the report above shows only their tails).
+fn keep_log(log: &Path) {
+    let Some(dir) = std::env::var_os("STOWAGE_TEST_LOGS") else {
+        return;
+    };
+    // The logs' own directory is one per network: kept under its name.
+    let (Some(net), Some(name)) = (log.parent().and_then(Path::file_name), log.file_name()) else {
+        return;
+    };
+    let dir = Path::new(&dir).join(net);
+    let kept = std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(log, dir.join(name)));
+    if let Err(e) = kept {
+        eprintln!(
+            "netns: cannot keep {} in {}: {e}",
+            log.display(),
+            dir.display()
+        );
     }
 }
 

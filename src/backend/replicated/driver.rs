@@ -355,10 +355,10 @@ enum Command {
     Stop {
         done: oneshot::Sender<Result<(), DriverError>>,
     },
-    /// The members may have changed: reach the voters through `peer` (it
-    /// knows the new ones) and read the record again.
+    /// The members may have changed: learn the addresses of voters that
+    /// joined (node id -> host:port) and read the record again.
     Refresh {
-        peer: Arc<dyn Peer>,
+        addresses: BTreeMap<String, String>,
     },
     /// Start a scrub pass now (see [`EngineDriver::scrub`]).
     Scrub {
@@ -954,18 +954,20 @@ impl EngineDriver {
         result
     }
 
-    /// The controller changed the members: from now on the engine reaches
-    /// the voters through `peer`, and it reads the newest record with its
-    /// next change (copies that joined are rebuilt in full while I/O goes
-    /// on). Does not wait.
-    pub fn refresh(&self, peer: Arc<dyn Peer>) -> Result<(), DriverError> {
+    /// The controller changed the members: the engine's peer learns the
+    /// addresses of voters that joined (`addresses`, node id -> host:port),
+    /// keeping its connections to the others and the writes in flight on
+    /// them, and the engine reads the newest record with its next change
+    /// (copies that joined are rebuilt in full while I/O goes on). Does
+    /// not wait.
+    pub fn refresh(&self, addresses: BTreeMap<String, String>) -> Result<(), DriverError> {
         if self.shared.dead.get().is_some() {
             return Err(DriverError::Stopped {
                 volume: self.volume,
             });
         }
         self.core
-            .step(On::Runtime, |t| t.command(Command::Refresh { peer }));
+            .step(On::Runtime, |t| t.command(Command::Refresh { addresses }));
         Ok(())
     }
 
@@ -1568,8 +1570,8 @@ impl Task {
                     }
                 }
             }
-            Command::Refresh { peer } => {
-                self.peer = peer;
+            Command::Refresh { addresses } => {
+                self.peer.learn(&addresses);
                 self.engine.refresh();
             }
             Command::Scrub { done } => {

@@ -126,8 +126,6 @@ impl PublishContext {
 struct Running {
     driver: Arc<EngineDriver>,
     device: FuseLoopDevice,
-    /// The voters' addresses the engine's transport knows.
-    addresses: BTreeMap<String, String>,
 }
 
 /// The engines of this node.
@@ -321,14 +319,7 @@ impl Engines {
         };
         let loopdev = device.device().clone();
         tracing::info!(volume = %uuid, device = %loopdev.path().display(), "replicated volume's engine started");
-        self.lock().insert(
-            uuid,
-            Running {
-                driver,
-                device,
-                addresses: pc.addresses,
-            },
-        );
+        self.lock().insert(uuid, Running { driver, device });
         Ok(loopdev)
     }
 
@@ -443,14 +434,12 @@ impl Engines {
         uuid: Uuid,
         addresses: &BTreeMap<String, String>,
     ) -> Result<bool, EngineError> {
-        let connect = self.connect.get().ok_or(EngineError::NoCluster)?;
-        let mut running = self.lock();
-        let Some(r) = running.get_mut(&uuid) else {
+        self.connect.get().ok_or(EngineError::NoCluster)?;
+        let running = self.lock();
+        let Some(r) = running.get(&uuid) else {
             return Ok(false);
         };
-        r.addresses
-            .extend(addresses.iter().map(|(k, v)| (k.clone(), v.clone())));
-        r.driver.refresh(connect(&r.addresses))?;
+        r.driver.refresh(addresses.clone())?;
         Ok(true)
     }
 

@@ -13,6 +13,7 @@
 //!   whole region when `len` is 0.
 //! - Everything else moves no bytes.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
 
@@ -156,6 +157,12 @@ pub trait Peer: Send + Sync + fmt::Debug + 'static {
     ) -> Result<(), (Vec<Call>, BatchDone)> {
         Err((calls, done))
     }
+
+    /// Learns the addresses (node id -> host:port) of voters that joined,
+    /// keeping what it holds for the others: their connections and the
+    /// calls in flight on them. Nothing by default (a peer that reaches
+    /// nodes by other means needs no address).
+    fn learn(&self, _addresses: &BTreeMap<String, String>) {}
 
     /// Whether `node` is the one whose store this peer holds, so
     /// [`Peer::call_here`] serves it.
