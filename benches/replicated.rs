@@ -9,7 +9,7 @@
 //! on one loop-mounted xfs filesystem in a scratch directory, so every
 //! copy and the baseline share one disk. Volumes are raw block
 //! (SINGLE_NODE_WRITER), published and staged on `n1` through CSI calls as
-//! a CO makes them. Eight parts:
+//! a CO makes them. Nine parts:
 //!
 //! 1. fio (`--direct=1`, io_uring by default, JSON output) on a local
 //!    `backend=block` volume pinned to n1 (the baseline) and on
@@ -83,7 +83,7 @@
 //!    each restart. Printed: each job's median with and without, their
 //!    ratio, and the rate the scrub reached meanwhile (regions checked, as
 //!    the engine counts them, over the time).
-//! 8. Heal cost (last; alone with `--only-heal`): the controller heals a
+//! 8. Heal cost (alone with `--only-heal`): the controller heals a
 //!    volume nobody publishes (a copy out of sync is rebuilt by an engine
 //!    with no mount), and the heal's disk and network traffic competes
 //!    with the volumes in use. A 3-copy volume `a` of `--size` is
@@ -103,6 +103,18 @@
 //!    job's median without and with each heal, their ratio, the rate each
 //!    heal reached (the copy's size over its time), and whether the heal
 //!    outlasted the job (else the ratio flatters it).
+//! 9. Membership change (last; alone with `--only-members`): a 2-copy volume of
+//!    `--size` published on n1 (its witness on a third node), written in
+//!    full. Each round runs each of `--members-jobs` (default seq-write,
+//!    rand-write-qd1) on a fresh publication (the baseline), then changes
+//!    the volume's members twice with ControllerModifyVolume, to 3 copies
+//!    (the witness becomes a copy, rebuilt by the engine) and back to 2,
+//!    each time until every copy is in sync, then runs the job again on
+//!    the same publication; then the volume is unstaged and staged again
+//!    for the next. Printed: each job's median before and after, and their
+//!    ratio. An engine that learns of new members must keep its data links
+//!    to the copies that stay (writes after the change going over gRPC
+//!    instead would show as a ratio well below 100 %).
 //!
 //! Run as root (loop devices, FUSE, mounts), with fio installed:
 //!
@@ -114,6 +126,7 @@
 //!         [--fuse-workers N] [--snapshot-rounds 5] [--only-snapshots]
 //!         [--only-scrub] [--scrub-rate 16] [--scrub-jobs seq-write,...]
 //!         [--only-heal] [--heal-size 2Gi] [--heal-rate 32] [--heal-jobs seq-write,...]
+//!         [--only-members] [--members-jobs seq-write,...]
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
 //! × rounds × runtime, and 3 write jobs × 2 at-once runs × rounds ×
@@ -1562,6 +1575,74 @@ async fn heal_part(
     })
 }
 
+#[derive(Debug, Serialize)]
+struct MembersJob {
+    job: &'static str,
+    before: Measure,
+    spread_before: f64,
+    after: Measure,
+    spread_after: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct MembersReport {
+    setup: String,
+    rounds: usize,
+    jobs: Vec<MembersJob>,
+}
+
+/// See the module documentation, part 9.
+async fn members_part(
+    cl: &mut Cluster,
+    cfg: &FioConfig,
+    jobs: &[String],
+) -> Result<MembersReport, String> {
+    let out = cl.root.join("fio.json");
+    let mut a = prefilled(cl, cfg, "rep2-members", cfg.size_bytes, 2, &out).await?;
+    let setup = format!(
+        "a 2-copy volume of {} MiB on n1 ({})",
+        cfg.size_bytes / MIB,
+        cl.placement(a.id())
+    );
+    let picked = pick_jobs(jobs, "--members-jobs")?;
+    // [job][before, after]: the rounds' measures.
+    let mut runs: Vec<[Vec<Measure>; 2]> = vec![Default::default(); picked.len()];
+    let in_sync = Duration::from_secs(300);
+    for round in 0..cfg.rounds {
+        for (j, job) in picked.iter().enumerate() {
+            settle().await;
+            eprintln!("round {}: {} before a change", round + 1, job.name);
+            runs[j][0].push(run_job(cfg, job, &a.target, &out).await?);
+            for replicas in [3, 2] {
+                set_replicas(cl, &a, replicas).await?;
+                cl.wait_condition(a.id(), false, in_sync).await?;
+            }
+            settle().await;
+            eprintln!("round {}: {} after 2 -> 3 -> 2 copies", round + 1, job.name);
+            runs[j][1].push(run_job(cfg, job, &a.target, &out).await?);
+            down(cl, &mut a).await?;
+            up(cl, &mut a, true).await?;
+        }
+    }
+    remove(cl, a).await;
+    let jobs = picked
+        .iter()
+        .zip(runs)
+        .map(|(job, [before, after])| MembersJob {
+            job: job.name,
+            before: median_measure(&before),
+            spread_before: spread(&before),
+            after: median_measure(&after),
+            spread_after: spread(&after),
+        })
+        .collect();
+    Ok(MembersReport {
+        setup,
+        rounds: cfg.rounds,
+        jobs,
+    })
+}
+
 fn transport(cl: &Cluster) -> &'static str {
     if cl.replication_tls {
         "loopback TCP, mutual TLS"
@@ -2424,6 +2505,7 @@ struct Report {
     snapshot_stall: Option<SnapshotStallReport>,
     scrub: Option<ScrubReport>,
     heal: Option<HealReport>,
+    members: Option<MembersReport>,
     /// Identical bytes on every copy of the 3-copy fio volume after it was
     /// unstaged (after the dirty-region rebuild).
     rep3_copies_identical: Option<bool>,
@@ -2448,6 +2530,7 @@ impl Report {
             snapshot_stall: None,
             scrub: None,
             heal: None,
+            members: None,
             rep3_copies_identical: None,
             errors,
             loadavg: loadavg(),
@@ -2836,6 +2919,26 @@ fn print_report(r: &Report) {
             }
         }
     }
+    if let Some(m) = &r.members {
+        println!();
+        println!(
+            "membership change on {} ({} rounds; after 2 -> 3 -> 2 copies against before, on one publication):",
+            m.setup, m.rounds
+        );
+        for j in &m.jobs {
+            println!(
+                "  {:<16} before {:>9.0} KiB/s {:>8.0} IOPS (spread {:.0} %) | after {:>9.0} KiB/s {:>8.0} IOPS (spread {:.0} %) | {:>6.1} % of before",
+                j.job,
+                j.before.bw_kib_s,
+                j.before.iops,
+                100.0 * j.spread_before,
+                j.after.bw_kib_s,
+                j.after.iops,
+                100.0 * j.spread_after,
+                100.0 * j.after.bw_kib_s / j.before.bw_kib_s
+            );
+        }
+    }
     if !r.errors.is_empty() {
         println!();
         println!("errors:");
@@ -2901,6 +3004,13 @@ async fn run(args: &Args) -> Report {
     let only_snapshots = args.flag("--only-snapshots");
     let only_scrub = args.flag("--only-scrub");
     let only_heal = args.flag("--only-heal");
+    let only_members = args.flag("--only-members");
+    let members_jobs: Vec<String> = args
+        .value("--members-jobs")
+        .unwrap_or_else(|| "seq-write,rand-write-qd1".to_owned())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     let heal_size = size_arg("--heal-size", 2 << 30);
     let heal_rate = num("--heal-rate", 32).max(1);
     let heal_jobs: Vec<String> = args
@@ -2943,6 +3053,16 @@ async fn run(args: &Args) -> Report {
             .ok();
         return Report {
             heal,
+            ..Report::partial(&cl, errors, wall)
+        };
+    }
+    if only_members {
+        let members = members_part(&mut cl, &cfg, &members_jobs)
+            .await
+            .map_err(|e| errors.push(format!("membership change: {e}")))
+            .ok();
+        return Report {
+            members,
             ..Report::partial(&cl, errors, wall)
         };
     }
@@ -3111,6 +3231,10 @@ async fn run(args: &Args) -> Report {
         .await
         .map_err(|e| errors.push(format!("heal: {e}")))
         .ok();
+    let members = members_part(&mut cl, &cfg, &members_jobs)
+        .await
+        .map_err(|e| errors.push(format!("membership change: {e}")))
+        .ok();
 
     Report {
         transport: transport(&cl),
@@ -3125,6 +3249,7 @@ async fn run(args: &Args) -> Report {
         snapshot_stall,
         scrub,
         heal,
+        members,
         rep3_copies_identical,
         errors,
         loadavg: loadavg(),

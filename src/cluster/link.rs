@@ -979,11 +979,11 @@ impl ClientConn {
 
     /// Its client let it go: the calls already sent are answered as if it
     /// were still there, and the connection closes once none waits (at
-    /// once when none does). A client goes when an engine replaces its
-    /// peer or a link is forgotten; the writes it had in flight were sent,
-    /// and failing them would count a copy that took them as failed. The
-    /// wait is bounded: the reading thread ends a connection with a call
-    /// overdue.
+    /// once when none does). A client goes when its peer forgets the link
+    /// (a call failed, the node's address changed) or goes itself (its
+    /// engine stopped); the writes it had in flight were sent, and failing
+    /// them would count a copy that took them as failed. The wait is
+    /// bounded: the reading thread ends a connection with a call overdue.
     fn retire(&self, why: &str) {
         let idle = {
             let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
