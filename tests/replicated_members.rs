@@ -970,6 +970,86 @@ async fn watch_drain(
     seen
 }
 
+/// ControllerModifyVolume in the middle of a drain counts the copies that
+/// stay. A volume of two copies nobody publishes, its copy on D leaving and
+/// the replacement still being healed (slowly): asked for two copies, it
+/// keeps all three, D's still leaving (before, the replacement was dropped
+/// and D's copy kept for good, so the drain started over); asked for
+/// three, it gets a fourth, D's still leaving. The drain then ends with
+/// three copies, none on D, never more than four and never fewer than two
+/// in sync, and the files read back from a new copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_modify_in_the_middle_of_a_drain_keeps_the_copy_leaving_until_the_others_hold_the_data() {
+    let mut cl = Cluster::start_full(
+        FOUR,
+        &["--replica-replace-after", "4", "--replica-heal-rate", "4"],
+        &[],
+    )
+    .await;
+    let v = cl.create(replicated("drain-mod", "2")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (two, _, _) = copies(&mut cl, &id).await;
+    let d = two[0].clone();
+    let files = files_written(&mut cl, &two[1], &v).await;
+    let out = cl.client(&["node", "drain", &d]);
+    assert!(out.status.success(), "{out:?}");
+    let leaving = format!("leaving: {d}");
+    let (_, msg) = cl
+        .wait_condition(
+            &id,
+            Duration::from_secs(60),
+            "a copy added, D's leaving",
+            |_, m| m.contains(&leaving) && m.contains("healing on"),
+        )
+        .await;
+    let (three, _, _) = copies(&mut cl, &id).await;
+    assert_eq!(three.len(), 3, "{msg}");
+
+    modify(&mut cl, &id, &[("replicas", "2")]).await.unwrap();
+    let (now, _, msg) = copies(&mut cl, &id).await;
+    assert_eq!(
+        now, three,
+        "asked for the two copies it has, mid-drain: {msg}"
+    );
+    assert!(msg.contains(&leaving), "{msg}");
+    modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
+    let (four, _, msg) = copies(&mut cl, &id).await;
+    assert_eq!(four.len(), 4, "{msg}");
+    assert!(
+        three.iter().all(|n| four.contains(n)),
+        "{three:?} -> {four:?}"
+    );
+    assert!(msg.contains(&leaving), "{msg}");
+
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let end = loop {
+        let (list, in_sync, msg) = copies(&mut cl, &id).await;
+        assert!(
+            list.len() <= 4,
+            "more copies than asked for and the one leaving: {msg}"
+        );
+        assert!(
+            in_sync_of(&msg) >= 2,
+            "fewer than two copies in sync: {msg}"
+        );
+        if in_sync && list.len() == 3 && !list.contains(&d) {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "the drain did not end: {msg}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        !cl.copy_dir(index_of(&d), &id).exists(),
+        "{d} still holds it"
+    );
+    let line = node_line(&cl, &d);
+    assert!(line.contains("drained"), "{line}");
+    let new = end.iter().find(|n| !two.contains(n)).unwrap().clone();
+    files_read_back(&mut cl, &new, &v, &files).await;
+    assert!(cl.client(&["node", "uncordon", &d]).status.success());
+    cl.delete(&id).await.unwrap();
+}
+
 /// `stowage node drain --wait` moves every replicated volume's member off
 /// a node, make before break, and says when it is done: a volume of three
 /// copies nobody publishes gets a fourth copy, rebuilt by a heal (kept

@@ -1298,12 +1298,12 @@ impl Replicated {
         }
     }
 
-    /// Tells the owner's engine (if the volume is published) that the
-    /// members changed, with every voter's address. Best effort: an engine
-    /// that misses it learns with its next change, and one that starts
-    /// later reads the newest record.
+    /// Tells the owner's engine (a publication's, or a heal's: it rebuilds
+    /// a copy added meanwhile too) that the members changed, with every
+    /// voter's address. Best effort: an engine that misses it learns with
+    /// its next change, and one that starts later reads the newest record.
     async fn refresh_owner(&self, record: &ReplicaRecord) {
-        let Some(owner) = record.published_on() else {
+        let Some(owner) = record.owner.as_ref() else {
             return;
         };
         let Some(n) = self.registry.get(&owner.node) else {
@@ -1608,7 +1608,8 @@ impl Replicated {
         if r.in_sync.keys().all(|n| gone.contains(n)) {
             return Ok(false);
         }
-        let copies = r.copies().count();
+        // The copies that stay: a copy leaving (a drain) is not one of them.
+        let copies = r.copies().count() - r.leaving().count();
         let state = self.finish_members(uuid, state).await?;
         let members = placement::reshape(&self.candidates(), &state.record, copies, &gone)
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;

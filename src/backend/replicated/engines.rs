@@ -424,22 +424,31 @@ impl Engines {
         }
     }
 
-    /// The controller changed the volume's members: the engine learns the
-    /// addresses of voters that joined (`addresses`, node id -> host:port)
-    /// and reads the newest record. Returns whether an engine runs for the
-    /// volume here (nothing to do otherwise: the next engine starts from
-    /// the newest record).
+    /// The controller changed the volume's members: its engine here (a
+    /// publication's or a heal's) learns the addresses of voters that
+    /// joined (`addresses`, node id -> host:port) and reads the newest
+    /// record. Returns whether an engine runs for the volume here (nothing
+    /// to do otherwise: the next engine starts from the newest record).
     pub fn refresh(
         &self,
         uuid: Uuid,
         addresses: &BTreeMap<String, String>,
     ) -> Result<bool, EngineError> {
         self.connect.get().ok_or(EngineError::NoCluster)?;
-        let running = self.lock();
-        let Some(r) = running.get(&uuid) else {
+        // A publication's engine, or a heal's: without the addresses of
+        // copies added while it runs, it could not rebuild them.
+        let running = self.lock().get(&uuid).map(|r| Arc::clone(&r.driver));
+        let driver = running.or_else(|| {
+            self.healing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&uuid)
+                .cloned()
+        });
+        let Some(driver) = driver else {
             return Ok(false);
         };
-        r.driver.refresh(addresses.clone())?;
+        driver.refresh(addresses.clone())?;
         Ok(true)
     }
 

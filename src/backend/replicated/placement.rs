@@ -225,8 +225,16 @@ pub fn place(
 /// witness's node takes a copy when the witness goes, and a copy that goes
 /// leaves its node for the witness (a member that changes role: the
 /// controller removes it and adds it again, see `set_members`), so three
-/// nodes can hold two copies and a witness, or three copies. Returns the
-/// members unchanged when nothing is to do.
+/// nodes can hold two copies and a witness, or three copies.
+///
+/// During a drain ([`evacuate`]) `replicas` counts the copies that stay: a
+/// copy leaving is none of them, and it stays, still leaving, while a copy
+/// that stays is out of sync or new (the drain removes it once they are in
+/// sync), unless that would make more copies than a volume may have. So a
+/// ModifyVolume, or a lost member's replacement, in the middle of a drain
+/// neither keeps the leaving copy for good nor drops it before its
+/// replacement holds the data. Returns the members unchanged when nothing
+/// is to do.
 pub fn reshape(
     candidates: &[Candidate],
     record: &ReplicaRecord,
@@ -234,19 +242,15 @@ pub fn reshape(
     lost: &BTreeSet<String>,
 ) -> Result<Vec<Member>, PlacementError> {
     let uuid = record.uuid;
-    let mut kept: Vec<&str> = record.copies().filter(|n| !lost.contains(*n)).collect();
-    // In-sync copies first, those not leaving (see `evacuate`) first among
-    // them, then the publication's node's (its engine reads from its own
-    // copy), then member order.
-    let owner = record.published_on().map(|o| o.node.as_str());
     let leaving: BTreeSet<&str> = record.leaving().collect();
-    kept.sort_by_key(|n| {
-        (
-            !record.in_sync.contains_key(*n),
-            leaving.contains(n),
-            owner != Some(*n),
-        )
-    });
+    let mut kept: Vec<&str> = record
+        .copies()
+        .filter(|n| !lost.contains(*n) && !leaving.contains(n))
+        .collect();
+    // In-sync copies first, then the publication's node's (its engine
+    // reads from its own copy), then member order.
+    let owner = record.published_on().map(|o| o.node.as_str());
+    kept.sort_by_key(|n| (!record.in_sync.contains_key(*n), owner != Some(*n)));
     kept.truncate(replicas);
     let used: BTreeSet<&str> = record.voters().collect();
     let witness = record
@@ -256,7 +260,7 @@ pub fn reshape(
         .map(|m| m.node.as_str());
     let mut seen = BTreeSet::new();
     // Nodes that may take a member: those holding nothing of the volume,
-    // and members not lost and not kept as copies.
+    // and members not lost, not kept as copies and not leaving.
     let usable: Vec<&Candidate> = candidates
         .iter()
         .filter(|c| {
@@ -264,6 +268,7 @@ pub fn reshape(
                 && !c.cordoned
                 && !lost.contains(&c.node)
                 && !kept.contains(&c.node.as_str())
+                && !leaving.contains(c.node.as_str())
                 && seen.insert(&c.node)
         })
         .collect();
@@ -316,7 +321,18 @@ pub fn reshape(
     }
     let mut members: Vec<Member> = kept.iter().map(|n| Member::copy(n)).collect();
     members.extend(added.iter().map(|c| Member::copy(&c.node)));
-    if replicas == 2 {
+    let behind = !added.is_empty() || kept.iter().any(|n| !record.in_sync.contains_key(*n));
+    let still: Vec<&str> = record
+        .copies()
+        .filter(|n| behind && leaving.contains(n) && !lost.contains(*n))
+        .collect();
+    if members.len() + still.len() <= MAX_COPIES {
+        members.extend(still.iter().map(|n| Member {
+            leaving: true,
+            ..Member::copy(n)
+        }));
+    }
+    if members.len() == 2 {
         let witness = match witness {
             Some(w) => w.to_owned(),
             None => usable
@@ -714,6 +730,86 @@ mod tests {
         let mut odd = two.clone();
         odd.members[2].leaving = true;
         assert_eq!(odd.validate(), Err(RecordError::LeavingWitness("c".into())));
+    }
+
+    /// ModifyVolume, or a lost member's replacement, in the middle of a
+    /// drain: `replicas` counts the copies that stay, and the leaving copy
+    /// stays, still leaving, while one that stays is out of sync.
+    #[test]
+    fn a_change_in_the_middle_of_a_drain_keeps_the_leaving_copy_while_needed() {
+        let nodes = [
+            node("a", "z1", 4 * GIB),
+            node("b", "z2", 4 * GIB),
+            node("c", "z1", 4 * GIB),
+            node("d", "z3", 4 * GIB),
+            node("e", "z2", 4 * GIB),
+        ];
+        let leaving = |n: &str| Member {
+            leaving: true,
+            ..Member::copy(n)
+        };
+        let none = BTreeSet::new();
+        let set = |n: &[&str]| -> BTreeSet<String> { n.iter().map(|s| (*s).to_owned()).collect() };
+        // Two copies, b's leaving, its replacement d not in sync yet.
+        let mut made = record(vec![Member::copy("a"), leaving("b"), Member::copy("d")]);
+        made.in_sync.remove("d");
+        // Three copies: a third one that stays; b still leaves.
+        let three = reshape(&nodes, &made, 3, &none).unwrap();
+        assert_eq!(three.len(), 4, "{three:?}");
+        assert_eq!(&three[..2], &[Member::copy("a"), Member::copy("d")]);
+        assert!(
+            !three[2].leaving && three[2].role == Role::Copy,
+            "{three:?}"
+        );
+        assert_eq!(three[3], leaving("b"));
+        // Asked for the two it has: nothing changes (d is kept, b leaves).
+        assert_eq!(reshape(&nodes, &made, 2, &none).unwrap(), made.members);
+        // a lost: d stays, a new copy replaces a, b still leaves.
+        let replaced = reshape(&nodes, &made, 2, &set(&["a"])).unwrap();
+        assert_eq!(replaced[0], Member::copy("d"));
+        assert_eq!(replaced[2], leaving("b"));
+        assert_eq!(
+            replaced.len(),
+            3,
+            "no witness beside three copies: {replaced:?}"
+        );
+        // The leaving copy's node lost: the two that stay, and a witness.
+        let gone = reshape(&nodes, &made, 2, &set(&["b"])).unwrap();
+        assert_eq!(gone[..2], [Member::copy("a"), Member::copy("d")]);
+        assert_eq!(gone[2].role, Role::Witness);
+        assert_ne!(gone[2].node, "b");
+        // One copy: a, in sync, is all it takes; b and d go at once.
+        assert_eq!(
+            reshape(&nodes, &made, 1, &none).unwrap(),
+            vec![Member::copy("a")]
+        );
+        // With only b in sync, the copy kept (a) is rebuilt from it
+        // first: b stays until then, as two copies with a witness.
+        let mut alone = made.clone();
+        alone.in_sync.remove("a");
+        alone.in_sync.insert("b".into(), 0);
+        let one = reshape(&nodes, &alone, 1, &none).unwrap();
+        assert_eq!(one[..2], [Member::copy("a"), leaving("b")]);
+        assert_eq!(one[2].role, Role::Witness);
+        // Each a valid record's members (a witness beside two copies only).
+        for members in [three, replaced, gone, one] {
+            ReplicaRecord::new(made.uuid, GIB, members, &BTreeMap::new()).unwrap();
+        }
+        // Five that stay and one leaving would be six: it goes.
+        let mut full = record(vec![
+            Member::copy("a"),
+            leaving("b"),
+            Member::copy("c"),
+            Member::copy("d"),
+        ]);
+        full.in_sync.remove("d");
+        let six: Vec<Candidate> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|n| node(n, "", 4 * GIB))
+            .collect();
+        let five = reshape(&six, &full, 5, &none).unwrap();
+        assert_eq!(five.len(), 5, "{five:?}");
+        assert!(five.iter().all(|m| !m.leaving && m.node != "b"), "{five:?}");
     }
 
     #[test]
