@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -921,13 +922,14 @@ fn drain_client(cl: &Cluster, node: &str) -> KillOnDrop {
 /// Watches the volumes of `had` (each with the copies in sync it had)
 /// until the `drain` client ends (bounded): none ever has fewer copies in
 /// sync. Checks the client said `d` drained; returns, for each volume, the
-/// most copies seen and whether its copy on `d` was seen leaving.
+/// most copies seen and whether its copy on `d` was seen leaving, and what
+/// the client printed.
 async fn watch_drain(
     cl: &mut Cluster,
     drain: &mut KillOnDrop,
     d: &str,
     had: &[(&str, usize)],
-) -> Vec<(usize, bool)> {
+) -> (Vec<(usize, bool)>, String) {
     use std::io::Read;
     let mut seen = vec![(0, false); had.len()];
     let deadline = Instant::now() + Duration::from_secs(200);
@@ -967,7 +969,7 @@ async fn watch_drain(
         "{status}: {said}{err}\ncontroller:\n{}",
         cl.controller.log_tail(40)
     );
-    seen
+    (seen, said)
 }
 
 /// ControllerModifyVolume in the middle of a drain counts the copies that
@@ -1038,12 +1040,20 @@ async fn a_modify_in_the_middle_of_a_drain_keeps_the_copy_leaving_until_the_othe
         assert!(Instant::now() < deadline, "the drain did not end: {msg}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Counted drained once a whole round has looked at the volume since.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = node_line(&cl, &d);
+        if line.contains("drained") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{line}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(
         !cl.copy_dir(index_of(&d), &id).exists(),
         "{d} still holds it"
     );
-    let line = node_line(&cl, &d);
-    assert!(line.contains("drained"), "{line}");
     let new = end.iter().find(|n| !two.contains(n)).unwrap().clone();
     files_read_back(&mut cl, &new, &v, &files).await;
     assert!(cl.client(&["node", "uncordon", &d]).status.success());
@@ -1100,7 +1110,7 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
     let we = Writer::start(&me.target);
 
     let mut drain = drain_client(&cl, &d);
-    let seen = watch_drain(
+    let (seen, said) = watch_drain(
         &mut cl,
         &mut drain,
         &d,
@@ -1118,6 +1128,18 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
     );
     // (The engines of A and E rebuild theirs too fast to be seen so.)
     assert!(seen[1].1, "B's copy on {d} was shown leaving");
+    // The client showed the heal of B's new copy going on: the MiB it had
+    // left, more than one figure of them.
+    let left: BTreeSet<&str> = said
+        .lines()
+        .filter(|l| l.contains(&b.volume_id))
+        .filter_map(|l| l.split(" being rebuilt, ").nth(1))
+        .filter_map(|l| l.split(" MiB left").next())
+        .collect();
+    assert!(
+        left.len() >= 2,
+        "no progress of B's heal shown: {left:?}\n{said}"
+    );
 
     let a_now = wait_copies(&mut cl, &a.volume_id, 2, Some(&d), Duration::from_secs(30)).await;
     let b_now = wait_copies(&mut cl, &b.volume_id, 3, Some(&d), Duration::from_secs(30)).await;
@@ -1269,7 +1291,7 @@ async fn a_drain_goes_on_across_a_controller_restart() {
     let all: Vec<String> = (1..=FOUR).map(node_id).collect();
     cl.wait_fresh(&all).await;
     // The client waited through the restart, too.
-    let seen = watch_drain(&mut cl, &mut drain, &d, &[(&id, 3)]).await;
+    let (seen, _) = watch_drain(&mut cl, &mut drain, &d, &[(&id, 3)]).await;
     assert!(seen[0].0 <= 4, "a fifth copy: {seen:?}");
     let now = wait_copies(&mut cl, &id, 3, Some(&d), Duration::from_secs(30)).await;
     assert!(

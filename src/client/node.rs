@@ -262,12 +262,14 @@ async fn wait_drained(
                 }
             }
         };
-        if said.as_ref() != Some(&now) {
-            for note in &now {
-                println!("  {note}");
-            }
-            said = Some(now);
+        // Only what changed: a rebuild's note says the MiB it has left.
+        for note in now
+            .iter()
+            .filter(|n| !said.as_ref().is_some_and(|s| s.contains(n)))
+        {
+            println!("  {note}");
         }
+        said = Some(now);
         if timeout > 0 && start.elapsed() >= std::time::Duration::from_secs(timeout) {
             return Err(ClientError::Local(format!(
                 "node {node} not drained within {timeout}s ({left} volumes left; the drain goes on)"

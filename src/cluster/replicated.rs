@@ -1642,6 +1642,11 @@ impl Replicated {
                 return Ok(false);
             }
             Ok(Evacuation::Rebuilding(behind)) => {
+                let left = match &r.owner {
+                    Some(o) => self.rebuild_left(&o.node, uuid, &behind).await,
+                    None => None,
+                };
+                let left = left.map_or_else(String::new, |mib| format!(", {mib} MiB left"));
                 let by = match &r.owner {
                     Some(o) if o.heal => format!("healing on {}", o.node),
                     Some(o) => format!("by the engine on {}, where it is published", o.node),
@@ -1654,7 +1659,10 @@ impl Replicated {
                 self.drains.note(
                     uuid,
                     nodes,
-                    format!("new copy on {} being rebuilt ({by})", behind.join(", ")),
+                    format!(
+                        "new copy on {} being rebuilt{left} ({by})",
+                        behind.join(", ")
+                    ),
                 );
                 return Ok(false);
             }
@@ -1694,6 +1702,29 @@ impl Replicated {
             self.drains.note(uuid, nodes, what.to_owned());
         }
         Ok(true)
+    }
+
+    /// The MiB the engine on `node` has left to rebuild on the copies of
+    /// `nodes`, as it says (best effort: None when it does not answer within
+    /// a second, runs no engine, or lists none of them).
+    async fn rebuild_left(&self, node: &str, uuid: Uuid, nodes: &[String]) -> Option<u64> {
+        let n = self.registry.get(node)?;
+        let mut c = ReplicaClient::new(n.channel.clone());
+        let req = GetReplicaRequest {
+            volume: uuid.to_hex(),
+        };
+        let r = tokio::time::timeout(Duration::from_secs(1), c.engine(req))
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        let dirty: Vec<u64> = r
+            .copies
+            .iter()
+            .filter(|c| r.running && nodes.contains(&c.node))
+            .map(|c| c.dirty_regions)
+            .collect();
+        (!dirty.is_empty()).then(|| dirty.iter().sum())
     }
 
     /// What the engine on `node` says of each copy (best effort: a node that
