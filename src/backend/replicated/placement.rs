@@ -102,6 +102,10 @@ pub enum PlacementError {
         "two copies need a witness on a third node: {found} eligible node(s) (fresh, not cordoned) of 3 needed"
     )]
     NoWitness { found: usize },
+    #[error(
+        "{replicas} copies beside the {leaving} leaving a draining node would be more than {MAX_COPIES}, and no copy that stays is in sync yet: ask again once the drain has moved them"
+    )]
+    TooManyWhileLeaving { replicas: usize, leaving: usize },
 }
 
 /// The uuid of the replicated volume named `name`: the first 128 bits of
@@ -331,6 +335,12 @@ pub fn reshape(
             leaving: true,
             ..Member::copy(n)
         }));
+    } else if !kept.iter().any(|n| record.in_sync.contains_key(*n)) {
+        // No room for them, and they hold the only copies in sync.
+        return Err(PlacementError::TooManyWhileLeaving {
+            replicas,
+            leaving: still.len(),
+        });
     }
     if members.len() == 2 {
         let witness = match witness {
@@ -810,6 +820,15 @@ mod tests {
         let five = reshape(&six, &full, 5, &none).unwrap();
         assert_eq!(five.len(), 5, "{five:?}");
         assert!(five.iter().all(|m| !m.leaving && m.node != "b"), "{five:?}");
+        // Unless it holds the only copy in sync.
+        full.in_sync = BTreeMap::from([("b".to_owned(), 0)]);
+        assert_eq!(
+            reshape(&six, &full, 5, &none),
+            Err(PlacementError::TooManyWhileLeaving {
+                replicas: 5,
+                leaving: 1
+            })
+        );
     }
 
     #[test]
