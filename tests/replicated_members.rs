@@ -907,6 +907,17 @@ fn in_sync_of(msg: &str) -> usize {
         .unwrap_or_else(|| panic!("no count: {msg}"))
 }
 
+/// Four nodes whose controller replaces a lost member after 4 s and heals
+/// at 4 MiB/s, so a heal of a new 64 MiB copy lasts about 16 s.
+async fn slow_heals() -> Cluster {
+    Cluster::start_full(
+        FOUR,
+        &["--replica-replace-after", "4", "--replica-heal-rate", "4"],
+        &[],
+    )
+    .await
+}
+
 /// Runs `stowage node drain NODE --wait` (killed on drop; it gives up
 /// after 180 s), to watch with [`watch_drain`].
 fn drain_client(cl: &Cluster, node: &str) -> KillOnDrop {
@@ -982,12 +993,7 @@ async fn watch_drain(
 /// in sync, and the files read back from a new copy.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_modify_in_the_middle_of_a_drain_keeps_the_copy_leaving_until_the_others_hold_the_data() {
-    let mut cl = Cluster::start_full(
-        FOUR,
-        &["--replica-replace-after", "4", "--replica-heal-rate", "4"],
-        &[],
-    )
-    .await;
+    let mut cl = slow_heals().await;
     let v = cl.create(replicated("drain-mod", "2")).await.unwrap();
     let id = v.volume_id.clone();
     let (two, _, _) = copies(&mut cl, &id).await;
@@ -1073,12 +1079,7 @@ async fn a_modify_in_the_middle_of_a_drain_keeps_the_copy_leaving_until_the_othe
 /// and the data reads back from the new copies. Uncordon makes it ready.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
-    let mut cl = Cluster::start_full(
-        FOUR,
-        &["--replica-replace-after", "4", "--replica-heal-rate", "4"],
-        &[],
-    )
-    .await;
+    let mut cl = slow_heals().await;
     let b = cl.create(replicated("drain-b", "3")).await.unwrap();
     let (b3, _, _) = copies(&mut cl, &b.volume_id).await;
     let d = b3[0].clone();
@@ -1260,12 +1261,7 @@ async fn a_drain_that_cannot_end_starts_nothing_and_says_why() {
 /// and `drain --wait` waits through the restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_goes_on_across_a_controller_restart() {
-    let mut cl = Cluster::start_full(
-        FOUR,
-        &["--replica-replace-after", "4", "--replica-heal-rate", "4"],
-        &[],
-    )
-    .await;
+    let mut cl = slow_heals().await;
     let v = cl.create(replicated("drain-r", "3")).await.unwrap();
     let id = v.volume_id.clone();
     let (three, _, _) = copies(&mut cl, &id).await;
