@@ -1166,7 +1166,12 @@ async fn a_scrub_asked_for_checks_every_copy_now() {
 
 /// `stowage -o json volume scrub ID`: (success, stdout, stderr).
 fn scrub_json(cl: &Cluster, id: &str) -> (bool, String, String) {
-    let out = cl.client(&["-o", "json", "volume", "scrub", id]);
+    client_json(cl, &["volume", "scrub", id])
+}
+
+/// The client run with `-o json` and `args`: (success, stdout, stderr).
+fn client_json(cl: &Cluster, args: &[&str]) -> (bool, String, String) {
+    let out = cl.client(&[&["-o", "json"][..], args].concat());
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     (out.status.success(), text, err)
@@ -1683,10 +1688,7 @@ async fn a_bad_sector_on_an_idle_copy_is_found_and_rewritten_by_the_next_engine(
 /// `stowage volume repair ID --from NODE` (on the controller's socket):
 /// (success, stdout, stderr).
 fn repair(cl: &Cluster, id: &str, from: &str) -> (bool, String, String) {
-    let out = cl.client(&["-o", "json", "volume", "repair", id, "--from", from]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.success(), text, err)
+    client_json(cl, &["volume", "repair", id, "--from", from])
 }
 
 /// Two copies that hold different bytes have no majority to tell which

@@ -1708,16 +1708,10 @@ impl Replicated {
     /// `nodes`, as it says (best effort: None when it does not answer within
     /// a second, runs no engine, or lists none of them).
     async fn rebuild_left(&self, node: &str, uuid: Uuid, nodes: &[String]) -> Option<u64> {
-        let n = self.registry.get(node)?;
-        let mut c = ReplicaClient::new(n.channel.clone());
-        let req = GetReplicaRequest {
-            volume: uuid.to_hex(),
-        };
-        let r = tokio::time::timeout(Duration::from_secs(1), c.engine(req))
+        let r = self
+            .engine_status(node, uuid, Duration::from_secs(1))
             .await
-            .ok()?
-            .ok()?
-            .into_inner();
+            .ok()?;
         let dirty: Vec<u64> = r
             .copies
             .iter()
@@ -1727,19 +1721,37 @@ impl Replicated {
         (!dirty.is_empty()).then(|| dirty.iter().sum())
     }
 
-    /// What the engine on `node` says of each copy (best effort: a node that
-    /// does not answer is named).
-    async fn engine_view(&self, node: &str, uuid: Uuid) -> String {
-        let Some(n) = self.registry.get(node) else {
-            return format!("; node {node} is not registered");
-        };
+    /// The status of `uuid`'s engine on `node`, asked within `within`; why
+    /// not when the node is not registered or does not answer in time.
+    async fn engine_status(
+        &self,
+        node: &str,
+        uuid: Uuid,
+        within: Duration,
+    ) -> Result<super::proto::EngineStatusResponse, String> {
+        let n = self
+            .registry
+            .get(node)
+            .ok_or_else(|| format!("node {node} is not registered"))?;
         let mut c = ReplicaClient::new(n.channel.clone());
         let req = GetReplicaRequest {
             volume: uuid.to_hex(),
         };
-        match tokio::time::timeout(Duration::from_secs(2), c.engine(req)).await {
-            Ok(Ok(r)) => {
-                let r = r.into_inner();
+        match tokio::time::timeout(within, c.engine(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(format!(
+                "the engine on {node} did not answer: {}",
+                s.message()
+            )),
+            Err(_) => Err(format!("the engine on {node} did not answer in time")),
+        }
+    }
+
+    /// What the engine on `node` says of each copy (best effort: a node that
+    /// does not answer is named).
+    async fn engine_view(&self, node: &str, uuid: Uuid) -> String {
+        match self.engine_status(node, uuid, Duration::from_secs(2)).await {
+            Ok(r) => {
                 if !r.running {
                     return "; no engine runs there (not staged yet, or its node plugin restarted)"
                         .to_owned();
@@ -1798,8 +1810,7 @@ impl Replicated {
                     r.rebuild_bytes >> 20
                 )
             }
-            Ok(Err(s)) => format!("; the engine on {node} did not answer: {}", s.message()),
-            Err(_) => format!("; the engine on {node} did not answer in time"),
+            Err(why) => format!("; {why}"),
         }
     }
 

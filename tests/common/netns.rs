@@ -468,10 +468,8 @@ impl Drop for Net {
         let procs = std::mem::take(&mut *lock(&self.shared.procs));
         for p in procs.iter().filter_map(Weak::upgrade) {
             let mut st = lock(&p);
-            if panicking && !st.reported {
-                st.reported = true;
-                eprintln!("{}", tail_report(&st.log, &st.label, 30));
-                keep_log(&st.log);
+            if panicking {
+                st.report();
             }
             st.kill9();
         }
@@ -704,6 +702,16 @@ struct ProcState {
 }
 
 impl ProcState {
+    /// Once, for a failed test: the tail of its log on stderr, and the
+    /// whole log kept ([`keep_log`]).
+    fn report(&mut self) {
+        if !self.reported {
+            self.reported = true;
+            eprintln!("{}", tail_report(&self.log, &self.label, 30));
+            keep_log(&self.log);
+        }
+    }
+
     fn pid(&self) -> Option<Pid> {
         self.child.as_ref().map(|c| Pid::from_raw(c.id() as i32))
     }
@@ -964,10 +972,8 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         let mut st = lock(&self.state);
-        if std::thread::panicking() && !st.reported {
-            st.reported = true;
-            eprintln!("{}", tail_report(&st.log, &st.label, 30));
-            keep_log(&st.log);
+        if std::thread::panicking() {
+            st.report();
         }
         st.kill9();
     }

@@ -493,6 +493,18 @@ mod tests {
         ReplicaRecord::new(volume_uuid("v"), GIB, members, &BTreeMap::new()).unwrap()
     }
 
+    /// A copy on `n` marked leaving (its node drains).
+    fn leaving(n: &str) -> Member {
+        Member {
+            leaving: true,
+            ..Member::copy(n)
+        }
+    }
+
+    fn set(nodes: &[&str]) -> BTreeSet<String> {
+        nodes.iter().map(|s| (*s).to_owned()).collect()
+    }
+
     #[test]
     fn reshape_adds_and_removes_copies_keeping_the_witness_rule() {
         let nodes = [
@@ -598,11 +610,6 @@ mod tests {
             node("c", "z1", 4 * GIB),
             node("d", "z3", 4 * GIB),
         ];
-        let set = |n: &[&str]| -> BTreeSet<String> { n.iter().map(|s| (*s).to_owned()).collect() };
-        let leaving = |n: &str| Member {
-            leaving: true,
-            ..Member::copy(n)
-        };
         let two = record(vec![
             Member::copy("a"),
             Member::copy("b"),
@@ -754,12 +761,7 @@ mod tests {
             node("d", "z3", 4 * GIB),
             node("e", "z2", 4 * GIB),
         ];
-        let leaving = |n: &str| Member {
-            leaving: true,
-            ..Member::copy(n)
-        };
         let none = BTreeSet::new();
-        let set = |n: &[&str]| -> BTreeSet<String> { n.iter().map(|s| (*s).to_owned()).collect() };
         // Two copies, b's leaving, its replacement d not in sync yet.
         let mut made = record(vec![Member::copy("a"), leaving("b"), Member::copy("d")]);
         made.in_sync.remove("d");
@@ -803,7 +805,7 @@ mod tests {
         assert_eq!(one[2].role, Role::Witness);
         // Each a valid record's members (a witness beside two copies only).
         for members in [three, replaced, gone, one] {
-            ReplicaRecord::new(made.uuid, GIB, members, &BTreeMap::new()).unwrap();
+            record(members);
         }
         // Five that stay and one leaving would be six: it goes.
         let mut full = record(vec![
