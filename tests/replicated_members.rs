@@ -494,6 +494,79 @@ async fn a_modify_during_a_heal_drops_the_copy_being_healed() {
     cl.delete(&id).await.unwrap();
 }
 
+/// Heals start when there is one to start, not at the next of the
+/// controller's rounds (every 30 s here, the default): ModifyVolume 2 -> 3
+/// of a volume nobody publishes has its new copy healed within seconds.
+/// A heal cut short by its node's agent dying (kill -9, started again at
+/// once) fails, is released, and the next starts 5 s after the failure,
+/// not two minutes after. The new copy ends in sync, the files written
+/// before read back from its node, and the copies hold the same bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_heal_starts_at_once_and_one_cut_short_by_a_restart_runs_again_within_seconds() {
+    let mut cl = Cluster::start_full(3, &["--replica-heal-rate", "4"], &[]).await;
+    let v = cl.create(replicated("mem-hr", "2")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (two, _, _) = copies(&mut cl, &id).await;
+    let files = files_written(&mut cl, &two[0], &v).await;
+    let heals = |cl: &Cluster| {
+        cl.controller
+            .log_text()
+            .matches("healing: copies out of sync are rebuilt")
+            .count()
+    };
+
+    modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
+    let (_, msg) = cl
+        .wait_condition(
+            &id,
+            Duration::from_secs(10),
+            "a heal soon after the change",
+            |_, msg| msg.contains("healing on"),
+        )
+        .await;
+    let healer = msg
+        .split("healing on ")
+        .nth(1)
+        .and_then(|s| s.split([' ', ';', ',']).next())
+        .unwrap()
+        .to_owned();
+    // 64 MiB at 4 MiB/s: the heal has about 16 s to go.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let node = &cl.nodes[index_of(&healer) - 1];
+    node.kill9();
+    node.restart();
+    assert!(
+        cl.controller.wait_log(
+            "heal ended before every copy was in sync",
+            Duration::from_secs(30)
+        ),
+        "the heal did not fail with its node: {}",
+        cl.controller.log_tail(30)
+    );
+    let failed = Instant::now();
+    let deadline = failed + Duration::from_secs(15);
+    while heals(&cl) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no heal again within 15 s of the failed one: {}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("healing again {:?} after the failure", failed.elapsed());
+    let three = wait_copies(&mut cl, &id, 3, None, Duration::from_secs(60)).await;
+    let log = cl.controller.log_text();
+    assert!(
+        log.contains("healed: every copy in sync"),
+        "in sync without a heal? {}",
+        cl.controller.log_tail(30)
+    );
+    same_data(&cl, &id, &three);
+    let fresh = three.iter().find(|n| !two.contains(n)).unwrap();
+    files_read_back(&mut cl, fresh, &v, &files).await;
+    cl.delete(&id).await.unwrap();
+}
+
 /// A ModifyVolume 3 -> 2 on three nodes cut short between its two member
 /// changes: the dropped copy's node cannot delete its member (its
 /// directory is immutable), so the answer is UNAVAILABLE, naming the node

@@ -251,6 +251,9 @@ pub struct Replicated {
     health: VolumeHealth,
     heals: Heals,
     drains: Drains,
+    /// Asks the controller's round of repairs to run now
+    /// ([`Replicated::wake_round`]).
+    rounds: Arc<tokio::sync::Notify>,
 }
 
 /// How the controller heals volumes nobody publishes
@@ -262,51 +265,91 @@ pub struct HealIdle {
     pub rate: Option<u64>,
 }
 
-/// The heals this controller started ([`Replicated::heal`]): running, or
-/// when the last one failed (the next waits [`HEAL_RETRY`]).
+/// The heals this controller started ([`Replicated::heal`]), and the
+/// volumes whose last heals failed: the next waits [`heal_retry`].
 #[derive(Debug, Clone, Default)]
-struct Heals(Arc<std::sync::Mutex<BTreeMap<Uuid, Option<Instant>>>>);
+struct Heals(Arc<std::sync::Mutex<BTreeMap<Uuid, Heal>>>);
 
-/// How long after a failed heal the next of the same volume may start.
-const HEAL_RETRY: Duration = Duration::from_secs(120);
+/// A volume's heal in [`Heals`]: `failed` is how many of its heals in a
+/// row failed before (the one running not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Heal {
+    Running { failed: u32 },
+    Failed { at: Instant, failed: u32 },
+}
+
+/// How long after the first failed heal of a volume the next may start;
+/// each failure more doubles it, up to [`HEAL_RETRY_MAX`]. Short, as a
+/// heal cut short by a passing fault (its node restarted, a copy's link
+/// dropped a while) leaves a copy short until it runs again; doubling, as
+/// a fault that lasts should not have the volume taken and released every
+/// few seconds.
+const HEAL_RETRY: Duration = Duration::from_secs(5);
+
+/// The longest wait between failed heals of a volume.
+const HEAL_RETRY_MAX: Duration = Duration::from_secs(120);
+
+/// The wait before the next heal of a volume whose last `failed` heals in
+/// a row failed.
+fn heal_retry(failed: u32) -> Duration {
+    let doubled = HEAL_RETRY.saturating_mul(1 << failed.saturating_sub(1).min(16));
+    doubled.min(HEAL_RETRY_MAX)
+}
 
 /// Heals at once: after a node is lost, every idle volume it held needs
 /// one, and each rebuilds a whole copy; the others wait for later rounds.
 const HEALS_AT_ONCE: usize = 2;
 
 impl Heals {
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uuid, Option<Instant>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uuid, Heal>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn running(&self, uuid: Uuid) -> bool {
-        matches!(self.map().get(&uuid), Some(None))
+        matches!(self.map().get(&uuid), Some(Heal::Running { .. }))
     }
 
-    /// Marks a heal of `uuid` started, unless one runs, one failed within
-    /// [`HEAL_RETRY`], or [`HEALS_AT_ONCE`] run.
-    fn begin(&self, uuid: Uuid) -> bool {
+    /// Marks a heal of `uuid` started at `now`, unless one runs, the last
+    /// failed within [`heal_retry`], or [`HEALS_AT_ONCE`] run.
+    fn begin(&self, uuid: Uuid, now: Instant) -> bool {
         let mut m = self.map();
-        if m.values().filter(|v| v.is_none()).count() >= HEALS_AT_ONCE {
+        let running = m
+            .values()
+            .filter(|h| matches!(h, Heal::Running { .. }))
+            .count();
+        if running >= HEALS_AT_ONCE {
             return false;
         }
-        match m.get(&uuid) {
-            Some(None) => false,
-            Some(Some(failed)) if failed.elapsed() < HEAL_RETRY => false,
-            _ => {
-                m.insert(uuid, None);
-                true
+        let failed = match m.get(&uuid) {
+            None => 0,
+            Some(Heal::Running { .. }) => return false,
+            Some(Heal::Failed { at, failed }) => {
+                if now.saturating_duration_since(*at) < heal_retry(*failed) {
+                    return false;
+                }
+                *failed
             }
-        }
+        };
+        m.insert(uuid, Heal::Running { failed });
+        true
     }
 
-    fn end(&self, uuid: Uuid, ok: bool) {
+    /// The heal of `uuid` ended at `now`: healed (or taken over), or
+    /// failed, one failure more. Returns, for a failed one, how long the
+    /// next waits.
+    fn end(&self, uuid: Uuid, ok: bool, now: Instant) -> Option<Duration> {
         let mut m = self.map();
         if ok {
             m.remove(&uuid);
-        } else {
-            m.insert(uuid, Some(Instant::now()));
+            return None;
         }
+        let before = match m.get(&uuid) {
+            Some(Heal::Running { failed } | Heal::Failed { failed, .. }) => *failed,
+            None => 0,
+        };
+        let failed = before.saturating_add(1);
+        m.insert(uuid, Heal::Failed { at: now, failed });
+        Some(heal_retry(failed))
     }
 }
 
@@ -471,7 +514,22 @@ impl Replicated {
             health: VolumeHealth::default(),
             heals: Heals::default(),
             drains: Drains::default(),
+            rounds: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Asks for a round of repairs (`Router::replace_lost_members`) now,
+    /// not at its period: called when a change leaves its next step to a
+    /// round (members changed: a copy to heal, a drain's next step; a heal
+    /// ended; a volume unpublished with a copy to heal; a drain begun).
+    /// Asked during a round, the next one follows it.
+    pub fn wake_round(&self) {
+        self.rounds.notify_one();
+    }
+
+    /// Resolves once a round was asked for ([`Replicated::wake_round`]).
+    pub async fn round_wanted(&self) {
+        self.rounds.notified().await;
     }
 
     /// What `/metrics` says of the volumes' conditions.
@@ -1063,7 +1121,14 @@ impl Replicated {
             .change(uuid, &state, Change::Unpublish { node })
             .await?
         {
-            Outcome::Chosen { .. } => Ok(()),
+            Outcome::Chosen { record, .. } => {
+                if record.copies().any(|c| !record.in_sync.contains_key(c)) {
+                    // The engine stopped with a copy still to rebuild: a
+                    // heal takes it on.
+                    self.wake_round();
+                }
+                Ok(())
+            }
             Outcome::Refused { refusal, .. } => Err(Status::internal(refusal.to_string())),
         }
     }
@@ -1257,6 +1322,8 @@ impl Replicated {
         self.refresh_owner(&mid.record).await;
         let done = self.chosen(uuid, &mid, change).await?;
         self.refresh_owner(&done.record).await;
+        // A copy added may be healed, a drain's next step taken.
+        self.wake_round();
         for n in &old {
             if !done.record.voters().any(|v| v == n)
                 && self
@@ -1330,7 +1397,7 @@ impl Replicated {
     /// in the background, unless one runs or failed lately
     /// ([`Heals::begin`]).
     fn start_heal(&self, uuid: Uuid, state: VoterState, node: String, how: HealIdle) {
-        if !self.heals.begin(uuid) {
+        if !self.heals.begin(uuid, Instant::now()) {
             return;
         }
         let this = self.clone();
@@ -1348,7 +1415,11 @@ impl Replicated {
             // Taken over by a publication: its engine goes on, and a heal
             // may follow as soon as it is unpublished.
             let taken = r.as_ref().is_err_and(|e| e.code() == tonic::Code::Aborted);
-            this.heals.end(uuid, r.is_ok() || taken);
+            let retry = this.heals.end(uuid, r.is_ok() || taken, Instant::now());
+            // Healed: a drain's next step, or a heal that waited for room,
+            // is for the next round; failed: the next heal after its wait.
+            tokio::time::sleep(retry.unwrap_or_default()).await;
+            this.wake_round();
         });
     }
 
@@ -2528,27 +2599,51 @@ mod tests {
     }
 
     /// One heal of a volume at a time, a few at once, and none soon after
-    /// one failed.
+    /// one failed: the wait doubles with each failure in a row, up to
+    /// [`HEAL_RETRY_MAX`], and a heal that ends well forgets the failures.
     #[test]
-    fn heals_are_one_per_volume_a_few_at_once_and_wait_after_a_failure() {
+    fn heals_are_one_per_volume_a_few_at_once_and_back_off_after_failures() {
         let h = Heals::default();
         let (a, b, c) = (
             Uuid::parse_hex(&"a".repeat(32)).unwrap(),
             Uuid::parse_hex(&"b".repeat(32)).unwrap(),
             Uuid::parse_hex(&"c".repeat(32)).unwrap(),
         );
-        assert!(h.begin(a));
-        assert!(!h.begin(a), "a runs");
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(h.begin(a, t0));
+        assert!(!h.begin(a, t0), "a runs");
         assert!(h.running(a));
-        assert!(h.begin(b));
-        assert!(!h.begin(c), "two at once");
-        h.end(a, true);
+        assert!(h.begin(b, t0));
+        assert!(!h.begin(c, t0), "two at once");
+        h.end(a, true, t0);
         assert!(!h.running(a));
-        assert!(h.begin(c));
-        h.end(b, false);
-        assert!(!h.begin(b), "b failed just now");
-        h.end(c, true);
-        assert!(h.begin(a), "a healed, and may be again");
+        assert!(h.begin(c, t0));
+        h.end(c, true, t0);
+        assert!(h.begin(a, t0), "a healed, and may be again");
+        h.end(a, true, t0);
+
+        // b fails again and again: 5 s, 10 s, 20 s, ... up to 120 s.
+        let mut now = 0;
+        for wait in [5, 10, 20, 40, 80, 120, 120] {
+            let told = h.end(b, false, at(now));
+            assert_eq!(told, Some(Duration::from_secs(wait)));
+            assert!(!h.running(b));
+            assert!(!h.begin(b, at(now)), "b failed just now");
+            assert!(
+                !h.begin(b, at(now + wait - 1)),
+                "b again {} s after its failure",
+                wait - 1
+            );
+            assert!(h.begin(b, at(now + wait)), "b again after {wait} s");
+            now += wait;
+        }
+        // Healed: the next failure waits the first wait again.
+        assert_eq!(h.end(b, true, at(now)), None);
+        assert!(h.begin(b, at(now)));
+        h.end(b, false, at(now));
+        assert!(h.begin(b, at(now + 5)));
+        assert_eq!(heal_retry(u32::MAX), HEAL_RETRY_MAX);
     }
 
     /// A heal starts only when it has something to mend, something to

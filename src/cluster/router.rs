@@ -153,6 +153,12 @@ impl Router {
         drains.round_ended(round, &volumes, &draining);
     }
 
+    /// Resolves once a round of [`Router::replace_lost_members`] was asked
+    /// for before its period ([`replicated::Replicated::wake_round`]).
+    pub async fn round_wanted(&self) {
+        self.replicated.round_wanted().await;
+    }
+
     /// Up to `max` (0: all) replicated volumes from index `from`, and the
     /// token of the rest.
     async fn replicated_page(
@@ -1250,6 +1256,9 @@ impl proto::admin_server::Admin for Router {
         }
         self.registry
             .set_cordoned(&r.node_id, r.cordoned, r.draining);
+        if r.draining {
+            self.replicated.wake_round();
+        }
         Ok(Response::new(proto::CordonResponse {}))
     }
 

@@ -374,6 +374,10 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, StartError> {
     Ok(listener)
 }
 
+/// The least time between the beginnings of two rounds of the
+/// controller's repairs of replicated volumes, when one is asked for early.
+const ROUNDS_APART: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How often the node looks for replicated copies to close clean, and how
 /// long a copy must have gone unwritten for it (see
 /// `backend::replicated::store`: a copy closed clean survives a crash of
@@ -708,8 +712,17 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
             std::time::Duration::from_secs(30),
         );
         tokio::spawn(async move {
+            let mut began = tokio::time::Instant::now();
             loop {
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = router.round_wanted() => {
+                        // Asked for early: still never more than one round
+                        // a second, whatever asks.
+                        tokio::time::sleep_until(began + ROUNDS_APART).await;
+                    }
+                }
+                began = tokio::time::Instant::now();
                 router.replace_lost_members(after, heal).await;
             }
         })
