@@ -1256,6 +1256,68 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
     }
 }
 
+/// A volume of one copy drains on two nodes, where no third node could
+/// take a witness: its copy moves to the other node, the two copies voting
+/// alone for the while. One volume nobody publishes (its new copy healed),
+/// one published on the draining node itself with a writer throughout
+/// (its engine rebuilds the new copy): each has two copies for a while,
+/// the draining node's leaving, never a copy fewer in sync, and ends with
+/// its one copy on the other node, with no witness; the files read back
+/// there, and the drained node holds nothing of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_copy_drains_to_the_other_of_two_nodes_with_no_witness() {
+    let mut cl = Cluster::start_full(2, &["--replica-heal-rate", "4"], &[]).await;
+    let d = node_id(1);
+    let other = node_id(2);
+    let mut req = replicated("drain-one", "1");
+    req.accessibility_requirements = on(&[&d], &[]);
+    let idle = cl.create(req).await.unwrap();
+    let (one, _, msg) = copies(&mut cl, &idle.volume_id).await;
+    assert_eq!(one, [d.as_str()], "{msg}");
+    let idle_files = files_written(&mut cl, &other, &idle).await;
+    let mut req = replicated("drain-one-used", "1");
+    req.accessibility_requirements = on(&[&d], &[]);
+    let used = cl.create(req).await.unwrap();
+    let m = Published::up(&mut cl, index_of(&d), &used, &ext4())
+        .await
+        .unwrap();
+    let w = Writer::start(&m.target);
+
+    let mut drain = drain_client(&cl, &d);
+    let (seen, said) = watch_drain(
+        &mut cl,
+        &mut drain,
+        &d,
+        &[(&idle.volume_id, 1), (&used.volume_id, 1)],
+    )
+    .await;
+    // 64 MiB healed at 4 MiB/s: the idle volume was seen with its two
+    // copies, the draining node's leaving.
+    assert_eq!(seen[0], (2, true), "{said}");
+    for id in [&idle.volume_id, &used.volume_id] {
+        let now = wait_copies(&mut cl, id, 1, Some(&d), Duration::from_secs(30)).await;
+        assert_eq!(now, [other.as_str()]);
+        let (_, _, msg) = copies(&mut cl, id).await;
+        assert!(
+            witness_of(&msg).is_none() && !msg.contains("leaving"),
+            "{msg}"
+        );
+        assert!(
+            !cl.copy_dir(index_of(&d), id).exists(),
+            "{d} still holds {id}"
+        );
+    }
+    let files = w.files();
+    assert!(!files.is_empty());
+    m.down(&mut cl, &used.volume_id).await;
+    files_read_back(&mut cl, &other, &used, &files).await;
+    files_read_back(&mut cl, &other, &idle, &idle_files).await;
+    assert!(cl.client(&["node", "uncordon", &d]).status.success());
+    for id in [&idle.volume_id, &used.volume_id] {
+        cl.delete(id).await.unwrap();
+    }
+}
+
 /// A drain the nodes left cannot take (three nodes: two copies and a
 /// witness need three others) starts nothing: `drain --wait` gives up at
 /// its timeout, saying why each volume stays; the volume keeps its members,

@@ -1650,11 +1650,14 @@ impl Replicated {
         if gone.is_empty()
             && r.previous.is_none()
             && r.copies().count() == 2
+            && r.leaving().count() == 0
             && !r.members.iter().any(|m| m.role == Role::Witness)
         {
             // Two copies and no witness: a change of members cut short
             // between its two steps (a member changing role, see
-            // `set_members`). It gets its witness, as two copies have.
+            // `set_members`). It gets its witness, as two copies have;
+            // not a lone copy moving off a draining node with no third
+            // node for one (`placement::evacuate`).
             let members = placement::reshape(&self.candidates(), r, 2, &gone)
                 .map_err(|e| Status::resource_exhausted(e.to_string()))?;
             self.set_members(uuid, state, members).await?;

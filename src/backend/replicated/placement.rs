@@ -245,6 +245,17 @@ pub fn reshape(
     replicas: usize,
     lost: &BTreeSet<String>,
 ) -> Result<Vec<Member>, PlacementError> {
+    reshape_with(candidates, record, replicas, lost, true)
+}
+
+/// [`reshape`], where two copies get no witness unless `witnessed`.
+fn reshape_with(
+    candidates: &[Candidate],
+    record: &ReplicaRecord,
+    replicas: usize,
+    lost: &BTreeSet<String>,
+    witnessed: bool,
+) -> Result<Vec<Member>, PlacementError> {
     let uuid = record.uuid;
     let leaving: BTreeSet<&str> = record.leaving().collect();
     let mut kept: Vec<&str> = record
@@ -342,7 +353,7 @@ pub fn reshape(
             leaving: still.len(),
         });
     }
-    if members.len() == 2 {
+    if members.len() == 2 && witnessed {
         let witness = match witness {
             Some(w) => w.to_owned(),
             None => usable
@@ -458,7 +469,16 @@ pub fn evacuate(
         };
         return Ok(Evacuation::Members { members, step });
     }
-    let mut members = reshape(candidates, record, copies + moving, &BTreeSet::new())?;
+    let none = BTreeSet::new();
+    let mut members = match reshape(candidates, record, copies + moving, &none) {
+        // A lone copy moving, with no third node for a witness: its two
+        // copies vote alone while it moves (both needed for a change, as
+        // the one copy was before), and one remains.
+        Err(PlacementError::NoWitness { .. }) if copies == 1 => {
+            reshape_with(candidates, record, 2, &none, false)?
+        }
+        r => r?,
+    };
     for m in &mut members {
         m.leaving = m.role == Role::Copy && on.contains(&m.node);
     }
@@ -711,6 +731,34 @@ mod tests {
                 step: Step::Remove,
             })
         );
+        // One copy on two nodes: no third node for a witness, so the two
+        // copies vote alone while it moves.
+        let Ok(Evacuation::Members { members, step }) = evacuate(&nodes[1..3], &one, &set(&["b"]))
+        else {
+            panic!("no step for one copy on two nodes");
+        };
+        assert_eq!(step, Step::Add);
+        assert_eq!(members, vec![leaving("b"), Member::copy("c")]);
+        let mut made = one.clone();
+        made.members = members;
+        made.validate().unwrap();
+        assert_eq!(
+            evacuate(&nodes[1..3], &made, &set(&["b"])),
+            Ok(Evacuation::Rebuilding(vec!["c".into()]))
+        );
+        made.in_sync.insert("c".into(), 0);
+        assert_eq!(
+            evacuate(&nodes[1..3], &made, &set(&["b"])),
+            Ok(Evacuation::Members {
+                members: vec![Member::copy("c")],
+                step: Step::Remove,
+            })
+        );
+        // Alone, it has nowhere to go.
+        assert!(matches!(
+            evacuate(&nodes[1..2], &one, &set(&["b"])),
+            Err(PlacementError::NotEnoughNodes { found: 0, .. })
+        ));
         // Five copies, the most a volume may have: replaced in place.
         let six: Vec<Candidate> = ["a", "b", "c", "d", "e", "f"]
             .iter()
