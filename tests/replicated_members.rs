@@ -567,6 +567,53 @@ async fn a_heal_starts_at_once_and_one_cut_short_by_a_restart_runs_again_within_
     cl.delete(&id).await.unwrap();
 }
 
+/// A node back from away has its copies healed as soon as it registers,
+/// not at the controller's next round (every 30 s here, the default): a
+/// volume written while one copy's node was down, then unpublished with
+/// that copy out of sync, waits for the node (a heal needs every copy's
+/// node), and once it is started again a heal begins within seconds and
+/// brings the copy back in sync with the others' bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_back_from_away_has_its_copies_healed_as_it_registers() {
+    let mut cl = Cluster::start_full(3, &[], &[]).await;
+    let mut req = replicated("mem-back", "3");
+    req.accessibility_requirements = on(&[&node_id(1)], &[]);
+    let v = cl.create(req).await.unwrap();
+    let id = v.volume_id.clone();
+    let away = node_id(3);
+    cl.nodes[index_of(&away) - 1].kill9();
+    cl.wait_stale(&away).await;
+    let m = Published::up(&mut cl, 1, &v, &ext4()).await.unwrap();
+    let w = Writer::start(&m.target);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let files = w.files();
+    m.down(&mut cl, &id).await;
+    let (_, msg) = cl
+        .wait_condition(&id, Duration::from_secs(30), "n3 out of sync", |_, msg| {
+            msg.contains("2 of 3 copies in sync")
+        })
+        .await;
+    assert!(!msg.contains("healing"), "a heal with {away} away: {msg}");
+
+    cl.nodes[index_of(&away) - 1].restart();
+    let back = Instant::now();
+    cl.wait_condition(
+        &id,
+        Duration::from_secs(10),
+        "a heal once n3 is back",
+        |_, msg| msg.contains("healing on"),
+    )
+    .await;
+    eprintln!(
+        "healing {:?} after {away} was started again",
+        back.elapsed()
+    );
+    let three = wait_copies(&mut cl, &id, 3, None, Duration::from_secs(60)).await;
+    same_data(&cl, &id, &three);
+    files_read_back(&mut cl, &away, &v, &files).await;
+    cl.delete(&id).await.unwrap();
+}
+
 /// A ModifyVolume 3 -> 2 on three nodes cut short between its two member
 /// changes: the dropped copy's node cannot delete its member (its
 /// directory is immutable), so the answer is UNAVAILABLE, naming the node

@@ -153,6 +153,12 @@ impl Router {
         drains.round_ended(round, &volumes, &draining);
     }
 
+    /// The replicated volumes' operations (to wake their round of repairs
+    /// from elsewhere, see [`RegistryService`]).
+    pub fn replicated(&self) -> super::replicated::Replicated {
+        self.replicated.clone()
+    }
+
     /// Resolves once a round of [`Router::replace_lost_members`] was asked
     /// for before its period ([`replicated::Replicated::wake_round`]).
     pub async fn round_wanted(&self) {
@@ -1133,6 +1139,8 @@ impl csi::identity_server::Identity for Router {
 pub struct RegistryService {
     pub registry: Arc<Registry>,
     pub names: Arc<NameIndex>,
+    /// Its round of repairs is woken when a node comes back.
+    pub replicated: super::replicated::Replicated,
 }
 
 #[tonic::async_trait]
@@ -1156,9 +1164,19 @@ impl proto::registry_server::Registry for RegistryService {
             None => return Err(Status::unauthenticated("no client certificate")),
         }
         let node = r.node_id.clone();
+        let back = self
+            .registry
+            .get(&node)
+            .is_none_or(|n| !n.fresh(Instant::now()));
         self.registry
             .register(r)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if back {
+            // A node new or back from away: its copies out of sync may be
+            // healed, a volume waiting for it (a drain, a lost member's
+            // replacement) go on, now rather than at the round's period.
+            self.replicated.wake_round();
+        }
         if self.names.start_loading(&node)
             && let Some(n) = self.registry.get(&node)
         {

@@ -740,6 +740,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
             router::RegistryService {
                 registry: Arc::clone(&registry),
                 names: Arc::clone(&router.names),
+                replicated: router.replicated(),
             },
         ))
         .serve_with_incoming_shutdown(tcp_incoming(listener), stopped(stop.clone()));
