@@ -334,6 +334,13 @@ impl Heals {
         true
     }
 
+    /// Forgets the failed heals of every volume but `live` (a heal that
+    /// runs ends by itself).
+    fn retain(&self, live: &[Uuid]) {
+        self.map()
+            .retain(|u, h| matches!(h, Heal::Running { .. }) || live.contains(u));
+    }
+
     /// The heal of `uuid` ended at `now`: healed (or taken over), or
     /// failed, one failure more. Returns, for a failed one, how long the
     /// next waits.
@@ -549,9 +556,11 @@ impl Replicated {
         c
     }
 
-    /// Forgets the health of every volume but `live` (the volumes listed).
-    pub fn forget_health_but(&self, live: &[Uuid]) {
+    /// Forgets the health, and the failed heals, of every volume but
+    /// `live` (the volumes listed).
+    pub fn forget_all_but(&self, live: &[Uuid]) {
         self.health.retain(live);
+        self.heals.retain(live);
     }
 
     /// Asks every fresh node what it holds of `uuid`; see
@@ -2647,6 +2656,12 @@ mod tests {
         h.end(b, false, at(now));
         assert!(h.begin(b, at(now + 5)));
         assert_eq!(heal_retry(u32::MAX), HEAL_RETRY_MAX);
+        // A volume gone: its failures are forgotten, a running heal kept.
+        h.end(b, false, at(now));
+        assert!(h.begin(c, at(now)));
+        h.retain(&[a]);
+        assert!(h.running(c));
+        assert!(h.begin(b, at(now)), "b's failures forgotten");
     }
 
     /// A heal starts only when it has something to mend, something to

@@ -137,7 +137,7 @@ impl Router {
                 return;
             }
         };
-        self.replicated.forget_health_but(&volumes);
+        self.replicated.forget_all_but(&volumes);
         let drains = self.replicated.drains();
         let round = drains.round_begins();
         let draining = self.registry.draining();
