@@ -254,7 +254,15 @@ pub struct Replicated {
     /// Asks the controller's round of repairs to run now
     /// ([`Replicated::wake_round`]).
     rounds: Arc<tokio::sync::Notify>,
+    /// The volumes whose publication's rebuild a drain waits for, watched
+    /// ([`Replicated::watch_rebuild`]).
+    watching: Arc<std::sync::Mutex<BTreeSet<Uuid>>>,
 }
+
+/// How long one watch of a publication's rebuild lasts
+/// ([`Replicated::watch_rebuild`]); the next round starts another while
+/// the rebuild goes on.
+const REBUILD_WATCH: Duration = Duration::from_secs(120);
 
 /// How the controller heals volumes nobody publishes
 /// (`--replica-heal-idle on`).
@@ -522,6 +530,7 @@ impl Replicated {
             heals: Heals::default(),
             drains: Drains::default(),
             rounds: Arc::new(tokio::sync::Notify::new()),
+            watching: Arc::default(),
         }
     }
 
@@ -1729,6 +1738,9 @@ impl Replicated {
                     Some(o) => self.rebuild_left(&o.node, uuid, &behind).await,
                     None => None,
                 };
+                if let Some(o) = r.owner.as_ref().filter(|o| !o.heal) {
+                    self.watch_rebuild(&o.node, uuid, &behind);
+                }
                 let left = left.map_or_else(String::new, |mib| format!(", {mib} MiB left"));
                 let by = match &r.owner {
                     Some(o) if o.heal => format!("healing on {}", o.node),
@@ -1785,6 +1797,49 @@ impl Replicated {
             self.drains.note(uuid, nodes, what.to_owned());
         }
         Ok(true)
+    }
+
+    /// Watches the engine of the publication on `node` rebuild `uuid`'s
+    /// copies on `nodes`, which a drain waits for, asking it every second:
+    /// the round is woken once it has them in sync, not left to its
+    /// period (a heal's end wakes it by itself). One watch a volume, for
+    /// at most [`REBUILD_WATCH`], and none once the engine stops or does
+    /// not answer: the rounds see to the volume then.
+    fn watch_rebuild(&self, node: &str, uuid: Uuid, nodes: &[String]) {
+        if !self
+            .watching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uuid)
+        {
+            return;
+        }
+        let (this, node, nodes) = (self.clone(), node.to_owned(), nodes.to_vec());
+        tokio::spawn(async move {
+            let until = Instant::now() + REBUILD_WATCH;
+            while Instant::now() < until {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Ok(s) = this
+                    .engine_status(&node, uuid, Duration::from_secs(1))
+                    .await
+                else {
+                    break;
+                };
+                let built = nodes.iter().all(|n| {
+                    s.copies
+                        .iter()
+                        .any(|c| c.node == *n && c.phase == "in-sync")
+                });
+                if !s.running || built {
+                    this.wake_round();
+                    break;
+                }
+            }
+            this.watching
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&uuid);
+        });
     }
 
     /// The MiB the engine on `node` has left to rebuild on the copies of
