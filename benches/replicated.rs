@@ -9,7 +9,7 @@
 //! on one loop-mounted xfs filesystem in a scratch directory, so every
 //! copy and the baseline share one disk. Volumes are raw block
 //! (SINGLE_NODE_WRITER), published and staged on `n1` through CSI calls as
-//! a CO makes them. Nine parts:
+//! a CO makes them. Ten parts:
 //!
 //! 1. fio (`--direct=1`, io_uring by default, JSON output) on a local
 //!    `backend=block` volume pinned to n1 (the baseline) and on
@@ -115,6 +115,18 @@
 //!    ratio. An engine that learns of new members must keep its data links
 //!    to the copies that stay (writes after the change going over gRPC
 //!    instead would show as a ratio well below 100 %).
+//! 10. Drain (last; alone with `--only-drain`): what moving a volume off a
+//!     draining node costs beyond rebuilding its new copy, with the
+//!     controller's defaults (its round of repairs every 30 s, heals at
+//!     32 MiB/s; the controller is restarted with them). Each round, for a
+//!     volume of one copy of `--drain-size` (default 512 MiB) on n1, once
+//!     staged on n1 (its engine rebuilds) and once nobody publishes it (a
+//!     heal rebuilds): ControllerModifyVolume to 2 copies, timed until every
+//!     copy is in sync (the baseline: the same rebuild with no drain), back
+//!     to 1 copy (n1's stays), then `stowage node drain n1 --wait`, timed
+//!     until it returns (a copy added elsewhere, rebuilt, n1's removed),
+//!     and `uncordon`. Printed: the medians of both, and the drain's time
+//!     over the rebuild's.
 //!
 //! Run as root (loop devices, FUSE, mounts), with fio installed:
 //!
@@ -127,6 +139,7 @@
 //!         [--only-scrub] [--scrub-rate 16] [--scrub-jobs seq-write,...]
 //!         [--only-heal] [--heal-size 2Gi] [--heal-rate 32] [--heal-jobs seq-write,...]
 //!         [--only-members] [--members-jobs seq-write,...]
+//!         [--only-drain] [--drain-size 512Mi]
 //!
 //! With the defaults it takes about ten minutes (fio is 6 jobs × 4 volumes
 //! × rounds × runtime, and 3 write jobs × 2 at-once runs × rounds ×
@@ -1643,6 +1656,133 @@ async fn members_part(
     })
 }
 
+#[derive(Debug, Serialize)]
+struct DrainKind {
+    kind: &'static str,
+    /// Seconds from ControllerModifyVolume 1 -> 2 until every copy was in
+    /// sync (median of the rounds), and their spread.
+    rebuild_s: f64,
+    spread_rebuild: f64,
+    /// Seconds `stowage node drain n1 --wait` took (median), and spread.
+    drain_s: f64,
+    spread_drain: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct DrainReport {
+    size_mib: u64,
+    rounds: usize,
+    kinds: Vec<DrainKind>,
+}
+
+/// The median of `v` (seconds), and its spread ((max - min) / median).
+fn median_spread(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let m = v[v.len() / 2];
+    (m, (v[v.len() - 1] - v[0]) / m)
+}
+
+/// Runs `stowage ARGS` against the controller's socket; an error with its
+/// output when it fails.
+async fn stowage_client(cl: &Cluster, args: &[&str]) -> Result<(), String> {
+    let mut c = Command::new(bin());
+    c.arg("--endpoint")
+        .arg(format!(
+            "unix://{}",
+            cl.root.join("controller.sock").display()
+        ))
+        .args(args);
+    let what = args.join(" ");
+    let out = tokio::task::spawn_blocking(move || c.output())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("stowage {what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "stowage {what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Errs unless the only copy of `v` is on n1.
+fn only_on_n1(cl: &Cluster, v: &Vol) -> Result<(), String> {
+    if cl.copy_nodes(v.id()) == [1] {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not on n1 alone: {}",
+            v.label,
+            cl.placement(v.id())
+        ))
+    }
+}
+
+/// See the module documentation, part 10.
+async fn drain_part(cl: &mut Cluster, rounds: usize, size: u64) -> Result<DrainReport, String> {
+    cl.set_controller_flag("--replica-replace-after", "300")
+        .await;
+    cl.set_controller_flag("--replica-heal-rate", "32").await;
+    let kinds = [
+        ("staged on n1 (its engine rebuilds)", true),
+        ("nobody publishes it (a heal rebuilds)", false),
+    ];
+    let in_sync = Duration::from_secs(600);
+    // [kind][rebuild, drain]: the rounds' seconds.
+    let mut runs: Vec<[Vec<f64>; 2]> = vec![Default::default(); kinds.len()];
+    for round in 0..rounds {
+        for (k, (kind, staged)) in kinds.iter().enumerate() {
+            let mut v = create(cl, &format!("drain-{round}-{k}"), size, Some(1)).await;
+            only_on_n1(cl, &v)?;
+            if *staged {
+                up(cl, &mut v, false).await?;
+            }
+            settle().await;
+            eprintln!("round {}: {kind}: 1 -> 2 copies", round + 1);
+            let t = Instant::now();
+            set_replicas(cl, &v, 2).await?;
+            cl.wait_condition(v.id(), false, in_sync).await?;
+            runs[k][0].push(t.elapsed().as_secs_f64());
+            set_replicas(cl, &v, 1).await?;
+            cl.wait_condition(v.id(), false, in_sync).await?;
+            only_on_n1(cl, &v)?;
+            settle().await;
+            eprintln!("round {}: {kind}: drain n1", round + 1);
+            let t = Instant::now();
+            stowage_client(cl, &["node", "drain", "n1", "--wait", "--timeout", "900"]).await?;
+            runs[k][1].push(t.elapsed().as_secs_f64());
+            stowage_client(cl, &["node", "uncordon", "n1"]).await?;
+            if cl.copy_nodes(v.id()).contains(&1) {
+                return Err(format!("n1 drained, yet {}", cl.placement(v.id())));
+            }
+            remove(cl, v).await;
+        }
+    }
+    let kinds = kinds
+        .iter()
+        .zip(runs)
+        .map(|((kind, _), [mut rebuild, mut drain])| {
+            let (rebuild_s, spread_rebuild) = median_spread(&mut rebuild);
+            let (drain_s, spread_drain) = median_spread(&mut drain);
+            DrainKind {
+                kind,
+                rebuild_s,
+                spread_rebuild,
+                drain_s,
+                spread_drain,
+            }
+        })
+        .collect();
+    Ok(DrainReport {
+        size_mib: size / MIB,
+        rounds,
+        kinds,
+    })
+}
+
 fn transport(cl: &Cluster) -> &'static str {
     if cl.replication_tls {
         "loopback TCP, mutual TLS"
@@ -2506,6 +2646,7 @@ struct Report {
     scrub: Option<ScrubReport>,
     heal: Option<HealReport>,
     members: Option<MembersReport>,
+    drain: Option<DrainReport>,
     /// Identical bytes on every copy of the 3-copy fio volume after it was
     /// unstaged (after the dirty-region rebuild).
     rep3_copies_identical: Option<bool>,
@@ -2531,6 +2672,7 @@ impl Report {
             scrub: None,
             heal: None,
             members: None,
+            drain: None,
             rep3_copies_identical: None,
             errors,
             loadavg: loadavg(),
@@ -2939,6 +3081,24 @@ fn print_report(r: &Report) {
             );
         }
     }
+    if let Some(d) = &r.drain {
+        println!();
+        println!(
+            "drain of a volume of one copy of {} MiB off n1, with the controller's defaults ({} rounds; against ModifyVolume 1 -> 2, the same rebuild with no drain):",
+            d.size_mib, d.rounds
+        );
+        for k in &d.kinds {
+            println!(
+                "  {:<40} rebuild {:>6.1} s (spread {:.0} %) | drain {:>6.1} s (spread {:.0} %) | {:>6.1} % of the rebuild's time",
+                k.kind,
+                k.rebuild_s,
+                100.0 * k.spread_rebuild,
+                k.drain_s,
+                100.0 * k.spread_drain,
+                100.0 * k.drain_s / k.rebuild_s
+            );
+        }
+    }
     if !r.errors.is_empty() {
         println!();
         println!("errors:");
@@ -3005,6 +3165,8 @@ async fn run(args: &Args) -> Report {
     let only_scrub = args.flag("--only-scrub");
     let only_heal = args.flag("--only-heal");
     let only_members = args.flag("--only-members");
+    let only_drain = args.flag("--only-drain");
+    let drain_size = size_arg("--drain-size", 512 << 20);
     let members_jobs: Vec<String> = args
         .value("--members-jobs")
         .unwrap_or_else(|| "seq-write,rand-write-qd1".to_owned())
@@ -3063,6 +3225,16 @@ async fn run(args: &Args) -> Report {
             .ok();
         return Report {
             members,
+            ..Report::partial(&cl, errors, wall)
+        };
+    }
+    if only_drain {
+        let drain = drain_part(&mut cl, cfg.rounds, drain_size)
+            .await
+            .map_err(|e| errors.push(format!("drain: {e}")))
+            .ok();
+        return Report {
+            drain,
             ..Report::partial(&cl, errors, wall)
         };
     }
@@ -3235,6 +3407,10 @@ async fn run(args: &Args) -> Report {
         .await
         .map_err(|e| errors.push(format!("membership change: {e}")))
         .ok();
+    let drain = drain_part(&mut cl, cfg.rounds, drain_size)
+        .await
+        .map_err(|e| errors.push(format!("drain: {e}")))
+        .ok();
 
     Report {
         transport: transport(&cl),
@@ -3250,6 +3426,7 @@ async fn run(args: &Args) -> Report {
         scrub,
         heal,
         members,
+        drain,
         rep3_copies_identical,
         errors,
         loadavg: loadavg(),
