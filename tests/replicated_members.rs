@@ -555,16 +555,29 @@ async fn a_heal_starts_at_once_and_one_cut_short_by_a_restart_runs_again_within_
     }
     eprintln!("healing again {:?} after the failure", failed.elapsed());
     let three = wait_copies(&mut cl, &id, 3, None, Duration::from_secs(60)).await;
+    healed_with_files(&mut cl, &v, &two, &three, &files).await;
+    cl.delete(&id).await.unwrap();
+}
+
+/// A heal brought `v`'s copies from `before` to `now`: the controller
+/// says so, the copies hold the same bytes, and `files` read back
+/// (published again) on the node of a copy `before` had not.
+async fn healed_with_files(
+    cl: &mut Cluster,
+    v: &csi::Volume,
+    before: &[String],
+    now: &[String],
+    files: &[(PathBuf, u64)],
+) {
     let log = cl.controller.log_text();
     assert!(
         log.contains("healed: every copy in sync"),
         "in sync without a heal? {}",
         cl.controller.log_tail(30)
     );
-    same_data(&cl, &id, &three);
-    let fresh = three.iter().find(|n| !two.contains(n)).unwrap();
-    files_read_back(&mut cl, fresh, &v, &files).await;
-    cl.delete(&id).await.unwrap();
+    same_data(cl, &v.volume_id, now);
+    let fresh = now.iter().find(|n| !before.contains(n)).unwrap();
+    files_read_back(cl, fresh, v, files).await;
 }
 
 /// A node back from away has its copies healed as soon as it registers,
@@ -758,12 +771,8 @@ async fn a_lost_copy_of_a_volume_nobody_publishes_is_rebuilt_without_a_publish()
     let now = wait_copies(&mut cl, &id, 3, Some(&victim), Duration::from_secs(90)).await;
     let got = cl.get(&id).await.unwrap().status.unwrap();
     assert!(got.published_node_ids.is_empty(), "{got:?}");
-    let log = cl.controller.log_tail(200);
-    assert!(log.contains("healed: every copy in sync"), "{log}");
-    same_data(&cl, &id, &now);
     // Published again, on the new copy's node: its files are all there.
-    let fresh = now.iter().find(|n| !three.contains(n)).unwrap();
-    files_read_back(&mut cl, fresh, &v, &files).await;
+    healed_with_files(&mut cl, &v, &three, &now, &files).await;
     cl.delete(&id).await.unwrap();
 }
 
