@@ -1018,6 +1018,19 @@ fn name_with_witness_on(node: &str) -> String {
         .expect("some name puts the witness there")
 }
 
+/// The time of day (seconds) of a log line, from its RFC 3339 stamp
+/// (`2026-12-06T10:46:42.292901Z ...`; the tests run within a day).
+fn log_seconds(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split('T').nth(1)?;
+    let mut hms = time.trim_end_matches('Z').split(':');
+    let (h, m, sec): (f64, f64, f64) = (
+        hms.next()?.parse().ok()?,
+        hms.next()?.parse().ok()?,
+        hms.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + sec)
+}
+
 /// `node`'s line in `stowage node list`.
 fn node_line(cl: &Cluster, node: &str) -> String {
     let out = cl.client(&["node", "list"]);
@@ -1350,6 +1363,23 @@ async fn one_copy_drains_to_the_other_of_two_nodes_with_no_witness() {
     // 64 MiB healed at 4 MiB/s: the idle volume was seen with its two
     // copies, the draining node's leaving.
     assert_eq!(seen[0], (2, true), "{said}");
+    // The heal's end woke the round (every 30 s here), which removed the
+    // leaving copy at once.
+    let log = cl.controller.log_text();
+    let at = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains(&idle.volume_id))
+            .find_map(log_seconds)
+            .unwrap_or_else(|| panic!("no {what:?} of the idle volume logged"))
+    };
+    let healed = at("healed: every copy in sync");
+    let removed = at("drain: leaving copies removed");
+    // (Across midnight, a day later.)
+    let gap = (removed - healed).rem_euclid(86400.0);
+    assert!(
+        gap < 5.0,
+        "the leaving copy went {gap:.1} s after the heal ended"
+    );
     for id in [&idle.volume_id, &used.volume_id] {
         let now = wait_copies(&mut cl, id, 1, Some(&d), Duration::from_secs(30)).await;
         assert_eq!(now, [other.as_str()]);
