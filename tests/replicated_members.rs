@@ -580,6 +580,43 @@ async fn healed_with_files(
     files_read_back(cl, fresh, v, files).await;
 }
 
+/// A volume unpublished while its engine still rebuilds a new copy is
+/// healed at once, not at the controller's next round (every 30 s here,
+/// the default): ModifyVolume 2 -> 3 of a volume of 1 GiB staged on n1,
+/// unpublished 3 s after, leaves the new copy out of sync, and a heal of
+/// it begins within 10 s; the copies end in sync with the same bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_unpublished_before_its_new_copy_is_built_is_healed_at_once() {
+    let mut cl = Cluster::start_full(3, &[], &[]).await;
+    let mut req = replicated_req("mem-unpub", "2", 1 << 30, ext4());
+    req.accessibility_requirements = on(&[&node_id(1)], &[]);
+    let v = cl.create(req).await.unwrap();
+    let id = v.volume_id.clone();
+    let m = Published::up(&mut cl, 1, &v, &ext4()).await.unwrap();
+    modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
+    // The round the change woke (a second after the last) passes while
+    // the volume is published, its engine rebuilding 1 GiB.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    m.down(&mut cl, &id).await;
+    let unpublished = Instant::now();
+    let (_, _, msg) = copies(&mut cl, &id).await;
+    assert!(
+        msg.contains("2 of 3 copies in sync"),
+        "the engine built the new copy before the unpublish: {msg}"
+    );
+    cl.wait_condition(
+        &id,
+        Duration::from_secs(10),
+        "a heal soon after the unpublish",
+        |_, msg| msg.contains("healing on"),
+    )
+    .await;
+    eprintln!("healing {:?} after the unpublish", unpublished.elapsed());
+    let three = wait_copies(&mut cl, &id, 3, None, Duration::from_secs(120)).await;
+    same_data(&cl, &id, &three);
+    cl.delete(&id).await.unwrap();
+}
+
 /// A node back from away has its copies healed as soon as it registers,
 /// not at the controller's next round (every 30 s here, the default): a
 /// volume written while one copy's node was down, then unpublished with
