@@ -29,6 +29,13 @@ fn replicated(name: &str, replicas: &str) -> csi::CreateVolumeRequest {
     replicated_req(name, replicas, SIZE, ext4())
 }
 
+/// [`replicated`], one copy placed on `node` (locality: it is preferred).
+fn replicated_on(name: &str, replicas: &str, node: &str) -> csi::CreateVolumeRequest {
+    let mut req = replicated(name, replicas);
+    req.accessibility_requirements = on(&[node], &[]);
+    req
+}
+
 fn ext4() -> csi::VolumeCapability {
     mount_cap("ext4", Mode::SingleNodeWriter)
 }
@@ -626,9 +633,10 @@ async fn a_volume_unpublished_before_its_new_copy_is_built_is_healed_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_back_from_away_has_its_copies_healed_as_it_registers() {
     let mut cl = Cluster::start_full(3, &[], &[]).await;
-    let mut req = replicated("mem-back", "3");
-    req.accessibility_requirements = on(&[&node_id(1)], &[]);
-    let v = cl.create(req).await.unwrap();
+    let v = cl
+        .create(replicated_on("mem-back", "3", &node_id(1)))
+        .await
+        .unwrap();
     let id = v.volume_id.clone();
     let away = node_id(3);
     cl.nodes[index_of(&away) - 1].kill9();
@@ -1263,9 +1271,7 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
     let (b3, _, _) = copies(&mut cl, &b.volume_id).await;
     let d = b3[0].clone();
     let b_files = files_written(&mut cl, &b3[1], &b).await;
-    let mut req = replicated("drain-a", "2");
-    req.accessibility_requirements = on(&[&d], &[]);
-    let a = cl.create(req).await.unwrap();
+    let a = cl.create(replicated_on("drain-a", "2", &d)).await.unwrap();
     let (a2, _, msg) = copies(&mut cl, &a.volume_id).await;
     assert!(a2.contains(&d), "locality puts a copy on {d}: {msg}");
     let user = a2.iter().find(|n| **n != d).unwrap().clone();
@@ -1281,9 +1287,7 @@ async fn a_drain_moves_every_member_off_the_node_rebuilding_first() {
     let w = Writer::start(&m.target);
     // E: two copies, published on the draining node itself, whose engine
     // reads from its own copy until that copy leaves.
-    let mut req = replicated("drain-e", "2");
-    req.accessibility_requirements = on(&[&d], &[]);
-    let e = cl.create(req).await.unwrap();
+    let e = cl.create(replicated_on("drain-e", "2", &d)).await.unwrap();
     let me = Published::up(&mut cl, index_of(&d), &e, &ext4())
         .await
         .unwrap();
@@ -1375,15 +1379,17 @@ async fn one_copy_drains_to_the_other_of_two_nodes_with_no_witness() {
     let mut cl = Cluster::start_full(2, &["--replica-heal-rate", "4"], &[]).await;
     let d = node_id(1);
     let other = node_id(2);
-    let mut req = replicated("drain-one", "1");
-    req.accessibility_requirements = on(&[&d], &[]);
-    let idle = cl.create(req).await.unwrap();
+    let idle = cl
+        .create(replicated_on("drain-one", "1", &d))
+        .await
+        .unwrap();
     let (one, _, msg) = copies(&mut cl, &idle.volume_id).await;
     assert_eq!(one, [d.as_str()], "{msg}");
     let idle_files = files_written(&mut cl, &other, &idle).await;
-    let mut req = replicated("drain-one-used", "1");
-    req.accessibility_requirements = on(&[&d], &[]);
-    let used = cl.create(req).await.unwrap();
+    let used = cl
+        .create(replicated_on("drain-one-used", "1", &d))
+        .await
+        .unwrap();
     let m = Published::up(&mut cl, index_of(&d), &used, &ext4())
         .await
         .unwrap();
