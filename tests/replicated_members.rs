@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
+use common::forward::FaultConfig;
 use common::*;
 use stowage::csi;
 use tonic::Code;
@@ -670,6 +671,122 @@ async fn a_node_back_from_away_has_its_copies_healed_as_it_registers() {
     same_data(&cl, &id, &three);
     files_read_back(&mut cl, &away, &v, &files).await;
     cl.delete(&id).await.unwrap();
+}
+
+/// Returns once the controller's log says a round of repairs has begun to
+/// look at `volume_id` (after the call; bounded).
+async fn round_in(cl: &Cluster, volume_id: &str) {
+    let looks = || {
+        cl.controller
+            .log_text()
+            .lines()
+            .filter(|l| {
+                l.contains("the round of repairs looks at the volume") && l.contains(volume_id)
+            })
+            .count()
+    };
+    let (before, deadline) = (looks(), Instant::now() + Duration::from_secs(30));
+    while looks() == before {
+        assert!(
+            Instant::now() < deadline,
+            "no round looked at the volume within 30 s\ncontroller:\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The controller's round of repairs looking at a volume is no operation
+/// of the CO's: a call on the volume meanwhile waits for the round instead
+/// of failing ABORTED (csi-sanity's cleanup once failed so, on a
+/// DeleteVolume right after a ControllerUnpublish). A fourth node,
+/// cordoned and holding nothing, answers slowly through its proxy (1 s a
+/// chunk each way), so the round holds the volume for the seconds it waits
+/// for that node's answer. Each call is made as the controller's log says
+/// a round has just begun to look at the volume: ControllerPublish,
+/// ControllerUnpublish (twice each), ControllerExpand and DeleteVolume,
+/// never retried, all succeed, each having waited for the round.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_waits_for_the_round_of_repairs_instead_of_failing_aborted() {
+    let mut opts = vec![NodeOpts::default(); FOUR];
+    opts[3].proxied = true;
+    let mut cl = Cluster::start_full(FOUR, &["--replica-replace-after", "4"], &opts).await;
+    let slow = node_id(4);
+    assert!(cl.client(&["node", "cordon", &slow]).status.success());
+    let v = cl.create(replicated("mem-wait", "3")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (three, _, msg) = copies(&mut cl, &id).await;
+    assert!(
+        !three.contains(&slow) && witness_of(&msg).is_none(),
+        "{msg}"
+    );
+    cl.proxy(4).faults.set(FaultConfig {
+        delay: Duration::from_secs(1),
+        ..Default::default()
+    });
+
+    let fail = |what: &str, e: tonic::Status, cl: &Cluster| -> ! {
+        panic!("{what}: {e:?}\ncontroller:\n{}", cl.controller.log_tail(30))
+    };
+    let mut c = cl.c.controller.clone();
+    for _ in 0..2 {
+        let publish = csi::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: node_id(1),
+            volume_capability: Some(ext4()),
+            ..Default::default()
+        };
+        round_in(&cl, &id).await;
+        if let Err(e) = c.controller_publish_volume(publish).await {
+            fail("ControllerPublishVolume", e, &cl);
+        }
+        let unpublish = csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: node_id(1),
+            ..Default::default()
+        };
+        round_in(&cl, &id).await;
+        if let Err(e) = c.controller_unpublish_volume(unpublish).await {
+            fail("ControllerUnpublishVolume", e, &cl);
+        }
+    }
+    let expand = csi::ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 2 * SIZE,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(ext4()),
+        ..Default::default()
+    };
+    round_in(&cl, &id).await;
+    if let Err(e) = c.controller_expand_volume(expand).await {
+        fail("ControllerExpandVolume", e, &cl);
+    }
+    let delete = csi::DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    };
+    round_in(&cl, &id).await;
+    if let Err(e) = c.delete_volume(delete).await {
+        fail("DeleteVolume", e, &cl);
+    }
+    let log = cl.controller.log_text();
+    let waits: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("a call waited for the round of repairs") && l.contains(&id))
+        .collect();
+    eprintln!("{}", waits.join("\n"));
+    assert_eq!(
+        waits.len(),
+        6,
+        "every call met the round and waited for it\ncontroller:\n{}",
+        cl.controller.log_tail(30)
+    );
+    cl.proxy(4).faults.set(FaultConfig::default());
+    for i in 1..=3 {
+        assert!(!cl.copy_dir(i, &id).exists(), "n{i} still holds it");
+    }
 }
 
 /// A ModifyVolume 3 -> 2 on three nodes cut short between its two member

@@ -97,6 +97,17 @@ fn group_node(raw: &str) -> Option<String> {
         .then(|| node.to_owned())
 }
 
+/// The longest a call waits for the controller's round of repairs to be
+/// done with its volume: a round's look at one volume asks every node (each
+/// at most 5 s) and may change its members (a few exchanges with a
+/// majority), which is seconds even with a node not answering.
+const ROUND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The in-flight key of a replicated volume's operations.
+fn volume_key(raw: &str) -> String {
+    format!("\0volume\0{raw}")
+}
+
 fn node_of_topology(t: &csi::Topology) -> Option<&str> {
     t.segments.get(TOPOLOGY_NODE_KEY).map(String::as_str)
 }
@@ -143,9 +154,11 @@ impl Router {
         let draining = self.registry.draining();
         for uuid in &volumes {
             let raw = replicated::volume_id(*uuid);
-            let Ok(_guard) = self.volume_guard(&raw) else {
+            // Never a volume a call is at: the next round looks again.
+            let Some(_guard) = self.creating.try_acquire_background(volume_key(&raw)) else {
                 continue;
             };
+            tracing::debug!(volume = %raw, "the round of repairs looks at the volume");
             if let Err(e) = self.replicated.replace_lost(*uuid, after, heal).await {
                 tracing::warn!(volume = %raw, error = %e.message(), "lost or removed members not dealt with yet");
             }
@@ -197,13 +210,31 @@ impl Router {
         Ok((out, next))
     }
 
-    /// One operation at a time per replicated volume: a concurrent one is
-    /// ABORTED.
-    #[allow(clippy::result_large_err)]
-    fn volume_guard(&self, raw: &str) -> Result<crate::volume::inflight::InFlightGuard, Status> {
-        self.creating
-            .try_acquire(format!("\0volume\0{raw}"))
-            .ok_or_else(|| Status::aborted(format!("an operation on volume {raw} is in progress")))
+    /// One operation at a time per replicated volume: a concurrent call is
+    /// ABORTED. The round of repairs looking at the volume is no call of
+    /// the CO's: the call waits for it (at most [`ROUND_WAIT`]).
+    async fn volume_guard(
+        &self,
+        raw: &str,
+    ) -> Result<crate::volume::inflight::InFlightGuard, Status> {
+        use crate::volume::inflight::Held;
+        let (guard, waited) = self
+            .creating
+            .acquire_after_background(volume_key(raw), ROUND_WAIT)
+            .await
+            .map_err(|held| match held {
+                Held::ByCall => {
+                    Status::aborted(format!("an operation on volume {raw} is in progress"))
+                }
+                Held::ByBackground => Status::aborted(format!(
+                    "the controller's round of repairs has held volume {raw} for over {} s",
+                    ROUND_WAIT.as_secs()
+                )),
+            })?;
+        if !waited.is_zero() {
+            tracing::debug!(volume = %raw, waited_ms = waited.as_millis() as u64, "a call waited for the round of repairs to be done with its volume");
+        }
+        Ok(guard)
     }
 
     /// The node holding a volume of this CSI name: from the name index
@@ -601,7 +632,7 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.volume_id) {
-            let _guard = self.volume_guard(&r.volume_id)?;
+            let _guard = self.volume_guard(&r.volume_id).await?;
             self.replicated.delete_volume(&r.volume_id).await?;
             return Ok(Response::new(csi::DeleteVolumeResponse {}));
         }
@@ -622,7 +653,7 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.volume_id) {
-            let _guard = self.volume_guard(&r.volume_id)?;
+            let _guard = self.volume_guard(&r.volume_id).await?;
             return self.replicated.publish(&r).await.map(Response::new);
         }
         let n = self.volume_node(&r.volume_id)?;
@@ -646,7 +677,7 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.volume_id) {
-            let _guard = self.volume_guard(&r.volume_id)?;
+            let _guard = self.volume_guard(&r.volume_id).await?;
             self.replicated.unpublish(&r).await?;
             return Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}));
         }
@@ -794,7 +825,7 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.source_volume_id) {
-            let _guard = self.volume_guard(&r.source_volume_id)?;
+            let _guard = self.volume_guard(&r.source_volume_id).await?;
             return self.replicated.create_snapshot(&r).await.map(Response::new);
         }
         let n = self.volume_node(&r.source_volume_id)?;
@@ -914,7 +945,7 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.volume_id) {
-            let _guard = self.volume_guard(&r.volume_id)?;
+            let _guard = self.volume_guard(&r.volume_id).await?;
             return self.replicated.expand(&r).await.map(Response::new);
         }
         let n = self.volume_node(&r.volume_id)?;
@@ -943,7 +974,7 @@ impl csi::controller_server::Controller for Router {
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         let r = req.into_inner();
         if replicated::is_replicated_id(&r.volume_id) {
-            let _guard = self.volume_guard(&r.volume_id)?;
+            let _guard = self.volume_guard(&r.volume_id).await?;
             self.replicated.modify(&r).await?;
             return Ok(Response::new(csi::ControllerModifyVolumeResponse {}));
         }
@@ -981,10 +1012,10 @@ impl csi::group_controller_server::GroupController for Router {
             }
             // One operation on each volume at a time, taken in one order.
             let ordered: BTreeSet<&String> = r.source_volume_ids.iter().collect();
-            let _guards = ordered
-                .into_iter()
-                .map(|v| self.volume_guard(v))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut _guards = Vec::with_capacity(ordered.len());
+            for v in ordered {
+                _guards.push(self.volume_guard(v).await?);
+            }
             let group = self.replicated.create_group_snapshot(&r).await?;
             return Ok(Response::new(csi::CreateVolumeGroupSnapshotResponse {
                 group_snapshot: Some(group),
@@ -1314,7 +1345,7 @@ impl proto::admin_server::Admin for Router {
     ) -> Result<Response<proto::RepairVolumeResponse>, Status> {
         let r = req.into_inner();
         only_replicated(&r.volume_id, "repair")?;
-        let _guard = self.volume_guard(&r.volume_id)?;
+        let _guard = self.volume_guard(&r.volume_id).await?;
         let rebuilt = self.replicated.repair(&r.volume_id, &r.from).await?;
         Ok(Response::new(proto::RepairVolumeResponse { rebuilt }))
     }

@@ -758,10 +758,11 @@ fn sample(exposition: &str, name: &str, label: &str) -> Option<u64> {
 }
 
 /// Calls `call` again while it answers ABORTED, as a CO does: the
-/// controller answers so while another operation holds the volume, such
-/// as its own pass replacing lost members (every second with
-/// `--replica-replace-after 4`). Every 200 ms, at most 150 times (30 s);
-/// then the last answer.
+/// controller answers so while another call holds the volume, or when a
+/// change of the volume's record met another one (a heal's, which runs in
+/// the background); never for its round of repairs, which a call waits
+/// for (`a_call_waits_for_the_round_of_repairs_instead_of_failing_aborted`).
+/// Every 200 ms, at most 150 times (30 s); then the last answer.
 pub async fn retry_aborted<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
