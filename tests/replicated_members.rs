@@ -789,6 +789,47 @@ async fn a_call_waits_for_the_round_of_repairs_instead_of_failing_aborted() {
     }
 }
 
+/// A node that registers but answers nothing (its agent hung, say on a
+/// stuck disk) holds up no repair of the volumes the other nodes hold: the
+/// round of repairs used to give up when a node did not list its copies.
+/// The fourth node, cordoned and holding nothing, has every byte to it
+/// held by its proxy; a volume of two copies (and a witness) nobody
+/// publishes is changed to three, and the new copy is healed by the
+/// round, whose controller says which node it could not list.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_answers_nothing_holds_up_no_repair_of_the_others() {
+    let mut opts = vec![NodeOpts::default(); FOUR];
+    opts[3].proxied = true;
+    let mut cl = Cluster::start_full(FOUR, &[], &opts).await;
+    let hung = node_id(4);
+    assert!(cl.client(&["node", "cordon", &hung]).status.success());
+    let v = cl.create(replicated("mem-hung", "2")).await.unwrap();
+    let id = v.volume_id.clone();
+    let (two, _, msg) = copies(&mut cl, &id).await;
+    assert!(
+        !two.contains(&hung) && witness_of(&msg).as_ref() != Some(&hung),
+        "{msg}"
+    );
+    cl.proxy(4).faults.set(FaultConfig {
+        hold: true,
+        ..Default::default()
+    });
+    modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
+    let three = wait_copies(&mut cl, &id, 3, Some(&hung), Duration::from_secs(90)).await;
+    same_data(&cl, &id, &three);
+    let log = cl.controller.log_text();
+    assert!(
+        log.lines().any(
+            |l| l.contains("looks only at the volumes of the nodes that listed")
+                && l.contains(&format!("node {hung} did not list its copies"))
+        ),
+        "the round never met {hung} not answering: the test did not test\ncontroller:\n{}",
+        cl.controller.log_tail(30)
+    );
+    cl.proxy(4).faults.set(FaultConfig::default());
+    cl.delete(&id).await.unwrap();
+}
+
 /// A ModifyVolume 3 -> 2 on three nodes cut short between its two member
 /// changes: the dropped copy's node cannot delete its member (its
 /// directory is immutable), so the answer is UNAVAILABLE, naming the node
@@ -1677,6 +1718,69 @@ async fn a_drain_that_cannot_end_starts_nothing_and_says_why() {
             && err.contains("replaced after --replica-replace-after"),
         "{out:?}"
     );
+}
+
+/// A round that could not list every node's copies concludes nothing of a
+/// drain: the one copy of a volume is on a draining node that then stops
+/// answering (every byte to it held by its proxy; it still registers), so
+/// the rounds do not list the volume, and the node must not be said
+/// drained. The other nodes are cordoned, so the copy has nowhere to go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_is_not_said_done_by_a_round_that_missed_a_node() {
+    let mut opts = vec![NodeOpts::default(); 3];
+    opts[2].proxied = true;
+    let mut cl = Cluster::start_full(3, &["--replica-replace-after", "4"], &opts).await;
+    let d = node_id(3);
+    let v = cl
+        .create(replicated_on("drain-hung", "1", &d))
+        .await
+        .unwrap();
+    let (one, _, msg) = copies(&mut cl, &v.volume_id).await;
+    assert_eq!(one, std::slice::from_ref(&d), "{msg}");
+    for i in 1..=2 {
+        assert!(cl.client(&["node", "cordon", &node_id(i)]).status.success());
+    }
+    assert!(cl.client(&["node", "drain", &d]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node_line(&cl, &d).contains("draining (1 volumes left)") {
+        assert!(
+            Instant::now() < deadline,
+            "no whole round counted the drain: {}",
+            node_line(&cl, &d)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cl.proxy(3).faults.set(FaultConfig {
+        hold: true,
+        ..Default::default()
+    });
+    let partial = |cl: &Cluster| {
+        cl.controller
+            .log_text()
+            .matches("looks only at the volumes of the nodes that listed")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while partial(&cl) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "not 3 rounds without {d}'s list within 60 s\ncontroller:\n{}",
+            cl.controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let line = node_line(&cl, &d);
+    assert!(line.contains("draining (1 volumes left)"), "{line}");
+    cl.proxy(3).faults.set(FaultConfig::default());
+    for i in 1..=2 {
+        assert!(
+            cl.client(&["node", "uncordon", &node_id(i)])
+                .status
+                .success()
+        );
+    }
+    assert!(cl.client(&["node", "uncordon", &d]).status.success());
+    cl.delete(&v.volume_id).await.unwrap();
 }
 
 /// A drain goes on across a controller restart, which keeps nothing: the

@@ -1956,32 +1956,56 @@ impl Replicated {
     /// UNAVAILABLE when a fresh node does not answer (the list would be
     /// incomplete).
     pub async fn list(&self) -> Result<Vec<Uuid>, Status> {
-        let mut all = std::collections::BTreeSet::new();
-        for n in self.registry.fresh() {
-            let mut c = ReplicaClient::new(n.channel.clone());
-            let r =
-                tokio::time::timeout(CALL_DEADLINE, c.list(super::proto::ListReplicasRequest {}))
-                    .await
-                    .map_err(|_| {
-                        Status::unavailable(format!(
-                            "node {} did not list its copies in time",
-                            n.id
-                        ))
-                    })?
-                    .map_err(|s| {
-                        Status::unavailable(format!(
-                            "node {} did not list its copies: {}",
-                            n.id,
-                            s.message()
-                        ))
-                    })?;
-            for v in r.into_inner().volumes {
-                if let Some(u) = Uuid::parse_hex(&v) {
-                    all.insert(u);
-                }
-            }
+        let (all, unreached) = self.list_reached().await;
+        match unreached.into_iter().next() {
+            Some(why) => Err(Status::unavailable(why)),
+            None => Ok(all),
         }
-        Ok(all.into_iter().collect())
+    }
+
+    /// The replicated volumes the fresh nodes that answered hold a member
+    /// of, sorted, and why each other fresh node is missing from the list.
+    /// The nodes are asked at once, each for at most [`CALL_DEADLINE`].
+    pub async fn list_reached(&self) -> (Vec<Uuid>, Vec<String>) {
+        let nodes = self.registry.fresh();
+        let asks: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let mut c = ReplicaClient::new(n.channel.clone());
+                tokio::spawn(async move {
+                    tokio::time::timeout(
+                        CALL_DEADLINE,
+                        c.list(super::proto::ListReplicasRequest {}),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut all = std::collections::BTreeSet::new();
+        let mut unreached = Vec::new();
+        for (n, a) in nodes.iter().zip(asks) {
+            let listed = match a.await {
+                Ok(Ok(Ok(r))) => r.into_inner(),
+                Ok(Ok(Err(s))) => {
+                    unreached.push(format!(
+                        "node {} did not list its copies: {}",
+                        n.id,
+                        s.message()
+                    ));
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    unreached.push(format!("node {} did not list its copies in time", n.id));
+                    continue;
+                }
+                Err(e) => {
+                    unreached.push(format!("node {} did not list its copies: {e}", n.id));
+                    continue;
+                }
+            };
+            all.extend(listed.volumes.iter().filter_map(|v| Uuid::parse_hex(v)));
+        }
+        (all.into_iter().collect(), unreached)
     }
 
     /// ListVolumes' entry for one replicated volume (None when it went

@@ -141,14 +141,16 @@ impl Router {
         after: std::time::Duration,
         heal: Option<replicated::HealIdle>,
     ) {
-        let volumes = match self.replicated.list().await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::debug!(error = %e.message(), "replicated volumes not listed");
-                return;
-            }
-        };
-        self.replicated.forget_all_but(&volumes);
+        // A node that does not answer (registering, its agent hung) holds
+        // up no repair of the volumes the others hold; but what a round
+        // concludes from the whole list waits for a round that has it.
+        let (volumes, unreached) = self.replicated.list_reached().await;
+        let whole = unreached.is_empty();
+        if whole {
+            self.replicated.forget_all_but(&volumes);
+        } else {
+            tracing::warn!(unreached = ?unreached, "the round of repairs looks only at the volumes of the nodes that listed theirs");
+        }
         let drains = self.replicated.drains();
         let round = drains.round_begins();
         let draining = self.registry.draining();
@@ -163,7 +165,9 @@ impl Router {
                 tracing::warn!(volume = %raw, error = %e.message(), "lost or removed members not dealt with yet");
             }
         }
-        drains.round_ended(round, &volumes, &draining);
+        if whole {
+            drains.round_ended(round, &volumes, &draining);
+        }
     }
 
     /// The replicated volumes' operations (to wake their round of repairs
