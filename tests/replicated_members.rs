@@ -793,9 +793,11 @@ async fn a_call_waits_for_the_round_of_repairs_instead_of_failing_aborted() {
 /// stuck disk) holds up no repair of the volumes the other nodes hold: the
 /// round of repairs used to give up when a node did not list its copies.
 /// The fourth node, cordoned and holding nothing, has every byte to it
-/// held by its proxy; a volume of two copies (and a witness) nobody
-/// publishes is changed to three, and the new copy is healed by the
-/// round, whose controller says which node it could not list.
+/// held by its proxy; three volumes of two copies (and a witness) nobody
+/// publishes are changed to three, and each new copy is healed by the
+/// round, whose controller says which node it could not list. Nor does a
+/// round wait for that node once per volume: it looks at the three
+/// volumes within less than the 5 s it would wait for an answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_that_answers_nothing_holds_up_no_repair_of_the_others() {
     let mut opts = vec![NodeOpts::default(); FOUR];
@@ -803,31 +805,72 @@ async fn a_node_that_answers_nothing_holds_up_no_repair_of_the_others() {
     let mut cl = Cluster::start_full(FOUR, &[], &opts).await;
     let hung = node_id(4);
     assert!(cl.client(&["node", "cordon", &hung]).status.success());
-    let v = cl.create(replicated("mem-hung", "2")).await.unwrap();
-    let id = v.volume_id.clone();
-    let (two, _, msg) = copies(&mut cl, &id).await;
-    assert!(
-        !two.contains(&hung) && witness_of(&msg).as_ref() != Some(&hung),
-        "{msg}"
-    );
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let v = cl
+            .create(replicated(&format!("mem-hung-{i}"), "2"))
+            .await
+            .unwrap();
+        let (two, _, msg) = copies(&mut cl, &v.volume_id).await;
+        assert!(
+            !two.contains(&hung) && witness_of(&msg).as_ref() != Some(&hung),
+            "{msg}"
+        );
+        ids.push(v.volume_id);
+    }
     cl.proxy(4).faults.set(FaultConfig {
         hold: true,
         ..Default::default()
     });
-    modify(&mut cl, &id, &[("replicas", "3")]).await.unwrap();
-    let three = wait_copies(&mut cl, &id, 3, Some(&hung), Duration::from_secs(90)).await;
-    same_data(&cl, &id, &three);
+    for id in &ids {
+        modify(&mut cl, id, &[("replicas", "3")]).await.unwrap();
+    }
+    for id in &ids {
+        let three = wait_copies(&mut cl, id, 3, Some(&hung), Duration::from_secs(90)).await;
+        same_data(&cl, id, &three);
+    }
     let log = cl.controller.log_text();
+    cl.proxy(4).faults.set(FaultConfig::default());
+    // The rounds that did not have n4's list, each from its warning on:
+    // the times it looked at each of the three volumes.
+    let mut rounds: Vec<Vec<(f64, &str)>> = Vec::new();
+    for l in log.lines() {
+        if l.contains("looks only at the volumes of the nodes that listed") {
+            assert!(
+                l.contains(&format!("node {hung} did not list its copies")),
+                "{l}"
+            );
+            rounds.push(Vec::new());
+        } else if l.contains("the round of repairs looks at the volume")
+            && let (Some(round), Some(id)) = (
+                rounds.last_mut(),
+                ids.iter().find(|id| l.contains(id.as_str())),
+            )
+        {
+            round.push((log_seconds(l).unwrap(), id.as_str()));
+        }
+    }
+    let spans: Vec<f64> = rounds
+        .iter()
+        .filter(|r| ids.iter().all(|id| r.iter().any(|(_, v)| v == id)))
+        .map(|r| r.last().unwrap().0 - r[0].0)
+        .collect();
+    eprintln!(
+        "{} rounds without {hung}'s list; seconds from the first look to the last in those that looked at all three: {spans:?}",
+        rounds.len()
+    );
     assert!(
-        log.lines().any(
-            |l| l.contains("looks only at the volumes of the nodes that listed")
-                && l.contains(&format!("node {hung} did not list its copies"))
-        ),
-        "the round never met {hung} not answering: the test did not test\ncontroller:\n{}",
+        !spans.is_empty(),
+        "no round without {hung}'s list looked at the three volumes: the test did not test\ncontroller:\n{}",
         cl.controller.log_tail(30)
     );
-    cl.proxy(4).faults.set(FaultConfig::default());
-    cl.delete(&id).await.unwrap();
+    assert!(
+        spans.iter().all(|s| *s < 5.0),
+        "a round waited for {hung} volume after volume: {spans:?}"
+    );
+    for id in &ids {
+        cl.delete(id).await.unwrap();
+    }
 }
 
 /// A ModifyVolume 3 -> 2 on three nodes cut short between its two member

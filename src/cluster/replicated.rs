@@ -577,7 +577,23 @@ impl Replicated {
     /// a majority is seen from any majority, and a change drives the newest
     /// record anyway.)
     async fn find(&self, uuid: Uuid) -> Result<Found, Status> {
-        let nodes = self.registry.fresh();
+        self.find_skipping(uuid, &BTreeMap::new()).await
+    }
+
+    /// [`Self::find`], not asking the nodes in `skip`: each is taken as
+    /// not answering, for the reason given (the round of repairs skips the
+    /// nodes that did not list their copies, rather than wait for each of
+    /// them once per volume).
+    async fn find_skipping(
+        &self,
+        uuid: Uuid,
+        skip: &BTreeMap<String, String>,
+    ) -> Result<Found, Status> {
+        let (nodes, skipped): (Vec<_>, Vec<_>) = self
+            .registry
+            .fresh()
+            .into_iter()
+            .partition(|n| !skip.contains_key(&n.id));
         let asks = nodes.iter().map(|n| {
             let mut c = ReplicaClient::new(n.channel.clone());
             let req = GetReplicaRequest {
@@ -592,7 +608,10 @@ impl Replicated {
             idle: BTreeMap::new(),
             checks: BTreeMap::new(),
             without: Vec::new(),
-            unreached: Vec::new(),
+            unreached: skipped
+                .iter()
+                .map(|n| format!("node {}: {}", n.id, skip[&n.id]))
+                .collect(),
         };
         for (n, a) in nodes.iter().zip(asks) {
             let answer = a.await.map_err(|e| Status::internal(e.to_string()))?;
@@ -1595,11 +1614,15 @@ impl Replicated {
     /// publishes that their idle reads found outvoted ([`copy_checks`])
     /// are taken out of sync, and the round ends there for the volume. Two
     /// copies with no witness (a change of members cut short) get one.
+    ///
+    /// The nodes in `unlisted` (node, why) did not list their copies this
+    /// round: they are not asked again (see [`Self::find_skipping`]).
     pub async fn replace_lost(
         &self,
         uuid: Uuid,
         after: Duration,
         heal: Option<HealIdle>,
+        unlisted: &BTreeMap<String, String>,
     ) -> Result<bool, Status> {
         let now = Instant::now();
         let unknown_lost = now.duration_since(self.started) >= after;
@@ -1607,7 +1630,7 @@ impl Replicated {
             Some(e) => now.duration_since(e.last_seen) >= after,
             None => unknown_lost,
         };
-        let found = self.find(uuid).await?;
+        let found = self.find_skipping(uuid, unlisted).await?;
         let draining = self.registry.draining();
         self.drains
             .look(uuid, found.newest.as_ref().map(|s| &s.record), &draining);
@@ -1958,15 +1981,16 @@ impl Replicated {
     pub async fn list(&self) -> Result<Vec<Uuid>, Status> {
         let (all, unreached) = self.list_reached().await;
         match unreached.into_iter().next() {
-            Some(why) => Err(Status::unavailable(why)),
+            Some((node, why)) => Err(Status::unavailable(format!("node {node} {why}"))),
             None => Ok(all),
         }
     }
 
     /// The replicated volumes the fresh nodes that answered hold a member
-    /// of, sorted, and why each other fresh node is missing from the list.
-    /// The nodes are asked at once, each for at most [`CALL_DEADLINE`].
-    pub async fn list_reached(&self) -> (Vec<Uuid>, Vec<String>) {
+    /// of, sorted, and why each other fresh node is missing from the list
+    /// (by node). The nodes are asked at once, each for at most
+    /// [`CALL_DEADLINE`].
+    pub async fn list_reached(&self) -> (Vec<Uuid>, BTreeMap<String, String>) {
         let nodes = self.registry.fresh();
         let asks: Vec<_> = nodes
             .iter()
@@ -1982,28 +2006,19 @@ impl Replicated {
             })
             .collect();
         let mut all = std::collections::BTreeSet::new();
-        let mut unreached = Vec::new();
+        let mut unreached = BTreeMap::new();
         for (n, a) in nodes.iter().zip(asks) {
-            let listed = match a.await {
-                Ok(Ok(Ok(r))) => r.into_inner(),
-                Ok(Ok(Err(s))) => {
-                    unreached.push(format!(
-                        "node {} did not list its copies: {}",
-                        n.id,
-                        s.message()
-                    ));
+            let why = match a.await {
+                Ok(Ok(Ok(r))) => {
+                    let listed = r.into_inner();
+                    all.extend(listed.volumes.iter().filter_map(|v| Uuid::parse_hex(v)));
                     continue;
                 }
-                Ok(Err(_)) => {
-                    unreached.push(format!("node {} did not list its copies in time", n.id));
-                    continue;
-                }
-                Err(e) => {
-                    unreached.push(format!("node {} did not list its copies: {e}", n.id));
-                    continue;
-                }
+                Ok(Ok(Err(s))) => format!("did not list its copies: {}", s.message()),
+                Ok(Err(_)) => "did not list its copies in time".to_owned(),
+                Err(e) => format!("did not list its copies: {e}"),
             };
-            all.extend(listed.volumes.iter().filter_map(|v| Uuid::parse_hex(v)));
+            unreached.insert(n.id.clone(), why);
         }
         (all.into_iter().collect(), unreached)
     }

@@ -149,7 +149,11 @@ impl Router {
         if whole {
             self.replicated.forget_all_but(&volumes);
         } else {
-            tracing::warn!(unreached = ?unreached, "the round of repairs looks only at the volumes of the nodes that listed theirs");
+            let why: Vec<String> = unreached
+                .iter()
+                .map(|(node, why)| format!("node {node} {why}"))
+                .collect();
+            tracing::warn!(unreached = %why.join("; "), "the round of repairs looks only at the volumes of the nodes that listed theirs");
         }
         let drains = self.replicated.drains();
         let round = drains.round_begins();
@@ -161,7 +165,11 @@ impl Router {
                 continue;
             };
             tracing::debug!(volume = %raw, "the round of repairs looks at the volume");
-            if let Err(e) = self.replicated.replace_lost(*uuid, after, heal).await {
+            if let Err(e) = self
+                .replicated
+                .replace_lost(*uuid, after, heal, &unreached)
+                .await
+            {
                 tracing::warn!(volume = %raw, error = %e.message(), "lost or removed members not dealt with yet");
             }
         }
