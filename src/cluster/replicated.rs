@@ -242,6 +242,43 @@ impl Found {
     }
 }
 
+/// What a node said to a call made of several nodes at once
+/// ([`ask_all`]).
+enum Asked<T> {
+    Answered(T),
+    /// An error answer (or the call's task failed).
+    Refused(Status),
+    /// No answer within [`CALL_DEADLINE`].
+    Late,
+}
+
+/// Calls each of `nodes`' agents at once with `call`, each for at most
+/// [`CALL_DEADLINE`]; what each said, in the order of `nodes`.
+async fn ask_all<T, F, Fut>(nodes: &[NodeEntry], call: F) -> Vec<Asked<T>>
+where
+    F: Fn(ReplicaClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>> + Send + 'static,
+    T: Send + 'static,
+{
+    let asks: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let answer = call(ReplicaClient::new(n.channel.clone()));
+            tokio::spawn(tokio::time::timeout(CALL_DEADLINE, answer))
+        })
+        .collect();
+    let mut said = Vec::with_capacity(asks.len());
+    for a in asks {
+        said.push(match a.await {
+            Ok(Ok(Ok(r))) => Asked::Answered(r.into_inner()),
+            Ok(Ok(Err(s))) => Asked::Refused(s),
+            Ok(Err(_)) => Asked::Late,
+            Err(e) => Asked::Refused(Status::internal(e.to_string())),
+        });
+    }
+    said
+}
+
 /// The controller's operations on replicated volumes.
 #[derive(Debug, Clone)]
 pub struct Replicated {
@@ -594,14 +631,14 @@ impl Replicated {
             .fresh()
             .into_iter()
             .partition(|n| !skip.contains_key(&n.id));
-        let asks = nodes.iter().map(|n| {
-            let mut c = ReplicaClient::new(n.channel.clone());
+        let hex = uuid.to_hex();
+        let said = ask_all(&nodes, |mut c| {
             let req = GetReplicaRequest {
-                volume: uuid.to_hex(),
+                volume: hex.clone(),
             };
-            tokio::spawn(async move { tokio::time::timeout(CALL_DEADLINE, c.get(req)).await })
-        });
-        let asks: Vec<_> = asks.collect();
+            async move { c.get(req).await }
+        })
+        .await;
         let mut found = Found {
             newest: None,
             holders: Vec::new(),
@@ -613,17 +650,16 @@ impl Replicated {
                 .map(|n| format!("node {}: {}", n.id, skip[&n.id]))
                 .collect(),
         };
-        for (n, a) in nodes.iter().zip(asks) {
-            let answer = a.await.map_err(|e| Status::internal(e.to_string()))?;
-            let r = match answer {
-                Ok(Ok(r)) => r.into_inner(),
-                Ok(Err(s)) => {
+        for (n, a) in nodes.iter().zip(said) {
+            let r = match a {
+                Asked::Answered(r) => r,
+                Asked::Refused(s) => {
                     found
                         .unreached
                         .push(format!("node {}: {}", n.id, s.message()));
                     continue;
                 }
-                Err(_) => {
+                Asked::Late => {
                     found
                         .unreached
                         .push(format!("node {}: no answer in time", n.id));
@@ -1992,31 +2028,20 @@ impl Replicated {
     /// [`CALL_DEADLINE`].
     pub async fn list_reached(&self) -> (Vec<Uuid>, BTreeMap<String, String>) {
         let nodes = self.registry.fresh();
-        let asks: Vec<_> = nodes
-            .iter()
-            .map(|n| {
-                let mut c = ReplicaClient::new(n.channel.clone());
-                tokio::spawn(async move {
-                    tokio::time::timeout(
-                        CALL_DEADLINE,
-                        c.list(super::proto::ListReplicasRequest {}),
-                    )
-                    .await
-                })
-            })
-            .collect();
+        let said = ask_all(&nodes, |mut c| async move {
+            c.list(super::proto::ListReplicasRequest {}).await
+        })
+        .await;
         let mut all = std::collections::BTreeSet::new();
         let mut unreached = BTreeMap::new();
-        for (n, a) in nodes.iter().zip(asks) {
-            let why = match a.await {
-                Ok(Ok(Ok(r))) => {
-                    let listed = r.into_inner();
+        for (n, a) in nodes.iter().zip(said) {
+            let why = match a {
+                Asked::Answered(listed) => {
                     all.extend(listed.volumes.iter().filter_map(|v| Uuid::parse_hex(v)));
                     continue;
                 }
-                Ok(Ok(Err(s))) => format!("did not list its copies: {}", s.message()),
-                Ok(Err(_)) => "did not list its copies in time".to_owned(),
-                Err(e) => format!("did not list its copies: {e}"),
+                Asked::Refused(s) => format!("did not list its copies: {}", s.message()),
+                Asked::Late => "did not list its copies in time".to_owned(),
             };
             unreached.insert(n.id.clone(), why);
         }

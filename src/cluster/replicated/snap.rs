@@ -24,7 +24,9 @@ use super::super::proto::{
     CreateReplicaRequest, ListReplicasRequest, ReplicaSnapshot, ReplicaSnapshotRef,
     ReplicaSnapshotRequest,
 };
-use super::{CALL_DEADLINE, Replicated, bounded, is_replicated_id, parse_id, volume_id};
+use super::{
+    Asked, CALL_DEADLINE, Replicated, ask_all, bounded, is_replicated_id, parse_id, volume_id,
+};
 use crate::backend::replicated::placement::{self, Candidate, Locality, ReplicaParams};
 use crate::backend::replicated::record::{Member, ReplicaRecord};
 use crate::csi;
@@ -217,28 +219,22 @@ impl Replicated {
     /// not answer (it may hold some).
     pub(super) async fn held_snapshots(&self) -> Result<BTreeMap<Uuid, HeldSnapshot>, Status> {
         let nodes = self.registry.fresh();
-        let asks: Vec<_> = nodes
-            .iter()
-            .map(|n| {
-                let mut c = ReplicaClient::new(n.channel.clone());
-                tokio::spawn(async move {
-                    tokio::time::timeout(CALL_DEADLINE, c.list_snapshots(ListReplicasRequest {}))
-                        .await
-                })
-            })
-            .collect();
+        let said = ask_all(&nodes, |mut c| async move {
+            c.list_snapshots(ListReplicasRequest {}).await
+        })
+        .await;
         let mut all: BTreeMap<Uuid, HeldSnapshot> = BTreeMap::new();
-        for (n, a) in nodes.iter().zip(asks) {
-            let listed = match a.await.map_err(|e| Status::internal(e.to_string()))? {
-                Ok(Ok(r)) => r.into_inner().snapshots,
-                Ok(Err(s)) => {
+        for (n, a) in nodes.iter().zip(said) {
+            let listed = match a {
+                Asked::Answered(r) => r.snapshots,
+                Asked::Refused(s) => {
                     return Err(Status::unavailable(format!(
                         "node {} did not list its snapshots: {}",
                         n.id,
                         s.message()
                     )));
                 }
-                Err(_) => {
+                Asked::Late => {
                     return Err(Status::unavailable(format!(
                         "node {} did not list its snapshots in time",
                         n.id
