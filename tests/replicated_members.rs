@@ -26,6 +26,13 @@ use tonic::Code;
 const SIZE: i64 = 64 << 20;
 const FOUR: usize = 4;
 
+/// What the controller logs (at debug) as its round of repairs begins to
+/// look at a volume, as a call on a volume waited for the round, and (a
+/// warning) as a round begins without every node's list of copies.
+const ROUND_LOOKS: &str = "the round of repairs looks at the volume";
+const CALL_WAITED: &str = "a call waited for the round of repairs";
+const PARTIAL_ROUND: &str = "looks only at the volumes of the nodes that listed";
+
 fn replicated(name: &str, replicas: &str) -> csi::CreateVolumeRequest {
     replicated_req(name, replicas, SIZE, ext4())
 }
@@ -680,9 +687,7 @@ async fn round_in(cl: &Cluster, volume_id: &str) {
         cl.controller
             .log_text()
             .lines()
-            .filter(|l| {
-                l.contains("the round of repairs looks at the volume") && l.contains(volume_id)
-            })
+            .filter(|l| l.contains(ROUND_LOOKS) && l.contains(volume_id))
             .count()
     };
     let (before, deadline) = (looks(), Instant::now() + Duration::from_secs(30));
@@ -774,7 +779,7 @@ async fn a_call_waits_for_the_round_of_repairs_instead_of_failing_aborted() {
     let log = cl.controller.log_text();
     let waits: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("a call waited for the round of repairs") && l.contains(&id))
+        .filter(|l| l.contains(CALL_WAITED) && l.contains(&id))
         .collect();
     eprintln!("{}", waits.join("\n"));
     assert_eq!(
@@ -835,13 +840,13 @@ async fn a_node_that_answers_nothing_holds_up_no_repair_of_the_others() {
     // the times it looked at each of the three volumes.
     let mut rounds: Vec<Vec<(f64, &str)>> = Vec::new();
     for l in log.lines() {
-        if l.contains("looks only at the volumes of the nodes that listed") {
+        if l.contains(PARTIAL_ROUND) {
             assert!(
                 l.contains(&format!("node {hung} did not list its copies")),
                 "{l}"
             );
             rounds.push(Vec::new());
-        } else if l.contains("the round of repairs looks at the volume")
+        } else if l.contains(ROUND_LOOKS)
             && let (Some(round), Some(id)) = (
                 rounds.last_mut(),
                 ids.iter().find(|id| l.contains(id.as_str())),
@@ -1797,12 +1802,7 @@ async fn a_drain_is_not_said_done_by_a_round_that_missed_a_node() {
         hold: true,
         ..Default::default()
     });
-    let partial = |cl: &Cluster| {
-        cl.controller
-            .log_text()
-            .matches("looks only at the volumes of the nodes that listed")
-            .count()
-    };
+    let partial = |cl: &Cluster| cl.controller.log_text().matches(PARTIAL_ROUND).count();
     let deadline = Instant::now() + Duration::from_secs(60);
     while partial(&cl) < 3 {
         assert!(

@@ -85,25 +85,22 @@ impl InFlight {
     ) -> Result<(InFlightGuard, Duration), Held> {
         let began = tokio::time::Instant::now();
         let until = began + wait;
-        let mut waited = false;
+        let mut first = true;
         loop {
             // Registered before the key is looked at: a release between
             // the look and the wait still wakes it.
             let released = self.keys.released.notified();
             match self.take(&key, Holder::Call) {
-                Ok(g) if waited => return Ok((g, began.elapsed())),
-                Ok(g) => return Ok((g, Duration::ZERO)),
+                Ok(g) if first => return Ok((g, Duration::ZERO)),
+                Ok(g) => return Ok((g, began.elapsed())),
                 Err(Holder::Call) => return Err(Held::ByCall),
+                Err(Holder::Background) if tokio::time::Instant::now() >= until => {
+                    return Err(Held::ByBackground);
+                }
                 Err(Holder::Background) => {}
             }
-            waited = true;
-            if tokio::time::timeout_at(until, released).await.is_err() {
-                return match self.take(&key, Holder::Call) {
-                    Ok(g) => Ok((g, began.elapsed())),
-                    Err(Holder::Call) => Err(Held::ByCall),
-                    Err(Holder::Background) => Err(Held::ByBackground),
-                };
-            }
+            first = false;
+            let _ = tokio::time::timeout_at(until, released).await;
         }
     }
 
