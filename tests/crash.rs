@@ -28,6 +28,16 @@ const ROUNDS: usize = 20;
 const OPS_PER_ROUND: usize = 40;
 /// The kill lands 0..=this many milliseconds after a round starts.
 const MAX_KILL_DELAY_MS: u64 = 40;
+/// Bound for one call to a live server. A hang detector, not a timing
+/// assertion: a call takes milliseconds.
+const CALL_LIMIT: Duration = Duration::from_secs(60);
+/// How long a round waits, after the kill, for the answer to a call made
+/// as the kill landed. A call the kill beat to the socket can wait for a
+/// connection until the server restarts, which comes only after the round.
+const ANSWER_AFTER_KILL: Duration = Duration::from_secs(20);
+/// The status a call counts as having when it got no answer within
+/// [`ANSWER_AFTER_KILL`]: its outcome is unknown, as for any call in flight.
+const NO_ANSWER_AFTER_KILL: &str = "no answer within 20 s of the kill";
 const VOLUME_SIZE: i64 = 64 * MIB;
 /// Bytes written to (and checked on) a volume.
 const DATA_LEN: usize = 64 << 10;
@@ -209,7 +219,19 @@ fn choose(rng: &mut Rng, s: &Slot) -> Action {
 }
 
 /// Issues `op` for the slot as a CO would; Ok carries CreateVolume's ID.
+/// A call without an answer within [`CALL_LIMIT`] is DEADLINE_EXCEEDED
+/// (a failure: the server is up and must answer).
 async fn call(c: &mut Clients, s: &Slot, op: Op) -> Result<Option<String>, Status> {
+    match tokio::time::timeout(CALL_LIMIT, call_unbounded(c, s, op)).await {
+        Ok(r) => r,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "{op:?} of {}: no answer within {CALL_LIMIT:?}",
+            s.describe()
+        ))),
+    }
+}
+
+async fn call_unbounded(c: &mut Clients, s: &Slot, op: Op) -> Result<Option<String>, Status> {
     let id = s.id.clone().unwrap_or_default();
     match op {
         Op::Create => c
@@ -282,6 +304,20 @@ async fn answer_after_kill<T>(
             abort.abort();
             None
         }
+    }
+}
+
+/// The unix sockets bound at `path` and who holds them (`ss -xap`): what
+/// a call that got no answer after the kill could have been waiting on.
+fn socket_holders(path: &Path) -> String {
+    let path = path.display().to_string();
+    match std::process::Command::new("ss").arg("-xap").output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&path))
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>(),
+        Err(e) => format!("  (cannot run ss: {e})\n"),
     }
 }
 
@@ -367,7 +403,21 @@ struct Outcome {
     log: Vec<String>,
 }
 
-async fn run_ops(mut c: Clients, mut slots: Vec<Slot>, seed: u64) -> Result<Outcome, String> {
+/// Returns [`ANSWER_AFTER_KILL`] after `killed` says the server was killed
+/// (never, if it is not).
+async fn answer_time_over(mut killed: tokio::sync::watch::Receiver<bool>) {
+    if killed.wait_for(|k| *k).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(ANSWER_AFTER_KILL).await;
+}
+
+async fn run_ops(
+    mut c: Clients,
+    mut slots: Vec<Slot>,
+    seed: u64,
+    killed: tokio::sync::watch::Receiver<bool>,
+) -> Result<Outcome, String> {
     let mut rng = Rng::new(seed);
     let mut log = Vec::new();
     for _ in 0..OPS_PER_ROUND {
@@ -380,7 +430,13 @@ async fn run_ops(mut c: Clients, mut slots: Vec<Slot>, seed: u64) -> Result<Outc
             }
             Action::Rpc(op) => {
                 let before = slots[i].describe();
-                match call(&mut c, &slots[i], op).await {
+                let answer = tokio::select! {
+                    r = call(&mut c, &slots[i], op) => r,
+                    () = answer_time_over(killed.clone()) => {
+                        Err(Status::unavailable(NO_ANSWER_AFTER_KILL))
+                    }
+                };
+                match answer {
                     Ok(ret) => {
                         log.push(format!("{before}: {op:?} -> OK {ret:?}"));
                         apply(&mut slots[i], op, ret)
@@ -1069,6 +1125,7 @@ async fn kill9_at_random_points_of_the_lifecycle_leaves_a_consistent_node() {
         ops: Vec::new(),
     };
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut unanswered = 0;
     let rounds = std::env::var("STOWAGE_CRASH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1081,13 +1138,30 @@ async fn kill9_at_random_points_of_the_lifecycle_leaves_a_consistent_node() {
             delay_ms,
             ops: Vec::new(),
         };
-        let task = tokio::spawn(run_ops(env.c.clone(), slots, rng.next()));
+        let (killed, killed_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run_ops(env.c.clone(), slots, rng.next(), killed_rx));
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         tokio::task::block_in_place(|| env.server.kill9());
+        killed.send_replace(true);
         let outcome = match task.await.expect("operations task") {
             Ok(o) => o,
             Err(e) => ctx.fail(&env, &e),
         };
+        if let Some(f) = outcome
+            .inflight
+            .as_ref()
+            .filter(|f| f.status.message() == NO_ANSWER_AFTER_KILL)
+        {
+            unanswered += 1;
+            eprintln!(
+                "note: round {round}: {:?} of {} had {NO_ANSWER_AFTER_KILL}; \
+                 sockets at {} now:\n{}",
+                f.op,
+                outcome.slots[f.slot].describe(),
+                env.layout.socket.display(),
+                socket_holders(&env.layout.socket)
+            );
+        }
         slots = outcome.slots;
         ctx.ops = outcome.log;
         let during = match &outcome.inflight {
@@ -1115,7 +1189,8 @@ async fn kill9_at_random_points_of_the_lifecycle_leaves_a_consistent_node() {
     converge(&mut env, &mut slots, &mut rng, &mut ctx).await;
     check_all_gone(&mut env, &ctx).await;
     eprintln!(
-        "crash test: {rounds} rounds in {:.1} s; kills landed during {landed:?}",
+        "crash test: {rounds} rounds in {:.1} s; kills landed during {landed:?}; \
+         calls with {NO_ANSWER_AFTER_KILL}: {unanswered}",
         started.elapsed().as_secs_f64()
     );
 }

@@ -423,10 +423,27 @@ async fn call<T>(
     let r = if sh.stopped() {
         Answer::Busy
     } else {
-        answer(sh, f.await)
+        tokio::select! {
+            r = f => answer(sh, r),
+            () = answer_time_over(sh) => Answer::Killed,
+        }
     };
     sh.calls.fetch_sub(1, Ordering::SeqCst);
     r
+}
+
+/// How long a call made as the kill landed may wait for its answer. A call
+/// the kill beat to the socket can wait for a connection until the server
+/// restarts, which comes only after every call has ended; it then counts
+/// as killed (its outcome unknown, as for any call in flight).
+const ANSWER_AFTER_KILL: Duration = Duration::from_secs(20);
+
+/// Returns [`ANSWER_AFTER_KILL`] after the round's kill (never before it).
+async fn answer_time_over(sh: &Shared) {
+    while !sh.killed.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(ANSWER_AFTER_KILL).await;
 }
 
 fn answer<T>(sh: &Shared, r: Result<tonic::Response<T>, Status>) -> Answer<T> {
@@ -2348,7 +2365,8 @@ async fn kill_at_random(env: &mut Env, sh: &Shared, rng: &mut Rng, round: usize)
     tokio::task::block_in_place(|| env.server.kill9());
     let at = start.elapsed().as_millis();
     sh.stop.store(true, Ordering::SeqCst);
-    // Calls to a dead server fail at once (ECONNREFUSED); bounded anyway.
+    // Calls to a dead server fail at once (ECONNREFUSED), or count as
+    // killed after ANSWER_AFTER_KILL (less than HANG_LIMIT).
     let deadline = Instant::now() + HANG_LIMIT;
     while sh.calls.load(Ordering::SeqCst) > 0 {
         assert!(

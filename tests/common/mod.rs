@@ -26,6 +26,8 @@ pub mod s3fs;
 
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
+/// How long a SIGKILLed server may take to die before a test says so.
+pub const KILL_LIMIT: Duration = Duration::from_secs(30);
 
 /// Detaches every loop device whose backing file is below `root` (the
 /// kernel defers the detach of a mounted device to its last close), then
@@ -207,11 +209,41 @@ impl Server {
         self.child.as_ref().expect("running").id() as i32
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL and reap. Panics, with what the kernel says the process
+    /// is doing, if it has not died within [`KILL_LIMIT`].
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Err(e) = self.kill_and_reap() {
+            panic!("{e}");
+        }
+    }
+
+    /// SIGKILL, and wait for the exit within [`KILL_LIMIT`]. A process
+    /// that SIGKILL does not end is stuck in the kernel: waiting for it
+    /// would hang the test instead of failing it.
+    fn kill_and_reap(&mut self) -> Result<(), String> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        let _ = c.kill();
+        let deadline = Instant::now() + KILL_LIMIT;
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) | Err(_) => return Ok(()),
+                Ok(None) if Instant::now() > deadline => {
+                    let pid = c.id();
+                    let read = |f: &str| {
+                        std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default()
+                    };
+                    return Err(format!(
+                        "stowage serve (pid {pid}) did not die within {KILL_LIMIT:?} of SIGKILL: \
+                         stat {}, wchan {}, kernel stack:\n{}",
+                        read("stat").trim(),
+                        read("wchan"),
+                        read("stack")
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            }
         }
     }
 
@@ -289,7 +321,9 @@ fn spawn(args: &[String], log: &Path) -> Child {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.kill9();
+        if let Err(e) = self.kill_and_reap() {
+            eprintln!("{e}");
+        }
     }
 }
 
