@@ -31,6 +31,9 @@ const MAX_KILL_DELAY_MS: u64 = 40;
 /// Bound for one call to a live server. A hang detector, not a timing
 /// assertion: a call takes milliseconds.
 const CALL_LIMIT: Duration = Duration::from_secs(60);
+/// Bound for one check-and-write of a volume's data. A hang detector: it
+/// takes milliseconds.
+const IO_LIMIT: Duration = Duration::from_secs(60);
 /// How long a round waits, after the kill, for the answer to a call made
 /// as the kill landed. A call the kill beat to the socket can wait for a
 /// connection until the server restarts, which comes only after the round.
@@ -379,13 +382,51 @@ fn write_data(kind: &str, at: &Path, seed: u64) -> Result<(), String> {
     r.map_err(|e| format!("write data at {}: {e}", path.display()))
 }
 
-/// Checks the last pattern at the target and writes a new one.
+/// Checks the last pattern at the target and writes a new one, within
+/// [`IO_LIMIT`].
 fn io(s: &mut Slot, rng: &mut Rng) -> Result<(), String> {
-    check_data(s.kind, &s.target, s.data)?;
     let seed = rng.next();
-    write_data(s.kind, &s.target, seed)?;
+    let (kind, target, last) = (s.kind, s.target.clone(), s.data);
+    within_io_limit(&s.describe(), move || {
+        check_data(kind, &target, last)?;
+        write_data(kind, &target, seed)
+    })?;
     s.data = Some(seed);
     Ok(())
+}
+
+/// Runs `f` (file I/O on a volume) on a thread of its own and waits
+/// [`IO_LIMIT`] for it. An I/O that does not return fails the test with
+/// the thread's place in the kernel instead of hanging it.
+fn within_io_limit(
+    what: &str,
+    f: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let its_tid = tid.clone();
+    std::thread::spawn(move || {
+        its_tid.store(
+            nix::unistd::gettid().as_raw(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(IO_LIMIT) {
+        Ok(r) => r,
+        Err(_) => {
+            let tid = tid.load(std::sync::atomic::Ordering::SeqCst);
+            let read = |f: &str| {
+                std::fs::read_to_string(format!("/proc/self/task/{tid}/{f}")).unwrap_or_default()
+            };
+            Err(format!(
+                "{what}: data I/O did not return within {IO_LIMIT:?}; its thread \
+                 (tid {tid}) waits in {} with kernel stack:\n{}",
+                read("wchan"),
+                read("stack")
+            ))
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
