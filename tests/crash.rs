@@ -34,12 +34,9 @@ const CALL_LIMIT: Duration = Duration::from_secs(60);
 /// Bound for one check-and-write of a volume's data. A hang detector: it
 /// takes milliseconds.
 const IO_LIMIT: Duration = Duration::from_secs(60);
-/// How long a round waits, after the kill, for the answer to a call made
-/// as the kill landed. A call the kill beat to the socket can wait for a
-/// connection until the server restarts, which comes only after the round.
-const ANSWER_AFTER_KILL: Duration = Duration::from_secs(20);
-/// The status a call counts as having when it got no answer within
-/// [`ANSWER_AFTER_KILL`]: its outcome is unknown, as for any call in flight.
+/// The status a round's call counts as having when it got no answer within
+/// [`ANSWER_AFTER_KILL`] (20 s): its outcome is unknown, as for any call in
+/// flight.
 const NO_ANSWER_AFTER_KILL: &str = "no answer within 20 s of the kill";
 const VOLUME_SIZE: i64 = 64 * MIB;
 /// Bytes written to (and checked on) a volume.
@@ -294,14 +291,14 @@ async fn call_unbounded(c: &mut Clients, s: &Slot, op: Op) -> Result<Option<Stri
 /// Whether a failed call says nothing about the outcome (the server died
 /// under it, or was already dead).
 /// The answer to a call the server was killed under, or None when there is
-/// none within 20 s (the task is then aborted): a call the kill beat to the
-/// socket waits for a connection until the server restarts, which comes
-/// only after this, so the server never had it.
+/// none within [`ANSWER_AFTER_KILL`] (the task is then aborted): a call the
+/// kill beat to the socket waits for a connection until the server
+/// restarts, which comes only after this, so the server never had it.
 async fn answer_after_kill<T>(
     call: tokio::task::JoinHandle<Result<T, Status>>,
 ) -> Option<Result<T, Status>> {
     let abort = call.abort_handle();
-    match tokio::time::timeout(Duration::from_secs(20), call).await {
+    match tokio::time::timeout(ANSWER_AFTER_KILL, call).await {
         Ok(r) => Some(r.expect("the call's task")),
         Err(_) => {
             abort.abort();
@@ -315,11 +312,18 @@ async fn answer_after_kill<T>(
 fn socket_holders(path: &Path) -> String {
     let path = path.display().to_string();
     match std::process::Command::new("ss").arg("-xap").output() {
-        Ok(out) => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains(&path))
-            .map(|l| format!("  {l}\n"))
-            .collect::<String>(),
+        Ok(out) => {
+            let lines: String = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains(&path))
+                .map(|l| format!("  {l}\n"))
+                .collect();
+            if lines.is_empty() {
+                "  (none)\n".to_owned()
+            } else {
+                lines
+            }
+        }
         Err(e) => format!("  (cannot run ss: {e})\n"),
     }
 }

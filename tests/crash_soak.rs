@@ -432,13 +432,8 @@ async fn call<T>(
     r
 }
 
-/// How long a call made as the kill landed may wait for its answer. A call
-/// the kill beat to the socket can wait for a connection until the server
-/// restarts, which comes only after every call has ended; it then counts
-/// as killed (its outcome unknown, as for any call in flight).
-const ANSWER_AFTER_KILL: Duration = Duration::from_secs(20);
-
-/// Returns [`ANSWER_AFTER_KILL`] after the round's kill (never before it).
+/// Returns [`ANSWER_AFTER_KILL`] after the round's kill (never before it):
+/// a call still unanswered then counts as killed.
 async fn answer_time_over(sh: &Shared) {
     while !sh.killed.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -28,6 +28,12 @@ pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
 /// How long a SIGKILLed server may take to die before a test says so.
 pub const KILL_LIMIT: Duration = Duration::from_secs(30);
+/// How long a crash test waits, after its kill, for the answer to a call
+/// made as the kill landed. A call the kill beat to the socket can wait
+/// for a connection until the server restarts, which comes only after the
+/// test has its answer; after this it counts as in flight at the kill
+/// (its outcome unknown).
+pub const ANSWER_AFTER_KILL: Duration = Duration::from_secs(20);
 
 /// Detaches every loop device whose backing file is below `root` (the
 /// kernel defers the detach of a mounted device to its last close), then
