@@ -634,12 +634,18 @@ fn unrecorded_mounts(env: &Env, records: &[NodeRec]) -> Vec<String> {
     out
 }
 
+/// The IDs ListVolumes gives, within [`CALL_LIMIT`].
 async fn list_ids(c: &mut Clients) -> Result<BTreeSet<String>, Status> {
-    let r = c
-        .controller
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await?
-        .into_inner();
+    let r = tokio::time::timeout(
+        CALL_LIMIT,
+        c.controller
+            .list_volumes(csi::ListVolumesRequest::default()),
+    )
+    .await
+    .map_err(|_| {
+        Status::deadline_exceeded(format!("ListVolumes: no answer within {CALL_LIMIT:?}"))
+    })??
+    .into_inner();
     assert!(r.next_token.is_empty(), "ListVolumes paginated unasked");
     Ok(r.entries
         .into_iter()
