@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)] // this module is the mount wrapper
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::os::fs::{AnchoredPath, PathFd};
 
@@ -162,13 +163,38 @@ pub fn mount_filesystem(
     })
 }
 
+/// How long an unmount that meets EBUSY tries again before it reports the
+/// mount busy. A process being spawned anywhere on the node (by the
+/// kubelet, a container runtime, or this plugin starting mkfs or s3fs)
+/// holds a copy of every descriptor its parent had open until it execs
+/// and close-on-exec drops them, so an unmount right after a file on the
+/// mount was closed can meet such a copy for a moment. A mount that stays
+/// busy (a file held open on it) is still refused, this much later.
+pub const BUSY_GRACE: Duration = Duration::from_secs(1);
+
+/// Calls `unmount` again while it answers EBUSY, every 20 ms, for at most
+/// [`BUSY_GRACE`]; returns its last answer.
+pub fn while_busy(mut unmount: impl FnMut() -> Result<(), Errno>) -> Result<(), Errno> {
+    let deadline = Instant::now() + BUSY_GRACE;
+    loop {
+        match unmount() {
+            Err(Errno::EBUSY) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Unmounts the topmost mount at `target` without following a symlink
-/// there. EINVAL (not a mount point) is reported to the caller, who
-/// decides whether that means "already done".
+/// there ([`while_busy`]). EINVAL (not a mount point) is reported to the
+/// caller, who decides whether that means "already done".
 pub fn unmount(target: &Path) -> Result<(), MountError> {
-    nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(|errno| MountError::Unmount {
-        target: target.to_owned(),
-        errno,
+    while_busy(|| nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW)).map_err(|errno| {
+        MountError::Unmount {
+            target: target.to_owned(),
+            errno,
+        }
     })
 }
 
@@ -233,10 +259,11 @@ pub fn remount_bind_read_only_fd(root: &PathFd, keep: MsFlags) -> Result<(), Mou
 
 /// Unmounts the topmost mount at `at`'s final component, inside the parent
 /// directory it holds, without following a symlink there. No descriptor on
-/// the mount itself may be open (the kernel would answer EBUSY). EINVAL:
-/// not a mount point.
+/// the mount itself may be open (the kernel answers EBUSY, tried again for
+/// [`BUSY_GRACE`]). EINVAL: not a mount point.
 pub fn unmount_anchored(at: &AnchoredPath) -> Result<(), MountError> {
-    nix::mount::umount2(&at.in_parent(), MntFlags::UMOUNT_NOFOLLOW).map_err(|errno| {
+    let path = at.in_parent();
+    while_busy(|| nix::mount::umount2(&path, MntFlags::UMOUNT_NOFOLLOW)).map_err(|errno| {
         MountError::Unmount {
             target: at.path().to_owned(),
             errno,
@@ -247,6 +274,32 @@ pub fn unmount_anchored(at: &AnchoredPath) -> Result<(), MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn while_busy_tries_again_only_on_ebusy() {
+        let mut answers = vec![Err(Errno::EBUSY), Err(Errno::EBUSY), Ok(())].into_iter();
+        let mut calls = 0;
+        let r = while_busy(|| {
+            calls += 1;
+            answers.next().unwrap()
+        });
+        assert_eq!((r, calls), (Ok(()), 3));
+
+        let mut calls = 0;
+        let r = while_busy(|| {
+            calls += 1;
+            Err(Errno::EINVAL)
+        });
+        assert_eq!((r, calls), (Err(Errno::EINVAL), 1), "other errors at once");
+
+        let mut calls = 0;
+        let r = while_busy(|| {
+            calls += 1;
+            Err(Errno::EBUSY)
+        });
+        assert_eq!(r, Err(Errno::EBUSY), "busy for good is reported");
+        assert!(calls > 1, "tried again before reporting busy");
+    }
 
     #[test]
     fn splits_vfs_flags_from_filesystem_data() {

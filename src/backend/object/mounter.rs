@@ -967,9 +967,10 @@ fn probe(target: &Path, timeout: Duration) -> Probe {
     }
 }
 
-/// umount2(2) of the mount at `target`, not following a symlink there.
+/// umount2(2) of the mount at `target`, not following a symlink there;
+/// EBUSY is tried again for [`crate::os::mount::BUSY_GRACE`].
 fn unmount_now(target: &Path) -> Result<(), Errno> {
-    nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW)
+    crate::os::mount::while_busy(|| nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW))
 }
 
 /// Lazy umount2(2): a dead FUSE mount cannot answer the checks a normal
