@@ -114,6 +114,9 @@ export STOWAGE_REQUIRE_SYSTEMD_ANALYZE=1
 # Mounts and loop devices left under the test harness's scratch dirs
 # (/tmp/stowage-test-*) by a test binary that was killed, and then the
 # dirs; a dir that still has a mount below it is left alone.
+mounts_at_or_under() {
+  findmnt -rn -o TARGET | awk -v d="$1" 'index($0, d "/") == 1 || $0 == d'
+}
 clean_test_leftovers() {
   local d dev back m
   for d in /tmp/stowage-test-*; do
@@ -121,10 +124,9 @@ clean_test_leftovers() {
     while read -r dev back; do
       case "$back" in "$d"/*) losetup -d "$dev" 2>/dev/null ;; esac
     done < <(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null)
-    findmnt -rn -o TARGET | awk -v d="$d" 'index($0, d "/") == 1 || $0 == d' |
-      awk '{ print length($0) "\t" $0 }' | sort -rn | cut -f2- |
+    mounts_at_or_under "$d" | awk '{ print length($0) "\t" $0 }' | sort -rn | cut -f2- |
       while read -r m; do umount -l "$m"; done
-    if ! findmnt -rn -o TARGET | awk -v d="$d" 'index($0, d "/") == 1 || $0 == d { found = 1 } END { exit !found }'; then
+    if [ -z "$(mounts_at_or_under "$d")" ]; then
       rm -rf --one-file-system "$d"
     fi
   done

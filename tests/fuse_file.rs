@@ -114,27 +114,6 @@ fn assert_clean(scratch: &Scratch) {
     assert!(left.is_empty(), "mounts left: {left:?}");
 }
 
-/// Unmounts `mnt`, waiting (at most 2 s) while it is busy: another test
-/// of this binary may spawn a process right after a file there was
-/// closed, and its child holds a copy of the descriptor until it execs
-/// (close-on-exec), which makes the unmount EBUSY for that moment. Once,
-/// in a CI run, it did.
-fn unmount_when_free(mnt: &Path) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        match stowage::os::mount::unmount(mnt) {
-            Ok(()) => return,
-            Err(e)
-                if e.errno() == Some(nix::errno::Errno::EBUSY)
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("unmount ext4: {e:?}"),
-        }
-    }
-}
-
 /// mkfs.ext4 and a mount on the loop device over the FUSE file; a file
 /// written and fsynced there is found, byte for byte, in the backing file
 /// at the physical offsets ext4 reports for it.
@@ -171,7 +150,10 @@ fn ext4_on_the_fuse_loop_device_lands_in_the_backing_file() {
     drop(f);
     assert!(!map.is_empty(), "ext4 reports no extents for the file");
 
-    unmount_when_free(&mnt);
+    // os::mount::unmount waits out a mount busy for a moment: a process
+    // another test of this binary spawns right after the file was closed
+    // holds a copy of its descriptor until it execs.
+    stowage::os::mount::unmount(&mnt).expect("unmount ext4");
     drop(mounted);
     dev.close().expect("detach and unmount cleanly");
     assert_clean(&scratch);

@@ -186,15 +186,19 @@ pub fn while_busy(mut unmount: impl FnMut() -> Result<(), Errno>) -> Result<(), 
     }
 }
 
+/// umount2(2) of the topmost mount at `path`, not following a symlink
+/// there, tried again while busy ([`while_busy`]).
+pub fn umount_nofollow(path: &Path) -> Result<(), Errno> {
+    while_busy(|| nix::mount::umount2(path, MntFlags::UMOUNT_NOFOLLOW))
+}
+
 /// Unmounts the topmost mount at `target` without following a symlink
-/// there ([`while_busy`]). EINVAL (not a mount point) is reported to the
-/// caller, who decides whether that means "already done".
+/// there ([`umount_nofollow`]). EINVAL (not a mount point) is reported to
+/// the caller, who decides whether that means "already done".
 pub fn unmount(target: &Path) -> Result<(), MountError> {
-    while_busy(|| nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW)).map_err(|errno| {
-        MountError::Unmount {
-            target: target.to_owned(),
-            errno,
-        }
+    umount_nofollow(target).map_err(|errno| MountError::Unmount {
+        target: target.to_owned(),
+        errno,
     })
 }
 
@@ -262,12 +266,9 @@ pub fn remount_bind_read_only_fd(root: &PathFd, keep: MsFlags) -> Result<(), Mou
 /// the mount itself may be open (the kernel answers EBUSY, tried again for
 /// [`BUSY_GRACE`]). EINVAL: not a mount point.
 pub fn unmount_anchored(at: &AnchoredPath) -> Result<(), MountError> {
-    let path = at.in_parent();
-    while_busy(|| nix::mount::umount2(&path, MntFlags::UMOUNT_NOFOLLOW)).map_err(|errno| {
-        MountError::Unmount {
-            target: at.path().to_owned(),
-            errno,
-        }
+    umount_nofollow(&at.in_parent()).map_err(|errno| MountError::Unmount {
+        target: at.path().to_owned(),
+        errno,
     })
 }
 

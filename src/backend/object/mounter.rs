@@ -550,7 +550,7 @@ impl Mounter {
             }
             match self.health(target) {
                 Health::NotMounted => break,
-                Health::Healthy => match unmount_now(target) {
+                Health::Healthy => match crate::os::mount::umount_nofollow(target) {
                     Ok(()) | Err(Errno::EINVAL) => {}
                     Err(Errno::EBUSY) => {
                         return Err(MounterError::Busy {
@@ -965,12 +965,6 @@ fn probe(target: &Path, timeout: Duration) -> Probe {
         Ok(Err(errno)) => Probe::Failed(errno),
         Err(_) => Probe::NoAnswer,
     }
-}
-
-/// umount2(2) of the mount at `target`, not following a symlink there;
-/// EBUSY is tried again for [`crate::os::mount::BUSY_GRACE`].
-fn unmount_now(target: &Path) -> Result<(), Errno> {
-    crate::os::mount::while_busy(|| nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW))
 }
 
 /// Lazy umount2(2): a dead FUSE mount cannot answer the checks a normal
