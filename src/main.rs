@@ -27,6 +27,10 @@ struct Cli {
     /// For client commands: the output format [default: table]
     #[arg(short = 'o', long = "output", value_enum)]
     output: Option<OutputFormat>,
+    /// For client commands: how long one call may wait for its answer
+    /// (30s, 5m, 1h), 0 for no limit [default: 2m]
+    #[arg(long, value_name = "DURATION", value_parser = client::parse_call_limit)]
+    timeout: Option<client::CallLimit>,
     #[command(subcommand)]
     command: Command,
 }
@@ -368,19 +372,25 @@ fn main() -> ExitCode {
         endpoint: cli.endpoint,
         controller_endpoint: cli.controller_endpoint,
         output: cli.output,
+        timeout: cli.timeout,
     };
     match cli.command {
         Command::Serve(_)
             if outer.endpoint.is_some()
                 || outer.controller_endpoint.is_some()
-                || outer.output.is_some() =>
+                || outer.output.is_some()
+                || outer.timeout.is_some() =>
         {
             eprintln!("stowage: give serve's flags after `serve`");
             ExitCode::from(2)
         }
         Command::Serve(args) => serve(args),
-        Command::Status(_) if outer.endpoint.is_some() || outer.controller_endpoint.is_some() => {
-            eprintln!("stowage: status reads local state and takes no --endpoint");
+        Command::Status(_)
+            if outer.endpoint.is_some()
+                || outer.controller_endpoint.is_some()
+                || outer.timeout.is_some() =>
+        {
+            eprintln!("stowage: status reads local state and takes no --endpoint or --timeout");
             ExitCode::from(2)
         }
         Command::Status(args) => match client::status::run(&args, outer.output) {
@@ -397,8 +407,12 @@ fn main() -> ExitCode {
             }
             ExitCode::from(client::apply::run(args, &outer))
         }
-        Command::Cluster(_) if outer.endpoint.is_some() || outer.output.is_some() => {
-            eprintln!("stowage: cluster writes local files and takes no --endpoint or --output");
+        Command::Cluster(_)
+            if outer.endpoint.is_some() || outer.output.is_some() || outer.timeout.is_some() =>
+        {
+            eprintln!(
+                "stowage: cluster writes local files and takes no --endpoint, --output or --timeout"
+            );
             ExitCode::from(2)
         }
         Command::Cluster(args) => match client::cluster::run(args) {

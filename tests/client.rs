@@ -1609,3 +1609,108 @@ async fn a_serve_error_is_printed_once() {
         "{err}"
     );
 }
+
+/// Sends SIGCONT to a server the test froze with SIGSTOP, on drop (also
+/// when the test fails), so its teardown finds it running.
+struct Thaw(i32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
+/// Runs `stowage --endpoint … ARGS…` and waits at most 90 s for it to
+/// exit: a hang detector, far above the bounds under test (killed and
+/// failed past it).
+fn stowage_within(env: &Env, args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", env.layout.socket.display()))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn stowage");
+    let pid = child.id() as i32;
+    match within(Duration::from_secs(90), move || child.wait_with_output()) {
+        Some(out) => out.expect("wait for stowage"),
+        None => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("stowage {args:?} did not exit within 90 s");
+        }
+    }
+}
+
+/// A server that stops answering (here frozen with SIGSTOP: it still
+/// accepts connections, in the kernel, and never answers) does not hang
+/// the client. A call waits at most `--timeout` (2 min by default) and
+/// fails with DEADLINE_EXCEEDED, saying the server may still finish it.
+/// With `--timeout 0` the connection's HTTP/2 pings, unanswered, end the
+/// call. Once the server runs again, the same command succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_stops_answering_does_not_hang_the_client() {
+    let env = Env::new("xfs").await;
+    json(&env, &["volume", "list"]);
+
+    let frozen = Thaw(env.server.pid());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(frozen.0),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+
+    let out = stowage_within(&env, &["--timeout", "2s", "volume", "list"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ListVolumes failed: DEADLINE_EXCEEDED")
+            && err.contains("no answer within 2s (--timeout)")
+            && err.contains("run the same command again"),
+        "{err}"
+    );
+
+    // The flag is also taken after the verb.
+    let out = stowage_within(&env, &["plugin", "info", "--timeout", "1s"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no answer within 1s"), "{err}");
+
+    let out = stowage_within(&env, &["--timeout", "0", "volume", "list"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ListVolumes failed: UNAVAILABLE") && err.contains("keep-alive timed out"),
+        "{err}"
+    );
+
+    drop(frozen);
+    let out = stowage_within(&env, &["--timeout", "30s", "-o", "json", "volume", "list"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}
+
+/// `--timeout` takes a duration or 0; anything else is a usage error, as
+/// is `--timeout` on a command that makes no calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn timeout_flag_usage() {
+    let env = Env::new("xfs").await;
+    for bad in ["5", "-1s", "1.5s", "soon"] {
+        let out = stowage(&env, &[&format!("--timeout={bad}"), "volume", "list"]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr_of(&out));
+        assert!(stderr_of(&out).contains("--timeout"), "{}", stderr_of(&out));
+    }
+    for good in ["0", "10s", "5m"] {
+        let out = stowage(&env, &["--timeout", good, "volume", "list"]);
+        assert!(out.status.success(), "{good}: {}", stderr_of(&out));
+    }
+    let out = stowage_bare(&["--timeout", "1s", "status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("--timeout"), "{}", stderr_of(&out));
+}

@@ -21,7 +21,7 @@ use super::publish::{
 };
 use super::secrets::{Secrets, SecretsArgs};
 use super::volume::AccessModeArg;
-use super::{ClientError, DEFAULT_ENDPOINT, GlobalArgs, OutputFormat, Session, rpc};
+use super::{CallLimit, ClientError, DEFAULT_ENDPOINT, GlobalArgs, OutputFormat, Session, rpc};
 use crate::csi;
 use crate::csi::controller_service_capability::rpc::Type as ControllerRpc;
 use crate::csi::node_service_capability::rpc::Type as NodeRpc;
@@ -82,6 +82,8 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 pub struct CsiPlugin {
     endpoint: String,
     controller_endpoint: Option<String>,
+    /// How long each call may wait for its answer (`--timeout`).
+    call_limit: CallLimit,
     staging_root: PathBuf,
     /// The calls' secrets (`--secrets-file`); none by default.
     secrets: Secrets,
@@ -93,6 +95,7 @@ impl CsiPlugin {
         CsiPlugin {
             endpoint: endpoint.to_owned(),
             controller_endpoint: None,
+            call_limit: CallLimit::default(),
             staging_root: staging_root.to_owned(),
             secrets: Secrets::default(),
             session: None,
@@ -102,7 +105,12 @@ impl CsiPlugin {
     async fn s(&mut self) -> Result<&mut Session, ClientError> {
         if self.session.is_none() {
             self.session = Some(
-                Session::connect_split(&self.endpoint, self.controller_endpoint.as_deref()).await?,
+                Session::connect_split(
+                    &self.endpoint,
+                    self.controller_endpoint.as_deref(),
+                    self.call_limit,
+                )
+                .await?,
             );
         }
         Ok(self.session.as_mut().expect("connected above"))
@@ -555,6 +563,7 @@ pub fn run(args: ApplyArgs, outer: &GlobalArgs) -> u8 {
     }
     let mut plugin = CsiPlugin::new(&endpoint, &args.staging_root);
     plugin.controller_endpoint = g.controller_endpoint.clone();
+    plugin.call_limit = g.call_limit();
     plugin.secrets = match args.secrets.load() {
         Ok(s) => s,
         Err(e) => {

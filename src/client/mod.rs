@@ -20,6 +20,9 @@ pub mod status;
 pub mod volume;
 
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
 use tonic::transport::Channel;
@@ -33,6 +36,37 @@ use crate::server::Endpoint;
 
 /// Where the client connects when no `--endpoint` is given.
 pub const DEFAULT_ENDPOINT: &str = "unix:///run/stowage/csi.sock";
+
+/// How long one call may wait for its answer when `--timeout` is not
+/// given: the kubelet's bound on a node call.
+pub const DEFAULT_CALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// HTTP/2 pings while a call is in flight: a server that stops answering
+/// them (its process frozen, its host gone) fails the call within
+/// interval + timeout, also with no call limit.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `--timeout`: how long one call may wait for its answer; `None` waits
+/// as long as the server keeps the connection alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallLimit(pub Option<Duration>);
+
+impl Default for CallLimit {
+    fn default() -> Self {
+        CallLimit(Some(DEFAULT_CALL_LIMIT))
+    }
+}
+
+/// `30s`, `5m`, `1h`, or `0` for no limit.
+pub fn parse_call_limit(s: &str) -> Result<CallLimit, String> {
+    if s.trim() == "0" {
+        return Ok(CallLimit(None));
+    }
+    stowage_sidecars::schedule::parse_duration(s)
+        .map(|secs| CallLimit(Some(Duration::from_secs(secs))))
+        .map_err(|e| format!("{e} (or 0 for no limit)"))
+}
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -59,6 +93,11 @@ pub struct GlobalArgs {
     /// Output format [default: table]
     #[arg(short = 'o', long = "output", value_enum, global = true)]
     pub output: Option<OutputFormat>,
+    /// How long one call may wait for its answer (30s, 5m, 1h), 0 for no
+    /// limit; a call that outlives it fails with DEADLINE_EXCEEDED and may
+    /// still finish on the server [default: 2m]
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_call_limit)]
+    pub timeout: Option<CallLimit>,
 }
 
 impl GlobalArgs {
@@ -72,6 +111,7 @@ impl GlobalArgs {
                 .clone()
                 .or_else(|| outer.controller_endpoint.clone()),
             output: self.output.or(outer.output),
+            timeout: self.timeout.or(outer.timeout),
         }
     }
 
@@ -81,6 +121,19 @@ impl GlobalArgs {
 
     fn format(&self) -> OutputFormat {
         self.output.unwrap_or_default()
+    }
+
+    pub fn call_limit(&self) -> CallLimit {
+        self.timeout.unwrap_or_default()
+    }
+
+    async fn session(&self) -> Result<Session, ClientError> {
+        Session::connect_split(
+            self.endpoint(),
+            self.controller_endpoint.as_deref(),
+            self.call_limit(),
+        )
+        .await
     }
 }
 
@@ -188,7 +241,12 @@ impl ClientError {
     pub fn report(&self) -> String {
         let mut text = self.to_string();
         let mut denied = false;
-        let mut source = std::error::Error::source(self);
+        // A failed call's status carries the transport's error (e.g. the
+        // connection's pings unanswered) as its source.
+        let mut source = match self {
+            ClientError::Rpc { status, .. } => std::error::Error::source(status),
+            _ => std::error::Error::source(self),
+        };
         while let Some(s) = source {
             // Transport errors repeat their cause in their own text.
             let part = s.to_string();
@@ -224,35 +282,85 @@ pub(crate) fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> ClientErr
     move |status| ClientError::Rpc { call, status }
 }
 
+/// A channel whose calls each wait at most their limit for an answer.
+/// One that waits longer fails with DEADLINE_EXCEEDED, saying that the
+/// server may still finish it: CSI calls are idempotent, so the same call
+/// again learns the outcome (or is ABORTED while it still runs).
+#[derive(Debug, Clone)]
+pub struct Conn {
+    channel: Channel,
+    limit: CallLimit,
+}
+
+impl Conn {
+    pub fn new(channel: Channel, limit: CallLimit) -> Conn {
+        Conn { channel, limit }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for Conn {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.channel.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let answer = self.channel.call(request);
+        let CallLimit(limit) = self.limit;
+        Box::pin(async move {
+            let Some(limit) = limit else {
+                return answer.await.map_err(Into::into);
+            };
+            match tokio::time::timeout(limit, answer).await {
+                Ok(r) => r.map_err(Into::into),
+                // tonic finds a Status in the error and reports it as is.
+                Err(_) => Err(Box::new(no_answer(limit)) as BoxError),
+            }
+        })
+    }
+}
+
+/// The status of a call that had no answer within `limit`.
+fn no_answer(limit: Duration) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!(
+        "no answer within {} (--timeout); the server may still finish the call: \
+         run the same command again to learn its outcome",
+        stowage_sidecars::schedule::format_duration(limit.as_secs())
+    ))
+}
+
 /// gRPC clients for the three CSI services, on one channel.
 #[derive(Debug, Clone)]
 pub struct Session {
-    pub identity: IdentityClient<Channel>,
-    pub controller: ControllerClient<Channel>,
+    pub identity: IdentityClient<Conn>,
+    pub controller: ControllerClient<Conn>,
     /// The GroupController service, beside the Controller service.
-    pub group: GroupControllerClient<Channel>,
-    pub node: NodeClient<Channel>,
+    pub group: GroupControllerClient<Conn>,
+    pub node: NodeClient<Conn>,
     /// A cluster controller's Admin service, beside the Controller service
     /// (`stowage volume scrub`).
-    pub admin: crate::cluster::proto::admin_client::AdminClient<Channel>,
+    pub admin: crate::cluster::proto::admin_client::AdminClient<Conn>,
 }
 
 impl Session {
-    /// Connects to `unix:///path`, `unix:/path`, `/path` or `tcp://host:port`.
-    pub async fn connect(endpoint: &str) -> Result<Session, ClientError> {
-        Self::connect_split(endpoint, None).await
-    }
-
-    /// Like [`Session::connect`], with the Controller service at
-    /// `controller` when given (a cluster's controller socket; Identity and
-    /// Node stay at `endpoint`).
+    /// Connects to `unix:///path`, `unix:/path`, `/path` or
+    /// `tcp://host:port`, with the Controller service at `controller` when
+    /// given (a cluster's controller socket; Identity and Node stay at
+    /// `endpoint`). Each call waits at most `limit` for its answer.
     pub async fn connect_split(
         endpoint: &str,
         controller: Option<&str>,
+        limit: CallLimit,
     ) -> Result<Session, ClientError> {
-        let channel = channel(endpoint).await?;
+        let channel = Conn::new(self::channel(endpoint).await?, limit);
         let controller_channel = match controller {
-            Some(c) => self::channel(c).await?,
+            Some(c) => Conn::new(self::channel(c).await?, limit),
             None => channel.clone(),
         };
         Ok(Session {
@@ -388,6 +496,8 @@ pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
     match parsed {
         Endpoint::Tcp(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(connect_err)?
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .connect()
             .await
             .map_err(connect_err),
@@ -427,6 +537,8 @@ async fn unix_channel(
 ) -> Result<Channel, tonic::transport::Error> {
     // The URI is a placeholder: the connector below ignores it.
     tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             let seen = seen.clone();
@@ -454,25 +566,22 @@ pub fn run(command: ClientCommand, outer: &GlobalArgs) -> Result<(), ClientError
         match command {
             ClientCommand::Plugin(args) => {
                 let g = args.globals.or(outer);
-                let mut s =
-                    Session::connect_split(g.endpoint(), g.controller_endpoint.as_deref()).await?;
+                let mut s = g.session().await?;
                 plugin::run(&mut s, args.verb, g.format()).await
             }
             ClientCommand::Volume(args) => {
                 let g = args.globals.or(outer);
-                let mut s =
-                    Session::connect_split(g.endpoint(), g.controller_endpoint.as_deref()).await?;
+                let mut s = g.session().await?;
                 volume::run(&mut s, args.verb, g.format()).await
             }
             ClientCommand::Snapshot(args) => {
                 let g = args.globals.or(outer);
-                let mut s =
-                    Session::connect_split(g.endpoint(), g.controller_endpoint.as_deref()).await?;
+                let mut s = g.session().await?;
                 snapshot::run(&mut s, args.verb, g.format()).await
             }
             ClientCommand::Node(args) => {
                 let g = args.globals.or(outer);
-                node::run(g.endpoint(), args.verb, g.format()).await
+                node::run(g.endpoint(), g.call_limit(), args.verb, g.format()).await
             }
         }
     })
@@ -511,17 +620,61 @@ mod tests {
             endpoint: Some("unix:///a".into()),
             controller_endpoint: Some("unix:///c".into()),
             output: Some(OutputFormat::Json),
+            timeout: Some(CallLimit(None)),
         };
         let inner = GlobalArgs {
             endpoint: Some("unix:///b".into()),
             controller_endpoint: None,
             output: None,
+            timeout: None,
         };
         let g = inner.or(&outer);
         assert_eq!(g.endpoint(), "unix:///b");
         assert_eq!(g.controller_endpoint.as_deref(), Some("unix:///c"));
         assert_eq!(g.format(), OutputFormat::Json);
+        assert_eq!(g.call_limit(), CallLimit(None));
+        let inner = GlobalArgs {
+            timeout: Some(CallLimit(Some(Duration::from_secs(5)))),
+            ..GlobalArgs::default()
+        };
+        assert_eq!(
+            inner.or(&outer).call_limit(),
+            CallLimit(Some(Duration::from_secs(5)))
+        );
         assert_eq!(GlobalArgs::default().endpoint(), DEFAULT_ENDPOINT);
         assert_eq!(GlobalArgs::default().format(), OutputFormat::Table);
+        assert_eq!(
+            GlobalArgs::default().call_limit(),
+            CallLimit(Some(DEFAULT_CALL_LIMIT))
+        );
+    }
+
+    #[test]
+    fn call_limit_is_a_duration_or_0_for_none() {
+        assert_eq!(parse_call_limit("0"), Ok(CallLimit(None)));
+        assert_eq!(
+            parse_call_limit("90s"),
+            Ok(CallLimit(Some(Duration::from_secs(90))))
+        );
+        assert_eq!(
+            parse_call_limit("5m"),
+            Ok(CallLimit(Some(Duration::from_secs(300))))
+        );
+        for bad in ["", "5", "0s", "-1s", "1.5s", "soon"] {
+            let e = parse_call_limit(bad).expect_err(bad);
+            assert!(e.contains("0 for no limit"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn no_answer_says_the_limit_and_what_to_do() {
+        let s = no_answer(Duration::from_secs(120));
+        assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            s.message().contains("no answer within 2m"),
+            "{}",
+            s.message()
+        );
+        assert!(s.message().contains("run the same command again"));
     }
 }

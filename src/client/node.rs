@@ -81,8 +81,13 @@ fn gib(bytes: u64) -> String {
     format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64)
 }
 
-pub async fn run(endpoint: &str, verb: NodeVerb, format: OutputFormat) -> Result<(), ClientError> {
-    let mut admin = AdminClient::new(super::channel(endpoint).await?);
+pub async fn run(
+    endpoint: &str,
+    limit: super::CallLimit,
+    verb: NodeVerb,
+    format: OutputFormat,
+) -> Result<(), ClientError> {
+    let mut admin = AdminClient::new(super::Conn::new(super::channel(endpoint).await?, limit));
     let unimplemented = |e: tonic::Status| {
         if e.code() == tonic::Code::Unimplemented {
             ClientError::Local(format!(
@@ -224,7 +229,7 @@ pub async fn run(endpoint: &str, verb: NodeVerb, format: OutputFormat) -> Result
 /// controller that does not answer, or does not know the node yet (it
 /// restarted), is waited for too.
 async fn wait_drained(
-    admin: &mut AdminClient<tonic::transport::Channel>,
+    admin: &mut AdminClient<super::Conn>,
     node: &str,
     timeout: u64,
 ) -> Result<(), ClientError> {
