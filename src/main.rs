@@ -30,7 +30,7 @@ struct Cli {
     /// For client commands: how long one call may wait for its answer
     /// (30s, 5m, 1h), 0 for no limit [default: 2m]
     #[arg(long, value_name = "DURATION", value_parser = client::parse_call_limit)]
-    timeout: Option<client::CallLimit>,
+    request_timeout: Option<client::CallLimit>,
     #[command(subcommand)]
     command: Command,
 }
@@ -372,14 +372,14 @@ fn main() -> ExitCode {
         endpoint: cli.endpoint,
         controller_endpoint: cli.controller_endpoint,
         output: cli.output,
-        timeout: cli.timeout,
+        request_timeout: cli.request_timeout,
     };
     match cli.command {
         Command::Serve(_)
             if outer.endpoint.is_some()
                 || outer.controller_endpoint.is_some()
                 || outer.output.is_some()
-                || outer.timeout.is_some() =>
+                || outer.request_timeout.is_some() =>
         {
             eprintln!("stowage: give serve's flags after `serve`");
             ExitCode::from(2)
@@ -388,9 +388,11 @@ fn main() -> ExitCode {
         Command::Status(_)
             if outer.endpoint.is_some()
                 || outer.controller_endpoint.is_some()
-                || outer.timeout.is_some() =>
+                || outer.request_timeout.is_some() =>
         {
-            eprintln!("stowage: status reads local state and takes no --endpoint or --timeout");
+            eprintln!(
+                "stowage: status reads local state and takes no --endpoint or --request-timeout"
+            );
             ExitCode::from(2)
         }
         Command::Status(args) => match client::status::run(&args, outer.output) {
@@ -408,10 +410,12 @@ fn main() -> ExitCode {
             ExitCode::from(client::apply::run(args, &outer))
         }
         Command::Cluster(_)
-            if outer.endpoint.is_some() || outer.output.is_some() || outer.timeout.is_some() =>
+            if outer.endpoint.is_some()
+                || outer.output.is_some()
+                || outer.request_timeout.is_some() =>
         {
             eprintln!(
-                "stowage: cluster writes local files and takes no --endpoint, --output or --timeout"
+                "stowage: cluster writes local files and takes no --endpoint, --output or --request-timeout"
             );
             ExitCode::from(2)
         }

@@ -1651,9 +1651,9 @@ fn stowage_within(env: &Env, args: &[&str]) -> Output {
 
 /// A server that stops answering (here frozen with SIGSTOP: it still
 /// accepts connections, in the kernel, and never answers) does not hang
-/// the client. A call waits at most `--timeout` (2 min by default) and
+/// the client. A call waits at most `--request-timeout` (2 min by default) and
 /// fails with DEADLINE_EXCEEDED, saying the server may still finish it.
-/// With `--timeout 0` the connection's HTTP/2 pings, unanswered, end the
+/// With `--request-timeout 0` the connection's HTTP/2 pings, unanswered, end the
 /// call. Once the server runs again, the same command succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_stops_answering_does_not_hang_the_client() {
@@ -1667,23 +1667,23 @@ async fn a_server_that_stops_answering_does_not_hang_the_client() {
     )
     .unwrap();
 
-    let out = stowage_within(&env, &["--timeout", "2s", "volume", "list"]);
+    let out = stowage_within(&env, &["--request-timeout", "2s", "volume", "list"]);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("ListVolumes failed: DEADLINE_EXCEEDED")
-            && err.contains("no answer within 2s (--timeout)")
+            && err.contains("no answer within 2s (--request-timeout)")
             && err.contains("run the same command again"),
         "{err}"
     );
 
     // The flag is also taken after the verb.
-    let out = stowage_within(&env, &["plugin", "info", "--timeout", "1s"]);
+    let out = stowage_within(&env, &["plugin", "info", "--request-timeout", "1s"]);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no answer within 1s"), "{err}");
 
-    let out = stowage_within(&env, &["--timeout", "0", "volume", "list"]);
+    let out = stowage_within(&env, &["--request-timeout", "0", "volume", "list"]);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -1692,25 +1692,61 @@ async fn a_server_that_stops_answering_does_not_hang_the_client() {
     );
 
     drop(frozen);
-    let out = stowage_within(&env, &["--timeout", "30s", "-o", "json", "volume", "list"]);
+    let out = stowage_within(
+        &env,
+        &["--request-timeout", "30s", "-o", "json", "volume", "list"],
+    );
     assert!(out.status.success(), "{}", stderr_of(&out));
 }
 
-/// `--timeout` takes a duration or 0; anything else is a usage error, as
-/// is `--timeout` on a command that makes no calls.
+/// `--request-timeout` takes a duration or 0; anything else is a usage error, as
+/// is `--request-timeout` on a command that makes no calls.
 #[tokio::test(flavor = "multi_thread")]
-async fn timeout_flag_usage() {
+async fn request_timeout_flag_usage() {
     let env = Env::new("xfs").await;
     for bad in ["5", "-1s", "1.5s", "soon"] {
-        let out = stowage(&env, &[&format!("--timeout={bad}"), "volume", "list"]);
+        let out = stowage(
+            &env,
+            &[&format!("--request-timeout={bad}"), "volume", "list"],
+        );
         assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr_of(&out));
-        assert!(stderr_of(&out).contains("--timeout"), "{}", stderr_of(&out));
+        assert!(
+            stderr_of(&out).contains("--request-timeout"),
+            "{}",
+            stderr_of(&out)
+        );
     }
     for good in ["0", "10s", "5m"] {
-        let out = stowage(&env, &["--timeout", good, "volume", "list"]);
+        let out = stowage(&env, &["--request-timeout", good, "volume", "list"]);
         assert!(out.status.success(), "{good}: {}", stderr_of(&out));
     }
-    let out = stowage_bare(&["--timeout", "1s", "status"]);
+    // `node drain`'s own --timeout (seconds to wait for the drain) is
+    // another flag: both parse, and the call finds no socket.
+    let gone = env.scratch.root.join("no-such.sock");
+    let gone = format!("unix://{}", gone.display());
+    let out = stowage_bare(&[
+        "--endpoint",
+        &gone,
+        "node",
+        "drain",
+        "n1",
+        "--wait",
+        "--timeout",
+        "5",
+        "--request-timeout",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("no server is running"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = stowage_bare(&["--request-timeout", "1s", "status"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("--timeout"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("--request-timeout"),
+        "{}",
+        stderr_of(&out)
+    );
 }

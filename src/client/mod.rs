@@ -37,7 +37,7 @@ use crate::server::Endpoint;
 /// Where the client connects when no `--endpoint` is given.
 pub const DEFAULT_ENDPOINT: &str = "unix:///run/stowage/csi.sock";
 
-/// How long one call may wait for its answer when `--timeout` is not
+/// How long one call may wait for its answer when `--request-timeout` is not
 /// given: the kubelet's bound on a node call.
 pub const DEFAULT_CALL_LIMIT: Duration = Duration::from_secs(120);
 
@@ -47,7 +47,7 @@ pub const DEFAULT_CALL_LIMIT: Duration = Duration::from_secs(120);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `--timeout`: how long one call may wait for its answer; `None` waits
+/// `--request-timeout`: how long one call may wait for its answer; `None` waits
 /// as long as the server keeps the connection alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallLimit(pub Option<Duration>);
@@ -97,7 +97,7 @@ pub struct GlobalArgs {
     /// limit; a call that outlives it fails with DEADLINE_EXCEEDED and may
     /// still finish on the server [default: 2m]
     #[arg(long, global = true, value_name = "DURATION", value_parser = parse_call_limit)]
-    pub timeout: Option<CallLimit>,
+    pub request_timeout: Option<CallLimit>,
 }
 
 impl GlobalArgs {
@@ -111,7 +111,7 @@ impl GlobalArgs {
                 .clone()
                 .or_else(|| outer.controller_endpoint.clone()),
             output: self.output.or(outer.output),
-            timeout: self.timeout.or(outer.timeout),
+            request_timeout: self.request_timeout.or(outer.request_timeout),
         }
     }
 
@@ -124,7 +124,7 @@ impl GlobalArgs {
     }
 
     pub fn call_limit(&self) -> CallLimit {
-        self.timeout.unwrap_or_default()
+        self.request_timeout.unwrap_or_default()
     }
 
     async fn session(&self) -> Result<Session, ClientError> {
@@ -329,7 +329,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Conn {
 /// The status of a call that had no answer within `limit`.
 fn no_answer(limit: Duration) -> tonic::Status {
     tonic::Status::deadline_exceeded(format!(
-        "no answer within {} (--timeout); the server may still finish the call: \
+        "no answer within {} (--request-timeout); the server may still finish the call: \
          run the same command again to learn its outcome",
         stowage_sidecars::schedule::format_duration(limit.as_secs())
     ))
@@ -620,13 +620,13 @@ mod tests {
             endpoint: Some("unix:///a".into()),
             controller_endpoint: Some("unix:///c".into()),
             output: Some(OutputFormat::Json),
-            timeout: Some(CallLimit(None)),
+            request_timeout: Some(CallLimit(None)),
         };
         let inner = GlobalArgs {
             endpoint: Some("unix:///b".into()),
             controller_endpoint: None,
             output: None,
-            timeout: None,
+            request_timeout: None,
         };
         let g = inner.or(&outer);
         assert_eq!(g.endpoint(), "unix:///b");
@@ -634,7 +634,7 @@ mod tests {
         assert_eq!(g.format(), OutputFormat::Json);
         assert_eq!(g.call_limit(), CallLimit(None));
         let inner = GlobalArgs {
-            timeout: Some(CallLimit(Some(Duration::from_secs(5)))),
+            request_timeout: Some(CallLimit(Some(Duration::from_secs(5)))),
             ..GlobalArgs::default()
         };
         assert_eq!(
