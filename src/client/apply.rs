@@ -82,7 +82,7 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 pub struct CsiPlugin {
     endpoint: String,
     controller_endpoint: Option<String>,
-    /// How long each call may wait for its answer (`--timeout`).
+    /// How long each call may wait for its answer (`--request-timeout`).
     call_limit: CallLimit,
     staging_root: PathBuf,
     /// The calls' secrets (`--secrets-file`); none by default.

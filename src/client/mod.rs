@@ -37,8 +37,8 @@ use crate::server::Endpoint;
 /// Where the client connects when no `--endpoint` is given.
 pub const DEFAULT_ENDPOINT: &str = "unix:///run/stowage/csi.sock";
 
-/// How long one call may wait for its answer when `--request-timeout` is not
-/// given: the kubelet's bound on a node call.
+/// How long one call may wait for its answer when `--request-timeout` is
+/// not given: the kubelet's bound on a node call.
 pub const DEFAULT_CALL_LIMIT: Duration = Duration::from_secs(120);
 
 /// HTTP/2 pings while a call is in flight: a server that stops answering
@@ -47,8 +47,8 @@ pub const DEFAULT_CALL_LIMIT: Duration = Duration::from_secs(120);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `--request-timeout`: how long one call may wait for its answer; `None` waits
-/// as long as the server keeps the connection alive.
+/// `--request-timeout`: how long one call may wait for its answer; `None`
+/// waits as long as the server keeps the connection alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallLimit(pub Option<Duration>);
 
