@@ -138,9 +138,34 @@ clean_test_leftovers() {
 # removed.
 test_limit=${STOWAGE_TEST_LIMIT:-50m}
 echo "== cargo test (at most $test_limit)"
+# timeout puts cargo test in a process group of its own, which a Ctrl-C at
+# the terminal does not reach: the trap passes it on as SIGTERM (timeout
+# sends that to the whole group), waits for the tests to end, removes what
+# they left and stops.
+exec {test_out}> >(tee "$logs/cargo-test.log")
+tee_pid=$!
 timeout --kill-after=30s "$test_limit" \
-  cargo test --workspace --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$logs/cargo-test.log"
-test_rc=${PIPESTATUS[0]}
+  cargo test --workspace --locked --no-fail-fast --lib --bins --tests >&"$test_out" 2>&1 &
+test_pid=$!
+interrupted=0
+trap 'interrupted=1; kill -TERM "$test_pid" 2>/dev/null || true' INT TERM
+test_rc=
+while [ -z "$test_rc" ]; do
+  rc=0
+  wait "$test_pid" || rc=$?
+  # A trap ends the wait early (status over 128): wait again while the
+  # process is still there.
+  if [ "$rc" -gt 128 ] && kill -0 "$test_pid" 2>/dev/null; then continue; fi
+  test_rc=$rc
+done
+trap - INT TERM
+exec {test_out}>&-
+wait "$tee_pid" || true
+if [ "$interrupted" -eq 1 ]; then
+  clean_test_leftovers
+  echo "scripts/test.sh: interrupted" >&2
+  exit 130
+fi
 if [ "$test_rc" -eq 0 ]; then steps+=("cargo test: ok"); else
   if [ "$test_rc" -eq 124 ] || [ "$test_rc" -eq 137 ]; then
     steps+=("cargo test: FAILED: stopped after $test_limit; still running then:")
