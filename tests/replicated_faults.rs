@@ -1809,3 +1809,76 @@ async fn two_copies_that_disagree_are_repaired_from_the_copy_an_operator_trusts(
     assert!(!abnormal, "{said}");
     cl.delete(&v.volume_id).await.unwrap();
 }
+
+/// A CO's CreateVolume whose deadline passes while the controller is still
+/// making the copies (n3 answers 1.5 s late a chunk) runs to its end all
+/// the same: the CO's retry meanwhile is ABORTED ("in progress", as the
+/// spec asks), not a second create beside the first one's calls still
+/// landing on the nodes. Once n3 is fast again, a retry gets the volume,
+/// with its three copies in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_caller_gave_up_runs_to_its_end() {
+    let mut cl = Cluster::start_with(&[
+        NodeOpts::default(),
+        NodeOpts::default(),
+        NodeOpts {
+            proxied: true,
+            ..Default::default()
+        },
+    ])
+    .await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    // The controller's connections to every agent are up before n3 is
+    // slowed (a TLS handshake through the delay would time out).
+    let warm = cl
+        .create(replicated_req("rep-warm", "3", SIZE, cap.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)));
+    cl.delete(&warm.volume_id).await.unwrap();
+
+    cl.proxy(3).faults.set(FaultConfig {
+        delay: Duration::from_millis(1500),
+        ..Default::default()
+    });
+    let req = replicated_req("rep-to-end", "3", SIZE, cap.clone());
+    let mut first = tonic::Request::new(req.clone());
+    first.set_timeout(Duration::from_secs(1));
+    let given_up = cl.c.controller.create_volume(first).await;
+    let status = given_up.expect_err("n3 answers seconds late: the call outlives its deadline");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+
+    // The first create still runs (each call to n3 takes seconds).
+    let mut retry = tonic::Request::new(req.clone());
+    retry.set_timeout(Duration::from_secs(20));
+    let retried = cl.c.controller.create_volume(retry).await;
+    let status = retried.expect_err("a retry while the first create runs");
+    assert_eq!(
+        status.code(),
+        tonic::Code::Aborted,
+        "{status:?}\n{}",
+        cl.controller.log_tail(40)
+    );
+    assert!(status.message().contains("in progress"), "{status:?}");
+
+    cl.proxy(3).faults.set(FaultConfig::default());
+    let controller = cl.c.controller.clone();
+    let v = retry_aborted(|| {
+        let (mut c, req) = (controller.clone(), req.clone());
+        async move { c.create_volume(req).await }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", cl.controller.log_tail(40)))
+    .into_inner()
+    .volume
+    .unwrap();
+    cl.wait_in_sync(&v.volume_id, WAIT).await;
+    let (abnormal, message) = cl.condition(&v.volume_id).await;
+    assert!(!abnormal, "{message}");
+    cl.delete(&v.volume_id).await.unwrap();
+}

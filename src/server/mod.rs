@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod node;
 pub mod snapshot_metadata;
 pub mod status;
+pub mod to_end;
 mod transport;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -434,13 +435,17 @@ pub(crate) fn tcp_incoming(
         .with_keepalive(Some(std::time::Duration::from_secs(30)))
 }
 
-/// Serves `router` on the CSI endpoint until shutdown.
 /// The CSI services' router, behind the per-RPC metrics layer (inert when
-/// metrics are off).
+/// metrics are off) and [`to_end::RunToEndLayer`] (each call runs to its
+/// end).
 type CsiRouter = tonic::transport::server::Router<
-    tower::layer::util::Stack<metrics::RpcMetricsLayer, tower::layer::util::Identity>,
+    tower::layer::util::Stack<
+        to_end::RunToEndLayer,
+        tower::layer::util::Stack<metrics::RpcMetricsLayer, tower::layer::util::Identity>,
+    >,
 >;
 
+/// Serves `router` on the CSI endpoint until shutdown.
 async fn serve_endpoint(
     router: CsiRouter,
     endpoint: &Endpoint,
@@ -521,6 +526,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
     let mut router = tonic::transport::Server::builder()
         .layer(layer)
+        .layer(to_end::RunToEndLayer)
         .add_service(csi::identity_server::IdentityServer::new(
             identity::IdentityService {
                 driver: Arc::clone(&driver),
@@ -751,6 +757,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
     let metrics_task = serve_metrics(cfg.metrics_address.as_deref(), metrics.as_ref()).await?;
     let csi_router = tonic::transport::Server::builder()
         .layer(metrics.as_ref().map(|m| m.layer()).unwrap_or_default())
+        .layer(to_end::RunToEndLayer)
         .add_service(csi::identity_server::IdentityServer::new(router.clone()))
         .add_service(csi::controller_server::ControllerServer::new(
             router.clone(),
