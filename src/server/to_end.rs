@@ -12,9 +12,9 @@
 //!
 //! [`RunToEndLayer`] spawns each call's future as a task of its own and
 //! waits for it: the caller may go, the task (and the guard it holds)
-//! finishes. The local server's operations already run on the blocking
-//! pool and end on their own; the layer makes the rest of their handlers
-//! (and the async ones, e.g. object volumes' S3 calls) do so too.
+//! finishes. The local server's handlers do their work on the blocking
+//! pool, which ends on its own; the layer is on its CSI server too, so
+//! that no handler there has to remember to.
 
 use std::future::Future;
 use std::pin::Pin;
