@@ -12,14 +12,17 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// `stowage --endpoint unix://<socket>`, to add arguments to and run.
+fn at(env: &Env) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stowage"));
+    c.arg("--endpoint")
+        .arg(format!("unix://{}", env.layout.socket.display()));
+    c
+}
+
 /// Runs `stowage --endpoint unix://<socket> ARGS…`.
 fn stowage(env: &Env, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--endpoint")
-        .arg(format!("unix://{}", env.layout.socket.display()))
-        .args(args)
-        .output()
-        .expect("run stowage")
+    at(env).args(args).output().expect("run stowage")
 }
 
 /// Runs a command that must succeed with `-o json` and parses its stdout.
@@ -665,9 +668,7 @@ impl Drop for Children {
 
 /// Starts `stowage --endpoint … -o json ARGS…` with piped output.
 fn spawn_json(env: &Env, args: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--endpoint")
-        .arg(format!("unix://{}", env.layout.socket.display()))
+    at(env)
         .args(["-o", "json"])
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -944,9 +945,7 @@ async fn ctrl_c_clears_the_progress_line() {
         unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
     };
     let target = env.target_path("cli-int").display().to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--endpoint")
-        .arg(format!("unix://{}", env.layout.socket.display()))
+    let child = at(&env)
         .args(["volume", "publish", "cli-int", &target, "--staging-root"])
         .arg(&root)
         .stdin(std::process::Stdio::null())
@@ -1627,9 +1626,7 @@ impl Drop for Thaw {
 /// exit: a hang detector, far above the bounds under test (killed and
 /// failed past it).
 fn stowage_within(env: &Env, args: &[&str]) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--endpoint")
-        .arg(format!("unix://{}", env.layout.socket.display()))
+    let child = at(env)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

@@ -293,8 +293,12 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(channel: Channel, limit: CallLimit) -> Conn {
-        Conn { channel, limit }
+    /// Dials `endpoint` ([`channel`]); each call waits at most `limit`.
+    pub async fn dial(endpoint: &str, limit: CallLimit) -> Result<Conn, ClientError> {
+        Ok(Conn {
+            channel: channel(endpoint).await?,
+            limit,
+        })
     }
 }
 
@@ -358,9 +362,9 @@ impl Session {
         controller: Option<&str>,
         limit: CallLimit,
     ) -> Result<Session, ClientError> {
-        let channel = Conn::new(self::channel(endpoint).await?, limit);
+        let channel = Conn::dial(endpoint, limit).await?;
         let controller_channel = match controller {
-            Some(c) => Conn::new(self::channel(c).await?, limit),
+            Some(c) => Conn::dial(c, limit).await?,
             None => channel.clone(),
         };
         Ok(Session {
@@ -495,9 +499,8 @@ pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
     };
     match parsed {
         Endpoint::Tcp(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map(with_keepalive)
             .map_err(connect_err)?
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .connect()
             .await
             .map_err(connect_err),
@@ -518,6 +521,14 @@ pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
     }
 }
 
+/// `endpoint` with the client's HTTP/2 pings ([`KEEPALIVE_INTERVAL`],
+/// [`KEEPALIVE_TIMEOUT`]).
+fn with_keepalive(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
+    endpoint
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+}
+
 /// The error to report for a failed connect to a unix socket, when its
 /// cause has a plainer name than the transport's.
 fn unix_connect_error(kind: std::io::ErrorKind, path: &std::path::Path) -> Option<ClientError> {
@@ -536,9 +547,7 @@ async fn unix_channel(
     seen: std::sync::Arc<std::sync::Mutex<Option<std::io::ErrorKind>>>,
 ) -> Result<Channel, tonic::transport::Error> {
     // The URI is a placeholder: the connector below ignores it.
-    tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+    with_keepalive(tonic::transport::Endpoint::from_static("http://[::]:50051"))
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             let seen = seen.clone();

@@ -87,7 +87,7 @@ pub async fn run(
     verb: NodeVerb,
     format: OutputFormat,
 ) -> Result<(), ClientError> {
-    let mut admin = AdminClient::new(super::Conn::new(super::channel(endpoint).await?, limit));
+    let mut admin = AdminClient::new(super::Conn::dial(endpoint, limit).await?);
     let unimplemented = |e: tonic::Status| {
         if e.code() == tonic::Code::Unimplemented {
             ClientError::Local(format!(
