@@ -218,6 +218,47 @@ async fn a_killed_copy_is_marked_out_of_sync_and_rebuilt_when_it_returns() {
     cl.delete(&v.volume_id).await.unwrap();
 }
 
+/// DeleteVolume deletes nothing while a copy's node is down. It used to
+/// delete the copies ahead of that one in the record's order, then fail;
+/// a retry found only the copy left (nobody asked it) and answered OK, and
+/// that copy outlived the volume once its node was back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_is_not_deleted_in_part_while_a_copy_is_down() {
+    let mut cl = Cluster::start().await;
+    let v = cl.create(replicated("rep-d", "3", ext4())).await.unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record_on(&cl, 1, &v.volume_id)).unwrap();
+    let members: Vec<String> = record["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(members.len(), 3, "{record}");
+    // The node of the last member in the record dies.
+    let last = &members[2];
+    let i = (1..=NODES).find(|&i| node_id(i) == *last).unwrap();
+    cl.nodes[i - 1].kill9();
+    cl.wait_stale(last).await;
+    for _ in 0..2 {
+        let e = cl.delete(&v.volume_id).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains(last.as_str()), "{e:?}");
+        for j in 1..=NODES {
+            assert!(
+                cl.copy_dir(j, &v.volume_id).exists(),
+                "n{j}'s copy went while the delete was refused"
+            );
+        }
+    }
+    cl.nodes[i - 1].restart();
+    cl.wait_fresh(std::slice::from_ref(last)).await;
+    cl.delete(&v.volume_id).await.unwrap();
+    for j in 1..=NODES {
+        assert!(!cl.copy_dir(j, &v.volume_id).exists(), "n{j}'s copy stayed");
+    }
+    cl.delete(&v.volume_id).await.unwrap();
+}
+
 /// The bytes node `host`'s engines rebuilt since its agent started, from
 /// its metrics (Err: the metrics, which have no such counter).
 fn rebuilt_bytes(cl: &Cluster, host: usize) -> Result<u64, String> {
@@ -1005,6 +1046,23 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
             .await
             .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    // A volume of another backend is not made from a replicated snapshot
+    // or volume (it used to be routed as a node's, and refused with
+    // NOT_FOUND or UNAVAILABLE).
+    for source in [
+        csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        }),
+        csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+            volume_id: v.volume_id.clone(),
+        }),
+    ] {
+        let mut req = from_source(replicated("rep-block", "3", cap.clone()), source);
+        req.parameters.clear();
+        let e = cl.create(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("backend=replicated"), "{e:?}");
+    }
     // Listed by ID, by source and with everything, page by page too.
     for (id, source) in [(snap.snapshot_id.as_str(), ""), ("", v.volume_id.as_str())] {
         let got = list_snapshots(&mut cl, id, source, 0).await;
@@ -1027,6 +1085,34 @@ async fn replicated_volumes_are_snapshotted_restored_and_cloned_on_their_copies(
             .collect();
         assert_eq!(got.len(), 2, "page size {page}: {got:?}");
         assert!(got.contains(&snap.snapshot_id) && got.contains(&snap_o.snapshot_id));
+    }
+    // A negative page size is refused whichever part of a list the token
+    // points into (it used to panic the call past the nodes' part).
+    let token = "~replicated/1".to_owned();
+    let e =
+        cl.c.controller
+            .list_volumes(csi::ListVolumesRequest {
+                max_entries: -1,
+                starting_token: token.clone(),
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    for (id, token) in [
+        (snap.snapshot_id.clone(), String::new()),
+        (String::new(), token),
+    ] {
+        let e =
+            cl.c.controller
+                .list_snapshots(csi::ListSnapshotsRequest {
+                    max_entries: -1,
+                    starting_token: token,
+                    snapshot_id: id,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     }
 
     // Written after the snapshot: not in it.
@@ -1612,6 +1698,30 @@ async fn a_group_snapshot_of_replicated_volumes_is_one_instant_of_them_all() {
     }
     let rounds = w.stop();
     eprintln!("{rounds} write rounds; members' block 0 (node, write) per group: {seen:?}");
+    // While n3 is down, a group with members there is not deleted, not
+    // even in part: a retry naming every member could not match what
+    // was left.
+    let taken = &groups[0];
+    let e = g
+        .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: taken.group_snapshot_id.clone(),
+            snapshot_ids: taken
+                .snapshots
+                .iter()
+                .map(|s| s.snapshot_id.clone())
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    for s in &taken.snapshots {
+        assert!(
+            (1..=2).any(|i| cl.snapshot_dir(i, &s.snapshot_id).exists()),
+            "{} went while its group's delete was refused",
+            s.snapshot_id
+        );
+    }
     cl.nodes[2].restart();
     cl.wait_fresh(&[node_id(3)]).await;
     for v in [&a, &b] {

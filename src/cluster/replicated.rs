@@ -959,6 +959,17 @@ impl Replicated {
                 nodes.push(h);
             }
         }
+        // Nothing is deleted while a member's node is down: deleting the
+        // others first would leave that copy, record and all, with no
+        // majority left to show it removed, and a retry would find only
+        // it, unasked, and answer OK.
+        let down = self.down(&nodes);
+        if !down.is_empty() {
+            return Err(Status::unavailable(format!(
+                "volume {raw} also has a copy on {}, not registered and fresh now: nothing deleted; retry once it is back (or once it is forgotten with `stowage node forget`, when gone for good)",
+                down.join(", ")
+            )));
+        }
         for n in &nodes {
             self.delete_on(n, uuid).await?;
         }

@@ -38,6 +38,18 @@ pub struct Router {
     replicated: super::replicated::Replicated,
 }
 
+/// INVALID_ARGUMENT for a negative `max_entries`, whichever part of a
+/// list its token points into.
+#[allow(clippy::result_large_err)]
+fn non_negative_max(max_entries: i32) -> Result<(), Status> {
+    if max_entries < 0 {
+        return Err(Status::invalid_argument(
+            "max_entries: must not be negative",
+        ));
+    }
+    Ok(())
+}
+
 /// One page of replicated snapshots from a `~replicated/<index>` token
 /// (empty: from the start), and the token of the rest.
 #[allow(clippy::result_large_err)]
@@ -442,11 +454,7 @@ impl Router {
         F: Fn(NodeEntry, i32, String) -> Fut,
         Fut: std::future::Future<Output = Result<(Vec<T>, String), Status>>,
     {
-        if max_entries < 0 {
-            return Err(Status::invalid_argument(
-                "max_entries: must not be negative",
-            ));
-        }
+        non_negative_max(max_entries)?;
         let nodes = self.registry.all();
         let (mut index, mut inner) = if token.is_empty() {
             (0, String::new())
@@ -554,6 +562,24 @@ impl csi::controller_server::Controller for Router {
                 ))
             })?;
             return self.replicated.create_volume(r).await.map(Response::new);
+        }
+        let replicated_source = match r
+            .volume_content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref())
+        {
+            Some(csi::volume_content_source::Type::Snapshot(s)) => {
+                replicated::is_replicated_snapshot_id(&s.snapshot_id).then_some(&s.snapshot_id)
+            }
+            Some(csi::volume_content_source::Type::Volume(v)) => {
+                replicated::is_replicated_id(&v.volume_id).then_some(&v.volume_id)
+            }
+            None => None,
+        };
+        if let Some(id) = replicated_source {
+            return Err(Status::invalid_argument(format!(
+                "volume_content_source: {id} is replicated: a volume made from it must be backend=replicated too"
+            )));
         }
         let source_node = match r
             .volume_content_source
@@ -716,6 +742,7 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let r = req.into_inner();
+        non_negative_max(r.max_entries)?;
         // Node-local volumes first (node by node), then the replicated
         // ones (`~replicated/<index>` tokens).
         if let Some(rest) = r.starting_token.strip_prefix(REPLICATED_TOKEN) {
@@ -864,6 +891,7 @@ impl csi::controller_server::Controller for Router {
         req: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
         let r = req.into_inner();
+        non_negative_max(r.max_entries)?;
         // Replicated snapshots: after the nodes' ones (`~replicated/<n>`
         // tokens), or alone when filtered by one of them or its source.
         if replicated::is_replicated_snapshot_id(&r.snapshot_id)

@@ -136,10 +136,28 @@ impl HeldGroup {
         if given.is_empty() || given.iter().cloned().collect::<BTreeSet<_>>() == self.member_ids() {
             return Ok(());
         }
-        Err(Status::invalid_argument(format!(
+        Err(self.mismatch())
+    }
+
+    fn mismatch(&self) -> Status {
+        Status::invalid_argument(format!(
             "snapshot_ids: do not match the members of group snapshot {}",
             group_id(self.uuid)
-        )))
+        ))
+    }
+
+    /// [`Self::check_members`] for a delete, which a retry may repeat
+    /// after some members went: `given` (when not empty) holds every
+    /// member still held and as many IDs as the group has volumes.
+    #[allow(clippy::result_large_err)]
+    fn check_members_to_delete(&self, given: &[String]) -> Result<(), Status> {
+        let given: BTreeSet<String> = given.iter().cloned().collect();
+        if given.is_empty()
+            || (given.len() == self.volumes.len() && self.member_ids().is_subset(&given))
+        {
+            return Ok(());
+        }
+        Err(self.mismatch())
     }
 }
 
@@ -445,7 +463,17 @@ impl Replicated {
         let Some(held) = self.held_group(uuid).await? else {
             return Ok(());
         };
-        held.check_members(snapshot_ids)?;
+        held.check_members_to_delete(snapshot_ids)?;
+        // Nothing is removed while a node asked to take a member is down:
+        // removing the others first would leave a group that a retry,
+        // naming every member, could no longer match.
+        let down = self.down(&held.nodes);
+        if !down.is_empty() {
+            return Err(Status::unavailable(format!(
+                "group snapshot {raw} has members on {}, not registered and fresh now: nothing deleted; retry once back (or once forgotten with `stowage node forget`, when gone for good)",
+                down.join(", ")
+            )));
+        }
         for m in held.members.values() {
             self.remove_snapshot(m.uuid, Some(m)).await?;
         }
@@ -530,6 +558,49 @@ fn gave_up(name: &str, why: &Status) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delete_retried_after_some_members_went_still_matches() {
+        let held_of = |uuid: Uuid, volume: Uuid| HeldSnapshot {
+            uuid,
+            volume,
+            size: 1 << 20,
+            epoch: 1,
+            created: (0, 0),
+            holders: vec!["n1".to_owned()],
+            taken_on: BTreeSet::from(["n1".to_owned()]),
+            group: None,
+        };
+        let (v1, v2) = (Uuid::new_random(), Uuid::new_random());
+        let (s1, s2) = (Uuid::new_random(), Uuid::new_random());
+        let mut group = HeldGroup {
+            uuid: Uuid::new_random(),
+            volumes: vec![v1, v2],
+            nodes: BTreeSet::from(["n1".to_owned()]),
+            members: BTreeMap::from([(v1, held_of(s1, v1)), (v2, held_of(s2, v2))]),
+        };
+        let both = [snapshot_id(s1), snapshot_id(s2)];
+        let other = snapshot_id(Uuid::new_random());
+        group.check_members_to_delete(&both).unwrap();
+        group.check_members_to_delete(&[]).unwrap();
+        let wrong = [
+            vec![snapshot_id(s1)],
+            vec![snapshot_id(s1), other.clone()],
+            vec![snapshot_id(s1), snapshot_id(s2), other.clone()],
+        ];
+        for given in &wrong {
+            let e = group.check_members_to_delete(given).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{given:?}");
+        }
+        // s1 went with a delete cut short: the retry names both still.
+        group.members.remove(&v1);
+        group.check_members_to_delete(&both).unwrap();
+        assert!(group.check_members(&both).is_err());
+        for given in [vec![snapshot_id(s2)], vec![other.clone(), other]] {
+            let e = group.check_members_to_delete(&given).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{given:?}");
+        }
+    }
 
     #[test]
     fn copies_that_never_freeze_in_time_end_unavailable_and_cut_short_tries_aborted() {
