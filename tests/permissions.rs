@@ -379,3 +379,126 @@ async fn volume_mount_group_owns_the_root_of_dir_and_block_volumes() {
         tonic::Code::InvalidArgument,
     );
 }
+
+/// The per-mount flags of the topmost mount at `path`, from mountinfo.
+fn mount_options_at(path: &Path) -> Option<Vec<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (Path::new(f[4]) == path).then(|| f[5].split(',').map(str::to_owned).collect())
+    })
+}
+
+/// `mount_flags` reach every mount a volume gets: the per-mount ones
+/// (`noexec`, `ro`, …) on the bind mounts of dir volumes and on every
+/// publication, read-write ones too (the kernel ignores them on a bind, so
+/// each takes a remount). Before, a dir volume's staging and any
+/// read-write publication came out with none of them, and OK. Options only
+/// a filesystem takes are INVALID_ARGUMENT for a dir volume, which has none
+/// of its own, with nothing left mounted.
+#[tokio::test(flavor = "multi_thread")]
+async fn mount_flags_reach_every_mount_of_dir_and_block_volumes() {
+    let mut env = Env::new("ext4").await;
+    let with_flags = |kind: &str, flags: &[&str]| {
+        let mut cap = cap_for(kind);
+        if let Some(csi::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+            m.mount_flags = flags.iter().map(|f| (*f).to_owned()).collect();
+        }
+        cap
+    };
+    for kind in ["dir", "ext4"] {
+        let name = format!("flags-{kind}");
+        let v = env.create(&name, kind, 64 << 20).await;
+        let staging = env.staging_dir(&name);
+        env.c
+            .node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(with_flags(kind, &["noexec,nosuid", "nodev"])),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let opts = mount_options_at(&staging).expect("staging mounted");
+        for f in ["noexec", "nosuid", "nodev", "rw"] {
+            assert!(
+                opts.iter().any(|o| o == f),
+                "{kind} staging: {f} in {opts:?}"
+            );
+        }
+        let publish = |target: &Path, flags: &[&str]| csi::NodePublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(with_flags(kind, flags)),
+            readonly: false,
+            ..Default::default()
+        };
+        let rw = env.target_path(&format!("{name}-rw"));
+        env.c
+            .node
+            .node_publish_volume(publish(&rw, &["noexec", "nosuid", "nodev", "noatime"]))
+            .await
+            .unwrap();
+        let opts = mount_options_at(&rw).expect("published");
+        for f in ["noexec", "nosuid", "nodev", "noatime", "rw"] {
+            assert!(
+                opts.iter().any(|o| o == f),
+                "{kind} publication: {f} in {opts:?}"
+            );
+        }
+        std::fs::write(rw.join("file"), b"x").unwrap();
+        let ro = env.target_path(&format!("{name}-ro"));
+        env.c
+            .node
+            .node_publish_volume(publish(&ro, &["ro"]))
+            .await
+            .unwrap();
+        let opts = mount_options_at(&ro).expect("published");
+        assert!(opts.iter().any(|o| o == "ro"), "{kind}: ro in {opts:?}");
+        let e = std::fs::write(ro.join("other"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{kind}: {e}");
+        for t in [&rw, &ro] {
+            env.unpublish(&v.volume_id, t).await.unwrap();
+        }
+        env.unstage(&v.volume_id, &staging).await.unwrap();
+    }
+    // Options only a filesystem takes: refused for a dir volume, at stage
+    // and at publish, leaving nothing mounted.
+    let v = env.create("flags-fs-only", "dir", 0).await;
+    let staging = env.staging_dir("flags-fs-only");
+    for flags in [&["discard"][..], &["nosuid,sync"][..]] {
+        let e = env
+            .c
+            .node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(with_flags("dir", flags)),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{flags:?}: {e:?}");
+        assert!(e.message().contains("bind-mounted"), "{e:?}");
+        assert_eq!(mount_options_at(&staging), None, "{flags:?}: left mounted");
+    }
+    env.stage(&v.volume_id, "dir", &staging).await.unwrap();
+    let target = env.target_path("flags-fs-only");
+    let e = env
+        .c
+        .node
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(with_flags("dir", &["lazytime"])),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(mount_options_at(&target), None, "publication left mounted");
+    env.unstage(&v.volume_id, &staging).await.unwrap();
+}

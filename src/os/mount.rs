@@ -25,6 +25,12 @@ pub enum MountError {
     },
     #[error("remount {target} read-only: {errno}")]
     RemountReadOnly { target: PathBuf, errno: Errno },
+    #[error("remount {target} with mount flags {flags}: {errno}")]
+    Remount {
+        target: PathBuf,
+        flags: String,
+        errno: Errno,
+    },
     #[error("mount {device} ({fs_type}, options {options:?}) on {target}: {errno}")]
     Filesystem {
         device: PathBuf,
@@ -45,6 +51,7 @@ impl MountError {
         match self {
             MountError::Bind { errno, .. }
             | MountError::RemountReadOnly { errno, .. }
+            | MountError::Remount { errno, .. }
             | MountError::Filesystem { errno, .. }
             | MountError::Unmount { errno, .. } => Some(*errno),
             MountError::BadOption(_) => None,
@@ -107,7 +114,48 @@ impl MountOptions {
             data: data.join(","),
         })
     }
+
+    /// The per-mount flags among these: what a bind mount takes.
+    pub fn per_mount(&self) -> MsFlags {
+        self.flags & PER_MOUNT
+    }
+
+    /// What only a filesystem's own mount takes, as given: its data
+    /// options and the superblock flags (`sync`, `dirsync`, `lazytime`).
+    /// A bind mount cannot honour them.
+    pub fn filesystem_only(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
+            (MsFlags::MS_SYNCHRONOUS, "sync"),
+            (MsFlags::MS_DIRSYNC, "dirsync"),
+            (MsFlags::MS_LAZYTIME, "lazytime"),
+        ]
+        .into_iter()
+        .filter(|(f, _)| self.flags.contains(*f))
+        .map(|(_, name)| name.to_owned())
+        .collect();
+        out.extend(
+            self.data
+                .split(',')
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned),
+        );
+        out
+    }
 }
+
+/// The flags a mount point has of its own (a bind mount's may differ
+/// from its source's): `mount -o remount,bind` takes exactly these.
+const PER_MOUNT: MsFlags = MsFlags::MS_RDONLY
+    .union(MsFlags::MS_NOSUID)
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC)
+    .union(ATIME);
+
+/// The access-time flags: one of them set replaces the others.
+pub const ATIME: MsFlags = MsFlags::MS_NOATIME
+    .union(MsFlags::MS_NODIRATIME)
+    .union(MsFlags::MS_RELATIME)
+    .union(MsFlags::MS_STRICTATIME);
 
 /// Bind-mounts `src` (file or directory) onto `target`. The new mount
 /// inherits the propagation of `target`'s parent mount.
@@ -245,18 +293,20 @@ pub fn mount_filesystem_onto(
     })
 }
 
-/// [`remount_bind_read_only`] of the bind mount whose root `root` holds
-/// (opened after the mount was made, so it is on the mount itself).
-pub fn remount_bind_read_only_fd(root: &PathFd, keep: MsFlags) -> Result<(), MountError> {
+/// Gives the bind mount whose root `root` holds (opened after the mount
+/// was made, so it is on the mount itself) exactly the per-mount `flags`
+/// (`MS_BIND | MS_REMOUNT`): those it has and keeps must be among them.
+pub fn remount_bind_fd(root: &PathFd, flags: MsFlags) -> Result<(), MountError> {
     nix::mount::mount(
         None::<&str>,
         &root.proc_path(),
         Some("none"),
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | keep,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
         None::<&str>,
     )
-    .map_err(|errno| MountError::RemountReadOnly {
+    .map_err(|errno| MountError::Remount {
         target: root.path().to_owned(),
+        flags: format!("{flags:?}"),
         errno,
     })
 }

@@ -59,6 +59,7 @@ pub fn code(e: &Error) -> Code {
             MountError::Unmount { errno, .. }
             | MountError::Bind { errno, .. }
             | MountError::RemountReadOnly { errno, .. }
+            | MountError::Remount { errno, .. }
             | MountError::Filesystem { errno, .. } => internal_unless_no_space(Some(*errno)),
             MountError::BadOption(_) => Code::Internal,
         },

@@ -1264,6 +1264,7 @@ impl Node {
         };
         let staging = match (id.backend.profile().staging(), &cap.access_type) {
             (StagingKind::BindDirectory | StagingKind::Fuse, _) => {
+                let opts = bind_mount_options(id, cap)?;
                 let dir = self.bind_source(id);
                 let mut st = Staging {
                     path: path.to_owned(),
@@ -1278,11 +1279,7 @@ impl Node {
                     mount::bind_onto(&dir, &target)?;
                     let (mid, root) = self.landed(id, at, &target, false, FIELD)?;
                     unmount_on_rollback(&mut rollback)?;
-                    if read_only {
-                        let keep = os::fs::mount_flags(&root.proc_path())
-                            .map_err(Error::io("statvfs", path))?;
-                        mount::remount_bind_read_only_fd(&root, keep)?;
-                    }
+                    remount_with(&root, opts.per_mount(), read_only, path)?;
                     st.mount_id = Some(mid);
                 }
                 st
@@ -1419,9 +1416,7 @@ impl Node {
                                 ));
                             }
                         }
-                        let mut opts = MountOptions::parse(cap.mount_flags()).map_err(|e| {
-                            Error::invalid("volume_capability.mount.mount_flags", e.to_string())
-                        })?;
+                        let mut opts = parse_mount_flags(cap)?;
                         if read_only {
                             opts.flags |= nix::mount::MsFlags::MS_RDONLY;
                         }
@@ -1805,9 +1800,12 @@ impl Node {
             drop(root);
             publication.mount_id = Some(mid);
         } else {
-            let opts = MountOptions::parse(cap.mount_flags()).map_err(|e| {
-                Error::invalid("volume_capability.mount.mount_flags", e.to_string())
-            })?;
+            // A filesystem's own options went to its mount at stage; a
+            // publication is a bind mount of it.
+            let opts = match id.backend.profile().staging() {
+                StagingKind::Device => parse_mount_flags(cap)?,
+                StagingKind::BindDirectory | StagingKind::Fuse => bind_mount_options(id, cap)?,
+            };
             let src = self.staging_root(id, st)?;
             let t = self.open_mount_point(id, at, FIELD)?;
             mount::bind_onto(&src.proc_path(), &t)?;
@@ -1815,11 +1813,7 @@ impl Node {
             let (mid, root) = self.landed(id, at, &t, false, FIELD)?;
             let again = at.try_clone().map_err(Error::io("open", target))?;
             rollback.push(move || drop(mount::unmount_anchored(&again)));
-            if read_only {
-                let keep =
-                    os::fs::mount_flags(&root.proc_path()).map_err(Error::io("statvfs", target))?;
-                mount::remount_bind_read_only_fd(&root, keep | opts.flags)?;
-            }
+            remount_with(&root, opts.per_mount(), read_only, target)?;
             publication.mount_id = Some(mid);
         }
         rollback.disarm();
@@ -2388,4 +2382,53 @@ impl Node {
         MountTable::read().map_err(|e| e.to_string())?;
         self.store.check_writable().map_err(|e| e.to_string())
     }
+}
+
+fn parse_mount_flags(cap: &Capability) -> Result<MountOptions> {
+    MountOptions::parse(cap.mount_flags())
+        .map_err(|e| Error::invalid("volume_capability.mount.mount_flags", e.to_string()))
+}
+
+/// The mount flags of a volume whose mounts are all bind mounts (dir,
+/// object): per-mount flags only. A filesystem's options or superblock
+/// flags are INVALID_ARGUMENT: it has no filesystem of its own to take
+/// them, and they would be dropped without a word.
+fn bind_mount_options(id: &VolumeId, cap: &Capability) -> Result<MountOptions> {
+    let opts = parse_mount_flags(cap)?;
+    let only = opts.filesystem_only();
+    if !only.is_empty() {
+        return Err(Error::invalid(
+            "volume_capability.mount.mount_flags",
+            format!(
+                "{} apply to a filesystem's own mount, and a volume of backend {} is bind-mounted: only ro, nosuid, nodev, noexec, noatime, nodiratime, relatime and strictatime apply to it",
+                only.join(","),
+                id.backend.as_str()
+            ),
+        ));
+    }
+    Ok(opts)
+}
+
+/// Gives the bind mount `root` holds the per-mount flags `want` (and
+/// read-only when `read_only`), on top of those it has (a bind mount
+/// starts with its source's): nothing to do when none is asked. An
+/// access-time flag asked replaces the one it has.
+fn remount_with(
+    root: &PathFd,
+    mut want: nix::mount::MsFlags,
+    read_only: bool,
+    path: &Path,
+) -> Result<()> {
+    if read_only {
+        want |= nix::mount::MsFlags::MS_RDONLY;
+    }
+    if want.is_empty() {
+        return Ok(());
+    }
+    let mut keep = os::fs::mount_flags(&root.proc_path()).map_err(Error::io("statvfs", path))?;
+    if want.intersects(mount::ATIME) {
+        keep.remove(mount::ATIME);
+    }
+    mount::remount_bind_fd(root, keep | want)?;
+    Ok(())
 }
