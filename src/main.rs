@@ -461,7 +461,23 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cluster = match cluster_config(&args, &args.state_dir) {
+    // Real paths: mounts and loop devices' backing files are named so,
+    // and a state directory or pool reached through a symlink would be
+    // found nowhere in them.
+    let real = |flag: &str, p: &std::path::Path| {
+        stowage::os::fs::real_path(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+    };
+    let (state_dir, pool) = match (
+        real("--state-dir", &args.state_dir),
+        args.pool.as_deref().map(|p| real("--pool", p)).transpose(),
+    ) {
+        (Ok(s), Ok(p)) => (s, p),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cluster = match cluster_config(&args, &state_dir) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("stowage: {e}");
@@ -479,8 +495,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         endpoint,
         node_id,
         driver_name: args.driver_name,
-        pool: args.pool.unwrap_or_else(|| args.state_dir.join("pool")),
-        state_dir: args.state_dir,
+        pool: pool.unwrap_or_else(|| state_dir.join("pool")),
+        state_dir,
         pool_image: match args.pool_image {
             PoolImageArg::Auto => PoolImageMode::Auto,
             PoolImageArg::Never => PoolImageMode::Never,

@@ -537,3 +537,48 @@ async fn status_reports_a_volume_mounted_where_no_record_says() {
     }
     assert_clean(&env, &[]);
 }
+
+/// A state directory and pool reached through a symlink (an operator's
+/// `/var/lib/stowage -> /data/stowage`) work: the server resolves them at
+/// start. Before, mounts and loop devices (which the kernel names by real
+/// paths) matched none of the volume's, so a block volume's NodeStage
+/// mounted, then refused its own mount (INVALID_ARGUMENT), and left it
+/// and its loop device behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_dir_and_pool_behind_a_symlink_work() {
+    let mut env = Env::new("xfs").await;
+    let real = env.layout.state.parent().unwrap().to_owned();
+    let link = env.scratch.root.join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    tokio::task::block_in_place(|| env.server.terminate());
+    for (flag, dir) in [("--state-dir", "state"), ("--pool", "pool")] {
+        let i = env.server.args.iter().position(|a| a == flag).unwrap();
+        env.server.args[i + 1] = link.join(dir).display().to_string();
+    }
+    tokio::task::block_in_place(|| env.server.restart());
+    env.reconnect().await;
+    for kind in ["ext4", "dir"] {
+        let name = format!("linked-{kind}");
+        let v = env.create(&name, kind, 64 << 20).await;
+        let staging = env.staging_dir(&name);
+        let target = env.target_path(&name);
+        env.stage(&v.volume_id, kind, &staging)
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}\n{}", env.server.log_text()));
+        env.publish(&v.volume_id, kind, &staging, &target, false)
+            .await
+            .unwrap();
+        std::fs::write(target.join("f"), b"x").unwrap();
+        env.unpublish(&v.volume_id, &target).await.unwrap();
+        env.unstage(&v.volume_id, &staging).await.unwrap();
+        assert!(
+            mounts_under(&env.scratch.root)
+                .iter()
+                .all(|m| m.starts_with(&real)),
+            "{kind}: a mount left: {:?}",
+            mounts_under(&env.scratch.root)
+        );
+        env.delete(&v.volume_id).await.unwrap();
+    }
+    assert_clean(&env, &[]);
+}

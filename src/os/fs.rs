@@ -74,6 +74,34 @@ pub fn mount_flags(path: &Path) -> std::io::Result<nix::mount::MsFlags> {
     Ok(out)
 }
 
+/// `path` made absolute, with every symlink, `.` and `..` of its
+/// existing part resolved: the kernel names mounts and loop devices'
+/// backing files so, and stowage finds its own by comparing paths. The
+/// part that does not exist yet (made later) is kept as written.
+pub fn real_path(path: &Path) -> std::io::Result<PathBuf> {
+    let mut existing = path.to_path_buf();
+    let mut missing = Vec::new();
+    loop {
+        match existing.canonicalize() {
+            Ok(mut real) => {
+                real.extend(missing.iter().rev());
+                return Ok(real);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(name) = existing.file_name().map(OsStr::to_owned) else {
+                    return Err(e);
+                };
+                missing.push(name);
+                existing.pop();
+                if existing.as_os_str().is_empty() {
+                    existing = PathBuf::from(".");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// What is at a path, without following a final symlink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathKind {
@@ -479,6 +507,28 @@ mod tests {
 
     fn raw(e: &std::io::Error) -> Option<i32> {
         e.raw_os_error()
+    }
+
+    #[test]
+    fn a_real_path_resolves_symlinks_of_its_existing_part_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink(root.join("real"), root.join("link")).unwrap();
+        assert_eq!(real_path(&root.join("link")).unwrap(), root.join("real"));
+        assert_eq!(
+            real_path(&root.join("link/state/pool")).unwrap(),
+            root.join("real/state/pool")
+        );
+        assert_eq!(
+            real_path(&root.join("real/../link/x")).unwrap(),
+            root.join("real/x")
+        );
+        let here = std::env::current_dir().unwrap().canonicalize().unwrap();
+        assert_eq!(
+            real_path(Path::new("no-such-dir-here/pool")).unwrap(),
+            here.join("no-such-dir-here/pool")
+        );
     }
 
     #[test]
