@@ -372,11 +372,11 @@ async fn modify_volume_without_mutable_parameters_is_invalid_argument() {
 
 /// NodePublishVolume: staging_target_path "MUST be set if the Node Plugin
 /// implements the STAGE_UNSTAGE_VOLUME node capability", which stowage
-/// advertises: missing is a malformed request (INVALID_ARGUMENT), not a
-/// volume in the wrong state (FAILED_PRECONDITION). Nothing is created at
-/// the target.
+/// advertises. The spec's error table has the row for its absence:
+/// "Staging target path not set", FAILED_PRECONDITION. Nothing is created
+/// at the target.
 #[tokio::test(flavor = "multi_thread")]
-async fn node_publish_without_staging_target_path_is_invalid_argument() {
+async fn node_publish_without_staging_target_path_is_failed_precondition() {
     let mut env = Env::new("ext4").await;
     let v = env.create("pub", "dir", 0).await;
     let staging = env.staging_dir("pub");
@@ -393,7 +393,7 @@ async fn node_publish_without_staging_target_path_is_invalid_argument() {
                 ..Default::default()
             })
             .await,
-        Code::InvalidArgument,
+        Code::FailedPrecondition,
     );
     assert!(s.message().contains("staging_target_path"), "{s:?}");
     assert!(!target.exists());

@@ -404,16 +404,21 @@ proptest! {
     /// NodePublishVolume: volume_id, target_path and volume_capability are
     /// REQUIRED; staging_target_path "MUST be set if the Node Plugin
     /// implements the STAGE_UNSTAGE_VOLUME node capability", which stowage
-    /// advertises, so it is required too; it must be clean and differ from
-    /// the target.
+    /// advertises, so it is required too (its absence alone is the spec's
+    /// "Staging target path not set", FAILED_PRECONDITION); it must be
+    /// clean and differ from the target.
     #[test]
     fn node_publish_conversion(req in node_publish_request()) {
         let staging_ok = path_ok(&req.staging_target_path);
-        let ok = !req.volume_id.is_empty()
+        let rest_ok = !req.volume_id.is_empty()
             && path_ok(&req.target_path)
-            && staging_ok
-            && req.target_path != req.staging_target_path
             && req.volume_capability.as_ref().is_some_and(capability_ok);
+        let ok = rest_ok && staging_ok && req.target_path != req.staging_target_path;
+        let refused = if rest_ok && req.staging_target_path.is_empty() {
+            Code::FailedPrecondition
+        } else {
+            Code::InvalidArgument
+        };
         match NodePublish::try_from(&req) {
             Ok(cmd) => {
                 prop_assert!(ok, "accepted a malformed request: {:?}", cmd);
@@ -427,7 +432,7 @@ proptest! {
             }
             Err(e) => {
                 prop_assert!(!ok, "refused a well-formed request: {}", e);
-                prop_assert_eq!(code_of(e), Code::InvalidArgument);
+                prop_assert_eq!(code_of(e), refused);
             }
         }
     }

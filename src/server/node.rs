@@ -84,11 +84,16 @@ impl TryFrom<&csi::NodePublishVolumeRequest> for PublishVolume {
         let target_path = convert::path("target_path", &r.target_path)?;
         let capability = convert::capability("volume_capability", r.volume_capability.as_ref())?;
         // "It MUST be set if the Node Plugin implements the
-        // STAGE_UNSTAGE_VOLUME node capability": missing is a malformed
-        // request (INVALID_ARGUMENT), not an unstaged volume.
-        let staging_path = if r.staging_target_path.is_empty()
-            && !CAPABILITIES.contains(&Rpc::StageUnstageVolume)
-        {
+        // STAGE_UNSTAGE_VOLUME node capability"; the spec's error table
+        // names its absence: "Staging target path not set",
+        // FAILED_PRECONDITION (the CO should stage first).
+        let staging_path = if r.staging_target_path.is_empty() {
+            if CAPABILITIES.contains(&Rpc::StageUnstageVolume) {
+                return Err(Error::precondition(
+                    &r.volume_id,
+                    "staging_target_path is not set: this plugin stages volumes (STAGE_UNSTAGE_VOLUME); call NodeStageVolume first and pass its path",
+                ));
+            }
             None
         } else {
             Some(convert::path(
