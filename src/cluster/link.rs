@@ -80,6 +80,10 @@ const FRAMES_AT_ONCE: usize = 64;
 const SEND_ON_THIS_THREAD: usize = 64 << 10;
 /// A peer that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections accepted whose TLS handshake has not finished yet, at most
+/// (each holds a thread until it ends, for up to [`HANDSHAKE_TIMEOUT`]):
+/// a new one beyond is closed at once. Established links are not counted.
+pub const MAX_HANDSHAKING: usize = 64;
 
 /// How the threads serving the data link come and go.
 #[derive(Debug, Clone)]
@@ -88,6 +92,10 @@ pub struct ServeThreads {
     pub idle: Duration,
     /// Serving threads alive, over every connection.
     pub live: Arc<AtomicUsize>,
+    /// Connections still in their TLS handshake.
+    pub handshaking: Arc<AtomicUsize>,
+    /// See [`MAX_HANDSHAKING`].
+    pub max_handshaking: usize,
 }
 
 impl Default for ServeThreads {
@@ -95,7 +103,18 @@ impl Default for ServeThreads {
         ServeThreads {
             idle: THREAD_IDLE,
             live: Arc::default(),
+            handshaking: Arc::default(),
+            max_handshaking: MAX_HANDSHAKING,
         }
+    }
+}
+
+/// One connection counted in [`ServeThreads::handshaking`] until dropped.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -819,7 +838,8 @@ fn keepalive(sock: &impl std::os::fd::AsFd) {
     let _ = setsockopt(sock, sockopt::TcpKeepCount, &3);
 }
 
-/// Serves one accepted connection on threads of its own.
+/// Serves one accepted connection on threads of its own; `handshaking`
+/// counts it until its handshake ended.
 fn accept(
     sock: TcpStream,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -827,6 +847,7 @@ fn accept(
     open: Arc<Mutex<HashMap<u64, TcpStream>>>,
     key: u64,
     spawn: ServeThreads,
+    handshaking: Handshaking,
 ) {
     let _ = sock.set_nodelay(true);
     keepalive(&sock);
@@ -850,6 +871,7 @@ fn accept(
             }
         },
     };
+    drop(handshaking);
     if let Err(e) = sock.set_read_timeout(Some(QUIET)) {
         tracing::debug!(error = %e, "data link: no read timeout, spare buffers kept while idle");
     }
@@ -881,6 +903,10 @@ pub async fn serve(
 ) {
     let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
     let mut next = 0u64;
+    // Connections closed for too many handshakes at once, since the last
+    // warning (at most one a minute).
+    let mut refused = 0u64;
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -898,6 +924,24 @@ pub async fn serve(
             tracing::warn!(error = %e, "data link: cannot serve a connection");
             continue;
         }
+        // Anyone who can reach the port may connect and say nothing; each
+        // such connection holds a thread until its handshake times out.
+        if threads.handshaking.fetch_add(1, Ordering::SeqCst) >= threads.max_handshaking {
+            threads.handshaking.fetch_sub(1, Ordering::SeqCst);
+            drop(sock);
+            refused += 1;
+            if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
+                tracing::warn!(
+                    refused,
+                    limit = threads.max_handshaking,
+                    "data link: connections closed at once, as that many others have not finished their TLS handshake"
+                );
+                warned = Some(std::time::Instant::now());
+                refused = 0;
+            }
+            continue;
+        }
+        let handshaking = Handshaking(Arc::clone(&threads.handshaking));
         next += 1;
         let key = next;
         if let Ok(c) = sock.try_clone() {
@@ -905,12 +949,14 @@ pub async fn serve(
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key, c);
         }
-        let (tls, store, open) = (tls.clone(), Arc::clone(&store), Arc::clone(&open));
+        let (tls, store, open2) = (tls.clone(), Arc::clone(&store), Arc::clone(&open));
         let spawn = threads.clone();
         if let Err(e) = std::thread::Builder::new()
             .name("stowage-link".into())
-            .spawn(move || accept(sock, tls, store, open, key, spawn))
+            .spawn(move || accept(sock, tls, store, open2, key, spawn, handshaking))
         {
+            // The closure, with the socket and the count, is dropped.
+            open.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             tracing::warn!(error = %e, "data link: no thread for a connection");
         }
     }
@@ -1937,6 +1983,53 @@ mod tests {
         s.served.await.unwrap();
     }
 
+    /// Connections that never finish their TLS handshake (anyone who can
+    /// reach the port can open them) hold at most `max_handshaking`
+    /// threads: those beyond are closed at once. Once they go, a real
+    /// client is served. Before, each held a thread for up to 10 s, with
+    /// no bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_stuck_before_their_handshake_hold_a_bounded_number_of_threads() {
+        use std::io::Read;
+        let threads = ServeThreads {
+            max_handshaking: 4,
+            ..ServeThreads::default()
+        };
+        let s = Setup::start_with(true, threads).await;
+        let handshaking = Arc::clone(&s.threads.handshaking);
+        let silent: Vec<TcpStream> = (0..12)
+            .map(|_| TcpStream::connect(&s.addr).unwrap())
+            .collect();
+        // Each beyond the first four is closed by the server: it reads EOF
+        // (a reset counts too), well before the handshake's 10 s.
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut closed = 0;
+            for mut c in silent.iter().skip(4) {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut b = [0u8; 1];
+                match c.read(&mut b) {
+                    Ok(0) => closed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => closed += 1,
+                    other => panic!("a connection over the limit was kept: {other:?}"),
+                }
+            }
+            (closed, silent)
+        });
+        let (closed, silent) = closed.await.unwrap();
+        assert_eq!(closed, 8);
+        assert_eq!(handshaking.load(Ordering::SeqCst), 4);
+        drop(silent);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while handshaking.load(Ordering::SeqCst) != 0 {
+            assert!(Instant::now() < deadline, "handshakes left counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let a = s.client(Some("n1")).calls(s.volume, &[read(0)]).await;
+        assert!(a[0].is_ok(), "{a:?}");
+        let _ = s.stop.send(true);
+        s.served.await.unwrap();
+    }
+
     /// A connection's threads grow as calls come, and those that wait long
     /// for a turn to read end: an idle connection keeps one thread, which
     /// still serves, and more start again with the next calls.
@@ -1944,7 +2037,7 @@ mod tests {
     async fn idle_threads_of_a_connection_end_and_one_stays() {
         let threads = ServeThreads {
             idle: Duration::from_millis(300),
-            live: Arc::default(),
+            ..ServeThreads::default()
         };
         let s = Setup::start_with(true, threads).await;
         let counter = Arc::clone(&s.threads.live);
