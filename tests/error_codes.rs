@@ -434,3 +434,64 @@ async fn unmounting_a_busy_mount_is_aborted() {
     assert!(!is_mounted(&staging));
     assert!(loops_under(&env.layout.pool).is_empty());
 }
+
+/// A volume staged read-only (a reader access mode) cannot be published
+/// for writing: FAILED_PRECONDITION, nothing made at the target. Before,
+/// the publication answered OK and was read-only anyway (its bind inherits
+/// the staging's read-only mount), with a record saying read-write. A
+/// read-only publication of it works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_staged_read_only_is_not_published_for_writing() {
+    let mut env = Env::new("ext4").await;
+    for kind in ["dir", "ext4"] {
+        let name = format!("ro-{kind}");
+        let v = env.create(&name, kind, 64 * MIB).await;
+        let staging = env.staging_dir(&name);
+        let fs = if kind == "dir" { "" } else { kind };
+        let stage_ro = || csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(mount_cap(fs, Mode::SingleNodeReaderOnly)),
+            ..Default::default()
+        };
+        if kind != "dir" {
+            // Never staged: no filesystem yet, which a read-only stage
+            // cannot make (it was INTERNAL, mkfs's EPERM).
+            let s = expect_code(
+                env.c.node.node_stage_volume(stage_ro()).await,
+                Code::FailedPrecondition,
+            );
+            assert!(s.message().contains("no filesystem yet"), "{s:?}");
+            env.stage(&v.volume_id, kind, &staging).await.unwrap();
+            env.unstage(&v.volume_id, &staging).await.unwrap();
+        }
+        env.c.node.node_stage_volume(stage_ro()).await.unwrap();
+        let target = env.target_path(&name);
+        let publish = |mode: Mode, readonly: bool| csi::NodePublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_cap(fs, mode)),
+            readonly,
+            ..Default::default()
+        };
+        let s = expect_code(
+            env.c
+                .node
+                .node_publish_volume(publish(Mode::SingleNodeWriter, false))
+                .await,
+            Code::FailedPrecondition,
+        );
+        assert!(s.message().contains("staged read-only"), "{s:?}");
+        assert!(!target.exists(), "{kind}: the target was made");
+        env.c
+            .node
+            .node_publish_volume(publish(Mode::SingleNodeWriter, true))
+            .await
+            .unwrap();
+        let e = std::fs::write(target.join("f"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{kind}: {e}");
+        env.unpublish(&v.volume_id, &target).await.unwrap();
+        env.unstage(&v.volume_id, &staging).await.unwrap();
+    }
+}

@@ -1377,6 +1377,15 @@ impl Node {
                                         device.path().display()
                                     ))
                                 })?;
+                                if read_only {
+                                    return Err(Error::precondition(
+                                        id,
+                                        format!(
+                                            "it holds no filesystem yet, and a read-only stage (a reader access mode) cannot make its {}: stage it once with a writer access mode first",
+                                            fs.as_str()
+                                        ),
+                                    ));
+                                }
                                 tracing::info!(volume = %id, fs = fs.as_str(), "making filesystem on first stage");
                                 filesystem::make(&device.path(), fs.as_str())?;
                             }
@@ -1606,6 +1615,13 @@ impl Node {
             ));
         }
         let read_only = req.read_only || req.capability.access_mode.is_read_only();
+        if !read_only && st.capability.access_mode.is_read_only() {
+            // Its bind would be read-only whatever it says.
+            return Err(Error::precondition(
+                &id,
+                "the volume is staged read-only (a reader access mode): a writable publication needs it staged with a writer access mode",
+            ));
+        }
         let target = req.target_path.clone();
         if let Some(p) = rec.publications.get(&target) {
             if p.capability != req.capability || p.read_only != read_only {
