@@ -798,13 +798,13 @@ async fn list_all(ctl: &mut ControllerClient<Channel>, page: i32) -> (usize, usi
 /// certificate, as the controller dials them).
 async fn agent_clients(b: &Bench) -> Vec<ControllerClient<Channel>> {
     let tls = stowage::cluster::tls::TlsMaterial::load(&b.root.join("tls")).expect("TLS material");
+    let client = tls.client_tls().expect("client TLS");
     let mut out = Vec::new();
-    for port in &b.node_ports[..b.nodes.len()] {
-        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+    for (i, port) in b.node_ports[..b.nodes.len()].iter().enumerate() {
+        let node = stowage::cluster::tls::ServerRole::Node(node_id(i + 1));
+        let ch = stowage::cluster::tls::endpoint(&format!("127.0.0.1:{port}"))
             .unwrap()
-            .tls_config(tls.client_config())
-            .unwrap()
-            .connect()
+            .connect_with_connector(client.connector(node))
             .await
             .expect("connect to a node agent");
         out.push(ControllerClient::new(ch).max_decoding_message_size(usize::MAX));

@@ -3,7 +3,9 @@
 //! CSI Identity service, whose GetPluginInfo counts its calls and records the
 //! caller's `peer_identity`. Clients with the right material get through and
 //! are recognised; every other client is refused before the RPC runs (the
-//! counter stays 0). `stowage cluster init|issue` are run as the real binary.
+//! counter stays 0). Clients dial as stowage does (`ClientTls`), and refuse
+//! a server under the CA that may not answer as the peer they meant.
+//! `stowage cluster init|issue` are run as the real binary.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -20,7 +22,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use stowage::cluster::tls::{self, PeerIdentity, SERVER_NAME, TlsError, TlsMaterial};
+use stowage::cluster::tls::{self, PeerIdentity, SERVER_NAME, ServerRole, TlsError, TlsMaterial};
 use stowage::csi;
 use stowage::csi::identity_client::IdentityClient;
 use stowage::csi::identity_server::{Identity, IdentityServer};
@@ -139,6 +141,28 @@ async fn call(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<String, 
         .map_err(|s| format!("{s:?}"))
 }
 
+/// One GetPluginInfo over a fresh channel dialled as stowage dials (a
+/// `ClientTls` connector with `material`), meaning to reach `server`.
+async fn call_as(
+    addr: SocketAddr,
+    material: &TlsMaterial,
+    server: ServerRole,
+) -> Result<String, String> {
+    let connector = material.client_tls().map_err(chain)?.connector(server);
+    let channel = tls::endpoint(&addr.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(connector)
+        .await
+        .map_err(chain)?;
+    IdentityClient::new(channel)
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .map(|r| r.into_inner().name)
+        .map_err(|s| format!("{s:?}"))
+}
+
 fn chain(e: impl std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -182,7 +206,7 @@ async fn the_shared_certificate_gets_through_and_is_seen_as_the_cluster() {
     assert_eq!(material.identity(), PeerIdentity::Cluster);
     let server = serve(&material).await;
 
-    let got = call(server.addr, Some(material.client_config())).await;
+    let got = call_as(server.addr, &material, ServerRole::Controller).await;
     assert_eq!(got.as_deref(), Ok("probe"));
     assert_eq!(server.seen.peers(), vec![Some(PeerIdentity::Cluster)]);
 }
@@ -199,7 +223,7 @@ async fn a_node_certificate_is_seen_as_its_node_both_ways() {
 
     // The node registering with the controller.
     let controller = serve(&shared).await;
-    let got = call(controller.addr, Some(node.client_config())).await;
+    let got = call_as(controller.addr, &node, ServerRole::Controller).await;
     assert_eq!(got.as_deref(), Ok("probe"));
     assert_eq!(
         controller.seen.peers(),
@@ -208,9 +232,43 @@ async fn a_node_certificate_is_seen_as_its_node_both_ways() {
 
     // The controller calling the node's agent API.
     let agent = serve(&node).await;
-    let got = call(agent.addr, Some(shared.client_config())).await;
+    let got = call_as(agent.addr, &shared, ServerRole::Node("n1".into())).await;
     assert_eq!(got.as_deref(), Ok("probe"));
     assert_eq!(agent.seen.peers(), vec![Some(PeerIdentity::Cluster)]);
+}
+
+/// A server's certificate under the cluster CA proves only that it is a
+/// member: node n9's may not answer as node n1 nor as the controller, and
+/// the client refuses it before any RPC runs; as n9 it is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answering_as_another_node_or_as_the_controller_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = init_dir(tmp.path(), "ca");
+    let n9 = tmp.path().join("n9");
+    tls::issue_node(&ca, "n9", &n9).unwrap();
+    let shared = TlsMaterial::load(&ca).unwrap();
+    let server = serve(&TlsMaterial::load(&n9).unwrap()).await;
+
+    for (role, wanted) in [
+        (ServerRole::Node("n1".into()), "may answer as node n1"),
+        (ServerRole::Controller, "may answer as the controller"),
+    ] {
+        let got = call_as(server.addr, &shared, role).await;
+        eprintln!("n9 answering: {got:?}");
+        let why = got.unwrap_err();
+        assert!(
+            why.contains(&format!(
+                "the server at {} presented the certificate of node n9",
+                server.addr
+            )) && why.contains(wanted),
+            "{why}"
+        );
+    }
+    assert_eq!(server.seen.calls(), 0);
+
+    let got = call_as(server.addr, &shared, ServerRole::Node("n9".into())).await;
+    assert_eq!(got.as_deref(), Ok("probe"));
+    assert_eq!(server.seen.calls(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +285,7 @@ async fn a_certificate_from_another_ca_is_refused_before_the_rpc_runs() {
     assert!(got.is_err(), "{got:?}");
     // The whole foreign set: neither side trusts the other.
     let foreign = TlsMaterial::load(&theirs).unwrap();
-    let got = call(server.addr, Some(foreign.client_config())).await;
+    let got = call_as(server.addr, &foreign, ServerRole::Controller).await;
     assert!(got.is_err(), "{got:?}");
     assert_eq!(server.seen.calls(), 0);
 
@@ -247,7 +305,7 @@ async fn a_plaintext_client_is_refused() {
     assert!(got.is_err(), "{got:?}");
     assert_eq!(server.seen.calls(), 0);
     // The server is still there for a TLS client.
-    let got = call(server.addr, Some(material.client_config())).await;
+    let got = call_as(server.addr, &material, ServerRole::Controller).await;
     assert_eq!(got.as_deref(), Ok("probe"));
 }
 

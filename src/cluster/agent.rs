@@ -16,7 +16,7 @@ use super::proto::{
     FindVolumeRequest, FindVolumeResponse, ListNamesRequest, ListNamesResponse, NamedVolume,
     RegisterRequest, SetCordonRequest, SetCordonResponse,
 };
-use super::tls::{PeerIdentity, TlsMaterial, peer_identity};
+use super::tls::{PeerIdentity, ServerRole, TlsMaterial, peer_identity};
 use crate::csi;
 use crate::server::{Driver, controller, group_controller, snapshot_metadata};
 
@@ -316,18 +316,14 @@ fn serve_link(
 
 /// Registers with the controller every `cfg.interval`, for ever.
 pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMaterial) {
-    let endpoint = match tonic::transport::Endpoint::from_shared(cfg.controller.clone())
-        .and_then(|e| e.tls_config(tls.client_config()))
-    {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10)),
+    let channel = match controller_channel(&cfg.controller, &tls) {
+        Ok(c) => c,
         Err(e) => {
-            tracing::error!(controller = %cfg.controller, error = %e, "invalid controller address; not registering");
+            tracing::error!(controller = %cfg.controller, error = %e, "cannot dial the controller; not registering");
             return;
         }
     };
-    let mut client = RegistryClient::new(endpoint.connect_lazy());
+    let mut client = RegistryClient::new(channel);
     let mut failing = false;
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -388,6 +384,36 @@ pub async fn register_loop(driver: Arc<Driver>, cfg: AgentConfig, tls: TlsMateri
     }
 }
 
+/// Why the registration loop cannot dial the controller.
+#[derive(Debug, thiserror::Error)]
+enum ControllerDialError {
+    #[error("invalid controller address {0:?}: expected https://host:port")]
+    Address(String),
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
+}
+
+/// A lazily connected channel to the controller's registration API at
+/// `controller` (`https://host:port`), which only the shared certificate
+/// may answer: the controller's (see [`controller_only`]).
+fn controller_channel(
+    controller: &str,
+    tls: &TlsMaterial,
+) -> Result<tonic::transport::Channel, ControllerDialError> {
+    let invalid = || ControllerDialError::Address(controller.to_owned());
+    let uri = controller.parse::<http::Uri>().map_err(|_| invalid())?;
+    let authority = match (uri.scheme_str(), uri.authority()) {
+        (Some("https"), Some(a)) => a.as_str(),
+        _ => return Err(invalid()),
+    };
+    let endpoint = super::tls::endpoint(authority).map_err(|_| invalid())?;
+    let connector = tls.client_tls()?.connector(ServerRole::Controller);
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector_lazy(connector))
+}
+
 /// Aborts its task, if any, when dropped (when the agent API stops).
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
 
@@ -402,6 +428,42 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node registers only with a server holding the shared certificate
+    /// (the controller's): another node's certificate is UNAVAILABLE,
+    /// naming both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_registers_only_with_the_shared_certificate() {
+        use crate::cluster::tls::test_servers::{EmptyServer, TestCa};
+        let ca = TestCa::new();
+        let node = ca.material(Some("n1"));
+        let register = |addr: &str| {
+            let channel = controller_channel(&format!("https://{addr}"), &node).unwrap();
+            async move {
+                RegistryClient::new(channel)
+                    .register(RegisterRequest::default())
+                    .await
+                    .unwrap_err()
+            }
+        };
+        for other in [Some("n1"), Some("n9")] {
+            let server = EmptyServer::start(&ca.material(other)).await;
+            let got = register(&server.addr).await;
+            assert_eq!(got.code(), tonic::Code::Unavailable, "{got:?}");
+            assert!(
+                got.message().contains("presented the certificate of node")
+                    && got.message().contains("may answer as the controller"),
+                "{got:?}"
+            );
+        }
+        let controller = EmptyServer::start(&ca.material(None)).await;
+        let got = register(&controller.addr).await;
+        assert_eq!(got.code(), tonic::Code::Unimplemented, "{got:?}");
+        assert!(matches!(
+            controller_channel("http://127.0.0.1:1", &node),
+            Err(ControllerDialError::Address(_))
+        ));
+    }
 
     #[test]
     fn the_cordon_file_keeps_cordoned_and_draining_apart() {

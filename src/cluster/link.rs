@@ -1291,10 +1291,13 @@ impl Drop for Forget<'_> {
 }
 
 /// Connects to `addr` and finishes the TLS handshake (with `tls`), all
-/// within `deadline`; blocking.
+/// within `deadline`, then checks the server may answer as `server`
+/// ([`ServerRole::check`](super::tls::ServerRole::check)) before anything
+/// is sent; blocking.
 fn dial(
     addr: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    server: &super::tls::ServerRole,
     deadline: Duration,
 ) -> io::Result<Wire> {
     use std::net::ToSocketAddrs;
@@ -1329,6 +1332,13 @@ fn dial(
         .map_err(io::Error::other)?;
     let mut c = record::Handshaking::Client(c);
     record::handshake(&mut c, &sock, until)?;
+    if let Err(wrong) = server.check(c.peer_certificates()) {
+        tracing::warn!(address = addr, error = %wrong, "refused a data link server that answered as another");
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the server {wrong}"),
+        ));
+    }
     Ok(Wire::new(sock, Some(record::establish(c)?)))
 }
 
@@ -1425,8 +1435,9 @@ impl LinkClient {
             return Ok(c);
         }
         let (addr, tls, deadline) = (self.addr.clone(), self.tls.clone(), self.deadline);
+        let server = super::tls::ServerRole::Node(self.node.clone());
         let dialled =
-            tokio::task::spawn_blocking(move || dial(&addr, tls.as_ref(), deadline)).await;
+            tokio::task::spawn_blocking(move || dial(&addr, tls.as_ref(), &server, deadline)).await;
         let wire = match dialled {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => return Err(self.unreachable(format!("data link {}: {e}", self.addr))),
@@ -1680,6 +1691,12 @@ mod tests {
         }
 
         async fn start_with(tls_on: bool, threads: ServeThreads) -> Setup {
+            Self::start_as(tls_on, threads, None).await
+        }
+
+        /// As [`Setup::start_with`], the link presenting node `server`'s
+        /// certificate (the shared cluster certificate for `None`).
+        async fn start_as(tls_on: bool, threads: ServeThreads, server: Option<&str>) -> Setup {
             let dir = tempfile::tempdir().unwrap();
             let certs = dir.path().join("ca");
             tls::init(&certs).unwrap();
@@ -1692,7 +1709,7 @@ mod tests {
             r.epoch = 3;
             store.create(&r).unwrap();
             let server_tls = tls_on.then(|| {
-                TlsMaterial::load(&certs)
+                TlsMaterial::load(&cert_dir(dir.path(), &certs, server))
                     .unwrap()
                     .link_server_config()
                     .unwrap()
@@ -1721,16 +1738,7 @@ mod tests {
         /// A client with a certificate for node `node` (the CA's own
         /// cluster certificate for `None`).
         fn client(&self, node: Option<&str>) -> LinkClient {
-            let dir = match node {
-                None => self.certs.clone(),
-                Some(n) => {
-                    let out = self._dir.path().join(format!("node-{n}"));
-                    if !out.exists() {
-                        tls::issue_node(&self.certs, n, &out).unwrap();
-                    }
-                    out
-                }
-            };
+            let dir = cert_dir(self._dir.path(), &self.certs, node);
             let config = TlsMaterial::load(&dir)
                 .unwrap()
                 .link_client_config()
@@ -1740,6 +1748,26 @@ mod tests {
 
         fn plain_client(&self) -> LinkClient {
             LinkClient::new("n1", &self.addr, None, Duration::from_secs(5))
+        }
+    }
+
+    /// The directory of node `node`'s certificate under the CA in `certs`
+    /// (issued on first use), or `certs` itself (the shared certificate)
+    /// for `None`.
+    fn cert_dir(
+        dir: &std::path::Path,
+        certs: &std::path::Path,
+        node: Option<&str>,
+    ) -> std::path::PathBuf {
+        match node {
+            None => certs.to_owned(),
+            Some(n) => {
+                let out = dir.join(format!("node-{n}"));
+                if !out.exists() {
+                    tls::issue_node(certs, n, &out).unwrap();
+                }
+                out
+            }
         }
     }
 
@@ -2249,6 +2277,49 @@ mod tests {
         assert_eq!(&back.data[..], &vec![1u8; 4096][..]);
         let _ = s.stop.send(true);
         s.served.await.unwrap();
+    }
+
+    /// An engine checks which node answered, not only that its certificate
+    /// is under the cluster CA: node n9's certificate may not answer for
+    /// n1 (refused before any request is sent, whichever certificate the
+    /// engine holds); n1's own certificate or the shared one may.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_node_dialled_or_the_shared_certificate_may_answer_for_it() {
+        let s = Setup::start_as(true, ServeThreads::default(), Some("n9")).await;
+        for client in [s.client(Some("n1")), s.client(None)] {
+            match &client.calls(s.volume, &[write(0, 1, 1)]).await[0] {
+                Err(PeerError::Unreachable { node, why }) => {
+                    assert_eq!(node, "n1");
+                    assert!(
+                        why.contains(&s.addr)
+                            && why.contains("presented the certificate of node n9")
+                            && why.contains("may answer as node n1"),
+                        "{why}"
+                    );
+                }
+                r => panic!("n9's certificate answered for n1: {r:?}"),
+            }
+        }
+        let data = s
+            ._dir
+            .path()
+            .join("pool/replicas")
+            .join(s.volume.to_hex())
+            .join("data");
+        let written = std::fs::read(&data).unwrap_or_default();
+        assert!(written.iter().all(|b| *b == 0), "a write reached the copy");
+        let _ = s.stop.send(true);
+        s.served.await.unwrap();
+
+        for server in [Some("n1"), None] {
+            let s = Setup::start_as(true, ServeThreads::default(), server).await;
+            for (client, seq) in [s.client(Some("n1")), s.client(None)].into_iter().zip(1..) {
+                let got = client.calls(s.volume, &[write(0, seq, 1)]).await;
+                assert!(got[0].is_ok(), "served as {server:?}: {got:?}");
+            }
+            let _ = s.stop.send(true);
+            s.served.await.unwrap();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,9 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 use super::proto::RegisterRequest;
+use super::tls::{ClientTls, ServerRole};
 
 /// A node missing this many registration periods is no longer fresh.
 pub const MISSED_PERIODS: u32 = 3;
@@ -31,7 +32,8 @@ pub struct NodeEntry {
     /// The node's attach limit (0: none).
     pub max_volumes: u64,
     pub last_seen: Instant,
-    /// A lazily connected mutual-TLS channel to the node's agent API.
+    /// A lazily connected mutual-TLS channel to the node's agent API,
+    /// which only this node's certificate (or the shared one) may answer.
     pub channel: Channel,
 }
 
@@ -65,7 +67,7 @@ pub struct Registry {
     /// deletes of their volumes succeed. Cleared when the node registers
     /// again. In memory only, like the rest of the registry.
     forgotten: Mutex<BTreeSet<String>>,
-    tls: ClientTlsConfig,
+    tls: ClientTls,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -73,7 +75,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    pub fn new(tls: ClientTlsConfig) -> Self {
+    pub fn new(tls: ClientTls) -> Self {
         Self {
             nodes: Mutex::new(BTreeMap::new()),
             forgotten: Mutex::new(BTreeSet::new()),
@@ -101,7 +103,7 @@ impl Registry {
         let mut nodes = lock(&self.nodes);
         let channel = match nodes.get(&r.node_id) {
             Some(e) if e.advertise == r.advertise => e.channel.clone(),
-            _ => self.channel_to(&r.advertise)?,
+            _ => self.channel_to(&r.node_id, &r.advertise)?,
         };
         let new = !nodes.contains_key(&r.node_id);
         nodes.insert(
@@ -132,15 +134,15 @@ impl Registry {
         Ok(())
     }
 
-    fn channel_to(&self, advertise: &str) -> Result<Channel, RegisterError> {
-        let endpoint = Endpoint::from_shared(format!("https://{advertise}"))
-            .and_then(|e| e.tls_config(self.tls.clone()))
+    /// A channel to node `node`'s agent API at `advertise`.
+    fn channel_to(&self, node: &str, advertise: &str) -> Result<Channel, RegisterError> {
+        let endpoint = super::tls::endpoint(advertise)
             .map_err(|_| RegisterError::Advertise(advertise.to_owned()))?;
         Ok(endpoint
             .connect_timeout(Duration::from_secs(3))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy())
+            .connect_with_connector_lazy(self.tls.connector(ServerRole::Node(node.to_owned()))))
     }
 
     /// The node, fresh or not.
@@ -200,5 +202,55 @@ impl Registry {
         nodes.remove(id);
         lock(&self.forgotten).insert(id.to_owned());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::proto::agent_client::AgentClient;
+    use crate::cluster::tls::test_servers::{EmptyServer, TestCa};
+
+    /// The controller's channel to a node's agent is answered only by that
+    /// node's certificate (or the shared one): node n9's certificate at
+    /// the address n1 registered is UNAVAILABLE, naming both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_is_reached_only_through_its_own_or_the_shared_certificate() {
+        let ca = TestCa::new();
+        let registry = Registry::new(ca.material(None).client_tls().unwrap());
+        let cordon = |addr: &str| {
+            registry
+                .register(RegisterRequest {
+                    node_id: "n1".to_owned(),
+                    advertise: addr.to_owned(),
+                    interval_seconds: 5,
+                    ..Default::default()
+                })
+                .unwrap();
+            let channel = registry.get("n1").unwrap().channel;
+            async move {
+                AgentClient::new(channel)
+                    .set_cordon(super::super::proto::SetCordonRequest::default())
+                    .await
+                    .unwrap_err()
+            }
+        };
+        let n9 = EmptyServer::start(&ca.material(Some("n9"))).await;
+        let got = cordon(&n9.addr).await;
+        assert_eq!(got.code(), tonic::Code::Unavailable, "{got:?}");
+        assert!(
+            got.message().contains(&n9.addr)
+                && got
+                    .message()
+                    .contains("presented the certificate of node n9")
+                && got.message().contains("may answer as node n1"),
+            "{got:?}"
+        );
+        let n1 = EmptyServer::start(&ca.material(Some("n1"))).await;
+        let shared = EmptyServer::start(&ca.material(None)).await;
+        for reached in [&n1.addr, &shared.addr] {
+            let got = cordon(reached).await;
+            assert_eq!(got.code(), tonic::Code::Unimplemented, "{got:?}");
+        }
     }
 }

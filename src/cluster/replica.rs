@@ -21,7 +21,7 @@ use std::time::Duration;
 mod freeze;
 
 use crate::volume::id::Uuid;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::link::LinkClient;
@@ -35,7 +35,7 @@ use super::proto::{
     ReplicaResults, ReplicaSnapshot, ReplicaSnapshotRef, ReplicaSnapshotRequest,
     ReplicaThawRequest, ScrubResponse,
 };
-use super::tls::{PeerIdentity, peer_identity};
+use super::tls::{ClientTls, PeerIdentity, ServerRole, peer_identity};
 use crate::backend::replicated::protocol::{Reply, Request as ProtoRequest};
 use crate::backend::replicated::record::ReplicaRecord;
 use crate::backend::replicated::store::{Base, GroupOf, ReplicaStore, SnapshotInfo, StoreError};
@@ -776,7 +776,7 @@ pub struct GrpcPeer {
     channels: Mutex<BTreeMap<String, Channel>>,
     /// Data links to nodes that offered one, by node.
     links: Mutex<BTreeMap<String, Arc<LinkClient>>>,
-    tls: ClientTlsConfig,
+    tls: ClientTls,
     link_tls: Arc<rustls::ClientConfig>,
     /// This node runs with replication TLS off.
     plaintext: bool,
@@ -785,13 +785,15 @@ pub struct GrpcPeer {
 
 impl GrpcPeer {
     /// `addresses` maps node ids to their agent's host:port; `tls` and
-    /// `link_tls` carry this node's certificate (gRPC, data links);
+    /// `link_tls` carry this node's certificate (gRPC, data links), and
+    /// only a node's own certificate (or the shared one) may answer for
+    /// it on either;
     /// `plaintext` only when this node runs with replication TLS off
     /// (benchmarks).
     pub fn new(
         local: Option<Arc<ReplicaStore>>,
         addresses: BTreeMap<String, String>,
-        tls: ClientTlsConfig,
+        tls: ClientTls,
         link_tls: Arc<rustls::ClientConfig>,
         plaintext: bool,
         deadline: Duration,
@@ -839,7 +841,8 @@ impl GrpcPeer {
             .cloned()
     }
 
-    fn endpoint(&self, endpoint: Endpoint) -> Channel {
+    /// A channel to `node`'s agent at `endpoint`.
+    fn channel(&self, node: &str, endpoint: Endpoint) -> Channel {
         endpoint
             .connect_timeout(self.deadline)
             .timeout(self.deadline)
@@ -850,7 +853,7 @@ impl GrpcPeer {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .tcp_nodelay(true)
-            .connect_lazy()
+            .connect_with_connector_lazy(self.tls.connector(ServerRole::Node(node.to_owned())))
     }
 
     /// The client for `node`'s Replica service.
@@ -870,10 +873,9 @@ impl GrpcPeer {
                     .get(node)
                     .cloned()
                     .ok_or_else(|| unreachable("no address known".to_owned()))?;
-                let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-                    .and_then(|e| e.tls_config(self.tls.clone()))
+                let endpoint = super::tls::endpoint(&addr)
                     .map_err(|e| unreachable(format!("address {addr:?}: {e}")))?;
-                let c = self.endpoint(endpoint);
+                let c = self.channel(node, endpoint);
                 ch.insert(node.to_owned(), c.clone());
                 c
             }
@@ -1139,7 +1141,7 @@ mod tests {
                 ("n1".to_owned(), "127.0.0.1:7001".to_owned()),
                 ("n2".to_owned(), "127.0.0.1:7002".to_owned()),
             ]),
-            tls.client_config(),
+            tls.client_tls().unwrap(),
             tls.link_client_config().unwrap(),
             false,
             Duration::from_secs(1),
@@ -1166,6 +1168,48 @@ mod tests {
         )]));
         assert!(peer.link("n2").is_none(), "n2 moved: its old link was kept");
         assert!(Arc::ptr_eq(&peer.link("n1").unwrap(), &n1));
+    }
+
+    /// An engine's channel to a copy is answered only by that copy's node
+    /// (or the shared certificate): node n9's certificate answering at
+    /// n1's address is UNAVAILABLE, naming both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_is_reached_only_through_its_own_node_or_the_shared_certificate() {
+        use crate::cluster::tls::test_servers::{EmptyServer, TestCa};
+        let ca = TestCa::new();
+        let n9 = EmptyServer::start(&ca.material(Some("n9"))).await;
+        let n1 = EmptyServer::start(&ca.material(Some("n1"))).await;
+        let shared = EmptyServer::start(&ca.material(None)).await;
+        let engine = ca.material(Some("n2"));
+        let list = |addr: &str| {
+            let peer = GrpcPeer::new(
+                None,
+                BTreeMap::from([("n1".to_owned(), addr.to_owned())]),
+                engine.client_tls().unwrap(),
+                engine.link_client_config().unwrap(),
+                false,
+                Duration::from_secs(5),
+            );
+            async move {
+                let mut client = peer.client("n1").unwrap();
+                client
+                    .list(ListReplicasRequest::default())
+                    .await
+                    .unwrap_err()
+            }
+        };
+        let got = list(&n9.addr).await;
+        assert_eq!(got.code(), tonic::Code::Unavailable, "{got:?}");
+        assert!(
+            got.message()
+                .contains("presented the certificate of node n9")
+                && got.message().contains("may answer as node n1"),
+            "{got:?}"
+        );
+        for reached in [&n1.addr, &shared.addr] {
+            let got = list(reached).await;
+            assert_eq!(got.code(), tonic::Code::Unimplemented, "{got:?}");
+        }
     }
 
     /// On a runtime of one thread there is nowhere to hand tasks to: `f`

@@ -1396,8 +1396,21 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// Client TLS under a CA of its own: these tests never dial.
+    fn client_tls() -> crate::cluster::tls::ClientTls {
+        static TLS: std::sync::OnceLock<crate::cluster::tls::ClientTls> =
+            std::sync::OnceLock::new();
+        TLS.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            crate::cluster::tls::init(dir.path()).unwrap();
+            let material = crate::cluster::tls::TlsMaterial::load(dir.path()).unwrap();
+            material.client_tls().unwrap()
+        })
+        .clone()
+    }
+
     fn registry(nodes: &[(&str, u64, bool)]) -> Router {
-        let r = Arc::new(Registry::new(tonic::transport::ClientTlsConfig::new()));
+        let r = Arc::new(Registry::new(client_tls()));
         for (id, free, cordoned) in nodes {
             r.register(proto::RegisterRequest {
                 node_id: (*id).to_owned(),

@@ -1,33 +1,43 @@
 //! TLS between stowage processes: making the cluster CA and certificates
-//! (`stowage cluster init|issue`), loading them from a `--tls-dir`, tonic's
+//! (`stowage cluster init|issue`), loading them from a `--tls-dir`, the
 //! server and client configurations (mutual TLS 1.3 under the cluster CA,
-//! never plaintext, never anonymous), and who a peer is from its verified
-//! certificate. It never overwrites a key or certificate, and the CA key is
-//! read only by `issue_node`, never at run time.
+//! never plaintext, never anonymous), who a peer is from its verified
+//! certificate, and whether the server a client reached is the one it
+//! meant. It never overwrites a key or certificate, and the CA key is read
+//! only by `issue_node`, never at run time.
 //!
 //! Identities live in URI subject alternative names: `stowage://cluster` for
 //! the shared certificate (its holder may act as the controller or register
 //! as any node) and `stowage://node/ID` for a node certificate (its holder
 //! may act only as node ID). Every certificate also carries the DNS name
-//! [`SERVER_NAME`], which clients check whatever address they dial.
+//! [`SERVER_NAME`], which clients check whatever address they dial. That
+//! name proves only membership of the cluster, so every client also checks
+//! the identity of the server that answered against the one it dialled
+//! ([`ServerRole::accepts`]): a node's key cannot answer as another node,
+//! nor as the controller. Servers check their callers' identities
+//! themselves (see [`peer_identity`]).
 //!
-//! TLS 1.3 only: tonic's `ServerTlsConfig` and `ClientTlsConfig` take no
-//! protocol versions, and rustls offers 1.2 and 1.3 by default. Both build
-//! their rustls configuration from the process's default crypto provider,
-//! so [`TlsMaterial::server_config`] and [`TlsMaterial::client_config`]
-//! first install one (rustls' `ring` provider) that has only TLS 1.3 cipher
-//! suites: a TLS 1.2 hello then finds nothing to agree on. This is
-//! process-wide. The replication data link ([`super::link`]) speaks rustls
-//! itself, with configurations built here from that same provider and TLS
-//! 1.3 only ([`TlsMaterial::link_server_config`],
-//! [`TlsMaterial::link_client_config`]).
+//! TLS 1.3 only. tonic's `ServerTlsConfig` takes no protocol versions, and
+//! rustls offers 1.2 and 1.3 by default; it builds its rustls configuration
+//! from the process's default crypto provider, so
+//! [`TlsMaterial::server_config`] first installs one (rustls' `ring`
+//! provider) that has only TLS 1.3 cipher suites: a TLS 1.2 hello then
+//! finds nothing to agree on. This is process-wide. Clients dial gRPC
+//! through [`ClusterConnector`] (tonic's `ClientTlsConfig` cannot check the
+//! server's identity), and the replication data link ([`super::link`])
+//! speaks rustls itself; both use configurations built here from that same
+//! provider, TLS 1.3 only ([`TlsMaterial::client_tls`],
+//! [`TlsMaterial::link_server_config`], [`TlsMaterial::link_client_config`]).
 
 use std::fmt;
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
+use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Once};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rcgen::{
@@ -42,7 +52,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, Endpoint, Identity, ServerTlsConfig};
 
 /// The DNS name in every stowage certificate; clients verify servers
 /// against it (not against the address they dialled).
@@ -175,8 +185,9 @@ pub enum TlsError {
          from A-Z a-z 0-9 . _ -, starting with a letter or digit"
     )]
     NodeId { id: String },
-    /// Loaded material rustls refuses for the data link's configuration.
-    #[error("cannot configure TLS for the replication data link: {0}")]
+    /// Loaded material rustls refuses for a client or data link
+    /// configuration.
+    #[error("cannot configure TLS from the loaded certificate and key: {0}")]
     Config(String),
     #[error("cannot make {what}: {source}")]
     Generate {
@@ -259,16 +270,23 @@ impl TlsMaterial {
             .timeout(HANDSHAKE_TIMEOUT)
     }
 
-    /// Dial with this (an `https://` endpoint): presents our certificate,
-    /// trusts only the cluster CA, and checks the server's name is
-    /// [`SERVER_NAME`] whatever address is dialled; TLS 1.3 only.
-    pub fn client_config(&self) -> ClientTlsConfig {
-        install_tls13_only();
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .domain_name(SERVER_NAME)
-            .timeout(HANDSHAKE_TIMEOUT)
+    /// Dial gRPC with this ([`ClientTls::connector`]): presents our
+    /// certificate, trusts only the cluster CA, checks the server's name
+    /// is [`SERVER_NAME`] whatever address is dialled and that its
+    /// identity may answer as the server meant; TLS 1.3 only, HTTP/2.
+    pub fn client_tls(&self) -> Result<ClientTls, TlsError> {
+        let provider = Arc::new(tls13_provider());
+        let (roots, chain, key) = self.parts()?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(ClientTls {
+            config: Arc::new(config),
+        })
     }
 
     /// The rustls server configuration of the data link
@@ -297,7 +315,8 @@ impl TlsMaterial {
 
     /// The rustls client configuration of the data link: presents our
     /// certificate, trusts only the cluster CA, TLS 1.3 only (the caller
-    /// checks the server's name is [`SERVER_NAME`]).
+    /// names [`SERVER_NAME`] in the handshake, then checks the server's
+    /// identity with [`ServerRole::check`]).
     pub fn link_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let provider = Arc::new(link_provider());
         let (roots, chain, key) = self.parts()?;
@@ -352,6 +371,232 @@ impl TlsMaterial {
 pub fn peer_identity<T>(req: &tonic::Request<T>) -> Option<PeerIdentity> {
     let certs = req.peer_certs()?;
     certificate_identity(certs.first()?)
+}
+
+/// Whom a client means to reach over mutual TLS. The server that answers
+/// must present a certificate whose identity [`ServerRole::accepts`]:
+/// the CA and [`SERVER_NAME`] prove only that it is some member of the
+/// cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerRole {
+    /// The controller's registration API. The controller holds the shared
+    /// certificate: its calls to agents are accepted only from that
+    /// identity (`agent::controller_only`, `replica::controller_only`).
+    Controller,
+    /// Node ID's agent API or data link.
+    Node(String),
+}
+
+impl fmt::Display for ServerRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerRole::Controller => f.write_str("the controller"),
+            ServerRole::Node(id) => write!(f, "node {id}"),
+        }
+    }
+}
+
+impl ServerRole {
+    /// Whether a server whose verified certificate names `identity` may
+    /// answer calls meant for this role. The shared certificate may act as
+    /// anyone (the controller, any node); a node certificate only as its
+    /// own node, never as another node nor as the controller. Every client
+    /// decides with this, and only with this.
+    pub fn accepts(&self, identity: &PeerIdentity) -> bool {
+        match (self, identity) {
+            (_, PeerIdentity::Cluster) => true,
+            (ServerRole::Node(wanted), PeerIdentity::Node(id)) => wanted == id,
+            (ServerRole::Controller, PeerIdentity::Node(_)) => false,
+        }
+    }
+
+    /// Checks the chain a server presented in a finished handshake (so
+    /// already verified against the cluster CA by rustls): its end-entity
+    /// certificate must name an identity this role [accepts](Self::accepts).
+    /// Returns that identity.
+    pub fn check(&self, chain: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentity, WrongServer> {
+        let presented = chain
+            .and_then(|c| c.first())
+            .and_then(|c| certificate_identity(c));
+        match presented {
+            Some(identity) if self.accepts(&identity) => Ok(identity),
+            presented => Err(WrongServer {
+                wanted: self.clone(),
+                presented,
+            }),
+        }
+    }
+}
+
+/// A server under the cluster CA that may not answer as the one dialled
+/// (see [`ServerRole::accepts`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct WrongServer {
+    pub wanted: ServerRole,
+    /// `None`: its certificate names no single stowage identity.
+    pub presented: Option<PeerIdentity>,
+}
+
+impl fmt::Display for WrongServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.presented {
+            Some(p) => write!(f, "presented {p}")?,
+            None => f.write_str("presented a certificate naming no stowage identity")?,
+        }
+        match &self.wanted {
+            ServerRole::Controller => {
+                f.write_str("; only the shared cluster certificate may answer as the controller")
+            }
+            ServerRole::Node(id) => write!(
+                f,
+                "; only the certificate of node {id} or the shared cluster certificate \
+                 may answer as node {id}"
+            ),
+        }
+    }
+}
+
+/// The ALPN protocol gRPC runs on.
+const ALPN_H2: &[u8] = b"h2";
+
+/// The client half of gRPC's mutual TLS (from [`TlsMaterial::client_tls`]):
+/// one rustls configuration, shared by the connectors of every channel.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.debug_struct("ClientTls").finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// What a channel to `server` connects with: give it to
+    /// `Endpoint::connect_with_connector_lazy` (or `connect_with_connector`)
+    /// of an [`endpoint`]. The endpoint's connect timeout bounds the TCP
+    /// connection and the handshake together; the handshake alone is
+    /// bounded by 10 s too.
+    pub fn connector(&self, server: ServerRole) -> ClusterConnector {
+        ClusterConnector {
+            config: Arc::clone(&self.config),
+            server,
+        }
+    }
+}
+
+/// The endpoint of a channel to `addr` (host:port) made through a
+/// [`ClusterConnector`]. Its URI says `http://` because the connector
+/// makes the TLS itself: given an `https://` URI, tonic would look for a
+/// `ClientTlsConfig` of its own, which cannot check the server's identity.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{addr}"))
+}
+
+/// Connects a gRPC channel to one stowage server: TCP to the URI's
+/// authority, the TLS 1.3 handshake of [`TlsMaterial::client_tls`] naming
+/// [`SERVER_NAME`], then [`ServerRole::check`] of the certificate the
+/// server presented, and HTTP/2 agreed in ALPN. Any failure is the
+/// channel's connection error (UNAVAILABLE to the call), naming the
+/// address.
+#[derive(Clone)]
+pub struct ClusterConnector {
+    config: Arc<rustls::ClientConfig>,
+    server: ServerRole,
+}
+
+impl fmt::Debug for ClusterConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConnector")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`ClusterConnector`] made no connection. Each names the address.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("{uri} names no host:port to dial")]
+    Address { uri: String },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {addr} did not finish within {HANDSHAKE_TIMEOUT:?}")]
+    HandshakeTimeout { addr: String },
+    #[error("the server at {addr} {wrong}")]
+    WrongServer { addr: String, wrong: WrongServer },
+    #[error("the server at {addr} did not agree to HTTP/2 in its TLS handshake")]
+    NoHttp2 { addr: String },
+}
+
+/// What a [`ClusterConnector`] hands tonic.
+pub type ClusterStream =
+    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tower::Service<http::Uri> for ClusterConnector {
+    type Response = ClusterStream;
+    type Error = DialError;
+    type Future = Pin<Box<dyn Future<Output = Result<ClusterStream, DialError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), DialError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(dial(Arc::clone(&self.config), self.server.clone(), uri))
+    }
+}
+
+async fn dial(
+    config: Arc<rustls::ClientConfig>,
+    server: ServerRole,
+    uri: http::Uri,
+) -> Result<ClusterStream, DialError> {
+    let addr = match uri.authority() {
+        Some(a) if a.port().is_some() => a.as_str().to_owned(),
+        _ => {
+            return Err(DialError::Address {
+                uri: uri.to_string(),
+            });
+        }
+    };
+    let tcp = tokio::net::TcpStream::connect(addr.as_str())
+        .await
+        .map_err(|source| DialError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    // Small calls go out at once (tonic's own connector does the same).
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(SERVER_NAME).expect("SERVER_NAME is a DNS name");
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| DialError::HandshakeTimeout { addr: addr.clone() })?
+        .map_err(|source| DialError::Handshake {
+            addr: addr.clone(),
+            source,
+        })?;
+    let (_, session) = tls.get_ref();
+    if let Err(wrong) = server.check(session.peer_certificates()) {
+        tracing::warn!(address = %addr, error = %wrong, "refused a server that answered as another");
+        return Err(DialError::WrongServer { addr, wrong });
+    }
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        return Err(DialError::NoHttp2 { addr });
+    }
+    Ok(hyper_util::rt::TokioIo::new(tls))
 }
 
 /// Makes a new cluster CA and a shared cluster certificate in `dir`
@@ -847,9 +1092,180 @@ impl Drop for NewFiles {
     }
 }
 
+/// What tests of clients dial: servers under one test CA presenting the
+/// shared certificate or a node's.
+#[cfg(test)]
+pub(crate) mod test_servers {
+    use super::*;
+
+    /// A cluster CA with its shared certificate, and node certificates
+    /// issued on demand, in a directory of their own.
+    pub struct TestCa {
+        dir: tempfile::TempDir,
+    }
+
+    impl TestCa {
+        pub fn new() -> TestCa {
+            let dir = tempfile::tempdir().unwrap();
+            init(&dir.path().join("ca")).unwrap();
+            TestCa { dir }
+        }
+
+        /// Node `node`'s material (the shared certificate's for `None`).
+        pub fn material(&self, node: Option<&str>) -> TlsMaterial {
+            let ca = self.dir.path().join("ca");
+            let Some(n) = node else {
+                return TlsMaterial::load(&ca).unwrap();
+            };
+            let out = self.dir.path().join(format!("node-{n}"));
+            if !out.exists() {
+                issue_node(&ca, n, &out).unwrap();
+            }
+            TlsMaterial::load(&out).unwrap()
+        }
+    }
+
+    /// A gRPC server on 127.0.0.1 presenting `material`'s certificate
+    /// ([`TlsMaterial::server_config`]) and serving no service: a call
+    /// that gets through the handshake is answered UNIMPLEMENTED. Stops
+    /// when dropped.
+    pub struct EmptyServer {
+        pub addr: String,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for EmptyServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl EmptyServer {
+        pub async fn start(material: &TlsMaterial) -> EmptyServer {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let router = tonic::transport::Server::builder()
+                .tls_config(material.server_config())
+                .unwrap()
+                .add_routes(tonic::service::Routes::default());
+            let task = tokio::spawn(async move {
+                let _ = router
+                    .serve_with_incoming(crate::server::tcp_incoming(listener))
+                    .await;
+            });
+            EmptyServer { addr, task }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_certificate_answers_only_as_its_node_and_the_shared_one_as_anyone() {
+        let node = |id: &str| PeerIdentity::Node(id.to_owned());
+        let n1 = ServerRole::Node("n1".to_owned());
+        assert!(n1.accepts(&node("n1")));
+        assert!(n1.accepts(&PeerIdentity::Cluster));
+        assert!(!n1.accepts(&node("n9")));
+        assert!(!n1.accepts(&node("n1.example")));
+        assert!(!n1.accepts(&node("N1")));
+        assert!(ServerRole::Controller.accepts(&PeerIdentity::Cluster));
+        assert!(!ServerRole::Controller.accepts(&node("n1")));
+    }
+
+    #[test]
+    fn a_server_answering_as_another_is_named_with_what_was_wanted() {
+        let ca = test_servers::TestCa::new();
+        let chain = |m: &TlsMaterial| pem_certs(Path::new("tls.crt"), &m.cert_pem, "").unwrap();
+        let (n1, n9) = (
+            chain(&ca.material(Some("n1"))),
+            chain(&ca.material(Some("n9"))),
+        );
+        let shared = chain(&ca.material(None));
+        let role = ServerRole::Node("n1".to_owned());
+        assert_eq!(role.check(Some(&n1)), Ok(PeerIdentity::Node("n1".into())));
+        assert_eq!(role.check(Some(&shared)), Ok(PeerIdentity::Cluster));
+        let wrong = role.check(Some(&n9)).unwrap_err();
+        assert_eq!(
+            wrong.to_string(),
+            "presented the certificate of node n9; only the certificate of node n1 or the \
+             shared cluster certificate may answer as node n1"
+        );
+        assert_eq!(
+            ServerRole::Controller
+                .check(Some(&n1))
+                .unwrap_err()
+                .to_string(),
+            "presented the certificate of node n1; only the shared cluster certificate may \
+             answer as the controller"
+        );
+        assert_eq!(
+            ServerRole::Controller.check(Some(&shared)),
+            Ok(PeerIdentity::Cluster)
+        );
+        for nobody in [None, Some(&[][..])] {
+            assert_eq!(
+                role.check(nobody),
+                Err(WrongServer {
+                    wanted: role.clone(),
+                    presented: None
+                })
+            );
+        }
+    }
+
+    /// One call over a fresh channel through [`ClientTls::connector`] to a
+    /// server that serves nothing: UNIMPLEMENTED means it got through.
+    async fn call(client: &TlsMaterial, addr: &str, server: ServerRole) -> tonic::Status {
+        let channel = endpoint(addr)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect_with_connector_lazy(client.client_tls().unwrap().connector(server));
+        crate::cluster::proto::registry_client::RegistryClient::new(channel)
+            .register(crate::cluster::proto::RegisterRequest::default())
+            .await
+            .unwrap_err()
+    }
+
+    /// The gRPC clients (controller to agents, engines to copies, agents
+    /// to the controller) refuse a server under the cluster CA that may
+    /// not answer as the peer dialled: UNAVAILABLE, naming the address,
+    /// the certificate presented and the one wanted. Whoever the client
+    /// is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_grpc_client_refuses_a_server_answering_as_another() {
+        let ca = test_servers::TestCa::new();
+        let n9 = test_servers::EmptyServer::start(&ca.material(Some("n9"))).await;
+        let n1 = ServerRole::Node("n1".to_owned());
+        for client in [ca.material(None), ca.material(Some("n2"))] {
+            for (role, wanted) in [
+                (n1.clone(), "may answer as node n1"),
+                (ServerRole::Controller, "may answer as the controller"),
+            ] {
+                let got = call(&client, &n9.addr, role).await;
+                assert_eq!(got.code(), tonic::Code::Unavailable, "{got:?}");
+                let expected = format!(
+                    "the server at {} presented the certificate of node n9",
+                    n9.addr
+                );
+                assert!(
+                    got.message().contains(&expected) && got.message().contains(wanted),
+                    "{got:?}"
+                );
+            }
+        }
+        // The node's own server is reached, and n9's as n9.
+        let own = call(&ca.material(None), &n9.addr, ServerRole::Node("n9".into())).await;
+        assert_eq!(own.code(), tonic::Code::Unimplemented, "{own:?}");
+        let shared = test_servers::EmptyServer::start(&ca.material(None)).await;
+        for role in [n1, ServerRole::Controller] {
+            let got = call(&ca.material(Some("n1")), &shared.addr, role).await;
+            assert_eq!(got.code(), tonic::Code::Unimplemented, "{got:?}");
+        }
+    }
 
     #[test]
     fn the_link_prefers_aes_128_and_keeps_every_tls13_suite() {

@@ -645,7 +645,7 @@ fn replication_connector(
     tls: &crate::cluster::tls::TlsMaterial,
     plaintext: bool,
 ) -> Result<crate::backend::replicated::engines::Connector, StartError> {
-    let client = tls.client_config();
+    let client = tls.client_tls()?;
     let link = tls
         .link_client_config()
         .map_err(|e| StartError::Config(e.to_string()))?;
@@ -702,7 +702,7 @@ async fn run_router(cfg: Config) -> Result<(), StartError> {
         refuse_live_socket(path)?;
     }
     let tls = crate::cluster::tls::TlsMaterial::load(&cluster.tls_dir)?;
-    let registry = Arc::new(Registry::new(tls.client_config()));
+    let registry = Arc::new(Registry::new(tls.client_tls()?));
     let router = router::Router::new(Arc::clone(&registry), cfg.driver_name.clone());
     tracing::info!(
         name = %cfg.driver_name,

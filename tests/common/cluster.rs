@@ -584,6 +584,7 @@ impl Cluster {
         + Send,
     ) -> T {
         let tls = stowage::cluster::tls::TlsMaterial::load(&self.root.join("tls")).unwrap();
+        let server = stowage::cluster::tls::ServerRole::Node(node_id(i));
         let to = self.net.host(i).agent_addr();
         self.net.host(0).run_in(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -591,13 +592,11 @@ impl Cluster {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let ch = tonic::transport::Endpoint::from_shared(format!("https://{to}"))
-                    .unwrap()
-                    .tls_config(tls.client_config())
+                let ch = stowage::cluster::tls::endpoint(&to.to_string())
                     .unwrap()
                     .connect_timeout(Duration::from_secs(10))
                     .timeout(Duration::from_secs(10))
-                    .connect()
+                    .connect_with_connector(tls.client_tls().unwrap().connector(server))
                     .await
                     .expect("connect to the agent");
                 call(stowage::cluster::proto::replica_client::ReplicaClient::new(
