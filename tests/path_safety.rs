@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 use stowage::os::mountinfo::MountTable;
+use stowage::volume::{BackendKind, VolumeId};
 use tonic::Code;
 
 /// Paths the node records as staging paths or publication targets.
@@ -578,6 +579,60 @@ async fn a_state_dir_and_pool_behind_a_symlink_work() {
             "{kind}: a mount left: {:?}",
             mounts_under(&env.scratch.root)
         );
+        env.delete(&v.volume_id).await.unwrap();
+    }
+    assert_clean(&env, &[]);
+}
+
+/// The loop devices attached with `image` as backing file.
+fn loops_of(image: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file"))
+            && Path::new(b.trim_end()) == image
+        {
+            out.push(PathBuf::from("/dev").join(name));
+        }
+    }
+    out
+}
+
+/// A publication whose mount was unmounted behind stowage's back is made
+/// again by the next NodePublish, and stays stowage's: NodeUnpublish then
+/// removes the target stowage created, and a raw read-only publication's
+/// own loop device is not left attached. Before, the second publish
+/// forgot both: the target stayed after unpublish, and a second loop
+/// device was attached beside the first, which nothing detached.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_made_again_after_losing_its_mount_leaves_nothing() {
+    let mut env = Env::new("xfs").await;
+    for (kind, readonly) in [("dir", false), ("raw", true)] {
+        let name = format!("again-{kind}");
+        let v = env.create(&name, kind, 64 << 20).await;
+        let staging = env.staging_dir(&name);
+        let target = env.target_path(&name);
+        env.stage(&v.volume_id, kind, &staging).await.unwrap();
+        let uuid = VolumeId::parse(&v.volume_id).unwrap().uuid;
+        let image = stowage::backend::backend_dir(&env.layout.pool, BackendKind::Block)
+            .join(format!("{}.img", uuid.to_hex()));
+        let staged_loops = loops_of(&image);
+        for _ in 0..2 {
+            env.publish(&v.volume_id, kind, &staging, &target, readonly)
+                .await
+                .unwrap();
+            // Unmounted by someone else.
+            nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
+        }
+        env.publish(&v.volume_id, kind, &staging, &target, readonly)
+            .await
+            .unwrap();
+        env.unpublish(&v.volume_id, &target).await.unwrap();
+        assert!(!target.exists(), "{kind}: the target stowage made stayed");
+        if kind == "raw" {
+            assert_eq!(loops_of(&image), staged_loops, "{kind}: loop devices left");
+        }
+        env.unstage(&v.volume_id, &staging).await.unwrap();
         env.delete(&v.volume_id).await.unwrap();
     }
     assert_clean(&env, &[]);

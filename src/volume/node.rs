@@ -1639,6 +1639,10 @@ impl Node {
             }
             tracing::warn!(volume = %id, target = %target.display(), "publication lost its mount; publishing again");
         }
+        // A publication that lost its mount (unmounted behind stowage's
+        // back) is made again: what it made stays stowage's to remove (the
+        // target it created), or goes now (its own read-only device).
+        let lost = rec.publications.get(&target).cloned();
         let single = |c: &Capability| c.access_mode.is_single_publication();
         if rec
             .publications
@@ -1654,13 +1658,23 @@ impl Node {
         let claim = self.claim();
         self.check_overlap(&id, &target, PathRole::Target)?;
         let at = anchor(&target, "target_path")?;
+        let missing = at.kind().map_err(Error::io("inspect", &target))? == PathKind::Missing;
+        if let Some(d) = lost
+            .as_ref()
+            .and_then(|p| p.own_device.as_deref())
+            .and_then(LoopDevice::from_path)
+            && d.backing_file().is_some_and(|b| b == self.image(&id))
+        {
+            d.detach_settled()?;
+        }
+        let made_before = lost.filter(|p| p.created_target && !missing);
         let intent = Publication {
             capability: req.capability.clone(),
             read_only,
             own_device: None,
-            created_target: at.kind().map_err(Error::io("inspect", &target))? == PathKind::Missing,
+            created_target: missing || made_before.is_some(),
             mount_id: None,
-            created_inode: None,
+            created_inode: made_before.and_then(|p| p.created_inode),
         };
         rec.publications.insert(target.clone(), intent.clone());
         self.save_with(rec.clone(), Durability::Deferred)?;
@@ -1668,6 +1682,7 @@ impl Node {
         let publication = match self.do_publish(&id, &st, &at, &req.capability, read_only) {
             Ok(mut p) => {
                 p.created_target |= intent.created_target;
+                p.created_inode = p.created_inode.or(intent.created_inode);
                 p
             }
             Err(e) => {
