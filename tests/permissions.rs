@@ -357,6 +357,42 @@ async fn volume_mount_group_owns_the_root_of_dir_and_block_volumes() {
             4321,
             "{kind}: a new file inherits the group"
         );
+        // Staged again with another group (a retry of a stage cut short
+        // before its group, say): the root takes it. It used to answer OK
+        // and keep the first.
+        let mut other = cap.clone();
+        if let Some(csi::volume_capability::AccessType::Mount(m)) = other.access_type.as_mut() {
+            m.volume_mount_group = "5555".into();
+        }
+        env.c.node.node_stage_volume(stage(other)).await.unwrap();
+        assert_eq!(mode_of(&staging).2, 5555, "{kind}: staged again");
+        // Each pod's NodePublish names its group: the root takes the
+        // latest (it used to be ignored at publish).
+        for (i, gid) in [(1, 6666u32), (2, 7777)] {
+            let mut pod = cap.clone();
+            if let Some(csi::volume_capability::AccessType::Mount(m)) = pod.access_type.as_mut() {
+                m.volume_mount_group = gid.to_string();
+            }
+            let target = env.target_path(&format!("group-{kind}-{i}"));
+            env.c
+                .node
+                .node_publish_volume(csi::NodePublishVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    target_path: target.display().to_string(),
+                    volume_capability: Some(pod),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let (mode, _, got) = mode_of(&target);
+            assert_eq!(got, gid, "{kind}: publication {i}");
+            assert_eq!(mode.0 & 0o2070, 0o2070, "{kind}: {mode:?}");
+        }
+        for i in [1, 2] {
+            let target = env.target_path(&format!("group-{kind}-{i}"));
+            env.unpublish(&v.volume_id, &target).await.unwrap();
+        }
         env.unstage(&v.volume_id, &staging).await.unwrap();
     }
     // A group that is not a number is refused.

@@ -113,6 +113,7 @@ impl TryFrom<&csi::NodePublishVolumeRequest> for PublishVolume {
             staging_path,
             capability,
             read_only: r.readonly,
+            mount_group: mount_group(r.volume_capability.as_ref())?,
         })
     }
 }

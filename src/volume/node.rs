@@ -68,6 +68,8 @@ pub struct PublishVolume {
     pub staging_path: Option<PathBuf>,
     pub capability: Capability,
     pub read_only: bool,
+    /// VOLUME_MOUNT_GROUP: the group the publication's pod writes as.
+    pub mount_group: Option<u32>,
 }
 
 /// One usage figure of NodeGetVolumeStats.
@@ -879,6 +881,13 @@ impl Node {
                 });
             }
             if self.staging_intact(&id, st) {
+                // The group again: a first stage cut short after its mount
+                // may not have applied it, and it is idempotent.
+                if let Some(gid) = req.mount_group
+                    && st.fuse.is_none()
+                {
+                    self.apply_mount_group(&id, st, gid)?;
+                }
                 return Ok(());
             }
             tracing::warn!(volume = %id, "staging found incomplete; staging again");
@@ -1635,7 +1644,7 @@ impl Node {
                 .volume_mount_at(&id, &target, p.capability.is_block())
                 .is_some()
             {
-                return Ok(());
+                return self.publication_group(&id, &st, req.mount_group);
             }
             tracing::warn!(volume = %id, target = %target.display(), "publication lost its mount; publishing again");
         }
@@ -1693,7 +1702,18 @@ impl Node {
         rec.publications.insert(target.clone(), publication);
         self.save_with(rec, Durability::Deferred)?;
         tracing::info!(volume = %id, target = %target.display(), read_only, "volume published");
-        Ok(())
+        self.publication_group(&id, &st, req.mount_group)
+    }
+
+    /// VOLUME_MOUNT_GROUP of a publication: each pod's NodePublish names
+    /// the group it writes as, and its publications bind the staging's
+    /// root, so the root takes the group of the latest one (as the kubelet
+    /// does itself when it does not delegate the group to the driver).
+    fn publication_group(&self, id: &VolumeId, st: &Staging, gid: Option<u32>) -> Result<()> {
+        match gid {
+            Some(gid) if st.fuse.is_none() => self.apply_mount_group(id, st, gid),
+            _ => Ok(()),
+        }
     }
 
     /// A descriptor on the root of the volume's staging mount, reached
