@@ -275,14 +275,7 @@ impl TlsMaterial {
     /// is [`SERVER_NAME`] whatever address is dialled and that its
     /// identity may answer as the server meant; TLS 1.3 only, HTTP/2.
     pub fn client_tls(&self) -> Result<ClientTls, TlsError> {
-        let provider = Arc::new(tls13_provider());
-        let (roots, chain, key) = self.parts()?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = self.rustls_client(tls13_provider())?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(ClientTls {
             config: Arc::new(config),
@@ -318,18 +311,23 @@ impl TlsMaterial {
     /// names [`SERVER_NAME`] in the handshake, then checks the server's
     /// identity with [`ServerRole::check`]).
     pub fn link_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        let provider = Arc::new(link_provider());
-        let (roots, chain, key) = self.parts()?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = self.rustls_client(link_provider())?;
         // As in `link_server_config`.
         config.enable_secret_extraction = true;
         config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
+    }
+
+    /// A TLS 1.3 client configuration with `provider`: the cluster CA as
+    /// its only roots, our certificate for client authentication.
+    fn rustls_client(&self, provider: CryptoProvider) -> Result<rustls::ClientConfig, TlsError> {
+        let (roots, chain, key) = self.parts()?;
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(e.to_string()))
     }
 
     /// The CA as trust roots, our chain and our key.
