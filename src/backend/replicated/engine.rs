@@ -1075,8 +1075,14 @@ impl Engine {
                     .links
                     .get(from)
                     .is_some_and(|l| l.conn == conn && l.phase == Phase::Out);
-                if attaching && why == IoRefusal::NotACopy {
-                    self.not_a_copy(from);
+                match why {
+                    IoRefusal::NotACopy if attaching => self.not_a_copy(from),
+                    // A copy out of sync holds a record of a later epoch:
+                    // as for a copy in sync (below), confirm on a
+                    // majority. An engine idle but for its attaches to
+                    // that copy would otherwise never learn it is fenced.
+                    IoRefusal::Fenced { .. } if attaching => self.suspect_fenced = true,
+                    _ => {}
                 }
                 if !self.current(from, conn) {
                     return;
@@ -3165,6 +3171,40 @@ mod tests {
         for v in net.voters.values() {
             assert_eq!(v.data().get(&0), None, "{} took a fenced write", v.node());
         }
+    }
+
+    /// The simulator's seed 33796 (two copies and a witness, former
+    /// members added again): an engine of an earlier publication on the
+    /// owner's node took an epoch after the current one started there
+    /// (a Start fences any earlier engine on its node), and the copy the
+    /// current engine had out of sync learned the newer record. With no
+    /// I/O, that engine only asked the copy to attach, every resend, and
+    /// dropped each refusal as from an older epoch because the copy was
+    /// out of sync: it ran on, fenced without knowing, and never let the
+    /// controller move the volume. Such a refusal now makes it confirm on
+    /// a majority, which finds it fenced.
+    #[test]
+    fn an_engine_a_copy_out_of_sync_refuses_as_fenced_learns_it_is_fenced() {
+        let (mut net, mut old, _) = Net::with_c_out();
+        assert_eq!(old.state(), EngineState::Running);
+        assert!(!old.record().in_sync.contains_key("c"));
+        // Another engine on a takes an epoch of its own while c is down,
+        // then tells c the newer record as it asks it to attach.
+        let mut new = net.publish("a", old.record(), "ctl2");
+        net.run(&mut new, 3);
+        assert_eq!(new.state(), EngineState::Running);
+        assert!(new.epoch() > old.epoch());
+        net.down.clear();
+        net.run(&mut new, 3);
+        assert_eq!(net.voters["c"].state().record.epoch, new.epoch());
+        // The old engine, idle, asks c to attach again and again.
+        let ev = net.run(&mut old, 30);
+        assert_eq!(old.state(), EngineState::Fenced, "{:?}", old.copies());
+        assert!(
+            ev.iter().any(|e| matches!(e, EngineEvent::Fenced { .. })),
+            "{ev:?}"
+        );
+        assert_eq!(old.write(1), Err(IoError::NotRunning));
     }
 
     /// Only a is in sync and b and c are rebuilt from it when a refuses a
