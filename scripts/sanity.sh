@@ -211,9 +211,18 @@ else
     base=${#servers[@]}
     for attempt in 1 2 3; do
         read -r -a ports < <(free_ports $((nodes + 1)))
+        rm -f "$work/controller.sock"
         "$bin" serve --mode controller --endpoint "unix://$work/controller.sock" \
             --listen "127.0.0.1:${ports[0]}" --tls-dir "$work/tls" 2>"$work/serve.log" &
         started=($!)
+        # The agents only once the controller holds its port (it listens
+        # there before its socket appears): an agent dialling a port nobody
+        # holds yet may be given that very port as its own end, connect to
+        # itself (TCP simultaneous open), and so take it from the controller.
+        for _ in $(seq 100); do
+            { [ -S "$work/controller.sock" ] || ! kill -0 "${started[0]}" 2>/dev/null; } && break
+            sleep 0.1
+        done
         for i in $(seq "$nodes"); do
             # shellcheck disable=SC2086
             "$bin" serve --mode node --node-id "n$i" --endpoint "unix://$work/n$i.sock" \

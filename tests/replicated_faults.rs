@@ -190,7 +190,7 @@ async fn a_slow_copy_is_marked_out_of_sync_and_rebuilt_once_it_is_fast_again() {
     cl.proxy(3).faults.set(FaultConfig::default());
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     t.done("n3 fast again, rebuilt and in sync");
-    assert_eq!(cl.copy_in_sync_metric(1, "n3"), Some(1));
+    cl.wait_copy_in_sync_metric(1, "n3", 1).await;
     w.progress(100, "n3 back").await;
     let h = w.stop().await;
     verify(&mut t, &mut cl, &v, m, h, 2, blocks).await;
@@ -408,7 +408,7 @@ async fn a_copy_with_a_full_pool_is_marked_out_of_sync_and_rebuilt_once_space_is
     std::fs::remove_file(&filler).unwrap();
     cl.wait_in_sync(&v.volume_id, WAIT).await;
     t.done("space freed, n3 rebuilt and in sync");
-    assert_eq!(cl.copy_in_sync_metric(1, "n3"), Some(1));
+    cl.wait_copy_in_sync_metric(1, "n3", 1).await;
     w.progress(100, "n3 rebuilt").await;
     let h = w.stop().await;
     verify(&mut t, &mut cl, &v, m, h, 3, blocks).await;

@@ -371,6 +371,26 @@ impl Cluster {
         self.copy_metric(i, "stowage_replicated_copy_in_sync", copy)
     }
 
+    /// Waits (at most 20 s) until node `i`'s engine sees `copy` in sync
+    /// (`want` 1) or not (0). The controller's view comes from the chosen
+    /// record, which a majority of copies holds a moment before the
+    /// engine has counted their answers: right after
+    /// [`Self::wait_in_sync`] the engine's own view may still be behind.
+    pub async fn wait_copy_in_sync_metric(&self, i: usize, copy: &str, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.copy_in_sync_metric(i, copy);
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "n{i}'s engine sees {copy} in sync {got:?}, not {want}, after 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Node `i`'s sample of metric `name` for copy `copy` (of the one
     /// replicated volume its engine serves).
     pub fn copy_metric(&self, i: usize, name: &str, copy: &str) -> Option<u64> {
