@@ -71,7 +71,8 @@ fn capability_ok(c: &csi::VolumeCapability) -> bool {
     type_ok && mode_ok(c.access_mode.as_ref())
 }
 
-/// NodeStage also reads VOLUME_MOUNT_GROUP: a numeric group id or nothing.
+/// NodeStage and NodePublish also read VOLUME_MOUNT_GROUP: a numeric
+/// group id or nothing.
 fn mount_group_ok(c: &csi::VolumeCapability) -> bool {
     match &c.access_type {
         Some(PbAccessType::Mount(m)) => {
@@ -406,14 +407,18 @@ proptest! {
     /// implements the STAGE_UNSTAGE_VOLUME node capability", which stowage
     /// advertises, so it is required too (its absence alone is the spec's
     /// "Staging target path not set", FAILED_PRECONDITION); it must be
-    /// clean and differ from the target.
+    /// clean and differ from the target; a mount group must be a number.
     #[test]
     fn node_publish_conversion(req in node_publish_request()) {
         let staging_ok = path_ok(&req.staging_target_path);
         let rest_ok = !req.volume_id.is_empty()
             && path_ok(&req.target_path)
             && req.volume_capability.as_ref().is_some_and(capability_ok);
-        let ok = rest_ok && staging_ok && req.target_path != req.staging_target_path;
+        // VOLUME_MOUNT_GROUP: each pod's publication names its group too.
+        let ok = rest_ok
+            && staging_ok
+            && req.target_path != req.staging_target_path
+            && req.volume_capability.as_ref().is_some_and(mount_group_ok);
         let refused = if rest_ok && req.staging_target_path.is_empty() {
             Code::FailedPrecondition
         } else {
@@ -424,6 +429,11 @@ proptest! {
                 prop_assert!(ok, "accepted a malformed request: {:?}", cmd);
                 prop_assert_eq!(&cmd.volume_id, &req.volume_id);
                 prop_assert_eq!(cmd.read_only, req.readonly);
+                let group = match req.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()) {
+                    Some(PbAccessType::Mount(m)) => m.volume_mount_group.parse::<u32>().ok(),
+                    _ => None,
+                };
+                prop_assert_eq!(cmd.mount_group, group);
                 assert_clean_path(&cmd.target_path, &req.target_path)?;
                 match &cmd.staging_path {
                     None => prop_assert!(false, "no staging path: {:?}", cmd),
