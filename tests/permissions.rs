@@ -418,11 +418,13 @@ async fn volume_mount_group_owns_the_root_of_dir_and_block_volumes() {
 
 /// The per-mount flags of the topmost mount at `path`, from mountinfo.
 fn mount_options_at(path: &Path) -> Option<Vec<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (Path::new(f[4]) == path).then(|| f[5].split(',').map(str::to_owned).collect())
-    })
+    stowage::os::mountinfo::MountTable::read()
+        .unwrap()
+        .entries
+        .into_iter()
+        .rev()
+        .find(|e| e.mount_point == path)
+        .map(|e| e.mount_options.split(',').map(str::to_owned).collect())
 }
 
 /// `mount_flags` reach every mount a volume gets: the per-mount ones

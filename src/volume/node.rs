@@ -883,12 +883,7 @@ impl Node {
             if self.staging_intact(&id, st) {
                 // The group again: a first stage cut short after its mount
                 // may not have applied it, and it is idempotent.
-                if let Some(gid) = req.mount_group
-                    && st.fuse.is_none()
-                {
-                    self.apply_mount_group(&id, st, gid)?;
-                }
-                return Ok(());
+                return self.mount_group_of(&id, st, req.mount_group);
             }
             tracing::warn!(volume = %id, "staging found incomplete; staging again");
             if id.backend == BackendKind::Replicated {
@@ -1644,7 +1639,7 @@ impl Node {
                 .volume_mount_at(&id, &target, p.capability.is_block())
                 .is_some()
             {
-                return self.publication_group(&id, &st, req.mount_group);
+                return self.mount_group_of(&id, &st, req.mount_group);
             }
             tracing::warn!(volume = %id, target = %target.display(), "publication lost its mount; publishing again");
         }
@@ -1702,14 +1697,15 @@ impl Node {
         rec.publications.insert(target.clone(), publication);
         self.save_with(rec, Durability::Deferred)?;
         tracing::info!(volume = %id, target = %target.display(), read_only, "volume published");
-        self.publication_group(&id, &st, req.mount_group)
+        self.mount_group_of(&id, &st, req.mount_group)
     }
 
-    /// VOLUME_MOUNT_GROUP of a publication: each pod's NodePublish names
-    /// the group it writes as, and its publications bind the staging's
-    /// root, so the root takes the group of the latest one (as the kubelet
-    /// does itself when it does not delegate the group to the driver).
-    fn publication_group(&self, id: &VolumeId, st: &Staging, gid: Option<u32>) -> Result<()> {
+    /// VOLUME_MOUNT_GROUP named by a repeated stage or a publication (an
+    /// object volume's goes to s3fs at its mount instead): each pod's
+    /// NodePublish names the group it writes as, and its publications bind
+    /// the staging's root, so the root takes the group of the latest one
+    /// (as the kubelet does itself when it does not delegate the group).
+    fn mount_group_of(&self, id: &VolumeId, st: &Staging, gid: Option<u32>) -> Result<()> {
         match gid {
             Some(gid) if st.fuse.is_none() => self.apply_mount_group(id, st, gid),
             _ => Ok(()),
